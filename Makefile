@@ -1,0 +1,32 @@
+# Each target creates .venv (if needed) and installs what it needs.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint guest clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+guest: $(STAMP)
+	$(PY) -m pyhv.guest_image build
+
+demo: $(STAMP)
+	$(PY) -m pyhv.cli demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pyhv tests bench
+	$(VENV)/bin/ruff format --check pyhv tests bench
+	$(VENV)/bin/mypy pyhv
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -ra tests
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build guest/build

@@ -1,0 +1,121 @@
+"""The validated configuration a worker builds a VM from (Firecracker's vmm_config)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+MIB = 1 << 20
+GIB = 1 << 30
+# The identity map at boot covers 64 GiB; the 3-4 GiB hole holds the IOAPIC and LAPIC.
+MIN_MEMORY = 16 * MIB
+MAX_MEMORY = 60 * GIB
+MAX_VPS = 64
+MAX_CMDLINE = 4095
+
+_UNITS = {"": 1, "K": 1 << 10, "M": MIB, "G": GIB, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A VM configuration value is invalid; the message says which value and what to use."""
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a memory size such as ``512M``, ``1G``, ``2GiB`` or a byte count."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise ConfigError(
+            f"memory size {text!r} is not understood: use a number with an optional unit K, M, G "
+            "(for example 512M or 1G)"
+        )
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def format_size(n: int) -> str:
+    for unit in ("G", "M", "K"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """What a VM is made of. Build with :meth:`create` to get values checked."""
+
+    name: str
+    memory: int
+    vps: int
+    image: Path
+    cmdline: str = ""
+    dynamic_memory: bool = False
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        image: str | Path,
+        memory: str | int = "512M",
+        vps: int = 1,
+        cmdline: str = "",
+        name: str = "vm",
+        dynamic_memory: bool = False,
+        check_image: bool = True,
+    ) -> VmConfig:
+        size = parse_size(memory)
+        if size % MIB:
+            raise ConfigError(
+                f"memory size {format_size(size)} is not a whole number of MiB: round it to M"
+            )
+        if not MIN_MEMORY <= size <= MAX_MEMORY:
+            raise ConfigError(
+                f"memory size {format_size(size)} is out of range: use {format_size(MIN_MEMORY)} "
+                f"to {format_size(MAX_MEMORY)}"
+            )
+        if not isinstance(vps, int) or not 1 <= vps <= MAX_VPS:
+            raise ConfigError(f"VP count {vps!r} is out of range: use 1 to {MAX_VPS}")
+        raw = cmdline.encode("utf-8")
+        if len(raw) > MAX_CMDLINE or b"\0" in raw:
+            raise ConfigError(
+                f"command line of {len(raw)} bytes is not usable: at most {MAX_CMDLINE} bytes, no NUL"
+            )
+        path = Path(image)
+        if check_image and not path.is_file():
+            raise ConfigError(
+                f"guest image {str(path)!r} does not exist: build it with `make guest`"
+            )
+        if not name or len(name) > 64:
+            raise ConfigError(f"VM name {name!r} must be 1 to 64 characters")
+        return cls(
+            name=name,
+            memory=size,
+            vps=vps,
+            image=path,
+            cmdline=cmdline,
+            dynamic_memory=dynamic_memory,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "memory": self.memory,
+            "vps": self.vps,
+            "image": str(self.image),
+            "cmdline": self.cmdline,
+            "dynamic_memory": self.dynamic_memory,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> VmConfig:
+        """Re-validate a configuration received from another process."""
+        return cls.create(
+            image=str(d["image"]),
+            memory=int(d["memory"]),  # type: ignore[call-overload]
+            vps=int(d["vps"]),  # type: ignore[call-overload]
+            cmdline=str(d.get("cmdline", "")),
+            name=str(d.get("name", "vm")),
+            dynamic_memory=bool(d.get("dynamic_memory", False)),
+        )

@@ -1,0 +1,1 @@
+"""Dynamic Memory: the VSP, the protocol and the balancer."""

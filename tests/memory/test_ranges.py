@@ -58,4 +58,6 @@ def test_the_range_set_agrees_with_a_set_of_pages(ops: list[tuple[bool, int, int
         got = [p for r in s for p in range(r.start, r.end)]
         assert got == sorted(model) and s.pages == len(model)
         rs = list(s)
-        assert all(a.end < b.start for a, b in zip(rs, rs[1:]))  # merged: no touching ranges
+        assert all(
+            a.end < b.start for a, b in zip(rs, rs[1:], strict=False)
+        )  # merged: no touching ranges

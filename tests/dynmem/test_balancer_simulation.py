@@ -1,0 +1,107 @@
+"""The book's "Watching Dynamic Memory" experiment, simulated: a VM whose committed memory
+follows Testlimit's timeline, run through the balancer tick by tick."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from pyhv.dynmem.balancer import (
+    Add,
+    BalancerConfig,
+    HostMemory,
+    MemorySettings,
+    Remove,
+    StatusReport,
+    VmMemoryState,
+    decide,
+    pages_from_mib,
+)
+
+MIB = pages_from_mib(1)
+BASELINE = 427 * MIB  # committed at rest: target = 512 MiB = startup, so nothing moves
+START, MORE, END = 10, 40, 100  # Testlimit starts, commits more, is terminated
+
+
+def committed_under_testlimit(t: int) -> int:
+    """Committed pages at second t: +1000 MiB while Testlimit holds its memory, and 300 MiB more
+    from t=40 (the guest keeps committing: the first addition was not enough)."""
+    if START <= t < END:
+        return BASELINE + 1000 * MIB + (300 * MIB if t >= MORE else 0)
+    return BASELINE
+
+
+def simulate(
+    seconds: int, config: BalancerConfig, committed: Callable[[int], int]
+) -> list[tuple[int, int]]:
+    """Run the balancer once a second; operations complete before the next tick. Returns
+    (Guest Visible Physical Memory, Physical Memory) in pages after each tick."""
+    host = HostMemory(free_pages=8192 * MIB, reserve_pages=1024 * MIB)
+    state = VmMemoryState(
+        "testvm",
+        MemorySettings.from_mib(startup=512, minimum=256, maximum=4096),
+        visible_pages=512 * MIB,
+        assigned_pages=512 * MIB,
+    )
+    trace = []
+    for t in range(seconds):
+        state = replace(state, report=StatusReport(committed(t)))
+        d = decide(host, [state], config)
+        state = replace(state, above_target_s=d.above_target_s[0])
+        for op in d.operations:
+            if isinstance(op, Add):
+                state = replace(
+                    state,
+                    visible_pages=state.visible_pages + op.hot_add,
+                    assigned_pages=state.assigned_pages + op.pages,
+                    ballooned_pages=state.ballooned_pages - op.unballoon,
+                )
+                host = replace(host, free_pages=host.free_pages - op.pages)
+            else:
+                assert isinstance(op, Remove)
+                state = replace(
+                    state,
+                    assigned_pages=state.assigned_pages - op.pages,
+                    ballooned_pages=state.ballooned_pages + op.pages,
+                )
+                host = replace(host, free_pages=host.free_pages + op.pages)
+        trace.append((state.visible_pages, state.assigned_pages))
+    return trace
+
+
+def test_memory_jumps_within_a_second_of_testlimit_and_both_counters_reach_the_same_value() -> None:
+    trace = simulate(START + 2, BalancerConfig(), committed_under_testlimit)
+    assert trace[START - 1] == (512 * MIB, 512 * MIB)
+    visible, physical = trace[START]
+    assert physical > 1400 * MIB
+    assert visible == physical
+
+
+def test_memory_is_added_again_when_the_first_addition_proves_not_enough() -> None:
+    trace = simulate(MORE + 2, BalancerConfig(), committed_under_testlimit)
+    first = trace[START][1]
+    assert all(p == first for _, p in trace[START:MORE])
+    assert trace[MORE][1] > first
+    assert trace[MORE][0] == trace[MORE][1]
+
+
+def test_after_testlimit_ends_the_levels_stay_for_minutes_then_physical_memory_is_trimmed() -> None:
+    config = BalancerConfig()
+    trace = simulate(END + 240, config, committed_under_testlimit)
+    peak = trace[END - 1]
+    delay = int(config.remove_delay_s)
+    # Constant for the lazy delay ("several minutes")...
+    assert all(sample == peak for sample in trace[END : END + delay - 1])
+    # ...then Physical Memory drops back near its level before Testlimit, in steps, while
+    # Guest Visible Physical Memory stays where it was.
+    visible, physical = trace[-1]
+    assert visible == peak[0]
+    assert physical <= 1.05 * 512 * MIB
+    drops = {p for _, p in trace[END + delay - 1 :]}
+    assert len(drops) > 2, "trimmed in several steps, not in one"
+
+
+def test_a_shorter_time_scale_brings_the_trim_forward() -> None:
+    scaled = simulate(END + 40, BalancerConfig(time_scale=0.1), committed_under_testlimit)
+    normal = simulate(END + 40, BalancerConfig(), committed_under_testlimit)
+    assert scaled[-1][1] < normal[-1][1] == normal[END - 1][1]

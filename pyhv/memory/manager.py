@@ -1,0 +1,293 @@
+"""The hypervisor memory manager: the host's memory budget for partitions and its free pool.
+
+Per partition: its RAM regions (startup RAM and hot-added regions, each backed by a memfd), and
+the pages its guest ballooned out. assigned = visible - ballooned. Releasing ballooned pages
+punches holes in the memfd, so the host really gets the memory back, and the pages go to the free
+pool; unballooning (reclaim) and hot-add take pages from the pool. The invariant, checked by the
+tests: free + sum(assigned) == budget - reserve.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyhv.memory.ranges import PageRange, RangeSet
+
+PAGE_SIZE = 4096
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the host pages behind [offset, offset+length) of a memfd; later reads see zeros.
+
+    (MADV_DONTNEED would free nothing on a memfd and leave the old data visible.)
+    """
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(
+            err, f"fallocate(PUNCH_HOLE) fd={fd} {offset:#x}+{length:#x}: {os.strerror(err)}"
+        )
+
+
+class MemoryManagerError(ValueError):
+    """A request the memory manager refuses; nothing was changed."""
+
+
+class PoolExhausted(MemoryManagerError):
+    """The free pool holds fewer pages than asked for."""
+
+
+class Backing(Protocol):
+    """What the manager needs of a RAM region (pyhv.hypervisor.memory.MemoryRegion has it)."""
+
+    gpa: int
+    size: int
+    memfd: int
+    offset: int
+
+
+@dataclass(eq=False)
+class MemfdRegion:
+    """A stand-alone memfd-backed region, for use without a KVM partition (tests, benchmarks)."""
+
+    gpa: int
+    size: int
+    memfd: int = -1
+    offset: int = 0
+    mm: mmap.mmap | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.memfd < 0:
+            self.memfd = os.memfd_create("pyhv-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.memfd, self.size)
+            self.mm = mmap.mmap(self.memfd, self.size)
+
+    def close(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
+        os.close(self.memfd)
+
+
+@dataclass(eq=False)
+class Partition:
+    """The memory of one partition, as the memory manager accounts it."""
+
+    name: str
+    regions: list[Backing]
+    startup_pages: int
+    map_region: Callable[[int, int], Backing] | None = None
+    ballooned: RangeSet = field(default_factory=RangeSet)
+    hot_added_pages: int = 0
+
+    @property
+    def visible_pages(self) -> int:
+        """Guest Visible Physical Memory: startup RAM plus every hot-added region."""
+        return sum(r.size for r in self.regions) // PAGE_SIZE
+
+    @property
+    def assigned_pages(self) -> int:
+        """Physical Memory: what the host really backs."""
+        return self.visible_pages - self.ballooned.pages
+
+    def _split(self, r: PageRange) -> list[tuple[Backing, int, int]]:
+        """(region, first page in region, pages) pieces of a range; refuse pages outside RAM."""
+        start, count = r
+        if count <= 0 or start < 0:
+            raise MemoryManagerError(
+                f"page range {start:#x}+{count} of {self.name}: need start >= 0 and count > 0"
+            )
+        pieces = []
+        page, left = start, count
+        while left:
+            reg = next(
+                (g for g in self.regions if g.gpa <= page * PAGE_SIZE < g.gpa + g.size), None
+            )
+            if reg is None:
+                raise MemoryManagerError(
+                    f"page {page:#x} (GPA {page * PAGE_SIZE:#x}) of range {start:#x}+{count} is "
+                    f"not RAM of partition {self.name}"
+                )
+            first = page - reg.gpa // PAGE_SIZE
+            n = min(left, reg.size // PAGE_SIZE - first)
+            pieces.append((reg, first, n))
+            page += n
+            left -= n
+        return pieces
+
+
+class MemoryManager:
+    """The host's memory for partitions: a budget, a host reserve and a free pool."""
+
+    def __init__(self, budget_bytes: int, reserve_bytes: int = 0) -> None:
+        if budget_bytes % PAGE_SIZE or reserve_bytes % PAGE_SIZE or reserve_bytes > budget_bytes:
+            raise MemoryManagerError(
+                f"budget {budget_bytes:#x} and reserve {reserve_bytes:#x} must be multiples of "
+                "4 KiB with reserve <= budget"
+            )
+        self.budget_pages = budget_bytes // PAGE_SIZE
+        self.reserve_pages = reserve_bytes // PAGE_SIZE
+        #: Pages no partition is assigned (excluding the host reserve).
+        self.free_pages = self.budget_pages - self.reserve_pages
+        self.partitions: dict[str, Partition] = {}
+        self.released_pages = 0
+        self.reclaimed_pages = 0
+        self._lock = threading.Lock()
+
+    def _take(self, pages: int, why: str) -> None:
+        if pages > self.free_pages:
+            raise PoolExhausted(
+                f"{why} needs {pages} pages but the free pool holds {self.free_pages}: "
+                "balloon other partitions or lower the request"
+            )
+        self.free_pages -= pages
+
+    def add_partition(
+        self,
+        name: str,
+        regions: Iterable[Backing],
+        map_region: Callable[[int, int], Backing] | None = None,
+    ) -> Partition:
+        """Account a partition's startup RAM (taken from the pool). `map_region(gpa, size)` is
+        how hot-add maps a new region into the partition (the worker's GPA space)."""
+        regions = sorted(regions, key=lambda r: r.gpa)
+        with self._lock:
+            if name in self.partitions:
+                raise MemoryManagerError(f"partition {name!r} exists: remove it first")
+            for a, b in zip(regions, regions[1:], strict=False):
+                if a.gpa + a.size > b.gpa:
+                    raise MemoryManagerError(f"regions at {a.gpa:#x} and {b.gpa:#x} overlap")
+            for r in regions:
+                if r.gpa % PAGE_SIZE or r.size % PAGE_SIZE or r.size <= 0:
+                    raise MemoryManagerError(f"region {r.gpa:#x}+{r.size:#x}: not 4 KiB aligned")
+            self._check_not_shared(regions)
+            p = Partition(name, list(regions), 0, map_region)
+            p.startup_pages = p.visible_pages
+            self._take(p.startup_pages, f"startup RAM of {name}")
+            self.partitions[name] = p
+            return p
+
+    def _check_not_shared(self, regions: Iterable[Backing]) -> None:
+        """No host page may be handed to two partitions: refuse a memfd range already in use."""
+        mine: dict[tuple[int, int], RangeSet] = {}
+        for p in self.partitions.values():
+            for r in p.regions:
+                self._claim(mine, r)
+        for r in regions:
+            self._claim(mine, r)
+
+    @staticmethod
+    def _claim(claimed: dict[tuple[int, int], RangeSet], r: Backing) -> None:
+        st = os.fstat(r.memfd)
+        s = claimed.setdefault((st.st_dev, st.st_ino), RangeSet())
+        first, n = r.offset // PAGE_SIZE, r.size // PAGE_SIZE
+        if s.overlaps(first, n):
+            raise MemoryManagerError(
+                f"region at GPA {r.gpa:#x} uses memfd pages already backing a partition: "
+                "give each partition its own memory"
+            )
+        s.add(first, n)
+
+    def remove_partition(self, name: str) -> int:
+        """Return all assigned pages of a partition to the pool; returns how many."""
+        with self._lock:
+            p = self._get(name)
+            del self.partitions[name]
+            self.free_pages += p.assigned_pages
+            return p.assigned_pages
+
+    def _get(self, name: str) -> Partition:
+        try:
+            return self.partitions[name]
+        except KeyError:
+            raise MemoryManagerError(f"no partition {name!r}") from None
+
+    def release(self, name: str, ranges: Iterable[PageRange | tuple[int, int]]) -> int:
+        """Release the host memory behind ballooned guest pages and put it in the free pool.
+
+        Every range must be RAM of the partition and not released already (checked for all
+        ranges before any is released). Returns the number of pages released.
+        """
+        with self._lock:
+            p = self._get(name)
+            batch = RangeSet()
+            pieces = []
+            for r in ranges:
+                r = PageRange(*r)
+                pieces.extend(p._split(r))
+                if p.ballooned.overlaps(r.start, r.count) or batch.overlaps(r.start, r.count):
+                    raise MemoryManagerError(
+                        f"pages {r.start:#x}+{r.count} of {name} are already released: "
+                        "a page is released once"
+                    )
+                batch.add(r.start, r.count)
+            for reg, first, n in pieces:
+                punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
+                p.ballooned.add(reg.gpa // PAGE_SIZE + first, n)
+                self.free_pages += n
+            self.released_pages += batch.pages
+            return batch.pages
+
+    def reclaim(self, name: str, ranges: Iterable[PageRange | tuple[int, int]]) -> int:
+        """Give ballooned pages back to the partition (unballoon), taking them from the pool.
+        The host backs them again when the guest touches them. Returns the pages reclaimed."""
+        with self._lock:
+            p = self._get(name)
+            batch = RangeSet()
+            for r in ranges:
+                r = PageRange(*r)
+                if r.count <= 0 or not p.ballooned.contains(r.start, r.count):
+                    raise MemoryManagerError(
+                        f"pages {r.start:#x}+{r.count} of {name} are not ballooned: only "
+                        "released pages can be reclaimed"
+                    )
+                batch.add(r.start, r.count)  # RangeError (a ValueError) if listed twice
+            self._take(batch.pages, f"unballooning {name}")
+            for r in batch:
+                p.ballooned.remove(r.start, r.count)
+            self.reclaimed_pages += batch.pages
+            return batch.pages
+
+    def pick_ballooned(self, name: str, pages: int) -> list[PageRange]:
+        """Up to `pages` ballooned pages of a partition to unballoon, highest first (not
+        removed: `reclaim` does that once the guest has them back)."""
+        with self._lock:
+            p = self._get(name)
+            copy = RangeSet(p.ballooned)
+            return copy.take(pages)
+
+    def hot_add(self, name: str, pages: int, align_pages: int = 32768) -> Backing:
+        """Take `pages` from the pool for a new region above the partition's RAM, aligned to
+        `align_pages` (default 128 MiB, the guest's memory block), mapped by `map_region`."""
+        with self._lock:
+            p = self._get(name)
+            if pages <= 0 or align_pages <= 0:
+                raise MemoryManagerError(f"hot-add of {pages} pages aligned to {align_pages}")
+            if p.map_region is None:
+                raise MemoryManagerError(
+                    f"partition {name} was added without map_region: it cannot hot-add"
+                )
+            top = max((r.gpa + r.size for r in p.regions), default=0) // PAGE_SIZE
+            start = -(-top // align_pages) * align_pages
+            self._take(pages, f"hot-add to {name}")
+            try:
+                region = p.map_region(start * PAGE_SIZE, pages * PAGE_SIZE)
+                self._check_not_shared([region])
+            except BaseException:
+                self.free_pages += pages
+                raise
+            p.regions.append(region)
+            p.hot_added_pages += pages
+            return region

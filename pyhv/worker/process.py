@@ -1,0 +1,135 @@
+"""One OS process per VM: start a worker (``python -m pyhv.worker``) and talk to it over a
+local socket (pyhv.worker.protocol). :class:`WorkerProcess` offers the same calls as an
+in-process :class:`~pyhv.worker.vm.VirtualMachine` (start, send, stop, wait, serial), so the
+console and the VMMS can use either."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+
+from pyhv.worker import protocol
+from pyhv.worker.config import VmConfig
+from pyhv.worker.console import SerialLog
+from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
+
+
+class WorkerProcess:
+    """The owner's handle on a worker process running one VM."""
+
+    def __init__(self, config: VmConfig, output: Callable[[bytes], None] | None = None) -> None:
+        self.config = config
+        self.serial = SerialLog()
+        self._output = output
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._end: VmEnd | None = None
+        self._ended = threading.Event()
+        self._started = threading.Event()
+        self._send_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pyhv.worker", "--fd", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            env=env,
+        )
+        theirs.close()
+        self._sock = ours
+        protocol.send(ours, {"op": "boot", "config": self.config.to_dict()})
+        self._reader = threading.Thread(target=self._read_loop, name="worker-reader", daemon=True)
+        self._reader.start()
+
+    def _read_loop(self) -> None:
+        assert self._sock is not None
+        end: VmEnd | None = None
+        try:
+            while True:
+                msg = protocol.recv(self._sock)
+                if msg is None:
+                    break
+                ev = msg.get("ev")
+                if ev == "serial":
+                    data = protocol.decode_bytes(msg.get("data"))
+                    self.serial.append(data)
+                    if self._output is not None:
+                        self._output(data)
+                elif ev == "started":
+                    self._started.set()
+                elif ev == "ended":
+                    raw = msg.get("end")
+                    if not isinstance(raw, dict):
+                        raise protocol.ProtocolError("'ended' without an 'end' object")
+                    end = VmEnd.from_dict(raw)
+        except (OSError, ValueError) as e:
+            end = end or VmEnd(WORKER_ERROR, detail=f"lost the worker's socket: {e}")
+        if end is None:
+            code = self._proc.wait() if self._proc else None
+            end = VmEnd(
+                WORKER_ERROR, detail=f"the worker process exited (code {code}) without a report"
+            )
+        self._end = end
+        self.serial.close()
+        self._ended.set()
+
+    def send(self, data: bytes) -> None:
+        """Type ``data`` into the VM's serial port."""
+        for i in range(0, len(data), 32 << 10):
+            self._send({"op": "serial", "data": protocol.encode_bytes(data[i : i + 32 << 10])})
+
+    def stop(self) -> None:
+        """Ask the worker to stop the VM; wait() then reports it stopped."""
+        self._send({"op": "stop"})
+
+    def _send(self, msg: dict[str, object]) -> None:
+        if self._sock is None or self._ended.is_set():
+            return
+        with self._send_lock:
+            try:
+                protocol.send(self._sock, msg)
+            except OSError:
+                pass  # the reader reports the worker's end
+
+    def wait(self, timeout: float | None = None) -> VmEnd | None:
+        """How the VM ended, or None if it is still running after ``timeout`` seconds."""
+        if not self._ended.wait(timeout):
+            return None
+        return self._end
+
+    @property
+    def end(self) -> VmEnd | None:
+        return self._end
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the VM if it runs, and reap the process (killing it if it does not exit)."""
+        if not self._ended.is_set():
+            self.stop()
+            self._ended.wait(timeout)
+        if self._sock is not None:
+            self._sock.close()
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._end is None:
+            self._end = VmEnd(STOPPED, detail="worker closed")
+            self._ended.set()
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

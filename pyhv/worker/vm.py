@@ -1,0 +1,245 @@
+"""The VM worker's core (the book's VMWP, in-process form): assemble a partition from a
+validated VmConfig, load the guest by direct boot, wire the platform devices to I/O
+intercepts, run the VPs, and report how the VM ended.
+
+Devices see only their registers and callbacks; this module is the only place that knows both
+the devices and the hypervisor's intercept messages.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pyhv.devices.poweroff import POWEROFF_PORT, PowerOff
+from pyhv.devices.uart16550 import COM1_BASE, COM1_IRQ, Uart16550
+from pyhv.worker import boot
+from pyhv.worker.config import VmConfig
+from pyhv.worker.console import SerialLog
+from pyhv.worker.outcome import (
+    EMULATION_ERROR,
+    POWEROFF,
+    STOPPED,
+    TRIPLE_FAULT,
+    WORKER_ERROR,
+    VmEnd,
+)
+
+if TYPE_CHECKING:
+    from pyhv.hypervisor import Partition, VirtualProcessor
+
+
+class VirtualMachine:
+    """One running VM: ``start()``, ``send()`` serial input, ``wait()`` for its end, ``close()``.
+
+    ``output`` receives the guest's serial output as it is written (on a VP thread: keep it
+    quick); all of it is also kept in ``serial`` for expect-style reading.
+    """
+
+    def __init__(self, config: VmConfig, output: Callable[[bytes], None] | None = None) -> None:
+        self.config = config
+        self.serial = SerialLog()
+        self._output = output
+        self.partition: Partition | None = None
+        self.vps: list[VirtualProcessor] = []
+        self.image: boot.Image | None = None
+        self.uart = Uart16550(self._serial_out, self._pulse_com1)
+        self.poweroff = PowerOff(self._powered_off)
+        self._end: VmEnd | None = None
+        self._end_lock = threading.Lock()
+        self._ended = threading.Event()
+        self._watchers: list[threading.Thread] = []
+
+    # --- life cycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the partition, boot-load the image and start every VP."""
+        from pyhv.hypervisor import Partition  # lazy: keeps `pyhv --help` fast
+
+        cfg = self.config
+        image_bytes = cfg.image.read_bytes()
+        p = Partition(name=cfg.name)
+        self.partition = p
+        try:
+            for base, size in boot.ram_regions(cfg.memory):
+                p.add_memory(base, size)
+            self.image, entry = boot.prepare(
+                p,
+                image_bytes,
+                memory=cfg.memory,
+                vp_count=cfg.vps,
+                cmdline=cfg.cmdline,
+                flags=boot.FLAG_DYNAMIC_MEMORY if cfg.dynamic_memory else 0,
+                name=cfg.image.name,
+            )
+            p.intercepts.install_io(COM1_BASE, COM1_BASE + 7, self._com1_io)
+            p.intercepts.install_io(POWEROFF_PORT, POWEROFF_PORT, self._poweroff_io)
+            self.vps = [p.create_vp(i) for i in range(cfg.vps)]
+            _set_entry_state(self.vps[0], entry)
+            for vp in self.vps:
+                vp.start()
+                w = threading.Thread(target=self._watch, args=(vp,), name=f"watch-vp{vp.index}")
+                w.daemon = True
+                w.start()
+                self._watchers.append(w)
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, data: bytes) -> None:
+        """Serial input: bytes the guest receives on COM1."""
+        self.uart.feed(data)
+
+    def stop(self, why: str = "stopped by the user") -> None:
+        """End the VM (its owner's decision); wait() reports it as stopped."""
+        self._finish(VmEnd(STOPPED, detail=why))
+
+    def wait(self, timeout: float | None = None) -> VmEnd | None:
+        """How the VM ended, or None while it still runs after ``timeout`` seconds."""
+        if not self._ended.wait(timeout):
+            return None
+        return self._end
+
+    @property
+    def end(self) -> VmEnd | None:
+        return self._end
+
+    def close(self) -> None:
+        """Stop the VPs and release the partition (its memory goes back to the host)."""
+        if self._end is None:
+            self._finish(VmEnd(STOPPED, detail="closed"))
+        for vp in self.vps:
+            _quietly(vp.stop)
+        if self.partition is not None:
+            _quietly(self.partition.close)
+        self.serial.close()
+
+    def __enter__(self) -> VirtualMachine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- endings ----------------------------------------------------------------------
+
+    def _finish(self, end: VmEnd) -> None:
+        """Record the first ending; stop every VP from a thread of our own (a VP thread
+        must not wait for itself)."""
+        with self._end_lock:
+            if self._end is not None:
+                return
+            self._end = end
+        threading.Thread(target=self._stop_vps, name="vm-stop", daemon=True).start()
+
+    def _stop_vps(self) -> None:
+        for vp in self.vps:
+            _quietly(vp.stop)
+        self.serial.close()
+        self._ended.set()
+
+    def _watch(self, vp: VirtualProcessor) -> None:
+        """Turn a VP's end (shutdown, emulation failure, stop) into the VM's end."""
+        try:
+            event = vp.wait()
+        except Exception as e:  # noqa: BLE001 - reported as the VM's end
+            self._finish(VmEnd(WORKER_ERROR, vp=vp.index, detail=f"{type(e).__name__}: {e}"))
+            return
+        self._finish(_end_from_event(vp, event))
+
+    # --- devices ----------------------------------------------------------------------
+
+    def _serial_out(self, data: bytes) -> None:
+        self.serial.append(data)
+        if self._output is not None:
+            self._output(data)
+
+    def _pulse_com1(self) -> None:
+        if self.partition is not None:
+            self.partition.pulse_irq(COM1_IRQ)
+
+    def _powered_off(self, status: int) -> None:
+        self._finish(VmEnd(POWEROFF, status=status))
+
+    def _com1_io(self, msg: Any) -> int | bytes | None:
+        offset = msg.port - COM1_BASE
+        size = msg.access_size
+        if msg.is_write:
+            data = msg.data if msg.count > 1 else None
+            if data:
+                for i in range(0, len(data) - size + 1, size):
+                    self.uart.io_write(offset, size, int.from_bytes(data[i : i + size], "little"))
+            else:
+                self.uart.io_write(offset, size, msg.value)
+            return None
+        if msg.count > 1:
+            count = min(msg.count, 4096)
+            return b"".join(
+                self.uart.io_read(offset, size).to_bytes(size, "little") for _ in range(count)
+            )
+        return self.uart.io_read(offset, size)
+
+    def _poweroff_io(self, msg: Any) -> int | None:
+        if msg.is_write:
+            self.poweroff.io_write(msg.access_size, msg.value)
+            return None
+        return self.poweroff.io_read(msg.access_size)
+
+
+def _set_entry_state(vp: VirtualProcessor, entry: boot.EntryState) -> None:
+    from pyhv.hypervisor.registers import DescriptorTable, Registers, Segment
+
+    sregs = vp.special_registers
+    for name in ("cs", "ds", "es", "ss", "fs", "gs"):
+        seg: boot.Segmentation = getattr(entry, name)
+        setattr(
+            sregs,
+            name,
+            Segment(
+                base=seg.base,
+                limit=seg.limit,
+                selector=seg.selector,
+                type=seg.type,
+                present=seg.present,
+                dpl=seg.dpl,
+                db=seg.db,
+                s=seg.s,
+                l=seg.l,
+                g=seg.g,
+                unusable=seg.unusable,
+            ),
+        )
+    sregs.gdt = DescriptorTable(entry.gdt_base, entry.gdt_limit)
+    sregs.idt = DescriptorTable(entry.idt_base, entry.idt_limit)
+    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = entry.cr0, entry.cr3, entry.cr4, entry.efer
+    vp.special_registers = sregs
+    vp.registers = Registers(rip=entry.rip, rsp=entry.rsp, rsi=entry.rsi, rflags=entry.rflags)
+
+
+def _end_from_event(vp: VirtualProcessor, event: Any) -> VmEnd:
+    kind = getattr(event, "kind", type(event).__name__).lower()
+    regs = _register_dump(vp)
+    if "shutdown" in kind:
+        return VmEnd(TRIPLE_FAULT, vp=vp.index, registers=regs)
+    if "stop" in kind:
+        return VmEnd(STOPPED, vp=vp.index, detail="VP stopped")
+    return VmEnd(EMULATION_ERROR, vp=vp.index, registers=regs, detail=str(event))
+
+
+def _register_dump(vp: VirtualProcessor) -> dict[str, int]:
+    try:
+        r = vp.registers
+        s = vp.special_registers
+    except Exception:  # noqa: BLE001 - a dump is best effort
+        return {}
+    out = {n: getattr(r, n) for n in r.__slots__}
+    out.update(cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, efer=s.efer)
+    out.update(cs=s.cs.selector, ss=s.ss.selector)
+    return out
+
+
+def _quietly(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - tearing down: the first error was already reported
+        pass

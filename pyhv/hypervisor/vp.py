@@ -1,0 +1,604 @@
+"""Virtual processors: one thread per VP looping on KVM_RUN and delivering intercepts.
+
+A VP thread runs the guest until an exit; the exit becomes an intercept message for the installed
+handler (the VP is suspended meanwhile) or is given its default treatment, counted either way.
+Exits that stop the VP (triple fault, an error, an uncaught handler exception, HLT with no halt
+handler) end the thread and are reported as a `VpEvent` read with `wait()`.
+
+Pausing a VP that runs guest code natively (CPL3 under PVM) needs a kick: `immediate_exit` in
+kvm_run plus a signal (SIGUSR1, with a no-op handler) to the VP thread to break out of KVM_RUN.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import fcntl
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pyhv.hypervisor.intercepts import (
+    KIND_COUNT,
+    AccessType,
+    ExceptionIntercept,
+    HaltIntercept,
+    InterceptKind,
+    IoPortIntercept,
+    MemoryIntercept,
+    MsrIntercept,
+)
+from pyhv.hypervisor.registers import Registers, SpecialRegisters, changed_fields
+from pyhv.kvm import InternalErrorExit, KvmError, Vcpu
+from pyhv.kvm import constants as c
+from pyhv.kvm.exits import UnknownExit
+
+if TYPE_CHECKING:
+    from pyhv.hypervisor.partition import Partition
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGUSR1
+
+
+def install_kick_handler() -> None:
+    """Install the no-op SIGUSR1 handler that lets a kick interrupt KVM_RUN (main thread only)."""
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(KICK_SIGNAL, _kick_noop)
+
+
+def _kick_noop(signum: int, frame: Any) -> None:
+    pass
+
+
+def _kick_handler_ready() -> bool:
+    return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+
+
+class VpEventKind(enum.Enum):
+    HALT = "halt"  # HLT with no halt intercept: the VP stopped
+    SHUTDOWN = "shutdown"  # triple fault: the VP stopped; `registers` holds its state
+    STOPPED = "stopped"  # stop() was called
+    ERROR = "error"  # unknown/internal exit or a handler raised: the VP stopped
+
+
+@dataclass
+class VpEvent:
+    kind: VpEventKind
+    vp_index: int
+    detail: str = ""
+    registers: Registers | None = None
+    special_registers: SpecialRegisters | None = None
+    error: BaseException | None = None
+    exit: object | None = None
+
+
+class VpState(enum.Enum):
+    IDLE = "idle"  # not started, or its thread ended
+    RUNNING = "running"
+    PAUSED = "paused"
+
+
+class VpStopped(Exception):
+    """Raised in a VP thread to end it with an event (internal)."""
+
+    def __init__(self, event: VpEvent) -> None:
+        self.event = event
+
+
+_IO, _MEM, _MSR, _EXC, _EXE, _HLT, _UNK = (int(k) for k in InterceptKind)
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+class VirtualProcessor:
+    """A partition's virtual processor (a KVM vCPU) and the thread that runs it."""
+
+    def __init__(self, partition: Partition, vcpu: Vcpu) -> None:
+        self.partition = partition
+        self.index = vcpu.index
+        self.vcpu = vcpu
+        self._events: queue.Queue[VpEvent] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._state = VpState.IDLE
+        self._cond = threading.Condition()
+        self._request: str | None = None  # "pause" or "stop", set by other threads
+        # per-exit caches: registers are fetched only if a handler asks
+        self._in_exit = False
+        self._regs: Registers | None = None
+        self._regs_before: Registers | None = None
+        self._sregs: SpecialRegisters | None = None
+        self._sregs_dirty = False
+        self._pending_exit = False  # a new exit is already in kvm_run (found while completing)
+        # counters, indexed by InterceptKind
+        self.counts = [0] * KIND_COUNT
+        self.defaults = [0] * KIND_COUNT
+        self.errors = [0] * KIND_COUNT
+        self.handler_ns = [0] * KIND_COUNT
+        self._io_msg = IoPortIntercept(self)
+        self._mem_msg = MemoryIntercept(self)
+        self._msr_msg = MsrIntercept(self)
+        self._exc_msg = ExceptionIntercept(self)
+        self._hlt_msg = HaltIntercept(self)
+
+    def __repr__(self) -> str:
+        return f"<VirtualProcessor {self.partition.name}:{self.index} {self._state.value}>"
+
+    @property
+    def state(self) -> VpState:
+        return self._state
+
+    # ------------------------------------------------------------------ registers
+    def _check_quiescent(self, what: str) -> None:
+        if self._state is VpState.RUNNING and not self._on_vp_thread():
+            raise RuntimeError(
+                f"VP {self.index} is running: pause() it before touching its {what}, or do it "
+                "from an intercept handler"
+            )
+
+    def _on_vp_thread(self) -> bool:
+        return self._in_exit and threading.current_thread() is self._thread
+
+    @property
+    def registers(self) -> Registers:
+        """A copy of the VP's registers (an ioctl; cached for the rest of an intercept)."""
+        self._check_quiescent("registers")
+        if self._on_vp_thread():
+            if self._regs is None:
+                self._regs = Registers.from_kvm(self.vcpu.get_regs())
+                self._regs_before = Registers(*(getattr(self._regs, n) for n in _GPR_FIELDS))
+            return Registers(*(getattr(self._regs, n) for n in _GPR_FIELDS))
+        return Registers.from_kvm(self.vcpu.get_regs())
+
+    @registers.setter
+    def registers(self, value: Registers) -> None:
+        self._check_quiescent("registers")
+        if self._on_vp_thread():
+            self.registers  # noqa: B018 - makes sure the snapshot exists
+            self._regs = Registers(*(getattr(value, n) for n in _GPR_FIELDS))
+        else:
+            self.vcpu.set_regs(value.to_kvm())
+
+    def update_registers(self, **values: int) -> None:
+        """Set some registers by name, e.g. update_registers(rax=1, rip=0x1000)."""
+        bad = [n for n in values if n not in _GPR_FIELDS]
+        if bad:
+            raise ValueError(f"unknown register name(s) {bad}: use {', '.join(_GPR_FIELDS)}")
+        r = self.registers
+        for n, v in values.items():
+            setattr(r, n, v & _MASK64)
+        self.registers = r
+
+    @property
+    def special_registers(self) -> SpecialRegisters:
+        self._check_quiescent("special registers")
+        if self._on_vp_thread():
+            if self._sregs is None:
+                self._sregs = SpecialRegisters.from_kvm(self.vcpu.get_sregs())
+            return self._sregs
+        return SpecialRegisters.from_kvm(self.vcpu.get_sregs())
+
+    @special_registers.setter
+    def special_registers(self, value: SpecialRegisters) -> None:
+        self._check_quiescent("special registers")
+        if self._on_vp_thread():
+            self._sregs = value
+            self._sregs_dirty = True
+        else:
+            self.vcpu.set_sregs(value.to_kvm())
+
+    def _flush_exit_changes(self) -> None:
+        """Write back what a handler changed, after KVM has completed the intercepted access."""
+        regs, before = self._regs, self._regs_before
+        changes = changed_fields(before, regs) if regs is not None and before is not None else {}
+        if changes or self._sregs_dirty:
+            self._complete_pending_access()
+            if self._sregs_dirty and self._sregs is not None:
+                self.vcpu.set_sregs(self._sregs.to_kvm())
+            if changes:
+                k = self.vcpu.get_regs()
+                for n, v in changes.items():
+                    setattr(k, n, v)
+                self.vcpu.set_regs(k)
+        self._regs = self._regs_before = self._sregs = None
+        self._sregs_dirty = False
+
+    def _complete_pending_access(self) -> None:
+        """Let KVM finish the intercepted instruction (IN data into RAX, RIP past it) without
+        running the guest: KVM_RUN with immediate_exit returns EINTR once that is done. If the
+        instruction needs another exit (a string I/O), that exit is handled next."""
+        run = self.vcpu.run_page
+        run.b[1] = 1
+        try:
+            fcntl.ioctl(self.vcpu.fd, c.KVM_RUN, 0)
+            self._pending_exit = True
+        except InterruptedError:
+            pass
+        finally:
+            run.b[1] = 0
+
+    # ------------------------------------------------------------------ thread control
+    def start(self) -> None:
+        """Start (or restart) the VP thread."""
+        if self._state is not VpState.IDLE:
+            raise RuntimeError(f"VP {self.index} is already {self._state.value}")
+        if threading.current_thread() is threading.main_thread():
+            install_kick_handler()
+        elif not _kick_handler_ready():
+            raise RuntimeError(
+                "no SIGUSR1 handler is installed, so a running VP could not be paused: call "
+                "pyhv.hypervisor.install_kick_handler() from the main thread first"
+            )
+        self._request = None
+        self._state = VpState.RUNNING
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"vp-{self.partition.name}-{self.index}", daemon=True
+        )
+        self._thread.start()
+
+    def _kick(self) -> None:
+        self.vcpu.run_page.b[1] = 1  # immediate_exit: a KVM_RUN about to start returns at once
+        t = self._thread
+        if (
+            t is not None
+            and t.ident is not None
+            and t.is_alive()
+            and t is not threading.current_thread()
+        ):
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Suspend the VP between two instructions; returns once it is suspended."""
+        with self._cond:
+            if self._state is not VpState.RUNNING:
+                return
+            self._request = "pause"
+            self._kick()
+            if threading.current_thread() is self._thread:
+                return  # from a handler: takes effect when the handler returns
+            if not self._cond.wait_for(lambda: self._state is not VpState.RUNNING, timeout):
+                raise TimeoutError(f"VP {self.index} did not pause within {timeout} s")
+
+    def resume(self) -> None:
+        with self._cond:
+            if self._state is VpState.PAUSED:
+                self._request = None
+                self._state = VpState.RUNNING
+                self._cond.notify_all()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the VP thread (a STOPPED event is reported). The vCPU keeps its state."""
+        with self._cond:
+            if self._state is VpState.IDLE:
+                return
+            self._request = "stop"
+            self._kick()
+            self._cond.notify_all()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+            if t.is_alive():
+                raise TimeoutError(f"VP {self.index} did not stop within {timeout} s")
+
+    def wait(self, timeout: float | None = None) -> VpEvent | None:
+        """The next event of this VP (halt, shutdown, stopped, error), or None after timeout."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _honour_request(self) -> bool:
+        """At a safe point of the VP thread: pause or stop if asked. False = stop the thread."""
+        if self._pending_exit:
+            return True  # finish the exit already in kvm_run first
+        self._complete_pending_access()
+        if self._pending_exit:
+            return True
+        with self._cond:
+            self.vcpu.run_page.b[1] = 0
+            if self._request == "pause":
+                self._state = VpState.PAUSED
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._request != "pause")
+                self.vcpu.run_page.b[1] = 0
+            if self._request == "stop":
+                return False
+            return True
+
+    def _thread_main(self) -> None:
+        event: VpEvent
+        try:
+            self._loop()
+            event = VpEvent(VpEventKind.STOPPED, self.index, "stop() was called")
+        except VpStopped as s:
+            event = s.event
+        except BaseException as e:  # the VP thread's owner hears about every failure
+            log.exception("VP %d failed", self.index)
+            event = VpEvent(VpEventKind.ERROR, self.index, f"VP thread failed: {e!r}", error=e)
+        with self._cond:
+            self._in_exit = False
+            self._state = VpState.IDLE
+            self._request = None
+            self.vcpu.run_page.b[1] = 0
+            self._cond.notify_all()
+        self._events.put(event)
+
+    def _stop_with(self, kind: VpEventKind, detail: str, **kw: Any) -> VpStopped:
+        self._in_exit = False
+        regs: Registers | None
+        sregs: SpecialRegisters | None
+        try:
+            regs = Registers.from_kvm(self.vcpu.get_regs())
+            sregs = SpecialRegisters.from_kvm(self.vcpu.get_sregs())
+        except KvmError:
+            regs, sregs = None, None
+        return VpStopped(
+            VpEvent(kind, self.index, detail, registers=regs, special_registers=sregs, **kw)
+        )
+
+    def _handler_failed(self, kind: int, what: str, e: BaseException) -> VpStopped:
+        self.errors[kind] += 1
+        log.error("VP %d: %s handler raised %r", self.index, what, e)
+        return self._stop_with(VpEventKind.ERROR, f"{what} intercept handler raised {e!r}", error=e)
+
+    # ------------------------------------------------------------------ the run loop
+    def _loop(self) -> None:
+        vcpu = self.vcpu
+        fd = vcpu.fd
+        run = vcpu.run_page
+        b, h, i32 = run.b, run.h, run.i
+        ioctl = fcntl.ioctl
+        KVM_RUN = c.KVM_RUN
+        table = self.partition.intercepts
+        counts, defaults, handler_ns = self.counts, self.defaults, self.handler_ns
+        io_msg = self._io_msg
+        perf = time.perf_counter_ns
+        WRITE, READ = AccessType.WRITE, AccessType.READ
+        while True:
+            if self._request is not None:
+                if not self._honour_request():
+                    return
+            if self._pending_exit:
+                self._pending_exit = False
+            else:
+                try:
+                    ioctl(fd, KVM_RUN, 0)
+                except InterruptedError:
+                    continue
+            reason = i32[2]
+            self._in_exit = True
+            if reason == 2:  # KVM_EXIT_IO, the hot path: no allocation beyond ints
+                port = h[17]
+                entry = table.io[port]
+                is_write = b[32] == 1
+                size = b[33]
+                count = i32[9]
+                if (
+                    entry is None
+                    or not (entry.write if is_write else entry.read)
+                    or size not in (1, 2, 4)
+                ):
+                    defaults[_IO] += 1
+                    if not is_write:  # open bus: reads return all ones
+                        off = run.q[5]
+                        n = size * count
+                        if 0 < off and off + n <= run.size:
+                            b[off : off + n] = b"\xff" * n
+                else:
+                    off = run.q[5]
+                    n = size * count
+                    if off <= 0 or off + n > run.size:
+                        raise self._stop_with(
+                            VpEventKind.ERROR, f"I/O exit data offset {off} length {n} is invalid"
+                        )
+                    io_msg.port = port
+                    io_msg.access_size = size
+                    io_msg.count = count
+                    if is_write:
+                        io_msg.access_type = WRITE
+                        if count == 1:
+                            io_msg.value = int.from_bytes(b[off : off + size], "little")
+                            io_msg._data = b""
+                        else:
+                            io_msg._data = bytes(b[off : off + n])
+                            io_msg.value = int.from_bytes(io_msg._data[:size], "little")
+                    else:
+                        io_msg.access_type = READ
+                        io_msg.value = 0
+                    t0 = perf()
+                    try:
+                        result = entry.handler(io_msg)
+                    except Exception as e:
+                        raise self._handler_failed(_IO, f"I/O port {port:#x}", e) from None
+                    handler_ns[_IO] += perf() - t0
+                    if not is_write:
+                        if count == 1 and result.__class__ is int:
+                            b[off : off + size] = (result & _SIZE_MASK[size]).to_bytes(
+                                size, "little"
+                            )
+                        else:
+                            self._fill_io_read(result, off, size, count, port)
+                counts[_IO] += 1
+            elif reason == 6:
+                self._mmio_exit(table, run)
+            elif reason == 29 or reason == 30:
+                self._msr_exit(table, run, reason == 30)
+            elif reason == 4:
+                self._debug_exit(table, run)
+            elif reason == 5:
+                self._halt_exit(table)
+            elif reason == 10:  # KVM_EXIT_INTR: nothing to do
+                pass
+            else:
+                self._stopping_exit(reason)
+            if self._regs is not None or self._sregs_dirty:
+                self._flush_exit_changes()
+            self._in_exit = False
+
+    def _fill_io_read(self, result: Any, off: int, size: int, count: int, port: int) -> None:
+        b = self.vcpu.run_page.b
+        n = size * count
+        if isinstance(result, int):
+            b[off : off + n] = (result & _SIZE_MASK[size]).to_bytes(size, "little") * count
+        elif isinstance(result, bytes | bytearray | memoryview) and len(result) == n:
+            b[off : off + n] = bytes(result)
+        else:
+            raise self._handler_failed(
+                _IO,
+                f"I/O port {port:#x}",
+                TypeError(
+                    f"a read handler must return an int or {n} bytes "
+                    f"({count} x {size}), not {type(result).__name__}"
+                ),
+            )
+
+    def _mmio_exit(self, table: Any, run: Any) -> None:
+        gpa = run.mmio_gpa()
+        n = run.mmio_len()
+        is_write = run.mmio_is_write()
+        k = _MEM
+        if not 1 <= n <= 8:
+            raise self._stop_with(VpEventKind.ERROR, f"MMIO exit length {n} is invalid")
+        i = bisect.bisect_right(table.gpa_starts, gpa) - 1
+        entry = table.gpa[i] if i >= 0 else None
+        if entry is None or gpa + n > entry.end or not (entry.write if is_write else entry.read):
+            self.defaults[k] += 1
+            if not is_write:
+                run.set_mmio_data(_MASK64, n)  # unmapped GPA reads as all ones
+        else:
+            m = self._mem_msg
+            m.gpa = gpa
+            m.gva = None
+            m.access_size = n
+            if is_write:
+                m.access_type = AccessType.WRITE
+                m._data = bytes(run.b[40 : 40 + n])
+                m.value = int.from_bytes(m._data, "little")
+            else:
+                m.access_type = AccessType.READ
+                m._data = b""
+                m.value = 0
+            t0 = time.perf_counter_ns()
+            try:
+                result = entry.handler(m)
+                if not is_write:
+                    if not isinstance(result, int):
+                        raise TypeError(
+                            f"a read handler must return an int, not {type(result).__name__}"
+                        )
+                    run.set_mmio_data(result, n)
+            except Exception as e:
+                raise self._handler_failed(k, f"GPA {gpa:#x}", e) from None
+            self.handler_ns[k] += time.perf_counter_ns() - t0
+        self.counts[k] += 1
+
+    def _msr_exit(self, table: Any, run: Any, is_write: bool) -> None:
+        index = run.msr_index()
+        entry = table.msr.get(index)
+        k = _MSR
+        if entry is None or not (entry.write if is_write else entry.read):
+            # KVM sent an MSR it does not know (or could not handle): #GP, as hardware does
+            self.defaults[k] += 1
+            run.set_msr_result(0, True)
+        else:
+            m = self._msr_msg
+            m.msr = index
+            m.gp = False
+            m.access_type = AccessType.WRITE if is_write else AccessType.READ
+            m.value = run.msr_data() if is_write else 0
+            t0 = time.perf_counter_ns()
+            try:
+                result = entry.handler(m)
+                if not is_write and not m.gp and not isinstance(result, int):
+                    raise TypeError(
+                        f"a read handler must return an int, not {type(result).__name__}"
+                    )
+            except Exception as e:
+                raise self._handler_failed(k, f"MSR {index:#x}", e) from None
+            self.handler_ns[k] += time.perf_counter_ns() - t0
+            run.set_msr_result(0 if (is_write or m.gp) else result, m.gp)
+        self.counts[k] += 1
+
+    def _debug_exit(self, table: Any, run: Any) -> None:
+        d = run.decode()
+        pc = d.pc
+        entry = table.execute.get(pc) if d.exception == 1 and d.dr6 & 0xF else None
+        if entry is not None:
+            k = _EXE
+            m = self._mem_msg
+            m.access_type = AccessType.EXECUTE
+            m.gva = pc
+            m.access_size = 1
+            m.value = 0
+            m._data = b""
+            try:
+                m.gpa = self.partition.translate(self.special_registers.cr3, pc)
+            except ValueError:
+                m.gpa = -1
+            handler = entry.handler
+        else:
+            k = _EXC
+            e = table.exception.get(d.exception)
+            if e is None:
+                # a breakpoint left over from an uninstalled intercept: step over it
+                self.defaults[k] += 1
+                self.counts[k] += 1
+                self._set_resume_flag()
+                return
+            x = self._exc_msg
+            x.exception_vector = d.exception
+            x.pc, x.dr6, x.dr7 = pc, d.dr6, d.dr7
+            m = x  # type: ignore[assignment]
+            handler = e.handler
+        t0 = time.perf_counter_ns()
+        try:
+            handler(m)
+        except Exception as exc:
+            raise self._handler_failed(k, f"exception/execute at {pc:#x}", exc) from None
+        self.handler_ns[k] += time.perf_counter_ns() - t0
+        self.counts[k] += 1
+        if k == _EXE:
+            self._set_resume_flag()
+
+    def _set_resume_flag(self) -> None:
+        """RFLAGS.RF: resume at the breakpoint's instruction without hitting it again."""
+        r = self.registers  # also takes the snapshot the handler's changes are compared to
+        if self._regs_before is not None and r.rip == self._regs_before.rip:
+            self.update_registers(rflags=r.rflags | 0x10000)
+
+    def _halt_exit(self, table: Any) -> None:
+        entry = table.halt
+        k = _HLT
+        self.counts[k] += 1
+        if entry is None:
+            self.defaults[k] += 1
+            raise self._stop_with(VpEventKind.HALT, "the VP executed HLT")
+        t0 = time.perf_counter_ns()
+        try:
+            entry.handler(self._hlt_msg)
+        except Exception as e:
+            raise self._handler_failed(k, "halt", e) from None
+        self.handler_ns[k] += time.perf_counter_ns() - t0
+
+    def _stopping_exit(self, reason: int) -> None:
+        self.counts[_UNK] += 1
+        d = self.vcpu.run_page.decode()
+        if reason == c.EXIT_SHUTDOWN:
+            raise self._stop_with(VpEventKind.SHUTDOWN, "triple fault: the VP shut down", exit=d)
+        if isinstance(d, InternalErrorExit):
+            detail = f"KVM internal error, suberror {d.suberror} data {[hex(x) for x in d.data]}"
+        elif isinstance(d, UnknownExit):
+            detail = f"unexpected exit {d.name}"
+        else:
+            detail = f"unexpected exit {d!r}"
+        raise self._stop_with(VpEventKind.ERROR, detail, exit=d)
+
+
+_GPR_FIELDS = tuple(Registers.__dataclass_fields__)
+_SIZE_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: _MASK64}

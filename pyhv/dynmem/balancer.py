@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -193,9 +194,9 @@ class BalancerConfig:
         return self.remove_delay_s * self.time_scale
 
 
-@dataclass(frozen=True, slots=True)
-class Add:
-    """Give `pages` to `vm`: `unballoon` pages from its balloon first, then `hot_add` new ones."""
+class Add(NamedTuple):
+    """Give `pages` to `vm`: `unballoon` pages from its balloon first, then `hot_add` new ones.
+    (Operations are NamedTuples: immutable, and cheap to make by the thousand.)"""
 
     vm: str
     pages: int
@@ -203,8 +204,7 @@ class Add:
     hot_add: int
 
 
-@dataclass(frozen=True, slots=True)
-class Remove:
+class Remove(NamedTuple):
     """Take `pages` from `vm` by ballooning."""
 
     vm: str
@@ -237,45 +237,13 @@ class Decision:
         return self._by_vm.get(vm)
 
 
-_ROW = attrgetter(
-    "settings", "visible_pages", "assigned_pages", "ballooned_pages", "report", "above_target_s"
-)
-_SETTINGS_ROW = attrgetter("minimum_pages", "maximum_pages", "buffer_percent", "weight")
+@dataclass(frozen=True, slots=True, eq=False)
+class VmTable:
+    """The same state as a sequence of VmMemoryState, one numpy column per field, for fleets
+    of thousands of (simulated) VMs: building per-VM objects would cost more than deciding.
+    A VM without a status report has `committed` = -1."""
 
-
-def decide(
-    host: HostMemory, vms: Sequence[VmMemoryState], config: BalancerConfig | None = None
-) -> Decision:
-    """Decide this tick's operations for `vms` (the VMs with Dynamic Memory enabled)."""
-    config = config or BalancerConfig()
-    n = len(vms)
-    if n == 0:
-        avail = host.available_pages
-        return Decision((), (), (), (), (), False, avail, avail, 0.0, 0.0)
-    # Column extraction in C (attrgetter + zip): per-VM Python work here dominates the tick.
-    settings, visible, assigned, ballooned, reports, timers = zip(*map(_ROW, vms), strict=True)
-    minimum, maximum, buffer, weight = zip(*map(_SETTINGS_ROW, settings), strict=True)
-    has_report = np.fromiter((r is not None for r in reports), dtype=bool, count=n)
-    committed = np.fromiter(
-        (r.committed_pages if r is not None else 0 for r in reports), dtype=np.int64, count=n
-    )
-    cols = _Columns(
-        minimum=np.array(minimum, dtype=np.int64),
-        maximum=np.array(maximum, dtype=np.int64),
-        buffer=np.array(buffer, dtype=np.int64),
-        weight=np.array(weight, dtype=np.int64),
-        visible=np.array(visible, dtype=np.int64),
-        assigned=np.array(assigned, dtype=np.int64),
-        ballooned=np.array(ballooned, dtype=np.int64),
-        committed=committed,
-        has_report=has_report,
-        timer=np.array(timers, dtype=np.float64),
-    )
-    return _decide_columns(host, [vm.vm for vm in vms], cols, config)
-
-
-@dataclass(slots=True)
-class _Columns:
+    vm_ids: tuple[str, ...]
     minimum: _I64
     maximum: _I64
     buffer: _I64
@@ -284,8 +252,91 @@ class _Columns:
     assigned: _I64
     ballooned: _I64
     committed: _I64
-    has_report: npt.NDArray[np.bool_]
-    timer: _F64
+    above_target_s: _F64
+
+    def __post_init__(self) -> None:
+        n = len(self.vm_ids)
+        for name in _TABLE_COLUMNS:
+            column = getattr(self, name)
+            if np.shape(column) != (n,):
+                raise SettingsError(
+                    f"VmTable column {name} has shape {np.shape(column)}, expected ({n},) "
+                    "like vm_ids: give one value per VM"
+                )
+        if n == 0:
+            return
+        bad = np.flatnonzero(
+            (self.minimum < 1)
+            | (self.minimum > self.maximum)
+            | (self.ballooned < 0)
+            | (self.ballooned > self.visible)
+            | (self.assigned < 0)
+            | (self.buffer < BUFFER_PERCENT_RANGE[0])
+            | (self.buffer > BUFFER_PERCENT_RANGE[1])
+            | (self.weight < WEIGHT_RANGE[0])
+            | (self.weight > WEIGHT_RANGE[1])
+        )
+        if bad.size:
+            raise SettingsError(
+                f"VmTable row for VM {self.vm_ids[int(bad[0])]!r} is out of range: need "
+                "1 <= minimum <= maximum, 0 <= ballooned <= visible, buffer 5..2000, weight 0..100"
+            )
+
+    @classmethod
+    def from_states(cls, vms: Sequence[VmMemoryState]) -> VmTable:
+        if not vms:
+            empty = np.zeros(0, dtype=np.int64)
+            e = empty
+            return cls((), e, e, e, e, e, e, e, e, np.zeros(0, dtype=np.float64))
+        # Column extraction in C (attrgetter with dotted names + zip): the per-VM Python work
+        # here dominates a tick, so there is just one Python-level pass (the reports).
+        ids, minimum, maximum, buffer, weight, visible, assigned, ballooned, reports, timers = zip(
+            *map(_ROW, vms), strict=True
+        )
+        return cls(
+            vm_ids=ids,
+            minimum=np.array(minimum, dtype=np.int64),
+            maximum=np.array(maximum, dtype=np.int64),
+            buffer=np.array(buffer, dtype=np.int64),
+            weight=np.array(weight, dtype=np.int64),
+            visible=np.array(visible, dtype=np.int64),
+            assigned=np.array(assigned, dtype=np.int64),
+            ballooned=np.array(ballooned, dtype=np.int64),
+            committed=np.array([-1 if r is None else r.committed_pages for r in reports], np.int64),
+            above_target_s=np.array(timers, dtype=np.float64),
+        )
+
+
+_TABLE_COLUMNS = (
+    "minimum",
+    "maximum",
+    "buffer",
+    "weight",
+    "visible",
+    "assigned",
+    "ballooned",
+    "committed",
+    "above_target_s",
+)
+_ROW = attrgetter(
+    "vm",
+    "settings.minimum_pages",
+    "settings.maximum_pages",
+    "settings.buffer_percent",
+    "settings.weight",
+    "visible_pages",
+    "assigned_pages",
+    "ballooned_pages",
+    "report",
+    "above_target_s",
+)
+
+
+def decide(
+    host: HostMemory, vms: Sequence[VmMemoryState], config: BalancerConfig | None = None
+) -> Decision:
+    """Decide this tick's operations for `vms` (the VMs with Dynamic Memory enabled)."""
+    return decide_table(host, VmTable.from_states(vms), config)
 
 
 def _greedy(amounts: _I64, order: npt.NDArray[np.intp], budget: int) -> _I64:
@@ -297,16 +348,21 @@ def _greedy(amounts: _I64, order: npt.NDArray[np.intp], budget: int) -> _I64:
     return granted
 
 
-def _decide_columns(
-    host: HostMemory, ids: list[str], c: _Columns, config: BalancerConfig
-) -> Decision:
+def decide_table(host: HostMemory, c: VmTable, config: BalancerConfig | None = None) -> Decision:
+    """`decide` over a VmTable."""
+    config = config or BalancerConfig()
+    ids = c.vm_ids
     n = len(ids)
+    if n == 0:
+        avail = host.available_pages
+        return Decision((), (), (), (), (), False, avail, avail, 0.0, 0.0)
+    has_report = c.committed >= 0
     # Without a report the demand is unknown: hold the VM where it is (within its limits).
-    demand = np.where(c.has_report, c.committed, c.assigned)
+    demand = np.where(has_report, c.committed, c.assigned)
     need = np.clip(demand, c.minimum, c.maximum)
-    buffered = np.where(c.has_report, (demand * (100 + c.buffer) + 99) // 100, demand)
+    buffered = np.where(has_report, (demand * (100 + c.buffer) + 99) // 100, demand)
     target = np.clip(buffered, c.minimum, c.maximum)
-    pressure = np.where(c.has_report, demand * 100.0 / np.maximum(c.assigned, 1), 0.0)
+    pressure = np.where(has_report, demand * 100.0 / np.maximum(c.assigned, 1), 0.0)
 
     # What an add can deliver: the balloon, plus hot-add up to maximum guest-visible memory.
     room = np.maximum(c.maximum - c.assigned, 0)
@@ -338,25 +394,32 @@ def _decide_columns(
 
     # Lazy trim: count the time above target; remove a step once the delay has passed.
     over = c.assigned - target
-    above = (over >= min_op) & c.has_report
-    timer = np.where(above, c.timer + config.tick_s, 0.0)
+    above = (over >= min_op) & has_report
+    timer = np.where(above, c.above_target_s + config.tick_s, 0.0)
     due = above & (timer >= config.effective_remove_delay_s)
     lazy = np.where(due, np.minimum(over, config.remove_step_pages), 0)
     remove = np.maximum(lazy, reclaim)
 
+    # Build the few operations from plain lists: indexing numpy scalars one by one is slow.
+    changed = np.flatnonzero((grant > 0) | (remove > 0))
     operations: list[Operation] = []
-    for i in np.flatnonzero((grant > 0) | (remove > 0)).tolist():
-        if grant[i] > 0:
-            g = int(grant[i])
-            unballoon = min(g, int(c.ballooned[i]))
-            operations.append(Add(ids[i], g, unballoon=unballoon, hot_add=g - unballoon))
+    for i, g, r, b in zip(
+        changed.tolist(),
+        grant[changed].tolist(),
+        remove[changed].tolist(),
+        c.ballooned[changed].tolist(),
+        strict=True,
+    ):
+        if g > 0:
+            unballoon = min(g, b)
+            operations.append(Add(ids[i], g, unballoon, g - unballoon))
         else:
-            operations.append(Remove(ids[i], int(remove[i])))
+            operations.append(Remove(ids[i], r))
 
-    reported = c.has_report
+    reported = has_report
     total_assigned = int(c.assigned[reported].sum())
     return Decision(
-        vm_ids=tuple(ids),
+        vm_ids=ids,
         operations=tuple(operations),
         pressure=tuple(pressure.tolist()),
         target_pages=tuple(target.tolist()),
@@ -371,7 +434,7 @@ def _decide_columns(
     )
 
 
-def _reclaim(c: _Columns, need: _I64, unmet: _I64, pressure: _F64) -> _I64:
+def _reclaim(c: VmTable, need: _I64, unmet: _I64, pressure: _F64) -> _I64:
     """Pages to take back at once so that unmet demand can be met next tick: first every
     VM's buffer (lowest weight, then lowest pressure first), then demand memory of VMs with a
     strictly lower weight than the VM in need, never below their minimum."""

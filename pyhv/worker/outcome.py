@@ -56,8 +56,6 @@ class VmEnd:
             head = "VM stopped" + (f" ({self.detail})" if self.detail else "")
         elif self.reason == TRIPLE_FAULT:
             head = f"guest triple-faulted on VP {self.vp} (the VP shut down)"
-            if self.detail:
-                head += f": {self.detail}"
         elif self.reason == EMULATION_ERROR:
             head = f"KVM could not run VP {self.vp}: {self.detail}"
         else:

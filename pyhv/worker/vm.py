@@ -27,7 +27,7 @@ from pyhv.worker.outcome import (
 )
 
 if TYPE_CHECKING:
-    from pyhv.hypervisor import Partition, VirtualProcessor
+    from pyhv.hypervisor import Partition, VirtualProcessor, VpEvent
 
 
 class VirtualMachine:
@@ -216,25 +216,37 @@ def _set_entry_state(vp: VirtualProcessor, entry: boot.EntryState) -> None:
     vp.registers = Registers(rip=entry.rip, rsp=entry.rsp, rsi=entry.rsi, rflags=entry.rflags)
 
 
-def _end_from_event(vp: VirtualProcessor, event: Any) -> VmEnd:
-    kind = getattr(event, "kind", type(event).__name__).lower()
-    regs = _register_dump(vp)
-    if "shutdown" in kind:
-        return VmEnd(TRIPLE_FAULT, vp=vp.index, registers=regs)
-    if "stop" in kind:
-        return VmEnd(STOPPED, vp=vp.index, detail="VP stopped")
-    return VmEnd(EMULATION_ERROR, vp=vp.index, registers=regs, detail=str(event))
+def _end_from_event(vp: VirtualProcessor, event: VpEvent | None) -> VmEnd:
+    from pyhv.hypervisor import VpEventKind
+
+    if event is None:
+        return VmEnd(WORKER_ERROR, vp=vp.index, detail="the VP thread ended without an event")
+    regs = _register_dump(event)
+    if event.kind is VpEventKind.SHUTDOWN:
+        return VmEnd(TRIPLE_FAULT, vp=vp.index, registers=regs, detail=event.detail)
+    if event.kind is VpEventKind.STOPPED:
+        return VmEnd(STOPPED, vp=vp.index, detail=event.detail)
+    if event.kind is VpEventKind.HALT:
+        # HLT reaches user space only if the in-kernel LAPIC cannot wake the VP: interrupts off.
+        return VmEnd(
+            EMULATION_ERROR,
+            vp=vp.index,
+            registers=regs,
+            detail="the VP halted with interrupts disabled (it can never wake)",
+        )
+    if event.error is not None and not isinstance(event.error, OSError):
+        return VmEnd(WORKER_ERROR, vp=vp.index, registers=regs, detail=event.detail)
+    return VmEnd(EMULATION_ERROR, vp=vp.index, registers=regs, detail=event.detail)
 
 
-def _register_dump(vp: VirtualProcessor) -> dict[str, int]:
-    try:
-        r = vp.registers
-        s = vp.special_registers
-    except Exception:  # noqa: BLE001 - a dump is best effort
-        return {}
-    out = {n: getattr(r, n) for n in r.__slots__}
-    out.update(cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, efer=s.efer)
-    out.update(cs=s.cs.selector, ss=s.ss.selector)
+def _register_dump(event: VpEvent) -> dict[str, int]:
+    out: dict[str, int] = {}
+    r, s = event.registers, event.special_registers
+    if r is not None:
+        out.update({n: getattr(r, n) for n in r.__slots__})
+    if s is not None:
+        out.update(cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, efer=s.efer)
+        out.update(cs=s.cs.selector, ss=s.ss.selector)
     return out
 
 

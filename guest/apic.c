@@ -1,0 +1,44 @@
+/* apic.c -- interrupt controllers: the 8259 PIC masked, the local APIC timer at HZ, COM1 through the IOAPIC. */
+#include "kernel.h"
+
+#define LAPIC ((volatile u32 *)0xFEE00000UL)
+#define IOAPIC ((volatile u32 *)0xFEC00000UL)
+#define LAPIC_EOI 0xB0
+#define LAPIC_SVR 0xF0
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_LINT0 0x350
+#define LAPIC_LINT1 0x360
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_DIV 0x3E0
+#define LVT_MASKED 0x10000
+#define LVT_PERIODIC 0x20000
+#define APIC_TIMER_HZ 1000000000UL /* KVM's APIC timer counts at 1 GHz before the divider */
+#define UART_PIN 4
+
+volatile u64 ticks;
+
+static void lapic_w(u32 reg, u32 v) { LAPIC[reg / 4] = v; }
+
+static void ioapic_w(u32 reg, u32 v)
+{
+    IOAPIC[0] = reg;
+    IOAPIC[4] = v;
+}
+
+void lapic_eoi(void) { lapic_w(LAPIC_EOI, 0); }
+
+void apic_init(void)
+{
+    /* without this, IRQ n from the (unprogrammed) 8259 arrives as vector n */
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
+    lapic_w(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+    lapic_w(LAPIC_LINT0, LVT_MASKED);
+    lapic_w(LAPIC_LINT1, LVT_MASKED);
+    lapic_w(LAPIC_TIMER_DIV, 0x3); /* divide by 16 */
+    lapic_w(LAPIC_LVT_TIMER, LVT_PERIODIC | VEC_TIMER);
+    lapic_w(LAPIC_TIMER_INIT, (u32)(APIC_TIMER_HZ / 16 / HZ));
+    /* COM1: edge-triggered, active high, fixed delivery to APIC 0 */
+    ioapic_w(0x10 + 2 * UART_PIN + 1, 0);
+    ioapic_w(0x10 + 2 * UART_PIN, VEC_UART);
+}

@@ -1,0 +1,134 @@
+/* console.c -- COM1, a 16550A: polled transmit, interrupt-driven receive into a ring, and printf. */
+#include <stdarg.h>
+#include "kernel.h"
+
+#define COM1 0x3F8
+#define RBR 0 /* receive buffer (read) / THR transmit (write) */
+#define IER 1
+#define FCR 2
+#define LCR 3
+#define MCR 4
+#define LSR 5
+#define LSR_DR 0x01
+#define LSR_THRE 0x20
+#define FIFO_SIZE 16
+
+static volatile u8 rx_ring[256];
+static volatile u32 rx_head, rx_tail; /* head written by the interrupt handler, tail by the shell */
+static u32 tx_room;                   /* bytes the transmit FIFO takes before LSR must be read again */
+
+void uart_init(void)
+{
+    outb(COM1 + IER, 0);
+    outb(COM1 + LCR, 0x80); /* DLAB: 115200 baud */
+    outb(COM1 + 0, 1);
+    outb(COM1 + 1, 0);
+    outb(COM1 + LCR, 0x03);  /* 8N1 */
+    outb(COM1 + FCR, 0x07);  /* FIFOs on and cleared */
+    outb(COM1 + MCR, 0x0B);  /* DTR, RTS, OUT2 (gates the IRQ line on a PC) */
+    outb(COM1 + IER, 0x01);  /* interrupt on received data */
+    uart_rx_irq();
+}
+
+void uart_rx_irq(void)
+{
+    while (inb(COM1 + LSR) & LSR_DR) {
+        u8 c = inb(COM1 + RBR);
+        if (rx_head - rx_tail < sizeof(rx_ring))
+            rx_ring[rx_head++ % sizeof(rx_ring)] = c;
+    }
+}
+
+int uart_getc(void)
+{
+    if (rx_tail == rx_head)
+        return -1;
+    return rx_ring[rx_tail++ % sizeof(rx_ring)];
+}
+
+void putc(char c)
+{
+    if (c == '\n')
+        putc('\r');
+    while (!tx_room)
+        tx_room = (inb(COM1 + LSR) & LSR_THRE) ? FIFO_SIZE : 0;
+    tx_room--;
+    outb(COM1, (u8)c);
+}
+
+void puts(const char *s)
+{
+    while (*s)
+        putc(*s++);
+}
+
+static void put_u64(u64 v, u32 base, int width, char pad)
+{
+    char buf[24];
+    int n = 0;
+    do {
+        u64 d = v % base;
+        buf[n++] = (char)(d < 10 ? '0' + d : 'a' + d - 10);
+        v /= base;
+    } while (v);
+    while (n < width--)
+        putc(pad);
+    while (n)
+        putc(buf[--n]);
+}
+
+/* %d %u %x %s %c %% with l/ll and a zero-padded or space-padded width */
+void printf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    for (; *fmt; fmt++) {
+        if (*fmt != '%') {
+            putc(*fmt);
+            continue;
+        }
+        fmt++;
+        char pad = ' ';
+        int width = 0, lng = 0;
+        if (*fmt == '0')
+            pad = '0', fmt++;
+        while (*fmt >= '0' && *fmt <= '9')
+            width = width * 10 + (*fmt++ - '0');
+        while (*fmt == 'l')
+            lng = 1, fmt++;
+        switch (*fmt) {
+        case 'd': {
+            s64 v = lng ? va_arg(ap, s64) : va_arg(ap, s32);
+            if (v < 0) {
+                putc('-');
+                v = -v;
+            }
+            put_u64((u64)v, 10, width, pad);
+            break;
+        }
+        case 'u':
+            put_u64(lng ? va_arg(ap, u64) : va_arg(ap, u32), 10, width, pad);
+            break;
+        case 'x':
+            put_u64(lng ? va_arg(ap, u64) : va_arg(ap, u32), 16, width, pad);
+            break;
+        case 's': {
+            const char *s = va_arg(ap, const char *);
+            puts(s ? s : "(null)");
+            break;
+        }
+        case 'c':
+            putc((char)va_arg(ap, int));
+            break;
+        case '%':
+            putc('%');
+            break;
+        default:
+            putc('%');
+            putc(*fmt);
+            if (!*fmt)
+                fmt--;
+        }
+    }
+    va_end(ap);
+}

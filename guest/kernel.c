@@ -1,0 +1,61 @@
+/* kernel.c -- kmain: bring the machine up, then the main loop: shell input, else background tasks,
+ * else halt until an interrupt. */
+#include "kernel.h"
+
+#define PTE_USER 4UL
+#define PTE_PS 0x80UL
+#define ADDR_MASK 0x000FFFFFFFFFF000UL
+
+/* Set the user bit on the boot page tables' entries for [base, end), at 2 MiB granularity (the boot
+ * tables use 2 MiB pages): a few instructions per 2 MiB, nothing per 4 KiB page. */
+void paging_allow_user(u64 base, u64 end)
+{
+    if (end > MAX_PHYS)
+        end = MAX_PHYS;
+    u64 *pml4 = (u64 *)(read_cr3() & ADDR_MASK);
+    for (u64 a = base & ~(BLOCK_SIZE - 1); a < end; a += BLOCK_SIZE) {
+        u64 *e4 = &pml4[(a >> 39) & 511];
+        if (!(*e4 & 1))
+            continue;
+        *e4 |= PTE_USER;
+        u64 *e3 = &((u64 *)(*e4 & ADDR_MASK))[(a >> 30) & 511];
+        if (!(*e3 & 1))
+            continue;
+        *e3 |= PTE_USER;
+        if (*e3 & PTE_PS)
+            continue;
+        u64 *e2 = &((u64 *)(*e3 & ADDR_MASK))[(a >> 21) & 511];
+        *e2 |= PTE_USER;
+    }
+    write_cr3(read_cr3()); /* drop TLB entries cached without the user bit */
+}
+
+void kmain(const struct bootinfo *bi)
+{
+    uart_init();
+    trap_init();
+    if (bootinfo_copy(bi)) {
+        puts("halted: no usable boot information\n");
+        halt_forever();
+    }
+    apic_init();
+    paging_allow_user(0, (u64)_image_end);
+    pmm_init((u64)_image_end);
+    task_init();
+    struct pmm_stats s;
+    pmm_stats(&s);
+    printf("pyhv guest: %lu MiB RAM, %lu MiB free, %u VP, timer %u Hz\n", s.visible / 256, s.free / 256,
+           boot.vp_count, HZ);
+    shell_init();
+    for (;;) {
+        cli();
+        uart_rx_irq(); /* also poll, in case an interrupt edge was lost */
+        int c;
+        while ((c = uart_getc()) >= 0) {
+            sti();
+            shell_input(c);
+            cli();
+        }
+        task_schedule();
+    }
+}

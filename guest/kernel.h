@@ -1,0 +1,118 @@
+/* kernel.h -- types, port and MMIO helpers, and the interfaces between the guest kernel's parts.
+ * Everything here runs at CPL0, where this machine's KVM emulates each instruction: keep loops short. */
+#ifndef KERNEL_H
+#define KERNEL_H
+
+typedef unsigned long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef long s64;
+typedef int s32;
+
+#define NULL ((void *)0)
+#define PAGE_SIZE 4096UL
+#define BLOCK_PAGES 512UL /* pages in a 2 MiB block */
+#define BLOCK_SIZE (2UL << 20)
+#define MAX_PHYS (64UL << 30) /* the boot page tables identity-map 0..64 GiB */
+#define HZ 100
+
+static inline void outb(u16 p, u8 v) { __asm__ volatile("outb %0,%1" ::"a"(v), "Nd"(p)); }
+static inline void outl(u16 p, u32 v) { __asm__ volatile("outl %0,%1" ::"a"(v), "Nd"(p)); }
+static inline u8 inb(u16 p) { u8 v; __asm__ volatile("inb %1,%0" : "=a"(v) : "Nd"(p)); return v; }
+static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
+static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void sti_hlt(void) { __asm__ volatile("sti; hlt" ::: "memory"); }
+static inline u64 read_cr2(void) { u64 v; __asm__ volatile("mov %%cr2,%0" : "=r"(v)); return v; }
+static inline u64 read_cr3(void) { u64 v; __asm__ volatile("mov %%cr3,%0" : "=r"(v)); return v; }
+static inline void write_cr3(u64 v) { __asm__ volatile("mov %0,%%cr3" ::"r"(v) : "memory"); }
+static inline u64 irq_save(void) { u64 f; __asm__ volatile("pushfq; pop %0; cli" : "=r"(f)::"memory"); return f; }
+static inline void irq_restore(u64 f) { if (f & 0x200) sti(); }
+/* lowest set bit; bsf is emulated at CPL0, tzcnt/popcnt are not (see check-insns.sh) */
+static inline u64 lowest_bit(u64 w) { u64 r; __asm__("bsfq %1,%0" : "=r"(r) : "rm"(w)); return r; }
+
+/* lib.c */
+void *memset(void *d, int c, u64 n);
+void *memcpy(void *d, const void *s, u64 n);
+u64 strlen(const char *s);
+int strcmp(const char *a, const char *b);
+int parse_u64(const char *s, u64 *out); /* decimal or 0x hex; 0 on success */
+
+/* console.c: COM1 16550 */
+void uart_init(void);
+void uart_rx_irq(void);  /* drain RBR into the receive ring */
+int uart_getc(void);     /* -1 when the ring is empty */
+void putc(char c);
+void puts(const char *s);
+void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* bootinfo.c: the boot-information block of docs/boot-protocol.md */
+#define BOOTINFO_MAGIC 0x56485950u
+#define MAX_MEMMAP 64
+struct memmap_entry { u64 base, size; u32 type, pad; };
+struct bootinfo {
+    u32 magic, version, vp_count, nr_memmap;
+    u64 cmdline_gpa;
+    u32 cmdline_len, flags;
+    u64 tsc_khz;
+    struct memmap_entry memmap[MAX_MEMMAP];
+};
+extern struct bootinfo boot; /* validated copy */
+int bootinfo_copy(const struct bootinfo *src); /* 0 ok, else prints why */
+
+/* apic.c: 8259 masked, LAPIC timer, IOAPIC routes */
+#define VEC_TIMER 0x20
+#define VEC_UART 0x24
+#define VEC_SPURIOUS 0xff
+void apic_init(void);
+void lapic_eoi(void);
+extern volatile u64 ticks;
+
+/* paging: boot page tables (found through CR3) get the user bit on the 2 MiB entries user tasks touch */
+void paging_allow_user(u64 base, u64 end);
+
+/* pmm.c */
+struct pmm_range { u64 base, pages; };
+struct pmm_stats { u64 visible, free, committed, ballooned, hot_added; };
+void pmm_init(u64 free_from);
+void pmm_stats(struct pmm_stats *s);
+void pmm_commit(u64 pages);
+void pmm_uncommit(u64 pages);
+u64 pmm_alloc(u64 pages, struct pmm_range *out, u32 max_out, u32 *nout);
+int pmm_free(u64 base, u64 pages);
+int pmm_hot_add(u64 base, u64 pages);
+u64 pmm_balloon_floor(void);
+u64 pmm_balloon_take(u64 max_pages, u64 floor_pages, struct pmm_range *out, u32 max_out, u32 *nout);
+int pmm_balloon_give(u64 base, u64 pages);
+int pmm_check(void); /* consistency of counters and bitmaps, for the `pmmcheck` command */
+
+/* trap frame, as pushed by the stubs in entry.S */
+struct frame {
+    u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+    u64 vec, err, rip, cs, rflags, rsp, ss;
+};
+void trap_init(void);
+void trap(struct frame *f);
+
+/* task.c: background tasks at CPL3 */
+void task_init(void);
+void task_schedule(void); /* idle path: run a task or halt until an interrupt */
+int task_start_testlimit(u64 mb, u64 count);
+int task_start_dirty(u64 mb, u64 pps);
+int task_kill(int id); /* -1: all */
+void task_list(void);
+void task_user_trap(struct frame *f) __attribute__((noreturn)); /* a trap from CPL3 */
+int task_kill_kind_testlimit(void);
+
+/* shell.c */
+void shell_init(void);
+void shell_input(int c);
+
+/* entry.S */
+extern char _image_start[], _image_end[], _bss_start[], _bss_end[];
+extern char user_sys[];
+u64 run_user(struct frame *f); /* iretq to f; returns when a trap hands control back */
+void back_to_kernel(u64 v) __attribute__((noreturn));
+void halt_forever(void) __attribute__((noreturn));
+void poweroff(u32 code) __attribute__((noreturn));
+#endif

@@ -1,0 +1,229 @@
+/* shell.c -- the console shell: line editing, and the commands tests and people type. */
+#include "kernel.h"
+
+#define LINE_MAX 128
+#define MAX_ARGS 8
+#define DEBUG_RANGES 512
+
+static char line[LINE_MAX];
+static u32 len;
+static int last_cr;
+static struct pmm_range balloon_ranges[DEBUG_RANGES]; /* held by the `balloon` debug command */
+static u32 balloon_nranges;
+
+static void prompt(void) { puts("pyhv> "); }
+
+static void cmd_help(void)
+{
+    puts("commands:\n"
+         "  mem                     memory counters in MiB (visible, free, committed, ballooned, hot-added)\n"
+         "  testlimit -m MB [-c N]  commit and touch N chunks of MB MiB, hold them until kill/free\n"
+         "  dirty MB [PAGES/S]      keep rewriting MB MiB (one word per page) in the background\n"
+         "  tasks                   list background tasks\n"
+         "  kill [ID]               stop background tasks (all, or task ID) and release their memory\n"
+         "  free                    release what testlimit holds\n"
+         "  ticks                   timer ticks since boot (" "100 per second)\n"
+         "  balloon MB              take MB MiB out of the guest as the balloon driver would\n"
+         "  unballoon               give back what `balloon` took\n"
+         "  hotadd BASE_MB SIZE_MB  add RAM at BASE_MB MiB, as a hot-add would\n"
+         "  pmmcheck                check the memory manager's counters against its bitmaps\n"
+         "  poweroff [CODE]         power off with exit status CODE (default 0)\n");
+}
+
+static void cmd_mem(void)
+{
+    struct pmm_stats s;
+    pmm_stats(&s);
+    printf("visible: %lu MiB\nfree: %lu MiB\ncommitted: %lu MiB\nballooned: %lu MiB\nhot-added: %lu MiB\n",
+           s.visible / 256, s.free / 256, s.committed / 256, s.ballooned / 256, s.hot_added / 256);
+}
+
+/* a size argument in MiB, 1..65536 */
+static int arg_mb(const char *cmd, const char *what, const char *s, u64 *out)
+{
+    if (!s || parse_u64(s, out) || *out == 0 || *out > 65536) {
+        printf("%s: %s must be a number of MiB from 1 to 65536, got '%s'\n", cmd, what, s ? s : "");
+        return -1;
+    }
+    return 0;
+}
+
+static void cmd_testlimit(int argc, char **argv)
+{
+    u64 mb = 0, count = 1;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "-m") && i + 1 < argc) {
+            if (arg_mb("testlimit", "-m", argv[++i], &mb))
+                return;
+        } else if (!strcmp(argv[i], "-c") && i + 1 < argc) {
+            if (parse_u64(argv[++i], &count) || count == 0 || count > 65536) {
+                printf("testlimit: -c must be a chunk count from 1 to 65536, got '%s'\n", argv[i]);
+                return;
+            }
+        } else {
+            printf("testlimit: unexpected argument '%s': usage testlimit -m MB [-c N]\n", argv[i]);
+            return;
+        }
+    }
+    if (!mb) {
+        puts("testlimit: -m MB is required: usage testlimit -m MB [-c N]\n");
+        return;
+    }
+    if (mb * count > 65536) {
+        printf("testlimit: %lu x %lu MiB is more than the 64 GiB this guest can address\n", count, mb);
+        return;
+    }
+    task_start_testlimit(mb, count);
+}
+
+static void cmd_dirty(int argc, char **argv)
+{
+    u64 mb, pps = 0;
+    if (argc < 2 || argc > 3) {
+        puts("dirty: usage dirty MB [PAGES-PER-SECOND]\n");
+        return;
+    }
+    if (arg_mb("dirty", "MB", argv[1], &mb))
+        return;
+    if (argc == 3 && (parse_u64(argv[2], &pps) || pps == 0)) {
+        printf("dirty: pages per second must be a positive number, got '%s'\n", argv[2]);
+        return;
+    }
+    task_start_dirty(mb, pps);
+}
+
+static void cmd_kill(int argc, char **argv)
+{
+    u64 id = 0;
+    if (argc > 2 || (argc == 2 && (parse_u64(argv[1], &id) || id > 255))) {
+        puts("kill: usage kill [TASK-ID]\n");
+        return;
+    }
+    if (!task_kill(argc == 2 ? (int)id : -1))
+        puts(argc == 2 ? "kill: no such task\n" : "kill: no tasks\n");
+}
+
+static void cmd_balloon(int argc, char **argv)
+{
+    u64 mb;
+    if (argc != 2 || arg_mb("balloon", "MB", argv[1], &mb))
+        return;
+    u32 n;
+    u64 got = pmm_balloon_take(mb * 256, pmm_balloon_floor(), &balloon_ranges[balloon_nranges],
+                               DEBUG_RANGES - balloon_nranges, &n);
+    balloon_nranges += n;
+    printf("balloon: took %lu pages (%lu MiB) in %u ranges\n", got, got / 256, n);
+}
+
+static void cmd_unballoon(void)
+{
+    u64 pages = 0;
+    for (u32 i = 0; i < balloon_nranges; i++)
+        if (!pmm_balloon_give(balloon_ranges[i].base, balloon_ranges[i].pages))
+            pages += balloon_ranges[i].pages;
+    printf("unballoon: gave back %lu pages (%lu MiB) in %u ranges\n", pages, pages / 256, balloon_nranges);
+    balloon_nranges = 0;
+}
+
+static void cmd_hotadd(int argc, char **argv)
+{
+    u64 base, size;
+    if (argc != 3 || parse_u64(argv[1], &base) || base >= 65536 || arg_mb("hotadd", "SIZE_MB", argv[2], &size)) {
+        puts("hotadd: usage hotadd BASE_MB SIZE_MB (below 64 GiB)\n");
+        return;
+    }
+    if (!pmm_hot_add(base << 20, size * 256))
+        printf("hotadd: added %lu MiB at %lu MiB\n", size, base);
+}
+
+static void cmd_poweroff(int argc, char **argv)
+{
+    u64 code = 0;
+    if (argc > 2 || (argc == 2 && (parse_u64(argv[1], &code) || code > 255))) {
+        puts("poweroff: usage poweroff [CODE 0..255]\n");
+        return;
+    }
+    puts("powering off\n");
+    poweroff((u32)code);
+}
+
+static void run(char *s)
+{
+    char *argv[MAX_ARGS];
+    int argc = 0;
+    while (*s) {
+        while (*s == ' ' || *s == '\t')
+            *s++ = 0;
+        if (!*s)
+            break;
+        if (argc == MAX_ARGS) {
+            printf("too many arguments (at most %d)\n", MAX_ARGS - 1);
+            return;
+        }
+        argv[argc++] = s;
+        while (*s && *s != ' ' && *s != '\t')
+            s++;
+    }
+    if (!argc)
+        return;
+    const char *c = argv[0];
+    if (!strcmp(c, "help"))
+        cmd_help();
+    else if (!strcmp(c, "mem"))
+        cmd_mem();
+    else if (!strcmp(c, "testlimit"))
+        cmd_testlimit(argc, argv);
+    else if (!strcmp(c, "dirty"))
+        cmd_dirty(argc, argv);
+    else if (!strcmp(c, "tasks"))
+        task_list();
+    else if (!strcmp(c, "kill"))
+        cmd_kill(argc, argv);
+    else if (!strcmp(c, "free")) {
+        if (!task_kill_kind_testlimit())
+            puts("free: testlimit holds nothing\n");
+    } else if (!strcmp(c, "ticks"))
+        printf("ticks: %lu\n", ticks);
+    else if (!strcmp(c, "balloon"))
+        cmd_balloon(argc, argv);
+    else if (!strcmp(c, "unballoon"))
+        cmd_unballoon();
+    else if (!strcmp(c, "hotadd"))
+        cmd_hotadd(argc, argv);
+    else if (!strcmp(c, "pmmcheck"))
+        puts(pmm_check() ? "pmm: INCONSISTENT\n" : "pmm: consistent\n");
+    else if (!strcmp(c, "poweroff"))
+        cmd_poweroff(argc, argv);
+    else
+        printf("unknown command '%s': type help for the list\n", c);
+}
+
+void shell_init(void) { prompt(); }
+
+void shell_input(int c)
+{
+    if (c == '\n' && last_cr) { /* \r\n is one Enter */
+        last_cr = 0;
+        return;
+    }
+    last_cr = c == '\r';
+    if (c == '\r' || c == '\n') {
+        putc('\n');
+        line[len] = 0;
+        run(line);
+        len = 0;
+        prompt();
+    } else if (c == 8 || c == 127) {
+        if (len) {
+            len--;
+            puts("\b \b");
+        }
+    } else if (c == 3) { /* ^C drops the line */
+        puts("^C\n");
+        len = 0;
+        prompt();
+    } else if (c >= 32 && c < 127 && len < LINE_MAX - 1) {
+        line[len++] = (char)c;
+        putc((char)c);
+    }
+}

@@ -1,0 +1,253 @@
+/* task.c -- background tasks: memory workloads that run at CPL3, where this KVM executes natively.
+ * The kernel (the shell) takes the CPU back on every interrupt; when it has nothing to do it resumes
+ * the next runnable task instead of halting. A task asks the kernel for things by executing the ud2
+ * at user_sys (the only way from CPL3 to CPL0 here is an exception or an interrupt). */
+#include "kernel.h"
+
+#define NTASKS 4
+#define TASK_RANGES 4096
+#define USER_STACK 16384
+#define SYS_SLEEP 1 /* rsi = tick to wake at */
+#define SYS_EXIT 2
+#define USER_CS 0x33
+#define USER_DS 0x2B
+
+enum { T_FREE, T_RUNNABLE, T_SLEEPING };
+enum { K_TESTLIMIT, K_DIRTY };
+static const char *const kind_names[] = {"testlimit", "dirty"};
+
+struct task {
+    struct frame frame; /* user registers while the task is off the CPU */
+    u32 state, kind;
+    u64 wake_tick;
+    u64 pages_want; /* committed for the task */
+    u64 pages_have; /* allocated so far; may lag behind commit until memory arrives */
+    u64 pps;        /* dirty: pages per second, 0 = as fast as possible */
+    volatile u64 nranges;
+    volatile u64 touched; /* pages written by the task, counting rewrites */
+    volatile u64 passes;
+    struct pmm_range ranges[TASK_RANGES];
+    u8 stack[USER_STACK] __attribute__((aligned(16)));
+};
+
+static struct task tasks[NTASKS] __attribute__((section(".bss.noinit"), aligned(4096)));
+static struct task *cur;
+static u32 last_run;
+extern const char *exception_name(u64 vec);
+
+/* ---------------------------------------------------------------- CPL3 side: no privileged instructions */
+static inline void user_call(u64 op, u64 arg)
+{
+    __asm__ volatile("call user_sys" ::"D"(op), "S"(arg) : "memory");
+}
+
+static void user_testlimit(struct task *t)
+{
+    u64 r = 0;
+    for (;;) {
+        for (; r < t->nranges; r++) {
+            u64 a = t->ranges[r].base, n = t->ranges[r].pages;
+            for (u64 i = 0; i < n; i++, a += PAGE_SIZE)
+                *(volatile u64 *)a = a; /* one word per page makes the host back it */
+            t->touched += n;
+        }
+        user_call(SYS_SLEEP, t->pages_have >= t->pages_want ? ~0UL : ticks + 1);
+    }
+}
+
+static void user_dirty(struct task *t)
+{
+    u64 start = ticks, written = 0, value = 1;
+    for (;;) {
+        if (!t->nranges)
+            user_call(SYS_SLEEP, ticks + 1);
+        for (u64 r = 0; r < t->nranges; r++) {
+            u64 a = t->ranges[r].base, n = t->ranges[r].pages;
+            for (u64 i = 0; i < n; i++, a += PAGE_SIZE) {
+                while (t->pps && written >= (ticks - start + 1) * t->pps / HZ)
+                    user_call(SYS_SLEEP, ticks + 1);
+                *(volatile u64 *)a = value;
+                written++;
+                t->touched++;
+            }
+        }
+        t->passes++;
+        value++;
+    }
+}
+
+static void user_task_exit(void) { user_call(SYS_EXIT, 0); }
+
+/* ---------------------------------------------------------------- kernel side */
+void task_init(void)
+{
+    for (int i = 0; i < NTASKS; i++)
+        tasks[i].state = T_FREE;
+}
+
+/* allocate what the task has committed, as far as free memory goes */
+static void task_fill(struct task *t)
+{
+    struct pmm_stats s;
+    pmm_stats(&s);
+    if (t->pages_have >= t->pages_want || !s.free || t->nranges >= TASK_RANGES)
+        return;
+    u32 n;
+    u64 got = pmm_alloc(t->pages_want - t->pages_have, &t->ranges[t->nranges],
+                        (u32)(TASK_RANGES - t->nranges), &n);
+    t->nranges += n;
+    t->pages_have += got;
+}
+
+static void task_release(struct task *t)
+{
+    for (u64 r = 0; r < t->nranges; r++)
+        if (pmm_free(t->ranges[r].base, t->ranges[r].pages))
+            printf("task: could not free [%lx, +%lu pages): pmm state is inconsistent\n",
+                   t->ranges[r].base, t->ranges[r].pages);
+    pmm_uncommit(t->pages_want);
+    t->state = T_FREE;
+}
+
+static int task_new(u32 kind, u64 pages, u64 pps, void (*entry)(struct task *))
+{
+    int id;
+    for (id = 0; id < NTASKS; id++)
+        if (tasks[id].state == T_FREE)
+            break;
+    if (id == NTASKS) {
+        printf("%s: all %d task slots are busy: kill one first\n", kind_names[kind], NTASKS);
+        return -1;
+    }
+    struct task *t = &tasks[id];
+    memset(&t->frame, 0, sizeof(t->frame));
+    u64 *sp = (u64 *)(t->stack + USER_STACK) - 2;
+    sp[0] = (u64)user_task_exit; /* where the entry function would return to */
+    t->frame.rip = (u64)entry;
+    t->frame.rdi = (u64)t;
+    t->frame.rsp = (u64)sp;
+    t->frame.cs = USER_CS;
+    t->frame.ss = USER_DS;
+    t->frame.rflags = 0x202;
+    t->kind = kind;
+    t->pages_want = pages;
+    t->pages_have = 0;
+    t->pps = pps;
+    t->nranges = 0;
+    t->touched = 0;
+    t->passes = 0;
+    t->wake_tick = 0;
+    pmm_commit(pages);
+    task_fill(t);
+    t->state = T_RUNNABLE;
+    return id;
+}
+
+int task_start_testlimit(u64 mb, u64 count)
+{
+    int id = task_new(K_TESTLIMIT, mb * count * 256, 0, user_testlimit);
+    if (id >= 0)
+        printf("testlimit: task %d committed %lu MiB (%lu x %lu MiB), %lu MiB allocated now\n", id,
+               mb * count, count, mb, tasks[id].pages_have / 256);
+    return id;
+}
+
+int task_start_dirty(u64 mb, u64 pps)
+{
+    int id = task_new(K_DIRTY, mb * 256, pps, user_dirty);
+    if (id >= 0) {
+        printf("dirty: task %d rewrites %lu MiB ", id, mb);
+        if (pps)
+            printf("at %lu pages/s\n", pps);
+        else
+            puts("as fast as it can\n");
+    }
+    return id;
+}
+
+int task_kill(int id)
+{
+    int n = 0;
+    for (int i = 0; i < NTASKS; i++) {
+        if (tasks[i].state == T_FREE || (id >= 0 && id != i))
+            continue;
+        printf("task %d (%s) killed: %lu MiB released\n", i, kind_names[tasks[i].kind],
+               tasks[i].pages_want / 256);
+        task_release(&tasks[i]);
+        n++;
+    }
+    return n;
+}
+
+int task_kill_kind_testlimit(void)
+{
+    int n = 0;
+    for (int i = 0; i < NTASKS; i++)
+        if (tasks[i].state != T_FREE && tasks[i].kind == K_TESTLIMIT)
+            n += task_kill(i);
+    return n;
+}
+
+void task_list(void)
+{
+    int any = 0;
+    for (int i = 0; i < NTASKS; i++) {
+        struct task *t = &tasks[i];
+        if (t->state == T_FREE)
+            continue;
+        any = 1;
+        printf("task %d: %s committed %lu MiB, allocated %lu MiB, touched %lu pages, passes %lu\n", i,
+               kind_names[t->kind], t->pages_want / 256, t->pages_have / 256, t->touched, t->passes);
+    }
+    if (!any)
+        puts("no tasks\n");
+}
+
+/* called with interrupts off from the kernel's idle path */
+void task_schedule(void)
+{
+    for (u32 k = 1; k <= NTASKS; k++) {
+        u32 i = (last_run + k) % NTASKS;
+        struct task *t = &tasks[i];
+        if (t->state == T_SLEEPING && ticks >= t->wake_tick)
+            t->state = T_RUNNABLE;
+        if (t->state != T_RUNNABLE)
+            continue;
+        task_fill(t);
+        last_run = i;
+        cur = t;
+        run_user(&t->frame); /* back here, interrupts off, after the next trap from the task */
+        cur = NULL;
+        return;
+    }
+    sti_hlt();
+    cli();
+}
+
+/* an interrupt or exception while a task ran: save its state and give the CPU to the kernel */
+void task_user_trap(struct frame *f)
+{
+    struct task *t = cur;
+    if (!t) {
+        printf("trap %lu from CPL3 with no current task at rip %lx\n", f->vec, f->rip);
+        halt_forever();
+    }
+    if (f->vec == 6 && f->rip == (u64)user_sys) {
+        f->rip += 2; /* past the ud2 */
+        if (f->rdi == SYS_SLEEP) {
+            t->wake_tick = f->rsi;
+            t->state = T_SLEEPING;
+        } else if (f->rdi == SYS_EXIT) {
+            task_release(t);
+            back_to_kernel(1);
+        }
+    } else if (f->vec < 32) {
+        printf("\ntask %d (%s): exception %lu (%s) at rip %lx: cr2 %lx, error code %lx: task killed\n",
+               (int)(t - tasks), kind_names[t->kind], f->vec, exception_name(f->vec), f->rip, read_cr2(),
+               f->err);
+        task_release(t);
+        back_to_kernel(1);
+    }
+    t->frame = *f;
+    back_to_kernel(0);
+}

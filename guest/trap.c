@@ -1,0 +1,81 @@
+/* trap.c -- IDT, TSS and the one C entry for every interrupt and exception. */
+#include "kernel.h"
+
+struct idt_entry {
+    u16 off0, sel;
+    u8 ist, attr;
+    u16 off1;
+    u32 off2, zero;
+} __attribute__((packed));
+
+static struct idt_entry idt[256] __attribute__((aligned(16)));
+static u32 tss[26] __attribute__((aligned(16)));
+extern const u64 stub_table[256];
+extern u64 tss_desc[2];
+extern char rsp0_stack_top[];
+
+static const char *const exc_names[32] = {
+    "divide error", "debug", "NMI", "breakpoint", "overflow", "bound range", "invalid opcode",
+    "device not available", "double fault", "coprocessor overrun", "invalid TSS", "segment not present",
+    "stack fault", "general protection", "page fault", "reserved", "x87 error", "alignment check",
+    "machine check", "SIMD error", "virtualization", "control protection",
+};
+
+void trap_init(void)
+{
+    for (int v = 0; v < 256; v++) {
+        u64 a = stub_table[v];
+        idt[v].off0 = (u16)a;
+        idt[v].sel = 0x10;
+        idt[v].ist = 0;
+        idt[v].attr = 0x8E; /* present, DPL0, interrupt gate: IF off in handlers */
+        idt[v].off1 = (u16)(a >> 16);
+        idt[v].off2 = (u32)(a >> 32);
+        idt[v].zero = 0;
+    }
+    struct {
+        u16 limit;
+        u64 base;
+    } __attribute__((packed)) idtr = {sizeof(idt) - 1, (u64)idt};
+    __asm__ volatile("lidt %0" ::"m"(idtr));
+    /* rsp0: where the CPU switches stacks on an interrupt from a CPL3 task; no I/O bitmap */
+    u64 rsp0 = (u64)rsp0_stack_top, t = (u64)tss;
+    tss[1] = (u32)rsp0;
+    tss[2] = (u32)(rsp0 >> 32);
+    tss[25] = 104 << 16;
+    tss_desc[0] = (104 - 1) | ((t & 0xFFFFFF) << 16) | (0x89UL << 40) | (((t >> 24) & 0xFF) << 56);
+    tss_desc[1] = t >> 32;
+    __asm__ volatile("ltr %w0" ::"r"(0x40));
+}
+
+const char *exception_name(u64 vec)
+{
+    return vec < 32 && exc_names[vec] ? exc_names[vec] : "reserved";
+}
+
+void trap(struct frame *f)
+{
+    int from_user = (f->cs & 3) == 3;
+    if (f->vec == VEC_TIMER) {
+        ticks++;
+        lapic_eoi();
+    } else if (f->vec == VEC_UART) {
+        uart_rx_irq();
+        lapic_eoi();
+    } else if (f->vec == VEC_SPURIOUS) {
+        return; /* no EOI for the spurious vector */
+    } else if (f->vec < 32) {
+        if (from_user) {
+            task_user_trap(f);
+            return;
+        }
+        printf("\nkernel exception %lu (%s) at rip %lx: cr2 %lx, error code %lx, rsp %lx\n", f->vec,
+               exception_name(f->vec), f->rip, read_cr2(), f->err, f->rsp);
+        puts("halted\n");
+        halt_forever();
+    } else {
+        lapic_eoi(); /* a vector nobody programmed: acknowledge and carry on */
+    }
+    if (from_user)
+        task_user_trap(f); /* the kernel gets the CPU back on every interrupt from a task */
+}

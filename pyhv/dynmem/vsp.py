@@ -1,0 +1,356 @@
+"""The Dynamic Memory VSP: the host side of the protocol as a state machine.
+
+VERSION -> CAPS -> IDLE; from IDLE one transaction at a time: BALLOON_WAIT (the guest answers a
+balloon request with one or more responses of page ranges), UNBALLOON_WAIT (one or more requests
+with ranges, one response), HOT_ADD_WAIT. Status reports arrive in any state after CAPS. Every
+value from the guest is checked; a wrong message is refused, logged and counted and the VSP goes
+on; a guest that sends nothing but wrong messages gets its channel stopped.
+
+The VSP does protocol bookkeeping only: it reports ballooned ranges to `on_ballooned` (the worker
+hands them to the memory manager to release), and the worker reclaims pages from the memory
+manager *before* calling `unballoon`, and maps a hot-add region before calling `hot_add`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from pyhv.dynmem import protocol as p
+from pyhv.dynmem.protocol import MessageType as T
+from pyhv.memory.ranges import PageRange, RangeError, RangeSet
+from pyhv.vmbus.vsp import Vsp, VspError
+
+#: Ranges per host message: hdr + 8 + 8*n <= 4096 (as the guest packs its responses).
+MAX_RANGES_PER_MESSAGE = (p.MAX_MESSAGE - ctypes.sizeof(p.DmUnballoonRequest)) // 8
+#: Pages asked per balloon request at most (QEMU HV_BALLOON_HR_CHUNK_PAGES: Windows refuses more).
+MAX_BALLOON_PAGES = 585_728
+
+
+class DmState(Enum):
+    VERSION = auto()
+    CAPS = auto()
+    IDLE = auto()
+    BALLOON_WAIT = auto()
+    UNBALLOON_WAIT = auto()
+    HOT_ADD_WAIT = auto()
+    STOPPED = auto()
+
+
+_S = DmState
+_TRANSITIONS: dict[Enum, frozenset[Enum]] = {
+    _S.VERSION: frozenset({_S.CAPS}),
+    _S.CAPS: frozenset({_S.IDLE}),
+    _S.IDLE: frozenset({_S.BALLOON_WAIT, _S.UNBALLOON_WAIT, _S.HOT_ADD_WAIT}),
+    _S.BALLOON_WAIT: frozenset({_S.IDLE}),
+    _S.UNBALLOON_WAIT: frozenset({_S.IDLE}),
+    _S.HOT_ADD_WAIT: frozenset({_S.IDLE}),
+}
+
+
+@dataclass(frozen=True)
+class GuestCaps:
+    balloon: bool
+    hot_add: bool
+    hot_add_alignment_mib: int
+    min_page_cnt: int
+    max_page_number: int
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """What a status report publishes: pages, and pressure = committed / assigned x 100."""
+
+    committed_pages: int
+    available_pages: int
+    pressure: float | None
+
+
+def _noop(*_: object) -> None:
+    return None
+
+
+class DynamicMemoryVsp(Vsp[DmState]):
+    """Host side of one partition's Dynamic Memory channel.
+
+    `ram` holds the partition's guest RAM as page ranges (ballooned ranges must lie in it;
+    pages the guest hot-adds are added to it). `assigned_pages()` gives the pages the host backs,
+    for the pressure in status reports.
+    """
+
+    TRANSITIONS = _TRANSITIONS
+    STOPPED = DmState.STOPPED
+
+    def __init__(
+        self,
+        ram: RangeSet,
+        send: Callable[[bytes], bool] | None = None,
+        *,
+        assigned_pages: Callable[[], int] | None = None,
+        on_status: Callable[[StatusReport], object] = _noop,
+        on_ballooned: Callable[[list[PageRange]], object] = _noop,
+        on_balloon_done: Callable[[int], object] = _noop,
+        on_unballoon_done: Callable[[list[PageRange]], object] = _noop,
+        on_hot_add_done: Callable[[PageRange, int, bool], object] = _noop,
+        on_stop: Callable[[str], object] | None = None,
+        name: str = "dynmem",
+    ) -> None:
+        super().__init__(name, DmState.VERSION, send, on_stop)
+        self.ram = ram
+        self.ballooned = RangeSet()
+        self.version: int | None = None
+        self.caps: GuestCaps | None = None
+        self.last_status: StatusReport | None = None
+        self.hot_add_disabled = False
+        self._assigned = assigned_pages
+        self._on_status = on_status
+        self._on_ballooned = on_ballooned
+        self._on_balloon_done = on_balloon_done
+        self._on_unballoon_done = on_unballoon_done
+        self._on_hot_add_done = on_hot_add_done
+        self._trans_id = 0
+        self._balloon_asked = 0
+        self._balloon_got = 0
+        self._unballooning: list[PageRange] = []
+        self._hot_add: PageRange | None = None
+
+    # -- host requests -------------------------------------------------------------------------
+
+    def _next_trans_id(self) -> int:
+        self._trans_id = (self._trans_id + 1) & 0xFFFFFFFF
+        return self._trans_id
+
+    def _require_idle(self, what: str) -> None:
+        if self.state is not DmState.IDLE:
+            raise VspError(f"{what} needs the VSP idle; it is in {self.state.name}: wait")
+
+    def balloon(self, pages: int) -> None:
+        """Ask the guest to give back `pages` pages (DM_BALLOON_REQUEST)."""
+        self._require_idle("balloon")
+        assert self.caps is not None
+        if not self.caps.balloon:
+            raise VspError("the guest did not report the balloon capability")
+        if not 0 < pages <= MAX_BALLOON_PAGES:
+            raise VspError(f"balloon of {pages} pages: ask 1..{MAX_BALLOON_PAGES} at a time")
+        self._balloon_asked, self._balloon_got = pages, 0
+        self.post(
+            p.encode(
+                T.BALLOON_REQUEST, p.DmBalloon(num_pages=pages), trans_id=self._next_trans_id()
+            )
+        )
+        self._to(DmState.BALLOON_WAIT, f"balloon {pages} pages")
+
+    def unballoon(self, ranges: Iterable[PageRange | tuple[int, int]]) -> None:
+        """Give ballooned pages back to the guest (DM_UNBALLOON_REQUEST, several if needed).
+        Reclaim them from the memory manager first."""
+        self._require_idle("unballoon")
+        pieces: list[PageRange] = []
+        check = RangeSet()
+        for r in ranges:
+            start, count = r
+            if count <= 0 or not self.ballooned.contains(start, count):
+                raise VspError(f"pages {start:#x}+{count} are not in the guest's balloon")
+            check.add(start, count)  # RangeError if listed twice
+            while count:
+                n = min(count, p.MAX_RANGE_PAGES)
+                pieces.append(PageRange(start, n))
+                start, count = start + n, count - n
+        if not pieces:
+            raise VspError("unballoon of no pages")
+        chunks = [
+            pieces[i : i + MAX_RANGES_PER_MESSAGE]
+            for i in range(0, len(pieces), MAX_RANGES_PER_MESSAGE)
+        ]
+        for i, chunk in enumerate(chunks):
+            more = int(i + 1 < len(chunks))
+            body = p.DmUnballoonRequest(more_pages=more)
+            self.post(
+                p.encode(T.UNBALLOON_REQUEST, body, ranges=chunk, trans_id=self._next_trans_id())
+            )
+        self._unballooning = pieces
+        self._to(DmState.UNBALLOON_WAIT, f"unballoon {check.pages} pages in {len(chunks)} messages")
+
+    def hot_add(self, range_: PageRange, region: PageRange | None = None) -> None:
+        """Ask the guest to add `range_` pages (in `region`, if given) - mapped beforehand."""
+        self._require_idle("hot-add")
+        assert self.caps is not None
+        if not self.caps.hot_add:
+            raise VspError("the guest did not report the hot-add capability")
+        if self.hot_add_disabled:
+            raise VspError("hot-add failed permanently for this guest; use unballoon only")
+        if range_.count <= 0 or self.ram.overlaps(*range_):
+            raise VspError(f"hot-add range {range_} is empty or overlaps the guest's RAM")
+        body: p.DmHotAdd | p.DmHotAddWithRegion
+        if region is None:
+            body = p.DmHotAdd()
+        else:
+            if not (region.start <= range_.start and range_.end <= region.end):
+                raise VspError(f"hot-add range {range_} is not inside its region {region}")
+            body = p.DmHotAddWithRegion()
+            body.region.start_page, body.region.page_cnt = region
+        body.range.start_page, body.range.page_cnt = range_
+        self.post(p.encode(T.MEM_HOT_ADD_REQUEST, body, trans_id=self._next_trans_id()))
+        self._hot_add = range_
+        self._to(DmState.HOT_ADD_WAIT, f"hot-add {range_.count} pages at {range_.start:#x}")
+
+    def send_info_max_page_count(self, pages: int) -> None:
+        """DM_INFO_MESSAGE with the maximum dynamic page count (protocol 1.0 and later)."""
+        if self.version is None or self.version < p.Version.WIN8:
+            raise VspError("the info message needs protocol version 1.0 (WIN8) or later")
+        info = p.info_max_page_count(pages)
+        self.post(
+            p.encode(T.INFO_MESSAGE, p.DmInfoMsg(), info=info, trans_id=self._next_trans_id())
+        )
+        self.counters["info_sent"] += 1
+
+    def timeout(self) -> None:
+        """The guest did not answer the current transaction in time: give up on it."""
+        if self.state in (DmState.BALLOON_WAIT, DmState.UNBALLOON_WAIT, DmState.HOT_ADD_WAIT):
+            self.counters["timeouts"] += 1
+            self._to(DmState.IDLE, f"no answer in {self.state.name}")
+
+    # -- guest messages --------------------------------------------------------------------------
+
+    def on_message(self, payload: bytes, trans_id: int) -> None:
+        try:
+            msg = p.decode(payload)
+        except p.DmDecodeError as e:
+            self.refuse(str(e))
+            return
+        self.counters[f"rx_{msg.type.name}"] += 1
+        handler = {
+            T.VERSION_REQUEST: self._version,
+            T.CAPABILITIES_REPORT: self._caps,
+            T.STATUS_REPORT: self._status,
+            T.BALLOON_RESPONSE: self._balloon_response,
+            T.UNBALLOON_RESPONSE: self._unballoon_response,
+            T.MEM_HOT_ADD_RESPONSE: self._hot_add_response,
+        }.get(msg.type)
+        if handler is None:
+            self.refuse(f"{msg.type.name} is not a message the guest sends")
+            return
+        handler(msg)
+
+    def _wrong_state(self, msg: p.Message) -> None:
+        self.refuse(f"{msg.type.name} in state {self.state.name}")
+
+    def _version(self, msg: p.Message) -> None:
+        if self.state is not DmState.VERSION:
+            return self._wrong_state(msg)
+        version = msg.body.version
+        ok = p.Version.WIN7 <= version <= p.Version.WIN10  # as QEMU: 0.3 <= v <= 2.0
+        body = p.DmVersionResponse(is_accepted=int(ok))
+        self.post(p.encode(T.VERSION_RESPONSE, body, trans_id=msg.trans_id))
+        self.accepted()
+        if ok:
+            self.version = version
+            self._to(DmState.CAPS, f"version {version >> 16}.{version & 0xFFFF} accepted")
+        else:
+            self.counters["versions_rejected"] += 1
+
+    def _caps(self, msg: p.Message) -> None:
+        if self.state is not DmState.CAPS:
+            return self._wrong_state(msg)
+        b = msg.body
+        self.caps = GuestCaps(
+            bool(b.balloon),
+            bool(b.hot_add),
+            1 << b.hot_add_alignment,
+            b.min_page_cnt,
+            b.max_page_number,
+        )
+        body = p.DmCapabilitiesResponse(is_accepted=1, hot_remove=0, suppress_pressure_reports=0)
+        self.post(p.encode(T.CAPABILITIES_RESPONSE, body, trans_id=msg.trans_id))
+        self.accepted()
+        self._to(DmState.IDLE, f"capabilities {self.caps}")
+
+    def _status(self, msg: p.Message) -> None:
+        if self.state in (DmState.VERSION, DmState.CAPS):
+            return self._wrong_state(msg)
+        b = msg.body
+        if b.num_committed > p.MAX_PFN or b.num_avail > p.MAX_PFN:
+            self.refuse(
+                f"status report with committed={b.num_committed} available={b.num_avail} "
+                "pages: more than a 40-bit PFN space"
+            )
+            return
+        assigned = self._assigned() if self._assigned is not None else 0
+        pressure = b.num_committed * 100 / assigned if assigned > 0 else None
+        self.last_status = StatusReport(b.num_committed, b.num_avail, pressure)
+        self.accepted()
+        self._on_status(self.last_status)
+
+    def _balloon_response(self, msg: p.Message) -> None:
+        if self.state is not DmState.BALLOON_WAIT:
+            return self._wrong_state(msg)
+        good: list[PageRange] = []
+        for r in msg.ranges:
+            why = self._bad_balloon_range(r)
+            if why:
+                self.counters["bad_ranges"] += 1
+                self.refuse(f"balloon range {r.start:#x}+{r.count}: {why}")
+                continue
+            self.ballooned.add(*r)
+            self._balloon_got += r.count
+            good.append(r)
+        if self.stopped:
+            return
+        if good:
+            self._on_ballooned(good)
+        if len(good) == len(msg.ranges):
+            self.accepted()
+        if not msg.body.more_pages:
+            if not msg.ranges:
+                self.counters["balloon_at_minimum"] += 1
+            got = self._balloon_got
+            self._to(DmState.IDLE, f"ballooned {got} of {self._balloon_asked} pages")
+            self._on_balloon_done(got)
+
+    def _bad_balloon_range(self, r: PageRange) -> str:
+        if r.count == 0:
+            return "no pages"
+        if not self.ram.contains(*r):
+            return "not RAM of this partition"
+        if self.ballooned.overlaps(*r):
+            return "already ballooned"
+        if self._balloon_got + r.count > self._balloon_asked:
+            return f"more than the {self._balloon_asked} pages asked"
+        return ""
+
+    def _unballoon_response(self, msg: p.Message) -> None:
+        if self.state is not DmState.UNBALLOON_WAIT:
+            return self._wrong_state(msg)
+        done = self._unballooning
+        for r in done:
+            try:
+                self.ballooned.remove(*r)
+            except RangeError as e:  # unballoon() checked them: a bug here, not the guest's
+                raise VspError(str(e)) from e
+        self._unballooning = []
+        self.accepted()
+        self._to(DmState.IDLE, f"unballooned {sum(r.count for r in done)} pages")
+        self._on_unballoon_done(done)
+
+    def _hot_add_response(self, msg: p.Message) -> None:
+        if self.state is not DmState.HOT_ADD_WAIT:
+            return self._wrong_state(msg)
+        asked = self._hot_add
+        assert asked is not None
+        added, result = msg.body.page_count, msg.body.result
+        if result not in (0, 1) or added > asked.count:
+            self.refuse(
+                f"hot-add response page_count={added} result={result} for {asked.count} asked"
+            )
+            return
+        if added:
+            self.ram.add(asked.start, added)
+        # Reference 2.3: fewer pages than asked, or none with success, means stop hot-adding.
+        if added < asked.count and (added or result == 1):
+            self.hot_add_disabled = True
+            self.counters["hot_add_disabled"] += 1
+        self._hot_add = None
+        self.accepted()
+        self._to(DmState.IDLE, f"hot-added {added} of {asked.count} pages (result {result})")
+        self._on_hot_add_done(asked, added, bool(result))

@@ -103,6 +103,8 @@ int task_kill(int id); /* -1: all */
 void task_list(void);
 void task_user_trap(struct frame *f) __attribute__((noreturn)); /* a trap from CPL3 */
 int task_kill_kind_testlimit(void);
+int task_start_fault(void);
+#define FAULT_ADDRESS MAX_PHYS /* just above the identity map: not present */
 
 /* shell.c */
 void shell_init(void);

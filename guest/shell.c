@@ -27,6 +27,7 @@ static void cmd_help(void)
          "  unballoon               give back what `balloon` took\n"
          "  hotadd BASE_MB SIZE_MB  add RAM at BASE_MB MiB, as a hot-add would\n"
          "  pmmcheck                check the memory manager's counters against its bitmaps\n"
+         "  fault kernel|user        touch unmapped memory at CPL0 (halts) or in a CPL3 task (killed)\n"
          "  poweroff [CODE]         power off with exit status CODE (default 0)\n");
 }
 
@@ -147,6 +148,18 @@ static void cmd_poweroff(int argc, char **argv)
     poweroff((u32)code);
 }
 
+static void cmd_fault(int argc, char **argv)
+{
+    if (argc == 2 && !strcmp(argv[1], "user")) {
+        task_start_fault();
+    } else if (argc == 2 && !strcmp(argv[1], "kernel")) {
+        printf("fault: reading %lx at CPL0\n", FAULT_ADDRESS);
+        (void)*(volatile u64 *)FAULT_ADDRESS;
+    } else {
+        puts("fault: usage fault kernel|user\n");
+    }
+}
+
 static void run(char *s)
 {
     char *argv[MAX_ARGS];
@@ -192,6 +205,8 @@ static void run(char *s)
         cmd_hotadd(argc, argv);
     else if (!strcmp(c, "pmmcheck"))
         puts(pmm_check() ? "pmm: INCONSISTENT\n" : "pmm: consistent\n");
+    else if (!strcmp(c, "fault"))
+        cmd_fault(argc, argv);
     else if (!strcmp(c, "poweroff"))
         cmd_poweroff(argc, argv);
     else

@@ -13,8 +13,8 @@
 #define USER_DS 0x2B
 
 enum { T_FREE, T_RUNNABLE, T_SLEEPING };
-enum { K_TESTLIMIT, K_DIRTY };
-static const char *const kind_names[] = {"testlimit", "dirty"};
+enum { K_TESTLIMIT, K_DIRTY, K_FAULT };
+static const char *const kind_names[] = {"testlimit", "dirty", "fault"};
 
 struct task {
     struct frame frame; /* user registers while the task is off the CPU */
@@ -74,6 +74,12 @@ static void user_dirty(struct task *t)
         t->passes++;
         value++;
     }
+}
+
+static void user_fault(struct task *t)
+{
+    (void)t;
+    (void)*(volatile u64 *)FAULT_ADDRESS;
 }
 
 static void user_task_exit(void) { user_call(SYS_EXIT, 0); }
@@ -162,6 +168,14 @@ int task_start_dirty(u64 mb, u64 pps)
         else
             puts("as fast as it can\n");
     }
+    return id;
+}
+
+int task_start_fault(void)
+{
+    int id = task_new(K_FAULT, 0, 0, user_fault);
+    if (id >= 0)
+        printf("fault: task %d reads %lx at CPL3\n", id, FAULT_ADDRESS);
     return id;
 }
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 
 from pyhv.dynmem.balancer import (
@@ -13,7 +16,9 @@ from pyhv.dynmem.balancer import (
     SettingsError,
     StatusReport,
     VmMemoryState,
+    VmTable,
     decide,
+    decide_table,
     pages_from_mib,
 )
 
@@ -267,3 +272,24 @@ def test_a_balloon_larger_than_the_visible_memory_is_refused() -> None:
 def test_balancer_tunables_out_of_range_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(SettingsError):
         BalancerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_fleet_held_as_columns_gets_the_same_decision_as_per_vm_states() -> None:
+    vms = [
+        vm("a", assigned=1000, ballooned=100, committed=1000),
+        vm("b", assigned=2000, committed=500, timer=500.0),
+        vm("c", committed=None),
+        vm("d", assigned=1000, committed=1300, weight=90),
+    ]
+    host = HostMemory(free_pages=300 * MIB)
+    table = VmTable.from_states(vms)
+    assert decide_table(host, table) == decide(host, vms)
+    assert table.committed[2] == -1
+
+
+def test_a_column_table_with_an_impossible_row_is_refused_naming_the_vm() -> None:
+    table = VmTable.from_states([vm("a"), vm("b")])
+    with pytest.raises(SettingsError, match="'b'"):
+        replace(table, weight=np.array([50, 101]))
+    with pytest.raises(SettingsError, match="shape"):
+        replace(table, assigned=np.array([1]))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Generic, NamedTuple, TypeVar
 
+from pyhv.vmbus.channel import Channel
 from pyhv.vmbus.packet import Packet, PacketType
 
 S = TypeVar("S", bound=Enum)
@@ -60,6 +61,7 @@ class Vsp(Generic[S]):
         self.history: deque[Transition] = deque(maxlen=256)
         self._bad_in_a_row = 0
         self.stop_reason: str | None = None
+        self._channel: Channel | None = None
 
     @property
     def state(self) -> S:
@@ -69,6 +71,15 @@ class Vsp(Generic[S]):
         """Connect to an open channel's write side."""
         self._send = send
         self.flush()
+
+    def bind(self, channel: Channel) -> None:
+        """Serve an open channel: its packets come here, our messages go to its ring, and a
+        closed channel stops the VSP (a stopped VSP closes its channel)."""
+        self._channel = channel
+        channel.on_packet = self.on_packet
+        channel.on_writable = self.flush
+        channel.close_listeners.append(lambda why: self.stop(f"channel closed: {why}"))
+        self.attach(lambda payload: channel.try_send(payload))
 
     def _to(self, new: S, why: str) -> None:
         old = self._state
@@ -99,6 +110,8 @@ class Vsp(Generic[S]):
         self.stop_reason = why
         self._to(self.STOPPED, why)  # type: ignore[arg-type]
         self._outbox.clear()
+        if self._channel is not None:
+            self._channel.close(f"{self.name} stopped: {why}")
         if self._on_stop is not None:
             self._on_stop(why)
 

@@ -1,0 +1,91 @@
+"""The book's Dynamic Memory story on the host side, end to end over real rings in guest memory:
+a test guest opens the DM channel through the VMBus controller, negotiates, and balloons."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from pyhv.dynmem import protocol as p
+from pyhv.dynmem.protocol import MessageType as T
+from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp
+from pyhv.memory.manager import PAGE_SIZE, MemfdRegion, MemoryManager
+from pyhv.memory.ranges import PageRange, RangeSet
+from pyhv.vmbus.controller import Command, Reg, VmbusController
+from tests.vmbus.guest_ring import GuestRing
+
+MiB = 1 << 20
+RING_GPA = 0x10000
+
+
+class World:
+    def __init__(self) -> None:
+        self.region = MemfdRegion(0, 32 * MiB)
+        assert self.region.mm is not None
+        self.ram = memoryview(self.region.mm)
+        for off in range(0, 32 * MiB, PAGE_SIZE):  # the guest has touched all its RAM
+            self.ram[off] = 1
+        self.mm = MemoryManager(64 * MiB)
+        self.mm.add_partition("vm", [self.region])
+        self.vsp = DynamicMemoryVsp(
+            RangeSet([(0, 32 * MiB // PAGE_SIZE)]),
+            assigned_pages=lambda: self.mm.partitions["vm"].assigned_pages,
+            on_ballooned=lambda rs: self.mm.release("vm", rs),
+        )
+        self.ctl = VmbusController(
+            lambda gpa, size: self.ram[gpa : gpa + size], lambda vector: lambda: None
+        )
+        self.ctl.offer(p.DM_GUID, self.vsp.bind)
+        # the guest opens the channel: 4 pages per direction at RING_GPA
+        self.ram[RING_GPA : RING_GPA + 8 * PAGE_SIZE] = bytes(8 * PAGE_SIZE)
+        self.out = GuestRing(self.ram[RING_GPA : RING_GPA + 4 * PAGE_SIZE], init=True)
+        self.inb = GuestRing(
+            self.ram[RING_GPA + 4 * PAGE_SIZE : RING_GPA + 8 * PAGE_SIZE], init=True
+        )
+        for r, v in [(Reg.SELECT, 0), (Reg.RING_GPA_LO, RING_GPA), (Reg.RING_GPA_HI, 0),
+                     (Reg.RING_PAGES, 8), (Reg.DOWNSTREAM_PAGES, 4), (Reg.VECTOR, 0x40),
+                     (Reg.COMMAND, Command.OPEN)]:  # fmt: skip
+            self.ctl.io_write(r, v)
+
+    def send(self, mtype: T, body: object, **kw: object) -> None:
+        self.out.write(p.encode(mtype, body, **kw))  # type: ignore[arg-type]
+        self.ctl.io_write(Reg.DOORBELL, 1)
+
+    def receive(self) -> p.Message:
+        pkt = self.inb.read()
+        assert pkt is not None
+        return p.decode(pkt[3])
+
+
+def test_a_balloon_request_returns_the_guests_pages_to_the_free_pool() -> None:
+    w = World()
+    w.send(T.VERSION_REQUEST, p.DmVersionRequest(version=p.Version.WIN10), trans_id=1)
+    assert w.receive().body.is_accepted == 1
+    w.send(T.CAPABILITIES_REPORT, p.DmCapabilities(balloon=1, hot_add=1, hot_add_alignment=7))
+    assert w.receive().type is T.CAPABILITIES_RESPONSE
+    w.send(T.STATUS_REPORT, p.DmStatus(num_committed=4096, num_avail=2048))
+    assert w.vsp.last_status is not None and w.vsp.last_status.pressure == 50.0
+    free_before = w.mm.free_pages
+    used_before = os.fstat(w.region.memfd).st_blocks * 512
+
+    w.vsp.balloon(1024)  # the balancer wants 4 MiB back
+    req = w.receive()
+    assert req.type is T.BALLOON_REQUEST and req.body.num_pages == 1024
+    # the guest VSC allocates two 2 MiB runs and answers in two messages
+    w.send(T.BALLOON_RESPONSE, p.DmBalloonResponse(more_pages=1), ranges=[PageRange(0x1000, 512)])
+    w.send(T.BALLOON_RESPONSE, p.DmBalloonResponse(more_pages=0), ranges=[PageRange(0x1800, 512)])
+
+    assert w.vsp.state is DmState.IDLE
+    assert w.mm.free_pages == free_before + 1024
+    assert used_before - os.fstat(w.region.memfd).st_blocks * 512 == 4 * MiB
+    assert w.mm.partitions["vm"].assigned_pages == 8192 - 1024
+    assert struct.unpack_from("<Q", w.ram, 0x1000 * PAGE_SIZE) == (0,)
+
+    # and the add path starts with unballooning: reclaim first, then tell the guest
+    back = w.mm.pick_ballooned("vm", 512)
+    w.mm.reclaim("vm", back)
+    w.vsp.unballoon(back)
+    assert w.receive().ranges == tuple(back)
+    w.send(T.UNBALLOON_RESPONSE, p.DmUnballoonResponse())
+    assert w.vsp.ballooned.pages == 512 and w.vsp.state is DmState.IDLE
+    os.close(w.region.memfd)

@@ -183,10 +183,14 @@ def demo(memory: str, image: str | None) -> None:
     config = _config(memory, 1, "", image)
     tty = os.isatty(1)
     write = _writer(1, tty)
-    narration = dict((c, n) for n, c in DEMO)
+    pending = iter(n for n, _ in DEMO)
 
     def narrate(command: str) -> None:
-        text = f"\n# {narration[command]}\n"
+        # Called at a prompt: an empty command makes the guest print a fresh prompt below the
+        # narration, so each command appears right under what it shows.
+        if command:
+            return
+        text = f"\n# {next(pending)}"
         write((click.style(text, fg="cyan", bold=True) if tty else text).encode())
 
     from pyhv.worker.script import ScriptError, run_script
@@ -199,7 +203,8 @@ def demo(memory: str, image: str | None) -> None:
     vm = _start(config, write, False)
     try:
         try:
-            end = run_script(vm, [c for _, c in DEMO], before=narrate)  # type: ignore[arg-type]
+            steps = [x for _, c in DEMO for x in ("", c)]
+            end = run_script(vm, steps, before=narrate)  # type: ignore[arg-type]
         except ScriptError as e:
             raise _fail(str(e)) from None
     finally:

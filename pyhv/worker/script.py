@@ -43,7 +43,8 @@ def run_script(
     before: Callable[[str], None] | None = None,
 ) -> VmEnd:
     """Type each command after the prompt; returns how the VM ended. If the script does not
-    power the guest off, the VM is stopped once the last command has finished."""
+    power the guest off, the VM is stopped once the last command has finished. ``before`` is
+    called with each command once its prompt has appeared (an empty command is an Enter)."""
     for command in commands:
         if "\r" in command or "\n" in command:
             raise ValueError(f"command {command!r} spans lines: give one command per line")

@@ -115,6 +115,14 @@ class VirtualMachine:
             _quietly(self.partition.close)
         self.serial.close()
 
+    def host_resident_bytes(self) -> int:
+        """Host memory behind the guest's RAM right now (resident pages of its memfds)."""
+        from pyhv.worker.hostmem import resident_bytes
+
+        if self.partition is None:
+            return 0
+        return sum(resident_bytes(r.host_address, r.size) for r in self.partition.regions)
+
     def __enter__(self) -> VirtualMachine:
         return self
 

@@ -1,0 +1,177 @@
+"""`pyhv run` and `pyhv demo`: the guest's console on a terminal, scripted sessions, and clear
+messages (never a traceback) when something is wrong."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pyhv import cli
+from tests.worker.asm_guests import build_test_guest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pyhv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyhv.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli.cli, list(args))
+    assert not isinstance(result.exception, Exception) or isinstance(
+        result.exception, SystemExit
+    ), result.exception
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("size", ["12X", "lots", "-5M", "1.5G"])
+def test_a_bad_memory_size_is_refused_with_a_clear_message(size: str) -> None:
+    code, out = invoke("run", "--memory", size, "--image", __file__)
+    assert code == 2
+    assert f"memory size '{size}' is not understood" in out
+
+
+@pytest.mark.parametrize(
+    ("size", "words"), [("1M", "out of range"), ("100G", "out of range"), ("1000K", "whole number")]
+)
+def test_a_memory_size_outside_what_a_vm_can_have_is_refused(size: str, words: str) -> None:
+    code, out = invoke("run", "--memory", size, "--image", __file__)
+    assert code == 2 and words in out
+
+
+def test_a_bad_vp_count_is_refused() -> None:
+    code, out = invoke("run", "--vps", "0", "--image", __file__)
+    assert code == 2 and "VP count 0 is out of range" in out
+
+
+def test_a_missing_image_is_named_in_the_message() -> None:
+    code, out = invoke("run", "--image", "/nonexistent/guest.elf")
+    assert code != 0 and "'/nonexistent/guest.elf' does not exist" in out
+
+
+def test_without_dev_kvm_pyhv_run_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, m: False if p == "/dev/kvm" else real(p, m))
+    code, out = invoke("run", "--command", "mem")
+    assert code == 1 and "/dev/kvm is missing" in out
+
+
+def test_without_gcc_the_guest_image_error_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyhv.guest_image as gi
+
+    def no_gcc() -> Path:
+        raise gi.GuestBuildError("gcc was not found: install gcc to build the guest")
+
+    monkeypatch.setattr(cli.os, "access", lambda p, m: True)
+    monkeypatch.setattr(gi, "image_path", no_gcc)
+    code, out = invoke("run", "--command", "mem")
+    assert code == 1 and "cannot build the guest image: gcc was not found" in out
+
+
+def test_a_file_that_is_not_a_guest_image_is_refused(tmp_path: Path) -> None:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("needs /dev/kvm to get past the KVM check")
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an ELF\n")
+    code, out = invoke("run", "--image", str(bad), "--command", "mem")
+    assert code == 1 and "is not an ELF file" in out
+
+
+def test_the_console_escape_keys_are_decoded_like_qemus() -> None:
+    from pyhv.worker.terminal import EscapeDecoder
+
+    d = EscapeDecoder()
+    assert d.feed(b"ls\r") == (b"ls\r", [])
+    assert d.feed(b"a\x01") == (b"a", [])  # Ctrl-A waits for the next key
+    assert d.feed(b"h") == (b"", ["help"])
+    assert d.feed(b"\x01\x01\x01x") == (b"\x01", ["quit"])
+    assert d.feed(b"\x01zq") == (b"q", [])  # unknown escapes are dropped
+
+
+@pytest.mark.kvm
+def test_pyhv_run_with_commands_echoes_the_session_and_exits_with_the_poweroff_status() -> None:
+    r = pyhv("run", "--memory", "256M", "--command", "mem", "--command", "poweroff 9")
+    assert r.returncode == 9, r.stderr
+    assert "pyhv> mem\n" in r.stdout and "visible: 256 MiB" in r.stdout
+    assert "guest powered off with status 9" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.kvm
+def test_pyhv_run_with_a_script_file_runs_each_line_after_the_prompt(tmp_path: Path) -> None:
+    script = tmp_path / "session.txt"
+    script.write_text("# a comment\nticks\n\nmem\npoweroff\n")
+    r = pyhv("run", "--script", str(script), "--process")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("pyhv> ") == 3
+    assert "ticks: " in r.stdout and "powering off" in r.stdout
+
+
+@pytest.mark.kvm
+def test_a_guest_that_faults_is_reported_with_registers_and_a_nonzero_exit(tmp_path: Path) -> None:
+    image = build_test_guest("triple_fault", tmp_path)
+    r = pyhv("run", "--image", str(image), "--command", "mem")
+    assert r.returncode == 3
+    assert "triple-faulted on VP 0" in r.stderr and "RBX=000000007e57fa17" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.kvm
+def test_pyhv_demo_runs_its_narrated_session() -> None:
+    r = pyhv("demo")
+    assert r.returncode == 0, r.stderr
+    assert "# testlimit commits 64 MiB" in r.stdout
+    assert "pyhv> kill" in r.stdout and "guest powered off with status 0" in r.stderr
+
+
+@pytest.mark.kvm
+def test_the_interactive_console_runs_in_raw_mode_and_ctrl_a_x_quits() -> None:
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyhv.cli", "run", "--memory", "128M"],
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        cwd=ROOT,
+        close_fds=True,
+    )
+    os.close(child)
+    seen = bytearray()
+
+    def read_until(marker: bytes, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{marker!r} not seen in {bytes(seen)!r}"
+            if select.select([main], [], [], left)[0]:
+                seen.extend(os.read(main, 4096))
+
+    try:
+        read_until(b"pyhv> ")
+        os.write(main, b"mem\r")
+        read_until(b"visible: 128 MiB")
+        os.write(main, b"\x01h")
+        read_until(b"Ctrl-A x")
+        os.write(main, b"\x01x")
+        assert proc.wait(30) == 0
+        read_until(b"VM stopped (Ctrl-A x)")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(main)

@@ -39,6 +39,8 @@ void uart_rx_irq(void)
     }
 }
 
+int uart_rx_pending(void) { return rx_tail != rx_head; }
+
 int uart_getc(void)
 {
     if (rx_tail == rx_head)

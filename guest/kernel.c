@@ -13,21 +13,38 @@ void paging_allow_user(u64 base, u64 end)
     if (end > MAX_PHYS)
         end = MAX_PHYS;
     u64 *pml4 = (u64 *)(read_cr3() & ADDR_MASK);
-    for (u64 a = base & ~(BLOCK_SIZE - 1); a < end; a += BLOCK_SIZE) {
+    u64 a = base & ~(BLOCK_SIZE - 1);
+    while (a < end) {
+        u64 gib_end = (a | ((1UL << 30) - 1)) + 1, stop = end < gib_end ? end : gib_end;
         u64 *e4 = &pml4[(a >> 39) & 511];
         if (!(*e4 & 1))
-            continue;
+            break;
         *e4 |= PTE_USER;
         u64 *e3 = &((u64 *)(*e4 & ADDR_MASK))[(a >> 30) & 511];
         if (!(*e3 & 1))
-            continue;
+            break;
         *e3 |= PTE_USER;
-        if (*e3 & PTE_PS)
-            continue;
-        u64 *e2 = &((u64 *)(*e3 & ADDR_MASK))[(a >> 21) & 511];
-        *e2 |= PTE_USER;
+        if (!(*e3 & PTE_PS)) { /* one page directory: a tight loop over its 2 MiB entries */
+            u64 *e2 = &((u64 *)(*e3 & ADDR_MASK))[(a >> 21) & 511];
+            u64 *e2_end = e2 + ((stop - a + BLOCK_SIZE - 1) >> 21);
+            while (e2 < e2_end)
+                *e2++ |= PTE_USER;
+        }
+        a = gib_end;
     }
     write_cr3(read_cr3()); /* drop TLB entries cached without the user bit */
+}
+
+#define MAX_POLLS 8
+static void (*polls[MAX_POLLS])(void);
+static u32 npolls;
+
+int kernel_add_poll(void (*fn)(void))
+{
+    if (npolls == MAX_POLLS)
+        return -1;
+    polls[npolls++] = fn;
+    return 0;
 }
 
 void kmain(const struct bootinfo *bi)
@@ -56,6 +73,11 @@ void kmain(const struct bootinfo *bi)
             shell_input(c);
             cli();
         }
-        task_schedule();
+        sti();
+        for (u32 i = 0; i < npolls; i++)
+            polls[i]();
+        cli();
+        if (!uart_rx_pending()) /* input that came during the polls is handled before halting */
+            task_schedule();
     }
 }

@@ -42,6 +42,7 @@ int parse_u64(const char *s, u64 *out); /* decimal or 0x hex; 0 on success */
 void uart_init(void);
 void uart_rx_irq(void);  /* drain RBR into the receive ring */
 int uart_getc(void);     /* -1 when the ring is empty */
+int uart_rx_pending(void);
 void putc(char c);
 void puts(const char *s);
 void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -93,6 +94,11 @@ struct frame {
 };
 void trap_init(void);
 void trap(struct frame *f);
+/* for drivers (VMBus, DM VSC): a handler for a device interrupt vector (0x30..0xfe; the kernel sends
+ * the EOI), and work the main loop runs on every pass (after an interrupt or HZ times a second) */
+typedef void (*irq_handler_t)(struct frame *f);
+int irq_register(u32 vector, irq_handler_t fn);
+int kernel_add_poll(void (*fn)(void));
 
 /* task.c: background tasks at CPL3 */
 void task_init(void);

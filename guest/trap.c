@@ -13,6 +13,15 @@ static u32 tss[26] __attribute__((aligned(16)));
 extern const u64 stub_table[256];
 extern u64 tss_desc[2];
 extern char rsp0_stack_top[];
+static irq_handler_t irq_handlers[256];
+
+int irq_register(u32 vector, irq_handler_t fn)
+{
+    if (vector < 0x30 || vector >= VEC_SPURIOUS || irq_handlers[vector])
+        return -1;
+    irq_handlers[vector] = fn;
+    return 0;
+}
 
 static const char *const exc_names[32] = {
     "divide error", "debug", "NMI", "breakpoint", "overflow", "bound range", "invalid opcode",
@@ -74,7 +83,9 @@ void trap(struct frame *f)
         puts("halted\n");
         halt_forever();
     } else {
-        lapic_eoi(); /* a vector nobody programmed: acknowledge and carry on */
+        if (irq_handlers[f->vec])
+            irq_handlers[f->vec](f);
+        lapic_eoi(); /* also for a vector nobody programmed: acknowledge and carry on */
     }
     if (from_user)
         task_user_trap(f); /* the kernel gets the CPU back on every interrupt from a task */

@@ -69,7 +69,8 @@ void apic_init(void);
 void lapic_eoi(void);
 extern volatile u64 ticks;
 
-/* paging: boot page tables (found through CR3) get the user bit on the 2 MiB entries user tasks touch */
+/* paging: the boot page tables (found through CR3) get the user bit on the 2 MiB entries CPL3 tasks
+ * use: the image (their code) and the memory each task is given */
 void paging_allow_user(u64 base, u64 end);
 
 /* pmm.c */

@@ -300,7 +300,6 @@ static int add_ram(u64 pfn, u64 n)
     }
     n_visible += n;
     n_free += n;
-    paging_allow_user(pfn * PAGE_SIZE, end * PAGE_SIZE);
     return 0;
 }
 

@@ -47,9 +47,10 @@ static void user_testlimit(struct task *t)
     for (;;) {
         for (; r < t->nranges; r++) {
             u64 a = t->ranges[r].base, n = t->ranges[r].pages;
-            for (u64 i = 0; i < n; i++, a += PAGE_SIZE)
+            for (u64 i = 0; i < n; i++, a += PAGE_SIZE) {
                 *(volatile u64 *)a = a; /* one word per page makes the host back it */
-            t->touched += n;
+                t->touched++;
+            }
         }
         user_call(SYS_SLEEP, t->pages_have >= t->pages_want ? ~0UL : ticks + 1);
     }
@@ -99,8 +100,10 @@ static void task_fill(struct task *t)
     if (t->pages_have >= t->pages_want || !s.free || t->nranges >= TASK_RANGES)
         return;
     u32 n;
-    u64 got = pmm_alloc(t->pages_want - t->pages_have, &t->ranges[t->nranges],
-                        (u32)(TASK_RANGES - t->nranges), &n);
+    struct pmm_range *r = &t->ranges[t->nranges];
+    u64 got = pmm_alloc(t->pages_want - t->pages_have, r, (u32)(TASK_RANGES - t->nranges), &n);
+    for (u32 i = 0; i < n; i++) /* user access to just the memory the task was given */
+        paging_allow_user(r[i].base, r[i].base + r[i].pages * PAGE_SIZE);
     t->nranges += n;
     t->pages_have += got;
 }

@@ -39,6 +39,7 @@ from pyhv.hypervisor.memory import GpaError, MemoryRegion
 from pyhv.hypervisor.pagetables import TranslationError
 from pyhv.hypervisor.partition import IoEventFd, Partition
 from pyhv.hypervisor.registers import DescriptorTable, Registers, Segment, SpecialRegisters
+from pyhv.hypervisor.state import PartitionState, StateError
 from pyhv.hypervisor.vp import (
     VirtualProcessor,
     VpEvent,
@@ -62,9 +63,11 @@ __all__ = [
     "MemoryRegion",
     "MsrIntercept",
     "Partition",
+    "PartitionState",
     "Registers",
     "Segment",
     "SpecialRegisters",
+    "StateError",
     "TranslationError",
     "VirtualProcessor",
     "VpEvent",

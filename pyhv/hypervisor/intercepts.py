@@ -252,6 +252,12 @@ class _GpaEntry(_Entry):
 
 
 EXCEPTION_VECTORS = {1: "#DB", 3: "#BP"}
+# Ports KVM_CREATE_IRQCHIP handles in the kernel (8259 pair and its ELCR).
+KERNEL_PORTS = (
+    (0x20, 0x21, "master 8259 PIC"),
+    (0xA0, 0xA1, "slave 8259 PIC"),
+    (0x4D0, 0x4D1, "8259 ELCR"),
+)
 MAX_HW_BREAKPOINTS = 4
 MSR_FILTER_SPAN = ks.MSR_FILTER_MAX_BITMAP_BYTES * 8
 
@@ -288,6 +294,13 @@ class InterceptTable:
             )
         if not (read or write):
             raise InterceptError("an I/O intercept needs read=True or write=True")
+        if self._partition.irqchip:
+            for lo, hi, what in KERNEL_PORTS:
+                if first_port <= hi and lo <= last_port:
+                    raise InterceptError(
+                        f"ports {lo:#x}-{hi:#x} belong to the in-kernel {what} and never reach "
+                        "user space: choose other ports"
+                    )
         with self._lock:
             busy = [p for p in range(first_port, last_port + 1) if self.io[p] is not None]
             if busy:

@@ -10,6 +10,7 @@ from typing import Any
 from pyhv.hypervisor.intercepts import InterceptKind, InterceptTable
 from pyhv.hypervisor.memory import GpaSpace, MemoryRegion
 from pyhv.hypervisor.pagetables import translate
+from pyhv.hypervisor.state import PartitionState, restore_partition, save_partition
 from pyhv.hypervisor.vp import VirtualProcessor, VpState
 from pyhv.kvm import Kvm, KvmError
 from pyhv.kvm import constants as c
@@ -148,9 +149,12 @@ class Partition:
         return vp
 
     def _update_guest_debug(self) -> None:
-        control, dr = self.intercepts.guest_debug_control()
         for vp in self.vps.values():
-            vp.vcpu.set_guest_debug(control, dr)
+            self._apply_guest_debug(vp)
+
+    def _apply_guest_debug(self, vp: VirtualProcessor) -> None:
+        control, dr = self.intercepts.guest_debug_control()
+        vp.vcpu.set_guest_debug(control, dr)
 
     def pause(self) -> None:
         for vp in self.vps.values():
@@ -212,6 +216,17 @@ class Partition:
             self._eventfds.append(fd)
         self.vm.ioeventfd(port_or_gpa, length, fd, datamatch, pio=not mmio)
         return IoEventFd(port_or_gpa, length, fd, datamatch, mmio, self)
+
+    # ------------------------------------------------------------------ state
+    def save_state(self) -> PartitionState:
+        """Everything needed to go on elsewhere: memory, every VP's state, irqchips, clock.
+        The VPs must be paused or stopped."""
+        return save_partition(self)
+
+    @classmethod
+    def restore(cls, state: PartitionState, name: str | None = None) -> Partition:
+        """A new partition holding `state`; its VPs are created but not started."""
+        return restore_partition(state, name)
 
     # ------------------------------------------------------------------ counters
     @property

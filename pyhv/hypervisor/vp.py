@@ -113,6 +113,7 @@ class VirtualProcessor:
         self._sregs: SpecialRegisters | None = None
         self._sregs_dirty = False
         self._pending_exit = False  # a new exit is already in kvm_run (found while completing)
+        self._stepping_over = False  # single-stepping over an execute breakpoint
         # counters, indexed by InterceptKind
         self.counts = [0] * KIND_COUNT
         self.defaults = [0] * KIND_COUNT
@@ -528,6 +529,12 @@ class VirtualProcessor:
     def _debug_exit(self, table: Any, run: Any) -> None:
         d = run.decode()
         pc = d.pc
+        if self._stepping_over:
+            # the single step over an execute breakpoint is done: re-arm the breakpoints
+            self._stepping_over = False
+            self.partition._apply_guest_debug(self)
+            if d.exception == 1 and 1 not in table.exception:
+                return
         entry = table.execute.get(pc) if d.exception == 1 and d.dr6 & 0xF else None
         if entry is not None:
             k = _EXE
@@ -549,7 +556,8 @@ class VirtualProcessor:
                 # a breakpoint left over from an uninstalled intercept: step over it
                 self.defaults[k] += 1
                 self.counts[k] += 1
-                self._set_resume_flag()
+                if d.exception == 1 and pc in table.execute:
+                    self._step_over_breakpoint(pc)
                 return
             x = self._exc_msg
             x.exception_vector = d.exception
@@ -564,13 +572,23 @@ class VirtualProcessor:
         self.handler_ns[k] += time.perf_counter_ns() - t0
         self.counts[k] += 1
         if k == _EXE:
-            self._set_resume_flag()
+            self._step_over_breakpoint(pc)
 
-    def _set_resume_flag(self) -> None:
-        """RFLAGS.RF: resume at the breakpoint's instruction without hitting it again."""
-        r = self.registers  # also takes the snapshot the handler's changes are compared to
-        if self._regs_before is not None and r.rip == self._regs_before.rip:
-            self.update_registers(rflags=r.rflags | 0x10000)
+    def _step_over_breakpoint(self, pc: int) -> None:
+        """Resume at a breakpoint's instruction without hitting it again: run that one
+        instruction single-stepped with the breakpoint off (RFLAGS.RF is not honoured by the
+        CPL0 emulator here), then re-arm it at the single-step exit."""
+        if self._regs is not None and self._regs_before is not None:
+            if self._regs.rip != self._regs_before.rip:
+                return  # the handler moved the VP elsewhere
+        control, dr = self.partition.intercepts.guest_debug_control()
+        dr7 = dr[7]
+        for i in range(4):
+            if dr[i] == pc and dr7 & (3 << (2 * i)):
+                dr7 &= ~(3 << (2 * i))
+        dr[7] = dr7
+        self.vcpu.set_guest_debug(control | c.GUESTDBG_ENABLE | c.GUESTDBG_SINGLESTEP, dr)
+        self._stepping_over = True
 
     def _halt_exit(self, table: Any) -> None:
         entry = table.halt

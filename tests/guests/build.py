@@ -35,7 +35,10 @@ class GuestImage:
 def build_guest(name: str, base: int = LOAD_GPA, source: str | None = None) -> GuestImage:
     """Assemble tests/guests/<name>.S (or `source` text) into a flat image loaded at `base`."""
     text = source if source is not None else (HERE / f"{name}.S").read_text()
-    tag = hashlib.sha256(f"{base:#x}\n{text}".encode()).hexdigest()[:16]
+    h = hashlib.sha256(f"{base:#x}\n{text}".encode())
+    for inc in sorted(HERE.glob("*.h")):  # shared macros the guests include
+        h.update(inc.read_bytes())
+    tag = h.hexdigest()[:16]
     CACHE.mkdir(parents=True, exist_ok=True)
     out = CACHE / f"{name}-{tag}.bin"
     elf = out.with_suffix(".elf")
@@ -50,7 +53,8 @@ def build_guest(name: str, base: int = LOAD_GPA, source: str | None = None) -> G
             " /DISCARD/ : { *(.note*) *(.comment) *(.eh_frame*) }\n}\n"
         )
         subprocess.run(
-            ["gcc", "-c", "-x", "assembler-with-cpp", str(src), "-o", str(obj)], check=True
+            ["gcc", "-c", "-x", "assembler-with-cpp", "-I", str(HERE), str(src), "-o", str(obj)],
+            check=True,
         )
         tmp_elf = elf.with_suffix(f".{os.getpid()}.elf.tmp")
         subprocess.run(

@@ -1,0 +1,34 @@
+/* Macros shared by the test guests (64-bit, CPL0 unless said otherwise). */
+
+/* Point IDT gate `vector` at `handler` (interrupt gate, kernel CS 0x10); clobbers rax, rdi. */
+#define SET_GATE(vector, handler)      \
+    lea handler(%rip), %rax;           \
+    lea idt + (vector) * 16(%rip), %rdi; \
+    mov %ax, (%rdi);                   \
+    movw $0x10, 2(%rdi);               \
+    movw $0x8e00, 4(%rdi);             \
+    shr $16, %rax;                     \
+    mov %ax, 6(%rdi);                  \
+    shr $16, %rax;                     \
+    mov %eax, 8(%rdi);                 \
+    movl $0, 12(%rdi)
+
+/* The IDT itself and its descriptor: use once per guest, then `lidt idtr(%rip)`. */
+#define IDT_DATA          \
+    .data;                \
+    .balign 16;           \
+idtr: .word 256 * 16 - 1; \
+    .quad idt;            \
+    .balign 16;           \
+idt: .space 256 * 16
+
+/* Report a 64-bit register on port 0x11 as two 32-bit writes (low, high); clobbers rax. */
+#define REPORT64(reg)       \
+    mov reg, %rax;          \
+    outl %eax, $0x11;       \
+    shr $32, %rax;          \
+    outl %eax, $0x11
+
+#define POWER_OFF            \
+    outb %al, $0xf4;         \
+99: jmp 99b

@@ -1,13 +1,13 @@
-"""The `pyhv` command line. Heavy modules are imported inside the commands, so starting a VM
-does not pay for what it does not use."""
+"""The `pyhv` command line (click). `pyhv run` with plain options takes a fast path that does
+not import click, and every heavy module is imported inside the command that needs it: the
+time from process start to the guest's first serial byte is mostly the guest's own."""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, TextIO
-
-import click
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from pyhv.worker.config import VmConfig
@@ -25,70 +25,75 @@ DEMO = [
     ("poweroff writes the exit status to port 0xF4 and the worker ends the VM.", "poweroff"),
 ]
 
+RUN_HELP = """Boot the guest with its serial console on this terminal.
 
-class _Failure(click.ClickException):
-    """A clear message and a non-zero exit, no traceback."""
+Interactive keys: Ctrl-A x quits, Ctrl-A h shows help. With --script or --command the
+commands are typed at the shell prompt one by one and pyhv exits with the guest's
+power-off status (3 if the guest triple-faults, 4 on an emulation error).
+"""
+
+
+class CliError(Exception):
+    """A clear message and a non-zero exit, never a traceback."""
 
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
-        self.exit_code = code  # type: ignore[misc]
+        self.code = code
 
 
-def _fail(message: str, code: int = 1) -> click.ClickException:
-    return _Failure(message, code)
+# --- the commands, without click ---------------------------------------------------------
 
 
 def _config(memory: str, vps: int, cmdline: str, image: str | None) -> VmConfig:
-    from pyhv.worker.config import ConfigError, VmConfig
+    from pyhv.worker.config import ConfigError, VmConfig, parse_size
 
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        raise _fail(
-            "/dev/kvm is missing or not accessible: pyhv runs guests under Linux KVM; load the "
-            "kvm module or run where /dev/kvm exists (and add yourself to the kvm group)"
-        )
     try:
-        from pyhv.worker.config import parse_size
-
-        parse_size(memory)  # report a bad size before building the image
+        parse_size(memory)  # a bad size is reported before anything else
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise CliError(
+                "/dev/kvm is missing or not accessible: pyhv runs guests under Linux KVM; load "
+                "the kvm module or run where /dev/kvm exists (and join the kvm group)"
+            )
         if image is None:
             image = str(_bundled_image())
         return VmConfig.create(image=image, memory=memory, vps=vps, cmdline=cmdline)
     except ConfigError as e:
-        raise _fail(str(e), 2) from None
+        raise CliError(str(e), 2) from None
 
 
 def _bundled_image() -> object:
     try:
         from pyhv.guest_image import image_path
     except ImportError as e:
-        raise _fail(f"the bundled guest is not available ({e}): pass --image FILE") from None
+        raise CliError(f"the bundled guest is not available ({e}): pass --image FILE") from None
     try:
         return image_path()
     except Exception as e:  # noqa: BLE001 - the builder says what is missing (gcc, sources)
-        raise _fail(f"cannot build the guest image: {e}") from None
+        raise CliError(f"cannot build the guest image: {e}") from None
 
 
-def _start(config: VmConfig, output: object, process: bool) -> object:
+def _start(config: VmConfig, output: Callable[[bytes], None], process: bool) -> Any:
     from pyhv.worker.boot import ImageError
 
+    vm: Any
     if process:
         from pyhv.worker.process import WorkerProcess
 
-        vm: object = WorkerProcess(config, output=output)  # type: ignore[arg-type]
+        vm = WorkerProcess(config, output=output)
     else:
         from pyhv.worker.vm import VirtualMachine
 
-        vm = VirtualMachine(config, output=output)  # type: ignore[arg-type]
+        vm = VirtualMachine(config, output=output)
     try:
-        vm.start()  # type: ignore[attr-defined]
+        vm.start()
     except ImageError as e:
-        raise _fail(f"cannot boot {config.image}: {e}") from None
+        raise CliError(f"cannot boot {config.image}: {e}") from None
     except OSError as e:
-        raise _fail(f"cannot create the VM: {e}") from None
+        raise CliError(f"cannot create the VM: {e}") from None
     return vm
 
 
-def _writer(fd: int, tty: bool):  # type: ignore[no-untyped-def]
+def _writer(fd: int, tty: bool) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
         if not tty:
             data = data.replace(b"\r\n", b"\n")
@@ -100,86 +105,57 @@ def _writer(fd: int, tty: bool):  # type: ignore[no-untyped-def]
     return write
 
 
-def _report(end: VmEnd) -> None:
+def _report(end: VmEnd) -> int:
     if end.failed:
-        click.echo("\n" + end.describe(), err=True)
-        raise SystemExit(end.exit_code)
-    click.echo(f"\n[pyhv] {end.describe()}", err=True)
-    raise SystemExit(end.exit_code)
+        sys.stderr.write("\n" + end.describe() + "\n")
+    else:
+        sys.stderr.write(f"\n[pyhv] {end.describe()}\n")
+    return end.exit_code
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="pyhv")
-def cli() -> None:
-    """pyhv: the Hyper-V stack of Windows Internals on Linux KVM."""
-
-
-@cli.command()
-@click.option("--memory", "-m", default="512M", show_default=True, help="guest RAM (K, M, G units)")
-@click.option("--vps", default=1, show_default=True, type=int, help="number of virtual processors")
-@click.option("--cmdline", default="", help="guest kernel command line")
-@click.option("--script", type=click.File("r"), help="run the shell commands in FILE, one a line")
-@click.option(
-    "--command", "-c", "commands", multiple=True, help="a shell command to run (repeatable)"
-)
-@click.option(
-    "--image", type=click.Path(dir_okay=False), help="guest image (default: the bundled one)"
-)
-@click.option("--process", is_flag=True, help="run the VM in its own worker process")
-@click.option("--timeout", default=300.0, show_default=True, help="seconds to wait for each prompt")
-def run(
-    memory: str,
-    vps: int,
-    cmdline: str,
-    script: TextIO | None,
-    commands: tuple[str, ...],
-    image: str | None,
-    process: bool,
-    timeout: float,
-) -> None:
-    """Boot the guest with its serial console on this terminal.
-
-    Interactive keys: Ctrl-A x quits, Ctrl-A h shows help. With --script or --command the
-    commands are typed at the shell prompt one by one and pyhv exits with the guest's
-    power-off status.
-    """
+def run_vm(
+    *,
+    memory: str = "512M",
+    vps: int = 1,
+    cmdline: str = "",
+    script: str | None = None,
+    commands: tuple[str, ...] = (),
+    image: str | None = None,
+    process: bool = False,
+    timeout: float = 300.0,
+) -> int:
+    """`pyhv run`: returns the process exit code; raises CliError for a clear failure."""
     config = _config(memory, vps, cmdline, image)
     lines: list[str] | None = None
     if script is not None or commands:
         from pyhv.worker.script import script_lines
 
-        lines = script_lines(script.read()) if script is not None else []
+        lines = script_lines(script) if script is not None else []
         for c in commands:
             lines += script_lines(c.replace(";", "\n"))
-    out_tty = os.isatty(1)
-    write = _writer(1, out_tty)
+    write = _writer(1, os.isatty(1))
     vm = _start(config, write, process)
     try:
         if lines is None:
-            from pyhv.worker.terminal import HELP, interactive
+            from pyhv.worker.terminal import interactive
 
             if os.isatty(0):
-                write(b"[pyhv] " + HELP.split("] ", 1)[1].split("\r\n")[0].encode() + b"\r\n")
-            end = interactive(vm, 0, write)  # type: ignore[arg-type]
+                write(b"[pyhv] console: Ctrl-A x quits, Ctrl-A h help\r\n")
+            end = interactive(vm, 0, write)
         else:
             from pyhv.worker.script import ScriptError, run_script
 
             try:
-                end = run_script(vm, lines, timeout=timeout)  # type: ignore[arg-type]
+                end = run_script(vm, lines, timeout=timeout)
             except ScriptError as e:
-                raise _fail(str(e)) from None
+                raise CliError(str(e)) from None
     finally:
-        vm.close()  # type: ignore[attr-defined]
-    _report(end)
+        vm.close()
+    return _report(end)
 
 
-@cli.command()
-@click.option("--memory", "-m", default="512M", show_default=True, help="guest RAM")
-@click.option(
-    "--image", type=click.Path(dir_okay=False), help="guest image (default: the bundled one)"
-)
-def demo(memory: str, image: str | None) -> None:
-    """A short scripted session with the guest's shell, narrated."""
+def demo_vm(*, memory: str = "512M", image: str | None = None) -> int:
+    """`pyhv demo`: a short scripted session with the guest's shell, narrated."""
     config = _config(memory, 1, "", image)
     tty = os.isatty(1)
     write = _writer(1, tty)
@@ -191,30 +167,152 @@ def demo(memory: str, image: str | None) -> None:
         if command:
             return
         text = f"\n# {next(pending)}"
-        write((click.style(text, fg="cyan", bold=True) if tty else text).encode())
+        write((f"\x1b[1;36m{text}\x1b[0m" if tty else text).encode())
 
     from pyhv.worker.script import ScriptError, run_script
 
-    click.echo(
+    print(
         f"pyhv demo: a {config.memory >> 20} MiB VM with one VP boots the reference guest by "
-        "direct boot; its serial console follows. (measured on PVM: guest kernel code is "
-        "emulated here, so commands take a moment)"
+        "direct boot; its serial console follows. (Measured on PVM: guest kernel code is "
+        "emulated here, so commands take a moment.)",
+        flush=True,
     )
     vm = _start(config, write, False)
     try:
+        steps = [x for _, c in DEMO for x in ("", c)]
         try:
-            steps = [x for _, c in DEMO for x in ("", c)]
-            end = run_script(vm, steps, before=narrate)  # type: ignore[arg-type]
+            end = run_script(vm, steps, before=narrate)
         except ScriptError as e:
-            raise _fail(str(e)) from None
+            raise CliError(str(e)) from None
     finally:
-        vm.close()  # type: ignore[attr-defined]
-    _report(end)
+        vm.close()
+    return _report(end)
+
+
+# --- the fast path for `pyhv run` --------------------------------------------------------
+
+_RUN_VALUES = {
+    "--memory": "memory",
+    "-m": "memory",
+    "--vps": "vps",
+    "--cmdline": "cmdline",
+    "--script": "script",
+    "--command": "commands",
+    "-c": "commands",
+    "--image": "image",
+    "--timeout": "timeout",
+}
+
+
+def _parse_run_fast(args: list[str]) -> dict[str, Any] | None:
+    """Options of `pyhv run` when they are all plain; None sends the arguments to click,
+    which explains anything unusual (help, unknown options, bad numbers)."""
+    opts: dict[str, Any] = {}
+    commands: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--process":
+            opts["process"] = True
+            i += 1
+            continue
+        name, eq, value = arg.partition("=")
+        key = _RUN_VALUES.get(name)
+        if key is None or (eq and not name.startswith("--")):
+            return None
+        if not eq:
+            if i + 1 >= len(args):
+                return None
+            value = args[i + 1]
+            i += 1
+        i += 1
+        try:
+            if key == "commands":
+                commands.append(value)
+            elif key == "vps":
+                opts[key] = int(value)
+            elif key == "timeout":
+                opts[key] = float(value)
+            elif key == "script":
+                with open(value) as f:
+                    opts[key] = f.read()
+            else:
+                opts[key] = value
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+    opts["commands"] = tuple(commands)
+    return opts
+
+
+# --- click ---------------------------------------------------------------------------------
+
+_click_cli: Any = None
+
+
+def _build_click() -> Any:
+    import click
+
+    def call(fn: Callable[..., int], **kw: Any) -> NoReturn:
+        try:
+            code = fn(**kw)
+        except CliError as e:
+            err = click.ClickException(str(e))
+            err.exit_code = e.code  # type: ignore[misc]
+            raise err from None
+        raise SystemExit(code)
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(package_name="pyhv")
+    def group() -> None:
+        """pyhv: the Hyper-V stack of Windows Internals on Linux KVM."""
+
+    @group.command(help=RUN_HELP)
+    @click.option("--memory", "-m", default="512M", show_default=True, help="guest RAM (K/M/G)")
+    @click.option("--vps", default=1, show_default=True, type=int, help="virtual processors")
+    @click.option("--cmdline", default="", help="guest kernel command line")
+    @click.option("--script", type=click.File("r"), help="run the shell commands in FILE")
+    @click.option("--command", "-c", "commands", multiple=True, help="a shell command (repeatable)")
+    @click.option("--image", type=click.Path(dir_okay=False), help="guest image (default: bundled)")
+    @click.option("--process", is_flag=True, help="run the VM in its own worker process")
+    @click.option("--timeout", default=300.0, show_default=True, help="seconds to wait per prompt")
+    def run(script: Any, **kw: Any) -> None:
+        call(run_vm, script=script.read() if script is not None else None, **kw)
+
+    @group.command()
+    @click.option("--memory", "-m", default="512M", show_default=True, help="guest RAM")
+    @click.option("--image", type=click.Path(dir_okay=False), help="guest image (default: bundled)")
+    def demo(**kw: Any) -> None:
+        """A short scripted session with the guest's shell, narrated."""
+        call(demo_vm, **kw)
+
+    return group
+
+
+def __getattr__(name: str) -> Any:
+    """`pyhv.cli.cli` is the click group, built on first use."""
+    global _click_cli
+    if name == "cli":
+        if _click_cli is None:
+            _click_cli = _build_click()
+        return _click_cli
+    raise AttributeError(f"module 'pyhv.cli' has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="pyhv")
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["run"]:
+        opts = _parse_run_fast(args[1:])
+        if opts is not None:
+            try:
+                code = run_vm(**opts)
+            except CliError as e:
+                sys.stderr.write(f"Error: {e}\n")
+                code = e.code
+            except KeyboardInterrupt:
+                code = 130
+            sys.exit(code)
+    __getattr__("cli").main(args=args, prog_name="pyhv")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

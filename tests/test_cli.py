@@ -175,3 +175,27 @@ def test_the_interactive_console_runs_in_raw_mode_and_ctrl_a_x_quits() -> None:
             proc.kill()
             proc.wait()
         os.close(main)
+
+
+def test_pyhv_run_reports_a_bad_size_on_its_fast_path_without_loading_click() -> None:
+    code = (
+        "import sys, pyhv.cli as c\n"
+        "try:\n    c.main(['run', '--memory=12X'])\n"
+        "except SystemExit as e:\n    print(e.code, 'click' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.split() == ["2", "False"]
+    assert r.stderr.startswith("Error: memory size '12X' is not understood")
+
+
+def test_unusual_run_arguments_go_to_click_which_explains_them() -> None:
+    assert cli._parse_run_fast(["--help"]) is None
+    assert cli._parse_run_fast(["--vps", "two"]) is None
+    assert cli._parse_run_fast(["--memory"]) is None
+    assert cli._parse_run_fast(["-m", "1G", "-c", "mem", "--command=ticks", "--process"]) == {
+        "memory": "1G",
+        "commands": ("mem", "ticks"),
+        "process": True,
+    }
+    code, out = invoke("run", "--vps", "two")
+    assert code == 2 and "'two' is not a valid integer" in out

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # Guest-physical layout at boot.
 GDT_GPA = 0x500
@@ -71,16 +70,14 @@ class ImageError(ValueError):
     """The guest image cannot be booted; the message says why and what to do."""
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     gpa: int
     data: bytes
     memsz: int
     executable: bool
 
 
-@dataclass(frozen=True)
-class Image:
+class Image(NamedTuple):
     entry: int
     segments: tuple[Segment, ...]
 
@@ -90,8 +87,7 @@ class Image:
         return max(s.gpa + s.memsz for s in self.segments)
 
 
-@dataclass(frozen=True)
-class Segmentation:
+class Segmentation(NamedTuple):
     """One segment register as KVM_SET_SREGS takes it."""
 
     selector: int
@@ -112,8 +108,7 @@ DATA = Segmentation(selector=KERNEL_DS, type=0x3, db=1)
 NULL_SEGMENT = Segmentation(selector=0, limit=0, type=0, present=0, s=0, g=0, unusable=1)
 
 
-@dataclass(frozen=True)
-class EntryState:
+class EntryState(NamedTuple):
     """VP 0's registers at the 64-bit entry point."""
 
     rip: int
@@ -262,8 +257,7 @@ def build_page_tables(mem: GuestMemory) -> None:
     mem.write(PML4_GPA, page_tables())
 
 
-@dataclass(frozen=True)
-class BootInfo:
+class BootInfo(NamedTuple):
     vp_count: int
     memmap: tuple[tuple[int, int, int], ...]  # (base, size, type)
     cmdline: bytes = b""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import struct
 
 PAGE = 4096
-_U32 = struct.Struct("<I")
 _DESC = struct.Struct("<HHHHQ")
 WRITE, READ, MASK, PENDING, FEAT = 0, 4, 8, 12, 64
 
@@ -16,16 +15,20 @@ class GuestRing:
 
     def __init__(self, mem: memoryview, init: bool = False) -> None:
         self.mem = mem
+        # Indices are read and written as single aligned 4-byte accesses (memoryview 'I'), as
+        # the other side does: struct.pack_into stores byte by byte, and the other process
+        # could read a torn index.
+        self.ctl = mem[:PAGE].cast("I")
         self.dsize = len(mem) - PAGE
         if init:
             mem[:PAGE] = bytes(PAGE)
             self.set(FEAT, 1)  # Linux sets feat_pending_send_sz at init
 
     def get(self, off: int) -> int:
-        return _U32.unpack_from(self.mem, off)[0]
+        return int(self.ctl[off // 4])
 
     def set(self, off: int, v: int) -> None:
-        _U32.pack_into(self.mem, off, v)
+        self.ctl[off // 4] = v
 
     def _copy_in(self, off: int, data: bytes) -> int:
         n = len(data)

@@ -113,3 +113,31 @@ def test_a_vm_with_memory_to_spare_is_never_given_more(
     for i, v in enumerate(vms):
         if v.assigned_pages >= d.target_pages[i]:
             assert not isinstance(d.operation_for(v.vm), Add)
+
+
+def pages_needed(v: VmMemoryState) -> int:
+    """Demand without buffer, within the VM's limits (a VM without a report: what it has)."""
+    demand = v.report.committed_pages if v.report is not None else v.assigned_pages
+    return max(min(demand, v.settings.maximum_pages), v.settings.minimum_pages)
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenes())
+def test_memory_a_vm_demands_is_only_taken_for_a_higher_weight_vm_left_short(
+    scene: tuple[HostMemory, list[VmMemoryState], BalancerConfig],
+) -> None:
+    host, vms, config = scene
+    d = decide(host, vms, config)
+
+    def granted(v: VmMemoryState) -> int:
+        op = d.operation_for(v.vm)
+        return op.pages if isinstance(op, Add) else 0
+
+    short_weights = [
+        v.settings.weight for v in vms if v.assigned_pages + granted(v) < pages_needed(v)
+    ]
+    for v in vms:
+        op = d.operation_for(v.vm)
+        if isinstance(op, Remove) and v.assigned_pages - op.pages < pages_needed(v):
+            assert d.host_short
+            assert any(w > v.settings.weight for w in short_weights)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pyhv.dynmem.balancer import (
     Add,
     BalancerConfig,
+    Decision,
     HostMemory,
     MemorySettings,
     Remove,
@@ -31,11 +32,39 @@ def committed_under_testlimit(t: int) -> int:
     return BASELINE
 
 
+def tick(
+    host: HostMemory, vms: list[VmMemoryState], config: BalancerConfig
+) -> tuple[HostMemory, list[VmMemoryState], Decision]:
+    """One balancer tick whose operations complete before the next one."""
+    d = decide(host, vms, config)
+    after = []
+    for state, timer in zip(vms, d.above_target_s, strict=True):
+        state = replace(state, above_target_s=timer)
+        op = d.operation_for(state.vm)
+        if isinstance(op, Add):
+            state = replace(
+                state,
+                visible_pages=state.visible_pages + op.hot_add,
+                assigned_pages=state.assigned_pages + op.pages,
+                ballooned_pages=state.ballooned_pages - op.unballoon,
+            )
+            host = replace(host, free_pages=host.free_pages - op.pages)
+        elif isinstance(op, Remove):
+            state = replace(
+                state,
+                assigned_pages=state.assigned_pages - op.pages,
+                ballooned_pages=state.ballooned_pages + op.pages,
+            )
+            host = replace(host, free_pages=host.free_pages + op.pages)
+        after.append(state)
+    return host, after, d
+
+
 def simulate(
     seconds: int, config: BalancerConfig, committed: Callable[[int], int]
 ) -> list[tuple[int, int]]:
-    """Run the balancer once a second; operations complete before the next tick. Returns
-    (Guest Visible Physical Memory, Physical Memory) in pages after each tick."""
+    """Run the balancer once a second. Returns (Guest Visible Physical Memory, Physical
+    Memory) in pages after each tick."""
     host = HostMemory(free_pages=8192 * MIB, reserve_pages=1024 * MIB)
     state = VmMemoryState(
         "testvm",
@@ -46,25 +75,7 @@ def simulate(
     trace = []
     for t in range(seconds):
         state = replace(state, report=StatusReport(committed(t)))
-        d = decide(host, [state], config)
-        state = replace(state, above_target_s=d.above_target_s[0])
-        for op in d.operations:
-            if isinstance(op, Add):
-                state = replace(
-                    state,
-                    visible_pages=state.visible_pages + op.hot_add,
-                    assigned_pages=state.assigned_pages + op.pages,
-                    ballooned_pages=state.ballooned_pages - op.unballoon,
-                )
-                host = replace(host, free_pages=host.free_pages - op.pages)
-            else:
-                assert isinstance(op, Remove)
-                state = replace(
-                    state,
-                    assigned_pages=state.assigned_pages - op.pages,
-                    ballooned_pages=state.ballooned_pages + op.pages,
-                )
-                host = replace(host, free_pages=host.free_pages + op.pages)
+        host, (state,), _ = tick(host, [state], config)
         trace.append((state.visible_pages, state.assigned_pages))
     return trace
 
@@ -105,3 +116,29 @@ def test_a_shorter_time_scale_brings_the_trim_forward() -> None:
     scaled = simulate(END + 40, BalancerConfig(time_scale=0.1), committed_under_testlimit)
     normal = simulate(END + 40, BalancerConfig(), committed_under_testlimit)
     assert scaled[-1][1] < normal[-1][1] == normal[END - 1][1]
+
+
+def test_on_a_short_host_the_higher_weight_vm_gets_its_demand_from_the_lower_weight_vm() -> None:
+    """2300 MiB for VMs; high (weight 90) demands 1800, low (weight 10) demands 1500."""
+    config = BalancerConfig()
+    host = HostMemory(free_pages=500 * MIB, reserve_pages=200 * MIB)
+    vms = [
+        VmMemoryState(
+            name,
+            MemorySettings.from_mib(512, 256, 4096, weight=weight),
+            visible_pages=1000 * MIB,
+            assigned_pages=1000 * MIB,
+            report=StatusReport(committed * MIB),
+        )
+        for name, weight, committed in (("high", 90, 1800), ("low", 10, 1500))
+    ]
+    decisions = []
+    for _ in range(10):
+        host, vms, d = tick(host, vms, config)
+        decisions.append(d)
+    high, low = vms
+    assert high.assigned_pages == 1800 * MIB  # its demand; the buffer was dropped
+    assert low.assigned_pages == 500 * MIB  # what is left, above its 256 MiB minimum
+    assert host.free_pages == host.reserve_pages  # the reserve is untouched
+    assert all(d.host_short for d in decisions)
+    assert all(d.operations == () for d in decisions[3:]), "it settles, no back and forth"

@@ -24,6 +24,10 @@ class GuestRing:
             mem[:PAGE] = bytes(PAGE)
             self.set(FEAT, 1)  # Linux sets feat_pending_send_sz at init
 
+    def release(self) -> None:
+        self.ctl.release()
+        self.mem.release()
+
     def get(self, off: int) -> int:
         return int(self.ctl[off // 4])
 

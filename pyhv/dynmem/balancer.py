@@ -18,6 +18,7 @@ The arithmetic runs on numpy columns so that a tick over 10 000 VMs stays in mil
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -265,6 +266,9 @@ class VmTable:
                 )
         if n == 0:
             return
+        if len(set(self.vm_ids)) != n:
+            twice = next(v for v, k in Counter(self.vm_ids).items() if k > 1)
+            raise SettingsError(f"VM {twice!r} appears twice in one tick: give each VM once")
         bad = np.flatnonzero(
             (self.minimum < 1)
             | (self.minimum > self.maximum)

@@ -293,3 +293,8 @@ def test_a_column_table_with_an_impossible_row_is_refused_naming_the_vm() -> Non
         replace(table, weight=np.array([50, 101]))
     with pytest.raises(SettingsError, match="shape"):
         replace(table, assigned=np.array([1]))
+
+
+def test_a_vm_given_twice_in_one_tick_is_refused() -> None:
+    with pytest.raises(SettingsError, match="'a' appears twice"):
+        decide(PLENTY, [vm("a"), vm("b"), vm("a")])

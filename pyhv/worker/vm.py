@@ -109,6 +109,8 @@ class VirtualMachine:
         """Stop the VPs and release the partition (its memory goes back to the host)."""
         if self._end is None:
             self._finish(VmEnd(STOPPED, detail="closed"))
+        # Let the stopping thread finish with the VPs before their vCPUs go away.
+        self._ended.wait(10)
         for vp in self.vps:
             _quietly(vp.stop)
         if self.partition is not None:

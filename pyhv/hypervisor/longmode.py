@@ -95,3 +95,4 @@ def enter_long_mode(
     for name, value in gprs.items():
         setattr(regs, name, value)
     vp.registers = regs
+    vp.make_runnable()  # an AP would otherwise wait for INIT/SIPI

@@ -221,6 +221,12 @@ class VirtualProcessor:
         finally:
             run.b[1] = 0
 
+    def make_runnable(self) -> None:
+        """Let the VP run from its current registers. VPs other than 0 start waiting for
+        INIT/SIPI under the in-kernel LAPIC; this skips that when the VMM sets them up itself."""
+        self._check_quiescent("run state")
+        self.vcpu.set_mp_state(c.MP_STATE_RUNNABLE)
+
     # ------------------------------------------------------------------ thread control
     def start(self) -> None:
         """Start (or restart) the VP thread."""

@@ -11,11 +11,13 @@ _start:
     mov $0xff, %al
     outb %al, $0x21
     outb %al, $0xa1
-    movl $0x1ff, 0xfee000f0
-    movl $0x1a, 0xfec00000
-    movl $0x41, 0xfec00010
-    movl $0x1b, 0xfec00000
-    movl $0, 0xfec00010
+    mov $0xfee00000, %rdi
+    movl $0x1ff, 0xf0(%rdi)     /* LAPIC spurious vector register: enable */
+    mov $0xfec00000, %rsi
+    movl $0x1a, (%rsi)          /* IOAPIC redirection entry 5, low: vector 0x41, edge */
+    movl $0x41, 0x10(%rsi)
+    movl $0x1b, (%rsi)          /* high: destination APIC 0 */
+    movl $0, 0x10(%rsi)
     outb %al, $0x10
     sti
 1:  hlt
@@ -29,7 +31,7 @@ vec41:
     mov $0x41, %eax
 report:
     outl %eax, $0x11
-    movl $0, 0xfee000b0
+    movl $0, 0xb0(%rdi)         /* EOI (rdi still holds the LAPIC base) */
     pop %rax
     iretq
 IDT_DATA

@@ -1,0 +1,66 @@
+"""Interrupts the root asserts for a partition: to one VP, on an IOAPIC pin, through an irqfd;
+and doorbells (ioeventfd) the guest rings without an intercept."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from pyhv.hypervisor import Partition, VpState
+from tests.guests.harness import guest, run_until_power_off
+
+pytestmark = pytest.mark.kvm
+
+
+def _wait_for(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def test_interrupts_reach_a_halted_guest_by_vector_pin_and_irqfd() -> None:
+    with guest("interrupts") as (p, vp, _):
+        ready: list[int] = []
+        got: list[int] = []
+        p.intercepts.install_io(0x10, 0x10, lambda m: ready.append(1), read=False)
+        p.intercepts.install_io(0x11, 0x11, lambda m: got.append(m.value), read=False)
+        vp.start()
+        assert _wait_for(lambda: ready)
+        time.sleep(0.01)  # the guest gets to its HLT
+
+        p.interrupt(0, 0x40)
+        assert _wait_for(lambda: got == [0x40])
+        p.pulse_irq(5)  # IOAPIC pin 5 -> vector 0x41 as the guest programmed it
+        assert _wait_for(lambda: got == [0x40, 0x41])
+        fd = p.irqfd(5)
+        os.write(fd, (1).to_bytes(8, "little"))
+        assert _wait_for(lambda: got == [0x40, 0x41, 0x41])
+        assert vp.state is VpState.RUNNING
+
+
+def test_bad_interrupt_requests_are_refused() -> None:
+    with Partition("irq") as p:
+        p.create_vp(0)
+        with pytest.raises(ValueError, match="no VP 3"):
+            p.interrupt(3, 0x40)
+        with pytest.raises(ValueError, match="vector 5 is out of range"):
+            p.interrupt(0, 5)
+        with pytest.raises(ValueError, match="pin 24"):
+            p.irq_line(24, True)
+
+
+def test_an_ioeventfd_doorbell_counts_guest_writes_without_intercepts() -> None:
+    with guest("doorbell", rcx=5) as (p, vp, _):
+        threes = p.ioeventfd(0x50, 4, datamatch=3)
+        others: list[int] = []
+        p.intercepts.install_io(0x50, 0x50, lambda m: others.append(m.value), read=False)
+        run_until_power_off(p, vp)
+        # the write of 3 rang the doorbell in the kernel; the rest came to the intercept
+        assert int.from_bytes(os.read(threes.fd, 8), "little") == 1
+        assert others == [0, 1, 2, 4]
+        threes.remove()

@@ -1,0 +1,149 @@
+"""Virtual processors: suspended and resumed by the root, stopped by a triple fault or an error."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pyhv.hypervisor import (
+    IoPortIntercept,
+    Partition,
+    VpEventKind,
+    VpState,
+    enter_long_mode,
+)
+from tests.guests.build import build_guest
+from tests.guests.harness import STACK_TOP, guest
+
+pytestmark = pytest.mark.kvm
+
+
+def _u64(p: Partition, gpa: int) -> int:
+    return int.from_bytes(p.read(gpa, 8), "little")
+
+
+def test_a_vp_spinning_at_cpl3_is_paused_stays_still_and_resumes() -> None:
+    with guest("spin_user", cpl=3, rflags=0x3002) as (p, vp, img):
+        counter = img["counter"]
+        vp.start()
+        deadline = time.monotonic() + 5
+        while _u64(p, counter) == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for _ in range(3):
+            vp.pause()
+            assert vp.state is VpState.PAUSED
+            assert vp.special_registers.cs.dpl == 3
+            frozen = _u64(p, counter)
+            time.sleep(0.02)
+            assert _u64(p, counter) == frozen
+            vp.resume()
+            while _u64(p, counter) == frozen and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert _u64(p, counter) > frozen
+        vp.stop()
+        ev = vp.wait(1)
+        assert ev is not None and ev.kind is VpEventKind.STOPPED
+
+
+def test_registers_of_a_running_vp_cannot_be_touched_without_pausing_it() -> None:
+    with guest("spin_user", cpl=3, rflags=0x3002) as (_p, vp, _):
+        vp.start()
+        with pytest.raises(RuntimeError, match="pause\\(\\) it"):
+            vp.registers  # noqa: B018
+        vp.pause()
+        assert vp.registers.rflags & 0x3000 == 0x3000
+
+
+def test_a_triple_fault_is_reported_as_shutdown_with_the_registers() -> None:
+    with guest("triple_fault") as (_p, vp, img):
+        vp.start()
+        ev = vp.wait(5)
+        assert ev is not None and ev.kind is VpEventKind.SHUTDOWN
+        assert ev.registers is not None and ev.registers.rbx == 0x7777
+        assert vp.state is VpState.IDLE
+
+
+def test_hlt_reaches_the_halt_intercept_when_no_in_kernel_lapic_waits_for_it() -> None:
+    img = build_guest("halt")
+    with Partition("halt", irqchip=False) as p:
+        p.add_memory(0, 16 << 20)
+        p.write(img.base, img.code)
+        vp = p.create_vp(0)
+        enter_long_mode(p, vp, img.entry, STACK_TOP, rbx=1)
+        halts: list[int] = []
+        out: list[int] = []
+        p.intercepts.install_halt(lambda m: halts.append(m.vp_index) or m.set_registers(rbx=42))
+        p.intercepts.install_io(0x12, 0x12, lambda m: out.append(m.value), read=False)
+        p.intercepts.install_io(0xF4, 0xF4, lambda m: vp.pause(), read=False)
+        vp.start()
+        deadline = time.monotonic() + 5
+        while vp.state is not VpState.PAUSED and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert halts == [0] and out == [42]
+        assert p.counters["halt"]["count"] == 1
+
+
+def test_hlt_without_a_halt_intercept_stops_the_vp_with_a_halt_event() -> None:
+    img = build_guest("halt")
+    with Partition("halt", irqchip=False) as p:
+        p.add_memory(0, 16 << 20)
+        p.write(img.base, img.code)
+        vp = p.create_vp(0)
+        enter_long_mode(p, vp, img.entry, STACK_TOP)
+        vp.start()
+        ev = vp.wait(5)
+        assert ev is not None and ev.kind is VpEventKind.HALT
+
+
+def test_a_handler_that_raises_stops_its_vp_and_the_other_vp_keeps_running() -> None:
+    with guest("vp_pair") as (p, vp0, img):
+        vp1 = p.create_vp(1)
+        enter_long_mode(p, vp1, img["second"], STACK_TOP - 0x10000)
+        seen: list[int] = []
+
+        def broken(m: IoPortIntercept) -> None:
+            raise ValueError("device model bug")
+
+        p.intercepts.install_io(0x31, 0x31, broken)
+        p.intercepts.install_io(0x30, 0x30, lambda m: seen.append(m.value), read=False)
+        vp1.start()
+        vp0.start()
+        ev = vp0.wait(5)
+        assert ev is not None and ev.kind is VpEventKind.ERROR
+        assert isinstance(ev.error, ValueError) and "port 0x31" in ev.detail
+        before = len(seen)
+        deadline = time.monotonic() + 5
+        while len(seen) < before + 10 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(seen) >= before + 10
+        assert vp1.state is VpState.RUNNING
+        assert p.counters["io_port"]["errors"] == 1
+
+
+def test_an_emulation_failure_is_reported_never_ignored() -> None:
+    # int3 at CPL0 is an emulation failure on PVM; elsewhere, with no IDT, it ends in a triple
+    # fault. Either way the VP stops and says why.
+    source = ".code64\n.globl _start\n_start:\n  int3\n1: jmp 1b\n"
+    with guest("int3", source=source) as (_p, vp, _):
+        vp.start()
+        ev = vp.wait(5)
+        assert ev is not None and ev.kind in (VpEventKind.ERROR, VpEventKind.SHUTDOWN)
+        assert ev.detail and ev.registers is not None
+
+
+def test_counters_are_kept_for_every_intercept_kind() -> None:
+    with guest("io_echo") as (p, _vp, _):
+        assert set(p.counters) == {
+            "io_port",
+            "memory",
+            "msr",
+            "exception",
+            "execute",
+            "halt",
+            "unknown",
+        }
+        assert all(
+            set(c) == {"count", "defaulted", "errors", "handler_seconds"}
+            for c in p.counters.values()
+        )

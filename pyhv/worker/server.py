@@ -8,10 +8,46 @@ import argparse
 import os
 import socket
 import threading
+from collections.abc import Callable
 
 from pyhv.worker import protocol
 from pyhv.worker.config import ConfigError, VmConfig
 from pyhv.worker.outcome import WORKER_ERROR, VmEnd
+
+
+class _SerialBatcher:
+    """Collects serial output written byte by byte on VP threads and sends it in batches from
+    a thread of its own, so the guest never waits for the socket."""
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self._send = send
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="serial-batcher", daemon=True)
+        self._thread.start()
+
+    def add(self, data: bytes) -> None:
+        with self._cond:
+            self._buf += data
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._buf) or self._closed)
+                data = bytes(self._buf[: 256 << 10])
+                del self._buf[: len(data)]
+                if not data and self._closed:
+                    return
+            if data:
+                self._send(data)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(10)
 
 
 def serve(sock: socket.socket) -> int:
@@ -45,9 +81,8 @@ def serve(sock: socket.socket) -> int:
         )
         return 2
 
-    vm = VirtualMachine(
-        config, output=lambda b: send({"ev": "serial", "data": protocol.encode_bytes(b)})
-    )
+    out = _SerialBatcher(lambda b: send({"ev": "serial", "data": protocol.encode_bytes(b)}))
+    vm = VirtualMachine(config, output=out.add)
 
     def commands() -> None:
         try:
@@ -79,6 +114,7 @@ def serve(sock: socket.socket) -> int:
     end = vm.wait()
     assert end is not None
     vm.close()
+    out.close()  # all serial output goes before the end report
     send({"ev": "ended", "end": end.to_dict()})
     return 0
 

@@ -6,7 +6,12 @@ The chart helper (matplotlib) and the Dynamic Memory sets are imported from thei
 """
 
 from pyhv.counters.csvlog import CsvLog, Sample, read_csv
-from pyhv.counters.prometheus import RegistryCollector, metric_name, prometheus_text
+from pyhv.counters.prometheus import (
+    RegistryCollector,
+    exposition_registry,
+    metric_name,
+    prometheus_text,
+)
 from pyhv.counters.registry import (
     CounterDef,
     CounterError,
@@ -26,6 +31,7 @@ __all__ = [
     "RegistryCollector",
     "Sample",
     "counter_path",
+    "exposition_registry",
     "metric_name",
     "prometheus_text",
     "read_csv",

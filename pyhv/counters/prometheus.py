@@ -61,8 +61,15 @@ class RegistryCollector(Collector):
                 yield family
 
 
-def prometheus_text(registry: CounterRegistry) -> str:
-    """The registry in the Prometheus text format (what an HTTP /metrics endpoint serves)."""
+def exposition_registry(registry: CounterRegistry) -> CollectorRegistry:
+    """A prometheus_client registry serving `registry` (and nothing else, unlike the global
+    default registry): pass it to `prometheus_client.start_http_server(port, addr,
+    registry=...)` or `make_wsgi_app(registry=...)` to serve /metrics."""
     exposition = CollectorRegistry(auto_describe=False)
     exposition.register(RegistryCollector(registry))
-    return generate_latest(exposition).decode("utf-8")
+    return exposition
+
+
+def prometheus_text(registry: CounterRegistry) -> str:
+    """The registry in the Prometheus text format (what an HTTP /metrics endpoint serves)."""
+    return generate_latest(exposition_registry(registry)).decode("utf-8")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -334,6 +334,33 @@ _ROW = attrgetter(
     "report",
     "above_target_s",
 )
+
+
+def applied(state: VmMemoryState, op: Operation | None) -> VmMemoryState:
+    """The VM as it will be once `op` completes: what to pass as its state while `op` is in
+    flight (and how a simulation carries an operation out)."""
+    if op is None:
+        return state
+    if op.vm != state.vm:
+        raise ValueError(f"operation for VM {op.vm!r} applied to VM {state.vm!r}")
+    if isinstance(op, Add):
+        return replace(
+            state,
+            visible_pages=state.visible_pages + op.hot_add,
+            assigned_pages=state.assigned_pages + op.pages,
+            ballooned_pages=state.ballooned_pages - op.unballoon,
+        )
+    return replace(
+        state,
+        assigned_pages=state.assigned_pages - op.pages,
+        ballooned_pages=state.ballooned_pages + op.pages,
+    )
+
+
+def host_after(host: HostMemory, operations: Sequence[Operation]) -> HostMemory:
+    """The free pool once `operations` complete (adds take from it, removes return to it)."""
+    delta = sum(-op.pages if isinstance(op, Add) else op.pages for op in operations)
+    return replace(host, free_pages=host.free_pages + delta)
 
 
 def decide(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import urllib.request
+
+from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyhv.counters import CounterRegistry, prometheus_text
+from pyhv.counters import CounterRegistry, exposition_registry, prometheus_text
 from pyhv.counters.dynmem import BALANCER, VM, DynamicMemoryCounters
 
 
@@ -66,3 +69,22 @@ def test_the_balancer_set_has_one_instance_and_no_label() -> None:
     avail = parsed["pyhv_dynamic_memory_balancer_available_memory_for_balancing_bytes"][2]
     assert list(avail.values()) == [-100 * 2**20]
     assert VM == "Hyper-V Dynamic Memory VM"
+
+
+def test_the_counters_are_served_over_http_for_prometheus_to_scrape() -> None:
+    registry = CounterRegistry()
+    DynamicMemoryCounters(registry).vm.set("Current Pressure", 120, "testvm")
+    server, thread = start_http_server(0, "127.0.0.1", registry=exposition_registry(registry))
+    try:
+        port = server.server_address[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+    parsed = families(text)
+    samples = parsed["pyhv_dynamic_memory_vm_current_pressure_percent"][2]
+    assert samples == {
+        ("pyhv_dynamic_memory_vm_current_pressure_percent", (("vm", "testvm"),)): 120
+    }
+    assert not any(name.startswith("python_") for name in parsed), "only our counters"

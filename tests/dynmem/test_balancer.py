@@ -17,8 +17,10 @@ from pyhv.dynmem.balancer import (
     StatusReport,
     VmMemoryState,
     VmTable,
+    applied,
     decide,
     decide_table,
+    host_after,
     pages_from_mib,
 )
 
@@ -298,3 +300,25 @@ def test_a_column_table_with_an_impossible_row_is_refused_naming_the_vm() -> Non
 def test_a_vm_given_twice_in_one_tick_is_refused() -> None:
     with pytest.raises(SettingsError, match="'a' appears twice"):
         decide(PLENTY, [vm("a"), vm("b"), vm("a")])
+
+
+def test_an_operation_in_flight_is_counted_as_done_unballooned_pages_leave_the_balloon() -> None:
+    state = vm(assigned=1000, ballooned=100, committed=1000)
+    (add,) = decide(PLENTY, [state]).operations
+    after = applied(state, add)
+    assert (after.visible_pages, after.assigned_pages, after.ballooned_pages) == (
+        1200 * MIB,
+        1200 * MIB,
+        0,
+    )
+    back = applied(after, Remove("vm1", 300 * MIB))
+    assert (back.visible_pages, back.assigned_pages, back.ballooned_pages) == (
+        1200 * MIB,
+        900 * MIB,
+        300 * MIB,
+    )
+    assert applied(state, None) is state
+    host = host_after(PLENTY, [add, Remove("b", 50 * MIB)])
+    assert host.free_pages == PLENTY.free_pages - 150 * MIB
+    with pytest.raises(ValueError, match="applied to VM 'vm1'"):
+        applied(state, Remove("other", 1))

@@ -7,15 +7,15 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from pyhv.dynmem.balancer import (
-    Add,
     BalancerConfig,
     Decision,
     HostMemory,
     MemorySettings,
-    Remove,
     StatusReport,
     VmMemoryState,
+    applied,
     decide,
+    host_after,
     pages_from_mib,
 )
 
@@ -37,27 +37,11 @@ def tick(
 ) -> tuple[HostMemory, list[VmMemoryState], Decision]:
     """One balancer tick whose operations complete before the next one."""
     d = decide(host, vms, config)
-    after = []
-    for state, timer in zip(vms, d.above_target_s, strict=True):
-        state = replace(state, above_target_s=timer)
-        op = d.operation_for(state.vm)
-        if isinstance(op, Add):
-            state = replace(
-                state,
-                visible_pages=state.visible_pages + op.hot_add,
-                assigned_pages=state.assigned_pages + op.pages,
-                ballooned_pages=state.ballooned_pages - op.unballoon,
-            )
-            host = replace(host, free_pages=host.free_pages - op.pages)
-        elif isinstance(op, Remove):
-            state = replace(
-                state,
-                assigned_pages=state.assigned_pages - op.pages,
-                ballooned_pages=state.ballooned_pages + op.pages,
-            )
-            host = replace(host, free_pages=host.free_pages + op.pages)
-        after.append(state)
-    return host, after, d
+    after = [
+        applied(replace(state, above_target_s=timer), d.operation_for(state.vm))
+        for state, timer in zip(vms, d.above_target_s, strict=True)
+    ]
+    return host_after(host, d.operations), after, d
 
 
 def simulate(

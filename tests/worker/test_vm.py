@@ -89,3 +89,11 @@ def test_a_worker_process_stops_its_vm_when_asked(test_guest: Build) -> None:
         w.stop()
         end = w.wait(30)
     assert end is not None and end.reason == "stopped"
+
+
+def test_code_that_kvm_cannot_run_is_reported_as_an_emulation_error(test_guest: Build) -> None:
+    with boot(test_guest("fetch_mmio")) as vm:
+        end = vm.wait(30)
+    assert end is not None and end.reason == "emulation_error", end
+    assert end.registers["rbx"] == 0x5EED
+    assert "KVM could not run VP 0" in end.describe() and end.exit_code == 4

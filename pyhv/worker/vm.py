@@ -246,7 +246,21 @@ def _end_from_event(vp: VirtualProcessor, event: VpEvent | None) -> VmEnd:
         )
     if event.error is not None and not isinstance(event.error, OSError):
         return VmEnd(WORKER_ERROR, vp=vp.index, registers=regs, detail=event.detail)
-    return VmEnd(EMULATION_ERROR, vp=vp.index, registers=regs, detail=event.detail)
+    detail = event.detail
+    suberror = getattr(event.exit, "suberror", None)
+    if suberror in _INTERNAL_ERRORS:
+        detail = f"{_INTERNAL_ERRORS[suberror]} ({detail})"
+    return VmEnd(EMULATION_ERROR, vp=vp.index, registers=regs, detail=detail)
+
+
+# KVM_INTERNAL_ERROR_* suberrors (include/uapi/linux/kvm.h), said in words.
+_INTERNAL_ERRORS = {
+    1: "the instruction emulator failed (e.g. code fetched from a GPA without RAM, or an "
+    "instruction it cannot emulate)",
+    2: "an exception occurred while delivering another one",
+    3: "an event could not be delivered",
+    4: "an unexpected exit reason",
+}
 
 
 def _register_dump(event: VpEvent) -> dict[str, int]:

@@ -8,6 +8,7 @@ the size for the type, and the range counts, and raises `DmDecodeError` saying w
 from __future__ import annotations
 
 import ctypes
+import struct
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -48,6 +49,7 @@ class MessageType(IntEnum):
     MEM_HOT_REMOVE_RESPONSE = 14
 
 
+_U64 = struct.Struct("<Q")
 INFO_TYPE_MAX_PAGE_CNT = 0
 #: Largest page count of one `dm_mem_page_range` (24 bits) and largest PFN (40 bits).
 MAX_RANGE_PAGES = (1 << 24) - 1
@@ -333,9 +335,9 @@ def decode(buf: bytes | bytearray | memoryview) -> Message:
                 f"{mtype.name} says range_count={count} but its size {size} holds "
                 f"{(size - fixed) / 8:g} ranges"
             )
+        # Same bits as DmMemPageRange, unpacked in one pass (a balloon response has 510).
         ranges = tuple(
-            PageRange(r.start_page, r.page_cnt)
-            for r in (DmMemPageRange.from_buffer_copy(data, off) for off in range(fixed, size, 8))
+            PageRange(v & MAX_PFN, v >> 40) for (v,) in _U64.iter_unpack(data[fixed:size])
         )
         return Message(mtype, body, ranges)
     if mtype is MessageType.INFO_MESSAGE:

@@ -222,21 +222,21 @@ class MemoryManager:
         """
         with self._lock:
             p = self._get(name)
-            batch = RangeSet()
-            pieces = []
+            batch = RangeSet()  # merges neighbours: one fallocate per contiguous run
             for r in ranges:
                 r = PageRange(*r)
-                pieces.extend(p._split(r))
+                p._split(r)  # refuses pages that are not RAM of the partition
                 if p.ballooned.overlaps(r.start, r.count) or batch.overlaps(r.start, r.count):
                     raise MemoryManagerError(
                         f"pages {r.start:#x}+{r.count} of {name} are already released: "
                         "a page is released once"
                     )
                 batch.add(r.start, r.count)
-            for reg, first, n in pieces:
-                punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
-                p.ballooned.add(reg.gpa // PAGE_SIZE + first, n)
-                self.free_pages += n
+            for run in batch:
+                for reg, first, n in p._split(run):
+                    punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
+                    p.ballooned.add(reg.gpa // PAGE_SIZE + first, n)
+                    self.free_pages += n
             self.released_pages += batch.pages
             return batch.pages
 

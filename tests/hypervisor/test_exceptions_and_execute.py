@@ -51,3 +51,23 @@ def test_exception_vectors_kvm_cannot_deliver_are_refused_clearly() -> None:
             p.intercepts.install_exception(14, lambda m: None)
         h = p.intercepts.install_exception(3, lambda m: None)
         h.uninstall()
+
+
+def test_a_debug_exception_intercept_single_steps_the_vp_until_uninstalled() -> None:
+    with guest("io_echo") as (p, vp, img):
+        steps: list[int] = []
+
+        def on_db(m) -> None:  # type: ignore[no-untyped-def]
+            steps.append(m.pc)
+            if len(steps) == 3:
+                handle.uninstall()
+
+        handle = p.intercepts.install_exception(1, on_db)
+        p.intercepts.install_io(0x10, 0x10, lambda m: 0, write=False)
+        run_until_power_off(p, vp)
+        # each #DB arrives after one instruction: mov $0x10,%dx (4 bytes), inb (1), ...
+        assert steps[:2] == [img.entry + 4, img.entry + 5]
+        # ... outb (2) exits to user space, and KVM reports no step for an instruction it
+        # completes after such an exit: the next one comes after inw (2)
+        assert steps[2] in (img.entry + 7, img.entry + 9)
+        assert p.counters["exception"]["count"] == 3

@@ -479,25 +479,25 @@ def _reclaim(c: VmTable, need: _I64, unmet: _I64, pressure: _F64) -> _I64:
         return take
 
     # The buffers did not cover it: the highest-weight needs are the ones the buffers paid for.
-    needy = [int(i) for i in np.lexsort((np.arange(n), -c.weight)) if unmet[i] > 0]
-    donors = [
-        int(i) for i in ascending if min(int(c.assigned[i]), int(need[i])) > int(c.minimum[i])
-    ]
-    spare = {i: min(int(c.assigned[i]), int(need[i])) - int(c.minimum[i]) for i in donors}
+    # Two pointers: needy VMs by descending weight, donors by ascending weight.
+    needy = np.flatnonzero(unmet > 0)
+    needy = needy[np.argsort(-c.weight[needy], kind="stable")]
+    demanded = np.minimum(c.assigned, need) - c.minimum
+    donors = ascending[demanded[ascending] > 0]
+    weight = c.weight.tolist()
+    spare = demanded[donors].tolist()
+    donor_ids = donors.tolist()
     paid = covered
     d = 0
-    for i in needy:
-        rest = int(unmet[i])
+    for i, rest in zip(needy.tolist(), unmet[needy].tolist(), strict=True):
         from_buffers = min(rest, paid)
         paid -= from_buffers
         rest -= from_buffers
-        while rest > 0 and d < len(donors) and c.weight[donors[d]] < c.weight[i]:
-            j = donors[d]
-            if j == i or spare[j] == 0:
-                d += 1
-                continue
-            got = min(rest, spare[j])
-            spare[j] -= got
-            take[j] += got
+        while rest > 0 and d < len(donor_ids) and weight[donor_ids[d]] < weight[i]:
+            got = min(rest, spare[d])
+            spare[d] -= got
+            take[donor_ids[d]] += got
             rest -= got
+            if spare[d] == 0:
+                d += 1
     return take

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -116,6 +116,16 @@ class StatusReport:
     available_pages: int = 0
 
 
+class Report(Protocol):
+    """Anything carrying a status report's numbers: StatusReport here, or the DM VSP's own."""
+
+    @property
+    def committed_pages(self) -> int: ...
+
+    @property
+    def available_pages(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class VmMemoryState:
     """One dynamic-memory VM as the balancer sees it at a tick.
@@ -131,7 +141,7 @@ class VmMemoryState:
     visible_pages: int
     assigned_pages: int
     ballooned_pages: int = 0
-    report: StatusReport | None = None
+    report: Report | None = None
     above_target_s: float = 0.0
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -322,3 +322,14 @@ def test_an_operation_in_flight_is_counted_as_done_unballooned_pages_leave_the_b
     assert host.free_pages == PLENTY.free_pages - 150 * MIB
     with pytest.raises(ValueError, match="applied to VM 'vm1'"):
         applied(state, Remove("other", 1))
+
+
+def test_the_dm_vsps_own_status_report_can_be_handed_to_the_balancer_as_is() -> None:
+    @dataclass(frozen=True)
+    class VspReport:  # shaped like pyhv.dynmem.vsp.StatusReport
+        committed_pages: int
+        available_pages: int
+        pressure: float | None
+
+    state = replace(vm(assigned=1000), report=VspReport(1000 * MIB, 0, 100.0))
+    assert decide(PLENTY, [state]).target_pages == (1200 * MIB,)

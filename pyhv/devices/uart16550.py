@@ -243,6 +243,7 @@ class Uart16550:
         if old & MSR_RI and not new & MSR_RI:
             delta |= MSR_TERI  # trailing edge of RI
         self._msr = new | delta
+        self._refill()  # leaving loopback reconnects the input
 
     def _receive_loopback(self, value: int) -> None:
         if len(self._rx) >= self._capacity():
@@ -254,6 +255,8 @@ class Uart16550:
         return FIFO_SIZE if self._fifo_enabled else 1
 
     def _refill(self) -> None:
+        if self.mcr & MCR_LOOP:
+            return  # loopback disconnects the serial input: host bytes wait in the backlog
         cap = self._capacity()
         while self._backlog and len(self._rx) < cap:
             self._rx.append(self._backlog.popleft())

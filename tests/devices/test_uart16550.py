@@ -125,6 +125,15 @@ def test_loopback_returns_transmitted_bytes_and_mirrors_modem_lines() -> None:
     assert not w.uart.read(u.LSR) & u.LSR_OE
 
 
+def test_loopback_disconnects_host_input_until_it_ends() -> None:
+    w = Wire()
+    w.uart.write(u.MCR, u.MCR_LOOP)
+    w.uart.feed(b"h")
+    assert not w.uart.read(u.LSR) & u.LSR_DR
+    w.uart.write(u.MCR, 0)
+    assert w.uart.read(u.RBR_THR_DLL) == ord("h")
+
+
 def test_line_status_interrupt_has_priority_over_received_data() -> None:
     w = Wire()
     w.uart.write(u.MCR, u.MCR_LOOP)

@@ -60,6 +60,19 @@ def test_the_guest_boots_to_its_shell_prompt_and_names_its_ram(guest_image: str)
     assert "256 MiB RAM" in banner
 
 
+def test_ram_beyond_3_gib_continues_above_the_apic_hole_and_the_guest_sees_all_of_it(
+    guest_image: str,
+) -> None:
+    with VirtualMachine(VmConfig.create(image=guest_image, memory="5G")) as vm:
+        vm.start()
+        vm.serial.read_until(PROMPT, 60)
+        assert [(r.gpa, r.size) for r in vm.partition.regions] == [  # type: ignore[union-attr]
+            (0, 3 << 30),
+            (4 << 30, 2 << 30),
+        ]
+        assert counters(vm)["visible"] == 5 * 1024
+
+
 def test_mem_shows_the_ram_the_worker_gave_the_guest(vm: VirtualMachine) -> None:
     c = counters(vm)
     assert c["visible"] == 512

@@ -78,7 +78,7 @@ def test_a_worker_process_runs_the_vm_and_reports_how_it_ended(test_guest: Build
         pid = w.pid
     assert end is not None and end.reason == "poweroff" and end.status == 7
     assert bytes(got) == b"hello from the test guest\n"
-    assert pid is not None and w._proc is not None and w._proc.returncode == 0
+    assert pid is not None and w.returncode == 0
 
 
 def test_a_worker_process_stops_its_vm_when_asked(test_guest: Build) -> None:

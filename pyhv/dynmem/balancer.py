@@ -19,7 +19,7 @@ The arithmetic runs on numpy columns so that a tick over 10 000 VMs stays in mil
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import NamedTuple, Protocol
@@ -302,22 +302,28 @@ class VmTable:
             empty = np.zeros(0, dtype=np.int64)
             e = empty
             return cls((), e, e, e, e, e, e, e, e, np.zeros(0, dtype=np.float64))
-        # Column extraction in C (attrgetter with dotted names + zip): the per-VM Python work
-        # here dominates a tick, so there is just one Python-level pass (the reports).
-        ids, minimum, maximum, buffer, weight, visible, assigned, ballooned, reports, timers = zip(
-            *map(_ROW, vms), strict=True
-        )
+        # One C-level pass per column (attrgetter + fromiter): no per-VM tuples are built, so
+        # the garbage collector is not woken up by thousands of new containers.
+        n = len(vms)
+        settings = list(map(_SETTINGS, vms))
+        reports = map(_REPORT, vms)
+
+        def ints(getter: attrgetter[int], objects: Iterable[object]) -> _I64:
+            return np.fromiter(map(getter, objects), dtype=np.int64, count=n)
+
         return cls(
-            vm_ids=ids,
-            minimum=np.array(minimum, dtype=np.int64),
-            maximum=np.array(maximum, dtype=np.int64),
-            buffer=np.array(buffer, dtype=np.int64),
-            weight=np.array(weight, dtype=np.int64),
-            visible=np.array(visible, dtype=np.int64),
-            assigned=np.array(assigned, dtype=np.int64),
-            ballooned=np.array(ballooned, dtype=np.int64),
-            committed=np.array([-1 if r is None else r.committed_pages for r in reports], np.int64),
-            above_target_s=np.array(timers, dtype=np.float64),
+            vm_ids=tuple(map(_VM, vms)),
+            minimum=ints(_MINIMUM, settings),
+            maximum=ints(_MAXIMUM, settings),
+            buffer=ints(_BUFFER, settings),
+            weight=ints(_WEIGHT, settings),
+            visible=ints(_VISIBLE, vms),
+            assigned=ints(_ASSIGNED, vms),
+            ballooned=ints(_BALLOONED, vms),
+            committed=np.fromiter(
+                (-1 if r is None else r.committed_pages for r in reports), np.int64, count=n
+            ),
+            above_target_s=np.fromiter(map(_TIMER, vms), dtype=np.float64, count=n),
         )
 
 
@@ -332,18 +338,17 @@ _TABLE_COLUMNS = (
     "committed",
     "above_target_s",
 )
-_ROW = attrgetter(
-    "vm",
-    "settings.minimum_pages",
-    "settings.maximum_pages",
-    "settings.buffer_percent",
-    "settings.weight",
-    "visible_pages",
-    "assigned_pages",
-    "ballooned_pages",
-    "report",
-    "above_target_s",
-)
+_VM = attrgetter("vm")
+_SETTINGS = attrgetter("settings")
+_REPORT = attrgetter("report")
+_TIMER = attrgetter("above_target_s")
+_MINIMUM = attrgetter("minimum_pages")
+_MAXIMUM = attrgetter("maximum_pages")
+_BUFFER = attrgetter("buffer_percent")
+_WEIGHT = attrgetter("weight")
+_VISIBLE = attrgetter("visible_pages")
+_ASSIGNED = attrgetter("assigned_pages")
+_BALLOONED = attrgetter("ballooned_pages")
 
 
 def applied(state: VmMemoryState, op: Operation | None) -> VmMemoryState:

@@ -97,3 +97,17 @@ def test_code_that_kvm_cannot_run_is_reported_as_an_emulation_error(test_guest: 
     assert end is not None and end.reason == "emulation_error", end
     assert end.registers["rbx"] == 0x5EED
     assert "KVM could not run VP 0" in end.describe() and end.exit_code == 4
+
+
+def test_a_worker_process_that_dies_is_reported_and_harms_no_one_else(test_guest: Build) -> None:
+    import os
+    import signal
+
+    with WorkerProcess(VmConfig.create(image=test_guest("halt_loop"), memory="32M")) as w:
+        w.start()
+        w.serial.read_until(b"idle\n", 60)
+        assert w.pid is not None
+        os.kill(w.pid, signal.SIGKILL)
+        end = w.wait(30)
+    assert end is not None and end.reason == "worker_error"
+    assert "exited (code -9) without a report" in end.detail

@@ -21,7 +21,7 @@ from enum import Enum, auto
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
 from pyhv.memory.ranges import PageRange, RangeError, RangeSet
-from pyhv.vmbus.vsp import Vsp, VspError
+from pyhv.vmbus.vsp import Vsp, VspError, serialized
 
 #: Ranges per host message: hdr + 8 + 8*n <= 4096 (as the guest packs its responses).
 MAX_RANGES_PER_MESSAGE = (p.MAX_MESSAGE - ctypes.sizeof(p.DmUnballoonRequest)) // 8
@@ -126,6 +126,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         if self.state is not DmState.IDLE:
             raise VspError(f"{what} needs the VSP idle; it is in {self.state.name}: wait")
 
+    @serialized
     def balloon(self, pages: int) -> None:
         """Ask the guest to give back `pages` pages (DM_BALLOON_REQUEST)."""
         self._require_idle("balloon")
@@ -142,6 +143,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         )
         self._to(DmState.BALLOON_WAIT, f"balloon {pages} pages")
 
+    @serialized
     def unballoon(self, ranges: Iterable[PageRange | tuple[int, int]]) -> None:
         """Give ballooned pages back to the guest (DM_UNBALLOON_REQUEST, several if needed).
         Reclaim them from the memory manager first."""
@@ -172,6 +174,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self._unballooning = pieces
         self._to(DmState.UNBALLOON_WAIT, f"unballoon {check.pages} pages in {len(chunks)} messages")
 
+    @serialized
     def hot_add(self, range_: PageRange, region: PageRange | None = None) -> None:
         """Ask the guest to add `range_` pages (in `region`, if given) - mapped beforehand."""
         self._require_idle("hot-add")
@@ -195,6 +198,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self._hot_add = range_
         self._to(DmState.HOT_ADD_WAIT, f"hot-add {range_.count} pages at {range_.start:#x}")
 
+    @serialized
     def send_info_max_page_count(self, pages: int) -> None:
         """DM_INFO_MESSAGE with the maximum dynamic page count (protocol 1.0 and later)."""
         if self.version is None or self.version < p.Version.WIN8:
@@ -205,6 +209,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         )
         self.counters["info_sent"] += 1
 
+    @serialized
     def timeout(self) -> None:
         """The guest did not answer the current transaction in time: give up on it."""
         if self.state in (DmState.BALLOON_WAIT, DmState.UNBALLOON_WAIT, DmState.HOT_ADD_WAIT):
@@ -213,6 +218,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
 
     # -- guest messages --------------------------------------------------------------------------
 
+    @serialized
     def on_message(self, payload: bytes, trans_id: int) -> None:
         try:
             msg = p.decode(payload)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from enum import Enum, auto
 
@@ -63,6 +64,9 @@ class Channel:
         self.close_reason: str | None = None
         self.doorbells = 0
         self.doorbell_fd: int | None = None
+        # Guards the rings against a close from another thread. Never held while calling out
+        # (on_packet, on_writable, close listeners), so callers may hold their own locks.
+        self._lock = threading.Lock()
 
     def try_send(
         self,
@@ -73,22 +77,29 @@ class Channel:
         flags: int = 0,
     ) -> bool:
         """Write one packet for the guest; False if the ring is full (retry on a doorbell)."""
-        if self.state is not ChannelState.OPEN:
-            return False
-        try:
-            return self.writer.try_write(payload, trans_id, ptype=ptype, flags=flags)
-        except RingCorrupt as e:
-            self.close(str(e))
-            return False
+        with self._lock:
+            if self.state is not ChannelState.OPEN:
+                return False
+            try:
+                return self.writer.try_write(payload, trans_id, ptype=ptype, flags=flags)
+            except RingCorrupt as e:
+                why = str(e)
+        self.close(why)
+        return False
 
     def poll(self, limit: int = 256) -> int:
         """Read and dispatch the packets the guest has written; returns how many."""
-        if self.state is not ChannelState.OPEN:
-            return 0
-        try:
-            packets = self.reader.read_packets(limit)
-        except RingCorrupt as e:
-            self.close(str(e))
+        corrupt: RingCorrupt | None = None
+        packets: list[Packet] = []
+        with self._lock:
+            if self.state is not ChannelState.OPEN:
+                return 0
+            try:
+                packets = self.reader.read_packets(limit)
+            except RingCorrupt as e:
+                corrupt = e
+        if corrupt is not None:
+            self.close(str(corrupt))
             return 0
         if self.on_packet is not None:
             for pkt in packets:
@@ -118,12 +129,13 @@ class Channel:
         return self.doorbell()
 
     def close(self, why: str = "closed by the host") -> None:
-        if self.state is ChannelState.CLOSED:
-            return
-        self.state = ChannelState.CLOSED
-        self.close_reason = why
+        with self._lock:
+            if self.state is ChannelState.CLOSED:
+                return
+            self.state = ChannelState.CLOSED
+            self.close_reason = why
+            self.reader.release()
+            self.writer.release()
         log.info("channel %d closed: %s", self.relid, why)
-        self.reader.release()
-        self.writer.release()
         for listener in list(self.close_listeners):
             listener(why)

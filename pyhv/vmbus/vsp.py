@@ -7,17 +7,35 @@ through `on_packet` (or `on_message`) and read `state`, `counters` and `history`
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from enum import Enum
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from pyhv.vmbus.channel import Channel
 from pyhv.vmbus.packet import Packet, PacketType
 
 S = TypeVar("S", bound=Enum)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def serialized(method: F) -> F:
+    """Run a VSP method under the VSP's lock: guest messages (doorbell thread) and host
+    requests (VMMS or VP threads) change one state machine, one at a time. The lock order is
+    VSP, then channel: a channel never calls out while holding its own lock."""
+
+    @functools.wraps(method)
+    def wrapper(self: Vsp[Any], *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return cast(F, wrapper)
 
 
 class Transition(NamedTuple):
@@ -62,6 +80,7 @@ class Vsp(Generic[S]):
         self._bad_in_a_row = 0
         self.stop_reason: str | None = None
         self._channel: Channel | None = None
+        self.lock = threading.RLock()
 
     @property
     def state(self) -> S:
@@ -103,6 +122,7 @@ class Vsp(Generic[S]):
         self.counters["accepted"] += 1
         self._bad_in_a_row = 0
 
+    @serialized
     def stop(self, why: str) -> None:
         """Stop serving the channel (the guest is broken or the channel is going away)."""
         if self._state is self.STOPPED:
@@ -119,12 +139,14 @@ class Vsp(Generic[S]):
     def stopped(self) -> bool:
         return self._state is self.STOPPED
 
+    @serialized
     def post(self, payload: bytes) -> None:
         """Queue a message for the guest and write what the ring has room for."""
         self._outbox.append(payload)
         self.counters["queued"] += 1
         self.flush()
 
+    @serialized
     def flush(self) -> int:
         """Write queued messages until the ring is full; returns how many were written."""
         n = 0
@@ -141,6 +163,7 @@ class Vsp(Generic[S]):
     def outbox_len(self) -> int:
         return len(self._outbox)
 
+    @serialized
     def on_packet(self, packet: Packet) -> None:
         """Entry point from the channel: one packet read from the guest->host ring."""
         self.counters["packets"] += 1

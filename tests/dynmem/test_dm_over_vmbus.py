@@ -25,8 +25,9 @@ class World:
         self.ram = memoryview(self.region.mm)
         for off in range(0, 32 * MiB, PAGE_SIZE):  # the guest has touched all its RAM
             self.ram[off] = 1
-        self.mm = MemoryManager(64 * MiB)
-        self.mm.add_partition("vm", [self.region])
+        self.mm = MemoryManager(256 * MiB)
+        self.added: list[MemfdRegion] = []
+        self.mm.add_partition("vm", [self.region], self.map_region)
         self.vsp = DynamicMemoryVsp(
             RangeSet([(0, 32 * MiB // PAGE_SIZE)]),
             assigned_pages=lambda: self.mm.partitions["vm"].assigned_pages,
@@ -46,6 +47,10 @@ class World:
                      (Reg.RING_PAGES, 8), (Reg.DOWNSTREAM_PAGES, 4), (Reg.VECTOR, 0x40),
                      (Reg.COMMAND, Command.OPEN)]:  # fmt: skip
             self.ctl.io_write(r, v)
+
+    def map_region(self, gpa: int, size: int) -> MemfdRegion:
+        self.added.append(MemfdRegion(gpa, size))  # the worker adds a memory slot here
+        return self.added[-1]
 
     def send(self, mtype: T, body: object, **kw: object) -> None:
         self.out.write(p.encode(mtype, body, **kw))  # type: ignore[arg-type]
@@ -89,3 +94,28 @@ def test_a_balloon_request_returns_the_guests_pages_to_the_free_pool() -> None:
     w.send(T.UNBALLOON_RESPONSE, p.DmUnballoonResponse())
     assert w.vsp.ballooned.pages == 512 and w.vsp.state is DmState.IDLE
     os.close(w.region.memfd)
+
+
+def test_memory_beyond_the_balloon_comes_from_the_pool_by_hot_add() -> None:
+    w = World()
+    w.send(T.VERSION_REQUEST, p.DmVersionRequest(version=p.Version.WIN10), trans_id=1)
+    w.send(T.CAPABILITIES_REPORT, p.DmCapabilities(balloon=1, hot_add=1, hot_add_alignment=7))
+    w.receive(), w.receive()
+    free = w.mm.free_pages
+    region = w.mm.hot_add("vm", 32768)  # 128 MiB at the first 128 MiB boundary above RAM
+    first = region.gpa // PAGE_SIZE
+    w.vsp.hot_add(PageRange(first, 32768), PageRange(first, 32768))
+    req = w.receive()
+    assert req.type is T.MEM_HOT_ADD_REQUEST and req.body.range.start_page == first
+    w.send(T.MEM_HOT_ADD_RESPONSE, p.DmHotAddResponse(page_count=32768, result=1))
+    part = w.mm.partitions["vm"]
+    assert w.mm.free_pages == free - 32768
+    assert part.visible_pages == 8192 + 32768 and part.assigned_pages == 8192 + 32768
+    assert w.vsp.ram.contains(first, 32768) and w.vsp.state is DmState.IDLE
+    # the hot-added pages can be ballooned like any other RAM
+    w.vsp.balloon(512)
+    w.receive()
+    w.send(T.BALLOON_RESPONSE, p.DmBalloonResponse(), ranges=[PageRange(first, 512)])
+    assert part.ballooned.pages == 512
+    for r in [w.region, *w.added]:
+        os.close(r.memfd)

@@ -335,3 +335,19 @@ def test_hostile_guest_messages_never_crash_the_vsp(msgs: list[bytes], start_idl
         assert h.vsp.stopped or after > before  # every message is judged: accepted or refused
     b = h.vsp.ballooned
     assert all(h.vsp.ram.contains(*r) for r in b)
+
+
+def test_every_transition_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="pyhv.vsp")
+    h = Host()
+    h.connect()
+    h.vsp.balloon(10)
+    assert h.vsp.counters["IDLE->BALLOON_WAIT"] == 1 and h.vsp.counters["transitions"] == 3
+    assert h.vsp.history[-1].why == "balloon 10 pages"
+    assert "IDLE -> BALLOON_WAIT: balloon 10 pages" in caplog.text
+
+
+def test_an_undeclared_transition_is_a_host_bug() -> None:
+    h = Host()
+    with pytest.raises(VspError, match="no transition VERSION -> IDLE"):
+        h.vsp._to(DmState.IDLE, "skipping negotiation")

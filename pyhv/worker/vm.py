@@ -58,6 +58,12 @@ class VirtualMachine:
         from pyhv.hypervisor import Partition  # lazy: keeps `pyhv --help` fast
 
         cfg = self.config
+        size = cfg.image.stat().st_size
+        if size > cfg.memory:
+            raise boot.ImageError(
+                f"{cfg.image.name} is {size} bytes, more than the VM's {cfg.memory} bytes of RAM: "
+                "it cannot be a guest image for this VM"
+            )
         image_bytes = cfg.image.read_bytes()
         p = Partition(name=cfg.name)
         self.partition = p

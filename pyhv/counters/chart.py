@@ -3,6 +3,7 @@ no display needed)."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +13,7 @@ matplotlib.use("Agg")  # before pyplot: charts are files, never windows
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pyhv.counters.csvlog import Sample  # noqa: E402
+from pyhv.counters.csvlog import Sample, read_csv  # noqa: E402
 
 # Perfmon-like: saturated, distinct colours on white, in the order series are added.
 PALETTE = ("#ff0000", "#0000ff", "#00a000", "#ff00ff", "#00a0a0", "#a0a000", "#000000", "#ff8000")
@@ -62,3 +63,25 @@ def draw_chart(
     finally:
         plt.close(fig)
     return used
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pyhv.counters.chart LOG.csv OUT.png [--counter PATH]... [--y-max N]`:
+    chart a CsvLog (every column when no --counter is given)."""
+    parser = argparse.ArgumentParser(prog="python -m pyhv.counters.chart", description=main.__doc__)
+    parser.add_argument("log", type=Path, help="a counter log written by CsvLog")
+    parser.add_argument("png", type=Path, help="the chart to write")
+    parser.add_argument("--counter", action="append", default=[], help="a Perfmon path to draw")
+    parser.add_argument("--y-max", type=float, default=None, help="top of the vertical scale")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    samples = read_csv(args.log)
+    counters = args.counter or sorted({path for s in samples for path in s.values})
+    missing = [c for c in counters if not any(c in s.values for s in samples)]
+    if missing:
+        parser.error(f"{args.log} has no column {missing[0]!r}")
+    draw_chart(samples, counters, args.png, title=args.title, y_max=args.y_max)
+
+
+if __name__ == "__main__":
+    main()

@@ -51,3 +51,19 @@ def test_a_chart_of_visible_and_physical_memory_draws_each_series_in_its_colour(
 def test_a_chart_without_counters_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one counter"):
         draw_chart([], [], tmp_path / "x.png")
+
+
+def test_a_counter_log_is_charted_from_the_command_line(tmp_path: Path) -> None:
+    from pyhv.counters import CounterDef, CounterRegistry, CounterSetDef, CsvLog
+    from pyhv.counters.chart import main
+
+    registry = CounterRegistry()
+    s = registry.register(CounterSetDef("Set", (CounterDef("Value", "v"),), None))
+    log = CsvLog(tmp_path / "log.csv", registry)
+    for t in range(30):
+        s.set("Value", t % 7)
+        log.sample(float(t))
+    main([str(tmp_path / "log.csv"), str(tmp_path / "out.png"), "--counter", "\\Set\\Value"])
+    assert pixels_of(tmp_path / "out.png", "#ff0000") > 100
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "log.csv"), str(tmp_path / "x.png"), "--counter", "\\Set\\Nope"])

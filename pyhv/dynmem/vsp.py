@@ -47,7 +47,10 @@ _TRANSITIONS: dict[Enum, frozenset[Enum]] = {
     _S.BALLOON_WAIT: frozenset({_S.IDLE}),
     _S.UNBALLOON_WAIT: frozenset({_S.IDLE}),
     _S.HOT_ADD_WAIT: frozenset({_S.IDLE}),
+    _S.STOPPED: frozenset({_S.VERSION}),
 }
+# A reopened channel (guest reboot) starts over from any state.
+_TRANSITIONS = {k: v | {_S.VERSION} for k, v in _TRANSITIONS.items()}
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         on_unballoon_done: Callable[[list[PageRange]], object] = _noop,
         on_hot_add_done: Callable[[PageRange, int, bool], object] = _noop,
         on_stop: Callable[[str], object] | None = None,
+        on_reset: Callable[[list[PageRange]], object] = _noop,
         name: str = "dynmem",
     ) -> None:
         super().__init__(name, DmState.VERSION, send, on_stop)
@@ -110,11 +114,39 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self._on_balloon_done = on_balloon_done
         self._on_unballoon_done = on_unballoon_done
         self._on_hot_add_done = on_hot_add_done
+        self._on_reset = on_reset
         self._trans_id = 0
         self._balloon_asked = 0
         self._balloon_got = 0
         self._unballooning: list[PageRange] = []
         self._hot_add: PageRange | None = None
+
+    def on_bind(self, channel: object) -> None:
+        if self.state is not DmState.VERSION or self.ballooned.pages:
+            self.reset("a new channel: the guest starts over")
+
+    @serialized
+    def reset(self, why: str) -> list[PageRange]:
+        """Start over (guest reboot, reopened channel). The guest's balloon is gone: the ranges
+        it held go to `on_reset` (and are returned) so the host reclaims them. Hot-added memory
+        stays in `ram`: the guest keeps using it until the partition restarts (as Hyper-V)."""
+        for r in self._unballooning:  # already reclaimed by the host when it asked
+            self.ballooned.remove(*r)
+        held = list(self.ballooned)
+        self.ballooned = RangeSet()
+        self.hot_add_disabled = False
+        self.version = None
+        self.caps = None
+        self._outbox.clear()
+        self._bad_in_a_row = 0
+        self.stop_reason = None
+        self._unballooning, self._hot_add = [], None
+        self._balloon_asked = self._balloon_got = 0
+        self.counters["resets"] += 1
+        if self.state is not DmState.VERSION:
+            self._to(DmState.VERSION, why)
+        self._on_reset(held)
+        return held
 
     # -- host requests -------------------------------------------------------------------------
 

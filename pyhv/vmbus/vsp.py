@@ -91,14 +91,25 @@ class Vsp(Generic[S]):
         self._send = send
         self.flush()
 
+    @serialized
     def bind(self, channel: Channel) -> None:
         """Serve an open channel: its packets come here, our messages go to its ring, and a
-        closed channel stops the VSP (a stopped VSP closes its channel)."""
+        closed channel stops the VSP (a stopped VSP closes its channel). Binding a new channel
+        (the guest reopened the offer, e.g. after a reboot) calls `on_bind` first."""
+        self.on_bind(channel)
         self._channel = channel
         channel.on_packet = self.on_packet
         channel.on_writable = self.flush
-        channel.close_listeners.append(lambda why: self.stop(f"channel closed: {why}"))
+
+        def closed(why: str) -> None:
+            if self._channel is channel:  # an old channel closing late stops nothing
+                self.stop(f"channel closed: {why}")
+
+        channel.close_listeners.append(closed)
         self.attach(lambda payload: channel.try_send(payload))
+
+    def on_bind(self, channel: Channel) -> None:
+        """Hook: start the protocol over for a new channel."""
 
     def _to(self, new: S, why: str) -> None:
         old = self._state

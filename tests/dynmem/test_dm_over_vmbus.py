@@ -32,12 +32,16 @@ class World:
             RangeSet([(0, 32 * MiB // PAGE_SIZE)]),
             assigned_pages=lambda: self.mm.partitions["vm"].assigned_pages,
             on_ballooned=lambda rs: self.mm.release("vm", rs),
+            on_reset=lambda rs: self.mm.reclaim("vm", rs),
         )
         self.ctl = VmbusController(
             lambda gpa, size: self.ram[gpa : gpa + size], lambda vector: lambda: None
         )
         self.ctl.offer(p.DM_GUID, self.vsp.bind)
-        # the guest opens the channel: 4 pages per direction at RING_GPA
+        self.open()
+
+    def open(self) -> None:
+        """The guest opens the channel: 4 pages per direction at RING_GPA."""
         self.ram[RING_GPA : RING_GPA + 8 * PAGE_SIZE] = bytes(8 * PAGE_SIZE)
         self.out = GuestRing(self.ram[RING_GPA : RING_GPA + 4 * PAGE_SIZE], init=True)
         self.inb = GuestRing(
@@ -47,6 +51,7 @@ class World:
                      (Reg.RING_PAGES, 8), (Reg.DOWNSTREAM_PAGES, 4), (Reg.VECTOR, 0x40),
                      (Reg.COMMAND, Command.OPEN)]:  # fmt: skip
             self.ctl.io_write(r, v)
+        assert self.ctl.io_read(Reg.STATUS) == 0
 
     def map_region(self, gpa: int, size: int) -> MemfdRegion:
         self.added.append(MemfdRegion(gpa, size))  # the worker adds a memory slot here
@@ -119,3 +124,22 @@ def test_memory_beyond_the_balloon_comes_from_the_pool_by_hot_add() -> None:
     assert part.ballooned.pages == 512
     for r in [w.region, *w.added]:
         os.close(r.memfd)
+
+
+def test_a_guest_that_reopens_the_channel_starts_over_and_its_balloon_comes_back() -> None:
+    w = World()
+    w.send(T.VERSION_REQUEST, p.DmVersionRequest(version=p.Version.WIN10), trans_id=1)
+    w.send(T.CAPABILITIES_REPORT, p.DmCapabilities(balloon=1))
+    w.receive(), w.receive()
+    w.vsp.balloon(100)
+    w.receive()
+    w.send(T.BALLOON_RESPONSE, p.DmBalloonResponse(), ranges=[PageRange(0x1C00, 100)])
+    free = w.mm.free_pages
+    w.ctl.io_write(Reg.COMMAND, Command.CLOSE)  # the guest reboots
+    assert w.vsp.state is DmState.STOPPED
+    w.open()
+    assert w.vsp.state is DmState.VERSION and w.vsp.ballooned.pages == 0
+    assert w.mm.partitions["vm"].ballooned.pages == 0 and w.mm.free_pages == free - 100
+    w.send(T.VERSION_REQUEST, p.DmVersionRequest(version=p.Version.WIN8), trans_id=2)
+    assert w.receive().body.is_accepted == 1 and w.vsp.state is DmState.CAPS
+    os.close(w.region.memfd)

@@ -351,3 +351,16 @@ def test_an_undeclared_transition_is_a_host_bug() -> None:
     h = Host()
     with pytest.raises(VspError, match="no transition VERSION -> IDLE"):
         h.vsp._to(DmState.IDLE, "skipping negotiation")
+
+
+def test_a_reset_hands_back_the_balloon_except_pages_already_being_unballooned() -> None:
+    h = Host()
+    h.connect()
+    h.vsp.balloon(300)
+    h.guest(T.BALLOON_RESPONSE, p.DmBalloonResponse(), ranges=[PageRange(0x100, 300)])
+    h.vsp.unballoon([PageRange(0x100, 100)])  # the host reclaimed these already
+    held = h.vsp.reset("guest rebooted")
+    assert held == [PageRange(0x200, 200)]
+    assert h.vsp.state is DmState.VERSION and h.vsp.caps is None and h.vsp.ballooned.pages == 0
+    h.connect(p.Version.WIN7)
+    assert h.vsp.state is DmState.IDLE

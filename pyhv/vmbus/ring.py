@@ -110,6 +110,8 @@ class _Ring:
         self.size = len(self._data)
         self._signal = _notifier(signal)
         self.signals = 0
+        #: Bad index values seen in the control page.
+        self.bad_indices = 0
 
     def release(self) -> None:
         """Drop the references into guest memory (so the mapping can be unmapped)."""
@@ -118,6 +120,8 @@ class _Ring:
         self._mem.release()
 
     def _check_index(self, name: str, value: int) -> int:
+        if value >= self.size or value & 7:
+            self.bad_indices += 1
         if value >= self.size:
             raise RingCorrupt(name, value, f"beyond the data area of {self.size:#x} bytes")
         if value & 7:

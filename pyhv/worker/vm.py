@@ -189,9 +189,9 @@ class VirtualMachine:
                 self.uart.io_write(offset, size, msg.value)
             return None
         if msg.count > 1:
-            count = min(msg.count, 4096)
+            # REP INS: KVM bounds count x size by its I/O page (4 KiB).
             return b"".join(
-                self.uart.io_read(offset, size).to_bytes(size, "little") for _ in range(count)
+                self.uart.io_read(offset, size).to_bytes(size, "little") for _ in range(msg.count)
             )
         return self.uart.io_read(offset, size)
 

@@ -111,3 +111,12 @@ def test_a_worker_process_that_dies_is_reported_and_harms_no_one_else(test_guest
         end = w.wait(30)
     assert end is not None and end.reason == "worker_error"
     assert "exited (code -9) without a report" in end.detail
+
+
+def test_string_port_io_moves_whole_buffers_through_the_uart(test_guest: Build) -> None:
+    with boot(test_guest("rep_string_io")) as vm:
+        vm.serial.read_until(b"rep outsb works\n", 30)
+        vm.send(b"Zing")
+        end = vm.wait(30)
+    assert end is not None and end.reason == "poweroff" and end.status == ord("Z")
+    assert vm.serial.text == "rep outsb works\nZing"

@@ -314,14 +314,16 @@ void pmm_init(u64 free_from)
         u64 end = e->size > MAX_PHYS - e->base ? MAX_PHYS : (e->base + e->size) & ~(PAGE_SIZE - 1);
         if (end <= base)
             continue;
-        u64 split_at = base > free_from ? base : end < free_from ? end : free_from;
-        if (split_at > base) { /* RAM under the image and boot structures: in use by the kernel */
-            u64 kernel = (split_at - base) / PAGE_SIZE;
-            n_visible += kernel;
-            n_committed += kernel;
-        }
-        if (end > split_at && add_ram(split_at / PAGE_SIZE, (end - split_at) / PAGE_SIZE))
+        if (add_ram(base / PAGE_SIZE, (end - base) / PAGE_SIZE)) {
             printf("pmm: memory map entry %u [%lx, %lx) overlaps another: ignored\n", i, base, end);
+            continue;
+        }
+        /* RAM under the image and boot structures is the kernel's: allocated and committed */
+        u64 kernel_end = end < free_from ? end : free_from;
+        if (kernel_end > base) {
+            change(base / PAGE_SIZE, (kernel_end - base) / PAGE_SIZE, FREE, ALLOC);
+            n_committed += (kernel_end - base) / PAGE_SIZE;
+        }
     }
 }
 
@@ -362,6 +364,10 @@ static u64 take_run(u64 want, u64 *pfn)
     b = find_first(partial_bm, &partial_hint);
     if (b >= 0) {
         struct split *s = split_get((u64)b);
+        if (!s) { /* cannot happen: partial_bm marks split blocks only; do not trust it blindly */
+            clear1(partial_bm, (u64)b);
+            return 0;
+        }
         u64 w = 0;
         while (!s->free[w])
             w++;

@@ -276,7 +276,13 @@ def _build_click() -> Any:
     @click.option("--process", is_flag=True, help="run the VM in its own worker process")
     @click.option("--timeout", default=300.0, show_default=True, help="seconds to wait per prompt")
     def run(script: Any, **kw: Any) -> None:
-        call(run_vm, script=script.read() if script is not None else None, **kw)
+        text = None
+        if script is not None:
+            try:
+                text = script.read()
+            except UnicodeDecodeError as e:
+                raise click.BadParameter(f"{script.name} is not UTF-8 text: {e}") from None
+        call(run_vm, script=text, **kw)
 
     @group.command()
     @click.option("--memory", "-m", default="512M", show_default=True, help="guest RAM")

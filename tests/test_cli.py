@@ -59,6 +59,13 @@ def test_a_bad_vp_count_is_refused() -> None:
     assert code == 2 and "VP count 0 is out of range" in out
 
 
+def test_a_script_that_is_not_text_is_refused(tmp_path: Path) -> None:
+    script = tmp_path / "session.bin"
+    script.write_bytes(b"\xff\xfe\x00mem")
+    code, out = invoke("run", "--script", str(script), "--image", __file__)
+    assert code == 2 and "is not UTF-8 text" in out
+
+
 def test_a_missing_image_is_named_in_the_message() -> None:
     code, out = invoke("run", "--image", "/nonexistent/guest.elf")
     assert code != 0 and "'/nonexistent/guest.elf' does not exist" in out

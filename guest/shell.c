@@ -8,7 +8,7 @@
 static char line[LINE_MAX];
 static u32 len;
 static int last_cr;
-static struct pmm_range balloon_ranges[DEBUG_RANGES]; /* held by the `balloon` debug command */
+static struct pmm_range balloon_ranges[DEBUG_RANGES] __attribute__((section(".bss.noinit"))); /* `balloon` holds */
 static u32 balloon_nranges;
 
 static void prompt(void) { puts("pyhv> "); }

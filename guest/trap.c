@@ -8,7 +8,7 @@ struct idt_entry {
     u32 off2, zero;
 } __attribute__((packed));
 
-static struct idt_entry idt[256] __attribute__((aligned(16)));
+static struct idt_entry idt[256] __attribute__((section(".bss.noinit"), aligned(16))); /* all set in trap_init */
 static u32 tss[26] __attribute__((aligned(16)));
 extern const u64 stub_table[256];
 extern u64 tss_desc[2];

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.guest.conftest import Shell
+from tests.guest.shell import Shell
 
 pytestmark = pytest.mark.kvm
 

@@ -21,6 +21,7 @@ static u64 ram_bm[NWORDS];     /* block holds RAM known to the pmm (whole or spl
 static u64 free_bm[NWORDS];    /* whole block, free */
 static u64 balloon_bm[NWORDS]; /* whole block, ballooned */
 static u64 partial_bm[NWORDS]; /* split block with at least one free page */
+static u64 split_bm[NWORDS];   /* block has a split descriptor */
 static u64 free_hint, partial_hint; /* lowest words of free_bm / partial_bm that may be non-zero */
 
 struct split {
@@ -130,6 +131,7 @@ static struct split *split_make(u64 b)
     }
     clear1(balloon_bm, b);
     set1(ram_bm, b, NULL);
+    set1(split_bm, b, NULL);
     split_of[b] = (u16)i;
     return s;
 }
@@ -150,6 +152,7 @@ static void split_maybe_merge(struct split *s)
     else
         return;
     s->in_use = 0;
+    clear1(split_bm, b);
     split_stack[split_nstack++] = (u16)(s - splits);
     clear1(partial_bm, b);
     if (st == FREE) {
@@ -179,12 +182,31 @@ static int split_pages_in_state(const struct split *s, u64 from, u64 to, int st)
 
 /* Move pages [pfn, pfn + n) from state `from` to state `to`. Checks the whole range first and
  * changes nothing if any page is not RAM or not in `from`. */
+/* 64 whole, unsplit RAM blocks (one bitmap word) all in state st */
+static int word_in_state(u64 w, int st)
+{
+    if (ram_bm[w] != ~0UL || split_bm[w])
+        return 0;
+    if (st == FREE)
+        return free_bm[w] == ~0UL;
+    if (st == BALLOON)
+        return balloon_bm[w] == ~0UL;
+    return !free_bm[w] && !balloon_bm[w];
+}
+
+/* [p, end) starts on a 64-block boundary and covers the next 64 blocks whole */
+static int covers_word(u64 p, u64 end) { return p % (64 * BLOCK_PAGES) == 0 && end - p >= 64 * BLOCK_PAGES; }
+
 static int change(u64 pfn, u64 n, int from, int to)
 {
     if (n == 0 || pfn >= MAX_PHYS / PAGE_SIZE || n > MAX_PHYS / PAGE_SIZE - pfn)
         return -1;
     u64 end = pfn + n, need_splits = 0;
     for (u64 p = pfn; p < end;) {
+        if (covers_word(p, end) && word_in_state(p / BLOCK_PAGES / 64, from)) {
+            p += 64 * BLOCK_PAGES; /* 128 MiB checked with a few instructions */
+            continue;
+        }
         u64 b = p / BLOCK_PAGES, lo = p % BLOCK_PAGES;
         u64 hi = end - b * BLOCK_PAGES < BLOCK_PAGES ? end - b * BLOCK_PAGES : BLOCK_PAGES;
         struct split *s = split_get(b);
@@ -202,6 +224,25 @@ static int change(u64 pfn, u64 n, int from, int to)
     if (need_splits > NSPLIT - split_hwm + split_nstack)
         return -1;
     for (u64 p = pfn; p < end;) {
+        if (covers_word(p, end) && word_in_state(p / BLOCK_PAGES / 64, from)) {
+            u64 w = p / BLOCK_PAGES / 64;
+            if (from == FREE) {
+                free_bm[w] = 0;
+                n_free_blocks -= 64;
+            } else if (from == BALLOON) {
+                balloon_bm[w] = 0;
+            }
+            if (to == FREE) {
+                free_bm[w] = ~0UL;
+                n_free_blocks += 64;
+                if (w < free_hint)
+                    free_hint = w;
+            } else if (to == BALLOON) {
+                balloon_bm[w] = ~0UL;
+            }
+            p += 64 * BLOCK_PAGES;
+            continue;
+        }
         u64 b = p / BLOCK_PAGES, lo = p % BLOCK_PAGES;
         u64 hi = end - b * BLOCK_PAGES < BLOCK_PAGES ? end - b * BLOCK_PAGES : BLOCK_PAGES;
         struct split *s = split_get(b);
@@ -358,8 +399,20 @@ static u64 take_run(u64 want, u64 *pfn)
 {
     s64 b;
     if (want >= BLOCK_PAGES && (b = find_first(free_bm, &free_hint)) >= 0) {
-        *pfn = (u64)b * BLOCK_PAGES;
-        return BLOCK_PAGES;
+        /* a run of consecutive free blocks, a word at a time where it can */
+        u64 first = (u64)b, last = first + 1, max = first + want / BLOCK_PAGES;
+        if (max > NBLOCKS)
+            max = NBLOCKS;
+        while (last < max) {
+            if (last % 64 == 0 && last + 64 <= max && free_bm[last / 64] == ~0UL)
+                last += 64;
+            else if (test(free_bm, last))
+                last++;
+            else
+                break;
+        }
+        *pfn = first * BLOCK_PAGES;
+        return (last - first) * BLOCK_PAGES;
     }
     b = find_first(partial_bm, &partial_hint);
     if (b >= 0) {
@@ -475,7 +528,7 @@ int pmm_balloon_give(u64 base, u64 pages)
 /* recount free and ballooned pages from the bitmaps and compare with the counters */
 int pmm_check(void)
 {
-    u64 fr = 0, bal = 0, present = 0;
+    u64 fr = 0, bal = 0, present = 0, free_blocks = 0;
     for (u64 b = 0; b < NBLOCKS; b++) {
         if (!ram_bm[b / 64]) {
             b |= 63;
@@ -488,15 +541,18 @@ int pmm_check(void)
             fr += s->nfree;
             bal += s->nballoon;
             present += s->npresent;
-            if (!!test(partial_bm, b) != !!s->nfree)
+            if (!!test(partial_bm, b) != !!s->nfree || !test(split_bm, b))
                 return -1;
         } else {
             present += BLOCK_PAGES;
+            free_blocks += test(free_bm, b);
             fr += test(free_bm, b) ? BLOCK_PAGES : 0;
+            if (test(free_bm, b) && test(balloon_bm, b))
+                return -1;
             bal += test(balloon_bm, b) ? BLOCK_PAGES : 0;
         }
     }
-    if (fr != n_free || bal != n_ballooned || present > n_visible)
+    if (fr != n_free || bal != n_ballooned || present != n_visible || free_blocks != n_free_blocks)
         return -1;
     return 0;
 }

@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -20,14 +21,17 @@ from pyhv.guest_image import GUEST_DIR
 HERE = Path(__file__).parent
 PAGE = 4096
 BLOCK = 512  # pages in 2 MiB
-SPAN = 64 << 20  # the model covers the first 64 MiB of guest-physical space
+WORD = 64 * BLOCK  # pages in 128 MiB: 64 blocks, one word of the block bitmaps
+SPAN = 512 << 20  # the model covers the first 512 MiB of guest-physical space
 PAGES = SPAN // PAGE
 MAX_OUT = 64
-# RAM at boot: low memory, and 1 MiB .. 24 MiB + 12 KiB (an unaligned end: a split last block);
-# the kernel image ends at 0x1f2000 (a split first block), as the real image does.
-MEMMAP = [(0, 0x9F000), (0x100000, (23 << 20) + 0x3000)]
+# RAM at boot: low memory, and 1 MiB .. 300 MiB + 12 KiB (an unaligned end: a split last block,
+# and one whole bitmap word of blocks); the kernel image ends at 0x1f2000 (a split first block),
+# as the real image does.
+MEMMAP = [(0, 0x9F000), (0x100000, (299 << 20) + 0x3000)]
 FREE_FROM = 0x1F2000
-NOT_RAM, FREE, ALLOC, BALLOON = "-", "F", "A", "B"
+NOT_RAM, FREE, ALLOC, BALLOON = 0, 1, 2, 3
+SIZES = st.one_of(st.integers(1, 3 * BLOCK), st.integers(1, 3 * WORD))
 
 
 class Range(ctypes.Structure):
@@ -106,51 +110,48 @@ class PmmModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.lib = load(self.library)
-        self.page = [NOT_RAM] * PAGES
+        self.page = np.full(PAGES, NOT_RAM, dtype=np.int8)
         for base, size in MEMMAP:
-            for p in range(base // PAGE, (base + size) // PAGE):
-                self.page[p] = ALLOC if p < FREE_FROM // PAGE else FREE
-        self.kernel = sum(1 for s in self.page if s == ALLOC)
+            self.page[base // PAGE : (base + size) // PAGE] = FREE
+        self.page[: FREE_FROM // PAGE][self.page[: FREE_FROM // PAGE] == FREE] = ALLOC
+        self.kernel = self.count(ALLOC)
         self.hot_added = 0
 
     # --- helpers ---------------------------------------------------------------------
 
-    def count(self, state: str) -> int:
-        return sum(1 for s in self.page if s == state)
+    def count(self, state: int) -> int:
+        return int(np.count_nonzero(self.page == state))
+
+    def all_in(self, lo: int, hi: int, state: int) -> bool:
+        return bool(np.all(self.page[lo:hi] == state))
 
     def stats(self) -> Stats:
         s = Stats()
         self.lib.pmm_stats(ctypes.byref(s))
         return s
 
-    def take(self, ranges: ctypes.Array[Range], n: int, to: str) -> int:
+    def take(self, ranges: ctypes.Array[Range], n: int, to: int) -> int:
         got = 0
         for r in ranges[:n]:
             assert r.base % PAGE == 0 and r.pages > 0
             first = r.base // PAGE
-            assert all(s == FREE for s in self.page[first : first + r.pages]), (
-                "handed out a page that was not free"
-            )
-            self.page[first : first + r.pages] = [to] * r.pages
+            assert self.all_in(first, first + r.pages, FREE), "handed out a page that was not free"
+            self.page[first : first + r.pages] = to
             got += r.pages
         return got
 
-    def runs(self, state: str) -> list[tuple[int, int]]:
-        out, p = [], 0
-        while p < PAGES:
-            if self.page[p] == state:
-                q = p
-                while q < PAGES and self.page[q] == state:
-                    q += 1
-                out.append((p, q - p))
-                p = q
-            else:
-                p += 1
-        return out
+    def runs(self, state: int) -> list[tuple[int, int]]:
+        """(first page, pages) of each maximal run of pages in state."""
+        inside = np.concatenate(([0], (self.page == state).astype(np.int8), [0]))
+        edges = np.flatnonzero(np.diff(inside))
+        return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+    def whole_free_block(self) -> bool:
+        return bool(np.any(np.all(self.page.reshape(-1, BLOCK) == FREE, axis=1)))
 
     # --- rules -----------------------------------------------------------------------
 
-    @rule(n=st.integers(1, 3 * BLOCK))
+    @rule(n=SIZES)
     def alloc(self, n: int) -> None:
         free = self.count(FREE)
         out = (Range * MAX_OUT)()
@@ -159,12 +160,10 @@ class PmmModel(RuleBasedStateMachine):
         assert self.take(out, nout.value, ALLOC) == got
         assert got == min(n, free) or nout.value == MAX_OUT
 
-    @rule(n=st.integers(1, 3 * BLOCK), floor=st.integers(0, 2 * BLOCK))
+    @rule(n=SIZES, floor=st.integers(0, 2 * BLOCK))
     def balloon_take(self, n: int, floor: int) -> None:
         free = self.count(FREE)
-        whole_free_block = any(
-            all(s == FREE for s in self.page[b : b + BLOCK]) for b in range(0, PAGES, BLOCK)
-        )
+        whole_free_block = self.whole_free_block()
         out = (Range * MAX_OUT)()
         nout = ctypes.c_uint32()
         got = self.lib.pmm_balloon_take(n, floor, out, MAX_OUT, ctypes.byref(nout))
@@ -175,7 +174,7 @@ class PmmModel(RuleBasedStateMachine):
             assert any(r.base % (BLOCK * PAGE) == 0 and r.pages >= BLOCK for r in out[: nout.value])
 
     @rule(data=st.data(), state=st.sampled_from([ALLOC, BALLOON]))
-    def give_back(self, data: st.DataObject, state: str) -> None:
+    def give_back(self, data: st.DataObject, state: int) -> None:
         """Free an allocated range, or unballoon a ballooned one (any part of a run)."""
         runs = [r for r in self.runs(state) if r[0] >= FREE_FROM // PAGE]
         if not runs:
@@ -185,27 +184,30 @@ class PmmModel(RuleBasedStateMachine):
         hi = data.draw(st.integers(lo + 1, first + n))
         fn = self.lib.pmm_free if state == ALLOC else self.lib.pmm_balloon_give
         assert fn(lo * PAGE, hi - lo) == 0
-        self.page[lo:hi] = [FREE] * (hi - lo)
+        self.page[lo:hi] = FREE
 
     @rule(data=st.data(), state=st.sampled_from([ALLOC, BALLOON]))
-    def give_back_what_is_not_held(self, data: st.DataObject, state: str) -> None:
+    def give_back_what_is_not_held(self, data: st.DataObject, state: int) -> None:
         """A range with any page not in the state (free, the other state, or not RAM) is refused."""
         lo = data.draw(st.integers(0, PAGES - 1))
-        hi = data.draw(st.integers(lo + 1, min(PAGES, lo + 3 * BLOCK)))
-        if all(s == state for s in self.page[lo:hi]):
+        hi = data.draw(st.integers(lo + 1, min(PAGES, lo + data.draw(SIZES))))
+        if self.all_in(lo, hi, state):
             return
         before = self.stats()
         fn = self.lib.pmm_free if state == ALLOC else self.lib.pmm_balloon_give
         assert fn(lo * PAGE, hi - lo) == -1
         assert bytes(self.stats()) == bytes(before)
 
-    @rule(first=st.integers(0, PAGES - 1), n=st.integers(1, 4 * BLOCK))
+    @rule(
+        first=st.one_of(st.integers(0, PAGES - 1), st.integers(0, 3).map(lambda w: w * WORD)),
+        n=SIZES,
+    )
     def hot_add(self, first: int, n: int) -> None:
         n = min(n, PAGES - first)
-        fits = all(s == NOT_RAM for s in self.page[first : first + n])
+        fits = self.all_in(first, first + n, NOT_RAM)
         assert (self.lib.pmm_hot_add(first * PAGE, n) == 0) == fits
         if fits:
-            self.page[first : first + n] = [FREE] * n
+            self.page[first : first + n] = FREE
             self.hot_added += n
 
     @invariant()

@@ -36,18 +36,19 @@ def pvh_entry(data: bytes) -> int:
     raise AssertionError("no PT_NOTE")
 
 
-def test_a_pvh_loader_boots_the_image_at_its_32_bit_entry(guest_image: Path) -> None:
+def pvh_boot(image: Path, magic: int = HVM_START_MAGIC, memmap_entries: int | None = None) -> str:
+    """Start the image at its PVH entry in 96 MiB; the console output up to the prompt or a halt."""
     from pyhv.hypervisor import Partition
     from pyhv.hypervisor.registers import Registers, Segment
 
-    data = guest_image.read_bytes()
+    data = image.read_bytes()
     out = bytearray()
-    prompt = threading.Event()
+    done = threading.Event()
 
     def output(b: bytes) -> None:
         out.extend(b)
-        if out.endswith(b"pyhv> "):
-            prompt.set()
+        if out.endswith(b"pyhv> ") or out.endswith(b"halted: no usable boot information\r\n"):
+            done.set()
 
     uart = Uart16550(output)
 
@@ -61,13 +62,11 @@ def test_a_pvh_loader_boots_the_image_at_its_32_bit_entry(guest_image: Path) -> 
         p.add_memory(0, 96 * MIB)
         boot.load_image(p, boot.parse_elf(data))
         memmap = [(0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0x100000, 95 * MIB, 1)]
+        n = len(memmap) if memmap_entries is None else memmap_entries
         p.write(MEMMAP_GPA, b"".join(struct.pack("<QQII", b, s, t, 0) for b, s, t in memmap))
         p.write(CMDLINE_GPA, b"console=ttyS0\0")
         p.write(
-            START_INFO_GPA,
-            START_INFO.pack(
-                HVM_START_MAGIC, 1, 0, 0, 0, CMDLINE_GPA, 0, MEMMAP_GPA, len(memmap), 0
-            ),
+            START_INFO_GPA, START_INFO.pack(magic, 1, 0, 0, 0, CMDLINE_GPA, 0, MEMMAP_GPA, n, 0)
         )
         p.intercepts.install_io(COM1_BASE, COM1_BASE + 7, com1)
         vp = p.create_vp(0)
@@ -80,8 +79,32 @@ def test_a_pvh_loader_boots_the_image_at_its_32_bit_entry(guest_image: Path) -> 
         vp.registers = Registers(rip=pvh_entry(data), rbx=START_INFO_GPA, rflags=2)
         vp.start()
         try:
-            assert prompt.wait(30), f"no prompt after a PVH boot; output: {bytes(out)!r}"
+            assert done.wait(30), f"the guest neither booted nor halted; output: {bytes(out)!r}"
         finally:
             vp.stop()
+    return out.decode().replace("\r", "")
+
+
+def test_a_pvh_loader_boots_the_image_at_its_32_bit_entry(guest_image: Path) -> None:
+    out = pvh_boot(guest_image)
     # the RAM of the PVH memory map, in MiB, rounded down: 0x9fc00 bytes + 95 MiB
-    assert out.decode().startswith("pyhv guest: 95 MiB RAM")
+    assert out.startswith("pyhv guest: 95 MiB RAM") and out.endswith("pyhv> ")
+
+
+def test_a_start_info_without_the_pvh_magic_is_refused(guest_image: Path) -> None:
+    out = pvh_boot(guest_image, magic=0x12345678)
+    assert "boot: bad boot-info magic 0" in out and out.endswith(
+        "halted: no usable boot information\n"
+    )
+
+
+def test_a_start_info_with_an_empty_memory_map_is_refused(guest_image: Path) -> None:
+    out = pvh_boot(guest_image, memmap_entries=0)
+    assert "boot: nr_memmap 0 out of range 1..64" in out
+
+
+def test_a_start_info_claiming_too_many_memory_map_entries_is_read_only_up_to_64(
+    guest_image: Path,
+) -> None:
+    out = pvh_boot(guest_image, memmap_entries=100_000)  # the rest of the 64 are zero: no RAM
+    assert out.startswith("pyhv guest: 95 MiB RAM")

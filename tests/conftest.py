@@ -14,7 +14,9 @@ _kvm_ran = 0
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if KVM_PRESENT:
         return
-    skip = pytest.mark.skip(reason="/dev/kvm is missing or not accessible: this test runs real guests")
+    skip = pytest.mark.skip(
+        reason="/dev/kvm is missing or not accessible: this test runs real guests"
+    )
     for item in items:
         if "kvm" in item.keywords:
             item.add_marker(skip)

@@ -73,19 +73,24 @@ extern volatile u64 ticks;
  * use: the image (their code) and the memory each task is given */
 void paging_allow_user(u64 base, u64 end);
 
-/* pmm.c */
+/* pmm.c: physical memory in 4 KiB pages, handed out in 2 MiB blocks where it can. Addresses are
+ * guest-physical (= virtual: identity map). Nothing is zeroed. All of it runs at CPL0: call with the
+ * kernel's usual single-CPU rules (from the main loop, or with interrupts off). */
 struct pmm_range { u64 base, pages; };
-struct pmm_stats { u64 visible, free, committed, ballooned, hot_added; };
-void pmm_init(u64 free_from);
+struct pmm_stats { u64 visible, free, committed, ballooned, hot_added; }; /* pages */
+void pmm_init(u64 free_from);        /* boot memory map; RAM below free_from is the kernel's */
 void pmm_stats(struct pmm_stats *s);
-void pmm_commit(u64 pages);
+void pmm_commit(u64 pages);          /* promise memory (may exceed free); no pages move */
 void pmm_uncommit(u64 pages);
+/* up to `pages` free pages, 2 MiB runs first, as <= max_out merged ranges; returns pages taken */
 u64 pmm_alloc(u64 pages, struct pmm_range *out, u32 max_out, u32 *nout);
-int pmm_free(u64 base, u64 pages);
+int pmm_free(u64 base, u64 pages);   /* 0, or -1 (nothing changed) if any page is not allocated */
+/* RAM added at run time (the VMM has backed it), anywhere below 64 GiB not already RAM */
 int pmm_hot_add(u64 base, u64 pages);
-u64 pmm_balloon_floor(void);
+u64 pmm_balloon_floor(void);         /* Linux hv_balloon's floor for the current RAM, in pages */
+/* take up to max_pages free pages out (2 MiB runs first) keeping floor_pages free */
 u64 pmm_balloon_take(u64 max_pages, u64 floor_pages, struct pmm_range *out, u32 max_out, u32 *nout);
-int pmm_balloon_give(u64 base, u64 pages);
+int pmm_balloon_give(u64 base, u64 pages); /* 0, or -1 (nothing changed) if not all ballooned */
 int pmm_check(void); /* consistency of counters and bitmaps, for the `pmmcheck` command */
 
 /* trap frame, as pushed by the stubs in entry.S */

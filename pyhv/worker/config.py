@@ -52,6 +52,14 @@ class VmConfig:
     image: Path
     cmdline: str = ""
     dynamic_memory: bool = False
+    #: Dynamic Memory range (bytes); both equal `memory` (the startup RAM) without it.
+    minimum: int = 0
+    maximum: int = 0
+
+    @property
+    def startup(self) -> int:
+        """Startup RAM: what the guest boots with (Dynamic Memory's "Startup RAM")."""
+        return self.memory
 
     @classmethod
     def create(
@@ -64,7 +72,12 @@ class VmConfig:
         name: str = "vm",
         dynamic_memory: bool = False,
         check_image: bool = True,
+        startup: str | int | None = None,
+        minimum: str | int | None = None,
+        maximum: str | int | None = None,
     ) -> VmConfig:
+        if startup is not None:
+            memory = startup  # Dynamic Memory's name for the RAM the guest boots with
         size = parse_size(memory)
         if size % MIB:
             raise ConfigError(
@@ -89,6 +102,7 @@ class VmConfig:
             )
         if not name or len(name) > 64:
             raise ConfigError(f"VM name {name!r} must be 1 to 64 characters")
+        low, high = _dynamic_range(size, dynamic_memory, minimum, maximum)
         return cls(
             name=name,
             memory=size,
@@ -96,6 +110,8 @@ class VmConfig:
             image=path,
             cmdline=cmdline,
             dynamic_memory=dynamic_memory,
+            minimum=low,
+            maximum=high,
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -106,6 +122,8 @@ class VmConfig:
             "image": str(self.image),
             "cmdline": self.cmdline,
             "dynamic_memory": self.dynamic_memory,
+            "minimum": self.minimum,
+            "maximum": self.maximum,
         }
 
     @classmethod
@@ -118,4 +136,39 @@ class VmConfig:
             cmdline=str(d.get("cmdline", "")),
             name=str(d.get("name", "vm")),
             dynamic_memory=bool(d.get("dynamic_memory", False)),
+            minimum=d.get("minimum") or None,  # type: ignore[arg-type]
+            maximum=d.get("maximum") or None,  # type: ignore[arg-type]
         )
+
+
+def _dynamic_range(
+    startup: int, dynamic: bool, minimum: str | int | None, maximum: str | int | None
+) -> tuple[int, int]:
+    """Minimum and maximum RAM of Dynamic Memory, checked: minimum <= startup <= maximum, whole
+    MiB. Without Dynamic Memory both are the startup RAM (and may not be given otherwise)."""
+    if not dynamic:
+        for what, v in (("minimum", minimum), ("maximum", maximum)):
+            if v is not None and parse_size(v) != startup:
+                raise ConfigError(
+                    f"{what} memory {format_size(parse_size(v))} needs Dynamic Memory: "
+                    "turn it on (--dynamic-memory) or leave the value out"
+                )
+        return startup, startup
+    low = startup if minimum is None else parse_size(minimum)
+    high = startup if maximum is None else parse_size(maximum)
+    for what, v in (("minimum", low), ("maximum", high)):
+        if isinstance(v, bool) or v % MIB:
+            raise ConfigError(
+                f"{what} memory {format_size(v)} is not a whole number of MiB: round it to M"
+            )
+    if not MIN_MEMORY <= low <= startup:
+        raise ConfigError(
+            f"minimum memory {format_size(low)} must be from {format_size(MIN_MEMORY)} up to "
+            f"the startup memory {format_size(startup)}"
+        )
+    if not startup <= high <= MAX_MEMORY:
+        raise ConfigError(
+            f"maximum memory {format_size(high)} must be from the startup memory "
+            f"{format_size(startup)} up to {format_size(MAX_MEMORY)}"
+        )
+    return low, high

@@ -28,6 +28,8 @@ from pyhv.worker.outcome import (
 
 if TYPE_CHECKING:
     from pyhv.hypervisor import Partition, VirtualProcessor, VpEvent
+    from pyhv.memory.manager import MemoryManager
+    from pyhv.worker.dynmem import DynamicMemoryService
 
 
 class VirtualMachine:
@@ -37,8 +39,19 @@ class VirtualMachine:
     quick); all of it is also kept in ``serial`` for expect-style reading.
     """
 
-    def __init__(self, config: VmConfig, output: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: VmConfig,
+        output: Callable[[bytes], None] | None = None,
+        *,
+        on_memory_status: Callable[[dict[str, Any]], object] | None = None,
+        memory_manager: MemoryManager | None = None,
+    ) -> None:
         self.config = config
+        #: Dynamic Memory (VMBus controller, DM VSP, memory manager entry) when configured.
+        self.dynmem: DynamicMemoryService | None = None
+        self._on_memory_status = on_memory_status
+        self._memory_manager = memory_manager
         self.serial = SerialLog()
         self._output = output
         self.partition: Partition | None = None
@@ -81,6 +94,16 @@ class VirtualMachine:
             )
             p.intercepts.install_io(COM1_BASE, COM1_BASE + 7, self._com1_io)
             p.intercepts.install_io(POWEROFF_PORT, POWEROFF_PORT, self._poweroff_io)
+            if cfg.dynamic_memory:
+                from pyhv.worker.dynmem import DynamicMemoryService
+
+                self.dynmem = DynamicMemoryService(
+                    p,
+                    cfg,
+                    on_status=self._on_memory_status,
+                    memory_manager=self._memory_manager,
+                )
+                self.dynmem.start()
             self.vps = [p.create_vp(i) for i in range(cfg.vps)]
             _set_entry_state(self.vps[0], entry)
             for vp in self.vps:
@@ -119,6 +142,8 @@ class VirtualMachine:
         self._ended.wait(10)
         for vp in self.vps:
             _quietly(vp.stop)
+        if self.dynmem is not None:
+            _quietly(self.dynmem.close)
         if self.partition is not None:
             _quietly(self.partition.close)
         self.serial.close()
@@ -130,6 +155,40 @@ class VirtualMachine:
         if self.partition is None:
             return 0
         return sum(resident_bytes(r.host_address, r.size) for r in self.partition.regions)
+
+    # --- Dynamic Memory (the VMMS's and the operator's calls) ------------------------------
+
+    def _dm(self, what: str) -> DynamicMemoryService:
+        if self.dynmem is None:
+            from pyhv.worker.dynmem import DynamicMemoryError
+
+            raise DynamicMemoryError(
+                f"{what}: VM {self.config.name!r} was not configured with Dynamic Memory "
+                "(start it with dynamic_memory=True / --dynamic-memory)"
+            )
+        return self.dynmem
+
+    def memory_status(self) -> dict[str, Any]:
+        """Visible, assigned, ballooned and hot-added pages, the guest's last status report
+        (committed, available, time), the VSP's state and its counts of bad messages."""
+        return self._dm("memory status").status()
+
+    def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
+        """Balloon, or unballoon then hot-add, towards `target_bytes` (clamped to the
+        configured minimum and maximum); returns the plan at once."""
+        return self._dm("memory target").set_target(target_bytes)
+
+    def add_memory(self, pages: int) -> dict[str, Any]:
+        """The balancer's add: unballoon first, then hot-add the rest."""
+        return self._dm("add memory").add(pages)
+
+    def remove_memory(self, pages: int) -> dict[str, Any]:
+        """The balancer's remove: balloon `pages` out of the guest."""
+        return self._dm("remove memory").remove(pages)
+
+    def wait_memory_idle(self, timeout: float | None = None) -> bool:
+        """Wait until the last target/add/remove is done (or given up: see `last_error`)."""
+        return self._dm("wait").wait_idle(timeout)
 
     def __enter__(self) -> VirtualMachine:
         return self

@@ -1,0 +1,498 @@
+"""The worker's Dynamic Memory service: VMBus and the Dynamic Memory VSP wired to a partition.
+
+It owns, for one VM with Dynamic Memory:
+
+- the VMBus controller on ports 0x0E00-0x0E33 (VP I/O intercepts), with the guest's doorbell
+  on an ioeventfd (no user exit) served by a thread of its own, and host -> guest interrupts
+  sent as MSIs to VP 0 (KVM_SIGNAL_MSI: no exit either);
+- the offer of the DM channel and the :class:`DynamicMemoryVsp` behind it;
+- the partition's entry in a :class:`MemoryManager` (startup RAM; ballooned pages released by
+  punching holes in the RAM memfd; unballoon reclaims first; hot-add maps a new memory region
+  above RAM while the VPs run, then sends DM_MEM_HOT_ADD_REQUEST);
+- one *goal*: the pages the VM should be assigned. The operator's target and the balancer's
+  add/remove all move the goal; an operations thread walks towards it one DM transaction at a
+  time (balloon to go down; unballoon first, then hot-add, to go up), as the book says.
+
+Guest-visible memory = startup + hot-added; assigned = visible - ballooned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pyhv.dynmem import protocol as dmp
+from pyhv.dynmem.vsp import MAX_BALLOON_PAGES, DmState, DynamicMemoryVsp, StatusReport
+from pyhv.memory.manager import PAGE_SIZE, MemoryManager, MemoryManagerError
+from pyhv.memory.ranges import PageRange, RangeSet
+from pyhv.vmbus.controller import DEFAULT_PORT, REGISTER_SPAN, Reg, VmbusController
+from pyhv.vmbus.vsp import VspError
+
+if TYPE_CHECKING:
+    from pyhv.hypervisor import Partition
+    from pyhv.worker.config import VmConfig
+
+log = logging.getLogger("pyhv.worker.dynmem")
+
+MIB_PAGES = (1 << 20) // PAGE_SIZE
+#: The 3-4 GiB hole (IOAPIC, LAPIC): no hot-added region may overlap it.
+HOLE_START, HOLE_END = 3 << 30, 4 << 30
+#: Seconds the guest has to answer one DM transaction before the host gives up on it.
+DEFAULT_OP_TIMEOUT = 60.0
+_WAIT_STATES = (DmState.BALLOON_WAIT, DmState.UNBALLOON_WAIT, DmState.HOT_ADD_WAIT)
+
+
+class DynamicMemoryError(RuntimeError):
+    """A Dynamic Memory request that cannot be carried out now; the message says why."""
+
+
+def _version_text(v: int | None) -> str | None:
+    return None if v is None else f"{v >> 16}.{v & 0xFFFF}"
+
+
+class DynamicMemoryService:
+    """Dynamic Memory for one partition (see the module docstring).
+
+    `on_status(status)` gets :meth:`status` after every status report the guest sends (on the
+    doorbell thread: keep it quick). `interrupt_for(vector)` replaces the MSI to VP 0 (tests
+    without VPs); `memory_manager` shares a host-wide manager (default: one of the VM's own
+    whose budget is the configured maximum, so the free pool is the VM's headroom).
+    """
+
+    def __init__(
+        self,
+        partition: Partition,
+        config: VmConfig,
+        *,
+        on_status: Callable[[dict[str, Any]], object] | None = None,
+        memory_manager: MemoryManager | None = None,
+        interrupt_for: Callable[[int], Callable[[], object]] | None = None,
+        op_timeout: float = DEFAULT_OP_TIMEOUT,
+        base_port: int = DEFAULT_PORT,
+    ) -> None:
+        self.partition = partition
+        self.config = config
+        self.name = config.name
+        self.startup_pages = config.memory // PAGE_SIZE
+        self.minimum_pages = config.minimum // PAGE_SIZE
+        self.maximum_pages = config.maximum // PAGE_SIZE
+        self.op_timeout = op_timeout
+        self._on_status = on_status
+        self.mm = memory_manager or MemoryManager(max(config.maximum, config.memory))
+        ram = [r for r in partition.regions if not r.readonly]
+        self.mm.add_partition(self.name, ram, self._map_region)
+        self.vsp = DynamicMemoryVsp(
+            RangeSet((r.gpa // PAGE_SIZE, r.size // PAGE_SIZE) for r in ram),
+            assigned_pages=lambda: self._mm_part.assigned_pages,
+            on_status=self._status_report,
+            on_ballooned=self._ballooned,
+            on_balloon_done=self._transaction_done,
+            on_unballoon_done=self._transaction_done,
+            on_hot_add_done=self._transaction_done,
+            on_reset=self._reset,
+            name=f"dynmem-{self.name}",
+        )
+        self.controller = VmbusController(
+            partition.view, interrupt_for or self._msi_to_vp0, base_port=base_port
+        )
+        self.offer = self.controller.offer(dmp.DM_GUID, self.vsp.bind)
+        self.counters: dict[str, int] = {
+            "status_reports": 0,
+            "release_errors": 0,
+            "reclaim_errors": 0,
+            "timeouts": 0,
+            "refused_requests": 0,
+            "ballooned_pages": 0,
+            "unballooned_pages": 0,
+            "hot_added_pages": 0,
+            "doorbell_exits": 0,
+            "doorbell_errors": 0,
+        }
+        self.last_status: StatusReport | None = None
+        self.last_status_time: float | None = None
+        self.last_error: str | None = None
+        self.operation: str | None = None
+        self._info_for: object = None
+        self._goal: int | None = None
+        self._cv = threading.Condition()
+        self._closing = False
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._threads: list[threading.Thread] = []
+        self._doorbell_fd: int | None = None
+        #: For the benchmark: host time from a doorbell seen to its replies posted (ns).
+        self.doorbell_ns: list[int] = []
+        self.measure = False
+
+    @property
+    def _mm_part(self) -> Any:
+        return self.mm.partitions[self.name]
+
+    # --- wiring ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Install the controller's ports and the doorbell, and start the service threads.
+        Call before the VPs start."""
+        base = self.controller.base_port
+        self.partition.intercepts.install_io(base, base + REGISTER_SPAN - 1, self._io)
+        ev = self.partition.ioeventfd(
+            base + Reg.DOORBELL, 4, datamatch=self.offer.relid
+        )  # writes of other values still exit and are refused by the controller
+        self._doorbell_fd = ev.fd
+        for target, name in ((self._doorbell_loop, "doorbell"), (self._operations, "dm-ops")):
+            t = threading.Thread(target=target, name=f"{name}-{self.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        os.eventfd_write(self._stop_fd, 1)
+        for t in self._threads:
+            t.join(5)
+        self.controller.reset()
+        os.close(self._stop_fd)
+        try:
+            self.mm.remove_partition(self.name)
+        except MemoryManagerError:
+            pass
+
+    def _msi_to_vp0(self, vector: int) -> Callable[[], object]:
+        return lambda: self.partition.interrupt(0, vector)
+
+    def _io(self, msg: Any) -> int | bytes | None:
+        """A VP's access to the controller's ports (never the matched doorbell: no exit)."""
+        offset = msg.port - self.controller.base_port
+        mask = (1 << (8 * msg.access_size)) - 1
+        if msg.is_write:
+            if offset == Reg.DOORBELL:
+                self.counters["doorbell_exits"] += 1
+            self.controller.io_write(offset, msg.value)
+            self._after_guest()
+            return None
+        if msg.count > 1:  # REP INS: one register read per element
+            return b"".join(
+                (self.controller.io_read(offset) & mask).to_bytes(msg.access_size, "little")
+                for _ in range(msg.count)
+            )
+        return self.controller.io_read(offset) & mask
+
+    def _doorbell_loop(self) -> None:
+        assert self._doorbell_fd is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._doorbell_fd, selectors.EVENT_READ, "doorbell")
+        sel.register(self._stop_fd, selectors.EVENT_READ, "stop")
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "stop":
+                        return
+                    try:
+                        os.eventfd_read(self._doorbell_fd)
+                    except BlockingIOError:
+                        continue
+                    t0 = time.perf_counter_ns() if self.measure else 0
+                    try:
+                        self.controller.doorbell(self.offer.relid)
+                        self._after_guest()
+                    except Exception:  # noqa: BLE001 - a host bug must not end the service
+                        log.exception("%s: serving a doorbell failed", self.name)
+                        self.counters["doorbell_errors"] += 1
+                    if self.measure:
+                        self.doorbell_ns.append(time.perf_counter_ns() - t0)
+        finally:
+            sel.close()
+
+    def _after_guest(self) -> None:
+        """After guest messages: once per negotiation, tell the guest the maximum page count."""
+        vsp = self.vsp
+        with vsp.lock:
+            caps = vsp.caps
+            if caps is None or caps is self._info_for or vsp.stopped:
+                return
+            self._info_for = caps
+            if vsp.version is not None and vsp.version >= dmp.Version.WIN8:
+                vsp.send_info_max_page_count(self.maximum_pages)
+        with self._cv:
+            self._cv.notify_all()  # a goal set before negotiation can start now
+
+    # --- VSP callbacks (doorbell thread, VSP lock held) ------------------------------------
+
+    def _status_report(self, report: StatusReport) -> None:
+        self.last_status = report
+        self.last_status_time = time.time()
+        self.counters["status_reports"] += 1
+        if self._on_status is not None:
+            try:
+                self._on_status(self.status())
+            except Exception:  # noqa: BLE001 - the listener's problem, not the guest's
+                log.exception("%s: status listener failed", self.name)
+
+    def _ballooned(self, ranges: list[PageRange]) -> None:
+        try:
+            n = self.mm.release(self.name, ranges)
+        except (MemoryManagerError, OSError) as e:
+            self.counters["release_errors"] += 1
+            log.error("%s: releasing ballooned pages failed: %s", self.name, e)
+            return
+        self.counters["ballooned_pages"] += n
+
+    def _reset(self, held: list[PageRange]) -> None:
+        """The guest started over: the pages it had ballooned are its own again."""
+        if held:
+            try:
+                self.mm.reclaim(self.name, held)
+            except MemoryManagerError as e:
+                self.counters["reclaim_errors"] += 1
+                log.error("%s: reclaiming a reset guest's balloon failed: %s", self.name, e)
+        self._transaction_done()
+
+    def _transaction_done(self, *_: object) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # --- state ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Everything an operator or the VMMS wants to know, JSON-ready (pages of 4 KiB)."""
+        part = self._mm_part
+        vsp = self.vsp
+        out: dict[str, Any] = {
+            "state": vsp.state.name,
+            "negotiated": self.negotiated,
+            "protocol": _version_text(vsp.version),
+            "caps": None
+            if vsp.caps is None
+            else {
+                "balloon": vsp.caps.balloon,
+                "hot_add": vsp.caps.hot_add,
+                "hot_add_alignment_mib": vsp.caps.hot_add_alignment_mib,
+            },
+            "hot_add_disabled": vsp.hot_add_disabled,
+            "startup_pages": self.startup_pages,
+            "minimum_pages": self.minimum_pages,
+            "maximum_pages": self.maximum_pages,
+            "visible_pages": part.visible_pages,
+            "assigned_pages": part.assigned_pages,
+            "ballooned_pages": part.ballooned.pages,
+            "hot_added_pages": part.hot_added_pages,
+            "goal_pages": self._goal,
+            "operation": self.operation,
+            "last_error": self.last_error,
+            "free_pool_pages": self.mm.free_pages,
+            "last_status": None,
+            "bad_messages": vsp.counters["refused"],
+            "bad_ranges": vsp.counters["bad_ranges"],
+            "controller_refused": self.controller.counters["refused"],
+            "counters": dict(self.counters),
+        }
+        if self.last_status is not None and self.last_status_time is not None:
+            s = self.last_status
+            out["last_status"] = {
+                "committed_pages": s.committed_pages,
+                "available_pages": s.available_pages,
+                "pressure": s.pressure,
+                "time": self.last_status_time,
+            }
+            out["committed_pages"] = s.committed_pages
+            out["available_pages"] = s.available_pages
+        return out
+
+    @property
+    def negotiated(self) -> bool:
+        return self.vsp.caps is not None and self.vsp.state not in (
+            DmState.VERSION,
+            DmState.CAPS,
+            DmState.STOPPED,
+        )
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _require_running(self, what: str) -> None:
+        if not self.negotiated:
+            self.counters["refused_requests"] += 1
+            why = self.vsp.stop_reason or "its guest has not negotiated the protocol yet"
+            raise DynamicMemoryError(
+                f"{what}: Dynamic Memory is not running in VM {self.name!r} (VSP state "
+                f"{self.vsp.state.name}: {why}); wait for the guest's DM driver"
+            )
+
+    def _set_goal(self, pages: int, what: str) -> dict[str, Any]:
+        self._require_running(what)
+        lo, hi = self.minimum_pages, self.maximum_pages
+        goal = min(max(pages, lo), hi)
+        with self._cv:
+            self._goal = goal
+            self.last_error = None
+            self._cv.notify_all()
+        assigned = self._mm_part.assigned_pages
+        log.info("%s: %s: goal %d pages (assigned %d)", self.name, what, goal, assigned)
+        return {
+            "asked_pages": pages,
+            "goal_pages": goal,
+            "clamped": goal != pages,
+            "assigned_pages": assigned,
+            "minimum_pages": lo,
+            "maximum_pages": hi,
+        }
+
+    def set_target(self, target_bytes: int) -> dict[str, Any]:
+        """Move the VM's assigned memory towards `target_bytes` (clamped to [minimum, maximum]);
+        returns at once with the plan; :meth:`wait_idle` waits for the guest."""
+        if isinstance(target_bytes, bool) or not isinstance(target_bytes, int) or target_bytes < 0:
+            raise DynamicMemoryError(f"memory target {target_bytes!r} must be a number of bytes")
+        return self._set_goal(target_bytes // PAGE_SIZE, f"target {target_bytes} bytes")
+
+    def add(self, pages: int) -> dict[str, Any]:
+        """The balancer's "add N pages": unballoon first, then hot-add the rest."""
+        self._check_pages(pages)
+        return self._set_goal(self._base() + pages, f"add {pages} pages")
+
+    def remove(self, pages: int) -> dict[str, Any]:
+        """The balancer's "remove N pages": balloon them out of the guest."""
+        self._check_pages(pages)
+        return self._set_goal(self._base() - pages, f"remove {pages} pages")
+
+    def _check_pages(self, pages: int) -> None:
+        if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
+            raise DynamicMemoryError(f"page count {pages!r} must be an integer >= 0")
+
+    def _base(self) -> int:
+        with self._cv:
+            goal = self._goal
+        return goal if goal is not None else self._mm_part.assigned_pages
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no goal is pending (reached, or given up with `last_error`)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._goal is None and self.operation is None, timeout)
+
+    # --- the operations thread ------------------------------------------------------------
+
+    def _operations(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(
+                    lambda: self._closing or (self._goal is not None and self.negotiated)
+                )
+                if self._closing:
+                    return
+                goal = self._goal
+            assert goal is not None
+            try:
+                done = self._step(goal)
+            except Exception as e:  # noqa: BLE001 - recorded; the service goes on
+                log.exception("%s: Dynamic Memory operation failed", self.name)
+                self._give_up(goal, f"{type(e).__name__}: {e}")
+                continue
+            if done:
+                with self._cv:
+                    if self._goal == goal:
+                        self._goal = None
+                    self.operation = None
+                    self._cv.notify_all()
+
+    def _give_up(self, goal: int, why: str) -> None:
+        log.warning("%s: stopped short of %d pages: %s", self.name, goal, why)
+        with self._cv:
+            self.last_error = why
+            if self._goal == goal:
+                self._goal = None
+            self.operation = None
+            self._cv.notify_all()
+
+    def _step(self, goal: int) -> bool:
+        """One DM transaction towards `goal`; True when there is nothing left to do."""
+        part = self._mm_part
+        assigned = part.assigned_pages
+        if assigned == goal:
+            return True
+        if not self.negotiated:
+            why = self.vsp.stop_reason or f"the VSP is in {self.vsp.state.name}"
+            self._give_up(goal, f"Dynamic Memory stopped in the guest: {why}")
+            return False
+        if assigned > goal:
+            return self._balloon_step(goal, min(assigned - goal, MAX_BALLOON_PAGES))
+        if part.ballooned.pages:
+            return self._unballoon_step(goal, goal - assigned)
+        return self._hot_add_step(goal, goal - assigned)
+
+    def _run(self, what: str, start: Callable[[], object]) -> bool:
+        """Start one transaction and wait for the guest's answer; False if it timed out."""
+        self.operation = what
+        start()
+        with self._cv:
+            ok = self._cv.wait_for(
+                lambda: self._closing or self.vsp.state not in _WAIT_STATES, self.op_timeout
+            )
+        if not ok:
+            self.vsp.timeout()
+            self.counters["timeouts"] += 1
+        return ok
+
+    def _balloon_step(self, goal: int, pages: int) -> bool:
+        before = self.vsp.counters["balloon_at_minimum"]
+        got_before = self._mm_part.ballooned.pages
+        if not self._run(f"balloon {pages} pages", lambda: self.vsp.balloon(pages)):
+            self._give_up(
+                goal, f"the guest did not answer a balloon request in {self.op_timeout} s"
+            )
+            return False
+        got = self._mm_part.ballooned.pages - got_before
+        if got <= 0 or self.vsp.counters["balloon_at_minimum"] > before:
+            self._give_up(
+                goal,
+                f"the guest gave {max(got, 0)} of {pages} pages: it is at its floor "
+                "(it keeps enough memory to run)",
+            )
+        return False
+
+    def _unballoon_step(self, goal: int, pages: int) -> bool:
+        ranges = self.mm.pick_ballooned(self.name, pages)
+        got = self.mm.reclaim(self.name, ranges)  # before the guest may touch them
+        try:
+            started = self._run(f"unballoon {got} pages", lambda: self.vsp.unballoon(ranges))
+        except VspError:
+            self.mm.release(self.name, ranges)  # the guest was not told: take them back
+            raise
+        if not started:
+            self._give_up(goal, f"the guest did not answer an unballoon in {self.op_timeout} s")
+            return False
+        self.counters["unballooned_pages"] += got
+        return False
+
+    def _hot_add_step(self, goal: int, pages: int) -> bool:
+        caps = self.vsp.caps
+        if caps is None or not caps.hot_add or self.vsp.hot_add_disabled:
+            self._give_up(goal, "the guest cannot hot-add memory (capability off or disabled)")
+            return False
+        part = self._mm_part
+        align = max(caps.hot_add_alignment_mib, 2) * MIB_PAGES
+        top = max(r.gpa + r.size for r in part.regions)
+        start = -(-top // (align * PAGE_SIZE)) * align * PAGE_SIZE
+        if start < HOLE_END and start + pages * PAGE_SIZE > HOLE_START:
+            align = HOLE_END // PAGE_SIZE  # continue above the 3-4 GiB hole
+        region = self.mm.hot_add(self.name, pages, align_pages=align)
+        first = region.gpa // PAGE_SIZE
+        rng = PageRange(first, pages)
+        if not self._run(f"hot-add {pages} pages", lambda: self.vsp.hot_add(rng, rng)):
+            self._give_up(goal, f"the guest did not answer a hot-add in {self.op_timeout} s")
+            return False
+        added = self.vsp.ram.contains(first, pages)
+        if not added:
+            self._give_up(goal, "the guest added fewer pages than offered: hot-add is off now")
+            return False
+        self.counters["hot_added_pages"] += pages
+        return False
+
+    def _map_region(self, gpa: int, size: int) -> Any:
+        if gpa < HOLE_END and gpa + size > HOLE_START:
+            raise MemoryManagerError(
+                f"hot-add region {gpa:#x}+{size:#x} would overlap the 3-4 GiB APIC hole"
+            )
+        return self.partition.add_memory(gpa, size)

@@ -63,6 +63,8 @@ void kmain(const struct bootinfo *bi)
     pmm_stats(&s);
     printf("pyhv guest: %lu MiB RAM, %lu MiB free, %u VP, timer %u Hz\n", s.visible / 256, s.free / 256,
            boot.vp_count, HZ);
+    vmbus_init(); /* the VMBus controller, if the host has one, and its offers */
+    dmvsc_init(); /* the Dynamic Memory VSC, if wanted (boot flag) or offered */
     shell_init();
     u64 last_poll = 0;
     for (;;) {

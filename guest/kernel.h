@@ -118,6 +118,12 @@ int task_kill_kind_testlimit(void);
 int task_start_fault(void);
 #define FAULT_ADDRESS MAX_PHYS /* just above the identity map: not present */
 
+/* vmbus.c, dmvsc.c: the VMBus client and the Dynamic Memory VSC (vmbus.h has the rest) */
+int vmbus_init(void);
+void vmbus_show(void);
+void dmvsc_init(void);
+void dmvsc_show(void);
+
 /* shell.c */
 void shell_init(void);
 void shell_input(int c);

@@ -44,11 +44,14 @@ class CliError(Exception):
 # --- the commands, without click ---------------------------------------------------------
 
 
-def _config(memory: str, vps: int, cmdline: str, image: str | None) -> VmConfig:
+def _config(memory: str, vps: int, cmdline: str, image: str | None, **dynamic: Any) -> VmConfig:
     from pyhv.worker.config import ConfigError, VmConfig, parse_size
 
     try:
         parse_size(memory)  # a bad size is reported before anything else
+        for v in dynamic.values():
+            if isinstance(v, str):
+                parse_size(v)
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise CliError(
                 "/dev/kvm is missing or not accessible: pyhv runs guests under Linux KVM; load "
@@ -56,7 +59,7 @@ def _config(memory: str, vps: int, cmdline: str, image: str | None) -> VmConfig:
             )
         if image is None:
             image = str(_bundled_image())
-        return VmConfig.create(image=image, memory=memory, vps=vps, cmdline=cmdline)
+        return VmConfig.create(image=image, memory=memory, vps=vps, cmdline=cmdline, **dynamic)
     except ConfigError as e:
         raise CliError(str(e), 2) from None
 
@@ -123,9 +126,22 @@ def run_vm(
     image: str | None = None,
     process: bool = False,
     timeout: float = 300.0,
+    dynamic_memory: bool = False,
+    startup: str | None = None,
+    minimum: str | None = None,
+    maximum: str | None = None,
+    control: str | None = None,
 ) -> int:
     """`pyhv run`: returns the process exit code; raises CliError for a clear failure."""
-    config = _config(memory, vps, cmdline, image)
+    dm = {"startup": startup, "minimum": minimum, "maximum": maximum}
+    config = _config(
+        memory,
+        vps,
+        cmdline,
+        image,
+        dynamic_memory=dynamic_memory,
+        **{k: v for k, v in dm.items() if v is not None},
+    )
     lines: list[str] | None = None
     if script is not None or commands:
         from pyhv.worker.script import script_lines
@@ -135,7 +151,15 @@ def run_vm(
             lines += script_lines(c.replace(";", "\n"))
     write = _writer(1, os.isatty(1))
     vm = _start(config, write, process)
+    server = None
     try:
+        if control is not None:
+            from pyhv.worker.control import ControlError, ControlServer
+
+            try:
+                server = ControlServer(control, vm)
+            except ControlError as e:
+                raise CliError(str(e)) from None
         if lines is None:
             from pyhv.worker.terminal import interactive
 
@@ -150,8 +174,75 @@ def run_vm(
             except ScriptError as e:
                 raise CliError(str(e)) from None
     finally:
+        if server is not None:
+            server.close()
         vm.close()
     return _report(end)
+
+
+def _mib(pages: object) -> str:
+    return f"{int(pages) * 4096 / (1 << 20):g} MiB" if isinstance(pages, int) else "-"
+
+
+def format_memory_status(st: dict[str, Any], now: float | None = None) -> str:
+    """What `pyhv memory` prints: the VM's memory and the guest's last status report."""
+    import time
+
+    lines = [
+        f"dynamic memory: {st.get('state')} (protocol {st.get('protocol') or '-'})",
+        f"assigned: {_mib(st.get('assigned_pages'))}",
+        f"visible: {_mib(st.get('visible_pages'))}",
+        f"ballooned: {_mib(st.get('ballooned_pages'))}",
+        f"hot-added: {_mib(st.get('hot_added_pages'))}",
+        f"range: {_mib(st.get('minimum_pages'))} .. {_mib(st.get('maximum_pages'))}",
+    ]
+    last = st.get("last_status")
+    if isinstance(last, dict):
+        age = (now or time.time()) - float(last.get("time", 0))
+        pressure = last.get("pressure")
+        lines.append(
+            f"last status report: committed {_mib(last.get('committed_pages'))}, available "
+            f"{_mib(last.get('available_pages'))}, pressure "
+            f"{'-' if pressure is None else f'{pressure:.0f}'}, {age:.1f} s ago"
+        )
+    else:
+        lines.append("last status report: none yet")
+    if st.get("operation") or st.get("goal_pages") is not None:
+        lines.append(f"in progress: {st.get('operation') or 'waiting'}")
+    if st.get("last_error"):
+        lines.append(f"last error: {st['last_error']}")
+    bad = st.get("bad_messages")
+    if bad:
+        lines.append(f"refused guest messages: {bad}")
+    return "\n".join(lines)
+
+
+def memory_cmd(*, control: str, target: str | None = None) -> int:
+    """`pyhv memory`: show a running VM's memory; with a target, move it there."""
+    from pyhv.worker.config import ConfigError, format_size, parse_size
+    from pyhv.worker.control import ControlError, request
+
+    msg: dict[str, object] = {"op": "status"}
+    if target is not None:
+        try:
+            msg = {"op": "target", "bytes": parse_size(target)}
+        except ConfigError as e:
+            raise CliError(f"--target: {e}", 2) from None
+    try:
+        reply = request(control, msg)
+    except ControlError as e:
+        raise CliError(str(e)) from None
+    if not reply.get("ok"):
+        raise CliError(str(reply.get("error", "the VM refused the request")))
+    plan = reply.get("plan")
+    if isinstance(plan, dict):
+        goal = int(plan.get("goal_pages", 0)) * 4096
+        note = " (clamped to the VM's minimum/maximum)" if plan.get("clamped") else ""
+        print(f"target: {format_size(goal)}{note}")
+    status = reply.get("status")
+    if isinstance(status, dict):
+        print(format_memory_status(status))
+    return 0
 
 
 def demo_vm(*, memory: str = "512M", image: str | None = None) -> int:
@@ -201,6 +292,10 @@ _RUN_VALUES = {
     "-c": "commands",
     "--image": "image",
     "--timeout": "timeout",
+    "--startup": "startup",
+    "--minimum": "minimum",
+    "--maximum": "maximum",
+    "--control": "control",
 }
 
 
@@ -212,8 +307,8 @@ def _parse_run_fast(args: list[str]) -> dict[str, Any] | None:
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg == "--process":
-            opts["process"] = True
+        if arg in ("--process", "--dynamic-memory"):
+            opts[arg[2:].replace("-", "_")] = True
             i += 1
             continue
         name, eq, value = arg.partition("=")
@@ -275,6 +370,11 @@ def _build_click() -> Any:
     @click.option("--image", type=click.Path(dir_okay=False), help="guest image (default: bundled)")
     @click.option("--process", is_flag=True, help="run the VM in its own worker process")
     @click.option("--timeout", default=300.0, show_default=True, help="seconds to wait per prompt")
+    @click.option("--dynamic-memory", is_flag=True, help="Dynamic Memory (balloon, hot-add)")
+    @click.option("--startup", help="Dynamic Memory startup RAM (same as --memory)")
+    @click.option("--minimum", help="Dynamic Memory minimum RAM (default: startup)")
+    @click.option("--maximum", help="Dynamic Memory maximum RAM (default: startup)")
+    @click.option("--control", metavar="PATH", help="serve a control socket (pyhv memory)")
     def run(script: Any, **kw: Any) -> None:
         text = None
         if script is not None:
@@ -283,6 +383,14 @@ def _build_click() -> Any:
             except UnicodeDecodeError as e:
                 raise click.BadParameter(f"{script.name} is not UTF-8 text: {e}") from None
         call(run_vm, script=text, **kw)
+
+    @group.command()
+    @click.option("--control", metavar="PATH", required=True, help="the VM's control socket")
+    @click.option("--target", help="move the VM's memory to SIZE (e.g. 768M)")
+    def memory(**kw: Any) -> None:
+        """Show a running VM's memory (assigned, visible, ballooned, the guest's last status
+        report); with --target, balloon or add memory towards SIZE."""
+        call(memory_cmd, **kw)
 
     @group.command()
     @click.option("--memory", "-m", default="512M", show_default=True, help="guest RAM")

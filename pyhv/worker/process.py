@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from pyhv.worker import protocol
 from pyhv.worker.config import VmConfig
@@ -21,8 +22,19 @@ from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
 class WorkerProcess:
     """The owner's handle on a worker process running one VM."""
 
-    def __init__(self, config: VmConfig, output: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: VmConfig,
+        output: Callable[[bytes], None] | None = None,
+        *,
+        on_memory_status: Callable[[dict[str, Any]], object] | None = None,
+    ) -> None:
         self.config = config
+        #: The guest's last Dynamic Memory status report, as the worker published it.
+        self.last_memory_status: dict[str, Any] | None = None
+        self._on_memory_status = on_memory_status
+        self._calls: dict[int, tuple[threading.Event, list[dict[str, object]]]] = {}
+        self._call_id = 0
         self.serial = SerialLog()
         self._output = output
         self._sock: socket.socket | None = None
@@ -72,6 +84,18 @@ class WorkerProcess:
                         self._output(data)
                 elif ev == "started":
                     self._started.set()
+                elif ev == "memory":
+                    call_id = msg.get("id")
+                    waiter = self._calls.pop(call_id, None) if isinstance(call_id, int) else None
+                    if waiter is not None:
+                        waiter[1].append(msg)
+                        waiter[0].set()
+                elif ev == "memory_status":
+                    status = msg.get("status")
+                    if isinstance(status, dict):
+                        self.last_memory_status = status
+                        if self._on_memory_status is not None:
+                            self._on_memory_status(status)
                 elif ev == "ended":
                     raw = msg.get("end")
                     if not isinstance(raw, dict):
@@ -87,6 +111,8 @@ class WorkerProcess:
         self._end = end
         self.serial.close()
         self._ended.set()
+        for event, _ in list(self._calls.values()):
+            event.set()  # nobody will answer now
 
     def send(self, data: bytes) -> None:
         """Type ``data`` into the VM's serial port."""
@@ -96,6 +122,41 @@ class WorkerProcess:
     def stop(self) -> None:
         """Ask the worker to stop the VM; wait() then reports it stopped."""
         self._send({"op": "stop"})
+
+    # --- Dynamic Memory: the same calls as VirtualMachine's, over the socket -------------
+
+    def _memory(self, call: str, value: int | None = None, timeout: float = 30.0) -> Any:
+        from pyhv.worker.dynmem import DynamicMemoryError
+
+        event, box = threading.Event(), list[dict[str, object]]()
+        with self._send_lock:
+            self._call_id += 1
+            call_id = self._call_id
+        self._calls[call_id] = (event, box)
+        self._send({"op": "memory", "id": call_id, "call": call, "value": value})
+        if not event.wait(timeout) or not box:
+            self._calls.pop(call_id, None)
+            raise DynamicMemoryError(
+                f"memory {call}: the worker did not answer"
+                + (" (the VM has ended)" if self._ended.is_set() else f" in {timeout} s")
+            )
+        reply = box[0]
+        if "error" in reply:
+            raise DynamicMemoryError(str(reply["error"]))
+        return reply.get("result")
+
+    def memory_status(self) -> dict[str, Any]:
+        """As VirtualMachine.memory_status, from the worker process."""
+        return self._memory("status")  # type: ignore[no-any-return]
+
+    def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
+        return self._memory("target", target_bytes)  # type: ignore[no-any-return]
+
+    def add_memory(self, pages: int) -> dict[str, Any]:
+        return self._memory("add", pages)  # type: ignore[no-any-return]
+
+    def remove_memory(self, pages: int) -> dict[str, Any]:
+        return self._memory("remove", pages)  # type: ignore[no-any-return]
 
     def _send(self, msg: dict[str, object]) -> None:
         if self._sock is None or self._ended.is_set():

@@ -3,6 +3,11 @@
 Owner -> worker: ``{"op": "boot", "config": {...}}`` (first), ``{"op": "serial", "data": b64}``,
 ``{"op": "stop"}``. Worker -> owner: ``{"ev": "started", "pid": n}``,
 ``{"ev": "serial", "data": b64}``, ``{"ev": "ended", "end": {...VmEnd...}}`` (last).
+
+Dynamic Memory: ``{"op": "memory", "id": n, "call": CALL, "value": int}`` with CALL one of
+``status``, ``target`` (bytes), ``add`` / ``remove`` (pages) is answered by
+``{"ev": "memory", "id": n, "result": {...}}`` or ``{"ev": "memory", "id": n, "error": text}``;
+every status report of the guest is published as ``{"ev": "memory_status", "status": {...}}``.
 """
 
 from __future__ import annotations

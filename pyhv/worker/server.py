@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from pyhv.worker import protocol
 from pyhv.worker.config import ConfigError, VmConfig
@@ -82,7 +83,11 @@ def serve(sock: socket.socket) -> int:
         return 2
 
     out = _SerialBatcher(lambda b: send({"ev": "serial", "data": protocol.encode_bytes(b)}))
-    vm = VirtualMachine(config, output=out.add)
+    vm = VirtualMachine(
+        config,
+        output=out.add,
+        on_memory_status=lambda st: send({"ev": "memory_status", "status": st}),
+    )
 
     def commands() -> None:
         try:
@@ -95,6 +100,8 @@ def serve(sock: socket.socket) -> int:
                     vm.send(protocol.decode_bytes(msg.get("data")))
                 elif op == "stop":
                     vm.stop("stopped by its owner")
+                elif op == "memory":
+                    send(memory_call(vm, msg))
         except (OSError, ValueError):
             pass
         vm.stop("the owner closed the worker's socket")
@@ -117,6 +124,34 @@ def serve(sock: socket.socket) -> int:
     out.close()  # all serial output goes before the end report
     send({"ev": "ended", "end": end.to_dict()})
     return 0
+
+
+def memory_call(vm: Any, msg: dict[str, object]) -> dict[str, object]:
+    """Carry out one Dynamic Memory request of the owner; the reply carries the result or
+    the reason it was refused (never an exception across the socket)."""
+    from pyhv.worker.dynmem import DynamicMemoryError
+
+    reply: dict[str, object] = {"ev": "memory", "id": msg.get("id")}
+    call, value = msg.get("call"), msg.get("value")
+    try:
+        if call == "status":
+            reply["result"] = vm.memory_status()
+            return reply
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DynamicMemoryError(f"memory {call!r} needs an integer value, got {value!r}")
+        if call == "target":
+            reply["result"] = vm.set_memory_target(value)
+        elif call == "add":
+            reply["result"] = vm.add_memory(value)
+        elif call == "remove":
+            reply["result"] = vm.remove_memory(value)
+        else:
+            raise DynamicMemoryError(
+                f"unknown memory call {call!r}: use status, target, add or remove"
+            )
+    except (DynamicMemoryError, ValueError) as e:
+        reply["error"] = str(e)
+    return reply
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,288 @@
+"""The VMMS's balancer loop: every second, for the VMs with Dynamic Memory, take each worker's
+latest status, build the balancer's state, call `decide`, send each operation to its worker as
+a memory target, and record the counters.
+
+A worker is reached through a small interface (:class:`DynamicMemoryWorker`): its latest
+status, and "move this VM's memory to N pages" (the worker balloons, or unballoons first and
+hot-adds the rest, as the book says). A target is idempotent, so a lost or repeated request does
+no harm; tests drive the loop with fake workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from pyhv.counters.dynmem import DynamicMemoryCounters
+from pyhv.dynmem.balancer import (
+    PAGE_SIZE,
+    Add,
+    BalancerConfig,
+    Decision,
+    HostMemory,
+    MemorySettings,
+    Operation,
+    Remove,
+    StatusReport,
+    VmMemoryState,
+    applied,
+    decide,
+    host_after,
+    mib_from_pages,
+)
+from pyhv.vmms.pool import HostPool
+
+log = logging.getLogger(__name__)
+
+NOT_RUNNING = "Dynamic Memory is not running in this VM"
+
+
+class DynamicMemoryUnavailable(RuntimeError):
+    """The VM's worker has no Dynamic Memory channel (DM off, guest without the VSC, or a
+    worker without the DM wiring)."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(NOT_RUNNING + (f": {detail}" if detail else ""))
+
+
+@dataclass(frozen=True)
+class MemoryStatus:
+    """A worker's latest Dynamic Memory status: the VM's memory and the guest's last report
+    (None until the guest's DM driver has reported). `busy`: an operation is in flight."""
+
+    visible_pages: int
+    assigned_pages: int
+    ballooned_pages: int
+    committed_pages: int | None = None
+    available_pages: int | None = None
+    busy: bool = False
+
+    @classmethod
+    def of(cls, raw: object) -> MemoryStatus:
+        """From the worker's status (a mapping, as pyhv.worker's memory_status() returns it)
+        or any object with these attributes; ValueError names a missing or bad value."""
+        get: Callable[[str], Any]
+        if isinstance(raw, Mapping):
+            get = raw.get
+        else:
+            get = lambda k: getattr(raw, k, None)  # noqa: E731
+        values: dict[str, Any] = {}
+        for k in (
+            "visible_pages",
+            "assigned_pages",
+            "ballooned_pages",
+            "committed_pages",
+            "available_pages",
+        ):
+            v = get(k)
+            optional = k in ("committed_pages", "available_pages")
+            if v is None and optional:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"memory status {k} must be pages >= 0, got {v!r}")
+            values[k] = v
+        busy = get("busy")
+        if busy is None:  # pyhv.worker: a goal or an operation in progress
+            busy = get("goal_pages") is not None or get("operation") is not None
+        return cls(**values, busy=bool(busy))
+
+    @property
+    def reported(self) -> bool:
+        return self.committed_pages is not None
+
+
+@runtime_checkable
+class DynamicMemoryWorker(Protocol):
+    """What the VMMS needs of a worker for Dynamic Memory (pyhv.worker.WorkerProcess)."""
+
+    def memory_status(self) -> object:
+        """The VM's memory and the guest's last report (see MemoryStatus.of); raises
+        RuntimeError when Dynamic Memory is not running."""
+
+    def set_memory_target(self, target_bytes: int) -> object:
+        """Move the VM's assigned memory towards `target_bytes` (balloon, or unballoon first
+        and hot-add the rest); returns at once; RuntimeError when it cannot."""
+
+
+def dm_port(worker: object) -> DynamicMemoryWorker | None:
+    """The worker's DM interface if it has one (a worker without the DM wiring has not)."""
+    return worker if isinstance(worker, DynamicMemoryWorker) else None
+
+
+def status_of(worker: DynamicMemoryWorker) -> MemoryStatus:
+    """The worker's status; DynamicMemoryUnavailable says why there is none."""
+    try:
+        raw = worker.memory_status()
+    except RuntimeError as e:
+        raise DynamicMemoryUnavailable(str(e)) from None
+    try:
+        return MemoryStatus.of(raw)
+    except ValueError as e:
+        raise DynamicMemoryUnavailable(f"the worker's status is unusable: {e}") from None
+
+
+@dataclass
+class _Tracked:
+    above_target_s: float = 0.0
+    pending: Operation | None = None
+    target: int = 0
+    dispatched_from: int = 0
+    ticks: int = 0
+
+
+class BalancerLoop:
+    """One tick per second over the VMs given by `vms()` ({name: (settings, worker)})."""
+
+    def __init__(
+        self,
+        pool: HostPool,
+        vms: Callable[[], Mapping[str, tuple[MemorySettings, DynamicMemoryWorker]]],
+        counters: DynamicMemoryCounters | None = None,
+        config: BalancerConfig | None = None,
+        pending_ticks: int = 10,
+    ) -> None:
+        self.pool = pool
+        self.config = config or BalancerConfig()
+        self.counters = counters
+        self._vms = vms
+        self._pending_ticks = pending_ticks
+        self._tracked: dict[str, _Tracked] = {}
+        self._lock = threading.Lock()
+        self.last_decision: Decision | None = None
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._tracked.pop(name, None)
+        if self.counters is not None:
+            self.counters.forget_vm(name)
+
+    def request_target(self, name: str, worker: DynamicMemoryWorker, pages: int) -> None:
+        """An administrator's target (`pyhv vm memory NAME --target`): carried out like a
+        balancer operation, so the pool and counters follow; the balancer resumes after it."""
+        current = status_of(worker).assigned_pages
+        op: Operation = (
+            Add(name, pages - current, 0, 0) if pages >= current else Remove(name, current - pages)
+        )
+        with self._lock:
+            try:
+                worker.set_memory_target(pages * PAGE_SIZE)
+            except RuntimeError as e:
+                raise DynamicMemoryUnavailable(str(e)) from None
+            self._tracked[name] = _Tracked(
+                self._tracked.get(name, _Tracked()).above_target_s, op, pages, current
+            )
+
+    def tick(self) -> Decision | None:
+        """One balancer pass; returns the decision (None with no reporting DM VM)."""
+        with self._lock:
+            return self._tick()
+
+    def _tick(self) -> Decision | None:
+        vms = dict(self._vms())
+        for gone in set(self._tracked) - set(vms):
+            del self._tracked[gone]
+        states: list[VmMemoryState] = []
+        in_flight: list[Operation] = []
+        workers: dict[str, DynamicMemoryWorker] = {}
+        for name, (settings, worker) in vms.items():
+            try:
+                status = status_of(worker)
+            except DynamicMemoryUnavailable as e:
+                log.debug("VM %s left alone this tick: %s", name, e)
+                continue
+            if not status.reported or not self.pool.holds(name):
+                continue  # its guest has not reported (yet): the balancer leaves it alone
+            workers[name] = worker
+            self.pool.sync(name, status.visible_pages, status.assigned_pages)
+            tr = self._tracked.setdefault(name, _Tracked())
+            self._complete(name, tr, status)
+            visible, assigned, ballooned = self.pool.pages(name)
+            state = VmMemoryState(
+                name,
+                settings,
+                visible_pages=visible,
+                assigned_pages=assigned,
+                ballooned_pages=min(ballooned, visible),
+                report=StatusReport(status.committed_pages or 0, status.available_pages or 0),
+                above_target_s=tr.above_target_s,
+            )
+            rest = self._remaining(state, tr)
+            if rest is not None:
+                in_flight.append(rest)
+                state = applied(state, rest)
+            states.append(state)
+        if not states:
+            if self.counters is not None:  # the pool is worth watching without DM VMs too
+                free = mib_from_pages(self.pool.free_pages)
+                self.counters.balancer.update(
+                    {"Available Memory": free, "Available Memory For Balancing": free}
+                )
+            return None
+        host = host_after(HostMemory(self.pool.free_pages, 0), in_flight)
+        decision = decide(host, states, self.config)
+        if self.counters is not None:
+            self.counters.record_tick(states, decision)
+        for name, timer in zip(decision.vm_ids, decision.above_target_s, strict=True):
+            self._tracked[name].above_target_s = timer
+        for op in decision.operations:
+            self._dispatch(op, workers[op.vm])
+        self.last_decision = decision
+        return decision
+
+    def _complete(self, name: str, tr: _Tracked, status: MemoryStatus) -> None:
+        """A pending operation is done when the worker reports the target reached (or gives up
+        after `pending_ticks`): count what really moved."""
+        if tr.pending is None:
+            return
+        tr.ticks += 1
+        reached = status.assigned_pages == tr.target
+        if not reached and status.busy and tr.ticks < self._pending_ticks:
+            return
+        moved = abs(status.assigned_pages - tr.dispatched_from)
+        if status.assigned_pages != tr.target:
+            log.warning(
+                "VM %s reached %d of target %d pages: the balancer decides again",
+                name,
+                status.assigned_pages,
+                tr.target,
+            )
+        if moved and self.counters is not None:
+            self.counters.record_operation(tr.pending._replace(pages=moved))
+        tr.pending = None
+
+    @staticmethod
+    def _remaining(state: VmMemoryState, tr: _Tracked) -> Operation | None:
+        """What is still in flight, as an operation (for `applied` and `host_after`)."""
+        if tr.pending is None:
+            return None
+        left = tr.target - state.assigned_pages
+        if left > 0:
+            unballoon = min(left, state.ballooned_pages)
+            return Add(state.vm, left, unballoon, left - unballoon)
+        if left < 0:
+            return Remove(state.vm, -left)
+        return None
+
+    def _dispatch(self, op: Operation, worker: DynamicMemoryWorker) -> None:
+        tr = self._tracked[op.vm]
+        if tr.pending is not None:
+            return  # one transaction at a time per VM, as the DM protocol has it
+        current = self.pool.pages(op.vm)[1]
+        target = current + op.pages if isinstance(op, Add) else current - op.pages
+        try:
+            worker.set_memory_target(target * PAGE_SIZE)
+        except (RuntimeError, OSError) as e:
+            log.warning("VM %s: %s not sent: %s", op.vm, op, e)
+            return
+        tr.pending, tr.target, tr.dispatched_from, tr.ticks = op, target, current, 0
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick every `config.tick_s` until `stop` is set; errors are logged, never fatal."""
+        while not stop.wait(self.config.tick_s):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - one bad tick must not end balancing
+                log.exception("balancer tick failed")

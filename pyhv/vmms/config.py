@@ -1,0 +1,235 @@
+"""A VM's stored configuration as the VMMS keeps it (Hyper-V's VM settings, Set-VMMemory):
+VP count, startup memory, Dynamic Memory on/off with minimum, maximum, buffer and weight,
+guest image and command line. Values are checked when a configuration is built, and a change
+to a running VM follows the book's rules: startup memory is fixed, minimum may only go down,
+maximum only up. The memory rules themselves are `pyhv.dynmem.balancer.MemorySettings`'s."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from pyhv.dynmem.balancer import (
+    DEFAULT_BUFFER_PERCENT,
+    DEFAULT_WEIGHT,
+    PAGE_SIZE,
+    MemorySettings,
+    SettingsError,
+)
+from pyhv.worker.config import (
+    MAX_MEMORY,
+    MIB,
+    MIN_MEMORY,
+    ConfigError,
+    VmConfig,
+    format_size,
+    parse_size,
+)
+
+#: A name is also a file name in the state directory and a path segment of the API.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+#: Settings a caller may give, with what each means (also the OpenAPI schema's descriptions).
+FIELDS: dict[str, str] = {
+    "name": "1-64 characters: letters, digits, '.', '_', '-' (not first)",
+    "vps": "virtual processors, 1..64",
+    "memory": "startup memory: bytes or a size such as 512M (16M..60G, whole MiB)",
+    "dynamic_memory": "Dynamic Memory on (true) or off (false)",
+    "minimum": "Dynamic Memory minimum (default: startup / 2, at least 16M)",
+    "maximum": "Dynamic Memory maximum (default: 4 x startup, at most 60G)",
+    "buffer": "Dynamic Memory buffer in percent, 5..2000 (default 20)",
+    "weight": "memory weight (priority) 0..100 (default 50)",
+    "image": "guest image file (default: the bundled reference guest)",
+    "cmdline": "guest kernel command line",
+}
+
+#: What may change while the VM runs (Hyper-V: the Dynamic Memory knobs, within the rules).
+RUNNING_CHANGES = ("minimum", "maximum", "buffer", "weight")
+
+
+class VmSettingsError(ValueError):
+    """A configuration value is wrong; the message names it, gives the value and the fix."""
+
+
+@dataclass(frozen=True)
+class VmSettings:
+    """One VM's configuration. Build with :func:`settings_from_dict` to have it checked."""
+
+    name: str
+    vps: int = 1
+    memory: int = 512 * MIB
+    dynamic_memory: bool = False
+    minimum: int = 256 * MIB
+    maximum: int = 2048 * MIB
+    buffer: int = DEFAULT_BUFFER_PERCENT
+    weight: int = DEFAULT_WEIGHT
+    image: str | None = None
+    cmdline: str = ""
+
+    def memory_settings(self) -> MemorySettings:
+        """The balancer's view (pages); raises SettingsError for values it refuses."""
+        return MemorySettings(
+            self.memory // PAGE_SIZE,
+            self.minimum // PAGE_SIZE,
+            self.maximum // PAGE_SIZE,
+            self.buffer,
+            self.weight,
+        )
+
+    def worker_config(self, image: str) -> VmConfig:
+        """What the worker boots (the worker checks it again on its side)."""
+        extra: dict[str, Any] = {}
+        if self.dynamic_memory and "minimum" in VmConfig.__dataclass_fields__:
+            # A worker with the Dynamic Memory wiring clamps targets to these itself.
+            extra = {"minimum": self.minimum, "maximum": self.maximum}
+        return VmConfig.create(
+            image=image,
+            memory=self.memory,
+            vps=self.vps,
+            cmdline=self.cmdline,
+            name=self.name,
+            dynamic_memory=self.dynamic_memory,
+            **extra,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _size(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise VmSettingsError(
+            f"{key} must be a size in bytes or a string such as '512M', got {value!r}"
+        )
+    try:
+        size = parse_size(value)
+    except ConfigError as e:
+        raise VmSettingsError(str(e) if key == "memory" else f"{key}: {e}") from None
+    if size % MIB:
+        raise VmSettingsError(f"{key} {format_size(size)} is not a whole number of MiB: round it")
+    if not MIN_MEMORY <= size <= MAX_MEMORY:
+        raise VmSettingsError(
+            f"{key} {format_size(size)} is out of range: use {format_size(MIN_MEMORY)} to "
+            f"{format_size(MAX_MEMORY)}"
+        )
+    return size
+
+
+def _int(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise VmSettingsError(f"{key} must be a whole number, got {value!r}")
+    return value
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise VmSettingsError(
+            f"VM name {name!r} is not usable: {FIELDS['name']} (it names a file and a URL)"
+        )
+    return name
+
+
+def check_name(name: object) -> str:
+    """The name, or VmSettingsError saying what a name may be."""
+    return _check_name(name)
+
+
+def _fields(raw: Mapping[str, object], allowed: tuple[str, ...]) -> dict[str, Any]:
+    """Convert and type-check the given fields; unknown keys are refused, not ignored."""
+    if not isinstance(raw, Mapping):
+        raise VmSettingsError(f"settings must be an object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise VmSettingsError(
+            f"unknown setting(s) {', '.join(map(repr, unknown))}: known are {', '.join(allowed)}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "name":
+            out[key] = _check_name(value)
+        elif key in ("memory", "minimum", "maximum"):
+            out[key] = _size(key, value)
+        elif key in ("vps", "buffer", "weight"):
+            out[key] = _int(key, value)
+        elif key == "dynamic_memory":
+            if not isinstance(value, bool):
+                raise VmSettingsError(f"dynamic_memory must be true or false, got {value!r}")
+            out[key] = value
+        elif key == "image":
+            if value is not None and (not isinstance(value, str) or not value):
+                raise VmSettingsError(f"image must be a file path or null, got {value!r}")
+            out[key] = value
+        elif key == "cmdline":
+            if not isinstance(value, str):
+                raise VmSettingsError(f"cmdline must be a string, got {value!r}")
+            out[key] = value
+    return out
+
+
+def _validated(s: VmSettings) -> VmSettings:
+    try:
+        # The worker's own checks (VP count, command line), image checked when it starts.
+        VmConfig.create(
+            image=s.image or "-",
+            memory=s.memory,
+            vps=s.vps,
+            cmdline=s.cmdline,
+            name=s.name,
+            check_image=False,
+        )
+    except ConfigError as e:
+        raise VmSettingsError(str(e)) from None
+    try:
+        s.memory_settings()
+    except SettingsError as e:
+        raise VmSettingsError(
+            f"dynamic memory settings minimum={format_size(s.minimum)} "
+            f"startup={format_size(s.memory)} maximum={format_size(s.maximum)} "
+            f"buffer={s.buffer} weight={s.weight} are refused: {e}"
+        ) from None
+    return s
+
+
+def settings_from_dict(raw: Mapping[str, object]) -> VmSettings:
+    """A new VM's settings from a request body or a stored file. Unset minimum and maximum
+    default to startup / 2 (at least 16M) and 4 x startup (at most 60G)."""
+    values = _fields(raw, tuple(FIELDS))
+    if "name" not in values:
+        raise VmSettingsError("name is required: give the VM a name")
+    memory = values.setdefault("memory", 512 * MIB)
+    values.setdefault("minimum", max(MIN_MEMORY, memory // 2 // MIB * MIB))
+    values.setdefault("maximum", min(MAX_MEMORY, memory * 4))
+    return _validated(VmSettings(**values))
+
+
+def apply_changes(current: VmSettings, raw: Mapping[str, object], running: bool) -> VmSettings:
+    """`current` with the changes in `raw`. A VM that is off may change anything but its name;
+    a running VM only its Dynamic Memory minimum (down), maximum (up), buffer and weight."""
+    allowed = RUNNING_CHANGES if running else tuple(k for k in FIELDS if k != "name")
+    try:
+        values = _fields(raw, allowed)
+    except VmSettingsError as e:
+        if running and isinstance(raw, Mapping) and set(raw) - set(RUNNING_CHANGES):
+            fixed = sorted(set(raw) - set(RUNNING_CHANGES))
+            raise VmSettingsError(
+                f"{', '.join(fixed)} cannot change while VM {current.name!r} runs: only "
+                f"{', '.join(RUNNING_CHANGES)} can; stop the VM first"
+            ) from None
+        raise e
+    new = _validated(replace(current, **values))
+    if running:
+        if new.minimum > current.minimum:
+            raise VmSettingsError(
+                f"minimum can only go down while VM {current.name!r} runs (from "
+                f"{format_size(current.minimum)}, asked {format_size(new.minimum)}): stop the "
+                "VM to raise it"
+            )
+        if new.maximum < current.maximum:
+            raise VmSettingsError(
+                f"maximum can only go up while VM {current.name!r} runs (from "
+                f"{format_size(current.maximum)}, asked {format_size(new.maximum)}): stop the "
+                "VM to lower it"
+            )
+    return new

@@ -1,0 +1,18 @@
+"""Where a host's VMMS keeps its state and its socket (light: the client imports it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SOCKET_NAME = "vmms.sock"
+TOKEN_NAME = "token"
+
+
+def default_state_dir() -> Path:
+    """``$PYHV_STATE_DIR``, else ``$XDG_STATE_HOME/pyhv``, else ``~/.local/state/pyhv``."""
+    env = os.environ.get("PYHV_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
+    return Path(base) / "pyhv"

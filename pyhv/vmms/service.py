@@ -1,0 +1,449 @@
+"""The Virtual Machine Management Service: one per host. It keeps the VM inventory (stored
+configurations), starts each VM in a worker process of its own, watches the workers (a worker
+that dies is reported "crashed" with the reason and its memory goes back to the pool; the other
+VMs run on), runs the Dynamic Memory balancer and keeps the counters. The HTTP API
+(pyhv.vmms.api) only translates requests into these calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pyhv.counters.dynmem import DynamicMemoryCounters
+from pyhv.counters.prometheus import prometheus_text
+from pyhv.counters.registry import CounterDef, CounterRegistry, CounterSetDef
+from pyhv.dynmem.balancer import PAGE_SIZE, BalancerConfig, MemorySettings
+from pyhv.memory.manager import MemoryManagerError
+from pyhv.vmms.balancing import (
+    BalancerLoop,
+    DynamicMemoryUnavailable,
+    DynamicMemoryWorker,
+    dm_port,
+    status_of,
+)
+from pyhv.vmms.config import (
+    VmSettings,
+    VmSettingsError,
+    apply_changes,
+    check_name,
+    settings_from_dict,
+)
+from pyhv.vmms.pool import HostPool
+from pyhv.vmms.store import ConfigStore
+from pyhv.worker.config import ConfigError, VmConfig, format_size, parse_size
+from pyhv.worker.outcome import VmEnd
+
+log = logging.getLogger(__name__)
+
+OFF, STARTING, RUNNING, STOPPING, CRASHED = "off", "starting", "running", "stopping", "crashed"
+
+#: Hyper-V's own summary set: how many VMs are fine and how many are not.
+HEALTH_SET = CounterSetDef(
+    "Hyper-V Virtual Machine Health Summary",
+    (
+        CounterDef("Health Ok", "VMs running normally", "count"),
+        CounterDef("Health Critical", "VMs whose worker or guest crashed", "count"),
+    ),
+    instance_label=None,
+)
+
+
+class VmmsError(Exception):
+    """A request the service refuses; `status` is the HTTP status that says why."""
+
+    status = 400
+
+
+class NotFound(VmmsError):
+    status = 404
+
+
+class Conflict(VmmsError):
+    status = 409
+
+
+class Worker(Protocol):
+    """What the service needs of a worker (pyhv.worker.WorkerProcess has it)."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def returncode(self) -> int | None: ...
+
+    def start(self) -> None: ...
+    def send(self, data: bytes) -> None: ...
+    def stop(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> VmEnd | None: ...
+    def close(self, timeout: float = ...) -> None: ...
+
+
+WorkerFactory = Callable[[VmConfig, Callable[[bytes], None]], Worker]
+
+
+def _worker_process(config: VmConfig, output: Callable[[bytes], None]) -> Worker:
+    from pyhv.worker.process import WorkerProcess
+
+    return WorkerProcess(config, output=output)
+
+
+def _bundled_image() -> str:
+    from pyhv.guest_image import image_path
+
+    return str(image_path())
+
+
+@dataclass(eq=False)
+class _Vm:
+    settings: VmSettings
+    state: str = OFF
+    reason: str = ""
+    worker: Worker | None = None
+    started_at: float | None = None
+    tail: bytearray = field(default_factory=bytearray)
+    consoles: list[Callable[[bytes], None]] = field(default_factory=list)
+
+
+#: Serial output kept per VM for a console that attaches later (it sees the last prompt).
+TAIL_BYTES = 4096
+
+
+class Vmms:
+    """The service. Thread-safe: the API calls it from one thread per request."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        budget_bytes: int,
+        reserve_bytes: int = 0,
+        balancer: BalancerConfig | None = None,
+        worker_factory: WorkerFactory = _worker_process,
+        image_resolver: Callable[[], str] = _bundled_image,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self.store = ConfigStore(state_dir)
+        self.pool = HostPool(budget_bytes, reserve_bytes)
+        self.registry = CounterRegistry()
+        self.dm_counters = DynamicMemoryCounters(self.registry)
+        self.health = self.registry.register(HEALTH_SET)
+        self.balancer = BalancerLoop(self.pool, self._dm_vms, self.dm_counters, balancer)
+        self._worker_factory = worker_factory
+        self._image_resolver = image_resolver
+        self._stop_timeout = stop_timeout
+        self._lock = threading.RLock()
+        self._vms = {name: _Vm(s) for name, s in self.store.load_all().items()}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._update_health()
+
+    # --- lifecycle of the service --------------------------------------------------------
+
+    def start_balancer(self) -> None:
+        t = threading.Thread(target=self._balance, name="vmms-balancer", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _balance(self) -> None:
+        self.balancer.run(self._stop)
+
+    def close(self) -> None:
+        """Stop balancing and every running VM (their workers exit with the service)."""
+        self._stop.set()
+        with self._lock:
+            running = [vm for vm in self._vms.values() if vm.worker is not None]
+        for vm in running:
+            self._halt(vm, "the VMMS is shutting down")
+        for t in self._threads:
+            t.join(5)
+
+    # --- inventory -----------------------------------------------------------------------
+
+    def _get(self, name: str) -> _Vm:
+        try:
+            check_name(name)
+        except VmSettingsError as e:
+            raise NotFound(str(e)) from None
+        vm = self._vms.get(name)
+        if vm is None:
+            raise NotFound(f"no VM named {name!r}: `pyhv vm list` shows the VMs")
+        return vm
+
+    def describe(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            return self._describe(self._get(name))
+
+    def _describe(self, vm: _Vm) -> dict[str, Any]:
+        s = vm.settings
+        out: dict[str, Any] = {
+            "name": s.name,
+            "state": vm.state,
+            "reason": vm.reason,
+            "pid": vm.worker.pid if vm.worker is not None else None,
+            "uptime_s": round(time.monotonic() - vm.started_at, 1) if vm.started_at else None,
+            "settings": s.to_dict(),
+        }
+        if self.pool.holds(s.name):
+            visible, assigned, ballooned = self.pool.pages(s.name)
+            out["memory"] = {
+                "visible": visible * PAGE_SIZE,
+                "assigned": assigned * PAGE_SIZE,
+                "ballooned": ballooned * PAGE_SIZE,
+            }
+        return out
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [self._describe(vm) for _, vm in sorted(self._vms.items())]
+
+    def create(self, raw: Mapping[str, object]) -> dict[str, Any]:
+        try:
+            settings = settings_from_dict(raw)
+        except VmSettingsError as e:
+            raise VmmsError(str(e)) from None
+        with self._lock:
+            if settings.name in self._vms:
+                raise Conflict(f"a VM named {settings.name!r} exists: pick another name")
+            self.store.save(settings)
+            vm = self._vms[settings.name] = _Vm(settings)
+            return self._describe(vm)
+
+    def update(self, name: str, raw: Mapping[str, object]) -> dict[str, Any]:
+        with self._lock:
+            vm = self._get(name)
+            if vm.state in (STARTING, STOPPING):
+                raise Conflict(f"VM {name!r} is {vm.state}: try again in a moment")
+            try:
+                new = apply_changes(vm.settings, raw, running=vm.state == RUNNING)
+            except VmSettingsError as e:
+                raise VmmsError(str(e)) from None
+            self.store.save(new)
+            vm.settings = new
+            return self._describe(vm)
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            vm = self._get(name)
+            if vm.worker is not None:
+                raise Conflict(f"VM {name!r} is {vm.state}: stop it first (`pyhv vm stop {name}`)")
+            self.store.delete(name)
+            del self._vms[name]
+
+    # --- running VMs ---------------------------------------------------------------------
+
+    def start(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            vm = self._get(name)
+            if vm.worker is not None:
+                raise Conflict(f"VM {name!r} is {vm.state} already")
+            try:
+                image = vm.settings.image or self._image_resolver()
+                config = vm.settings.worker_config(image)
+            except ConfigError as e:
+                raise Conflict(f"VM {name!r} cannot start: {e}") from None
+            except Exception as e:  # noqa: BLE001 - the guest builder says what is missing
+                raise Conflict(f"VM {name!r} cannot start: no guest image ({e})") from None
+            try:
+                self.pool.admit(name, vm.settings.memory)
+            except MemoryManagerError as e:
+                raise Conflict(
+                    f"VM {name!r} cannot start: not enough host memory for "
+                    f"{format_size(vm.settings.memory)} ({e})"
+                ) from None
+            vm.state, vm.reason, vm.tail = STARTING, "", bytearray()
+            worker = self._worker_factory(config, lambda data: self._output(vm, data))
+            vm.worker = worker
+            try:
+                worker.start()
+            except OSError as e:
+                vm.worker, vm.state, vm.reason = None, CRASHED, f"the worker did not start: {e}"
+                self.pool.give_back(name)
+                raise Conflict(f"VM {name!r} cannot start: {e}") from None
+            vm.state, vm.started_at = RUNNING, time.monotonic()
+            watcher = threading.Thread(
+                target=self._watch, args=(vm, worker), name=f"watch-{name}", daemon=True
+            )
+            watcher.start()
+            self._update_health()
+            return self._describe(vm)
+
+    def _watch(self, vm: _Vm, worker: Worker) -> None:
+        """Wait for the worker's end; a crash is reported with its reason, and the VM's memory
+        returns to the pool either way."""
+        end = worker.wait()
+        worker.close()
+        assert end is not None
+        reason = end.describe()
+        if worker.returncode is not None and worker.returncode < 0:
+            try:
+                reason += f" (killed by {signal.Signals(-worker.returncode).name})"
+            except ValueError:
+                reason += f" (killed by signal {-worker.returncode})"
+        with self._lock:
+            if vm.worker is not worker:
+                return
+            vm.worker, vm.started_at = None, None
+            vm.state = CRASHED if end.failed else OFF
+            vm.reason = reason
+            consoles, vm.consoles = vm.consoles, []
+            self.pool.give_back(vm.settings.name)
+            self._update_health()
+        self.balancer.forget(vm.settings.name)  # not under our lock: a tick takes it
+        if end.failed:
+            log.warning("VM %s crashed: %s", vm.settings.name, reason)
+        for c in consoles:
+            c(b"")  # end of output: the console connection closes
+
+    def _halt(self, vm: _Vm, why: str) -> None:
+        with self._lock:
+            worker = vm.worker
+            if worker is None:
+                return
+            vm.state = STOPPING
+        worker.stop()
+        if worker.wait(self._stop_timeout) is None:
+            log.warning(
+                "VM %s did not stop within %g s (%s): killing its worker",
+                vm.settings.name,
+                self._stop_timeout,
+                why,
+            )
+            worker.close(1.0)
+        # The watcher records the end; wait for it so the caller sees the VM off.
+        deadline = time.monotonic() + self._stop_timeout
+        while vm.worker is worker and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            vm = self._get(name)
+            if vm.worker is None:
+                raise Conflict(f"VM {name!r} is {vm.state}, not running")
+        self._halt(vm, "stopped by the administrator")
+        with self._lock:
+            return self._describe(vm)
+
+    def _update_health(self) -> None:
+        states = [vm.state for vm in self._vms.values()]
+        self.health.update(
+            {
+                "Health Ok": sum(s in (STARTING, RUNNING) for s in states),
+                "Health Critical": states.count(CRASHED),
+            }
+        )
+
+    # --- serial console ------------------------------------------------------------------
+
+    def _output(self, vm: _Vm, data: bytes) -> None:
+        """Serial output of a VM (on its worker's reader thread): keep a tail, fan out."""
+        with self._lock:
+            vm.tail += data
+            del vm.tail[:-TAIL_BYTES]
+            consoles = list(vm.consoles)
+        for c in consoles:
+            c(data)
+
+    def attach(self, name: str, output: Callable[[bytes], None]) -> Callable[[], None]:
+        """Connect a console: `output` gets the recent tail, then everything the guest prints,
+        then b"" when the VM ends. Returns the function that detaches it."""
+        with self._lock:
+            vm = self._get(name)
+            if vm.worker is None:
+                raise Conflict(f"VM {name!r} is {vm.state}: start it to use its console")
+            vm.consoles.append(output)
+            output(bytes(vm.tail))
+
+        def detach() -> None:
+            with self._lock:
+                if output in vm.consoles:
+                    vm.consoles.remove(output)
+
+        return detach
+
+    def type(self, name: str, data: bytes) -> None:
+        """Input for the VM's serial port."""
+        with self._lock:
+            vm = self._get(name)
+            worker = vm.worker
+        if worker is None:
+            raise Conflict(f"VM {name!r} is {vm.state}: start it to use its console")
+        worker.send(data)
+
+    # --- Dynamic Memory ------------------------------------------------------------------
+
+    def _dm_vms(self) -> dict[str, tuple[MemorySettings, DynamicMemoryWorker]]:
+        with self._lock:
+            out = {}
+            for name, vm in self._vms.items():
+                port = dm_port(vm.worker)
+                if vm.state == RUNNING and vm.settings.dynamic_memory and port is not None:
+                    out[name] = (vm.settings.memory_settings(), port)
+            return out
+
+    def _dm(self, name: str) -> DynamicMemoryWorker:
+        vm = self._get(name)
+        if vm.worker is None:
+            raise Conflict(f"VM {name!r} is {vm.state}: start it first")
+        if not vm.settings.dynamic_memory:
+            raise Conflict(
+                f"Dynamic Memory is not enabled for VM {name!r}: stop it and set "
+                "dynamic_memory (`pyhv vm memory NAME --dynamic`)"
+            )
+        port = dm_port(vm.worker)
+        if port is None:
+            raise Conflict(
+                "Dynamic Memory is not running in this VM: its worker does not offer the "
+                "Dynamic Memory channel"
+            )
+        return port
+
+    def memory_status(self, name: str) -> dict[str, Any]:
+        """The worker's view of the VM's memory, in bytes (None until the guest reported)."""
+        with self._lock:
+            port = self._dm(name)
+        try:
+            st = status_of(port)
+        except DynamicMemoryUnavailable as e:
+            raise Conflict(str(e)) from None
+        return {
+            k.removesuffix("_pages"): None if v is None else v * PAGE_SIZE
+            for k, v in vars(st).items()
+            if k != "busy"
+        } | {"busy": st.busy}
+
+    def set_memory_target(self, name: str, target: object) -> dict[str, Any]:
+        try:
+            if isinstance(target, bool) or not isinstance(target, int | str):
+                raise ConfigError(f"target must be bytes or a size such as '768M', got {target!r}")
+            size = parse_size(target)
+        except ConfigError as e:
+            raise VmmsError(str(e)) from None
+        with self._lock:
+            vm = self._get(name)
+            port = self._dm(name)
+            s = vm.settings
+            if not s.minimum <= size <= s.maximum:
+                raise VmmsError(
+                    f"target {format_size(size)} is outside VM {name!r}'s Dynamic Memory range "
+                    f"{format_size(s.minimum)}..{format_size(s.maximum)}: pick a target inside "
+                    "it or change minimum/maximum"
+                )
+        try:
+            self.balancer.request_target(name, port, size // PAGE_SIZE)
+        except DynamicMemoryUnavailable as e:
+            raise Conflict(str(e)) from None
+        return {"name": name, "target": size}
+
+    # --- counters ------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, float]:
+        return self.registry.snapshot()
+
+    def metrics(self) -> str:
+        return prometheus_text(self.registry)

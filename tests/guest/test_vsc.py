@@ -1,0 +1,242 @@
+"""The reference guest's VMBus client and Dynamic Memory VSC (guest/vmbus.c, guest/dmvsc.c) under
+the worker's real host side (pyhv.worker.dynmem: VMBus controller, doorbell ioeventfd, DM VSP,
+memory manager): negotiation, status reports, balloon, unballoon, hot-add, and what the guest
+does with values a host should not send."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyhv.dynmem import protocol as p
+from pyhv.dynmem.protocol import MessageType as T
+from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp
+from pyhv.memory.ranges import PageRange
+from tests.guest.conftest import Shell
+
+pytestmark = pytest.mark.kvm
+
+MiB_PAGES = 256
+Boot = Callable[..., Shell]
+
+
+def floor_pages(ram_pages: int) -> int:
+    """Linux hv_balloon's compute_balloon_floor(), in pages."""
+    mb = MiB_PAGES
+    if ram_pages < 128 * mb:
+        return 8 * mb + ram_pages // 2
+    if ram_pages < 512 * mb:
+        return 40 * mb + ram_pages // 4
+    if ram_pages < 2048 * mb:
+        return 104 * mb + ram_pages // 8
+    if ram_pages < 8192 * mb:
+        return 232 * mb + ram_pages // 16
+    return 488 * mb + ram_pages // 32
+
+
+def wait_until(what: str, ok: Callable[[], Any], tries: int = 200) -> Any:
+    """Poll until ok() is truthy (the guest and the host work in the background)."""
+    for _ in range(tries):
+        v = ok()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+def dm(shell: Shell) -> dict[str, Any]:
+    """The `dm` command's `name: value` lines (numbers as int, the rest as text)."""
+    out: dict[str, Any] = {}
+    for m in re.finditer(r"^([\w-]+): (.*)$", shell.run("dm"), re.M):
+        out[m[1]] = int(m[2]) if m[2].isdigit() else m[2]
+    return out
+
+
+@pytest.fixture
+def boot_dm(guest_image: Path) -> Iterator[Callable[..., Shell]]:
+    """Boot the guest with Dynamic Memory on and wait until its VSC has negotiated."""
+    from pyhv.worker import VirtualMachine, VmConfig
+
+    vms: list[Any] = []
+
+    def boot(memory: str = "256M", minimum: str = "64M", maximum: str = "1G") -> Shell:
+        cfg = VmConfig.create(
+            image=guest_image,
+            memory=memory,
+            dynamic_memory=True,
+            minimum=minimum,
+            maximum=maximum,
+        )
+        vm = VirtualMachine(cfg)
+        vms.append(vm)
+        vm.start()
+        shell = Shell(vm)
+        wait_until("the DM VSC is ready", lambda: dm(shell)["state"] == "ready")
+        wait_until("the host saw the negotiation", lambda: vm.dynmem.negotiated)
+        return shell
+
+    yield boot
+    for vm in vms:
+        vm.close()
+
+
+def mem(shell: Shell) -> dict[str, int]:
+    return shell.values("mem")
+
+
+def settle(shell: Shell, target_mib: int) -> dict[str, Any]:
+    vm = shell.vm
+    vm.set_memory_target(target_mib << 20)
+    assert vm.wait_memory_idle(60)
+    return vm.memory_status()
+
+
+def test_the_vsc_negotiates_2_0_and_reports_linux_committed_every_second(boot_dm: Boot) -> None:
+    shell = boot_dm("256M")
+    d = dm(shell)
+    assert d["protocol"].startswith("2.0") and d["bad-messages"] == 0
+    vmbus = shell.run("vmbus")
+    assert "type 525074dc-8985-46e2-8057-a307dc18a502 open" in vmbus
+    assert "10 pages, host->guest from page 5" in vmbus  # 4 + 16 KiB per direction, as Linux
+    st = shell.vm.memory_status()
+    assert st["protocol"] == "2.0"
+    assert st["caps"] == {"balloon": True, "hot_add": True, "hot_add_alignment_mib": 2}
+    # the host's info message (protocol 1.0+) told the guest its maximum
+    assert d["max-page-count"] == 1 << 18 and d["info-messages"] == 1
+    # reports keep coming, and the host got what the guest sent
+    first = dm(shell)["status-reports"]
+    wait_until("two more status reports", lambda: dm(shell)["status-reports"] >= first + 2)
+
+    def same() -> bool:
+        d = dm(shell)
+        s = shell.vm.memory_status()
+        return (s["committed_pages"], s["available_pages"]) == (
+            d["last-committed"],
+            d["last-available"],
+        )
+
+    wait_until("the host's last status is the guest's", same)
+    d = dm(shell)
+    m = mem(shell)
+    # committed + ballooned + floor (hv_balloon), the floor of 256 MiB being 104 MiB
+    kernel = d["last-committed"] - floor_pages(256 * MiB_PAGES)
+    assert 0 < kernel < 8 * MiB_PAGES and kernel // MiB_PAGES == m["committed"]
+    assert abs(d["last-available"] - m["free"] * MiB_PAGES) < MiB_PAGES
+    assert shell.vm.dynmem.vsp.counters["refused"] == 0
+
+
+def test_balloon_unballoon_and_hot_add_move_the_guests_memory(boot_dm: Boot) -> None:
+    shell = boot_dm("256M")
+    before = mem(shell)
+    st = settle(shell, 192)
+    m = mem(shell)
+    assert m["ballooned"] == 64 and m["free"] == before["free"] - 64 and m["visible"] == 256
+    assert st["ballooned_pages"] == 64 * MiB_PAGES and st["last_error"] is None
+    d = dm(shell)
+    assert d["ballooned"] == 64 * MiB_PAGES and d["balloon-requests"] == 1
+    assert d["balloon-responses"] == 1  # 2 MiB runs: a handful of ranges, one message
+    assert shell.run("pmmcheck") == "pmm: consistent\n"
+
+    st = settle(shell, 256)
+    assert mem(shell) == before and st["ballooned_pages"] == 0
+    assert dm(shell)["unballoon-pages"] == 64 * MiB_PAGES
+
+    st = settle(shell, 512)
+    m = mem(shell)
+    assert m["visible"] == 512 and m["hot-added"] == 256
+    assert m["free"] == before["free"] + 256
+    assert st["hot_added_pages"] == 256 * MiB_PAGES and st["assigned_pages"] == 512 * MiB_PAGES
+    assert dm(shell)["hot-add-pages"] == 256 * MiB_PAGES
+    assert shell.run("pmmcheck") == "pmm: consistent\n"
+    # the hot-added memory is real: a task commits and touches more than the boot RAM
+    assert "committed 400 MiB" in shell.run("testlimit -m 400")
+    wait_until("400 MiB touched", lambda: f"touched {400 * MiB_PAGES} pages" in shell.run("tasks"))
+    shell.run("kill")
+    # and it can be ballooned out again, as any other memory
+    st = settle(shell, 300)
+    assert st["assigned_pages"] == 300 * MiB_PAGES and mem(shell)["ballooned"] == 212
+    assert shell.run("pmmcheck") == "pmm: consistent\n"
+
+
+def test_the_guest_balloons_no_further_than_its_floor(boot_dm: Boot) -> None:
+    shell = boot_dm("256M", minimum="32M")
+    assert "committed 100 MiB" in shell.run("testlimit -m 100")
+    wait_until("100 MiB touched", lambda: f"touched {100 * MiB_PAGES} pages" in shell.run("tasks"))
+    # each request is met down to the floor of that moment; the floor shrinks with the guest
+    # (hv_balloon), so the host asks again until the guest answers with no pages at all
+    st = settle(shell, 32)
+    assert "floor" in (st["last_error"] or "")
+    m = mem(shell)
+    d = dm(shell)
+    assert d["balloon-refused"] > 0 and d["balloon-requests"] > 1
+    assert d["ballooned"] == st["ballooned_pages"] > 0
+    floor = floor_pages(st["assigned_pages"])
+    assert abs(m["free"] * MiB_PAGES - floor) <= MiB_PAGES
+    assert st["assigned_pages"] > 32 * MiB_PAGES
+    assert "allocated 100 MiB" in shell.run("tasks")  # the workload kept its memory
+    assert shell.run("pmmcheck") == "pmm: consistent\n"
+
+
+@pytest.mark.parametrize(("highest", "want"), [(p.Version.WIN8, "1.0"), (p.Version.WIN7, "0.3")])
+def test_the_vsc_falls_back_to_older_protocol_versions(
+    boot_dm: Boot, monkeypatch: pytest.MonkeyPatch, highest: int, want: str
+) -> None:
+    class OldHost(DynamicMemoryVsp):
+        def _version(self, msg: p.Message) -> None:
+            if self.state is DmState.VERSION and msg.body.version > highest:
+                body = p.DmVersionResponse(is_accepted=0)
+                self.post(p.encode(T.VERSION_RESPONSE, body, trans_id=msg.trans_id))
+                self.accepted()
+                self.counters["versions_rejected"] += 1
+                return
+            super()._version(msg)
+
+    monkeypatch.setattr("pyhv.worker.dynmem.DynamicMemoryVsp", OldHost)
+    shell = boot_dm("128M")
+    vsp = shell.vm.dynmem.vsp
+    assert dm(shell)["protocol"].startswith(want) and vsp.version == highest
+    assert vsp.counters["versions_rejected"] == (1 if highest == p.Version.WIN8 else 2)
+    assert dm(shell)["info-messages"] == (1 if highest == p.Version.WIN8 else 0)
+    assert settle(shell, 96)["ballooned_pages"] == 32 * MiB_PAGES
+
+
+def test_pages_the_host_never_got_are_not_unballooned(boot_dm: Boot) -> None:
+    shell = boot_dm("256M")
+    settle(shell, 192)
+    before = mem(shell)
+    vsp = shell.vm.dynmem.vsp
+    bogus = [PageRange(0x100, 16), PageRange(0x8000, 512)]  # the kernel image, free RAM
+    with vsp.lock:
+        vsp.post(p.encode(T.UNBALLOON_REQUEST, p.DmUnballoonRequest(), ranges=bogus))
+    wait_until("the guest answered", lambda: dm(shell)["unballoon-requests"] == 1)
+    d = dm(shell)
+    assert d["unballoon-bad-ranges"] == 2 and d["unballoon-pages"] == 0
+    assert mem(shell) == before and shell.run("pmmcheck") == "pmm: consistent\n"
+
+
+def test_a_hot_add_above_64_gib_is_refused_for_good(boot_dm: Boot) -> None:
+    shell = boot_dm("128M")
+    vsp = shell.vm.dynmem.vsp
+    vsp.hot_add(PageRange((64 << 30) // 4096, 512))
+    wait_until("the guest answered", lambda: vsp.state is DmState.IDLE)
+    assert vsp.hot_add_disabled  # 0 pages with success: the guest's upper barrier
+    d = dm(shell)
+    assert d["hot-add-requests"] == 1 and d["hot-add-pages"] == 0 and d["hot-add-failed"] == 1
+    assert mem(shell)["visible"] == 128
+
+
+def test_a_bad_ring_index_from_the_host_closes_the_channel(boot_dm: Boot) -> None:
+    shell = boot_dm("128M")
+    ring = int(re.search(r"rings at ([0-9a-f]+)", shell.run("vmbus"))[1], 16)  # type: ignore[index]
+    host_to_guest = shell.vm.partition.view(ring + 5 * 4096, 4)
+    host_to_guest[:4] = (0xFFF0).to_bytes(4, "little")  # write_index beyond the 16 KiB data
+    wait_until("the guest closed the channel", lambda: dm(shell)["state"] == "failed")
+    out = shell.run("vmbus")
+    assert "closed (the host wrote a bad write_index in the host->guest ring)" in out
+    assert shell.vm.dynmem.offer.channel is None  # the host saw the CLOSE
+    assert shell.run("pmmcheck") == "pmm: consistent\n"

@@ -1,0 +1,212 @@
+"""The book's Dynamic Memory story with the reference guest: its VMBus client and DM VSC talk to
+the worker's VSP; balloon, unballoon and hot-add move real host memory; the guest's `mem` and
+`dm` commands and the host's memfds tell the same story. A hostile test guest throws garbage at
+the VMBus controller and its ring, and the worker goes on."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyhv.worker import VirtualMachine, VmConfig
+from pyhv.worker.dynmem import DynamicMemoryError
+from pyhv.worker.script import ENTER, PROMPT
+
+pytestmark = pytest.mark.kvm
+
+MiB = 1 << 20
+PAGES_PER_MIB = 256
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def guest_image() -> str:
+    guest_image = pytest.importorskip("pyhv.guest_image", reason="the guest image builder")
+    return str(guest_image.image_path())
+
+
+class Guest:
+    """A running reference guest with Dynamic Memory, and the status reports it published."""
+
+    def __init__(self, image: str, **cfg: Any) -> None:
+        self.reports: list[dict[str, Any]] = []
+        self.vm = VirtualMachine(
+            VmConfig.create(image=image, dynamic_memory=True, **cfg),
+            on_memory_status=self.reports.append,
+        )
+        self.vm.start()
+        self.vm.serial.read_until(PROMPT, 60)
+        assert wait_until(lambda: self.dm.negotiated, 30), self.dm.status()
+
+    @property
+    def dm(self) -> Any:
+        assert self.vm.dynmem is not None
+        return self.vm.dynmem
+
+    def shell(self, command: str, timeout: float = 60) -> str:
+        self.vm.send(command.encode() + ENTER)
+        out = self.vm.serial.read_until(PROMPT, timeout).decode()
+        assert command in out, out
+        return out[out.index(command) + len(command) : -len(PROMPT)].replace("\r\n", "\n")
+
+    def mem(self) -> dict[str, int]:
+        out = self.shell("mem")
+        return {k: int(v) for k, v in re.findall(r"^([a-z-]+): (\d+) MiB$", out, re.M)}
+
+    def dm_counters(self) -> dict[str, str]:
+        return dict(re.findall(r"^([a-z-]+): (.*)$", self.shell("dm"), re.M))
+
+    def use(self, mib: int) -> None:
+        """testlimit: commit `mib` MiB and touch it (at CPL3, in the background)."""
+        assert f"committed {mib} MiB" in self.shell(f"testlimit -m {mib} -c 1")
+
+    def target(self, size: int) -> dict[str, Any]:
+        plan = self.vm.set_memory_target(size)
+        assert self.vm.wait_memory_idle(120)
+        return plan  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.vm.close()
+
+
+@pytest.fixture
+def guest(guest_image: str) -> Iterator[Guest]:
+    g = Guest(guest_image, startup="512M", minimum="128M", maximum="1G")
+    yield g
+    g.close()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def test_the_guest_vsc_negotiates_and_reports_its_memory_every_second(guest: Guest) -> None:
+    st = guest.vm.memory_status()
+    assert st["state"] == "IDLE" and st["protocol"] == "2.0"
+    assert st["caps"]["balloon"] and st["caps"]["hot_add"]
+    assert wait_until(lambda: len(guest.reports) >= 3, 30)
+    c = guest.dm_counters()
+    assert c["state"] == "ready" and c["max-page-count"] == str(1024 * PAGES_PER_MIB)
+    # the guest is idle: its last report, its `dm` and its `mem` agree (committed is reported
+    # as Linux does: committed + ballooned + the balloon floor)
+    mem = guest.mem()
+    last = guest.vm.memory_status()["last_status"]
+    c = guest.dm_counters()
+    assert last["committed_pages"] == int(c["last-committed"])
+    assert last["available_pages"] == int(c["last-available"])
+    assert last["available_pages"] // PAGES_PER_MIB == mem["free"]
+    assert last["committed_pages"] > (mem["committed"] + mem["ballooned"]) * PAGES_PER_MIB
+    # one report a second (the first right after negotiation), never a flood
+    times = [r["last_status"]["time"] for r in guest.reports[1:]]
+    assert all(b - a >= 0.5 for a, b in zip(times, times[1:], strict=False))
+
+
+def test_ballooning_256_mib_returns_the_host_memory_behind_it_to_the_free_pool(
+    guest: Guest,
+) -> None:
+    free = guest.mem()["free"]
+    guest.use(free - 16)  # the guest has touched (nearly) all its free memory once
+    assert wait_until(lambda: guest.vm.host_resident_bytes() >= (512 - 40) * MiB)
+    assert "released" in guest.shell("kill")
+    host_before, pool_before = guest.vm.host_resident_bytes(), guest.dm.mm.free_pages
+    guest.target(256 * MiB)
+    st = guest.vm.memory_status()
+    assert st["last_error"] is None
+    assert st["ballooned_pages"] == 256 * PAGES_PER_MIB
+    assert st["assigned_pages"] == 256 * PAGES_PER_MIB
+    assert guest.mem()["ballooned"] == 256
+    dropped = host_before - guest.vm.host_resident_bytes()
+    assert 240 * MiB <= dropped <= 260 * MiB
+    assert guest.dm.mm.free_pages == pool_before + 256 * PAGES_PER_MIB
+
+
+def test_unballooned_memory_can_be_committed_and_touched_again(guest: Guest) -> None:
+    guest.target(256 * MiB)
+    assert guest.mem()["ballooned"] == 256
+    guest.target(512 * MiB)  # unballoon: the guest gets its pages back
+    st = guest.vm.memory_status()
+    assert st["ballooned_pages"] == 0 and st["last_error"] is None
+    mem = guest.mem()
+    assert mem["ballooned"] == 0 and mem["free"] > 256
+    host_before = guest.vm.host_resident_bytes()
+    guest.use(mem["free"] - 16)
+    assert wait_until(lambda: guest.vm.host_resident_bytes() - host_before >= 250 * MiB)
+    assert "pmm: consistent" in guest.shell("pmmcheck")
+
+
+def test_hot_add_grows_guest_visible_memory_and_testlimit_can_use_it(guest: Guest) -> None:
+    guest.target(768 * MiB)
+    st = guest.vm.memory_status()
+    assert st["last_error"] is None
+    assert st["visible_pages"] == st["assigned_pages"] == 768 * PAGES_PER_MIB
+    assert st["hot_added_pages"] == 256 * PAGES_PER_MIB
+    assert guest.vm.partition is not None
+    assert [(r.gpa, r.size) for r in guest.vm.partition.regions][-1] == (512 * MiB, 256 * MiB)
+    mem = guest.mem()
+    assert mem["visible"] == 768 and mem["hot-added"] == 256 and mem["free"] > 512
+    host_before = guest.vm.host_resident_bytes()
+    guest.use(mem["free"] - 16)  # more than the startup RAM had free
+    assert wait_until(lambda: guest.vm.host_resident_bytes() - host_before >= 600 * MiB)
+
+
+def test_the_guest_refuses_to_balloon_below_its_floor(guest_image: str) -> None:
+    g = Guest(guest_image, startup="256M", minimum="16M", maximum="256M")
+    try:
+        g.target(16 * MiB)
+        st = g.vm.memory_status()
+        assert "floor" in st["last_error"]
+        assert st["assigned_pages"] > 16 * PAGES_PER_MIB
+        assert st["ballooned_pages"] // PAGES_PER_MIB == g.mem()["ballooned"]
+        assert st["state"] == "IDLE"
+        assert "pmm: consistent" in g.shell("pmmcheck")  # and the guest goes on
+    finally:
+        g.close()
+
+
+def test_requests_are_refused_with_a_reason_when_dynamic_memory_is_off(guest_image: str) -> None:
+    with VirtualMachine(VmConfig.create(image=guest_image, memory="256M")) as vm:
+        vm.start()
+        with pytest.raises(DynamicMemoryError, match="not configured with Dynamic Memory"):
+            vm.set_memory_target(128 * MiB)
+
+
+def test_a_hostile_guest_is_refused_logged_counted_and_the_worker_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed: it assembles the test guest")
+    elf = tmp_path / "vmbus_hostile.elf"
+    link = HERE.parent / "worker" / "guests" / "link.ld"
+    subprocess.run(
+        [gcc, "-nostdlib", "-static", "-no-pie", f"-Wl,-T,{link}", "-Wl,--build-id=none",
+         "-Wl,-z,noexecstack", "-o", str(elf), str(HERE / "guests" / "vmbus_hostile.S")],
+        check=True,
+    )  # fmt: skip
+    cfg = VmConfig.create(image=elf, memory="64M", dynamic_memory=True, maximum="128M")
+    with VirtualMachine(cfg) as vm:
+        vm.start()
+        end = vm.wait(120)
+        assert end is not None and end.reason == "poweroff", end
+        assert end.status == 42, f"the hostile guest stopped at step {end.status}"
+        assert b"still standing" in vm.serial.read_until(b"still standing\n", 5)
+        st = vm.memory_status()
+    assert st["bad_messages"] >= 1  # the DM message that lied about its size
+    assert st["controller_refused"] >= 1  # at least the doorbell for channel 99
+    assert st["state"] == "STOPPED"  # the corrupt ring closed the channel
+    assert "offset8" in (vm.dynmem.vsp.stop_reason or "")  # type: ignore[union-attr]
+    assert any("refused" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DynamicMemoryError, match="not running"):
+        vm.set_memory_target(32 * MiB)

@@ -220,6 +220,7 @@ class ApiHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, unsupported method) as JSON too."""
         text = message or HTTPStatus(code).phrase
+        self.request_version = self.protocol_version  # answer with a status line, even to junk
         if code == 501:
             text = f"method {self.command!r} is not supported: use GET, POST, PATCH or DELETE"
         try:

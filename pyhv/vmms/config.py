@@ -80,10 +80,8 @@ class VmSettings:
 
     def worker_config(self, image: str) -> VmConfig:
         """What the worker boots (the worker checks it again on its side)."""
-        extra: dict[str, Any] = {}
-        if self.dynamic_memory and "minimum" in VmConfig.__dataclass_fields__:
-            # A worker with the Dynamic Memory wiring clamps targets to these itself.
-            extra = {"minimum": self.minimum, "maximum": self.maximum}
+        # The worker clamps memory targets to these itself (the balancer keeps within them too).
+        extra = {"minimum": self.minimum, "maximum": self.maximum} if self.dynamic_memory else {}
         return VmConfig.create(
             image=image,
             memory=self.memory,

@@ -119,7 +119,7 @@ class ApiServers:
     def start(self) -> None:
         for srv in (self.unix, self.tcp):
             if srv is not None:
-                t = threading.Thread(target=srv.serve_forever, args=(0.2,), daemon=True)
+                t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
                 t.start()
                 self._threads.append(t)
 

@@ -430,9 +430,9 @@ class Vmms:
             s = vm.settings
             if not s.minimum <= size <= s.maximum:
                 raise VmmsError(
-                    f"target {format_size(size)} is outside VM {name!r}'s Dynamic Memory range "
-                    f"{format_size(s.minimum)}..{format_size(s.maximum)}: pick a target inside "
-                    "it or change minimum/maximum"
+                    f"target {format_size(size)} is outside the Dynamic Memory range of VM "
+                    f"{name!r}, {format_size(s.minimum)}..{format_size(s.maximum)}: pick a target "
+                    "inside it or change minimum/maximum"
                 )
         try:
             self.balancer.request_target(name, port, size // PAGE_SIZE)

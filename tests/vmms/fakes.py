@@ -1,0 +1,72 @@
+"""A fake worker process for the service and API tests: no KVM, same calls as WorkerProcess."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pyhv.worker.config import VmConfig
+from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
+
+_pids = itertools.count(900_000)
+
+
+class FakeWorker:
+    """Echoes serial input back as output; `crash()` ends it as a SIGKILL would."""
+
+    instances: list[FakeWorker] = []
+
+    def __init__(self, config: VmConfig, output: Callable[[bytes], None]) -> None:
+        self.config = config
+        self._output = output
+        self._end: VmEnd | None = None
+        self._ended = threading.Event()
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        FakeWorker.instances.append(self)
+
+    def start(self) -> None:
+        self.pid = next(_pids)
+        self._output(b"pyhv> ")
+
+    def send(self, data: bytes) -> None:
+        self._output(data.replace(b"\r", b"\r\n"))
+
+    def stop(self) -> None:
+        self._finish(VmEnd(STOPPED, detail="stopped by its owner"), 0)
+
+    def crash(self) -> None:
+        self._finish(
+            VmEnd(WORKER_ERROR, detail="the worker process exited (code -9) without a report"), -9
+        )
+
+    def _finish(self, end: VmEnd, code: int) -> None:
+        if not self._ended.is_set():
+            self._end, self.returncode = end, code
+            self._ended.set()
+
+    def wait(self, timeout: float | None = None) -> VmEnd | None:
+        return self._end if self._ended.wait(timeout) else None
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.stop()
+
+
+class FakeDmWorker(FakeWorker):
+    """A fake worker with a Dynamic Memory channel whose guest has reported."""
+
+    def memory_status(self) -> dict[str, Any]:
+        pages = self.config.memory // 4096
+        return {
+            "visible_pages": pages,
+            "assigned_pages": pages,
+            "ballooned_pages": 0,
+            "committed_pages": pages // 2,
+            "available_pages": pages // 2,
+        }
+
+    def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
+        self.target = target_bytes
+        return {}

@@ -1,0 +1,304 @@
+"""The VMMS API with fake workers: every malformed, wrong or unauthenticated request gets a
+4xx JSON answer that says what was wrong, and nothing of it reaches a worker; a crashed worker
+is reported and its memory returns to the pool; counters are served for Prometheus."""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pyhv.vmms.client import ClientError, VmmsClient
+from pyhv.vmms.server import ApiServers, ServeError, TcpApiServer
+from pyhv.vmms.service import Vmms
+from tests.vmms.fakes import FakeDmWorker, FakeWorker
+
+GIB = 1 << 30
+
+
+@pytest.fixture
+def vmms(tmp_path: Path) -> Iterator[tuple[Vmms, ApiServers]]:
+    FakeWorker.instances.clear()
+
+    def factory(config: Any, output: Any) -> FakeWorker:
+        cls = FakeDmWorker if config.name.startswith("dm") else FakeWorker
+        return cls(config, output)
+
+    service = Vmms(
+        tmp_path,
+        budget_bytes=4 * GIB,
+        reserve_bytes=GIB // 2,
+        worker_factory=factory,
+        image_resolver=lambda: __file__,  # any file: fake workers boot nothing
+    )
+    servers = ApiServers(service, tmp_path / "vmms.sock", ("127.0.0.1", 0))
+    servers.start()
+    yield service, servers
+    servers.close()
+    service.close()
+
+
+def _client(servers: ApiServers) -> VmmsClient:
+    return VmmsClient(socket_path=servers.unix.path, timeout=10)
+
+
+def raw(servers: ApiServers, request: bytes, tcp: bool = False) -> tuple[int, dict[str, str], Any]:
+    """Send bytes as they are; the status, headers and decoded body of the answer."""
+    if tcp:
+        s = socket.create_connection(servers.tcp_address)  # type: ignore[arg-type]
+    else:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(servers.unix.path))
+    with s:
+        s.settimeout(10)
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if headers.get("content-type", "").startswith("application/json"):
+        return status, headers, json.loads(body)
+    return status, headers, body
+
+
+def request(
+    method: str,
+    path: str,
+    body: bytes = b"",
+    ctype: str = "application/json",
+    extra: str = "",
+) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}"
+    if body or method in ("POST", "PATCH"):
+        head += f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+@pytest.mark.parametrize(
+    ("req", "status", "words"),
+    [
+        (request("POST", "/api/vms", b"{name: x}"), 400, "the body is not valid JSON"),
+        (request("POST", "/api/vms", b"[1, 2]"), 400, "must be a JSON object, not list"),
+        (request("POST", "/api/vms", b'{"name": "x", "vps": NaN}'), 400, "NaN is not a JSON"),
+        (request("POST", "/api/vms", b'{"name": "x"}', "text/plain"), 415, "send application/json"),
+        (request("POST", "/api/vms", b""), 400, "the body is empty"),
+        (b"POST /api/vms HTTP/1.1\r\nHost: x\r\n\r\n", 411, "needs a JSON body"),
+        (
+            b"POST /api/vms HTTP/1.1\r\nContent-Length: 9999999\r\nContent-Type: application/json\r\n\r\n",
+            413,
+            "too large",
+        ),
+        (
+            request("POST", "/api/vms", b'{"name": "x", "memory": "9Q"}'),
+            400,
+            "'9Q' is not understood",
+        ),
+        (request("POST", "/api/vms", b'{"name": "x", "weight": 500}'), 400, "0..100"),
+        (
+            request("POST", "/api/vms", b'{"name": "x", "extra": 1}'),
+            400,
+            "unknown setting(s) 'extra'",
+        ),
+        (request("GET", "/api/nothing"), 404, "no such resource '/api/nothing'"),
+        (request("GET", "/api/vms/ghost"), 404, "no VM named 'ghost'"),
+        (request("PUT", "/api/vms"), 405, "PUT is not allowed on /api/vms: use GET, POST"),
+        (request("POST", "/api/vms/ghost/start"), 404, "no VM named 'ghost'"),
+        (request("BREW", "/"), 501, "method 'BREW' is not supported"),
+        (b"garbage\r\n\r\n", 400, "Bad request"),
+    ],
+)
+def test_a_malformed_request_gets_a_clear_4xx_json_error(
+    vmms: tuple[Vmms, ApiServers], req: bytes, status: int, words: str
+) -> None:
+    got, _, body = raw(vmms[1], req)
+    assert got == status
+    assert body["status"] == status and words.lower() in body["error"].lower(), body
+    assert vmms[0].list() == []
+    assert FakeWorker.instances == []  # nothing reached a worker
+
+
+def test_tcp_without_the_bearer_token_is_refused_with_401(vmms: tuple[Vmms, ApiServers]) -> None:
+    _, servers = vmms
+    status, headers, body = raw(servers, request("GET", "/api/vms"), tcp=True)
+    assert status == 401 and "no bearer token" in body["error"]
+    assert headers["www-authenticate"].startswith("Bearer")
+    status, _, body = raw(
+        servers, request("GET", "/api/vms", extra="Authorization: Bearer nope\r\n"), tcp=True
+    )
+    assert status == 401 and "a wrong bearer token" in body["error"]
+    token = (servers.unix.vmms.store.state_dir / "token").read_text().strip()
+    status, _, body = raw(
+        servers, request("GET", "/api/vms", extra=f"Authorization: Bearer {token}\r\n"), tcp=True
+    )
+    assert status == 200 and body == {"vms": []}
+
+
+def test_the_token_file_and_the_unix_socket_are_private_to_their_owner(
+    vmms: tuple[Vmms, ApiServers],
+) -> None:
+    service, servers = vmms
+    assert stat.S_IMODE(servers.unix.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((service.store.state_dir / "token").stat().st_mode) == 0o600
+
+
+def test_tcp_is_served_on_loopback_only(vmms: tuple[Vmms, ApiServers]) -> None:
+    with pytest.raises(ServeError, match="not a loopback address"):
+        TcpApiServer("0.0.0.0", 0, vmms[0], "t")
+
+
+def test_a_second_vmms_on_the_same_socket_is_refused(vmms: tuple[Vmms, ApiServers]) -> None:
+    with pytest.raises(ServeError, match="another VMMS already serves"):
+        ApiServers(vmms[0], vmms[1].unix.path)
+
+
+def test_create_start_stop_delete_through_the_api(vmms: tuple[Vmms, ApiServers]) -> None:
+    service, servers = vmms
+    c = _client(servers)
+    vm = c.request("POST", "/api/vms", {"name": "a", "memory": "1G", "vps": 2})
+    assert vm["state"] == "off" and vm["settings"]["memory"] == GIB
+    with pytest.raises(ClientError, match="a VM named 'a' exists") as e:
+        c.request("POST", "/api/vms", {"name": "a"})
+    assert e.value.status == 409
+    free = service.pool.free_pages
+    vm = c.request("POST", "/api/vms/a/start")
+    assert vm["state"] == "running" and vm["memory"]["assigned"] == GIB
+    assert service.pool.free_pages == free - GIB // 4096
+    for method, path, words in [
+        ("POST", "/api/vms/a/start", "is running already"),
+        ("DELETE", "/api/vms/a", "stop it first"),
+        ("PATCH", "/api/vms/a", "memory cannot change while VM 'a' runs"),
+    ]:
+        with pytest.raises(ClientError, match=words) as e:
+            c.request(method, path, {"memory": "2G"} if method == "PATCH" else None)
+        assert e.value.status in (400, 409)
+    assert FakeWorker.instances[0].config.memory == GIB
+    vm = c.request("POST", "/api/vms/a/stop")
+    assert vm["state"] == "off" and "stopped" in vm["reason"]
+    assert service.pool.free_pages == free
+    assert c.request("DELETE", "/api/vms/a") is None
+    assert c.request("GET", "/api/vms") == {"vms": []}
+
+
+def test_a_vm_that_does_not_fit_in_the_pool_does_not_start(vmms: tuple[Vmms, ApiServers]) -> None:
+    c = _client(vmms[1])
+    c.request("POST", "/api/vms", {"name": "big", "memory": "4G"})
+    with pytest.raises(ClientError, match="not enough host memory for 4G") as e:
+        c.request("POST", "/api/vms/big/start")
+    assert e.value.status == 409 and FakeWorker.instances == []
+
+
+def test_a_crashed_worker_is_reported_and_its_memory_returns_to_the_pool(
+    vmms: tuple[Vmms, ApiServers],
+) -> None:
+    service, servers = vmms
+    c = _client(servers)
+    free = service.pool.free_pages
+    for name in ("a", "b"):
+        c.request("POST", "/api/vms", {"name": name, "memory": "512M"})
+        c.request("POST", f"/api/vms/{name}/start")
+    a, b = FakeWorker.instances
+    a.crash()
+    for _ in range(500):
+        if c.request("GET", "/api/vms/a")["state"] != "running":
+            break
+        a.wait(0.01)
+    vm = c.request("GET", "/api/vms/a")
+    assert vm["state"] == "crashed" and "killed by SIGKILL" in vm["reason"]
+    assert c.request("GET", "/api/vms/b")["state"] == "running"
+    assert service.pool.free_pages == free - (512 << 20) // 4096
+    snap = c.request("GET", "/api/counters")["counters"]
+    assert snap[r"\Hyper-V Virtual Machine Health Summary\Health Critical"] == 1
+    assert snap[r"\Hyper-V Virtual Machine Health Summary\Health Ok"] == 1
+    # A crashed VM can start again.
+    assert c.request("POST", "/api/vms/a/start")["state"] == "running"
+
+
+def test_memory_requests_are_checked_before_they_reach_the_worker(
+    vmms: tuple[Vmms, ApiServers],
+) -> None:
+    c = _client(vmms[1])
+    c.request("POST", "/api/vms", {"name": "static", "memory": "512M"})
+    c.request("POST", "/api/vms/static/start")
+    with pytest.raises(ClientError, match="Dynamic Memory is not enabled for VM 'static'") as e:
+        c.request("POST", "/api/vms/static/memory", {"target": "768M"})
+    assert e.value.status == 409
+    c.request("POST", "/api/vms", {"name": "dmvm", "memory": "512M", "dynamic_memory": True})
+    c.request("POST", "/api/vms/dmvm/start")
+    for body, words in [
+        ({"target": "lots"}, "'lots' is not understood"),
+        ({"target": "8G"}, "outside the Dynamic Memory range of VM 'dmvm', 256M..2G"),
+        ({"target": True}, "target must be bytes or a size"),
+        ({"size": "1G"}, 'send {"target": size} only'),
+    ]:
+        with pytest.raises(ClientError, match=words) as e:
+            c.request("POST", "/api/vms/dmvm/memory", body)
+        assert e.value.status == 400
+    dm = FakeWorker.instances[-1]
+    assert not hasattr(dm, "target")
+    c.request("POST", "/api/vms/dmvm/memory", {"target": "768M"})
+    assert dm.target == 768 << 20  # type: ignore[attr-defined]
+    st = c.request("GET", "/api/vms/dmvm/memory")
+    assert st["assigned"] == 512 << 20 and st["committed"] == 256 << 20
+
+
+def test_memory_of_a_worker_without_the_dm_channel_is_409_not_running(
+    vmms: tuple[Vmms, ApiServers],
+) -> None:
+    c = _client(vmms[1])
+    c.request("POST", "/api/vms", {"name": "x", "memory": "512M", "dynamic_memory": True})
+    c.request("POST", "/api/vms/x/start")
+    with pytest.raises(ClientError, match="Dynamic Memory is not running in this VM") as e:
+        c.request("POST", "/api/vms/x/memory", {"target": "768M"})
+    assert e.value.status == 409
+
+
+def test_the_console_streams_the_serial_port_both_ways(vmms: tuple[Vmms, ApiServers]) -> None:
+    c = _client(vmms[1])
+    with pytest.raises(ClientError, match="VM 'a' is off: start it") as e:
+        c.request("POST", "/api/vms", {"name": "a"})
+        c.console("a")
+    assert e.value.status == 409
+    c.request("POST", "/api/vms/a/start")
+    sock = c.console("a")
+    with sock:
+        sock.settimeout(10)
+        got = b""
+        while b"pyhv> " not in got:
+            got += sock.recv(100)  # the recent output comes first
+        sock.sendall(b"mem\r")
+        while b"mem\r\n" not in got:
+            got += sock.recv(100)
+        c.request("POST", "/api/vms/a/stop")
+        while sock.recv(100):
+            pass  # the stream ends with the VM
+    status, _, body = raw(vmms[1], request("POST", "/api/vms/a/console"))
+    assert status == 426 and "Upgrade: pyhv-console" in body["error"]
+
+
+def test_metrics_are_prometheus_text_and_openapi_documents_the_api(
+    vmms: tuple[Vmms, ApiServers],
+) -> None:
+    service, servers = vmms
+    service.balancer.tick()
+    c = _client(servers)
+    text = c.request("GET", "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    available = families["pyhv_dynamic_memory_balancer_available_memory_bytes"]
+    assert available.samples[0].value == service.pool.free_pages * 4096
+    assert "pyhv_virtual_machine_health_summary_health_ok" in " ".join(families)
+    doc = c.request("GET", "/openapi.json")
+    assert doc["openapi"].startswith("3.")
+    assert {"/api/vms", "/api/vms/{name}", "/api/vms/{name}/memory", "/metrics"} <= set(
+        doc["paths"]
+    )
+    page = c.request("GET", "/perfmon")
+    assert "<svg" in page and "/api/counters" in page

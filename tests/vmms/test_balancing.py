@@ -1,0 +1,173 @@
+"""The VMMS's balancer loop against fake workers: their status in, memory targets out, the host
+pool and the counters following what the workers carried out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyhv.counters.dynmem import DynamicMemoryCounters
+from pyhv.counters.registry import CounterRegistry
+from pyhv.dynmem.balancer import PAGE_SIZE, Add, MemorySettings, Remove
+from pyhv.vmms.balancing import BalancerLoop, DynamicMemoryUnavailable, MemoryStatus
+from pyhv.vmms.pool import HostPool
+
+MIB = 256  # pages
+
+
+class FakeWorker:
+    """A worker whose guest reports `committed` pages; targets are carried out when told to."""
+
+    def __init__(self, startup: int, committed: int | None) -> None:
+        self.visible = startup
+        self.assigned = startup
+        self.committed = committed
+        self.targets: list[int] = []
+        self.busy = False
+
+    def memory_status(self) -> dict[str, Any]:
+        st = {
+            "visible_pages": self.visible,
+            "assigned_pages": self.assigned,
+            "ballooned_pages": self.visible - self.assigned,
+            "busy": self.busy,
+        }
+        if self.committed is not None:
+            st |= {"committed_pages": self.committed, "available_pages": 0}
+        return st
+
+    def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
+        self.targets.append(target_bytes // PAGE_SIZE)
+        self.busy = True
+        return {}
+
+    def carry_out(self) -> None:
+        """Unballoon first, then hot-add, or balloon: as the worker's DM service does."""
+        target = self.targets[-1]
+        if target > self.assigned:
+            self.visible = max(self.visible, target)
+        self.assigned = target
+        self.busy = False
+
+
+def _loop(vms: dict[str, tuple[MemorySettings, Any]], budget_mib: int = 8192):
+    pool = HostPool(budget_mib << 20)
+    for name, (settings, _) in vms.items():
+        pool.admit(name, settings.startup_pages * PAGE_SIZE)
+    registry = CounterRegistry()
+    counters = DynamicMemoryCounters(registry)
+    return BalancerLoop(pool, lambda: vms, counters), pool, registry
+
+
+SETTINGS = MemorySettings.from_mib(startup=512, minimum=256, maximum=4096)
+
+
+def test_a_spike_leads_to_an_add_dispatched_to_the_worker_within_one_tick() -> None:
+    w = FakeWorker(512 * MIB, committed=427 * MIB)
+    loop, pool, _ = _loop({"testvm": (SETTINGS, w)})
+    d = loop.tick()
+    assert d is not None and d.operations == () and w.targets == []
+    w.committed = 1427 * MIB  # testlimit commits 1000 MiB
+    d = loop.tick()
+    assert d is not None
+    (op,) = d.operations
+    assert isinstance(op, Add) and op.vm == "testvm"
+    assert w.targets == [512 * MIB + op.pages]
+    assert w.targets[0] >= 1427 * MIB * 1.2  # demand plus the 20 % buffer
+
+
+def test_an_operation_in_flight_is_not_decided_again() -> None:
+    w = FakeWorker(512 * MIB, committed=1427 * MIB)
+    loop, pool, _ = _loop({"testvm": (SETTINGS, w)})
+    loop.tick()
+    free_after_first = pool.free_pages
+    loop.tick()  # the worker has not carried it out yet
+    assert len(w.targets) == 1
+    assert pool.free_pages == free_after_first  # the pool follows the worker, not the plan
+
+
+def test_what_the_worker_carried_out_is_counted_and_taken_from_the_pool() -> None:
+    w = FakeWorker(512 * MIB, committed=1427 * MIB)
+    loop, pool, registry = _loop({"testvm": (SETTINGS, w)})
+    free = pool.free_pages
+    loop.tick()
+    w.carry_out()
+    loop.tick()
+    added = w.targets[0] - 512 * MIB
+    assert pool.free_pages == free - added
+    assert pool.pages("testvm") == (w.targets[0], w.targets[0], 0)
+    snap = registry.snapshot()
+    vm = r"\Hyper-V Dynamic Memory VM(testvm)"
+    assert snap[vm + r"\Memory Add Operations"] == 1
+    assert snap[vm + r"\Added Memory"] == added / MIB
+    assert snap[vm + r"\Physical Memory"] == w.targets[0] / MIB
+
+
+def test_a_remove_balloons_lazily_and_returns_pages_to_the_pool() -> None:
+    w = FakeWorker(2048 * MIB, committed=427 * MIB)
+    loop, pool, registry = _loop({"testvm": (SETTINGS, w)})
+    loop.config = type(loop.config)(remove_delay_s=3.0)
+    assert loop.tick().operations == ()  # type: ignore[union-attr]
+    free = pool.free_pages  # after the first tick took in the 2 GiB the VM holds
+    assert loop.tick().operations == ()  # type: ignore[union-attr]
+    (op,) = loop.tick().operations  # type: ignore[union-attr]
+    assert isinstance(op, Remove)
+    w.carry_out()
+    loop.tick()
+    assert pool.free_pages == free + op.pages
+    assert pool.pages("testvm")[2] == op.pages  # ballooned
+    assert registry.snapshot()[r"\Hyper-V Dynamic Memory VM(testvm)\Memory Remove Operations"] == 1
+
+
+def test_a_vm_whose_guest_has_not_reported_is_left_alone() -> None:
+    quiet = FakeWorker(512 * MIB, committed=None)
+    loop, pool, registry = _loop({"quiet": (SETTINGS, quiet)})
+    assert loop.tick() is None
+    assert quiet.targets == []
+    # The pool is still shown: free memory less the reserve.
+    assert registry.snapshot()[r"\Hyper-V Dynamic Memory Balancer\Available Memory"] == (
+        pool.free_pages / MIB
+    )
+
+
+def test_a_worker_without_dynamic_memory_is_skipped_and_the_others_balanced() -> None:
+    class Refusing(FakeWorker):
+        def memory_status(self) -> dict[str, Any]:
+            raise RuntimeError("Dynamic Memory is not running in VM 'b'")
+
+    a, b = FakeWorker(512 * MIB, 1427 * MIB), Refusing(512 * MIB, 0)
+    loop, _, _ = _loop({"a": (SETTINGS, a), "b": (SETTINGS, b)})
+    d = loop.tick()
+    assert d is not None and d.vm_ids == ("a",) and len(a.targets) == 1
+
+
+def test_an_administrators_target_goes_to_the_worker_and_is_counted_when_done() -> None:
+    w = FakeWorker(512 * MIB, committed=100 * MIB)
+    loop, pool, registry = _loop({"testvm": (SETTINGS, w)})
+    loop.request_target("testvm", w, 768 * MIB)
+    assert w.targets == [768 * MIB]
+    w.carry_out()
+    loop.tick()
+    assert pool.pages("testvm")[1] == 768 * MIB
+    assert registry.snapshot()[r"\Hyper-V Dynamic Memory VM(testvm)\Added Memory"] == 256
+
+
+def test_a_status_without_page_counts_is_reported_as_unusable() -> None:
+    try:
+        MemoryStatus.of({"visible_pages": 1, "assigned_pages": -1, "ballooned_pages": 0})
+    except ValueError as e:
+        assert "assigned_pages must be pages >= 0, got -1" in str(e)
+    else:
+        raise AssertionError("a negative page count was accepted")
+
+    class Broken(FakeWorker):
+        def memory_status(self) -> dict[str, Any]:
+            return {"visible_pages": "many"}
+
+    loop, _, _ = _loop({"x": (SETTINGS, Broken(512 * MIB, 0))})
+    try:
+        loop.request_target("x", Broken(512 * MIB, 0), 600 * MIB)
+    except DynamicMemoryUnavailable as e:
+        assert "Dynamic Memory is not running in this VM" in str(e)
+        assert "visible_pages must be pages" in str(e)
+    else:
+        raise AssertionError("an unusable status was accepted")

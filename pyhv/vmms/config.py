@@ -80,16 +80,17 @@ class VmSettings:
 
     def worker_config(self, image: str) -> VmConfig:
         """What the worker boots (the worker checks it again on its side)."""
-        # The worker clamps memory targets to these itself (the balancer keeps within them too).
-        extra = {"minimum": self.minimum, "maximum": self.maximum} if self.dynamic_memory else {}
+        # The worker clamps memory targets to minimum and maximum itself.
+        dynamic = self.dynamic_memory
         return VmConfig.create(
             image=image,
             memory=self.memory,
             vps=self.vps,
             cmdline=self.cmdline,
             name=self.name,
-            dynamic_memory=self.dynamic_memory,
-            **extra,
+            dynamic_memory=dynamic,
+            minimum=self.minimum if dynamic else None,
+            maximum=self.maximum if dynamic else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -130,7 +130,12 @@ class IoPortIntercept(InterceptMessage):
 
     @property
     def data(self) -> bytes:
-        return self._data
+        """All bytes written (count x access_size); for a read, empty."""
+        if self.access_type != AccessType.WRITE:
+            return b""
+        if self.count > 1:
+            return self._data
+        return self.value.to_bytes(self.access_size, "little")
 
 
 class MemoryIntercept(InterceptMessage):
@@ -143,7 +148,7 @@ class MemoryIntercept(InterceptMessage):
     `gva` and the translated `gpa`.
     """
 
-    __slots__ = ("gpa", "gva", "access_size", "value", "_data")
+    __slots__ = ("gpa", "gva", "access_size", "value")
     kind = InterceptKind.MEMORY
     cache_type = 6  # WB: KVM does not say
 
@@ -153,7 +158,6 @@ class MemoryIntercept(InterceptMessage):
         self.gva: int | None = None
         self.access_size = 0
         self.value = 0
-        self._data = b""
 
     @property
     def is_write(self) -> bool:
@@ -161,7 +165,10 @@ class MemoryIntercept(InterceptMessage):
 
     @property
     def data(self) -> bytes:
-        return self._data
+        """The bytes written; for a read or execute, empty."""
+        if self.access_type != AccessType.WRITE:
+            return b""
+        return self.value.to_bytes(self.access_size, "little")
 
 
 class MsrIntercept(InterceptMessage):

@@ -106,8 +106,9 @@ class VirtualProcessor:
         self._state = VpState.IDLE
         self._cond = threading.Condition()
         self._request: str | None = None  # "pause" or "stop", set by other threads
+        self._attention = False  # the loop must look at _request/_pending_exit
         # per-exit caches: registers are fetched only if a handler asks
-        self._in_exit = False
+        self._touched = False  # a handler read or changed VP state during this exit
         self._regs: Registers | None = None
         self._regs_before: Registers | None = None
         self._sregs: SpecialRegisters | None = None
@@ -141,7 +142,7 @@ class VirtualProcessor:
             )
 
     def _on_vp_thread(self) -> bool:
-        return self._in_exit and threading.current_thread() is self._thread
+        return threading.current_thread() is self._thread
 
     @property
     def registers(self) -> Registers:
@@ -150,6 +151,7 @@ class VirtualProcessor:
         if self._on_vp_thread():
             if self._regs is None:
                 self._regs = Registers.from_kvm(self.vcpu.get_regs())
+                self._touched = True
                 self._regs_before = Registers(*(getattr(self._regs, n) for n in _GPR_FIELDS))
             return Registers(*(getattr(self._regs, n) for n in _GPR_FIELDS))
         return Registers.from_kvm(self.vcpu.get_regs())
@@ -179,6 +181,7 @@ class VirtualProcessor:
         if self._on_vp_thread():
             if self._sregs is None:
                 self._sregs = SpecialRegisters.from_kvm(self.vcpu.get_sregs())
+                self._touched = True
             return self._sregs
         return SpecialRegisters.from_kvm(self.vcpu.get_sregs())
 
@@ -188,6 +191,7 @@ class VirtualProcessor:
         if self._on_vp_thread():
             self._sregs = value
             self._sregs_dirty = True
+            self._touched = True
         else:
             self.vcpu.set_sregs(value.to_kvm())
 
@@ -206,6 +210,7 @@ class VirtualProcessor:
                 self.vcpu.set_regs(k)
         self._regs = self._regs_before = self._sregs = None
         self._sregs_dirty = False
+        self._touched = False
 
     def _complete_pending_access(self) -> None:
         """Let KVM finish the intercepted instruction (IN data into RAX, RIP past it) without
@@ -216,6 +221,7 @@ class VirtualProcessor:
         try:
             fcntl.ioctl(self.vcpu.fd, c.KVM_RUN, 0)
             self._pending_exit = True
+            self._attention = True
         except InterruptedError:
             pass
         finally:
@@ -240,6 +246,8 @@ class VirtualProcessor:
                 "pyhv.hypervisor.install_kick_handler() from the main thread first"
             )
         self._request = None
+        self._attention = False
+        self._pending_exit = False
         self._state = VpState.RUNNING
         self._thread = threading.Thread(
             target=self._thread_main, name=f"vp-{self.partition.name}-{self.index}", daemon=True
@@ -266,6 +274,7 @@ class VirtualProcessor:
             if self._state is not VpState.RUNNING:
                 return
             self._request = "pause"
+            self._attention = True
             self._kick()
             if threading.current_thread() is self._thread:
                 return  # from a handler: takes effect when the handler returns
@@ -285,6 +294,7 @@ class VirtualProcessor:
             if self._state is VpState.IDLE:
                 return
             self._request = "stop"
+            self._attention = True
             self._kick()
             self._cond.notify_all()
         t = self._thread
@@ -302,11 +312,9 @@ class VirtualProcessor:
 
     def _honour_request(self) -> bool:
         """At a safe point of the VP thread: pause or stop if asked. False = stop the thread."""
-        if self._pending_exit:
-            return True  # finish the exit already in kvm_run first
         self._complete_pending_access()
         if self._pending_exit:
-            return True
+            return True  # finish the exit found in kvm_run first
         with self._cond:
             self.vcpu.run_page.b[1] = 0
             if self._request == "pause":
@@ -329,7 +337,6 @@ class VirtualProcessor:
             log.exception("VP %d failed", self.index)
             event = VpEvent(VpEventKind.ERROR, self.index, f"VP thread failed: {e!r}", error=e)
         with self._cond:
-            self._in_exit = False
             self._state = VpState.IDLE
             self._request = None
             self.vcpu.run_page.b[1] = 0
@@ -337,7 +344,6 @@ class VirtualProcessor:
         self._events.put(event)
 
     def _stop_with(self, kind: VpEventKind, detail: str, **kw: Any) -> VpStopped:
-        self._in_exit = False
         regs: Registers | None
         sregs: SpecialRegisters | None
         try:
@@ -356,10 +362,13 @@ class VirtualProcessor:
 
     # ------------------------------------------------------------------ the run loop
     def _loop(self) -> None:
+        # The hot path: everything it needs is a local, an I/O exit allocates nothing but ints,
+        # and VP state is synced from KVM only if a handler asks (self._touched).
         vcpu = self.vcpu
         fd = vcpu.fd
         run = vcpu.run_page
-        b, h, i32 = run.b, run.h, run.i
+        b, h, i32, q = run.b, run.h, run.i, run.q
+        run_size = run.size
         ioctl = fcntl.ioctl
         KVM_RUN = c.KVM_RUN
         table = self.partition.intercepts
@@ -367,51 +376,47 @@ class VirtualProcessor:
         io_msg = self._io_msg
         perf = time.perf_counter_ns
         WRITE, READ = AccessType.WRITE, AccessType.READ
+        IO = _IO
         while True:
-            if self._request is not None:
-                if not self._honour_request():
+            if self._attention:
+                step = self._attend()
+                if step < 0:
                     return
-            if self._pending_exit:
-                self._pending_exit = False
             else:
+                step = 0
+            if step == 0:
                 try:
                     ioctl(fd, KVM_RUN, 0)
                 except InterruptedError:
+                    self._attention = True  # a kick: a pause or stop is asked for
                     continue
             reason = i32[2]
-            self._in_exit = True
-            if reason == 2:  # KVM_EXIT_IO, the hot path: no allocation beyond ints
+            if reason == 2:  # KVM_EXIT_IO
                 port = h[17]
                 entry = table.io[port]
                 is_write = b[32] == 1
                 size = b[33]
                 count = i32[9]
-                if (
-                    entry is None
-                    or not (entry.write if is_write else entry.read)
-                    or size not in (1, 2, 4)
-                ):
-                    defaults[_IO] += 1
+                off = q[5]
+                n = size * count
+                if off <= 0 or off + n > run_size or off & 3:
+                    raise self._stop_with(
+                        VpEventKind.ERROR, f"I/O exit data offset {off} length {n} is invalid"
+                    )
+                if entry is None or not (entry.write if is_write else entry.read):
+                    defaults[IO] += 1
                     if not is_write:  # open bus: reads return all ones
-                        off = run.q[5]
-                        n = size * count
-                        if 0 < off and off + n <= run.size:
-                            b[off : off + n] = b"\xff" * n
+                        b[off : off + n] = b"\xff" * n
                 else:
-                    off = run.q[5]
-                    n = size * count
-                    if off <= 0 or off + n > run.size:
-                        raise self._stop_with(
-                            VpEventKind.ERROR, f"I/O exit data offset {off} length {n} is invalid"
-                        )
                     io_msg.port = port
                     io_msg.access_size = size
                     io_msg.count = count
                     if is_write:
                         io_msg.access_type = WRITE
                         if count == 1:
-                            io_msg.value = int.from_bytes(b[off : off + size], "little")
-                            io_msg._data = b""
+                            io_msg.value = (
+                                b[off] if size == 1 else h[off >> 1] if size == 2 else i32[off >> 2]
+                            )
                         else:
                             io_msg._data = bytes(b[off : off + n])
                             io_msg.value = int.from_bytes(io_msg._data[:size], "little")
@@ -422,20 +427,25 @@ class VirtualProcessor:
                     try:
                         result = entry.handler(io_msg)
                     except Exception as e:
-                        raise self._handler_failed(_IO, f"I/O port {port:#x}", e) from None
-                    handler_ns[_IO] += perf() - t0
+                        raise self._handler_failed(IO, f"I/O port {port:#x}", e) from None
+                    handler_ns[IO] += perf() - t0
                     if not is_write:
                         if count == 1 and result.__class__ is int:
-                            b[off : off + size] = (result & _SIZE_MASK[size]).to_bytes(
-                                size, "little"
-                            )
+                            if size == 1:
+                                b[off] = result & 0xFF
+                            elif size == 2:
+                                h[off >> 1] = result & 0xFFFF
+                            else:
+                                i32[off >> 2] = result & 0xFFFFFFFF
                         else:
                             self._fill_io_read(result, off, size, count, port)
-                counts[_IO] += 1
+                    elif count != 1:
+                        io_msg._data = b""
+                counts[IO] += 1
             elif reason == 6:
-                self._mmio_exit(table, run)
+                self._mmio_exit(table, b, h, i32, q)
             elif reason == 29 or reason == 30:
-                self._msr_exit(table, run, reason == 30)
+                self._msr_exit(table, b, i32, q, reason == 30)
             elif reason == 4:
                 self._debug_exit(table, run)
             elif reason == 5:
@@ -444,9 +454,20 @@ class VirtualProcessor:
                 pass
             else:
                 self._stopping_exit(reason)
-            if self._regs is not None or self._sregs_dirty:
+            if self._touched:
                 self._flush_exit_changes()
-            self._in_exit = False
+
+    def _attend(self) -> int:
+        """Slow path of the loop: 1 = handle the exit already in kvm_run, 0 = run, -1 = end."""
+        if not self._pending_exit and self._request is not None:
+            if not self._honour_request():
+                return -1
+        if self._pending_exit:
+            self._pending_exit = False
+            self._attention = self._request is not None
+            return 1
+        self._attention = self._request is not None
+        return 0
 
     def _fill_io_read(self, result: Any, off: int, size: int, count: int, port: int) -> None:
         b = self.vcpu.run_page.b
@@ -465,19 +486,23 @@ class VirtualProcessor:
                 ),
             )
 
-    def _mmio_exit(self, table: Any, run: Any) -> None:
-        gpa = run.mmio_gpa()
-        n = run.mmio_len()
-        is_write = run.mmio_is_write()
+    def _mmio_exit(
+        self, table: Any, b: memoryview, h: memoryview, i32: memoryview, q: memoryview
+    ) -> None:
+        # kvm_run.mmio: phys_addr @32 (q[4]), data @40, len @48 (i32[12]), is_write @52
+        gpa = q[4]
+        n = i32[12]
+        is_write = b[52] != 0
         k = _MEM
         if not 1 <= n <= 8:
             raise self._stop_with(VpEventKind.ERROR, f"MMIO exit length {n} is invalid")
-        i = bisect.bisect_right(table.gpa_starts, gpa) - 1
+        starts = table.gpa_starts
+        i = bisect.bisect_right(starts, gpa) - 1
         entry = table.gpa[i] if i >= 0 else None
         if entry is None or gpa + n > entry.end or not (entry.write if is_write else entry.read):
             self.defaults[k] += 1
             if not is_write:
-                run.set_mmio_data(_MASK64, n)  # unmapped GPA reads as all ones
+                b[40 : 40 + n] = b"\xff" * n  # unmapped GPA reads as all ones
         else:
             m = self._mem_msg
             m.gpa = gpa
@@ -485,40 +510,60 @@ class VirtualProcessor:
             m.access_size = n
             if is_write:
                 m.access_type = AccessType.WRITE
-                m._data = bytes(run.b[40 : 40 + n])
-                m.value = int.from_bytes(m._data, "little")
+                m.value = (
+                    b[40]
+                    if n == 1
+                    else h[20]
+                    if n == 2
+                    else i32[10]
+                    if n == 4
+                    else q[5]
+                    if n == 8
+                    else int.from_bytes(b[40 : 40 + n], "little")
+                )
             else:
                 m.access_type = AccessType.READ
-                m._data = b""
                 m.value = 0
             t0 = time.perf_counter_ns()
             try:
                 result = entry.handler(m)
                 if not is_write:
-                    if not isinstance(result, int):
+                    if result.__class__ is not int and not isinstance(result, int):
                         raise TypeError(
                             f"a read handler must return an int, not {type(result).__name__}"
                         )
-                    run.set_mmio_data(result, n)
+                    if n == 8:
+                        q[5] = result & _MASK64
+                    elif n == 4:
+                        i32[10] = result & 0xFFFFFFFF
+                    elif n == 2:
+                        h[20] = result & 0xFFFF
+                    elif n == 1:
+                        b[40] = result & 0xFF
+                    else:
+                        b[40 : 40 + n] = (result & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
             except Exception as e:
                 raise self._handler_failed(k, f"GPA {gpa:#x}", e) from None
             self.handler_ns[k] += time.perf_counter_ns() - t0
         self.counts[k] += 1
 
-    def _msr_exit(self, table: Any, run: Any, is_write: bool) -> None:
-        index = run.msr_index()
+    def _msr_exit(
+        self, table: Any, b: memoryview, i32: memoryview, q: memoryview, is_write: bool
+    ) -> None:
+        # kvm_run.msr: error @32, reason @40 (i32[10]), index @44 (i32[11]), data @48 (q[6])
+        index = i32[11]
         entry = table.msr.get(index)
         k = _MSR
         if entry is None or not (entry.write if is_write else entry.read):
             # KVM sent an MSR it does not know (or could not handle): #GP, as hardware does
             self.defaults[k] += 1
-            run.set_msr_result(0, True)
+            b[32] = 1
         else:
             m = self._msr_msg
             m.msr = index
             m.gp = False
             m.access_type = AccessType.WRITE if is_write else AccessType.READ
-            m.value = run.msr_data() if is_write else 0
+            m.value = q[6] if is_write else 0
             t0 = time.perf_counter_ns()
             try:
                 result = entry.handler(m)
@@ -529,7 +574,12 @@ class VirtualProcessor:
             except Exception as e:
                 raise self._handler_failed(k, f"MSR {index:#x}", e) from None
             self.handler_ns[k] += time.perf_counter_ns() - t0
-            run.set_msr_result(0 if (is_write or m.gp) else result, m.gp)
+            if m.gp:
+                b[32] = 1
+            else:
+                b[32] = 0
+                if not is_write:
+                    q[6] = result & _MASK64
         self.counts[k] += 1
 
     def _debug_exit(self, table: Any, run: Any) -> None:
@@ -549,7 +599,6 @@ class VirtualProcessor:
             m.gva = pc
             m.access_size = 1
             m.value = 0
-            m._data = b""
             try:
                 m.gpa = self.partition.translate(self.special_registers.cr3, pc)
             except ValueError:

@@ -322,3 +322,21 @@ def test_dynamic_memory_settings_are_checked_with_clear_messages(tmp_path: Any) 
         make(memory="512M", maximum="1G")
     with pytest.raises(ConfigError, match="not understood"):
         make(dynamic_memory=True, maximum="lots")
+
+
+def test_pyhv_memory_without_a_running_vm_says_so_without_a_traceback(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    def memory(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "pyhv.cli", "memory", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    out = memory("--control", str(tmp_path / "none.sock"))
+    assert out.returncode == 1 and "no control socket" in out.stderr
+    out = memory("--control", str(tmp_path / "none.sock"), "--target", "12 parsecs")
+    assert out.returncode == 2 and "not understood" in out.stderr
+    (tmp_path / "file").write_text("")
+    out = memory("--control", str(tmp_path / "file"))
+    assert out.returncode == 1 and "cannot talk to the VM" in out.stderr
+    assert not any("Traceback" in o for o in (out.stderr, out.stdout))

@@ -210,3 +210,69 @@ def test_a_hostile_guest_is_refused_logged_counted_and_the_worker_goes_on(
     assert any("refused" in r.getMessage() for r in caplog.records)
     with pytest.raises(DynamicMemoryError, match="not running"):
         vm.set_memory_target(32 * MiB)
+
+
+def test_a_worker_process_offers_the_same_memory_calls_and_publishes_each_report(
+    guest_image: str,
+) -> None:
+    from pyhv.worker import WorkerProcess
+
+    reports: list[dict[str, Any]] = []
+    cfg = VmConfig.create(
+        image=guest_image, dynamic_memory=True, startup="256M", minimum="64M", maximum="512M"
+    )
+    with WorkerProcess(cfg, on_memory_status=reports.append) as vm:
+        vm.start()
+        vm.serial.read_until(PROMPT, 60)
+        assert wait_until(lambda: vm.memory_status()["negotiated"], 30)
+        assert wait_until(lambda: len(reports) >= 2, 30)
+        assert reports[-1]["last_status"]["committed_pages"] > 0
+        plan = vm.remove_memory(64 * PAGES_PER_MIB)  # the balancer's remove
+        assert plan["goal_pages"] == 192 * PAGES_PER_MIB
+        assert wait_until(lambda: vm.memory_status()["ballooned_pages"] == 64 * PAGES_PER_MIB)
+        vm.add_memory(128 * PAGES_PER_MIB)  # unballoon 64 MiB, hot-add 64 MiB
+        assert wait_until(lambda: vm.memory_status()["visible_pages"] == 320 * PAGES_PER_MIB)
+        st = vm.memory_status()
+        assert st["ballooned_pages"] == 0 and st["assigned_pages"] == 320 * PAGES_PER_MIB
+        with pytest.raises(DynamicMemoryError, match="integer"):
+            vm.add_memory("lots")  # type: ignore[arg-type]
+
+
+def test_pyhv_memory_shows_and_sets_a_running_vms_memory_through_its_control_socket(
+    guest_image: str, tmp_path: Path
+) -> None:
+    import sys
+
+    sock = str(tmp_path / "vm.sock")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pyhv.cli", "run", "--image", guest_image, "--dynamic-memory",
+         "--startup", "256M", "--minimum", "64M", "--maximum", "512M", "--control", sock],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+    def memory(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "pyhv.cli", "memory", "--control", sock, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    try:
+        assert wait_until(lambda: Path(sock).exists(), 30)
+        assert wait_until(lambda: "IDLE" in memory().stdout, 30)
+        assert wait_until(lambda: "last status report: committed" in memory().stdout, 30)
+        out = memory("--target", "192M")
+        assert out.returncode == 0 and out.stdout.startswith("target: 192M"), out
+        assert wait_until(lambda: "ballooned: 64 MiB" in memory().stdout, 60)
+        assert "assigned: 192 MiB" in memory().stdout
+        out = memory("--target", "4G")
+        assert "clamped" in out.stdout
+        bad = memory("--target", "much")
+        assert bad.returncode == 2 and "not understood" in bad.stderr
+        assert "Traceback" not in bad.stderr
+    finally:
+        assert run.stdin is not None
+        run.stdin.write(b"\x01x")  # Ctrl-A x: the console stops the VM
+        run.stdin.close()
+        try:
+            run.wait(30)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait()

@@ -166,8 +166,8 @@ def build(tmp: Path) -> tuple[bytes, dict[str, int], Path]:
     return (tmp / "g.bin").read_bytes(), syms, tmp / "loop"
 
 
-def run_pyhv(code: bytes, entry: int, n: int) -> float:
-    with Partition("bench") as p:
+def run_pyhv(code: bytes, entry: int, n: int, time_handlers: bool = True) -> float:
+    with Partition("bench", time_handlers=time_handlers) as p:
         p.add_memory(0, 16 << 20)
         p.write(BASE, code)
         vp = p.create_vp(0)
@@ -248,9 +248,17 @@ def main() -> None:
                 best_c = max(best_c, run_c(loop, tmp / "g.bin", entry, n))
                 best_py = max(best_py, run_pyhv(code, entry, n))
             if kind == "io":
-                floor = max(run_python_floor(code, entry, n) for _ in range(repeats))
+                floor = untimed = 0.0
+                for _ in range(repeats):
+                    floor = max(floor, run_python_floor(code, entry, n))
+                    untimed = max(untimed, run_pyhv(code, entry, n, time_handlers=False))
                 result["io_python_floor_per_s"] = round(floor)
                 result["io_ratio_vs_python_floor"] = round(best_py / floor, 3)
+                result["io_pyhv_untimed_per_s"] = round(untimed)
+                result["io_untimed_ratio_vs_c"] = round(untimed / best_c, 3)
+                print(
+                    f"io    python floor {floor:.0f}/s, pyhv without handler timing {untimed:.0f}/s"
+                )
             result[f"{kind}_pyhv_per_s"] = round(best_py)
             result[f"{kind}_c_per_s"] = round(best_c)
             result[f"{kind}_ratio_vs_c"] = round(best_py / best_c, 3)

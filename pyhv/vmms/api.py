@@ -264,6 +264,11 @@ def _counters(h: ApiHandler, p: dict[str, str]) -> Any:
     return {"time": time.time(), "counters": h.vmms.counters()}
 
 
+@route("/api/host", "GET")
+def _host(h: ApiHandler, p: dict[str, str]) -> Any:
+    return h.vmms.host()
+
+
 @route("/api/vms", "GET")
 def _list(h: ApiHandler, p: dict[str, str]) -> Any:
     return {"vms": h.vmms.list()}

@@ -236,6 +236,24 @@ def openapi() -> dict[str, Any]:
                     },
                 },
             },
+            "/api/host": {
+                "get": {
+                    "summary": "the host's memory pool for VMs (bytes; free excludes the reserve)",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    k: {"type": "integer"}
+                                    for k in ("budget", "reserve", "free", "running_vms")
+                                },
+                            },
+                            "the pool",
+                        ),
+                        **_errors(),
+                    },
+                },
+            },
             "/api/counters": {
                 "get": {
                     "summary": "every counter by its Perfmon path",

@@ -357,7 +357,8 @@ class Vmms:
             if vm.worker is None:
                 raise Conflict(f"VM {name!r} is {vm.state}: start it to use its console")
             vm.consoles.append(output)
-            output(bytes(vm.tail))
+            if vm.tail:  # (b"" would mean the end)
+                output(bytes(vm.tail))
 
         def detach() -> None:
             with self._lock:
@@ -439,6 +440,18 @@ class Vmms:
         except DynamicMemoryUnavailable as e:
             raise Conflict(str(e)) from None
         return {"name": name, "target": size}
+
+    def host(self) -> dict[str, int]:
+        """The host's pool for VMs, in bytes: budget, reserve, free (reserve excluded)."""
+        m = self.pool.manager
+        with self._lock:
+            running = sum(vm.worker is not None for vm in self._vms.values())
+        return {
+            "budget": m.budget_pages * PAGE_SIZE,
+            "reserve": m.reserve_pages * PAGE_SIZE,
+            "free": m.free_pages * PAGE_SIZE,
+            "running_vms": running,
+        }
 
     # --- counters ------------------------------------------------------------------------
 

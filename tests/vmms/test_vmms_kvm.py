@@ -1,0 +1,223 @@
+"""`pyhv vmms serve` with real VMs under KVM, driven by the `pyhv vm` commands: each VM runs in a
+worker process of its own; a worker killed with SIGKILL is reported crashed, its memory goes back
+to the pool, and the other VM's shell still answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyhv.vmms.client import VmmsClient
+
+ROOT = Path(__file__).resolve().parents[2]
+GIB = 1 << 30
+
+
+class Host:
+    """A `pyhv vmms serve` in a temporary state directory, and its command line."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.client = VmmsClient(socket_path=state / "vmms.sock", timeout=60)
+
+    def vm(self, *args: str, check: bool = True) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "pyhv.vmms", "vm", "--state-dir", str(self.state), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert "Traceback" not in r.stderr, r.stderr
+        if check:
+            assert r.returncode == 0, r.stderr
+        return r.stdout + r.stderr
+
+    def show(self, name: str) -> dict[str, Any]:
+        return json.loads(self.vm("show", name, "--json"))  # type: ignore[no-any-return]
+
+    def shell(self, name: str, command: str, marker: bytes, timeout: float = 60) -> bytes:
+        """Type a command on the VM's console and read until `marker`."""
+        with self.client.console(name) as sock:
+            sock.settimeout(timeout)
+            got = b""
+            while b"pyhv> " not in got:  # the recent output ends with a prompt
+                sock.sendall(b"\r")
+                got += sock.recv(4096)
+            got = b""
+            sock.sendall(command.encode() + b"\r")
+            deadline = time.monotonic() + timeout
+            while marker not in got and time.monotonic() < deadline:
+                got += sock.recv(4096)
+            return got
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    state = tmp_path / "state"
+    log = open(tmp_path / "vmms.log", "w+")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pyhv.vmms",
+            "serve",
+            "--state-dir",
+            str(state),
+            "--memory-budget",
+            "3G",
+            "--host-reserve",
+            "256M",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    try:
+        for _ in range(600):
+            if (state / "vmms.sock").exists():
+                break
+            assert proc.poll() is None, (tmp_path / "vmms.log").read_text()
+            time.sleep(0.05)
+        yield Host(state)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.kvm
+def test_a_vm_is_created_started_listed_shown_stopped_and_deleted_through_the_cli(
+    host: Host,
+) -> None:
+    out = host.vm("create", "testvm", "--memory", "256M", "--vps", "1")
+    assert "testvm: off" in out
+    out = host.vm("create", "bad", "--memory", "12X", check=False)
+    assert "memory size '12X' is not understood" in out
+    out = host.vm("start", "testvm")
+    assert "testvm: running" in out
+    vm = host.show("testvm")
+    assert vm["state"] == "running" and vm["pid"] > 0 and vm["memory"]["assigned"] == 256 << 20
+    os.kill(vm["pid"], 0)  # the worker is a process of its own
+    assert b"committed:" in host.shell("testvm", "mem", b"committed:")
+    listing = host.vm("list")
+    assert "testvm" in listing and "running" in listing
+    out = host.vm("stop", "testvm")
+    assert "testvm: off" in out
+    out = host.vm("delete", "testvm")
+    assert "deleted testvm" in out
+    assert "testvm" not in host.vm("list")
+
+
+@pytest.mark.kvm
+def test_a_worker_killed_with_sigkill_is_reported_and_the_other_vm_keeps_running(
+    host: Host,
+) -> None:
+    for name in ("victim", "survivor"):
+        host.vm("create", name, "--memory", "256M")
+        host.vm("start", name)
+    free_running = host.client.request("GET", "/api/host")["free"]
+    victim = host.show("victim")
+    os.kill(victim["pid"], signal.SIGKILL)
+    for _ in range(400):
+        victim = host.show("victim")
+        if victim["state"] != "running":
+            break
+        time.sleep(0.05)
+    assert victim["state"] == "crashed"
+    assert "killed by SIGKILL" in victim["reason"]
+    assert "crashed" in host.vm("list")
+    assert host.show("survivor")["state"] == "running"
+    assert b"committed:" in host.shell("survivor", "mem", b"committed:")
+    counters = host.client.request("GET", "/api/counters")["counters"]
+    assert counters[r"\Hyper-V Virtual Machine Health Summary\Health Critical"] == 1
+    assert host.client.request("GET", "/api/host")["free"] == free_running + (256 << 20)
+
+
+@pytest.mark.kvm
+def test_the_console_command_attaches_and_ctrl_a_x_detaches_leaving_the_vm_running(
+    host: Host,
+) -> None:
+    host.vm("create", "c", "--memory", "128M")
+    host.vm("start", "c")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyhv.vmms", "vm", "--state-dir", str(host.state), "console", "c"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"mem\r")
+    proc.stdin.flush()
+    got = b""
+    deadline = time.monotonic() + 60
+    while b"committed:" not in got and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1)
+        if ready:
+            got += os.read(proc.stdout.fileno(), 4096)
+    proc.stdin.write(b"\x01x")
+    proc.stdin.flush()
+    assert proc.wait(30) == 0
+    assert b"committed:" in got
+    assert host.show("c")["state"] == "running"
+
+
+@pytest.mark.kvm
+def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None:
+    host.vm("create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "1G")
+    out = host.vm("memory", "dm", "--target", "384M", check=False)
+    assert "VM 'dm' is off: start it first" in out
+    host.vm("start", "dm")
+    status: dict[str, Any] = {}
+    for _ in range(300):  # the guest's DM driver reports once a second after it negotiated
+        try:
+            status = host.client.request("GET", "/api/vms/dm/memory")
+        except Exception:  # noqa: BLE001 - 409 until the guest has reported
+            status = {}
+        if status.get("committed"):
+            break
+        time.sleep(0.1)
+    assert status.get("committed"), status
+    out = host.vm("memory", "dm", "--target", "384M")
+    assert "memory target 384M sent" in out
+    for _ in range(300):
+        status = host.client.request("GET", "/api/vms/dm/memory")
+        if status["assigned"] == 384 << 20:
+            break
+        time.sleep(0.1)
+    assert status["assigned"] == 384 << 20 and status["ballooned"] == 128 << 20
+    for _ in range(50):  # the pool follows at the balancer's next tick
+        if host.show("dm")["memory"]["assigned"] == 384 << 20:
+            break
+        time.sleep(0.1)
+    assert host.show("dm")["memory"]["ballooned"] == 128 << 20
+    out = host.vm("memory", "dm", "--maximum", "512M", check=False)
+    assert "maximum can only go up while VM 'dm' runs" in out
+
+
+def test_the_vm_commands_say_when_no_vmms_is_serving(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "pyhv.vmms", "vm", "--state-dir", str(tmp_path), "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 1
+    assert "no VMMS is serving on" in r.stderr and "pyhv vmms serve" in r.stderr
+    assert "Traceback" not in r.stderr

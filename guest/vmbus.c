@@ -389,12 +389,35 @@ int vmbus_recv_done(struct vmbus_channel *ch)
     return w != ch->in.index;
 }
 
+/* Packets the host has left unread for 100 ms: ring again. The signal rule (only on empty ->
+ * non-empty) loses a wakeup if the consumer does not look at the write index again after
+ * publishing its read index; a Hyper-V host does, this costs a compare per poll in case a host
+ * does not. */
+static void kick_if_stalled(struct vmbus_channel *ch)
+{
+    u32 rd = ch->out.ctl->read_index;
+    if (rd == ch->out.index) {
+        ch->stall_tick = ticks;
+        return;
+    }
+    if (rd != ch->stall_read) {
+        ch->stall_read = rd;
+        ch->stall_tick = ticks;
+    } else if (ticks - ch->stall_tick >= HZ / 10) {
+        ch->stall_tick = ticks;
+        ch->rekicks++;
+        doorbell(ch);
+    }
+}
+
 /* the kernel's poll hook: each open channel's user runs with the host's interrupts masked, then
  * once more if data came in between its last read and the unmask */
 void vmbus_poll(void)
 {
     for (u32 i = 0; i < vmbus_nchannels; i++) {
         struct vmbus_channel *ch = &vmbus_channels[i];
+        if (ch->open)
+            kick_if_stalled(ch);
         for (int pass = 0; pass < 4 && ch->open && ch->callback; pass++) {
             ch->in.ctl->interrupt_mask = 1;
             ch->callback(ch);
@@ -435,8 +458,9 @@ void vmbus_show(void)
                ch->out.size, ch->out.ctl->pending_send_sz);
         printf("  in: write %u read %u of %u, pending_send_sz %u\n", ch->in.ctl->write_index, ch->in.index,
                ch->in.size, ch->in.ctl->pending_send_sz);
-        printf("  tx %lu rx %lu doorbells %lu interrupts %lu ring-full %lu wakeups %lu skipped %lu too-big %lu\n",
+        printf("  tx %lu rx %lu doorbells %lu interrupts %lu ring-full %lu wakeups %lu rekicks %lu skipped %lu "
+               "too-big %lu\n",
                ch->tx_packets, ch->rx_packets, ch->doorbells, ch->interrupts, ch->ring_full, ch->wakeups,
-               ch->rx_skipped, ch->rx_too_big);
+               ch->rekicks, ch->rx_skipped, ch->rx_too_big);
     }
 }

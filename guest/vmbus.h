@@ -37,6 +37,9 @@ struct vmbus_channel {
     int pending_send;          /* we set pending_send_sz on the host's read side */
     volatile u64 interrupts;
     u64 tx_packets, rx_packets, doorbells, ring_full, rx_skipped, rx_too_big, wakeups;
+    u64 rekicks;             /* doorbells rung again for packets the host left unread */
+    u32 stall_read;          /* host's read index of the guest->host ring last seen ... */
+    u64 stall_tick;          /* ... and since when */
     const char *close_reason; /* why the guest closed it (a ring the host broke) */
 };
 

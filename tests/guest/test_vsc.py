@@ -240,3 +240,28 @@ def test_a_bad_ring_index_from_the_host_closes_the_channel(boot_dm: Boot) -> Non
     assert "closed (the host wrote a bad write_index in the host->guest ring)" in out
     assert shell.vm.dynmem.offer.channel is None  # the host saw the CLOSE
     assert shell.run("pmmcheck") == "pmm: consistent\n"
+
+
+def test_fragmented_memory_goes_in_many_messages_both_ways(boot_dm: Boot) -> None:
+    """4 KiB fragments: unballoon and balloon take several messages each (more_pages), and the
+    rings fill up on the way (pending_send_sz wakes the side that waits)."""
+    shell = boot_dm("128M", minimum="32M", maximum="256M")
+    st = settle(shell, 32)  # down to the guest's floor, in 2 MiB runs
+    svc = shell.vm.dynmem
+    held = list(svc.mm.partitions[svc.name].ballooned)
+    # give back two pages of every three: runs of 2 pages between ballooned single pages
+    back = [PageRange(s + i, 2) for s, n in held for i in range(0, n - 2, 3)]
+    svc.mm.reclaim(svc.name, back)
+    svc.vsp.unballoon(back)
+    wait_until("unballooned", lambda: svc.vsp.state is DmState.IDLE, tries=1200)
+    d = dm(shell)
+    assert d["unballoon-requests"] == -(-len(back) // 510) > 1  # one response after the last
+    assert d["unballoon-pages"] == 2 * len(back) and d["unballoon-bad-ranges"] == 0
+    assert shell.run("pmmcheck") == "pmm: consistent\n"
+    before = dm(shell)["balloon-responses"]
+    st = settle(shell, 32)
+    d = dm(shell)
+    assert d["balloon-responses"] - before > 2  # 510 ranges a message at most
+    assert d["ballooned"] == st["ballooned_pages"]
+    assert svc.vsp.counters["bad_ranges"] == 0 and svc.vsp.counters["refused"] == 0
+    assert shell.run("pmmcheck") == "pmm: consistent\n"

@@ -40,6 +40,11 @@ def test_interrupts_reach_a_halted_guest_by_vector_pin_and_irqfd() -> None:
         fd = p.irqfd(5)
         os.write(fd, (1).to_bytes(8, "little"))
         assert _wait_for(lambda: got == [0x40, 0x41, 0x41])
+        msi = p.msi_irqfd(0, 0x40)  # a GSI of its own routed as an MSI: vector 0x40 to VP 0
+        os.write(msi, (1).to_bytes(8, "little"))
+        assert _wait_for(lambda: got == [0x40, 0x41, 0x41, 0x40])
+        p.pulse_irq(5)  # the default IOAPIC routes survived the new routing table
+        assert _wait_for(lambda: got == [0x40, 0x41, 0x41, 0x40, 0x41])
         assert vp.state is VpState.RUNNING
 
 

@@ -282,6 +282,30 @@ class Uart16550:
         if rising and self._pulse_irq is not None:
             self._pulse_irq()
 
+    # --- state save/restore (live migration) -----------------------------------------
+
+    _STATE_FIELDS = (
+        "ier lcr mcr scr dll dlm _fifo_enabled _trigger _lsr_errors _msr _thr_ipending _irq_level"
+    ).split()
+
+    def save_state(self) -> dict[str, object]:
+        """Every register, the FIFO and the host backlog, as JSON-ready data."""
+        with self._lock:
+            st: dict[str, object] = {n.lstrip("_"): getattr(self, n) for n in self._STATE_FIELDS}
+            st["rx"] = bytes(self._rx).hex()
+            st["backlog"] = bytes(self._backlog).hex()
+        return st
+
+    def restore_state(self, st: dict[str, object]) -> None:
+        """Take the state save_state() gave (on another host); the interrupt level is taken as
+        is, without a new edge (the IOAPIC's own state comes with the partition's)."""
+        with self._lock:
+            for n in self._STATE_FIELDS:
+                value = st[n.lstrip("_")]
+                setattr(self, n, bool(value) if isinstance(getattr(self, n), bool) else int(value))  # type: ignore[call-overload]
+            self._rx = deque(bytes.fromhex(str(st["rx"]))[:FIFO_SIZE])
+            self._backlog = deque(bytes.fromhex(str(st["backlog"]))[:BACKLOG_MAX])
+
     # --- port I/O glue ---------------------------------------------------------------
 
     def io_read(self, offset: int, size: int) -> int:

@@ -66,8 +66,10 @@ class VirtualMachine:
 
     # --- life cycle -----------------------------------------------------------------
 
-    def start(self) -> None:
-        """Create the partition, boot-load the image and start every VP."""
+    def start(self, incoming: Callable[[VirtualMachine], None] | None = None) -> None:
+        """Create the partition, boot-load the image and start every VP. With `incoming`
+        (live migration's destination) nothing is loaded: `incoming(vm)` fills RAM and sets
+        the VPs' and devices' state once they exist, before the VPs start."""
         from pyhv.hypervisor import Partition  # lazy: keeps `pyhv --help` fast
 
         cfg = self.config
@@ -83,7 +85,7 @@ class VirtualMachine:
         try:
             for base, size in boot.ram_regions(cfg.memory):
                 p.add_memory(base, size)
-            self.image, entry = boot.prepare(
+            self.image, entry = (None, None) if incoming else boot.prepare(
                 p,
                 image_bytes,
                 memory=cfg.memory,
@@ -105,7 +107,10 @@ class VirtualMachine:
                 )
                 self.dynmem.start()
             self.vps = [p.create_vp(i) for i in range(cfg.vps)]
-            _set_entry_state(self.vps[0], entry)
+            if incoming is not None:
+                incoming(self)
+            elif entry is not None:
+                _set_entry_state(self.vps[0], entry)
             for vp in self.vps:
                 vp.start()
                 w = threading.Thread(target=self._watch, args=(vp,), name=f"watch-vp{vp.index}")

@@ -1,0 +1,258 @@
+"""The destination side of a live migration: accept one authenticated source, create the VM
+from the configuration it sends, take memory passes straight into guest RAM, restore the VP and
+device state, check RAM against the source's checksum, and resume when the source commits.
+
+:meth:`Incoming.accept` runs before the VM exists (it yields the configuration);
+:meth:`Incoming.receive` is the hook ``VirtualMachine.start(incoming=...)`` calls once the
+partition, its RAM and its VPs exist and before the VPs start; :meth:`Incoming.resumed` tells
+the source the VPs run. Any error raises MigrationError; the caller discards the VM (the
+worker process exits), so the destination holds nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pyhv.migration import memory as mem
+from pyhv.migration.faults import FaultPlan
+from pyhv.migration.state import VmState, restore_intercept_counters, restore_kvm_state
+from pyhv.migration.stream import (
+    COMPRESSED,
+    Frame,
+    FrameSocket,
+    MigrationError,
+    authenticate_destination,
+    token_bytes,
+    unpack_zero_runs,
+)
+
+if TYPE_CHECKING:
+    from pyhv.hypervisor.memory import MemoryRegion
+    from pyhv.worker.vm import VirtualMachine
+
+log = logging.getLogger("pyhv.migration")
+PAGE = mem.PAGE
+
+
+def available_memory() -> int:
+    """MemAvailable of this host, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Incoming:
+    """One incoming migration on a listening socket."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        token: str | bytes,
+        *,
+        max_memory: int | None = None,
+        timeout: float = 30.0,
+        accept_timeout: float = 300.0,
+        faults: dict[str, str] | None = None,
+    ) -> None:
+        self.listener = listener
+        self.token = token_bytes(token)
+        self.max_memory = max_memory
+        self.timeout = timeout
+        self.accept_timeout = accept_timeout
+        self.faults = FaultPlan(faults)
+        self.fs: FrameSocket | None = None
+        self.peer: str = ""
+        self.config: dict[str, Any] = {}
+        self.regions: list[list[int]] = []
+        self.verify = True
+        self.passes = 0
+        self.pages = 0
+        self._zstd: Any = None
+
+    def accept(self) -> dict[str, Any]:
+        """Wait for the source, authenticate it, read the configuration (returned, as sent)."""
+        self.listener.settimeout(self.accept_timeout)
+        try:
+            sock, addr = self.listener.accept()
+        except TimeoutError:
+            raise MigrationError(
+                f"no source connected within {self.accept_timeout} s", "accept"
+            ) from None
+        finally:
+            self.listener.close()
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        fs = self.fs = FrameSocket(sock, timeout=self.timeout)
+        try:
+            self.faults.at("authenticate", fs)
+            authenticate_destination(fs, self.token)
+            msg = fs.expect_json(Frame.CONFIG)
+            self.faults.at("config", fs)
+            config, regions = msg.get("config"), msg.get("regions")
+            if not isinstance(config, dict) or not isinstance(regions, list):
+                raise MigrationError(
+                    "the CONFIG frame has no configuration or RAM layout", "config"
+                )
+            self.config, self.regions = config, regions
+            self.verify = bool((msg.get("options") or {}).get("verify", True))
+            need = sum(int(size) for _gpa, size in regions)
+            have = self.max_memory if self.max_memory is not None else available_memory()
+            if need > have:
+                raise MigrationError(
+                    f"destination out of memory: the VM needs {need >> 20} MiB of RAM, this host "
+                    f"can give {have >> 20} MiB",
+                    "config",
+                )
+        except BaseException as e:
+            self.fail(e)
+            raise
+        return config
+
+    def fail(self, e: BaseException) -> None:
+        """Tell the source why we give up, and drop the connection."""
+        if self.fs is not None:
+            self.fs.abort(str(e) or type(e).__name__)
+            self.fs.close()
+
+    # --- the VirtualMachine.start hook ---------------------------------------------------
+
+    def receive(self, vm: VirtualMachine) -> None:
+        fs = self.fs
+        p = vm.partition
+        assert fs is not None and p is not None
+        try:
+            ram = [r for r in p.regions if not r.readonly]
+            have = sorted([r.gpa, r.size] for r in ram)
+            if have != sorted([int(g), int(s)] for g, s in self.regions):
+                raise MigrationError(
+                    f"the source's RAM layout {self.regions} differs from the VM built here {have}",
+                    "config",
+                )
+            written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
+            fs.send_json(Frame.READY, {})
+            state = self._memory(vm, written)
+            self.faults.at("state", fs)
+            restore_kvm_state(p, state)
+            vm.uart.restore_state(state.uart)
+            restore_intercept_counters(p, state.intercept_counters)
+            if self.verify:
+                want = fs.expect_json(Frame.CHECKSUM).get("ram")
+                got = mem.ram_checksum(ram)
+                if got != want:
+                    raise MigrationError(
+                        f"guest RAM differs from the source's at pause (checksum {got} here, "
+                        f"{want} there)",
+                        "verify",
+                    )
+            self.faults.at("restored", fs)
+            fs.send_json(Frame.RESTORED, {})
+            fs.expect_json(Frame.COMMIT)
+        except BaseException as e:
+            self.fail(e)
+            raise
+
+    def _memory(self, vm: VirtualMachine, written: dict[int, np.ndarray]) -> VmState:
+        """Frames up to STATE: pages into guest RAM, zero markers, pass ends."""
+        fs = self.fs
+        p = vm.partition
+        assert fs is not None and p is not None
+        first_pages = True
+        while True:
+            ftype, flags, length, count, addr, check = fs.recv_header()
+            if ftype is Frame.PAGES:
+                if first_pages:
+                    first_pages = False
+                    self.faults.at("memory", fs)
+                r = self._region(p, addr, count)
+                off = addr - r.gpa
+                target = memoryview(r.mm)[off : off + count * PAGE]
+                if flags & COMPRESSED:
+                    buf = bytearray(length)
+                    fs.recv_payload_into(memoryview(buf), ftype, flags, count, addr, check)
+                    self._decompress(buf, target)
+                else:
+                    if length != count * PAGE:
+                        raise MigrationError(
+                            f"PAGES frame of {count} pages carries {length} bytes", "memory"
+                        )
+                    fs.recv_payload_into(target, ftype, flags, count, addr, check)
+                written[r.gpa][off // PAGE : off // PAGE + count] = True
+                self.pages += count
+                continue
+            buf = bytearray(length)
+            fs.recv_payload_into(memoryview(buf), ftype, flags, count, addr, check)
+            if ftype is Frame.ZERO:
+                for gpa, n in unpack_zero_runs(bytes(buf)):
+                    r = self._region(p, gpa, n)
+                    first = (gpa - r.gpa) // PAGE
+                    w = written[r.gpa]
+                    for s, e in mem.runs(w[first : first + n]):
+                        # a page that held data and is zero now: give its memory back
+                        from pyhv.memory.manager import punch_hole
+
+                        punch_hole(r.memfd, r.offset + (first + s) * PAGE, (e - s) * PAGE)
+                        w[first + s : first + e] = False
+            elif ftype is Frame.PASS_END:
+                self.passes += 1
+            elif ftype is Frame.STATE:
+                return VmState.decode(bytes(buf))
+            elif ftype is Frame.ABORT:
+                reason = bytes(buf).decode(errors="replace")
+                raise MigrationError(f"the source aborted: {reason}", "memory")
+            else:
+                raise MigrationError(
+                    f"unexpected {ftype.name} frame during the memory passes", "memory"
+                )
+
+    def _region(self, p: Any, gpa: int, pages: int) -> MemoryRegion:
+        r = p.gpa_space.find(gpa)
+        if r is None or r.readonly or gpa % PAGE or pages <= 0 or gpa + pages * PAGE > r.end:
+            raise MigrationError(
+                f"the source sent {pages} pages at {gpa:#x}, outside this VM's RAM", "memory"
+            )
+        return r  # type: ignore[no-any-return]
+
+    def _decompress(self, buf: bytearray, target: memoryview) -> None:
+        if self._zstd is None:
+            import zstandard
+
+            self._zstd = zstandard.ZstdDecompressor()
+        try:
+            out = self._zstd.decompress(bytes(buf), max_output_size=len(target))
+        except Exception as e:  # noqa: BLE001 - zstd's own error type
+            raise MigrationError(
+                f"a compressed page frame does not decompress: {e}", "memory"
+            ) from None
+        if len(out) != len(target):
+            raise MigrationError(
+                f"a compressed page frame gave {len(out)} bytes, not {len(target)}", "memory"
+            )
+        target[:] = out
+
+    def resumed(self) -> None:
+        """The VPs run here: tell the source (which then stops its VM)."""
+        fs = self.fs
+        if fs is None:
+            return
+        try:
+            fs.send_json(Frame.RESUMED, {"time": time.monotonic()})
+        except OSError as e:
+            log.warning("could not tell the source that the VM resumed: %s", e)
+        finally:
+            fs.close()
+
+
+def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A TCP listening socket for one incoming migration."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(1)
+    return s

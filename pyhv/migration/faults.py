@@ -1,0 +1,63 @@
+"""Test-only fault injection: a plan of {phase: action} that each side consults at its phase
+points, so tests can break a migration at every phase and check that it aborts cleanly.
+
+Source phases: ``connect``, ``config``, ``pass1`` (after the first frame of memory),
+``pass2``, ``final`` (VPs paused, before the last pages), ``state``, ``commit``.
+Destination phases: ``authenticate``, ``config``, ``memory`` (first page frame received),
+``state`` (state received, before restoring), ``restored`` (before saying so).
+
+Actions: ``cut`` (the connection drops: both directions shut down), ``corrupt`` (the next frame
+sent has a payload bit flipped after its checksum was computed), ``exit`` (this process dies at
+once, as a killed host would: only for a destination in its own process), ``fail`` (this side
+raises an error, e.g. a device that cannot save its state).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from pyhv.migration.stream import MigrationError
+
+if TYPE_CHECKING:
+    from pyhv.migration.stream import FrameSocket
+
+SOURCE_PHASES = ("connect", "config", "pass1", "pass2", "final", "state", "commit")
+DESTINATION_PHASES = ("authenticate", "config", "memory", "state", "restored")
+ACTIONS = ("cut", "corrupt", "exit", "fail")
+
+
+class FaultPlan:
+    """{phase: action}; each fault fires once."""
+
+    def __init__(self, plan: dict[str, str] | None = None) -> None:
+        plan = dict(plan or {})
+        for phase, action in plan.items():
+            if phase not in SOURCE_PHASES + DESTINATION_PHASES:
+                raise ValueError(
+                    f"unknown fault phase {phase!r}: one of {SOURCE_PHASES + DESTINATION_PHASES}"
+                )
+            if action not in ACTIONS:
+                raise ValueError(f"unknown fault action {action!r}: one of {ACTIONS}")
+        self.plan = plan
+        self.fired: list[str] = []
+
+    def at(self, phase: str, fs: FrameSocket | None) -> None:
+        action = self.plan.pop(phase, None)
+        if action is None:
+            return
+        self.fired.append(f"{phase}:{action}")
+        if action == "exit":
+            os._exit(17)
+        if action == "fail":
+            raise MigrationError(f"injected failure at {phase}", phase)
+        if fs is None:
+            return
+        if action == "cut":
+            try:
+                fs.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        elif action == "corrupt":
+            fs.corrupt_next = True

@@ -1,0 +1,130 @@
+"""Guest RAM as migration sees it: KVM dirty logging switched on and off on live memory slots,
+dirty bitmaps as page runs, zero pages found without touching never-written memory, and a
+checksum of all RAM that does not depend on how the host stores it (holes or zero pages).
+
+Never-written and ballooned pages of a memfd are holes: `SEEK_DATA`/`SEEK_HOLE` skips them, and
+they are never read (reading a hole of a shared memfd mapping would allocate it).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import xxhash
+
+from pyhv.kvm import constants as c
+
+if TYPE_CHECKING:
+    from pyhv.hypervisor.memory import MemoryRegion
+
+PAGE = 4096
+WORDS = PAGE // 8
+
+
+def set_dirty_logging(region: MemoryRegion, on: bool) -> None:
+    """Turn KVM's dirty log of a live RAM slot on or off (KVM_SET_USER_MEMORY_REGION with the
+    same slot, address and size: only the flags change, the VPs keep running)."""
+    vm = region._vm
+    if vm is None:
+        raise ValueError(f"region at {region.gpa:#x} is no longer in a partition")
+    flags = (c.MEM_READONLY if region.readonly else 0) | (c.MEM_LOG_DIRTY_PAGES if on else 0)
+    vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_address, flags)
+    region.track_dirty = on
+
+
+def dirty_mask(region: MemoryRegion) -> np.ndarray:
+    """One bool per page of the region: written since the last call (clears the log)."""
+    bm = np.frombuffer(region.dirty_bitmap(), dtype=np.uint8)
+    return np.unpackbits(bm, bitorder="little")[: region.pages].astype(bool)
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(first, end) index pairs of the runs of True in a bool array."""
+    if not mask.size:
+        return []
+    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def data_extents(region: MemoryRegion) -> Iterator[tuple[int, int]]:
+    """(first page, end page) of the region's memfd extents that hold data (not holes)."""
+    fd, base, size = region.memfd, region.offset, region.size
+    pos = base
+    while pos < base + size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        if start >= base + size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), base + size)
+        yield (start - base) // PAGE, -(-(end - base) // PAGE)
+        pos = end
+
+
+def pages_array(region: MemoryRegion) -> np.ndarray:
+    """The region's memory as (pages, 512) uint64, without copying."""
+    return np.frombuffer(region.mm, dtype=np.uint64).reshape(region.pages, WORDS)
+
+
+def nonzero_pages(arr: np.ndarray, first: int, end: int) -> np.ndarray:
+    """Bool per page of [first, end): it holds something other than zeros."""
+    return np.asarray(arr[first:end].any(axis=1))
+
+
+def ram_checksum(regions: list[MemoryRegion], skip: list[tuple[int, int]] | None = None) -> str:
+    """xxh3-128 over (gpa, length, bytes) of every run of non-zero pages, in GPA order: equal
+    for equal contents whether the host keeps a zero page as a hole or as data. `skip` lists
+    (gpa, pages) ranges left out (ballooned pages, never read)."""
+    h = xxhash.xxh3_128()
+    skip = sorted(skip or [])
+    for r in sorted(regions, key=lambda r: r.gpa):
+        arr = pages_array(r)
+        for first, end in data_extents(r):
+            for a, b in _minus(first, end, r, skip):
+                nz = nonzero_pages(arr, a, b)
+                for s, e in runs(nz):
+                    gpa = r.gpa + (a + s) * PAGE
+                    h.update(gpa.to_bytes(8, "little") + ((e - s) * PAGE).to_bytes(8, "little"))
+                    h.update(memoryview(r.mm)[(a + s) * PAGE : (a + e) * PAGE])
+    return h.hexdigest()
+
+
+def _minus(
+    first: int, end: int, r: MemoryRegion, skip: list[tuple[int, int]]
+) -> Iterator[tuple[int, int]]:
+    """[first, end) pages of region r without the skipped GPA ranges."""
+    pos = first
+    for gpa, n in skip:
+        s = (gpa - r.gpa) // PAGE
+        e = s + n
+        if e <= pos or s >= end:
+            continue
+        if s > pos:
+            yield pos, s
+        pos = max(pos, e)
+        if pos >= end:
+            return
+    if pos < end:
+        yield pos, end
+
+
+def skip_mask(r: MemoryRegion, skip: list[tuple[int, int]]) -> np.ndarray | None:
+    """Bool per page of region r: inside one of the (gpa, pages) ranges; None if none is."""
+    mask = None
+    for gpa, n in skip:
+        s = max((gpa - r.gpa) // PAGE, 0)
+        e = min((gpa - r.gpa) // PAGE + n, r.pages)
+        if s < e:
+            if mask is None:
+                mask = np.zeros(r.pages, dtype=bool)
+            mask[s:e] = True
+    return mask

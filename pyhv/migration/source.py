@@ -1,0 +1,504 @@
+"""The source side of a live migration (pre-copy), as Hyper-V does it:
+
+1. connect and authenticate; send the configuration; the destination creates the VM (READY);
+2. switch on KVM dirty logging, send all memory (never-written pages are skipped, zero pages go
+   as markers, ballooned pages are not sent);
+3. repeat: take the dirty bitmap and send what was written during the last pass, until what is
+   left would be sent within the downtime target at the bandwidth measured, or after
+   `max_passes` passes, or once more than `max_sent_multiple` x RAM went out; when the dirty
+   set does not shrink, throttle the VPs (paused for a growing share of each interval, like
+   QEMU's auto-converge) before going on;
+4. pause the VPs; send the last dirty pages and the VP and device state (and a checksum of all
+   RAM at pause); the destination restores and checks it (RESTORED); COMMIT; the destination's
+   VPs run (RESUMED); the source VM is stopped and its memory released.
+
+Any failure before RESUMED resumes the source VM as it was (dirty logging off again) and
+raises MigrationError saying in which phase and why; the destination discards everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pyhv.migration import memory as mem
+from pyhv.migration.faults import FaultPlan
+from pyhv.migration.state import STATE_VERSION, VmState, save_intercept_counters, save_kvm_state
+from pyhv.migration.stream import (
+    COMPRESSED,
+    Frame,
+    FrameSocket,
+    MigrationError,
+    PeerAborted,
+    authenticate_source,
+    pack_zero_runs,
+    token_bytes,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pyhv.hypervisor.memory import MemoryRegion
+    from pyhv.worker.vm import VirtualMachine
+
+log = logging.getLogger("pyhv.migration")
+
+PAGE = mem.PAGE
+FRAME_PAGES = 256  # 1 MiB of page data per frame
+ZERO_RUNS_PER_FRAME = 4096
+
+
+@dataclass
+class MigrationOptions:
+    """How to migrate. Sizes in bytes, times in seconds."""
+
+    downtime_target: float = 0.3  #: stop the passes once the rest fits in this
+    max_passes: int = 10  #: Hyper-V stops after 10 passes
+    max_sent_multiple: float = 4.0  #: stop after sending this many times the RAM
+    bandwidth: int = 0  #: bytes/s on the wire, 0 = no limit
+    compress: bool = False  #: zstd level 1 on page frames (kept only when smaller)
+    auto_converge: bool = True  #: throttle the VPs when the dirty set does not shrink
+    throttle_initial: float = 0.2
+    throttle_step: float = 0.2
+    throttle_max: float = 0.95
+    max_downtime: float | None = None  #: give up instead of a longer final pause
+    verify: bool = True  #: checksum all RAM at pause, compared by the destination
+    timeout: float = 30.0  #: seconds any one network operation may take
+    faults: dict[str, str] = field(default_factory=dict)  #: test-only: FaultPlan
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MigrationOptions:
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(d) - known)
+        if bad:
+            raise MigrationError(f"unknown migration option(s) {bad}: known are {sorted(known)}")
+        return cls(**d)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    phase: str = "connect"
+    passes: int = 0
+    pages_sent: int = 0
+    zero_pages: int = 0
+    skipped_pages: int = 0  # never written or ballooned: not sent at all
+    bytes_sent: int = 0
+    ram_pages: int = 0
+    dirty_pages: int = 0
+    dirty_rate: float = 0.0
+    bandwidth: float = 0.0
+    expected_downtime: float = 0.0
+    throttle_percent: float = 0.0
+    downtime: float = 0.0
+    total_time: float = 0.0
+    final_pages: int = 0
+    pass_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Throttle:
+    """Pauses every VP for `fraction` of each interval (auto-converge), from a thread."""
+
+    RUN = 0.02
+
+    def __init__(self, vm: VirtualMachine) -> None:
+        self.vm = vm
+        self.fraction = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set(self, fraction: float) -> None:
+        self.fraction = fraction
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="migration-throttle", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        p = self.vm.partition
+        assert p is not None
+        while not self._stop.is_set():
+            f = self.fraction
+            if f > 0:
+                p.pause()
+                self._stop.wait(self.RUN * f / (1 - f))
+                p.resume()
+            self._stop.wait(self.RUN)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+class Source:
+    """One outgoing migration of `vm` (see the module docstring)."""
+
+    def __init__(
+        self,
+        vm: VirtualMachine,
+        address: tuple[str, int],
+        token: str | bytes,
+        options: MigrationOptions | None = None,
+        on_progress: Callable[[dict[str, Any]], object] | None = None,
+    ) -> None:
+        self.vm = vm
+        self.address = address
+        self.token = token_bytes(token)
+        self.opt = options or MigrationOptions()
+        self.on_progress = on_progress
+        self.progress = Progress()
+        self.faults = FaultPlan(self.opt.faults)
+        self.fs: FrameSocket | None = None
+        self._logging: list[MemoryRegion] = []
+        self._paused = False
+        self._throttle = _Throttle(vm)
+        self._buf = bytearray(FRAME_PAGES * PAGE)
+        self._zstd: Any = None
+        self._t0 = 0.0
+        self._last_report = 0.0
+        self.ram_checksum: str | None = None
+
+    # --- the whole thing ----------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Migrate; returns the final progress report. On failure the VM runs on here."""
+        self._t0 = time.monotonic()
+        try:
+            self._migrate()
+        except BaseException as e:
+            phase = getattr(e, "phase", "") or self.progress.phase
+            why = self._peer_reason(e) or _describe(e)
+            self._roll_back(why)
+            if isinstance(e, MigrationError) and not isinstance(e, PeerAborted):
+                e.phase = phase
+                raise
+            raise MigrationError(
+                f"migration to {self.address[0]}:{self.address[1]} failed during {phase}: {why}; "
+                "the VM keeps running here",
+                phase,
+            ) from e
+        finally:
+            if self.fs is not None:
+                self.fs.close()
+        return self.progress.as_dict()
+
+    def _phase(self, name: str) -> None:
+        self.progress.phase = name
+        self._report(force=True)
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.fs is not None:
+            self.progress.bytes_sent = self.fs.bytes_sent
+        self.progress.total_time = now - self._t0
+        if self.on_progress is not None and (force or now - self._last_report > 0.1):
+            self._last_report = now
+            try:
+                self.on_progress(self.progress.as_dict())
+            except Exception:  # noqa: BLE001 - a listener must not break the migration
+                log.exception("migration progress listener failed")
+
+    def _migrate(self) -> None:
+        vm, opt = self.vm, self.opt
+        p = vm.partition
+        if p is None or vm.end is not None:
+            raise MigrationError("the VM is not running: nothing to migrate", "connect")
+        if opt.compress:
+            import zstandard
+
+            self._zstd = zstandard.ZstdCompressor(level=1)
+        # 1. connect, authenticate, configuration
+        self._phase("connect")
+        try:
+            sock = socket.create_connection(self.address, timeout=opt.timeout)
+        except OSError as e:
+            raise MigrationError(
+                f"cannot connect to the destination {self.address[0]}:{self.address[1]}: {e}",
+                "connect",
+            ) from None
+        fs = self.fs = FrameSocket(
+            sock,
+            bandwidth=opt.bandwidth,
+            timeout=opt.timeout,
+            fault=None,
+        )
+        self.faults.at("connect", fs)
+        self._phase("authenticate")
+        authenticate_source(fs, self.token)
+        self._phase("config")
+        regions = self._ram()
+        self.progress.ram_pages = sum(r.pages for r in regions)
+        self.faults.at("config", fs)
+        fs.send_json(
+            Frame.CONFIG,
+            {
+                "config": vm.config.to_dict(),
+                "regions": [[r.gpa, r.size] for r in regions],
+                "options": {"verify": opt.verify},
+                "dynmem": None,
+            },
+        )
+        fs.expect_json(Frame.READY)
+
+        # 2. dirty logging on, first pass: everything
+        self._phase("pass1")
+        for r in regions:
+            mem.set_dirty_logging(r, True)
+            self._logging.append(r)
+        skip = self._skip_ranges()
+        t = time.monotonic()
+        sent_before = fs.bytes_sent
+        pages = 0
+        for r in regions:
+            mask = np.zeros(r.pages, dtype=bool)
+            for a, b in mem.data_extents(r):
+                mask[a:b] = True
+            sm = mem.skip_mask(r, skip)
+            if sm is not None:
+                mask &= ~sm
+            self.progress.skipped_pages += r.pages - int(mask.sum())
+            pages += self._send_mask(r, mask, first_pass=True)
+        self._end_pass(t, sent_before, pages)
+
+        # 3. iterate
+        prev_dirty = None
+        while True:
+            t_bitmap = time.monotonic()
+            masks = [(r, mem.dirty_mask(r)) for r in regions]
+            dirty = sum(int(m.sum()) for _, m in masks)
+            elapsed = max(t_bitmap - self._pass_started, 1e-6)
+            self.progress.dirty_pages = dirty
+            self.progress.dirty_rate = dirty / elapsed
+            bw = max(self.progress.bandwidth, 1.0)
+            expected = dirty * PAGE / bw
+            self.progress.expected_downtime = expected
+            self._report(force=True)
+            if expected <= opt.downtime_target:
+                why = "the rest fits the downtime target"
+                break
+            if self.progress.passes >= opt.max_passes:
+                why = f"{opt.max_passes} passes done"
+                break
+            ram_bytes = self.progress.ram_pages * PAGE
+            if fs.bytes_sent >= opt.max_sent_multiple * ram_bytes:
+                why = f"sent {fs.bytes_sent / ram_bytes:.1f} x RAM"
+                break
+            if (
+                opt.auto_converge
+                and prev_dirty is not None
+                and self.progress.passes >= 2
+                and dirty > 0.5 * prev_dirty
+            ):
+                f = self._throttle.fraction
+                f = opt.throttle_initial if f == 0 else min(f + opt.throttle_step, opt.throttle_max)
+                self._throttle.set(f)
+                self.progress.throttle_percent = round(f * 100, 1)
+            prev_dirty = dirty
+            self._phase(f"pass{self.progress.passes + 1}")
+            t = self._pass_started = time.monotonic()
+            sent_before = fs.bytes_sent
+            pages = sum(self._send_mask(r, m) for r, m in masks)
+            self._end_pass(t, sent_before, pages)
+            if self.progress.passes == 2:
+                self.faults.at("pass2", fs)
+        log.info("%s: final pass: %s", vm.config.name, why)
+        if opt.max_downtime is not None and self.progress.expected_downtime > opt.max_downtime:
+            raise MigrationError(
+                f"did not converge: the guest dirties {self.progress.dirty_rate:.0f} pages/s and "
+                f"{self.progress.dirty_pages} pages are left after {self.progress.passes} passes "
+                f"(throttle {self.progress.throttle_percent}%), which would take "
+                f"{self.progress.expected_downtime:.2f} s paused, above the limit of "
+                f"{opt.max_downtime} s",
+                "converge",
+            )
+
+        # 4. pause, last pages, state
+        self._throttle.stop()
+        if vm.end is not None:
+            raise MigrationError(f"the VM ended during migration: {vm.end.describe()}", "final")
+        t_pause = time.monotonic()
+        p.pause()
+        self._paused = True
+        self._phase("final")
+        self.faults.at("final", fs)
+        pages = 0
+        for r, m in masks:  # dirty when the passes stopped, and since
+            pages += self._send_mask(r, m | mem.dirty_mask(r))
+        self.progress.final_pages = pages
+        self.progress.passes += 1
+        fs.send_json(Frame.PASS_END, {"pass": self.progress.passes, "pages": pages})
+        self._phase("state")
+        self.faults.at("state", fs)
+        vps, chips, clock = save_kvm_state(p)
+        state = VmState(
+            STATE_VERSION,
+            vps,
+            chips,
+            clock,
+            uart=vm.uart.save_state(),
+            intercept_counters=save_intercept_counters(p),
+            dynmem=None,
+        )
+        fs.send(Frame.STATE, state.encode())
+        if opt.verify:
+            self.ram_checksum = mem.ram_checksum(regions, skip)
+            fs.send_json(Frame.CHECKSUM, {"ram": self.ram_checksum})
+        fs.expect_json(Frame.RESTORED)
+        self._phase("commit")
+        self.faults.at("commit", fs)
+        fs.send_json(Frame.COMMIT, {})
+        resumed = fs.expect_json(Frame.RESUMED)
+        now = time.monotonic()
+        t_run = resumed.get("time")
+        # Same host (one CLOCK_MONOTONIC): exact; otherwise bounded by the round trip.
+        self.progress.downtime = (
+            float(t_run) - t_pause
+            if isinstance(t_run, float) and t_pause < t_run <= now
+            else now - t_pause
+        )
+        self.progress.phase = "done"
+        self._report(force=True)
+        # 5. clean up at the source: the VM now runs on the destination
+        vm.stop(f"migrated to {self.address[0]}:{self.address[1]}")
+
+    # --- pieces -------------------------------------------------------------------------
+
+    def _ram(self) -> list[MemoryRegion]:
+        p = self.vm.partition
+        assert p is not None
+        return [r for r in p.regions if not r.readonly]
+
+    def _skip_ranges(self) -> list[tuple[int, int]]:
+        """(gpa, pages) ranges not to send: the guest's balloon."""
+        dm = self.vm.dynmem
+        if dm is None:
+            return []
+        try:
+            part = dm.mm.partitions[dm.name]
+            return [(r.start * PAGE, r.count) for r in part.ballooned]
+        except (AttributeError, KeyError):
+            return []
+
+    _pass_started = 0.0
+
+    def _end_pass(self, t: float, sent_before: int, pages: int) -> None:
+        assert self.fs is not None
+        now = time.monotonic()
+        dt = max(now - t, 1e-6)
+        nbytes = self.fs.bytes_sent - sent_before
+        self.progress.passes += 1
+        if nbytes > (4 << 20) or self.progress.bandwidth == 0:
+            self.progress.bandwidth = nbytes / dt
+        self.fs.send_json(Frame.PASS_END, {"pass": self.progress.passes, "pages": pages})
+        self.progress.pass_log.append(
+            {"pass": self.progress.passes, "pages": pages, "bytes": nbytes, "seconds": round(dt, 4)}
+        )
+        if self.progress.passes == 1:
+            self._pass_started = t
+        self._report(force=True)
+
+    def _send_mask(self, r: MemoryRegion, mask: np.ndarray, first_pass: bool = False) -> int:
+        """Send the pages of region r whose mask bit is set; zero pages as markers. Returns the
+        number of pages covered."""
+        fs = self.fs
+        assert fs is not None
+        arr = mem.pages_array(r)
+        view = memoryview(r.mm)
+        covered = 0
+        zero_runs: list[tuple[int, int]] = []
+        for a, b in mem.runs(mask):
+            covered += b - a
+            nz = mem.nonzero_pages(arr, a, b)
+            if not nz.all():
+                for s, e in mem.runs(~nz):
+                    zero_runs.append((r.gpa + (a + s) * PAGE, e - s))
+                    self.progress.zero_pages += e - s
+                    if len(zero_runs) >= ZERO_RUNS_PER_FRAME:
+                        fs.send(Frame.ZERO, pack_zero_runs(zero_runs), count=len(zero_runs))
+                        zero_runs = []
+            for s, e in mem.runs(nz) if not nz.all() else [(0, b - a)]:
+                for c in range(a + s, a + e, FRAME_PAGES):
+                    n = min(FRAME_PAGES, a + e - c)
+                    nbytes = n * PAGE
+                    buf = memoryview(self._buf)[:nbytes]
+                    buf[:] = view[c * PAGE : c * PAGE + nbytes]  # a copy: the guest may write on
+                    gpa = r.gpa + c * PAGE
+                    if self._zstd is not None:
+                        z = self._zstd.compress(buf)
+                        if len(z) < nbytes:
+                            fs.send(Frame.PAGES, z, count=n, addr=gpa, flags=COMPRESSED)
+                        else:
+                            fs.send(Frame.PAGES, buf, count=n, addr=gpa)
+                    else:
+                        fs.send(Frame.PAGES, buf, count=n, addr=gpa)
+                    self.progress.pages_sent += n
+                    if first_pass and self.progress.pages_sent == n:
+                        self.faults.at("pass1", fs)
+                    self._report()
+        if zero_runs:
+            fs.send(Frame.ZERO, pack_zero_runs(zero_runs), count=len(zero_runs))
+        return covered
+
+    def _peer_reason(self, e: BaseException) -> str | None:
+        """After a failed send: the destination's ABORT frame, if it sent one before closing."""
+        if self.fs is None or not isinstance(e, OSError) or isinstance(e, TimeoutError):
+            return None
+        try:
+            self.fs.sock.settimeout(1.0)
+            while True:
+                self.fs.recv()
+        except PeerAborted as aborted:
+            return f"the destination {str(aborted).removeprefix('the peer ')}"
+        except (OSError, MigrationError):
+            return None
+
+    def _roll_back(self, why: str) -> None:
+        """Leave the source VM running and unchanged."""
+        self._throttle.stop()
+        for r in self._logging:
+            try:
+                mem.set_dirty_logging(r, False)
+            except Exception:  # noqa: BLE001 - going on with the others
+                log.exception("could not switch dirty logging off")
+        self._logging.clear()
+        if self.vm.partition is not None and self.vm.end is None:
+            self.vm.partition.resume()  # also undoes a throttle pause
+        self._paused = False
+        if self.fs is not None:
+            self.fs.abort(f"the source gave up: {why}")
+        self.progress.phase = "aborted"
+        self._report(force=True)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, socket.timeout | TimeoutError):
+        return "the destination did not answer in time (timed out)"
+    if isinstance(e, BrokenPipeError | ConnectionResetError):
+        return f"the connection to the destination was lost ({e})"
+    if isinstance(e, ConnectionError):
+        return f"the connection to the destination was lost ({e})"
+    return str(e) or type(e).__name__
+
+
+def migrate(
+    vm: VirtualMachine,
+    address: tuple[str, int],
+    token: str | bytes,
+    options: MigrationOptions | None = None,
+    on_progress: Callable[[dict[str, Any]], object] | None = None,
+) -> dict[str, Any]:
+    """Live-migrate a running VM to the destination listening at `address`."""
+    return Source(vm, address, token, options, on_progress).run()

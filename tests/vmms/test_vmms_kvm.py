@@ -221,3 +221,27 @@ def test_the_vm_commands_say_when_no_vmms_is_serving(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "no VMMS is serving on" in r.stderr and "pyhv vmms serve" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.kvm
+def test_when_testlimit_commits_memory_the_balancer_hot_adds_it_with_the_buffer(host: Host) -> None:
+    host.vm(
+        "create", "testvm", "--memory", "256M", "--dynamic", "--minimum", "128M", "--maximum", "2G"
+    )
+    host.vm("start", "testvm")
+    out = host.shell("testvm", "testlimit -m 400 -c 1", b"committed 400 MiB")
+    assert b"committed 400 MiB" in out
+    vm = r"\Hyper-V Dynamic Memory VM(testvm)"
+    counters: dict[str, float] = {}
+    for _ in range(300):  # the guest reports once a second; the balancer ticks once a second
+        counters = host.client.request("GET", "/api/counters")["counters"]
+        status = host.client.request("GET", "/api/vms/testvm/memory")
+        # Demand plus the 20 % buffer (changes under 1 MiB are not worth an operation).
+        if status["committed"] and status["visible"] >= status["committed"] * 1.2 - (1 << 20):
+            break
+        time.sleep(0.1)
+    assert status["committed"] >= 400 << 20
+    assert status["visible"] >= status["committed"] * 1.2 - (1 << 20)
+    assert counters[vm + r"\Memory Add Operations"] >= 1
+    assert counters[vm + r"\Added Memory"] >= 400
+    assert host.show("testvm")["memory"]["visible"] >= 656 << 20  # the pool gave it

@@ -371,8 +371,10 @@ class Source:
         )
         self.progress.phase = "done"
         self._report(force=True)
-        # 5. clean up at the source: the VM now runs on the destination
-        vm.stop(f"migrated to {self.address[0]}:{self.address[1]}")
+
+    def clean_up(self) -> None:
+        """After success: the VM runs on the destination; stop it here (its memory goes)."""
+        self.vm.stop(f"migrated to {self.address[0]}:{self.address[1]}")
 
     # --- pieces -------------------------------------------------------------------------
 
@@ -500,5 +502,9 @@ def migrate(
     options: MigrationOptions | None = None,
     on_progress: Callable[[dict[str, Any]], object] | None = None,
 ) -> dict[str, Any]:
-    """Live-migrate a running VM to the destination listening at `address`."""
-    return Source(vm, address, token, options, on_progress).run()
+    """Live-migrate a running VM to the destination listening at `address`; the VM here is
+    stopped once it runs there. Raises MigrationError (the VM runs on here) on failure."""
+    src = Source(vm, address, token, options, on_progress)
+    result = src.run()
+    src.clean_up()
+    return result

@@ -44,6 +44,8 @@ class WorkerProcess:
         self._started = threading.Event()
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
+        #: Called (on the reader thread) with every message of a kind not handled here.
+        self.listeners: list[Callable[[dict[str, object]], object]] = []
 
     @property
     def pid(self) -> int | None:
@@ -64,9 +66,12 @@ class WorkerProcess:
         )
         theirs.close()
         self._sock = ours
-        protocol.send(ours, {"op": "boot", "config": self.config.to_dict()})
+        protocol.send(ours, self._first_message())
         self._reader = threading.Thread(target=self._read_loop, name="worker-reader", daemon=True)
         self._reader.start()
+
+    def _first_message(self) -> dict[str, object]:
+        return {"op": "boot", "config": self.config.to_dict()}
 
     def _read_loop(self) -> None:
         assert self._sock is not None
@@ -101,6 +106,9 @@ class WorkerProcess:
                     if not isinstance(raw, dict):
                         raise protocol.ProtocolError("'ended' without an 'end' object")
                     end = VmEnd.from_dict(raw)
+                else:
+                    for listener in list(self.listeners):
+                        listener(msg)
         except (OSError, ValueError) as e:
             end = end or VmEnd(WORKER_ERROR, detail=f"lost the worker's socket: {e}")
         if end is None:

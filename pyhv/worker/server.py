@@ -66,6 +66,13 @@ def serve(sock: socket.socket) -> int:
     first = protocol.recv(sock)
     if first is None:
         return 0
+    incoming = None
+    if first.get("op") == "incoming":  # live migration's destination (pyhv.migration.worker)
+        from pyhv.migration.worker import accept_incoming
+
+        incoming, first = accept_incoming(first, send)
+        if incoming is None:
+            return 1
     if first.get("op") != "boot" or not isinstance(first.get("config"), dict):
         send(
             {
@@ -102,12 +109,16 @@ def serve(sock: socket.socket) -> int:
                     vm.stop("stopped by its owner")
                 elif op == "memory":
                     send(memory_call(vm, msg))
+                elif op == "migrate":
+                    from pyhv.migration.worker import start_migration
+
+                    start_migration(vm, msg, send)
         except (OSError, ValueError):
             pass
         vm.stop("the owner closed the worker's socket")
 
     try:
-        vm.start()
+        vm.start(incoming=None if incoming is None else incoming.receive)
     except Exception as e:  # noqa: BLE001 - reported to the owner, who decides
         send(
             {
@@ -116,6 +127,8 @@ def serve(sock: socket.socket) -> int:
             }
         )
         return 1
+    if incoming is not None:
+        incoming.resumed(send)
     send({"ev": "started", "pid": os.getpid()})
     threading.Thread(target=commands, name="worker-commands", daemon=True).start()
     end = vm.wait()

@@ -32,7 +32,7 @@ class Host:
 
     def vm(self, *args: str, check: bool = True) -> str:
         r = subprocess.run(
-            [sys.executable, "-m", "pyhv.vmms", "vm", "--state-dir", str(self.state), *args],
+            [sys.executable, "-m", "pyhv.cli", "vm", "--state-dir", str(self.state), *args],
             capture_output=True,
             text=True,
             timeout=120,
@@ -70,7 +70,8 @@ def host(tmp_path: Path) -> Iterator[Host]:
         [
             sys.executable,
             "-m",
-            "pyhv.vmms",
+            "pyhv.cli",
+            "vmms",
             "serve",
             "--state-dir",
             str(state),
@@ -155,7 +156,7 @@ def test_the_console_command_attaches_and_ctrl_a_x_detaches_leaving_the_vm_runni
     host.vm("create", "c", "--memory", "128M")
     host.vm("start", "c")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyhv.vmms", "vm", "--state-dir", str(host.state), "console", "c"],
+        [sys.executable, "-m", "pyhv.cli", "vm", "--state-dir", str(host.state), "console", "c"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -212,7 +213,7 @@ def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None
 
 def test_the_vm_commands_say_when_no_vmms_is_serving(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "pyhv.vmms", "vm", "--state-dir", str(tmp_path), "list"],
+        [sys.executable, "-m", "pyhv.cli", "vm", "--state-dir", str(tmp_path), "list"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -17,8 +17,8 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyhv.kvm import constants as c
 from pyhv.kvm import structs as ks
@@ -56,17 +56,15 @@ class InterceptError(ValueError):
     """An intercept could not be installed as asked."""
 
 
+@dataclass(slots=True, eq=False)
 class InterceptMessage:
     """The header every intercept message shares (HV_X64_INTERCEPT_MESSAGE_HEADER)."""
 
-    __slots__ = ("vp", "vp_index", "access_type")
-    instruction_length: int | None = None  # KVM does not report it
-    kind: InterceptKind
-
-    def __init__(self, vp: VirtualProcessor) -> None:
-        self.vp = vp
-        self.vp_index = vp.index
-        self.access_type = AccessType.READ
+    vp: VirtualProcessor = field(repr=False)
+    vp_index: int = 0
+    access_type: AccessType = AccessType.READ
+    instruction_length: ClassVar[int | None] = None  # KVM does not report it
+    kind: ClassVar[InterceptKind]
 
     # Lazily fetched VP state: only an ioctl if the handler asks.
     @property
@@ -102,6 +100,7 @@ class InterceptMessage:
         return self.vp.partition
 
 
+@dataclass(slots=True, eq=False)
 class IoPortIntercept(InterceptMessage):
     """HV_X64_IO_PORT_INTERCEPT_MESSAGE: IN/OUT/INS/OUTS to an intercepted port.
 
@@ -109,16 +108,12 @@ class IoPortIntercept(InterceptMessage):
     For a read the handler returns an int (used for each element) or `count * access_size` bytes.
     """
 
-    __slots__ = ("port", "access_size", "count", "value", "_data")
-    kind = InterceptKind.IO_PORT
-
-    def __init__(self, vp: VirtualProcessor) -> None:
-        super().__init__(vp)
-        self.port = 0
-        self.access_size = 1
-        self.count = 1
-        self.value = 0
-        self._data = b""
+    port: int = 0
+    access_size: int = 1
+    count: int = 1
+    value: int = 0
+    _data: bytes = field(default=b"", repr=False)
+    kind: ClassVar[InterceptKind] = InterceptKind.IO_PORT
 
     @property
     def is_write(self) -> bool:
@@ -138,6 +133,7 @@ class IoPortIntercept(InterceptMessage):
         return self.value.to_bytes(self.access_size, "little")
 
 
+@dataclass(slots=True, eq=False)
 class MemoryIntercept(InterceptMessage):
     """HV_X64_MEMORY_INTERCEPT_MESSAGE: access to an intercepted GPA (no RAM, or read-only RAM).
 
@@ -145,19 +141,15 @@ class MemoryIntercept(InterceptMessage):
     handler returns: KVM cannot re-execute the instruction, so a handler that wants the write to
     land in memory (e.g. after giving the writer its own copy) writes `data` there itself.
     For a read the handler returns the value. EXECUTE messages (hardware breakpoints) carry the
-    `gva` and the translated `gpa`.
+    `gva` and the translated `gpa` (-1 if the guest's page tables do not map it).
     """
 
-    __slots__ = ("gpa", "gva", "access_size", "value")
-    kind = InterceptKind.MEMORY
-    cache_type = 6  # WB: KVM does not say
-
-    def __init__(self, vp: VirtualProcessor) -> None:
-        super().__init__(vp)
-        self.gpa = 0
-        self.gva: int | None = None
-        self.access_size = 0
-        self.value = 0
+    gpa: int = 0
+    gva: int | None = None
+    access_size: int = 0
+    value: int = 0
+    kind: ClassVar[InterceptKind] = InterceptKind.MEMORY
+    cache_type: ClassVar[int] = 6  # WB: KVM does not say
 
     @property
     def is_write(self) -> bool:
@@ -171,20 +163,17 @@ class MemoryIntercept(InterceptMessage):
         return self.value.to_bytes(self.access_size, "little")
 
 
+@dataclass(slots=True, eq=False)
 class MsrIntercept(InterceptMessage):
     """HV_X64_MSR_INTERCEPT_MESSAGE: RDMSR/WRMSR of an intercepted MSR.
 
     A read handler returns the 64-bit value; either handler may call `inject_gp()` instead.
     """
 
-    __slots__ = ("msr", "value", "gp")
-    kind = InterceptKind.MSR
-
-    def __init__(self, vp: VirtualProcessor) -> None:
-        super().__init__(vp)
-        self.msr = 0
-        self.value = 0
-        self.gp = False
+    msr: int = 0
+    value: int = 0
+    gp: bool = False
+    kind: ClassVar[InterceptKind] = InterceptKind.MSR
 
     @property
     def is_write(self) -> bool:
@@ -203,27 +192,24 @@ class MsrIntercept(InterceptMessage):
         self.gp = True
 
 
+@dataclass(slots=True, eq=False)
 class ExceptionIntercept(InterceptMessage):
     """HV_X64_EXCEPTION_INTERCEPT_MESSAGE for #DB (1) and #BP (3), the vectors KVM can give."""
 
-    __slots__ = ("exception_vector", "pc", "dr6", "dr7")
-    kind = InterceptKind.EXCEPTION
-    error_code: int | None = None
-
-    def __init__(self, vp: VirtualProcessor) -> None:
-        super().__init__(vp)
-        self.access_type = AccessType.EXECUTE
-        self.exception_vector = 0
-        self.pc = 0
-        self.dr6 = 0
-        self.dr7 = 0
+    access_type: AccessType = AccessType.EXECUTE
+    exception_vector: int = 0
+    pc: int = 0
+    dr6: int = 0
+    dr7: int = 0
+    kind: ClassVar[InterceptKind] = InterceptKind.EXCEPTION
+    error_code: ClassVar[int | None] = None
 
 
+@dataclass(slots=True, eq=False)
 class HaltIntercept(InterceptMessage):
     """HV_X64_HALT_MESSAGE: the VP executed HLT (header only)."""
 
-    __slots__ = ()
-    kind = InterceptKind.HALT
+    kind: ClassVar[InterceptKind] = InterceptKind.HALT
 
 
 Handler = Callable[[Any], Any]

@@ -121,11 +121,12 @@ class VirtualProcessor:
         self.defaults = [0] * KIND_COUNT
         self.errors = [0] * KIND_COUNT
         self.handler_ns = [0] * KIND_COUNT
-        self._io_msg = IoPortIntercept(self)
-        self._mem_msg = MemoryIntercept(self)
-        self._msr_msg = MsrIntercept(self)
-        self._exc_msg = ExceptionIntercept(self)
-        self._hlt_msg = HaltIntercept(self)
+        # one message per kind, reused for every intercept of this VP (no allocation per exit)
+        self._io_msg = IoPortIntercept(self, self.index)
+        self._mem_msg = MemoryIntercept(self, self.index)
+        self._msr_msg = MsrIntercept(self, self.index)
+        self._exc_msg = ExceptionIntercept(self, self.index)
+        self._hlt_msg = HaltIntercept(self, self.index)
 
     def __repr__(self) -> str:
         return f"<VirtualProcessor {self.partition.name}:{self.index} {self._state.value}>"

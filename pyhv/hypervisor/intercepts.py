@@ -330,6 +330,12 @@ class InterceptTable:
                 f"GPA range {gpa:#x}+{size:#x} is invalid: size must be > 0 and the range inside "
                 f"0-{self._partition.max_gpa:#x}"
             )
+        for r in self._partition.regions:
+            if r.gpa < gpa + size and gpa < r.end and not r.readonly:
+                raise InterceptError(
+                    f"GPA range {gpa:#x}+{size:#x} overlaps writable RAM at {r.gpa:#x}-{r.end:#x}, "
+                    "whose accesses never leave the guest: make that region read-only or remove it"
+                )
         with self._lock:
             for e in self.gpa:
                 if e.start < gpa + size and gpa < e.end:

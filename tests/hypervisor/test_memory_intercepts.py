@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pyhv.hypervisor import GpaError, InterceptError, MemoryIntercept
+from pyhv.hypervisor import GpaError, InterceptError, MemoryIntercept, Partition
 from tests.guests.harness import guest, run_until_power_off
 
 pytestmark = pytest.mark.kvm
@@ -43,10 +43,12 @@ def test_mmio_reads_of_1_2_4_8_bytes_return_the_handlers_value_and_writes_reach_
 
 
 def test_the_book_copy_on_write_page_gives_the_writer_a_private_copy() -> None:
-    with guest("cow") as (p, vp, _):
+    with guest("cow") as (p, vp, _), Partition("neighbour") as neighbour:
         shared = p.add_memory(0x1000000, 0x1000, readonly=True)
         shared.mm[8:16] = (0x1111).to_bytes(8, "little")
         other = p.add_memory(0x1100000, 0x1000, readonly=True, memfd=shared.memfd)
+        neighbour.add_memory(0x5000, 0x1000, readonly=True, memfd=shared.memfd)
+        assert _u64(neighbour, 0x5008) == 0x1111  # and a second partition shares it too
         assert _u64(p, 0x1100008) == 0x1111  # one page, two GPA ranges
         state = {"region": shared}
 
@@ -66,6 +68,7 @@ def test_the_book_copy_on_write_page_gives_the_writer_a_private_copy() -> None:
         assert p.counters["memory"]["count"] == 1  # only the first write was intercepted
         assert _u64(p, 0x1100008) == 0x1111
         assert int.from_bytes(other.mm[8:16], "little") == 0x1111
+        assert _u64(neighbour, 0x5008) == 0x1111 and _u64(neighbour, 0x5010) == 0
 
 
 def test_a_region_added_while_the_vp_runs_is_seen_by_the_guest() -> None:
@@ -114,6 +117,8 @@ def test_bad_memory_requests_get_clear_errors() -> None:
             p.view(0xFFFFF0, 0x20)
         with pytest.raises(GpaError, match="without track_dirty"):
             p.regions[0].dirty_pages()
+        with pytest.raises(InterceptError, match="overlaps writable RAM"):
+            p.intercepts.install_gpa(0x100000, 0x1000, lambda m: 0)
         p.intercepts.install_gpa(0xD0000000, 0x1000, lambda m: 0)
         with pytest.raises(InterceptError, match="overlaps the intercept"):
             p.intercepts.install_gpa(0xD0000800, 0x1000, lambda m: 0)

@@ -195,11 +195,14 @@ class BalancerLoop:
                 continue
             if not status.reported or not self.pool.holds(name):
                 continue  # its guest has not reported (yet): the balancer leaves it alone
-            workers[name] = worker
             self.pool.sync(name, status.visible_pages, status.assigned_pages)
+            try:
+                visible, assigned, ballooned = self.pool.pages(name)
+            except KeyError:
+                continue  # it ended just now
+            workers[name] = worker
             tr = self._tracked.setdefault(name, _Tracked())
             self._complete(name, tr, status)
-            visible, assigned, ballooned = self.pool.pages(name)
             state = VmMemoryState(
                 name,
                 settings,
@@ -270,7 +273,10 @@ class BalancerLoop:
         tr = self._tracked[op.vm]
         if tr.pending is not None:
             return  # one transaction at a time per VM, as the DM protocol has it
-        current = self.pool.pages(op.vm)[1]
+        try:
+            current = self.pool.pages(op.vm)[1]
+        except KeyError:
+            return  # the VM ended during the tick
         target = current + op.pages if isinstance(op, Add) else current - op.pages
         try:
             worker.set_memory_target(target * PAGE_SIZE)

@@ -239,16 +239,20 @@ class Vmms:
 
     def start(self, name: str) -> dict[str, Any]:
         with self._lock:
+            settings = self._get(name).settings
+        try:
+            # Outside the lock: the bundled guest may have to be built first.
+            image = settings.image or self._image_resolver()
+        except Exception as e:  # noqa: BLE001 - the guest builder says what is missing
+            raise Conflict(f"VM {name!r} cannot start: no guest image ({e})") from None
+        with self._lock:
             vm = self._get(name)
             if vm.worker is not None:
                 raise Conflict(f"VM {name!r} is {vm.state} already")
             try:
-                image = vm.settings.image or self._image_resolver()
-                config = vm.settings.worker_config(image)
+                config = vm.settings.worker_config(settings.image or image)
             except ConfigError as e:
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
-            except Exception as e:  # noqa: BLE001 - the guest builder says what is missing
-                raise Conflict(f"VM {name!r} cannot start: no guest image ({e})") from None
             try:
                 self.pool.admit(name, vm.settings.memory)
             except MemoryManagerError as e:

@@ -302,3 +302,42 @@ def test_metrics_are_prometheus_text_and_openapi_documents_the_api(
     )
     page = c.request("GET", "/perfmon")
     assert "<svg" in page and "/api/counters" in page
+
+
+def test_pyhv_counters_once_prints_each_counter_by_its_perfmon_path(
+    vmms: tuple[Vmms, ApiServers],
+) -> None:
+    from click.testing import CliRunner
+
+    from pyhv.vmms.cli import counters_command
+
+    service, servers = vmms
+    service.balancer.tick()
+    r = CliRunner().invoke(
+        counters_command, ["--socket", str(servers.unix.path), "--once", "-c", "Available"]
+    )
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["Counter", "Value"]
+    assert lines[1].startswith(r"\Hyper-V Dynamic Memory Balancer\Available Memory ")
+    assert float(lines[1].split()[-1]) == service.pool.free_pages / 256
+    assert len(lines) == 3  # only the paths with "Available"
+
+
+def test_the_vm_commands_reach_the_vmms_over_tcp_with_the_token_file(
+    vmms: tuple[Vmms, ApiServers],
+) -> None:
+    from click.testing import CliRunner
+
+    from pyhv.vmms.cli import vm_group
+
+    service, servers = vmms
+    assert servers.tcp_address is not None
+    tcp = f"127.0.0.1:{servers.tcp_address[1]}"
+    state = str(service.store.state_dir)
+    r = CliRunner().invoke(vm_group, ["--state-dir", state, "--tcp", tcp, "create", "t"])
+    assert r.exit_code == 0 and "t: off" in r.output
+    r = CliRunner().invoke(vm_group, ["--tcp", tcp, "--token", "nope", "list"])
+    assert r.exit_code == 1 and "Error: a wrong bearer token" in r.output
+    r = CliRunner().invoke(vm_group, ["--tcp", "localhost", "list"])
+    assert r.exit_code == 2 and "is not HOST:PORT" in r.output

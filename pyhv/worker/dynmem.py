@@ -44,6 +44,8 @@ MIB_PAGES = (1 << 20) // PAGE_SIZE
 HOLE_START, HOLE_END = 3 << 30, 4 << 30
 #: Seconds the guest has to answer one DM transaction before the host gives up on it.
 DEFAULT_OP_TIMEOUT = 60.0
+#: Status reports closer together than this are kept but not published again.
+MIN_PUBLISH_INTERVAL = 0.1
 _WAIT_STATES = (DmState.BALLOON_WAIT, DmState.UNBALLOON_WAIT, DmState.HOT_ADD_WAIT)
 
 
@@ -112,9 +114,11 @@ class DynamicMemoryService:
             "hot_added_pages": 0,
             "doorbell_exits": 0,
             "doorbell_errors": 0,
+            "status_not_published": 0,
         }
         self.last_status: StatusReport | None = None
         self.last_status_time: float | None = None
+        self._published_at = 0.0
         self.last_error: str | None = None
         self.operation: str | None = None
         self._info_for: object = None
@@ -225,8 +229,13 @@ class DynamicMemoryService:
 
     def _status_report(self, report: StatusReport) -> None:
         self.last_status = report
-        self.last_status_time = time.time()
+        self.last_status_time = now = time.time()
         self.counters["status_reports"] += 1
+        if 0 <= now - self._published_at < MIN_PUBLISH_INTERVAL:
+            # A guest sends one a second; one that floods is kept to 10 a second for the VMMS.
+            self.counters["status_not_published"] += 1
+            return
+        self._published_at = now
         if self._on_status is not None:
             try:
                 self._on_status(self.status())

@@ -340,3 +340,13 @@ def test_pyhv_memory_without_a_running_vm_says_so_without_a_traceback(tmp_path: 
     out = memory("--control", str(tmp_path / "file"))
     assert out.returncode == 1 and "cannot talk to the VM" in out.stderr
     assert not any("Traceback" in o for o in (out.stderr, out.stdout))
+
+
+@pytest.mark.kvm
+def test_a_guest_flooding_status_reports_is_not_passed_on_to_the_vmms(world: World) -> None:
+    negotiated(world)
+    for _ in range(50):
+        world.guest.report()
+    assert _until(lambda: world.svc.counters["status_reports"] == 50)
+    assert 1 <= len(world.statuses) < 50
+    assert world.svc.counters["status_not_published"] == 50 - len(world.statuses)

@@ -96,6 +96,8 @@ class GuestVsc:
                 self._handle(msg)
 
     def _handle(self, msg: p.Message) -> None:
+        if self.hostile.get("silent"):
+            return
         if msg.type is T.BALLOON_REQUEST:
             if "balloon_ranges" in self.hostile:
                 ranges = self.hostile.pop("balloon_ranges")
@@ -350,3 +352,53 @@ def test_a_guest_flooding_status_reports_is_not_passed_on_to_the_vmms(world: Wor
     assert _until(lambda: world.svc.counters["status_reports"] == 50)
     assert 1 <= len(world.statuses) < 50
     assert world.svc.counters["status_not_published"] == 50 - len(world.statuses)
+
+
+@pytest.mark.kvm
+def test_a_guest_that_does_not_answer_is_given_up_on_and_the_vsp_is_ready_again(
+    world: World,
+) -> None:
+    negotiated(world)
+    world.svc.op_timeout = 0.3
+    world.guest.hostile["silent"] = True
+    world.svc.remove(256)
+    assert world.svc.wait_idle(20)
+    st = world.svc.status()
+    assert "did not answer" in st["last_error"] and st["counters"]["timeouts"] == 1
+    assert st["state"] == "IDLE" and st["ballooned_pages"] == 0
+
+
+@pytest.mark.kvm
+def test_a_guest_that_reopens_its_channel_gets_its_balloon_back_and_negotiates_again(
+    world: World,
+) -> None:
+    negotiated(world)
+    world.svc.remove(1024)
+    assert world.svc.wait_idle(20)
+    pool = world.svc.mm.free_pages
+    world.guest.ctl.io_write(Reg.COMMAND, Command.CLOSE)  # the guest's driver goes away
+    assert world.svc.status()["state"] == "STOPPED"
+    assert world.guest.ctl.io_read(Reg.STATUS) == Status.OK
+    world.guest.close()
+    world.guest = GuestVsc(world.svc, floor_pages=16 * MiB // PAGE)  # ... and comes back
+    negotiated(world)
+    st = world.svc.status()
+    assert st["ballooned_pages"] == 0 and world.svc.mm.free_pages == pool - 1024
+    assert _until(lambda: any(m.type is T.INFO_MESSAGE for m in world.guest.received))
+    world.guest.report()  # more guest traffic: the info message is not sent again
+    assert _until(lambda: world.svc.counters["status_reports"] == 1)
+    assert sum(m.type is T.INFO_MESSAGE for m in world.guest.received) == 1
+
+
+@pytest.mark.kvm
+def test_memory_hot_added_below_the_apic_hole_continues_above_4_gib() -> None:
+    w = World(memory="3000M", minimum="3000M", maximum="3256M")
+    try:
+        negotiated(w)
+        w.svc.set_target(3256 * MiB)
+        assert w.svc.wait_idle(20)
+        assert w.svc.status()["last_error"] is None
+        assert (w.partition.regions[-1].gpa, w.partition.regions[-1].size) == (4 << 30, 256 * MiB)
+        assert w.svc.status()["visible_pages"] == 3256 * MiB // PAGE
+    finally:
+        w.close()

@@ -46,6 +46,8 @@ class WorkerProcess:
         self._reader: threading.Thread | None = None
         #: Called (on the reader thread) with every message of a kind not handled here.
         self.listeners: list[Callable[[dict[str, object]], object]] = []
+        #: Run the worker under this command, e.g. ["ip", "netns", "exec", "hostB"].
+        self.command_prefix: list[str] = []
 
     @property
     def pid(self) -> int | None:
@@ -60,7 +62,14 @@ class WorkerProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pyhv.worker", "--fd", str(theirs.fileno())],
+            [
+                *self.command_prefix,
+                sys.executable,
+                "-m",
+                "pyhv.worker",
+                "--fd",
+                str(theirs.fileno()),
+            ],
             pass_fds=(theirs.fileno(),),
             env=env,
         )

@@ -1,0 +1,80 @@
+"""Two hosts for live migration: a source worker process running the reference guest, and a
+destination worker process listening for it (each with its own socket)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pyhv.guest_image import image_path
+from tests.guest.shell import Shell
+
+TOKEN = "migration-test-token-0123456789"
+
+
+class Guest(Shell):
+    """The guest's shell, on whichever worker runs it now."""
+
+    def __init__(self, vm: Any, banner: bool = True) -> None:
+        self.vm = vm
+        self.banner = vm.serial.read_until(b"pyhv> ", 30).decode() if banner else ""
+
+    def ticks(self) -> int:
+        return self.values("ticks")["ticks"]
+
+    def touched(self, task: int = 0) -> int:
+        m = re.search(rf"task {task}: .*touched (\d+) pages", self.run("tasks"))
+        assert m, "no such task"
+        return int(m[1])
+
+
+def moved(dest: Any) -> Guest:
+    """The guest's shell on the destination after a migration (no banner there: the guest
+    already booted)."""
+    return Guest(dest, banner=False)
+
+
+@pytest.fixture
+def hosts() -> Iterator[Any]:
+    """boot(memory) -> (source worker, Guest); destination(**kw) -> IncomingWorker listening."""
+    from pyhv.migration.worker import IncomingWorker
+    from pyhv.worker import VmConfig
+    from pyhv.worker.process import WorkerProcess
+
+    workers: list[Any] = []
+
+    class Hosts:
+        def boot(self, memory: str = "128M", prefix: list[str] | None = None) -> tuple[Any, Guest]:
+            w = WorkerProcess(VmConfig.create(image=image_path(), memory=memory))
+            w.command_prefix = prefix or []
+            workers.append(w)
+            w.start()
+            return w, Guest(w)
+
+        def destination(self, prefix: list[str] | None = None, **kw: Any) -> Any:
+            kw.setdefault("accept_timeout", 60.0)
+            kw.setdefault("timeout", 20.0)
+            d = IncomingWorker(kw.pop("token", TOKEN), **kw)
+            d.command_prefix = prefix or []
+            workers.append(d)
+            d.start()
+            return d
+
+    yield Hosts()
+    for w in workers:
+        w.close()
+
+
+def wait_rising(read: Callable[[], int], tries: int = 50) -> tuple[int, int]:
+    """Two readings of a counter that must rise (polled; bounded)."""
+    first = read()
+    for _ in range(tries):
+        time.sleep(0.05)
+        later = read()
+        if later > first:
+            return first, later
+    return first, read()

@@ -454,8 +454,8 @@ void dmvsc_init(void)
         return;
     }
     u32 bytes = ch->ring_data_bytes;
-    if (bytes < 16384 || bytes > 65536 || bytes % PAGE_SIZE)
-        bytes = 16384; /* VMBUS_RING_SIZE(16 KiB) as Linux */
+    if (bytes < 2 * DM_MAX_MESSAGE || bytes > 65536 || bytes % PAGE_SIZE)
+        bytes = 16384; /* VMBUS_RING_SIZE(16 KiB) as Linux; the offer may say otherwise, if a 4 KiB message fits */
     if (vmbus_open(ch, bytes, DM_VECTOR_BASE + (u32)(ch - vmbus_channels), dm_callback)) {
         fail("cannot open the Dynamic Memory channel");
         return;

@@ -242,14 +242,12 @@ def test_a_bad_ring_index_from_the_host_closes_the_channel(boot_dm: Boot) -> Non
     assert shell.run("pmmcheck") == "pmm: consistent\n"
 
 
-def test_fragmented_memory_goes_in_many_messages_both_ways(boot_dm: Boot) -> None:
-    """4 KiB fragments: unballoon and balloon take several messages each (more_pages), and the
-    rings fill up on the way (pending_send_sz wakes the side that waits)."""
-    shell = boot_dm("128M", minimum="32M", maximum="256M")
-    st = settle(shell, 32)  # down to the guest's floor, in 2 MiB runs
+def fragment_and_balloon(shell: Shell) -> dict[str, Any]:
+    """Balloon to the floor, unballoon two pages of every three (runs of 2 pages between
+    ballooned single pages), then balloon again: 4 KiB fragments, many messages both ways."""
+    settle(shell, 32)
     svc = shell.vm.dynmem
     held = list(svc.mm.partitions[svc.name].ballooned)
-    # give back two pages of every three: runs of 2 pages between ballooned single pages
     back = [PageRange(s + i, 2) for s, n in held for i in range(0, n - 2, 3)]
     svc.mm.reclaim(svc.name, back)
     svc.vsp.unballoon(back)
@@ -265,3 +263,47 @@ def test_fragmented_memory_goes_in_many_messages_both_ways(boot_dm: Boot) -> Non
     assert d["ballooned"] == st["ballooned_pages"]
     assert svc.vsp.counters["bad_ranges"] == 0 and svc.vsp.counters["refused"] == 0
     assert shell.run("pmmcheck") == "pmm: consistent\n"
+    return st
+
+
+def ring_counters(shell: Shell) -> dict[str, int]:
+    line = next(x for x in shell.run("vmbus").splitlines() if x.strip().startswith("tx "))
+    words = line.split()
+    return {words[i]: int(words[i + 1]) for i in range(0, len(words), 2)}
+
+
+def test_fragmented_memory_goes_in_many_messages_both_ways(boot_dm: Boot) -> None:
+    """4 KiB fragments: unballoon and balloon take several messages each (more_pages); the
+    host's ring fills on the way and the guest wakes it (pending_send_sz) as it reads."""
+    shell = boot_dm("128M", minimum="32M", maximum="256M")
+    fragment_and_balloon(shell)
+    assert ring_counters(shell)["wakeups"] > 0
+
+
+def test_a_full_ring_waits_for_a_slow_host(boot_dm: Boot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 KiB rings (one 4 KiB message at a time) and a host that takes its time over each full
+    balloon response: the guest finds its ring full, sets pending_send_sz and goes on when
+    signalled."""
+    from pyhv.vmbus.controller import VmbusController
+
+    offer = VmbusController.offer
+
+    def small_ring(self: VmbusController, *a: Any, **kw: Any) -> Any:
+        kw["ring_data_bytes"] = 8192
+        return offer(self, *a, **kw)
+
+    class SlowHost(DynamicMemoryVsp):
+        def _balloon_response(self, msg: p.Message) -> None:
+            if msg.body.more_pages:  # a full message: more follow, and the guest is quicker
+                time.sleep(1)
+            super()._balloon_response(msg)
+
+    monkeypatch.setattr(VmbusController, "offer", small_ring)
+    monkeypatch.setattr("pyhv.worker.dynmem.DynamicMemoryVsp", SlowHost)
+    shell = boot_dm("128M", minimum="32M", maximum="256M")
+    assert "10 pages" not in shell.run("vmbus") and "6 pages, host->guest from page 3" in shell.run(
+        "vmbus"
+    )
+    fragment_and_balloon(shell)
+    c = ring_counters(shell)
+    assert c["ring-full"] > 0 and c["wakeups"] > 0

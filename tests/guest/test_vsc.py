@@ -307,3 +307,25 @@ def test_a_full_ring_waits_for_a_slow_host(boot_dm: Boot, monkeypatch: pytest.Mo
     fragment_and_balloon(shell)
     c = ring_counters(shell)
     assert c["ring-full"] > 0 and c["wakeups"] > 0
+
+
+def test_malformed_host_messages_are_counted_and_ignored(boot_dm: Boot) -> None:
+    shell = boot_dm("128M")
+    svc = shell.vm.dynmem
+    hdr = p.DmHeader
+    bad = [
+        bytes(hdr(type=T.BALLOON_REQUEST, size=100)) + bytes(8),  # says 100 bytes, has 16
+        bytes(hdr(type=T.BALLOON_REQUEST, size=24)) + bytes(16),  # a balloon request is 16
+        bytes(hdr(type=T.MEM_HOT_REMOVE_REQUEST, size=24)) + bytes(16),  # not offered (caps)
+        bytes(hdr(type=T.VERSION_RESPONSE, size=16)) + bytes([1]) + bytes(7),  # out of turn
+    ]
+    with svc.vsp.lock:
+        for raw in bad:
+            svc.vsp.post(raw)
+    channel = svc.offer.channel
+    assert channel is not None
+    assert channel.try_send(bytes(16), 7, ptype=0xB)  # a completion packet: not used by DM
+    wait_until("all seen", lambda: dm(shell)["bad-messages"] == len(bad))
+    wait_until("skipped", lambda: ring_counters(shell)["skipped"] == 1)
+    assert dm(shell)["state"] == "ready"
+    assert settle(shell, 96)["ballooned_pages"] == 32 * MiB_PAGES  # and it goes on

@@ -30,7 +30,9 @@ from pyhv.dynmem import protocol as dmp
 from pyhv.dynmem.vsp import MAX_BALLOON_PAGES, DmState, DynamicMemoryVsp, StatusReport
 from pyhv.memory.manager import PAGE_SIZE, MemoryManager, MemoryManagerError
 from pyhv.memory.ranges import PageRange, RangeSet
+from pyhv.vmbus.channel import ChannelState
 from pyhv.vmbus.controller import DEFAULT_PORT, REGISTER_SPAN, Reg, VmbusController
+from pyhv.vmbus.ring import RingCorrupt
 from pyhv.vmbus.vsp import VspError
 
 if TYPE_CHECKING:
@@ -115,6 +117,7 @@ class DynamicMemoryService:
             "doorbell_exits": 0,
             "doorbell_errors": 0,
             "status_not_published": 0,
+            "late_packets": 0,
         }
         self.last_status: StatusReport | None = None
         self.last_status_time: float | None = None
@@ -203,6 +206,7 @@ class DynamicMemoryService:
                     t0 = time.perf_counter_ns() if self.measure else 0
                     try:
                         self.controller.doorbell(self.offer.relid)
+                        self._drain_late_packets()
                         self._after_guest()
                     except Exception:  # noqa: BLE001 - a host bug must not end the service
                         log.exception("%s: serving a doorbell failed", self.name)
@@ -211,6 +215,22 @@ class DynamicMemoryService:
                         self.doorbell_ns.append(time.perf_counter_ns() - t0)
         finally:
             sel.close()
+
+    def _drain_late_packets(self, rounds: int = 64) -> None:
+        """Serve packets the guest wrote while we drained: it wrote them before we published
+        read_index, so the ring did not look empty to it and it did not ring (the Hyper-V
+        signalling rule); without a second look they would wait for the next doorbell."""
+        for _ in range(rounds):
+            ch = self.offer.channel
+            if ch is None or ch.state is not ChannelState.OPEN:
+                return
+            try:
+                if not ch.reader.available():
+                    return
+            except RingCorrupt:
+                pass  # the next poll closes the channel with the reason
+            self.counters["late_packets"] += 1
+            ch.doorbell()
 
     def _after_guest(self) -> None:
         """After guest messages: once per negotiation, tell the guest the maximum page count."""

@@ -402,3 +402,27 @@ def test_memory_hot_added_below_the_apic_hole_continues_above_4_gib() -> None:
         assert w.svc.status()["visible_pages"] == 3256 * MiB // PAGE
     finally:
         w.close()
+
+
+@pytest.mark.kvm
+def test_a_packet_written_while_the_host_drains_the_ring_is_not_left_waiting(
+    world: World,
+) -> None:
+    negotiated(world)
+    ch = world.svc.offer.channel
+    assert ch is not None
+    real_commit = ch.reader._commit
+    status = p.encode(T.STATUS_REPORT, p.DmStatus(num_committed=7, num_avail=8))
+
+    def commit_late(read: int, consumed: int) -> None:
+        # The guest writes between the host's read of write_index and its store of
+        # read_index: the ring is not empty to the guest, so it does not ring the doorbell.
+        ch.reader._commit = real_commit  # type: ignore[method-assign]
+        world.guest.out.write(status)
+        real_commit(read, consumed)
+
+    ch.reader._commit = commit_late  # type: ignore[method-assign]
+    world.guest.report()  # this one rings
+    assert _until(lambda: world.svc.counters["status_reports"] == 2)
+    assert world.svc.counters["late_packets"] >= 1
+    assert world.svc.status()["committed_pages"] == 7

@@ -136,9 +136,10 @@ class WorkerProcess:
         for i in range(0, len(data), 32 << 10):
             self._send({"op": "serial", "data": protocol.encode_bytes(data[i : i + 32 << 10])})
 
-    def stop(self) -> None:
-        """Ask the worker to stop the VM; wait() then reports it stopped."""
-        self._send({"op": "stop"})
+    def stop(self, why: str = "stopped by its owner") -> None:
+        """Ask the worker to stop the VM (as VirtualMachine.stop, e.g. the console's Ctrl-A x);
+        wait() then reports it stopped, with `why`."""
+        self._send({"op": "stop", "why": why})
 
     # --- Dynamic Memory: the same calls as VirtualMachine's, over the socket -------------
 

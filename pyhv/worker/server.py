@@ -106,7 +106,7 @@ def serve(sock: socket.socket) -> int:
                 if op == "serial":
                     vm.send(protocol.decode_bytes(msg.get("data")))
                 elif op == "stop":
-                    vm.stop("stopped by its owner")
+                    vm.stop(str(msg.get("why") or "stopped by its owner")[:200])
                 elif op == "memory":
                     send(memory_call(vm, msg))
                 elif op == "migrate":

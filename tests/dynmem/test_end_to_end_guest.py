@@ -248,7 +248,8 @@ def test_pyhv_memory_shows_and_sets_a_running_vms_memory_through_its_control_soc
 
     sock = str(tmp_path / "vm.sock")
     run = subprocess.Popen(
-        [sys.executable, "-m", "pyhv.cli", "run", "--image", guest_image, "--dynamic-memory",
+        [sys.executable, "-m", "pyhv.cli", "run", "--process", "--image", guest_image,
+         "--dynamic-memory",
          "--startup", "256M", "--minimum", "64M", "--maximum", "512M", "--control", sock],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -279,3 +280,4 @@ def test_pyhv_memory_shows_and_sets_a_running_vms_memory_through_its_control_soc
         except subprocess.TimeoutExpired:
             run.kill()
             run.wait()
+    assert run.returncode == 0, run.stderr.read() if run.stderr else ""

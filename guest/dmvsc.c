@@ -153,7 +153,7 @@ static int flush(void)
         return -1;
     if (r < 0) {
         dm.out_len = 0;
-        fail("cannot send on the channel (closed, or a message larger than the ring)");
+        fail(!dm.ch->open && dm.ch->close_reason ? dm.ch->close_reason : "cannot send a message larger than the ring");
         return -1;
     }
     dm.out_len = 0;
@@ -409,6 +409,10 @@ static void dm_callback(struct vmbus_channel *ch)
 {
     if (dm.state == DM_FAILED || dm.state == DM_OFF)
         return;
+    if (!ch->open) {
+        fail(ch->close_reason ? ch->close_reason : "the channel closed");
+        return;
+    }
     for (u32 i = 0; i < MESSAGES_PER_PASS; i++) {
         if (flush())
             break; /* the ring is full: the host interrupts when it has made room */
@@ -420,7 +424,7 @@ static void dm_callback(struct vmbus_channel *ch)
         u64 tid;
         int r = vmbus_recv(ch, rx, sizeof(rx), &len, &tid);
         if (r < 0) {
-            fail("the channel broke");
+            fail(ch->close_reason ? ch->close_reason : "the channel closed");
             return;
         }
         if (!r)

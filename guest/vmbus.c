@@ -389,7 +389,17 @@ int vmbus_recv_done(struct vmbus_channel *ch)
     return w != ch->in.index;
 }
 
-/* Packets the host has left unread for 100 ms: ring again. The signal rule (only on empty ->
+/* the offer's flags say whether the host has the channel open (11 port reads: only when stalled) */
+static int host_has_it_open(struct vmbus_channel *ch)
+{
+    u32 rec[10];
+    reg_w(REG_SELECT, (u32)(ch - vmbus_channels));
+    for (u32 k = 0; k < 10; k++)
+        rec[k] = reg_r(REG_OFFER_DATA);
+    return rec[8] == ch->relid && (rec[9] & 1);
+}
+
+/* Packets the host has left unread for 100 ms: if the host still has the channel open, ring again. The signal rule (only on empty ->
  * non-empty) loses a wakeup if the consumer does not look at the write index again after
  * publishing its read index; a Hyper-V host does, this costs a compare per poll in case a host
  * does not. */
@@ -405,6 +415,15 @@ static void kick_if_stalled(struct vmbus_channel *ch)
         ch->stall_tick = ticks;
     } else if (ticks - ch->stall_tick >= HZ / 10) {
         ch->stall_tick = ticks;
+        if (!host_has_it_open(ch)) { /* the host closed it (e.g. its VSP stopped): the rings are ours */
+            ch->open = 0;
+            ch->close_reason = "closed by the host";
+            printf("vmbus: channel %u was closed by the host\n", ch->relid);
+            pmm_free(ch->ring_gpa, ch->ring_pages);
+            pmm_uncommit(ch->ring_pages);
+            ch->ring_gpa = 0;
+            return;
+        }
         ch->rekicks++;
         doorbell(ch);
     }
@@ -418,6 +437,12 @@ void vmbus_poll(void)
         struct vmbus_channel *ch = &vmbus_channels[i];
         if (ch->open)
             kick_if_stalled(ch);
+        if (!ch->open && ch->callback) { /* closed: its user hears of it once */
+            vmbus_callback_t cb = ch->callback;
+            ch->callback = NULL;
+            cb(ch);
+            continue;
+        }
         for (int pass = 0; pass < 4 && ch->open && ch->callback; pass++) {
             ch->in.ctl->interrupt_mask = 1;
             ch->callback(ch);

@@ -329,3 +329,15 @@ def test_malformed_host_messages_are_counted_and_ignored(boot_dm: Boot) -> None:
     wait_until("skipped", lambda: ring_counters(shell)["skipped"] == 1)
     assert dm(shell)["state"] == "ready"
     assert settle(shell, 96)["ballooned_pages"] == 32 * MiB_PAGES  # and it goes on
+
+
+def test_the_guest_notices_when_the_host_closes_the_channel(boot_dm: Boot) -> None:
+    shell = boot_dm("128M")
+    committed = mem(shell)["committed"]
+    shell.vm.dynmem.vsp.stop("stopped by the test")  # a stopped VSP closes its channel
+    # the next status report stays unread; the guest looks at the offer and lets go
+    wait_until("the guest let go", lambda: dm(shell)["state"] == "failed", tries=400)
+    assert dm(shell)["why"] == "closed by the host"
+    assert "closed (closed by the host)" in shell.run("vmbus")
+    assert mem(shell)["committed"] <= committed  # the ring pages went back to the pmm
+    assert shell.run("pmmcheck") == "pmm: consistent\n"

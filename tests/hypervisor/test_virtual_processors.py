@@ -148,3 +148,37 @@ def test_counters_are_kept_for_every_intercept_kind() -> None:
             set(c) == {"count", "defaulted", "errors", "handler_seconds"}
             for c in p.counters.values()
         )
+
+
+def test_a_handler_can_stop_its_own_vp() -> None:
+    with guest("io_echo") as (p, vp, _):
+        p.intercepts.install_io(0x10, 0x10, lambda m: vp.stop() or 0, write=False)
+        vp.start()
+        ev = vp.wait(5)
+        assert ev is not None and ev.kind is VpEventKind.STOPPED
+        assert vp.state is VpState.IDLE
+        assert p.counters["io_port"]["count"] == 1  # it stopped right after that intercept
+
+
+def test_a_partition_pauses_and_resumes_all_its_vps() -> None:
+    with guest("vp_pair") as (p, vp0, img):
+        vp1 = p.create_vp(1)
+        enter_long_mode(p, vp1, img["second"], STACK_TOP - 0x10000)
+        seen: list[int] = []
+        p.intercepts.install_io(0x30, 0x30, lambda m: seen.append(m.value), read=False)
+        p.intercepts.install_io(0x31, 0x31, lambda m: None, read=False)
+        vp0.start()
+        vp1.start()
+        deadline = time.monotonic() + 5
+        while len(seen) < 5 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        p.pause()
+        assert {vp0.state, vp1.state} == {VpState.PAUSED}
+        frozen = len(seen)
+        time.sleep(0.02)
+        assert len(seen) == frozen
+        p.resume()
+        while len(seen) < frozen + 5 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert len(seen) >= frozen + 5
+        assert seen == list(range(1, len(seen) + 1))  # VP 1 went on from where it was

@@ -3,13 +3,15 @@
 Public surface (see docs/hypervisor.md)::
 
     from pyhv.hypervisor import Partition, VirtualProcessor, Registers, SpecialRegisters, Segment
-    p = Partition(name="vm1")                 # KVM VM with the in-kernel irqchip
+    p = Partition(name="vm1")                 # KVM VM with the in-kernel irqchip (time_handlers=True)
     r = p.add_memory(gpa, size, readonly=False, track_dirty=False)  # memfd RAM; r.memfd, r.host_address
     p.remove_memory(r); p.read(gpa, n); p.write(gpa, data); p.view(gpa, n); p.translate(cr3, gva)
     r.dirty_pages()                           # GPAs written since the last call
     p.irq_line(pin, level); p.pulse_irq(pin); p.signal_msi(addr, data); p.interrupt(vp, vector)
-    p.irqfd(gsi) -> fd; p.ioeventfd(port_or_gpa, length, fd=None, datamatch=None, mmio=False)
+    p.irqfd(gsi) -> fd; p.msi_irqfd(vp, vector) -> fd
+    p.ioeventfd(port_or_gpa, length, fd=None, datamatch=None, mmio=False) -> IoEventFd
     vp = p.create_vp(0); vp.registers; vp.special_registers; vp.update_registers(rax=1)
+    enter_long_mode(p, vp, rip, rsp, cpl=0)   # page tables, GDT, SREGS; vp.make_runnable() for APs
     vp.start(); vp.pause(); vp.resume(); vp.stop(); vp.wait(timeout) -> VpEvent | None
     p.intercepts.install_io(first, last, handler, read=True, write=True) -> handle; handle.uninstall()
     p.intercepts.install_gpa(gpa, size, handler, ...); install_msr(msrs, handler, ...)

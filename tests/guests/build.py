@@ -43,7 +43,8 @@ def build_guest(name: str, base: int = LOAD_GPA, source: str | None = None) -> G
     out = CACHE / f"{name}-{tag}.bin"
     elf = out.with_suffix(".elf")
     if not (out.exists() and elf.exists()):
-        src = CACHE / f"{name}-{tag}.S"
+        # per-process intermediate files: test processes may build the same guest at once
+        src = CACHE / f"{name}-{tag}.{os.getpid()}.S"
         src.write_text(text)
         obj = src.with_suffix(".o")
         lds = CACHE / f"flat-{base:x}.ld"
@@ -87,6 +88,8 @@ def build_guest(name: str, base: int = LOAD_GPA, source: str | None = None) -> G
         )
         os.replace(tmp_elf, elf)
         os.replace(tmp_bin, out)
+        src.unlink()
+        obj.unlink()
     symbols = {}
     nm = subprocess.run(["nm", str(elf)], check=True, capture_output=True, text=True).stdout
     for line in nm.splitlines():

@@ -47,7 +47,7 @@ def build_guest(name: str, base: int = LOAD_GPA, source: str | None = None) -> G
         src = CACHE / f"{name}-{tag}.{os.getpid()}.S"
         src.write_text(text)
         obj = src.with_suffix(".o")
-        lds = CACHE / f"flat-{base:x}.ld"
+        lds = CACHE / f"flat-{base:x}.{os.getpid()}.ld"
         lds.write_text(
             f"ENTRY(_start)\nSECTIONS {{\n . = {base:#x};\n .text : {{ *(.text*) }}\n"
             " .data : { *(.data*) *(.rodata*) }\n .bss : { *(.bss*) *(COMMON) }\n"
@@ -90,6 +90,7 @@ def build_guest(name: str, base: int = LOAD_GPA, source: str | None = None) -> G
         os.replace(tmp_bin, out)
         src.unlink()
         obj.unlink()
+        lds.unlink()
     symbols = {}
     nm = subprocess.run(["nm", str(elf)], check=True, capture_output=True, text=True).stdout
     for line in nm.splitlines():

@@ -217,6 +217,8 @@ int vmbus_open(struct vmbus_channel *ch, u32 data_bytes, u32 vector, vmbus_callb
     ch->callback = cb;
     ch->pending_send = 0;
     ch->close_reason = NULL;
+    ch->stall_read = 0;
+    ch->stall_tick = ticks;
     full_barrier();
     reg_w(REG_SELECT, idx);
     reg_w(REG_RING_GPA_LO, (u32)gpa);

@@ -341,3 +341,27 @@ def test_the_guest_notices_when_the_host_closes_the_channel(boot_dm: Boot) -> No
     assert "closed (closed by the host)" in shell.run("vmbus")
     assert mem(shell)["committed"] <= committed  # the ring pages went back to the pmm
     assert shell.run("pmmcheck") == "pmm: consistent\n"
+
+
+def test_a_host_that_never_answers_the_version_request_is_given_up_on(
+    guest_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyhv.worker import VirtualMachine, VmConfig
+
+    class MuteHost(DynamicMemoryVsp):
+        def _version(self, msg: p.Message) -> None:
+            self.accepted()  # heard, never answered
+
+    monkeypatch.setattr("pyhv.worker.dynmem.DynamicMemoryVsp", MuteHost)
+    cfg = VmConfig.create(image=guest_image, memory="64M", dynamic_memory=True)
+    with VirtualMachine(cfg) as vm:
+        vm.start()
+        shell = Shell(vm)
+        # 5 s of guest ticks, as Linux waits for each answer
+        wait_until("the guest gave up", lambda: dm(shell)["state"] == "failed", tries=400)
+        d = dm(shell)
+        assert d["why"] == "no answer to the version request in 5 s" and d["protocol"].startswith(
+            "2.0"
+        )
+        assert shell.values("ticks")["ticks"] >= 500
+        assert "mem" in shell.run("help")  # the rest of the guest goes on

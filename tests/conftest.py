@@ -9,22 +9,24 @@ import pytest
 
 KVM_PRESENT = os.access("/dev/kvm", os.R_OK | os.W_OK)
 _kvm_ran = 0
+_kvm_tests: set[str] = set()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _kvm_tests.update(i.nodeid for i in items if i.get_closest_marker("kvm") is not None)
     if KVM_PRESENT:
         return
     skip = pytest.mark.skip(
         reason="/dev/kvm is missing or not accessible: this test runs real guests"
     )
     for item in items:
-        if "kvm" in item.keywords:
+        if item.get_closest_marker("kvm") is not None:
             item.add_marker(skip)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     global _kvm_ran
-    if report.when == "call" and "kvm" in report.keywords and not report.skipped:
+    if report.when == "call" and report.nodeid in _kvm_tests and not report.skipped:
         _kvm_ran += 1
 
 

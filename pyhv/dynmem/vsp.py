@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from pyhv.dynmem import protocol as p
@@ -64,11 +64,21 @@ class GuestCaps:
 
 @dataclass(frozen=True)
 class StatusReport:
-    """What a status report publishes: pages, and pressure = committed / assigned x 100."""
+    """What a status report publishes, in pages: the VM's demand as `committed_pages`, and
+    pressure = demand / assigned x 100.
+
+    The guest's num_committed counts its balloon (the balloon's pages are allocated, hence
+    committed, inside the guest: MmAllocatePagesForMdlEx on Windows, Linux's hv_balloon adds
+    them in explicitly). The host knows how many pages it holds ballooned, so the demand is
+    num_committed less those (never below 0); otherwise a ballooned VM would look short of
+    exactly what it gave back and be handed it again. `guest_committed_pages` is num_committed
+    as the guest sent it, `ballooned_pages` the host's balloon count it was corrected by."""
 
     committed_pages: int
     available_pages: int
     pressure: float | None
+    guest_committed_pages: int | None = field(default=None, compare=False)
+    ballooned_pages: int = field(default=0, compare=False)
 
 
 def _noop(*_: object) -> None:
@@ -315,8 +325,17 @@ class DynamicMemoryVsp(Vsp[DmState]):
             )
             return
         assigned = self._assigned() if self._assigned is not None else 0
-        pressure = b.num_committed * 100 / assigned if assigned > 0 else None
-        self.last_status = StatusReport(b.num_committed, b.num_avail, pressure)
+        # The one place demand is computed: the guest's commit less the host's balloon count.
+        ballooned = self.ballooned.pages
+        demand = max(0, b.num_committed - ballooned)
+        pressure = demand * 100 / assigned if assigned > 0 else None
+        self.last_status = StatusReport(
+            demand,
+            b.num_avail,
+            pressure,
+            guest_committed_pages=b.num_committed,
+            ballooned_pages=ballooned,
+        )
         self.accepted()
         self._on_status(self.last_status)
 

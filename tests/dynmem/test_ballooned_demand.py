@@ -1,0 +1,77 @@
+"""Demand after ballooning: the guest's num_committed counts its own balloon (the balloon's pages
+are allocated inside the guest, so they are committed); the host subtracts the pages it holds
+ballooned, so a ballooned VM at rest does not look short of what it just gave back."""
+
+from __future__ import annotations
+
+from pyhv.dynmem import protocol as p
+from pyhv.dynmem.balancer import Add, HostMemory, MemorySettings, VmMemoryState, decide
+from pyhv.dynmem.protocol import MessageType as T
+from pyhv.dynmem.vsp import DynamicMemoryVsp, StatusReport
+from pyhv.memory.ranges import PageRange, RangeSet
+
+MIB = 256  # pages
+RAM = 256 * MIB
+
+
+def floor_pages(ram_pages: int) -> int:
+    """Linux hv_balloon's compute_balloon_floor() below 512 MiB: 40 MiB + a quarter."""
+    return 40 * MIB + ram_pages // 4
+
+
+class Vm:
+    """A 256 MiB guest's VSP; assigned = visible - ballooned, as the worker has it."""
+
+    def __init__(self) -> None:
+        self.reports: list[StatusReport] = []
+        self.vsp = DynamicMemoryVsp(
+            RangeSet([(0, RAM)]),
+            lambda raw: True,
+            assigned_pages=lambda: RAM - self.vsp.ballooned.pages,
+            on_status=self.reports.append,
+        )
+        self.guest(T.VERSION_REQUEST, p.DmVersionRequest(version=p.Version.WIN10))
+        self.guest(T.CAPABILITIES_REPORT, p.DmCapabilities(balloon=1, hot_add=1))
+
+    def guest(self, mtype: T, body: object, **kw: object) -> None:
+        self.vsp.on_message(p.encode(mtype, body, **kw) + bytes(4), 0)  # type: ignore[arg-type]
+
+    def report(self, committed: int) -> StatusReport:
+        """A status report as Linux's hv_balloon (and the reference guest) computes it."""
+        ballooned = self.vsp.ballooned.pages
+        num_committed = committed + ballooned + floor_pages(RAM - ballooned)
+        self.guest(T.STATUS_REPORT, p.DmStatus(num_avail=0, num_committed=num_committed))
+        return self.reports[-1]
+
+
+def test_the_demand_of_a_ballooned_vm_leaves_out_the_pages_the_host_holds_ballooned() -> None:
+    vm = Vm()
+    before = vm.report(20 * MIB)
+    vm.vsp.balloon(128 * MIB)
+    vm.guest(
+        T.BALLOON_RESPONSE,
+        p.DmBalloonResponse(more_pages=0),
+        ranges=[PageRange(128 * MIB, 128 * MIB)],
+    )
+    after = vm.report(20 * MIB)
+    assert after.ballooned_pages == 128 * MIB
+    assert after.guest_committed_pages == 20 * MIB + 128 * MIB + floor_pages(128 * MIB)
+    # Only the floor moved (it follows the guest's RAM), not the balloon.
+    assert after.committed_pages == before.committed_pages - 32 * MIB
+    assert after.pressure is not None and after.pressure < 100
+
+
+def test_a_ballooned_vm_at_rest_is_not_given_its_memory_straight_back() -> None:
+    vm = Vm()
+    vm.vsp.balloon(128 * MIB)
+    vm.guest(
+        T.BALLOON_RESPONSE,
+        p.DmBalloonResponse(more_pages=0),
+        ranges=[PageRange(128 * MIB, 128 * MIB)],
+    )
+    report = vm.report(20 * MIB)
+    settings = MemorySettings.from_mib(startup=256, minimum=128, maximum=1024)
+    state = VmMemoryState("vm", settings, RAM, RAM - 128 * MIB, 128 * MIB, report)
+    decision = decide(HostMemory(free_pages=4096 * MIB), [state])
+    assert not any(isinstance(op, Add) for op in decision.operations)
+    assert decision.pressure[0] < 100

@@ -22,8 +22,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check pyhv tests bench
 	$(VENV)/bin/mypy pyhv
 
-test: $(STAMP) lint
-	$(PY) -m pytest -q -ra tests
+# The tests run first so their results show even when lint fails; both must pass.
+test: $(STAMP)
+	@status=0; $(PY) -m pytest -q -ra tests || status=$$?; \
+	$(MAKE) --no-print-directory lint || status=$$((status ? status : 1)); \
+	exit $$status
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

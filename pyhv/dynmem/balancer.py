@@ -7,6 +7,10 @@ Units are 4 KiB pages, the unit of the Dynamic Memory protocol. Rules (docs/bala
   target = demand x (1 + buffer %), clamped to [minimum, maximum].
 - Below target: add, unballooning first (up to what the balloon holds), then hot-adding the rest
   (hot-add grows the guest-visible memory, which may never exceed maximum).
+- Add pacing (off unless `max_add_pages` is set): one add gives at most `max_add_pages`; a VM
+  that wanted more waits `add_settle_s` (x `time_scale`) before its next add, and gets one then
+  only if it is still below target (the book's second jump, "the first addition did not fully
+  relieve the pressure").
 - Above target: remove by ballooning, lazily: only after the VM has stayed above target for
   `remove_delay_s` (x `time_scale`), and at most `remove_step_pages` per tick.
 - Host short (the adds wished exceed the free pool less the host reserve): the buffer is dropped
@@ -133,7 +137,8 @@ class VmMemoryState:
     `assigned_pages` is the memory backing the guest ("Physical Memory") once the operations in
     flight complete; `visible_pages` what the guest OS believes it has (only grows);
     `ballooned_pages` what its balloon holds (can be unballooned). `above_target_s` is the lazy
-    timer returned by the previous tick's decision (0 for a new VM).
+    timer returned by the previous tick's decision (0 for a new VM); `add_hold_s` likewise the
+    add-pacing timer (seconds left before the VM may be given more after a capped add).
     """
 
     vm: str
@@ -143,6 +148,7 @@ class VmMemoryState:
     ballooned_pages: int = 0
     report: Report | None = None
     above_target_s: float = 0.0
+    add_hold_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("visible_pages", "assigned_pages", "ballooned_pages"):
@@ -176,14 +182,21 @@ class BalancerConfig:
     """Tunables. The defaults reproduce the book's "Watching Dynamic Memory" timeline: additions
     within a tick of a spike, and a trim a few minutes after the load ends.
 
-    `time_scale` multiplies the lazy-removal delay: 0.1 turns 180 s into 18 s (the experiment's
-    --time-scale)."""
+    `time_scale` multiplies the lazy-removal delay and the add settle time: 0.1 turns 180 s
+    into 18 s (the experiment's --time-scale).
+
+    Add pacing: `max_add_pages` (0: no limit) is the most one add gives; a VM that wanted more
+    gets its next add `add_settle_s` later at the earliest, if still below target then.
+    Hyper-V's constants are not public; `BOOK_PACING` (512 MiB, 30 s) reproduces the book's
+    second jump "about 30 seconds later"."""
 
     tick_s: float = 1.0
     remove_delay_s: float = 180.0
     remove_step_pages: int = 128 * PAGES_PER_MIB
     min_operation_pages: int = PAGES_PER_MIB
     time_scale: float = 1.0
+    max_add_pages: int = 0
+    add_settle_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.tick_s > 0:
@@ -199,10 +212,21 @@ class BalancerConfig:
                 f"remove_step_pages must be a whole number >= 1, got {self.remove_step_pages!r}"
             )
         _check_pages("min_operation_pages", self.min_operation_pages)
+        _check_pages("max_add_pages", self.max_add_pages)
+        if not self.add_settle_s >= 0:
+            raise SettingsError(f"add_settle_s must be >= 0 seconds, got {self.add_settle_s!r}")
 
     @property
     def effective_remove_delay_s(self) -> float:
         return self.remove_delay_s * self.time_scale
+
+    @property
+    def effective_add_settle_s(self) -> float:
+        return self.add_settle_s * self.time_scale
+
+
+#: Add pacing that reproduces the book's timeline (a second jump about 30 s after the first).
+BOOK_PACING = {"max_add_pages": 512 * PAGES_PER_MIB, "add_settle_s": 30.0}
 
 
 class Add(NamedTuple):
@@ -239,6 +263,7 @@ class Decision:
     available_for_balancing_pages: int
     average_pressure: float
     system_pressure: float
+    add_hold_s: tuple[float, ...] = ()
     _by_vm: dict[str, Operation] = field(default_factory=dict, repr=False, compare=False)
 
     def operation_for(self, vm: str) -> Operation | None:
@@ -264,9 +289,12 @@ class VmTable:
     ballooned: _I64
     committed: _I64
     above_target_s: _F64
+    add_hold_s: _F64 | None = None
 
     def __post_init__(self) -> None:
         n = len(self.vm_ids)
+        if self.add_hold_s is None:
+            object.__setattr__(self, "add_hold_s", np.zeros(n, dtype=np.float64))
         for name in _TABLE_COLUMNS:
             column = getattr(self, name)
             if np.shape(column) != (n,):
@@ -324,6 +352,7 @@ class VmTable:
                 (-1 if r is None else r.committed_pages for r in reports), np.int64, count=n
             ),
             above_target_s=np.fromiter(map(_TIMER, vms), dtype=np.float64, count=n),
+            add_hold_s=np.fromiter(map(_HOLD, vms), dtype=np.float64, count=n),
         )
 
 
@@ -337,11 +366,13 @@ _TABLE_COLUMNS = (
     "ballooned",
     "committed",
     "above_target_s",
+    "add_hold_s",
 )
 _VM = attrgetter("vm")
 _SETTINGS = attrgetter("settings")
 _REPORT = attrgetter("report")
 _TIMER = attrgetter("above_target_s")
+_HOLD = attrgetter("add_hold_s")
 _MINIMUM = attrgetter("minimum_pages")
 _MAXIMUM = attrgetter("maximum_pages")
 _BUFFER = attrgetter("buffer_percent")
@@ -401,7 +432,7 @@ def decide_table(host: HostMemory, c: VmTable, config: BalancerConfig | None = N
     n = len(ids)
     if n == 0:
         avail = host.available_pages
-        return Decision((), (), (), (), (), False, avail, avail, 0.0, 0.0)
+        return Decision((), (), (), (), (), False, avail, avail, 0.0, 0.0, ())
     has_report = c.committed >= 0
     # Without a report the demand is unknown: hold the VM where it is (within its limits).
     demand = np.where(has_report, c.committed, c.assigned)
@@ -417,7 +448,15 @@ def decide_table(host: HostMemory, c: VmTable, config: BalancerConfig | None = N
     below_minimum = c.assigned < c.minimum
     short_by = target - c.assigned
     wants_add = (short_by >= min_op) | (below_minimum & (short_by > 0))
+    # Add pacing: a VM still settling after a capped add waits (unless below its minimum).
+    hold_before = c.add_hold_s if c.add_hold_s is not None else np.zeros(n)
+    hold_left = np.maximum(hold_before - config.tick_s, 0.0)
+    wants_add &= (hold_left <= 1e-9) | below_minimum
     want = np.where(wants_add, np.minimum(short_by, capacity), 0)
+    cap = config.max_add_pages
+    capped = want > cap if cap else np.zeros(n, dtype=bool)
+    if cap:
+        want = np.minimum(want, cap)
     want_need = np.minimum(np.clip(need - c.assigned, 0, None), want)
 
     available = host.available_pages
@@ -462,6 +501,12 @@ def decide_table(host: HostMemory, c: VmTable, config: BalancerConfig | None = N
         else:
             operations.append(Remove(ids[i], r))
 
+    hold = np.where(
+        capped & (grant > 0),
+        config.effective_add_settle_s,
+        np.where(hold_left <= 1e-9, 0.0, hold_left),
+    )
+
     reported = has_report
     total_assigned = int(c.assigned[reported].sum())
     return Decision(
@@ -477,6 +522,7 @@ def decide_table(host: HostMemory, c: VmTable, config: BalancerConfig | None = N
         system_pressure=(
             float(demand[reported].sum() * 100.0 / total_assigned) if total_assigned else 0.0
         ),
+        add_hold_s=tuple(hold.tolist()),
     )
 
 

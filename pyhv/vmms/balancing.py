@@ -131,6 +131,7 @@ class _Tracked:
     target: int = 0
     dispatched_from: int = 0
     ticks: int = 0
+    add_hold_s: float = 0.0
 
 
 class BalancerLoop:
@@ -211,6 +212,7 @@ class BalancerLoop:
                 ballooned_pages=min(ballooned, visible),
                 report=StatusReport(status.committed_pages or 0, status.available_pages or 0),
                 above_target_s=tr.above_target_s,
+                add_hold_s=tr.add_hold_s,
             )
             rest = self._remaining(state, tr)
             if rest is not None:
@@ -230,6 +232,8 @@ class BalancerLoop:
             self.counters.record_tick(states, decision)
         for name, timer in zip(decision.vm_ids, decision.above_target_s, strict=True):
             self._tracked[name].above_target_s = timer
+        for name, hold in zip(decision.vm_ids, decision.add_hold_s, strict=True):
+            self._tracked[name].add_hold_s = hold
         for op in decision.operations:
             self._dispatch(op, workers[op.vm])
         self.last_decision = decision

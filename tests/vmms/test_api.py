@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,7 @@ def test_a_crashed_worker_is_reported_and_its_memory_returns_to_the_pool(
     for _ in range(500):
         if c.request("GET", "/api/vms/a")["state"] != "running":
             break
-        a.wait(0.01)
+        time.sleep(0.01)
     vm = c.request("GET", "/api/vms/a")
     assert vm["state"] == "crashed" and "killed by SIGKILL" in vm["reason"]
     assert c.request("GET", "/api/vms/b")["state"] == "running"

@@ -74,6 +74,7 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "pyhv-vmms"
+    timeout = 120  # an idle keep-alive connection does not hold a thread forever
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -353,6 +354,7 @@ def _console(h: ApiHandler, p: dict[str, str]) -> Any:
     h.end_headers()
     h.wfile.flush()
     sock = h.connection
+    sock.settimeout(None)  # a console may sit idle as long as its user likes
 
     def writer() -> None:
         while not slow.is_set():

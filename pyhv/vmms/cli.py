@@ -324,6 +324,9 @@ def vmms_group() -> None:
 @click.option("--memory-budget", help="host memory for VMs (default: all of MemTotal)")
 @click.option("--host-reserve", default="512M", show_default=True, help="kept for the host")
 @click.option("--time-scale", default=1.0, show_default=True, help="balancer delays x this")
+@click.option(
+    "--book-pacing", is_flag=True, help="adds of at most 512 MiB, 30 s apart (the book's timeline)"
+)
 @click.option("-v", "--verbose", is_flag=True, help="log every request")
 def vmms_serve(
     state_dir: str | None,
@@ -332,6 +335,7 @@ def vmms_serve(
     memory_budget: str | None,
     host_reserve: str,
     time_scale: float,
+    book_pacing: bool,
     verbose: bool,
 ) -> None:
     """Run the VMMS until SIGTERM or Ctrl-C; each VM runs in a worker process of its own."""
@@ -339,7 +343,7 @@ def vmms_serve(
     import signal
     import threading
 
-    from pyhv.dynmem.balancer import BalancerConfig, SettingsError
+    from pyhv.dynmem.balancer import BOOK_PACING, BalancerConfig, SettingsError
     from pyhv.memory.manager import MemoryManagerError
     from pyhv.vmms.pool import host_memory_bytes
     from pyhv.vmms.server import ApiServers, ServeError
@@ -361,7 +365,8 @@ def vmms_serve(
     try:
         budget = parse_size(memory_budget) if memory_budget else host_memory_bytes()
         reserve = parse_size(host_reserve)
-        balancer = BalancerConfig(time_scale=time_scale)
+        pacing: dict[str, Any] = dict(BOOK_PACING) if book_pacing else {}
+        balancer = BalancerConfig(time_scale=time_scale, **pacing)
         vmms = Vmms(
             state, budget_bytes=budget, reserve_bytes=min(reserve, budget), balancer=balancer
         )

@@ -342,3 +342,24 @@ def test_the_vm_commands_reach_the_vmms_over_tcp_with_the_token_file(
     assert r.exit_code == 1 and "Error: a wrong bearer token" in r.output
     r = CliRunner().invoke(vm_group, ["--tcp", "localhost", "list"])
     assert r.exit_code == 2 and "is not HOST:PORT" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--memory-budget", "lots"], "memory size 'lots' is not understood"),
+        (["--time-scale", "0"], "time_scale must be > 0"),
+        (["--tcp", "0.0.0.0:8650"], "is not a loopback address"),
+        (["--tcp", "8650"], "is not 127.0.0.1:PORT"),
+    ],
+)
+def test_vmms_serve_refuses_bad_options_with_a_clear_message(
+    tmp_path: Path, args: list[str], words: str
+) -> None:
+    from click.testing import CliRunner
+
+    from pyhv.vmms.cli import vmms_group
+
+    r = CliRunner().invoke(vmms_group, ["serve", "--state-dir", str(tmp_path), *args])
+    assert r.exit_code in (1, 2) and words in r.output, r.output
+    assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit)

@@ -207,7 +207,13 @@ def vm_memory(client: VmmsClient, name: str, target: str | None, **kw: Any) -> N
         click.echo(f"{name}: memory target {target} sent to the worker")
     if not changes and target is None:
         st = _call(client, "GET", f"/api/vms/{name}/memory")
-        click.echo(" ".join(f"{k} {_mib(v)}" for k, v in st.items()))
+        sizes = " ".join(f"{k} {_mib(st.get(k))}" for k in _STATUS_SIZES)
+        click.echo(
+            f"{name}: {sizes}" + (" (an operation is in progress)" if st.get("busy") else "")
+        )
+
+
+_STATUS_SIZES = ("visible", "assigned", "ballooned", "committed", "available")
 
 
 @vm_group.command("console")

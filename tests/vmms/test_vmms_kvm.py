@@ -208,6 +208,7 @@ def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None
             break
         time.sleep(0.1)
     assert host.show("dm")["memory"]["ballooned"] == 128 << 20
+    assert "dm: visible 512M assigned 384M ballooned 128M committed" in host.vm("memory", "dm")
     out = host.vm("memory", "dm", "--maximum", "512M", check=False)
     assert "maximum can only go up while VM 'dm' runs" in out
 

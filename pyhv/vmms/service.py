@@ -270,6 +270,7 @@ class Vmms:
                 self.pool.give_back(name)
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             vm.state, vm.started_at = RUNNING, time.monotonic()
+            log.info("VM %s started: worker pid %s", name, worker.pid)
             watcher = threading.Thread(
                 target=self._watch, args=(vm, worker), name=f"watch-{name}", daemon=True
             )
@@ -301,6 +302,8 @@ class Vmms:
         self.balancer.forget(vm.settings.name)  # not under our lock: a tick takes it
         if end.failed:
             log.warning("VM %s crashed: %s", vm.settings.name, reason)
+        else:
+            log.info("VM %s is off: %s", vm.settings.name, reason)
         for c in consoles:
             c(b"")  # end of output: the console connection closes
 

@@ -363,3 +363,14 @@ def test_vmms_serve_refuses_bad_options_with_a_clear_message(
     r = CliRunner().invoke(vmms_group, ["serve", "--state-dir", str(tmp_path), *args])
     assert r.exit_code in (1, 2) and words in r.output, r.output
     assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit)
+
+
+def test_docs_openapi_json_is_the_document_the_vmms_serves() -> None:
+    from pyhv.vmms.openapi import openapi
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
+    assert json.loads(path.read_text()) == openapi(), (
+        "docs/openapi.json is stale: regenerate it with "
+        "python -c 'import json; from pyhv.vmms.openapi import openapi; "
+        "print(json.dumps(openapi(), indent=2))' > docs/openapi.json"
+    )

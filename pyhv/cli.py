@@ -399,9 +399,10 @@ def _build_click() -> Any:
         """A short scripted session with the guest's shell, narrated."""
         call(demo_vm, **kw)
 
+    from pyhv.experiments.cli import experiment_group  # the book's experiments
     from pyhv.vmms.cli import counters_command, vm_group, vmms_group  # the VMMS and its client
 
-    for command in (vm_group, vmms_group, counters_command):
+    for command in (vm_group, vmms_group, counters_command, experiment_group):
         group.add_command(command)
     return group
 

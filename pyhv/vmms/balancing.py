@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -175,6 +176,13 @@ class BalancerLoop:
             self._tracked[name] = _Tracked(
                 self._tracked.get(name, _Tracked()).above_target_s, op, pages, current
             )
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the loop between ticks (an experiment starts two VMs' workloads so that one
+        tick sees both: pyhv.experiments.contention)."""
+        with self._lock:
+            yield
 
     def tick(self) -> Decision | None:
         """One balancer pass; returns the decision (None with no reporting DM VM)."""

@@ -1,0 +1,100 @@
+"""`pyhv experiment ...`: the book's experiments from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pyhv.experiments.lab import ExperimentError
+
+
+@click.group("experiment", context_settings={"help_option_names": ["-h", "--help"]})
+def experiment_group() -> None:
+    """The book's experiments with real guests under KVM (docs/experiments.md)."""
+
+
+def _scale(value: float) -> float:
+    if not value > 0:
+        raise click.BadParameter(
+            f"must be > 0 (0.1 makes the delays ten times shorter), got {value}"
+        )
+    return value
+
+
+@experiment_group.command("watch-dynamic-memory")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("out/watch-dynamic-memory"),
+    show_default=True,
+    help="directory for the chart, the counters' CSV and the account",
+)
+@click.option(
+    "--time-scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    callback=lambda _c, _p, v: _scale(v),
+    help="multiplies the balancer's delays (trim after 180 s, add settle 30 s); 0.1 = ten times sooner",
+)
+@click.option("--startup", "startup_mib", type=int, default=768, show_default=True, help="MiB")
+@click.option("--testlimit", "testlimit_mb", type=int, default=1000, show_default=True, help="MiB")
+@click.option(
+    "--hold",
+    "hold_s",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="seconds testlimit runs once the adds are done",
+)
+def watch_command(out: Path, time_scale: float, startup_mib: int, **kw: Any) -> None:
+    """Watching Dynamic Memory: testlimit in a Dynamic Memory VM, two jumps of Guest Visible
+    Physical Memory and Physical Memory, kill, and the lazy trim of Physical Memory."""
+    from pyhv.experiments.watch_dynamic_memory import WatchConfig, run_watch
+
+    config = WatchConfig(
+        out=out, time_scale=time_scale, startup_mib=startup_mib, minimum_mib=startup_mib, **kw
+    )
+    bal = config.balancer()
+    click.echo(
+        f"Watching Dynamic Memory at time scale {time_scale:g}: the balancer trims after "
+        f"{bal.effective_remove_delay_s:g} s above target and waits {bal.effective_add_settle_s:g} s "
+        f"between paced adds (the book's pace is time scale 1: trim after 180 s)."
+    )
+    try:
+        result = run_watch(config, say=click.echo)
+    except ExperimentError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo("")
+    click.echo(result.account())
+
+
+@experiment_group.command("contention")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("out/contention"),
+    show_default=True,
+    help="directory for the chart, the counters' CSV and the account",
+)
+@click.option(
+    "--time-scale",
+    type=float,
+    default=0.1,
+    show_default=True,
+    callback=lambda _c, _p, v: _scale(v),
+    help="multiplies the balancer's delays and the workload timeline",
+)
+def contention_command(out: Path, time_scale: float) -> None:
+    """Three weighted VMs with bursty Testlimit workloads on a host smaller than the sum of
+    their maxima: who gets memory, nobody below minimum, density against static allocation."""
+    from pyhv.experiments.contention import ContentionConfig, run_contention
+
+    try:
+        result = run_contention(ContentionConfig(out=out, time_scale=time_scale), say=click.echo)
+    except ExperimentError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo("")
+    click.echo(result.account())

@@ -88,7 +88,7 @@ class Incoming:
         finally:
             self.listener.close()
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        fs = self.fs = FrameSocket(sock, timeout=self.timeout)
+        fs = self.fs = FrameSocket(sock, timeout=self.timeout, peer="source")
         try:
             self.faults.at("authenticate", fs)
             authenticate_destination(fs, self.token)

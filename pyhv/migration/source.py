@@ -60,6 +60,7 @@ class MigrationOptions:
 
     downtime_target: float = 0.3  #: stop the passes once the rest fits in this
     max_passes: int = 10  #: Hyper-V stops after 10 passes
+    min_passes: int = 1  #: passes before the final one even if the rest already fits
     max_sent_multiple: float = 4.0  #: stop after sending this many times the RAM
     bandwidth: int = 0  #: bytes/s on the wire, 0 = no limit
     compress: bool = False  #: zstd level 1 on page frames (kept only when smaller)
@@ -182,9 +183,6 @@ class Source:
             phase = getattr(e, "phase", "") or self.progress.phase
             why = self._peer_reason(e) or _describe(e)
             self._roll_back(why)
-            if isinstance(e, MigrationError) and not isinstance(e, PeerAborted):
-                e.phase = phase
-                raise
             raise MigrationError(
                 f"migration to {self.address[0]}:{self.address[1]} failed during {phase}: {why}; "
                 "the VM keeps running here",
@@ -233,7 +231,7 @@ class Source:
             sock,
             bandwidth=opt.bandwidth,
             timeout=opt.timeout,
-            fault=None,
+            peer="destination",
         )
         self.faults.at("connect", fs)
         self._phase("authenticate")
@@ -286,7 +284,7 @@ class Source:
             expected = dirty * PAGE / bw
             self.progress.expected_downtime = expected
             self._report(force=True)
-            if expected <= opt.downtime_target:
+            if expected <= opt.downtime_target and self.progress.passes >= opt.min_passes:
                 why = "the rest fits the downtime target"
                 break
             if self.progress.passes >= opt.max_passes:
@@ -310,10 +308,10 @@ class Source:
             self._phase(f"pass{self.progress.passes + 1}")
             t = self._pass_started = time.monotonic()
             sent_before = fs.bytes_sent
+            if self.progress.passes == 1:
+                self.faults.at("pass2", fs)
             pages = sum(self._send_mask(r, m) for r, m in masks)
             self._end_pass(t, sent_before, pages)
-            if self.progress.passes == 2:
-                self.faults.at("pass2", fs)
         log.info("%s: final pass: %s", vm.config.name, why)
         if opt.max_downtime is not None and self.progress.expected_downtime > opt.max_downtime:
             raise MigrationError(
@@ -463,7 +461,7 @@ class Source:
             while True:
                 self.fs.recv()
         except PeerAborted as aborted:
-            return f"the destination {str(aborted).removeprefix('the peer ')}"
+            return str(aborted)
         except (OSError, MigrationError):
             return None
 

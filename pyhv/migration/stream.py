@@ -91,8 +91,10 @@ class FrameSocket:
         bandwidth: int = 0,
         timeout: float = 30.0,
         fault: Callable[[FrameSocket, Frame, int], None] | None = None,
+        peer: str = "peer",
     ) -> None:
         self.sock = sock
+        self.peer = peer
         sock.settimeout(timeout)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -219,7 +221,7 @@ class FrameSocket:
         self.recv_payload_into(memoryview(buf), ftype, flags, count, addr, check)
         if ftype is Frame.ABORT:
             reason = _json(bytes(buf), ftype).get("reason", "no reason given")
-            raise PeerAborted(f"the peer aborted: {reason}")
+            raise PeerAborted(f"the {self.peer} aborted: {reason}")
         return ftype, flags, count, addr, bytes(buf)
 
     def expect_json(self, want: Frame) -> dict[str, Any]:
@@ -323,7 +325,7 @@ def authenticate_source(fs: FrameSocket, token: bytes) -> None:
     try:
         ok = fs.expect_json(Frame.AUTH_OK)
     except PeerAborted as e:
-        raise MigrationError(f"the destination refused us: {e}", "authenticate") from None
+        raise MigrationError(str(e), "authenticate") from None
     if not hmac.compare_digest(_mac(token, b"destination", nonce_s, nonce_d), str(ok.get("mac"))):
         raise MigrationError(
             "the destination failed authentication: it does not hold the migration token",

@@ -400,9 +400,10 @@ def _build_click() -> Any:
         call(demo_vm, **kw)
 
     from pyhv.experiments.cli import experiment_group  # the book's experiments
+    from pyhv.migration.cli import migrate_group  # live migration (until `pyhv vm migrate`)
     from pyhv.vmms.cli import counters_command, vm_group, vmms_group  # the VMMS and its client
 
-    for command in (vm_group, vmms_group, counters_command, experiment_group):
+    for command in (vm_group, vmms_group, counters_command, experiment_group, migrate_group):
         group.add_command(command)
     return group
 

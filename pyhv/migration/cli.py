@@ -162,6 +162,11 @@ def demo(memory: str, dirty: int, **kw: Any) -> None:
         src.close()
 
 
+def _echo_serial(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
 @migrate_group.command("listen")
 @click.option("--listen", "where", default="127.0.0.1:0", show_default=True, help="HOST:PORT")
 @click.option("--token", help="the shared migration token")
@@ -178,7 +183,7 @@ def listen(
     dst = IncomingWorker(
         _token(token, token_file),
         _address(where),
-        output=lambda b: (sys.stdout.buffer.write(b), sys.stdout.buffer.flush()),
+        output=_echo_serial,
         max_memory=parse_size(max_memory) if max_memory else None,
         accept_timeout=timeout,
     )

@@ -75,6 +75,7 @@ class Incoming:
         self.passes = 0
         self.pages = 0
         self._zstd: Any = None
+        self.t_commit = 0.0
 
     def accept(self) -> dict[str, Any]:
         """Wait for the source, authenticate it, read the configuration (returned, as sent)."""
@@ -153,6 +154,7 @@ class Incoming:
             self.faults.at("restored", fs)
             fs.send_json(Frame.RESTORED, {})
             fs.expect_json(Frame.COMMIT)
+            self.t_commit = time.monotonic()
         except BaseException as e:
             self.fail(e)
             raise
@@ -235,13 +237,15 @@ class Incoming:
             )
         target[:] = out
 
-    def resumed(self) -> None:
-        """The VPs run here: tell the source (which then stops its VM)."""
+    def resumed(self, running_since: float | None = None) -> None:
+        """The VPs run here (since `running_since`, monotonic): tell the source (which then
+        stops its VM)."""
         fs = self.fs
         if fs is None:
             return
         try:
-            fs.send_json(Frame.RESUMED, {"time": time.monotonic()})
+            now = running_since or time.monotonic()
+            fs.send_json(Frame.RESUMED, {"time": now, "start_ms": (now - self.t_commit) * 1000})
         except OSError as e:
             log.warning("could not tell the source that the VM resumed: %s", e)
         finally:

@@ -102,6 +102,8 @@ class Progress:
     downtime: float = 0.0
     total_time: float = 0.0
     final_pages: int = 0
+    #: milliseconds of the downtime: pause, last pages, state, destination restore, resume
+    downtime_parts: dict[str, float] = field(default_factory=dict)
     pass_log: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -330,12 +332,23 @@ class Source:
         t_pause = time.monotonic()
         p.pause()
         self._paused = True
+        parts = self.progress.downtime_parts
+        t_mark = time.monotonic()
+
+        def mark(name: str) -> None:
+            nonlocal t_mark
+            now = time.monotonic()
+            parts[name] = round((now - t_mark) * 1000, 2)
+            t_mark = now
+
+        mark("pause")
         self._phase("final")
         self.faults.at("final", fs)
         pages = 0
         for r, m in masks:  # dirty when the passes stopped, and since
             pages += self._send_mask(r, m | mem.dirty_mask(r))
         self.progress.final_pages = pages
+        mark("last_pages")
         self.progress.passes += 1
         fs.send_json(Frame.PASS_END, {"pass": self.progress.passes, "pages": pages})
         self._phase("state")
@@ -351,14 +364,19 @@ class Source:
             dynmem=None,
         )
         fs.send(Frame.STATE, state.encode())
+        mark("state")
         if opt.verify:
             self.ram_checksum = mem.ram_checksum(regions, skip)
             fs.send_json(Frame.CHECKSUM, {"ram": self.ram_checksum})
         fs.expect_json(Frame.RESTORED)
+        mark("restored")
         self._phase("commit")
         self.faults.at("commit", fs)
         fs.send_json(Frame.COMMIT, {})
         resumed = fs.expect_json(Frame.RESUMED)
+        mark("resumed")
+        if isinstance(resumed.get("start_ms"), float):
+            parts["destination_start"] = round(resumed["start_ms"], 2)
         now = time.monotonic()
         t_run = resumed.get("time")
         # Same host (one CLOCK_MONOTONIC): exact; otherwise bounded by the round trip.

@@ -44,12 +44,14 @@ class WorkerIncoming:
     def __init__(self, incoming: Incoming, config: dict[str, Any]) -> None:
         self.incoming = incoming
         self.config = config
+        self.vm: VirtualMachine | None = None
 
     def receive(self, vm: VirtualMachine) -> None:
+        self.vm = vm
         self.incoming.receive(vm)
 
     def resumed(self, send: Send) -> None:
-        self.incoming.resumed()
+        self.incoming.resumed(self.vm.running_since if self.vm is not None else None)
         inc = self.incoming
         send(
             {

@@ -9,6 +9,7 @@ the devices and the hypervisor's intercept messages.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,8 @@ class VirtualMachine:
         self._end_lock = threading.Lock()
         self._ended = threading.Event()
         self._watchers: list[threading.Thread] = []
+        #: time.monotonic() when the first VP started (live migration measures downtime to it)
+        self.running_since: float | None = None
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -113,6 +116,8 @@ class VirtualMachine:
                 _set_entry_state(self.vps[0], entry)
             for vp in self.vps:
                 vp.start()
+                if self.running_since is None:
+                    self.running_since = time.monotonic()  # a VP runs guest code from here
                 w = threading.Thread(target=self._watch, args=(vp,), name=f"watch-vp{vp.index}")
                 w.daemon = True
                 w.start()

@@ -88,15 +88,17 @@ class VirtualMachine:
         try:
             for base, size in boot.ram_regions(cfg.memory):
                 p.add_memory(base, size)
-            self.image, entry = (None, None) if incoming else boot.prepare(
-                p,
-                image_bytes,
-                memory=cfg.memory,
-                vp_count=cfg.vps,
-                cmdline=cfg.cmdline,
-                flags=boot.FLAG_DYNAMIC_MEMORY if cfg.dynamic_memory else 0,
-                name=cfg.image.name,
-            )
+            entry = None
+            if incoming is None:  # a migrated VM's RAM comes from its source instead
+                self.image, entry = boot.prepare(
+                    p,
+                    image_bytes,
+                    memory=cfg.memory,
+                    vp_count=cfg.vps,
+                    cmdline=cfg.cmdline,
+                    flags=boot.FLAG_DYNAMIC_MEMORY if cfg.dynamic_memory else 0,
+                    name=cfg.image.name,
+                )
             p.intercepts.install_io(COM1_BASE, COM1_BASE + 7, self._com1_io)
             p.intercepts.install_io(POWEROFF_PORT, POWEROFF_PORT, self._poweroff_io)
             if cfg.dynamic_memory:

@@ -216,6 +216,13 @@ class Source:
         p = vm.partition
         if p is None or vm.end is not None:
             raise MigrationError("the VM is not running: nothing to migrate", "connect")
+        if vm.dynmem is not None:
+            raise MigrationError(
+                f"VM {vm.config.name!r} runs with Dynamic Memory: carrying its VMBus channel, "
+                "rings and DM VSP state (balloon, hot-added regions) is not implemented yet "
+                "(docs/migration.md, 'Dynamic Memory'); migrate it without Dynamic Memory",
+                "config",
+            )
         if opt.compress:
             import zstandard
 

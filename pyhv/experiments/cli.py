@@ -58,10 +58,12 @@ def watch_command(out: Path, time_scale: float, startup_mib: int, **kw: Any) -> 
         out=out, time_scale=time_scale, startup_mib=startup_mib, minimum_mib=startup_mib, **kw
     )
     bal = config.balancer()
+    settle, delay = bal.effective_add_settle_s, bal.effective_remove_delay_s
+    about = config.rest_s + 2 * settle + 5 + config.hold_s + delay + 8 + config.after_s
     click.echo(
-        f"Watching Dynamic Memory at time scale {time_scale:g}: the balancer trims after "
-        f"{bal.effective_remove_delay_s:g} s above target and waits {bal.effective_add_settle_s:g} s "
-        f"between paced adds (the book's pace is time scale 1: trim after 180 s)."
+        f"Watching Dynamic Memory at time scale {time_scale:g}: the balancer waits {settle:g} s "
+        f"between paced adds and trims after {delay:g} s above target (the book's pace is time "
+        f"scale 1: 30 s and 180 s). This takes about {about:.0f} s."
     )
     try:
         result = run_watch(config, say=click.echo)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pyhv.counters.chart import draw_chart
 from pyhv.counters.csvlog import read_csv
-from pyhv.dynmem.balancer import Add, BalancerConfig, Remove, mib_from_pages
+from pyhv.dynmem.balancer import Add, BalancerConfig, mib_from_pages
 from pyhv.experiments.lab import PHYSICAL, VISIBLE, Lab, counter_path
 
 
@@ -95,11 +95,8 @@ class ContentionResult:
         for name, v in self.vms.items():
             lines.append(
                 f"  VM {name} (weight {v['weight']:.0f}): minimum {v['minimum']:.0f} MiB, lowest "
-                f"Physical Memory {v['lowest']:.0f}, peak {v['peak']:.0f} (demand peak "
-                f"{v['peak_demand']:.0f}), demand met at t={v['demand_met_t']:.1f} s"
-                if v["demand_met_t"] >= 0
-                else f"  VM {name} (weight {v['weight']:.0f}): minimum {v['minimum']:.0f} MiB, "
-                f"lowest {v['lowest']:.0f}, peak {v['peak']:.0f}"
+                f"Physical Memory {v['lowest']:.0f}, peak {v['peak']:.0f} (first at "
+                f"t={v['peak_t']:.1f} s; demand peak {v['peak_demand']:.0f} MiB)"
             )
         for e in self.events:
             lines.append(f"  t={e['t']:6.1f} s  {', '.join(e['vms'])}: {e['command']}")  # type: ignore[arg-type]
@@ -107,7 +104,7 @@ class ContentionResult:
         if s:
             lines.append(
                 f"  first tick with the host short (t={s['t']:.1f} s): "
-                + ", ".join(f"{k} {v}" for k, v in s["operations"].items())  # type: ignore[attr-defined]
+                + ", ".join(f"{k} {v:+.0f} MiB" for k, v in s["operations"].items())  # type: ignore[attr-defined]
             )
         lines += [
             f"  static allocation at each VM's peak: {self.sum_of_peaks_mib:.0f} MiB; Dynamic Memory "
@@ -180,13 +177,8 @@ def run_contention(
                 result.first_short_tick = {
                     "t": t,
                     "operations": {
-                        op.vm: (
-                            f"+{mib_from_pages(op.pages):.0f} MiB"
-                            if isinstance(op, Add)
-                            else f"-{mib_from_pages(op.pages):.0f} MiB"
-                        )
+                        op.vm: (1 if isinstance(op, Add) else -1) * mib_from_pages(op.pages)
                         for op in d.operations
-                        if isinstance(op, Add | Remove)
                     },
                 }
                 break
@@ -206,10 +198,8 @@ def run_contention(
         ]
         h = history[v.name]
         peak_demand = max((p.demand or 0.0 for p in h), default=0.0)
-        met = next(
-            (p.t for p in h if p.demand is not None and p.demand >= 600 and p.assigned >= p.demand),
-            -1.0,
-        )
+        top = max((p.assigned for p in h), default=0.0)
+        peak_t = next((p.t for p in h if p.assigned == top), -1.0)
         result.vms[v.name] = {
             "weight": v.weight,
             "minimum": v.minimum_mib,
@@ -219,7 +209,7 @@ def run_contention(
                 (s.values.get(counter_path(v.name, VISIBLE), 0.0) for s in samples), default=0.0
             ),
             "peak_demand": peak_demand,
-            "demand_met_t": met,
+            "peak_t": peak_t,
         }
     result.sum_of_peaks_mib = sum(v["peak"] for v in result.vms.values())
     result.csv = str(lab.csv_path)

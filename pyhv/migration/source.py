@@ -61,6 +61,8 @@ class MigrationOptions:
     downtime_target: float = 0.3  #: stop the passes once the rest fits in this
     max_passes: int = 10  #: Hyper-V stops after 10 passes
     min_passes: int = 1  #: passes before the final one even if the rest already fits
+    shrink_factor: float = 0.5  #: a pass "shrinks" the dirty set below this x the last one
+    small_final_pages: int = 256  #: a final set this small is not worth another pass
     max_sent_multiple: float = 4.0  #: stop after sending this many times the RAM
     bandwidth: int = 0  #: bytes/s on the wire, 0 = no limit
     compress: bool = False  #: zstd level 1 on page frames (kept only when smaller)
@@ -293,9 +295,14 @@ class Source:
             expected = dirty * PAGE / bw
             self.progress.expected_downtime = expected
             self._report(force=True)
-            if expected <= opt.downtime_target and self.progress.passes >= opt.min_passes:
-                why = "the rest fits the downtime target"
-                break
+            fits = expected <= opt.downtime_target
+            shrinking = prev_dirty is None or dirty < prev_dirty * opt.shrink_factor
+            if fits and self.progress.passes >= opt.min_passes:
+                # Within the target already; one more pass pays while it still shrinks the
+                # final set a lot (a shorter pause), and stops paying once it does not.
+                if dirty <= opt.small_final_pages or not shrinking:
+                    why = f"the rest ({dirty} pages) fits the downtime target"
+                    break
             if self.progress.passes >= opt.max_passes:
                 why = f"{opt.max_passes} passes done"
                 break
@@ -303,12 +310,7 @@ class Source:
             if fs.bytes_sent >= opt.max_sent_multiple * ram_bytes:
                 why = f"sent {fs.bytes_sent / ram_bytes:.1f} x RAM"
                 break
-            if (
-                opt.auto_converge
-                and prev_dirty is not None
-                and self.progress.passes >= 2
-                and dirty > 0.5 * prev_dirty
-            ):
+            if opt.auto_converge and not fits and not shrinking and self.progress.passes >= 2:
                 f = self._throttle.fraction
                 f = opt.throttle_initial if f == 0 else min(f + opt.throttle_step, opt.throttle_max)
                 self._throttle.set(f)

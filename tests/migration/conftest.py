@@ -26,6 +26,17 @@ class Guest(Shell):
     def ticks(self) -> int:
         return self.values("ticks")["ticks"]
 
+    def wait_working_set(self, mb: int, task: int = 0) -> None:
+        """Until the dirty task holds its MB and has rewritten all of it once (bounded)."""
+        for _ in range(200):
+            m = re.search(
+                rf"task {task}: .*allocated (\d+) MiB, touched (\d+) pages", self.run("tasks")
+            )
+            if m and int(m[1]) >= mb and int(m[2]) >= mb * 256:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"task {task} did not get its {mb} MiB working set")
+
     def touched(self, task: int = 0) -> int:
         m = re.search(rf"task {task}: .*touched (\d+) pages", self.run("tasks"))
         assert m, "no such task"

@@ -45,7 +45,7 @@ def test_an_idle_guest_moves_to_another_host_and_its_shell_answers_there(hosts: 
 def test_a_guest_dirtying_memory_keeps_dirtying_it_after_the_move(hosts: Any, mb: int) -> None:
     src, guest = hosts.boot("256M")
     guest.run(f"dirty {mb}")
-    wait_rising(guest.touched)
+    guest.wait_working_set(mb)
     dst = hosts.destination()
     result = _migrate(src, dst, downtime_target=0.05)
     there = moved(dst)

@@ -1,0 +1,99 @@
+"""What goes with the last pages, without a VM: the state structure survives its encoding, the
+serial device carries every register and the bytes not read yet, and the RAM checksum sees
+contents, not how the host keeps them."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from pyhv.devices.uart16550 import Uart16550
+from pyhv.hypervisor.state import VpSavedState
+from pyhv.migration import memory as mem
+from pyhv.migration.state import STATE_VERSION, VmState
+from pyhv.migration.stream import MigrationError
+
+
+def test_the_vm_state_survives_its_encoding() -> None:
+    vp = VpSavedState(0, b"r" * 144, b"s" * 312, b"x" * 4096, b"c" * 392, {0x10: 5, 0xC0000080: 0xD01},
+                      b"e" * 64, 0, b"l" * 1024, b"d" * 128)  # fmt: skip
+    st = VmState(STATE_VERSION, [vp], [b"\x01" * 520] * 3, b"\x02" * 48, {"ier": 1},
+                 {0: {"counts": [1, 2], "defaults": [0, 0], "errors": [0, 0], "handler_ns": [5, 6]}},
+                 None)  # fmt: skip
+    assert VmState.decode(st.encode()) == st
+
+
+def test_a_state_of_another_version_or_malformed_is_refused() -> None:
+    st = VmState(STATE_VERSION + 1, [], [], None, {})
+    with pytest.raises(MigrationError, match="version"):
+        VmState.decode(st.encode())
+    with pytest.raises(MigrationError, match="malformed"):
+        VmState.decode(b'{"version": 1}')
+
+
+def test_the_serial_device_goes_on_where_it_was() -> None:
+    out: list[bytes] = []
+    a = Uart16550(out.append)
+    a.io_write(3, 1, 0x83)  # DLAB, 8 bits
+    a.io_write(0, 1, 0x0C)  # divisor 12: 9600 baud
+    a.io_write(3, 1, 0x03)
+    a.io_write(2, 1, 0xC7)  # FIFO on, trigger 14
+    a.io_write(1, 1, 0x01)  # receive interrupt on
+    a.io_write(7, 1, 0x5A)
+    a.feed(b"hello, world, this is more than sixteen bytes")
+    assert a.io_read(0, 1) == ord("h")
+    b = Uart16550(out.append)
+    b.restore_state(a.save_state())
+    assert b.baud == 9600 and b.io_read(7, 1) == 0x5A
+    assert b.io_read(2, 1) & 0xC0 == 0xC0
+    got = bytes(b.io_read(0, 1) for _ in range(b.pending_input))
+    assert got == b"ello, world, this is more than sixteen bytes"
+
+
+@dataclass
+class _Region:
+    """What the checksum needs of a RAM region: a memfd mapping at a GPA."""
+
+    gpa: int
+    size: int
+    memfd: int = 0
+    offset: int = 0
+    mm: mmap.mmap = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.memfd = os.memfd_create("t")
+        os.ftruncate(self.memfd, self.size)
+        self.mm = mmap.mmap(self.memfd, self.size)
+
+    @property
+    def pages(self) -> int:
+        return self.size // 4096
+
+
+def test_the_ram_checksum_sees_contents_not_holes_or_zero_pages() -> None:
+    a, b = _Region(0, 64 << 12), _Region(0, 64 << 12)
+    for r in (a, b):
+        r.mm[5 * 4096 : 5 * 4096 + 3] = b"abc"
+    b.mm[9 * 4096 : 10 * 4096] = bytes(4096)  # a zero page held as data, not a hole
+    assert list(mem.data_extents(b)) != list(mem.data_extents(a))
+    assert mem.ram_checksum([a]) == mem.ram_checksum([b])  # type: ignore[list-item]
+    b.mm[9 * 4096] = 1
+    assert mem.ram_checksum([a]) != mem.ram_checksum([b])  # type: ignore[list-item]
+
+
+def test_skipped_ranges_are_left_out_of_the_checksum_and_never_read() -> None:
+    a = _Region(0x100000, 16 << 12)
+    a.mm[0:1] = b"x"
+    before = mem.ram_checksum([a])  # type: ignore[list-item]
+    a.mm[4 * 4096] = 7
+    assert mem.ram_checksum([a], skip=[(0x100000 + 4 * 4096, 2)]) == before  # type: ignore[list-item]
+
+
+def test_page_runs_of_a_mask() -> None:
+    m = np.array([0, 1, 1, 0, 1, 0, 0, 1], dtype=bool)
+    assert mem.runs(m) == [(1, 3), (4, 5), (7, 8)]
+    assert mem.runs(np.zeros(0, dtype=bool)) == []

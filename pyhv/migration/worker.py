@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pyhv.migration.counters import publish, register
 from pyhv.migration.destination import Incoming, listen
 from pyhv.migration.source import MigrationOptions, Source
 from pyhv.migration.stream import MigrationError
@@ -30,6 +31,7 @@ from pyhv.worker.outcome import WORKER_ERROR, VmEnd
 from pyhv.worker.process import WorkerProcess
 
 if TYPE_CHECKING:
+    from pyhv.counters.registry import CounterRegistry
     from pyhv.worker.config import VmConfig
     from pyhv.worker.vm import VirtualMachine
 
@@ -227,20 +229,25 @@ def migrate_worker(
     options: MigrationOptions | dict[str, Any] | None = None,
     on_progress: Callable[[dict[str, Any]], object] | None = None,
     timeout: float = 900.0,
+    counters: CounterRegistry | None = None,
 ) -> dict[str, Any]:
     """Migrate the VM of a running worker process to `address`; returns the final progress
     report (the source worker then ends: "migrated to ..."). Raises MigrationError with the
-    source's reason and phase if it failed (the VM runs on in `worker`)."""
+    source's reason and phase if it failed (the VM runs on in `worker`). With `counters`,
+    every progress report also goes to the "Hyper-V VM Live Migration" set (instance = VM)."""
     if isinstance(options, MigrationOptions):
         options = options.as_dict()
     done = threading.Event()
     box: dict[str, Any] = {}
+    live = None if counters is None else register(counters)
     mid = id(done)
 
     def on_event(msg: dict[str, object]) -> None:
         if msg.get("ev") != "migration" or msg.get("id") != mid:
             return
         if "progress" in msg:
+            if live is not None:
+                publish(live, worker.config.name, msg["progress"])  # type: ignore[arg-type]
             if on_progress is not None:
                 on_progress(msg["progress"])  # type: ignore[arg-type]
             return

@@ -10,16 +10,19 @@ from typing import Any
 
 import pytest
 
+from pyhv.counters import CounterRegistry
 from pyhv.migration.worker import migrate_worker
 from tests.migration.conftest import TOKEN, moved, wait_rising
 
 pytestmark = pytest.mark.kvm
 
 
-def _migrate(src: Any, dst: Any, **options: Any) -> dict[str, Any]:
+def _migrate(src: Any, dst: Any, counters: Any = None, **options: Any) -> dict[str, Any]:
     progress: list[dict[str, Any]] = []
     options.setdefault("verify", True)
-    result = migrate_worker(src, dst.wait_listening(), TOKEN, options, on_progress=progress.append)
+    result = migrate_worker(
+        src, dst.wait_listening(), TOKEN, options, on_progress=progress.append, counters=counters
+    )
     assert dst.wait_migrated(30) is not None
     end = src.wait(30)
     assert end is not None and end.reason == "stopped" and "migrated to" in end.detail
@@ -31,7 +34,8 @@ def test_an_idle_guest_moves_to_another_host_and_its_shell_answers_there(hosts: 
     src, guest = hosts.boot()
     before = guest.ticks()
     dst = hosts.destination()
-    result = _migrate(src, dst)
+    registry = CounterRegistry()
+    result = _migrate(src, dst, counters=registry)
     there = moved(dst)
     first, later = wait_rising(there.ticks)
     assert before <= first < later
@@ -39,6 +43,11 @@ def test_an_idle_guest_moves_to_another_host_and_its_shell_answers_there(hosts: 
     # never-written memory is not sent at all; what was sent is far below the RAM size
     assert result["skipped_pages"] > result["ram_pages"] // 2
     assert result["bytes_sent"] < 32 << 20
+    # the migration's counters, as Perfmon would show them
+    snap = registry.snapshot()
+    assert snap["\\Hyper-V VM Live Migration(vm)\\Passes"] == result["passes"]
+    assert snap["\\Hyper-V VM Live Migration(vm)\\Bytes Sent"] == result["bytes_sent"]
+    assert snap["\\Hyper-V VM Live Migration(vm)\\Downtime"] == result["downtime"] > 0
 
 
 @pytest.mark.parametrize("mb", [16, 64])

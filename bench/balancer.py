@@ -92,6 +92,7 @@ def end_to_end(time_scale: float, paced: bool = True) -> dict[str, float]:
     steps = {
         "commit_to_report_s": e["spike_report"] - e["testlimit"],
         "report_to_first_add_s": e["first_add"] - e["spike_report"],
+        "report_to_decision_s": e.get("first_add_decided", float("nan")) - e["spike_report"],
         "commit_to_first_add_s": e["first_add"] - e["testlimit"],
         "commit_to_under_target_s": e["relieved"] - e["testlimit"],
         "end_to_trim_start_s": e["trim_start"] - e["kill"],

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pyhv.counters.chart import draw_chart
 from pyhv.counters.csvlog import read_csv
-from pyhv.dynmem.balancer import BOOK_PACING, PAGES_PER_MIB, BalancerConfig
+from pyhv.dynmem.balancer import BOOK_PACING, PAGES_PER_MIB, Add, BalancerConfig
 from pyhv.experiments.lab import PHYSICAL, VISIBLE, Lab, MemoryPoint, counter_path
 
 VM = "testvm"
@@ -234,6 +234,16 @@ def run_watch(config: WatchConfig, say: Callable[[str], object] = print) -> Watc
         end = lab.last(VM) or low
         result.levels["end_physical"], result.levels["end_visible"] = end.assigned, end.visible
         history = list(lab.history[VM])
+        decided = next(
+            (
+                t
+                for t, d in lab.decisions
+                if t >= ev["spike_report"] and isinstance(d.operation_for(VM), Add)
+            ),
+            None,
+        )
+    if decided is not None:
+        ev["first_add_decided"] = decided
     result.jumps = jumps(history, ev["testlimit"], ev["kill"], gap_s=max(1.5, settle / 2))
     for i, j in enumerate(result.jumps[:2]):
         ev[("first_jump", "second_jump")[i]] = j["t"]

@@ -342,7 +342,7 @@ class Source:
         p.pause()
         self._paused = True
         parts = self.progress.downtime_parts
-        t_mark = time.monotonic()
+        t_mark = t_pause
 
         def mark(name: str) -> None:
             nonlocal t_mark

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pyhv.migration import dynmem as dm_mod
 from pyhv.migration import memory as mem
 from pyhv.migration.faults import FaultPlan
 from pyhv.migration.state import VmState, restore_intercept_counters, restore_kvm_state
@@ -76,6 +77,7 @@ class Incoming:
         self.pages = 0
         self._zstd: Any = None
         self.t_commit = 0.0
+        self.dynmem_layout: dict[str, Any] | None = None
 
     def accept(self) -> dict[str, Any]:
         """Wait for the source, authenticate it, read the configuration (returned, as sent)."""
@@ -102,6 +104,7 @@ class Incoming:
                 )
             self.config, self.regions = config, regions
             self.verify = bool((msg.get("options") or {}).get("verify", True))
+            self.dynmem_layout = msg.get("dynmem")
             need = sum(int(size) for _gpa, size in regions)
             have = self.max_memory if self.max_memory is not None else available_memory()
             if need > have:
@@ -128,6 +131,12 @@ class Incoming:
         p = vm.partition
         assert fs is not None and p is not None
         try:
+            if self.dynmem_layout is not None:
+                if vm.dynmem is None:
+                    raise MigrationError(
+                        "the VM has Dynamic Memory, the one built here not", "config"
+                    )
+                dm_mod.prepare(vm.dynmem, self.dynmem_layout)
             ram = [r for r in p.regions if not r.readonly]
             have = sorted([r.gpa, r.size] for r in ram)
             if have != sorted([int(g), int(s)] for g, s in self.regions):
@@ -142,6 +151,8 @@ class Incoming:
             restore_kvm_state(p, state)
             vm.uart.restore_state(state.uart)
             restore_intercept_counters(p, state.intercept_counters)
+            if state.dynmem is not None and vm.dynmem is not None:
+                dm_mod.restore(vm.dynmem, state.dynmem)
             if self.verify:
                 want = fs.expect_json(Frame.CHECKSUM).get("ram")
                 got = mem.ram_checksum(ram)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pyhv.migration import dynmem as dm_mod
 from pyhv.migration import memory as mem
 from pyhv.migration.faults import FaultPlan
 from pyhv.migration.state import STATE_VERSION, VmState, save_intercept_counters, save_kvm_state
@@ -218,13 +219,10 @@ class Source:
         p = vm.partition
         if p is None or vm.end is not None:
             raise MigrationError("the VM is not running: nothing to migrate", "connect")
-        if vm.dynmem is not None:
-            raise MigrationError(
-                f"VM {vm.config.name!r} runs with Dynamic Memory: carrying its VMBus channel, "
-                "rings and DM VSP state (balloon, hot-added regions) is not implemented yet "
-                "(docs/migration.md, 'Dynamic Memory'); migrate it without Dynamic Memory",
-                "config",
-            )
+        dm = vm.dynmem
+        if dm is not None:
+            dm_mod.quiesce(dm)
+            dm_activity = dm_mod.activity(dm)
         if opt.compress:
             import zstandard
 
@@ -257,7 +255,7 @@ class Source:
                 "config": vm.config.to_dict(),
                 "regions": [[r.gpa, r.size] for r in regions],
                 "options": {"verify": opt.verify},
-                "dynmem": None,
+                "dynmem": None if dm is None else dm_mod.layout(dm),
             },
         )
         fs.expect_json(Frame.READY)
@@ -354,8 +352,36 @@ class Source:
         self._phase("final")
         self.faults.at("final", fs)
         pages = 0
-        for r, m in masks:  # dirty when the passes stopped, and since
-            pages += self._send_mask(r, m | mem.dirty_mask(r))
+        dm_state = None
+        dm_locks: list[Any] = []
+        if dm is not None:
+            # Freeze the VSP and its channel: the host writes to the rings are not dirty-logged.
+            dm_locks = [dm.vsp.lock] + ([dm.offer.channel._lock] if dm.offer.channel else [])
+            for lock in dm_locks:
+                lock.acquire()
+        try:
+            if dm is not None:
+                if dm_mod.activity(dm) != dm_activity:
+                    raise MigrationError(
+                        "Dynamic Memory changed the guest's memory during the migration "
+                        "(balloon, unballoon or hot-add): migrate again",
+                        "final",
+                    )
+                dm_state = dm_mod.save(dm)
+                masks = [(r, m | mem.dirty_mask(r)) for r, m in masks]
+                for gpa, n in dm_mod.ring_ranges(dm):
+                    for r, m in masks:
+                        if r.gpa <= gpa < r.end:
+                            first = (gpa - r.gpa) // PAGE
+                            m[first : first + n] = True
+                for r, m in masks:
+                    pages += self._send_mask(r, m)
+            else:
+                for r, m in masks:  # dirty when the passes stopped, and since
+                    pages += self._send_mask(r, m | mem.dirty_mask(r))
+        finally:
+            for lock in reversed(dm_locks):
+                lock.release()
         self.progress.final_pages = pages
         mark("last_pages")
         self.progress.passes += 1
@@ -370,7 +396,7 @@ class Source:
             clock,
             uart=vm.uart.save_state(),
             intercept_counters=save_intercept_counters(p),
-            dynmem=None,
+            dynmem=dm_state,
         )
         fs.send(Frame.STATE, state.encode())
         mark("state")

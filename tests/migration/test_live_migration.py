@@ -6,6 +6,7 @@ source's checksum before it resumes)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -114,3 +115,65 @@ def test_a_guest_that_dirties_faster_than_the_link_is_throttled_then_given_up(
     assert later > first
     assert src.end is None
     assert dst.wait(30) is not None
+
+
+def _dm_settled(worker: Any, tries: int = 200) -> dict[str, Any]:
+    """The VM's Dynamic Memory status once negotiated and no goal is pending (bounded)."""
+    st: dict[str, Any] = {}
+    for _ in range(tries):
+        st = worker.memory_status()
+        if st["negotiated"] and st["goal_pages"] is None and st["operation"] is None:
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"Dynamic Memory did not settle: {st}")
+
+
+def test_a_ballooned_vm_moves_with_its_balloon_and_its_dm_channel_goes_on(hosts: Any) -> None:
+    from pyhv.guest_image import image_path
+    from pyhv.worker import VmConfig
+    from pyhv.worker.process import WorkerProcess
+    from tests.migration.conftest import Guest
+
+    cfg = VmConfig.create(
+        image=image_path(), memory="256M", dynamic_memory=True, minimum="128M", maximum="512M"
+    )
+    src = WorkerProcess(cfg)
+    src.start()
+    try:
+        Guest(src)
+        _dm_settled(src)
+        src.set_memory_target(160 << 20)
+        before = _dm_settled(src)
+        assert before["ballooned_pages"] == 96 * 256
+        dst = hosts.destination()
+        result = _migrate(src, dst)
+        # ballooned pages were neither read nor sent
+        assert result["skipped_pages"] >= before["ballooned_pages"]
+        after = _dm_settled(dst)
+        assert after["state"] == "IDLE" and after["protocol"] == before["protocol"]
+        assert after["ballooned_pages"] == before["ballooned_pages"]
+        assert after["assigned_pages"] == before["assigned_pages"]
+        # the channel goes on: the guest's next status reports arrive at the destination
+        reports = after["counters"]["status_reports"]
+        for _ in range(100):
+            if _dm_settled(dst)["counters"]["status_reports"] > reports:
+                break
+            time.sleep(0.05)
+        assert _dm_settled(dst)["counters"]["status_reports"] > reports
+        # and the destination can give the memory back and add more
+        dst.set_memory_target(384 << 20)
+        grown = _dm_settled(dst)
+        assert grown["ballooned_pages"] == 0 and grown["hot_added_pages"] == 128 * 256
+        assert "hot-added: 128 MiB" in moved(dst).run("mem")
+        # hot-added memory moves too: mapped at the same GPA before the pages arrive
+        back = hosts.destination()
+        there = moved(dst)
+        there.run("testlimit -m 300 -c 1")  # reaches into the hot-added region
+        _migrate(dst, back)
+        final = _dm_settled(back)
+        assert final["hot_added_pages"] == 128 * 256 and final["visible_pages"] == 384 * 256
+        again = moved(back)
+        assert "hot-added: 128 MiB" in again.run("mem")
+        assert "committed 300 MiB" in again.run("tasks")
+    finally:
+        src.close()

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 from pyhv.counters.dynmem import DynamicMemoryCounters
@@ -133,6 +134,7 @@ class _Tracked:
     dispatched_from: int = 0
     ticks: int = 0
     add_hold_s: float = 0.0
+    committed_seen: int | None = None
 
 
 class BalancerLoop:
@@ -189,7 +191,7 @@ class BalancerLoop:
         with self._lock:
             return self._tick()
 
-    def _tick(self) -> Decision | None:
+    def _tick(self, elapsed_s: float | None = None) -> Decision | None:
         vms = dict(self._vms())
         for gone in set(self._tracked) - set(vms):
             del self._tracked[gone]
@@ -211,6 +213,7 @@ class BalancerLoop:
                 continue  # it ended just now
             workers[name] = worker
             tr = self._tracked.setdefault(name, _Tracked())
+            tr.committed_seen = status.committed_pages
             self._complete(name, tr, status)
             state = VmMemoryState(
                 name,
@@ -235,7 +238,8 @@ class BalancerLoop:
                 )
             return None
         host = host_after(HostMemory(self.pool.free_pages, 0), in_flight)
-        decision = decide(host, states, self.config)
+        config = self.config if elapsed_s is None else replace(self.config, tick_s=elapsed_s)
+        decision = decide(host, states, config)
         if self.counters is not None:
             self.counters.record_tick(states, decision)
         for name, timer in zip(decision.vm_ids, decision.above_target_s, strict=True):
@@ -297,10 +301,54 @@ class BalancerLoop:
             return
         tr.pending, tr.target, tr.dispatched_from, tr.ticks = op, target, current, 0
 
-    def run(self, stop: threading.Event) -> None:
-        """Tick every `config.tick_s` until `stop` is set; errors are logged, never fatal."""
-        while not stop.wait(self.config.tick_s):
+    def run(self, stop: threading.Event, look_s: float | None = None) -> None:
+        """Tick every `config.tick_s` until `stop` is set; errors are logged, never fatal.
+
+        Between ticks, look at the workers' reports every `look_s` (default a quarter tick): a
+        report that shows a VM below its target (a spike) is answered by an early tick, its lazy
+        timers advanced by the time really elapsed, instead of waiting up to a tick for the
+        next one (the goal: the first add within a second of the report)."""
+        look = self.config.tick_s / 4 if look_s is None else look_s
+        last = time.monotonic()
+        while True:
+            due = last + self.config.tick_s
+            early = False
+            while (left := due - time.monotonic()) > 0:
+                if stop.wait(min(look, left)):
+                    return
+                if time.monotonic() < due and self._spiked():
+                    early = True
+                    break
+            if stop.is_set():
+                return
+            now = time.monotonic()
             try:
-                self.tick()
+                with self._lock:
+                    self._tick(now - last if early else None)
             except Exception:  # noqa: BLE001 - one bad tick must not end balancing
                 log.exception("balancer tick failed")
+            last = now
+
+    def _spiked(self) -> bool:
+        """A VM whose latest report puts it below target, with no operation in flight."""
+        try:
+            vms = dict(self._vms())
+        except Exception:  # noqa: BLE001 - the next regular tick will say what is wrong
+            return False
+        for name, (settings, worker) in vms.items():
+            with self._lock:
+                tr = self._tracked.get(name)
+                if tr is not None and (tr.pending is not None or tr.add_hold_s > 0):
+                    continue
+                seen = None if tr is None else tr.committed_seen
+            try:
+                st = status_of(worker)
+            except DynamicMemoryUnavailable:
+                continue
+            if st.committed_pages is None or st.committed_pages == seen or st.busy:
+                continue
+            target = -(-st.committed_pages * (100 + settings.buffer_percent) // 100)
+            target = min(max(target, settings.minimum_pages), settings.maximum_pages)
+            if target - st.assigned_pages >= self.config.min_operation_pages:
+                return True
+        return False

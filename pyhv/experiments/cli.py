@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,13 @@ from pyhv.experiments.lab import ExperimentError
 @click.group("experiment", context_settings={"help_option_names": ["-h", "--help"]})
 def experiment_group() -> None:
     """The book's experiments with real guests under KVM (docs/experiments.md)."""
+
+
+def _need_kvm() -> None:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise click.ClickException(
+            "the experiments run real guests: /dev/kvm is missing or not accessible to you"
+        )
 
 
 def _scale(value: float) -> float:
@@ -54,6 +62,8 @@ def watch_command(out: Path, time_scale: float, startup_mib: int, **kw: Any) -> 
     Physical Memory and Physical Memory, kill, and the lazy trim of Physical Memory."""
     from pyhv.experiments.watch_dynamic_memory import WatchConfig, run_watch
 
+    _need_kvm()
+
     config = WatchConfig(
         out=out, time_scale=time_scale, startup_mib=startup_mib, minimum_mib=startup_mib, **kw
     )
@@ -93,6 +103,8 @@ def contention_command(out: Path, time_scale: float) -> None:
     """Three weighted VMs with bursty Testlimit workloads on a host smaller than the sum of
     their maxima: who gets memory, nobody below minimum, density against static allocation."""
     from pyhv.experiments.contention import ContentionConfig, run_contention
+
+    _need_kvm()
 
     try:
         result = run_contention(ContentionConfig(out=out, time_scale=time_scale), say=click.echo)

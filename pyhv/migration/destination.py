@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,7 @@ class Incoming:
         self._zstd: Any = None
         self.t_commit = 0.0
         self.dynmem_layout: dict[str, Any] | None = None
+        self._populater = _Populater()
 
     def accept(self) -> dict[str, Any]:
         """Wait for the source, authenticate it, read the configuration (returned, as sent)."""
@@ -120,6 +122,7 @@ class Incoming:
 
     def fail(self, e: BaseException) -> None:
         """Tell the source why we give up, and drop the connection."""
+        self._populater.stop()
         if self.fs is not None:
             self.fs.abort(str(e) or type(e).__name__)
             self.fs.close()
@@ -211,8 +214,14 @@ class Incoming:
 
                         punch_hole(r.memfd, r.offset + (first + s) * PAGE, (e - s) * PAGE)
                         w[first + s : first + e] = False
+            elif ftype is Frame.EXTENTS:
+                runs = unpack_zero_runs(bytes(buf))
+                for gpa, n in runs:
+                    self._region(p, gpa, n)  # inside RAM, or the stream is refused
+                self._populater.add(p, runs)
             elif ftype is Frame.PASS_END:
                 self.passes += 1
+                self._populater.stop()
             elif ftype is Frame.STATE:
                 return VmState.decode(bytes(buf))
             elif ftype is Frame.ABORT:
@@ -261,6 +270,49 @@ class Incoming:
             log.warning("could not tell the source that the VM resumed: %s", e)
         finally:
             fs.close()
+
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14
+_POPULATE_CHUNK = 4 << 20
+
+
+class _Populater:
+    """Backs the runs pass 1 will fill with memory from a thread of its own, ahead of the
+    pages (MADV_POPULATE_WRITE; the receiver then copies into memory that is already there:
+    about twice as fast into fresh memfd pages here). Contents are not touched."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[int, int]] = []  # (host address, bytes)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, p: Any, runs: list[tuple[int, int]]) -> None:
+        for gpa, n in runs:
+            r = p.gpa_space.find(gpa)
+            self._runs.append((r.host_address + gpa - r.gpa, n * PAGE))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="populate", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        i = 0
+        while i < len(self._runs) and not self._stop.is_set():
+            addr, size = self._runs[i]
+            for off in range(0, size, _POPULATE_CHUNK):
+                if self._stop.is_set():
+                    return
+                if libc.madvise(addr + off, min(_POPULATE_CHUNK, size - off), MADV_POPULATE_WRITE):
+                    return  # an older kernel: the receiver's first touch does it
+            i += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
 
 
 def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:

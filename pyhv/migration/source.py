@@ -73,6 +73,7 @@ class MigrationOptions:
     throttle_max: float = 0.95
     max_downtime: float | None = None  #: give up instead of a longer final pause
     verify: bool = True  #: checksum all RAM at pause, compared by the destination
+    prefault: bool = True  #: tell the destination what pass 1 sends, so it backs it ahead
     timeout: float = 30.0  #: seconds any one network operation may take
     faults: dict[str, str] = field(default_factory=dict)  #: test-only: FaultPlan
 
@@ -269,6 +270,7 @@ class Source:
         t = time.monotonic()
         sent_before = fs.bytes_sent
         pages = 0
+        pass1: list[tuple[MemoryRegion, np.ndarray]] = []
         for r in regions:
             mask = np.zeros(r.pages, dtype=bool)
             for a, b in mem.data_extents(r):
@@ -277,6 +279,13 @@ class Source:
             if sm is not None:
                 mask &= ~sm
             self.progress.skipped_pages += r.pages - int(mask.sum())
+            pass1.append((r, mask))
+        # What pass 1 will send: the destination backs it with memory ahead of the pages.
+        extents = [(r.gpa + a * PAGE, b - a) for r, m in pass1 for a, b in mem.runs(m)]
+        for i in range(0, len(extents) if opt.prefault else 0, ZERO_RUNS_PER_FRAME):
+            chunk = extents[i : i + ZERO_RUNS_PER_FRAME]
+            fs.send(Frame.EXTENTS, pack_zero_runs(chunk), count=len(chunk))
+        for r, mask in pass1:
             pages += self._send_mask(r, mask, first_pass=True)
         self._end_pass(t, sent_before, pages)
 

@@ -58,6 +58,7 @@ class Frame(enum.IntEnum):
     COMMIT = 12  # src -> dest: resume
     RESUMED = 13  # dest -> src: {"time": monotonic} the VPs run on the destination
     ABORT = 14  # either way: {"reason"}; the sender gives up
+    EXTENTS = 15  # src -> dest: (gpa, pages) runs pass 1 will send (to back them ahead)
 
 
 class MigrationError(RuntimeError):

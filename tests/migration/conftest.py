@@ -27,7 +27,7 @@ class Guest(Shell):
         return self.values("ticks")["ticks"]
 
     def wait_working_set(self, mb: int, task: int = 0) -> None:
-        """Until the dirty task holds its MB and has rewritten all of it once (bounded)."""
+        """Until the task holds its MB and has written all of it at least once (bounded)."""
         for _ in range(200):
             m = re.search(
                 rf"task {task}: .*allocated (\d+) MiB, touched (\d+) pages", self.run("tasks")

@@ -6,6 +6,7 @@ source's checksum before it resumes)."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -117,6 +118,19 @@ def test_a_guest_that_dirties_faster_than_the_link_is_throttled_then_given_up(
     assert dst.wait(30) is not None
 
 
+def _guest_ram_bytes(pid: int) -> int:
+    """Host memory allocated behind a worker's guest RAM (blocks of its memfds)."""
+    blocks: dict[int, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                blocks[st.st_ino] = st.st_blocks * 512  # one memfd may be open twice
+        except OSError:
+            continue  # closed meanwhile
+    return sum(blocks.values())
+
+
 def _dm_settled(worker: Any, tries: int = 200) -> dict[str, Any]:
     """The VM's Dynamic Memory status once negotiated and no goal is pending (bounded)."""
     st: dict[str, Any] = {}
@@ -140,13 +154,20 @@ def test_a_ballooned_vm_moves_with_its_balloon_and_its_dm_channel_goes_on(hosts:
     src = WorkerProcess(cfg)
     src.start()
     try:
-        Guest(src)
+        guest = Guest(src)
         _dm_settled(src)
+        guest.run("testlimit -m 128 -c 1")  # back 128 MiB with host memory, then free it
+        guest.wait_working_set(128)
+        guest.run("kill")
         src.set_memory_target(160 << 20)
         before = _dm_settled(src)
         assert before["ballooned_pages"] == 96 * 256
+        src_ram = _guest_ram_bytes(src.pid)
         dst = hosts.destination()
         result = _migrate(src, dst)
+        # the destination backs no more guest memory than the source did: the balloon stays out
+        dst_ram = _guest_ram_bytes(dst.pid)
+        assert 0 < dst_ram <= src_ram + (4 << 20), (src_ram, dst_ram)
         # ballooned pages were neither read nor sent
         assert result["skipped_pages"] >= before["ballooned_pages"]
         after = _dm_settled(dst)

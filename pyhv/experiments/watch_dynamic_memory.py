@@ -238,7 +238,7 @@ def run_watch(config: WatchConfig, say: Callable[[str], object] = print) -> Watc
             (
                 t
                 for t, d in lab.decisions
-                if t >= ev["spike_report"] and isinstance(d.operation_for(VM), Add)
+                if t >= ev["testlimit"] and isinstance(d.operation_for(VM), Add)
             ),
             None,
         )

@@ -230,7 +230,7 @@ class InterceptHandle:
             self._remove()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: the C run loop reads them at fixed offsets
 class _Entry:
     handler: Handler
     read: bool
@@ -238,7 +238,7 @@ class _Entry:
     handle: InterceptHandle | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _GpaEntry(_Entry):
     start: int = 0
     end: int = 0
@@ -260,6 +260,19 @@ class InterceptTable:
 
     Tables are replaced, never mutated in place, so a VP thread always sees a consistent one.
     """
+
+    # slots: the C run loop reads io, gpa, gpa_starts and msr at fixed offsets
+    __slots__ = (
+        "_partition",
+        "_lock",
+        "io",
+        "gpa",
+        "gpa_starts",
+        "msr",
+        "exception",
+        "execute",
+        "halt",
+    )
 
     def __init__(self, partition: Partition) -> None:
         self._partition = partition

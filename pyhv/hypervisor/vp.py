@@ -19,6 +19,7 @@ import queue
 import signal
 import threading
 import time
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,8 @@ from pyhv.hypervisor.intercepts import (
     IoPortIntercept,
     MemoryIntercept,
     MsrIntercept,
+    _Entry,
+    _GpaEntry,
 )
 from pyhv.hypervisor.registers import Registers, SpecialRegisters, changed_fields
 from pyhv.kvm import InternalErrorExit, KvmError, Vcpu
@@ -94,7 +97,17 @@ _IO, _MEM, _MSR, _EXC, _EXE, _HLT, _UNK = (int(k) for k in InterceptKind)
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
-class VirtualProcessor:
+class _LoopFlags:
+    """The two flags the C run loop reads after every handler, at fixed offsets (slots)."""
+
+    __slots__ = ("_attention", "_touched")
+
+    def __init__(self) -> None:
+        self._attention = False  # the loop must look at _request/_pending_exit
+        self._touched = False  # a handler read or changed VP state during this exit
+
+
+class VirtualProcessor(_LoopFlags):
     """A partition's virtual processor (a KVM vCPU) and the thread that runs it."""
 
     def __init__(self, partition: Partition, vcpu: Vcpu) -> None:
@@ -105,10 +118,9 @@ class VirtualProcessor:
         self._thread: threading.Thread | None = None
         self._state = VpState.IDLE
         self._cond = threading.Condition()
+        super().__init__()
         self._request: str | None = None  # "pause" or "stop", set by other threads
-        self._attention = False  # the loop must look at _request/_pending_exit
-        # per-exit caches: registers are fetched only if a handler asks
-        self._touched = False  # a handler read or changed VP state during this exit
+        # per-exit caches: registers are fetched only if a handler asks (then _touched is set)
         self._clock: Any = time.perf_counter_ns
         self._regs: Registers | None = None
         self._regs_before: Registers | None = None
@@ -116,11 +128,12 @@ class VirtualProcessor:
         self._sregs_dirty = False
         self._pending_exit = False  # a new exit is already in kvm_run (found while completing)
         self._stepping_over = False  # single-stepping over an execute breakpoint
-        # counters, indexed by InterceptKind
-        self.counts = [0] * KIND_COUNT
-        self.defaults = [0] * KIND_COUNT
-        self.errors = [0] * KIND_COUNT
-        self.handler_ns = [0] * KIND_COUNT
+        self.loop_kind = ""  # "c" or "python": which run loop the VP thread runs (once started)
+        # counters, indexed by InterceptKind (arrays of int64: the C loop adds to them in place)
+        self.counts = array("q", bytes(8 * KIND_COUNT))
+        self.defaults = array("q", bytes(8 * KIND_COUNT))
+        self.errors = array("q", bytes(8 * KIND_COUNT))
+        self.handler_ns = array("q", bytes(8 * KIND_COUNT))
         # one message per kind, reused for every intercept of this VP (no allocation per exit)
         self._io_msg = IoPortIntercept(self, self.index)
         self._mem_msg = MemoryIntercept(self, self.index)
@@ -382,6 +395,9 @@ class VirtualProcessor:
         WRITE, READ = AccessType.WRITE, AccessType.READ
         IO, MSR = _IO, _MSR
         msr_msg = self._msr_msg
+        # The C loop (pyhv/kvm/_runloop.c) runs KVM_RUN and the I/O, MMIO and MSR exits exactly
+        # as the code below does, and leaves every other exit to it.
+        fast_run = self._fast_runner(table, perf is not int)
         while True:
             if self._attention:
                 step = self._attend()
@@ -390,11 +406,18 @@ class VirtualProcessor:
             else:
                 step = 0
             if step == 0:
-                try:
-                    ioctl(fd, KVM_RUN, 0)
-                except InterruptedError:
-                    self._attention = True  # a kick: a pause or stop is asked for
-                    continue
+                if fast_run is not None:
+                    reason = fast_run()
+                    if reason < 0:  # -1: EINTR (a kick); -2: the VP needs attention
+                        if reason == -1:
+                            self._attention = True
+                        continue
+                else:
+                    try:
+                        ioctl(fd, KVM_RUN, 0)
+                    except InterruptedError:
+                        self._attention = True  # a kick: a pause or stop is asked for
+                        continue
             reason = i32[2]
             if reason == 2:  # KVM_EXIT_IO
                 port = h[17]
@@ -490,6 +513,35 @@ class VirtualProcessor:
                 self._stopping_exit(reason)
             if self._touched:
                 self._flush_exit_changes()
+
+    def _fast_runner(self, table: Any, timed: bool) -> Any:
+        """The bound run() of a C runner for this loop, or None: the Python loop then."""
+        from pyhv.kvm import fastrun
+
+        mod = fastrun.load()
+        if mod is None:
+            self.loop_kind = "python"
+            return None
+        runner = mod.Runner(
+            self.vcpu.fd,
+            self.vcpu.run_page.mm,
+            self,
+            table,
+            self._io_msg,
+            self._mem_msg,
+            self._msr_msg,
+            self.counts,
+            self.defaults,
+            self.handler_ns,
+            timed,
+            AccessType.READ,
+            AccessType.WRITE,
+            _Entry,
+            _GpaEntry,
+            _LoopFlags,
+        )
+        self.loop_kind = "c"
+        return runner.run
 
     def _attend(self) -> int:
         """Slow path of the loop: 1 = handle the exit already in kvm_run, 0 = run, -1 = end."""

@@ -1,0 +1,167 @@
+"""The VP run loop exists twice: in C (pyhv/kvm/_runloop.c, used wherever it can be built) and in
+Python (the fallback). Both must behave alike: the intercept and VP tests of this folder run here
+again on the Python loop (the rest of the suite runs on the C loop), and the cases where the two
+differ most in code (a handler's result of the wrong type, a handler that raises, bytes for an
+IN) run on both."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pyhv.hypervisor import VpEventKind
+from pyhv.hypervisor.vp import VirtualProcessor
+from pyhv.kvm import fastrun
+from tests.guests.harness import guest, run_until_power_off
+from tests.hypervisor import (
+    test_exceptions_and_execute,
+    test_io_intercepts,
+    test_memory_intercepts,
+    test_msr_intercepts,
+    test_virtual_processors,
+)
+
+pytestmark = pytest.mark.kvm
+
+MODULES = (
+    test_io_intercepts,
+    test_memory_intercepts,
+    test_msr_intercepts,
+    test_exceptions_and_execute,
+    test_virtual_processors,
+)
+CASES = [
+    pytest.param(f, id=f"{m.__name__.rsplit('.', 1)[1]}::{name}")
+    for m in MODULES
+    for name, f in vars(m).items()
+    if name.startswith("test_") and inspect.isfunction(f) and not inspect.signature(f).parameters
+]
+
+
+def _record_loops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    kinds: list[str] = []
+    real = VirtualProcessor._fast_runner
+
+    def spy(self: VirtualProcessor, *args: object) -> object:
+        runner = real(self, *args)
+        kinds.append(self.loop_kind)
+        return runner
+
+    monkeypatch.setattr(VirtualProcessor, "_fast_runner", spy)
+    return kinds
+
+
+@pytest.fixture(params=["c", "python"])
+def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    if request.param == "python":
+        monkeypatch.setattr(fastrun, "load", lambda: None)
+    elif fastrun.load() is None:
+        pytest.skip(f"the C run loop is unavailable here: {fastrun.why_unavailable()}")
+    kinds = _record_loops(monkeypatch)
+    yield request.param
+    assert kinds and set(kinds) == {request.param}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_python_loop_passes_the_intercept_and_vp_tests_too(
+    case: Callable[[], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fastrun, "load", lambda: None)
+    kinds = _record_loops(monkeypatch)
+    case()
+    assert set(kinds) <= {"python"}
+
+
+def test_vps_run_the_c_loop_where_it_can_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    if fastrun.disabled():
+        pytest.skip(f"{fastrun.DISABLE_ENV} is set")
+    if fastrun.load() is None:
+        pytest.skip(f"the C run loop is unavailable here: {fastrun.why_unavailable()}")
+    with guest("io_echo") as (p, vp, _):
+        p.intercepts.install_io(0x10, 0x10, lambda m: 0, write=False)
+        run_until_power_off(p, vp)
+        assert vp.loop_kind == "c"
+
+
+def test_pyhv_no_fastrun_selects_the_python_loop() -> None:
+    code = "from pyhv.kvm import fastrun; print(fastrun.load(), fastrun.why_unavailable())"
+    env = {**os.environ, fastrun.DISABLE_ENV: "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[0] == "None"
+    assert fastrun.DISABLE_ENV in out.stdout
+
+
+def _stops_with(source: str, install: Callable[..., object], kind: type, detail: str) -> None:
+    with guest("bad_result", source=source) as (p, vp, _):
+        install(p)
+        vp.start()
+        ev = vp.wait(5)
+        assert ev is not None and ev.kind is VpEventKind.ERROR, ev
+        assert isinstance(ev.error, kind), ev.error
+        assert detail in ev.detail
+        assert vp.state.value == "idle"
+
+
+IN_PORT = ".code64\n.globl _start\n_start:\n  inb $0x10, %al\n1: jmp 1b\n"
+MMIO_READ = (
+    ".code64\n.globl _start\n_start:\n  mov $0xd0000000, %rbx\n  movl (%rbx), %eax\n1: jmp 1b\n"
+)
+RDMSR = ".code64\n.globl _start\n_start:\n  mov $0x40000000, %ecx\n  rdmsr\n1: jmp 1b\n"
+
+
+def test_a_read_handler_returning_no_int_stops_the_vp_on_both_loops(loop: str) -> None:
+    _stops_with(
+        IN_PORT,
+        lambda p: p.intercepts.install_io(0x10, 0x10, lambda m: "x", write=False),
+        TypeError,
+        "I/O port 0x10",
+    )
+    _stops_with(
+        MMIO_READ,
+        lambda p: p.intercepts.install_gpa(0xD0000000, 0x1000, lambda m: None),
+        TypeError,
+        "GPA 0xd0000000",
+    )
+    _stops_with(
+        RDMSR,
+        lambda p: p.intercepts.install_msr(0x40000000, lambda m: 1.5),
+        TypeError,
+        "MSR 0x40000000",
+    )
+
+
+def test_a_handler_that_raises_is_reported_with_its_exception_on_both_loops(loop: str) -> None:
+    def boom(m: object) -> int:
+        raise KeyError("device bug")
+
+    _stops_with(IN_PORT, lambda p: p.intercepts.install_io(0x10, 0x10, boom), KeyError, "0x10")
+    _stops_with(
+        MMIO_READ, lambda p: p.intercepts.install_gpa(0xD0000000, 0x1000, boom), KeyError, "GPA"
+    )
+    _stops_with(RDMSR, lambda p: p.intercepts.install_msr(0x40000000, boom), KeyError, "MSR")
+
+
+def test_in_takes_bytes_or_an_int_subclass_and_counts_it_on_both_loops(loop: str) -> None:
+    with guest("io_echo") as (p, vp, _):
+        reads = iter([b"\xab", True, b"\xef\xbe\xad\xde"])
+        echoed: list[tuple[int, int]] = []
+
+        def read(m: object) -> object:
+            return next(reads, 0)
+
+        p.intercepts.install_io(0x10, 0x10, read, write=False)
+        p.intercepts.install_io(
+            0x11, 0x12, lambda m: echoed.append((m.access_size, m.value)), read=False
+        )
+        run_until_power_off(p, vp)
+        assert echoed[:3] == [(1, 0xAB), (2, 1), (4, 0xDEADBEEF)]
+        c = p.counters["io_port"]
+        assert c["count"] >= 7 and c["errors"] == 0
+        assert c["handler_seconds"] >= 0

@@ -125,7 +125,7 @@ class Incoming:
         self._populater.stop()
         if self.fs is not None:
             self.fs.abort(str(e) or type(e).__name__)
-            self.fs.close()
+            self.fs.close(reset=True)
 
     # --- the VirtualMachine.start hook ---------------------------------------------------
 

@@ -239,8 +239,12 @@ class FrameSocket:
         except (OSError, MigrationError):
             pass
 
-    def close(self) -> None:
+    def close(self, reset: bool = False) -> None:
+        """Close; with `reset`, abortively (RST): a peer blocked sending into a full window
+        would otherwise wait for its timeout to learn we are gone."""
         try:
+            if reset:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.sock.close()
         except OSError:
             pass

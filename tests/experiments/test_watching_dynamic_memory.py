@@ -68,7 +68,8 @@ def test_after_kill_the_levels_stay_then_physical_memory_is_trimmed_back(
     assert all(v == at_kill for t, v in after if t < falls[0])
     assert len([t for t, _ in after if t < falls[0]]) >= 4
     # back near where it started (its minimum), and not given back afterwards
-    low = next(i for i, (_, v) in enumerate(after) if v <= start + 2)
+    low = next((i for i, (_, v) in enumerate(after) if v <= start + 2), None)
+    assert low is not None, f"never trimmed back to {start} MiB: {after}"
     assert len(after) - low >= 4
     assert max(v for _, v in after[low:]) <= start + 2
 

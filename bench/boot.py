@@ -154,6 +154,9 @@ def main() -> int:
     from pyhv.guest_image import image_path
 
     image = image_path()  # built before timing
+    from pyhv.kvm import fastrun
+
+    fastrun.load()  # the C run loop too (built once per source and Python, then cached)
     py = sys.executable
     floors = {
         "python_start_ms": median_ms([timed_exit([py, "-c", "pass"]) for _ in range(RUNS)]),
@@ -175,6 +178,10 @@ def main() -> int:
         "runs": RUNS,
         "image": str(image),
         "floors": floors,
+        "run_loop": "c" if fastrun.load() is not None else "python",
+        # with PYTHONDONTWRITEBYTECODE set and no __pycache__, every process compiles pyhv's
+        # modules from source: much of the import floors then
+        "bytecode_written": not sys.flags.dont_write_bytecode,
     }
     commands: dict[str, tuple[list[str], bytes | None]] = {"pyhv_run": (pyhv_command(), None)}
     qemu = qemu_command(image)

@@ -25,6 +25,8 @@ HaltIntercept) and run on the VP's thread while the VP is suspended; a read hand
 value. See pyhv.hypervisor.intercepts for the fields.
 """
 
+from typing import TYPE_CHECKING
+
 from pyhv.hypervisor.intercepts import (
     AccessType,
     ExceptionIntercept,
@@ -41,7 +43,6 @@ from pyhv.hypervisor.memory import GpaError, MemoryRegion
 from pyhv.hypervisor.pagetables import TranslationError
 from pyhv.hypervisor.partition import IoEventFd, Partition
 from pyhv.hypervisor.registers import DescriptorTable, Registers, Segment, SpecialRegisters
-from pyhv.hypervisor.state import PartitionState, StateError
 from pyhv.hypervisor.vp import (
     VirtualProcessor,
     VpEvent,
@@ -49,6 +50,19 @@ from pyhv.hypervisor.vp import (
     VpState,
     install_kick_handler,
 )
+
+if TYPE_CHECKING:
+    from pyhv.hypervisor.state import PartitionState, StateError
+
+
+def __getattr__(name: str) -> object:
+    # save/restore (pyhv.hypervisor.state) is imported when first asked for, not at boot
+    if name in ("PartitionState", "StateError"):
+        from pyhv.hypervisor import state
+
+        return getattr(state, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AccessType",

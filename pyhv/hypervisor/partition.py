@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyhv.hypervisor.intercepts import InterceptKind, InterceptTable
 from pyhv.hypervisor.memory import GpaSpace, MemoryRegion
 from pyhv.hypervisor.pagetables import translate
-from pyhv.hypervisor.state import PartitionState, restore_partition, save_partition
 from pyhv.hypervisor.vp import VirtualProcessor, VpState
 from pyhv.kvm import Kvm, KvmError
 from pyhv.kvm import constants as c
 from pyhv.kvm import structs as ks
+
+if TYPE_CHECKING:
+    from pyhv.hypervisor.state import PartitionState
 
 LAPIC_MSI_BASE = 0xFEE00000
 IOAPIC_PINS = 24
@@ -263,11 +265,15 @@ class Partition:
     def save_state(self) -> PartitionState:
         """Everything needed to go on elsewhere: memory, every VP's state, irqchips, clock.
         The VPs must be paused or stopped."""
+        from pyhv.hypervisor.state import save_partition  # not on the boot path
+
         return save_partition(self)
 
     @classmethod
     def restore(cls, state: PartitionState, name: str | None = None) -> Partition:
         """A new partition holding `state`; its VPs are created but not started."""
+        from pyhv.hypervisor.state import restore_partition
+
         return restore_partition(state, name)
 
     # ------------------------------------------------------------------ counters

@@ -36,9 +36,8 @@ from pyhv.hypervisor.intercepts import (
     _GpaEntry,
 )
 from pyhv.hypervisor.registers import Registers, SpecialRegisters, changed_fields
-from pyhv.kvm import InternalErrorExit, KvmError, Vcpu
+from pyhv.kvm import KvmError, Vcpu
 from pyhv.kvm import constants as c
-from pyhv.kvm.exits import UnknownExit
 
 if TYPE_CHECKING:
     from pyhv.hypervisor.partition import Partition
@@ -746,6 +745,8 @@ class VirtualProcessor(_LoopFlags):
         self.handler_ns[k] += self._clock() - t0
 
     def _stopping_exit(self, reason: int) -> None:
+        from pyhv.kvm.exits import InternalErrorExit, UnknownExit
+
         self.counts[_UNK] += 1
         d = self.vcpu.run_page.decode()
         if reason == c.EXIT_SHUTDOWN:

@@ -1,17 +1,18 @@
 """One small typed object per KVM_EXIT_* kind, decoded from the vCPU's kvm_run page.
 
-`RunPage` reads the page. Its `decode()` makes a fresh exit object; the hot path of a VP loop
-instead reads `reason` and then only the fields of that kind (`io_port()`, `mmio_gpa()`...), so an
-exit costs no allocation it does not need.
+`RunPage` (pyhv.kvm.runpage, re-exported here) reads the page. Its `decode()` makes a fresh exit
+object with `decode()` below; the hot path of a VP loop instead reads `reason` and then only the
+fields of that kind, so an exit costs no allocation it does not need. This module is imported
+only when an exit is decoded (or its classes are used).
 """
 
 from __future__ import annotations
 
-import mmap
 import struct
 from dataclasses import dataclass
 
 from pyhv.kvm import constants as c
+from pyhv.kvm.runpage import RunPage
 from pyhv.kvm.structs import RUN_UNION
 
 _U = RUN_UNION
@@ -130,116 +131,37 @@ _DEBUG = struct.Struct("<I4xQQQ")
 _NDATA = struct.Struct("<II")
 
 
-class RunPage:
-    """The mmap'ed struct kvm_run of one vCPU, with fast typed views of it."""
-
-    __slots__ = ("mm", "b", "h", "i", "q", "size")
-
-    def __init__(self, mm: mmap.mmap) -> None:
-        self.mm = mm
-        self.size = len(mm)
-        view = memoryview(mm)
-        self.b = view  # bytes
-        self.h = view.cast("H")
-        self.i = view.cast("I")
-        self.q = view.cast("Q")
-
-    def release(self) -> None:
-        for v in (self.q, self.i, self.h, self.b):
-            v.release()
-        self.mm.close()
-
-    # header
-    @property
-    def reason(self) -> int:
-        return self.i[2]
-
-    @property
-    def immediate_exit(self) -> bool:
-        return bool(self.b[1])
-
-    @immediate_exit.setter
-    def immediate_exit(self, value: bool) -> None:
-        self.b[1] = 1 if value else 0
-
-    # io (fields read one by one on the hot path)
-    def io_is_write(self) -> bool:
-        return self.b[_U] == c.IO_OUT
-
-    def io_size(self) -> int:
-        return self.b[_U + 1]
-
-    def io_port(self) -> int:
-        return self.h[(_U + 2) // 2]
-
-    def io_count(self) -> int:
-        return self.i[(_U + 4) // 4]
-
-    def io_data_offset(self) -> int:
-        return self.q[(_U + 8) // 8]
-
-    # mmio
-    def mmio_gpa(self) -> int:
-        return self.q[_U // 8]
-
-    def mmio_len(self) -> int:
-        return self.i[(_U + 16) // 4]
-
-    def mmio_is_write(self) -> bool:
-        return self.b[_U + 20] != 0
-
-    def mmio_data(self, n: int) -> int:
-        """The written value (little endian) of an n-byte MMIO write."""
-        return int.from_bytes(self.b[_U + 8 : _U + 8 + n], "little")
-
-    def set_mmio_data(self, value: int, n: int) -> None:
-        self.b[_U + 8 : _U + 8 + n] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
-
-    # msr
-    def msr_index(self) -> int:
-        return self.i[(_U + 12) // 4]
-
-    def msr_reason(self) -> int:
-        return self.i[(_U + 8) // 4]
-
-    def msr_data(self) -> int:
-        return self.q[(_U + 16) // 8]
-
-    def set_msr_result(self, data: int, error: bool) -> None:
-        self.q[(_U + 16) // 8] = data & 0xFFFFFFFFFFFFFFFF
-        self.b[_U] = 1 if error else 0
-
-    def decode(self) -> Exit:
-        """A fresh typed object for the current exit (allocates; for the slow paths)."""
-        r = self.reason
-        mm = self.mm
-        if r == c.EXIT_IO:
-            d, size, port, count, off = _IO.unpack_from(mm, _U)
-            return IoExit(port, size, d == c.IO_OUT, count, off)
-        if r == c.EXIT_MMIO:
-            gpa, data, n, w = _MMIO.unpack_from(mm, _U)
-            n = min(n, 8)
-            return MmioExit(gpa, n, bool(w), data[:n])
-        if r in (c.EXIT_X86_RDMSR, c.EXIT_X86_WRMSR):
-            _err, reason, index, data = _MSR.unpack_from(mm, _U)
-            return MsrExit(index, r == c.EXIT_X86_WRMSR, reason, data)
-        if r == c.EXIT_DEBUG:
-            return DebugExit(*_DEBUG.unpack_from(mm, _U))
-        if r == c.EXIT_HLT:
-            return HltExit()
-        if r == c.EXIT_SHUTDOWN:
-            return ShutdownExit()
-        if r == c.EXIT_INTR:
-            return IntrExit()
-        if r == c.EXIT_INTERNAL_ERROR:
-            sub, nd = _NDATA.unpack_from(mm, _U)
-            nd = min(nd, 16)
-            return InternalErrorExit(sub, struct.unpack_from(f"<{nd}Q", mm, _U + 8))
-        if r == c.EXIT_SYSTEM_EVENT:
-            typ, nd = _NDATA.unpack_from(mm, _U)
-            nd = min(nd, 16)
-            return SystemEventExit(typ, struct.unpack_from(f"<{nd}Q", mm, _U + 8))
-        if r == c.EXIT_FAIL_ENTRY:
-            reason, cpu = struct.unpack_from("<QI", mm, _U)
-            return FailEntryExit(reason, cpu)
-        return UnknownExit(r, bytes(mm[_U : _U + 256]))
+def decode(page: RunPage) -> Exit:
+    """A fresh typed object for the current exit of `page` (allocates; for the slow paths)."""
+    r = page.reason
+    mm = page.mm
+    if r == c.EXIT_IO:
+        d, size, port, count, off = _IO.unpack_from(mm, _U)
+        return IoExit(port, size, d == c.IO_OUT, count, off)
+    if r == c.EXIT_MMIO:
+        gpa, data, n, w = _MMIO.unpack_from(mm, _U)
+        n = min(n, 8)
+        return MmioExit(gpa, n, bool(w), data[:n])
+    if r in (c.EXIT_X86_RDMSR, c.EXIT_X86_WRMSR):
+        _err, reason, index, data = _MSR.unpack_from(mm, _U)
+        return MsrExit(index, r == c.EXIT_X86_WRMSR, reason, data)
+    if r == c.EXIT_DEBUG:
+        return DebugExit(*_DEBUG.unpack_from(mm, _U))
+    if r == c.EXIT_HLT:
+        return HltExit()
+    if r == c.EXIT_SHUTDOWN:
+        return ShutdownExit()
+    if r == c.EXIT_INTR:
+        return IntrExit()
+    if r == c.EXIT_INTERNAL_ERROR:
+        sub, nd = _NDATA.unpack_from(mm, _U)
+        nd = min(nd, 16)
+        return InternalErrorExit(sub, struct.unpack_from(f"<{nd}Q", mm, _U + 8))
+    if r == c.EXIT_SYSTEM_EVENT:
+        typ, nd = _NDATA.unpack_from(mm, _U)
+        nd = min(nd, 16)
+        return SystemEventExit(typ, struct.unpack_from(f"<{nd}Q", mm, _U + 8))
+    if r == c.EXIT_FAIL_ENTRY:
+        reason, cpu = struct.unpack_from("<QI", mm, _U)
+        return FailEntryExit(reason, cpu)
+    return UnknownExit(r, bytes(mm[_U : _U + 256]))

@@ -12,17 +12,14 @@ the hypervisor runs its VPs with the same loop written in Python (pyhv.hyperviso
 
 from __future__ import annotations
 
-import hashlib
+# Only cheap imports here: load() is on the boot path (`pyhv run` starts its first VP); what
+# only a build needs is imported by build().
 import importlib.machinery
-import importlib.util
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import sysconfig
-import tempfile
 import threading
+import zlib
 from pathlib import Path
 from types import ModuleType
 
@@ -50,6 +47,8 @@ def _cache_dir() -> Path:
 
 
 def _compiler() -> list[str]:
+    import shutil
+
     cc = os.environ.get("CC", "").split() or ["gcc"]
     if shutil.which(cc[0]) is None:
         raise FastRunUnavailable(f"no C compiler: {cc[0]!r} not found on PATH")
@@ -57,12 +56,13 @@ def _compiler() -> list[str]:
 
 
 def module_path() -> Path:
-    """Where the built module is (or will be) for this source and this Python."""
+    """Where the built module is (or will be) for this source and this Python: the name holds
+    a checksum of the source and of the Python build (version, ABI suffix)."""
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    include = sysconfig.get_paths()["include"]
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(f"\0{sys.version}\0{suffix}\0{include}".encode())
-    return _cache_dir() / f"runloop-{h.hexdigest()[:16]}" / f"_runloop{suffix}"
+    key = zlib.crc32(f"{sys.version}\0{sys.executable}\0{suffix}".encode())
+    key = zlib.crc32(SOURCE.read_bytes(), key)
+    size = SOURCE.stat().st_size
+    return _cache_dir() / f"runloop-{key:08x}-{size}" / f"_runloop{suffix}"
 
 
 def build(force: bool = False) -> Path:
@@ -70,6 +70,10 @@ def build(force: bool = False) -> Path:
     out = module_path()
     if out.is_file() and not force:
         return out
+    import subprocess
+    import sysconfig
+    import tempfile
+
     include = sysconfig.get_paths()["include"]
     if not (Path(include) / "Python.h").is_file():
         raise FastRunUnavailable(
@@ -101,6 +105,8 @@ def build(force: bool = False) -> Path:
 
 
 def _import(path: Path) -> ModuleType:
+    import importlib.util
+
     loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
     spec = importlib.util.spec_from_file_location(MODULE, path, loader=loader)
     if spec is None:

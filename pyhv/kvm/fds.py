@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from pyhv.kvm import constants as c
 from pyhv.kvm import structs as s
-from pyhv.kvm.exits import RunPage
+from pyhv.kvm.runpage import RunPage
 
 
 class KvmError(OSError):

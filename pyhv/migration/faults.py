@@ -2,7 +2,8 @@
 points, so tests can break a migration at every phase and check that it aborts cleanly.
 
 Source phases: ``connect``, ``config``, ``pass1`` (after the first frame of memory),
-``pass2``, ``final`` (VPs paused, before the last pages), ``state``, ``commit``.
+``pass2``, ``final`` (VPs paused, before the last pages), ``state``, ``commit``, ``resumed``
+(COMMIT sent, before RESUMED is read: the window a VMMS must close by asking the destination).
 Destination phases: ``authenticate``, ``config``, ``memory`` (first page frame received),
 ``state`` (state received, before restoring), ``restored`` (before saying so).
 
@@ -23,7 +24,7 @@ from pyhv.migration.stream import MigrationError
 if TYPE_CHECKING:
     from pyhv.migration.stream import FrameSocket
 
-SOURCE_PHASES = ("connect", "config", "pass1", "pass2", "final", "state", "commit")
+SOURCE_PHASES = ("connect", "config", "pass1", "pass2", "final", "state", "commit", "resumed")
 DESTINATION_PHASES = ("authenticate", "config", "memory", "state", "restored")
 ACTIONS = ("cut", "corrupt", "exit", "fail")
 

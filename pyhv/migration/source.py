@@ -75,6 +75,9 @@ class MigrationOptions:
     verify: bool = True  #: checksum all RAM at pause, compared by the destination
     prefault: bool = True  #: tell the destination what pass 1 sends, so it backs it ahead
     timeout: float = 30.0  #: seconds any one network operation may take
+    #: The connection lost after COMMIT went out, before RESUMED came: resume here (True), or
+    #: stay paused and raise MigrationInDoubt so the owner can ask the destination (False).
+    resume_in_doubt: bool = True
     faults: dict[str, str] = field(default_factory=dict)  #: test-only: FaultPlan
 
     @classmethod
@@ -150,6 +153,11 @@ class _Throttle:
             self._thread.join(5)
 
 
+class MigrationInDoubt(MigrationError):
+    """COMMIT may have reached the destination but its answer did not come: the VM may run
+    there. The source VM stays paused until its owner decides (resume here, or stop)."""
+
+
 class Source:
     """One outgoing migration of `vm` (see the module docstring)."""
 
@@ -177,6 +185,7 @@ class Source:
         self._t0 = 0.0
         self._last_report = 0.0
         self.ram_checksum: str | None = None
+        self._committing = False
 
     # --- the whole thing ----------------------------------------------------------------
 
@@ -188,6 +197,14 @@ class Source:
         except BaseException as e:
             phase = getattr(e, "phase", "") or self.progress.phase
             why = self._peer_reason(e) or _describe(e)
+            if self._committing and not self.opt.resume_in_doubt:
+                self._hold()
+                raise MigrationInDoubt(
+                    f"migration to {self.address[0]}:{self.address[1]}: {why} after COMMIT was "
+                    "sent: the VM may be running at the destination; it stays paused here "
+                    "until its owner asks the destination",
+                    "commit",
+                ) from e
             self._roll_back(why)
             raise MigrationError(
                 f"migration to {self.address[0]}:{self.address[1]} failed during {phase}: {why}; "
@@ -416,7 +433,9 @@ class Source:
         mark("restored")
         self._phase("commit")
         self.faults.at("commit", fs)
+        self._committing = True  # from here the destination may run the VM
         fs.send_json(Frame.COMMIT, {})
+        self.faults.at("resumed", fs)
         resumed = fs.expect_json(Frame.RESUMED)
         mark("resumed")
         if isinstance(resumed.get("start_ms"), float):
@@ -435,6 +454,26 @@ class Source:
     def clean_up(self) -> None:
         """After success: the VM runs on the destination; stop it here (its memory goes)."""
         self.vm.stop(f"migrated to {self.address[0]}:{self.address[1]}")
+
+    def resume_here(self) -> None:
+        """After MigrationInDoubt, when the destination does not run the VM: resume it here."""
+        if self.vm.partition is not None and self.vm.end is None:
+            self.vm.partition.resume()
+        self._paused = False
+        self.progress.phase = "aborted"
+        self._report(force=True)
+
+    def _hold(self) -> None:
+        """In doubt: dirty logging and throttle off, the VPs stay paused."""
+        self._throttle.stop()
+        for r in self._logging:
+            try:
+                mem.set_dirty_logging(r, False)
+            except Exception:  # noqa: BLE001 - going on with the others
+                log.exception("could not switch dirty logging off")
+        self._logging.clear()
+        self.progress.phase = "in-doubt"
+        self._report(force=True)
 
     # --- pieces -------------------------------------------------------------------------
 

@@ -6,7 +6,10 @@ In the worker (server side):
   outgoing migration on a thread; progress comes back as ``{"ev": "migration", "id": n,
   "progress": {...}}``, the end as ``{"ev": "migration", "id": n, "result": {...}}`` (then the
   VM stops: "migrated to h:p") or ``{"ev": "migration", "id": n, "error": text, "phase": p}``
-  (the VM runs on).
+  (the VM runs on). With the option ``resume_in_doubt`` false, a connection lost after
+  COMMIT is reported as ``{"ev": "migration", "id": n, "error": text, "phase": "commit",
+  "in_doubt": true}`` with the VM paused; the owner then sends ``{"op": "migrate", "id": n,
+  "decision": "stop" | "resume"}`` (stop: the VM runs at the destination; resume: it does not).
 - A worker whose first message is ``{"op": "incoming", "listen": [host, port], "token": t,
   "max_memory": bytes | null, "timeout": s, "accept_timeout": s}`` is a destination: it
   answers ``{"ev": "listening", "host": h, "port": p}``, takes one migration, and from then on
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyhv.migration.counters import publish, register
 from pyhv.migration.destination import Incoming, listen
-from pyhv.migration.source import MigrationOptions, Source
+from pyhv.migration.source import MigrationInDoubt, MigrationOptions, Source
 from pyhv.migration.stream import MigrationError
 from pyhv.worker.outcome import WORKER_ERROR, VmEnd
 from pyhv.worker.process import WorkerProcess
@@ -118,11 +121,31 @@ def accept_incoming(
 
 
 _busy = threading.Lock()
+#: Migrations in doubt, waiting for the owner's decision: id -> (event, [decision]).
+_decisions: dict[object, tuple[threading.Event, list[str]]] = {}
+
+
+def _await_decision(vm: VirtualMachine, mid: object) -> str:
+    event, box = _decisions[mid]
+    try:
+        while not event.wait(1.0):
+            if vm.end is not None:  # stopped meanwhile (the owner went away)
+                return "stop"
+        return box[0]
+    finally:
+        _decisions.pop(mid, None)
 
 
 def start_migration(vm: VirtualMachine, msg: dict[str, object], send: Send) -> None:
-    """Run one outgoing migration on a thread of its own, reporting to the owner."""
+    """Run one outgoing migration on a thread of its own, reporting to the owner (or take the
+    owner's decision on a migration in doubt)."""
     mid = msg.get("id")
+    if "decision" in msg:
+        waiter = _decisions.get(mid)
+        if waiter is not None:
+            waiter[1].append(str(msg["decision"]))
+            waiter[0].set()
+        return
 
     def run() -> None:
         if not _busy.acquire(blocking=False):
@@ -138,7 +161,16 @@ def start_migration(vm: VirtualMachine, msg: dict[str, object], send: Send) -> N
                 opts,
                 on_progress=lambda p: send({"ev": "migration", "id": mid, "progress": p}),
             )
+            _decisions[mid] = (threading.Event(), [])
             result = src.run()
+        except MigrationInDoubt as e:
+            send(
+                {"ev": "migration", "id": mid, "error": str(e), "phase": e.phase, "in_doubt": True}
+            )
+            if _await_decision(vm, mid) == "resume":
+                src.resume_here()
+            else:
+                src.clean_up()
         except MigrationError as e:
             send({"ev": "migration", "id": mid, "error": str(e), "phase": e.phase})
         except (KeyError, TypeError, ValueError) as e:
@@ -147,6 +179,7 @@ def start_migration(vm: VirtualMachine, msg: dict[str, object], send: Send) -> N
             send({"ev": "migration", "id": mid, "result": result})
             src.clean_up()
         finally:
+            _decisions.pop(mid, None)
             _busy.release()
 
     threading.Thread(target=run, name="migration-source", daemon=True).start()
@@ -275,6 +308,16 @@ def migrate_worker(
                 raise MigrationError(f"the migration did not finish within {timeout} s")
     finally:
         worker.listeners.remove(on_event)
+    if box.get("in_doubt"):
+        err = MigrationInDoubt(str(box["error"]), "commit")
+        err.migration_id = mid  # type: ignore[attr-defined]
+        raise err
     if "error" in box:
         raise MigrationError(str(box["error"]), str(box.get("phase") or ""))
     return box["result"]  # type: ignore[no-any-return]
+
+
+def decide_in_doubt(worker: WorkerProcess, migration_id: int, resume: bool) -> None:
+    """After MigrationInDoubt from migrate_worker (its ``migration_id``): the owner asked the
+    destination; resume the VM here (it does not run there) or stop it (it does)."""
+    worker._send({"op": "migrate", "id": migration_id, "decision": "resume" if resume else "stop"})

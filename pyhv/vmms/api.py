@@ -69,6 +69,10 @@ class Created:
         self.value = value
 
 
+class Accepted(Created):
+    """202: the work goes on after the answer (a migration: poll its record)."""
+
+
 class ApiHandler(BaseHTTPRequestHandler):
     """One connection; `server.vmms` is the service, `server.token` the bearer token (TCP)."""
 
@@ -121,6 +125,8 @@ class ApiHandler(BaseHTTPRequestHandler):
             return
         if isinstance(result, Raw):
             self._send(200, result.body, result.content_type)
+        elif isinstance(result, Accepted):
+            self._json(202, result.value)
         elif isinstance(result, Created):
             self._json(201, result.value)
         elif result is None:
@@ -320,6 +326,31 @@ def _memory_target(h: ApiHandler, p: dict[str, str]) -> Any:
         raise ApiError(400, f'send {{"target": size}} only (got fields {sorted(body)})')
     h.vmms.set_memory_target(p["name"], body["target"])
     return {"name": p["name"], "target": body["target"], "accepted": True}
+
+
+@route(f"/api/vms/{_NAME}/migrate", "POST")
+def _migrate(h: ApiHandler, p: dict[str, str]) -> Any:
+    return Accepted(h.vmms.migrations.start(p["name"], h._body()))
+
+
+@route("/api/migrations", "GET")
+def _migrations(h: ApiHandler, p: dict[str, str]) -> Any:
+    return {"migrations": h.vmms.migrations.list()}
+
+
+@route("/api/migrations/incoming", "POST")
+def _incoming(h: ApiHandler, p: dict[str, str]) -> Any:
+    return Created(h.vmms.migrations.prepare_incoming(h._body()))
+
+
+@route("/api/migrations/(?P<id>[^/]+)", "GET")
+def _migration(h: ApiHandler, p: dict[str, str]) -> Any:
+    return h.vmms.migrations.get(p["id"])
+
+
+@route("/api/migrations/(?P<id>[^/]+)", "DELETE")
+def _cancel_migration(h: ApiHandler, p: dict[str, str]) -> Any:
+    return h.vmms.migrations.cancel(p["id"])
 
 
 def _no_fields(body: dict[str, Any]) -> None:

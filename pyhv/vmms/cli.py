@@ -216,6 +216,71 @@ def vm_memory(client: VmmsClient, name: str, target: str | None, **kw: Any) -> N
 _STATUS_SIZES = ("visible", "assigned", "ballooned", "committed", "available")
 
 
+def _lazy_migration_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    from pyhv.migration.cli import _migration_options
+
+    return _migration_options(fn)  # type: ignore[no-any-return]
+
+
+@vm_group.command("migrate")
+@click.argument("name")
+@click.option("--to", "to", required=True, metavar="HOST:PORT", help="the destination VMMS (TCP)")
+@click.option("--token", "dest_token", help="the destination VMMS's bearer token")
+@click.option(
+    "--token-file",
+    "dest_token_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="file holding the destination VMMS's token (its state directory's 'token')",
+)
+@click.option("--timeout", default=900.0, show_default=True, help="seconds to wait for the end")
+@_lazy_migration_options
+@click.pass_obj
+def vm_migrate(
+    client: VmmsClient,
+    name: str,
+    to: str,
+    dest_token: str | None,
+    dest_token_file: str | None,
+    timeout: float,
+    **kw: Any,
+) -> None:
+    """Live-migrate running VM NAME to the VMMS at HOST:PORT, with a progress bar. On success
+    it runs there and is gone here; on failure it runs on here."""
+    from pyhv.migration.cli import ProgressBar, _options, _summary
+
+    if dest_token_file:
+        dest_token = Path(dest_token_file).read_text().strip()
+    if not dest_token:
+        _fail("give the destination VMMS's token: --token-file FILE or --token T", 2)
+    rec = _call(
+        client,
+        "POST",
+        f"/api/vms/{name}/migrate",
+        {"destination": to, "token": dest_token, "options": _options(**kw)},
+    )
+    bar = ProgressBar()
+    seen: dict[str, Any] | None = None
+    deadline = time.monotonic() + timeout
+    try:
+        while rec["state"] not in ("done", "failed", "in-doubt"):
+            if time.monotonic() > deadline:
+                _fail(f"migration {rec['id']} did not end within {timeout:g} s (it goes on)")
+            time.sleep(0.1)
+            rec = _call(client, "GET", f"/api/migrations/{rec['id']}")
+            p = rec.get("progress")
+            if p and p != seen and p.get("phase") != "in-doubt":
+                bar(p)
+                seen = p
+    finally:
+        bar.finish()
+    if rec["state"] == "done":
+        if rec.get("result"):
+            click.echo(_summary(rec["result"]))
+        click.echo(f"{name} runs on {to} now" + (f" ({rec['error']})" if rec["error"] else ""))
+        return
+    _fail(f"migration of {name} to {to} {rec['state']}: {rec['error']}")
+
+
 @vm_group.command("console")
 @click.argument("name")
 @click.pass_obj
@@ -374,7 +439,12 @@ def vmms_serve(
         pacing: dict[str, Any] = dict(BOOK_PACING) if book_pacing else {}
         balancer = BalancerConfig(time_scale=time_scale, **pacing)
         vmms = Vmms(
-            state, budget_bytes=budget, reserve_bytes=min(reserve, budget), balancer=balancer
+            state,
+            budget_bytes=budget,
+            reserve_bytes=min(reserve, budget),
+            balancer=balancer,
+            # incoming migrations listen where the API does (loopback by default)
+            migration={"listen_host": address[0]} if address else None,
         )
     except (ConfigError, SettingsError, MemoryManagerError) as e:
         _fail(str(e), 2)

@@ -14,6 +14,8 @@ _NAME_PARAM = {
     "required": True,
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
 }
+_MIGRATION = {"$ref": "#/components/schemas/Migration"}
+_ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _SIZE = {"oneOf": [{"type": "integer", "minimum": 0}, {"type": "string", "example": "512M"}]}
 
 
@@ -91,7 +93,21 @@ def openapi() -> dict[str, Any]:
                         "name": {"type": "string"},
                         "state": {
                             "type": "string",
-                            "enum": ["off", "starting", "running", "stopping", "crashed"],
+                            "enum": [
+                                "off",
+                                "starting",
+                                "running",
+                                "stopping",
+                                "crashed",
+                                "incoming",
+                                "paused",
+                            ],
+                            "description": "incoming: arriving by live migration; paused: a "
+                            "migration in doubt left it paused (the reason says what to do)",
+                        },
+                        "migration": {
+                            "type": ["string", "null"],
+                            "description": "the migration it is part of while it migrates",
                         },
                         "reason": {"type": "string", "description": "how it last ended"},
                         "pid": {"type": ["integer", "null"]},
@@ -104,6 +120,54 @@ def openapi() -> dict[str, Any]:
                                 k: {"type": "integer"} for k in ("visible", "assigned", "ballooned")
                             },
                         },
+                    },
+                },
+                "Migration": {
+                    "type": "object",
+                    "description": "one live migration as this VMMS sees it",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "direction": {"type": "string", "enum": ["outgoing", "incoming"]},
+                        "vm": {"type": "string"},
+                        "peer": {"type": "string", "description": "the other VMMS or source"},
+                        "state": {
+                            "type": "string",
+                            "enum": [
+                                "preparing",
+                                "migrating",
+                                "waiting",
+                                "done",
+                                "running",
+                                "failed",
+                                "in-doubt",
+                            ],
+                            "description": "source: preparing, migrating, then done, failed or "
+                            "in-doubt (paused here); destination: waiting, then running or failed",
+                        },
+                        "error": {"type": "string"},
+                        "progress": {
+                            "type": ["object", "null"],
+                            "description": "the source worker's latest progress report (phase, "
+                            "passes, pages_sent, bytes_sent, dirty_pages, bandwidth, ...)",
+                        },
+                        "result": {"type": ["object", "null"]},
+                        "remote_id": {
+                            "type": "string",
+                            "description": "source: the destination's id of this migration",
+                        },
+                        "started": {"type": "number"},
+                        "ended": {"type": ["number", "null"]},
+                    },
+                },
+                "Incoming": {
+                    "type": "object",
+                    "description": "where and with which one-time token the source worker connects",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "vm": {"type": "string"},
+                        "host": {"type": "string"},
+                        "port": {"type": "integer"},
+                        "token": {"type": "string"},
                     },
                 },
             },
@@ -234,6 +298,105 @@ def openapi() -> dict[str, Any]:
                         "101": {"description": "switched to the console stream"},
                         **_errors(404, 409, 426),
                     },
+                },
+            },
+            "/api/vms/{name}/migrate": {
+                **vm_path,
+                "post": {
+                    "summary": "live-migrate the running VM to another VMMS (source side); "
+                    "poll GET /api/migrations/{id} for progress",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "destination": {
+                                            "type": "string",
+                                            "description": "the destination VMMS's TCP API, "
+                                            "HOST:PORT",
+                                        },
+                                        "token": {
+                                            "type": "string",
+                                            "description": "the destination VMMS's bearer token",
+                                        },
+                                        "options": {
+                                            "type": "object",
+                                            "description": "pyhv.migration MigrationOptions "
+                                            "(downtime_target, bandwidth, compress, ...)",
+                                        },
+                                    },
+                                    "required": ["destination", "token"],
+                                    "additionalProperties": False,
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _json(_MIGRATION, "started"),
+                        **_errors(400, 404, 409, 411, 413, 415),
+                    },
+                },
+            },
+            "/api/migrations": {
+                "get": {
+                    "summary": "the migrations this VMMS knows (both directions)",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "migrations": {"type": "array", "items": _MIGRATION}
+                                },
+                            },
+                            "every migration",
+                        ),
+                        **_errors(),
+                    },
+                },
+            },
+            "/api/migrations/incoming": {
+                "post": {
+                    "summary": "prepare to receive a VM (destination side, called by the source "
+                    "VMMS): check its settings and this host's pool, create its entry and an "
+                    "incoming worker with a one-time migration token",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "settings": {"$ref": "#/components/schemas/Settings"},
+                                        "memory": {
+                                            "type": "integer",
+                                            "description": "the VM's RAM now, bytes (>= startup)",
+                                        },
+                                        "source": {"type": "string"},
+                                    },
+                                    "required": ["settings"],
+                                    "additionalProperties": False,
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "201": _json({"$ref": "#/components/schemas/Incoming"}, "listening"),
+                        **_errors(400, 409, 411, 413, 415),
+                    },
+                },
+            },
+            "/api/migrations/{id}": {
+                "parameters": [_ID_PARAM],
+                "get": {
+                    "summary": "a migration's state and progress (either side)",
+                    "responses": {"200": _json(_MIGRATION, "the migration"), **_errors(404)},
+                },
+                "delete": {
+                    "summary": "cancel an incoming migration that has not arrived (the "
+                    "destination drops the entry, the worker and the memory)",
+                    "responses": {"200": _json(_MIGRATION, "cancelled"), **_errors(404, 409)},
                 },
             },
             "/api/host": {

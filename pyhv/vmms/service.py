@@ -43,6 +43,8 @@ from pyhv.worker.outcome import VmEnd
 log = logging.getLogger(__name__)
 
 OFF, STARTING, RUNNING, STOPPING, CRASHED = "off", "starting", "running", "stopping", "crashed"
+#: Live migration (pyhv.vmms.migration): a VM arriving here; a VM whose migration is in doubt.
+INCOMING, PAUSED = "incoming", "paused"
 
 #: Hyper-V's own summary set: how many VMs are fine and how many are not.
 HEALTH_SET = CounterSetDef(
@@ -108,6 +110,8 @@ class _Vm:
     started_at: float | None = None
     tail: bytearray = field(default_factory=bytearray)
     consoles: list[Callable[[bytes], None]] = field(default_factory=list)
+    #: The id of the migration this VM is part of while it runs (pyhv.vmms.migration).
+    migration: str | None = None
 
 
 #: Serial output kept per VM for a console that attaches later (it sees the last prompt).
@@ -127,6 +131,7 @@ class Vmms:
         worker_factory: WorkerFactory = _worker_process,
         image_resolver: Callable[[], str] = _bundled_image,
         stop_timeout: float = 10.0,
+        migration: Mapping[str, Any] | None = None,
     ) -> None:
         self.store = ConfigStore(state_dir)
         self.pool = HostPool(budget_bytes, reserve_bytes)
@@ -142,6 +147,11 @@ class Vmms:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._update_health()
+        from pyhv.vmms.migration import Migrations
+
+        #: Live migration, both directions (keyword arguments of Migrations: listen_host,
+        #: incoming_factory, migrator, timeouts).
+        self.migrations = Migrations(self, **dict(migration or {}))
 
     # --- lifecycle of the service --------------------------------------------------------
 
@@ -175,6 +185,13 @@ class Vmms:
             raise NotFound(f"no VM named {name!r}: `pyhv vm list` shows the VMs")
         return vm
 
+    def _refuse_while_migrating(self, vm: _Vm, what: str) -> None:
+        if vm.migration is not None:
+            raise Conflict(
+                f"VM {vm.settings.name!r} is being migrated (migration {vm.migration}): cannot "
+                f"{what} now; wait for the migration to end (GET /api/migrations/{vm.migration})"
+            )
+
     def describe(self, name: str) -> dict[str, Any]:
         with self._lock:
             return self._describe(self._get(name))
@@ -188,6 +205,7 @@ class Vmms:
             "pid": vm.worker.pid if vm.worker is not None else None,
             "uptime_s": round(time.monotonic() - vm.started_at, 1) if vm.started_at else None,
             "settings": s.to_dict(),
+            "migration": vm.migration,
         }
         if self.pool.holds(s.name):
             visible, assigned, ballooned = self.pool.pages(s.name)
@@ -217,6 +235,7 @@ class Vmms:
     def update(self, name: str, raw: Mapping[str, object]) -> dict[str, Any]:
         with self._lock:
             vm = self._get(name)
+            self._refuse_while_migrating(vm, "change its settings")
             if vm.state in (STARTING, STOPPING):
                 raise Conflict(f"VM {name!r} is {vm.state}: try again in a moment")
             try:
@@ -230,6 +249,7 @@ class Vmms:
     def delete(self, name: str) -> None:
         with self._lock:
             vm = self._get(name)
+            self._refuse_while_migrating(vm, "delete it")
             if vm.worker is not None:
                 raise Conflict(f"VM {name!r} is {vm.state}: stop it first (`pyhv vm stop {name}`)")
             self.store.delete(name)
@@ -247,6 +267,7 @@ class Vmms:
             raise Conflict(f"VM {name!r} cannot start: no guest image ({e})") from None
         with self._lock:
             vm = self._get(name)
+            self._refuse_while_migrating(vm, "start it")
             if vm.worker is not None:
                 raise Conflict(f"VM {name!r} is {vm.state} already")
             try:
@@ -312,7 +333,10 @@ class Vmms:
             worker = vm.worker
             if worker is None:
                 return
+            incoming = vm.state == INCOMING
             vm.state = STOPPING
+        if incoming:  # still listening or receiving: nothing runs yet
+            worker.close(0.5)
         worker.stop()
         if worker.wait(self._stop_timeout) is None:
             log.warning(
@@ -330,6 +354,7 @@ class Vmms:
     def stop(self, name: str) -> dict[str, Any]:
         with self._lock:
             vm = self._get(name)
+            self._refuse_while_migrating(vm, "stop it")
             if vm.worker is None:
                 raise Conflict(f"VM {name!r} is {vm.state}, not running")
         self._halt(vm, "stopped by the administrator")
@@ -390,6 +415,8 @@ class Vmms:
             out = {}
             for name, vm in self._vms.items():
                 port = dm_port(vm.worker)
+                if vm.migration is not None:
+                    continue  # the balancer holds its operations while it migrates
                 if vm.state == RUNNING and vm.settings.dynamic_memory and port is not None:
                     out[name] = (vm.settings.memory_settings(), port)
             return out
@@ -434,6 +461,7 @@ class Vmms:
             raise VmmsError(str(e)) from None
         with self._lock:
             vm = self._get(name)
+            self._refuse_while_migrating(vm, "change its memory target")
             port = self._dm(name)
             s = vm.settings
             if not s.minimum <= size <= s.maximum:

@@ -1,0 +1,533 @@
+"""Live migration between two VMMS instances (`pyhv vm migrate NAME --to HOST:PORT`).
+
+The source VMMS asks the destination VMMS (its API over TCP, with the destination's bearer
+token) to prepare: the destination checks the configuration, takes the VM's memory from its pool,
+creates the VM's entry (state "incoming") and an incoming worker listening on a migration port
+with a one-time migration token, and answers {id, host, port, token}. The source then drives its
+worker with `pyhv.migration.worker.migrate_worker`; on success the VM runs at the destination and
+the source forgets it (its worker stopped, its memory back in the pool). A failure at any phase
+leaves the source VM running and the destination holding nothing (entry deleted, worker gone,
+pool restored).
+
+The classic gap - the connection drops after COMMIT went out and before RESUMED came back - is
+closed by asking: the source worker stays paused (`resume_in_doubt=False`), the source VMMS asks
+the destination VMMS for the incoming migration's state, and stops its VM if it runs there or
+resumes it if it does not. If it cannot find out, the VM stays paused here ("paused", with the
+reason): never running on both hosts.
+
+While a VM migrates, the balancer leaves it alone and requests that conflict (stop, delete,
+settings, memory target, another migration) get 409.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pyhv.dynmem.balancer import PAGE_SIZE
+from pyhv.memory.manager import MemoryManagerError
+from pyhv.migration.source import MigrationInDoubt, MigrationOptions
+from pyhv.migration.stream import MigrationError
+from pyhv.vmms.client import ClientError, VmmsClient
+from pyhv.vmms.config import VmSettingsError, settings_from_dict
+from pyhv.worker.config import format_size
+
+if TYPE_CHECKING:
+    from pyhv.vmms.service import Vmms, _Vm
+
+log = logging.getLogger(__name__)
+
+#: States of a migration record.
+PREPARING, MIGRATING, WAITING, DONE, RUNNING, FAILED, IN_DOUBT = (
+    "preparing",  # source: asking the destination VMMS
+    "migrating",  # source: the workers are copying
+    "waiting",  # destination: the incoming worker listens / receives
+    "done",  # source: the VM runs at the destination, gone here
+    "running",  # destination: the VM arrived and runs here
+    "failed",  # either: nothing moved; the source VM runs on
+    "in-doubt",  # source: could not learn whether the destination runs it; paused here
+)
+FINAL = (DONE, RUNNING, FAILED, IN_DOUBT)
+
+_ids = itertools.count(1)
+
+
+class IncomingWorkerLike(Protocol):
+    """What the service needs of a destination worker (pyhv.migration.worker.IncomingWorker)."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def returncode(self) -> int | None: ...
+    @property
+    def end(self) -> Any: ...
+
+    def start(self) -> None: ...
+    def send(self, data: bytes) -> None: ...
+    def stop(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> Any: ...
+    def close(self, timeout: float = ...) -> None: ...
+    def wait_listening(self, timeout: float = ...) -> tuple[str, int]: ...
+    def wait_migrated(self, timeout: float | None = None) -> dict[str, Any] | None: ...
+
+
+IncomingFactory = Callable[..., IncomingWorkerLike]
+
+
+class Migrator(Protocol):
+    """Drives a source worker (default: pyhv.migration.worker's migrate_worker)."""
+
+    def migrate(
+        self,
+        worker: Any,
+        address: tuple[str, int],
+        token: str,
+        options: dict[str, Any],
+        on_progress: Callable[[dict[str, Any]], object],
+        counters: Any,
+    ) -> dict[str, Any]: ...
+
+    def decide(self, worker: Any, migration_id: int, resume: bool) -> None: ...
+
+
+class WorkerMigrator:
+    def migrate(
+        self,
+        worker: Any,
+        address: tuple[str, int],
+        token: str,
+        options: dict[str, Any],
+        on_progress: Callable[[dict[str, Any]], object],
+        counters: Any,
+    ) -> dict[str, Any]:
+        from pyhv.migration.worker import migrate_worker
+
+        return migrate_worker(worker, address, token, options, on_progress, counters=counters)
+
+    def decide(self, worker: Any, migration_id: int, resume: bool) -> None:
+        from pyhv.migration.worker import decide_in_doubt
+
+        decide_in_doubt(worker, migration_id, resume)
+
+
+def _incoming_worker(token: str, listen: tuple[str, int], output: Any, **kw: Any) -> Any:
+    from pyhv.migration.worker import IncomingWorker
+
+    return IncomingWorker(token, listen, output, **kw)
+
+
+@dataclass
+class Migration:
+    """One migration as either VMMS sees it (GET /api/migrations/{id})."""
+
+    id: str
+    direction: str  # "outgoing" | "incoming"
+    vm: str
+    peer: str  # the destination VMMS (outgoing) or the source's address once known (incoming)
+    state: str
+    error: str = ""
+    progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    remote_id: str = ""
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "direction": self.direction,
+            "vm": self.vm,
+            "peer": self.peer,
+            "state": self.state,
+            "error": self.error,
+            "progress": self.progress,
+            "result": self.result,
+            "remote_id": self.remote_id,
+            "started": self.started,
+            "ended": self.ended,
+        }
+
+
+def check_destination(text: object) -> str:
+    """'HOST:PORT' of the destination VMMS's TCP API."""
+    from pyhv.vmms.service import VmmsError
+
+    if not isinstance(text, str):
+        raise VmmsError(f"destination must be 'HOST:PORT' text, got {text!r}")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise VmmsError(
+            f"destination {text!r} is not HOST:PORT: give the destination VMMS's TCP address "
+            "(`pyhv vmms serve --tcp 127.0.0.1:PORT` there)"
+        )
+    return text
+
+
+class Migrations:
+    """The migration half of the VMMS (both directions); `vmms` is the service it serves."""
+
+    def __init__(
+        self,
+        vmms: Vmms,
+        *,
+        listen_host: str = "127.0.0.1",
+        incoming_factory: IncomingFactory = _incoming_worker,
+        migrator: Migrator | None = None,
+        accept_timeout: float = 60.0,
+        in_doubt_timeout: float = 60.0,
+        client_timeout: float = 30.0,
+    ) -> None:
+        self.vmms = vmms
+        self.listen_host = listen_host
+        self.incoming_factory = incoming_factory
+        self.migrator: Migrator = migrator or WorkerMigrator()
+        self.accept_timeout = accept_timeout
+        self.in_doubt_timeout = in_doubt_timeout
+        self.client_timeout = client_timeout
+        self._records: dict[str, Migration] = {}
+        self._threads: list[threading.Thread] = []
+
+    # --- either side ---------------------------------------------------------------------
+
+    def get(self, mid: str) -> dict[str, Any]:
+        from pyhv.vmms.service import NotFound
+
+        with self.vmms._lock:
+            rec = self._records.get(mid)
+            if rec is None:
+                raise NotFound(f"no migration {mid!r} on this host")
+            return rec.to_dict()
+
+    def list(self) -> list[dict[str, Any]]:
+        with self.vmms._lock:
+            return [r.to_dict() for r in self._records.values()]
+
+    def _new(self, direction: str, vm: str, peer: str, state: str) -> Migration:
+        mid = f"{direction[:2]}-{next(_ids)}-{secrets.token_hex(4)}"
+        rec = Migration(mid, direction, vm, peer, state)
+        self._records[mid] = rec
+        return rec
+
+    def _end(self, rec: Migration, state: str, error: str = "") -> None:
+        rec.state, rec.error, rec.ended = state, error, time.time()
+
+    def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t.start()
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
+    # --- destination side ----------------------------------------------------------------
+
+    def prepare_incoming(self, body: Mapping[str, object]) -> dict[str, Any]:
+        """Create the VM's entry and an incoming worker; {id, vm, host, port, token}."""
+        from pyhv.vmms.service import INCOMING, Conflict, VmmsError, _Vm
+
+        extra = sorted(set(body) - {"settings", "memory", "source"})
+        if extra:
+            raise VmmsError(f"unknown field(s) {extra}: send settings, memory and source")
+        raw = body.get("settings")
+        if not isinstance(raw, dict):
+            raise VmmsError("settings must be the VM's settings object (GET /api/vms/{name})")
+        try:
+            settings = settings_from_dict(raw)
+        except VmSettingsError as e:
+            raise VmmsError(f"the VM's configuration is refused here: {e}") from None
+        needed = body.get("memory", settings.memory)
+        if isinstance(needed, bool) or not isinstance(needed, int) or needed < settings.memory:
+            raise VmmsError(
+                f"memory must be the VM's RAM in bytes (at least its startup memory "
+                f"{settings.memory}), got {needed!r}"
+            )
+        source = str(body.get("source") or "")
+        name = settings.name
+        vmms = self.vmms
+        with vmms._lock:
+            if name in vmms._vms:
+                raise Conflict(
+                    f"a VM named {name!r} exists on the destination already: delete or rename it "
+                    "there first"
+                )
+            try:
+                vmms.pool.admit(name, needed)
+            except MemoryManagerError as e:
+                raise Conflict(
+                    f"not enough host memory for {format_size(needed)} on the destination ({e})"
+                ) from None
+            vm = _Vm(settings, state=INCOMING)
+            rec = self._new("incoming", name, source, WAITING)
+            vm.migration = rec.id
+            vmms._vms[name] = vm
+        token = secrets.token_urlsafe(24)
+        try:
+            worker = self.incoming_factory(
+                token,
+                (self.listen_host, 0),
+                lambda data: vmms._output(vm, data),
+                max_memory=needed,
+                accept_timeout=self.accept_timeout,
+            )
+            vm.worker = worker
+            worker.start()
+            host, port = worker.wait_listening(15.0)
+        except Exception as e:  # noqa: BLE001 - the entry goes, the source is told why
+            self._drop_incoming(vm, rec, f"the incoming worker did not start: {e}")
+            raise Conflict(f"the destination cannot take VM {name!r}: {e}") from None
+        log.info("VM %s: incoming migration %s listens on %s:%s", name, rec.id, host, port)
+        self._spawn(self._watch_incoming, vm, rec, worker, name=f"incoming-{name}")
+        return {"id": rec.id, "vm": name, "host": host, "port": port, "token": token}
+
+    def _watch_incoming(self, vm: _Vm, rec: Migration, worker: IncomingWorkerLike) -> None:
+        from pyhv.vmms.service import RUNNING
+
+        info: dict[str, Any] | None = None
+        deadline = time.monotonic() + self.accept_timeout + 3600.0
+        while time.monotonic() < deadline:
+            info = worker.wait_migrated(0.25)
+            if info is not None or worker.end is not None:
+                break
+        if info is None:
+            end = worker.wait(5.0)
+            why = end.describe() if end is not None else "no VM arrived in time"
+            self._drop_incoming(vm, rec, why)
+            return
+        vmms = self.vmms
+        with vmms._lock:
+            vmms.store.save(vm.settings)
+            vm.state, vm.started_at, vm.migration = RUNNING, time.monotonic(), None
+            rec.peer = str(info.get("source") or rec.peer)
+            rec.result = {k: info.get(k) for k in ("source", "passes", "pages")}
+            self._end(rec, RUNNING)
+            vmms._update_health()
+        log.info(
+            "VM %s arrived from %s and runs here (worker pid %s)",
+            vm.settings.name,
+            rec.peer,
+            worker.pid,
+        )
+        vmms._watch(vm, worker)  # from now on an ordinary worker of this VMMS
+
+    def _drop_incoming(self, vm: _Vm, rec: Migration, why: str) -> None:
+        """The VM did not arrive: the entry, the worker and the memory all go."""
+        worker = vm.worker
+        if worker is not None:
+            try:
+                worker.close(0.5)
+            except Exception:  # noqa: BLE001 - it may not have started at all
+                log.exception("closing the incoming worker failed")
+        vmms = self.vmms
+        with vmms._lock:
+            if vmms._vms.get(vm.settings.name) is vm:
+                del vmms._vms[vm.settings.name]
+            vm.worker = None
+            vmms.pool.give_back(vm.settings.name)
+            if rec.state not in FINAL:
+                self._end(rec, FAILED, why)
+        log.info("incoming migration %s of %s failed: %s", rec.id, vm.settings.name, why)
+
+    def cancel(self, mid: str) -> dict[str, Any]:
+        """The source gave up before its worker connected (or midway): drop what we hold."""
+        from pyhv.vmms.service import Conflict, NotFound
+
+        with self.vmms._lock:
+            rec = self._records.get(mid)
+            if rec is None or rec.direction != "incoming":
+                raise NotFound(f"no incoming migration {mid!r} on this host")
+            if rec.state == RUNNING:
+                raise Conflict(f"VM {rec.vm!r} arrived and runs here: `pyhv vm stop` it instead")
+            vm = self.vmms._vms.get(rec.vm)
+        if rec.state == WAITING and vm is not None and vm.migration == mid:
+            self._drop_incoming(vm, rec, "cancelled by the source")
+        return rec.to_dict()
+
+    # --- source side ---------------------------------------------------------------------
+
+    def start(self, name: str, body: Mapping[str, object]) -> dict[str, Any]:
+        """Begin migrating running VM `name` to the destination VMMS; the record (poll it)."""
+        from pyhv.vmms.service import RUNNING, Conflict, VmmsError
+
+        extra = sorted(set(body) - {"destination", "token", "options"})
+        if extra:
+            raise VmmsError(f"unknown field(s) {extra}: send destination, token and options")
+        destination = check_destination(body.get("destination"))
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise VmmsError("token must be the destination VMMS's bearer token (its 'token' file)")
+        raw_options = body.get("options") or {}
+        if not isinstance(raw_options, dict):
+            raise VmmsError("options must be an object of migration options")
+        try:
+            options = MigrationOptions.from_dict(dict(raw_options)).as_dict()
+        except (MigrationError, TypeError) as e:
+            raise VmmsError(f"bad migration options: {e}") from None
+        options["resume_in_doubt"] = False  # we ask the destination instead
+        vmms = self.vmms
+        with vmms._lock:
+            vm = vmms._get(name)
+            vmms._refuse_while_migrating(vm, "migrate it")
+            if vm.worker is None or vm.state != RUNNING:
+                raise Conflict(f"VM {name!r} is {vm.state}: only a running VM can be migrated")
+            rec = self._new("outgoing", name, destination, PREPARING)
+            vm.migration = rec.id
+            worker = vm.worker
+            needed = vm.settings.memory
+            if vmms.pool.holds(name):
+                needed = max(needed, vmms.pool.pages(name)[0] * PAGE_SIZE)
+            settings = vm.settings.to_dict()
+        client = VmmsClient(tcp=destination, token=token, timeout=self.client_timeout)
+        self._spawn(
+            self._outgoing,
+            vm,
+            rec,
+            worker,
+            client,
+            {"settings": settings, "memory": needed, "source": f"pid {worker.pid}"},
+            options,
+            name=f"migrate-{name}",
+        )
+        with vmms._lock:
+            return rec.to_dict()
+
+    def _outgoing(
+        self,
+        vm: _Vm,
+        rec: Migration,
+        worker: Any,
+        client: VmmsClient,
+        request: dict[str, Any],
+        options: dict[str, Any],
+    ) -> None:
+        name = vm.settings.name
+        try:
+            ans = client.request("POST", "/api/migrations/incoming", request)
+            addr = (str(ans["host"]), int(ans["port"]))
+            rec.remote_id, mtoken = str(ans["id"]), str(ans["token"])
+        except ClientError as e:
+            why = (
+                "the destination VMMS refused the token (401): give that VMMS's token"
+                if e.status == 401
+                else f"the destination VMMS refused: {e}"
+                if e.status
+                else f"cannot reach the destination VMMS: {e}"
+            )
+            self._fail(vm, rec, why)
+            return
+        except (KeyError, TypeError, ValueError) as e:
+            self._fail(vm, rec, f"the destination VMMS gave an unusable answer: {e}")
+            return
+        rec.state = MIGRATING
+
+        def progress(p: dict[str, Any]) -> None:
+            rec.progress = p
+
+        try:
+            result = self.migrator.migrate(
+                worker, addr, mtoken, options, progress, self.vmms.registry
+            )
+        except MigrationInDoubt as e:
+            self._resolve(vm, rec, worker, client, e)
+            return
+        except MigrationError as e:
+            self._cancel_remote(client, rec)
+            self._fail(vm, rec, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - the VM must not be left marked migrating
+            log.exception("migration of %s failed", name)
+            self._cancel_remote(client, rec)
+            self._fail(vm, rec, f"{type(e).__name__}: {e}")
+            return
+        rec.result = result
+        self._gone(vm, rec, worker)
+
+    def _cancel_remote(self, client: VmmsClient, rec: Migration) -> None:
+        try:
+            client.request("DELETE", f"/api/migrations/{rec.remote_id}")
+        except ClientError as e:
+            log.info("destination's incoming migration %s not cancelled: %s", rec.remote_id, e)
+
+    def _fail(self, vm: _Vm, rec: Migration, why: str) -> None:
+        with self.vmms._lock:
+            vm.migration = None
+            self._end(rec, FAILED, why)
+        log.warning("migration of %s failed: %s", vm.settings.name, why)
+
+    def _gone(self, vm: _Vm, rec: Migration, worker: Any, note: str = "") -> None:
+        """The VM runs at the destination: its worker here ends, the entry goes."""
+        vmms = self.vmms
+        worker.wait(30.0)
+        for _ in range(600):  # the watcher records the end and returns the memory
+            if vm.worker is not worker:
+                break
+            time.sleep(0.02)
+        with vmms._lock:
+            name = vm.settings.name
+            vmms.pool.give_back(name)  # (the watcher did; in case it has not)
+            if vmms._vms.get(name) is vm:
+                del vmms._vms[name]
+                vmms.store.delete(name)
+            vm.migration = None
+            self._end(rec, DONE, note)
+            vmms._update_health()
+        vmms.balancer.forget(name)
+        log.info("VM %s migrated to %s", name, rec.peer)
+
+    def _ask(self, client: VmmsClient, rec: Migration) -> str | None:
+        """The destination's state of the incoming migration, once it is final; None if the
+        destination VMMS cannot tell within in_doubt_timeout."""
+        deadline = time.monotonic() + self.in_doubt_timeout
+        while time.monotonic() < deadline:
+            try:
+                state = client.request("GET", f"/api/migrations/{rec.remote_id}")["state"]
+            except (ClientError, KeyError, TypeError) as e:
+                log.info("asking the destination about %s: %s", rec.remote_id, e)
+                if isinstance(e, ClientError) and e.status == 404:
+                    return FAILED  # it holds nothing of it
+            else:
+                if state in (RUNNING, FAILED):
+                    return str(state)
+            time.sleep(0.2)
+        return None
+
+    def _resolve(
+        self, vm: _Vm, rec: Migration, worker: Any, client: VmmsClient, e: MigrationInDoubt
+    ) -> None:
+        from pyhv.vmms.service import PAUSED
+
+        mid = getattr(e, "migration_id", 0)
+        log.warning("migration of %s in doubt (%s): asking the destination", vm.settings.name, e)
+        there = self._ask(client, rec)
+        if there == RUNNING:
+            self.migrator.decide(worker, mid, resume=False)
+            self._gone(
+                vm,
+                rec,
+                worker,
+                "the connection was lost after COMMIT; the destination VMMS confirmed the VM "
+                "runs there, so it was stopped here",
+            )
+        elif there == FAILED:
+            self.migrator.decide(worker, mid, resume=True)
+            self._fail(
+                vm,
+                rec,
+                f"{e}; the destination VMMS says it does not run the VM: resumed here",
+            )
+        else:
+            why = (
+                f"{e}; the destination VMMS could not say within {self.in_doubt_timeout:g} s "
+                "whether it runs the VM, so it stays PAUSED here (never on both hosts): check "
+                f"the destination (`pyhv vm list --tcp {rec.peer}`); if it runs there, "
+                f"`pyhv vm stop {vm.settings.name}` here"
+            )
+            with self.vmms._lock:
+                vm.migration = None
+                if vm.worker is worker:
+                    vm.state, vm.reason = PAUSED, why
+                self._end(rec, IN_DOUBT, why)
+                self.vmms._update_health()
+            log.error("VM %s: %s", vm.settings.name, why)

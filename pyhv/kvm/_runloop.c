@@ -60,6 +60,8 @@ typedef struct {
     Py_ssize_t off[N_SLOTS];
     PyObject *msr_table, *msr_entry; /* the last MSR looked up: table.msr, its entry or NULL */
     uint32_t msr_index;
+    PyObject *gpa_entries, *gpa_entry; /* the last GPA entry found: table.gpa, its item */
+    uint64_t gpa_start, gpa_end;
     /* valid during run() only */
     struct kvm_run *run;
     Py_ssize_t run_size;
@@ -344,35 +346,52 @@ static int mmio_exit(Runner *self)
     int is_write = run->mmio.is_write != 0;
     if (n < 1 || n > 8)
         return LEAVE;
-    PyObject *starts = SLOT(self->table, self, T_TABLE_GPA_STARTS);
     PyObject *entries = SLOT(self->table, self, T_TABLE_GPA);
-    if (starts == NULL || entries == NULL || !PyTuple_CheckExact(starts) ||
-        !PyTuple_CheckExact(entries) || PyTuple_GET_SIZE(starts) != PyTuple_GET_SIZE(entries))
-        return LEAVE; /* tables being replaced: the Python loop copes */
-    /* bisect_right(starts, gpa) - 1 */
-    Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(starts);
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) / 2;
-        uint64_t st = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(starts, mid));
-        if (gpa < st)
-            hi = mid;
-        else
-            lo = mid + 1;
+    PyObject *entry = NULL;
+    uint64_t e = 0;
+    if (entries != NULL && entries == self->gpa_entries && gpa >= self->gpa_start &&
+        gpa < self->gpa_end) {
+        /* the entry of the last MMIO exit (tables are replaced, never changed in place) */
+        entry = self->gpa_entry;
+        e = self->gpa_end;
+    } else {
+        PyObject *starts = SLOT(self->table, self, T_TABLE_GPA_STARTS);
+        if (starts == NULL || entries == NULL || !PyTuple_CheckExact(starts) ||
+            !PyTuple_CheckExact(entries) ||
+            PyTuple_GET_SIZE(starts) != PyTuple_GET_SIZE(entries))
+            return LEAVE; /* tables being replaced: the Python loop copes */
+        /* bisect_right(starts, gpa) - 1 */
+        Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(starts);
+        while (lo < hi) {
+            Py_ssize_t mid = (lo + hi) / 2;
+            uint64_t st = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(starts, mid));
+            if (gpa < st)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        if (lo > 0) {
+            entry = PyTuple_GET_ITEM(entries, lo - 1);
+            if (Py_TYPE(entry) != (PyTypeObject *)self->gpa_entry_type)
+                return LEAVE;
+            PyObject *end = SLOT(entry, self, G_END);
+            PyObject *start = PyTuple_GET_ITEM(starts, lo - 1);
+            if (end == NULL || !PyLong_Check(end))
+                return LEAVE;
+            e = PyLong_AsUnsignedLongLongMask(end);
+            /* remember it: the tuple keeps the entry alive */
+            Py_INCREF(entries);
+            Py_XSETREF(self->gpa_entries, entries);
+            self->gpa_entry = entry;
+            self->gpa_start = PyLong_AsUnsignedLongLongMask(start);
+            self->gpa_end = e;
+        }
     }
     PyObject *handler = NULL;
-    if (lo > 0) {
-        PyObject *entry = PyTuple_GET_ITEM(entries, lo - 1);
-        if (Py_TYPE(entry) != (PyTypeObject *)self->gpa_entry_type)
+    if (entry != NULL && gpa + n <= e) {
+        handler = entry_handler(self, entry, is_write);
+        if (handler == LEAVE_ENTRY)
             return LEAVE;
-        PyObject *end = SLOT(entry, self, G_END);
-        if (end == NULL || !PyLong_Check(end))
-            return LEAVE;
-        uint64_t e = PyLong_AsUnsignedLongLongMask(end);
-        if (gpa + n <= e) {
-            handler = entry_handler(self, entry, is_write);
-            if (handler == LEAVE_ENTRY)
-                return LEAVE;
-        }
     }
     if (handler == NULL) {
         self->n_defaults[K_MEM]++;
@@ -709,7 +728,7 @@ static int Runner_traverse(Runner *self, visitproc visit, void *arg)
     Py_VISIT(self->mem_msg); Py_VISIT(self->msr_msg); Py_VISIT(self->counts);
     Py_VISIT(self->defaults); Py_VISIT(self->handler_ns); Py_VISIT(self->read);
     Py_VISIT(self->write); Py_VISIT(self->entry_type); Py_VISIT(self->gpa_entry_type);
-    Py_VISIT(self->msr_table); Py_VISIT(self->msr_entry);
+    Py_VISIT(self->msr_table); Py_VISIT(self->msr_entry); Py_VISIT(self->gpa_entries);
     return 0;
 }
 
@@ -719,7 +738,7 @@ static int Runner_clear(Runner *self)
     Py_CLEAR(self->mem_msg); Py_CLEAR(self->msr_msg); Py_CLEAR(self->counts);
     Py_CLEAR(self->defaults); Py_CLEAR(self->handler_ns); Py_CLEAR(self->read);
     Py_CLEAR(self->write); Py_CLEAR(self->entry_type); Py_CLEAR(self->gpa_entry_type);
-    Py_CLEAR(self->msr_table); Py_CLEAR(self->msr_entry);
+    Py_CLEAR(self->msr_table); Py_CLEAR(self->msr_entry); Py_CLEAR(self->gpa_entries);
     return 0;
 }
 

@@ -165,3 +165,44 @@ def test_in_takes_bytes_or_an_int_subclass_and_counts_it_on_both_loops(loop: str
         c = p.counters["io_port"]
         assert c["count"] >= 7 and c["errors"] == 0
         assert c["handler_seconds"] >= 0
+
+
+LOOP_MMIO = (
+    ".code64\n.globl _start\n_start:\n  mov $0xd0000000, %rbx\n"
+    "1: movl (%rbx), %eax\n  outb %al, $0x11\n  jmp 1b\n"
+)
+LOOP_RDMSR = ".code64\n.globl _start\n_start:\n1: mov $0x40000000, %ecx\n  rdmsr\n  outb %al, $0x11\n  jmp 1b\n"
+
+
+@pytest.mark.parametrize("what", ["gpa", "msr"])
+def test_a_replaced_intercept_is_the_one_called_at_the_next_access_on_both_loops(
+    loop: str, what: str
+) -> None:
+    # the C loop remembers the last GPA range and MSR it looked up: not across a new table
+    with guest("swap", source=LOOP_MMIO if what == "gpa" else LOOP_RDMSR) as (p, vp, _):
+        seen: list[int] = []
+
+        def install(value: int) -> object:
+            if what == "gpa":
+                return p.intercepts.install_gpa(0xD0000000, 0x1000, lambda m: value)
+            return p.intercepts.install_msr(0x40000000, lambda m: value)
+
+        handle = [install(1)]
+
+        def report(m: object) -> None:
+            seen.append(m.value)  # type: ignore[attr-defined]
+            if len(seen) == 5:
+                handle[0].uninstall()  # type: ignore[attr-defined]
+                handle[0] = install(2)
+            elif len(seen) == 10:
+                vp.pause()
+
+        p.intercepts.install_io(0x11, 0x11, report, read=False)
+        vp.start()
+        event = None
+        for _ in range(1000):  # up to 10 s
+            if vp.state.value != "running":
+                break
+            event = vp.wait(0.01)
+        assert vp.state.value == "paused", event
+        assert seen == [1] * 5 + [2] * 5

@@ -67,6 +67,8 @@ def _print_vm(vm: dict[str, Any]) -> None:
     click.echo(f"{vm['name']}: {vm['state']}" + (f" ({vm['reason']})" if vm["reason"] else ""))
     if vm.get("pid"):
         click.echo(f"  worker pid {vm['pid']}, up {vm['uptime_s']} s")
+    if vm.get("migration"):
+        click.echo(f"  migrating: GET /api/migrations/{vm['migration']}")
     click.echo(f"  VPs {s['vps']}, startup memory {_mib(s['memory'])}")
     if s["dynamic_memory"]:
         click.echo(

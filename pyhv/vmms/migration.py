@@ -367,7 +367,8 @@ class Migrations:
             raise VmmsError(f"bad migration options: {e}") from None
         options["resume_in_doubt"] = False  # we ask the destination instead
         vmms = self.vmms
-        with vmms._lock:
+        # Between two balancer ticks: no operation is dispatched to it once it is marked.
+        with vmms.balancer.paused(), vmms._lock:
             vm = vmms._get(name)
             vmms._refuse_while_migrating(vm, "migrate it")
             if vm.worker is None or vm.state != RUNNING:

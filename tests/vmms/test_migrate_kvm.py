@@ -249,3 +249,37 @@ def test_a_connection_lost_after_commit_is_settled_by_asking_the_destination_vmm
     assert rec["state"] == "done" and "confirmed the VM runs there" in rec["error"], rec
     assert b.state_of("doubt") == "running" and b.ticks("doubt") > 0
     assert "doubt" not in a.names() and a.free() == free_a
+
+
+@pytest.mark.kvm
+def test_a_dynamic_memory_vm_moved_by_the_vmms_is_balanced_by_the_destination_vmms(
+    hosts: tuple[Vmms, Vmms],
+) -> None:
+    a, b = hosts
+    free_b = b.free()
+    a.vm("create", "dm1", "--memory", "256M", "--dynamic", "--minimum", "128M", "--maximum", "1G")
+    a.vm("start", "dm1")
+    for _ in range(100):  # its guest's DM driver has reported to A
+        if a.client.request("GET", "/api/vms/dm1/memory")["committed"] is not None:
+            break
+        time.sleep(0.1)
+    out = a.vm("migrate", "dm1", "--to", b.address, "--token-file", str(b.token_file))
+    assert f"dm1 runs on {b.address} now" in out, out
+    assert b.free() == free_b - 256 * MIB
+    # B's balancer answers the guest's new demand with a hot-add from B's pool.
+    assert "committed 300 MiB" in b.shell("dm1", "testlimit -m 300 -c 1", b"committed 300 MiB")
+    status: dict[str, Any] = {}
+    for _ in range(200):  # reports once a second, a few Add operations as they catch up
+        status = b.client.request("GET", "/api/vms/dm1/memory")
+        committed = status["committed"] or 0
+        if committed >= 300 * MIB and status["visible"] >= committed * 1.2 - MIB:
+            break
+        time.sleep(0.1)
+    assert status["visible"] >= (status["committed"] or 0) * 1.2 - MIB > 300 * MIB
+    for _ in range(50):  # the pool follows the worker at B's next tick
+        if b.free() < free_b - 300 * MIB:
+            break
+        time.sleep(0.1)
+    assert b.free() < free_b - 300 * MIB
+    b.vm("stop", "dm1")
+    assert b.free() == free_b

@@ -348,6 +348,11 @@ def _migration(h: ApiHandler, p: dict[str, str]) -> Any:
     return h.vmms.migrations.get(p["id"])
 
 
+@route("/api/migrations/(?P<id>[^/]+)/resolve", "POST")
+def _resolve_migration(h: ApiHandler, p: dict[str, str]) -> Any:
+    return h.vmms.migrations.resolve(p["id"], h._body())
+
+
 @route("/api/migrations/(?P<id>[^/]+)", "DELETE")
 def _cancel_migration(h: ApiHandler, p: dict[str, str]) -> Any:
     return h.vmms.migrations.cancel(p["id"])

@@ -191,6 +191,8 @@ class Migrations:
         self.in_doubt_timeout = in_doubt_timeout
         self.client_timeout = client_timeout
         self._records: dict[str, Migration] = {}
+        #: Source records in doubt: id -> (vm, worker, the worker's migration id).
+        self._doubts: dict[str, tuple[_Vm, Any, int]] = {}
         self._threads: list[threading.Thread] = []
 
     # --- either side ---------------------------------------------------------------------
@@ -329,6 +331,36 @@ class Migrations:
             if rec.state not in FINAL:
                 self._end(rec, FAILED, why)
         log.info("incoming migration %s of %s failed: %s", rec.id, vm.settings.name, why)
+
+    def resolve(self, mid: str, body: Mapping[str, object]) -> dict[str, Any]:
+        """The administrator settles a migration in doubt: resume the VM here (it does not run
+        at the destination) or stop and forget it here (it does)."""
+        from pyhv.vmms.service import RUNNING, Conflict, NotFound, VmmsError
+
+        resume = body.get("resume")
+        if set(body) != {"resume"} or not isinstance(resume, bool):
+            raise VmmsError('send {"resume": true} (resume it here) or {"resume": false} only')
+        with self.vmms._lock:
+            rec = self._records.get(mid)
+            if rec is None:
+                raise NotFound(f"no migration {mid!r} on this host")
+            doubt = self._doubts.pop(mid, None)
+            if doubt is None or rec.state != IN_DOUBT:
+                raise Conflict(f"migration {mid} is {rec.state}, not in doubt: nothing to settle")
+            vm, worker, wid = doubt
+            if vm.worker is not worker:
+                self._end(rec, FAILED, rec.error + "; the VM ended here meanwhile")
+                return rec.to_dict()
+        self.migrator.decide(worker, wid, resume)
+        if resume:
+            with self.vmms._lock:
+                vm.state, vm.reason = RUNNING, ""
+                self._end(rec, FAILED, rec.error + "; settled: resumed here")
+                self.vmms._update_health()
+        else:
+            self._gone(vm, rec, worker, "settled: it runs at the destination; stopped here")
+        with self.vmms._lock:
+            return rec.to_dict()
 
     def cancel(self, mid: str) -> dict[str, Any]:
         """The source gave up before its worker connected (or midway): drop what we hold."""
@@ -522,13 +554,15 @@ class Migrations:
             why = (
                 f"{e}; the destination VMMS could not say within {self.in_doubt_timeout:g} s "
                 "whether it runs the VM, so it stays PAUSED here (never on both hosts): check "
-                f"the destination (`pyhv vm list --tcp {rec.peer}`); if it runs there, "
-                f"`pyhv vm stop {vm.settings.name}` here"
+                f"the destination (`pyhv vm list --tcp {rec.peer}`), then settle it: POST "
+                f'/api/migrations/{rec.id}/resolve with {{"resume": false}} if it runs there '
+                "(it is stopped and forgotten here), true if it does not"
             )
             with self.vmms._lock:
                 vm.migration = None
                 if vm.worker is worker:
                     vm.state, vm.reason = PAUSED, why
                 self._end(rec, IN_DOUBT, why)
+                self._doubts[rec.id] = (vm, worker, mid)
                 self.vmms._update_health()
             log.error("VM %s: %s", vm.settings.name, why)

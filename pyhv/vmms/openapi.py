@@ -399,6 +399,30 @@ def openapi() -> dict[str, Any]:
                     "responses": {"200": _json(_MIGRATION, "cancelled"), **_errors(404, 409)},
                 },
             },
+            "/api/migrations/{id}/resolve": {
+                "parameters": [_ID_PARAM],
+                "post": {
+                    "summary": "settle a migration in doubt (source side): resume the paused VM "
+                    "here, or stop and forget it here because it runs at the destination",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"resume": {"type": "boolean"}},
+                                    "required": ["resume"],
+                                    "additionalProperties": False,
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(_MIGRATION, "settled"),
+                        **_errors(400, 404, 409, 411, 413, 415),
+                    },
+                },
+            },
             "/api/host": {
                 "get": {
                     "summary": "the host's memory pool for VMs (bytes; free excludes the reserve)",

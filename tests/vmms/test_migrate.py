@@ -363,8 +363,9 @@ def test_a_connection_lost_after_commit_resumes_the_source_when_the_destination_
     assert b.names() == []
 
 
-def test_a_source_that_cannot_ask_the_destination_keeps_the_vm_paused_and_says_so(
-    hosts: tuple[Host, Host, FakeMigrator],
+@pytest.mark.parametrize("resume", [True, False], ids=["resumed_here", "gone_from_here"])
+def test_a_source_that_cannot_ask_the_destination_keeps_the_vm_paused_until_it_is_settled(
+    hosts: tuple[Host, Host, FakeMigrator], resume: bool
 ) -> None:
     a, b, migrator = hosts
     _running_vm(a)
@@ -382,8 +383,20 @@ def test_a_source_that_cannot_ask_the_destination_keeps_the_vm_paused_and_says_s
     assert migrator.decisions == []  # neither resumed nor stopped
     vm = a.client.request("GET", "/api/vms/vm1")
     assert vm["state"] == "paused" and "never on both hosts" in vm["reason"]
-    a.client.request("POST", "/api/vms/vm1/stop")  # the administrator settles it
-    assert a.client.request("GET", "/api/vms/vm1")["state"] == "off"
+    # The administrator looked at the destination and settles it.
+    with pytest.raises(ClientError) as err:
+        a.client.request("POST", f"/api/migrations/{rec['id']}/resolve", {"resume": "yes"})
+    assert err.value.status == 400
+    settled = a.client.request("POST", f"/api/migrations/{rec['id']}/resolve", {"resume": resume})
+    assert migrator.decisions == [resume]
+    if resume:
+        assert settled["state"] == "failed" and "settled: resumed here" in settled["error"]
+        assert a.client.request("GET", "/api/vms/vm1")["state"] == "running"
+    else:
+        assert settled["state"] == "done" and "vm1" not in a.names()
+    with pytest.raises(ClientError) as err:
+        a.client.request("POST", f"/api/migrations/{rec['id']}/resolve", {"resume": resume})
+    assert err.value.status == 409 and "not in doubt" in str(err.value)
 
 
 def test_a_malformed_migrate_request_is_refused_before_anything_moves(

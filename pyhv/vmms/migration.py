@@ -324,10 +324,10 @@ class Migrations:
                 log.exception("closing the incoming worker failed")
         vmms = self.vmms
         with vmms._lock:
-            if vmms._vms.get(vm.settings.name) is vm:
+            if vmms._vms.get(vm.settings.name) is vm:  # (once: a second call finds it gone)
                 del vmms._vms[vm.settings.name]
+                vmms.pool.give_back(vm.settings.name)
             vm.worker = None
-            vmms.pool.give_back(vm.settings.name)
             if rec.state not in FINAL:
                 self._end(rec, FAILED, why)
         log.info("incoming migration %s of %s failed: %s", rec.id, vm.settings.name, why)

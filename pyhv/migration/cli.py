@@ -1,4 +1,5 @@
-"""`pyhv migrate`: live migration from the command line (until the VMMS offers `pyhv vm migrate`).
+"""`pyhv migrate`: live migration from the command line between worker processes
+(`pyhv vm migrate` does it between two VMMS instances).
 
 pyhv migrate demo [--memory 256M] [--dirty MB] ...     both hosts here, on loopback
 pyhv migrate listen --listen 10.200.1.2:7777 --token-file F   a destination host

@@ -41,4 +41,5 @@ void apic_init(void)
     /* COM1: edge-triggered, active high, fixed delivery to APIC 0 */
     ioapic_w(0x10 + 2 * UART_PIN + 1, 0);
     ioapic_w(0x10 + 2 * UART_PIN, VEC_UART);
+    uart_rx_irq(); /* input since uart_init raised its edge while the pin was masked */
 }

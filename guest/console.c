@@ -24,10 +24,15 @@ void uart_init(void)
     outb(COM1 + 0, 1);
     outb(COM1 + 1, 0);
     outb(COM1 + LCR, 0x03);  /* 8N1 */
-    outb(COM1 + FCR, 0x07);  /* FIFOs on and cleared */
-    outb(COM1 + MCR, 0x0B);  /* DTR, RTS, OUT2 (gates the IRQ line on a PC) */
-    outb(COM1 + IER, 0x01);  /* interrupt on received data */
+    /* Keys typed before this driver ran are input, not noise: keep the receiver off the line
+     * (loopback) while switching to FIFO mode, which empties the receiver, and take what it
+     * already holds first. */
+    outb(COM1 + MCR, 0x10);  /* loopback */
     uart_rx_irq();
+    outb(COM1 + FCR, 0x05);  /* FIFOs on (the transmit FIFO cleared) */
+    outb(COM1 + MCR, 0x0B);  /* DTR, RTS, OUT2 (gates the IRQ line on a PC), back on the line */
+    outb(COM1 + IER, 0x01);  /* interrupt on received data */
+    uart_rx_irq();           /* data already waiting raised no edge the IOAPIC could deliver */
 }
 
 void uart_rx_irq(void)

@@ -95,7 +95,7 @@ class Vmms:
         with self.client.console(name) as sock:
             sock.settimeout(30)
             got = b""
-            sock.sendall(b"\r" + sync + b"\r")  # (a fresh guest may drop the first key)
+            sock.sendall(sync + b"\r")
             for _ in range(300):
                 got += sock.recv(4096)
                 if b"pyhv> " in got.partition(b"unknown command '" + sync)[2]:

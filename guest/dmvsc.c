@@ -112,6 +112,7 @@ static struct {
     u64 balloon_left, balloon_floor;
     /* what was sent last */
     u64 last_status_tick, last_avail, last_committed;
+    int status_due; /* send a report at the next poll, whatever the clock says */
     /* counters */
     u64 msgs_in, msgs_out, bad_msgs, status_sent, status_skipped;
     u64 balloon_requests, balloon_asked, balloon_pages, balloon_refused, balloon_responses;
@@ -210,6 +211,7 @@ static void send_status(void)
     m.page_file_size = m.zero_free = 0;
     m.page_file_writes = m.io_diff = 0;
     dm.last_status_tick = ticks;
+    dm.status_due = 0;
     if (vmbus_send(dm.ch, &m, sizeof(m), 0)) {
         dm.status_skipped++; /* ring full: the next second's report says it all again */
         return;
@@ -321,7 +323,7 @@ static void hot_add_request(const struct dm_hot_add *m, u32 size)
     r->page_count = (u32)added;
     r->result = result;
     post(sizeof(*r));
-    dm.last_status_tick = 0; /* as Linux: a status report right after the hot-add */
+    dm.status_due = 1; /* as Linux: a status report right after the hot-add */
 }
 
 static void info_message(const struct dm_info_msg *m, u32 size)
@@ -378,7 +380,7 @@ static void message(u32 len)
             return;
         }
         dm.state = DM_READY;
-        dm.last_status_tick = 0; /* quietly: a line now would land in the middle of a shell command */
+        dm.status_due = 1; /* quietly: a line now would land in the middle of a shell command */
         return;
     case DM_BALLOON_REQUEST:
         if (dm.state != DM_READY || size != 16)
@@ -437,7 +439,7 @@ static void dm_callback(struct vmbus_channel *ch)
         fail(dm.state == DM_VERSION ? "no answer to the version request in 5 s" : "no answer to the capabilities in 5 s");
         return;
     }
-    if (dm.state == DM_READY && (!dm.last_status_tick || ticks - dm.last_status_tick >= HZ))
+    if (dm.state == DM_READY && (dm.status_due || ticks - dm.last_status_tick >= HZ))
         send_status();
 }
 

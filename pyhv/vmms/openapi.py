@@ -23,6 +23,20 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    """A JSON object schema with these properties and no others."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     words = {
         400: "malformed request or a value out of range (the message says which and why)",
@@ -51,12 +65,7 @@ def _settings_schema(required: list[str]) -> dict[str, Any]:
             props[key] = {"type": ["string", "null"], "description": text}
         else:
             props[key] = {"type": "string", "description": text}
-    return {
-        "type": "object",
-        "properties": props,
-        "required": required,
-        "additionalProperties": False,
-    }
+    return _object(props, required)
 
 
 def openapi() -> dict[str, Any]:
@@ -190,14 +199,7 @@ def openapi() -> dict[str, Any]:
                 },
                 "post": {
                     "summary": "create a VM (stored; not started)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/Settings"}
-                            }
-                        },
-                    },
+                    "requestBody": _json_body({"$ref": "#/components/schemas/Settings"}),
                     "responses": {
                         "201": _json(_VM, "created"),
                         **_errors(400, 409, 411, 413, 415),
@@ -212,14 +214,7 @@ def openapi() -> dict[str, Any]:
                 },
                 "patch": {
                     "summary": "change settings (the book's rules while running)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/SettingsChange"}
-                            }
-                        },
-                    },
+                    "requestBody": _json_body({"$ref": "#/components/schemas/SettingsChange"}),
                     "responses": {
                         "200": _json(_VM, "changed"),
                         **_errors(400, 404, 409, 411, 413, 415),
@@ -270,19 +265,7 @@ def openapi() -> dict[str, Any]:
                 },
                 "post": {
                     "summary": "balloon, unballoon or hot-add towards a target",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {"target": _SIZE},
-                                    "required": ["target"],
-                                    "additionalProperties": False,
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _json_body(_object({"target": _SIZE}, ["target"])),
                     "responses": {
                         "200": _json({"type": "object"}, "sent to the worker"),
                         **_errors(400, 404, 409, 411, 413, 415),
@@ -305,34 +288,26 @@ def openapi() -> dict[str, Any]:
                 "post": {
                     "summary": "live-migrate the running VM to another VMMS (source side); "
                     "poll GET /api/migrations/{id} for progress",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
+                    "requestBody": _json_body(
+                        _object(
+                            {
+                                "destination": {
+                                    "type": "string",
+                                    "description": "the destination VMMS's TCP API, HOST:PORT",
+                                },
+                                "token": {
+                                    "type": "string",
+                                    "description": "the destination VMMS's bearer token",
+                                },
+                                "options": {
                                     "type": "object",
-                                    "properties": {
-                                        "destination": {
-                                            "type": "string",
-                                            "description": "the destination VMMS's TCP API, "
-                                            "HOST:PORT",
-                                        },
-                                        "token": {
-                                            "type": "string",
-                                            "description": "the destination VMMS's bearer token",
-                                        },
-                                        "options": {
-                                            "type": "object",
-                                            "description": "pyhv.migration MigrationOptions "
-                                            "(downtime_target, bandwidth, compress, ...)",
-                                        },
-                                    },
-                                    "required": ["destination", "token"],
-                                    "additionalProperties": False,
-                                }
-                            }
-                        },
-                    },
+                                    "description": "pyhv.migration MigrationOptions "
+                                    "(downtime_target, bandwidth, compress, ...)",
+                                },
+                            },
+                            ["destination", "token"],
+                        )
+                    ),
                     "responses": {
                         "202": _json(_MIGRATION, "started"),
                         **_errors(400, 404, 409, 411, 413, 415),
@@ -361,26 +336,19 @@ def openapi() -> dict[str, Any]:
                     "summary": "prepare to receive a VM (destination side, called by the source "
                     "VMMS): check its settings and this host's pool, create its entry and an "
                     "incoming worker with a one-time migration token",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {
-                                        "settings": {"$ref": "#/components/schemas/Settings"},
-                                        "memory": {
-                                            "type": "integer",
-                                            "description": "the VM's RAM now, bytes (>= startup)",
-                                        },
-                                        "source": {"type": "string"},
-                                    },
-                                    "required": ["settings"],
-                                    "additionalProperties": False,
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _json_body(
+                        _object(
+                            {
+                                "settings": {"$ref": "#/components/schemas/Settings"},
+                                "memory": {
+                                    "type": "integer",
+                                    "description": "the VM's RAM now, bytes (>= startup)",
+                                },
+                                "source": {"type": "string"},
+                            },
+                            ["settings"],
+                        )
+                    ),
                     "responses": {
                         "201": _json({"$ref": "#/components/schemas/Incoming"}, "listening"),
                         **_errors(400, 409, 411, 413, 415),
@@ -404,19 +372,7 @@ def openapi() -> dict[str, Any]:
                 "post": {
                     "summary": "settle a migration in doubt (source side): resume the paused VM "
                     "here, or stop and forget it here because it runs at the destination",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {"resume": {"type": "boolean"}},
-                                    "required": ["resume"],
-                                    "additionalProperties": False,
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _json_body(_object({"resume": {"type": "boolean"}}, ["resume"])),
                     "responses": {
                         "200": _json(_MIGRATION, "settled"),
                         **_errors(400, 404, 409, 411, 413, 415),

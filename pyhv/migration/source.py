@@ -463,8 +463,8 @@ class Source:
         self.progress.phase = "aborted"
         self._report(force=True)
 
-    def _hold(self) -> None:
-        """In doubt: dirty logging and throttle off, the VPs stay paused."""
+    def _stop_logging(self) -> None:
+        """The throttle and dirty logging off (the VPs keep whatever pause they are in)."""
         self._throttle.stop()
         for r in self._logging:
             try:
@@ -472,6 +472,10 @@ class Source:
             except Exception:  # noqa: BLE001 - going on with the others
                 log.exception("could not switch dirty logging off")
         self._logging.clear()
+
+    def _hold(self) -> None:
+        """In doubt: dirty logging and throttle off, the VPs stay paused."""
+        self._stop_logging()
         self.progress.phase = "in-doubt"
         self._report(force=True)
 
@@ -568,13 +572,7 @@ class Source:
 
     def _roll_back(self, why: str) -> None:
         """Leave the source VM running and unchanged."""
-        self._throttle.stop()
-        for r in self._logging:
-            try:
-                mem.set_dirty_logging(r, False)
-            except Exception:  # noqa: BLE001 - going on with the others
-                log.exception("could not switch dirty logging off")
-        self._logging.clear()
+        self._stop_logging()
         if self.vm.partition is not None and self.vm.end is None:
             self.vm.partition.resume()  # also undoes a throttle pause
         self._paused = False

@@ -119,15 +119,21 @@ def run_pyhv(memory: str, dirty: int) -> dict[str, Any]:
 # --- QEMU ---------------------------------------------------------------------------------
 
 
+def _connect_unix(path: str) -> socket.socket:
+    """A Unix socket connected to `path`, waiting up to 10 s for QEMU to create it."""
+    sock = socket.socket(socket.AF_UNIX)
+    for _ in range(200):
+        try:
+            sock.connect(path)
+            break
+        except OSError:
+            time.sleep(0.05)
+    return sock
+
+
 class Qmp:
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        for _ in range(200):
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                time.sleep(0.05)
+        self.sock = _connect_unix(path)
         self.f = self.sock.makefile("rwb")
         self._read()  # greeting
         self.cmd("qmp_capabilities")
@@ -152,13 +158,7 @@ class Qmp:
 
 class Serial:
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        for _ in range(200):
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                time.sleep(0.05)
+        self.sock = _connect_unix(path)
         self.buf = b""
 
     def until(self, marker: bytes, timeout: float = 60) -> bytes:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from pyhv.experiments.lab import ExperimentError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group("experiment", context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,21 +34,42 @@ def _scale(value: float) -> float:
     return value
 
 
+def _out_option(default: str) -> Callable[[F], F]:
+    return click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path(default),
+        show_default=True,
+        help="directory for the chart, the counters' CSV and the account",
+    )
+
+
+def _time_scale_option(default: float, help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--time-scale",
+        type=float,
+        default=default,
+        show_default=True,
+        callback=lambda _c, _p, v: _scale(v),
+        help=help_text,
+    )
+
+
+def _print_account(run: Callable[[], Any]) -> None:
+    """Run an experiment and print its account; an ExperimentError becomes the command's error."""
+    try:
+        result = run()
+    except ExperimentError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo("")
+    click.echo(result.account())
+
+
 @experiment_group.command("watch-dynamic-memory")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("out/watch-dynamic-memory"),
-    show_default=True,
-    help="directory for the chart, the counters' CSV and the account",
-)
-@click.option(
-    "--time-scale",
-    type=float,
-    default=1.0,
-    show_default=True,
-    callback=lambda _c, _p, v: _scale(v),
-    help="multiplies the balancer's delays (trim after 180 s, add settle 30 s); 0.1 = ten times sooner",
+@_out_option("out/watch-dynamic-memory")
+@_time_scale_option(
+    1.0,
+    "multiplies the balancer's delays (trim after 180 s, add settle 30 s); 0.1 = ten times sooner",
 )
 @click.option("--startup", "startup_mib", type=int, default=768, show_default=True, help="MiB")
 @click.option("--testlimit", "testlimit_mb", type=int, default=1000, show_default=True, help="MiB")
@@ -75,30 +99,12 @@ def watch_command(out: Path, time_scale: float, startup_mib: int, **kw: Any) -> 
         f"between paced adds and trims after {delay:g} s above target (the book's pace is time "
         f"scale 1: 30 s and 180 s). This takes about {about:.0f} s."
     )
-    try:
-        result = run_watch(config, say=click.echo)
-    except ExperimentError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo("")
-    click.echo(result.account())
+    _print_account(lambda: run_watch(config, say=click.echo))
 
 
 @experiment_group.command("contention")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("out/contention"),
-    show_default=True,
-    help="directory for the chart, the counters' CSV and the account",
-)
-@click.option(
-    "--time-scale",
-    type=float,
-    default=0.1,
-    show_default=True,
-    callback=lambda _c, _p, v: _scale(v),
-    help="multiplies the balancer's delays and the workload timeline",
-)
+@_out_option("out/contention")
+@_time_scale_option(0.1, "multiplies the balancer's delays and the workload timeline")
 def contention_command(out: Path, time_scale: float) -> None:
     """Three weighted VMs with bursty Testlimit workloads on a host smaller than the sum of
     their maxima: who gets memory, nobody below minimum, density against static allocation."""
@@ -106,9 +112,6 @@ def contention_command(out: Path, time_scale: float) -> None:
 
     _need_kvm()
 
-    try:
-        result = run_contention(ContentionConfig(out=out, time_scale=time_scale), say=click.echo)
-    except ExperimentError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo("")
-    click.echo(result.account())
+    _print_account(
+        lambda: run_contention(ContentionConfig(out=out, time_scale=time_scale), say=click.echo)
+    )

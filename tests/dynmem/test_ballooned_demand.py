@@ -36,6 +36,15 @@ class Vm:
     def guest(self, mtype: T, body: object, **kw: object) -> None:
         self.vsp.on_message(p.encode(mtype, body, **kw) + bytes(4), 0)  # type: ignore[arg-type]
 
+    def balloon_128_mib(self) -> None:
+        """The host asks for 128 MiB and the guest gives pages [128 MiB, 256 MiB) at once."""
+        self.vsp.balloon(128 * MIB)
+        self.guest(
+            T.BALLOON_RESPONSE,
+            p.DmBalloonResponse(more_pages=0),
+            ranges=[PageRange(128 * MIB, 128 * MIB)],
+        )
+
     def report(self, committed: int) -> StatusReport:
         """A status report as Linux's hv_balloon (and the reference guest) computes it."""
         ballooned = self.vsp.ballooned.pages
@@ -47,12 +56,7 @@ class Vm:
 def test_the_demand_of_a_ballooned_vm_leaves_out_the_pages_the_host_holds_ballooned() -> None:
     vm = Vm()
     before = vm.report(20 * MIB)
-    vm.vsp.balloon(128 * MIB)
-    vm.guest(
-        T.BALLOON_RESPONSE,
-        p.DmBalloonResponse(more_pages=0),
-        ranges=[PageRange(128 * MIB, 128 * MIB)],
-    )
+    vm.balloon_128_mib()
     after = vm.report(20 * MIB)
     assert after.ballooned_pages == 128 * MIB
     assert after.guest_committed_pages == 20 * MIB + 128 * MIB + floor_pages(128 * MIB)
@@ -63,12 +67,7 @@ def test_the_demand_of_a_ballooned_vm_leaves_out_the_pages_the_host_holds_balloo
 
 def test_a_ballooned_vm_at_rest_is_not_given_its_memory_straight_back() -> None:
     vm = Vm()
-    vm.vsp.balloon(128 * MIB)
-    vm.guest(
-        T.BALLOON_RESPONSE,
-        p.DmBalloonResponse(more_pages=0),
-        ranges=[PageRange(128 * MIB, 128 * MIB)],
-    )
+    vm.balloon_128_mib()
     report = vm.report(20 * MIB)
     settings = MemorySettings.from_mib(startup=256, minimum=128, maximum=1024)
     state = VmMemoryState("vm", settings, RAM, RAM - 128 * MIB, 128 * MIB, report)

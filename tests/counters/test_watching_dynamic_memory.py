@@ -23,17 +23,11 @@ from pyhv.dynmem.balancer import (
     host_after,
     pages_from_mib,
 )
+from tests.dynmem.test_balancer_simulation import committed_under_testlimit
 
 MIB = pages_from_mib(1)
 VISIBLE = f"\\{VM}(testvm)\\Guest Visible Physical Memory"
 PHYSICAL = f"\\{VM}(testvm)\\Physical Memory"
-
-
-def committed(t: int) -> int:
-    """427 MiB at rest; Testlimit commits 1000 MiB at t=10, 300 more at t=40, ends at t=100."""
-    if 10 <= t < 100:
-        return (1427 + (300 if t >= 40 else 0)) * MIB
-    return 427 * MIB
 
 
 def test_the_counters_show_the_jumps_and_the_late_trim_and_chart_them(tmp_path: Path) -> None:
@@ -44,7 +38,7 @@ def test_the_counters_show_the_jumps_and_the_late_trim_and_chart_them(tmp_path: 
     host = HostMemory(free_pages=8192 * MIB, reserve_pages=1024 * MIB)
     vm = VmMemoryState("testvm", MemorySettings.from_mib(512, 256, 4096), 512 * MIB, 512 * MIB)
     for t in range(150):
-        vm = replace(vm, report=StatusReport(committed(t), 200 * MIB))
+        vm = replace(vm, report=StatusReport(committed_under_testlimit(t), 200 * MIB))
         d = decide(host, [vm], config)
         counters.record_tick([vm], d)
         log.sample(float(t))

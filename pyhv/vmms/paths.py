@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-SOCKET_NAME = "vmms.sock"
-TOKEN_NAME = "token"
-
 
 def default_state_dir() -> Path:
     """``$PYHV_STATE_DIR``, else ``$XDG_STATE_HOME/pyhv``, else ``~/.local/state/pyhv``."""

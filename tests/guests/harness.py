@@ -21,11 +21,12 @@ def guest(
     rflags: int = 0x2,
     source: str | None = None,
     partition_name: str | None = None,
+    irqchip: bool = True,
     **gprs: int,
 ) -> Iterator[tuple[Partition, VirtualProcessor, GuestImage]]:
     """Partition with `ram` bytes at GPA 0, the guest loaded at 2 MiB and VP 0 set to enter it."""
     img = build_guest(name, source=source)
-    with Partition(partition_name or name) as p:
+    with Partition(partition_name or name, irqchip=irqchip) as p:
         p.add_memory(0, ram)
         p.write(img.base, img.code)
         vp = p.create_vp(0)

@@ -13,7 +13,6 @@ from pyhv.hypervisor import (
     VpState,
     enter_long_mode,
 )
-from tests.guests.build import build_guest
 from tests.guests.harness import STACK_TOP, guest
 
 pytestmark = pytest.mark.kvm
@@ -66,12 +65,7 @@ def test_a_triple_fault_is_reported_as_shutdown_with_the_registers() -> None:
 
 
 def test_hlt_reaches_the_halt_intercept_when_no_in_kernel_lapic_waits_for_it() -> None:
-    img = build_guest("halt")
-    with Partition("halt", irqchip=False) as p:
-        p.add_memory(0, 16 << 20)
-        p.write(img.base, img.code)
-        vp = p.create_vp(0)
-        enter_long_mode(p, vp, img.entry, STACK_TOP, rbx=1)
+    with guest("halt", irqchip=False, rbx=1) as (p, vp, _img):
         halts: list[int] = []
         out: list[int] = []
         p.intercepts.install_halt(lambda m: halts.append(m.vp_index) or m.set_registers(rbx=42))
@@ -86,12 +80,7 @@ def test_hlt_reaches_the_halt_intercept_when_no_in_kernel_lapic_waits_for_it() -
 
 
 def test_hlt_without_a_halt_intercept_stops_the_vp_with_a_halt_event() -> None:
-    img = build_guest("halt")
-    with Partition("halt", irqchip=False) as p:
-        p.add_memory(0, 16 << 20)
-        p.write(img.base, img.code)
-        vp = p.create_vp(0)
-        enter_long_mode(p, vp, img.entry, STACK_TOP)
+    with guest("halt", irqchip=False) as (_p, vp, _img):
         vp.start()
         ev = vp.wait(5)
         assert ev is not None and ev.kind is VpEventKind.HALT

@@ -154,6 +154,15 @@ class MemoryManager:
             )
         self.free_pages -= pages
 
+    def grow_budget(self, pages: int) -> None:
+        """Add `pages` to the budget and the free pool (the budget only grows: a partition's own
+        manager whose budget is its maximum, raised while it runs)."""
+        if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
+            raise MemoryManagerError(f"budget growth {pages!r} must be a page count >= 0")
+        with self._lock:
+            self.budget_pages += pages
+            self.free_pages += pages
+
     def add_partition(
         self,
         name: str,

@@ -87,6 +87,7 @@ class DynamicMemoryService:
         self.maximum_pages = config.maximum // PAGE_SIZE
         self.op_timeout = op_timeout
         self._on_status = on_status
+        self._own_mm = memory_manager is None  # its budget is the maximum: grows with it
         self.mm = memory_manager or MemoryManager(max(config.maximum, config.memory))
         ram = [r for r in partition.regions if not r.readonly]
         self.mm.add_partition(self.name, ram, self._map_region)
@@ -376,6 +377,57 @@ class DynamicMemoryService:
         if isinstance(target_bytes, bool) or not isinstance(target_bytes, int) or target_bytes < 0:
             raise DynamicMemoryError(f"memory target {target_bytes!r} must be a number of bytes")
         return self._set_goal(target_bytes // PAGE_SIZE, f"target {target_bytes} bytes")
+
+    def set_limits(self, minimum_bytes: int, maximum_bytes: int) -> dict[str, Any]:
+        """Change the range goals are clamped to while the VM runs, as the book allows: the
+        minimum may only go down, the maximum only up (never below what is assigned). A raised
+        maximum grows the VM's own pool and is told to the guest (the info message)."""
+        for what, v in (("minimum", minimum_bytes), ("maximum", maximum_bytes)):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int)
+                or v <= 0
+                or v % (MIB_PAGES * PAGE_SIZE)
+            ):
+                raise DynamicMemoryError(f"{what} memory {v!r} must be a whole number of MiB")
+        lo, hi = minimum_bytes // PAGE_SIZE, maximum_bytes // PAGE_SIZE
+        with self._cv:
+            old_lo, old_hi = self.minimum_pages, self.maximum_pages
+            assigned = self._mm_part.assigned_pages
+            if lo > old_lo:
+                raise DynamicMemoryError(
+                    f"minimum can only go down while VM {self.name!r} runs (from "
+                    f"{old_lo // MIB_PAGES} MiB, asked {lo // MIB_PAGES} MiB)"
+                )
+            if hi < old_hi or hi < assigned:
+                raise DynamicMemoryError(
+                    f"maximum can only go up while VM {self.name!r} runs (from "
+                    f"{old_hi // MIB_PAGES} MiB, {assigned // MIB_PAGES} MiB assigned; asked "
+                    f"{hi // MIB_PAGES} MiB)"
+                )
+            if self._own_mm and hi > old_hi:
+                self.mm.grow_budget(hi - old_hi)
+            self.minimum_pages, self.maximum_pages = lo, hi
+            self._cv.notify_all()
+        informed = False
+        vsp = self.vsp
+        if hi != old_hi:
+            with vsp.lock:
+                if (
+                    vsp.caps is not None
+                    and not vsp.stopped
+                    and vsp.version is not None
+                    and vsp.version >= dmp.Version.WIN8
+                ):
+                    vsp.send_info_max_page_count(hi)
+                    informed = True
+        log.info("%s: limits %d..%d pages (were %d..%d)", self.name, lo, hi, old_lo, old_hi)
+        return {
+            "minimum_pages": lo,
+            "maximum_pages": hi,
+            "assigned_pages": assigned,
+            "guest_informed": informed,
+        }
 
     def add(self, pages: int) -> dict[str, Any]:
         """The balancer's "add N pages": unballoon first, then hot-add the rest."""

@@ -143,7 +143,9 @@ class WorkerProcess:
 
     # --- Dynamic Memory: the same calls as VirtualMachine's, over the socket -------------
 
-    def _memory(self, call: str, value: int | None = None, timeout: float = 30.0) -> Any:
+    def _memory(
+        self, call: str, value: int | list[int] | None = None, timeout: float = 30.0
+    ) -> Any:
         from pyhv.worker.dynmem import DynamicMemoryError
 
         event, box = threading.Event(), list[dict[str, object]]()
@@ -169,6 +171,10 @@ class WorkerProcess:
 
     def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
         return self._memory("target", target_bytes)  # type: ignore[no-any-return]
+
+    def set_memory_limits(self, minimum: int, maximum: int) -> dict[str, Any]:
+        """As VirtualMachine.set_memory_limits, in the worker process."""
+        return self._memory("limits", [minimum, maximum])  # type: ignore[no-any-return]
 
     def add_memory(self, pages: int) -> dict[str, Any]:
         return self._memory("add", pages)  # type: ignore[no-any-return]

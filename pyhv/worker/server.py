@@ -150,6 +150,13 @@ def memory_call(vm: Any, msg: dict[str, object]) -> dict[str, object]:
         if call == "status":
             reply["result"] = vm.memory_status()
             return reply
+        if call == "limits":
+            if not (isinstance(value, list) and len(value) == 2):
+                raise DynamicMemoryError(
+                    f"memory 'limits' needs [minimum, maximum] in bytes, got {value!r}"
+                )
+            reply["result"] = vm.set_memory_limits(value[0], value[1])
+            return reply
         if isinstance(value, bool) or not isinstance(value, int):
             raise DynamicMemoryError(f"memory {call!r} needs an integer value, got {value!r}")
         if call == "target":
@@ -160,7 +167,7 @@ def memory_call(vm: Any, msg: dict[str, object]) -> dict[str, object]:
             reply["result"] = vm.remove_memory(value)
         else:
             raise DynamicMemoryError(
-                f"unknown memory call {call!r}: use status, target, add or remove"
+                f"unknown memory call {call!r}: use status, target, limits, add or remove"
             )
     except (DynamicMemoryError, ValueError) as e:
         reply["error"] = str(e)

@@ -190,6 +190,24 @@ class VirtualMachine:
         configured minimum and maximum); returns the plan at once."""
         return self._dm("memory target").set_target(target_bytes)
 
+    def set_memory_limits(self, minimum: int, maximum: int) -> dict[str, Any]:
+        """Change the Dynamic Memory range while the VM runs (bytes): the minimum may only go
+        down, the maximum only up; later targets are clamped to the new range, and the guest is
+        told the new maximum (hot-add up to it)."""
+        from pyhv.worker.config import ConfigError
+        from pyhv.worker.dynmem import DynamicMemoryError
+
+        dm = self._dm("memory limits")
+        try:  # the range a VM may boot with (a migration's destination re-validates it)
+            config = VmConfig.from_dict(
+                self.config.to_dict() | {"minimum": minimum, "maximum": maximum}
+            )
+        except (ConfigError, TypeError) as e:
+            raise DynamicMemoryError(f"memory limits: {e}") from None
+        result = dm.set_limits(minimum, maximum)
+        self.config = config
+        return result
+
     def add_memory(self, pages: int) -> dict[str, Any]:
         """The balancer's add: unballoon first, then hot-add the rest."""
         return self._dm("add memory").add(pages)

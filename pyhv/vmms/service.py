@@ -242,9 +242,30 @@ class Vmms:
                 new = apply_changes(vm.settings, raw, running=vm.state == RUNNING)
             except VmSettingsError as e:
                 raise VmmsError(str(e)) from None
+            self._forward_memory_limits(vm, new)
             self.store.save(new)
             vm.settings = new
             return self._describe(vm)
+
+    def _forward_memory_limits(self, vm: _Vm, new: VmSettings) -> None:
+        """A running Dynamic Memory VM's worker clamps targets to the range it was given: tell
+        it a lowered minimum or raised maximum before the new settings are stored (if the worker
+        refuses, nothing changes)."""
+        old = vm.settings
+        if vm.worker is None or not new.dynamic_memory:
+            return
+        if (new.minimum, new.maximum) == (old.minimum, old.maximum):
+            return
+        set_limits = getattr(vm.worker, "set_memory_limits", None)
+        if set_limits is None:
+            return  # a worker without the Dynamic Memory wiring has no range to change
+        try:
+            set_limits(new.minimum, new.maximum)
+        except RuntimeError as e:
+            raise Conflict(
+                f"VM {vm.settings.name!r}: its worker did not take the new Dynamic Memory "
+                f"range {format_size(new.minimum)}..{format_size(new.maximum)}: {e}"
+            ) from None
 
     def delete(self, name: str) -> None:
         with self._lock:

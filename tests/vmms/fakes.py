@@ -70,3 +70,11 @@ class FakeDmWorker(FakeWorker):
     def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
         self.target = target_bytes
         return {}
+
+    def set_memory_limits(self, minimum: int, maximum: int) -> dict[str, Any]:
+        """Recorded in `limits`; `refuse_limits` makes the worker refuse (as a real one does a
+        minimum going up)."""
+        if getattr(self, "refuse_limits", None):
+            raise RuntimeError(self.refuse_limits)
+        self.limits = (minimum, maximum)
+        return {"minimum_pages": minimum // 4096, "maximum_pages": maximum // 4096}

@@ -251,6 +251,31 @@ def test_memory_requests_are_checked_before_they_reach_the_worker(
     assert st["assigned"] == 512 << 20 and st["committed"] == 256 << 20
 
 
+def test_a_running_vms_lowered_minimum_or_raised_maximum_reaches_its_worker(
+    vmms: tuple[Vmms, ApiServers],
+) -> None:
+    c = _client(vmms[1])
+    c.request("POST", "/api/vms", {"name": "dmvm", "memory": "512M", "dynamic_memory": True})
+    c.request("POST", "/api/vms/dmvm/start")
+    dm = FakeWorker.instances[-1]
+    c.request("PATCH", "/api/vms/dmvm", {"buffer": 30})
+    assert not hasattr(dm, "limits")  # nothing of the range changed: the worker is not asked
+    c.request("PATCH", "/api/vms/dmvm", {"maximum": "3G"})
+    assert dm.limits == (256 << 20, 3 * GIB)  # type: ignore[attr-defined]
+    c.request("PATCH", "/api/vms/dmvm", {"minimum": "128M"})
+    assert dm.limits == (128 << 20, 3 * GIB)  # type: ignore[attr-defined]
+    # Targets up to the new maximum are accepted and forwarded.
+    c.request("POST", "/api/vms/dmvm/memory", {"target": "2560M"})
+    assert dm.target == 2560 << 20  # type: ignore[attr-defined]
+    # A worker that refuses leaves the stored settings as they were.
+    dm.refuse_limits = "maximum can only go up"  # type: ignore[attr-defined]
+    with pytest.raises(ClientError, match="did not take the new Dynamic Memory range") as e:
+        c.request("PATCH", "/api/vms/dmvm", {"maximum": "4G"})
+    assert e.value.status == 409
+    settings = c.request("GET", "/api/vms/dmvm")["settings"]
+    assert (settings["minimum"], settings["maximum"]) == (128 << 20, 3 * GIB)
+
+
 def test_memory_of_a_worker_without_the_dm_channel_is_409_not_running(
     vmms: tuple[Vmms, ApiServers],
 ) -> None:

@@ -213,6 +213,39 @@ def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None
     assert "maximum can only go up while VM 'dm' runs" in out
 
 
+@pytest.mark.kvm
+def test_a_maximum_raised_while_the_vm_runs_lets_it_be_given_more_than_its_old_maximum(
+    host: Host,
+) -> None:
+    host.vm(
+        "create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "512M"
+    )
+    host.vm("start", "dm")
+    status: dict[str, Any] = {}
+    for _ in range(300):  # the guest's DM driver reports once a second after it negotiated
+        try:
+            status = host.client.request("GET", "/api/vms/dm/memory")
+        except Exception:  # noqa: BLE001 - 409 until the guest has reported
+            status = {}
+        if status.get("committed"):
+            break
+        time.sleep(0.1)
+    assert status.get("committed"), status
+    host.vm("memory", "dm", "--maximum", "768M")
+    assert host.show("dm")["settings"]["maximum"] == 768 << 20
+    # The worker clamps targets to the new range: 640M is above the maximum it booted with.
+    assert "memory target 640M sent" in host.vm("memory", "dm", "--target", "640M")
+    for _ in range(300):
+        status = host.client.request("GET", "/api/vms/dm/memory")
+        if status["assigned"] == 640 << 20:
+            break
+        time.sleep(0.1)
+    assert status["assigned"] == 640 << 20 and status["visible"] == 640 << 20, status
+    # The guest was told the new maximum (the info message, in 4 KiB pages).
+    out = host.shell("dm", "dm", b"max-page-count: 196608")
+    assert b"max-page-count: 196608" in out, out
+
+
 def test_the_vm_commands_say_when_no_vmms_is_serving(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "pyhv.cli", "vm", "--state-dir", str(tmp_path), "list"],

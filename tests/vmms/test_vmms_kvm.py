@@ -61,6 +61,19 @@ class Host:
                 got += sock.recv(4096)
             return got
 
+    def wait_for_dm_report(self, name: str) -> None:
+        """Until the VM's guest DM driver has reported (once a second after it negotiated)."""
+        status: dict[str, Any] = {}
+        for _ in range(300):
+            try:
+                status = self.client.request("GET", f"/api/vms/{name}/memory")
+            except Exception:  # noqa: BLE001 - 409 until the guest has reported
+                status = {}
+            if status.get("committed"):
+                break
+            time.sleep(0.1)
+        assert status.get("committed"), status
+
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[Host]:
@@ -185,16 +198,7 @@ def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None
     out = host.vm("memory", "dm", "--target", "384M", check=False)
     assert "VM 'dm' is off: start it first" in out
     host.vm("start", "dm")
-    status: dict[str, Any] = {}
-    for _ in range(300):  # the guest's DM driver reports once a second after it negotiated
-        try:
-            status = host.client.request("GET", "/api/vms/dm/memory")
-        except Exception:  # noqa: BLE001 - 409 until the guest has reported
-            status = {}
-        if status.get("committed"):
-            break
-        time.sleep(0.1)
-    assert status.get("committed"), status
+    host.wait_for_dm_report("dm")
     out = host.vm("memory", "dm", "--target", "384M")
     assert "memory target 384M sent" in out
     for _ in range(300):
@@ -221,16 +225,7 @@ def test_a_maximum_raised_while_the_vm_runs_lets_it_be_given_more_than_its_old_m
         "create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "512M"
     )
     host.vm("start", "dm")
-    status: dict[str, Any] = {}
-    for _ in range(300):  # the guest's DM driver reports once a second after it negotiated
-        try:
-            status = host.client.request("GET", "/api/vms/dm/memory")
-        except Exception:  # noqa: BLE001 - 409 until the guest has reported
-            status = {}
-        if status.get("committed"):
-            break
-        time.sleep(0.1)
-    assert status.get("committed"), status
+    host.wait_for_dm_report("dm")
     host.vm("memory", "dm", "--maximum", "768M")
     assert host.show("dm")["settings"]["maximum"] == 768 << 20
     # The worker clamps targets to the new range: 640M is above the maximum it booted with.

@@ -241,12 +241,25 @@ class Incoming:
         return r  # type: ignore[no-any-return]
 
     def _decompress(self, buf: bytearray, target: memoryview) -> None:
-        if self._zstd is None:
-            import zstandard
+        import zstandard
 
+        if self._zstd is None:
             self._zstd = zstandard.ZstdDecompressor()
+        data = bytes(buf)
         try:
-            out = self._zstd.decompress(bytes(buf), max_output_size=len(target))
+            # decompress() allocates the size the frame header declares, whatever
+            # max_output_size says: check it first, or a small frame is a decompression bomb.
+            declared = zstandard.frame_content_size(data)
+        except Exception as e:  # noqa: BLE001 - zstd's own error type
+            raise MigrationError(
+                f"a compressed page frame has no valid zstd header: {e}", "memory"
+            ) from None
+        if declared not in (-1, len(target)):
+            raise MigrationError(
+                f"a compressed page frame declares {declared} bytes, not {len(target)}", "memory"
+            )
+        try:
+            out = self._zstd.decompress(data, max_output_size=len(target))
         except Exception as e:  # noqa: BLE001 - zstd's own error type
             raise MigrationError(
                 f"a compressed page frame does not decompress: {e}", "memory"

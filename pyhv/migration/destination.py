@@ -104,10 +104,27 @@ class Incoming:
                 raise MigrationError(
                     "the CONFIG frame has no configuration or RAM layout", "config"
                 )
+            for region in regions:
+                if not (
+                    isinstance(region, list)
+                    and len(region) == 2
+                    and all(type(v) is int for v in region)
+                    and region[0] >= 0
+                    and region[1] > 0
+                    and not (region[0] | region[1]) % PAGE
+                ):
+                    raise MigrationError(
+                        f"the CONFIG frame's RAM region {region!r} is not [gpa, size] with a "
+                        "page-aligned gpa >= 0 and size > 0",
+                        "config",
+                    )
+            options = msg.get("options") or {}
+            if not isinstance(options, dict):
+                raise MigrationError("the CONFIG frame's options are not an object", "config")
             self.config, self.regions = config, regions
-            self.verify = bool((msg.get("options") or {}).get("verify", True))
+            self.verify = bool(options.get("verify", True))
             self.dynmem_layout = msg.get("dynmem")
-            need = sum(int(size) for _gpa, size in regions)
+            need = sum(size for _gpa, size in regions)
             have = self.max_memory if self.max_memory is not None else available_memory()
             if need > have:
                 raise MigrationError(

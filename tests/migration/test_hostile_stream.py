@@ -4,13 +4,16 @@ values that would allocate, or slip past a check, are refused with a MigrationEr
 from __future__ import annotations
 
 import socket
+import threading
 import tracemalloc
+from typing import Any
 
 import pytest
 import zstandard
 
+from pyhv.migration import stream as st
 from pyhv.migration.destination import Incoming
-from pyhv.migration.stream import MigrationError
+from pyhv.migration.stream import Frame, FrameSocket, MigrationError
 
 TOKEN = "shared-secret-1"
 
@@ -50,3 +53,55 @@ def test_a_compressed_frame_of_the_right_size_still_fills_its_pages() -> None:
     target = memoryview(bytearray(8192))
     _incoming()._decompress(bytearray(unsized), target)
     assert bytes(target) == data
+
+
+def _accept_config(msg: dict[str, Any]) -> BaseException | None:
+    """Run the destination's accept() against a source that authenticates and sends `msg` as
+    its CONFIG frame; the destination's error (None if it accepted)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    inc = Incoming(lst, TOKEN, max_memory=1 << 30, timeout=5, accept_timeout=5)
+    err: list[BaseException | None] = [None]
+
+    def destination() -> None:
+        try:
+            inc.accept()
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            err[0] = e
+
+    t = threading.Thread(target=destination)
+    t.start()
+    src = FrameSocket(socket.create_connection(lst.getsockname()), timeout=5)
+    try:
+        st.authenticate_source(src, st.token_bytes(TOKEN))
+        src.send_json(Frame.CONFIG, msg)
+        t.join(10)
+    finally:
+        src.close()
+        if inc.fs is not None:
+            inc.fs.close()
+    return err[0]
+
+
+def test_a_negative_region_size_cannot_slip_a_config_under_the_memory_limit() -> None:
+    err = _accept_config({"config": {}, "regions": [[0, 1 << 40], [1 << 40, -(1 << 40)]]})
+    assert isinstance(err, MigrationError) and "RAM region" in str(err)
+
+
+@pytest.mark.parametrize(
+    "regions",
+    [[[0]], [[0, 4096, 1]], ["ab"], [[0, "4096"]], [[0, 4096.0]], [[-4096, 4096]], [[1, 4096]]],
+)
+def test_a_config_with_a_malformed_region_is_refused(regions: list[Any]) -> None:
+    err = _accept_config({"config": {}, "regions": regions})
+    assert isinstance(err, MigrationError) and "RAM region" in str(err)
+
+
+def test_a_config_whose_options_are_not_an_object_is_refused() -> None:
+    err = _accept_config({"config": {}, "regions": [[0, 1 << 20]], "options": [1]})
+    assert isinstance(err, MigrationError) and "options" in str(err)
+
+
+def test_a_well_formed_config_within_the_memory_limit_is_accepted() -> None:
+    assert _accept_config({"config": {}, "regions": [[0, 1 << 20], [1 << 32, 1 << 20]]}) is None

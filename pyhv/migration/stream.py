@@ -277,6 +277,12 @@ def _mac(token: bytes, role: bytes, first: bytes, second: bytes) -> str:
     return hmac.new(token, b"pyhv-migration/" + role + first + second, hashlib.sha256).hexdigest()
 
 
+def _same_mac(want: str, given: object) -> bool:
+    """Constant-time comparison with the peer's MAC, whatever JSON value it sent (compare_digest
+    raises TypeError on str with non-ASCII characters: compare bytes)."""
+    return hmac.compare_digest(want.encode(), str(given).encode())
+
+
 def authenticate_destination(fs: FrameSocket, token: bytes) -> None:
     """The destination's half of the challenge; raises MigrationError if the source fails it."""
     nonce_d = secrets.token_bytes(32)
@@ -293,7 +299,7 @@ def authenticate_destination(fs: FrameSocket, token: bytes) -> None:
     except ValueError:
         nonce_s = b""
     want = _mac(token, b"source", nonce_d, nonce_s)
-    if len(nonce_s) != 32 or not hmac.compare_digest(want, str(msg.get("mac"))):
+    if len(nonce_s) != 32 or not _same_mac(want, msg.get("mac")):
         fs.abort("authentication failed: the source does not hold this host's migration token")
         raise MigrationError(
             "authentication failed: the connecting source does not hold the migration token",
@@ -331,7 +337,7 @@ def authenticate_source(fs: FrameSocket, token: bytes) -> None:
         ok = fs.expect_json(Frame.AUTH_OK)
     except PeerAborted as e:
         raise MigrationError(str(e), "authenticate") from None
-    if not hmac.compare_digest(_mac(token, b"destination", nonce_s, nonce_d), str(ok.get("mac"))):
+    if not _same_mac(_mac(token, b"destination", nonce_s, nonce_d), ok.get("mac")):
         raise MigrationError(
             "the destination failed authentication: it does not hold the migration token",
             "authenticate",

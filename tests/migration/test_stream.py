@@ -148,3 +148,29 @@ def test_the_bandwidth_limit_holds_the_sender_back(monkeypatch: pytest.MonkeyPat
     a.close()
     reader.join(5)
     b.close()
+
+
+@pytest.mark.parametrize(
+    "mac", ["é" * 64, None, 12, ["x"]], ids=["non-ascii", "null", "int", "list"]
+)
+def test_a_source_sending_a_non_ascii_or_non_text_mac_is_refused_as_unauthenticated(
+    mac: object,
+) -> None:
+    a, b = socket.socketpair()
+    err: list[BaseException | None] = [None]
+
+    def destination() -> None:
+        try:
+            st.authenticate_destination(FrameSocket(b, timeout=5), st.token_bytes("secret-123"))
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            err[0] = e
+
+    t = threading.Thread(target=destination)
+    t.start()
+    src = FrameSocket(a, timeout=5)
+    src.expect_json(Frame.HELLO)
+    src.send_json(Frame.AUTH, {"version": st.VERSION, "nonce": "00" * 32, "mac": mac})
+    t.join(10)
+    a.close()
+    b.close()
+    assert isinstance(err[0], MigrationError) and "authentication failed" in str(err[0])

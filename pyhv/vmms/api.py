@@ -174,7 +174,7 @@ class ApiHandler(BaseHTTPRequestHandler):
             if required:
                 raise ApiError(411, "this request needs a JSON body with a Content-Length")
             return {}
-        if not length_text.isdigit():
+        if not (length_text.isascii() and length_text.isdigit()):  # not "²": int() refuses it
             raise ApiError(400, f"Content-Length {length_text!r} is not a byte count")
         length = int(length_text)
         if length > MAX_BODY:

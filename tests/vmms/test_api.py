@@ -99,6 +99,11 @@ def request(
             "too large",
         ),
         (
+            b"POST /api/vms HTTP/1.1\r\nContent-Length: \xb2\r\nContent-Type: application/json\r\n\r\n",
+            400,
+            "is not a byte count",
+        ),
+        (
             request("POST", "/api/vms", b'{"name": "x", "memory": "9Q"}'),
             400,
             "'9Q' is not understood",

@@ -27,6 +27,9 @@ from pyhv.vmbus.vsp import Vsp, VspError, serialized
 MAX_RANGES_PER_MESSAGE = (p.MAX_MESSAGE - ctypes.sizeof(p.DmUnballoonRequest)) // 8
 #: Pages asked per balloon request at most (QEMU HV_BALLOON_HR_CHUNK_PAGES: Windows refuses more).
 MAX_BALLOON_PAGES = 585_728
+#: Host messages waiting for room in the guest's ring beyond which a guest request that would
+#: queue another reply is refused: a guest that asks without reading cannot grow the outbox.
+MAX_UNREAD_REPLIES = 16
 
 
 class DmState(Enum):
@@ -287,6 +290,11 @@ class DynamicMemoryVsp(Vsp[DmState]):
     def _version(self, msg: p.Message) -> None:
         if self.state is not DmState.VERSION:
             return self._wrong_state(msg)
+        if self.outbox_len >= MAX_UNREAD_REPLIES:
+            self.counters["unread_replies"] += 1
+            return self.refuse(
+                f"VERSION_REQUEST while {self.outbox_len} replies wait for the guest to read its ring"
+            )
         version = msg.body.version
         ok = p.Version.WIN7 <= version <= p.Version.WIN10  # as QEMU: 0.3 <= v <= 2.0
         body = p.DmVersionResponse(is_accepted=int(ok))

@@ -364,3 +364,14 @@ def test_a_reset_hands_back_the_balloon_except_pages_already_being_unballooned()
     assert h.vsp.state is DmState.VERSION and h.vsp.caps is None and h.vsp.ballooned.pages == 0
     h.connect(p.Version.WIN7)
     assert h.vsp.state is DmState.IDLE
+
+
+def test_a_guest_asking_versions_without_reading_its_ring_cannot_grow_the_outbox() -> None:
+    h = Host(ring_room=0)  # the guest never reads the host->guest ring
+    for _ in range(10_000):
+        h.guest(T.VERSION_REQUEST, p.DmVersionRequest(version=0x00030000))  # rejected, may retry
+        if h.vsp.stopped:
+            break
+    assert h.vsp.outbox_len <= 64  # a few replies, not one per request
+    assert h.vsp.stopped and h.events[-1][0] == "stop"
+    assert h.vsp.counters["unread_replies"] == h.vsp.MAX_CONSECUTIVE_BAD

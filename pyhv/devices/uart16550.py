@@ -296,15 +296,32 @@ class Uart16550:
             st["backlog"] = bytes(self._backlog).hex()
         return st
 
+    #: The bits each saved register may have (the migration stream is untrusted input).
+    _STATE_MASKS = {"ier": 0x0F, "mcr": 0x1F}
+
     def restore_state(self, st: dict[str, object]) -> None:
         """Take the state save_state() gave (on another host); the interrupt level is taken as
-        is, without a new edge (the IOAPIC's own state comes with the partition's)."""
+        is, without a new edge (the IOAPIC's own state comes with the partition's). A register
+        value no chip holds raises ValueError, and nothing is changed."""
+        values: dict[str, object] = {}
+        for n in self._STATE_FIELDS:
+            key = n.lstrip("_")
+            value = st[key]
+            if isinstance(getattr(self, n), bool):
+                values[n] = bool(value)
+                continue
+            v = int(value)  # type: ignore[call-overload]
+            if key == "trigger" and v not in TRIGGER_LEVELS:
+                raise ValueError(f"serial state: trigger {value!r} is not one of {TRIGGER_LEVELS}")
+            if key != "trigger" and v & ~self._STATE_MASKS.get(key, 0xFF):
+                raise ValueError(f"serial state: register {key}={value!r} is out of range")
+            values[n] = v
+        rx = deque(bytes.fromhex(str(st["rx"]))[:FIFO_SIZE])
+        backlog = deque(bytes.fromhex(str(st["backlog"]))[:BACKLOG_MAX])
         with self._lock:
-            for n in self._STATE_FIELDS:
-                value = st[n.lstrip("_")]
-                setattr(self, n, bool(value) if isinstance(getattr(self, n), bool) else int(value))  # type: ignore[call-overload]
-            self._rx = deque(bytes.fromhex(str(st["rx"]))[:FIFO_SIZE])
-            self._backlog = deque(bytes.fromhex(str(st["backlog"]))[:BACKLOG_MAX])
+            for n, v in values.items():
+                setattr(self, n, v)
+            self._rx, self._backlog = rx, backlog
 
     # --- port I/O glue ---------------------------------------------------------------
 

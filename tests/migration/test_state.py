@@ -97,3 +97,19 @@ def test_page_runs_of_a_mask() -> None:
     m = np.array([0, 1, 1, 0, 1, 0, 0, 1], dtype=bool)
     assert mem.runs(m) == [(1, 3), (4, 5), (7, 8)]
     assert mem.runs(np.zeros(0, dtype=bool)) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("lcr", 0x1_0003), ("dll", -1), ("ier", 0x10), ("mcr", 0x20), ("msr", 256), ("trigger", 0)],
+)
+def test_a_serial_state_with_a_register_no_chip_holds_is_refused_and_changes_nothing(
+    key: str, value: int
+) -> None:
+    a = Uart16550(lambda b: None)
+    a.io_write(7, 1, 0x5A)
+    st = a.save_state() | {key: value}
+    b = Uart16550(lambda b: None)
+    with pytest.raises(ValueError, match="serial state"):
+        b.restore_state(st)
+    assert b.io_read(7, 1) == 0 and b.save_state() == Uart16550(lambda b: None).save_state()

@@ -6,7 +6,6 @@ the VMBus controller and its ring, and the worker goes on."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import pytest
 from pyhv.worker import VirtualMachine, VmConfig
 from pyhv.worker.dynmem import DynamicMemoryError
 from pyhv.worker.script import ENTER, PROMPT
+from tests.worker.asm_guests import build_test_guest
 
 pytestmark = pytest.mark.kvm
 
@@ -188,16 +188,7 @@ def test_requests_are_refused_with_a_reason_when_dynamic_memory_is_off(guest_ima
 def test_a_hostile_guest_is_refused_logged_counted_and_the_worker_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is not installed: it assembles the test guest")
-    elf = tmp_path / "vmbus_hostile.elf"
-    link = HERE.parent / "worker" / "guests" / "link.ld"
-    subprocess.run(
-        [gcc, "-nostdlib", "-static", "-no-pie", f"-Wl,-T,{link}", "-Wl,--build-id=none",
-         "-Wl,-z,noexecstack", "-o", str(elf), str(HERE / "guests" / "vmbus_hostile.S")],
-        check=True,
-    )  # fmt: skip
+    elf = build_test_guest("vmbus_hostile", tmp_path, HERE / "guests")
     cfg = VmConfig.create(image=elf, memory="64M", dynamic_memory=True, maximum="128M")
     with VirtualMachine(cfg) as vm:
         vm.start()

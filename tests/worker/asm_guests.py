@@ -12,10 +12,13 @@ import pytest
 GUESTS = Path(__file__).parent / "guests"
 
 
-def build_test_guest(name: str, out: Path) -> Path:
+def build_test_guest(name: str, out: Path, sources: Path = GUESTS) -> Path:
+    """Assemble `sources/name.S` into `out/name.elf`, linked at 1 MiB like the real guest."""
     gcc = shutil.which("gcc")
     if gcc is None:
-        pytest.skip("gcc is not installed: it assembles the test guests")
+        pytest.fail(
+            "gcc is not installed: pyhv needs it to assemble the test guests (apt-get install gcc)"
+        )
     elf = out / f"{name}.elf"
     if not elf.exists():
         subprocess.run(
@@ -29,7 +32,7 @@ def build_test_guest(name: str, out: Path) -> Path:
                 "-Wl,-z,noexecstack",
                 "-o",
                 str(elf),
-                str(GUESTS / f"{name}.S"),
+                str(sources / f"{name}.S"),
             ],
             check=True,
         )

@@ -29,9 +29,9 @@ def two_namespaces() -> Iterator[tuple[str, str, str]]:
     try:
         made = _ip("netns", "add", a)
     except FileNotFoundError:
-        pytest.skip("the `ip` command (iproute2) is not installed")
+        pytest.fail("the `ip` command is missing: install iproute2 (.ci/run does)")
     if made.returncode != 0:
-        pytest.skip(f"`ip netns add` is not permitted here: {made.stderr.strip()}")
+        pytest.fail(f"`ip netns add` failed (the test needs root): {made.stderr.strip()}")
     try:
         steps = [
             ("netns", "add", b),

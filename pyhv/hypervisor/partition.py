@@ -272,9 +272,16 @@ class Partition:
     @classmethod
     def restore(cls, state: PartitionState, name: str | None = None) -> Partition:
         """A new partition holding `state`; its VPs are created but not started."""
-        from pyhv.hypervisor.state import restore_partition
+        from pyhv.hypervisor.state import check_restorable, restore_into
 
-        return restore_partition(state, name)
+        check_restorable(state)
+        p = cls(name or state.name, irqchip=state.irqchip)
+        try:
+            restore_into(p, state)
+        except BaseException:
+            p.close()
+            raise
+        return p
 
     # ------------------------------------------------------------------ counters
     @property

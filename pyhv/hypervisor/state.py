@@ -116,31 +116,30 @@ def save_partition(p: Partition) -> PartitionState:
     return PartitionState(STATE_VERSION, p.name, p.irqchip, regions, vps, irqchips, clock)
 
 
-def restore_partition(st: PartitionState, name: str | None = None) -> Partition:
-    from pyhv.hypervisor.partition import Partition
-
+def check_restorable(st: PartitionState) -> None:
+    """Refuse a state this code cannot restore, before anything is created."""
     if st.version != STATE_VERSION:
         raise StateError(f"state version {st.version} is not {STATE_VERSION}: cannot restore it")
-    p = Partition(name or st.name, irqchip=st.irqchip)
-    try:
-        for r in st.regions:
-            if len(r.data) != r.size:
-                raise StateError(f"region {r.gpa:#x} holds {len(r.data)} bytes, not {r.size}")
-            region = p.add_memory(r.gpa, r.size, readonly=r.readonly, track_dirty=r.track_dirty)
-            region.mm[:] = r.data
-        for v in st.vps:
-            vp = p.create_vp(v.index)
-            restore_vp(vp.vcpu, v)
-        for chip in st.irqchips:
-            p.vm.set_irqchip(ks.kvm_irqchip.from_buffer_copy(chip))
-        if st.clock is not None:
-            cd = ks.kvm_clock_data.from_buffer_copy(st.clock)
-            cd.flags = 0  # only `clock` is set; the other fields are informational
-            p.vm.set_clock(cd)
-    except BaseException:
-        p.close()
-        raise
-    return p
+
+
+def restore_into(p: Partition, st: PartitionState) -> None:
+    """Fill `p`, a fresh partition made for `st` (Partition.restore makes it), with `st`.
+    The partition's class is not imported here: it imports this module."""
+    check_restorable(st)
+    for r in st.regions:
+        if len(r.data) != r.size:
+            raise StateError(f"region {r.gpa:#x} holds {len(r.data)} bytes, not {r.size}")
+        region = p.add_memory(r.gpa, r.size, readonly=r.readonly, track_dirty=r.track_dirty)
+        region.mm[:] = r.data
+    for v in st.vps:
+        vp = p.create_vp(v.index)
+        restore_vp(vp.vcpu, v)
+    for chip in st.irqchips:
+        p.vm.set_irqchip(ks.kvm_irqchip.from_buffer_copy(chip))
+    if st.clock is not None:
+        cd = ks.kvm_clock_data.from_buffer_copy(st.clock)
+        cd.flags = 0  # only `clock` is set; the other fields are informational
+        p.vm.set_clock(cd)
 
 
 __all__ = [
@@ -148,6 +147,7 @@ __all__ = [
     "RegionSavedState",
     "StateError",
     "VpSavedState",
-    "restore_partition",
+    "check_restorable",
+    "restore_into",
     "save_partition",
 ]

@@ -1,6 +1,6 @@
 """One small typed object per KVM_EXIT_* kind, decoded from the vCPU's kvm_run page.
 
-`RunPage` (pyhv.kvm.runpage, re-exported here) reads the page. Its `decode()` makes a fresh exit
+`RunPage` (pyhv.kvm.runpage) reads the page. Its `decode()` makes a fresh exit
 object with `decode()` below; the hot path of a VP loop instead reads `reason` and then only the
 fields of that kind, so an exit costs no allocation it does not need. This module is imported
 only when an exit is decoded (or its classes are used).
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyhv.kvm import constants as c
-from pyhv.kvm.runpage import RunPage
 from pyhv.kvm.structs import RUN_UNION
+
+if TYPE_CHECKING:  # runpage imports this module (in RunPage.decode), not the other way round
+    from pyhv.kvm.runpage import RunPage
 
 _U = RUN_UNION
 

@@ -39,7 +39,8 @@ from pyhv.vmms.config import VmSettingsError, settings_from_dict
 from pyhv.worker.config import format_size
 
 if TYPE_CHECKING:
-    from pyhv.vmms.service import Vmms, _Vm
+    from pyhv.vmms.inventory import _Vm
+    from pyhv.vmms.service import Vmms
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class Migration:
 
 def check_destination(text: object) -> str:
     """'HOST:PORT' of the destination VMMS's TCP API."""
-    from pyhv.vmms.service import VmmsError
+    from pyhv.vmms.inventory import VmmsError
 
     if not isinstance(text, str):
         raise VmmsError(f"destination must be 'HOST:PORT' text, got {text!r}")
@@ -198,7 +199,7 @@ class Migrations:
     # --- either side ---------------------------------------------------------------------
 
     def get(self, mid: str) -> dict[str, Any]:
-        from pyhv.vmms.service import NotFound
+        from pyhv.vmms.inventory import NotFound
 
         with self.vmms._lock:
             rec = self._records.get(mid)
@@ -228,7 +229,7 @@ class Migrations:
 
     def prepare_incoming(self, body: Mapping[str, object]) -> dict[str, Any]:
         """Create the VM's entry and an incoming worker; {id, vm, host, port, token}."""
-        from pyhv.vmms.service import INCOMING, Conflict, VmmsError, _Vm
+        from pyhv.vmms.inventory import INCOMING, Conflict, VmmsError, _Vm
 
         extra = sorted(set(body) - {"settings", "memory", "source"})
         if extra:
@@ -285,7 +286,7 @@ class Migrations:
         return {"id": rec.id, "vm": name, "host": host, "port": port, "token": token}
 
     def _watch_incoming(self, vm: _Vm, rec: Migration, worker: IncomingWorkerLike) -> None:
-        from pyhv.vmms.service import RUNNING
+        from pyhv.vmms.inventory import RUNNING
 
         info: dict[str, Any] | None = None
         deadline = time.monotonic() + self.accept_timeout + 3600.0
@@ -335,7 +336,7 @@ class Migrations:
     def resolve(self, mid: str, body: Mapping[str, object]) -> dict[str, Any]:
         """The administrator settles a migration in doubt: resume the VM here (it does not run
         at the destination) or stop and forget it here (it does)."""
-        from pyhv.vmms.service import RUNNING, Conflict, NotFound, VmmsError
+        from pyhv.vmms.inventory import RUNNING, Conflict, NotFound, VmmsError
 
         resume = body.get("resume")
         if set(body) != {"resume"} or not isinstance(resume, bool):
@@ -364,7 +365,7 @@ class Migrations:
 
     def cancel(self, mid: str) -> dict[str, Any]:
         """The source gave up before its worker connected (or midway): drop what we hold."""
-        from pyhv.vmms.service import Conflict, NotFound
+        from pyhv.vmms.inventory import Conflict, NotFound
 
         with self.vmms._lock:
             rec = self._records.get(mid)
@@ -381,7 +382,7 @@ class Migrations:
 
     def start(self, name: str, body: Mapping[str, object]) -> dict[str, Any]:
         """Begin migrating running VM `name` to the destination VMMS; the record (poll it)."""
-        from pyhv.vmms.service import RUNNING, Conflict, VmmsError
+        from pyhv.vmms.inventory import RUNNING, Conflict, VmmsError
 
         extra = sorted(set(body) - {"destination", "token", "options"})
         if extra:
@@ -529,7 +530,7 @@ class Migrations:
     def _resolve(
         self, vm: _Vm, rec: Migration, worker: Any, client: VmmsClient, e: MigrationInDoubt
     ) -> None:
-        from pyhv.vmms.service import PAUSED
+        from pyhv.vmms.inventory import PAUSED
 
         mid = getattr(e, "migration_id", 0)
         log.warning("migration of %s in doubt (%s): asking the destination", vm.settings.name, e)

@@ -12,9 +12,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pyhv.counters.dynmem import DynamicMemoryCounters
 from pyhv.counters.prometheus import prometheus_text
@@ -35,16 +34,26 @@ from pyhv.vmms.config import (
     check_name,
     settings_from_dict,
 )
+from pyhv.vmms.inventory import (
+    CRASHED,
+    INCOMING,
+    OFF,
+    RUNNING,
+    STARTING,
+    STOPPING,
+    Conflict,
+    NotFound,
+    VmmsError,
+    Worker,
+    WorkerFactory,
+    _Vm,
+)
 from pyhv.vmms.pool import HostPool
 from pyhv.vmms.store import ConfigStore
 from pyhv.worker.config import ConfigError, VmConfig, format_size, parse_size
-from pyhv.worker.outcome import VmEnd
 
 log = logging.getLogger(__name__)
 
-OFF, STARTING, RUNNING, STOPPING, CRASHED = "off", "starting", "running", "stopping", "crashed"
-#: Live migration (pyhv.vmms.migration): a VM arriving here; a VM whose migration is in doubt.
-INCOMING, PAUSED = "incoming", "paused"
 
 #: Hyper-V's own summary set: how many VMs are fine and how many are not.
 HEALTH_SET = CounterSetDef(
@@ -57,38 +66,6 @@ HEALTH_SET = CounterSetDef(
 )
 
 
-class VmmsError(Exception):
-    """A request the service refuses; `status` is the HTTP status that says why."""
-
-    status = 400
-
-
-class NotFound(VmmsError):
-    status = 404
-
-
-class Conflict(VmmsError):
-    status = 409
-
-
-class Worker(Protocol):
-    """What the service needs of a worker (pyhv.worker.WorkerProcess has it)."""
-
-    @property
-    def pid(self) -> int | None: ...
-    @property
-    def returncode(self) -> int | None: ...
-
-    def start(self) -> None: ...
-    def send(self, data: bytes) -> None: ...
-    def stop(self) -> None: ...
-    def wait(self, timeout: float | None = None) -> VmEnd | None: ...
-    def close(self, timeout: float = ...) -> None: ...
-
-
-WorkerFactory = Callable[[VmConfig, Callable[[bytes], None]], Worker]
-
-
 def _worker_process(config: VmConfig, output: Callable[[bytes], None]) -> Worker:
     from pyhv.worker.process import WorkerProcess
 
@@ -99,19 +76,6 @@ def _bundled_image() -> str:
     from pyhv.guest_image import image_path
 
     return str(image_path())
-
-
-@dataclass(eq=False)
-class _Vm:
-    settings: VmSettings
-    state: str = OFF
-    reason: str = ""
-    worker: Worker | None = None
-    started_at: float | None = None
-    tail: bytearray = field(default_factory=bytearray)
-    consoles: list[Callable[[bytes], None]] = field(default_factory=list)
-    #: The id of the migration this VM is part of while it runs (pyhv.vmms.migration).
-    migration: str | None = None
 
 
 #: Serial output kept per VM for a console that attaches later (it sees the last prompt).

@@ -9,8 +9,10 @@ An import `from pyhv.a import b` counts as importing the module pyhv.a.b if ther
 pyhv.a. A package's own __init__ is not counted as imported by its submodules (Python runs it
 first, but that order is not a dependency the code chose).
 
-usage: python tools/import_cycles.py [PACKAGE_DIR ...]   (default: pyhv)
-Prints each circle as a chain of `module:line` hops and exits 1 if there is any.
+usage: python tools/import_cycles.py [--typing] [PACKAGE_DIR ...]   (default: pyhv)
+Prints each circle as a chain of `module:line` hops and exits 1 if there is any. With --typing,
+the imports under `if TYPE_CHECKING:` count too (a circle of annotations only: a back-reference,
+e.g. a VP's `partition`, that no import at run time follows).
 """
 
 from __future__ import annotations
@@ -33,14 +35,17 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def imports_of(tree: ast.Module, name: str, is_package: bool) -> list[tuple[str, int]]:
-    """(imported name, line) for every import the module runs, at any depth."""
+def imports_of(
+    tree: ast.Module, name: str, is_package: bool, typing: bool = False
+) -> list[tuple[str, int]]:
+    """(imported name, line) for every import the module runs, at any depth (and, with
+    `typing`, those for the type checker only)."""
     out: list[tuple[str, int]] = []
     package = name if is_package else name.rpartition(".")[0]
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child.test):
+            if not typing and isinstance(child, ast.If) and _is_type_checking(child.test):
                 for n in child.orelse:
                     visit_one(n)
                 continue
@@ -64,7 +69,7 @@ def imports_of(tree: ast.Module, name: str, is_package: bool) -> list[tuple[str,
     return out
 
 
-def graph(roots: list[Path]) -> dict[str, dict[str, int]]:
+def graph(roots: list[Path], typing: bool = False) -> dict[str, dict[str, int]]:
     """module -> {imported module of the same packages: first line importing it}."""
     trees: dict[str, tuple[ast.Module, bool]] = {}
     for root in roots:
@@ -74,7 +79,7 @@ def graph(roots: list[Path]) -> dict[str, dict[str, int]]:
     edges: dict[str, dict[str, int]] = {}
     for name, (tree, is_package) in trees.items():
         deps = edges.setdefault(name, {})
-        for target, line in imports_of(tree, name, is_package):
+        for target, line in imports_of(tree, name, is_package, typing):
             if "\0" in target:
                 sub, base = target.split("\0")
                 target = sub if sub in trees else base
@@ -149,8 +154,11 @@ def a_circle(edges: dict[str, dict[str, int]], comp: list[str]) -> list[tuple[st
 
 
 def main(argv: list[str]) -> int:
-    roots = [Path(a).resolve() for a in argv] or [Path(__file__).resolve().parents[1] / "pyhv"]
-    edges = graph(roots)
+    typing = "--typing" in argv
+    roots = [Path(a).resolve() for a in argv if a != "--typing"] or [
+        Path(__file__).resolve().parents[1] / "pyhv"
+    ]
+    edges = graph(roots, typing)
     found = cycles(edges)
     for comp in found:
         chain = a_circle(edges, comp)

@@ -8,15 +8,13 @@ only when an exit is decoded (or its classes are used).
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pyhv.kvm import constants as c
 from pyhv.kvm.structs import RUN_UNION
-
-if TYPE_CHECKING:  # runpage imports this module (in RunPage.decode), not the other way round
-    from pyhv.kvm.runpage import RunPage
 
 _U = RUN_UNION
 
@@ -134,7 +132,17 @@ _DEBUG = struct.Struct("<I4xQQQ")
 _NDATA = struct.Struct("<II")
 
 
-def decode(page: RunPage) -> Exit:
+class Page(Protocol):
+    """What decode() reads of a kvm_run page (a pyhv.kvm.runpage.RunPage has it; runpage
+    imports this module, not the other way round)."""
+
+    @property
+    def reason(self) -> int: ...
+    @property
+    def mm(self) -> mmap.mmap: ...
+
+
+def decode(page: Page) -> Exit:
     """A fresh typed object for the current exit of `page` (allocates; for the slow paths)."""
     r = page.reason
     mm = page.mm

@@ -21,8 +21,10 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     return root
 
 
-def _check(root: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(TOOL), str(root)], capture_output=True, text=True)
+def _check(root: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(TOOL), *options, str(root)], capture_output=True, text=True
+    )
 
 
 def test_a_circle_through_an_import_inside_a_function_is_found(tmp_path: Path) -> None:
@@ -67,6 +69,10 @@ def test_imports_for_the_type_checker_only_and_one_way_imports_pass(tmp_path: Pa
     r = _check(root)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no import circles among 3 modules" in r.stdout
+    # --typing counts them too: the circle of annotations is shown
+    r = _check(root, "--typing")
+    assert r.returncode == 1
+    assert "import circle among pkg.high, pkg.low" in r.stdout
 
 
 def test_pyhv_has_no_import_circles() -> None:

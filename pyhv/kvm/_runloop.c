@@ -672,27 +672,29 @@ static Py_ssize_t slot_offset(PyObject *cls, const char *name)
     return off;
 }
 
+/* each slot: its loopabi class and its name */
+static const struct {
+    int cls;
+    const char *name;
+} fields[N_SLOTS] = {
+    [T_TABLE_IO] = {C_ROUTES, "io"}, [T_TABLE_GPA] = {C_ROUTES, "gpa"},
+    [T_TABLE_GPA_STARTS] = {C_ROUTES, "gpa_starts"}, [T_TABLE_MSR] = {C_ROUTES, "msr"},
+    [E_HANDLER] = {C_ROUTE, "handler"}, [E_READ] = {C_ROUTE, "read"},
+    [E_WRITE] = {C_ROUTE, "write"}, [G_END] = {C_GPA_ROUTE, "end"},
+    [IO_PORT] = {C_IO, "port"}, [IO_SIZE] = {C_IO, "access_size"},
+    [IO_COUNT] = {C_IO, "count"}, [IO_TYPE] = {C_IO, "access_type"},
+    [IO_VALUE] = {C_IO, "value"},
+    [MEM_GPA] = {C_MMIO, "gpa"}, [MEM_GVA] = {C_MMIO, "gva"},
+    [MEM_SIZE] = {C_MMIO, "access_size"}, [MEM_TYPE] = {C_MMIO, "access_type"},
+    [MEM_VALUE] = {C_MMIO, "value"},
+    [MSR_MSR] = {C_MSR, "msr"}, [MSR_GP] = {C_MSR, "gp"}, [MSR_TYPE] = {C_MSR, "access_type"},
+    [MSR_VALUE] = {C_MSR, "value"},
+    [VP_TOUCHED] = {C_OWNER, "_touched"}, [VP_ATTENTION] = {C_OWNER, "_attention"},
+};
+
 /* Once, at import: the loopabi classes, the offsets of their slots, the counter indexes. */
 static int load_abi(void)
 {
-    static const struct {
-        int cls;
-        const char *name;
-    } fields[N_SLOTS] = {
-        [T_TABLE_IO] = {C_ROUTES, "io"}, [T_TABLE_GPA] = {C_ROUTES, "gpa"},
-        [T_TABLE_GPA_STARTS] = {C_ROUTES, "gpa_starts"}, [T_TABLE_MSR] = {C_ROUTES, "msr"},
-        [E_HANDLER] = {C_ROUTE, "handler"}, [E_READ] = {C_ROUTE, "read"},
-        [E_WRITE] = {C_ROUTE, "write"}, [G_END] = {C_GPA_ROUTE, "end"},
-        [IO_PORT] = {C_IO, "port"}, [IO_SIZE] = {C_IO, "access_size"},
-        [IO_COUNT] = {C_IO, "count"}, [IO_TYPE] = {C_IO, "access_type"},
-        [IO_VALUE] = {C_IO, "value"},
-        [MEM_GPA] = {C_MMIO, "gpa"}, [MEM_GVA] = {C_MMIO, "gva"},
-        [MEM_SIZE] = {C_MMIO, "access_size"}, [MEM_TYPE] = {C_MMIO, "access_type"},
-        [MEM_VALUE] = {C_MMIO, "value"},
-        [MSR_MSR] = {C_MSR, "msr"}, [MSR_GP] = {C_MSR, "gp"}, [MSR_TYPE] = {C_MSR, "access_type"},
-        [MSR_VALUE] = {C_MSR, "value"},
-        [VP_TOUCHED] = {C_OWNER, "_touched"}, [VP_ATTENTION] = {C_OWNER, "_attention"},
-    };
     static const struct {
         int *where;
         const char *name;
@@ -737,13 +739,33 @@ fail:
     return -1;
 }
 
+/* obj is an instance of the loopabi class, and its class hides none of the declared slots
+ * (a property or class attribute of the same name would not see what the loop writes). */
 static int check_type(PyObject *obj, int cls, const char *arg)
 {
-    if (PyObject_TypeCheck(obj, abi[cls]))
-        return 0;
-    PyErr_Format(PyExc_TypeError, "%s must be a pyhv.kvm.loopabi.%s, not %.100s", arg,
-                 abi_names[cls], Py_TYPE(obj)->tp_name);
-    return -1;
+    if (!PyObject_TypeCheck(obj, abi[cls])) {
+        PyErr_Format(PyExc_TypeError, "%s must be a pyhv.kvm.loopabi.%s, not %.100s", arg,
+                     abi_names[cls], Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    for (int i = 0; i < N_SLOTS; i++) {
+        if (fields[i].cls != cls)
+            continue;
+        PyObject *declared = PyObject_GetAttrString((PyObject *)abi[cls], fields[i].name);
+        PyObject *seen = PyObject_GetAttrString((PyObject *)Py_TYPE(obj), fields[i].name);
+        int same = declared != NULL && declared == seen;
+        Py_XDECREF(declared);
+        Py_XDECREF(seen);
+        if (!same) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "%.100s hides the slot %s declared by pyhv.kvm.loopabi.%s: the run loop "
+                         "writes the slot, so remove the attribute of that name from the class",
+                         Py_TYPE(obj)->tp_name, fields[i].name, abi_names[cls]);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 static int Runner_init(Runner *self, PyObject *args, PyObject *kwds)

@@ -91,3 +91,14 @@ def test_the_hot_path_reads_kvm_run_where_linux_kvm_h_puts_its_fields() -> None:
     assert (rp.MMIO_GPA * 8, rp.MMIO_DATA, rp.MMIO_LEN * 4, rp.MMIO_IS_WRITE) == (32, 40, 48, 52)
     assert (rp.MMIO_DATA_H * 2, rp.MMIO_DATA_I * 4, rp.MMIO_DATA_Q * 8) == (40, 40, 40)
     assert (rp.MSR_ERROR, rp.MSR_REASON * 4, rp.MSR_INDEX * 4, rp.MSR_DATA * 8) == (32, 40, 44, 48)
+
+
+def test_the_c_loop_refuses_a_message_whose_class_hides_a_declared_slot(
+    c_loop: ModuleType,
+) -> None:
+    class HidesPort(loopabi.IoAccess):
+        __slots__ = ()
+        port = 0x80  # a class attribute would not see what the loop writes into the slot
+
+    with pytest.raises(TypeError, match="HidesPort hides the slot port declared by"):
+        c_loop.Runner(**_args(io_msg=HidesPort()))

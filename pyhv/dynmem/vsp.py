@@ -167,7 +167,7 @@ class DmVspState:
             if not isinstance(counters, dict) or not all(
                 isinstance(k, str) and type(v) is int for k, v in counters.items()
             ):
-                raise ValueError(f"counters {counters!r} are not names and integers")
+                raise ValueError(f"DM VSP state: counters {counters!r} are not names and integers")
             for key, types in (
                 ("version", (int,)),
                 ("state", (str,)),
@@ -178,7 +178,7 @@ class DmVspState:
             ):
                 if type(d[key]) not in types:
                     raise ValueError(
-                        f"{key} {d[key]!r} is not {' or '.join(t.__name__ for t in types)}"
+                        f"DM VSP state: {key} {d[key]!r} is not {' or '.join(t.__name__ for t in types)}"
                     )
             return cls(
                 version=d["version"],

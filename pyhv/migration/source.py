@@ -480,11 +480,7 @@ class Source:
         dm = self.vm.dynmem
         if dm is None:
             return []
-        try:
-            part = dm.mm.partitions[dm.name]
-            return [(r.start * PAGE, r.count) for r in part.ballooned]
-        except (AttributeError, KeyError):
-            return []
+        return [(r.start * PAGE, r.count) for r in dm.save_memory().ballooned]
 
     _pass_started = 0.0
 

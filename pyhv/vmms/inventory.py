@@ -61,3 +61,7 @@ class _Vm:
     consoles: list[Callable[[bytes], None]] = field(default_factory=list)
     #: The id of the migration this VM is part of while it runs (pyhv.vmms.migration).
     migration: str | None = None
+
+
+#: A VM's entry in the inventory, as live migration (pyhv.vmms.migration) holds it.
+VmEntry = _Vm

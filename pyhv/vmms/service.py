@@ -43,6 +43,7 @@ from pyhv.vmms.inventory import (
     STOPPING,
     Conflict,
     NotFound,
+    VmEntry,
     VmmsError,
     Worker,
     WorkerFactory,
@@ -277,12 +278,15 @@ class Vmms:
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             vm.state, vm.started_at = RUNNING, time.monotonic()
             log.info("VM %s started: worker pid %s", name, worker.pid)
-            watcher = threading.Thread(
-                target=self._watch, args=(vm, worker), name=f"watch-{name}", daemon=True
-            )
-            watcher.start()
+            self._spawn_watcher(vm, worker)
             self._update_health()
             return self._describe(vm)
+
+    def _spawn_watcher(self, vm: _Vm, worker: Worker) -> None:
+        watcher = threading.Thread(
+            target=self._watch, args=(vm, worker), name=f"watch-{vm.settings.name}", daemon=True
+        )
+        watcher.start()
 
     def _watch(self, vm: _Vm, worker: Worker) -> None:
         """Wait for the worker's end; a crash is reported with its reason, and the VM's memory
@@ -354,6 +358,86 @@ class Vmms:
                 "Health Critical": states.count(CRASHED),
             }
         )
+
+    # --- for live migration (pyhv.vmms.migration) -----------------------------------------
+    # The inventory stays the service's: migration asks for these, never its lock or dict.
+
+    def entry(self, name: str) -> VmEntry | None:
+        """The VM named `name`, or None."""
+        with self._lock:
+            return self._vms.get(name)
+
+    def add_incoming(self, settings: VmSettings, memory: int, migration: str) -> VmEntry:
+        """An entry for a VM arriving by live migration (state "incoming"), its `memory`
+        bytes taken from the pool; Conflict if the name is taken or the pool is short."""
+        name = settings.name
+        with self._lock:
+            if name in self._vms:
+                raise Conflict(
+                    f"a VM named {name!r} exists on the destination already: delete or rename it "
+                    "there first"
+                )
+            try:
+                self.pool.admit(name, memory)
+            except MemoryManagerError as e:
+                raise Conflict(
+                    f"not enough host memory for {format_size(memory)} on the destination ({e})"
+                ) from None
+            vm = self._vms[name] = _Vm(settings, state=INCOMING, migration=migration)
+            return vm
+
+    def console_sink(self, vm: VmEntry) -> Callable[[bytes], None]:
+        """Where a worker of `vm` sends its serial output."""
+        return lambda data: self._output(vm, data)
+
+    def adopt(self, vm: VmEntry, worker: Worker) -> None:
+        """A VM that arrived runs here: its settings are stored and its worker is watched like
+        one this service started."""
+        with self._lock:
+            self.store.save(vm.settings)
+            vm.state, vm.started_at, vm.migration = RUNNING, time.monotonic(), None
+            self._update_health()
+        self._spawn_watcher(vm, worker)
+
+    def remove(self, vm: VmEntry, *, forget_settings: bool) -> bool:
+        """Take `vm` out of the inventory (it did not arrive, or it left for another host):
+        its memory goes back to the pool; False if it was gone already."""
+        with self._lock:
+            name = vm.settings.name
+            if self._vms.get(name) is not vm:
+                return False
+            self.pool.give_back(name)
+            del self._vms[name]
+            if forget_settings:
+                self.store.delete(name)
+            self._update_health()
+        self.balancer.forget(name)
+        return True
+
+    def begin_migration(self, name: str, migration: str) -> tuple[VmEntry, Worker, int]:
+        """Mark running VM `name` as migrating (the balancer leaves it alone from its next
+        tick on; conflicting requests get 409): its entry, worker and memory in bytes."""
+        with self.balancer.paused(), self._lock:
+            vm = self._get(name)
+            self._refuse_while_migrating(vm, "migrate it")
+            if vm.worker is None or vm.state != RUNNING:
+                raise Conflict(f"VM {name!r} is {vm.state}: only a running VM can be migrated")
+            vm.migration = migration
+            needed = vm.settings.memory
+            if self.pool.holds(name):
+                needed = max(needed, self.pool.pages(name)[0] * PAGE_SIZE)
+            return vm, vm.worker, needed
+
+    def end_migration(
+        self, vm: VmEntry, *, worker: Worker | None = None, state: str = "", reason: str = ""
+    ) -> None:
+        """`vm` migrates no more; with `state`, it is in that state now (if `worker` still
+        runs it)."""
+        with self._lock:
+            vm.migration = None
+            if state and (worker is None or vm.worker is worker):
+                vm.state, vm.reason = state, reason
+            self._update_health()
 
     # --- serial console ------------------------------------------------------------------
 

@@ -138,6 +138,7 @@ class DynamicMemoryService:
         #: The guest's last status report, as the VSP decoded it.
         self.last_status: MemoryStatus | None = None
         self._published_at = 0.0
+        self._publish_lock = threading.Lock()
         self.last_error: str | None = None
         self.operation: str | None = None
         self._info_for: object = None
@@ -278,10 +279,13 @@ class DynamicMemoryService:
         """Push the VM's memory status to the owner (the VMMS): no one has to ask for it."""
         if self._on_status is None:
             return
-        try:
-            self._on_status(self.memory_status())
-        except Exception:  # noqa: BLE001 - the listener's problem, not the guest's
-            log.exception("%s: status listener failed", self.name)
+        # One at a time (the doorbell and the operations threads both push), so the owner
+        # receives them in the order they were taken and the last one it keeps is the newest.
+        with self._publish_lock:
+            try:
+                self._on_status(self.memory_status())
+            except Exception:  # noqa: BLE001 - the listener's problem, not the guest's
+                log.exception("%s: status listener failed", self.name)
 
     def _ballooned(self, ranges: list[PageRange]) -> None:
         try:

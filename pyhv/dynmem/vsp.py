@@ -33,6 +33,7 @@ from typing import Any
 
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
+from pyhv.dynmem.status import MemoryStatus
 from pyhv.memory.ranges import PageRange, RangeError, RangeSet
 from pyhv.vmbus.vsp import Vsp, VspError, serialized
 
@@ -87,25 +88,6 @@ class GuestCaps:
     hot_add_alignment_mib: int
     min_page_cnt: int
     max_page_number: int
-
-
-@dataclass(frozen=True)
-class StatusReport:
-    """What a status report publishes, in pages: the VM's demand as `committed_pages`, and
-    pressure = demand / assigned x 100.
-
-    The guest's num_committed counts its balloon (the balloon's pages are allocated, hence
-    committed, inside the guest: MmAllocatePagesForMdlEx on Windows, Linux's hv_balloon adds
-    them in explicitly). The host knows how many pages it holds ballooned, so the demand is
-    num_committed less those (never below 0); otherwise a ballooned VM would look short of
-    exactly what it gave back and be handed it again. `guest_committed_pages` is num_committed
-    as the guest sent it, `ballooned_pages` the host's balloon count it was corrected by."""
-
-    committed_pages: int
-    available_pages: int
-    pressure: float | None
-    guest_committed_pages: int | None = field(default=None, compare=False)
-    ballooned_pages: int = field(default=0, compare=False)
 
 
 def _noop(*_: object) -> None:
@@ -213,7 +195,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         send: Callable[[bytes], bool] | None = None,
         *,
         assigned_pages: Callable[[], int] | None = None,
-        on_status: Callable[[StatusReport], object] = _noop,
+        on_status: Callable[[MemoryStatus], object] = _noop,
         on_ballooned: Callable[[list[PageRange]], object] = _noop,
         on_balloon_done: Callable[[int], object] = _noop,
         on_unballoon_done: Callable[[list[PageRange]], object] = _noop,
@@ -232,7 +214,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self.ballooned = RangeSet()
         self.version: int | None = None
         self.caps: GuestCaps | None = None
-        self.last_status: StatusReport | None = None
+        self.last_status: MemoryStatus | None = None
         self.hot_add_disabled = False
         self._assigned = assigned_pages
         self._on_status = on_status
@@ -628,17 +610,19 @@ class DynamicMemoryVsp(Vsp[DmState]):
                 "pages: more than a 40-bit PFN space"
             )
             return
-        assigned = self._assigned() if self._assigned is not None else 0
-        # The one place demand is computed: the guest's commit less the host's balloon count.
+        # The one place demand is computed: the guest's commit less the host's balloon count
+        # (the guest counts its balloon as committed; see pyhv.dynmem.status.MemoryStatus).
         ballooned = self.ballooned.pages
-        demand = max(0, b.num_committed - ballooned)
-        pressure = demand * 100 / assigned if assigned > 0 else None
-        self.last_status = StatusReport(
-            demand,
-            b.num_avail,
-            pressure,
-            guest_committed_pages=b.num_committed,
+        visible = self.ram.pages
+        assigned = self._assigned() if self._assigned is not None else visible - ballooned
+        self.last_status = MemoryStatus(
+            visible_pages=visible,
+            assigned_pages=assigned,
             ballooned_pages=ballooned,
+            committed_pages=max(0, b.num_committed - ballooned),
+            available_pages=b.num_avail,
+            guest_committed_pages=b.num_committed,
+            reported_at=time.time(),
         )
         self.accepted()
         self._on_status(self.last_status)

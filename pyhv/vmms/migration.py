@@ -268,6 +268,7 @@ class Migrations:
                 accept_timeout=self.accept_timeout,
             )
             vm.worker = worker
+            vmms._subscribe(name, worker)
             worker.start()
             host, port = worker.wait_listening(15.0)
         except Exception as e:  # noqa: BLE001 - the entry goes, the source is told why

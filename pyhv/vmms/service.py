@@ -18,14 +18,15 @@ from typing import Any
 from pyhv.counters.dynmem import DynamicMemoryCounters
 from pyhv.counters.prometheus import prometheus_text
 from pyhv.counters.registry import CounterDef, CounterRegistry, CounterSetDef
+from pyhv.counters.worker import WorkerCounters
 from pyhv.dynmem.balancer import PAGE_SIZE, BalancerConfig, MemorySettings
+from pyhv.dynmem.status import MemoryStatus
 from pyhv.memory.manager import MemoryManagerError
 from pyhv.vmms.balancing import (
     BalancerLoop,
     DynamicMemoryUnavailable,
     DynamicMemoryWorker,
     dm_port,
-    status_of,
 )
 from pyhv.vmms.config import (
     VmSettings,
@@ -102,6 +103,7 @@ class Vmms:
         self.pool = HostPool(budget_bytes, reserve_bytes)
         self.registry = CounterRegistry()
         self.dm_counters = DynamicMemoryCounters(self.registry)
+        self.worker_counters = WorkerCounters(self.registry)
         self.health = self.registry.register(HEALTH_SET)
         self.balancer = BalancerLoop(self.pool, self._dm_vms, self.dm_counters, balancer)
         self._worker_factory = worker_factory
@@ -270,6 +272,7 @@ class Vmms:
             vm.state, vm.reason, vm.tail = STARTING, "", bytearray()
             worker = self._worker_factory(config, lambda data: self._output(vm, data))
             vm.worker = worker
+            self._subscribe(name, worker)
             try:
                 worker.start()
             except OSError as e:
@@ -310,6 +313,7 @@ class Vmms:
             self.pool.give_back(vm.settings.name)
             self._update_health()
         self.balancer.forget(vm.settings.name)  # not under our lock: a tick takes it
+        self.worker_counters.forget_vm(vm.settings.name)
         if end.failed:
             log.warning("VM %s crashed: %s", vm.settings.name, reason)
         else:
@@ -507,19 +511,52 @@ class Vmms:
             )
         return port
 
+    def _subscribe(self, name: str, worker: object) -> None:
+        """Take the memory statuses `worker` pushes (a worker without Dynamic Memory has none)."""
+        subscribe = getattr(worker, "subscribe_memory_status", None)
+        if subscribe is None:
+            return
+        subscribe(
+            lambda status: self._status_pushed(name, worker, status),
+            lambda why: self._status_refused(name, why),
+        )
+
+    def _status_pushed(self, name: str, worker: object, status: MemoryStatus) -> None:
+        """A VM's worker pushed its memory status (on the worker's reader thread). Not under
+        the service's lock: a request may hold it while it waits for this worker's answer."""
+        vm = self._vms.get(name)
+        if vm is None or vm.worker is not worker or not self.pool.record(name, status):
+            return  # from a worker this VM no longer has, or a VM that ended meanwhile
+        self.worker_counters.record(name, status)
+        self.balancer.status_arrived()
+
+    def _status_refused(self, name: str, why: str) -> None:
+        """A VM's worker pushed a status that does not decode: counted, and the VM's last good
+        status stands."""
+        log.warning("VM %s: its worker's memory status was refused: %s", name, why)
+        self.worker_counters.refused(name)
+
     def memory_status(self, name: str) -> dict[str, Any]:
-        """The worker's view of the VM's memory, in bytes (None until the guest reported)."""
+        """The VM's memory, in bytes, as its worker last pushed it (committed and available
+        None until the guest reported). No request goes to the worker."""
         with self._lock:
-            port = self._dm(name)
-        try:
-            st = status_of(port)
-        except DynamicMemoryUnavailable as e:
-            raise Conflict(str(e)) from None
+            self._dm(name)
+            if not self.pool.holds(name):
+                raise Conflict(f"VM {name!r} holds no memory of the pool: it is ending")
+            visible, assigned, ballooned = self.pool.pages(name)
+            st = self.pool.latest(name)
+
+        def _bytes(pages: int | None) -> int | None:
+            return None if pages is None else pages * PAGE_SIZE
+
         return {
-            k.removesuffix("_pages"): None if v is None else v * PAGE_SIZE
-            for k, v in vars(st).items()
-            if k != "busy"
-        } | {"busy": st.busy}
+            "visible": visible * PAGE_SIZE,
+            "assigned": assigned * PAGE_SIZE,
+            "ballooned": ballooned * PAGE_SIZE,
+            "committed": _bytes(None if st is None else st.committed_pages),
+            "available": _bytes(None if st is None else st.available_pages),
+            "busy": False if st is None else st.busy,
+        }
 
     def set_memory_target(self, name: str, target: object) -> dict[str, Any]:
         try:
@@ -547,13 +584,13 @@ class Vmms:
 
     def host(self) -> dict[str, int]:
         """The host's pool for VMs, in bytes: budget, reserve, free (reserve excluded)."""
-        m = self.pool.manager
+        p = self.pool
         with self._lock:
             running = sum(vm.worker is not None for vm in self._vms.values())
         return {
-            "budget": m.budget_pages * PAGE_SIZE,
-            "reserve": m.reserve_pages * PAGE_SIZE,
-            "free": m.free_pages * PAGE_SIZE,
+            "budget": p.budget_pages * PAGE_SIZE,
+            "reserve": p.reserve_pages * PAGE_SIZE,
+            "free": p.free_pages * PAGE_SIZE,
             "running_vms": running,
         }
 

@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pyhv.dynmem import protocol as dmp
+from pyhv.dynmem.status import MemoryStatus, VpCounters, VspCounters
 from pyhv.dynmem.vsp import (
     DEFAULT_OP_TIMEOUT,
     DmState,
     DmVspState,
     DynamicMemoryVsp,
-    StatusReport,
 )
+from pyhv.hypervisor.intercepts import InterceptKind
 from pyhv.memory.manager import PAGE_SIZE, MemoryManager, MemoryManagerError, MemoryState
 from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.vmbus.channel import ChannelState
@@ -109,6 +110,18 @@ class DynamicMemoryError(RuntimeError):
     """A Dynamic Memory request that cannot be carried out now; the message says why."""
 
 
+def _vp_counters(vp: Any) -> VpCounters:
+    """One VP's intercept counters (its per-kind arrays, which the C run loop adds to)."""
+    kinds = {k.name.lower(): vp.counts[int(k)] for k in InterceptKind}
+    return VpCounters(
+        vp=vp.index,
+        defaulted=sum(vp.defaults),
+        errors=sum(vp.errors),
+        handler_seconds=sum(vp.handler_ns) / 1e9,
+        **kinds,
+    )
+
+
 def _version_text(v: int | None) -> str | None:
     return None if v is None else f"{v >> 16}.{v & 0xFFFF}"
 
@@ -116,8 +129,9 @@ def _version_text(v: int | None) -> str | None:
 class DynamicMemoryService:
     """Dynamic Memory for one partition (see the module docstring).
 
-    `on_status(status)` gets :meth:`status` after every status report the guest sends (on the
-    doorbell thread: keep it quick). `interrupt_for(vector)` replaces the MSI to VP 0 (tests
+    `on_status(status)` gets :meth:`memory_status` (a MemoryStatus) after every status report
+    the guest sends (on the doorbell thread: keep it quick), and when a goal is reached or given
+    up (on the operations thread), so its owner sees what changed without asking. `interrupt_for(vector)` replaces the MSI to VP 0 (tests
     without VPs); `memory_manager` shares a host-wide manager (default: one of the VM's own
     whose budget is the configured maximum, so the free pool is the VM's headroom).
     """
@@ -127,7 +141,7 @@ class DynamicMemoryService:
         partition: Partition,
         config: VmConfig,
         *,
-        on_status: Callable[[dict[str, Any]], object] | None = None,
+        on_status: Callable[[MemoryStatus], object] | None = None,
         memory_manager: MemoryManager | None = None,
         interrupt_for: Callable[[int], Callable[[], object]] | None = None,
         op_timeout: float = DEFAULT_OP_TIMEOUT,
@@ -155,7 +169,7 @@ class DynamicMemoryService:
             on_reset=self._reset,
             reclaim=self._reclaim,
             map_hot_add=self._map_hot_add,
-            on_goal_done=self._transaction_done,
+            on_goal_done=self._goal_done,
             op_timeout=op_timeout,
             name=f"dynmem-{self.name}",
         )
@@ -177,9 +191,10 @@ class DynamicMemoryService:
             "status_not_published": 0,
             "late_packets": 0,
         }
-        self.last_status: StatusReport | None = None
-        self.last_status_time: float | None = None
+        #: The guest's last status report, as the VSP decoded it.
+        self.last_status: MemoryStatus | None = None
         self._published_at = 0.0
+        self._publish_lock = threading.Lock()
         self._info_for: object = None
         self._cv = threading.Condition()
         self._closing = False
@@ -327,18 +342,26 @@ class DynamicMemoryService:
 
     # --- VSP callbacks (doorbell thread, VSP lock held) ------------------------------------
 
-    def _status_report(self, report: StatusReport) -> None:
+    def _status_report(self, report: MemoryStatus) -> None:
         self.last_status = report
-        self.last_status_time = now = time.time()
+        now = report.reported_at
         self.counters["status_reports"] += 1
         if 0 <= now - self._published_at < MIN_PUBLISH_INTERVAL:
             # A guest sends one a second; one that floods is kept to 10 a second for the VMMS.
             self.counters["status_not_published"] += 1
             return
         self._published_at = now
-        if self._on_status is not None:
+        self._publish()
+
+    def _publish(self) -> None:
+        """Push the VM's memory status to the owner (the VMMS): no one has to ask for it."""
+        if self._on_status is None:
+            return
+        # One at a time (the doorbell and the operations threads both push), so the owner
+        # receives them in the order they were taken and the last one it keeps is the newest.
+        with self._publish_lock:
             try:
-                self._on_status(self.status())
+                self._on_status(self.memory_status())
             except Exception:  # noqa: BLE001 - the listener's problem, not the guest's
                 log.exception("%s: status listener failed", self.name)
 
@@ -365,6 +388,11 @@ class DynamicMemoryService:
         with self._cv:
             self._cv.notify_all()
 
+    def _goal_done(self, why: str | None) -> None:
+        """The goal was reached or given up: the owner sees it without waiting for a report."""
+        self._transaction_done()
+        self._publish()
+
     def _reclaim(self, ranges: list[PageRange]) -> None:
         """Before an unballoon: the host backs the pages again (taken from the pool)."""
         self.counters["unballooned_pages"] += self.mm.reclaim(self.name, ranges)
@@ -384,9 +412,44 @@ class DynamicMemoryService:
 
     # --- state ----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """Everything an operator or the VMMS wants to know, JSON-ready (pages of 4 KiB)."""
+    def memory_status(self) -> MemoryStatus:
+        """The VM's memory as the memory manager accounts it, the guest's last report, and the
+        VSP's and VPs' counters: what is pushed to the VMMS."""
         part = self._mm_part
+        report = self.last_status
+        vsp, ctl = self.vsp.counters, self.controller.counters
+        c = self.counters
+        busy = self.vsp.goal is not None or self.vsp.state.waiting
+        return MemoryStatus(
+            visible_pages=part.visible_pages,
+            assigned_pages=part.assigned_pages,
+            ballooned_pages=part.ballooned.pages,
+            committed_pages=None if report is None else report.committed_pages,
+            available_pages=None if report is None else report.available_pages,
+            guest_committed_pages=None if report is None else report.guest_committed_pages,
+            busy=busy,
+            reported_at=0.0 if report is None else report.reported_at,
+            vsp=VspCounters(
+                status_reports=c["status_reports"],
+                messages_accepted=vsp["accepted"],
+                messages_refused=vsp["refused"],
+                bad_ranges=vsp["bad_ranges"],
+                transitions=vsp["transitions"],
+                resets=vsp["resets"],
+                timeouts=c["timeouts"],
+                ballooned_pages=c["ballooned_pages"],
+                unballooned_pages=c["unballooned_pages"],
+                hot_added_pages=c["hot_added_pages"],
+                doorbells=ctl["doorbells"],
+                controller_refused=ctl["refused"],
+            ),
+            vps=tuple(_vp_counters(vp) for _, vp in sorted(self.partition.vps.items())),
+        )
+
+    def status(self) -> dict[str, Any]:
+        """The operator's view (`pyhv memory --control`), JSON-ready (pages of 4 KiB): the
+        memory status plus the protocol's state, the goal and the last error."""
+        st = self.memory_status()
         vsp = self.vsp
         out: dict[str, Any] = {
             "state": vsp.state.name,
@@ -403,30 +466,29 @@ class DynamicMemoryService:
             "startup_pages": self.startup_pages,
             "minimum_pages": self.minimum_pages,
             "maximum_pages": self.maximum_pages,
-            "visible_pages": part.visible_pages,
-            "assigned_pages": part.assigned_pages,
-            "ballooned_pages": part.ballooned.pages,
-            "hot_added_pages": part.hot_added_pages,
+            "visible_pages": st.visible_pages,
+            "assigned_pages": st.assigned_pages,
+            "ballooned_pages": st.ballooned_pages,
+            "hot_added_pages": self._mm_part.hot_added_pages,
             "goal_pages": vsp.goal,
             "operation": self.operation,
             "last_error": self.last_error,
             "free_pool_pages": self.mm.free_pages,
             "last_status": None,
-            "bad_messages": vsp.counters["refused"],
-            "bad_ranges": vsp.counters["bad_ranges"],
-            "controller_refused": self.controller.counters["refused"],
+            "bad_messages": st.vsp.messages_refused,
+            "bad_ranges": st.vsp.bad_ranges,
+            "controller_refused": st.vsp.controller_refused,
             "counters": dict(self.counters),
         }
-        if self.last_status is not None and self.last_status_time is not None:
-            s = self.last_status
+        if st.reported:
             out["last_status"] = {
-                "committed_pages": s.committed_pages,
-                "available_pages": s.available_pages,
-                "pressure": s.pressure,
-                "time": self.last_status_time,
+                "committed_pages": st.committed_pages,
+                "available_pages": st.available_pages,
+                "pressure": st.pressure,
+                "time": st.reported_at,
             }
-            out["committed_pages"] = s.committed_pages
-            out["available_pages"] = s.available_pages
+            out["committed_pages"] = st.committed_pages
+            out["available_pages"] = st.available_pages
         return out
 
     @property

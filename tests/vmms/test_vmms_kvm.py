@@ -271,7 +271,10 @@ def test_testlimit_is_answered_by_a_hot_add_with_the_buffer_which_a_crash_return
         status = host.client.request("GET", "/api/vms/testvm/memory")
         # Demand plus the 20 % buffer (changes under 1 MiB are not worth an operation).
         committed = status["committed"] or 0
-        if committed >= 400 << 20 and status["visible"] >= committed * 1.2 - (1 << 20):
+        # The counters follow at the balancer's look after the status that shows the add.
+        added = counters.get(vm + r"\Memory Add Operations", 0) >= 1
+        added = added and counters.get(vm + r"\Added Memory", 0) >= 400
+        if added and committed >= 400 << 20 and status["visible"] >= committed * 1.2 - (1 << 20):
             break
         time.sleep(0.1)
     assert status["committed"] >= 400 << 20

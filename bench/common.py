@@ -17,6 +17,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -81,16 +82,19 @@ def cpu_model() -> str:
 
 
 def _commit() -> str | None:
+    """The commit measured, with "+changes" when the work tree differs from it."""
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return r.stdout.strip()
+
     try:
-        r = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        head = git("rev-parse", "--short", "HEAD")
+        # results and the generated doc change with every run: not a change of what is measured
+        changed = git("status", "--porcelain", "--", ".", ":!bench/results", ":!docs/benchmarks.md")
     except OSError:
         return None
-    return r.stdout.strip() or None
+    return (head + ("+changes" if changed else "")) or None
 
 
 def run_info() -> dict[str, Any]:
@@ -106,6 +110,7 @@ def run_info() -> dict[str, Any]:
         "commit": _commit(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "quick": quick(),
+        "started": time.monotonic(),  # replaced by elapsed_s when the bench finishes
     }
 
 
@@ -116,6 +121,8 @@ def results_dir() -> Path:
 def finish(bench: str, result: dict[str, Any], run: dict[str, Any]) -> Path:
     """Write bench/results/<bench>.json (with `run`, taken at the start) and print it as the
     last stdout line."""
+    run = dict(run)
+    run["elapsed_s"] = round(time.monotonic() - run.pop("started"))
     doc = {"bench": bench, "label": LABEL, "run": run, **result}
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)

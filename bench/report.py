@@ -59,7 +59,8 @@ def spread(
     med = num(s["median"] / scale, digits) + unit
     if s.get("n", 1) <= 1 or s["min"] == s["max"]:
         return med
-    return f"{med} ({num(s['min'] / scale, digits)}-{num(s['max'] / scale, digits)})"
+    lo, hi = num(s["min"] / scale, digits), num(s["max"] / scale, digits)
+    return f"{med} ({lo} to {hi})" if s["min"] < 0 else f"{med} ({lo}-{hi})"
 
 
 def plural(n: int, word: str) -> str:
@@ -91,7 +92,8 @@ def run_line(name: str, data: dict[str, Any]) -> str:
         f"{RUN_PREFIX}`bench/results/{name}.json`, {where}: date {r['date']}, "
         f"CPU model {r['cpu_model']} ({r['cpus']} CPUs), kernel {r['kernel']}, "
         f"KVM module {module}, Python {r['python']}, QEMU {r['qemu']}, commit {r['commit']}, "
-        f"load average at start {num(r['load_average_at_start'][0], 2)}.{quick}"
+        f"load average at start {num(r['load_average_at_start'][0], 2)}, "
+        f"took {r['elapsed_s']} s.{quick}"
     )
 
 

@@ -12,14 +12,14 @@ and N RDMSRs (0x40000000, sent to user space by the MSR filter). Each runs under
     is N / (time with N exits - time with 0 exits), startup cancelled out. No MSR loop: KVM
     answers unknown MSRs itself unless user-space MSR exits are enabled, which QEMU does not do.
     QEMU runs with KVM only (bench/common.py's QEMU_KVM); if it cannot, the JSON says why.
-Every loop on every port, MMIO and MSR loop also runs on pyhv's pure-Python run loop, in a
-process with PYHV_NO_FASTRUN=1. Everything is repeated, interleaved, and reported as the median
+The port, MMIO and MSR loops also run on pyhv's pure-Python run loop, in a process with
+PYHV_NO_FASTRUN=1. Everything is repeated, interleaved, and reported as the median
 with min-max (the machine is shared and noisy); ratios and the ns per exit pyhv adds to the C
 loop are taken per repetition. Writes bench/results/intercepts.json (bench/common.py) and ends
 stdout with the same JSON object. Figures are measured on PVM (kvm_pvm): guest code at CPL0
 is emulated there, so the kernel's exit path dominates.
 
-usage: python bench/intercepts.py [N] [REPEATS]   (PYHV_BENCH_QUICK=1: fewer)
+usage: python bench/intercepts.py [N] [REPEATS]   (default 50 000 x 5; PYHV_BENCH_QUICK=1: 20 000 x 3)
 """
 
 from __future__ import annotations

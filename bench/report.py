@@ -453,8 +453,9 @@ def migration(d: dict[str, Any]) -> list[str]:
         "",
         "The wire limit of a row is the same fixed figure for both: the guest's distinct "
         "non-zero memory at the start of the migration (4 KiB pages not all zero, each counted "
-        "once, read from the source's guest-RAM memfd just before the migration starts; the "
-        "median over the row's pyhv and QEMU migrations) divided by the loopback bandwidth of "
+        "once, read from the source's guest RAM just before the migration starts: pyhv's memfd, "
+        "QEMU's anonymous mapping through /proc/PID/mem; the median over the row's pyhv and QEMU "
+        "migrations) divided by the loopback bandwidth of "
         f"this run: {spread(bw, 2, ' GB/s', 1e9)}, {bw['n']} TCP transfers of "
         f"{d['wire_bytes_per_transfer'] >> 20} MiB between two processes, one before each row's "
         "migrations and one after the last.",

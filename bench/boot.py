@@ -15,6 +15,7 @@ import os
 import select
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,15 @@ RUNS = common.pick(7, 3)
 
 def timed_boot(cmd: list[str], stdin_data: bytes | None = None) -> tuple[float, float]:
     """Seconds from spawning ``cmd`` to its first stdout byte and to the shell prompt."""
+    errors = tempfile.TemporaryFile()  # what the process says when it fails (e.g. QEMU's KVM)
+
+    def why() -> str:
+        errors.seek(0)
+        return errors.read().decode(errors="replace").strip()[-300:]
+
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd=ROOT
     )
     assert proc.stdout is not None and proc.stdin is not None
     fd = proc.stdout.fileno()
@@ -48,11 +51,16 @@ def timed_boot(cmd: list[str], stdin_data: bytes | None = None) -> tuple[float, 
         while prompt is None:
             left = t0 + TIMEOUT - time.perf_counter()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise TimeoutError(f"no prompt from {cmd[0]} within {TIMEOUT} s: {seen[-200:]!r}")
+                raise TimeoutError(
+                    f"no prompt from {cmd[0]} within {TIMEOUT} s: {seen[-200:]!r} {why()}"
+                )
             chunk = os.read(fd, 65536)
             now = time.perf_counter()
             if not chunk:
-                raise RuntimeError(f"{cmd[0]} exited before its prompt: {seen[-200:]!r}")
+                proc.wait()
+                raise RuntimeError(
+                    f"{Path(cmd[0]).name} exited before its prompt: {why() or repr(seen[-200:])}"
+                )
             if first is None:
                 first = now - t0
             seen += chunk
@@ -72,6 +80,7 @@ def timed_boot(cmd: list[str], stdin_data: bytes | None = None) -> tuple[float, 
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        errors.close()
     assert first is not None
     return first, prompt
 

@@ -176,12 +176,14 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=common.pick(200, 50), help="ping-pong rounds for the ring"
     )
+    ap.add_argument("--sizes", type=int, nargs="+", default=common.pick([256, 1024], [256]))
+    ap.add_argument("--repeats", type=int, default=common.pick(3, 1))
     args = ap.parse_args()
     run = common.run_info()
-    repeats = common.pick(3, 1)
+    repeats = args.repeats
     out: dict[str, Any] = {"repeats": repeats, "sizes": {}}
     print("Dynamic Memory end to end with the reference guest (measured on PVM)")
-    for mib in common.pick((256, 1024), (256,)):
+    for mib in args.sizes:
         r = bench_size(mib, repeats)
         out["sizes"][f"{mib}MiB"] = r
         print(

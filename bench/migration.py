@@ -20,7 +20,8 @@ transfer of 256 MiB between two processes, repeated before every row and after t
 median of those). Writes bench/results/migration.json and ends stdout with the same JSON object;
 all figures were measured on PVM (this machine's KVM, docs/migration.md).
 
-    .venv/bin/python bench/migration.py [--no-qemu]     (PYHV_BENCH_QUICK=1: fewer rows)
+    .venv/bin/python bench/migration.py [--no-qemu] [--sizes 256M 1G] [--dirty 0 16] [--repeats N]
+    (PYHV_BENCH_QUICK=1: fewer rows and repetitions)
 """
 
 from __future__ import annotations
@@ -419,11 +420,15 @@ def _summary(runs: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-qemu", action="store_true", help="pyhv only (QEMU's cells say so)")
+    ap.add_argument("--sizes", nargs="+", default=common.pick(["256M", "1G"], ["256M"]))
+    ap.add_argument(
+        "--dirty", type=int, nargs="+", default=common.pick([0, 16, 64, 256], [0, 16]),
+        help="working sets in MiB (0: idle)",
+    )  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=common.pick(3, 1))
     args = ap.parse_args()
     run = common.run_info()
-    sizes = common.pick(["256M", "1G"], ["256M"])
-    workloads = common.pick([0, 16, 64, 256], [0, 16])
-    repeats = common.pick(3, 1)
+    sizes, workloads, repeats = args.sizes, args.dirty, args.repeats
     qemu = None if args.no_qemu else common.qemu_binary()
     if args.no_qemu:
         qemu_error: str | None = "not run (--no-qemu)"

@@ -67,6 +67,11 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def text(s: str) -> str:
+    """A message (e.g. QEMU's error) as one line that cannot break a table."""
+    return " ".join(s.split()).replace("|", "\\|")
+
+
 def met(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
@@ -106,7 +111,7 @@ def missing(name: str) -> list[str]:
 
 def intercepts(d: dict[str, Any]) -> list[str]:
     f = d["figures"]
-    qerr = d["qemu"].get("error")
+    qerr = text(d["qemu"]["error"]) if "error" in d["qemu"] else None
     out = [
         "Exits per second: a guest doing N port writes / MMIO writes / RDMSRs, each through the",
         "full intercept API with a trivial Python handler, on pyhv's C run loop and on its",
@@ -170,7 +175,7 @@ def intercepts(d: dict[str, Any]) -> list[str]:
         + ")",
     ]
     if qerr:
-        out[-1] += f"; at or above QEMU: not measured (QEMU with KVM did not run: {qerr})."
+        out[-1] += f"; at or above QEMU: not judged (QEMU did not run: {qerr})."
     else:
         q = {k: f[f"{k}_ratio_vs_qemu"]["median"] for k in ("io", "mmio")}
         out[-1] += (
@@ -208,7 +213,7 @@ def boot(d: dict[str, Any]) -> list[str]:
     ):
         r = d[key]
         if "error" in r:
-            rows.append([label, f"not run: {r['error']}", DASH])
+            rows.append([label, f"not run: {text(r['error'])}", DASH])
         else:
             rows.append([label, spread(r["first_byte_ms"], 1), spread(r["prompt_ms"], 1)])
     out += table(["", "first byte (ms)", "prompt (ms)"], rows)
@@ -428,6 +433,19 @@ def balancer(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def nonzero_cell(r: dict[str, Any]) -> str:
+    """The row's non-zero memory at the start, with each side's median where they differ."""
+    mib = r["nonzero_bytes_at_start"] / 2**20
+    sides = [
+        (name, r[side]["nonzero_bytes_at_start"]["median"] / 2**20)
+        for name, side in (("pyhv", "pyhv"), ("QEMU", "qemu"))
+        if "nonzero_bytes_at_start" in r[side]
+    ]
+    if all(abs(v - mib) <= 0.01 * mib for _, v in sides):
+        return f"{num(mib, 1)} MiB"
+    return f"{num(mib, 1)} MiB ({', '.join(f'{n} {num(v, 1)}' for n, v in sides)})"
+
+
 def migration(d: dict[str, Any]) -> list[str]:
     conv = d["convergence"]
     p, q = conv["pyhv"], conv["qemu"]
@@ -472,7 +490,7 @@ def migration(d: dict[str, Any]) -> list[str]:
             continue
         pp, qq = r["pyhv"], r["qemu"]
         if "error" in qq:
-            qcells = [f"not run: {qq['error']}", DASH, DASH]
+            qcells = [f"not run: {text(qq['error'])}", DASH, DASH]
         else:
             qcells = [
                 spread(qq["total_s"], 3, " s"),
@@ -484,7 +502,7 @@ def migration(d: dict[str, Any]) -> list[str]:
             [
                 size,
                 dirty,
-                f"{num(r['nonzero_bytes_at_start'] / 2**20, 1)} MiB",
+                nonzero_cell(r),
                 f"{num(r['wire_limit_s'] * 1000)} ms",
                 spread(pp["total_s"], 3, " s"),
                 spread(pp["downtime_ms"], 1, " ms"),

@@ -122,3 +122,22 @@ def test_check_mode_refuses_a_doc_edited_by_hand(tmp_path: Path) -> None:
     assert report.main(["--check", "--out", str(doc)]) == 0
     doc.write_text(doc.read_text().replace("| port write |", "| port write | 1 |", 1))
     assert report.main(["--check", "--out", str(doc)]) == 1
+
+
+def test_qemu_that_could_not_run_with_kvm_shows_why_and_no_figures() -> None:
+    results = report.load()
+    error = "QEMU with KVM exited with 1: qemu-system-x86_64: failed to set MSR 0x10a |\n"
+    results["intercepts"]["qemu"] = {"error": error}
+    results["boot"]["qemu_microvm"] = {"error": error}
+    results["boot"]["first_byte_ratio_pyhv_over_qemu"] = None
+    for row in results["migration"]["rows"]:
+        row["qemu"], row["downtime_pyhv_over_qemu"] = {"error": error}, None
+    text = report.render(results)
+    shown = "not run: QEMU with KVM exited with 1: qemu-system-x86_64: failed to set MSR 0x10a \\|"
+    lines = text.splitlines()
+    for start in ("| port write |", "| MMIO write |", "| `qemu-system-x86_64"):
+        (line,) = [x for x in lines if x.startswith(start)]
+        assert shown in line
+    migration_rows = [x for x in lines if x.startswith(("| 256 MiB |", "| 1 GiB |"))]
+    assert migration_rows and all(shown in x for x in migration_rows)
+    assert "downtime <= QEMU's: not judged" in text

@@ -188,6 +188,9 @@ def intercepts(d: dict[str, Any]) -> list[str]:
     tracing = d.get("io_ratio_vs_c_tracing_on")
     out += [
         "",
+        "What pyhv adds per exit beyond the C loop is releasing and retaking the GIL and calling "
+        "the Python handler; on PVM the kernel's exit path (emulated CPL0) dominates both.",
+        "",
         f"JSON keys of issue 10: `io_ratio_vs_c` {d['io_ratio_vs_c']}, `io_ratio_vs_qemu` "
         f"{d['io_ratio_vs_qemu']}, `io_ratio_vs_c_tracing_on` "
         + (str(tracing) if tracing is not None else "null (no flight recorder yet)")
@@ -225,6 +228,11 @@ def boot(d: dict[str, Any]) -> list[str]:
         f"pyhv.hypervisor {spread(fl['import_hypervisor_ms'], 1)} ms, + every boot-path import "
         f"{spread(fl['import_boot_path_ms'], 1)} ms (bytecode written: "
         f"{'yes' if d['bytecode_written'] else 'no, each process compiles pyhv from source'}).",
+        "",
+    ]
+    out += [
+        "QEMU's PVH entry makes the guest build its page tables at (emulated) CPL0, which is much "
+        "of QEMU's time here; most of pyhv's is Python start-up and imports (the floors above).",
         "",
     ]
     if ratio is None:
@@ -547,7 +555,10 @@ def migration(d: dict[str, Any]) -> list[str]:
         f"total time <= 1.3x the wire limit: {met(not far)}"
         + (f" (not in: {', '.join(far)})" if far else "")
         + ". An idle guest's wire limit is tiny (its non-zero memory is the guest image), so its "
-        "ratio measures the fixed cost of a migration.",
+        "ratio measures the fixed cost of a migration (connection, handshake, the VM created on "
+        "the destination). With a working set, the wire is not all the time costs: the guest's "
+        "`dirty` loop takes one of the two cores, the destination backs every page it receives "
+        "with fresh memory, and the passes after the first resend what the guest rewrote.",
         "",
     ]
     return out

@@ -13,24 +13,31 @@ the status report that shows it -> first memory added -> pressure back under tar
 Testlimit's end -> trim start -> trimmed; at the default time scale (the book's: settle 30 s,
 trim after 180 s; about 5 minutes), at time scale 0.1, and at 0.1 without add pacing (the
 balancer's raw answer). Goal: the first add <= 1 s after the report that shows the spike.
-Figures are measured on PVM (this machine's KVM). Skip with --no-kvm; --fast-only skips the
-default scale.
+Figures are measured on PVM (this machine's KVM); decision times are medians with min-max, and
+the result's `run` block names the host (CPU model) every row was measured on. Skip the guest
+runs with --no-kvm; --fast-only (and PYHV_BENCH_QUICK=1) skips the default scale. Writes
+bench/results/balancer.json and ends stdout with the same JSON object.
 Usage: python bench/balancer.py [--repeat N] [--fast-only] [--no-kvm]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
 
-from pyhv.dynmem.balancer import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+from pyhv.dynmem.balancer import (  # noqa: E402
     BalancerConfig,
     HostMemory,
     MemorySettings,
@@ -67,14 +74,15 @@ def fleet(n: int, churn: bool, seed: int = 1) -> list[VmMemoryState]:
     return vms
 
 
-def median_ms(run: Callable[[], object], repeat: int) -> float:
+def time_ms(run: Callable[[], object], repeat: int) -> dict[str, Any]:
+    """Median and min-max milliseconds of `repeat` calls (after one warm-up)."""
     run()  # warm-up
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         run()
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times) * 1e3, 3)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return common.spread(times, 3)
 
 
 def end_to_end(time_scale: float, paced: bool = True) -> dict[str, float]:
@@ -108,16 +116,17 @@ def end_to_end(time_scale: float, paced: bool = True) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=common.pick(15, 5))
     parser.add_argument(
         "--fast-only", action="store_true", help="skip the default time scale (~5 minutes)"
     )
     parser.add_argument("--no-kvm", action="store_true", help="decision time only")
     args = parser.parse_args()
+    run = common.run_info()
     config = BalancerConfig()
-    result: dict[str, dict[str, float]] = {}
+    result: dict[str, dict[str, Any]] = {}
     for n in (10, 1_000, 10_000):
-        case: dict[str, float] = {}
+        case: dict[str, Any] = {}
         for kind in ("steady", "churn"):
             vms = fleet(n, churn=kind == "churn")
             table = VmTable.from_states(vms)
@@ -127,40 +136,41 @@ def main() -> None:
                 "short": HostMemory(free_pages=total // 1000, reserve_pages=0),
             }
             for hname, host in hosts.items():
-                case[f"{kind}_{hname}_decide_ms"] = median_ms(
-                    lambda h=host, v=vms: decide(h, v, config), args.repeat
+                case[f"{kind}_{hname}_decide_ms"] = time_ms(
+                    partial(decide, host, vms, config), args.repeat
                 )
-                case[f"{kind}_{hname}_table_ms"] = median_ms(
-                    lambda h=host, t=table: decide_table(h, t, config), args.repeat
+                case[f"{kind}_{hname}_table_ms"] = time_ms(
+                    partial(decide_table, host, table, config), args.repeat
                 )
             ops = len(decide(hosts["roomy"], vms, config).operations)
             case[f"{kind}_roomy_operations"] = ops
         result[str(n)] = case
-        print(f"{n:>6} VMs: " + ", ".join(f"{k}={v}" for k, v in case.items()))
+        print(
+            f"{n:>6} VMs: "
+            + ", ".join(f"{k}={v['median'] if isinstance(v, dict) else v}" for k, v in case.items())
+        )
     e2e: dict[str, dict[str, float]] = {}
     kvm = not args.no_kvm and os.access("/dev/kvm", os.R_OK | os.W_OK)
     if kvm:
         runs = [("fast_0.1", 0.1, True), ("fast_0.1_unpaced", 0.1, False)]
-        if not args.fast_only:
+        if not (args.fast_only or common.quick()):
             runs.append(("default_1.0", 1.0, True))
         for label, scale, paced in runs:
             e2e[label] = end_to_end(scale, paced)
             print(f"end to end {label}: " + ", ".join(f"{k}={v}" for k, v in e2e[label].items()))
     elif not args.no_kvm:
         print("end to end: skipped, /dev/kvm is missing or not accessible")
-    print(
-        json.dumps(
-            {
-                "bench": "balancer",
-                "goal_ms_10000": 10.0,
-                "repeat": args.repeat,
-                "vms": result,
-                "end_to_end": e2e,
-                "end_to_end_goal_report_to_first_add_s": 1.0,
-                "end_to_end_runs": sorted(e2e),
-                "measured_on": "PVM (kvm_pvm, nested by shadow paging)" if e2e else "no KVM",
-            }
-        )
+    common.finish(
+        "balancer",
+        {
+            "goal_ms_10000": 10.0,
+            "repeat": args.repeat,
+            "vms": result,
+            "end_to_end": e2e,
+            "end_to_end_goal_report_to_first_add_s": 1.0,
+            "end_to_end_runs": sorted(e2e),
+        },
+        run,
     )
 
 

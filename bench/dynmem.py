@@ -7,16 +7,17 @@
   trip (request posted -> the guest's answer handled), the host's share (doorbell eventfd seen ->
   answer handled and any reply posted), and packets/s through the channel.
 
-Every figure is measured on PVM (guest CPL0 code is emulated here). The last stdout line is one
+Balloon and unballoon are repeated (3 times per size; the guest touches its free memory again
+before each balloon) and hot-add is measured once per size; figures are medians with min-max.
+PYHV_BENCH_QUICK=1: 256 MiB only, once, and fewer ring rounds. Every figure is measured on PVM
+(guest CPL0 code is emulated here). Writes bench/results/dynmem.json and ends stdout with the same
 JSON object. Usage: python bench/dynmem.py [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import statistics
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import common  # noqa: E402
 from pyhv.guest_image import image_path  # noqa: E402
 from pyhv.worker import VirtualMachine, VmConfig  # noqa: E402
 from pyhv.worker.script import ENTER, PROMPT  # noqa: E402
@@ -77,50 +79,56 @@ def timed_target(vm: VirtualMachine, size: int) -> float:
     return dt
 
 
-def bench_size(mib: int) -> dict[str, float]:
-    """Balloon, unballoon and hot-add `mib` MiB in a guest that has touched its free memory."""
+def bench_size(mib: int, repeats: int) -> dict[str, Any]:
+    """Balloon and unballoon `mib` MiB `repeats` times in a guest that has touched its free
+    memory before each balloon, then hot-add `mib` MiB once."""
     startup = 2 * mib + 256
     vm = boot(f"{startup}M", f"{startup + mib}M")
     dm = vm.dynmem
     assert dm is not None
-    out: dict[str, float] = {}
+    pages = mib * PAGES_PER_MIB
+    s: dict[str, list[float]] = {}
+    release_s: list[float] = []
+    real_release = dm.mm.release
+
+    def timed_release(name: str, ranges: Any) -> int:
+        t0 = time.perf_counter()
+        n = real_release(name, ranges)
+        release_s.append(time.perf_counter() - t0)
+        return n
+
+    dm.mm.release = timed_release  # type: ignore[method-assign]
     try:
-        free = mem(vm)["free"]
-        shell(vm, f"testlimit -m {free - 32} -c 1")  # populate host memory behind the guest
-        wait_until(lambda: vm.host_resident_bytes() >= (startup - 64) * MiB)
-        shell(vm, "kill")
-        release_s: list[float] = []
-        real_release = dm.mm.release
-
-        def timed_release(name: str, ranges: Any) -> int:
-            t0 = time.perf_counter()
-            n = real_release(name, ranges)
-            release_s.append(time.perf_counter() - t0)
-            return n
-
-        dm.mm.release = timed_release  # type: ignore[method-assign]
-        host0 = vm.host_resident_bytes()
-        dt = timed_target(vm, (startup - mib) * MiB)
-        freed = host0 - vm.host_resident_bytes()
-        pages = mib * PAGES_PER_MIB
-        out[f"balloon_{mib}MiB_s"] = dt
-        out[f"balloon_{mib}MiB_pages_per_s"] = pages / dt
-        out[f"balloon_{mib}MiB_host_freed_MiB"] = freed / MiB
-        out[f"release_{mib}MiB_host_only_s"] = sum(release_s)
-        out[f"release_{mib}MiB_GiB_per_s"] = mib / 1024 / sum(release_s)
-        dt = timed_target(vm, startup * MiB)
-        out[f"unballoon_{mib}MiB_s"] = dt
-        out[f"unballoon_{mib}MiB_pages_per_s"] = pages / dt
+        for _ in range(repeats):
+            free = mem(vm)["free"]
+            shell(vm, f"testlimit -m {free - 32} -c 1")  # populate host memory behind the guest
+            wait_until(lambda: vm.host_resident_bytes() >= (startup - 64) * MiB)
+            shell(vm, "kill")
+            release_s.clear()
+            host0 = vm.host_resident_bytes()
+            dt = timed_target(vm, (startup - mib) * MiB)
+            s.setdefault("balloon_ms", []).append(dt * 1e3)
+            s.setdefault("balloon_pages_per_s", []).append(pages / dt)
+            s.setdefault("balloon_host_freed_MiB", []).append(
+                (host0 - vm.host_resident_bytes()) / MiB
+            )
+            s.setdefault("release_host_only_ms", []).append(sum(release_s) * 1e3)
+            s.setdefault("release_GiB_per_s", []).append(mib / 1024 / sum(release_s))
+            dt = timed_target(vm, startup * MiB)
+            s.setdefault("unballoon_ms", []).append(dt * 1e3)
+            s.setdefault("unballoon_pages_per_s", []).append(pages / dt)
         dt = timed_target(vm, (startup + mib) * MiB)
         assert mem(vm)["hot-added"] == mib
-        out[f"hot_add_{mib}MiB_s"] = dt
-        out[f"hot_add_{mib}MiB_pages_per_s"] = pages / dt
+        s["hot_add_ms"] = [dt * 1e3]
+        s["hot_add_pages_per_s"] = [pages / dt]
     finally:
         vm.close()
-    return out
+    return {
+        k: common.spread(v, 2 if k.endswith(("_ms", "_MiB", "_s")) else 0) for k, v in s.items()
+    }
 
 
-def bench_ring(rounds: int) -> dict[str, float]:
+def bench_ring(rounds: int) -> dict[str, Any]:
     """A one-page balloon + unballoon ping-pong with the real guest."""
     vm = boot("512M", "512M")
     dm = vm.dynmem
@@ -129,7 +137,7 @@ def bench_ring(rounds: int) -> dict[str, float]:
     done = threading.Event()
     vsp._on_balloon_done = lambda _n: done.set()
     vsp._on_unballoon_done = lambda _r: done.set()
-    whole: list[float] = []
+    whole: list[float] = []  # seconds per round trip
     try:
         dm.measure = True
         dm.doorbell_ns.clear()
@@ -155,38 +163,43 @@ def bench_ring(rounds: int) -> dict[str, float]:
     finally:
         vm.close()
     return {
-        "ring_round_trip_us_median": statistics.median(whole) * 1e6,
-        "ring_round_trip_us_p90": sorted(whole)[int(len(whole) * 0.9)] * 1e6,
-        "ring_host_share_us_median": statistics.median(host),
-        "ring_packets_per_s": packets / elapsed,
+        "rounds": rounds,
+        "round_trip_us": common.spread([x * 1e6 for x in whole], 1),
+        "round_trip_us_p90": round(sorted(whole)[int(len(whole) * 0.9)] * 1e6, 1),
+        "host_share_us": common.spread(host, 1),
+        "packets_per_s": round(packets / elapsed),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=200, help="ping-pong rounds for the ring")
+    ap.add_argument(
+        "--rounds", type=int, default=common.pick(200, 50), help="ping-pong rounds for the ring"
+    )
+    ap.add_argument("--sizes", type=int, nargs="+", default=common.pick([256, 1024], [256]))
+    ap.add_argument("--repeats", type=int, default=common.pick(3, 1))
     args = ap.parse_args()
-    out: dict[str, Any] = {"label": "measured on PVM"}
+    run = common.run_info()
+    repeats = args.repeats
+    out: dict[str, Any] = {"repeats": repeats, "sizes": {}}
     print("Dynamic Memory end to end with the reference guest (measured on PVM)")
-    for mib in (256, 1024):
-        r = bench_size(mib)
-        out.update(r)
+    for mib in args.sizes:
+        r = bench_size(mib, repeats)
+        out["sizes"][f"{mib}MiB"] = r
         print(
-            f"{mib} MiB: balloon {r[f'balloon_{mib}MiB_s'] * 1e3:.0f} ms "
-            f"({r[f'balloon_{mib}MiB_pages_per_s']:,.0f} pages/s, host freed "
-            f"{r[f'balloon_{mib}MiB_host_freed_MiB']:.0f} MiB; host release alone "
-            f"{r[f'release_{mib}MiB_host_only_s'] * 1e3:.1f} ms), unballoon "
-            f"{r[f'unballoon_{mib}MiB_s'] * 1e3:.0f} ms, hot-add "
-            f"{r[f'hot_add_{mib}MiB_s'] * 1e3:.0f} ms"
+            f"{mib} MiB: balloon {r['balloon_ms']['median']:.0f} ms "
+            f"({r['balloon_pages_per_s']['median']:,.0f} pages/s; host release alone "
+            f"{r['release_host_only_ms']['median']:.1f} ms), unballoon "
+            f"{r['unballoon_ms']['median']:.0f} ms, hot-add {r['hot_add_ms']['median']:.0f} ms"
         )
     ring = bench_ring(args.rounds)
-    out.update(ring)
+    out["ring"] = ring
     print(
-        f"ring with the guest: round trip {ring['ring_round_trip_us_median']:.0f} us median "
-        f"(p90 {ring['ring_round_trip_us_p90']:.0f}), host share "
-        f"{ring['ring_host_share_us_median']:.0f} us, {ring['ring_packets_per_s']:,.0f} packets/s"
+        f"ring with the guest: round trip {ring['round_trip_us']['median']:.0f} us median "
+        f"(p90 {ring['round_trip_us_p90']:.0f}), host share "
+        f"{ring['host_share_us']['median']:.0f} us, {ring['packets_per_s']:,} packets/s"
     )
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
+    common.finish("dynmem", out, run)
 
 
 if __name__ == "__main__":

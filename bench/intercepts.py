@@ -1,8 +1,7 @@
 """Intercept delivery rate: pyhv's full intercept API against a minimal C KVM_RUN loop.
 
 pyhv runs its VPs on its C run loop (pyhv/kvm/_runloop.c) where that builds, else on the same
-loop in Python; `pyhv_loop` in the JSON says which, and the port loop is also measured on the
-Python loop (`io_pyhv_python_loop_per_s`).
+loop in Python; `pyhv_loop` in the JSON says which.
 
 One guest, three loops at CPL0: N port writes (OUT 0x80), N MMIO writes (GPA 0xd0000000, no RAM)
 and N RDMSRs (0x40000000, sent to user space by the MSR filter). Each runs under
@@ -12,27 +11,32 @@ and N RDMSRs (0x40000000, sent to user space by the MSR filter). Each runs under
     0x80 and GPA 0xd0000000 are unassigned there, so each exit is QEMU's own dispatch. QEMU's rate
     is N / (time with N exits - time with 0 exits), startup cancelled out. No MSR loop: KVM
     answers unknown MSRs itself unless user-space MSR exits are enabled, which QEMU does not do.
-Each measurement is repeated and the best rate kept (the machine is shared and noisy).
-The last stdout line is one JSON object. Figures are measured on PVM (kvm_pvm): guest code at CPL0
+    QEMU runs with KVM only (bench/common.py's QEMU_KVM); if it cannot, the JSON says why.
+The port, MMIO and MSR loops also run on pyhv's pure-Python run loop, in a process with
+PYHV_NO_FASTRUN=1. Everything is repeated, interleaved, and reported as the median
+with min-max (the machine is shared and noisy); ratios and the ns per exit pyhv adds to the C
+loop are taken per repetition. Writes bench/results/intercepts.json (bench/common.py) and ends
+stdout with the same JSON object. Figures are measured on PVM (kvm_pvm): guest code at CPL0
 is emulated there, so the kernel's exit path dominates.
 
-usage: python bench/intercepts.py [N] [REPEATS]
+usage: python bench/intercepts.py [N] [REPEATS]   (default 50 000 x 5; PYHV_BENCH_QUICK=1: 20 000 x 3)
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import common  # noqa: E402
+from bench.common import QEMU_KVM  # noqa: E402
 from pyhv.hypervisor import Partition, enter_long_mode  # noqa: E402
 from pyhv.kvm import fastrun  # noqa: E402
 
@@ -41,6 +45,8 @@ STACK = 0x1FF000
 MMIO_GPA = 0xD0000000
 MSR = 0x40000000
 DONE_PORT = 0xF4
+QEMU_DONE = 0x21  # the guest's isa-debug-exit value: QEMU then exits with (0x21 << 1) | 1
+QEMU_FACTOR = 2  # QEMU runs this many times N exits, so its start-up is small beside them
 
 GUEST = f"""
 .code64
@@ -206,7 +212,7 @@ io_loop:
 1:  outb %al, $0x80
     dec %rcx
     jnz 1b
-3:  mov $0, %al
+3:  mov $QEMU_DONE, %al
     outb %al, $0xf4
 2:  jmp 2b
 .globl mmio_loop
@@ -217,7 +223,7 @@ mmio_loop:
 1:  movl %eax, (%rbx)
     dec %rcx
     jnz 1b
-3:  mov $0, %al
+3:  mov $QEMU_DONE, %al
     outb %al, $0xf4
 2:  jmp 2b
 
@@ -233,7 +239,7 @@ gdt_desc:
 """
 
 QEMU_ARGS = [
-    "-enable-kvm", "-cpu", "host", "-M", "microvm,x-option-roms=off,rtc=off", "-m", "64M",
+    *QEMU_KVM, "-M", "microvm,x-option-roms=off,rtc=off", "-m", "64M",
     "-nodefaults", "-no-user-config", "-display", "none", "-serial", "none", "-monitor", "none",
     "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
 ]  # fmt: skip
@@ -249,7 +255,16 @@ def build_qemu_guest(tmp: Path, loop: str, count: int) -> Path:
     )
     obj, elf = tmp / f"{name}.o", tmp / f"{name}.elf"
     subprocess.run(
-        ["gcc", "-c", f"-DCOUNT={count}", f"-DLOOP={loop}", str(tmp / "q.S"), "-o", str(obj)],
+        [
+            "gcc",
+            "-c",
+            f"-DCOUNT={count}",
+            f"-DLOOP={loop}",
+            f"-DQEMU_DONE={QEMU_DONE}",
+            str(tmp / "q.S"),
+            "-o",
+            str(obj),
+        ],
         check=True,
     )
     subprocess.run(
@@ -260,22 +275,16 @@ def build_qemu_guest(tmp: Path, loop: str, count: int) -> Path:
     return elf
 
 
-def run_qemu(qemu: str, tmp: Path, loop: str, n: int, repeats: int) -> float:
-    def best_time(count: int) -> float:
-        elf = build_qemu_guest(tmp, loop, count)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            r = subprocess.run(
-                [qemu, *QEMU_ARGS, "-kernel", str(elf)], capture_output=True, timeout=300
-            )
-            dt = time.perf_counter() - t0
-            if r.returncode != 1:  # isa-debug-exit: status (0 << 1) | 1
-                raise RuntimeError(f"QEMU exited with {r.returncode}: {r.stderr.decode()[-300:]}")
-            best = min(best, dt)
-        return best
-
-    return n / (best_time(n) - best_time(0))
+def qemu_seconds(qemu: str, elf: Path) -> float:
+    """Wall time of one QEMU (with KVM) running `elf` to its isa-debug-exit."""
+    t0 = time.perf_counter()
+    r = subprocess.run([qemu, *QEMU_ARGS, "-kernel", str(elf)], capture_output=True, timeout=300)
+    dt = time.perf_counter() - t0
+    if r.returncode != QEMU_DONE << 1 | 1:  # isa-debug-exit's status; QEMU's own errors are 1
+        raise RuntimeError(
+            f"QEMU with KVM exited with {r.returncode}: {r.stderr.decode(errors='replace').strip()[-300:]}"
+        )
+    return dt
 
 
 def build(tmp: Path) -> tuple[bytes, dict[str, int], Path]:
@@ -309,20 +318,8 @@ def build(tmp: Path) -> tuple[bytes, dict[str, int], Path]:
     return (tmp / "g.bin").read_bytes(), syms, tmp / "loop"
 
 
-def run_pyhv(
-    code: bytes, entry: int, n: int, time_handlers: bool = True, python_loop: bool = False
-) -> float:
-    """pyhv's rate; python_loop=True runs the VP on the Python fallback loop instead of C."""
-    load = fastrun.load
-    if python_loop:
-        fastrun.load = lambda: None  # type: ignore[assignment]
-    try:
-        return _run_pyhv(code, entry, n, time_handlers, "python" if python_loop else None)
-    finally:
-        fastrun.load = load  # type: ignore[assignment]
-
-
-def _run_pyhv(code: bytes, entry: int, n: int, time_handlers: bool, loop: str | None) -> float:
+def run_pyhv(code: bytes, entry: int, n: int, time_handlers: bool = True) -> float:
+    """pyhv's rate on the loop this process runs VPs on (C unless PYHV_NO_FASTRUN=1)."""
     with Partition("bench", time_handlers=time_handlers) as p:
         p.add_memory(0, 16 << 20)
         p.write(BASE, code)
@@ -348,9 +345,26 @@ def _run_pyhv(code: bytes, entry: int, n: int, time_handlers: bool, loop: str | 
         handled = c["io_port"]["count"] - 1 + c["memory"]["count"] + c["msr"]["count"]
         if handled != n:
             raise RuntimeError(f"expected {n} intercepts, counted {handled}")
-        if loop is not None and vp.loop_kind != loop:
-            raise RuntimeError(f"the VP ran the {vp.loop_kind} loop, not the {loop} loop")
+        want = "python" if fastrun.disabled() else "c"
+        if vp.loop_kind != want:
+            raise RuntimeError(f"the VP ran the {vp.loop_kind} loop, not the {want} loop")
         return n / (end[0] - t0)
+
+
+def run_pyhv_python_loop(binary: Path, entry: int, n: int) -> float:
+    """pyhv's rate on its pure-Python run loop: this script in a process with
+    PYHV_NO_FASTRUN=1 (as a user without a C compiler would run it)."""
+    env = {**os.environ, fastrun.DISABLE_ENV: "1"}
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", str(binary), hex(entry), str(n)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"the Python-loop run failed: {out.stderr[-500:]}")
+    return float(out.stdout.split()[-1])
 
 
 def run_python_floor(code: bytes, entry: int, n: int) -> float:
@@ -388,65 +402,92 @@ def run_c(loop: Path, binary: Path, entry: int, n: int) -> float:
     return n / float(seconds)
 
 
+def _add(samples: dict[str, list[float]], key: str, value: float) -> None:
+    samples.setdefault(key, []).append(value)
+
+
+def measure(
+    tmp: Path, n: int, repeats: int, qemu: str | None
+) -> tuple[dict[str, list[float]], str | None]:
+    """All loops, `repeats` times, interleaved so every loop sees the same machine load; per
+    repetition also the ratios and the ns each exit costs pyhv beyond the C loop. Returns the
+    samples and, if QEMU with KVM could not run, why."""
+    code, syms, loop = build(tmp)
+    binary = tmp / "g.bin"
+    s: dict[str, list[float]] = {}
+    qemu_elves: dict[str, tuple[Path, Path]] = {}
+    qemu_error = None if qemu else "qemu-system-x86_64 is not installed"
+    if qemu is not None:
+        for kind in ("io", "mmio"):
+            qemu_elves[kind] = (
+                build_qemu_guest(tmp, f"{kind}_loop", 0),
+                build_qemu_guest(tmp, f"{kind}_loop", QEMU_FACTOR * n),
+            )
+        try:
+            qemu_seconds(qemu, qemu_elves["io"][0])
+        except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+            qemu_error, qemu_elves = str(e), {}
+    for rep in range(repeats):
+        for kind in ("io", "mmio", "msr"):
+            entry = syms[f"{kind}_loop"]
+            c = run_c(loop, binary, entry, n)
+            py = run_pyhv(code, entry, n)
+            pyloop = run_pyhv_python_loop(binary, entry, n)
+            _add(s, f"{kind}_c_per_s", c)
+            _add(s, f"{kind}_pyhv_per_s", py)
+            _add(s, f"{kind}_pyhv_python_loop_per_s", pyloop)
+            _add(s, f"{kind}_ratio_vs_c", py / c)
+            _add(s, f"{kind}_python_loop_ratio_vs_c", pyloop / c)
+            _add(s, f"{kind}_ns_per_exit_over_c", 1e9 / py - 1e9 / c)
+            if kind == "io":
+                floor = run_python_floor(code, entry, n)
+                untimed = run_pyhv(code, entry, n, time_handlers=False)
+                _add(s, "io_python_floor_per_s", floor)
+                _add(s, "io_ratio_vs_python_floor", py / floor)
+                _add(s, "io_pyhv_untimed_per_s", untimed)
+                _add(s, "io_untimed_ratio_vs_c", untimed / c)
+            if kind in qemu_elves:
+                zero, full = qemu_elves[kind]
+                # startup cancelled out: N exits' time minus the same QEMU with 0 exits
+                rate = QEMU_FACTOR * n / (qemu_seconds(qemu, full) - qemu_seconds(qemu, zero))  # type: ignore[arg-type]
+                _add(s, f"{kind}_qemu_per_s", rate)
+                _add(s, f"{kind}_ratio_vs_qemu", py / rate)
+        print(
+            f"repetition {rep + 1}/{repeats}: "
+            + ", ".join(
+                f"{k} {s[k][-1]:.3f}" for k in s if "ratio" in k and not k.startswith("io_untimed")
+            ),
+            flush=True,
+        )
+    return s, qemu_error
+
+
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
-    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    result: dict[str, object] = {
-        "label": "measured on PVM (kvm_pvm; CPL0 guest code emulated)",
-        "n": n,
-        "repeats": repeats,
-    }
+    if len(sys.argv) == 5 and sys.argv[1] == "--one":  # a child measuring one loop (see above)
+        binary, entry, n = Path(sys.argv[2]), int(sys.argv[3], 0), int(sys.argv[4])
+        print(run_pyhv(binary.read_bytes(), entry, n))
+        return
+    run = common.run_info()
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else common.pick(50_000, 20_000)
+    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else common.pick(5, 3)
+    result: dict[str, Any] = {"n": n, "repeats": repeats, "qemu_exits": QEMU_FACTOR * n}
     result["pyhv_loop"] = "c" if fastrun.load() is not None else "python"
     if fastrun.why_unavailable():
         result["pyhv_loop_why_python"] = fastrun.why_unavailable()
+    qemu = common.qemu_binary()
     with tempfile.TemporaryDirectory(prefix="pyhv-bench-") as d:
-        tmp = Path(d)
-        code, syms, loop = build(tmp)
-        for kind in ("io", "mmio", "msr"):
-            entry = syms[f"{kind}_loop"]
-            best_py = best_c = floor = untimed = py_loop = 0.0
-            for _ in range(repeats):  # interleaved, so all see the same machine load
-                best_c = max(best_c, run_c(loop, tmp / "g.bin", entry, n))
-                best_py = max(best_py, run_pyhv(code, entry, n))
-                if kind == "io":
-                    floor = max(floor, run_python_floor(code, entry, n))
-                    untimed = max(untimed, run_pyhv(code, entry, n, time_handlers=False))
-                    py_loop = max(py_loop, run_pyhv(code, entry, n, python_loop=True))
-            if kind == "io":
-                result["io_python_floor_per_s"] = round(floor)
-                result["io_ratio_vs_python_floor"] = round(best_py / floor, 3)
-                result["io_pyhv_untimed_per_s"] = round(untimed)
-                result["io_untimed_ratio_vs_c"] = round(untimed / best_c, 3)
-                result["io_pyhv_python_loop_per_s"] = round(py_loop)
-                result["io_python_loop_ratio_vs_c"] = round(py_loop / best_c, 3)
-                print(
-                    f"io    python floor {floor:.0f}/s, pyhv without handler timing {untimed:.0f}/s, "
-                    f"pyhv on its Python loop {py_loop:.0f}/s"
-                )
-            result[f"{kind}_pyhv_per_s"] = round(best_py)
-            result[f"{kind}_c_per_s"] = round(best_c)
-            result[f"{kind}_ratio_vs_c"] = round(best_py / best_c, 3)
-            print(
-                f"{kind:5s} pyhv {best_py:10.0f}/s   C {best_c:10.0f}/s   ratio {best_py / best_c:.3f}"
-            )
-        qemu = shutil.which("qemu-system-x86_64")
-        if qemu is None:
-            result["qemu"] = "skipped: qemu-system-x86_64 not installed"
-        else:
-            result["qemu"] = qemu
-            try:
-                for kind in ("io", "mmio"):
-                    rate = run_qemu(qemu, tmp, f"{kind}_loop", 5 * n, repeats)
-                    result[f"{kind}_qemu_per_s"] = round(rate)
-                    result[f"{kind}_pyhv_ratio_vs_qemu"] = round(
-                        result[f"{kind}_pyhv_per_s"] / rate,  # type: ignore[operator]
-                        3,
-                    )
-                    print(f"{kind:5s} QEMU {rate:10.0f}/s")
-            except (RuntimeError, subprocess.SubprocessError, OSError) as e:
-                result["qemu"] = f"skipped: QEMU run failed: {e}"
-    result["cpus"] = os.cpu_count()
-    print(json.dumps(result))
+        samples, qemu_error = measure(Path(d), n, repeats, qemu)
+    # with KVM or not at all: the error is what the doc's QEMU column shows
+    result["qemu"] = {"error": qemu_error} if qemu_error else {"args": QEMU_ARGS}
+    figures = {k: common.spread(v, 3 if "ratio" in k else 0) for k, v in samples.items()}
+    result["figures"] = figures
+    # The keys issue 10 asks for: medians of the per-repetition ratios
+    result["io_ratio_vs_c"] = figures["io_ratio_vs_c"]["median"]
+    result["io_ratio_vs_qemu"] = figures.get("io_ratio_vs_qemu", {}).get("median")
+    result["io_ratio_vs_c_tracing_on"] = None  # no flight recorder yet (issue 10, item 6)
+    for k, f in figures.items():
+        print(f"{k:34s} median {f['median']:>12,}  min {f['min']:>12,}  max {f['max']:>12,}")
+    common.finish("intercepts", result, run)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,26 @@
 side by side in one run.
 
 For 256 MiB and 1 GiB guests, idle and with `dirty` working sets of 16, 64 and 256 MiB (where
-the working set fits the guest): total time, downtime (VP paused -> VP running on the
-destination), bytes sent, passes, and the physical limit (bytes that had to be sent / the
-loopback bandwidth measured in this run). QEMU (`-M microvm -kernel pyhv-guest.elf`, PVH entry,
-serial on a socket to type `dirty`) migrates between two processes with `migrate` over QMP,
-downtime-limit and bandwidth set the same as pyhv's; with KVM when QEMU's KVM works on this
-machine, else with TCG (said in the output). The last stdout line is one JSON object; all
-figures were measured on PVM (this machine's KVM, docs/migration.md).
+the working set fits the guest; 256 MiB idle and 16 MiB with PYHV_BENCH_QUICK=1): total time,
+downtime (VP paused -> VP running on the destination), bytes sent and passes, each repeated
+(3 times, once when quick) and reported as median with min-max.
 
-    .venv/bin/python bench/migration.py [--quick] [--no-qemu]
+Both sides migrate with the same convergence settings: auto-converge ON, throttling 20 % first,
++20 % per step, at most 95 %, downtime limit 300 ms, no bandwidth limit. QEMU
+(`-M microvm -kernel pyhv-guest.elf`, PVH entry, serial on a socket to type `dirty`) runs with
+KVM only (`-accel kvm -cpu host,-arch-capabilities`); if it cannot, its cells hold the error,
+never figures of QEMU's software emulator.
+
+Both totals are divided by the same fixed wire limit per row: the guest's distinct non-zero
+memory at the start of the migration (4 KiB pages that are not all zero, each counted once, read
+from the source process's guest RAM just before the migration starts: pyhv's memfd, QEMU's
+anonymous mapping through /proc/PID/mem; the median of both sides is the row's figure) divided by the loopback bandwidth of this run (a TCP bulk
+transfer of 256 MiB between two processes, repeated before every row and after the last; the
+median of those). Writes bench/results/migration.json and ends stdout with the same JSON object;
+all figures were measured on PVM (this machine's KVM, docs/migration.md).
+
+    .venv/bin/python bench/migration.py [--no-qemu] [--sizes 256M 1G] [--dirty 0 16] [--repeats N]
+    (PYHV_BENCH_QUICK=1: fewer rows and repetitions)
 """
 
 from __future__ import annotations
@@ -19,56 +30,139 @@ import argparse
 import json
 import mmap
 import os
-import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import common  # noqa: E402
+
 TOKEN = "bench-migration-token-0123456789"
 DOWNTIME_MS = 300  # QEMU's default downtime-limit; pyhv's downtime target set the same
-BANDWIDTH = 16 << 30  # bytes/s for both: in effect no limit on loopback
+BANDWIDTH = 16 << 30  # bytes/s for QEMU's max-bandwidth: in effect no limit on loopback
 SETTLE = 1.5  # seconds the workload runs before the migration starts
+WIRE_BYTES = 256 << 20  # one loopback bandwidth measurement
+PAGE = 4096
+#: The same convergence settings on both sides (pyhv's MigrationOptions / QEMU's parameters)
+CONVERGENCE = {"auto_converge": True, "throttle_initial": 0.2, "throttle_step": 0.2,
+               "throttle_max": 0.95}  # fmt: skip
+QEMU_CONVERGENCE = {"cpu-throttle-initial": 20, "cpu-throttle-increment": 20,
+                    "max-cpu-throttle": 95}  # fmt: skip
 
-
-def loopback_bandwidth(total: int = 512 << 20) -> float:
-    """Bytes/s of one TCP stream on loopback, Python sending 1 MiB buffers and receiving into
-    a reused buffer (the wire's own limit, nothing else)."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
-    took: list[float] = []
-
-    def rx() -> None:
-        c, _ = srv.accept()
-        buf = memoryview(bytearray(1 << 20))
-        got = 0
+_SINK = """
+import socket, sys, time
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+c, _ = srv.accept()
+buf = memoryview(bytearray(1 << 20))
+total, got, t0 = int(sys.argv[1]), 0, None
+while got < total:
+    n = c.recv_into(buf)
+    if not n:
+        break
+    if t0 is None:
         t0 = time.perf_counter()
-        while got < total:
-            n = c.recv_into(buf)
-            if not n:
-                break
-            got += n
-        took.append(time.perf_counter() - t0)
-        c.close()
+    got += n
+print(got, time.perf_counter() - t0, flush=True)
+"""
 
-    t = threading.Thread(target=rx)
-    t.start()
-    s = socket.create_connection(("127.0.0.1", port))
-    src = mmap.mmap(-1, 1 << 20)
-    src.write(os.urandom(1 << 20))
-    for _ in range(total >> 20):
-        s.sendall(src)
-    t.join()
-    s.close()
-    srv.close()
-    return total / took[0]
+
+def loopback_bandwidth(total: int = WIRE_BYTES) -> float:
+    """Bytes/s of one TCP stream on loopback between two processes: this one sending 1 MiB
+    buffers of random bytes, a sink process receiving into a reused buffer."""
+    sink = subprocess.Popen(
+        [sys.executable, "-c", _SINK, str(total)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        src = mmap.mmap(-1, 1 << 20)
+        src.write(os.urandom(1 << 20))
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            for _ in range(total >> 20):
+                s.sendall(src)
+        got, seconds = sink.stdout.readline().split()
+        if int(got) != total:
+            raise RuntimeError(f"the sink received {got} of {total} bytes")
+        return total / float(seconds)
+    finally:
+        sink.kill()
+        sink.wait()
+
+
+def nonzero_memory(pid: int) -> tuple[int, list[str]]:
+    """Bytes of the 4 KiB pages that are not all zero in the memfds process `pid` holds (its
+    guest RAM), each page counted once; and the memfds' names. Holes are skipped unread."""
+    total, names, seen = 0, [], set()
+    for fd_link in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd_link)
+        except OSError:
+            continue
+        if not target.startswith("/memfd:"):
+            continue
+        fd = os.open(fd_link, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            names.append(target.removeprefix("/memfd:").removesuffix(" (deleted)"))
+            total += _nonzero_pages(fd, st.st_size) * PAGE
+        finally:
+            os.close(fd)
+    return total, sorted(names)
+
+
+def nonzero_anonymous_memory(pid: int, size: int) -> int:
+    """Bytes of the non-zero 4 KiB pages of QEMU's guest RAM: the largest anonymous read-write
+    mapping of process `pid` at least `size` bytes long, read through /proc/PID/mem (pages never
+    touched read as the kernel's zero page: nothing is allocated). QEMU keeps its RAM anonymous,
+    as it runs by default: a memfd backend would make its zero-page scan allocate every page."""
+    best: tuple[int, int] | None = None
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 or not fields[1].startswith("rw"):
+            continue  # a file, [heap], [stack]...: not guest RAM
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if hi - lo >= size and (best is None or hi - lo > best[1] - best[0]):
+            best = (lo, hi)
+    if best is None:
+        raise RuntimeError(f"no anonymous mapping of {size} bytes in QEMU (pid {pid})")
+    pages = 0
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for pos in range(best[0], best[1], 64 << 20):
+            mem.seek(pos)
+            data = mem.read(min(64 << 20, best[1] - pos))
+            words = np.frombuffer(data, dtype=np.uint64, count=(len(data) // PAGE) * PAGE // 8)
+            pages += int(words.reshape(-1, PAGE // 8).any(axis=1).sum())
+    return pages * PAGE
+
+
+def _nonzero_pages(fd: int, size: int) -> int:
+    pages, off, chunk = 0, 0, 64 << 20
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:  # no data after off
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        for pos in range(start - start % PAGE, end, chunk):
+            data = os.pread(fd, min(chunk, end - pos), pos)
+            usable = len(data) - len(data) % PAGE
+            words = np.frombuffer(data, dtype=np.uint64, count=usable // 8)
+            pages += int(words.reshape(-1, PAGE // 8).any(axis=1).sum())
+        off = end
+    return pages
 
 
 # --- pyhv ---------------------------------------------------------------------------------
@@ -91,11 +185,18 @@ def run_pyhv(memory: str, dirty: int) -> dict[str, Any]:
             time.sleep(SETTLE)
         dst.start()
         addr = dst.wait_listening()
+        assert src.pid is not None
+        nonzero, memfds = nonzero_memory(src.pid)
         r = migrate_worker(
             src,
             addr,
             TOKEN,
-            {"downtime_target": DOWNTIME_MS / 1000, "bandwidth": 0, "verify": False},
+            {
+                "downtime_target": DOWNTIME_MS / 1000,
+                "bandwidth": 0,
+                "verify": False,  # QEMU does not checksum RAM either
+                **CONVERGENCE,
+            },
         )
         dst.wait_migrated(30)
         dst.send(b"ticks\r")
@@ -110,6 +211,8 @@ def run_pyhv(memory: str, dirty: int) -> dict[str, Any]:
             "throttle_percent": r["throttle_percent"],
             "downtime_parts_ms": r["downtime_parts"],
             "guest_answers_at_destination": alive,
+            "nonzero_bytes_at_start": nonzero,
+            "memfds": memfds,
         }
     finally:
         dst.close()
@@ -178,11 +281,11 @@ class Serial:
         self.sock.sendall(data)
 
 
-def qemu_cmd(qemu: str, image: Path, memory: str, accel: str, d: str, name: str) -> list[str]:
-    cpu = "host" if accel == "kvm" else "max"
+def qemu_cmd(qemu: str, image: Path, memory: str, d: str, name: str) -> list[str]:
+    """QEMU with KVM (never its emulator)."""
     return [
         qemu, "-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off",
-        "-accel", accel, "-cpu", cpu, "-m", memory, "-smp", "1", "-kernel", str(image),
+        *common.QEMU_KVM, "-m", memory, "-smp", "1", "-kernel", str(image),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", f"unix:{d}/{name}-serial.sock,server=on,wait=off",
         "-qmp", f"unix:{d}/{name}-qmp.sock,server=on,wait=off",
@@ -190,7 +293,18 @@ def qemu_cmd(qemu: str, image: Path, memory: str, accel: str, d: str, name: str)
     ]  # fmt: skip
 
 
-def run_qemu(qemu: str, accel: str, memory: str, dirty: int) -> dict[str, Any]:
+def _bytes(memory: str) -> int:
+    return int(memory[:-1]) << (30 if memory.endswith("G") else 20)
+
+
+def _stderr_tail(proc: subprocess.Popen[bytes]) -> str:
+    if proc.poll() is None:
+        proc.kill()
+    assert proc.stderr is not None
+    return proc.stderr.read().decode(errors="replace").strip()[-400:]
+
+
+def run_qemu(qemu: str, memory: str, dirty: int) -> dict[str, Any]:
     from pyhv.guest_image import image_path
 
     image = image_path()
@@ -199,21 +313,20 @@ def run_qemu(qemu: str, accel: str, memory: str, dirty: int) -> dict[str, Any]:
         port = port_sock.getsockname()[1]
         port_sock.close()
         procs = [
+            subprocess.Popen(qemu_cmd(qemu, image, memory, d, "src"), stderr=subprocess.PIPE),
             subprocess.Popen(
-                qemu_cmd(qemu, image, memory, accel, d, "src"), stderr=subprocess.PIPE
-            ),
-            subprocess.Popen(
-                [
-                    *qemu_cmd(qemu, image, memory, accel, d, "dst"),
-                    "-incoming",
-                    f"tcp:127.0.0.1:{port}",
-                ],
+                [*qemu_cmd(qemu, image, memory, d, "dst"), "-incoming", f"tcp:127.0.0.1:{port}"],
                 stderr=subprocess.PIPE,
             ),
         ]
         try:
-            serial = Serial(f"{d}/src-serial.sock")
-            serial.until(b"pyhv> ", 120)
+            try:
+                serial = Serial(f"{d}/src-serial.sock")
+                serial.until(b"pyhv> ", 120)
+            except (OSError, RuntimeError, TimeoutError) as e:
+                raise RuntimeError(
+                    f"QEMU with KVM did not boot: {_stderr_tail(procs[0]) or e}"
+                ) from e
             if dirty:
                 serial.send(f"dirty {dirty}\r".encode())
                 serial.until(b"pyhv> ", 60)
@@ -221,9 +334,16 @@ def run_qemu(qemu: str, accel: str, memory: str, dirty: int) -> dict[str, Any]:
             src, dst = Qmp(f"{d}/src-qmp.sock"), Qmp(f"{d}/dst-qmp.sock")
             dst_serial = Serial(f"{d}/dst-serial.sock")
             src.cmd(
-                "migrate-set-parameters",
-                **{"downtime-limit": DOWNTIME_MS, "max-bandwidth": BANDWIDTH},
+                "migrate-set-capabilities",
+                capabilities=[
+                    {"capability": "auto-converge", "state": CONVERGENCE["auto_converge"]}
+                ],
             )
+            src.cmd(
+                "migrate-set-parameters",
+                **{"downtime-limit": DOWNTIME_MS, "max-bandwidth": BANDWIDTH, **QEMU_CONVERGENCE},
+            )
+            nonzero = nonzero_anonymous_memory(procs[0].pid, _bytes(memory))
             src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             deadline = time.monotonic() + 300
             info: dict[str, Any] = {}
@@ -234,9 +354,9 @@ def run_qemu(qemu: str, accel: str, memory: str, dirty: int) -> dict[str, Any]:
                 time.sleep(0.02)
             if info.get("status") != "completed":
                 src.cmd("migrate_cancel")
-                return {
-                    "error": f"QEMU migration {info.get('status')}: {info.get('error-desc', '')}"
-                }
+                raise RuntimeError(
+                    f"QEMU migration {info.get('status')}: {info.get('error-desc', '')}"
+                )
             for _ in range(100):
                 if dst.cmd("query-status").get("status") == "running":
                     break
@@ -249,7 +369,9 @@ def run_qemu(qemu: str, accel: str, memory: str, dirty: int) -> dict[str, Any]:
                 "downtime_ms": float(info.get("downtime", 0)),
                 "bytes_sent": int(ram.get("transferred", 0)),
                 "passes": int(ram.get("dirty-sync-count", 0)),
+                "throttle_percent": float(info.get("cpu-throttle-percentage", 0)),
                 "guest_answers_at_destination": alive,
+                "nonzero_bytes_at_start": nonzero,
             }
         finally:
             for p in procs:
@@ -257,96 +379,137 @@ def run_qemu(qemu: str, accel: str, memory: str, dirty: int) -> dict[str, Any]:
                 p.wait()
 
 
-def qemu_accel(qemu: str) -> str | None:
-    """'kvm' if QEMU boots the guest with KVM here, else 'tcg' if it does with TCG."""
+def qemu_kvm_error(qemu: str) -> str | None:
+    """None if QEMU boots the guest with KVM here, else why not (QEMU's own message)."""
     from pyhv.guest_image import image_path
 
-    for accel in ("kvm", "tcg"):
-        with tempfile.TemporaryDirectory(prefix="pyhv-bench-") as d:
-            p = subprocess.Popen(
-                qemu_cmd(qemu, image_path(), "128M", accel, d, "probe"), stderr=subprocess.PIPE
-            )
-            try:
-                Serial(f"{d}/probe-serial.sock").until(b"pyhv> ", 30)
-                return accel
-            except (OSError, RuntimeError, TimeoutError):
-                continue
-            finally:
-                p.kill()
-                p.wait()
-    return None
+    with tempfile.TemporaryDirectory(prefix="pyhv-bench-") as d:
+        p = subprocess.Popen(
+            qemu_cmd(qemu, image_path(), "128M", d, "probe"), stderr=subprocess.PIPE
+        )
+        try:
+            Serial(f"{d}/probe-serial.sock").until(b"pyhv> ", 60)
+            return None
+        except (OSError, RuntimeError, TimeoutError) as e:
+            return f"QEMU with KVM did not boot the guest: {_stderr_tail(p) or e}"
+        finally:
+            p.kill()
+            p.wait()
 
 
 # --- main ---------------------------------------------------------------------------------
 
 
+def _summary(runs: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
+    """Median with min-max of a side's repetitions of one row, over the row's wire limit."""
+    totals = [r["total_s"] for r in runs]
+    over = [t / limit_s for t in totals]
+    return {
+        "total_s": common.spread(totals, 4),
+        "downtime_ms": common.spread([r["downtime_ms"] for r in runs], 2),
+        "bytes_sent": common.spread([r["bytes_sent"] for r in runs], 0),
+        "passes": common.spread([r["passes"] for r in runs], 0),
+        "nonzero_bytes_at_start": common.spread([r["nonzero_bytes_at_start"] for r in runs], 0),
+        "total_over_limit": round(statistics.median(over), 2),
+        "total_over_limit_range": [round(min(over), 2), round(max(over), 2)],
+        "guest_answers_at_destination": all(r["guest_answers_at_destination"] for r in runs),
+        "runs": runs,
+    }
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="256 MiB only, idle and 16 MiB")
-    ap.add_argument("--no-qemu", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-qemu", action="store_true", help="pyhv only (QEMU's cells say so)")
+    ap.add_argument("--sizes", nargs="+", default=common.pick(["256M", "1G"], ["256M"]))
+    ap.add_argument(
+        "--dirty", type=int, nargs="+", default=common.pick([0, 16, 64, 256], [0, 16]),
+        help="working sets in MiB (0: idle)",
+    )  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=common.pick(3, 1))
     args = ap.parse_args()
-    sizes = ["256M"] if args.quick else ["256M", "1G"]
-    workloads = [0, 16] if args.quick else [0, 16, 64, 256]
-    bw = loopback_bandwidth()
-    print(f"loopback TCP: {bw / 1e6:.0f} MB/s (measured on PVM)")
-    qemu = None if args.no_qemu else shutil.which("qemu-system-x86_64")
-    accel = qemu_accel(qemu) if qemu else None
-    if qemu and accel is None:
-        print("QEMU could not boot the guest with KVM or TCG: skipped")
-    elif qemu:
-        print(
-            f"QEMU: {accel}"
-            + (" (QEMU's KVM failed under this nested KVM)" if accel == "tcg" else "")
-        )
-    rows: list[dict[str, Any]] = []
+    run = common.run_info()
+    sizes, workloads, repeats = args.sizes, args.dirty, args.repeats
+    qemu = None if args.no_qemu else common.qemu_binary()
+    if args.no_qemu:
+        qemu_error: str | None = "not run (--no-qemu)"
+    elif qemu is None:
+        qemu_error = "qemu-system-x86_64 is not installed"
+    else:
+        qemu_error = qemu_kvm_error(qemu)
+    print(f"QEMU: {qemu_error or 'with KVM'}", flush=True)
+    bandwidths: list[float] = []
+    raw: list[dict[str, Any]] = []
     for memory in sizes:
         mib = int(memory[:-1]) * (1024 if memory.endswith("G") else 1)
         for dirty in workloads:
             row: dict[str, Any] = {"memory": memory, "dirty_mib": dirty}
+            raw.append(row)
             if dirty >= mib:
                 row["skipped"] = "the working set does not fit in the guest"
-                rows.append(row)
                 continue
-            p = run_pyhv(memory, dirty)
-            p["physical_limit_s"] = round(p["bytes_sent"] / bw, 4)
-            p["total_over_limit"] = round(p["total_s"] / max(p["physical_limit_s"], 1e-9), 2)
-            row["pyhv"] = p
-            if qemu and accel:
-                try:
-                    q = run_qemu(qemu, accel, memory, dirty)
-                except Exception as e:  # noqa: BLE001 - reported in the table
-                    q = {"error": f"{type(e).__name__}: {e}"}
-                if "bytes_sent" in q:
-                    q["physical_limit_s"] = round(q["bytes_sent"] / bw, 4)
-                row["qemu"] = q
-                if "downtime_ms" in q and q["downtime_ms"]:
-                    row["downtime_pyhv_over_qemu"] = round(p["downtime_ms"] / q["downtime_ms"], 2)
-            rows.append(row)
-            q = row.get("qemu", {})
+            pyhv_runs: list[dict[str, Any]] = []
+            qemu_runs: list[dict[str, Any]] = []
+            for _ in range(repeats):  # the wire, pyhv and QEMU take turns
+                bandwidths.append(loopback_bandwidth())
+                pyhv_runs.append(run_pyhv(memory, dirty))
+                if qemu is not None and qemu_error is None:
+                    try:
+                        qemu_runs.append(run_qemu(qemu, memory, dirty))
+                    except Exception as e:  # noqa: BLE001 - the row says why
+                        row["qemu_error"] = f"{type(e).__name__}: {e}"
+                        break
+            row["pyhv_runs"], row["qemu_runs"] = pyhv_runs, qemu_runs
+            p = pyhv_runs[-1]
             print(
                 f"{memory:>5} dirty {dirty:>3} MiB | pyhv total {p['total_s']:.3f} s, downtime "
-                f"{p['downtime_ms']:.1f} ms, {p['bytes_sent'] / 2**20:.1f} MiB, {p['passes']} passes, "
-                f"limit {p['physical_limit_s']:.3f} s (x{p['total_over_limit']})"
+                f"{p['downtime_ms']:.1f} ms, {p['bytes_sent'] / 2**20:.1f} MiB sent, non-zero "
+                f"{p['nonzero_bytes_at_start'] / 2**20:.1f} MiB"
                 + (
-                    f" | qemu total {q['total_s']:.3f} s, downtime {q['downtime_ms']:.0f} ms, "
-                    f"{q['bytes_sent'] / 2**20:.1f} MiB, {q['passes']} passes"
-                    if "total_s" in q
-                    else (f" | qemu {q.get('error')}" if q else "")
+                    f" | qemu total {qemu_runs[-1]['total_s']:.3f} s, downtime "
+                    f"{qemu_runs[-1]['downtime_ms']:.0f} ms, non-zero "
+                    f"{qemu_runs[-1]['nonzero_bytes_at_start'] / 2**20:.1f} MiB"
+                    if qemu_runs
+                    else f" | qemu: {row.get('qemu_error') or qemu_error}"
                 ),
                 flush=True,
             )
-    print(
-        json.dumps(
-            {
-                "bench": "migration",
-                "measured_on": "PVM",
-                "loopback_bytes_per_s": round(bw),
-                "qemu_accel": accel,
-                "downtime_limit_ms": DOWNTIME_MS,
-                "rows": rows,
-            }
-        )
-    )
+    bandwidths.append(loopback_bandwidth())
+    bw = statistics.median(bandwidths)
+    rows = []
+    for row in raw:
+        if "skipped" in row:
+            rows.append(row)
+            continue
+        pyhv_runs, qemu_runs = row.pop("pyhv_runs"), row.pop("qemu_runs")
+        # one fixed wire limit for both sides: the guest's non-zero memory at the start
+        nonzero = statistics.median(r["nonzero_bytes_at_start"] for r in pyhv_runs + qemu_runs)
+        row["nonzero_bytes_at_start"] = round(nonzero)
+        row["wire_limit_s"] = round(nonzero / bw, 6)
+        row["pyhv"] = _summary(pyhv_runs, nonzero / bw)
+        error = row.pop("qemu_error", None) or qemu_error
+        if qemu_runs and not error:
+            row["qemu"] = _summary(qemu_runs, nonzero / bw)
+            q_down = row["qemu"]["downtime_ms"]["median"]
+            row["downtime_pyhv_over_qemu"] = (
+                round(row["pyhv"]["downtime_ms"]["median"] / q_down, 2) if q_down else None
+            )
+        else:
+            row["qemu"] = {"error": error}
+            row["downtime_pyhv_over_qemu"] = None
+        rows.append(row)
+    print(f"loopback TCP: median {bw / 1e6:.0f} MB/s of {len(bandwidths)} transfers")
+    result = {
+        "repeats": repeats,
+        "convergence": {"pyhv": CONVERGENCE, "qemu": {"auto-converge": True, **QEMU_CONVERGENCE}},
+        "downtime_limit_ms": DOWNTIME_MS,
+        "loopback_bytes_per_s": common.spread(bandwidths, 0),
+        "wire_bytes_per_transfer": WIRE_BYTES,
+        "qemu": {"error": qemu_error}
+        if qemu_error
+        else {"accel": "kvm", "cpu": common.QEMU_KVM[3]},
+        "rows": rows,
+    }
+    common.finish("migration", result, run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,636 @@
+"""Generate docs/benchmarks.md from the benches' results (bench/results/<bench>.json).
+
+Every figure in the doc's tables, and every "met" / "not met" of a goal, is computed here from
+those files; each table is headed by the run it comes from (date, CPU model, kernel, KVM module,
+Python, QEMU). `make bench` runs the benches and then this. Edit the prose here, not in the doc.
+
+    python -m bench.report            # write docs/benchmarks.md
+    python -m bench.report --check    # exit 1 if docs/benchmarks.md is not what the JSON gives
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+BENCHES = ("intercepts", "boot", "dynmem", "dynmem_host", "balancer", "migration")
+RUN_PREFIX = "_Run:_ "
+DASH = "—"
+
+Results = dict[str, dict[str, Any]]
+
+
+def load(directory: Path = RESULTS) -> Results:
+    """Every bench's result that exists in `directory`, by bench name."""
+    out = {}
+    for name in BENCHES:
+        path = directory / f"{name}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+# --- formatting ---------------------------------------------------------------------------
+
+
+def num(x: float | int, digits: int | None = None) -> str:
+    """A figure as the doc writes it: thousands grouped by spaces, `digits` decimals (default:
+    none from 1 000 up, else 3 significant-ish)."""
+    if digits is None:
+        ax = abs(x)
+        digits = 0 if ax >= 100 else 1 if ax >= 10 else 2 if ax >= 1 else 3
+    s = f"{x:,.{digits}f}"
+    return s.replace(",", " ")
+
+
+def spread(
+    s: dict[str, Any] | None, digits: int | None = None, unit: str = "", scale: float = 1
+) -> str:
+    """'median (min-max)', or the median alone when there was one sample; values / `scale`."""
+    if not s:
+        return DASH
+    med = num(s["median"] / scale, digits) + unit
+    if s.get("n", 1) <= 1 or s["min"] == s["max"]:
+        return med
+    lo, hi = num(s["min"] / scale, digits), num(s["max"] / scale, digits)
+    return f"{med} ({lo} to {hi})" if s["min"] < 0 else f"{med} ({lo}-{hi})"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def text(s: str) -> str:
+    """A message (e.g. QEMU's error) as one line that cannot break a table."""
+    return " ".join(s.split()).replace("|", "\\|")
+
+
+def met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def run_line(name: str, data: dict[str, Any]) -> str:
+    """The run a table comes from: its file, when, and on what it was measured."""
+    r = data["run"]
+    module = r["kvm_module"]
+    where = "measured on PVM" if "kvm_pvm" in module.split(",") else f"measured on {module}"
+    quick = (
+        " **Quick run (PYHV_BENCH_QUICK=1): a placeholder with fewer repetitions and sizes; "
+        "`make bench` replaces it.**"
+        if r.get("quick")
+        else ""
+    )
+    return (
+        f"{RUN_PREFIX}`bench/results/{name}.json`, {where}: date {r['date']}, "
+        f"CPU model {r['cpu_model']} ({r['cpus']} CPUs), kernel {r['kernel']}, "
+        f"KVM module {module}, Python {r['python']}, QEMU {r['qemu']}, commit {r['commit']}, "
+        f"load average at start {num(r['load_average_at_start'][0], 2)}, "
+        f"took {r['elapsed_s']} s.{quick}"
+    )
+
+
+def missing(name: str) -> list[str]:
+    return [f"Not measured yet: run `make bench` (bench/results/{name}.json is missing).", ""]
+
+
+# --- sections -----------------------------------------------------------------------------
+
+
+def intercepts(d: dict[str, Any]) -> list[str]:
+    f = d["figures"]
+    qerr = text(d["qemu"]["error"]) if "error" in d["qemu"] else None
+    out = [
+        "Exits per second: a guest doing N port writes / MMIO writes / RDMSRs, each through the",
+        "full intercept API with a trivial Python handler, on pyhv's C run loop and on its",
+        "pure-Python loop (a process with `PYHV_NO_FASTRUN=1`); the same guest under a minimal C",
+        "KVM_RUN loop; QEMU microvm (with KVM) on the same loops. "
+        f"N = {num(d['n'], 0)} ({num(d['qemu_exits'], 0)} for QEMU, whose start-up is cancelled "
+        f"out), {plural(d['repeats'], 'repetition')}, interleaved; median (min-max). The ratios and the ns "
+        "per exit pyhv adds to the C loop (1/pyhv - 1/C) are taken per repetition.",
+        "",
+        run_line("intercepts", d),
+        "",
+    ]
+    rows = []
+    names = {"io": "port write", "mmio": "MMIO write", "msr": "RDMSR"}
+    for kind, label in names.items():
+        if kind == "msr":
+            qemu, vs_qemu = "— (QEMU does not exit MSRs to user space)", DASH
+        elif qerr:
+            qemu = vs_qemu = f"not run: {qerr}"
+        else:
+            qemu = spread(f[f"{kind}_qemu_per_s"], 0)
+            vs_qemu = spread(f[f"{kind}_ratio_vs_qemu"], 3)
+        rows.append(
+            [
+                label,
+                spread(f[f"{kind}_pyhv_per_s"], 0),
+                spread(f[f"{kind}_pyhv_python_loop_per_s"], 0),
+                spread(f[f"{kind}_c_per_s"], 0),
+                qemu,
+                spread(f[f"{kind}_ratio_vs_c"], 3),
+                spread(f[f"{kind}_ns_per_exit_over_c"], 0),
+                vs_qemu,
+            ]
+        )
+    out += table(
+        [
+            "exit",
+            "pyhv (C run loop) /s",
+            "pyhv (pure-Python loop) /s",
+            "C loop /s",
+            "QEMU /s",
+            "pyhv / C",
+            "ns per exit pyhv adds to C",
+            "pyhv / QEMU",
+        ],
+        rows,
+    )
+    ratios = {k: f[f"{k}_ratio_vs_c"]["median"] for k in names}
+    c_ok = all(v >= 0.9 for v in ratios.values())
+    out += [
+        "",
+        f"Port loop floors: a bare Python KVM_RUN loop (no API) "
+        f"{spread(f['io_python_floor_per_s'], 0)} /s (pyhv / floor "
+        f"{spread(f['io_ratio_vs_python_floor'], 2)}); pyhv without handler timing "
+        f"{spread(f['io_pyhv_untimed_per_s'], 0)} /s (/ C {spread(f['io_untimed_ratio_vs_c'], 2)}).",
+        "",
+        "Goals: >= 0.9 of the C loop at the median: "
+        + met(c_ok)
+        + " ("
+        + ", ".join(f"{names[k]} {num(v, 3)}" for k, v in ratios.items())
+        + ")",
+    ]
+    if qerr:
+        out[-1] += f"; at or above QEMU: not judged (QEMU did not run: {qerr})."
+    else:
+        q = {k: f[f"{k}_ratio_vs_qemu"]["median"] for k in ("io", "mmio")}
+        out[-1] += (
+            "; at or above QEMU at the median: "
+            + met(all(v >= 1 for v in q.values()))
+            + " ("
+            + ", ".join(f"{names[k]} {num(v, 3)}" for k, v in q.items())
+            + ")."
+        )
+    tracing = d.get("io_ratio_vs_c_tracing_on")
+    out += [
+        "",
+        "What pyhv adds per exit beyond the C loop is releasing and retaking the GIL and calling "
+        "the Python handler; on PVM the kernel's exit path (emulated CPL0) dominates both.",
+        "",
+        f"JSON keys of issue 10: `io_ratio_vs_c` {d['io_ratio_vs_c']}, `io_ratio_vs_qemu` "
+        f"{d['io_ratio_vs_qemu']}, `io_ratio_vs_c_tracing_on` "
+        + (str(tracing) if tracing is not None else "null (no flight recorder yet)")
+        + ".",
+        "",
+    ]
+    return out
+
+
+def boot(d: dict[str, Any]) -> list[str]:
+    out = [
+        "Process start -> first serial byte / -> shell prompt, pyhv and QEMU taking turns, "
+        f"{d['runs']} runs each; median (min-max), ms. QEMU runs with KVM "
+        "(`-accel kvm -cpu host,-arch-capabilities`) or its row says why it could not.",
+        "",
+        run_line("boot", d),
+        "",
+    ]
+    rows = []
+    for label, key in (
+        ("`pyhv run --memory 512M`", "pyhv_run"),
+        ("`qemu-system-x86_64 -M microvm -kernel pyhv-guest.elf` (PVH)", "qemu_microvm"),
+    ):
+        r = d[key]
+        if "error" in r:
+            rows.append([label, f"not run: {text(r['error'])}", DASH])
+        else:
+            rows.append([label, spread(r["first_byte_ms"], 1), spread(r["prompt_ms"], 1)])
+    out += table(["", "first byte (ms)", "prompt (ms)"], rows)
+    fl = d["floors"]
+    ratio = d.get("first_byte_ratio_pyhv_over_qemu")
+    out += [
+        "",
+        f"Floors of pyhv's figure: Python start {spread(fl['python_start_ms'], 1)} ms, + import "
+        f"pyhv.hypervisor {spread(fl['import_hypervisor_ms'], 1)} ms, + every boot-path import "
+        f"{spread(fl['import_boot_path_ms'], 1)} ms (bytecode written: "
+        f"{'yes' if d['bytecode_written'] else 'no, each process compiles pyhv from source'}).",
+        "",
+    ]
+    out += [
+        "QEMU's PVH entry makes the guest build its page tables at (emulated) CPL0, which is much "
+        "of QEMU's time here; most of pyhv's is Python start-up and imports (the floors above).",
+        "",
+    ]
+    if ratio is None:
+        out.append("Goals: not judged (no QEMU figure).")
+    else:
+        out.append(
+            f"`first_byte_ratio_pyhv_over_qemu` {ratio}. Goals: first byte no later than QEMU "
+            f"microvm's: {met(ratio <= 1)}; <= 0.5x QEMU's (issue 10): {met(ratio <= 0.5)}."
+        )
+    return [*out, ""]
+
+
+def dynmem(d: dict[str, Any] | None, h: dict[str, Any] | None) -> list[str]:
+    out = [
+        "End to end with the reference guest (request -> the guest's last answer); balloon and "
+        "unballoon repeated (the guest touches its free memory again before each balloon), "
+        "hot-add once per size; median (min-max).",
+        "",
+    ]
+    if d is None:
+        out += missing("dynmem")
+    else:
+        sizes = list(d["sizes"])
+        out += [run_line("dynmem", d), ""]
+        s = d["sizes"]
+
+        def cell(size: str, key: str, rate: str | None = None) -> str:
+            v = spread(s[size][key], 1, " ms")
+            if rate:
+                v += f", {num(s[size][rate]['median'] / 1e6, 2)} M pages/s"
+            return v
+
+        rows = [
+            ["balloon", *[cell(z, "balloon_ms", "balloon_pages_per_s") for z in sizes]],
+            ["unballoon", *[cell(z, "unballoon_ms") for z in sizes]],
+            ["hot-add (once)", *[cell(z, "hot_add_ms") for z in sizes]],
+            [
+                "host-side release within the balloon (memfd hole punching)",
+                *[spread(s[z]["release_GiB_per_s"], 1, " GiB/s") for z in sizes],
+            ],
+        ]
+        out += table(["operation", *[z.replace("MiB", " MiB") for z in sizes]], rows)
+        out.append("")
+    out += [
+        "The host-side release alone (`bench/dynmem_host.py`, no guest): the memory manager "
+        "releasing 1 GiB of populated guest RAM, every other range, 510 ranges per call; and "
+        "the kernel's floor (the same holes punched directly).",
+        "",
+    ]
+    if h is None:
+        out += missing("dynmem_host")
+    else:
+        out += [run_line("dynmem_host", h), ""]
+        best = h["release_2MiB_scattered_GiB_per_s"]
+        worst = h["release_4KiB_scattered_GiB_per_s"]
+        out += table(
+            ["pattern", "memory manager (GiB/s)", "fallocate alone (GiB/s)"],
+            [
+                [
+                    "scattered 2 MiB ranges (best)",
+                    spread(best, 2),
+                    spread(h["raw_punch_2MiB_scattered_GiB_per_s"], 2),
+                ],
+                ["scattered 4 KiB pages (worst: one fallocate each)", spread(worst, 2), DASH],
+            ],
+        )
+        goal = h["goal_release_GiB_per_s"]
+        out += [
+            "",
+            f"Goal: release >= {goal} GiB/s. Best pattern: {met(best['median'] >= goal)} at the "
+            f"median ({num(best['median'], 2)}), "
+            f"{'in every run' if best['min'] >= goal else 'not in every run'} "
+            f"(min {num(best['min'], 2)}); worst pattern: {met(worst['median'] >= goal)} "
+            f"({num(worst['median'], 2)} GiB/s).",
+            "",
+        ]
+    out += ["The VMBus ring:", ""]
+    rows = []
+    if d is not None:
+        r = d["ring"]
+        rows += [
+            [
+                f"whole round trip with the real guest ({r['rounds']} balloon + unballoon rounds; "
+                "the guest's part is emulated CPL0 code)",
+                f"{spread(r['round_trip_us'], 0, ' µs')}, p90 {num(r['round_trip_us_p90'], 0)} µs",
+            ],
+            [
+                "host's share with the real guest (doorbell seen -> reply posted)",
+                spread(r["host_share_us"], 1, " µs"),
+            ],
+            ["packets/s with the real guest", num(r["packets_per_s"], 0)],
+        ]
+    if h is not None:
+        rows += [
+            [
+                "host ring alone, Python peer: host writes / batched reads",
+                f"{num(h['host_write_pkts_per_s'], 0)} / {num(h['host_read_pkts_per_s'], 0)} "
+                "packets/s",
+            ],
+            [
+                "host ring alone, Python peer: host part of a round trip",
+                f"{num(h['host_round_trip_us_median'], 1)} µs",
+            ],
+            [
+                "VSP: one balloon response of 510 ranges decoded and checked",
+                f"{num(h['vsp_balloon_response_510_ranges_us'], 0)} µs",
+            ],
+        ]
+    out += table(["", "figure"], rows)
+    parts = []
+    if d is not None:
+        share = d["ring"]["host_share_us"]["median"]
+        parts.append(f"with the real guest {met(share <= 50)} ({num(share, 1)} µs)")
+    if h is not None:
+        rt = h["host_round_trip_us_median"]
+        parts.append(f"with a Python peer {met(rt <= 50)} ({num(rt, 1)} µs)")
+    out += [
+        "",
+        "Goal: host share of a round trip <= 50 µs: " + "; ".join(parts) + ". With the real "
+        "guest the share includes the doorbell thread's wake-up and the GIL shared with the VP "
+        "thread.",
+        "",
+    ]
+    return out
+
+
+E2E_COLUMNS = (
+    ("commit_to_report_s", "commit -> report"),
+    ("report_to_first_add_s", "report -> first add"),
+    ("commit_to_under_target_s", "commit -> under target"),
+    ("first_to_second_jump_s", "second jump after first"),
+    ("end_to_trim_start_s", "testlimit end -> trim starts"),
+    ("end_to_trimmed_s", "-> trimmed"),
+)
+E2E_RUNS = {
+    "default_1.0": "time scale 1 (the book's)",
+    "fast_0.1": "time scale 0.1",
+    "fast_0.1_unpaced": "time scale 0.1, no add pacing",
+}
+
+
+def balancer(d: dict[str, Any]) -> list[str]:
+    host = d["run"]["cpu_model"]
+    out = [
+        f"Decision time per tick (one warm-up, then {d['repeat']} ticks; median (min-max), ms). "
+        "Fleets: *steady* (1 % of VMs' demand just moved) and *churn* (most VMs get an "
+        "operation); host memory: *roomy* or *short* (weights and reclaim at work); `decide` "
+        "over per-VM dataclasses, `decide_table` over a VmTable. Every row was measured on the "
+        "host named in its first column.",
+        "",
+        run_line("balancer", d),
+        "",
+    ]
+    rows = []
+    worst = {"decide": 0.0, "table": 0.0}
+    for n, case in d["vms"].items():
+        for fleet in ("steady", "churn"):
+            for mem in ("roomy", "short"):
+                dec = case[f"{fleet}_{mem}_decide_ms"]
+                tab = case[f"{fleet}_{mem}_table_ms"]
+                if n == "10000":
+                    worst["decide"] = max(worst["decide"], dec["median"])
+                    worst["table"] = max(worst["table"], tab["median"])
+                rows.append([host, num(int(n), 0), fleet, mem, spread(dec, 2), spread(tab, 2)])
+    out += table(
+        ["host (CPU model)", "VMs", "fleet", "host memory", "`decide` ms", "`decide_table` ms"],
+        rows,
+    )
+    goal = d["goal_ms_10000"]
+    out += [
+        "",
+        f"Goal: 10 000 VMs <= {num(goal, 0)} ms per tick: `decide_table` {met(worst['table'] <= goal)} "
+        f"(slowest case {num(worst['table'], 2)} ms), `decide` {met(worst['decide'] <= goal)} "
+        f"(slowest case {num(worst['decide'], 2)} ms).",
+        "",
+    ]
+    e2e = d["end_to_end"]
+    if not e2e:
+        return [*out, "End to end with the reference guest: not run (no /dev/kvm).", ""]
+    out += [
+        "End to end with the reference guest, the book's experiment through the VMMS's own "
+        "balancer loop (seconds, one run each; time scale 0.1 shortens the book's lazy delays):",
+        "",
+    ]
+    rows = []
+    for key, label in E2E_RUNS.items():
+        if key in e2e:
+            rows.append(
+                [host, label]
+                + [num(e2e[key][c], 2) if c in e2e[key] else DASH for c, _ in E2E_COLUMNS]
+            )
+    out += table(["host (CPU model)", "run", *[h for _, h in E2E_COLUMNS]], rows)
+    firsts = {k: v["report_to_first_add_s"] for k, v in e2e.items()}
+    g = d["end_to_end_goal_report_to_first_add_s"]
+    out += [
+        "",
+        f"Goal: first add <= {num(g, 0)} s after the report that shows the spike: "
+        f"{met(all(v <= g for v in firsts.values()))} (slowest {num(max(firsts.values()), 2)} s)."
+        + (
+            ""
+            if "default_1.0" in e2e
+            else " The book's time scale 1 was not run (quick run or --fast-only)."
+        ),
+        "",
+    ]
+    return out
+
+
+def nonzero_cell(r: dict[str, Any]) -> str:
+    """The row's non-zero memory at the start, with each side's median where they differ."""
+    mib = r["nonzero_bytes_at_start"] / 2**20
+    sides = [
+        (name, r[side]["nonzero_bytes_at_start"]["median"] / 2**20)
+        for name, side in (("pyhv", "pyhv"), ("QEMU", "qemu"))
+        if "nonzero_bytes_at_start" in r[side]
+    ]
+    if all(abs(v - mib) <= 0.01 * mib for _, v in sides):
+        return f"{num(mib, 1)} MiB"
+    return f"{num(mib, 1)} MiB ({', '.join(f'{n} {num(v, 1)}' for n, v in sides)})"
+
+
+def migration(d: dict[str, Any]) -> list[str]:
+    conv = d["convergence"]
+    p, q = conv["pyhv"], conv["qemu"]
+    same = (
+        p["auto_converge"] == q["auto-converge"]
+        and round(p["throttle_initial"] * 100) == q["cpu-throttle-initial"]
+        and round(p["throttle_step"] * 100) == q["cpu-throttle-increment"]
+        and round(p["throttle_max"] * 100) == q["max-cpu-throttle"]
+    )
+    bw = d["loopback_bytes_per_s"]
+    qerr = d["qemu"].get("error")
+    out = [
+        "pyhv between two worker processes vs QEMU (with KVM) between two QEMU processes, "
+        f"loopback, no bandwidth limit, downtime limit {d['downtime_limit_ms']} ms on both, same "
+        f"guest image and workload; {plural(d['repeats'], 'repetition')} per row, median "
+        "(min-max); QEMU reports downtime in whole ms. "
+        f"Convergence: auto-converge {'ON' if p['auto_converge'] else 'OFF'} on both sides, "
+        f"throttle {round(p['throttle_initial'] * 100)} % first, "
+        f"+{round(p['throttle_step'] * 100)} % per step, at most "
+        f"{round(p['throttle_max'] * 100)} %"
+        + ("" if same else " for pyhv — **QEMU's settings differ**")
+        + ".",
+        "",
+        "The wire limit of a row is the same fixed figure for both: the guest's distinct "
+        "non-zero memory at the start of the migration (4 KiB pages not all zero, each counted "
+        "once, read from the source's guest RAM just before the migration starts: pyhv's memfd, "
+        "QEMU's anonymous mapping through /proc/PID/mem; the median over the row's pyhv and QEMU "
+        "migrations) divided by the loopback bandwidth of "
+        f"this run: {spread(bw, 2, ' GB/s', 1e9)}, {bw['n']} TCP transfers of "
+        f"{d['wire_bytes_per_transfer'] >> 20} MiB between two processes, one before each row's "
+        "migrations and one after the last.",
+        "",
+        run_line("migration", d),
+        "",
+    ]
+    rows = []
+    down_rows, limit_rows = [], []
+    for r in d["rows"]:
+        size = r["memory"].replace("M", " MiB").replace("G", " GiB")
+        dirty = f"{r['dirty_mib']} MiB" if r["dirty_mib"] else "idle"
+        if "skipped" in r:
+            continue
+        pp, qq = r["pyhv"], r["qemu"]
+        if "error" in qq:
+            qcells = [f"not run: {text(qq['error'])}", DASH, DASH]
+        else:
+            qcells = [
+                spread(qq["total_s"], 3, " s"),
+                spread(qq["downtime_ms"], 0, " ms"),
+                num(qq["total_over_limit"]),
+            ]
+        ratio = r["downtime_pyhv_over_qemu"]
+        rows.append(
+            [
+                size,
+                dirty,
+                nonzero_cell(r),
+                f"{num(r['wire_limit_s'] * 1000)} ms",
+                spread(pp["total_s"], 3, " s"),
+                spread(pp["downtime_ms"], 1, " ms"),
+                qcells[0],
+                qcells[1],
+                num(pp["total_over_limit"]),
+                qcells[2],
+                DASH if ratio is None else num(ratio, 2),
+            ]
+        )
+        if ratio is not None:
+            down_rows.append((f"{size} {dirty}", ratio))
+        limit_rows.append((f"{size} {dirty}", pp["total_over_limit"]))
+    out += table(
+        [
+            "guest",
+            "dirty set",
+            "non-zero at start",
+            "wire limit",
+            "pyhv total",
+            "pyhv downtime",
+            "QEMU total",
+            "QEMU downtime",
+            "pyhv total / limit",
+            "QEMU total / limit",
+            "pyhv downtime / QEMU's",
+        ],
+        rows,
+    )
+    out.append("")
+    if qerr or not down_rows:
+        out.append("Goals: downtime <= QEMU's: not judged (no QEMU figures).")
+    else:
+        over = [name for name, v in down_rows if v > 1]
+        out.append(
+            f"Goals: downtime <= QEMU's in every row: {met(not over)}"
+            + (f" (above QEMU's in: {', '.join(over)})" if over else "")
+            + ";"
+        )
+    far = [name for name, v in limit_rows if v > 1.3]
+    out += [
+        f"total time <= 1.3x the wire limit: {met(not far)}"
+        + (f" (not in: {', '.join(far)})" if far else "")
+        + ". An idle guest's wire limit is tiny (its non-zero memory is the guest image), so its "
+        "ratio measures the fixed cost of a migration (connection, handshake, the VM created on "
+        "the destination). With a working set, the wire is not all the time costs: the guest's "
+        "`dirty` loop takes one of the two cores, the destination backs every page it receives "
+        "with fresh memory, and the passes after the first resend what the guest rewrote.",
+        "",
+    ]
+    return out
+
+
+INTRO = [
+    "# Benchmark results",
+    "",
+    "<!-- Generated by `python -m bench.report` from bench/results/*.json (which the benches",
+    "write). Do not edit: change bench/report.py or rerun `make bench`. -->",
+    "",
+    "Every figure here was **measured on PVM** unless its run line says otherwise: a VM whose",
+    "`/dev/kvm` is `kvm_pvm` (nested virtualization by shadow paging; guest CPL0 code is",
+    "emulated at ~1.4 M instructions/s, CPL3 runs natively). Each table is generated from the",
+    "JSON a bench wrote, and headed by its run: the date (UTC), CPU model, kernel, KVM module,",
+    "Python and QEMU it was measured with. Figures are medians with min-max over repetitions,",
+    "never best-of; this machine is shared, so they move run to run. Each bench measures its",
+    "references (C loop, QEMU, the loopback wire) in the same run, interleaved. QEMU always runs",
+    "with KVM (`-accel kvm -cpu host,-arch-capabilities`, which starts on Intel and AMD); where it",
+    "cannot, its cells say why, never figures of its software emulator. `make bench` runs every",
+    "bench and regenerates this file; `PYHV_BENCH_QUICK=1 make bench` is a quick run for",
+    "development (fewer repetitions and sizes, marked on every table it produced).",
+    "",
+]
+
+
+def render(results: Results) -> str:
+    out = list(INTRO)
+    quick = sorted(n for n, d in results.items() if d["run"].get("quick"))
+    if quick:
+        out += [
+            f"> **Placeholder figures: {', '.join(quick)} come from quick runs "
+            "(PYHV_BENCH_QUICK=1), not a full `make bench` on a quiet machine.**",
+            "",
+        ]
+    sections: list[tuple[str, Callable[[], list[str]]]] = [
+        ("Intercepts — `bench/intercepts.py`", lambda: _one(results, "intercepts", intercepts)),
+        ("Boot — `bench/boot.py`", lambda: _one(results, "boot", boot)),
+        (
+            "Dynamic Memory — `bench/dynmem.py`, `bench/dynmem_host.py`",
+            lambda: dynmem(results.get("dynmem"), results.get("dynmem_host")),
+        ),
+        ("Balancer — `bench/balancer.py`", lambda: _one(results, "balancer", balancer)),
+        ("Live migration — `bench/migration.py`", lambda: _one(results, "migration", migration)),
+    ]
+    for title, body in sections:
+        out += [f"## {title}", "", *body()]
+    while out and out[-1] == "":
+        out.pop()
+    return "\n".join(out) + "\n"
+
+
+def _one(results: Results, name: str, section: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    return section(results[name]) if name in results else missing(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if the doc is out of date")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=DOC)
+    args = ap.parse_args(argv)
+    text = render(load(args.results))
+    if args.check:
+        if not args.out.exists() or args.out.read_text() != text:
+            print(f"{args.out} is not what {args.results} gives: run python -m bench.report")
+            return 1
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -167,7 +167,8 @@ class Incoming:
             written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
             fs.send_json(Frame.READY, {})
             state = self._memory(vm, written)
-            self.faults.at("state", fs)
+            if self.faults.at("state", fs) == "tamper":
+                _flip_a_bit(ram)
             restore_kvm_state(p, state)
             vm.uart.restore_state(state.uart)
             restore_intercept_counters(p, state.intercept_counters)
@@ -353,3 +354,10 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     s.bind((host, port))
     s.listen(1)
     return s
+
+
+def _flip_a_bit(ram: list[MemoryRegion]) -> None:
+    """Test-only (fault ``tamper``): change one bit in the middle of guest RAM after it arrived."""
+    r = ram[0]
+    off = r.size // 2 & ~(PAGE - 1)
+    r.mm[off] ^= 0x01

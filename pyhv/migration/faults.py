@@ -10,7 +10,9 @@ Destination phases: ``authenticate``, ``config``, ``memory`` (first page frame r
 Actions: ``cut`` (the connection drops: both directions shut down), ``corrupt`` (the next frame
 sent has a payload bit flipped after its checksum was computed), ``exit`` (this process dies at
 once, as a killed host would: only for a destination in its own process), ``fail`` (this side
-raises an error, e.g. a device that cannot save its state).
+raises an error, e.g. a device that cannot save its state), ``tamper`` (only at the destination's
+``state``: one bit of guest RAM received intact is flipped, as bad memory would, so the RAM
+checksum comparison must refuse it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 SOURCE_PHASES = ("connect", "config", "pass1", "pass2", "final", "state", "commit", "resumed")
 DESTINATION_PHASES = ("authenticate", "config", "memory", "state", "restored")
-ACTIONS = ("cut", "corrupt", "exit", "fail")
+ACTIONS = ("cut", "corrupt", "exit", "fail", "tamper")
 
 
 class FaultPlan:
@@ -41,20 +43,24 @@ class FaultPlan:
                 )
             if action not in ACTIONS:
                 raise ValueError(f"unknown fault action {action!r}: one of {ACTIONS}")
+            if action == "tamper" and phase != "state":
+                raise ValueError(f"'tamper' is a fault of the destination's 'state', not {phase!r}")
         self.plan = plan
         self.fired: list[str] = []
 
-    def at(self, phase: str, fs: FrameSocket | None) -> None:
+    def at(self, phase: str, fs: FrameSocket | None) -> str | None:
+        """Fire the fault planned at `phase`, if any; returns its action (the caller carries
+        out ``tamper``, which needs the guest's memory)."""
         action = self.plan.pop(phase, None)
         if action is None:
-            return
+            return None
         self.fired.append(f"{phase}:{action}")
         if action == "exit":
             os._exit(17)
         if action == "fail":
             raise MigrationError(f"injected failure at {phase}", phase)
         if fs is None:
-            return
+            return action
         if action == "cut":
             try:
                 fs.sock.shutdown(socket.SHUT_RDWR)
@@ -62,3 +68,4 @@ class FaultPlan:
                 pass
         elif action == "corrupt":
             fs.corrupt_next = True
+        return action

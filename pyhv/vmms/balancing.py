@@ -156,6 +156,8 @@ class BalancerLoop:
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
         self.last_decision: Decision | None = None
+        self.looks = 0  #: looks at the reports between ticks, early tick or not
+        self._looked = threading.Condition()
 
     def forget(self, name: str) -> None:
         with self._lock:
@@ -316,7 +318,11 @@ class BalancerLoop:
             while (left := due - time.monotonic()) > 0:
                 if stop.wait(min(look, left)):
                     return
-                if time.monotonic() < due and self._spiked():
+                spiked = time.monotonic() < due and self._spiked()
+                with self._looked:
+                    self.looks += 1
+                    self._looked.notify_all()
+                if spiked:
                     early = True
                     break
             if stop.is_set():
@@ -328,6 +334,11 @@ class BalancerLoop:
             except Exception:  # noqa: BLE001 - one bad tick must not end balancing
                 log.exception("balancer tick failed")
             last = now
+
+    def wait_looks(self, n: int, timeout: float) -> bool:
+        """Until `run` has looked at the reports `n` times in all (False after `timeout`)."""
+        with self._looked:
+            return self._looked.wait_for(lambda: self.looks >= n, timeout)
 
     def _spiked(self) -> bool:
         """A VM whose latest report puts it below target, with no operation in flight."""

@@ -1,13 +1,17 @@
-"""Live migration between two VMMS instances, with fake workers (no KVM): the source VMMS asks
-the destination VMMS to prepare (authenticated with the destination's token, its pool checked),
-then drives its worker; on success the VM is registered at the destination and gone at the
-source, on failure it runs on at the source and the destination holds nothing. A migrating VM is
-left alone by the balancer and conflicting requests get 409. A connection lost after COMMIT is
-settled by asking the destination; if it cannot tell, the VM stays paused at the source."""
+"""Live migration between two VMMS instances. First with the reference guest under KVM and two
+`pyhv vmms serve` processes: the VM migrated by `pyhv vm migrate` runs at the destination (its
+console answers there with what only that guest holds) and is gone at the source. Then the
+VMMS's part of it with fake workers (no KVM): the source VMMS asks the destination VMMS to
+prepare (authenticated with the destination's token, its pool checked), then drives its worker;
+on success the VM is registered at the destination and gone at the source, on failure it runs on
+at the source and the destination holds nothing. A migrating VM is left alone by the balancer and
+conflicting requests get 409. A connection lost after COMMIT is settled by asking the
+destination; if it cannot tell, the VM stays paused at the source."""
 
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +27,7 @@ from pyhv.vmms.server import ApiServers
 from pyhv.vmms.service import Vmms
 from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
 from tests.vmms.fakes import FakeWorker
+from tests.vmms.vmms_process import vmms_pair
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -167,7 +172,47 @@ def _until_final(host: Host, mid: str) -> dict[str, Any]:
     raise AssertionError(f"migration {mid} did not end: {rec}")
 
 
+def _mem(text: str) -> dict[str, int]:
+    """The guest's `mem` figures: {"visible": MiB, "free": ..., "committed": ..., ...}."""
+    return {m[1]: int(m[2]) for m in re.finditer(r"^([\w-]+): (\d+) MiB", text, re.M)}
+
+
+@pytest.mark.guest
 def test_a_vm_migrated_through_the_vmms_runs_at_the_destination_and_is_gone_at_the_source(
+    tmp_path: Path,
+) -> None:
+    with vmms_pair(tmp_path) as (a, b):
+        free_a, free_b = a.free(), b.free()
+        a.vm("create", "vm1", "--memory", "256M")
+        a.vm("start", "vm1")
+        # State only this guest holds: a testlimit task of an odd size, the guest's own count
+        # of its memory, its clock.
+        assert "committed 37 MiB" in a.shell("vm1", "testlimit -m 37", b"committed 37 MiB")
+        task = "task 0: testlimit committed 37 MiB, allocated 37 MiB"
+        for _ in range(100):  # until the task has allocated all of it
+            if task in a.shell("vm1", "tasks", b"task 0"):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"no '{task}' in: {a.shell('vm1', 'tasks', b'task 0')}")
+        mem_a = _mem(a.shell("vm1", "mem", b"hot-added: "))
+        assert mem_a["committed"] >= 37 and len(mem_a) == 5, mem_a
+        ticks_a = a.ticks("vm1")
+        out = a.vm("migrate", "vm1", "--to", b.address, "--token-file", str(b.token_file))
+        assert f"vm1 runs on {b.address} now" in out, out
+        # Gone at A, its memory back in A's pool; running at B on B's memory.
+        assert "vm1" not in a.names() and a.free() == free_a
+        assert b.state_of("vm1") == "running" and b.free() == free_b - 256 * MIB
+        # B's console answers from that same guest: its task, its memory figures to the MiB,
+        # its physical memory manager consistent, its clock gone on from where it was.
+        assert task in b.shell("vm1", "tasks", b"task 0")
+        assert _mem(b.shell("vm1", "mem", b"hot-added: ")) == mem_a
+        assert "pmm: consistent" in b.shell("vm1", "pmmcheck", b"pmm: ")
+        assert b.ticks("vm1") > ticks_a
+
+
+@pytest.mark.simulation
+def test_a_migration_through_the_vmms_moves_the_vms_entry_and_memory_to_the_destination(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
     a, b, migrator = hosts
@@ -199,6 +244,7 @@ def test_a_vm_migrated_through_the_vmms_runs_at_the_destination_and_is_gone_at_t
     assert b.free() == free_b
 
 
+@pytest.mark.simulation
 def test_requests_that_conflict_with_a_migration_get_409_with_the_reason(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -247,6 +293,7 @@ class _HungryDmWorker(FakeWorker):
         return {}
 
 
+@pytest.mark.simulation
 def test_the_balancer_holds_dynamic_memory_operations_while_a_vm_migrates(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -270,6 +317,7 @@ def test_the_balancer_holds_dynamic_memory_operations_while_a_vm_migrates(
     assert worker.targets and worker.targets[0] > 512 * MIB  # the balancer takes it over again
 
 
+@pytest.mark.simulation
 def test_a_wrong_destination_token_fails_cleanly_the_vm_runs_on_at_the_source(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -283,6 +331,7 @@ def test_a_wrong_destination_token_fails_cleanly_the_vm_runs_on_at_the_source(
     assert b.names() == [] and b.free() == free_b and not migrator.calls
 
 
+@pytest.mark.simulation
 def test_a_destination_without_enough_memory_refuses_and_holds_nothing(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -295,6 +344,7 @@ def test_a_destination_without_enough_memory_refuses_and_holds_nothing(
     assert b.names() == [] and b.free() == free_b and not FakeIncoming.instances
 
 
+@pytest.mark.simulation
 def test_a_migration_failing_midway_leaves_the_source_running_and_the_destination_empty(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -331,6 +381,7 @@ def _in_doubt(arrive: bool) -> Callable[[Any, tuple[str, int]], dict[str, Any]]:
     return outcome
 
 
+@pytest.mark.simulation
 def test_a_connection_lost_after_commit_stops_the_source_when_the_destination_runs_the_vm(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -345,6 +396,7 @@ def test_a_connection_lost_after_commit_stops_the_source_when_the_destination_ru
     assert b.client.request("GET", "/api/vms/vm1")["state"] == "running"
 
 
+@pytest.mark.simulation
 def test_a_connection_lost_after_commit_resumes_the_source_when_the_destination_has_not_it(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -363,6 +415,7 @@ def test_a_connection_lost_after_commit_resumes_the_source_when_the_destination_
     assert b.names() == []
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("resume", [True, False], ids=["resumed_here", "gone_from_here"])
 def test_a_source_that_cannot_ask_the_destination_keeps_the_vm_paused_until_it_is_settled(
     hosts: tuple[Host, Host, FakeMigrator], resume: bool
@@ -399,6 +452,7 @@ def test_a_source_that_cannot_ask_the_destination_keeps_the_vm_paused_until_it_i
     assert err.value.status == 409 and "not in doubt" in str(err.value)
 
 
+@pytest.mark.simulation
 def test_a_malformed_migrate_request_is_refused_before_anything_moves(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:

@@ -153,11 +153,11 @@ class BalancerLoop:
         self.counters = counters
         self._vms = vms
         self._pending_ticks = pending_ticks
+        self.looks = 0  #: looks at the reports between ticks, early tick or not
+        self._looked = threading.Condition()
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
         self.last_decision: Decision | None = None
-        self.looks = 0  #: looks at the reports between ticks, early tick or not
-        self._looked = threading.Condition()
 
     def forget(self, name: str) -> None:
         with self._lock:
@@ -318,11 +318,7 @@ class BalancerLoop:
             while (left := due - time.monotonic()) > 0:
                 if stop.wait(min(look, left)):
                     return
-                spiked = time.monotonic() < due and self._spiked()
-                with self._looked:
-                    self.looks += 1
-                    self._looked.notify_all()
-                if spiked:
+                if time.monotonic() < due and self._look():
                     early = True
                     break
             if stop.is_set():
@@ -334,6 +330,15 @@ class BalancerLoop:
             except Exception:  # noqa: BLE001 - one bad tick must not end balancing
                 log.exception("balancer tick failed")
             last = now
+
+    def _look(self) -> bool:
+        """One look at the reports between ticks (`_spiked`), counted for `wait_looks`."""
+        try:
+            return self._spiked()
+        finally:
+            with self._looked:
+                self.looks += 1
+                self._looked.notify_all()
 
     def wait_looks(self, n: int, timeout: float) -> bool:
         """Until `run` has looked at the reports `n` times in all (False after `timeout`)."""

@@ -167,8 +167,7 @@ class Incoming:
             written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
             fs.send_json(Frame.READY, {})
             state = self._memory(vm, written)
-            if self.faults.at("state", fs) == "tamper":
-                _flip_a_bit(ram)
+            self.faults.at("state", fs)
             restore_kvm_state(p, state)
             vm.uart.restore_state(state.uart)
             restore_intercept_counters(p, state.intercept_counters)
@@ -176,6 +175,8 @@ class Incoming:
                 dm_mod.restore(vm.dynmem, state.dynmem)
             if self.verify:
                 want = fs.expect_json(Frame.CHECKSUM).get("ram")
+                if "state:tamper" in self.faults.fired:
+                    _flip_a_bit(ram)
                 got = mem.ram_checksum(ram)
                 if got != want:
                     raise MigrationError(

@@ -48,19 +48,19 @@ class FaultPlan:
         self.plan = plan
         self.fired: list[str] = []
 
-    def at(self, phase: str, fs: FrameSocket | None) -> str | None:
-        """Fire the fault planned at `phase`, if any; returns its action (the caller carries
-        out ``tamper``, which needs the guest's memory)."""
+    def at(self, phase: str, fs: FrameSocket | None) -> None:
+        """Fire the fault planned at `phase`, if any (``tamper`` is carried out by the
+        destination, which holds the guest's memory: it looks in `fired`)."""
         action = self.plan.pop(phase, None)
         if action is None:
-            return None
+            return
         self.fired.append(f"{phase}:{action}")
         if action == "exit":
             os._exit(17)
         if action == "fail":
             raise MigrationError(f"injected failure at {phase}", phase)
         if fs is None:
-            return action
+            return
         if action == "cut":
             try:
                 fs.sock.shutdown(socket.SHUT_RDWR)
@@ -68,4 +68,3 @@ class FaultPlan:
                 pass
         elif action == "corrupt":
             fs.corrupt_next = True
-        return action

@@ -18,6 +18,10 @@ from tests.migration.conftest import TOKEN, Guest, wait_rising
 pytestmark = pytest.mark.guest
 
 LOST = r"connection|closed|lost|reset|Broken pipe|did not answer"
+#: A failure the destination finds reaches the source at its next send: unpaced, the source may
+#: have put the rest of a short pass into the sockets' buffers and moved on to the next phase by
+#: then. At 2 MB/s it is still sending the pass in which the destination gave up.
+PACED = {"bandwidth": 2_000_000}
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +85,7 @@ def _fails(
         ("config", "cut", LOST, "config"),
         ("pass1", "cut", LOST, "pass1"),
         ("pass1", "corrupt", "checksum", "pass1"),
-        # pass 2's few pages fit the socket's buffers: the source has paused the VM for the
-        # final pass when the destination's refusal reaches it
-        ("pass2", "corrupt", "checksum", "final"),
+        ("pass2", "corrupt", "checksum", "pass2"),  # paced: see below
         ("final", "cut", LOST, "final"),
         ("state", "corrupt", "checksum", "state"),
         ("commit", "cut", LOST, "commit"),
@@ -92,7 +94,8 @@ def _fails(
 def test_a_source_side_fault_at_each_phase_leaves_the_vm_running_at_the_source(
     source: Any, destination: Any, phase: str, action: str, pattern: str, learned: str
 ) -> None:
-    err = _fails(source, destination(), pattern, faults={phase: action})
+    paced = PACED if action == "corrupt" and phase != "state" else {}
+    err = _fails(source, destination(), pattern, faults={phase: action}, **paced)
     assert err.phase == learned
     assert f"failed during {learned}: " in str(err)
 
@@ -113,7 +116,7 @@ def test_a_destination_killed_or_cut_off_at_each_phase_leaves_the_vm_running_at_
     source: Any, destination: Any, phase: str, action: str, pattern: str, learned: str
 ) -> None:
     dst = destination(faults={phase: action})
-    err = _fails(source, dst, pattern)
+    err = _fails(source, dst, pattern, **(PACED if phase == "memory" else {}))
     assert err.phase == learned
     assert f"failed during {learned}: " in str(err)
     if action == "exit":

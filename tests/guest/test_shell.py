@@ -8,7 +8,11 @@ from collections.abc import Callable
 
 import pytest
 
+from pyhv.hypervisor import VirtualProcessor
+from pyhv.kvm.constants import MP_STATE_HALTED
 from tests.guest.shell import Shell
+
+IF = 1 << 9  # RFLAGS.IF: interrupts enabled
 
 pytestmark = pytest.mark.guest
 
@@ -159,6 +163,20 @@ def test_an_exception_in_a_task_kills_only_the_task(boot_guest: Boot) -> None:
     assert shell.values("mem")["visible"] == 64
 
 
+def _halted_for_good(vp: VirtualProcessor, timeout: float = 10.0) -> bool:
+    """Until the VP, paused to look, is in HLT (KVM's mp_state) with interrupts off (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vp.pause()
+        try:
+            if vp.vcpu.get_mp_state() == MP_STATE_HALTED and not vp.registers.rflags & IF:
+                return True
+        finally:
+            vp.resume()
+        time.sleep(0.01)
+    return False
+
+
 def test_a_kernel_exception_prints_vector_rip_cr2_and_error_code_then_halts(
     boot_guest: Boot,
 ) -> None:
@@ -167,7 +185,10 @@ def test_a_kernel_exception_prints_vector_rip_cr2_and_error_code_then_halts(
     out = shell.vm.serial.read_until(b"halted", 30).decode()
     assert "kernel exception 14 (page fault) at rip " in out
     assert "cr2 1000000000, error code 0" in out
-    assert shell.vm.wait(0.2) is None  # halted, not powered off
+    # Halted for good, not powered off: VP 0 sleeps in HLT with interrupts off (nothing can
+    # wake it), and the VM has not ended.
+    assert _halted_for_good(shell.vm.partition.vps[0])
+    assert shell.vm.wait(0) is None
 
 
 def test_poweroff_ends_the_vm_with_the_status_given(boot_guest: Boot) -> None:

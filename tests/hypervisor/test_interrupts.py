@@ -12,6 +12,8 @@ from pyhv.hypervisor import Partition, VpState
 from pyhv.kvm.fds import VcpuStats
 from tests.guests.harness import guest, run_until_power_off
 
+pytestmark = pytest.mark.guest
+
 
 def _wait_for(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
     end = time.monotonic() + timeout
@@ -27,7 +29,6 @@ def _halted(stats: VcpuStats, halts: int) -> bool:
     return _wait_for(lambda: (s := stats.read())["halt_exits"] == halts and s["blocking"] == 1)
 
 
-@pytest.mark.guest
 def test_interrupts_reach_a_halted_guest_by_vector_pin_and_irqfd() -> None:
     with guest("interrupts") as (p, vp, _):
         ready: list[int] = []
@@ -70,7 +71,6 @@ def test_bad_interrupt_requests_are_refused() -> None:
             p.irq_line(24, True)
 
 
-@pytest.mark.guest
 def test_an_ioeventfd_doorbell_counts_guest_writes_without_intercepts() -> None:
     with guest("doorbell", rcx=5) as (p, vp, _):
         threes = p.ioeventfd(0x50, 4, datamatch=3)

@@ -8,6 +8,8 @@ import pytest
 from pyhv.hypervisor import InterceptError, MsrIntercept, Partition
 from tests.guests.harness import guest, run_until_power_off
 
+pytestmark = pytest.mark.guest
+
 
 def _ports(p: Partition) -> tuple[list[int], list[int]]:
     """What the msr guest reports: RDMSR results (port 0x11, low then high 32 bits) and the
@@ -19,7 +21,6 @@ def _ports(p: Partition) -> tuple[list[int], list[int]]:
     return reports, gps
 
 
-@pytest.mark.guest
 def test_rdmsr_wrmsr_and_gp_travel_between_guest_and_handler() -> None:
     with guest("msr") as (p, vp, img):
         log: list[tuple[int, bool, int]] = []
@@ -48,7 +49,6 @@ def test_rdmsr_wrmsr_and_gp_travel_between_guest_and_handler() -> None:
         assert (c["count"], c["defaulted"], c["errors"]) == (5, 1, 0)
 
 
-@pytest.mark.guest
 def test_a_read_only_msr_intercept_leaves_writes_to_kvm() -> None:
     with guest("msr") as (p, vp, img):
         log: list[tuple[bool, int]] = []
@@ -80,7 +80,6 @@ KERNEL_GS_BASE = (
 )
 
 
-@pytest.mark.guest
 def test_an_msr_kvm_knows_stays_with_kvm_unless_intercepted() -> None:
     # No intercept: KVM holds IA32_KERNEL_GS_BASE; the guest reads back the (canonical) address
     # it wrote and no MSR exit reaches user space.

@@ -26,6 +26,8 @@ from tests.hypervisor import (
     test_virtual_processors,
 )
 
+pytestmark = pytest.mark.guest
+
 MODULES = (
     test_io_intercepts,
     test_memory_intercepts,
@@ -33,6 +35,12 @@ MODULES = (
     test_exceptions_and_execute,
     test_virtual_processors,
 )
+CASES = [
+    pytest.param(f, id=f"{m.__name__.rsplit('.', 1)[1]}::{name}")
+    for m in MODULES
+    for name, f in vars(m).items()
+    if name.startswith("test_") and inspect.isfunction(f) and not inspect.signature(f).parameters
+]
 #: Tests of these modules that start no VP (they check refusals): no run loop to compare.
 NO_VP = {
     "test_two_intercepts_on_one_port_are_refused_with_a_clear_error",
@@ -42,15 +50,7 @@ NO_VP = {
     "test_exception_vectors_kvm_cannot_deliver_are_refused_clearly",
     "test_counters_are_kept_for_every_intercept_kind",
 }
-CASES = [
-    pytest.param(f, id=f"{m.__name__.rsplit('.', 1)[1]}::{name}")
-    for m in MODULES
-    for name, f in vars(m).items()
-    if name.startswith("test_")
-    and name not in NO_VP
-    and inspect.isfunction(f)
-    and not inspect.signature(f).parameters
-]
+CASES = [c for c in CASES if c.values[0].__name__ not in NO_VP]
 
 
 def _record_loops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -88,7 +88,6 @@ def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.guest
 def test_the_python_loop_passes_the_intercept_and_vp_tests_too(
     case: Callable[[], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -98,7 +97,6 @@ def test_the_python_loop_passes_the_intercept_and_vp_tests_too(
     assert kinds and set(kinds) == {"python"}  # it started a VP, and only on the Python loop
 
 
-@pytest.mark.guest
 def test_vps_run_the_c_loop_unless_it_is_disabled() -> None:
     with guest("io_echo") as (p, vp, _):
         p.intercepts.install_io(0x10, 0x10, lambda m: 0, write=False)
@@ -139,7 +137,6 @@ MMIO_READ = (
 RDMSR = ".code64\n.globl _start\n_start:\n  mov $0x40000000, %ecx\n  rdmsr\n1: jmp 1b\n"
 
 
-@pytest.mark.guest
 def test_a_read_handler_returning_no_int_stops_the_vp_on_both_loops(loop: str) -> None:
     _stops_with(
         IN_PORT,
@@ -161,7 +158,6 @@ def test_a_read_handler_returning_no_int_stops_the_vp_on_both_loops(loop: str) -
     )
 
 
-@pytest.mark.guest
 def test_a_handler_that_raises_is_reported_with_its_exception_on_both_loops(loop: str) -> None:
     def boom(m: object) -> int:
         raise KeyError("device bug")
@@ -173,7 +169,6 @@ def test_a_handler_that_raises_is_reported_with_its_exception_on_both_loops(loop
     _stops_with(RDMSR, lambda p: p.intercepts.install_msr(0x40000000, boom), KeyError, "MSR")
 
 
-@pytest.mark.guest
 def test_in_takes_bytes_or_an_int_subclass_and_counts_it_on_both_loops(loop: str) -> None:
     with guest("io_echo") as (p, vp, _):
         reads = iter([b"\xab", True, b"\xef\xbe\xad\xde"])
@@ -202,7 +197,6 @@ LOOP_RDMSR = ".code64\n.globl _start\n_start:\n1: mov $0x40000000, %ecx\n  rdmsr
 
 
 @pytest.mark.parametrize("what", ["gpa", "msr"])
-@pytest.mark.guest
 def test_a_replaced_intercept_is_the_one_called_at_the_next_access_on_both_loops(
     loop: str, what: str
 ) -> None:

@@ -17,6 +17,8 @@ from pyhv.hypervisor import (
 )
 from tests.guests.harness import STACK_TOP, guest
 
+pytestmark = pytest.mark.guest
+
 
 def _u64(p: Partition, gpa: int) -> int:
     return int.from_bytes(p.read(gpa, 8), "little")
@@ -43,7 +45,6 @@ def _witness() -> Iterator[Callable[[], None]]:
             vp.wait(5)
 
 
-@pytest.mark.guest
 def test_a_vp_spinning_at_cpl3_is_paused_stays_still_and_resumes() -> None:
     with _witness() as elapse, guest("spin_user", cpl=3, rflags=0x3002) as (p, vp, img):
         counter = img["counter"]
@@ -67,7 +68,6 @@ def test_a_vp_spinning_at_cpl3_is_paused_stays_still_and_resumes() -> None:
         assert ev is not None and ev.kind is VpEventKind.STOPPED
 
 
-@pytest.mark.guest
 def test_registers_of_a_running_vp_cannot_be_touched_without_pausing_it() -> None:
     with guest("spin_user", cpl=3, rflags=0x3002) as (_p, vp, _):
         vp.start()
@@ -78,7 +78,6 @@ def test_registers_of_a_running_vp_cannot_be_touched_without_pausing_it() -> Non
         assert vp.special_registers.cs.dpl == 3
 
 
-@pytest.mark.guest
 def test_a_triple_fault_is_reported_as_shutdown_with_the_registers() -> None:
     with guest("triple_fault") as (_p, vp, img):
         vp.start()
@@ -88,7 +87,6 @@ def test_a_triple_fault_is_reported_as_shutdown_with_the_registers() -> None:
         assert vp.state is VpState.IDLE
 
 
-@pytest.mark.guest
 def test_hlt_reaches_the_halt_intercept_when_no_in_kernel_lapic_waits_for_it() -> None:
     with guest("halt", irqchip=False, rbx=1) as (p, vp, _img):
         halts: list[int] = []
@@ -104,7 +102,6 @@ def test_hlt_reaches_the_halt_intercept_when_no_in_kernel_lapic_waits_for_it() -
         assert p.counters["halt"]["count"] == 1
 
 
-@pytest.mark.guest
 def test_hlt_without_a_halt_intercept_stops_the_vp_with_a_halt_event() -> None:
     with guest("halt", irqchip=False) as (_p, vp, _img):
         vp.start()
@@ -112,7 +109,6 @@ def test_hlt_without_a_halt_intercept_stops_the_vp_with_a_halt_event() -> None:
         assert ev is not None and ev.kind is VpEventKind.HALT
 
 
-@pytest.mark.guest
 def test_a_handler_that_raises_stops_its_vp_and_the_other_vp_keeps_running() -> None:
     with guest("vp_pair") as (p, vp0, img):
         vp1 = p.create_vp(1)
@@ -138,7 +134,6 @@ def test_a_handler_that_raises_stops_its_vp_and_the_other_vp_keeps_running() -> 
         assert p.counters["io_port"]["errors"] == 1
 
 
-@pytest.mark.guest
 def test_an_emulation_failure_is_reported_never_ignored() -> None:
     # int3 at CPL0 is an emulation failure on PVM; elsewhere, with no IDT, it ends in a triple
     # fault. Either way the VP stops and says why.
@@ -168,7 +163,6 @@ def test_counters_are_kept_for_every_intercept_kind() -> None:
         )
 
 
-@pytest.mark.guest
 def test_a_handler_can_stop_its_own_vp() -> None:
     with guest("io_echo") as (p, vp, _):
         p.intercepts.install_io(0x10, 0x10, lambda m: vp.stop() or 0, write=False)
@@ -179,7 +173,6 @@ def test_a_handler_can_stop_its_own_vp() -> None:
         assert p.counters["io_port"]["count"] == 1  # it stopped right after that intercept
 
 
-@pytest.mark.guest
 def test_a_partition_pauses_and_resumes_all_its_vps() -> None:
     with _witness() as elapse, guest("vp_pair") as (p, vp0, img):
         vp1 = p.create_vp(1)

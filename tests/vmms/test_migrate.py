@@ -27,7 +27,8 @@ from pyhv.vmms.server import ApiServers
 from pyhv.vmms.service import Vmms
 from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
 from tests.vmms.fakes import FakeWorker
-from tests.vmms.vmms_process import vmms_pair
+
+pytestmark = pytest.mark.simulation
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -181,6 +182,8 @@ def _mem(text: str) -> dict[str, int]:
 def test_a_vm_migrated_through_the_vmms_runs_at_the_destination_and_is_gone_at_the_source(
     tmp_path: Path,
 ) -> None:
+    from tests.vmms.vmms_process import vmms_pair  # real hosts: this file's others are fakes
+
     with vmms_pair(tmp_path) as (a, b):
         free_a, free_b = a.free(), b.free()
         a.vm("create", "vm1", "--memory", "256M")
@@ -211,7 +214,6 @@ def test_a_vm_migrated_through_the_vmms_runs_at_the_destination_and_is_gone_at_t
         assert b.ticks("vm1") > ticks_a
 
 
-@pytest.mark.simulation
 def test_a_migration_through_the_vmms_moves_the_vms_entry_and_memory_to_the_destination(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -244,7 +246,6 @@ def test_a_migration_through_the_vmms_moves_the_vms_entry_and_memory_to_the_dest
     assert b.free() == free_b
 
 
-@pytest.mark.simulation
 def test_requests_that_conflict_with_a_migration_get_409_with_the_reason(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -293,7 +294,6 @@ class _HungryDmWorker(FakeWorker):
         return {}
 
 
-@pytest.mark.simulation
 def test_the_balancer_holds_dynamic_memory_operations_while_a_vm_migrates(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -317,7 +317,6 @@ def test_the_balancer_holds_dynamic_memory_operations_while_a_vm_migrates(
     assert worker.targets and worker.targets[0] > 512 * MIB  # the balancer takes it over again
 
 
-@pytest.mark.simulation
 def test_a_wrong_destination_token_fails_cleanly_the_vm_runs_on_at_the_source(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -331,7 +330,6 @@ def test_a_wrong_destination_token_fails_cleanly_the_vm_runs_on_at_the_source(
     assert b.names() == [] and b.free() == free_b and not migrator.calls
 
 
-@pytest.mark.simulation
 def test_a_destination_without_enough_memory_refuses_and_holds_nothing(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -344,7 +342,6 @@ def test_a_destination_without_enough_memory_refuses_and_holds_nothing(
     assert b.names() == [] and b.free() == free_b and not FakeIncoming.instances
 
 
-@pytest.mark.simulation
 def test_a_migration_failing_midway_leaves_the_source_running_and_the_destination_empty(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -381,7 +378,6 @@ def _in_doubt(arrive: bool) -> Callable[[Any, tuple[str, int]], dict[str, Any]]:
     return outcome
 
 
-@pytest.mark.simulation
 def test_a_connection_lost_after_commit_stops_the_source_when_the_destination_runs_the_vm(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -396,7 +392,6 @@ def test_a_connection_lost_after_commit_stops_the_source_when_the_destination_ru
     assert b.client.request("GET", "/api/vms/vm1")["state"] == "running"
 
 
-@pytest.mark.simulation
 def test_a_connection_lost_after_commit_resumes_the_source_when_the_destination_has_not_it(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
@@ -415,7 +410,6 @@ def test_a_connection_lost_after_commit_resumes_the_source_when_the_destination_
     assert b.names() == []
 
 
-@pytest.mark.simulation
 @pytest.mark.parametrize("resume", [True, False], ids=["resumed_here", "gone_from_here"])
 def test_a_source_that_cannot_ask_the_destination_keeps_the_vm_paused_until_it_is_settled(
     hosts: tuple[Host, Host, FakeMigrator], resume: bool
@@ -452,7 +446,6 @@ def test_a_source_that_cannot_ask_the_destination_keeps_the_vm_paused_until_it_i
     assert err.value.status == 409 and "not in doubt" in str(err.value)
 
 
-@pytest.mark.simulation
 def test_a_malformed_migrate_request_is_refused_before_anything_moves(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:

@@ -16,6 +16,8 @@ import pytest
 
 from tests.vmms.vmms_process import VmmsProcess, migrate_api, touched, vmms_pair
 
+pytestmark = pytest.mark.guest
+
 MIB = 1 << 20
 
 
@@ -25,7 +27,6 @@ def hosts(tmp_path: Path) -> Iterator[tuple[VmmsProcess, VmmsProcess]]:
         yield pair
 
 
-@pytest.mark.guest
 def test_pyhv_vm_migrate_moves_a_running_vm_to_another_vmms_where_its_shell_answers(
     hosts: tuple[VmmsProcess, VmmsProcess],
 ) -> None:
@@ -60,7 +61,6 @@ def test_pyhv_vm_migrate_moves_a_running_vm_to_another_vmms_where_its_shell_answ
     assert b.free() == free_b
 
 
-@pytest.mark.guest
 def test_a_wrong_token_a_destination_without_the_memory_or_a_cut_leave_the_vm_running_at_the_source(
     hosts: tuple[VmmsProcess, VmmsProcess],
 ) -> None:
@@ -91,7 +91,6 @@ def test_a_wrong_token_a_destination_without_the_memory_or_a_cut_leave_the_vm_ru
     assert b.names() == [] and b.free() == free_b
 
 
-@pytest.mark.guest
 def test_a_connection_lost_after_commit_is_settled_by_asking_the_destination_vmms(
     hosts: tuple[VmmsProcess, VmmsProcess],
 ) -> None:
@@ -116,7 +115,6 @@ def test_a_connection_lost_after_commit_is_settled_by_asking_the_destination_vmm
     assert "doubt" not in a.names() and a.free() == free_a
 
 
-@pytest.mark.guest
 def test_a_dynamic_memory_vm_moved_by_the_vmms_is_balanced_by_the_destination_vmms(
     hosts: tuple[VmmsProcess, VmmsProcess],
 ) -> None:

@@ -10,6 +10,7 @@ import pytest
 from pyhv.worker import VirtualMachine, VmConfig, WorkerProcess
 from pyhv.worker.boot import ImageError
 
+pytestmark = pytest.mark.guest
 Build = Callable[[str], Path]
 
 
@@ -19,7 +20,6 @@ def boot(image: Path, memory: str = "32M") -> VirtualMachine:
     return vm
 
 
-@pytest.mark.guest
 def test_a_guest_prints_on_com1_and_powers_off_with_its_status(test_guest: Build) -> None:
     with boot(test_guest("hello")) as vm:
         end = vm.wait(30)
@@ -28,7 +28,6 @@ def test_a_guest_prints_on_com1_and_powers_off_with_its_status(test_guest: Build
     assert vm.serial.text == "hello from the test guest\n"
 
 
-@pytest.mark.guest
 def test_a_guest_that_triple_faults_is_reported_with_its_registers(test_guest: Build) -> None:
     with boot(test_guest("triple_fault")) as vm:
         end = vm.wait(30)
@@ -41,7 +40,6 @@ def test_a_guest_that_triple_faults_is_reported_with_its_registers(test_guest: B
     assert end.exit_code != 0
 
 
-@pytest.mark.guest
 def test_a_guest_writing_garbage_to_the_uart_does_not_disturb_the_worker(test_guest: Build) -> None:
     with boot(test_guest("uart_garbage")) as vm:
         end = vm.wait(60)
@@ -49,7 +47,6 @@ def test_a_guest_writing_garbage_to_the_uart_does_not_disturb_the_worker(test_gu
     assert vm.serial.text.endswith("\nstill talking\n")
 
 
-@pytest.mark.guest
 def test_the_owner_stops_a_running_vm(test_guest: Build) -> None:
     with boot(test_guest("halt_loop")) as vm:
         vm.serial.read_until(b"idle\n", 30)
@@ -73,7 +70,6 @@ def test_an_image_larger_than_guest_ram_is_refused_with_a_clear_error(
         vm.start()
 
 
-@pytest.mark.guest
 def test_a_worker_process_runs_the_vm_and_reports_how_it_ended(test_guest: Build) -> None:
     got = bytearray()
     with WorkerProcess(VmConfig.create(image=test_guest("hello"), memory="32M"), got.extend) as w:
@@ -85,7 +81,6 @@ def test_a_worker_process_runs_the_vm_and_reports_how_it_ended(test_guest: Build
     assert pid is not None and w.returncode == 0
 
 
-@pytest.mark.guest
 def test_a_worker_process_stops_its_vm_when_asked(test_guest: Build) -> None:
     with WorkerProcess(VmConfig.create(image=test_guest("halt_loop"), memory="32M")) as w:
         w.start()
@@ -96,7 +91,6 @@ def test_a_worker_process_stops_its_vm_when_asked(test_guest: Build) -> None:
     assert end is not None and end.reason == "stopped"
 
 
-@pytest.mark.guest
 def test_code_that_kvm_cannot_run_is_reported_as_an_emulation_error(test_guest: Build) -> None:
     with boot(test_guest("fetch_mmio")) as vm:
         end = vm.wait(30)
@@ -105,7 +99,6 @@ def test_code_that_kvm_cannot_run_is_reported_as_an_emulation_error(test_guest: 
     assert "KVM could not run VP 0" in end.describe() and end.exit_code == 4
 
 
-@pytest.mark.guest
 def test_a_worker_process_that_dies_is_reported_and_harms_no_one_else(test_guest: Build) -> None:
     import os
     import signal
@@ -120,7 +113,6 @@ def test_a_worker_process_that_dies_is_reported_and_harms_no_one_else(test_guest
     assert "exited (code -9) without a report" in end.detail
 
 
-@pytest.mark.guest
 def test_string_port_io_moves_whole_buffers_through_the_uart(test_guest: Build) -> None:
     with boot(test_guest("rep_string_io")) as vm:
         vm.serial.read_until(b"rep outsb works\n", 30)

@@ -12,11 +12,10 @@ from pyhv.hypervisor import VirtualProcessor
 from pyhv.kvm.constants import MP_STATE_HALTED
 from tests.guest.shell import Shell
 
-IF = 1 << 9  # RFLAGS.IF: interrupts enabled
-
 pytestmark = pytest.mark.guest
 
 Boot = Callable[..., Shell]
+IF = 1 << 9  # RFLAGS.IF: interrupts enabled
 
 
 def wait_for(shell: Shell, command: str, ok: Callable[[str], bool], tries: int = 100) -> str:

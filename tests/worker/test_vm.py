@@ -11,6 +11,7 @@ from pyhv.worker import VirtualMachine, VmConfig, WorkerProcess
 from pyhv.worker.boot import ImageError
 
 pytestmark = pytest.mark.guest
+
 Build = Callable[[str], Path]
 
 

@@ -19,9 +19,10 @@ demo: $(STAMP)
 	$(PY) -m pyhv.cli experiment watch-dynamic-memory --time-scale 0.25
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pyhv tests bench
-	$(VENV)/bin/ruff format --check pyhv tests bench
+	$(VENV)/bin/ruff check pyhv tests bench tools
+	$(VENV)/bin/ruff format --check pyhv tests bench tools
 	$(VENV)/bin/mypy pyhv
+	$(PY) tools/import_cycles.py pyhv
 
 # The tests run first so their results show even when lint fails; both must pass.
 test: $(STAMP)

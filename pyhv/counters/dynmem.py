@@ -101,7 +101,7 @@ class DynamicMemoryCounters:
                 "Guest Visible Physical Memory": mib_from_pages(state.visible_pages),
                 "Physical Memory": mib_from_pages(state.assigned_pages),
                 "Guest Available Memory": mib_from_pages(
-                    state.report.available_pages if state.report else 0
+                    (state.report.available_pages or 0) if state.report else 0
                 ),
                 "Current Pressure": pressure,
             }

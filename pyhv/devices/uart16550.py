@@ -17,6 +17,8 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
 
 COM1_BASE = 0x3F8
 COM1_IRQ = 4
@@ -56,6 +58,58 @@ MSR_DCTS, MSR_DDSR, MSR_TERI, MSR_DDCD = 1, 2, 4, 8
 MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 16, 32, 64, 128
 # With nothing in loopback, the host side is "connected": CTS, DSR and DCD asserted.
 MSR_CONNECTED = MSR_CTS | MSR_DSR | MSR_DCD
+
+
+UART_STATE_VERSION = 1
+#: The chip's registers and flags as Uart16550 keeps them (the state's fields, less the "_").
+_REGISTERS = (
+    "ier lcr mcr scr dll dlm _fifo_enabled _trigger _lsr_errors _msr _thr_ipending _irq_level"
+).split()
+_FLAGS = ("fifo_enabled", "thr_ipending", "irq_level")
+#: The bits each saved register may have (the migration stream is untrusted input).
+_STATE_MASKS = {"ier": 0x0F, "mcr": 0x1F}
+
+
+@dataclass(frozen=True)
+class UartState:
+    """A 16550A's registers, its receive FIFO and the host input waiting behind it."""
+
+    version: int
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    dll: int
+    dlm: int
+    fifo_enabled: bool
+    trigger: int
+    lsr_errors: int
+    msr: int
+    thr_ipending: bool
+    irq_level: bool
+    rx: bytes
+    backlog: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["rx"], d["backlog"] = self.rx.hex(), self.backlog.hex()
+        return d
+
+    @classmethod
+    def from_wire(cls, d: object) -> UartState:
+        """The shape (types); `Uart16550.restore` checks the values against the chip."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, dict) or set(d) != set(names):
+            raise ValueError(f"serial state {d!r} does not have the fields {names}")
+        for n in names:
+            want: type = bool if n in _FLAGS else str if n in ("rx", "backlog") else int
+            if type(d[n]) is not want:
+                raise ValueError(f"serial state: {n}={d[n]!r} is not {want.__name__}")
+        try:
+            rx, backlog = bytes.fromhex(d["rx"]), bytes.fromhex(d["backlog"])
+        except ValueError:
+            raise ValueError("serial state: rx or backlog is not hex") from None
+        return cls(**(d | {"rx": rx, "backlog": backlog}))
 
 
 class Uart16550:
@@ -284,44 +338,43 @@ class Uart16550:
 
     # --- state save/restore (live migration) -----------------------------------------
 
-    _STATE_FIELDS = (
-        "ier lcr mcr scr dll dlm _fifo_enabled _trigger _lsr_errors _msr _thr_ipending _irq_level"
-    ).split()
-
-    def save_state(self) -> dict[str, object]:
-        """Every register, the FIFO and the host backlog, as JSON-ready data."""
+    def save(self) -> UartState:
+        """Every register, the FIFO and the host backlog."""
         with self._lock:
-            st: dict[str, object] = {n.lstrip("_"): getattr(self, n) for n in self._STATE_FIELDS}
-            st["rx"] = bytes(self._rx).hex()
-            st["backlog"] = bytes(self._backlog).hex()
-        return st
+            return UartState(
+                UART_STATE_VERSION,
+                **{n.lstrip("_"): getattr(self, n) for n in _REGISTERS},
+                rx=bytes(self._rx),
+                backlog=bytes(self._backlog),
+            )
 
-    #: The bits each saved register may have (the migration stream is untrusted input).
-    _STATE_MASKS = {"ier": 0x0F, "mcr": 0x1F}
-
-    def restore_state(self, st: dict[str, object]) -> None:
-        """Take the state save_state() gave (on another host); the interrupt level is taken as
-        is, without a new edge (the IOAPIC's own state comes with the partition's). A register
-        value no chip holds raises ValueError, and nothing is changed."""
-        values: dict[str, object] = {}
-        for n in self._STATE_FIELDS:
-            key = n.lstrip("_")
-            value = st[key]
-            if isinstance(getattr(self, n), bool):
-                values[n] = bool(value)
+    def restore(self, st: UartState) -> None:
+        """Take the state save() gave (on another host); the interrupt level is taken as is,
+        without a new edge (the IOAPIC's own state comes with the partition's). A version or a
+        register value no chip holds raises ValueError naming it, and nothing is changed."""
+        if st.version != UART_STATE_VERSION:
+            raise ValueError(
+                f"serial state version {st.version!r} is not {UART_STATE_VERSION}: the hosts "
+                "run different pyhv releases"
+            )
+        for key in _REGISTERS:
+            key = key.lstrip("_")
+            v = getattr(st, key)
+            if isinstance(v, bool):
                 continue
-            v = int(value)  # type: ignore[call-overload]
             if key == "trigger" and v not in TRIGGER_LEVELS:
-                raise ValueError(f"serial state: trigger {value!r} is not one of {TRIGGER_LEVELS}")
-            if key != "trigger" and v & ~self._STATE_MASKS.get(key, 0xFF):
-                raise ValueError(f"serial state: register {key}={value!r} is out of range")
-            values[n] = v
-        rx = deque(bytes.fromhex(str(st["rx"]))[:FIFO_SIZE])
-        backlog = deque(bytes.fromhex(str(st["backlog"]))[:BACKLOG_MAX])
+                raise ValueError(f"serial state: trigger {v!r} is not one of {TRIGGER_LEVELS}")
+            if key != "trigger" and v & ~_STATE_MASKS.get(key, 0xFF):
+                raise ValueError(f"serial state: register {key}={v!r} is out of range")
+        if len(st.rx) > FIFO_SIZE or len(st.backlog) > BACKLOG_MAX:
+            raise ValueError(
+                f"serial state: {len(st.rx)} bytes in the FIFO and {len(st.backlog)} in the "
+                f"backlog, more than {FIFO_SIZE} and {BACKLOG_MAX}"
+            )
         with self._lock:
-            for n, v in values.items():
-                setattr(self, n, v)
-            self._rx, self._backlog = rx, backlog
+            for n in _REGISTERS:
+                setattr(self, n, getattr(st, n.lstrip("_")))
+            self._rx, self._backlog = deque(st.rx), deque(st.backlog)
 
     # --- port I/O glue ---------------------------------------------------------------
 

@@ -4,7 +4,8 @@ remove from each VM. Pure decision code: immutable state in, operations out.
 Units are 4 KiB pages, the unit of the Dynamic Memory protocol. Rules (docs/balancer.md):
 
 - demand = the committed pages of the VM's last status report; pressure = demand / assigned x 100;
-  target = demand x (1 + buffer %), clamped to [minimum, maximum].
+  target = demand x (1 + buffer %), clamped to [minimum, maximum] (both formulas in
+  pyhv.dynmem.status, the one place they are written).
 - Below target: add, unballooning first (up to what the balloon holds), then hot-adding the rest
   (hot-add grows the guest-visible memory, which may never exceed maximum).
 - Add pacing (off unless `max_add_pages` is set): one add gives at most `max_add_pages`; a VM
@@ -30,6 +31,8 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from pyhv.dynmem.status import pressure_percent, target_pages
 
 PAGE_SIZE = 4096
 PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
@@ -114,20 +117,22 @@ class MemorySettings:
 
 @dataclass(frozen=True, slots=True)
 class StatusReport:
-    """The guest's last Dynamic Memory status report (DM_STATUS_REPORT), in pages."""
+    """A simulated guest's status report, in pages: the two figures the balancer reads. A real
+    VM's report comes as its pyhv.dynmem.status.MemoryStatus, which the balancer takes as is."""
 
     committed_pages: int
     available_pages: int = 0
 
 
 class Report(Protocol):
-    """Anything carrying a status report's numbers: StatusReport here, or the DM VSP's own."""
+    """What the balancer reads of a report: a simulated StatusReport or a MemoryStatus (whose
+    figures are None until the guest reported: the VM then counts as not reporting)."""
 
     @property
-    def committed_pages(self) -> int: ...
+    def committed_pages(self) -> int | None: ...
 
     @property
-    def available_pages(self) -> int: ...
+    def available_pages(self) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +354,12 @@ class VmTable:
             assigned=ints(_ASSIGNED, vms),
             ballooned=ints(_BALLOONED, vms),
             committed=np.fromiter(
-                (-1 if r is None else r.committed_pages for r in reports), np.int64, count=n
+                (
+                    -1 if r is None or r.committed_pages is None else r.committed_pages
+                    for r in reports
+                ),
+                np.int64,
+                count=n,
             ),
             above_target_s=np.fromiter(map(_TIMER, vms), dtype=np.float64, count=n),
             add_hold_s=np.fromiter(map(_HOLD, vms), dtype=np.float64, count=n),
@@ -437,9 +447,9 @@ def decide_table(host: HostMemory, c: VmTable, config: BalancerConfig | None = N
     # Without a report the demand is unknown: hold the VM where it is (within its limits).
     demand = np.where(has_report, c.committed, c.assigned)
     need = np.clip(demand, c.minimum, c.maximum)
-    buffered = np.where(has_report, (demand * (100 + c.buffer) + 99) // 100, demand)
-    target = np.clip(buffered, c.minimum, c.maximum)
-    pressure = np.where(has_report, demand * 100.0 / np.maximum(c.assigned, 1), 0.0)
+    # Without a report the VM is held where it is: its target is its demand (= assigned).
+    target = target_pages(demand, np.where(has_report, c.buffer, 0), c.minimum, c.maximum)
+    pressure = np.where(has_report, pressure_percent(demand, c.assigned), 0.0)
 
     # What an add can deliver: the balloon, plus hot-add up to maximum guest-visible memory.
     room = np.maximum(c.maximum - c.assigned, 0)

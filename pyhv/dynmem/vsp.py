@@ -6,20 +6,34 @@ with ranges, one response), HOT_ADD_WAIT. Status reports arrive in any state aft
 value from the guest is checked; a wrong message is refused, logged and counted and the VSP goes
 on; a guest that sends nothing but wrong messages gets its channel stopped.
 
+The *goal* is part of the state machine, as QEMU's hv-balloon handles its target: `set_goal(n)`
+records the pages the VM should be assigned, and whenever the VSP is IDLE with a goal it takes
+the next step (balloon to go down; unballoon first, then hot-add, to go up), until the goal is
+reached or cannot be (the guest is at its floor, hot-add is off, no answer in `op_timeout`:
+`goal_error` says why). A goal set while a transaction is in flight is taken up when it ends.
+`tick()` gives up a transaction the guest did not answer in time; nothing here runs a thread.
+
 The VSP does protocol bookkeeping only: it reports ballooned ranges to `on_ballooned` (the worker
-hands them to the memory manager to release), and the worker reclaims pages from the memory
-manager *before* calling `unballoon`, and maps a hot-add region before calling `hot_add`.
+hands them to the memory manager to release); for the goal's steps it asks its owner to
+`reclaim` pages *before* they are unballooned and to `map_hot_add` a region before it is offered.
+
+`save()` and `restore(state)` carry the VSP across a live migration: a :class:`DmVspState`,
+versioned, whose `restore` checks every value against this VSP's RAM and protocol before it
+changes anything.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import Any
 
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
+from pyhv.dynmem.status import MemoryStatus
 from pyhv.memory.ranges import PageRange, RangeError, RangeSet
 from pyhv.vmbus.vsp import Vsp, VspError, serialized
 
@@ -30,6 +44,9 @@ MAX_BALLOON_PAGES = 585_728
 #: Host messages waiting for room in the guest's ring beyond which a guest request that would
 #: queue another reply is refused: a guest that asks without reading cannot grow the outbox.
 MAX_UNREAD_REPLIES = 16
+#: Seconds the guest has to answer one transaction before the host gives up on it.
+DEFAULT_OP_TIMEOUT = 60.0
+MIB_PAGES = (1 << 20) // 4096
 
 
 class DmState(Enum):
@@ -41,6 +58,14 @@ class DmState(Enum):
     HOT_ADD_WAIT = auto()
     STOPPED = auto()
 
+    @property
+    def waiting(self) -> bool:
+        """A host request waits for the guest's answer (one transaction in flight)."""
+        return self in WAITING
+
+
+#: The states with a transaction in flight: declared once, here.
+WAITING = frozenset({DmState.BALLOON_WAIT, DmState.UNBALLOON_WAIT, DmState.HOT_ADD_WAIT})
 
 _S = DmState
 _TRANSITIONS: dict[Enum, frozenset[Enum]] = {
@@ -65,27 +90,92 @@ class GuestCaps:
     max_page_number: int
 
 
-@dataclass(frozen=True)
-class StatusReport:
-    """What a status report publishes, in pages: the VM's demand as `committed_pages`, and
-    pressure = demand / assigned x 100.
-
-    The guest's num_committed counts its balloon (the balloon's pages are allocated, hence
-    committed, inside the guest: MmAllocatePagesForMdlEx on Windows, Linux's hv_balloon adds
-    them in explicitly). The host knows how many pages it holds ballooned, so the demand is
-    num_committed less those (never below 0); otherwise a ballooned VM would look short of
-    exactly what it gave back and be handed it again. `guest_committed_pages` is num_committed
-    as the guest sent it, `ballooned_pages` the host's balloon count it was corrected by."""
-
-    committed_pages: int
-    available_pages: int
-    pressure: float | None
-    guest_committed_pages: int | None = field(default=None, compare=False)
-    ballooned_pages: int = field(default=0, compare=False)
-
-
 def _noop(*_: object) -> None:
     return None
+
+
+def _no_host_memory(*_: object) -> Any:
+    raise VspError("this VSP was built without a memory owner: it cannot move towards a goal")
+
+
+VSP_STATE_VERSION = 1
+
+
+def _ranges_from_wire(what: str, value: object) -> tuple[PageRange, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r) for r in value
+    ):
+        raise ValueError(f"DM VSP state: {what} {value!r} is not a list of [start, count]")
+    return tuple(PageRange(s, n) for s, n in value)
+
+
+@dataclass(frozen=True)
+class DmVspState:
+    """What the DM VSP carries across a live migration (version VSP_STATE_VERSION)."""
+
+    version: int
+    state: str  #: a DmState name
+    protocol: int | None  #: the negotiated protocol version
+    caps: GuestCaps | None
+    hot_add_disabled: bool
+    trans_id: int
+    stop_reason: str | None
+    ram: tuple[PageRange, ...]
+    ballooned: tuple[PageRange, ...]
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "state": self.state,
+            "protocol": self.protocol,
+            "caps": None if self.caps is None else vars(self.caps).copy(),
+            "hot_add_disabled": self.hot_add_disabled,
+            "trans_id": self.trans_id,
+            "stop_reason": self.stop_reason,
+            "ram": [[r.start, r.count] for r in self.ram],
+            "ballooned": [[r.start, r.count] for r in self.ballooned],
+            "counters": dict(self.counters),
+        }
+
+    @classmethod
+    def from_wire(cls, d: object) -> DmVspState:
+        """The shape only (types); `DynamicMemoryVsp.restore` checks the values."""
+        if not isinstance(d, dict):
+            raise ValueError(f"DM VSP state {d!r} is not an object")
+        try:
+            caps = d["caps"]
+            counters = d["counters"]
+            if not isinstance(counters, dict) or not all(
+                isinstance(k, str) and type(v) is int for k, v in counters.items()
+            ):
+                raise ValueError(f"DM VSP state: counters {counters!r} are not names and integers")
+            for key, types in (
+                ("version", (int,)),
+                ("state", (str,)),
+                ("protocol", (int, type(None))),
+                ("hot_add_disabled", (bool,)),
+                ("trans_id", (int,)),
+                ("stop_reason", (str, type(None))),
+            ):
+                if type(d[key]) not in types:
+                    raise ValueError(
+                        f"DM VSP state: {key} {d[key]!r} is not {' or '.join(t.__name__ for t in types)}"
+                    )
+            return cls(
+                version=d["version"],
+                state=d["state"],
+                protocol=d["protocol"],
+                caps=None if caps is None else GuestCaps(**caps),
+                hot_add_disabled=d["hot_add_disabled"],
+                trans_id=d["trans_id"],
+                stop_reason=d["stop_reason"],
+                ram=_ranges_from_wire("ram", d["ram"]),
+                ballooned=_ranges_from_wire("ballooned", d["ballooned"]),
+                counters=counters,
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"DM VSP state is malformed: {e!r}") from None
 
 
 class DynamicMemoryVsp(Vsp[DmState]):
@@ -105,13 +195,18 @@ class DynamicMemoryVsp(Vsp[DmState]):
         send: Callable[[bytes], bool] | None = None,
         *,
         assigned_pages: Callable[[], int] | None = None,
-        on_status: Callable[[StatusReport], object] = _noop,
+        on_status: Callable[[MemoryStatus], object] = _noop,
         on_ballooned: Callable[[list[PageRange]], object] = _noop,
         on_balloon_done: Callable[[int], object] = _noop,
         on_unballoon_done: Callable[[list[PageRange]], object] = _noop,
         on_hot_add_done: Callable[[PageRange, int, bool], object] = _noop,
         on_stop: Callable[[str], object] | None = None,
         on_reset: Callable[[list[PageRange]], object] = _noop,
+        reclaim: Callable[[list[PageRange]], object] = _no_host_memory,
+        map_hot_add: Callable[[int, int], PageRange] = _no_host_memory,
+        on_goal_done: Callable[[str | None], object] = _noop,
+        op_timeout: float = DEFAULT_OP_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
         name: str = "dynmem",
     ) -> None:
         super().__init__(name, DmState.VERSION, send, on_stop)
@@ -119,7 +214,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self.ballooned = RangeSet()
         self.version: int | None = None
         self.caps: GuestCaps | None = None
-        self.last_status: StatusReport | None = None
+        self.last_status: MemoryStatus | None = None
         self.hot_add_disabled = False
         self._assigned = assigned_pages
         self._on_status = on_status
@@ -133,6 +228,19 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self._balloon_got = 0
         self._unballooning: list[PageRange] = []
         self._hot_add: PageRange | None = None
+        #: The goal: pages the VM should be assigned (None: none pending).
+        self.goal: int | None = None
+        #: Why the last goal was given up (None: reached, or none yet).
+        self.goal_error: str | None = None
+        #: The transaction in flight, in words (None when there is none).
+        self.operation: str | None = None
+        self.op_timeout = op_timeout
+        self._reclaim = reclaim
+        self._map_hot_add = map_hot_add
+        self._on_goal_done = on_goal_done
+        self._clock = clock
+        self._deadline = 0.0
+        self._goal_blocked: str | None = None  # why the goal cannot advance any further
 
     def on_bind(self, channel: object) -> None:
         if self.state is not DmState.VERSION or self.ballooned.pages:
@@ -156,10 +264,18 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self._unballooning, self._hot_add = [], None
         self._balloon_asked = self._balloon_got = 0
         self.counters["resets"] += 1
+        self.operation = None
         if self.state is not DmState.VERSION:
             self._to(DmState.VERSION, why)
         self._on_reset(held)
+        self._give_up(f"Dynamic Memory stopped in the guest: {why}")
         return held
+
+    @serialized
+    def stop(self, why: str) -> None:
+        super().stop(why)
+        self.operation = None
+        self._give_up(f"Dynamic Memory stopped in the guest: {why}")
 
     # -- host requests -------------------------------------------------------------------------
 
@@ -186,7 +302,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
                 T.BALLOON_REQUEST, p.DmBalloon(num_pages=pages), trans_id=self._next_trans_id()
             )
         )
-        self._to(DmState.BALLOON_WAIT, f"balloon {pages} pages")
+        self._start(DmState.BALLOON_WAIT, f"balloon {pages} pages")
 
     @serialized
     def unballoon(self, ranges: Iterable[PageRange | tuple[int, int]]) -> None:
@@ -217,7 +333,9 @@ class DynamicMemoryVsp(Vsp[DmState]):
                 p.encode(T.UNBALLOON_REQUEST, body, ranges=chunk, trans_id=self._next_trans_id())
             )
         self._unballooning = pieces
-        self._to(DmState.UNBALLOON_WAIT, f"unballoon {check.pages} pages in {len(chunks)} messages")
+        self._start(
+            DmState.UNBALLOON_WAIT, f"unballoon {check.pages} pages in {len(chunks)} messages"
+        )
 
     @serialized
     def hot_add(self, range_: PageRange, region: PageRange | None = None) -> None:
@@ -241,7 +359,17 @@ class DynamicMemoryVsp(Vsp[DmState]):
         body.range.start_page, body.range.page_cnt = range_
         self.post(p.encode(T.MEM_HOT_ADD_REQUEST, body, trans_id=self._next_trans_id()))
         self._hot_add = range_
-        self._to(DmState.HOT_ADD_WAIT, f"hot-add {range_.count} pages at {range_.start:#x}")
+        self._start(DmState.HOT_ADD_WAIT, f"hot-add {range_.count} pages at {range_.start:#x}")
+
+    def _start(self, waiting: DmState, what: str) -> None:
+        self.operation = what
+        self._deadline = self._clock() + self.op_timeout
+        self._to(waiting, what)
+
+    def _done(self, why: str) -> None:
+        """The transaction ended: IDLE, and on towards the goal."""
+        self.operation = None
+        self._to(DmState.IDLE, why)
 
     @serialized
     def send_info_max_page_count(self, pages: int) -> None:
@@ -256,10 +384,160 @@ class DynamicMemoryVsp(Vsp[DmState]):
 
     @serialized
     def timeout(self) -> None:
-        """The guest did not answer the current transaction in time: give up on it."""
-        if self.state in (DmState.BALLOON_WAIT, DmState.UNBALLOON_WAIT, DmState.HOT_ADD_WAIT):
+        """The guest did not answer the current transaction in time: give up on it (and on
+        the goal it was a step of)."""
+        if self.state.waiting:
+            what = self.operation or self.state.name
             self.counters["timeouts"] += 1
-            self._to(DmState.IDLE, f"no answer in {self.state.name}")
+            self._done(f"no answer in {self.state.name}")
+            self._give_up(f"the guest did not answer ({what}) in {self.op_timeout} s")
+
+    @serialized
+    def tick(self) -> None:
+        """Called now and then by the owner: a transaction past its deadline times out."""
+        if self.state.waiting and self._clock() >= self._deadline:
+            self.timeout()
+
+    # -- the goal ------------------------------------------------------------------------------
+
+    @serialized
+    def set_goal(self, pages: int) -> None:
+        """Move the VM's assigned memory to `pages`, one transaction at a time (see the module
+        docstring). The latest goal wins; setting the same goal again retries it."""
+        if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
+            raise VspError(f"goal {pages!r} must be a page count >= 0")
+        self.goal = pages
+        self.goal_error = None
+        self._goal_blocked = None
+        self._advance()
+
+    def _give_up(self, why: str) -> None:
+        if self.goal is None:
+            return
+        self.log.warning("%s: stopped short of %d pages: %s", self.name, self.goal, why)
+        self.goal, self.goal_error, self._goal_blocked = None, why, None
+        self._on_goal_done(why)
+
+    def _advance(self) -> None:
+        """IDLE with a goal: the next step towards it, or the goal is reached / given up."""
+        if self.goal is None or self.state is not DmState.IDLE:
+            return
+        goal = self.goal
+        assigned = self._assigned() if self._assigned is not None else 0
+        try:
+            if self._goal_blocked is not None:
+                self._give_up(self._goal_blocked)
+            elif assigned == goal:
+                self.goal = None
+                self._on_goal_done(None)
+            elif assigned > goal:
+                self._balloon_step(assigned - goal)
+            elif self.ballooned.pages:
+                self._unballoon_step(goal - assigned)
+            else:
+                self._hot_add_step(goal - assigned)
+        except Exception as e:  # noqa: BLE001 - recorded in goal_error; the VSP goes on
+            self.log.exception("%s: a step towards %d pages failed", self.name, goal)
+            self._give_up(f"{type(e).__name__}: {e}")
+
+    def _balloon_step(self, pages: int) -> None:
+        assert self.caps is not None
+        if not self.caps.balloon:
+            return self._give_up("the guest cannot balloon (capability off)")
+        self.balloon(min(pages, MAX_BALLOON_PAGES))
+
+    def _unballoon_step(self, pages: int) -> None:
+        ranges = RangeSet(self.ballooned).take(pages)  # highest first
+        self._reclaim(ranges)  # the host backs them before the guest may touch them
+        self.unballoon(ranges)
+
+    def _hot_add_step(self, pages: int) -> None:
+        caps = self.caps
+        assert caps is not None
+        if not caps.hot_add or self.hot_add_disabled:
+            return self._give_up("the guest cannot hot-add memory (capability off or disabled)")
+        rng = self._map_hot_add(pages, max(caps.hot_add_alignment_mib, 2) * MIB_PAGES)
+        self.hot_add(rng, rng)
+
+    # -- save / restore --------------------------------------------------------------------------
+
+    @serialized
+    def save(self) -> DmVspState:
+        """The VSP's state; refused while a transaction is in flight (it cannot be carried)."""
+        if self.state.waiting:
+            raise VspError(
+                f"a Dynamic Memory transaction is in flight ({self.operation or self.state.name}):"
+                " save once it is done"
+            )
+        return DmVspState(
+            VSP_STATE_VERSION,
+            self.state.name,
+            self.version,
+            self.caps,
+            self.hot_add_disabled,
+            self._trans_id,
+            self.stop_reason,
+            tuple(self.ram),
+            tuple(self.ballooned),
+            dict(self.counters),
+        )
+
+    def check(self, st: DmVspState) -> None:
+        """Whether `st` can be restored into this VSP; ValueError naming the value if not."""
+        if st.version != VSP_STATE_VERSION:
+            raise ValueError(
+                f"DM VSP state version {st.version!r} is not {VSP_STATE_VERSION}: the hosts run "
+                "different pyhv releases"
+            )
+        state = DmState.__members__.get(st.state)
+        if state is None or state.waiting:
+            raise ValueError(
+                f"DM VSP state {st.state!r} cannot be restored: only "
+                f"{sorted(s.name for s in DmState if not s.waiting)} can (a transaction in "
+                "flight is not carried)"
+            )
+        if st.protocol is not None and not p.Version.WIN7 <= st.protocol <= p.Version.WIN10:
+            raise ValueError(f"DM VSP state: protocol version {st.protocol:#x} is not 0.3..2.0")
+        needs = {DmState.VERSION: (False, False), DmState.CAPS: (True, False)}
+        proto, caps = needs.get(state, (True, True))
+        if state is not DmState.STOPPED and (
+            (st.protocol is not None) != proto or (st.caps is not None) != caps
+        ):
+            raise ValueError(
+                f"DM VSP state {st.state}: protocol {st.protocol!r} and caps {st.caps!r} do not "
+                "fit it (VERSION has neither, CAPS a protocol, IDLE both)"
+            )
+        if not 0 <= st.trans_id <= 0xFFFFFFFF:
+            raise ValueError(f"DM VSP state: transaction id {st.trans_id} is not 32 bits")
+        if list(st.ram) != list(self.ram):
+            raise ValueError(
+                f"DM VSP state: its RAM {list(st.ram)} is not this partition's {list(self.ram)}"
+            )
+        balloon = RangeSet()
+        for r in st.ballooned:
+            if r.count <= 0 or not self.ram.contains(*r) or balloon.overlaps(*r):
+                raise ValueError(
+                    f"DM VSP state: ballooned pages {r.start:#x}+{r.count} are empty, outside "
+                    "this partition's RAM or listed twice"
+                )
+            balloon.add(*r)
+        bad = {k: v for k, v in st.counters.items() if v < 0}
+        if bad:
+            raise ValueError(f"DM VSP state: counters {bad} are negative")
+
+    @serialized
+    def restore(self, st: DmVspState) -> None:
+        """Go on where `st` left off (checked first: nothing changes if it does not fit)."""
+        self.check(st)
+        self._state = DmState[st.state]  # the state as saved: not a transition of this guest
+        self.version = st.protocol
+        self.caps = st.caps
+        self.hot_add_disabled = st.hot_add_disabled
+        self._trans_id = st.trans_id
+        self.stop_reason = st.stop_reason
+        self.ballooned = RangeSet(st.ballooned)
+        self.counters.update(st.counters)
+        self.log.info("%s: restored in %s", self.name, st.state)
 
     # -- guest messages --------------------------------------------------------------------------
 
@@ -332,17 +610,19 @@ class DynamicMemoryVsp(Vsp[DmState]):
                 "pages: more than a 40-bit PFN space"
             )
             return
-        assigned = self._assigned() if self._assigned is not None else 0
-        # The one place demand is computed: the guest's commit less the host's balloon count.
+        # The one place demand is computed: the guest's commit less the host's balloon count
+        # (the guest counts its balloon as committed; see pyhv.dynmem.status.MemoryStatus).
         ballooned = self.ballooned.pages
-        demand = max(0, b.num_committed - ballooned)
-        pressure = demand * 100 / assigned if assigned > 0 else None
-        self.last_status = StatusReport(
-            demand,
-            b.num_avail,
-            pressure,
-            guest_committed_pages=b.num_committed,
+        visible = self.ram.pages
+        assigned = self._assigned() if self._assigned is not None else visible - ballooned
+        self.last_status = MemoryStatus(
+            visible_pages=visible,
+            assigned_pages=assigned,
             ballooned_pages=ballooned,
+            committed_pages=max(0, b.num_committed - ballooned),
+            available_pages=b.num_avail,
+            guest_committed_pages=b.num_committed,
+            reported_at=time.time(),
         )
         self.accepted()
         self._on_status(self.last_status)
@@ -370,8 +650,14 @@ class DynamicMemoryVsp(Vsp[DmState]):
             if not msg.ranges:
                 self.counters["balloon_at_minimum"] += 1
             got = self._balloon_got
-            self._to(DmState.IDLE, f"ballooned {got} of {self._balloon_asked} pages")
+            if got < self._balloon_asked and (not msg.ranges or got == 0):
+                self._goal_blocked = (
+                    f"the guest gave {got} of {self._balloon_asked} pages: it is at its floor "
+                    "(it keeps enough memory to run)"
+                )
+            self._done(f"ballooned {got} of {self._balloon_asked} pages")
             self._on_balloon_done(got)
+            self._advance()
 
     def _bad_balloon_range(self, r: PageRange) -> str:
         if r.count == 0:
@@ -395,8 +681,9 @@ class DynamicMemoryVsp(Vsp[DmState]):
                 raise VspError(str(e)) from e
         self._unballooning = []
         self.accepted()
-        self._to(DmState.IDLE, f"unballooned {sum(r.count for r in done)} pages")
+        self._done(f"unballooned {sum(r.count for r in done)} pages")
         self._on_unballoon_done(done)
+        self._advance()
 
     def _hot_add_response(self, msg: p.Message) -> None:
         if self.state is not DmState.HOT_ADD_WAIT:
@@ -417,5 +704,8 @@ class DynamicMemoryVsp(Vsp[DmState]):
             self.counters["hot_add_disabled"] += 1
         self._hot_add = None
         self.accepted()
-        self._to(DmState.IDLE, f"hot-added {added} of {asked.count} pages (result {result})")
+        if added < asked.count:
+            self._goal_blocked = "the guest added fewer pages than offered: hot-add is off now"
+        self._done(f"hot-added {added} of {asked.count} pages (result {result})")
         self._on_hot_add_done(asked, added, bool(result))
+        self._advance()

@@ -17,7 +17,7 @@ Public surface (see docs/hypervisor.md)::
     p.intercepts.install_gpa(gpa, size, handler, ...); install_msr(msrs, handler, ...)
     p.intercepts.install_exception(1 or 3, handler); install_execute(gva, handler); install_halt(handler)
     p.counters                                # per intercept kind: count, defaulted, errors, seconds
-    p.save_state() -> PartitionState; Partition.restore(state) -> Partition (pyhv.hypervisor.state)
+    p.save() -> PartitionState; p.restore(state); Partition.from_state(state) (pyhv.hypervisor.state)
     p.close()
 
 Handlers get a message (IoPortIntercept, MemoryIntercept, MsrIntercept, ExceptionIntercept,

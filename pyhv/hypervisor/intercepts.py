@@ -22,6 +22,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyhv.kvm import constants as c
 from pyhv.kvm import structs as ks
+from pyhv.kvm.loopabi import (
+    KIND_IO,
+    KIND_MEMORY,
+    KIND_MSR,
+    GpaRoute,
+    IoAccess,
+    MmioAccess,
+    MsrAccess,
+    Route,
+    Routes,
+)
 
 if TYPE_CHECKING:
     from pyhv.hypervisor.partition import Partition
@@ -40,9 +51,9 @@ class AccessType(enum.IntEnum):
 class InterceptKind(enum.IntEnum):
     """What a counter counts; also indexes the per-VP counter arrays."""
 
-    IO_PORT = 0
-    MEMORY = 1
-    MSR = 2
+    IO_PORT = KIND_IO  # the first three as the C run loop counts them
+    MEMORY = KIND_MEMORY
+    MSR = KIND_MSR
     EXCEPTION = 3
     EXECUTE = 4
     HALT = 5
@@ -56,13 +67,15 @@ class InterceptError(ValueError):
     """An intercept could not be installed as asked."""
 
 
-@dataclass(slots=True, eq=False)
 class InterceptMessage:
-    """The header every intercept message shares (HV_X64_INTERCEPT_MESSAGE_HEADER)."""
+    """The header every intercept message shares (HV_X64_INTERCEPT_MESSAGE_HEADER): `vp`,
+    `vp_index` and `access_type`, declared by each message (the I/O, memory and MSR messages
+    keep their fields where the C run loop writes them: pyhv.kvm.loopabi)."""
 
-    vp: VirtualProcessor = field(repr=False)
-    vp_index: int = 0
-    access_type: AccessType = AccessType.READ
+    __slots__ = ()
+    vp: VirtualProcessor
+    vp_index: int
+    access_type: AccessType
     instruction_length: ClassVar[int | None] = None  # KVM does not report it
     kind: ClassVar[InterceptKind]
 
@@ -101,13 +114,16 @@ class InterceptMessage:
 
 
 @dataclass(slots=True, eq=False)
-class IoPortIntercept(InterceptMessage):
+class IoPortIntercept(InterceptMessage, IoAccess):
     """HV_X64_IO_PORT_INTERCEPT_MESSAGE: IN/OUT/INS/OUTS to an intercepted port.
 
     For a write, `value` is the first element and `data` all `count` elements (strings).
     For a read the handler returns an int (used for each element) or `count * access_size` bytes.
     """
 
+    vp: VirtualProcessor = field(repr=False)
+    vp_index: int = 0
+    access_type: AccessType = AccessType.READ
     port: int = 0
     access_size: int = 1
     count: int = 1
@@ -134,7 +150,7 @@ class IoPortIntercept(InterceptMessage):
 
 
 @dataclass(slots=True, eq=False)
-class MemoryIntercept(InterceptMessage):
+class MemoryIntercept(InterceptMessage, MmioAccess):
     """HV_X64_MEMORY_INTERCEPT_MESSAGE: access to an intercepted GPA (no RAM, or read-only RAM).
 
     For a write, `value` and `data` are what the guest wrote and the write is done when the
@@ -144,6 +160,9 @@ class MemoryIntercept(InterceptMessage):
     `gva` and the translated `gpa` (-1 if the guest's page tables do not map it).
     """
 
+    vp: VirtualProcessor = field(repr=False)
+    vp_index: int = 0
+    access_type: AccessType = AccessType.READ
     gpa: int = 0
     gva: int | None = None
     access_size: int = 0
@@ -164,12 +183,15 @@ class MemoryIntercept(InterceptMessage):
 
 
 @dataclass(slots=True, eq=False)
-class MsrIntercept(InterceptMessage):
+class MsrIntercept(InterceptMessage, MsrAccess):
     """HV_X64_MSR_INTERCEPT_MESSAGE: RDMSR/WRMSR of an intercepted MSR.
 
     A read handler returns the 64-bit value; either handler may call `inject_gp()` instead.
     """
 
+    vp: VirtualProcessor = field(repr=False)
+    vp_index: int = 0
+    access_type: AccessType = AccessType.READ
     msr: int = 0
     value: int = 0
     gp: bool = False
@@ -196,6 +218,8 @@ class MsrIntercept(InterceptMessage):
 class ExceptionIntercept(InterceptMessage):
     """HV_X64_EXCEPTION_INTERCEPT_MESSAGE for #DB (1) and #BP (3), the vectors KVM can give."""
 
+    vp: VirtualProcessor = field(repr=False)
+    vp_index: int = 0
     access_type: AccessType = AccessType.EXECUTE
     exception_vector: int = 0
     pc: int = 0
@@ -208,6 +232,10 @@ class ExceptionIntercept(InterceptMessage):
 @dataclass(slots=True, eq=False)
 class HaltIntercept(InterceptMessage):
     """HV_X64_HALT_MESSAGE: the VP executed HLT (header only)."""
+
+    vp: VirtualProcessor = field(repr=False)
+    vp_index: int = 0
+    access_type: AccessType = AccessType.READ
 
     kind: ClassVar[InterceptKind] = InterceptKind.HALT
 
@@ -230,18 +258,26 @@ class InterceptHandle:
             self._remove()
 
 
-@dataclass(eq=False, slots=True)  # slots: the C run loop reads them at fixed offsets
-class _Entry:
-    handler: Handler
-    read: bool
-    write: bool
-    handle: InterceptHandle | None = None
+class _Entry(Route):
+    """An installed intercept: where its exits go (a `Route` the run loops read) and its handle."""
+
+    __slots__ = ("handle",)
+
+    def __init__(
+        self, handler: Handler, read: bool, write: bool, handle: InterceptHandle | None = None
+    ) -> None:
+        super().__init__(handler, read, write)
+        self.handle = handle
 
 
-@dataclass(eq=False, slots=True)
-class _GpaEntry(_Entry):
-    start: int = 0
-    end: int = 0
+class _GpaEntry(GpaRoute):
+    """An installed GPA intercept: the range [start, end) and its handle."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handler: Handler, read: bool, write: bool, start: int, end: int) -> None:
+        super().__init__(handler, read, write, start, end)
+        self.handle: InterceptHandle | None = None
 
 
 EXCEPTION_VECTORS = {1: "#DB", 3: "#BP"}
@@ -255,26 +291,17 @@ MAX_HW_BREAKPOINTS = 4
 MSR_FILTER_SPAN = ks.MSR_FILTER_MAX_BITMAP_BYTES * 8
 
 
-class InterceptTable:
+class InterceptTable(Routes):
     """The intercepts installed in one partition (HvInstallIntercept), read by its VP threads.
 
     Tables are replaced, never mutated in place, so a VP thread always sees a consistent one.
+    `io`, `gpa`, `gpa_starts` and `msr` are the `Routes` the run loops (C and Python) read.
     """
 
-    # slots: the C run loop reads io, gpa, gpa_starts and msr at fixed offsets
-    __slots__ = (
-        "_partition",
-        "_lock",
-        "io",
-        "gpa",
-        "gpa_starts",
-        "msr",
-        "exception",
-        "execute",
-        "halt",
-    )
+    __slots__ = ("_partition", "_lock", "exception", "execute", "halt")
 
     def __init__(self, partition: Partition) -> None:
+        super().__init__()
         self._partition = partition
         self._lock = threading.Lock()
         self.io: list[_Entry | None] = [None] * 0x10000
@@ -356,7 +383,7 @@ class InterceptTable:
                         f"GPA range {gpa:#x}+{size:#x} overlaps the intercept at "
                         f"{e.start:#x}-{e.end:#x}: uninstall it first"
                     )
-            entry = _GpaEntry(handler, read, write, None, gpa, gpa + size)
+            entry = _GpaEntry(handler, read, write, gpa, gpa + size)
             self._set_gpa(sorted([*self.gpa, entry], key=lambda e: e.start))
 
         def remove() -> None:

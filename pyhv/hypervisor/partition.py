@@ -262,19 +262,38 @@ class Partition:
         return IoEventFd(port_or_gpa, length, fd, datamatch, mmio, self)
 
     # ------------------------------------------------------------------ state
-    def save_state(self) -> PartitionState:
-        """Everything needed to go on elsewhere: memory, every VP's state, irqchips, clock.
-        The VPs must be paused or stopped."""
+    def save(self, *, memory: bool = False) -> PartitionState:
+        """Every VP's state, irqchips, clock, RAM layout and intercept counters (the contents
+        of RAM too with `memory`). The VPs must be paused or stopped."""
         from pyhv.hypervisor.state import save_partition  # not on the boot path
 
-        return save_partition(self)
+        return save_partition(self, memory=memory)
+
+    def check(self, state: PartitionState) -> None:
+        """StateError naming the value if `state` does not fit this partition."""
+        from pyhv.hypervisor.state import check
+
+        check(self, state)
+
+    def restore(self, state: PartitionState) -> None:
+        """Take `state` into this partition (the same RAM regions and VPs, not running); a
+        state that does not fit raises StateError and changes nothing."""
+        from pyhv.hypervisor.state import restore_into
+
+        restore_into(self, state)
 
     @classmethod
-    def restore(cls, state: PartitionState, name: str | None = None) -> Partition:
-        """A new partition holding `state`; its VPs are created but not started."""
-        from pyhv.hypervisor.state import restore_partition
+    def from_state(cls, state: PartitionState, name: str | None = None) -> Partition:
+        """A new partition holding `state` (saved with memory); its VPs are created, not started."""
+        from pyhv.hypervisor.state import fill_new
 
-        return restore_partition(state, name)
+        p = cls(name or state.name, irqchip=state.irqchip)
+        try:
+            fill_new(p, state)
+        except BaseException:
+            p.close()
+            raise
+        return p
 
     # ------------------------------------------------------------------ counters
     @property

@@ -3,7 +3,8 @@
 - `Kvm` (/dev/kvm), `Vm`, `Vcpu`: one method per ioctl, errors raised as `KvmError`.
 - `structs`: the ctypes layouts; `constants`: ioctl numbers, capabilities, exit reasons, flags.
 - `exits`: one dataclass per KVM_EXIT_* kind (imported on first use); `runpage.RunPage`, the fast
-  reader of kvm_run; `fastrun`, the VP run loop in C.
+  reader of kvm_run (and the index of each field it reads); `fastrun`, the VP run loop in C, and
+  `loopabi`, the structures it reads, which the layer above fills.
 """
 
 from typing import TYPE_CHECKING

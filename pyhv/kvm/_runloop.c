@@ -1,8 +1,12 @@
 /* The VP run loop's hot path in C: KVM_RUN with the GIL released, and the port I/O, MMIO,
  * RDMSR and WRMSR exits delivered to the Python intercept handlers without the interpreter in
- * between.  Built at first use by pyhv/kvm/fastrun.py; pyhv/hypervisor/vp.py keeps the same
- * loop in Python as the fallback, and this file does exactly what that loop does for these
+ * between.  Built at first use by pyhv/kvm/fastrun.py; pyhv/hypervisor/runloop.py keeps the
+ * same loop in Python as the fallback, and this file does exactly what that loop does for these
  * four exits.
+ *
+ * It reads and writes only what pyhv/kvm/loopabi.py declares: the __slots__ of LoopOwner (vp),
+ * Routes (table), Route and GpaRoute (its entries), IoAccess, MmioAccess and MsrAccess (the
+ * messages), and calls back only LoopOwner's three methods.  The layer above fills them.
  *
  * Runner(fd, run_mmap, vp, table, io_msg, mem_msg, msr_msg, counts, defaults, handler_ns,
  *        timed, READ, WRITE)
@@ -31,21 +35,28 @@
 #define KVM_EXIT_X86_WRMSR 30
 #endif
 
-/* InterceptKind */
-enum { K_IO = 0, K_MEM = 1, K_MSR = 2 };
+/* counter indexes: loopabi.KIND_IO, KIND_MEMORY, KIND_MSR (read at import) */
+static int K_IO, K_MEM, K_MSR;
 
 /* what a hot-exit handler tells the loop */
 enum { DONE = 0, DONE_PYTHON = 1, LEAVE = 2, FAILED = -1 };
 
-/* Fields are read and written at their __slots__ offsets, found at construction from the
- * classes' member descriptors: what `obj.field = x` does, without the attribute lookup. */
-enum { T_TABLE_IO, T_TABLE_GPA, T_TABLE_GPA_STARTS, T_TABLE_MSR,  /* InterceptTable */
-       E_HANDLER, E_READ, E_WRITE, G_HANDLER, G_READ, G_WRITE, G_END, /* _Entry, _GpaEntry */
-       IO_PORT, IO_SIZE, IO_COUNT, IO_TYPE, IO_VALUE,                /* IoPortIntercept */
-       MEM_GPA, MEM_GVA, MEM_SIZE, MEM_TYPE, MEM_VALUE,              /* MemoryIntercept */
-       MSR_MSR, MSR_GP, MSR_TYPE, MSR_VALUE,                         /* MsrIntercept */
-       VP_TOUCHED, VP_ATTENTION,                                     /* the VP's loop flags */
+/* Fields are read and written at their __slots__ offsets, found at import from the member
+ * descriptors of the loopabi classes: what `obj.field = x` does, without the attribute lookup. */
+enum { T_TABLE_IO, T_TABLE_GPA, T_TABLE_GPA_STARTS, T_TABLE_MSR,  /* Routes */
+       E_HANDLER, E_READ, E_WRITE, G_END,                         /* Route, GpaRoute */
+       IO_PORT, IO_SIZE, IO_COUNT, IO_TYPE, IO_VALUE,             /* IoAccess */
+       MEM_GPA, MEM_GVA, MEM_SIZE, MEM_TYPE, MEM_VALUE,           /* MmioAccess */
+       MSR_MSR, MSR_GP, MSR_TYPE, MSR_VALUE,                      /* MsrAccess */
+       VP_TOUCHED, VP_ATTENTION,                                  /* LoopOwner */
        N_SLOTS };
+
+/* the loopabi classes, in the order of `abi_names` */
+enum { C_ROUTES, C_ROUTE, C_GPA_ROUTE, C_IO, C_MMIO, C_MSR, C_OWNER, N_CLASSES };
+static const char *abi_names[N_CLASSES] = {"Routes", "Route", "GpaRoute", "IoAccess",
+                                           "MmioAccess", "MsrAccess", "LoopOwner"};
+static PyTypeObject *abi[N_CLASSES];
+static Py_ssize_t slot_off[N_SLOTS];
 
 typedef struct {
     PyObject_HEAD
@@ -56,8 +67,6 @@ typedef struct {
     PyObject *io_msg, *mem_msg, *msr_msg;
     PyObject *counts, *defaults, *handler_ns; /* array('q') */
     PyObject *read, *write;
-    PyObject *entry_type, *gpa_entry_type;
-    Py_ssize_t off[N_SLOTS];
     PyObject *msr_table, *msr_entry; /* the last MSR looked up: table.msr, its entry or NULL */
     uint32_t msr_index;
     PyObject *gpa_entries, *gpa_entry; /* the last GPA entry found: table.gpa, its item */
@@ -70,7 +79,7 @@ typedef struct {
 
 static PyObject *s_flush;
 
-#define SLOT(obj, self, i) (*(PyObject **)((char *)(obj) + (self)->off[i]))
+#define SLOT(obj, self, i) (*(PyObject **)((char *)(obj) + slot_off[i]))
 
 static inline int64_t now_ns(void)
 {
@@ -235,15 +244,10 @@ static PyObject leave_entry_marker;
 
 static PyObject *entry_handler(Runner *self, PyObject *entry, int is_write)
 {
-    int h, r, w;
-    if (Py_TYPE(entry) == (PyTypeObject *)self->entry_type)
-        h = E_HANDLER, r = E_READ, w = E_WRITE;
-    else if (Py_TYPE(entry) == (PyTypeObject *)self->gpa_entry_type)
-        h = G_HANDLER, r = G_READ, w = G_WRITE;
-    else
+    if (!PyObject_TypeCheck(entry, abi[C_ROUTE]))
         return LEAVE_ENTRY;
-    PyObject *flag = SLOT(entry, self, is_write ? w : r);
-    PyObject *handler = SLOT(entry, self, h);
+    PyObject *flag = SLOT(entry, self, is_write ? E_WRITE : E_READ);
+    PyObject *handler = SLOT(entry, self, E_HANDLER);
     if (flag == NULL || handler == NULL)
         return LEAVE_ENTRY;
     int allowed = truth(flag);
@@ -294,11 +298,11 @@ static int io_exit(Runner *self)
         value = size == 1   ? page[off]
                 : size == 2 ? *(uint16_t *)(page + off)
                             : *(uint32_t *)(page + off);
-    if (slot_set_u64(m, self->off[IO_PORT], port) < 0 ||
-        slot_set_u64(m, self->off[IO_SIZE], size) < 0 ||
-        slot_set_u64(m, self->off[IO_COUNT], count) < 0 ||
-        (slot_put(m, self->off[IO_TYPE], is_write ? self->write : self->read), 0) < 0 ||
-        slot_set_u64(m, self->off[IO_VALUE], value) < 0) {
+    if (slot_set_u64(m, slot_off[IO_PORT], port) < 0 ||
+        slot_set_u64(m, slot_off[IO_SIZE], size) < 0 ||
+        slot_set_u64(m, slot_off[IO_COUNT], count) < 0 ||
+        (slot_put(m, slot_off[IO_TYPE], is_write ? self->write : self->read), 0) < 0 ||
+        slot_set_u64(m, slot_off[IO_VALUE], value) < 0) {
         Py_DECREF(handler);
         return FAILED;
     }
@@ -372,7 +376,7 @@ static int mmio_exit(Runner *self)
         }
         if (lo > 0) {
             entry = PyTuple_GET_ITEM(entries, lo - 1);
-            if (Py_TYPE(entry) != (PyTypeObject *)self->gpa_entry_type)
+            if (!PyObject_TypeCheck(entry, abi[C_GPA_ROUTE]))
                 return LEAVE;
             PyObject *end = SLOT(entry, self, G_END);
             PyObject *start = PyTuple_GET_ITEM(starts, lo - 1);
@@ -404,11 +408,11 @@ static int mmio_exit(Runner *self)
     uint64_t value = 0;
     if (is_write)
         memcpy(&value, run->mmio.data, n); /* little endian */
-    if (slot_set_u64(m, self->off[MEM_GPA], gpa) < 0 ||
-        (slot_put(m, self->off[MEM_GVA], Py_None), 0) < 0 ||
-        slot_set_u64(m, self->off[MEM_SIZE], n) < 0 ||
-        (slot_put(m, self->off[MEM_TYPE], is_write ? self->write : self->read), 0) < 0 ||
-        slot_set_u64(m, self->off[MEM_VALUE], value) < 0) {
+    if (slot_set_u64(m, slot_off[MEM_GPA], gpa) < 0 ||
+        (slot_put(m, slot_off[MEM_GVA], Py_None), 0) < 0 ||
+        slot_set_u64(m, slot_off[MEM_SIZE], n) < 0 ||
+        (slot_put(m, slot_off[MEM_TYPE], is_write ? self->write : self->read), 0) < 0 ||
+        slot_set_u64(m, slot_off[MEM_VALUE], value) < 0) {
         Py_DECREF(handler);
         return FAILED;
     }
@@ -477,10 +481,10 @@ static int msr_exit(Runner *self, int is_write)
         return DONE;
     }
     PyObject *m = self->msr_msg;
-    if (slot_set_u64(m, self->off[MSR_MSR], index) < 0 ||
-        (slot_put(m, self->off[MSR_GP], Py_False), 0) < 0 ||
-        (slot_put(m, self->off[MSR_TYPE], is_write ? self->write : self->read), 0) < 0 ||
-        slot_set_u64(m, self->off[MSR_VALUE], is_write ? run->msr.data : 0) < 0) {
+    if (slot_set_u64(m, slot_off[MSR_MSR], index) < 0 ||
+        (slot_put(m, slot_off[MSR_GP], Py_False), 0) < 0 ||
+        (slot_put(m, slot_off[MSR_TYPE], is_write ? self->write : self->read), 0) < 0 ||
+        slot_set_u64(m, slot_off[MSR_VALUE], is_write ? run->msr.data : 0) < 0) {
         Py_DECREF(handler);
         return FAILED;
     }
@@ -668,56 +672,122 @@ static Py_ssize_t slot_offset(PyObject *cls, const char *name)
     return off;
 }
 
+/* each slot: its loopabi class and its name */
+static const struct {
+    int cls;
+    const char *name;
+} fields[N_SLOTS] = {
+    [T_TABLE_IO] = {C_ROUTES, "io"}, [T_TABLE_GPA] = {C_ROUTES, "gpa"},
+    [T_TABLE_GPA_STARTS] = {C_ROUTES, "gpa_starts"}, [T_TABLE_MSR] = {C_ROUTES, "msr"},
+    [E_HANDLER] = {C_ROUTE, "handler"}, [E_READ] = {C_ROUTE, "read"},
+    [E_WRITE] = {C_ROUTE, "write"}, [G_END] = {C_GPA_ROUTE, "end"},
+    [IO_PORT] = {C_IO, "port"}, [IO_SIZE] = {C_IO, "access_size"},
+    [IO_COUNT] = {C_IO, "count"}, [IO_TYPE] = {C_IO, "access_type"},
+    [IO_VALUE] = {C_IO, "value"},
+    [MEM_GPA] = {C_MMIO, "gpa"}, [MEM_GVA] = {C_MMIO, "gva"},
+    [MEM_SIZE] = {C_MMIO, "access_size"}, [MEM_TYPE] = {C_MMIO, "access_type"},
+    [MEM_VALUE] = {C_MMIO, "value"},
+    [MSR_MSR] = {C_MSR, "msr"}, [MSR_GP] = {C_MSR, "gp"}, [MSR_TYPE] = {C_MSR, "access_type"},
+    [MSR_VALUE] = {C_MSR, "value"},
+    [VP_TOUCHED] = {C_OWNER, "_touched"}, [VP_ATTENTION] = {C_OWNER, "_attention"},
+};
+
+/* Once, at import: the loopabi classes, the offsets of their slots, the counter indexes. */
+static int load_abi(void)
+{
+    static const struct {
+        int *where;
+        const char *name;
+    } kinds[] = {{&K_IO, "KIND_IO"}, {&K_MEM, "KIND_MEMORY"}, {&K_MSR, "KIND_MSR"}};
+    PyObject *mod = PyImport_ImportModule("pyhv.kvm.loopabi");
+    if (mod == NULL)
+        return -1;
+    for (int i = 0; i < N_CLASSES; i++) {
+        PyObject *cls = PyObject_GetAttrString(mod, abi_names[i]);
+        if (cls == NULL)
+            goto fail;
+        if (!PyType_Check(cls)) {
+            PyErr_Format(PyExc_TypeError, "pyhv.kvm.loopabi.%s is not a class", abi_names[i]);
+            Py_DECREF(cls);
+            goto fail;
+        }
+        Py_XSETREF(abi[i], (PyTypeObject *)cls); /* kept for the module's life */
+    }
+    for (int i = 0; i < N_SLOTS; i++) {
+        slot_off[i] = slot_offset((PyObject *)abi[fields[i].cls], fields[i].name);
+        if (slot_off[i] < 0)
+            goto fail;
+    }
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        PyObject *v = PyObject_GetAttrString(mod, kinds[i].name);
+        if (v == NULL)
+            goto fail;
+        long k = PyLong_AsLong(v);
+        Py_DECREF(v);
+        if (k == -1 && PyErr_Occurred())
+            goto fail;
+        if (k < 0 || k > 2) {
+            PyErr_Format(PyExc_ValueError, "pyhv.kvm.loopabi.%s = %ld is not 0-2", kinds[i].name, k);
+            goto fail;
+        }
+        *kinds[i].where = (int)k;
+    }
+    Py_DECREF(mod);
+    return 0;
+fail:
+    Py_DECREF(mod);
+    return -1;
+}
+
+/* obj is an instance of the loopabi class, and its class hides none of the declared slots
+ * (a property or class attribute of the same name would not see what the loop writes). */
+static int check_type(PyObject *obj, int cls, const char *arg)
+{
+    if (!PyObject_TypeCheck(obj, abi[cls])) {
+        PyErr_Format(PyExc_TypeError, "%s must be a pyhv.kvm.loopabi.%s, not %.100s", arg,
+                     abi_names[cls], Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    for (int i = 0; i < N_SLOTS; i++) {
+        if (fields[i].cls != cls)
+            continue;
+        PyObject *declared = PyObject_GetAttrString((PyObject *)abi[cls], fields[i].name);
+        PyObject *seen = PyObject_GetAttrString((PyObject *)Py_TYPE(obj), fields[i].name);
+        int same = declared != NULL && declared == seen;
+        Py_XDECREF(declared);
+        Py_XDECREF(seen);
+        if (!same) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "%.100s hides the slot %s declared by pyhv.kvm.loopabi.%s: the run loop "
+                         "writes the slot, so remove the attribute of that name from the class",
+                         Py_TYPE(obj)->tp_name, fields[i].name, abi_names[cls]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int Runner_init(Runner *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "run_mmap", "vp", "table", "io_msg", "mem_msg", "msr_msg",
-                             "counts", "defaults", "handler_ns", "timed", "read", "write",
-                             "entry_type", "gpa_entry_type", "flags_type", NULL};
+                             "counts", "defaults", "handler_ns", "timed", "read", "write", NULL};
     int fd, timed;
     PyObject *mm, *vp, *table, *io_msg, *mem_msg, *msr_msg, *counts, *defaults, *handler_ns,
-        *read, *write, *entry_type, *gpa_entry_type, *flags_type;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOOOOOOpOOO!O!O!", kwlist, &fd, &mm, &vp,
-                                     &table, &io_msg, &mem_msg, &msr_msg, &counts, &defaults,
-                                     &handler_ns, &timed, &read, &write, &PyType_Type,
-                                     &entry_type, &PyType_Type, &gpa_entry_type, &PyType_Type,
-                                     &flags_type))
+        *read, *write;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOOOOOOpOO", kwlist, &fd, &mm, &vp, &table,
+                                     &io_msg, &mem_msg, &msr_msg, &counts, &defaults,
+                                     &handler_ns, &timed, &read, &write))
         return -1;
-    static const struct {
-        int which; /* 0 table, 1 entry, 2 gpa entry, 3 io, 4 mem, 5 msr, 6 vp */
-        const char *name;
-    } fields[N_SLOTS] = {
-        [T_TABLE_IO] = {0, "io"}, [T_TABLE_GPA] = {0, "gpa"},
-        [T_TABLE_GPA_STARTS] = {0, "gpa_starts"}, [T_TABLE_MSR] = {0, "msr"},
-        [E_HANDLER] = {1, "handler"}, [E_READ] = {1, "read"}, [E_WRITE] = {1, "write"},
-        [G_HANDLER] = {2, "handler"}, [G_READ] = {2, "read"}, [G_WRITE] = {2, "write"},
-        [G_END] = {2, "end"},
-        [IO_PORT] = {3, "port"}, [IO_SIZE] = {3, "access_size"}, [IO_COUNT] = {3, "count"},
-        [IO_TYPE] = {3, "access_type"}, [IO_VALUE] = {3, "value"},
-        [MEM_GPA] = {4, "gpa"}, [MEM_GVA] = {4, "gva"}, [MEM_SIZE] = {4, "access_size"},
-        [MEM_TYPE] = {4, "access_type"}, [MEM_VALUE] = {4, "value"},
-        [MSR_MSR] = {5, "msr"}, [MSR_GP] = {5, "gp"}, [MSR_TYPE] = {5, "access_type"},
-        [MSR_VALUE] = {5, "value"},
-        [VP_TOUCHED] = {6, "_touched"}, [VP_ATTENTION] = {6, "_attention"},
-    };
-    if (!PyObject_TypeCheck(vp, (PyTypeObject *)flags_type)) {
-        PyErr_SetString(PyExc_TypeError, "vp must be an instance of flags_type");
+    if (check_type(vp, C_OWNER, "vp") < 0 || check_type(table, C_ROUTES, "table") < 0 ||
+        check_type(io_msg, C_IO, "io_msg") < 0 || check_type(mem_msg, C_MMIO, "mem_msg") < 0 ||
+        check_type(msr_msg, C_MSR, "msr_msg") < 0)
         return -1;
-    }
-    PyObject *classes[7] = {(PyObject *)Py_TYPE(table), entry_type, gpa_entry_type,
-                            (PyObject *)Py_TYPE(io_msg), (PyObject *)Py_TYPE(mem_msg),
-                            (PyObject *)Py_TYPE(msr_msg), flags_type};
-    for (int i = 0; i < N_SLOTS; i++) {
-        Py_ssize_t off = slot_offset(classes[fields[i].which], fields[i].name);
-        if (off < 0)
-            return -1;
-        self->off[i] = off;
-    }
     self->fd = fd;
     self->timed = timed;
 #define TAKE(f) Py_INCREF(f); Py_XSETREF(self->f, f)
     TAKE(mm); TAKE(vp); TAKE(table); TAKE(io_msg); TAKE(mem_msg); TAKE(msr_msg);
     TAKE(counts); TAKE(defaults); TAKE(handler_ns); TAKE(read); TAKE(write);
-    TAKE(entry_type); TAKE(gpa_entry_type);
 #undef TAKE
     return 0;
 }
@@ -727,8 +797,7 @@ static int Runner_traverse(Runner *self, visitproc visit, void *arg)
     Py_VISIT(self->mm); Py_VISIT(self->vp); Py_VISIT(self->table); Py_VISIT(self->io_msg);
     Py_VISIT(self->mem_msg); Py_VISIT(self->msr_msg); Py_VISIT(self->counts);
     Py_VISIT(self->defaults); Py_VISIT(self->handler_ns); Py_VISIT(self->read);
-    Py_VISIT(self->write); Py_VISIT(self->entry_type); Py_VISIT(self->gpa_entry_type);
-    Py_VISIT(self->msr_table); Py_VISIT(self->msr_entry); Py_VISIT(self->gpa_entries);
+    Py_VISIT(self->write); Py_VISIT(self->msr_table); Py_VISIT(self->msr_entry); Py_VISIT(self->gpa_entries);
     return 0;
 }
 
@@ -737,8 +806,7 @@ static int Runner_clear(Runner *self)
     Py_CLEAR(self->mm); Py_CLEAR(self->vp); Py_CLEAR(self->table); Py_CLEAR(self->io_msg);
     Py_CLEAR(self->mem_msg); Py_CLEAR(self->msr_msg); Py_CLEAR(self->counts);
     Py_CLEAR(self->defaults); Py_CLEAR(self->handler_ns); Py_CLEAR(self->read);
-    Py_CLEAR(self->write); Py_CLEAR(self->entry_type); Py_CLEAR(self->gpa_entry_type);
-    Py_CLEAR(self->msr_table); Py_CLEAR(self->msr_entry); Py_CLEAR(self->gpa_entries);
+    Py_CLEAR(self->write); Py_CLEAR(self->msr_table); Py_CLEAR(self->msr_entry); Py_CLEAR(self->gpa_entries);
     return 0;
 }
 
@@ -809,6 +877,8 @@ PyMODINIT_FUNC PyInit__runloop(void)
 #define INTERN(v, s) if ((v = PyUnicode_InternFromString(s)) == NULL) return NULL
     INTERN(s_flush, "_flush_exit_changes");
 #undef INTERN
+    if (load_abi() < 0)
+        return NULL;
     if (PyType_Ready(&RunnerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

@@ -1,6 +1,6 @@
 """One small typed object per KVM_EXIT_* kind, decoded from the vCPU's kvm_run page.
 
-`RunPage` (pyhv.kvm.runpage, re-exported here) reads the page. Its `decode()` makes a fresh exit
+`RunPage` (pyhv.kvm.runpage) reads the page. Its `decode()` makes a fresh exit
 object with `decode()` below; the hot path of a VP loop instead reads `reason` and then only the
 fields of that kind, so an exit costs no allocation it does not need. This module is imported
 only when an exit is decoded (or its classes are used).
@@ -8,11 +8,12 @@ only when an exit is decoded (or its classes are used).
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from pyhv.kvm import constants as c
-from pyhv.kvm.runpage import RunPage
 from pyhv.kvm.structs import RUN_UNION
 
 _U = RUN_UNION
@@ -131,7 +132,17 @@ _DEBUG = struct.Struct("<I4xQQQ")
 _NDATA = struct.Struct("<II")
 
 
-def decode(page: RunPage) -> Exit:
+class Page(Protocol):
+    """What decode() reads of a kvm_run page (a pyhv.kvm.runpage.RunPage has it; runpage
+    imports this module, not the other way round)."""
+
+    @property
+    def reason(self) -> int: ...
+    @property
+    def mm(self) -> mmap.mmap: ...
+
+
+def decode(page: Page) -> Exit:
     """A fresh typed object for the current exit of `page` (allocates; for the slow paths)."""
     r = page.reason
     mm = page.mm

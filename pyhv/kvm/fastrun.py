@@ -5,7 +5,8 @@
 ``~/.cache/pyhv``) under a name that changes with the source and the Python build, so a build is
 reused by every later process. When it cannot be built or loaded (no compiler, no Python headers,
 ``PYHV_NO_FASTRUN=1`` in the environment), `load()` returns None, says why once in the log, and
-the hypervisor runs its VPs with the same loop written in Python (pyhv.hypervisor.vp).
+the hypervisor runs its VPs with the same loop written in Python (pyhv.hypervisor.runloop).
+The C loop reads and writes only the structures declared in pyhv.kvm.loopabi.
 
 ``python -m pyhv.kvm.fastrun`` builds it and prints where it is (or why it could not).
 """

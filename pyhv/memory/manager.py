@@ -5,6 +5,10 @@ the pages its guest ballooned out. assigned = visible - ballooned. Releasing bal
 punches holes in the memfd, so the host really gets the memory back, and the pages go to the free
 pool; unballooning (reclaim) and hot-add take pages from the pool. The invariant, checked by the
 tests: free + sum(assigned) == budget - reserve.
+
+`save(name)` gives a partition's layout as a versioned :class:`MemoryState` (hot-added regions,
+ballooned ranges); `restore(name, state)` recreates it for the same partition on another host,
+checked in full against that partition and the pool before anything is mapped or released.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyhv.memory.ranges import PageRange, RangeSet
 
@@ -48,6 +52,50 @@ class MemoryManagerError(ValueError):
 
 class PoolExhausted(MemoryManagerError):
     """The free pool holds fewer pages than asked for."""
+
+
+MEMORY_STATE_VERSION = 1
+
+
+def _pairs(what: str, value: object) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v) for v in value
+    ):
+        raise MemoryManagerError(f"memory state: {what} {value!r} is not a list of pairs")
+    return tuple((a, b) for a, b in value)
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """One partition's memory as the manager accounts it: its startup RAM and hot-added
+    regions as (gpa, size) in bytes, and its ballooned pages (not backed by the host)."""
+
+    version: int
+    startup: tuple[tuple[int, int], ...]
+    hot_added: tuple[tuple[int, int], ...]
+    ballooned: tuple[PageRange, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "startup": [list(r) for r in self.startup],
+            "hot_added": [list(r) for r in self.hot_added],
+            "ballooned": [[r.start, r.count] for r in self.ballooned],
+        }
+
+    @classmethod
+    def from_wire(cls, d: object) -> MemoryState:
+        if not isinstance(d, dict) or type(d.get("version")) is not int:
+            raise MemoryManagerError(f"memory state {d!r} is not an object with a version")
+        try:
+            return cls(
+                d["version"],
+                _pairs("startup", d["startup"]),
+                _pairs("hot_added", d["hot_added"]),
+                tuple(PageRange(s, n) for s, n in _pairs("ballooned", d["ballooned"])),
+            )
+        except KeyError as e:
+            raise MemoryManagerError(f"memory state has no {e}") from None
 
 
 class Backing(Protocol):
@@ -91,6 +139,9 @@ class Partition:
     map_region: Callable[[int, int], Backing] | None = None
     ballooned: RangeSet = field(default_factory=RangeSet)
     hot_added_pages: int = 0
+    #: How many of `regions` (the first ones) are startup RAM; the rest were hot-added.
+    startup_regions: int = 0
+    unmap_region: Callable[[Backing], object] | None = None
 
     @property
     def visible_pages(self) -> int:
@@ -168,9 +219,11 @@ class MemoryManager:
         name: str,
         regions: Iterable[Backing],
         map_region: Callable[[int, int], Backing] | None = None,
+        unmap_region: Callable[[Backing], object] | None = None,
     ) -> Partition:
         """Account a partition's startup RAM (taken from the pool). `map_region(gpa, size)` is
-        how hot-add maps a new region into the partition (the worker's GPA space)."""
+        how hot-add maps a new region into the partition (the worker's GPA space);
+        `unmap_region` undoes it (a restore that fails half-way)."""
         regions = sorted(regions, key=lambda r: r.gpa)
         with self._lock:
             if name in self.partitions:
@@ -182,8 +235,9 @@ class MemoryManager:
                 if r.gpa % PAGE_SIZE or r.size % PAGE_SIZE or r.size <= 0:
                     raise MemoryManagerError(f"region {r.gpa:#x}+{r.size:#x}: not 4 KiB aligned")
             self._check_not_shared(regions)
-            p = Partition(name, list(regions), 0, map_region)
+            p = Partition(name, list(regions), 0, map_region, unmap_region=unmap_region)
             p.startup_pages = p.visible_pages
+            p.startup_regions = len(regions)
             self._take(p.startup_pages, f"startup RAM of {name}")
             self.partitions[name] = p
             return p
@@ -300,3 +354,98 @@ class MemoryManager:
             p.regions.append(region)
             p.hot_added_pages += pages
             return region
+
+    # --- save / restore -----------------------------------------------------------------------
+
+    def save(self, name: str) -> MemoryState:
+        """Partition `name`'s layout: startup RAM, hot-added regions, ballooned ranges."""
+        with self._lock:
+            p = self._get(name)
+            n = p.startup_regions
+            return MemoryState(
+                MEMORY_STATE_VERSION,
+                tuple((r.gpa, r.size) for r in p.regions[:n]),
+                tuple((r.gpa, r.size) for r in p.regions[n:]),
+                tuple(p.ballooned),
+            )
+
+    def _check_restore(self, p: Partition, st: MemoryState) -> RangeSet:
+        """Every value of `st` against partition `p` and the pool; the RAM pages it would have."""
+        if st.version != MEMORY_STATE_VERSION:
+            raise MemoryManagerError(
+                f"memory state version {st.version!r} is not {MEMORY_STATE_VERSION}: the hosts "
+                "run different pyhv releases"
+            )
+        mine = tuple((r.gpa, r.size) for r in p.regions[: p.startup_regions])
+        if tuple(st.startup) != mine:
+            raise MemoryManagerError(
+                f"the state's startup RAM {[(hex(g), hex(n)) for g, n in st.startup]} is not "
+                f"partition {p.name}'s {[(hex(g), hex(n)) for g, n in mine]}"
+            )
+        if len(p.regions) > p.startup_regions or p.ballooned.pages:
+            raise MemoryManagerError(
+                f"partition {p.name} has hot-added or ballooned memory already: a layout is "
+                "restored into a partition as it started"
+            )
+        ram = RangeSet()
+        for gpa, size in mine:
+            ram.add(gpa // PAGE_SIZE, size // PAGE_SIZE)
+        pages = 0
+        for gpa, size in st.hot_added:
+            if gpa < 0 or size <= 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
+                raise MemoryManagerError(
+                    f"hot-added region {gpa:#x}+{size:#x}: not 4 KiB aligned with a size > 0"
+                )
+            if ram.overlaps(gpa // PAGE_SIZE, size // PAGE_SIZE):
+                raise MemoryManagerError(
+                    f"hot-added region {gpa:#x}+{size:#x} overlaps RAM of partition {p.name}"
+                )
+            ram.add(gpa // PAGE_SIZE, size // PAGE_SIZE)
+            pages += size // PAGE_SIZE
+        if pages and p.map_region is None:
+            raise MemoryManagerError(f"partition {p.name} was added without map_region")
+        if pages > self.free_pages:
+            raise PoolExhausted(
+                f"the state's {pages} hot-added pages are more than the free pool's "
+                f"{self.free_pages} (budget {self.budget_pages} pages): this host cannot hold it"
+            )
+        balloon = RangeSet()
+        for r in st.ballooned:
+            if r.count <= 0 or not ram.contains(*r) or balloon.overlaps(*r):
+                raise MemoryManagerError(
+                    f"ballooned pages {r.start:#x}+{r.count} are empty, outside the partition's "
+                    "RAM or listed twice"
+                )
+            balloon.add(*r)
+        return balloon
+
+    def restore(self, name: str, st: MemoryState) -> list[Backing]:
+        """Recreate the layout `st` for partition `name` as it started: the hot-added regions
+        mapped at the same GPAs (from the pool), the ballooned pages released. Checked in full
+        first: if it does not fit, MemoryManagerError and nothing changed. Returns the regions
+        mapped."""
+        with self._lock:
+            p = self._get(name)
+            balloon = self._check_restore(p, st)
+            added: list[Backing] = []
+            try:
+                for gpa, size in st.hot_added:
+                    assert p.map_region is not None
+                    region = p.map_region(gpa, size)
+                    added.append(region)
+                    self._check_not_shared([region])
+            except BaseException:
+                for r in added:
+                    if p.unmap_region is not None:
+                        p.unmap_region(r)
+                raise
+            pages = sum(size for _gpa, size in st.hot_added) // PAGE_SIZE
+            self.free_pages -= pages
+            p.regions.extend(added)
+            p.hot_added_pages += pages
+            for run in balloon:
+                for reg, first, n in p._split(run):
+                    punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
+                p.ballooned.add(*run)
+                self.free_pages += run.count
+            return added

@@ -21,8 +21,9 @@ import numpy as np
 
 from pyhv.migration import dynmem as dm_mod
 from pyhv.migration import memory as mem
+from pyhv.migration import state as vm_state
 from pyhv.migration.faults import FaultPlan
-from pyhv.migration.state import VmState, restore_intercept_counters, restore_kvm_state
+from pyhv.migration.state import VmState
 from pyhv.migration.stream import (
     COMPRESSED,
     Frame,
@@ -168,11 +169,7 @@ class Incoming:
             fs.send_json(Frame.READY, {})
             state = self._memory(vm, written)
             self.faults.at("state", fs)
-            restore_kvm_state(p, state)
-            vm.uart.restore_state(state.uart)
-            restore_intercept_counters(p, state.intercept_counters)
-            if state.dynmem is not None and vm.dynmem is not None:
-                dm_mod.restore(vm.dynmem, state.dynmem)
+            vm_state.restore(vm, state)
             if self.verify:
                 want = fs.expect_json(Frame.CHECKSUM).get("ram")
                 if "state:tamper" in self.faults.fired:

@@ -22,6 +22,7 @@ import logging
 import socket
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +30,8 @@ import numpy as np
 
 from pyhv.migration import dynmem as dm_mod
 from pyhv.migration import memory as mem
+from pyhv.migration import state as vm_state
 from pyhv.migration.faults import FaultPlan
-from pyhv.migration.state import STATE_VERSION, VmState, save_intercept_counters, save_kvm_state
 from pyhv.migration.stream import (
     COMPRESSED,
     Frame,
@@ -379,14 +380,14 @@ class Source:
         self.faults.at("final", fs)
         pages = 0
         dm_state = None
-        dm_locks: list[Any] = []
-        if dm is not None:
-            # Freeze the VSP and its channel: the host writes to the rings are not dirty-logged.
-            dm_locks = [dm.vsp.lock] + ([dm.offer.channel._lock] if dm.offer.channel else [])
-            for lock in dm_locks:
-                lock.acquire()
-        try:
+        with ExitStack() as frozen:
             if dm is not None:
+                # Freeze the VSP and its channel: the host writes to the rings are not
+                # dirty-logged, so the rings go in this pass and nothing may write them after.
+                frozen.enter_context(dm.vsp.lock)
+                channel = dm.offer.channel
+                if channel is not None:
+                    frozen.enter_context(channel.frozen())
                 if dm_mod.activity(dm) != dm_activity:
                     raise MigrationError(
                         "Dynamic Memory changed the guest's memory during the migration "
@@ -395,7 +396,7 @@ class Source:
                     )
                 dm_state = dm_mod.save(dm)
                 masks = [(r, m | mem.dirty_mask(r)) for r, m in masks]
-                for gpa, n in dm_mod.ring_ranges(dm):
+                for gpa, n in dm_mod.ring_ranges(dm_state):
                     for r, m in masks:
                         if r.gpa <= gpa < r.end:
                             first = (gpa - r.gpa) // PAGE
@@ -405,25 +406,13 @@ class Source:
             else:
                 for r, m in masks:  # dirty when the passes stopped, and since
                     pages += self._send_mask(r, m | mem.dirty_mask(r))
-        finally:
-            for lock in reversed(dm_locks):
-                lock.release()
         self.progress.final_pages = pages
         mark("last_pages")
         self.progress.passes += 1
         fs.send_json(Frame.PASS_END, {"pass": self.progress.passes, "pages": pages})
         self._phase("state")
         self.faults.at("state", fs)
-        vps, chips, clock = save_kvm_state(p)
-        state = VmState(
-            STATE_VERSION,
-            vps,
-            chips,
-            clock,
-            uart=vm.uart.save_state(),
-            intercept_counters=save_intercept_counters(p),
-            dynmem=dm_state,
-        )
+        state = vm_state.save(vm, dm_state)
         fs.send(Frame.STATE, state.encode())
         mark("state")
         if opt.verify:
@@ -491,11 +480,7 @@ class Source:
         dm = self.vm.dynmem
         if dm is None:
             return []
-        try:
-            part = dm.mm.partitions[dm.name]
-            return [(r.start * PAGE, r.count) for r in part.ballooned]
-        except (AttributeError, KeyError):
-            return []
+        return [(r.start * PAGE, r.count) for r in dm.save_memory().ballooned]
 
     _pass_started = 0.0
 

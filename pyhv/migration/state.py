@@ -1,56 +1,44 @@
-"""The VM state that goes with the last dirty pages: a versioned, explicit structure.
+"""The VM state that goes with the last dirty pages: a versioned, explicit structure made of
+the components' own states.
 
-Every KVM state of every VP (pyhv.hypervisor.state.save_vp: REGS, SREGS, XSAVE, XCRS, MSRs,
-VCPU_EVENTS, MP_STATE, LAPIC, DEBUGREGS), the VM's IRQCHIPs and clock, the serial device, the
-per-VP intercept counters, and the Dynamic Memory state when the VM has it. Encoded as JSON with
-hex for binary fields (no pickle on a network stream).
+The partition's (every VP's KVM state, the IRQCHIPs and clock, the RAM layout, the intercept
+counters: pyhv.hypervisor.state), the serial device's (pyhv.devices.uart16550), and the Dynamic
+Memory channel's and VSP's when the VM has it (pyhv.worker.dynmem). Each component saves and
+restores itself and checks what it is given; this module only puts them in one frame, encoded
+as JSON with hex for binary fields (no pickle on a network stream).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pyhv.hypervisor.state import VpSavedState, restore_vp, save_vp
-from pyhv.kvm import KvmError
-from pyhv.kvm import structs as ks
+from pyhv.devices.uart16550 import UartState
+from pyhv.hypervisor.state import PartitionState, StateError
 from pyhv.migration.stream import MigrationError
+from pyhv.worker.dynmem import DynamicMemoryState
 
 if TYPE_CHECKING:
-    from pyhv.hypervisor import Partition
+    from pyhv.worker.vm import VirtualMachine
 
-STATE_VERSION = 1
-_BYTES = ("regs", "sregs", "xsave", "xcrs", "events", "lapic", "debugregs")
+STATE_VERSION = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class VmState:
     version: int
-    vps: list[VpSavedState]
-    irqchips: list[bytes]
-    clock: bytes | None
-    uart: dict[str, Any]
-    intercept_counters: dict[int, dict[str, list[int]]] = field(default_factory=dict)
-    dynmem: dict[str, Any] | None = None
+    partition: PartitionState
+    uart: UartState
+    dynmem: DynamicMemoryState | None = None
 
     def encode(self) -> bytes:
-        vps = []
-        for v in self.vps:
-            d = asdict(v)
-            for k in _BYTES:
-                d[k] = d[k].hex()
-            d["msrs"] = {str(i): val for i, val in v.msrs.items()}
-            vps.append(d)
         return json.dumps(
             {
                 "version": self.version,
-                "vps": vps,
-                "irqchips": [c.hex() for c in self.irqchips],
-                "clock": None if self.clock is None else self.clock.hex(),
-                "uart": self.uart,
-                "intercept_counters": {str(k): v for k, v in self.intercept_counters.items()},
-                "dynmem": self.dynmem,
+                "partition": self.partition.to_wire(),
+                "uart": self.uart.to_wire(),
+                "dynmem": None if self.dynmem is None else self.dynmem.to_wire(),
             },
             separators=(",", ":"),
         ).encode()
@@ -59,82 +47,50 @@ class VmState:
     def decode(cls, raw: bytes) -> VmState:
         try:
             d = json.loads(raw)
-            if d.get("version") != STATE_VERSION:
+            if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
+                version = d.get("version") if isinstance(d, dict) else None
                 raise MigrationError(
-                    f"VM state version {d.get('version')} is not {STATE_VERSION}: "
+                    f"VM state version {version!r} is not {STATE_VERSION}: "
                     "the hosts run different pyhv releases",
                     "state",
                 )
-            vps = []
-            for v in d["vps"]:
-                for k in _BYTES:
-                    v[k] = bytes.fromhex(v[k])
-                v["msrs"] = {int(i): int(val) for i, val in v["msrs"].items()}
-                vps.append(VpSavedState(**v))
+            dm = d["dynmem"]
             return cls(
-                version=d["version"],
-                vps=vps,
-                irqchips=[bytes.fromhex(c) for c in d["irqchips"]],
-                clock=None if d["clock"] is None else bytes.fromhex(d["clock"]),
-                uart=d["uart"],
-                intercept_counters={int(k): v for k, v in d["intercept_counters"].items()},
-                dynmem=d.get("dynmem"),
+                d["version"],
+                PartitionState.from_wire(d["partition"]),
+                UartState.from_wire(d["uart"]),
+                None if dm is None else DynamicMemoryState.from_wire(dm),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise MigrationError(f"the VM state frame is malformed: {e!r}", "state") from None
+            raise MigrationError(f"the VM state frame is malformed: {e}", "state") from None
 
 
-def save_kvm_state(p: Partition) -> tuple[list[VpSavedState], list[bytes], bytes | None]:
-    """Every VP's KVM state, the IRQCHIPs and the clock (the VPs must be paused)."""
-    running = [vp.index for vp in p.vps.values() if vp.state.value == "running"]
-    if running:
-        raise MigrationError(f"VPs {running} are still running: pause them first", "state")
-    msr_indices = p.kvm.msr_index_list()
-    vps = [save_vp(vp.vcpu, msr_indices) for vp in sorted(p.vps.values(), key=lambda v: v.index)]
-    irqchips = [bytes(p.vm.get_irqchip(i)) for i in range(3)] if p.irqchip else []
+def save(vm: VirtualMachine, dynmem: DynamicMemoryState | None) -> VmState:
+    """Every component's state (the VPs paused; `dynmem` saved with the VSP frozen)."""
+    p = vm.partition
+    assert p is not None
     try:
-        clock: bytes | None = bytes(p.vm.get_clock())
-    except KvmError:
-        clock = None
-    return vps, irqchips, clock
+        return VmState(STATE_VERSION, p.save(), vm.uart.save(), dynmem)
+    except StateError as e:
+        raise MigrationError(str(e), "state") from None
 
 
-def restore_kvm_state(p: Partition, st: VmState) -> None:
-    """Into a partition whose VPs exist and do not run: VPs first, then IRQCHIPs and clock
-    (the order that worked on this machine's KVM)."""
-    if sorted(p.vps) != sorted(v.index for v in st.vps):
+def restore(vm: VirtualMachine, st: VmState) -> None:
+    """Into the VM built here (RAM in place, VPs created, not started): each component takes
+    its own state, after all of them were checked (a refusal changes nothing)."""
+    p = vm.partition
+    assert p is not None
+    if (st.dynmem is None) != (vm.dynmem is None):
         raise MigrationError(
-            f"the state has VPs {[v.index for v in st.vps]}, the new VM {sorted(p.vps)}", "state"
+            "the source VM and the one built here differ in Dynamic Memory", "state"
         )
-    for v in st.vps:
-        restore_vp(p.vps[v.index].vcpu, v)
-    for chip in st.irqchips:
-        p.vm.set_irqchip(ks.kvm_irqchip.from_buffer_copy(chip))
-    if st.clock is not None:
-        cd = ks.kvm_clock_data.from_buffer_copy(st.clock)
-        cd.flags = 0
-        p.vm.set_clock(cd)
-
-
-def save_intercept_counters(p: Partition) -> dict[int, dict[str, list[int]]]:
-    return {
-        i: {
-            "counts": list(vp.counts),
-            "defaults": list(vp.defaults),
-            "errors": list(vp.errors),
-            "handler_ns": list(vp.handler_ns),
-        }
-        for i, vp in p.vps.items()
-    }
-
-
-def restore_intercept_counters(p: Partition, saved: dict[int, dict[str, list[int]]]) -> None:
-    """The counters go on from the source's totals."""
-    for i, c in saved.items():
-        vp = p.vps.get(i)
-        if vp is None:
-            continue
-        for name in ("counts", "defaults", "errors", "handler_ns"):
-            mine: list[int] = getattr(vp, name)
-            for k, v in enumerate(c[name][: len(mine)]):
-                mine[k] += int(v)
+    try:
+        p.check(st.partition)
+        if vm.dynmem is not None and st.dynmem is not None:
+            vm.dynmem.check(st.dynmem)
+        vm.uart.restore(st.uart)
+        p.restore(st.partition)
+        if vm.dynmem is not None and st.dynmem is not None:
+            vm.dynmem.restore(st.dynmem)
+    except ValueError as e:  # StateError and the devices' refusals
+        raise MigrationError(f"the VM state does not fit the VM built here: {e}", "state") from None

@@ -5,6 +5,9 @@ second starting `downstream_pages` pages in (OPENCHANNEL's downstream_ringbuffer
 The host reads the first and writes the second. The guest rings the doorbell (an ioeventfd, or
 a port write the worker forwards) when it has written a packet or freed space the host waits
 for; the host interrupts the guest through `interrupt` (a callable, or an irqfd to write to).
+
+An open channel's state (:class:`SavedChannel`: relid, ring GPA and size, split, vector) is what
+the controller carries across a live migration; the rings themselves are guest memory.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum, auto
+from typing import Any
 
 from pyhv.vmbus.packet import Packet, PacketType
 from pyhv.vmbus.ring import PAGE_SIZE, RingCorrupt, RingReader, RingWriter
@@ -24,6 +29,37 @@ log = logging.getLogger("pyhv.vmbus.channel")
 class ChannelState(Enum):
     OPEN = auto()
     CLOSED = auto()
+
+
+@dataclass(frozen=True)
+class SavedChannel:
+    """An open channel as the guest opened it: enough to open it again over the same rings."""
+
+    relid: int
+    ring_gpa: int
+    ring_pages: int
+    downstream_pages: int
+    vector: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "relid": self.relid,
+            "ring_gpa": self.ring_gpa,
+            "ring_pages": self.ring_pages,
+            "downstream_pages": self.downstream_pages,
+            "vector": self.vector,
+        }
+
+    @classmethod
+    def from_wire(cls, d: object) -> SavedChannel:
+        names = ("relid", "ring_gpa", "ring_pages", "downstream_pages", "vector")
+        if (
+            not isinstance(d, dict)
+            or set(d) != set(names)
+            or not all(type(d[n]) is int for n in names)
+        ):
+            raise ValueError(f"VMBus channel state {d!r} is not {{{', '.join(names)}}} integers")
+        return cls(*(d[n] for n in names))
 
 
 class Channel:
@@ -38,6 +74,8 @@ class Channel:
         interrupt: Callable[[], object] | int | None = None,
         *,
         relid: int = 0,
+        ring_gpa: int | None = None,
+        vector: int | None = None,
         on_packet: Callable[[Packet], object] | None = None,
         on_writable: Callable[[], object] | None = None,
         on_close: Callable[[str], object] | None = None,
@@ -50,6 +88,9 @@ class Channel:
                 "direction needs a control page and at least one data page"
             )
         self.relid = relid
+        #: Where the guest put the ring area and which vector it asked for (for save()).
+        self.ring_gpa, self.vector = ring_gpa, vector
+        self.ring_pages, self.downstream_pages = pages, downstream_pages
         split = downstream_pages * PAGE_SIZE
         self.reader = RingReader(area[:split], interrupt)
         try:
@@ -67,6 +108,13 @@ class Channel:
         # Guards the rings against a close from another thread. Never held while calling out
         # (on_packet, on_writable, close listeners), so callers may hold their own locks.
         self._lock = threading.Lock()
+
+    def save(self) -> SavedChannel:
+        if self.ring_gpa is None or self.vector is None:
+            raise ValueError(f"channel {self.relid} was made without its ring GPA and vector")
+        return SavedChannel(
+            self.relid, self.ring_gpa, self.ring_pages, self.downstream_pages, self.vector
+        )
 
     def try_send(
         self,
@@ -127,6 +175,11 @@ class Channel:
             except BlockingIOError:
                 pass
         return self.doorbell()
+
+    def frozen(self) -> threading.Lock:
+        """Hold it (`with channel.frozen():`) and neither side's ring changes through this
+        channel: a live migration copies the rings while it is held."""
+        return self._lock
 
     def close(self, why: str = "closed by the host") -> None:
         with self._lock:

@@ -6,6 +6,10 @@ that set-up with a small register file on I/O ports (docs/vmbus.md): the guest r
 records, gives the GPA of a ring area it allocated (one contiguous range instead of a GPADL) and
 the interrupt vector to use, and writes OPEN or CLOSE. The worker forwards port accesses to
 `io_read` / `io_write`; every value the guest writes is checked before use.
+
+`save()` gives the register file and the open channels as a versioned :class:`ControllerState`;
+`restore(state)` opens the same channels over the same rings in another controller (live
+migration), after checking every value against the offers and the guest memory it has.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import ctypes
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
-from pyhv.vmbus.channel import Channel
+from pyhv.vmbus.channel import Channel, SavedChannel
 from pyhv.vmbus.ring import PAGE_SIZE, RingCorrupt
 
 log = logging.getLogger("pyhv.vmbus.controller")
@@ -26,6 +31,7 @@ DEFAULT_PORT = 0x0E00
 CONTROLLER_ID = 0x43424D56  # "VMBC" in memory
 CONTROLLER_VERSION = 1
 MAX_RING_PAGES = 256  # 1 MiB per channel area: plenty for any VSP here
+CONTROLLER_STATE_VERSION = 1
 
 
 class Reg(IntEnum):
@@ -80,6 +86,53 @@ class OfferRecord(ctypes.LittleEndianStructure):
 
 assert ctypes.sizeof(OfferRecord) == 64
 assert OfferRecord.child_relid.offset == 32 and OfferRecord.doorbell_port.offset == 44
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """The register file as the guest left it and the channels it has open."""
+
+    version: int
+    select: int
+    cursor: int
+    ring_gpa: int
+    ring_pages: int
+    downstream_pages: int
+    vector: int
+    status: int
+    channels: tuple[SavedChannel, ...] = ()
+    counters: dict[str, int] = field(default_factory=dict)
+
+    _INTS = ("version", "select", "cursor", "ring_gpa", "ring_pages", "downstream_pages")
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {n: getattr(self, n) for n in (*self._INTS, "vector", "status")}
+        d["channels"] = [c.to_wire() for c in self.channels]
+        d["counters"] = dict(self.counters)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: object) -> ControllerState:
+        names = (*cls._INTS, "vector", "status")
+        if not isinstance(d, dict) or not all(type(d.get(n)) is int for n in names):
+            raise ValueError(f"VMBus controller state {d!r} lacks integer {', '.join(names)}")
+        chans, counters = d.get("channels"), d.get("counters")
+        if not isinstance(chans, list) or not isinstance(counters, dict):
+            raise ValueError("VMBus controller state: channels or counters missing")
+        if not all(isinstance(k, str) and type(v) is int for k, v in counters.items()):
+            raise ValueError(f"VMBus controller state: counters {counters!r} are not counts")
+        return cls(
+            d["version"],
+            d["select"],
+            d["cursor"],
+            d["ring_gpa"],
+            d["ring_pages"],
+            d["downstream_pages"],
+            d["vector"],
+            d["status"],
+            tuple(SavedChannel.from_wire(c) for c in chans),
+            counters,
+        )
 
 
 @dataclass(eq=False)
@@ -213,24 +266,43 @@ class VmbusController:
             return Status.BAD_COMMAND
         if offer.channel is not None:
             return Status.BAD_STATE
+        want = SavedChannel(offer.relid, self._gpa, self._pages, self._downstream, self._vector)
+        status = self._check_ring(want)
+        if status is not Status.OK:
+            return status
+        try:
+            ch = self._channel(want)
+        except (RingCorrupt, ValueError):
+            return Status.BAD_RING
+        self._attach(offer, ch)
+        return Status.OK
+
+    def _check_ring(self, c: SavedChannel) -> Status:
         if (
-            self._gpa % PAGE_SIZE
-            or not 4 <= self._pages <= MAX_RING_PAGES
-            or not 2 <= self._downstream <= self._pages - 2
-            or not 32 <= self._vector <= 255
+            c.ring_gpa % PAGE_SIZE
+            or not 4 <= c.ring_pages <= MAX_RING_PAGES
+            or not 2 <= c.downstream_pages <= c.ring_pages - 2
+            or not 32 <= c.vector <= 255
         ):
             return Status.BAD_RING
         try:
-            area = self._guest_memory(self._gpa, self._pages * PAGE_SIZE)
+            self._guest_memory(c.ring_gpa, c.ring_pages * PAGE_SIZE)
         except ValueError:
             return Status.BAD_GPA
-        try:
-            ch = Channel(
-                area, self._downstream, self._interrupt_for(self._vector), relid=offer.relid
-            )
-        except (RingCorrupt, ValueError):
-            return Status.BAD_RING
+        return Status.OK
 
+    def _channel(self, c: SavedChannel) -> Channel:
+        area = self._guest_memory(c.ring_gpa, c.ring_pages * PAGE_SIZE)
+        return Channel(
+            area,
+            c.downstream_pages,
+            self._interrupt_for(c.vector),
+            relid=c.relid,
+            ring_gpa=c.ring_gpa,
+            vector=c.vector,
+        )
+
+    def _attach(self, offer: Offer, ch: Channel) -> None:
         def closed(why: str, offer: Offer = offer) -> None:
             offer.channel = None
             self.counters["closed"] += 1
@@ -239,7 +311,84 @@ class VmbusController:
         offer.channel = ch
         self.counters["opened"] += 1
         offer.on_open(ch)
-        return Status.OK
+
+    # -- save / restore (live migration) --------------------------------------------------------
+
+    def save(self) -> ControllerState:
+        """The registers and the open channels (the rings stay in guest memory)."""
+        return ControllerState(
+            CONTROLLER_STATE_VERSION,
+            self._select,
+            self._cursor,
+            self._gpa,
+            self._pages,
+            self._downstream,
+            self._vector,
+            int(self.status),
+            tuple(o.channel.save() for o in self.offers if o.channel is not None),
+            dict(self.counters),
+        )
+
+    def check(self, st: ControllerState) -> None:
+        """Whether `st` fits this controller and its guest memory; ValueError naming the value."""
+        if st.version != CONTROLLER_STATE_VERSION:
+            raise ValueError(
+                f"VMBus controller state version {st.version!r} is not {CONTROLLER_STATE_VERSION}"
+            )
+        for name, value, top in (
+            ("select", st.select, 0xFFFFFFFF),
+            ("cursor", st.cursor, 16),
+            ("ring GPA", st.ring_gpa, (1 << 64) - 1),
+            ("ring pages", st.ring_pages, 0xFFFFFFFF),
+            ("downstream pages", st.downstream_pages, 0xFFFFFFFF),
+            ("vector", st.vector, 0xFFFFFFFF),
+        ):
+            if not 0 <= value <= top:
+                raise ValueError(f"VMBus controller state: {name} {value} is out of 0..{top:#x}")
+        if st.status not in Status._value2member_map_:
+            raise ValueError(f"VMBus controller state: status {st.status} is no Status")
+        seen: set[int] = set()
+        for c in st.channels:
+            if not 1 <= c.relid <= len(self.offers) or c.relid in seen:
+                raise ValueError(
+                    f"VMBus channel {c.relid}: no such offer here ({len(self.offers)} offers) "
+                    "or listed twice"
+                )
+            seen.add(c.relid)
+            if self.offers[c.relid - 1].channel is not None:
+                raise ValueError(f"VMBus channel {c.relid} is open here already")
+            status = self._check_ring(c)
+            if status is Status.BAD_GPA:
+                raise ValueError(
+                    f"VMBus channel {c.relid}: its ring at GPA {c.ring_gpa:#x} "
+                    f"(+{c.ring_pages} pages) is outside this guest's RAM"
+                )
+            if status is not Status.OK:
+                raise ValueError(
+                    f"VMBus channel {c.relid}: ring of {c.ring_pages} pages at {c.ring_gpa:#x} "
+                    f"split at {c.downstream_pages}, vector {c.vector}: not a ring a guest can "
+                    "open"
+                )
+
+    def restore(self, st: ControllerState) -> None:
+        """Open `st`'s channels over the same rings (indices as the guest left them) and take
+        its registers; checked first: if it does not fit, ValueError and nothing changed."""
+        self.check(st)
+        made: list[Channel] = []
+        try:
+            for c in st.channels:
+                made.append(self._channel(c))
+        except (RingCorrupt, ValueError) as e:
+            for ch in made:
+                ch.reader.release()
+                ch.writer.release()
+            raise ValueError(f"VMBus channel {st.channels[len(made)].relid}: {e}") from None
+        self._select, self._cursor = st.select, st.cursor
+        self._gpa, self._pages, self._downstream = st.ring_gpa, st.ring_pages, st.downstream_pages
+        self._vector, self.status = st.vector, Status(st.status)
+        for c, ch in zip(st.channels, made, strict=True):
+            self._attach(self.offers[c.relid - 1], ch)
+        self.counters.update(st.counters)
 
     def reset(self) -> None:
         """Guest reboot: every channel closes."""

@@ -1,11 +1,12 @@
-"""The VMMS's balancer loop: every second, for the VMs with Dynamic Memory, take each worker's
-latest status, build the balancer's state, call `decide`, send each operation to its worker as
-a memory target, and record the counters.
+"""The VMMS's balancer loop: every second, for the VMs with Dynamic Memory, read each VM's
+latest memory status (pushed by its worker, kept by the pool: no request to any worker), build
+the balancer's state, call `decide`, send each operation to its worker as a memory target, and
+record the counters.
 
-A worker is reached through a small interface (:class:`DynamicMemoryWorker`): its latest
-status, and "move this VM's memory to N pages" (the worker balloons, or unballoons first and
-hot-adds the rest, as the book says). A target is idempotent, so a lost or repeated request does
-no harm; tests drive the loop with fake workers.
+A worker is reached through a small interface (:class:`DynamicMemoryWorker`): "move this VM's
+memory to N pages" (the worker balloons, or unballoons first and hot-adds the rest, as the book
+says). A target is idempotent, so a lost or repeated request does no harm; tests drive the loop
+with fake workers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from pyhv.counters.dynmem import DynamicMemoryCounters
 from pyhv.dynmem.balancer import (
@@ -28,13 +29,13 @@ from pyhv.dynmem.balancer import (
     MemorySettings,
     Operation,
     Remove,
-    StatusReport,
     VmMemoryState,
     applied,
     decide,
     host_after,
     mib_from_pages,
 )
+from pyhv.dynmem.status import MemoryStatus
 from pyhv.vmms.pool import HostPool
 
 log = logging.getLogger(__name__)
@@ -50,59 +51,10 @@ class DynamicMemoryUnavailable(RuntimeError):
         super().__init__(NOT_RUNNING + (f": {detail}" if detail else ""))
 
 
-@dataclass(frozen=True)
-class MemoryStatus:
-    """A worker's latest Dynamic Memory status: the VM's memory and the guest's last report
-    (None until the guest's DM driver has reported). `busy`: an operation is in flight."""
-
-    visible_pages: int
-    assigned_pages: int
-    ballooned_pages: int
-    committed_pages: int | None = None
-    available_pages: int | None = None
-    busy: bool = False
-
-    @classmethod
-    def of(cls, raw: object) -> MemoryStatus:
-        """From the worker's status (a mapping, as pyhv.worker's memory_status() returns it)
-        or any object with these attributes; ValueError names a missing or bad value."""
-        get: Callable[[str], Any]
-        if isinstance(raw, Mapping):
-            get = raw.get
-        else:
-            get = lambda k: getattr(raw, k, None)  # noqa: E731
-        values: dict[str, Any] = {}
-        for k in (
-            "visible_pages",
-            "assigned_pages",
-            "ballooned_pages",
-            "committed_pages",
-            "available_pages",
-        ):
-            v = get(k)
-            optional = k in ("committed_pages", "available_pages")
-            if v is None and optional:
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"memory status {k} must be pages >= 0, got {v!r}")
-            values[k] = v
-        busy = get("busy")
-        if busy is None:  # pyhv.worker: a goal or an operation in progress
-            busy = get("goal_pages") is not None or get("operation") is not None
-        return cls(**values, busy=bool(busy))
-
-    @property
-    def reported(self) -> bool:
-        return self.committed_pages is not None
-
-
 @runtime_checkable
 class DynamicMemoryWorker(Protocol):
-    """What the VMMS needs of a worker for Dynamic Memory (pyhv.worker.WorkerProcess)."""
-
-    def memory_status(self) -> object:
-        """The VM's memory and the guest's last report (see MemoryStatus.of); raises
-        RuntimeError when Dynamic Memory is not running."""
+    """What the VMMS asks of a worker for Dynamic Memory (pyhv.worker.WorkerProcess). Its
+    status is not asked for: the worker pushes it, and the pool keeps the latest."""
 
     def set_memory_target(self, target_bytes: int) -> object:
         """Move the VM's assigned memory towards `target_bytes` (balloon, or unballoon first
@@ -114,18 +66,6 @@ def dm_port(worker: object) -> DynamicMemoryWorker | None:
     return worker if isinstance(worker, DynamicMemoryWorker) else None
 
 
-def status_of(worker: DynamicMemoryWorker) -> MemoryStatus:
-    """The worker's status; DynamicMemoryUnavailable says why there is none."""
-    try:
-        raw = worker.memory_status()
-    except RuntimeError as e:
-        raise DynamicMemoryUnavailable(str(e)) from None
-    try:
-        return MemoryStatus.of(raw)
-    except ValueError as e:
-        raise DynamicMemoryUnavailable(f"the worker's status is unusable: {e}") from None
-
-
 @dataclass
 class _Tracked:
     above_target_s: float = 0.0
@@ -135,6 +75,9 @@ class _Tracked:
     ticks: int = 0
     add_hold_s: float = 0.0
     committed_seen: int | None = None
+    #: The pool's count of the VM's statuses when the worker took the target: only a later
+    #: status can say whether the target was reached.
+    received_at_dispatch: int = 0
 
 
 class BalancerLoop:
@@ -157,6 +100,7 @@ class BalancerLoop:
         self._looked = threading.Condition()
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
+        self._arrived = threading.Event()
         self.last_decision: Decision | None = None
 
     def forget(self, name: str) -> None:
@@ -168,7 +112,10 @@ class BalancerLoop:
     def request_target(self, name: str, worker: DynamicMemoryWorker, pages: int) -> None:
         """An administrator's target (`pyhv vm memory NAME --target`): carried out like a
         balancer operation, so the pool and counters follow; the balancer resumes after it."""
-        current = status_of(worker).assigned_pages
+        try:
+            current = self.pool.assigned_pages(name)
+        except KeyError:
+            raise DynamicMemoryUnavailable("the VM holds no memory of the pool") from None
         op: Operation = (
             Add(name, pages - current, 0, 0) if pages >= current else Remove(name, current - pages)
         )
@@ -178,7 +125,11 @@ class BalancerLoop:
             except RuntimeError as e:
                 raise DynamicMemoryUnavailable(str(e)) from None
             self._tracked[name] = _Tracked(
-                self._tracked.get(name, _Tracked()).above_target_s, op, pages, current
+                self._tracked.get(name, _Tracked()).above_target_s,
+                op,
+                pages,
+                current,
+                received_at_dispatch=self.pool.received(name),
             )
 
     @contextmanager
@@ -201,18 +152,9 @@ class BalancerLoop:
         in_flight: list[Operation] = []
         workers: dict[str, DynamicMemoryWorker] = {}
         for name, (settings, worker) in vms.items():
-            try:
-                status = status_of(worker)
-            except DynamicMemoryUnavailable as e:
-                log.debug("VM %s left alone this tick: %s", name, e)
-                continue
-            if not status.reported or not self.pool.holds(name):
+            status = self.pool.latest(name)
+            if status is None or not status.reported:
                 continue  # its guest has not reported (yet): the balancer leaves it alone
-            self.pool.sync(name, status.visible_pages, status.assigned_pages)
-            try:
-                visible, assigned, ballooned = self.pool.pages(name)
-            except KeyError:
-                continue  # it ended just now
             workers[name] = worker
             tr = self._tracked.setdefault(name, _Tracked())
             tr.committed_seen = status.committed_pages
@@ -220,10 +162,10 @@ class BalancerLoop:
             state = VmMemoryState(
                 name,
                 settings,
-                visible_pages=visible,
-                assigned_pages=assigned,
-                ballooned_pages=min(ballooned, visible),
-                report=StatusReport(status.committed_pages or 0, status.available_pages or 0),
+                visible_pages=status.visible_pages,
+                assigned_pages=status.assigned_pages,
+                ballooned_pages=status.ballooned_pages,
+                report=status,
                 above_target_s=tr.above_target_s,
                 add_hold_s=tr.add_hold_s,
             )
@@ -260,7 +202,8 @@ class BalancerLoop:
             return
         tr.ticks += 1
         reached = status.assigned_pages == tr.target
-        if not reached and status.busy and tr.ticks < self._pending_ticks:
+        news = self.pool.received(name) > tr.received_at_dispatch
+        if not reached and (status.busy or not news) and tr.ticks < self._pending_ticks:
             return
         moved = abs(status.assigned_pages - tr.dispatched_from)
         if status.assigned_pages != tr.target:
@@ -292,7 +235,7 @@ class BalancerLoop:
         if tr.pending is not None:
             return  # one transaction at a time per VM, as the DM protocol has it
         try:
-            current = self.pool.pages(op.vm)[1]
+            current = self.pool.assigned_pages(op.vm)
         except KeyError:
             return  # the VM ended during the tick
         target = current + op.pages if isinstance(op, Add) else current - op.pages
@@ -302,21 +245,29 @@ class BalancerLoop:
             log.warning("VM %s: %s not sent: %s", op.vm, op, e)
             return
         tr.pending, tr.target, tr.dispatched_from, tr.ticks = op, target, current, 0
+        tr.received_at_dispatch = self.pool.received(op.vm)
+
+    def status_arrived(self) -> None:
+        """A worker pushed a memory status: look at it now (see `run`)."""
+        self._arrived.set()
 
     def run(self, stop: threading.Event, look_s: float | None = None) -> None:
         """Tick every `config.tick_s` until `stop` is set; errors are logged, never fatal.
 
-        Between ticks, look at the workers' reports every `look_s` (default a quarter tick): a
-        report that shows a VM below its target (a spike) is answered by an early tick, its lazy
-        timers advanced by the time really elapsed, instead of waiting up to a tick for the
-        next one (the goal: the first add within a second of the report)."""
+        Between ticks, look at the latest statuses when one arrives (`status_arrived`), and at
+        least every `look_s` (default a quarter tick): a report that shows a VM below its target
+        (a spike) is answered by an early tick, its lazy timers advanced by the time really
+        elapsed, instead of waiting up to a tick for the next one (the goal: the first add
+        within a second of the report)."""
         look = self.config.tick_s / 4 if look_s is None else look_s
         last = time.monotonic()
         while True:
             due = last + self.config.tick_s
             early = False
             while (left := due - time.monotonic()) > 0:
-                if stop.wait(min(look, left)):
+                self._arrived.wait(min(look, left))
+                self._arrived.clear()
+                if stop.is_set():
                     return
                 if time.monotonic() < due and self._look():
                     early = True
@@ -351,20 +302,15 @@ class BalancerLoop:
             vms = dict(self._vms())
         except Exception:  # noqa: BLE001 - the next regular tick will say what is wrong
             return False
-        for name, (settings, worker) in vms.items():
+        for name, (settings, _) in vms.items():
             with self._lock:
                 tr = self._tracked.get(name)
                 if tr is not None and (tr.pending is not None or tr.add_hold_s > 0):
                     continue
                 seen = None if tr is None else tr.committed_seen
-            try:
-                st = status_of(worker)
-            except DynamicMemoryUnavailable:
+            st = self.pool.latest(name)
+            if st is None or st.committed_pages is None or st.committed_pages == seen or st.busy:
                 continue
-            if st.committed_pages is None or st.committed_pages == seen or st.busy:
-                continue
-            target = -(-st.committed_pages * (100 + settings.buffer_percent) // 100)
-            target = min(max(target, settings.minimum_pages), settings.maximum_pages)
-            if target - st.assigned_pages >= self.config.min_operation_pages:
+            if st.target_pages(settings) - st.assigned_pages >= self.config.min_operation_pages:
                 return True
         return False

@@ -30,16 +30,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pyhv.dynmem.balancer import PAGE_SIZE
-from pyhv.memory.manager import MemoryManagerError
 from pyhv.migration.source import MigrationInDoubt, MigrationOptions
 from pyhv.migration.stream import MigrationError
 from pyhv.vmms.client import ClientError, VmmsClient
 from pyhv.vmms.config import VmSettingsError, settings_from_dict
-from pyhv.worker.config import format_size
 
 if TYPE_CHECKING:
-    from pyhv.vmms.service import Vmms, _Vm
+    from pyhv.vmms.inventory import VmEntry
+    from pyhv.vmms.service import Vmms
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +154,7 @@ class Migration:
 
 def check_destination(text: object) -> str:
     """'HOST:PORT' of the destination VMMS's TCP API."""
-    from pyhv.vmms.service import VmmsError
+    from pyhv.vmms.inventory import VmmsError
 
     if not isinstance(text, str):
         raise VmmsError(f"destination must be 'HOST:PORT' text, got {text!r}")
@@ -170,7 +168,9 @@ def check_destination(text: object) -> str:
 
 
 class Migrations:
-    """The migration half of the VMMS (both directions); `vmms` is the service it serves."""
+    """The migration half of the VMMS (both directions); `vmms` is the service it serves,
+    through its public calls for migration (entry, add_incoming, console_sink, adopt, remove,
+    begin_migration, end_migration). The migration records have a lock of their own."""
 
     def __init__(
         self,
@@ -192,22 +192,24 @@ class Migrations:
         self.client_timeout = client_timeout
         self._records: dict[str, Migration] = {}
         #: Source records in doubt: id -> (vm, worker, the worker's migration id).
-        self._doubts: dict[str, tuple[_Vm, Any, int]] = {}
+        self._doubts: dict[str, tuple[VmEntry, Any, int]] = {}
+        #: Guards the records (taken before the service's own lock, never after).
+        self._lock = threading.RLock()
         self._threads: list[threading.Thread] = []
 
     # --- either side ---------------------------------------------------------------------
 
     def get(self, mid: str) -> dict[str, Any]:
-        from pyhv.vmms.service import NotFound
+        from pyhv.vmms.inventory import NotFound
 
-        with self.vmms._lock:
+        with self._lock:
             rec = self._records.get(mid)
             if rec is None:
                 raise NotFound(f"no migration {mid!r} on this host")
             return rec.to_dict()
 
     def list(self) -> list[dict[str, Any]]:
-        with self.vmms._lock:
+        with self._lock:
             return [r.to_dict() for r in self._records.values()]
 
     def _new(self, direction: str, vm: str, peer: str, state: str) -> Migration:
@@ -228,7 +230,7 @@ class Migrations:
 
     def prepare_incoming(self, body: Mapping[str, object]) -> dict[str, Any]:
         """Create the VM's entry and an incoming worker; {id, vm, host, port, token}."""
-        from pyhv.vmms.service import INCOMING, Conflict, VmmsError, _Vm
+        from pyhv.vmms.inventory import Conflict, VmmsError
 
         extra = sorted(set(body) - {"settings", "memory", "source"})
         if extra:
@@ -249,32 +251,24 @@ class Migrations:
         source = str(body.get("source") or "")
         name = settings.name
         vmms = self.vmms
-        with vmms._lock:
-            if name in vmms._vms:
-                raise Conflict(
-                    f"a VM named {name!r} exists on the destination already: delete or rename it "
-                    "there first"
-                )
-            try:
-                vmms.pool.admit(name, needed)
-            except MemoryManagerError as e:
-                raise Conflict(
-                    f"not enough host memory for {format_size(needed)} on the destination ({e})"
-                ) from None
-            vm = _Vm(settings, state=INCOMING)
+        with self._lock:
             rec = self._new("incoming", name, source, WAITING)
-            vm.migration = rec.id
-            vmms._vms[name] = vm
+            try:
+                vm = vmms.add_incoming(settings, needed, rec.id)
+            except Conflict:
+                del self._records[rec.id]
+                raise
         token = secrets.token_urlsafe(24)
         try:
             worker = self.incoming_factory(
                 token,
                 (self.listen_host, 0),
-                lambda data: vmms._output(vm, data),
+                vmms.console_sink(vm),
                 max_memory=needed,
                 accept_timeout=self.accept_timeout,
             )
             vm.worker = worker
+            vmms._subscribe(name, worker)
             worker.start()
             host, port = worker.wait_listening(15.0)
         except Exception as e:  # noqa: BLE001 - the entry goes, the source is told why
@@ -284,9 +278,7 @@ class Migrations:
         self._spawn(self._watch_incoming, vm, rec, worker, name=f"incoming-{name}")
         return {"id": rec.id, "vm": name, "host": host, "port": port, "token": token}
 
-    def _watch_incoming(self, vm: _Vm, rec: Migration, worker: IncomingWorkerLike) -> None:
-        from pyhv.vmms.service import RUNNING
-
+    def _watch_incoming(self, vm: VmEntry, rec: Migration, worker: IncomingWorkerLike) -> None:
         info: dict[str, Any] | None = None
         deadline = time.monotonic() + self.accept_timeout + 3600.0
         while time.monotonic() < deadline:
@@ -298,23 +290,19 @@ class Migrations:
             why = end.describe() if end is not None else "no VM arrived in time"
             self._drop_incoming(vm, rec, why)
             return
-        vmms = self.vmms
-        with vmms._lock:
-            vmms.store.save(vm.settings)
-            vm.state, vm.started_at, vm.migration = RUNNING, time.monotonic(), None
+        with self._lock:
             rec.peer = str(info.get("source") or rec.peer)
             rec.result = {k: info.get(k) for k in ("source", "passes", "pages")}
             self._end(rec, RUNNING)
-            vmms._update_health()
+            self.vmms.adopt(vm, worker)  # from now on an ordinary worker of this VMMS
         log.info(
             "VM %s arrived from %s and runs here (worker pid %s)",
             vm.settings.name,
             rec.peer,
             worker.pid,
         )
-        vmms._watch(vm, worker)  # from now on an ordinary worker of this VMMS
 
-    def _drop_incoming(self, vm: _Vm, rec: Migration, why: str) -> None:
+    def _drop_incoming(self, vm: VmEntry, rec: Migration, why: str) -> None:
         """The VM did not arrive: the entry, the worker and the memory all go."""
         worker = vm.worker
         if worker is not None:
@@ -322,11 +310,8 @@ class Migrations:
                 worker.close(0.5)
             except Exception:  # noqa: BLE001 - it may not have started at all
                 log.exception("closing the incoming worker failed")
-        vmms = self.vmms
-        with vmms._lock:
-            if vmms._vms.get(vm.settings.name) is vm:  # (once: a second call finds it gone)
-                del vmms._vms[vm.settings.name]
-                vmms.pool.give_back(vm.settings.name)
+        with self._lock:
+            self.vmms.remove(vm, forget_settings=False)  # (once: a second call finds it gone)
             vm.worker = None
             if rec.state not in FINAL:
                 self._end(rec, FAILED, why)
@@ -335,12 +320,12 @@ class Migrations:
     def resolve(self, mid: str, body: Mapping[str, object]) -> dict[str, Any]:
         """The administrator settles a migration in doubt: resume the VM here (it does not run
         at the destination) or stop and forget it here (it does)."""
-        from pyhv.vmms.service import RUNNING, Conflict, NotFound, VmmsError
+        from pyhv.vmms.inventory import RUNNING, Conflict, NotFound, VmmsError
 
         resume = body.get("resume")
         if set(body) != {"resume"} or not isinstance(resume, bool):
             raise VmmsError('send {"resume": true} (resume it here) or {"resume": false} only')
-        with self.vmms._lock:
+        with self._lock:
             rec = self._records.get(mid)
             if rec is None:
                 raise NotFound(f"no migration {mid!r} on this host")
@@ -353,26 +338,25 @@ class Migrations:
                 return rec.to_dict()
         self.migrator.decide(worker, wid, resume)
         if resume:
-            with self.vmms._lock:
-                vm.state, vm.reason = RUNNING, ""
+            with self._lock:
+                self.vmms.end_migration(vm, state=RUNNING)
                 self._end(rec, FAILED, rec.error + "; settled: resumed here")
-                self.vmms._update_health()
         else:
             self._gone(vm, rec, worker, "settled: it runs at the destination; stopped here")
-        with self.vmms._lock:
+        with self._lock:
             return rec.to_dict()
 
     def cancel(self, mid: str) -> dict[str, Any]:
         """The source gave up before its worker connected (or midway): drop what we hold."""
-        from pyhv.vmms.service import Conflict, NotFound
+        from pyhv.vmms.inventory import Conflict, NotFound
 
-        with self.vmms._lock:
+        with self._lock:
             rec = self._records.get(mid)
             if rec is None or rec.direction != "incoming":
                 raise NotFound(f"no incoming migration {mid!r} on this host")
             if rec.state == RUNNING:
                 raise Conflict(f"VM {rec.vm!r} arrived and runs here: `pyhv vm stop` it instead")
-            vm = self.vmms._vms.get(rec.vm)
+            vm = self.vmms.entry(rec.vm)
         if rec.state == WAITING and vm is not None and vm.migration == mid:
             self._drop_incoming(vm, rec, "cancelled by the source")
         return rec.to_dict()
@@ -381,7 +365,7 @@ class Migrations:
 
     def start(self, name: str, body: Mapping[str, object]) -> dict[str, Any]:
         """Begin migrating running VM `name` to the destination VMMS; the record (poll it)."""
-        from pyhv.vmms.service import RUNNING, Conflict, VmmsError
+        from pyhv.vmms.inventory import VmmsError
 
         extra = sorted(set(body) - {"destination", "token", "options"})
         if extra:
@@ -398,19 +382,13 @@ class Migrations:
         except (MigrationError, TypeError) as e:
             raise VmmsError(f"bad migration options: {e}") from None
         options["resume_in_doubt"] = False  # we ask the destination instead
-        vmms = self.vmms
-        # Between two balancer ticks: no operation is dispatched to it once it is marked.
-        with vmms.balancer.paused(), vmms._lock:
-            vm = vmms._get(name)
-            vmms._refuse_while_migrating(vm, "migrate it")
-            if vm.worker is None or vm.state != RUNNING:
-                raise Conflict(f"VM {name!r} is {vm.state}: only a running VM can be migrated")
+        with self._lock:
             rec = self._new("outgoing", name, destination, PREPARING)
-            vm.migration = rec.id
-            worker = vm.worker
-            needed = vm.settings.memory
-            if vmms.pool.holds(name):
-                needed = max(needed, vmms.pool.pages(name)[0] * PAGE_SIZE)
+            try:
+                vm, worker, needed = self.vmms.begin_migration(name, rec.id)
+            except VmmsError:
+                del self._records[rec.id]
+                raise
             settings = vm.settings.to_dict()
         client = VmmsClient(tcp=destination, token=token, timeout=self.client_timeout)
         self._spawn(
@@ -423,12 +401,12 @@ class Migrations:
             options,
             name=f"migrate-{name}",
         )
-        with vmms._lock:
+        with self._lock:
             return rec.to_dict()
 
     def _outgoing(
         self,
-        vm: _Vm,
+        vm: VmEntry,
         rec: Migration,
         worker: Any,
         client: VmmsClient,
@@ -483,13 +461,13 @@ class Migrations:
         except ClientError as e:
             log.info("destination's incoming migration %s not cancelled: %s", rec.remote_id, e)
 
-    def _fail(self, vm: _Vm, rec: Migration, why: str) -> None:
-        with self.vmms._lock:
-            vm.migration = None
+    def _fail(self, vm: VmEntry, rec: Migration, why: str) -> None:
+        with self._lock:
+            self.vmms.end_migration(vm)
             self._end(rec, FAILED, why)
         log.warning("migration of %s failed: %s", vm.settings.name, why)
 
-    def _gone(self, vm: _Vm, rec: Migration, worker: Any, note: str = "") -> None:
+    def _gone(self, vm: VmEntry, rec: Migration, worker: Any, note: str = "") -> None:
         """The VM runs at the destination: its worker here ends, the entry goes."""
         vmms = self.vmms
         worker.wait(30.0)
@@ -497,16 +475,11 @@ class Migrations:
             if vm.worker is not worker:
                 break
             time.sleep(0.02)
-        with vmms._lock:
-            name = vm.settings.name
-            vmms.pool.give_back(name)  # (the watcher did; in case it has not)
-            if vmms._vms.get(name) is vm:
-                del vmms._vms[name]
-                vmms.store.delete(name)
-            vm.migration = None
+        name = vm.settings.name
+        with self._lock:
+            vmms.remove(vm, forget_settings=True)  # (the watcher gave its memory back)
+            vmms.end_migration(vm)
             self._end(rec, DONE, note)
-            vmms._update_health()
-        vmms.balancer.forget(name)
         log.info("VM %s migrated to %s", name, rec.peer)
 
     def _ask(self, client: VmmsClient, rec: Migration) -> str | None:
@@ -527,9 +500,9 @@ class Migrations:
         return None
 
     def _resolve(
-        self, vm: _Vm, rec: Migration, worker: Any, client: VmmsClient, e: MigrationInDoubt
+        self, vm: VmEntry, rec: Migration, worker: Any, client: VmmsClient, e: MigrationInDoubt
     ) -> None:
-        from pyhv.vmms.service import PAUSED
+        from pyhv.vmms.inventory import PAUSED
 
         mid = getattr(e, "migration_id", 0)
         log.warning("migration of %s in doubt (%s): asking the destination", vm.settings.name, e)
@@ -558,11 +531,8 @@ class Migrations:
                 f'/api/migrations/{rec.id}/resolve with {{"resume": false}} if it runs there '
                 "(it is stopped and forgotten here), true if it does not"
             )
-            with self.vmms._lock:
-                vm.migration = None
-                if vm.worker is worker:
-                    vm.state, vm.reason = PAUSED, why
+            with self._lock:
+                self.vmms.end_migration(vm, worker=worker, state=PAUSED, reason=why)
                 self._end(rec, IN_DOUBT, why)
                 self._doubts[rec.id] = (vm, worker, mid)
-                self.vmms._update_health()
             log.error("VM %s: %s", vm.settings.name, why)

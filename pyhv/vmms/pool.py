@@ -1,42 +1,24 @@
-"""The host's memory pool as the VMMS accounts it: a `pyhv.memory.MemoryManager` with one
-partition per running VM, kept in step with what the workers report.
+"""The host's memory pool as the VMMS accounts it: the budget for VMs, the host reserve, what
+each running VM is assigned, and the free pool, in 4 KiB pages.
 
-The guest RAM itself lives in each worker process (its memfds); a worker that exits hands it
-back to the kernel. The VMMS's manager mirrors the worker's numbers so the balancer sees the
-host's free pool: a started VM takes its startup memory, ballooning returns pages, unballooning
-and hot-add take them, and a VM that ends (or whose worker dies) returns everything. Its regions
-are sparse placeholder memfds (never touched, so they cost no memory) that give each partition
-its own identity for the manager's checks.
+The guest RAM lives in each worker process, whose memory manager (pyhv.memory) accounts it:
+visible, assigned (= visible - ballooned), ballooned. The worker pushes those figures in every
+memory status (pyhv.dynmem.status.MemoryStatus); the pool keeps each VM's latest status, and
+its accounting is computed from them: free = budget - reserve - sum(assigned). A VM admitted but
+not yet reporting counts the memory it was admitted with (its startup memory). A VM that ends
+(or whose worker dies) returns everything by leaving the pool.
+
+:meth:`HostPool.assigned_pages` is the one place a VM's assigned memory is read: today the
+worker's own figure; checking it against the kernel's (the worker's memory cgroup) belongs there.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import threading
 from dataclasses import dataclass
 
-from pyhv.memory.manager import PAGE_SIZE, MemoryManager, MemoryManagerError
-from pyhv.memory.ranges import RangeSet
-
-log = logging.getLogger(__name__)
-
-#: Placeholder hot-add regions follow the last region directly: no guest sees their GPAs.
-_HOT_ADD_ALIGN_PAGES = 1
-
-
-@dataclass(eq=False)
-class _Placeholder:
-    gpa: int
-    size: int
-    memfd: int
-    offset: int = 0
-
-
-def _placeholder(gpa: int, size: int) -> _Placeholder:
-    fd = os.memfd_create("pyhv-vmms-accounting", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return _Placeholder(gpa, size, fd)
+from pyhv.dynmem.status import MemoryStatus
+from pyhv.memory.manager import PAGE_SIZE, PoolExhausted
 
 
 def host_memory_bytes() -> int:
@@ -48,76 +30,104 @@ def host_memory_bytes() -> int:
     raise OSError("MemTotal not found in /proc/meminfo")
 
 
+@dataclass
+class _Held:
+    admitted_pages: int
+    status: MemoryStatus | None = None
+    received: int = 0
+
+
 class HostPool:
-    """Free pool, reserve and each running VM's assigned memory, in 4 KiB pages."""
+    """Free pool, reserve and each running VM's assigned memory, in 4 KiB pages; the latest
+    memory status of each VM. Thread-safe (worker reader threads record, the balancer reads)."""
 
     def __init__(self, budget_bytes: int, reserve_bytes: int = 0) -> None:
-        budget = budget_bytes // PAGE_SIZE * PAGE_SIZE
-        reserve = reserve_bytes // PAGE_SIZE * PAGE_SIZE
-        self.manager = MemoryManager(budget, reserve)
+        self.budget_pages = budget_bytes // PAGE_SIZE
+        self.reserve_pages = min(reserve_bytes // PAGE_SIZE, self.budget_pages)
+        self._vms: dict[str, _Held] = {}
         self._lock = threading.Lock()
 
-    @property
-    def free_pages(self) -> int:
-        """Pages no VM holds, excluding the host reserve (pass as HostMemory(free, 0))."""
-        return self.manager.free_pages
-
-    @property
-    def reserve_pages(self) -> int:
-        return self.manager.reserve_pages
+    # --- per VM ---------------------------------------------------------------------------
 
     def admit(self, name: str, startup_bytes: int) -> None:
         """Take a starting VM's startup memory; PoolExhausted (a MemoryManagerError) says how
         much is missing."""
-        region = _placeholder(0, startup_bytes)
-        try:
-            with self._lock:
-                self.manager.add_partition(name, [region], map_region=_placeholder)
-        except BaseException:
-            os.close(region.memfd)
-            raise
+        pages = -(-startup_bytes // PAGE_SIZE)
+        with self._lock:
+            if name in self._vms:
+                raise PoolExhausted(f"VM {name!r} holds memory of the pool already")
+            free = self._free()
+            if pages > free:
+                raise PoolExhausted(
+                    f"{pages} pages wanted for {name}, {free} free (budget {self.budget_pages}, "
+                    f"reserve {self.reserve_pages})"
+                )
+            self._vms[name] = _Held(pages)
+
+    def record(self, name: str, status: MemoryStatus) -> bool:
+        """The latest memory status pushed by the VM's worker; False if the VM is not held
+        (it ended meanwhile) and the status was dropped."""
+        with self._lock:
+            held = self._vms.get(name)
+            if held is None:
+                return False
+            held.status = status
+            held.received += 1
+            return True
+
+    def received(self, name: str) -> int:
+        """How many statuses of VM `name` were recorded (0 if the pool does not hold it): a
+        status recorded after a request was answered is newer than the request."""
+        with self._lock:
+            held = self._vms.get(name)
+            return 0 if held is None else held.received
+
+    def latest(self, name: str) -> MemoryStatus | None:
+        """The VM's latest memory status, None before its worker pushed one."""
+        with self._lock:
+            held = self._vms.get(name)
+            return None if held is None else held.status
 
     def holds(self, name: str) -> bool:
-        return name in self.manager.partitions
+        with self._lock:
+            return name in self._vms
+
+    def assigned_pages(self, name: str) -> int:
+        """The pages VM `name` is assigned: what its worker's memory manager reports (its
+        admitted memory until it reports). KeyError if the pool does not hold it."""
+        with self._lock:
+            return self._assigned(self._vms[name])
+
+    @staticmethod
+    def _assigned(held: _Held) -> int:
+        # The seam for checking a worker's claim against the kernel's figure.
+        return held.admitted_pages if held.status is None else held.status.assigned_pages
 
     def pages(self, name: str) -> tuple[int, int, int]:
         """(visible, assigned, ballooned) pages of a running VM as accounted."""
-        p = self.manager.partitions[name]
-        return p.visible_pages, p.assigned_pages, p.ballooned.pages
+        with self._lock:
+            held = self._vms[name]
+            assigned = self._assigned(held)
+            if held.status is None:
+                return assigned, assigned, 0
+            return held.status.visible_pages, assigned, held.status.ballooned_pages
 
     def give_back(self, name: str) -> int:
         """A VM ended (or its worker died): everything it held returns to the pool."""
         with self._lock:
-            p = self.manager.partitions.get(name)
-            if p is None:
-                return 0
-            pages = self.manager.remove_partition(name)
-        for r in p.regions:
-            os.close(r.memfd)
-        return pages
+            held = self._vms.pop(name, None)
+            return 0 if held is None else self._assigned(held)
 
-    def sync(self, name: str, visible_pages: int, assigned_pages: int) -> None:
-        """Follow the worker's report: hot-added memory, then the balloon's size."""
+    # --- the host -------------------------------------------------------------------------
+
+    @property
+    def free_pages(self) -> int:
+        """Pages no VM holds, excluding the host reserve (pass as HostMemory(free, 0))."""
         with self._lock:
-            p = self.manager.partitions.get(name)
-            if p is None:
-                return
-            try:
-                grow = visible_pages - p.visible_pages
-                if grow > 0:
-                    self.manager.hot_add(name, grow, _HOT_ADD_ALIGN_PAGES)
-                want = max(0, p.visible_pages - assigned_pages)
-                if want > p.ballooned.pages:
-                    unballooned = RangeSet(
-                        (r.gpa // PAGE_SIZE, r.size // PAGE_SIZE) for r in p.regions
-                    )
-                    for r in p.ballooned:
-                        unballooned.remove(r.start, r.count)
-                    self.manager.release(name, unballooned.take(want - p.ballooned.pages))
-                elif want < p.ballooned.pages:
-                    self.manager.reclaim(
-                        name, self.manager.pick_ballooned(name, p.ballooned.pages - want)
-                    )
-            except MemoryManagerError as e:
-                # The worker has the memory already; the pool is short by what it reports.
-                log.warning("accounting of %s lags its worker's report: %s", name, e)
+            return self._free()
+
+    def _free(self) -> int:
+        used = sum(self._assigned(h) for h in self._vms.values())
+        # Below 0 when workers hold more than the budget (say, a VM migrated in with more than it
+        # was admitted with): then nothing is free.
+        return max(0, self.budget_pages - self.reserve_pages - used)

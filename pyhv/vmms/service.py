@@ -12,21 +12,21 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pyhv.counters.dynmem import DynamicMemoryCounters
 from pyhv.counters.prometheus import prometheus_text
 from pyhv.counters.registry import CounterDef, CounterRegistry, CounterSetDef
+from pyhv.counters.worker import WorkerCounters
 from pyhv.dynmem.balancer import PAGE_SIZE, BalancerConfig, MemorySettings
+from pyhv.dynmem.status import MemoryStatus
 from pyhv.memory.manager import MemoryManagerError
 from pyhv.vmms.balancing import (
     BalancerLoop,
     DynamicMemoryUnavailable,
     DynamicMemoryWorker,
     dm_port,
-    status_of,
 )
 from pyhv.vmms.config import (
     VmSettings,
@@ -35,16 +35,27 @@ from pyhv.vmms.config import (
     check_name,
     settings_from_dict,
 )
+from pyhv.vmms.inventory import (
+    CRASHED,
+    INCOMING,
+    OFF,
+    RUNNING,
+    STARTING,
+    STOPPING,
+    Conflict,
+    NotFound,
+    VmEntry,
+    VmmsError,
+    Worker,
+    WorkerFactory,
+    _Vm,
+)
 from pyhv.vmms.pool import HostPool
 from pyhv.vmms.store import ConfigStore
 from pyhv.worker.config import ConfigError, VmConfig, format_size, parse_size
-from pyhv.worker.outcome import VmEnd
 
 log = logging.getLogger(__name__)
 
-OFF, STARTING, RUNNING, STOPPING, CRASHED = "off", "starting", "running", "stopping", "crashed"
-#: Live migration (pyhv.vmms.migration): a VM arriving here; a VM whose migration is in doubt.
-INCOMING, PAUSED = "incoming", "paused"
 
 #: Hyper-V's own summary set: how many VMs are fine and how many are not.
 HEALTH_SET = CounterSetDef(
@@ -57,38 +68,6 @@ HEALTH_SET = CounterSetDef(
 )
 
 
-class VmmsError(Exception):
-    """A request the service refuses; `status` is the HTTP status that says why."""
-
-    status = 400
-
-
-class NotFound(VmmsError):
-    status = 404
-
-
-class Conflict(VmmsError):
-    status = 409
-
-
-class Worker(Protocol):
-    """What the service needs of a worker (pyhv.worker.WorkerProcess has it)."""
-
-    @property
-    def pid(self) -> int | None: ...
-    @property
-    def returncode(self) -> int | None: ...
-
-    def start(self) -> None: ...
-    def send(self, data: bytes) -> None: ...
-    def stop(self) -> None: ...
-    def wait(self, timeout: float | None = None) -> VmEnd | None: ...
-    def close(self, timeout: float = ...) -> None: ...
-
-
-WorkerFactory = Callable[[VmConfig, Callable[[bytes], None]], Worker]
-
-
 def _worker_process(config: VmConfig, output: Callable[[bytes], None]) -> Worker:
     from pyhv.worker.process import WorkerProcess
 
@@ -99,19 +78,6 @@ def _bundled_image() -> str:
     from pyhv.guest_image import image_path
 
     return str(image_path())
-
-
-@dataclass(eq=False)
-class _Vm:
-    settings: VmSettings
-    state: str = OFF
-    reason: str = ""
-    worker: Worker | None = None
-    started_at: float | None = None
-    tail: bytearray = field(default_factory=bytearray)
-    consoles: list[Callable[[bytes], None]] = field(default_factory=list)
-    #: The id of the migration this VM is part of while it runs (pyhv.vmms.migration).
-    migration: str | None = None
 
 
 #: Serial output kept per VM for a console that attaches later (it sees the last prompt).
@@ -137,6 +103,7 @@ class Vmms:
         self.pool = HostPool(budget_bytes, reserve_bytes)
         self.registry = CounterRegistry()
         self.dm_counters = DynamicMemoryCounters(self.registry)
+        self.worker_counters = WorkerCounters(self.registry)
         self.health = self.registry.register(HEALTH_SET)
         self.balancer = BalancerLoop(self.pool, self._dm_vms, self.dm_counters, balancer)
         self._worker_factory = worker_factory
@@ -305,6 +272,7 @@ class Vmms:
             vm.state, vm.reason, vm.tail = STARTING, "", bytearray()
             worker = self._worker_factory(config, lambda data: self._output(vm, data))
             vm.worker = worker
+            self._subscribe(name, worker)
             try:
                 worker.start()
             except OSError as e:
@@ -313,12 +281,15 @@ class Vmms:
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             vm.state, vm.started_at = RUNNING, time.monotonic()
             log.info("VM %s started: worker pid %s", name, worker.pid)
-            watcher = threading.Thread(
-                target=self._watch, args=(vm, worker), name=f"watch-{name}", daemon=True
-            )
-            watcher.start()
+            self._spawn_watcher(vm, worker)
             self._update_health()
             return self._describe(vm)
+
+    def _spawn_watcher(self, vm: _Vm, worker: Worker) -> None:
+        watcher = threading.Thread(
+            target=self._watch, args=(vm, worker), name=f"watch-{vm.settings.name}", daemon=True
+        )
+        watcher.start()
 
     def _watch(self, vm: _Vm, worker: Worker) -> None:
         """Wait for the worker's end; a crash is reported with its reason, and the VM's memory
@@ -342,6 +313,7 @@ class Vmms:
             self.pool.give_back(vm.settings.name)
             self._update_health()
         self.balancer.forget(vm.settings.name)  # not under our lock: a tick takes it
+        self.worker_counters.forget_vm(vm.settings.name)
         if end.failed:
             log.warning("VM %s crashed: %s", vm.settings.name, reason)
         else:
@@ -390,6 +362,86 @@ class Vmms:
                 "Health Critical": states.count(CRASHED),
             }
         )
+
+    # --- for live migration (pyhv.vmms.migration) -----------------------------------------
+    # The inventory stays the service's: migration asks for these, never its lock or dict.
+
+    def entry(self, name: str) -> VmEntry | None:
+        """The VM named `name`, or None."""
+        with self._lock:
+            return self._vms.get(name)
+
+    def add_incoming(self, settings: VmSettings, memory: int, migration: str) -> VmEntry:
+        """An entry for a VM arriving by live migration (state "incoming"), its `memory`
+        bytes taken from the pool; Conflict if the name is taken or the pool is short."""
+        name = settings.name
+        with self._lock:
+            if name in self._vms:
+                raise Conflict(
+                    f"a VM named {name!r} exists on the destination already: delete or rename it "
+                    "there first"
+                )
+            try:
+                self.pool.admit(name, memory)
+            except MemoryManagerError as e:
+                raise Conflict(
+                    f"not enough host memory for {format_size(memory)} on the destination ({e})"
+                ) from None
+            vm = self._vms[name] = _Vm(settings, state=INCOMING, migration=migration)
+            return vm
+
+    def console_sink(self, vm: VmEntry) -> Callable[[bytes], None]:
+        """Where a worker of `vm` sends its serial output."""
+        return lambda data: self._output(vm, data)
+
+    def adopt(self, vm: VmEntry, worker: Worker) -> None:
+        """A VM that arrived runs here: its settings are stored and its worker is watched like
+        one this service started."""
+        with self._lock:
+            self.store.save(vm.settings)
+            vm.state, vm.started_at, vm.migration = RUNNING, time.monotonic(), None
+            self._update_health()
+        self._spawn_watcher(vm, worker)
+
+    def remove(self, vm: VmEntry, *, forget_settings: bool) -> bool:
+        """Take `vm` out of the inventory (it did not arrive, or it left for another host):
+        its memory goes back to the pool; False if it was gone already."""
+        with self._lock:
+            name = vm.settings.name
+            if self._vms.get(name) is not vm:
+                return False
+            self.pool.give_back(name)
+            del self._vms[name]
+            if forget_settings:
+                self.store.delete(name)
+            self._update_health()
+        self.balancer.forget(name)
+        return True
+
+    def begin_migration(self, name: str, migration: str) -> tuple[VmEntry, Worker, int]:
+        """Mark running VM `name` as migrating (the balancer leaves it alone from its next
+        tick on; conflicting requests get 409): its entry, worker and memory in bytes."""
+        with self.balancer.paused(), self._lock:
+            vm = self._get(name)
+            self._refuse_while_migrating(vm, "migrate it")
+            if vm.worker is None or vm.state != RUNNING:
+                raise Conflict(f"VM {name!r} is {vm.state}: only a running VM can be migrated")
+            vm.migration = migration
+            needed = vm.settings.memory
+            if self.pool.holds(name):
+                needed = max(needed, self.pool.pages(name)[0] * PAGE_SIZE)
+            return vm, vm.worker, needed
+
+    def end_migration(
+        self, vm: VmEntry, *, worker: Worker | None = None, state: str = "", reason: str = ""
+    ) -> None:
+        """`vm` migrates no more; with `state`, it is in that state now (if `worker` still
+        runs it)."""
+        with self._lock:
+            vm.migration = None
+            if state and (worker is None or vm.worker is worker):
+                vm.state, vm.reason = state, reason
+            self._update_health()
 
     # --- serial console ------------------------------------------------------------------
 
@@ -459,19 +511,52 @@ class Vmms:
             )
         return port
 
+    def _subscribe(self, name: str, worker: object) -> None:
+        """Take the memory statuses `worker` pushes (a worker without Dynamic Memory has none)."""
+        subscribe = getattr(worker, "subscribe_memory_status", None)
+        if subscribe is None:
+            return
+        subscribe(
+            lambda status: self._status_pushed(name, worker, status),
+            lambda why: self._status_refused(name, why),
+        )
+
+    def _status_pushed(self, name: str, worker: object, status: MemoryStatus) -> None:
+        """A VM's worker pushed its memory status (on the worker's reader thread). Not under
+        the service's lock: a request may hold it while it waits for this worker's answer."""
+        vm = self._vms.get(name)
+        if vm is None or vm.worker is not worker or not self.pool.record(name, status):
+            return  # from a worker this VM no longer has, or a VM that ended meanwhile
+        self.worker_counters.record(name, status)
+        self.balancer.status_arrived()
+
+    def _status_refused(self, name: str, why: str) -> None:
+        """A VM's worker pushed a status that does not decode: counted, and the VM's last good
+        status stands."""
+        log.warning("VM %s: its worker's memory status was refused: %s", name, why)
+        self.worker_counters.refused(name)
+
     def memory_status(self, name: str) -> dict[str, Any]:
-        """The worker's view of the VM's memory, in bytes (None until the guest reported)."""
+        """The VM's memory, in bytes, as its worker last pushed it (committed and available
+        None until the guest reported). No request goes to the worker."""
         with self._lock:
-            port = self._dm(name)
-        try:
-            st = status_of(port)
-        except DynamicMemoryUnavailable as e:
-            raise Conflict(str(e)) from None
+            self._dm(name)
+            if not self.pool.holds(name):
+                raise Conflict(f"VM {name!r} holds no memory of the pool: it is ending")
+            visible, assigned, ballooned = self.pool.pages(name)
+            st = self.pool.latest(name)
+
+        def _bytes(pages: int | None) -> int | None:
+            return None if pages is None else pages * PAGE_SIZE
+
         return {
-            k.removesuffix("_pages"): None if v is None else v * PAGE_SIZE
-            for k, v in vars(st).items()
-            if k != "busy"
-        } | {"busy": st.busy}
+            "visible": visible * PAGE_SIZE,
+            "assigned": assigned * PAGE_SIZE,
+            "ballooned": ballooned * PAGE_SIZE,
+            "committed": _bytes(None if st is None else st.committed_pages),
+            "available": _bytes(None if st is None else st.available_pages),
+            "busy": False if st is None else st.busy,
+        }
 
     def set_memory_target(self, name: str, target: object) -> dict[str, Any]:
         try:
@@ -499,13 +584,13 @@ class Vmms:
 
     def host(self) -> dict[str, int]:
         """The host's pool for VMs, in bytes: budget, reserve, free (reserve excluded)."""
-        m = self.pool.manager
+        p = self.pool
         with self._lock:
             running = sum(vm.worker is not None for vm in self._vms.values())
         return {
-            "budget": m.budget_pages * PAGE_SIZE,
-            "reserve": m.reserve_pages * PAGE_SIZE,
-            "free": m.free_pages * PAGE_SIZE,
+            "budget": p.budget_pages * PAGE_SIZE,
+            "reserve": p.reserve_pages * PAGE_SIZE,
+            "free": p.free_pages * PAGE_SIZE,
             "running_vms": running,
         }
 

@@ -10,8 +10,13 @@ It owns, for one VM with Dynamic Memory:
   punching holes in the RAM memfd; unballoon reclaims first; hot-add maps a new memory region
   above RAM while the VPs run, then sends DM_MEM_HOT_ADD_REQUEST);
 - one *goal*: the pages the VM should be assigned. The operator's target and the balancer's
-  add/remove all move the goal; an operations thread walks towards it one DM transaction at a
-  time (balloon to go down; unballoon first, then hot-add, to go up), as the book says.
+  add/remove all move the goal; the VSP's state machine walks towards it one DM transaction at a
+  time (balloon to go down; unballoon first, then hot-add, to go up), as the book says, asking
+  this service to reclaim pages before an unballoon and to map a region before a hot-add. The
+  doorbell thread also ticks the VSP, so a transaction the guest leaves unanswered times out.
+
+`save()` / `restore()` carry the channel, the VSP and the counters across a live migration,
+`save_memory()` / `restore_memory()` the memory layout (hot-added regions, the balloon).
 
 Guest-visible memory = startup + hot-added; assigned = visible - ballooned.
 """
@@ -23,17 +28,30 @@ import os
 import selectors
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pyhv.dynmem import protocol as dmp
-from pyhv.dynmem.vsp import MAX_BALLOON_PAGES, DmState, DynamicMemoryVsp, StatusReport
-from pyhv.memory.manager import PAGE_SIZE, MemoryManager, MemoryManagerError
+from pyhv.dynmem.status import MemoryStatus, VpCounters, VspCounters
+from pyhv.dynmem.vsp import (
+    DEFAULT_OP_TIMEOUT,
+    DmState,
+    DmVspState,
+    DynamicMemoryVsp,
+)
+from pyhv.hypervisor.intercepts import InterceptKind
+from pyhv.memory.manager import PAGE_SIZE, MemoryManager, MemoryManagerError, MemoryState
 from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.vmbus.channel import ChannelState
-from pyhv.vmbus.controller import DEFAULT_PORT, REGISTER_SPAN, Reg, VmbusController
+from pyhv.vmbus.controller import (
+    DEFAULT_PORT,
+    REGISTER_SPAN,
+    ControllerState,
+    Reg,
+    VmbusController,
+)
 from pyhv.vmbus.ring import RingCorrupt
-from pyhv.vmbus.vsp import VspError
 
 if TYPE_CHECKING:
     from pyhv.hypervisor import Partition
@@ -44,15 +62,64 @@ log = logging.getLogger("pyhv.worker.dynmem")
 MIB_PAGES = (1 << 20) // PAGE_SIZE
 #: The 3-4 GiB hole (IOAPIC, LAPIC): no hot-added region may overlap it.
 HOLE_START, HOLE_END = 3 << 30, 4 << 30
-#: Seconds the guest has to answer one DM transaction before the host gives up on it.
-DEFAULT_OP_TIMEOUT = 60.0
 #: Status reports closer together than this are kept but not published again.
 MIN_PUBLISH_INTERVAL = 0.1
-_WAIT_STATES = (DmState.BALLOON_WAIT, DmState.UNBALLOON_WAIT, DmState.HOT_ADD_WAIT)
+#: Seconds between two looks at the VSP's transaction deadline (doorbell thread).
+TICK = 0.25
+DM_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DynamicMemoryState:
+    """The DM channel, VSP and service counters across a live migration (with the VP state)."""
+
+    version: int
+    channel: ControllerState
+    vsp: DmVspState
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "channel": self.channel.to_wire(),
+            "vsp": self.vsp.to_wire(),
+            "counters": dict(self.counters),
+        }
+
+    @classmethod
+    def from_wire(cls, d: object) -> DynamicMemoryState:
+        if not isinstance(d, dict):
+            raise ValueError(f"Dynamic Memory state {d!r} is not an object")
+        try:
+            counters = d["counters"]
+            if not isinstance(counters, dict) or not all(
+                isinstance(k, str) and type(v) is int and v >= 0 for k, v in counters.items()
+            ):
+                raise ValueError(f"Dynamic Memory counters {counters!r} are not names and counts")
+            return cls(
+                d["version"],
+                ControllerState.from_wire(d["channel"]),
+                DmVspState.from_wire(d["vsp"]),
+                counters,
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"Dynamic Memory state is malformed: {e!r}") from None
 
 
 class DynamicMemoryError(RuntimeError):
     """A Dynamic Memory request that cannot be carried out now; the message says why."""
+
+
+def _vp_counters(vp: Any) -> VpCounters:
+    """One VP's intercept counters (its per-kind arrays, which the C run loop adds to)."""
+    kinds = {k.name.lower(): vp.counts[int(k)] for k in InterceptKind}
+    return VpCounters(
+        vp=vp.index,
+        defaulted=sum(vp.defaults),
+        errors=sum(vp.errors),
+        handler_seconds=sum(vp.handler_ns) / 1e9,
+        **kinds,
+    )
 
 
 def _version_text(v: int | None) -> str | None:
@@ -62,8 +129,9 @@ def _version_text(v: int | None) -> str | None:
 class DynamicMemoryService:
     """Dynamic Memory for one partition (see the module docstring).
 
-    `on_status(status)` gets :meth:`status` after every status report the guest sends (on the
-    doorbell thread: keep it quick). `interrupt_for(vector)` replaces the MSI to VP 0 (tests
+    `on_status(status)` gets :meth:`memory_status` (a MemoryStatus) after every status report
+    the guest sends (on the doorbell thread: keep it quick), and when a goal is reached or given
+    up (on the operations thread), so its owner sees what changed without asking. `interrupt_for(vector)` replaces the MSI to VP 0 (tests
     without VPs); `memory_manager` shares a host-wide manager (default: one of the VM's own
     whose budget is the configured maximum, so the free pool is the VM's headroom).
     """
@@ -73,7 +141,7 @@ class DynamicMemoryService:
         partition: Partition,
         config: VmConfig,
         *,
-        on_status: Callable[[dict[str, Any]], object] | None = None,
+        on_status: Callable[[MemoryStatus], object] | None = None,
         memory_manager: MemoryManager | None = None,
         interrupt_for: Callable[[int], Callable[[], object]] | None = None,
         op_timeout: float = DEFAULT_OP_TIMEOUT,
@@ -85,12 +153,11 @@ class DynamicMemoryService:
         self.startup_pages = config.memory // PAGE_SIZE
         self.minimum_pages = config.minimum // PAGE_SIZE
         self.maximum_pages = config.maximum // PAGE_SIZE
-        self.op_timeout = op_timeout
         self._on_status = on_status
         self._own_mm = memory_manager is None  # its budget is the maximum: grows with it
         self.mm = memory_manager or MemoryManager(max(config.maximum, config.memory))
         ram = [r for r in partition.regions if not r.readonly]
-        self.mm.add_partition(self.name, ram, self._map_region)
+        self.mm.add_partition(self.name, ram, self._map_region, self._unmap_region)
         self.vsp = DynamicMemoryVsp(
             RangeSet((r.gpa // PAGE_SIZE, r.size // PAGE_SIZE) for r in ram),
             assigned_pages=lambda: self._mm_part.assigned_pages,
@@ -98,8 +165,12 @@ class DynamicMemoryService:
             on_ballooned=self._ballooned,
             on_balloon_done=self._transaction_done,
             on_unballoon_done=self._transaction_done,
-            on_hot_add_done=self._transaction_done,
+            on_hot_add_done=self._hot_added,
             on_reset=self._reset,
+            reclaim=self._reclaim,
+            map_hot_add=self._map_hot_add,
+            on_goal_done=self._goal_done,
+            op_timeout=op_timeout,
             name=f"dynmem-{self.name}",
         )
         self.controller = VmbusController(
@@ -120,13 +191,11 @@ class DynamicMemoryService:
             "status_not_published": 0,
             "late_packets": 0,
         }
-        self.last_status: StatusReport | None = None
-        self.last_status_time: float | None = None
+        #: The guest's last status report, as the VSP decoded it.
+        self.last_status: MemoryStatus | None = None
         self._published_at = 0.0
-        self.last_error: str | None = None
-        self.operation: str | None = None
+        self._publish_lock = threading.Lock()
         self._info_for: object = None
-        self._goal: int | None = None
         self._cv = threading.Condition()
         self._closing = False
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -140,6 +209,25 @@ class DynamicMemoryService:
     def _mm_part(self) -> Any:
         return self.mm.partitions[self.name]
 
+    @property
+    def op_timeout(self) -> float:
+        """Seconds the guest has to answer one DM transaction."""
+        return self.vsp.op_timeout
+
+    @op_timeout.setter
+    def op_timeout(self, seconds: float) -> None:
+        self.vsp.op_timeout = seconds
+
+    @property
+    def operation(self) -> str | None:
+        """The DM transaction in flight, in words."""
+        return self.vsp.operation
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last goal was given up (None: reached)."""
+        return self.vsp.goal_error
+
     # --- wiring ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -151,10 +239,9 @@ class DynamicMemoryService:
             base + Reg.DOORBELL, 4, datamatch=self.offer.relid
         )  # writes of other values still exit and are refused by the controller
         self._doorbell_fd = ev.fd
-        for target, name in ((self._doorbell_loop, "doorbell"), (self._operations, "dm-ops")):
-            t = threading.Thread(target=target, name=f"{name}-{self.name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        t = threading.Thread(target=self._doorbell_loop, name=f"doorbell-{self.name}", daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def close(self) -> None:
         with self._cv:
@@ -197,7 +284,8 @@ class DynamicMemoryService:
         sel.register(self._stop_fd, selectors.EVENT_READ, "stop")
         try:
             while True:
-                for key, _ in sel.select():
+                self._tick()
+                for key, _ in sel.select(TICK):
                     if key.data == "stop":
                         return
                     try:
@@ -216,6 +304,12 @@ class DynamicMemoryService:
                         self.doorbell_ns.append(time.perf_counter_ns() - t0)
         finally:
             sel.close()
+
+    def _tick(self) -> None:
+        """A transaction the guest leaves unanswered past its deadline times out."""
+        before = self.vsp.counters["timeouts"]
+        self.vsp.tick()
+        self.counters["timeouts"] += self.vsp.counters["timeouts"] - before
 
     def _drain_late_packets(self, rounds: int = 64) -> None:
         """Serve packets the guest wrote while we drained: it wrote them before we published
@@ -248,18 +342,26 @@ class DynamicMemoryService:
 
     # --- VSP callbacks (doorbell thread, VSP lock held) ------------------------------------
 
-    def _status_report(self, report: StatusReport) -> None:
+    def _status_report(self, report: MemoryStatus) -> None:
         self.last_status = report
-        self.last_status_time = now = time.time()
+        now = report.reported_at
         self.counters["status_reports"] += 1
         if 0 <= now - self._published_at < MIN_PUBLISH_INTERVAL:
             # A guest sends one a second; one that floods is kept to 10 a second for the VMMS.
             self.counters["status_not_published"] += 1
             return
         self._published_at = now
-        if self._on_status is not None:
+        self._publish()
+
+    def _publish(self) -> None:
+        """Push the VM's memory status to the owner (the VMMS): no one has to ask for it."""
+        if self._on_status is None:
+            return
+        # One at a time (the doorbell and the operations threads both push), so the owner
+        # receives them in the order they were taken and the last one it keeps is the newest.
+        with self._publish_lock:
             try:
-                self._on_status(self.status())
+                self._on_status(self.memory_status())
             except Exception:  # noqa: BLE001 - the listener's problem, not the guest's
                 log.exception("%s: status listener failed", self.name)
 
@@ -286,11 +388,68 @@ class DynamicMemoryService:
         with self._cv:
             self._cv.notify_all()
 
+    def _goal_done(self, why: str | None) -> None:
+        """The goal was reached or given up: the owner sees it without waiting for a report."""
+        self._transaction_done()
+        self._publish()
+
+    def _reclaim(self, ranges: list[PageRange]) -> None:
+        """Before an unballoon: the host backs the pages again (taken from the pool)."""
+        self.counters["unballooned_pages"] += self.mm.reclaim(self.name, ranges)
+
+    def _hot_added(self, asked: PageRange, added: int, ok: bool) -> None:
+        self.counters["hot_added_pages"] += added
+        self._transaction_done()
+
+    def _map_hot_add(self, pages: int, align: int) -> PageRange:
+        """Before a hot-add: a new region above RAM (and above the 3-4 GiB hole)."""
+        top = max(r.gpa + r.size for r in self._mm_part.regions)
+        start = -(-top // (align * PAGE_SIZE)) * align * PAGE_SIZE
+        if start < HOLE_END and start + pages * PAGE_SIZE > HOLE_START:
+            align = HOLE_END // PAGE_SIZE  # continue above the 3-4 GiB hole
+        region = self.mm.hot_add(self.name, pages, align_pages=align)
+        return PageRange(region.gpa // PAGE_SIZE, pages)
+
     # --- state ----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """Everything an operator or the VMMS wants to know, JSON-ready (pages of 4 KiB)."""
+    def memory_status(self) -> MemoryStatus:
+        """The VM's memory as the memory manager accounts it, the guest's last report, and the
+        VSP's and VPs' counters: what is pushed to the VMMS."""
         part = self._mm_part
+        report = self.last_status
+        vsp, ctl = self.vsp.counters, self.controller.counters
+        c = self.counters
+        busy = self.vsp.goal is not None or self.vsp.state.waiting
+        return MemoryStatus(
+            visible_pages=part.visible_pages,
+            assigned_pages=part.assigned_pages,
+            ballooned_pages=part.ballooned.pages,
+            committed_pages=None if report is None else report.committed_pages,
+            available_pages=None if report is None else report.available_pages,
+            guest_committed_pages=None if report is None else report.guest_committed_pages,
+            busy=busy,
+            reported_at=0.0 if report is None else report.reported_at,
+            vsp=VspCounters(
+                status_reports=c["status_reports"],
+                messages_accepted=vsp["accepted"],
+                messages_refused=vsp["refused"],
+                bad_ranges=vsp["bad_ranges"],
+                transitions=vsp["transitions"],
+                resets=vsp["resets"],
+                timeouts=c["timeouts"],
+                ballooned_pages=c["ballooned_pages"],
+                unballooned_pages=c["unballooned_pages"],
+                hot_added_pages=c["hot_added_pages"],
+                doorbells=ctl["doorbells"],
+                controller_refused=ctl["refused"],
+            ),
+            vps=tuple(_vp_counters(vp) for _, vp in sorted(self.partition.vps.items())),
+        )
+
+    def status(self) -> dict[str, Any]:
+        """The operator's view (`pyhv memory --control`), JSON-ready (pages of 4 KiB): the
+        memory status plus the protocol's state, the goal and the last error."""
+        st = self.memory_status()
         vsp = self.vsp
         out: dict[str, Any] = {
             "state": vsp.state.name,
@@ -307,30 +466,29 @@ class DynamicMemoryService:
             "startup_pages": self.startup_pages,
             "minimum_pages": self.minimum_pages,
             "maximum_pages": self.maximum_pages,
-            "visible_pages": part.visible_pages,
-            "assigned_pages": part.assigned_pages,
-            "ballooned_pages": part.ballooned.pages,
-            "hot_added_pages": part.hot_added_pages,
-            "goal_pages": self._goal,
+            "visible_pages": st.visible_pages,
+            "assigned_pages": st.assigned_pages,
+            "ballooned_pages": st.ballooned_pages,
+            "hot_added_pages": self._mm_part.hot_added_pages,
+            "goal_pages": vsp.goal,
             "operation": self.operation,
             "last_error": self.last_error,
             "free_pool_pages": self.mm.free_pages,
             "last_status": None,
-            "bad_messages": vsp.counters["refused"],
-            "bad_ranges": vsp.counters["bad_ranges"],
-            "controller_refused": self.controller.counters["refused"],
+            "bad_messages": st.vsp.messages_refused,
+            "bad_ranges": st.vsp.bad_ranges,
+            "controller_refused": st.vsp.controller_refused,
             "counters": dict(self.counters),
         }
-        if self.last_status is not None and self.last_status_time is not None:
-            s = self.last_status
+        if st.reported:
             out["last_status"] = {
-                "committed_pages": s.committed_pages,
-                "available_pages": s.available_pages,
-                "pressure": s.pressure,
-                "time": self.last_status_time,
+                "committed_pages": st.committed_pages,
+                "available_pages": st.available_pages,
+                "pressure": st.pressure,
+                "time": st.reported_at,
             }
-            out["committed_pages"] = s.committed_pages
-            out["available_pages"] = s.available_pages
+            out["committed_pages"] = st.committed_pages
+            out["available_pages"] = st.available_pages
         return out
 
     @property
@@ -356,9 +514,8 @@ class DynamicMemoryService:
         self._require_running(what)
         lo, hi = self.minimum_pages, self.maximum_pages
         goal = min(max(pages, lo), hi)
+        self.vsp.set_goal(goal)
         with self._cv:
-            self._goal = goal
-            self.last_error = None
             self._cv.notify_all()
         assigned = self._mm_part.assigned_pages
         log.info("%s: %s: goal %d pages (assigned %d)", self.name, what, goal, assigned)
@@ -444,132 +601,64 @@ class DynamicMemoryService:
             raise DynamicMemoryError(f"page count {pages!r} must be an integer >= 0")
 
     def _base(self) -> int:
-        with self._cv:
-            goal = self._goal
+        goal = self.vsp.goal
         return goal if goal is not None else self._mm_part.assigned_pages
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no goal is pending (reached, or given up with `last_error`)."""
+        vsp = self.vsp
         with self._cv:
-            return self._cv.wait_for(lambda: self._goal is None and self.operation is None, timeout)
+            return self._cv.wait_for(lambda: vsp.goal is None and not vsp.state.waiting, timeout)
 
-    # --- the operations thread ------------------------------------------------------------
+    # --- save / restore (live migration) --------------------------------------------------
 
-    def _operations(self) -> None:
-        while True:
-            with self._cv:
-                self._cv.wait_for(
-                    lambda: self._closing or (self._goal is not None and self.negotiated)
-                )
-                if self._closing:
-                    return
-                goal = self._goal
-            assert goal is not None
-            try:
-                done = self._step(goal)
-            except Exception as e:  # noqa: BLE001 - recorded; the service goes on
-                log.exception("%s: Dynamic Memory operation failed", self.name)
-                self._give_up(goal, f"{type(e).__name__}: {e}")
-                continue
-            if done:
-                with self._cv:
-                    if self._goal == goal:
-                        self._goal = None
-                    self.operation = None
-                    self._cv.notify_all()
+    def save_memory(self) -> MemoryState:
+        """The VM's memory layout as the memory manager accounts it (hot-added, ballooned)."""
+        return self.mm.save(self.name)
 
-    def _give_up(self, goal: int, why: str) -> None:
-        log.warning("%s: stopped short of %d pages: %s", self.name, goal, why)
-        with self._cv:
-            self.last_error = why
-            if self._goal == goal:
-                self._goal = None
-            self.operation = None
-            self._cv.notify_all()
+    def restore_memory(self, state: MemoryState) -> None:
+        """Before guest memory arrives: the hot-added regions mapped at their GPAs (accounted),
+        the balloon released. Refused with nothing changed if it does not fit here."""
+        added = self.mm.restore(self.name, state)
+        for r in added:
+            self.vsp.ram.add(r.gpa // PAGE_SIZE, r.size // PAGE_SIZE)
 
-    def _step(self, goal: int) -> bool:
-        """One DM transaction towards `goal`; True when there is nothing left to do."""
-        part = self._mm_part
-        assigned = part.assigned_pages
-        if assigned == goal:
-            return True
-        if not self.negotiated:
-            why = self.vsp.stop_reason or f"the VSP is in {self.vsp.state.name}"
-            self._give_up(goal, f"Dynamic Memory stopped in the guest: {why}")
-            return False
-        if assigned > goal:
-            return self._balloon_step(goal, min(assigned - goal, MAX_BALLOON_PAGES))
-        if part.ballooned.pages:
-            return self._unballoon_step(goal, goal - assigned)
-        return self._hot_add_step(goal, goal - assigned)
-
-    def _run(self, what: str, start: Callable[[], object]) -> bool:
-        """Start one transaction and wait for the guest's answer; False if it timed out."""
-        self.operation = what
-        start()
-        with self._cv:
-            ok = self._cv.wait_for(
-                lambda: self._closing or self.vsp.state not in _WAIT_STATES, self.op_timeout
+    def save(self) -> DynamicMemoryState:
+        """The channel, the VSP and the counters (VPs paused; no transaction in flight)."""
+        with self.vsp.lock:
+            return DynamicMemoryState(
+                DM_STATE_VERSION, self.controller.save(), self.vsp.save(), dict(self.counters)
             )
-        if not ok:
-            self.vsp.timeout()
-            self.counters["timeouts"] += 1
-        return ok
 
-    def _balloon_step(self, goal: int, pages: int) -> bool:
-        before = self.vsp.counters["balloon_at_minimum"]
-        got_before = self._mm_part.ballooned.pages
-        if not self._run(f"balloon {pages} pages", lambda: self.vsp.balloon(pages)):
-            self._give_up(
-                goal, f"the guest did not answer a balloon request in {self.op_timeout} s"
+    def check(self, state: DynamicMemoryState) -> None:
+        """ValueError naming the value if `state` does not fit this VM (its memory layout
+        restored first)."""
+        if state.version != DM_STATE_VERSION:
+            raise ValueError(
+                f"Dynamic Memory state version {state.version!r} is not {DM_STATE_VERSION}"
             )
-            return False
-        got = self._mm_part.ballooned.pages - got_before
-        if got <= 0 or self.vsp.counters["balloon_at_minimum"] > before:
-            self._give_up(
-                goal,
-                f"the guest gave {max(got, 0)} of {pages} pages: it is at its floor "
-                "(it keeps enough memory to run)",
+        balloon = [tuple(r) for r in self._mm_part.ballooned]
+        if [tuple(r) for r in state.vsp.ballooned] != balloon:
+            raise ValueError(
+                f"the DM VSP's balloon {list(state.vsp.ballooned)} is not the memory manager's "
+                f"{balloon}: restore the memory layout first"
             )
-        return False
+        self.controller.check(state.channel)
+        self.vsp.check(state.vsp)
 
-    def _unballoon_step(self, goal: int, pages: int) -> bool:
-        ranges = self.mm.pick_ballooned(self.name, pages)
-        got = self.mm.reclaim(self.name, ranges)  # before the guest may touch them
-        try:
-            started = self._run(f"unballoon {got} pages", lambda: self.vsp.unballoon(ranges))
-        except VspError:
-            self.mm.release(self.name, ranges)  # the guest was not told: take them back
-            raise
-        if not started:
-            self._give_up(goal, f"the guest did not answer an unballoon in {self.op_timeout} s")
-            return False
-        self.counters["unballooned_pages"] += got
-        return False
+    def restore(self, state: DynamicMemoryState) -> None:
+        """After memory and VP state, before the VPs run: the channel is open again over the
+        same rings and the VSP goes on where it was (no new negotiation: the guest does not
+        know it moved). Everything is checked before anything changes (ValueError)."""
+        with self.vsp.lock:
+            self.check(state)
+            self.controller.restore(state.channel)
+            self.vsp.restore(state.vsp)
+            self._info_for = self.vsp.caps  # the guest has the maximum page count already
+        self.counters.update(state.counters)
 
-    def _hot_add_step(self, goal: int, pages: int) -> bool:
-        caps = self.vsp.caps
-        if caps is None or not caps.hot_add or self.vsp.hot_add_disabled:
-            self._give_up(goal, "the guest cannot hot-add memory (capability off or disabled)")
-            return False
-        part = self._mm_part
-        align = max(caps.hot_add_alignment_mib, 2) * MIB_PAGES
-        top = max(r.gpa + r.size for r in part.regions)
-        start = -(-top // (align * PAGE_SIZE)) * align * PAGE_SIZE
-        if start < HOLE_END and start + pages * PAGE_SIZE > HOLE_START:
-            align = HOLE_END // PAGE_SIZE  # continue above the 3-4 GiB hole
-        region = self.mm.hot_add(self.name, pages, align_pages=align)
-        first = region.gpa // PAGE_SIZE
-        rng = PageRange(first, pages)
-        if not self._run(f"hot-add {pages} pages", lambda: self.vsp.hot_add(rng, rng)):
-            self._give_up(goal, f"the guest did not answer a hot-add in {self.op_timeout} s")
-            return False
-        added = self.vsp.ram.contains(first, pages)
-        if not added:
-            self._give_up(goal, "the guest added fewer pages than offered: hot-add is off now")
-            return False
-        self.counters["hot_added_pages"] += pages
-        return False
+    def _unmap_region(self, region: Any) -> None:
+        self.partition.remove_memory(region)
 
     def _map_region(self, gpa: int, size: int) -> Any:
         if gpa < HOLE_END and gpa + size > HOLE_START:

@@ -5,18 +5,24 @@ console and the VMMS can use either."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyhv.worker import protocol
 from pyhv.worker.config import VmConfig
 from pyhv.worker.console import SerialLog
 from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
+
+if TYPE_CHECKING:
+    from pyhv.dynmem.status import MemoryStatus
+
+log = logging.getLogger(__name__)
 
 
 class WorkerProcess:
@@ -27,12 +33,18 @@ class WorkerProcess:
         config: VmConfig,
         output: Callable[[bytes], None] | None = None,
         *,
-        on_memory_status: Callable[[dict[str, Any]], object] | None = None,
+        on_memory_status: Callable[[MemoryStatus], object] | None = None,
     ) -> None:
         self.config = config
-        #: The guest's last Dynamic Memory status report, as the worker published it.
-        self.last_memory_status: dict[str, Any] | None = None
-        self._on_memory_status = on_memory_status
+        #: The VM's last memory status, as the worker pushed it (checked field by field).
+        self.last_memory_status: MemoryStatus | None = None
+        #: Memory statuses from the worker that did not decode (the worker is untrusted).
+        self.refused_statuses = 0
+        self._status_listeners: list[
+            tuple[Callable[[MemoryStatus], object], Callable[[str], object] | None]
+        ] = []
+        if on_memory_status is not None:
+            self._status_listeners.append((on_memory_status, None))
         self._calls: dict[int, tuple[threading.Event, list[dict[str, object]]]] = {}
         self._call_id = 0
         self.serial = SerialLog()
@@ -105,11 +117,7 @@ class WorkerProcess:
                         waiter[1].append(msg)
                         waiter[0].set()
                 elif ev == "memory_status":
-                    status = msg.get("status")
-                    if isinstance(status, dict):
-                        self.last_memory_status = status
-                        if self._on_memory_status is not None:
-                            self._on_memory_status(status)
+                    self._memory_status(msg.get("status"))
                 elif ev == "ended":
                     raw = msg.get("end")
                     if not isinstance(raw, dict):
@@ -130,6 +138,37 @@ class WorkerProcess:
         self._ended.set()
         for event, _ in list(self._calls.values()):
             event.set()  # nobody will answer now
+
+    def subscribe_memory_status(
+        self,
+        on_status: Callable[[MemoryStatus], object],
+        on_refused: Callable[[str], object] | None = None,
+    ) -> None:
+        """Call `on_status` with every memory status the worker pushes (on the reader thread),
+        and `on_refused` with the reason for every one that does not decode."""
+        self._status_listeners.append((on_status, on_refused))
+
+    def _memory_status(self, raw: object) -> None:
+        from pyhv.dynmem.status import MemoryStatus, StatusError
+
+        try:
+            status = MemoryStatus.from_wire(raw)
+        except StatusError as e:
+            self.refused_statuses += 1
+            log.warning("VM %s: worker pid %s: refused %s", self.config.name, self.pid, e)
+            for _, on_refused in list(self._status_listeners):
+                if on_refused is not None:
+                    self._call(on_refused, str(e))
+            return
+        self.last_memory_status = status
+        for on_status, _ in list(self._status_listeners):
+            self._call(on_status, status)
+
+    def _call(self, listener: Callable[[Any], object], arg: object) -> None:
+        try:
+            listener(arg)
+        except Exception:  # noqa: BLE001 - a listener's bug must not end the reader
+            log.exception("VM %s: memory status listener failed", self.config.name)
 
     def send(self, data: bytes) -> None:
         """Type ``data`` into the VM's serial port."""
@@ -166,7 +205,8 @@ class WorkerProcess:
         return reply.get("result")
 
     def memory_status(self) -> dict[str, Any]:
-        """As VirtualMachine.memory_status, from the worker process."""
+        """As VirtualMachine.memory_status (the operator's view), asked of the worker process.
+        The VMMS does not ask: it reads what the worker pushed (subscribe_memory_status)."""
         return self._memory("status")  # type: ignore[no-any-return]
 
     def set_memory_target(self, target_bytes: int) -> dict[str, Any]:

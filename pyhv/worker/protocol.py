@@ -7,7 +7,9 @@ Owner -> worker: ``{"op": "boot", "config": {...}}`` (first), ``{"op": "serial",
 Dynamic Memory: ``{"op": "memory", "id": n, "call": CALL, "value": int}`` with CALL one of
 ``status``, ``target`` (bytes), ``add`` / ``remove`` (pages) is answered by
 ``{"ev": "memory", "id": n, "result": {...}}`` or ``{"ev": "memory", "id": n, "error": text}``;
-every status report of the guest is published as ``{"ev": "memory_status", "status": {...}}``.
+every status report of the guest (and every goal reached) is pushed as
+``{"ev": "memory_status", "status": {...}}``, the status in the wire form of
+:class:`pyhv.dynmem.status.MemoryStatus`.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def serve(sock: socket.socket) -> int:
     vm = VirtualMachine(
         config,
         output=out.add,
-        on_memory_status=lambda st: send({"ev": "memory_status", "status": st}),
+        on_memory_status=lambda st: send({"ev": "memory_status", "status": st.to_wire()}),
     )
 
     def commands() -> None:

@@ -28,6 +28,7 @@ from pyhv.worker.outcome import (
 )
 
 if TYPE_CHECKING:
+    from pyhv.dynmem.status import MemoryStatus
     from pyhv.hypervisor import Partition, VirtualProcessor, VpEvent
     from pyhv.memory.manager import MemoryManager
     from pyhv.worker.dynmem import DynamicMemoryService
@@ -45,7 +46,7 @@ class VirtualMachine:
         config: VmConfig,
         output: Callable[[bytes], None] | None = None,
         *,
-        on_memory_status: Callable[[dict[str, Any]], object] | None = None,
+        on_memory_status: Callable[[MemoryStatus], object] | None = None,
         memory_manager: MemoryManager | None = None,
     ) -> None:
         self.config = config

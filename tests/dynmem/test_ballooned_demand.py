@@ -7,7 +7,8 @@ from __future__ import annotations
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.balancer import Add, HostMemory, MemorySettings, VmMemoryState, decide
 from pyhv.dynmem.protocol import MessageType as T
-from pyhv.dynmem.vsp import DynamicMemoryVsp, StatusReport
+from pyhv.dynmem.status import MemoryStatus
+from pyhv.dynmem.vsp import DynamicMemoryVsp
 from pyhv.memory.ranges import PageRange, RangeSet
 
 MIB = 256  # pages
@@ -23,7 +24,7 @@ class Vm:
     """A 256 MiB guest's VSP; assigned = visible - ballooned, as the worker has it."""
 
     def __init__(self) -> None:
-        self.reports: list[StatusReport] = []
+        self.reports: list[MemoryStatus] = []
         self.vsp = DynamicMemoryVsp(
             RangeSet([(0, RAM)]),
             lambda raw: True,
@@ -45,7 +46,7 @@ class Vm:
             ranges=[PageRange(128 * MIB, 128 * MIB)],
         )
 
-    def report(self, committed: int) -> StatusReport:
+    def report(self, committed: int) -> MemoryStatus:
         """A status report as Linux's hv_balloon (and the reference guest) computes it."""
         ballooned = self.vsp.ballooned.pages
         num_committed = committed + ballooned + floor_pages(RAM - ballooned)

@@ -16,6 +16,7 @@ import pytest
 
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
+from pyhv.dynmem.status import MemoryStatus
 from pyhv.dynmem.vsp import DmState
 from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.vmbus.controller import Command, Reg, Status
@@ -131,7 +132,7 @@ class World:
         self.partition = Partition("dm-test")
         for base, size in boot.ram_regions(self.config.memory):
             self.partition.add_memory(base, size)
-        self.statuses: list[dict[str, Any]] = []
+        self.statuses: list[MemoryStatus] = []
         self.guest: GuestVsc
         self.svc = DynamicMemoryService(
             self.partition,
@@ -195,10 +196,11 @@ def test_each_status_report_is_published_with_the_guests_values(world: World) ->
     world.guest.committed = 5000
     world.guest.report()
     assert _until(lambda: len(world.statuses) == 1)
-    last = world.statuses[0]["last_status"]
-    assert last["committed_pages"] == 5000
-    assert last["available_pages"] == world.guest.free.pages
-    assert last["pressure"] == pytest.approx(5000 * 100 / (128 * MiB // PAGE))
+    last = world.statuses[0]
+    assert last.committed_pages == 5000
+    assert last.available_pages == world.guest.free.pages
+    assert last.pressure == pytest.approx(5000 * 100 / (128 * MiB // PAGE))
+    assert last.assigned_pages == 128 * MiB // PAGE and last.vsp.status_reports == 1
     assert world.svc.status()["committed_pages"] == 5000
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from pyhv.dynmem.status import MemoryStatus
 from pyhv.worker import VirtualMachine, VmConfig
 from pyhv.worker.dynmem import DynamicMemoryError
 from pyhv.worker.script import ENTER, PROMPT
@@ -36,7 +37,7 @@ class Guest:
     """A running reference guest with Dynamic Memory, and the status reports it published."""
 
     def __init__(self, image: str, **cfg: Any) -> None:
-        self.reports: list[dict[str, Any]] = []
+        self.reports: list[MemoryStatus] = []
         self.vm = VirtualMachine(
             VmConfig.create(image=image, dynamic_memory=True, **cfg),
             on_memory_status=self.reports.append,
@@ -211,7 +212,7 @@ def test_a_worker_process_offers_the_same_memory_calls_and_publishes_each_report
 ) -> None:
     from pyhv.worker import WorkerProcess
 
-    reports: list[dict[str, Any]] = []
+    reports: list[MemoryStatus] = []
     cfg = VmConfig.create(
         image=guest_image, dynamic_memory=True, startup="256M", minimum="64M", maximum="512M"
     )
@@ -220,7 +221,7 @@ def test_a_worker_process_offers_the_same_memory_calls_and_publishes_each_report
         vm.serial.read_until(PROMPT, 60)
         assert wait_until(lambda: vm.memory_status()["negotiated"], 30)
         assert wait_until(lambda: len(reports) >= 2, 30)
-        assert reports[-1]["last_status"]["committed_pages"] > 0
+        assert reports[-1].committed_pages is not None and reports[-1].committed_pages > 0
         plan = vm.remove_memory(64 * PAGES_PER_MIB)  # the balancer's remove
         assert plan["goal_pages"] == 192 * PAGES_PER_MIB
         assert wait_until(lambda: vm.memory_status()["ballooned_pages"] == 64 * PAGES_PER_MIB)

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
-from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp, StatusReport
+from pyhv.dynmem.status import MemoryStatus
+from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp
 from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.vmbus.packet import Packet, PacketType
 from pyhv.vmbus.vsp import VspError
@@ -89,7 +90,9 @@ def test_a_status_report_publishes_committed_available_and_pressure() -> None:
     h = Host()
     h.connect()
     h.guest(T.STATUS_REPORT, p.DmStatus(num_avail=1000, num_committed=32768))
-    assert h.events[-1] == ("status", StatusReport(32768, 1000, 50.0))
+    what, status = h.events[-1]
+    assert what == "status" and isinstance(status, MemoryStatus)
+    assert (status.committed_pages, status.available_pages, status.pressure) == (32768, 1000, 50.0)
 
 
 def test_a_status_report_before_capabilities_is_refused() -> None:

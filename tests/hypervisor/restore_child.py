@@ -18,7 +18,7 @@ def main() -> None:
     path, counter_gpa, xmm_gpa = sys.argv[1], int(sys.argv[2], 0), int(sys.argv[3], 0)
     with open(path, "rb") as f:
         state = pickle.load(f)
-    with Partition.restore(state, name="restored") as p:
+    with Partition.from_state(state, name="restored") as p:
         vp = p.vps[0]
         saved = Registers.from_kvm(structs.kvm_regs.from_buffer_copy(state.vps[0].regs))
         regs_equal = vp.registers == saved

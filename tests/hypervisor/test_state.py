@@ -39,9 +39,9 @@ def test_a_running_guest_saved_here_goes_on_in_a_fresh_partition_in_another_proc
             assert time.monotonic() < deadline
             time.sleep(0.002)
         with pytest.raises(StateError, match="pause\\(\\) them"):
-            p.save_state()
+            p.save(memory=True)
         vp.pause()
-        state = p.save_state()
+        state = p.save(memory=True)
         saved_rbx = vp.registers.rbx
     path = tmp_path / "state.pickle"
     path.write_bytes(pickle.dumps(state))

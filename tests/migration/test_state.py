@@ -6,33 +6,55 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
 
-from pyhv.devices.uart16550 import Uart16550
-from pyhv.hypervisor.state import VpSavedState
+from pyhv.devices.uart16550 import Uart16550, UartState
+from pyhv.dynmem.vsp import DmVspState, GuestCaps
+from pyhv.hypervisor.state import STATE_VERSION as PARTITION_STATE_VERSION
+from pyhv.hypervisor.state import PartitionState, RegionSavedState, VpSavedState
+from pyhv.memory.ranges import PageRange
 from pyhv.migration import memory as mem
 from pyhv.migration.state import STATE_VERSION, VmState
 from pyhv.migration.stream import MigrationError
+from pyhv.vmbus.channel import SavedChannel
+from pyhv.vmbus.controller import ControllerState
+from pyhv.worker.dynmem import DynamicMemoryState
+
+
+def _vm_state(version: int = STATE_VERSION) -> VmState:
+    vp = VpSavedState(0, b"r" * 144, b"s" * 312, b"x" * 4096, b"c" * 392, {0x10: 5, 0xC0000080: 0xD01},
+                      b"e" * 64, 0, b"l" * 1024, b"d" * 128)  # fmt: skip
+    part = PartitionState(
+        PARTITION_STATE_VERSION, "vm", True, (RegionSavedState(0, 1 << 20, False, True),), (vp,),
+        (b"\x01" * 520,) * 3, b"\x02" * 48,
+        {0: {"counts": [1, 2], "defaults": [0, 0], "errors": [0, 0], "handler_ns": [5, 6]}},
+    )  # fmt: skip
+    channel = ControllerState(
+        1, 0, 16, 0x8000, 8, 4, 0x40, 0, (SavedChannel(1, 0x8000, 8, 4, 0x40),)
+    )
+    vsp = DmVspState(1, "IDLE", 0x20000, GuestCaps(True, True, 128, 0, 1 << 20), False, 9, None,
+                     (PageRange(0, 256),), (PageRange(16, 4),), {"accepted": 3})  # fmt: skip
+    dm = DynamicMemoryState(1, channel, vsp, {"ballooned_pages": 4})
+    return VmState(version, part, Uart16550(lambda b: None).save(), dm)
 
 
 def test_the_vm_state_survives_its_encoding() -> None:
-    vp = VpSavedState(0, b"r" * 144, b"s" * 312, b"x" * 4096, b"c" * 392, {0x10: 5, 0xC0000080: 0xD01},
-                      b"e" * 64, 0, b"l" * 1024, b"d" * 128)  # fmt: skip
-    st = VmState(STATE_VERSION, [vp], [b"\x01" * 520] * 3, b"\x02" * 48, {"ier": 1},
-                 {0: {"counts": [1, 2], "defaults": [0, 0], "errors": [0, 0], "handler_ns": [5, 6]}},
-                 None)  # fmt: skip
+    st = _vm_state()
     assert VmState.decode(st.encode()) == st
+    no_dm = replace(st, dynmem=None)
+    assert VmState.decode(no_dm.encode()) == no_dm
 
 
 def test_a_state_of_another_version_or_malformed_is_refused() -> None:
-    st = VmState(STATE_VERSION + 1, [], [], None, {})
-    with pytest.raises(MigrationError, match="version"):
-        VmState.decode(st.encode())
+    with pytest.raises(MigrationError, match="version 3 is not 2"):
+        VmState.decode(_vm_state(STATE_VERSION + 1).encode())
     with pytest.raises(MigrationError, match="malformed"):
-        VmState.decode(b'{"version": 1}')
+        VmState.decode(b'{"version": 2}')
+    with pytest.raises(MigrationError, match="malformed"):
+        VmState.decode(_vm_state().encode().replace(b'"IDLE"', b"7"))
 
 
 def test_the_serial_device_goes_on_where_it_was() -> None:
@@ -47,7 +69,7 @@ def test_the_serial_device_goes_on_where_it_was() -> None:
     a.feed(b"hello, world, this is more than sixteen bytes")
     assert a.io_read(0, 1) == ord("h")
     b = Uart16550(out.append)
-    b.restore_state(a.save_state())
+    b.restore(UartState.from_wire(a.save().to_wire()))
     assert b.baud == 9600 and b.io_read(7, 1) == 0x5A
     assert b.io_read(2, 1) & 0xC0 == 0xC0
     got = bytes(b.io_read(0, 1) for _ in range(b.pending_input))
@@ -108,8 +130,22 @@ def test_a_serial_state_with_a_register_no_chip_holds_is_refused_and_changes_not
 ) -> None:
     a = Uart16550(lambda b: None)
     a.io_write(7, 1, 0x5A)
-    st = a.save_state() | {key: value}
+    st = UartState.from_wire(a.save().to_wire() | {key: value})
     b = Uart16550(lambda b: None)
     with pytest.raises(ValueError, match="serial state"):
-        b.restore_state(st)
-    assert b.io_read(7, 1) == 0 and b.save_state() == Uart16550(lambda b: None).save_state()
+        b.restore(st)
+    assert b.io_read(7, 1) == 0 and b.save() == Uart16550(lambda b: None).save()
+
+
+def test_a_serial_state_of_another_version_or_shape_is_refused() -> None:
+    st = Uart16550(lambda b: None).save()
+    b = Uart16550(lambda b: None)
+    with pytest.raises(ValueError, match="version 2 is not 1"):
+        b.restore(replace(st, version=2))
+    with pytest.raises(ValueError, match="more than 16"):
+        b.restore(replace(st, rx=bytes(17)))
+    with pytest.raises(ValueError, match="fields"):
+        UartState.from_wire(st.to_wire() | {"extra": 1})
+    with pytest.raises(ValueError, match="not int"):
+        UartState.from_wire(st.to_wire() | {"lcr": "3"})
+    assert b.save() == st

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pyhv.dynmem.status import MemoryStatus
 from pyhv.worker.config import VmConfig
 from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
 
@@ -55,17 +56,27 @@ class FakeWorker:
 
 
 class FakeDmWorker(FakeWorker):
-    """A fake worker with a Dynamic Memory channel whose guest has reported."""
+    """A fake worker with a Dynamic Memory channel whose guest reports once, as it starts."""
 
-    def memory_status(self) -> dict[str, Any]:
+    def __init__(self, config: VmConfig, output: Callable[[bytes], None]) -> None:
+        super().__init__(config, output)
+        self._listeners: list[Callable[[MemoryStatus], object]] = []
+
+    def subscribe_memory_status(
+        self, on_status: Callable[[MemoryStatus], object], on_refused: object = None
+    ) -> None:
+        self._listeners.append(on_status)
+
+    def status(self) -> MemoryStatus:
+        """What its guest reports: half of its memory committed."""
         pages = self.config.memory // 4096
-        return {
-            "visible_pages": pages,
-            "assigned_pages": pages,
-            "ballooned_pages": 0,
-            "committed_pages": pages // 2,
-            "available_pages": pages // 2,
-        }
+        return MemoryStatus(pages, pages, 0, pages // 2, pages // 2, pages // 2)
+
+    def start(self) -> None:
+        super().start()
+        wire = self.status().to_wire()
+        for listener in self._listeners:
+            listener(MemoryStatus.from_wire(wire))  # as it crosses the socket
 
     def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
         self.target = target_bytes

@@ -23,6 +23,7 @@ SLOW = BalancerConfig(tick_s=1000.0)
 def _running(w: FakeWorker) -> tuple[BalancerLoop, threading.Event, threading.Thread]:
     pool = HostPool(8192 << 20)
     pool.admit("testvm", SETTINGS.startup_pages * PAGE_SIZE)
+    w.attach(pool, "testvm")
     loop = BalancerLoop(pool, lambda: {"testvm": (SETTINGS, w)}, config=SLOW)
     loop.tick()  # the loop has seen the VM at rest
     stop = threading.Event()
@@ -73,6 +74,8 @@ def test_an_early_tick_advances_the_lazy_timers_by_the_time_really_elapsed() -> 
     pool = HostPool(8192 << 20)
     pool.admit("idle", 1024 << 20)
     pool.admit("busy", SETTINGS.startup_pages * PAGE_SIZE)
+    idle.attach(pool, "idle")
+    busy.attach(pool, "busy")
     loop = BalancerLoop(pool, lambda: vms, config=BalancerConfig(tick_s=1000.0, remove_delay_s=1e6))
     d = loop.tick()
     assert d is not None and d.above_target_s[0] == 1000.0  # one (long) regular tick

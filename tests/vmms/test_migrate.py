@@ -20,13 +20,14 @@ from typing import Any
 
 import pytest
 
+from pyhv.dynmem.status import MemoryStatus
 from pyhv.migration.source import MigrationInDoubt
 from pyhv.migration.stream import MigrationError
 from pyhv.vmms.client import ClientError, VmmsClient
 from pyhv.vmms.server import ApiServers
 from pyhv.vmms.service import Vmms
 from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
-from tests.vmms.fakes import FakeWorker
+from tests.vmms.fakes import FakeDmWorker, FakeWorker
 
 pytestmark = pytest.mark.simulation
 
@@ -272,22 +273,16 @@ def test_requests_that_conflict_with_a_migration_get_409_with_the_reason(
     assert _until_final(a, rec["id"])["state"] == "done"
 
 
-class _HungryDmWorker(FakeWorker):
+class _HungryDmWorker(FakeDmWorker):
     """A DM worker whose guest commits all it has: the balancer wants to add memory."""
 
     def __init__(self, config: Any, output: Any) -> None:
         super().__init__(config, output)
         self.targets: list[int] = []
 
-    def memory_status(self) -> dict[str, Any]:
+    def status(self) -> MemoryStatus:
         pages = self.config.memory // 4096
-        return {
-            "visible_pages": pages,
-            "assigned_pages": pages,
-            "ballooned_pages": 0,
-            "committed_pages": pages,
-            "available_pages": 0,
-        }
+        return MemoryStatus(pages, pages, 0, pages, 0, pages)
 
     def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
         self.targets.append(target_bytes)

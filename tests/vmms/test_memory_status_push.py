@@ -1,0 +1,194 @@
+"""A VM's memory status is pushed by its worker and kept by the VMMS: the balancer and the
+counters read the latest one without asking any worker; the VSP's and the VPs' counters come
+with it to /metrics; a worker that pushes a malformed status is refused and counted, and the
+VMMS goes on."""
+
+from __future__ import annotations
+
+import queue
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pyhv.dynmem.status import MemoryStatus
+from pyhv.vmms.client import VmmsClient
+from pyhv.vmms.server import ApiServers
+from pyhv.vmms.service import RUNNING, Vmms
+from pyhv.worker.config import VmConfig
+from pyhv.worker.process import WorkerProcess
+
+GIB = 1 << 30
+#: Seconds a real guest may take to boot, negotiate Dynamic Memory and report (PVM is slow).
+REPORT_DEADLINE = 120.0
+
+
+class WatchedWorker(WorkerProcess):
+    """A real worker process whose pushed statuses (after the VMMS took them) and refusals are
+    queued for the test, and whose status requests are counted."""
+
+    def __init__(self, config: VmConfig, output: Callable[[bytes], None]) -> None:
+        super().__init__(config, output=output)
+        self.statuses: queue.Queue[MemoryStatus] = queue.Queue()
+        self.refusals: queue.Queue[str] = queue.Queue()
+        self.status_requests = 0
+
+    def subscribe_memory_status(
+        self,
+        on_status: Callable[[MemoryStatus], object],
+        on_refused: Callable[[str], object] | None = None,
+    ) -> None:
+        def status(st: MemoryStatus) -> None:
+            on_status(st)
+            self.statuses.put(st)
+
+        def refused(why: str) -> None:
+            if on_refused is not None:
+                on_refused(why)
+            self.refusals.put(why)
+
+        super().subscribe_memory_status(status, refused)
+
+    def _send(self, msg: dict[str, object]) -> None:
+        if msg.get("op") == "memory" and msg.get("call") == "status":
+            self.status_requests += 1
+        super()._send(msg)
+
+    def next_reported(self, deadline: float) -> MemoryStatus:
+        """The next status pushed after the guest's DM driver reported."""
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                st = self.statuses.get(timeout=left)
+            except queue.Empty:
+                break
+            if st.reported:
+                return st
+        raise AssertionError(f"no reported memory status from VM {self.config.name!r} in time")
+
+
+def _metrics(servers: ApiServers) -> dict[tuple[str, str], float]:
+    """/metrics as {(sample name, its one label value): value}."""
+    text = VmmsClient(socket_path=servers.unix.path, timeout=10).request("GET", "/metrics")
+    return {
+        (s.name, next(iter(s.labels.values()), "")): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+class Host:
+    """An in-process VMMS serving its API, whose workers are WatchedWorkers run under
+    `command_prefix` (empty: the real worker)."""
+
+    def __init__(self, tmp_path: Path, command_prefix: list[str], **vmms: Any) -> None:
+        self.workers: list[WatchedWorker] = []
+
+        def factory(config: VmConfig, output: Callable[[bytes], None]) -> WatchedWorker:
+            w = WatchedWorker(config, output)
+            w.command_prefix = command_prefix
+            self.workers.append(w)
+            return w
+
+        self.vmms = Vmms(tmp_path / "state", budget_bytes=4 * GIB, worker_factory=factory, **vmms)
+        self.servers = ApiServers(self.vmms, tmp_path / "vmms.sock", None)
+        self.servers.start()
+
+    def close(self) -> None:
+        self.servers.close()
+        self.vmms.close()
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[Host]]:
+    made: list[Host] = []
+    yield made
+    for h in made:
+        h.close()
+
+
+@pytest.mark.guest
+def test_a_real_guests_status_reaches_the_vmms_with_no_request_and_its_counters_reach_metrics(
+    hosts: list[Host], tmp_path: Path
+) -> None:
+    host = Host(tmp_path, [])  # the real worker, the bundled guest
+    hosts.append(host)
+    service, servers, workers = host.vmms, host.servers, host.workers
+    service.create(
+        {"name": "dm", "memory": "256M", "minimum": "128M", "maximum": "1G", "dynamic_memory": True}
+    )
+    service.start("dm")
+    (worker,) = workers
+    pushed = worker.next_reported(time.monotonic() + REPORT_DEADLINE)
+    latest = service.pool.latest("dm")
+    assert latest is not None and latest.reported
+    assert latest.assigned_pages == 256 * 256 and pushed.vsp.status_reports >= 1
+    decision = service.balancer.tick()
+    assert decision is not None and decision.vm_ids == ("dm",)
+    assert worker.status_requests == 0  # the VMMS never asked the worker for its status
+    # The counters pushed with it: the VSP's, and VP 0's intercepts (its serial output exits).
+    second = worker.next_reported(time.monotonic() + REPORT_DEADLINE)
+    m = _metrics(servers)
+    assert m[("pyhv_dynamic_memory_vsp_status_reports_total", "dm")] >= 1
+    assert m[("pyhv_dynamic_memory_vsp_messages_accepted_total", "dm")] >= 3
+    assert m[("pyhv_hypervisor_virtual_processor_io_port_intercepts_total", "dm:Hv VP 0")] > 0
+    assert second.vps[0].io_port > 0
+    assert m[("pyhv_vm_worker_messages_memory_statuses_total", "dm")] >= 2
+    assert m[("pyhv_dynamic_memory_vm_physical_memory_bytes", "dm")] == 256 << 20
+    assert worker.status_requests == 0
+
+
+#: A stand-in worker process: it speaks the worker protocol, pushes two malformed statuses and
+#: one good one, and stops when asked.
+FAKE_WORKER = textwrap.dedent(
+    """
+    import socket, sys
+    from pyhv.dynmem.status import MemoryStatus
+    from pyhv.worker import protocol
+    from pyhv.worker.outcome import STOPPED, VmEnd
+
+    sock = socket.socket(fileno=int(sys.argv[sys.argv.index("--fd") + 1]))
+    boot = protocol.recv(sock)
+    pages = boot["config"]["memory"] // 4096
+    protocol.send(sock, {"ev": "started", "pid": 1})
+    good = MemoryStatus(pages, pages, 0, pages // 2, pages // 4, pages // 2).to_wire()
+    protocol.send(sock, {"ev": "memory_status", "status": dict(good, assigned_pages=-1)})
+    protocol.send(sock, {"ev": "memory_status", "status": "all of it"})
+    protocol.send(sock, {"ev": "memory_status", "status": good})
+    while (msg := protocol.recv(sock)) is not None and msg.get("op") != "stop":
+        pass
+    protocol.send(sock, {"ev": "ended", "end": VmEnd(STOPPED, detail="asked").to_dict()})
+    """
+)
+
+
+@pytest.mark.simulation
+def test_a_worker_pushing_a_malformed_status_is_refused_and_counted_and_the_vmms_goes_on(
+    hosts: list[Host], tmp_path: Path
+) -> None:
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    # The stand-in runs instead of `python -m pyhv.worker` (whose argv it gets) and boots nothing.
+    host = Host(tmp_path, [sys.executable, str(script)], image_resolver=lambda: str(script))
+    hosts.append(host)
+    service, servers, workers = host.vmms, host.servers, host.workers
+    service.create({"name": "dm", "memory": "512M", "dynamic_memory": True})
+    service.start("dm")
+    (worker,) = workers
+    deadline = time.monotonic() + 30
+    refusals = [worker.refusals.get(timeout=deadline - time.monotonic()) for _ in range(2)]
+    assert "memory status: assigned_pages must be a whole number in 0.." in refusals[0]
+    assert "memory status must be an object, got str" in refusals[1]
+    good = worker.statuses.get(timeout=deadline - time.monotonic())
+    assert service.pool.latest("dm") == good and good.committed_pages == 512 * 256 // 2
+    m = _metrics(servers)
+    assert m[("pyhv_vm_worker_messages_refused_messages_total", "dm")] == 2
+    assert m[("pyhv_vm_worker_messages_memory_statuses_total", "dm")] == 1
+    # The VMMS goes on: the VM runs, its memory is the good status's, the API answers.
+    assert service.describe("dm")["state"] == RUNNING
+    assert service.memory_status("dm")["committed"] == 256 << 20
+    assert service.stop("dm")["state"] == "off"

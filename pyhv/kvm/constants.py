@@ -79,6 +79,7 @@ KVM_SET_XSAVE = _iow(0xA5, _sz(s.kvm_xsave))
 KVM_GET_XCRS = _ior(0xA6, _sz(s.kvm_xcrs))
 KVM_SET_XCRS = _iow(0xA7, _sz(s.kvm_xcrs))
 KVM_GET_XSAVE2 = _ior(0xCF, _sz(s.kvm_xsave))
+KVM_GET_STATS_FD = _io(0xCE)  # on a vCPU: its binary statistics file
 
 # capabilities (KVM_CHECK_EXTENSION)
 CAP_IRQCHIP = 0

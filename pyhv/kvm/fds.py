@@ -301,8 +301,45 @@ class Vcpu:
             g.debugreg[i] = v
         _ioctl(self.fd, c.KVM_SET_GUEST_DEBUG, g, "KVM_SET_GUEST_DEBUG")
 
+    def open_stats(self) -> VcpuStats:
+        """KVM_GET_STATS_FD: this vCPU's statistics (halt_exits, blocking, ...), readable while
+        it runs. Open it before KVM_RUN: the ioctl waits for the vCPU's lock, which a running
+        vCPU holds."""
+        return VcpuStats(_ioctl(self.fd, c.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD"))
+
     def close(self) -> None:
         if self.fd >= 0:
             self.run_page.release()
+            os.close(self.fd)
+            self.fd = -1
+
+
+class VcpuStats:
+    """A vCPU's binary statistics file: names read once, values read at each `read()`."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        head = s.kvm_stats_header.from_buffer_copy(
+            os.pread(fd, ctypes.sizeof(s.kvm_stats_header), 0)
+        )
+        self._data_offset = head.data_offset
+        size = ctypes.sizeof(s.kvm_stats_desc) + head.name_size
+        descs = os.pread(fd, size * head.num_desc, head.desc_offset)
+        self._where: dict[str, int] = {}  # name -> offset in the data block (one-value stats)
+        for i in range(head.num_desc):
+            d = s.kvm_stats_desc.from_buffer_copy(descs, i * size)
+            if d.size == 1:  # histograms are left out
+                at = i * size + ctypes.sizeof(s.kvm_stats_desc)
+                name = descs[at : at + head.name_size].split(b"\0", 1)[0].decode()
+                self._where[name] = d.offset
+
+    def read(self) -> dict[str, int]:
+        """{name: value} of every one-value statistic, e.g. halt_exits, halt_wakeup, blocking."""
+        end = max(self._where.values(), default=0) + 8
+        data = os.pread(self.fd, end, self._data_offset)
+        return {n: int.from_bytes(data[o : o + 8], "little") for n, o in self._where.items()}
+
+    def close(self) -> None:
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

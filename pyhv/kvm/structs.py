@@ -123,6 +123,31 @@ class kvm_mp_state(ctypes.Structure):
     _fields_ = [("mp_state", u32)]
 
 
+class kvm_stats_header(ctypes.Structure):
+    """Start of a binary statistics file (KVM_GET_STATS_FD)."""
+
+    _fields_ = [
+        ("flags", u32),
+        ("name_size", u32),
+        ("num_desc", u32),
+        ("id_offset", u32),
+        ("desc_offset", u32),
+        ("data_offset", u32),
+    ]
+
+
+class kvm_stats_desc(ctypes.Structure):
+    """One statistic's descriptor; its name (name_size bytes) follows it."""
+
+    _fields_ = [
+        ("flags", u32),
+        ("exponent", ctypes.c_int16),
+        ("size", ctypes.c_uint16),
+        ("offset", u32),
+        ("bucket_size", u32),
+    ]
+
+
 class kvm_debugregs(ctypes.Structure):
     _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
 

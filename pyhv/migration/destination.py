@@ -172,6 +172,8 @@ class Incoming:
             vm_state.restore(vm, state)
             if self.verify:
                 want = fs.expect_json(Frame.CHECKSUM).get("ram")
+                if "state:tamper" in self.faults.fired:
+                    _flip_a_bit(ram)
                 got = mem.ram_checksum(ram)
                 if got != want:
                     raise MigrationError(
@@ -350,3 +352,10 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     s.bind((host, port))
     s.listen(1)
     return s
+
+
+def _flip_a_bit(ram: list[MemoryRegion]) -> None:
+    """Test-only (fault ``tamper``): change one bit in the middle of guest RAM after it arrived."""
+    r = ram[0]
+    off = r.size // 2 & ~(PAGE - 1)
+    r.mm[off] ^= 0x01

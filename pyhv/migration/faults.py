@@ -10,7 +10,9 @@ Destination phases: ``authenticate``, ``config``, ``memory`` (first page frame r
 Actions: ``cut`` (the connection drops: both directions shut down), ``corrupt`` (the next frame
 sent has a payload bit flipped after its checksum was computed), ``exit`` (this process dies at
 once, as a killed host would: only for a destination in its own process), ``fail`` (this side
-raises an error, e.g. a device that cannot save its state).
+raises an error, e.g. a device that cannot save its state), ``tamper`` (only at the destination's
+``state``: one bit of guest RAM received intact is flipped, as bad memory would, so the RAM
+checksum comparison must refuse it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 SOURCE_PHASES = ("connect", "config", "pass1", "pass2", "final", "state", "commit", "resumed")
 DESTINATION_PHASES = ("authenticate", "config", "memory", "state", "restored")
-ACTIONS = ("cut", "corrupt", "exit", "fail")
+ACTIONS = ("cut", "corrupt", "exit", "fail", "tamper")
 
 
 class FaultPlan:
@@ -41,10 +43,14 @@ class FaultPlan:
                 )
             if action not in ACTIONS:
                 raise ValueError(f"unknown fault action {action!r}: one of {ACTIONS}")
+            if action == "tamper" and phase != "state":
+                raise ValueError(f"'tamper' is a fault of the destination's 'state', not {phase!r}")
         self.plan = plan
         self.fired: list[str] = []
 
     def at(self, phase: str, fs: FrameSocket | None) -> None:
+        """Fire the fault planned at `phase`, if any (``tamper`` is carried out by the
+        destination, which holds the guest's memory: it looks in `fired`)."""
         action = self.plan.pop(phase, None)
         if action is None:
             return

@@ -96,6 +96,8 @@ class BalancerLoop:
         self.counters = counters
         self._vms = vms
         self._pending_ticks = pending_ticks
+        self.looks = 0  #: looks at the reports between ticks, early tick or not
+        self._looked = threading.Condition()
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
         self._arrived = threading.Event()
@@ -267,7 +269,7 @@ class BalancerLoop:
                 self._arrived.clear()
                 if stop.is_set():
                     return
-                if time.monotonic() < due and self._spiked():
+                if time.monotonic() < due and self._look():
                     early = True
                     break
             if stop.is_set():
@@ -279,6 +281,20 @@ class BalancerLoop:
             except Exception:  # noqa: BLE001 - one bad tick must not end balancing
                 log.exception("balancer tick failed")
             last = now
+
+    def _look(self) -> bool:
+        """One look at the reports between ticks (`_spiked`), counted for `wait_looks`."""
+        try:
+            return self._spiked()
+        finally:
+            with self._looked:
+                self.looks += 1
+                self._looked.notify_all()
+
+    def wait_looks(self, n: int, timeout: float) -> bool:
+        """Until `run` has looked at the reports `n` times in all (False after `timeout`)."""
+        with self._looked:
+            return self._looked.wait_for(lambda: self.looks >= n, timeout)
 
     def _spiked(self) -> bool:
         """A VM whose latest report puts it below target, with no operation in flight."""

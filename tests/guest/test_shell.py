@@ -8,11 +8,14 @@ from collections.abc import Callable
 
 import pytest
 
+from pyhv.hypervisor import VirtualProcessor
+from pyhv.kvm.constants import MP_STATE_HALTED
 from tests.guest.shell import Shell
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 Boot = Callable[..., Shell]
+IF = 1 << 9  # RFLAGS.IF: interrupts enabled
 
 
 def wait_for(shell: Shell, command: str, ok: Callable[[str], bool], tries: int = 100) -> str:
@@ -92,10 +95,11 @@ def test_dirty_rewrites_its_working_set_in_the_background_while_the_shell_answer
 
 def test_dirty_keeps_to_the_rate_it_was_given(boot_guest: Boot) -> None:
     shell = boot_guest("64M")
+    start = shell.values("ticks")["ticks"]  # read before: the task starts later
     shell.run("dirty 4 200")  # 2 pages per 10 ms tick
-    time.sleep(0.3)
+    wait_for(shell, "ticks", lambda out: int(out.split()[1]) >= start + 30)  # 30 ticks on
     touched = int(shell.run("tasks").split("touched ")[1].split()[0])
-    ticks = shell.values("ticks")["ticks"]  # read after: an upper bound on the task's ticks
+    ticks = shell.values("ticks")["ticks"] - start  # read after: an upper bound on its ticks
     assert 0 < touched <= 2 * (ticks + 1)
 
 
@@ -158,6 +162,20 @@ def test_an_exception_in_a_task_kills_only_the_task(boot_guest: Boot) -> None:
     assert shell.values("mem")["visible"] == 64
 
 
+def _halted_for_good(vp: VirtualProcessor, timeout: float = 10.0) -> bool:
+    """Until the VP, paused to look, is in HLT (KVM's mp_state) with interrupts off (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vp.pause()
+        try:
+            if vp.vcpu.get_mp_state() == MP_STATE_HALTED and not vp.registers.rflags & IF:
+                return True
+        finally:
+            vp.resume()
+        time.sleep(0.01)
+    return False
+
+
 def test_a_kernel_exception_prints_vector_rip_cr2_and_error_code_then_halts(
     boot_guest: Boot,
 ) -> None:
@@ -166,7 +184,10 @@ def test_a_kernel_exception_prints_vector_rip_cr2_and_error_code_then_halts(
     out = shell.vm.serial.read_until(b"halted", 30).decode()
     assert "kernel exception 14 (page fault) at rip " in out
     assert "cr2 1000000000, error code 0" in out
-    assert shell.vm.wait(0.2) is None  # halted, not powered off
+    # Halted for good, not powered off: VP 0 sleeps in HLT with interrupts off (nothing can
+    # wake it), and the VM has not ended.
+    assert _halted_for_good(shell.vm.partition.vps[0])
+    assert shell.vm.wait(0) is None
 
 
 def test_poweroff_ends_the_vm_with_the_status_given(boot_guest: Boot) -> None:

@@ -9,9 +9,10 @@ import time
 import pytest
 
 from pyhv.hypervisor import Partition, VpState
+from pyhv.kvm.fds import VcpuStats
 from tests.guests.harness import guest, run_until_power_off
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 def _wait_for(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
@@ -23,31 +24,42 @@ def _wait_for(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-de
     return False
 
 
+def _halted(stats: VcpuStats, halts: int) -> bool:
+    """Until the VP sleeps in its `halts`-th HLT (KVM's own counts: halt_exits, blocking)."""
+    return _wait_for(lambda: (s := stats.read())["halt_exits"] == halts and s["blocking"] == 1)
+
+
 def test_interrupts_reach_a_halted_guest_by_vector_pin_and_irqfd() -> None:
     with guest("interrupts") as (p, vp, _):
         ready: list[int] = []
         got: list[int] = []
         p.intercepts.install_io(0x10, 0x10, lambda m: ready.append(1), read=False)
         p.intercepts.install_io(0x11, 0x11, lambda m: got.append(m.value), read=False)
-        vp.start()
-        assert _wait_for(lambda: ready)
-        time.sleep(0.01)  # the guest gets to its HLT
+        stats = vp.vcpu.open_stats()  # before the VP runs: opening waits for the vCPU's lock
+        try:
+            vp.start()
+            assert _wait_for(lambda: ready)
+            # Before each interrupt the guest sleeps in HLT; each interrupt wakes it, its
+            # handler reports, and it halts once more.
+            assert _halted(stats, 1)
+            p.interrupt(0, 0x40)
+            assert _wait_for(lambda: got == [0x40]) and _halted(stats, 2)
+            p.pulse_irq(5)  # IOAPIC pin 5 -> vector 0x41 as the guest programmed it
+            assert _wait_for(lambda: got == [0x40, 0x41]) and _halted(stats, 3)
+            fd = p.irqfd(5)
+            os.write(fd, (1).to_bytes(8, "little"))
+            assert _wait_for(lambda: got == [0x40, 0x41, 0x41]) and _halted(stats, 4)
+            msi = p.msi_irqfd(0, 0x40)  # a GSI of its own routed as an MSI: vector 0x40 to VP 0
+            os.write(msi, (1).to_bytes(8, "little"))
+            assert _wait_for(lambda: got == [0x40, 0x41, 0x41, 0x40]) and _halted(stats, 5)
+            p.pulse_irq(5)  # the default IOAPIC routes survived the new routing table
+            assert _wait_for(lambda: got == [0x40, 0x41, 0x41, 0x40, 0x41]) and _halted(stats, 6)
+            assert vp.state is VpState.RUNNING
+        finally:
+            stats.close()
 
-        p.interrupt(0, 0x40)
-        assert _wait_for(lambda: got == [0x40])
-        p.pulse_irq(5)  # IOAPIC pin 5 -> vector 0x41 as the guest programmed it
-        assert _wait_for(lambda: got == [0x40, 0x41])
-        fd = p.irqfd(5)
-        os.write(fd, (1).to_bytes(8, "little"))
-        assert _wait_for(lambda: got == [0x40, 0x41, 0x41])
-        msi = p.msi_irqfd(0, 0x40)  # a GSI of its own routed as an MSI: vector 0x40 to VP 0
-        os.write(msi, (1).to_bytes(8, "little"))
-        assert _wait_for(lambda: got == [0x40, 0x41, 0x41, 0x40])
-        p.pulse_irq(5)  # the default IOAPIC routes survived the new routing table
-        assert _wait_for(lambda: got == [0x40, 0x41, 0x41, 0x40, 0x41])
-        assert vp.state is VpState.RUNNING
 
-
+@pytest.mark.kvm
 def test_bad_interrupt_requests_are_refused() -> None:
     with Partition("irq") as p:
         p.create_vp(0)

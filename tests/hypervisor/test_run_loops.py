@@ -26,7 +26,7 @@ from tests.hypervisor import (
     test_virtual_processors,
 )
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 MODULES = (
     test_io_intercepts,
@@ -41,6 +41,16 @@ CASES = [
     for name, f in vars(m).items()
     if name.startswith("test_") and inspect.isfunction(f) and not inspect.signature(f).parameters
 ]
+#: Tests of these modules that start no VP (they check refusals): no run loop to compare.
+NO_VP = {
+    "test_two_intercepts_on_one_port_are_refused_with_a_clear_error",
+    "test_bad_memory_requests_get_clear_errors",
+    "test_msrs_too_far_apart_for_the_kvm_filter_are_refused",
+    "test_a_fifth_execute_intercept_is_refused_there_are_four_breakpoint_registers",
+    "test_exception_vectors_kvm_cannot_deliver_are_refused_clearly",
+    "test_counters_are_kept_for_every_intercept_kind",
+}
+CASES = [c for c in CASES if c.values[0].__name__ not in NO_VP]
 
 
 def _record_loops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -84,7 +94,7 @@ def test_the_python_loop_passes_the_intercept_and_vp_tests_too(
     monkeypatch.setattr(fastrun, "load", lambda: None)
     kinds = _record_loops(monkeypatch)
     case()
-    assert set(kinds) <= {"python"}
+    assert kinds and set(kinds) == {"python"}  # it started a VP, and only on the Python loop
 
 
 def test_vps_run_the_c_loop_unless_it_is_disabled() -> None:
@@ -98,6 +108,7 @@ def test_vps_run_the_c_loop_unless_it_is_disabled() -> None:
             assert vp.loop_kind == "c"
 
 
+@pytest.mark.unit
 def test_pyhv_no_fastrun_selects_the_python_loop() -> None:
     code = "from pyhv.kvm import fastrun; print(fastrun.load(), fastrun.why_unavailable())"
     env = {**os.environ, fastrun.DISABLE_ENV: "1"}
@@ -171,10 +182,11 @@ def test_in_takes_bytes_or_an_int_subclass_and_counts_it_on_both_loops(loop: str
             0x11, 0x12, lambda m: echoed.append((m.access_size, m.value)), read=False
         )
         run_until_power_off(p, vp)
-        assert echoed[:3] == [(1, 0xAB), (2, 1), (4, 0xDEADBEEF)]
+        assert echoed == [(1, 0xAB), (2, 1), (4, 0xDEADBEEF), (4, 0)]
         c = p.counters["io_port"]
-        assert c["count"] >= 7 and c["errors"] == 0
-        assert c["handler_seconds"] >= 0
+        # three INs, four OUTs to 0x11-0x12 and the power-off OUT, each through a handler
+        assert (c["count"], c["defaulted"], c["errors"]) == (8, 0, 0)
+        assert c["handler_seconds"] > 0
 
 
 LOOP_MMIO = (

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,15 +17,36 @@ from pyhv.hypervisor import (
 )
 from tests.guests.harness import STACK_TOP, guest
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 def _u64(p: Partition, gpa: int) -> int:
     return int.from_bytes(p.read(gpa, 8), "little")
 
 
+@contextmanager
+def _witness() -> Iterator[Callable[[], None]]:
+    """A VP of another partition spinning at CPL3: `elapse()` returns once it has counted a
+    million more (bounded), time in which a guest that is not paused runs too."""
+    with guest("spin_user", cpl=3, rflags=0x3002, partition_name="witness") as (p, vp, img):
+        vp.start()
+
+        def elapse() -> None:
+            goal = _u64(p, img["counter"]) + 1_000_000
+            deadline = time.monotonic() + 10
+            while _u64(p, img["counter"]) < goal:
+                assert time.monotonic() < deadline, "the witness VP does not run"
+                time.sleep(0.001)
+
+        try:
+            yield elapse
+        finally:
+            vp.stop()
+            vp.wait(5)
+
+
 def test_a_vp_spinning_at_cpl3_is_paused_stays_still_and_resumes() -> None:
-    with guest("spin_user", cpl=3, rflags=0x3002) as (p, vp, img):
+    with _witness() as elapse, guest("spin_user", cpl=3, rflags=0x3002) as (p, vp, img):
         counter = img["counter"]
         vp.start()
         deadline = time.monotonic() + 5
@@ -34,7 +57,7 @@ def test_a_vp_spinning_at_cpl3_is_paused_stays_still_and_resumes() -> None:
             assert vp.state is VpState.PAUSED
             assert vp.special_registers.cs.dpl == 3
             frozen = _u64(p, counter)
-            time.sleep(0.02)
+            elapse()
             assert _u64(p, counter) == frozen
             vp.resume()
             while _u64(p, counter) == frozen and time.monotonic() < deadline:
@@ -122,6 +145,7 @@ def test_an_emulation_failure_is_reported_never_ignored() -> None:
         assert ev.detail and ev.registers is not None
 
 
+@pytest.mark.kvm
 def test_counters_are_kept_for_every_intercept_kind() -> None:
     with guest("io_echo") as (p, _vp, _):
         assert set(p.counters) == {
@@ -150,7 +174,7 @@ def test_a_handler_can_stop_its_own_vp() -> None:
 
 
 def test_a_partition_pauses_and_resumes_all_its_vps() -> None:
-    with guest("vp_pair") as (p, vp0, img):
+    with _witness() as elapse, guest("vp_pair") as (p, vp0, img):
         vp1 = p.create_vp(1)
         enter_long_mode(p, vp1, img["second"], STACK_TOP - 0x10000)
         seen: list[int] = []
@@ -164,7 +188,7 @@ def test_a_partition_pauses_and_resumes_all_its_vps() -> None:
         p.pause()
         assert {vp0.state, vp1.state} == {VpState.PAUSED}
         frozen = len(seen)
-        time.sleep(0.02)
+        elapse()
         assert len(seen) == frozen
         p.resume()
         while len(seen) < frozen + 5 and time.monotonic() < deadline:

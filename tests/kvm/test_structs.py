@@ -44,6 +44,8 @@ STRUCTS = {
     "kvm_ioeventfd": s.kvm_ioeventfd,
     "kvm_irq_routing_entry": s.kvm_irq_routing_entry,
     "kvm_irq_routing": s.kvm_irq_routing,
+    "kvm_stats_header": s.kvm_stats_header,
+    "kvm_stats_desc": s.kvm_stats_desc,
 }
 
 # (C expression, our value)

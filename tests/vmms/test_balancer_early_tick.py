@@ -6,10 +6,14 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from pyhv.dynmem.balancer import BalancerConfig, MemorySettings
 from pyhv.vmms.balancing import BalancerLoop
 from pyhv.vmms.pool import HostPool
 from tests.vmms.test_balancing import MIB, PAGE_SIZE, FakeWorker
+
+pytestmark = pytest.mark.simulation
 
 SETTINGS = MemorySettings.from_mib(startup=512, minimum=256, maximum=4096)
 #: A tick so long that only an early tick can answer within the test.
@@ -55,7 +59,8 @@ def test_a_vm_at_rest_gets_no_early_tick() -> None:
     first = loop.last_decision
     try:
         w.committed = 420 * MIB  # a new report, still under target: nothing to answer
-        time.sleep(0.3)  # thirty looks
+        # thirty looks at it (one may have begun before the report: the other 29 saw it)
+        assert loop.wait_looks(loop.looks + 30, timeout=60)
         assert loop.last_decision is first and w.targets == []
     finally:
         stop.set()

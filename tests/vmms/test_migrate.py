@@ -1,13 +1,17 @@
-"""Live migration between two VMMS instances, with fake workers (no KVM): the source VMMS asks
-the destination VMMS to prepare (authenticated with the destination's token, its pool checked),
-then drives its worker; on success the VM is registered at the destination and gone at the
-source, on failure it runs on at the source and the destination holds nothing. A migrating VM is
-left alone by the balancer and conflicting requests get 409. A connection lost after COMMIT is
-settled by asking the destination; if it cannot tell, the VM stays paused at the source."""
+"""Live migration between two VMMS instances. First with the reference guest under KVM and two
+`pyhv vmms serve` processes: the VM migrated by `pyhv vm migrate` runs at the destination (its
+console answers there with what only that guest holds) and is gone at the source. Then the
+VMMS's part of it with fake workers (no KVM): the source VMMS asks the destination VMMS to
+prepare (authenticated with the destination's token, its pool checked), then drives its worker;
+on success the VM is registered at the destination and gone at the source, on failure it runs on
+at the source and the destination holds nothing. A migrating VM is left alone by the balancer and
+conflicting requests get 409. A connection lost after COMMIT is settled by asking the
+destination; if it cannot tell, the VM stays paused at the source."""
 
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +28,8 @@ from pyhv.vmms.server import ApiServers
 from pyhv.vmms.service import Vmms
 from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
 from tests.vmms.fakes import FakeDmWorker, FakeWorker
+
+pytestmark = pytest.mark.simulation
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -168,7 +174,48 @@ def _until_final(host: Host, mid: str) -> dict[str, Any]:
     raise AssertionError(f"migration {mid} did not end: {rec}")
 
 
+def _mem(text: str) -> dict[str, int]:
+    """The guest's `mem` figures: {"visible": MiB, "free": ..., "committed": ..., ...}."""
+    return {m[1]: int(m[2]) for m in re.finditer(r"^([\w-]+): (\d+) MiB", text, re.M)}
+
+
+@pytest.mark.guest
 def test_a_vm_migrated_through_the_vmms_runs_at_the_destination_and_is_gone_at_the_source(
+    tmp_path: Path,
+) -> None:
+    from tests.vmms.vmms_process import vmms_pair  # real hosts: this file's others are fakes
+
+    with vmms_pair(tmp_path) as (a, b):
+        free_a, free_b = a.free(), b.free()
+        a.vm("create", "vm1", "--memory", "256M")
+        a.vm("start", "vm1")
+        # State only this guest holds: a testlimit task of an odd size, the guest's own count
+        # of its memory, its clock.
+        assert "committed 37 MiB" in a.shell("vm1", "testlimit -m 37", b"committed 37 MiB")
+        task = "task 0: testlimit committed 37 MiB, allocated 37 MiB"
+        for _ in range(100):  # until the task has allocated all of it
+            if task in a.shell("vm1", "tasks", b"task 0"):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"no '{task}' in: {a.shell('vm1', 'tasks', b'task 0')}")
+        mem_a = _mem(a.shell("vm1", "mem", b"hot-added: "))
+        assert mem_a["committed"] >= 37 and len(mem_a) == 5, mem_a
+        ticks_a = a.ticks("vm1")
+        out = a.vm("migrate", "vm1", "--to", b.address, "--token-file", str(b.token_file))
+        assert f"vm1 runs on {b.address} now" in out, out
+        # Gone at A, its memory back in A's pool; running at B on B's memory.
+        assert "vm1" not in a.names() and a.free() == free_a
+        assert b.state_of("vm1") == "running" and b.free() == free_b - 256 * MIB
+        # B's console answers from that same guest: its task, its memory figures to the MiB,
+        # its physical memory manager consistent, its clock gone on from where it was.
+        assert task in b.shell("vm1", "tasks", b"task 0")
+        assert _mem(b.shell("vm1", "mem", b"hot-added: ")) == mem_a
+        assert "pmm: consistent" in b.shell("vm1", "pmmcheck", b"pmm: ")
+        assert b.ticks("vm1") > ticks_a
+
+
+def test_a_migration_through_the_vmms_moves_the_vms_entry_and_memory_to_the_destination(
     hosts: tuple[Host, Host, FakeMigrator],
 ) -> None:
     a, b, migrator = hosts

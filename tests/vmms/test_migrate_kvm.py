@@ -6,11 +6,7 @@ connection lost after COMMIT is settled by asking the destination VMMS."""
 
 from __future__ import annotations
 
-import itertools
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,133 +14,21 @@ from typing import Any
 
 import pytest
 
-from pyhv.vmms.client import VmmsClient
+from tests.vmms.vmms_process import VmmsProcess, migrate_api, touched, vmms_pair
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.guest
+
 MIB = 1 << 20
-_sync = itertools.count()
-
-
-class Vmms:
-    """A `pyhv vmms serve --tcp 127.0.0.1:0` in its own state directory."""
-
-    def __init__(self, tmp: Path, name: str, budget: str) -> None:
-        self.state = tmp / name
-        self.log = open(tmp / f"{name}.log", "w+")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pyhv.cli",
-                "vmms",
-                "serve",
-                "--state-dir",
-                str(self.state),
-                "--tcp",
-                "127.0.0.1:0",
-                "--memory-budget",
-                budget,
-                "--host-reserve",
-                "256M",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        self.address = ""
-        for _ in range(600):
-            m = re.search(r"http://(127\.0\.0\.1:\d+)/", Path(self.log.name).read_text())
-            if m:
-                self.address = m[1]
-                break
-            assert self.proc.poll() is None, Path(self.log.name).read_text()
-            time.sleep(0.05)
-        assert self.address, "the VMMS did not say where it serves"
-        self.token_file = self.state / "token"
-        self.client = VmmsClient(socket_path=self.state / "vmms.sock", timeout=60)
-
-    def vm(self, *args: str, check: bool = True) -> str:
-        r = subprocess.run(
-            [sys.executable, "-m", "pyhv.cli", "vm", "--state-dir", str(self.state), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
-        assert "Traceback" not in r.stderr, r.stderr
-        if check:
-            assert r.returncode == 0, r.stdout + r.stderr
-        else:
-            assert r.returncode != 0, r.stdout + r.stderr
-        return r.stdout + r.stderr
-
-    def free(self) -> int:
-        return int(self.client.request("GET", "/api/host")["free"])
-
-    def names(self) -> list[str]:
-        return [vm["name"] for vm in self.client.request("GET", "/api/vms")["vms"]]
-
-    def state_of(self, name: str) -> str:
-        return str(self.client.request("GET", f"/api/vms/{name}")["state"])
-
-    def shell(self, name: str, command: str, marker: bytes = b"pyhv> ") -> str:
-        """Type a command on the VM's console; its output up to the next prompt. A unique
-        word typed first (the guest calls it an unknown command) marks where the old output
-        (the recent tail the console replays) ends."""
-        sync = f"sync{next(_sync)}".encode()
-        with self.client.console(name) as sock:
-            sock.settimeout(30)
-            got = b""
-            sock.sendall(sync + b"\r")
-            for _ in range(300):
-                got += sock.recv(4096)
-                if b"pyhv> " in got.partition(b"unknown command '" + sync)[2]:
-                    break
-            got = b""
-            sock.sendall(command.encode() + b"\r")
-            for _ in range(300):
-                got += sock.recv(4096)
-                if marker in got and got.rstrip().endswith(b"pyhv>"):
-                    break
-            return got.decode(errors="replace")
-
-    def ticks(self, name: str) -> int:
-        m = re.search(r"ticks: (\d+)", self.shell(name, "ticks", b"ticks: "))
-        assert m, "no ticks"
-        return int(m[1])
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[tuple[Vmms, Vmms]]:
-    a = Vmms(tmp_path, "a", "3G")
-    try:
-        b = Vmms(tmp_path, "b", "1G")  # 768 MiB for VMs
-        try:
-            yield a, b
-        finally:
-            b.close()
-    finally:
-        a.close()
+def hosts(tmp_path: Path) -> Iterator[tuple[VmmsProcess, VmmsProcess]]:
+    with vmms_pair(tmp_path) as pair:
+        yield pair
 
 
-def _touched(host: Vmms, name: str) -> int:
-    m = re.search(r"task 0: .*touched (\d+) pages", host.shell(name, "tasks", b"task 0"))
-    assert m, "the dirty task is not there"
-    return int(m[1])
-
-
-@pytest.mark.kvm
 def test_pyhv_vm_migrate_moves_a_running_vm_to_another_vmms_where_its_shell_answers(
-    hosts: tuple[Vmms, Vmms],
+    hosts: tuple[VmmsProcess, VmmsProcess],
 ) -> None:
     a, b = hosts
     free_a, free_b = a.free(), b.free()
@@ -152,7 +36,7 @@ def test_pyhv_vm_migrate_moves_a_running_vm_to_another_vmms_where_its_shell_answ
     a.vm("start", "mover")
     assert "dirty" in a.shell("mover", "dirty 16")
     for _ in range(100):  # until the task has written its working set once
-        if _touched(a, "mover") >= 16 * 256:
+        if touched(a, "mover") >= 16 * 256:
             break
         time.sleep(0.05)
     before = a.ticks("mover")
@@ -166,20 +50,19 @@ def test_pyhv_vm_migrate_moves_a_running_vm_to_another_vmms_where_its_shell_answ
     assert a.free() == free_a and b.free() == free_b - 256 * MIB
     after = b.ticks("mover")
     assert after > before
-    touched = _touched(b, "mover")
+    written = touched(b, "mover")
     assert b.ticks("mover") > after  # its clock goes on there
     for _ in range(100):
-        if _touched(b, "mover") > touched:
+        if touched(b, "mover") > written:
             break
         time.sleep(0.05)
-    assert _touched(b, "mover") > touched  # and its dirty task goes on writing
+    assert touched(b, "mover") > written  # and its dirty task goes on writing
     b.vm("stop", "mover")
     assert b.free() == free_b
 
 
-@pytest.mark.kvm
 def test_a_wrong_token_a_destination_without_the_memory_or_a_cut_leave_the_vm_running_at_the_source(
-    hosts: tuple[Vmms, Vmms],
+    hosts: tuple[VmmsProcess, VmmsProcess],
 ) -> None:
     a, b = hosts
     free_b = b.free()
@@ -198,7 +81,7 @@ def test_a_wrong_token_a_destination_without_the_memory_or_a_cut_leave_the_vm_ru
     # A connection cut in the middle of the first pass: the VM runs on at A, B drops it all.
     a.vm("create", "cut", "--memory", "256M")
     a.vm("start", "cut")
-    rec = _migrate_api(a, b, "cut", {"pass1": "cut"})
+    rec = migrate_api(a, b, "cut", {"pass1": "cut"})
     assert rec["state"] == "failed" and "during pass1" in rec["error"], rec
     assert a.state_of("cut") == "running" and a.ticks("cut") > 0
     for _ in range(100):
@@ -208,34 +91,15 @@ def test_a_wrong_token_a_destination_without_the_memory_or_a_cut_leave_the_vm_ru
     assert b.names() == [] and b.free() == free_b
 
 
-def _migrate_api(a: Vmms, b: Vmms, name: str, faults: dict[str, str]) -> dict[str, Any]:
-    rec = a.client.request(
-        "POST",
-        f"/api/vms/{name}/migrate",
-        {
-            "destination": b.address,
-            "token": b.token_file.read_text().strip(),
-            "options": {"faults": faults},
-        },
-    )
-    for _ in range(600):
-        rec = a.client.request("GET", f"/api/migrations/{rec['id']}")
-        if rec["state"] in ("done", "failed", "in-doubt"):
-            return rec  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise AssertionError(f"the migration did not end: {rec}")
-
-
-@pytest.mark.kvm
 def test_a_connection_lost_after_commit_is_settled_by_asking_the_destination_vmms(
-    hosts: tuple[Vmms, Vmms],
+    hosts: tuple[VmmsProcess, VmmsProcess],
 ) -> None:
     a, b = hosts
     free_a, free_b = a.free(), b.free()
     a.vm("create", "doubt", "--memory", "256M")
     a.vm("start", "doubt")
     # Cut before COMMIT went out: the destination never resumed it, so the source does.
-    rec = _migrate_api(a, b, "doubt", {"commit": "cut"})
+    rec = migrate_api(a, b, "doubt", {"commit": "cut"})
     assert rec["state"] == "failed" and "does not run the VM: resumed here" in rec["error"], rec
     assert a.state_of("doubt") == "running" and a.ticks("doubt") > 0
     for _ in range(100):
@@ -245,15 +109,14 @@ def test_a_connection_lost_after_commit_is_settled_by_asking_the_destination_vmm
     assert b.names() == [] and b.free() == free_b
     # Cut after COMMIT went out, before RESUMED was read: it runs at the destination, so the
     # source stops its paused copy (never running on both).
-    rec = _migrate_api(a, b, "doubt", {"resumed": "cut"})
+    rec = migrate_api(a, b, "doubt", {"resumed": "cut"})
     assert rec["state"] == "done" and "confirmed the VM runs there" in rec["error"], rec
     assert b.state_of("doubt") == "running" and b.ticks("doubt") > 0
     assert "doubt" not in a.names() and a.free() == free_a
 
 
-@pytest.mark.kvm
 def test_a_dynamic_memory_vm_moved_by_the_vmms_is_balanced_by_the_destination_vmms(
-    hosts: tuple[Vmms, Vmms],
+    hosts: tuple[VmmsProcess, VmmsProcess],
 ) -> None:
     a, b = hosts
     free_b = b.free()

@@ -1,0 +1,160 @@
+"""Real VMMS hosts for tests: `pyhv vmms serve --tcp 127.0.0.1:0` processes, each in its own
+state directory, driven through `pyhv vm` and the API, with the reference guest's console."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pyhv.vmms.client import VmmsClient
+
+ROOT = Path(__file__).resolve().parents[2]
+_sync = itertools.count()
+
+
+class VmmsProcess:
+    """A `pyhv vmms serve --tcp 127.0.0.1:0` in its own state directory."""
+
+    def __init__(self, tmp: Path, name: str, budget: str) -> None:
+        self.state = tmp / name
+        self.log = open(tmp / f"{name}.log", "w+")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pyhv.cli",
+                "vmms",
+                "serve",
+                "--state-dir",
+                str(self.state),
+                "--tcp",
+                "127.0.0.1:0",
+                "--memory-budget",
+                budget,
+                "--host-reserve",
+                "256M",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        self.address = ""
+        for _ in range(600):
+            m = re.search(r"http://(127\.0\.0\.1:\d+)/", Path(self.log.name).read_text())
+            if m:
+                self.address = m[1]
+                break
+            assert self.proc.poll() is None, Path(self.log.name).read_text()
+            time.sleep(0.05)
+        assert self.address, "the VMMS did not say where it serves"
+        self.token_file = self.state / "token"
+        self.client = VmmsClient(socket_path=self.state / "vmms.sock", timeout=60)
+
+    def vm(self, *args: str, check: bool = True) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "pyhv.cli", "vm", "--state-dir", str(self.state), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert "Traceback" not in r.stderr, r.stderr
+        if check:
+            assert r.returncode == 0, r.stdout + r.stderr
+        else:
+            assert r.returncode != 0, r.stdout + r.stderr
+        return r.stdout + r.stderr
+
+    def free(self) -> int:
+        return int(self.client.request("GET", "/api/host")["free"])
+
+    def names(self) -> list[str]:
+        return [vm["name"] for vm in self.client.request("GET", "/api/vms")["vms"]]
+
+    def state_of(self, name: str) -> str:
+        return str(self.client.request("GET", f"/api/vms/{name}")["state"])
+
+    def shell(self, name: str, command: str, marker: bytes = b"pyhv> ") -> str:
+        """Type a command on the VM's console; its output up to the next prompt. A unique
+        word typed first (the guest calls it an unknown command) marks where the old output
+        (the recent tail the console replays) ends."""
+        sync = f"sync{next(_sync)}".encode()
+        with self.client.console(name) as sock:
+            sock.settimeout(30)
+            got = b""
+            sock.sendall(sync + b"\r")
+            for _ in range(300):
+                got += sock.recv(4096)
+                if b"pyhv> " in got.partition(b"unknown command '" + sync)[2]:
+                    break
+            got = b""
+            sock.sendall(command.encode() + b"\r")
+            for _ in range(300):
+                got += sock.recv(4096)
+                if marker in got and got.rstrip().endswith(b"pyhv>"):
+                    break
+            return got.decode(errors="replace")
+
+    def ticks(self, name: str) -> int:
+        m = re.search(r"ticks: (\d+)", self.shell(name, "ticks", b"ticks: "))
+        assert m, "no ticks"
+        return int(m[1])
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@contextmanager
+def vmms_pair(tmp: Path) -> Iterator[tuple[VmmsProcess, VmmsProcess]]:
+    """Host A with 3G for VMs' budget, host B with 1G (768 MiB for VMs)."""
+    a = VmmsProcess(tmp, "a", "3G")
+    try:
+        b = VmmsProcess(tmp, "b", "1G")
+        try:
+            yield a, b
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def touched(host: VmmsProcess, name: str) -> int:
+    """Pages the guest's `dirty` task (task 0) has written so far."""
+    m = re.search(r"task 0: .*touched (\d+) pages", host.shell(name, "tasks", b"task 0"))
+    assert m, "the dirty task is not there"
+    return int(m[1])
+
+
+def migrate_api(
+    a: VmmsProcess, b: VmmsProcess, name: str, faults: dict[str, str]
+) -> dict[str, Any]:
+    """Migrate `name` from A to B through A's API with test faults; the final record."""
+    rec = a.client.request(
+        "POST",
+        f"/api/vms/{name}/migrate",
+        {
+            "destination": b.address,
+            "token": b.token_file.read_text().strip(),
+            "options": {"faults": faults},
+        },
+    )
+    for _ in range(600):
+        rec = a.client.request("GET", f"/api/migrations/{rec['id']}")
+        if rec["state"] in ("done", "failed", "in-doubt"):
+            return rec  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError(f"the migration did not end: {rec}")

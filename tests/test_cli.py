@@ -281,3 +281,17 @@ def test_the_boot_path_of_pyhv_run_and_the_worker_process_import_no_heavy_librar
 def test_a_bad_vp_count_is_explained_by_the_parser() -> None:
     code, out = invoke("run", "--vps", "two")
     assert code == 2 and "invalid int value: 'two'" in out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv", [[], ["--fd"], ["--fd", "seven"], ["--fd", "3", "--verbose"]])
+def test_the_worker_process_refuses_an_argv_it_does_not_know_with_its_usage(
+    argv: list[str],
+) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "pyhv.worker", *argv], capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.returncode == 2
+    assert (
+        r.stderr.startswith("usage: python -m pyhv.worker --fd N") and "Traceback" not in r.stderr
+    )

@@ -44,6 +44,18 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def add_memory_option(p: argparse.ArgumentParser, default: str) -> None:
+    """--memory/-m SIZE: the guest's RAM."""
+    p.add_argument(
+        "--memory",
+        "-m",
+        type=size,
+        default=default,
+        metavar="SIZE",
+        help=f"guest RAM (default {default})",
+    )
+
+
 def positive(text: str) -> float:
     """A number of seconds or a scale factor, > 0."""
     try:

@@ -117,14 +117,7 @@ def register(sub: Any) -> None:
         help="both ends on loopback",
         description="Boot the guest in one worker process, start a destination worker, migrate on loopback with a progress bar, and show the guest going on at the destination.",
     )
-    c.add_argument(
-        "--memory",
-        "-m",
-        type=types.size,
-        default="256M",
-        metavar="SIZE",
-        help="guest RAM (default 256M)",
-    )
+    types.add_memory_option(c, "256M")
     c.add_argument("--dirty", type=int, default=16, help="MiB the guest rewrites (default 16)")
     add_migration_options(c)
     c.set_defaults(func=demo)
@@ -164,14 +157,7 @@ def register(sub: Any) -> None:
         "--to", required=True, type=types.address, metavar="HOST:PORT", help="the destination"
     )
     _token_options(c)
-    c.add_argument(
-        "--memory",
-        "-m",
-        type=types.size,
-        default="256M",
-        metavar="SIZE",
-        help="guest RAM (default 256M)",
-    )
+    types.add_memory_option(c, "256M")
     c.add_argument(
         "--command",
         "-c",
@@ -184,27 +170,16 @@ def register(sub: Any) -> None:
     c.set_defaults(func=run)
 
 
-def _config(memory: int) -> Any:
-    from pyhv.guest_image import GuestBuildError, image_path
-    from pyhv.worker.config import ConfigError, VmConfig
-
-    try:
-        return VmConfig.create(image=image_path(), memory=memory)
-    except ConfigError as e:
-        raise CliError(str(e), 2) from None
-    except (GuestBuildError, OSError) as e:
-        raise CliError(f"cannot build the guest image: {e}") from None
-
-
 def demo(a: argparse.Namespace) -> int:
     import secrets
 
+    from pyhv.cli.run import vm_config
     from pyhv.migration.stream import MigrationError
     from pyhv.migration.worker import IncomingWorker, migrate_worker
     from pyhv.worker.process import WorkerProcess
 
     token = secrets.token_hex(16)
-    src = WorkerProcess(_config(a.memory))
+    src = WorkerProcess(vm_config(a.memory))
     dst = IncomingWorker(token)
     try:
         src.start()
@@ -276,12 +251,13 @@ def listen(a: argparse.Namespace) -> int:
 
 
 def run(a: argparse.Namespace) -> int:
+    from pyhv.cli.run import vm_config
     from pyhv.migration.stream import MigrationError
     from pyhv.migration.worker import migrate_worker
     from pyhv.worker.process import WorkerProcess
 
     secret = types.token(a, "the shared migration token")
-    src = WorkerProcess(_config(a.memory))
+    src = WorkerProcess(vm_config(a.memory))
     try:
         src.start()
         src.serial.read_until(b"pyhv> ", 30)

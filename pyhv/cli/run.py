@@ -41,9 +41,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "run", help="boot the guest on this terminal (no VMMS)", description=RUN_HELP
     )
-    p.add_argument(
-        "--memory", "-m", type=types.size, default="512M", help="guest RAM (default 512M)"
-    )
+    types.add_memory_option(p, "512M")
     p.add_argument("--vps", type=int, default=1, help="virtual processors (default 1)")
     p.add_argument("--cmdline", default="", help="guest kernel command line")
     p.add_argument(
@@ -88,14 +86,15 @@ def register(sub: Any) -> None:
         help="a short scripted session with the guest's shell, narrated",
         description="A short scripted session with the guest's shell, narrated.",
     )
-    p.add_argument(
-        "--memory", "-m", type=types.size, default="512M", help="guest RAM (default 512M)"
-    )
+    types.add_memory_option(p, "512M")
     p.add_argument("--image", metavar="FILE", help="guest image (default: the bundled guest)")
     p.set_defaults(func=demo_command)
 
 
-def _config(memory: int, vps: int, cmdline: str, image: str | None, **dynamic: Any) -> VmConfig:
+def vm_config(
+    memory: int, vps: int = 1, cmdline: str = "", image: str | None = None, **dynamic: Any
+) -> VmConfig:
+    """A checked VmConfig (the bundled guest by default), or the CliError that says why not."""
     from pyhv.worker.config import ConfigError, VmConfig
 
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -163,7 +162,7 @@ def _report(end: VmEnd) -> int:
 
 def run_command(a: argparse.Namespace) -> int:
     dm = {"startup": a.startup, "minimum": a.minimum, "maximum": a.maximum}
-    config = _config(
+    config = vm_config(
         a.memory,
         a.vps,
         a.cmdline,
@@ -210,7 +209,7 @@ def run_command(a: argparse.Namespace) -> int:
 
 
 def demo_command(a: argparse.Namespace) -> int:
-    config = _config(a.memory, 1, "", a.image)
+    config = vm_config(a.memory, 1, "", a.image)
     tty = os.isatty(1)
     write = _writer(1, tty)
     pending = iter(n for n, _ in DEMO)

@@ -384,6 +384,21 @@ def test_the_vm_commands_reach_the_vmms_over_tcp_with_the_token_file(
     assert code == 2 and "is not HOST:PORT" in output
 
 
+@pytest.mark.simulation
+@pytest.mark.parametrize(
+    "command", [["show"], ["start"], ["memory"], ["memory", "--target", "768M"], ["delete"]]
+)
+def test_a_vm_command_on_an_unknown_vm_says_which_and_where_to_look(
+    vmms: tuple[Vmms, ApiServers], command: list[str]
+) -> None:
+    _, servers = vmms
+    code, output = _pyhv(
+        "vm", "--socket", str(servers.unix.path), command[0], "ghost", *command[1:]
+    )
+    assert code == 1
+    assert output.startswith("Error: no VM named 'ghost': `pyhv vm list` shows the VMs"), output
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [

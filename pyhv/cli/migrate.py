@@ -219,6 +219,7 @@ def _echo_serial(data: bytes) -> None:
 
 
 def listen(a: argparse.Namespace) -> int:
+    from pyhv.migration.stream import MigrationError
     from pyhv.migration.worker import IncomingWorker
 
     dst = IncomingWorker(
@@ -243,6 +244,8 @@ def listen(a: argparse.Namespace) -> int:
         )
         end = dst.wait()
         print(f"\n{end.describe() if end else 'ended'}", file=sys.stderr, flush=True)
+    except MigrationError as e:
+        raise CliError(str(e)) from None
     except KeyboardInterrupt:
         pass
     finally:

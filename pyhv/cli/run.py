@@ -70,13 +70,22 @@ def register(sub: Any) -> None:
         "--dynamic-memory", action="store_true", help="Dynamic Memory (balloon, hot-add)"
     )
     p.add_argument(
-        "--startup", type=types.size, help="Dynamic Memory startup RAM (same as --memory)"
+        "--startup",
+        type=types.size,
+        metavar="SIZE",
+        help="Dynamic Memory startup RAM (same as --memory)",
     )
     p.add_argument(
-        "--minimum", type=types.size, help="Dynamic Memory minimum RAM (default: startup)"
+        "--minimum",
+        type=types.size,
+        metavar="SIZE",
+        help="Dynamic Memory minimum RAM (default: startup)",
     )
     p.add_argument(
-        "--maximum", type=types.size, help="Dynamic Memory maximum RAM (default: startup)"
+        "--maximum",
+        type=types.size,
+        metavar="SIZE",
+        help="Dynamic Memory maximum RAM (default: startup)",
     )
     p.add_argument("--control", metavar="PATH", help="serve a control socket for `pyhv memory`")
     p.set_defaults(func=run_command)

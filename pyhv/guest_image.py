@@ -87,7 +87,9 @@ def _check_tools() -> None:
 
 
 def _fresh(guest_dir: Path) -> Path | None:
-    """guest/build's image if its stamp is newer than every source: no hash needed then."""
+    """guest/build's image if every source is older than its stamp: no hash needed then. The
+    stamp's time is set to a second before the hash it records was taken, so a source written
+    during a build, or within a coarse file-system clock tick, is hashed again."""
     local = guest_dir / "build"
     image, stamp = local / IMAGE_NAME, local / _STAMP
     try:
@@ -97,7 +99,7 @@ def _fresh(guest_dir: Path) -> Path | None:
         newest = max(p.stat().st_mtime for p in source_files(guest_dir))
     except (OSError, GuestBuildError, ValueError):
         return None
-    return image if newest <= built else None
+    return image if newest < built else None
 
 
 def build(guest_dir: Path = GUEST_DIR, *, force: bool = False) -> Path:
@@ -105,7 +107,9 @@ def build(guest_dir: Path = GUEST_DIR, *, force: bool = False) -> Path:
     if not force and (image := _fresh(guest_dir)) is not None:
         return image
     import subprocess
+    import time
 
+    hashed = time.time() - 1.0  # the stamp's time: sources written after this are hashed again
     digest = source_hash(guest_dir)
     out_dir = build_dir(guest_dir, digest)
     image = out_dir / IMAGE_NAME
@@ -113,7 +117,7 @@ def build(guest_dir: Path = GUEST_DIR, *, force: bool = False) -> Path:
     with open(out_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (parallel tests, several helpers)
         if not force and image.is_file() and stamp.is_file() and stamp.read_text() == digest:
-            os.utime(stamp)  # sources touched but not changed: fresh again without a hash
+            os.utime(stamp, (hashed, hashed))  # touched, not changed: no hash next time
             return image
         _check_tools()
         stamp.unlink(missing_ok=True)
@@ -123,6 +127,7 @@ def build(guest_dir: Path = GUEST_DIR, *, force: bool = False) -> Path:
             tail = (r.stdout + r.stderr).strip()[-3000:]
             raise GuestBuildError(f"building the guest image failed ({' '.join(cmd)}):\n{tail}")
         stamp.write_text(digest)
+        os.utime(stamp, (hashed, hashed))
     return image
 
 

@@ -3,18 +3,20 @@ messages (never a traceback) when something is wrong."""
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import select
 import subprocess
 import sys
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from pyhv import cli
+from pyhv.cli import run as run_module
+from pyhv.cli import run_cli
 from tests.worker.asm_guests import build_test_guest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,19 +33,93 @@ def pyhv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli.cli, list(args))
-    assert not isinstance(result.exception, Exception) or isinstance(
-        result.exception, SystemExit
-    ), result.exception
-    assert "Traceback" not in result.output
-    return result.exit_code, result.output
+    """`pyhv ARGS` in this process: its exit status and everything it printed."""
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(out):
+        try:
+            code = run_cli(list(args))
+        except SystemExit as e:  # argparse's usage errors and --help
+            code = e.code if isinstance(e.code, int) else 1
+    assert "Traceback" not in out.getvalue()
+    return code, out.getvalue()
 
 
-@pytest.mark.parametrize("size", ["12X", "lots", "-5M", "1.5G"])
+@pytest.mark.parametrize("size", ["12X", "lots", "-5M", "1.5.0G", "M", "4096iB"])
 def test_a_bad_memory_size_is_refused_with_a_clear_message(size: str) -> None:
-    code, out = invoke("run", "--memory", size, "--image", __file__)
+    code, out = invoke("run", f"--memory={size}", "--image", __file__)
     assert code == 2
     assert f"memory size '{size}' is not understood" in out
+    assert "512M, 2G, 1.5GiB" in out  # the forms it takes
+
+
+@pytest.mark.unit
+def test_a_size_that_is_not_a_whole_number_of_bytes_is_refused_with_what_to_round_to() -> None:
+    code, out = invoke("run", "--memory", "0.3K", "--image", __file__)
+    assert code == 2 and "'0.3K' is not a whole number of bytes: round it (for example 307" in out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("512M", 512 << 20),
+        ("2G", 2 << 30),
+        ("1.5GiB", 1536 << 20),
+        ("1.5G", 1536 << 20),
+        ("4096", 4096),
+        ("4096B", 4096),
+        ("64kb", 64 << 10),
+        (" 768 MiB ", 768 << 20),
+        ("1T", 1 << 40),
+    ],
+)
+def test_one_size_parser_reads_units_and_bytes_and_the_formatter_prints_them_back(
+    text: str, size: int
+) -> None:
+    from pyhv.sizes import format_size, parse_size
+
+    assert parse_size(text) == size
+    assert parse_size(format_size(size)) == size
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["vm", "create", "x", "--memory", "lots"], "memory size 'lots' is not understood"),
+        (["vm", "memory", "x", "--target", "9Q"], "memory size '9Q' is not understood"),
+        (["vm", "--tcp", "localhost", "list"], "'localhost' is not HOST:PORT"),
+        (["vm", "migrate", "x", "--to", "nowhere"], "'nowhere' is not HOST:PORT"),
+        (["vmms", "serve", "--memory-budget", "lots"], "memory size 'lots' is not understood"),
+        (["memory", "--control", "/x", "--target", "12 parsecs"], "'12 parsecs' is not understood"),
+        (["migrate", "demo", "--bandwidth", "fast"], "memory size 'fast' is not understood"),
+        (["counters", "--interval", "0"], "must be > 0"),
+        (["experiment", "contention", "--time-scale", "-1"], "must be > 0"),
+        (["run", "--timeout", "soon"], "'soon' is not a number"),
+        (["vm", "frobnicate"], "invalid choice: 'frobnicate'"),
+        (["vm", "start"], "the following arguments are required: NAME"),
+    ],
+)
+def test_bad_input_to_any_command_gets_its_usage_error_and_status_2(
+    args: list[str], words: str
+) -> None:
+    code, out = invoke(*args)
+    assert code == 2 and words in out, out
+
+
+@pytest.mark.unit
+def test_acting_on_a_vm_without_a_vmms_says_how_to_start_one(tmp_path: Path) -> None:
+    code, out = invoke("vm", "--state-dir", str(tmp_path), "show", "nosuchvm")
+    assert code == 1
+    assert "no VMMS is serving on" in out and "pyhv vmms serve" in out
+
+
+@pytest.mark.unit
+def test_the_control_socket_and_worker_migration_commands_say_when_pyhv_vm_is_the_way() -> None:
+    assert "use `pyhv vm memory NAME` instead" in " ".join(invoke("memory", "--help")[1].split())
+    assert "use `pyhv vm migrate NAME --to HOST:PORT` instead" in " ".join(
+        invoke("migrate", "--help")[1].split()
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,7 +149,9 @@ def test_a_missing_image_is_named_in_the_message() -> None:
 
 def test_without_dev_kvm_pyhv_run_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.access
-    monkeypatch.setattr(cli.os, "access", lambda p, m: False if p == "/dev/kvm" else real(p, m))
+    monkeypatch.setattr(
+        run_module.os, "access", lambda p, m: False if p == "/dev/kvm" else real(p, m)
+    )
     code, out = invoke("run", "--command", "mem")
     assert code == 1 and "/dev/kvm is missing" in out
 
@@ -84,7 +162,7 @@ def test_without_gcc_the_guest_image_error_is_reported(monkeypatch: pytest.Monke
     def no_gcc() -> Path:
         raise gi.GuestBuildError("gcc was not found: install gcc to build the guest")
 
-    monkeypatch.setattr(cli.os, "access", lambda p, m: True)
+    monkeypatch.setattr(run_module.os, "access", lambda p, m: True)
     monkeypatch.setattr(gi, "image_path", no_gcc)
     code, out = invoke("run", "--command", "mem")
     assert code == 1 and "cannot build the guest image: gcc was not found" in out
@@ -184,25 +262,36 @@ def test_the_interactive_console_runs_in_raw_mode_and_ctrl_a_x_quits() -> None:
         os.close(main)
 
 
-def test_pyhv_run_reports_a_bad_size_on_its_fast_path_without_loading_click() -> None:
+@pytest.mark.unit
+def test_the_boot_path_of_pyhv_run_and_the_worker_process_import_no_heavy_library() -> None:
+    heavy = ("click", "numpy", "matplotlib", "prometheus_client", "zstandard", "xxhash")
     code = (
-        "import sys, pyhv.cli as c\n"
-        "try:\n    c.main(['run', '--memory=12X'])\n"
-        "except SystemExit as e:\n    print(e.code, 'click' in sys.modules)\n"
+        "import sys\n"
+        "from pyhv.cli import parser\n"
+        "parser().parse_args(['run', '-m', '1G', '-c', 'mem'])\n"
+        "import pyhv.worker.vm, pyhv.worker.server, pyhv.guest_image, pyhv.hypervisor\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert r.stdout.split() == ["2", "False"]
-    assert r.stderr.startswith("Error: memory size '12X' is not understood")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
-def test_unusual_run_arguments_go_to_click_which_explains_them() -> None:
-    assert cli._parse_run_fast(["--help"]) is None
-    assert cli._parse_run_fast(["--vps", "two"]) is None
-    assert cli._parse_run_fast(["--memory"]) is None
-    assert cli._parse_run_fast(["-m", "1G", "-c", "mem", "--command=ticks", "--process"]) == {
-        "memory": "1G",
-        "commands": ("mem", "ticks"),
-        "process": True,
-    }
+@pytest.mark.unit
+def test_a_bad_vp_count_is_explained_by_the_parser() -> None:
     code, out = invoke("run", "--vps", "two")
-    assert code == 2 and "'two' is not a valid integer" in out
+    assert code == 2 and "invalid int value: 'two'" in out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv", [[], ["--fd"], ["--fd", "seven"], ["--fd", "3", "--verbose"]])
+def test_the_worker_process_refuses_an_argv_it_does_not_know_with_its_usage(
+    argv: list[str],
+) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "pyhv.worker", *argv], capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.returncode == 2
+    assert (
+        r.stderr.startswith("usage: python -m pyhv.worker --fd N") and "Traceback" not in r.stderr
+    )

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-MIB = 1 << 20
-GIB = 1 << 30
+from pyhv import sizes
+from pyhv.sizes import GIB, MIB, format_size
+
 # The identity map at boot covers 64 GiB; the 3-4 GiB hole holds the IOAPIC and LAPIC.
 MIN_MEMORY = 16 * MIB
 MAX_MEMORY = 60 * GIB
 MAX_VPS = 64
 MAX_CMDLINE = 4095
-
-_UNITS = {"": 1, "K": 1 << 10, "M": MIB, "G": GIB, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -23,23 +20,11 @@ class ConfigError(ValueError):
 
 
 def parse_size(text: str | int) -> int:
-    """Parse a memory size such as ``512M``, ``1G``, ``2GiB`` or a byte count."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(text)
-    if m is None:
-        raise ConfigError(
-            f"memory size {text!r} is not understood: use a number with an optional unit K, M, G "
-            "(for example 512M or 1G)"
-        )
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
-
-
-def format_size(n: int) -> str:
-    for unit in ("G", "M", "K"):
-        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
-            return f"{n // _UNITS[unit]}{unit}"
-    return str(n)
+    """pyhv.sizes.parse_size, its error as a ConfigError (a bad size is a bad configuration)."""
+    try:
+        return sizes.parse_size(text)
+    except sizes.SizeError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ If the owner goes away, the VM is stopped: a worker never outlives its owner's i
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -175,10 +175,16 @@ def memory_call(vm: Any, msg: dict[str, object]) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyhv.worker", description=__doc__)
-    ap.add_argument("--fd", type=int, required=True, help="connected stream socket to the owner")
-    args = ap.parse_args(argv)
-    sock = socket.socket(fileno=args.fd)
+    # One internal option, read without argparse (whose import and help formatter, shutil,
+    # bz2, lzma, gettext, are a few ms of every VM's start).
+    if len(argv) != 2 or argv[0] != "--fd" or not (argv[1].isascii() and argv[1].isdigit()):
+        print(
+            f"usage: python -m pyhv.worker --fd N (got {' '.join(argv)!r}): N is a connected "
+            "stream socket to the worker's owner; pyhv starts workers, not people",
+            file=sys.stderr,
+        )
+        return 2
+    sock = socket.socket(fileno=int(argv[1]))
     try:
         return serve(sock)
     finally:

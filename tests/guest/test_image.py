@@ -3,6 +3,7 @@ built only from instructions this machine's CPL0 emulator can run."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -123,6 +124,21 @@ def test_a_changed_source_rebuilds_the_image(guest_copy: Path) -> None:
     shell.write_text(shell.read_text().replace('"pyhv> "', '"pyhv2> "'))
     assert guest_image.build(guest_copy) == first
     assert b"pyhv2> " in first.read_bytes() and first.read_bytes() != before
+
+
+@pytest.mark.unit
+def test_an_image_newer_than_its_sources_is_used_without_hashing_them(
+    guest_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = guest_image.build(guest_copy)
+    built = image.stat().st_mtime_ns
+    hashed: list[Path] = []
+    real_hash = guest_image.source_hash
+    monkeypatch.setattr(guest_image, "source_hash", lambda d: hashed.append(d) or real_hash(d))
+    assert guest_image.build(guest_copy) == image and hashed == []  # `pyhv run`'s path
+    os.utime(guest_copy / "shell.c")  # touched, not changed: hashed once, not rebuilt
+    assert guest_image.build(guest_copy) == image and len(hashed) == 1
+    assert image.stat().st_mtime_ns == built
 
 
 def test_a_read_only_source_tree_builds_into_the_cache(

@@ -4,6 +4,8 @@ is reported and its memory returns to the pool; counters are served for Promethe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import socket
 import stat
@@ -335,20 +337,30 @@ def test_metrics_are_prometheus_text_and_openapi_documents_the_api(
     assert "<svg" in page and "/api/counters" in page
 
 
+def _pyhv(*args: str) -> tuple[int, str]:
+    """`pyhv ARGS` in this process: its exit status and all it printed, never a traceback."""
+    from pyhv.cli import run_cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = run_cli(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+    assert "Traceback" not in out.getvalue()
+    return code, out.getvalue()
+
+
 def test_pyhv_counters_once_prints_each_counter_by_its_perfmon_path(
     vmms: tuple[Vmms, ApiServers],
 ) -> None:
-    from click.testing import CliRunner
-
-    from pyhv.vmms.cli import counters_command
-
     service, servers = vmms
     service.balancer.tick()
-    r = CliRunner().invoke(
-        counters_command, ["--socket", str(servers.unix.path), "--once", "-c", "Available"]
+    code, output = _pyhv(
+        "counters", "--socket", str(servers.unix.path), "--once", "-c", "Available"
     )
-    assert r.exit_code == 0, r.output
-    lines = r.output.splitlines()
+    assert code == 0, output
+    lines = output.splitlines()
     assert lines[0].split() == ["Counter", "Value"]
     assert lines[1].startswith(r"\Hyper-V Dynamic Memory Balancer\Available Memory ")
     assert float(lines[1].split()[-1]) == service.pool.free_pages / 256
@@ -358,20 +370,33 @@ def test_pyhv_counters_once_prints_each_counter_by_its_perfmon_path(
 def test_the_vm_commands_reach_the_vmms_over_tcp_with_the_token_file(
     vmms: tuple[Vmms, ApiServers],
 ) -> None:
-    from click.testing import CliRunner
-
-    from pyhv.vmms.cli import vm_group
-
     service, servers = vmms
     assert servers.tcp_address is not None
     tcp = f"127.0.0.1:{servers.tcp_address[1]}"
     state = str(service.store.state_dir)
-    r = CliRunner().invoke(vm_group, ["--state-dir", state, "--tcp", tcp, "create", "t"])
-    assert r.exit_code == 0 and "t: off" in r.output
-    r = CliRunner().invoke(vm_group, ["--tcp", tcp, "--token", "nope", "list"])
-    assert r.exit_code == 1 and "Error: a wrong bearer token" in r.output
-    r = CliRunner().invoke(vm_group, ["--tcp", "localhost", "list"])
-    assert r.exit_code == 2 and "is not HOST:PORT" in r.output
+    code, output = _pyhv("vm", "--state-dir", state, "--tcp", tcp, "create", "t")
+    assert code == 0 and "t: off" in output
+    code, output = _pyhv("vm", "--tcp", tcp, "--token", "nope", "list")
+    assert code == 1 and "Error: a wrong bearer token" in output
+    code, output = _pyhv("vm", "list", "--state-dir", state, "--tcp", tcp)  # options after, too
+    assert code == 0 and output.split()[:2] == ["NAME", "STATE"] and "\nt " in output
+    code, output = _pyhv("vm", "--tcp", "localhost", "list")
+    assert code == 2 and "is not HOST:PORT" in output
+
+
+@pytest.mark.simulation
+@pytest.mark.parametrize(
+    "command", [["show"], ["start"], ["memory"], ["memory", "--target", "768M"], ["delete"]]
+)
+def test_a_vm_command_on_an_unknown_vm_says_which_and_where_to_look(
+    vmms: tuple[Vmms, ApiServers], command: list[str]
+) -> None:
+    _, servers = vmms
+    code, output = _pyhv(
+        "vm", "--socket", str(servers.unix.path), command[0], "ghost", *command[1:]
+    )
+    assert code == 1
+    assert output.startswith("Error: no VM named 'ghost': `pyhv vm list` shows the VMs"), output
 
 
 @pytest.mark.parametrize(
@@ -386,13 +411,8 @@ def test_the_vm_commands_reach_the_vmms_over_tcp_with_the_token_file(
 def test_vmms_serve_refuses_bad_options_with_a_clear_message(
     tmp_path: Path, args: list[str], words: str
 ) -> None:
-    from click.testing import CliRunner
-
-    from pyhv.vmms.cli import vmms_group
-
-    r = CliRunner().invoke(vmms_group, ["serve", "--state-dir", str(tmp_path), *args])
-    assert r.exit_code in (1, 2) and words in r.output, r.output
-    assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit)
+    code, output = _pyhv("vmms", "serve", "--state-dir", str(tmp_path), *args)
+    assert code in (1, 2) and words in output, output
 
 
 def test_docs_openapi_json_is_the_document_the_vmms_serves() -> None:

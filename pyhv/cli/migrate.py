@@ -1,0 +1,280 @@
+"""`pyhv migrate`: live migration between two worker processes, without a VMMS (a demo on
+loopback, and a destination host for a VM `pyhv migrate run` boots and sends). VMs the VMMS
+keeps migrate with `pyhv vm migrate NAME --to HOST:PORT`; this module also holds the options
+and the progress bar both share.
+
+pyhv migrate demo [--memory 256M] [--dirty MB] ...     both hosts here, on loopback
+pyhv migrate listen --listen 10.200.1.2:7777 --token-file F   a destination host
+pyhv migrate run --to 10.200.1.2:7777 --token-file F [-c "dirty 16"]   boot, then migrate
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from pyhv.cli import args as types
+from pyhv.cli.errors import CliError
+from pyhv.sizes import format_size
+
+HELP = """Live migration between worker processes, without a VMMS: `demo` runs both ends here;
+`listen` and `run` are two hosts' ends. For a VM the VMMS keeps, use
+`pyhv vm migrate NAME --to HOST:PORT` instead."""
+
+
+class ProgressBar:
+    """One status line redrawn in place: pass, a bar of the pass-1 copy, bytes, dirty rate,
+    bandwidth and the downtime the final pass would take now."""
+
+    WIDTH = 24
+
+    def __init__(self, out: Any = None) -> None:
+        self.out = out or sys.stderr
+        self.tty = self.out.isatty()
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        total = max(p["ram_pages"] - p["skipped_pages"], 1)
+        done = 1.0 if p["passes"] >= 1 else min((p["pages_sent"] + p["zero_pages"]) / total, 1.0)
+        fill = int(done * self.WIDTH)
+        bar = "#" * fill + "." * (self.WIDTH - fill)
+        line = (
+            f"{p['phase']:>9} [{bar}] sent {p['bytes_sent'] / 2**20:7.1f} MiB"
+            f"  pages {p['pages_sent']}  zero {p['zero_pages']}"
+            f"  dirty {p['dirty_pages']} ({p['dirty_rate'] / 1000:.1f}k/s)"
+            f"  {p['bandwidth'] / 1e6:.0f} MB/s"
+            f"  downtime ~{p['expected_downtime'] * 1000:.0f} ms"
+            + (f"  throttle {p['throttle_percent']:.0f}%" if p["throttle_percent"] else "")
+        )
+        if self.tty:
+            self.out.write("\r\x1b[K" + line)
+        elif (
+            p["phase"] in ("done", "aborted")
+            or p["phase"].startswith("pass")
+            or p["phase"] == "final"
+        ):
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+
+
+def summary(r: dict[str, Any]) -> str:
+    return (
+        f"migrated in {r['total_time']:.3f} s, downtime {r['downtime'] * 1000:.1f} ms, "
+        f"{r['passes']} passes, {r['pages_sent']} pages sent, {r['zero_pages']} zero pages, "
+        f"{r['skipped_pages']} never-written pages skipped, {r['bytes_sent'] / 2**20:.1f} MiB "
+        "on the wire"
+    )
+
+
+def add_migration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--downtime", type=types.positive, default=300.0, help="target, ms (default 300)"
+    )
+    p.add_argument("--max-passes", type=int, default=10, help="as Hyper-V (default 10)")
+    p.add_argument(
+        "--bandwidth", type=types.size, metavar="SIZE", help="limit, bytes/s with units (e.g. 100M)"
+    )
+    p.add_argument("--compress", action="store_true", help="zstd-compress page frames")
+    p.add_argument("--no-throttle", action="store_true", help="no auto-converge")
+    p.add_argument("--no-verify", action="store_true", help="skip the RAM checksum at pause")
+
+
+def migration_options(a: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "downtime_target": a.downtime / 1000,
+        "max_passes": a.max_passes,
+        "compress": a.compress,
+        "auto_converge": not a.no_throttle,
+        "verify": not a.no_verify,
+    }
+    if a.bandwidth:
+        out["bandwidth"] = a.bandwidth
+    return out
+
+
+def _token_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="the shared migration token")
+    p.add_argument(
+        "--token-file",
+        type=types.text_file,
+        metavar="FILE",
+        help="file holding the shared migration token",
+    )
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "migrate", help="live migration between worker processes (no VMMS)", description=HELP
+    )
+    cmds = p.add_subparsers(dest="migrate_command", metavar="COMMAND", required=True)
+    c = cmds.add_parser(
+        "demo",
+        help="both ends on loopback",
+        description="Boot the guest in one worker process, start a destination worker, migrate on loopback with a progress bar, and show the guest going on at the destination.",
+    )
+    types.add_memory_option(c, "256M")
+    c.add_argument("--dirty", type=int, default=16, help="MiB the guest rewrites (default 16)")
+    add_migration_options(c)
+    c.set_defaults(func=demo)
+    c = cmds.add_parser(
+        "listen",
+        help="be a destination host",
+        description="Be a destination host: take one VM, then show its serial output until it ends.",
+    )
+    c.add_argument(
+        "--listen",
+        dest="where",
+        type=types.address,
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where to listen (default 127.0.0.1:0)",
+    )
+    _token_options(c)
+    c.add_argument(
+        "--max-memory",
+        type=types.size,
+        metavar="SIZE",
+        help="refuse VMs larger than this (default: MemAvailable)",
+    )
+    c.add_argument(
+        "--timeout",
+        type=types.positive,
+        default=600.0,
+        help="seconds to wait for a source (default 600)",
+    )
+    c.set_defaults(func=listen)
+    c = cmds.add_parser(
+        "run",
+        help="boot here, then migrate to a `migrate listen` host",
+        description="Boot the guest here, type COMMANDs, then migrate it to a `pyhv migrate listen` host.",
+    )
+    c.add_argument(
+        "--to", required=True, type=types.address, metavar="HOST:PORT", help="the destination"
+    )
+    _token_options(c)
+    types.add_memory_option(c, "256M")
+    c.add_argument(
+        "--command",
+        "-c",
+        dest="commands",
+        action="append",
+        default=[],
+        help="shell command before migrating (repeatable)",
+    )
+    add_migration_options(c)
+    c.set_defaults(func=run)
+
+
+def demo(a: argparse.Namespace) -> int:
+    import secrets
+
+    from pyhv.cli.run import vm_config
+    from pyhv.migration.stream import MigrationError
+    from pyhv.migration.worker import IncomingWorker, migrate_worker
+    from pyhv.worker.process import WorkerProcess
+
+    token = secrets.token_hex(16)
+    src = WorkerProcess(vm_config(a.memory))
+    dst = IncomingWorker(token)
+    try:
+        src.start()
+        src.serial.read_until(b"pyhv> ", 30)
+        print(f"source: worker {src.pid} runs a {format_size(a.memory)} guest", flush=True)
+        if a.dirty:
+            src.send(f"dirty {a.dirty}\r".encode())
+            src.serial.read_until(b"pyhv> ", 30)
+            print(f"source: the guest rewrites {a.dirty} MiB in the background", flush=True)
+            time.sleep(1)
+        dst.start()
+        addr = dst.wait_listening()
+        print(f"destination: worker {dst.pid} listens on {addr[0]}:{addr[1]}", flush=True)
+        bar = ProgressBar()
+        try:
+            result = migrate_worker(src, addr, token, migration_options(a), on_progress=bar)
+        finally:
+            bar.finish()
+        print(summary(result), flush=True)
+        dst.wait_migrated(30)
+        for command in ("ticks", "tasks", "ticks"):
+            dst.send(command.encode() + b"\r")
+            out = dst.serial.read_until(b"pyhv> ", 30).decode(errors="replace")
+            print("destination: " + out.replace("\r", "").strip().replace("\n", " | "), flush=True)
+            time.sleep(0.5)
+    except MigrationError as e:
+        raise CliError(str(e)) from None
+    finally:
+        dst.close()
+        src.close()
+    return 0
+
+
+def _echo_serial(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def listen(a: argparse.Namespace) -> int:
+    from pyhv.migration.stream import MigrationError
+    from pyhv.migration.worker import IncomingWorker
+
+    dst = IncomingWorker(
+        types.token(a, "the shared migration token"),
+        a.where,
+        output=_echo_serial,
+        max_memory=a.max_memory,
+        accept_timeout=a.timeout,
+    )
+    try:
+        dst.start()
+        host, port = dst.wait_listening()
+        print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+        info = dst.wait_migrated(a.timeout + 60)
+        if info is None:
+            end = dst.wait(5)
+            raise CliError(end.describe() if end else "no VM arrived")
+        print(
+            f"\nVM {info['config']['name']!r} arrived from {info['source']}",
+            file=sys.stderr,
+            flush=True,
+        )
+        end = dst.wait()
+        print(f"\n{end.describe() if end else 'ended'}", file=sys.stderr, flush=True)
+    except MigrationError as e:
+        raise CliError(str(e)) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dst.close()
+    return 0
+
+
+def run(a: argparse.Namespace) -> int:
+    from pyhv.cli.run import vm_config
+    from pyhv.migration.stream import MigrationError
+    from pyhv.migration.worker import migrate_worker
+    from pyhv.worker.process import WorkerProcess
+
+    secret = types.token(a, "the shared migration token")
+    src = WorkerProcess(vm_config(a.memory))
+    try:
+        src.start()
+        src.serial.read_until(b"pyhv> ", 30)
+        for c in a.commands:
+            src.send(c.encode() + b"\r")
+            print(src.serial.read_until(b"pyhv> ", 30).decode(errors="replace").strip(), flush=True)
+        bar = ProgressBar()
+        try:
+            result = migrate_worker(src, a.to, secret, migration_options(a), on_progress=bar)
+        finally:
+            bar.finish()
+        print(summary(result), flush=True)
+    except MigrationError as e:
+        raise CliError(str(e)) from None
+    finally:
+        src.close()
+    return 0

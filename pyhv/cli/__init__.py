@@ -6,6 +6,7 @@
 - `pyhv memory --control` (control.py) and `pyhv migrate` (migrate.py): what `pyhv vm` cannot do,
   for VMs run by `pyhv run` without a VMMS (its control socket; worker-to-worker migration).
 - `pyhv experiment ...` (experiment.py): the book's experiments.
+- `pyhv vm trace NAME` and `pyhv trace show FILE` (trace.py): the flight recorder.
 
 argparse (the standard library's, about 1 ms to import) rather than click (about 20 ms here),
 and every command imports what it needs only when it runs: the time from process start to the
@@ -37,6 +38,7 @@ _COMMANDS = {
     "memory": "control",
     "migrate": "migrate",
     "experiment": "experiment",
+    "trace": "trace",
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from pyhv.cli import args as types
 from pyhv.cli.errors import CliError
 from pyhv.cli.migrate import add_migration_options, migration_options
+from pyhv.cli.trace import add_vm_trace
 from pyhv.cli.vmms import add_client_options, call, client
 from pyhv.sizes import format_size
 
@@ -179,6 +180,7 @@ def register(sub: Any) -> None:
         "Attach to VM NAME's serial console (Ctrl-A x detaches; the VM keeps running).",
         console,
     )
+    add_vm_trace(command)  # `pyhv vm trace`: the flight recorder (pyhv/cli/trace.py)
 
 
 def create(a: argparse.Namespace) -> int:

@@ -258,6 +258,26 @@ class Message(NamedTuple):
     def trans_id(self) -> int:
         return int(self.body.hdr.trans_id)
 
+    def fields(self) -> dict[str, int]:
+        """The fixed part field by field, as declared (without the header and the reserved
+        bits; a page range as `NAME_start_page` and `NAME_page_cnt`)."""
+        return _fields(self.body)
+
+
+def _fields(body: ctypes.Structure) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for spec in body._fields_:
+        name = spec[0]
+        if name == "hdr" or name.startswith("reserved"):
+            continue
+        v = getattr(body, name)
+        if isinstance(v, ctypes.Structure):
+            for k, x in _fields(v).items():
+                out[f"{name}_{k}"] = x
+        else:
+            out[name] = int(v)
+    return out
+
 
 def _range_to_wire(r: PageRange) -> DmMemPageRange:
     start, count = r

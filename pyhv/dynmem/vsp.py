@@ -35,6 +35,7 @@ from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
 from pyhv.dynmem.status import MemoryStatus
 from pyhv.memory.ranges import PageRange, RangeError, RangeSet
+from pyhv.trace.events import DmEvent, Event
 from pyhv.vmbus.vsp import Vsp, VspError, serialized
 
 #: Ranges per host message: hdr + 8 + 8*n <= 4096 (as the guest packs its responses).
@@ -561,6 +562,24 @@ class DynamicMemoryVsp(Vsp[DmState]):
             self.refuse(f"{msg.type.name} is not a message the guest sends")
             return
         handler(msg)
+
+    def trace_message(self, direction: str, payload: bytes) -> list[Event]:
+        """The DM message in a packet, decoded field by field for the flight recorder."""
+        try:
+            msg = p.decode(payload)
+        except p.DmDecodeError:
+            return []  # on_message refuses and counts it
+        return [
+            DmEvent(
+                time.time(),
+                -1,
+                direction,
+                msg.type.name,
+                msg.trans_id,
+                dict(msg.fields()),
+                [[r[0], r[1]] for r in msg.ranges],
+            )
+        ]
 
     def _wrong_state(self, msg: p.Message) -> None:
         self.refuse(f"{msg.type.name} in state {self.state.name}")

@@ -259,25 +259,28 @@ class InterceptHandle:
 
 
 class _Entry(Route):
-    """An installed intercept: where its exits go (a `Route` the run loops read) and its handle."""
+    """An installed intercept: where its exits go (a `Route` the run loops read) and its handle.
+    `plain` is the handler as installed; `handler` is it or its traced wrapper."""
 
-    __slots__ = ("handle",)
+    __slots__ = ("handle", "plain")
 
     def __init__(
         self, handler: Handler, read: bool, write: bool, handle: InterceptHandle | None = None
     ) -> None:
         super().__init__(handler, read, write)
         self.handle = handle
+        self.plain = handler
 
 
 class _GpaEntry(GpaRoute):
     """An installed GPA intercept: the range [start, end) and its handle."""
 
-    __slots__ = ("handle",)
+    __slots__ = ("handle", "plain")
 
     def __init__(self, handler: Handler, read: bool, write: bool, start: int, end: int) -> None:
         super().__init__(handler, read, write, start, end)
         self.handle: InterceptHandle | None = None
+        self.plain = handler
 
 
 EXCEPTION_VECTORS = {1: "#DB", 3: "#BP"}
@@ -296,9 +299,11 @@ class InterceptTable(Routes):
 
     Tables are replaced, never mutated in place, so a VP thread always sees a consistent one.
     `io`, `gpa`, `gpa_starts` and `msr` are the `Routes` the run loops (C and Python) read.
+    The one change in place is an entry's `handler`, swapped whole (one reference) when the
+    flight recorder attaches or leaves (`set_tracer`): the loops take it once per exit.
     """
 
-    __slots__ = ("_partition", "_lock", "exception", "execute", "halt")
+    __slots__ = ("_partition", "_lock", "_tracer", "exception", "execute", "halt")
 
     def __init__(self, partition: Partition) -> None:
         super().__init__()
@@ -311,6 +316,35 @@ class InterceptTable(Routes):
         self.exception: dict[int, _Entry] = {}
         self.execute: dict[int, _Entry] = {}  # gva -> entry (hardware execute breakpoints)
         self.halt: _Entry | None = None
+        self._tracer: Callable[[Any], object] | None = None
+
+    # ---------------------------------------------------------------- the flight recorder
+    def set_tracer(self, record: Callable[[Any], object] | None) -> None:
+        """Send every handled I/O, GPA and MSR intercept to `record` as a typed event
+        (pyhv.trace.events), or, with None, stop. Nothing on the exit path tests whether
+        tracing is on: the handlers themselves are swapped for traced ones and back."""
+        with self._lock:
+            self._tracer = record
+            for e in {id(e): e for e in self.io if e is not None}.values():
+                self._trace_entry(e, InterceptKind.IO_PORT)
+            for g in self.gpa:
+                self._trace_entry(g, InterceptKind.MEMORY)
+            for e in {id(e): e for e in self.msr.values()}.values():
+                self._trace_entry(e, InterceptKind.MSR)
+
+    def _trace_entry(self, entry: _Entry | _GpaEntry, kind: InterceptKind) -> None:
+        from pyhv.hypervisor import tracing
+
+        record = self._tracer
+        if record is None:
+            entry.handler = entry.plain
+            return
+        wrap = {
+            InterceptKind.IO_PORT: tracing.traced_io,
+            InterceptKind.MEMORY: tracing.traced_mmio,
+            InterceptKind.MSR: tracing.traced_msr,
+        }[kind]
+        entry.handler = wrap(entry.plain, record)
 
     # ---------------------------------------------------------------- I/O ports
     def install_io(
@@ -341,6 +375,8 @@ class InterceptTable(Routes):
                     f"port {busy[0]:#x} already has an intercept: uninstall it first"
                 )
             entry = _Entry(handler, read, write)
+            if self._tracer is not None:
+                self._trace_entry(entry, InterceptKind.IO_PORT)
             table = list(self.io)
             for p in range(first_port, last_port + 1):
                 table[p] = entry
@@ -384,6 +420,8 @@ class InterceptTable(Routes):
                         f"{e.start:#x}-{e.end:#x}: uninstall it first"
                     )
             entry = _GpaEntry(handler, read, write, gpa, gpa + size)
+            if self._tracer is not None:
+                self._trace_entry(entry, InterceptKind.MEMORY)
             self._set_gpa(sorted([*self.gpa, entry], key=lambda e: e.start))
 
         def remove() -> None:
@@ -414,6 +452,8 @@ class InterceptTable(Routes):
                     f"MSR {busy[0]:#x} already has an intercept: uninstall it first"
                 )
             entry = _Entry(handler, read, write)
+            if self._tracer is not None:
+                self._trace_entry(entry, InterceptKind.MSR)
             table = dict(self.msr)
             table.update({m: entry for m in indices})
             self._apply_msr_filter(table)  # raises (table unchanged) if it cannot be expressed

@@ -220,6 +220,14 @@ class Source:
     def _phase(self, name: str) -> None:
         self.progress.phase = name
         self._report(force=True)
+        recorder = getattr(self.vm, "recorder", None)
+        if recorder is not None and recorder.active:  # the flight recorder (pyhv.trace)
+            from pyhv.trace.events import MigrationEvent
+
+            pr = self.progress
+            recorder.record(
+                MigrationEvent(time.time(), -1, "source", name, pr.bytes_sent, pr.pages_sent)
+            )
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()

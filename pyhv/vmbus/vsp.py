@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
+from pyhv.trace.events import Event, VmbusEvent
 from pyhv.vmbus.channel import Channel
 from pyhv.vmbus.packet import Packet, PacketType
 
@@ -59,6 +60,9 @@ class Vsp(Generic[S]):
 
     TRANSITIONS: Mapping[Enum, frozenset[Enum]] = {}
     STOPPED: Enum
+    #: The flight recorder's `record` while one listens (pyhv.trace), else None: every packet
+    #: either way, and the messages `trace_message` decodes from it, go there.
+    tracer: Callable[[Event], object] | None = None
     #: Consecutive refused guest messages after which the guest is deemed hopelessly broken.
     MAX_CONSECUTIVE_BAD = 16
 
@@ -165,7 +169,9 @@ class Vsp(Generic[S]):
             if not self._send(self._outbox[0]):
                 self.counters["ring_full"] += 1
                 break
-            self._outbox.popleft()
+            sent = self._outbox.popleft()
+            if self.tracer is not None:
+                self._trace(self.tracer, "host->guest", sent, PacketType.DATA_INBAND, 0)
             n += 1
         self.counters["sent"] += n
         return n
@@ -178,6 +184,8 @@ class Vsp(Generic[S]):
     def on_packet(self, packet: Packet) -> None:
         """Entry point from the channel: one packet read from the guest->host ring."""
         self.counters["packets"] += 1
+        if self.tracer is not None:
+            self._trace(self.tracer, "guest->host", packet.payload, packet.type, packet.trans_id)
         if self._state is self.STOPPED:
             self.counters["after_stop"] += 1
             return
@@ -188,3 +196,21 @@ class Vsp(Generic[S]):
 
     def on_message(self, payload: bytes, trans_id: int) -> None:
         raise NotImplementedError
+
+    def _trace(
+        self,
+        record: Callable[[Event], object],
+        direction: str,
+        payload: bytes,
+        ptype: int,
+        trans_id: int,
+    ) -> None:
+        record(
+            VmbusEvent(time.time(), -1, self.name, direction, int(ptype), len(payload), trans_id)
+        )
+        for event in self.trace_message(direction, payload):
+            record(event)
+
+    def trace_message(self, direction: str, payload: bytes) -> list[Event]:
+        """Hook: the protocol's own events for one packet's payload (none by default)."""
+        return []

@@ -20,7 +20,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from pyhv.vmms.client import CONSOLE_PROTOCOL
+from pyhv.vmms.client import CONSOLE_PROTOCOL, TRACE_PROTOCOL
 from pyhv.vmms.openapi import openapi
 from pyhv.vmms.service import Vmms, VmmsError
 
@@ -425,3 +425,72 @@ def _console(h: ApiHandler, p: dict[str, str]) -> Any:
         t.join(5)
         h.close_connection = True
     return _UPGRADED
+
+
+# --- flight recorder (pyhv.trace): one route; its message is each event's wire form ----------
+@route(f"/api/vms/{_NAME}/trace", "POST")
+def _trace(h: ApiHandler, p: dict[str, str]) -> Any:
+    """Upgrade the connection to VM NAME's flight recorder stream: one JSON event a line,
+    while the connection stays open (the VM's event sources are on while anyone watches)."""
+    from pyhv.trace.recorder import BoundedStream
+
+    if h.headers.get("Upgrade", "").lower() != TRACE_PROTOCOL:
+        raise ApiError(
+            426,
+            f"the trace is a connection upgrade: send 'Connection: Upgrade' and "
+            f"'Upgrade: {TRACE_PROTOCOL}'",
+            {"Upgrade": TRACE_PROTOCOL},
+        )
+    name = p["name"]
+    stream = BoundedStream(TRACE_QUEUE)  # a slow client loses events ("dropped"), not memory
+
+    def out(events: list[Any] | None) -> None:
+        if events is None:
+            stream.close()
+            return
+        for e in events:
+            stream.put(e)
+
+    stop = h.vmms.trace(name, out)  # raises 404/409 before the upgrade
+    h.send_response(101)
+    h.send_header("Connection", "Upgrade")
+    h.send_header("Upgrade", TRACE_PROTOCOL)
+    h.end_headers()
+    h.wfile.flush()
+    sock = h.connection
+    sock.settimeout(None)
+
+    def writer() -> None:
+        while True:
+            events = stream.take(timeout=1.0)
+            if events is None:
+                break
+            lines = b"".join(
+                json.dumps(e.to_wire(), separators=(",", ":")).encode() + b"\n" for e in events
+            )
+            try:
+                if lines:
+                    sock.sendall(lines)
+            except OSError:
+                break
+        try:
+            sock.shutdown(2)  # the VM ended or the client left: end the reader too
+        except OSError:
+            pass
+
+    t = threading.Thread(target=writer, name=f"trace-{name}", daemon=True)
+    t.start()
+    try:
+        while h.rfile.read1(4096):  # type: ignore[attr-defined]
+            pass  # the client sends nothing; its EOF says it left
+    except OSError:
+        pass
+    finally:
+        stop()
+        stream.close()
+        t.join(5)
+        h.close_connection = True
+    return _UPGRADED
+
+
+TRACE_QUEUE = 8192

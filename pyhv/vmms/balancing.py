@@ -102,6 +102,9 @@ class BalancerLoop:
         self._lock = threading.Lock()
         self._arrived = threading.Event()
         self.last_decision: Decision | None = None
+        #: Called after every tick with the decision and the states it was made from (the
+        #: flight recorder: pyhv.vmms.tracing).
+        self.decision_listeners: list[Callable[[Decision, list[VmMemoryState]], object]] = []
 
     def forget(self, name: str) -> None:
         with self._lock:
@@ -193,6 +196,8 @@ class BalancerLoop:
         for op in decision.operations:
             self._dispatch(op, workers[op.vm])
         self.last_decision = decision
+        for listener in self.decision_listeners:
+            listener(decision, states)
         return decision
 
     def _complete(self, name: str, tr: _Tracked, status: MemoryStatus) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 
 #: The `Upgrade:` token that turns a console request into a raw byte stream.
 CONSOLE_PROTOCOL = "pyhv-console"
+#: The `Upgrade:` token that turns a trace request into a stream of JSON lines.
+TRACE_PROTOCOL = "pyhv-trace"
 
 
 class ClientError(Exception):
@@ -99,6 +101,14 @@ class VmmsClient:
 
     def console(self, name: str) -> socket.socket:
         """A socket carrying the VM's serial console both ways (recent output first)."""
+        return self._upgrade(f"/api/vms/{name}/console", CONSOLE_PROTOCOL, "console")
+
+    def trace(self, name: str) -> socket.socket:
+        """A socket carrying VM `name`'s flight recorder events, one JSON object a line
+        (pyhv.trace.events), while it stays open; the VMMS closes it when the VM ends."""
+        return self._upgrade(f"/api/vms/{name}/trace", TRACE_PROTOCOL, "trace")
+
+    def _upgrade(self, path: str, protocol: str, what: str) -> socket.socket:
         if self.socket_path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             address: Any = str(self.socket_path)
@@ -115,17 +125,17 @@ class VmmsClient:
         auth = "".join(f"{k}: {v}\r\n" for k, v in self._headers().items())
         sock.sendall(
             (
-                f"POST /api/vms/{name}/console HTTP/1.1\r\nHost: localhost\r\n"
-                f"Connection: Upgrade\r\nUpgrade: {CONSOLE_PROTOCOL}\r\n{auth}"
+                f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
+                f"Connection: Upgrade\r\nUpgrade: {protocol}\r\n{auth}"
                 "Content-Length: 0\r\n\r\n"
             ).encode()
         )
         head = bytearray()
         while b"\r\n\r\n" not in head:
-            b = sock.recv(1)  # byte by byte: nothing of the console stream is read ahead
+            b = sock.recv(1)  # byte by byte: nothing of the stream is read ahead
             if not b:
                 sock.close()
-                raise ClientError("the VMMS closed the console connection")
+                raise ClientError(f"the VMMS closed the {what} connection")
             head += b
         status_line, _, rest = bytes(head).partition(b"\r\n")
         parts = status_line.split(b" ", 2)

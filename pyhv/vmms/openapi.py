@@ -47,7 +47,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         411: "a body without Content-Length",
         413: "body larger than 64 KiB",
         415: "body not application/json",
-        426: "console without the connection upgrade",
+        426: "console or trace without the connection upgrade",
     }
     return {str(c): _json(_ERROR, words[c]) for c in (401, *codes)}
 
@@ -279,6 +279,17 @@ def openapi() -> dict[str, Any]:
                     "bytes both ways; the recent output first)",
                     "responses": {
                         "101": {"description": "switched to the console stream"},
+                        **_errors(404, 409, 426),
+                    },
+                },
+            },
+            "/api/vms/{name}/trace": {  # flight recorder (pyhv.trace)
+                **vm_path,
+                "post": {
+                    "summary": "watch the VM's flight recorder ('Upgrade: pyhv-trace'; then one "
+                    "JSON event a line, see docs/trace.md; tracing is on while anyone watches)",
+                    "responses": {
+                        "101": {"description": "switched to the event stream"},
                         **_errors(404, 409, 426),
                     },
                 },

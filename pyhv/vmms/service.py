@@ -7,6 +7,7 @@ VMs run on), runs the Dynamic Memory balancer and keeps the counters. The HTTP A
 
 from __future__ import annotations
 
+import builtins
 import logging
 import signal
 import threading
@@ -52,6 +53,7 @@ from pyhv.vmms.inventory import (
 )
 from pyhv.vmms.pool import HostPool
 from pyhv.vmms.store import ConfigStore
+from pyhv.vmms.tracing import TraceHub, TracingUnavailable
 from pyhv.worker.config import ConfigError, VmConfig, format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,8 @@ class Vmms:
         self.worker_counters = WorkerCounters(self.registry)
         self.health = self.registry.register(HEALTH_SET)
         self.balancer = BalancerLoop(self.pool, self._dm_vms, self.dm_counters, balancer)
+        self.traces = TraceHub()  # the flight recorder's watchers (pyhv.vmms.tracing)
+        self.balancer.decision_listeners.append(self.traces.decision)
         self._worker_factory = worker_factory
         self._image_resolver = image_resolver
         self._stop_timeout = stop_timeout
@@ -320,6 +324,7 @@ class Vmms:
             log.info("VM %s is off: %s", vm.settings.name, reason)
         for c in consoles:
             c(b"")  # end of output: the console connection closes
+        self.traces.end(vm.settings.name)  # and so do its trace streams
 
     def _halt(self, vm: _Vm, why: str) -> None:
         with self._lock:
@@ -471,6 +476,21 @@ class Vmms:
                     vm.consoles.remove(output)
 
         return detach
+
+    def trace(
+        self, name: str, out: Callable[[builtins.list[Any] | None], object]
+    ) -> Callable[[], None]:
+        """Watch running VM `name`'s flight recorder: `out` gets each batch of its events and
+        None when the VM ends (pyhv.vmms.tracing). Returns the function that stops it."""
+        with self._lock:
+            vm = self._get(name)
+            if vm.worker is None:
+                raise Conflict(f"VM {name!r} is {vm.state}: start it to trace it")
+            worker = vm.worker
+        try:
+            return self.traces.attach(name, worker, out)
+        except TracingUnavailable as e:
+            raise Conflict(str(e)) from None
 
     def type(self, name: str, data: bytes) -> None:
         """Input for the VM's serial port."""

@@ -58,6 +58,9 @@ class WorkerProcess:
         self._reader: threading.Thread | None = None
         #: Called (on the reader thread) with every message of a kind not handled here.
         self.listeners: list[Callable[[dict[str, object]], object]] = []
+        #: Called (on the reader thread) with each batch of flight recorder events; trace().
+        self.trace_listeners: list[Callable[[list[Any]], object]] = []
+        self.refused_traces = 0
         #: Run the worker under this command, e.g. ["ip", "netns", "exec", "hostB"].
         self.command_prefix: list[str] = []
 
@@ -118,6 +121,8 @@ class WorkerProcess:
                         waiter[0].set()
                 elif ev == "memory_status":
                     self._memory_status(msg.get("status"))
+                elif ev == "trace":  # flight recorder
+                    self._trace_events(msg.get("events"))
                 elif ev == "ended":
                     raw = msg.get("end")
                     if not isinstance(raw, dict):
@@ -169,6 +174,30 @@ class WorkerProcess:
             listener(arg)
         except Exception:  # noqa: BLE001 - a listener's bug must not end the reader
             log.exception("VM %s: memory status listener failed", self.config.name)
+
+    # --- flight recorder (pyhv.trace): the trace messages of pyhv.worker.protocol -----------
+
+    def trace(self, on: bool) -> None:
+        """Ask the worker to stream its VM's events (to `trace_listeners`) or to stop."""
+        self._send({"op": "trace", "on": on})
+
+    def _trace_events(self, raw: object) -> None:
+        from pyhv.trace.events import TraceError, event_from_wire
+
+        try:
+            if not isinstance(raw, list):
+                raise TraceError(f"'events' is a {type(raw).__name__}, not a list")
+            events = [event_from_wire(e) for e in raw]
+        except TraceError as e:  # the worker is untrusted: count, log, keep reading
+            self.refused_traces += 1
+            log.warning(
+                "VM %s: worker pid %s: refused trace events: %s", self.config.name, self.pid, e
+            )
+            return
+        for listener in list(self.trace_listeners):
+            self._call(listener, events)
+
+    # --- end flight recorder ---------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
         """Type ``data`` into the VM's serial port."""

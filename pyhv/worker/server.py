@@ -96,6 +96,12 @@ def serve(sock: socket.socket) -> int:
         on_memory_status=lambda st: send({"ev": "memory_status", "status": st.to_wire()}),
     )
 
+    # --- flight recorder (trace messages; see pyhv.worker.trace) ---
+    from pyhv.worker.trace import TraceStream
+
+    tracing = TraceStream(vm.recorder, send)
+    # --- end flight recorder ---
+
     def commands() -> None:
         try:
             while True:
@@ -109,12 +115,15 @@ def serve(sock: socket.socket) -> int:
                     vm.stop(str(msg.get("why") or "stopped by its owner")[:200])
                 elif op == "memory":
                     send(memory_call(vm, msg))
+                elif op == "trace":  # flight recorder: stream the VM's events or stop
+                    tracing.set(msg.get("on") is True)
                 elif op == "migrate":
                     from pyhv.migration.worker import start_migration
 
                     start_migration(vm, msg, send)
         except (OSError, ValueError):
             pass
+        tracing.set(False)
         vm.stop("the owner closed the worker's socket")
 
     try:

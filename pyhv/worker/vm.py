@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyhv.devices.poweroff import POWEROFF_PORT, PowerOff
 from pyhv.devices.uart16550 import COM1_BASE, COM1_IRQ, Uart16550
+from pyhv.trace.recorder import Recorder
 from pyhv.worker import boot
 from pyhv.worker.config import VmConfig
 from pyhv.worker.console import SerialLog
@@ -67,6 +68,8 @@ class VirtualMachine:
         self._watchers: list[threading.Thread] = []
         #: time.monotonic() when the first VP started (live migration measures downtime to it)
         self.running_since: float | None = None
+        #: The flight recorder: its event sources are on only while someone subscribes.
+        self.recorder = Recorder(on_active=self._trace_sources)
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -112,6 +115,7 @@ class VirtualMachine:
                     memory_manager=self._memory_manager,
                 )
                 self.dynmem.start()
+            self._trace_sources(self.recorder.active)  # a subscriber may have come first
             self.vps = [p.create_vp(i) for i in range(cfg.vps)]
             if incoming is not None:
                 incoming(self)
@@ -128,6 +132,15 @@ class VirtualMachine:
         except BaseException:
             self.close()
             raise
+
+    def _trace_sources(self, on: bool) -> None:
+        """Turn the flight recorder's event sources on (the first subscriber came) or off
+        (the last one left): intercept handlers swapped for traced ones, the VSPs' tracer."""
+        record = self.recorder.record if on else None
+        if self.partition is not None:
+            self.partition.intercepts.set_tracer(record)
+        if self.dynmem is not None:
+            self.dynmem.vsp.tracer = record
 
     def send(self, data: bytes) -> None:
         """Serial input: bytes the guest receives on COM1."""

@@ -1,0 +1,50 @@
+"""The worker's side of the flight recorder stream: while the owner asks for it
+(``{"op": "trace", "on": true}``), the VM's events go to the owner in batches
+(``{"ev": "trace", "events": [...]}``) from a thread of their own, through a bounded queue: if
+the owner does not keep up, events are dropped and counted (a "dropped" event), the VP never
+waits and the worker's memory never grows."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from pyhv.trace.recorder import BoundedStream, Recorder
+
+#: Events the worker holds for a slow owner before it drops them.
+STREAM_LIMIT = 8192
+#: Events per message (a message stays far below protocol.MAX_MESSAGE).
+BATCH = 256
+
+
+class TraceStream:
+    """Streams one VM's recorder to the owner while `set(True)`."""
+
+    def __init__(self, recorder: Recorder, send: Callable[[dict[str, object]], None]) -> None:
+        self._recorder = recorder
+        self._send = send
+        self._stream: BoundedStream | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    def set(self, on: bool) -> None:
+        with self._lock:
+            if on and self._stream is None:
+                stream = self._stream = BoundedStream(STREAM_LIMIT)
+                threading.Thread(
+                    target=self._pump, args=(stream,), name="trace-stream", daemon=True
+                ).start()
+                self._unsubscribe = self._recorder.subscribe(stream.put)
+            elif not on and self._stream is not None:
+                assert self._unsubscribe is not None
+                self._unsubscribe()
+                self._stream.close()
+                self._stream = self._unsubscribe = None
+
+    def _pump(self, stream: BoundedStream) -> None:
+        while True:
+            events = stream.take(most=BATCH)
+            if events is None:
+                return
+            if events:
+                self._send({"ev": "trace", "events": [e.to_wire() for e in events]})

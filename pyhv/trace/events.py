@@ -9,6 +9,7 @@ events no VP caused). Values the guest chose (ports, GPAs, MSRs, DM fields) are 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,8 +41,10 @@ class Event:
         )
 
     def line(self) -> str:
+        """time (local, to the microsecond), VP, kind, the event's fields."""
         vp = f"vp{self.vp}" if self.vp >= 0 else "-"
-        return f"{self.t:.6f} {vp:>4} {self.kind:9} {self.describe()}"
+        clock = time.strftime("%H:%M:%S", time.localtime(self.t))
+        return f"{clock}.{int(self.t % 1 * 1e6):06d} {vp:>4} {self.kind:9} {self.describe()}"
 
 
 _HEX = {"port", "gpa", "msr", "value"}

@@ -1,0 +1,196 @@
+"""End to end, as a reader of the book watches Dynamic Memory work: a real reference guest under
+a real VMMS, `pyhv vm trace NAME --only dm --json` attached as a user runs it, `testlimit` in the
+guest; the trace shows the guest's status reports, then the VSP's hot-add request and the
+guest's response, decoded field by field, in order, with what the guest sent and what the
+worker mapped."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vmms.vmms_process import ROOT, VmmsProcess
+
+pytestmark = pytest.mark.guest
+
+MIB_PAGES = 256
+STARTUP = 256 << 20
+
+
+class Trace:
+    """`pyhv vm trace` as a subprocess; its JSON lines as they come."""
+
+    def __init__(self, host: VmmsProcess, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pyhv.cli",
+                "vm",
+                "--state-dir",
+                str(host.state),
+                "trace",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.events: list[dict[str, Any]] = []
+        self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._q.put(json.loads(line))
+        self._q.put(None)
+
+    def until(
+        self, done: Callable[[list[dict[str, Any]]], bool], timeout: float, what: str
+    ) -> None:
+        """Read events until `done(events)` holds; fail after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not done(self.events):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {what} within {timeout} s; last: {self.events[-5:]}")
+            try:
+                e = self._q.get(timeout=left)
+            except queue.Empty:
+                continue
+            if e is None:
+                assert self.proc.stderr is not None
+                raise AssertionError(f"pyhv vm trace ended: {self.proc.stderr.read()}")
+            self.events.append(e)
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stderr is not None
+        return self.proc.returncode, self.proc.stderr.read()
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[VmmsProcess]:
+    h = VmmsProcess(tmp_path, "host", "3G")
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def _dm(events: list[dict[str, Any]], message: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["kind"] == "dm" and e["message"] == message]
+
+
+def _floor(pages: int) -> int:
+    """pmm_balloon_floor() of guest/pmm.c: what the guest adds to its committed pages."""
+    mb = MIB_PAGES
+    if pages < 128 * mb:
+        return 8 * mb + pages // 2
+    if pages < 512 * mb:
+        return 40 * mb + pages // 4
+    if pages < 2048 * mb:
+        return 104 * mb + pages // 8
+    raise AssertionError("this test's guest stays under 2 GiB")
+
+
+def test_vm_trace_shows_status_reports_then_the_hot_add_and_its_response_decoded_in_order(
+    host: VmmsProcess,
+) -> None:
+    host.vm("create", "dm", "--memory", "256M", "--dynamic", "--minimum", "128M", "--maximum", "2G")
+    host.vm("start", "dm")
+    trace = Trace(host, "dm", "--only", "dm", "--json")
+    try:
+        trace.until(lambda ev: len(_dm(ev, "STATUS_REPORT")) >= 2, 120, "status reports")
+        before = _dm(trace.events, "STATUS_REPORT")[-1]["fields"]["num_committed"]
+        out = host.shell("dm", "testlimit -m 400 -c 1", b"committed 400 MiB")
+        assert "committed 400 MiB" in out
+
+        def added(ev: list[dict[str, Any]]) -> bool:
+            responses = _dm(ev, "MEM_HOT_ADD_RESPONSE")
+            return bool(responses) and len(responses) == len(_dm(ev, "MEM_HOT_ADD_REQUEST"))
+
+        trace.until(added, 120, "hot-add request answered")
+        # wait until the balancer has added the buffer on top (no operation in flight)
+        status: dict[str, Any] = {}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = host.client.request("GET", "/api/vms/dm/memory")
+            committed = status["committed"] or 0
+            if committed >= 400 << 20 and status["visible"] >= committed * 1.2 - (1 << 20):
+                break
+            time.sleep(0.2)
+        trace.until(added, 60, "every hot-add request answered")
+        mem = host.shell("dm", "mem", b"hot-added:")
+        seen = {k: int(v) for k, v in re.findall(r"(\w[\w-]*): (\d+) MiB", mem)}
+        t_mem = time.time()  # events carry the worker's wall clock: the same host's clock
+        trace.until(
+            lambda ev: any(e["t"] > t_mem for e in _dm(ev, "STATUS_REPORT")), 30, "a later report"
+        )
+    finally:
+        code, err = trace.stop()
+    assert code == 0 and "Traceback" not in err, err
+    assert {e["kind"] for e in trace.events} <= {"dm", "dropped"}  # --only dm
+
+    # In order: reports, then each request answered (same transaction) before the next one.
+    dm = [e for e in trace.events if e["kind"] == "dm"]
+    first_add = next(i for i, e in enumerate(dm) if e["message"] == "MEM_HOT_ADD_REQUEST")
+    assert any(e["message"] == "STATUS_REPORT" for e in dm[:first_add])
+    pairs = [e for e in dm if e["message"].startswith("MEM_HOT_ADD")]
+    requests, responses = pairs[0::2], pairs[1::2]
+    assert [e["message"] for e in requests] == ["MEM_HOT_ADD_REQUEST"] * len(requests)
+    assert [e["message"] for e in responses] == ["MEM_HOT_ADD_RESPONSE"] * len(requests)
+    assert all(e["direction"] == "host->guest" for e in requests)
+    assert all(e["direction"] == "guest->host" for e in responses)
+    for rq, rs in zip(requests, responses, strict=True):
+        # (each side numbers its own transactions, as Linux's hv_balloon: ids do not pair)
+        assert rs["t"] >= rq["t"]
+        # the guest took every page it was offered, and said so
+        assert rs["fields"]["page_count"] == rq["fields"]["range_page_cnt"] > 0
+        assert rs["fields"]["result"] == 1
+
+    # The ranges are where the worker mapped them: right above the startup RAM, one after
+    # the other, together the memory the VMMS sees added.
+    start = STARTUP // 4096
+    for rq in requests:
+        assert rq["fields"]["range_start_page"] == start
+        start += rq["fields"]["range_page_cnt"]
+    added_pages = sum(rq["fields"]["range_page_cnt"] for rq in requests)
+    assert status["visible"] == STARTUP + added_pages * 4096
+    assert seen["hot-added"] == added_pages // MIB_PAGES
+    assert seen["visible"] == (STARTUP >> 20) + seen["hot-added"]
+
+    # The status report after `mem` carries what the guest's `mem` printed: its committed
+    # pages (plus the balloon floor, as Linux's hv_balloon), its free pages as available.
+    report = next(e for e in _dm(trace.events, "STATUS_REPORT") if e["t"] > t_mem)["fields"]
+    assert set(report) == {
+        "num_avail",
+        "num_committed",
+        "page_file_size",
+        "zero_free",
+        "page_file_writes",
+        "io_diff",
+    }
+    visible = seen["visible"] * MIB_PAGES
+    expected = (seen["committed"] + seen["ballooned"]) * MIB_PAGES + _floor(visible)
+    assert abs(report["num_committed"] - expected) <= 2 * MIB_PAGES  # `mem` rounds to MiB
+    assert abs(report["num_avail"] - seen["free"] * MIB_PAGES) <= 2 * MIB_PAGES
+    assert report["num_committed"] > before + 400 * MIB_PAGES - MIB_PAGES

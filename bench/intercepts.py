@@ -12,6 +12,8 @@ and N RDMSRs (0x40000000, sent to user space by the MSR filter). Each runs under
     is N / (time with N exits - time with 0 exits), startup cancelled out. No MSR loop: KVM
     answers unknown MSRs itself unless user-space MSR exits are enabled, which QEMU does not do.
     QEMU runs with KVM only (bench/common.py's QEMU_KVM); if it cannot, the JSON says why.
+pyhv runs each loop again with the flight recorder on (pyhv.trace: every exit an event, as
+while `pyhv vm trace` watches); with it off, nothing on the exit path knows it exists.
 The port, MMIO and MSR loops also run on pyhv's pure-Python run loop, in a process with
 PYHV_NO_FASTRUN=1. Everything is repeated, interleaved, and reported as the median
 with min-max (the machine is shared and noisy); ratios and the ns per exit pyhv adds to the C
@@ -318,9 +320,22 @@ def build(tmp: Path) -> tuple[bytes, dict[str, int], Path]:
     return (tmp / "g.bin").read_bytes(), syms, tmp / "loop"
 
 
-def run_pyhv(code: bytes, entry: int, n: int, time_handlers: bool = True) -> float:
-    """pyhv's rate on the loop this process runs VPs on (C unless PYHV_NO_FASTRUN=1)."""
+def run_pyhv(
+    code: bytes, entry: int, n: int, time_handlers: bool = True, traced: bool = False
+) -> float:
+    """pyhv's rate on the loop this process runs VPs on (C unless PYHV_NO_FASTRUN=1). With
+    `traced`, the flight recorder is on as while `pyhv vm trace` watches: every exit becomes an
+    event in the VM's ring and in a bounded stream that a thread drains (as the worker's)."""
+    from pyhv.trace.recorder import BoundedStream, Recorder
+
     with Partition("bench", time_handlers=time_handlers) as p:
+        recorder = Recorder(
+            on_active=lambda on: p.intercepts.set_tracer(recorder.record if on else None)
+        )
+        stream = BoundedStream(8192)
+        if traced:
+            recorder.subscribe(stream.put)
+            threading.Thread(target=lambda: _drain(stream), daemon=True).start()
         p.add_memory(0, 16 << 20)
         p.write(BASE, code)
         vp = p.create_vp(0)
@@ -345,10 +360,22 @@ def run_pyhv(code: bytes, entry: int, n: int, time_handlers: bool = True) -> flo
         handled = c["io_port"]["count"] - 1 + c["memory"]["count"] + c["msr"]["count"]
         if handled != n:
             raise RuntimeError(f"expected {n} intercepts, counted {handled}")
+        stream.close()
+        if recorder.recorded != (n + 1 if traced else 0):  # and the DONE_PORT write
+            raise RuntimeError(f"{recorder.recorded} events recorded for {n} intercepts")
         want = "python" if fastrun.disabled() else "c"
         if vp.loop_kind != want:
             raise RuntimeError(f"the VP ran the {vp.loop_kind} loop, not the {want} loop")
         return n / (end[0] - t0)
+
+
+def _drain(stream: Any) -> None:
+    """As the worker's trace stream reads (pyhv.worker.trace), without the socket."""
+    from pyhv.trace.recorder import LINGER
+
+    while (events := stream.take()) is not None:
+        if len(events) < 2048:
+            time.sleep(LINGER)
 
 
 def run_pyhv_python_loop(binary: Path, entry: int, n: int) -> float:
@@ -432,11 +459,14 @@ def measure(
             entry = syms[f"{kind}_loop"]
             c = run_c(loop, binary, entry, n)
             py = run_pyhv(code, entry, n)
+            traced = run_pyhv(code, entry, n, traced=True)
             pyloop = run_pyhv_python_loop(binary, entry, n)
             _add(s, f"{kind}_c_per_s", c)
             _add(s, f"{kind}_pyhv_per_s", py)
             _add(s, f"{kind}_pyhv_python_loop_per_s", pyloop)
             _add(s, f"{kind}_ratio_vs_c", py / c)
+            _add(s, f"{kind}_pyhv_tracing_on_per_s", traced)
+            _add(s, f"{kind}_ratio_vs_c_tracing_on", traced / c)
             _add(s, f"{kind}_python_loop_ratio_vs_c", pyloop / c)
             _add(s, f"{kind}_ns_per_exit_over_c", 1e9 / py - 1e9 / c)
             if kind == "io":
@@ -484,7 +514,7 @@ def main() -> None:
     # The keys issue 10 asks for: medians of the per-repetition ratios
     result["io_ratio_vs_c"] = figures["io_ratio_vs_c"]["median"]
     result["io_ratio_vs_qemu"] = figures.get("io_ratio_vs_qemu", {}).get("median")
-    result["io_ratio_vs_c_tracing_on"] = None  # no flight recorder yet (issue 10, item 6)
+    result["io_ratio_vs_c_tracing_on"] = figures["io_ratio_vs_c_tracing_on"]["median"]
     for k, f in figures.items():
         print(f"{k:34s} median {f['median']:>12,}  min {f['min']:>12,}  max {f['max']:>12,}")
     common.finish("intercepts", result, run)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pyhv.trace.events import DroppedEvent, Event
 
 DEFAULT_CAPACITY = 4096
+#: Seconds a stream's reader waits after a batch shorter than it asked for.
+LINGER = 0.01
 
 
 class Recorder:
@@ -85,21 +87,26 @@ class BoundedStream:
 
     def put(self, event: Event) -> None:
         with self._cond:
-            if len(self._q) >= self.limit:
+            q = self._q
+            if len(q) >= self.limit:
                 self.dropped += 1
                 self._unreported += 1
+                if self._unreported == 1 and not q:
+                    self._cond.notify()
                 return
-            self._q.append(event)
-            self._cond.notify()
+            q.append(event)
+            if len(q) == 1:  # the reader waits only for an empty queue: one wake-up a batch
+                self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
 
-    def take(self, timeout: float | None = None, most: int = 512) -> list[Event] | None:
+    def take(self, timeout: float | None = None, most: int = 2048) -> list[Event] | None:
         """Up to `most` events (waiting up to `timeout` for the first); [] on timeout,
-        None once closed and drained."""
+        None once closed and drained. A reader that lingers a little after a short batch
+        (LINGER) lets the next one grow, and wakes less often the thread that records."""
         with self._cond:
             self._cond.wait_for(lambda: self._q or self._unreported or self._closed, timeout)
             out: list[Event] = []

@@ -432,7 +432,7 @@ def _console(h: ApiHandler, p: dict[str, str]) -> Any:
 def _trace(h: ApiHandler, p: dict[str, str]) -> Any:
     """Upgrade the connection to VM NAME's flight recorder stream: one JSON event a line,
     while the connection stays open (the VM's event sources are on while anyone watches)."""
-    from pyhv.trace.recorder import BoundedStream
+    from pyhv.trace.recorder import LINGER, BoundedStream
 
     if h.headers.get("Upgrade", "").lower() != TRACE_PROTOCOL:
         raise ApiError(
@@ -462,7 +462,7 @@ def _trace(h: ApiHandler, p: dict[str, str]) -> Any:
 
     def writer() -> None:
         while True:
-            events = stream.take(timeout=1.0)
+            events = stream.take(timeout=1.0, most=512)
             if events is None:
                 break
             lines = b"".join(
@@ -473,6 +473,8 @@ def _trace(h: ApiHandler, p: dict[str, str]) -> Any:
                     sock.sendall(lines)
             except OSError:
                 break
+            if len(events) < 512:
+                time.sleep(LINGER)  # let the next batch grow
         try:
             sock.shutdown(2)  # the VM ended or the client left: end the reader too
         except OSError:

@@ -7,14 +7,15 @@ waits and the worker's memory never grows."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
-from pyhv.trace.recorder import BoundedStream, Recorder
+from pyhv.trace.recorder import LINGER, BoundedStream, Recorder
 
 #: Events the worker holds for a slow owner before it drops them.
 STREAM_LIMIT = 8192
-#: Events per message (a message stays far below protocol.MAX_MESSAGE).
-BATCH = 256
+#: Events per message (at ~150 bytes each, a message stays below protocol.MAX_MESSAGE).
+BATCH = 2048
 
 
 class TraceStream:
@@ -48,3 +49,5 @@ class TraceStream:
                 return
             if events:
                 self._send({"ev": "trace", "events": [e.to_wire() for e in events]})
+            if len(events) < BATCH:
+                time.sleep(LINGER)  # let the next batch grow: fewer wake-ups of the VP threads

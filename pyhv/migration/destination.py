@@ -33,6 +33,7 @@ from pyhv.migration.stream import (
     token_bytes,
     unpack_zero_runs,
 )
+from pyhv.migration.tracing import trace_phase
 
 if TYPE_CHECKING:
     from pyhv.hypervisor.memory import MemoryRegion
@@ -167,7 +168,9 @@ class Incoming:
                 )
             written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
             fs.send_json(Frame.READY, {})
+            trace_phase(vm, "destination", "memory", fs.bytes_received, self.pages)
             state = self._memory(vm, written)
+            trace_phase(vm, "destination", "state", fs.bytes_received, self.pages)
             self.faults.at("state", fs)
             vm_state.restore(vm, state)
             if self.verify:
@@ -185,6 +188,7 @@ class Incoming:
             fs.send_json(Frame.RESTORED, {})
             fs.expect_json(Frame.COMMIT)
             self.t_commit = time.monotonic()
+            trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
         except BaseException as e:
             self.fail(e)
             raise

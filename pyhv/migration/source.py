@@ -42,6 +42,7 @@ from pyhv.migration.stream import (
     pack_zero_runs,
     token_bytes,
 )
+from pyhv.migration.tracing import trace_phase
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -220,14 +221,8 @@ class Source:
     def _phase(self, name: str) -> None:
         self.progress.phase = name
         self._report(force=True)
-        recorder = getattr(self.vm, "recorder", None)
-        if recorder is not None and recorder.active:  # the flight recorder (pyhv.trace)
-            from pyhv.trace.events import MigrationEvent
-
-            pr = self.progress
-            recorder.record(
-                MigrationEvent(time.time(), -1, "source", name, pr.bytes_sent, pr.pages_sent)
-            )
+        pr = self.progress
+        trace_phase(self.vm, "source", name, pr.bytes_sent, pr.pages_sent)
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -447,6 +442,7 @@ class Source:
         )
         self.progress.phase = "done"
         self._report(force=True)
+        trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
 
     def clean_up(self) -> None:
         """After success: the VM runs on the destination; stop it here (its memory goes)."""

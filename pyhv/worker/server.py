@@ -143,7 +143,8 @@ def serve(sock: socket.socket) -> int:
     end = vm.wait()
     assert end is not None
     vm.close()
-    out.close()  # all serial output goes before the end report
+    tracing.close()  # all recorded events and serial output go before the end report
+    out.close()
     send({"ev": "ended", "end": end.to_dict()})
     return 0
 

@@ -26,21 +26,29 @@ class TraceStream:
         self._send = send
         self._stream: BoundedStream | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._pump_thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def set(self, on: bool) -> None:
         with self._lock:
             if on and self._stream is None:
                 stream = self._stream = BoundedStream(STREAM_LIMIT)
-                threading.Thread(
+                self._pump_thread = threading.Thread(
                     target=self._pump, args=(stream,), name="trace-stream", daemon=True
-                ).start()
+                )
+                self._pump_thread.start()
                 self._unsubscribe = self._recorder.subscribe(stream.put)
             elif not on and self._stream is not None:
                 assert self._unsubscribe is not None
                 self._unsubscribe()
-                self._stream.close()
+                self._stream.close()  # the pump sends what is left, then ends
                 self._stream = self._unsubscribe = None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop, after sending every event recorded so far (before the VM's end report)."""
+        self.set(False)
+        if self._pump_thread is not None:
+            self._pump_thread.join(timeout)
 
     def _pump(self, stream: BoundedStream) -> None:
         while True:

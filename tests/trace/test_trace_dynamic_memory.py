@@ -118,6 +118,7 @@ def test_vm_trace_shows_status_reports_then_the_hot_add_and_its_response_decoded
     host.vm("create", "dm", "--memory", "256M", "--dynamic", "--minimum", "128M", "--maximum", "2G")
     host.vm("start", "dm")
     trace = Trace(host, "dm", "--only", "dm", "--json")
+    decisions = Trace(host, "dm", "--only", "balancer", "--json")  # a second watcher
     try:
         trace.until(lambda ev: len(_dm(ev, "STATUS_REPORT")) >= 2, 120, "status reports")
         before = _dm(trace.events, "STATUS_REPORT")[-1]["fields"]["num_committed"]
@@ -145,9 +146,17 @@ def test_vm_trace_shows_status_reports_then_the_hot_add_and_its_response_decoded
         trace.until(
             lambda ev: any(e["t"] > t_mem for e in _dm(ev, "STATUS_REPORT")), 30, "a later report"
         )
+        decisions.until(
+            lambda ev: any(e["action"] == "add" for e in ev), 30, "the balancer's add decision"
+        )
     finally:
         code, err = trace.stop()
+        decisions.stop()
     assert code == 0 and "Traceback" not in err, err
+    # The balancer (in the VMMS) decided the add from the pressure the reports gave it.
+    add = next(e for e in decisions.events if e["action"] == "add")
+    assert {e["kind"] for e in decisions.events} <= {"balancer", "dropped"}
+    assert add["pressure"] > 100 and add["pages"] > 0 and add["target"] > add["assigned"]
     assert {e["kind"] for e in trace.events} <= {"dm", "dropped"}  # --only dm
 
     # In order: reports, then each request answered (same transaction) before the next one.

@@ -76,7 +76,7 @@ def vm_trace(a: argparse.Namespace) -> int:
     seen = 0
     try:
         try:
-            sock = client(a).trace(a.name)
+            sock = client(a).trace(a.name, only)  # only those sources are turned on
         except ClientError as err:
             raise CliError(str(err)) from None
         with sock, sock.makefile("rb") as lines:

@@ -291,6 +291,8 @@ KERNEL_PORTS = (
     (0x4D0, 0x4D1, "8259 ELCR"),
 )
 MAX_HW_BREAKPOINTS = 4
+#: The intercept kinds the flight recorder can trace (set_tracer).
+_TRACEABLE = frozenset((InterceptKind.IO_PORT, InterceptKind.MEMORY, InterceptKind.MSR))
 MSR_FILTER_SPAN = ks.MSR_FILTER_MAX_BITMAP_BYTES * 8
 
 
@@ -303,7 +305,7 @@ class InterceptTable(Routes):
     flight recorder attaches or leaves (`set_tracer`): the loops take it once per exit.
     """
 
-    __slots__ = ("_partition", "_lock", "_tracer", "exception", "execute", "halt")
+    __slots__ = ("_partition", "_lock", "_tracer", "_traced", "exception", "execute", "halt")
 
     def __init__(self, partition: Partition) -> None:
         super().__init__()
@@ -317,14 +319,19 @@ class InterceptTable(Routes):
         self.execute: dict[int, _Entry] = {}  # gva -> entry (hardware execute breakpoints)
         self.halt: _Entry | None = None
         self._tracer: Callable[[Any], object] | None = None
+        self._traced: frozenset[InterceptKind] = _TRACEABLE
 
     # ---------------------------------------------------------------- the flight recorder
-    def set_tracer(self, record: Callable[[Any], object] | None) -> None:
-        """Send every handled I/O, GPA and MSR intercept to `record` as a typed event
-        (pyhv.trace.events), or, with None, stop. Nothing on the exit path tests whether
-        tracing is on: the handlers themselves are swapped for traced ones and back."""
+    def set_tracer(
+        self, record: Callable[[Any], object] | None, kinds: Iterable[InterceptKind] | None = None
+    ) -> None:
+        """Send every handled intercept of `kinds` (I/O port, memory, MSR; None: all three) to
+        `record` as a typed event (pyhv.trace.events), or, with None, stop. Nothing on the exit
+        path tests whether tracing is on: the handlers themselves are swapped for traced ones
+        and back."""
         with self._lock:
             self._tracer = record
+            self._traced = frozenset(_TRACEABLE if kinds is None else kinds) & _TRACEABLE
             for e in {id(e): e for e in self.io if e is not None}.values():
                 self._trace_entry(e, InterceptKind.IO_PORT)
             for g in self.gpa:
@@ -336,7 +343,7 @@ class InterceptTable(Routes):
         from pyhv.hypervisor import tracing
 
         record = self._tracer
-        if record is None:
+        if record is None or kind not in self._traced:
             entry.handler = entry.plain
             return
         wrap = {

@@ -431,7 +431,9 @@ def _console(h: ApiHandler, p: dict[str, str]) -> Any:
 @route(f"/api/vms/{_NAME}/trace", "POST")
 def _trace(h: ApiHandler, p: dict[str, str]) -> Any:
     """Upgrade the connection to VM NAME's flight recorder stream: one JSON event a line,
-    while the connection stays open (the VM's event sources are on while anyone watches)."""
+    while the connection stays open (the VM's event sources are on while anyone watches);
+    `?only=dm,io` asks for those kinds only (and only their sources are turned on)."""
+    from pyhv.trace.events import TraceError, parse_only
     from pyhv.trace.recorder import LINGER, BoundedStream
 
     if h.headers.get("Upgrade", "").lower() != TRACE_PROTOCOL:
@@ -442,6 +444,10 @@ def _trace(h: ApiHandler, p: dict[str, str]) -> Any:
             {"Upgrade": TRACE_PROTOCOL},
         )
     name = p["name"]
+    try:
+        kinds = parse_only(",".join(h.query.get("only", [])))
+    except TraceError as e:
+        raise ApiError(400, str(e).replace("--only", "only=")) from None
     stream = BoundedStream(TRACE_QUEUE)  # a slow client loses events ("dropped"), not memory
 
     def out(events: list[Any] | None) -> None:
@@ -451,7 +457,7 @@ def _trace(h: ApiHandler, p: dict[str, str]) -> Any:
         for e in events:
             stream.put(e)
 
-    stop = h.vmms.trace(name, out)  # raises 404/409 before the upgrade
+    stop = h.vmms.trace(name, out, kinds)  # raises 404/409 before the upgrade
     h.send_response(101)
     h.send_header("Connection", "Upgrade")
     h.send_header("Upgrade", TRACE_PROTOCOL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,12 @@ class VmmsClient:
         """A socket carrying the VM's serial console both ways (recent output first)."""
         return self._upgrade(f"/api/vms/{name}/console", CONSOLE_PROTOCOL, "console")
 
-    def trace(self, name: str) -> socket.socket:
-        """A socket carrying VM `name`'s flight recorder events, one JSON object a line
-        (pyhv.trace.events), while it stays open; the VMMS closes it when the VM ends."""
-        return self._upgrade(f"/api/vms/{name}/trace", TRACE_PROTOCOL, "trace")
+    def trace(self, name: str, only: Iterable[str] | None = None) -> socket.socket:
+        """A socket carrying VM `name`'s flight recorder events (of the kinds `only`, None:
+        all), one JSON object a line (pyhv.trace.events), while it stays open; the VMMS
+        closes it when the VM ends."""
+        query = "" if only is None else "?only=" + ",".join(sorted(only))
+        return self._upgrade(f"/api/vms/{name}/trace{query}", TRACE_PROTOCOL, "trace")
 
     def _upgrade(self, path: str, protocol: str, what: str) -> socket.socket:
         if self.socket_path is not None:

@@ -288,6 +288,16 @@ def openapi() -> dict[str, Any]:
                 "post": {
                     "summary": "watch the VM's flight recorder ('Upgrade: pyhv-trace'; then one "
                     "JSON event a line, see docs/trace.md; tracing is on while anyone watches)",
+                    "parameters": [
+                        {
+                            "name": "only",
+                            "in": "query",
+                            "required": False,
+                            "description": "kinds, comma-separated: dm,io,mmio,msr,vmbus,"
+                            "balancer,migration (only their sources are turned on)",
+                            "schema": {"type": "string"},
+                        }
+                    ],
                     "responses": {
                         "101": {"description": "switched to the event stream"},
                         **_errors(404, 409, 426),

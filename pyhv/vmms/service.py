@@ -478,17 +478,21 @@ class Vmms:
         return detach
 
     def trace(
-        self, name: str, out: Callable[[builtins.list[Any] | None], object]
+        self,
+        name: str,
+        out: Callable[[builtins.list[Any] | None], object],
+        kinds: frozenset[str] | None = None,
     ) -> Callable[[], None]:
-        """Watch running VM `name`'s flight recorder: `out` gets each batch of its events and
-        None when the VM ends (pyhv.vmms.tracing). Returns the function that stops it."""
+        """Watch running VM `name`'s flight recorder: `out` gets each batch of its events of
+        `kinds` (None: all) and None when the VM ends (pyhv.vmms.tracing). Returns the
+        function that stops it."""
         with self._lock:
             vm = self._get(name)
             if vm.worker is None:
                 raise Conflict(f"VM {name!r} is {vm.state}: start it to trace it")
             worker = vm.worker
         try:
-            return self.traces.attach(name, worker, out)
+            return self.traces.attach(name, worker, out, kinds)
         except TracingUnavailable as e:
             raise Conflict(str(e)) from None
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from pyhv.worker import protocol
@@ -177,9 +177,10 @@ class WorkerProcess:
 
     # --- flight recorder (pyhv.trace): the trace messages of pyhv.worker.protocol -----------
 
-    def trace(self, on: bool) -> None:
-        """Ask the worker to stream its VM's events (to `trace_listeners`) or to stop."""
-        self._send({"op": "trace", "on": on})
+    def trace(self, on: bool, kinds: Collection[str] | None = None) -> None:
+        """Ask the worker to stream its VM's events of `kinds` (None: all) to
+        `trace_listeners`, with only those sources on; or to stop."""
+        self._send({"op": "trace", "on": on, "kinds": None if kinds is None else sorted(kinds)})
 
     def _trace_events(self, raw: object) -> None:
         from pyhv.trace.events import TraceError, event_from_wire

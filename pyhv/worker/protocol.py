@@ -11,8 +11,8 @@ every status report of the guest (and every goal reached) is pushed as
 ``{"ev": "memory_status", "status": {...}}``, the status in the wire form of
 :class:`pyhv.dynmem.status.MemoryStatus`.
 
-Flight recorder (pyhv.trace): ``{"op": "trace", "on": bool}`` starts or stops the stream of the
-VM's events, sent as ``{"ev": "trace", "events": [...]}`` (each the wire form of an event of
+Flight recorder (pyhv.trace): ``{"op": "trace", "on": bool, "kinds": [...] | null}`` starts
+(or changes) or stops the stream of the VM's events of those kinds, sent as ``{"ev": "trace", "events": [...]}`` (each the wire form of an event of
 :mod:`pyhv.trace.events`; a "dropped" event counts what a slow owner lost).
 """
 

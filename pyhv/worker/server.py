@@ -97,9 +97,9 @@ def serve(sock: socket.socket) -> int:
     )
 
     # --- flight recorder (trace messages; see pyhv.worker.trace) ---
-    from pyhv.worker.trace import TraceStream
+    from pyhv.worker.trace import TraceStream, kinds_from_wire
 
-    tracing = TraceStream(vm.recorder, send)
+    tracing = TraceStream(vm, send)
     # --- end flight recorder ---
 
     def commands() -> None:
@@ -116,7 +116,7 @@ def serve(sock: socket.socket) -> int:
                 elif op == "memory":
                     send(memory_call(vm, msg))
                 elif op == "trace":  # flight recorder: stream the VM's events or stop
-                    tracing.set(msg.get("on") is True)
+                    tracing.set(msg.get("on") is True, kinds_from_wire(msg.get("kinds")))
                 elif op == "migrate":
                     from pyhv.migration.worker import start_migration
 

@@ -68,8 +68,10 @@ class VirtualMachine:
         self._watchers: list[threading.Thread] = []
         #: time.monotonic() when the first VP started (live migration measures downtime to it)
         self.running_since: float | None = None
-        #: The flight recorder: its event sources are on only while someone subscribes.
+        #: The flight recorder: its event sources are on only while someone subscribes, and
+        #: only those of `trace_kinds` (None: all; see set_trace_kinds).
         self.recorder = Recorder(on_active=self._trace_sources)
+        self.trace_kinds: frozenset[str] | None = None
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -133,14 +135,30 @@ class VirtualMachine:
             self.close()
             raise
 
+    def set_trace_kinds(self, kinds: frozenset[str] | None) -> None:
+        """Which event sources the recorder turns on (pyhv.trace.events KINDS; None: all):
+        `pyhv vm trace --only dm` then leaves every intercept handler plain."""
+        self.trace_kinds = kinds
+        self._trace_sources(self.recorder.active)
+
     def _trace_sources(self, on: bool) -> None:
         """Turn the flight recorder's event sources on (the first subscriber came) or off
         (the last one left): intercept handlers swapped for traced ones, the VSPs' tracer."""
+        from pyhv.hypervisor.intercepts import InterceptKind
+
+        kinds = self.trace_kinds
+        wanted = {
+            "io": InterceptKind.IO_PORT,
+            "mmio": InterceptKind.MEMORY,
+            "msr": InterceptKind.MSR,
+        }
+        intercepts = [k for name, k in wanted.items() if kinds is None or name in kinds]
         record = self.recorder.record if on else None
         if self.partition is not None:
-            self.partition.intercepts.set_tracer(record)
+            self.partition.intercepts.set_tracer(record if intercepts else None, intercepts)
         if self.dynmem is not None:
-            self.dynmem.vsp.tracer = record
+            vsp_on = kinds is None or bool({"dm", "vmbus"} & kinds)
+            self.dynmem.vsp.tracer = record if vsp_on else None
 
     def send(self, data: bytes) -> None:
         """Serial input: bytes the guest receives on COM1."""

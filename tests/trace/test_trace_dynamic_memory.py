@@ -112,8 +112,27 @@ def _floor(pages: int) -> int:
     raise AssertionError("this test's guest stays under 2 GiB")
 
 
+def _record_to_file(host: VmmsProcess, path: Path) -> list[dict[str, Any]]:
+    """`pyhv vm trace dm --only dm --out FILE --count 2`, then `pyhv trace show FILE --json`."""
+    pyhv = [sys.executable, "-m", "pyhv.cli"]
+    r = subprocess.run(
+        [*pyhv, "vm", "--state-dir", str(host.state), "trace", "dm", "--only", "dm"]
+        + ["--out", str(path), "--count", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0 and "2 events recorded" in r.stderr, r.stderr
+    r = subprocess.run(
+        [*pyhv, "trace", "show", str(path), "--json"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
 def test_vm_trace_shows_status_reports_then_the_hot_add_and_its_response_decoded_in_order(
-    host: VmmsProcess,
+    host: VmmsProcess, tmp_path: Path
 ) -> None:
     host.vm("create", "dm", "--memory", "256M", "--dynamic", "--minimum", "128M", "--maximum", "2G")
     host.vm("start", "dm")
@@ -122,6 +141,7 @@ def test_vm_trace_shows_status_reports_then_the_hot_add_and_its_response_decoded
     try:
         trace.until(lambda ev: len(_dm(ev, "STATUS_REPORT")) >= 2, 120, "status reports")
         before = _dm(trace.events, "STATUS_REPORT")[-1]["fields"]["num_committed"]
+        recorded = _record_to_file(host, tmp_path / "dm.trace")
         out = host.shell("dm", "testlimit -m 400 -c 1", b"committed 400 MiB")
         assert "committed 400 MiB" in out
 
@@ -153,6 +173,9 @@ def test_vm_trace_shows_status_reports_then_the_hot_add_and_its_response_decoded
         code, err = trace.stop()
         decisions.stop()
     assert code == 0 and "Traceback" not in err, err
+    # recorded to a file and read back: two DM messages, decoded as they were streamed
+    assert [e["kind"] for e in recorded] == ["dm", "dm"]
+    assert all(e["fields"] and e["direction"] in ("guest->host", "host->guest") for e in recorded)
     # The balancer (in the VMMS) decided the add from the pressure the reports gave it.
     add = next(e for e in decisions.events if e["action"] == "add")
     assert {e["kind"] for e in decisions.events} <= {"balancer", "dropped"}

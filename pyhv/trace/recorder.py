@@ -33,7 +33,9 @@ class Recorder:
         if capacity < 1:
             raise ValueError(f"a recorder of {capacity} events keeps nothing: give 1 or more")
         self.ring: deque[Event] = deque(maxlen=capacity)
-        self.recorded = 0  # events recorded since the recorder was made
+        # events recorded since the recorder was made (no lock: VPs recording at the same
+        # instant may each count once for two; the ring and subscribers see every event)
+        self.recorded = 0
         self._subscribers: tuple[Callable[[Event], object], ...] = ()
         self._lock = threading.Lock()
         self._on_active = on_active

@@ -135,6 +135,9 @@ def test_vm_trace_shows_status_reports_then_the_hot_add_and_its_response_decoded
     host: VmmsProcess, tmp_path: Path
 ) -> None:
     host.vm("create", "dm", "--memory", "256M", "--dynamic", "--minimum", "128M", "--maximum", "2G")
+    assert "start it to trace it" in host.vm("trace", "dm", check=False)
+    assert "no VM named 'nosuch'" in host.vm("trace", "nosuch", check=False)
+    assert "unknown kind teleport" in host.vm("trace", "dm", "--only", "teleport", check=False)
     host.vm("start", "dm")
     trace = Trace(host, "dm", "--only", "dm", "--json")
     decisions = Trace(host, "dm", "--only", "balancer", "--json")  # a second watcher

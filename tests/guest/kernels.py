@@ -11,6 +11,7 @@ from tests.guests.build import build_kernel32
 # name -> (build arguments, the prefix of its lines)
 KERNELS = {
     "pvh": (("pvh_kernel",), {}, "pvh"),
+    "pvh-elf64": (("pvh_kernel",), {"elf64": True}, "pvh"),
     "multiboot-elf": (("multiboot_kernel",), {}, "multiboot"),
     "multiboot-flat": (
         ("multiboot_kernel",),
@@ -29,7 +30,7 @@ def kernel(name: str) -> Path:
 def expected_cmdline(name: str, path: Path) -> str:
     """What the kernel receives: Multiboot loaders (GRUB, QEMU, pyhv) put the kernel's path
     first."""
-    return CMDLINE if name == "pvh" else f"{path} {CMDLINE}"
+    return CMDLINE if name.startswith("pvh") else f"{path} {CMDLINE}"
 
 
 def shape(lines: list[str]) -> list[str]:

@@ -123,12 +123,15 @@ SECTIONS {{
 """
 
 
-def build_kernel32(name: str, *, defines: tuple[str, ...] = (), flat: bool = False) -> Path:
+def build_kernel32(
+    name: str, *, defines: tuple[str, ...] = (), flat: bool = False, elf64: bool = False
+) -> Path:
     """Build tests/guests/<name>.S with kernel32.c into a 32-bit ELF kernel linked at 1 MiB (or,
-    with `flat`, its flat image from the first loaded byte); returns the cached file's path.
+    with `flat`, its flat image from the first loaded byte; with `elf64`, the same 32-bit code in
+    an ELF64 file, as 64-bit kernels carry their PVH entry); returns the cached file's path.
     These kernels follow published boot protocols (PVH, Multiboot), not pyhv's own."""
     sources = [HERE / f"{name}.S", HERE / "kernel32.c"]
-    h = hashlib.sha256(f"{KERNEL32_CFLAGS}\n{defines}\n{flat}\n{KERNEL32_LDS}".encode())
+    h = hashlib.sha256(f"{KERNEL32_CFLAGS}\n{defines}\n{flat}\n{elf64}\n{KERNEL32_LDS}".encode())
     for src in sources:
         h.update(src.read_bytes())
     tag = h.hexdigest()[:16]
@@ -161,6 +164,9 @@ def build_kernel32(name: str, *, defines: tuple[str, ...] = (), flat: bool = Fal
         check=True,
     )  # fmt: skip
     result = elf
+    if elf64:
+        result = work / "kernel64.elf"
+        subprocess.run(["objcopy", "-O", "elf64-x86-64", str(elf), str(result)], check=True)
     if flat:
         result = work / "kernel.bin"
         subprocess.run(["objcopy", "-O", "binary", "-j", ".text", "-j", ".rodata",

@@ -91,6 +91,13 @@ def test_a_pvh_elf_gets_an_hvm_start_info_and_the_32_bit_entry_of_its_note(
     assert gdt[entry.cs.selector >> 3] == boot.gdt_descriptor(0, 0xFFFFF, 0x9A, 0xC)
 
 
+def test_an_elf64_whose_only_entry_is_its_pvh_note_boots_through_pvh() -> None:
+    data = build_kernel32("pvh_kernel", elf64=True).read_bytes()
+    assert data[4] == 2 and loaders.detect(data) == loaders.PVH
+    _mem, entry = prepare(data)
+    assert entry.cs == protected.CODE32 and entry.rbx == protected.INFO_GPA
+
+
 def test_a_multiboot_elf_gets_eax_magic_and_a_multiboot_info(multiboot_kernel: bytes) -> None:
     assert loaders.detect(multiboot_kernel) == loaders.MULTIBOOT
     mem = FakeMemory()

@@ -1,8 +1,8 @@
 """Kernel loaders: tell the image's boot protocol from its bytes and load it the way QEMU's
 `-kernel` would. A Multiboot v1 header in the first 8 KiB wins (QEMU checks it first); an ELF64
-x86-64 executable whose entry point lies in its loaded code takes pyhv's direct 64-bit boot
-(pyhv.worker.boot); any other ELF with a Xen PVH note takes the PVH entry. Anything else is
-refused with an ImageError that names what was wrong."""
+x86-64 executable whose entry point lies in its loaded code and is not its PVH entry takes
+pyhv's direct 64-bit boot (pyhv.worker.boot); any other ELF with a Xen PVH note takes the PVH
+entry. Anything else is refused with an ImageError that names what was wrong."""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ def detect(data: bytes, *, name: str = "image") -> str:
             "(XEN_ELFNOTE_PHYS32_ENTRY note) or a Multiboot v1 kernel"
         )
     image = elf.parse(data, name=name)
-    has_pvh = pvh.entry_point(image, name=name) is not None
-    if _direct_boot(image) or (has_pvh is False and image.elf_class == elf.ELFCLASS64):
-        return PYHV  # an ELF64 without a PVH note: boot.parse_elf says what it lacks
-    if not has_pvh:
+    pvh_entry = pvh.entry_point(image, name=name)
+    if pvh_entry is None and image.elf_class == elf.ELFCLASS64:
+        return PYHV  # boot.parse_elf says what it lacks if it is no pyhv image either
+    if pvh_entry is not None and pvh_entry != image.entry and _direct_boot(image):
+        return PYHV  # a 64-bit entry of its own beside the PVH one: pyhv's image
+    if pvh_entry is None:
         raise ImageError(
             f"{name} is a 32-bit ELF with neither a PVH note (XEN_ELFNOTE_PHYS32_ENTRY) nor a "
             "Multiboot header in its first 8 KiB: pyhv cannot tell how to enter it"

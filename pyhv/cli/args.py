@@ -56,6 +56,18 @@ def add_memory_option(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def add_kernel_option(p: argparse.ArgumentParser) -> None:
+    """--kernel/--image FILE: what the VM boots (pyhv.worker.loaders tells the protocol)."""
+    p.add_argument(
+        "--kernel",
+        "--image",
+        dest="image",
+        metavar="FILE",
+        help="guest kernel: a pyhv guest ELF, a PVH ELF or a Multiboot v1 kernel "
+        "(default: the bundled guest)",
+    )
+
+
 def positive(text: str) -> float:
     """A number of seconds or a scale factor, > 0."""
     try:

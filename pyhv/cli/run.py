@@ -56,7 +56,7 @@ def register(sub: Any) -> None:
         metavar="COMMAND",
         help="a shell command (repeatable)",
     )
-    p.add_argument("--image", metavar="FILE", help="guest image (default: the bundled guest)")
+    types.add_kernel_option(p)
     p.add_argument(
         "--process", action="store_true", help="run the VM in a worker process of its own"
     )

@@ -119,7 +119,7 @@ def register(sub: Any) -> None:
     c.add_argument("--vps", type=int, help="virtual processors (default 1)")
     _dynamic(c)
     _dm_options(c)
-    c.add_argument("--image", metavar="FILE", help="guest image (default: the bundled guest)")
+    types.add_kernel_option(c)
     c.add_argument("--cmdline", help="guest kernel command line")
     command("start", "Start VM NAME in a worker process of its own.", start)
     command("stop", "Stop VM NAME.", stop)

@@ -129,6 +129,10 @@ class EntryState(NamedTuple):
     gdt_limit: int = 0  # set from the GDT built
     idt_base: int = 0
     idt_limit: int = 0
+    # The 32-bit entries (pyhv.worker.loaders) also pass values in EAX/EBX and set TR.
+    rax: int = 0
+    rbx: int = 0
+    tr: Segmentation | None = None
 
 
 def ram_regions(size: int) -> list[tuple[int, int]]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pyhv.devices.poweroff import POWEROFF_PORT, PowerOff
 from pyhv.devices.uart16550 import COM1_BASE, COM1_IRQ, Uart16550
 from pyhv.trace.recorder import Recorder
-from pyhv.worker import boot
+from pyhv.worker import boot, loaders
 from pyhv.worker.config import VmConfig
 from pyhv.worker.console import SerialLog
 from pyhv.worker.outcome import (
@@ -96,7 +96,7 @@ class VirtualMachine:
                 p.add_memory(base, size)
             entry = None
             if incoming is None:  # a migrated VM's RAM comes from its source instead
-                self.image, entry = boot.prepare(
+                self.image, entry = loaders.prepare(
                     p,
                     image_bytes,
                     memory=cfg.memory,
@@ -104,6 +104,7 @@ class VirtualMachine:
                     cmdline=cfg.cmdline,
                     flags=boot.FLAG_DYNAMIC_MEMORY if cfg.dynamic_memory else 0,
                     name=cfg.image.name,
+                    path=str(cfg.image),
                 )
             p.intercepts.install_io(COM1_BASE, COM1_BASE + 7, self._com1_io)
             p.intercepts.install_io(POWEROFF_PORT, POWEROFF_PORT, self._poweroff_io)
@@ -327,8 +328,10 @@ def _set_entry_state(vp: VirtualProcessor, entry: boot.EntryState) -> None:
     from pyhv.hypervisor.registers import DescriptorTable, Registers, Segment
 
     sregs = vp.special_registers
-    for name in ("cs", "ds", "es", "ss", "fs", "gs"):
-        seg: boot.Segmentation = getattr(entry, name)
+    for name in ("cs", "ds", "es", "ss", "fs", "gs", "tr"):
+        seg: boot.Segmentation | None = getattr(entry, name)
+        if seg is None:
+            continue  # TR: left at its reset state
         setattr(
             sregs,
             name,
@@ -350,7 +353,14 @@ def _set_entry_state(vp: VirtualProcessor, entry: boot.EntryState) -> None:
     sregs.idt = DescriptorTable(entry.idt_base, entry.idt_limit)
     sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = entry.cr0, entry.cr3, entry.cr4, entry.efer
     vp.special_registers = sregs
-    vp.registers = Registers(rip=entry.rip, rsp=entry.rsp, rsi=entry.rsi, rflags=entry.rflags)
+    vp.registers = Registers(
+        rip=entry.rip,
+        rsp=entry.rsp,
+        rsi=entry.rsi,
+        rax=entry.rax,
+        rbx=entry.rbx,
+        rflags=entry.rflags,
+    )
 
 
 def _end_from_event(vp: VirtualProcessor, event: VpEvent | None) -> VmEnd:

@@ -98,3 +98,81 @@ def build_guest(name: str, base: int = LOAD_GPA, source: str | None = None) -> G
         if len(parts) == 3:
             symbols[parts[2]] = int(parts[0], 16)
     return GuestImage(name, out.read_bytes(), base, symbols)
+
+
+KERNEL_BASE = 0x100000
+KERNEL32_CFLAGS = (
+    "-m32 -march=i686 -O2 -ffreestanding -fno-pic -fno-pie -fno-stack-protector "
+    "-mgeneral-regs-only -fno-asynchronous-unwind-tables -fno-builtin -nostdlib -Wall -Werror"
+).split()
+KERNEL32_LDS = f"""OUTPUT_FORMAT(elf32-i386)
+ENTRY(_start)
+PHDRS {{ text PT_LOAD FLAGS(7); note PT_NOTE FLAGS(4); }}
+SECTIONS {{
+ . = {KERNEL_BASE:#x};
+ _load_start = .;
+ .text : {{ *(.multiboot) *(.text*) }} :text
+ .note.Xen : {{ *(.note.Xen) }} :text :note
+ .rodata : {{ *(.rodata*) }} :text
+ .data : {{ *(.data*) }} :text
+ _edata = .;
+ .bss : {{ *(.bss*) *(COMMON) }} :text
+ _end = .;
+ /DISCARD/ : {{ *(.comment) *(.eh_frame*) *(.note.GNU-stack) *(.note.gnu*) }}
+}}
+"""
+
+
+def build_kernel32(
+    name: str, *, defines: tuple[str, ...] = (), flat: bool = False, elf64: bool = False
+) -> Path:
+    """Build tests/guests/<name>.S with kernel32.c into a 32-bit ELF kernel linked at 1 MiB (or,
+    with `flat`, its flat image from the first loaded byte; with `elf64`, the same 32-bit code in
+    an ELF64 file, as 64-bit kernels carry their PVH entry); returns the cached file's path.
+    These kernels follow published boot protocols (PVH, Multiboot), not pyhv's own."""
+    sources = [HERE / f"{name}.S", HERE / "kernel32.c"]
+    h = hashlib.sha256(f"{KERNEL32_CFLAGS}\n{defines}\n{flat}\n{elf64}\n{KERNEL32_LDS}".encode())
+    for src in sources:
+        h.update(src.read_bytes())
+    tag = h.hexdigest()[:16]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = CACHE / f"{name}-{tag}{'.bin' if flat else '.elf'}"
+    if out.exists():
+        return out
+    work = CACHE / f"{name}-{tag}.{os.getpid()}"  # per process: tests may build at once
+    work.mkdir(exist_ok=True)
+    objs = []
+    for src in sources:
+        obj = work / f"{src.stem}.o"
+        cmd = [
+            "gcc",
+            *KERNEL32_CFLAGS,
+            *(f"-D{d}" for d in defines),
+            "-c",
+            str(src),
+            "-o",
+            str(obj),
+        ]
+        subprocess.run(cmd, check=True)
+        objs.append(str(obj))
+    lds = work / "kernel32.ld"
+    lds.write_text(KERNEL32_LDS)
+    elf = work / "kernel.elf"
+    subprocess.run(
+        ["ld", "-m", "elf_i386", "-nostdlib", "-static", "-z", "noexecstack",
+         "-z", "max-page-size=0x1000", "--no-warn-rwx-segments", "-T", str(lds), "-o", str(elf), *objs],
+        check=True,
+    )  # fmt: skip
+    result = elf
+    if elf64:
+        result = work / "kernel64.elf"
+        subprocess.run(["objcopy", "-O", "elf64-x86-64", str(elf), str(result)], check=True)
+    if flat:
+        result = work / "kernel.bin"
+        subprocess.run(["objcopy", "-O", "binary", "-j", ".text", "-j", ".rodata",
+                        "-j", ".data", str(elf), str(result)], check=True)  # fmt: skip
+    os.replace(result, out)
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+    return out

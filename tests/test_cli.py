@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from pyhv import cli
 from tests.worker.asm_guests import build_test_guest
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -90,9 +92,8 @@ def test_without_gcc_the_guest_image_error_is_reported(monkeypatch: pytest.Monke
     assert code == 1 and "cannot build the guest image: gcc was not found" in out
 
 
+@pytest.mark.kvm
 def test_a_file_that_is_not_a_guest_image_is_refused(tmp_path: Path) -> None:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("needs /dev/kvm to get past the KVM check")
     bad = tmp_path / "notes.txt"
     bad.write_text("not an ELF\n")
     code, out = invoke("run", "--image", str(bad), "--command", "mem")
@@ -110,7 +111,7 @@ def test_the_console_escape_keys_are_decoded_like_qemus() -> None:
     assert d.feed(b"\x01zq") == (b"q", [])  # unknown escapes are dropped
 
 
-@pytest.mark.kvm
+@pytest.mark.guest
 def test_pyhv_run_with_commands_echoes_the_session_and_exits_with_the_poweroff_status() -> None:
     r = pyhv("run", "--memory", "256M", "--command", "mem", "--command", "poweroff 9")
     assert r.returncode == 9, r.stderr
@@ -119,7 +120,7 @@ def test_pyhv_run_with_commands_echoes_the_session_and_exits_with_the_poweroff_s
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.kvm
+@pytest.mark.guest
 def test_pyhv_run_with_a_script_file_runs_each_line_after_the_prompt(tmp_path: Path) -> None:
     script = tmp_path / "session.txt"
     script.write_text("# a comment\nticks\n\nmem\npoweroff\n")
@@ -129,7 +130,7 @@ def test_pyhv_run_with_a_script_file_runs_each_line_after_the_prompt(tmp_path: P
     assert "ticks: " in r.stdout and "powering off" in r.stdout
 
 
-@pytest.mark.kvm
+@pytest.mark.guest
 def test_a_guest_that_faults_is_reported_with_registers_and_a_nonzero_exit(tmp_path: Path) -> None:
     image = build_test_guest("triple_fault", tmp_path)
     r = pyhv("run", "--image", str(image), "--command", "mem")
@@ -138,7 +139,7 @@ def test_a_guest_that_faults_is_reported_with_registers_and_a_nonzero_exit(tmp_p
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.kvm
+@pytest.mark.guest
 def test_pyhv_demo_runs_its_narrated_session() -> None:
     r = pyhv("demo")
     assert r.returncode == 0, r.stderr
@@ -146,7 +147,7 @@ def test_pyhv_demo_runs_its_narrated_session() -> None:
     assert "pyhv> kill" in r.stdout and "guest powered off with status 0" in r.stderr
 
 
-@pytest.mark.kvm
+@pytest.mark.guest
 def test_the_interactive_console_runs_in_raw_mode_and_ctrl_a_x_quits() -> None:
     main, child = pty.openpty()
     proc = subprocess.Popen(

@@ -23,6 +23,7 @@ from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pyhv.hypervisor.guest_ran import note_vp_thread_start
 from pyhv.hypervisor.intercepts import (
     KIND_COUNT,
     AccessType,
@@ -342,6 +343,7 @@ class VirtualProcessor(_LoopFlags):
 
     def _thread_main(self) -> None:
         event: VpEvent
+        note_vp_thread_start(self.partition.name, self.index)  # for the suite's `guest` check
         try:
             self._loop()
             event = VpEvent(VpEventKind.STOPPED, self.index, "stop() was called")

@@ -4,11 +4,15 @@ ballooned, so a ballooned VM at rest does not look short of what it just gave ba
 
 from __future__ import annotations
 
+import pytest
+
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.balancer import Add, HostMemory, MemorySettings, VmMemoryState, decide
 from pyhv.dynmem.protocol import MessageType as T
 from pyhv.dynmem.vsp import DynamicMemoryVsp, StatusReport
 from pyhv.memory.ranges import PageRange, RangeSet
+
+pytestmark = pytest.mark.simulation
 
 MIB = 256  # pages
 RAM = 256 * MIB

@@ -10,7 +10,7 @@ import pytest
 
 from tests.guest.shell import Shell
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 Boot = Callable[..., Shell]
 

@@ -11,7 +11,7 @@ import pytest
 from pyhv.hypervisor import Partition, VpState
 from tests.guests.harness import guest, run_until_power_off
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 def _wait_for(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
@@ -48,6 +48,7 @@ def test_interrupts_reach_a_halted_guest_by_vector_pin_and_irqfd() -> None:
         assert vp.state is VpState.RUNNING
 
 
+@pytest.mark.kvm
 def test_bad_interrupt_requests_are_refused() -> None:
     with Partition("irq") as p:
         p.create_vp(0)

@@ -7,7 +7,7 @@ import pytest
 from pyhv.hypervisor import InterceptError, MsrIntercept
 from tests.guests.harness import guest, run_until_power_off
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 def test_rdmsr_wrmsr_and_gp_travel_between_guest_and_handler() -> None:
@@ -48,6 +48,7 @@ def test_a_read_only_msr_intercept_leaves_writes_to_kvm() -> None:
         assert log == []
 
 
+@pytest.mark.kvm
 def test_msrs_too_far_apart_for_the_kvm_filter_are_refused() -> None:
     with guest("msr") as (p, _vp, _):
         spread = [i * 0x10000 for i in range(9)]  # 9 ranges for read + 9 for write > 16

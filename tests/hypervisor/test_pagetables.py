@@ -9,6 +9,8 @@ import pytest
 from pyhv.hypervisor import TranslationError
 from pyhv.hypervisor.pagetables import translate
 
+pytestmark = pytest.mark.unit
+
 
 class Memory(dict[int, int]):
     """Sparse guest memory of 8-byte entries."""

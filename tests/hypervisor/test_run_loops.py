@@ -26,7 +26,7 @@ from tests.hypervisor import (
     test_virtual_processors,
 )
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 MODULES = (
     test_io_intercepts,
@@ -36,7 +36,9 @@ MODULES = (
     test_virtual_processors,
 )
 CASES = [
-    pytest.param(f, id=f"{m.__name__.rsplit('.', 1)[1]}::{name}")
+    pytest.param(
+        f, id=f"{m.__name__.rsplit('.', 1)[1]}::{name}", marks=getattr(f, "pytestmark", [])
+    )
     for m in MODULES
     for name, f in vars(m).items()
     if name.startswith("test_") and inspect.isfunction(f) and not inspect.signature(f).parameters
@@ -98,6 +100,7 @@ def test_vps_run_the_c_loop_unless_it_is_disabled() -> None:
             assert vp.loop_kind == "c"
 
 
+@pytest.mark.unit
 def test_pyhv_no_fastrun_selects_the_python_loop() -> None:
     code = "from pyhv.kvm import fastrun; print(fastrun.load(), fastrun.why_unavailable())"
     env = {**os.environ, fastrun.DISABLE_ENV: "1"}

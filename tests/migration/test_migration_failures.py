@@ -13,7 +13,7 @@ from pyhv.migration import MigrationError
 from pyhv.migration.worker import IncomingWorker, migrate_worker
 from tests.migration.conftest import TOKEN, Guest, wait_rising
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 LOST = r"connection|closed|lost|reset|Broken pipe|did not answer"
 

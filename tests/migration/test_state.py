@@ -17,6 +17,8 @@ from pyhv.migration import memory as mem
 from pyhv.migration.state import STATE_VERSION, VmState
 from pyhv.migration.stream import MigrationError
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_vm_state_survives_its_encoding() -> None:
     vp = VpSavedState(0, b"r" * 144, b"s" * 312, b"x" * 4096, b"c" * 392, {0x10: 5, 0xC0000080: 0xD01},

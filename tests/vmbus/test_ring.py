@@ -13,6 +13,8 @@ from pyhv.vmbus.packet import DESCRIPTOR, PacketType
 from pyhv.vmbus.ring import PAGE_SIZE, RingControl, RingCorrupt, RingReader, RingWriter
 from tests.vmbus.guest_ring import MASK, PENDING, READ, WRITE, GuestRing
 
+pytestmark = pytest.mark.simulation
+
 DATA_PAGES = 4
 
 

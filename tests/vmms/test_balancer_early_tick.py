@@ -6,10 +6,14 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from pyhv.dynmem.balancer import BalancerConfig, MemorySettings
 from pyhv.vmms.balancing import BalancerLoop
 from pyhv.vmms.pool import HostPool
 from tests.vmms.test_balancing import MIB, PAGE_SIZE, FakeWorker
+
+pytestmark = pytest.mark.simulation
 
 SETTINGS = MemorySettings.from_mib(startup=512, minimum=256, maximum=4096)
 #: A tick so long that only an early tick can answer within the test.

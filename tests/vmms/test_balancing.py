@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from pyhv.counters.dynmem import DynamicMemoryCounters
 from pyhv.counters.registry import CounterRegistry
 from pyhv.dynmem.balancer import PAGE_SIZE, Add, MemorySettings, Remove
 from pyhv.vmms.balancing import BalancerLoop, DynamicMemoryUnavailable, MemoryStatus
 from pyhv.vmms.pool import HostPool
+
+pytestmark = pytest.mark.simulation
 
 MIB = 256  # pages
 

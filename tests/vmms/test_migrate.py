@@ -24,6 +24,8 @@ from pyhv.vmms.service import Vmms
 from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
 from tests.vmms.fakes import FakeWorker
 
+pytestmark = pytest.mark.simulation
+
 GIB = 1 << 30
 MIB = 1 << 20
 _ports = itertools.count(40_000)

@@ -20,6 +20,8 @@ import pytest
 
 from pyhv.vmms.client import VmmsClient
 
+pytestmark = pytest.mark.guest
+
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 _sync = itertools.count()
@@ -142,7 +144,6 @@ def _touched(host: Vmms, name: str) -> int:
     return int(m[1])
 
 
-@pytest.mark.kvm
 def test_pyhv_vm_migrate_moves_a_running_vm_to_another_vmms_where_its_shell_answers(
     hosts: tuple[Vmms, Vmms],
 ) -> None:
@@ -177,7 +178,6 @@ def test_pyhv_vm_migrate_moves_a_running_vm_to_another_vmms_where_its_shell_answ
     assert b.free() == free_b
 
 
-@pytest.mark.kvm
 def test_a_wrong_token_a_destination_without_the_memory_or_a_cut_leave_the_vm_running_at_the_source(
     hosts: tuple[Vmms, Vmms],
 ) -> None:
@@ -226,7 +226,6 @@ def _migrate_api(a: Vmms, b: Vmms, name: str, faults: dict[str, str]) -> dict[st
     raise AssertionError(f"the migration did not end: {rec}")
 
 
-@pytest.mark.kvm
 def test_a_connection_lost_after_commit_is_settled_by_asking_the_destination_vmms(
     hosts: tuple[Vmms, Vmms],
 ) -> None:
@@ -251,7 +250,6 @@ def test_a_connection_lost_after_commit_is_settled_by_asking_the_destination_vmm
     assert "doubt" not in a.names() and a.free() == free_a
 
 
-@pytest.mark.kvm
 def test_a_dynamic_memory_vm_moved_by_the_vmms_is_balanced_by_the_destination_vmms(
     hosts: tuple[Vmms, Vmms],
 ) -> None:

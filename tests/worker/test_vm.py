@@ -10,7 +10,7 @@ import pytest
 from pyhv.worker import VirtualMachine, VmConfig, WorkerProcess
 from pyhv.worker.boot import ImageError
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 Build = Callable[[str], Path]
 
@@ -58,6 +58,7 @@ def test_the_owner_stops_a_running_vm(test_guest: Build) -> None:
     assert "test is done" in end.describe()
 
 
+@pytest.mark.kvm
 def test_an_image_larger_than_guest_ram_is_refused_with_a_clear_error(
     test_guest: Build, tmp_path: Path
 ) -> None:

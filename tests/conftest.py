@@ -28,11 +28,13 @@ KVM_RUN enters the guest.
 With /dev/kvm present, a test that needs KVM and skips fails. Without it such tests skip and the
 summary says loudly how many could not run. The session's last line is
 "KVM: present, ran N of M tests that need KVM" (M: collected tests that need KVM, N: those whose
-call ran without skipping), also written to $PYHV_KVM_REPORT.
+call ran without skipping), also written to $PYHV_KVM_REPORT. With $PYHV_KINDS_OUT set,
+collection writes each test's kind there as JSON (tests/test_book_map.py reads it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -102,6 +104,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     _need_kvm.update(i.nodeid for i in session.items if _needs_kvm(i))
+    out = os.environ.get("PYHV_KINDS_OUT")
+    if out:
+        Path(out).write_text(json.dumps({i.nodeid: _kind(i) for i in session.items}))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -48,14 +48,23 @@ def test_a_bad_memory_size_is_refused_with_a_clear_message(size: str) -> None:
     assert f"memory size '{size}' is not understood" in out
 
 
+@pytest.fixture
+def kvm_check_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pyhv run` checks /dev/kvm before the values below: let it pass where KVM is missing."""
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, m: True if p == "/dev/kvm" else real(p, m))
+
+
 @pytest.mark.parametrize(
     ("size", "words"), [("1M", "out of range"), ("100G", "out of range"), ("1000K", "whole number")]
 )
+@pytest.mark.usefixtures("kvm_check_passes")
 def test_a_memory_size_outside_what_a_vm_can_have_is_refused(size: str, words: str) -> None:
     code, out = invoke("run", "--memory", size, "--image", __file__)
     assert code == 2 and words in out
 
 
+@pytest.mark.usefixtures("kvm_check_passes")
 def test_a_bad_vp_count_is_refused() -> None:
     code, out = invoke("run", "--vps", "0", "--image", __file__)
     assert code == 2 and "VP count 0 is out of range" in out
@@ -68,6 +77,7 @@ def test_a_script_that_is_not_text_is_refused(tmp_path: Path) -> None:
     assert code == 2 and "is not UTF-8 text" in out
 
 
+@pytest.mark.usefixtures("kvm_check_passes")
 def test_a_missing_image_is_named_in_the_message() -> None:
     code, out = invoke("run", "--image", "/nonexistent/guest.elf")
     assert code != 0 and "'/nonexistent/guest.elf' does not exist" in out

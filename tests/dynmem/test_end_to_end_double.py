@@ -299,6 +299,7 @@ def test_a_hostile_guests_balloon_ranges_are_refused_counted_and_the_worker_goes
     assert world.svc.vsp.state is DmState.IDLE
 
 
+@pytest.mark.unit
 def test_dynamic_memory_settings_are_checked_with_clear_messages(tmp_path: Any) -> None:
     image = tmp_path / "guest.elf"
     image.write_bytes(b"")
@@ -320,6 +321,7 @@ def test_dynamic_memory_settings_are_checked_with_clear_messages(tmp_path: Any) 
         make(dynamic_memory=True, maximum="lots")
 
 
+@pytest.mark.unit
 def test_pyhv_memory_without_a_running_vm_says_so_without_a_traceback(tmp_path: Any) -> None:
     import subprocess
     import sys
@@ -381,7 +383,7 @@ def test_a_guest_that_reopens_its_channel_gets_its_balloon_back_and_negotiates_a
     assert sum(m.type is T.INFO_MESSAGE for m in world.guest.received) == 1
 
 
-def test_memory_hot_added_below_the_apic_hole_continues_above_4_gib() -> None:
+def test_memory_hot_added_below_the_apic_hole_continues_above_4_gib(needs_kvm: None) -> None:
     w = World(memory="3000M", minimum="3000M", maximum="3256M")
     try:
         negotiated(w)

@@ -11,7 +11,7 @@ from pyhv.worker.console import ConsoleClosed, SerialLog
 from pyhv.worker.outcome import VmEnd
 from pyhv.worker.script import ScriptError, run_script, script_lines
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.simulation
 
 
 class FakeShell:

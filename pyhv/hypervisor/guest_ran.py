@@ -3,8 +3,8 @@
 Where the environment variable PYHV_GUEST_RAN_DIR names a directory (tests/conftest.py sets it;
 worker processes inherit it), each VP thread writes one small file there as it starts its run
 loop: named `<pid>-<tid>-<ns>` (process, kernel thread id, a monotonic clock: never reused),
-holding the partition's name and the VP's index. Once per VP thread start, never per exit; without the
-variable nothing is written.
+holding the partition's name and the VP's index. Once per VP thread start, never per exit;
+without the variable nothing is written.
 """
 
 from __future__ import annotations

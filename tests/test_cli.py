@@ -19,6 +19,8 @@ from pyhv.cli import run as run_module
 from pyhv.cli import run_cli
 from tests.worker.asm_guests import build_test_guest
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -122,14 +124,23 @@ def test_the_control_socket_and_worker_migration_commands_say_when_pyhv_vm_is_th
     )
 
 
+@pytest.fixture
+def kvm_check_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pyhv run` checks /dev/kvm before the values below: let it pass where KVM is missing."""
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, m: True if p == "/dev/kvm" else real(p, m))
+
+
 @pytest.mark.parametrize(
     ("size", "words"), [("1M", "out of range"), ("100G", "out of range"), ("1000K", "whole number")]
 )
+@pytest.mark.usefixtures("kvm_check_passes")
 def test_a_memory_size_outside_what_a_vm_can_have_is_refused(size: str, words: str) -> None:
     code, out = invoke("run", "--memory", size, "--image", __file__)
     assert code == 2 and words in out
 
 
+@pytest.mark.usefixtures("kvm_check_passes")
 def test_a_bad_vp_count_is_refused() -> None:
     code, out = invoke("run", "--vps", "0", "--image", __file__)
     assert code == 2 and "VP count 0 is out of range" in out
@@ -142,6 +153,7 @@ def test_a_script_that_is_not_text_is_refused(tmp_path: Path) -> None:
     assert code == 2 and "is not UTF-8 text" in out
 
 
+@pytest.mark.usefixtures("kvm_check_passes")
 def test_a_missing_image_is_named_in_the_message() -> None:
     code, out = invoke("run", "--image", "/nonexistent/guest.elf")
     assert code != 0 and "'/nonexistent/guest.elf' does not exist" in out
@@ -168,9 +180,8 @@ def test_without_gcc_the_guest_image_error_is_reported(monkeypatch: pytest.Monke
     assert code == 1 and "cannot build the guest image: gcc was not found" in out
 
 
+@pytest.mark.kvm
 def test_a_file_that_is_not_a_guest_image_is_refused(tmp_path: Path) -> None:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("needs /dev/kvm to get past the KVM check")
     bad = tmp_path / "notes.txt"
     bad.write_text("not an ELF\n")
     code, out = invoke("run", "--image", str(bad), "--command", "mem")
@@ -188,7 +199,7 @@ def test_the_console_escape_keys_are_decoded_like_qemus() -> None:
     assert d.feed(b"\x01zq") == (b"q", [])  # unknown escapes are dropped
 
 
-@pytest.mark.kvm
+@pytest.mark.guest
 def test_pyhv_run_with_commands_echoes_the_session_and_exits_with_the_poweroff_status() -> None:
     r = pyhv("run", "--memory", "256M", "--command", "mem", "--command", "poweroff 9")
     assert r.returncode == 9, r.stderr
@@ -197,7 +208,7 @@ def test_pyhv_run_with_commands_echoes_the_session_and_exits_with_the_poweroff_s
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.kvm
+@pytest.mark.guest
 def test_pyhv_run_with_a_script_file_runs_each_line_after_the_prompt(tmp_path: Path) -> None:
     script = tmp_path / "session.txt"
     script.write_text("# a comment\nticks\n\nmem\npoweroff\n")
@@ -207,7 +218,7 @@ def test_pyhv_run_with_a_script_file_runs_each_line_after_the_prompt(tmp_path: P
     assert "ticks: " in r.stdout and "powering off" in r.stdout
 
 
-@pytest.mark.kvm
+@pytest.mark.guest
 def test_a_guest_that_faults_is_reported_with_registers_and_a_nonzero_exit(tmp_path: Path) -> None:
     image = build_test_guest("triple_fault", tmp_path)
     r = pyhv("run", "--image", str(image), "--command", "mem")
@@ -216,7 +227,7 @@ def test_a_guest_that_faults_is_reported_with_registers_and_a_nonzero_exit(tmp_p
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.kvm
+@pytest.mark.guest
 def test_pyhv_demo_runs_its_narrated_session() -> None:
     r = pyhv("demo")
     assert r.returncode == 0, r.stderr
@@ -224,7 +235,7 @@ def test_pyhv_demo_runs_its_narrated_session() -> None:
     assert "pyhv> kill" in r.stdout and "guest powered off with status 0" in r.stderr
 
 
-@pytest.mark.kvm
+@pytest.mark.guest
 def test_the_interactive_console_runs_in_raw_mode_and_ctrl_a_x_quits() -> None:
     main, child = pty.openpty()
     proc = subprocess.Popen(

@@ -22,6 +22,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from pyhv.hypervisor.exithandlers import MASK64
+from pyhv.hypervisor.guest_ran import note_vp_thread_start
 from pyhv.hypervisor.regcache import GPR_FIELDS
 from pyhv.hypervisor.registers import Registers, SpecialRegisters
 from pyhv.hypervisor.runloop import RunLoop
@@ -226,6 +227,7 @@ class VirtualProcessor(RunLoop):
 
     def _thread_main(self) -> None:
         event: VpEvent
+        note_vp_thread_start(self.partition.name, self.index)  # for the suite's `guest` check
         try:
             self._loop()
             event = VpEvent(VpEventKind.STOPPED, self.index, "stop() was called")

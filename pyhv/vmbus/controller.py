@@ -145,6 +145,11 @@ class Offer:
     ring_data_bytes: int = 16 * 1024
     relid: int = 0
     channel: Channel | None = None
+    # where the guest put the rings at its last successful OPEN (what a GPADL tells Hyper-V)
+    ring_gpa: int = 0
+    ring_pages: int = 0
+    downstream_pages: int = 0
+    vector: int = 0
 
 
 class VmbusController:
@@ -309,6 +314,8 @@ class VmbusController:
 
         ch.close_listeners.append(closed)
         offer.channel = ch
+        offer.ring_gpa, offer.ring_pages = self._gpa, self._pages
+        offer.downstream_pages, offer.vector = self._downstream, self._vector
         self.counters["opened"] += 1
         offer.on_open(ch)
 

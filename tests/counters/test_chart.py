@@ -11,6 +11,8 @@ from PIL import Image
 from pyhv.counters import Sample
 from pyhv.counters.chart import draw_chart
 
+pytestmark = pytest.mark.unit
+
 VISIBLE = "\\Hyper-V Dynamic Memory VM(testvm)\\Guest Visible Physical Memory"
 PHYSICAL = "\\Hyper-V Dynamic Memory VM(testvm)\\Physical Memory"
 

@@ -8,6 +8,8 @@ import pytest
 
 from pyhv.counters import CounterDef, CounterRegistry, CounterSetDef, CsvLog, read_csv
 
+pytestmark = pytest.mark.unit
+
 VMSET = CounterSetDef(
     "Test VM",
     (CounterDef("Physical Memory", "m", "MB"), CounterDef("Pressure", "p", "percent")),

@@ -18,6 +18,8 @@ from pyhv.dynmem.balancer import (
     pages_from_mib,
 )
 
+pytestmark = pytest.mark.unit
+
 MIB = pages_from_mib(1)
 
 

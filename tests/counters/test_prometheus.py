@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import urllib.request
 
+import pytest
 from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyhv.counters import CounterRegistry, exposition_registry, prometheus_text
 from pyhv.counters.dynmem import BALANCER, VM, DynamicMemoryCounters
+
+pytestmark = pytest.mark.unit
 
 
 def families(

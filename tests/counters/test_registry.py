@@ -8,6 +8,8 @@ import pytest
 
 from pyhv.counters import CounterDef, CounterError, CounterRegistry, CounterSetDef, counter_path
 
+pytestmark = pytest.mark.unit
+
 INTERCEPTS = CounterSetDef(
     "pyhv Intercepts",
     (

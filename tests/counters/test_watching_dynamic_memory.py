@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pyhv.counters import CounterRegistry, CsvLog, read_csv
@@ -24,6 +25,8 @@ from pyhv.dynmem.balancer import (
     pages_from_mib,
 )
 from tests.dynmem.test_balancer_simulation import committed_under_testlimit
+
+pytestmark = pytest.mark.simulation
 
 MIB = pages_from_mib(1)
 VISIBLE = f"\\{VM}(testvm)\\Guest Visible Physical Memory"

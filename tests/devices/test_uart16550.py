@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyhv.devices import uart16550 as u
 from pyhv.devices.poweroff import PowerOff
+
+pytestmark = pytest.mark.unit
 
 
 class Wire:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from pyhv.dynmem.balancer import (
     Add,
     BalancerConfig,
@@ -15,6 +17,8 @@ from pyhv.dynmem.balancer import (
     applied,
     decide,
 )
+
+pytestmark = pytest.mark.unit
 
 MIB = 256
 PACED = BalancerConfig(max_add_pages=512 * MIB, add_settle_s=30.0)

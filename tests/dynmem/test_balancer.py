@@ -24,6 +24,8 @@ from pyhv.dynmem.balancer import (
     pages_from_mib,
 )
 
+pytestmark = pytest.mark.unit
+
 MIB = pages_from_mib(1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,8 @@ from pyhv.dynmem.balancer import (
     VmMemoryState,
     decide,
 )
+
+pytestmark = pytest.mark.unit
 
 PAGES = st.integers(min_value=1, max_value=200_000)
 

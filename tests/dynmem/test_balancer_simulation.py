@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+import pytest
+
 from pyhv.dynmem.balancer import (
     BalancerConfig,
     Decision,
@@ -18,6 +20,8 @@ from pyhv.dynmem.balancer import (
     host_after,
     pages_from_mib,
 )
+
+pytestmark = pytest.mark.simulation
 
 MIB = pages_from_mib(1)
 BASELINE = 427 * MIB  # committed at rest: target = 512 MiB = startup, so nothing moves

@@ -4,12 +4,19 @@ ballooned, so a ballooned VM at rest does not look short of what it just gave ba
 
 from __future__ import annotations
 
+import re
+import time
+
+import pytest
+
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.balancer import Add, HostMemory, MemorySettings, VmMemoryState, decide
 from pyhv.dynmem.protocol import MessageType as T
 from pyhv.dynmem.status import MemoryStatus
 from pyhv.dynmem.vsp import DynamicMemoryVsp
 from pyhv.memory.ranges import PageRange, RangeSet
+
+pytestmark = pytest.mark.simulation
 
 MIB = 256  # pages
 RAM = 256 * MIB
@@ -75,3 +82,46 @@ def test_a_ballooned_vm_at_rest_is_not_given_its_memory_straight_back() -> None:
     decision = decide(HostMemory(free_pages=4096 * MIB), [state])
     assert not any(isinstance(op, Add) for op in decision.operations)
     assert decision.pressure[0] < 100
+
+
+@pytest.mark.guest
+def test_a_ballooned_reference_guest_counts_its_balloon_and_the_host_leaves_it_out() -> None:
+    """The real guest (guest/dmvsc.c, as Linux's hv_balloon) counts its balloon in num_committed;
+    the host's demand is that less the pages it holds ballooned, and pressure is demand over
+    assigned."""
+    from pyhv.guest_image import image_path
+    from pyhv.worker import VirtualMachine, VmConfig
+    from tests.guest.shell import Shell
+
+    cfg = VmConfig.create(
+        image=image_path(), dynamic_memory=True, startup="256M", minimum="64M", maximum="256M"
+    )
+    with VirtualMachine(cfg) as vm:
+        vm.start()
+        shell = Shell(vm)
+        svc = vm.dynmem
+        assert svc is not None
+        deadline = time.monotonic() + 30
+        while not svc.negotiated:  # the guest's DM driver starts after its shell
+            assert time.monotonic() < deadline, "the guest's DM driver never negotiated"
+            time.sleep(0.05)
+        vm.set_memory_target(192 << 20)
+        assert vm.wait_memory_idle(60)
+        assert vm.memory_status()["ballooned_pages"] == 64 * MIB
+
+        def agreed() -> StatusReport | None:
+            """A host report after the balloon whose num_committed the guest says it sent."""
+            s = svc.last_status
+            sent = re.search(r"^last-committed: (\d+)$", shell.run("dm"), re.M)
+            if s is None or s.ballooned_pages != 64 * MIB or sent is None:
+                return None
+            return s if s.guest_committed_pages == int(sent[1]) else None
+
+        deadline = time.monotonic() + 30
+        while (s := agreed()) is None:
+            assert time.monotonic() < deadline, "no status report after the balloon"
+            time.sleep(0.1)
+        assert s.guest_committed_pages is not None
+        assert s.guest_committed_pages > 64 * MIB  # the balloon is in what the guest sent
+        assert s.committed_pages == s.guest_committed_pages - 64 * MIB
+        assert s.pressure == s.committed_pages * 100 / (192 * MIB)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import struct
 
+import pytest
+
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
 from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp
@@ -13,6 +15,8 @@ from pyhv.memory.manager import PAGE_SIZE, MemfdRegion, MemoryManager
 from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.vmbus.controller import Command, Reg, VmbusController
 from tests.vmbus.guest_ring import GuestRing
+
+pytestmark = pytest.mark.simulation
 
 MiB = 1 << 20
 RING_GPA = 0x10000

@@ -24,6 +24,8 @@ from pyhv.worker.config import ConfigError, VmConfig
 from pyhv.worker.dynmem import DynamicMemoryError, DynamicMemoryService
 from tests.vmbus.guest_ring import GuestRing
 
+pytestmark = pytest.mark.simulation
+
 MiB = 1 << 20
 PAGE = 4096
 RING_GPA = 0x100000
@@ -154,7 +156,7 @@ class World:
 
 
 @pytest.fixture
-def world() -> Iterator[World]:
+def world(needs_kvm: None) -> Iterator[World]:  # a real partition: needs /dev/kvm
     w = World(memory="128M", minimum="32M", maximum="256M")
     yield w
     w.close()
@@ -176,7 +178,6 @@ def _until(pred: Any, timeout: float = 10.0) -> bool:
     return bool(pred())
 
 
-@pytest.mark.kvm
 def test_the_guest_negotiates_version_and_capabilities_and_learns_the_maximum(
     world: World,
 ) -> None:
@@ -190,7 +191,6 @@ def test_the_guest_negotiates_version_and_capabilities_and_learns_the_maximum(
     assert st["visible_pages"] == st["assigned_pages"] == 128 * MiB // PAGE
 
 
-@pytest.mark.kvm
 def test_each_status_report_is_published_with_the_guests_values(world: World) -> None:
     negotiated(world)
     world.guest.committed = 5000
@@ -204,7 +204,6 @@ def test_each_status_report_is_published_with_the_guests_values(world: World) ->
     assert world.svc.status()["committed_pages"] == 5000
 
 
-@pytest.mark.kvm
 def test_a_target_below_assigned_balloons_and_the_host_memory_behind_it_goes_back(
     world: World,
 ) -> None:
@@ -225,7 +224,6 @@ def test_a_target_below_assigned_balloons_and_the_host_memory_behind_it_goes_bac
     assert world.partition.read(some.start * PAGE, 8) == bytes(8)  # a hole reads zeros
 
 
-@pytest.mark.kvm
 def test_adding_memory_unballoons_first_then_hot_adds_a_new_slot_above_ram(world: World) -> None:
     negotiated(world)
     world.svc.set_target(96 * MiB)
@@ -246,7 +244,6 @@ def test_adding_memory_unballoons_first_then_hot_adds_a_new_slot_above_ram(world
     assert world.guest.received.index(unballoons[0]) < world.guest.received.index(hot_adds[0])
 
 
-@pytest.mark.kvm
 def test_a_target_is_clamped_to_the_configured_minimum_and_maximum(world: World) -> None:
     negotiated(world)
     plan = world.svc.set_target(1 << 40)
@@ -257,7 +254,6 @@ def test_a_target_is_clamped_to_the_configured_minimum_and_maximum(world: World)
     assert plan["goal_pages"] == 32 * MiB // PAGE
 
 
-@pytest.mark.kvm
 def test_the_guest_keeps_its_floor_and_the_host_says_so(world: World) -> None:
     negotiated(world)
     world.guest.floor = 100 * MiB // PAGE  # of ~126 MiB free: it gives at most ~26 MiB
@@ -270,7 +266,6 @@ def test_the_guest_keeps_its_floor_and_the_host_says_so(world: World) -> None:
     assert st["state"] == "IDLE"
 
 
-@pytest.mark.kvm
 def test_requests_are_refused_while_the_guest_has_not_negotiated(world: World) -> None:
     with pytest.raises(DynamicMemoryError, match="not running"):
         world.svc.set_target(64 * MiB)
@@ -279,7 +274,6 @@ def test_requests_are_refused_while_the_guest_has_not_negotiated(world: World) -
     assert world.svc.status()["counters"]["refused_requests"] == 2
 
 
-@pytest.mark.kvm
 def test_a_hostile_guests_balloon_ranges_are_refused_counted_and_the_worker_goes_on(
     world: World,
 ) -> None:
@@ -307,6 +301,7 @@ def test_a_hostile_guests_balloon_ranges_are_refused_counted_and_the_worker_goes
     assert world.svc.vsp.state is DmState.IDLE
 
 
+@pytest.mark.unit
 def test_dynamic_memory_settings_are_checked_with_clear_messages(tmp_path: Any) -> None:
     image = tmp_path / "guest.elf"
     image.write_bytes(b"")
@@ -328,6 +323,7 @@ def test_dynamic_memory_settings_are_checked_with_clear_messages(tmp_path: Any) 
         make(dynamic_memory=True, maximum="lots")
 
 
+@pytest.mark.unit
 def test_pyhv_memory_without_a_running_vm_says_so_without_a_traceback(tmp_path: Any) -> None:
     import subprocess
     import sys
@@ -346,7 +342,6 @@ def test_pyhv_memory_without_a_running_vm_says_so_without_a_traceback(tmp_path: 
     assert not any("Traceback" in o for o in (out.stderr, out.stdout))
 
 
-@pytest.mark.kvm
 def test_a_guest_flooding_status_reports_is_not_passed_on_to_the_vmms(world: World) -> None:
     negotiated(world)
     for _ in range(50):
@@ -356,7 +351,6 @@ def test_a_guest_flooding_status_reports_is_not_passed_on_to_the_vmms(world: Wor
     assert world.svc.counters["status_not_published"] == 50 - len(world.statuses)
 
 
-@pytest.mark.kvm
 def test_a_guest_that_does_not_answer_is_given_up_on_and_the_vsp_is_ready_again(
     world: World,
 ) -> None:
@@ -370,7 +364,6 @@ def test_a_guest_that_does_not_answer_is_given_up_on_and_the_vsp_is_ready_again(
     assert st["state"] == "IDLE" and st["ballooned_pages"] == 0
 
 
-@pytest.mark.kvm
 def test_a_guest_that_reopens_its_channel_gets_its_balloon_back_and_negotiates_again(
     world: World,
 ) -> None:
@@ -392,8 +385,7 @@ def test_a_guest_that_reopens_its_channel_gets_its_balloon_back_and_negotiates_a
     assert sum(m.type is T.INFO_MESSAGE for m in world.guest.received) == 1
 
 
-@pytest.mark.kvm
-def test_memory_hot_added_below_the_apic_hole_continues_above_4_gib() -> None:
+def test_memory_hot_added_below_the_apic_hole_continues_above_4_gib(needs_kvm: None) -> None:
     w = World(memory="3000M", minimum="3000M", maximum="3256M")
     try:
         negotiated(w)
@@ -406,7 +398,6 @@ def test_memory_hot_added_below_the_apic_hole_continues_above_4_gib() -> None:
         w.close()
 
 
-@pytest.mark.kvm
 def test_a_packet_written_while_the_host_drains_the_ring_is_not_left_waiting(
     world: World,
 ) -> None:

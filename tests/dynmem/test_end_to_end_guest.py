@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 
 from pyhv.dynmem.status import MemoryStatus
+from pyhv.guest_image import image_path
 from pyhv.worker import VirtualMachine, VmConfig
 from pyhv.worker.dynmem import DynamicMemoryError
 from pyhv.worker.script import ENTER, PROMPT
 from tests.worker.asm_guests import build_test_guest
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 MiB = 1 << 20
 PAGES_PER_MIB = 256
@@ -29,8 +30,7 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def guest_image() -> str:
-    guest_image = pytest.importorskip("pyhv.guest_image", reason="the guest image builder")
-    return str(guest_image.image_path())
+    return str(image_path())
 
 
 class Guest:

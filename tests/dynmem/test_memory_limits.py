@@ -10,11 +10,12 @@ from collections.abc import Callable
 
 import pytest
 
+from pyhv.guest_image import image_path
 from pyhv.worker import VmConfig, WorkerProcess
 from pyhv.worker.dynmem import DynamicMemoryError
 from pyhv.worker.script import ENTER, PROMPT
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 MiB = 1 << 20
 PAGES_PER_MIB = 256
@@ -22,8 +23,7 @@ PAGES_PER_MIB = 256
 
 @pytest.fixture(scope="module")
 def guest_image() -> str:
-    guest_image = pytest.importorskip("pyhv.guest_image", reason="the guest image builder")
-    return str(guest_image.image_path())
+    return str(image_path())
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 60.0) -> bool:

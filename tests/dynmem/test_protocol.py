@@ -12,6 +12,8 @@ from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
 from pyhv.memory.ranges import PageRange
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_header_is_type_size_and_a_guest_made_transaction_id() -> None:
     raw = p.encode(T.UNBALLOON_RESPONSE, p.DmUnballoonResponse(), trans_id=0x11223344)

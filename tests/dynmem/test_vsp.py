@@ -14,6 +14,8 @@ from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.vmbus.packet import Packet, PacketType
 from pyhv.vmbus.vsp import VspError
 
+pytestmark = pytest.mark.simulation
+
 RAM_PAGES = 65536  # 256 MiB at GPA 0
 
 

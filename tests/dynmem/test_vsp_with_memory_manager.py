@@ -4,6 +4,7 @@ host's accounting balances."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -13,6 +14,8 @@ from pyhv.dynmem.protocol import MessageType as T
 from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp
 from pyhv.memory.manager import PAGE_SIZE, MemfdRegion, MemoryManager
 from pyhv.memory.ranges import PageRange, RangeSet
+
+pytestmark = pytest.mark.simulation
 
 PAGES = 4096  # 16 MiB of guest RAM
 KERNEL = 16  # pages the guest never balloons

@@ -12,7 +12,7 @@ from pyhv.experiments.contention import ContentionConfig, ContentionResult, run_
 from pyhv.experiments.lab import PHYSICAL
 from tests.experiments.series import series
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 @pytest.fixture(scope="module")

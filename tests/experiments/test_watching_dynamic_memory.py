@@ -13,7 +13,7 @@ from pyhv.experiments.lab import PHYSICAL, VISIBLE
 from pyhv.experiments.watch_dynamic_memory import VM, WatchConfig, run_watch
 from tests.experiments.series import rises, series
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 @pytest.fixture(scope="module")

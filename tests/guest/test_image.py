@@ -14,6 +14,8 @@ import pytest
 from pyhv import guest_image
 from pyhv.guest_image import GUEST_DIR, GuestBuildError, check_instructions
 
+pytestmark = pytest.mark.unit
+
 PT_LOAD, PT_NOTE = 1, 4
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 

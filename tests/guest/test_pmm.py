@@ -18,6 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pyhv.guest_image import GUEST_DIR
 
+pytestmark = pytest.mark.unit
+
 HERE = Path(__file__).parent
 PAGE = 4096
 BLOCK = 512  # pages in 2 MiB

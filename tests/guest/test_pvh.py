@@ -14,7 +14,7 @@ import pytest
 from pyhv.devices.uart16550 import COM1_BASE, Uart16550
 from pyhv.worker import boot
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 HVM_START_MAGIC = 0x336EC578
 START_INFO = struct.Struct("<IIIIQQQQII")  # Xen's hvm_start_info, version 1

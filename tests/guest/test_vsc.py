@@ -19,7 +19,7 @@ from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp
 from pyhv.memory.ranges import PageRange
 from tests.guest.conftest import Shell
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 MiB_PAGES = 256
 Boot = Callable[..., Shell]

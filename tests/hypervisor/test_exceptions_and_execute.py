@@ -7,7 +7,7 @@ import pytest
 from pyhv.hypervisor import AccessType, InterceptError, MemoryIntercept
 from tests.guests.harness import guest, run_until_power_off
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 def test_an_execute_intercept_fires_each_time_the_guest_runs_the_instruction() -> None:
@@ -37,6 +37,7 @@ def test_an_execute_handler_can_change_the_registers_the_guest_sees() -> None:
         assert out == [303]
 
 
+@pytest.mark.kvm
 def test_a_fifth_execute_intercept_is_refused_there_are_four_breakpoint_registers() -> None:
     with guest("breakpoint") as (p, _vp, _):
         for i in range(4):
@@ -45,6 +46,7 @@ def test_a_fifth_execute_intercept_is_refused_there_are_four_breakpoint_register
             p.intercepts.install_execute(0x300010, lambda m: None)
 
 
+@pytest.mark.kvm
 def test_exception_vectors_kvm_cannot_deliver_are_refused_clearly() -> None:
     with guest("breakpoint") as (p, _vp, _):
         with pytest.raises(InterceptError, match="only #DB \\(1\\) and #BP \\(3\\)"):

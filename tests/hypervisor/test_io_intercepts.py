@@ -7,7 +7,7 @@ import pytest
 from pyhv.hypervisor import AccessType, InterceptError, IoPortIntercept
 from tests.guests.harness import guest, run_until_power_off
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 def test_an_in_instruction_receives_the_value_the_handler_returns_for_sizes_1_2_4() -> None:
@@ -94,6 +94,7 @@ def test_an_uninstalled_intercept_no_longer_sees_the_port() -> None:
         assert calls == []
 
 
+@pytest.mark.kvm
 def test_two_intercepts_on_one_port_are_refused_with_a_clear_error() -> None:
     with guest("io_echo") as (p, _vp, _):
         p.intercepts.install_io(0x10, 0x1F, lambda m: 0)

@@ -9,7 +9,7 @@ import pytest
 from pyhv.hypervisor import GpaError, InterceptError, MemoryIntercept, Partition
 from tests.guests.harness import guest, run_until_power_off
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 VALUE = 0x1122334455667788
 
@@ -103,6 +103,7 @@ def test_dirty_tracking_reports_exactly_the_pages_the_guest_wrote() -> None:
         assert region.dirty_pages() == []  # reading the log cleared it
 
 
+@pytest.mark.kvm
 def test_bad_memory_requests_get_clear_errors() -> None:
     with guest("io_echo") as (p, _vp, _):
         with pytest.raises(GpaError, match="overlaps the region 0x0-0x1000000"):

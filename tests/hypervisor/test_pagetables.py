@@ -8,6 +8,9 @@ import pytest
 
 from pyhv.hypervisor import TranslationError
 from pyhv.hypervisor.pagetables import translate
+from tests.guests.harness import guest, run_until_power_off
+
+pytestmark = pytest.mark.unit
 
 
 class Memory(dict[int, int]):
@@ -60,3 +63,16 @@ def test_an_unmapped_gva_says_which_level_is_missing(mem: Memory) -> None:
 def test_a_non_canonical_gva_is_refused(mem: Memory) -> None:
     with pytest.raises(TranslationError, match="not canonical"):
         translate(mem.read, 0x1000, 0x0000_8000_0000_0000)
+
+
+@pytest.mark.guest
+def test_the_root_translates_a_mapping_the_running_guest_made_in_its_own_page_tables() -> None:
+    """tests/guests/map_page.S maps GVA 0x80_0060_5000 to GPA 0x9a5000 in 4 KiB pages and
+    writes through it; the root walks the tables from the VP's CR3 to the same GPA."""
+    with guest("map_page") as (p, vp, _):
+        run_until_power_off(p, vp)
+        cr3 = vp.special_registers.cr3
+        assert p.translate(cr3, 0x80_0060_5123) == 0x9A5123
+        assert p.read(0x9A5123, 4) == (0x7AB1E5).to_bytes(4, "little")
+        with pytest.raises(TranslationError):
+            p.translate(cr3, 0x80_0060_6000)  # PT[6]: the guest mapped nothing there

@@ -36,7 +36,9 @@ MODULES = (
     test_virtual_processors,
 )
 CASES = [
-    pytest.param(f, id=f"{m.__name__.rsplit('.', 1)[1]}::{name}")
+    pytest.param(
+        f, id=f"{m.__name__.rsplit('.', 1)[1]}::{name}", marks=getattr(f, "pytestmark", [])
+    )
     for m in MODULES
     for name, f in vars(m).items()
     if name.startswith("test_") and inspect.isfunction(f) and not inspect.signature(f).parameters

@@ -17,7 +17,7 @@ from pyhv.hypervisor import StateError
 from pyhv.kvm import constants as c
 from tests.guests.harness import guest
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 ROOT = Path(__file__).resolve().parents[2]
 XMM0_MAGIC = bytes.fromhex("0df0adbaefbeadde1122334455667788")

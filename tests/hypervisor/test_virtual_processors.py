@@ -5,17 +5,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
 from pyhv.hypervisor import (
+    InterceptKind,
     IoPortIntercept,
     Partition,
     VpEventKind,
     VpState,
     enter_long_mode,
 )
-from tests.guests.harness import STACK_TOP, guest
+from tests.guests.harness import STACK_TOP, guest, run_until_power_off
 
 pytestmark = pytest.mark.guest
 
@@ -161,6 +163,49 @@ def test_counters_are_kept_for_every_intercept_kind() -> None:
             set(c) == {"count", "defaulted", "errors", "handler_seconds"}
             for c in p.counters.values()
         )
+
+
+def test_each_vps_counters_equal_the_exits_its_guest_made() -> None:
+    """The guest makes a known number of exits of each kind (tests/guests/intercept_counts.S);
+    VP 0's counters, and the partition's sums of them, equal those numbers exactly."""
+    outs, ins, unclaimed_ports, mmio_reads, mmio_writes, unclaimed_mmio = 7, 5, 3, 11, 13, 2
+    msr_pairs, unknown_msrs = 17, 4
+    with guest(
+        "intercept_counts",
+        r8=outs, r9=ins, r10=unclaimed_ports, r11=mmio_reads, r12=mmio_writes,
+        r13=unclaimed_mmio, r14=msr_pairs, r15=unknown_msrs,
+    ) as (p, vp, _):  # fmt: skip
+        calls = {"io_port": 0, "memory": 0, "msr": 0}
+
+        def called(kind: str, value: int | None) -> Any:
+            def handler(m: Any) -> int | None:
+                calls[kind] += 1
+                return value if not m.is_write else None
+
+            return handler
+
+        p.intercepts.install_io(0x10, 0x11, called("io_port", 0))
+        p.intercepts.install_gpa(0xD0000000, 0x1000, called("memory", 0))
+        p.intercepts.install_msr([0x40000000, 0x40000001], called("msr", 0))
+        assert run_until_power_off(p, vp) is not None
+        power_off = 1  # the OUT to port 0xf4 is an I/O intercept too (the harness's)
+        expected = {
+            "io_port": (outs + ins + unclaimed_ports + power_off, unclaimed_ports),
+            "memory": (mmio_reads + mmio_writes + unclaimed_mmio, unclaimed_mmio),
+            "msr": (2 * msr_pairs + unknown_msrs, unknown_msrs),
+        }
+        for kind, (count, defaulted) in expected.items():
+            k = InterceptKind[kind.upper()]
+            assert (vp.counts[k], vp.defaults[k], vp.errors[k]) == (count, defaulted, 0), kind
+            c = p.counters[kind]
+            assert (c["count"], c["defaulted"], c["errors"]) == (count, defaulted, 0), kind
+        assert calls == {
+            "io_port": outs + ins,
+            "memory": mmio_reads + mmio_writes,
+            "msr": 2 * msr_pairs,
+        }
+        for kind in ("exception", "execute", "halt", "unknown"):
+            assert p.counters[kind]["count"] == 0, kind
 
 
 def test_a_handler_can_stop_its_own_vp() -> None:

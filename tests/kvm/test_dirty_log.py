@@ -10,7 +10,7 @@ from pyhv.kvm import constants as c
 from tests.guests.build import build_guest
 from tests.guests.harness import STACK_TOP, run_until_power_off
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 BASE = 0x2000000
 TABLE = 0x300000

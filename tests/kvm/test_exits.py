@@ -20,6 +20,8 @@ from pyhv.kvm import (
 )
 from pyhv.kvm import constants as c
 
+pytestmark = pytest.mark.unit
+
 U = 32  # the exit union
 
 

@@ -12,6 +12,8 @@ import pytest
 from pyhv.kvm import constants as c
 from pyhv.kvm import structs as s
 
+pytestmark = pytest.mark.unit
+
 STRUCTS = {
     "kvm_regs": s.kvm_regs,
     "kvm_sregs": s.kvm_sregs,
@@ -91,8 +93,10 @@ def _kernel_values(tmp_path: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
-    if shutil.which("gcc") is None or not Path("/usr/include/linux/kvm.h").exists():
-        pytest.skip("gcc or the kernel's <linux/kvm.h> is missing: cannot compare layouts")
+    assert shutil.which("gcc") is not None, "gcc is missing: apt-get install -y gcc"
+    assert Path("/usr/include/linux/kvm.h").exists(), (
+        "<linux/kvm.h> is missing: apt-get install -y linux-libc-dev"
+    )
     return _kernel_values(tmp_path_factory.mktemp("layout"))
 
 

@@ -16,6 +16,8 @@ from pyhv.memory.manager import (
 )
 from pyhv.memory.ranges import PageRange
 
+pytestmark = pytest.mark.unit
+
 MiB = 1 << 20
 PAGES_PER_MIB = MiB // PAGE_SIZE
 

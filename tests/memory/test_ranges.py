@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from pyhv.memory.ranges import PageRange, RangeError, RangeSet
 
+pytestmark = pytest.mark.unit
+
 
 def test_adjacent_ranges_merge_into_one() -> None:
     s = RangeSet([(10, 5), (20, 5)])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 PYHV = [sys.executable, "-c", "from pyhv.cli import main; main()"]
 

@@ -15,6 +15,8 @@ from pyhv.migration import stream as st
 from pyhv.migration.destination import Incoming
 from pyhv.migration.stream import Frame, FrameSocket, MigrationError
 
+pytestmark = pytest.mark.unit
+
 TOKEN = "shared-secret-1"
 
 

@@ -16,7 +16,7 @@ from pyhv.counters import CounterRegistry
 from pyhv.migration.worker import migrate_worker
 from tests.migration.conftest import TOKEN, moved, wait_rising
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 def _migrate(src: Any, dst: Any, counters: Any = None, **options: Any) -> dict[str, Any]:

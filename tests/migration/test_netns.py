@@ -13,7 +13,7 @@ import pytest
 from pyhv.migration.worker import migrate_worker
 from tests.migration.conftest import TOKEN, moved, wait_rising
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:

@@ -40,6 +40,8 @@ def _vm_state(version: int = STATE_VERSION) -> VmState:
     dm = DynamicMemoryState(1, channel, vsp, {"ballooned_pages": 4})
     return VmState(version, part, Uart16550(lambda b: None).save(), dm)
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_vm_state_survives_its_encoding() -> None:
     st = _vm_state()

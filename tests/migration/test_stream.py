@@ -14,6 +14,8 @@ import pytest
 from pyhv.migration import stream as st
 from pyhv.migration.stream import Frame, FrameSocket, MigrationError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def pair() -> Iterator[tuple[FrameSocket, FrameSocket]]:

@@ -12,6 +12,8 @@ from pyhv.vmbus.packet import Packet
 from pyhv.vmbus.ring import PAGE_SIZE
 from tests.vmbus.guest_ring import WRITE, GuestRing
 
+pytestmark = pytest.mark.simulation
+
 PAGES = 8  # 4 pages per direction
 SPLIT = 4
 

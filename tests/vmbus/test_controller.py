@@ -5,6 +5,8 @@ from __future__ import annotations
 import mmap
 import uuid
 
+import pytest
+
 from pyhv.vmbus.channel import Channel, ChannelState
 from pyhv.vmbus.controller import (
     CONTROLLER_ID,
@@ -16,6 +18,8 @@ from pyhv.vmbus.controller import (
 )
 from pyhv.vmbus.ring import PAGE_SIZE
 from tests.vmbus.guest_ring import READ, GuestRing
+
+pytestmark = pytest.mark.simulation
 
 RAM = 1 << 20
 DM = uuid.UUID("525074DC-8985-46e2-8057-A307DC18A502")

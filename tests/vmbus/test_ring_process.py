@@ -8,10 +8,14 @@ import os
 import select
 import time
 
+import pytest
+
 from pyhv.vmbus.channel import Channel
 from pyhv.vmbus.packet import Packet
 from pyhv.vmbus.ring import PAGE_SIZE
 from tests.vmbus.guest_ring import GuestRing
+
+pytestmark = pytest.mark.simulation
 
 SPLIT = 2  # one data page per direction: the rings fill up and wrap often
 COUNT = 400

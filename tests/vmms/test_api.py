@@ -22,6 +22,8 @@ from pyhv.vmms.server import ApiServers, ServeError, TcpApiServer
 from pyhv.vmms.service import Vmms
 from tests.vmms.fakes import FakeDmWorker, FakeWorker
 
+pytestmark = pytest.mark.simulation
+
 GIB = 1 << 30
 
 

@@ -10,6 +10,8 @@ import pytest
 from pyhv.vmms.config import VmSettingsError, apply_changes, settings_from_dict
 from pyhv.vmms.store import ConfigStore
 
+pytestmark = pytest.mark.unit
+
 M = 1 << 20
 
 

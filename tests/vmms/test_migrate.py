@@ -31,6 +31,8 @@ from tests.vmms.fakes import FakeDmWorker, FakeWorker
 
 pytestmark = pytest.mark.simulation
 
+pytestmark = pytest.mark.simulation
+
 GIB = 1 << 30
 MIB = 1 << 20
 _ports = itertools.count(40_000)

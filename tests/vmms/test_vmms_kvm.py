@@ -19,6 +19,8 @@ import pytest
 
 from pyhv.vmms.client import VmmsClient
 
+pytestmark = pytest.mark.guest
+
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1 << 30
 
@@ -114,7 +116,6 @@ def host(tmp_path: Path) -> Iterator[Host]:
         log.close()
 
 
-@pytest.mark.kvm
 def test_a_vm_is_created_started_listed_shown_stopped_and_deleted_through_the_cli(
     host: Host,
 ) -> None:
@@ -137,7 +138,6 @@ def test_a_vm_is_created_started_listed_shown_stopped_and_deleted_through_the_cl
     assert "testvm" not in host.vm("list")
 
 
-@pytest.mark.kvm
 def test_a_worker_killed_with_sigkill_is_reported_and_the_other_vm_keeps_running(
     host: Host,
 ) -> None:
@@ -162,7 +162,6 @@ def test_a_worker_killed_with_sigkill_is_reported_and_the_other_vm_keeps_running
     assert host.client.request("GET", "/api/host")["free"] == free_running + (256 << 20)
 
 
-@pytest.mark.kvm
 def test_the_console_command_attaches_and_ctrl_a_x_detaches_leaving_the_vm_running(
     host: Host,
 ) -> None:
@@ -192,7 +191,6 @@ def test_the_console_command_attaches_and_ctrl_a_x_detaches_leaving_the_vm_runni
     assert host.show("c")["state"] == "running"
 
 
-@pytest.mark.kvm
 def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None:
     host.vm("create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "1G")
     out = host.vm("memory", "dm", "--target", "384M", check=False)
@@ -217,7 +215,6 @@ def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None
     assert "maximum can only go up while VM 'dm' runs" in out
 
 
-@pytest.mark.kvm
 def test_a_maximum_raised_while_the_vm_runs_lets_it_be_given_more_than_its_old_maximum(
     host: Host,
 ) -> None:
@@ -241,6 +238,7 @@ def test_a_maximum_raised_while_the_vm_runs_lets_it_be_given_more_than_its_old_m
     assert b"max-page-count: 196608" in out, out
 
 
+@pytest.mark.unit
 def test_the_vm_commands_say_when_no_vmms_is_serving(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "pyhv.cli", "vm", "--state-dir", str(tmp_path), "list"],
@@ -254,7 +252,6 @@ def test_the_vm_commands_say_when_no_vmms_is_serving(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.kvm
 def test_testlimit_is_answered_by_a_hot_add_with_the_buffer_which_a_crash_returns_to_the_pool(
     host: Host,
 ) -> None:

@@ -8,6 +8,8 @@ import pytest
 
 from pyhv.worker import boot
 
+pytestmark = pytest.mark.unit
+
 
 class FakeMemory:
     """Guest RAM as a bytearray, recording which ranges were written."""

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 
+from pyhv.guest_image import image_path
 from pyhv.worker import VirtualMachine, VmConfig
 from pyhv.worker.script import ENTER, PROMPT
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 
 @pytest.fixture(scope="module")
 def guest_image() -> str:
-    guest_image = pytest.importorskip("pyhv.guest_image", reason="the guest image builder")
-    return str(guest_image.image_path())
+    return str(image_path())
 
 
 def _ran_ticks(out: str) -> None:

@@ -12,6 +12,8 @@ from pyhv.worker import protocol
 from pyhv.worker.config import ConfigError, VmConfig, parse_size
 from pyhv.worker.outcome import VmEnd
 
+pytestmark = pytest.mark.unit
+
 
 def test_messages_round_trip_over_a_socket_pair() -> None:
     a, b = socket.socketpair()

@@ -11,6 +11,8 @@ from pyhv.worker.console import ConsoleClosed, SerialLog
 from pyhv.worker.outcome import VmEnd
 from pyhv.worker.script import ScriptError, run_script, script_lines
 
+pytestmark = pytest.mark.simulation
+
 
 class FakeShell:
     """A VM whose guest runs a shell that echoes, answers `echo X`, and powers off."""

@@ -9,18 +9,18 @@ from collections.abc import Iterator
 
 import pytest
 
+from pyhv.guest_image import image_path
 from pyhv.worker import VirtualMachine, VmConfig
 from pyhv.worker.script import ENTER, PROMPT
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.guest
 
 MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def guest_image() -> str:
-    guest_image = pytest.importorskip("pyhv.guest_image", reason="the guest image builder")
-    return str(guest_image.image_path())
+    return str(image_path())
 
 
 @pytest.fixture

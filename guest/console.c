@@ -53,14 +53,23 @@ int uart_getc(void)
     return rx_ring[rx_tail++ % sizeof(rx_ring)];
 }
 
-void putc(char c)
+static spinlock_t tx_lock; /* any CPU may print (a task's fault); characters, not lines, are atomic */
+
+static void put1(char c)
 {
-    if (c == '\n')
-        putc('\r');
     while (!tx_room)
         tx_room = (inb(COM1 + LSR) & LSR_THRE) ? FIFO_SIZE : 0;
     tx_room--;
     outb(COM1, (u8)c);
+}
+
+void putc(char c)
+{
+    u64 f = spin_lock(&tx_lock);
+    if (c == '\n')
+        put1('\r');
+    put1(c);
+    spin_unlock(&tx_lock, f);
 }
 
 void puts(const char *s)

@@ -3,7 +3,9 @@
 #define KCODE32 0x08
 #define KCODE 0x10
 #define KDATA 0x18
-#define TSS_SEL 0x40
+#define TSS_SEL 0x40 /* CPU n's TSS is at TSS_SEL + 16 * n */
+#define MAX_CPUS 64
+#define KSTACK 16384 /* an application processor's kernel stack */
 
 /* ---------------------------------------------------------------- Xen PVH ELF note */
     .section .note.Xen, "a", @note
@@ -20,6 +22,8 @@
     .globl _start
 _start:
     cli
+    test %rsi, %rsi
+    jz ap_start                 /* RSI = 0: an application processor (RDI = its VP index) */
     mov %rsi, %r12
     lgdt gdtr(%rip)
     mov $KDATA, %eax
@@ -44,6 +48,36 @@ _start:
     rep stosq
     mov %r12, %rdi
     call kmain
+    jmp halt_forever
+
+/* An application processor, on its own small boot stack: the image's GDT, then wait until CPU 0
+ * has set the kernel up (ap_go), then ap_main on a kernel stack of its own. */
+ap_start:
+    mov %rdi, %r12
+    lgdt gdtr(%rip)
+    mov $KDATA, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    xor %eax, %eax
+    mov %eax, %fs
+    mov %eax, %gs
+    pushq $KCODE
+    lea 1f(%rip), %rax
+    pushq %rax
+    lretq
+1:  cmp $MAX_CPUS, %r12
+    jae 1b                      /* more VPs than the kernel has CPU slots: park (cannot happen) */
+2:  mov ap_go(%rip), %eax       /* emulated at CPL0: a few milliseconds until CPU 0 is ready */
+    test %eax, %eax
+    jz 2b
+    lea ap_kstacks(%rip), %rsp
+    mov %r12, %rax
+    inc %rax
+    shl $14, %rax               /* KSTACK */
+    add %rax, %rsp
+    mov %r12, %rdi
+    call ap_main
     jmp halt_forever
 
 /* ---------------------------------------------------------------- 32-bit PVH entry (EBX = hvm_start_info) */
@@ -173,7 +207,8 @@ trap_return:
     add $16, %rsp
     iretq
 
-/* u64 run_user(struct frame *f): enter a CPL3 task at f; returns v when a trap calls back_to_kernel(v) */
+/* u64 run_user(struct frame *f, u64 *kctx_rsp): enter a CPL3 task at f, keeping the kernel's stack
+ * pointer in this CPU's *kctx_rsp; returns v when a trap calls back_to_kernel(v, kctx_rsp) */
     .globl run_user
 run_user:
     push %rbx
@@ -182,13 +217,13 @@ run_user:
     push %r13
     push %r14
     push %r15
-    mov %rsp, kctx_rsp(%rip)
+    mov %rsp, (%rsi)
     mov %rdi, %rsp
     jmp trap_return
 
     .globl back_to_kernel
 back_to_kernel:
-    mov kctx_rsp(%rip), %rsp
+    mov (%rsi), %rsp
     pop %r15
     pop %r14
     pop %r13
@@ -246,15 +281,15 @@ gdt:
     .quad 0                     /* 0x38 */
     .globl tss_desc
 tss_desc:
-    .quad 0                     /* 0x40 TSS, filled in by trap_init */
-    .quad 0
+    .skip 16 * MAX_CPUS         /* 0x40 + 16 * n: CPU n's TSS, filled in by trap_cpu_init */
 gdt_end:
     .balign 8
 gdtr:
     .word gdt_end - gdt - 1
     .quad gdt
-kctx_rsp:
-    .quad 0
+    .globl ap_go
+ap_go:                          /* set by CPU 0 when the application processors may start */
+    .long 0
 
 /* ---------------------------------------------------------------- stacks and PVH-only tables: never zeroed */
     .section .bss.noinit, "aw", @nobits
@@ -264,9 +299,7 @@ pvh_pdpt:   .skip 4096
 pvh_pd:     .skip 64 * 4096
 kstack:     .skip 16384
 kstack_top:
-    .globl rsp0_stack_top
-rsp0_stack: .skip 16384
-rsp0_stack_top:
+ap_kstacks: .skip KSTACK * MAX_CPUS  /* CPU n's at n * KSTACK; the first one unused (CPU 0 has kstack) */
     .balign 64
     .globl pvh_bootinfo
 pvh_bootinfo: .skip 4096

@@ -1,5 +1,5 @@
 /* kernel.c -- kmain: bring the machine up, then the main loop: shell input, else background tasks,
- * else halt until an interrupt. */
+ * else halt until an interrupt. ap_main: an application processor's loop (tasks, else halt). */
 #include "kernel.h"
 
 #define PTE_USER 4UL
@@ -8,6 +8,8 @@
 
 /* Set the user bit on the boot page tables' entries for [base, end), at 2 MiB granularity (the boot
  * tables use 2 MiB pages): a few instructions per 2 MiB, nothing per 4 KiB page. */
+volatile u64 paging_gen;
+
 void paging_allow_user(u64 base, u64 end)
 {
     if (end > MAX_PHYS)
@@ -32,7 +34,72 @@ void paging_allow_user(u64 base, u64 end)
         }
         a = gib_end;
     }
+    paging_gen++; /* the other CPUs drop theirs before they next enter a task */
     write_cr3(read_cr3()); /* drop TLB entries cached without the user bit */
+}
+
+struct cpu cpus[MAX_CPUS];
+volatile u32 cpus_online;
+extern volatile u32 ap_go; /* entry.S: the application processors wait for it */
+
+static void cpu_online(u32 index)
+{
+    struct cpu *c = &cpus[index];
+    c->index = index;
+    c->task = -1;
+    c->online = 1;
+    __asm__ volatile("lock incl %0" : "+m"(cpus_online)::"memory");
+}
+
+/* An application processor (entry.S ap_start: RDI = its VP index), once CPU 0 has set up the kernel:
+ * its own TSS and LAPIC timer, then tasks or halt. Only CPU 0 takes device interrupts. */
+void ap_main(u32 index)
+{
+    trap_cpu_init(index);
+    apic_cpu_init();
+    if (lapic_id() != index) { /* the boot protocol: VP n has APIC ID n */
+        printf("cpu %u: LAPIC ID is %u: not started as the boot protocol says; parked\n", index, lapic_id());
+        for (;;)
+            sti_hlt();
+    }
+    cpu_online(index);
+    for (;;) {
+        cli();
+        task_schedule();
+    }
+}
+
+/* start the application processors and wait (at most a second) until they are online */
+static void start_aps(void)
+{
+    u32 want = boot.vp_count < MAX_CPUS ? boot.vp_count : MAX_CPUS;
+    __asm__ volatile("" ::: "memory");
+    ap_go = 1;
+    u64 t0 = ticks;
+    while (cpus_online < want && ticks - t0 < HZ)
+        sti_hlt();
+    if (cpus_online < want)
+        printf("only %u of %u CPUs came online\n", cpus_online, want);
+}
+
+void cpus_show(void)
+{
+    u32 me = lapic_id();
+    printf("cpus: %u online of %u VPs\n", cpus_online, boot.vp_count);
+    for (u32 i = 0; i < MAX_CPUS; i++) {
+        struct cpu *c = &cpus[i];
+        if (!c->online)
+            continue;
+        const char *kind;
+        s32 t = c->task;
+        printf("cpu %u: ticks %lu, task runs %lu, ", i, c->ticks, c->task_runs);
+        if (i == me)
+            puts("running the shell\n");
+        else if (t >= 0 && !task_name(t, &kind))
+            printf("running task %d (%s)\n", t, kind);
+        else
+            puts("idle\n");
+    }
 }
 
 #define MAX_POLLS 8
@@ -51,6 +118,7 @@ void kmain(const struct bootinfo *bi)
 {
     uart_init();
     trap_init();
+    cpu_online(0);
     if (bootinfo_copy(bi)) {
         puts("halted: no usable boot information\n");
         halt_forever();
@@ -59,10 +127,13 @@ void kmain(const struct bootinfo *bi)
     paging_allow_user(0, (u64)_image_end);
     pmm_init((u64)_image_end);
     task_init();
+    sti();
+    start_aps();
+    cli();
     struct pmm_stats s;
     pmm_stats(&s);
-    printf("pyhv guest: %lu MiB RAM, %lu MiB free, %u VP, timer %u Hz\n", s.visible / 256, s.free / 256,
-           boot.vp_count, HZ);
+    printf("pyhv guest: %lu MiB RAM, %lu MiB free, %u VP, %u CPU online, timer %u Hz\n", s.visible / 256,
+           s.free / 256, boot.vp_count, cpus_online, HZ);
     vmbus_init(); /* the VMBus controller, if the host has one, and its offers */
     dmvsc_init(); /* the Dynamic Memory VSC, if wanted (boot flag) or offered */
     shell_init();

@@ -7,6 +7,8 @@
 #define LAPIC_EOI 0xB0
 #define LAPIC_SVR 0xF0
 #define LAPIC_LVT_TIMER 0x320
+#define LAPIC_ICR_LO 0x300
+#define LAPIC_ICR_HI 0x310
 #define LAPIC_LINT0 0x350
 #define LAPIC_LINT1 0x360
 #define LAPIC_TIMER_INIT 0x380
@@ -28,6 +30,16 @@ static void ioapic_w(u32 reg, u32 v)
 
 void lapic_eoi(void) { lapic_w(LAPIC_EOI, 0); }
 u32 lapic_id(void) { return LAPIC[LAPIC_ID / 4] >> 24; }
+
+/* INIT, then STARTUP with the trampoline's page (the in-kernel LAPIC needs none of the waits a
+ * physical one does: KVM delivers both at once) */
+void lapic_start_ap(u32 apic, u32 trampoline)
+{
+    lapic_w(LAPIC_ICR_HI, apic << 24);
+    lapic_w(LAPIC_ICR_LO, 0x4500); /* INIT, level assert */
+    lapic_w(LAPIC_ICR_HI, apic << 24);
+    lapic_w(LAPIC_ICR_LO, 0x4600 | (trampoline >> 12)); /* STARTUP, vector = page number */
+}
 
 void apic_init(void)
 {

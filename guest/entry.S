@@ -6,6 +6,7 @@
 #define TSS_SEL 0x40 /* CPU n's TSS is at TSS_SEL + 16 * n */
 #define MAX_CPUS 64
 #define KSTACK 16384 /* an application processor's kernel stack */
+#define TRAMPOLINE 0x8000 /* where CPU 0 copies ap_trampoline: the page of SIPI vector 0x08 */
 
 /* ---------------------------------------------------------------- Xen PVH ELF note */
     .section .note.Xen, "a", @note
@@ -22,8 +23,6 @@
     .globl _start
 _start:
     cli
-    test %rsi, %rsi
-    jz ap_start                 /* RSI = 0: an application processor (RDI = its VP index) */
     mov %rsi, %r12
     lgdt gdtr(%rip)
     mov $KDATA, %eax
@@ -50,11 +49,9 @@ _start:
     call kmain
     jmp halt_forever
 
-/* An application processor, on its own small boot stack: the image's GDT, then wait until CPU 0
- * has set the kernel up (ap_go), then ap_main on a kernel stack of its own. */
-ap_start:
-    mov %rdi, %r12
-    lgdt gdtr(%rip)
+/* An application processor, from ap_trampoline, in long mode on the image's GDT and CPU 0's page
+ * tables: its index is its LAPIC ID; ap_main on a kernel stack of its own. */
+ap_start64:
     mov $KDATA, %eax
     mov %eax, %ds
     mov %eax, %es
@@ -62,23 +59,52 @@ ap_start:
     xor %eax, %eax
     mov %eax, %fs
     mov %eax, %gs
-    pushq $KCODE
-    lea 1f(%rip), %rax
-    pushq %rax
-    lretq
-1:  cmp $MAX_CPUS, %r12
-    jae 1b                      /* more VPs than the kernel has CPU slots: park (cannot happen) */
-2:  mov ap_go(%rip), %eax       /* emulated at CPL0: a few milliseconds until CPU 0 is ready */
-    test %eax, %eax
-    jz 2b
+    mov $0xFEE00020, %edx       /* LAPIC ID register */
+    mov (%rdx), %edi
+    shr $24, %edi
+    cmp $MAX_CPUS, %edi
+    jae halt_forever            /* CPU 0 starts only the CPUs it has slots for */
     lea ap_kstacks(%rip), %rsp
-    mov %r12, %rax
+    mov %rdi, %rax
     inc %rax
     shl $14, %rax               /* KSTACK */
     add %rax, %rsp
-    mov %r12, %rdi
     call ap_main
     jmp halt_forever
+
+/* The real-mode start of an application processor (INIT, then STARTUP IPI with vector 0x08: CS =
+ * 0x0800, IP = 0). CPU 0 copies it to TRAMPOLINE and patches tr_cr3 with its CR3. Straight to long
+ * mode: PAE, CR3, EFER.LME, then PE and PG together, then a far jump to the 64-bit code segment. */
+    .section .rodata
+    .code16
+    .globl ap_trampoline, ap_trampoline_end, ap_trampoline_cr3
+ap_trampoline:
+    cli
+    mov %cs, %ax
+    mov %ax, %ds
+    lgdtl (tr_gdtr - ap_trampoline)
+    mov $0x620, %eax            /* PAE | OSFXSR | OSXMMEXCPT */
+    mov %eax, %cr4
+    mov (ap_trampoline_cr3 - ap_trampoline), %eax
+    mov %eax, %cr3
+    mov $0xC0000080, %ecx       /* EFER |= LME | SCE */
+    rdmsr
+    or $0x101, %eax
+    wrmsr
+    mov $0x80010033, %eax       /* PG | WP | NE | ET | MP | PE */
+    mov %eax, %cr0
+    ljmpl $KCODE, $(TRAMPOLINE + tr_long - ap_trampoline)
+    .code64
+tr_long:
+    mov $ap_start64, %eax       /* the image is below 4 GiB */
+    jmp *%rax
+    .balign 8
+tr_gdtr:
+    .word gdt_end - gdt - 1
+    .long gdt
+ap_trampoline_cr3:
+    .long 0
+ap_trampoline_end:
 
 /* ---------------------------------------------------------------- 32-bit PVH entry (EBX = hvm_start_info) */
     .code32
@@ -287,9 +313,6 @@ gdt_end:
 gdtr:
     .word gdt_end - gdt - 1
     .quad gdt
-    .globl ap_go
-ap_go:                          /* set by CPU 0 when the application processors may start */
-    .long 0
 
 /* ---------------------------------------------------------------- stacks and PVH-only tables: never zeroed */
     .section .bss.noinit, "aw", @nobits

@@ -40,7 +40,8 @@ void paging_allow_user(u64 base, u64 end)
 
 struct cpu cpus[MAX_CPUS];
 volatile u32 cpus_online;
-extern volatile u32 ap_go; /* entry.S: the application processors wait for it */
+#define TRAMPOLINE 0x8000UL /* below 1 MiB, page-aligned, unused by the boot protocol */
+extern char ap_trampoline[], ap_trampoline_end[], ap_trampoline_cr3[]; /* entry.S */
 
 static void cpu_online(u32 index)
 {
@@ -51,17 +52,13 @@ static void cpu_online(u32 index)
     __asm__ volatile("lock incl %0" : "+m"(cpus_online)::"memory");
 }
 
-/* An application processor (entry.S ap_start: RDI = its VP index), once CPU 0 has set up the kernel:
- * its own TSS and LAPIC timer, then tasks or halt. Only CPU 0 takes device interrupts. */
+/* An application processor (entry.S ap_start64; index = its LAPIC ID), started by CPU 0 once the
+ * kernel is set up: its own TSS and LAPIC timer, then tasks or halt. Only CPU 0 takes device
+ * interrupts. */
 void ap_main(u32 index)
 {
     trap_cpu_init(index);
     apic_cpu_init();
-    if (lapic_id() != index) { /* the boot protocol: VP n has APIC ID n */
-        printf("cpu %u: LAPIC ID is %u: not started as the boot protocol says; parked\n", index, lapic_id());
-        for (;;)
-            sti_hlt();
-    }
     cpu_online(index);
     for (;;) {
         cli();
@@ -69,17 +66,23 @@ void ap_main(u32 index)
     }
 }
 
-/* start the application processors and wait (at most a second) until they are online */
+/* Start the application processors (VP n has LAPIC ID n), one at a time: each gets half a second
+ * to come online. With interrupts on (CPU 0's timer ends each wait). */
 static void start_aps(void)
 {
     u32 want = boot.vp_count < MAX_CPUS ? boot.vp_count : MAX_CPUS;
-    __asm__ volatile("" ::: "memory");
-    ap_go = 1;
-    u64 t0 = ticks;
-    while (cpus_online < want && ticks - t0 < HZ)
-        sti_hlt();
-    if (cpus_online < want)
-        printf("only %u of %u CPUs came online\n", cpus_online, want);
+    if (want < 2)
+        return;
+    memcpy((void *)TRAMPOLINE, ap_trampoline, (u64)(ap_trampoline_end - ap_trampoline));
+    *(volatile u32 *)(TRAMPOLINE + (u64)(ap_trampoline_cr3 - ap_trampoline)) = (u32)read_cr3();
+    for (u32 i = 1; i < want; i++) {
+        lapic_start_ap(i, TRAMPOLINE);
+        u64 t0 = ticks;
+        while (!cpus[i].online && ticks - t0 < HZ / 2)
+            sti_hlt();
+        if (!cpus[i].online)
+            printf("cpu %u did not come online after its startup IPI\n", i);
+    }
 }
 
 void cpus_show(void)

@@ -96,10 +96,11 @@ void apic_init(void);     /* the platform's controllers, then this CPU's LAPIC (
 void apic_cpu_init(void); /* an application processor's own LAPIC: masks and timer */
 void lapic_eoi(void);
 u32 lapic_id(void);
+void lapic_start_ap(u32 apic, u32 trampoline); /* INIT + STARTUP IPI: real mode at trampoline */
 extern volatile u64 ticks; /* CPU 0's timer ticks: the kernel's clock */
 
-/* CPUs (kernel.c): the VMM starts every VP at the entry point; CPU 0 boots the kernel, the others
- * (application processors) wait for it, then run tasks. A CPU's index is its LAPIC ID. */
+/* CPUs (kernel.c): CPU 0 boots the kernel, then starts the others (application processors) with
+ * INIT/STARTUP IPIs at a real-mode trampoline (entry.S); they run tasks. A CPU's index is its LAPIC ID. */
 struct cpu {
     u64 kctx_rsp; /* the kernel's stack pointer while this CPU runs a task (entry.S: run_user) */
     u32 index, online;

@@ -22,7 +22,6 @@ PD_GPA = 0x12000
 PD_COUNT = 64  # one page directory per GiB: 0..64 GiB
 STACK_BOTTOM = 0x52000
 STACK_TOP = 0x80000
-AP_STACK_SIZE = 0x800  # VP n (n >= 1) enters on a boot stack of its own, below VP 0's
 IMAGE_MIN_GPA = 0x100000
 CMDLINE_MAX = 4095
 
@@ -110,12 +109,11 @@ NULL_SEGMENT = Segmentation(selector=0, limit=0, type=0, present=0, s=0, g=0, un
 
 
 class EntryState(NamedTuple):
-    """A VP's registers at the 64-bit entry point (VP 0's unless made by `ap_entry`)."""
+    """VP 0's registers at the 64-bit entry point."""
 
     rip: int
     rsp: int = STACK_TOP
     rsi: int = BOOT_INFO_GPA
-    rdi: int = 0
     rflags: int = 0x2
     cr0: int = ENTRY_CR0
     cr3: int = PML4_GPA
@@ -131,16 +129,6 @@ class EntryState(NamedTuple):
     gdt_limit: int = 0  # set from the GDT built
     idt_base: int = 0
     idt_limit: int = 0
-
-
-def ap_entry(bsp: EntryState, index: int) -> EntryState:
-    """VP `index`'s entry state (an application processor, started by the VMM in long mode as
-    Firecracker sets up every vCPU): VP 0's, with RSI = 0 (no boot information: "you are an
-    AP"), RDI = its index and a boot stack of its own."""
-    stacks = (STACK_TOP - STACK_BOTTOM) // AP_STACK_SIZE
-    if not 1 <= index < stacks:
-        raise ValueError(f"VP index {index} has no boot stack: VPs 1..{stacks - 1} can be started")
-    return bsp._replace(rsp=STACK_TOP - index * AP_STACK_SIZE, rsi=0, rdi=index)
 
 
 def ram_regions(size: int) -> list[tuple[int, int]]:

@@ -117,9 +117,6 @@ class VirtualMachine:
                 incoming(self)
             elif entry is not None:
                 _set_entry_state(self.vps[0], entry)
-                for vp in self.vps[1:]:  # the boot protocol's application processors
-                    _set_entry_state(vp, boot.ap_entry(entry, vp.index))
-                    vp.make_runnable()
             for vp in self.vps:
                 vp.start()
                 if self.running_since is None:
@@ -322,9 +319,7 @@ def _set_entry_state(vp: VirtualProcessor, entry: boot.EntryState) -> None:
     sregs.idt = DescriptorTable(entry.idt_base, entry.idt_limit)
     sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = entry.cr0, entry.cr3, entry.cr4, entry.efer
     vp.special_registers = sregs
-    vp.registers = Registers(
-        rip=entry.rip, rsp=entry.rsp, rsi=entry.rsi, rdi=entry.rdi, rflags=entry.rflags
-    )
+    vp.registers = Registers(rip=entry.rip, rsp=entry.rsp, rsi=entry.rsi, rflags=entry.rflags)
 
 
 def _end_from_event(vp: VirtualProcessor, event: VpEvent | None) -> VmEnd:

@@ -189,23 +189,3 @@ def test_vp0_enters_long_mode_with_the_documented_registers() -> None:
     assert s.fs.selector == 0 and s.gs.selector == 0
     assert (s.rflags, s.rsp, s.rsi, s.rip) == (0x2, 0x80000, 0x1000, 0x100000)
     assert (s.gdt_base, s.gdt_limit) == (0x500, 0x37)
-
-
-@pytest.mark.unit
-def test_application_processors_enter_with_no_boot_info_their_index_and_own_stacks() -> None:
-    _, bsp = boot.prepare(
-        FakeMemory(),
-        make_elf([(0x100000, CODE, 16, 5)], entry=0x100000),
-        memory=8 << 20,
-        vp_count=3,
-    )
-    aps = [boot.ap_entry(bsp, i) for i in (1, 2, 63)]
-    assert [(a.rip, a.rsi, a.rdi, a.cr3) for a in aps] == [
-        (0x100000, 0, i, 0x10000) for i in (1, 2, 63)
-    ]
-    stacks = [bsp.rsp] + [a.rsp for a in aps]
-    assert stacks == [0x80000, 0x7F800, 0x7F000, 0x80000 - 63 * 0x800]
-    assert all(s > boot.STACK_BOTTOM for s in stacks)
-    for bad in (0, 92):
-        with pytest.raises(ValueError, match="has no boot stack"):
-            boot.ap_entry(bsp, bad)

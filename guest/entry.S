@@ -5,7 +5,6 @@
 #define KDATA 0x18
 #define TSS_SEL 0x40 /* CPU n's TSS is at TSS_SEL + 16 * n */
 #define MAX_CPUS 64
-#define KSTACK 16384 /* an application processor's kernel stack */
 #define TRAMPOLINE 0x8000 /* where CPU 0 copies ap_trampoline: the page of SIPI vector 0x08 */
 
 /* ---------------------------------------------------------------- Xen PVH ELF note */
@@ -64,11 +63,8 @@ ap_start64:
     shr $24, %edi
     cmp $MAX_CPUS, %edi
     jae halt_forever            /* CPU 0 starts only the CPUs it has slots for */
-    lea ap_kstacks(%rip), %rsp
-    mov %rdi, %rax
-    inc %rax
-    shl $14, %rax               /* KSTACK */
-    add %rax, %rsp
+    lea ap_stack_top(%rip), %rax
+    mov (%rax,%rdi,8), %rsp     /* its kernel stack, from CPU 0 (kernel.c) */
     call ap_main
     jmp halt_forever
 
@@ -322,7 +318,9 @@ pvh_pdpt:   .skip 4096
 pvh_pd:     .skip 64 * 4096
 kstack:     .skip 16384
 kstack_top:
-ap_kstacks: .skip KSTACK * MAX_CPUS  /* CPU n's at n * KSTACK; the first one unused (CPU 0 has kstack) */
+    .globl rsp0_stack_top
+rsp0_stack: .skip 16384
+rsp0_stack_top:
     .balign 64
     .globl pvh_bootinfo
 pvh_bootinfo: .skip 4096

@@ -38,8 +38,42 @@ void paging_allow_user(u64 base, u64 end)
     write_cr3(read_cr3()); /* drop TLB entries cached without the user bit */
 }
 
+#define KSTACK 16384    /* an application processor's kernel stack */
+#define RSP0_STACK 8192 /* and its interrupt stack */
+
 struct cpu cpus[MAX_CPUS];
 volatile u32 cpus_online;
+u64 ap_stack_top[MAX_CPUS]; /* entry.S ap_start64 */
+static u64 kernel_end;      /* boot_alloc's next free byte */
+
+void *boot_alloc(u64 bytes)
+{
+    u64 p = (kernel_end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
+    kernel_end = p + bytes;
+    return (void *)p;
+}
+
+/* stacks for the application processors that will be started */
+static void ap_stacks_reserve(u32 ncpus)
+{
+    for (u32 i = 1; i < ncpus; i++) {
+        ap_stack_top[i] = (u64)boot_alloc(KSTACK) + KSTACK;
+        cpus[i].rsp0_top = (u64)boot_alloc(RSP0_STACK) + RSP0_STACK;
+    }
+}
+
+/* the RAM at 0.. holding the image must hold what boot_alloc carved too */
+static int kernel_ram_ok(void)
+{
+    for (u32 i = 0; i < boot.nr_memmap; i++) {
+        const struct memmap_entry *e = &boot.memmap[i];
+        if (e->type == 1 && e->base <= (u64)_image_start && e->size >= kernel_end - e->base)
+            return 1;
+    }
+    printf("halted: the kernel needs RAM up to %lx for %u VPs, and RAM from the image up ends sooner: "
+           "give the VM more memory or fewer VPs\n", kernel_end, boot.vp_count);
+    return 0;
+}
 #define TRAMPOLINE 0x8000UL /* below 1 MiB, page-aligned, unused by the boot protocol */
 extern char ap_trampoline[], ap_trampoline_end[], ap_trampoline_cr3[]; /* entry.S */
 
@@ -57,7 +91,7 @@ static void cpu_online(u32 index)
  * interrupts. */
 void ap_main(u32 index)
 {
-    trap_cpu_init(index);
+    trap_cpu_init(index, cpus[index].rsp0_top);
     apic_cpu_init();
     cpu_online(index);
     for (;;) {
@@ -127,9 +161,14 @@ void kmain(const struct bootinfo *bi)
         halt_forever();
     }
     apic_init();
-    paging_allow_user(0, (u64)_image_end);
-    pmm_init((u64)_image_end);
-    task_init();
+    u32 ncpus = boot.vp_count == 0 ? 1 : boot.vp_count < MAX_CPUS ? boot.vp_count : MAX_CPUS;
+    kernel_end = (u64)_image_end;
+    ap_stacks_reserve(ncpus);
+    task_init(ncpus);
+    if (!kernel_ram_ok())
+        halt_forever();
+    paging_allow_user(0, kernel_end); /* the image (tasks' code) and the task table */
+    pmm_init(kernel_end);
     sti();
     start_aps();
     cli();

@@ -109,11 +109,16 @@ struct cpu {
     volatile s32 task;       /* task it runs now, or -1 */
     u32 last_run;            /* where its round-robin over the tasks continues */
     u64 paging_gen;          /* page-table generation its TLB has seen */
+    u64 rsp0_top;            /* its interrupt stack (the TSS's rsp0) */
 };
 extern struct cpu cpus[MAX_CPUS];
 extern volatile u32 cpus_online;
 static inline struct cpu *this_cpu(void) { return &cpus[lapic_id() % MAX_CPUS]; }
 void cpus_show(void);
+
+/* kernel RAM after the image, carved before pmm_init (which takes what is left): per-CPU stacks and
+ * the task table, sized by the VP count. Page-aligned, not zeroed. */
+void *boot_alloc(u64 bytes);
 
 /* paging: the boot page tables (found through CR3) get the user bit on the 2 MiB entries CPL3 tasks
  * use: the image (their code) and the memory each task is given */
@@ -146,7 +151,7 @@ struct frame {
     u64 vec, err, rip, cs, rflags, rsp, ss;
 };
 void trap_init(void);          /* the IDT (once), then this CPU's tables */
-void trap_cpu_init(u32 cpu);   /* load the IDT and this CPU's TSS (its own rsp0 stack) */
+void trap_cpu_init(u32 cpu, u64 rsp0_top); /* load the IDT and this CPU's TSS (its own rsp0 stack) */
 void trap(struct frame *f);
 /* for drivers (VMBus, DM VSC): a handler for a device interrupt vector (0x30..0xfe; the kernel sends
  * the EOI), and work the main loop runs on every pass (after an interrupt or HZ times a second) */
@@ -155,7 +160,7 @@ int irq_register(u32 vector, irq_handler_t fn);
 int kernel_add_poll(void (*fn)(void));
 
 /* task.c: background tasks at CPL3 */
-void task_init(void);
+void task_init(u32 cpus); /* before pmm_init: its table comes from boot_alloc */
 void task_schedule(void); /* idle path: run a task or halt until an interrupt */
 /* cpu: pin the task to that CPU, or -1 to run on any */
 int task_start_testlimit(u64 mb, u64 count, s32 cpu);

@@ -7,7 +7,8 @@
  * (at its next timer tick). */
 #include "kernel.h"
 
-#define NTASKS 8
+#define MIN_TASKS 4 /* slots; two per CPU beyond that (a `dirty -p` and a `testlimit -p`) */
+#define MAX_TASKS 128
 #define TASK_RANGES 4096
 #define USER_STACK 16384
 #define SYS_SLEEP 1 /* rsi = tick to wake at */
@@ -36,7 +37,8 @@ struct task {
     u8 stack[USER_STACK] __attribute__((aligned(16)));
 };
 
-static struct task tasks[NTASKS] __attribute__((section(".bss.noinit"), aligned(4096)));
+static struct task *tasks; /* carved from RAM after the image at boot (kernel RAM: task_init) */
+static s32 ntasks;
 static spinlock_t task_lock; /* task states, on_cpu, and the allocation of slots */
 extern const char *exception_name(u64 vec);
 
@@ -91,9 +93,11 @@ static void user_fault(struct task *t)
 static void user_task_exit(void) { user_call(SYS_EXIT, 0); }
 
 /* ---------------------------------------------------------------- kernel side */
-void task_init(void)
+void task_init(u32 cpus)
 {
-    for (int i = 0; i < NTASKS; i++)
+    ntasks = 2 * cpus < MIN_TASKS ? MIN_TASKS : 2 * cpus > MAX_TASKS ? MAX_TASKS : (s32)(2 * cpus);
+    tasks = boot_alloc(ntasks * sizeof(struct task));
+    for (int i = 0; i < ntasks; i++)
         tasks[i].state = T_FREE;
 }
 
@@ -127,11 +131,11 @@ static void task_release(struct task *t)
 static int task_new(u32 kind, u64 pages, u64 pps, s32 pin, void (*entry)(struct task *))
 {
     int id;
-    for (id = 0; id < NTASKS; id++)
+    for (id = 0; id < ntasks; id++)
         if (tasks[id].state == T_FREE)
             break;
-    if (id == NTASKS) {
-        printf("%s: all %d task slots are busy: kill one first\n", kind_names[kind], NTASKS);
+    if (id == ntasks) {
+        printf("%s: all %d task slots are busy: kill one first\n", kind_names[kind], ntasks);
         return -1;
     }
     struct task *t = &tasks[id];
@@ -215,7 +219,7 @@ int task_kill(int id)
 {
     int n = 0;
     u64 f = spin_lock(&task_lock);
-    for (int i = 0; i < NTASKS; i++) {
+    for (int i = 0; i < ntasks; i++) {
         struct task *t = &tasks[i];
         if (t->state == T_FREE || t->state == T_KILLED || (id >= 0 && id != i))
             continue;
@@ -236,7 +240,7 @@ int task_kill(int id)
 int task_kill_kind_testlimit(void)
 {
     int n = 0;
-    for (int i = 0; i < NTASKS; i++)
+    for (int i = 0; i < ntasks; i++)
         if (tasks[i].state != T_FREE && tasks[i].kind == K_TESTLIMIT)
             n += task_kill(i);
     return n;
@@ -245,7 +249,7 @@ int task_kill_kind_testlimit(void)
 void task_list(void)
 {
     int any = 0;
-    for (int i = 0; i < NTASKS; i++) {
+    for (int i = 0; i < ntasks; i++) {
         struct task *t = &tasks[i];
         if (t->state == T_FREE)
             continue;
@@ -260,7 +264,7 @@ void task_list(void)
 
 int task_name(s32 id, const char **kind)
 {
-    if (id < 0 || id >= NTASKS || tasks[id].state == T_FREE)
+    if (id < 0 || id >= ntasks || tasks[id].state == T_FREE)
         return -1;
     *kind = kind_names[tasks[id].kind];
     return 0;
@@ -271,8 +275,8 @@ void task_schedule(void)
 {
     struct cpu *c = this_cpu();
     u64 f = spin_lock(&task_lock);
-    for (u32 k = 1; k <= NTASKS; k++) {
-        u32 i = (c->last_run + k) % NTASKS;
+    for (u32 k = 1; k <= (u32)ntasks; k++) {
+        u32 i = (c->last_run + k) % (u32)ntasks;
         struct task *t = &tasks[i];
         if (t->state == T_SLEEPING && ticks >= t->wake_tick)
             t->state = T_RUNNABLE;

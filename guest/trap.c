@@ -9,12 +9,10 @@ struct idt_entry {
 } __attribute__((packed));
 
 static struct idt_entry idt[256] __attribute__((section(".bss.noinit"), aligned(16))); /* all set in trap_init */
-#define RSP0_STACK 8192
 static u32 tss[MAX_CPUS][26] __attribute__((aligned(16)));
-/* where each CPU takes interrupts from its CPL3 task */
-static u8 rsp0_stacks[MAX_CPUS][RSP0_STACK] __attribute__((section(".bss.noinit"), aligned(16)));
 extern const u64 stub_table[256];
 extern u64 tss_desc[2 * MAX_CPUS];
+extern char rsp0_stack_top[]; /* CPU 0's */
 static irq_handler_t irq_handlers[256];
 
 int irq_register(u32 vector, irq_handler_t fn)
@@ -44,10 +42,10 @@ void trap_init(void)
         idt[v].off2 = (u32)(a >> 32);
         idt[v].zero = 0;
     }
-    trap_cpu_init(0);
+    trap_cpu_init(0, (u64)rsp0_stack_top);
 }
 
-void trap_cpu_init(u32 cpu)
+void trap_cpu_init(u32 cpu, u64 rsp0)
 {
     struct {
         u16 limit;
@@ -56,7 +54,7 @@ void trap_cpu_init(u32 cpu)
     __asm__ volatile("lidt %0" ::"m"(idtr));
     /* rsp0: where the CPU switches stacks on an interrupt from a CPL3 task; no I/O bitmap. A TSS
      * descriptor turns busy when loaded, so every CPU has its own. */
-    u64 rsp0 = (u64)rsp0_stacks[cpu] + RSP0_STACK, t = (u64)tss[cpu];
+    u64 t = (u64)tss[cpu];
     tss[cpu][1] = (u32)rsp0;
     tss[cpu][2] = (u32)(rsp0 >> 32);
     tss[cpu][25] = 104 << 16;

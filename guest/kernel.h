@@ -170,7 +170,7 @@ void task_list(void);
 void task_user_trap(struct frame *f) __attribute__((noreturn)); /* a trap from CPL3 */
 int task_kill_kind_testlimit(void);
 int task_name(s32 id, const char **kind); /* 0 and its kind's name if task id exists */
-int task_start_fault(void);
+int task_start_fault(s32 cpu); /* a task that reads unmapped memory, on that CPU or any (-1) */
 #define FAULT_ADDRESS MAX_PHYS /* just above the identity map: not present */
 
 /* vmbus.c, dmvsc.c: the VMBus client and the Dynamic Memory VSC (vmbus.h has the rest) */

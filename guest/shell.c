@@ -31,7 +31,7 @@ static void cmd_help(void)
          "  vmbus                   VMBus channels: offers, rings, counters\n"
          "  dm                      Dynamic Memory VSC: state, protocol, last status, counters\n"
          "  pmmcheck                check the memory manager's counters against its bitmaps\n"
-         "  fault kernel|user        touch unmapped memory at CPL0 (halts) or in a CPL3 task (killed)\n"
+         "  fault kernel|user [CPU]  touch unmapped memory at CPL0 (halts) or in a CPL3 task (killed)\n"
          "  poweroff [CODE]         power off with exit status CODE (default 0)\n");
 }
 
@@ -171,13 +171,17 @@ static void cmd_poweroff(int argc, char **argv)
 
 static void cmd_fault(int argc, char **argv)
 {
+    u64 cpu;
     if (argc == 2 && !strcmp(argv[1], "user")) {
-        task_start_fault();
+        task_start_fault(-1);
+    } else if (argc == 3 && !strcmp(argv[1], "user") && !parse_u64(argv[2], &cpu) && cpu < MAX_CPUS &&
+               cpus[cpu].online) {
+        task_start_fault((s32)cpu);
     } else if (argc == 2 && !strcmp(argv[1], "kernel")) {
         printf("fault: reading %lx at CPL0\n", FAULT_ADDRESS);
         (void)*(volatile u64 *)FAULT_ADDRESS;
     } else {
-        puts("fault: usage fault kernel|user\n");
+        puts("fault: usage fault kernel|user [CPU]\n");
     }
 }
 

@@ -203,13 +203,16 @@ int task_start_dirty(u64 mb, u64 pps, s32 pin)
     return id;
 }
 
-int task_start_fault(void)
+int task_start_fault(s32 pin)
 {
     u64 f = spin_lock(&task_lock);
-    int id = task_new(K_FAULT, 0, 0, -1, user_fault);
+    int id = task_new(K_FAULT, 0, 0, pin, user_fault);
     spin_unlock(&task_lock, f);
-    if (id >= 0)
-        printf("fault: task %d reads %lx at CPL3\n", id, FAULT_ADDRESS);
+    if (id >= 0) {
+        printf("fault: task %d reads %lx at CPL3", id, FAULT_ADDRESS);
+        say_cpu(pin);
+        putc('\n');
+    }
     return id;
 }
 
@@ -332,9 +335,10 @@ void task_user_trap(struct frame *f)
             back_to_kernel(1, &c->kctx_rsp);
         }
     } else if (f->vec < 32) {
-        printf("\ntask %d (%s): exception %lu (%s) at rip %lx: cr2 %lx, error code %lx: task killed\n",
-               (int)(t - tasks), kind_names[t->kind], f->vec, exception_name(f->vec), f->rip, read_cr2(),
-               f->err);
+        printf("\ntask %d (%s) on cpu %u: exception %lu (%s) at rip %lx: cr2 %lx, error code %lx: task "
+               "killed\n",
+               (int)(t - tasks), kind_names[t->kind], c->index, f->vec, exception_name(f->vec), f->rip,
+               read_cr2(), f->err);
         task_release(t);
         spin_unlock(&task_lock, fl);
         back_to_kernel(1, &c->kctx_rsp);

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from pyhv.guest_image import image_path
+from pyhv.hypervisor.intercepts import InterceptKind
 from tests.guest.shell import Shell
 
 pytestmark = pytest.mark.guest
@@ -114,6 +115,25 @@ def test_both_vps_execute_guest_code_and_tasks_run_on_cpu_1(boot_vps: Any) -> No
     finally:
         for s in stats:
             s.close()
+
+
+def test_an_intercept_from_vp_1_is_handled_like_one_from_vp_0(boot_vps: Any) -> None:
+    """A task faulting on CPU 1 has CPU 1 print the report: its COM1 writes are VP 1's I/O
+    intercepts, handled by the worker's UART like VP 0's."""
+    shell = boot_vps(2)
+    vp0, vp1 = shell.vm.vps
+    before = vp1.counts[int(InterceptKind.IO_PORT)]
+    assert "fault: task 0 reads 1000000000 at CPL3 on cpu 1" in shell.run("fault user 1")
+    wait_until("the task is gone", lambda: shell.run("tasks") == "no tasks\n")
+    assert re.search(
+        r"task 0 \(fault\) on cpu 1: exception 14 \(page fault\) .*cr2 1000000000, error code 4: "
+        r"task killed",
+        shell.vm.serial.text,
+    )
+    assert vp1.counts[int(InterceptKind.IO_PORT)] > before + 60  # one OUT per character at least
+    assert vp0.counts[int(InterceptKind.IO_PORT)] > 0
+    assert "fault: usage" in shell.run("fault user 2")  # no such CPU online
+    ticks_rise_on_every_cpu(shell, 2)
 
 
 def test_testlimit_per_cpu_commits_on_every_cpu_and_frees_it_all(boot_vps: Any) -> None:

@@ -6,10 +6,10 @@
 #define PTE_PS 0x80UL
 #define ADDR_MASK 0x000FFFFFFFFFF000UL
 
-/* Set the user bit on the boot page tables' entries for [base, end), at 2 MiB granularity (the boot
- * tables use 2 MiB pages): a few instructions per 2 MiB, nothing per 4 KiB page. */
 volatile u64 paging_gen;
 
+/* Set the user bit on the boot page tables' entries for [base, end), at 2 MiB granularity (the boot
+ * tables use 2 MiB pages): a few instructions per 2 MiB, nothing per 4 KiB page. */
 void paging_allow_user(u64 base, u64 end)
 {
     if (end > MAX_PHYS)
@@ -74,6 +74,7 @@ static int kernel_ram_ok(void)
            "give the VM more memory or fewer VPs\n", kernel_end, boot.vp_count);
     return 0;
 }
+
 #define TRAMPOLINE 0x8000UL /* below 1 MiB, page-aligned, unused by the boot protocol */
 extern char ap_trampoline[], ap_trampoline_end[], ap_trampoline_cr3[]; /* entry.S */
 

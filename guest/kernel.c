@@ -101,8 +101,9 @@ void ap_main(u32 index)
     }
 }
 
-/* Start the application processors (VP n has LAPIC ID n), one at a time: each gets half a second
- * to come online. With interrupts on (CPU 0's timer ends each wait). */
+/* Start the application processors (VP n has LAPIC ID n), all at once: the trampoline needs no
+ * stack and each finds its own by its LAPIC ID. They get a second to come online. With interrupts
+ * on (CPU 0's timer ends each wait). */
 static void start_aps(void)
 {
     u32 want = boot.vp_count < MAX_CPUS ? boot.vp_count : MAX_CPUS;
@@ -110,14 +111,14 @@ static void start_aps(void)
         return;
     memcpy((void *)TRAMPOLINE, ap_trampoline, (u64)(ap_trampoline_end - ap_trampoline));
     *(volatile u32 *)(TRAMPOLINE + (u64)(ap_trampoline_cr3 - ap_trampoline)) = (u32)read_cr3();
-    for (u32 i = 1; i < want; i++) {
+    for (u32 i = 1; i < want; i++)
         lapic_start_ap(i, TRAMPOLINE);
-        u64 t0 = ticks;
-        while (!cpus[i].online && ticks - t0 < HZ / 2)
-            sti_hlt();
+    u64 t0 = ticks;
+    while (cpus_online < want && ticks - t0 < HZ)
+        sti_hlt();
+    for (u32 i = 1; i < want; i++)
         if (!cpus[i].online)
             printf("cpu %u did not come online after its startup IPI\n", i);
-    }
 }
 
 void cpus_show(void)

@@ -181,6 +181,8 @@ def test_the_dm_vsc_negotiates_and_reports_with_two_vps(boot_vps: Any) -> None:
         lambda: vm.memory_status()["committed_pages"] >= first["committed_pages"] + 64 * 256,
     )
     assert "state: ready" in shell.run("dm")
+    # the status the worker pushes carries every VP's intercept counters
+    assert [v.vp for v in vm.dynmem.memory_status().vps] == [0, 1]
     ticks_rise_on_every_cpu(shell, 2)
 
 

@@ -62,14 +62,22 @@ static void ap_stacks_reserve(u32 ncpus)
     }
 }
 
-/* the RAM at 0.. holding the image must hold what boot_alloc carved too */
-static int kernel_ram_ok(void)
+/* bytes of RAM from the image up (in the memory-map entry that holds it) */
+static u64 ram_above_image(void)
 {
     for (u32 i = 0; i < boot.nr_memmap; i++) {
         const struct memmap_entry *e = &boot.memmap[i];
-        if (e->type == 1 && e->base <= (u64)_image_start && e->size >= kernel_end - e->base)
-            return 1;
+        if (e->type == 1 && e->base <= (u64)_image_start && e->size > (u64)_image_end - e->base)
+            return e->base + e->size - (u64)_image_end;
     }
+    return 0;
+}
+
+/* that RAM must hold what boot_alloc carved too */
+static int kernel_ram_ok(void)
+{
+    if (kernel_end - (u64)_image_end <= ram_above_image())
+        return 1;
     printf("halted: the kernel needs RAM up to %lx for %u VPs, and RAM from the image up ends sooner: "
            "give the VM more memory or fewer VPs\n", kernel_end, boot.vp_count);
     return 0;
@@ -102,7 +110,8 @@ void ap_main(u32 index)
 }
 
 /* Start the application processors (VP n has LAPIC ID n), all at once: the trampoline needs no
- * stack and each finds its own by its LAPIC ID. They get a second to come online. With interrupts
+ * stack and each finds its own by its LAPIC ID. CPU 0 waits while they keep coming online (dozens
+ * of emulated starts share the host's cores), giving up after a second with none. With interrupts
  * on (CPU 0's timer ends each wait). */
 static void start_aps(void)
 {
@@ -114,8 +123,11 @@ static void start_aps(void)
     for (u32 i = 1; i < want; i++)
         lapic_start_ap(i, TRAMPOLINE);
     u64 t0 = ticks;
-    while (cpus_online < want && ticks - t0 < HZ)
-        sti_hlt();
+    for (u32 seen = cpus_online; cpus_online < want && ticks - t0 < HZ; sti_hlt())
+        if (cpus_online != seen) {
+            seen = cpus_online;
+            t0 = ticks;
+        }
     for (u32 i = 1; i < want; i++)
         if (!cpus[i].online)
             printf("cpu %u did not come online after its startup IPI\n", i);
@@ -166,7 +178,7 @@ void kmain(const struct bootinfo *bi)
     u32 ncpus = boot.vp_count == 0 ? 1 : boot.vp_count < MAX_CPUS ? boot.vp_count : MAX_CPUS;
     kernel_end = (u64)_image_end;
     ap_stacks_reserve(ncpus);
-    task_init(ncpus);
+    task_init(ncpus, ram_above_image() / 8); /* a small VM keeps most of its RAM */
     if (!kernel_ram_ok())
         halt_forever();
     paging_allow_user(0, kernel_end); /* the image (tasks' code) and the task table */

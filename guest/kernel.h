@@ -160,7 +160,8 @@ int irq_register(u32 vector, irq_handler_t fn);
 int kernel_add_poll(void (*fn)(void));
 
 /* task.c: background tasks at CPL3 */
-void task_init(u32 cpus); /* before pmm_init: its table comes from boot_alloc */
+/* before pmm_init: its table comes from boot_alloc, two slots per CPU within `budget` bytes */
+void task_init(u32 cpus, u64 budget);
 void task_schedule(void); /* idle path: run a task or halt until an interrupt */
 /* cpu: pin the task to that CPU, or -1 to run on any */
 int task_start_testlimit(u64 mb, u64 count, s32 cpu);

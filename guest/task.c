@@ -93,9 +93,11 @@ static void user_fault(struct task *t)
 static void user_task_exit(void) { user_call(SYS_EXIT, 0); }
 
 /* ---------------------------------------------------------------- kernel side */
-void task_init(u32 cpus)
+void task_init(u32 cpus, u64 budget)
 {
     ntasks = 2 * cpus < MIN_TASKS ? MIN_TASKS : 2 * cpus > MAX_TASKS ? MAX_TASKS : (s32)(2 * cpus);
+    while (ntasks > MIN_TASKS && ntasks * sizeof(struct task) > budget)
+        ntasks--;
     tasks = boot_alloc(ntasks * sizeof(struct task));
     for (int i = 0; i < ntasks; i++)
         tasks[i].state = T_FREE;

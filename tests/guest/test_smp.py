@@ -174,11 +174,13 @@ def test_the_dm_vsc_negotiates_and_reports_with_two_vps(boot_vps: Any) -> None:
     shell = boot_vps(2, dynamic_memory=True, minimum="64M", maximum="1G")
     vm = shell.vm
     wait_until("the host saw the negotiation", lambda: vm.dynmem.negotiated)
-    first = vm.memory_status()
+    first = wait_until(
+        "a first status report", lambda: (st := vm.memory_status()).get("committed_pages") and st
+    )
     shell.run("testlimit -m 32 -p")  # commit moves on both CPUs; the VSC reports it
     wait_until(
         "a status report with the 64 MiB committed",
-        lambda: vm.memory_status()["committed_pages"] >= first["committed_pages"] + 64 * 256,
+        lambda: vm.memory_status().get("committed_pages", 0) >= first["committed_pages"] + 64 * 256,
     )
     assert "state: ready" in shell.run("dm")
     # the status the worker pushes carries every VP's intercept counters

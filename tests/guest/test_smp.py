@@ -185,6 +185,21 @@ def test_the_dm_vsc_negotiates_and_reports_with_two_vps(boot_vps: Any) -> None:
     assert "state: ready" in shell.run("dm")
     # the status the worker pushes carries every VP's intercept counters
     assert [v.vp for v in vm.dynmem.memory_status().vps] == [0, 1]
+    # the VSC balloons and unballoons on CPU 0 while tasks on both CPUs hold and rewrite memory:
+    # one memory manager, consistent after
+    shell.run("dirty 16 -p")
+    vm.set_memory_target(160 << 20)
+    assert vm.wait_memory_idle(60)
+    assert shell.values("mem")["ballooned"] > 0
+    vm.set_memory_target(256 << 20)
+    assert vm.wait_memory_idle(60)
+    wait_until(
+        "both dirty tasks hold their 16 MiB",
+        lambda: (
+            len(re.findall(r"dirty committed 16 MiB, allocated 16 MiB", shell.run("tasks"))) == 2
+        ),
+    )
+    assert "pmm: consistent" in shell.run("pmmcheck")
     ticks_rise_on_every_cpu(shell, 2)
 
 

@@ -2,7 +2,8 @@
 the Dynamic Memory VSP's ("Hyper-V Dynamic Memory VSP", one instance per VM) and each virtual
 processor's intercepts ("Hyper-V Hypervisor Virtual Processor", one instance per VP, named
 "VM:Hv VP n" as Perfmon names them), and the VMMS's own count of the statuses it received and
-refused ("Hyper-V VM Worker Messages"). All are cumulative since the VM started."""
+refused ("Hyper-V VM Worker Messages": any message of pyhv.worker.messages that does not
+decode, a malformed memory status among them). All are cumulative since the VM started."""
 
 from __future__ import annotations
 

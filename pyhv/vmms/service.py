@@ -531,9 +531,9 @@ class Vmms:
         self.balancer.status_arrived()
 
     def _status_refused(self, name: str, why: str) -> None:
-        """A VM's worker pushed a status that does not decode: counted, and the VM's last good
-        status stands."""
-        log.warning("VM %s: its worker's memory status was refused: %s", name, why)
+        """A VM's worker sent a message that does not decode (pyhv.worker.messages): counted,
+        and the VM's last good status stands."""
+        log.warning("VM %s: a message of its worker was refused: %s", name, why)
         self.worker_counters.refused(name)
 
     def memory_status(self, name: str) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 (docs/messages.md): the API decodes every request body against its declaration (a field of the
 wrong type, out of its bounds, unknown or missing is a 400 that names it), and the OpenAPI
 document's schemas (pyhv.vmms.openapi, docs/openapi.json) are generated from these classes.
+A VM's settings (:class:`Settings`, :class:`SettingsChange`) are declared in pyhv.vmms.config,
+with the configuration they describe.
 
 The rules across fields and against the host (sizes in whole MiB, minimum <= startup <=
 maximum, what may change while a VM runs, the pool) stay in pyhv.vmms.config and the service,
@@ -14,49 +16,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from pyhv.vmms.config import FIELDS, NAME_RE
+from pyhv.vmms.config import Settings, SettingsChange, describe_error
 
 # --- request bodies ------------------------------------------------------------------------
 
-Name = Annotated[str, Meta(pattern=NAME_RE.pattern, description=FIELDS["name"])]
 #: Bytes, or a size with a unit such as "512M" (checked by pyhv.worker.config.parse_size).
 Size = Annotated[int | str, Meta(description="bytes, or a size such as 512M")]
 
 
-Vps = Annotated[int, Meta(ge=1, le=64, description=FIELDS["vps"])]
-Buffer = Annotated[int, Meta(ge=5, le=2000, description=FIELDS["buffer"])]
-Weight = Annotated[int, Meta(ge=0, le=100, description=FIELDS["weight"])]
-DynamicMemory = Annotated[bool, Meta(description=FIELDS["dynamic_memory"])]
-Image = Annotated[str, Meta(min_length=1, description=FIELDS["image"])]
-Cmdline = Annotated[str, Meta(max_length=4096, description=FIELDS["cmdline"])]
-Memory = Annotated[int | str, Meta(description=FIELDS["memory"], examples=["512M"])]
-Minimum = Annotated[int | str, Meta(description=FIELDS["minimum"], examples=["256M"])]
-Maximum = Annotated[int | str, Meta(description=FIELDS["maximum"], examples=["2G"])]
-
-
 class _Body(Struct, forbid_unknown_fields=True, omit_defaults=True):
     pass
-
-
-class SettingsChange(_Body):
-    """A running VM may change only minimum (down), maximum (up), buffer and weight; an off VM
-    anything but its name."""
-
-    vps: Vps | UnsetType = UNSET
-    memory: Memory | UnsetType = UNSET
-    dynamic_memory: DynamicMemory | UnsetType = UNSET
-    minimum: Minimum | UnsetType = UNSET
-    maximum: Maximum | UnsetType = UNSET
-    buffer: Buffer | UnsetType = UNSET
-    weight: Weight | UnsetType = UNSET
-    image: Image | None | UnsetType = UNSET
-    cmdline: Cmdline | UnsetType = UNSET
-
-
-class Settings(SettingsChange, kw_only=True):
-    """A new VM's settings; unset ones take their defaults."""
-
-    name: Name
 
 
 class NoFields(_Body):
@@ -262,11 +231,7 @@ def decode(value: object, kind: type[Any]) -> Any:
     try:
         return msgspec.convert(value, kind, strict=True)
     except msgspec.ValidationError as e:
-        why = str(e)
-        field = why.rpartition("- at `$.")[2].rstrip("`").rpartition(".")[2]
-        if field in FIELDS:  # say what the setting is and may be
-            why += f" ({field}: {FIELDS[field]})"
-        raise BodyError(f"the body is not a {kind.__name__}: {why}") from None
+        raise BodyError(f"the body is not a {kind.__name__}: {describe_error(e)}") from None
 
 
 def given(body: Struct) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 dispatch all come from these declarations (docs/messages.md says why msgspec).
 
 Owner -> worker messages are tagged by ``"op"`` (:data:`Op`), worker -> owner messages by
-``"ev"`` (:data:`Event`); each frame of pyhv.worker.protocol carries one, as JSON. A message that
+``"ev"`` (:data:`Event`); each frame of pyhv.worker.protocol carries one, as JSON. The
+operator's control socket of a VM (pyhv.worker.control) has its own two:
+:data:`ControlRequest` and :class:`ControlReply`. A message that
 does not decode against its union (unknown tag, missing or unknown field, wrong type, a bool
 for a number, a value out of its bounds) is refused with :class:`MessageError`, which names
 the field; the receiver logs it, counts it and goes on.
@@ -240,14 +242,45 @@ Event = (
     | Refused
 )
 
+# --- the operator's control socket (pyhv.worker.control, `pyhv memory --control`) ----------
+
+
+class _Control(Struct, tag_field="op", forbid_unknown_fields=True, frozen=True):
+    """An operator's request on a VM's control socket."""
+
+
+class ControlStatus(_Control, tag="status", frozen=True):
+    """The VM's memory status (the operator's view)."""
+
+
+class ControlTarget(_Control, tag="target", frozen=True):
+    """Balloon, unballoon or hot-add towards `bytes`."""
+
+    bytes: Annotated[int, Meta(ge=0)]
+
+
+ControlRequest = ControlStatus | ControlTarget
+
+
+class ControlReply(Struct, frozen=True, omit_defaults=True):
+    """The answer: ``ok`` with the status (and the plan of a target), or the error."""
+
+    ok: bool
+    status: Any = None
+    plan: Any = None
+    error: Text | None = None
+
+
 # --- encoding and decoding ----------------------------------------------------------------
 
 _encoder = msgspec.json.Encoder()
 _op_decoder = msgspec.json.Decoder(Op)
 _event_decoder = msgspec.json.Decoder(Event)
+_control_decoder = msgspec.json.Decoder(ControlRequest)
+_reply_decoder = msgspec.json.Decoder(ControlReply)
 
 
-def encode(message: _Op | _Event) -> bytes:
+def encode(message: Struct) -> bytes:
     return _encoder.encode(message)
 
 
@@ -281,6 +314,16 @@ def decode_op(raw: bytes) -> Op:
 def decode_event(raw: bytes) -> Event:
     """A worker's message (in the owner); MessageError says why it is not one."""
     return _decode(_event_decoder, raw, "message from the worker")  # type: ignore[no-any-return]
+
+
+def decode_control(raw: bytes) -> ControlRequest:
+    """An operator's request (in the VM); MessageError says why it is not one."""
+    return _decode(_control_decoder, raw, "control request")  # type: ignore[no-any-return]
+
+
+def decode_control_reply(raw: bytes) -> ControlReply:
+    """The VM's answer (in `pyhv memory`); MessageError says why it is not one."""
+    return _decode(_reply_decoder, raw, "control reply")  # type: ignore[no-any-return]
 
 
 def check_version(version: int, who: str) -> None:

@@ -224,6 +224,19 @@ class WorkerProcess:
         from pyhv.worker.dynmem import DynamicMemoryError
         from pyhv.worker.messages import MemoryCall
 
+        # What the worker would refuse (it answers only what decodes) is refused here.
+        if call == "limits":
+            if not (
+                isinstance(value, tuple | list)
+                and len(value) == 2
+                and all(type(v) is int for v in value)
+            ):
+                raise DynamicMemoryError(
+                    f"memory 'limits' needs [minimum, maximum] in bytes, got {value!r}"
+                )
+            value = (value[0], value[1])
+        elif call != "status" and type(value) is not int:
+            raise DynamicMemoryError(f"memory {call!r} needs an integer value, got {value!r}")
         event, box = threading.Event(), list[Any]()
         with self._send_lock:
             self._call_id += 1

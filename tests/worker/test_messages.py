@@ -240,3 +240,35 @@ def test_a_worker_refuses_garbage_from_its_owner_says_why_and_its_vm_runs_on(
         w.stop()
         end = w.wait(30)
     assert end is not None and end.reason == "stopped"
+
+
+class _Vm:
+    """What the control endpoint needs of a VM."""
+
+    def memory_status(self) -> dict[str, int]:
+        return {"assigned_pages": 4096}
+
+    def set_memory_target(self, target: int) -> dict[str, int]:
+        return {"goal_pages": target // 4096}
+
+
+@pytest.mark.unit
+def test_the_control_socket_refuses_garbage_with_its_reason_and_serves_on(
+    tmp_path: Path,
+) -> None:
+    from pyhv.worker.control import ControlServer, request
+
+    path = str(tmp_path / "control.sock")
+    server = ControlServer(path, _Vm())
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(path)
+            for raw in (b"{", b'{"op":"format"}', b'{"op":"target","bytes":-1}', b"[]"):
+                protocol.send_frame(s, raw)
+                reply = m.decode_control_reply(protocol.recv_frame(s) or b"")
+                assert not reply.ok and reply.error and "control request refused" in reply.error
+        assert request(path, m.ControlTarget(8192))["plan"] == {"goal_pages": 2}
+        assert request(path, m.ControlStatus())["status"] == {"assigned_pages": 4096}
+    finally:
+        server.close()

@@ -90,6 +90,7 @@ MESSAGES_SET = CounterSetDef(
     (
         _c("Memory Statuses", "memory statuses the VM's worker pushed and the VMMS took"),
         _c("Refused Messages", "messages from the VM's worker the VMMS refused (did not decode)"),
+        _c("Messages Refused By Worker", "messages of the VMMS the VM's worker refused"),
     ),
     instance_label="vm",
 )
@@ -122,6 +123,10 @@ class WorkerCounters:
     def refused(self, vm: str) -> None:
         """A message from VM `vm`'s worker did not decode."""
         self.messages.add("Refused Messages", 1, vm)
+
+    def refused_by_worker(self, vm: str) -> None:
+        """VM `vm`'s worker refused a message of the VMMS (it said so)."""
+        self.messages.add("Messages Refused By Worker", 1, vm)
 
     def forget_vm(self, vm: str) -> None:
         """The VM is gone: drop its instances."""

@@ -519,6 +519,7 @@ class Vmms:
         subscribe(
             lambda status: self._status_pushed(name, worker, status),
             lambda why: self._status_refused(name, why),
+            lambda why: self.worker_counters.refused_by_worker(name),
         )
 
     def _status_pushed(self, name: str, worker: object, status: MemoryStatus) -> None:

@@ -42,6 +42,7 @@ class WorkerProcess:
         self.refused_messages = 0
         #: Messages of ours the worker refused (it said why in a Refused message).
         self.refused_by_worker = 0
+        self._refused_by_worker_listeners: list[Callable[[str], object]] = []
         self._status_listeners: list[
             tuple[Callable[[MemoryStatus], object], Callable[[str], object] | None]
         ] = []
@@ -125,6 +126,8 @@ class WorkerProcess:
             log.warning(
                 "VM %s: worker pid %s refused our message: %s", self.name, self.pid, msg.why
             )
+            for listener in list(self._refused_by_worker_listeners):
+                self._call(listener, msg.why)
 
         # One handler per declared event; the others go to the listeners (migration's).
         handlers: dict[type, Callable[[Any], object]] = {
@@ -186,10 +189,14 @@ class WorkerProcess:
         self,
         on_status: Callable[[MemoryStatus], object],
         on_refused: Callable[[str], object] | None = None,
+        on_refused_by_worker: Callable[[str], object] | None = None,
     ) -> None:
         """Call `on_status` with every memory status the worker pushes (on the reader thread),
-        and `on_refused` with the reason for every message of the worker that does not decode."""
+        `on_refused` with the reason for every message of the worker that does not decode, and
+        `on_refused_by_worker` with the worker's reason for every message of ours it refused."""
         self._status_listeners.append((on_status, on_refused))
+        if on_refused_by_worker is not None:
+            self._refused_by_worker_listeners.append(on_refused_by_worker)
 
     def _memory_status(self, status: MemoryStatus) -> None:
         self.last_memory_status = status

@@ -43,6 +43,7 @@ class WatchedWorker(WorkerProcess):
         self,
         on_status: Callable[[MemoryStatus], object],
         on_refused: Callable[[str], object] | None = None,
+        on_refused_by_worker: Callable[[str], object] | None = None,
     ) -> None:
         def status(st: MemoryStatus) -> None:
             on_status(st)
@@ -53,7 +54,7 @@ class WatchedWorker(WorkerProcess):
                 on_refused(why)
             self.refusals.put(why)
 
-        super().subscribe_memory_status(status, refused)
+        super().subscribe_memory_status(status, refused, on_refused_by_worker)
 
     def _send(self, msg: Any) -> None:
         if isinstance(msg, MemoryCall) and msg.call == "status":
@@ -221,6 +222,7 @@ GARBAGE_WORKER = textwrap.dedent(
         ):
             protocol.send_frame(sock, raw)
         sock.sendall(struct.pack("<I", protocol.MAX_MESSAGE + 1) + bytes(protocol.MAX_MESSAGE + 1))
+        protocol.send_message(sock, m.Refused("the owner's message did not decode"))
     protocol.send_message(sock, m.MemoryStatusPushed(good))
     while (raw := protocol.recv_frame(sock)) is not None:
         if isinstance(m.decode_op(raw), m.Stop):
@@ -257,6 +259,7 @@ def test_a_worker_sending_garbage_is_refused_and_counted_and_the_vmms_serves_the
     m = _metrics(servers)
     assert m[("pyhv_vm_worker_messages_refused_messages_total", "hostile")] == 8
     assert m.get(("pyhv_vm_worker_messages_refused_messages_total", "calm"), 0) == 0
+    assert m[("pyhv_vm_worker_messages_messages_refused_by_worker_total", "hostile")] == 1
     assert m[("pyhv_vm_worker_messages_memory_statuses_total", "calm")] == 1
     # The VMMS goes on: both VMs run (a garbage "ended" ended nothing), the API answers.
     assert service.describe("hostile")["state"] == RUNNING

@@ -69,7 +69,7 @@ def accept_incoming(first: m.Incoming, send: Send) -> tuple[WorkerIncoming | Non
     the boot message to go on with, or (None, an empty Boot) after reporting the failure."""
     from pyhv.worker.config import ConfigError, VmConfig
 
-    nothing = m.Boot({})
+    nothing = m.Boot({}, m.PROTOCOL_VERSION)
     try:
         lst = listen(first.listen[0], first.listen[1])
     except (MigrationError, OSError, ValueError) as e:
@@ -101,7 +101,7 @@ def accept_incoming(first: m.Incoming, send: Send) -> tuple[WorkerIncoming | Non
     except Exception as e:  # noqa: BLE001 - reported to the owner, who decides
         _ended(send, f"incoming migration failed: {e}")
         return None, nothing
-    return WorkerIncoming(inc, config), m.Boot(config)
+    return WorkerIncoming(inc, config), m.Boot(config, m.PROTOCOL_VERSION)
 
 
 _busy = threading.Lock()
@@ -187,6 +187,7 @@ class IncomingWorker(WorkerProcess):
         super().__init__(config, output)  # type: ignore[arg-type]  # known once migrated in
         self._request = m.Incoming(
             token,
+            m.PROTOCOL_VERSION,
             listen=listen,
             max_memory=max_memory,
             timeout=timeout,

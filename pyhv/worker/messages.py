@@ -62,7 +62,8 @@ class Boot(_Op, tag="boot", frozen=True):
     which the worker validates again: it is untrusted input to the worker too)."""
 
     config: dict[str, Any]
-    protocol: int = PROTOCOL_VERSION
+    #: PROTOCOL_VERSION; required, so a peer of version 1 (which had none) is refused too.
+    protocol: int
 
 
 class Incoming(_Op, tag="incoming", frozen=True):
@@ -70,12 +71,12 @@ class Incoming(_Op, tag="incoming", frozen=True):
     one VM, then run it like any worker."""
 
     token: Annotated[str, Meta(min_length=1, max_length=4096)]
+    protocol: int
     listen: tuple[Text, Port] = ("127.0.0.1", 0)
     max_memory: Annotated[int, Meta(ge=0)] | None = None
     timeout: Seconds = 30.0
     accept_timeout: Seconds = 300.0
     faults: dict[Text, Text] = field(default_factory=dict)
-    protocol: int = PROTOCOL_VERSION
 
 
 class SerialIn(_Op, tag="serial", frozen=True):
@@ -132,7 +133,7 @@ class Started(_Event, tag="started", frozen=True):
     """The VM runs (its VPs are started)."""
 
     pid: Annotated[int, Meta(ge=0)]
-    protocol: int = PROTOCOL_VERSION
+    protocol: int
 
 
 class SerialOut(_Event, tag="serial", frozen=True):

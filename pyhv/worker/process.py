@@ -96,9 +96,9 @@ class WorkerProcess:
         self._reader.start()
 
     def _first_message(self) -> Any:
-        from pyhv.worker.messages import Boot
+        from pyhv.worker.messages import PROTOCOL_VERSION, Boot
 
-        return Boot(self.config.to_dict())
+        return Boot(self.config.to_dict(), PROTOCOL_VERSION)
 
     def _read_loop(self) -> None:
         from pyhv.worker import messages as m

@@ -150,7 +150,7 @@ def serve(sock: socket.socket) -> int:
         return 1
     if incoming is not None:
         incoming.resumed(send)
-    send(m.Started(os.getpid()))
+    send(m.Started(os.getpid(), m.PROTOCOL_VERSION))
     threading.Thread(target=commands, name="worker-commands", daemon=True).start()
     end = vm.wait()
     assert end is not None

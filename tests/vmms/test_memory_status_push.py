@@ -156,7 +156,7 @@ FAKE_WORKER = textwrap.dedent(
     sock = socket.socket(fileno=int(sys.argv[sys.argv.index("--fd") + 1]))
     boot = protocol.recv(sock)
     pages = boot["config"]["memory"] // 4096
-    protocol.send(sock, {"ev": "started", "pid": 1})
+    protocol.send(sock, {"ev": "started", "pid": 1, "protocol": 2})
     good = MemoryStatus(pages, pages, 0, pages // 2, pages // 4, pages // 2).to_wire()
     protocol.send(sock, {"ev": "memory_status", "status": dict(good, assigned_pages=-1)})
     protocol.send(sock, {"ev": "memory_status", "status": "all of it"})
@@ -208,7 +208,7 @@ GARBAGE_WORKER = textwrap.dedent(
     sock = socket.socket(fileno=int(sys.argv[sys.argv.index("--fd") + 1]))
     boot = m.decode_op(protocol.recv_frame(sock))
     pages = boot.config["memory"] // 4096
-    protocol.send_message(sock, m.Started(1))
+    protocol.send_message(sock, m.Started(1, m.PROTOCOL_VERSION))
     good = MemoryStatus(pages, pages, 0, pages // 2, pages // 4, pages // 2)
     if boot.config["name"] == "hostile":
         for raw in (

@@ -27,8 +27,14 @@ STATUS = MemoryStatus(1024, 768, 256, 500, 200, 756, vps=(VpCounters(0, halt=3),
 
 #: One of each declared message.
 OPS: list[m.Op] = [
-    m.Boot({"name": "vm", "memory": 1 << 30}),
-    m.Incoming("secret", listen=("127.0.0.1", 4444), max_memory=1 << 30, faults={"a": "b"}),
+    m.Boot({"name": "vm", "memory": 1 << 30}, m.PROTOCOL_VERSION),
+    m.Incoming(
+        "secret",
+        m.PROTOCOL_VERSION,
+        listen=("127.0.0.1", 4444),
+        max_memory=1 << 30,
+        faults={"a": "b"},
+    ),
     m.SerialIn(b"\x00\xffmem\r"),
     m.Stop("asked"),
     m.MemoryCall(7, "target", 1 << 30),
@@ -37,7 +43,7 @@ OPS: list[m.Op] = [
     m.MigrationDecision(9, "resume"),
 ]
 EVENTS: list[m.Event] = [
-    m.Started(123),
+    m.Started(123, m.PROTOCOL_VERSION),
     m.SerialOut(b"login: "),
     m.Ended(m.EndReport("triple_fault", vp=1, registers={"rip": (1 << 64) - 1}, detail="x")),
     m.MemoryReply(7, result={"assigned": 5}),
@@ -112,6 +118,7 @@ def test_an_owners_message_that_is_not_declared_so_is_refused_naming_the_field(
         ({"ev": "ended", "end": {"reason": "stopped", "vp": 5000}}, "at `$.end.vp`"),
         ({"ev": "started", "pid": "1"}, "Expected `int`, got `str` - at `$.pid`"),
         ({"ev": "started"}, "Object missing required field `pid`"),
+        ({"ev": "started", "pid": 1}, "missing required field `protocol`"),  # a version 1 worker
         ({"ev": "serial", "data": "%%%"}, "Invalid base64 encoded string - at `$.data`"),
         ({"ev": "listening", "host": "h", "port": True}, "Expected `int`, got `bool`"),
         ({"ev": "migration_failed", "id": 1, "error": None}, "Expected `str`, got `null`"),
@@ -213,7 +220,7 @@ GARBAGE = [
     b'{"op":"format_disk"}',
     b'{"op":"stop","why":17}',
     b'{"op":"memory","id":true,"call":"status"}',
-    b'{"op":"boot","config":{}}',  # declared, but not now
+    b'{"op":"boot","config":{},"protocol":2}',  # declared, but not now
     struct.pack("<I", protocol.MAX_MESSAGE + 1),  # a frame too long: the header, then its bytes
 ]
 

@@ -25,7 +25,7 @@ from pyhv.worker.dynmem import DynamicMemoryState
 if TYPE_CHECKING:
     from pyhv.worker.vm import VirtualMachine
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: the components' wire forms written by msgspec (bytes as base64)
 
 
 class StateFrame(msgspec.Struct, forbid_unknown_fields=True):

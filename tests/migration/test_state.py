@@ -25,6 +25,7 @@ from pyhv.migration.stream import MigrationError
 from pyhv.vmbus.channel import SavedChannel
 from pyhv.vmbus.controller import ControllerState
 from pyhv.worker.dynmem import DynamicMemoryState
+from tests.hostile import json_values
 
 
 def _vm_state(version: int = STATE_VERSION) -> VmState:
@@ -167,17 +168,7 @@ def _paths(value: object, here: tuple[object, ...] = ()) -> list[tuple[object, .
 
 
 _WIRE = json.loads(_vm_state().encode())
-_JSON = hs.recursive(
-    hs.none()
-    | hs.booleans()
-    | hs.integers(min_value=-(1 << 70), max_value=1 << 70)
-    | hs.floats(allow_nan=False, allow_infinity=False)
-    | hs.text(max_size=12),
-    lambda inner: (
-        hs.lists(inner, max_size=3) | hs.dictionaries(hs.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
+_JSON = json_values()
 
 
 @pytest.mark.unit

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyhv.vmms.client import ClientError, VmmsClient
 from pyhv.vmms.server import ApiServers, ServeError, TcpApiServer
 from pyhv.vmms.service import Vmms
+from tests.hostile import json_values
 from tests.vmms.fakes import FakeDmWorker, FakeWorker
 
 GIB = 1 << 30
@@ -467,17 +468,7 @@ def test_the_vmms_answers_are_the_bodies_its_openapi_declares(
     check(bodies.Error, {"error": str(e.value), "status": e.value.status})
 
 
-_JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(1 << 70), max_value=1 << 70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3)
-    ),
-    max_leaves=10,
-)
+_JSON = json_values()
 _SETTING = st.sampled_from(["name", "vps", "memory", "minimum", "weight", "buffer", "image", "x"])
 
 

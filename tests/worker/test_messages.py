@@ -22,6 +22,7 @@ from pyhv.worker import messages as m
 from pyhv.worker import protocol
 from pyhv.worker.config import VmConfig
 from pyhv.worker.process import WorkerProcess
+from tests.hostile import json_values
 
 STATUS = MemoryStatus(1024, 768, 256, 500, 200, 756, vps=(VpCounters(0, halt=3),))
 
@@ -139,17 +140,7 @@ def test_a_peer_of_another_protocol_version_is_refused() -> None:
         m.check_version(m.decode_op(b'{"op":"boot","config":{},"protocol":1}').protocol, "owner")  # type: ignore[union-attr]
 
 
-_json = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(1 << 80), max_value=1 << 80)
-    | st.floats(allow_nan=False)
-    | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+_json = json_values()
 
 
 def _mutated(samples: list[Any]) -> st.SearchStrategy[bytes]:

@@ -62,8 +62,8 @@ class Boot(_Op, tag="boot", frozen=True):
     which the worker validates again: it is untrusted input to the worker too)."""
 
     config: dict[str, Any]
-    #: PROTOCOL_VERSION; required, so a peer of version 1 (which had none) is refused too.
-    protocol: int
+    #: PROTOCOL_VERSION (pass it: absent means version 1, which had no such field).
+    protocol: int = 1
 
 
 class Incoming(_Op, tag="incoming", frozen=True):
@@ -71,7 +71,7 @@ class Incoming(_Op, tag="incoming", frozen=True):
     one VM, then run it like any worker."""
 
     token: Annotated[str, Meta(min_length=1, max_length=4096)]
-    protocol: int
+    protocol: int = 1
     listen: tuple[Text, Port] = ("127.0.0.1", 0)
     max_memory: Annotated[int, Meta(ge=0)] | None = None
     timeout: Seconds = 30.0
@@ -133,7 +133,7 @@ class Started(_Event, tag="started", frozen=True):
     """The VM runs (its VPs are started)."""
 
     pid: Annotated[int, Meta(ge=0)]
-    protocol: int
+    protocol: int = 1
 
 
 class SerialOut(_Event, tag="serial", frozen=True):

@@ -119,7 +119,6 @@ def test_an_owners_message_that_is_not_declared_so_is_refused_naming_the_field(
         ({"ev": "ended", "end": {"reason": "stopped", "vp": 5000}}, "at `$.end.vp`"),
         ({"ev": "started", "pid": "1"}, "Expected `int`, got `str` - at `$.pid`"),
         ({"ev": "started"}, "Object missing required field `pid`"),
-        ({"ev": "started", "pid": 1}, "missing required field `protocol`"),  # a version 1 worker
         ({"ev": "serial", "data": "%%%"}, "Invalid base64 encoded string - at `$.data`"),
         ({"ev": "listening", "host": "h", "port": True}, "Expected `int`, got `bool`"),
         ({"ev": "migration_failed", "id": 1, "error": None}, "Expected `str`, got `null`"),
@@ -132,6 +131,14 @@ def test_a_workers_message_that_is_not_declared_so_is_refused_naming_the_field(
     with pytest.raises(m.MessageError, match=r"^message from the worker refused: ") as e:
         m.decode_event(json.dumps(raw).encode())
     assert words in str(e.value)
+
+
+@pytest.mark.unit
+def test_a_version_1_worker_which_names_no_version_is_refused() -> None:
+    started = m.decode_event(b'{"ev":"started","pid":1}')
+    assert isinstance(started, m.Started)
+    with pytest.raises(m.MessageError, match="speaks worker protocol version 1, this pyhv"):
+        m.check_version(started.protocol, "the worker")
 
 
 @pytest.mark.unit

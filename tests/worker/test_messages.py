@@ -42,6 +42,8 @@ OPS: list[m.Op] = [
     m.MemoryCall(8, "limits", (1 << 28, 1 << 32)),
     m.Migrate(9, "10.0.0.2", 7000, "secret", {"compress": True}),
     m.MigrationDecision(9, "resume"),
+    m.Trace(True, ["dm", "io"]),
+    m.Trace(False),
 ]
 EVENTS: list[m.Event] = [
     m.Started(123, m.PROTOCOL_VERSION),
@@ -55,6 +57,7 @@ EVENTS: list[m.Event] = [
     m.MigrationFailed(9, "lost", "commit", in_doubt=True),
     m.Listening("127.0.0.1", 4444),
     m.MigratedIn({"name": "vm"}, "10.0.0.1:5555", 3, 1000),
+    m.TraceEvents([{"kind": "io", "t": 1.5}]),
     m.Refused("why"),
 ]
 

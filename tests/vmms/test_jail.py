@@ -1,0 +1,192 @@
+"""Each VM's worker runs in a jail of its own (pyhv.worker.jail) when the VMMS runs as root:
+its own uid, no_new_privs, seccomp, its own mount/pid/network namespaces, and a memory cgroup
+whose limit follows the VM's assigned memory. Code running as that worker, in its namespaces,
+finds neither the VMMS's socket nor its API token nor another VM's processes. `--no-jail`
+still works and says so."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vmms.test_vmms_kvm import ROOT, Host
+
+pytestmark = pytest.mark.guest
+
+MIB = 1 << 20
+OVERHEAD = 96 * MIB  # the VMMS's default --worker-overhead
+
+
+def _serve(tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    state, log = tmp / "state", tmp / "vmms.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyhv.cli", "vmms", "serve", "--state-dir", str(state)]
+        + ["--memory-budget", "3G", "--host-reserve", "256M", *extra],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    for _ in range(600):
+        if (state / "vmms.sock").exists():
+            break
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    return proc, state, log
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def jailed(tmp_path: Path) -> Iterator[tuple[Host, Path]]:
+    if os.geteuid() != 0:
+        pytest.fail("the jail needs root: run this test as root")
+    proc, state, log = _serve(tmp_path)
+    try:
+        yield Host(state), log
+    finally:
+        _stop(proc)
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def _cgroup_limit(pid: int) -> int:
+    """The memory cgroup limit of process `pid`, read from the kernel's files."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return int(Path(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes").read_text())
+        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            raw = Path(f"/sys/fs/cgroup{path}/memory.max").read_text().strip()
+            if raw != "max":
+                return int(raw)
+    raise AssertionError(f"no memory cgroup for pid {pid}")
+
+
+def _wait_limit(host: Host, name: str, pid: int, want: int) -> None:
+    for _ in range(600):
+        if _cgroup_limit(pid) == want:
+            break
+        time.sleep(0.1)
+    assert _cgroup_limit(pid) == want, host.show(name)
+    assert host.show(name)["enforcement"]["cgroup_limit"] == want
+
+
+def test_a_jailed_worker_runs_as_its_own_uid_confined_in_namespaces_with_a_cgroup_that_follows_its_memory(
+    jailed: tuple[Host, Path],
+) -> None:
+    host, _ = jailed
+    host.vm("create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "1G")
+    host.vm("start", "dm")
+    shown = host.show("dm")
+    pid, uid = shown["pid"], shown["jail_uid"]
+    assert isinstance(pid, int) and uid >= 100000
+    st = _status(pid)
+    assert st["Uid"].split() == [str(uid)] * 4 and st["Gid"].split()[0] == str(uid)
+    assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
+    assert st["CapEff"] == st["CapPrm"] == st["CapBnd"] == "0000000000000000"
+    for ns in ("mnt", "pid", "net"):
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    assert st["NSpid"].split()[-1] == "1"  # pid 1 of a pid namespace of its own
+    assert b"pyhv> " in host.shell("dm", "mem", b"hot-added")
+
+    # The cgroup's limit is the assigned memory + the overhead, and follows a balloon and an add.
+    _wait_limit(host, "dm", pid, 512 * MIB + OVERHEAD)
+    host.wait_for_dm_report("dm")
+    host.vm("memory", "dm", "--target", "384M")
+    _wait_limit(host, "dm", pid, 384 * MIB + OVERHEAD)
+    host.vm("memory", "dm", "--target", "768M")
+    _wait_limit(host, "dm", pid, 768 * MIB + OVERHEAD)
+    assert b"visible: 768 MiB" in host.shell("dm", "mem", b"ballooned")
+
+
+PROBE = """
+import os, socket, sys
+state, other = sys.argv[1], int(sys.argv[2])
+found = []
+for path in (state + "/vmms.sock", state + "/token", f"/proc/{other}/mem", "/etc/passwd"):
+    try:
+        open(path, "rb").close()
+        found.append(path)
+    except OSError:
+        pass
+try:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(state + "/vmms.sock")
+    found.append("connected to vmms.sock")
+except OSError:
+    pass
+print("found", found, "procs", sorted(p for p in os.listdir("/proc") if p.isdigit()))
+"""
+
+
+def test_code_running_as_a_worker_reaches_neither_the_vmms_nor_its_token_nor_another_vm(
+    tmp_path: Path,
+) -> None:
+    # Serving TCP (so with an API token, and workers that may migrate share the network).
+    proc, state, _ = _serve(tmp_path, "--tcp", "127.0.0.1:0")
+    try:
+        _probe(Host(state))
+    finally:
+        _stop(proc)
+
+
+def _probe(host: Host) -> None:
+    for name in ("one", "two"):
+        host.vm("create", name, "--memory", "128M")
+        host.vm("start", name)
+    one, two = host.show("one"), host.show("two")
+    assert one["jail_uid"] != two["jail_uid"]
+    assert (host.state / "token").exists() and (host.state / "vmms.sock").exists()
+    # A process in worker one's namespaces, as its uid (what an escape into it would have).
+    probe = subprocess.run(
+        ["nsenter", "-t", str(one["pid"]), "-m", "-p", "-n", "-i", "-u"]
+        + ["-S", str(one["jail_uid"]), "-G", str(one["jail_uid"])]
+        + [sys.executable, "-c", PROBE, str(host.state), str(two["pid"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert "found [] procs ['1', " in probe.stdout, probe.stdout
+    assert str(two["pid"]) not in probe.stdout.partition("procs")[2]
+    # Worker two's memory is not its uid's, even through the host's /proc.
+    for fd in os.listdir(f"/proc/{two['pid']}/fd"):
+        target = os.readlink(f"/proc/{two['pid']}/fd/{fd}")
+        if target.startswith("/memfd:"):
+            assert os.stat(f"/proc/{two['pid']}/fd/{fd}").st_uid == two["jail_uid"]
+
+
+def test_no_jail_runs_the_worker_unconfined_and_says_so(tmp_path: Path) -> None:
+    proc, state, log = _serve(tmp_path, "--no-jail")
+    try:
+        host = Host(state)
+        host.vm("create", "free", "--memory", "128M")
+        host.vm("start", "free")
+        shown = host.show("free")
+        st = _status(shown["pid"])
+        assert st["Seccomp"] == "0" and st["Uid"].split()[0] == str(os.geteuid())
+        assert "enforcement" in shown and shown["enforcement"]["cgroup_limit"] is None
+        assert b"pyhv> " in host.shell("free", "mem", b"hot-added")
+        assert "WORKERS RUN WITHOUT A JAIL" in log.read_text()
+    finally:
+        _stop(proc)

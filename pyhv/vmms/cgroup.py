@@ -102,6 +102,15 @@ class MemoryCgroup:
         """Bytes the kernel charges to the group now (the worker's memfds, heap, page cache)."""
         return int((self.path / self._current).read_text())
 
+    def peak(self) -> int | None:
+        """The most the group has held (v1 max_usage_in_bytes, v2 memory.peak where the kernel
+        has it), None if unknown."""
+        try:
+            name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+            return int((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
     def oom_kills(self) -> int:
         """How many processes of the group the kernel's OOM killer has killed (the limit was
         reached and nothing could be reclaimed)."""

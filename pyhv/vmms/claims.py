@@ -4,8 +4,9 @@ plus a stated overhead, and each worker's claims checked against the kernel's ow
 A worker is not trusted to report its own memory (a guest that escaped into it controls what it
 pushes). Two kernel figures stand against its claim:
 
-- the blocks of its guest-RAM memfds (``st_blocks`` of each ``/memfd:pyhv-ram`` the worker holds
-  open, read through ``/proc/PID/fd``): the host pages behind the guest's RAM, exactly;
+- the blocks of its memfds (``st_blocks`` of each ``/memfd:...`` the worker holds open, read
+  through ``/proc/PID/fd``): the host pages behind the guest's RAM, exactly (every memfd counts:
+  the names are the worker's to choose);
 - its memory cgroup's usage (everything charged to it), bounded by the limit.
 
 The limit follows the assigned memory: raised *before* a target above the current assignment is
@@ -28,8 +29,8 @@ from pyhv.vmms.cgroup import CgroupError, MemoryCgroup
 
 log = logging.getLogger(__name__)
 
-#: The name the worker's guest-RAM memfds carry (pyhv.hypervisor.memory, pyhv.memory.manager).
-RAM_MEMFD = "/memfd:pyhv-ram"
+#: How /proc shows a memfd (then its name, chosen by the worker).
+MEMFD = "/memfd:"
 
 #: Pages the kernel may hold beyond a worker's claim before the claim is called wrong (a status
 #: and the punch or the touch it reports are not one instant).
@@ -37,14 +38,14 @@ TOLERANCE_PAGES = 256
 
 
 def memfd_pages(pid: int) -> int:
-    """Host pages behind process `pid`'s guest-RAM memfds (each counted once however many fds
-    it has open). OSError when the process is gone."""
+    """Host pages behind process `pid`'s memfds, its guest RAM (each counted once however many
+    fds it has open). OSError when the process is gone."""
     base = f"/proc/{pid}/fd"
     seen: set[tuple[int, int]] = set()
     total = 0
     for fd in os.listdir(base):
         try:
-            if not os.readlink(f"{base}/{fd}").startswith(RAM_MEMFD):
+            if not os.readlink(f"{base}/{fd}").startswith(MEMFD):
                 continue
             st = os.stat(f"{base}/{fd}")
         except OSError:

@@ -418,9 +418,11 @@ class Vmms:
                 reason += ": a system call outside the worker's seccomp allow-list (audit log)"
         mem = vm.memory
         if mem is not None and mem.oom_kills():
+            peak = mem.cgroup.peak() if mem.cgroup is not None else None
             reason += (
                 f": the kernel stopped it at its memory cgroup's limit ({mem.limit()} bytes = "
-                f"assigned + {mem.overhead} overhead): its guest used more than it is assigned"
+                f"assigned + {mem.overhead} overhead; peak {peak}): its guest used more memory "
+                "than it is assigned (such as pages it had ballooned out)"
             )
             with self._lock:
                 self._limit_kills += 1

@@ -10,7 +10,7 @@ A :class:`Jail` says what one worker gets; :func:`command` turns it into a bubbl
 - a pid namespace of its own (the worker is its pid 1: it sees no other process), and IPC and
   UTS namespaces; a new, empty network namespace unless the VM may migrate (`network`);
 - a new session (no controlling terminal to inject input into); ``no_new_privs`` (bwrap always
-  sets it); killed with its owner (``--die-with-parent``);
+  sets it);
 - a minimal environment (PATH, LANG, PYHV_CACHE);
 - then ``setpriv`` drops root for the VM's own uid and gid (plus the group that may open
   /dev/kvm), with no capabilities left in any set.
@@ -80,7 +80,9 @@ def command(jail: Jail, argv: list[str], *, info_fd: int, block_fd: int) -> list
     kvm_gid = os.stat("/dev/kvm").st_gid
     cmd = [
         bwrap,
-        "--die-with-parent",
+        # Not --die-with-parent: its PR_SET_PDEATHSIG follows the *thread* that started bwrap
+        # (a VMMS request thread, gone after the reply). The worker ends when its owner's
+        # socket closes, and the owner kills the jailed pid itself.
         "--new-session",
         "--unshare-pid",
         "--unshare-ipc",

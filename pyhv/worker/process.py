@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -136,6 +137,8 @@ class WorkerProcess:
                 try:
                     self.cgroup.add(child)
                 except OSError:
+                    # Before block_w closes: EOF on it would let the worker run, uncharged.
+                    os.kill(child, signal.SIGKILL)
                     self._proc.kill()
                     raise
             self._jailed_pid = child
@@ -306,6 +309,9 @@ class WorkerProcess:
             try:
                 self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                if self._jailed_pid is not None:  # pid 1 of its namespace: all of it goes
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self._jailed_pid, signal.SIGKILL)
                 self._proc.kill()
                 self._proc.wait()
         if self._end is None:

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -67,6 +67,15 @@ def _status(pid: int) -> dict[str, str]:
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
+
+
+def _cgroup_dir(pid: int) -> Path:
+    """The v1 memory cgroup directory of process `pid` (this machine's hierarchy)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path(f"/sys/fs/cgroup/memory{path}")
+    raise AssertionError(f"no v1 memory cgroup for pid {pid}: this test reads v1's files")
 
 
 def _cgroup_limit(pid: int) -> int:
@@ -190,3 +199,74 @@ def test_no_jail_runs_the_worker_unconfined_and_says_so(tmp_path: Path) -> None:
         assert "WORKERS RUN WITHOUT A JAIL" in log.read_text()
     finally:
         _stop(proc)
+
+
+def _wait(
+    what: str,
+    check: Callable[[], object],
+    timeout: float = 60,
+    explain: Callable[[], object] = lambda: "",
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s: {what} {explain()}")
+
+
+def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit_alone(
+    jailed: tuple[Host, Path],
+) -> None:
+    host, _ = jailed
+    host.vm("create", "good", "--memory", "128M")
+    host.vm("start", "good")
+    host.vm(
+        "create", "bad", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "512M"
+    )
+    host.vm("start", "bad")
+    host.wait_for_dm_report("bad")
+    # The guest touches nearly all its RAM, then lets it go (still backed on the host).
+    host.shell("bad", "testlimit -m 480", b"pyhv> ")
+    _wait(
+        "480 MiB touched",
+        lambda: b"touched 122880 pages" in host.shell("bad", "tasks", b"passes"),
+        timeout=120,
+    )
+    host.shell("bad", "free", b"pyhv> ")
+    host.vm("memory", "bad", "--target", "256M")
+    pid = host.show("bad")["pid"]
+    _wait(
+        "ballooned to 256M",
+        lambda: host.show("bad")["memory"]["assigned"] == 256 * MIB,
+        explain=lambda: host.show("bad"),
+    )
+    _wait_limit(host, "bad", pid, 256 * MIB + OVERHEAD)
+
+    # Within the overhead: the kernel's figure exceeds the claim; reported, counted, and the
+    # pool takes the kernel's figure.
+    assert b"wrote 16384 ballooned pages" in host.shell("bad", "retouch 64", b"(64 MiB)")
+    _wait(
+        "the disagreement reported",
+        lambda: host.show("bad")["enforcement"]["claims_disagreements"] >= 1,
+        explain=lambda: host.show("bad"),
+    )
+    shown = host.show("bad")
+    kernel = shown["enforcement"]["kernel_ram"]
+    assert kernel > 256 * MIB and shown["memory"]["assigned"] == kernel
+    assert "claims 256 MiB assigned" in shown["enforcement"]["last_disagreement"]
+
+    # Beyond it: the kernel stops this worker at its limit; the VMMS says why; the other VM runs.
+    # (The peak since now: v1's max_usage_in_bytes restarts when written.)
+    (_cgroup_dir(pid) / "memory.max_usage_in_bytes").write_text("0")
+    with host.client.console("bad") as sock:
+        sock.sendall(b"retouch 256\r")
+    _wait("bad stopped", lambda: host.show("bad")["state"] == "crashed", timeout=120)
+    reason = host.show("bad")["reason"]
+    assert "memory cgroup's limit" in reason and str(256 * MIB + OVERHEAD) in reason, reason
+    peak = int(reason.split("peak ")[1].split(")")[0])
+    assert peak <= 256 * MIB + OVERHEAD
+    counters = host.client.request("GET", "/api/counters")
+    assert "Memory Limit Kills" in str(counters), counters
+    assert host.show("good")["state"] == "running"
+    assert b"visible: 128 MiB" in host.shell("good", "mem", b"ballooned")

@@ -45,7 +45,7 @@ def one_start(jailed: bool, jails: object, image: str) -> tuple[float, float]:
     t0 = time.perf_counter()
     if jailed:
         assert isinstance(jails, WorkerJails)
-        w.jail = jails.jail(config, network=False)
+        w.jail = jails.jail(config.name, image, network=False)
         w.cgroup = jails.cgroup(config.name, config.memory)
     w.start()
     if not first.wait(60) or not prompt.wait(60):

@@ -9,6 +9,7 @@ per-VM worker account - and two VMs never share one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyhv.vmms.cgroup import MemoryCgroup
-from pyhv.worker.config import VmConfig
 from pyhv.worker.jail import Jail, tools
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,9 @@ class WorkerJails:
         tools()  # JailError now, not at the first VM's start
         self.policy = policy
         self.ids = JailIds(state_dir, policy)
+        # Two VMMS on one host (a migration between them) may hold VMs of the same name: each
+        # names its workers' cgroups after its state directory.
+        self._tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
         self._runloop: tuple[str, ...] | None = None
 
     def _runloop_paths(self) -> tuple[str, ...]:
@@ -117,8 +120,8 @@ class WorkerJails:
                 self._runloop = ()
         return self._runloop
 
-    def jail(self, config: VmConfig, *, network: bool) -> Jail:
-        uid = self.ids.uid(config.name)
+    def jail(self, name: str, image: str, *, network: bool) -> Jail:
+        uid = self.ids.uid(name)
         from pyhv.kvm import fastrun
 
         if fastrun.disabled():
@@ -130,10 +133,14 @@ class WorkerJails:
         return Jail(
             uid=uid,
             gid=uid,
-            read_only=(str(Path(config.image).resolve()), *runloop),
+            read_only=(str(Path(image).resolve()), *runloop),
             network=network,
             env=env,
         )
 
     def cgroup(self, name: str, assigned_bytes: int) -> MemoryCgroup:
-        return MemoryCgroup.create(name, assigned_bytes + self.policy.overhead_bytes)
+        """VM `name`'s worker's memory cgroup (`pyhv-workers/TAG-NAME`), limited to
+        `assigned_bytes` + the overhead."""
+        return MemoryCgroup.create(
+            f"{self._tag}-{name}", assigned_bytes + self.policy.overhead_bytes
+        )

@@ -389,7 +389,9 @@ class Vmms:
         try:
             # The network only for a VMMS that may migrate its VMs (a source worker connects
             # to its destination itself): one serving TCP.
-            jail = self.jails.jail(config, network=self.jails.policy.network)
+            jail = self.jails.jail(
+                config.name, str(config.image), network=self.jails.policy.network
+            )
         except JailError as e:
             raise OSError(str(e)) from None
         cgroup = self.jails.cgroup(config.name, config.memory)
@@ -522,6 +524,24 @@ class Vmms:
             vm = self._vms[name] = _Vm(settings, state=INCOMING, migration=migration)
             return vm
 
+    def jail_incoming(self, vm: VmEntry, worker: Worker, memory: int) -> None:
+        """Jail an incoming migration's worker before it starts (it listens: the network is
+        the host's), in a memory cgroup of `memory` + overhead; its pid is known at adopt()."""
+        if self.jails is None or not hasattr(worker, "jail"):
+            return
+        from pyhv.worker.jail import JailError
+
+        s = vm.settings
+        try:
+            image = s.image or self._image_resolver()
+            jail = self.jails.jail(s.name, image, network=True)
+        except (JailError, OSError) as e:
+            raise OSError(f"cannot jail the incoming worker: {e}") from None
+        cgroup = self.jails.cgroup(s.name, memory)
+        worker.jail, worker.cgroup = jail, cgroup  # type: ignore[attr-defined]
+        worker.max_file_bytes = max(memory, s.maximum)  # type: ignore[attr-defined]
+        vm.memory = WorkerMemory(s.name, None, cgroup, self.jails.policy.overhead_bytes)
+
     def console_sink(self, vm: VmEntry) -> Callable[[bytes], None]:
         """Where a worker of `vm` sends its serial output."""
         return lambda data: self._output(vm, data)
@@ -532,6 +552,10 @@ class Vmms:
         with self._lock:
             self.store.save(vm.settings)
             vm.state, vm.started_at, vm.migration = RUNNING, time.monotonic(), None
+            if vm.memory is None:
+                overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
+                vm.memory = WorkerMemory(vm.settings.name, None, None, overhead)
+            vm.memory.pid = worker.pid
             self._update_health()
         self._spawn_watcher(vm, worker)
 
@@ -544,6 +568,9 @@ class Vmms:
                 return False
             self.pool.give_back(name)
             del self._vms[name]
+            if vm.memory is not None:
+                vm.memory.close()
+                vm.memory = None
             if forget_settings:
                 self.store.delete(name)
             self._update_health()

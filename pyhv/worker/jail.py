@@ -102,7 +102,8 @@ def command(jail: Jail, argv: list[str], *, info_fd: int, block_fd: int) -> list
         if not any(d.startswith(b + "/") for b in binds):
             cmd += ["--perms", "0755", "--dir", d]
     for p in binds:
-        cmd += ["--ro-bind", p, p]
+        # -try for the VM's own files: an incoming VM's image may not be on this host.
+        cmd += ["--ro-bind" if p not in jail.read_only else "--ro-bind-try", p, p]
     cmd += ["--dev", "/dev", "--dev-bind", "/dev/kvm", "/dev/kvm", "--proc", "/proc"]
     cmd += ["--chdir", "/", "--clearenv"]
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **dict(jail.env)}

@@ -68,6 +68,9 @@ class WorkerProcess:
         #: root), and put it in this memory cgroup before it runs any of its own code.
         self.jail: Jail | None = None
         self.cgroup: MemoryCgroup | None = None
+        #: The VM's largest memory, for the jail's RLIMIT_FSIZE (default: from the config; an
+        #: incoming worker has none until its VM arrives).
+        self.max_file_bytes: int | None = None
         self._jailed_pid: int | None = None
 
     @property
@@ -95,7 +98,7 @@ class WorkerProcess:
                     [*self.command_prefix, *argv], pass_fds=(theirs.fileno(),), env=dict(os.environ)
                 )
             else:
-                largest = max(self.config.memory, self.config.maximum)
+                largest = self.max_file_bytes or max(self.config.memory, self.config.maximum)
                 self._start_jailed(argv + [f"--confine={largest}"], theirs.fileno())
         except BaseException:
             ours.close()

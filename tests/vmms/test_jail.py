@@ -7,6 +7,7 @@ still works and says so."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,8 @@ def test_a_jailed_worker_runs_as_its_own_uid_confined_in_namespaces_with_a_cgrou
     host, _ = jailed
     host.vm("create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "1G")
     host.vm("start", "dm")
+    # The guest runs: the worker has confined itself (before the guest's first instruction).
+    assert b"pyhv> " in host.shell("dm", "mem", b"hot-added")
     shown = host.show("dm")
     pid, uid = shown["pid"], shown["jail_uid"]
     assert isinstance(pid, int) and uid >= 100000
@@ -116,7 +119,6 @@ def test_a_jailed_worker_runs_as_its_own_uid_confined_in_namespaces_with_a_cgrou
     for ns in ("mnt", "pid", "net"):
         assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
     assert st["NSpid"].split()[-1] == "1"  # pid 1 of a pid namespace of its own
-    assert b"pyhv> " in host.shell("dm", "mem", b"hot-added")
 
     # The cgroup's limit is the assigned memory + the overhead, and follows a balloon and an add.
     _wait_limit(host, "dm", pid, 512 * MIB + OVERHEAD)
@@ -215,6 +217,19 @@ def _wait(
     raise AssertionError(f"not within {timeout} s: {what} {explain()}")
 
 
+def _mem(out: bytes, what: str) -> int:
+    """A figure of the guest's `mem` (MiB)."""
+    m = re.search(what.encode() + rb": (\d+) MiB", out)
+    return -1 if m is None else int(m[1])
+
+
+def _touched_all(tasks: bytes) -> bool:
+    """The testlimit task holds its 480 MiB and has written each page at least once (its count
+    includes rewrites; a first pass over the allocation is 122880 writes)."""
+    m = re.search(rb"allocated (\d+) MiB, touched (\d+) pages", tasks)
+    return m is not None and int(m[1]) == 480 and int(m[2]) >= 122880
+
+
 def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit_alone(
     jailed: tuple[Host, Path],
 ) -> None:
@@ -229,11 +244,12 @@ def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit
     # The guest touches nearly all its RAM, then lets it go (still backed on the host).
     host.shell("bad", "testlimit -m 480", b"pyhv> ")
     _wait(
-        "480 MiB touched",
-        lambda: b"touched 122880 pages" in host.shell("bad", "tasks", b"passes"),
+        "480 MiB allocated and touched",
+        lambda: _touched_all(host.shell("bad", "tasks", b"passes")),
         timeout=120,
     )
     host.shell("bad", "free", b"pyhv> ")
+    _wait("freed", lambda: _mem(host.shell("bad", "mem", b"ballooned"), "free") >= 480)
     host.vm("memory", "bad", "--target", "256M")
     pid = host.show("bad")["pid"]
     _wait(
@@ -270,3 +286,20 @@ def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit
     assert "Memory Limit Kills" in str(counters), counters
     assert host.show("good")["state"] == "running"
     assert b"visible: 128 MiB" in host.shell("good", "mem", b"ballooned")
+
+
+def test_a_vm_migrated_in_runs_in_a_jail_at_the_destination(tmp_path: Path) -> None:
+    from tests.vmms.vmms_process import vmms_pair
+
+    with vmms_pair(tmp_path) as (a, b):
+        a.vm("create", "mover", "--memory", "256M")
+        a.vm("start", "mover")
+        a.vm("migrate", "mover", "--to", b.address, "--token-file", str(b.token_file))
+        shown = b.client.request("GET", "/api/vms/mover")
+        assert shown["state"] == "running"
+        st = _status(shown["pid"])
+        assert st["Uid"].split()[0] == str(shown["jail_uid"]) != "0"
+        assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
+        assert os.readlink(f"/proc/{shown['pid']}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert shown["enforcement"]["cgroup_limit"] >= 256 * MIB + OVERHEAD
+        assert "pyhv> " in b.shell("mover", "mem")

@@ -119,7 +119,14 @@ def openapi() -> dict[str, Any]:
                             "description": "the migration it is part of while it migrates",
                         },
                         "reason": {"type": "string", "description": "how it last ended"},
-                        "pid": {"type": ["integer", "null"]},
+                        "pid": {
+                            "type": ["integer", "null"],
+                            "description": "the worker process (in a jail: the jailed process)",
+                        },
+                        "jail_uid": {
+                            "type": ["integer", "null"],
+                            "description": "the uid/gid its worker runs as (VMMS with jails)",
+                        },
                         "uptime_s": {"type": ["number", "null"]},
                         "settings": {"$ref": "#/components/schemas/Settings"},
                         "memory": {
@@ -127,6 +134,20 @@ def openapi() -> dict[str, Any]:
                             "description": "bytes, as the host accounts them (running VMs)",
                             "properties": {
                                 k: {"type": "integer"} for k in ("visible", "assigned", "ballooned")
+                            },
+                        },
+                        "enforcement": {
+                            "type": "object",
+                            "description": "the kernel's figures beside the worker's claims "
+                            "(running VMs; docs/security.md): bytes, and how often the claims "
+                            "disagreed",
+                            "properties": {
+                                "kernel_ram": {"type": ["integer", "null"]},
+                                "cgroup_limit": {"type": ["integer", "null"]},
+                                "cgroup_usage": {"type": ["integer", "null"]},
+                                "overhead": {"type": ["integer", "null"]},
+                                "claims_disagreements": {"type": "integer"},
+                                "last_disagreement": {"type": ["string", "null"]},
                             },
                         },
                     },

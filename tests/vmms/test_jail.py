@@ -119,6 +119,7 @@ def test_a_jailed_worker_runs_as_its_own_uid_confined_in_namespaces_with_a_cgrou
     for ns in ("mnt", "pid", "net"):
         assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
     assert st["NSpid"].split()[-1] == "1"  # pid 1 of a pid namespace of its own
+    assert f"worker pid {pid} (jailed as uid {uid})" in host.vm("show", "dm")
 
     # The cgroup's limit is the assigned memory + the overhead, and follows a balloon and an add.
     _wait_limit(host, "dm", pid, 512 * MIB + OVERHEAD)
@@ -271,6 +272,7 @@ def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit
     kernel = shown["enforcement"]["kernel_ram"]
     assert kernel > 256 * MIB and shown["memory"]["assigned"] == kernel
     assert "claims 256 MiB assigned" in shown["enforcement"]["last_disagreement"]
+    assert "claims disagreed" in host.vm("show", "bad")
 
     # Beyond it: the kernel stops this worker at its limit; the VMMS says why; the other VM runs.
     # (The peak since now: v1's max_usage_in_bytes restarts when written.)

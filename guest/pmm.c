@@ -569,6 +569,28 @@ int pmm_balloon_give(u64 base, u64 pages)
     return 0;
 }
 
+/* A misbehaving guest, for the host's tests: write one word to each of up to max_pages pages
+ * the host holds ballooned (the host punched them out; a well-behaved guest never touches
+ * them). Returns the pages written. */
+u64 pmm_balloon_touch(u64 max_pages)
+{
+    u64 done = 0;
+    for (u64 b = 0; b < NBLOCKS && done < max_pages; b++) {
+        if (!test(ram_bm, b))
+            continue;
+        const struct split *s = test(split_bm, b) ? split_get(b) : 0;
+        if (!s && !test(balloon_bm, b))
+            continue;
+        for (u64 i = 0; i < BLOCK_PAGES && done < max_pages; i++) {
+            if (s && !((s->balloon[i / 64] >> (i % 64)) & 1))
+                continue;
+            *(volatile u64 *)((b * BLOCK_PAGES + i) * PAGE_SIZE) = 0x7e7e7e7e7e7e7e7eUL;
+            done++;
+        }
+    }
+    return done;
+}
+
 /* recount free and ballooned pages from the bitmaps and compare with the counters */
 static int check(void)
 {

@@ -27,6 +27,7 @@ static void cmd_help(void)
          "  ticks                   timer ticks since boot (" "100 per second)\n"
          "  balloon MB              take MB MiB out of the guest as the balloon driver would\n"
          "  unballoon               give back what `balloon` took\n"
+         "  retouch MB              write to MB MiB of ballooned pages (misbehave: the host's memory)\n"
          "  hotadd BASE_MB SIZE_MB  add RAM at BASE_MB MiB, as a hot-add would\n"
          "  vmbus                   VMBus channels: offers, rings, counters\n"
          "  dm                      Dynamic Memory VSC: state, protocol, last status, counters\n"
@@ -147,6 +148,15 @@ static void cmd_unballoon(void)
     balloon_nranges = 0;
 }
 
+static void cmd_retouch(int argc, char **argv)
+{
+    u64 mb;
+    if (argc != 2 || arg_mb("retouch", "MB", argv[1], &mb))
+        return;
+    u64 n = pmm_balloon_touch(mb * 256);
+    printf("retouch: wrote %lu ballooned pages (%lu MiB)\n", n, n / 256);
+}
+
 static void cmd_hotadd(int argc, char **argv)
 {
     u64 base, size;
@@ -224,6 +234,8 @@ static void run(char *s)
             puts("free: testlimit holds nothing\n");
     } else if (!strcmp(c, "ticks"))
         printf("ticks: %lu\n", ticks);
+    else if (!strcmp(c, "retouch"))
+        cmd_retouch(argc, argv);
     else if (!strcmp(c, "balloon"))
         cmd_balloon(argc, argv);
     else if (!strcmp(c, "unballoon"))

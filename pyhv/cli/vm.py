@@ -31,7 +31,8 @@ def _print_vm(vm: dict[str, Any]) -> None:
     s = vm["settings"]
     print(f"{vm['name']}: {vm['state']}" + (f" ({vm['reason']})" if vm["reason"] else ""))
     if vm.get("pid"):
-        print(f"  worker pid {vm['pid']}, up {vm['uptime_s']} s")
+        jail = f"jailed as uid {vm['jail_uid']}" if vm.get("jail_uid") else "not jailed"
+        print(f"  worker pid {vm['pid']} ({jail}), up {vm['uptime_s']} s")
     if vm.get("migration"):
         print(f"  migrating: GET /api/migrations/{vm['migration']}")
     print(f"  VPs {s['vps']}, startup memory {_size(s['memory'])}")
@@ -47,6 +48,14 @@ def _print_vm(vm: dict[str, Any]) -> None:
         print(
             f"  memory: visible {_size(m['visible'])}, assigned {_size(m['assigned'])}, "
             f"ballooned {_size(m['ballooned'])}"
+        )
+    e = vm.get("enforcement")
+    if e:
+        print(
+            f"  kernel: guest RAM {_size(e['kernel_ram'])}, cgroup limit "
+            f"{_size(e['cgroup_limit'])}, "
+            f"claims disagreed {e['claims_disagreements']} times"
+            + (f" (last: {e['last_disagreement']})" if e["last_disagreement"] else "")
         )
     print(
         f"  image {s['image'] or '(bundled guest)'}"

@@ -100,8 +100,50 @@ def register(sub: Any) -> None:
         action="store_true",
         help="adds of at most 512 MiB, 30 s apart (the book's timeline)",
     )
+    s.add_argument(
+        "--no-jail",
+        action="store_true",
+        help="run workers without a jail or memory cgroup (development only; workers are jailed "
+        "when the VMMS runs as root)",
+    )
+    s.add_argument(
+        "--jail-uid-base",
+        type=int,
+        default=100000,
+        metavar="UID",
+        help="first uid/gid of the workers' range (default 100000; one per VM)",
+    )
+    s.add_argument(
+        "--worker-overhead",
+        type=types.size,
+        default="96M",
+        metavar="SIZE",
+        help="a worker's memory beyond its guest's: its cgroup limit is assigned + this "
+        "(default 96M)",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="log every request")
     s.set_defaults(func=serve_command)
+
+
+def _jail_policy(a: argparse.Namespace, migrating: bool) -> Any:
+    """Workers are jailed when the VMMS runs as root, unless --no-jail (the VMMS says so
+    loudly in its log)."""
+    import logging
+
+    from pyhv.vmms.jailing import JailPolicy
+
+    if a.no_jail:
+        return None
+    if os.geteuid() != 0:
+        logging.getLogger("pyhv.vmms").warning(
+            "not root: workers cannot be jailed (own uid, namespaces, memory cgroup)"
+        )
+        return None
+    if a.jail_uid_base < 1000:
+        raise CliError(
+            f"--jail-uid-base {a.jail_uid_base}: pick 1000 or more (not a system uid)", 2
+        )
+    return JailPolicy(uid_base=a.jail_uid_base, overhead_bytes=a.worker_overhead, network=migrating)
 
 
 def serve_command(a: argparse.Namespace) -> int:
@@ -116,6 +158,7 @@ def serve_command(a: argparse.Namespace) -> int:
     from pyhv.vmms.server import ApiServers, ServeError
     from pyhv.vmms.service import Vmms
     from pyhv.worker.config import ConfigError
+    from pyhv.worker.jail import JailError
 
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
@@ -141,9 +184,12 @@ def serve_command(a: argparse.Namespace) -> int:
             balancer=balancer,
             # incoming migrations listen where the API does (loopback by default)
             migration={"listen_host": address[0]} if address else None,
+            jail=_jail_policy(a, migrating=address is not None),
         )
     except (ConfigError, SettingsError, MemoryManagerError) as e:
         raise CliError(str(e), 2) from None
+    except JailError as e:
+        raise CliError(str(e)) from None
     except OSError as e:
         raise CliError(f"cannot use state directory {state}: {e}") from None
     try:

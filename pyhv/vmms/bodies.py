@@ -107,6 +107,18 @@ class VmMemory(Struct):
 VmState = Literal["off", "starting", "running", "stopping", "crashed", "incoming", "paused"]
 
 
+class Enforcement(Struct):
+    """The kernel's figures beside the worker's claims (running VMs; docs/security.md): bytes,
+    and how often the claims disagreed."""
+
+    kernel_ram: int | None
+    cgroup_limit: int | None
+    cgroup_usage: int | None
+    overhead: int | None
+    claims_disagreements: int
+    last_disagreement: str | None
+
+
 class Vm(Struct):
     """A VM. state incoming: arriving by live migration; paused: a migration in doubt left it
     paused (the reason says what to do)."""
@@ -114,13 +126,22 @@ class Vm(Struct):
     name: str
     state: VmState
     reason: str
-    pid: int | None
+    pid: Annotated[
+        int | None, Meta(description="the worker process (in a jail: the jailed process)")
+    ]
     uptime_s: float | None
     settings: VmSettings
     migration: Annotated[
         str | None, Meta(description="the migration it is part of while it migrates")
     ]
     memory: VmMemory | UnsetType = UNSET
+    enforcement: Enforcement | UnsetType = UNSET
+    jail_uid: (
+        Annotated[
+            int | None, Meta(description="the uid/gid its worker runs as (a VMMS with jails)")
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class VmList(Struct):

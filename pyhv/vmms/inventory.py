@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pyhv.vmms.claims import WorkerMemory
 from pyhv.vmms.config import VmSettings
 from pyhv.worker.config import VmConfig
 from pyhv.worker.outcome import VmEnd
@@ -61,6 +62,8 @@ class _Vm:
     consoles: list[Callable[[bytes], None]] = field(default_factory=list)
     #: The id of the migration this VM is part of while it runs (pyhv.vmms.migration).
     migration: str | None = None
+    #: The kernel's side of its worker's memory: cgroup limit, claims check (pyhv.vmms.claims).
+    memory: WorkerMemory | None = None
 
 
 #: A VM's entry in the inventory, as live migration (pyhv.vmms.migration) holds it.

@@ -269,6 +269,7 @@ class Migrations:
             )
             vm.worker = worker
             vmms._subscribe(name, worker)
+            vmms.jail_incoming(vm, worker, needed)
             worker.start()
             host, port = worker.wait_listening(15.0)
         except Exception as e:  # noqa: BLE001 - the entry goes, the source is told why

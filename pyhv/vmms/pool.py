@@ -8,8 +8,10 @@ its accounting is computed from them: free = budget - reserve - sum(assigned). A
 not yet reporting counts the memory it was admitted with (its startup memory). A VM that ends
 (or whose worker dies) returns everything by leaving the pool.
 
-:meth:`HostPool.assigned_pages` is the one place a VM's assigned memory is read: today the
-worker's own figure; checking it against the kernel's (the worker's memory cgroup) belongs there.
+:meth:`HostPool.assigned_pages` is the one place a VM's assigned memory is read: the worker's
+own figure, or the kernel's when that is larger (the blocks of the worker's guest-RAM memfds,
+recorded by the VMMS's claims check, pyhv.vmms.claims): a worker cannot make the pool hand out
+memory its guest still holds.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class _Held:
     admitted_pages: int
     status: MemoryStatus | None = None
     received: int = 0
+    #: Pages the kernel holds in the worker's guest RAM, when the VMMS last looked.
+    kernel_pages: int = 0
 
 
 class HostPool:
@@ -75,6 +79,13 @@ class HostPool:
             held.received += 1
             return True
 
+    def record_kernel(self, name: str, pages: int) -> None:
+        """The kernel's figure for the VM's guest RAM (the claims check)."""
+        with self._lock:
+            held = self._vms.get(name)
+            if held is not None:
+                held.kernel_pages = pages
+
     def received(self, name: str) -> int:
         """How many statuses of VM `name` were recorded (0 if the pool does not hold it): a
         status recorded after a request was answered is newer than the request."""
@@ -94,14 +105,21 @@ class HostPool:
 
     def assigned_pages(self, name: str) -> int:
         """The pages VM `name` is assigned: what its worker's memory manager reports (its
-        admitted memory until it reports). KeyError if the pool does not hold it."""
+        admitted memory until it reports), or what the kernel holds for it if that is more.
+        KeyError if the pool does not hold it."""
         with self._lock:
             return self._assigned(self._vms[name])
 
     @staticmethod
     def _assigned(held: _Held) -> int:
-        # The seam for checking a worker's claim against the kernel's figure.
-        return held.admitted_pages if held.status is None else held.status.assigned_pages
+        claimed = held.admitted_pages if held.status is None else held.status.assigned_pages
+        return max(claimed, held.kernel_pages)
+
+    def claimed_pages(self, name: str) -> int:
+        """What the worker says VM `name` is assigned (its admitted memory until it reports)."""
+        with self._lock:
+            held = self._vms[name]
+            return held.admitted_pages if held.status is None else held.status.assigned_pages
 
     def pages(self, name: str) -> tuple[int, int, int]:
         """(visible, assigned, ballooned) pages of a running VM as accounted."""

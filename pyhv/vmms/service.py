@@ -29,6 +29,7 @@ from pyhv.vmms.balancing import (
     DynamicMemoryWorker,
     dm_port,
 )
+from pyhv.vmms.claims import WorkerMemory
 from pyhv.vmms.config import (
     VmSettings,
     VmSettingsError,
@@ -51,6 +52,7 @@ from pyhv.vmms.inventory import (
     WorkerFactory,
     _Vm,
 )
+from pyhv.vmms.jailing import JailPolicy, WorkerJails
 from pyhv.vmms.pool import HostPool
 from pyhv.vmms.store import ConfigStore
 from pyhv.vmms.tracing import TraceHub, TracingUnavailable
@@ -69,6 +71,25 @@ HEALTH_SET = CounterSetDef(
     instance_label=None,
 )
 
+#: The kernel's figures against the workers' claims (pyhv.vmms.claims).
+ENFORCEMENT_SET = CounterSetDef(
+    "pyhv Worker Memory Enforcement",
+    (
+        CounterDef(
+            "Claims Disagreements",
+            "checks where a worker claimed less memory than the kernel holds for it",
+            "count",
+        ),
+        CounterDef(
+            "Memory Limit Kills", "workers the kernel stopped at their memory cgroup limit", "count"
+        ),
+    ),
+    instance_label=None,
+)
+
+#: How often the VMMS reads the kernel's figure for every running worker.
+CLAIMS_CHECK_S = 1.0
+
 
 def _worker_process(config: VmConfig, output: Callable[[bytes], None]) -> Worker:
     from pyhv.worker.process import WorkerProcess
@@ -86,6 +107,23 @@ def _bundled_image() -> str:
 TAIL_BYTES = 4096
 
 
+class _LimitFirst:
+    """A worker's DM port whose targets move its memory cgroup's limit first."""
+
+    def __init__(
+        self, port: DynamicMemoryWorker, memory: WorkerMemory, assigned: Callable[[], int]
+    ) -> None:
+        self._port, self._memory, self._assigned = port, memory, assigned
+
+    def set_memory_target(self, target_bytes: int) -> object:
+        try:
+            assigned = self._assigned()
+        except KeyError:
+            assigned = 0
+        self._memory.before_target(-(-target_bytes // PAGE_SIZE), assigned)
+        return self._port.set_memory_target(target_bytes)
+
+
 class Vmms:
     """The service. Thread-safe: the API calls it from one thread per request."""
 
@@ -100,13 +138,24 @@ class Vmms:
         image_resolver: Callable[[], str] = _bundled_image,
         stop_timeout: float = 10.0,
         migration: Mapping[str, Any] | None = None,
+        jail: JailPolicy | None = None,
     ) -> None:
         self.store = ConfigStore(state_dir)
+        #: Workers start jailed (pyhv.worker.jail) with a memory cgroup each, or not (None).
+        self.jails = None if jail is None else WorkerJails(state_dir, jail)
+        if self.jails is None:
+            log.warning(
+                "WORKERS RUN WITHOUT A JAIL (--no-jail, or not root): each runs as the VMMS's "
+                "own user, can reach vmms.sock, the API token and other VMs' memory; for "
+                "development only"
+            )
         self.pool = HostPool(budget_bytes, reserve_bytes)
         self.registry = CounterRegistry()
         self.dm_counters = DynamicMemoryCounters(self.registry)
         self.worker_counters = WorkerCounters(self.registry)
         self.health = self.registry.register(HEALTH_SET)
+        self.enforcement = self.registry.register(ENFORCEMENT_SET)
+        self._disagreements = self._limit_kills = 0
         self.balancer = BalancerLoop(self.pool, self._dm_vms, self.dm_counters, balancer)
         self.traces = TraceHub()  # the flight recorder's watchers (pyhv.vmms.tracing)
         self.balancer.decision_listeners.append(self.traces.decision)
@@ -130,6 +179,35 @@ class Vmms:
         t = threading.Thread(target=self._balance, name="vmms-balancer", daemon=True)
         t.start()
         self._threads.append(t)
+        t = threading.Thread(target=self._check_claims, name="vmms-claims", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _check_claims(self) -> None:
+        """Every CLAIMS_CHECK_S, every running worker's claim against the kernel's figure (a
+        guest re-touching ballooned pages pushes no status: only a look finds it)."""
+        while not self._stop.wait(CLAIMS_CHECK_S):
+            with self._lock:
+                running = [vm for vm in self._vms.values() if vm.memory is not None]
+            for vm in running:
+                self._check_claim(vm)
+
+    def _check_claim(self, vm: _Vm) -> None:
+        mem, name = vm.memory, vm.settings.name
+        if mem is None:
+            return
+        try:
+            claimed = self.pool.claimed_pages(name)
+        except KeyError:
+            return
+        d = mem.check(claimed)
+        if mem.kernel_pages is not None:
+            self.pool.record_kernel(name, mem.kernel_pages)
+        if d is not None:
+            with self._lock:
+                self._disagreements += 1
+                self._update_health()
+            log.warning("VM %s (worker pid %s): claims disagree: %s", name, mem.pid, d.describe())
 
     def _balance(self) -> None:
         self.balancer.run(self._stop)
@@ -185,6 +263,10 @@ class Vmms:
                 "assigned": assigned * PAGE_SIZE,
                 "ballooned": ballooned * PAGE_SIZE,
             }
+        if vm.memory is not None:
+            out["enforcement"] = vm.memory.describe()
+        if self.jails is not None:
+            out["jail_uid"] = self.jails.ids.get(s.name)
         return out
 
     def list(self) -> list[dict[str, Any]]:
@@ -246,6 +328,8 @@ class Vmms:
                 raise Conflict(f"VM {name!r} is {vm.state}: stop it first (`pyhv vm stop {name}`)")
             self.store.delete(name)
             del self._vms[name]
+            if self.jails is not None:
+                self.jails.ids.release(name)
 
     # --- running VMs ---------------------------------------------------------------------
 
@@ -278,16 +362,45 @@ class Vmms:
             vm.worker = worker
             self._subscribe(name, worker)
             try:
+                cgroup = self._jail(worker, config)
                 worker.start()
             except OSError as e:
                 vm.worker, vm.state, vm.reason = None, CRASHED, f"the worker did not start: {e}"
                 self.pool.give_back(name)
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
+            overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
+            vm.memory = WorkerMemory(name, worker.pid, cgroup, overhead)
             vm.state, vm.started_at = RUNNING, time.monotonic()
-            log.info("VM %s started: worker pid %s", name, worker.pid)
+            log.info(
+                "VM %s started: worker pid %s%s",
+                name,
+                worker.pid,
+                ""
+                if cgroup is None
+                else f", jailed as uid {self.jails and self.jails.ids.get(name)}",
+            )
             self._spawn_watcher(vm, worker)
             self._update_health()
             return self._describe(vm)
+
+    def _jail(self, worker: Worker, config: VmConfig) -> Any:
+        """Give a worker process its jail and memory cgroup (None without a jail, or for a
+        worker that is not a process of ours: a test's stand-in)."""
+        if self.jails is None or not hasattr(worker, "jail"):
+            return None
+        from pyhv.worker.jail import JailError
+
+        try:
+            # The network only for a VMMS that may migrate its VMs (a source worker connects
+            # to its destination itself): one serving TCP.
+            jail = self.jails.jail(
+                config.name, str(config.image), network=self.jails.policy.network
+            )
+        except JailError as e:
+            raise OSError(str(e)) from None
+        cgroup = self.jails.cgroup(config.name, config.memory)
+        worker.jail, worker.cgroup = jail, cgroup  # type: ignore[attr-defined]
+        return cgroup
 
     def _spawn_watcher(self, vm: _Vm, worker: Worker) -> None:
         watcher = threading.Thread(
@@ -307,10 +420,25 @@ class Vmms:
                 reason += f" (killed by {signal.Signals(-worker.returncode).name})"
             except ValueError:
                 reason += f" (killed by signal {-worker.returncode})"
+            if worker.returncode == -signal.SIGSYS:
+                reason += ": a system call outside the worker's seccomp allow-list (audit log)"
+        mem = vm.memory
+        if mem is not None and mem.oom_kills():
+            peak = mem.cgroup.peak() if mem.cgroup is not None else None
+            reason += (
+                f": the kernel stopped it at its memory cgroup's limit ({mem.limit()} bytes = "
+                f"assigned + {mem.overhead} overhead; peak {peak}): its guest used more memory "
+                "than it is assigned (such as pages it had ballooned out)"
+            )
+            with self._lock:
+                self._limit_kills += 1
         with self._lock:
             if vm.worker is not worker:
                 return
             vm.worker, vm.started_at = None, None
+            if mem is not None and vm.memory is mem:
+                vm.memory = None
+                mem.close()
             vm.state = CRASHED if end.failed else OFF
             vm.reason = reason
             consoles, vm.consoles = vm.consoles, []
@@ -367,6 +495,12 @@ class Vmms:
                 "Health Critical": states.count(CRASHED),
             }
         )
+        self.enforcement.update(
+            {
+                "Claims Disagreements": self._disagreements,
+                "Memory Limit Kills": self._limit_kills,
+            }
+        )
 
     # --- for live migration (pyhv.vmms.migration) -----------------------------------------
     # The inventory stays the service's: migration asks for these, never its lock or dict.
@@ -395,6 +529,24 @@ class Vmms:
             vm = self._vms[name] = _Vm(settings, state=INCOMING, migration=migration)
             return vm
 
+    def jail_incoming(self, vm: VmEntry, worker: Worker, memory: int) -> None:
+        """Jail an incoming migration's worker before it starts (it listens: the network is
+        the host's), in a memory cgroup of `memory` + overhead; its pid is known at adopt()."""
+        if self.jails is None or not hasattr(worker, "jail"):
+            return
+        from pyhv.worker.jail import JailError
+
+        s = vm.settings
+        try:
+            image = s.image or self._image_resolver()
+            jail = self.jails.jail(s.name, image, network=True)
+        except (JailError, OSError) as e:
+            raise OSError(f"cannot jail the incoming worker: {e}") from None
+        cgroup = self.jails.cgroup(s.name, memory)
+        worker.jail, worker.cgroup = jail, cgroup  # type: ignore[attr-defined]
+        worker.max_file_bytes = max(memory, s.maximum)  # type: ignore[attr-defined]
+        vm.memory = WorkerMemory(s.name, None, cgroup, self.jails.policy.overhead_bytes)
+
     def console_sink(self, vm: VmEntry) -> Callable[[bytes], None]:
         """Where a worker of `vm` sends its serial output."""
         return lambda data: self._output(vm, data)
@@ -405,6 +557,10 @@ class Vmms:
         with self._lock:
             self.store.save(vm.settings)
             vm.state, vm.started_at, vm.migration = RUNNING, time.monotonic(), None
+            if vm.memory is None:
+                overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
+                vm.memory = WorkerMemory(vm.settings.name, None, None, overhead)
+            vm.memory.pid = worker.pid
             self._update_health()
         self._spawn_watcher(vm, worker)
 
@@ -417,6 +573,9 @@ class Vmms:
                 return False
             self.pool.give_back(name)
             del self._vms[name]
+            if vm.memory is not None:
+                vm.memory.close()
+                vm.memory = None
             if forget_settings:
                 self.store.delete(name)
             self._update_health()
@@ -511,7 +670,7 @@ class Vmms:
         with self._lock:
             out = {}
             for name, vm in self._vms.items():
-                port = dm_port(vm.worker)
+                port = self._port(vm)
                 if vm.migration is not None:
                     continue  # the balancer holds its operations while it migrates
                 if vm.state == RUNNING and vm.settings.dynamic_memory and port is not None:
@@ -527,13 +686,21 @@ class Vmms:
                 f"Dynamic Memory is not enabled for VM {name!r}: stop it and set "
                 "dynamic_memory (`pyhv vm memory NAME --dynamic`)"
             )
-        port = dm_port(vm.worker)
+        port = self._port(vm)
         if port is None:
             raise Conflict(
                 "Dynamic Memory is not running in this VM: its worker does not offer the "
                 "Dynamic Memory channel"
             )
         return port
+
+    def _port(self, vm: _Vm) -> DynamicMemoryWorker | None:
+        """The worker's DM port; with a memory cgroup, one that raises the cgroup's limit before
+        a target above the VM's assignment goes out."""
+        port = dm_port(vm.worker)
+        if port is None or vm.memory is None or vm.memory.cgroup is None:
+            return port
+        return _LimitFirst(port, vm.memory, lambda: self.pool.assigned_pages(vm.settings.name))
 
     def _subscribe(self, name: str, worker: object) -> None:
         """Take the memory statuses `worker` pushes (a worker without Dynamic Memory has none)."""
@@ -552,6 +719,8 @@ class Vmms:
         vm = self._vms.get(name)
         if vm is None or vm.worker is not worker or not self.pool.record(name, status):
             return  # from a worker this VM no longer has, or a VM that ended meanwhile
+        if vm.memory is not None:
+            vm.memory.after_status(status.assigned_pages, status.busy)
         self.worker_counters.record(name, status)
         self.balancer.status_arrived()
 

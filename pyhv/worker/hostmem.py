@@ -5,7 +5,6 @@ memfd, whichever process or KVM touched it)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -17,7 +16,7 @@ _libc: ctypes.CDLL | None = None
 def _mincore() -> ctypes._CFuncPtr:  # type: ignore[name-defined]
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc = ctypes.CDLL(None, use_errno=True)  # libc, without find_library (it execs)
         _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         _libc.mincore.restype = ctypes.c_int
     return _libc.mincore

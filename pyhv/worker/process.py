@@ -5,8 +5,10 @@ console and the VMMS can use either."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,8 @@ from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
 
 if TYPE_CHECKING:
     from pyhv.dynmem.status import MemoryStatus
+    from pyhv.vmms.cgroup import MemoryCgroup
+    from pyhv.worker.jail import Jail
 
 log = logging.getLogger(__name__)
 
@@ -67,36 +71,92 @@ class WorkerProcess:
         self.refused_traces = 0
         #: Run the worker under this command, e.g. ["ip", "netns", "exec", "hostB"].
         self.command_prefix: list[str] = []
+        #: Start the worker in this jail (pyhv.worker.jail; the VMMS sets it when it runs as
+        #: root), and put it in this memory cgroup before it runs any of its own code.
+        self.jail: Jail | None = None
+        self.cgroup: MemoryCgroup | None = None
+        #: The VM's largest memory, for the jail's RLIMIT_FSIZE (default: from the config; an
+        #: incoming worker has none until its VM arrives).
+        self.max_file_bytes: int | None = None
+        self._jailed_pid: int | None = None
 
     @property
     def pid(self) -> int | None:
+        """The worker's pid (in a jail: the jailed Python process, not bwrap's)."""
+        if self._jailed_pid is not None:
+            return self._jailed_pid
         return self._proc.pid if self._proc else None
 
     @property
     def returncode(self) -> int | None:
-        """The worker process's exit code once it has exited (after close())."""
-        return self._proc.returncode if self._proc else None
+        """The worker process's exit code once it has exited (after close()); negative for a
+        signal, in a jail too (bwrap exits with 128 + the signal of its child)."""
+        code = self._proc.returncode if self._proc else None
+        if self.jail is not None and code is not None and 128 < code < 128 + 65:
+            return -(code - 128)
+        return code
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        self._proc = subprocess.Popen(
-            [
-                *self.command_prefix,
-                sys.executable,
-                "-m",
-                "pyhv.worker",
-                "--fd",
-                str(theirs.fileno()),
-            ],
-            pass_fds=(theirs.fileno(),),
-            env=env,
-        )
-        theirs.close()
+        argv = [sys.executable, "-m", "pyhv.worker", "--fd", str(theirs.fileno())]
+        try:
+            if self.jail is None:
+                self._proc = subprocess.Popen(
+                    [*self.command_prefix, *argv], pass_fds=(theirs.fileno(),), env=dict(os.environ)
+                )
+            else:
+                largest = self.max_file_bytes or max(self.config.memory, self.config.maximum)
+                self._start_jailed(argv + [f"--confine={largest}"], theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         self._sock = ours
         protocol.send_message(ours, self._first_message())
         self._reader = threading.Thread(target=self._read_loop, name="worker-reader", daemon=True)
         self._reader.start()
+
+    def _start_jailed(self, argv: list[str], sock_fd: int) -> None:
+        """Start the worker in its jail; put it in its memory cgroup before it execs."""
+        import json
+
+        from pyhv.worker import jail
+
+        assert self.jail is not None
+        info_r, info_w = os.pipe()
+        block_r, block_w = os.pipe()
+        try:
+            cmd = jail.command(self.jail, argv, info_fd=info_w, block_fd=block_r)
+            self._proc = subprocess.Popen(
+                [*self.command_prefix, *cmd], pass_fds=(sock_fd, info_w, block_r), env={}
+            )
+            os.close(info_w)
+            os.close(block_r)
+            info_w = block_r = -1
+            raw, child = b"", None
+            while child is None:  # bwrap writes one JSON object, {"child-pid": N, ...}
+                chunk = os.read(info_r, 4096)
+                if not chunk:
+                    code = self._proc.wait(10)
+                    raise OSError(f"the worker's jail did not start (bwrap exited with {code})")
+                raw += chunk
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    child = int(json.loads(raw)["child-pid"])
+            if self.cgroup is not None:
+                try:
+                    self.cgroup.add(child)
+                except OSError:
+                    # Before block_w closes: EOF on it would let the worker run, uncharged.
+                    os.kill(child, signal.SIGKILL)
+                    self._proc.kill()
+                    raise
+            self._jailed_pid = child
+            os.write(block_w, b"go")  # now the worker may exec
+        finally:
+            for fd in (info_r, info_w, block_r, block_w):
+                if fd >= 0:
+                    os.close(fd)
 
     def _first_message(self) -> Any:
         from pyhv.worker.messages import PROTOCOL_VERSION, Boot
@@ -341,6 +401,9 @@ class WorkerProcess:
             try:
                 self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                if self._jailed_pid is not None:  # pid 1 of its namespace: all of it goes
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self._jailed_pid, signal.SIGKILL)
                 self._proc.kill()
                 self._proc.wait()
         if self._end is None:

@@ -199,17 +199,43 @@ def memory_call(vm: Any, msg: MemoryCall) -> MemoryReply:
 
 
 def main(argv: list[str]) -> int:
-    # One internal option, read without argparse (whose import and help formatter, shutil,
-    # bz2, lzma, gettext, are a few ms of every VM's start).
-    if len(argv) != 2 or argv[0] != "--fd" or not (argv[1].isascii() and argv[1].isdigit()):
+    # Internal options, read without argparse (whose import and help formatter, shutil,
+    # bz2, lzma, gettext, are a few ms of every VM's start). --confine: the worker is jailed
+    # (pyhv.worker.jail) and confines itself before it serves (pyhv.worker.confine); BYTES
+    # is the VM's largest memory (its memfds' size, which RLIMIT_FSIZE must allow).
+    confine_bytes = None
+    if len(argv) == 3 and argv[2].startswith("--confine="):
+        confine_bytes, argv = argv[2].removeprefix("--confine="), argv[:2]
+    if (
+        len(argv) != 2
+        or argv[0] != "--fd"
+        or not (argv[1].isascii() and argv[1].isdigit())
+        or not (confine_bytes is None or (confine_bytes.isascii() and confine_bytes.isdigit()))
+    ):
         print(
-            f"usage: python -m pyhv.worker --fd N (got {' '.join(argv)!r}): N is a connected "
-            "stream socket to the worker's owner; pyhv starts workers, not people",
+            f"usage: python -m pyhv.worker --fd N [--confine=BYTES] (got {' '.join(argv)!r}): N "
+            "is a connected stream socket to the worker's owner; pyhv starts workers, not people",
             file=sys.stderr,
         )
         return 2
     sock = socket.socket(fileno=int(argv[1]))
     try:
+        if confine_bytes is not None:
+            _confine(sock, int(confine_bytes))
         return serve(sock)
     finally:
         sock.close()
+
+
+def _confine(sock: socket.socket, max_file_bytes: int) -> None:
+    """Limits, not dumpable, seccomp: before the first message is read. The VM's modules are
+    imported first (the filter would allow it, but the import is no guest's doing)."""
+    import pyhv.worker.vm  # noqa: F401
+    from pyhv.worker.confine import ConfineError, confine
+
+    try:
+        confine(max_file_bytes)
+    except (ConfineError, OSError, ValueError) as e:
+        end = VmEnd(WORKER_ERROR, detail=f"the worker could not confine itself: {e}")
+        protocol.send(sock, {"ev": "ended", "end": end.to_dict()})
+        raise SystemExit(1) from None

@@ -61,6 +61,7 @@ def needs_kvm() -> None:
 def pytest_configure(config: pytest.Config) -> None:
     global _trace
     where = Path(tempfile.mkdtemp(prefix="pyhv-guest-ran-"))
+    where.chmod(0o1777)  # jailed workers write their records as uids of their own
     os.environ[ENV] = str(where)
     _trace = GuestTrace(where)
 

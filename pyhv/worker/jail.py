@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyhv
+from pyhv.hypervisor.guest_ran import ENV as GUEST_RAN_ENV
 
 
 class JailError(RuntimeError):
@@ -96,8 +97,12 @@ def command(jail: Jail, argv: list[str], *, info_fd: int, block_fd: int) -> list
         if target is not None:
             cmd += ["--symlink", target, f"/{link}"]
     binds = [*_runtime_paths(), *jail.read_only]
+    # Only under the test suite, which sets it: where VP threads note that guest code ran.
+    ran = os.environ.get(GUEST_RAN_ENV)
+    ran = ran if ran and os.path.isdir(ran) else None
     # bwrap makes a bind's missing parents 0700 (root's): the worker's uid could not pass.
-    parents = {str(a) for p in binds for a in Path(p).parents if str(a) != "/"}
+    writable = [ran] if ran else []
+    parents = {str(a) for p in binds + writable for a in Path(p).parents if str(a) != "/"}
     for d in sorted(parents - set(binds), key=lambda d: d.count("/")):
         if not any(d.startswith(b + "/") for b in binds):
             cmd += ["--perms", "0755", "--dir", d]
@@ -105,8 +110,11 @@ def command(jail: Jail, argv: list[str], *, info_fd: int, block_fd: int) -> list
         # -try for the VM's own files: an incoming VM's image may not be on this host.
         cmd += ["--ro-bind" if p not in jail.read_only else "--ro-bind-try", p, p]
     cmd += ["--dev", "/dev", "--dev-bind", "/dev/kvm", "/dev/kvm", "--proc", "/proc"]
-    cmd += ["--chdir", "/", "--clearenv"]
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **dict(jail.env)}
+    for p in writable:
+        cmd += ["--bind", p, p]
+        env[GUEST_RAN_ENV] = p
+    cmd += ["--chdir", "/", "--clearenv"]
     for k, v in env.items():
         cmd += ["--setenv", k, v]
     cmd += ["--info-fd", str(info_fd), "--block-fd", str(block_fd), "--"]

@@ -16,6 +16,7 @@ from pyhv.dynmem.balancer import (
     VmMemoryState,
     mib_from_pages,
 )
+from pyhv.dynmem.status import HEALTH_GAUGE, memory_health
 
 BALANCER = "Hyper-V Dynamic Memory Balancer"
 VM = "Hyper-V Dynamic Memory VM"
@@ -62,6 +63,12 @@ VM_SET = CounterSetDef(
         CounterDef(
             "Memory Remove Operations", "Remove operations (not pages)", "operations", "cumulative"
         ),
+        CounterDef("Memory Demand", "Memory the guest commits (Hyper-V Manager's column)", "MB"),
+        CounterDef(
+            "Memory Status",
+            "Hyper-V Manager's Memory Status: 0 OK, 1 Low (available memory below the buffer), "
+            "2 Warning (demand above what the VM can be given)",
+        ),
     ),
     instance_label="vm",
 )
@@ -105,6 +112,18 @@ class DynamicMemoryCounters:
                 ),
                 "Current Pressure": pressure,
             }
+            committed = state.report.committed_pages if state.report is not None else None
+            if committed is not None:
+                values["Memory Demand"] = mib_from_pages(committed)
+                values["Memory Status"] = HEALTH_GAUGE[
+                    memory_health(
+                        committed,
+                        state.assigned_pages,
+                        state.settings.buffer_percent,
+                        state.settings.maximum_pages,
+                        decision.available_pages,
+                    )
+                ]
             if history:
                 values["Average Pressure"] = sum(history) / len(history)
                 values["Maximum Pressure"] = max(history)

@@ -11,12 +11,12 @@ counters read that. All memory is in 4 KiB pages, the unit of the protocol.
 
 Pressure and the buffered target are computed here and only here (:func:`pressure_percent`,
 :func:`buffered_pages`, :func:`target_pages`), for one VM and for the balancer's numpy columns
-alike.
+alike; so is Hyper-V Manager's Memory Status column (:func:`memory_health`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +45,33 @@ def target_pages(
 def pressure_percent(committed_pages: _N, assigned_pages: _N | int) -> Any:
     """Pressure = demand / assigned x 100 (a float, or a float column)."""
     return committed_pages * 100.0 / np.maximum(assigned_pages, 1)
+
+
+#: Hyper-V Manager's Memory Status column (docs/dynamic-memory.md, "Memory Demand and Memory
+#: Status"), and its gauge value under "Hyper-V Dynamic Memory VM\Memory Status".
+Health = Literal["OK", "Low", "Warning"]
+HEALTH_GAUGE: dict[Health, int] = {"OK": 0, "Low": 1, "Warning": 2}
+
+
+def memory_health(
+    committed_pages: int,
+    assigned_pages: int,
+    buffer_percent: int,
+    maximum_pages: int,
+    host_free_pages: int,
+) -> Health:
+    """Hyper-V's Memory Status of a VM whose guest reported. The most it can have soon is what
+    it has plus what the host can still give it (the free pool, up to its maximum): Warning
+    when that is below its demand (the guest commits more than it can be given: it pages, or
+    would), Low when it is below demand plus the buffer (its available memory is below its
+    buffer), else OK. A shortfall the host is about to fill is OK, as in Hyper-V."""
+    room = max(0, min(maximum_pages - assigned_pages, host_free_pages))
+    reach = assigned_pages + room
+    if committed_pages > reach:
+        return "Warning"
+    if buffered_pages(committed_pages, buffer_percent) > reach:
+        return "Low"
+    return "OK"
 
 
 class Limits(Protocol):
@@ -152,6 +179,18 @@ class MemoryStatus(Struct, frozen=True, forbid_unknown_fields=True):
                 settings.minimum_pages,
                 settings.maximum_pages,
             )
+        )
+
+    def health(self, settings: Limits, host_free_pages: int) -> Health | None:
+        """Hyper-V's Memory Status (:func:`memory_health`), None before the guest reported."""
+        if self.committed_pages is None:
+            return None
+        return memory_health(
+            self.committed_pages,
+            self.assigned_pages,
+            settings.buffer_percent,
+            settings.maximum_pages,
+            host_free_pages,
         )
 
     # --- wire form: declared by the fields above; what types cannot say, check() says ----

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from pyhv.dynmem.status import Health
 from pyhv.vmms.config import Settings, SettingsChange, describe_error
 
 # --- request bodies ------------------------------------------------------------------------
@@ -97,11 +98,20 @@ class VmSettings(Struct):
 
 
 class VmMemory(Struct):
-    """Bytes, as the host accounts them (running VMs)."""
+    """Bytes, as the host accounts them (running VMs), and Hyper-V Manager's Memory Demand and
+    Memory Status columns (null until the guest's DM driver reported; docs/dynamic-memory.md)."""
 
     visible: int
     assigned: int
     ballooned: int
+    demand: Annotated[int | None, Meta(description="the guest's committed memory, bytes")]
+    status: Annotated[
+        Health | None,
+        Meta(
+            description="OK; Low: available memory below the buffer; Warning: demand above "
+            "what the VM can be given"
+        ),
+    ]
 
 
 VmState = Literal["off", "starting", "running", "stopping", "crashed", "incoming", "paused"]

@@ -258,10 +258,17 @@ class Vmms:
         }
         if self.pool.holds(s.name):
             visible, assigned, ballooned = self.pool.pages(s.name)
+            st = self.pool.latest(s.name) if s.dynamic_memory else None
+            demand = None if st is None else st.committed_pages
             out["memory"] = {
                 "visible": visible * PAGE_SIZE,
                 "assigned": assigned * PAGE_SIZE,
                 "ballooned": ballooned * PAGE_SIZE,
+                # Hyper-V Manager's Memory Demand and Memory Status (null until the guest reported)
+                "demand": None if demand is None else demand * PAGE_SIZE,
+                "status": (
+                    None if st is None else st.health(s.memory_settings(), self.pool.free_pages)
+                ),
             }
         if vm.memory is not None:
             out["enforcement"] = vm.memory.describe()

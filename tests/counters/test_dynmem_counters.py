@@ -49,6 +49,8 @@ def test_the_vm_set_has_the_books_counters() -> None:
         "Removed Memory",
         "Memory Add Operations",
         "Memory Remove Operations",
+        "Memory Demand",
+        "Memory Status",
     ]
 
 

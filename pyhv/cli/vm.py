@@ -49,6 +49,8 @@ def _print_vm(vm: dict[str, Any]) -> None:
             f"  memory: visible {_size(m['visible'])}, assigned {_size(m['assigned'])}, "
             f"ballooned {_size(m['ballooned'])}"
         )
+        if m.get("status"):  # Hyper-V Manager's columns, once the guest reported
+            print(f"  memory demand {_size(m['demand'])}, memory status {m['status']}")
     e = vm.get("enforcement")
     if e:
         print(
@@ -78,7 +80,13 @@ def _dm_options(p: argparse.ArgumentParser) -> None:
         "--maximum", type=types.size, metavar="SIZE", help="Dynamic Memory maximum (e.g. 4G)"
     )
     p.add_argument("--buffer", type=int, help="buffer %%, 5..2000 (default 20)")
-    p.add_argument("--weight", type=int, help="memory weight 0..100 (default 50)")
+    p.add_argument(
+        "--weight",
+        "--priority",
+        dest="weight",
+        type=int,
+        help="memory weight 0..100 (default 50; Set-VMMemory's -Priority)",
+    )
 
 
 def _dynamic(p: argparse.ArgumentParser) -> None:
@@ -139,8 +147,9 @@ def register(sub: Any) -> None:
     command("delete", "Delete VM NAME (it must be off).", delete)
     c = command(
         "memory",
-        "Show or change VM NAME's memory. While it runs: minimum may only go down, maximum only "
-        "up, startup is fixed; --target moves its memory now (Dynamic Memory).",
+        "Show or change VM NAME's memory (Set-VMMemory's settings). While it runs: minimum may "
+        "only go down, maximum only up, buffer and priority change, startup is fixed; --target "
+        "moves its memory now (Dynamic Memory).",
         memory,
     )
     c.add_argument(
@@ -151,7 +160,13 @@ def register(sub: Any) -> None:
     )
     _dynamic(c)
     c.add_argument(
-        "--memory", "-m", type=types.size, metavar="SIZE", help="startup memory (VM off only)"
+        "--memory",
+        "--startup",
+        "-m",
+        dest="memory",
+        type=types.size,
+        metavar="SIZE",
+        help="startup memory (VM off only; Set-VMMemory's -StartupBytes)",
     )
     _dm_options(c)
     c = command(
@@ -218,12 +233,16 @@ def list_vms(a: argparse.Namespace) -> int:
     if a.as_json:
         print(json.dumps(vms, indent=1))
         return 0
-    print(f"{'NAME':20} {'STATE':9} {'VPS':>3} {'MEMORY':>8} {'ASSIGNED':>9} {'DM':3} REASON")
+    print(
+        f"{'NAME':20} {'STATE':9} {'VPS':>3} {'MEMORY':>8} {'ASSIGNED':>9} {'DEMAND':>8} "
+        f"{'STATUS':7} {'DM':3} REASON"
+    )
     for vm in vms:
         s, m = vm["settings"], vm.get("memory") or {}
         print(
             f"{vm['name']:20} {vm['state']:9} {s['vps']:>3} {_size(s['memory']):>8} "
-            f"{_size(m.get('assigned')):>9} {'on' if s['dynamic_memory'] else 'off':3} "
+            f"{_size(m.get('assigned')):>9} {_size(m.get('demand')):>8} "
+            f"{m.get('status') or '-':7} {'on' if s['dynamic_memory'] else 'off':3} "
             f"{vm['reason'].splitlines()[0] if vm['reason'] else ''}"
         )
     return 0

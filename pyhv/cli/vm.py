@@ -27,6 +27,11 @@ def _size(n: int | None) -> str:
     return "-" if n is None else format_size(n)
 
 
+def _demand(n: int | None) -> str:
+    """Memory Demand in whole MiB, as Hyper-V Manager shows it (MB)."""
+    return "-" if n is None else format_size((n + (1 << 19)) >> 20 << 20)
+
+
 def _print_vm(vm: dict[str, Any]) -> None:
     s = vm["settings"]
     print(f"{vm['name']}: {vm['state']}" + (f" ({vm['reason']})" if vm["reason"] else ""))
@@ -50,7 +55,7 @@ def _print_vm(vm: dict[str, Any]) -> None:
             f"ballooned {_size(m['ballooned'])}"
         )
         if m.get("status"):  # Hyper-V Manager's columns, once the guest reported
-            print(f"  memory demand {_size(m['demand'])}, memory status {m['status']}")
+            print(f"  memory demand {_demand(m['demand'])}, memory status {m['status']}")
     e = vm.get("enforcement")
     if e:
         print(
@@ -241,7 +246,7 @@ def list_vms(a: argparse.Namespace) -> int:
         s, m = vm["settings"], vm.get("memory") or {}
         print(
             f"{vm['name']:20} {vm['state']:9} {s['vps']:>3} {_size(s['memory']):>8} "
-            f"{_size(m.get('assigned')):>9} {_size(m.get('demand')):>8} "
+            f"{_size(m.get('assigned')):>9} {_demand(m.get('demand')):>8} "
             f"{m.get('status') or '-':7} {'on' if s['dynamic_memory'] else 'off':3} "
             f"{vm['reason'].splitlines()[0] if vm['reason'] else ''}"
         )

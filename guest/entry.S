@@ -7,6 +7,17 @@
 #define MAX_CPUS 64
 #define TRAMPOLINE 0x8000 /* where CPU 0 copies ap_trampoline: the page of SIPI vector 0x08 */
 
+/* A CPU in long mode on the image's GDT: kernel data in DS/ES/SS, null FS/GS (clobbers EAX). */
+.macro load_kernel_segments
+    mov $KDATA, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    xor %eax, %eax
+    mov %eax, %fs
+    mov %eax, %gs
+.endm
+
 /* ---------------------------------------------------------------- Xen PVH ELF note */
     .section .note.Xen, "a", @note
     .balign 4
@@ -24,13 +35,7 @@ _start:
     cli
     mov %rsi, %r12
     lgdt gdtr(%rip)
-    mov $KDATA, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
-    xor %eax, %eax
-    mov %eax, %fs
-    mov %eax, %gs
+    load_kernel_segments
     pushq $KCODE
     lea 1f(%rip), %rax
     pushq %rax
@@ -51,13 +56,7 @@ _start:
 /* An application processor, from ap_trampoline, in long mode on the image's GDT and CPU 0's page
  * tables: its index is its LAPIC ID; ap_main on a kernel stack of its own. */
 ap_start64:
-    mov $KDATA, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
-    xor %eax, %eax
-    mov %eax, %fs
-    mov %eax, %gs
+    load_kernel_segments
     mov $0xFEE00020, %edx       /* LAPIC ID register */
     mov (%rdx), %edi
     shr $24, %edi

@@ -18,6 +18,19 @@
     mov %eax, %gs
 .endm
 
+/* A CPU in 32-bit protected mode, CR3 already on its PML4: PAE, long mode and paging on (clobbers
+ * EAX, ECX, EDX); a far jump to a 64-bit code segment follows. */
+.macro enable_long_mode
+    mov $0x620, %eax            /* PAE | OSFXSR | OSXMMEXCPT */
+    mov %eax, %cr4
+    mov $0xC0000080, %ecx       /* EFER |= LME | SCE */
+    rdmsr
+    or $0x101, %eax
+    wrmsr
+    mov $0x80010033, %eax       /* PG | WP | NE | ET | MP | PE */
+    mov %eax, %cr0
+.endm
+
 /* ---------------------------------------------------------------- Xen PVH ELF note */
     .section .note.Xen, "a", @note
     .balign 4
@@ -78,16 +91,9 @@ ap_trampoline:
     mov %cs, %ax
     mov %ax, %ds
     lgdtl (tr_gdtr - ap_trampoline)
-    mov $0x620, %eax            /* PAE | OSFXSR | OSXMMEXCPT */
-    mov %eax, %cr4
     mov (ap_trampoline_cr3 - ap_trampoline), %eax
     mov %eax, %cr3
-    mov $0xC0000080, %ecx       /* EFER |= LME | SCE */
-    rdmsr
-    or $0x101, %eax
-    wrmsr
-    mov $0x80010033, %eax       /* PG | WP | NE | ET | MP | PE */
-    mov %eax, %cr0
+    enable_long_mode
     ljmpl $KCODE, $(TRAMPOLINE + tr_long - ap_trampoline)
     .code64
 tr_long:
@@ -146,16 +152,9 @@ pvh_start32:
     inc %ecx
     cmp $32768, %ecx
     jb 4b
-    mov $0x620, %eax            /* PAE | OSFXSR | OSXMMEXCPT */
-    mov %eax, %cr4
     mov $pvh_pml4, %eax
     mov %eax, %cr3
-    mov $0xC0000080, %ecx       /* EFER |= LME | SCE */
-    rdmsr
-    or $0x101, %eax
-    wrmsr
-    mov $0x80010033, %eax       /* PG | WP | NE | ET | MP | PE */
-    mov %eax, %cr0
+    enable_long_mode
     ljmp $KCODE, $pvh_start64
 
     .code64

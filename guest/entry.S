@@ -7,6 +7,30 @@
 #define MAX_CPUS 64
 #define TRAMPOLINE 0x8000 /* where CPU 0 copies ap_trampoline: the page of SIPI vector 0x08 */
 
+/* A CPU in long mode on the image's GDT: kernel data in DS/ES/SS, null FS/GS (clobbers EAX). */
+.macro load_kernel_segments
+    mov $KDATA, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    xor %eax, %eax
+    mov %eax, %fs
+    mov %eax, %gs
+.endm
+
+/* A CPU in 32-bit protected mode, CR3 already on its PML4: PAE, long mode and paging on (clobbers
+ * EAX, ECX, EDX); a far jump to a 64-bit code segment follows. */
+.macro enable_long_mode
+    mov $0x620, %eax            /* PAE | OSFXSR | OSXMMEXCPT */
+    mov %eax, %cr4
+    mov $0xC0000080, %ecx       /* EFER |= LME | SCE */
+    rdmsr
+    or $0x101, %eax
+    wrmsr
+    mov $0x80010033, %eax       /* PG | WP | NE | ET | MP | PE */
+    mov %eax, %cr0
+.endm
+
 /* ---------------------------------------------------------------- Xen PVH ELF note */
     .section .note.Xen, "a", @note
     .balign 4
@@ -24,13 +48,7 @@ _start:
     cli
     mov %rsi, %r12
     lgdt gdtr(%rip)
-    mov $KDATA, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
-    xor %eax, %eax
-    mov %eax, %fs
-    mov %eax, %gs
+    load_kernel_segments
     pushq $KCODE
     lea 1f(%rip), %rax
     pushq %rax
@@ -51,13 +69,7 @@ _start:
 /* An application processor, from ap_trampoline, in long mode on the image's GDT and CPU 0's page
  * tables: its index is its LAPIC ID; ap_main on a kernel stack of its own. */
 ap_start64:
-    mov $KDATA, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
-    xor %eax, %eax
-    mov %eax, %fs
-    mov %eax, %gs
+    load_kernel_segments
     mov $0xFEE00020, %edx       /* LAPIC ID register */
     mov (%rdx), %edi
     shr $24, %edi
@@ -79,16 +91,9 @@ ap_trampoline:
     mov %cs, %ax
     mov %ax, %ds
     lgdtl (tr_gdtr - ap_trampoline)
-    mov $0x620, %eax            /* PAE | OSFXSR | OSXMMEXCPT */
-    mov %eax, %cr4
     mov (ap_trampoline_cr3 - ap_trampoline), %eax
     mov %eax, %cr3
-    mov $0xC0000080, %ecx       /* EFER |= LME | SCE */
-    rdmsr
-    or $0x101, %eax
-    wrmsr
-    mov $0x80010033, %eax       /* PG | WP | NE | ET | MP | PE */
-    mov %eax, %cr0
+    enable_long_mode
     ljmpl $KCODE, $(TRAMPOLINE + tr_long - ap_trampoline)
     .code64
 tr_long:
@@ -147,16 +152,9 @@ pvh_start32:
     inc %ecx
     cmp $32768, %ecx
     jb 4b
-    mov $0x620, %eax            /* PAE | OSFXSR | OSXMMEXCPT */
-    mov %eax, %cr4
     mov $pvh_pml4, %eax
     mov %eax, %cr3
-    mov $0xC0000080, %ecx       /* EFER |= LME | SCE */
-    rdmsr
-    or $0x101, %eax
-    wrmsr
-    mov $0x80010033, %eax       /* PG | WP | NE | ET | MP | PE */
-    mov %eax, %cr0
+    enable_long_mode
     ljmp $KCODE, $pvh_start64
 
     .code64

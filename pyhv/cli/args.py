@@ -56,6 +56,16 @@ def add_memory_option(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def add_timeout_option(p: argparse.ArgumentParser, default: float, what: str) -> None:
+    """--timeout SECONDS: how long the command waits for `what` ("per prompt", "for a source")."""
+    p.add_argument(
+        "--timeout",
+        type=positive,
+        default=default,
+        help=f"seconds to wait {what} (default {default:g})",
+    )
+
+
 def add_kernel_option(p: argparse.ArgumentParser) -> None:
     """--kernel/--image FILE: what the VM boots (pyhv.worker.loaders tells the protocol)."""
     p.add_argument(

@@ -21,18 +21,14 @@ def register(sub: Any) -> None:
         description="The book's experiments with real guests under KVM (docs/experiments.md).",
     )
     cmds = p.add_subparsers(dest="experiment_command", metavar="COMMAND", required=True)
-    c = cmds.add_parser(
+    c = _experiment(
+        cmds,
         "watch-dynamic-memory",
         help="Watching Dynamic Memory (the book's experiment)",
         description="Watching Dynamic Memory: testlimit in a Dynamic Memory VM, two jumps of Guest "
         "Visible Physical Memory and Physical Memory, kill, and the lazy trim of Physical Memory.",
-    )
-    c.add_argument("--out", type=Path, default=Path("out/watch-dynamic-memory"), help=_OUT_HELP)
-    c.add_argument(
-        "--time-scale",
-        type=types.positive,
-        default=1.0,
-        help="multiplies the balancer's delays (trim after 180 s, add settle 30 s); 0.1 = ten times sooner (default 1)",
+        time_scale=1.0,
+        time_scale_help="multiplies the balancer's delays (trim after 180 s, add settle 30 s); 0.1 = ten times sooner (default 1)",
     )
     c.add_argument("--startup", dest="startup_mib", type=int, default=768, help="MiB (default 768)")
     c.add_argument(
@@ -46,21 +42,27 @@ def register(sub: Any) -> None:
         help="seconds testlimit runs once the adds are done (default 5)",
     )
     c.set_defaults(func=watch_command)
-    c = cmds.add_parser(
+    c = _experiment(
+        cmds,
         "contention",
         help="three weighted VMs contending for memory",
         description="Three weighted VMs with bursty Testlimit workloads on a host smaller than the "
         "sum of their maxima: who gets memory, nobody below minimum, density against static "
         "allocation.",
-    )
-    c.add_argument("--out", type=Path, default=Path("out/contention"), help=_OUT_HELP)
-    c.add_argument(
-        "--time-scale",
-        type=types.positive,
-        default=0.1,
-        help="multiplies the balancer's delays and the workload timeline (default 0.1)",
+        time_scale=0.1,
+        time_scale_help="multiplies the balancer's delays and the workload timeline (default 0.1)",
     )
     c.set_defaults(func=contention_command)
+
+
+def _experiment(
+    cmds: Any, name: str, *, help: str, description: str, time_scale: float, time_scale_help: str
+) -> argparse.ArgumentParser:
+    """An experiment's subcommand with the options every experiment has: --out, --time-scale."""
+    c: argparse.ArgumentParser = cmds.add_parser(name, help=help, description=description)
+    c.add_argument("--out", type=Path, default=Path(f"out/{name}"), help=_OUT_HELP)
+    c.add_argument("--time-scale", type=types.positive, default=time_scale, help=time_scale_help)
+    return c
 
 
 def _need_kvm() -> None:

@@ -141,12 +141,7 @@ def register(sub: Any) -> None:
         metavar="SIZE",
         help="refuse VMs larger than this (default: MemAvailable)",
     )
-    c.add_argument(
-        "--timeout",
-        type=types.positive,
-        default=600.0,
-        help="seconds to wait for a source (default 600)",
-    )
+    types.add_timeout_option(c, 600.0, "for a source")
     c.set_defaults(func=listen)
     c = cmds.add_parser(
         "run",

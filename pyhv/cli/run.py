@@ -60,12 +60,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--process", action="store_true", help="run the VM in a worker process of its own"
     )
-    p.add_argument(
-        "--timeout",
-        type=types.positive,
-        default=300.0,
-        help="seconds to wait per prompt (default 300)",
-    )
+    types.add_timeout_option(p, 300.0, "per prompt")
     p.add_argument(
         "--dynamic-memory", action="store_true", help="Dynamic Memory (balloon, hot-add)"
     )

@@ -29,52 +29,45 @@ def _read_value(result: Any, size: int) -> int:
     return 0
 
 
-def traced_io(handler: Handler, record: Record) -> Handler:
+def _traced(
+    handler: Handler, record: Record, event: Callable[[float, Any, Any, int], Event]
+) -> Handler:
+    """`handler`, timed: after it returns, `event(time, message, result, handler_ns)` is recorded."""
     perf, now = time.perf_counter_ns, time.time
 
-    def io(m: Any) -> Any:
+    def traced(m: Any) -> Any:
         t0 = perf()
         r = handler(m)
         ns = perf() - t0
-        w = m.access_type == _WRITE
-        value = m.value if w else _read_value(r, m.access_size)
-        record(
-            IoEvent(
-                now(), m.vp_index, m.port, "out" if w else "in", m.access_size, m.count, value, ns
-            )
-        )
+        record(event(now(), m, r, ns))
         return r
 
-    return io
+    return traced
+
+
+def traced_io(handler: Handler, record: Record) -> Handler:
+    def event(t: float, m: Any, r: Any, ns: int) -> Event:
+        w = m.access_type == _WRITE
+        value = m.value if w else _read_value(r, m.access_size)
+        io = "out" if w else "in"
+        return IoEvent(t, m.vp_index, m.port, io, m.access_size, m.count, value, ns)
+
+    return _traced(handler, record, event)
 
 
 def traced_mmio(handler: Handler, record: Record) -> Handler:
-    perf, now = time.perf_counter_ns, time.time
-
-    def mmio(m: Any) -> Any:
-        t0 = perf()
-        r = handler(m)
-        ns = perf() - t0
+    def event(t: float, m: Any, r: Any, ns: int) -> Event:
         w = m.access_type == _WRITE
         value = m.value if w else _read_value(r, m.access_size)
-        record(
-            MmioEvent(now(), m.vp_index, m.gpa, "write" if w else "read", m.access_size, value, ns)
-        )
-        return r
+        return MmioEvent(t, m.vp_index, m.gpa, "write" if w else "read", m.access_size, value, ns)
 
-    return mmio
+    return _traced(handler, record, event)
 
 
 def traced_msr(handler: Handler, record: Record) -> Handler:
-    perf, now = time.perf_counter_ns, time.time
-
-    def msr(m: Any) -> Any:
-        t0 = perf()
-        r = handler(m)
-        ns = perf() - t0
+    def event(t: float, m: Any, r: Any, ns: int) -> Event:
         w = m.access_type == _WRITE
         value = m.value if w else (0 if m.gp else _read_value(r, 8))
-        record(MsrEvent(now(), m.vp_index, m.msr, "write" if w else "read", value, m.gp, ns))
-        return r
+        return MsrEvent(t, m.vp_index, m.msr, "write" if w else "read", value, m.gp, ns)
 
-    return msr
+    return _traced(handler, record, event)

@@ -132,7 +132,7 @@ def build_kernel32(
     These kernels follow published boot protocols (PVH, Multiboot), not pyhv's own."""
     sources = [HERE / f"{name}.S", HERE / "kernel32.c"]
     h = hashlib.sha256(f"{KERNEL32_CFLAGS}\n{defines}\n{flat}\n{elf64}\n{KERNEL32_LDS}".encode())
-    for src in sources:
+    for src in [*sources, *sorted(HERE.glob("*.h"))]:  # with the macros they include
         h.update(src.read_bytes())
     tag = h.hexdigest()[:16]
     CACHE.mkdir(parents=True, exist_ok=True)

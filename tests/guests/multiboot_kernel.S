@@ -1,6 +1,7 @@
 /* multiboot_kernel.S -- a Multiboot v1 kernel: the header in its first 8 KiB, entered in 32-bit
  * protected mode with EAX = 0x2BADB002 and EBX = the multiboot_info. Built as a 32-bit ELF, or
  * with AOUT_KLUDGE as a flat image whose header carries the load addresses (flag bit 16). */
+#include "boot32.h"
 #define MB_MAGIC 0x1BADB002
 #ifdef AOUT_KLUDGE
 #define MB_FLAGS 0x00010003     /* page-align modules, memory info, address fields */
@@ -27,11 +28,6 @@ _start:
     mov $stack_top, %esp        /* the protocol gives no stack */
     push %ebx                   /* struct multiboot_info * */
     push %eax                   /* the boot loader's magic */
-    call multiboot_main
-1:  hlt
-    jmp 1b
+    call_main multiboot_main
 
-    .bss
-    .balign 16
-    .space 4096
-stack_top:
+    boot_stack

@@ -1,6 +1,7 @@
 /* pvh_kernel.S -- a 32-bit ELF kernel entered by the Xen PVH protocol only: its
  * XEN_ELFNOTE_PHYS32_ENTRY note names the entry, reached in protected mode with paging off and
  * EBX = the hvm_start_info. Its ELF entry is the same address (the PVH entry is what counts). */
+#include "boot32.h"
     .section .note.Xen, "a"
     .balign 4
     .long 4, 4, 18              /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
@@ -14,11 +15,6 @@ _start:
 pvh_start:
     mov $stack_top, %esp        /* the protocol gives no stack */
     push %ebx                   /* struct hvm_start_info * */
-    call pvh_main
-1:  hlt
-    jmp 1b
+    call_main pvh_main
 
-    .bss
-    .balign 16
-    .space 4096
-stack_top:
+    boot_stack

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.guest.test_vsc import floor_pages  # guest/pmm.c's balloon floor is Linux's
 from tests.vmms.vmms_process import ROOT, VmmsProcess
 
 pytestmark = pytest.mark.guest
@@ -98,18 +99,6 @@ def host(tmp_path: Path) -> Iterator[VmmsProcess]:
 
 def _dm(events: list[dict[str, Any]], message: str) -> list[dict[str, Any]]:
     return [e for e in events if e["kind"] == "dm" and e["message"] == message]
-
-
-def _floor(pages: int) -> int:
-    """pmm_balloon_floor() of guest/pmm.c: what the guest adds to its committed pages."""
-    mb = MIB_PAGES
-    if pages < 128 * mb:
-        return 8 * mb + pages // 2
-    if pages < 512 * mb:
-        return 40 * mb + pages // 4
-    if pages < 2048 * mb:
-        return 104 * mb + pages // 8
-    raise AssertionError("this test's guest stays under 2 GiB")
 
 
 def _record_to_file(host: VmmsProcess, path: Path) -> list[dict[str, Any]]:
@@ -225,7 +214,7 @@ def test_vm_trace_shows_status_reports_then_the_hot_add_and_its_response_decoded
         "io_diff",
     }
     visible = seen["visible"] * MIB_PAGES
-    expected = (seen["committed"] + seen["ballooned"]) * MIB_PAGES + _floor(visible)
+    expected = (seen["committed"] + seen["ballooned"]) * MIB_PAGES + floor_pages(visible)
     assert abs(report["num_committed"] - expected) <= 2 * MIB_PAGES  # `mem` rounds to MiB
     assert abs(report["num_avail"] - seen["free"] * MIB_PAGES) <= 2 * MIB_PAGES
     assert report["num_committed"] > before + 400 * MIB_PAGES - MIB_PAGES

@@ -197,12 +197,7 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="file holding the destination VMMS's token (its state directory's 'token')",
     )
-    c.add_argument(
-        "--timeout",
-        type=types.positive,
-        default=900.0,
-        help="seconds to wait for the end (default 900)",
-    )
+    types.add_timeout_option(c, 900.0, "for the end")
     add_migration_options(c)
     command(
         "console",

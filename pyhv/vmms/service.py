@@ -110,6 +110,9 @@ class Vmms:
         self.balancer = BalancerLoop(self.pool, self._dm_vms, self.dm_counters, balancer)
         self.traces = TraceHub()  # the flight recorder's watchers (pyhv.vmms.tracing)
         self.balancer.decision_listeners.append(self.traces.decision)
+        #: Called with (VM name, status) for every memory status the pool took, in the order it
+        #: took them, on the worker's reader thread (an experiment's record of every change).
+        self.status_listeners: list[Callable[[str, MemoryStatus], object]] = []
         self._worker_factory = worker_factory
         self._image_resolver = image_resolver
         self._stop_timeout = stop_timeout
@@ -552,6 +555,8 @@ class Vmms:
         if vm is None or vm.worker is not worker or not self.pool.record(name, status):
             return  # from a worker this VM no longer has, or a VM that ended meanwhile
         self.worker_counters.record(name, status)
+        for listener in self.status_listeners:
+            listener(name, status)
         self.balancer.status_arrived()
 
     def _status_refused(self, name: str, why: str) -> None:

@@ -248,8 +248,8 @@ class BalancerLoop:
         while a hot-add completes at once: an add is paid only from pages free now, a pending
         remove still assigned and a pending add already assigned, so that the VMs' assigned
         memory never exceeds the budget. Adds go by weight, an add short of pages is cut to
-        what is free (if still worth an operation) or waits: the balancer decides again when
-        the removal's status arrives."""
+        what is free (if still worth an operation) or waits for the next tick, which decides
+        again from the statuses then."""
         for op in decision.operations:
             if isinstance(op, Remove):
                 self._dispatch(op, workers[op.vm])

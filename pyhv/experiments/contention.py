@@ -76,6 +76,12 @@ class ContentionResult:
     vms: dict[str, dict[str, float]] = field(default_factory=dict)
     first_short_tick: dict[str, object] = field(default_factory=dict)
     peak_used_mib: float = 0.0
+    #: The most the VMs were assigned together by the pool's own accounting, over every
+    #: status it took (the sampled peak_used_mib can miss a moment; this cannot).
+    pool_peak_mib: float = 0.0
+    #: Each VM's assigned MiB at the first status in which the highest-weight VM grew after
+    #: the VMs listed together started their workloads.
+    at_first_growth: dict[str, float] = field(default_factory=dict)
     sum_of_peaks_mib: float = 0.0
     sum_of_maxima_mib: float = 0.0
     budget_mib: float = 0.0
@@ -106,10 +112,16 @@ class ContentionResult:
                 f"  first tick with the host short (t={s['t']:.1f} s): "
                 + ", ".join(f"{k} {v:+.0f} MiB" for k, v in s["operations"].items())  # type: ignore[attr-defined]
             )
+        if self.at_first_growth:
+            lines.append(
+                "  assigned at the first status in which the highest-weight VM grew: "
+                + ", ".join(f"{k} {v:.0f} MiB" for k, v in sorted(self.at_first_growth.items()))
+            )
         lines += [
             f"  static allocation at each VM's peak: {self.sum_of_peaks_mib:.0f} MiB; Dynamic Memory "
             f"used at most {self.peak_used_mib:.0f} MiB of the {self.budget_mib:.0f} MiB budget "
-            f"(density x{self.density:.2f})",
+            f"(density x{self.density:.2f}; at most {self.pool_peak_mib:.0f} MiB assigned by the "
+            "pool's accounting at any status)",
             f"  files: {self.png}, {self.csv}",
         ]
         return "\n".join(lines)
@@ -169,6 +181,10 @@ def run_contention(
         # Let every VM be trimmed to its target (lazily, after the removal delay).
         lab.sleep(bal.effective_remove_delay_s + config.settle_s * config.stretch + 8)
         history = {n: list(lab.history[n]) for n in names}
+        result.pool_peak_mib = mib_from_pages(lab.vmms.pool.peak_assigned_pages)
+        if result.events and len(result.events[0]["vms"]) > 1:  # type: ignore[arg-type]
+            first = max(config.vms, key=lambda v: v.weight).name
+            result.at_first_growth = lab.assigned_at(result.events[0]["t"], first)  # type: ignore[arg-type]
         decisions = list(lab.decisions)
 
     if together_at is not None:

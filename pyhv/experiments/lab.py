@@ -16,6 +16,7 @@ from typing import Any
 
 from pyhv.counters.csvlog import CsvLog
 from pyhv.dynmem.balancer import PAGES_PER_MIB, BalancerConfig, Decision
+from pyhv.dynmem.status import MemoryStatus
 from pyhv.vmms.service import Vmms, VmmsError
 
 MIB = 1 << 20
@@ -138,6 +139,27 @@ class Lab:
         self._stop = threading.Event()
         self._hist_cv = threading.Condition()
         self._threads: list[threading.Thread] = []
+        #: (time, VM, assigned MiB) of every status the pool took, in its order: unlike the
+        #: sampled counters, no change falls between two samples.
+        self.pushes: list[tuple[float, str, float]] = []
+        self.vmms.status_listeners.append(self._pushed)
+
+    def _pushed(self, name: str, status: MemoryStatus) -> None:
+        with self._hist_cv:
+            self.pushes.append((self.now(), name, status.assigned_pages / PAGES_PER_MIB))
+
+    def assigned_at(self, since: float, vm: str) -> dict[str, float]:
+        """Every VM's assigned MiB as the pool had it at the first status after `since` in
+        which VM `vm` was assigned more than before (empty if it never grew)."""
+        with self._hist_cv:
+            pushes = list(self.pushes)
+        latest: dict[str, float] = {}
+        for t, name, assigned in pushes:
+            grew = name == vm and t > since and name in latest and assigned > latest[name]
+            latest[name] = assigned
+            if grew:
+                return latest
+        return {}
 
     def now(self) -> float:
         return time.monotonic() - self._t0

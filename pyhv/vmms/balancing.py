@@ -193,8 +193,7 @@ class BalancerLoop:
             self._tracked[name].above_target_s = timer
         for name, hold in zip(decision.vm_ids, decision.add_hold_s, strict=True):
             self._tracked[name].add_hold_s = hold
-        for op in decision.operations:
-            self._dispatch(op, workers[op.vm])
+        self._dispatch_funded(decision, states, in_flight, workers)
         self.last_decision = decision
         for listener in self.decision_listeners:
             listener(decision, states)
@@ -235,22 +234,70 @@ class BalancerLoop:
             return Remove(state.vm, -left)
         return None
 
-    def _dispatch(self, op: Operation, worker: DynamicMemoryWorker) -> None:
+    def _dispatch_funded(
+        self,
+        decision: Decision,
+        states: list[VmMemoryState],
+        in_flight: list[Operation],
+        workers: Mapping[str, DynamicMemoryWorker],
+    ) -> None:
+        """Send the decision's removes, then its adds as far as the pool has the pages now.
+
+        The decision counts a removal in flight as already returned (so that it reclaims no
+        more than is missing), but a guest may balloon slowly, or not at all (at its floor),
+        while a hot-add completes at once: an add is paid only from pages free now, a pending
+        remove still assigned and a pending add already assigned, so that the VMs' assigned
+        memory never exceeds the budget. Adds go by weight, an add short of pages is cut to
+        what is free (if still worth an operation) or waits for the next tick, which decides
+        again from the statuses then."""
+        for op in decision.operations:
+            if isinstance(op, Remove):
+                self._dispatch(op, workers[op.vm])
+        by_vm = {s.vm: s for s in states}
+        adds = sorted(
+            (op for op in decision.operations if isinstance(op, Add)),
+            key=lambda op: -by_vm[op.vm].settings.weight,
+        )
+        if not adds:
+            return
+        funds = self.pool.free_pages - sum(op.pages for op in in_flight if isinstance(op, Add))
+        for op in adds:
+            state = by_vm[op.vm]
+            pages = min(op.pages, max(funds, 0))
+            below_minimum = state.assigned_pages < state.settings.minimum_pages
+            if pages < self.config.min_operation_pages and not (below_minimum and pages > 0):
+                log.info(
+                    "VM %s: add of %d pages waits: %d pages free until the removals in flight "
+                    "are done",
+                    op.vm,
+                    op.pages,
+                    funds,
+                )
+                continue
+            if pages < op.pages:
+                unballoon = min(pages, op.unballoon)
+                op = Add(op.vm, pages, unballoon, pages - unballoon)
+            if self._dispatch(op, workers[op.vm]):
+                funds -= op.pages
+
+    def _dispatch(self, op: Operation, worker: DynamicMemoryWorker) -> bool:
+        """Send one operation as a target; False if it was not sent."""
         tr = self._tracked[op.vm]
         if tr.pending is not None:
-            return  # one transaction at a time per VM, as the DM protocol has it
+            return False  # one transaction at a time per VM, as the DM protocol has it
         try:
             current = self.pool.assigned_pages(op.vm)
         except KeyError:
-            return  # the VM ended during the tick
+            return False  # the VM ended during the tick
         target = current + op.pages if isinstance(op, Add) else current - op.pages
         try:
             worker.set_memory_target(target * PAGE_SIZE)
         except (RuntimeError, OSError) as e:
             log.warning("VM %s: %s not sent: %s", op.vm, op, e)
-            return
+            return False
         tr.pending, tr.target, tr.dispatched_from, tr.ticks = op, target, current, 0
         tr.received_at_dispatch = self.pool.received(op.vm)
+        return True
 
     def status_arrived(self) -> None:
         """A worker pushed a memory status: look at it now (see `run`)."""

@@ -50,6 +50,9 @@ class HostPool:
         self.reserve_pages = min(reserve_bytes // PAGE_SIZE, self.budget_pages)
         self._vms: dict[str, _Held] = {}
         self._lock = threading.Lock()
+        #: The most the VMs were assigned together, over every admission and recorded status:
+        #: the pool's own check that the balancer never gave out more than the budget.
+        self.peak_assigned_pages = 0
 
     # --- per VM ---------------------------------------------------------------------------
 
@@ -67,6 +70,7 @@ class HostPool:
                     f"reserve {self.reserve_pages})"
                 )
             self._vms[name] = _Held(pages)
+            self._note_peak()
 
     def record(self, name: str, status: MemoryStatus) -> bool:
         """The latest memory status pushed by the VM's worker; False if the VM is not held
@@ -77,6 +81,7 @@ class HostPool:
                 return False
             held.status = status
             held.received += 1
+            self._note_peak()
             return True
 
     def record_kernel(self, name: str, pages: int) -> None:
@@ -144,8 +149,14 @@ class HostPool:
         with self._lock:
             return self._free()
 
+    def _used(self) -> int:
+        return sum(self._assigned(h) for h in self._vms.values())
+
+    def _note_peak(self) -> None:
+        self.peak_assigned_pages = max(self.peak_assigned_pages, self._used())
+
     def _free(self) -> int:
-        used = sum(self._assigned(h) for h in self._vms.values())
+        used = self._used()
         # Below 0 when workers hold more than the budget (say, a VM migrated in with more than it
         # was admitted with): then nothing is free.
         return max(0, self.budget_pages - self.reserve_pages - used)

@@ -159,6 +159,9 @@ class Vmms:
         self.balancer = BalancerLoop(self.pool, self._dm_vms, self.dm_counters, balancer)
         self.traces = TraceHub()  # the flight recorder's watchers (pyhv.vmms.tracing)
         self.balancer.decision_listeners.append(self.traces.decision)
+        #: Called with (VM name, status) for every memory status the pool took, in the order it
+        #: took them, on the worker's reader thread (an experiment's record of every change).
+        self.status_listeners: list[Callable[[str, MemoryStatus], object]] = []
         self._worker_factory = worker_factory
         self._image_resolver = image_resolver
         self._stop_timeout = stop_timeout
@@ -729,6 +732,8 @@ class Vmms:
         if vm.memory is not None:
             vm.memory.after_status(status.assigned_pages, status.busy)
         self.worker_counters.record(name, status)
+        for listener in self.status_listeners:
+            listener(name, status)
         self.balancer.status_arrived()
 
     def _status_refused(self, name: str, why: str) -> None:

@@ -189,3 +189,41 @@ def test_a_pool_follows_the_workers_pushed_statuses_with_no_mirror() -> None:
     assert pool.pages("testvm") == (1024 * MIB, 768 * MIB, 256 * MIB)
     assert pool.free_pages == budget - 768 * MIB
     assert pool.give_back("testvm") == 768 * MIB and pool.free_pages == budget
+
+
+class EagerWorker(FakeWorker):
+    """Carries out every target at once (a hot-add that completes before any balloon)."""
+
+    def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
+        super().set_memory_target(target_bytes)
+        self.carry_out()
+        return {}
+
+
+def test_an_add_is_paid_only_by_a_removal_once_the_guest_has_given_the_pages() -> None:
+    # B (50) needs more, the host is full, C (20) holds a surplus: the balancer takes C's
+    # surplus at once, and B's add must wait for C's balloon, which is slow (and here first
+    # fails: C's guest is at its floor), while B's hot-add would complete at once.
+    settings = {
+        "B": MemorySettings.from_mib(startup=1024, minimum=256, maximum=2048, weight=50),
+        "C": MemorySettings.from_mib(startup=1024, minimum=256, maximum=2048, weight=20),
+    }
+    b, c = EagerWorker(1024 * MIB, 1500 * MIB), FakeWorker(1024 * MIB, 300 * MIB)
+    loop, pool, _ = _loop({"B": (settings["B"], b), "C": (settings["C"], c)}, budget_mib=2048)
+    budget = pool.budget_pages - pool.reserve_pages
+
+    d = loop.tick()
+    assert d is not None and d.host_short and c.targets and c.targets[-1] < 1024 * MIB
+    assert b.targets == []  # nothing free this tick: the reclaim pays for nothing yet
+    for _ in range(3):  # C's balloon has not come back: B's add is decided, and waits
+        d = loop.tick()
+        assert d is not None and any(isinstance(op, Add) for op in d.operations)
+        assert b.targets == [] and pool.peak_assigned_pages <= budget
+    c.busy = False
+    c.push()  # C's guest gave nothing (at its floor): the removal ends short
+    loop.tick()
+    assert b.targets == [] and pool.peak_assigned_pages <= budget
+    c.carry_out()  # now the guest balloons: the pages are free, and B's add is paid from them
+    loop.tick()
+    assert b.targets and b.assigned > 1024 * MIB
+    assert pool.peak_assigned_pages <= budget

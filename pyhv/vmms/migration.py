@@ -294,8 +294,8 @@ class Migrations:
         with self._lock:
             rec.peer = str(info.get("source") or rec.peer)
             rec.result = {k: info.get(k) for k in ("source", "passes", "pages")}
-            self._end(rec, RUNNING)
-            self.vmms.adopt(vm, worker)  # from now on an ordinary worker of this VMMS
+            # From now on an ordinary worker of this VMMS; a failed save is the record's error.
+            self._end(rec, RUNNING, self.vmms.adopt(vm, worker))
         log.info(
             "VM %s arrived from %s and runs here (worker pid %s)",
             vm.settings.name,

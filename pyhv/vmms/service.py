@@ -46,6 +46,7 @@ from pyhv.vmms.inventory import (
     STOPPING,
     Conflict,
     NotFound,
+    StorageError,
     VmEntry,
     VmmsError,
     Worker,
@@ -281,7 +282,7 @@ class Vmms:
         with self._lock:
             if settings.name in self._vms:
                 raise Conflict(f"a VM named {settings.name!r} exists: pick another name")
-            self.store.save(settings)
+            self._save(settings)
             vm = self._vms[settings.name] = _Vm(settings)
             return self._describe(vm)
 
@@ -295,15 +296,30 @@ class Vmms:
                 new = apply_changes(vm.settings, raw, running=vm.state == RUNNING)
             except VmSettingsError as e:
                 raise VmmsError(str(e)) from None
-            self._forward_memory_limits(vm, new)
-            self.store.save(new)
+            # Saved first: a worker never holds limits its stored config does not (an OSError
+            # here changes nothing); a refusal by the worker puts the old settings back.
+            self._save(new)
+            try:
+                self._forward_memory_limits(vm, new)
+            except Conflict:
+                self._save(vm.settings)
+                raise
             vm.settings = new
             return self._describe(vm)
 
+    def _save(self, settings: VmSettings) -> None:
+        try:
+            self.store.save(settings)
+        except OSError as e:
+            raise StorageError(
+                f"VM {settings.name!r}: its settings could not be saved in {self.store.vm_dir} "
+                f"({e}): free space there and try again; nothing was changed"
+            ) from None
+
     def _forward_memory_limits(self, vm: _Vm, new: VmSettings) -> None:
         """A running Dynamic Memory VM's worker clamps targets to the range it was given: tell
-        it a lowered minimum or raised maximum before the new settings are stored (if the worker
-        refuses, nothing changes)."""
+        it a lowered minimum or raised maximum once the new settings are stored (if the worker
+        refuses, the caller restores the old ones)."""
         old = vm.settings
         if vm.worker is None or not new.dynamic_memory:
             return
@@ -551,11 +567,21 @@ class Vmms:
         """Where a worker of `vm` sends its serial output."""
         return lambda data: self._output(vm, data)
 
-    def adopt(self, vm: VmEntry, worker: Worker) -> None:
-        """A VM that arrived runs here: its settings are stored and its worker is watched like
-        one this service started."""
+    def adopt(self, vm: VmEntry, worker: Worker) -> str:
+        """A VM that arrived runs here: its worker is watched like one this service started,
+        and its settings are stored. Returns "" or why they could not be (disk full): the VM
+        runs and is watched either way, its memory returned when it ends."""
+        error = ""
         with self._lock:
-            self.store.save(vm.settings)
+            try:
+                self.store.save(vm.settings)
+            except OSError as e:
+                error = (
+                    f"VM {vm.settings.name!r} runs here but its settings could not be saved in "
+                    f"{self.store.vm_dir} ({e}): it is not in the inventory after a VMMS "
+                    "restart unless you free space there and change a setting (`pyhv vm set`)"
+                )
+                log.error("%s", error)
             vm.state, vm.started_at, vm.migration = RUNNING, time.monotonic(), None
             if vm.memory is None:
                 overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
@@ -563,6 +589,7 @@ class Vmms:
             vm.memory.pid = worker.pid
             self._update_health()
         self._spawn_watcher(vm, worker)
+        return error
 
     def remove(self, vm: VmEntry, *, forget_settings: bool) -> bool:
         """Take `vm` out of the inventory (it did not arrive, or it left for another host):

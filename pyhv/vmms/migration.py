@@ -251,6 +251,10 @@ class Migrations:
         source = str(body.get("source") or "")
         name = settings.name
         vmms = self.vmms
+        try:  # the image by its name in this host's images directory, never the source's path
+            image = vmms.images.resolve(settings.image)
+        except Exception as e:  # noqa: BLE001 - ImageError, or the bundled guest cannot build
+            raise Conflict(f"the destination cannot take VM {name!r}: {e}") from None
         with self._lock:
             rec = self._new("incoming", name, source, WAITING)
             try:
@@ -266,6 +270,7 @@ class Migrations:
                 vmms.console_sink(vm),
                 max_memory=needed,
                 accept_timeout=self.accept_timeout,
+                image=image,
             )
             vm.worker = worker
             vmms._subscribe(name, worker)

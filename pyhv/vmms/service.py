@@ -37,6 +37,7 @@ from pyhv.vmms.config import (
     check_name,
     settings_from_dict,
 )
+from pyhv.vmms.images import ImageDirectory, ImageError
 from pyhv.vmms.inventory import (
     CRASHED,
     INCOMING,
@@ -140,8 +141,13 @@ class Vmms:
         stop_timeout: float = 10.0,
         migration: Mapping[str, Any] | None = None,
         jail: JailPolicy | None = None,
+        images_dir: Path | None = None,
     ) -> None:
         self.store = ConfigStore(state_dir)
+        #: Where VMs' image names are looked up (`image_resolver` gives the bundled guest).
+        self.images = ImageDirectory(
+            images_dir if images_dir is not None else Path(state_dir) / "images", image_resolver
+        )
         #: Workers start jailed (pyhv.worker.jail) with a memory cgroup each, or not (None).
         self.jails = None if jail is None else WorkerJails(state_dir, jail)
         if self.jails is None:
@@ -161,7 +167,6 @@ class Vmms:
         self.traces = TraceHub()  # the flight recorder's watchers (pyhv.vmms.tracing)
         self.balancer.decision_listeners.append(self.traces.decision)
         self._worker_factory = worker_factory
-        self._image_resolver = image_resolver
         self._stop_timeout = stop_timeout
         self._lock = threading.RLock()
         self._vms = {name: _Vm(s) for name, s in self.store.load_all().items()}
@@ -354,7 +359,7 @@ class Vmms:
             settings = self._get(name).settings
         try:
             # Outside the lock: the bundled guest may have to be built first.
-            image = settings.image or self._image_resolver()
+            image = self.images.resolve(settings.image)
         except Exception as e:  # noqa: BLE001 - the guest builder says what is missing
             raise Conflict(f"VM {name!r} cannot start: no guest image ({e})") from None
         with self._lock:
@@ -363,7 +368,7 @@ class Vmms:
             if vm.worker is not None:
                 raise Conflict(f"VM {name!r} is {vm.state} already")
             try:
-                config = vm.settings.worker_config(settings.image or image)
+                config = vm.settings.worker_config(image)
             except ConfigError as e:
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             try:
@@ -554,9 +559,8 @@ class Vmms:
 
         s = vm.settings
         try:
-            image = s.image or self._image_resolver()
-            jail = self.jails.jail(s.name, image, network=True)
-        except (JailError, OSError) as e:
+            jail = self.jails.jail(s.name, self.images.resolve(s.image), network=True)
+        except (JailError, OSError, ImageError) as e:
             raise OSError(f"cannot jail the incoming worker: {e}") from None
         cgroup = self.jails.cgroup(s.name, memory)
         worker.jail, worker.cgroup = jail, cgroup  # type: ignore[attr-defined]

@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 
 from pyhv.vmms.client import ClientError, VmmsClient
-from pyhv.vmms.server import ApiServers
 from pyhv.vmms.service import Vmms
 from pyhv.vmms.store import ConfigStore, write_atomically
 from pyhv.worker.outcome import WORKER_ERROR, VmEnd
-from tests.vmms.fakes import FakeDmWorker, FakeWorker
+from tests.vmms.fakes import FakeDmWorker, FakeIncomingBase, FakeWorker, fake_service
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -50,20 +49,9 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[tuple[Vmms, VmmsClient]]:
-    FakeWorker.instances.clear()
-    vmms = Vmms(
-        tmp_path,
-        budget_bytes=4 * GIB,
-        reserve_bytes=GIB // 2,
-        worker_factory=lambda config, output: FakeDmWorker(config, output),
-        image_resolver=lambda: __file__,  # fake workers boot nothing
-        migration={"incoming_factory": _Arriving},
-    )
-    servers = ApiServers(vmms, tmp_path / "vmms.sock", None)
-    servers.start()
-    yield vmms, VmmsClient(socket_path=servers.unix.path, timeout=10)
-    servers.close()
-    vmms.close()
+    migration = {"incoming_factory": _Arriving}
+    with fake_service(tmp_path, FakeDmWorker, reserve_bytes=GIB // 2, migration=migration) as s:
+        yield s
 
 
 @pytest.mark.simulation
@@ -95,28 +83,21 @@ def test_memory_limits_reach_the_worker_only_once_saved(
     assert stored.maximum == 3 * GIB
 
 
-class _Arriving(FakeWorker):
+class _Arriving(FakeIncomingBase):
     """An incoming migration's worker whose VM arrives as soon as it listens."""
 
     def __init__(self, token: str, listen: tuple[str, int], output: Any, **kw: Any) -> None:
-        super().__init__(None, output)  # type: ignore[arg-type]
+        super().__init__(token, listen, output, **kw)
         self.arrived = threading.Event()
-
-    def start(self) -> None:
-        self.pid = 1
 
     def wait_listening(self, timeout: float = 30.0) -> tuple[str, int]:
         self.arrived.set()
-        return ("127.0.0.1", 1)
+        return super().wait_listening(timeout)
 
     def wait_migrated(self, timeout: float | None = None) -> dict[str, Any] | None:
         if self.arrived.wait(timeout):
             return {"source": "127.0.0.1:2", "passes": 1, "pages": 1}
         return None
-
-    @property
-    def end(self) -> VmEnd | None:
-        return self._end
 
 
 def _until(what: str, check: Any) -> Any:

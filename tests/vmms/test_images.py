@@ -14,11 +14,9 @@ import pytest
 
 from pyhv.vmms.client import ClientError, VmmsClient
 from pyhv.vmms.images import ImageError, check_image_name
-from pyhv.vmms.server import ApiServers
 from pyhv.vmms.service import Vmms
-from tests.vmms.fakes import FakeWorker
+from tests.vmms.fakes import FakeIncomingBase, FakeWorker, fake_service
 
-GIB = 1 << 30
 BUNDLED = __file__  # what the fixture's bundled-guest resolver answers (fakes boot nothing)
 
 
@@ -37,45 +35,25 @@ def test_plain_file_names_are_image_names() -> None:
         assert check_image_name(name) == name
 
 
-class _Incoming(FakeWorker):
+class _Incoming(FakeIncomingBase):
     """An incoming worker that records what it was told (it never gets a VM)."""
 
     seen: list[dict[str, Any]] = []
 
     def __init__(self, token: str, listen: tuple[str, int], output: Any, **kw: Any) -> None:
-        super().__init__(None, output)  # type: ignore[arg-type]
+        super().__init__(token, listen, output, **kw)
         _Incoming.seen.append(kw)
-
-    def start(self) -> None:
-        self.pid = 1
-
-    def wait_listening(self, timeout: float = 30.0) -> tuple[str, int]:
-        return ("127.0.0.1", 1)
-
-    def wait_migrated(self, timeout: float | None = None) -> dict[str, Any] | None:
-        return None
-
-    @property
-    def end(self) -> Any:
-        return self._end
 
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[tuple[Vmms, VmmsClient]]:
-    FakeWorker.instances.clear()
-    vmms = Vmms(
-        tmp_path / "state",
-        budget_bytes=4 * GIB,
-        worker_factory=lambda config, output: FakeWorker(config, output),
+    with fake_service(
+        tmp_path,
         image_resolver=lambda: BUNDLED,
         images_dir=tmp_path / "images",
         migration={"incoming_factory": _Incoming},
-    )
-    servers = ApiServers(vmms, tmp_path / "vmms.sock", None)
-    servers.start()
-    yield vmms, VmmsClient(socket_path=servers.unix.path, timeout=10)
-    servers.close()
-    vmms.close()
+    ) as service:
+        yield service
 
 
 @pytest.mark.simulation

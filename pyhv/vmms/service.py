@@ -583,7 +583,8 @@ class Vmms:
                 error = (
                     f"VM {vm.settings.name!r} runs here but its settings could not be saved in "
                     f"{self.store.vm_dir} ({e}): it is not in the inventory after a VMMS "
-                    "restart unless you free space there and change a setting (`pyhv vm set`)"
+                    "restart unless you free space there and change one of its settings (`pyhv vm memory "
+                    f"{vm.settings.name} --buffer N`)"
                 )
                 log.error("%s", error)
             vm.state, vm.started_at, vm.migration = RUNNING, time.monotonic(), None

@@ -1,6 +1,6 @@
 """Crash-safe VMMS state (issue 11, finding 9): files are replaced atomically (a failed write
 leaves the old content and no temporary file); a disk that refuses a VM's settings changes
-nothing (`vm set`, `vm create` answer 507 and the worker keeps its limits); a VM that arrives
+nothing (`vm memory`, `vm create` answer 507 and the worker keeps its limits); a VM that arrives
 by live migration while its settings cannot be saved runs on watched, its memory returned to the
 pool when it ends and the error on its migration record."""
 

@@ -141,7 +141,14 @@ def register(sub: Any) -> None:
     c.add_argument("--vps", type=int, help="virtual processors (default 1)")
     _dynamic(c)
     _dm_options(c)
-    types.add_kernel_option(c)
+    c.add_argument(
+        "--image",
+        "--kernel",
+        dest="image",
+        metavar="NAME",
+        help="guest image: a file name in the VMMS's images directory (`pyhv vmms serve "
+        "--images DIR`), default pyhv-guest (the bundled guest)",
+    )
     c.add_argument("--cmdline", help="guest kernel command line")
     command("start", "Start VM NAME in a worker process of its own.", start)
     command("stop", "Stop VM NAME.", stop)
@@ -208,12 +215,10 @@ def register(sub: Any) -> None:
 
 
 def create(a: argparse.Namespace) -> int:
-    image = (
-        os.path.abspath(a.image) if a.image is not None else None
-    )  # the service may run elsewhere
-    body = {"name": a.name, **_given(a, "memory", "vps", "dynamic_memory", *_DM_KEYS, "cmdline")}
-    if image is not None:
-        body["image"] = image
+    body = {
+        "name": a.name,
+        **_given(a, "memory", "vps", "dynamic_memory", *_DM_KEYS, "cmdline", "image"),
+    }
     _print_vm(call(client(a), "POST", "/api/vms", body))
     return 0
 

@@ -101,6 +101,12 @@ def register(sub: Any) -> None:
         help="adds of at most 512 MiB, 30 s apart (the book's timeline)",
     )
     s.add_argument(
+        "--images",
+        metavar="DIR",
+        help="where VMs' image names are looked up (default STATE/images); pyhv-guest is the "
+        "bundled guest",
+    )
+    s.add_argument(
         "--no-jail",
         action="store_true",
         help="run workers without a jail or memory cgroup (development only; workers are jailed "
@@ -185,6 +191,7 @@ def serve_command(a: argparse.Namespace) -> int:
             # incoming migrations listen where the API does (loopback by default)
             migration={"listen_host": address[0]} if address else None,
             jail=_jail_policy(a, migrating=address is not None),
+            images_dir=Path(a.images) if a.images else None,
         )
     except (ConfigError, SettingsError, MemoryManagerError) as e:
         raise CliError(str(e), 2) from None

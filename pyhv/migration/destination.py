@@ -287,6 +287,9 @@ class Incoming:
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14
 _POPULATE_CHUNK = 4 << 20
+#: EXTENTS runs kept for populating, at most: a source cannot grow the list without bound (past
+#: it runs are left to the receiver's first touch, which backs them as well).
+MAX_POPULATE_RUNS = 1 << 16
 
 
 class _Populater:
@@ -296,11 +299,14 @@ class _Populater:
 
     def __init__(self) -> None:
         self._runs: list[tuple[int, int]] = []  # (host address, bytes)
+        self.skipped = 0  # runs past MAX_POPULATE_RUNS
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def add(self, p: Any, runs: list[tuple[int, int]]) -> None:
-        for gpa, n in runs:
+        taken = runs[: max(0, MAX_POPULATE_RUNS - len(self._runs))]
+        self.skipped += len(runs) - len(taken)
+        for gpa, n in taken:
             r = p.gpa_space.find(gpa)
             self._runs.append((r.host_address + gpa - r.gpa, n * PAGE))
         if self._thread is None:

@@ -92,6 +92,8 @@ def accept_incoming(first: m.Incoming, send: Send) -> tuple[WorkerIncoming | Non
         return None, nothing
     try:
         config = inc.accept()
+        if first.image is not None:  # the owner's own file, whatever path the source sent
+            config["image"] = first.image
         try:
             VmConfig.from_dict(config)
         except (ConfigError, KeyError, TypeError, ValueError) as e:
@@ -183,6 +185,7 @@ class IncomingWorker(WorkerProcess):
         accept_timeout: float = 300.0,
         faults: dict[str, str] | None = None,
         config: VmConfig | None = None,
+        image: str | None = None,
     ) -> None:
         super().__init__(config, output)  # type: ignore[arg-type]  # known once migrated in
         self._request = m.Incoming(
@@ -193,6 +196,7 @@ class IncomingWorker(WorkerProcess):
             timeout=timeout,
             accept_timeout=accept_timeout,
             faults=faults or {},
+            image=image,
         )
         self.address: tuple[str, int] | None = None
         self.migrated: dict[str, Any] | None = None

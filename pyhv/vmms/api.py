@@ -10,8 +10,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import queue
 import re
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -24,9 +25,15 @@ from urllib.parse import parse_qs, urlsplit
 from pyhv.vmms import bodies
 from pyhv.vmms.client import CONSOLE_PROTOCOL, TRACE_PROTOCOL
 from pyhv.vmms.openapi import openapi
+from pyhv.vmms.outqueue import BoundedOutput
 from pyhv.vmms.service import Vmms, VmmsError
 
 log = logging.getLogger(__name__)
+
+#: Output a console client may leave unread before it is dropped (bytes), and how long one
+#: send to it may block.
+CONSOLE_BUFFER_BYTES = 1 << 20
+CONSOLE_SEND_TIMEOUT = 10.0
 
 MAX_BODY = 64 << 10
 _NAME = r"(?P<name>[^/]+)"
@@ -380,35 +387,37 @@ def _console(h: ApiHandler, p: dict[str, str]) -> Any:
             {"Upgrade": CONSOLE_PROTOCOL},
         )
     name = p["name"]
-    out: queue.Queue[bytes] = queue.Queue(maxsize=1024)
-    slow = threading.Event()
+    sock = h.connection
 
-    def output(data: bytes) -> None:
+    def drop() -> None:
+        # A console that does not read loses its connection, not the VM (nor the VMMS's memory).
+        log.warning("VM %s: a console client that does not read was dropped", name)
         try:
-            out.put_nowait(data)
-        except queue.Full:
-            slow.set()  # a console that does not read loses its connection, not the VM
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
-    detach = h.vmms.attach(name, output)  # raises 404/409 before the upgrade
+    out = BoundedOutput(CONSOLE_BUFFER_BYTES, drop)
+    detach = h.vmms.attach(name, out.put)  # raises 404/409 before the upgrade
     h.send_response(101)
     h.send_header("Connection", "Upgrade")
     h.send_header("Upgrade", CONSOLE_PROTOCOL)
     h.end_headers()
     h.wfile.flush()
-    sock = h.connection
-    sock.settimeout(None)  # a console may sit idle as long as its user likes
+    sock.settimeout(None)  # a console may sit idle as long as its user likes...
+    # ...but a send the client does not take within CONSOLE_SEND_TIMEOUT fails (EAGAIN).
+    secs = int(CONSOLE_SEND_TIMEOUT)
+    usecs = int((CONSOLE_SEND_TIMEOUT - secs) * 1e6)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", secs, usecs))
 
     def writer() -> None:
-        while not slow.is_set():
-            data = out.get()
-            if not data:
-                break
+        while (data := out.get()) is not None and data:
             try:
                 sock.sendall(data)
             except OSError:
                 break
         try:
-            sock.shutdown(2)  # the VM ended or the client went away: end the reader too
+            sock.shutdown(socket.SHUT_RDWR)  # the VM ended or the client went away: end the reader
         except OSError:
             pass
 
@@ -424,11 +433,8 @@ def _console(h: ApiHandler, p: dict[str, str]) -> Any:
         pass
     finally:
         detach()
-        try:
-            out.put_nowait(b"")
-        except queue.Full:
-            slow.set()
-        t.join(5)
+        out.put(b"")
+        t.join(CONSOLE_SEND_TIMEOUT + 5)
         h.close_connection = True
     return _UPGRADED
 

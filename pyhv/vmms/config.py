@@ -26,6 +26,7 @@ from pyhv.dynmem.balancer import (
     MemorySettings,
     SettingsError,
 )
+from pyhv.vmms.images import ImageError, check_image_name
 from pyhv.worker.config import (
     MAX_MEMORY,
     MIB,
@@ -49,7 +50,8 @@ FIELDS: dict[str, str] = {
     "maximum": "Dynamic Memory maximum (default: 4 x startup, at most 60G)",
     "buffer": "Dynamic Memory buffer in percent, 5..2000 (default 20)",
     "weight": "memory weight (priority) 0..100 (default 50)",
-    "image": "guest image file (default: the bundled reference guest)",
+    "image": "guest image: a file name in the VMMS's images directory, or 'pyhv-guest' (the "
+    "bundled reference guest, the default); never a host path",
     "cmdline": "guest kernel command line",
 }
 
@@ -197,6 +199,11 @@ def _fields(raw: Mapping[str, object], allowed: tuple[str, ...]) -> dict[str, An
 
 
 def _validated(s: VmSettings) -> VmSettings:
+    if s.image is not None:
+        try:
+            check_image_name(s.image)
+        except ImageError as e:
+            raise VmSettingsError(str(e)) from None
     try:
         # The worker's own checks (VP count, command line), image checked when it starts.
         VmConfig.create(

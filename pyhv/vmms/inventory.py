@@ -33,6 +33,12 @@ class Conflict(VmmsError):
     status = 409
 
 
+class StorageError(VmmsError):
+    """The VMMS's state directory refused a write (disk full): nothing was changed."""
+
+    status = 507
+
+
 class Worker(Protocol):
     """What the service needs of a worker (pyhv.worker.WorkerProcess has it)."""
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyhv.vmms.cgroup import MemoryCgroup
+from pyhv.vmms.store import write_atomically
 from pyhv.worker.jail import Jail, tools
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,7 @@ class JailIds:
                     "widen the range"
                 )
             ids[name] = free
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(ids, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            write_atomically(self.path, json.dumps(ids, indent=1, sort_keys=True))
             return free
 
     def get(self, name: str) -> int | None:
@@ -88,9 +86,7 @@ class JailIds:
         with self._lock:
             ids = self._load()
             if ids.pop(name, None) is not None:
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(ids, indent=1, sort_keys=True))
-                os.replace(tmp, self.path)
+                write_atomically(self.path, json.dumps(ids, indent=1, sort_keys=True))
 
 
 class WorkerJails:

@@ -182,6 +182,7 @@ class Migrations:
         accept_timeout: float = 60.0,
         in_doubt_timeout: float = 60.0,
         client_timeout: float = 30.0,
+        keep_finished: int = 100,
     ) -> None:
         self.vmms = vmms
         self.listen_host = listen_host
@@ -191,6 +192,9 @@ class Migrations:
         self.in_doubt_timeout = in_doubt_timeout
         self.client_timeout = client_timeout
         self._records: dict[str, Migration] = {}
+        #: Finished records kept (the newest); older ones go as new migrations begin. A
+        #: migration in doubt is kept until it is resolved.
+        self.keep_finished = keep_finished
         #: Source records in doubt: id -> (vm, worker, the worker's migration id).
         self._doubts: dict[str, tuple[VmEntry, Any, int]] = {}
         #: Guards the records (taken before the service's own lock, never after).
@@ -216,7 +220,17 @@ class Migrations:
         mid = f"{direction[:2]}-{next(_ids)}-{secrets.token_hex(4)}"
         rec = Migration(mid, direction, vm, peer, state)
         self._records[mid] = rec
+        self._forget_old()
         return rec
+
+    def _forget_old(self) -> None:
+        finished = [
+            mid
+            for mid, r in self._records.items()
+            if r.state in FINAL and r.state != IN_DOUBT and mid not in self._doubts
+        ]
+        for mid in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self._records[mid]
 
     def _end(self, rec: Migration, state: str, error: str = "") -> None:
         rec.state, rec.error, rec.ended = state, error, time.time()
@@ -251,6 +265,10 @@ class Migrations:
         source = str(body.get("source") or "")
         name = settings.name
         vmms = self.vmms
+        try:  # the image by its name in this host's images directory, never the source's path
+            image = vmms.images.resolve(settings.image)
+        except Exception as e:  # noqa: BLE001 - ImageError, or the bundled guest cannot build
+            raise Conflict(f"the destination cannot take VM {name!r}: {e}") from None
         with self._lock:
             rec = self._new("incoming", name, source, WAITING)
             try:
@@ -266,6 +284,7 @@ class Migrations:
                 vmms.console_sink(vm),
                 max_memory=needed,
                 accept_timeout=self.accept_timeout,
+                image=image,
             )
             vm.worker = worker
             vmms._subscribe(name, worker)
@@ -294,8 +313,8 @@ class Migrations:
         with self._lock:
             rec.peer = str(info.get("source") or rec.peer)
             rec.result = {k: info.get(k) for k in ("source", "passes", "pages")}
-            self._end(rec, RUNNING)
-            self.vmms.adopt(vm, worker)  # from now on an ordinary worker of this VMMS
+            # From now on an ordinary worker of this VMMS; a failed save is the record's error.
+            self._end(rec, RUNNING, self.vmms.adopt(vm, worker))
         log.info(
             "VM %s arrived from %s and runs here (worker pid %s)",
             vm.settings.name,

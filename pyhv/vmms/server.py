@@ -17,6 +17,7 @@ from typing import Any
 
 from pyhv.vmms.api import ApiHandler
 from pyhv.vmms.service import Vmms
+from pyhv.vmms.store import write_atomically
 
 
 class ServeError(RuntimeError):
@@ -90,9 +91,7 @@ def load_or_make_token(state_dir: Path) -> str:
         if token:
             return token
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    write_atomically(path, token + "\n", 0o600)
     return token
 
 

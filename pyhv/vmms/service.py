@@ -37,6 +37,7 @@ from pyhv.vmms.config import (
     check_name,
     settings_from_dict,
 )
+from pyhv.vmms.images import ImageDirectory, ImageError
 from pyhv.vmms.inventory import (
     CRASHED,
     INCOMING,
@@ -46,6 +47,7 @@ from pyhv.vmms.inventory import (
     STOPPING,
     Conflict,
     NotFound,
+    StorageError,
     VmEntry,
     VmmsError,
     Worker,
@@ -139,8 +141,13 @@ class Vmms:
         stop_timeout: float = 10.0,
         migration: Mapping[str, Any] | None = None,
         jail: JailPolicy | None = None,
+        images_dir: Path | None = None,
     ) -> None:
         self.store = ConfigStore(state_dir)
+        #: Where VMs' image names are looked up (`image_resolver` gives the bundled guest).
+        self.images = ImageDirectory(
+            images_dir if images_dir is not None else Path(state_dir) / "images", image_resolver
+        )
         #: Workers start jailed (pyhv.worker.jail) with a memory cgroup each, or not (None).
         self.jails = None if jail is None else WorkerJails(state_dir, jail)
         if self.jails is None:
@@ -163,7 +170,6 @@ class Vmms:
         #: took them, on the worker's reader thread (an experiment's record of every change).
         self.status_listeners: list[Callable[[str, MemoryStatus], object]] = []
         self._worker_factory = worker_factory
-        self._image_resolver = image_resolver
         self._stop_timeout = stop_timeout
         self._lock = threading.RLock()
         self._vms = {name: _Vm(s) for name, s in self.store.load_all().items()}
@@ -291,7 +297,7 @@ class Vmms:
         with self._lock:
             if settings.name in self._vms:
                 raise Conflict(f"a VM named {settings.name!r} exists: pick another name")
-            self.store.save(settings)
+            self._save(settings)
             vm = self._vms[settings.name] = _Vm(settings)
             return self._describe(vm)
 
@@ -305,15 +311,30 @@ class Vmms:
                 new = apply_changes(vm.settings, raw, running=vm.state == RUNNING)
             except VmSettingsError as e:
                 raise VmmsError(str(e)) from None
-            self._forward_memory_limits(vm, new)
-            self.store.save(new)
+            # Saved first: a worker never holds limits its stored config does not (an OSError
+            # here changes nothing); a refusal by the worker puts the old settings back.
+            self._save(new)
+            try:
+                self._forward_memory_limits(vm, new)
+            except Conflict:
+                self._save(vm.settings)
+                raise
             vm.settings = new
             return self._describe(vm)
 
+    def _save(self, settings: VmSettings) -> None:
+        try:
+            self.store.save(settings)
+        except OSError as e:
+            raise StorageError(
+                f"VM {settings.name!r}: its settings could not be saved in {self.store.vm_dir} "
+                f"({e}): free space there and try again; nothing was changed"
+            ) from None
+
     def _forward_memory_limits(self, vm: _Vm, new: VmSettings) -> None:
         """A running Dynamic Memory VM's worker clamps targets to the range it was given: tell
-        it a lowered minimum or raised maximum before the new settings are stored (if the worker
-        refuses, nothing changes)."""
+        it a lowered minimum or raised maximum once the new settings are stored (if the worker
+        refuses, the caller restores the old ones)."""
         old = vm.settings
         if vm.worker is None or not new.dynamic_memory:
             return
@@ -348,7 +369,7 @@ class Vmms:
             settings = self._get(name).settings
         try:
             # Outside the lock: the bundled guest may have to be built first.
-            image = settings.image or self._image_resolver()
+            image = self.images.resolve(settings.image)
         except Exception as e:  # noqa: BLE001 - the guest builder says what is missing
             raise Conflict(f"VM {name!r} cannot start: no guest image ({e})") from None
         with self._lock:
@@ -357,7 +378,7 @@ class Vmms:
             if vm.worker is not None:
                 raise Conflict(f"VM {name!r} is {vm.state} already")
             try:
-                config = vm.settings.worker_config(settings.image or image)
+                config = vm.settings.worker_config(image)
             except ConfigError as e:
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             try:
@@ -548,9 +569,8 @@ class Vmms:
 
         s = vm.settings
         try:
-            image = s.image or self._image_resolver()
-            jail = self.jails.jail(s.name, image, network=True)
-        except (JailError, OSError) as e:
+            jail = self.jails.jail(s.name, self.images.resolve(s.image), network=True)
+        except (JailError, OSError, ImageError) as e:
             raise OSError(f"cannot jail the incoming worker: {e}") from None
         cgroup = self.jails.cgroup(s.name, memory)
         worker.jail, worker.cgroup = jail, cgroup  # type: ignore[attr-defined]
@@ -561,11 +581,22 @@ class Vmms:
         """Where a worker of `vm` sends its serial output."""
         return lambda data: self._output(vm, data)
 
-    def adopt(self, vm: VmEntry, worker: Worker) -> None:
-        """A VM that arrived runs here: its settings are stored and its worker is watched like
-        one this service started."""
+    def adopt(self, vm: VmEntry, worker: Worker) -> str:
+        """A VM that arrived runs here: its worker is watched like one this service started,
+        and its settings are stored. Returns "" or why they could not be (disk full): the VM
+        runs and is watched either way, its memory returned when it ends."""
+        error = ""
         with self._lock:
-            self.store.save(vm.settings)
+            try:
+                self.store.save(vm.settings)
+            except OSError as e:
+                error = (
+                    f"VM {vm.settings.name!r} runs here but its settings could not be saved in "
+                    f"{self.store.vm_dir} ({e}): it is not in the inventory after a VMMS "
+                    "restart unless you free space there and change one of its settings (`pyhv vm memory "
+                    f"{vm.settings.name} --buffer N`)"
+                )
+                log.error("%s", error)
             vm.state, vm.started_at, vm.migration = RUNNING, time.monotonic(), None
             if vm.memory is None:
                 overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
@@ -573,6 +604,7 @@ class Vmms:
             vm.memory.pid = worker.pid
             self._update_health()
         self._spawn_watcher(vm, worker)
+        return error
 
     def remove(self, vm: VmEntry, *, forget_settings: bool) -> bool:
         """Take `vm` out of the inventory (it did not arrive, or it left for another host):

@@ -15,6 +15,29 @@ from pyhv.vmms.paths import default_state_dir as default_state_dir
 log = logging.getLogger(__name__)
 
 
+def write_atomically(path: Path, text: str, mode: int = 0o600) -> None:
+    """`path` holds `text` after a crash at any point, or its old content: a temporary file in
+    the same directory, fsync'd, renamed over `path`, then the directory fsync'd so the rename
+    itself is on disk. On an OSError the temporary file goes and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class ConfigStore:
     """``<state>/vms/<name>.json`` for each VM. The directory is private to its user (0700)."""
 
@@ -45,14 +68,9 @@ class ConfigStore:
         return vms
 
     def save(self, settings: VmSettings) -> None:
+        """Stored atomically; an OSError (disk full) leaves the previous file as it was."""
         path = self._path(settings.name)
-        tmp = path.with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(settings.to_dict(), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(settings.to_dict(), indent=2) + "\n")
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)

@@ -77,6 +77,8 @@ class Incoming(_Op, tag="incoming", frozen=True):
     timeout: Seconds = 30.0
     accept_timeout: Seconds = 300.0
     faults: dict[Text, Text] = field(default_factory=dict)
+    #: The image the VM boots here, as the owner resolved it; the source's path is ignored.
+    image: Text | None = None
 
 
 class SerialIn(_Op, tag="serial", frozen=True):

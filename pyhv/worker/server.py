@@ -19,12 +19,20 @@ if TYPE_CHECKING:
     from pyhv.worker.messages import MemoryCall, MemoryReply
 
 
+#: Serial output waiting for the owner, at most (bytes): past it the oldest is dropped.
+SERIAL_BACKLOG = 1 << 20
+
+
 class _SerialBatcher:
     """Collects serial output written byte by byte on VP threads and sends it in batches from
-    a thread of its own, so the guest never waits for the socket."""
+    a thread of its own, so the guest never waits for the socket. The backlog is bounded (an
+    owner that does not read never makes a guest's output pin the worker's memory): past
+    `limit` bytes the oldest go, counted in `dropped`."""
 
-    def __init__(self, send: Callable[[bytes], None]) -> None:
+    def __init__(self, send: Callable[[bytes], None], limit: int = SERIAL_BACKLOG) -> None:
         self._send = send
+        self._limit = limit
+        self.dropped = 0
         self._buf = bytearray()
         self._cond = threading.Condition()
         self._closed = False
@@ -34,6 +42,10 @@ class _SerialBatcher:
     def add(self, data: bytes) -> None:
         with self._cond:
             self._buf += data
+            excess = len(self._buf) - self._limit
+            if excess > 0:
+                del self._buf[:excess]
+                self.dropped += excess
             self._cond.notify()
 
     def _run(self) -> None:

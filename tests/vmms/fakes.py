@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pyhv.dynmem.status import MemoryStatus
 from pyhv.worker.config import VmConfig
 from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
+
+if TYPE_CHECKING:
+    from pyhv.vmms.client import VmmsClient
+    from pyhv.vmms.service import Vmms
 
 _pids = itertools.count(900_000)
 
@@ -92,3 +98,48 @@ class FakeDmWorker(FakeWorker):
             raise RuntimeError(self.refuse_limits)
         self.limits = (minimum, maximum)
         return {"minimum_pages": minimum // 4096, "maximum_pages": maximum // 4096}
+
+
+class FakeIncomingBase(FakeWorker):
+    """An incoming migration's worker that 'listens' (never a real port) and records what the
+    VMMS told it in `kw`; whether and when a VM arrives is its subclass's."""
+
+    def __init__(self, token: str, listen: tuple[str, int], output: Any, **kw: Any) -> None:
+        super().__init__(None, output)  # type: ignore[arg-type]
+        self.token, self.kw = token, kw
+
+    def start(self) -> None:
+        self.pid = 1
+
+    def wait_listening(self, timeout: float = 30.0) -> tuple[str, int]:
+        return ("127.0.0.1", 1)
+
+    def wait_migrated(self, timeout: float | None = None) -> dict[str, Any] | None:
+        return None
+
+    @property
+    def end(self) -> VmEnd | None:
+        return self._end
+
+
+@contextlib.contextmanager
+def fake_service(
+    state_dir: Path, worker: type[FakeWorker] = FakeWorker, **kw: Any
+) -> Iterator[tuple[Vmms, VmmsClient]]:
+    """A Vmms with fake workers of class `worker` (booting nothing: the bundled guest is this
+    file) serving its Unix socket; `kw` goes to Vmms."""
+    from pyhv.vmms.client import VmmsClient
+    from pyhv.vmms.server import ApiServers
+    from pyhv.vmms.service import Vmms
+
+    FakeWorker.instances.clear()
+    kw.setdefault("budget_bytes", 4 << 30)
+    kw.setdefault("image_resolver", lambda: __file__)
+    vmms = Vmms(state_dir, worker_factory=lambda config, output: worker(config, output), **kw)
+    servers = ApiServers(vmms, state_dir / "vmms.sock", None)
+    servers.start()
+    try:
+        yield vmms, VmmsClient(socket_path=servers.unix.path, timeout=10)
+    finally:
+        servers.close()
+        vmms.close()

@@ -59,7 +59,12 @@ class LyingWorker(FakeDmWorker):
 
 @pytest.fixture
 def vmms(tmp_path: Path) -> Iterator[Vmms]:
-    v = Vmms(tmp_path / "state", budget_bytes=1 << 30, worker_factory=LyingWorker)
+    v = Vmms(
+        tmp_path / "state",
+        budget_bytes=1 << 30,
+        worker_factory=LyingWorker,
+        image_resolver=lambda: "/bin/true",  # the stand-in boots nothing
+    )
     v.start_balancer()
     try:
         yield v
@@ -79,7 +84,7 @@ def test_memfd_pages_counts_a_processes_guest_ram_memfds() -> None:
 def test_a_worker_that_claims_less_than_the_kernel_holds_is_reported_and_counted_at_the_kernels_figure(
     vmms: Vmms,
 ) -> None:
-    vmms.create({"name": "liar", "memory": "32M", "dynamic_memory": True, "image": "/bin/true"})
+    vmms.create({"name": "liar", "memory": "32M", "dynamic_memory": True})
     vmms.start("liar")
     shown: dict[str, object] = {}
     deadline = time.monotonic() + 30

@@ -9,16 +9,23 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.guest.kernels import CMDLINE, KERNELS, expected_cmdline, kernel, ram_mib
-from tests.vmms.test_vmms_kvm import Host, host  # noqa: F401 - `host`: the VMMS fixture
+from tests.vmms.vmms_process import VmmsProcess, vmms_host
 
 pytestmark = pytest.mark.guest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[VmmsProcess]:
+    with vmms_host(tmp_path) as h:
+        yield h
 
 
 def pyhv_run(image: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -89,7 +96,7 @@ def test_an_image_pyhv_cannot_boot_is_refused_with_one_line_and_status_1(
 def test_a_vmms_vm_whose_image_is_a_pvh_kernel_boots_it_and_a_bad_one_is_reported(
     request: pytest.FixtureRequest,
 ) -> None:
-    vmms: Host = request.getfixturevalue("host")
+    vmms: VmmsProcess = request.getfixturevalue("host")
     good = kernel("pvh")
     vmms.vm("create", "pvh", "--memory", "64M", "--kernel", str(good), "--cmdline", CMDLINE)
     vmms.vm("start", "pvh")

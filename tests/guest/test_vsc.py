@@ -17,7 +17,7 @@ from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
 from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp
 from pyhv.memory.ranges import PageRange
-from tests.guest.conftest import Shell
+from tests.guest.shell import Shell
 
 pytestmark = pytest.mark.guest
 

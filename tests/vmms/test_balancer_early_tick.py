@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from pyhv.dynmem.balancer import BalancerConfig, MemorySettings
+from pyhv.dynmem.balancer import PAGE_SIZE, BalancerConfig, MemorySettings
 from pyhv.vmms.balancing import BalancerLoop
 from pyhv.vmms.pool import HostPool
-from tests.vmms.test_balancing import MIB, PAGE_SIZE, FakeWorker
+from tests.vmms.fakes import MIB, FakeStatusWorker
 
 pytestmark = pytest.mark.simulation
 
@@ -20,7 +20,7 @@ SETTINGS = MemorySettings.from_mib(startup=512, minimum=256, maximum=4096)
 SLOW = BalancerConfig(tick_s=1000.0)
 
 
-def _running(w: FakeWorker) -> tuple[BalancerLoop, threading.Event, threading.Thread]:
+def _running(w: FakeStatusWorker) -> tuple[BalancerLoop, threading.Event, threading.Thread]:
     pool = HostPool(8192 << 20)
     pool.admit("testvm", SETTINGS.startup_pages * PAGE_SIZE)
     w.attach(pool, "testvm")
@@ -42,7 +42,7 @@ def _wait(condition: object, seconds: float = 10.0) -> bool:
 
 
 def test_a_report_showing_a_spike_is_answered_before_the_next_tick() -> None:
-    w = FakeWorker(512 * MIB, committed=427 * MIB)  # at target: 427 MiB + 20 % = 512 MiB
+    w = FakeStatusWorker(512 * MIB, committed=427 * MIB)  # at target: 427 MiB + 20 % = 512 MiB
     loop, stop, t = _running(w)
     try:
         w.committed = 1427 * MIB  # testlimit commits 1000 MiB
@@ -54,7 +54,7 @@ def test_a_report_showing_a_spike_is_answered_before_the_next_tick() -> None:
 
 
 def test_a_vm_at_rest_gets_no_early_tick() -> None:
-    w = FakeWorker(512 * MIB, committed=427 * MIB)
+    w = FakeStatusWorker(512 * MIB, committed=427 * MIB)
     loop, stop, t = _running(w)
     first = loop.last_decision
     try:
@@ -68,8 +68,8 @@ def test_a_vm_at_rest_gets_no_early_tick() -> None:
 
 
 def test_an_early_tick_advances_the_lazy_timers_by_the_time_really_elapsed() -> None:
-    idle = FakeWorker(1024 * MIB, committed=100 * MIB)  # far above target: its timer runs
-    busy = FakeWorker(512 * MIB, committed=427 * MIB)
+    idle = FakeStatusWorker(1024 * MIB, committed=100 * MIB)  # far above target: its timer runs
+    busy = FakeStatusWorker(512 * MIB, committed=427 * MIB)
     vms = {"idle": (SETTINGS, idle), "busy": (SETTINGS, busy)}
     pool = HostPool(8192 << 20)
     pool.admit("idle", 1024 << 20)

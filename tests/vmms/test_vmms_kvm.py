@@ -4,7 +4,6 @@ to the pool, and the other VM's shell still answers."""
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -13,111 +12,24 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pyhv.vmms.client import VmmsClient
+from tests.vmms.vmms_process import ROOT, VmmsProcess, vmms_host
 
 pytestmark = pytest.mark.guest
 
-ROOT = Path(__file__).resolve().parents[2]
 GIB = 1 << 30
 
 
-class Host:
-    """A `pyhv vmms serve` in a temporary state directory, and its command line."""
-
-    def __init__(self, state: Path) -> None:
-        self.state = state
-        self.client = VmmsClient(socket_path=state / "vmms.sock", timeout=60)
-
-    def vm(self, *args: str, check: bool = True) -> str:
-        r = subprocess.run(
-            [sys.executable, "-m", "pyhv.cli", "vm", "--state-dir", str(self.state), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
-        assert "Traceback" not in r.stderr, r.stderr
-        if check:
-            assert r.returncode == 0, r.stderr
-        return r.stdout + r.stderr
-
-    def show(self, name: str) -> dict[str, Any]:
-        return json.loads(self.vm("show", name, "--json"))  # type: ignore[no-any-return]
-
-    def shell(self, name: str, command: str, marker: bytes, timeout: float = 60) -> bytes:
-        """Type a command on the VM's console and read until `marker`."""
-        with self.client.console(name) as sock:
-            sock.settimeout(timeout)
-            got = b""
-            while b"pyhv> " not in got:  # the recent output ends with a prompt
-                sock.sendall(b"\r")
-                got += sock.recv(4096)
-            got = b""
-            sock.sendall(command.encode() + b"\r")
-            deadline = time.monotonic() + timeout
-            while marker not in got and time.monotonic() < deadline:
-                got += sock.recv(4096)
-            return got
-
-    def wait_for_dm_report(self, name: str) -> None:
-        """Until the VM's guest DM driver has reported (once a second after it negotiated)."""
-        status: dict[str, Any] = {}
-        for _ in range(300):
-            try:
-                status = self.client.request("GET", f"/api/vms/{name}/memory")
-            except Exception:  # noqa: BLE001 - 409 until the guest has reported
-                status = {}
-            if status.get("committed"):
-                break
-            time.sleep(0.1)
-        assert status.get("committed"), status
-
-
 @pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
-    state = tmp_path / "state"
-    log = open(tmp_path / "vmms.log", "w+")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pyhv.cli",
-            "vmms",
-            "serve",
-            "--state-dir",
-            str(state),
-            "--memory-budget",
-            "3G",
-            "--host-reserve",
-            "256M",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    try:
-        for _ in range(600):
-            if (state / "vmms.sock").exists():
-                break
-            assert proc.poll() is None, (tmp_path / "vmms.log").read_text()
-            time.sleep(0.05)
-        yield Host(state)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def host(tmp_path: Path) -> Iterator[VmmsProcess]:
+    with vmms_host(tmp_path) as h:
+        yield h
 
 
 def test_a_vm_is_created_started_listed_shown_stopped_and_deleted_through_the_cli(
-    host: Host,
+    host: VmmsProcess,
 ) -> None:
     out = host.vm("create", "testvm", "--memory", "256M", "--vps", "1")
     assert "testvm: off" in out
@@ -128,7 +40,7 @@ def test_a_vm_is_created_started_listed_shown_stopped_and_deleted_through_the_cl
     vm = host.show("testvm")
     assert vm["state"] == "running" and vm["pid"] > 0 and vm["memory"]["assigned"] == 256 << 20
     os.kill(vm["pid"], 0)  # the worker is a process of its own
-    assert b"committed:" in host.shell("testvm", "mem", b"committed:")
+    assert b"committed:" in host.console_until("testvm", "mem", b"committed:")
     listing = host.vm("list")
     assert "testvm" in listing and "running" in listing
     out = host.vm("stop", "testvm")
@@ -139,7 +51,7 @@ def test_a_vm_is_created_started_listed_shown_stopped_and_deleted_through_the_cl
 
 
 def test_a_worker_killed_with_sigkill_is_reported_and_the_other_vm_keeps_running(
-    host: Host,
+    host: VmmsProcess,
 ) -> None:
     for name in ("victim", "survivor"):
         host.vm("create", name, "--memory", "256M")
@@ -156,14 +68,14 @@ def test_a_worker_killed_with_sigkill_is_reported_and_the_other_vm_keeps_running
     assert "killed by SIGKILL" in victim["reason"]
     assert "crashed" in host.vm("list")
     assert host.show("survivor")["state"] == "running"
-    assert b"committed:" in host.shell("survivor", "mem", b"committed:")
+    assert b"committed:" in host.console_until("survivor", "mem", b"committed:")
     counters = host.client.request("GET", "/api/counters")["counters"]
     assert counters[r"\Hyper-V Virtual Machine Health Summary\Health Critical"] == 1
     assert host.client.request("GET", "/api/host")["free"] == free_running + (256 << 20)
 
 
 def test_the_console_command_attaches_and_ctrl_a_x_detaches_leaving_the_vm_running(
-    host: Host,
+    host: VmmsProcess,
 ) -> None:
     host.vm("create", "c", "--memory", "128M")
     host.vm("start", "c")
@@ -191,7 +103,7 @@ def test_the_console_command_attaches_and_ctrl_a_x_detaches_leaving_the_vm_runni
     assert host.show("c")["state"] == "running"
 
 
-def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None:
+def test_a_memory_target_balloons_the_guest_through_the_vmms(host: VmmsProcess) -> None:
     host.vm("create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "1G")
     out = host.vm("memory", "dm", "--target", "384M", check=False)
     assert "VM 'dm' is off: start it first" in out
@@ -216,7 +128,7 @@ def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None
 
 
 def test_a_maximum_raised_while_the_vm_runs_lets_it_be_given_more_than_its_old_maximum(
-    host: Host,
+    host: VmmsProcess,
 ) -> None:
     host.vm(
         "create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "512M"
@@ -234,7 +146,7 @@ def test_a_maximum_raised_while_the_vm_runs_lets_it_be_given_more_than_its_old_m
         time.sleep(0.1)
     assert status["assigned"] == 640 << 20 and status["visible"] == 640 << 20, status
     # The guest was told the new maximum (the info message, in 4 KiB pages).
-    out = host.shell("dm", "dm", b"max-page-count: 196608")
+    out = host.console_until("dm", "dm", b"max-page-count: 196608")
     assert b"max-page-count: 196608" in out, out
 
 
@@ -253,13 +165,13 @@ def test_the_vm_commands_say_when_no_vmms_is_serving(tmp_path: Path) -> None:
 
 
 def test_testlimit_is_answered_by_a_hot_add_with_the_buffer_which_a_crash_returns_to_the_pool(
-    host: Host,
+    host: VmmsProcess,
 ) -> None:
     host.vm(
         "create", "testvm", "--memory", "256M", "--dynamic", "--minimum", "128M", "--maximum", "2G"
     )
     host.vm("start", "testvm")
-    out = host.shell("testvm", "testlimit -m 400 -c 1", b"committed 400 MiB")
+    out = host.console_until("testvm", "testlimit -m 400 -c 1", b"committed 400 MiB")
     assert b"committed 400 MiB" in out
     vm = r"\Hyper-V Dynamic Memory VM(testvm)"
     counters: dict[str, float] = {}

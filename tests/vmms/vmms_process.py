@@ -4,6 +4,7 @@ state directory, driven through `pyhv vm` and the API, with the reference guest'
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import signal
 import subprocess
@@ -73,6 +74,37 @@ class VmmsProcess:
             assert r.returncode != 0, r.stdout + r.stderr
         return r.stdout + r.stderr
 
+    def show(self, name: str) -> dict[str, Any]:
+        return json.loads(self.vm("show", name, "--json"))  # type: ignore[no-any-return]
+
+    def console_until(self, name: str, command: str, marker: bytes, timeout: float = 60) -> bytes:
+        """Type a command on the VM's console and read until `marker` (or `timeout`)."""
+        with self.client.console(name) as sock:
+            sock.settimeout(timeout)
+            got = b""
+            while b"pyhv> " not in got:  # the recent output ends with a prompt
+                sock.sendall(b"\r")
+                got += sock.recv(4096)
+            got = b""
+            sock.sendall(command.encode() + b"\r")
+            deadline = time.monotonic() + timeout
+            while marker not in got and time.monotonic() < deadline:
+                got += sock.recv(4096)
+            return got
+
+    def wait_for_dm_report(self, name: str) -> None:
+        """Until the VM's guest DM driver has reported (once a second after it negotiated)."""
+        status: dict[str, Any] = {}
+        for _ in range(300):
+            try:
+                status = self.client.request("GET", f"/api/vms/{name}/memory")
+            except Exception:  # noqa: BLE001 - 409 until the guest has reported
+                status = {}
+            if status.get("committed"):
+                break
+            time.sleep(0.1)
+        assert status.get("committed"), status
+
     def free(self) -> int:
         return int(self.client.request("GET", "/api/host")["free"])
 
@@ -116,6 +148,16 @@ class VmmsProcess:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+@contextmanager
+def vmms_host(tmp: Path, budget: str = "3G") -> Iterator[VmmsProcess]:
+    """One VMMS host (3G for VMs' budget) in `tmp`/state, stopped on exit."""
+    host = VmmsProcess(tmp, "state", budget)
+    try:
+        yield host
+    finally:
+        host.close()
 
 
 @contextmanager

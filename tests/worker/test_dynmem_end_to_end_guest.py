@@ -19,13 +19,12 @@ from pyhv.guest_image import image_path
 from pyhv.worker import VirtualMachine, VmConfig
 from pyhv.worker.dynmem import DynamicMemoryError
 from pyhv.worker.script import ENTER, PROMPT
-from tests.worker.asm_guests import build_test_guest
+from tests.guests.build import build_test_guest
 
 pytestmark = pytest.mark.guest
 
 MiB = 1 << 20
 PAGES_PER_MIB = 256
-HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +188,7 @@ def test_requests_are_refused_with_a_reason_when_dynamic_memory_is_off(guest_ima
 def test_a_hostile_guest_is_refused_logged_counted_and_the_worker_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    elf = build_test_guest("vmbus_hostile", tmp_path, HERE / "guests")
+    elf = build_test_guest("vmbus_hostile", tmp_path)
     cfg = VmConfig.create(image=elf, memory="64M", dynamic_memory=True, maximum="128M")
     with VirtualMachine(cfg) as vm:
         vm.start()

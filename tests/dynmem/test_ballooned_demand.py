@@ -109,7 +109,7 @@ def test_a_ballooned_reference_guest_counts_its_balloon_and_the_host_leaves_it_o
         assert vm.wait_memory_idle(60)
         assert vm.memory_status()["ballooned_pages"] == 64 * MIB
 
-        def agreed() -> StatusReport | None:
+        def agreed() -> MemoryStatus | None:
             """A host report after the balloon whose num_committed the guest says it sent."""
             s = svc.last_status
             sent = re.search(r"^last-committed: (\d+)$", shell.run("dm"), re.M)

@@ -40,6 +40,7 @@ def _vm_state(version: int = STATE_VERSION) -> VmState:
     dm = DynamicMemoryState(1, channel, vsp, {"ballooned_pages": 4})
     return VmState(version, part, Uart16550(lambda b: None).save(), dm)
 
+
 pytestmark = pytest.mark.unit
 
 

@@ -128,7 +128,9 @@ def test_the_control_socket_and_worker_migration_commands_say_when_pyhv_vm_is_th
 def kvm_check_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     """`pyhv run` checks /dev/kvm before the values below: let it pass where KVM is missing."""
     real = os.access
-    monkeypatch.setattr(run_module.os, "access", lambda p, m: True if p == "/dev/kvm" else real(p, m))
+    monkeypatch.setattr(
+        run_module.os, "access", lambda p, m: True if p == "/dev/kvm" else real(p, m)
+    )
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,13 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.guest.kernels import CMDLINE, KERNELS, expected_cmdline, kernel, ram_mib
+from tests.support.wait import wait_for
 from tests.vmms.vmms_process import VmmsProcess, vmms_host
 
 pytestmark = pytest.mark.guest
@@ -102,13 +102,12 @@ def test_a_vmms_vm_whose_image_is_a_pvh_kernel_boots_it_and_a_bad_one_is_reporte
     vmms.vm("start", "pvh")
     vmms.vm("create", "bad", "--memory", "64M", "--kernel", str(Path(__file__)))
     vmms.vm("start", "bad")
-    deadline = time.monotonic() + 60
-    shown: dict[str, dict] = {}  # type: ignore[type-arg]
-    while time.monotonic() < deadline:
+
+    def ended() -> dict[str, dict] | None:  # type: ignore[type-arg]
         shown = {n: vmms.show(n) for n in ("pvh", "bad")}
-        if all(s["state"] != "running" for s in shown.values()):
-            break
-        time.sleep(0.1)
+        return shown if all(s["state"] != "running" for s in shown.values()) else None
+
+    shown = wait_for(ended, 60, "both VMs ended", interval=0.1)
     # status 0: the kernel found the PVH magic and reached its power-off write
     assert shown["pvh"]["state"] == "off", shown["pvh"]
     assert "guest powered off with status 0" in vmms.vm("show", "pvh")

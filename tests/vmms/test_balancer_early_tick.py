@@ -4,7 +4,6 @@ the workers' reports, and a report that puts a VM below its target gets an early
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -32,21 +31,20 @@ def _running(w: FakeStatusWorker) -> tuple[BalancerLoop, threading.Event, thread
     return loop, stop, t
 
 
-def _wait(condition: object, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
+def _decided(loop: BalancerLoop) -> threading.Event:
+    """Set at the first decision with an operation (the loop's decision listeners)."""
+    decided = threading.Event()
+    loop.decision_listeners.append(lambda d, _states: d.operations and decided.set())
+    return decided
 
 
 def test_a_report_showing_a_spike_is_answered_before_the_next_tick() -> None:
     w = FakeStatusWorker(512 * MIB, committed=427 * MIB)  # at target: 427 MiB + 20 % = 512 MiB
     loop, stop, t = _running(w)
+    decided = _decided(loop)
     try:
         w.committed = 1427 * MIB  # testlimit commits 1000 MiB
-        assert _wait(lambda: w.targets)
+        assert decided.wait(10), "no early tick within 10 s of the report"
         assert w.targets[0] >= 1427 * MIB * 1.2  # demand plus the 20 % buffer
     finally:
         stop.set()
@@ -80,11 +78,12 @@ def test_an_early_tick_advances_the_lazy_timers_by_the_time_really_elapsed() -> 
     d = loop.tick()
     assert d is not None and d.above_target_s[0] == 1000.0  # one (long) regular tick
     stop = threading.Event()
+    decided = _decided(loop)
     t = threading.Thread(target=loop.run, args=(stop, 0.01), daemon=True)
     t.start()
     try:
         busy.committed = 1427 * MIB
-        assert _wait(lambda: busy.targets)
+        assert decided.wait(10), "no early tick within 10 s of the report"
         d = loop.last_decision
         assert d is not None and 1000.0 < d.above_target_s[0] < 1100.0
     finally:

@@ -12,9 +12,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support.wait import wait_for
 from tests.vmms.vmms_process import ROOT, VmmsProcess, vmms_host
 
 pytestmark = pytest.mark.guest
@@ -59,11 +61,9 @@ def test_a_worker_killed_with_sigkill_is_reported_and_the_other_vm_keeps_running
     free_running = host.client.request("GET", "/api/host")["free"]
     victim = host.show("victim")
     os.kill(victim["pid"], signal.SIGKILL)
-    for _ in range(400):
-        victim = host.show("victim")
-        if victim["state"] != "running":
-            break
-        time.sleep(0.05)
+    victim = wait_for(
+        lambda: (v := host.show("victim"))["state"] != "running" and v, 60, "victim not running"
+    )
     assert victim["state"] == "crashed"
     assert "killed by SIGKILL" in victim["reason"]
     assert "crashed" in host.vm("list")
@@ -111,16 +111,16 @@ def test_a_memory_target_balloons_the_guest_through_the_vmms(host: VmmsProcess) 
     host.wait_for_dm_report("dm")
     out = host.vm("memory", "dm", "--target", "384M")
     assert "memory target 384M sent" in out
-    for _ in range(300):
-        status = host.client.request("GET", "/api/vms/dm/memory")
-        if status["assigned"] == 384 << 20:
-            break
-        time.sleep(0.1)
+    status = wait_for(
+        lambda: (
+            (s := host.client.request("GET", "/api/vms/dm/memory"))["assigned"] == 384 << 20 and s
+        ),
+        60,
+        "dm assigned 384M",
+    )
     assert status["assigned"] == 384 << 20 and status["ballooned"] == 128 << 20
-    for _ in range(50):  # the pool follows at the balancer's next tick
-        if host.show("dm")["memory"]["assigned"] == 384 << 20:
-            break
-        time.sleep(0.1)
+    # the pool follows at the balancer's next tick
+    wait_for(lambda: host.show("dm")["memory"]["assigned"] == 384 << 20, 30, "the pool's 384M")
     assert host.show("dm")["memory"]["ballooned"] == 128 << 20
     assert "dm: visible 512M assigned 384M ballooned 128M committed" in host.vm("memory", "dm")
     out = host.vm("memory", "dm", "--maximum", "512M", check=False)
@@ -139,11 +139,13 @@ def test_a_maximum_raised_while_the_vm_runs_lets_it_be_given_more_than_its_old_m
     assert host.show("dm")["settings"]["maximum"] == 768 << 20
     # The worker clamps targets to the new range: 640M is above the maximum it booted with.
     assert "memory target 640M sent" in host.vm("memory", "dm", "--target", "640M")
-    for _ in range(300):
-        status = host.client.request("GET", "/api/vms/dm/memory")
-        if status["assigned"] == 640 << 20:
-            break
-        time.sleep(0.1)
+    status = wait_for(
+        lambda: (
+            (s := host.client.request("GET", "/api/vms/dm/memory"))["assigned"] == 640 << 20 and s
+        ),
+        60,
+        "dm assigned 640M",
+    )
     assert status["assigned"] == 640 << 20 and status["visible"] == 640 << 20, status
     # The guest was told the new maximum (the info message, in 4 KiB pages).
     out = host.console_until("dm", "dm", b"max-page-count: 196608")
@@ -174,8 +176,8 @@ def test_testlimit_is_answered_by_a_hot_add_with_the_buffer_which_a_crash_return
     out = host.console_until("testvm", "testlimit -m 400 -c 1", b"committed 400 MiB")
     assert b"committed 400 MiB" in out
     vm = r"\Hyper-V Dynamic Memory VM(testvm)"
-    counters: dict[str, float] = {}
-    for _ in range(300):  # the guest reports once a second; the balancer ticks once a second
+
+    def hot_added() -> tuple[dict[str, float], dict[str, Any]] | None:
         counters = host.client.request("GET", "/api/counters")["counters"]
         status = host.client.request("GET", "/api/vms/testvm/memory")
         # Demand plus the 20 % buffer (changes under 1 MiB are not worth an operation).
@@ -184,22 +186,24 @@ def test_testlimit_is_answered_by_a_hot_add_with_the_buffer_which_a_crash_return
         added = counters.get(vm + r"\Memory Add Operations", 0) >= 1
         added = added and counters.get(vm + r"\Added Memory", 0) >= 400
         if added and committed >= 400 << 20 and status["visible"] >= committed * 1.2 - (1 << 20):
-            break
-        time.sleep(0.1)
+            return counters, status
+        return None
+
+    # the guest reports once a second; the balancer ticks once a second
+    counters, status = wait_for(hot_added, 60, "a hot-add with its buffer, counted", 0.1)
     assert status["committed"] >= 400 << 20
     assert status["visible"] >= status["committed"] * 1.2 - (1 << 20)
     assert counters[vm + r"\Memory Add Operations"] >= 1
     assert counters[vm + r"\Added Memory"] >= 400
-    for _ in range(50):  # the pool follows the worker at the balancer's next tick
-        if host.show("testvm")["memory"]["visible"] == status["visible"]:
-            break
-        time.sleep(0.1)
+    # the pool follows the worker at the balancer's next tick
+    wait_for(
+        lambda: host.show("testvm")["memory"]["visible"] == status["visible"],
+        30,
+        "the pool following the worker",
+    )
     assert host.show("testvm")["memory"]["visible"] >= 656 << 20
     # Killed, the VM gives everything back, hot-added memory included.
     os.kill(host.show("testvm")["pid"], signal.SIGKILL)
-    for _ in range(400):
-        if host.show("testvm")["state"] == "crashed":
-            break
-        time.sleep(0.05)
+    wait_for(lambda: host.show("testvm")["state"] == "crashed", 60, "testvm crashed")
     pool = host.client.request("GET", "/api/host")
     assert pool["free"] == pool["budget"] - pool["reserve"] and pool["running_vms"] == 0

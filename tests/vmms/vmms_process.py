@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pyhv.vmms.client import VmmsClient
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 _sync = itertools.count()
@@ -47,15 +48,13 @@ class VmmsProcess:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-        self.address = ""
-        for _ in range(600):
-            m = re.search(r"http://(127\.0\.0\.1:\d+)/", Path(self.log.name).read_text())
-            if m:
-                self.address = m[1]
-                break
+
+        def served() -> str:
             assert self.proc.poll() is None, Path(self.log.name).read_text()
-            time.sleep(0.05)
-        assert self.address, "the VMMS did not say where it serves"
+            m = re.search(r"http://(127\.0\.0\.1:\d+)/", Path(self.log.name).read_text())
+            return m[1] if m else ""
+
+        self.address = wait_for(served, 60, "the VMMS saying where it serves")
         self.token_file = self.state / "token"
         self.client = VmmsClient(socket_path=self.state / "vmms.sock", timeout=60)
 
@@ -94,16 +93,15 @@ class VmmsProcess:
 
     def wait_for_dm_report(self, name: str) -> None:
         """Until the VM's guest DM driver has reported (once a second after it negotiated)."""
-        status: dict[str, Any] = {}
-        for _ in range(300):
+
+        def reported() -> object:
             try:
                 status = self.client.request("GET", f"/api/vms/{name}/memory")
             except Exception:  # noqa: BLE001 - 409 until the guest has reported
-                status = {}
-            if status.get("committed"):
-                break
-            time.sleep(0.1)
-        assert status.get("committed"), status
+                return None
+            return status.get("committed")
+
+        wait_for(reported, 60, f"VM {name}'s guest DM driver reporting", interval=0.1)
 
     def free(self) -> int:
         return int(self.client.request("GET", "/api/host")["free"])
@@ -194,9 +192,9 @@ def migrate_api(
             "options": {"faults": faults},
         },
     )
-    for _ in range(600):
-        rec = a.client.request("GET", f"/api/migrations/{rec['id']}")
-        if rec["state"] in ("done", "failed", "in-doubt"):
-            return rec  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise AssertionError(f"the migration did not end: {rec}")
+
+    def ended() -> dict[str, Any] | None:
+        r: dict[str, Any] = a.client.request("GET", f"/api/migrations/{rec['id']}")
+        return r if r["state"] in ("done", "failed", "in-doubt") else None
+
+    return wait_for(ended, 120, f"migration {rec['id']} ending")

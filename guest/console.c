@@ -53,20 +53,65 @@ int uart_getc(void)
     return rx_ring[rx_tail++ % sizeof(rx_ring)];
 }
 
-void putc(char c)
+/* Any CPU may print (a task's fault on CPU 1 while CPU 0 runs the shell): each putc, puts and printf
+ * is atomic, so lines and the prompt stay whole. Interrupts stay on while printing (a long line
+ * takes milliseconds of port exits), so the lock is taken again freely by the CPU that holds it (a
+ * handler printing inside a print). */
+static spinlock_t tx_lock;
+static volatile u32 tx_owner = ~0u;
+
+static int tx_acquire(void)
 {
-    if (c == '\n')
-        putc('\r');
+    u32 me = lapic_id();
+    if (tx_owner == me)
+        return 0;
+    u64 f = spin_lock(&tx_lock); /* interrupts off between taking it and saying whose it is */
+    tx_owner = me;
+    irq_restore(f);
+    return 1;
+}
+
+static void tx_release(int took)
+{
+    if (!took)
+        return;
+    tx_owner = ~0u;
+    spin_unlock(&tx_lock, 0);
+}
+
+static void put1(char c)
+{
     while (!tx_room)
         tx_room = (inb(COM1 + LSR) & LSR_THRE) ? FIFO_SIZE : 0;
     tx_room--;
     outb(COM1, (u8)c);
 }
 
-void puts(const char *s)
+static void emit(char c)
+{
+    if (c == '\n')
+        put1('\r');
+    put1(c);
+}
+
+static void emit_s(const char *s)
 {
     while (*s)
-        putc(*s++);
+        emit(*s++);
+}
+
+void putc(char c)
+{
+    int took = tx_acquire();
+    emit(c);
+    tx_release(took);
+}
+
+void puts(const char *s)
+{
+    int took = tx_acquire();
+    emit_s(s);
+    tx_release(took);
 }
 
 static void put_u64(u64 v, u32 base, int width, char pad)
@@ -79,9 +124,9 @@ static void put_u64(u64 v, u32 base, int width, char pad)
         v /= base;
     } while (v);
     while (n < width--)
-        putc(pad);
+        emit(pad);
     while (n)
-        putc(buf[--n]);
+        emit(buf[--n]);
 }
 
 /* %d %u %x %s %c %% with l/ll and a zero-padded or space-padded width */
@@ -89,9 +134,10 @@ void printf(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
+    int took = tx_acquire();
     for (; *fmt; fmt++) {
         if (*fmt != '%') {
-            putc(*fmt);
+            emit(*fmt);
             continue;
         }
         fmt++;
@@ -107,7 +153,7 @@ void printf(const char *fmt, ...)
         case 'd': {
             s64 v = lng ? va_arg(ap, s64) : va_arg(ap, s32);
             if (v < 0) {
-                putc('-');
+                emit('-');
                 v = -v;
             }
             put_u64((u64)v, 10, width, pad);
@@ -121,21 +167,22 @@ void printf(const char *fmt, ...)
             break;
         case 's': {
             const char *s = va_arg(ap, const char *);
-            puts(s ? s : "(null)");
+            emit_s(s ? s : "(null)");
             break;
         }
         case 'c':
-            putc((char)va_arg(ap, int));
+            emit((char)va_arg(ap, int));
             break;
         case '%':
-            putc('%');
+            emit('%');
             break;
         default:
-            putc('%');
-            putc(*fmt);
+            emit('%');
+            emit(*fmt);
             if (!*fmt)
                 fmt--;
         }
     }
+    tx_release(took);
     va_end(ap);
 }

@@ -3,7 +3,9 @@
 #define KCODE32 0x08
 #define KCODE 0x10
 #define KDATA 0x18
-#define TSS_SEL 0x40
+#define TSS_SEL 0x40 /* CPU n's TSS is at TSS_SEL + 16 * n */
+#define MAX_CPUS 64
+#define TRAMPOLINE 0x8000 /* where CPU 0 copies ap_trampoline: the page of SIPI vector 0x08 */
 
 /* ---------------------------------------------------------------- Xen PVH ELF note */
     .section .note.Xen, "a", @note
@@ -45,6 +47,60 @@ _start:
     mov %r12, %rdi
     call kmain
     jmp halt_forever
+
+/* An application processor, from ap_trampoline, in long mode on the image's GDT and CPU 0's page
+ * tables: its index is its LAPIC ID; ap_main on a kernel stack of its own. */
+ap_start64:
+    mov $KDATA, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    xor %eax, %eax
+    mov %eax, %fs
+    mov %eax, %gs
+    mov $0xFEE00020, %edx       /* LAPIC ID register */
+    mov (%rdx), %edi
+    shr $24, %edi
+    cmp $MAX_CPUS, %edi
+    jae halt_forever            /* CPU 0 starts only the CPUs it has slots for */
+    lea ap_stack_top(%rip), %rax
+    mov (%rax,%rdi,8), %rsp     /* its kernel stack, from CPU 0 (kernel.c) */
+    call ap_main
+    jmp halt_forever
+
+/* The real-mode start of an application processor (INIT, then STARTUP IPI with vector 0x08: CS =
+ * 0x0800, IP = 0). CPU 0 copies it to TRAMPOLINE and patches tr_cr3 with its CR3. Straight to long
+ * mode: PAE, CR3, EFER.LME, then PE and PG together, then a far jump to the 64-bit code segment. */
+    .section .rodata
+    .code16
+    .globl ap_trampoline, ap_trampoline_end, ap_trampoline_cr3
+ap_trampoline:
+    cli
+    mov %cs, %ax
+    mov %ax, %ds
+    lgdtl (tr_gdtr - ap_trampoline)
+    mov $0x620, %eax            /* PAE | OSFXSR | OSXMMEXCPT */
+    mov %eax, %cr4
+    mov (ap_trampoline_cr3 - ap_trampoline), %eax
+    mov %eax, %cr3
+    mov $0xC0000080, %ecx       /* EFER |= LME | SCE */
+    rdmsr
+    or $0x101, %eax
+    wrmsr
+    mov $0x80010033, %eax       /* PG | WP | NE | ET | MP | PE */
+    mov %eax, %cr0
+    ljmpl $KCODE, $(TRAMPOLINE + tr_long - ap_trampoline)
+    .code64
+tr_long:
+    mov $ap_start64, %eax       /* the image is below 4 GiB */
+    jmp *%rax
+    .balign 8
+tr_gdtr:
+    .word gdt_end - gdt - 1
+    .long gdt
+ap_trampoline_cr3:
+    .long 0
+ap_trampoline_end:
 
 /* ---------------------------------------------------------------- 32-bit PVH entry (EBX = hvm_start_info) */
     .code32
@@ -173,7 +229,8 @@ trap_return:
     add $16, %rsp
     iretq
 
-/* u64 run_user(struct frame *f): enter a CPL3 task at f; returns v when a trap calls back_to_kernel(v) */
+/* u64 run_user(struct frame *f, u64 *kctx_rsp): enter a CPL3 task at f, keeping the kernel's stack
+ * pointer in this CPU's *kctx_rsp; returns v when a trap calls back_to_kernel(v, kctx_rsp) */
     .globl run_user
 run_user:
     push %rbx
@@ -182,13 +239,13 @@ run_user:
     push %r13
     push %r14
     push %r15
-    mov %rsp, kctx_rsp(%rip)
+    mov %rsp, (%rsi)
     mov %rdi, %rsp
     jmp trap_return
 
     .globl back_to_kernel
 back_to_kernel:
-    mov kctx_rsp(%rip), %rsp
+    mov (%rsi), %rsp
     pop %r15
     pop %r14
     pop %r13
@@ -246,15 +303,12 @@ gdt:
     .quad 0                     /* 0x38 */
     .globl tss_desc
 tss_desc:
-    .quad 0                     /* 0x40 TSS, filled in by trap_init */
-    .quad 0
+    .skip 16 * MAX_CPUS         /* 0x40 + 16 * n: CPU n's TSS, filled in by trap_cpu_init */
 gdt_end:
     .balign 8
 gdtr:
     .word gdt_end - gdt - 1
     .quad gdt
-kctx_rsp:
-    .quad 0
 
 /* ---------------------------------------------------------------- stacks and PVH-only tables: never zeroed */
     .section .bss.noinit, "aw", @nobits

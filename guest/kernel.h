@@ -16,6 +16,7 @@ typedef int s32;
 #define BLOCK_SIZE (2UL << 20)
 #define MAX_PHYS (64UL << 30) /* the boot page tables identity-map 0..64 GiB */
 #define HZ 100
+#define MAX_CPUS 64 /* as many as a VM may have VPs (pyhv.worker.config.MAX_VPS) */
 
 static inline void outb(u16 p, u8 v) { __asm__ volatile("outb %0,%1" ::"a"(v), "Nd"(p)); }
 static inline void outl(u16 p, u32 v) { __asm__ volatile("outl %0,%1" ::"a"(v), "Nd"(p)); }
@@ -26,8 +27,34 @@ static inline void sti_hlt(void) { __asm__ volatile("sti; hlt" ::: "memory"); }
 static inline u64 read_cr2(void) { u64 v; __asm__ volatile("mov %%cr2,%0" : "=r"(v)); return v; }
 static inline u64 read_cr3(void) { u64 v; __asm__ volatile("mov %%cr3,%0" : "=r"(v)); return v; }
 static inline void write_cr3(u64 v) { __asm__ volatile("mov %0,%%cr3" ::"r"(v) : "memory"); }
+#ifndef KERNEL_HOST_TEST
 static inline u64 irq_save(void) { u64 f; __asm__ volatile("pushfq; pop %0; cli" : "=r"(f)::"memory"); return f; }
 static inline void irq_restore(u64 f) { if (f & 0x200) sti(); }
+#else /* tests/guest/pmm_host.c: guest code built as a host library, where cli would fault */
+static inline u64 irq_save(void) { return 0; }
+static inline void irq_restore(u64 f) { (void)f; }
+#endif
+/* Spinlocks between CPUs: `xchg` with memory is locked by itself (8 bytes at most: no cmpxchg16b).
+ * Interrupts stay off while one is held, so an interrupt handler on the same CPU cannot spin on it. */
+typedef struct { volatile u32 v; } spinlock_t;
+static inline u64 spin_lock(spinlock_t *l)
+{
+    u64 f = irq_save();
+    for (;;) {
+        u32 old = 1;
+        __asm__ volatile("xchgl %0,%1" : "+r"(old), "+m"(l->v)::"memory");
+        if (!old)
+            return f;
+        while (l->v) /* read-only wait: no locked cycles while another CPU holds it */
+            ;
+    }
+}
+static inline void spin_unlock(spinlock_t *l, u64 f)
+{
+    __asm__ volatile("" ::: "memory");
+    l->v = 0;
+    irq_restore(f);
+}
 /* lowest set bit; bsf is emulated at CPL0, tzcnt/popcnt are not (see check-insns.sh) */
 static inline u64 lowest_bit(u64 w) { u64 r; __asm__("bsfq %1,%0" : "=r"(r) : "rm"(w)); return r; }
 
@@ -65,17 +92,42 @@ int bootinfo_copy(const struct bootinfo *src); /* 0 ok, else prints why */
 #define VEC_TIMER 0x20
 #define VEC_UART 0x24
 #define VEC_SPURIOUS 0xff
-void apic_init(void);
+void apic_init(void);     /* the platform's controllers, then this CPU's LAPIC (BSP) */
+void apic_cpu_init(void); /* an application processor's own LAPIC: masks and timer */
 void lapic_eoi(void);
-extern volatile u64 ticks;
+u32 lapic_id(void);
+void lapic_start_ap(u32 apic, u32 trampoline); /* INIT + STARTUP IPI: real mode at trampoline */
+extern volatile u64 ticks; /* CPU 0's timer ticks: the kernel's clock */
+
+/* CPUs (kernel.c): CPU 0 boots the kernel, then starts the others (application processors) with
+ * INIT/STARTUP IPIs at a real-mode trampoline (entry.S); they run tasks. A CPU's index is its LAPIC ID. */
+struct cpu {
+    u64 kctx_rsp; /* the kernel's stack pointer while this CPU runs a task (entry.S: run_user) */
+    u32 index, online;
+    volatile u64 ticks;      /* timer interrupts on this CPU */
+    volatile u64 task_runs;  /* times it entered a task */
+    volatile s32 task;       /* task it runs now, or -1 */
+    u32 last_run;            /* where its round-robin over the tasks continues */
+    u64 paging_gen;          /* page-table generation its TLB has seen */
+    u64 rsp0_top;            /* its interrupt stack (the TSS's rsp0) */
+};
+extern struct cpu cpus[MAX_CPUS];
+extern volatile u32 cpus_online;
+static inline struct cpu *this_cpu(void) { return &cpus[lapic_id() % MAX_CPUS]; }
+void cpus_show(void);
+
+/* kernel RAM after the image, carved before pmm_init (which takes what is left): per-CPU stacks and
+ * the task table, sized by the VP count. Page-aligned, not zeroed. */
+void *boot_alloc(u64 bytes);
 
 /* paging: the boot page tables (found through CR3) get the user bit on the 2 MiB entries CPL3 tasks
  * use: the image (their code) and the memory each task is given */
 void paging_allow_user(u64 base, u64 end);
+extern volatile u64 paging_gen; /* bumped by paging_allow_user: other CPUs flush their TLB before a task */
 
 /* pmm.c: physical memory in 4 KiB pages, handed out in 2 MiB blocks where it can. Addresses are
- * guest-physical (= virtual: identity map). Nothing is zeroed. All of it runs at CPL0: call with the
- * kernel's usual single-CPU rules (from the main loop, or with interrupts off). */
+ * guest-physical (= virtual: identity map). Nothing is zeroed. All of it runs at CPL0, under one lock
+ * (any CPU may call it, interrupts on or off). */
 struct pmm_range { u64 base, pages; };
 struct pmm_stats { u64 visible, free, committed, ballooned, hot_added; }; /* pages */
 void pmm_init(u64 free_from);        /* boot memory map; RAM below free_from is the kernel's */
@@ -98,7 +150,8 @@ struct frame {
     u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
     u64 vec, err, rip, cs, rflags, rsp, ss;
 };
-void trap_init(void);
+void trap_init(void);          /* the IDT (once), then this CPU's tables */
+void trap_cpu_init(u32 cpu, u64 rsp0_top); /* load the IDT and this CPU's TSS (its own rsp0 stack) */
 void trap(struct frame *f);
 /* for drivers (VMBus, DM VSC): a handler for a device interrupt vector (0x30..0xfe; the kernel sends
  * the EOI), and work the main loop runs on every pass (after an interrupt or HZ times a second) */
@@ -107,15 +160,18 @@ int irq_register(u32 vector, irq_handler_t fn);
 int kernel_add_poll(void (*fn)(void));
 
 /* task.c: background tasks at CPL3 */
-void task_init(void);
+/* before pmm_init: its table comes from boot_alloc, two slots per CPU within `budget` bytes */
+void task_init(u32 cpus, u64 budget);
 void task_schedule(void); /* idle path: run a task or halt until an interrupt */
-int task_start_testlimit(u64 mb, u64 count);
-int task_start_dirty(u64 mb, u64 pps);
+/* cpu: pin the task to that CPU, or -1 to run on any */
+int task_start_testlimit(u64 mb, u64 count, s32 cpu);
+int task_start_dirty(u64 mb, u64 pps, s32 cpu);
 int task_kill(int id); /* -1: all */
 void task_list(void);
 void task_user_trap(struct frame *f) __attribute__((noreturn)); /* a trap from CPL3 */
 int task_kill_kind_testlimit(void);
-int task_start_fault(void);
+int task_name(s32 id, const char **kind); /* 0 and its kind's name if task id exists */
+int task_start_fault(s32 cpu); /* a task that reads unmapped memory, on that CPU or any (-1) */
 #define FAULT_ADDRESS MAX_PHYS /* just above the identity map: not present */
 
 /* vmbus.c, dmvsc.c: the VMBus client and the Dynamic Memory VSC (vmbus.h has the rest) */
@@ -131,8 +187,8 @@ void shell_input(int c);
 /* entry.S */
 extern char _image_start[], _image_end[], _bss_start[], _bss_end[];
 extern char user_sys[];
-u64 run_user(struct frame *f); /* iretq to f; returns when a trap hands control back */
-void back_to_kernel(u64 v) __attribute__((noreturn));
+u64 run_user(struct frame *f, u64 *kctx_rsp); /* iretq to f; returns when a trap hands control back */
+void back_to_kernel(u64 v, u64 *kctx_rsp) __attribute__((noreturn));
 void halt_forever(void) __attribute__((noreturn));
 void poweroff(u32 code) __attribute__((noreturn));
 #endif

@@ -368,17 +368,34 @@ void pmm_init(u64 free_from)
     }
 }
 
+/* Every public function below takes pmm_lock: CPUs allocate for their tasks while CPU 0 runs the
+ * shell and the Dynamic Memory VSC. pmm_init runs before the other CPUs start. */
+static spinlock_t pmm_lock;
+
 void pmm_stats(struct pmm_stats *s)
 {
+    u64 f = spin_lock(&pmm_lock);
     s->visible = n_visible;
     s->free = n_free;
     s->committed = n_committed;
     s->ballooned = n_ballooned;
     s->hot_added = n_hot_added;
+    spin_unlock(&pmm_lock, f);
 }
 
-void pmm_commit(u64 pages) { n_committed += pages; }
-void pmm_uncommit(u64 pages) { n_committed -= pages < n_committed ? pages : n_committed; }
+void pmm_commit(u64 pages)
+{
+    u64 f = spin_lock(&pmm_lock);
+    n_committed += pages;
+    spin_unlock(&pmm_lock, f);
+}
+
+void pmm_uncommit(u64 pages)
+{
+    u64 f = spin_lock(&pmm_lock);
+    n_committed -= pages < n_committed ? pages : n_committed;
+    spin_unlock(&pmm_lock, f);
+}
 
 static int append(struct pmm_range *out, u32 max_out, u32 *nout, u64 pfn, u64 n)
 {
@@ -449,7 +466,7 @@ static u64 take_run(u64 want, u64 *pfn)
 
 /* Allocate up to `pages` pages, 2 MiB blocks first, as at most max_out ranges. Returns the number of
  * pages allocated (less than asked when memory or ranges ran out). Commit is the caller's business. */
-u64 pmm_alloc(u64 pages, struct pmm_range *out, u32 max_out, u32 *nout)
+static u64 alloc(u64 pages, struct pmm_range *out, u32 max_out, u32 *nout)
 {
     u64 got = 0, pfn;
     *nout = 0;
@@ -466,11 +483,22 @@ u64 pmm_alloc(u64 pages, struct pmm_range *out, u32 max_out, u32 *nout)
     return got;
 }
 
+u64 pmm_alloc(u64 pages, struct pmm_range *out, u32 max_out, u32 *nout)
+{
+    u64 f = spin_lock(&pmm_lock);
+    u64 got = alloc(pages, out, max_out, nout);
+    spin_unlock(&pmm_lock, f);
+    return got;
+}
+
 int pmm_free(u64 base, u64 pages)
 {
     if (base % PAGE_SIZE)
         return -1;
-    return change(base / PAGE_SIZE, pages, ALLOC, FREE);
+    u64 f = spin_lock(&pmm_lock);
+    int r = change(base / PAGE_SIZE, pages, ALLOC, FREE);
+    spin_unlock(&pmm_lock, f);
+    return r;
 }
 
 int pmm_hot_add(u64 base, u64 pages)
@@ -479,16 +507,18 @@ int pmm_hot_add(u64 base, u64 pages)
         printf("pmm: hot-add [%lx, +%lu pages) is not page-aligned or not below 64 GiB\n", base, pages);
         return -1;
     }
-    if (add_ram(base / PAGE_SIZE, pages)) {
+    u64 f = spin_lock(&pmm_lock);
+    int r = add_ram(base / PAGE_SIZE, pages);
+    if (!r)
+        n_hot_added += pages;
+    spin_unlock(&pmm_lock, f);
+    if (r)
         printf("pmm: hot-add [%lx, +%lu pages) overlaps RAM the guest already has\n", base, pages);
-        return -1;
-    }
-    n_hot_added += pages;
-    return 0;
+    return r ? -1 : 0;
 }
 
 /* Linux hv_balloon's compute_balloon_floor(): never balloon the guest below this many pages */
-u64 pmm_balloon_floor(void)
+static u64 balloon_floor(void)
 {
     u64 ram = n_visible - n_ballooned, mb = 256; /* pages per MiB */
     if (ram < 128 * mb)
@@ -502,31 +532,45 @@ u64 pmm_balloon_floor(void)
     return 488 * mb + ram / 32;
 }
 
+u64 pmm_balloon_floor(void)
+{
+    u64 f = spin_lock(&pmm_lock);
+    u64 r = balloon_floor();
+    spin_unlock(&pmm_lock, f);
+    return r;
+}
+
 /* Take up to max_pages free pages out of the guest (2 MiB runs first), leaving floor_pages free.
  * Returns the pages taken; their ranges are in out[0..*nout). */
 u64 pmm_balloon_take(u64 max_pages, u64 floor_pages, struct pmm_range *out, u32 max_out, u32 *nout)
 {
+    u64 f = spin_lock(&pmm_lock);
     u64 avail = n_free > floor_pages ? n_free - floor_pages : 0;
-    u64 got = pmm_alloc(max_pages < avail ? max_pages : avail, out, max_out, nout);
+    u64 got = alloc(max_pages < avail ? max_pages : avail, out, max_out, nout);
     for (u32 i = 0; i < *nout; i++)
         change(out[i].base / PAGE_SIZE, out[i].pages, ALLOC, BALLOON);
     n_ballooned += got;
+    spin_unlock(&pmm_lock, f);
     return got;
 }
 
 /* Give back a range the host returns; every page must have been ballooned. */
 int pmm_balloon_give(u64 base, u64 pages)
 {
-    if (base % PAGE_SIZE || change(base / PAGE_SIZE, pages, BALLOON, FREE)) {
+    u64 f = spin_lock(&pmm_lock);
+    int r = base % PAGE_SIZE || change(base / PAGE_SIZE, pages, BALLOON, FREE);
+    if (!r)
+        n_ballooned -= pages;
+    spin_unlock(&pmm_lock, f);
+    if (r) {
         printf("pmm: unballoon [%lx, +%lu pages): not all of it is ballooned\n", base, pages);
         return -1;
     }
-    n_ballooned -= pages;
     return 0;
 }
 
 /* recount free and ballooned pages from the bitmaps and compare with the counters */
-int pmm_check(void)
+static int check(void)
 {
     u64 fr = 0, bal = 0, present = 0, free_blocks = 0;
     for (u64 b = 0; b < NBLOCKS; b++) {
@@ -555,4 +599,12 @@ int pmm_check(void)
     if (fr != n_free || bal != n_ballooned || present != n_visible || free_blocks != n_free_blocks)
         return -1;
     return 0;
+}
+
+int pmm_check(void)
+{
+    u64 f = spin_lock(&pmm_lock);
+    int r = check();
+    spin_unlock(&pmm_lock, f);
+    return r;
 }

@@ -17,9 +17,11 @@ static void cmd_help(void)
 {
     puts("commands:\n"
          "  mem                     memory counters in MiB (visible, free, committed, ballooned, hot-added)\n"
-         "  testlimit -m MB [-c N]  commit and touch N chunks of MB MiB, hold them until kill/free\n"
-         "  dirty MB [PAGES/S]      keep rewriting MB MiB (one word per page) in the background\n"
+         "  testlimit -m MB [-c N] [-p]  commit and touch N chunks of MB MiB, hold them until kill/free\n"
+         "  dirty MB [PAGES/S] [-p] keep rewriting MB MiB (one word per page) in the background\n"
+         "                          -p: one such task per online CPU, each pinned to its CPU\n"
          "  tasks                   list background tasks\n"
+         "  cpus                    online CPUs: timer ticks, task runs and what each runs now\n"
          "  kill [ID]               stop background tasks (all, or task ID) and release their memory\n"
          "  free                    release what testlimit holds\n"
          "  ticks                   timer ticks since boot (" "100 per second)\n"
@@ -29,7 +31,7 @@ static void cmd_help(void)
          "  vmbus                   VMBus channels: offers, rings, counters\n"
          "  dm                      Dynamic Memory VSC: state, protocol, last status, counters\n"
          "  pmmcheck                check the memory manager's counters against its bitmaps\n"
-         "  fault kernel|user        touch unmapped memory at CPL0 (halts) or in a CPL3 task (killed)\n"
+         "  fault kernel|user [CPU]  touch unmapped memory at CPL0 (halts) or in a CPL3 task (killed)\n"
          "  poweroff [CODE]         power off with exit status CODE (default 0)\n");
 }
 
@@ -51,11 +53,26 @@ static int arg_mb(const char *cmd, const char *what, const char *s, u64 *out)
     return 0;
 }
 
+/* -p: one task per online CPU (each pinned), else one task on any CPU */
+static void start_tasks(int per_cpu, int (*start)(u64, u64, s32), u64 a, u64 b)
+{
+    if (!per_cpu) {
+        start(a, b, -1);
+        return;
+    }
+    for (u32 i = 0; i < MAX_CPUS; i++)
+        if (cpus[i].online && start(a, b, (s32)i) < 0)
+            return;
+}
+
 static void cmd_testlimit(int argc, char **argv)
 {
     u64 mb = 0, count = 1;
+    int per_cpu = 0;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "-m") && i + 1 < argc) {
+        if (!strcmp(argv[i], "-p")) {
+            per_cpu = 1;
+        } else if (!strcmp(argv[i], "-m") && i + 1 < argc) {
             if (arg_mb("testlimit", "-m", argv[++i], &mb))
                 return;
         } else if (!strcmp(argv[i], "-c") && i + 1 < argc) {
@@ -64,26 +81,28 @@ static void cmd_testlimit(int argc, char **argv)
                 return;
             }
         } else {
-            printf("testlimit: unexpected argument '%s': usage testlimit -m MB [-c N]\n", argv[i]);
+            printf("testlimit: unexpected argument '%s': usage testlimit -m MB [-c N] [-p]\n", argv[i]);
             return;
         }
     }
     if (!mb) {
-        puts("testlimit: -m MB is required: usage testlimit -m MB [-c N]\n");
+        puts("testlimit: -m MB is required: usage testlimit -m MB [-c N] [-p]\n");
         return;
     }
     if (mb * count > 65536) {
         printf("testlimit: %lu x %lu MiB is more than the 64 GiB this guest can address\n", count, mb);
         return;
     }
-    task_start_testlimit(mb, count);
+    start_tasks(per_cpu, task_start_testlimit, mb, count);
 }
 
 static void cmd_dirty(int argc, char **argv)
 {
     u64 mb, pps = 0;
+    int per_cpu = argc > 1 && !strcmp(argv[argc - 1], "-p");
+    argc -= per_cpu;
     if (argc < 2 || argc > 3) {
-        puts("dirty: usage dirty MB [PAGES-PER-SECOND]\n");
+        puts("dirty: usage dirty MB [PAGES-PER-SECOND] [-p]\n");
         return;
     }
     if (arg_mb("dirty", "MB", argv[1], &mb))
@@ -92,7 +111,7 @@ static void cmd_dirty(int argc, char **argv)
         printf("dirty: pages per second must be a positive number, got '%s'\n", argv[2]);
         return;
     }
-    task_start_dirty(mb, pps);
+    start_tasks(per_cpu, task_start_dirty, mb, pps);
 }
 
 static void cmd_kill(int argc, char **argv)
@@ -152,13 +171,17 @@ static void cmd_poweroff(int argc, char **argv)
 
 static void cmd_fault(int argc, char **argv)
 {
+    u64 cpu;
     if (argc == 2 && !strcmp(argv[1], "user")) {
-        task_start_fault();
+        task_start_fault(-1);
+    } else if (argc == 3 && !strcmp(argv[1], "user") && !parse_u64(argv[2], &cpu) && cpu < MAX_CPUS &&
+               cpus[cpu].online) {
+        task_start_fault((s32)cpu);
     } else if (argc == 2 && !strcmp(argv[1], "kernel")) {
         printf("fault: reading %lx at CPL0\n", FAULT_ADDRESS);
         (void)*(volatile u64 *)FAULT_ADDRESS;
     } else {
-        puts("fault: usage fault kernel|user\n");
+        puts("fault: usage fault kernel|user [CPU]\n");
     }
 }
 
@@ -192,6 +215,8 @@ static void run(char *s)
         cmd_dirty(argc, argv);
     else if (!strcmp(c, "tasks"))
         task_list();
+    else if (!strcmp(c, "cpus"))
+        cpus_show();
     else if (!strcmp(c, "kill"))
         cmd_kill(argc, argv);
     else if (!strcmp(c, "free")) {

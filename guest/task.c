@@ -1,10 +1,14 @@
 /* task.c -- background tasks: memory workloads that run at CPL3, where this KVM executes natively.
  * The kernel (the shell) takes the CPU back on every interrupt; when it has nothing to do it resumes
  * the next runnable task instead of halting. A task asks the kernel for things by executing the ud2
- * at user_sys (the only way from CPL3 to CPL0 here is an exception or an interrupt). */
+ * at user_sys (the only way from CPL3 to CPL0 here is an exception or an interrupt).
+ * Every CPU schedules from the one task table (task_lock): a runnable task no other CPU runs, or one
+ * pinned to this CPU. A task killed while another CPU runs it is released once that CPU has it back
+ * (at its next timer tick). */
 #include "kernel.h"
 
-#define NTASKS 4
+#define MIN_TASKS 4 /* slots; two per CPU beyond that (a `dirty -p` and a `testlimit -p`) */
+#define MAX_TASKS 128
 #define TASK_RANGES 4096
 #define USER_STACK 16384
 #define SYS_SLEEP 1 /* rsi = tick to wake at */
@@ -12,13 +16,16 @@
 #define USER_CS 0x33
 #define USER_DS 0x2B
 
-enum { T_FREE, T_RUNNABLE, T_SLEEPING };
+enum { T_FREE, T_RUNNABLE, T_SLEEPING, T_KILLED /* waits until no CPU runs it */ };
 enum { K_TESTLIMIT, K_DIRTY, K_FAULT };
 static const char *const kind_names[] = {"testlimit", "dirty", "fault"};
 
 struct task {
     struct frame frame; /* user registers while the task is off the CPU */
     u32 state, kind;
+    s32 pin;              /* the only CPU it runs on, or -1 */
+    volatile s32 on_cpu;  /* the CPU running it now, or -1 */
+    u32 last_cpu;
     u64 wake_tick;
     u64 pages_want; /* committed for the task */
     u64 pages_have; /* allocated so far; may lag behind commit until memory arrives */
@@ -30,9 +37,9 @@ struct task {
     u8 stack[USER_STACK] __attribute__((aligned(16)));
 };
 
-static struct task tasks[NTASKS] __attribute__((section(".bss.noinit"), aligned(4096)));
-static struct task *cur;
-static u32 last_run;
+static struct task *tasks; /* carved from RAM after the image at boot (kernel RAM: task_init) */
+static s32 ntasks;
+static spinlock_t task_lock; /* task states, on_cpu, and the allocation of slots */
 extern const char *exception_name(u64 vec);
 
 /* ---------------------------------------------------------------- CPL3 side: no privileged instructions */
@@ -86,9 +93,13 @@ static void user_fault(struct task *t)
 static void user_task_exit(void) { user_call(SYS_EXIT, 0); }
 
 /* ---------------------------------------------------------------- kernel side */
-void task_init(void)
+void task_init(u32 cpus, u64 budget)
 {
-    for (int i = 0; i < NTASKS; i++)
+    ntasks = 2 * cpus < MIN_TASKS ? MIN_TASKS : 2 * cpus > MAX_TASKS ? MAX_TASKS : (s32)(2 * cpus);
+    while (ntasks > MIN_TASKS && ntasks * sizeof(struct task) > budget)
+        ntasks--;
+    tasks = boot_alloc(ntasks * sizeof(struct task));
+    for (int i = 0; i < ntasks; i++)
         tasks[i].state = T_FREE;
 }
 
@@ -118,14 +129,15 @@ static void task_release(struct task *t)
     t->state = T_FREE;
 }
 
-static int task_new(u32 kind, u64 pages, u64 pps, void (*entry)(struct task *))
+/* with task_lock held */
+static int task_new(u32 kind, u64 pages, u64 pps, s32 pin, void (*entry)(struct task *))
 {
     int id;
-    for (id = 0; id < NTASKS; id++)
+    for (id = 0; id < ntasks; id++)
         if (tasks[id].state == T_FREE)
             break;
-    if (id == NTASKS) {
-        printf("%s: all %d task slots are busy: kill one first\n", kind_names[kind], NTASKS);
+    if (id == ntasks) {
+        printf("%s: all %d task slots are busy: kill one first\n", kind_names[kind], ntasks);
         return -1;
     }
     struct task *t = &tasks[id];
@@ -146,60 +158,94 @@ static int task_new(u32 kind, u64 pages, u64 pps, void (*entry)(struct task *))
     t->touched = 0;
     t->passes = 0;
     t->wake_tick = 0;
+    t->pin = pin;
+    t->on_cpu = -1;
+    t->last_cpu = pin >= 0 ? (u32)pin : 0;
     pmm_commit(pages);
     task_fill(t);
     t->state = T_RUNNABLE;
     return id;
 }
 
-int task_start_testlimit(u64 mb, u64 count)
+static void say_cpu(s32 pin)
 {
-    int id = task_new(K_TESTLIMIT, mb * count * 256, 0, user_testlimit);
-    if (id >= 0)
-        printf("testlimit: task %d committed %lu MiB (%lu x %lu MiB), %lu MiB allocated now\n", id,
-               mb * count, count, mb, tasks[id].pages_have / 256);
+    if (pin >= 0)
+        printf(" on cpu %d", pin);
+}
+
+int task_start_testlimit(u64 mb, u64 count, s32 pin)
+{
+    u64 f = spin_lock(&task_lock);
+    int id = task_new(K_TESTLIMIT, mb * count * 256, 0, pin, user_testlimit);
+    u64 have = id >= 0 ? tasks[id].pages_have : 0;
+    spin_unlock(&task_lock, f);
+    if (id >= 0) {
+        printf("testlimit: task %d committed %lu MiB (%lu x %lu MiB), %lu MiB allocated now", id,
+               mb * count, count, mb, have / 256);
+        say_cpu(pin);
+        putc('\n');
+    }
     return id;
 }
 
-int task_start_dirty(u64 mb, u64 pps)
+int task_start_dirty(u64 mb, u64 pps, s32 pin)
 {
-    int id = task_new(K_DIRTY, mb * 256, pps, user_dirty);
+    u64 f = spin_lock(&task_lock);
+    int id = task_new(K_DIRTY, mb * 256, pps, pin, user_dirty);
+    spin_unlock(&task_lock, f);
     if (id >= 0) {
         printf("dirty: task %d rewrites %lu MiB ", id, mb);
         if (pps)
-            printf("at %lu pages/s\n", pps);
+            printf("at %lu pages/s", pps);
         else
-            puts("as fast as it can\n");
+            puts("as fast as it can");
+        say_cpu(pin);
+        putc('\n');
     }
     return id;
 }
 
-int task_start_fault(void)
+int task_start_fault(s32 pin)
 {
-    int id = task_new(K_FAULT, 0, 0, user_fault);
-    if (id >= 0)
-        printf("fault: task %d reads %lx at CPL3\n", id, FAULT_ADDRESS);
+    u64 f = spin_lock(&task_lock);
+    int id = task_new(K_FAULT, 0, 0, pin, user_fault);
+    spin_unlock(&task_lock, f);
+    if (id >= 0) {
+        printf("fault: task %d reads %lx at CPL3", id, FAULT_ADDRESS);
+        say_cpu(pin);
+        putc('\n');
+    }
     return id;
 }
 
+/* Kill task id (or all, id < 0), from the shell on CPU 0: a task another CPU runs is taken off the
+ * schedule at once and released when that CPU has it back (its next tick, at most 1/HZ s). */
 int task_kill(int id)
 {
     int n = 0;
-    for (int i = 0; i < NTASKS; i++) {
-        if (tasks[i].state == T_FREE || (id >= 0 && id != i))
+    u64 f = spin_lock(&task_lock);
+    for (int i = 0; i < ntasks; i++) {
+        struct task *t = &tasks[i];
+        if (t->state == T_FREE || t->state == T_KILLED || (id >= 0 && id != i))
             continue;
-        printf("task %d (%s) killed: %lu MiB released\n", i, kind_names[tasks[i].kind],
-               tasks[i].pages_want / 256);
-        task_release(&tasks[i]);
+        t->state = T_KILLED;
+        while (t->on_cpu >= 0) {
+            spin_unlock(&task_lock, f);
+            sti_hlt(); /* until this CPU's next interrupt */
+            f = spin_lock(&task_lock);
+        }
+        printf("task %d (%s) killed: %lu MiB released\n", i, kind_names[t->kind], t->pages_want / 256);
+        task_release(t);
         n++;
     }
+    spin_unlock(&task_lock, f);
     return n;
 }
 
 int task_kill_kind_testlimit(void)
 {
     int n = 0;
-    for (int i = 0; i < NTASKS; i++)
+    for (int i = 0; i < ntasks; i++)
         if (tasks[i].state != T_FREE && tasks[i].kind == K_TESTLIMIT)
             n += task_kill(i);
     return n;
@@ -208,46 +254,77 @@ int task_kill_kind_testlimit(void)
 void task_list(void)
 {
     int any = 0;
-    for (int i = 0; i < NTASKS; i++) {
+    for (int i = 0; i < ntasks; i++) {
         struct task *t = &tasks[i];
         if (t->state == T_FREE)
             continue;
         any = 1;
-        printf("task %d: %s committed %lu MiB, allocated %lu MiB, touched %lu pages, passes %lu\n", i,
-               kind_names[t->kind], t->pages_want / 256, t->pages_have / 256, t->touched, t->passes);
+        printf("task %d: %s committed %lu MiB, allocated %lu MiB, touched %lu pages, passes %lu, cpu %u%s\n",
+               i, kind_names[t->kind], t->pages_want / 256, t->pages_have / 256, t->touched, t->passes,
+               t->last_cpu, t->pin >= 0 ? " (pinned)" : "");
     }
     if (!any)
         puts("no tasks\n");
 }
 
-/* called with interrupts off from the kernel's idle path */
+int task_name(s32 id, const char **kind)
+{
+    if (id < 0 || id >= ntasks || tasks[id].state == T_FREE)
+        return -1;
+    *kind = kind_names[tasks[id].kind];
+    return 0;
+}
+
+/* called with interrupts off from a CPU's idle path */
 void task_schedule(void)
 {
-    for (u32 k = 1; k <= NTASKS; k++) {
-        u32 i = (last_run + k) % NTASKS;
+    struct cpu *c = this_cpu();
+    u64 f = spin_lock(&task_lock);
+    for (u32 k = 1; k <= (u32)ntasks; k++) {
+        u32 i = (c->last_run + k) % (u32)ntasks;
         struct task *t = &tasks[i];
         if (t->state == T_SLEEPING && ticks >= t->wake_tick)
             t->state = T_RUNNABLE;
-        if (t->state != T_RUNNABLE)
+        if (t->state != T_RUNNABLE || t->on_cpu >= 0 || (t->pin >= 0 && (u32)t->pin != c->index))
             continue;
         task_fill(t);
-        last_run = i;
-        cur = t;
-        run_user(&t->frame); /* back here, interrupts off, after the next trap from the task */
-        cur = NULL;
+        t->on_cpu = (s32)c->index;
+        t->last_cpu = c->index;
+        c->last_run = i;
+        c->task = (s32)i;
+        c->task_runs++;
+        spin_unlock(&task_lock, f);
+        if (c->paging_gen != paging_gen) { /* another CPU gave user access to more memory */
+            c->paging_gen = paging_gen;
+            write_cr3(read_cr3());
+        }
+        run_user(&t->frame, &c->kctx_rsp); /* back here, interrupts off, after the next trap */
+        f = spin_lock(&task_lock);
+        c->task = -1;
+        if (t->on_cpu == (s32)c->index) /* unless the slot was freed and reused meanwhile */
+            t->on_cpu = -1;
+        spin_unlock(&task_lock, f);
         return;
     }
+    spin_unlock(&task_lock, f);
     sti_hlt();
     cli();
 }
 
-/* an interrupt or exception while a task ran: save its state and give the CPU to the kernel */
+/* an interrupt or exception while a task ran (on this CPU, interrupts off): save its state and give
+ * the CPU to the kernel */
 void task_user_trap(struct frame *f)
 {
-    struct task *t = cur;
-    if (!t) {
-        printf("trap %lu from CPL3 with no current task at rip %lx\n", f->vec, f->rip);
+    struct cpu *c = this_cpu();
+    if (c->task < 0) {
+        printf("trap %lu from CPL3 with no current task on cpu %u at rip %lx\n", f->vec, c->index, f->rip);
         halt_forever();
+    }
+    struct task *t = &tasks[c->task];
+    u64 fl = spin_lock(&task_lock);
+    if (t->state == T_KILLED) { /* the shell releases it once we let go */
+        spin_unlock(&task_lock, fl);
+        back_to_kernel(1, &c->kctx_rsp);
     }
     if (f->vec == 6 && f->rip == (u64)user_sys) {
         f->rip += 2; /* past the ud2 */
@@ -256,15 +333,19 @@ void task_user_trap(struct frame *f)
             t->state = T_SLEEPING;
         } else if (f->rdi == SYS_EXIT) {
             task_release(t);
-            back_to_kernel(1);
+            spin_unlock(&task_lock, fl);
+            back_to_kernel(1, &c->kctx_rsp);
         }
     } else if (f->vec < 32) {
-        printf("\ntask %d (%s): exception %lu (%s) at rip %lx: cr2 %lx, error code %lx: task killed\n",
-               (int)(t - tasks), kind_names[t->kind], f->vec, exception_name(f->vec), f->rip, read_cr2(),
-               f->err);
+        printf("\ntask %d (%s) on cpu %u: exception %lu (%s) at rip %lx: cr2 %lx, error code %lx: task "
+               "killed\n",
+               (int)(t - tasks), kind_names[t->kind], c->index, f->vec, exception_name(f->vec), f->rip,
+               read_cr2(), f->err);
         task_release(t);
-        back_to_kernel(1);
+        spin_unlock(&task_lock, fl);
+        back_to_kernel(1, &c->kctx_rsp);
     }
     t->frame = *f;
-    back_to_kernel(0);
+    spin_unlock(&task_lock, fl);
+    back_to_kernel(0, &c->kctx_rsp);
 }

@@ -9,10 +9,10 @@ struct idt_entry {
 } __attribute__((packed));
 
 static struct idt_entry idt[256] __attribute__((section(".bss.noinit"), aligned(16))); /* all set in trap_init */
-static u32 tss[26] __attribute__((aligned(16)));
+static u32 tss[MAX_CPUS][26] __attribute__((aligned(16)));
 extern const u64 stub_table[256];
-extern u64 tss_desc[2];
-extern char rsp0_stack_top[];
+extern u64 tss_desc[2 * MAX_CPUS];
+extern char rsp0_stack_top[]; /* CPU 0's */
 static irq_handler_t irq_handlers[256];
 
 int irq_register(u32 vector, irq_handler_t fn)
@@ -42,19 +42,25 @@ void trap_init(void)
         idt[v].off2 = (u32)(a >> 32);
         idt[v].zero = 0;
     }
+    trap_cpu_init(0, (u64)rsp0_stack_top);
+}
+
+void trap_cpu_init(u32 cpu, u64 rsp0)
+{
     struct {
         u16 limit;
         u64 base;
     } __attribute__((packed)) idtr = {sizeof(idt) - 1, (u64)idt};
     __asm__ volatile("lidt %0" ::"m"(idtr));
-    /* rsp0: where the CPU switches stacks on an interrupt from a CPL3 task; no I/O bitmap */
-    u64 rsp0 = (u64)rsp0_stack_top, t = (u64)tss;
-    tss[1] = (u32)rsp0;
-    tss[2] = (u32)(rsp0 >> 32);
-    tss[25] = 104 << 16;
-    tss_desc[0] = (104 - 1) | ((t & 0xFFFFFF) << 16) | (0x89UL << 40) | (((t >> 24) & 0xFF) << 56);
-    tss_desc[1] = t >> 32;
-    __asm__ volatile("ltr %w0" ::"r"(0x40));
+    /* rsp0: where the CPU switches stacks on an interrupt from a CPL3 task; no I/O bitmap. A TSS
+     * descriptor turns busy when loaded, so every CPU has its own. */
+    u64 t = (u64)tss[cpu];
+    tss[cpu][1] = (u32)rsp0;
+    tss[cpu][2] = (u32)(rsp0 >> 32);
+    tss[cpu][25] = 104 << 16;
+    tss_desc[2 * cpu] = (104 - 1) | ((t & 0xFFFFFF) << 16) | (0x89UL << 40) | (((t >> 24) & 0xFF) << 56);
+    tss_desc[2 * cpu + 1] = t >> 32;
+    __asm__ volatile("ltr %w0" ::"r"(0x40 + 16 * cpu));
 }
 
 const char *exception_name(u64 vec)
@@ -66,7 +72,10 @@ void trap(struct frame *f)
 {
     int from_user = (f->cs & 3) == 3;
     if (f->vec == VEC_TIMER) {
-        ticks++;
+        struct cpu *c = this_cpu();
+        c->ticks++;
+        if (c->index == 0)
+            ticks++;
         lapic_eoi();
     } else if (f->vec == VEC_UART) {
         uart_rx_irq();

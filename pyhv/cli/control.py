@@ -67,10 +67,9 @@ def format_memory_status(st: dict[str, Any], now: float | None = None) -> str:
 
 def memory_command(a: argparse.Namespace) -> int:
     from pyhv.worker.control import ControlError, request
+    from pyhv.worker.messages import ControlStatus, ControlTarget
 
-    msg: dict[str, object] = {"op": "status"}
-    if a.target is not None:
-        msg = {"op": "target", "bytes": a.target}
+    msg = ControlStatus() if a.target is None else ControlTarget(a.target)
     try:
         reply = request(a.control, msg)
     except ControlError as e:

@@ -2,7 +2,8 @@
 the Dynamic Memory VSP's ("Hyper-V Dynamic Memory VSP", one instance per VM) and each virtual
 processor's intercepts ("Hyper-V Hypervisor Virtual Processor", one instance per VP, named
 "VM:Hv VP n" as Perfmon names them), and the VMMS's own count of the statuses it received and
-refused ("Hyper-V VM Worker Messages"). All are cumulative since the VM started."""
+refused ("Hyper-V VM Worker Messages": any message of pyhv.worker.messages that does not
+decode, a malformed memory status among them). All are cumulative since the VM started."""
 
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ MESSAGES_SET = CounterSetDef(
     (
         _c("Memory Statuses", "memory statuses the VM's worker pushed and the VMMS took"),
         _c("Refused Messages", "messages from the VM's worker the VMMS refused (did not decode)"),
+        _c("Messages Refused By Worker", "messages of the VMMS the VM's worker refused"),
     ),
     instance_label="vm",
 )
@@ -121,6 +123,10 @@ class WorkerCounters:
     def refused(self, vm: str) -> None:
         """A message from VM `vm`'s worker did not decode."""
         self.messages.add("Refused Messages", 1, vm)
+
+    def refused_by_worker(self, vm: str) -> None:
+        """VM `vm`'s worker refused a message of the VMMS (it said so)."""
+        self.messages.add("Messages Refused By Worker", 1, vm)
 
     def forget_vm(self, vm: str) -> None:
         """The VM is gone: drop its instances."""

@@ -17,8 +17,10 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from pyhv import wire
 
 COM1_BASE = 0x3F8
 COM1_IRQ = 4
@@ -91,25 +93,12 @@ class UartState:
     backlog: bytes
 
     def to_wire(self) -> dict[str, Any]:
-        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["rx"], d["backlog"] = self.rx.hex(), self.backlog.hex()
-        return d
+        return wire.to_wire(self)
 
     @classmethod
     def from_wire(cls, d: object) -> UartState:
-        """The shape (types); `Uart16550.restore` checks the values against the chip."""
-        names = [f.name for f in fields(cls)]
-        if not isinstance(d, dict) or set(d) != set(names):
-            raise ValueError(f"serial state {d!r} does not have the fields {names}")
-        for n in names:
-            want: type = bool if n in _FLAGS else str if n in ("rx", "backlog") else int
-            if type(d[n]) is not want:
-                raise ValueError(f"serial state: {n}={d[n]!r} is not {want.__name__}")
-        try:
-            rx, backlog = bytes.fromhex(d["rx"]), bytes.fromhex(d["backlog"])
-        except ValueError:
-            raise ValueError("serial state: rx or backlog is not hex") from None
-        return cls(**(d | {"rx": rx, "backlog": backlog}))
+        """The shape (types, declared by the fields); restore() checks the values."""
+        return wire.from_wire(cls, d, "serial state")
 
 
 class Uart16550:

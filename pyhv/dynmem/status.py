@@ -2,11 +2,12 @@
 the counters, and its wire form.
 
 The DM VSP builds a :class:`MemoryStatus` when the guest's status report arrives; the worker
-completes it with its memory manager's figures and its counters and pushes it to the VMMS as
-``{"ev": "memory_status", "status": status.to_wire()}``; the VMMS decodes it with
-:meth:`MemoryStatus.from_wire` (a worker is untrusted: every field is checked, a bad one is
-refused with :class:`StatusError`), keeps the latest per VM, and its balancer tick and counters
-read that. All memory is in 4 KiB pages, the unit of the protocol.
+completes it with its memory manager's figures and its counters and pushes it to the VMMS in
+a declared message (pyhv.worker.messages.MemoryStatusPushed). The types are msgspec Structs:
+the VMMS decodes what a worker sends against them (a worker is untrusted: every field is
+checked by its declared type and bounds, the rest by :meth:`MemoryStatus.check`; a bad one is
+refused with a message naming the field), keeps the latest per VM, and its balancer tick and
+counters read that. All memory is in 4 KiB pages, the unit of the protocol.
 
 Pressure and the buffered target are computed here and only here (:func:`pressure_percent`,
 :func:`buffered_pages`, :func:`target_pages`), for one VM and for the balancer's numpy columns
@@ -15,13 +16,11 @@ alike.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from msgspec import Meta, Struct, ValidationError, convert, field, to_builtins
 
 #: The version of the wire form; a worker that sends another one is refused.
 WIRE_VERSION = 1
@@ -63,98 +62,49 @@ class StatusError(ValueError):
     """A memory status (from a worker) that is not one: the message names the field and value."""
 
 
-def _count(where: str, name: str, value: object, limit: int = MAX_PAGES) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise StatusError(f"{where}: {name} must be a whole number in 0..{limit}, got {value!r}")
-    return value
+#: A count of pages: a whole number in 0..MAX_PAGES (a bool is not a number here).
+Pages = Annotated[int, Meta(ge=0, le=MAX_PAGES)]
+#: A cumulative count of events since the VM started.
+Count = Annotated[int, Meta(ge=0, le=1 << 62)]
+#: Seconds: finite (NaN and infinity are refused by the bounds) and not negative.
+Seconds = Annotated[float, Meta(ge=0.0, le=1e12)]
 
 
-def _seconds(where: str, name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise StatusError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _mapping(where: str, raw: object, names: tuple[str, ...]) -> Mapping[str, object]:
-    if not isinstance(raw, Mapping):
-        raise StatusError(f"{where} must be an object, got {type(raw).__name__}")
-    extra = set(raw) - set(names)
-    missing = set(names) - set(raw)
-    if extra or missing:
-        raise StatusError(
-            f"{where} must have exactly the fields {', '.join(names)}"
-            + (f"; unknown: {sorted(map(str, extra))}" if extra else "")
-            + (f"; missing: {sorted(missing)}" if missing else "")
-        )
-    return raw
-
-
-@dataclass(frozen=True, slots=True)
-class VspCounters:
+class VspCounters(Struct, frozen=True, forbid_unknown_fields=True):
     """What the VM's DM VSP and its worker service have counted since the VM started."""
 
-    status_reports: int = 0
-    messages_accepted: int = 0
-    messages_refused: int = 0
-    bad_ranges: int = 0
-    transitions: int = 0
-    resets: int = 0
-    timeouts: int = 0
-    ballooned_pages: int = 0
-    unballooned_pages: int = 0
-    hot_added_pages: int = 0
-    doorbells: int = 0
-    controller_refused: int = 0
-
-    def to_wire(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_wire(cls, raw: object) -> VspCounters:
-        names = tuple(f.name for f in fields(cls))
-        m = _mapping("memory status vsp", raw, names)
-        return cls(**{n: _count("memory status vsp", n, m[n], 1 << 62) for n in names})
+    status_reports: Count = 0
+    messages_accepted: Count = 0
+    messages_refused: Count = 0
+    bad_ranges: Count = 0
+    transitions: Count = 0
+    resets: Count = 0
+    timeouts: Count = 0
+    ballooned_pages: Count = 0
+    unballooned_pages: Count = 0
+    hot_added_pages: Count = 0
+    doorbells: Count = 0
+    controller_refused: Count = 0
 
 
-@dataclass(frozen=True, slots=True)
-class VpCounters:
+class VpCounters(Struct, frozen=True, forbid_unknown_fields=True):
     """One virtual processor's intercepts since it started, per kind (the hypervisor's
     InterceptKind), and the handlers' defaults, errors and time."""
 
-    vp: int
-    io_port: int = 0
-    memory: int = 0
-    msr: int = 0
-    exception: int = 0
-    execute: int = 0
-    halt: int = 0
-    unknown: int = 0
-    defaulted: int = 0
-    errors: int = 0
-    handler_seconds: float = 0.0
-
-    def to_wire(self) -> dict[str, int | float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_wire(cls, raw: object) -> VpCounters:
-        names = tuple(f.name for f in fields(cls))
-        m = _mapping("memory status vps[]", raw, names)
-        where = "memory status vps[]"
-        values: dict[str, Any] = {n: _count(where, n, m[n], 1 << 62) for n in names[:-1]}
-        values["handler_seconds"] = _seconds(where, "handler_seconds", m["handler_seconds"])
-        if values["vp"] >= 1024:
-            raise StatusError(f"{where}: vp must be a VP index below 1024, got {values['vp']}")
-        return cls(**values)
+    vp: Annotated[int, Meta(ge=0, lt=1024)]
+    io_port: Count = 0
+    memory: Count = 0
+    msr: Count = 0
+    exception: Count = 0
+    execute: Count = 0
+    halt: Count = 0
+    unknown: Count = 0
+    defaulted: Count = 0
+    errors: Count = 0
+    handler_seconds: Seconds = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class MemoryStatus:
+class MemoryStatus(Struct, frozen=True, forbid_unknown_fields=True):
     """A VM's memory when its guest last reported (or when an operation last changed it).
 
     Memory, as the worker's memory manager accounts it: `visible_pages` (Guest Visible Physical
@@ -166,16 +116,18 @@ class MemoryStatus:
     in flight. `reported_at`: the worker's time.time() of the report. `vsp`, `vps`: the VSP's
     and the VPs' counters, pushed with the status."""
 
-    visible_pages: int
-    assigned_pages: int
-    ballooned_pages: int
-    committed_pages: int | None = None
-    available_pages: int | None = None
-    guest_committed_pages: int | None = None
+    visible_pages: Pages
+    assigned_pages: Pages
+    ballooned_pages: Pages
+    committed_pages: Pages | None = None
+    available_pages: Pages | None = None
+    guest_committed_pages: Pages | None = None
     busy: bool = False
-    reported_at: float = 0.0
+    reported_at: Seconds = 0.0
     vsp: VspCounters = field(default_factory=VspCounters)
-    vps: tuple[VpCounters, ...] = ()
+    vps: Annotated[tuple[VpCounters, ...], Meta(max_length=1024)] = ()
+    #: The version of the wire form (WIRE_VERSION); check() refuses another.
+    version: int = WIRE_VERSION
 
     @property
     def reported(self) -> bool:
@@ -202,80 +154,38 @@ class MemoryStatus:
             )
         )
 
-    # --- wire form: the one place it is written and read ------------------------------
+    # --- wire form: declared by the fields above; what types cannot say, check() says ----
 
-    def to_wire(self) -> dict[str, Any]:
-        """JSON-ready, field by field."""
-        return {
-            "version": WIRE_VERSION,
-            "visible_pages": self.visible_pages,
-            "assigned_pages": self.assigned_pages,
-            "ballooned_pages": self.ballooned_pages,
-            "committed_pages": self.committed_pages,
-            "available_pages": self.available_pages,
-            "guest_committed_pages": self.guest_committed_pages,
-            "busy": self.busy,
-            "reported_at": self.reported_at,
-            "vsp": self.vsp.to_wire(),
-            "vps": [vp.to_wire() for vp in self.vps],
-        }
-
-    @classmethod
-    def from_wire(cls, raw: object) -> MemoryStatus:
-        """The status a worker sent; StatusError names the first field that is wrong."""
-        names = (
-            "version",
-            "visible_pages",
-            "assigned_pages",
-            "ballooned_pages",
-            "committed_pages",
-            "available_pages",
-            "guest_committed_pages",
-            "busy",
-            "reported_at",
-            "vsp",
-            "vps",
-        )
-        m = _mapping("memory status", raw, names)
+    def check(self) -> MemoryStatus:
+        """The checks across fields (after the types' own): StatusError names what is wrong."""
         w = "memory status"
-        if m["version"] != WIRE_VERSION:
+        if self.version != WIRE_VERSION:
             raise StatusError(
-                f"{w}: version {m['version']!r} is not {WIRE_VERSION}: the worker runs another "
+                f"{w}: version {self.version!r} is not {WIRE_VERSION}: the worker runs another "
                 "pyhv; restart the VM with this host's pyhv"
             )
-        visible = _count(w, "visible_pages", m["visible_pages"])
-        assigned = _count(w, "assigned_pages", m["assigned_pages"])
-        ballooned = _count(w, "ballooned_pages", m["ballooned_pages"])
-        if assigned + ballooned != visible:
+        if self.assigned_pages + self.ballooned_pages != self.visible_pages:
             raise StatusError(
-                f"{w}: assigned_pages {assigned} + ballooned_pages {ballooned} must equal "
-                f"visible_pages {visible}"
+                f"{w}: assigned_pages {self.assigned_pages} + ballooned_pages "
+                f"{self.ballooned_pages} must equal visible_pages {self.visible_pages}"
             )
-        report = [m[k] for k in ("committed_pages", "available_pages", "guest_committed_pages")]
+        report = [self.committed_pages, self.available_pages, self.guest_committed_pages]
         if any(v is None for v in report) and any(v is not None for v in report):
             raise StatusError(
                 f"{w}: committed_pages, available_pages and guest_committed_pages are all "
                 f"numbers (the guest reported) or all null, got {report!r}"
             )
-        committed = available = guest = None
-        if report[0] is not None:
-            committed = _count(w, "committed_pages", m["committed_pages"])
-            available = _count(w, "available_pages", m["available_pages"])
-            guest = _count(w, "guest_committed_pages", m["guest_committed_pages"])
-        if not isinstance(m["busy"], bool):
-            raise StatusError(f"{w}: busy must be true or false, got {m['busy']!r}")
-        vps = m["vps"]
-        if not isinstance(vps, list) or len(vps) > 1024:
-            raise StatusError(f"{w}: vps must be a list of at most 1024 VPs, got {vps!r:.80}")
-        return cls(
-            visible_pages=visible,
-            assigned_pages=assigned,
-            ballooned_pages=ballooned,
-            committed_pages=committed,
-            available_pages=available,
-            guest_committed_pages=guest,
-            busy=m["busy"],
-            reported_at=_seconds(w, "reported_at", m["reported_at"]),
-            vsp=VspCounters.from_wire(m["vsp"]),
-            vps=tuple(VpCounters.from_wire(v) for v in vps),
-        )
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        """JSON-ready, field by field."""
+        return to_builtins(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_wire(cls, raw: object) -> MemoryStatus:
+        """The status a worker sent; StatusError names the first field that is wrong."""
+        try:
+            status = convert(raw, cls, strict=True)
+        except ValidationError as e:
+            raise StatusError(f"memory status: {e}") from None
+        return status.check()

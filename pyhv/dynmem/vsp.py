@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
 
+from pyhv import wire
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
 from pyhv.dynmem.status import MemoryStatus
@@ -126,57 +127,12 @@ class DmVspState:
     counters: Mapping[str, int] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "state": self.state,
-            "protocol": self.protocol,
-            "caps": None if self.caps is None else vars(self.caps).copy(),
-            "hot_add_disabled": self.hot_add_disabled,
-            "trans_id": self.trans_id,
-            "stop_reason": self.stop_reason,
-            "ram": [[r.start, r.count] for r in self.ram],
-            "ballooned": [[r.start, r.count] for r in self.ballooned],
-            "counters": dict(self.counters),
-        }
+        return wire.to_wire(self)
 
     @classmethod
     def from_wire(cls, d: object) -> DmVspState:
-        """The shape only (types); `DynamicMemoryVsp.restore` checks the values."""
-        if not isinstance(d, dict):
-            raise ValueError(f"DM VSP state {d!r} is not an object")
-        try:
-            caps = d["caps"]
-            counters = d["counters"]
-            if not isinstance(counters, dict) or not all(
-                isinstance(k, str) and type(v) is int for k, v in counters.items()
-            ):
-                raise ValueError(f"DM VSP state: counters {counters!r} are not names and integers")
-            for key, types in (
-                ("version", (int,)),
-                ("state", (str,)),
-                ("protocol", (int, type(None))),
-                ("hot_add_disabled", (bool,)),
-                ("trans_id", (int,)),
-                ("stop_reason", (str, type(None))),
-            ):
-                if type(d[key]) not in types:
-                    raise ValueError(
-                        f"DM VSP state: {key} {d[key]!r} is not {' or '.join(t.__name__ for t in types)}"
-                    )
-            return cls(
-                version=d["version"],
-                state=d["state"],
-                protocol=d["protocol"],
-                caps=None if caps is None else GuestCaps(**caps),
-                hot_add_disabled=d["hot_add_disabled"],
-                trans_id=d["trans_id"],
-                stop_reason=d["stop_reason"],
-                ram=_ranges_from_wire("ram", d["ram"]),
-                ballooned=_ranges_from_wire("ballooned", d["ballooned"]),
-                counters=counters,
-            )
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"DM VSP state is malformed: {e!r}") from None
+        """The shape (types, declared by the fields); restore() checks the values."""
+        return wire.from_wire(cls, d, "DM VSP state")
 
 
 class DynamicMemoryVsp(Vsp[DmState]):

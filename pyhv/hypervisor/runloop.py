@@ -86,6 +86,8 @@ class RunLoop(ExitHandlers):
                     except InterruptedError:
                         self._attention = True  # a kick: a pause or stop is asked for
                         continue
+                    except BlockingIOError:  # EAGAIN: a VP that took INIT/SIPI runs next time
+                        continue
             reason = i32[REASON]
             if reason == EXIT_IO:
                 port = h[IO_PORT]

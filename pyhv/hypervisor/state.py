@@ -17,6 +17,7 @@ import ctypes
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pyhv import wire
 from pyhv.kvm import KvmError, Vcpu
 from pyhv.kvm import structs as ks
 
@@ -51,21 +52,6 @@ class VpSavedState:
     lapic: bytes
     debugregs: bytes
 
-    def to_wire(self) -> dict[str, Any]:
-        d: dict[str, Any] = {k: getattr(self, k).hex() for k in _VP_STRUCTS}
-        d |= {"index": self.index, "mp_state": self.mp_state}
-        d["msrs"] = {str(i): v for i, v in self.msrs.items()}
-        return d
-
-    @classmethod
-    def from_wire(cls, d: Any) -> VpSavedState:
-        return cls(
-            index=int(d["index"]),
-            msrs={int(i): int(v) for i, v in d["msrs"].items()},
-            mp_state=int(d["mp_state"]),
-            **{k: bytes.fromhex(d[k]) for k in _VP_STRUCTS},
-        )
-
 
 @dataclass(frozen=True)
 class RegionSavedState:
@@ -90,54 +76,15 @@ class PartitionState:
     intercept_counters: dict[int, dict[str, list[int]]] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "name": self.name,
-            "irqchip": self.irqchip,
-            "regions": [
-                {
-                    "gpa": r.gpa,
-                    "size": r.size,
-                    "readonly": r.readonly,
-                    "track_dirty": r.track_dirty,
-                    "data": None if r.data is None else r.data.hex(),
-                }
-                for r in self.regions
-            ],
-            "vps": [v.to_wire() for v in self.vps],
-            "irqchips": [c.hex() for c in self.irqchips],
-            "clock": None if self.clock is None else self.clock.hex(),
-            "intercept_counters": {str(k): v for k, v in self.intercept_counters.items()},
-        }
+        return wire.to_wire(self)
 
     @classmethod
     def from_wire(cls, d: Any) -> PartitionState:
         """The shape (StateError if it is not one); `restore` checks the values."""
         try:
-            return cls(
-                version=int(d["version"]),
-                name=str(d["name"]),
-                irqchip=bool(d["irqchip"]),
-                regions=tuple(
-                    RegionSavedState(
-                        int(r["gpa"]),
-                        int(r["size"]),
-                        bool(r["readonly"]),
-                        bool(r["track_dirty"]),
-                        None if r["data"] is None else bytes.fromhex(r["data"]),
-                    )
-                    for r in d["regions"]
-                ),
-                vps=tuple(VpSavedState.from_wire(v) for v in d["vps"]),
-                irqchips=tuple(bytes.fromhex(c) for c in d["irqchips"]),
-                clock=None if d["clock"] is None else bytes.fromhex(d["clock"]),
-                intercept_counters={
-                    int(k): {n: [int(x) for x in c[n]] for n in COUNTER_NAMES}
-                    for k, c in d["intercept_counters"].items()
-                },
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise StateError(f"the partition state is malformed: {e!r}") from None
+            return wire.from_wire(cls, d, "the partition state is malformed")
+        except ValueError as e:
+            raise StateError(str(e)) from None
 
 
 class StateError(ValueError):

@@ -601,6 +601,8 @@ static PyObject *Runner_run(Runner *self, PyObject *Py_UNUSED(ignored))
                 ret = -1;
                 break;
             }
+            if (err == EAGAIN) /* a VP that took INIT/SIPI: KVM_RUN again runs it */
+                continue;
             errno = err;
             PyErr_SetFromErrno(PyExc_OSError);
             failed = 1;

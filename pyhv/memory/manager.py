@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pyhv import wire
 from pyhv.memory.ranges import PageRange, RangeSet
 
 PAGE_SIZE = 4096
@@ -76,26 +77,15 @@ class MemoryState:
     ballooned: tuple[PageRange, ...]
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "startup": [list(r) for r in self.startup],
-            "hot_added": [list(r) for r in self.hot_added],
-            "ballooned": [[r.start, r.count] for r in self.ballooned],
-        }
+        return wire.to_wire(self)
 
     @classmethod
     def from_wire(cls, d: object) -> MemoryState:
-        if not isinstance(d, dict) or type(d.get("version")) is not int:
-            raise MemoryManagerError(f"memory state {d!r} is not an object with a version")
+        """The shape (types, declared by the fields); restore() checks the values."""
         try:
-            return cls(
-                d["version"],
-                _pairs("startup", d["startup"]),
-                _pairs("hot_added", d["hot_added"]),
-                tuple(PageRange(s, n) for s, n in _pairs("ballooned", d["ballooned"])),
-            )
-        except KeyError as e:
-            raise MemoryManagerError(f"memory state has no {e}") from None
+            return wire.from_wire(cls, d, "memory state")
+        except ValueError as e:
+            raise MemoryManagerError(str(e)) from None
 
 
 class Backing(Protocol):

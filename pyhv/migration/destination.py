@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyhv.migration import dynmem as dm_mod
+from pyhv.migration import frames
 from pyhv.migration import memory as mem
 from pyhv.migration import state as vm_state
 from pyhv.migration.faults import FaultPlan
@@ -99,33 +100,12 @@ class Incoming:
         try:
             self.faults.at("authenticate", fs)
             authenticate_destination(fs, self.token)
-            msg = fs.expect_json(Frame.CONFIG)
+            msg = fs.expect(Frame.CONFIG, frames.Config, "config")
             self.faults.at("config", fs)
-            config, regions = msg.get("config"), msg.get("regions")
-            if not isinstance(config, dict) or not isinstance(regions, list):
-                raise MigrationError(
-                    "the CONFIG frame has no configuration or RAM layout", "config"
-                )
-            for region in regions:
-                if not (
-                    isinstance(region, list)
-                    and len(region) == 2
-                    and all(type(v) is int for v in region)
-                    and region[0] >= 0
-                    and region[1] > 0
-                    and not (region[0] | region[1]) % PAGE
-                ):
-                    raise MigrationError(
-                        f"the CONFIG frame's RAM region {region!r} is not [gpa, size] with a "
-                        "page-aligned gpa >= 0 and size > 0",
-                        "config",
-                    )
-            options = msg.get("options") or {}
-            if not isinstance(options, dict):
-                raise MigrationError("the CONFIG frame's options are not an object", "config")
+            config, regions = msg.config, [list(r) for r in msg.regions]
             self.config, self.regions = config, regions
-            self.verify = bool(options.get("verify", True))
-            self.dynmem_layout = msg.get("dynmem")
+            self.verify = msg.options.verify
+            self.dynmem_layout = msg.dynmem
             need = sum(size for _gpa, size in regions)
             have = self.max_memory if self.max_memory is not None else available_memory()
             if need > have:
@@ -167,14 +147,14 @@ class Incoming:
                     "config",
                 )
             written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
-            fs.send_json(Frame.READY, {})
+            fs.send_json(Frame.READY, frames.Empty())
             trace_phase(vm, "destination", "memory", fs.bytes_received, self.pages)
             state = self._memory(vm, written)
             trace_phase(vm, "destination", "state", fs.bytes_received, self.pages)
             self.faults.at("state", fs)
             vm_state.restore(vm, state)
             if self.verify:
-                want = fs.expect_json(Frame.CHECKSUM).get("ram")
+                want = fs.expect(Frame.CHECKSUM, frames.Checksum, "verify").ram
                 if "state:tamper" in self.faults.fired:
                     _flip_a_bit(ram)
                 got = mem.ram_checksum(ram)
@@ -185,8 +165,8 @@ class Incoming:
                         "verify",
                     )
             self.faults.at("restored", fs)
-            fs.send_json(Frame.RESTORED, {})
-            fs.expect_json(Frame.COMMIT)
+            fs.send_json(Frame.RESTORED, frames.Empty())
+            fs.expect(Frame.COMMIT, frames.Empty, "commit")
             self.t_commit = time.monotonic()
             trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
         except BaseException as e:
@@ -298,7 +278,7 @@ class Incoming:
             return
         try:
             now = running_since or time.monotonic()
-            fs.send_json(Frame.RESUMED, {"time": now, "start_ms": (now - self.t_commit) * 1000})
+            fs.send_json(Frame.RESUMED, frames.Resumed(now, (now - self.t_commit) * 1000))
         except OSError as e:
             log.warning("could not tell the source that the VM resumed: %s", e)
         finally:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyhv.migration import dynmem as dm_mod
+from pyhv.migration import frames
 from pyhv.migration import memory as mem
 from pyhv.migration import state as vm_state
 from pyhv.migration.faults import FaultPlan
@@ -273,14 +274,14 @@ class Source:
         self.faults.at("config", fs)
         fs.send_json(
             Frame.CONFIG,
-            {
-                "config": vm.config.to_dict(),
-                "regions": [[r.gpa, r.size] for r in regions],
-                "options": {"verify": opt.verify},
-                "dynmem": None if dm is None else dm_mod.layout(dm),
-            },
+            frames.Config(
+                vm.config.to_dict(),
+                [(r.gpa, r.size) for r in regions],
+                frames.ConfigOptions(verify=opt.verify),
+                None if dm is None else dm_mod.layout(dm),
+            ),
         )
-        fs.expect_json(Frame.READY)
+        fs.expect(Frame.READY, frames.Empty, "config")
 
         # 2. dirty logging on, first pass: everything
         self._phase("pass1")
@@ -412,7 +413,7 @@ class Source:
         self.progress.final_pages = pages
         mark("last_pages")
         self.progress.passes += 1
-        fs.send_json(Frame.PASS_END, {"pass": self.progress.passes, "pages": pages})
+        fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages))
         self._phase("state")
         self.faults.at("state", fs)
         state = vm_state.save(vm, dm_state)
@@ -420,26 +421,22 @@ class Source:
         mark("state")
         if opt.verify:
             self.ram_checksum = mem.ram_checksum(regions, skip)
-            fs.send_json(Frame.CHECKSUM, {"ram": self.ram_checksum})
-        fs.expect_json(Frame.RESTORED)
+            fs.send_json(Frame.CHECKSUM, frames.Checksum(self.ram_checksum))
+        fs.expect(Frame.RESTORED, frames.Empty, "restore")
         mark("restored")
         self._phase("commit")
         self.faults.at("commit", fs)
         self._committing = True  # from here the destination may run the VM
-        fs.send_json(Frame.COMMIT, {})
+        fs.send_json(Frame.COMMIT, frames.Empty())
         self.faults.at("resumed", fs)
-        resumed = fs.expect_json(Frame.RESUMED)
+        resumed = fs.expect(Frame.RESUMED, frames.Resumed, "resumed")
         mark("resumed")
-        if isinstance(resumed.get("start_ms"), float):
-            parts["destination_start"] = round(resumed["start_ms"], 2)
+        if resumed.start_ms is not None:
+            parts["destination_start"] = round(resumed.start_ms, 2)
         now = time.monotonic()
-        t_run = resumed.get("time")
+        t_run = resumed.time
         # Same host (one CLOCK_MONOTONIC): exact; otherwise bounded by the round trip.
-        self.progress.downtime = (
-            float(t_run) - t_pause
-            if isinstance(t_run, float) and t_pause < t_run <= now
-            else now - t_pause
-        )
+        self.progress.downtime = t_run - t_pause if t_pause < t_run <= now else now - t_pause
         self.progress.phase = "done"
         self._report(force=True)
         trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
@@ -496,7 +493,7 @@ class Source:
         self.progress.passes += 1
         if nbytes > (4 << 20) or self.progress.bandwidth == 0:
             self.progress.bandwidth = nbytes / dt
-        self.fs.send_json(Frame.PASS_END, {"pass": self.progress.passes, "pages": pages})
+        self.fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages))
         self.progress.pass_log.append(
             {"pass": self.progress.passes, "pages": pages, "bytes": nbytes, "seconds": round(dt, 4)}
         )

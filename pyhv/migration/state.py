@@ -5,14 +5,17 @@ The partition's (every VP's KVM state, the IRQCHIPs and clock, the RAM layout, t
 counters: pyhv.hypervisor.state), the serial device's (pyhv.devices.uart16550), and the Dynamic
 Memory channel's and VSP's when the VM has it (pyhv.worker.dynmem). Each component saves and
 restores itself and checks what it is given; this module only puts them in one frame, encoded
-as JSON with hex for binary fields (no pickle on a network stream).
+as JSON with hex for binary fields (no pickle on a network stream). The frame's envelope is
+declared (:class:`StateFrame`, a msgspec Struct); each component's part is checked by the
+component's own versioned ``from_wire``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from pyhv.devices.uart16550 import UartState
 from pyhv.hypervisor.state import PartitionState, StateError
@@ -22,7 +25,16 @@ from pyhv.worker.dynmem import DynamicMemoryState
 if TYPE_CHECKING:
     from pyhv.worker.vm import VirtualMachine
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: the components' wire forms written by msgspec (bytes as base64)
+
+
+class StateFrame(msgspec.Struct, forbid_unknown_fields=True):
+    """The STATE frame's body: the version and each component's wire form."""
+
+    version: int
+    partition: dict[str, Any]
+    uart: dict[str, Any]
+    dynmem: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -33,33 +45,33 @@ class VmState:
     dynmem: DynamicMemoryState | None = None
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "version": self.version,
-                "partition": self.partition.to_wire(),
-                "uart": self.uart.to_wire(),
-                "dynmem": None if self.dynmem is None else self.dynmem.to_wire(),
-            },
-            separators=(",", ":"),
-        ).encode()
+        return msgspec.json.encode(
+            StateFrame(
+                self.version,
+                self.partition.to_wire(),
+                self.uart.to_wire(),
+                None if self.dynmem is None else self.dynmem.to_wire(),
+            )
+        )
 
     @classmethod
     def decode(cls, raw: bytes) -> VmState:
         try:
-            d = json.loads(raw)
-            if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
-                version = d.get("version") if isinstance(d, dict) else None
-                raise MigrationError(
-                    f"VM state version {version!r} is not {STATE_VERSION}: "
-                    "the hosts run different pyhv releases",
-                    "state",
-                )
-            dm = d["dynmem"]
+            d = msgspec.json.decode(raw, type=StateFrame)
+        except msgspec.DecodeError as e:
+            raise MigrationError(f"the VM state frame is malformed: {e}", "state") from None
+        if d.version != STATE_VERSION:
+            raise MigrationError(
+                f"VM state version {d.version!r} is not {STATE_VERSION}: "
+                "the hosts run different pyhv releases",
+                "state",
+            )
+        try:
             return cls(
-                d["version"],
-                PartitionState.from_wire(d["partition"]),
-                UartState.from_wire(d["uart"]),
-                None if dm is None else DynamicMemoryState.from_wire(dm),
+                d.version,
+                PartitionState.from_wire(d.partition),
+                UartState.from_wire(d.uart),
+                None if d.dynmem is None else DynamicMemoryState.from_wire(d.dynmem),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise MigrationError(f"the VM state frame is malformed: {e}", "state") from None

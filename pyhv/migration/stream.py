@@ -8,7 +8,7 @@ A frame is a 32-byte little-endian header and a payload::
 PAGES frame, bytes before compression), `addr` a guest physical address, `seq` counts frames
 from 0 in each direction (a lost or repeated frame is caught), and `check` is the xxh3-64 of the
 payload seeded with the xxh3-64 of the header's other fields (so a flipped header bit is caught
-too). Control frames carry one JSON object; PAGES frames carry raw page bytes (zstd-compressed
+too). Control frames carry one JSON object, declared in pyhv.migration.frames; PAGES frames carry raw page bytes (zstd-compressed
 when flags has COMPRESSED); ZERO frames carry (gpa u64, pages u64) runs of zero pages.
 
 Authentication (a shared token, never sent): the destination sends HELLO with a random nonce;
@@ -29,9 +29,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import xxhash
+from msgspec import Struct
+
+from pyhv.migration import frames
 
 VERSION = 1
 HEADER = struct.Struct("<BBHIIIQQ")
@@ -44,21 +47,26 @@ _ZERO_RUN = struct.Struct("<QQ")
 
 
 class Frame(enum.IntEnum):
-    HELLO = 1  # dest -> src: {"version", "nonce"}
-    AUTH = 2  # src -> dest: {"version", "nonce", "mac"}
-    AUTH_OK = 3  # dest -> src: {"mac"}
-    CONFIG = 4  # src -> dest: {"config", "regions", "options"}
-    READY = 5  # dest -> src: the VM exists, send memory
+    """Frame types; a control frame's body is the Struct of pyhv.migration.frames named here."""
+
+    HELLO = 1  # dest -> src: Hello {"version", "nonce"}
+    AUTH = 2  # src -> dest: Auth {"version", "nonce", "mac"}
+    AUTH_OK = 3  # dest -> src: AuthOk {"mac"}
+    CONFIG = 4  # src -> dest: Config {"config", "regions", "options", "dynmem"}
+    READY = 5  # dest -> src: Empty; the VM exists, send memory
     PAGES = 6  # src -> dest: addr = gpa, count = pages, payload = page bytes
     ZERO = 7  # src -> dest: (gpa, pages) runs of zero pages
-    PASS_END = 8  # src -> dest: {"pass", "pages"}
+    PASS_END = 8  # src -> dest: PassEnd {"pass", "pages"}
     STATE = 9  # src -> dest: the VM's state (pyhv.migration.state)
-    CHECKSUM = 10  # src -> dest: {"ram": hex} checksum of all RAM at pause
-    RESTORED = 11  # dest -> src: state restored, RAM identical
-    COMMIT = 12  # src -> dest: resume
-    RESUMED = 13  # dest -> src: {"time": monotonic} the VPs run on the destination
-    ABORT = 14  # either way: {"reason"}; the sender gives up
+    CHECKSUM = 10  # src -> dest: Checksum {"ram": hex} checksum of all RAM at pause
+    RESTORED = 11  # dest -> src: Empty; state restored, RAM identical
+    COMMIT = 12  # src -> dest: Empty; resume
+    RESUMED = 13  # dest -> src: Resumed {"time": monotonic, "start_ms"} the VPs run there
+    ABORT = 14  # either way: Abort {"reason"}; the sender gives up
     EXTENTS = 15  # src -> dest: (gpa, pages) runs pass 1 will send (to back them ahead)
+
+
+_B = TypeVar("_B", bound=Struct)
 
 
 class MigrationError(RuntimeError):
@@ -139,8 +147,12 @@ class FrameSocket:
             self._sendall(header, payload)
             self.frames_sent += 1
 
-    def send_json(self, ftype: Frame, obj: dict[str, Any]) -> None:
-        self.send(ftype, json.dumps(obj, separators=(",", ":")).encode())
+    def send_json(self, ftype: Frame, obj: Struct | dict[str, Any]) -> None:
+        """A control frame: its declared body (pyhv.migration.frames), or any JSON object."""
+        if isinstance(obj, Struct):
+            self.send(ftype, frames.encode(obj))
+        else:
+            self.send(ftype, json.dumps(obj, separators=(",", ":")).encode())
 
     def _sendall(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
         n = len(header) + len(payload)
@@ -221,21 +233,29 @@ class FrameSocket:
         buf = bytearray(length)
         self.recv_payload_into(memoryview(buf), ftype, flags, count, addr, check)
         if ftype is Frame.ABORT:
-            reason = _json(bytes(buf), ftype).get("reason", "no reason given")
+            try:
+                reason = frames.decode(bytes(buf), frames.Abort, "ABORT").reason
+            except frames.FrameError as e:
+                reason = f"(no readable reason: {e})"
             raise PeerAborted(f"the {self.peer} aborted: {reason}")
         return ftype, flags, count, addr, bytes(buf)
 
-    def expect_json(self, want: Frame) -> dict[str, Any]:
+    def expect(self, want: Frame, kind: type[_B], phase: str = "") -> _B:
+        """The next frame, which must be a `want` frame whose body decodes as `kind`;
+        MigrationError (in `phase`) names the frame and the field otherwise."""
         ftype, _flags, _count, _addr, payload = self.recv()
         if ftype is not want:
-            raise MigrationError(f"expected a {want.name} frame, got {ftype.name}")
-        return _json(payload, ftype)
+            raise MigrationError(f"expected a {want.name} frame, got {ftype.name}", phase)
+        try:
+            return frames.decode(payload, kind, ftype.name)  # type: ignore[no-any-return]
+        except frames.FrameError as e:
+            raise MigrationError(str(e), phase) from None
 
     def abort(self, reason: str) -> None:
         """Tell the peer why we give up (best effort: the connection may be gone)."""
         try:
             self.sock.settimeout(1.0)
-            self.send_json(Frame.ABORT, {"reason": reason})
+            self.send_json(Frame.ABORT, frames.Abort(reason[:65536]))
         except (OSError, MigrationError):
             pass
 
@@ -248,16 +268,6 @@ class FrameSocket:
             self.sock.close()
         except OSError:
             pass
-
-
-def _json(payload: bytes, ftype: Frame) -> dict[str, Any]:
-    try:
-        obj = json.loads(payload)
-    except ValueError as e:
-        raise MigrationError(f"{ftype.name} frame is not JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise MigrationError(f"{ftype.name} frame holds a {type(obj).__name__}, not an object")
-    return obj
 
 
 def pack_zero_runs(runs: list[tuple[int, int]]) -> bytes:
@@ -286,58 +296,53 @@ def _same_mac(want: str, given: object) -> bool:
 def authenticate_destination(fs: FrameSocket, token: bytes) -> None:
     """The destination's half of the challenge; raises MigrationError if the source fails it."""
     nonce_d = secrets.token_bytes(32)
-    fs.send_json(Frame.HELLO, {"version": VERSION, "nonce": nonce_d.hex()})
-    msg = fs.expect_json(Frame.AUTH)
-    if msg.get("version") != VERSION:
-        fs.abort(f"stream version {msg.get('version')} is not {VERSION}")
+    fs.send_json(Frame.HELLO, frames.Hello(VERSION, nonce_d.hex()))
+    failed = "authentication failed: the source does not hold this host's migration token"
+    try:
+        msg = fs.expect(Frame.AUTH, frames.Auth, "authenticate")
+    except PeerAborted:
+        raise
+    except MigrationError as e:  # a malformed AUTH is a failed one
+        fs.abort(failed)
         raise MigrationError(
-            f"the source speaks stream version {msg.get('version')}, this host {VERSION}",
+            f"authentication failed: the connecting source's AUTH is malformed: {e}",
+            "authenticate",
+        ) from None
+    if msg.version != VERSION:
+        fs.abort(f"stream version {msg.version} is not {VERSION}")
+        raise MigrationError(
+            f"the source speaks stream version {msg.version}, this host {VERSION}",
             "authenticate",
         )
-    try:
-        nonce_s = bytes.fromhex(str(msg.get("nonce")))
-    except ValueError:
-        nonce_s = b""
+    nonce_s = bytes.fromhex(msg.nonce)
     want = _mac(token, b"source", nonce_d, nonce_s)
-    if len(nonce_s) != 32 or not _same_mac(want, msg.get("mac")):
-        fs.abort("authentication failed: the source does not hold this host's migration token")
+    if not _same_mac(want, msg.mac):
+        fs.abort(failed)
         raise MigrationError(
             "authentication failed: the connecting source does not hold the migration token",
             "authenticate",
         )
-    fs.send_json(Frame.AUTH_OK, {"mac": _mac(token, b"destination", nonce_s, nonce_d)})
+    fs.send_json(Frame.AUTH_OK, frames.AuthOk(_mac(token, b"destination", nonce_s, nonce_d)))
     fs.authenticated = True
 
 
 def authenticate_source(fs: FrameSocket, token: bytes) -> None:
     """The source's half; raises MigrationError if the destination refuses or fails it."""
     try:
-        hello = fs.expect_json(Frame.HELLO)
+        hello = fs.expect(Frame.HELLO, frames.Hello, "authenticate")
+        if hello.version != VERSION:
+            raise MigrationError(
+                f"the destination speaks stream version {hello.version}, this host {VERSION}",
+                "authenticate",
+            )
+        nonce_d = bytes.fromhex(hello.nonce)
+        nonce_s = secrets.token_bytes(32)
+        mac = _mac(token, b"source", nonce_d, nonce_s)
+        fs.send_json(Frame.AUTH, frames.Auth(VERSION, nonce_s.hex(), mac))
+        ok = fs.expect(Frame.AUTH_OK, frames.AuthOk, "authenticate")
     except PeerAborted as e:
         raise MigrationError(str(e), "authenticate") from None
-    if hello.get("version") != VERSION:
-        raise MigrationError(
-            f"the destination speaks stream version {hello.get('version')}, this host {VERSION}",
-            "authenticate",
-        )
-    try:
-        nonce_d = bytes.fromhex(str(hello.get("nonce")))
-    except ValueError:
-        raise MigrationError("the destination's HELLO has no valid nonce", "authenticate") from None
-    nonce_s = secrets.token_bytes(32)
-    fs.send_json(
-        Frame.AUTH,
-        {
-            "version": VERSION,
-            "nonce": nonce_s.hex(),
-            "mac": _mac(token, b"source", nonce_d, nonce_s),
-        },
-    )
-    try:
-        ok = fs.expect_json(Frame.AUTH_OK)
-    except PeerAborted as e:
-        raise MigrationError(str(e), "authenticate") from None
-    if not _same_mac(_mac(token, b"destination", nonce_s, nonce_d), ok.get("mac")):
+    if not _same_mac(_mac(token, b"destination", nonce_s, nonce_d), ok.mac):
         raise MigrationError(
             "the destination failed authentication: it does not hold the migration token",
             "authenticate",

@@ -1,20 +1,16 @@
 """Live migration between worker processes (one OS process per VM, pyhv.worker).
 
-In the worker (server side):
+In the worker (server side), with the messages of pyhv.worker.messages:
 
-- ``{"op": "migrate", "id": n, "host": h, "port": p, "token": t, "options": {...}}`` starts an
-  outgoing migration on a thread; progress comes back as ``{"ev": "migration", "id": n,
-  "progress": {...}}``, the end as ``{"ev": "migration", "id": n, "result": {...}}`` (then the
-  VM stops: "migrated to h:p") or ``{"ev": "migration", "id": n, "error": text, "phase": p}``
-  (the VM runs on). With the option ``resume_in_doubt`` false, a connection lost after
-  COMMIT is reported as ``{"ev": "migration", "id": n, "error": text, "phase": "commit",
-  "in_doubt": true}`` with the VM paused; the owner then sends ``{"op": "migrate", "id": n,
-  "decision": "stop" | "resume"}`` (stop: the VM runs at the destination; resume: it does not).
-- A worker whose first message is ``{"op": "incoming", "listen": [host, port], "token": t,
-  "max_memory": bytes | null, "timeout": s, "accept_timeout": s}`` is a destination: it
-  answers ``{"ev": "listening", "host": h, "port": p}``, takes one migration, and from then on
-  is an ordinary worker of the migrated VM (``{"ev": "migrated_in", "config": {...}, ...}``
-  then ``{"ev": "started"}``); if the migration fails it reports ``ended`` and exits.
+- ``Migrate`` starts an outgoing migration on a thread; progress comes back as
+  ``MigrationProgress``, the end as ``MigrationDone`` (then the VM stops: "migrated to h:p") or
+  ``MigrationFailed`` with the phase (the VM runs on). With the option ``resume_in_doubt``
+  false, a connection lost after COMMIT is reported as ``MigrationFailed`` with ``in_doubt``
+  and the VM paused; the owner then sends a ``MigrationDecision``, ``stop`` or ``resume``
+  (stop: the VM runs at the destination; resume: it does not).
+- A worker whose first message is ``Incoming`` is a destination: it answers ``Listening``,
+  takes one migration, and from then on is an ordinary worker of the migrated VM
+  (``MigratedIn`` then ``Started``); if the migration fails it reports ``Ended`` and exits.
 
 On the owner's side, :class:`IncomingWorker` starts a destination worker and
 :func:`migrate_worker` drives a source worker.
@@ -26,10 +22,13 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from pyhv.migration.counters import publish, register
 from pyhv.migration.destination import Incoming, listen
 from pyhv.migration.source import MigrationInDoubt, MigrationOptions, Source
 from pyhv.migration.stream import MigrationError
+from pyhv.worker import messages as m
 from pyhv.worker.outcome import WORKER_ERROR, VmEnd
 from pyhv.worker.process import WorkerProcess
 
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
     from pyhv.worker.config import VmConfig
     from pyhv.worker.vm import VirtualMachine
 
-Send = Callable[[dict[str, object]], None]
+Send = Callable[[Any], None]
 
 # --- inside the worker process ------------------------------------------------------------
 
@@ -58,54 +57,39 @@ class WorkerIncoming:
     def resumed(self, send: Send) -> None:
         self.incoming.resumed(self.vm.running_since if self.vm is not None else None)
         inc = self.incoming
-        send(
-            {
-                "ev": "migrated_in",
-                "config": self.config,
-                "source": inc.peer,
-                "passes": inc.passes,
-                "pages": inc.pages,
-            }
-        )
+        send(m.MigratedIn(self.config, inc.peer, inc.passes, inc.pages))
 
 
 def _ended(send: Send, detail: str) -> None:
-    send({"ev": "ended", "end": VmEnd(WORKER_ERROR, detail=detail).to_dict()})
+    send(m.Ended(m.EndReport.of(VmEnd(WORKER_ERROR, detail=detail))))
 
 
-def accept_incoming(
-    first: dict[str, object], send: Send
-) -> tuple[WorkerIncoming | None, dict[str, object]]:
+def accept_incoming(first: m.Incoming, send: Send) -> tuple[WorkerIncoming | None, m.Boot]:
     """Listen, report the port, take one source up to its configuration. Returns the hooks and
-    the boot message to go on with, or (None, {}) after reporting the failure."""
+    the boot message to go on with, or (None, an empty Boot) after reporting the failure."""
     from pyhv.worker.config import ConfigError, VmConfig
 
+    nothing = m.Boot({}, m.PROTOCOL_VERSION)
     try:
-        where = first.get("listen") or ["127.0.0.1", 0]
-        host, port = str(where[0]), int(where[1])  # type: ignore[index, call-overload]
-        token = first.get("token")
-        if not isinstance(token, str):
-            raise MigrationError("an incoming migration needs a token (text)")
-        lst = listen(host, port)
-    except (MigrationError, OSError, TypeError, ValueError, IndexError) as e:
+        lst = listen(first.listen[0], first.listen[1])
+    except (MigrationError, OSError, ValueError) as e:
         _ended(send, f"incoming migration: cannot listen: {e}")
-        return None, {}
+        return None, nothing
     bound = lst.getsockname()
-    send({"ev": "listening", "host": bound[0], "port": bound[1]})
-    max_memory = first.get("max_memory")
+    send(m.Listening(bound[0], bound[1]))
     try:
         inc = Incoming(
             lst,
-            token,
-            max_memory=max_memory if isinstance(max_memory, int) else None,
-            timeout=float(first.get("timeout") or 30.0),  # type: ignore[arg-type]
-            accept_timeout=float(first.get("accept_timeout") or 300.0),  # type: ignore[arg-type]
-            faults=first.get("faults") or None,  # type: ignore[arg-type]
+            first.token,
+            max_memory=first.max_memory,
+            timeout=first.timeout,
+            accept_timeout=first.accept_timeout,
+            faults=first.faults or None,
         )
     except (MigrationError, ValueError) as e:
         lst.close()
         _ended(send, f"incoming migration: {e}")
-        return None, {}
+        return None, nothing
     try:
         config = inc.accept()
         try:
@@ -116,16 +100,16 @@ def accept_incoming(
             raise err from None
     except Exception as e:  # noqa: BLE001 - reported to the owner, who decides
         _ended(send, f"incoming migration failed: {e}")
-        return None, {}
-    return WorkerIncoming(inc, config), {"op": "boot", "config": config}
+        return None, nothing
+    return WorkerIncoming(inc, config), m.Boot(config, m.PROTOCOL_VERSION)
 
 
 _busy = threading.Lock()
 #: Migrations in doubt, waiting for the owner's decision: id -> (event, [decision]).
-_decisions: dict[object, tuple[threading.Event, list[str]]] = {}
+_decisions: dict[int, tuple[threading.Event, list[str]]] = {}
 
 
-def _await_decision(vm: VirtualMachine, mid: object) -> str:
+def _await_decision(vm: VirtualMachine, mid: int) -> str:
     event, box = _decisions[mid]
     try:
         while not event.wait(1.0):
@@ -136,47 +120,44 @@ def _await_decision(vm: VirtualMachine, mid: object) -> str:
         _decisions.pop(mid, None)
 
 
-def start_migration(vm: VirtualMachine, msg: dict[str, object], send: Send) -> None:
+def start_migration(vm: VirtualMachine, msg: m.Migrate | m.MigrationDecision, send: Send) -> None:
     """Run one outgoing migration on a thread of its own, reporting to the owner (or take the
     owner's decision on a migration in doubt)."""
-    mid = msg.get("id")
-    if "decision" in msg:
+    mid = msg.id
+    if isinstance(msg, m.MigrationDecision):
         waiter = _decisions.get(mid)
         if waiter is not None:
-            waiter[1].append(str(msg["decision"]))
+            waiter[1].append(msg.decision)
             waiter[0].set()
         return
 
     def run() -> None:
         if not _busy.acquire(blocking=False):
-            send({"ev": "migration", "id": mid, "error": "a migration is already running"})
+            send(m.MigrationFailed(mid, "a migration is already running"))
             return
         try:
-            opts = MigrationOptions.from_dict(dict(msg.get("options") or {}))  # type: ignore[call-overload]
-            addr = (str(msg["host"]), int(msg["port"]))  # type: ignore[call-overload]
+            opts = MigrationOptions.from_dict(dict(msg.options))
             src = Source(
                 vm,
-                addr,
-                str(msg["token"]),
+                (msg.host, msg.port),
+                msg.token,
                 opts,
-                on_progress=lambda p: send({"ev": "migration", "id": mid, "progress": p}),
+                on_progress=lambda p: send(m.MigrationProgress(mid, p)),
             )
             _decisions[mid] = (threading.Event(), [])
             result = src.run()
         except MigrationInDoubt as e:
-            send(
-                {"ev": "migration", "id": mid, "error": str(e), "phase": e.phase, "in_doubt": True}
-            )
+            send(m.MigrationFailed(mid, str(e), e.phase, in_doubt=True))
             if _await_decision(vm, mid) == "resume":
                 src.resume_here()
             else:
                 src.clean_up()
         except MigrationError as e:
-            send({"ev": "migration", "id": mid, "error": str(e), "phase": e.phase})
+            send(m.MigrationFailed(mid, str(e), e.phase))
         except (KeyError, TypeError, ValueError) as e:
-            send({"ev": "migration", "id": mid, "error": f"bad migrate request: {e}"})
+            send(m.MigrationFailed(mid, f"bad migrate request: {e}"))
         else:
-            send({"ev": "migration", "id": mid, "result": result})
+            send(m.MigrationDone(mid, result))
             src.clean_up()
         finally:
             _decisions.pop(mid, None)
@@ -204,35 +185,33 @@ class IncomingWorker(WorkerProcess):
         config: VmConfig | None = None,
     ) -> None:
         super().__init__(config, output)  # type: ignore[arg-type]  # known once migrated in
-        self._request: dict[str, object] = {
-            "op": "incoming",
-            "listen": list(listen),
-            "token": token,
-            "max_memory": max_memory,
-            "timeout": timeout,
-            "accept_timeout": accept_timeout,
-            "faults": faults or {},
-        }
+        self._request = m.Incoming(
+            token,
+            m.PROTOCOL_VERSION,
+            listen=listen,
+            max_memory=max_memory,
+            timeout=timeout,
+            accept_timeout=accept_timeout,
+            faults=faults or {},
+        )
         self.address: tuple[str, int] | None = None
         self.migrated: dict[str, Any] | None = None
         self._listening = threading.Event()
         self._migrated = threading.Event()
         self.listeners.append(self._event)
 
-    def _first_message(self) -> dict[str, object]:
+    def _first_message(self) -> m.Incoming:
         return self._request
 
-    def _event(self, msg: dict[str, object]) -> None:
-        if msg.get("ev") == "listening":
-            self.address = (str(msg["host"]), int(msg["port"]))  # type: ignore[call-overload]
+    def _event(self, msg: m.Event) -> None:
+        if isinstance(msg, m.Listening):
+            self.address = (msg.host, msg.port)
             self._listening.set()
-        elif msg.get("ev") == "migrated_in":
+        elif isinstance(msg, m.MigratedIn):
             from pyhv.worker.config import VmConfig
 
-            self.migrated = msg
-            cfg = msg.get("config")
-            if isinstance(cfg, dict):
-                self.config = VmConfig.from_dict(cfg)
+            self.migrated = msgspec.structs.asdict(msg)
+            self.config = VmConfig.from_dict(msg.config)
             self._migrated.set()
 
     def wait_listening(self, timeout: float = 30.0) -> tuple[str, int]:
@@ -275,30 +254,19 @@ def migrate_worker(
     live = None if counters is None else register(counters)
     mid = id(done)
 
-    def on_event(msg: dict[str, object]) -> None:
-        if msg.get("ev") != "migration" or msg.get("id") != mid:
-            return
-        if "progress" in msg:
+    def on_event(msg: m.Event) -> None:
+        if isinstance(msg, m.MigrationProgress) and msg.id == mid:
             if live is not None:
-                publish(live, worker.config.name, msg["progress"])  # type: ignore[arg-type]
+                publish(live, worker.config.name, msg.progress)
             if on_progress is not None:
-                on_progress(msg["progress"])  # type: ignore[arg-type]
-            return
-        box.update(msg)
-        done.set()
+                on_progress(msg.progress)
+        elif isinstance(msg, m.MigrationDone | m.MigrationFailed) and msg.id == mid:
+            box["end"] = msg
+            done.set()
 
     worker.listeners.append(on_event)
     try:
-        worker._send(
-            {
-                "op": "migrate",
-                "id": mid,
-                "host": address[0],
-                "port": address[1],
-                "token": token,
-                "options": options or {},
-            }
-        )
+        worker._send(m.Migrate(mid, address[0], address[1], token, options or {}))
         t = 0.0
         while not done.wait(0.5):
             t += 0.5
@@ -308,16 +276,17 @@ def migrate_worker(
                 raise MigrationError(f"the migration did not finish within {timeout} s")
     finally:
         worker.listeners.remove(on_event)
-    if box.get("in_doubt"):
-        err = MigrationInDoubt(str(box["error"]), "commit")
-        err.migration_id = mid  # type: ignore[attr-defined]
-        raise err
-    if "error" in box:
-        raise MigrationError(str(box["error"]), str(box.get("phase") or ""))
-    return box["result"]  # type: ignore[no-any-return]
+    end = box["end"]
+    if isinstance(end, m.MigrationFailed):
+        if end.in_doubt:
+            err = MigrationInDoubt(end.error, "commit")
+            err.migration_id = mid  # type: ignore[attr-defined]
+            raise err
+        raise MigrationError(end.error, end.phase)
+    return end.result  # type: ignore[no-any-return]
 
 
 def decide_in_doubt(worker: WorkerProcess, migration_id: int, resume: bool) -> None:
     """After MigrationInDoubt from migrate_worker (its ``migration_id``): the owner asked the
     destination; resume the VM here (it does not run there) or stop it (it does)."""
-    worker._send({"op": "migrate", "id": migration_id, "decision": "resume" if resume else "stop"})
+    worker._send(m.MigrationDecision(migration_id, "resume" if resume else "stop"))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Any
 
+from pyhv import wire
 from pyhv.vmbus.packet import Packet, PacketType
 from pyhv.vmbus.ring import PAGE_SIZE, RingCorrupt, RingReader, RingWriter
 
@@ -42,24 +43,12 @@ class SavedChannel:
     vector: int
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "relid": self.relid,
-            "ring_gpa": self.ring_gpa,
-            "ring_pages": self.ring_pages,
-            "downstream_pages": self.downstream_pages,
-            "vector": self.vector,
-        }
+        return wire.to_wire(self)
 
     @classmethod
     def from_wire(cls, d: object) -> SavedChannel:
-        names = ("relid", "ring_gpa", "ring_pages", "downstream_pages", "vector")
-        if (
-            not isinstance(d, dict)
-            or set(d) != set(names)
-            or not all(type(d[n]) is int for n in names)
-        ):
-            raise ValueError(f"VMBus channel state {d!r} is not {{{', '.join(names)}}} integers")
-        return cls(*(d[n] for n in names))
+        """The shape (types, declared by the fields); restore() checks the values."""
+        return wire.from_wire(cls, d, "VMBus channel state")
 
 
 class Channel:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from pyhv import wire
 from pyhv.vmbus.channel import Channel, SavedChannel
 from pyhv.vmbus.ring import PAGE_SIZE, RingCorrupt
 
@@ -106,33 +107,12 @@ class ControllerState:
     _INTS = ("version", "select", "cursor", "ring_gpa", "ring_pages", "downstream_pages")
 
     def to_wire(self) -> dict[str, Any]:
-        d: dict[str, Any] = {n: getattr(self, n) for n in (*self._INTS, "vector", "status")}
-        d["channels"] = [c.to_wire() for c in self.channels]
-        d["counters"] = dict(self.counters)
-        return d
+        return wire.to_wire(self)
 
     @classmethod
     def from_wire(cls, d: object) -> ControllerState:
-        names = (*cls._INTS, "vector", "status")
-        if not isinstance(d, dict) or not all(type(d.get(n)) is int for n in names):
-            raise ValueError(f"VMBus controller state {d!r} lacks integer {', '.join(names)}")
-        chans, counters = d.get("channels"), d.get("counters")
-        if not isinstance(chans, list) or not isinstance(counters, dict):
-            raise ValueError("VMBus controller state: channels or counters missing")
-        if not all(isinstance(k, str) and type(v) is int for k, v in counters.items()):
-            raise ValueError(f"VMBus controller state: counters {counters!r} are not counts")
-        return cls(
-            d["version"],
-            d["select"],
-            d["cursor"],
-            d["ring_gpa"],
-            d["ring_pages"],
-            d["downstream_pages"],
-            d["vector"],
-            d["status"],
-            tuple(SavedChannel.from_wire(c) for c in chans),
-            counters,
-        )
+        """The shape (types, declared by the fields); restore() checks the values."""
+        return wire.from_wire(cls, d, "VMBus controller state")
 
 
 @dataclass(eq=False)

@@ -1,7 +1,8 @@
 """The VMMS's HTTP/JSON API: each request is checked (route, method, auth, body size, content
-type, JSON shape) and translated into one call of the service; errors are JSON
-``{"error": message, "status": code}`` with a 4xx status that says what was wrong.
-Nothing reaches a worker unchecked. The routes are documented in pyhv.vmms.openapi.
+type, the body against its declaration in pyhv.vmms.bodies) and translated into one call of
+the service; errors are JSON ``{"error": message, "status": code}`` with a 4xx status that says
+what was wrong (a body's field by its path, e.g. ``$.weight``). Nothing reaches a worker
+unchecked. The routes are documented in pyhv.vmms.openapi.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from pyhv.vmms import bodies
 from pyhv.vmms.client import CONSOLE_PROTOCOL, TRACE_PROTOCOL
 from pyhv.vmms.openapi import openapi
 from pyhv.vmms.service import Vmms, VmmsError
@@ -165,7 +167,15 @@ class ApiHandler(BaseHTTPRequestHandler):
             return fn, m.groupdict()
         raise ApiError(404, f"no such resource {path!r}: GET /openapi.json lists the API")
 
-    def _body(self, required: bool = True) -> dict[str, Any]:
+    def _body(self, kind: type[Any], required: bool = True) -> Any:
+        """The request's body as the declared `kind` (pyhv.vmms.bodies); 4xx for anything
+        else, naming the field that is wrong."""
+        try:
+            return bodies.decode(self._json_object(required), kind)
+        except bodies.BodyError as e:
+            raise ApiError(400, str(e)) from None
+
+    def _json_object(self, required: bool) -> dict[str, Any]:
         """The request's JSON object; 4xx for anything else."""
         if self.headers.get("Transfer-Encoding"):
             raise ApiError(411, "chunked bodies are not accepted: send Content-Length")
@@ -283,7 +293,7 @@ def _list(h: ApiHandler, p: dict[str, str]) -> Any:
 
 @route("/api/vms", "POST")
 def _create(h: ApiHandler, p: dict[str, str]) -> Any:
-    return Created(h.vmms.create(h._body()))
+    return Created(h.vmms.create(bodies.given(h._body(bodies.Settings))))
 
 
 @route(f"/api/vms/{_NAME}", "GET")
@@ -293,7 +303,7 @@ def _show(h: ApiHandler, p: dict[str, str]) -> Any:
 
 @route(f"/api/vms/{_NAME}", "PATCH")
 def _update(h: ApiHandler, p: dict[str, str]) -> Any:
-    return h.vmms.update(p["name"], h._body())
+    return h.vmms.update(p["name"], bodies.given(h._body(bodies.SettingsChange)))
 
 
 @route(f"/api/vms/{_NAME}", "DELETE")
@@ -303,13 +313,13 @@ def _delete(h: ApiHandler, p: dict[str, str]) -> None:
 
 @route(f"/api/vms/{_NAME}/start", "POST")
 def _start(h: ApiHandler, p: dict[str, str]) -> Any:
-    _no_fields(h._body(required=False))
+    h._body(bodies.NoFields, required=False)
     return h.vmms.start(p["name"])
 
 
 @route(f"/api/vms/{_NAME}/stop", "POST")
 def _stop(h: ApiHandler, p: dict[str, str]) -> Any:
-    _no_fields(h._body(required=False))
+    h._body(bodies.NoFields, required=False)
     return h.vmms.stop(p["name"])
 
 
@@ -320,17 +330,16 @@ def _memory(h: ApiHandler, p: dict[str, str]) -> Any:
 
 @route(f"/api/vms/{_NAME}/memory", "POST")
 def _memory_target(h: ApiHandler, p: dict[str, str]) -> Any:
-    body = h._body()
-    extra = sorted(set(body) - {"target"})
-    if extra or "target" not in body:
-        raise ApiError(400, f'send {{"target": size}} only (got fields {sorted(body)})')
-    h.vmms.set_memory_target(p["name"], body["target"])
-    return {"name": p["name"], "target": body["target"], "accepted": True}
+    body = h._body(bodies.MemoryTarget)
+    h.vmms.set_memory_target(p["name"], body.target)
+    return {"name": p["name"], "target": body.target, "accepted": True}
 
 
 @route(f"/api/vms/{_NAME}/migrate", "POST")
 def _migrate(h: ApiHandler, p: dict[str, str]) -> Any:
-    return Accepted(h.vmms.migrations.start(p["name"], h._body()))
+    return Accepted(
+        h.vmms.migrations.start(p["name"], bodies.given(h._body(bodies.MigrateRequest)))
+    )
 
 
 @route("/api/migrations", "GET")
@@ -340,7 +349,9 @@ def _migrations(h: ApiHandler, p: dict[str, str]) -> Any:
 
 @route("/api/migrations/incoming", "POST")
 def _incoming(h: ApiHandler, p: dict[str, str]) -> Any:
-    return Created(h.vmms.migrations.prepare_incoming(h._body()))
+    return Created(
+        h.vmms.migrations.prepare_incoming(bodies.given(h._body(bodies.IncomingRequest)))
+    )
 
 
 @route("/api/migrations/(?P<id>[^/]+)", "GET")
@@ -350,17 +361,12 @@ def _migration(h: ApiHandler, p: dict[str, str]) -> Any:
 
 @route("/api/migrations/(?P<id>[^/]+)/resolve", "POST")
 def _resolve_migration(h: ApiHandler, p: dict[str, str]) -> Any:
-    return h.vmms.migrations.resolve(p["id"], h._body())
+    return h.vmms.migrations.resolve(p["id"], bodies.given(h._body(bodies.Resolve)))
 
 
 @route("/api/migrations/(?P<id>[^/]+)", "DELETE")
 def _cancel_migration(h: ApiHandler, p: dict[str, str]) -> Any:
     return h.vmms.migrations.cancel(p["id"])
-
-
-def _no_fields(body: dict[str, Any]) -> None:
-    if body:
-        raise ApiError(400, f"this request takes no fields, got {sorted(body)}")
 
 
 @route(f"/api/vms/{_NAME}/console", "POST")

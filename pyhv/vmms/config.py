@@ -2,14 +2,22 @@
 VP count, startup memory, Dynamic Memory on/off with minimum, maximum, buffer and weight,
 guest image and command line. Values are checked when a configuration is built, and a change
 to a running VM follows the book's rules: startup memory is fixed, minimum may only go down,
-maximum only up. The memory rules themselves are `pyhv.dynmem.balancer.MemorySettings`'s."""
+maximum only up. The memory rules themselves are `pyhv.dynmem.balancer.MemorySettings`'s.
+
+What a caller may give is declared once, as msgspec Structs (:class:`Settings`,
+:class:`SettingsChange`; docs/messages.md): each field's type, bounds and meaning, from which
+the API's validation and its OpenAPI schema come too. The rules across fields are checked
+here after the types."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from pyhv.dynmem.balancer import (
     DEFAULT_BUFFER_PERCENT,
@@ -47,6 +55,46 @@ FIELDS: dict[str, str] = {
 
 #: What may change while the VM runs (Hyper-V: the Dynamic Memory knobs, within the rules).
 RUNNING_CHANGES = ("minimum", "maximum", "buffer", "weight")
+
+Name = Annotated[str, Meta(pattern=NAME_RE.pattern, description=FIELDS["name"])]
+Vps = Annotated[int, Meta(ge=1, le=64, description=FIELDS["vps"])]
+Buffer = Annotated[int, Meta(ge=5, le=2000, description=FIELDS["buffer"])]
+Weight = Annotated[int, Meta(ge=0, le=100, description=FIELDS["weight"])]
+DynamicMemory = Annotated[bool, Meta(description=FIELDS["dynamic_memory"])]
+Image = Annotated[str, Meta(min_length=1, description=FIELDS["image"])]
+Cmdline = Annotated[str, Meta(max_length=4096, description=FIELDS["cmdline"])]
+#: Sizes: bytes or text such as "512M" (parse_size reads it; the range is checked after).
+Memory = Annotated[int | str, Meta(description=FIELDS["memory"], examples=["512M"])]
+Minimum = Annotated[int | str, Meta(description=FIELDS["minimum"], examples=["256M"])]
+Maximum = Annotated[int | str, Meta(description=FIELDS["maximum"], examples=["2G"])]
+
+
+class SettingsChange(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A running VM may change only minimum (down), maximum (up), buffer and weight; an off VM
+    anything but its name."""
+
+    vps: Vps | UnsetType = UNSET
+    memory: Memory | UnsetType = UNSET
+    dynamic_memory: DynamicMemory | UnsetType = UNSET
+    minimum: Minimum | UnsetType = UNSET
+    maximum: Maximum | UnsetType = UNSET
+    buffer: Buffer | UnsetType = UNSET
+    weight: Weight | UnsetType = UNSET
+    image: Image | None | UnsetType = UNSET
+    cmdline: Cmdline | UnsetType = UNSET
+
+
+class Settings(SettingsChange, kw_only=True):
+    """A new VM's settings; unset ones take their defaults."""
+
+    name: Name
+
+
+def describe_error(e: msgspec.ValidationError) -> str:
+    """msgspec's message (what was expected, at which field), and what the setting may be."""
+    why = str(e)
+    field = why.rpartition("- at `$.")[2].rstrip("`").rpartition(".")[2]
+    return why + (f" ({field}: {FIELDS[field]})" if field in FIELDS else "")
 
 
 class VmSettingsError(ValueError):
@@ -116,13 +164,8 @@ def _size(key: str, value: object) -> int:
     return size
 
 
-def _int(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise VmSettingsError(f"{key} must be a whole number, got {value!r}")
-    return value
-
-
-def _check_name(name: object) -> str:
+def check_name(name: object) -> str:
+    """The name, or VmSettingsError saying what a name may be."""
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise VmSettingsError(
             f"VM name {name!r} is not usable: {FIELDS['name']} (it names a file and a URL)"
@@ -130,13 +173,9 @@ def _check_name(name: object) -> str:
     return name
 
 
-def check_name(name: object) -> str:
-    """The name, or VmSettingsError saying what a name may be."""
-    return _check_name(name)
-
-
 def _fields(raw: Mapping[str, object], allowed: tuple[str, ...]) -> dict[str, Any]:
-    """Convert and type-check the given fields; unknown keys are refused, not ignored."""
+    """The given fields, decoded against their declaration (SettingsChange, and the name);
+    unknown keys are refused, not ignored. Sizes become bytes."""
     if not isinstance(raw, Mapping):
         raise VmSettingsError(f"settings must be an object, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(allowed))
@@ -144,26 +183,16 @@ def _fields(raw: Mapping[str, object], allowed: tuple[str, ...]) -> dict[str, An
         raise VmSettingsError(
             f"unknown setting(s) {', '.join(map(repr, unknown))}: known are {', '.join(allowed)}"
         )
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "name":
-            out[key] = _check_name(value)
-        elif key in ("memory", "minimum", "maximum"):
-            out[key] = _size(key, value)
-        elif key in ("vps", "buffer", "weight"):
-            out[key] = _int(key, value)
-        elif key == "dynamic_memory":
-            if not isinstance(value, bool):
-                raise VmSettingsError(f"dynamic_memory must be true or false, got {value!r}")
-            out[key] = value
-        elif key == "image":
-            if value is not None and (not isinstance(value, str) or not value):
-                raise VmSettingsError(f"image must be a file path or null, got {value!r}")
-            out[key] = value
-        elif key == "cmdline":
-            if not isinstance(value, str):
-                raise VmSettingsError(f"cmdline must be a string, got {value!r}")
-            out[key] = value
+    given = {k: v for k, v in raw.items() if k != "name"}
+    try:
+        out: dict[str, Any] = msgspec.to_builtins(msgspec.convert(given, SettingsChange))
+    except msgspec.ValidationError as e:
+        raise VmSettingsError(describe_error(e)) from None
+    if "name" in raw:
+        out["name"] = check_name(raw["name"])
+    for key in ("memory", "minimum", "maximum"):
+        if key in out:
+            out[key] = _size(key, out[key])
     return out
 
 

@@ -1,40 +1,49 @@
-"""The VMMS API described as OpenAPI 3 (served at /openapi.json; docs/vmms.md explains it)."""
+"""The VMMS API described as OpenAPI 3 (served at /openapi.json; docs/vmms.md explains it).
+The schemas are generated from the declared bodies (pyhv.vmms.bodies); this module only lists
+the routes. ``python -m pyhv.vmms.openapi > docs/openapi.json`` writes the committed copy (a
+test checks the served, the committed and the generated documents are one)."""
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any
 
-from pyhv.vmms.config import FIELDS
+import msgspec
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
-_VM = {"$ref": "#/components/schemas/Vm"}
+from pyhv.vmms import bodies
+
+
+def _ref(kind: type) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{kind.__name__}"}
+
+
+_ERROR = _ref(bodies.Error)
+_VM = _ref(bodies.Vm)
 _NAME_PARAM = {
     "name": "name",
     "in": "path",
     "required": True,
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
 }
-_MIGRATION = {"$ref": "#/components/schemas/Migration"}
+_MIGRATION = _ref(bodies.Migration)
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-_SIZE = {"oneOf": [{"type": "integer", "minimum": 0}, {"type": "string", "example": "512M"}]}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
+def _json_body(kind: type, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": _ref(kind)}}}
 
 
-def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    """A JSON object schema with these properties and no others."""
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": required,
-        "additionalProperties": False,
-    }
+def schemas() -> dict[str, Any]:
+    """The JSON Schemas of every declared body, by name."""
+    _, components = msgspec.json.schema_components(
+        bodies.SCHEMAS, ref_template="#/components/schemas/{name}"
+    )
+    return components
 
 
 def _errors(*codes: int) -> dict[str, Any]:
@@ -50,22 +59,6 @@ def _errors(*codes: int) -> dict[str, Any]:
         426: "console or trace without the connection upgrade",
     }
     return {str(c): _json(_ERROR, words[c]) for c in (401, *codes)}
-
-
-def _settings_schema(required: list[str]) -> dict[str, Any]:
-    props: dict[str, Any] = {}
-    for key, text in FIELDS.items():
-        if key in ("memory", "minimum", "maximum"):
-            props[key] = {**_SIZE, "description": text}
-        elif key in ("vps", "buffer", "weight"):
-            props[key] = {"type": "integer", "description": text}
-        elif key == "dynamic_memory":
-            props[key] = {"type": "boolean", "description": text}
-        elif key == "image":
-            props[key] = {"type": ["string", "null"], "description": text}
-        else:
-            props[key] = {"type": "string", "description": text}
-    return _object(props, required)
 
 
 def openapi() -> dict[str, Any]:
@@ -84,102 +77,7 @@ def openapi() -> dict[str, Any]:
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "properties": {"error": {"type": "string"}, "status": {"type": "integer"}},
-                    "required": ["error", "status"],
-                },
-                "Settings": _settings_schema(["name"]),
-                "SettingsChange": {
-                    **_settings_schema([]),
-                    "description": "a running VM may change only minimum (down), maximum (up), "
-                    "buffer and weight; an off VM anything but its name",
-                },
-                "Vm": {
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string"},
-                        "state": {
-                            "type": "string",
-                            "enum": [
-                                "off",
-                                "starting",
-                                "running",
-                                "stopping",
-                                "crashed",
-                                "incoming",
-                                "paused",
-                            ],
-                            "description": "incoming: arriving by live migration; paused: a "
-                            "migration in doubt left it paused (the reason says what to do)",
-                        },
-                        "migration": {
-                            "type": ["string", "null"],
-                            "description": "the migration it is part of while it migrates",
-                        },
-                        "reason": {"type": "string", "description": "how it last ended"},
-                        "pid": {"type": ["integer", "null"]},
-                        "uptime_s": {"type": ["number", "null"]},
-                        "settings": {"$ref": "#/components/schemas/Settings"},
-                        "memory": {
-                            "type": "object",
-                            "description": "bytes, as the host accounts them (running VMs)",
-                            "properties": {
-                                k: {"type": "integer"} for k in ("visible", "assigned", "ballooned")
-                            },
-                        },
-                    },
-                },
-                "Migration": {
-                    "type": "object",
-                    "description": "one live migration as this VMMS sees it",
-                    "properties": {
-                        "id": {"type": "string"},
-                        "direction": {"type": "string", "enum": ["outgoing", "incoming"]},
-                        "vm": {"type": "string"},
-                        "peer": {"type": "string", "description": "the other VMMS or source"},
-                        "state": {
-                            "type": "string",
-                            "enum": [
-                                "preparing",
-                                "migrating",
-                                "waiting",
-                                "done",
-                                "running",
-                                "failed",
-                                "in-doubt",
-                            ],
-                            "description": "source: preparing, migrating, then done, failed or "
-                            "in-doubt (paused here); destination: waiting, then running or failed",
-                        },
-                        "error": {"type": "string"},
-                        "progress": {
-                            "type": ["object", "null"],
-                            "description": "the source worker's latest progress report (phase, "
-                            "passes, pages_sent, bytes_sent, dirty_pages, bandwidth, ...)",
-                        },
-                        "result": {"type": ["object", "null"]},
-                        "remote_id": {
-                            "type": "string",
-                            "description": "source: the destination's id of this migration",
-                        },
-                        "started": {"type": "number"},
-                        "ended": {"type": ["number", "null"]},
-                    },
-                },
-                "Incoming": {
-                    "type": "object",
-                    "description": "where and with which one-time token the source worker connects",
-                    "properties": {
-                        "id": {"type": "string"},
-                        "vm": {"type": "string"},
-                        "host": {"type": "string"},
-                        "port": {"type": "integer"},
-                        "token": {"type": "string"},
-                    },
-                },
-            },
+            "schemas": schemas(),
         },
         "security": [{}, {"bearer": []}],
         "paths": {
@@ -187,19 +85,13 @@ def openapi() -> dict[str, Any]:
                 "get": {
                     "summary": "list the VMs",
                     "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {"vms": {"type": "array", "items": _VM}},
-                            },
-                            "every VM",
-                        ),
+                        "200": _json(_ref(bodies.VmList), "every VM"),
                         **_errors(),
                     },
                 },
                 "post": {
                     "summary": "create a VM (stored; not started)",
-                    "requestBody": _json_body({"$ref": "#/components/schemas/Settings"}),
+                    "requestBody": _json_body(bodies.Settings),
                     "responses": {
                         "201": _json(_VM, "created"),
                         **_errors(400, 409, 411, 413, 415),
@@ -214,7 +106,7 @@ def openapi() -> dict[str, Any]:
                 },
                 "patch": {
                     "summary": "change settings (the book's rules while running)",
-                    "requestBody": _json_body({"$ref": "#/components/schemas/SettingsChange"}),
+                    "requestBody": _json_body(bodies.SettingsChange),
                     "responses": {
                         "200": _json(_VM, "changed"),
                         **_errors(400, 404, 409, 411, 413, 415),
@@ -229,6 +121,7 @@ def openapi() -> dict[str, Any]:
                 **vm_path,
                 "post": {
                     "summary": "start the VM in a worker process of its own",
+                    "requestBody": _json_body(bodies.NoFields, required=False),
                     "responses": {"200": _json(_VM, "running"), **_errors(400, 404, 409)},
                 },
             },
@@ -236,6 +129,7 @@ def openapi() -> dict[str, Any]:
                 **vm_path,
                 "post": {
                     "summary": "stop the VM (its worker exits)",
+                    "requestBody": _json_body(bodies.NoFields, required=False),
                     "responses": {"200": _json(_VM, "off"), **_errors(400, 404, 409)},
                 },
             },
@@ -244,30 +138,15 @@ def openapi() -> dict[str, Any]:
                 "get": {
                     "summary": "Dynamic Memory status from the worker (bytes)",
                     "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    k: {"type": "integer"}
-                                    for k in (
-                                        "committed",
-                                        "available",
-                                        "visible",
-                                        "assigned",
-                                        "ballooned",
-                                    )
-                                },
-                            },
-                            "status",
-                        ),
+                        "200": _json(_ref(bodies.MemoryStatus), "status"),
                         **_errors(404, 409),
                     },
                 },
                 "post": {
                     "summary": "balloon, unballoon or hot-add towards a target",
-                    "requestBody": _json_body(_object({"target": _SIZE}, ["target"])),
+                    "requestBody": _json_body(bodies.MemoryTarget),
                     "responses": {
-                        "200": _json({"type": "object"}, "sent to the worker"),
+                        "200": _json(_ref(bodies.MemoryTargetAccepted), "sent to the worker"),
                         **_errors(400, 404, 409, 411, 413, 415),
                     },
                 },
@@ -309,26 +188,7 @@ def openapi() -> dict[str, Any]:
                 "post": {
                     "summary": "live-migrate the running VM to another VMMS (source side); "
                     "poll GET /api/migrations/{id} for progress",
-                    "requestBody": _json_body(
-                        _object(
-                            {
-                                "destination": {
-                                    "type": "string",
-                                    "description": "the destination VMMS's TCP API, HOST:PORT",
-                                },
-                                "token": {
-                                    "type": "string",
-                                    "description": "the destination VMMS's bearer token",
-                                },
-                                "options": {
-                                    "type": "object",
-                                    "description": "pyhv.migration MigrationOptions "
-                                    "(downtime_target, bandwidth, compress, ...)",
-                                },
-                            },
-                            ["destination", "token"],
-                        )
-                    ),
+                    "requestBody": _json_body(bodies.MigrateRequest),
                     "responses": {
                         "202": _json(_MIGRATION, "started"),
                         **_errors(400, 404, 409, 411, 413, 415),
@@ -339,15 +199,7 @@ def openapi() -> dict[str, Any]:
                 "get": {
                     "summary": "the migrations this VMMS knows (both directions)",
                     "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "migrations": {"type": "array", "items": _MIGRATION}
-                                },
-                            },
-                            "every migration",
-                        ),
+                        "200": _json(_ref(bodies.MigrationList), "every migration"),
                         **_errors(),
                     },
                 },
@@ -357,21 +209,9 @@ def openapi() -> dict[str, Any]:
                     "summary": "prepare to receive a VM (destination side, called by the source "
                     "VMMS): check its settings and this host's pool, create its entry and an "
                     "incoming worker with a one-time migration token",
-                    "requestBody": _json_body(
-                        _object(
-                            {
-                                "settings": {"$ref": "#/components/schemas/Settings"},
-                                "memory": {
-                                    "type": "integer",
-                                    "description": "the VM's RAM now, bytes (>= startup)",
-                                },
-                                "source": {"type": "string"},
-                            },
-                            ["settings"],
-                        )
-                    ),
+                    "requestBody": _json_body(bodies.IncomingRequest),
                     "responses": {
-                        "201": _json({"$ref": "#/components/schemas/Incoming"}, "listening"),
+                        "201": _json(_ref(bodies.Incoming), "listening"),
                         **_errors(400, 409, 411, 413, 415),
                     },
                 },
@@ -393,7 +233,7 @@ def openapi() -> dict[str, Any]:
                 "post": {
                     "summary": "settle a migration in doubt (source side): resume the paused VM "
                     "here, or stop and forget it here because it runs at the destination",
-                    "requestBody": _json_body(_object({"resume": {"type": "boolean"}}, ["resume"])),
+                    "requestBody": _json_body(bodies.Resolve),
                     "responses": {
                         "200": _json(_MIGRATION, "settled"),
                         **_errors(400, 404, 409, 411, 413, 415),
@@ -404,16 +244,7 @@ def openapi() -> dict[str, Any]:
                 "get": {
                     "summary": "the host's memory pool for VMs (bytes; free excludes the reserve)",
                     "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    k: {"type": "integer"}
-                                    for k in ("budget", "reserve", "free", "running_vms")
-                                },
-                            },
-                            "the pool",
-                        ),
+                        "200": _json(_ref(bodies.HostPool), "the pool"),
                         **_errors(),
                     },
                 },
@@ -422,19 +253,7 @@ def openapi() -> dict[str, Any]:
                 "get": {
                     "summary": "every counter by its Perfmon path",
                     "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "time": {"type": "number"},
-                                    "counters": {
-                                        "type": "object",
-                                        "additionalProperties": {"type": "number"},
-                                    },
-                                },
-                            },
-                            "a snapshot",
-                        ),
+                        "200": _json(_ref(bodies.CounterSnapshot), "a snapshot"),
                         **_errors(),
                     },
                 },
@@ -460,3 +279,8 @@ def openapi() -> dict[str, Any]:
             },
         },
     }
+
+
+if __name__ == "__main__":
+    json.dump(openapi(), sys.stdout, indent=2)
+    sys.stdout.write("\n")

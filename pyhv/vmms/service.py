@@ -543,6 +543,7 @@ class Vmms:
         subscribe(
             lambda status: self._status_pushed(name, worker, status),
             lambda why: self._status_refused(name, why),
+            lambda why: self.worker_counters.refused_by_worker(name),
         )
 
     def _status_pushed(self, name: str, worker: object, status: MemoryStatus) -> None:
@@ -555,9 +556,9 @@ class Vmms:
         self.balancer.status_arrived()
 
     def _status_refused(self, name: str, why: str) -> None:
-        """A VM's worker pushed a status that does not decode: counted, and the VM's last good
-        status stands."""
-        log.warning("VM %s: its worker's memory status was refused: %s", name, why)
+        """A VM's worker sent a message that does not decode (pyhv.worker.messages): counted,
+        and the VM's last good status stands."""
+        log.warning("VM %s: a message of its worker was refused: %s", name, why)
         self.worker_counters.refused(name)
 
     def memory_status(self, name: str) -> dict[str, Any]:

@@ -3,6 +3,9 @@ a Unix socket speaking the worker protocol's framing (u32 length + JSON).
 
 Requests: ``{"op": "status"}`` and ``{"op": "target", "bytes": n}``. Replies:
 ``{"ok": true, "status": {...}}`` (plus ``"plan"`` for a target) or ``{"ok": false, "error": text}``.
+Declared in pyhv.worker.messages (ControlRequest, ControlReply); a request that does not decode
+is answered with ``ok`` false and the reason, and the endpoint serves on. msgspec is imported
+when the first request arrives, not when `pyhv run` starts the endpoint.
 `pyhv run --control PATH` serves it; `pyhv memory --control PATH [--target SIZE]` is the client.
 """
 
@@ -47,27 +50,31 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
-                while (msg := protocol.recv(conn)) is not None:
-                    protocol.send(conn, self.handle(msg))
+                while True:
+                    try:
+                        raw = protocol.recv_frame(conn)
+                    except protocol.FrameRefused as e:
+                        protocol.send_message(conn, _refused(str(e)))
+                        continue
+                    if raw is None:
+                        break
+                    protocol.send_message(conn, self.handle(raw))
             except (OSError, ValueError) as e:
                 log.info("control connection dropped: %s", e)
 
-    def handle(self, msg: dict[str, object]) -> dict[str, object]:
+    def handle(self, raw: bytes) -> Any:
+        """One request's reply (a ControlReply)."""
+        from pyhv.worker import messages as m
         from pyhv.worker.dynmem import DynamicMemoryError
 
-        op = msg.get("op")
         try:
-            if op == "status":
-                return {"ok": True, "status": self.vm.memory_status()}
-            if op == "target":
-                value = msg.get("bytes")
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    return {"ok": False, "error": f"target must be a byte count, got {value!r}"}
-                plan = self.vm.set_memory_target(value)
-                return {"ok": True, "plan": plan, "status": self.vm.memory_status()}
-        except DynamicMemoryError as e:
-            return {"ok": False, "error": str(e)}
-        return {"ok": False, "error": f"unknown request {op!r}: use status or target"}
+            msg = m.decode_control(raw)
+            if isinstance(msg, m.ControlStatus):
+                return m.ControlReply(True, status=self.vm.memory_status())
+            plan = self.vm.set_memory_target(msg.bytes)
+            return m.ControlReply(True, status=self.vm.memory_status(), plan=plan)
+        except (m.MessageError, DynamicMemoryError) as e:
+            return m.ControlReply(False, error=str(e)[:65536])
 
     def close(self) -> None:
         if self._closed:
@@ -92,7 +99,9 @@ def _listen(path: str) -> socket.socket:
         if not stat.S_ISSOCK(st.st_mode):
             raise ControlError(f"{path} exists and is not a socket: choose another --control path")
         try:
-            request(path, {"op": "status"}, timeout=1)
+            from pyhv.worker.messages import ControlStatus
+
+            request(path, ControlStatus(), timeout=1)
         except ControlError:
             os.unlink(path)  # left over from a VM that is gone
         else:
@@ -107,20 +116,33 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
-def request(path: str, msg: dict[str, object], timeout: float = 30.0) -> dict[str, object]:
-    """One request to a VM's control endpoint; ControlError if it cannot be reached."""
+def _refused(why: str) -> Any:
+    from pyhv.worker.messages import ControlReply
+
+    return ControlReply(False, error=why)
+
+
+def request(path: str, msg: Any, timeout: float = 30.0) -> dict[str, object]:
+    """One request (a ControlRequest of pyhv.worker.messages) to a VM's control endpoint; the
+    reply as a dict (ok, status, plan, error). ControlError if it cannot be reached or its
+    answer does not decode."""
+    import msgspec
+
+    from pyhv.worker.messages import MessageError, decode_control_reply
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(path)
-            protocol.send(s, msg)
-            reply = protocol.recv(s)
+            protocol.send_message(s, msg)
+            raw = protocol.recv_frame(s)
+            reply = None if raw is None else decode_control_reply(raw)
         except FileNotFoundError:
             raise ControlError(
                 f"no control socket at {path}: start the VM with `pyhv run --control {path}`"
             ) from None
-        except (OSError, ValueError) as e:
+        except (OSError, MessageError, protocol.ProtocolError) as e:
             raise ControlError(f"cannot talk to the VM at {path}: {e}") from None
     if reply is None:
         raise ControlError(f"the VM at {path} closed the connection without an answer")
-    return reply
+    return msgspec.structs.asdict(reply)

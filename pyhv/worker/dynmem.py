@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pyhv import wire
 from pyhv.dynmem import protocol as dmp
 from pyhv.dynmem.status import MemoryStatus, VpCounters, VspCounters
 from pyhv.dynmem.vsp import (
@@ -79,31 +80,15 @@ class DynamicMemoryState:
     counters: Mapping[str, int] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "channel": self.channel.to_wire(),
-            "vsp": self.vsp.to_wire(),
-            "counters": dict(self.counters),
-        }
+        return wire.to_wire(self)
 
     @classmethod
     def from_wire(cls, d: object) -> DynamicMemoryState:
-        if not isinstance(d, dict):
-            raise ValueError(f"Dynamic Memory state {d!r} is not an object")
-        try:
-            counters = d["counters"]
-            if not isinstance(counters, dict) or not all(
-                isinstance(k, str) and type(v) is int and v >= 0 for k, v in counters.items()
-            ):
-                raise ValueError(f"Dynamic Memory counters {counters!r} are not names and counts")
-            return cls(
-                d["version"],
-                ControllerState.from_wire(d["channel"]),
-                DmVspState.from_wire(d["vsp"]),
-                counters,
-            )
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"Dynamic Memory state is malformed: {e!r}") from None
+        """The shape (types, declared by the fields); the parts' restore() check the values."""
+        st = wire.from_wire(cls, d, "Dynamic Memory state")
+        if any(v < 0 for v in st.counters.values()):
+            raise ValueError(f"Dynamic Memory counters {dict(st.counters)!r} are not counts")
+        return st
 
 
 class DynamicMemoryError(RuntimeError):

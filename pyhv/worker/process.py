@@ -38,14 +38,17 @@ class WorkerProcess:
         self.config = config
         #: The VM's last memory status, as the worker pushed it (checked field by field).
         self.last_memory_status: MemoryStatus | None = None
-        #: Memory statuses from the worker that did not decode (the worker is untrusted).
-        self.refused_statuses = 0
+        #: Messages from the worker that did not decode (the worker is untrusted).
+        self.refused_messages = 0
+        #: Messages of ours the worker refused (it said why in a Refused message).
+        self.refused_by_worker = 0
+        self._refused_by_worker_listeners: list[Callable[[str], object]] = []
         self._status_listeners: list[
             tuple[Callable[[MemoryStatus], object], Callable[[str], object] | None]
         ] = []
         if on_memory_status is not None:
             self._status_listeners.append((on_memory_status, None))
-        self._calls: dict[int, tuple[threading.Event, list[dict[str, object]]]] = {}
+        self._calls: dict[int, tuple[threading.Event, list[Any]]] = {}
         self._call_id = 0
         self.serial = SerialLog()
         self._output = output
@@ -56,8 +59,9 @@ class WorkerProcess:
         self._started = threading.Event()
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
-        #: Called (on the reader thread) with every message of a kind not handled here.
-        self.listeners: list[Callable[[dict[str, object]], object]] = []
+        #: Called (on the reader thread) with every declared message (pyhv.worker.messages)
+        #: of a kind not handled here (migration's).
+        self.listeners: list[Callable[[Any], object]] = []
         #: Called (on the reader thread) with each batch of flight recorder events; trace().
         self.trace_listeners: list[Callable[[list[Any]], object]] = []
         self.refused_traces = 0
@@ -90,49 +94,77 @@ class WorkerProcess:
         )
         theirs.close()
         self._sock = ours
-        protocol.send(ours, self._first_message())
+        protocol.send_message(ours, self._first_message())
         self._reader = threading.Thread(target=self._read_loop, name="worker-reader", daemon=True)
         self._reader.start()
 
-    def _first_message(self) -> dict[str, object]:
-        return {"op": "boot", "config": self.config.to_dict()}
+    def _first_message(self) -> Any:
+        from pyhv.worker.messages import PROTOCOL_VERSION, Boot
+
+        return Boot(self.config.to_dict(), PROTOCOL_VERSION)
 
     def _read_loop(self) -> None:
+        from pyhv.worker import messages as m
+
         assert self._sock is not None
-        end: VmEnd | None = None
+        box: list[VmEnd] = []
+
+        def serial(msg: m.SerialOut) -> None:
+            self.serial.append(msg.data)
+            if self._output is not None:
+                self._output(msg.data)
+
+        def started(msg: m.Started) -> None:
+            m.check_version(msg.protocol, f"the worker (pid {self.pid})")
+            self._started.set()
+
+        def memory(msg: m.MemoryReply) -> None:
+            waiter = self._calls.pop(msg.id, None)
+            if waiter is not None:
+                waiter[1].append(msg)
+                waiter[0].set()
+
+        def refused(msg: m.Refused) -> None:
+            self.refused_by_worker += 1
+            log.warning(
+                "VM %s: worker pid %s refused our message: %s", self.name, self.pid, msg.why
+            )
+            for listener in list(self._refused_by_worker_listeners):
+                self._call(listener, msg.why)
+
+        # One handler per declared event; the others go to the listeners (migration's).
+        handlers: dict[type, Callable[[Any], object]] = {
+            m.SerialOut: serial,
+            m.Started: started,
+            m.MemoryReply: memory,
+            m.MemoryStatusPushed: lambda msg: self._memory_status(msg.status),
+            m.Ended: lambda msg: box.append(msg.end.to_end()),
+            m.Refused: refused,
+            m.TraceEvents: lambda msg: self._trace_events(msg.events),  # flight recorder
+        }
         try:
             while True:
-                msg = protocol.recv(self._sock)
-                if msg is None:
-                    break
-                ev = msg.get("ev")
-                if ev == "serial":
-                    data = protocol.decode_bytes(msg.get("data"))
-                    self.serial.append(data)
-                    if self._output is not None:
-                        self._output(data)
-                elif ev == "started":
-                    self._started.set()
-                elif ev == "memory":
-                    call_id = msg.get("id")
-                    waiter = self._calls.pop(call_id, None) if isinstance(call_id, int) else None
-                    if waiter is not None:
-                        waiter[1].append(msg)
-                        waiter[0].set()
-                elif ev == "memory_status":
-                    self._memory_status(msg.get("status"))
-                elif ev == "trace":  # flight recorder
-                    self._trace_events(msg.get("events"))
-                elif ev == "ended":
-                    raw = msg.get("end")
-                    if not isinstance(raw, dict):
-                        raise protocol.ProtocolError("'ended' without an 'end' object")
-                    end = VmEnd.from_dict(raw)
+                try:
+                    raw = protocol.recv_frame(self._sock)
+                    if raw is None:
+                        break
+                    msg = m.decode_event(raw)
+                except (protocol.FrameRefused, m.MessageError) as e:
+                    self._refused(str(e))
+                    continue
+                handler = handlers.get(type(msg))
+                if handler is not None:
+                    handler(msg)
                 else:
                     for listener in list(self.listeners):
                         listener(msg)
+        except m.MessageError as e:  # a worker of another protocol version
+            box.append(VmEnd(WORKER_ERROR, detail=str(e)))
+            if self._proc is not None:
+                self._proc.kill()
         except (OSError, ValueError) as e:
-            end = end or VmEnd(WORKER_ERROR, detail=f"lost the worker's socket: {e}")
+            box.append(VmEnd(WORKER_ERROR, detail=f"lost the worker's socket: {e}"))
+        end = box[0] if box else None
         if end is None:
             code = self._proc.wait() if self._proc else None
             end = VmEnd(
@@ -144,27 +176,33 @@ class WorkerProcess:
         for event, _ in list(self._calls.values()):
             event.set()  # nobody will answer now
 
+    @property
+    def name(self) -> str:
+        return self.config.name if self.config is not None else "(incoming)"
+
+    def _refused(self, why: str) -> None:
+        """A message from the worker did not decode: logged, counted, told to the listeners
+        (the VMMS's "Refused Messages" counter); the reader goes on."""
+        self.refused_messages += 1
+        log.warning("VM %s: worker pid %s: %s", self.name, self.pid, why)
+        for _, on_refused in list(self._status_listeners):
+            if on_refused is not None:
+                self._call(on_refused, why)
+
     def subscribe_memory_status(
         self,
         on_status: Callable[[MemoryStatus], object],
         on_refused: Callable[[str], object] | None = None,
+        on_refused_by_worker: Callable[[str], object] | None = None,
     ) -> None:
         """Call `on_status` with every memory status the worker pushes (on the reader thread),
-        and `on_refused` with the reason for every one that does not decode."""
+        `on_refused` with the reason for every message of the worker that does not decode, and
+        `on_refused_by_worker` with the worker's reason for every message of ours it refused."""
         self._status_listeners.append((on_status, on_refused))
+        if on_refused_by_worker is not None:
+            self._refused_by_worker_listeners.append(on_refused_by_worker)
 
-    def _memory_status(self, raw: object) -> None:
-        from pyhv.dynmem.status import MemoryStatus, StatusError
-
-        try:
-            status = MemoryStatus.from_wire(raw)
-        except StatusError as e:
-            self.refused_statuses += 1
-            log.warning("VM %s: worker pid %s: refused %s", self.config.name, self.pid, e)
-            for _, on_refused in list(self._status_listeners):
-                if on_refused is not None:
-                    self._call(on_refused, str(e))
-            return
+    def _memory_status(self, status: MemoryStatus) -> None:
         self.last_memory_status = status
         for on_status, _ in list(self._status_listeners):
             self._call(on_status, status)
@@ -173,14 +211,16 @@ class WorkerProcess:
         try:
             listener(arg)
         except Exception:  # noqa: BLE001 - a listener's bug must not end the reader
-            log.exception("VM %s: memory status listener failed", self.config.name)
+            log.exception("VM %s: memory status listener failed", self.name)
 
     # --- flight recorder (pyhv.trace): the trace messages of pyhv.worker.protocol -----------
 
     def trace(self, on: bool, kinds: Collection[str] | None = None) -> None:
         """Ask the worker to stream its VM's events of `kinds` (None: all) to
         `trace_listeners`, with only those sources on; or to stop."""
-        self._send({"op": "trace", "on": on, "kinds": None if kinds is None else sorted(kinds)})
+        from pyhv.worker.messages import Trace
+
+        self._send(Trace(on, None if kinds is None else sorted(kinds)))
 
     def _trace_events(self, raw: object) -> None:
         from pyhv.trace.events import TraceError, event_from_wire
@@ -202,27 +242,45 @@ class WorkerProcess:
 
     def send(self, data: bytes) -> None:
         """Type ``data`` into the VM's serial port."""
+        from pyhv.worker.messages import SerialIn
+
         for i in range(0, len(data), 32 << 10):
-            self._send({"op": "serial", "data": protocol.encode_bytes(data[i : i + 32 << 10])})
+            self._send(SerialIn(data[i : i + 32 << 10]))
 
     def stop(self, why: str = "stopped by its owner") -> None:
         """Ask the worker to stop the VM (as VirtualMachine.stop, e.g. the console's Ctrl-A x);
         wait() then reports it stopped, with `why`."""
-        self._send({"op": "stop", "why": why})
+        from pyhv.worker.messages import Stop
+
+        self._send(Stop(why))
 
     # --- Dynamic Memory: the same calls as VirtualMachine's, over the socket -------------
 
     def _memory(
-        self, call: str, value: int | list[int] | None = None, timeout: float = 30.0
+        self, call: str, value: int | tuple[int, int] | None = None, timeout: float = 30.0
     ) -> Any:
         from pyhv.worker.dynmem import DynamicMemoryError
+        from pyhv.worker.messages import MemoryCall
 
-        event, box = threading.Event(), list[dict[str, object]]()
+        # What the worker would refuse (it answers only what decodes) is refused here.
+        if call == "limits":
+            if not (
+                isinstance(value, tuple | list)
+                and len(value) == 2
+                and all(type(v) is int for v in value)
+            ):
+                raise DynamicMemoryError(
+                    f"memory 'limits' needs [minimum, maximum] in bytes, got {value!r}"
+                )
+            value = (value[0], value[1])
+        elif call != "status" and type(value) is not int:
+            raise DynamicMemoryError(f"memory {call!r} needs an integer value, got {value!r}")
+        event, box = threading.Event(), list[Any]()
         with self._send_lock:
             self._call_id += 1
             call_id = self._call_id
         self._calls[call_id] = (event, box)
-        self._send({"op": "memory", "id": call_id, "call": call, "value": value})
+        self._send(MemoryCall(call_id, call, value))  # type: ignore[arg-type]
         if not event.wait(timeout) or not box:
             self._calls.pop(call_id, None)
             raise DynamicMemoryError(
@@ -230,9 +288,9 @@ class WorkerProcess:
                 + (" (the VM has ended)" if self._ended.is_set() else f" in {timeout} s")
             )
         reply = box[0]
-        if "error" in reply:
-            raise DynamicMemoryError(str(reply["error"]))
-        return reply.get("result")
+        if reply.error is not None:
+            raise DynamicMemoryError(reply.error)
+        return reply.result
 
     def memory_status(self) -> dict[str, Any]:
         """As VirtualMachine.memory_status (the operator's view), asked of the worker process.
@@ -244,7 +302,7 @@ class WorkerProcess:
 
     def set_memory_limits(self, minimum: int, maximum: int) -> dict[str, Any]:
         """As VirtualMachine.set_memory_limits, in the worker process."""
-        return self._memory("limits", [minimum, maximum])  # type: ignore[no-any-return]
+        return self._memory("limits", (minimum, maximum))  # type: ignore[no-any-return]
 
     def add_memory(self, pages: int) -> dict[str, Any]:
         return self._memory("add", pages)  # type: ignore[no-any-return]
@@ -252,12 +310,13 @@ class WorkerProcess:
     def remove_memory(self, pages: int) -> dict[str, Any]:
         return self._memory("remove", pages)  # type: ignore[no-any-return]
 
-    def _send(self, msg: dict[str, object]) -> None:
+    def _send(self, msg: Any) -> None:
+        """Send one declared message (pyhv.worker.messages) to the worker."""
         if self._sock is None or self._ended.is_set():
             return
         with self._send_lock:
             try:
-                protocol.send(self._sock, msg)
+                protocol.send_message(self._sock, msg)
             except OSError:
                 pass  # the reader reports the worker's end
 

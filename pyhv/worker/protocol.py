@@ -1,24 +1,15 @@
-"""The worker's local-socket protocol: length-prefixed JSON messages over a stream socket.
+"""The worker's local-socket framing: length-prefixed JSON messages over a stream socket.
 
-Owner -> worker: ``{"op": "boot", "config": {...}}`` (first), ``{"op": "serial", "data": b64}``,
-``{"op": "stop"}``. Worker -> owner: ``{"ev": "started", "pid": n}``,
-``{"ev": "serial", "data": b64}``, ``{"ev": "ended", "end": {...VmEnd...}}`` (last).
-
-Dynamic Memory: ``{"op": "memory", "id": n, "call": CALL, "value": int}`` with CALL one of
-``status``, ``target`` (bytes), ``add`` / ``remove`` (pages) is answered by
-``{"ev": "memory", "id": n, "result": {...}}`` or ``{"ev": "memory", "id": n, "error": text}``;
-every status report of the guest (and every goal reached) is pushed as
-``{"ev": "memory_status", "status": {...}}``, the status in the wire form of
-:class:`pyhv.dynmem.status.MemoryStatus`.
-
-Flight recorder (pyhv.trace): ``{"op": "trace", "on": bool, "kinds": [...] | null}`` starts
-(or changes) or stops the stream of the VM's events of those kinds, sent as ``{"ev": "trace", "events": [...]}`` (each the wire form of an event of
-:mod:`pyhv.trace.events`; a "dropped" event counts what a slow owner lost).
+A frame is a 4-byte little-endian length and that many bytes of JSON, at most
+:data:`MAX_MESSAGE`. The messages a worker and its owner exchange are declared in
+pyhv.worker.messages (:func:`send_message`, :func:`recv_frame` and its decoders); the worker's
+control socket (pyhv.worker.control) sends plain JSON objects (:func:`send`, :func:`recv`).
+A frame longer than the limit is skipped and refused (:class:`FrameRefused`): the connection
+stays usable and the receiver goes on.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import struct
@@ -31,24 +22,25 @@ class ProtocolError(ValueError):
     """The peer sent something that is not a valid message."""
 
 
-def encode_bytes(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def decode_bytes(text: object) -> bytes:
-    if not isinstance(text, str):
-        raise ProtocolError(f"expected base64 text, got {type(text).__name__}")
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError as e:
-        raise ProtocolError(f"bad base64 data: {e}") from None
+class FrameRefused(ProtocolError):
+    """A frame was refused (too long) and skipped; the next frame can be read."""
 
 
 def send(sock: socket.socket, message: dict[str, object]) -> None:
-    raw = json.dumps(message, separators=(",", ":")).encode()
+    send_frame(sock, json.dumps(message, separators=(",", ":")).encode())
+
+
+def send_frame(sock: socket.socket, raw: bytes) -> None:
     if len(raw) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE}: send less at once")
     sock.sendall(_LEN.pack(len(raw)) + raw)
+
+
+def send_message(sock: socket.socket, message: object) -> None:
+    """Send one declared message (a Struct of pyhv.worker.messages)."""
+    from pyhv.worker.messages import encode
+
+    send_frame(sock, encode(message))  # type: ignore[arg-type]
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -63,17 +55,35 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def recv(sock: socket.socket) -> dict[str, object] | None:
-    """The next message, or None when the peer closed the connection."""
+def _skip(sock: socket.socket, n: int) -> None:
+    while n > 0:
+        chunk = sock.recv(min(n, 1 << 16))
+        if not chunk:
+            raise ProtocolError("connection closed inside a refused (too long) message")
+        n -= len(chunk)
+
+
+def recv_frame(sock: socket.socket) -> bytes | None:
+    """The next frame's bytes, or None when the peer closed the connection. A frame longer than
+    MAX_MESSAGE is read past and refused with FrameRefused (the next one can be read)."""
     head = _recv_exact(sock, _LEN.size)
     if head is None:
         return None
     (n,) = _LEN.unpack(head)
     if n > MAX_MESSAGE:
-        raise ProtocolError(f"message length {n} exceeds {MAX_MESSAGE}")
+        _skip(sock, n)
+        raise FrameRefused(f"message length {n} exceeds {MAX_MESSAGE}: skipped")
     body = _recv_exact(sock, n)
     if body is None:
         raise ProtocolError("connection closed after a message header")
+    return body
+
+
+def recv(sock: socket.socket) -> dict[str, object] | None:
+    """The next JSON object, or None when the peer closed the connection."""
+    body = recv_frame(sock)
+    if body is None:
+        return None
     try:
         msg = json.loads(body)
     except ValueError as e:

@@ -9,11 +9,14 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyhv.worker import protocol
 from pyhv.worker.config import ConfigError, VmConfig
 from pyhv.worker.outcome import WORKER_ERROR, VmEnd
+
+if TYPE_CHECKING:
+    from pyhv.worker.messages import MemoryCall, MemoryReply
 
 
 class _SerialBatcher:
@@ -52,75 +55,97 @@ class _SerialBatcher:
 
 
 def serve(sock: socket.socket) -> int:
+    # The declared messages (and msgspec) only where they cross: not on `pyhv run`'s boot path.
+    from pyhv.worker import messages as m
     from pyhv.worker.vm import VirtualMachine
 
     lock = threading.Lock()
 
-    def send(msg: dict[str, object]) -> None:
+    def send(msg: m._Event) -> None:
         with lock:
             try:
-                protocol.send(sock, msg)
+                protocol.send_message(sock, msg)
             except OSError:
                 pass  # owner gone: the command loop sees EOF and stops the VM
 
-    first = protocol.recv(sock)
-    if first is None:
+    def ended(detail: str) -> None:
+        send(m.Ended(m.EndReport.of(VmEnd(WORKER_ERROR, detail=detail))))
+
+    raw = protocol.recv_frame(sock)
+    if raw is None:
         return 0
+    try:
+        first = m.decode_op(raw)
+        if not isinstance(first, m.Boot | m.Incoming):
+            raise m.MessageError(
+                f"the first message must be 'boot' or 'incoming', got {type(first).__name__}"
+            )
+        m.check_version(first.protocol, "the owner")
+    except m.MessageError as e:
+        ended(str(e))
+        return 2
     incoming = None
-    if first.get("op") == "incoming":  # live migration's destination (pyhv.migration.worker)
+    if isinstance(first, m.Incoming):  # live migration's destination (pyhv.migration.worker)
         from pyhv.migration.worker import accept_incoming
 
-        incoming, first = accept_incoming(first, send)
+        incoming, boot = accept_incoming(first, send)
         if incoming is None:
             return 1
-    if first.get("op") != "boot" or not isinstance(first.get("config"), dict):
-        send(
-            {
-                "ev": "ended",
-                "end": VmEnd(WORKER_ERROR, detail="first message must be 'boot'").to_dict(),
-            }
-        )
-        return 2
+    else:
+        boot = first
     try:
-        config = VmConfig.from_dict(first["config"])  # type: ignore[arg-type]
+        config = VmConfig.from_dict(boot.config)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
-        send(
-            {"ev": "ended", "end": VmEnd(WORKER_ERROR, detail=f"bad configuration: {e}").to_dict()}
-        )
+        ended(f"bad configuration: {e}")
         return 2
 
-    out = _SerialBatcher(lambda b: send({"ev": "serial", "data": protocol.encode_bytes(b)}))
+    out = _SerialBatcher(lambda b: send(m.SerialOut(b)))
     vm = VirtualMachine(
         config,
         output=out.add,
-        on_memory_status=lambda st: send({"ev": "memory_status", "status": st.to_wire()}),
+        on_memory_status=lambda st: send(m.MemoryStatusPushed(st)),
     )
 
     # --- flight recorder (trace messages; see pyhv.worker.trace) ---
     from pyhv.worker.trace import TraceStream, kinds_from_wire
 
     tracing = TraceStream(vm, send)
+
     # --- end flight recorder ---
+    def migrate(msg: m.Migrate | m.MigrationDecision) -> None:
+        from pyhv.migration.worker import start_migration
+
+        start_migration(vm, msg, send)
+
+    # One handler per declared op; an op without one (boot or incoming again) is refused.
+    handlers: dict[type, Callable[[Any], object]] = {
+        m.SerialIn: lambda msg: vm.send(msg.data),
+        m.Stop: lambda msg: vm.stop(msg.why[:200]),
+        m.MemoryCall: lambda msg: send(memory_call(vm, msg)),
+        m.Migrate: migrate,
+        m.MigrationDecision: migrate,
+        m.Trace: lambda msg: tracing.set(msg.on, kinds_from_wire(msg.kinds)),
+    }
 
     def commands() -> None:
+        refused = 0
         try:
             while True:
-                msg = protocol.recv(sock)
-                if msg is None:
-                    break
-                op = msg.get("op")
-                if op == "serial":
-                    vm.send(protocol.decode_bytes(msg.get("data")))
-                elif op == "stop":
-                    vm.stop(str(msg.get("why") or "stopped by its owner")[:200])
-                elif op == "memory":
-                    send(memory_call(vm, msg))
-                elif op == "trace":  # flight recorder: stream the VM's events or stop
-                    tracing.set(msg.get("on") is True, kinds_from_wire(msg.get("kinds")))
-                elif op == "migrate":
-                    from pyhv.migration.worker import start_migration
-
-                    start_migration(vm, msg, send)
+                try:
+                    raw = protocol.recv_frame(sock)
+                    if raw is None:
+                        break
+                    msg = m.decode_op(raw)
+                    handler = handlers.get(type(msg))
+                    if handler is None:
+                        raise m.MessageError(f"'{msg.__struct_config__.tag}' is not taken now")
+                except (protocol.FrameRefused, m.MessageError) as e:
+                    # Refused, told, counted; the VM runs on.
+                    refused += 1
+                    print(f"pyhv worker: refused message {refused}: {e}", file=sys.stderr)
+                    send(m.Refused(str(e)[:65536]))
+                    continue
+                handler(msg)
         except (OSError, ValueError):
             pass
         tracing.set(False)
@@ -129,59 +154,48 @@ def serve(sock: socket.socket) -> int:
     try:
         vm.start(incoming=None if incoming is None else incoming.receive)
     except Exception as e:  # noqa: BLE001 - reported to the owner, who decides
-        send(
-            {
-                "ev": "ended",
-                "end": VmEnd(WORKER_ERROR, detail=f"could not start the VM: {e}").to_dict(),
-            }
-        )
+        ended(f"could not start the VM: {e}")
         return 1
     if incoming is not None:
         incoming.resumed(send)
-    send({"ev": "started", "pid": os.getpid()})
+    send(m.Started(os.getpid(), m.PROTOCOL_VERSION))
     threading.Thread(target=commands, name="worker-commands", daemon=True).start()
     end = vm.wait()
     assert end is not None
     vm.close()
     tracing.close()  # all recorded events and serial output go before the end report
     out.close()
-    send({"ev": "ended", "end": end.to_dict()})
+    send(m.Ended(m.EndReport.of(end)))
     return 0
 
 
-def memory_call(vm: Any, msg: dict[str, object]) -> dict[str, object]:
+def memory_call(vm: Any, msg: MemoryCall) -> MemoryReply:
     """Carry out one Dynamic Memory request of the owner; the reply carries the result or
     the reason it was refused (never an exception across the socket)."""
     from pyhv.worker.dynmem import DynamicMemoryError
+    from pyhv.worker.messages import MemoryReply
 
-    reply: dict[str, object] = {"ev": "memory", "id": msg.get("id")}
-    call, value = msg.get("call"), msg.get("value")
+    call, value = msg.call, msg.value
     try:
         if call == "status":
-            reply["result"] = vm.memory_status()
-            return reply
-        if call == "limits":
-            if not (isinstance(value, list) and len(value) == 2):
+            result = vm.memory_status()
+        elif call == "limits":
+            if not isinstance(value, tuple):
                 raise DynamicMemoryError(
                     f"memory 'limits' needs [minimum, maximum] in bytes, got {value!r}"
                 )
-            reply["result"] = vm.set_memory_limits(value[0], value[1])
-            return reply
-        if isinstance(value, bool) or not isinstance(value, int):
+            result = vm.set_memory_limits(value[0], value[1])
+        elif not isinstance(value, int):
             raise DynamicMemoryError(f"memory {call!r} needs an integer value, got {value!r}")
-        if call == "target":
-            reply["result"] = vm.set_memory_target(value)
+        elif call == "target":
+            result = vm.set_memory_target(value)
         elif call == "add":
-            reply["result"] = vm.add_memory(value)
-        elif call == "remove":
-            reply["result"] = vm.remove_memory(value)
+            result = vm.add_memory(value)
         else:
-            raise DynamicMemoryError(
-                f"unknown memory call {call!r}: use status, target, limits, add or remove"
-            )
+            result = vm.remove_memory(value)
     except (DynamicMemoryError, ValueError) as e:
-        reply["error"] = str(e)
-    return reply
+        return MemoryReply(msg.id, error=str(e)[:65536])
+    return MemoryReply(msg.id, result=result)
 
 
 def main(argv: list[str]) -> int:

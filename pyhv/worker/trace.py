@@ -1,7 +1,7 @@
 """The worker's side of the flight recorder stream: while the owner asks for it
-(``{"op": "trace", "on": true, "kinds": [...] | null}``), the VM's events of those kinds (only
+(the declared ``Trace`` op of pyhv.worker.messages), the VM's events of those kinds (only
 their sources are on) go to the owner in batches
-(``{"ev": "trace", "events": [...]}``) from a thread of their own, through a bounded queue: if
+(``TraceEvents``) from a thread of their own, through a bounded queue: if
 the owner does not keep up, events are dropped and counted (a "dropped" event), the VP never
 waits and the worker's memory never grows."""
 
@@ -14,6 +14,7 @@ from typing import Any
 
 from pyhv.trace.events import KINDS, Event
 from pyhv.trace.recorder import LINGER, BoundedStream
+from pyhv.worker.messages import TraceEvents
 
 #: Events the worker holds for a slow owner before it drops them.
 STREAM_LIMIT = 8192
@@ -31,7 +32,7 @@ def kinds_from_wire(raw: object) -> frozenset[str] | None:
 class TraceStream:
     """Streams one VM's recorder to the owner while `set(True)`."""
 
-    def __init__(self, vm: Any, send: Callable[[dict[str, object]], None]) -> None:
+    def __init__(self, vm: Any, send: Callable[[Any], None]) -> None:
         self._vm = vm
         self._recorder = vm.recorder
         self._send = send
@@ -81,6 +82,6 @@ class TraceStream:
             if events is None:
                 return
             if events:
-                self._send({"ev": "trace", "events": [e.to_wire() for e in events]})
+                self._send(TraceEvents([e.to_wire() for e in events]))
             if len(events) < BATCH:
                 time.sleep(LINGER)  # let the next batch grow: fewer wake-ups of the VP threads

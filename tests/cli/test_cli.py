@@ -277,7 +277,8 @@ def test_the_interactive_console_runs_in_raw_mode_and_ctrl_a_x_quits() -> None:
 
 @pytest.mark.unit
 def test_the_boot_path_of_pyhv_run_and_the_worker_process_import_no_heavy_library() -> None:
-    heavy = ("click", "numpy", "matplotlib", "prometheus_client", "zstandard", "xxhash")
+    # msgspec: ~8 ms to import, so only where worker messages cross (pyhv.worker.messages).
+    heavy = ("click", "numpy", "matplotlib", "prometheus_client", "zstandard", "xxhash", "msgspec")
     code = (
         "import sys\n"
         "from pyhv.cli import parser\n"

@@ -23,8 +23,8 @@ def boot_guest(guest_image: Path) -> Iterator[Callable[..., Shell]]:
 
     vms = []
 
-    def boot(memory: str = "256M") -> Shell:
-        vm = VirtualMachine(VmConfig.create(image=guest_image, memory=memory))
+    def boot(memory: str = "256M", **config: object) -> Shell:
+        vm = VirtualMachine(VmConfig.create(image=guest_image, memory=memory, **config))
         vms.append(vm)
         vm.start()
         return Shell(vm)

@@ -71,6 +71,7 @@ def pmm_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "-Wall",
             "-Werror",
             "-Wno-builtin-declaration-mismatch",
+            "-DKERNEL_HOST_TEST",
             "-I",
             str(GUEST_DIR),
             "-o",

@@ -151,5 +151,7 @@ def test_a_layout_goes_into_a_partition_as_it_started(hosts: list[Host]) -> None
     src = _source(hosts)
     with pytest.raises(MemoryManagerError, match="as it started"):
         src.mm.restore("vm", src.mm.save("vm"))
-    with pytest.raises(MemoryManagerError, match="not an object with a version"):
+    with pytest.raises(
+        MemoryManagerError, match="memory state: Object missing required field `version`"
+    ):
         MemoryState.from_wire({"startup": []})

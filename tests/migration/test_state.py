@@ -4,12 +4,15 @@ contents, not how the host keeps them."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from pyhv.devices.uart16550 import Uart16550, UartState
 from pyhv.dynmem.vsp import DmVspState, GuestCaps
@@ -22,6 +25,7 @@ from pyhv.migration.stream import MigrationError
 from pyhv.vmbus.channel import SavedChannel
 from pyhv.vmbus.controller import ControllerState
 from pyhv.worker.dynmem import DynamicMemoryState
+from tests.hostile import json_values
 
 
 def _vm_state(version: int = STATE_VERSION) -> VmState:
@@ -52,7 +56,7 @@ def test_the_vm_state_survives_its_encoding() -> None:
 
 
 def test_a_state_of_another_version_or_malformed_is_refused() -> None:
-    with pytest.raises(MigrationError, match="version 3 is not 2"):
+    with pytest.raises(MigrationError, match="version 4 is not 3"):
         VmState.decode(_vm_state(STATE_VERSION + 1).encode())
     with pytest.raises(MigrationError, match="malformed"):
         VmState.decode(b'{"version": 2}')
@@ -149,6 +153,44 @@ def test_a_serial_state_of_another_version_or_shape_is_refused() -> None:
         b.restore(replace(st, rx=bytes(17)))
     with pytest.raises(ValueError, match="fields"):
         UartState.from_wire(st.to_wire() | {"extra": 1})
-    with pytest.raises(ValueError, match="not int"):
+    with pytest.raises(ValueError, match=r"serial state: Expected `int`, got `str` - at `\$.lcr`"):
         UartState.from_wire(st.to_wire() | {"lcr": "3"})
     assert b.save() == st
+
+
+def _paths(value: object, here: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Every place in a JSON value: the keys and indexes that lead to it."""
+    out = [here] if here else []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _paths(v, (*here, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:3]):
+            out += _paths(v, (*here, i))
+    return out
+
+
+_WIRE = json.loads(_vm_state().encode())
+_JSON = json_values()
+
+
+@pytest.mark.unit
+@settings(max_examples=400, deadline=None)
+@given(where=hs.sampled_from(_paths(_WIRE)), value=_JSON, drop=hs.booleans())
+def test_a_state_frame_with_any_field_replaced_or_dropped_is_read_or_refused_by_name(
+    where: tuple[object, ...], value: object, drop: bool
+) -> None:
+    wire = json.loads(json.dumps(_WIRE))
+    parent = wire
+    for key in where[:-1]:
+        parent = parent[key]
+    if drop and isinstance(parent, dict):
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = value
+    try:
+        got = VmState.decode(json.dumps(wire).encode())
+    except MigrationError as e:
+        assert e.phase == "state" and str(e).startswith(("the VM state frame", "VM state version"))
+        return
+    assert isinstance(got, VmState)  # a value restore() checks against the machine

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from pyhv.migration import frames
 from pyhv.migration import stream as st
 from pyhv.migration.stream import Frame, FrameSocket, MigrationError
 
@@ -32,7 +33,7 @@ def test_a_frame_arrives_with_its_type_address_count_and_payload(pair: Any) -> N
     a.send(Frame.PAGES, b"\x07" * 8192, count=2, addr=0x200000)
     a.send_json(Frame.PASS_END, {"pass": 1})
     assert b.recv() == (Frame.PAGES, 0, 2, 0x200000, b"\x07" * 8192)
-    assert b.expect_json(Frame.PASS_END) == {"pass": 1}
+    assert b.expect(Frame.PASS_END, frames.PassEnd) == frames.PassEnd(1)
     assert a.bytes_sent == b.bytes_received == 2 * st.HEADER.size + 8192 + len(b'{"pass":1}')
 
 
@@ -170,7 +171,7 @@ def test_a_source_sending_a_non_ascii_or_non_text_mac_is_refused_as_unauthentica
     t = threading.Thread(target=destination)
     t.start()
     src = FrameSocket(a, timeout=5)
-    src.expect_json(Frame.HELLO)
+    src.expect(Frame.HELLO, frames.Hello)
     src.send_json(Frame.AUTH, {"version": st.VERSION, "nonce": "00" * 32, "mac": mac})
     t.join(10)
     a.close()

@@ -66,7 +66,10 @@ class FakeDmWorker(FakeWorker):
         self._listeners: list[Callable[[MemoryStatus], object]] = []
 
     def subscribe_memory_status(
-        self, on_status: Callable[[MemoryStatus], object], on_refused: object = None
+        self,
+        on_status: Callable[[MemoryStatus], object],
+        on_refused: object = None,
+        on_refused_by_worker: object = None,
     ) -> None:
         self._listeners.append(on_status)
 

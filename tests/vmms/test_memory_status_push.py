@@ -21,6 +21,7 @@ from pyhv.vmms.client import VmmsClient
 from pyhv.vmms.server import ApiServers
 from pyhv.vmms.service import RUNNING, Vmms
 from pyhv.worker.config import VmConfig
+from pyhv.worker.messages import MemoryCall
 from pyhv.worker.process import WorkerProcess
 
 GIB = 1 << 30
@@ -42,6 +43,7 @@ class WatchedWorker(WorkerProcess):
         self,
         on_status: Callable[[MemoryStatus], object],
         on_refused: Callable[[str], object] | None = None,
+        on_refused_by_worker: Callable[[str], object] | None = None,
     ) -> None:
         def status(st: MemoryStatus) -> None:
             on_status(st)
@@ -52,10 +54,10 @@ class WatchedWorker(WorkerProcess):
                 on_refused(why)
             self.refusals.put(why)
 
-        super().subscribe_memory_status(status, refused)
+        super().subscribe_memory_status(status, refused, on_refused_by_worker)
 
-    def _send(self, msg: dict[str, object]) -> None:
-        if msg.get("op") == "memory" and msg.get("call") == "status":
+    def _send(self, msg: Any) -> None:
+        if isinstance(msg, MemoryCall) and msg.call == "status":
             self.status_requests += 1
         super()._send(msg)
 
@@ -154,7 +156,7 @@ FAKE_WORKER = textwrap.dedent(
     sock = socket.socket(fileno=int(sys.argv[sys.argv.index("--fd") + 1]))
     boot = protocol.recv(sock)
     pages = boot["config"]["memory"] // 4096
-    protocol.send(sock, {"ev": "started", "pid": 1})
+    protocol.send(sock, {"ev": "started", "pid": 1, "protocol": 2})
     good = MemoryStatus(pages, pages, 0, pages // 2, pages // 4, pages // 2).to_wire()
     protocol.send(sock, {"ev": "memory_status", "status": dict(good, assigned_pages=-1)})
     protocol.send(sock, {"ev": "memory_status", "status": "all of it"})
@@ -181,8 +183,8 @@ def test_a_worker_pushing_a_malformed_status_is_refused_and_counted_and_the_vmms
     (worker,) = workers
     deadline = time.monotonic() + 30
     refusals = [worker.refusals.get(timeout=deadline - time.monotonic()) for _ in range(2)]
-    assert "memory status: assigned_pages must be a whole number in 0.." in refusals[0]
-    assert "memory status must be an object, got str" in refusals[1]
+    assert "Expected `int` >= 0 - at `$.status.assigned_pages`" in refusals[0]
+    assert "Expected `object`, got `str` - at `$.status`" in refusals[1]
     good = worker.statuses.get(timeout=deadline - time.monotonic())
     assert service.pool.latest("dm") == good and good.committed_pages == 512 * 256 // 2
     m = _metrics(servers)
@@ -192,3 +194,76 @@ def test_a_worker_pushing_a_malformed_status_is_refused_and_counted_and_the_vmms
     assert service.describe("dm")["state"] == RUNNING
     assert service.memory_status("dm")["committed"] == 256 << 20
     assert service.stop("dm")["state"] == "off"
+
+
+#: A stand-in worker process: the VM named "hostile" sends garbage of every kind before one
+#: good status; any other VM behaves. Both stop when asked.
+GARBAGE_WORKER = textwrap.dedent(
+    """
+    import socket, struct, sys
+    from pyhv.dynmem.status import MemoryStatus
+    from pyhv.worker import messages as m, protocol
+    from pyhv.worker.outcome import STOPPED, VmEnd
+
+    sock = socket.socket(fileno=int(sys.argv[sys.argv.index("--fd") + 1]))
+    boot = m.decode_op(protocol.recv_frame(sock))
+    pages = boot.config["memory"] // 4096
+    protocol.send_message(sock, m.Started(1, m.PROTOCOL_VERSION))
+    good = MemoryStatus(pages, pages, 0, pages // 2, pages // 4, pages // 2)
+    if boot.config["name"] == "hostile":
+        for raw in (
+            b"\\x00garbage",
+            b'{"ev":"format_host"}',
+            b'{"ev":"started","pid":true}',
+            b'{"ev":"memory","id":1e400}',
+            b'{"ev":"serial","data":"%%"}',
+            b'{"ev":"memory_status","status":{"visible_pages":1},"extra":1}',
+            b'{"ev":"ended","end":{"reason":"exploded"}}',
+        ):
+            protocol.send_frame(sock, raw)
+        sock.sendall(struct.pack("<I", protocol.MAX_MESSAGE + 1) + bytes(protocol.MAX_MESSAGE + 1))
+        protocol.send_message(sock, m.Refused("the owner's message did not decode"))
+    protocol.send_message(sock, m.MemoryStatusPushed(good))
+    while (raw := protocol.recv_frame(sock)) is not None:
+        if isinstance(m.decode_op(raw), m.Stop):
+            break
+    protocol.send_message(sock, m.Ended(m.EndReport.of(VmEnd(STOPPED, detail="asked"))))
+    """
+)
+
+
+@pytest.mark.simulation
+def test_a_worker_sending_garbage_is_refused_and_counted_and_the_vmms_serves_the_other_vms(
+    hosts: list[Host], tmp_path: Path
+) -> None:
+    script = tmp_path / "garbage_worker.py"
+    script.write_text(GARBAGE_WORKER)
+    host = Host(tmp_path, [sys.executable, str(script)], image_resolver=lambda: str(script))
+    hosts.append(host)
+    service, servers = host.vmms, host.servers
+    for name in ("hostile", "calm"):
+        service.create({"name": name, "memory": "512M", "dynamic_memory": True})
+        service.start(name)
+    hostile, calm = host.workers
+    deadline = time.monotonic() + 30
+    # Its one good status comes after all the garbage: once it is taken, all were refused.
+    hostile.statuses.get(timeout=deadline - time.monotonic())
+    calm.statuses.get(timeout=deadline - time.monotonic())
+    refusals = [hostile.refusals.get_nowait() for _ in range(8)]
+    assert hostile.refusals.empty() and calm.refusals.empty()
+    assert "JSON is malformed" in refusals[0]
+    assert "Invalid value 'format_host' - at `$.ev` (known: 'started'," in refusals[1]
+    assert "Expected `int`, got `bool` - at `$.pid`" in refusals[2]
+    assert "unknown VM end reason 'exploded'" in refusals[6]
+    assert "length 1048577 exceeds 1048576" in refusals[7]
+    m = _metrics(servers)
+    assert m[("pyhv_vm_worker_messages_refused_messages_total", "hostile")] == 8
+    assert m.get(("pyhv_vm_worker_messages_refused_messages_total", "calm"), 0) == 0
+    assert m[("pyhv_vm_worker_messages_messages_refused_by_worker_total", "hostile")] == 1
+    assert m[("pyhv_vm_worker_messages_memory_statuses_total", "calm")] == 1
+    # The VMMS goes on: both VMs run (a garbage "ended" ended nothing), the API answers.
+    assert service.describe("hostile")["state"] == RUNNING
+    assert service.describe("calm")["state"] == RUNNING
+    assert service.memory_status("calm")["committed"] == 256 << 20
+    assert service.stop("calm")["state"] == "off"
+    assert service.stop("hostile")["state"] == "off"

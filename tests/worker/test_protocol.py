@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from pyhv.worker import protocol
+from pyhv.worker import messages, protocol
 from pyhv.worker.config import ConfigError, VmConfig, parse_size
 from pyhv.worker.outcome import VmEnd
 
@@ -18,11 +18,11 @@ pytestmark = pytest.mark.unit
 def test_messages_round_trip_over_a_socket_pair() -> None:
     a, b = socket.socketpair()
     with a, b:
-        protocol.send(a, {"op": "serial", "data": protocol.encode_bytes(b"\x00\xffmem\r")})
-        msg = protocol.recv(b)
-        assert msg is not None and protocol.decode_bytes(msg["data"]) == b"\x00\xffmem\r"
+        protocol.send_message(a, messages.SerialIn(b"\x00\xffmem\r"))
+        raw = protocol.recv_frame(b)
+        assert raw is not None and messages.decode_op(raw) == messages.SerialIn(b"\x00\xffmem\r")
         a.close()
-        assert protocol.recv(b) is None
+        assert protocol.recv_frame(b) is None
 
 
 @pytest.mark.parametrize(
@@ -44,10 +44,10 @@ def test_a_malformed_message_is_a_protocol_error(raw: bytes) -> None:
 
 
 def test_serial_data_must_be_base64_text() -> None:
-    with pytest.raises(protocol.ProtocolError):
-        protocol.decode_bytes("not base64!")
-    with pytest.raises(protocol.ProtocolError):
-        protocol.decode_bytes(42)
+    with pytest.raises(messages.MessageError, match="Invalid base64 encoded string"):
+        messages.decode_op(b'{"op":"serial","data":"not base64!"}')
+    with pytest.raises(messages.MessageError, match="Expected `bytes`, got `int` - at `\\$.data`"):
+        messages.decode_op(b'{"op":"serial","data":42}')
 
 
 def test_a_vm_end_report_round_trips_and_refuses_unknown_reasons() -> None:

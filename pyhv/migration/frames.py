@@ -1,0 +1,121 @@
+"""The bodies of the migration stream's control frames, declared once as msgspec Structs
+(docs/messages.md): each control frame type (pyhv.migration.stream.Frame) carries one JSON
+object of the Struct :data:`BODY` names for it. A body that does not decode (not JSON, a field
+missing, unknown, of the wrong type or out of its bounds) is refused with a MigrationError that
+names the frame and the field (pyhv.migration.stream.FrameSocket.expect). Page frames (PAGES, ZERO, EXTENTS) and the STATE frame are
+binary and stay outside (speed; pyhv.migration.state declares the state's own layout)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+#: 32 random bytes, as hex.
+Nonce = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+#: A page-aligned guest physical address and a size in bytes: [gpa, size].
+Region = tuple[Annotated[int, Meta(ge=0)], Annotated[int, Meta(gt=0, le=1 << 52)]]
+_PAGE = 4096
+
+
+class _Body(Struct, forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class Hello(_Body, frozen=True):
+    """dest -> src, first: the stream version and the destination's nonce."""
+
+    version: int
+    nonce: Nonce
+
+
+class Auth(_Body, frozen=True):
+    """src -> dest: the source's nonce and its MAC over both nonces. The MAC is any JSON value
+    here: the destination compares it in constant time and refuses anything but the right one
+    as a failed authentication."""
+
+    version: int
+    nonce: Nonce
+    mac: Any
+
+
+class AuthOk(_Body, frozen=True):
+    """dest -> src: the destination's MAC."""
+
+    mac: Any
+
+
+class ConfigOptions(Struct, frozen=True):
+    """What the source asks of the destination (unknown options from a newer source are
+    ignored)."""
+
+    verify: bool = True
+
+
+class Config(_Body, frozen=True):
+    """src -> dest: the VM's configuration (the worker's VmConfig dict, checked again by the
+    destination's worker), its RAM layout, options and the Dynamic Memory layout."""
+
+    config: dict[str, Any]
+    regions: list[Region]
+    options: ConfigOptions = field(default_factory=ConfigOptions)
+    dynmem: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for gpa, size in self.regions:
+            if (gpa | size) % _PAGE:
+                raise ValueError(f"RAM region [{gpa}, {size}] is not page-aligned")
+
+
+class Empty(_Body, frozen=True):
+    """READY, RESTORED, COMMIT: the frame itself is the message."""
+
+
+class PassEnd(_Body, frozen=True):
+    """src -> dest: a memory pass ended."""
+
+    pass_: Annotated[int, Meta(ge=0)] = field(name="pass")
+    pages: Annotated[int, Meta(ge=0)] = 0
+
+
+class Checksum(_Body, frozen=True):
+    """src -> dest: the checksum of all RAM at pause."""
+
+    ram: Annotated[str, Meta(max_length=128)]
+
+
+class Resumed(_Body, frozen=True):
+    """dest -> src: the VPs run on the destination since `time` (its CLOCK_MONOTONIC), the
+    start took `start_ms`."""
+
+    time: float
+    start_ms: float | None = None
+
+
+class Abort(_Body, frozen=True):
+    """Either way: the sender gives up, and why."""
+
+    reason: Annotated[str, Meta(max_length=65536)] = "no reason given"
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(body: Struct) -> bytes:
+    return _encoder.encode(body)
+
+
+class FrameError(ValueError):
+    """A control frame's body that does not decode; the text names the field."""
+
+
+def decode(payload: bytes, kind: type[Any], frame: str) -> Any:
+    """The body of a `frame` frame as `kind`, or FrameError naming the frame and the field."""
+    try:
+        return msgspec.json.decode(payload, type=kind)
+    except (msgspec.DecodeError, ValueError) as e:
+        why = str(e)
+        if "$.regions" in why or "RAM region" in why:
+            why += " (a RAM region is [gpa, size] with a page-aligned gpa >= 0 and size > 0)"
+        raise FrameError(f"the {frame} frame is refused: {why}") from None

@@ -1,0 +1,239 @@
+"""The VMMS API's request and response bodies, declared once as msgspec Structs
+(docs/messages.md): the API decodes every request body against its declaration (a field of the
+wrong type, out of its bounds, unknown or missing is a 400 that names it), and the OpenAPI
+document's schemas (pyhv.vmms.openapi, docs/openapi.json) are generated from these classes.
+A VM's settings (:class:`Settings`, :class:`SettingsChange`) are declared in pyhv.vmms.config,
+with the configuration they describe.
+
+The rules across fields and against the host (sizes in whole MiB, minimum <= startup <=
+maximum, what may change while a VM runs, the pool) stay in pyhv.vmms.config and the service,
+which library callers reach without the API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from pyhv.vmms.config import Settings, SettingsChange, describe_error
+
+# --- request bodies ------------------------------------------------------------------------
+
+#: Bytes, or a size with a unit such as "512M" (checked by pyhv.worker.config.parse_size).
+Size = Annotated[int | str, Meta(description="bytes, or a size such as 512M")]
+
+
+class _Body(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+class NoFields(_Body):
+    """This request takes no fields (an empty object, or no body)."""
+
+
+class MemoryTarget(_Body):
+    """Balloon, unballoon or hot-add towards a target."""
+
+    target: Size
+
+
+class MigrateRequest(_Body):
+    """Live-migrate the running VM to another VMMS."""
+
+    destination: Annotated[
+        str, Meta(min_length=1, description="the destination VMMS's TCP API, HOST:PORT")
+    ]
+    token: Annotated[str, Meta(min_length=1, description="the destination VMMS's bearer token")]
+    options: Annotated[
+        dict[str, Any],
+        Meta(
+            description="pyhv.migration MigrationOptions (downtime_target, bandwidth, "
+            "compress, ...)"
+        ),
+    ] = msgspec.field(default_factory=dict)
+
+
+class IncomingRequest(_Body):
+    """Prepare to receive a VM (from the source VMMS)."""
+
+    settings: Settings
+    memory: Annotated[int, Meta(ge=0, description="the VM's RAM now, bytes (>= startup)")] | (
+        UnsetType
+    ) = UNSET
+    source: str | UnsetType = UNSET
+
+
+class Resolve(_Body):
+    """Settle a migration in doubt: resume the paused VM here (true), or stop and forget it
+    here because it runs at the destination (false)."""
+
+    resume: bool
+
+
+# --- response bodies (what the service answers; tests decode real answers against them) ---
+
+
+class Error(Struct):
+    """What was wrong, and the HTTP status."""
+
+    error: str
+    status: int
+
+
+class VmSettings(Struct):
+    """A VM's settings as stored (sizes in bytes)."""
+
+    name: str
+    vps: int
+    memory: int
+    dynamic_memory: bool
+    minimum: int
+    maximum: int
+    buffer: int
+    weight: int
+    image: str | None
+    cmdline: str
+
+
+class VmMemory(Struct):
+    """Bytes, as the host accounts them (running VMs)."""
+
+    visible: int
+    assigned: int
+    ballooned: int
+
+
+VmState = Literal["off", "starting", "running", "stopping", "crashed", "incoming", "paused"]
+
+
+class Vm(Struct):
+    """A VM. state incoming: arriving by live migration; paused: a migration in doubt left it
+    paused (the reason says what to do)."""
+
+    name: str
+    state: VmState
+    reason: str
+    pid: int | None
+    uptime_s: float | None
+    settings: VmSettings
+    migration: Annotated[
+        str | None, Meta(description="the migration it is part of while it migrates")
+    ]
+    memory: VmMemory | UnsetType = UNSET
+
+
+class VmList(Struct):
+    vms: list[Vm]
+
+
+class MemoryStatus(Struct):
+    """A VM's memory in bytes as its worker last pushed it (committed and available null until
+    the guest reported)."""
+
+    visible: int
+    assigned: int
+    ballooned: int
+    committed: int | None
+    available: int | None
+    busy: bool
+
+
+class MemoryTargetAccepted(Struct):
+    name: str
+    target: Size
+    accepted: bool
+
+
+class Migration(Struct):
+    """One live migration as this VMMS sees it. Source states: preparing, migrating, then done,
+    failed or in-doubt (paused here); destination: waiting, then running or failed."""
+
+    id: str
+    direction: Literal["outgoing", "incoming"]
+    vm: str
+    peer: Annotated[str, Meta(description="the other VMMS or source")]
+    state: Literal["preparing", "migrating", "waiting", "done", "running", "failed", "in-doubt"]
+    error: str
+    progress: Annotated[
+        dict[str, Any] | None,
+        Meta(
+            description="the source worker's latest progress report (phase, passes, "
+            "pages_sent, bytes_sent, dirty_pages, bandwidth, ...)"
+        ),
+    ]
+    result: dict[str, Any] | None
+    remote_id: Annotated[str, Meta(description="source: the destination's id of this migration")]
+    started: float
+    ended: float | None
+
+
+class MigrationList(Struct):
+    migrations: list[Migration]
+
+
+class Incoming(Struct):
+    """Where and with which one-time token the source worker connects."""
+
+    id: str
+    vm: str
+    host: str
+    port: int
+    token: str
+
+
+class HostPool(Struct):
+    """The host's memory pool for VMs, bytes (free excludes the reserve)."""
+
+    budget: int
+    reserve: int
+    free: int
+    running_vms: int
+
+
+class CounterSnapshot(Struct):
+    """Every counter by its Perfmon path."""
+
+    time: float
+    counters: dict[str, float]
+
+
+#: Every declared body, in the order of the OpenAPI document's components.
+SCHEMAS: tuple[type, ...] = (
+    Error,
+    Settings,
+    SettingsChange,
+    NoFields,
+    MemoryTarget,
+    MigrateRequest,
+    IncomingRequest,
+    Resolve,
+    VmSettings,
+    VmMemory,
+    Vm,
+    VmList,
+    MemoryStatus,
+    MemoryTargetAccepted,
+    Migration,
+    MigrationList,
+    Incoming,
+    HostPool,
+    CounterSnapshot,
+)
+
+
+class BodyError(ValueError):
+    """A request body that does not match its declaration; the text names the field."""
+
+
+def decode(value: object, kind: type[Any]) -> Any:
+    """`value` (a parsed JSON object) as the declared body `kind`, or BodyError."""
+    try:
+        return msgspec.convert(value, kind, strict=True)
+    except msgspec.ValidationError as e:
+        raise BodyError(f"the body is not a {kind.__name__}: {describe_error(e)}") from None
+
+
+def given(body: Struct) -> dict[str, Any]:
+    """The fields the caller gave (unset ones left out), JSON-ready."""
+    return msgspec.to_builtins(body)  # type: ignore[no-any-return]

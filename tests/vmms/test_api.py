@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyhv.vmms.client import ClientError, VmmsClient
 from pyhv.vmms.server import ApiServers, ServeError, TcpApiServer
 from pyhv.vmms.service import Vmms
-from tests.hostile import json_values
+from tests.support.hostile import json_values
 from tests.support.wait import wait_for
 from tests.vmms.fakes import FakeDmWorker, FakeWorker
 

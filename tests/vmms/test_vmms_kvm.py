@@ -120,8 +120,7 @@ def test_a_memory_target_balloons_the_guest_through_the_vmms(host: VmmsProcess) 
     )
     assert status["assigned"] == 384 << 20 and status["ballooned"] == 128 << 20
     # the pool follows at the balancer's next tick
-    wait_for(lambda: host.show("dm")["memory"]["assigned"] == 384 << 20, 30, "the pool's 384M")
-    assert host.show("dm")["memory"]["ballooned"] == 128 << 20
+    wait_for(lambda: host.show("dm")["memory"]["ballooned"] == 128 << 20, 30, "the pool's 128M")
     assert "dm: visible 512M assigned 384M ballooned 128M committed" in host.vm("memory", "dm")
     out = host.vm("memory", "dm", "--maximum", "512M", check=False)
     assert "maximum can only go up while VM 'dm' runs" in out
@@ -197,11 +196,10 @@ def test_testlimit_is_answered_by_a_hot_add_with_the_buffer_which_a_crash_return
     assert counters[vm + r"\Added Memory"] >= 400
     # the pool follows the worker at the balancer's next tick
     wait_for(
-        lambda: host.show("testvm")["memory"]["visible"] == status["visible"],
+        lambda: host.show("testvm")["memory"]["visible"] >= 656 << 20,
         30,
-        "the pool following the worker",
+        "the pool following the worker's hot-add",
     )
-    assert host.show("testvm")["memory"]["visible"] >= 656 << 20
     # Killed, the VM gives everything back, hot-added memory included.
     os.kill(host.show("testvm")["pid"], signal.SIGKILL)
     wait_for(lambda: host.show("testvm")["state"] == "crashed", 60, "testvm crashed")

@@ -28,7 +28,7 @@ from pyhv.dynmem.vsp import DynamicMemoryVsp  # noqa: E402
 from pyhv.memory.manager import PAGE_SIZE, MemfdRegion, MemoryManager, punch_hole  # noqa: E402
 from pyhv.memory.ranges import PageRange, RangeSet  # noqa: E402
 from pyhv.vmbus.ring import RingReader, RingWriter  # noqa: E402
-from tests.vmbus.guest_ring import GuestRing  # noqa: E402
+from tests.support.guest_ring import GuestRing  # noqa: E402
 
 MiB = 1 << 20
 

@@ -24,7 +24,7 @@ from pyhv.dynmem.balancer import (
     host_after,
     pages_from_mib,
 )
-from tests.dynmem.test_balancer_simulation import committed_under_testlimit
+from tests.support.testlimit import committed_under_testlimit
 
 pytestmark = pytest.mark.simulation
 

@@ -5,7 +5,6 @@ ballooned, so a ballooned VM at rest does not look short of what it just gave ba
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
@@ -15,16 +14,13 @@ from pyhv.dynmem.protocol import MessageType as T
 from pyhv.dynmem.status import MemoryStatus
 from pyhv.dynmem.vsp import DynamicMemoryVsp
 from pyhv.memory.ranges import PageRange, RangeSet
+from tests.support.floor import floor_pages
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.simulation
 
 MIB = 256  # pages
 RAM = 256 * MIB
-
-
-def floor_pages(ram_pages: int) -> int:
-    """Linux hv_balloon's compute_balloon_floor() below 512 MiB: 40 MiB + a quarter."""
-    return 40 * MIB + ram_pages // 4
 
 
 class Vm:
@@ -101,10 +97,8 @@ def test_a_ballooned_reference_guest_counts_its_balloon_and_the_host_leaves_it_o
         shell = Shell(vm)
         svc = vm.dynmem
         assert svc is not None
-        deadline = time.monotonic() + 30
-        while not svc.negotiated:  # the guest's DM driver starts after its shell
-            assert time.monotonic() < deadline, "the guest's DM driver never negotiated"
-            time.sleep(0.05)
+        # the guest's DM driver starts after its shell
+        wait_for(lambda: svc.negotiated, 30, "the guest's DM driver negotiating")
         vm.set_memory_target(192 << 20)
         assert vm.wait_memory_idle(60)
         assert vm.memory_status()["ballooned_pages"] == 64 * MIB
@@ -117,10 +111,7 @@ def test_a_ballooned_reference_guest_counts_its_balloon_and_the_host_leaves_it_o
                 return None
             return s if s.guest_committed_pages == int(sent[1]) else None
 
-        deadline = time.monotonic() + 30
-        while (s := agreed()) is None:
-            assert time.monotonic() < deadline, "no status report after the balloon"
-            time.sleep(0.1)
+        s = wait_for(agreed, 30, "a status report after the balloon", interval=0.1)
         assert s.guest_committed_pages is not None
         assert s.guest_committed_pages > 64 * MIB  # the balloon is in what the guest sent
         assert s.committed_pages == s.guest_committed_pages - 64 * MIB

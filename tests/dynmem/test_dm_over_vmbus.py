@@ -14,7 +14,7 @@ from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp
 from pyhv.memory.manager import PAGE_SIZE, MemfdRegion, MemoryManager
 from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.vmbus.controller import Command, Reg, VmbusController
-from tests.vmbus.guest_ring import GuestRing
+from tests.support.guest_ring import GuestRing
 
 pytestmark = pytest.mark.simulation
 

@@ -5,20 +5,28 @@ image in no format pyhv knows, or a malformed one, is refused with one line and 
 
 from __future__ import annotations
 
+import shutil
 import struct
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.guest.kernels import CMDLINE, KERNELS, expected_cmdline, kernel, ram_mib
-from tests.vmms.test_vmms_kvm import Host, host  # noqa: F401 - `host`: the VMMS fixture
+from tests.support.wait import wait_for
+from tests.vmms.vmms_process import VmmsProcess, vmms_host
 
 pytestmark = pytest.mark.guest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[VmmsProcess]:
+    with vmms_host(tmp_path) as h:
+        yield h
 
 
 def pyhv_run(image: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -89,19 +97,22 @@ def test_an_image_pyhv_cannot_boot_is_refused_with_one_line_and_status_1(
 def test_a_vmms_vm_whose_image_is_a_pvh_kernel_boots_it_and_a_bad_one_is_reported(
     request: pytest.FixtureRequest,
 ) -> None:
-    vmms: Host = request.getfixturevalue("host")
-    good = kernel("pvh")
-    vmms.vm("create", "pvh", "--memory", "64M", "--kernel", str(good), "--cmdline", CMDLINE)
+    vmms: VmmsProcess = request.getfixturevalue("host")
+    # A VM's image is a name in the VMMS's images directory (docs/security.md).
+    images = vmms.state / "images"
+    images.mkdir(exist_ok=True)
+    shutil.copyfile(kernel("pvh"), images / "pvh-kernel")
+    shutil.copyfile(__file__, images / "test_kernels.py")
+    vmms.vm("create", "pvh", "--memory", "64M", "--kernel", "pvh-kernel", "--cmdline", CMDLINE)
     vmms.vm("start", "pvh")
-    vmms.vm("create", "bad", "--memory", "64M", "--kernel", str(Path(__file__)))
+    vmms.vm("create", "bad", "--memory", "64M", "--kernel", "test_kernels.py")
     vmms.vm("start", "bad")
-    deadline = time.monotonic() + 60
-    shown: dict[str, dict] = {}  # type: ignore[type-arg]
-    while time.monotonic() < deadline:
+
+    def ended() -> dict[str, dict] | None:  # type: ignore[type-arg]
         shown = {n: vmms.show(n) for n in ("pvh", "bad")}
-        if all(s["state"] != "running" for s in shown.values()):
-            break
-        time.sleep(0.1)
+        return shown if all(s["state"] != "running" for s in shown.values()) else None
+
+    shown = wait_for(ended, 60, "both VMs ended", interval=0.1)
     # status 0: the kernel found the PVH magic and reached its power-off write
     assert shown["pvh"]["state"] == "off", shown["pvh"]
     assert "guest powered off with status 0" in vmms.vm("show", "pvh")

@@ -3,7 +3,6 @@ physical memory manager and the background tasks that the Dynamic Memory story n
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from pyhv.hypervisor import VirtualProcessor
 from pyhv.kvm.constants import MP_STATE_HALTED
 from tests.guest.shell import Shell
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -18,14 +18,19 @@ Boot = Callable[..., Shell]
 IF = 1 << 9  # RFLAGS.IF: interrupts enabled
 
 
-def wait_for(shell: Shell, command: str, ok: Callable[[str], bool], tries: int = 100) -> str:
+def run_until(shell: Shell, command: str, ok: Callable[[str], bool], timeout: float = 60) -> str:
     """Repeat a command until its output satisfies ok (the guest works in the background)."""
-    for _ in range(tries):
-        out = shell.run(command)
-        if ok(out):
-            return out
-        time.sleep(0.05)
-    raise AssertionError(f"{command!r} never gave the expected output; last: {out!r}")
+    seen: list[str] = []
+
+    def satisfied() -> bool:
+        seen.append(shell.run(command))
+        return ok(seen[-1])
+
+    try:
+        wait_for(satisfied, timeout, f"{command!r} giving the expected output")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last output: {seen[-1]!r}") from None
+    return seen[-1]
 
 
 def test_the_guest_boots_to_a_banner_and_the_shell_prompt(boot_guest: Boot) -> None:
@@ -57,7 +62,7 @@ def test_testlimit_commits_and_touches_memory_until_killed(boot_guest: Boot) -> 
     during = shell.values("mem")
     assert during["committed"] == before["committed"] + 64
     assert during["free"] == before["free"] - 64
-    wait_for(shell, "tasks", lambda out: "touched 16384 pages" in out)  # one word per 4 KiB page
+    run_until(shell, "tasks", lambda out: "touched 16384 pages" in out)  # one word per 4 KiB page
     assert "64 MiB released" in shell.run("kill")
     assert shell.values("mem") == before
     assert shell.run("pmmcheck") == "pmm: consistent\n"
@@ -78,7 +83,7 @@ def test_testlimit_can_commit_more_than_is_free_and_waits_for_memory(boot_guest:
 def test_ticks_rise_with_the_local_apic_timer(boot_guest: Boot) -> None:
     shell = boot_guest("64M")
     first = shell.values("ticks")["ticks"]
-    wait_for(shell, "ticks", lambda out: int(out.split()[1]) >= first + 10)
+    run_until(shell, "ticks", lambda out: int(out.split()[1]) >= first + 10)
 
 
 def test_dirty_rewrites_its_working_set_in_the_background_while_the_shell_answers(
@@ -86,7 +91,7 @@ def test_dirty_rewrites_its_working_set_in_the_background_while_the_shell_answer
 ) -> None:
     shell = boot_guest("128M")
     assert "rewrites 8 MiB" in shell.run("dirty 8")
-    out = wait_for(shell, "tasks", lambda out: "passes 0" not in out)
+    out = run_until(shell, "tasks", lambda out: "passes 0" not in out)
     assert "dirty committed 8 MiB, allocated 8 MiB" in out
     assert shell.values("mem")["committed"] >= 8
     assert "dirty" in shell.run("kill")
@@ -97,7 +102,7 @@ def test_dirty_keeps_to_the_rate_it_was_given(boot_guest: Boot) -> None:
     shell = boot_guest("64M")
     start = shell.values("ticks")["ticks"]  # read before: the task starts later
     shell.run("dirty 4 200")  # 2 pages per 10 ms tick
-    wait_for(shell, "ticks", lambda out: int(out.split()[1]) >= start + 30)  # 30 ticks on
+    run_until(shell, "ticks", lambda out: int(out.split()[1]) >= start + 30)  # 30 ticks on
     touched = int(shell.run("tasks").split("touched ")[1].split()[0])
     ticks = shell.values("ticks")["ticks"] - start  # read after: an upper bound on its ticks
     assert 0 < touched <= 2 * (ticks + 1)
@@ -156,7 +161,7 @@ def test_backspace_edits_the_line_before_it_runs(boot_guest: Boot) -> None:
 def test_an_exception_in_a_task_kills_only_the_task(boot_guest: Boot) -> None:
     shell = boot_guest("64M")
     shell.run("fault user")
-    wait_for(shell, "tasks", lambda out: out == "no tasks\n")
+    run_until(shell, "tasks", lambda out: out == "no tasks\n")
     log = shell.vm.serial.text
     assert "exception 14 (page fault)" in log and "cr2 1000000000, error code 4: task killed" in log
     assert shell.values("mem")["visible"] == 64
@@ -164,16 +169,15 @@ def test_an_exception_in_a_task_kills_only_the_task(boot_guest: Boot) -> None:
 
 def _halted_for_good(vp: VirtualProcessor, timeout: float = 10.0) -> bool:
     """Until the VP, paused to look, is in HLT (KVM's mp_state) with interrupts off (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def halted() -> bool:
         vp.pause()
         try:
-            if vp.vcpu.get_mp_state() == MP_STATE_HALTED and not vp.registers.rflags & IF:
-                return True
+            return vp.vcpu.get_mp_state() == MP_STATE_HALTED and not vp.registers.rflags & IF
         finally:
             vp.resume()
-        time.sleep(0.01)
-    return False
+
+    return wait_for(halted, timeout, "the VP in HLT with interrupts off", interval=0.01)
 
 
 def test_a_kernel_exception_prints_vector_rip_cr2_and_error_code_then_halts(

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 from pyhv.guest_image import image_path
 from pyhv.hypervisor.intercepts import InterceptKind
 from tests.guest.shell import Shell
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -34,21 +34,13 @@ def cpus(shell: Shell) -> dict[int, dict[str, Any]]:
     return {int(c): {"ticks": int(t), "runs": int(r), "now": now} for c, t, r, now in rows}
 
 
-def wait_until(what: str, ok: Callable[[], Any], seconds: float = 30.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if v := ok():
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
 def ticks_rise_on_every_cpu(shell: Shell, n: int) -> None:
     first = cpus(shell)
     assert sorted(first) == list(range(n)), first
-    wait_until(
-        "every CPU's timer ticks",
+    wait_for(
         lambda: all(c["ticks"] > first[i]["ticks"] for i, c in cpus(shell).items()),
+        30,
+        "every CPU's timer ticks",
     )
 
 
@@ -88,8 +80,7 @@ def test_both_vps_execute_guest_code_and_tasks_run_on_cpu_1(boot_vps: Any) -> No
         out = shell.run("dirty 4 -p")
         assert "task 0 rewrites 4 MiB as fast as it can on cpu 0" in out
         assert "task 1 rewrites 4 MiB as fast as it can on cpu 1" in out
-        wait_until(
-            "task 1 runs on cpu 1 and has written its 4 MiB",
+        wait_for(
             lambda: (
                 re.search(
                     r"task 1: dirty .*touched (\d+) pages.*cpu 1 \(pinned\)",
@@ -97,16 +88,20 @@ def test_both_vps_execute_guest_code_and_tasks_run_on_cpu_1(boot_vps: Any) -> No
                 )
                 and int(re.search(r"task 1: .*touched (\d+)", t)[1]) >= 4 * 256
             ),
+            30,
+            "task 1 runs on cpu 1 and has written its 4 MiB",
         )
         # (between two entries into its task, at each tick, a CPU is briefly in its kernel)
-        wait_until(
-            "`cpus` shows cpu 1 running task 1",
+        wait_for(
             lambda: (c := cpus(shell)[1])["runs"] > 0 and c["now"] == "running task 1 (dirty)",
+            30,
+            "`cpus` shows cpu 1 running task 1",
         )
         ticks_rise_on_every_cpu(shell, 2)
-        wait_until(
-            "both vCPUs' exit counts rise",
+        wait_for(
             lambda: all(s.read()["exits"] > b for s, b in zip(stats, before, strict=True)),
+            30,
+            "both vCPUs' exit counts rise",
         )
         # a task another CPU runs is killed and released; the memory manager is consistent
         assert "task 1 (dirty) killed: 4 MiB released" in shell.run("kill 1")
@@ -124,7 +119,7 @@ def test_an_intercept_from_vp_1_is_handled_like_one_from_vp_0(boot_vps: Any) -> 
     vp0, vp1 = shell.vm.vps
     before = vp1.counts[int(InterceptKind.IO_PORT)]
     assert "fault: task 0 reads 1000000000 at CPL3 on cpu 1" in shell.run("fault user 1")
-    wait_until("the task is gone", lambda: shell.run("tasks") == "no tasks\n")
+    wait_for(lambda: shell.run("tasks") == "no tasks\n", 30, "the task is gone")
     assert re.search(
         r"task 0 \(fault\) on cpu 1: exception 14 \(page fault\) .*cr2 1000000000, error code 4: "
         r"task killed",
@@ -144,8 +139,7 @@ def test_testlimit_per_cpu_commits_on_every_cpu_and_frees_it_all(boot_vps: Any) 
     assert len(re.findall(r"committed 16 MiB \(2 x 8 MiB\)", out)) == 3, out
     assert shell.values("mem")["committed"] == before["committed"] + 48
     for cpu in (1, 2):
-        wait_until(
-            f"the testlimit task on cpu {cpu} touched its 16 MiB",
+        wait_for(
             lambda cpu=cpu: (
                 re.search(
                     rf"testlimit .*touched (\d+) pages.*cpu {cpu} \(pinned\)",
@@ -154,6 +148,8 @@ def test_testlimit_per_cpu_commits_on_every_cpu_and_frees_it_all(boot_vps: Any) 
                 and int(re.search(rf"touched (\d+) pages, passes \d+, cpu {cpu} ", t)[1])
                 >= 16 * 256
             ),
+            30,
+            f"the testlimit task on cpu {cpu} touched its 16 MiB",
         )
     assert shell.run("free").count("killed") == 3
     assert shell.values("mem") == before
@@ -173,14 +169,17 @@ def test_two_vps_pause_and_resume_together(boot_vps: Any) -> None:
 def test_the_dm_vsc_negotiates_and_reports_with_two_vps(boot_vps: Any) -> None:
     shell = boot_vps(2, dynamic_memory=True, minimum="64M", maximum="1G")
     vm = shell.vm
-    wait_until("the host saw the negotiation", lambda: vm.dynmem.negotiated)
-    first = wait_until(
-        "a first status report", lambda: (st := vm.memory_status()).get("committed_pages") and st
+    wait_for(lambda: vm.dynmem.negotiated, 30, "the host saw the negotiation")
+    first = wait_for(
+        lambda: (st := vm.memory_status()).get("committed_pages") and st,
+        30,
+        "a first status report",
     )
     shell.run("testlimit -m 32 -p")  # commit moves on both CPUs; the VSC reports it
-    wait_until(
-        "a status report with the 64 MiB committed",
+    wait_for(
         lambda: vm.memory_status().get("committed_pages", 0) >= first["committed_pages"] + 64 * 256,
+        30,
+        "a status report with the 64 MiB committed",
     )
     assert "state: ready" in shell.run("dm")
     # the status the worker pushes carries every VP's intercept counters
@@ -193,11 +192,12 @@ def test_the_dm_vsc_negotiates_and_reports_with_two_vps(boot_vps: Any) -> None:
     assert shell.values("mem")["ballooned"] > 0
     vm.set_memory_target(256 << 20)
     assert vm.wait_memory_idle(60)
-    wait_until(
-        "both dirty tasks hold their 16 MiB",
+    wait_for(
         lambda: (
             len(re.findall(r"dirty committed 16 MiB, allocated 16 MiB", shell.run("tasks"))) == 2
         ),
+        30,
+        "both dirty tasks hold their 16 MiB",
     )
     assert "pmm: consistent" in shell.run("pmmcheck")
     ticks_rise_on_every_cpu(shell, 2)
@@ -226,7 +226,7 @@ def test_a_two_vp_vm_dirtying_on_both_cpus_migrates_and_both_run_there() -> None
         assert cpus(there)[1]["runs"] > 0
         ticks_rise_on_every_cpu(there, 2)
         first = there.touched(task=1)
-        wait_until("the task on cpu 1 keeps dirtying", lambda: there.touched(task=1) > first)
+        wait_for(lambda: there.touched(task=1) > first, 30, "the task on cpu 1 keeps dirtying")
     finally:
         src.close()
         dst.close()

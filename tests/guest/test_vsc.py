@@ -17,36 +17,14 @@ from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
 from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp
 from pyhv.memory.ranges import PageRange
-from tests.guest.conftest import Shell
+from tests.guest.shell import Shell
+from tests.support.floor import floor_pages
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
 MiB_PAGES = 256
 Boot = Callable[..., Shell]
-
-
-def floor_pages(ram_pages: int) -> int:
-    """Linux hv_balloon's compute_balloon_floor(), in pages."""
-    mb = MiB_PAGES
-    if ram_pages < 128 * mb:
-        return 8 * mb + ram_pages // 2
-    if ram_pages < 512 * mb:
-        return 40 * mb + ram_pages // 4
-    if ram_pages < 2048 * mb:
-        return 104 * mb + ram_pages // 8
-    if ram_pages < 8192 * mb:
-        return 232 * mb + ram_pages // 16
-    return 488 * mb + ram_pages // 32
-
-
-def wait_until(what: str, ok: Callable[[], Any], tries: int = 200) -> Any:
-    """Poll until ok() is truthy (the guest and the host work in the background)."""
-    for _ in range(tries):
-        v = ok()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"never happened: {what}")
 
 
 def dm(shell: Shell) -> dict[str, Any]:
@@ -76,8 +54,8 @@ def boot_dm(guest_image: Path) -> Iterator[Callable[..., Shell]]:
         vms.append(vm)
         vm.start()
         shell = Shell(vm)
-        wait_until("the DM VSC is ready", lambda: dm(shell)["state"] == "ready")
-        wait_until("the host saw the negotiation", lambda: vm.dynmem.negotiated)
+        wait_for(lambda: dm(shell)["state"] == "ready", 60, "the DM VSC is ready")
+        wait_for(lambda: vm.dynmem.negotiated, 60, "the host saw the negotiation")
         return shell
 
     yield boot
@@ -110,7 +88,7 @@ def test_the_vsc_negotiates_2_0_and_reports_linux_committed_every_second(boot_dm
     assert d["max-page-count"] == 1 << 18 and d["info-messages"] == 1
     # reports keep coming, and the host got what the guest sent
     first = dm(shell)["status-reports"]
-    wait_until("two more status reports", lambda: dm(shell)["status-reports"] >= first + 2)
+    wait_for(lambda: dm(shell)["status-reports"] >= first + 2, 60, "two more status reports")
 
     def same() -> bool:
         d = dm(shell)
@@ -120,7 +98,7 @@ def test_the_vsc_negotiates_2_0_and_reports_linux_committed_every_second(boot_dm
             d["last-available"],
         )
 
-    wait_until("the host's last status is the guest's", same)
+    wait_for(same, 60, "the host's last status is the guest's")
     d = dm(shell)
     m = mem(shell)
     # committed + ballooned + floor (hv_balloon), the floor of 256 MiB being 104 MiB
@@ -155,7 +133,9 @@ def test_balloon_unballoon_and_hot_add_move_the_guests_memory(boot_dm: Boot) -> 
     assert shell.run("pmmcheck") == "pmm: consistent\n"
     # the hot-added memory is real: a task commits and touches more than the boot RAM
     assert "committed 400 MiB" in shell.run("testlimit -m 400")
-    wait_until("400 MiB touched", lambda: f"touched {400 * MiB_PAGES} pages" in shell.run("tasks"))
+    wait_for(
+        lambda: f"touched {400 * MiB_PAGES} pages" in shell.run("tasks"), 60, "400 MiB touched"
+    )
     shell.run("kill")
     # and it can be ballooned out again, as any other memory
     st = settle(shell, 300)
@@ -166,7 +146,9 @@ def test_balloon_unballoon_and_hot_add_move_the_guests_memory(boot_dm: Boot) -> 
 def test_the_guest_balloons_no_further_than_its_floor(boot_dm: Boot) -> None:
     shell = boot_dm("256M", minimum="32M")
     assert "committed 100 MiB" in shell.run("testlimit -m 100")
-    wait_until("100 MiB touched", lambda: f"touched {100 * MiB_PAGES} pages" in shell.run("tasks"))
+    wait_for(
+        lambda: f"touched {100 * MiB_PAGES} pages" in shell.run("tasks"), 60, "100 MiB touched"
+    )
     # each request is met down to the floor of that moment; the floor shrinks with the guest
     # (hv_balloon), so the host asks again until the guest answers with no pages at all
     st = settle(shell, 32)
@@ -213,7 +195,7 @@ def test_pages_the_host_never_got_are_not_unballooned(boot_dm: Boot) -> None:
     bogus = [PageRange(0x100, 16), PageRange(0x8000, 512)]  # the kernel image, free RAM
     with vsp.lock:
         vsp.post(p.encode(T.UNBALLOON_REQUEST, p.DmUnballoonRequest(), ranges=bogus))
-    wait_until("the guest answered", lambda: dm(shell)["unballoon-requests"] == 1)
+    wait_for(lambda: dm(shell)["unballoon-requests"] == 1, 60, "the guest answered")
     d = dm(shell)
     assert d["unballoon-bad-ranges"] == 2 and d["unballoon-pages"] == 0
     assert mem(shell) == before and shell.run("pmmcheck") == "pmm: consistent\n"
@@ -223,7 +205,7 @@ def test_a_hot_add_above_64_gib_is_refused_for_good(boot_dm: Boot) -> None:
     shell = boot_dm("128M")
     vsp = shell.vm.dynmem.vsp
     vsp.hot_add(PageRange((64 << 30) // 4096, 512))
-    wait_until("the guest answered", lambda: vsp.state is DmState.IDLE)
+    wait_for(lambda: vsp.state is DmState.IDLE, 60, "the guest answered")
     assert vsp.hot_add_disabled  # 0 pages with success: the guest's upper barrier
     d = dm(shell)
     assert d["hot-add-requests"] == 1 and d["hot-add-pages"] == 0 and d["hot-add-failed"] == 1
@@ -235,7 +217,7 @@ def test_a_bad_ring_index_from_the_host_closes_the_channel(boot_dm: Boot) -> Non
     ring = int(re.search(r"rings at ([0-9a-f]+)", shell.run("vmbus"))[1], 16)  # type: ignore[index]
     host_to_guest = shell.vm.partition.view(ring + 5 * 4096, 4)
     host_to_guest[:4] = (0xFFF0).to_bytes(4, "little")  # write_index beyond the 16 KiB data
-    wait_until("the guest closed the channel", lambda: dm(shell)["state"] == "failed")
+    wait_for(lambda: dm(shell)["state"] == "failed", 60, "the guest closed the channel")
     out = shell.run("vmbus")
     assert "closed (the host wrote a bad write_index in the host->guest ring)" in out
     assert shell.vm.dynmem.offer.channel is None  # the host saw the CLOSE
@@ -251,7 +233,7 @@ def fragment_and_balloon(shell: Shell) -> dict[str, Any]:
     back = [PageRange(s + i, 2) for s, n in held for i in range(0, n - 2, 3)]
     svc.mm.reclaim(svc.name, back)
     svc.vsp.unballoon(back)
-    wait_until("unballooned", lambda: svc.vsp.state is DmState.IDLE, tries=1200)
+    wait_for(lambda: svc.vsp.state is DmState.IDLE, 60, "unballooned")
     d = dm(shell)
     assert d["unballoon-requests"] == -(-len(back) // 510) > 1  # one response after the last
     assert d["unballoon-pages"] == 2 * len(back) and d["unballoon-bad-ranges"] == 0
@@ -325,8 +307,8 @@ def test_malformed_host_messages_are_counted_and_ignored(boot_dm: Boot) -> None:
     channel = svc.offer.channel
     assert channel is not None
     assert channel.try_send(bytes(16), 7, ptype=0xB)  # a completion packet: not used by DM
-    wait_until("all seen", lambda: dm(shell)["bad-messages"] == len(bad))
-    wait_until("skipped", lambda: ring_counters(shell)["skipped"] == 1)
+    wait_for(lambda: dm(shell)["bad-messages"] == len(bad), 60, "all seen")
+    wait_for(lambda: ring_counters(shell)["skipped"] == 1, 60, "skipped")
     assert dm(shell)["state"] == "ready"
     assert settle(shell, 96)["ballooned_pages"] == 32 * MiB_PAGES  # and it goes on
 
@@ -336,7 +318,7 @@ def test_the_guest_notices_when_the_host_closes_the_channel(boot_dm: Boot) -> No
     committed = mem(shell)["committed"]
     shell.vm.dynmem.vsp.stop("stopped by the test")  # a stopped VSP closes its channel
     # the next status report stays unread; the guest looks at the offer and lets go
-    wait_until("the guest let go", lambda: dm(shell)["state"] == "failed", tries=400)
+    wait_for(lambda: dm(shell)["state"] == "failed", 120, "the guest let go")
     assert dm(shell)["why"] == "closed by the host"
     assert "closed (closed by the host)" in shell.run("vmbus")
     assert mem(shell)["committed"] <= committed  # the ring pages went back to the pmm
@@ -358,7 +340,7 @@ def test_a_host_that_never_answers_the_version_request_is_given_up_on(
         vm.start()
         shell = Shell(vm)
         # 5 s of guest ticks, as Linux waits for each answer
-        wait_until("the guest gave up", lambda: dm(shell)["state"] == "failed", tries=400)
+        wait_for(lambda: dm(shell)["state"] == "failed", 120, "the guest gave up")
         d = dm(shell)
         assert d["why"] == "no answer to the version request in 5 s" and d["protocol"].startswith(
             "2.0"

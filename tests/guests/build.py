@@ -1,6 +1,11 @@
-"""Build the small test guests (tests/guests/*.S) into flat binaries, cached by source hash.
+"""The one build path for every test guest (tests/guests/*.S, kernel32.c), cached by source hash.
 
-A guest is assembled with gcc and linked with ld at `base` (its load GPA); symbols come from nm.
+Three shapes, one per way a test loads a guest:
+- `build_guest`: a flat image linked at `base` (its load GPA), loaded straight into a partition
+  by tests/guests/harness.py; symbols come from nm;
+- `build_test_guest`: an ELF linked at 1 MiB by link.ld, booted by the worker like the reference
+  guest (docs/boot-protocol.md);
+- `build_kernel32`: a 32-bit kernel that follows a published boot protocol (PVH, Multiboot).
 The cache is build/test-guests/ in the repository (or $PYHV_TEST_GUEST_DIR).
 """
 
@@ -8,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("PYHV_TEST_GUEST_DIR", HERE.parent.parent / "build" / "test-guests"))
@@ -32,8 +40,20 @@ class GuestImage:
         return self.symbols[symbol]
 
 
+def _need(tool: str, package: str) -> str:
+    """The tool's path; a test fails saying what to install when it is missing."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(
+            f"{tool} is not installed: pyhv needs it to build the test guests "
+            f"(apt-get install {package})"
+        )
+    return path
+
+
 def build_guest(name: str, base: int = LOAD_GPA, source: str | None = None) -> GuestImage:
     """Assemble tests/guests/<name>.S (or `source` text) into a flat image loaded at `base`."""
+    _need("gcc", "gcc")
     text = source if source is not None else (HERE / f"{name}.S").read_text()
     h = hashlib.sha256(f"{base:#x}\n{text}".encode())
     for inc in sorted(HERE.glob("*.h")):  # shared macros the guests include
@@ -100,6 +120,29 @@ def build_guest(name: str, base: int = LOAD_GPA, source: str | None = None) -> G
     return GuestImage(name, out.read_bytes(), base, symbols)
 
 
+def build_test_guest(name: str, out: Path) -> Path:
+    """Assemble tests/guests/<name>.S into `out/name.elf`, linked at 1 MiB like the real guest."""
+    gcc = _need("gcc", "gcc")
+    elf = out / f"{name}.elf"
+    if not elf.exists():
+        subprocess.run(
+            [
+                gcc,
+                "-nostdlib",
+                "-static",
+                "-no-pie",
+                f"-Wl,-T,{HERE / 'link.ld'}",
+                "-Wl,--build-id=none",
+                "-Wl,-z,noexecstack",
+                "-o",
+                str(elf),
+                str(HERE / f"{name}.S"),
+            ],
+            check=True,
+        )
+    return elf
+
+
 KERNEL_BASE = 0x100000
 KERNEL32_CFLAGS = (
     "-m32 -march=i686 -O2 -ffreestanding -fno-pic -fno-pie -fno-stack-protector "
@@ -130,6 +173,7 @@ def build_kernel32(
     with `flat`, its flat image from the first loaded byte; with `elf64`, the same 32-bit code in
     an ELF64 file, as 64-bit kernels carry their PVH entry); returns the cached file's path.
     These kernels follow published boot protocols (PVH, Multiboot), not pyhv's own."""
+    _need("gcc", "gcc")
     sources = [HERE / f"{name}.S", HERE / "kernel32.c"]
     h = hashlib.sha256(f"{KERNEL32_CFLAGS}\n{defines}\n{flat}\n{elf64}\n{KERNEL32_LDS}".encode())
     for src in [*sources, *sorted(HERE.glob("*.h"))]:  # with the macros they include

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import pickle
 import sys
-import time
 
 from pyhv.hypervisor import Partition, Registers
 from pyhv.kvm import structs
+from tests.support.wait import wait_for
 
 
 def main() -> None:
@@ -25,11 +25,12 @@ def main() -> None:
         xmm0_restored = vp.vcpu.get_xsave()[160:176].hex()
         start = int.from_bytes(p.read(counter_gpa, 8), "little")
         vp.start()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if int.from_bytes(p.read(counter_gpa, 8), "little") > start + 100_000:
-                break
-            time.sleep(0.005)
+        wait_for(
+            lambda: int.from_bytes(p.read(counter_gpa, 8), "little") > start + 100_000,
+            5,
+            "the guest counting 100000 steps",
+            interval=0.005,
+        )
         vp.pause()
         print(
             json.dumps(

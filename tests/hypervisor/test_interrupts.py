@@ -4,29 +4,25 @@ and doorbells (ioeventfd) the guest rings without an intercept."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from pyhv.hypervisor import Partition, VpState
 from pyhv.kvm.fds import VcpuStats
 from tests.guests.harness import guest, run_until_power_off
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
 
-def _wait_for(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.002)
-    return False
-
-
 def _halted(stats: VcpuStats, halts: int) -> bool:
     """Until the VP sleeps in its `halts`-th HLT (KVM's own counts: halt_exits, blocking)."""
-    return _wait_for(lambda: (s := stats.read())["halt_exits"] == halts and s["blocking"] == 1)
+    return wait_for(
+        lambda: (s := stats.read())["halt_exits"] == halts and s["blocking"] == 1,
+        5,
+        f"the VP asleep in its HLT number {halts}",
+        interval=0.002,
+    )
 
 
 def test_interrupts_reach_a_halted_guest_by_vector_pin_and_irqfd() -> None:
@@ -38,22 +34,38 @@ def test_interrupts_reach_a_halted_guest_by_vector_pin_and_irqfd() -> None:
         stats = vp.vcpu.open_stats()  # before the VP runs: opening waits for the vCPU's lock
         try:
             vp.start()
-            assert _wait_for(lambda: ready)
+            assert wait_for(lambda: ready, 5, "ready", interval=0.002)
             # Before each interrupt the guest sleeps in HLT; each interrupt wakes it, its
             # handler reports, and it halts once more.
             assert _halted(stats, 1)
             p.interrupt(0, 0x40)
-            assert _wait_for(lambda: got == [0x40]) and _halted(stats, 2)
+            assert wait_for(lambda: got == [0x40], 5, "got == [0x40]", interval=0.002) and _halted(
+                stats, 2
+            )
             p.pulse_irq(5)  # IOAPIC pin 5 -> vector 0x41 as the guest programmed it
-            assert _wait_for(lambda: got == [0x40, 0x41]) and _halted(stats, 3)
+            assert wait_for(
+                lambda: got == [0x40, 0x41], 5, "got == [0x40, 0x41]", interval=0.002
+            ) and _halted(stats, 3)
             fd = p.irqfd(5)
             os.write(fd, (1).to_bytes(8, "little"))
-            assert _wait_for(lambda: got == [0x40, 0x41, 0x41]) and _halted(stats, 4)
+            assert wait_for(
+                lambda: got == [0x40, 0x41, 0x41], 5, "got == [0x40, 0x41, 0x41]", interval=0.002
+            ) and _halted(stats, 4)
             msi = p.msi_irqfd(0, 0x40)  # a GSI of its own routed as an MSI: vector 0x40 to VP 0
             os.write(msi, (1).to_bytes(8, "little"))
-            assert _wait_for(lambda: got == [0x40, 0x41, 0x41, 0x40]) and _halted(stats, 5)
+            assert wait_for(
+                lambda: got == [0x40, 0x41, 0x41, 0x40],
+                5,
+                "got == [0x40, 0x41, 0x41, 0x40]",
+                interval=0.002,
+            ) and _halted(stats, 5)
             p.pulse_irq(5)  # the default IOAPIC routes survived the new routing table
-            assert _wait_for(lambda: got == [0x40, 0x41, 0x41, 0x40, 0x41]) and _halted(stats, 6)
+            assert wait_for(
+                lambda: got == [0x40, 0x41, 0x41, 0x40, 0x41],
+                5,
+                "got == [0x40, 0x41, 0x41, 0x40, 0x41]",
+                interval=0.002,
+            ) and _halted(stats, 6)
             assert vp.state is VpState.RUNNING
         finally:
             stats.close()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from pyhv.hypervisor import GpaError, InterceptError, MemoryIntercept, Partition
 from tests.guests.harness import guest, run_until_power_off
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -78,14 +77,11 @@ def test_a_region_added_while_the_vp_runs_is_seen_by_the_guest() -> None:
         done: list[int] = []
         p.intercepts.install_io(0xF4, 0xF4, lambda m: done.append(1), read=False)
         vp.start()
-        deadline = time.monotonic() + 5
-        while p.counters["memory"]["defaulted"] < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert p.counters["memory"]["defaulted"] >= 3  # the guest polls a GPA with no RAM
+        # the guest polls a GPA with no RAM
+        wait_for(lambda: p.counters["memory"]["defaulted"] >= 3, 5, "three defaulted reads")
         region = p.add_memory(0x4000000, 2 << 20)
         region.mm[0:8] = (0x5A5A5A5A).to_bytes(8, "little")
-        while not done and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: done, 5, "the guest's power-off write")
         assert _reported(out) == [0x5A5A5A5A]
 
 

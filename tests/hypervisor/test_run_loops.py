@@ -2,7 +2,10 @@
 Python (the fallback). Both must behave alike: the intercept and VP tests of this folder run here
 again on the Python loop (the rest of the suite runs on the C loop), and the cases where the two
 differ most in code (a handler's result of the wrong type, a handler that raises, bytes for an
-IN) run on both."""
+IN) run on both.
+
+The one test module that imports other test modules, by design: it reruns their test functions
+(tests/test_layout.py names it as its only exception)."""
 
 from __future__ import annotations
 

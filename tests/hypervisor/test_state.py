@@ -8,7 +8,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from pyhv.hypervisor import StateError
 from pyhv.kvm import constants as c
 from tests.guests.harness import guest
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -34,10 +34,12 @@ def test_a_running_guest_saved_here_goes_on_in_a_fresh_partition_in_another_proc
         struct.pack_into("<Q", area, c.XSAVE_XSTATE_BV_OFFSET, bv)
         vp.vcpu.set_xsave(bytes(area))
         vp.start()
-        deadline = time.monotonic() + 5
-        while int.from_bytes(p.read(img["counter"], 8), "little") < 1000:
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
+        wait_for(
+            lambda: int.from_bytes(p.read(img["counter"], 8), "little") >= 1000,
+            5,
+            "the guest counting to 1000",
+            interval=0.002,
+        )
         with pytest.raises(StateError, match="pause\\(\\) them"):
             p.save(memory=True)
         vp.pause()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +17,7 @@ from pyhv.hypervisor import (
     enter_long_mode,
 )
 from tests.guests.harness import STACK_TOP, guest, run_until_power_off
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -35,10 +35,12 @@ def _witness() -> Iterator[Callable[[], None]]:
 
         def elapse() -> None:
             goal = _u64(p, img["counter"]) + 1_000_000
-            deadline = time.monotonic() + 10
-            while _u64(p, img["counter"]) < goal:
-                assert time.monotonic() < deadline, "the witness VP does not run"
-                time.sleep(0.001)
+            wait_for(
+                lambda: _u64(p, img["counter"]) >= goal,
+                10,
+                "the witness VP running a million steps",
+                interval=0.001,
+            )
 
         try:
             yield elapse
@@ -51,9 +53,7 @@ def test_a_vp_spinning_at_cpl3_is_paused_stays_still_and_resumes() -> None:
     with _witness() as elapse, guest("spin_user", cpl=3, rflags=0x3002) as (p, vp, img):
         counter = img["counter"]
         vp.start()
-        deadline = time.monotonic() + 5
-        while _u64(p, counter) == 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for(lambda: _u64(p, counter), 5, "the guest counting", interval=0.005)
         for _ in range(3):
             vp.pause()
             assert vp.state is VpState.PAUSED
@@ -62,9 +62,7 @@ def test_a_vp_spinning_at_cpl3_is_paused_stays_still_and_resumes() -> None:
             elapse()
             assert _u64(p, counter) == frozen
             vp.resume()
-            while _u64(p, counter) == frozen and time.monotonic() < deadline:
-                time.sleep(0.001)
-            assert _u64(p, counter) > frozen
+            wait_for(lambda f=frozen: _u64(p, counter) > f, 5, "counting again", interval=0.001)
         vp.stop()
         ev = vp.wait(1)
         assert ev is not None and ev.kind is VpEventKind.STOPPED
@@ -97,9 +95,7 @@ def test_hlt_reaches_the_halt_intercept_when_no_in_kernel_lapic_waits_for_it() -
         p.intercepts.install_io(0x12, 0x12, lambda m: out.append(m.value), read=False)
         p.intercepts.install_io(0xF4, 0xF4, lambda m: vp.pause(), read=False)
         vp.start()
-        deadline = time.monotonic() + 5
-        while vp.state is not VpState.PAUSED and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for(lambda: vp.state is VpState.PAUSED, 5, "the VP paused", interval=0.005)
         assert halts == [0] and out == [42]
         assert p.counters["halt"]["count"] == 1
 
@@ -128,10 +124,7 @@ def test_a_handler_that_raises_stops_its_vp_and_the_other_vp_keeps_running() -> 
         assert ev is not None and ev.kind is VpEventKind.ERROR
         assert isinstance(ev.error, ValueError) and "port 0x31" in ev.detail
         before = len(seen)
-        deadline = time.monotonic() + 5
-        while len(seen) < before + 10 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert len(seen) >= before + 10
+        wait_for(lambda: len(seen) >= before + 10, 5, "VP 1 writing on", interval=0.005)
         assert vp1.state is VpState.RUNNING
         assert p.counters["io_port"]["errors"] == 1
 
@@ -227,16 +220,12 @@ def test_a_partition_pauses_and_resumes_all_its_vps() -> None:
         p.intercepts.install_io(0x31, 0x31, lambda m: None, read=False)
         vp0.start()
         vp1.start()
-        deadline = time.monotonic() + 5
-        while len(seen) < 5 and time.monotonic() < deadline:
-            time.sleep(0.002)
+        wait_for(lambda: len(seen) >= 5, 5, "five writes", interval=0.002)
         p.pause()
         assert {vp0.state, vp1.state} == {VpState.PAUSED}
         frozen = len(seen)
         elapse()
         assert len(seen) == frozen
         p.resume()
-        while len(seen) < frozen + 5 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        assert len(seen) >= frozen + 5
+        wait_for(lambda: len(seen) >= frozen + 5, 5, "five more writes", interval=0.002)
         assert seen == list(range(1, len(seen) + 1))  # VP 1 went on from where it was

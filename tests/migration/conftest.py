@@ -4,7 +4,6 @@ destination worker process listening for it (each with its own socket)."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 
 from pyhv.guest_image import image_path
 from tests.guest.shell import Shell
+from tests.support.wait import wait_for
 
 TOKEN = "migration-test-token-0123456789"
 
@@ -28,14 +28,14 @@ class Guest(Shell):
 
     def wait_working_set(self, mb: int, task: int = 0) -> None:
         """Until the task holds its MB and has written all of it at least once (bounded)."""
-        for _ in range(200):
+
+        def held() -> bool:
             m = re.search(
                 rf"task {task}: .*allocated (\d+) MiB, touched (\d+) pages", self.run("tasks")
             )
-            if m and int(m[1]) >= mb and int(m[2]) >= mb * 256:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"task {task} did not get its {mb} MiB working set")
+            return bool(m and int(m[1]) >= mb and int(m[2]) >= mb * 256)
+
+        wait_for(held, 60, f"task {task} holding its {mb} MiB working set")
 
     def touched(self, task: int = 0) -> int:
         m = re.search(rf"task {task}: .*touched (\d+) pages", self.run("tasks"))
@@ -80,12 +80,8 @@ def hosts() -> Iterator[Any]:
         w.close()
 
 
-def wait_rising(read: Callable[[], int], tries: int = 50) -> tuple[int, int]:
-    """Two readings of a counter that must rise (polled; bounded)."""
+def wait_rising(read: Callable[[], int], timeout: float = 30) -> tuple[int, int]:
+    """Two readings of a counter that must rise (polled, with a deadline)."""
     first = read()
-    for _ in range(tries):
-        time.sleep(0.05)
-        later = read()
-        if later > first:
-            return first, later
-    return first, read()
+    later = wait_for(lambda: (v := read()) > first and v, timeout, f"{read.__qualname__} rising")
+    return first, later

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyhv.migration import frames
-from tests.hostile import json_values
+from tests.support.hostile import json_values
 
 pytestmark = pytest.mark.unit
 

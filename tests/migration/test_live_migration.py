@@ -7,7 +7,6 @@ source's checksum before it resumes)."""
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from pyhv.counters import CounterRegistry
 from pyhv.migration.worker import migrate_worker
 from tests.migration.conftest import TOKEN, moved, wait_rising
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -131,15 +131,15 @@ def _guest_ram_bytes(pid: int) -> int:
     return sum(blocks.values())
 
 
-def _dm_settled(worker: Any, tries: int = 200) -> dict[str, Any]:
+def _dm_settled(worker: Any, timeout: float = 30) -> dict[str, Any]:
     """The VM's Dynamic Memory status once negotiated and no goal is pending (bounded)."""
-    st: dict[str, Any] = {}
-    for _ in range(tries):
-        st = worker.memory_status()
-        if st["negotiated"] and st["goal_pages"] is None and st["operation"] is None:
-            return st
-        time.sleep(0.05)
-    raise AssertionError(f"Dynamic Memory did not settle: {st}")
+
+    def settled() -> dict[str, Any] | None:
+        st: dict[str, Any] = worker.memory_status()
+        idle = st["negotiated"] and st["goal_pages"] is None and st["operation"] is None
+        return st if idle else None
+
+    return wait_for(settled, timeout, "Dynamic Memory settled")
 
 
 def test_a_ballooned_vm_moves_with_its_balloon_and_its_dm_channel_goes_on(hosts: Any) -> None:
@@ -176,11 +176,11 @@ def test_a_ballooned_vm_moves_with_its_balloon_and_its_dm_channel_goes_on(hosts:
         assert after["assigned_pages"] == before["assigned_pages"]
         # the channel goes on: the guest's next status reports arrive at the destination
         reports = after["counters"]["status_reports"]
-        for _ in range(100):
-            if _dm_settled(dst)["counters"]["status_reports"] > reports:
-                break
-            time.sleep(0.05)
-        assert _dm_settled(dst)["counters"]["status_reports"] > reports
+        wait_for(
+            lambda: _dm_settled(dst)["counters"]["status_reports"] > reports,
+            30,
+            "a status report at the destination",
+        )
         # and the destination can give the memory back and add more
         dst.set_memory_target(384 << 20)
         grown = _dm_settled(dst)

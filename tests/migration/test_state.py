@@ -25,7 +25,7 @@ from pyhv.migration.stream import MigrationError
 from pyhv.vmbus.channel import SavedChannel
 from pyhv.vmbus.controller import ControllerState
 from pyhv.worker.dynmem import DynamicMemoryState
-from tests.hostile import json_values
+from tests.support.hostile import json_values
 
 
 def _vm_state(version: int = STATE_VERSION) -> VmState:

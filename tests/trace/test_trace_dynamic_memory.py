@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.guest.test_vsc import floor_pages  # guest/pmm.c's balloon floor is Linux's
+from tests.support.floor import floor_pages  # guest/pmm.c's balloon floor is Linux's
+from tests.support.wait import wait_for
 from tests.vmms.vmms_process import ROOT, VmmsProcess
 
 pytestmark = pytest.mark.guest
@@ -142,15 +143,15 @@ def test_vm_trace_shows_status_reports_then_the_hot_add_and_its_response_decoded
             return bool(responses) and len(responses) == len(_dm(ev, "MEM_HOT_ADD_REQUEST"))
 
         trace.until(added, 120, "hot-add request answered")
+
         # wait until the balancer has added the buffer on top (no operation in flight)
-        status: dict[str, Any] = {}
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            status = host.client.request("GET", "/api/vms/dm/memory")
+        def buffered() -> dict[str, Any] | None:
+            status: dict[str, Any] = host.client.request("GET", "/api/vms/dm/memory")
             committed = status["committed"] or 0
-            if committed >= 400 << 20 and status["visible"] >= committed * 1.2 - (1 << 20):
-                break
-            time.sleep(0.2)
+            done = committed >= 400 << 20 and status["visible"] >= committed * 1.2 - (1 << 20)
+            return status if done else None
+
+        status = wait_for(buffered, 120, "the buffer added on top of 400 MiB", interval=0.2)
         trace.until(added, 60, "every hot-add request answered")
         mem = host.shell("dm", "mem", b"hot-added:")
         seen = {k: int(v) for k, v in re.findall(r"(\w[\w-]*): (\d+) MiB", mem)}

@@ -10,7 +10,7 @@ import pytest
 from pyhv.vmbus.channel import Channel, ChannelState
 from pyhv.vmbus.packet import Packet
 from pyhv.vmbus.ring import PAGE_SIZE
-from tests.vmbus.guest_ring import WRITE, GuestRing
+from tests.support.guest_ring import WRITE, GuestRing
 
 pytestmark = pytest.mark.simulation
 

@@ -6,9 +6,6 @@ host sees each step."""
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -18,6 +15,7 @@ from pyhv.vmbus.channel import ChannelState
 from pyhv.vmbus.controller import DEFAULT_PORT
 from pyhv.worker import VirtualMachine, VmConfig
 from tests.guest.shell import Shell
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -25,16 +23,6 @@ PAGE = 4096
 RINGS = re.compile(
     r"rings at ([0-9a-f]+): (\d+) pages, host->guest from page (\d+), vector ([0-9a-f]+)"
 )
-
-
-def wait_until(what: str, ok: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """Poll until ok() is truthy (the guest and the host work in their own threads)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if v := ok():
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"never happened within {timeout} s: {what}")
 
 
 def test_the_guest_reads_the_offer_opens_the_channel_on_its_rings_and_closes_it() -> None:
@@ -49,7 +37,7 @@ def test_the_guest_reads_the_offer_opens_the_channel_on_its_rings_and_closes_it(
         assert str(offer.if_type) == DM_GUID
 
         # offer: the guest read the record the controller offered, and opened it
-        wait_until("the host saw the guest's OPEN", lambda: offer.channel is not None)
+        wait_for(lambda: offer.channel is not None, 30, "the host saw the guest's OPEN")
         out = shell.run("vmbus")
         assert f"vmbus: controller at port {DEFAULT_PORT:x}, 1 offers" in out
         assert f"channel {offer.relid}: type {offer.if_type} open" in out
@@ -68,8 +56,8 @@ def test_the_guest_reads_the_offer_opens_the_channel_on_its_rings_and_closes_it(
         opened, closed, refused = (ctl.counters[k] for k in ("opened", "closed", "refused"))
         assert (opened, closed, refused) == (1, 0, 0)
         # packets flow on it both ways: the VSP negotiated and hears the guest's reports
-        wait_until("the VSP negotiated over the channel", lambda: vm.dynmem.negotiated)
-        wait_until("a status report came", lambda: vm.dynmem.last_status is not None)
+        wait_for(lambda: vm.dynmem.negotiated, 30, "the VSP negotiated over the channel")
+        wait_for(lambda: vm.dynmem.last_status is not None, 30, "a status report came")
         # the host's ring control page at the GPA the guest gave is the guest's out ring
         write_index = int.from_bytes(vm.partition.read(offer.ring_gpa, 4), "little")
         assert write_index > 0 and write_index % 8 == 0
@@ -77,7 +65,7 @@ def test_the_guest_reads_the_offer_opens_the_channel_on_its_rings_and_closes_it(
         # close: the host breaks the host->guest ring; the guest closes with CLOSE
         host_to_guest = vm.partition.view(offer.ring_gpa + offer.downstream_pages * PAGE, 4)
         host_to_guest[:4] = (0xFFF0).to_bytes(4, "little")  # beyond its 16 KiB of data
-        wait_until("the host saw the guest's CLOSE", lambda: offer.channel is None)
+        wait_for(lambda: offer.channel is None, 30, "the host saw the guest's CLOSE")
         assert ch.state is ChannelState.CLOSED
         assert ch.close_reason == "closed by the guest"  # the controller's CLOSE, not the VSP
         assert (ctl.counters["opened"], ctl.counters["closed"]) == (1, 1)

@@ -17,7 +17,7 @@ from pyhv.vmbus.controller import (
     VmbusController,
 )
 from pyhv.vmbus.ring import PAGE_SIZE
-from tests.vmbus.guest_ring import READ, GuestRing
+from tests.support.guest_ring import READ, GuestRing
 
 pytestmark = pytest.mark.simulation
 

@@ -14,7 +14,7 @@ from pyhv.dynmem.protocol import DM_GUID as DM
 from pyhv.vmbus.channel import Channel, SavedChannel
 from pyhv.vmbus.controller import Command, ControllerState, Reg, VmbusController
 from pyhv.vmbus.ring import PAGE_SIZE
-from tests.vmbus.guest_ring import GuestRing
+from tests.support.guest_ring import GuestRing
 
 pytestmark = pytest.mark.unit
 

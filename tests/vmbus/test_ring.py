@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pyhv.vmbus.packet import DESCRIPTOR, PacketType
 from pyhv.vmbus.ring import PAGE_SIZE, RingControl, RingCorrupt, RingReader, RingWriter
-from tests.vmbus.guest_ring import MASK, PENDING, READ, WRITE, GuestRing
+from tests.support.guest_ring import MASK, PENDING, READ, WRITE, GuestRing
 
 pytestmark = pytest.mark.simulation
 

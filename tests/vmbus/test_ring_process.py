@@ -13,7 +13,7 @@ import pytest
 from pyhv.vmbus.channel import Channel
 from pyhv.vmbus.packet import Packet
 from pyhv.vmbus.ring import PAGE_SIZE
-from tests.vmbus.guest_ring import GuestRing
+from tests.support.guest_ring import GuestRing
 
 pytestmark = pytest.mark.simulation
 

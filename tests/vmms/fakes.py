@@ -1,4 +1,5 @@
-"""A fake worker process for the service and API tests: no KVM, same calls as WorkerProcess."""
+"""Fake workers for the VMMS tests, no KVM: `FakeWorker` makes the same calls as WorkerProcess for
+the service and API tests; `FakeStatusWorker` pushes memory statuses for the balancer tests."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pyhv.dynmem.balancer import PAGE_SIZE
 from pyhv.dynmem.status import MemoryStatus
+from pyhv.vmms.pool import HostPool
 from pyhv.worker.config import VmConfig
 from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
 
@@ -143,3 +146,64 @@ def fake_service(
     finally:
         servers.close()
         vmms.close()
+
+
+MIB = 256  # pages
+
+
+class FakeStatusWorker:
+    """A worker whose guest reports `committed` pages; targets are carried out when told to.
+    Like a real worker it pushes its status to the pool (when the guest reports, and when an
+    operation is done); the balancer never asks for it."""
+
+    def __init__(self, startup: int, committed: int | None) -> None:
+        self.visible = startup
+        self.assigned = startup
+        self._committed = committed
+        self.targets: list[int] = []
+        self.busy = False
+        self._pool: HostPool | None = None
+        self._name = ""
+
+    def attach(self, pool: HostPool, name: str) -> None:
+        self._pool, self._name = pool, name
+        self.push()
+
+    @property
+    def committed(self) -> int | None:
+        return self._committed
+
+    @committed.setter
+    def committed(self, pages: int | None) -> None:
+        self._committed = pages  # the guest's next status report
+        self.push()
+
+    def status(self) -> MemoryStatus:
+        reported = self._committed is not None
+        return MemoryStatus(
+            visible_pages=self.visible,
+            assigned_pages=self.assigned,
+            ballooned_pages=self.visible - self.assigned,
+            committed_pages=self._committed,
+            available_pages=0 if reported else None,
+            guest_committed_pages=self._committed,
+            busy=self.busy,
+        )
+
+    def push(self) -> None:
+        if self._pool is not None:
+            self._pool.record(self._name, self.status())
+
+    def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
+        self.targets.append(target_bytes // PAGE_SIZE)
+        self.busy = True
+        return {}
+
+    def carry_out(self) -> None:
+        """Unballoon first, then hot-add, or balloon: as the worker's DM service does."""
+        target = self.targets[-1]
+        if target > self.assigned:
+            self.visible = max(self.visible, target)
+        self.assigned = target
+        self.busy = False
+        self.push()

@@ -9,7 +9,6 @@ import io
 import json
 import socket
 import stat
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyhv.vmms.client import ClientError, VmmsClient
 from pyhv.vmms.server import ApiServers, ServeError, TcpApiServer
 from pyhv.vmms.service import Vmms
-from tests.hostile import json_values
+from tests.support.hostile import json_values
+from tests.support.wait import wait_for
 from tests.vmms.fakes import FakeDmWorker, FakeWorker
 
 pytestmark = pytest.mark.simulation
@@ -220,10 +220,7 @@ def test_a_crashed_worker_is_reported_and_its_memory_returns_to_the_pool(
         c.request("POST", f"/api/vms/{name}/start")
     a, b = FakeWorker.instances
     a.crash()
-    for _ in range(500):
-        if c.request("GET", "/api/vms/a")["state"] != "running":
-            break
-        time.sleep(0.01)
+    wait_for(lambda: c.request("GET", "/api/vms/a")["state"] != "running", 10, "a not running")
     vm = c.request("GET", "/api/vms/a")
     assert vm["state"] == "crashed" and "killed by SIGKILL" in vm["reason"]
     assert c.request("GET", "/api/vms/b")["state"] == "running"

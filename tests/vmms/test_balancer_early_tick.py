@@ -4,14 +4,13 @@ the workers' reports, and a report that puts a VM below its target gets an early
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
-from pyhv.dynmem.balancer import BalancerConfig, MemorySettings
+from pyhv.dynmem.balancer import PAGE_SIZE, BalancerConfig, MemorySettings
 from pyhv.vmms.balancing import BalancerLoop
 from pyhv.vmms.pool import HostPool
-from tests.vmms.test_balancing import MIB, PAGE_SIZE, FakeWorker
+from tests.vmms.fakes import MIB, FakeStatusWorker
 
 pytestmark = pytest.mark.simulation
 
@@ -20,7 +19,7 @@ SETTINGS = MemorySettings.from_mib(startup=512, minimum=256, maximum=4096)
 SLOW = BalancerConfig(tick_s=1000.0)
 
 
-def _running(w: FakeWorker) -> tuple[BalancerLoop, threading.Event, threading.Thread]:
+def _running(w: FakeStatusWorker) -> tuple[BalancerLoop, threading.Event, threading.Thread]:
     pool = HostPool(8192 << 20)
     pool.admit("testvm", SETTINGS.startup_pages * PAGE_SIZE)
     w.attach(pool, "testvm")
@@ -32,21 +31,20 @@ def _running(w: FakeWorker) -> tuple[BalancerLoop, threading.Event, threading.Th
     return loop, stop, t
 
 
-def _wait(condition: object, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
+def _decided(loop: BalancerLoop) -> threading.Event:
+    """Set at the first decision with an operation (the loop's decision listeners)."""
+    decided = threading.Event()
+    loop.decision_listeners.append(lambda d, _states: d.operations and decided.set())
+    return decided
 
 
 def test_a_report_showing_a_spike_is_answered_before_the_next_tick() -> None:
-    w = FakeWorker(512 * MIB, committed=427 * MIB)  # at target: 427 MiB + 20 % = 512 MiB
+    w = FakeStatusWorker(512 * MIB, committed=427 * MIB)  # at target: 427 MiB + 20 % = 512 MiB
     loop, stop, t = _running(w)
+    decided = _decided(loop)
     try:
         w.committed = 1427 * MIB  # testlimit commits 1000 MiB
-        assert _wait(lambda: w.targets)
+        assert decided.wait(10), "no early tick within 10 s of the report"
         assert w.targets[0] >= 1427 * MIB * 1.2  # demand plus the 20 % buffer
     finally:
         stop.set()
@@ -54,7 +52,7 @@ def test_a_report_showing_a_spike_is_answered_before_the_next_tick() -> None:
 
 
 def test_a_vm_at_rest_gets_no_early_tick() -> None:
-    w = FakeWorker(512 * MIB, committed=427 * MIB)
+    w = FakeStatusWorker(512 * MIB, committed=427 * MIB)
     loop, stop, t = _running(w)
     first = loop.last_decision
     try:
@@ -68,8 +66,8 @@ def test_a_vm_at_rest_gets_no_early_tick() -> None:
 
 
 def test_an_early_tick_advances_the_lazy_timers_by_the_time_really_elapsed() -> None:
-    idle = FakeWorker(1024 * MIB, committed=100 * MIB)  # far above target: its timer runs
-    busy = FakeWorker(512 * MIB, committed=427 * MIB)
+    idle = FakeStatusWorker(1024 * MIB, committed=100 * MIB)  # far above target: its timer runs
+    busy = FakeStatusWorker(512 * MIB, committed=427 * MIB)
     vms = {"idle": (SETTINGS, idle), "busy": (SETTINGS, busy)}
     pool = HostPool(8192 << 20)
     pool.admit("idle", 1024 << 20)
@@ -80,11 +78,12 @@ def test_an_early_tick_advances_the_lazy_timers_by_the_time_really_elapsed() -> 
     d = loop.tick()
     assert d is not None and d.above_target_s[0] == 1000.0  # one (long) regular tick
     stop = threading.Event()
+    decided = _decided(loop)
     t = threading.Thread(target=loop.run, args=(stop, 0.01), daemon=True)
     t.start()
     try:
         busy.committed = 1427 * MIB
-        assert _wait(lambda: busy.targets)
+        assert decided.wait(10), "no early tick within 10 s of the report"
         d = loop.last_decision
         assert d is not None and 1000.0 < d.above_target_s[0] < 1100.0
     finally:

@@ -10,71 +10,11 @@ import pytest
 from pyhv.counters.dynmem import DynamicMemoryCounters
 from pyhv.counters.registry import CounterRegistry
 from pyhv.dynmem.balancer import PAGE_SIZE, Add, MemorySettings, Remove
-from pyhv.dynmem.status import MemoryStatus
 from pyhv.vmms.balancing import BalancerLoop
 from pyhv.vmms.pool import HostPool
+from tests.vmms.fakes import MIB, FakeStatusWorker
 
 pytestmark = pytest.mark.simulation
-
-MIB = 256  # pages
-
-
-class FakeWorker:
-    """A worker whose guest reports `committed` pages; targets are carried out when told to.
-    Like a real worker it pushes its status to the pool (when the guest reports, and when an
-    operation is done); the balancer never asks for it."""
-
-    def __init__(self, startup: int, committed: int | None) -> None:
-        self.visible = startup
-        self.assigned = startup
-        self._committed = committed
-        self.targets: list[int] = []
-        self.busy = False
-        self._pool: HostPool | None = None
-        self._name = ""
-
-    def attach(self, pool: HostPool, name: str) -> None:
-        self._pool, self._name = pool, name
-        self.push()
-
-    @property
-    def committed(self) -> int | None:
-        return self._committed
-
-    @committed.setter
-    def committed(self, pages: int | None) -> None:
-        self._committed = pages  # the guest's next status report
-        self.push()
-
-    def status(self) -> MemoryStatus:
-        reported = self._committed is not None
-        return MemoryStatus(
-            visible_pages=self.visible,
-            assigned_pages=self.assigned,
-            ballooned_pages=self.visible - self.assigned,
-            committed_pages=self._committed,
-            available_pages=0 if reported else None,
-            guest_committed_pages=self._committed,
-            busy=self.busy,
-        )
-
-    def push(self) -> None:
-        if self._pool is not None:
-            self._pool.record(self._name, self.status())
-
-    def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
-        self.targets.append(target_bytes // PAGE_SIZE)
-        self.busy = True
-        return {}
-
-    def carry_out(self) -> None:
-        """Unballoon first, then hot-add, or balloon: as the worker's DM service does."""
-        target = self.targets[-1]
-        if target > self.assigned:
-            self.visible = max(self.visible, target)
-        self.assigned = target
-        self.busy = False
-        self.push()
 
 
 def _loop(vms: dict[str, tuple[MemorySettings, Any]], budget_mib: int = 8192):
@@ -91,7 +31,7 @@ SETTINGS = MemorySettings.from_mib(startup=512, minimum=256, maximum=4096)
 
 
 def test_a_spike_leads_to_an_add_dispatched_to_the_worker_within_one_tick() -> None:
-    w = FakeWorker(512 * MIB, committed=427 * MIB)
+    w = FakeStatusWorker(512 * MIB, committed=427 * MIB)
     loop, pool, _ = _loop({"testvm": (SETTINGS, w)})
     d = loop.tick()
     assert d is not None and d.operations == () and w.targets == []
@@ -105,7 +45,7 @@ def test_a_spike_leads_to_an_add_dispatched_to_the_worker_within_one_tick() -> N
 
 
 def test_an_operation_in_flight_is_not_decided_again() -> None:
-    w = FakeWorker(512 * MIB, committed=1427 * MIB)
+    w = FakeStatusWorker(512 * MIB, committed=1427 * MIB)
     loop, pool, _ = _loop({"testvm": (SETTINGS, w)})
     loop.tick()
     free_after_first = pool.free_pages
@@ -115,7 +55,7 @@ def test_an_operation_in_flight_is_not_decided_again() -> None:
 
 
 def test_what_the_worker_carried_out_is_counted_and_taken_from_the_pool() -> None:
-    w = FakeWorker(512 * MIB, committed=1427 * MIB)
+    w = FakeStatusWorker(512 * MIB, committed=1427 * MIB)
     loop, pool, registry = _loop({"testvm": (SETTINGS, w)})
     free = pool.free_pages
     loop.tick()
@@ -132,7 +72,7 @@ def test_what_the_worker_carried_out_is_counted_and_taken_from_the_pool() -> Non
 
 
 def test_a_remove_balloons_lazily_and_returns_pages_to_the_pool() -> None:
-    w = FakeWorker(2048 * MIB, committed=427 * MIB)
+    w = FakeStatusWorker(2048 * MIB, committed=427 * MIB)
     loop, pool, registry = _loop({"testvm": (SETTINGS, w)})
     loop.config = type(loop.config)(remove_delay_s=3.0)
     assert loop.tick().operations == ()  # type: ignore[union-attr]
@@ -148,7 +88,7 @@ def test_a_remove_balloons_lazily_and_returns_pages_to_the_pool() -> None:
 
 
 def test_a_vm_whose_guest_has_not_reported_is_left_alone() -> None:
-    quiet = FakeWorker(512 * MIB, committed=None)
+    quiet = FakeStatusWorker(512 * MIB, committed=None)
     loop, pool, registry = _loop({"quiet": (SETTINGS, quiet)})
     assert loop.tick() is None
     assert quiet.targets == []
@@ -159,18 +99,18 @@ def test_a_vm_whose_guest_has_not_reported_is_left_alone() -> None:
 
 
 def test_a_worker_without_dynamic_memory_is_skipped_and_the_others_balanced() -> None:
-    class Silent(FakeWorker):
+    class Silent(FakeStatusWorker):
         def push(self) -> None:
             pass  # no DM channel: nothing is ever pushed
 
-    a, b = FakeWorker(512 * MIB, 1427 * MIB), Silent(512 * MIB, 0)
+    a, b = FakeStatusWorker(512 * MIB, 1427 * MIB), Silent(512 * MIB, 0)
     loop, _, _ = _loop({"a": (SETTINGS, a), "b": (SETTINGS, b)})
     d = loop.tick()
     assert d is not None and d.vm_ids == ("a",) and len(a.targets) == 1
 
 
 def test_an_administrators_target_goes_to_the_worker_and_is_counted_when_done() -> None:
-    w = FakeWorker(512 * MIB, committed=100 * MIB)
+    w = FakeStatusWorker(512 * MIB, committed=100 * MIB)
     loop, pool, registry = _loop({"testvm": (SETTINGS, w)})
     loop.request_target("testvm", w, 768 * MIB)
     assert w.targets == [768 * MIB]
@@ -181,7 +121,7 @@ def test_an_administrators_target_goes_to_the_worker_and_is_counted_when_done() 
 
 
 def test_a_pool_follows_the_workers_pushed_statuses_with_no_mirror() -> None:
-    w = FakeWorker(512 * MIB, committed=100 * MIB)
+    w = FakeStatusWorker(512 * MIB, committed=100 * MIB)
     loop, pool, _ = _loop({"testvm": (SETTINGS, w)})
     budget = pool.budget_pages
     w.visible, w.assigned = 1024 * MIB, 768 * MIB  # hot-added 512 MiB, ballooned 256 MiB
@@ -191,7 +131,7 @@ def test_a_pool_follows_the_workers_pushed_statuses_with_no_mirror() -> None:
     assert pool.give_back("testvm") == 768 * MIB and pool.free_pages == budget
 
 
-class EagerWorker(FakeWorker):
+class EagerWorker(FakeStatusWorker):
     """Carries out every target at once (a hot-add that completes before any balloon)."""
 
     def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
@@ -208,7 +148,7 @@ def test_an_add_is_paid_only_by_a_removal_once_the_guest_has_given_the_pages() -
         "B": MemorySettings.from_mib(startup=1024, minimum=256, maximum=2048, weight=50),
         "C": MemorySettings.from_mib(startup=1024, minimum=256, maximum=2048, weight=20),
     }
-    b, c = EagerWorker(1024 * MIB, 1500 * MIB), FakeWorker(1024 * MIB, 300 * MIB)
+    b, c = EagerWorker(1024 * MIB, 1500 * MIB), FakeStatusWorker(1024 * MIB, 300 * MIB)
     loop, pool, _ = _loop({"B": (settings["B"], b), "C": (settings["C"], c)}, budget_mib=2048)
     budget = pool.budget_pages - pool.reserve_pages
 

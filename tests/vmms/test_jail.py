@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vmms.test_vmms_kvm import ROOT, Host
+from tests.vmms.vmms_process import ROOT, VmmsCli
 
 pytestmark = pytest.mark.guest
 
@@ -52,12 +52,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def jailed(tmp_path: Path) -> Iterator[tuple[Host, Path]]:
+def jailed(tmp_path: Path) -> Iterator[tuple[VmmsCli, Path]]:
     if os.geteuid() != 0:
         pytest.fail("the jail needs root: run this test as root")
     proc, state, log = _serve(tmp_path)
     try:
-        yield Host(state), log
+        yield VmmsCli(state), log
     finally:
         _stop(proc)
 
@@ -92,7 +92,7 @@ def _cgroup_limit(pid: int) -> int:
     raise AssertionError(f"no memory cgroup for pid {pid}")
 
 
-def _wait_limit(host: Host, name: str, pid: int, want: int) -> None:
+def _wait_limit(host: VmmsCli, name: str, pid: int, want: int) -> None:
     for _ in range(600):
         if _cgroup_limit(pid) == want:
             break
@@ -102,13 +102,13 @@ def _wait_limit(host: Host, name: str, pid: int, want: int) -> None:
 
 
 def test_a_jailed_worker_runs_as_its_own_uid_confined_in_namespaces_with_a_cgroup_that_follows_its_memory(
-    jailed: tuple[Host, Path],
+    jailed: tuple[VmmsCli, Path],
 ) -> None:
     host, _ = jailed
     host.vm("create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "1G")
     host.vm("start", "dm")
     # The guest runs: the worker has confined itself (before the guest's first instruction).
-    assert b"pyhv> " in host.shell("dm", "mem", b"hot-added")
+    assert b"pyhv> " in host.console_until("dm", "mem", b"hot-added")
     shown = host.show("dm")
     pid, uid = shown["pid"], shown["jail_uid"]
     assert isinstance(pid, int) and uid >= 100000
@@ -128,7 +128,7 @@ def test_a_jailed_worker_runs_as_its_own_uid_confined_in_namespaces_with_a_cgrou
     _wait_limit(host, "dm", pid, 384 * MIB + OVERHEAD)
     host.vm("memory", "dm", "--target", "768M")
     _wait_limit(host, "dm", pid, 768 * MIB + OVERHEAD)
-    assert b"visible: 768 MiB" in host.shell("dm", "mem", b"ballooned")
+    assert b"visible: 768 MiB" in host.console_until("dm", "mem", b"ballooned")
 
 
 PROBE = """
@@ -157,12 +157,12 @@ def test_code_running_as_a_worker_reaches_neither_the_vmms_nor_its_token_nor_ano
     # Serving TCP (so with an API token, and workers that may migrate share the network).
     proc, state, _ = _serve(tmp_path, "--tcp", "127.0.0.1:0")
     try:
-        _probe(Host(state))
+        _probe(VmmsCli(state))
     finally:
         _stop(proc)
 
 
-def _probe(host: Host) -> None:
+def _probe(host: VmmsCli) -> None:
     for name in ("one", "two"):
         host.vm("create", name, "--memory", "128M")
         host.vm("start", name)
@@ -191,14 +191,14 @@ def _probe(host: Host) -> None:
 def test_no_jail_runs_the_worker_unconfined_and_says_so(tmp_path: Path) -> None:
     proc, state, log = _serve(tmp_path, "--no-jail")
     try:
-        host = Host(state)
+        host = VmmsCli(state)
         host.vm("create", "free", "--memory", "128M")
         host.vm("start", "free")
         shown = host.show("free")
         st = _status(shown["pid"])
         assert st["Seccomp"] == "0" and st["Uid"].split()[0] == str(os.geteuid())
         assert "enforcement" in shown and shown["enforcement"]["cgroup_limit"] is None
-        assert b"pyhv> " in host.shell("free", "mem", b"hot-added")
+        assert b"pyhv> " in host.console_until("free", "mem", b"hot-added")
         assert "WORKERS RUN WITHOUT A JAIL" in log.read_text()
     finally:
         _stop(proc)
@@ -232,7 +232,7 @@ def _touched_all(tasks: bytes) -> bool:
 
 
 def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit_alone(
-    jailed: tuple[Host, Path],
+    jailed: tuple[VmmsCli, Path],
 ) -> None:
     host, _ = jailed
     host.vm("create", "good", "--memory", "128M")
@@ -243,14 +243,14 @@ def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit
     host.vm("start", "bad")
     host.wait_for_dm_report("bad")
     # The guest touches nearly all its RAM, then lets it go (still backed on the host).
-    host.shell("bad", "testlimit -m 480", b"pyhv> ")
+    host.console_until("bad", "testlimit -m 480", b"pyhv> ")
     _wait(
         "480 MiB allocated and touched",
-        lambda: _touched_all(host.shell("bad", "tasks", b"passes")),
+        lambda: _touched_all(host.console_until("bad", "tasks", b"passes")),
         timeout=120,
     )
-    host.shell("bad", "free", b"pyhv> ")
-    _wait("freed", lambda: _mem(host.shell("bad", "mem", b"ballooned"), "free") >= 480)
+    host.console_until("bad", "free", b"pyhv> ")
+    _wait("freed", lambda: _mem(host.console_until("bad", "mem", b"ballooned"), "free") >= 480)
     host.vm("memory", "bad", "--target", "256M")
     pid = host.show("bad")["pid"]
     _wait(
@@ -262,7 +262,7 @@ def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit
 
     # Within the overhead: the kernel's figure exceeds the claim; reported, counted, and the
     # pool takes the kernel's figure.
-    assert b"wrote 16384 ballooned pages" in host.shell("bad", "retouch 64", b"(64 MiB)")
+    assert b"wrote 16384 ballooned pages" in host.console_until("bad", "retouch 64", b"(64 MiB)")
     _wait(
         "the disagreement reported",
         lambda: host.show("bad")["enforcement"]["claims_disagreements"] >= 1,
@@ -287,7 +287,7 @@ def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit
     counters = host.client.request("GET", "/api/counters")
     assert "Memory Limit Kills" in str(counters), counters
     assert host.show("good")["state"] == "running"
-    assert b"visible: 128 MiB" in host.shell("good", "mem", b"ballooned")
+    assert b"visible: 128 MiB" in host.console_until("good", "mem", b"ballooned")
 
 
 def test_a_vm_migrated_in_runs_in_a_jail_at_the_destination(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from pyhv.vmms.client import ClientError, VmmsClient
 from pyhv.vmms.server import ApiServers
 from pyhv.vmms.service import Vmms
 from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
+from tests.support.wait import wait_for
 from tests.vmms.fakes import FakeDmWorker, FakeWorker
 
 pytestmark = pytest.mark.simulation
@@ -168,12 +168,11 @@ def _migrate(a: Host, b: Host, name: str = "vm1", token: str | None = None) -> d
 
 
 def _until_final(host: Host, mid: str) -> dict[str, Any]:
-    for _ in range(500):
-        rec = host.client.request("GET", f"/api/migrations/{mid}")
-        if rec["state"] in ("done", "failed", "in-doubt"):
-            return rec  # type: ignore[no-any-return]
-        time.sleep(0.02)
-    raise AssertionError(f"migration {mid} did not end: {rec}")
+    def ended() -> dict[str, Any] | None:
+        rec: dict[str, Any] = host.client.request("GET", f"/api/migrations/{mid}")
+        return rec if rec["state"] in ("done", "failed", "in-doubt") else None
+
+    return wait_for(ended, 30, f"migration {mid} ending", 0.02)
 
 
 def _mem(text: str) -> dict[str, int]:
@@ -195,12 +194,8 @@ def test_a_vm_migrated_through_the_vmms_runs_at_the_destination_and_is_gone_at_t
         # of its memory, its clock.
         assert "committed 37 MiB" in a.shell("vm1", "testlimit -m 37", b"committed 37 MiB")
         task = "task 0: testlimit committed 37 MiB, allocated 37 MiB"
-        for _ in range(100):  # until the task has allocated all of it
-            if task in a.shell("vm1", "tasks", b"task 0"):
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"no '{task}' in: {a.shell('vm1', 'tasks', b'task 0')}")
+        # until the task has allocated all of it
+        wait_for(lambda: task in a.shell("vm1", "tasks", b"task 0"), 60, repr(task))
         mem_a = _mem(a.shell("vm1", "mem", b"hot-added: "))
         assert mem_a["committed"] >= 37 and len(mem_a) == 5, mem_a
         ticks_a = a.ticks("vm1")
@@ -353,11 +348,8 @@ def test_a_migration_failing_midway_leaves_the_source_running_and_the_destinatio
     assert rec["state"] == "failed" and "pass2" in rec["error"]
     assert a.client.request("GET", "/api/vms/vm1")["state"] == "running"
     assert a.free() == free_a - 512 * MIB
-    for _ in range(250):  # the cancelled incoming worker's watcher drops the entry
-        if not b.names() and b.free() == free_b:
-            break
-        time.sleep(0.02)
-    assert b.names() == [] and b.free() == free_b
+    # the cancelled incoming worker's watcher drops the entry
+    wait_for(lambda: not b.names() and b.free() == free_b, 10, "B without the VM", 0.02)
     assert b.client.request("GET", f"/api/migrations/{rec['remote_id']}")["state"] == "failed"
 
 
@@ -400,11 +392,7 @@ def test_a_connection_lost_after_commit_resumes_the_source_when_the_destination_
     assert rec["state"] == "failed" and "does not run the VM: resumed here" in rec["error"]
     assert migrator.decisions == [True]
     assert a.client.request("GET", "/api/vms/vm1")["state"] == "running"
-    for _ in range(250):
-        if not b.names():
-            break
-        time.sleep(0.02)
-    assert b.names() == []
+    wait_for(lambda: not b.names(), 10, "B without the VM", 0.02)
 
 
 @pytest.mark.parametrize("resume", [True, False], ids=["resumed_here", "gone_from_here"])

@@ -7,13 +7,13 @@ connection lost after COMMIT is settled by asking the destination VMMS."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.wait import wait_for
 from tests.vmms.vmms_process import VmmsProcess, migrate_api, touched, vmms_pair
 
 pytestmark = pytest.mark.guest
@@ -35,10 +35,8 @@ def test_pyhv_vm_migrate_moves_a_running_vm_to_another_vmms_where_its_shell_answ
     a.vm("create", "mover", "--memory", "256M")
     a.vm("start", "mover")
     assert "dirty" in a.shell("mover", "dirty 16")
-    for _ in range(100):  # until the task has written its working set once
-        if touched(a, "mover") >= 16 * 256:
-            break
-        time.sleep(0.05)
+    # until the task has written its working set once
+    wait_for(lambda: touched(a, "mover") >= 16 * 256, 60, "16 MiB touched")
     before = a.ticks("mover")
     out = a.vm("migrate", "mover", "--to", b.address, "--token-file", str(b.token_file))
     assert "migrated in" in out and f"mover runs on {b.address} now" in out, out
@@ -52,11 +50,8 @@ def test_pyhv_vm_migrate_moves_a_running_vm_to_another_vmms_where_its_shell_answ
     assert after > before
     written = touched(b, "mover")
     assert b.ticks("mover") > after  # its clock goes on there
-    for _ in range(100):
-        if touched(b, "mover") > written:
-            break
-        time.sleep(0.05)
-    assert touched(b, "mover") > written  # and its dirty task goes on writing
+    # and its dirty task goes on writing
+    wait_for(lambda: touched(b, "mover") > written, 60, "the dirty task writing on B")
     b.vm("stop", "mover")
     assert b.free() == free_b
 
@@ -84,10 +79,7 @@ def test_a_wrong_token_a_destination_without_the_memory_or_a_cut_leave_the_vm_ru
     rec = migrate_api(a, b, "cut", {"pass1": "cut"})
     assert rec["state"] == "failed" and "during pass1" in rec["error"], rec
     assert a.state_of("cut") == "running" and a.ticks("cut") > 0
-    for _ in range(100):
-        if not b.names() and b.free() == free_b:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: not b.names() and b.free() == free_b, 30, "B without the VM")
     assert b.names() == [] and b.free() == free_b
 
 
@@ -102,10 +94,7 @@ def test_a_connection_lost_after_commit_is_settled_by_asking_the_destination_vmm
     rec = migrate_api(a, b, "doubt", {"commit": "cut"})
     assert rec["state"] == "failed" and "does not run the VM: resumed here" in rec["error"], rec
     assert a.state_of("doubt") == "running" and a.ticks("doubt") > 0
-    for _ in range(100):
-        if not b.names():
-            break
-        time.sleep(0.05)
+    wait_for(lambda: not b.names(), 30, "B without the VM")
     assert b.names() == [] and b.free() == free_b
     # Cut after COMMIT went out, before RESUMED was read: it runs at the destination, so the
     # source stops its paused copy (never running on both).
@@ -122,27 +111,30 @@ def test_a_dynamic_memory_vm_moved_by_the_vmms_is_balanced_by_the_destination_vm
     free_b = b.free()
     a.vm("create", "dm1", "--memory", "256M", "--dynamic", "--minimum", "128M", "--maximum", "1G")
     a.vm("start", "dm1")
-    for _ in range(100):  # its guest's DM driver has reported to A
-        if a.client.request("GET", "/api/vms/dm1/memory")["committed"] is not None:
-            break
-        time.sleep(0.1)
+    wait_for(
+        lambda: a.client.request("GET", "/api/vms/dm1/memory")["committed"] is not None,
+        60,
+        "dm1's guest DM driver reporting to A",
+    )
     out = a.vm("migrate", "dm1", "--to", b.address, "--token-file", str(b.token_file))
     assert f"dm1 runs on {b.address} now" in out, out
     assert b.free() == free_b - 256 * MIB
     # B's balancer answers the guest's new demand with a hot-add from B's pool.
     assert "committed 300 MiB" in b.shell("dm1", "testlimit -m 300 -c 1", b"committed 300 MiB")
-    status: dict[str, Any] = {}
-    for _ in range(200):  # reports once a second, a few Add operations as they catch up
-        status = b.client.request("GET", "/api/vms/dm1/memory")
+
+    def added() -> dict[str, Any] | None:
+        status: dict[str, Any] = b.client.request("GET", "/api/vms/dm1/memory")
         committed = status["committed"] or 0
-        if committed >= 300 * MIB and status["visible"] >= committed * 1.2 - MIB:
-            break
-        time.sleep(0.1)
+        return (
+            status
+            if committed >= 300 * MIB and status["visible"] >= committed * 1.2 - MIB
+            else None
+        )
+
+    # reports once a second, a few Add operations as they catch up
+    status = wait_for(added, 60, "dm1 on B given its demand and buffer", 0.1)
     assert status["visible"] >= (status["committed"] or 0) * 1.2 - MIB > 300 * MIB
-    for _ in range(50):  # the pool follows the worker at B's next tick
-        if b.free() < free_b - 300 * MIB:
-            break
-        time.sleep(0.1)
-    assert b.free() < free_b - 300 * MIB
+    # the pool follows the worker at B's next tick
+    wait_for(lambda: b.free() < free_b - 300 * MIB, 30, "B's pool following the worker")
     b.vm("stop", "dm1")
     assert b.free() == free_b

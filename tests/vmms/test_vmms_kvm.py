@@ -4,7 +4,6 @@ to the pool, and the other VM's shell still answers."""
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -17,107 +16,22 @@ from typing import Any
 
 import pytest
 
-from pyhv.vmms.client import VmmsClient
+from tests.support.wait import wait_for
+from tests.vmms.vmms_process import ROOT, VmmsProcess, vmms_host
 
 pytestmark = pytest.mark.guest
 
-ROOT = Path(__file__).resolve().parents[2]
 GIB = 1 << 30
 
 
-class Host:
-    """A `pyhv vmms serve` in a temporary state directory, and its command line."""
-
-    def __init__(self, state: Path) -> None:
-        self.state = state
-        self.client = VmmsClient(socket_path=state / "vmms.sock", timeout=60)
-
-    def vm(self, *args: str, check: bool = True) -> str:
-        r = subprocess.run(
-            [sys.executable, "-m", "pyhv.cli", "vm", "--state-dir", str(self.state), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
-        assert "Traceback" not in r.stderr, r.stderr
-        if check:
-            assert r.returncode == 0, r.stderr
-        return r.stdout + r.stderr
-
-    def show(self, name: str) -> dict[str, Any]:
-        return json.loads(self.vm("show", name, "--json"))  # type: ignore[no-any-return]
-
-    def shell(self, name: str, command: str, marker: bytes, timeout: float = 60) -> bytes:
-        """Type a command on the VM's console and read until `marker`."""
-        with self.client.console(name) as sock:
-            sock.settimeout(timeout)
-            got = b""
-            while b"pyhv> " not in got:  # the recent output ends with a prompt
-                sock.sendall(b"\r")
-                got += sock.recv(4096)
-            got = b""
-            sock.sendall(command.encode() + b"\r")
-            deadline = time.monotonic() + timeout
-            while marker not in got and time.monotonic() < deadline:
-                got += sock.recv(4096)
-            return got
-
-    def wait_for_dm_report(self, name: str) -> None:
-        """Until the VM's guest DM driver has reported (once a second after it negotiated)."""
-        status: dict[str, Any] = {}
-        for _ in range(300):
-            try:
-                status = self.client.request("GET", f"/api/vms/{name}/memory")
-            except Exception:  # noqa: BLE001 - 409 until the guest has reported
-                status = {}
-            if status.get("committed"):
-                break
-            time.sleep(0.1)
-        assert status.get("committed"), status
-
-
 @pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
-    state = tmp_path / "state"
-    log = open(tmp_path / "vmms.log", "w+")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pyhv.cli",
-            "vmms",
-            "serve",
-            "--state-dir",
-            str(state),
-            "--memory-budget",
-            "3G",
-            "--host-reserve",
-            "256M",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    try:
-        for _ in range(600):
-            if (state / "vmms.sock").exists():
-                break
-            assert proc.poll() is None, (tmp_path / "vmms.log").read_text()
-            time.sleep(0.05)
-        yield Host(state)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def host(tmp_path: Path) -> Iterator[VmmsProcess]:
+    with vmms_host(tmp_path) as h:
+        yield h
 
 
 def test_a_vm_is_created_started_listed_shown_stopped_and_deleted_through_the_cli(
-    host: Host,
+    host: VmmsProcess,
 ) -> None:
     out = host.vm("create", "testvm", "--memory", "256M", "--vps", "1")
     assert "testvm: off" in out
@@ -128,7 +42,7 @@ def test_a_vm_is_created_started_listed_shown_stopped_and_deleted_through_the_cl
     vm = host.show("testvm")
     assert vm["state"] == "running" and vm["pid"] > 0 and vm["memory"]["assigned"] == 256 << 20
     os.kill(vm["pid"], 0)  # the worker is a process of its own
-    assert b"committed:" in host.shell("testvm", "mem", b"committed:")
+    assert b"committed:" in host.console_until("testvm", "mem", b"committed:")
     listing = host.vm("list")
     assert "testvm" in listing and "running" in listing
     out = host.vm("stop", "testvm")
@@ -139,7 +53,7 @@ def test_a_vm_is_created_started_listed_shown_stopped_and_deleted_through_the_cl
 
 
 def test_a_worker_killed_with_sigkill_is_reported_and_the_other_vm_keeps_running(
-    host: Host,
+    host: VmmsProcess,
 ) -> None:
     for name in ("victim", "survivor"):
         host.vm("create", name, "--memory", "256M")
@@ -147,23 +61,21 @@ def test_a_worker_killed_with_sigkill_is_reported_and_the_other_vm_keeps_running
     free_running = host.client.request("GET", "/api/host")["free"]
     victim = host.show("victim")
     os.kill(victim["pid"], signal.SIGKILL)
-    for _ in range(400):
-        victim = host.show("victim")
-        if victim["state"] != "running":
-            break
-        time.sleep(0.05)
+    victim = wait_for(
+        lambda: (v := host.show("victim"))["state"] != "running" and v, 60, "victim not running"
+    )
     assert victim["state"] == "crashed"
     assert "killed by SIGKILL" in victim["reason"]
     assert "crashed" in host.vm("list")
     assert host.show("survivor")["state"] == "running"
-    assert b"committed:" in host.shell("survivor", "mem", b"committed:")
+    assert b"committed:" in host.console_until("survivor", "mem", b"committed:")
     counters = host.client.request("GET", "/api/counters")["counters"]
     assert counters[r"\Hyper-V Virtual Machine Health Summary\Health Critical"] == 1
     assert host.client.request("GET", "/api/host")["free"] == free_running + (256 << 20)
 
 
 def test_the_console_command_attaches_and_ctrl_a_x_detaches_leaving_the_vm_running(
-    host: Host,
+    host: VmmsProcess,
 ) -> None:
     host.vm("create", "c", "--memory", "128M")
     host.vm("start", "c")
@@ -191,7 +103,7 @@ def test_the_console_command_attaches_and_ctrl_a_x_detaches_leaving_the_vm_runni
     assert host.show("c")["state"] == "running"
 
 
-def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None:
+def test_a_memory_target_balloons_the_guest_through_the_vmms(host: VmmsProcess) -> None:
     host.vm("create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "1G")
     out = host.vm("memory", "dm", "--target", "384M", check=False)
     assert "VM 'dm' is off: start it first" in out
@@ -199,24 +111,23 @@ def test_a_memory_target_balloons_the_guest_through_the_vmms(host: Host) -> None
     host.wait_for_dm_report("dm")
     out = host.vm("memory", "dm", "--target", "384M")
     assert "memory target 384M sent" in out
-    for _ in range(300):
-        status = host.client.request("GET", "/api/vms/dm/memory")
-        if status["assigned"] == 384 << 20:
-            break
-        time.sleep(0.1)
+    status = wait_for(
+        lambda: (
+            (s := host.client.request("GET", "/api/vms/dm/memory"))["assigned"] == 384 << 20 and s
+        ),
+        60,
+        "dm assigned 384M",
+    )
     assert status["assigned"] == 384 << 20 and status["ballooned"] == 128 << 20
-    for _ in range(50):  # the pool follows at the balancer's next tick
-        if host.show("dm")["memory"]["assigned"] == 384 << 20:
-            break
-        time.sleep(0.1)
-    assert host.show("dm")["memory"]["ballooned"] == 128 << 20
+    # the pool follows at the balancer's next tick
+    wait_for(lambda: host.show("dm")["memory"]["ballooned"] == 128 << 20, 30, "the pool's 128M")
     assert "dm: visible 512M assigned 384M ballooned 128M committed" in host.vm("memory", "dm")
     out = host.vm("memory", "dm", "--maximum", "512M", check=False)
     assert "maximum can only go up while VM 'dm' runs" in out
 
 
 def test_a_maximum_raised_while_the_vm_runs_lets_it_be_given_more_than_its_old_maximum(
-    host: Host,
+    host: VmmsProcess,
 ) -> None:
     host.vm(
         "create", "dm", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum", "512M"
@@ -227,14 +138,16 @@ def test_a_maximum_raised_while_the_vm_runs_lets_it_be_given_more_than_its_old_m
     assert host.show("dm")["settings"]["maximum"] == 768 << 20
     # The worker clamps targets to the new range: 640M is above the maximum it booted with.
     assert "memory target 640M sent" in host.vm("memory", "dm", "--target", "640M")
-    for _ in range(300):
-        status = host.client.request("GET", "/api/vms/dm/memory")
-        if status["assigned"] == 640 << 20:
-            break
-        time.sleep(0.1)
+    status = wait_for(
+        lambda: (
+            (s := host.client.request("GET", "/api/vms/dm/memory"))["assigned"] == 640 << 20 and s
+        ),
+        60,
+        "dm assigned 640M",
+    )
     assert status["assigned"] == 640 << 20 and status["visible"] == 640 << 20, status
     # The guest was told the new maximum (the info message, in 4 KiB pages).
-    out = host.shell("dm", "dm", b"max-page-count: 196608")
+    out = host.console_until("dm", "dm", b"max-page-count: 196608")
     assert b"max-page-count: 196608" in out, out
 
 
@@ -253,17 +166,17 @@ def test_the_vm_commands_say_when_no_vmms_is_serving(tmp_path: Path) -> None:
 
 
 def test_testlimit_is_answered_by_a_hot_add_with_the_buffer_which_a_crash_returns_to_the_pool(
-    host: Host,
+    host: VmmsProcess,
 ) -> None:
     host.vm(
         "create", "testvm", "--memory", "256M", "--dynamic", "--minimum", "128M", "--maximum", "2G"
     )
     host.vm("start", "testvm")
-    out = host.shell("testvm", "testlimit -m 400 -c 1", b"committed 400 MiB")
+    out = host.console_until("testvm", "testlimit -m 400 -c 1", b"committed 400 MiB")
     assert b"committed 400 MiB" in out
     vm = r"\Hyper-V Dynamic Memory VM(testvm)"
-    counters: dict[str, float] = {}
-    for _ in range(300):  # the guest reports once a second; the balancer ticks once a second
+
+    def hot_added() -> tuple[dict[str, float], dict[str, Any]] | None:
         counters = host.client.request("GET", "/api/counters")["counters"]
         status = host.client.request("GET", "/api/vms/testvm/memory")
         # Demand plus the 20 % buffer (changes under 1 MiB are not worth an operation).
@@ -272,22 +185,23 @@ def test_testlimit_is_answered_by_a_hot_add_with_the_buffer_which_a_crash_return
         added = counters.get(vm + r"\Memory Add Operations", 0) >= 1
         added = added and counters.get(vm + r"\Added Memory", 0) >= 400
         if added and committed >= 400 << 20 and status["visible"] >= committed * 1.2 - (1 << 20):
-            break
-        time.sleep(0.1)
+            return counters, status
+        return None
+
+    # the guest reports once a second; the balancer ticks once a second
+    counters, status = wait_for(hot_added, 60, "a hot-add with its buffer, counted", 0.1)
     assert status["committed"] >= 400 << 20
     assert status["visible"] >= status["committed"] * 1.2 - (1 << 20)
     assert counters[vm + r"\Memory Add Operations"] >= 1
     assert counters[vm + r"\Added Memory"] >= 400
-    for _ in range(50):  # the pool follows the worker at the balancer's next tick
-        if host.show("testvm")["memory"]["visible"] == status["visible"]:
-            break
-        time.sleep(0.1)
-    assert host.show("testvm")["memory"]["visible"] >= 656 << 20
+    # the pool follows the worker at the balancer's next tick
+    wait_for(
+        lambda: host.show("testvm")["memory"]["visible"] >= 656 << 20,
+        30,
+        "the pool following the worker's hot-add",
+    )
     # Killed, the VM gives everything back, hot-added memory included.
     os.kill(host.show("testvm")["pid"], signal.SIGKILL)
-    for _ in range(400):
-        if host.show("testvm")["state"] == "crashed":
-            break
-        time.sleep(0.05)
+    wait_for(lambda: host.show("testvm")["state"] == "crashed", 60, "testvm crashed")
     pool = host.client.request("GET", "/api/host")
     assert pool["free"] == pool["budget"] - pool["reserve"] and pool["running_vms"] == 0

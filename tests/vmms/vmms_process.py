@@ -4,6 +4,7 @@ state directory, driven through `pyhv vm` and the API, with the reference guest'
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import signal
 import subprocess
@@ -15,48 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from pyhv.vmms.client import VmmsClient
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 _sync = itertools.count()
 
 
-class VmmsProcess:
-    """A `pyhv vmms serve --tcp 127.0.0.1:0` in its own state directory."""
+class VmmsCli:
+    """A running VMMS's state directory, driven through `pyhv vm` and its Unix-socket API."""
 
-    def __init__(self, tmp: Path, name: str, budget: str) -> None:
-        self.state = tmp / name
-        self.log = open(tmp / f"{name}.log", "w+")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pyhv.cli",
-                "vmms",
-                "serve",
-                "--state-dir",
-                str(self.state),
-                "--tcp",
-                "127.0.0.1:0",
-                "--memory-budget",
-                budget,
-                "--host-reserve",
-                "256M",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        self.address = ""
-        for _ in range(600):
-            m = re.search(r"http://(127\.0\.0\.1:\d+)/", Path(self.log.name).read_text())
-            if m:
-                self.address = m[1]
-                break
-            assert self.proc.poll() is None, Path(self.log.name).read_text()
-            time.sleep(0.05)
-        assert self.address, "the VMMS did not say where it serves"
-        self.token_file = self.state / "token"
-        self.client = VmmsClient(socket_path=self.state / "vmms.sock", timeout=60)
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.client = VmmsClient(socket_path=state / "vmms.sock", timeout=60)
 
     def vm(self, *args: str, check: bool = True) -> str:
         r = subprocess.run(
@@ -72,6 +43,36 @@ class VmmsProcess:
         else:
             assert r.returncode != 0, r.stdout + r.stderr
         return r.stdout + r.stderr
+
+    def show(self, name: str) -> dict[str, Any]:
+        return json.loads(self.vm("show", name, "--json"))  # type: ignore[no-any-return]
+
+    def console_until(self, name: str, command: str, marker: bytes, timeout: float = 60) -> bytes:
+        """Type a command on the VM's console and read until `marker` (or `timeout`)."""
+        with self.client.console(name) as sock:
+            sock.settimeout(timeout)
+            got = b""
+            while b"pyhv> " not in got:  # the recent output ends with a prompt
+                sock.sendall(b"\r")
+                got += sock.recv(4096)
+            got = b""
+            sock.sendall(command.encode() + b"\r")
+            deadline = time.monotonic() + timeout
+            while marker not in got and time.monotonic() < deadline:
+                got += sock.recv(4096)
+            return got
+
+    def wait_for_dm_report(self, name: str) -> None:
+        """Until the VM's guest DM driver has reported (once a second after it negotiated)."""
+
+        def reported() -> object:
+            try:
+                status = self.client.request("GET", f"/api/vms/{name}/memory")
+            except Exception:  # noqa: BLE001 - 409 until the guest has reported
+                return None
+            return status.get("committed")
+
+        wait_for(reported, 60, f"VM {name}'s guest DM driver reporting", interval=0.1)
 
     def free(self) -> int:
         return int(self.client.request("GET", "/api/host")["free"])
@@ -108,6 +109,42 @@ class VmmsProcess:
         assert m, "no ticks"
         return int(m[1])
 
+
+class VmmsProcess(VmmsCli):
+    """A `pyhv vmms serve --tcp 127.0.0.1:0` in its own state directory."""
+
+    def __init__(self, tmp: Path, name: str, budget: str) -> None:
+        super().__init__(tmp / name)
+        self.log = open(tmp / f"{name}.log", "w+")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pyhv.cli",
+                "vmms",
+                "serve",
+                "--state-dir",
+                str(self.state),
+                "--tcp",
+                "127.0.0.1:0",
+                "--memory-budget",
+                budget,
+                "--host-reserve",
+                "256M",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+        def served() -> str:
+            assert self.proc.poll() is None, Path(self.log.name).read_text()
+            m = re.search(r"http://(127\.0\.0\.1:\d+)/", Path(self.log.name).read_text())
+            return m[1] if m else ""
+
+        self.address = wait_for(served, 60, "the VMMS saying where it serves")
+        self.token_file = self.state / "token"
+
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -116,6 +153,16 @@ class VmmsProcess:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+@contextmanager
+def vmms_host(tmp: Path, budget: str = "3G") -> Iterator[VmmsProcess]:
+    """One VMMS host (3G for VMs' budget) in `tmp`/state, stopped on exit."""
+    host = VmmsProcess(tmp, "state", budget)
+    try:
+        yield host
+    finally:
+        host.close()
 
 
 @contextmanager
@@ -152,9 +199,9 @@ def migrate_api(
             "options": {"faults": faults},
         },
     )
-    for _ in range(600):
-        rec = a.client.request("GET", f"/api/migrations/{rec['id']}")
-        if rec["state"] in ("done", "failed", "in-doubt"):
-            return rec  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise AssertionError(f"the migration did not end: {rec}")
+
+    def ended() -> dict[str, Any] | None:
+        r: dict[str, Any] = a.client.request("GET", f"/api/migrations/{rec['id']}")
+        return r if r["state"] in ("done", "failed", "in-doubt") else None
+
+    return wait_for(ended, 120, f"migration {rec['id']} ending")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker.asm_guests import build_test_guest
+from tests.guests.build import build_test_guest
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from pyhv.worker import messages as m
 from pyhv.worker import protocol
 from pyhv.worker.config import VmConfig
 from pyhv.worker.process import WorkerProcess
-from tests.hostile import json_values
+from tests.support.hostile import json_values
 
 STATUS = MemoryStatus(1024, 768, 256, 500, 200, 756, vps=(VpCounters(0, halt=3),))
 

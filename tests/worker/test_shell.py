@@ -4,7 +4,6 @@ checked from the outside (the shell's own counters and the host's memory)."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from pyhv.guest_image import image_path
 from pyhv.worker import VirtualMachine, VmConfig
 from pyhv.worker.script import ENTER, PROMPT
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -42,15 +42,6 @@ def shell(vm: VirtualMachine, command: str, timeout: float = 60) -> str:
 
 def counters(vm: VirtualMachine) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"^([a-z-]+): (\d+) MiB$", shell(vm, "mem"), re.M)}
-
-
-def wait_until(predicate, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_the_guest_boots_to_its_shell_prompt_and_names_its_ram(guest_image: str) -> None:
@@ -90,7 +81,11 @@ def test_testlimit_commits_guest_memory_and_host_memory_follows_then_kill_releas
     during = counters(vm)
     assert during["committed"] - before["committed"] == 256
     # The task touches its pages in the background (at CPL3): the host's memory grows with it.
-    assert wait_until(lambda: vm.host_resident_bytes() - host_before >= 240 * MIB)
+    assert wait_for(
+        lambda: vm.host_resident_bytes() - host_before >= 240 * MIB,
+        60,
+        "vm.host_resident_bytes() - host_before >= 240 * MIB",
+    )
     grown = vm.host_resident_bytes() - host_before
     assert grown <= 300 * MIB
     assert "released" in shell(vm, "kill")
@@ -101,7 +96,11 @@ def test_testlimit_commits_guest_memory_and_host_memory_follows_then_kill_releas
 
 def test_ticks_count_the_guests_timer_interrupts(vm: VirtualMachine) -> None:
     first = int(shell(vm, "ticks").split()[-1])
-    assert wait_until(lambda: int(shell(vm, "ticks").split()[-1]) > first, 10)
+    assert wait_for(
+        lambda: int(shell(vm, "ticks").split()[-1]) > first,
+        10,
+        'int(shell(vm, "ticks").split()[-1]) > first',
+    )
 
 
 def test_a_mistyped_command_is_answered_and_the_shell_goes_on(vm: VirtualMachine) -> None:

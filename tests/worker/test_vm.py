@@ -30,7 +30,7 @@ def test_a_guest_prints_on_com1_and_powers_off_with_its_status(test_guest: Build
 
 
 def test_a_guest_that_triple_faults_is_reported_with_its_registers(test_guest: Build) -> None:
-    with boot(test_guest("triple_fault")) as vm:
+    with boot(test_guest("triple_fault_gp")) as vm:
         end = vm.wait(30)
     assert end is not None and end.reason == "triple_fault" and end.failed
     assert end.registers["rbx"] == 0x7E57FA17  # the marker the guest loaded
@@ -62,7 +62,7 @@ def test_the_owner_stops_a_running_vm(test_guest: Build) -> None:
 def test_an_image_larger_than_guest_ram_is_refused_with_a_clear_error(
     test_guest: Build, tmp_path: Path
 ) -> None:
-    from tests.worker.test_boot import make_elf
+    from tests.support.elf import make_elf
 
     big = tmp_path / "big.elf"
     big.write_bytes(make_elf([(0x100000, b"\xf4", 64 << 20, 5)], entry=0x100000))

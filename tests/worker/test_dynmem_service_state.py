@@ -23,7 +23,7 @@ from pyhv.vmbus.controller import Command, Reg
 from pyhv.worker import boot
 from pyhv.worker.config import VmConfig
 from pyhv.worker.dynmem import DynamicMemoryService, DynamicMemoryState
-from tests.vmbus.guest_ring import GuestRing
+from tests.support.guest_ring import GuestRing
 
 pytestmark = pytest.mark.kvm
 

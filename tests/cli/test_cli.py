@@ -17,11 +17,11 @@ import pytest
 
 from pyhv.cli import run as run_module
 from pyhv.cli import run_cli
-from tests.worker.asm_guests import build_test_guest
+from tests.guests.build import build_test_guest
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pyhv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -222,7 +222,7 @@ def test_pyhv_run_with_a_script_file_runs_each_line_after_the_prompt(tmp_path: P
 
 @pytest.mark.guest
 def test_a_guest_that_faults_is_reported_with_registers_and_a_nonzero_exit(tmp_path: Path) -> None:
-    image = build_test_guest("triple_fault", tmp_path)
+    image = build_test_guest("triple_fault_gp", tmp_path)
     r = pyhv("run", "--image", str(image), "--command", "mem")
     assert r.returncode == 3
     assert "triple-faulted on VP 0" in r.stderr and "RBX=000000007e57fa17" in r.stderr

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,13 @@ from pyhv.guest_image import image_path
 from pyhv.worker import VirtualMachine, VmConfig
 from pyhv.worker.dynmem import DynamicMemoryError
 from pyhv.worker.script import ENTER, PROMPT
-from tests.worker.asm_guests import build_test_guest
+from tests.guests.build import build_test_guest
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
 MiB = 1 << 20
 PAGES_PER_MIB = 256
-HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ class Guest:
         )
         self.vm.start()
         self.vm.serial.read_until(PROMPT, 60)
-        assert wait_until(lambda: self.dm.negotiated, 30), self.dm.status()
+        assert wait_for(lambda: self.dm.negotiated, 30, "self.dm.negotiated"), self.dm.status()
 
     @property
     def dm(self) -> Any:
@@ -84,20 +83,11 @@ def guest(guest_image: str) -> Iterator[Guest]:
     g.close()
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
-
 def test_the_guest_vsc_negotiates_and_reports_its_memory_every_second(guest: Guest) -> None:
     st = guest.vm.memory_status()
     assert st["state"] == "IDLE" and st["protocol"] == "2.0"
     assert st["caps"]["balloon"] and st["caps"]["hot_add"]
-    assert wait_until(lambda: len(guest.reports) >= 3, 30)
+    assert wait_for(lambda: len(guest.reports) >= 3, 30, "len(guest.reports) >= 3")
     c = guest.dm_counters()
     assert c["state"] == "ready" and c["max-page-count"] == str(1024 * PAGES_PER_MIB)
     # the guest is idle: its last report, its `dm` and its `mem` agree (committed is reported
@@ -114,7 +104,11 @@ def test_the_guest_vsc_negotiates_and_reports_its_memory_every_second(guest: Gue
     c = guest.dm_counters()
     sent = int(c["status-reports"])
     assert abs(sent - ticks / 100) <= 2, (sent, ticks)
-    assert wait_until(lambda: guest.dm.counters["status_reports"] >= sent)
+    assert wait_for(
+        lambda: guest.dm.counters["status_reports"] >= sent,
+        60,
+        'guest.dm.counters["status_reports"] >= sent',
+    )
 
 
 def test_ballooning_256_mib_returns_the_host_memory_behind_it_to_the_free_pool(
@@ -122,7 +116,11 @@ def test_ballooning_256_mib_returns_the_host_memory_behind_it_to_the_free_pool(
 ) -> None:
     free = guest.mem()["free"]
     guest.use(free - 16)  # the guest has touched (nearly) all its free memory once
-    assert wait_until(lambda: guest.vm.host_resident_bytes() >= (512 - 40) * MiB)
+    assert wait_for(
+        lambda: guest.vm.host_resident_bytes() >= (512 - 40) * MiB,
+        60,
+        "guest.vm.host_resident_bytes() >= (512 - 40) * MiB",
+    )
     assert "released" in guest.shell("kill")
     host_before, pool_before = guest.vm.host_resident_bytes(), guest.dm.mm.free_pages
     guest.target(256 * MiB)
@@ -146,7 +144,11 @@ def test_unballooned_memory_can_be_committed_and_touched_again(guest: Guest) -> 
     assert mem["ballooned"] == 0 and mem["free"] > 256
     host_before = guest.vm.host_resident_bytes()
     guest.use(mem["free"] - 16)
-    assert wait_until(lambda: guest.vm.host_resident_bytes() - host_before >= 250 * MiB)
+    assert wait_for(
+        lambda: guest.vm.host_resident_bytes() - host_before >= 250 * MiB,
+        60,
+        "guest.vm.host_resident_bytes() - host_before >= 250 * MiB",
+    )
     assert "pmm: consistent" in guest.shell("pmmcheck")
 
 
@@ -162,7 +164,11 @@ def test_hot_add_grows_guest_visible_memory_and_testlimit_can_use_it(guest: Gues
     assert mem["visible"] == 768 and mem["hot-added"] == 256 and mem["free"] > 512
     host_before = guest.vm.host_resident_bytes()
     guest.use(mem["free"] - 16)  # more than the startup RAM had free
-    assert wait_until(lambda: guest.vm.host_resident_bytes() - host_before >= 600 * MiB)
+    assert wait_for(
+        lambda: guest.vm.host_resident_bytes() - host_before >= 600 * MiB,
+        60,
+        "guest.vm.host_resident_bytes() - host_before >= 600 * MiB",
+    )
 
 
 def test_the_guest_refuses_to_balloon_below_its_floor(guest_image: str) -> None:
@@ -189,7 +195,7 @@ def test_requests_are_refused_with_a_reason_when_dynamic_memory_is_off(guest_ima
 def test_a_hostile_guest_is_refused_logged_counted_and_the_worker_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    elf = build_test_guest("vmbus_hostile", tmp_path, HERE / "guests")
+    elf = build_test_guest("vmbus_hostile", tmp_path)
     cfg = VmConfig.create(image=elf, memory="64M", dynamic_memory=True, maximum="128M")
     with VirtualMachine(cfg) as vm:
         vm.start()
@@ -219,14 +225,24 @@ def test_a_worker_process_offers_the_same_memory_calls_and_publishes_each_report
     with WorkerProcess(cfg, on_memory_status=reports.append) as vm:
         vm.start()
         vm.serial.read_until(PROMPT, 60)
-        assert wait_until(lambda: vm.memory_status()["negotiated"], 30)
-        assert wait_until(lambda: len(reports) >= 2, 30)
+        assert wait_for(
+            lambda: vm.memory_status()["negotiated"], 30, 'vm.memory_status()["negotiated"]'
+        )
+        assert wait_for(lambda: len(reports) >= 2, 30, "len(reports) >= 2")
         assert reports[-1].committed_pages is not None and reports[-1].committed_pages > 0
         plan = vm.remove_memory(64 * PAGES_PER_MIB)  # the balancer's remove
         assert plan["goal_pages"] == 192 * PAGES_PER_MIB
-        assert wait_until(lambda: vm.memory_status()["ballooned_pages"] == 64 * PAGES_PER_MIB)
+        assert wait_for(
+            lambda: vm.memory_status()["ballooned_pages"] == 64 * PAGES_PER_MIB,
+            60,
+            'vm.memory_status()["ballooned_pages"] == 64 * PAGES_PER_MIB',
+        )
         vm.add_memory(128 * PAGES_PER_MIB)  # unballoon 64 MiB, hot-add 64 MiB
-        assert wait_until(lambda: vm.memory_status()["visible_pages"] == 320 * PAGES_PER_MIB)
+        assert wait_for(
+            lambda: vm.memory_status()["visible_pages"] == 320 * PAGES_PER_MIB,
+            60,
+            'vm.memory_status()["visible_pages"] == 320 * PAGES_PER_MIB',
+        )
         st = vm.memory_status()
         assert st["ballooned_pages"] == 0 and st["assigned_pages"] == 320 * PAGES_PER_MIB
         with pytest.raises(DynamicMemoryError, match="integer"):
@@ -251,12 +267,18 @@ def test_pyhv_memory_shows_and_sets_a_running_vms_memory_through_its_control_soc
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
     try:
-        assert wait_until(lambda: Path(sock).exists(), 30)
-        assert wait_until(lambda: "IDLE" in memory().stdout, 30)
-        assert wait_until(lambda: "last status report: committed" in memory().stdout, 30)
+        assert wait_for(lambda: Path(sock).exists(), 30, "Path(sock).exists()")
+        assert wait_for(lambda: "IDLE" in memory().stdout, 30, '"IDLE" in memory().stdout')
+        assert wait_for(
+            lambda: "last status report: committed" in memory().stdout,
+            30,
+            '"last status report: committed" in memory().stdout',
+        )
         out = memory("--target", "192M")
         assert out.returncode == 0 and out.stdout.startswith("target: 192M"), out
-        assert wait_until(lambda: "ballooned: 64M" in memory().stdout, 60)
+        assert wait_for(
+            lambda: "ballooned: 64M" in memory().stdout, 60, '"ballooned: 64M" in memory().stdout'
+        )
         assert "assigned: 192M" in memory().stdout
         out = memory("--target", "4G")
         assert "clamped" in out.stdout

@@ -22,7 +22,7 @@ from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.vmbus.controller import Command, Reg, Status
 from pyhv.worker.config import ConfigError, VmConfig
 from pyhv.worker.dynmem import DynamicMemoryError, DynamicMemoryService
-from tests.vmbus.guest_ring import GuestRing
+from tests.support.guest_ring import GuestRing
 
 pytestmark = pytest.mark.simulation
 

@@ -5,8 +5,6 @@ hot-adds up to a raised maximum and tells the guest the new maximum (the info me
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable
 
 import pytest
 
@@ -14,6 +12,7 @@ from pyhv.guest_image import image_path
 from pyhv.worker import VmConfig, WorkerProcess
 from pyhv.worker.dynmem import DynamicMemoryError
 from pyhv.worker.script import ENTER, PROMPT
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -26,15 +25,6 @@ def guest_image() -> str:
     return str(image_path())
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
-
 def test_a_raised_maximum_lets_the_worker_hot_add_beyond_the_maximum_it_booted_with(
     guest_image: str,
 ) -> None:
@@ -44,7 +34,9 @@ def test_a_raised_maximum_lets_the_worker_hot_add_beyond_the_maximum_it_booted_w
     with WorkerProcess(cfg) as vm:
         vm.start()
         vm.serial.read_until(PROMPT, 60)
-        assert wait_until(lambda: vm.memory_status()["negotiated"], 30)
+        assert wait_for(
+            lambda: vm.memory_status()["negotiated"], 30, 'vm.memory_status()["negotiated"]'
+        )
         # Booted with 320M as its maximum, the worker clamps a bigger target to it.
         assert vm.set_memory_target(384 * MiB)["goal_pages"] == 320 * PAGES_PER_MIB
         vm.set_memory_target(256 * MiB)
@@ -66,7 +58,11 @@ def test_a_raised_maximum_lets_the_worker_hot_add_beyond_the_maximum_it_booted_w
         assert st["maximum_pages"] == 384 * PAGES_PER_MIB
         plan = vm.set_memory_target(384 * MiB)
         assert plan["goal_pages"] == 384 * PAGES_PER_MIB and not plan["clamped"]
-        assert wait_until(lambda: vm.memory_status()["visible_pages"] == 384 * PAGES_PER_MIB)
+        assert wait_for(
+            lambda: vm.memory_status()["visible_pages"] == 384 * PAGES_PER_MIB,
+            60,
+            'vm.memory_status()["visible_pages"] == 384 * PAGES_PER_MIB',
+        )
         st = vm.memory_status()
         assert st["assigned_pages"] == 384 * PAGES_PER_MIB and st["last_error"] is None
         assert st["hot_added_pages"] == 128 * PAGES_PER_MIB

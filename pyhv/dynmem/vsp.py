@@ -464,6 +464,17 @@ class DynamicMemoryVsp(Vsp[DmState]):
                 f"DM VSP state {st.state}: protocol {st.protocol!r} and caps {st.caps!r} do not "
                 "fit it (VERSION has neither, CAPS a protocol, IDLE both)"
             )
+        c = st.caps
+        if c is not None and not (
+            c.hot_add_alignment_mib in {1 << n for n in range(16)}
+            and 0 <= c.min_page_cnt <= (1 << 64) - 1
+            and 0 <= c.max_page_number <= (1 << 64) - 1
+        ):
+            # what a CAPABILITIES_REPORT can say: a 4-bit log2 alignment in MiB, two u64 counts
+            raise ValueError(
+                f"DM VSP state: caps {c!r} are not capabilities a guest can report "
+                "(alignment 2^0..2^15 MiB, page counts of 64 bits)"
+            )
         if not 0 <= st.trans_id <= 0xFFFFFFFF:
             raise ValueError(f"DM VSP state: transaction id {st.trans_id} is not 32 bits")
         if list(st.ram) != list(self.ram):

@@ -76,6 +76,9 @@ def test_a_transaction_in_flight_is_not_saved() -> None:
         ({"ballooned": (PageRange(5, 10), PageRange(10, 10))}, "listed twice"),
         ({"ram": (PageRange(0, 2 * RAM_PAGES),)}, "is not this partition's"),
         ({"trans_id": 1 << 32}, "not 32 bits"),
+        ({"caps": GuestCaps(True, True, 1 << 40, 0, 0)}, "not capabilities a guest can report"),
+        ({"caps": GuestCaps(True, True, 3, 0, 0)}, "not capabilities a guest can report"),
+        ({"caps": GuestCaps(True, True, 2, -1, 0)}, "not capabilities a guest can report"),
     ],
 )
 def test_a_state_that_does_not_fit_is_refused_and_nothing_changes(

@@ -294,8 +294,11 @@ class VmbusController:
 
         ch.close_listeners.append(closed)
         offer.channel = ch
-        offer.ring_gpa, offer.ring_pages = self._gpa, self._pages
-        offer.downstream_pages, offer.vector = self._downstream, self._vector
+        # the channel's own (checked) ring, not the register file: on restore() the registers
+        # are the peer's, range-checked only, and need not describe any channel
+        c = ch.save()
+        offer.ring_gpa, offer.ring_pages = c.ring_gpa, c.ring_pages
+        offer.downstream_pages, offer.vector = c.downstream_pages, c.vector
         self.counters["opened"] += 1
         offer.on_open(ch)
 

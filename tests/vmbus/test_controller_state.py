@@ -123,3 +123,13 @@ def test_a_channel_open_here_already_is_not_opened_twice() -> None:
     with pytest.raises(ValueError, match="open here already"):
         g.ctl.restore(g.ctl.save())
     assert len(g.opened) == 1
+
+
+def test_a_restored_offer_records_its_channel_s_ring_not_the_registers() -> None:
+    g = Guest()
+    g.open(gpa=0x10000, pages=8, split=4, vector=0x41)
+    st = replace(g.ctl.save(), ring_gpa=1 << 40, ring_pages=9999, downstream_pages=1, vector=7)
+    ctl, _ = _twin(g)
+    ctl.restore(st)
+    o = ctl.offers[0]
+    assert (o.ring_gpa, o.ring_pages, o.downstream_pages, o.vector) == (0x10000, 8, 4, 0x41)

@@ -337,6 +337,9 @@ class VmbusController:
                 raise ValueError(f"VMBus controller state: {name} {value} is out of 0..{top:#x}")
         if st.status not in Status._value2member_map_:
             raise ValueError(f"VMBus controller state: status {st.status} is no Status")
+        bad = {k: v for k, v in st.counters.items() if v < 0}
+        if bad:
+            raise ValueError(f"VMBus controller state: counters {bad} are negative")
         seen: set[int] = set()
         for c in st.channels:
             if not 1 <= c.relid <= len(self.offers) or c.relid in seen:

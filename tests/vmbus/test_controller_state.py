@@ -107,6 +107,7 @@ def test_a_controller_state_of_another_version_or_register_is_refused() -> None:
         (replace(before, version=2), "version 2 is not 1"),
         (replace(before, cursor=17), "cursor 17"),
         (replace(before, status=99), "status 99"),
+        (replace(before, counters={"opened": -1}), "are negative"),
     ):
         with pytest.raises(ValueError, match=error):
             ctl.restore(bad)

@@ -29,6 +29,17 @@ idt: .space 256 * 16
     shr $32, %rax;          \
     outl %eax, $0x11
 
+/* Print the NUL-terminated string at `label` on COM1; clobbers rax, rdx, rsi. */
+#define PUTS(label)            \
+    lea label(%rip), %rsi;     \
+97: lodsb;                     \
+    test %al, %al;             \
+    jz 98f;                    \
+    mov $0x3f8, %dx;           \
+    out %al, %dx;              \
+    jmp 97b;                   \
+98:
+
 #define POWER_OFF            \
     outb %al, $0xf4;         \
 99: jmp 99b

@@ -1,5 +1,6 @@
 /* Writes pseudo-random values of every width to every COM1 register and reads them back,
    then resets the UART like a driver, prints "still talking" and powers off with status 0. */
+#include "guest.h"
     .globl _start
     .text
 _start:
@@ -44,14 +45,8 @@ _start:
     mov $0x3fc, %dx
     mov $0x0b, %al
     out %al, %dx
-    lea msg(%rip), %rsi
-2:  lodsb
-    test %al, %al
-    jz 3f
-    mov $0x3f8, %dx
-    out %al, %dx
-    jmp 2b
-3:  xor %eax, %eax
+    PUTS(msg)
+    xor %eax, %eax
     out %al, $0xf4
 4:  hlt
     jmp 4b

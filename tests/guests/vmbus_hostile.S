@@ -3,6 +3,7 @@
    about its size, then a packet whose descriptor points outside itself, then a doorbell for a
    channel that does not exist. Prints "still standing" and powers off with status 42
    (1, 2, 3: a step it expected did not happen). */
+#include "guest.h"
     .globl _start
     .set BASE, 0x0e00
     .set RING, 0x200000
@@ -127,14 +128,8 @@ _start:
 6:  mov $BASE + 0x30, %dx
     mov $99, %eax
     out %eax, %dx
-    lea msg(%rip), %rsi
-7:  lodsb
-    test %al, %al
-    jz 8f
-    mov $0x3f8, %dx
-    out %al, %dx
-    jmp 7b
-8:  mov $42, %ebx
+    PUTS(msg)
+    mov $42, %ebx
 fail:
     mov %ebx, %eax
     out %eax, $0xf4

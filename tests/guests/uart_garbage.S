@@ -12,25 +12,8 @@ _start:
     shr $8, %eax
     and $7, %eax
     lea 0x3f8(%rax), %edx        /* port 0x3f8..0x3ff */
-    mov %r8d, %eax
-    rol $13, %eax
-    mov %r8d, %ecx
-    shr $28, %ecx
-    and $3, %ecx
-    cmp $0, %ecx
-    je 10f
-    cmp $1, %ecx
-    je 11f
-    cmp $2, %ecx
-    je 12f
-    in %dx, %al
-    jmp 13f
-10: out %al, %dx
-    jmp 13f
-11: out %ax, %dx
-    jmp 13f
-12: out %eax, %dx
-13: dec %r9d
+    RANDOM_PORT_ACCESS(%al)
+    dec %r9d
     jnz 1b
     /* driver reset: LCR 8N1 (DLAB off), IER 0, FCR FIFOs on, MCR DTR|RTS|OUT2 */
     mov $0x3fb, %dx

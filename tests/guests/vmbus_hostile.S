@@ -20,25 +20,8 @@ _start:
     mov $0x34, %ecx
     div %ecx                    /* edx = register offset 0..0x33 */
     add $BASE, %edx
-    mov %r8d, %eax
-    rol $13, %eax
-    mov %r8d, %ecx
-    shr $28, %ecx
-    and $3, %ecx
-    cmp $0, %ecx
-    je 10f
-    cmp $1, %ecx
-    je 11f
-    cmp $2, %ecx
-    je 12f
-    in %dx, %eax
-    jmp 13f
-10: out %al, %dx
-    jmp 13f
-11: out %ax, %dx
-    jmp 13f
-12: out %eax, %dx
-13: dec %r9d
+    RANDOM_PORT_ACCESS(%eax)
+    dec %r9d
     jnz 1b
 
     /* offer 0: close it in case the garbage opened it, then open it on a clean ring */

@@ -376,16 +376,20 @@ def _cancel_migration(h: ApiHandler, p: dict[str, str]) -> Any:
     return h.vmms.migrations.cancel(p["id"])
 
 
+def _need_upgrade(h: ApiHandler, what: str, protocol: str) -> None:
+    """A 426 unless the request asks to upgrade the connection to `protocol`."""
+    if h.headers.get("Upgrade", "").lower() != protocol:
+        raise ApiError(
+            426,
+            f"{what} is a connection upgrade: send 'Connection: Upgrade' and 'Upgrade: {protocol}'",
+            {"Upgrade": protocol},
+        )
+
+
 @route(f"/api/vms/{_NAME}/console", "POST")
 def _console(h: ApiHandler, p: dict[str, str]) -> Any:
     """Upgrade the connection to the VM's serial console: raw bytes both ways."""
-    if h.headers.get("Upgrade", "").lower() != CONSOLE_PROTOCOL:
-        raise ApiError(
-            426,
-            f"the console is a connection upgrade: send 'Connection: Upgrade' and "
-            f"'Upgrade: {CONSOLE_PROTOCOL}'",
-            {"Upgrade": CONSOLE_PROTOCOL},
-        )
+    _need_upgrade(h, "the console", CONSOLE_PROTOCOL)
     name = p["name"]
     sock = h.connection
 
@@ -448,13 +452,7 @@ def _trace(h: ApiHandler, p: dict[str, str]) -> Any:
     from pyhv.trace.events import TraceError, parse_only
     from pyhv.trace.recorder import LINGER, BoundedStream
 
-    if h.headers.get("Upgrade", "").lower() != TRACE_PROTOCOL:
-        raise ApiError(
-            426,
-            f"the trace is a connection upgrade: send 'Connection: Upgrade' and "
-            f"'Upgrade: {TRACE_PROTOCOL}'",
-            {"Upgrade": TRACE_PROTOCOL},
-        )
+    _need_upgrade(h, "the trace", TRACE_PROTOCOL)
     name = p["name"]
     try:
         kinds = parse_only(",".join(h.query.get("only", [])))

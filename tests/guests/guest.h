@@ -29,6 +29,40 @@ idt: .space 256 * 16
     shr $32, %rax;          \
     outl %eax, $0x11
 
+/* Print the NUL-terminated string at `label` on COM1; clobbers rax, rdx, rsi. */
+#define PUTS(label)            \
+    lea label(%rip), %rsi;     \
+97: lodsb;                     \
+    test %al, %al;             \
+    jz 98f;                    \
+    mov $0x3f8, %dx;           \
+    out %al, %dx;              \
+    jmp 97b;                   \
+98:
+
+/* One access to port %dx of a width picked by bits 28-29 of the LCG state %r8d: an 8-, 16- or
+   32-bit write of %r8d rotated left 13, or a read into `in_reg`; clobbers rax, rcx. */
+#define RANDOM_PORT_ACCESS(in_reg) \
+    mov %r8d, %eax;            \
+    rol $13, %eax;             \
+    mov %r8d, %ecx;            \
+    shr $28, %ecx;             \
+    and $3, %ecx;              \
+    cmp $0, %ecx;              \
+    je 93f;                    \
+    cmp $1, %ecx;              \
+    je 94f;                    \
+    cmp $2, %ecx;              \
+    je 95f;                    \
+    in %dx, in_reg;            \
+    jmp 96f;                   \
+93: out %al, %dx;              \
+    jmp 96f;                   \
+94: out %ax, %dx;              \
+    jmp 96f;                   \
+95: out %eax, %dx;             \
+96:
+
 #define POWER_OFF            \
     outb %al, $0xf4;         \
 99: jmp 99b

@@ -1,15 +1,10 @@
 /* Prints "idle" and waits for interrupts forever: only its owner can end it. */
+#include "guest.h"
     .globl _start
     .text
 _start:
-    lea msg(%rip), %rsi
-1:  lodsb
-    test %al, %al
-    jz 2f
-    mov $0x3f8, %dx
-    out %al, %dx
-    jmp 1b
-2:  sti
+    PUTS(msg)
+    sti
 3:  hlt
     jmp 3b
     .section .rodata

@@ -1,5 +1,6 @@
 /* Writes pseudo-random values of every width to every COM1 register and reads them back,
    then resets the UART like a driver, prints "still talking" and powers off with status 0. */
+#include "guest.h"
     .globl _start
     .text
 _start:
@@ -11,25 +12,8 @@ _start:
     shr $8, %eax
     and $7, %eax
     lea 0x3f8(%rax), %edx        /* port 0x3f8..0x3ff */
-    mov %r8d, %eax
-    rol $13, %eax
-    mov %r8d, %ecx
-    shr $28, %ecx
-    and $3, %ecx
-    cmp $0, %ecx
-    je 10f
-    cmp $1, %ecx
-    je 11f
-    cmp $2, %ecx
-    je 12f
-    in %dx, %al
-    jmp 13f
-10: out %al, %dx
-    jmp 13f
-11: out %ax, %dx
-    jmp 13f
-12: out %eax, %dx
-13: dec %r9d
+    RANDOM_PORT_ACCESS(%al)
+    dec %r9d
     jnz 1b
     /* driver reset: LCR 8N1 (DLAB off), IER 0, FCR FIFOs on, MCR DTR|RTS|OUT2 */
     mov $0x3fb, %dx
@@ -44,14 +28,8 @@ _start:
     mov $0x3fc, %dx
     mov $0x0b, %al
     out %al, %dx
-    lea msg(%rip), %rsi
-2:  lodsb
-    test %al, %al
-    jz 3f
-    mov $0x3f8, %dx
-    out %al, %dx
-    jmp 2b
-3:  xor %eax, %eax
+    PUTS(msg)
+    xor %eax, %eax
     out %al, $0xf4
 4:  hlt
     jmp 4b

@@ -3,6 +3,7 @@
    about its size, then a packet whose descriptor points outside itself, then a doorbell for a
    channel that does not exist. Prints "still standing" and powers off with status 42
    (1, 2, 3: a step it expected did not happen). */
+#include "guest.h"
     .globl _start
     .set BASE, 0x0e00
     .set RING, 0x200000
@@ -19,25 +20,8 @@ _start:
     mov $0x34, %ecx
     div %ecx                    /* edx = register offset 0..0x33 */
     add $BASE, %edx
-    mov %r8d, %eax
-    rol $13, %eax
-    mov %r8d, %ecx
-    shr $28, %ecx
-    and $3, %ecx
-    cmp $0, %ecx
-    je 10f
-    cmp $1, %ecx
-    je 11f
-    cmp $2, %ecx
-    je 12f
-    in %dx, %eax
-    jmp 13f
-10: out %al, %dx
-    jmp 13f
-11: out %ax, %dx
-    jmp 13f
-12: out %eax, %dx
-13: dec %r9d
+    RANDOM_PORT_ACCESS(%eax)
+    dec %r9d
     jnz 1b
 
     /* offer 0: close it in case the garbage opened it, then open it on a clean ring */
@@ -127,14 +111,8 @@ _start:
 6:  mov $BASE + 0x30, %dx
     mov $99, %eax
     out %eax, %dx
-    lea msg(%rip), %rsi
-7:  lodsb
-    test %al, %al
-    jz 8f
-    mov $0x3f8, %dx
-    out %al, %dx
-    jmp 7b
-8:  mov $42, %ebx
+    PUTS(msg)
+    mov $42, %ebx
 fail:
     mov %ebx, %eax
     out %eax, $0xf4

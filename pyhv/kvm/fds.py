@@ -332,11 +332,11 @@ class VcpuStats:
                 at = i * size + ctypes.sizeof(s.kvm_stats_desc)
                 name = descs[at : at + head.name_size].split(b"\0", 1)[0].decode()
                 self._where[name] = d.offset
+        self._data_size = max(self._where.values(), default=0) + 8  # what read() reads
 
     def read(self) -> dict[str, int]:
         """{name: value} of every one-value statistic, e.g. halt_exits, halt_wakeup, blocking."""
-        end = max(self._where.values(), default=0) + 8
-        data = os.pread(self.fd, end, self._data_offset)
+        data = os.pread(self.fd, self._data_size, self._data_offset)
         return {n: int.from_bytes(data[o : o + 8], "little") for n, o in self._where.items()}
 
     def close(self) -> None:

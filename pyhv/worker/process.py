@@ -304,8 +304,9 @@ class WorkerProcess:
         """Type ``data`` into the VM's serial port."""
         from pyhv.worker.messages import SerialIn
 
-        for i in range(0, len(data), 32 << 10):
-            self._send(SerialIn(data[i : i + 32 << 10]))
+        step = 32 << 10  # (i + 32 << 10 would be (i + 32) << 10: later chunks sent again)
+        for i in range(0, len(data), step):
+            self._send(SerialIn(data[i : i + step]))
 
     def stop(self, why: str = "stopped by its owner") -> None:
         """Ask the worker to stop the VM (as VirtualMachine.stop, e.g. the console's Ctrl-A x);

@@ -2,8 +2,9 @@
 
 A frame is a 4-byte little-endian length and that many bytes of JSON, at most
 :data:`MAX_MESSAGE`. The messages a worker and its owner exchange are declared in
-pyhv.worker.messages (:func:`send_message`, :func:`recv_frame` and its decoders); the worker's
-control socket (pyhv.worker.control) sends plain JSON objects (:func:`send`, :func:`recv`).
+pyhv.worker.messages (:func:`send_message`, :func:`recv_frame` and its decoders), on the
+worker's control socket (pyhv.worker.control) too; :func:`send` and :func:`recv` frame plain
+JSON objects (tests speak the wire with them).
 A frame longer than the limit is skipped and refused (:class:`FrameRefused`): the connection
 stays usable and the receiver goes on.
 """

@@ -248,6 +248,8 @@ def _confine(sock: socket.socket, max_file_bytes: int) -> None:
     try:
         confine(max_file_bytes)
     except (ConfineError, OSError, ValueError) as e:
+        from pyhv.worker import messages as m
+
         end = VmEnd(WORKER_ERROR, detail=f"the worker could not confine itself: {e}")
-        protocol.send(sock, {"ev": "ended", "end": end.to_dict()})
+        protocol.send_message(sock, m.Ended(m.EndReport.of(end)))
         raise SystemExit(1) from None

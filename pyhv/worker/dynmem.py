@@ -180,6 +180,12 @@ class DynamicMemoryService:
         self.last_status: MemoryStatus | None = None
         self._published_at = 0.0
         self._publish_lock = threading.Lock()
+        #: The newest status not yet sent; the status thread sends it outside the VSP's lock.
+        self._outgoing: MemoryStatus | None = None
+        # Its own condition, not _cv: _publish runs with the VSP's lock held, and
+        # set_memory_limits takes the VSP's lock inside _cv.
+        self._out_cv = threading.Condition()
+        self._publisher: threading.Thread | None = None
         self._info_for: object = None
         self._cv = threading.Condition()
         self._closing = False
@@ -227,11 +233,20 @@ class DynamicMemoryService:
         t = threading.Thread(target=self._doorbell_loop, name=f"doorbell-{self.name}", daemon=True)
         t.start()
         self._threads.append(t)
+        if self._on_status is not None:
+            p = threading.Thread(
+                target=self._send_statuses, name=f"status-{self.name}", daemon=True
+            )
+            p.start()
+            self._threads.append(p)
+            self._publisher = p
 
     def close(self) -> None:
         with self._cv:
             self._closing = True
             self._cv.notify_all()
+        with self._out_cv:
+            self._out_cv.notify_all()
         os.eventfd_write(self._stop_fd, 1)
         for t in self._threads:
             t.join(5)
@@ -345,14 +360,36 @@ class DynamicMemoryService:
         self._publish()
 
     def _publish(self) -> None:
-        """Push the VM's memory status to the owner (the VMMS): no one has to ask for it."""
+        """Push the VM's memory status to the owner (the VMMS): no one has to ask for it. Taken
+        here (often with the VSP's lock held), sent by the status thread: a slow owner never
+        holds up the doorbell or a VP. Only the newest unsent status is kept."""
         if self._on_status is None:
             return
-        # One at a time (the doorbell and the operations threads both push), so the owner
-        # receives them in the order they were taken and the last one it keeps is the newest.
+        status = self.memory_status()
+        if self._publisher is None:  # not started (library use without threads): send now
+            self._send(status)
+            return
+        with self._out_cv:
+            self._outgoing = status
+            self._out_cv.notify_all()
+
+    def _send_statuses(self) -> None:
+        while True:
+            with self._out_cv:
+                self._out_cv.wait_for(lambda: self._closing or self._outgoing is not None)
+                status, self._outgoing = self._outgoing, None
+            if status is not None:
+                self._send(status)
+            elif self._closing:
+                return
+
+    def _send(self, status: MemoryStatus) -> None:
+        # One at a time, so the owner receives them in the order they were taken and the last
+        # one it keeps is the newest.
+        assert self._on_status is not None
         with self._publish_lock:
             try:
-                self._on_status(self.memory_status())
+                self._on_status(status)
             except Exception:  # noqa: BLE001 - the listener's problem, not the guest's
                 log.exception("%s: status listener failed", self.name)
 

@@ -127,6 +127,22 @@ def register(sub: Any) -> None:
         help="a worker's memory beyond its guest's: its cgroup limit is assigned + this "
         "(default 96M)",
     )
+    s.add_argument(
+        "--cluster",
+        metavar="ENDPOINTS",
+        help="join the cluster whose etcd is at ENDPOINTS (http://HOST:PORT[,...]; docs/cluster.md)",
+    )
+    s.add_argument(
+        "--host", metavar="NAME", help="this host's name in the cluster (default: hostname)"
+    )
+    s.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=5,
+        metavar="S",
+        help="the host's lease in the cluster, seconds (default 5): a host cut off from etcd "
+        "stops its VMs before it ends",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="log every request")
     s.set_defaults(func=serve_command)
 
@@ -150,6 +166,35 @@ def _jail_policy(a: argparse.Namespace, migrating: bool) -> Any:
             f"--jail-uid-base {a.jail_uid_base}: pick 1000 or more (not a system uid)", 2
         )
     return JailPolicy(uid_base=a.jail_uid_base, overhead_bytes=a.worker_overhead, network=migrating)
+
+
+def _join_cluster(a: argparse.Namespace, vmms: Any, tcp: tuple[str, int] | None) -> Any:
+    """With --cluster: the host joins (pyhv.cluster.membership), or the command fails."""
+    if not a.cluster:
+        if a.host:
+            raise CliError("--host names this host in a cluster: give --cluster ENDPOINTS too", 2)
+        return None
+    import socket
+
+    from pyhv.cluster.membership import JoinError, join
+
+    if a.lease_ttl < 3:
+        raise CliError(f"--lease-ttl {a.lease_ttl}: give 3 seconds or more", 2)
+    host = a.host or socket.gethostname()
+    try:
+        agent = join(
+            a.cluster,
+            host,
+            vmms,
+            api=f"{tcp[0]}:{tcp[1]}" if tcp else "",
+            migration=tcp[0] if tcp else "127.0.0.1",
+            ttl_s=a.lease_ttl,
+            last_decision=lambda: vmms.balancer.last_decision,
+        )
+    except JoinError as e:
+        raise CliError(str(e)) from None
+    print(f"host {host} joined the cluster at {a.cluster}", file=sys.stderr, flush=True)
+    return agent
 
 
 def serve_command(a: argparse.Namespace) -> int:
@@ -209,6 +254,12 @@ def serve_command(a: argparse.Namespace) -> int:
         print(f"warning: {name} was not loaded: {why}", file=sys.stderr)
     servers.start()
     vmms.start_balancer()
+    try:
+        agent = _join_cluster(a, vmms, servers.tcp_address)
+    except CliError:
+        servers.close()
+        vmms.close()
+        raise
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -226,6 +277,8 @@ def serve_command(a: argparse.Namespace) -> int:
             pass
     finally:
         print("VMMS stopping: stopping the running VMs", file=sys.stderr, flush=True)
+        if agent is not None:
+            agent.close()
         servers.close()
         vmms.close()
     return 0

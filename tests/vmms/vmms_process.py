@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,7 @@ class VmmsCli:
 class VmmsProcess(VmmsCli):
     """A `pyhv vmms serve --tcp 127.0.0.1:0` in its own state directory."""
 
-    def __init__(self, tmp: Path, name: str, budget: str) -> None:
+    def __init__(self, tmp: Path, name: str, budget: str, extra_args: Sequence[str] = ()) -> None:
         super().__init__(tmp / name)
         self.log = open(tmp / f"{name}.log", "w+")
         self.proc = subprocess.Popen(
@@ -131,6 +131,7 @@ class VmmsProcess(VmmsCli):
                 budget,
                 "--host-reserve",
                 "256M",
+                *extra_args,
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,

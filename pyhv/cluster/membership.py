@@ -1,0 +1,304 @@
+"""A host in the cluster: what `pyhv vmms serve --cluster ENDPOINTS --host NAME` starts beside
+the VMMS. The one hook between the VMMS and the cluster (the VMMS only calls `HostAgent.start`
+and `close`; the agent reads the VMMS through `host()`, `list()` and `stop()`).
+
+- Join: a lease of `ttl_s` seconds, and the host's record (pyhv.cluster.records.HostRecord)
+  under it; a host name another live host holds is refused.
+- Liveness: a thread renews the lease every third of (TTL - margin) and publishes the host's
+  capacity (the VMMS's pool: budget, free above the reserve, its VMs and their pressure) every
+  `publish_every_s`.
+- Fencing (pyhv.cluster.fencing): a second thread watches the lease clock; when no renewal was
+  answered in time it stops every running VM before etcd can expire the lease. Once etcd answers
+  again the host joins with a new lease; the VMs it stopped stay off (HA restart decides where
+  they run next).
+- Leave: on close the lease is revoked, so the record goes at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pyhv.cluster.etcd import Etcd, EtcdError, EtcdUnavailable
+from pyhv.cluster.fencing import LeaseClock
+from pyhv.cluster.records import (
+    HostRecord,
+    PressureSummary,
+    VmSummary,
+    encode,
+    host_key,
+)
+
+log = logging.getLogger("pyhv.cluster")
+
+DEFAULT_TTL_S = 5
+DEFAULT_MARGIN_S = 2.0
+DEFAULT_PUBLISH_S = 2.0
+
+
+class JoinError(RuntimeError):
+    """The host could not join: the message says why and what to do."""
+
+
+class HostVmms(Protocol):
+    """What the agent needs of the VMMS (pyhv.vmms.service.Vmms has it)."""
+
+    def host(self) -> dict[str, int]: ...
+
+    def list(self) -> list[dict[str, Any]]: ...
+
+    def stop(self, name: str) -> dict[str, Any]: ...
+
+
+@dataclass
+class FenceRecord:
+    """One fencing: when (monotonic), which VMs were stopped, how long before expiry."""
+
+    at: float
+    vms: list[str]
+    before_expiry_s: float
+
+
+def host_record(
+    name: str, vmms: HostVmms, api: str, migration: str, last_decision: Any = None
+) -> HostRecord:
+    """The host's record from its VMMS's pool and VMs (what `publish` writes)."""
+    pool = vmms.host()
+    vms = []
+    pressures = []
+    for vm in vmms.list():
+        memory = vm.get("memory")
+        if vm.get("state") not in ("running", "starting") or memory is None:
+            continue
+        s = vm["settings"]
+        demand = memory.get("demand")
+        assigned = int(memory["assigned"])
+        if demand is not None and assigned:
+            pressures.append(demand * 100.0 / assigned)
+        vms.append(
+            VmSummary(
+                name=vm["name"],
+                assigned=assigned,
+                startup=int(s["memory"]),
+                minimum=int(s["minimum"] if s.get("dynamic_memory") else s["memory"]),
+                maximum=int(s["maximum"] if s.get("dynamic_memory") else s["memory"]),
+                demand=None if demand is None else int(demand),
+            )
+        )
+    short = bool(getattr(last_decision, "host_short", False))
+    return HostRecord(
+        name=name,
+        api=api,
+        migration=migration,
+        total=int(pool["budget"]),
+        free=int(pool["free"]),
+        reserve=int(pool["reserve"]),
+        vms=vms,
+        pressure=PressureSummary(
+            average=sum(pressures) / len(pressures) if pressures else 0.0,
+            highest=max(pressures, default=0.0),
+            short=short,
+        ),
+        published=time.time(),
+    )
+
+
+@dataclass
+class HostAgent:
+    """Keeps host `name` in the cluster while its VMMS runs."""
+
+    etcd: Etcd
+    name: str
+    vmms: HostVmms
+    api: str = ""
+    migration: str = "127.0.0.1"
+    ttl_s: int = DEFAULT_TTL_S
+    margin_s: float = DEFAULT_MARGIN_S
+    publish_every_s: float = DEFAULT_PUBLISH_S
+    #: What the VMMS's host balancer decided last (for the pressure summary), or None.
+    last_decision: Callable[[], Any] = lambda: None
+    lease: int = 0
+    fences: list[FenceRecord] = field(default_factory=list)
+    #: Set each time the host fenced itself (tests and the log wait on it).
+    fenced: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.clock = LeaseClock(float(self.ttl_s), self.margin_s)
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._published_at = 0.0
+        self._stale_lease = 0
+
+    # --- join and leave -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Join (JoinError if etcd is unreachable or the name is taken), then keep the lease
+        and watch the fence on threads of their own."""
+        try:
+            self._join()
+        except EtcdUnavailable as e:
+            raise JoinError(f"host {self.name!r} cannot join the cluster: {e}") from None
+        for target, what in ((self._keep, "lease"), (self._watch_fence, "fence")):
+            t = threading.Thread(target=target, name=f"cluster-{what}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info(
+            "host %s joined the cluster at %s (lease %x, TTL %d s)",
+            self.name,
+            ",".join(self.etcd.endpoints),
+            self.lease,
+            self.ttl_s,
+        )
+
+    def _join(self) -> None:
+        if self._stale_lease:
+            # The lease this host fenced itself for: end it, so the name is free to take again.
+            self.etcd.revoke(self._stale_lease)
+            self._stale_lease = 0
+        sent = time.monotonic()
+        lease = self.etcd.grant(self.ttl_s)
+        result = self.etcd.swap(host_key(self.name), self._record(), 0, lease=lease)
+        if not result.succeeded:
+            self.etcd.revoke(lease)
+            raise JoinError(
+                f"host name {self.name!r} is held by a live host in the cluster: pick another "
+                "--host, or wait for its lease to expire"
+            )
+        with self._cond:
+            self.lease = lease
+            self.clock = LeaseClock(float(self.ttl_s), self.margin_s)
+            self.clock.renewed(sent, float(self.ttl_s))
+            self._published_at = sent
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Leave: stop the threads and revoke the lease (the host record goes with it)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(self.etcd.timeout + 1)
+        if self.lease:
+            try:
+                self.etcd.revoke(self.lease)
+                log.info("host %s left the cluster", self.name)
+            except EtcdError as e:
+                log.warning(
+                    "host %s could not revoke its lease (it expires by itself): %s", self.name, e
+                )
+
+    # --- the lease and the record -------------------------------------------------------
+
+    def _record(self) -> str:
+        return encode(
+            host_record(self.name, self.vmms, self.api, self.migration, self.last_decision())
+        )
+
+    def publish(self) -> None:
+        """Write the host's record now (under its lease)."""
+        self.etcd.put(host_key(self.name), self._record(), lease=self.lease)
+        self._published_at = time.monotonic()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.clock.renew_every_s):
+            sent = time.monotonic()
+            try:
+                if not self.lease:
+                    self._join()
+                    continue
+                ttl = self.etcd.keepalive(self.lease, timeout=self.clock.renew_every_s)
+                if ttl <= 0:
+                    log.warning("host %s: lease %x expired; joining again", self.name, self.lease)
+                    self.lease = 0
+                    self._join()
+                    continue
+                with self._cond:
+                    self.clock.renewed(sent, float(ttl))
+                    self._cond.notify_all()
+                if time.monotonic() - self._published_at >= self.publish_every_s:
+                    self.publish()
+            except (EtcdError, JoinError) as e:
+                log.warning("host %s: lease not renewed: %s", self.name, e)
+            except Exception:  # noqa: BLE001 - the keeper must outlive a bad VMMS answer
+                log.exception("host %s: renewing the lease failed", self.name)
+
+    # --- fencing ------------------------------------------------------------------------
+
+    def _watch_fence(self) -> None:
+        with self._cond:
+            while not self._stop.is_set():
+                fence_at = self.clock.fence_at
+                now = time.monotonic()
+                if fence_at is None or now < fence_at:
+                    self._cond.wait(None if fence_at is None else fence_at - now)
+                    continue
+                expires = self.clock.expires_at or now
+                # Fenced for this lease: wait for the next one (a new join resets the clock).
+                self.clock.renewed_at = None
+                self._stale_lease, self.lease = self.lease, 0
+                self._cond.release()
+                try:
+                    self._fence(expires)
+                finally:
+                    self._cond.acquire()
+
+    def _fence(self, expires_at: float) -> None:
+        running = [
+            vm["name"] for vm in self.vmms.list() if vm.get("state") in ("running", "starting")
+        ]
+        log.error(
+            "host %s: lease not renewed for %.1f s: stopping its %d VMs before the lease can "
+            "expire (fencing)",
+            self.name,
+            self.ttl_s - self.margin_s,
+            len(running),
+        )
+        for vm in running:
+            try:
+                self.vmms.stop(vm)
+            except Exception as e:  # noqa: BLE001 - a VM that ended meanwhile is fenced too
+                log.warning("fencing: stopping %s: %s", vm, e)
+        left = expires_at - time.monotonic()
+        self.fences.append(FenceRecord(time.monotonic(), running, left))
+        log.error(
+            "host %s fenced: %d VMs stopped %.2f s before the lease could expire",
+            self.name,
+            len(running),
+            left,
+        )
+        self.fenced.set()
+
+
+def join(
+    endpoints: str,
+    host: str,
+    vmms: HostVmms,
+    *,
+    api: str = "",
+    migration: str = "127.0.0.1",
+    ttl_s: int = DEFAULT_TTL_S,
+    last_decision: Callable[[], Any] = lambda: None,
+) -> HostAgent:
+    """What `pyhv vmms serve --cluster ENDPOINTS --host NAME` calls: the host joins and stays
+    in the cluster until `close()`. JoinError (with the remedy) if it cannot."""
+    from pyhv.cluster.fencing import FencingError
+    from pyhv.cluster.records import HostRecord
+
+    # httpx logs every request at INFO: a renewal a second would drown the VMMS's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        etcd = Etcd(endpoints, timeout=max(1.0, ttl_s / 3))
+        HostRecord(name=host, api=api, migration=migration, total=0, free=0, reserve=0)
+        margin = min(DEFAULT_MARGIN_S, ttl_s / 2.5)
+        agent = HostAgent(
+            etcd, host, vmms, api, migration, ttl_s, margin, last_decision=last_decision
+        )
+    except (ValueError, FencingError) as e:
+        raise JoinError(str(e)) from None
+    agent.start()
+    return agent

@@ -1,0 +1,124 @@
+"""What the cluster keeps in etcd: the key layout and the record stored under each key, declared
+once (msgspec structs: JSON on the wire, checked on the way in). docs/cluster.md describes them.
+
+    /pyhv/hosts/<host>          HostRecord, under the host's lease (gone when the host is)
+    /pyhv/vms/<vm>/config       VmRecord: configuration, desired state, groups, generation
+    /pyhv/vms/<vm>/owner        the owner host's name; its mod revision is the fencing token
+    /pyhv/leader/balancer       the cluster balancer leader's host name, under its lease
+    /pyhv/migrations/<vm>       MigrationRecord of a live migration in flight
+
+A record read from etcd was written by another host: a record that does not decode is refused
+with a `RecordError` naming the key, never taken half.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+ROOT = "/pyhv/"
+HOSTS = ROOT + "hosts/"
+VMS = ROOT + "vms/"
+LEADER = ROOT + "leader/balancer"
+MIGRATIONS = ROOT + "migrations/"
+
+Bytes = Annotated[int, Meta(ge=0)]
+Percent = Annotated[float, Meta(ge=0)]
+HostName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+
+
+def host_key(host: str) -> str:
+    return HOSTS + host
+
+
+def vm_config_key(vm: str) -> str:
+    return f"{VMS}{vm}/config"
+
+
+def vm_owner_key(vm: str) -> str:
+    return f"{VMS}{vm}/owner"
+
+
+def migration_key(vm: str) -> str:
+    return MIGRATIONS + vm
+
+
+class RecordError(ValueError):
+    """A record in etcd does not decode: the message names the key and what was wrong."""
+
+
+class VmSummary(Struct, frozen=True, forbid_unknown_fields=True):
+    """One running VM as its host publishes it (bytes): what the cluster balancer reads."""
+
+    name: str
+    assigned: Bytes
+    startup: Bytes
+    minimum: Bytes
+    maximum: Bytes
+    demand: Bytes | None = None  # committed memory the guest reported (None: not yet)
+    dirty_bytes_per_s: Bytes = 0
+
+
+class PressureSummary(Struct, frozen=True, forbid_unknown_fields=True):
+    """The host balancer's view in one line: average and highest pressure (%), and whether
+    the host is short (its VMs' targets exceed what it can give)."""
+
+    average: Percent = 0.0
+    highest: Percent = 0.0
+    short: bool = False
+
+
+class HostRecord(Struct, frozen=True, forbid_unknown_fields=True):
+    """A host of the cluster, published by its VMMS under its lease (pyhv.cluster.membership).
+    `total` is the VMMS's memory budget, `free` its free pool above the reserve."""
+
+    name: HostName
+    api: str  # HOST:PORT of its VMMS API ("" when it serves only the Unix socket)
+    migration: str  # HOST where incoming migrations listen
+    total: Bytes
+    free: Bytes
+    reserve: Bytes
+    vms: list[VmSummary] = []
+    pressure: PressureSummary = PressureSummary()
+    fingerprint: str = ""  # its TLS certificate's SHA-256, once hosts use mutual TLS (next)
+    published: float = 0.0  # wall-clock time of this record
+
+
+class VmRecord(Struct, frozen=True, forbid_unknown_fields=True):
+    """A VM of the cluster: its VMMS configuration (as `pyhv vm create` takes it), the state it
+    should be in, its affinity and anti-affinity groups, and a generation bumped on every
+    change."""
+
+    name: str
+    config: dict[str, Any]
+    desired: Annotated[str, Meta(pattern="^(running|off)$")] = "off"
+    affinity: list[str] = []
+    anti_affinity: list[str] = []
+    generation: Annotated[int, Meta(ge=0)] = 0
+
+
+class MigrationRecord(Struct, frozen=True, forbid_unknown_fields=True):
+    """A live migration in flight, written by the cluster balancer's leader before it starts."""
+
+    vm: str
+    source: str
+    destination: str
+    bytes: Bytes = 0
+    started: float = 0.0
+    fencing_token: int = 0  # the ownership key's mod revision the move was planned at
+
+
+T = TypeVar("T")
+
+
+def encode(record: Struct) -> str:
+    return msgspec.json.encode(record).decode()
+
+
+def decode(key: str, text: str, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(text, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise RecordError(f"etcd key {key} does not hold a valid {kind.__name__}: {e}") from None

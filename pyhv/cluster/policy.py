@@ -15,7 +15,7 @@ Write your own (docs/cluster.md, "A policy of your own")::
 
     policy = Policy()
 
-and give `--policy mypolicy.py` (or `--policy package.module:attribute`). A module may instead
+and give `--policy mypolicy.py` (pyhv.cluster.policies loads it) (or `--policy package.module:attribute`). A module may instead
 define a function `plan(snapshot) -> Plan`. The caller checks every plan (`check_plan`): a move
 of an unknown VM, to its own host, of a VM already moving, or past the limits is refused with the
 reason; a policy cannot make the executor do what the limits forbid.
@@ -25,12 +25,9 @@ Units are bytes and seconds. Columns are numpy arrays aligned with `vm_ids` / `h
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -57,9 +54,9 @@ class Limits:
     - `bandwidth_bytes_per_s`: the migration link, for the cost of a move (pre-copy sends a
       VM's memory again as fast as the guest dirties it)."""
 
-    in_flight_per_host: int = 1
+    in_flight_per_host: int = 2
     in_flight_cluster: int = 10
-    min_interval_s: float = 1800.0
+    min_interval_s: float = 900.0
     short_above: float = 0.02
     headroom: float = 0.10
     bandwidth_bytes_per_s: float = 1.0 * (1 << 30)
@@ -188,56 +185,6 @@ def check_plan(snapshot: ClusterSnapshot, plan: Plan, limits: Limits) -> list[Mo
         moving.add(i)
         out.append(m)
     return out
-
-
-def load_policy(spec: str, limits: Limits | None = None) -> ClusterPolicy:
-    """A policy by name: "host-only", "cluster" (pyhv.cluster.balancer.CostRelief), a Python
-    file ("mypolicy.py") or a module ("pkg.mod" or "pkg.mod:attribute") defining `policy` (an
-    object with `name` and `plan`) or a function `plan(snapshot)`."""
-    if spec == "host-only":
-        return HostOnly()
-    if spec == "cluster":
-        from pyhv.cluster.balancer import CostRelief
-
-        return CostRelief(limits or Limits())
-    module_name, _, attribute = spec.partition(":")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            loader = importlib.util.spec_from_file_location(f"pyhv_user_policy_{path.stem}", path)
-            if loader is None or loader.loader is None or not path.is_file():
-                raise PolicyError(f"policy file {path} not found: give a path to a .py file")
-            module: Any = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except PolicyError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's module may fail in any way
-        raise PolicyError(
-            f"policy {spec!r}: cannot load it ({type(e).__name__}: {e}); give host-only, "
-            "cluster, a .py file or a module:attribute"
-        ) from None
-    found = getattr(module, attribute or "policy", None)
-    if found is None and not attribute:
-        fn = getattr(module, "plan", None)
-        if callable(fn):
-            return _FunctionPolicy(module_name, fn)
-    if found is None or not callable(getattr(found, "plan", None)):
-        raise PolicyError(
-            f"policy {spec!r} defines no `policy` object with a plan(snapshot) method nor a "
-            "function plan(snapshot)"
-        )
-    return found  # type: ignore[no-any-return]
-
-
-@dataclass
-class _FunctionPolicy:
-    name: str
-    fn: Callable[[ClusterSnapshot], Plan]
-
-    def plan(self, snapshot: ClusterSnapshot) -> Plan:
-        return self.fn(snapshot)
 
 
 def names(policies: Sequence[ClusterPolicy]) -> list[str]:

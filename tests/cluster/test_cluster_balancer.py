@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pyhv.cluster.policies import load_policy
 
 from pyhv.cluster.balancer import CostRelief
 from pyhv.cluster.policy import (
@@ -18,7 +19,6 @@ from pyhv.cluster.policy import (
     Plan,
     PolicyError,
     check_plan,
-    load_policy,
 )
 
 pytestmark = pytest.mark.unit

@@ -74,6 +74,30 @@ def register(sub: Any) -> None:
         help="writes PREFIX.csv and PREFIX.png (default %(default)s)",
     )
     s.set_defaults(func=simulate_command)
+    b = cmds.add_parser(
+        "balance",
+        help="the cluster balancer's plan for a live cluster (--dry-run)",
+        description="Campaign for the cluster balancer's leadership (a lease in etcd); as leader, "
+        "read the hosts' records and print the plan of live migrations the policy makes.",
+    )
+    b.add_argument(
+        "--cluster", required=True, metavar="ENDPOINTS", help="etcd: http://HOST:PORT[,...]"
+    )
+    b.add_argument(
+        "--policy",
+        default="cluster",
+        metavar="P",
+        help="host-only, cluster (default), a .py file or module[:attribute]",
+    )
+    b.add_argument(
+        "--as",
+        dest="as_name",
+        default="pyhv-cli",
+        metavar="NAME",
+        help="the name to lead under (default pyhv-cli)",
+    )
+    b.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
+    b.set_defaults(func=balance_command)
 
 
 def simulate_command(a: argparse.Namespace) -> int:
@@ -109,4 +133,72 @@ def simulate_command(a: argparse.Namespace) -> int:
         raise CliError(f"cannot write {csv_path} / {png_path}: {e}") from None
     print(f"wrote {csv_path} and {png_path}", file=sys.stderr)
     print(json.dumps({"results": [r.summary() for r in results]}))
+    return 0
+
+
+def balance_command(a: argparse.Namespace) -> int:
+    from pyhv.cluster import election
+    from pyhv.cluster.etcd import Etcd, EtcdError
+    from pyhv.cluster.policies import load_policy
+    from pyhv.cluster.policy import Limits, PolicyError, check_plan
+    from pyhv.cluster.records import RecordError
+    from pyhv.cluster.snapshot import read_hosts, read_migrations, snapshot
+
+    if not a.dry_run:
+        raise CliError(
+            "carrying the plan out by live migration comes next (docs/cluster.md): give --dry-run",
+            2,
+        )
+    try:
+        policy = load_policy(a.policy)
+        etcd = Etcd(a.cluster)
+    except (PolicyError, ValueError) as e:
+        raise CliError(str(e), 2) from None
+    try:
+        lease = etcd.grant(10)
+        try:
+            held = election.campaign(etcd, a.as_name, lease)
+            if held is None:
+                now = election.leader(etcd)
+                who = f"{now[0]} (term {now[1]})" if now else "another host"
+                raise CliError(f"{who} leads the cluster balancer: its plans rule; try again later")
+            try:
+                hosts = read_hosts(etcd)
+                snap = snapshot(hosts, read_migrations(etcd))
+                plan = policy.plan(snap)
+                moves = check_plan(snap, plan, Limits())
+            finally:
+                election.resign(etcd, held)
+        finally:
+            etcd.revoke(lease)
+    except (EtcdError, RecordError, PolicyError) as e:
+        raise CliError(str(e)) from None
+    finally:
+        etcd.close()
+    deficit = snap.deficit()
+    for h, d in zip(snap.hosts, deficit.tolist(), strict=True):
+        state = f"short by {d >> 20} MiB" if d > 0 else f"{-d >> 20} MiB room"
+        print(f"host {h}: {state}")
+    for m in moves:
+        print(
+            f"move {m.vm}: {m.source} -> {m.destination} ({m.bytes >> 20} MiB to send, "
+            f"relieves {m.relief >> 20} MiB)"
+        )
+    for note in plan.notes:
+        print(f"note: {note}")
+    if not moves:
+        print("no move: every host meets its VMs' targets" if not plan.notes else "no move")
+    print(
+        json.dumps(
+            {
+                "leader": held.host,
+                "term": held.term,
+                "policy": getattr(policy, "name", a.policy),
+                "moves": [
+                    {"vm": m.vm, "from": m.source, "to": m.destination, "bytes": m.bytes}
+                    for m in moves
+                ],
+            }
+        )
+    )
     return 0

@@ -32,6 +32,8 @@ from pyhv.cluster.records import (
     encode,
     host_key,
 )
+from pyhv.dynmem.balancer import PAGE_SIZE
+from pyhv.dynmem.status import target_pages
 
 log = logging.getLogger("pyhv.cluster")
 
@@ -77,6 +79,19 @@ def host_record(
         s = vm["settings"]
         demand = memory.get("demand")
         assigned = int(memory["assigned"])
+        dynamic = bool(s.get("dynamic_memory"))
+        minimum = int(s["minimum"] if dynamic else s["memory"])
+        maximum = int(s["maximum"] if dynamic else s["memory"])
+        target = assigned
+        if demand is not None and dynamic:
+            target = PAGE_SIZE * int(
+                target_pages(
+                    int(demand) // PAGE_SIZE,
+                    int(s["buffer"]),
+                    minimum // PAGE_SIZE,
+                    maximum // PAGE_SIZE,
+                )
+            )
         if demand is not None and assigned:
             pressures.append(demand * 100.0 / assigned)
         vms.append(
@@ -84,9 +99,10 @@ def host_record(
                 name=vm["name"],
                 assigned=assigned,
                 startup=int(s["memory"]),
-                minimum=int(s["minimum"] if s.get("dynamic_memory") else s["memory"]),
-                maximum=int(s["maximum"] if s.get("dynamic_memory") else s["memory"]),
+                minimum=minimum,
+                maximum=maximum,
                 demand=None if demand is None else int(demand),
+                target=target,
             )
         )
     short = bool(getattr(last_decision, "host_short", False))

@@ -58,6 +58,7 @@ class VmSummary(Struct, frozen=True, forbid_unknown_fields=True):
     minimum: Bytes
     maximum: Bytes
     demand: Bytes | None = None  # committed memory the guest reported (None: not yet)
+    target: Bytes = 0  # what the host balancer aims at: demand + buffer within min..max
     dirty_bytes_per_s: Bytes = 0
 
 

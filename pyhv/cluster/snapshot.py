@@ -1,0 +1,58 @@
+"""The cluster as the balancer's leader reads it from etcd: the live hosts' records and the
+migrations in flight, turned into the columns of a pyhv.cluster.policy.ClusterSnapshot."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pyhv.cluster.etcd import Etcd
+from pyhv.cluster.policy import ClusterSnapshot
+from pyhv.cluster.records import HOSTS, MIGRATIONS, HostRecord, MigrationRecord, decode
+
+
+def read_hosts(etcd: Etcd) -> list[HostRecord]:
+    """Every live host's record (a host whose lease ended is not there), sorted by name."""
+    kvs, _ = etcd.get_prefix(HOSTS)
+    return [decode(kv.key, kv.value, HostRecord) for kv in kvs]
+
+
+def read_migrations(etcd: Etcd) -> list[MigrationRecord]:
+    kvs, _ = etcd.get_prefix(MIGRATIONS)
+    return [decode(kv.key, kv.value, MigrationRecord) for kv in kvs]
+
+
+def snapshot(
+    hosts: list[HostRecord],
+    migrations: list[MigrationRecord] = (),  # type: ignore[assignment]
+    now: float | None = None,
+    last_moved: dict[str, float] | None = None,
+) -> ClusterSnapshot:
+    """The snapshot of `hosts` (capacity = total less reserve); a VM without a reported demand
+    has its assigned memory as target."""
+    names = tuple(h.name for h in hosts)
+    index = {n: i for i, n in enumerate(names)}
+    vms = [(i, v) for i, h in enumerate(hosts) for v in h.vms]
+    vm_ids = tuple(v.name for _, v in vms)
+    vm_index = {n: i for i, n in enumerate(vm_ids)}
+    moving = [
+        (vm_index[m.vm], index[m.destination])
+        for m in migrations
+        if m.vm in vm_index and m.destination in index
+    ]
+    moved = last_moved or {}
+    return ClusterSnapshot(
+        now=time.time() if now is None else now,
+        hosts=names,
+        capacity=np.array([max(0, h.total - h.reserve) for h in hosts], dtype=np.int64),
+        vm_ids=vm_ids,
+        vm_host=np.array([i for i, _ in vms], dtype=np.intp),
+        assigned=np.array([v.assigned for _, v in vms], dtype=np.int64),
+        target=np.array([v.target or v.assigned for _, v in vms], dtype=np.int64),
+        minimum=np.array([v.minimum for _, v in vms], dtype=np.int64),
+        dirty_bytes_per_s=np.array([float(v.dirty_bytes_per_s) for _, v in vms]),
+        last_moved=np.array([moved.get(v.name, -np.inf) for _, v in vms], dtype=np.float64),
+        moving=np.array([m[0] for m in moving], dtype=np.intp),
+        moving_to=np.array([m[1] for m in moving], dtype=np.intp),
+    )

@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-BENCHES = ("intercepts", "boot", "dynmem", "dynmem_host", "balancer", "migration")
+BENCHES = ("intercepts", "boot", "dynmem", "dynmem_host", "balancer", "migration", "cluster")
 RUN_PREFIX = "_Run:_ "
 DASH = "—"
 
@@ -593,6 +593,46 @@ INTRO = [
 ]
 
 
+def cluster(d: dict[str, Any]) -> list[str]:
+    host = d["run"]["cpu_model"]
+    out = [
+        f"The cluster balancer's decision (policy `cluster` plus the plan check; one warm-up, then "
+        f"{d['repeat']} decisions; median (min-max), ms) for {num(d['hosts'], 0)} hosts of "
+        f"{num(d['host_memory_gib'], 0)} GiB and {num(d['vms'], 0)} VMs of the synthetic fleet: "
+        "*calm* (targets from the trace at hour 0) and *stressed* (a fifth of the hosts with "
+        "every target raised by 15 %).",
+        "",
+        run_line("cluster", d),
+        "",
+    ]
+    rows = []
+    for fleet, c in d["cases"].items():
+        rows.append(
+            [host, fleet, num(d["vms"], 0), num(c["short_hosts"], 0), num(c["moves"], 0),
+             spread(c["decision_ms"], 2)]
+        )  # fmt: skip
+    out += table(
+        ["host (CPU model)", "fleet", "VMs", "short hosts", "moves planned", "decision ms"], rows
+    )
+    worst = max(c["decision_ms"]["median"] for c in d["cases"].values())
+    sim = d["simulator"]
+    out += [
+        "",
+        f"Goal: <= {num(d['goal_ms'], 0)} ms per decision: {met(worst <= d['goal_ms'])} "
+        f"(slowest case {num(worst, 2)} ms). Placement: {spread(d['placement_ms_per_vm'], 3)} ms "
+        f"per VM over {num(d['hosts'], 0)} hosts; the whole fleet placed in "
+        f"{num(d['placement_fleet_s'], 2)} s.",
+        "",
+        f"Fleet simulator (host balancer per host per 60 s step, cluster policy every 300 s): "
+        f"{num(d['vms'], 0)} VMs over {num(sim['hours'], 2)} simulated hours in "
+        f"{num(sim['wall_s'], 2)} s: **{num(sim['vm_hours_per_s'], 0)} simulated VM-hours per "
+        f"second**; {num(sim['migrations'], 0)} migrations, slowest cluster decision "
+        f"{num(sim['policy_ms_max'], 2)} ms.",
+        "",
+    ]
+    return out
+
+
 def render(results: Results) -> str:
     out = list(INTRO)
     quick = sorted(n for n, d in results.items() if d["run"].get("quick"))
@@ -611,6 +651,7 @@ def render(results: Results) -> str:
         ),
         ("Balancer — `bench/balancer.py`", lambda: _one(results, "balancer", balancer)),
         ("Live migration — `bench/migration.py`", lambda: _one(results, "migration", migration)),
+        ("Cluster — `bench/cluster.py`", lambda: _one(results, "cluster", cluster)),
     ]
     for title, body in sections:
         out += [f"## {title}", "", *body()]

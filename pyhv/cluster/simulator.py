@@ -233,15 +233,18 @@ def simulate(
             free = max(0, capacity_pages - int(assigned[idx].sum()))
             d = decide_table(HostMemory(free, 0), table, bconfig)
             short_hosts += d.host_short
-            for op in d.operations:
-                i = gindex[op.vm]
-                if isinstance(op, Add):
-                    assigned[i] += op.pages
-                    visible[i] += op.hot_add
-                    ballooned[i] -= op.unballoon
-                else:
-                    assigned[i] -= op.pages
-                    ballooned[i] += op.pages
+            ops = d.operations
+            if ops:
+                # Carried out at once, as columns (each VM has at most one operation a tick).
+                at = np.fromiter((gindex[o.vm] for o in ops), np.intp, len(ops))
+                pages = np.fromiter((o.pages for o in ops), np.int64, len(ops))
+                add = np.fromiter((isinstance(o, Add) for o in ops), bool, len(ops))
+                hot = np.fromiter(
+                    (o.hot_add if isinstance(o, Add) else 0 for o in ops), np.int64, len(ops)
+                )
+                assigned[at] += np.where(add, pages, -pages)
+                visible[at] += hot
+                ballooned[at] += np.where(add, hot - pages, pages)
             above[idx] = d.above_target_s
             hold[idx] = d.add_hold_s
             target[idx] = d.target_pages

@@ -202,3 +202,27 @@ def balance_command(a: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def create_in_cluster(a: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:
+    """`pyhv vm create NAME --cluster ENDPOINTS`: placed, recorded and created on its host."""
+    from pyhv.cluster import provision
+    from pyhv.cluster.etcd import Etcd, EtcdError
+    from pyhv.cluster.placement import NoPlacement
+    from pyhv.cluster.records import RecordError
+
+    try:
+        tokens = provision.read_tokens(a.tokens)
+        etcd = Etcd(a.cluster)
+    except provision.ProvisionError as e:
+        raise CliError(str(e)) from None
+    except ValueError as e:
+        raise CliError(str(e), 2) from None
+    try:
+        host, vm = provision.create(etcd, body, tokens, tuple(a.affinity), tuple(a.anti_affinity))
+    except (provision.ProvisionError, NoPlacement, EtcdError, RecordError) as e:
+        raise CliError(str(e)) from None
+    finally:
+        etcd.close()
+    print(f"placed on host {host}", file=sys.stderr)
+    return dict(vm, host=host)

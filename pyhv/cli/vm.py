@@ -11,6 +11,7 @@ import select
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pyhv.cli import args as types
@@ -150,6 +151,18 @@ def register(sub: Any) -> None:
         "--images DIR`), default pyhv-guest (the bundled guest)",
     )
     c.add_argument("--cmdline", help="guest kernel command line")
+    c.add_argument(
+        "--cluster",
+        metavar="ENDPOINTS",
+        help="place the VM on a host of the cluster whose etcd is at ENDPOINTS (docs/cluster.md)",
+    )
+    c.add_argument("--affinity", action="append", default=[], metavar="GROUP",
+                   help="with --cluster: run where the VMs of GROUP run (repeatable)")  # fmt: skip
+    c.add_argument("--anti-affinity", action="append", default=[], metavar="GROUP",
+                   help="with --cluster: never on a host with a VM of GROUP (repeatable)")  # fmt: skip
+    c.add_argument("--tokens", type=Path, metavar="FILE",
+                   help="with --cluster: the hosts' API tokens, lines `HOST TOKEN` "
+                   "(default $PYHV_CLUSTER_TOKENS)")  # fmt: skip
     command("start", "Start VM NAME in a worker process of its own.", start)
     command("stop", "Stop VM NAME.", stop)
     c = command("list", "List the VMs with their state.", list_vms)
@@ -219,6 +232,13 @@ def create(a: argparse.Namespace) -> int:
         "name": a.name,
         **_given(a, "memory", "vps", "dynamic_memory", *_DM_KEYS, "cmdline", "image"),
     }
+    if a.cluster:
+        from pyhv.cli.cluster import create_in_cluster
+
+        _print_vm(create_in_cluster(a, body))
+        return 0
+    if a.affinity or a.anti_affinity:
+        raise CliError("--affinity and --anti-affinity place a VM in a cluster: give --cluster", 2)
     _print_vm(call(client(a), "POST", "/api/vms", body))
     return 0
 

@@ -303,13 +303,13 @@ def join(
     """What `pyhv vmms serve --cluster ENDPOINTS --host NAME` calls: the host joins and stays
     in the cluster until `close()`. JoinError (with the remedy) if it cannot."""
     from pyhv.cluster.fencing import FencingError
-    from pyhv.cluster.records import HostRecord
+    from pyhv.cluster.records import check_host_name
 
     # httpx logs every request at INFO: a renewal a second would drown the VMMS's log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         etcd = Etcd(endpoints, timeout=max(1.0, ttl_s / 3))
-        HostRecord(name=host, api=api, migration=migration, total=0, free=0, reserve=0)
+        check_host_name(host)
         margin = min(DEFAULT_MARGIN_S, ttl_s / 2.5)
         agent = HostAgent(
             etcd, host, vmms, api, migration, ttl_s, margin, last_decision=last_decision

@@ -13,6 +13,7 @@ with a `RecordError` naming the key, never taken half.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -26,7 +27,18 @@ MIGRATIONS = ROOT + "migrations/"
 
 Bytes = Annotated[int, Meta(ge=0)]
 Percent = Annotated[float, Meta(ge=0)]
-HostName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+HostName = Annotated[str, Meta(pattern=HOST_NAME_RE.pattern)]
+
+
+def check_host_name(name: str) -> str:
+    """A host's name as the cluster keys it; ValueError with the rule otherwise."""
+    if not HOST_NAME_RE.match(name):
+        raise ValueError(
+            f"host name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return name
 
 
 def host_key(host: str) -> str:

@@ -16,7 +16,9 @@ What is simulated, and how simply:
 
 Measured per policy: memory saved against static allocation (every VM holding its maximum,
 sized for its peak, as without Dynamic Memory), VM-seconds under pressure (committed above
-assigned: the guest pages), host-seconds short, migrations per hour and bytes moved.
+assigned after the tick's operations: the guest pages), host-seconds short, migrations per hour
+and bytes moved. The first tick (every VM just started with its startup memory) is a warm-up,
+not counted.
 """
 
 from __future__ import annotations
@@ -249,8 +251,9 @@ def simulate(
             hold[idx] = d.add_hold_s
             target[idx] = d.target_pages
         under = int((committed > assigned).sum())
-        result.vm_seconds_under_pressure += under * config.step_s
-        result.host_seconds_short += short_hosts * config.step_s
+        if step:  # the first tick, every VM just started with its startup memory, is the warm-up
+            result.vm_seconds_under_pressure += under * config.step_s
+            result.host_seconds_short += short_hosts * config.step_s
         total_assigned += float(assigned.sum()) * PAGE_SIZE
 
         if step % every == 0:
@@ -284,7 +287,7 @@ def simulate(
                     result.migrations += 1
                     result.bytes_moved += m.bytes or int(assigned[i]) * PAGE_SIZE
                 members = group()
-        if step % sample_every == 0:
+        if step and step % sample_every == 0:
             s = result.series
             s["hour"].append(t / 3600.0)
             s["assigned_gib"].append(float(assigned.sum()) * PAGE_SIZE / GIB)

@@ -19,11 +19,11 @@ from tests.vmms.vmms_process import ROOT, VmmsProcess
 pytestmark = pytest.mark.unit
 
 
-def _serve(state: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
-    """A `pyhv vmms serve` as host "a" that is expected to fail to join."""
+def _serve(state: Path, endpoint: str, host: str = "a") -> subprocess.CompletedProcess[str]:
+    """A `pyhv vmms serve` as `host` that is expected to fail to join."""
     return subprocess.run(
         [sys.executable, "-m", "pyhv.cli", "vmms", "serve", "--state-dir", str(state)]
-        + ["--memory-budget", "1G", "--no-jail", "--cluster", endpoint, "--host", "a"],
+        + ["--memory-budget", "1G", "--no-jail", "--cluster", endpoint, "--host", host],
         capture_output=True,
         text=True,
         timeout=60,
@@ -69,3 +69,5 @@ def test_an_unreachable_cluster_is_a_clear_error(tmp_path: Path) -> None:
     r = _serve(tmp_path / "s", endpoint)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "cannot join the cluster" in r.stderr and "check that etcd runs" in r.stderr
+    r = _serve(tmp_path / "s", endpoint, host="no spaces")
+    assert r.returncode == 1 and "host name 'no spaces': use 1-63 letters" in r.stderr, r.stderr

@@ -33,16 +33,22 @@ def test_a_host_cut_off_from_etcd_stops_its_vms_before_its_lease_expires(
             ["--cluster", server.endpoint, "--host", "a", "--lease-ttl", str(TTL_S)],
         )
         try:
-            host.vm("create", "g", "--memory", "128M")
+            host.vm("create", "g", "--memory", "128M", "--dynamic", "--maximum", "256M")
             host.vm("start", "g")
             assert "ticks" in host.shell("g", "ticks", b"ticks: ")  # the guest answers
 
             def published_with_g() -> HostRecord | None:
                 kv = etcd.get(host_key("a"))
                 rec = None if kv is None else decode(kv.key, kv.value, HostRecord)
-                return rec if rec and [v.name for v in rec.vms] == ["g"] else None
+                if rec is None or [v.name for v in rec.vms] != ["g"]:
+                    return None
+                return rec if rec.vms[0].demand is not None else None
 
-            wait_for(published_with_g, 30, "host a publishing its VM g")
+            # The guest's DM driver reported: its demand and the host balancer's target are out.
+            rec = wait_for(published_with_g, 60, "host a publishing VM g with its demand")
+            g = rec.vms[0]
+            assert g.minimum <= g.target <= g.maximum == 256 << 20 and g.demand
+            assert g.target >= g.demand and rec.free < rec.total - rec.reserve
             lease = etcd.get(host_key("a"))
             assert lease is not None
             server.pause()

@@ -76,9 +76,10 @@ def register(sub: Any) -> None:
     s.set_defaults(func=simulate_command)
     b = cmds.add_parser(
         "balance",
-        help="the cluster balancer's plan for a live cluster (--dry-run)",
+        help="the cluster balancer: plan live migrations and carry them out (or --dry-run)",
         description="Campaign for the cluster balancer's leadership (a lease in etcd); as leader, "
-        "read the hosts' records and print the plan of live migrations the policy makes.",
+        "read the hosts' records, print the plan of live migrations the policy makes and carry "
+        "it out (each move a live migration between two hosts' VMMS), unless --dry-run.",
     )
     b.add_argument(
         "--cluster", required=True, metavar="ENDPOINTS", help="etcd: http://HOST:PORT[,...]"
@@ -97,6 +98,12 @@ def register(sub: Any) -> None:
         help="the name to lead under (default pyhv-cli)",
     )
     b.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
+    b.add_argument(
+        "--tokens",
+        type=Path,
+        metavar="FILE",
+        help="the hosts' API tokens, lines `HOST TOKEN` (default $PYHV_CLUSTER_TOKENS)",
+    )
     b.set_defaults(func=balance_command)
 
 
@@ -137,25 +144,43 @@ def simulate_command(a: argparse.Namespace) -> int:
 
 
 def balance_command(a: argparse.Namespace) -> int:
-    from pyhv.cluster import election
+    import threading
+
+    from pyhv.cluster import election, provision
     from pyhv.cluster.etcd import Etcd, EtcdError
+    from pyhv.cluster.executor import execute
     from pyhv.cluster.policies import load_policy
     from pyhv.cluster.policy import Limits, PolicyError, check_plan
     from pyhv.cluster.records import RecordError
-    from pyhv.cluster.snapshot import read_hosts, read_migrations, snapshot
+    from pyhv.cluster.snapshot import (
+        read_hosts,
+        read_last_moved,
+        read_migrations,
+        read_owners,
+        snapshot,
+    )
 
-    if not a.dry_run:
-        raise CliError(
-            "carrying the plan out by live migration comes next (docs/cluster.md): give --dry-run",
-            2,
-        )
     try:
         policy = load_policy(a.policy)
+        tokens = {} if a.dry_run else provision.read_tokens(a.tokens)
         etcd = Etcd(a.cluster)
     except (PolicyError, ValueError) as e:
         raise CliError(str(e), 2) from None
+    except provision.ProvisionError as e:
+        raise CliError(str(e)) from None
+    stop = threading.Event()
     try:
-        lease = etcd.grant(10)
+        lease = etcd.grant(LEADER_TTL_S)
+
+        def keep() -> None:  # the leader keeps its lease while its moves run
+            while not stop.wait(LEADER_TTL_S / 3):
+                try:
+                    etcd.keepalive(lease)
+                except EtcdError:
+                    pass
+
+        keeper = threading.Thread(target=keep, name="cluster-leader-lease", daemon=True)
+        keeper.start()
         try:
             held = election.campaign(etcd, a.as_name, lease)
             if held is None:
@@ -164,19 +189,63 @@ def balance_command(a: argparse.Namespace) -> int:
                 raise CliError(f"{who} leads the cluster balancer: its plans rule; try again later")
             try:
                 hosts = read_hosts(etcd)
-                snap = snapshot(hosts, read_migrations(etcd))
+                snap = snapshot(
+                    hosts,
+                    read_migrations(etcd),
+                    last_moved=read_last_moved(etcd),
+                    owners=read_owners(etcd),
+                )
                 plan = policy.plan(snap)
                 moves = check_plan(snap, plan, Limits())
+                _print_plan(snap, moves, plan.notes)
+                outcomes = []
+                if not a.dry_run and moves:
+                    outcomes = execute(
+                        etcd,
+                        held,
+                        moves,
+                        {h.name: h for h in hosts},
+                        tokens,
+                        report=lambda o: print(
+                            f"{o.state} {o.move.vm}: {o.move.source} -> {o.move.destination} "
+                            f"in {o.seconds} s" + (f": {o.why}" if o.why else ""),
+                            flush=True,
+                        ),
+                    )
             finally:
                 election.resign(etcd, held)
         finally:
+            stop.set()
+            keeper.join()
             etcd.revoke(lease)
     except (EtcdError, RecordError, PolicyError) as e:
         raise CliError(str(e)) from None
     finally:
         etcd.close()
-    deficit = snap.deficit()
-    for h, d in zip(snap.hosts, deficit.tolist(), strict=True):
+    print(
+        json.dumps(
+            {
+                "leader": held.host,
+                "term": held.term,
+                "policy": getattr(policy, "name", a.policy),
+                "dry_run": a.dry_run,
+                "moves": [
+                    {"vm": m.vm, "from": m.source, "to": m.destination, "bytes": m.bytes}
+                    for m in moves
+                ],
+                "outcomes": [{"vm": o.move.vm, "state": o.state, "why": o.why} for o in outcomes],
+            }
+        )
+    )
+    return 0 if all(o.state == "done" for o in outcomes) else 1
+
+
+#: The balancer leader's lease: a leader that dies is replaced within this many seconds.
+LEADER_TTL_S = 10
+
+
+def _print_plan(snap: Any, moves: list[Any], notes: tuple[str, ...]) -> None:
+    for h, d in zip(snap.hosts, snap.deficit().tolist(), strict=True):
         state = f"short by {d >> 20} MiB" if d > 0 else f"{-d >> 20} MiB room"
         print(f"host {h}: {state}")
     for m in moves:
@@ -184,24 +253,10 @@ def balance_command(a: argparse.Namespace) -> int:
             f"move {m.vm}: {m.source} -> {m.destination} ({m.bytes >> 20} MiB to send, "
             f"relieves {m.relief >> 20} MiB)"
         )
-    for note in plan.notes:
+    for note in notes:
         print(f"note: {note}")
     if not moves:
-        print("no move: every host meets its VMs' targets" if not plan.notes else "no move")
-    print(
-        json.dumps(
-            {
-                "leader": held.host,
-                "term": held.term,
-                "policy": getattr(policy, "name", a.policy),
-                "moves": [
-                    {"vm": m.vm, "from": m.source, "to": m.destination, "bytes": m.bytes}
-                    for m in moves
-                ],
-            }
-        )
-    )
-    return 0
+        print("no move: every host meets its VMs' targets" if not notes else "no move")
 
 
 def create_in_cluster(a: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:

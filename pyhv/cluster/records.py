@@ -4,6 +4,7 @@ once (msgspec structs: JSON on the wire, checked on the way in). docs/cluster.md
     /pyhv/hosts/<host>          HostRecord, under the host's lease (gone when the host is)
     /pyhv/vms/<vm>/config       VmRecord: configuration, desired state, groups, generation
     /pyhv/vms/<vm>/owner        the owner host's name; its mod revision is the fencing token
+    /pyhv/vms/<vm>/moved        when its last live migration by the cluster balancer ended
     /pyhv/leader/balancer       the cluster balancer leader's host name, under its lease
     /pyhv/migrations/<vm>       MigrationRecord of a live migration in flight
 
@@ -51,6 +52,10 @@ def vm_config_key(vm: str) -> str:
 
 def vm_owner_key(vm: str) -> str:
     return f"{VMS}{vm}/owner"
+
+
+def vm_moved_key(vm: str) -> str:
+    return f"{VMS}{vm}/moved"
 
 
 def migration_key(vm: str) -> str:

@@ -9,7 +9,15 @@ import numpy as np
 
 from pyhv.cluster.etcd import Etcd
 from pyhv.cluster.policy import ClusterSnapshot
-from pyhv.cluster.records import HOSTS, MIGRATIONS, HostRecord, MigrationRecord, decode
+from pyhv.cluster.records import (
+    HOSTS,
+    MIGRATIONS,
+    VMS,
+    HostRecord,
+    MigrationRecord,
+    RecordError,
+    decode,
+)
 
 
 def read_hosts(etcd: Etcd) -> list[HostRecord]:
@@ -23,17 +31,55 @@ def read_migrations(etcd: Etcd) -> list[MigrationRecord]:
     return [decode(kv.key, kv.value, MigrationRecord) for kv in kvs]
 
 
+def read_owners(etcd: Etcd) -> dict[str, str]:
+    """Each owned VM's owner host (the owner keys)."""
+    kvs, _ = etcd.get_prefix(VMS)
+    out = {}
+    for kv in kvs:
+        vm, _, leaf = kv.key[len(VMS) :].partition("/")
+        if leaf == "owner":
+            out[vm] = kv.value
+    return out
+
+
+def read_last_moved(etcd: Etcd) -> dict[str, float]:
+    """When each VM's last move by the cluster balancer ended (wall-clock seconds)."""
+    kvs, _ = etcd.get_prefix(VMS)
+    out = {}
+    for kv in kvs:
+        vm, _, leaf = kv.key[len(VMS) :].partition("/")
+        if leaf == "moved":
+            try:
+                out[vm] = float(kv.value)
+            except ValueError:
+                raise RecordError(f"etcd key {kv.key} holds {kv.value!r}, not a time") from None
+    return out
+
+
 def snapshot(
     hosts: list[HostRecord],
     migrations: list[MigrationRecord] = (),  # type: ignore[assignment]
     now: float | None = None,
     last_moved: dict[str, float] | None = None,
+    owners: dict[str, str] | None = None,
 ) -> ClusterSnapshot:
     """The snapshot of `hosts` (capacity = total less reserve); a VM without a reported demand
-    has its assigned memory as target."""
+    has its assigned memory as target.
+
+    Host records are published every few seconds, so a VM that just moved can still be listed
+    by its old host: where `owners` (VM -> host, the owner keys) names a host, the VM counts
+    only there; a VM listed twice without an owner counts once, at the first host by name."""
     names = tuple(h.name for h in hosts)
     index = {n: i for i, n in enumerate(names)}
-    vms = [(i, v) for i, h in enumerate(hosts) for v in h.vms]
+    owned = owners or {}
+    seen: set[str] = set()
+    vms = []
+    for i, h in enumerate(hosts):
+        for v in h.vms:
+            if owned.get(v.name, h.name) != h.name or v.name in seen:
+                continue
+            seen.add(v.name)
+            vms.append((i, v))
     vm_ids = tuple(v.name for _, v in vms)
     vm_index = {n: i for i, n in enumerate(vm_ids)}
     moving = [

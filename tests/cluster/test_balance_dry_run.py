@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,11 @@ import pytest
 from pyhv.cluster import election
 from pyhv.cluster.etcd import Etcd
 from pyhv.cluster.records import HostRecord, VmSummary, encode, host_key
+from tests.cluster.cluster_hosts import pyhv
 from tests.support.etcd import etcd_server
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[2]
 G = 1 << 30
 
 
@@ -28,15 +27,7 @@ def _vm(name: str, gib: float) -> VmSummary:
 
 
 def _balance(endpoint: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(
-        [sys.executable, "-m", "pyhv.cli", "cluster", "balance", "--cluster", endpoint, *extra],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert "Traceback" not in r.stderr, r.stderr
-    return r
+    return pyhv("cluster", "balance", "--cluster", endpoint, *extra, timeout=60)
 
 
 def test_the_leader_prints_the_plan_that_moves_a_vm_off_a_short_host(tmp_path: Path) -> None:
@@ -60,5 +51,5 @@ def test_the_leader_prints_the_plan_that_moves_a_vm_off_a_short_host(tmp_path: P
         assert other is not None
         r = _balance(server.endpoint, "--dry-run")
         assert r.returncode == 1 and f"b (term {other.term}) leads the cluster balancer" in r.stderr
-        r = _balance(server.endpoint)
-        assert r.returncode == 2 and "give --dry-run" in r.stderr
+        r = _balance(server.endpoint, "--tokens", str(tmp_path / "none"))
+        assert r.returncode == 1 and "cannot read the hosts' tokens file" in r.stderr

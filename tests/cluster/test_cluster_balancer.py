@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pyhv.cluster.policies import load_policy
 
 from pyhv.cluster.balancer import CostRelief
+from pyhv.cluster.policies import load_policy
 from pyhv.cluster.policy import (
     ClusterSnapshot,
     Limits,
@@ -20,6 +20,8 @@ from pyhv.cluster.policy import (
     PolicyError,
     check_plan,
 )
+from pyhv.cluster.records import HostRecord, VmSummary
+from pyhv.cluster.snapshot import snapshot as from_records
 
 pytestmark = pytest.mark.unit
 
@@ -128,3 +130,12 @@ def test_a_users_policy_from_a_file(tmp_path: Path) -> None:
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(PolicyError, match="defines no `policy`"):
         load_policy(str(tmp_path / "empty.py"))
+
+
+def test_a_vm_that_just_moved_counts_only_at_its_owner() -> None:
+    g = VmSummary("g", assigned=G, startup=G, minimum=G // 2, maximum=2 * G, target=G)
+    a = HostRecord("a", "", "", total=4 * G, free=2 * G, reserve=0, vms=[g])
+    b = HostRecord("b", "", "", total=4 * G, free=2 * G, reserve=0, vms=[g])  # not republished
+    s = from_records([a, b], owners={"g": "b"})
+    assert s.vm_ids == ("g",) and s.hosts[s.vm_host[0]] == "b"
+    assert from_records([a, b]).vm_ids == ("g",)  # no owner key: counted once

@@ -6,42 +6,27 @@ where, and nothing of it is left behind."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pyhv.cluster import ownership
 from pyhv.cluster.etcd import Etcd
-from pyhv.cluster.records import HOSTS, VmRecord, decode, vm_config_key
+from pyhv.cluster.records import VmRecord, decode, vm_config_key
+from tests.cluster.cluster_hosts import cluster_hosts, pyhv
 from tests.support.etcd import etcd_server
-from tests.support.wait import wait_for
-from tests.vmms.vmms_process import ROOT, VmmsProcess
 
 pytestmark = pytest.mark.unit
 
 
 def test_vm_create_places_on_the_host_with_room_and_keeps_groups_apart(tmp_path: Path) -> None:
     with etcd_server(tmp_path) as server, Etcd(server.endpoint) as etcd:
-        hosts = {}
-        try:
-            for name, budget in (("a", "1G"), ("b", "2G")):
-                args = ["--cluster", server.endpoint, "--host", name]
-                hosts[name] = VmmsProcess(tmp_path, name, budget, args)
-            wait_for(lambda: len(etcd.get_prefix(HOSTS)[0]) == 2, 30, "both hosts joined")
-            tokens = tmp_path / "tokens"
-            tokens.write_text(
-                "".join(f"{n} {h.token_file.read_text().strip()}\n" for n, h in hosts.items())
-            )
+        with cluster_hosts(tmp_path, etcd, {"a": "1G", "b": "2G"}) as (hosts, tokens):
 
             def create(*args: str) -> subprocess.CompletedProcess[str]:
-                r = subprocess.run(
-                    [sys.executable, "-m", "pyhv.cli", "vm", "create", *args, "--cluster",
-                     server.endpoint, "--tokens", str(tokens)],
-                    capture_output=True, text=True, timeout=60, cwd=ROOT,
-                )  # fmt: skip
-                assert "Traceback" not in r.stderr, r.stderr
-                return r
+                return pyhv(
+                    "vm", "create", *args, "--cluster", server.endpoint, "--tokens", str(tokens)
+                )
 
             r = create("web1", "--memory", "256M", "--anti-affinity", "web")
             assert r.returncode == 0 and "placed on host b" in r.stderr, r.stderr
@@ -64,6 +49,3 @@ def test_vm_create_places_on_the_host_with_room_and_keeps_groups_apart(tmp_path:
             assert etcd.get(vm_config_key("huge")) is None and ownership.owner(etcd, "huge") is None
             r = create("web1", "--memory", "256M")
             assert r.returncode == 1 and "the cluster has a VM named 'web1'" in r.stderr
-        finally:
-            for h in hosts.values():
-                h.close()

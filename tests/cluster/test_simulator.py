@@ -8,18 +8,17 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from pyhv.cluster.policies import load_policy
 
+from pyhv.cluster.policies import load_policy
 from pyhv.cluster.simulator import SimConfig, simulate_many
 from pyhv.cluster.workloads import synthetic
+from tests.cluster.cluster_hosts import pyhv
 
 pytestmark = pytest.mark.simulation
 
-ROOT = Path(__file__).resolve().parents[2]
 
 USER_POLICY = '''
 """Move the largest VM off the host with the largest deficit, to the host with the most room."""
@@ -44,15 +43,7 @@ def plan(s):
 
 
 def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(
-        [sys.executable, "-m", "pyhv.cli", "cluster", "simulate", *args],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=ROOT,
-    )
-    assert "Traceback" not in r.stderr, r.stderr
-    return r
+    return pyhv("cluster", "simulate", *args)
 
 
 def test_cluster_balancing_cuts_pressure_against_host_only_rules(tmp_path: Path) -> None:

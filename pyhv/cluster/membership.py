@@ -4,7 +4,8 @@ and `close`; the agent reads the VMMS through `host()`, `list()` and `stop()`).
 
 - Join: a lease of `ttl_s` seconds, and the host's record (pyhv.cluster.records.HostRecord)
   under it; a host name another live host holds is refused.
-- Liveness: a thread renews the lease every third of (TTL - margin) and publishes the host's
+- Liveness: a thread renews the lease every third of (TTL - margin), retrying within a quarter
+  second after a failure, and publishes the host's
   capacity (the VMMS's pool: budget, free above the reserve, its VMs and their pressure) every
   `publish_every_s`.
 - Fencing (pyhv.cluster.fencing): a second thread watches the lease clock; when no renewal was
@@ -40,6 +41,8 @@ log = logging.getLogger("pyhv.cluster")
 DEFAULT_TTL_S = 5
 DEFAULT_MARGIN_S = 2.0
 DEFAULT_PUBLISH_S = 2.0
+#: After a failed renewal, the next one goes out this soon (from the failed one's start).
+RETRY_S = 0.25
 
 
 class JoinError(RuntimeError):
@@ -221,21 +224,28 @@ class HostAgent:
         self._published_at = time.monotonic()
 
     def _keep(self) -> None:
-        while not self._stop.wait(self.clock.renew_every_s):
+        # Renewals go out every renew_every_s from the last one's start; after a failure the
+        # next goes out RETRY_S later, so a short outage (etcd restarting) costs no fencing.
+        next_at = time.monotonic() + self.clock.renew_every_s
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             sent = time.monotonic()
+            next_at = sent + RETRY_S
             try:
                 if not self.lease:
                     self._join()
+                    next_at = sent + self.clock.renew_every_s
                     continue
                 ttl = self.etcd.keepalive(self.lease, timeout=self.clock.renew_every_s)
                 if ttl <= 0:
                     log.warning("host %s: lease %x expired; joining again", self.name, self.lease)
                     self.lease = 0
                     self._join()
+                    next_at = sent + self.clock.renew_every_s
                     continue
                 with self._cond:
                     self.clock.renewed(sent, float(ttl))
                     self._cond.notify_all()
+                next_at = sent + self.clock.renew_every_s
                 if time.monotonic() - self._published_at >= self.publish_every_s:
                     self.publish()
             except (EtcdError, JoinError) as e:

@@ -30,14 +30,14 @@ def pyhv(*args: str, timeout: float = 280) -> subprocess.CompletedProcess[str]:
 
 @contextmanager
 def cluster_hosts(
-    tmp: Path, etcd: Etcd, budgets: dict[str, str]
+    tmp: Path, etcd: Etcd, budgets: dict[str, str], lease_ttl: int = 5
 ) -> Iterator[tuple[dict[str, VmmsProcess], Path]]:
     """A `pyhv vmms serve --cluster E --host NAME` per name (with its memory budget), all
     joined, and a tokens file (`HOST TOKEN` lines) for them; the hosts stop on exit."""
     hosts: dict[str, VmmsProcess] = {}
     try:
         for name, budget in budgets.items():
-            args = ["--cluster", etcd.endpoints[0], "--host", name]
+            args = ["--cluster", etcd.endpoints[0], "--host", name, "--lease-ttl", str(lease_ttl)]
             hosts[name] = VmmsProcess(tmp, name, budget, args)
         wait_for(lambda: len(etcd.get_prefix(HOSTS)[0]) == len(budgets), 30, "the hosts joined")
         tokens = tmp / "tokens"

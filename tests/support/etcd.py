@@ -36,27 +36,40 @@ class EtcdServer:
                 "etcd is not installed: `apt-get install etcd-server` (Debian's etcd 3.4) "
                 "for the cluster tests"
             )
+        self.binary = binary
         self.dir = tmp / "etcd"
         self.dir.mkdir(parents=True, exist_ok=True)
-        client, peer = _free_port(), _free_port()
-        self.endpoint = f"http://127.0.0.1:{client}"
-        self.log = open(self.dir / "etcd.log", "w+")
+        self.peer = _free_port()
+        self.endpoint = f"http://127.0.0.1:{_free_port()}"
+        self.log = open(self.dir / "etcd.log", "a+")
+        self._start()
+
+    def _start(self) -> None:
+        peer = f"http://127.0.0.1:{self.peer}"
         self.proc = subprocess.Popen(
             [
-                binary,
+                self.binary,
                 "--name=test",
                 f"--data-dir={self.dir / 'data'}",
                 f"--listen-client-urls={self.endpoint}",
                 f"--advertise-client-urls={self.endpoint}",
-                f"--listen-peer-urls=http://127.0.0.1:{peer}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
-                f"--initial-cluster=test=http://127.0.0.1:{peer}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=test={peer}",
                 "--log-level=warn",
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
         wait_for(self.healthy, 30, f"etcd answering at {self.endpoint}", interval=0.1)
+
+    def restart(self) -> None:
+        """Stop etcd (SIGTERM; resumed first if paused) and start it again on the same ports and
+        data."""
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._start()
 
     def healthy(self) -> bool:
         assert self.proc.poll() is None, (self.dir / "etcd.log").read_text()[-2000:]

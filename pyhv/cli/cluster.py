@@ -74,6 +74,17 @@ def register(sub: Any) -> None:
         help="writes PREFIX.csv and PREFIX.png (default %(default)s)",
     )
     s.set_defaults(func=simulate_command)
+    h = cmds.add_parser(
+        "hosts",
+        help="the live hosts of a cluster and their capacity",
+        description="The live hosts (their records in etcd): memory, free pool, VMs, pressure, "
+        "and who leads the cluster balancer.",
+    )
+    h.add_argument(
+        "--cluster", required=True, metavar="ENDPOINTS", help="etcd: http://HOST:PORT[,...]"
+    )
+    h.add_argument("--json", dest="as_json", action="store_true", help="print the records as JSON")
+    h.set_defaults(func=hosts_command)
     b = cmds.add_parser(
         "balance",
         help="the cluster balancer: plan live migrations and carry them out (or --dry-run)",
@@ -140,6 +151,43 @@ def simulate_command(a: argparse.Namespace) -> int:
         raise CliError(f"cannot write {csv_path} / {png_path}: {e}") from None
     print(f"wrote {csv_path} and {png_path}", file=sys.stderr)
     print(json.dumps({"results": [r.summary() for r in results]}))
+    return 0
+
+
+def hosts_command(a: argparse.Namespace) -> int:
+    import time
+
+    import msgspec
+
+    from pyhv.cluster import election
+    from pyhv.cluster.etcd import Etcd, EtcdError
+    from pyhv.cluster.records import RecordError
+    from pyhv.cluster.snapshot import read_hosts
+
+    try:
+        etcd = Etcd(a.cluster)
+    except ValueError as e:
+        raise CliError(str(e), 2) from None
+    try:
+        hosts = read_hosts(etcd)
+        lead = election.leader(etcd)
+    except (EtcdError, RecordError) as e:
+        raise CliError(str(e)) from None
+    finally:
+        etcd.close()
+    if a.as_json:
+        print(json.dumps({"hosts": msgspec.to_builtins(hosts), "leader": lead and lead[0]}))
+        return 0
+    print(f"{'HOST':<12} {'API':<21} {'MEMORY':>8} {'FREE':>8} {'VMS':>4} {'PRESSURE':>9} STATE")
+    for r in hosts:
+        state = "short" if r.pressure.short else "ok"
+        age = time.time() - r.published
+        print(
+            f"{r.name:<12} {r.api or '-':<21} {(r.total - r.reserve) >> 20:>6}Mi "
+            f"{r.free >> 20:>6}Mi {len(r.vms):>4} {r.pressure.highest:>8.0f}% {state}"
+            + (f" (published {age:.0f} s ago)" if age > 10 else "")
+        )
+    print(f"{len(hosts)} hosts; cluster balancer leader: {lead[0] if lead else 'none'}")
     return 0
 
 

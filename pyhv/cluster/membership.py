@@ -33,6 +33,7 @@ from pyhv.cluster.records import (
     encode,
     host_key,
 )
+from pyhv.counters.registry import CounterDef, CounterSetDef
 from pyhv.dynmem.balancer import PAGE_SIZE
 from pyhv.dynmem.status import target_pages
 
@@ -43,6 +44,33 @@ DEFAULT_MARGIN_S = 2.0
 DEFAULT_PUBLISH_S = 2.0
 #: After a failed renewal, the next one goes out this soon (from the failed one's start).
 RETRY_S = 0.25
+
+
+#: The host's side of the cluster, in the VMMS's counters (/metrics, the chart page).
+HOST_SET = CounterSetDef(
+    "pyhv Cluster Host",
+    (
+        CounterDef("Lease Renewals", "lease keepalives etcd answered", "count", "cumulative"),
+        CounterDef(
+            "Lease Renewals Failed", "keepalives etcd did not answer", "count", "cumulative"
+        ),
+        CounterDef("Records Published", "host records written to etcd", "count", "cumulative"),
+        CounterDef(
+            "Fencings",
+            "times the host stopped its VMs for a lease it could not renew",
+            "count",
+            "cumulative",
+        ),  # fmt: skip
+        CounterDef("VMs Fenced", "VMs stopped by fencing", "count", "cumulative"),
+        CounterDef(
+            "Seconds Before Fencing",
+            "time left until the host fences itself without a renewal (0: not in the cluster)",
+            "seconds",
+        ),  # fmt: skip
+    ),
+    instance_label=None,
+    prometheus_name="pyhv_cluster_host",
+)
 
 
 class JoinError(RuntimeError):
@@ -152,6 +180,25 @@ class HostAgent:
         self._threads: list[threading.Thread] = []
         self._published_at = 0.0
         self._stale_lease = 0
+        self.counts = dict.fromkeys(
+            (
+                "Lease Renewals",
+                "Lease Renewals Failed",
+                "Records Published",
+                "Fencings",
+                "VMs Fenced",
+            ),
+            0,
+        )
+        registry = getattr(self.vmms, "registry", None)
+        self._counters = None if registry is None else registry.register(HOST_SET)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+        if self._counters is not None:
+            fence_at = self.clock.fence_at
+            left = 0.0 if fence_at is None else max(0.0, fence_at - time.monotonic())
+            self._counters.update({**self.counts, "Seconds Before Fencing": round(left, 2)})
 
     # --- join and leave -----------------------------------------------------------------
 
@@ -222,6 +269,7 @@ class HostAgent:
         """Write the host's record now (under its lease)."""
         self.etcd.put(host_key(self.name), self._record(), lease=self.lease)
         self._published_at = time.monotonic()
+        self._count("Records Published")
 
     def _keep(self) -> None:
         # Renewals go out every renew_every_s from the last one's start; after a failure the
@@ -245,11 +293,13 @@ class HostAgent:
                 with self._cond:
                     self.clock.renewed(sent, float(ttl))
                     self._cond.notify_all()
+                self._count("Lease Renewals")
                 next_at = sent + self.clock.renew_every_s
                 if time.monotonic() - self._published_at >= self.publish_every_s:
                     self.publish()
             except (EtcdError, JoinError) as e:
                 log.warning("host %s: lease not renewed: %s", self.name, e)
+                self._count("Lease Renewals Failed")
             except Exception:  # noqa: BLE001 - the keeper must outlive a bad VMMS answer
                 log.exception("host %s: renewing the lease failed", self.name)
 
@@ -291,6 +341,8 @@ class HostAgent:
                 log.warning("fencing: stopping %s: %s", vm, e)
         left = expires_at - time.monotonic()
         self.fences.append(FenceRecord(time.monotonic(), running, left))
+        self.counts["VMs Fenced"] += len(running)
+        self._count("Fencings")
         log.error(
             "host %s fenced: %d VMs stopped %.2f s before the lease could expire",
             self.name,

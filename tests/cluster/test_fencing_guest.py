@@ -63,6 +63,12 @@ def test_a_host_cut_off_from_etcd_stops_its_vms_before_its_lease_expires(
             m = re.search(r"fenced: 1 VMs stopped (-?[\d.]+) s before the lease could expire", log)
             assert m and float(m[1]) > 0, log[-3000:]
             assert off_after < TTL_S
+            metrics = host.client.request("GET", "/metrics")
+            assert re.search(r"^pyhv_cluster_host_fencings(_total)? 1\.0$", metrics, re.M), metrics
+            assert re.search(r"^pyhv_cluster_host_vms_fenced(_total)? 1\.0$", metrics, re.M)
+            assert re.search(
+                r"^pyhv_cluster_host_lease_renewals_failed(_total)? [1-9]", metrics, re.M
+            )
 
             # Back in the cluster under a new lease; the fenced VM is not started again.
             def rejoined() -> bool:

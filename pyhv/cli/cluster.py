@@ -197,16 +197,10 @@ def balance_command(a: argparse.Namespace) -> int:
     from pyhv.cluster import election, provision
     from pyhv.cluster.etcd import Etcd, EtcdError
     from pyhv.cluster.executor import execute
+    from pyhv.cluster.leader import decide
     from pyhv.cluster.policies import load_policy
-    from pyhv.cluster.policy import Limits, PolicyError, check_plan
+    from pyhv.cluster.policy import Limits, PolicyError
     from pyhv.cluster.records import RecordError
-    from pyhv.cluster.snapshot import (
-        read_hosts,
-        read_last_moved,
-        read_migrations,
-        read_owners,
-        snapshot,
-    )
 
     try:
         policy = load_policy(a.policy)
@@ -236,16 +230,9 @@ def balance_command(a: argparse.Namespace) -> int:
                 who = f"{now[0]} (term {now[1]})" if now else "another host"
                 raise CliError(f"{who} leads the cluster balancer: its plans rule; try again later")
             try:
-                hosts = read_hosts(etcd)
-                snap = snapshot(
-                    hosts,
-                    read_migrations(etcd),
-                    last_moved=read_last_moved(etcd),
-                    owners=read_owners(etcd),
-                )
-                plan = policy.plan(snap)
-                moves = check_plan(snap, plan, Limits())
-                _print_plan(snap, moves, plan.notes)
+                d = decide(etcd, policy, Limits())
+                hosts, moves = d.hosts, d.moves
+                _print_plan(d.snapshot, moves, d.plan.notes)
                 outcomes = []
                 if not a.dry_run and moves:
                     outcomes = execute(

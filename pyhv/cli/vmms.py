@@ -143,6 +143,28 @@ def register(sub: Any) -> None:
         help="the host's lease in the cluster, seconds (default 5): a host cut off from etcd "
         "stops its VMs before it ends",
     )
+    s.add_argument(
+        "--balance-every",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --cluster: campaign for the cluster balancer's leadership and, as leader, "
+        "plan and carry out live migrations every S seconds (default 0: never)",
+    )
+    s.add_argument(
+        "--balance-policy",
+        default="cluster",
+        metavar="P",
+        help="the cluster balancer's policy: cluster (default), host-only, a .py file or "
+        "module[:attribute]",
+    )
+    s.add_argument(
+        "--cluster-tokens",
+        type=Path,
+        metavar="FILE",
+        help="the hosts' API tokens for the leader's moves, lines `HOST TOKEN` "
+        "(default $PYHV_CLUSTER_TOKENS)",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="log every request")
     s.set_defaults(func=serve_command)
 
@@ -194,7 +216,33 @@ def _join_cluster(a: argparse.Namespace, vmms: Any, tcp: tuple[str, int] | None)
     except JoinError as e:
         raise CliError(str(e)) from None
     print(f"host {host} joined the cluster at {a.cluster}", file=sys.stderr, flush=True)
+    if a.balance_every > 0:
+        _stand_for_leader(a, agent, vmms)
     return agent
+
+
+def _stand_for_leader(a: argparse.Namespace, agent: Any, vmms: Any) -> None:
+    """With --balance-every: the standing cluster balancer (pyhv.cluster.leader)."""
+    from pyhv.cluster.leader import StandingLeader
+    from pyhv.cluster.policies import load_policy
+    from pyhv.cluster.policy import PolicyError
+    from pyhv.cluster.provision import read_tokens
+
+    try:
+        policy = load_policy(a.balance_policy)
+    except PolicyError as e:
+        agent.close()
+        raise CliError(str(e), 2) from None
+
+    def tokens() -> dict[str, str]:
+        return read_tokens(a.cluster_tokens)
+
+    leader = StandingLeader(
+        agent.etcd, agent.name, lambda: agent.lease, policy, tokens, a.balance_every,
+        registry=vmms.registry,
+    )  # fmt: skip
+    agent.on_close.append(leader.close)
+    leader.start()
 
 
 def serve_command(a: argparse.Namespace) -> int:

@@ -172,6 +172,8 @@ class HostAgent:
     fences: list[FenceRecord] = field(default_factory=list)
     #: Set each time the host fenced itself (tests and the log wait on it).
     fenced: threading.Event = field(default_factory=threading.Event)
+    #: Called first on close (the standing leader's close: it resigns before the lease goes).
+    on_close: list[Callable[[], object]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.clock = LeaseClock(float(self.ttl_s), self.margin_s)
@@ -244,6 +246,8 @@ class HostAgent:
 
     def close(self) -> None:
         """Leave: stop the threads and revoke the lease (the host record goes with it)."""
+        for f in self.on_close:
+            f()
         self._stop.set()
         with self._cond:
             self._cond.notify_all()

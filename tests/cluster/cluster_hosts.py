@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,14 +30,20 @@ def pyhv(*args: str, timeout: float = 280) -> subprocess.CompletedProcess[str]:
 
 @contextmanager
 def cluster_hosts(
-    tmp: Path, etcd: Etcd, budgets: dict[str, str], lease_ttl: int = 5
+    tmp: Path,
+    etcd: Etcd,
+    budgets: dict[str, str],
+    lease_ttl: int = 5,
+    extra: Sequence[str] = (),
 ) -> Iterator[tuple[dict[str, VmmsProcess], Path]]:
     """A `pyhv vmms serve --cluster E --host NAME` per name (with its memory budget), all
-    joined, and a tokens file (`HOST TOKEN` lines) for them; the hosts stop on exit."""
+    joined (`extra`: more `vmms serve` arguments), and a tokens file (tmp/tokens, `HOST TOKEN`
+    lines) for them; the hosts stop on exit."""
     hosts: dict[str, VmmsProcess] = {}
     try:
         for name, budget in budgets.items():
             args = ["--cluster", etcd.endpoints[0], "--host", name, "--lease-ttl", str(lease_ttl)]
+            args += extra
             hosts[name] = VmmsProcess(tmp, name, budget, args)
         wait_for(lambda: len(etcd.get_prefix(HOSTS)[0]) == len(budgets), 30, "the hosts joined")
         tokens = tmp / "tokens"

@@ -1,0 +1,162 @@
+"""The cluster balancer's standing leader: with `pyhv vmms serve --cluster E --host N
+--balance-every S`, every host's VMMS campaigns for the leadership under its own host lease (so
+leadership ends with the host), and the leader decides every S seconds: it reads the snapshot,
+asks the policy for a plan, checks it against the limits and carries it out
+(pyhv.cluster.executor). `decide` is shared with `pyhv cluster balance`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from pyhv.cluster import election
+from pyhv.cluster.etcd import Etcd, EtcdError
+from pyhv.cluster.executor import Outcome, execute
+from pyhv.cluster.policy import ClusterPolicy, ClusterSnapshot, Limits, Move, Plan, check_plan
+from pyhv.cluster.provision import ProvisionError
+from pyhv.cluster.records import HostRecord, RecordError
+from pyhv.cluster.snapshot import (
+    read_hosts,
+    read_last_moved,
+    read_migrations,
+    read_owners,
+    snapshot,
+)
+from pyhv.counters.registry import CounterDef, CounterRegistry, CounterSetDef
+
+log = logging.getLogger("pyhv.cluster")
+
+#: The cluster balancer's work, counted on the host that led when it happened.
+CLUSTER_SET = CounterSetDef(
+    "pyhv Cluster",
+    (
+        CounterDef("Leader", "1 while this host leads the cluster balancer", "count"),
+        CounterDef("Decisions", "plans made as leader", "count", "cumulative"),
+        CounterDef("Migrations", "live migrations the leader carried out", "count", "cumulative"),
+        CounterDef(
+            "Migrations Failed", "moves that failed or were in doubt", "count", "cumulative"
+        ),
+        CounterDef("Bytes Moved", "memory the moves were expected to send", "bytes", "cumulative"),
+        CounterDef("Decision Time", "the last plan's time (policy and check)", "seconds"),
+    ),
+    instance_label=None,
+    prometheus_name="pyhv_cluster",
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    hosts: list[HostRecord]
+    snapshot: ClusterSnapshot
+    plan: Plan
+    moves: list[Move]
+    seconds: float
+
+
+def decide(etcd: Etcd, policy: ClusterPolicy, limits: Limits) -> Decision:
+    """Read the cluster, ask the policy, check its plan (PolicyError if it breaks a rule)."""
+    hosts = read_hosts(etcd)
+    snap = snapshot(
+        hosts, read_migrations(etcd), last_moved=read_last_moved(etcd), owners=read_owners(etcd)
+    )
+    t0 = time.perf_counter()
+    plan = policy.plan(snap)
+    moves = check_plan(snap, plan, limits)
+    return Decision(hosts, snap, plan, moves, time.perf_counter() - t0)
+
+
+@dataclass
+class StandingLeader:
+    """Campaigns under the host's lease (`lease()`: 0 while the host has none) and, as leader,
+    decides and carries out every `every_s` seconds on a thread of its own."""
+
+    etcd: Etcd
+    host: str
+    lease: Callable[[], int]
+    policy: ClusterPolicy
+    #: The hosts' API tokens, read again at each plan with moves (hosts join, tokens rotate).
+    tokens: Callable[[], Mapping[str, str]]
+    every_s: float
+    limits: Limits = field(default_factory=Limits)
+    registry: CounterRegistry | None = None
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._held: election.Leadership | None = None
+        self._thread: threading.Thread | None = None
+        self.counts = {"Decisions": 0, "Migrations": 0, "Migrations Failed": 0, "Bytes Moved": 0}
+        self._counters = None if self.registry is None else self.registry.register(CLUSTER_SET)
+        self._seconds = 0.0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cluster-leader", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        held = self._held
+        if held is not None:
+            try:
+                election.resign(self.etcd, held)
+            except EtcdError:
+                pass
+
+    def _publish(self) -> None:
+        if self._counters is not None:
+            leading = 1 if self._held is not None else 0
+            self._counters.update(
+                {**self.counts, "Leader": leading, "Decision Time": round(self._seconds, 6)}
+            )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self._tick()
+            except (EtcdError, RecordError, ValueError, ProvisionError) as e:
+                log.warning("cluster balancer on %s: %s", self.host, e)
+            except Exception:  # noqa: BLE001 - a user's policy may fail in any way
+                log.exception("cluster balancer on %s failed", self.host)
+            self._publish()
+
+    def _tick(self) -> None:
+        lease = self.lease()
+        held = self._held
+        if held is not None and (
+            held.lease != lease or not election.still_leading(self.etcd, held)
+        ):
+            log.warning("host %s no longer leads the cluster balancer", self.host)
+            self._held = held = None
+        if held is None:
+            if not lease:
+                return
+            held = election.campaign(self.etcd, self.host, lease)
+            if held is None:
+                return
+            self._held = held
+            log.info("host %s leads the cluster balancer (term %d)", self.host, held.term)
+        d = decide(self.etcd, self.policy, self.limits)
+        self._seconds = d.seconds
+        self.counts["Decisions"] += 1
+        if not d.moves:
+            return
+        log.info("cluster balancer: %d moves: %s", len(d.moves),
+                 ", ".join(f"{m.vm} {m.source}->{m.destination}" for m in d.moves))  # fmt: skip
+        for o in execute(
+            self.etcd, held, d.moves, {h.name: h for h in d.hosts}, self.tokens(),
+            report=lambda o: log.info("cluster balancer: %s %s %s->%s in %.1f s %s", o.state,
+                                      o.move.vm, o.move.source, o.move.destination, o.seconds,
+                                      o.why),
+        ):  # fmt: skip
+            self.outcomes.append(o)
+            if o.state == "done":
+                self.counts["Migrations"] += 1
+                self.counts["Bytes Moved"] += o.move.bytes
+            elif o.state != "skipped":
+                self.counts["Migrations Failed"] += 1

@@ -40,7 +40,7 @@ from pyhv.dynmem.status import target_pages
 log = logging.getLogger("pyhv.cluster")
 
 DEFAULT_TTL_S = 5
-DEFAULT_MARGIN_S = 2.0
+DEFAULT_MARGIN_S = 2.5
 DEFAULT_PUBLISH_S = 2.0
 #: After a failed renewal, the next one goes out this soon (from the failed one's start).
 RETRY_S = 0.25
@@ -338,11 +338,22 @@ class HostAgent:
             self.ttl_s - self.margin_s,
             len(running),
         )
-        for vm in running:
+
+        def stop(vm: str) -> None:
             try:
                 self.vmms.stop(vm)
             except Exception as e:  # noqa: BLE001 - a VM that ended meanwhile is fenced too
                 log.warning("fencing: stopping %s: %s", vm, e)
+
+        # All at once: the margin is for stopping every VM, not each in turn.
+        stoppers = [
+            threading.Thread(target=stop, args=(vm,), name=f"fence-{vm}", daemon=True)
+            for vm in running
+        ]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
         left = expires_at - time.monotonic()
         self.fences.append(FenceRecord(time.monotonic(), running, left))
         self.counts["VMs Fenced"] += len(running)
@@ -376,7 +387,7 @@ def join(
     try:
         etcd = Etcd(endpoints, timeout=max(1.0, ttl_s / 3))
         check_host_name(host)
-        margin = min(DEFAULT_MARGIN_S, ttl_s / 2.5)
+        margin = min(DEFAULT_MARGIN_S, ttl_s / 2)
         agent = HostAgent(
             etcd, host, vmms, api, migration, ttl_s, margin, last_decision=last_decision
         )

@@ -45,9 +45,15 @@ def read_tokens(path: Path | None) -> dict[str, str]:
             return {}
         path = Path(env)
     try:
+        mode = path.stat().st_mode
         text = path.read_text()
     except OSError as e:
         raise ProvisionError(f"cannot read the hosts' tokens file {path}: {e}") from None
+    if mode & 0o077:
+        raise ProvisionError(
+            f"the hosts' tokens file {path} is open to others (mode {mode & 0o777:o}): "
+            f"chmod 600 {path}"
+        )
     tokens = {}
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()

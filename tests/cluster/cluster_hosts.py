@@ -47,6 +47,7 @@ def cluster_hosts(
             hosts[name] = VmmsProcess(tmp, name, budget, args)
         wait_for(lambda: len(etcd.get_prefix(HOSTS)[0]) == len(budgets), 30, "the hosts joined")
         tokens = tmp / "tokens"
+        tokens.touch(mode=0o600)
         tokens.write_text(
             "".join(f"{n} {h.token_file.read_text().strip()}\n" for n, h in hosts.items())
         )

@@ -49,3 +49,8 @@ def test_vm_create_places_on_the_host_with_room_and_keeps_groups_apart(tmp_path:
             assert etcd.get(vm_config_key("huge")) is None and ownership.owner(etcd, "huge") is None
             r = create("web1", "--memory", "256M")
             assert r.returncode == 1 and "the cluster has a VM named 'web1'" in r.stderr
+            tokens.chmod(0o644)
+            r = create("web4", "--memory", "256M")
+            assert (
+                r.returncode == 1 and f"open to others (mode 644): chmod 600 {tokens}" in r.stderr
+            )

@@ -42,6 +42,17 @@ CLUSTER_SET = CounterSetDef(
         ),
         CounterDef("Bytes Moved", "memory the moves were expected to send", "bytes", "cumulative"),
         CounterDef("Decision Time", "the last plan's time (policy and check)", "seconds"),
+        CounterDef(
+            "VMs Under Pressure",
+            "VMs whose demand exceeds their assigned memory, at the last decision",
+            "count",
+        ),  # fmt: skip
+        CounterDef(
+            "VM-Seconds Under Pressure",
+            "VMs under pressure x the time between decisions",
+            "seconds",
+            "cumulative",
+        ),  # fmt: skip
     ),
     instance_label=None,
     prometheus_name="pyhv_cluster",
@@ -89,7 +100,11 @@ class StandingLeader:
         self._stop = threading.Event()
         self._held: election.Leadership | None = None
         self._thread: threading.Thread | None = None
-        self.counts = {"Decisions": 0, "Migrations": 0, "Migrations Failed": 0, "Bytes Moved": 0}
+        self.counts: dict[str, float] = dict.fromkeys(
+            ("Decisions", "Migrations", "Migrations Failed", "Bytes Moved", "VMs Under Pressure",
+             "VM-Seconds Under Pressure"),
+            0,
+        )  # fmt: skip
         self._counters = None if self.registry is None else self.registry.register(CLUSTER_SET)
         self._seconds = 0.0
 
@@ -144,6 +159,11 @@ class StandingLeader:
         d = decide(self.etcd, self.policy, self.limits)
         self._seconds = d.seconds
         self.counts["Decisions"] += 1
+        under = sum(
+            1 for h in d.hosts for v in h.vms if v.demand is not None and v.demand > v.assigned
+        )
+        self.counts["VMs Under Pressure"] = under
+        self.counts["VM-Seconds Under Pressure"] += under * self.every_s
         if not d.moves:
             return
         log.info("cluster balancer: %d moves: %s", len(d.moves),

@@ -117,6 +117,8 @@ def register(sub: Any) -> None:
         "vm",
         help="create, start, stop, inspect and migrate VMs (through the VMMS)",
         description="Create, start, stop, inspect and migrate VMs through the VMMS (`pyhv vmms serve`).",
+        # no abbreviations: `migrate --to` must not read as this group's --token(-file)
+        allow_abbrev=False,
     )
     add_client_options(p)
     cmds = p.add_subparsers(dest="vm_command", metavar="COMMAND", required=True)

@@ -161,6 +161,13 @@ def register(sub: Any) -> None:
         metavar="S",
         help="seconds a request's head may take; slower clients are dropped (default 10)",
     )
+    s.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds a request's body may take once its head came (default 30)",
+    )
     types.refuse_secret(s, "--token", "the state directory's 'token' file")
     s.add_argument(
         "--memory-budget",
@@ -296,8 +303,12 @@ def serve_command(a: argparse.Namespace) -> int:
     tls, peer_tls = _serve_tls(a, address)
     if a.max_connections < 16:
         raise CliError(f"--max-connections {a.max_connections}: give 16 or more", 2)
-    if not a.header_timeout > 0:
-        raise CliError(f"--header-timeout {a.header_timeout:g}: give seconds > 0", 2)
+    for option, value in (
+        ("--header-timeout", a.header_timeout),
+        ("--body-timeout", a.body_timeout),
+    ):
+        if not value > 0:
+            raise CliError(f"{option} {value:g}: give seconds > 0", 2)
     # Each connection is a file descriptor: room for both sockets' caps, VMs and files.
     open_files = raise_open_files_limit()
     max_connections = min(a.max_connections, max(16, (open_files - 512) // 2))
@@ -342,7 +353,11 @@ def serve_command(a: argparse.Namespace) -> int:
             address,
             tls=tls,
             migration_token_file=Path(a.migration_token_file) if a.migration_token_file else None,
-            limits=Limits(max_connections=max_connections, head_timeout=a.header_timeout),
+            limits=Limits(
+                max_connections=max_connections,
+                head_timeout=a.header_timeout,
+                body_timeout=a.body_timeout,
+            ),
             verbose=a.verbose,
         )
     except (ServeError, OSError) as e:

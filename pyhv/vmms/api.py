@@ -46,7 +46,7 @@ CONSOLE_SEND_TIMEOUT = 10.0
 TRACE_QUEUE = 8192
 
 MAX_BODY = 64 << 10
-#: Seconds a request's body may take to arrive once its head has.
+#: Seconds a request's body may take to arrive once its head has (by default).
 BODY_TIMEOUT = 30.0
 #: Service calls running at once (each on a thread); more wait their turn.
 SERVICE_THREADS = 16
@@ -100,6 +100,7 @@ class ApiState:
     auth: Authenticator | None
     trusted: bool
     tcp_url: str | None = None
+    body_timeout: float = BODY_TIMEOUT
     limiter: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(SERVICE_THREADS)
     )
@@ -256,8 +257,8 @@ def _authenticate(request: Request, state: ApiState, allowed: frozenset[str]) ->
     return who
 
 
-async def _read_body(request: Request) -> bytes | None:
-    """The request's body (None if it has none), at most MAX_BODY bytes, within BODY_TIMEOUT."""
+async def _read_body(request: Request, timeout: float) -> bytes | None:
+    """The request's body (None if it has none), at most MAX_BODY bytes, within `timeout`."""
     h = request.headers
     if "transfer-encoding" in h:
         raise ApiError(411, "chunked bodies are not accepted: send Content-Length")
@@ -271,12 +272,12 @@ async def _read_body(request: Request) -> bytes | None:
         raise ApiError(413, f"body of {length} bytes is too large: at most {MAX_BODY}")
     data = bytearray()
     try:
-        with anyio.fail_after(BODY_TIMEOUT):
+        with anyio.fail_after(timeout):
             async for chunk in request.stream():
                 data += chunk
     except TimeoutError:
         raise ApiError(
-            408, f"the body did not arrive within {BODY_TIMEOUT:g} s: send it at once"
+            408, f"the body did not arrive within {timeout:g} s: send it at once"
         ) from None
     except ClientDisconnect:
         raise _Gone from None
@@ -293,7 +294,7 @@ def _endpoint(methods: dict[str, _Method]) -> Callable[[Request], Awaitable[Any]
             who = _authenticate(request, state, m.scopes)
             if m.stream:
                 return await m.handler(request, state)
-            raw_body = await _read_body(request)
+            raw_body = await _read_body(request, state.body_timeout)
             call = Call(
                 state,
                 dict(request.path_params),

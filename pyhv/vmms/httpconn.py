@@ -1,7 +1,9 @@
 """One HTTP connection of the VMMS API: uvicorn's h11 protocol with what an API exposed before
-authentication needs on top (issue 11, finding 6): a cap on open connections (one past it is
-closed at once, so file descriptors stay bounded), a deadline for each request's head (a client
-that trickles its headers, or sends nothing, is dropped), malformed requests answered with the
+authentication needs on top (issue 11, finding 6): a cap on open connections (at the cap a new
+connection evicts the connection that has waited longest for a request head, or is closed at
+once if every connection is busy: file descriptors stay bounded, and idle connections cannot
+lock out a client that sends its request), a deadline for each request's head (a client that
+trickles its headers, or sends nothing, is dropped), malformed requests answered with the
 API's JSON error, and a way for a streaming route to abort a connection whose client stopped
 reading (``scope["extensions"]["pyhv.abort"]``).
 
@@ -31,17 +33,34 @@ class ApiConnection(H11Protocol):
     head_timeout = 10.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if len(self.server_state.connections) >= self.max_connections:
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._timed_scope: Any = None
+        self._idle_since = self.loop.time()
+        if len(self.server_state.connections) >= self.max_connections and not self._evict():
             log.warning(
-                "API connection refused: %d connections are open (the cap)",
+                "API connection refused: %d connections are open (the cap), all busy",
                 len(self.server_state.connections),
             )
             transport.abort()
             return
         super().connection_made(transport)
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._timed_scope: Any = None
         self._arm_head_timer()
+
+    def _evict(self) -> bool:
+        """Make room by dropping the connection idle the longest (no request in progress)."""
+        idle = [
+            c
+            for c in self.server_state.connections
+            if isinstance(c, ApiConnection)
+            and (c.cycle is None or c.cycle.response_complete)  # waiting for a request head
+            and not c.transport.is_closing()
+        ]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c._idle_since)
+        oldest.transport.abort()
+        self.server_state.connections.discard(oldest)  # (connection_lost follows on the loop)
+        return True
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
@@ -70,6 +89,7 @@ class ApiConnection(H11Protocol):
             extensions["pyhv.abort"] = self.transport.abort
 
     def on_response_complete(self) -> None:
+        self._idle_since = self.loop.time()
         if not self.transport.is_closing():
             self._arm_head_timer()  # the next request's head (a keep-alive connection)
         super().on_response_complete()  # (a pipelined request's head stops the timer again)

@@ -48,11 +48,13 @@ class ServerTls:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per server: open connections at most, seconds for a request's head, seconds an idle
-    keep-alive connection stays, bytes of one incomplete HTTP event (a request head)."""
+    """Per server: open connections at most, seconds for a request's head and for its body,
+    seconds an idle keep-alive connection stays, bytes of one incomplete HTTP event (a
+    request head)."""
 
     max_connections: int = 1024
     head_timeout: float = 10.0
+    body_timeout: float = 30.0
     keep_alive: float = 5.0
     max_head_bytes: int = 16 << 10
 
@@ -206,9 +208,13 @@ class ApiServers:
                 shown = f"[{host}]" if ":" in host else host
                 tcp_url = f"{'https' if tls else 'http'}://{shown}:{port}"
             self.tcp_url = tcp_url
-            unix_state = ApiState(vmms, auth, trusted=True, tcp_url=tcp_url)
+            unix_state = ApiState(
+                vmms, auth, trusted=True, tcp_url=tcp_url, body_timeout=limits.body_timeout
+            )
             # one thread pool for both servers: the service sees at most SERVICE_THREADS calls
-            tcp_state = ApiState(vmms, auth, trusted=False, tcp_url=tcp_url)
+            tcp_state = ApiState(
+                vmms, auth, trusted=False, tcp_url=tcp_url, body_timeout=limits.body_timeout
+            )
             tcp_state.limiter = unix_state.limiter
             self._configs: list[tuple[uvicorn.Config, socket.socket]] = [
                 (_config(make_app(unix_state), limits, None, verbose), self.unix.sock)

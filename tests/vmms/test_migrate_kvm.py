@@ -63,7 +63,9 @@ def test_a_wrong_token_a_destination_without_the_memory_or_a_cut_leave_the_vm_ru
     free_b = b.free()
     a.vm("create", "stay", "--memory", "1G")
     a.vm("start", "stay")
-    wrong = a.vm("migrate", "stay", "--to", b.address, "--token", "not-the-token", check=False)
+    bad = a.state / "wrong-token"
+    bad.write_text("not-the-token-of-b\n")
+    wrong = a.vm("migrate", "stay", "--to", b.address, "--token-file", str(bad), check=False)
     assert "refused the token (401)" in wrong
     full = a.vm(
         "migrate", "stay", "--to", b.address, "--token-file", str(b.token_file), check=False

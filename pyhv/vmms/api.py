@@ -567,10 +567,14 @@ class _Duplex:
 
 async def _send_within(send: Any, data: bytes, more: bool, what: str, abort: Any) -> bool:
     """Send `data`; False (and the connection dropped) if the client does not take it within
-    CONSOLE_SEND_TIMEOUT."""
+    CONSOLE_SEND_TIMEOUT (so at most one send's worth waits in the connection's buffer)."""
     try:
         with anyio.fail_after(CONSOLE_SEND_TIMEOUT):
             await send({"type": "http.response.body", "body": data, "more_body": more})
+            if more:
+                # uvicorn waits for the client only before a write: an empty one (h11 sends
+                # nothing for it) waits until the client has taken what this one left queued.
+                await send({"type": "http.response.body", "body": b"", "more_body": True})
         return True
     except TimeoutError:
         log.warning(

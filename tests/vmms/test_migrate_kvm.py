@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from pyhv.vmms.client import ClientError
+from tests.support.certs import make_ca
 from tests.support.wait import wait_for
 from tests.vmms.vmms_process import VmmsProcess, migrate_api, touched, vmms_pair
 
@@ -140,3 +142,28 @@ def test_a_dynamic_memory_vm_moved_by_the_vmms_is_balanced_by_the_destination_vm
     wait_for(lambda: b.free() < free_b - 300 * MIB, 30, "B's pool following the worker")
     b.vm("stop", "dm1")
     assert b.free() == free_b
+
+
+def test_a_vm_migrates_over_mutual_tls_with_the_destinations_migration_token_only(
+    tmp_path: Path,
+) -> None:
+    """Both VMMSes serve TLS with certificates from one CA and ask for client certificates;
+    the source speaks TLS to the destination with its own certificate and the destination's
+    migration token (which can do nothing else there), and the VM's shell answers there."""
+    ca = make_ca(tmp_path / "ca")
+    with vmms_pair(tmp_path, ca=ca) as (a, b):
+        assert a.address != b.address and "https://" in Path(b.log.name).read_text()
+        # The migration token of B is refused for anything but bringing a VM in.
+        with pytest.raises(ClientError, match="may only bring a VM in") as e:
+            b.tcp_client(b.token_file).request("GET", "/api/vms")
+        assert e.value.status == 403
+        a.vm("create", "tls1", "--memory", "128M")
+        a.vm("start", "tls1")
+        assert "ticks: " in a.shell("tls1", "ticks", b"ticks: ")
+        out = a.vm("migrate", "tls1", "--to", b.address, "--token-file", str(b.token_file))
+        assert f"tls1 runs on {b.address} now" in out, out
+        assert b.state_of("tls1") == "running" and "tls1" not in a.names()
+        assert "ticks: " in b.shell("tls1", "ticks", b"ticks: ")  # its console answers at B
+        # and B's admin, over TLS with a client certificate, sees it
+        assert [vm["name"] for vm in b.tcp_client().request("GET", "/api/vms")["vms"]] == ["tls1"]
+        b.vm("stop", "tls1")

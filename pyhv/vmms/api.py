@@ -249,7 +249,7 @@ def _authenticate(request: Request, state: ApiState, allowed: frozenset[str]) ->
     if "code" in allowed and "code" in request.query_params:
         return "code"  # the chart page's one-time code, exchanged by its route
     try:
-        who = state.auth.scope_of(request.headers, request.cookies, request.query_params)
+        who = state.auth.scope_of(request.headers, request.cookies)
     except AuthError as e:
         raise ApiError(e.status, str(e), {"WWW-Authenticate": 'Bearer realm="pyhv-vmms"'}) from None
     if who not in allowed:

@@ -88,17 +88,9 @@ class Authenticator:
         self._codes: OrderedDict[str, float] = OrderedDict()  # code -> expiry (monotonic)
         self._sessions: OrderedDict[str, float] = OrderedDict()  # cookie -> expiry
 
-    def scope_of(
-        self, headers: Mapping[str, str], cookies: Mapping[str, str], query: Mapping[str, str]
-    ) -> str:
-        """The scope of a request from its header, or its chart cookie; AuthError(401)."""
-        if "token" in query:
-            raise AuthError(
-                401,
-                "a token in the URL (?token=) is refused: URLs end up in logs and histories. "
-                "Send 'Authorization: Bearer <token>' (the chart page: `pyhv vmms chart` prints "
-                "a one-time URL)",
-            )
+    def scope_of(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str:
+        """The scope of a request from its header, or its chart cookie; AuthError(401). (A
+        token in the URL is refused before: pyhv.vmms.api.)"""
         given = headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
         if given:

@@ -25,7 +25,14 @@ from pathlib import Path
 import uvicorn
 
 from pyhv.vmms.api import ApiState, make_app
-from pyhv.vmms.auth import MIGRATE, Authenticator, load_or_make_token, read_token, token_path
+from pyhv.vmms.auth import (
+    ADMIN,
+    MIGRATE,
+    Authenticator,
+    load_or_make_token,
+    read_token,
+    token_path,
+)
 from pyhv.vmms.httpconn import connection_class
 from pyhv.vmms.service import Vmms
 
@@ -190,7 +197,7 @@ class ApiServers:
         self._tcp_sock: socket.socket | None = None
         if tcp is not None:
             try:
-                admin = load_or_make_token(token_path(state_dir, "admin"))
+                admin = load_or_make_token(token_path(state_dir, ADMIN))
                 if migration_token_file is not None:
                     migrate = read_token(migration_token_file, "the migration token")
                 else:

@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from pyhv.counters.registry import CounterSet
 from pyhv.vmms import bodies
 from pyhv.vmms.auth import ADMIN, CHART, COOKIE, COOKIE_TTL, MIGRATE, Authenticator, AuthError
 from pyhv.vmms.openapi import openapi
@@ -101,9 +102,16 @@ class ApiState:
     trusted: bool
     tcp_url: str | None = None
     body_timeout: float = BODY_TIMEOUT
+    counters: CounterSet | None = None  # pyhv.vmms.httpconn.API_SET
+    instance: str = "unix"
     limiter: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(SERVICE_THREADS)
     )
+
+
+def _count(state: ApiState, counter: str) -> None:
+    if state.counters is not None:
+        state.counters.add(counter, 1, state.instance)
 
 
 class Call:
@@ -305,6 +313,8 @@ def _endpoint(methods: dict[str, _Method]) -> Callable[[Request], Awaitable[Any]
             )
             result = await anyio.to_thread.run_sync(m.handler, call, limiter=state.limiter)
         except ApiError as e:
+            if e.status in (401, 403):
+                _count(state, "Credentials Refused")
             return _error(e.status, str(e), e.headers)
         except VmmsError as e:
             return _error(e.status, str(e))
@@ -515,10 +525,16 @@ def _waker(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> Callable[[]
     return wake
 
 
-def _abort_of(request: Request) -> Callable[[], None]:
-    """Drops the connection at once, whatever it has unsent (pyhv.vmms.httpconn)."""
+def _abort_of(request: Request, state: ApiState) -> Callable[[], None]:
+    """Drops the connection at once, whatever it has unsent (pyhv.vmms.httpconn), counted."""
     abort = request.scope.get("extensions", {}).get("pyhv.abort")
-    return abort if abort is not None else (lambda: None)
+
+    def drop() -> None:
+        _count(state, "Stream Clients Dropped")
+        if abort is not None:
+            abort()
+
+    return drop
 
 
 _STREAM_HEADERS = [
@@ -592,7 +608,7 @@ async def _console(request: Request, state: ApiState) -> Any:
     vmms = state.vmms
     ready = asyncio.Event()
     wake = _waker(asyncio.get_running_loop(), ready)
-    abort = _abort_of(request)
+    abort = _abort_of(request, state)
     what = f"VM {name}'s console"
     # A console that does not read loses its connection, not the VM (nor the VMMS's memory).
     out = BoundedOutput(CONSOLE_BUFFER_BYTES, wake)
@@ -651,7 +667,7 @@ async def _trace(request: Request, state: ApiState) -> Any:
     stream = BoundedStream(TRACE_QUEUE)  # a slow client loses events ("dropped"), not memory
     ready = asyncio.Event()
     wake = _waker(asyncio.get_running_loop(), ready)
-    abort = _abort_of(request)
+    abort = _abort_of(request, state)
 
     def out(events: list[Any] | None) -> None:
         if events is None:

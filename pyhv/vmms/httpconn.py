@@ -20,7 +20,48 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pyhv.counters.registry import CounterDef, CounterSet, CounterSetDef
+
 log = logging.getLogger(__name__)
+
+#: What the API's sockets met, per socket ("unix", "tcp").
+API_SET = CounterSetDef(
+    "pyhv VMMS API",
+    (
+        CounterDef("Open Connections", "connections open now", "count"),
+        CounterDef(
+            "Connections Evicted",
+            "idle connections dropped to make room at the cap",
+            "count",
+            "cumulative",
+        ),
+        CounterDef(
+            "Connections Refused", "connections closed at the cap, all busy", "count", "cumulative"
+        ),
+        CounterDef(
+            "Request Heads Timed Out",
+            "connections dropped for a request head not complete in time",
+            "count",
+            "cumulative",
+        ),
+        CounterDef(
+            "Malformed Requests", "requests the HTTP parser refused (400)", "count", "cumulative"
+        ),
+        CounterDef(
+            "Credentials Refused",
+            "requests refused for their token, cookie or code (401) or its scope (403)",
+            "count",
+            "cumulative",
+        ),
+        CounterDef(
+            "Stream Clients Dropped",
+            "console and trace clients dropped for not reading",
+            "count",
+            "cumulative",
+        ),
+    ),
+    instance_label="socket",
+)
 
 
 class ApiConnection(H11Protocol):
@@ -31,6 +72,17 @@ class ApiConnection(H11Protocol):
     max_connections = 1024
     #: Seconds a request's head may take from the connection (or the previous answer) on.
     head_timeout = 10.0
+    #: Where what happens is counted (API_SET), and this socket's instance there.
+    counters: CounterSet | None = None
+    instance = "unix"
+
+    def _count(self, counter: str) -> None:
+        if self.counters is not None:
+            self.counters.add(counter, 1, self.instance)
+
+    def _count_open(self) -> None:
+        if self.counters is not None:
+            self.counters.set("Open Connections", len(self.server_state.connections), self.instance)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
@@ -41,9 +93,11 @@ class ApiConnection(H11Protocol):
                 "API connection refused: %d connections are open (the cap), all busy",
                 len(self.server_state.connections),
             )
+            self._count("Connections Refused")
             transport.abort()
             return
         super().connection_made(transport)
+        self._count_open()
         self._arm_head_timer()
 
     def _evict(self) -> bool:
@@ -60,6 +114,7 @@ class ApiConnection(H11Protocol):
         oldest = min(idle, key=lambda c: c._idle_since)
         oldest.transport.abort()
         self.server_state.connections.discard(oldest)  # (connection_lost follows on the loop)
+        self._count("Connections Evicted")
         return True
 
     def _arm_head_timer(self) -> None:
@@ -76,6 +131,7 @@ class ApiConnection(H11Protocol):
         self._head_timer = None
         if self.cycle is None or self.cycle.response_complete:
             log.info("API connection dropped: no request head within %g s", self.head_timeout)
+            self._count("Request Heads Timed Out")
             self.transport.abort()
 
     def handle_events(self) -> None:
@@ -99,9 +155,11 @@ class ApiConnection(H11Protocol):
         if self.transport is None:
             return  # refused at connection_made
         super().connection_lost(exc)
+        self._count_open()
 
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse: the API's JSON error, then the connection closes."""
+        self._count("Malformed Requests")
         body = json.dumps(
             {"error": f"bad request: {msg} (not HTTP/1.1 as this API speaks it)", "status": 400}
         ).encode()
@@ -123,10 +181,17 @@ class ApiConnection(H11Protocol):
         self.transport.close()
 
 
-def connection_class(max_connections: int, head_timeout: float) -> type[ApiConnection]:
-    """ApiConnection with these limits (one class per server: its own cap)."""
+def connection_class(
+    max_connections: int, head_timeout: float, counters: CounterSet | None, instance: str
+) -> type[ApiConnection]:
+    """ApiConnection with these limits, counted as `instance` (one class per server)."""
     return type(
         "ApiConnection",
         (ApiConnection,),
-        {"max_connections": max_connections, "head_timeout": head_timeout},
+        {
+            "max_connections": max_connections,
+            "head_timeout": head_timeout,
+            "counters": counters,
+            "instance": instance,
+        },
     )

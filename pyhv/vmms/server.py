@@ -24,6 +24,7 @@ from pathlib import Path
 
 import uvicorn
 
+from pyhv.counters.registry import CounterSet
 from pyhv.vmms.api import ApiState, make_app
 from pyhv.vmms.auth import (
     ADMIN,
@@ -33,7 +34,7 @@ from pyhv.vmms.auth import (
     read_token,
     token_path,
 )
-from pyhv.vmms.httpconn import connection_class
+from pyhv.vmms.httpconn import API_SET, connection_class
 from pyhv.vmms.service import Vmms
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,14 @@ def _tcp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(app: object, limits: Limits, tls: ServerTls | None, verbose: bool) -> uvicorn.Config:
+def _config(
+    app: object,
+    limits: Limits,
+    tls: ServerTls | None,
+    verbose: bool,
+    counters: CounterSet,
+    instance: str,
+) -> uvicorn.Config:
     kw: dict[str, object] = {}
     if tls is not None:
         kw = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
@@ -144,7 +152,7 @@ def _config(app: object, limits: Limits, tls: ServerTls | None, verbose: bool) -
             kw |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
-        http=connection_class(limits.max_connections, limits.head_timeout),
+        http=connection_class(limits.max_connections, limits.head_timeout, counters, instance),
         ws="none",
         lifespan="off",
         interface="asgi3",
@@ -215,19 +223,35 @@ class ApiServers:
                 shown = f"[{host}]" if ":" in host else host
                 tcp_url = f"{'https' if tls else 'http'}://{shown}:{port}"
             self.tcp_url = tcp_url
+            counters = vmms.registry.register(API_SET)
             unix_state = ApiState(
-                vmms, auth, trusted=True, tcp_url=tcp_url, body_timeout=limits.body_timeout
+                vmms,
+                auth,
+                trusted=True,
+                tcp_url=tcp_url,
+                body_timeout=limits.body_timeout,
+                counters=counters,
+                instance="unix",
             )
             # one thread pool for both servers: the service sees at most SERVICE_THREADS calls
             tcp_state = ApiState(
-                vmms, auth, trusted=False, tcp_url=tcp_url, body_timeout=limits.body_timeout
+                vmms,
+                auth,
+                trusted=False,
+                tcp_url=tcp_url,
+                body_timeout=limits.body_timeout,
+                counters=counters,
+                instance="tcp",
             )
             tcp_state.limiter = unix_state.limiter
             self._configs: list[tuple[uvicorn.Config, socket.socket]] = [
-                (_config(make_app(unix_state), limits, None, verbose), self.unix.sock)
+                (
+                    _config(make_app(unix_state), limits, None, verbose, counters, "unix"),
+                    self.unix.sock,
+                )
             ]
             if self._tcp_sock is not None:
-                cfg = _config(make_app(tcp_state), limits, tls, verbose)
+                cfg = _config(make_app(tcp_state), limits, tls, verbose, counters, "tcp")
                 self._configs.append((cfg, self._tcp_sock))
         except BaseException:
             self.unix.close()

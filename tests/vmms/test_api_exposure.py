@@ -105,6 +105,8 @@ def test_2000_idle_connections_cost_no_thread_and_an_authenticated_create_still_
         for s in idle:
             s.close()
     assert "under-siege" in host.names()
+    counters = host.client.request("GET", "/api/counters")["counters"]
+    assert counters[r"\pyhv VMMS API(tcp)\Connections Evicted"] >= 2000 - 1024
 
 
 def test_a_client_that_trickles_its_head_or_its_body_is_dropped(host: VmmsProcess) -> None:
@@ -134,6 +136,8 @@ def test_a_client_that_trickles_its_head_or_its_body_is_dropped(host: VmmsProces
     )
     assert status == 408 and "the body did not arrive within 2 s" in json.loads(body)["error"]
     assert host.names() == []
+    counters = host.client.request("GET", "/api/counters")["counters"]
+    assert counters[r"\pyhv VMMS API(tcp)\Request Heads Timed Out"] == 2
 
 
 def test_a_token_in_the_url_is_refused_and_the_header_works(host: VmmsProcess) -> None:
@@ -159,6 +163,8 @@ def test_the_migration_token_can_only_bring_a_vm_in(host: VmmsProcess) -> None:
         with pytest.raises(ClientError, match="the migration token may only bring a VM in") as e:
             migration.request(method, path, body)
         assert e.value.status == 403
+    counters = host.client.request("GET", "/api/counters")["counters"]
+    assert counters[r"\pyhv VMMS API(tcp)\Credentials Refused"] == 5
     # The routes of bringing a VM in take it (here: a migration this VMMS does not have).
     with pytest.raises(ClientError, match="no migration 'in-1-x' on this host") as e:
         migration.request("GET", "/api/migrations/in-1-x")

@@ -104,6 +104,7 @@ def test_a_console_client_that_stops_reading_is_dropped_after_the_send_timeout(
     for i in range(16):
         worker._output(bytes([65 + i]) * (32 << 10))
     _until("the stalled console is detached", lambda: entry.consoles == [], timeout=30)
+    assert vmms.registry["pyhv VMMS API"].get("Stream Clients Dropped", "unix") == 1
     stalled.close()
     assert c.request("GET", "/api/vms/a")["state"] == "running"
 

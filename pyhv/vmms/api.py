@@ -537,6 +537,11 @@ def _abort_of(request: Request, state: ApiState) -> Callable[[], None]:
     return drop
 
 
+def _chunked(request: Request) -> bool:
+    """The request's body is chunked: its last chunk says the client leaves."""
+    return "chunked" in request.headers.get("transfer-encoding", "").lower()
+
+
 _STREAM_HEADERS = [
     (b"content-type", b"application/octet-stream"),
     (b"cache-control", b"no-store"),
@@ -546,13 +551,15 @@ _STREAM_HEADERS = [
 
 class _Duplex:
     """An answer that streams: `writer` sends, `reader` takes what the client sends; when
-    either ends, the other is stopped and `finish` runs."""
+    either ends, the other is stopped and `finish` runs. The writer ends the answer when its
+    source ends; when the client ends its input (the request's last chunk), the answer is
+    ended here and the connection closes."""
 
     def __init__(
         self,
         content_type: bytes,
         writer: Callable[[Any], Awaitable[None]],
-        reader: Callable[[Any], Awaitable[None]],
+        reader: Callable[[Any], Awaitable[bool]],
         finish: Callable[[], None],
         limiter: anyio.CapacityLimiter,
     ) -> None:
@@ -563,6 +570,19 @@ class _Duplex:
         self.limiter = limiter
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        ended = False  # the answer's last chunk went out
+        input_ended = False
+
+        async def tracked_send(message: Any) -> None:
+            nonlocal ended
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
+
+        async def read(receive: Any) -> None:
+            nonlocal input_ended
+            input_ended = await self.reader(receive) is True
+
         try:
             headers = [(b"content-type", self.content_type), *_STREAM_HEADERS[1:]]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -574,8 +594,11 @@ class _Duplex:
                     finally:
                         tg.cancel_scope.cancel()
 
-                tg.start_soon(run, self.writer, send)
-                tg.start_soon(run, self.reader, receive)
+                tg.start_soon(run, self.writer, tracked_send)
+                tg.start_soon(run, read, receive)
+            if input_ended and not ended:
+                with anyio.move_on_after(CONSOLE_SEND_TIMEOUT):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.finish, limiter=self.limiter)
@@ -618,6 +641,7 @@ async def _console(request: Request, state: ApiState) -> Any:
         wake()
 
     detach = await anyio.to_thread.run_sync(vmms.attach, name, sink, limiter=state.limiter)
+    chunked = _chunked(request)
 
     async def writer(send: Any) -> None:
         while True:
@@ -634,18 +658,21 @@ async def _console(request: Request, state: ApiState) -> Any:
                 await _send_within(send, b"", False, what, abort)  # the VM ended
                 return
 
-    async def reader(receive: Any) -> None:
+    async def reader(receive: Any) -> bool:
+        """True when the client ended its input (it leaves), False when it went away. (A
+        request without a chunked body has no input to end: only its leaving counts.)"""
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return False
             data = message.get("body", b"")
             if data:
                 try:
                     await anyio.to_thread.run_sync(vmms.type, name, data, limiter=state.limiter)
                 except VmmsError:
-                    return
-            # (the client's input may end before it stops reading: output goes on)
+                    return False
+            if not message.get("more_body", False) and chunked:
+                return True
 
     return _Duplex(b"application/octet-stream", writer, reader, detach, state.limiter)
 
@@ -678,6 +705,7 @@ async def _trace(request: Request, state: ApiState) -> Any:
         wake()
 
     stop = await anyio.to_thread.run_sync(state.vmms.trace, name, out, kinds, limiter=state.limiter)
+    chunked = _chunked(request)
 
     async def writer(send: Any) -> None:
         while True:
@@ -697,9 +725,14 @@ async def _trace(request: Request, state: ApiState) -> Any:
                 await _send_within(send, b"", False, f"VM {name}'s trace", abort)
                 return
 
-    async def reader(receive: Any) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass  # the client sends nothing; its leaving ends the stream
+    async def reader(receive: Any) -> bool:
+        """The client sends nothing; its leaving (or its input's end: True) ends the stream."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            if not message.get("more_body", False) and chunked:
+                return True
 
     def finish() -> None:
         stop()

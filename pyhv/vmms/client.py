@@ -11,6 +11,7 @@ import io
 import json
 import socket
 import ssl
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,11 +296,22 @@ class Stream:
             raise ValueError("a stream reads as bytes: makefile('rb')")
         return io.BufferedReader(_StreamReader(self))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """End the stream: say the input ended (what was sent is typed first), let the VMMS
+        end its answer (up to `timeout`), then close."""
         try:
-            self.sock.close()
+            self.sock.settimeout(timeout)
+            self.sock.sendall(b"0\r\n\r\n")
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.sock.recv(65536):
+                pass
         except OSError:
-            pass
+            pass  # the VMMS has gone or dropped us already
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
     def __enter__(self) -> Stream:
         return self

@@ -324,6 +324,24 @@ def test_the_console_streams_the_serial_port_both_ways(vmms: tuple[Vmms, ApiServ
     assert status == 409 and "start it to use its console" in body["error"]
 
 
+def test_what_a_console_client_types_just_before_it_leaves_is_typed(
+    vmms: tuple[Vmms, ApiServers],
+) -> None:
+    c = _client(vmms[1])
+    c.request("POST", "/api/vms", {"name": "a"})
+    c.request("POST", "/api/vms/a/start")
+    with c.console("a") as sock:
+        sock.sendall(b"parting words\r")  # and leave at once
+    entry = vmms[0].entry("a")
+    assert entry is not None
+    wait_for(lambda: entry.consoles == [], 10, "the console detached")
+    with c.console("a") as sock:  # the echo is in the recent output
+        sock.settimeout(10)
+        got = b""
+        while b"parting words\r\n" not in got:
+            got += sock.recv(4096)
+
+
 def test_metrics_are_prometheus_text_and_openapi_documents_the_api(
     vmms: tuple[Vmms, ApiServers],
 ) -> None:

@@ -21,6 +21,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -190,7 +191,7 @@ class ApiServers:
         limits: Limits | None = None,
         verbose: bool = False,
     ) -> None:
-        limits = limits or Limits()
+        limits = self._limits = limits or Limits()
         if tcp is not None and tls is None and not is_loopback(tcp[0]):
             raise ServeError(
                 f"TCP address {tcp[0]!r} is not a loopback address: beyond loopback the VMMS "
@@ -274,7 +275,18 @@ class ApiServers:
         self._servers = [uvicorn.Server(cfg) for cfg, _ in self._configs]
 
         async def main() -> None:
-            self._loop = asyncio.get_running_loop()
+            self._loop = loop = asyncio.get_running_loop()
+            # uvicorn passes no handshake deadline (asyncio's default is 60 s): a TLS client
+            # gets the request head's, since it is not a connection of ours until then.
+            create_server = loop.create_server
+            handshake = self._limits.head_timeout
+
+            async def create_server_with_deadline(*args: Any, **kw: Any) -> Any:
+                if kw.get("ssl") is not None:
+                    kw.setdefault("ssl_handshake_timeout", handshake)
+                return await create_server(*args, **kw)
+
+            loop.create_server = create_server_with_deadline  # type: ignore[method-assign]
             tasks = [
                 asyncio.ensure_future(srv.serve(sockets=[sock]))
                 for srv, (_, sock) in zip(self._servers, self._configs, strict=True)

@@ -218,7 +218,9 @@ def test_tcp_beyond_loopback_needs_tls(tmp_path: Path) -> None:
 @pytest.fixture
 def tls_host(tmp_path: Path) -> Iterator[tuple[VmmsProcess, Ca]]:
     ca = make_ca(tmp_path / "ca")
-    h = VmmsProcess(tmp_path, "state", "1G", ca=ca, tcp="0.0.0.0:0")
+    h = VmmsProcess(
+        tmp_path, "state", "1G", ca=ca, tcp="0.0.0.0:0", extra=("--header-timeout", "2")
+    )
     try:
         yield h, ca
     finally:
@@ -245,3 +247,6 @@ def test_over_tls_only_a_client_certificate_from_the_vmms_ca_is_taken(
             )
     with pytest.raises(ClientError):  # plain HTTP to the TLS port
         VmmsClient(tcp=host.address, token=token, timeout=10).request("GET", "/api/vms")
+    h, _, p = host.address.rpartition(":")
+    with socket.create_connection((h, int(p))) as silent:  # never starts its handshake
+        wait_for(lambda: _closed(silent), 30, "the silent TLS connection dropped")

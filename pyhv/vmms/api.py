@@ -126,8 +126,10 @@ class Call:
         headers: Mapping[str, str],
         raw_body: bytes | None,
         who: str,
+        local_host: str | None = None,
     ) -> None:
         self.state = state
+        self.local_host = local_host  # the address the client reached (TCP)
         self.vmms = state.vmms
         self.params = params
         self.query = query
@@ -310,6 +312,7 @@ def _endpoint(methods: dict[str, _Method]) -> Callable[[Request], Awaitable[Any]
                 request.headers,
                 raw_body,
                 who,
+                (request.scope.get("server") or (None,))[0],
             )
             result = await anyio.to_thread.run_sync(m.handler, call, limiter=state.limiter)
         except ApiError as e:
@@ -489,7 +492,10 @@ def _migrations(c: Call) -> Any:
 # The destination side of a live migration: what a migration token may do.
 @route("/api/migrations/incoming", "POST", scopes=(ADMIN, MIGRATE))
 def _incoming(c: Call) -> Any:
-    return Created(c.vmms.migrations.prepare_incoming(bodies.given(c.body(bodies.IncomingRequest))))
+    answer = c.vmms.migrations.prepare_incoming(bodies.given(c.body(bodies.IncomingRequest)))
+    if answer.get("host") in ("0.0.0.0", "::") and c.local_host:
+        answer["host"] = c.local_host  # a VMMS on every address: where the source reached it
+    return Created(answer)
 
 
 @route("/api/migrations/{id}", "GET", scopes=(ADMIN, MIGRATE))

@@ -528,3 +528,47 @@ def test_any_json_body_is_taken_or_refused_with_a_4xx_and_the_vmms_serves_on(
     if got >= 400:
         assert answer["status"] == got and answer["error"]
     assert _client(vmms[1]).request("GET", "/api/host")["budget"] > 0
+
+
+def test_the_console_streams_over_mutual_tls(tmp_path: Path) -> None:
+    from pyhv.vmms.client import ClientTls
+    from pyhv.vmms.server import ServerTls
+    from tests.support.certs import make_ca
+
+    ca = make_ca(tmp_path / "ca")
+    cert, key = ca.issue("vmms")
+    service = Vmms(
+        tmp_path / "state",
+        budget_bytes=4 * GIB,
+        reserve_bytes=GIB // 2,
+        worker_factory=FakeWorker,
+        image_resolver=lambda: __file__,
+    )
+    servers = ApiServers(
+        service,
+        tmp_path / "state" / "vmms.sock",
+        ("127.0.0.1", 0),
+        tls=ServerTls(cert, key, ca.cert),
+    )
+    servers.start()
+    try:
+        assert servers.tcp_url is not None and servers.tcp_url.startswith("https://")
+        c = VmmsClient(
+            tcp=servers.tcp_url.removeprefix("https://"),
+            token=(tmp_path / "state" / "token").read_text().strip(),
+            tls=ClientTls(ca.cert, *ca.issue("admin")),
+            timeout=10,
+        )
+        c.request("POST", "/api/vms", {"name": "a"})
+        c.request("POST", "/api/vms/a/start")
+        with c.console("a") as sock:
+            sock.settimeout(10)
+            got = b""
+            while b"pyhv> " not in got:
+                got += sock.recv(100)
+            sock.sendall(b"mem\r")
+            while b"mem\r\n" not in got:
+                got += sock.recv(100)
+    finally:
+        servers.close()
+        service.close()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pyhv.cluster import election, ownership
 from pyhv.cluster.etcd import Etcd
 from pyhv.cluster.policy import Move
-from pyhv.cluster.provision import ProvisionError, host_client
+from pyhv.cluster.provision import HostTokens, ProvisionError, host_client
 from pyhv.cluster.records import (
     HostRecord,
     MigrationRecord,
@@ -55,7 +55,7 @@ def execute(
     leader: election.Leadership,
     moves: Sequence[Move],
     hosts: Mapping[str, HostRecord],
-    tokens: Mapping[str, str],
+    tokens: Mapping[str, HostTokens],
     *,
     timeout_s: float = 300.0,
     report: Callable[[Outcome], object] = lambda o: None,
@@ -75,7 +75,7 @@ def _one(
     leader: election.Leadership,
     m: Move,
     hosts: Mapping[str, HostRecord],
-    tokens: Mapping[str, str],
+    tokens: Mapping[str, HostTokens],
     timeout_s: float,
 ) -> Outcome:
     started = time.monotonic()
@@ -94,9 +94,11 @@ def _one(
         return ended("skipped", "the source or the destination left the cluster")
     try:
         source = host_client(hosts[m.source], tokens)
-        dest_token = tokens.get(m.destination)
-        if dest_token is None:
+        dest = tokens.get(m.destination)
+        if dest is None:
             raise ProvisionError(f"no token for host {m.destination} in the tokens file")
+        # The destination's migration token (it can only bring a VM in), else its admin token.
+        dest_token = dest.migration or dest.admin
     except ProvisionError as e:
         return ended("skipped", str(e))
     record = MigrationRecord(m.vm, m.source, m.destination, m.bytes, time.time(), held.token)

@@ -17,7 +17,7 @@ from pyhv.cluster import election
 from pyhv.cluster.etcd import Etcd, EtcdError
 from pyhv.cluster.executor import Outcome, execute
 from pyhv.cluster.policy import ClusterPolicy, ClusterSnapshot, Limits, Move, Plan, check_plan
-from pyhv.cluster.provision import ProvisionError
+from pyhv.cluster.provision import HostTokens, ProvisionError
 from pyhv.cluster.records import HostRecord, RecordError
 from pyhv.cluster.snapshot import (
     read_hosts,
@@ -90,7 +90,7 @@ class StandingLeader:
     lease: Callable[[], int]
     policy: ClusterPolicy
     #: The hosts' API tokens, read again at each plan with moves (hosts join, tokens rotate).
-    tokens: Callable[[], Mapping[str, str]]
+    tokens: Callable[[], Mapping[str, HostTokens]]
     every_s: float
     limits: Limits = field(default_factory=Limits)
     registry: CounterRegistry | None = None

@@ -4,15 +4,16 @@ configuration and groups, name unique in the cluster by compare-and-swap), make 
 its owner, and create it through that host's VMMS API. If the host refuses, the records are
 taken back.
 
-How a host's API is reached is one function, `host_client`: today the host's TCP API with the
-bearer token of that host from a tokens file; with issue 11 it becomes mutual TLS and a token
-scoped to creating VMs.
+How a host's API is reached is one function, `host_client`: the host's TCP API with that host's
+admin token from a tokens file; a migration source is given the destination's migration token
+(scoped to bringing a VM in). Mutual TLS between hosts comes here next.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,18 @@ class ProvisionError(RuntimeError):
     """The VM could not be created in the cluster: the message says why and what to do."""
 
 
-def read_tokens(path: Path | None) -> dict[str, str]:
-    """A tokens file: one `HOST TOKEN` per line (# comments), readable by its owner only."""
+@dataclass(frozen=True, slots=True)
+class HostTokens:
+    """A host's API tokens: `admin` (its STATE/token) and `migration` (its
+    STATE/migration-token, which can only bring a VM in: what a migration source is given)."""
+
+    admin: str
+    migration: str = ""
+
+
+def read_tokens(path: Path | None) -> dict[str, HostTokens]:
+    """A tokens file, readable by its owner only: one `HOST ADMIN_TOKEN [MIGRATION_TOKEN]`
+    per line (# comments)."""
     if path is None:
         env = os.environ.get(TOKENS_ENV)
         if not env:
@@ -56,29 +67,29 @@ def read_tokens(path: Path | None) -> dict[str, str]:
         )
     tokens = {}
     for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+        words = line.split()
+        if not words or words[0].startswith("#"):
             continue
-        host, _, token = line.partition(" ")
-        if not token.strip():
-            raise ProvisionError(f"{path}:{n}: expected `HOST TOKEN`")
-        tokens[host] = token.strip()
+        if len(words) not in (2, 3):
+            raise ProvisionError(f"{path}:{n}: expected `HOST ADMIN_TOKEN [MIGRATION_TOKEN]`")
+        tokens[words[0]] = HostTokens(*words[1:])
     return tokens
 
 
-def host_client(host: HostRecord, tokens: Mapping[str, str]) -> VmmsClient:
-    """The one way this module reaches a host's VMMS (mutual TLS and scoped tokens: issue 11)."""
+def host_client(host: HostRecord, tokens: Mapping[str, HostTokens]) -> VmmsClient:
+    """The one way this module reaches a host's VMMS (with its admin token; mutual TLS to
+    come here too)."""
     if not host.api:
         raise ProvisionError(
             f"host {host.name} publishes no API address: run its VMMS with --tcp HOST:PORT"
         )
-    token = tokens.get(host.name)
-    if token is None:
+    held = tokens.get(host.name)
+    if held is None:
         raise ProvisionError(
             f"no token for host {host.name}: add `{host.name} TOKEN` (its STATE/token) to the "
             f"tokens file (--tokens or ${TOKENS_ENV})"
         )
-    return VmmsClient(tcp=host.api, token=token, timeout=60)
+    return VmmsClient(tcp=host.api, token=held.admin, timeout=60)
 
 
 def host_spaces(etcd: Etcd, hosts: list[HostRecord]) -> list[HostSpace]:
@@ -114,7 +125,7 @@ def host_spaces(etcd: Etcd, hosts: list[HostRecord]) -> list[HostSpace]:
 def create(
     etcd: Etcd,
     config: dict[str, Any],
-    tokens: Mapping[str, str],
+    tokens: Mapping[str, HostTokens],
     affinity: tuple[str, ...] = (),
     anti_affinity: tuple[str, ...] = (),
 ) -> tuple[str, dict[str, Any]]:

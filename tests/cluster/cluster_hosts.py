@@ -37,19 +37,22 @@ def cluster_hosts(
     extra: Sequence[str] = (),
 ) -> Iterator[tuple[dict[str, VmmsProcess], Path]]:
     """A `pyhv vmms serve --cluster E --host NAME` per name (with its memory budget), all
-    joined (`extra`: more `vmms serve` arguments), and a tokens file (tmp/tokens, `HOST TOKEN`
-    lines) for them; the hosts stop on exit."""
+    joined (`extra`: more `vmms serve` arguments), and a tokens file (tmp/tokens, lines
+    `HOST ADMIN_TOKEN MIGRATION_TOKEN`) for them; the hosts stop on exit."""
     hosts: dict[str, VmmsProcess] = {}
     try:
         for name, budget in budgets.items():
             args = ["--cluster", etcd.endpoints[0], "--host", name, "--lease-ttl", str(lease_ttl)]
             args += extra
-            hosts[name] = VmmsProcess(tmp, name, budget, args)
+            hosts[name] = VmmsProcess(tmp, name, budget, extra=tuple(args))
         wait_for(lambda: len(etcd.get_prefix(HOSTS)[0]) == len(budgets), 30, "the hosts joined")
         tokens = tmp / "tokens"
         tokens.touch(mode=0o600)
         tokens.write_text(
-            "".join(f"{n} {h.token_file.read_text().strip()}\n" for n, h in hosts.items())
+            "".join(
+                f"{n} {h.admin_token_file.read_text().strip()} {h.token_file.read_text().strip()}\n"
+                for n, h in hosts.items()
+            )
         )
         yield hosts, tokens
     finally:

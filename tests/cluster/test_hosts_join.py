@@ -38,7 +38,7 @@ def _record(etcd: Etcd, host: str) -> HostRecord | None:
 
 def test_a_host_joins_with_its_capacity_and_leaves_on_shutdown(tmp_path: Path) -> None:
     with etcd_server(tmp_path) as server, Etcd(server.endpoint) as etcd:
-        host = VmmsProcess(tmp_path, "a", "1G", ["--cluster", server.endpoint, "--host", "a"])
+        host = VmmsProcess(tmp_path, "a", "1G", extra=("--cluster", server.endpoint, "--host", "a"))
         try:
             rec = wait_for(lambda: _record(etcd, "a"), 30, "host a's record in etcd")
             assert rec.total == 1 << 30 and rec.reserve == 256 << 20

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pyhv.cluster.etcd import Etcd, EtcdError, EtcdUnavailable
+from pyhv.cluster.etcd import Etcd, EtcdError
 from pyhv.cluster.fencing import LeaseClock
 from pyhv.cluster.records import (
     HostRecord,
@@ -209,7 +209,7 @@ class HostAgent:
         and watch the fence on threads of their own."""
         try:
             self._join()
-        except EtcdUnavailable as e:
+        except EtcdError as e:
             raise JoinError(f"host {self.name!r} cannot join the cluster: {e}") from None
         for target, what in ((self._keep, "lease"), (self._watch_fence, "fence")):
             t = threading.Thread(target=target, name=f"cluster-{what}", daemon=True)

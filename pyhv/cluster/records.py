@@ -32,6 +32,10 @@ HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 HostName = Annotated[str, Meta(pattern=HOST_NAME_RE.pattern)]
 
 
+#: HOST:PORT (an IPv4 address or a name), or "" for none: another host connects to it.
+Address = Annotated[str, Meta(pattern=r"^$|^[A-Za-z0-9_.-]+:[0-9]{1,5}$")]
+
+
 def check_host_name(name: str) -> str:
     """A host's name as the cluster keys it; ValueError with the rule otherwise."""
     if not HOST_NAME_RE.match(name):
@@ -93,8 +97,8 @@ class HostRecord(Struct, frozen=True, forbid_unknown_fields=True):
     `total` is the VMMS's memory budget, `free` its free pool above the reserve."""
 
     name: HostName
-    api: str  # HOST:PORT of its VMMS API ("" when it serves only the Unix socket)
-    migration: str  # HOST where incoming migrations listen
+    api: Address  # HOST:PORT of its VMMS API ("" when it serves only the Unix socket)
+    migration: Annotated[str, Meta(pattern=r"^[^\s:/]*$")]  # HOST incoming migrations listen on
     total: Bytes
     free: Bytes
     reserve: Bytes

@@ -3,6 +3,7 @@ migrations in flight, turned into the columns of a pyhv.cluster.policy.ClusterSn
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -19,11 +20,20 @@ from pyhv.cluster.records import (
     decode,
 )
 
+log = logging.getLogger("pyhv.cluster")
+
 
 def read_hosts(etcd: Etcd) -> list[HostRecord]:
-    """Every live host's record (a host whose lease ended is not there), sorted by name."""
-    kvs, _ = etcd.get_prefix(HOSTS)
-    return [decode(kv.key, kv.value, HostRecord) for kv in kvs]
+    """Every live host's record (a host whose lease ended is not there), sorted by name. A
+    record that does not decode is left out with a warning naming it: one bad host must not
+    hide the others."""
+    hosts = []
+    for kv in etcd.get_prefix(HOSTS)[0]:
+        try:
+            hosts.append(decode(kv.key, kv.value, HostRecord))
+        except RecordError as e:
+            log.warning("%s: that host is left out", e)
+    return hosts
 
 
 def read_migrations(etcd: Etcd) -> list[MigrationRecord]:

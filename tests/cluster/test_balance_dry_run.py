@@ -39,6 +39,7 @@ def test_the_leader_prints_the_plan_that_moves_a_vm_off_a_short_host(tmp_path: P
                            vms=[_vm("idle", 2)])  # fmt: skip
         for rec in (short, roomy):
             etcd.put(host_key(rec.name), encode(rec), lease=lease)
+        etcd.put(host_key("bad"), '{"name": "bad"}', lease=lease)  # left out, with a warning
         r = pyhv("cluster", "hosts", "--cluster", server.endpoint, timeout=60)
         assert r.returncode == 0, r.stderr
         assert "2 hosts; cluster balancer leader: none" in r.stdout

@@ -110,3 +110,6 @@ def test_a_record_another_host_wrote_is_checked(tmp_path: Path) -> None:
     assert decode(host_key("h1"), encode(record), HostRecord) == record
     with pytest.raises(RecordError, match="/pyhv/hosts/h1 does not hold a valid HostRecord"):
         decode(host_key("h1"), '{"name": "h1", "total": -1}', HostRecord)
+    bad_api = encode(record).replace("127.0.0.1:1", "127.0.0.1:1/../x")
+    with pytest.raises(RecordError, match=r"\$\.api"):
+        decode(host_key("h1"), bad_api, HostRecord)

@@ -29,7 +29,10 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--hosts", type=int, default=100, help="hosts (default 100)")
     s.add_argument(
-        "--vms", type=int, default=10000, help="VMs of the synthetic trace (default 10000)"
+        "--vms",
+        type=int,
+        default=10000,
+        help="VMs of the synthetic trace (default 10000; a --trace brings its own)",
     )
     s.add_argument("--hours", type=float, default=24.0, help="simulated hours (default 24)")
     s.add_argument(

@@ -320,7 +320,8 @@ def _delete(h: ApiHandler, p: dict[str, str]) -> None:
 
 @route(f"/api/vms/{_NAME}/start", "POST")
 def _start(h: ApiHandler, p: dict[str, str]) -> Any:
-    h._body(bodies.NoFields, required=False)
+    if h._body(bodies.Start, required=False).restart:
+        return h.vmms.restart(p["name"])
     return h.vmms.start(p["name"])
 
 

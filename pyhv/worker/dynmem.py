@@ -131,6 +131,7 @@ class DynamicMemoryService:
         interrupt_for: Callable[[int], Callable[[], object]] | None = None,
         op_timeout: float = DEFAULT_OP_TIMEOUT,
         base_port: int = DEFAULT_PORT,
+        smart_paging: Any = None,
     ) -> None:
         self.partition = partition
         self.config = config
@@ -142,7 +143,10 @@ class DynamicMemoryService:
         self._own_mm = memory_manager is None  # its budget is the maximum: grows with it
         self.mm = memory_manager or MemoryManager(max(config.maximum, config.memory))
         ram = [r for r in partition.regions if not r.readonly]
-        self.mm.add_partition(self.name, ram, self._map_region, self._unmap_region)
+        # `smart_paging`: the region backed by the Smart Paging file (pyhv.worker.smartpaging)
+        self.mm.add_partition(
+            self.name, ram, self._map_region, self._unmap_region, smart_paging=smart_paging
+        )
         self.vsp = DynamicMemoryVsp(
             RangeSet((r.gpa // PAGE_SIZE, r.size // PAGE_SIZE) for r in ram),
             assigned_pages=lambda: self._mm_part.assigned_pages,
@@ -175,6 +179,8 @@ class DynamicMemoryService:
             "doorbell_errors": 0,
             "status_not_published": 0,
             "late_packets": 0,
+            "smart_paging_moved_bytes": 0,
+            "smart_paging_pause_us": 0,
         }
         #: The guest's last status report, as the VSP decoded it.
         self.last_status: MemoryStatus | None = None
@@ -452,6 +458,7 @@ class DynamicMemoryService:
             visible_pages=part.visible_pages,
             assigned_pages=part.assigned_pages,
             ballooned_pages=part.ballooned.pages,
+            smart_paging_pages=part.smart_paging_pages,
             committed_pages=None if report is None else report.committed_pages,
             available_pages=None if report is None else report.available_pages,
             guest_committed_pages=None if report is None else report.guest_committed_pages,
@@ -498,6 +505,7 @@ class DynamicMemoryService:
             "assigned_pages": st.assigned_pages,
             "ballooned_pages": st.ballooned_pages,
             "hot_added_pages": self._mm_part.hot_added_pages,
+            "smart_paging_pages": st.smart_paging_pages,
             "goal_pages": vsp.goal,
             "operation": self.operation,
             "last_error": self.last_error,
@@ -613,6 +621,42 @@ class DynamicMemoryService:
             "assigned_pages": assigned,
             "guest_informed": informed,
         }
+
+    def end_smart_paging(self) -> dict[str, Any]:
+        """Smart Paging ends: the pages still in the file move into host memory (taken from the
+        VM's pool), with the VPs paused and the VSP held meanwhile; the new status is pushed."""
+        from pyhv.memory.smartpaging import move_to_memory
+
+        if self._mm_part.smart_paging is None:
+            raise DynamicMemoryError(f"VM {self.name!r} does not use Smart Paging")
+        copied: list[int] = []
+        t0 = time.perf_counter_ns()
+        self.partition.pause()
+        try:
+            with self.vsp.lock:  # no balloon or ring write into the range while it moves
+                pages = self.mm.end_smart_paging(
+                    self.name,
+                    lambda region, balloon: copied.append(
+                        move_to_memory(region, balloon, self.name)
+                    ),
+                )
+        except (MemoryManagerError, OSError) as e:
+            raise DynamicMemoryError(f"ending Smart Paging of VM {self.name!r}: {e}") from None
+        finally:
+            self.partition.resume()
+        paused_us = (time.perf_counter_ns() - t0) // 1000
+        self.counters["smart_paging_moved_bytes"] += copied[0]
+        self.counters["smart_paging_pause_us"] = paused_us
+        log.info(
+            "%s: Smart Paging ended: %d pages into memory, %d bytes copied, VPs paused %d us",
+            self.name,
+            pages,
+            copied[0],
+            paused_us,
+        )
+        with self.vsp.lock:
+            self._publish()
+        return {"pages": pages, "copied_bytes": copied[0], "paused_us": paused_us}
 
     def add(self, pages: int) -> dict[str, Any]:
         """The balancer's "add N pages": unballoon first, then hot-add the rest."""

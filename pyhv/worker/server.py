@@ -112,10 +112,16 @@ def serve(sock: socket.socket) -> int:
         return 2
 
     out = _SerialBatcher(lambda b: send(m.SerialOut(b)))
+    smart_paging = None
+    if isinstance(boot, m.Boot) and boot.smart_paging is not None:
+        from pyhv.worker.smartpaging import SmartPagingFile
+
+        smart_paging = SmartPagingFile(boot.smart_paging.fd, boot.smart_paging.size)
     vm = VirtualMachine(
         config,
         output=out.add,
         on_memory_status=lambda st: send(m.MemoryStatusPushed(st)),
+        smart_paging=smart_paging,
     )
 
     # --- flight recorder (trace messages; see pyhv.worker.trace) ---
@@ -191,6 +197,8 @@ def memory_call(vm: Any, msg: MemoryCall) -> MemoryReply:
     try:
         if call == "status":
             result = vm.memory_status()
+        elif call == "end_smart_paging":
+            result = vm.end_smart_paging()
         elif call == "limits":
             if not isinstance(value, tuple):
                 raise DynamicMemoryError(

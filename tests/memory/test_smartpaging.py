@@ -1,0 +1,160 @@
+"""Smart Paging's memory: the range backed by a file is not the pool's until it moves into a
+memfd, which keeps every byte the guest wrote at the same host address; the VMMS plans it
+only where Dynamic Memory can end it."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pyhv.kvm import address_of
+from pyhv.memory.manager import (
+    PAGE_SIZE,
+    MemfdRegion,
+    MemoryManager,
+    MemoryManagerError,
+    PoolExhausted,
+)
+from pyhv.memory.ranges import RangeSet
+from pyhv.memory.smartpaging import move_to_memory
+from pyhv.vmms.config import settings_from_dict
+from pyhv.vmms.inventory import Conflict
+from pyhv.vmms.smartpaging import SmartPaging
+
+pytestmark = pytest.mark.unit
+
+MiB = 1 << 20
+PAGES_PER_MIB = MiB // PAGE_SIZE
+
+
+@dataclass(eq=False)
+class FileRegion:
+    """A region backed by a file, as the worker maps the Smart Paging range."""
+
+    gpa: int
+    size: int
+    memfd: int
+    offset: int = 0
+    owns_memfd: bool = False
+    mm: mmap.mmap = field(init=False, repr=False)
+    host_address: int = 0
+
+    def __post_init__(self) -> None:
+        self.mm = mmap.mmap(self.memfd, self.size, mmap.MAP_SHARED)
+        self.host_address = address_of(self.mm)
+
+
+@pytest.fixture
+def file_region(tmp_path: Path) -> Iterator[FileRegion]:
+    fd = os.open(tmp_path / "smart-paging.slp", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 8 * MiB)
+    r = FileRegion(24 * MiB, 8 * MiB, fd)
+    yield r
+    r.mm.close()
+    if r.owns_memfd:
+        os.close(r.memfd)
+
+
+def test_the_smart_paging_range_is_not_taken_from_the_pool(file_region: FileRegion) -> None:
+    low = MemfdRegion(0, 24 * MiB)
+    try:
+        mm = MemoryManager(64 * MiB)
+        p = mm.add_partition("vm", [low, file_region], smart_paging=file_region)
+        assert p.smart_paging_pages == 8 * PAGES_PER_MIB
+        assert p.assigned_pages == 24 * PAGES_PER_MIB
+        assert mm.free_pages == 40 * PAGES_PER_MIB
+        # A balloon in the file gives the pool nothing (its pages were never the pool's) and
+        # punches the file; one in memory gives the pool its pages.
+        file_page = file_region.gpa // PAGE_SIZE
+        mm.release("vm", [(file_page, 256), (0x100, 256)])
+        assert mm.free_pages == 40 * PAGES_PER_MIB + 256
+        assert p.smart_paging_pages == 8 * PAGES_PER_MIB - 256
+        assert p.assigned_pages + p.ballooned.pages + p.smart_paging_pages == p.visible_pages
+        mm.reclaim("vm", [(file_page, 256)])  # back into the file: the pool is not asked
+        assert mm.free_pages == 40 * PAGES_PER_MIB + 256
+        with pytest.raises(MemoryManagerError, match="Smart Paging"):
+            mm.save("vm")
+    finally:
+        low.close()
+
+
+def test_ending_smart_paging_takes_its_pages_from_the_pool_or_refuses(
+    file_region: FileRegion,
+) -> None:
+    low = MemfdRegion(0, 24 * MiB)
+    try:
+        mm = MemoryManager(28 * MiB)
+        p = mm.add_partition("vm", [low, file_region], smart_paging=file_region)
+        moved: list[int] = []
+        with pytest.raises(PoolExhausted):
+            mm.end_smart_paging("vm", lambda r, b: moved.append(1))
+        assert moved == [] and p.smart_paging is file_region
+        mm.release("vm", [(0, 4 * PAGES_PER_MIB)])
+        assert mm.end_smart_paging("vm", lambda r, b: moved.append(1)) == 8 * PAGES_PER_MIB
+        assert moved == [1] and p.smart_paging is None and mm.free_pages == 0
+        assert p.assigned_pages == 28 * PAGES_PER_MIB
+    finally:
+        low.close()
+
+
+def test_the_move_keeps_every_byte_at_the_same_address_and_empties_the_file(
+    file_region: FileRegion, tmp_path: Path
+) -> None:
+    r = file_region
+    for off in range(0, r.size, 3 * PAGE_SIZE):  # every third page written, the rest holes
+        r.mm[off : off + 8] = (r.gpa + off).to_bytes(8, "little")
+    balloon = RangeSet([(r.gpa // PAGE_SIZE + 3, 3)])  # pages 3-5 belong to the host
+    address, view = r.host_address, memoryview(r.mm)
+    before = bytes(r.mm)
+    copied = move_to_memory(r, balloon, "vm")
+    written = len(range(0, r.size, 3 * PAGE_SIZE)) - 1  # page 3 is ballooned: not copied
+    assert copied == written * PAGE_SIZE and r.owns_memfd and r.host_address == address
+    assert os.readlink(f"/proc/self/fd/{r.memfd}").startswith("/memfd:")
+    # The memfd holds the written pages only (holes stayed holes), the file nothing.
+    assert os.fstat(r.memfd).st_blocks * 512 == copied
+    assert (tmp_path / "smart-paging.slp").stat().st_blocks == 0
+    after = bytes(view)  # a view taken before the move sees the memory now
+    view.release()
+    ballooned = range(3 * PAGE_SIZE, 6 * PAGE_SIZE)
+    assert [i for i in range(0, r.size, PAGE_SIZE) if i not in ballooned and
+            after[i : i + PAGE_SIZE] != before[i : i + PAGE_SIZE]] == []  # fmt: skip
+    assert after[3 * PAGE_SIZE : 6 * PAGE_SIZE] == bytes(3 * PAGE_SIZE)
+    r.mm[0:8] = b"written!"  # the guest writes on, into the memfd
+    assert os.pread(r.memfd, 8, 0) == b"written!"
+
+
+class _Pool:
+    def __init__(self, free: int) -> None:
+        self.free_pages = free
+
+
+def _settings(**kw: object) -> object:
+    return settings_from_dict({"name": "sp", "memory": 512 * MiB, **kw})
+
+
+def test_smart_paging_is_planned_only_where_dynamic_memory_can_end_it(tmp_path: Path) -> None:
+    sp = SmartPaging(tmp_path, object(), dict)
+    dm = {"dynamic_memory": True, "minimum": 128 * MiB, "maximum": 512 * MiB}
+    free = 384 * PAGES_PER_MIB
+    assert sp.plan(_settings(**dm), True, 512 * PAGES_PER_MIB) == 0  # the pool has it all
+    assert sp.plan(_settings(**dm), False, free) == 0  # a start: the pool refuses it
+    assert sp.plan(_settings(**dm), True, free) == 128 * MiB
+    assert sp.plan(_settings(**dm), True, free - 1) == 130 * MiB  # whole 2 MiB blocks
+    with pytest.raises(Conflict, match="needs Dynamic Memory"):
+        sp.plan(_settings(), True, free)
+    with pytest.raises(Conflict, match="needs Dynamic Memory with a minimum below"):
+        sp.plan(_settings(**{**dm, "minimum": 512 * MiB}), True, free)
+    with pytest.raises(Conflict, match="below its minimum 256M"):
+        sp.plan(_settings(**{**dm, "minimum": 256 * MiB}), True, 200 * PAGES_PER_MIB)
+    fd, path = sp.open_file("sp", 128 * MiB)
+    try:
+        st = os.fstat(fd)
+        assert path == tmp_path / "sp" / "smart-paging.slp" and st.st_size == 128 * MiB
+        assert st.st_blocks == 0 and st.st_mode & 0o777 == 0o600
+    finally:
+        os.close(fd)

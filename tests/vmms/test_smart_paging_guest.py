@@ -8,6 +8,7 @@ memfd after), the file is deleted, and show and the counters say Smart Paging is
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import time
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from pyhv.kvm import address_of
 from pyhv.vmms.client import ClientError
+from pyhv.worker.hostmem import resident_bytes
 from tests.support.wait import wait_for
 from tests.vmms.vmms_process import VmmsProcess
 
@@ -26,9 +29,9 @@ PAGE = 4096
 COUNTERS = r"\Hyper-V Dynamic Memory VM(sp)"
 
 
-def _data_pages(fd: int, size: int) -> dict[int, bytes]:
-    """{offset: the page's bytes} of every page of `fd` that holds data (holes skipped)."""
-    pages: dict[int, bytes] = {}
+def _data_offsets(fd: int, size: int) -> list[int]:
+    """Offsets of the pages of `fd` that hold data (holes skipped), not read."""
+    offsets: list[int] = []
     pos = 0
     while pos < size:
         try:
@@ -36,15 +39,32 @@ def _data_pages(fd: int, size: int) -> dict[int, bytes]:
         except OSError:
             break
         hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        for off in range(data - data % PAGE, hole, PAGE):
-            pages[off] = os.pread(fd, PAGE, off)
+        offsets += range(data - data % PAGE, hole, PAGE)
         pos = hole
-    return pages
+    return offsets
+
+
+def _data_pages(fd: int, size: int) -> dict[int, bytes]:
+    """{offset: the page's bytes} of every page of `fd` that holds data (holes skipped)."""
+    return {off: os.pread(fd, PAGE, off) for off in _data_offsets(fd, size)}
 
 
 def _testlimit_pages(pages: dict[int, bytes], base_gpa: int) -> dict[int, bytes]:
     """The pages whose first word is their own guest physical address: testlimit's."""
     return {off: p for off, p in pages.items() if int.from_bytes(p[:8], "little") == base_gpa + off}
+
+
+def _paged_out(path: Path, size: int) -> int:
+    """Bytes of the file that hold data but are not in memory (mincore; nothing read)."""
+    fd = os.open(path, os.O_RDWR)  # a writable mapping (address_of), never written
+    try:
+        data = _data_offsets(fd, size)
+        with mmap.mmap(fd, size, mmap.MAP_SHARED) as m:
+            base = address_of(m)
+            resident = sum(resident_bytes(base + off, PAGE) for off in data)
+    finally:
+        os.close(fd)
+    return len(data) * PAGE - resident
 
 
 def _smart_paging(host: VmmsProcess) -> dict[str, Any]:
@@ -92,8 +112,17 @@ def test_a_restart_on_a_short_host_runs_on_smart_paging_until_memory_frees(
         # The VM runs: its console answers, and what it commits reaches the file.
         host.wait_for_dm_report("sp")
         assert "committed" in host.shell("sp", "mem", b"committed")
-        host.shell("sp", "testlimit -m 440", b"committed")
+        host.shell("sp", "testlimit -m 470", b"committed")
         base = 384 * MIB  # the file backs the top 128 MiB of the VM's 512 MiB
+        # The worker's memory cgroup (its limit: assigned memory + overhead, the file
+        # excluded) fills: the kernel writes the file's pages back and drops them from
+        # memory, and the worker runs on. That is the paging: data in the file, not resident.
+        paged_out = wait_for(
+            lambda: _paged_out(path, 128 * MIB), 120, "file pages written back and dropped"
+        )
+        enforcement = host.show("sp")["enforcement"]
+        assert enforcement["cgroup_usage"] <= enforcement["cgroup_limit"], enforcement
+        assert host.state_of("sp") == "running"
         fd = os.open(path, os.O_RDONLY)
         try:
             before = wait_for(
@@ -141,7 +170,10 @@ def test_a_restart_on_a_short_host_runs_on_smart_paging_until_memory_frees(
         check = host.shell("sp", "pmmcheck", b"pmm:")
         assert "pmm: consistent" in check, check
         host.shell("sp", "kill", b"pyhv>")
-        print(f"Smart Paging ended {took:.1f} s after the hog stopped: {ended}")
+        print(
+            f"Smart Paging ended {took:.1f} s after the hog stopped: {ended}; "
+            f"{paged_out >> 20} MiB of the file had been paged out"
+        )
     finally:
         host.close()
 

@@ -413,26 +413,27 @@ class Vmms:
             worker = self._worker_factory(config, lambda data: self._output(vm, data))
             vm.worker = worker
             self._subscribe(name, worker)
-            sp_fd, sp_path = -1, None
+            sp_fd = -1
             try:
                 if paged:
                     sp_fd, sp_path = self.smart_paging.open_file(name, paged)
                     worker.smart_paging = (sp_fd, paged)  # type: ignore[attr-defined]
+                    self.smart_paging.began(name, sp_path, paged, worker)
                 cgroup = self._jail(worker, config)
                 worker.start()
             except OSError as e:
                 vm.worker, vm.state, vm.reason = None, CRASHED, f"the worker did not start: {e}"
                 self.pool.give_back(name)
-                if sp_path is not None:
-                    sp_path.unlink(missing_ok=True)
+                if paged:
+                    self.smart_paging.gone(name)
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             finally:
                 if sp_fd >= 0:
                     os.close(sp_fd)  # the worker has its own
             overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
             vm.memory = WorkerMemory(name, worker.pid, cgroup, overhead)
-            if sp_path is not None:
-                self.smart_paging.began(name, sp_path, paged, worker, vm.memory)
+            if paged:
+                self.smart_paging.watch_memory(name, vm.memory)
             vm.state, vm.started_at = RUNNING, time.monotonic()
             log.info(
                 "VM %s started: worker pid %s%s",
@@ -799,6 +800,11 @@ class Vmms:
         """A VM's worker pushed its memory status (on the worker's reader thread). Not under
         the service's lock: a request may hold it while it waits for this worker's answer."""
         vm = self._vms.get(name)
+        if vm is not None and vm.worker is worker:
+            why = self.smart_paging.refuse_status(name, status)
+            if why is not None:
+                self._status_refused(name, why)
+                return
         if vm is None or vm.worker is not worker or not self.pool.record(name, status):
             return  # from a worker this VM no longer has, or a VM that ended meanwhile
         if vm.memory is not None:

@@ -140,10 +140,10 @@ class SmartPaging:
             raise
         return fd, path
 
-    def began(self, name: str, path: Path, size: int, worker: Any, memory: Any) -> None:
-        """The VM's worker started on its Smart Paging file."""
+    def began(self, name: str, path: Path, size: int, worker: Any) -> None:
+        """The VM's worker starts on its Smart Paging file (before its first status)."""
         with self._lock:
-            self._in_use[name] = _InUse(path, size, time.monotonic(), worker, memory)
+            self._in_use[name] = _InUse(path, size, time.monotonic(), worker)
             self._ended.pop(name, None)
         log.warning(
             "VM %s started on Smart Paging: %s of its startup memory in %s until Dynamic "
@@ -153,6 +153,33 @@ class SmartPaging:
             path,
         )
         self._counters(name)
+
+    def watch_memory(self, name: str, memory: Any) -> None:
+        """The worker's enforced memory (pyhv.vmms.claims.WorkerMemory): its cgroup limit is
+        raised before the pages move in."""
+        with self._lock:
+            use = self._in_use.get(name)
+            if use is not None:
+                use.memory = memory
+
+    def refuse_status(self, name: str, status: Any) -> str | None:
+        """Why a status the VM's worker pushed cannot be true of Smart Paging (None: it can).
+        A worker claiming pages in a file it was not given (or more than the file backs)
+        would have the pool count less than the host holds for it."""
+        with self._lock:
+            use = self._in_use.get(name)
+        pages = status.smart_paging_pages
+        if pages and use is None:
+            return (
+                f"memory status: smart_paging_pages {pages}, but VM {name!r} was given no Smart "
+                "Paging file"
+            )
+        if use is not None and pages > use.size // PAGE_SIZE:
+            return (
+                f"memory status: smart_paging_pages {pages}, more than the "
+                f"{use.size // PAGE_SIZE} pages of VM {name!r}'s Smart Paging file"
+            )
+        return None
 
     def gone(self, name: str) -> None:
         """The VM's worker ended (or the start failed): its file goes."""

@@ -154,10 +154,10 @@ class MemoryStatus(Struct, frozen=True, forbid_unknown_fields=True):
     reported_at: Seconds = 0.0
     vsp: VspCounters = field(default_factory=VspCounters)
     vps: Annotated[tuple[VpCounters, ...], Meta(max_length=1024)] = ()
-    #: Pages backed by the Smart Paging file (not host memory, not in `assigned_pages`).
-    smart_paging_pages: Pages = 0
     #: The version of the wire form (WIRE_VERSION); check() refuses another.
     version: int = WIRE_VERSION
+    #: Pages backed by the Smart Paging file (not host memory, not in `assigned_pages`).
+    smart_paging_pages: Pages = 0
 
     @property
     def reported(self) -> bool:

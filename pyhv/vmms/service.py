@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import os
 import signal
 import threading
 import time
@@ -168,6 +167,8 @@ class Vmms:
         self.balancer = BalancerLoop(self.pool, self._dm_vms, self.dm_counters, balancer)
         self.traces = TraceHub()  # the flight recorder's watchers (pyhv.vmms.tracing)
         self.balancer.decision_listeners.append(self.traces.decision)
+        #: Smart Paging at a restart on a short host (pyhv.vmms.smartpaging).
+        self.smart_paging = SmartPaging(self.store.vm_dir, self, self._dm_vms)
         #: Called with (VM name, status) for every memory status the pool took, in the order it
         #: took them, on the worker's reader thread (an experiment's record of every change).
         self.status_listeners: list[Callable[[str, MemoryStatus], object]] = []
@@ -183,8 +184,6 @@ class Vmms:
         #: Live migration, both directions (keyword arguments of Migrations: listen_host,
         #: incoming_factory, migrator, timeouts).
         self.migrations = Migrations(self, **dict(migration or {}))
-        #: Smart Paging at a restart on a short host (pyhv.vmms.smartpaging).
-        self.smart_paging = SmartPaging(self.store.vm_dir, self, self._dm_vms)
 
     # --- lifecycle of the service --------------------------------------------------------
 
@@ -413,27 +412,20 @@ class Vmms:
             worker = self._worker_factory(config, lambda data: self._output(vm, data))
             vm.worker = worker
             self._subscribe(name, worker)
-            sp_fd = -1
             try:
-                if paged:
-                    sp_fd, sp_path = self.smart_paging.open_file(name, paged)
-                    worker.smart_paging = (sp_fd, paged)  # type: ignore[attr-defined]
-                    self.smart_paging.began(name, sp_path, paged, worker)
+                if paged:  # the worker inherits the file's fd
+                    self.smart_paging.give_file(name, paged, worker)
                 cgroup = self._jail(worker, config)
                 worker.start()
             except OSError as e:
+                self.smart_paging.gone(name)  # its file, if it was given one
                 vm.worker, vm.state, vm.reason = None, CRASHED, f"the worker did not start: {e}"
                 self.pool.give_back(name)
-                if paged:
-                    self.smart_paging.gone(name)
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
-            finally:
-                if sp_fd >= 0:
-                    os.close(sp_fd)  # the worker has its own
             overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
             vm.memory = WorkerMemory(name, worker.pid, cgroup, overhead)
             if paged:
-                self.smart_paging.watch_memory(name, vm.memory)
+                self.smart_paging.started(name, vm.memory)
             vm.state, vm.started_at = RUNNING, time.monotonic()
             log.info(
                 "VM %s started: worker pid %s%s",
@@ -508,8 +500,7 @@ class Vmms:
             consoles, vm.consoles = vm.consoles, []
             self.pool.give_back(vm.settings.name)
             self._update_health()
-        if self.smart_paging.in_use(vm.settings.name):
-            self.smart_paging.gone(vm.settings.name)
+        self.smart_paging.gone(vm.settings.name)  # its file, if it ran on one
         self.balancer.forget(vm.settings.name)  # not under our lock: a tick takes it
         self.worker_counters.forget_vm(vm.settings.name)
         if end.failed:

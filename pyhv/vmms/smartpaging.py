@@ -66,6 +66,7 @@ class _InUse:
     ending: bool = False
     failures: int = 0
     targeted_at: float = 0.0
+    fd: int = -1  # ours, until the worker has started with its own
 
 
 @dataclass
@@ -126,8 +127,8 @@ class SmartPaging:
         return size
 
     def open_file(self, name: str, size: int) -> tuple[int, Path]:
-        """Create the VM's Smart Paging file of `size` bytes (sparse); its fd (the caller
-        passes it to the worker and closes its own copy) and path. OSError says why not."""
+        """Create the VM's Smart Paging file of `size` bytes (sparse): its fd and path.
+        OSError says why not."""
         d = self.vm_dir / name
         d.mkdir(mode=0o700, exist_ok=True)
         path = d / FILE_NAME
@@ -140,27 +141,36 @@ class SmartPaging:
             raise
         return fd, path
 
-    def began(self, name: str, path: Path, size: int, worker: Any) -> None:
-        """The VM's worker starts on its Smart Paging file (before its first status)."""
+    def give_file(self, name: str, size: int, worker: Any) -> None:
+        """Before the VM's worker starts: its Smart Paging file, whose fd the worker inherits
+        (`worker.smart_paging`, pyhv.worker.process); the VM counts as on Smart Paging from
+        now (its worker's statuses may name the file's pages)."""
+        fd, path = self.open_file(name, size)
+        worker.smart_paging = (fd, size)
         with self._lock:
-            self._in_use[name] = _InUse(path, size, time.monotonic(), worker)
+            self._in_use[name] = _InUse(path, size, time.monotonic(), worker, fd=fd)
             self._ended.pop(name, None)
+
+    def started(self, name: str, memory: Any) -> None:
+        """The worker runs with its copy of the fd: ours is closed; `memory` (its enforced
+        memory, pyhv.vmms.claims.WorkerMemory) has its cgroup limit raised before the pages
+        move in."""
+        with self._lock:
+            use = self._in_use.get(name)
+            if use is None:
+                return
+            use.memory = memory
+            fd, use.fd = use.fd, -1
+        if fd >= 0:
+            os.close(fd)
         log.warning(
             "VM %s started on Smart Paging: %s of its startup memory in %s until Dynamic "
             "Memory makes room in the host's pool",
             name,
-            format_size(size),
-            path,
+            format_size(use.size),
+            use.path,
         )
         self._counters(name)
-
-    def watch_memory(self, name: str, memory: Any) -> None:
-        """The worker's enforced memory (pyhv.vmms.claims.WorkerMemory): its cgroup limit is
-        raised before the pages move in."""
-        with self._lock:
-            use = self._in_use.get(name)
-            if use is not None:
-                use.memory = memory
 
     def refuse_status(self, name: str, status: Any) -> str | None:
         """Why a status the VM's worker pushed cannot be true of Smart Paging (None: it can).
@@ -182,13 +192,16 @@ class SmartPaging:
         return None
 
     def gone(self, name: str) -> None:
-        """The VM's worker ended (or the start failed): its file goes."""
+        """The VM's worker ended (or did not start): its file, if it had one, goes."""
         with self._lock:
             use = self._in_use.pop(name, None)
-        if use is not None:
-            with contextlib.suppress(OSError):
-                use.path.unlink()
-            log.info("VM %s ended on Smart Paging: %s deleted", name, use.path)
+        if use is None:
+            return
+        if use.fd >= 0:
+            os.close(use.fd)
+        with contextlib.suppress(OSError):
+            use.path.unlink()
+        log.info("VM %s ended on Smart Paging: %s deleted", name, use.path)
         self._service.dm_counters.vm.update(
             {"Smart Paging In Use": 0, "Smart Paging Working Set Size": 0}, name
         )

@@ -179,8 +179,6 @@ class DynamicMemoryService:
             "doorbell_errors": 0,
             "status_not_published": 0,
             "late_packets": 0,
-            "smart_paging_moved_bytes": 0,
-            "smart_paging_pause_us": 0,
         }
         #: The guest's last status report, as the VSP decoded it.
         self.last_status: MemoryStatus | None = None
@@ -645,8 +643,9 @@ class DynamicMemoryService:
         finally:
             self.partition.resume()
         paused_us = (time.perf_counter_ns() - t0) // 1000
-        self.counters["smart_paging_moved_bytes"] += copied[0]
-        self.counters["smart_paging_pause_us"] = paused_us
+        c = self.counters
+        c["smart_paging_moved_bytes"] = c.get("smart_paging_moved_bytes", 0) + copied[0]
+        c["smart_paging_pause_us"] = paused_us
         log.info(
             "%s: Smart Paging ended: %d pages into memory, %d bytes copied, VPs paused %d us",
             self.name,

@@ -22,6 +22,7 @@ import ctypes
 import errno
 import mmap
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from pyhv.memory.manager import PAGE_SIZE, punch_hole
@@ -41,6 +42,40 @@ _mmap.restype = ctypes.c_void_p
 MAP_FIXED = 0x10
 #: Copied per pread/pwrite: big enough to stream, small enough for the worker's heap.
 _CHUNK = 4 << 20
+
+
+#: The range is whole 2 MiB blocks (the guest's allocation unit), as the VMMS plans it.
+ALIGN = 2 << 20
+
+
+class SmartPagingRefused(ValueError):
+    """The Smart Paging file given cannot back this VM's RAM; the message says why."""
+
+
+@dataclass(frozen=True)
+class SmartPagingFile:
+    """The file (an fd open for reading and writing) and the bytes of RAM it backs."""
+
+    fd: int
+    size: int
+
+    def check(self, ram: list[tuple[int, int]]) -> None:
+        """Refuse a size that is not whole 2 MiB blocks, or more than the top RAM region, or
+        an fd that is not a regular file of at least that size."""
+        top = ram[-1][1]
+        if self.size <= 0 or self.size % ALIGN or self.size >= top:
+            raise SmartPagingRefused(
+                f"Smart Paging of {self.size} bytes: must be whole 2 MiB blocks, less than the "
+                f"top RAM region's {top} bytes"
+            )
+        try:
+            st = os.fstat(self.fd)
+        except OSError as e:
+            raise SmartPagingRefused(f"Smart Paging file fd {self.fd}: {e}") from None
+        if not (st.st_mode & 0o170000 == 0o100000 and st.st_size >= self.size):
+            raise SmartPagingRefused(
+                f"Smart Paging file fd {self.fd} is not a regular file of {self.size} bytes"
+            )
 
 
 class SmartPagingError(OSError):

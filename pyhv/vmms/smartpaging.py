@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pyhv.memory.manager import PAGE_SIZE
+from pyhv.memory.smartpaging import ALIGN
 from pyhv.vmms.config import VmSettings
 from pyhv.vmms.inventory import Conflict
 from pyhv.worker.boot import ram_regions
@@ -46,8 +47,6 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "smart-paging.slp"
 MIB_PAGES = (1 << 20) // PAGE_SIZE
-#: The range is whole 2 MiB blocks (pyhv.worker.smartpaging.ALIGN).
-ALIGN = 2 << 20
 #: How often the VMMS looks whether a VM's Smart Paging can end.
 LOOK_S = 0.5
 #: How long the end waits for the status that shows the moved pages assigned.

@@ -57,6 +57,13 @@ class _Event(Struct, tag_field="ev", forbid_unknown_fields=True, frozen=True):
 # --- owner -> worker ----------------------------------------------------------------------
 
 
+class SmartPagingFd(Struct, forbid_unknown_fields=True, frozen=True):
+    """The Smart Paging file a worker inherits: its fd number and the bytes it backs."""
+
+    fd: Annotated[int, Meta(ge=3, le=1 << 20)]
+    size: Annotated[int, Meta(gt=0, le=1 << 50)]
+
+
 class Boot(_Op, tag="boot", frozen=True):
     """First message: build and start the VM of `config` (pyhv.worker.config.VmConfig's dict,
     which the worker validates again: it is untrusted input to the worker too)."""
@@ -67,13 +74,6 @@ class Boot(_Op, tag="boot", frozen=True):
     #: Smart Paging (pyhv.worker.smartpaging): the file's fd, inherited from the owner, and
     #: the bytes at the top of RAM it backs; None when the host gave all the startup RAM.
     smart_paging: SmartPagingFd | None = None
-
-
-class SmartPagingFd(Struct, forbid_unknown_fields=True, frozen=True):
-    """The Smart Paging file a worker inherits: its fd number and the bytes it backs."""
-
-    fd: Annotated[int, Meta(ge=3, le=1 << 20)]
-    size: Annotated[int, Meta(gt=0, le=1 << 50)]
 
 
 class Incoming(_Op, tag="incoming", frozen=True):

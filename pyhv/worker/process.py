@@ -102,17 +102,19 @@ class WorkerProcess:
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [sys.executable, "-m", "pyhv.worker", "--fd", str(theirs.fileno())]
-        extra = () if self.smart_paging is None else (self.smart_paging[0],)
+        fds = [theirs.fileno()]
+        if self.smart_paging is not None:
+            fds.append(self.smart_paging[0])
         try:
             if self.jail is None:
                 self._proc = subprocess.Popen(
                     [*self.command_prefix, *argv],
-                    pass_fds=(theirs.fileno(), *extra),
+                    pass_fds=fds,
                     env=dict(os.environ),
                 )
             else:
                 largest = self.max_file_bytes or max(self.config.memory, self.config.maximum)
-                self._start_jailed(argv + [f"--confine={largest}"], theirs.fileno(), extra)
+                self._start_jailed([*argv, f"--confine={largest}"], fds)
         except BaseException:
             ours.close()
             raise
@@ -123,7 +125,7 @@ class WorkerProcess:
         self._reader = threading.Thread(target=self._read_loop, name="worker-reader", daemon=True)
         self._reader.start()
 
-    def _start_jailed(self, argv: list[str], sock_fd: int, extra: tuple[int, ...] = ()) -> None:
+    def _start_jailed(self, argv: list[str], fds: list[int]) -> None:
         """Start the worker in its jail; put it in its memory cgroup before it execs."""
         import json
 
@@ -135,7 +137,7 @@ class WorkerProcess:
         try:
             cmd = jail.command(self.jail, argv, info_fd=info_w, block_fd=block_r)
             self._proc = subprocess.Popen(
-                [*self.command_prefix, *cmd], pass_fds=(sock_fd, info_w, block_r, *extra), env={}
+                [*self.command_prefix, *cmd], pass_fds=(*fds, info_w, block_r), env={}
             )
             os.close(info_w)
             os.close(block_r)
@@ -168,7 +170,7 @@ class WorkerProcess:
         from pyhv.worker.messages import PROTOCOL_VERSION, Boot, SmartPagingFd
 
         sp = None if self.smart_paging is None else SmartPagingFd(*self.smart_paging)
-        return Boot(self.config.to_dict(), PROTOCOL_VERSION, sp)
+        return Boot(self.config.to_dict(), PROTOCOL_VERSION, smart_paging=sp)
 
     def _read_loop(self) -> None:
         from pyhv.worker import messages as m

@@ -112,16 +112,10 @@ def serve(sock: socket.socket) -> int:
         return 2
 
     out = _SerialBatcher(lambda b: send(m.SerialOut(b)))
-    smart_paging = None
-    if isinstance(boot, m.Boot) and boot.smart_paging is not None:
-        from pyhv.worker.smartpaging import SmartPagingFile
-
-        smart_paging = SmartPagingFile(boot.smart_paging.fd, boot.smart_paging.size)
     vm = VirtualMachine(
         config,
         output=out.add,
         on_memory_status=lambda st: send(m.MemoryStatusPushed(st)),
-        smart_paging=smart_paging,
     )
 
     # --- flight recorder (trace messages; see pyhv.worker.trace) ---
@@ -130,6 +124,11 @@ def serve(sock: socket.socket) -> int:
     tracing = TraceStream(vm, send)
 
     # --- end flight recorder ---
+    if isinstance(boot, m.Boot) and boot.smart_paging is not None:  # pyhv.worker.smartpaging
+        from pyhv.memory.smartpaging import SmartPagingFile
+
+        vm.smart_paging = SmartPagingFile(boot.smart_paging.fd, boot.smart_paging.size)
+
     def migrate(msg: m.Migrate | m.MigrationDecision) -> None:
         from pyhv.migration.worker import start_migration
 

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from pyhv.dynmem.status import MemoryStatus
     from pyhv.hypervisor import Partition, VirtualProcessor, VpEvent
     from pyhv.memory.manager import MemoryManager
+    from pyhv.memory.smartpaging import SmartPagingFile
     from pyhv.worker.dynmem import DynamicMemoryService
-    from pyhv.worker.smartpaging import SmartPagingFile
 
 
 class VirtualMachine:
@@ -54,7 +54,7 @@ class VirtualMachine:
     ) -> None:
         self.config = config
         #: The Smart Paging file its owner passed (pyhv.worker.smartpaging), for start().
-        self._smart_paging = smart_paging
+        self.smart_paging = smart_paging
         #: Dynamic Memory (VMBus controller, DM VSP, memory manager entry) when configured.
         self.dynmem: DynamicMemoryService | None = None
         self._on_memory_status = on_memory_status
@@ -96,14 +96,15 @@ class VirtualMachine:
         p = Partition(name=cfg.name)
         self.partition = p
         try:
-            from pyhv.worker.smartpaging import SmartPagingRefused, map_ram
+            from pyhv.memory.smartpaging import SmartPagingRefused
+            from pyhv.worker.smartpaging import map_ram
 
-            if self._smart_paging is not None and not cfg.dynamic_memory:
+            if self.smart_paging is not None and not cfg.dynamic_memory:
                 raise SmartPagingRefused(
                     f"VM {cfg.name!r} was given a Smart Paging file without Dynamic Memory: "
                     "only Dynamic Memory can end Smart Paging"
                 )
-            paged = map_ram(p, boot.ram_regions(cfg.memory), self._smart_paging)
+            paged = map_ram(p, boot.ram_regions(cfg.memory), self.smart_paging)
             entry = None
             if incoming is None:  # a migrated VM's RAM comes from its source instead
                 self.image, entry = loaders.prepare(

@@ -792,7 +792,7 @@ class Vmms:
         the service's lock: a request may hold it while it waits for this worker's answer."""
         vm = self._vms.get(name)
         if vm is not None and vm.worker is worker:
-            why = self.smart_paging.refuse_status(name, status)
+            why = self.smart_paging.refuse_status(name, status, worker, vm.memory)
             if why is not None:
                 self._status_refused(name, why)
                 return

@@ -171,13 +171,19 @@ class SmartPaging:
         )
         self._counters(name)
 
-    def refuse_status(self, name: str, status: Any) -> str | None:
+    def refuse_status(
+        self, name: str, status: Any, worker: Any = None, memory: Any = None
+    ) -> str | None:
         """Why a status the VM's worker pushed cannot be true of Smart Paging (None: it can).
         A worker claiming pages in a file it was not given (or more than the file backs)
-        would have the pool count less than the host holds for it."""
+        would have the pool count less than the host holds for it. A worker this VMMS did
+        not start (re-adopted after a VMMS restart) is taken on Smart Paging if its VM's file
+        is there: the VMMS made it, a jailed worker cannot."""
         with self._lock:
             use = self._in_use.get(name)
         pages = status.smart_paging_pages
+        if pages and use is None and worker is not None:
+            use = self._readopt(name, worker, memory)
         if pages and use is None:
             return (
                 f"memory status: smart_paging_pages {pages}, but VM {name!r} was given no Smart "
@@ -189,6 +195,19 @@ class SmartPaging:
                 f"{use.size // PAGE_SIZE} pages of VM {name!r}'s Smart Paging file"
             )
         return None
+
+    def _readopt(self, name: str, worker: Any, memory: Any) -> _InUse | None:
+        path = self.vm_dir / name / FILE_NAME
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return None
+        with self._lock:
+            use = self._in_use.setdefault(
+                name, _InUse(path, size, time.monotonic(), worker, memory)
+            )
+        log.warning("VM %s: its worker runs on Smart Paging (%s): taken on again", name, path)
+        return use
 
     def gone(self, name: str) -> None:
         """The VM's worker ended (or did not start): its file, if it had one, goes."""

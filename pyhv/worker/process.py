@@ -79,8 +79,8 @@ class WorkerProcess:
         #: incoming worker has none until its VM arrives).
         self.max_file_bytes: int | None = None
         self._jailed_pid: int | None = None
-        #: The Smart Paging file (fd, bytes it backs) the worker inherits (the VMMS sets it;
-        #: pyhv.vmms.smartpaging): open here, passed to the worker, closed here after start().
+        #: The Smart Paging file (fd, bytes it backs) the worker inherits (the VMMS opens it,
+        #: and closes its copy once the worker has started: pyhv.vmms.smartpaging).
         self.smart_paging: tuple[int, int] | None = None
 
     @property

@@ -158,3 +158,21 @@ def test_smart_paging_is_planned_only_where_dynamic_memory_can_end_it(tmp_path: 
         assert st.st_blocks == 0 and st.st_mode & 0o777 == 0o600
     finally:
         os.close(fd)
+
+
+def test_a_worker_on_smart_paging_that_the_vmms_did_not_start_is_taken_on_by_its_file(
+    tmp_path: Path,
+) -> None:
+    """After a VMMS restart, a re-adopted worker's Smart Paging pages are believed only if its
+    VM's file is there (the VMMS made it; a jailed worker cannot), and only up to its size."""
+    from pyhv.dynmem.status import MemoryStatus
+
+    sp = SmartPaging(tmp_path, object(), dict)
+    claim = MemoryStatus(1024, 512, 0, smart_paging_pages=512)
+    worker = object()
+    assert "given no Smart Paging file" in (sp.refuse_status("vm", claim, worker) or "")
+    fd, _path = sp.open_file("vm", 2 * MiB)
+    os.close(fd)
+    assert sp.refuse_status("vm", claim, worker) is None and sp.in_use("vm")
+    too_many = MemoryStatus(1024, 0, 0, smart_paging_pages=1024)
+    assert "more than the 512 pages" in (sp.refuse_status("vm", too_many, worker) or "")

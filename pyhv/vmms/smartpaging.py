@@ -53,6 +53,8 @@ LOOK_S = 0.5
 STATUS_WAIT_S = 5.0
 #: Seconds between two targets sent to a VM on Smart Paging (the guest answers in between).
 TARGET_EVERY_S = 5.0
+#: Hyper-V expects Smart Paging to last minutes at most: past this, a warning each minute.
+WARN_AFTER_S = 300.0
 
 
 @dataclass
@@ -65,6 +67,7 @@ class _InUse:
     ending: bool = False
     failures: int = 0
     targeted_at: float = 0.0
+    warned_at: float = 0.0
     fd: int = -1  # ours, until the worker has started with its own
 
 
@@ -248,11 +251,28 @@ class SmartPaging:
             use = self._in_use.get(name)
         if status is None or use is None:
             return
+        self._warn_if_long(name, use, status)
         if status.smart_paging_pages == 0 or pool.free_pages >= status.smart_paging_pages:
             with balancer.paused():  # no tick hands the free memory out while it moves
                 self._end(name, use)
         elif status.reported and not status.busy:
             self._trim(name, use, status)
+
+    def _warn_if_long(self, name: str, use: _InUse, status: Any) -> None:
+        now = time.monotonic()
+        if now - use.started_at < WARN_AFTER_S or now - use.warned_at < 60:
+            return
+        use.warned_at = now
+        log.warning(
+            "VM %s has run on Smart Paging for %d min (%s in %s): its demand keeps it above "
+            "what the host's pool can give; free memory (stop or shrink other VMs) or lower its "
+            "minimum (`pyhv vm memory %s --minimum SIZE`)",
+            name,
+            (now - use.started_at) // 60,
+            format_size(status.smart_paging_pages * PAGE_SIZE),
+            use.path,
+            name,
+        )
 
     def _trim(self, name: str, use: _InUse, status: Any) -> None:
         """Take the VM to its target now (not after the balancer's lazy-trim delay)."""

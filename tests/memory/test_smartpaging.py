@@ -176,3 +176,34 @@ def test_a_worker_on_smart_paging_that_the_vmms_did_not_start_is_taken_on_by_its
     assert sp.refuse_status("vm", claim, worker) is None and sp.in_use("vm")
     too_many = MemoryStatus(1024, 0, 0, smart_paging_pages=1024)
     assert "more than the 512 pages" in (sp.refuse_status("vm", too_many, worker) or "")
+
+
+def test_smart_paging_lasting_past_minutes_is_warned_about_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hyper-V expects Smart Paging to last minutes at most: past WARN_AFTER_S, the VMMS says
+    so (with what to do), once a minute, while the pool cannot take the file's pages."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from pyhv.dynmem.status import MemoryStatus
+    from pyhv.vmms import smartpaging
+
+    status = MemoryStatus(1024, 512, 0, smart_paging_pages=512)
+    service = SimpleNamespace(
+        pool=SimpleNamespace(latest=lambda name: status, free_pages=0),
+        balancer=SimpleNamespace(paused=contextlib.nullcontext),
+        dm_counters=SimpleNamespace(vm=SimpleNamespace(update=lambda values, name: None)),
+    )
+    sp = SmartPaging(tmp_path, service, dict)
+    sp.give_file("vm", 2 * MiB, SimpleNamespace())
+    sp.started("vm", None)
+    sp._look("vm")
+    assert "run on Smart Paging for" not in caplog.text
+    sp._in_use["vm"].started_at -= smartpaging.WARN_AFTER_S + 1
+    sp._look("vm")
+    sp._look("vm")  # within the minute: not again
+    assert caplog.text.count("has run on Smart Paging for 5 min") == 1, caplog.text
+    assert "pyhv vm memory vm --minimum SIZE" in caplog.text
+    sp.gone("vm")
+    assert not (tmp_path / "vm" / "smart-paging.slp").exists()

@@ -23,6 +23,7 @@ Guest-visible memory = startup + hot-added; assigned = visible - ballooned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -629,9 +630,12 @@ class DynamicMemoryService:
             raise DynamicMemoryError(f"VM {self.name!r} does not use Smart Paging")
         copied: list[int] = []
         t0 = time.perf_counter_ns()
+        ch = self.offer.channel
         self.partition.pause()
         try:
-            with self.vsp.lock:  # no balloon or ring write into the range while it moves
+            # No balloon and no ring write into the range while it moves: the VSP's lock, then
+            # the channel's (the order live migration takes them in; a VSP reply takes both so).
+            with self.vsp.lock, ch.frozen() if ch is not None else contextlib.nullcontext():
                 pages = self.mm.end_smart_paging(
                     self.name,
                     lambda region, balloon: copied.append(

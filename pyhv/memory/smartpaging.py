@@ -12,8 +12,9 @@ Pages the guest balloons out are punched out of the file (pyhv.memory.manager.re
 pages skipped) are copied into a new memfd, which is then mapped over the very same host
 addresses (MAP_FIXED): the memory slot, and every view of guest memory the worker holds, stay
 where they are, and the kernel's MMU notifier drops KVM's mappings of the file's pages. The
-caller pauses the VPs around it. The file is then punched empty and closed; its owner (the
-VMMS) deletes it.
+caller pauses the VPs around it; or copies first while they run (:func:`copy_data`, the range's
+memory slot logging the guest's writes) and, paused, only the pages written since. Then, with
+the VPs running again, the file is punched empty and closed; its owner (the VMMS) deletes it.
 """
 
 from __future__ import annotations
@@ -105,30 +106,72 @@ def file_bytes(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512
 
 
-def move_to_memory(region: Any, ballooned: RangeSet, name: str) -> int:
-    """Move the Smart Paging `region` (a pyhv.hypervisor.memory.MemoryRegion backed by the
-    file) into a new memfd mapped at the same host address; the VPs must be paused and no
-    one else may write the range meanwhile. Returns the bytes copied. On error nothing has
-    changed (the file still backs the range)."""
-    file_fd, size, base = region.memfd, region.size, region.offset
-    first = region.gpa // PAGE_SIZE
+def new_memory(region: Any, name: str) -> int:
+    """A memfd the size of the Smart Paging `region`, for :func:`move_to_memory`."""
     memfd = os.memfd_create(f"{name}-ram", os.MFD_CLOEXEC)
-    copied = 0
     try:
-        os.ftruncate(memfd, size)
-        # Page cache and the mapping are one: dirty pages not yet written back are read too.
-        for off, n in _runs(file_fd, size):
-            end = off + n
-            while off < end:
-                take = min(_CHUNK, end - off)
-                page, count = off // PAGE_SIZE, -(-take // PAGE_SIZE)
-                if ballooned.contains(first + page, count):
-                    off += take
-                    continue
-                data = os.pread(file_fd, take, base + off)
-                os.pwrite(memfd, data, off)
-                copied += len(data)
-                off += take
+        os.ftruncate(memfd, region.size)
+    except BaseException:
+        os.close(memfd)
+        raise
+    return memfd
+
+
+def copy_data(region: Any, memfd: int, ballooned: RangeSet) -> int:
+    """Copy every data run of the Smart Paging file (holes and ballooned runs skipped) into
+    `memfd` at the same offsets; the bytes copied. The page cache and the guest's mapping are
+    one: pages not yet written back are read too."""
+    file_fd, base, first = region.memfd, region.offset, region.gpa // PAGE_SIZE
+    copied = 0
+    for off, n in _runs(file_fd, region.size):
+        end = off + n
+        while off < end:
+            take = min(_CHUNK, end - off)
+            if not ballooned.contains(first + off // PAGE_SIZE, -(-take // PAGE_SIZE)):
+                copied += os.pwrite(memfd, os.pread(file_fd, take, base + off), off)
+            off += take
+    return copied
+
+
+def copy_pages(region: Any, memfd: int, gpas: list[int]) -> int:
+    """Copy the pages at `gpas` (ascending, in the region: those the guest wrote since a
+    pre-copy) from the file into `memfd` again; the bytes copied."""
+    copied, i = 0, 0
+    while i < len(gpas):
+        j = i + 1
+        while j < len(gpas) and gpas[j] == gpas[j - 1] + PAGE_SIZE and j - i < _CHUNK // PAGE_SIZE:
+            j += 1
+        off, n = gpas[i] - region.gpa, (j - i) * PAGE_SIZE
+        copied += os.pwrite(memfd, os.pread(region.memfd, n, region.offset + off), off)
+        i = j
+    return copied
+
+
+def move_to_memory(
+    region: Any,
+    ballooned: RangeSet,
+    name: str,
+    *,
+    memfd: int | None = None,
+    dirty: list[int] | None = None,
+) -> int:
+    """Move the Smart Paging `region` (a pyhv.hypervisor.memory.MemoryRegion backed by the
+    file) into a memfd mapped at the same host address; the VPs must be paused and no one
+    else may write the range meanwhile. Without `memfd`, all its data is copied now; with
+    `memfd` (from :func:`new_memory`, filled by :func:`copy_data` while the VPs ran), only the
+    pages at `dirty` (the guest's writes since) are copied again. Returns the bytes copied
+    now. On error nothing has changed (the file still backs the range; a given `memfd` is
+    the caller's to close). The file's fd stays open: :func:`release_file` once the VPs run."""
+    size = region.size
+    first = region.gpa // PAGE_SIZE
+    own = memfd is None
+    if memfd is None:
+        memfd = new_memory(region, name)
+    try:
+        if own:
+            copied = copy_data(region, memfd, ballooned)
+        else:
+            copied = copy_pages(region, memfd, dirty or [])
         # Ballooned pages are not the guest's: holes in the memfd, as in the file.
         for r in ballooned:
             lo, hi = max(r.start, first), min(r.start + r.count, first + size // PAGE_SIZE)
@@ -145,14 +188,20 @@ def move_to_memory(region: Any, ballooned: RangeSet, name: str) -> int:
                 f"{region.host_address:#x}: {os.strerror(err)}",
             )
     except BaseException:
-        os.close(memfd)
+        if own:
+            os.close(memfd)
         raise
     # The mapping is the memfd's now: the manager punches it, the region closes it.
     region.memfd, region.offset = memfd, 0
     region.owns_memfd = True
-    try:
-        punch_hole(file_fd, base, size)  # the disk space goes now, the name with the owner
-    except OSError:
-        pass  # a file system without holes: it goes when the owner deletes it
-    os.close(file_fd)
     return copied
+
+
+def release_file(fd: int, offset: int, size: int) -> None:
+    """After the move (the VPs may run again): the file's disk space goes now (its name goes
+    with its owner, the VMMS), and the worker's fd on it is closed."""
+    try:
+        punch_hole(fd, offset, size)
+    except OSError:
+        pass  # a file system without holes: the space goes when the owner deletes it
+    os.close(fd)

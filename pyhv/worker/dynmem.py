@@ -623,43 +623,77 @@ class DynamicMemoryService:
 
     def end_smart_paging(self) -> dict[str, Any]:
         """Smart Paging ends: the pages still in the file move into host memory (taken from the
-        VM's pool), with the VPs paused and the VSP held meanwhile; the new status is pushed."""
-        from pyhv.memory.smartpaging import move_to_memory
+        VM's pool). Copied first while the VPs run (the range's slot logs the guest's writes),
+        then, with the VPs paused and the VSP and its channel held, the pages written since
+        are copied again and the memory swapped in; the new status is pushed. If the DM
+        channel's rings lie in the range (the host writes them, unlogged), all of it is copied
+        with the VPs paused."""
+        from pyhv.memory.smartpaging import copy_data, move_to_memory, new_memory, release_file
 
-        if self._mm_part.smart_paging is None:
+        region = self._mm_part.smart_paging
+        if region is None:
             raise DynamicMemoryError(f"VM {self.name!r} does not use Smart Paging")
-        copied: list[int] = []
-        t0 = time.perf_counter_ns()
         ch = self.offer.channel
-        self.partition.pause()
+        ring_gpa = None if ch is None else ch.ring_gpa
+        in_range = (
+            ch is not None
+            and ring_gpa is not None
+            and ring_gpa < region.end
+            and region.gpa < ring_gpa + ch.ring_pages * PAGE_SIZE
+        )
+        precopy = region.track_dirty and not in_range
+        copied: list[int] = []
+        file = (region.memfd, region.offset, region.size)
+        memfd: int | None = None
+        pre = paused_us = 0
         try:
-            # No balloon and no ring write into the range while it moves: the VSP's lock, then
-            # the channel's (the order live migration takes them in; a VSP reply takes both so).
-            with self.vsp.lock, ch.frozen() if ch is not None else contextlib.nullcontext():
-                pages = self.mm.end_smart_paging(
-                    self.name,
-                    lambda region, balloon: copied.append(
-                        move_to_memory(region, balloon, self.name)
-                    ),
-                )
+            if precopy:
+                region.dirty_bitmap()  # from here on, what the guest writes is logged
+                with self.vsp.lock:
+                    balloon = RangeSet(self._mm_part.ballooned)
+                memfd = new_memory(region, self.name)
+                pre = copy_data(region, memfd, balloon)
+            t0 = time.perf_counter_ns()
+            self.partition.pause()
+            try:
+                # No balloon and no ring write into the range while it moves: the VSP's lock,
+                # then the channel's (the order live migration takes them in).
+                with self.vsp.lock, ch.frozen() if ch is not None else contextlib.nullcontext():
+                    dirty = region.dirty_pages() if precopy else None
+                    pages = self.mm.end_smart_paging(
+                        self.name,
+                        lambda r, b: copied.append(
+                            move_to_memory(r, b, self.name, memfd=memfd, dirty=dirty)
+                        ),
+                    )
+            finally:
+                self.partition.resume()
+                paused_us = (time.perf_counter_ns() - t0) // 1000
         except (MemoryManagerError, OSError) as e:
+            if memfd is not None and region.memfd != memfd:
+                os.close(memfd)
             raise DynamicMemoryError(f"ending Smart Paging of VM {self.name!r}: {e}") from None
-        finally:
-            self.partition.resume()
-        paused_us = (time.perf_counter_ns() - t0) // 1000
+        release_file(*file)
         c = self.counters
-        c["smart_paging_moved_bytes"] = c.get("smart_paging_moved_bytes", 0) + copied[0]
+        c["smart_paging_moved_bytes"] = c.get("smart_paging_moved_bytes", 0) + pre + copied[0]
         c["smart_paging_pause_us"] = paused_us
         log.info(
-            "%s: Smart Paging ended: %d pages into memory, %d bytes copied, VPs paused %d us",
+            "%s: Smart Paging ended: %d pages into memory, %d bytes copied while the VPs ran, "
+            "%d bytes with them paused for %d us",
             self.name,
             pages,
+            pre,
             copied[0],
             paused_us,
         )
         with self.vsp.lock:
             self._publish()
-        return {"pages": pages, "copied_bytes": copied[0], "paused_us": paused_us}
+        return {
+            "pages": pages,
+            "copied_bytes": pre + copied[0],
+            "copied_paused_bytes": copied[0],
+            "paused_us": paused_us,
+        }
 
     def add(self, pages: int) -> dict[str, Any]:
         """The balancer's "add N pages": unballoon first, then hot-add the rest."""

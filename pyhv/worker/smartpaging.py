@@ -29,4 +29,5 @@ def map_ram(
         partition.add_memory(b, s)
     partition.add_memory(base, size - file.size)
     assert file.size % PAGE_SIZE == 0
-    return partition.add_memory(base + size - file.size, file.size, memfd=file.fd)
+    # Its guest writes logged: the end copies it while the VPs run, then only what they wrote.
+    return partition.add_memory(base + size - file.size, file.size, track_dirty=True, memfd=file.fd)

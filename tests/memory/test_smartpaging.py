@@ -21,7 +21,12 @@ from pyhv.memory.manager import (
     PoolExhausted,
 )
 from pyhv.memory.ranges import RangeSet
-from pyhv.memory.smartpaging import move_to_memory
+from pyhv.memory.smartpaging import (
+    copy_data,
+    move_to_memory,
+    new_memory,
+    release_file,
+)
 from pyhv.vmms.config import settings_from_dict
 from pyhv.vmms.inventory import Conflict
 from pyhv.vmms.smartpaging import SmartPaging
@@ -111,7 +116,9 @@ def test_the_move_keeps_every_byte_at_the_same_address_and_empties_the_file(
     balloon = RangeSet([(r.gpa // PAGE_SIZE + 3, 3)])  # pages 3-5 belong to the host
     address, view = r.host_address, memoryview(r.mm)
     before = bytes(r.mm)
+    file_fd = r.memfd
     copied = move_to_memory(r, balloon, "vm")
+    release_file(file_fd, 0, r.size)
     written = len(range(0, r.size, 3 * PAGE_SIZE)) - 1  # page 3 is ballooned: not copied
     assert copied == written * PAGE_SIZE and r.owns_memfd and r.host_address == address
     assert os.readlink(f"/proc/self/fd/{r.memfd}").startswith("/memfd:")
@@ -126,6 +133,23 @@ def test_the_move_keeps_every_byte_at_the_same_address_and_empties_the_file(
     assert after[3 * PAGE_SIZE : 6 * PAGE_SIZE] == bytes(3 * PAGE_SIZE)
     r.mm[0:8] = b"written!"  # the guest writes on, into the memfd
     assert os.pread(r.memfd, 8, 0) == b"written!"
+
+
+def test_a_copy_made_while_the_guest_ran_is_completed_by_the_pages_it_wrote_since(
+    file_region: FileRegion,
+) -> None:
+    r = file_region
+    for off in range(0, r.size, 2 * PAGE_SIZE):
+        r.mm[off : off + 8] = b"first..."
+    memfd = new_memory(r, "vm")
+    assert copy_data(r, memfd, RangeSet()) == r.size // 2
+    # The guest writes on while the copy is made: two pages, one of them a hole before.
+    r.mm[0:8], r.mm[PAGE_SIZE : PAGE_SIZE + 8] = b"second..", b"new....."
+    expected = bytes(r.mm)
+    dirty, file_fd = [r.gpa, r.gpa + PAGE_SIZE], r.memfd
+    assert move_to_memory(r, RangeSet(), "vm", memfd=memfd, dirty=dirty) == 2 * PAGE_SIZE
+    assert r.memfd == memfd and bytes(r.mm) == expected
+    release_file(file_fd, 0, r.size)
 
 
 class _Pool:

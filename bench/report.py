@@ -606,7 +606,8 @@ def smart(d: dict[str, Any]) -> list[str]:
         f"A 512 MiB Dynamic Memory VM in a worker process (no jail), {d['pairs']} pairs taking "
         f"turns: its top {d['paged_mib']} MiB backed by a Smart Paging file or not, from the "
         "worker's start to the shell prompt; then the end of Smart Paging (`end_smart_paging`: "
-        "the VPs paused while the file's data moves into a memfd mapped at the same address), "
+        "the file's data copied into a memfd while the VPs run, then the VPs paused while the "
+        "pages they wrote since are copied again and the memfd is mapped at the same address), "
         "with the file empty and after `testlimit -m 470` wrote into it. Under a VMMS the "
         "worker's memory cgroup would have paged part of it out: the copy then reads it back "
         "from disk.",
@@ -622,7 +623,8 @@ def smart(d: dict[str, Any]) -> list[str]:
                 ["end of Smart Paging, file empty: VPs paused", ms("move_paused_ms_empty")],
                 [
                     f"end of Smart Paging, {num(d['move_copied_mib_testlimit'], 1)} MiB in the "
-                    "file: VPs paused",
+                    f"file: VPs paused ({num(d.get('move_copied_paused_kib_testlimit', 0), 1)} "
+                    "KiB copied then)",
                     ms("move_paused_ms_testlimit"),
                 ],
             ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from pyhv.cli.errors import CliError
 from pyhv.sizes import SizeError, parse_size
@@ -108,9 +109,44 @@ def text_file(path: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror}") from None
 
 
-def token(args: argparse.Namespace, what: str) -> str:
-    """A bearer or migration token from --token or --token-file (already read)."""
-    value = (getattr(args, "token_file", None) or "").strip() or getattr(args, "token", None)
+def text_file_or_error(path: str) -> str:
+    """The contents of a UTF-8 text file; CliError (status 2) naming it."""
+    try:
+        return text_file(path)
+    except argparse.ArgumentTypeError as e:
+        raise CliError(str(e), 2) from None
+
+
+def token(args: argparse.Namespace, what: str, env: str = "PYHV_MIGRATION_TOKEN") -> str:
+    """A token from --token-file (already read) or the environment variable `env`: never from
+    the command line, where `ps` shows it."""
+    value = (getattr(args, "token_file", None) or "").strip() or os.environ.get(env, "").strip()
     if not value:
-        raise CliError(f"give {what}: --token-file FILE or --token T", 2)
-    return str(value)
+        raise CliError(f"give {what}: --token-file FILE or ${env}", 2)
+    return value
+
+
+class _SecretOnCommandLine(argparse.Action):
+    """An option that would put a secret on the command line: refused, saying what to use."""
+
+    def __init__(self, *args: Any, instead: str, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.instead = instead
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        parser.error(
+            f"{self.option_strings[0]} would show the secret to every user (`ps`, shell "
+            f"history): use {self.instead}"
+        )
+
+
+def refuse_secret(p: argparse.ArgumentParser, option: str, instead: str) -> None:
+    """`option VALUE` is refused with a message naming `instead` (a file or the environment)."""
+    p.add_argument(
+        option,
+        action=_SecretOnCommandLine,
+        instead=instead,
+        dest=f"_refused_{option.strip('-').replace('-', '_')}",
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )

@@ -98,12 +98,12 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _token_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", help="the shared migration token")
+    types.refuse_secret(p, "--token", "--token-file FILE or $PYHV_MIGRATION_TOKEN")
     p.add_argument(
         "--token-file",
         type=types.text_file,
         metavar="FILE",
-        help="file holding the shared migration token",
+        help="file holding the shared migration token (or $PYHV_MIGRATION_TOKEN)",
     )
 
 

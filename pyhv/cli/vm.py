@@ -133,6 +133,8 @@ def register(sub: Any) -> None:
         "vm",
         help="create, start, stop, inspect and migrate VMs (through the VMMS)",
         description="Create, start, stop, inspect and migrate VMs through the VMMS (`pyhv vmms serve`).",
+        # no abbreviations: `migrate --to` must not read as this group's --token(-file)
+        allow_abbrev=False,
     )
     add_client_options(p)
     cmds = p.add_subparsers(dest="vm_command", metavar="COMMAND", required=True)
@@ -145,7 +147,7 @@ def register(sub: Any) -> None:
         )
         if name != "list":
             c.add_argument("name", metavar="NAME", help="the VM's name")
-        # `vm migrate --token` is the destination's token; the source's goes before `migrate`
+        # `vm migrate --token-file` is the destination's token; the source's goes before `migrate`
         add_client_options(c, again=True, token=name != "migrate")
         c.set_defaults(func=func)
         return c
@@ -216,15 +218,14 @@ def register(sub: Any) -> None:
         metavar="HOST:PORT",
         help="the destination VMMS (TCP)",
     )
-    c.add_argument(
-        "--token", dest="dest_token", metavar="T", help="the destination VMMS's bearer token"
-    )
+    types.refuse_secret(c, "--token", "--token-file FILE or $PYHV_MIGRATION_TOKEN")
     c.add_argument(
         "--token-file",
         dest="dest_token_file",
         type=types.text_file,
         metavar="FILE",
-        help="file holding the destination VMMS's token (its state directory's 'token')",
+        help="file holding the destination VMMS's migration token (its state directory's "
+        "'migration-token'; default $PYHV_MIGRATION_TOKEN)",
     )
     types.add_timeout_option(c, 900.0, "for the end")
     add_migration_options(c)
@@ -313,9 +314,15 @@ def memory(a: argparse.Namespace) -> int:
 def migrate(a: argparse.Namespace) -> int:
     from pyhv.cli.migrate import ProgressBar, summary
 
-    dest_token = (a.dest_token_file or "").strip() or a.dest_token
+    dest_token = (a.dest_token_file or "").strip() or os.environ.get(
+        "PYHV_MIGRATION_TOKEN", ""
+    ).strip()
     if not dest_token:
-        raise CliError("give the destination VMMS's token: --token-file FILE or --token T", 2)
+        raise CliError(
+            "give the destination VMMS's migration token: --token-file FILE (its state "
+            "directory's 'migration-token') or $PYHV_MIGRATION_TOKEN",
+            2,
+        )
     to = f"{a.to[0]}:{a.to[1]}"
     c = client(a)
     rec = call(
@@ -368,8 +375,8 @@ def console(a: argparse.Namespace) -> int:
     try:
         while True:
             fds = [sock] + ([0] if stdin_open else [])
-            ready, _, _ = select.select(fds, [], [])
-            if sock in ready:
+            ready, _, _ = select.select(fds, [], [], 0 if sock.pending() else None)
+            if sock in ready or sock.pending():
                 data = sock.recv(65536)
                 if not data:
                     if tty:

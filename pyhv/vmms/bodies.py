@@ -52,7 +52,14 @@ class MigrateRequest(_Body):
     destination: Annotated[
         str, Meta(min_length=1, description="the destination VMMS's TCP API, HOST:PORT")
     ]
-    token: Annotated[str, Meta(min_length=1, description="the destination VMMS's bearer token")]
+    token: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            description="the destination VMMS's migration token (its 'migration-token' file: "
+            "it can only bring a VM in)",
+        ),
+    ]
     options: Annotated[
         dict[str, Any],
         Meta(
@@ -246,6 +253,13 @@ class HostPool(Struct):
     running_vms: int
 
 
+class ChartCode(Struct):
+    """A one-time URL of the chart page: a browser that opens it within a minute gets a
+    short-lived cookie for the page (the code is spent)."""
+
+    url: str
+
+
 class CounterSnapshot(Struct):
     """Every counter by its Perfmon path."""
 
@@ -274,6 +288,7 @@ SCHEMAS: tuple[type, ...] = (
     Incoming,
     HostPool,
     CounterSnapshot,
+    ChartCode,
 )
 
 

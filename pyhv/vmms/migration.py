@@ -1,7 +1,8 @@
 """Live migration between two VMMS instances (`pyhv vm migrate NAME --to HOST:PORT`).
 
-The source VMMS asks the destination VMMS (its API over TCP, with the destination's bearer
-token) to prepare: the destination checks the configuration, takes the VM's memory from its pool,
+The source VMMS asks the destination VMMS (its API over TCP, over TLS with this VMMS's
+certificate when it has one, with the destination's migration token, which can do nothing but
+this) to prepare: the destination checks the configuration, takes the VM's memory from its pool,
 creates the VM's entry (state "incoming") and an incoming worker listening on a migration port
 with a one-time migration token, and answers {id, host, port, token}. The source then drives its
 worker with `pyhv.migration.worker.migrate_worker`; on success the VM runs at the destination and
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import secrets
 import threading
 import time
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pyhv.migration.source import MigrationInDoubt, MigrationOptions
 from pyhv.migration.stream import MigrationError
-from pyhv.vmms.client import ClientError, VmmsClient
+from pyhv.vmms.client import ClientError, ClientTls, VmmsClient
 from pyhv.vmms.config import VmSettingsError, settings_from_dict
 
 if TYPE_CHECKING:
@@ -183,6 +185,8 @@ class Migrations:
         in_doubt_timeout: float = 60.0,
         client_timeout: float = 30.0,
         keep_finished: int = 100,
+        peer_tls: ClientTls | None = None,
+        test_hooks: bool | None = None,
     ) -> None:
         self.vmms = vmms
         self.listen_host = listen_host
@@ -200,6 +204,13 @@ class Migrations:
         #: Guards the records (taken before the service's own lock, never after).
         self._lock = threading.RLock()
         self._threads: list[threading.Thread] = []
+        #: TLS to destination VMMSes (None: plain HTTP, loopback only).
+        self.peer_tls = peer_tls
+        #: Test-only hooks (options.faults, pyhv.migration.faults) are taken only with this on:
+        #: PYHV_TEST_HOOKS=1 in the VMMS's environment (tests/vmms/vmms_process.py sets it).
+        self.test_hooks = (
+            os.environ.get("PYHV_TEST_HOOKS") == "1" if test_hooks is None else test_hooks
+        )
 
     # --- either side ---------------------------------------------------------------------
 
@@ -393,15 +404,28 @@ class Migrations:
         destination = check_destination(body.get("destination"))
         token = body.get("token")
         if not isinstance(token, str) or not token:
-            raise VmmsError("token must be the destination VMMS's bearer token (its 'token' file)")
+            raise VmmsError(
+                "token must be the destination VMMS's migration token (its 'migration-token' file)"
+            )
         raw_options = body.get("options") or {}
         if not isinstance(raw_options, dict):
             raise VmmsError("options must be an object of migration options")
+        if raw_options.get("faults") and not self.test_hooks:
+            raise VmmsError(
+                "options.faults is a test hook (it breaks migrations on purpose, or ends the "
+                "worker): this VMMS takes it only when started with PYHV_TEST_HOOKS=1"
+            )
         try:
             options = MigrationOptions.from_dict(dict(raw_options)).as_dict()
         except (MigrationError, TypeError) as e:
             raise VmmsError(f"bad migration options: {e}") from None
         options["resume_in_doubt"] = False  # we ask the destination instead
+        try:
+            client = VmmsClient(
+                tcp=destination, token=token, timeout=self.client_timeout, tls=self.peer_tls
+            )
+        except ClientError as e:
+            raise VmmsError(f"cannot reach the destination VMMS: {e}") from None
         with self._lock:
             rec = self._new("outgoing", name, destination, PREPARING)
             try:
@@ -410,7 +434,6 @@ class Migrations:
                 del self._records[rec.id]
                 raise
             settings = vm.settings.to_dict()
-        client = VmmsClient(tcp=destination, token=token, timeout=self.client_timeout)
         self._spawn(
             self._outgoing,
             vm,
@@ -440,7 +463,8 @@ class Migrations:
             rec.remote_id, mtoken = str(ans["id"]), str(ans["token"])
         except ClientError as e:
             why = (
-                "the destination VMMS refused the token (401): give that VMMS's token"
+                "the destination VMMS refused the token (401): give that VMMS's migration token "
+                "(its state directory's 'migration-token')"
                 if e.status == 401
                 else f"the destination VMMS refused: {e}"
                 if e.status

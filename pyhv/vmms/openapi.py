@@ -49,14 +49,17 @@ def schemas() -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     words = {
         400: "malformed request or a value out of range (the message says which and why)",
-        401: "TCP only: missing or wrong bearer token",
+        401: "TCP only: missing or wrong bearer token (in the Authorization header; ?token= "
+        "is refused)",
+        403: "TCP only: a token whose scope may not do this (the migration token only brings "
+        "VMs in)",
+        408: "the body did not arrive in time",
         404: "no such VM or resource",
         405: "method not allowed here",
         409: "not possible in the VM's current state",
         411: "a body without Content-Length",
         413: "body larger than 64 KiB",
         415: "body not application/json",
-        426: "console or trace without the connection upgrade",
     }
     return {str(c): _json(_ERROR, words[c]) for c in (401, *codes)}
 
@@ -72,7 +75,10 @@ def openapi() -> dict[str, Any]:
                 "The Virtual Machine Management Service of one host: VM inventory and "
                 "configuration, starting and stopping VMs (one worker process each), Dynamic "
                 "Memory, counters. Over a Unix socket (its file permissions admit its owner) or "
-                "TCP on 127.0.0.1 with 'Authorization: Bearer <token>'."
+                "TCP (TLS with client certificates beyond loopback) with 'Authorization: Bearer "
+                "<token>': the admin token, or the migration token, which may only bring a VM in "
+                "(POST /api/migrations/incoming, GET and DELETE /api/migrations/{id} of an "
+                "incoming migration). Tokens in URLs are refused."
             ),
         },
         "components": {
@@ -155,19 +161,22 @@ def openapi() -> dict[str, Any]:
             "/api/vms/{name}/console": {
                 **vm_path,
                 "post": {
-                    "summary": "attach to the serial console ('Upgrade: pyhv-console'; then raw "
-                    "bytes both ways; the recent output first)",
+                    "summary": "attach to the serial console: the request's body (chunked, "
+                    "kept open) is typed, the answer's body (chunked) is what the guest prints, "
+                    "the recent output first, until the VM ends; a client that does not read is "
+                    "dropped",
                     "responses": {
-                        "101": {"description": "switched to the console stream"},
-                        **_errors(404, 409, 426),
+                        "200": {"description": "the console's output, streamed"},
+                        **_errors(404, 409),
                     },
                 },
             },
             "/api/vms/{name}/trace": {  # flight recorder (pyhv.trace)
                 **vm_path,
                 "post": {
-                    "summary": "watch the VM's flight recorder ('Upgrade: pyhv-trace'; then one "
-                    "JSON event a line, see docs/trace.md; tracing is on while anyone watches)",
+                    "summary": "watch the VM's flight recorder: the answer's body (chunked) is one "
+                    "JSON event a line, see docs/trace.md, while the request stays open; "
+                    "tracing is on while anyone watches",
                     "parameters": [
                         {
                             "name": "only",
@@ -179,8 +188,8 @@ def openapi() -> dict[str, Any]:
                         }
                     ],
                     "responses": {
-                        "101": {"description": "switched to the event stream"},
-                        **_errors(404, 409, 426),
+                        "200": {"description": "the events, streamed"},
+                        **_errors(400, 404, 409),
                     },
                 },
             },
@@ -267,9 +276,35 @@ def openapi() -> dict[str, Any]:
             },
             "/perfmon": {
                 "get": {
-                    "summary": "live Perfmon-style charts of the counters (also at /; over TCP "
-                    "pass ?token=...)",
-                    "responses": {"200": {"description": "text/html"}, **_errors()},
+                    "summary": "live Perfmon-style charts of the counters (also at /). Over TCP "
+                    "a browser opens the one-time URL from POST /api/chart-codes: ?code= is "
+                    "spent for a short-lived cookie (HttpOnly, SameSite=Strict) and answered "
+                    "with 303 to /perfmon",
+                    "parameters": [
+                        {
+                            "name": "code",
+                            "in": "query",
+                            "required": False,
+                            "description": "a one-time code from POST /api/chart-codes",
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {"description": "text/html"},
+                        "303": {"description": "the code was spent for the cookie"},
+                        **_errors(),
+                    },
+                },
+            },
+            "/api/chart-codes": {
+                "post": {
+                    "summary": "a one-time URL of the chart page (valid once, for a minute) for "
+                    "a browser, which carries no token",
+                    "requestBody": _json_body(bodies.NoFields, required=False),
+                    "responses": {
+                        "201": _json(_ref(bodies.ChartCode), "the URL"),
+                        **_errors(400, 409),
+                    },
                 },
             },
             "/openapi.json": {

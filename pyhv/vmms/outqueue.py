@@ -41,6 +41,22 @@ class BoundedOutput:
         if overflowed:
             self._on_overflow()
 
+    @property
+    def ended(self) -> bool:
+        """The stream's end was put (what waits may still be taken)."""
+        return self._ended
+
+    def take(self) -> bytes | None:
+        """What waits, joined, without waiting (b"" if nothing does); None once overflowed.
+        For a reader woken by an event of its own (the API's event loop)."""
+        with self._cond:
+            if self.overflowed:
+                return None
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self.size = 0
+            return data
+
     def get(self) -> bytes | None:
         """What waits, joined (blocks until there is some); b"" at the end, None once
         overflowed."""

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyhv.vmms.client import ClientError, VmmsClient
-from pyhv.vmms.server import ApiServers, ServeError, TcpApiServer
+from pyhv.vmms.server import ApiServers, ServeError
 from pyhv.vmms.service import Vmms
 from tests.support.hostile import json_values
 from tests.support.wait import wait_for
@@ -101,14 +101,14 @@ def request(
         (request("POST", "/api/vms", b""), 400, "the body is empty"),
         (b"POST /api/vms HTTP/1.1\r\nHost: x\r\n\r\n", 411, "needs a JSON body"),
         (
-            b"POST /api/vms HTTP/1.1\r\nContent-Length: 9999999\r\nContent-Type: application/json\r\n\r\n",
+            b"POST /api/vms HTTP/1.1\r\nHost: x\r\nContent-Length: 9999999\r\nContent-Type: application/json\r\n\r\n",
             413,
             "too large",
         ),
         (
             b"POST /api/vms HTTP/1.1\r\nContent-Length: \xb2\r\nContent-Type: application/json\r\n\r\n",
             400,
-            "is not a byte count",
+            "bad request",
         ),
         (
             request("POST", "/api/vms", b'{"name": "x", "memory": "9Q"}'),
@@ -126,7 +126,7 @@ def request(
         (request("PUT", "/api/vms"), 405, "PUT is not allowed on /api/vms: use GET, POST"),
         (request("POST", "/api/vms/ghost/start"), 404, "no VM named 'ghost'"),
         (request("BREW", "/"), 501, "method 'BREW' is not supported"),
-        (b"garbage\r\n\r\n", 400, "Bad request"),
+        (b"garbage\r\n\r\n", 400, "bad request"),
     ],
 )
 def test_a_malformed_request_gets_a_clear_4xx_json_error(
@@ -148,7 +148,7 @@ def test_tcp_without_the_bearer_token_is_refused_with_401(vmms: tuple[Vmms, ApiS
         servers, request("GET", "/api/vms", extra="Authorization: Bearer nope\r\n"), tcp=True
     )
     assert status == 401 and "a wrong bearer token" in body["error"]
-    token = (servers.unix.vmms.store.state_dir / "token").read_text().strip()
+    token = (servers.vmms.store.state_dir / "token").read_text().strip()
     status, _, body = raw(
         servers, request("GET", "/api/vms", extra=f"Authorization: Bearer {token}\r\n"), tcp=True
     )
@@ -163,9 +163,14 @@ def test_the_token_file_and_the_unix_socket_are_private_to_their_owner(
     assert stat.S_IMODE((service.store.state_dir / "token").stat().st_mode) == 0o600
 
 
-def test_tcp_is_served_on_loopback_only(vmms: tuple[Vmms, ApiServers]) -> None:
-    with pytest.raises(ServeError, match="not a loopback address"):
-        TcpApiServer("0.0.0.0", 0, vmms[0], "t")
+def test_tcp_beyond_loopback_is_refused_without_tls(
+    vmms: tuple[Vmms, ApiServers], tmp_path: Path
+) -> None:
+    with pytest.raises(
+        ServeError, match="not a loopback address: beyond loopback the VMMS serves only with TLS"
+    ):
+        ApiServers(vmms[0], tmp_path / "other.sock", ("0.0.0.0", 0))
+    assert not (tmp_path / "other.sock").exists()
 
 
 def test_a_second_vmms_on_the_same_socket_is_refused(vmms: tuple[Vmms, ApiServers]) -> None:
@@ -316,7 +321,25 @@ def test_the_console_streams_the_serial_port_both_ways(vmms: tuple[Vmms, ApiServ
         while sock.recv(100):
             pass  # the stream ends with the VM
     status, _, body = raw(vmms[1], request("POST", "/api/vms/a/console"))
-    assert status == 426 and "Upgrade: pyhv-console" in body["error"]
+    assert status == 409 and "start it to use its console" in body["error"]
+
+
+def test_what_a_console_client_types_just_before_it_leaves_is_typed(
+    vmms: tuple[Vmms, ApiServers],
+) -> None:
+    c = _client(vmms[1])
+    c.request("POST", "/api/vms", {"name": "a"})
+    c.request("POST", "/api/vms/a/start")
+    with c.console("a") as sock:
+        sock.sendall(b"parting words\r")  # and leave at once
+    entry = vmms[0].entry("a")
+    assert entry is not None
+    wait_for(lambda: entry.consoles == [], 10, "the console detached")
+    with c.console("a") as sock:  # the echo is in the recent output
+        sock.settimeout(10)
+        got = b""
+        while b"parting words\r\n" not in got:
+            got += sock.recv(4096)
 
 
 def test_metrics_are_prometheus_text_and_openapi_documents_the_api(
@@ -370,7 +393,7 @@ def test_pyhv_counters_once_prints_each_counter_by_its_perfmon_path(
 
 
 def test_the_vm_commands_reach_the_vmms_over_tcp_with_the_token_file(
-    vmms: tuple[Vmms, ApiServers],
+    vmms: tuple[Vmms, ApiServers], tmp_path: Path
 ) -> None:
     service, servers = vmms
     assert servers.tcp_address is not None
@@ -378,8 +401,13 @@ def test_the_vm_commands_reach_the_vmms_over_tcp_with_the_token_file(
     state = str(service.store.state_dir)
     code, output = _pyhv("vm", "--state-dir", state, "--tcp", tcp, "create", "t")
     assert code == 0 and "t: off" in output
-    code, output = _pyhv("vm", "--tcp", tcp, "--token", "nope", "list")
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token-of-this-vmms\n")
+    code, output = _pyhv("vm", "--tcp", tcp, "--token-file", str(wrong), "list")
     assert code == 1 and "Error: a wrong bearer token" in output
+    code, output = _pyhv("vm", "--tcp", tcp, "--token", "nope", "list")  # `ps` would show it
+    assert code == 2 and "--token would show the secret" in output
+    assert "--token-file FILE or $PYHV_VMMS_TOKEN" in output
     code, output = _pyhv("vm", "list", "--state-dir", state, "--tcp", tcp)  # options after, too
     assert code == 0 and output.split()[:2] == ["NAME", "STATE"] and "\nt " in output
     code, output = _pyhv("vm", "--tcp", "localhost", "list")
@@ -406,8 +434,10 @@ def test_a_vm_command_on_an_unknown_vm_says_which_and_where_to_look(
     [
         (["--memory-budget", "lots"], "memory size 'lots' is not understood"),
         (["--time-scale", "0"], "time_scale must be > 0"),
-        (["--tcp", "0.0.0.0:8650"], "is not a loopback address"),
-        (["--tcp", "8650"], "is not 127.0.0.1:PORT"),
+        (["--tcp", "0.0.0.0:8650"], "is not a loopback address: beyond loopback the VMMS"),
+        (["--tcp", "8650"], "is not HOST:PORT"),
+        (["--tcp", "127.0.0.1:0", "--token", "t"], "--token would show the secret"),
+        (["--tls-cert", "c.pem"], "TLS needs both --tls-cert and --tls-key"),
     ],
 )
 def test_vmms_serve_refuses_bad_options_with_a_clear_message(
@@ -498,3 +528,47 @@ def test_any_json_body_is_taken_or_refused_with_a_4xx_and_the_vmms_serves_on(
     if got >= 400:
         assert answer["status"] == got and answer["error"]
     assert _client(vmms[1]).request("GET", "/api/host")["budget"] > 0
+
+
+def test_the_console_streams_over_mutual_tls(tmp_path: Path) -> None:
+    from pyhv.vmms.client import ClientTls
+    from pyhv.vmms.server import ServerTls
+    from tests.support.certs import make_ca
+
+    ca = make_ca(tmp_path / "ca")
+    cert, key = ca.issue("vmms")
+    service = Vmms(
+        tmp_path / "state",
+        budget_bytes=4 * GIB,
+        reserve_bytes=GIB // 2,
+        worker_factory=FakeWorker,
+        image_resolver=lambda: __file__,
+    )
+    servers = ApiServers(
+        service,
+        tmp_path / "state" / "vmms.sock",
+        ("127.0.0.1", 0),
+        tls=ServerTls(cert, key, ca.cert),
+    )
+    servers.start()
+    try:
+        assert servers.tcp_url is not None and servers.tcp_url.startswith("https://")
+        c = VmmsClient(
+            tcp=servers.tcp_url.removeprefix("https://"),
+            token=(tmp_path / "state" / "token").read_text().strip(),
+            tls=ClientTls(ca.cert, *ca.issue("admin")),
+            timeout=10,
+        )
+        c.request("POST", "/api/vms", {"name": "a"})
+        c.request("POST", "/api/vms/a/start")
+        with c.console("a") as sock:
+            sock.settimeout(10)
+            got = b""
+            while b"pyhv> " not in got:
+                got += sock.recv(100)
+            sock.sendall(b"mem\r")
+            while b"mem\r\n" not in got:
+                got += sock.recv(100)
+    finally:
+        servers.close()
+        service.close()

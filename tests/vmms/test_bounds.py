@@ -87,6 +87,28 @@ def test_a_console_client_that_never_reads_is_dropped_and_pins_no_memory(
     live.close()
 
 
+def test_a_console_client_that_stops_reading_is_dropped_after_the_send_timeout(
+    service: tuple[Vmms, VmmsClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vmms, c = service
+    monkeypatch.setattr(api, "CONSOLE_SEND_TIMEOUT", 1.0)
+    c.request("POST", "/api/vms", {"name": "a"})
+    c.request("POST", "/api/vms/a/start")
+    stalled = c.console("a")  # reads nothing from now on
+    entry = vmms.entry("a")
+    assert entry is not None
+    _until("the console is attached", lambda: len(entry.consoles) == 1)
+    worker = FakeWorker.instances[-1]
+    # Half the backlog bound: the socket's buffers fill, the bound is never passed, so only
+    # the send timeout can drop this client.
+    for i in range(16):
+        worker._output(bytes([65 + i]) * (32 << 10))
+    _until("the stalled console is detached", lambda: entry.consoles == [], timeout=30)
+    assert vmms.registry["pyhv VMMS API"].get("Stream Clients Dropped", "unix") == 1
+    stalled.close()
+    assert c.request("GET", "/api/vms/a")["state"] == "running"
+
+
 def test_only_the_last_n_finished_migration_records_are_kept(
     service: tuple[Vmms, VmmsClient],
 ) -> None:

@@ -130,7 +130,7 @@ class Host:
         self.servers.start()
         host, port = self.servers.tcp_address  # type: ignore[misc]
         self.address = f"{host}:{port}"
-        self.token = (tmp / name / "token").read_text().strip()
+        self.token = (tmp / name / "migration-token").read_text().strip()  # all it needs
         self.client = VmmsClient(socket_path=self.servers.unix.path, timeout=10)
 
     def free(self) -> int:

@@ -6,6 +6,7 @@ connection lost after COMMIT is settled by asking the destination VMMS."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from pyhv.vmms.client import ClientError
+from tests.support.certs import make_ca
 from tests.support.wait import wait_for
 from tests.vmms.vmms_process import VmmsProcess, migrate_api, touched, vmms_pair
 
@@ -63,7 +66,9 @@ def test_a_wrong_token_a_destination_without_the_memory_or_a_cut_leave_the_vm_ru
     free_b = b.free()
     a.vm("create", "stay", "--memory", "1G")
     a.vm("start", "stay")
-    wrong = a.vm("migrate", "stay", "--to", b.address, "--token", "not-the-token", check=False)
+    bad = a.state / "wrong-token"
+    bad.write_text("not-the-token-of-b\n")
+    wrong = a.vm("migrate", "stay", "--to", b.address, "--token-file", str(bad), check=False)
     assert "refused the token (401)" in wrong
     full = a.vm(
         "migrate", "stay", "--to", b.address, "--token-file", str(b.token_file), check=False
@@ -138,3 +143,33 @@ def test_a_dynamic_memory_vm_moved_by_the_vmms_is_balanced_by_the_destination_vm
     wait_for(lambda: b.free() < free_b - 300 * MIB, 30, "B's pool following the worker")
     b.vm("stop", "dm1")
     assert b.free() == free_b
+
+
+def test_a_vm_migrates_over_mutual_tls_with_the_destinations_migration_token_only(
+    tmp_path: Path,
+) -> None:
+    """Both VMMSes serve TLS with certificates from one CA and ask for client certificates
+    (the destination on every address, as beyond loopback); the source speaks TLS to the
+    destination with its own certificate and the destination's migration token (which can do
+    nothing else there), and the VM's shell answers there."""
+    ca = make_ca(tmp_path / "ca")
+    with contextlib.ExitStack() as stack:
+        a = VmmsProcess(tmp_path, "a", "3G", ca=ca)
+        stack.callback(a.close)
+        b = VmmsProcess(tmp_path, "b", "1G", ca=ca, tcp="0.0.0.0:0")
+        stack.callback(b.close)
+        assert "https://0.0.0.0:" in Path(b.log.name).read_text()
+        # The migration token of B is refused for anything but bringing a VM in.
+        with pytest.raises(ClientError, match="may only bring a VM in") as e:
+            b.tcp_client(b.token_file).request("GET", "/api/vms")
+        assert e.value.status == 403
+        a.vm("create", "tls1", "--memory", "128M")
+        a.vm("start", "tls1")
+        assert "ticks: " in a.shell("tls1", "ticks", b"ticks: ")
+        out = a.vm("migrate", "tls1", "--to", b.address, "--token-file", str(b.token_file))
+        assert f"tls1 runs on {b.address} now" in out, out
+        assert b.state_of("tls1") == "running" and "tls1" not in a.names()
+        assert "ticks: " in b.shell("tls1", "ticks", b"ticks: ")  # its console answers at B
+        # and B's admin, over TLS with a client certificate, sees it
+        assert [vm["name"] for vm in b.tcp_client().request("GET", "/api/vms")["vms"]] == ["tls1"]
+        b.vm("stop", "tls1")

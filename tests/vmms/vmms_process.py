@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -15,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pyhv.vmms.client import VmmsClient
+from pyhv.vmms.client import ClientTls, VmmsClient
+from tests.support.certs import Ca
 from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,11 +113,33 @@ class VmmsCli:
 
 
 class VmmsProcess(VmmsCli):
-    """A `pyhv vmms serve --tcp 127.0.0.1:0` in its own state directory."""
+    """A `pyhv vmms serve --tcp 127.0.0.1:0` in its own state directory; with `ca`, over TLS
+    with a certificate from that CA, asking clients for one from it too. Test hooks
+    (PYHV_TEST_HOOKS=1) are on unless `test_hooks` is False."""
 
-    def __init__(self, tmp: Path, name: str, budget: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        budget: str,
+        *,
+        ca: Ca | None = None,
+        test_hooks: bool = True,
+        tcp: str = "127.0.0.1:0",
+        extra: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(tmp / name)
         self.log = open(tmp / f"{name}.log", "w+")
+        self.ca = ca
+        self.tls_files: tuple[Path, Path] | None = None
+        tls: list[str] = []
+        if ca is not None:
+            self.tls_files = ca.issue(f"host-{name}")
+            cert, key = self.tls_files
+            tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca.cert)]
+        env = {k: v for k, v in os.environ.items() if k != "PYHV_TEST_HOOKS"}
+        if test_hooks:
+            env["PYHV_TEST_HOOKS"] = "1"
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -126,24 +150,40 @@ class VmmsProcess(VmmsCli):
                 "--state-dir",
                 str(self.state),
                 "--tcp",
-                "127.0.0.1:0",
+                tcp,
                 "--memory-budget",
                 budget,
                 "--host-reserve",
                 "256M",
+                *tls,
+                *extra,
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env=env,
         )
 
         def served() -> str:
             assert self.proc.poll() is None, Path(self.log.name).read_text()
-            m = re.search(r"http://(127\.0\.0\.1:\d+)/", Path(self.log.name).read_text())
-            return m[1] if m else ""
+            m = re.search(r"https?://([\d.]+):(\d+)/", Path(self.log.name).read_text())
+            return f"127.0.0.1:{m[2]}" if m else ""  # (0.0.0.0 is reached at 127.0.0.1 too)
 
         self.address = wait_for(served, 60, "the VMMS saying where it serves")
-        self.token_file = self.state / "token"
+        #: What a source VMMS needs to bring a VM here (pyhv vm migrate --token-file).
+        self.token_file = self.state / "migration-token"
+        self.admin_token_file = self.state / "token"
+
+    def tcp_client(
+        self, token_file: Path | None = None, tls: ClientTls | None = None
+    ) -> VmmsClient:
+        """A client of this VMMS's TCP API with the token in `token_file` (default the admin
+        token) and `tls` (default: with a TLS VMMS, a client certificate from its CA)."""
+        if tls is None and self.ca is not None:
+            cert, key = self.ca.issue("test-client")
+            tls = ClientTls(self.ca.cert, cert, key)
+        token = (token_file or self.admin_token_file).read_text().strip()
+        return VmmsClient(tcp=self.address, token=token, timeout=60, tls=tls)
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -166,11 +206,12 @@ def vmms_host(tmp: Path, budget: str = "3G") -> Iterator[VmmsProcess]:
 
 
 @contextmanager
-def vmms_pair(tmp: Path) -> Iterator[tuple[VmmsProcess, VmmsProcess]]:
-    """Host A with 3G for VMs' budget, host B with 1G (768 MiB for VMs)."""
-    a = VmmsProcess(tmp, "a", "3G")
+def vmms_pair(tmp: Path, ca: Ca | None = None) -> Iterator[tuple[VmmsProcess, VmmsProcess]]:
+    """Host A with 3G for VMs' budget, host B with 1G (768 MiB for VMs); with `ca`, both
+    serve TLS with certificates from it (and speak it to each other)."""
+    a = VmmsProcess(tmp, "a", "3G", ca=ca)
     try:
-        b = VmmsProcess(tmp, "b", "1G")
+        b = VmmsProcess(tmp, "b", "1G", ca=ca)
         try:
             yield a, b
         finally:

@@ -37,7 +37,9 @@ test: $(STAMP)
 # Every bench writes bench/results/<bench>.json; docs/benchmarks.md is then generated from them
 # (bench/report.py). About 8.5 minutes on a 2-core PVM host (502 s on 2026-12-06); PYHV_BENCH_QUICK=1 for a quick run.
 # A failing bench fails the target, after the others ran and the doc was regenerated.
-BENCHES := intercepts boot dynmem dynmem_host balancer migration cluster
+BENCHES := intercepts boot dynmem dynmem_host balancer migration
+BENCHES += cluster
+BENCHES += smartpaging
 
 # pyhv compiled as an install leaves it, also after sources changed since the venv was made
 bench: $(STAMP)

@@ -20,7 +20,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-BENCHES = ("intercepts", "boot", "dynmem", "dynmem_host", "balancer", "migration", "cluster")
+BENCHES = ("intercepts", "boot", "dynmem", "dynmem_host", "balancer", "migration")
+#: Benches added since, reported after those (one name per line: parallel additions merge).
+MORE_BENCHES = (
+    "cluster",
+    "smartpaging",
+)
 RUN_PREFIX = "_Run:_ "
 DASH = "—"
 
@@ -30,7 +35,7 @@ Results = dict[str, dict[str, Any]]
 def load(directory: Path = RESULTS) -> Results:
     """Every bench's result that exists in `directory`, by bench name."""
     out = {}
-    for name in BENCHES:
+    for name in BENCHES + MORE_BENCHES:
         path = directory / f"{name}.json"
         if path.exists():
             out[name] = json.loads(path.read_text())
@@ -633,6 +638,44 @@ def cluster(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def smart(d: dict[str, Any]) -> list[str]:
+    def ms(key: str) -> str:
+        lo, hi = d[f"{key}_range"]
+        return f"{num(d[key], 1)} ({num(lo, 1)}-{num(hi, 1)})"
+
+    return [
+        run_line("smartpaging", d),
+        "",
+        f"A 512 MiB Dynamic Memory VM in a worker process (no jail), {d['pairs']} pairs taking "
+        f"turns: its top {d['paged_mib']} MiB backed by a Smart Paging file or not, from the "
+        "worker's start to the shell prompt; then the end of Smart Paging (`end_smart_paging`: "
+        "the file's data copied into a memfd while the VPs run, then the VPs paused while the "
+        "pages they wrote since are copied again and the memfd is mapped at the same address), "
+        "with the file empty and after `testlimit -m 470` wrote into it. Under a VMMS the "
+        "worker's memory cgroup would have paged part of it out: the copy then reads it back "
+        "from disk.",
+        "",
+        *table(
+            ["", "figure (ms)"],
+            [
+                ["start to prompt, all RAM in memfds", ms("start_to_prompt_ms_memfd")],
+                [
+                    f"start to prompt, {d['paged_mib']} MiB on Smart Paging",
+                    ms("start_to_prompt_ms_smart_paging"),
+                ],
+                ["end of Smart Paging, file empty: VPs paused", ms("move_paused_ms_empty")],
+                [
+                    f"end of Smart Paging, {num(d['move_copied_mib_testlimit'], 1)} MiB in the "
+                    f"file: VPs paused ({num(d.get('move_copied_paused_kib_testlimit', 0), 1)} "
+                    "KiB copied then)",
+                    ms("move_paused_ms_testlimit"),
+                ],
+            ],
+        ),
+        "",
+    ]
+
+
 def render(results: Results) -> str:
     out = list(INTRO)
     quick = sorted(n for n, d in results.items() if d["run"].get("quick"))
@@ -652,6 +695,9 @@ def render(results: Results) -> str:
         ("Balancer — `bench/balancer.py`", lambda: _one(results, "balancer", balancer)),
         ("Live migration — `bench/migration.py`", lambda: _one(results, "migration", migration)),
         ("Cluster — `bench/cluster.py`", lambda: _one(results, "cluster", cluster)),
+    ]
+    sections += [
+        ("Smart Paging — `bench/smartpaging.py`", lambda: _one(results, "smartpaging", smart)),
     ]
     for title, body in sections:
         out += [f"## {title}", "", *body()]

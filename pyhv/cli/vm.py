@@ -57,6 +57,22 @@ def _print_vm(vm: dict[str, Any]) -> None:
         )
         if m.get("status"):  # Hyper-V Manager's columns, once the guest reported
             print(f"  memory demand {_demand(m['demand'])}, memory status {m['status']}")
+        sp = m.get("smart_paging")
+        if sp and sp["in_use"]:
+            print(
+                f"  Smart Paging: in use, {_size(sp['bytes'])} of guest memory in "
+                f"{sp['file']} ({_size(sp['file_bytes'])} on disk) for {sp['since_s']} s"
+            )
+        elif sp:
+            print(
+                "  Smart Paging: not in use"
+                + (
+                    f" (the last ended after {sp['ended_after_s']} s, VPs paused "
+                    f"{sp['paused_us']} us)"
+                    if sp["ended_after_s"] is not None
+                    else ""
+                )
+            )
     e = vm.get("enforcement")
     if e:
         print(
@@ -167,6 +183,12 @@ def register(sub: Any) -> None:
                    "(default $PYHV_CLUSTER_TOKENS)")  # fmt: skip
     command("start", "Start VM NAME in a worker process of its own.", start)
     command("stop", "Stop VM NAME.", stop)
+    command(
+        "restart",
+        "Stop VM NAME if it runs and start it again; on a host short of its startup memory, "
+        "Smart Paging backs the gap with a file until Dynamic Memory balloons the guest down.",
+        restart,
+    )
     c = command("list", "List the VMs with their state.", list_vms)
     c.add_argument("--json", dest="as_json", action="store_true", help="print the API's JSON")
     c = command("show", "Show VM NAME's state and settings.", show)
@@ -246,6 +268,11 @@ def create(a: argparse.Namespace) -> int:
 
 def start(a: argparse.Namespace) -> int:
     _print_vm(call(client(a), "POST", f"/api/vms/{a.name}/start"))
+    return 0
+
+
+def restart(a: argparse.Namespace) -> int:
+    _print_vm(call(client(a), "POST", f"/api/vms/{a.name}/start", {"restart": True}))
     return 0
 
 

@@ -69,6 +69,13 @@ VM_SET = CounterSetDef(
             "Hyper-V Manager's Memory Status: 0 OK, 1 Low (available memory below the buffer), "
             "2 Warning (demand above what the VM can be given)",
         ),
+        CounterDef(
+            "Smart Paging Working Set Size",
+            "Memory of the VM backed by its Smart Paging file, not by host memory",
+            "MB",
+        ),
+        CounterDef("Smart Paging In Use", "1 while the VM runs on its Smart Paging file, else 0"),
+        CounterDef("Smart Paging File Size", "Disk the Smart Paging file holds", "MB"),
     ),
     instance_label="vm",
 )

@@ -136,7 +136,8 @@ class MemoryStatus(Struct, frozen=True, forbid_unknown_fields=True):
 
     Memory, as the worker's memory manager accounts it: `visible_pages` (Guest Visible Physical
     Memory: startup plus hot-added, grows only), `assigned_pages` (Physical Memory: what the host
-    backs = visible - ballooned), `ballooned_pages`. The guest's report: `committed_pages` is the
+    backs = visible - ballooned - smart paging), `ballooned_pages`, `smart_paging_pages` (in
+    the Smart Paging file). The guest's report: `committed_pages` is the
     VM's demand (the guest's num_committed, `guest_committed_pages`, less the pages the host
     holds ballooned, which the guest counts as committed), `available_pages` its num_avail; all
     three None until the guest's DM driver has reported. `busy`: a goal or a DM transaction is
@@ -155,6 +156,8 @@ class MemoryStatus(Struct, frozen=True, forbid_unknown_fields=True):
     vps: Annotated[tuple[VpCounters, ...], Meta(max_length=1024)] = ()
     #: The version of the wire form (WIRE_VERSION); check() refuses another.
     version: int = WIRE_VERSION
+    #: Pages backed by the Smart Paging file (not host memory, not in `assigned_pages`).
+    smart_paging_pages: Pages = 0
 
     @property
     def reported(self) -> bool:
@@ -203,10 +206,12 @@ class MemoryStatus(Struct, frozen=True, forbid_unknown_fields=True):
                 f"{w}: version {self.version!r} is not {WIRE_VERSION}: the worker runs another "
                 "pyhv; restart the VM with this host's pyhv"
             )
-        if self.assigned_pages + self.ballooned_pages != self.visible_pages:
+        paged = self.smart_paging_pages
+        if self.assigned_pages + self.ballooned_pages + paged != self.visible_pages:
             raise StatusError(
                 f"{w}: assigned_pages {self.assigned_pages} + ballooned_pages "
-                f"{self.ballooned_pages} must equal visible_pages {self.visible_pages}"
+                f"{self.ballooned_pages} + smart_paging_pages {paged} must equal "
+                f"visible_pages {self.visible_pages}"
             )
         report = [self.committed_pages, self.available_pages, self.guest_committed_pages]
         if any(v is None for v in report) and any(v is not None for v in report):

@@ -46,6 +46,12 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         )
 
 
+def _overlap(ranges: RangeSet, start: int, count: int) -> int:
+    """Pages of `ranges` inside [start, start+count)."""
+    end = start + count
+    return sum(max(0, min(r.start + r.count, end) - max(r.start, start)) for r in ranges)
+
+
 class MemoryManagerError(ValueError):
     """A request the memory manager refuses; nothing was changed."""
 
@@ -131,6 +137,9 @@ class Partition:
     #: How many of `regions` (the first ones) are startup RAM; the rest were hot-added.
     startup_regions: int = 0
     unmap_region: Callable[[Backing], object] | None = None
+    #: The Smart Paging range (pyhv.memory.smartpaging): one of `regions`, backed by a file on
+    #: disk instead of host memory while the host cannot give the VM all its startup RAM.
+    smart_paging: Backing | None = None
 
     @property
     def visible_pages(self) -> int:
@@ -138,9 +147,29 @@ class Partition:
         return sum(r.size for r in self.regions) // PAGE_SIZE
 
     @property
+    def smart_paging_pages(self) -> int:
+        """Pages of the Smart Paging range the guest has not ballooned: backed by the file."""
+        sp = self.smart_paging
+        if sp is None:
+            return 0
+        first, n = sp.gpa // PAGE_SIZE, sp.size // PAGE_SIZE
+        return n - _overlap(self.ballooned, first, n)
+
+    @property
     def assigned_pages(self) -> int:
-        """Physical Memory: what the host really backs."""
-        return self.visible_pages - self.ballooned.pages
+        """Physical Memory: what the host really backs (the Smart Paging file excluded)."""
+        return self.visible_pages - self.ballooned.pages - self.smart_paging_pages
+
+    def _host_pages(self, start: int, count: int) -> int:
+        """Pages of [start, start+count) backed by host memory (not the Smart Paging file)."""
+        sp = self.smart_paging
+        if sp is None:
+            return count
+        lo, hi = (
+            max(start, sp.gpa // PAGE_SIZE),
+            min(start + count, (sp.gpa + sp.size) // PAGE_SIZE),
+        )
+        return count - max(0, hi - lo)
 
     def _split(self, r: PageRange) -> list[tuple[Backing, int, int]]:
         """(region, first page in region, pages) pieces of a range; refuse pages outside RAM."""
@@ -209,10 +238,13 @@ class MemoryManager:
         regions: Iterable[Backing],
         map_region: Callable[[int, int], Backing] | None = None,
         unmap_region: Callable[[Backing], object] | None = None,
+        smart_paging: Backing | None = None,
     ) -> Partition:
         """Account a partition's startup RAM (taken from the pool). `map_region(gpa, size)` is
         how hot-add maps a new region into the partition (the worker's GPA space);
-        `unmap_region` undoes it (a restore that fails half-way)."""
+        `unmap_region` undoes it (a restore that fails half-way). `smart_paging`, one of
+        `regions`, is backed by the Smart Paging file: its pages are not taken from the pool
+        until :meth:`end_smart_paging` moves them into memory."""
         regions = sorted(regions, key=lambda r: r.gpa)
         with self._lock:
             if name in self.partitions:
@@ -224,10 +256,16 @@ class MemoryManager:
                 if r.gpa % PAGE_SIZE or r.size % PAGE_SIZE or r.size <= 0:
                     raise MemoryManagerError(f"region {r.gpa:#x}+{r.size:#x}: not 4 KiB aligned")
             self._check_not_shared(regions)
+            if smart_paging is not None and smart_paging not in regions:
+                raise MemoryManagerError(
+                    f"the Smart Paging range at GPA {smart_paging.gpa:#x} is not one of the "
+                    f"regions of {name}"
+                )
             p = Partition(name, list(regions), 0, map_region, unmap_region=unmap_region)
+            p.smart_paging = smart_paging
             p.startup_pages = p.visible_pages
             p.startup_regions = len(regions)
-            self._take(p.startup_pages, f"startup RAM of {name}")
+            self._take(p.assigned_pages, f"startup RAM of {name}")
             self.partitions[name] = p
             return p
 
@@ -288,7 +326,8 @@ class MemoryManager:
                 for reg, first, n in p._split(run):
                     punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
                     p.ballooned.add(reg.gpa // PAGE_SIZE + first, n)
-                    self.free_pages += n
+                    if reg is not p.smart_paging:  # the file's pages were never the pool's
+                        self.free_pages += n
             self.released_pages += batch.pages
             return batch.pages
 
@@ -306,7 +345,8 @@ class MemoryManager:
                         "released pages can be reclaimed"
                     )
                 batch.add(r.start, r.count)  # RangeError (a ValueError) if listed twice
-            self._take(batch.pages, f"unballooning {name}")
+            host = sum(p._host_pages(r.start, r.count) for r in batch)
+            self._take(host, f"unballooning {name}")
             for r in batch:
                 p.ballooned.remove(r.start, r.count)
             self.reclaimed_pages += batch.pages
@@ -344,12 +384,37 @@ class MemoryManager:
             p.hot_added_pages += pages
             return region
 
+    def end_smart_paging(self, name: str, move: Callable[[Backing, RangeSet], object]) -> int:
+        """Smart Paging ends: the pages of the range still in the file are taken from the pool
+        and `move(region, ballooned)` puts them in host memory (pyhv.memory.smartpaging); the
+        range is ordinary RAM from then on. PoolExhausted (nothing changed) if the pool is
+        short; returns the pages taken."""
+        with self._lock:
+            p = self._get(name)
+            sp = p.smart_paging
+            if sp is None:
+                raise MemoryManagerError(f"partition {name} does not use Smart Paging")
+            pages = p.smart_paging_pages
+            self._take(pages, f"ending Smart Paging of {name}")
+            try:
+                move(sp, RangeSet(p.ballooned))
+            except BaseException:
+                self.free_pages += pages
+                raise
+            p.smart_paging = None
+            return pages
+
     # --- save / restore -----------------------------------------------------------------------
 
     def save(self, name: str) -> MemoryState:
         """Partition `name`'s layout: startup RAM, hot-added regions, ballooned ranges."""
         with self._lock:
             p = self._get(name)
+            if p.smart_paging is not None:
+                raise MemoryManagerError(
+                    f"partition {name} runs on Smart Paging ({p.smart_paging_pages} pages in its "
+                    "file): its layout is saved once Dynamic Memory has ended it"
+                )
             n = p.startup_regions
             return MemoryState(
                 MEMORY_STATE_VERSION,

@@ -455,7 +455,8 @@ def _delete(c: Call) -> None:
 
 @route("/api/vms/{name}/start", "POST")
 def _start(c: Call) -> Any:
-    c.body(bodies.NoFields, required=False)
+    if c.body(bodies.Start, required=False).restart:
+        return c.vmms.restart(c.params["name"])
     return c.vmms.start(c.params["name"])
 
 

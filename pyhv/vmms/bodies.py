@@ -33,6 +33,13 @@ class NoFields(_Body):
     """This request takes no fields (an empty object, or no body)."""
 
 
+class Start(_Body):
+    """Start a VM; with ``restart``, stop it first if it runs: a restart, where Smart Paging
+    may back startup memory the host's pool cannot give (Dynamic Memory VMs only)."""
+
+    restart: bool = False
+
+
 class MemoryTarget(_Body):
     """Balloon, unballoon or hot-add towards a target."""
 
@@ -119,6 +126,23 @@ class VmMemory(Struct):
             "what the VM can be given"
         ),
     ]
+    smart_paging: SmartPaging | None = None
+
+
+class SmartPaging(Struct):
+    """Smart Paging (pyhv.vmms.smartpaging): whether part of the VM's memory is backed by its
+    Smart Paging file now, how much, the file, and how the last one ended."""
+
+    in_use: bool
+    bytes: Annotated[int, Meta(description="guest memory backed by the file, bytes")]
+    file: str | None
+    file_bytes: Annotated[int | None, Meta(description="disk the file holds, bytes")]
+    since_s: float | None
+    ended_after_s: Annotated[
+        float | None, Meta(description="seconds the last Smart Paging lasted (null: none ended)")
+    ]
+    moved_bytes: int | None
+    paused_us: Annotated[int | None, Meta(description="VPs paused while the pages moved, us")]
 
 
 VmState = Literal["off", "starting", "running", "stopping", "crashed", "incoming", "paused"]

@@ -126,8 +126,9 @@ def openapi() -> dict[str, Any]:
             "/api/vms/{name}/start": {
                 **vm_path,
                 "post": {
-                    "summary": "start the VM in a worker process of its own",
-                    "requestBody": _json_body(bodies.NoFields, required=False),
+                    "summary": "start the VM in a worker process of its own (restart: stop it "
+                    "first; Smart Paging may cover a short pool)",
+                    "requestBody": _json_body(bodies.Start, required=False),
                     "responses": {"200": _json(_VM, "running"), **_errors(400, 404, 409)},
                 },
             },

@@ -56,6 +56,7 @@ from pyhv.vmms.inventory import (
 )
 from pyhv.vmms.jailing import JailPolicy, WorkerJails
 from pyhv.vmms.pool import HostPool
+from pyhv.vmms.smartpaging import SmartPaging
 from pyhv.vmms.store import ConfigStore
 from pyhv.vmms.tracing import TraceHub, TracingUnavailable
 from pyhv.worker.config import ConfigError, VmConfig, format_size, parse_size
@@ -166,6 +167,8 @@ class Vmms:
         self.balancer = BalancerLoop(self.pool, self._dm_vms, self.dm_counters, balancer)
         self.traces = TraceHub()  # the flight recorder's watchers (pyhv.vmms.tracing)
         self.balancer.decision_listeners.append(self.traces.decision)
+        #: Smart Paging at a restart on a short host (pyhv.vmms.smartpaging).
+        self.smart_paging = SmartPaging(self.store.vm_dir, self, self._dm_vms)
         #: Called with (VM name, status) for every memory status the pool took, in the order it
         #: took them, on the worker's reader thread (an experiment's record of every change).
         self.status_listeners: list[Callable[[str, MemoryStatus], object]] = []
@@ -191,6 +194,9 @@ class Vmms:
         t = threading.Thread(target=self._check_claims, name="vmms-claims", daemon=True)
         t.start()
         self._threads.append(t)
+        from pyhv.vmms.smartpaging import start_thread
+
+        self._threads.append(start_thread(self.smart_paging, self._stop))
 
     def _check_claims(self) -> None:
         """Every CLAIMS_CHECK_S, every running worker's claim against the kernel's figure (a
@@ -278,6 +284,7 @@ class Vmms:
                 "status": (
                     None if st is None else st.health(s.memory_settings(), self.pool.free_pages)
                 ),
+                "smart_paging": self.smart_paging.describe(s.name),
             }
         if vm.memory is not None:
             out["enforcement"] = vm.memory.describe()
@@ -364,7 +371,18 @@ class Vmms:
 
     # --- running VMs ---------------------------------------------------------------------
 
-    def start(self, name: str) -> dict[str, Any]:
+    def restart(self, name: str) -> dict[str, Any]:
+        """Stop VM `name` if it runs, then start it again: a restart, where Smart Paging may
+        cover startup memory the host's pool cannot give (pyhv.vmms.smartpaging)."""
+        with self._lock:
+            vm = self._get(name)
+            self._refuse_while_migrating(vm, "restart it")
+            running = vm.worker is not None
+        if running:
+            self._halt(vm, "restarted by the administrator")
+        return self.start(name, restart=True)
+
+    def start(self, name: str, *, restart: bool = False) -> dict[str, Any]:
         with self._lock:
             settings = self._get(name).settings
         try:
@@ -381,26 +399,33 @@ class Vmms:
                 config = vm.settings.worker_config(image)
             except ConfigError as e:
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
+            paged = self.smart_paging.plan(vm.settings, restart, self.pool.free_pages)
             try:
-                self.pool.admit(name, vm.settings.memory)
+                self.pool.admit(name, vm.settings.memory - paged)
             except MemoryManagerError as e:
                 raise Conflict(
                     f"VM {name!r} cannot start: not enough host memory for "
-                    f"{format_size(vm.settings.memory)} ({e})"
+                    f"{format_size(vm.settings.memory)} ({e}); Smart Paging covers such a gap "
+                    f"only at a restart (`pyhv vm restart {name}`)"
                 ) from None
             vm.state, vm.reason, vm.tail = STARTING, "", bytearray()
             worker = self._worker_factory(config, lambda data: self._output(vm, data))
             vm.worker = worker
             self._subscribe(name, worker)
             try:
+                if paged:  # the worker inherits the file's fd
+                    self.smart_paging.give_file(name, paged, worker)
                 cgroup = self._jail(worker, config)
                 worker.start()
             except OSError as e:
+                self.smart_paging.gone(name)  # its file, if it was given one
                 vm.worker, vm.state, vm.reason = None, CRASHED, f"the worker did not start: {e}"
                 self.pool.give_back(name)
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
             vm.memory = WorkerMemory(name, worker.pid, cgroup, overhead)
+            if paged:
+                self.smart_paging.started(name, vm.memory)
             vm.state, vm.started_at = RUNNING, time.monotonic()
             log.info(
                 "VM %s started: worker pid %s%s",
@@ -475,6 +500,7 @@ class Vmms:
             consoles, vm.consoles = vm.consoles, []
             self.pool.give_back(vm.settings.name)
             self._update_health()
+        self.smart_paging.gone(vm.settings.name)  # its file, if it ran on one
         self.balancer.forget(vm.settings.name)  # not under our lock: a tick takes it
         self.worker_counters.forget_vm(vm.settings.name)
         if end.failed:
@@ -632,6 +658,12 @@ class Vmms:
             self._refuse_while_migrating(vm, "migrate it")
             if vm.worker is None or vm.state != RUNNING:
                 raise Conflict(f"VM {name!r} is {vm.state}: only a running VM can be migrated")
+            if self.smart_paging.in_use(name):
+                raise Conflict(
+                    f"VM {name!r} runs on Smart Paging (part of its memory is in a file of this "
+                    "host): migrate it once Dynamic Memory has ended it (`pyhv vm show "
+                    f"{name}` says Smart Paging: not in use)"
+                )
             vm.migration = migration
             needed = vm.settings.memory
             if self.pool.holds(name):
@@ -759,6 +791,11 @@ class Vmms:
         """A VM's worker pushed its memory status (on the worker's reader thread). Not under
         the service's lock: a request may hold it while it waits for this worker's answer."""
         vm = self._vms.get(name)
+        if vm is not None and vm.worker is worker:
+            why = self.smart_paging.refuse_status(name, status, worker, vm.memory)
+            if why is not None:
+                self._status_refused(name, why)
+                return
         if vm is None or vm.worker is not worker or not self.pool.record(name, status):
             return  # from a worker this VM no longer has, or a VM that ended meanwhile
         if vm.memory is not None:

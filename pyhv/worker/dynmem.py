@@ -23,6 +23,7 @@ Guest-visible memory = startup + hot-added; assigned = visible - ballooned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -131,6 +132,7 @@ class DynamicMemoryService:
         interrupt_for: Callable[[int], Callable[[], object]] | None = None,
         op_timeout: float = DEFAULT_OP_TIMEOUT,
         base_port: int = DEFAULT_PORT,
+        smart_paging: Any = None,
     ) -> None:
         self.partition = partition
         self.config = config
@@ -142,7 +144,10 @@ class DynamicMemoryService:
         self._own_mm = memory_manager is None  # its budget is the maximum: grows with it
         self.mm = memory_manager or MemoryManager(max(config.maximum, config.memory))
         ram = [r for r in partition.regions if not r.readonly]
-        self.mm.add_partition(self.name, ram, self._map_region, self._unmap_region)
+        # `smart_paging`: the region backed by the Smart Paging file (pyhv.worker.smartpaging)
+        self.mm.add_partition(
+            self.name, ram, self._map_region, self._unmap_region, smart_paging=smart_paging
+        )
         self.vsp = DynamicMemoryVsp(
             RangeSet((r.gpa // PAGE_SIZE, r.size // PAGE_SIZE) for r in ram),
             assigned_pages=lambda: self._mm_part.assigned_pages,
@@ -452,6 +457,7 @@ class DynamicMemoryService:
             visible_pages=part.visible_pages,
             assigned_pages=part.assigned_pages,
             ballooned_pages=part.ballooned.pages,
+            smart_paging_pages=part.smart_paging_pages,
             committed_pages=None if report is None else report.committed_pages,
             available_pages=None if report is None else report.available_pages,
             guest_committed_pages=None if report is None else report.guest_committed_pages,
@@ -498,6 +504,7 @@ class DynamicMemoryService:
             "assigned_pages": st.assigned_pages,
             "ballooned_pages": st.ballooned_pages,
             "hot_added_pages": self._mm_part.hot_added_pages,
+            "smart_paging_pages": st.smart_paging_pages,
             "goal_pages": vsp.goal,
             "operation": self.operation,
             "last_error": self.last_error,
@@ -612,6 +619,80 @@ class DynamicMemoryService:
             "maximum_pages": hi,
             "assigned_pages": assigned,
             "guest_informed": informed,
+        }
+
+    def end_smart_paging(self) -> dict[str, Any]:
+        """Smart Paging ends: the pages still in the file move into host memory (taken from the
+        VM's pool). Copied first while the VPs run (the range's slot logs the guest's writes),
+        then, with the VPs paused and the VSP and its channel held, the pages written since
+        are copied again and the memory swapped in; the new status is pushed. If the DM
+        channel's rings lie in the range (the host writes them, unlogged), all of it is copied
+        with the VPs paused."""
+        from pyhv.memory.smartpaging import copy_data, move_to_memory, new_memory, release_file
+
+        region = self._mm_part.smart_paging
+        if region is None:
+            raise DynamicMemoryError(f"VM {self.name!r} does not use Smart Paging")
+        ch = self.offer.channel
+        ring_gpa = None if ch is None else ch.ring_gpa
+        in_range = (
+            ch is not None
+            and ring_gpa is not None
+            and ring_gpa < region.end
+            and region.gpa < ring_gpa + ch.ring_pages * PAGE_SIZE
+        )
+        precopy = region.track_dirty and not in_range
+        copied: list[int] = []
+        file = (region.memfd, region.offset, region.size)
+        memfd: int | None = None
+        pre = paused_us = 0
+        try:
+            if precopy:
+                region.dirty_bitmap()  # from here on, what the guest writes is logged
+                with self.vsp.lock:
+                    balloon = RangeSet(self._mm_part.ballooned)
+                memfd = new_memory(region, self.name)
+                pre = copy_data(region, memfd, balloon)
+            t0 = time.perf_counter_ns()
+            self.partition.pause()
+            try:
+                # No balloon and no ring write into the range while it moves: the VSP's lock,
+                # then the channel's (the order live migration takes them in).
+                with self.vsp.lock, ch.frozen() if ch is not None else contextlib.nullcontext():
+                    dirty = region.dirty_pages() if precopy else None
+                    pages = self.mm.end_smart_paging(
+                        self.name,
+                        lambda r, b: copied.append(
+                            move_to_memory(r, b, self.name, memfd=memfd, dirty=dirty)
+                        ),
+                    )
+            finally:
+                self.partition.resume()
+                paused_us = (time.perf_counter_ns() - t0) // 1000
+        except (MemoryManagerError, OSError) as e:
+            if memfd is not None and region.memfd != memfd:
+                os.close(memfd)
+            raise DynamicMemoryError(f"ending Smart Paging of VM {self.name!r}: {e}") from None
+        release_file(*file)
+        c = self.counters
+        c["smart_paging_moved_bytes"] = c.get("smart_paging_moved_bytes", 0) + pre + copied[0]
+        c["smart_paging_pause_us"] = paused_us
+        log.info(
+            "%s: Smart Paging ended: %d pages into memory, %d bytes copied while the VPs ran, "
+            "%d bytes with them paused for %d us",
+            self.name,
+            pages,
+            pre,
+            copied[0],
+            paused_us,
+        )
+        with self.vsp.lock:
+            self._publish()
+        return {
+            "pages": pages,
+            "copied_bytes": pre + copied[0],
+            "copied_paused_bytes": copied[0],
+            "paused_us": paused_us,
         }
 
     def add(self, pages: int) -> dict[str, Any]:

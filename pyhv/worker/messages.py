@@ -57,6 +57,13 @@ class _Event(Struct, tag_field="ev", forbid_unknown_fields=True, frozen=True):
 # --- owner -> worker ----------------------------------------------------------------------
 
 
+class SmartPagingFd(Struct, forbid_unknown_fields=True, frozen=True):
+    """The Smart Paging file a worker inherits: its fd number and the bytes it backs."""
+
+    fd: Annotated[int, Meta(ge=3, le=1 << 20)]
+    size: Annotated[int, Meta(gt=0, le=1 << 50)]
+
+
 class Boot(_Op, tag="boot", frozen=True):
     """First message: build and start the VM of `config` (pyhv.worker.config.VmConfig's dict,
     which the worker validates again: it is untrusted input to the worker too)."""
@@ -64,6 +71,9 @@ class Boot(_Op, tag="boot", frozen=True):
     config: dict[str, Any]
     #: PROTOCOL_VERSION (pass it: absent means version 1, which had no such field).
     protocol: int = 1
+    #: Smart Paging (pyhv.worker.smartpaging): the file's fd, inherited from the owner, and
+    #: the bytes at the top of RAM it backs; None when the host gave all the startup RAM.
+    smart_paging: SmartPagingFd | None = None
 
 
 class Incoming(_Op, tag="incoming", frozen=True):
@@ -93,12 +103,12 @@ class Stop(_Op, tag="stop", frozen=True):
     why: Text = "stopped by its owner"
 
 
-MemoryCallName = Literal["status", "target", "limits", "add", "remove"]
+MemoryCallName = Literal["status", "target", "limits", "add", "remove", "end_smart_paging"]
 
 
 class MemoryCall(_Op, tag="memory", frozen=True):
     """A Dynamic Memory request: ``status``; ``target`` (bytes); ``limits`` ([minimum, maximum]
-    bytes); ``add`` / ``remove`` (pages). Answered by :class:`MemoryReply` with the same id."""
+    bytes); ``add`` / ``remove`` (pages); ``end_smart_paging`` (no value). Answered by :class:`MemoryReply` with the same id."""
 
     id: RequestId
     call: MemoryCallName

@@ -79,6 +79,9 @@ class WorkerProcess:
         #: incoming worker has none until its VM arrives).
         self.max_file_bytes: int | None = None
         self._jailed_pid: int | None = None
+        #: The Smart Paging file (fd, bytes it backs) the worker inherits (the VMMS opens it,
+        #: and closes its copy once the worker has started: pyhv.vmms.smartpaging).
+        self.smart_paging: tuple[int, int] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -99,14 +102,19 @@ class WorkerProcess:
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [sys.executable, "-m", "pyhv.worker", "--fd", str(theirs.fileno())]
+        fds = [theirs.fileno()]
+        if self.smart_paging is not None:
+            fds.append(self.smart_paging[0])
         try:
             if self.jail is None:
                 self._proc = subprocess.Popen(
-                    [*self.command_prefix, *argv], pass_fds=(theirs.fileno(),), env=dict(os.environ)
+                    [*self.command_prefix, *argv],
+                    pass_fds=fds,
+                    env=dict(os.environ),
                 )
             else:
                 largest = self.max_file_bytes or max(self.config.memory, self.config.maximum)
-                self._start_jailed(argv + [f"--confine={largest}"], theirs.fileno())
+                self._start_jailed([*argv, f"--confine={largest}"], fds)
         except BaseException:
             ours.close()
             raise
@@ -117,7 +125,7 @@ class WorkerProcess:
         self._reader = threading.Thread(target=self._read_loop, name="worker-reader", daemon=True)
         self._reader.start()
 
-    def _start_jailed(self, argv: list[str], sock_fd: int) -> None:
+    def _start_jailed(self, argv: list[str], fds: list[int]) -> None:
         """Start the worker in its jail; put it in its memory cgroup before it execs."""
         import json
 
@@ -129,7 +137,7 @@ class WorkerProcess:
         try:
             cmd = jail.command(self.jail, argv, info_fd=info_w, block_fd=block_r)
             self._proc = subprocess.Popen(
-                [*self.command_prefix, *cmd], pass_fds=(sock_fd, info_w, block_r), env={}
+                [*self.command_prefix, *cmd], pass_fds=(*fds, info_w, block_r), env={}
             )
             os.close(info_w)
             os.close(block_r)
@@ -159,9 +167,10 @@ class WorkerProcess:
                     os.close(fd)
 
     def _first_message(self) -> Any:
-        from pyhv.worker.messages import PROTOCOL_VERSION, Boot
+        from pyhv.worker.messages import PROTOCOL_VERSION, Boot, SmartPagingFd
 
-        return Boot(self.config.to_dict(), PROTOCOL_VERSION)
+        sp = None if self.smart_paging is None else SmartPagingFd(*self.smart_paging)
+        return Boot(self.config.to_dict(), PROTOCOL_VERSION, smart_paging=sp)
 
     def _read_loop(self) -> None:
         from pyhv.worker import messages as m
@@ -334,7 +343,7 @@ class WorkerProcess:
                     f"memory 'limits' needs [minimum, maximum] in bytes, got {value!r}"
                 )
             value = (value[0], value[1])
-        elif call != "status" and type(value) is not int:
+        elif call not in ("status", "end_smart_paging") and type(value) is not int:
             raise DynamicMemoryError(f"memory {call!r} needs an integer value, got {value!r}")
         event, box = threading.Event(), list[Any]()
         with self._send_lock:
@@ -364,6 +373,10 @@ class WorkerProcess:
     def set_memory_limits(self, minimum: int, maximum: int) -> dict[str, Any]:
         """As VirtualMachine.set_memory_limits, in the worker process."""
         return self._memory("limits", (minimum, maximum))  # type: ignore[no-any-return]
+
+    def end_smart_paging(self, timeout: float = 60.0) -> dict[str, Any]:
+        """As VirtualMachine.end_smart_paging, in the worker process."""
+        return self._memory("end_smart_paging", None, timeout)  # type: ignore[no-any-return]
 
     def add_memory(self, pages: int) -> dict[str, Any]:
         return self._memory("add", pages)  # type: ignore[no-any-return]

@@ -124,6 +124,11 @@ def serve(sock: socket.socket) -> int:
     tracing = TraceStream(vm, send)
 
     # --- end flight recorder ---
+    if isinstance(boot, m.Boot) and boot.smart_paging is not None:  # pyhv.worker.smartpaging
+        from pyhv.memory.smartpaging import SmartPagingFile
+
+        vm.smart_paging = SmartPagingFile(boot.smart_paging.fd, boot.smart_paging.size)
+
     def migrate(msg: m.Migrate | m.MigrationDecision) -> None:
         from pyhv.migration.worker import start_migration
 
@@ -191,6 +196,8 @@ def memory_call(vm: Any, msg: MemoryCall) -> MemoryReply:
     try:
         if call == "status":
             result = vm.memory_status()
+        elif call == "end_smart_paging":
+            result = vm.end_smart_paging()
         elif call == "limits":
             if not isinstance(value, tuple):
                 raise DynamicMemoryError(

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from pyhv.dynmem.status import MemoryStatus
     from pyhv.hypervisor import Partition, VirtualProcessor, VpEvent
     from pyhv.memory.manager import MemoryManager
+    from pyhv.memory.smartpaging import SmartPagingFile
     from pyhv.worker.dynmem import DynamicMemoryService
 
 
@@ -49,8 +50,11 @@ class VirtualMachine:
         *,
         on_memory_status: Callable[[MemoryStatus], object] | None = None,
         memory_manager: MemoryManager | None = None,
+        smart_paging: SmartPagingFile | None = None,
     ) -> None:
         self.config = config
+        #: The Smart Paging file its owner passed (pyhv.worker.smartpaging), for start().
+        self.smart_paging = smart_paging
         #: Dynamic Memory (VMBus controller, DM VSP, memory manager entry) when configured.
         self.dynmem: DynamicMemoryService | None = None
         self._on_memory_status = on_memory_status
@@ -92,8 +96,15 @@ class VirtualMachine:
         p = Partition(name=cfg.name)
         self.partition = p
         try:
-            for base, size in boot.ram_regions(cfg.memory):
-                p.add_memory(base, size)
+            from pyhv.memory.smartpaging import SmartPagingRefused
+            from pyhv.worker.smartpaging import map_ram
+
+            if self.smart_paging is not None and not cfg.dynamic_memory:
+                raise SmartPagingRefused(
+                    f"VM {cfg.name!r} was given a Smart Paging file without Dynamic Memory: "
+                    "only Dynamic Memory can end Smart Paging"
+                )
+            paged = map_ram(p, boot.ram_regions(cfg.memory), self.smart_paging)
             entry = None
             if incoming is None:  # a migrated VM's RAM comes from its source instead
                 self.image, entry = loaders.prepare(
@@ -116,6 +127,7 @@ class VirtualMachine:
                     cfg,
                     on_status=self._on_memory_status,
                     memory_manager=self._memory_manager,
+                    smart_paging=paged,
                 )
                 self.dynmem.start()
             self._trace_sources(self.recorder.active)  # a subscriber may have come first
@@ -240,6 +252,11 @@ class VirtualMachine:
         result = dm.set_limits(minimum, maximum)
         self.config = config
         return result
+
+    def end_smart_paging(self) -> dict[str, Any]:
+        """Move the Smart Paging range into host memory (VPs paused briefly); the owner deletes
+        the file once this returns."""
+        return self._dm("end Smart Paging").end_smart_paging()
 
     def add_memory(self, pages: int) -> dict[str, Any]:
         """The balancer's add: unballoon first, then hot-add the rest."""

@@ -51,6 +51,9 @@ def test_the_vm_set_has_the_books_counters() -> None:
         "Memory Remove Operations",
         "Memory Demand",
         "Memory Status",
+        "Smart Paging Working Set Size",
+        "Smart Paging In Use",
+        "Smart Paging File Size",
     ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ DISK_STATE_VERSION = 1
 MAX_SAVED_BYTES = 4 << 20
 #: The largest disk (bytes): more than a page file of any VM pyhv runs.
 MAX_DISK = 64 << 30
+#: `struct flock` on x86-64: l_type, l_whence, l_start, l_len, l_pid (0 for an OFD lock).
+_FLOCK = struct.Struct("hh4xqqi4x")
+assert _FLOCK.size == 32
 
 
 class DiskError(OSError):
@@ -68,7 +72,11 @@ class Disk:
                 "worker may write"
             ) from None
         try:  # two VMs on one file would read each other's pages (and a migration's two ends)
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # An open file description lock (fcntl: in a jailed worker's seccomp list, flock is
+            # not): held by this fd alone, so a second Disk in the same process conflicts too.
+            fcntl.fcntl(
+                self.fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            )
         except OSError:
             os.close(self.fd)
             raise DiskError(

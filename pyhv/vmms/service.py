@@ -144,6 +144,8 @@ class Vmms:
         images_dir: Path | None = None,
     ) -> None:
         self.store = ConfigStore(state_dir)
+        #: The VMs' page files (pagefiles/NAME.pagefile): host files of this host, never copied.
+        self.page_files = Path(state_dir) / "pagefiles"
         #: Where VMs' image names are looked up (`image_resolver` gives the bundled guest).
         self.images = ImageDirectory(
             images_dir if images_dir is not None else Path(state_dir) / "images", image_resolver
@@ -378,7 +380,7 @@ class Vmms:
             if vm.worker is not None:
                 raise Conflict(f"VM {name!r} is {vm.state} already")
             try:
-                config = vm.settings.worker_config(image)
+                config = vm.settings.worker_config(image, self.page_file(name))
             except ConfigError as e:
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             try:
@@ -414,6 +416,12 @@ class Vmms:
             self._update_health()
             return self._describe(vm)
 
+    def page_file(self, name: str) -> str:
+        """VM `name`'s page file on this host (its directory made here; the worker creates and
+        sizes the file, jailed workers get it bound into their jail)."""
+        self.page_files.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return str(self.page_files / f"{name}.pagefile")
+
     def _jail(self, worker: Worker, config: VmConfig) -> Any:
         """Give a worker process its jail and memory cgroup (None without a jail, or for a
         worker that is not a process of ours: a test's stand-in)."""
@@ -425,7 +433,10 @@ class Vmms:
             # The network only for a VMMS that may migrate its VMs (a source worker connects
             # to its destination itself): one serving TCP.
             jail = self.jails.jail(
-                config.name, str(config.image), network=self.jails.policy.network
+                config.name,
+                str(config.image),
+                network=self.jails.policy.network,
+                page_file=config.page_file or None,
             )
         except JailError as e:
             raise OSError(str(e)) from None
@@ -569,12 +580,17 @@ class Vmms:
 
         s = vm.settings
         try:
-            jail = self.jails.jail(s.name, self.images.resolve(s.image), network=True)
+            jail = self.jails.jail(
+                s.name,
+                self.images.resolve(s.image),
+                network=True,
+                page_file=self.page_file(s.name) if s.page_file_size else None,
+            )
         except (JailError, OSError, ImageError) as e:
             raise OSError(f"cannot jail the incoming worker: {e}") from None
         cgroup = self.jails.cgroup(s.name, memory)
         worker.jail, worker.cgroup = jail, cgroup  # type: ignore[attr-defined]
-        worker.max_file_bytes = max(memory, s.maximum)  # type: ignore[attr-defined]
+        worker.max_file_bytes = max(memory, s.maximum, s.page_file_size)  # type: ignore[attr-defined]
         vm.memory = WorkerMemory(s.name, None, cgroup, self.jails.policy.overhead_bytes)
 
     def console_sink(self, vm: VmEntry) -> Callable[[bytes], None]:

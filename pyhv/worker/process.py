@@ -105,7 +105,9 @@ class WorkerProcess:
                     [*self.command_prefix, *argv], pass_fds=(theirs.fileno(),), env=dict(os.environ)
                 )
             else:
-                largest = self.max_file_bytes or max(self.config.memory, self.config.maximum)
+                largest = self.max_file_bytes or max(
+                    self.config.memory, self.config.maximum, self.config.page_file_size
+                )
                 self._start_jailed(argv + [f"--confine={largest}"], theirs.fileno())
         except BaseException:
             ours.close()

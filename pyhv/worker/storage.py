@@ -38,8 +38,9 @@ class StorageService:
     def __init__(
         self, partition: Partition, config: VmConfig, dynmem: DynamicMemoryService
     ) -> None:
-        self.path = config.page_file_path(tempfile.gettempdir())
         self._own_file = not config.page_file
+        # gettempdir() probes by creating and unlinking a file: not in a jail's seccomp list
+        self.path = config.page_file_path(tempfile.gettempdir() if self._own_file else "")
         self.disk = Disk(self.path, config.page_file_size)
         name = config.name
 

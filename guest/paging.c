@@ -48,6 +48,16 @@ static inline void invlpg_all(void)
     write_cr3(read_cr3());
 }
 
+static u64 window_va(const struct window *w, u64 vpn)
+{
+    return WIN_BASE + (u64)(w - win) * (WIN_PAGES * PAGE_SIZE) + vpn * PAGE_SIZE;
+}
+
+static inline void invlpg(const struct window *w, u64 vpn)
+{
+    __asm__ volatile("invlpg (%0)" ::"r"(window_va(w, vpn)) : "memory");
+}
+
 static void zero_page(void *p)
 {
     u64 n = PAGE_SIZE / 8;
@@ -252,7 +262,9 @@ static u64 page_out(struct window **ws, const u64 *vpns, const u64 *frames, u32 
         ws[i]->resident--;
         ws[i]->swapped++;
     }
-    invlpg_all(); /* no CPU may keep a translation to a frame we free */
+    for (u32 i = 0; i < n; i++) /* no translation to a frame we free stays: here at once, */
+        invlpg(ws[i], vpns[i]);
+    paging_gen++; /* on other CPUs before they next enter a task (they run none of these now) */
     for (u32 i = 0; i < n; i++)
         run_add(frames[i]);
     run_flush();
@@ -266,14 +278,17 @@ u64 paging_reclaim(u64 want)
         return 0;
     st.reclaims++;
     u64 freed = 0, budget = 0;
-    for (u32 i = 0; i < PAGING_WINDOWS; i++)
-        budget += win[i].used ? 2 * win[i].resident : 0; /* two sweeps: clear, then take */
+    u8 evictable[PAGING_WINDOWS]; /* asked once: it reads this CPU's LAPIC id (an exit) */
+    for (u32 i = 0; i < PAGING_WINDOWS; i++) {
+        evictable[i] = win[i].used && task_window_evictable(i);
+        budget += evictable[i] ? 2 * win[i].resident : 0; /* two sweeps: clear, then take */
+    }
     struct window *ws[BATCH];
     u64 vpns[BATCH], frames[BATCH];
     u32 n = 0, skipped = 0;
     while (freed + n < want && budget && skipped <= PAGING_WINDOWS) {
         struct window *w = &win[clock_w];
-        if (!w->used || !w->resident || !task_window_evictable(clock_w) || clock_vpn >= w->pages) {
+        if (!evictable[clock_w] || !w->resident || clock_vpn >= w->pages) {
             clock_w = (clock_w + 1) % PAGING_WINDOWS;
             clock_vpn = 0;
             skipped++; /* a whole turn of windows with nothing to look at: stop */
@@ -371,6 +386,10 @@ int paging_fault(u32 idx, u64 va)
     struct pmm_range r[8];
     u32 nr;
     u64 got = pmm_alloc(run, r, 8, &nr);
+    if (!got) { /* memory ran out: page out as many as this fault backs, in batches */
+        paging_reclaim(run);
+        got = pmm_alloc(run, r, 8, &nr);
+    }
     if (!got) {
         u64 pa = frame();
         if (!pa) {

@@ -32,29 +32,8 @@ _start:
     mov $512, %ecx
     rep stosq
 
-    mov $BASE + 0x0c, %dx       /* SELECT offer 1 (storage), open it on the ring */
-    mov $1, %eax
-    out %eax, %dx
-    mov $BASE + 0x14, %dx
-    mov $RING, %eax
-    out %eax, %dx
-    mov $BASE + 0x18, %dx
-    xor %eax, %eax
-    out %eax, %dx
-    mov $BASE + 0x1c, %dx
-    mov $8, %eax
-    out %eax, %dx
-    mov $BASE + 0x20, %dx
-    mov $4, %eax
-    out %eax, %dx
-    mov $BASE + 0x24, %dx
-    mov $0x40, %eax
-    out %eax, %dx
-    mov $BASE + 0x28, %dx
-    mov $1, %eax
-    out %eax, %dx
-    mov $BASE + 0x2c, %dx
-    in %dx, %eax
+    VMBUS_REG(0x0c, 1)          /* SELECT offer 1 (storage), open it on the ring */
+    VMBUS_OPEN(RING)
     test %eax, %eax
     mov $1, %ebx
     jnz fail

@@ -4,29 +4,18 @@ disk file, and the guest there pages them back in with every page's pattern inta
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
 
 from pyhv.migration.worker import migrate_worker
 from tests.migration.conftest import TOKEN, Guest, moved
+from tests.support.paging import paging_task, verify_pages
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
 PAGES_PER_MIB = 256
-
-
-def _task(guest: Guest) -> dict[str, int]:
-    out = guest.run("tasks")
-    m = re.search(
-        r"paged out (\d+) pages, filled (\d+), verify (\d+) of (\d+): (\d+) pages checked, (\d+) bad",
-        out,
-    )
-    assert m, out
-    keys = ("paged_out", "filled", "verified", "asked", "checked", "bad")
-    return dict(zip(keys, map(int, m.groups()), strict=True))
 
 
 def _settled(worker: Any) -> dict[str, Any]:
@@ -55,21 +44,22 @@ def test_paged_out_pages_move_with_the_vm_and_come_back_intact_there(hosts: Any)
         guest = Guest(src)
         _settled(src)
         guest.run("testlimit -m 48 -c 1")
-        wait_for(lambda: _task(guest)["filled"] == 48 * PAGES_PER_MIB, 60, "testlimit's pages")
+        wait_for(
+            lambda: paging_task(guest.run("tasks"))["filled"] == 48 * PAGES_PER_MIB,
+            60,
+            "testlimit's pages",
+        )
         src.set_memory_target(112 << 20)  # below testlimit's 48 MiB plus the guest's floor
         assert _settled(src)["assigned_pages"] == 112 * PAGES_PER_MIB
-        before = _task(guest)
+        before = paging_task(guest.run("tasks"))
         assert before["paged_out"] > 0
         dst = hosts.destination()
         migrate_worker(src, dst.wait_listening(), TOKEN, {"verify": True})
         assert dst.wait_migrated(30) is not None
         there = moved(dst)
-        after = _task(there)
+        after = paging_task(there.run("tasks"))
         assert after["paged_out"] == before["paged_out"]
-        assert "verify: 1 testlimit tasks" in there.run("verify")
-        t = wait_for(
-            lambda: (t := _task(there))["verified"] == 1 and t, 120, "the check of its pages"
-        )
+        t = verify_pages(there.run)
         assert t["checked"] == 48 * PAGES_PER_MIB and t["bad"] == 0
         paging = there.values("paging")
         assert paging["page-ins"] == before["paged_out"] and paging["failures"] == 0

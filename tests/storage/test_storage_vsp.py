@@ -18,8 +18,8 @@ from pyhv.storage.disk import MAX_SAVED_BYTES, Disk, DiskError
 from pyhv.storage.protocol import Operation as Op
 from pyhv.storage.protocol import Status
 from pyhv.storage.vsp import StorageState, StorageVsp, StorageVspState
-from pyhv.vmbus.controller import Command, Reg, VmbusController
-from tests.support.guest_ring import GuestRing
+from pyhv.vmbus.controller import Reg, VmbusController
+from tests.support.guest_ring import open_channel
 
 pytestmark = pytest.mark.simulation
 
@@ -45,16 +45,7 @@ class World:
         )
         self.ctl = VmbusController(self.view, lambda vector: lambda: None)
         self.ctl.offer(sp.STORAGE_GUID, self.vsp.bind)
-        self.ram[RING_GPA : RING_GPA + 8 * PAGE_SIZE] = bytes(8 * PAGE_SIZE)
-        self.out = GuestRing(self.ram[RING_GPA : RING_GPA + 4 * PAGE_SIZE], init=True)
-        self.inb = GuestRing(
-            self.ram[RING_GPA + 4 * PAGE_SIZE : RING_GPA + 8 * PAGE_SIZE], init=True
-        )
-        for r, v in [(Reg.SELECT, 0), (Reg.RING_GPA_LO, RING_GPA), (Reg.RING_GPA_HI, 0),
-                     (Reg.RING_PAGES, 8), (Reg.DOWNSTREAM_PAGES, 4), (Reg.VECTOR, 0x40),
-                     (Reg.COMMAND, Command.OPEN)]:  # fmt: skip
-            self.ctl.io_write(r, v)
-        assert self.ctl.io_read(Reg.STATUS) == 0
+        self.out, self.inb = open_channel(self.ctl, self.ram, 0, RING_GPA)
 
     def view(self, gpa: int, n: int) -> memoryview:
         if gpa < 0 or gpa + n > RAM:

@@ -6,7 +6,6 @@ them again, every page's pattern intact."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from pyhv.guest_image import image_path
 from pyhv.worker import VirtualMachine, VmConfig
 from tests.guest.shell import Shell
+from tests.support.paging import paging_task, verify_pages
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
@@ -49,17 +49,6 @@ def paging_vm(tmp_path: Path) -> Iterator[tuple[VirtualMachine, Shell, Path]]:
         vm.close()
 
 
-def _task(sh: Shell) -> dict[str, int]:
-    out = sh.run("tasks")
-    m = re.search(
-        r"paged out (\d+) pages, filled (\d+), verify (\d+) of (\d+): (\d+) pages checked, (\d+) bad",
-        out,
-    )
-    assert m, out
-    keys = ("paged_out", "filled", "verified", "asked", "checked", "bad")
-    return dict(zip(keys, map(int, m.groups()), strict=True))
-
-
 def test_the_guests_vsc_writes_and_reads_its_disk(
     paging_vm: tuple[VirtualMachine, Shell, Path],
 ) -> None:
@@ -77,7 +66,11 @@ def test_a_vm_trimmed_below_its_committed_memory_pages_out_and_its_pages_come_ba
 ) -> None:
     vm, sh, disk = paging_vm
     assert "committed 128 MiB" in sh.run("testlimit -m 128 -c 1")
-    wait_for(lambda: _task(sh)["filled"] == 128 * PAGES_PER_MIB, 60, "testlimit wrote its pages")
+    wait_for(
+        lambda: paging_task(sh.run("tasks"))["filled"] == 128 * PAGES_PER_MIB,
+        60,
+        "testlimit wrote its pages",
+    )
     committed = sh.values("mem")["committed"]
     assert committed >= 128
     # the host takes the VM down to 150 MiB: below testlimit's 128 MiB plus the guest's floor,
@@ -88,7 +81,7 @@ def test_a_vm_trimmed_below_its_committed_memory_pages_out_and_its_pages_come_ba
     assert st["last_error"] is None and st["assigned_pages"] == 150 * PAGES_PER_MIB
     paging = sh.values("paging")
     assert paging["page-outs"] > 0 and paging["failures"] == 0
-    paged_out = _task(sh)["paged_out"]
+    paged_out = paging_task(sh.run("tasks"))["paged_out"]
     assert paged_out > 0 and paged_out == paging["page-outs"]
     # the DM status reports the page file and its writes (the next report carries them)
     last = wait_for(
@@ -107,10 +100,7 @@ def test_a_vm_trimmed_below_its_committed_memory_pages_out_and_its_pages_come_ba
         page = np.frombuffer(data[r.start * 4096 : (r.start + 1) * 4096], "<u8")
         assert (np.diff(page) == 1).all(), "a paged-out page of testlimit's pattern"
     # testlimit checks every page: the paged-out ones come back through the page fault path
-    assert "verify: 1 testlimit tasks" in sh.run("verify")
-    t = wait_for(
-        lambda: (t := _task(sh))["verified"] == 1 and t, 120, "testlimit's check of its pages"
-    )
+    t = verify_pages(sh.run)
     assert t["checked"] == 128 * PAGES_PER_MIB and t["bad"] == 0
     paging = sh.values("paging")
     assert paging["page-ins"] == paged_out and paging["failures"] == 0

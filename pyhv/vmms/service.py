@@ -810,6 +810,8 @@ class Vmms:
             "committed": _bytes(None if st is None else st.committed_pages),
             "available": _bytes(None if st is None else st.available_pages),
             "busy": False if st is None else st.busy,
+            "page_file": _bytes(None if st is None else st.page_file_pages),
+            "page_file_writes": None if st is None else st.page_file_writes,
         }
 
     def set_memory_target(self, name: str, target: object) -> dict[str, Any]:

@@ -29,8 +29,9 @@ def test_a_jailed_worker_pages_its_guest_out_to_the_page_file_in_the_vms_directo
         host.vm("start", "pg")
         shown = host.show("pg")
         assert shown["settings"]["page_file_size"] == 64 << 20
-        banner = host.console_until("pg", "disk", b"disk: ")
-        assert b"on channel 2" in banner, banner
+        host.console_until("pg", "mem", b"hot-added")  # booted: the shell answers
+        disk = host.shell("pg", "disk", b"errors: ")
+        assert "(64 MiB) on channel 2" in disk, disk
         host.wait_for_dm_report("pg")
         # testlimit's 128 MiB, then a target below it plus the guest's floor: it pages out
         assert "committed 128 MiB" in host.shell("pg", "testlimit -m 128 -c 1", b"committed")
@@ -47,6 +48,15 @@ def test_a_jailed_worker_pages_its_guest_out_to_the_page_file_in_the_vms_directo
             return int(m[1]) if m else 0
 
         outs = wait_for(paged, 120, "the guest paging out")
+        # the VMMS has it from the guest's DM status: the page file and the pages written to it
+        mem = wait_for(
+            lambda: (
+                (m := host.client.request("GET", "/api/vms/pg/memory"))["page_file_writes"] and m
+            ),
+            30,
+            "page_file_writes in the VM's memory status",
+        )
+        assert mem["page_file"] == 64 << 20 and mem["page_file_writes"] > 0
         page_file = host.state / "pagefiles" / "pg.pagefile"
         st = page_file.stat()
         assert st.st_uid == shown["jail_uid"], "the page file is the VM's uid's own"

@@ -6,6 +6,7 @@ them again, every page's pattern intact."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,3 +106,24 @@ def test_a_vm_trimmed_below_its_committed_memory_pages_out_and_its_pages_come_ba
     paging = sh.values("paging")
     assert paging["page-ins"] == paged_out and paging["failures"] == 0
     assert vm.storage.status()["counters"]["refused"] == 0
+
+
+def test_a_task_killed_with_pages_in_the_page_file_frees_its_slots_and_frames(
+    paging_vm: tuple[VirtualMachine, Shell, Path],
+) -> None:
+    vm, sh, _ = paging_vm
+    assert "committed 128 MiB" in sh.run("testlimit -m 128 -c 1")
+    wait_for(lambda: paging_task(sh.run("tasks"))["filled"] == 128 * PAGES_PER_MIB, 60, "its pages")
+    vm.set_memory_target(150 * MiB)
+    assert vm.wait_memory_idle(180)
+    assert re.search(r"page-file: \d+ pages \(128 MiB\), [1-9]\d* in use", sh.run("paging"))
+    # the disk is the page file's now: a test write would overwrite paged-out pages
+    assert "not overwriting them" in sh.run("disk test 8")
+    assert "killed: 128 MiB released" in sh.run("kill")
+    assert "128 MiB), 0 in use" in sh.run("paging")
+    assert sh.run("pmmcheck").strip() == "pmm: consistent"
+    assert sh.values("mem")["committed"] < 8
+    # the memory and the page file serve a new task
+    assert "committed 64 MiB" in sh.run("testlimit -m 64 -c 1")
+    wait_for(lambda: paging_task(sh.run("tasks"))["filled"] == 64 * PAGES_PER_MIB, 60, "its pages")
+    assert paging_task(sh.run("tasks"))["paged_out"] == 0

@@ -189,6 +189,7 @@ u64 storvsc_sectors(void); /* 0: no disk */
 /* one synchronous READ/WRITE of `sectors` at `lba` into/from the pages `pfns` (from offset 0): 0 or -1 */
 int storvsc_io(int write, u64 lba, u32 sectors, const u64 *pfns, u32 n);
 const char *storvsc_status_name(u32 st);
+int storvsc_unmap(u64 lba, u32 sectors); /* whole 4 KiB blocks the host may forget: 0 or -1 */
 
 /* paging.c: testlimit tasks' memory in windows of 4 KiB pages above the identity map; LRU pages go to
  * the page file (the storage VSC's disk) when free memory runs out and come back on touch */

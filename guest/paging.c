@@ -110,6 +110,26 @@ static void slot_free(u64 s)
     st.slots_used--;
 }
 
+/* freed slots, told to the host in runs (UNMAP: it punches them out of its file, and a live
+ * migration does not carry them) */
+static u64 unmap_base, unmap_n;
+static void unmap_flush(void)
+{
+    if (unmap_n && storvsc_unmap(unmap_base * SLOT_SECTORS, (u32)(unmap_n * SLOT_SECTORS)))
+        st.failures++;
+    unmap_n = 0;
+}
+static void unmap_add(u64 s)
+{
+    if (unmap_n && s == unmap_base + unmap_n && unmap_n < 8192) {
+        unmap_n++;
+        return;
+    }
+    unmap_flush();
+    unmap_base = s;
+    unmap_n = 1;
+}
+
 /* ---------------------------------------------------------------- set-up */
 void paging_init(void)
 {
@@ -227,10 +247,13 @@ void paging_release(u32 idx)
         u64 e = *pte(w, vpn);
         if (e & PG_P)
             run_add(e & ADDR);
-        else if (e & PG_SWAP)
+        else if (e & PG_SWAP) {
             slot_free(e >> 12);
+            unmap_add(e >> 12);
+        }
     }
     run_flush();
+    unmap_flush();
     window_free_tables(w);
 }
 
@@ -371,6 +394,8 @@ int paging_fault(u32 idx, u64 va)
             *pte(w, vpn + i) = pfns[i] * PAGE_SIZE | PG_P | PG_W | PG_U;
             slot_free(slot + i);
         }
+        if (storvsc_unmap(slot * SLOT_SECTORS, (u32)got * SLOT_SECTORS))
+            st.failures++;
         w->swapped -= got;
         w->resident += got;
         st.page_ins += got;

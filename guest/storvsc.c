@@ -13,6 +13,7 @@
 #define OP_QUERY_PROPERTIES 1
 #define OP_READ 2
 #define OP_WRITE 3
+#define OP_UNMAP 4
 #define STORAGE_VECTOR 0x50
 #define WAIT_SPINS 2000000
 
@@ -41,7 +42,7 @@ static const u8 scsi_guid[16] = {0xD9, 0x63, 0x61, 0xBA, 0xA1, 0x04, 0x29, 0x4D,
 static struct {
     struct vmbus_channel *ch;
     u64 sectors, next_id;
-    u64 reads, writes, sectors_read, sectors_written, errors, waits;
+    u64 reads, writes, sectors_read, sectors_written, unmaps, errors, waits;
     u32 last_status;
     const char *why;
 } sv;
@@ -122,6 +123,30 @@ int storvsc_io(int write, u64 lba, u32 sectors, const u64 *pfns, u32 n)
     return st == 0 ? 0 : -1;
 }
 
+/* the host may forget these sectors (whole 4 KiB blocks): it punches them out of its file */
+int storvsc_unmap(u64 lba, u32 sectors)
+{
+    if (!sv.ch)
+        return -1;
+    u64 f = spin_lock(&sv_lock);
+    req.operation = OP_UNMAP;
+    req.flags = 0;
+    req.sector_count = sectors;
+    req.lba = lba;
+    req.byte_offset = 0;
+    req.pfn_count = 0;
+    u64 value = 0;
+    s64 st = transact(0, &value);
+    if (st == 0) {
+        sv.unmaps++;
+    } else {
+        sv.errors++;
+        sv.last_status = (u32)st;
+    }
+    spin_unlock(&sv_lock, f);
+    return st == 0 ? 0 : -1;
+}
+
 u64 storvsc_sectors(void) { return sv.sectors; }
 
 void storvsc_init(void)
@@ -160,6 +185,7 @@ void storvsc_show(void)
         return;
     }
     printf("disk: %lu sectors (%lu MiB) on channel %u\n", sv.sectors, sv.sectors / 2048, sv.ch->relid);
-    printf("reads: %lu (%lu sectors)\nwrites: %lu (%lu sectors)\nerrors: %lu (last %s)\nwaits: %lu\n", sv.reads,
-           sv.sectors_read, sv.writes, sv.sectors_written, sv.errors, storvsc_status_name(sv.last_status), sv.waits);
+    printf("reads: %lu (%lu sectors)\nwrites: %lu (%lu sectors)\nunmaps: %lu\nerrors: %lu (last %s)\nwaits: %lu\n",
+           sv.reads, sv.sectors_read, sv.writes, sv.sectors_written, sv.unmaps, sv.errors,
+           storvsc_status_name(sv.last_status), sv.waits);
 }

@@ -289,7 +289,7 @@ class Source:
             mem.set_dirty_logging(r, True)
             self._logging.append(r)
         if vm.storage is not None:  # from here its READs into guest pages are sent again
-            vm.storage.vsp.take_dirtied()
+            vm.storage.vsp.begin_dirty_log()
         skip = self._skip_ranges()
         t = time.monotonic()
         sent_before = fs.bytes_sent

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pyhv import wire
+from pyhv.memory.manager import punch_hole
 from pyhv.memory.ranges import PageRange, RangeSet
 
 BLOCK = 4096
@@ -114,6 +115,20 @@ class Disk:
             self.written.remove(r.start, r.count)
             first, last = min(first, r.start), max(last, r.end - 1)
         self.written.add(first, last - first + 1)
+
+    def unmap(self, offset: int, n: int) -> None:
+        """Whole blocks the guest no longer needs: out of the file (a hole) and of `written`."""
+        if offset % BLOCK or n % BLOCK:
+            raise ValueError(f"unmap {offset}+{n}: whole {BLOCK}-byte blocks only")
+        try:
+            punch_hole(self.fd, offset, n)
+        except OSError as e:
+            raise DiskError(f"{self.path}: {e}") from None
+        first, count = offset // BLOCK, n // BLOCK
+        for r in list(self.written):  # keep what lies outside [first, first + count)
+            lo, hi = max(r.start, first), min(r.end, first + count)
+            if lo < hi:
+                self.written.remove(lo, hi - lo)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -31,6 +31,8 @@ PAGE_SIZE = 4096
 MAX_TRANSFER = 64 << 10
 #: A buffer of MAX_TRANSFER bytes at any offset in its first page spans this many pages.
 MAX_PFNS = MAX_TRANSFER // PAGE_SIZE + 1
+#: The most one UNMAP may cover (it moves no data).
+MAX_UNMAP = 64 << 20
 #: Data bytes per ring direction the host suggests (the guest may choose another size).
 RING_DATA_BYTES = 16 << 10
 
@@ -39,6 +41,9 @@ class Operation(IntEnum):
     QUERY_PROPERTIES = 1
     READ = 2
     WRITE = 3
+    #: The guest no longer needs these sectors (SCSI UNMAP / TRIM, which storvsc sends too):
+    #: whole 4 KiB blocks only, no buffer; the host punches them out of its file.
+    UNMAP = 4
 
 
 class Status(IntEnum):
@@ -146,6 +151,8 @@ def decode_request(payload: bytes) -> Request:
         raise StorageDecodeError(Status.INVALID_REQUEST, f"reserved flags {h.flags:#x} are set")
     if op == Operation.QUERY_PROPERTIES:
         return Request(op, 0, 0, 0, ())
+    if op == Operation.UNMAP:
+        return _unmap(h)
     byte_count = h.sector_count * SECTOR_SIZE
     if byte_count > MAX_TRANSFER or h.pfn_count > MAX_PFNS:
         raise StorageDecodeError(
@@ -173,6 +180,23 @@ def decode_request(payload: bytes) -> Request:
         )
     pfns = tuple(int.from_bytes(payload[o : o + 8], "little") for o in range(size, end, 8))
     return Request(op, h.sector_count, h.lba, h.byte_offset, pfns)
+
+
+def _unmap(h: RequestHeader) -> Request:
+    byte_count = h.sector_count * SECTOR_SIZE
+    if byte_count > MAX_UNMAP:
+        raise StorageDecodeError(
+            Status.TOO_LARGE, f"UNMAP of {h.sector_count} sectors: at most {MAX_UNMAP} bytes"
+        )
+    if h.pfn_count or h.byte_offset:
+        raise StorageDecodeError(Status.INVALID_REQUEST, "UNMAP names no buffer")
+    block = PAGE_SIZE // SECTOR_SIZE
+    if not h.sector_count or h.sector_count % block or h.lba % block:
+        raise StorageDecodeError(
+            Status.INVALID_REQUEST,
+            f"UNMAP of {h.sector_count} sectors at LBA {h.lba}: whole 4 KiB blocks only",
+        )
+    return Request(Operation.UNMAP, h.sector_count, h.lba, 0, ())
 
 
 def encode_response(operation: int, status: Status, value: int = 0) -> bytes:

@@ -83,14 +83,20 @@ class StorageVsp(Vsp[StorageState]):
         for k in ("requests", "reads", "writes", "sectors_read", "sectors_written", "refused"):
             self.counters[k] = 0
         self.last_request_ns = 0
-        #: Guest pages the host wrote (READs) since the last take_dirtied(): KVM's dirty log
-        #: does not see the host's own writes, so a live migration sends these again.
-        self._dirtied: set[int] = set()
+        #: Guest pages the host wrote (READs) since begin_dirty_log(), or None when no one
+        #: logs: KVM's dirty log does not see the host's own writes, so a live migration sends
+        #: these again. At most one entry per guest page.
+        self._dirtied: set[int] | None = None
+
+    @serialized
+    def begin_dirty_log(self) -> None:
+        """Record the guest pages READs write from now on (a migration's first pass)."""
+        self._dirtied = set()
 
     @serialized
     def take_dirtied(self) -> set[int]:
-        """The guest page frames READs wrote since the last call (then forgotten)."""
-        out, self._dirtied = self._dirtied, set()
+        """The guest page frames READs wrote since begin_dirty_log(); the log stops."""
+        out, self._dirtied = self._dirtied or set(), None
         return out
 
     # -- channel --------------------------------------------------------------------------
@@ -152,8 +158,12 @@ class StorageVsp(Vsp[StorageState]):
         try:
             if req.operation == sp.Operation.READ:
                 self._read(req)
-            else:
+            elif req.operation == sp.Operation.WRITE:
                 self._write(req)
+            else:
+                self.disk.unmap(req.lba * sp.SECTOR_SIZE, req.byte_count)
+                self.counters["unmaps"] += 1
+                self.counters["sectors_unmapped"] += req.sector_count
         except (DiskError, OSError, ValueError) as e:
             self._bad(trans_id, op, sp.Status.IO_ERROR, f"the disk failed: {e}")
             return
@@ -177,7 +187,8 @@ class StorageVsp(Vsp[StorageState]):
         for gpa, n in self._pieces(req):
             self._guest_memory(gpa, n)[:] = data[pos : pos + n]
             pos += n
-        self._dirtied.update(req.pfns)
+        if self._dirtied is not None:
+            self._dirtied.update(req.pfns)
         self.counters["reads"] += 1
         self.counters["sectors_read"] += req.sector_count
 

@@ -65,3 +65,45 @@ def test_paged_out_pages_move_with_the_vm_and_come_back_intact_there(hosts: Any)
         assert paging["page-ins"] == before["paged_out"] and paging["failures"] == 0
     finally:
         src.close()
+
+
+def test_pages_read_in_from_the_page_file_during_the_move_arrive_as_read(hosts: Any) -> None:
+    """The storage VSP writes the pages it reads in from the host side, where KVM's dirty log
+    does not see it: the final pass sends them again, and the destination's RAM checksum
+    matches the source's (the migration's verify) while the guest pages in throughout."""
+    from pyhv.guest_image import image_path
+    from pyhv.worker import VmConfig
+    from pyhv.worker.process import WorkerProcess
+
+    cfg = VmConfig.create(
+        image=image_path(), memory="256M", dynamic_memory=True, minimum="64M", page_file_size="128M"
+    )
+    src = WorkerProcess(cfg)
+    src.start()
+    try:
+        guest = Guest(src)
+        _settled(src)
+        guest.run("testlimit -m 128 -c 1")
+        wait_for(
+            lambda: paging_task(guest.run("tasks"))["filled"] == 128 * PAGES_PER_MIB,
+            60,
+            "testlimit's pages",
+        )
+        src.set_memory_target(220 << 20)  # pages out about 15 MiB: what a state carries
+        _settled(src)
+        before = paging_task(guest.run("tasks"))
+        assert before["paged_out"] > 2048
+        assert "verify: 1 testlimit tasks" in guest.run("verify")  # pages in from now on
+        dst = hosts.destination()
+        migrate_worker(src, dst.wait_listening(), TOKEN, {"verify": True})
+        assert dst.wait_migrated(30) is not None
+        there = moved(dst)
+        t = wait_for(
+            lambda: (t := paging_task(there.run("tasks")))["verified"] == 1 and t,
+            120,
+            "the check begun at the source",
+        )
+        assert t["checked"] == 128 * PAGES_PER_MIB and t["bad"] == 0
+        assert there.values("paging")["failures"] == 0
+    finally:
+        src.close()

@@ -102,6 +102,11 @@ def test_a_write_puts_the_guests_pages_in_the_host_file_and_a_read_brings_them_b
         (sp.encode_request(Op.READ, 0, 0, ()), Status.INVALID_REQUEST, "invalid_request"),
         (sp.encode_request(Op.READ, 0, 8, (256,), offset=4096), Status.INVALID_REQUEST, "invalid_request"),
         (b"\x02\x00\x00", Status.INVALID_REQUEST, "invalid_request"),
+        (sp.encode_request(Op.UNMAP, 4, 8), Status.INVALID_REQUEST, "invalid_request"),
+        (sp.encode_request(Op.UNMAP, 0, 12), Status.INVALID_REQUEST, "invalid_request"),
+        (sp.encode_request(Op.UNMAP, 0, 8, (256,)), Status.INVALID_REQUEST, "invalid_request"),
+        (sp.encode_request(Op.UNMAP, 0, (128 << 20) // 512), Status.TOO_LARGE, "too_large"),
+        (sp.encode_request(Op.UNMAP, DISK // 512, 8), Status.LBA_OUT_OF_RANGE, "lba_out_of_range"),
         (bytes(sp.RequestHeader(operation=2, flags=1)), Status.INVALID_REQUEST, "invalid_request"),
     ],
 )  # fmt: skip
@@ -185,3 +190,35 @@ def test_two_vms_cannot_share_one_disk_file(tmp_path: Path) -> None:
     Disk(tmp_path / "shared", DISK)
     with pytest.raises(DiskError, match="in use by another VM"):
         Disk(tmp_path / "shared", DISK)
+
+
+def test_pages_a_read_writes_are_logged_for_a_migration_only_while_it_runs(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path)
+    assert w.io(Op.READ, 0, 16, BUF).status == Status.SUCCESS
+    assert w.vsp.take_dirtied() == set()  # no migration: nothing kept
+    w.vsp.begin_dirty_log()
+    assert w.io(Op.READ, 0, 16, BUF + 100).status == Status.SUCCESS  # 3 pages
+    assert w.io(Op.WRITE, 0, 8, 2 * BUF).status == Status.SUCCESS  # the guest's own write
+    first = BUF // PAGE_SIZE
+    assert w.vsp.take_dirtied() == {first, first + 1, first + 2}
+    assert w.io(Op.READ, 0, 8, BUF).status == Status.SUCCESS
+    assert w.vsp.take_dirtied() == set()  # the log stopped with the take
+
+
+def test_an_unmap_punches_the_blocks_out_of_the_host_file_and_the_saved_state(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path)
+    w.ram[BUF : BUF + 4 * PAGE_SIZE] = os.urandom(4 * PAGE_SIZE)
+    assert w.io(Op.WRITE, 64, 32, BUF).status == Status.SUCCESS  # blocks 8..11
+    used = os.stat(tmp_path / "disk").st_blocks
+    r = w.request(sp.encode_request(Op.UNMAP, 72, 16), 5)  # blocks 9 and 10
+    assert (r.status, r.value) == (Status.SUCCESS, 16 * 512)
+    assert list(w.disk.written) == [(8, 1), (11, 1)]
+    assert os.stat(tmp_path / "disk").st_blocks < used
+    assert w.io(Op.READ, 72, 16, 2 * BUF).status == Status.SUCCESS
+    assert bytes(w.ram[2 * BUF : 2 * BUF + 2 * PAGE_SIZE]) == bytes(2 * PAGE_SIZE)
+    assert w.vsp.counters["unmaps"] == 1 and w.vsp.counters["sectors_unmapped"] == 16
+    assert len(w.vsp.save().disk.written) == 2

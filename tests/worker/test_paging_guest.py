@@ -106,6 +106,9 @@ def test_a_vm_trimmed_below_its_committed_memory_pages_out_and_its_pages_come_ba
     paging = sh.values("paging")
     assert paging["page-ins"] == paged_out and paging["failures"] == 0
     assert vm.storage.status()["counters"]["refused"] == 0
+    # the guest unmapped each slot it read back: the host file holds nothing any more
+    assert vm.storage.disk.written.pages == 0
+    assert disk.stat().st_blocks * 512 < 1 << 20
 
 
 def test_a_task_killed_with_pages_in_the_page_file_frees_its_slots_and_frames(

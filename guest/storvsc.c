@@ -16,6 +16,7 @@
 #define OP_UNMAP 4
 #define STORAGE_VECTOR 0x50
 #define WAIT_SPINS 2000000
+#define MAX_DISK_SECTORS ((64UL << 30) / 512) /* pyhv's disks are at most 64 GiB */
 
 struct storage_request {
     u16 operation, flags;
@@ -172,6 +173,13 @@ void storvsc_init(void)
     if (st != 0) {
         sv.why = "the disk did not answer QUERY_PROPERTIES";
         printf("storage: %s (status %ld)\n", sv.why, st);
+        sv.ch = NULL;
+        return;
+    }
+    if (!sectors || sectors > MAX_DISK_SECTORS) { /* the host's figure, checked like any input */
+        sv.why = "the disk's size is not one this guest can use";
+        printf("storage: %s (%lu sectors)\n", sv.why, sectors);
+        sv.ch = NULL;
         return;
     }
     sv.sectors = sectors;

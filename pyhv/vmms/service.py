@@ -363,6 +363,7 @@ class Vmms:
             del self._vms[name]
             if self.jails is not None:
                 self.jails.ids.release(name)
+            self._drop_page_file(name)
 
     # --- running VMs ---------------------------------------------------------------------
 
@@ -421,6 +422,12 @@ class Vmms:
         sizes the file, jailed workers get it bound into their jail)."""
         self.page_files.mkdir(mode=0o700, parents=True, exist_ok=True)
         return str(self.page_files / f"{name}.pagefile")
+
+    def _drop_page_file(self, name: str) -> None:
+        try:
+            (self.page_files / f"{name}.pagefile").unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("VM %s: its page file could not be removed: %s", name, e)
 
     def _jail(self, worker: Worker, config: VmConfig) -> Any:
         """Give a worker process its jail and memory cgroup (None without a jail, or for a
@@ -636,6 +643,7 @@ class Vmms:
                 vm.memory = None
             if forget_settings:
                 self.store.delete(name)
+            self._drop_page_file(name)  # it left (or never arrived): its pages are not here
             self._update_health()
         self.balancer.forget(name)
         return True

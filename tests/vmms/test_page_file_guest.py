@@ -61,3 +61,6 @@ def test_a_jailed_worker_pages_its_guest_out_to_the_page_file_in_the_vms_directo
         st = page_file.stat()
         assert st.st_uid == shown["jail_uid"], "the page file is the VM's uid's own"
         assert st.st_size == 64 << 20 and st.st_blocks * 512 >= outs * 4096 // 2
+        host.vm("stop", "pg")
+        host.vm("delete", "pg")
+        assert not page_file.exists(), "a deleted VM's page file goes with it"

@@ -5,8 +5,8 @@
  *
  * A page table entry says it all: present (a frame), or not present with PG_SWAP and the page file
  * slot in bits 12.. (paged out), or 0 (not touched yet: zero-fill on demand; the task writes each page
- * whole before it reads it). The clock (second chance over the accessed bit) walks the windows'
- * entries; a batch of up to 16 victims goes out in one WRITE to 16 consecutive slots. Page-in is one
+ * whole before it reads it). The clock walks the windows' entries with a second chance per page table
+ * (the accessed bit of the directory entry above 512 pages); a batch of up to 16 victims goes out in one WRITE to 16 consecutive slots. Page-in is one
  * READ of the slot into a free frame. Everything here runs at CPL0, which this machine's KVM
  * emulates: per page only a few instructions; the data moves host-side (the VSP writes the frames).
  *
@@ -304,7 +304,7 @@ u64 paging_reclaim(u64 want)
     u8 evictable[PAGING_WINDOWS]; /* asked once: it reads this CPU's LAPIC id (an exit) */
     for (u32 i = 0; i < PAGING_WINDOWS; i++) {
         evictable[i] = win[i].used && task_window_evictable(i);
-        budget += evictable[i] ? 2 * win[i].resident : 0; /* two sweeps: clear, then take */
+        budget += evictable[i] ? 2 * win[i].pages : 0; /* two sweeps: clear, then take */
     }
     struct window *ws[BATCH];
     u64 vpns[BATCH], frames[BATCH];
@@ -318,14 +318,26 @@ u64 paging_reclaim(u64 want)
             continue;
         }
         skipped = 0;
+        u64 vpn = clock_vpn;
+        if (!(vpn & 511)) {
+            /* The second chance is given per page table (2 MiB): the accessed bit of the entry
+             * that points at it says whether any of its pages was used since the hand last
+             * passed. One page-table write per 512 pages: on this KVM each write to a page table
+             * costs a shadow page table update, and clearing every page's bit cost more than
+             * the paging itself. */
+            u64 *pde = &w->pd[vpn >> 18][(vpn >> 9) & 511];
+            if (*pde & PG_A) {
+                *pde &= ~PG_A;
+                clock_vpn += 512;
+                budget = budget > 512 ? budget - 512 : 0;
+                continue;
+            }
+        }
         budget--;
-        u64 vpn = clock_vpn++, *e = pte(w, vpn);
+        clock_vpn++;
+        u64 *e = pte(w, vpn);
         if (!(*e & PG_P))
             continue;
-        if (*e & PG_A) { /* used since the hand last passed: a second chance */
-            *e &= ~PG_A;
-            continue;
-        }
         ws[n] = w;
         vpns[n] = vpn;
         frames[n] = *e & ADDR;

@@ -26,31 +26,42 @@ def _settled(worker: Any) -> dict[str, Any]:
     return wait_for(idle, 60, "Dynamic Memory settled")
 
 
-def test_paged_out_pages_move_with_the_vm_and_come_back_intact_there(hosts: Any) -> None:
+def _paged(memory: str, page_file: str, testlimit_mib: int, target_mib: int) -> tuple[Any, Guest]:
+    """A source worker whose guest wrote `testlimit_mib` MiB with testlimit, then was trimmed to
+    `target_mib` MiB: below that plus its floor, so part of it is in the page file."""
     from pyhv.guest_image import image_path
     from pyhv.worker import VmConfig
     from pyhv.worker.process import WorkerProcess
 
     cfg = VmConfig.create(
         image=image_path(),
-        memory="128M",
+        memory=memory,
         dynamic_memory=True,
         minimum="64M",
-        page_file_size="64M",
+        page_file_size=page_file,
     )
     src = WorkerProcess(cfg)
     src.start()
     try:
         guest = Guest(src)
         _settled(src)
-        guest.run("testlimit -m 48 -c 1")
+        guest.run(f"testlimit -m {testlimit_mib} -c 1")
         wait_for(
-            lambda: paging_task(guest.run("tasks"))["filled"] == 48 * PAGES_PER_MIB,
+            lambda: paging_task(guest.run("tasks"))["filled"] == testlimit_mib * PAGES_PER_MIB,
             60,
             "testlimit's pages",
         )
-        src.set_memory_target(112 << 20)  # below testlimit's 48 MiB plus the guest's floor
-        assert _settled(src)["assigned_pages"] == 112 * PAGES_PER_MIB
+        src.set_memory_target(target_mib << 20)
+        assert _settled(src)["assigned_pages"] == target_mib * PAGES_PER_MIB
+    except BaseException:
+        src.close()
+        raise
+    return src, guest
+
+
+def test_paged_out_pages_move_with_the_vm_and_come_back_intact_there(hosts: Any) -> None:
+    src, guest = _paged("128M", "64M", 48, 112)
+    try:
         before = paging_task(guest.run("tasks"))
         assert before["paged_out"] > 0
         dst = hosts.destination()
@@ -71,28 +82,9 @@ def test_pages_read_in_from_the_page_file_during_the_move_arrive_as_read(hosts: 
     """The storage VSP writes the pages it reads in from the host side, where KVM's dirty log
     does not see it: the final pass sends them again, and the destination's RAM checksum
     matches the source's (the migration's verify) while the guest pages in throughout."""
-    from pyhv.guest_image import image_path
-    from pyhv.worker import VmConfig
-    from pyhv.worker.process import WorkerProcess
-
-    cfg = VmConfig.create(
-        image=image_path(), memory="256M", dynamic_memory=True, minimum="64M", page_file_size="128M"
-    )
-    src = WorkerProcess(cfg)
-    src.start()
+    src, guest = _paged("256M", "128M", 128, 220)  # about 15 MiB paged out: what a state carries
     try:
-        guest = Guest(src)
-        _settled(src)
-        guest.run("testlimit -m 128 -c 1")
-        wait_for(
-            lambda: paging_task(guest.run("tasks"))["filled"] == 128 * PAGES_PER_MIB,
-            60,
-            "testlimit's pages",
-        )
-        src.set_memory_target(220 << 20)  # pages out about 15 MiB: what a state carries
-        _settled(src)
-        before = paging_task(guest.run("tasks"))
-        assert before["paged_out"] > 2048
+        assert paging_task(guest.run("tasks"))["paged_out"] > 2048
         assert "verify: 1 testlimit tasks" in guest.run("verify")  # pages in from now on
         dst = hosts.destination()
         migrate_worker(src, dst.wait_listening(), TOKEN, {"verify": True})

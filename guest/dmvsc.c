@@ -208,8 +208,12 @@ static void send_status(void)
     header(&m.hdr, DM_STATUS_REPORT, sizeof(m));
     m.num_avail = s.free;
     m.num_committed = s.committed + s.ballooned + pmm_balloon_floor();
-    m.page_file_size = m.zero_free = 0;
-    m.page_file_writes = m.io_diff = 0;
+    struct paging_stats ps;
+    paging_get_stats(&ps);
+    m.page_file_size = ps.file_pages; /* pages, as Hyper-V's guests report their page files */
+    m.page_file_writes = (u32)ps.page_outs;
+    m.zero_free = 0;
+    m.io_diff = 0;
     dm.last_status_tick = ticks;
     dm.status_due = 0;
     if (vmbus_send(dm.ch, &m, sizeof(m), 0)) {

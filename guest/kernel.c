@@ -192,6 +192,8 @@ void kmain(const struct bootinfo *bi)
            s.free / 256, boot.vp_count, cpus_online, HZ);
     vmbus_init(); /* the VMBus controller, if the host has one, and its offers */
     dmvsc_init(); /* the Dynamic Memory VSC, if wanted (boot flag) or offered */
+    storvsc_init(); /* the page file's disk, if offered */
+    paging_init();
     shell_init();
     u64 last_poll = 0;
     for (;;) {

@@ -181,6 +181,38 @@ void vmbus_show(void);
 void dmvsc_init(void);
 void dmvsc_show(void);
 
+/* storvsc.c: the page file's disk (synthetic storage, docs/storage.md); 512-byte sectors */
+#define STORAGE_MAX_PFNS 17 /* 64 KiB per request at any offset */
+void storvsc_init(void);
+void storvsc_show(void);
+u64 storvsc_sectors(void); /* 0: no disk */
+/* one synchronous READ/WRITE of `sectors` at `lba` into/from the pages `pfns` (from offset 0): 0 or -1 */
+int storvsc_io(int write, u64 lba, u32 sectors, const u64 *pfns, u32 n);
+const char *storvsc_status_name(u32 st);
+int storvsc_unmap(u64 lba, u32 sectors); /* whole 4 KiB blocks the host may forget: 0 or -1 */
+
+/* paging.c: testlimit tasks' memory in windows of 4 KiB pages above the identity map; LRU pages go to
+ * the page file (the storage VSC's disk) when free memory runs out and come back on touch */
+#define PAGING_WINDOWS 48 /* task slots that can have a window (8 GiB each, from 64 GiB up) */
+struct paging_stats { u64 file_pages, slots_used, page_outs, page_ins, zero_fills, faults, reclaims, failures; };
+void paging_init(void);   /* after storvsc_init: paging is on if there is a disk */
+int paging_active(void);
+u64 paging_window(u32 w, u64 pages);                  /* VA of a new window of `pages`, 0 if none */
+void paging_map(u32 w, u64 vpn, u64 pa, u64 pages);    /* resident pages at the window's vpn.. */
+int paging_fault(u32 w, u64 va);                       /* page in / zero-fill va: 0, or -1 */
+void paging_release(u32 w);                            /* free its frames, page file slots, tables */
+u64 paging_reclaim(u64 pages);                         /* page out up to `pages`: freed (task_lock held) */
+void paging_window_counts(u32 w, u64 *resident, u64 *swapped);
+void paging_get_stats(struct paging_stats *s);
+void paging_show(void);
+/* task.c, for paging: whether window w's task may lose pages now (not running on another CPU;
+ * task_lock held), and the reclaim entry for the memory manager (takes task_lock) */
+int task_window_evictable(u32 w);
+u64 task_reclaim(u64 pages);
+int task_verify(void); /* testlimit tasks with windows check every page's pattern once more */
+/* pmm.c: set by paging_init; pmm_balloon_take calls it (no lock held) to page out what it lacks */
+extern u64 (*pmm_reclaim_hook)(u64 pages);
+
 /* shell.c */
 void shell_init(void);
 void shell_input(int c);

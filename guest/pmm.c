@@ -542,8 +542,20 @@ u64 pmm_balloon_floor(void)
 
 /* Take up to max_pages free pages out of the guest (2 MiB runs first), leaving floor_pages free.
  * Returns the pages taken; their ranges are in out[0..*nout). */
+u64 (*pmm_reclaim_hook)(u64 pages);
+
+/* With a page file, pages of tasks are paged out first for what the free pages above the floor
+ * lack (a guest under pressure pages, then balloons), at most RECLAIM_MAX pages per call. */
+#define RECLAIM_MAX 4096
 u64 pmm_balloon_take(u64 max_pages, u64 floor_pages, struct pmm_range *out, u32 max_out, u32 *nout)
 {
+    if (pmm_reclaim_hook) {
+        u64 f = spin_lock(&pmm_lock);
+        u64 avail = n_free > floor_pages ? n_free - floor_pages : 0;
+        spin_unlock(&pmm_lock, f);
+        if (avail < max_pages)
+            pmm_reclaim_hook(max_pages - avail < RECLAIM_MAX ? max_pages - avail : RECLAIM_MAX);
+    }
     u64 f = spin_lock(&pmm_lock);
     u64 avail = n_free > floor_pages ? n_free - floor_pages : 0;
     u64 got = alloc(max_pages < avail ? max_pages : avail, out, max_out, nout);

@@ -31,6 +31,9 @@ static void cmd_help(void)
          "  hotadd BASE_MB SIZE_MB  add RAM at BASE_MB MiB, as a hot-add would\n"
          "  vmbus                   VMBus channels: offers, rings, counters\n"
          "  dm                      Dynamic Memory VSC: state, protocol, last status, counters\n"
+         "  disk [test PAGES]       the page file's disk (synthetic storage); test: write PAGES pages, read back, check\n"
+         "  paging                  the page file: size, slots in use, page-outs, page-ins\n"
+         "  verify                  testlimit tasks that page check every page's pattern once more (see tasks)\n"
          "  pmmcheck                check the memory manager's counters against its bitmaps\n"
          "  fault kernel|user [CPU]  touch unmapped memory at CPL0 (halts) or in a CPL3 task (killed)\n"
          "  poweroff [CODE]         power off with exit status CODE (default 0)\n");
@@ -195,6 +198,8 @@ static void cmd_fault(int argc, char **argv)
     }
 }
 
+static void cmd_disk(int argc, char **argv);
+
 static void run(char *s)
 {
     char *argv[MAX_ARGS];
@@ -246,6 +251,12 @@ static void run(char *s)
         vmbus_show();
     else if (!strcmp(c, "dm"))
         dmvsc_show();
+    else if (!strcmp(c, "disk"))
+        cmd_disk(argc, argv);
+    else if (!strcmp(c, "paging"))
+        paging_show();
+    else if (!strcmp(c, "verify"))
+        printf("verify: %d testlimit tasks with a page file check their pages (see tasks)\n", task_verify());
     else if (!strcmp(c, "pmmcheck"))
         puts(pmm_check() ? "pmm: INCONSISTENT\n" : "pmm: consistent\n");
     else if (!strcmp(c, "fault"))
@@ -257,6 +268,78 @@ static void run(char *s)
 }
 
 void shell_init(void) { prompt(); }
+
+/* one page filled with `v` (rep stosq: one emulated instruction) / whether it still holds it */
+static void fill_page(u64 pa, u64 v)
+{
+    u64 n = PAGE_SIZE / 8;
+    void *d = (void *)pa;
+    __asm__ volatile("rep stosq" : "+D"(d), "+c"(n) : "a"(v) : "memory");
+}
+static int page_holds(u64 pa, u64 v)
+{
+    u64 n = PAGE_SIZE / 8;
+    const void *d = (const void *)pa;
+    u8 ne;
+    __asm__ volatile("repe scasq; setne %2" : "+D"(d), "+c"(n), "=q"(ne) : "a"(v) : "memory", "cc");
+    return !ne;
+}
+
+/* write `pages` pages to the disk from LBA 0 in requests of 16 pages, read them into other pages, check */
+static void cmd_disk(int argc, char **argv)
+{
+    u64 pages;
+    if (argc < 2) {
+        storvsc_show();
+        return;
+    }
+    if (strcmp(argv[1], "test") || argc < 3 || parse_u64(argv[2], &pages) || !pages) {
+        puts("disk: usage disk [test PAGES]\n");
+        return;
+    }
+    struct paging_stats ps;
+    paging_get_stats(&ps);
+    if (pages > storvsc_sectors() / 8) {
+        printf("disk: %lu pages do not fit the disk's %lu\n", pages, storvsc_sectors() / 8);
+        return;
+    }
+    if (ps.slots_used) {
+        printf("disk: the page file holds %lu paged-out pages: not overwriting them\n", ps.slots_used);
+        return;
+    }
+    struct pmm_range r[32];
+    u64 pfn[32];
+    u32 n, k = 0;
+    u64 got = pmm_alloc(32, r, 32, &n);
+    for (u32 i = 0; i < n; i++)
+        for (u64 j = 0; j < r[i].pages; j++)
+            pfn[k++] = r[i].base / PAGE_SIZE + j;
+    if (got < 32) {
+        puts("disk: no 32 free pages for the buffers\n");
+        for (u32 i = 0; i < n; i++)
+            pmm_free(r[i].base, r[i].pages);
+        return;
+    }
+    pmm_commit(32);
+    u64 bad = 0, errors = 0, seed = 0x9E3779B97F4A7C15UL * (ticks + 7);
+    for (u64 g = 0; g < pages; g += 16) {
+        u32 b = pages - g < 16 ? (u32)(pages - g) : 16;
+        for (u32 i = 0; i < b; i++) {
+            fill_page(pfn[i] * PAGE_SIZE, seed ^ (g + i));
+            fill_page(pfn[16 + i] * PAGE_SIZE, 0);
+        }
+        if (storvsc_io(1, g * 8, b * 8, pfn, b) || storvsc_io(0, g * 8, b * 8, pfn + 16, b)) {
+            errors++;
+            continue;
+        }
+        for (u32 i = 0; i < b; i++)
+            bad += !page_holds(pfn[16 + i] * PAGE_SIZE, seed ^ (g + i));
+    }
+    for (u32 i = 0; i < n; i++)
+        pmm_free(r[i].base, r[i].pages);
+    pmm_uncommit(32);
+    printf("disk test: wrote %lu pages, read them back: %lu bad, %lu failed requests\n", pages, bad, errors);
+}
 
 void shell_input(int c)
 {

@@ -33,6 +33,12 @@ struct task {
     volatile u64 nranges;
     volatile u64 touched; /* pages written by the task, counting rewrites */
     volatile u64 passes;
+    /* testlimit with a page file: its pages in a paging window (paging.c) at va, -1 without */
+    s32 win;
+    u64 va, seed;
+    volatile u64 filled;                     /* pages written with their pattern so far */
+    volatile u64 verify_gen, verified_gen;   /* `verify` asks, the task answers */
+    volatile u64 verify_pages, verify_bad;   /* what its last check found */
     struct pmm_range ranges[TASK_RANGES];
     u8 stack[USER_STACK] __attribute__((aligned(16)));
 };
@@ -60,6 +66,39 @@ static void user_testlimit(struct task *t)
             }
         }
         user_call(SYS_SLEEP, t->pages_have >= t->pages_want ? ~0UL : ticks + 1);
+    }
+}
+
+/* testlimit in a paging window: every page written whole with a pattern of its own (its address
+ * and the task's seed) on first touch; on `verify`, every page read back and checked (the ones paged
+ * out come back through the page fault path). Native at CPL3. */
+static void user_testlimit_paged(struct task *t)
+{
+    for (;;) {
+        for (; t->filled < t->pages_want; t->filled++) {
+            u64 *p = (u64 *)(t->va + t->filled * PAGE_SIZE), v = (u64)p ^ t->seed;
+            for (u32 k = 0; k < PAGE_SIZE / 8; k++)
+                p[k] = v + k;
+            t->touched++;
+        }
+        u64 gen = t->verify_gen;
+        if (gen != t->verified_gen) {
+            u64 bad = 0;
+            for (u64 i = 0; i < t->filled; i++) {
+                const u64 *p = (const u64 *)(t->va + i * PAGE_SIZE);
+                u64 v = (u64)p ^ t->seed;
+                for (u32 k = 0; k < PAGE_SIZE / 8; k++)
+                    if (p[k] != v + k) {
+                        bad++;
+                        break;
+                    }
+            }
+            t->verify_bad = bad;
+            t->verify_pages = t->filled;
+            t->verified_gen = gen;
+            t->passes++;
+        }
+        user_call(SYS_SLEEP, ~0UL);
     }
 }
 
@@ -108,6 +147,8 @@ static void task_fill(struct task *t)
 {
     struct pmm_stats s;
     pmm_stats(&s);
+    if (t->win >= 0)
+        return; /* a window is backed at its start and then on demand (paging_fault) */
     if (t->pages_have >= t->pages_want || !s.free || t->nranges >= TASK_RANGES)
         return;
     u32 n;
@@ -121,6 +162,11 @@ static void task_fill(struct task *t)
 
 static void task_release(struct task *t)
 {
+    if (t->win >= 0) {
+        paging_release((u32)t->win);
+        t->win = -1;
+        t->nranges = 0;
+    }
     for (u64 r = 0; r < t->nranges; r++)
         if (pmm_free(t->ranges[r].base, t->ranges[r].pages))
             printf("task: could not free [%lx, +%lu pages): pmm state is inconsistent\n",
@@ -161,7 +207,23 @@ static int task_new(u32 kind, u64 pages, u64 pps, s32 pin, void (*entry)(struct 
     t->pin = pin;
     t->on_cpu = -1;
     t->last_cpu = pin >= 0 ? (u32)pin : 0;
+    t->win = -1;
+    t->filled = t->verify_gen = t->verified_gen = t->verify_pages = t->verify_bad = 0;
     pmm_commit(pages);
+    if (kind == K_TESTLIMIT && paging_active() && (u32)id < PAGING_WINDOWS &&
+        (t->va = paging_window((u32)id, pages)) != 0) {
+        /* back what is free now; the rest comes on demand, paging out when memory runs out */
+        t->win = id;
+        t->seed = 0x9E3779B97F4A7C15UL * (ticks + 1);
+        t->frame.rip = (u64)user_testlimit_paged;
+        u32 n;
+        u64 got = pmm_alloc(pages, t->ranges, TASK_RANGES, &n), vpn = 0;
+        for (u32 i = 0; i < n; i++) {
+            paging_map((u32)id, vpn, t->ranges[i].base, t->ranges[i].pages);
+            vpn += t->ranges[i].pages;
+        }
+        t->pages_have = got;
+    }
     task_fill(t);
     t->state = T_RUNNABLE;
     return id;
@@ -259,9 +321,15 @@ void task_list(void)
         if (t->state == T_FREE)
             continue;
         any = 1;
+        u64 have = t->pages_have, out = 0;
+        if (t->win >= 0)
+            paging_window_counts((u32)t->win, &have, &out);
         printf("task %d: %s committed %lu MiB, allocated %lu MiB, touched %lu pages, passes %lu, cpu %u%s\n",
-               i, kind_names[t->kind], t->pages_want / 256, t->pages_have / 256, t->touched, t->passes,
+               i, kind_names[t->kind], t->pages_want / 256, have / 256, t->touched, t->passes,
                t->last_cpu, t->pin >= 0 ? " (pinned)" : "");
+        if (t->win >= 0)
+            printf("task %d: paged out %lu pages, filled %lu, verify %lu of %lu: %lu pages checked, %lu bad\n", i,
+                   out, t->filled, t->verified_gen, t->verify_gen, t->verify_pages, t->verify_bad);
     }
     if (!any)
         puts("no tasks\n");
@@ -336,6 +404,8 @@ void task_user_trap(struct frame *f)
             spin_unlock(&task_lock, fl);
             back_to_kernel(1, &c->kctx_rsp);
         }
+    } else if (f->vec == 14 && t->win >= 0 && (f->err & 1) == 0 && !paging_fault((u32)t->win, read_cr2())) {
+        /* a page of its window paged in or backed: the task runs the access again */
     } else if (f->vec < 32) {
         printf("\ntask %d (%s) on cpu %u: exception %lu (%s) at rip %lx: cr2 %lx, error code %lx: task "
                "killed\n",
@@ -348,4 +418,36 @@ void task_user_trap(struct frame *f)
     t->frame = *f;
     spin_unlock(&task_lock, fl);
     back_to_kernel(0, &c->kctx_rsp);
+}
+
+/* ---------------------------------------------------------------- paging's side of the task table */
+int task_window_evictable(u32 w)
+{
+    struct task *t = &tasks[w];
+    return (s32)w < ntasks && t->win == (s32)w && (t->on_cpu < 0 || t->on_cpu == (s32)this_cpu()->index);
+}
+
+u64 task_reclaim(u64 pages)
+{
+    u64 f = spin_lock(&task_lock);
+    u64 got = paging_reclaim(pages);
+    spin_unlock(&task_lock, f);
+    return got;
+}
+
+int task_verify(void)
+{
+    int n = 0;
+    u64 f = spin_lock(&task_lock);
+    for (int i = 0; i < ntasks; i++) {
+        struct task *t = &tasks[i];
+        if (t->state == T_FREE || t->state == T_KILLED || t->win < 0)
+            continue;
+        t->verify_gen++;
+        if (t->state == T_SLEEPING)
+            t->wake_tick = 0;
+        n++;
+    }
+    spin_unlock(&task_lock, f);
+    return n;
 }

@@ -66,4 +66,5 @@ void vmbus_show(void);
 /* dmvsc.c */
 void dmvsc_init(void);
 void dmvsc_show(void);
+
 #endif

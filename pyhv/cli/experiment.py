@@ -52,6 +52,12 @@ def register(sub: Any) -> None:
         time_scale=0.1,
         time_scale_help="multiplies the balancer's delays and the workload timeline (default 0.1)",
     )
+    c.add_argument(
+        "--page-file",
+        type=types.size,
+        metavar="SIZE",
+        help="give each VM a page file of SIZE (e.g. 1G): a guest short of memory pages to it",
+    )
     c.set_defaults(func=contention_command)
 
 
@@ -117,5 +123,10 @@ def contention_command(a: argparse.Namespace) -> int:
 
     _need_kvm()
     return _print_account(
-        lambda: run_contention(ContentionConfig(out=a.out, time_scale=a.time_scale), say=_say)
+        lambda: run_contention(
+            ContentionConfig(
+                out=a.out, time_scale=a.time_scale, page_file_mib=(a.page_file or 0) >> 20
+            ),
+            say=_say,
+        )
     )

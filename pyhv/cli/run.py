@@ -82,6 +82,17 @@ def register(sub: Any) -> None:
         metavar="SIZE",
         help="Dynamic Memory maximum RAM (default: startup)",
     )
+    p.add_argument(
+        "--page-file-size",
+        type=types.size,
+        metavar="SIZE",
+        help="a page file's disk on VMBus the guest pages to (needs --dynamic-memory)",
+    )
+    p.add_argument(
+        "--page-file",
+        metavar="PATH",
+        help="the page file's host file (default: a temporary file, removed at the end)",
+    )
     p.add_argument("--control", metavar="PATH", help="serve a control socket for `pyhv memory`")
     p.set_defaults(func=run_command)
 
@@ -165,7 +176,13 @@ def _report(end: VmEnd) -> int:
 
 
 def run_command(a: argparse.Namespace) -> int:
-    dm = {"startup": a.startup, "minimum": a.minimum, "maximum": a.maximum}
+    dm = {
+        "startup": a.startup,
+        "minimum": a.minimum,
+        "maximum": a.maximum,
+        "page_file_size": a.page_file_size,
+        "page_file": a.page_file,
+    }
     config = vm_config(
         a.memory,
         a.vps,

@@ -161,6 +161,12 @@ def register(sub: Any) -> None:
     _dynamic(c)
     _dm_options(c)
     c.add_argument(
+        "--page-file-size",
+        type=types.size,
+        metavar="SIZE",
+        help="a page file's disk on VMBus the guest pages to (e.g. 256M; needs --dynamic)",
+    )
+    c.add_argument(
         "--image",
         "--kernel",
         dest="image",
@@ -253,7 +259,9 @@ def register(sub: Any) -> None:
 def create(a: argparse.Namespace) -> int:
     body = {
         "name": a.name,
-        **_given(a, "memory", "vps", "dynamic_memory", *_DM_KEYS, "cmdline", "image"),
+        **_given(
+            a, "memory", "vps", "dynamic_memory", *_DM_KEYS, "cmdline", "image", "page_file_size"
+        ),
     }
     if a.cluster:
         from pyhv.cli.cluster import create_in_cluster

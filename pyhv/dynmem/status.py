@@ -140,7 +140,8 @@ class MemoryStatus(Struct, frozen=True, forbid_unknown_fields=True):
     the Smart Paging file). The guest's report: `committed_pages` is the
     VM's demand (the guest's num_committed, `guest_committed_pages`, less the pages the host
     holds ballooned, which the guest counts as committed), `available_pages` its num_avail; all
-    three None until the guest's DM driver has reported. `busy`: a goal or a DM transaction is
+    three None until the guest's DM driver has reported (and `page_file_pages`,
+    `page_file_writes`: its page file, 0 until then). `busy`: a goal or a DM transaction is
     in flight. `reported_at`: the worker's time.time() of the report. `vsp`, `vps`: the VSP's
     and the VPs' counters, pushed with the status."""
 
@@ -154,6 +155,10 @@ class MemoryStatus(Struct, frozen=True, forbid_unknown_fields=True):
     reported_at: Seconds = 0.0
     vsp: VspCounters = field(default_factory=VspCounters)
     vps: Annotated[tuple[VpCounters, ...], Meta(max_length=1024)] = ()
+    #: The guest's page file as its last report said: size (pages) and pages written to it
+    #: (dm_status page_file_size, page_file_writes; 0 for a guest without one).
+    page_file_pages: Pages = 0
+    page_file_writes: Count = 0
     #: The version of the wire form (WIRE_VERSION); check() refuses another.
     version: int = WIRE_VERSION
     #: Pages backed by the Smart Paging file (not host memory, not in `assigned_pages`).

@@ -34,7 +34,7 @@ from typing import Any
 from pyhv import wire
 from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
-from pyhv.dynmem.status import MemoryStatus
+from pyhv.dynmem.status import MAX_PAGES, MemoryStatus
 from pyhv.memory.ranges import PageRange, RangeError, RangeSet
 from pyhv.trace.events import DmEvent, Event
 from pyhv.vmbus.vsp import Vsp, VspError, serialized
@@ -609,6 +609,8 @@ class DynamicMemoryVsp(Vsp[DmState]):
             available_pages=b.num_avail,
             guest_committed_pages=b.num_committed,
             reported_at=time.time(),
+            page_file_pages=min(b.page_file_size, MAX_PAGES),
+            page_file_writes=b.page_file_writes,
         )
         self.accepted()
         self._on_status(self.last_status)

@@ -19,6 +19,7 @@ The timeline is given at time scale 0.1 and stretched with it. Output: `counters
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ class ContentionConfig:
     )
     timeline: tuple[tuple[float, tuple[str, ...], str], ...] = TIMELINE
     settle_s: float = 5.0
+    #: Each VM's page file (MiB; 0: none): a guest that cannot get memory pages instead.
+    page_file_mib: int = 0
 
     def balancer(self) -> BalancerConfig:
         return BalancerConfig(time_scale=self.time_scale)
@@ -104,6 +107,17 @@ class ContentionResult:
                 f"Physical Memory {v['lowest']:.0f}, peak {v['peak']:.0f} (first at "
                 f"t={v['peak_t']:.1f} s; demand peak {v['peak_demand']:.0f} MiB)"
             )
+        if self.config.get("page_file_mib"):
+            lines.append(
+                f"  page files of {self.config['page_file_mib']} MiB: pages each guest paged out "
+                "(and back in) when it could not get memory: "
+                + ", ".join(
+                    f"{n} {v.get('page_outs', 0):.0f} ({v.get('page_outs', 0) / 256:.0f} MiB; in "
+                    f"{v.get('page_ins', 0):.0f}; last DM status page_file_writes "
+                    f"{v.get('page_file_writes', 0):.0f})"
+                    for n, v in self.vms.items()
+                )
+            )
         for e in self.events:
             lines.append(f"  t={e['t']:6.1f} s  {', '.join(e['vms'])}: {e['command']}")  # type: ignore[arg-type]
         s = self.first_short_tick
@@ -133,7 +147,11 @@ def run_contention(
     out = Path(config.out)
     bal = config.balancer()
     result = ContentionResult(
-        {"time_scale": config.time_scale, "budget_mib": config.budget_mib},
+        {
+            "time_scale": config.time_scale,
+            "budget_mib": config.budget_mib,
+            "page_file_mib": config.page_file_mib,
+        },
         budget_mib=config.budget_mib,
         sum_of_maxima_mib=sum(v.maximum_mib for v in config.vms),
     )
@@ -146,6 +164,7 @@ def run_contention(
                 minimum=f"{v.minimum_mib}M",
                 maximum=f"{v.maximum_mib}M",
                 weight=v.weight,
+                **({"page_file_size": f"{config.page_file_mib}M"} if config.page_file_mib else {}),
             )
         consoles = {v.name: lab.start(v.name) for v in config.vms}
         lab.begin()
@@ -186,6 +205,12 @@ def run_contention(
             first = max(config.vms, key=lambda v: v.weight).name
             result.at_first_growth = lab.assigned_at(result.events[0]["t"], first)  # type: ignore[arg-type]
         decisions = list(lab.decisions)
+        page_file_writes = dict(lab.page_file_writes)
+        paging: dict[str, dict[str, int]] = {}
+        if config.page_file_mib:  # each guest's own account of its page file
+            for name, c in consoles.items():
+                text = c.run("paging").decode(errors="replace")
+                paging[name] = {k: int(v) for k, v in re.findall(r"^([a-z-]+): (\d+)", text, re.M)}
 
     if together_at is not None:
         for t, d in decisions:
@@ -226,6 +251,9 @@ def run_contention(
             ),
             "peak_demand": peak_demand,
             "peak_t": peak_t,
+            "page_file_writes": page_file_writes.get(v.name, 0),
+            "page_outs": paging.get(v.name, {}).get("page-outs", 0),
+            "page_ins": paging.get(v.name, {}).get("page-ins", 0),
         }
     result.sum_of_peaks_mib = sum(v["peak"] for v in result.vms.values())
     result.csv = str(lab.csv_path)

@@ -142,11 +142,14 @@ class Lab:
         #: (time, VM, assigned MiB) of every status the pool took, in its order: unlike the
         #: sampled counters, no change falls between two samples.
         self.pushes: list[tuple[float, str, float]] = []
+        #: Each VM's guest's page file writes (pages) in its last status report.
+        self.page_file_writes: dict[str, int] = {}
         self.vmms.status_listeners.append(self._pushed)
 
     def _pushed(self, name: str, status: MemoryStatus) -> None:
         with self._hist_cv:
             self.pushes.append((self.now(), name, status.assigned_pages / PAGES_PER_MIB))
+            self.page_file_writes[name] = status.page_file_writes
 
     def assigned_at(self, since: float, vm: str) -> dict[str, float]:
         """Every VM's assigned MiB as the pool had it at the first status after `since` in

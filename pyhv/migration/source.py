@@ -288,6 +288,8 @@ class Source:
         for r in regions:
             mem.set_dirty_logging(r, True)
             self._logging.append(r)
+        if vm.storage is not None:  # from here its READs into guest pages are sent again
+            vm.storage.vsp.begin_dirty_log()
         skip = self._skip_ranges()
         t = time.monotonic()
         sent_before = fs.bytes_sent
@@ -400,7 +402,10 @@ class Source:
                     )
                 dm_state = dm_mod.save(dm)
                 masks = [(r, m | mem.dirty_mask(r)) for r, m in masks]
-                for gpa, n in dm_mod.ring_ranges(dm_state):
+                ranges = dm_mod.ring_ranges(dm_state)
+                if vm.storage is not None:  # the pages its READs wrote (no dirty log sees it)
+                    ranges += [(pfn * PAGE, 1) for pfn in sorted(vm.storage.vsp.take_dirtied())]
+                for gpa, n in ranges:
                     for r, m in masks:
                         if r.gpa <= gpa < r.end:
                             first = (gpa - r.gpa) // PAGE

@@ -3,7 +3,8 @@ the components' own states.
 
 The partition's (every VP's KVM state, the IRQCHIPs and clock, the RAM layout, the intercept
 counters: pyhv.hypervisor.state), the serial device's (pyhv.devices.uart16550), and the Dynamic
-Memory channel's and VSP's when the VM has it (pyhv.worker.dynmem). Each component saves and
+Memory channel's and VSP's when the VM has it (pyhv.worker.dynmem), and the storage VSP's (the
+page file's written blocks: pyhv.storage.vsp) when it has a page file. Each component saves and
 restores itself and checks what it is given; this module only puts them in one frame, encoded
 as JSON with hex for binary fields (no pickle on a network stream). The frame's envelope is
 declared (:class:`StateFrame`, a msgspec Struct); each component's part is checked by the
@@ -20,6 +21,8 @@ import msgspec
 from pyhv.devices.uart16550 import UartState
 from pyhv.hypervisor.state import PartitionState, StateError
 from pyhv.migration.stream import MigrationError
+from pyhv.storage.disk import DiskError
+from pyhv.storage.vsp import StorageVspState
 from pyhv.worker.dynmem import DynamicMemoryState
 
 if TYPE_CHECKING:
@@ -35,6 +38,7 @@ class StateFrame(msgspec.Struct, forbid_unknown_fields=True):
     partition: dict[str, Any]
     uart: dict[str, Any]
     dynmem: dict[str, Any] | None = None
+    storage: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class VmState:
     partition: PartitionState
     uart: UartState
     dynmem: DynamicMemoryState | None = None
+    storage: StorageVspState | None = None
 
     def encode(self) -> bytes:
         return msgspec.json.encode(
@@ -51,6 +56,7 @@ class VmState:
                 self.partition.to_wire(),
                 self.uart.to_wire(),
                 None if self.dynmem is None else self.dynmem.to_wire(),
+                None if self.storage is None else self.storage.to_wire(),
             )
         )
 
@@ -72,6 +78,7 @@ class VmState:
                 PartitionState.from_wire(d.partition),
                 UartState.from_wire(d.uart),
                 None if d.dynmem is None else DynamicMemoryState.from_wire(d.dynmem),
+                None if d.storage is None else StorageVspState.from_wire(d.storage),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise MigrationError(f"the VM state frame is malformed: {e}", "state") from None
@@ -82,8 +89,9 @@ def save(vm: VirtualMachine, dynmem: DynamicMemoryState | None) -> VmState:
     p = vm.partition
     assert p is not None
     try:
-        return VmState(STATE_VERSION, p.save(), vm.uart.save(), dynmem)
-    except StateError as e:
+        storage = None if vm.storage is None else vm.storage.save()
+        return VmState(STATE_VERSION, p.save(), vm.uart.save(), dynmem, storage)
+    except (StateError, DiskError) as e:
         raise MigrationError(str(e), "state") from None
 
 
@@ -96,12 +104,21 @@ def restore(vm: VirtualMachine, st: VmState) -> None:
         raise MigrationError(
             "the source VM and the one built here differ in Dynamic Memory", "state"
         )
+    if (st.storage is None) != (vm.storage is None):
+        raise MigrationError(
+            "the source VM and the one built here differ in their page file (page_file_size)",
+            "state",
+        )
     try:
         p.check(st.partition)
         if vm.dynmem is not None and st.dynmem is not None:
             vm.dynmem.check(st.dynmem)
+        if vm.storage is not None and st.storage is not None:
+            vm.storage.check(st.storage)
         vm.uart.restore(st.uart)
         p.restore(st.partition)
+        if vm.storage is not None and st.storage is not None:
+            vm.storage.restore(st.storage)  # before the channel opens again with the DM state
         if vm.dynmem is not None and st.dynmem is not None:
             vm.dynmem.restore(st.dynmem)
     except ValueError as e:  # StateError and the devices' refusals

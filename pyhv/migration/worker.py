@@ -94,6 +94,7 @@ def accept_incoming(first: m.Incoming, send: Send) -> tuple[WorkerIncoming | Non
         config = inc.accept()
         if first.image is not None:  # the owner's own file, whatever path the source sent
             config["image"] = first.image
+        config["page_file"] = first.page_file or ""  # a file of this host, never the source's
         try:
             VmConfig.from_dict(config)
         except (ConfigError, KeyError, TypeError, ValueError) as e:
@@ -186,6 +187,7 @@ class IncomingWorker(WorkerProcess):
         faults: dict[str, str] | None = None,
         config: VmConfig | None = None,
         image: str | None = None,
+        page_file: str | None = None,
     ) -> None:
         super().__init__(config, output)  # type: ignore[arg-type]  # known once migrated in
         self._request = m.Incoming(
@@ -197,6 +199,7 @@ class IncomingWorker(WorkerProcess):
             accept_timeout=accept_timeout,
             faults=faults or {},
             image=image,
+            page_file=page_file,
         )
         self.address: tuple[str, int] | None = None
         self.migrated: dict[str, Any] | None = None

@@ -109,6 +109,7 @@ class VmSettings(Struct):
     weight: int
     image: str | None
     cmdline: str
+    page_file_size: int = 0
 
 
 class VmMemory(Struct):
@@ -199,6 +200,12 @@ class MemoryStatus(Struct):
     committed: int | None
     available: int | None
     busy: bool
+    page_file: Annotated[
+        int | None, Meta(description="the guest's page file as it reported it, bytes")
+    ] = None
+    page_file_writes: Annotated[
+        int | None, Meta(description="pages the guest has written to its page file")
+    ] = None
 
 
 class MemoryTargetAccepted(Struct):

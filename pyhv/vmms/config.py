@@ -53,6 +53,8 @@ FIELDS: dict[str, str] = {
     "image": "guest image: a file name in the VMMS's images directory, or 'pyhv-guest' (the "
     "bundled reference guest, the default); never a host path",
     "cmdline": "guest kernel command line",
+    "page_file_size": "the page file's disk on VMBus (synthetic storage) the guest pages to: "
+    "bytes or a size such as 256M (whole MiB, at most 16G; 0: none; needs Dynamic Memory)",
 }
 
 #: What may change while the VM runs (Hyper-V: the Dynamic Memory knobs, within the rules).
@@ -69,6 +71,7 @@ Cmdline = Annotated[str, Meta(max_length=4096, description=FIELDS["cmdline"])]
 Memory = Annotated[int | str, Meta(description=FIELDS["memory"], examples=["512M"])]
 Minimum = Annotated[int | str, Meta(description=FIELDS["minimum"], examples=["256M"])]
 Maximum = Annotated[int | str, Meta(description=FIELDS["maximum"], examples=["2G"])]
+PageFileSize = Annotated[int | str, Meta(description=FIELDS["page_file_size"], examples=["256M"])]
 
 
 class SettingsChange(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -84,6 +87,7 @@ class SettingsChange(Struct, forbid_unknown_fields=True, omit_defaults=True):
     weight: Weight | UnsetType = UNSET
     image: Image | None | UnsetType = UNSET
     cmdline: Cmdline | UnsetType = UNSET
+    page_file_size: PageFileSize | UnsetType = UNSET
 
 
 class Settings(SettingsChange, kw_only=True):
@@ -117,6 +121,7 @@ class VmSettings:
     weight: int = DEFAULT_WEIGHT
     image: str | None = None
     cmdline: str = ""
+    page_file_size: int = 0
 
     def memory_settings(self) -> MemorySettings:
         """The balancer's view (pages); raises SettingsError for values it refuses."""
@@ -128,8 +133,9 @@ class VmSettings:
             self.weight,
         )
 
-    def worker_config(self, image: str) -> VmConfig:
-        """What the worker boots (the worker checks it again on its side)."""
+    def worker_config(self, image: str, page_file: str = "") -> VmConfig:
+        """What the worker boots (the worker checks it again on its side); `page_file`: the
+        page file's host file, when the VM has one."""
         # The worker clamps memory targets to minimum and maximum itself.
         dynamic = self.dynamic_memory
         return VmConfig.create(
@@ -141,6 +147,8 @@ class VmSettings:
             dynamic_memory=dynamic,
             minimum=self.minimum if dynamic else None,
             maximum=self.maximum if dynamic else None,
+            page_file_size=self.page_file_size,
+            page_file=page_file if self.page_file_size else "",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,6 +203,12 @@ def _fields(raw: Mapping[str, object], allowed: tuple[str, ...]) -> dict[str, An
     for key in ("memory", "minimum", "maximum"):
         if key in out:
             out[key] = _size(key, out[key])
+    if "page_file_size" in out:
+        v = out["page_file_size"]
+        try:
+            out["page_file_size"] = 0 if v in (0, "0") else parse_size(v)
+        except ConfigError as e:
+            raise VmSettingsError(f"page_file_size: {e}") from None
     return out
 
 
@@ -213,6 +227,10 @@ def _validated(s: VmSettings) -> VmSettings:
             cmdline=s.cmdline,
             name=s.name,
             check_image=False,
+            dynamic_memory=s.dynamic_memory,
+            minimum=s.minimum if s.dynamic_memory else None,
+            maximum=s.maximum if s.dynamic_memory else None,
+            page_file_size=s.page_file_size,
         )
     except ConfigError as e:
         raise VmSettingsError(str(e)) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +117,18 @@ class WorkerJails:
                 self._runloop = ()
         return self._runloop
 
-    def jail(self, name: str, image: str, *, network: bool) -> Jail:
+    def jail(self, name: str, image: str, *, network: bool, page_file: str | None = None) -> Jail:
+        """`page_file`: the VM's page file, made here (empty, the VM's uid's own) and bound
+        into the jail writable: the worker's only writable host file."""
         uid = self.ids.uid(name)
+        writable: tuple[str, ...] = ()
+        if page_file is not None:
+            fd = os.open(page_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchown(fd, uid, uid)
+            finally:
+                os.close(fd)
+            writable = (page_file,)
         from pyhv.kvm import fastrun
 
         if fastrun.disabled():
@@ -130,6 +141,7 @@ class WorkerJails:
             uid=uid,
             gid=uid,
             read_only=(str(Path(image).resolve()), *runloop),
+            read_write=writable,
             network=network,
             env=env,
         )

@@ -296,6 +296,7 @@ class Migrations:
                 max_memory=needed,
                 accept_timeout=self.accept_timeout,
                 image=image,
+                page_file=vmms.page_file(name) if settings.page_file_size else None,
             )
             vm.worker = worker
             vmms._subscribe(name, worker)

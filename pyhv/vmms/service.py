@@ -145,6 +145,8 @@ class Vmms:
         images_dir: Path | None = None,
     ) -> None:
         self.store = ConfigStore(state_dir)
+        #: The VMs' page files (pagefiles/NAME.pagefile): host files of this host, never copied.
+        self.page_files = Path(state_dir) / "pagefiles"
         #: Where VMs' image names are looked up (`image_resolver` gives the bundled guest).
         self.images = ImageDirectory(
             images_dir if images_dir is not None else Path(state_dir) / "images", image_resolver
@@ -368,6 +370,7 @@ class Vmms:
             del self._vms[name]
             if self.jails is not None:
                 self.jails.ids.release(name)
+            self._drop_page_file(name)
 
     # --- running VMs ---------------------------------------------------------------------
 
@@ -396,7 +399,7 @@ class Vmms:
             if vm.worker is not None:
                 raise Conflict(f"VM {name!r} is {vm.state} already")
             try:
-                config = vm.settings.worker_config(image)
+                config = vm.settings.worker_config(image, self.page_file(name))
             except ConfigError as e:
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             paged = self.smart_paging.plan(vm.settings, restart, self.pool.free_pages)
@@ -439,6 +442,18 @@ class Vmms:
             self._update_health()
             return self._describe(vm)
 
+    def page_file(self, name: str) -> str:
+        """VM `name`'s page file on this host (its directory made here; the worker creates and
+        sizes the file, jailed workers get it bound into their jail)."""
+        self.page_files.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return str(self.page_files / f"{name}.pagefile")
+
+    def _drop_page_file(self, name: str) -> None:
+        try:
+            (self.page_files / f"{name}.pagefile").unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("VM %s: its page file could not be removed: %s", name, e)
+
     def _jail(self, worker: Worker, config: VmConfig) -> Any:
         """Give a worker process its jail and memory cgroup (None without a jail, or for a
         worker that is not a process of ours: a test's stand-in)."""
@@ -450,7 +465,10 @@ class Vmms:
             # The network only for a VMMS that may migrate its VMs (a source worker connects
             # to its destination itself): one serving TCP.
             jail = self.jails.jail(
-                config.name, str(config.image), network=self.jails.policy.network
+                config.name,
+                str(config.image),
+                network=self.jails.policy.network,
+                page_file=config.page_file or None,
             )
         except JailError as e:
             raise OSError(str(e)) from None
@@ -595,12 +613,17 @@ class Vmms:
 
         s = vm.settings
         try:
-            jail = self.jails.jail(s.name, self.images.resolve(s.image), network=True)
+            jail = self.jails.jail(
+                s.name,
+                self.images.resolve(s.image),
+                network=True,
+                page_file=self.page_file(s.name) if s.page_file_size else None,
+            )
         except (JailError, OSError, ImageError) as e:
             raise OSError(f"cannot jail the incoming worker: {e}") from None
         cgroup = self.jails.cgroup(s.name, memory)
         worker.jail, worker.cgroup = jail, cgroup  # type: ignore[attr-defined]
-        worker.max_file_bytes = max(memory, s.maximum)  # type: ignore[attr-defined]
+        worker.max_file_bytes = max(memory, s.maximum, s.page_file_size)  # type: ignore[attr-defined]
         vm.memory = WorkerMemory(s.name, None, cgroup, self.jails.policy.overhead_bytes)
 
     def console_sink(self, vm: VmEntry) -> Callable[[bytes], None]:
@@ -646,6 +669,7 @@ class Vmms:
                 vm.memory = None
             if forget_settings:
                 self.store.delete(name)
+            self._drop_page_file(name)  # it left (or never arrived): its pages are not here
             self._update_health()
         self.balancer.forget(name)
         return True
@@ -831,6 +855,8 @@ class Vmms:
             "committed": _bytes(None if st is None else st.committed_pages),
             "available": _bytes(None if st is None else st.available_pages),
             "busy": False if st is None else st.busy,
+            "page_file": _bytes(None if st is None else st.page_file_pages),
+            "page_file_writes": None if st is None else st.page_file_writes,
         }
 
     def set_memory_target(self, name: str, target: object) -> dict[str, Any]:

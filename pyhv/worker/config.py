@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,9 @@ MIN_MEMORY = 16 * MIB
 MAX_MEMORY = 60 * GIB
 MAX_VPS = 64
 MAX_CMDLINE = 4095
+#: The page file's disk (the synthetic storage channel): whole MiB, at most this much.
+MAX_PAGE_FILE = 16 * GIB
+_page_files = itertools.count()
 
 
 class ConfigError(ValueError):
@@ -40,6 +45,10 @@ class VmConfig:
     #: Dynamic Memory range (bytes); both equal `memory` (the startup RAM) without it.
     minimum: int = 0
     maximum: int = 0
+    #: The synthetic storage disk the guest pages to (bytes; 0: none) and its host file (empty:
+    #: the worker picks one and removes it at the end: see :meth:`page_file_path`).
+    page_file_size: int = 0
+    page_file: str = ""
 
     @property
     def startup(self) -> int:
@@ -60,6 +69,8 @@ class VmConfig:
         startup: str | int | None = None,
         minimum: str | int | None = None,
         maximum: str | int | None = None,
+        page_file_size: str | int = 0,
+        page_file: str | Path = "",
     ) -> VmConfig:
         if startup is not None:
             memory = startup  # Dynamic Memory's name for the RAM the guest boots with
@@ -88,6 +99,11 @@ class VmConfig:
         if not name or len(name) > 64:
             raise ConfigError(f"VM name {name!r} must be 1 to 64 characters")
         low, high = _dynamic_range(size, dynamic_memory, minimum, maximum)
+        disk = _page_file_size(page_file_size, dynamic_memory)
+        if page_file and not disk:
+            raise ConfigError(
+                f"page file {str(page_file)!r} without a size: give page_file_size too"
+            )
         return cls(
             name=name,
             memory=size,
@@ -97,7 +113,16 @@ class VmConfig:
             dynamic_memory=dynamic_memory,
             minimum=low,
             maximum=high,
+            page_file_size=disk,
+            page_file=str(page_file),
         )
+
+    def page_file_path(self, directory: str | Path) -> Path:
+        """The page file's host file: as configured, else ``<directory>/<name>-<pid>.pagefile``
+        (a file of this worker's own, removed when the VM closes)."""
+        if self.page_file:
+            return Path(self.page_file)
+        return Path(directory) / f"{self.name}-{os.getpid()}-{next(_page_files)}.pagefile"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -109,6 +134,8 @@ class VmConfig:
             "dynamic_memory": self.dynamic_memory,
             "minimum": self.minimum,
             "maximum": self.maximum,
+            "page_file_size": self.page_file_size,
+            "page_file": self.page_file,
         }
 
     @classmethod
@@ -123,6 +150,8 @@ class VmConfig:
             dynamic_memory=bool(d.get("dynamic_memory", False)),
             minimum=d.get("minimum") or None,  # type: ignore[arg-type]
             maximum=d.get("maximum") or None,  # type: ignore[arg-type]
+            page_file_size=int(d.get("page_file_size", 0)),  # type: ignore[call-overload]
+            page_file=str(d.get("page_file", "")),
         )
 
 
@@ -157,3 +186,22 @@ def _dynamic_range(
             f"{format_size(startup)} up to {format_size(MAX_MEMORY)}"
         )
     return low, high
+
+
+def _page_file_size(size: str | int, dynamic: bool) -> int:
+    """The page file's disk size, checked: whole MiB up to MAX_PAGE_FILE; it needs VMBus, which
+    comes with Dynamic Memory."""
+    n = parse_size(size) if size else 0
+    if not n:
+        return 0
+    if n % MIB or n > MAX_PAGE_FILE:
+        raise ConfigError(
+            f"page file size {format_size(n)} must be a whole number of MiB up to "
+            f"{format_size(MAX_PAGE_FILE)}"
+        )
+    if not dynamic:
+        raise ConfigError(
+            "a page file is a disk on VMBus, which comes with Dynamic Memory: turn it on "
+            "(--dynamic-memory) or leave page_file_size out"
+        )
+    return n

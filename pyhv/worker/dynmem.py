@@ -463,6 +463,8 @@ class DynamicMemoryService:
             guest_committed_pages=None if report is None else report.guest_committed_pages,
             busy=busy,
             reported_at=0.0 if report is None else report.reported_at,
+            page_file_pages=0 if report is None else report.page_file_pages,
+            page_file_writes=0 if report is None else report.page_file_writes,
             vsp=VspCounters(
                 status_reports=c["status_reports"],
                 messages_accepted=vsp["accepted"],
@@ -521,6 +523,8 @@ class DynamicMemoryService:
                 "available_pages": st.available_pages,
                 "pressure": st.pressure,
                 "time": st.reported_at,
+                "page_file_pages": st.page_file_pages,
+                "page_file_writes": st.page_file_writes,
             }
             out["committed_pages"] = st.committed_pages
             out["available_pages"] = st.available_pages

@@ -48,6 +48,8 @@ class Jail:
     gid: int
     #: Host files and directories the worker reads (its image, the runloop module's dir).
     read_only: tuple[str, ...] = ()
+    #: Host files the worker writes (its page file), bound at the same path.
+    read_write: tuple[str, ...] = ()
     #: Share the host's network namespace (a migration's source connects, its destination
     #: listens); otherwise the worker gets a new, empty one.
     network: bool = False
@@ -101,7 +103,7 @@ def command(jail: Jail, argv: list[str], *, info_fd: int, block_fd: int) -> list
     ran = os.environ.get(GUEST_RAN_ENV)
     ran = ran if ran and os.path.isdir(ran) else None
     # bwrap makes a bind's missing parents 0700 (root's): the worker's uid could not pass.
-    writable = [ran] if ran else []
+    writable = [*jail.read_write, *([ran] if ran else [])]
     parents = {str(a) for p in binds + writable for a in Path(p).parents if str(a) != "/"}
     for d in sorted(parents - set(binds), key=lambda d: d.count("/")):
         if not any(d.startswith(b + "/") for b in binds):
@@ -111,9 +113,11 @@ def command(jail: Jail, argv: list[str], *, info_fd: int, block_fd: int) -> list
         cmd += ["--ro-bind" if p not in jail.read_only else "--ro-bind-try", p, p]
     cmd += ["--dev", "/dev", "--dev-bind", "/dev/kvm", "/dev/kvm", "--proc", "/proc"]
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **dict(jail.env)}
-    for p in writable:
+    for p in jail.read_write:
         cmd += ["--bind", p, p]
-        env[GUEST_RAN_ENV] = p
+    if ran:
+        cmd += ["--bind", ran, ran]
+        env[GUEST_RAN_ENV] = ran
     cmd += ["--chdir", "/", "--clearenv"]
     for k, v in env.items():
         cmd += ["--setenv", k, v]

@@ -89,6 +89,9 @@ class Incoming(_Op, tag="incoming", frozen=True):
     faults: dict[Text, Text] = field(default_factory=dict)
     #: The image the VM boots here, as the owner resolved it; the source's path is ignored.
     image: Text | None = None
+    #: The page file's host file here, as the owner chose it (None: one of the worker's own);
+    #: the source's path is ignored (it names a file of the source's host).
+    page_file: Text | None = None
 
 
 class SerialIn(_Op, tag="serial", frozen=True):

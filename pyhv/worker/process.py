@@ -113,7 +113,9 @@ class WorkerProcess:
                     env=dict(os.environ),
                 )
             else:
-                largest = self.max_file_bytes or max(self.config.memory, self.config.maximum)
+                largest = self.max_file_bytes or max(
+                    self.config.memory, self.config.maximum, self.config.page_file_size
+                )
                 self._start_jailed([*argv, f"--confine={largest}"], fds)
         except BaseException:
             ours.close()

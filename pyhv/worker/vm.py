@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from pyhv.memory.manager import MemoryManager
     from pyhv.memory.smartpaging import SmartPagingFile
     from pyhv.worker.dynmem import DynamicMemoryService
+    from pyhv.worker.storage import StorageService
 
 
 class VirtualMachine:
@@ -57,6 +58,8 @@ class VirtualMachine:
         self.smart_paging = smart_paging
         #: Dynamic Memory (VMBus controller, DM VSP, memory manager entry) when configured.
         self.dynmem: DynamicMemoryService | None = None
+        #: The page file's disk on VMBus (synthetic storage) when `page_file_size` is set.
+        self.storage: StorageService | None = None
         self._on_memory_status = on_memory_status
         self._memory_manager = memory_manager
         self.serial = SerialLog()
@@ -129,6 +132,10 @@ class VirtualMachine:
                     memory_manager=self._memory_manager,
                     smart_paging=paged,
                 )
+                if cfg.page_file_size:
+                    from pyhv.worker.storage import StorageService
+
+                    self.storage = StorageService(p, cfg, self.dynmem)
                 self.dynmem.start()
             self._trace_sources(self.recorder.active)  # a subscriber may have come first
             self.vps = [p.create_vp(i) for i in range(cfg.vps)]
@@ -172,6 +179,8 @@ class VirtualMachine:
         if self.dynmem is not None:
             vsp_on = kinds is None or bool({"dm", "vmbus"} & kinds)
             self.dynmem.vsp.tracer = record if vsp_on else None
+        if self.storage is not None:
+            self.storage.vsp.tracer = record if kinds is None or "vmbus" in kinds else None
 
     def send(self, data: bytes) -> None:
         """Serial input: bytes the guest receives on COM1."""
@@ -201,6 +210,8 @@ class VirtualMachine:
             _quietly(vp.stop)
         if self.dynmem is not None:
             _quietly(self.dynmem.close)
+        if self.storage is not None:
+            _quietly(self.storage.close)
         if self.partition is not None:
             _quietly(self.partition.close)
         self.serial.close()

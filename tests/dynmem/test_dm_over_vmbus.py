@@ -14,7 +14,7 @@ from pyhv.dynmem.vsp import DmState, DynamicMemoryVsp
 from pyhv.memory.manager import PAGE_SIZE, MemfdRegion, MemoryManager
 from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.vmbus.controller import Command, Reg, VmbusController
-from tests.support.guest_ring import GuestRing
+from tests.support.guest_ring import open_channel
 
 pytestmark = pytest.mark.simulation
 
@@ -46,16 +46,7 @@ class World:
 
     def open(self) -> None:
         """The guest opens the channel: 4 pages per direction at RING_GPA."""
-        self.ram[RING_GPA : RING_GPA + 8 * PAGE_SIZE] = bytes(8 * PAGE_SIZE)
-        self.out = GuestRing(self.ram[RING_GPA : RING_GPA + 4 * PAGE_SIZE], init=True)
-        self.inb = GuestRing(
-            self.ram[RING_GPA + 4 * PAGE_SIZE : RING_GPA + 8 * PAGE_SIZE], init=True
-        )
-        for r, v in [(Reg.SELECT, 0), (Reg.RING_GPA_LO, RING_GPA), (Reg.RING_GPA_HI, 0),
-                     (Reg.RING_PAGES, 8), (Reg.DOWNSTREAM_PAGES, 4), (Reg.VECTOR, 0x40),
-                     (Reg.COMMAND, Command.OPEN)]:  # fmt: skip
-            self.ctl.io_write(r, v)
-        assert self.ctl.io_read(Reg.STATUS) == 0
+        self.out, self.inb = open_channel(self.ctl, self.ram, 0, RING_GPA)
 
     def map_region(self, gpa: int, size: int) -> MemfdRegion:
         self.added.append(MemfdRegion(gpa, size))  # the worker adds a memory slot here

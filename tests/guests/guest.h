@@ -63,6 +63,25 @@ idt: .space 256 * 16
 95: out %eax, %dx;             \
 96:
 
+/* Write 32-bit `value` to VMBus controller register `reg` (port 0x0e00 + reg); clobbers rax, rdx. */
+#define VMBUS_REG(reg, value)  \
+    mov $0x0e00 + (reg), %dx;  \
+    mov $(value), %eax;        \
+    out %eax, %dx
+
+/* Open the VMBus offer SELECTed before on the ring area at `ring` (below 4 GiB, zeroed by the
+   caller): 8 pages split at 4, vector 0x40; the controller's STATUS ends in eax (0: open).
+   Clobbers rax, rdx. */
+#define VMBUS_OPEN(ring)            \
+    VMBUS_REG(0x14, ring);          \
+    VMBUS_REG(0x18, 0);             \
+    VMBUS_REG(0x1c, 8);             \
+    VMBUS_REG(0x20, 4);             \
+    VMBUS_REG(0x24, 0x40);          \
+    VMBUS_REG(0x28, 1);             \
+    mov $0x0e00 + 0x2c, %dx;        \
+    in %dx, %eax
+
 #define POWER_OFF            \
     outb %al, $0xf4;         \
 99: jmp 99b

@@ -35,26 +35,7 @@ _start:
     xor %eax, %eax
     mov $8 * 512, %ecx
     rep stosq
-    mov $BASE + 0x14, %dx
-    mov $RING, %eax
-    out %eax, %dx
-    mov $BASE + 0x18, %dx
-    xor %eax, %eax
-    out %eax, %dx
-    mov $BASE + 0x1c, %dx
-    mov $8, %eax
-    out %eax, %dx
-    mov $BASE + 0x20, %dx
-    mov $4, %eax
-    out %eax, %dx
-    mov $BASE + 0x24, %dx
-    mov $0x40, %eax
-    out %eax, %dx
-    mov $BASE + 0x28, %dx
-    mov $1, %eax
-    out %eax, %dx
-    mov $BASE + 0x2c, %dx
-    in %dx, %eax
+    VMBUS_OPEN(RING)
     test %eax, %eax
     mov $1, %ebx
     jnz fail

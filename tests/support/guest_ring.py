@@ -4,6 +4,7 @@ struct offsets (independent of pyhv.vmbus.ring), as the Linux VMBus driver behav
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 PAGE = 4096
 _DESC = struct.Struct("<HHHHQ")
@@ -79,3 +80,23 @@ class GuestRing:
         assert trailer == r << 32, "trailer must carry the packet's start offset << 32"
         self.set(READ, (r + len8 * 8 + 8) % self.dsize)
         return ptype, flags, tid, payload
+
+
+def open_channel(
+    ctl: Any, ram: memoryview, offer: int, ring_gpa: int, pages: int = 4
+) -> tuple[GuestRing, GuestRing]:
+    """What a guest does to open offer `offer` of a VmbusController `ctl`: zero both rings
+    (`pages` pages each, from `ring_gpa` in `ram`), give their place and vector, OPEN; returns
+    (guest->host, host->guest)."""
+    from pyhv.vmbus.controller import Command, Reg
+
+    size = pages * PAGE
+    ram[ring_gpa : ring_gpa + 2 * size] = bytes(2 * size)
+    out = GuestRing(ram[ring_gpa : ring_gpa + size], init=True)
+    inb = GuestRing(ram[ring_gpa + size : ring_gpa + 2 * size], init=True)
+    for r, v in [(Reg.SELECT, offer), (Reg.RING_GPA_LO, ring_gpa), (Reg.RING_GPA_HI, 0),
+                 (Reg.RING_PAGES, 2 * pages), (Reg.DOWNSTREAM_PAGES, pages), (Reg.VECTOR, 0x40),
+                 (Reg.COMMAND, Command.OPEN)]:  # fmt: skip
+        ctl.io_write(r, v)
+    assert ctl.io_read(Reg.STATUS) == 0, "the controller refused the OPEN"
+    return out, inb

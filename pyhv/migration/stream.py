@@ -120,7 +120,8 @@ def _check(head: bytes, payload: bytes | bytearray | memoryview) -> int:
 class Seal:
     """One direction's AES-256-GCM after the handshake: GMAC over header + payload
     (`encrypt` false) or the payload encrypted with the header as associated data. The nonce
-    is the frame's number in this direction, counted here (never sent, never reused)."""
+    is the frame's number in this direction, counted here (never sent, never reused). Output
+    goes into one buffer kept for the next frame (fresh memory per frame costs page faults)."""
 
     def __init__(self, key: bytes, encrypt: bool) -> None:
         if len(key) != 32:
@@ -128,6 +129,13 @@ class Seal:
         self._aead = AESGCM(key)
         self.encrypt = encrypt
         self.frames = 0
+        self._buf = bytearray()
+
+    def scratch(self, size: int) -> memoryview:
+        """`size` bytes of this direction's buffer (valid until the next frame)."""
+        if len(self._buf) < size:
+            self._buf = bytearray(size)
+        return memoryview(self._buf)[:size]
 
     def _nonce(self) -> bytes:
         n = self.frames
@@ -140,22 +148,25 @@ class Seal:
         """(what goes on the wire as the payload, the tag)."""
         nonce = self._nonce()
         if self.encrypt:
-            out = memoryview(self._aead.encrypt(nonce, payload, header))
-            return out[:-TAG], bytes(out[-TAG:])
+            n = len(payload)
+            out = self.scratch(n + TAG)
+            self._aead.encrypt_into(nonce, payload, header, out)
+            return out[:n], bytes(out[n:])
         return payload, self._aead.encrypt(nonce, b"", header + payload)
 
-    def open_into(self, header: bytes, wire: bytearray, view: memoryview) -> bool:
-        """Check the frame (`wire` = payload as sent + tag) and put its payload into `view`
-        (already there when not encrypted: `wire` then holds only the tag). False if forged."""
+    def open_into(self, header: bytes, wire: memoryview, view: memoryview) -> bool:
+        """Check the frame and put its payload into `view`: `wire` is the payload as sent +
+        the tag when encrypted (decrypted into `view`), the tag alone otherwise (the payload is
+        in `view` already). False if forged (then `view` holds bytes to discard)."""
         nonce = self._nonce()
         if self.encrypt:
             try:
-                view[:] = self._aead.decrypt(nonce, wire, header)
+                self._aead.decrypt_into(nonce, wire, header, view)
             except InvalidTag:
                 return False
             return True
         want = self._aead.encrypt(nonce, b"", header + view)
-        return hmac.compare_digest(want, bytes(wire))
+        return hmac.compare_digest(want, wire)
 
 
 class FrameSocket:
@@ -334,12 +345,12 @@ class FrameSocket:
             return
         header = bytes(self._head)
         if self._in.encrypt:
-            wire = bytearray(len(view) + TAG)
-            self._recv_into(memoryview(wire))
+            wire = self._in.scratch(len(view) + TAG)
+            self._recv_into(wire)
         else:
             self._recv_into(view)
-            wire = bytearray(TAG)
-            self._recv_into(memoryview(wire))
+            wire = self._in.scratch(TAG)
+            self._recv_into(wire)
         if not self._in.open_into(header, wire, view):
             self.frames_refused += 1
             what = (

@@ -564,7 +564,7 @@ def main() -> None:
     print(f"loopback TCP: median {bw / 1e6:.0f} MB/s of {len(bandwidths)} transfers")
     # the stream alone, against the raw socket: what sealing each frame costs on the wire
     raw, authenticated, encrypted = [], [], []
-    for _ in range(repeats):
+    for _ in range(max(repeats, 3)):  # a few seconds: taking turns, even when quick
         raw.append(loopback_bandwidth())
         authenticated.append(stream_bandwidth(False))
         encrypted.append(stream_bandwidth(True))

@@ -130,12 +130,24 @@ class Seal:
         self.encrypt = encrypt
         self.frames = 0
         self._buf = bytearray()
+        self._signed = bytearray()  # header + payload, contiguous, for the GMAC
 
     def scratch(self, size: int) -> memoryview:
         """`size` bytes of this direction's buffer (valid until the next frame)."""
         if len(self._buf) < size:
             self._buf = bytearray(size)
         return memoryview(self._buf)[:size]
+
+    def _gmac(self, nonce: bytes, header: bytes, payload: bytes | bytearray | memoryview) -> bytes:
+        """The tag of an authenticated frame: GMAC (AES-GCM, nothing to encrypt) over the
+        header and the payload, copied side by side into a kept buffer."""
+        end = len(header) + len(payload)
+        if len(self._signed) < end:
+            self._signed = bytearray(end)
+        signed = memoryview(self._signed)
+        signed[: len(header)] = header
+        signed[len(header) : end] = memoryview(payload).cast("B")
+        return self._aead.encrypt(nonce, b"", signed[:end])
 
     def _nonce(self) -> bytes:
         n = self.frames
@@ -152,7 +164,7 @@ class Seal:
             out = self.scratch(n + TAG)
             self._aead.encrypt_into(nonce, payload, header, out)
             return out[:n], bytes(out[n:])
-        return payload, self._aead.encrypt(nonce, b"", header + payload)
+        return payload, self._gmac(nonce, header, payload)
 
     def open_into(self, header: bytes, wire: memoryview, view: memoryview) -> bool:
         """Check the frame and put its payload into `view`: `wire` is the payload as sent +
@@ -165,7 +177,7 @@ class Seal:
             except InvalidTag:
                 return False
             return True
-        want = self._aead.encrypt(nonce, b"", header + view)
+        want = self._gmac(nonce, header, view)
         return hmac.compare_digest(want, wire)
 
 

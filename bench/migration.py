@@ -573,6 +573,10 @@ def main() -> None:
         "authenticated_bytes_per_s": common.spread(authenticated, 0),
         "encrypted_bytes_per_s": common.spread(encrypted, 0),
         "frame_bytes": 1 << 20,
+        "authenticated_over_raw": round(
+            statistics.median(authenticated) / statistics.median(raw), 2
+        ),
+        "encrypted_over_raw": round(statistics.median(encrypted) / statistics.median(raw), 2),
     }
     print(
         "stream: raw TCP {:.0f} MB/s, authenticated {:.0f} MB/s, encrypted {:.0f} MB/s".format(

@@ -235,6 +235,8 @@ class FrameSocket:
         with `recv_key` (each side's keys from :func:`derive_keys`, swapped)."""
         self._out = Seal(send_key, encrypt)
         self._in = Seal(recv_key, encrypt)
+        # the nonce is the frame's number in its direction, counted from the stream's start
+        self._out.frames, self._in.frames = self._seq_out, self._seq_in
 
     # --- sending ---------------------------------------------------------------------------
 

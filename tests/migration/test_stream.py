@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from pyhv.migration import frames
 from pyhv.migration import stream as st
@@ -361,3 +363,36 @@ def test_a_man_in_the_middle_cannot_switch_encryption_off() -> None:
 
     err = _fake_peer("destination", stripping_relay)
     assert isinstance(err, MigrationError) and "authentication failed" in str(err)
+
+
+def test_decode_frame_reads_one_frame_from_bytes_as_the_socket_does() -> None:
+    a, raw = socket.socketpair()
+    fa = FrameSocket(a, timeout=5)
+    fa.send_json(Frame.HELLO, frames.Hello(2, "ab" * 32))  # a handshake frame: checksummed
+    fa.seal(b"\x01" * 32, b"\x02" * 32, True)
+    fa.send(Frame.ZERO, st.pack_zero_runs([(0x1000, 2)]), count=1)  # frame #1, sealed
+    wire = raw.recv(1 << 16)
+    hello_len = st.HEADER.size + len(frames.encode(frames.Hello(2, "ab" * 32)))
+    hello, sealed = wire[:hello_len], wire[hello_len:]
+    assert st.decode_frame(hello)[0] is Frame.HELLO
+    got = st.decode_frame(sealed, seq=1, recv_key=b"\x01" * 32, encrypt=True)
+    assert st.unpack_zero_runs(got[4]) == [(0x1000, 2)]
+    with pytest.raises(MigrationError, match="3 bytes after the frame"):
+        st.decode_frame(hello + b"xyz")
+    with pytest.raises(ConnectionError):
+        st.decode_frame(sealed[:-1], seq=1, recv_key=b"\x01" * 32, encrypt=True)
+    with pytest.raises(MigrationError, match="frame sequence 1 where 0 was due"):
+        st.decode_frame(sealed, recv_key=b"\x01" * 32, encrypt=True)
+    fa.close()
+    raw.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=hst.binary(max_size=200), sealed=hst.booleans(), encrypt=hst.booleans())
+def test_any_bytes_decode_as_a_frame_or_are_refused_with_a_clear_error(
+    data: bytes, sealed: bool, encrypt: bool
+) -> None:
+    try:
+        st.decode_frame(data, recv_key=b"\x01" * 32 if sealed else None, encrypt=encrypt)
+    except (MigrationError, ConnectionError) as e:
+        assert str(e)

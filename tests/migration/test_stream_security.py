@@ -7,7 +7,7 @@ memory crosses the wire unreadable, and arrives whole (RAM checksum at pause) an
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -23,9 +23,17 @@ pytestmark = pytest.mark.guest
 
 
 @pytest.fixture
-def relays() -> Iterator[list[StreamRelay]]:
+def middle(hosts: Any) -> Iterator[Callable[..., tuple[Any, Any, Any, StreamRelay]]]:
+    """middle(tamper=None) -> (source worker, its guest, destination, the relay between)."""
     made: list[StreamRelay] = []
-    yield made
+
+    def make(tamper: tuple[str, Frame] | None = None) -> tuple[Any, Any, Any, StreamRelay]:
+        src, guest = hosts.boot()
+        dst = hosts.destination()
+        made.append(StreamRelay(dst.wait_listening(), tamper=tamper))
+        return src, guest, dst, made[-1]
+
+    yield make
     for r in made:
         r.close()
 
@@ -38,12 +46,9 @@ def _still_running_here(src: Any, guest: Any) -> None:
 
 
 def test_a_page_altered_on_the_way_fails_the_migration_and_the_vm_runs_on_here(
-    hosts: Any, relays: list[StreamRelay]
+    middle: Any,
 ) -> None:
-    src, guest = hosts.boot()
-    dst = hosts.destination()
-    relay = StreamRelay(dst.wait_listening(), tamper=("to_destination", Frame.PAGES))
-    relays.append(relay)
+    src, guest, dst, relay = middle(("to_destination", Frame.PAGES))
     with pytest.raises(MigrationError) as err:
         migrate_worker(src, relay.address, TOKEN, {"timeout": 10.0})
     assert relay.tampered.is_set()
@@ -57,12 +62,9 @@ def test_a_page_altered_on_the_way_fails_the_migration_and_the_vm_runs_on_here(
 
 
 def test_a_reply_altered_on_its_way_back_is_refused_and_counted_by_the_source(
-    hosts: Any, relays: list[StreamRelay]
+    middle: Any,
 ) -> None:
-    src, guest = hosts.boot()
-    dst = hosts.destination()
-    relay = StreamRelay(dst.wait_listening(), tamper=("to_source", Frame.READY))
-    relays.append(relay)
+    src, guest, _dst, relay = middle(("to_source", Frame.READY))
     registry = CounterRegistry()
     with pytest.raises(MigrationError, match=r"READY frame #\d+ .* failed authentication"):
         migrate_worker(src, relay.address, TOKEN, {"timeout": 10.0}, counters=registry)
@@ -72,15 +74,12 @@ def test_a_reply_altered_on_its_way_back_is_refused_and_counted_by_the_source(
 
 @pytest.mark.parametrize("encrypt", [True, False], ids=["encrypted", "authenticated-only"])
 def test_an_encrypted_migration_carries_no_guest_plaintext_and_the_guest_runs_there(
-    hosts: Any, relays: list[StreamRelay], encrypt: bool
+    middle: Any, encrypt: bool
 ) -> None:
-    src, guest = hosts.boot()
+    src, guest, dst, relay = middle()
     marker = "mark" + secrets.token_hex(12)
     # the shell keeps the line typed in guest memory (and answers that it is no command)
     assert "unknown command" in guest.run(marker)
-    dst = hosts.destination()
-    relay = StreamRelay(dst.wait_listening())
-    relays.append(relay)
     result = migrate_worker(src, relay.address, TOKEN, {"encrypt": encrypt, "verify": True})
     # verify: the destination compared all RAM with the source's checksum at pause
     assert result["phase"] == "done"

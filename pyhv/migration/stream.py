@@ -21,8 +21,9 @@ ephemeral X25519 public key, whether it wants the stream encrypted, and HMAC-SHA
 AUTH_OK with its own X25519 key and HMAC(token, "pyhv-migration/destination" + mode + nonces +
 both keys), which the source checks in turn. Until then frames are at most 64 KiB. Both sides
 then derive one AES-256-GCM key per direction with HKDF-SHA256 (input: the token and the X25519
-shared secret; salt: both nonces; info: the version, the mode and the direction), so a recorded
-stream stays sealed even to a later holder of the token (forward secrecy).
+shared secret; salt: both nonces; info: the version and the mode; the first 32 bytes seal what
+the source sends, the last 32 what the destination sends), so a recorded stream stays sealed
+even to a later holder of the token (forward secrecy).
 
 After AUTH_OK every frame in both directions is sealed with its direction's key, the nonce being
 the frame's 64-bit number in that direction (the low 32 bits are `seq`; keys are per direction,

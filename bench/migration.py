@@ -142,7 +142,9 @@ def stream_bandwidth(encrypt: bool, total: int = WIRE_BYTES) -> float:
         fs = FrameSocket(socket.create_connection(("127.0.0.1", port)))
         fs.seal(b"\x01" * 32, b"\x02" * 32, encrypt)
         for i in range(total >> 20):
-            fs.send(Frame.PAGES, src, count=256, addr=i << 20)
+            buf = fs.payload_buffer(len(src))  # as the source copies guest pages
+            buf[:] = src
+            fs.send(Frame.PAGES, buf, count=256, addr=i << 20)
         got, seconds = sink.stdout.readline().split()
         fs.close()
         if int(got) != total:

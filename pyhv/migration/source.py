@@ -187,7 +187,6 @@ class Source:
         self._logging: list[MemoryRegion] = []
         self._paused = False
         self._throttle = _Throttle(vm)
-        self._buf = bytearray(FRAME_PAGES * PAGE)
         self._zstd: Any = None
         self._t0 = 0.0
         self._last_report = 0.0
@@ -529,7 +528,7 @@ class Source:
                 for c in range(a + s, a + e, FRAME_PAGES):
                     n = min(FRAME_PAGES, a + e - c)
                     nbytes = n * PAGE
-                    buf = memoryview(self._buf)[:nbytes]
+                    buf = fs.payload_buffer(nbytes)  # sealed where it lies
                     buf[:] = view[c * PAGE : c * PAGE + nbytes]  # a copy: the guest may write on
                     gpa = r.gpa + c * PAGE
                     if self._zstd is not None:

@@ -396,3 +396,17 @@ def test_any_bytes_decode_as_a_frame_or_are_refused_with_a_clear_error(
         st.decode_frame(data, recv_key=b"\x01" * 32 if sealed else None, encrypt=encrypt)
     except (MigrationError, ConnectionError) as e:
         assert str(e)
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["authenticated", "encrypted"])
+def test_a_payload_built_in_the_streams_buffer_is_sealed_where_it_lies(encrypt: bool) -> None:
+    src, dst = _sealed_pair(encrypt)
+    for fill in (b"\x01", b"\x02"):  # the buffer is reused: each frame carries its own bytes
+        buf = src.payload_buffer(8192)
+        buf[:] = fill * 8192
+        src.send(Frame.PAGES, buf, count=2, addr=0x4000)
+        assert dst.recv() == (Frame.PAGES, 0, 2, 0x4000, fill * 8192)
+    src.send(Frame.PAGES, b"\x03" * 4096, count=1, addr=0x9000)  # any other payload still works
+    assert dst.recv()[4] == b"\x03" * 4096
+    src.close()
+    dst.close()

@@ -12,6 +12,10 @@ Both sides migrate with the same convergence settings: auto-converge ON, throttl
 KVM only (`-accel kvm -cpu host,-arch-capabilities`); if it cannot, its cells hold the error,
 never figures of QEMU's software emulator.
 
+pyhv migrates each row twice, authenticated (the default: every frame under GMAC) and
+encrypted (`encrypt`: AES-256-GCM), and the stream alone is measured against the raw socket
+(1 MiB PAGES frames sealed both ways, to a sink process that checks them).
+
 Both totals are divided by the same fixed wire limit per row: the guest's distinct non-zero
 memory at the start of the migration (4 KiB pages that are not all zero, each counted once, read
 from the source process's guest RAM just before the migration starts: pyhv's memfd, QEMU's
@@ -99,6 +103,58 @@ def loopback_bandwidth(total: int = WIRE_BYTES) -> float:
         sink.wait()
 
 
+_FRAME_SINK = """
+import socket, sys, time
+sys.path.insert(0, sys.argv[3])
+from pyhv.migration.stream import FrameSocket
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+c, _ = srv.accept()
+fs = FrameSocket(c)
+fs.seal(b"\\x02" * 32, b"\\x01" * 32, sys.argv[2] == "1")
+buf = memoryview(bytearray(1 << 20))
+total, got, t0 = int(sys.argv[1]), 0, None
+while got < total:
+    ftype, flags, length, count, addr, check = fs.recv_header()
+    if t0 is None:
+        t0 = time.perf_counter()
+    fs.recv_payload_into(buf[:length], ftype, flags, count, addr, check)
+    got += length
+print(got, time.perf_counter() - t0, flush=True)
+"""
+
+
+def stream_bandwidth(encrypt: bool, total: int = WIRE_BYTES) -> float:
+    """Page bytes/s of the migration stream itself on loopback, sealed as after the handshake
+    (GMAC, or AES-GCM with `encrypt`): 1 MiB PAGES frames of random bytes to a sink process
+    that checks each into a reused buffer; the same transfer as :func:`loopback_bandwidth`."""
+    from pyhv.migration.stream import Frame, FrameSocket
+
+    sink = subprocess.Popen(
+        [sys.executable, "-c", _FRAME_SINK, str(total), "1" if encrypt else "0", str(ROOT)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        src = os.urandom(1 << 20)
+        fs = FrameSocket(socket.create_connection(("127.0.0.1", port)))
+        fs.seal(b"\x01" * 32, b"\x02" * 32, encrypt)
+        for i in range(total >> 20):
+            buf = fs.payload_buffer(len(src))  # as the source copies guest pages
+            buf[:] = src
+            fs.send(Frame.PAGES, buf, count=256, addr=i << 20)
+        got, seconds = sink.stdout.readline().split()
+        fs.close()
+        if int(got) != total:
+            raise RuntimeError(f"the frame sink received {got} of {total} bytes")
+        return total / float(seconds)
+    finally:
+        sink.kill()
+        sink.wait()
+
+
 def nonzero_memory(pid: int) -> tuple[int, list[str]]:
     """Bytes of the 4 KiB pages that are not all zero in the memfds process `pid` holds (its
     guest RAM), each page counted once; and the memfds' names. Holes are skipped unread."""
@@ -168,7 +224,7 @@ def _nonzero_pages(fd: int, size: int) -> int:
 # --- pyhv ---------------------------------------------------------------------------------
 
 
-def run_pyhv(memory: str, dirty: int) -> dict[str, Any]:
+def run_pyhv(memory: str, dirty: int, encrypt: bool = False) -> dict[str, Any]:
     from pyhv.guest_image import image_path
     from pyhv.migration.worker import IncomingWorker, migrate_worker
     from pyhv.worker import VmConfig
@@ -195,6 +251,7 @@ def run_pyhv(memory: str, dirty: int) -> dict[str, Any]:
                 "downtime_target": DOWNTIME_MS / 1000,
                 "bandwidth": 0,
                 "verify": False,  # QEMU does not checksum RAM either
+                "encrypt": encrypt,
                 **CONVERGENCE,
             },
         )
@@ -448,10 +505,12 @@ def main() -> None:
                 row["skipped"] = "the working set does not fit in the guest"
                 continue
             pyhv_runs: list[dict[str, Any]] = []
+            sealed_runs: list[dict[str, Any]] = []
             qemu_runs: list[dict[str, Any]] = []
-            for _ in range(repeats):  # the wire, pyhv and QEMU take turns
+            for _ in range(repeats):  # the wire, pyhv (authenticated, encrypted), QEMU take turns
                 bandwidths.append(loopback_bandwidth())
                 pyhv_runs.append(run_pyhv(memory, dirty))
+                sealed_runs.append(run_pyhv(memory, dirty, encrypt=True))
                 if qemu is not None and qemu_error is None:
                     try:
                         qemu_runs.append(run_qemu(qemu, memory, dirty))
@@ -459,11 +518,13 @@ def main() -> None:
                         row["qemu_error"] = f"{type(e).__name__}: {e}"
                         break
             row["pyhv_runs"], row["qemu_runs"] = pyhv_runs, qemu_runs
-            p = pyhv_runs[-1]
+            row["pyhv_encrypted_runs"] = sealed_runs
+            p, e = pyhv_runs[-1], sealed_runs[-1]
             print(
                 f"{memory:>5} dirty {dirty:>3} MiB | pyhv total {p['total_s']:.3f} s, downtime "
                 f"{p['downtime_ms']:.1f} ms, {p['bytes_sent'] / 2**20:.1f} MiB sent, non-zero "
-                f"{p['nonzero_bytes_at_start'] / 2**20:.1f} MiB"
+                f"{p['nonzero_bytes_at_start'] / 2**20:.1f} MiB | encrypted total "
+                f"{e['total_s']:.3f} s, downtime {e['downtime_ms']:.1f} ms"
                 + (
                     f" | qemu total {qemu_runs[-1]['total_s']:.3f} s, downtime "
                     f"{qemu_runs[-1]['downtime_ms']:.0f} ms, non-zero "
@@ -481,11 +542,16 @@ def main() -> None:
             rows.append(row)
             continue
         pyhv_runs, qemu_runs = row.pop("pyhv_runs"), row.pop("qemu_runs")
+        sealed_runs = row.pop("pyhv_encrypted_runs")
         # one fixed wire limit for both sides: the guest's non-zero memory at the start
         nonzero = statistics.median(r["nonzero_bytes_at_start"] for r in pyhv_runs + qemu_runs)
         row["nonzero_bytes_at_start"] = round(nonzero)
         row["wire_limit_s"] = round(nonzero / bw, 6)
         row["pyhv"] = _summary(pyhv_runs, nonzero / bw)
+        row["pyhv_encrypted"] = _summary(sealed_runs, nonzero / bw)
+        row["encrypted_total_over_authenticated"] = round(
+            row["pyhv_encrypted"]["total_s"]["median"] / row["pyhv"]["total_s"]["median"], 2
+        )
         error = row.pop("qemu_error", None) or qemu_error
         if qemu_runs and not error:
             row["qemu"] = _summary(qemu_runs, nonzero / bw)
@@ -498,12 +564,34 @@ def main() -> None:
             row["downtime_pyhv_over_qemu"] = None
         rows.append(row)
     print(f"loopback TCP: median {bw / 1e6:.0f} MB/s of {len(bandwidths)} transfers")
+    # the stream alone, against the raw socket: what sealing each frame costs on the wire
+    raw, authenticated, encrypted = [], [], []
+    for _ in range(max(repeats, 3)):  # a few seconds: taking turns, even when quick
+        raw.append(loopback_bandwidth())
+        authenticated.append(stream_bandwidth(False))
+        encrypted.append(stream_bandwidth(True))
+    stream = {
+        "raw_tcp_bytes_per_s": common.spread(raw, 0),
+        "authenticated_bytes_per_s": common.spread(authenticated, 0),
+        "encrypted_bytes_per_s": common.spread(encrypted, 0),
+        "frame_bytes": 1 << 20,
+        "authenticated_over_raw": round(
+            statistics.median(authenticated) / statistics.median(raw), 2
+        ),
+        "encrypted_over_raw": round(statistics.median(encrypted) / statistics.median(raw), 2),
+    }
+    print(
+        "stream: raw TCP {:.0f} MB/s, authenticated {:.0f} MB/s, encrypted {:.0f} MB/s".format(
+            *(statistics.median(x) / 1e6 for x in (raw, authenticated, encrypted))
+        )
+    )
     result = {
         "repeats": repeats,
         "convergence": {"pyhv": CONVERGENCE, "qemu": {"auto-converge": True, **QEMU_CONVERGENCE}},
         "downtime_limit_ms": DOWNTIME_MS,
         "loopback_bytes_per_s": common.spread(bandwidths, 0),
         "wire_bytes_per_transfer": WIRE_BYTES,
+        "stream": stream,
         "qemu": {"error": qemu_error}
         if qemu_error
         else {"accel": "kvm", "cpu": common.QEMU_KVM[3]},

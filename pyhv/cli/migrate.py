@@ -80,6 +80,11 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         "--bandwidth", type=types.size, metavar="SIZE", help="limit, bytes/s with units (e.g. 100M)"
     )
     p.add_argument("--compress", action="store_true", help="zstd-compress page frames")
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the stream (AES-256-GCM; frames are authenticated either way)",
+    )
     p.add_argument("--no-throttle", action="store_true", help="no auto-converge")
     p.add_argument("--no-verify", action="store_true", help="skip the RAM checksum at pause")
 
@@ -89,6 +94,7 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
         "downtime_target": a.downtime / 1000,
         "max_passes": a.max_passes,
         "compress": a.compress,
+        "encrypt": a.encrypt,
         "auto_converge": not a.no_throttle,
         "verify": not a.no_verify,
     }

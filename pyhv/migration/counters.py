@@ -20,6 +20,12 @@ MIGRATION_SET = CounterSetDef(
         CounterDef("Throttle", "percent of each interval the VPs are paused", "percent"),
         CounterDef("Downtime", "seconds from pause to running on the destination", "seconds"),
         CounterDef("Total Time", "seconds from connect to resumed", "seconds"),
+        CounterDef(
+            "Frames Refused",
+            "frames refused as forged or corrupted (their tag did not match)",
+            "count",
+            "cumulative",
+        ),
     ),
     instance_label="vm",
     prometheus_name="pyhv_live_migration",
@@ -37,6 +43,7 @@ _KEYS = {
     "Throttle": "throttle_percent",
     "Downtime": "downtime",
     "Total Time": "total_time",
+    "Frames Refused": "frames_refused",
 }
 
 

@@ -8,7 +8,7 @@ Destination phases: ``authenticate``, ``config``, ``memory`` (first page frame r
 ``state`` (state received, before restoring), ``restored`` (before saying so).
 
 Actions: ``cut`` (the connection drops: both directions shut down), ``corrupt`` (the next frame
-sent has a payload bit flipped after its checksum was computed), ``exit`` (this process dies at
+sent has a payload bit flipped after it was sealed: its tag fails), ``exit`` (this process dies at
 once, as a killed host would: only for a destination in its own process), ``fail`` (this side
 raises an error, e.g. a device that cannot save its state), ``tamper`` (only at the destination's
 ``state``: one bit of guest RAM received intact is flipped, as bad memory would, so the RAM

@@ -14,6 +14,8 @@ from msgspec import Meta, Struct, field
 
 #: 32 random bytes, as hex.
 Nonce = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+#: An X25519 public key (32 bytes), as hex.
+Key = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
 #: A page-aligned guest physical address and a size in bytes: [gpa, size].
 Region = tuple[Annotated[int, Meta(ge=0)], Annotated[int, Meta(gt=0, le=1 << 52)]]
 _PAGE = 4096
@@ -31,19 +33,25 @@ class Hello(_Body, frozen=True):
 
 
 class Auth(_Body, frozen=True):
-    """src -> dest: the source's nonce and its MAC over both nonces. The MAC is any JSON value
+    """src -> dest: the source's nonce, its ephemeral X25519 key, whether it wants the stream
+    encrypted, and its MAC over the mode, both nonces and its key. The MAC is any JSON value
     here: the destination compares it in constant time and refuses anything but the right one
-    as a failed authentication."""
+    as a failed authentication. `key` has a default only so that an older source's AUTH (stream
+    version 1) decodes far enough to be told its version is refused."""
 
     version: int
     nonce: Nonce
     mac: Any
+    key: Key = "00" * 32
+    encrypt: bool = False
 
 
 class AuthOk(_Body, frozen=True):
-    """dest -> src: the destination's MAC."""
+    """dest -> src: the destination's MAC (over the mode, both nonces and both keys) and its
+    ephemeral X25519 key. After this frame every frame is sealed (pyhv.migration.stream)."""
 
     mac: Any
+    key: Key
 
 
 class ConfigOptions(Struct, frozen=True):

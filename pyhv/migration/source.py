@@ -70,6 +70,9 @@ class MigrationOptions:
     max_sent_multiple: float = 4.0  #: stop after sending this many times the RAM
     bandwidth: int = 0  #: bytes/s on the wire, 0 = no limit
     compress: bool = False  #: zstd level 1 on page frames (kept only when smaller)
+    #: AES-256-GCM over every frame's payload (compressed pages: compress, then encrypt); off,
+    #: frames are still authenticated (GMAC), just readable on the wire
+    encrypt: bool = False
     auto_converge: bool = True  #: throttle the VPs when the dirty set does not shrink
     throttle_initial: float = 0.2
     throttle_step: float = 0.2
@@ -112,6 +115,7 @@ class Progress:
     downtime: float = 0.0
     total_time: float = 0.0
     final_pages: int = 0
+    frames_refused: int = 0  # frames from the destination refused as forged or corrupted
     #: milliseconds of the downtime: pause, last pages, state, destination restore, resume
     downtime_parts: dict[str, float] = field(default_factory=dict)
     pass_log: list[dict[str, Any]] = field(default_factory=list)
@@ -183,7 +187,6 @@ class Source:
         self._logging: list[MemoryRegion] = []
         self._paused = False
         self._throttle = _Throttle(vm)
-        self._buf = bytearray(FRAME_PAGES * PAGE)
         self._zstd: Any = None
         self._t0 = 0.0
         self._last_report = 0.0
@@ -229,6 +232,7 @@ class Source:
         now = time.monotonic()
         if self.fs is not None:
             self.progress.bytes_sent = self.fs.bytes_sent
+            self.progress.frames_refused = self.fs.frames_refused
         self.progress.total_time = now - self._t0
         if self.on_progress is not None and (force or now - self._last_report > 0.1):
             self._last_report = now
@@ -267,7 +271,7 @@ class Source:
         )
         self.faults.at("connect", fs)
         self._phase("authenticate")
-        authenticate_source(fs, self.token)
+        authenticate_source(fs, self.token, opt.encrypt)
         self._phase("config")
         regions = self._ram()
         self.progress.ram_pages = sum(r.pages for r in regions)
@@ -529,7 +533,7 @@ class Source:
                 for c in range(a + s, a + e, FRAME_PAGES):
                     n = min(FRAME_PAGES, a + e - c)
                     nbytes = n * PAGE
-                    buf = memoryview(self._buf)[:nbytes]
+                    buf = fs.payload_buffer(nbytes)  # sealed where it lies
                     buf[:] = view[c * PAGE : c * PAGE + nbytes]  # a copy: the guest may write on
                     gpa = r.gpa + c * PAGE
                     if self._zstd is not None:

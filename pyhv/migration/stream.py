@@ -1,20 +1,42 @@
-"""The migration stream: versioned, framed, every frame checksummed, authenticated at connect.
+"""The migration stream: versioned, framed, authenticated at connect and then frame by frame,
+optionally encrypted.
 
-A frame is a 32-byte little-endian header and a payload::
+A frame is a 32-byte little-endian header, a payload and, once the handshake is done, a 16-byte
+tag::
 
     type u8 | flags u8 | reserved u16 | seq u32 | length u32 | count u32 | addr u64 | check u64
 
 `length` is the payload's size on the wire, `count` a frame-type specific number (pages of a
 PAGES frame, bytes before compression), `addr` a guest physical address, `seq` counts frames
-from 0 in each direction (a lost or repeated frame is caught), and `check` is the xxh3-64 of the
-payload seeded with the xxh3-64 of the header's other fields (so a flipped header bit is caught
-too). Control frames carry one JSON object, declared in pyhv.migration.frames; PAGES frames carry raw page bytes (zstd-compressed
-when flags has COMPRESSED); ZERO frames carry (gpa u64, pages u64) runs of zero pages.
+from 0 in each direction (a lost, repeated or reordered frame is caught). Control frames carry
+one JSON object, declared in pyhv.migration.frames; PAGES frames carry raw page bytes
+(zstd-compressed when flags has COMPRESSED); ZERO frames carry (gpa u64, pages u64) runs of
+zero pages.
 
-Authentication (a shared token, never sent): the destination sends HELLO with a random nonce;
-the source answers AUTH with its own nonce and HMAC-SHA256(token, "pyhv-migration/source" +
-nonces); the destination checks it and answers AUTH_OK with HMAC(token, "pyhv-migration/
-destination" + nonces), which the source checks in turn. Until then frames are at most 64 KiB.
+The handshake (HELLO, AUTH, AUTH_OK) is only checksummed: `check` is the xxh3-64 of the payload
+seeded with the xxh3-64 of the header's other fields; what makes it trustworthy is inside it.
+The destination sends HELLO with a random nonce; the source answers AUTH with its own nonce, an
+ephemeral X25519 public key, whether it wants the stream encrypted, and HMAC-SHA256(token,
+"pyhv-migration/source" + mode + nonces + its key); the destination checks it and answers
+AUTH_OK with its own X25519 key and HMAC(token, "pyhv-migration/destination" + mode + nonces +
+both keys), which the source checks in turn. Until then frames are at most 64 KiB. Both sides
+then derive one AES-256-GCM key per direction with HKDF-SHA256 (input: the token and the X25519
+shared secret; salt: both nonces; info: the version and the mode; the first 32 bytes seal what
+the source sends, the last 32 what the destination sends), so a recorded stream stays sealed
+even to a later holder of the token (forward secrecy).
+
+After AUTH_OK every frame in both directions is sealed with its direction's key, the nonce being
+the frame's 64-bit number in that direction (the low 32 bits are `seq`; keys are per direction,
+so a nonce is never used twice), `check` is 0 and a 16-byte tag follows the payload:
+
+- authenticated (the default): the tag is AES-GCM's GMAC over header + payload (nothing
+  encrypted);
+- encrypted (``MigrationOptions.encrypt``): the payload is AES-GCM ciphertext (compress, then
+  encrypt), the header the associated data.
+
+A frame whose tag does not match (a flipped bit, a frame forged or replayed by anyone without
+the keys) is refused with a MigrationError naming it, logged, and counted in `frames_refused`.
+docs/security.md says what this stops and why AES-GCM rather than TLS or BLAKE2b.
 """
 
 from __future__ import annotations
@@ -23,6 +45,7 @@ import enum
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import socket
 import struct
@@ -32,18 +55,28 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import xxhash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from msgspec import Struct
 
 from pyhv.migration import frames
 
-VERSION = 1
+log = logging.getLogger("pyhv.migration")
+
+#: 2: frames sealed after the handshake (1: xxh3 only, refused).
+VERSION = 2
 HEADER = struct.Struct("<BBHIIIQQ")
 assert HEADER.size == 32
 _HEAD_NO_CHECK = struct.Struct("<BBHIIIQ")
+TAG = 16  #: bytes of the AES-GCM tag after each sealed frame's payload
 MAX_FRAME = 8 << 20
 MAX_UNAUTHENTICATED = 64 << 10
 COMPRESSED = 0x01
 _ZERO_RUN = struct.Struct("<QQ")
+_NONCE = struct.Struct("<Q4x")  # a frame's 64-bit number in its direction, as a 96-bit nonce
 
 
 class Frame(enum.IntEnum):
@@ -85,12 +118,90 @@ def _check(head: bytes, payload: bytes | bytearray | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(payload, seed=xxhash.xxh3_64_intdigest(head))
 
 
+class Seal:
+    """One direction's AES-256-GCM after the handshake: GMAC over header + payload
+    (`encrypt` false) or the payload encrypted with the header as associated data. The nonce
+    is the frame's number in this direction, counted here (never sent, never reused). Output
+    goes into one buffer kept for the next frame (fresh memory per frame costs page faults)."""
+
+    def __init__(self, key: bytes, encrypt: bool) -> None:
+        if len(key) != 32:
+            raise ValueError(f"a stream key is 32 bytes, not {len(key)}")
+        self._aead = AESGCM(key)
+        self.encrypt = encrypt
+        self.frames = 0
+        self._buf = bytearray()
+        self._signed = bytearray()  # header + payload, contiguous, for the GMAC
+        self._in_place: memoryview | None = None  # the payload_buffer() handed out
+
+    def payload_buffer(self, size: int) -> memoryview:
+        """Room for the next payload right after the header's place in the GMAC's buffer: a
+        payload built there is sealed without being copied again (once)."""
+        end = HEADER.size + size
+        if len(self._signed) < end:
+            self._signed = bytearray(end)
+        self._in_place = memoryview(self._signed)[HEADER.size : end]
+        return self._in_place
+
+    def scratch(self, size: int) -> memoryview:
+        """`size` bytes of this direction's buffer (valid until the next frame)."""
+        if len(self._buf) < size:
+            self._buf = bytearray(size)
+        return memoryview(self._buf)[:size]
+
+    def _gmac(self, nonce: bytes, header: bytes, payload: bytes | bytearray | memoryview) -> bytes:
+        """The tag of an authenticated frame: GMAC (AES-GCM, nothing to encrypt) over the
+        header and the payload, copied side by side into a kept buffer."""
+        end = len(header) + len(payload)
+        in_place, self._in_place = payload is self._in_place, None
+        if not in_place and len(self._signed) < end:
+            self._signed = bytearray(end)
+        signed = memoryview(self._signed)
+        signed[: len(header)] = header
+        if not in_place:
+            signed[len(header) : end] = memoryview(payload).cast("B")
+        return self._aead.encrypt(nonce, b"", signed[:end])
+
+    def _nonce(self) -> bytes:
+        n = self.frames
+        if n >= 1 << 64:  # 2^64 frames: never in practice, but a nonce must not repeat
+            raise MigrationError("the stream sealed 2^64 frames under one key: reconnect")
+        self.frames = n + 1
+        return _NONCE.pack(n)
+
+    def seal(self, header: bytes, payload: bytes | bytearray | memoryview) -> tuple[Any, bytes]:
+        """(what goes on the wire as the payload, the tag)."""
+        nonce = self._nonce()
+        if self.encrypt:
+            n = len(payload)
+            out = self.scratch(n + TAG)
+            self._aead.encrypt_into(nonce, payload, header, out)
+            return out[:n], bytes(out[n:])
+        return payload, self._gmac(nonce, header, payload)
+
+    def open_into(self, header: bytes, wire: memoryview, view: memoryview) -> bool:
+        """Check the frame and put its payload into `view`: `wire` is the payload as sent +
+        the tag when encrypted (decrypted into `view`), the tag alone otherwise (the payload is
+        in `view` already). False if forged (then `view` holds bytes to discard)."""
+        nonce = self._nonce()
+        if self.encrypt:
+            try:
+                self._aead.decrypt_into(nonce, wire, header, view)
+            except InvalidTag:
+                return False
+            return True
+        want = self._gmac(nonce, header, view)
+        return hmac.compare_digest(want, wire)
+
+
 class FrameSocket:
-    """One side of the stream over a connected socket: send and receive checksummed frames.
+    """One side of the stream over a connected socket: send and receive framed, checksummed
+    (handshake) or sealed (after it) frames.
 
     Sending counts bytes and honours a bandwidth limit (bytes/s; 0 = none). `fault` is the
     test-only injection hook (see pyhv.migration.faults): called with each frame type sent, it
-    may corrupt or cut the stream.
+    may corrupt or cut the stream. `frames_refused` counts frames refused as forged or
+    corrupted (at most one: the stream ends there).
     """
 
     def __init__(
@@ -108,10 +219,10 @@ class FrameSocket:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.bandwidth = bandwidth
-        self.authenticated = False
         self.bytes_sent = 0
         self.bytes_received = 0
         self.frames_sent = 0
+        self.frames_refused = 0
         self._seq_out = 0
         self._seq_in = 0
         self._head = bytearray(HEADER.size)
@@ -119,7 +230,34 @@ class FrameSocket:
         self._lock = threading.Lock()
         self._window_start = time.monotonic()
         self._window_bytes = 0
+        self._out: Seal | None = None
+        self._in: Seal | None = None
         self.corrupt_next = False  # set by a fault plan: flip a payload bit of the next frame
+
+    @property
+    def authenticated(self) -> bool:
+        """The handshake is done: frames are sealed both ways."""
+        return self._out is not None and self._in is not None
+
+    @property
+    def encrypted(self) -> bool:
+        return self._out is not None and self._out.encrypt
+
+    def payload_buffer(self, size: int) -> memoryview:
+        """A buffer of `size` bytes for the next frame's payload: fill it, then send() it, and
+        it is sealed where it lies (one copy fewer than any other payload). Valid until the
+        next send; for a stream with one sending thread (the source's)."""
+        if self._out is None:
+            return memoryview(bytearray(size))
+        return self._out.payload_buffer(size)
+
+    def seal(self, send_key: bytes, recv_key: bytes, encrypt: bool) -> None:
+        """From the next frame on, seal what goes out with `send_key` and check what comes in
+        with `recv_key` (each side's keys from :func:`derive_keys`, swapped)."""
+        self._out = Seal(send_key, encrypt)
+        self._in = Seal(recv_key, encrypt)
+        # the nonce is the frame's number in its direction, counted from the stream's start
+        self._out.frames, self._in.frames = self._seq_out, self._seq_in
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -135,16 +273,23 @@ class FrameSocket:
         with self._lock:
             if self._fault is not None:
                 self._fault(self, ftype, self.frames_sent)
-            head = _HEAD_NO_CHECK.pack(ftype, flags, 0, self._seq_out, len(payload), count, addr)
-            check = _check(head, payload)
+            seq = self._seq_out
+            if self._out is None:
+                head = _HEAD_NO_CHECK.pack(ftype, flags, 0, seq, len(payload), count, addr)
+                header = HEADER.pack(
+                    ftype, flags, 0, seq, len(payload), count, addr, _check(head, payload)
+                )
+                tag = b""
+            else:
+                header = HEADER.pack(ftype, flags, 0, seq, len(payload), count, addr, 0)
+                payload, tag = self._out.seal(header, payload)
             if self.corrupt_next and len(payload):
                 self.corrupt_next = False
                 bad = bytearray(payload)
                 bad[len(bad) // 2] ^= 0x40
                 payload = bad
-            header = HEADER.pack(ftype, flags, 0, self._seq_out, len(payload), count, addr, check)
-            self._seq_out = (self._seq_out + 1) & 0xFFFFFFFF
-            self._sendall(header, payload)
+            self._seq_out = (seq + 1) & 0xFFFFFFFF
+            self._sendall(header, payload, tag)
             self.frames_sent += 1
 
     def send_json(self, ftype: Frame, obj: Struct | dict[str, Any]) -> None:
@@ -154,9 +299,13 @@ class FrameSocket:
         else:
             self.send(ftype, json.dumps(obj, separators=(",", ":")).encode())
 
-    def _sendall(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
-        n = len(header) + len(payload)
+    def _sendall(
+        self, header: bytes, payload: bytes | bytearray | memoryview, tag: bytes = b""
+    ) -> None:
+        n = len(header) + len(payload) + len(tag)
         parts = [memoryview(header), memoryview(payload).cast("B")]
+        if tag:
+            parts.append(memoryview(tag))
         while parts:
             sent = self.sock.sendmsg(parts)
             while sent and parts:
@@ -192,7 +341,8 @@ class FrameSocket:
         self.bytes_received += len(view)
 
     def recv_header(self) -> tuple[Frame, int, int, int, int, int]:
-        """(type, flags, length, count, addr, check) of the next frame."""
+        """(type, flags, length, count, addr, check) of the next frame; its payload must be
+        read next (:meth:`recv_payload_into`)."""
         view = memoryview(self._head)
         self._recv_into(view)
         ftype, flags, _res, seq, length, count, addr, check = HEADER.unpack(self._head)
@@ -215,15 +365,36 @@ class FrameSocket:
     def recv_payload_into(
         self, view: memoryview, ftype: Frame, flags: int, count: int, addr: int, check: int
     ) -> None:
-        """Read the payload into `view` (exactly its size) and verify the frame's checksum."""
-        self._recv_into(view)
-        head = _HEAD_NO_CHECK.pack(
-            ftype, flags, 0, (self._seq_in - 1) & 0xFFFFFFFF, len(view), count, addr
-        )
-        if _check(head, view) != check:
+        """Read the payload into `view` (exactly its size) and verify the frame: its checksum
+        during the handshake, its tag after it (a forged frame is refused, logged and
+        counted; when not encrypted its bytes are in `view` by then: discard them)."""
+        seq = (self._seq_in - 1) & 0xFFFFFFFF
+        if self._in is None:
+            self._recv_into(view)
+            head = _HEAD_NO_CHECK.pack(ftype, flags, 0, seq, len(view), count, addr)
+            if _check(head, view) != check:
+                raise MigrationError(
+                    f"{ftype.name} frame #{seq} ({len(view)} bytes at {addr:#x}) "
+                    "failed its checksum: the stream was corrupted"
+                )
+            return
+        header = bytes(self._head)
+        if self._in.encrypt:
+            wire = self._in.scratch(len(view) + TAG)
+            self._recv_into(wire)
+        else:
+            self._recv_into(view)
+            wire = self._in.scratch(TAG)
+            self._recv_into(wire)
+        if not self._in.open_into(header, wire, view):
+            self.frames_refused += 1
+            what = (
+                f"{ftype.name} frame #{seq} ({len(view)} bytes at {addr:#x}) from the {self.peer}"
+            )
+            log.warning("refused a forged %s: its tag does not match", what)
             raise MigrationError(
-                f"{ftype.name} frame #{self._seq_in - 1} ({len(view)} bytes at {addr:#x}) "
-                "failed its checksum: the stream was corrupted"
+                f"{what} failed authentication (its tag does not match): the stream was altered "
+                "on the way or forged; refused"
             )
 
     def recv(self) -> tuple[Frame, int, int, int, bytes]:
@@ -270,6 +441,51 @@ class FrameSocket:
             pass
 
 
+class _Bytes:
+    """A socket stand-in that serves fixed bytes (for :func:`decode_frame`)."""
+
+    family = socket.AF_UNIX
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._data = memoryview(data).cast("B")
+        self.at = 0
+
+    def settimeout(self, _timeout: float) -> None:
+        pass
+
+    def recv_into(self, view: memoryview) -> int:
+        n = min(len(view), len(self._data) - self.at)
+        view[:n] = self._data[self.at : self.at + n]
+        self.at += n
+        return n
+
+
+def decode_frame(
+    data: bytes | bytearray | memoryview,
+    *,
+    seq: int = 0,
+    recv_key: bytes | None = None,
+    encrypt: bool = False,
+) -> tuple[Frame, int, int, int, bytes]:
+    """One whole frame from `data`, read and checked exactly as :meth:`FrameSocket.recv` reads
+    it off the wire (for fuzzing and tools): (type, flags, count, addr, payload). `seq` is the
+    frame's number in its direction; with `recv_key` the frame must be sealed under it (as
+    frame number `seq`), without it it must carry a handshake checksum. Raises MigrationError
+    (PeerAborted for ABORT), or ConnectionError if `data` is too short; bytes after the frame
+    are refused."""
+    src = _Bytes(data)
+    fs = FrameSocket(src, peer="peer")  # type: ignore[arg-type]  # a stand-in socket
+    fs._seq_in = seq & 0xFFFFFFFF
+    if recv_key is not None:
+        fs.seal(bytes(32), recv_key, encrypt)
+        assert fs._in is not None
+        fs._in.frames = seq
+    frame = fs.recv()
+    if src.at != len(src._data):
+        raise MigrationError(f"{len(src._data) - src.at} bytes after the frame")
+    return frame
+
+
 def pack_zero_runs(runs: list[tuple[int, int]]) -> bytes:
     return b"".join(_ZERO_RUN.pack(g, n) for g, n in runs)
 
@@ -283,8 +499,12 @@ def unpack_zero_runs(payload: bytes) -> list[tuple[int, int]]:
 # --- authentication -------------------------------------------------------------------------
 
 
-def _mac(token: bytes, role: bytes, first: bytes, second: bytes) -> str:
-    return hmac.new(token, b"pyhv-migration/" + role + first + second, hashlib.sha256).hexdigest()
+def _mode(encrypt: bool) -> bytes:
+    return b"encrypt" if encrypt else b"authenticate"
+
+
+def _mac(token: bytes, role: bytes, *parts: bytes) -> str:
+    return hmac.new(token, b"pyhv-migration/" + role + b"".join(parts), hashlib.sha256).hexdigest()
 
 
 def _same_mac(want: str, given: object) -> bool:
@@ -293,8 +513,34 @@ def _same_mac(want: str, given: object) -> bool:
     return hmac.compare_digest(want.encode(), str(given).encode())
 
 
+def _public(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def derive_keys(
+    token: bytes, shared: bytes, nonce_d: bytes, nonce_s: bytes, encrypt: bool
+) -> tuple[bytes, bytes]:
+    """(source -> destination key, destination -> source key): HKDF-SHA256 over the token and
+    the X25519 shared secret, salted with both nonces, bound to the version and the mode."""
+    okm = HKDF(
+        algorithm=hashes.SHA256(),
+        length=64,
+        salt=nonce_d + nonce_s,
+        info=b"pyhv-migration/%d/" % VERSION + _mode(encrypt),
+    ).derive(token + shared)
+    return okm[:32], okm[32:]
+
+
+def _exchange(mine: X25519PrivateKey, theirs_hex: str) -> bytes:
+    try:
+        return mine.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(theirs_hex)))
+    except ValueError as e:  # a low-order point (all-zero secret), or not a key at all
+        raise MigrationError(f"the peer's X25519 key is unusable: {e}", "authenticate") from None
+
+
 def authenticate_destination(fs: FrameSocket, token: bytes) -> None:
-    """The destination's half of the challenge; raises MigrationError if the source fails it."""
+    """The destination's half of the challenge; raises MigrationError if the source fails it.
+    On success the stream is sealed both ways, encrypted if the source asked."""
     nonce_d = secrets.token_bytes(32)
     fs.send_json(Frame.HELLO, frames.Hello(VERSION, nonce_d.hex()))
     failed = "authentication failed: the source does not hold this host's migration token"
@@ -315,39 +561,57 @@ def authenticate_destination(fs: FrameSocket, token: bytes) -> None:
             "authenticate",
         )
     nonce_s = bytes.fromhex(msg.nonce)
-    want = _mac(token, b"source", nonce_d, nonce_s)
+    mode = _mode(msg.encrypt)
+    want = _mac(token, b"source/" + mode, nonce_d, nonce_s, bytes.fromhex(msg.key))
     if not _same_mac(want, msg.mac):
         fs.abort(failed)
         raise MigrationError(
             "authentication failed: the connecting source does not hold the migration token",
             "authenticate",
         )
-    fs.send_json(Frame.AUTH_OK, frames.AuthOk(_mac(token, b"destination", nonce_s, nonce_d)))
-    fs.authenticated = True
+    mine = X25519PrivateKey.generate()
+    try:
+        shared = _exchange(mine, msg.key)
+    except MigrationError:
+        fs.abort(failed)
+        raise
+    key_d = _public(mine)
+    mac = _mac(token, b"destination/" + mode, nonce_s, nonce_d, bytes.fromhex(msg.key), key_d)
+    fs.send_json(Frame.AUTH_OK, frames.AuthOk(mac, key_d.hex()))
+    to_dest, to_source = derive_keys(token, shared, nonce_d, nonce_s, msg.encrypt)
+    fs.seal(to_source, to_dest, msg.encrypt)
 
 
-def authenticate_source(fs: FrameSocket, token: bytes) -> None:
-    """The source's half; raises MigrationError if the destination refuses or fails it."""
+def authenticate_source(fs: FrameSocket, token: bytes, encrypt: bool = False) -> None:
+    """The source's half; raises MigrationError if the destination refuses or fails it. On
+    success the stream is sealed both ways (and encrypted with `encrypt`)."""
+    mine = X25519PrivateKey.generate()
+    key_s = _public(mine)
+    mode = _mode(encrypt)
     try:
         hello = fs.expect(Frame.HELLO, frames.Hello, "authenticate")
         if hello.version != VERSION:
             raise MigrationError(
-                f"the destination speaks stream version {hello.version}, this host {VERSION}",
+                f"the destination speaks stream version {hello.version}, this host {VERSION}: "
+                "run the same pyhv release on both hosts",
                 "authenticate",
             )
         nonce_d = bytes.fromhex(hello.nonce)
         nonce_s = secrets.token_bytes(32)
-        mac = _mac(token, b"source", nonce_d, nonce_s)
-        fs.send_json(Frame.AUTH, frames.Auth(VERSION, nonce_s.hex(), mac))
+        mac = _mac(token, b"source/" + mode, nonce_d, nonce_s, key_s)
+        fs.send_json(Frame.AUTH, frames.Auth(VERSION, nonce_s.hex(), mac, key_s.hex(), encrypt))
         ok = fs.expect(Frame.AUTH_OK, frames.AuthOk, "authenticate")
     except PeerAborted as e:
         raise MigrationError(str(e), "authenticate") from None
-    if not _same_mac(_mac(token, b"destination", nonce_s, nonce_d), ok.mac):
+    want = _mac(token, b"destination/" + mode, nonce_s, nonce_d, key_s, bytes.fromhex(ok.key))
+    if not _same_mac(want, ok.mac):
         raise MigrationError(
             "the destination failed authentication: it does not hold the migration token",
             "authenticate",
         )
-    fs.authenticated = True
+    shared = _exchange(mine, ok.key)
+    to_dest, to_source = derive_keys(token, shared, nonce_d, nonce_s, encrypt)
+    fs.seal(to_dest, to_source, encrypt)
 
 
 def token_bytes(token: str | bytes) -> bytes:

@@ -64,7 +64,7 @@ class MigrateRequest(_Body):
         dict[str, Any],
         Meta(
             description="pyhv.migration MigrationOptions (downtime_target, bandwidth, "
-            "compress, ...)"
+            "compress, encrypt, ...)"
         ),
     ] = msgspec.field(default_factory=dict)
 

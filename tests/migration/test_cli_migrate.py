@@ -1,5 +1,5 @@
 """`pyhv migrate`: a demo on loopback with its progress bar, and a destination host taking a VM
-that `pyhv migrate run` boots and sends."""
+that `pyhv migrate run` boots and sends (encrypted)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_migrate_listen_takes_the_vm_that_migrate_run_sends(tmp_path: Path) -> N
         port = line.strip().rsplit(":", 1)[1]
         sent = subprocess.run(
             [*PYHV, "migrate", "run", "--to", f"127.0.0.1:{port}", "--token-file", str(token),
-             "-m", "128M", "-c", "dirty 2"],
+             "-m", "128M", "-c", "dirty 2", "--encrypt"],
             capture_output=True,
             text=True,
             timeout=120,

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.unit
 
 BODIES: list[msgspec.Struct] = [
     frames.Hello(1, "ab" * 32),
-    frames.Auth(1, "cd" * 32, "ef" * 32),
-    frames.AuthOk("01" * 32),
+    frames.Auth(2, "cd" * 32, "ef" * 32, "12" * 32, True),
+    frames.AuthOk("01" * 32, "34" * 32),
     frames.Config({"name": "vm"}, [(0, 1 << 20), (1 << 32, 2 << 20)], frames.ConfigOptions(False)),
     frames.Empty(),
     frames.PassEnd(3, 100),
@@ -52,6 +52,8 @@ def test_a_pass_end_keeps_its_wire_name() -> None:
         (frames.Resumed, {"time": "now"}, "got `str` - at `$.time`"),
         (frames.Empty, {"x": 1}, "unknown field `x`"),
         (frames.Checksum, [], "Expected `object`, got `array`"),
+        (frames.AuthOk, {"mac": "x", "key": "00"}, "at `$.key`"),
+        (frames.Auth, {"version": 2, "nonce": "ab" * 32, "mac": 1, "encrypt": 1}, "$.encrypt"),
     ],
 )
 def test_a_malformed_body_is_refused_naming_the_frame_and_field(

@@ -1,5 +1,7 @@
 """What the destination does with a hostile source (the stream is untrusted network input):
-values that would allocate, or slip past a check, are refused with a MigrationError."""
+values that would allocate, or slip past a check, are refused with a MigrationError; and what
+either side does with a frame a man in the middle altered after the handshake (refused, named,
+counted)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ from typing import Any
 import pytest
 import zstandard
 
+from pyhv.migration import frames
 from pyhv.migration import stream as st
 from pyhv.migration.destination import Incoming
 from pyhv.migration.stream import Frame, FrameSocket, MigrationError
+from tests.support.hostile import StreamRelay
 
 pytestmark = pytest.mark.unit
 
@@ -107,3 +111,56 @@ def test_a_config_whose_options_are_not_an_object_is_refused() -> None:
 
 def test_a_well_formed_config_within_the_memory_limit_is_accepted() -> None:
     assert _accept_config({"config": {}, "regions": [[0, 1 << 20], [1 << 32, 1 << 20]]}) is None
+
+
+def _through_relay(
+    tamper: tuple[str, Frame], recompute_check: bool
+) -> tuple[FrameSocket, FrameSocket, StreamRelay]:
+    """A source and a destination FrameSocket, authenticated through a man in the middle."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    relay = StreamRelay(lst.getsockname()[:2], tamper, recompute_check)
+    box: list[Any] = []
+
+    def destination() -> None:
+        sock, _ = lst.accept()
+        fs = FrameSocket(sock, timeout=5, peer="source")
+        st.authenticate_destination(fs, st.token_bytes(TOKEN))
+        box.append(fs)
+
+    t = threading.Thread(target=destination)
+    t.start()
+    src = FrameSocket(socket.create_connection(relay.address), timeout=5, peer="destination")
+    st.authenticate_source(src, st.token_bytes(TOKEN))
+    t.join(10)
+    lst.close()
+    return src, box[0], relay
+
+
+@pytest.mark.parametrize("recompute_check", [True, False], ids=["xxh3-recomputed", "as-is"])
+def test_a_page_frame_altered_on_the_way_is_refused_by_the_destination(
+    recompute_check: bool,
+) -> None:
+    src, dst, relay = _through_relay(("to_destination", Frame.PAGES), recompute_check)
+    src.send(Frame.PAGES, b"\x33" * 8192, count=2, addr=0x10000)
+    with pytest.raises(MigrationError) as e:
+        dst.recv()
+    assert relay.tampered.is_set()
+    assert "PAGES frame #1 (8192 bytes at 0x10000) from the source failed authentication" in str(
+        e.value
+    )
+    assert dst.frames_refused == 1
+    for c in (src, dst, relay):
+        c.close()
+
+
+@pytest.mark.parametrize("recompute_check", [True, False], ids=["xxh3-recomputed", "as-is"])
+def test_a_control_frame_altered_on_the_way_is_refused_by_the_source(
+    recompute_check: bool,
+) -> None:
+    src, dst, relay = _through_relay(("to_source", Frame.RESTORED), recompute_check)
+    dst.send_json(Frame.RESTORED, frames.Empty())
+    with pytest.raises(MigrationError, match="RESTORED frame #2 .* from the destination failed"):
+        src.expect(Frame.RESTORED, frames.Empty)
+    assert src.frames_refused == 1
+    for c in (src, dst, relay):
+        c.close()

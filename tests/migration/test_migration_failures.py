@@ -84,10 +84,10 @@ def _fails(
         ("connect", "cut", LOST, "authenticate"),
         ("config", "cut", LOST, "config"),
         ("pass1", "cut", LOST, "pass1"),
-        ("pass1", "corrupt", "checksum", "pass1"),
-        ("pass2", "corrupt", "checksum", "pass2"),  # paced: see below
+        ("pass1", "corrupt", "failed authentication", "pass1"),
+        ("pass2", "corrupt", "failed authentication", "pass2"),  # paced: see below
         ("final", "cut", LOST, "final"),
-        ("state", "corrupt", "checksum", "state"),
+        ("state", "corrupt", "failed authentication", "state"),
         ("commit", "cut", LOST, "commit"),
     ],
 )

@@ -4,12 +4,15 @@ the sender back."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from pyhv.migration import frames
 from pyhv.migration import stream as st
@@ -22,7 +25,8 @@ pytestmark = pytest.mark.unit
 def pair() -> Iterator[tuple[FrameSocket, FrameSocket]]:
     a, b = socket.socketpair()
     fa, fb = FrameSocket(a, timeout=5), FrameSocket(b, timeout=5)
-    fa.authenticated = fb.authenticated = True
+    fa.seal(b"\x01" * 32, b"\x02" * 32, False)
+    fb.seal(b"\x02" * 32, b"\x01" * 32, False)
     yield fa, fb
     fa.close()
     fb.close()
@@ -34,25 +38,73 @@ def test_a_frame_arrives_with_its_type_address_count_and_payload(pair: Any) -> N
     a.send_json(Frame.PASS_END, {"pass": 1})
     assert b.recv() == (Frame.PAGES, 0, 2, 0x200000, b"\x07" * 8192)
     assert b.expect(Frame.PASS_END, frames.PassEnd) == frames.PassEnd(1)
-    assert a.bytes_sent == b.bytes_received == 2 * st.HEADER.size + 8192 + len(b'{"pass":1}')
+    sealed = 2 * (st.HEADER.size + st.TAG)
+    assert a.bytes_sent == b.bytes_received == sealed + 8192 + len(b'{"pass":1}')
 
 
-def test_a_flipped_payload_bit_fails_the_frame_checksum(pair: Any) -> None:
+def test_a_flipped_payload_bit_fails_the_frame_tag(pair: Any) -> None:
     a, b = pair
     a.corrupt_next = True
     a.send(Frame.PAGES, bytes(4096), count=1, addr=0)
-    with pytest.raises(MigrationError, match="failed its checksum"):
+    with pytest.raises(MigrationError, match="PAGES frame #0 .* failed authentication"):
         b.recv()
+    assert b.frames_refused == 1
 
 
-def test_a_flipped_header_bit_fails_the_checksum_too(pair: Any) -> None:
-    a, b = pair
-    head = bytearray(st.HEADER.pack(Frame.PAGES, 0, 0, 0, 4, 1, 0x1000, 0))
+def test_a_flipped_header_bit_fails_the_handshake_checksum() -> None:
+    a, b = socket.socketpair()
+    fb = FrameSocket(b, timeout=5)
+    head = bytearray(st.HEADER.pack(Frame.HELLO, 0, 0, 0, 4, 1, 0x1000, 0))
     good = st._check(bytes(head[: st._HEAD_NO_CHECK.size]), b"abcd")
-    head = bytearray(st.HEADER.pack(Frame.PAGES, 0, 0, 0, 4, 1, 0x2000, good))  # addr changed
-    a.sock.sendall(bytes(head) + b"abcd")
+    head = bytearray(st.HEADER.pack(Frame.HELLO, 0, 0, 0, 4, 1, 0x2000, good))  # addr changed
+    a.sendall(bytes(head) + b"abcd")
     with pytest.raises(MigrationError, match="checksum"):
-        b.recv()
+        fb.recv()
+    a.close()
+    fb.close()
+
+
+def test_a_flipped_header_bit_fails_the_frame_tag() -> None:
+    a, raw = socket.socketpair()
+    fa = FrameSocket(a, timeout=5)
+    fa.seal(b"\x01" * 32, b"\x02" * 32, False)
+    fa.send(Frame.PAGES, b"abcd", count=1, addr=0x1000)
+    wire = bytearray(raw.recv(1 << 16))
+    assert st.decode_frame(bytes(wire), recv_key=b"\x01" * 32) == (
+        Frame.PAGES,
+        0,
+        1,
+        0x1000,
+        b"abcd",
+    )
+    wire[17] ^= 0x20  # addr 0x1000 -> 0x3000
+    with pytest.raises(
+        MigrationError, match=r"PAGES frame #0 \(4 bytes at 0x3000\) .* failed authentication"
+    ):
+        st.decode_frame(bytes(wire), recv_key=b"\x01" * 32)
+    fa.close()
+    raw.close()
+
+
+def test_encrypted_frames_arrive_intact_and_carry_no_plaintext() -> None:
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    fa, fb = FrameSocket(a, timeout=5), FrameSocket(d, timeout=5)
+    fa.seal(b"\x01" * 32, b"\x02" * 32, True)
+    fb.seal(b"\x02" * 32, b"\x01" * 32, True)
+    secret = b"guest secret " * 300
+    fa.send(Frame.PAGES, secret, count=1, addr=0x5000)
+    wire = b.recv(1 << 16)
+    assert len(wire) == st.HEADER.size + len(secret) + st.TAG
+    assert b"guest secret" not in wire
+    c.sendall(wire)
+    assert fb.recv() == (Frame.PAGES, 0, 1, 0x5000, secret)
+    wrong = bytearray(wire)
+    wrong[100] ^= 1
+    with pytest.raises(MigrationError, match="PAGES frame #0 .* failed authentication"):
+        st.decode_frame(bytes(wrong), recv_key=b"\x01" * 32, encrypt=True)
+    for s in (fa, fb, b, c):
+        s.close()
 
 
 def test_a_lost_frame_is_caught_by_its_sequence_number(pair: Any) -> None:
@@ -177,3 +229,184 @@ def test_a_source_sending_a_non_ascii_or_non_text_mac_is_refused_as_unauthentica
     a.close()
     b.close()
     assert isinstance(err[0], MigrationError) and "authentication failed" in str(err[0])
+
+
+def _sealed_pair(encrypt: bool) -> tuple[FrameSocket, FrameSocket]:
+    """Source and destination after a real handshake over a socket pair."""
+    a, b = socket.socketpair()
+    src, dst = FrameSocket(a, timeout=5, peer="destination"), FrameSocket(b, timeout=5)
+    err: list[BaseException] = []
+
+    def destination() -> None:
+        try:
+            st.authenticate_destination(dst, st.token_bytes("shared-secret-1"))
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            err.append(e)
+
+    t = threading.Thread(target=destination)
+    t.start()
+    st.authenticate_source(src, st.token_bytes("shared-secret-1"), encrypt)
+    t.join(10)
+    assert not err
+    return src, dst
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["authenticated", "encrypted"])
+def test_after_the_handshake_both_sides_seal_with_the_same_keys(encrypt: bool) -> None:
+    src, dst = _sealed_pair(encrypt)
+    assert src.authenticated and dst.authenticated
+    assert src.encrypted is dst.encrypted is encrypt
+    src.send(Frame.PAGES, b"\x5a" * 4096, count=1, addr=0x2000)
+    assert dst.recv() == (Frame.PAGES, 0, 1, 0x2000, b"\x5a" * 4096)
+    dst.send_json(Frame.READY, frames.Empty())
+    assert src.expect(Frame.READY, frames.Empty) == frames.Empty()
+    src.close()
+    dst.close()
+
+
+def test_a_replayed_frame_renumbered_is_refused() -> None:
+    src, dst = _sealed_pair(False)
+    c, d = socket.socketpair()
+    tap = src.sock
+    src.sock = c  # what the source sends now goes to d
+    src.send(Frame.PAGES, b"\x11" * 4096, count=1, addr=0x2000)
+    src.send(Frame.PAGES, b"\x22" * 4096, count=1, addr=0x3000)
+    one = d.recv(st.HEADER.size + 4096 + st.TAG, socket.MSG_WAITALL)
+    replay = bytearray(one)
+    seq = int.from_bytes(one[4:8], "little")
+    replay[4:8] = (seq + 1).to_bytes(4, "little")  # renumbered as the next frame
+    tap.sendall(one)
+    assert dst.recv()[4] == b"\x11" * 4096
+    tap.sendall(bytes(replay))  # the same frame again, where the 0x3000 one was due
+    with pytest.raises(MigrationError, match="failed authentication"):
+        dst.recv()
+    for s in (src, dst, c, d, tap):
+        s.close()
+
+
+def _fake_peer(role: str, script: Callable[[FrameSocket], None]) -> BaseException | None:
+    """The error of the real `role` side ("source" or "destination") against a peer that
+    runs `script`."""
+    a, b = socket.socketpair()
+    err: list[BaseException | None] = [None]
+
+    def real() -> None:
+        fs = FrameSocket(a, timeout=5)
+        try:
+            if role == "source":
+                st.authenticate_source(fs, st.token_bytes("shared-secret-1"), True)
+            else:
+                st.authenticate_destination(fs, st.token_bytes("shared-secret-1"))
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            err[0] = e
+
+    t = threading.Thread(target=real)
+    t.start()
+    try:
+        script(FrameSocket(b, timeout=5))
+    except (MigrationError, OSError):
+        pass
+    t.join(10)
+    a.close()
+    b.close()
+    return err[0]
+
+
+def test_a_source_of_stream_version_1_is_refused_naming_both_versions() -> None:
+    def old_source(fs: FrameSocket) -> None:
+        fs.recv()
+        fs.send_json(Frame.AUTH, {"version": 1, "nonce": "00" * 32, "mac": "x"})
+        fs.recv()
+
+    err = _fake_peer("destination", old_source)
+    assert isinstance(err, MigrationError)
+    assert "the source speaks stream version 1, this host 2" in str(err)
+
+
+def test_a_destination_of_stream_version_1_is_refused_naming_both_versions() -> None:
+    def old_destination(fs: FrameSocket) -> None:
+        fs.send_json(Frame.HELLO, {"version": 1, "nonce": "00" * 32})
+        fs.recv()
+
+    err = _fake_peer("source", old_destination)
+    assert isinstance(err, MigrationError)
+    assert "the destination speaks stream version 1, this host 2" in str(err)
+    assert "same pyhv release" in str(err)
+
+
+def test_a_man_in_the_middle_cannot_switch_encryption_off() -> None:
+    """The mode is under the source's MAC: an AUTH whose `encrypt` was flipped fails it."""
+    src_err: list[BaseException | None] = [None]
+
+    def stripping_relay(dst_side: FrameSocket) -> None:
+        a, b = socket.socketpair()
+        src = FrameSocket(a, timeout=5)
+
+        def source() -> None:
+            try:
+                st.authenticate_source(src, st.token_bytes("shared-secret-1"), True)
+            except BaseException as e:  # noqa: BLE001 - returned to the test
+                src_err[0] = e
+
+        t = threading.Thread(target=source)
+        t.start()
+        relay = FrameSocket(b, timeout=5)
+        relay.send(Frame.HELLO, dst_side.recv()[4])
+        auth = json.loads(relay.recv()[4])
+        auth["encrypt"] = False
+        dst_side.send_json(Frame.AUTH, auth)
+        try:
+            dst_side.recv()
+        finally:
+            relay.close()
+            t.join(10)
+
+    err = _fake_peer("destination", stripping_relay)
+    assert isinstance(err, MigrationError) and "authentication failed" in str(err)
+
+
+def test_decode_frame_reads_one_frame_from_bytes_as_the_socket_does() -> None:
+    a, raw = socket.socketpair()
+    fa = FrameSocket(a, timeout=5)
+    fa.send_json(Frame.HELLO, frames.Hello(2, "ab" * 32))  # a handshake frame: checksummed
+    fa.seal(b"\x01" * 32, b"\x02" * 32, True)
+    fa.send(Frame.ZERO, st.pack_zero_runs([(0x1000, 2)]), count=1)  # frame #1, sealed
+    wire = raw.recv(1 << 16)
+    hello_len = st.HEADER.size + len(frames.encode(frames.Hello(2, "ab" * 32)))
+    hello, sealed = wire[:hello_len], wire[hello_len:]
+    assert st.decode_frame(hello)[0] is Frame.HELLO
+    got = st.decode_frame(sealed, seq=1, recv_key=b"\x01" * 32, encrypt=True)
+    assert st.unpack_zero_runs(got[4]) == [(0x1000, 2)]
+    with pytest.raises(MigrationError, match="3 bytes after the frame"):
+        st.decode_frame(hello + b"xyz")
+    with pytest.raises(ConnectionError):
+        st.decode_frame(sealed[:-1], seq=1, recv_key=b"\x01" * 32, encrypt=True)
+    with pytest.raises(MigrationError, match="frame sequence 1 where 0 was due"):
+        st.decode_frame(sealed, recv_key=b"\x01" * 32, encrypt=True)
+    fa.close()
+    raw.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=hst.binary(max_size=200), sealed=hst.booleans(), encrypt=hst.booleans())
+def test_any_bytes_decode_as_a_frame_or_are_refused_with_a_clear_error(
+    data: bytes, sealed: bool, encrypt: bool
+) -> None:
+    try:
+        st.decode_frame(data, recv_key=b"\x01" * 32 if sealed else None, encrypt=encrypt)
+    except (MigrationError, ConnectionError) as e:
+        assert str(e)
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["authenticated", "encrypted"])
+def test_a_payload_built_in_the_streams_buffer_is_sealed_where_it_lies(encrypt: bool) -> None:
+    src, dst = _sealed_pair(encrypt)
+    for fill in (b"\x01", b"\x02"):  # the buffer is reused: each frame carries its own bytes
+        buf = src.payload_buffer(8192)
+        buf[:] = fill * 8192
+        src.send(Frame.PAGES, buf, count=2, addr=0x4000)
+        assert dst.recv() == (Frame.PAGES, 0, 2, 0x4000, fill * 8192)
+    src.send(Frame.PAGES, b"\x03" * 4096, count=1, addr=0x9000)  # any other payload still works
+    assert dst.recv()[4] == b"\x03" * 4096
+    src.close()
+    dst.close()

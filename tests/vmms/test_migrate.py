@@ -199,7 +199,9 @@ def test_a_vm_migrated_through_the_vmms_runs_at_the_destination_and_is_gone_at_t
         mem_a = _mem(a.shell("vm1", "mem", b"hot-added: "))
         assert mem_a["committed"] >= 37 and len(mem_a) == 5, mem_a
         ticks_a = a.ticks("vm1")
-        out = a.vm("migrate", "vm1", "--to", b.address, "--token-file", str(b.token_file))
+        out = a.vm(
+            "migrate", "vm1", "--to", b.address, "--token-file", str(b.token_file), "--encrypt"
+        )
         assert f"vm1 runs on {b.address} now" in out, out
         # Gone at A, its memory back in A's pool; running at B on B's memory.
         assert "vm1" not in a.names() and a.free() == free_a

@@ -120,6 +120,7 @@ static struct {
     u64 unballoon_requests, unballoon_pages, unballoon_bad;
     u64 hot_add_requests, hot_add_pages, hot_add_failed;
     u64 info_msgs, max_page_count;
+    u64 deaf, unballoon_ignored, reopens, balloon_returned; /* the host's tests: see dmvsc_command */
 } dm;
 
 /* message buffers: not zeroed at boot, every byte sent is written first */
@@ -390,6 +391,12 @@ static void message(u32 len)
     case DM_UNBALLOON_REQUEST:
         if (dm.state != DM_READY || size < 16)
             break;
+        if (dm.deaf) { /* misbehaving on purpose: no pages freed, no answer */
+            dm.unballoon_ignored++;
+            if (size >= 16 && !(((const struct dm_unballoon_request *)rx)->more_pages & 1))
+                dm.deaf--;
+            return;
+        }
         unballoon_request((const void *)rx, size);
         return;
     case DM_MEM_HOT_ADD_REQUEST:
@@ -470,6 +477,48 @@ void dmvsc_init(void)
     send_version(DM_WIN10);
 }
 
+/* Start over as a guest whose DM driver restarts: close the channel, take back every page the
+ * host held through us (its balloon goes with the channel, as after a reboot) and negotiate again
+ * on a new ring. */
+static void reopen(void)
+{
+    struct vmbus_channel *ch = dm.ch;
+    if (!ch) {
+        puts("dm: there is no Dynamic Memory channel to reopen\n");
+        return;
+    }
+    vmbus_close(ch, "the guest reopens Dynamic Memory");
+    u64 back = pmm_balloon_return(dm.ballooned);
+    dm.ballooned -= back;
+    dm.balloon_returned += back;
+    dm.reopens++;
+    dm.out_len = 0;
+    dm.ballooning = 0;
+    dm.status_due = 0;
+    dm.why = NULL;
+    if (vmbus_open(ch, ch->in.size, DM_VECTOR_BASE + (u32)(ch - vmbus_channels), dm_callback)) {
+        fail("cannot reopen the Dynamic Memory channel");
+        return;
+    }
+    printf("dm: reopened; %lu ballooned pages are the guest's again\n", back);
+    send_version(DM_WIN10);
+}
+
+void dmvsc_command(int argc, char **argv)
+{
+    u64 n;
+    if (argc == 1) {
+        dmvsc_show();
+    } else if (argc == 2 && !strcmp(argv[1], "reopen")) {
+        reopen();
+    } else if (argc == 3 && !strcmp(argv[1], "deaf") && !parse_u64(argv[2], &n) && n <= 1000) {
+        dm.deaf = n;
+        printf("dm: ignoring the next %lu unballoon requests\n", n);
+    } else {
+        puts("dm: usage dm [reopen | deaf N]\n");
+    }
+}
+
 void dmvsc_show(void)
 {
     printf("state: %s\n", state_names[dm.state]);
@@ -490,5 +539,7 @@ void dmvsc_show(void)
     printf("hot-add-requests: %lu\nhot-add-pages: %lu\nhot-add-failed: %lu\n", dm.hot_add_requests,
            dm.hot_add_pages, dm.hot_add_failed);
     printf("info-messages: %lu\nmax-page-count: %lu\n", dm.info_msgs, dm.max_page_count);
+    printf("unballoon-ignored: %lu\nreopens: %lu\nballoon-returned: %lu\n", dm.unballoon_ignored, dm.reopens,
+           dm.balloon_returned);
     printf("messages-in: %lu\nmessages-out: %lu\nbad-messages: %lu\n", dm.msgs_in, dm.msgs_out, dm.bad_msgs);
 }

@@ -569,6 +569,41 @@ int pmm_balloon_give(u64 base, u64 pages)
     return 0;
 }
 
+/* Give back up to max_pages ballooned pages, lowest first: the DM VSC starts over and the host's
+ * balloon is gone with its channel. Returns the pages given back. */
+u64 pmm_balloon_return(u64 max_pages)
+{
+    u64 f = spin_lock(&pmm_lock), done = 0;
+    for (u64 b = 0; b < NBLOCKS && done < max_pages;) {
+        u64 lo = 0, n = 0;
+        if (!test(ram_bm, b)) {
+            b++;
+            continue;
+        }
+        const struct split *s = split_get(b);
+        if (!s) {
+            n = test(balloon_bm, b) ? BLOCK_PAGES : 0;
+        } else { /* the first ballooned run of the block */
+            while (lo < BLOCK_PAGES && !((s->balloon[lo / 64] >> (lo % 64)) & 1))
+                lo++;
+            while (lo + n < BLOCK_PAGES && ((s->balloon[(lo + n) / 64] >> ((lo + n) % 64)) & 1))
+                n++;
+        }
+        if (!n) {
+            b++;
+            continue;
+        }
+        if (n > max_pages - done)
+            n = max_pages - done;
+        if (change(b * BLOCK_PAGES + lo, n, BALLOON, FREE))
+            break; /* no split descriptor left: keep the rest */
+        n_ballooned -= n;
+        done += n; /* and look at the same block again */
+    }
+    spin_unlock(&pmm_lock, f);
+    return done;
+}
+
 /* A misbehaving guest, for the host's tests: write one word to each of up to max_pages pages
  * the host holds ballooned (the host punched them out; a well-behaved guest never touches
  * them). Returns the pages written. */

@@ -31,6 +31,8 @@ static void cmd_help(void)
          "  hotadd BASE_MB SIZE_MB  add RAM at BASE_MB MiB, as a hot-add would\n"
          "  vmbus                   VMBus channels: offers, rings, counters\n"
          "  dm                      Dynamic Memory VSC: state, protocol, last status, counters\n"
+         "  dm reopen               close and reopen the DM channel (the balloon comes back)\n"
+         "  dm deaf N               ignore the next N unballoon requests (misbehave: the host's timeout)\n"
          "  pmmcheck                check the memory manager's counters against its bitmaps\n"
          "  fault kernel|user [CPU]  touch unmapped memory at CPL0 (halts) or in a CPL3 task (killed)\n"
          "  poweroff [CODE]         power off with exit status CODE (default 0)\n");
@@ -245,7 +247,7 @@ static void run(char *s)
     else if (!strcmp(c, "vmbus"))
         vmbus_show();
     else if (!strcmp(c, "dm"))
-        dmvsc_show();
+        dmvsc_command(argc, argv);
     else if (!strcmp(c, "pmmcheck"))
         puts(pmm_check() ? "pmm: INCONSISTENT\n" : "pmm: consistent\n");
     else if (!strcmp(c, "fault"))

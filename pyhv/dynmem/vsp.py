@@ -13,6 +13,12 @@ reached or cannot be (the guest is at its floor, hot-add is off, no answer in `o
 `goal_error` says why). A goal set while a transaction is in flight is taken up when it ends.
 `tick()` gives up a transaction the guest did not answer in time; nothing here runs a thread.
 
+After a timeout the VSP's books say what the host did, so they agree with the memory manager's:
+an unballoon the guest left unanswered gave the pages back all the same (the host reclaimed them
+before it asked, and a late guest may use them at any time), so they leave `ballooned` and wait
+in `unanswered` until a late response or a reset; a hot-add left unanswered mapped its region,
+so the range joins `ram`. A reset (reopened channel) empties both.
+
 The VSP does protocol bookkeeping only: it reports ballooned ranges to `on_ballooned` (the worker
 hands them to the memory manager to release); for the goal's steps it asks its owner to
 `reclaim` pages *before* they are unballooned and to `map_hot_add` a region before it is offered.
@@ -169,6 +175,9 @@ class DynamicMemoryVsp(Vsp[DmState]):
         super().__init__(name, DmState.VERSION, send, on_stop)
         self.ram = ram
         self.ballooned = RangeSet()
+        #: Pages of an unballoon the guest did not answer in time: the host backs them (it
+        #: reclaimed them first), the guest may or may not have taken them back yet.
+        self.unanswered = RangeSet()
         self.version: int | None = None
         self.caps: GuestCaps | None = None
         self.last_status: MemoryStatus | None = None
@@ -212,6 +221,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
             self.ballooned.remove(*r)
         held = list(self.ballooned)
         self.ballooned = RangeSet()
+        self.unanswered = RangeSet()  # the guest's balloon is gone: they are its own for sure
         self.hot_add_disabled = False
         self.version = None
         self.caps = None
@@ -346,8 +356,30 @@ class DynamicMemoryVsp(Vsp[DmState]):
         if self.state.waiting:
             what = self.operation or self.state.name
             self.counters["timeouts"] += 1
+            self._settle_unanswered()
             self._done(f"no answer in {self.state.name}")
             self._give_up(f"the guest did not answer ({what}) in {self.op_timeout} s")
+
+    def _settle_unanswered(self) -> None:
+        """The books after a transaction the guest left unanswered, as the host has done it:
+        an unballoon's pages were reclaimed before the request (the guest owns them whenever it
+        reads it), a hot-add's region was mapped before the offer."""
+        if self.state is DmState.UNBALLOON_WAIT:
+            for r in self._unballooning:
+                self.ballooned.remove(*r)
+                self.unanswered.add(*r)
+            self.counters["unanswered_unballoon_pages"] += sum(r.count for r in self._unballooning)
+            self._unballooning = []
+        elif self.state is DmState.HOT_ADD_WAIT and self._hot_add is not None:
+            if not self.ram.overlaps(*self._hot_add):
+                self.ram.add(*self._hot_add)
+            self.counters["unanswered_hot_add_pages"] += self._hot_add.count
+            self._hot_add = None
+
+    @property
+    def unballooning(self) -> list[PageRange]:
+        """The ranges of the unballoon in flight (the host has reclaimed them already)."""
+        return list(self._unballooning)
 
     @serialized
     def tick(self) -> None:
@@ -657,6 +689,12 @@ class DynamicMemoryVsp(Vsp[DmState]):
         return ""
 
     def _unballoon_response(self, msg: p.Message) -> None:
+        if self.state is DmState.IDLE and self.unanswered.pages:
+            # the answer to an unballoon that timed out: the guest has those pages now
+            self.counters["late_unballoon_responses"] += 1
+            self.unanswered = RangeSet()
+            self.accepted()
+            return
         if self.state is not DmState.UNBALLOON_WAIT:
             return self._wrong_state(msg)
         done = self._unballooning

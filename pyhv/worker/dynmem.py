@@ -13,7 +13,12 @@ It owns, for one VM with Dynamic Memory:
   add/remove all move the goal; the VSP's state machine walks towards it one DM transaction at a
   time (balloon to go down; unballoon first, then hot-add, to go up), as the book says, asking
   this service to reclaim pages before an unballoon and to map a region before a hot-add. The
-  doorbell thread also ticks the VSP, so a transaction the guest leaves unanswered times out.
+  doorbell thread also ticks the VSP, so a transaction the guest leaves unanswered times out;
+- the balloon's books: the VSP's ballooned ranges (less an unballoon in flight, reclaimed
+  before it was sent) and the memory manager's are the same pages after every timeout, reset
+  and reopen. :meth:`reconcile` checks it then; a difference is a host bug, logged, counted
+  (`balloon_disagreements`) and settled the safe way: the host backs every page either side
+  counts as the guest's.
 
 `save()` / `restore()` carry the channel, the VSP and the counters across a live migration,
 `save_memory()` / `restore_memory()` the memory layout (hot-added regions, the balloon).
@@ -175,6 +180,8 @@ class DynamicMemoryService:
             "doorbell_errors": 0,
             "status_not_published": 0,
             "late_packets": 0,
+            "balloon_checks": 0,
+            "balloon_disagreements": 0,
         }
         #: The guest's last status report, as the VSP decoded it.
         self.last_status: MemoryStatus | None = None
@@ -315,7 +322,10 @@ class DynamicMemoryService:
         """A transaction the guest leaves unanswered past its deadline times out."""
         before = self.vsp.counters["timeouts"]
         self.vsp.tick()
-        self.counters["timeouts"] += self.vsp.counters["timeouts"] - before
+        timeouts = self.vsp.counters["timeouts"] - before
+        self.counters["timeouts"] += timeouts
+        if timeouts:
+            self.reconcile("after a timeout")
 
     def _drain_late_packets(self, rounds: int = 64) -> None:
         """Serve packets the guest wrote while we drained: it wrote them before we published
@@ -343,6 +353,7 @@ class DynamicMemoryService:
             self._info_for = caps
             if vsp.version is not None and vsp.version >= dmp.Version.WIN8:
                 vsp.send_info_max_page_count(self.maximum_pages)
+            self.reconcile("after the guest negotiated (its channel opened)")
         with self._cv:
             self._cv.notify_all()  # a goal set before negotiation can start now
 
@@ -410,7 +421,43 @@ class DynamicMemoryService:
             except MemoryManagerError as e:
                 self.counters["reclaim_errors"] += 1
                 log.error("%s: reclaiming a reset guest's balloon failed: %s", self.name, e)
+        self.reconcile("after a reset")
         self._transaction_done()
+
+    def reconcile(self, when: str) -> bool:
+        """Whether the VSP's balloon and the memory manager's are the same pages (see the module
+        docstring); if not, log and count it and settle it: pages only the memory manager holds
+        are reclaimed, pages only the VSP lists are dropped from it (the host backs them)."""
+        vsp = self.vsp
+        with vsp.lock:
+            self.counters["balloon_checks"] += 1
+            books = RangeSet(vsp.ballooned)
+            for r in vsp.unballooning:  # in flight: reclaimed before the request was sent
+                books.remove(*r)
+            held = self._mm_part.ballooned
+            only_mm, only_vsp = held.difference(books), books.difference(held)
+            if not only_mm and not only_vsp:
+                return True
+            self.counters["balloon_disagreements"] += 1
+            log.error(
+                "%s: %s the balloon's books disagree: %d pages only the memory manager holds "
+                "(%s), %d only the VSP lists (%s); the guest gets them all back",
+                self.name,
+                when,
+                sum(r.count for r in only_mm),
+                only_mm[:4],
+                sum(r.count for r in only_vsp),
+                only_vsp[:4],
+            )
+            for r in only_vsp:
+                vsp.ballooned.remove(*r)
+            if only_mm:
+                try:
+                    self.mm.reclaim(self.name, only_mm)
+                except MemoryManagerError as e:  # the pool is short: say so, keep them held
+                    self.counters["reclaim_errors"] += 1
+                    log.error("%s: reclaiming %s failed: %s", self.name, only_mm[:4], e)
+            return False
 
     def _transaction_done(self, *_: object) -> None:
         with self._cv:

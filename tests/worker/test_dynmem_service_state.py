@@ -153,3 +153,22 @@ def test_a_vsp_balloon_the_memory_manager_does_not_hold_is_refused(vms: list[Vm]
     with pytest.raises(ValueError, match="not the memory manager's"):
         b.svc.restore(state)
     assert b.svc.offer.channel is None and b.svc.vsp.state is DmState.VERSION
+
+
+def test_books_that_disagree_are_found_counted_and_settled_with_the_guest_owning_the_pages(
+    vms: list[Vm], caplog: pytest.LogCaptureFixture
+) -> None:
+    a = _source(vms)
+    assert a.svc.reconcile("now") and a.svc.counters["balloon_disagreements"] == 0
+    mm, vsp = a.svc.mm, a.svc.vsp
+    part = mm.partitions[a.svc.name]
+    # a host bug in both directions: pages only the memory manager holds, pages only the VSP lists
+    mm.release(a.svc.name, [PageRange(0x3000, 256)])
+    vsp.ballooned.add(0x4000, 128)
+    free = mm.free_pages
+    assert not a.svc.reconcile("in a test")
+    assert a.svc.counters["balloon_disagreements"] == 1
+    assert any("disagree" in r.getMessage() for r in caplog.records)
+    assert list(vsp.ballooned) == list(part.ballooned) == [PageRange(0x2000, 1024)]
+    assert mm.free_pages == free - 256  # the host backs the pages it had released again
+    assert a.svc.reconcile("again") and a.svc.counters["balloon_disagreements"] == 1

@@ -38,6 +38,8 @@
 #define ANSWER_TICKS (5 * HZ) /* Linux waits 5 s for each version and capabilities answer */
 #define MESSAGES_PER_PASS 16  /* keep each poll pass short: the shell shares the CPU */
 #define DM_VECTOR_BASE 0x40
+#define BURST_PAGES (16 * 256) /* committed up this much since the last report: report at once ... */
+#define BURST_TICKS 1          /* ... but at most once a tick (10 ms) */
 
 struct dm_header {
     u16 type, size;
@@ -114,7 +116,7 @@ static struct {
     u64 last_status_tick, last_avail, last_committed;
     int status_due; /* send a report at the next poll, whatever the clock says */
     /* counters */
-    u64 msgs_in, msgs_out, bad_msgs, status_sent, status_skipped;
+    u64 msgs_in, msgs_out, bad_msgs, status_sent, status_skipped, status_bursts;
     u64 balloon_requests, balloon_asked, balloon_pages, balloon_refused, balloon_responses;
     u64 ballooned; /* pages the host holds through us now */
     u64 unballoon_requests, unballoon_pages, unballoon_bad;
@@ -221,6 +223,20 @@ static void send_status(void)
     dm.status_sent++;
     dm.last_avail = m.num_avail;
     dm.last_committed = m.num_committed;
+}
+
+/* Pressure that rises sharply is reported at once, not at the next second (Linux's hv_balloon
+ * reports once a second only: a burst of allocation waits that long for the host to hear of it). */
+static int pressure_rose(void)
+{
+    if (ticks - dm.last_status_tick < BURST_TICKS)
+        return 0;
+    struct pmm_stats s;
+    pmm_stats(&s);
+    if (s.committed + s.ballooned + pmm_balloon_floor() < dm.last_committed + BURST_PAGES)
+        return 0;
+    dm.status_bursts++;
+    return 1;
 }
 
 /* ---------------------------------------------------------------- balloon */
@@ -446,7 +462,7 @@ static void dm_callback(struct vmbus_channel *ch)
         fail(dm.state == DM_VERSION ? "no answer to the version request in 5 s" : "no answer to the capabilities in 5 s");
         return;
     }
-    if (dm.state == DM_READY && (dm.status_due || ticks - dm.last_status_tick >= HZ))
+    if (dm.state == DM_READY && (dm.status_due || ticks - dm.last_status_tick >= HZ || pressure_rose()))
         send_status();
 }
 
@@ -528,7 +544,8 @@ void dmvsc_show(void)
         return;
     printf("protocol: %u.%u (%x)\n", dm.version >> 16, dm.version & 0xFF, dm.version);
     printf("channel: %u\n", dm.ch ? dm.ch->relid : 0);
-    printf("status-reports: %lu\nstatus-skipped: %lu\n", dm.status_sent, dm.status_skipped);
+    printf("status-reports: %lu\nstatus-skipped: %lu\nstatus-bursts: %lu\n", dm.status_sent, dm.status_skipped,
+           dm.status_bursts);
     printf("last-available: %lu\nlast-committed: %lu\n", dm.last_avail, dm.last_committed);
     printf("ballooned: %lu\n", dm.ballooned);
     printf("balloon-requests: %lu\nballoon-asked: %lu\nballoon-pages: %lu\nballoon-refused: %lu\n",

@@ -33,6 +33,9 @@ struct task {
     volatile u64 nranges;
     volatile u64 touched; /* pages written by the task, counting rewrites */
     volatile u64 passes;
+    /* testlimit: ticks from its start until all it committed was allocated (0: not yet), and the
+     * longest time it waited for memory (it had touched all it had and wanted more) */
+    u64 start_tick, full_ticks, wait_since, max_wait;
     struct pmm_range ranges[TASK_RANGES];
     u8 stack[USER_STACK] __attribute__((aligned(16)));
 };
@@ -119,6 +122,23 @@ static void task_fill(struct task *t)
     t->pages_have += got;
 }
 
+/* a testlimit task's waits for memory, on the guest's clock (with task_lock held) */
+static void track_wait(struct task *t)
+{
+    if (t->kind != K_TESTLIMIT || t->full_ticks)
+        return;
+    int full = t->pages_have >= t->pages_want, waiting = !full && t->touched >= t->pages_have;
+    if (waiting && !t->wait_since)
+        t->wait_since = ticks;
+    if (!waiting && t->wait_since) {
+        if (ticks - t->wait_since > t->max_wait)
+            t->max_wait = ticks - t->wait_since;
+        t->wait_since = 0;
+    }
+    if (full)
+        t->full_ticks = ticks - t->start_tick + 1; /* +1: 0 means not yet */
+}
+
 static void task_release(struct task *t)
 {
     for (u64 r = 0; r < t->nranges; r++)
@@ -158,6 +178,8 @@ static int task_new(u32 kind, u64 pages, u64 pps, s32 pin, void (*entry)(struct 
     t->touched = 0;
     t->passes = 0;
     t->wake_tick = 0;
+    t->start_tick = ticks;
+    t->full_ticks = t->wait_since = t->max_wait = 0;
     t->pin = pin;
     t->on_cpu = -1;
     t->last_cpu = pin >= 0 ? (u32)pin : 0;
@@ -259,9 +281,16 @@ void task_list(void)
         if (t->state == T_FREE)
             continue;
         any = 1;
-        printf("task %d: %s committed %lu MiB, allocated %lu MiB, touched %lu pages, passes %lu, cpu %u%s\n",
-               i, kind_names[t->kind], t->pages_want / 256, t->pages_have / 256, t->touched, t->passes,
-               t->last_cpu, t->pin >= 0 ? " (pinned)" : "");
+        printf("task %d: %s committed %lu MiB, allocated %lu MiB, touched %lu pages, passes %lu, cpu %u%s", i,
+               kind_names[t->kind], t->pages_want / 256, t->pages_have / 256, t->touched, t->passes, t->last_cpu,
+               t->pin >= 0 ? " (pinned)" : "");
+        if (t->kind == K_TESTLIMIT) {
+            u64 wait = t->wait_since && ticks - t->wait_since > t->max_wait ? ticks - t->wait_since : t->max_wait;
+            printf(", longest wait for memory %lu ms", wait * (1000 / HZ));
+            if (t->full_ticks)
+                printf(", all allocated after %lu ms", (t->full_ticks - 1) * (1000 / HZ));
+        }
+        putc('\n');
     }
     if (!any)
         puts("no tasks\n");
@@ -288,6 +317,7 @@ void task_schedule(void)
         if (t->state != T_RUNNABLE || t->on_cpu >= 0 || (t->pin >= 0 && (u32)t->pin != c->index))
             continue;
         task_fill(t);
+        track_wait(t);
         t->on_cpu = (s32)c->index;
         t->last_cpu = c->index;
         c->last_run = i;

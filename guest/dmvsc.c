@@ -25,6 +25,12 @@
 #define DM_MEM_HOT_ADD_REQUEST 10
 #define DM_MEM_HOT_ADD_RESPONSE 11
 #define DM_INFO_MESSAGE 12
+/* pyhv's extension (types from 0x8000; docs/dynamic-memory.md): free-page hints, sent only to a
+ * host that set bit 3 of the capabilities response */
+#define DM_FREE_PAGE_HINT 0x8000
+#define DM_FREE_PAGE_HINT_RESPONSE 0x8001
+#define CAPS_RESP_FREE_PAGE_HINTS 8
+#define HINT_TICKS 1 /* a hint pass at most once a tick, and only after something was freed */
 
 #define DM_WIN7 0x00000003u
 #define DM_WIN8 0x00010000u
@@ -68,6 +74,18 @@ struct dm_balloon_response {
     u64 range[DM_MAX_RANGES];
 } __attribute__((packed));
 
+/* what a hint says: whole free 2 MiB blocks, as runs; out of the allocator until the response */
+struct dm_free_page_hint {
+    struct dm_header hdr;
+    u32 reservedz, range_count;
+    u64 range[DM_MAX_RANGES];
+} __attribute__((packed));
+
+struct dm_free_page_hint_response {
+    struct dm_header hdr;
+    u32 discarded_pages, refused_ranges;
+} __attribute__((packed));
+
 struct dm_unballoon_request {
     struct dm_header hdr;
     u32 more_pages, range_count;
@@ -97,6 +115,8 @@ _Static_assert(sizeof(struct dm_balloon_response) == DM_MAX_MESSAGE, "dm_balloon
 _Static_assert(sizeof(struct dm_unballoon_request) == 16, "dm_unballoon_request");
 _Static_assert(sizeof(struct dm_hot_add_response) == 16, "dm_hot_add_response");
 _Static_assert(sizeof(struct dm_info_msg) == 16, "dm_info_msg");
+_Static_assert(sizeof(struct dm_free_page_hint) == DM_MAX_MESSAGE, "dm_free_page_hint");
+_Static_assert(sizeof(struct dm_free_page_hint_response) == 16, "dm_free_page_hint_response");
 
 enum { DM_OFF, DM_NO_CHANNEL, DM_VERSION, DM_CAPS, DM_READY, DM_FAILED };
 static const char *const state_names[] = {"off", "no-channel", "version", "capabilities", "ready", "failed"};
@@ -123,18 +143,27 @@ static struct {
     u64 hot_add_requests, hot_add_pages, hot_add_failed;
     u64 info_msgs, max_page_count;
     u64 deaf, unballoon_ignored, reopens, balloon_returned; /* the host's tests: see dmvsc_command */
+    /* free-page hints */
+    int hints_ok, hint_inflight;
+    u32 hint_n;
+    u64 hint_gen, hint_tick, hint_sent_tick;
+    u64 hints_sent, hinted_pages, hint_refused_ranges, hint_last_pages, hint_last_ticks;
 } dm;
 
 /* message buffers: not zeroed at boot, every byte sent is written first */
 static u8 out[DM_MAX_MESSAGE] __attribute__((section(".bss.noinit"), aligned(8)));
 static u8 rx[DM_MAX_MESSAGE] __attribute__((section(".bss.noinit"), aligned(8)));
 static struct pmm_range taken[DM_MAX_RANGES] __attribute__((section(".bss.noinit")));
+static struct pmm_range hinting[DM_MAX_RANGES] __attribute__((section(".bss.noinit")));
+
+static void hint_abort(void);
 
 static const u8 dm_guid[16] = {0xDC, 0x74, 0x50, 0x52, 0x85, 0x89, 0xE2, 0x46,
                                0x80, 0x57, 0xA3, 0x07, 0xDC, 0x18, 0xA5, 0x02};
 
 static void fail(const char *why)
 {
+    hint_abort();
     dm.state = DM_FAILED;
     dm.why = why;
     printf("dm: %s\n", why);
@@ -237,6 +266,52 @@ static int pressure_rose(void)
         return 0;
     dm.status_bursts++;
     return 1;
+}
+
+/* ---------------------------------------------------------------- free-page hints */
+/* Tell the host of whole 2 MiB blocks freed since the last pass (as Linux's free page reporting
+ * does with HvExtCallMemoryHeatHint): it discards the memory behind them and the guest keeps
+ * them; a later write gets a fresh zero page. The blocks stay out of the allocator until the
+ * host's response, so nothing is written to them while the host discards them. */
+static void hint_pass(void)
+{
+    u64 gen = pmm_free_gen();
+    dm.hint_tick = ticks;
+    u32 n = 0;
+    u64 pages = pmm_hint_take(hinting, DM_MAX_RANGES, &n);
+    if (n < DM_MAX_RANGES)
+        dm.hint_gen = gen; /* all found: the next pass waits for another free */
+    if (!pages)
+        return;
+    struct dm_free_page_hint *m = (void *)out;
+    for (u32 i = 0; i < n; i++)
+        m->range[i] = (hinting[i].base / PAGE_SIZE) | (hinting[i].pages << 40);
+    header(&m->hdr, DM_FREE_PAGE_HINT, (u16)(16 + 8 * n));
+    m->reservedz = 0;
+    m->range_count = n;
+    dm.hint_n = n;
+    dm.hint_inflight = 1;
+    dm.hint_sent_tick = ticks;
+    dm.hint_last_pages = pages;
+    dm.hints_sent++;
+    post(16 + 8 * n);
+}
+
+static void hint_response(const struct dm_free_page_hint_response *m)
+{
+    pmm_hint_done(hinting, dm.hint_n);
+    dm.hint_inflight = 0;
+    dm.hinted_pages += m->discarded_pages;
+    dm.hint_refused_ranges += m->refused_ranges;
+    dm.hint_last_ticks = ticks - dm.hint_sent_tick;
+}
+
+/* the channel went away with a hint in flight: the blocks are the allocator's again */
+static void hint_abort(void)
+{
+    if (dm.hint_inflight)
+        pmm_hint_done(hinting, dm.hint_n);
+    dm.hint_inflight = 0;
 }
 
 /* ---------------------------------------------------------------- balloon */
@@ -398,6 +473,8 @@ static void message(u32 len)
         }
         dm.state = DM_READY;
         dm.status_due = 1; /* quietly: a line now would land in the middle of a shell command */
+        dm.hints_ok = !!(*body & CAPS_RESP_FREE_PAGE_HINTS);
+        dm.hint_gen = pmm_free_gen() - 1; /* a first pass tells the host of all free memory */
         return;
     case DM_BALLOON_REQUEST:
         if (dm.state != DM_READY || size != 16)
@@ -420,6 +497,11 @@ static void message(u32 len)
             break;
         hot_add_request((const void *)rx, size);
         return;
+    case DM_FREE_PAGE_HINT_RESPONSE:
+        if (dm.state != DM_READY || size != 16 || !dm.hint_inflight)
+            break;
+        hint_response((const void *)rx);
+        return;
     case DM_INFO_MESSAGE:
         if (dm.state != DM_READY || size < 16)
             break;
@@ -441,7 +523,7 @@ static void dm_callback(struct vmbus_channel *ch)
     for (u32 i = 0; i < MESSAGES_PER_PASS; i++) {
         if (flush())
             break; /* the ring is full: the host interrupts when it has made room */
-        if (dm.ballooning) {
+        if (dm.ballooning && !dm.hint_inflight) { /* blocks out for a hint come back first */
             balloon_step();
             continue;
         }
@@ -464,6 +546,9 @@ static void dm_callback(struct vmbus_channel *ch)
     }
     if (dm.state == DM_READY && (dm.status_due || ticks - dm.last_status_tick >= HZ || pressure_rose()))
         send_status();
+    if (dm.state == DM_READY && dm.hints_ok && !dm.hint_inflight && !dm.out_len && !dm.ballooning &&
+        pmm_free_gen() != dm.hint_gen && ticks - dm.hint_tick >= HINT_TICKS)
+        hint_pass();
 }
 
 void dmvsc_init(void)
@@ -504,6 +589,7 @@ static void reopen(void)
         return;
     }
     vmbus_close(ch, "the guest reopens Dynamic Memory");
+    hint_abort();
     u64 back = pmm_balloon_return(dm.ballooned);
     dm.ballooned -= back;
     dm.balloon_returned += back;
@@ -558,5 +644,8 @@ void dmvsc_show(void)
     printf("info-messages: %lu\nmax-page-count: %lu\n", dm.info_msgs, dm.max_page_count);
     printf("unballoon-ignored: %lu\nreopens: %lu\nballoon-returned: %lu\n", dm.unballoon_ignored, dm.reopens,
            dm.balloon_returned);
+    printf("free-page-hints: %s\nhints-sent: %lu\nhinted-pages: %lu\nhint-refused-ranges: %lu\n",
+           dm.hints_ok ? "on" : "off", dm.hints_sent, dm.hinted_pages, dm.hint_refused_ranges);
+    printf("hint-last-pages: %lu\nhint-last-ms: %lu\n", dm.hint_last_pages, dm.hint_last_ticks * (1000 / HZ));
     printf("messages-in: %lu\nmessages-out: %lu\nbad-messages: %lu\n", dm.msgs_in, dm.msgs_out, dm.bad_msgs);
 }

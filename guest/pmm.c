@@ -22,6 +22,8 @@ static u64 free_bm[NWORDS];    /* whole block, free */
 static u64 balloon_bm[NWORDS]; /* whole block, ballooned */
 static u64 partial_bm[NWORDS]; /* split block with at least one free page */
 static u64 split_bm[NWORDS];   /* block has a split descriptor */
+static u64 hinted_bm[NWORDS];  /* whole free block the host was told of (free-page hint) since it was freed */
+static u64 free_gen;           /* counts frees: a hint pass has nothing new to find while it stays */
 static u64 free_hint, partial_hint; /* lowest words of free_bm / partial_bm that may be non-zero */
 
 struct split {
@@ -126,6 +128,7 @@ static struct split *split_make(u64 b)
     s->nballoon = bal ? BLOCK_PAGES : 0;
     if (fr) {
         clear1(free_bm, b);
+        clear1(hinted_bm, b);
         n_free_blocks--;
         set1(partial_bm, b, &partial_hint);
     }
@@ -228,6 +231,7 @@ static int change(u64 pfn, u64 n, int from, int to)
             u64 w = p / BLOCK_PAGES / 64;
             if (from == FREE) {
                 free_bm[w] = 0;
+                hinted_bm[w] = 0;
                 n_free_blocks -= 64;
             } else if (from == BALLOON) {
                 balloon_bm[w] = 0;
@@ -249,6 +253,7 @@ static int change(u64 pfn, u64 n, int from, int to)
         if (!s && hi - lo == BLOCK_PAGES) {
             if (from == FREE) {
                 clear1(free_bm, b);
+                clear1(hinted_bm, b);
                 n_free_blocks--;
             } else if (from == BALLOON) {
                 clear1(balloon_bm, b);
@@ -286,8 +291,10 @@ static int change(u64 pfn, u64 n, int from, int to)
     }
     if (from == FREE)
         n_free -= n;
-    if (to == FREE)
+    if (to == FREE) {
         n_free += n;
+        free_gen++;
+    }
     return 0;
 }
 
@@ -602,6 +609,53 @@ u64 pmm_balloon_return(u64 max_pages)
     }
     spin_unlock(&pmm_lock, f);
     return done;
+}
+
+/* ---------------------------------------------------------------- free-page hints */
+u64 pmm_free_gen(void) { return free_gen; }
+
+/* Take whole free blocks the host has not been told of, as runs (at most max_out ranges): they
+ * leave the free pool until pmm_hint_done, so nothing is written to them while the host discards
+ * them. Returns the pages taken. */
+u64 pmm_hint_take(struct pmm_range *out, u32 max_out, u32 *nout)
+{
+    u64 f = spin_lock(&pmm_lock), got = 0;
+    *nout = 0;
+    for (u64 w = free_hint; w < NWORDS; w++) {
+        u64 cand = free_bm[w] & ~hinted_bm[w];
+        while (cand) {
+            u64 lo = lowest_bit(cand), hi = lo;
+            while (hi < 64 && ((cand >> hi) & 1))
+                hi++;
+            u64 pfn = (w * 64 + lo) * BLOCK_PAGES, n = (hi - lo) * BLOCK_PAGES;
+            if (change(pfn, n, FREE, ALLOC))
+                goto out;
+            if (append(out, max_out, nout, pfn, n)) {
+                change(pfn, n, ALLOC, FREE); /* no room for another range: the next pass */
+                goto out;
+            }
+            got += n;
+            cand = hi == 64 ? 0 : cand & ~((1UL << hi) - 1);
+        }
+    }
+out:
+    spin_unlock(&pmm_lock, f);
+    return got;
+}
+
+/* The host has discarded them (or refused): the blocks are free again, and told of. */
+void pmm_hint_done(const struct pmm_range *r, u32 n)
+{
+    u64 f = spin_lock(&pmm_lock), gen = free_gen;
+    for (u32 i = 0; i < n; i++) {
+        u64 b = r[i].base / BLOCK_SIZE, nb = r[i].pages / BLOCK_PAGES;
+        if (change(r[i].base / PAGE_SIZE, r[i].pages, ALLOC, FREE))
+            continue;
+        for (u64 k = 0; k < nb; k++)
+            set1(hinted_bm, b + k, NULL);
+    }
+    free_gen = gen; /* these frees are no news for the next hint pass */
+    spin_unlock(&pmm_lock, f);
 }
 
 /* A misbehaving guest, for the host's tests: write one word to each of up to max_pages pages

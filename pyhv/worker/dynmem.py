@@ -159,6 +159,7 @@ class DynamicMemoryService:
             on_unballoon_done=self._transaction_done,
             on_hot_add_done=self._hot_added,
             on_reset=self._reset,
+            on_hinted=self._hinted,
             reclaim=self._reclaim,
             map_hot_add=self._map_hot_add,
             on_goal_done=self._goal_done,
@@ -182,6 +183,8 @@ class DynamicMemoryService:
             "doorbell_errors": 0,
             "status_not_published": 0,
             "late_packets": 0,
+            "hinted_pages": 0,
+            "hint_discard_us": 0,
             "balloon_checks": 0,
             "balloon_disagreements": 0,
         }
@@ -415,6 +418,14 @@ class DynamicMemoryService:
             log.error("%s: releasing ballooned pages failed: %s", self.name, e)
             return
         self.counters["ballooned_pages"] += n
+
+    def _hinted(self, ranges: list[PageRange]) -> int:
+        """Free-page hints (the VSP checked them): the memory behind them leaves the host."""
+        t0 = time.perf_counter()
+        n = self.mm.discard(self.name, ranges)
+        self.counters["hinted_pages"] += n
+        self.counters["hint_discard_us"] += int((time.perf_counter() - t0) * 1e6)
+        return n
 
     def _reset(self, held: list[PageRange]) -> None:
         """The guest started over: the pages it had ballooned are its own again."""

@@ -184,3 +184,18 @@ def test_after_an_unanswered_unballoon_the_vsp_and_the_memory_manager_hold_the_s
     assert w.vsp.ballooned.pages == held.pages == 0
     assert w.mm.partitions["vm"].assigned_pages == 8192
     os.close(w.region.memfd)
+
+
+def test_free_page_hints_are_offered_only_by_a_host_that_discards_and_refused_otherwise() -> None:
+    w = World()  # a VSP without on_hinted: it does not offer hints
+    hint = [PageRange(0x1000, 512)]
+    w.send(T.FREE_PAGE_HINT, p.DmFreePageHint(), ranges=hint)  # before negotiation
+    assert w.vsp.counters["refused"] == 1
+    w.send(T.VERSION_REQUEST, p.DmVersionRequest(version=p.Version.WIN10), trans_id=1)
+    w.send(T.CAPABILITIES_REPORT, p.DmCapabilities(balloon=1))
+    assert w.receive().type is T.VERSION_RESPONSE
+    assert w.receive().body.free_page_hints == 0
+    w.send(T.FREE_PAGE_HINT, p.DmFreePageHint(), ranges=hint)
+    assert w.vsp.counters["refused"] == 2 and w.inb.read() is None  # no answer
+    assert w.mm.partitions["vm"].assigned_pages == 8192 and w.mm.discarded_pages == 0
+    os.close(w.region.memfd)

@@ -193,6 +193,7 @@ class DynamicMemoryService:
         self._publish_lock = threading.Lock()
         #: The newest status not yet sent; the status thread sends it outside the VSP's lock.
         self._outgoing: MemoryStatus | None = None
+        self._host_news = False  # the outgoing status says a goal ended: no spacing
         # Its own condition, not _cv: _publish runs with the VSP's lock held, and
         # set_memory_limits takes the VSP's lock inside _cv.
         self._out_cv = threading.Condition()
@@ -368,10 +369,12 @@ class DynamicMemoryService:
         self.counters["status_reports"] += 1
         self._publish()
 
-    def _publish(self) -> None:
+    def _publish(self, host_news: bool = False) -> None:
         """Push the VM's memory status to the owner (the VMMS): no one has to ask for it. Taken
         here (often with the VSP's lock held), sent by the status thread: a slow owner never
-        holds up the doorbell or a VP. Only the newest unsent status is kept."""
+        holds up the doorbell or a VP. Only the newest unsent status is kept. `host_news` (a
+        goal reached or given up: one per transaction, paced by the host, not the guest) goes
+        out without waiting out MIN_PUBLISH_INTERVAL."""
         if self._on_status is None:
             return
         status = self.memory_status()
@@ -382,6 +385,7 @@ class DynamicMemoryService:
             if self._outgoing is not None:  # replaced before it went out
                 self.counters["status_not_published"] += 1
             self._outgoing = status
+            self._host_news = self._host_news or host_news
             self._out_cv.notify_all()
 
     def _send_statuses(self) -> None:
@@ -391,9 +395,9 @@ class DynamicMemoryService:
                 self._out_cv.wait_for(lambda: self._closing or self._outgoing is not None)
                 # at most one per MIN_PUBLISH_INTERVAL: a newer status may replace it meanwhile
                 spacing = sent_at + MIN_PUBLISH_INTERVAL - time.monotonic()
-                if spacing > 0:
-                    self._out_cv.wait_for(lambda: self._closing, spacing)
-                status, self._outgoing = self._outgoing, None
+                if spacing > 0 and not self._host_news:
+                    self._out_cv.wait_for(lambda: self._closing or self._host_news, spacing)
+                status, self._outgoing, self._host_news = self._outgoing, None, False
             if status is not None:
                 sent_at = time.monotonic()
                 self._send(status)
@@ -480,7 +484,7 @@ class DynamicMemoryService:
     def _goal_done(self, why: str | None) -> None:
         """The goal was reached or given up: the owner sees it without waiting for a report."""
         self._transaction_done()
-        self._publish()
+        self._publish(host_news=True)
 
     def _reclaim(self, ranges: list[PageRange]) -> None:
         """Before an unballoon: the host backs the pages again (taken from the pool)."""

@@ -297,6 +297,33 @@ static void hint_pass(void)
     post(16 + 8 * n);
 }
 
+/* Misbehave on purpose, for the host's tests: a hint naming memory outside RAM, a range that is
+ * not whole 2 MiB blocks, and the first ballooned block (if any). None is taken from the pmm. */
+static void hint_hostile(void)
+{
+    struct pmm_stats s;
+    pmm_stats(&s);
+    if (dm.state != DM_READY || !dm.hints_ok || dm.hint_inflight || dm.out_len) {
+        puts("dm: no hint can be sent now (not ready, hints off, or one in flight)\n");
+        return;
+    }
+    struct dm_free_page_hint *m = (void *)out;
+    u32 n = 0;
+    m->range[n++] = ((MAX_PHYS / PAGE_SIZE) - 512) | (512UL << 40);    /* beyond the guest's RAM */
+    m->range[n++] = ((s.visible / 2) | 1) | (512UL << 40);             /* not 2 MiB-aligned */
+    u64 ballooned;
+    if (dm.ballooned && pmm_first_ballooned_block(&ballooned) == 0) /* the host holds it already */
+        m->range[n++] = ballooned;
+    header(&m->hdr, DM_FREE_PAGE_HINT, (u16)(16 + 8 * n));
+    m->reservedz = 0;
+    m->range_count = n;
+    dm.hint_n = 0; /* nothing to give back on the response */
+    dm.hint_inflight = 1;
+    dm.hint_sent_tick = ticks;
+    post(16 + 8 * n);
+    printf("dm: sent a hint with %u ranges the host must refuse\n", n);
+}
+
 static void hint_response(const struct dm_free_page_hint_response *m)
 {
     pmm_hint_done(hinting, dm.hint_n);
@@ -613,11 +640,13 @@ void dmvsc_command(int argc, char **argv)
         dmvsc_show();
     } else if (argc == 2 && !strcmp(argv[1], "reopen")) {
         reopen();
+    } else if (argc == 2 && !strcmp(argv[1], "badhint")) {
+        hint_hostile();
     } else if (argc == 3 && !strcmp(argv[1], "deaf") && !parse_u64(argv[2], &n) && n <= 1000) {
         dm.deaf = n;
         printf("dm: ignoring the next %lu unballoon requests\n", n);
     } else {
-        puts("dm: usage dm [reopen | deaf N]\n");
+        puts("dm: usage dm [reopen | deaf N | badhint]\n");
     }
 }
 

@@ -147,6 +147,7 @@ int pmm_balloon_give(u64 base, u64 pages); /* 0, or -1 (nothing changed) if not 
 u64 pmm_free_gen(void);
 u64 pmm_hint_take(struct pmm_range *out, u32 max_out, u32 *nout);
 void pmm_hint_done(const struct pmm_range *r, u32 n);
+int pmm_first_ballooned_block(u64 *range); /* a hostile hint's ballooned range (host tests) */
 u64 pmm_balloon_return(u64 max_pages); /* give back ballooned pages, lowest first (DM starts over) */
 u64 pmm_balloon_touch(u64 max_pages); /* write to ballooned pages (a misbehaving guest, for tests) */
 int pmm_check(void); /* consistency of counters and bitmaps, for the `pmmcheck` command */

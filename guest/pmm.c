@@ -643,6 +643,18 @@ out:
     return got;
 }
 
+/* the first whole ballooned block as a dm_mem_page_range (for a hostile hint); -1 if none */
+int pmm_first_ballooned_block(u64 *range)
+{
+    u64 f = spin_lock(&pmm_lock), hint = 0;
+    s64 b = find_first(balloon_bm, &hint);
+    spin_unlock(&pmm_lock, f);
+    if (b < 0)
+        return -1;
+    *range = ((u64)b * BLOCK_PAGES) | ((u64)BLOCK_PAGES << 40);
+    return 0;
+}
+
 /* The host has discarded them (or refused): the blocks are free again, and told of. */
 void pmm_hint_done(const struct pmm_range *r, u32 n)
 {

@@ -33,6 +33,7 @@ static void cmd_help(void)
          "  dm                      Dynamic Memory VSC: state, protocol, last status, counters\n"
          "  dm reopen               close and reopen the DM channel (the balloon comes back)\n"
          "  dm deaf N               ignore the next N unballoon requests (misbehave: the host's timeout)\n"
+         "  dm badhint              a free-page hint of ranges the host must refuse (misbehave)\n"
          "  pmmcheck                check the memory manager's counters against its bitmaps\n"
          "  fault kernel|user [CPU]  touch unmapped memory at CPL0 (halts) or in a CPL3 task (killed)\n"
          "  poweroff [CODE]         power off with exit status CODE (default 0)\n");

@@ -93,3 +93,37 @@ def test_a_1_gib_guest_that_frees_768_mib_gives_it_back_to_the_host() -> None:
         )
     finally:
         g.close()
+
+
+def test_a_guest_hinting_memory_outside_its_ram_or_ballooned_is_refused_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    g = DmGuest(str(image_path()), startup="512M", minimum="256M", maximum="512M")
+    try:
+        assert wait_for(lambda: g.dm_counters()["free-page-hints"] == "on", 30, "hints on")
+        g.target(448 * MiB)  # a balloon, so that a ballooned block can be named
+        assert g.vm.memory_status()["ballooned_pages"] == 64 * 256
+        before = dict(g.dm.vsp.counters)
+        blocks = _memfd_bytes(g)
+        assert "3 ranges the host must refuse" in g.shell("dm badhint")
+        assert wait_for(
+            lambda: g.dm_counters()["hint-refused-ranges"] == "3", 30, "the host's answer"
+        )
+        vsp = g.dm.vsp
+        assert vsp.counters["hint_refused_ranges"] - before.get("hint_refused_ranges", 0) == 3
+        assert vsp.counters["refused"] - before.get("refused", 0) == 3
+        assert sum("free-page hint" in r.getMessage() for r in caplog.records) >= 3
+        # nothing was discarded, the books did not move, and the guest goes on
+        assert _memfd_bytes(g) >= blocks - 2 * MiB
+        st = g.vm.memory_status()
+        assert st["state"] == "IDLE" and st["ballooned_pages"] == 64 * 256
+        hinted = g.dm.counters["hinted_pages"]
+        g.use(64)
+        assert wait_for(lambda: _touched(g, 0, 64 * 256), 60, "task 0 touched its 64 MiB")
+        assert "released" in g.shell("kill")
+        assert wait_for(
+            lambda: g.dm.counters["hinted_pages"] - hinted >= 60 * 256, 30, "a good hint after"
+        )
+        assert "pmm: consistent" in g.shell("pmmcheck")
+    finally:
+        g.close()

@@ -28,12 +28,12 @@ static void cmd_help(void)
          "  balloon MB              take MB MiB out of the guest as the balloon driver would\n"
          "  unballoon               give back what `balloon` took\n"
          "  retouch MB              write to MB MiB of ballooned pages (misbehave: the host's memory)\n"
-         "  hotadd BASE_MB SIZE_MB  add RAM at BASE_MB MiB, as a hot-add would\n"
-         "  vmbus                   VMBus channels: offers, rings, counters\n"
-         "  dm                      Dynamic Memory VSC: state, protocol, last status, counters\n"
          "  dm reopen               close and reopen the DM channel (the balloon comes back)\n"
          "  dm deaf N               ignore the next N unballoon requests (misbehave: the host's timeout)\n"
          "  dm badhint              a free-page hint of ranges the host must refuse (misbehave)\n"
+         "  hotadd BASE_MB SIZE_MB  add RAM at BASE_MB MiB, as a hot-add would\n"
+         "  vmbus                   VMBus channels: offers, rings, counters\n"
+         "  dm                      Dynamic Memory VSC: state, protocol, last status, counters\n"
          "  pmmcheck                check the memory manager's counters against its bitmaps\n"
          "  fault kernel|user [CPU]  touch unmapped memory at CPL0 (halts) or in a CPL3 task (killed)\n"
          "  poweroff [CODE]         power off with exit status CODE (default 0)\n");
@@ -245,10 +245,12 @@ static void run(char *s)
         cmd_unballoon();
     else if (!strcmp(c, "hotadd"))
         cmd_hotadd(argc, argv);
+    else if (!strcmp(c, "dm") && argc > 1)
+        dmvsc_command(argc, argv);
     else if (!strcmp(c, "vmbus"))
         vmbus_show();
     else if (!strcmp(c, "dm"))
-        dmvsc_command(argc, argv);
+        dmvsc_show();
     else if (!strcmp(c, "pmmcheck"))
         puts(pmm_check() ? "pmm: INCONSISTENT\n" : "pmm: consistent\n");
     else if (!strcmp(c, "fault"))

@@ -24,6 +24,7 @@ static u64 partial_bm[NWORDS]; /* split block with at least one free page */
 static u64 split_bm[NWORDS];   /* block has a split descriptor */
 static u64 hinted_bm[NWORDS];  /* whole free block the host was told of (free-page hint) since it was freed */
 static u64 free_gen;           /* counts frees: a hint pass has nothing new to find while it stays */
+static u64 n_hinting;          /* free pages out of the allocator while the host discards them */
 static u64 free_hint, partial_hint; /* lowest words of free_bm / partial_bm that may be non-zero */
 
 struct split {
@@ -383,7 +384,7 @@ void pmm_stats(struct pmm_stats *s)
 {
     u64 f = spin_lock(&pmm_lock);
     s->visible = n_visible;
-    s->free = n_free;
+    s->free = n_free + n_hinting; /* free all the same: back in the allocator in a moment */
     s->committed = n_committed;
     s->ballooned = n_ballooned;
     s->hot_added = n_hot_added;
@@ -639,6 +640,7 @@ u64 pmm_hint_take(struct pmm_range *out, u32 max_out, u32 *nout)
         }
     }
 out:
+    n_hinting += got;
     spin_unlock(&pmm_lock, f);
     return got;
 }
@@ -663,6 +665,7 @@ void pmm_hint_done(const struct pmm_range *r, u32 n)
         u64 b = r[i].base / BLOCK_SIZE, nb = r[i].pages / BLOCK_PAGES;
         if (change(r[i].base / PAGE_SIZE, r[i].pages, ALLOC, FREE))
             continue;
+        n_hinting -= r[i].pages;
         for (u64 k = 0; k < nb; k++)
             set1(hinted_bm, b + k, NULL);
     }

@@ -369,6 +369,72 @@ def dynmem(d: dict[str, Any] | None, h: dict[str, Any] | None) -> list[str]:
         "thread.",
         "",
     ]
+    if d is not None and "hint" in d and "burst" in d:
+        out += dynmem_hints_and_bursts(d["hint"], d["burst"])
+    return out
+
+
+def dynmem_hints_and_bursts(hint: dict[str, Any], burst: dict[str, Any]) -> list[str]:
+    """Free-page hints and the answer to a burst (issue 14, items 4 and 5)."""
+    gone = hint["hint_to_gone_ms"]["median"]
+    added = burst["report_to_added_ms"]
+    decision = burst["report_to_decision_ms"]
+    out = [
+        "Free-page hints and bursts (pyhv's FREE_PAGE_HINT; the guest's burst reports and the "
+        "balancer's early tick):",
+        "",
+    ]
+    out += table(
+        ["", "figure"],
+        [
+            [
+                f"hint: {num(hint['freed_MiB'], 0)} MiB freed in a {num(hint['guest_MiB'], 0)} MiB "
+                "guest, hint received -> memory off the host (memfd blocks)",
+                spread(hint["hint_to_gone_ms"], 1, " ms"),
+            ],
+            [
+                "hint: the host's discard alone (fallocate PUNCH_HOLE)",
+                spread(hint["host_discard_ms"], 1, " ms"),
+            ],
+            [
+                "hint: kill typed -> memory off the host (console included)",
+                spread(hint["kill_to_gone_ms"], 1, " ms"),
+            ],
+            [
+                "hint: the guest's round trip (its clock, 10 ms ticks)",
+                spread(hint["guest_round_trip_ms"], 0, " ms"),
+            ],
+            ["hint: host memory freed", spread(hint["host_freed_MiB"], 0, " MiB")],
+            [
+                f"burst: {num(burst['burst_MiB'], 0)} MiB committed, the burst's report -> memory "
+                "added",
+                f"{num(added, 1)} ms",
+            ],
+            [
+                "burst: report -> the balancer's decision",
+                "none" if decision is None else f"{num(decision, 1)} ms",
+            ],
+            [
+                "burst: testlimit typed -> its report at the VMMS",
+                f"{num(burst['typed_to_report_ms'], 1)} ms",
+            ],
+            [
+                "burst: the guest's longest wait for memory / all allocated after (its clock)",
+                f"{num(burst['guest_longest_wait_ms'], 0)} ms / "
+                f"{num(burst['guest_all_allocated_ms'], 0)} ms",
+            ],
+        ],
+    )
+    out += [
+        "",
+        f"Goals: hint-return <= {num(hint['goal_ms'], 0)} ms: {met(gone <= hint['goal_ms'])} "
+        f"({num(gone, 1)} ms; the host's discard is the kernel freeing 4 KiB shmem pages, "
+        f"{num(hint['host_discard_ms']['median'] * 1000 / (hint['freed_MiB'] * 256), 2)} µs "
+        "each here); memory added <= "
+        f"{num(burst['goal_ms'], 0)} ms after the burst's report: {met(added <= burst['goal_ms'])} "
+        f"({num(added, 1)} ms).",
+        "",
+    ]
     return out
 
 

@@ -335,3 +335,26 @@ def test_the_dm_vsps_own_status_report_can_be_handed_to_the_balancer_as_is() -> 
 
     state = replace(vm(assigned=1000), report=VspReport(1000 * MIB, 0, 100.0))
     assert decide(PLENTY, [state]).target_pages == (1200 * MIB,)
+
+
+def test_no_removal_goes_below_the_floor_the_guest_answered_with() -> None:
+    lazy = BalancerConfig(remove_delay_s=0.0, remove_step_pages=4096 * MIB)
+    at_floor = replace(vm(assigned=2048, committed=100, startup=2048), floor_pages=900 * MIB)
+    (op,) = decide(PLENTY, [replace(at_floor, floor_pages=0)], lazy).operations
+    assert op == Remove("vm1", (2048 - 256) * MIB)  # to its minimum without a floor
+    (op,) = decide(PLENTY, [replace(at_floor, assigned_pages=1500 * MIB)], lazy).operations
+    assert op == Remove("vm1", (1500 - 900) * MIB)  # down to its floor, no further
+    assert decide(PLENTY, [replace(at_floor, assigned_pages=900 * MIB)], lazy).operations == ()
+    # the host short: memory is taken from the low-weight VM down to its floor only
+    needy = vm("needy", assigned=512, committed=1400, weight=80)
+    low = replace(vm("low", assigned=2048, committed=100, startup=2048, weight=20))
+    short = HostMemory(free_pages=0)
+    (take,) = [o for o in decide(short, [needy, low]).operations if o.vm == "low"]
+    (floored,) = [
+        o
+        for o in decide(short, [needy, replace(low, floor_pages=1900 * MIB)]).operations
+        if o.vm == "low"
+    ]
+    assert take.pages > 148 * MIB and floored == Remove("low", 148 * MIB)
+    with pytest.raises(SettingsError, match="floor_pages"):
+        replace(low, floor_pages=-1)

@@ -81,7 +81,13 @@ class VmConfig:
                 f"command line of {len(raw)} bytes is not usable: at most {MAX_CMDLINE} bytes, no NUL"
             )
         path = Path(image)
-        if check_image and not path.is_file():
+        try:
+            missing = check_image and not path.is_file()
+        except OSError as e:  # a name too long (ENAMETOOLONG), a directory we may not read
+            raise ConfigError(
+                f"guest image {str(path)[:200]!r} cannot be read: {e.strerror}"
+            ) from None
+        if missing:
             raise ConfigError(
                 f"guest image {str(path)!r} does not exist: build it with `make guest`"
             )

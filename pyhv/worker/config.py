@@ -75,7 +75,13 @@ class VmConfig:
             )
         if not isinstance(vps, int) or not 1 <= vps <= MAX_VPS:
             raise ConfigError(f"VP count {vps!r} is out of range: use 1 to {MAX_VPS}")
-        raw = cmdline.encode("utf-8")
+        try:
+            raw = cmdline.encode("utf-8")
+        except UnicodeEncodeError:  # JSON text may hold a lone surrogate ("\ud800")
+            raise ConfigError(
+                f"command line {cmdline[:60]!r} is not Unicode text (it holds a lone surrogate): "
+                "send UTF-8 text"
+            ) from None
         if len(raw) > MAX_CMDLINE or b"\0" in raw:
             raise ConfigError(
                 f"command line of {len(raw)} bytes is not usable: at most {MAX_CMDLINE} bytes, no NUL"

@@ -20,8 +20,8 @@ from tests.support.fuzz import vmms_http as http
 from tests.vmms.vmms_process import VmmsProcess, vmms_host
 
 #: Fuzzed inputs per decoder in the suite (bench/fuzz.py runs for as long as it is told).
-EXAMPLES = 600
-HTTP_EXAMPLES = 300
+EXAMPLES = 400
+HTTP_EXAMPLES = 200
 
 TARGETS = all_targets()
 
@@ -123,12 +123,12 @@ def test_the_harness_reports_an_undeclared_exception_a_hang_and_a_memory_blowup(
 def test_without_tracemalloc_a_memory_blowup_shows_in_the_peak_resident_memory() -> None:
     assert not tracemalloc.is_tracing()
     run_one(PLANTED, b"\x04abcd")
-    # the peak only grows: take 64 MiB more than the process ever held (an earlier test may
-    # have taken some)
+    # the peak only grows: take 96 MiB more than the process ever held (an earlier test may
+    # have taken some; the check's limit is 32 MiB)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
     now = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
-    with pytest.raises(Crash, match="memory: the peak resident memory grew (6[4-9]|7[0-9]) MiB"):
-        run_one(PLANTED, b"MEM%d" % (peak - now + 64))
+    with pytest.raises(Crash, match=r"memory: the peak resident memory grew \d+ MiB"):
+        run_one(PLANTED, b"MEM%d" % (peak - now + 96))
 
 
 @pytest.mark.unit

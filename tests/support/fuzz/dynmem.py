@@ -9,6 +9,7 @@ from pyhv.dynmem import protocol as p
 from pyhv.dynmem.protocol import MessageType as T
 from pyhv.dynmem.vsp import DmVspState, DynamicMemoryVsp
 from pyhv.memory.ranges import PageRange, RangeSet
+from pyhv.trace.events import Event, event_from_wire
 from pyhv.vmbus.packet import Packet, PacketType
 from pyhv.vmbus.vsp import VspError
 from tests.support.fuzz import Reader, Target, blob
@@ -125,9 +126,17 @@ class _Host:
         return True
 
 
+def _record(e: Event) -> None:
+    """The flight recorder's listener (pyhv.trace): each event as `pyhv vm trace` shows it,
+    and read back from its wire form."""
+    e.line()
+    assert event_from_wire(e.to_wire()) == e
+
+
 def vsp_sequence(data: bytes) -> None:
     h = _Host()
     vsp = h.vsp
+    vsp.tracer = _record if len(data) % 2 else None  # every packet decoded for the recorder
     r = Reader(data)
     steps = 0
     while r.left and steps < 64:
@@ -161,6 +170,7 @@ def vsp_sequence(data: bytes) -> None:
                 fresh = h.make(RangeSet(vsp.ram))  # hot-added memory goes along
                 fresh.restore(DmVspState.from_wire(saved.to_wire()))
                 assert fresh.save() == saved, "restore() changed the state"
+                fresh.tracer = vsp.tracer
                 vsp = h.vsp = fresh
         except VspError:
             pass  # the host asked for what the state does not allow: the host's own error

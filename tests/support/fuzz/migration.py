@@ -10,16 +10,33 @@ header layout and checksum (or MAC) as they change."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import json
+import mmap
+import os
 import socket
 import struct
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from pyhv.devices.uart16550 import Uart16550
 from pyhv.dynmem.vsp import DynamicMemoryVsp
-from pyhv.memory.ranges import RangeSet
+from pyhv.hypervisor.memory import MemoryRegion
+from pyhv.memory.manager import (
+    MEMORY_STATE_VERSION,
+    MemfdRegion,
+    MemoryManager,
+    MemoryManagerError,
+    MemoryState,
+)
+from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.migration import frames
 from pyhv.migration import stream as s
+from pyhv.migration.destination import Incoming, _Populater
+from pyhv.migration.faults import FaultPlan
 from pyhv.migration.state import VmState
 from pyhv.vmbus.controller import VmbusController
 from pyhv.worker.config import ConfigError, VmConfig
@@ -120,7 +137,8 @@ def _records(data: bytes) -> list[tuple[int, int, int, int, bytes]]:
     r = Reader(data)
     out: list[tuple[int, int, int, int, bytes]] = []
     while r.left and len(out) < 32:
-        out.append((r.u8(), r.u8(), r.u32(), r.u64(), r.blob()))
+        # types 0..16: the known ones and one past each end (migration.frame_decoder sends any)
+        out.append((r.u8() % 17, r.u8(), r.u32(), r.u64(), r.blob()))
     return out
 
 
@@ -219,6 +237,80 @@ HANDSHAKE = Target(
 )
 
 
+# --- the destination's receiver: pages into guest RAM ------------------------------------------
+
+RAM_PAGES = 256
+
+
+class _Ram:
+    """One region of guest RAM at GPA 0 (a memfd, as a partition's), made once per process."""
+
+    def __init__(self) -> None:
+        fd = os.memfd_create("pyhv-fuzz-ram", os.MFD_CLOEXEC)
+        os.ftruncate(fd, RAM_PAGES * 4096)
+        mm = mmap.mmap(fd, RAM_PAGES * 4096)
+        self._anchor = ctypes.c_char.from_buffer(mm)  # keeps the mapping where it is
+        self.region = MemoryRegion(0, RAM_PAGES * 4096, False, False, 0, fd, 0,
+                                   ctypes.addressof(self._anchor), mm)  # fmt: skip
+        self.gpa_space = self
+        self.partition = self
+
+    def find(self, gpa: int) -> MemoryRegion | None:
+        return self.region if 0 <= gpa < self.region.end else None
+
+
+@functools.cache
+def _ram() -> _Ram:
+    return _Ram()
+
+
+def receive_memory(data: bytes) -> None:
+    """The destination's memory passes (Incoming._memory) on well-framed frames: PAGES (raw
+    and zstd) straight into guest RAM, ZERO runs punched out, EXTENTS backed ahead, PASS_END,
+    up to the STATE frame, decoded."""
+    ram = _ram()
+    inc = Incoming.__new__(Incoming)
+    inc.fs = s.FrameSocket(Wire(encode_frames(_records(data), True)), timeout=1)  # type: ignore[arg-type]
+    inc.fs.authenticated = True
+    inc.faults, inc.pages, inc.passes, inc._zstd = FaultPlan(None), 0, 0, None
+    inc._populater = _Populater()
+    written = {0: np.zeros(RAM_PAGES, dtype=bool)}
+    try:
+        inc._memory(ram, written)  # type: ignore[arg-type]
+    finally:
+        inc._populater.stop()
+    assert inc.pages >= 0
+
+
+def receiver_seeds() -> list[bytes]:
+    import zstandard
+
+    page = bytes(range(256)) * 16
+    packed = zstandard.ZstdCompressor(level=1).compress(page * 2)
+    runs = s.pack_zero_runs([(0x3000, 2), (0x8000, 16)])
+    state = _record(s.Frame.STATE, vm_state().encode())
+    return [
+        _record(s.Frame.PAGES, page, count=1, addr=0x1000)
+        + _record(s.Frame.PAGES, packed, count=2, addr=0x2000, flags=s.COMPRESSED)
+        + _record(s.Frame.ZERO, runs)
+        + _record(s.Frame.PASS_END, frames.encode(frames.PassEnd(1, 3)))
+        + state,
+        _record(s.Frame.EXTENTS, runs) + _record(s.Frame.PAGES, page * 2, count=2, addr=0x8000)
+        + _record(s.Frame.ZERO, runs) + state,
+        _record(s.Frame.PAGES, page, count=1, addr=0xFF000) + _record(s.Frame.ABORT, b"no"),
+    ]  # fmt: skip
+
+
+RECEIVER = Target(
+    "migration.receiver",
+    "the destination's memory passes: page frames into guest RAM (pyhv.migration.destination)",
+    receiver_seeds,
+    receive_memory,
+    RECEIVED,
+    max_size=16384,
+)
+
+
 # --- the VM state and the components' restore() checks -------------------------------------
 
 
@@ -276,4 +368,63 @@ STATE = Target(
     json=True,
 )
 
-TARGETS = [RAW_STREAM, FRAMED_STREAM, HANDSHAKE, STATE]
+# --- the Dynamic Memory layout a source sends in CONFIG --------------------------------------
+
+MIB = 1 << 20
+
+
+def restore_layout(data: bytes) -> None:
+    """The layout as the destination's memory manager takes it (pyhv.migration.dynmem.prepare):
+    hot-added regions mapped from its pool, the balloon released; refused whole or taken whole."""
+    try:
+        wire = json.loads(data)
+    except (ValueError, RecursionError):
+        return  # the CONFIG frame's body decoder refuses it first (migration.frames)
+    st = MemoryState.from_wire(wire)
+    made: list[MemfdRegion] = []
+
+    def map_region(gpa: int, size: int) -> MemfdRegion:
+        made.append(MemfdRegion(gpa, size))  # sparse: the pool's budget bounds the size
+        return made[-1]
+
+    startup = MemfdRegion(0, 16 * MIB)
+    try:
+        mm = MemoryManager(64 * MIB)
+        mm.add_partition("vm", [startup], map_region, lambda r: None)
+        try:
+            mm.restore("vm", st)
+        except MemoryManagerError:
+            assert mm.save("vm").hot_added == (), "a refused layout changed the partition"
+            return
+        saved = mm.save("vm")
+        assert saved.hot_added == tuple(map(tuple, st.hot_added))
+        assert sum(r.count for r in saved.ballooned) == sum(r.count for r in st.ballooned)
+        assert mm.free_pages >= 0
+    finally:
+        for r in [startup, *made]:
+            r.close()
+
+
+def layout_seeds() -> list[bytes]:
+    st = MemoryState(
+        MEMORY_STATE_VERSION,
+        ((0, 16 * MIB),),
+        ((64 * MIB, 8 * MIB), (128 * MIB, 4 * MIB)),
+        (PageRange(16, 4), PageRange(0x4000, 512)),
+    )
+    return [
+        json.dumps(st.to_wire()).encode(),
+        json.dumps(replace(st, hot_added=()).to_wire()).encode(),
+    ]
+
+
+LAYOUT = Target(
+    "migration.memory_layout",
+    "the Dynamic Memory layout a source sends, as the memory manager restores it (pyhv.memory)",
+    layout_seeds,
+    restore_layout,
+    (MemoryManagerError,),
+    json=True,
+)
+
+TARGETS = [RAW_STREAM, FRAMED_STREAM, HANDSHAKE, RECEIVER, STATE, LAYOUT]

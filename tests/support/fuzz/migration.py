@@ -17,6 +17,7 @@ import mmap
 import os
 import socket
 import struct
+from array import array
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +25,11 @@ import numpy as np
 
 from pyhv.devices.uart16550 import Uart16550
 from pyhv.dynmem.vsp import DynamicMemoryVsp
+from pyhv.hypervisor.exithandlers import KIND_COUNT
 from pyhv.hypervisor.memory import MemoryRegion
+from pyhv.hypervisor.state import COUNTER_NAMES, StateError
+from pyhv.hypervisor.state import check as check_partition
+from pyhv.hypervisor.vp import VpState
 from pyhv.memory.manager import (
     MEMORY_STATE_VERSION,
     MemfdRegion,
@@ -317,8 +322,33 @@ RECEIVER = Target(
 RAM = 1 << 20
 
 
+class _Vp:
+    """What the partition state's check() reads of a VP: its run state and counters."""
+
+    def __init__(self) -> None:
+        self.state = VpState.IDLE
+        for name in COUNTER_NAMES:
+            setattr(self, name, array("q", bytes(8 * KIND_COUNT)))
+
+
+class _Partition:
+    """What check() reads of a partition (no KVM): RAM regions, VPs, the IRQCHIP flag; the
+    one the seed state was saved from."""
+
+    name = "vm"
+    irqchip = True
+
+    def __init__(self) -> None:
+        self.regions = [MemoryRegion(0, 1 << 20, False, True, 0, -1, 0, 0, None)]  # type: ignore[arg-type]
+        self.vps = {0: _Vp()}
+
+
 def restore_state(data: bytes) -> None:
     st = VmState.decode(data)
+    try:
+        check_partition(_Partition(), st.partition)  # type: ignore[arg-type]
+    except StateError:
+        pass
     try:
         Uart16550(lambda b: None).restore(st.uart)
     except ValueError:

@@ -82,11 +82,19 @@ class Wire:
         pass
 
 
+def frame_socket(wire: Wire, authenticated: bool) -> s.FrameSocket:
+    """One end of a stream in the state the handshake leaves it (`authenticated`). The one
+    place that knows what that state is: should frames after the handshake carry a MAC under a
+    key the handshake derives, give both ends the same key here."""
+    fs = s.FrameSocket(wire, timeout=1)  # type: ignore[arg-type]
+    fs.authenticated = authenticated
+    return fs
+
+
 def encode_frames(records: list[tuple[int, int, int, int, bytes]], authenticated: bool) -> bytes:
     """Frames (type, flags, count, addr, payload) as the stream module writes them."""
     wire = Wire()
-    fs = s.FrameSocket(wire, timeout=1)  # type: ignore[arg-type]
-    fs.authenticated = authenticated
+    fs = frame_socket(wire, authenticated)
     for ftype, flags, count, addr, payload in records:
         fs.send(ftype, payload, count=count, addr=addr, flags=flags)  # type: ignore[arg-type]
     return bytes(wire.sent)
@@ -133,9 +141,7 @@ def _receive(fs: s.FrameSocket, limit: int = 32) -> None:
 
 def raw_stream(data: bytes) -> None:
     """Bytes as they come off the socket, before and after authentication."""
-    fs = s.FrameSocket(Wire(data), timeout=1)  # type: ignore[arg-type]
-    fs.authenticated = len(data) % 2 == 1  # both limits, whatever the input
-    _receive(fs)
+    _receive(frame_socket(Wire(data), len(data) % 2 == 1))  # both limits, whatever the input
 
 
 def _records(data: bytes) -> list[tuple[int, int, int, int, bytes]]:
@@ -153,18 +159,14 @@ def _record(ftype: int, payload: bytes, count: int = 0, addr: int = 0, flags: in
 
 def framed_stream(data: bytes) -> None:
     """Well-framed streams (right sequence and checksum) whose payloads are the fuzzed part."""
-    wire = Wire(encode_frames(_records(data), authenticated=True))
-    fs = s.FrameSocket(wire, timeout=1)  # type: ignore[arg-type]
-    fs.authenticated = True
-    _receive(fs)
+    _receive(frame_socket(Wire(encode_frames(_records(data), True)), True))
 
 
 def handshake(data: bytes) -> None:
     """Both sides' halves of the handshake against what the fuzzed peer sends."""
     raw = encode_frames(_records(data), authenticated=False)
     for side in (s.authenticate_destination, s.authenticate_source):
-        fs = s.FrameSocket(Wire(raw), timeout=1)  # type: ignore[arg-type]
-        side(fs, TOKEN)
+        side(frame_socket(Wire(raw), False), TOKEN)
         raise AssertionError(f"{side.__name__} authenticated a peer without the token")
 
 
@@ -275,8 +277,7 @@ def receive_memory(data: bytes) -> None:
     up to the STATE frame, decoded."""
     ram = _ram()
     inc = Incoming.__new__(Incoming)
-    inc.fs = s.FrameSocket(Wire(encode_frames(_records(data), True)), timeout=1)  # type: ignore[arg-type]
-    inc.fs.authenticated = True
+    inc.fs = frame_socket(Wire(encode_frames(_records(data), True)), True)
     inc.faults, inc.pages, inc.passes, inc._zstd = FaultPlan(None), 0, 0, None
     inc._populater = _Populater()
     written = {0: np.zeros(RAM_PAGES, dtype=bool)}

@@ -35,11 +35,13 @@ test: $(STAMP)
 	exit $$status
 
 # Every bench writes bench/results/<bench>.json; docs/benchmarks.md is then generated from them
-# (bench/report.py). About 8.5 minutes on a 2-core PVM host (502 s on 2026-12-06); PYHV_BENCH_QUICK=1 for a quick run.
+# (bench/report.py). About 8.5 minutes on a 2-core PVM host (502 s on 2026-12-06), and bench/fuzz.py
+# 10 s per decoder (~3 minutes); PYHV_BENCH_QUICK=1 for a quick run.
 # A failing bench fails the target, after the others ran and the doc was regenerated.
 BENCHES := intercepts boot dynmem dynmem_host balancer migration
 BENCHES += cluster
 BENCHES += smartpaging
+BENCHES += fuzz
 
 # pyhv compiled as an install leaves it, also after sources changed since the venv was made
 bench: $(STAMP)

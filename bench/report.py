@@ -25,6 +25,7 @@ BENCHES = ("intercepts", "boot", "dynmem", "dynmem_host", "balancer", "migration
 MORE_BENCHES = (
     "cluster",
     "smartpaging",
+    "fuzz",
 )
 RUN_PREFIX = "_Run:_ "
 DASH = "—"
@@ -711,6 +712,42 @@ def _migration_sealing(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def fuzz(d: dict[str, Any]) -> list[str]:
+    per = d["per_decoder"]
+    memory = d["memory_checked"]
+    out = [
+        "Every decoder a guest or a peer reaches (tests/support/fuzz, docs/security.md) fed its "
+        f"valid seeds and then mutated ones for {num(d['seconds_per_decoder'])} s each (seed "
+        f"{d['seed']}), one after the other in one Python process. A crash is an exception the "
+        "decoder does not declare, a hang (an input over 2 s) or a memory blowup (32 MiB for "
+        f"one input, watched by {memory}); the HTTP row sends whole requests as raw bytes to a "
+        "live `pyhv vmms serve` Unix socket.",
+        "",
+        run_line("fuzz", d),
+        "",
+    ]
+    rows = [
+        [name, num(r["seeds"], 0), num(r["inputs"], 0), num(r["inputs_per_s"], 0),
+         num(r["crashes"], 0)]
+        for name, r in per.items()
+    ]  # fmt: skip
+    out += table(["decoder", "seeds", "inputs", "inputs/s", "crashes"], rows)
+    out += [
+        "",
+        f"Goal: no crash: {met(d['crashes'] == 0)} ({num(d['crashes'], 0)} in "
+        f"{num(d['inputs'], 0)} inputs over {plural(d['decoders'], 'decoder')}).",
+        "",
+    ]
+    for name, r in per.items():
+        for c in r["distinct_crashes"]:
+            out.append(f"- {name}: {c['kind']}: {text(c['detail'])}")
+    if any(r["distinct_crashes"] for r in per.values()):
+        out.append("")
+    out += ["What each decoder is:", ""]
+    out += [f"- `{name}`: {r['what']}" for name, r in per.items()]
+    return [*out, ""]
+
+
 INTRO = [
     "# Benchmark results",
     "",
@@ -832,6 +869,7 @@ def render(results: Results) -> str:
     ]
     sections += [
         ("Smart Paging — `bench/smartpaging.py`", lambda: _one(results, "smartpaging", smart)),
+        ("Fuzzing — `bench/fuzz.py`", lambda: _one(results, "fuzz", fuzz)),
     ]
     for title, body in sections:
         out += [f"## {title}", "", *body()]

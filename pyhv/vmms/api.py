@@ -162,7 +162,7 @@ class Call:
             )
         try:
             value = json.loads(raw, parse_constant=_no_constants)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deeply
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
         if not isinstance(value, dict):
             raise ApiError(400, f"the body must be a JSON object, not {type(value).__name__}")

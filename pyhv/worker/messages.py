@@ -330,6 +330,8 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes, what: str) -> Any:
         raise MessageError(f"{what} refused: {why}") from None
     except (ValueError, TypeError) as e:  # a __post_init__ check
         raise MessageError(f"{what} refused: {e}") from None
+    except RecursionError:  # msgspec recurses per nesting level: "[[[[..." of a few KiB
+        raise MessageError(f"{what} refused: JSON nested too deeply") from None
     if isinstance(message, MemoryStatusPushed):
         try:
             message.status.check()

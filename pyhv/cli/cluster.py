@@ -312,10 +312,98 @@ def create_in_cluster(a: argparse.Namespace, body: dict[str, Any]) -> dict[str, 
     except ValueError as e:
         raise CliError(str(e), 2) from None
     try:
-        host, vm = provision.create(etcd, body, tokens, tuple(a.affinity), tuple(a.anti_affinity))
+        host, vm = provision.create(
+            etcd, body, tokens, tuple(a.affinity), tuple(a.anti_affinity), a.ha
+        )
     except (provision.ProvisionError, NoPlacement, EtcdError, RecordError) as e:
         raise CliError(str(e)) from None
     finally:
         etcd.close()
     print(f"placed on host {host}", file=sys.stderr)
     return dict(vm, host=host)
+
+
+def _cluster_vms(endpoints: str) -> tuple[list[dict[str, Any]], set[str]]:
+    """Every VM of the cluster (its record, owner and token, whether its owner's record lists
+    it running, its history) and the live hosts."""
+    import msgspec
+
+    from pyhv.cluster import history
+    from pyhv.cluster.etcd import Etcd, EtcdError
+    from pyhv.cluster.records import VMS, RecordError, VmRecord, decode
+    from pyhv.cluster.snapshot import read_hosts
+
+    try:
+        etcd = Etcd(endpoints)
+    except ValueError as e:
+        raise CliError(str(e), 2) from None
+    try:
+        hosts = read_hosts(etcd)
+        kvs, _ = etcd.get_prefix(VMS)
+        vms: dict[str, dict[str, Any]] = {}
+        for kv in kvs:
+            vm, _, leaf = kv.key[len(VMS) :].partition("/")
+            if leaf == "config":
+                vms.setdefault(vm, {}).update(
+                    msgspec.to_builtins(decode(kv.key, kv.value, VmRecord))
+                )
+            elif leaf == "owner":
+                vms.setdefault(vm, {}).update(owner=kv.value, token=kv.mod_revision)
+        running = {(h.name, v.name) for h in hosts for v in h.vms}
+        out = []
+        for vm, d in sorted(vms.items()):
+            d.setdefault("name", vm)
+            owner = d.get("owner")
+            d["running"] = (owner, vm) in running
+            d["history"] = msgspec.to_builtins(history.read(etcd, vm))
+            out.append(d)
+    except (EtcdError, RecordError) as e:
+        raise CliError(str(e)) from None
+    finally:
+        etcd.close()
+    return out, {h.name for h in hosts}
+
+
+def list_in_cluster(a: argparse.Namespace) -> int:
+    """`pyhv vm list --cluster ENDPOINTS`: where each VM of the cluster runs."""
+    vms, live = _cluster_vms(a.cluster)
+    if a.as_json:
+        print(json.dumps({"vms": vms, "hosts": sorted(live)}, indent=1))
+        return 0
+    print(f"{'NAME':20} {'HOST':12} {'STATE':8} {'DESIRED':8} {'HA':3} {'TOKEN':>6} EVENTS")
+    for d in vms:
+        owner = d.get("owner") or "-"
+        state = "running" if d["running"] else ("host down" if owner not in live else "off")
+        print(
+            f"{d['name']:20} {owner:12} {state:8} {d.get('desired', '-'):8} "
+            f"{'yes' if d.get('ha') else 'no':3} {d.get('token', '-'):>6} "
+            + ", ".join(e["kind"] for e in d["history"][-4:])
+        )
+    return 0
+
+
+def show_in_cluster(a: argparse.Namespace) -> int:
+    """`pyhv vm show NAME --cluster ENDPOINTS`: the VM's record, owner and history."""
+    import time
+
+    vms, live = _cluster_vms(a.cluster)
+    d = next((v for v in vms if v["name"] == a.name), None)
+    if d is None:
+        raise CliError(f"the cluster has no VM named {a.name!r} (pyhv vm list --cluster)")
+    if a.as_json:
+        print(json.dumps(d, indent=1))
+        return 0
+    owner = d.get("owner") or "-"
+    print(f"name:     {d['name']}")
+    print(f"host:     {owner}{'' if owner in live else ' (no live lease)'}, token {d.get('token')}")
+    print(f"state:    {'running' if d['running'] else 'not running'}, desired {d.get('desired')}")
+    print(f"ha:       {'yes' if d.get('ha') else 'no'}")
+    print("history:")
+    for e in d["history"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
+        where = f"{e['source']} -> {e['host']}" if e["source"] else e["host"]
+        print(
+            f"  {when} {e['kind']:9} {where} (token {e['token']})"
+            + (f": {e['why']}" if e["why"] else "")
+        )
+    return 0

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pyhv.cluster import election, ownership
+from pyhv.cluster import election, history, ownership
 from pyhv.cluster.etcd import Etcd
 from pyhv.cluster.policy import Move
 from pyhv.cluster.provision import HostTokens, ProvisionError, host_client
@@ -127,6 +127,7 @@ def _one(
         except ownership.OwnershipConflict as e:
             return ended("in-doubt", f"migrated, but ownership did not move: {e}")
         etcd.put(vm_moved_key(m.vm), repr(time.time()))  # the minimum interval counts from here
+        history.append(etcd, m.vm, "moved", m.destination, source=m.source, token=moved.token)
         return ended("done", token=moved.token)
     finally:
         etcd.delete(key)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyhv.cluster import ownership
+from pyhv.cluster import history, ownership
 from pyhv.cluster.etcd import Etcd
 from pyhv.cluster.placement import HostSpace, VmDemand, place
 from pyhv.cluster.records import (
@@ -128,9 +128,11 @@ def create(
     tokens: Mapping[str, HostTokens],
     affinity: tuple[str, ...] = (),
     anti_affinity: tuple[str, ...] = (),
+    ha: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Place and create the VM `config` describes (as `POST /api/vms` takes it, sizes in
-    bytes); the chosen host's name and its VMMS's answer."""
+    bytes); the chosen host's name and its VMMS's answer. `ha`: restarted on another host when
+    its host's lease ends (pyhv.cluster.ha)."""
     name = str(config["name"])
     startup = int(config.get("memory", 512 << 20))
     dynamic = bool(config.get("dynamic_memory"))
@@ -141,7 +143,7 @@ def create(
         VmDemand(name, startup, minimum, affinity, anti_affinity), host_spaces(etcd, hosts)
     )
     client = host_client(by_name[chosen.name], tokens)
-    record = VmRecord(name, config, "off", list(affinity), list(anti_affinity), 1)
+    record = VmRecord(name, config, "off", list(affinity), list(anti_affinity), 1, ha)
     if not etcd.swap(vm_config_key(name), encode(record), 0).succeeded:
         raise ProvisionError(f"the cluster has a VM named {name!r}: pick another name")
     held = None
@@ -153,4 +155,5 @@ def create(
             ownership.release(etcd, held)
         etcd.delete(vm_config_key(name))
         raise ProvisionError(f"host {chosen.name} did not create VM {name!r}: {e}") from None
+    history.append(etcd, name, "placed", chosen.name, token=held.token)
     return chosen.name, answer

@@ -119,6 +119,31 @@ def register(sub: Any) -> None:
         help="the hosts' API tokens, lines `HOST ADMIN_TOKEN [MIGRATION_TOKEN]` (default $PYHV_CLUSTER_TOKENS)",
     )
     b.set_defaults(func=balance_command)
+    i = cmds.add_parser(
+        "init",
+        help="make the cluster's CA (for mutual TLS between hosts)",
+        description="Make a cluster CA in DIR (ca.pem, and ca.key readable by its owner only); "
+        "`pyhv cluster add-host NAME --ca DIR` signs each host's certificate with it.",
+    )
+    i.add_argument("dir", type=Path, metavar="DIR", help="where the CA goes (created)")
+    i.set_defaults(func=init_command)
+    ah = cmds.add_parser(
+        "add-host",
+        help="a host's certificate, signed by the cluster CA",
+        description="Make host NAME's certificate and key (DIR/NAME.pem, DIR/NAME.key), signed "
+        "by the cluster CA in DIR, good as a TLS server's and a client's: serve with `pyhv vmms "
+        "serve --tls-cert DIR/NAME.pem --tls-key DIR/NAME.key --tls-client-ca DIR/ca.pem`.",
+    )
+    ah.add_argument("name", metavar="NAME", help="the host's name in the cluster")
+    ah.add_argument("--ca", type=Path, required=True, metavar="DIR", help="the cluster CA's DIR")
+    ah.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="an IP address other hosts reach it at (repeatable; 127.0.0.1 is always in)",
+    )
+    ah.set_defaults(func=add_host_command)
 
 
 def simulate_command(a: argparse.Namespace) -> int:
@@ -154,6 +179,28 @@ def simulate_command(a: argparse.Namespace) -> int:
         raise CliError(f"cannot write {csv_path} / {png_path}: {e}") from None
     print(f"wrote {csv_path} and {png_path}", file=sys.stderr)
     print(json.dumps({"results": [r.summary() for r in results]}))
+    return 0
+
+
+def init_command(a: argparse.Namespace) -> int:
+    from pyhv.cluster.pki import PkiError, init
+
+    try:
+        cert = init(a.dir)
+    except PkiError as e:
+        raise CliError(str(e)) from None
+    print(f"cluster CA: {cert} (its key {a.dir / 'ca.key'}: keep it off the hosts)")
+    return 0
+
+
+def add_host_command(a: argparse.Namespace) -> int:
+    from pyhv.cluster.pki import PkiError, add_host, fingerprint
+
+    try:
+        cert, key = add_host(a.ca, a.name, tuple(a.address))
+    except PkiError as e:
+        raise CliError(str(e), 2 if "host name" in str(e) else 1) from None
+    print(f"host {a.name}: certificate {cert}, key {key}, SHA-256 {fingerprint(cert)}")
     return 0
 
 
@@ -197,6 +244,7 @@ def hosts_command(a: argparse.Namespace) -> int:
 def balance_command(a: argparse.Namespace) -> int:
     import threading
 
+    from pyhv.cli.vmms import client_tls
     from pyhv.cluster import election, provision
     from pyhv.cluster.etcd import Etcd, EtcdError
     from pyhv.cluster.executor import execute
@@ -244,6 +292,7 @@ def balance_command(a: argparse.Namespace) -> int:
                         moves,
                         {h.name: h for h in hosts},
                         tokens,
+                        tls=client_tls(a),
                         report=lambda o: print(
                             f"{o.state} {o.move.vm}: {o.move.source} -> {o.move.destination} "
                             f"in {o.seconds} s" + (f": {o.why}" if o.why else ""),
@@ -299,6 +348,7 @@ def _print_plan(snap: Any, moves: list[Any], notes: tuple[str, ...]) -> None:
 
 def create_in_cluster(a: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:
     """`pyhv vm create NAME --cluster ENDPOINTS`: placed, recorded and created on its host."""
+    from pyhv.cli.vmms import client_tls
     from pyhv.cluster import provision
     from pyhv.cluster.etcd import Etcd, EtcdError
     from pyhv.cluster.placement import NoPlacement
@@ -313,7 +363,7 @@ def create_in_cluster(a: argparse.Namespace, body: dict[str, Any]) -> dict[str, 
         raise CliError(str(e), 2) from None
     try:
         host, vm = provision.create(
-            etcd, body, tokens, tuple(a.affinity), tuple(a.anti_affinity), a.ha
+            etcd, body, tokens, tuple(a.affinity), tuple(a.anti_affinity), a.ha, client_tls(a)
         )
     except (provision.ProvisionError, NoPlacement, EtcdError, RecordError) as e:
         raise CliError(str(e)) from None

@@ -27,7 +27,7 @@ from pyhv.cluster.etcd import Etcd
 from pyhv.cluster.placement import HostSpace, NoPlacement, VmDemand, place
 from pyhv.cluster.provision import HostTokens, ProvisionError, host_client, host_spaces
 from pyhv.cluster.records import VMS, HostRecord, RecordError, VmRecord, decode
-from pyhv.vmms.client import ClientError
+from pyhv.vmms.client import ClientError, ClientTls
 
 log = logging.getLogger("pyhv.cluster")
 
@@ -86,6 +86,7 @@ def restart_orphans(
     hosts: list[HostRecord],
     tokens: Mapping[str, HostTokens],
     report: Callable[[Restart], object] = lambda r: None,
+    tls: ClientTls | None = None,
 ) -> list[Restart]:
     """Restart every orphan on a live host (the leader's HA step); what became of each."""
     lost = orphans(etcd, {h.name for h in hosts})
@@ -97,7 +98,7 @@ def restart_orphans(
     for o in lost:
         if not election.still_leading(etcd, leader):
             break
-        r = _restart(etcd, o, spaces, by_name, tokens)
+        r = _restart(etcd, o, spaces, by_name, tokens, tls)
         report(r)
         out.append(r)
     return out
@@ -109,12 +110,13 @@ def _restart(
     spaces: dict[str, HostSpace],
     hosts: Mapping[str, HostRecord],
     tokens: Mapping[str, HostTokens],
+    tls: ClientTls | None,
 ) -> Restart:
     vm, source = o.record.name, o.held.host
     demand = _demand(o.record)
     try:
         chosen = place(demand, list(spaces.values()))
-        client = host_client(hosts[chosen.name], tokens)
+        client = host_client(hosts[chosen.name], tokens, tls)
     except (NoPlacement, ProvisionError) as e:
         return Restart(vm, source, "skipped", why=str(e))
     try:

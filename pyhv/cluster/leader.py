@@ -28,6 +28,7 @@ from pyhv.cluster.snapshot import (
     snapshot,
 )
 from pyhv.counters.registry import CounterDef, CounterRegistry, CounterSetDef
+from pyhv.vmms.client import ClientTls
 
 log = logging.getLogger("pyhv.cluster")
 
@@ -110,6 +111,8 @@ class StandingLeader:
     every_s: float
     limits: Limits = field(default_factory=Limits)
     registry: CounterRegistry | None = None
+    #: Mutual TLS to the other hosts (this host's certificate, the cluster CA), or None.
+    tls: ClientTls | None = None
     outcomes: list[Outcome] = field(default_factory=list)
     restarts: list[ha.Restart] = field(default_factory=list)
 
@@ -196,6 +199,7 @@ class StandingLeader:
             report=lambda o: log.info("cluster balancer: %s %s %s->%s in %.1f s %s", o.state,
                                       o.move.vm, o.move.source, o.move.destination, o.seconds,
                                       o.why),
+            tls=self.tls,
         ):  # fmt: skip
             self.outcomes.append(o)
             if o.state == "done":
@@ -212,6 +216,7 @@ class StandingLeader:
             self.etcd, held, hosts, self.tokens(),
             report=lambda r: log.warning("HA restart: %s %s (host %s's lease ended) on %s %s",
                                          r.state, r.vm, r.source, r.host or "-", r.why),
+            tls=self.tls,
         ):  # fmt: skip
             self.restarts.append(r)
             if r.state == "restarted":

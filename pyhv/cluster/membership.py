@@ -108,7 +108,12 @@ class FenceRecord:
 
 
 def host_record(
-    name: str, vmms: HostVmms, api: str, migration: str, last_decision: Any = None
+    name: str,
+    vmms: HostVmms,
+    api: str,
+    migration: str,
+    last_decision: Any = None,
+    fingerprint: str = "",
 ) -> HostRecord:
     """The host's record from its VMMS's pool and VMs (what `publish` writes)."""
     pool = vmms.host()
@@ -161,6 +166,7 @@ def host_record(
             highest=max(pressures, default=0.0),
             short=short,
         ),
+        fingerprint=fingerprint,
         published=time.time(),
     )
 
@@ -180,6 +186,8 @@ class HostAgent:
     #: What the VMMS's host balancer decided last (for the pressure summary), or None.
     last_decision: Callable[[], Any] = lambda: None
     lease: int = 0
+    #: Its TLS certificate's SHA-256 ("" when its API is plain HTTP).
+    fingerprint: str = ""
     fences: list[FenceRecord] = field(default_factory=list)
     #: Set each time the host fenced itself (tests and the log wait on it).
     fenced: threading.Event = field(default_factory=threading.Event)
@@ -282,7 +290,14 @@ class HostAgent:
 
     def _record(self) -> str:
         return encode(
-            host_record(self.name, self.vmms, self.api, self.migration, self.last_decision())
+            host_record(
+                self.name,
+                self.vmms,
+                self.api,
+                self.migration,
+                self.last_decision(),
+                self.fingerprint,
+            )
         )
 
     def publish(self) -> None:
@@ -449,6 +464,7 @@ def join(
     migration: str = "127.0.0.1",
     ttl_s: int = DEFAULT_TTL_S,
     last_decision: Callable[[], Any] = lambda: None,
+    fingerprint: str = "",
 ) -> HostAgent:
     """What `pyhv vmms serve --cluster ENDPOINTS --host NAME` calls: the host joins and stays
     in the cluster until `close()`. JoinError (with the remedy) if it cannot."""
@@ -462,8 +478,9 @@ def join(
         check_host_name(host)
         margin = min(DEFAULT_MARGIN_S, ttl_s / 2)
         agent = HostAgent(
-            etcd, host, vmms, api, migration, ttl_s, margin, last_decision=last_decision
-        )
+            etcd, host, vmms, api, migration, ttl_s, margin, last_decision=last_decision,
+            fingerprint=fingerprint,
+        )  # fmt: skip
     except (ValueError, FencingError) as e:
         raise JoinError(str(e)) from None
     agent.start()

@@ -109,7 +109,7 @@ class HostRecord(Struct, frozen=True, forbid_unknown_fields=True):
     reserve: Bytes
     vms: list[VmSummary] = []
     pressure: PressureSummary = PressureSummary()
-    fingerprint: str = ""  # its TLS certificate's SHA-256, once hosts use mutual TLS (next)
+    fingerprint: str = ""  # its TLS certificate's SHA-256 (pyhv.cluster.pki); "": plain HTTP
     published: float = 0.0  # wall-clock time of this record
 
 

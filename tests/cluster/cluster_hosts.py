@@ -6,10 +6,11 @@ highly available guest and measures how soon the guest's console answers on anot
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,17 @@ from tests.support.wait import wait_for
 from tests.vmms.vmms_process import ROOT, VmmsProcess
 
 
-def pyhv(*args: str, timeout: float = 280) -> subprocess.CompletedProcess[str]:
+def pyhv(
+    *args: str, timeout: float = 280, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`pyhv ARGS` (with `env` added to the environment)."""
     r = subprocess.run(
         [sys.executable, "-m", "pyhv.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
     assert "Traceback" not in r.stderr, r.stderr
     return r
@@ -42,15 +47,17 @@ def cluster_hosts(
     budgets: dict[str, str],
     lease_ttl: int = 5,
     extra: Sequence[str] = (),
+    per_host: Callable[[str], Sequence[str]] = lambda name: (),
 ) -> Iterator[tuple[dict[str, VmmsProcess], Path]]:
     """A `pyhv vmms serve --cluster E --host NAME` per name (with its memory budget), all
-    joined (`extra`: more `vmms serve` arguments), and a tokens file (tmp/tokens, lines
-    `HOST ADMIN_TOKEN MIGRATION_TOKEN`) for them; the hosts stop on exit."""
+    joined (`extra`: more `vmms serve` arguments; `per_host(NAME)`: host NAME's own, e.g. its
+    certificate), and a tokens file (tmp/tokens, lines `HOST ADMIN_TOKEN MIGRATION_TOKEN`) for
+    them; the hosts stop on exit."""
     hosts: dict[str, VmmsProcess] = {}
     try:
         for name, budget in budgets.items():
             args = ["--cluster", etcd.endpoints[0], "--host", name, "--lease-ttl", str(lease_ttl)]
-            args += extra
+            args += [*extra, *per_host(name)]
             hosts[name] = VmmsProcess(tmp, name, budget, extra=tuple(args))
         wait_for(lambda: len(etcd.get_prefix(HOSTS)[0]) == len(budgets), 30, "the hosts joined")
         tokens = tmp / "tokens"

@@ -48,17 +48,22 @@ def cluster_hosts(
     lease_ttl: int = 5,
     extra: Sequence[str] = (),
     per_host: Callable[[str], Sequence[str]] = lambda name: (),
+    wrap: Callable[[str], Sequence[str]] = lambda name: (),
+    tcp: Callable[[str], str] = lambda name: "127.0.0.1:0",
 ) -> Iterator[tuple[dict[str, VmmsProcess], Path]]:
     """A `pyhv vmms serve --cluster E --host NAME` per name (with its memory budget), all
-    joined (`extra`: more `vmms serve` arguments; `per_host(NAME)`: host NAME's own, e.g. its
-    certificate), and a tokens file (tmp/tokens, lines `HOST ADMIN_TOKEN MIGRATION_TOKEN`) for
-    them; the hosts stop on exit."""
+        joined (`extra`: more `vmms serve` arguments; `per_host(NAME)`: host NAME's own, e.g. its
+        certificate; `wrap(NAME)`, `tcp(NAME)`: its command prefix and API address, e.g. a network
+    namespace's), and a tokens file (tmp/tokens, lines `HOST ADMIN_TOKEN MIGRATION_TOKEN`) for
+        them; the hosts stop on exit."""
     hosts: dict[str, VmmsProcess] = {}
     try:
         for name, budget in budgets.items():
             args = ["--cluster", etcd.endpoints[0], "--host", name, "--lease-ttl", str(lease_ttl)]
             args += [*extra, *per_host(name)]
-            hosts[name] = VmmsProcess(tmp, name, budget, extra=tuple(args))
+            hosts[name] = VmmsProcess(
+                tmp, name, budget, extra=tuple(args), wrap=tuple(wrap(name)), tcp=tcp(name)
+            )
         wait_for(lambda: len(etcd.get_prefix(HOSTS)[0]) == len(budgets), 30, "the hosts joined")
         tokens = tmp / "tokens"
         tokens.touch(mode=0o600)

@@ -1,5 +1,6 @@
-"""`pyhv cluster ...`: the fleet simulator (`simulate`) and the cluster balancer's plan for a
-live cluster (`balance --dry-run`). docs/cluster.md."""
+"""`pyhv cluster ...`: the fleet simulator (`simulate`), the live hosts (`hosts`), the cluster
+balancer (`balance [--dry-run]`), the cluster CA (`init`, `add-host`); and `pyhv vm list/show
+--cluster`, `pyhv vm create --cluster` (where VMs of the cluster run). docs/cluster.md."""
 
 from __future__ import annotations
 

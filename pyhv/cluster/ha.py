@@ -98,13 +98,13 @@ def restart_orphans(
     for o in lost:
         if not election.still_leading(etcd, leader):
             break
-        r = _restart(etcd, o, spaces, by_name, tokens, tls)
+        r = restart_one(etcd, o, spaces, by_name, tokens, tls)
         report(r)
         out.append(r)
     return out
 
 
-def _restart(
+def restart_one(
     etcd: Etcd,
     o: Orphan,
     spaces: dict[str, HostSpace],

@@ -128,6 +128,7 @@ class StandingLeader:
         self._counters = None if self.registry is None else self.registry.register(CLUSTER_SET)
         self._seconds = 0.0
         self._decided_at = 0.0
+        self._ha_why: dict[str, tuple[str, str]] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="cluster-leader", daemon=True)
@@ -212,12 +213,15 @@ class StandingLeader:
         hosts = read_hosts(self.etcd)
         if not ha.orphans(self.etcd, {h.name for h in hosts}):
             return
-        for r in ha.restart_orphans(
-            self.etcd, held, hosts, self.tokens(),
-            report=lambda r: log.warning("HA restart: %s %s (host %s's lease ended) on %s %s",
-                                         r.state, r.vm, r.source, r.host or "-", r.why),
-            tls=self.tls,
-        ):  # fmt: skip
+        for r in ha.restart_orphans(self.etcd, held, hosts, self.tokens(), tls=self.tls):
+            # A VM that fits nowhere is tried again every HA_EVERY_S: logged when its reason changes.
+            if self._ha_why.get(r.vm) != (r.state, r.why):
+                self._ha_why[r.vm] = (r.state, r.why)
+                log.warning("HA restart: %s %s (host %s's lease ended) on %s %s",
+                            r.state, r.vm, r.source, r.host or "-", r.why)  # fmt: skip
+            if r.state == "skipped":
+                continue
+            self._ha_why.pop(r.vm, None)
             self.restarts.append(r)
             if r.state == "restarted":
                 self.counts["HA Restarts"] += 1

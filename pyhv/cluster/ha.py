@@ -112,6 +112,7 @@ def restart_one(
     tokens: Mapping[str, HostTokens],
     tls: ClientTls | None,
 ) -> Restart:
+    """Steps 2-4 for one orphan, on the hosts `spaces` (updated with what it took)."""
     vm, source = o.record.name, o.held.host
     demand = _demand(o.record)
     try:

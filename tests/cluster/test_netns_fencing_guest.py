@@ -2,8 +2,9 @@
 bridge, the hosts speaking mutual TLS with certificates from `pyhv cluster add-host`: a host
 whose link is set down (cut off from etcd and from the other hosts) fences itself, stopping its
 highly available guest before its lease can end; only then does the leader start the guest on
-the other host (with a newer owner token), so it never runs on both. When the link comes back
-the cut-off host joins again and cannot start the guest: the cluster gives it to the other."""
+the other host (with a newer owner token), so it never runs on both. While cut off the host
+starts nothing (it holds no lease); when the link comes back it joins again and still cannot
+start the guest: the cluster gives it to the other."""
 
 from __future__ import annotations
 
@@ -91,6 +92,9 @@ def test_a_host_cut_off_fences_itself_before_its_ha_guest_restarts_elsewhere(
                 now = ownership.owner(etcd, "g")
                 assert now is not None and now.host == "b" and now.token > held.token
                 assert "ticks" in b.shell("g", "ticks", b"ticks: ")  # it answers on b
+                # Cut off, with no lease, host a starts nothing.
+                out = a.vm("start", "g", check=False)
+                assert "holds no lease in the cluster" in out, out
                 lab.restore("a")
 
                 def rejoined() -> bool:

@@ -143,7 +143,7 @@ class VmmsProcess(VmmsCli):
             env["PYHV_TEST_HOOKS"] = "1"
         self.proc = subprocess.Popen(
             [
-                *wrap,  # e.g. `ip netns exec NS` (tests/support/netns.py)
+                *wrap,  # e.g. `nsenter --net=...` (pyhv.cluster.lab)
                 sys.executable,
                 "-m",
                 "pyhv.cli",

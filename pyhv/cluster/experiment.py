@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -69,11 +70,17 @@ def _wait(what: str, f: Any, timeout: float, run: Run, interval: float = 0.2) ->
     raise ClusterExperimentError(f"{what}: not within {timeout:.0f} s (logs in {run.tmp})")
 
 
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
 def _etcd(run: Run, address: str) -> tuple[subprocess.Popen[bytes], str]:
     binary = shutil.which("etcd") or "/usr/bin/etcd"
     if not os.path.exists(binary):
         raise ClusterExperimentError("etcd is not installed: apt-get install etcd-server")
-    port, peer = 23790 + os.getpid() % 1000, 24790 + os.getpid() % 1000
+    port, peer = _free_port(address), _free_port("127.0.0.1")
     endpoint = f"http://{address}:{port}"
     log = open(run.tmp / "etcd.log", "wb")
     proc = subprocess.Popen(

@@ -205,7 +205,8 @@ def run_cluster_experiment(out: Path, lease_ttl: int = 5, commit_mib: int = 380)
         out.parent.mkdir(parents=True, exist_ok=True)
     _write_csv(run, out.with_suffix(".csv"))
     _write_png(run, out.with_suffix(".png"), hot_host)
-    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')} (logs in {tmp})")
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+    shutil.rmtree(tmp, ignore_errors=True)  # the hosts' state and logs (kept when a step failed)
     return {
         "hosts": len(HOST_NAMES),
         "migrations": moves,

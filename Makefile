@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint guest clean
+.PHONY: demo cluster-demo test bench lint guest clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ guest: $(STAMP)
 # The book's "Watching Dynamic Memory" at a quarter of the book's lazy delays (about 90 s).
 demo: $(STAMP)
 	$(PY) -m pyhv.cli experiment watch-dynamic-memory --time-scale 0.25
+
+# Three hosts as network namespaces (root): a short host relieved by live migration, then
+# killed; its HA VMs restart elsewhere (about a minute; docs/cluster.md).
+cluster-demo: $(STAMP)
+	$(PY) -m pyhv.cli experiment cluster --out out/cluster/cluster
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pyhv tests bench tools

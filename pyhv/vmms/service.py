@@ -174,6 +174,11 @@ class Vmms:
         #: Called with (VM name, status) for every memory status the pool took, in the order it
         #: took them, on the worker's reader thread (an experiment's record of every change).
         self.status_listeners: list[Callable[[str, MemoryStatus], object]] = []
+        #: Called with a VM's name before it starts; one raising Conflict refuses the start
+        #: (the cluster's: a host without a lease, or not the VM's owner, starts nothing).
+        self.start_guards: list[Callable[[str], object]] = []
+        #: Called with a VM's name after the administrator stopped it (`stop`).
+        self.stop_listeners: list[Callable[[str], object]] = []
         self._worker_factory = worker_factory
         self._stop_timeout = stop_timeout
         self._lock = threading.RLock()
@@ -388,6 +393,8 @@ class Vmms:
     def start(self, name: str, *, restart: bool = False) -> dict[str, Any]:
         with self._lock:
             settings = self._get(name).settings
+        for guard in self.start_guards:
+            guard(name)
         try:
             # Outside the lock: the bundled guest may have to be built first.
             image = self.images.resolve(settings.image)
@@ -559,6 +566,8 @@ class Vmms:
             if vm.worker is None:
                 raise Conflict(f"VM {name!r} is {vm.state}, not running")
         self._halt(vm, "stopped by the administrator")
+        for listener in self.stop_listeners:
+            listener(name)
         with self._lock:
             return self._describe(vm)
 

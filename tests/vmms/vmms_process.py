@@ -127,6 +127,7 @@ class VmmsProcess(VmmsCli):
         test_hooks: bool = True,
         tcp: str = "127.0.0.1:0",
         extra: tuple[str, ...] = (),
+        wrap: tuple[str, ...] = (),
     ) -> None:
         super().__init__(tmp / name)
         self.log = open(tmp / f"{name}.log", "w+")
@@ -142,6 +143,7 @@ class VmmsProcess(VmmsCli):
             env["PYHV_TEST_HOOKS"] = "1"
         self.proc = subprocess.Popen(
             [
+                *wrap,  # e.g. `nsenter --net=...` (pyhv.cluster.lab)
                 sys.executable,
                 "-m",
                 "pyhv.cli",
@@ -167,7 +169,9 @@ class VmmsProcess(VmmsCli):
         def served() -> str:
             assert self.proc.poll() is None, Path(self.log.name).read_text()
             m = re.search(r"https?://([\d.]+):(\d+)/", Path(self.log.name).read_text())
-            return f"127.0.0.1:{m[2]}" if m else ""  # (0.0.0.0 is reached at 127.0.0.1 too)
+            if not m:
+                return ""
+            return f"{'127.0.0.1' if m[1] == '0.0.0.0' else m[1]}:{m[2]}"  # 0.0.0.0: loopback too
 
         self.address = wait_for(served, 60, "the VMMS saying where it serves")
         #: What a source VMMS needs to bring a VM here (pyhv vm migrate --token-file).

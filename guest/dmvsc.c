@@ -227,7 +227,8 @@ static void send_caps(void)
 }
 
 /* num_committed as Linux's hv_balloon: committed + ballooned + (added - onlined) + floor; the pmm
- * onlines hot-added memory at once, so the third term is 0 */
+ * onlines hot-added memory at once, so the third term is 0; the floor is of at most the boot RAM
+ * (pmm.c), so a hot-add does not raise the demand it answered */
 static void send_status(void)
 {
     if (dm.out_len) { /* a transaction message waits for room: it goes first */

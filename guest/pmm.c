@@ -525,10 +525,18 @@ int pmm_hot_add(u64 base, u64 pages)
     return r ? -1 : 0;
 }
 
-/* Linux hv_balloon's compute_balloon_floor(): never balloon the guest below this many pages */
+/* Linux hv_balloon's compute_balloon_floor(): never balloon the guest below this many pages.
+ * Linux sizes it by totalram_pages, which hot-added memory raises; the floor is also part of the
+ * committed memory the DM status reports, so each hot-add would raise the demand it answered
+ * (by 1/8 of the add between 512 MiB and 2 GiB: the host adds again, smaller and smaller, and
+ * with a buffer of (slope^-1 - 1) or more, 700 % there, it runs to the VM's maximum). Here the
+ * RAM it is sized by is at most the boot RAM: memory the host adds does not raise the demand,
+ * and ballooning lowers the floor as in Linux (ballooned pages leave totalram_pages). */
 static u64 balloon_floor(void)
 {
     u64 ram = n_visible - n_ballooned, mb = 256; /* pages per MiB */
+    if (ram > n_visible - n_hot_added)
+        ram = n_visible - n_hot_added; /* the boot RAM: docs/guest-vsc.md, "the floor" */
     if (ram < 128 * mb)
         return 8 * mb + ram / 2;
     if (ram < 512 * mb)

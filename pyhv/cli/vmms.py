@@ -127,6 +127,13 @@ def register(sub: Any) -> None:
         help="a worker's memory beyond its guest's: its cgroup limit is assigned + this "
         "(default 96M)",
     )
+    s.add_argument(
+        "--stop-vms-on-exit",
+        action="store_true",
+        help="stop every running VM when the VMMS stops (SIGTERM, Ctrl-C). Default: as "
+        "Hyper-V's VMMS service stop, the VMs run on in their workers and the next `pyhv vmms "
+        "serve` on this state directory adopts them",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="log every request")
     s.set_defaults(func=serve_command)
 
@@ -225,7 +232,16 @@ def serve_command(a: argparse.Namespace) -> int:
         while not done.wait(0.5):
             pass
     finally:
-        print("VMMS stopping: stopping the running VMs", file=sys.stderr, flush=True)
+        print(
+            "VMMS stopping: "
+            + (
+                "stopping the running VMs"
+                if a.stop_vms_on_exit
+                else "the running VMs run on (the next VMMS on this state directory adopts them)"
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
         servers.close()
-        vmms.close()
+        vmms.close(stop_vms=a.stop_vms_on_exit)
     return 0

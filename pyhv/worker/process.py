@@ -79,6 +79,10 @@ class WorkerProcess:
         #: incoming worker has none until its VM arrives).
         self.max_file_bytes: int | None = None
         self._jailed_pid: int | None = None
+        #: (a listening Unix socket, the secret): the worker outlives its owner and a new one
+        #: may adopt it there (pyhv.worker.adoption; the VMMS sets it). None: it stops its VM
+        #: when this handle's socket closes, as `pyhv run --process` wants.
+        self.adoption: tuple[socket.socket, str] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -99,25 +103,36 @@ class WorkerProcess:
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [sys.executable, "-m", "pyhv.worker", "--fd", str(theirs.fileno())]
+        fds = [theirs.fileno()]
+        if self.adoption is not None:
+            fds.append(self.adoption[0].fileno())
+            argv.append(f"--adopt-fd={fds[1]}")
         try:
             if self.jail is None:
                 self._proc = subprocess.Popen(
-                    [*self.command_prefix, *argv], pass_fds=(theirs.fileno(),), env=dict(os.environ)
+                    [*self.command_prefix, *argv],
+                    pass_fds=fds,
+                    env=dict(os.environ),
+                    # Its own session: a Ctrl-C meant for the VMMS does not reach a worker that
+                    # is to outlive it.
+                    start_new_session=self.adoption is not None,
                 )
             else:
                 largest = self.max_file_bytes or max(self.config.memory, self.config.maximum)
-                self._start_jailed(argv + [f"--confine={largest}"], theirs.fileno())
+                self._start_jailed([*argv, f"--confine={largest}"], fds)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
+            if self.adoption is not None:
+                self.adoption[0].close()  # the worker holds it now
         self._sock = ours
         protocol.send_message(ours, self._first_message())
         self._reader = threading.Thread(target=self._read_loop, name="worker-reader", daemon=True)
         self._reader.start()
 
-    def _start_jailed(self, argv: list[str], sock_fd: int) -> None:
+    def _start_jailed(self, argv: list[str], fds: list[int]) -> None:
         """Start the worker in its jail; put it in its memory cgroup before it execs."""
         import json
 
@@ -129,7 +144,7 @@ class WorkerProcess:
         try:
             cmd = jail.command(self.jail, argv, info_fd=info_w, block_fd=block_r)
             self._proc = subprocess.Popen(
-                [*self.command_prefix, *cmd], pass_fds=(sock_fd, info_w, block_r), env={}
+                [*self.command_prefix, *cmd], pass_fds=(*fds, info_w, block_r), env={}
             )
             os.close(info_w)
             os.close(block_r)
@@ -161,7 +176,8 @@ class WorkerProcess:
     def _first_message(self) -> Any:
         from pyhv.worker.messages import PROTOCOL_VERSION, Boot
 
-        return Boot(self.config.to_dict(), PROTOCOL_VERSION)
+        secret = None if self.adoption is None else self.adoption[1]
+        return Boot(self.config.to_dict(), PROTOCOL_VERSION, adoption_secret=secret)
 
     def _read_loop(self) -> None:
         from pyhv.worker import messages as m

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -111,11 +112,26 @@ class VmmsCli:
 
 
 class VmmsProcess(VmmsCli):
-    """A `pyhv vmms serve --tcp 127.0.0.1:0` in its own state directory."""
+    """A `pyhv vmms serve --tcp 127.0.0.1:0` in its own state directory. It stops its VMs when
+    it stops (--stop-vms-on-exit), unless `extra` says otherwise; `restarted()` starts another
+    on the same state directory (after a kill(), say), logging to NAME.N.log."""
 
-    def __init__(self, tmp: Path, name: str, budget: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        budget: str,
+        *,
+        extra: tuple[str, ...] = ("--stop-vms-on-exit",),
+        env: dict[str, str] | None = None,
+        generation: int = 0,
+    ) -> None:
         super().__init__(tmp / name)
-        self.log = open(tmp / f"{name}.log", "w+")
+        self._args = (tmp, name, budget)
+        self.extra = extra
+        self.generation = generation
+        suffix = f".{generation}" if generation else ""
+        self.log = open(tmp / f"{name}{suffix}.log", "w+")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -131,10 +147,12 @@ class VmmsProcess(VmmsCli):
                 budget,
                 "--host-reserve",
                 "256M",
+                *extra,
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env=None if env is None else {**os.environ, **env},
         )
 
         def served() -> str:
@@ -145,7 +163,28 @@ class VmmsProcess(VmmsCli):
         self.address = wait_for(served, 60, "the VMMS saying where it serves")
         self.token_file = self.state / "token"
 
+    def kill(self) -> None:
+        """kill -9 the VMMS (its workers are not its to take along)."""
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+    def restarted(self, env: dict[str, str] | None = None) -> VmmsProcess:
+        """Another `pyhv vmms serve` on this state directory (this one has exited)."""
+        assert self.proc.poll() is not None, "stop or kill this VMMS first"
+        tmp, name, budget = self._args
+        return VmmsProcess(
+            tmp, name, budget, extra=self.extra, env=env, generation=self.generation + 1
+        )
+
+    def log_text(self) -> str:
+        return Path(self.log.name).read_text()
+
     def close(self) -> None:
+        if self.proc.poll() is not None:
+            if not self.log.closed:
+                self.log.close()
+            return
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(30)
@@ -205,3 +244,47 @@ def migrate_api(
         return r if r["state"] in ("done", "failed", "in-doubt") else None
 
     return wait_for(ended, 120, f"migration {rec['id']} ending")
+
+
+def recorded_workers(state: Path) -> list[dict[str, Any]]:
+    """The worker records a VMMS keeps in STATE/run (pyhv.vmms.adoption)."""
+    return [json.loads(p.read_text()) for p in sorted((state / "run").glob("*.json"))]
+
+
+def kill_recorded_workers(state: Path) -> None:
+    """Clean-up after a test that killed a VMMS: SIGKILL every worker recorded in `state` that
+    still runs (same pid and start time)."""
+    from pyhv.vmms.adoption import WorkerRecord, alive
+
+    for raw in recorded_workers(state):
+        rec = WorkerRecord.from_dict(raw)
+        if alive(rec):
+            try:
+                os.kill(rec.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def worker_pids(state: Path, name: str) -> list[int]:
+    """Worker processes on this host holding VM `name`'s adoption socket of the VMMS in `state`
+    (its listening socket's inode in /proc/net/unix, then each process's fds): how many copies
+    of the VM run under that state directory, whatever any VMMS says."""
+    path = str(state / "run" / f"{name}.sock")
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 8 and parts[7] == path:
+            inodes.add(f"socket:[{parts[6]}]")
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"pyhv.worker" not in (entry / "cmdline").read_bytes():
+                continue
+            fds = {os.readlink(fd) for fd in (entry / "fd").iterdir()}
+        except OSError:
+            continue
+        if fds & inodes:
+            pids.append(int(entry.name))
+    return sorted(pids)

@@ -125,6 +125,7 @@ class VmmsProcess(VmmsCli):
         extra: tuple[str, ...] = ("--stop-vms-on-exit",),
         env: dict[str, str] | None = None,
         generation: int = 0,
+        tcp: str = "127.0.0.1:0",
     ) -> None:
         super().__init__(tmp / name)
         self._args = (tmp, name, budget)
@@ -142,7 +143,7 @@ class VmmsProcess(VmmsCli):
                 "--state-dir",
                 str(self.state),
                 "--tcp",
-                "127.0.0.1:0",
+                tcp,
                 "--memory-budget",
                 budget,
                 "--host-reserve",
@@ -170,11 +171,18 @@ class VmmsProcess(VmmsCli):
         self.log.close()
 
     def restarted(self, env: dict[str, str] | None = None) -> VmmsProcess:
-        """Another `pyhv vmms serve` on this state directory (this one has exited)."""
+        """Another `pyhv vmms serve` on this state directory and TCP address (this one has
+        exited), as a restarted service would be: a peer that knew it finds it again."""
         assert self.proc.poll() is not None, "stop or kill this VMMS first"
         tmp, name, budget = self._args
         return VmmsProcess(
-            tmp, name, budget, extra=self.extra, env=env, generation=self.generation + 1
+            tmp,
+            name,
+            budget,
+            extra=self.extra,
+            env=env,
+            generation=self.generation + 1,
+            tcp=self.address,
         )
 
     def log_text(self) -> str:

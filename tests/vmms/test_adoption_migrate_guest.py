@@ -1,0 +1,215 @@
+"""No way to lose a VM, or run it twice (issue 11, finding 5): a live migration between two real
+`pyhv vmms serve` processes with the reference guest, one VMMS killed with SIGKILL at each phase
+and started again. Afterwards exactly one worker process runs the VM on the host (counted by
+its adoption socket, whatever either VMMS says), the VMMS whose inventory holds it running is
+the one whose state directory that worker belongs to, and its guest's console answers there.
+
+The destination VMMS dies (``PYHV_TEST_VMMS_EXIT``, pyhv.vmms.migration.test_exit_point):
+before it answered prepare; during pre-copy (killed while the source sends, slowed by a
+bandwidth limit); after the final state and COMMIT, once it recorded the VM but before it told
+its worker to resume (the worker then never resumes: the source, in doubt, asks the restarted
+destination and resumes its own copy); after its worker resumed (the restarted VMMS re-adopts
+it). The source VMMS dies during pre-copy: its worker finishes the migration worker to worker,
+and the restarted source learns from the worker's end report that the VM left."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.wait import wait_for
+from tests.vmms.vmms_process import (
+    VmmsProcess,
+    kill_recorded_workers,
+    touched,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.guest
+
+EXIT = "PYHV_TEST_VMMS_EXIT"
+
+
+class Pair:
+    """Hosts A (source, 3G) and B (destination, 1G); every generation of each is stopped and
+    every worker they recorded killed at the end."""
+
+    def __init__(self, tmp: Path, b_exit: str | None = None) -> None:
+        self.gens: list[VmmsProcess] = []
+        self.a = self._add(VmmsProcess(tmp, "a", "3G"))
+        self.b = self._add(VmmsProcess(tmp, "b", "1G", env={EXIT: b_exit} if b_exit else None))
+
+    def _add(self, h: VmmsProcess) -> VmmsProcess:
+        self.gens.append(h)
+        return h
+
+    def restart_a(self) -> VmmsProcess:
+        self.a = self._add(self.a.restarted())
+        return self.a
+
+    def restart_b(self) -> VmmsProcess:
+        self.b = self._add(self.b.restarted())
+        return self.b
+
+    def copies(self, name: str) -> tuple[list[int], list[int]]:
+        """Worker processes of VM `name` under A's and under B's state directory."""
+        return worker_pids(self.a.state, name), worker_pids(self.b.state, name)
+
+    def close(self) -> None:
+        for h in reversed(self.gens):
+            h.close()
+        for h in (self.a, self.b):
+            kill_recorded_workers(h.state)
+
+
+@pytest.fixture
+def pair_factory(tmp_path: Path) -> Iterator[Any]:
+    made: list[Pair] = []
+
+    def make(b_exit: str | None = None) -> Pair:
+        made.append(Pair(tmp_path, b_exit))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            p.close()
+
+
+def _start_vm(h: VmmsProcess, name: str, dirty: int = 0) -> int:
+    h.vm("create", name, "--memory", "256M")
+    h.vm("start", name)
+    if dirty:
+        assert "dirty" in h.shell(name, f"dirty {dirty}")
+        wait_for(lambda: touched(h, name) >= dirty * 256, 60, f"{dirty} MiB touched")
+    return int(h.show(name)["pid"])
+
+
+def _migrate(p: Pair, name: str, **options: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = p.a.client.request(
+        "POST",
+        f"/api/vms/{name}/migrate",
+        {
+            "destination": p.b.address,
+            "token": p.b.token_file.read_text().strip(),
+            "options": options,
+        },
+    )
+    return rec
+
+
+def _record(h: VmmsProcess, mid: str) -> dict[str, Any]:
+    return h.client.request("GET", f"/api/migrations/{mid}")  # type: ignore[no-any-return]
+
+
+def _ended(h: VmmsProcess, mid: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (r := _record(h, mid))["state"] in ("done", "failed", "in-doubt") and r,
+        180,
+        f"migration {mid} ending",
+    )
+
+
+def _one_copy_at(p: Pair, host: VmmsProcess, name: str) -> int:
+    """Exactly one worker runs `name`, under `host`'s state directory, which shows it running
+    with that pid and whose console reaches its guest; the other VMMS does not hold it."""
+    other = p.b if host is p.a else p.a
+
+    def settled() -> int | None:
+        a, b = p.copies(name)
+        mine, theirs = (a, b) if host is p.a else (b, a)
+        return mine[0] if len(mine) == 1 and not theirs else None
+
+    pid = wait_for(settled, 90, f"one copy of {name} under {host.state.name}")
+    shown = host.show(name)
+    assert shown["state"] == "running" and shown["pid"] == pid, shown
+    assert name not in other.names()
+    assert host.ticks(name) > 0
+    return pid
+
+
+def test_the_destination_vmms_killed_before_it_answered_prepare_leaves_the_vm_at_the_source(
+    pair_factory: Any,
+) -> None:
+    p = pair_factory("prepare")
+    pid = _start_vm(p.a, "vm1")
+    rec = _migrate(p, "vm1")
+    rec = _ended(p.a, rec["id"])
+    assert rec["state"] == "failed", rec
+    p.b.proc.wait(30)
+    p.restart_b()
+    assert _one_copy_at(p, p.a, "vm1") == pid
+
+
+def test_the_destination_vmms_killed_during_pre_copy_leaves_the_vm_at_the_source(
+    pair_factory: Any,
+) -> None:
+    p = pair_factory()
+    pid = _start_vm(p.a, "vm1", dirty=16)
+    rec = _migrate(p, "vm1", bandwidth=2 << 20)
+    wait_for(
+        lambda: (_record(p.a, rec["id"])["progress"] or {}).get("phase") == "pass1",
+        60,
+        "the first pass under way",
+    )
+    p.b.kill()
+    rec = _ended(p.a, rec["id"])
+    assert rec["state"] == "failed", rec
+    p.restart_b()
+    assert _one_copy_at(p, p.a, "vm1") == pid
+
+
+def test_the_destination_vmms_killed_after_commit_before_confirming_leaves_the_vm_at_the_source(
+    pair_factory: Any,
+) -> None:
+    p = pair_factory("committed")
+    pid = _start_vm(p.a, "vm1")
+    rec = _migrate(p, "vm1")
+    p.b.proc.wait(120)  # it recorded the VM, then died before its worker could resume it
+    # The source is in doubt (COMMIT went, RESUMED never came) and asks B until it answers.
+    p.restart_b()
+    rec = _ended(p.a, rec["id"])
+    assert rec["state"] == "failed" and "does not run the VM: resumed here" in rec["error"], rec
+    assert _one_copy_at(p, p.a, "vm1") == pid
+    assert "vm1" not in p.b.names()  # the record of an arrival that never ran is forgotten
+
+
+def test_the_destination_vmms_killed_after_its_worker_resumed_re_adopts_it(
+    pair_factory: Any,
+) -> None:
+    p = pair_factory("resumed")
+    _start_vm(p.a, "vm1")
+    rec = _migrate(p, "vm1")
+    rec = _ended(p.a, rec["id"])
+    assert rec["state"] == "done", rec
+    p.b.proc.wait(60)
+    running = p.copies("vm1")[1]
+    assert len(running) == 1  # it runs on, unowned
+    p.restart_b()
+    assert _one_copy_at(p, p.b, "vm1") == running[0]
+    # The restarted destination still answers for the arrival (a source in doubt would ask).
+    assert _record(p.b, rec["remote_id"])["state"] == "running"
+
+
+def test_the_source_vmms_killed_during_pre_copy_its_worker_finishes_and_the_restart_learns_it(
+    pair_factory: Any,
+) -> None:
+    p = pair_factory()
+    _start_vm(p.a, "vm1", dirty=16)
+    rec = _migrate(p, "vm1", bandwidth=2 << 20)
+    wait_for(
+        lambda: (_record(p.a, rec["id"])["progress"] or {}).get("phase") == "pass1",
+        60,
+        "the first pass under way",
+    )
+    p.a.kill()
+    # The workers carry on without it: the VM arrives at B and runs there.
+    wait_for(lambda: "vm1" in p.b.names() and p.b.state_of("vm1") == "running", 180, "vm1 at B")
+    a = p.restart_a()
+    pid = _one_copy_at(p, p.b, "vm1")
+    assert "vm1" not in a.names()  # its worker's end report said it migrated
+    assert pid == p.b.show("vm1")["pid"]

@@ -91,6 +91,15 @@ def start_time(pid: int) -> int | None:
         return None
 
 
+def age(start: int) -> float:
+    """Seconds since a process of start time `start` (clock ticks after boot) started."""
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start / os.sysconf("SC_CLK_TCK"))
+
+
 def alive(rec: WorkerRecord) -> bool:
     """The recorded worker still runs (same pid, same start time, not a zombie)."""
     if start_time(rec.pid) != rec.start_time:

@@ -29,6 +29,7 @@ from pyhv.vmms.adoption import (
     AdoptionError,
     RunDirectory,
     WorkerRecord,
+    age,
     alive,
     start_time,
 )
@@ -443,6 +444,10 @@ class Vmms:
             try:
                 cgroup = self._jail(worker, config)
                 secret = self._adoptable(name, worker)
+                if secret is not None:  # recorded before it is told to boot: never unrecorded
+                    worker.on_spawned = (  # type: ignore[attr-defined]
+                        lambda: self._record_worker(name, worker, secret, cgroup)
+                    )
                 worker.start()
             except OSError as e:
                 vm.worker, vm.state, vm.reason = None, CRASHED, f"the worker did not start: {e}"
@@ -451,8 +456,6 @@ class Vmms:
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
             vm.memory = WorkerMemory(name, worker.pid, cgroup, overhead)
-            if secret is not None:
-                self._record_worker(name, worker, secret, cgroup)
             vm.state, vm.started_at = RUNNING, time.monotonic()
             log.info(
                 "VM %s started: worker pid %s%s",
@@ -607,7 +610,7 @@ class Vmms:
             vm.worker = worker
             vm.memory = WorkerMemory(name, rec.pid, cgroup, overhead)
             vm.state, vm.reason = RUNNING, f"adopted (worker pid {rec.pid})"
-            vm.started_at = time.monotonic()
+            vm.started_at = time.monotonic() - age(rec.start_time)  # the worker's own uptime
             if status is not None and vm.memory is not None:
                 vm.memory.after_status(status.assigned_pages, status.busy)
         self._subscribe(name, worker)

@@ -83,6 +83,9 @@ class WorkerProcess:
         #: may adopt it there (pyhv.worker.adoption; the VMMS sets it). None: it stops its VM
         #: when this handle's socket closes, as `pyhv run --process` wants.
         self.adoption: tuple[socket.socket, str] | None = None
+        #: Called once the process exists (its pid known) and before it is told what to run:
+        #: the VMMS records it there, so no worker ever runs a VM unrecorded.
+        self.on_spawned: Callable[[], object] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -128,6 +131,12 @@ class WorkerProcess:
             if self.adoption is not None:
                 self.adoption[0].close()  # the worker holds it now
         self._sock = ours
+        if self.on_spawned is not None:
+            try:
+                self.on_spawned()
+            except BaseException:
+                self.close(1.0)
+                raise
         protocol.send_message(ours, self._first_message())
         self._reader = threading.Thread(target=self._read_loop, name="worker-reader", daemon=True)
         self._reader.start()

@@ -75,6 +75,7 @@ def test_a_vmms_killed_with_sigkill_re_adopts_its_jailed_worker_whose_vm_answers
     after = b.show("dm")
     assert after["state"] == "running", after
     assert after["pid"] == pid and after["jail_uid"] == uid
+    assert after["uptime_s"] >= before["uptime_s"]  # the worker's, not the new VMMS's
     # The pool counts its memory again; its cgroup is the one it was started in.
     assert b.free() == free_before
     assert after["enforcement"]["cgroup_limit"] == 512 * MIB + after["enforcement"]["overhead"]

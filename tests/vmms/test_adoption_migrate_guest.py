@@ -114,6 +114,18 @@ def _ended(h: VmmsProcess, mid: str) -> dict[str, Any]:
     )
 
 
+def _wait_pre_copy(p: Pair, rec: dict[str, Any]) -> None:
+    """Until the source's memory passes are under way (its progress says pass N)."""
+    wait_for(
+        lambda: str((_record(p.a, rec["id"])["progress"] or {}).get("phase", "")).startswith(
+            "pass"
+        ),
+        60,
+        "the pre-copy passes under way",
+        interval=0.05,
+    )
+
+
 def _one_copy_at(p: Pair, host: VmmsProcess, name: str) -> int:
     """Exactly one worker runs `name`, under `host`'s state directory, which shows it running
     with that pid and whose console reaches its guest; the other VMMS does not hold it."""

@@ -377,7 +377,7 @@ class Migrations:
 
         name = vm.settings.name
         with self._lock:
-            rec = self._new("outgoing", name, "", MIGRATING)
+            rec = self._new("outgoing", name, "(unknown: begun by the previous VMMS)", MIGRATING)
             rec.error = "begun by the previous VMMS, which went away; its worker carried on"
             self.vmms.mark_migrating(vm, rec.id)
             if state == "paused" and wid is not None:

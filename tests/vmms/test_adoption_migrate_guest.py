@@ -225,3 +225,20 @@ def test_the_source_vmms_killed_during_pre_copy_its_worker_finishes_and_the_rest
     pid = _one_copy_at(p, p.b, "vm1")
     assert "vm1" not in a.names()  # its worker's end report said it migrated
     assert pid == p.b.show("vm1")["pid"]
+
+
+def test_a_source_vmms_restarted_while_its_worker_migrates_follows_the_migration_to_its_end(
+    pair_factory: Any,
+) -> None:
+    p = pair_factory()
+    _start_vm(p.a, "vm1", dirty=16)
+    rec = _migrate(p, "vm1", bandwidth=3 << 20)
+    _wait_pre_copy(p, rec)
+    p.a.kill()
+    a = p.restart_a()  # at once: the worker is still sending
+    shown = a.show("vm1")
+    if shown["migration"] is not None:  # adopted mid-way: "migrating" until the worker says
+        assert shown["state"] == "running", shown
+        assert _record(a, shown["migration"])["state"] == "migrating"
+    wait_for(lambda: "vm1" not in a.names(), 180, "the source forgetting vm1 once it left")
+    _one_copy_at(p, p.b, "vm1")

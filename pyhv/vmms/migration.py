@@ -152,7 +152,7 @@ class Migration:
         }
 
 
-def test_exit_point(point: str) -> None:
+def exit_point_for_tests(point: str) -> None:
     """Test-only: a VMMS started with PYHV_TEST_VMMS_EXIT=POINT dies here at once, as a kill -9
     would (``prepare``: the incoming worker listens, the source not yet answered;
     ``committed``: the arrived VM recorded, its worker not yet told to resume; ``resumed``:
@@ -309,7 +309,7 @@ class Migrations:
             self._drop_incoming(vm, rec, f"the incoming worker did not start: {e}")
             raise Conflict(f"the destination cannot take VM {name!r}: {e}") from None
         log.info("VM %s: incoming migration %s listens on %s:%s", name, rec.id, host, port)
-        test_exit_point("prepare")
+        exit_point_for_tests("prepare")
         self._spawn(self._watch_incoming, vm, rec, worker, name=f"incoming-{name}")
         return {"id": rec.id, "vm": name, "host": host, "port": port, "token": token}
 
@@ -330,7 +330,7 @@ class Migrations:
             rec.result = {k: info.get(k) for k in ("source", "passes", "pages")}
             # From now on an ordinary worker of this VMMS; a failed save is the record's error.
             self._end(rec, RUNNING, self.vmms.adopt(vm, worker))
-        test_exit_point("resumed")
+        exit_point_for_tests("resumed")
         self.vmms.runs.update(vm.settings.name, incoming="")  # it ran here
         log.info(
             "VM %s arrived from %s and runs here (worker pid %s)",

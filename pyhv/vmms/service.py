@@ -816,7 +816,7 @@ class Vmms:
             return
 
         def committed(config: dict[str, Any]) -> bool:
-            from pyhv.vmms.migration import test_exit_point
+            from pyhv.vmms.migration import exit_point_for_tests
 
             mem = vm.memory
             cgroup = None if mem is None else mem.cgroup
@@ -833,7 +833,7 @@ class Vmms:
                 return False
             if not self._record_worker(name, worker, secret, cgroup, incoming=migration):
                 return False
-            test_exit_point("committed")
+            exit_point_for_tests("committed")
             return True
 
         worker.on_committed = committed  # type: ignore[attr-defined]

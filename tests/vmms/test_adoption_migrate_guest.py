@@ -4,7 +4,7 @@ and started again. Afterwards exactly one worker process runs the VM on the host
 its adoption socket, whatever either VMMS says), the VMMS whose inventory holds it running is
 the one whose state directory that worker belongs to, and its guest's console answers there.
 
-The destination VMMS dies (``PYHV_TEST_VMMS_EXIT``, pyhv.vmms.migration.test_exit_point):
+The destination VMMS dies (``PYHV_TEST_VMMS_EXIT``, pyhv.vmms.migration.exit_point_for_tests):
 before it answered prepare; during pre-copy (killed while the source sends, slowed by a
 bandwidth limit); after the final state and COMMIT, once it recorded the VM but before it told
 its worker to resume (the worker then never resumes: the source, in doubt, asks the restarted

@@ -6,7 +6,8 @@ the one whose state directory that worker belongs to, and its guest's console an
 
 The destination VMMS dies (``PYHV_TEST_VMMS_EXIT``, pyhv.vmms.migration.exit_point_for_tests):
 before it answered prepare; during pre-copy (killed while the source sends, slowed by a
-bandwidth limit); after the final state and COMMIT, once it recorded the VM but before it told
+bandwidth limit); in the final pass (the source's VPs paused for the last pages and the state:
+either side of COMMIT, whichever the kill lands on); after the final state and COMMIT, once it recorded the VM but before it told
 its worker to resume (the worker then never resumes: the source, in doubt, asks the restarted
 destination and resumes its own copy); after its worker resumed (the restarted VMMS re-adopts
 it). The source VMMS dies during pre-copy: its worker finishes the migration worker to worker,
@@ -256,3 +257,26 @@ def test_a_source_vmms_restarted_while_its_worker_migrates_follows_the_migration
     else:
         wait_for(lambda: a.show("vm1")["migration"] is None, 60, "the source seeing it fail")
         _one_copy_at(p, p.a, "vm1")
+
+
+def test_the_destination_vmms_killed_in_the_final_pass_leaves_exactly_one_copy(
+    pair_factory: Any,
+) -> None:
+    p = pair_factory()
+    _start_vm(p.a, "vm1", dirty=8)
+    rec = _migrate(p, "vm1", bandwidth=4 << 20)
+    wait_for(
+        lambda: (
+            (_record(p.a, rec["id"])["progress"] or {}).get("phase")
+            in ("final", "state", "commit", "done")
+        ),
+        120,
+        "the source pausing for its final pass",
+        interval=0.02,
+    )
+    p.b.kill()
+    p.restart_b()
+    rec = _ended(p.a, rec["id"])
+    # Before B's VMMS confirmed, its worker never resumed: A runs it (resumed, or never paused
+    # for long); after, B's restarted VMMS runs it. Never both, never neither.
+    _one_copy_at(p, p.b if rec["state"] == "done" else p.a, "vm1")

@@ -256,6 +256,13 @@ def register(sub: Any) -> None:
         "[MIGRATION_TOKEN]` "
         "(default $PYHV_CLUSTER_TOKENS)",
     )
+    s.add_argument(
+        "--stop-vms-on-exit",
+        action="store_true",
+        help="stop every running VM when the VMMS stops (SIGTERM, Ctrl-C). Default: as "
+        "Hyper-V's VMMS service stop, the VMs run on in their workers and the next `pyhv vmms "
+        "serve` on this state directory adopts them",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="log every request")
     s.set_defaults(func=serve_command)
     c = cmds.add_parser(
@@ -499,9 +506,18 @@ def serve_command(a: argparse.Namespace) -> int:
         while not done.wait(0.5):
             pass
     finally:
-        print("VMMS stopping: stopping the running VMs", file=sys.stderr, flush=True)
+        print(
+            "VMMS stopping: "
+            + (
+                "stopping the running VMs"
+                if a.stop_vms_on_exit
+                else "the running VMs run on (the next VMMS on this state directory adopts them)"
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
         if agent is not None:
             agent.close()
         servers.close()
-        vmms.close()
+        vmms.close(stop_vms=a.stop_vms_on_exit)
     return 0

@@ -126,7 +126,7 @@ def run_cluster_experiment(out: Path, lease_ttl: int = 5, commit_mib: int = 380)
                  "--tls-cert", str(ca / f"{name}.pem"), "--tls-key", str(ca / f"{name}.key"),
                  "--tls-client-ca", str(ca / "ca.pem"), "--cluster", endpoint, "--host", name,
                  "--lease-ttl", str(lease_ttl), "--balance-every", "3",
-                 "--cluster-tokens", str(tokens_path)],
+                 "--cluster-tokens", str(tokens_path), "--stop-vms-on-exit"],
                 stdout=open(tmp / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
             )  # fmt: skip
         _wait("the three hosts joining", lambda: len(etcd.get_prefix(HOSTS)[0]) == 3, 90, run)

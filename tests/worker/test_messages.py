@@ -44,6 +44,8 @@ OPS: list[m.Op] = [
     m.MigrationDecision(9, "resume"),
     m.Trace(True, ["dm", "io"]),
     m.Trace(False),
+    m.Hello(m.PROTOCOL_VERSION, "s" * 43),
+    m.Resume(),
 ]
 EVENTS: list[m.Event] = [
     m.Started(123, m.PROTOCOL_VERSION),
@@ -58,6 +60,17 @@ EVENTS: list[m.Event] = [
     m.Listening("127.0.0.1", 4444),
     m.MigratedIn({"name": "vm"}, "10.0.0.1:5555", 3, 1000),
     m.TraceEvents([{"kind": "io", "t": 1.5}]),
+    m.Committed({"name": "vm"}),
+    m.Adopted(
+        m.PROTOCOL_VERSION,
+        1,
+        {"name": "vm"},
+        "running",
+        memory=STATUS,
+        serial=b"pyhv> ",
+        migration=9,
+        counters={"owners": 2},
+    ),
     m.Refused("why"),
 ]
 

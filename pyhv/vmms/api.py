@@ -32,7 +32,16 @@ from starlette.routing import Route
 
 from pyhv.counters.registry import CounterSet
 from pyhv.vmms import bodies
-from pyhv.vmms.auth import ADMIN, CHART, COOKIE, COOKIE_TTL, MIGRATE, Authenticator, AuthError
+from pyhv.vmms.auth import (
+    ADMIN,
+    CHART,
+    CLUSTER,
+    COOKIE,
+    COOKIE_TTL,
+    MIGRATE,
+    Authenticator,
+    AuthError,
+)
 from pyhv.vmms.openapi import openapi
 from pyhv.vmms.outqueue import BoundedOutput
 from pyhv.vmms.service import Vmms, VmmsError
@@ -239,6 +248,9 @@ _SCOPE_WORDS = {
     MIGRATE: "the migration token may only bring a VM in (POST /api/migrations/incoming, "
     "GET or DELETE /api/migrations/{id} of an incoming migration): use the admin token "
     "(file 'token') for this",
+    CLUSTER: "the cluster token only places VMs here (POST /api/vms, POST /api/vms/{name}/start, "
+    "POST /api/vms/{name}/migrate and GET /api/migrations/{id}): use the admin token (file "
+    "'token') for this",
     CHART: "the chart page's cookie only reads the counters: use the admin token for this",
 }
 
@@ -433,7 +445,7 @@ def _list(c: Call) -> Any:
     return {"vms": c.vmms.list()}
 
 
-@route("/api/vms", "POST")
+@route("/api/vms", "POST", scopes=(ADMIN, CLUSTER))
 def _create(c: Call) -> Any:
     return Created(c.vmms.create(bodies.given(c.body(bodies.Settings))))
 
@@ -453,7 +465,7 @@ def _delete(c: Call) -> None:
     c.vmms.delete(c.params["name"])
 
 
-@route("/api/vms/{name}/start", "POST")
+@route("/api/vms/{name}/start", "POST", scopes=(ADMIN, CLUSTER))
 def _start(c: Call) -> Any:
     if c.body(bodies.Start, required=False).restart:
         return c.vmms.restart(c.params["name"])
@@ -478,7 +490,7 @@ def _memory_target(c: Call) -> Any:
     return {"name": c.params["name"], "target": body.target, "accepted": True}
 
 
-@route("/api/vms/{name}/migrate", "POST")
+@route("/api/vms/{name}/migrate", "POST", scopes=(ADMIN, CLUSTER))
 def _migrate(c: Call) -> Any:
     return Accepted(
         c.vmms.migrations.start(c.params["name"], bodies.given(c.body(bodies.MigrateRequest)))
@@ -499,7 +511,7 @@ def _incoming(c: Call) -> Any:
     return Created(answer)
 
 
-@route("/api/migrations/{id}", "GET", scopes=(ADMIN, MIGRATE))
+@route("/api/migrations/{id}", "GET", scopes=(ADMIN, MIGRATE, CLUSTER))
 def _migration(c: Call) -> Any:
     rec = c.vmms.migrations.get(c.params["id"])
     if c.who == MIGRATE and rec["direction"] != "incoming":

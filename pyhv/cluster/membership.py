@@ -22,10 +22,12 @@ and `close`; the agent reads the VMMS through `host()`, `list()` and `stop()`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -49,6 +51,21 @@ from pyhv.dynmem.status import target_pages
 from pyhv.vmms.inventory import Conflict
 
 log = logging.getLogger("pyhv.cluster")
+
+#: Test hook (with PYHV_TEST_HOOKS=1): a directory where a start, between reading the VM's owner
+#: and confirming it, writes VM.read and waits for VM.go: a test moves the owner meanwhile.
+HOLD_START_ENV = "PYHV_TEST_HOLD_START"
+
+
+def _test_hold(vm: str) -> None:
+    hold = os.environ.get(HOLD_START_ENV) if os.environ.get("PYHV_TEST_HOOKS") == "1" else None
+    if not hold:
+        return
+    (Path(hold) / f"{vm}.read").touch()
+    deadline = time.monotonic() + 60
+    while not (Path(hold) / f"{vm}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
 
 DEFAULT_TTL_S = 5
 DEFAULT_MARGIN_S = 2.5
@@ -362,6 +379,17 @@ class HostAgent:
                     + (f" (token {held.token})" if held else "")
                     + ": start it there"
                 )
+            _test_hold(vm)
+            try:
+                # The owner read above may be stale by now: only a compare-and-swap against it
+                # proves it is not, and advancing the token makes any move planned with the
+                # old one fail (pyhv.cluster.ownership.confirm).
+                held = ownership.confirm(self.etcd, held)
+            except ownership.OwnershipConflict as e:
+                log.warning("VM %s not started: %s", vm, e)
+                raise Conflict(f"VM {vm!r} cannot start: {e}") from None
+            if time.monotonic() >= fence_at:
+                raise Conflict(f"VM {vm!r} cannot start: host {self.name} fenced itself meanwhile")
             self._set_desired(vm, "running")
         except EtcdError as e:
             raise Conflict(

@@ -36,8 +36,10 @@ from pyhv.cluster import ownership
 from pyhv.cluster.etcd import Etcd, EtcdError
 from pyhv.cluster.fencing import LeaseClock
 from pyhv.cluster.records import (
+    HOSTS,
     HostRecord,
     PressureSummary,
+    RecordError,
     VmRecord,
     VmSummary,
     decode,
@@ -48,9 +50,16 @@ from pyhv.cluster.records import (
 from pyhv.counters.registry import CounterDef, CounterSetDef
 from pyhv.dynmem.balancer import PAGE_SIZE
 from pyhv.dynmem.status import target_pages
-from pyhv.vmms.inventory import Conflict
+from pyhv.vmms.inventory import Conflict, VmmsError
 
 log = logging.getLogger("pyhv.cluster")
+
+
+class PeerRefused(VmmsError):
+    """A peer host's request (the cluster token) for a VM or destination outside the cluster."""
+
+    status = 403
+
 
 #: Test hook (with PYHV_TEST_HOOKS=1): a directory where a start, between reading the VM's owner
 #: and confirming it, writes VM.read and waits for VM.go: a test moves the owner meanwhile.
@@ -235,6 +244,7 @@ class HostAgent:
         if guards is not None:
             guards.append(self.guard_start)
             self.vmms.stop_listeners.append(self._stopped)  # type: ignore[attr-defined]
+            self.vmms.peer_guard = self.guard_peer  # type: ignore[attr-defined]
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
@@ -395,6 +405,39 @@ class HostAgent:
             raise Conflict(
                 f"VM {vm!r} cannot start: the cluster's store does not answer ({e}); try again"
             ) from None
+
+    def guard_peer(self, vm: str, destination: str | None = None) -> None:
+        """PeerRefused (403) unless a peer host holding the cluster token may act on `vm`: a VM
+        of the cluster that its owner key gives this host, moved (`destination`, HOST:PORT)
+        only to another live host's API. The token is scoped by route (pyhv.vmms.auth); this
+        binds it to the cluster's own VMs and hosts."""
+        try:
+            if self.etcd.get(vm_config_key(vm)) is None:
+                raise PeerRefused(
+                    f"VM {vm!r} is not a VM of the cluster: the cluster token acts only on those"
+                )
+            held = ownership.owner(self.etcd, vm)
+            if held is None or held.host != self.name:
+                raise PeerRefused(
+                    f"VM {vm!r} is given to {held.host if held else 'no host'}, not to "
+                    f"{self.name}: the cluster token acts only on VMs the cluster gives this host"
+                )
+            if destination is not None:
+                apis = set()
+                for kv in self.etcd.get_prefix(HOSTS)[0]:
+                    try:
+                        rec = decode(kv.key, kv.value, HostRecord)
+                    except RecordError:
+                        continue
+                    if rec.name != self.name and rec.api:
+                        apis.add(rec.api)
+                if destination not in apis:
+                    raise PeerRefused(
+                        f"destination {destination!r} is not the API of a live host of the "
+                        "cluster: the cluster token moves VMs only between its hosts"
+                    )
+        except EtcdError as e:
+            raise Conflict(f"the cluster's store does not answer ({e}); try again") from None
 
     def _stopped(self, vm: str) -> None:
         if self._fencing:

@@ -445,9 +445,22 @@ def _list(c: Call) -> Any:
     return {"vms": c.vmms.list()}
 
 
+def _peer_may(c: Call, vm: str, destination: str | None = None) -> None:
+    """The cluster token acts only on the VMs the cluster gives this host, and moves them only
+    to its hosts: the cluster agent's `peer_guard` (pyhv.cluster.membership) says, 403 if not."""
+    if c.who != CLUSTER:
+        return
+    guard = getattr(c.vmms, "peer_guard", None)
+    if guard is None:
+        raise ApiError(403, "this VMMS is in no cluster: the cluster token places nothing here")
+    guard(vm, destination)
+
+
 @route("/api/vms", "POST", scopes=(ADMIN, CLUSTER))
 def _create(c: Call) -> Any:
-    return Created(c.vmms.create(bodies.given(c.body(bodies.Settings))))
+    settings = c.body(bodies.Settings)
+    _peer_may(c, settings.name)
+    return Created(c.vmms.create(bodies.given(settings)))
 
 
 @route("/api/vms/{name}", "GET")
@@ -467,6 +480,7 @@ def _delete(c: Call) -> None:
 
 @route("/api/vms/{name}/start", "POST", scopes=(ADMIN, CLUSTER))
 def _start(c: Call) -> Any:
+    _peer_may(c, c.params["name"])
     if c.body(bodies.Start, required=False).restart:
         return c.vmms.restart(c.params["name"])
     return c.vmms.start(c.params["name"])
@@ -492,9 +506,9 @@ def _memory_target(c: Call) -> Any:
 
 @route("/api/vms/{name}/migrate", "POST", scopes=(ADMIN, CLUSTER))
 def _migrate(c: Call) -> Any:
-    return Accepted(
-        c.vmms.migrations.start(c.params["name"], bodies.given(c.body(bodies.MigrateRequest)))
-    )
+    request = c.body(bodies.MigrateRequest)
+    _peer_may(c, c.params["name"], request.destination)
+    return Accepted(c.vmms.migrations.start(c.params["name"], bodies.given(request)))
 
 
 @route("/api/migrations", "GET")

@@ -2,7 +2,8 @@
 VMMS of a cluster accepts it for placement (`pyhv vm create --cluster` through
 provision.host_client, whose tokens file holds it), for starting a VM and migrating one out, and
 refuses it (403, saying what it may do) everywhere else: not delete, not stop, not the console,
-not reading the host's VMs. (Starting with it runs a guest: test_start_fencing_guest.py.)"""
+not reading the host's VMs; and even on those routes only for VMs of the cluster that it gives
+this host, migrated only to another live host of the cluster. (Starting with it runs a guest: test_start_fencing_guest.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pyhv.cluster import ownership
 from pyhv.cluster.etcd import Etcd
 from pyhv.vmms.client import ClientError
 from tests.cluster.cluster_hosts import cluster_hosts, pyhv
@@ -56,13 +58,34 @@ def test_the_cluster_token_places_vms_and_nothing_else(tmp_path: Path) -> None:
             with pytest.raises(ClientError) as e:
                 peer.console("w")
             assert e.value.status == 403, e.value
-            # Migrating out is the leader's move: the scope admits it (the VM is off: 409).
-            with pytest.raises(ClientError) as e:
-                peer.request("POST", "/api/vms/w/migrate", {"destination": "127.0.0.1:1"})
-            assert e.value.status != 403, e.value
+            # Migrating out is the leader's move: only to another live host of the cluster.
+            for dest in ("127.0.0.1:1", a.address):
+                with pytest.raises(ClientError) as e:
+                    peer.request(
+                        "POST", "/api/vms/w/migrate", {"destination": dest, "token": "t" * 32}
+                    )
+                assert e.value.status == 403, e.value
+                assert f"destination {dest!r} is not the API of a live host" in str(e.value)
             with pytest.raises(ClientError) as e:
                 peer.request("GET", "/api/migrations/nope")
             assert e.value.status == 404, e.value
+            # Only VMs of the cluster that it gives this host: not the host's own VMs, not a
+            # VM the cluster gives another host.
+            a.vm("create", "own", "--memory", "128M", "--static")
+            for method, path, body in (
+                ("POST", "/api/vms/own/start", None),
+                ("POST", "/api/vms", {"name": "x", "memory": 128 << 20}),
+            ):
+                with pytest.raises(ClientError) as e:
+                    peer.request(method, path, body)
+                assert e.value.status == 403, e.value
+                assert "is not a VM of the cluster" in str(e.value)
+            held = ownership.owner(etcd, "w")
+            assert held is not None
+            ownership.move(etcd, held, "b")
+            with pytest.raises(ClientError) as e:
+                peer.request("POST", "/api/vms/w/start")
+            assert e.value.status == 403 and "is given to b, not to a" in str(e.value), e.value
             assert "w" in a.names()  # nothing the peer tried removed it
             a.tcp_client().request("DELETE", "/api/vms/w")  # the admin token still may
             assert "w" not in a.names()

@@ -117,7 +117,7 @@ def register(sub: Any) -> None:
         "--tokens",
         type=Path,
         metavar="FILE",
-        help="the hosts' API tokens, lines `HOST ADMIN_TOKEN [MIGRATION_TOKEN]` (default $PYHV_CLUSTER_TOKENS)",
+        help="the hosts' API tokens, lines `HOST CLUSTER_TOKEN [MIGRATION_TOKEN]` (default $PYHV_CLUSTER_TOKENS)",
     )
     b.set_defaults(func=balance_command)
     i = cmds.add_parser(

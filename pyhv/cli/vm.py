@@ -185,7 +185,7 @@ def register(sub: Any) -> None:
     c.add_argument("--anti-affinity", action="append", default=[], metavar="GROUP",
                    help="with --cluster: never on a host with a VM of GROUP (repeatable)")  # fmt: skip
     c.add_argument("--tokens", type=Path, metavar="FILE",
-                   help="with --cluster: the hosts' API tokens, lines `HOST ADMIN_TOKEN [MIGRATION_TOKEN]` "
+                   help="with --cluster: the hosts' API tokens, lines `HOST CLUSTER_TOKEN [MIGRATION_TOKEN]` "
                    "(default $PYHV_CLUSTER_TOKENS)")  # fmt: skip
     c.add_argument("--ha", action="store_true",
                    help="with --cluster: highly available: when its host's lease ends, the "

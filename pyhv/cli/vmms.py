@@ -252,7 +252,7 @@ def register(sub: Any) -> None:
         "--cluster-tokens",
         type=Path,
         metavar="FILE",
-        help="the hosts' API tokens for the leader's moves, lines `HOST ADMIN_TOKEN "
+        help="the hosts' API tokens for the leader's moves, lines `HOST CLUSTER_TOKEN "
         "[MIGRATION_TOKEN]` "
         "(default $PYHV_CLUSTER_TOKENS)",
     )

@@ -99,8 +99,8 @@ def _one(
         dest = tokens.get(m.destination)
         if dest is None:
             raise ProvisionError(f"no token for host {m.destination} in the tokens file")
-        # The destination's migration token (it can only bring a VM in), else its admin token.
-        dest_token = dest.migration or dest.admin
+        # The destination's migration token (it can only bring a VM in), else the token given.
+        dest_token = dest.migration or dest.api
     except ProvisionError as e:
         return ended("skipped", str(e))
     record = MigrationRecord(m.vm, m.source, m.destination, m.bytes, time.time(), held.token)

@@ -133,7 +133,10 @@ def run_cluster_experiment(out: Path, lease_ttl: int = 5, commit_mib: int = 380)
         fd = os.open(tokens_path, os.O_WRONLY | os.O_CREAT, 0o600)
         with os.fdopen(fd, "w") as f:
             for name in HOST_NAMES:
-                t = [(tmp / name / x).read_text().strip() for x in ("token", "migration-token")]
+                t = [
+                    (tmp / name / x).read_text().strip()
+                    for x in ("cluster-token", "migration-token")
+                ]
                 f.write(f"{name} {t[0]} {t[1]}\n")
         tokens = provision.read_tokens(tokens_path)
         run.event("3 hosts joined (network namespaces, mutual TLS), etcd on the bridge")

@@ -22,10 +22,12 @@ and `close`; the agent reads the VMMS through `host()`, `list()` and `stop()`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -34,8 +36,10 @@ from pyhv.cluster import ownership
 from pyhv.cluster.etcd import Etcd, EtcdError
 from pyhv.cluster.fencing import LeaseClock
 from pyhv.cluster.records import (
+    HOSTS,
     HostRecord,
     PressureSummary,
+    RecordError,
     VmRecord,
     VmSummary,
     decode,
@@ -46,9 +50,31 @@ from pyhv.cluster.records import (
 from pyhv.counters.registry import CounterDef, CounterSetDef
 from pyhv.dynmem.balancer import PAGE_SIZE
 from pyhv.dynmem.status import target_pages
-from pyhv.vmms.inventory import Conflict
+from pyhv.vmms.inventory import Conflict, VmmsError
 
 log = logging.getLogger("pyhv.cluster")
+
+
+class PeerRefused(VmmsError):
+    """A peer host's request (the cluster token) for a VM or destination outside the cluster."""
+
+    status = 403
+
+
+#: Test hook (with PYHV_TEST_HOOKS=1): a directory where a start, between reading the VM's owner
+#: and confirming it, writes VM.read and waits for VM.go: a test moves the owner meanwhile.
+HOLD_START_ENV = "PYHV_TEST_HOLD_START"
+
+
+def _test_hold(vm: str) -> None:
+    hold = os.environ.get(HOLD_START_ENV) if os.environ.get("PYHV_TEST_HOOKS") == "1" else None
+    if not hold:
+        return
+    (Path(hold) / f"{vm}.read").touch()
+    deadline = time.monotonic() + 60
+    while not (Path(hold) / f"{vm}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
 
 DEFAULT_TTL_S = 5
 DEFAULT_MARGIN_S = 2.5
@@ -218,6 +244,7 @@ class HostAgent:
         if guards is not None:
             guards.append(self.guard_start)
             self.vmms.stop_listeners.append(self._stopped)  # type: ignore[attr-defined]
+            self.vmms.peer_guard = self.guard_peer  # type: ignore[attr-defined]
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
@@ -362,11 +389,55 @@ class HostAgent:
                     + (f" (token {held.token})" if held else "")
                     + ": start it there"
                 )
+            _test_hold(vm)
+            try:
+                # The owner read above may be stale by now: only a compare-and-swap against it
+                # proves it is not, and advancing the token makes any move planned with the
+                # old one fail (pyhv.cluster.ownership.confirm).
+                held = ownership.confirm(self.etcd, held)
+            except ownership.OwnershipConflict as e:
+                log.warning("VM %s not started: %s", vm, e)
+                raise Conflict(f"VM {vm!r} cannot start: {e}") from None
+            if time.monotonic() >= fence_at:
+                raise Conflict(f"VM {vm!r} cannot start: host {self.name} fenced itself meanwhile")
             self._set_desired(vm, "running")
         except EtcdError as e:
             raise Conflict(
                 f"VM {vm!r} cannot start: the cluster's store does not answer ({e}); try again"
             ) from None
+
+    def guard_peer(self, vm: str, destination: str | None = None) -> None:
+        """PeerRefused (403) unless a peer host holding the cluster token may act on `vm`: a VM
+        of the cluster that its owner key gives this host, moved (`destination`, HOST:PORT)
+        only to another live host's API. The token is scoped by route (pyhv.vmms.auth); this
+        binds it to the cluster's own VMs and hosts."""
+        try:
+            if self.etcd.get(vm_config_key(vm)) is None:
+                raise PeerRefused(
+                    f"VM {vm!r} is not a VM of the cluster: the cluster token acts only on those"
+                )
+            held = ownership.owner(self.etcd, vm)
+            if held is None or held.host != self.name:
+                raise PeerRefused(
+                    f"VM {vm!r} is given to {held.host if held else 'no host'}, not to "
+                    f"{self.name}: the cluster token acts only on VMs the cluster gives this host"
+                )
+            if destination is not None:
+                apis = set()
+                for kv in self.etcd.get_prefix(HOSTS)[0]:
+                    try:
+                        rec = decode(kv.key, kv.value, HostRecord)
+                    except RecordError:
+                        continue
+                    if rec.name != self.name and rec.api:
+                        apis.add(rec.api)
+                if destination not in apis:
+                    raise PeerRefused(
+                        f"destination {destination!r} is not the API of a live host of the "
+                        "cluster: the cluster token moves VMs only between its hosts"
+                    )
+        except EtcdError as e:
+            raise Conflict(f"the cluster's store does not answer ({e}); try again") from None
 
     def _stopped(self, vm: str) -> None:
         if self._fencing:

@@ -5,7 +5,8 @@ its owner, and create it through that host's VMMS API. If the host refuses, the 
 taken back.
 
 How a host's API is reached is one function, `host_client`: the host's TCP API with that host's
-admin token from a tokens file, over mutual TLS when the host serves it (its record carries its
+cluster token (STATE/cluster-token: it may create, start and migrate out VMs, nothing else;
+pyhv.vmms.auth) from a tokens file, over mutual TLS when the host serves it (its record carries its
 certificate's fingerprint; the caller's certificate and the cluster CA, pyhv.cluster.pki); a
 migration source is given the destination's migration token (scoped to bringing a VM in).
 """
@@ -41,15 +42,17 @@ class ProvisionError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class HostTokens:
-    """A host's API tokens: `admin` (its STATE/token) and `migration` (its
-    STATE/migration-token, which can only bring a VM in: what a migration source is given)."""
+    """A host's API tokens: `api`, what the cluster places VMs with (its STATE/cluster-token,
+    scoped to creating, starting and migrating out VMs; its admin token works too), and
+    `migration` (its STATE/migration-token, which can only bring a VM in: what a migration
+    source is given)."""
 
-    admin: str
+    api: str
     migration: str = ""
 
 
 def read_tokens(path: Path | None) -> dict[str, HostTokens]:
-    """A tokens file, readable by its owner only: one `HOST ADMIN_TOKEN [MIGRATION_TOKEN]`
+    """A tokens file, readable by its owner only: one `HOST CLUSTER_TOKEN [MIGRATION_TOKEN]`
     per line (# comments)."""
     if path is None:
         env = os.environ.get(TOKENS_ENV)
@@ -72,7 +75,7 @@ def read_tokens(path: Path | None) -> dict[str, HostTokens]:
         if not words or words[0].startswith("#"):
             continue
         if len(words) not in (2, 3):
-            raise ProvisionError(f"{path}:{n}: expected `HOST ADMIN_TOKEN [MIGRATION_TOKEN]`")
+            raise ProvisionError(f"{path}:{n}: expected `HOST CLUSTER_TOKEN [MIGRATION_TOKEN]`")
         tokens[words[0]] = HostTokens(*words[1:])
     return tokens
 
@@ -80,7 +83,7 @@ def read_tokens(path: Path | None) -> dict[str, HostTokens]:
 def host_client(
     host: HostRecord, tokens: Mapping[str, HostTokens], tls: ClientTls | None = None
 ) -> VmmsClient:
-    """The one way the cluster reaches a host's VMMS: its admin token, and mutual TLS (`tls`:
+    """The one way the cluster reaches a host's VMMS: its cluster token, and mutual TLS (`tls`:
     the cluster CA, this side's certificate) when the host serves TLS."""
     if not host.api:
         raise ProvisionError(
@@ -89,8 +92,8 @@ def host_client(
     held = tokens.get(host.name)
     if held is None:
         raise ProvisionError(
-            f"no token for host {host.name}: add `{host.name} TOKEN` (its STATE/token) to the "
-            f"tokens file (--tokens or ${TOKENS_ENV})"
+            f"no token for host {host.name}: add `{host.name} TOKEN` (its STATE/cluster-token) "
+            f"to the tokens file (--tokens or ${TOKENS_ENV})"
         )
     if host.fingerprint and tls is None:
         raise ProvisionError(
@@ -99,7 +102,7 @@ def host_client(
             "add-host NAME` makes one)"
         )
     return VmmsClient(
-        tcp=host.api, token=held.admin, timeout=60, tls=tls if host.fingerprint else None
+        tcp=host.api, token=held.api, timeout=60, tls=tls if host.fingerprint else None
     )
 
 

@@ -54,7 +54,7 @@ def cluster_hosts(
     """A `pyhv vmms serve --cluster E --host NAME` per name (with its memory budget), all
         joined (`extra`: more `vmms serve` arguments; `per_host(NAME)`: host NAME's own, e.g. its
         certificate; `wrap(NAME)`, `tcp(NAME)`: its command prefix and API address, e.g. a network
-    namespace's), and a tokens file (tmp/tokens, lines `HOST ADMIN_TOKEN MIGRATION_TOKEN`) for
+    namespace's), and a tokens file (tmp/tokens, lines `HOST CLUSTER_TOKEN MIGRATION_TOKEN`) for
         them; the hosts stop on exit."""
     hosts: dict[str, VmmsProcess] = {}
     try:
@@ -69,7 +69,8 @@ def cluster_hosts(
         tokens.touch(mode=0o600)
         tokens.write_text(
             "".join(
-                f"{n} {h.admin_token_file.read_text().strip()} {h.token_file.read_text().strip()}\n"
+                f"{n} {(h.state / 'cluster-token').read_text().strip()} "
+                f"{h.token_file.read_text().strip()}\n"
                 for n, h in hosts.items()
             )
         )

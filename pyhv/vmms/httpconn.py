@@ -5,10 +5,12 @@ once if every connection is busy: file descriptors stay bounded, and idle connec
 lock out a client that sends its request), a deadline for each request's head (a client that
 trickles its headers, or sends nothing, is dropped), malformed requests answered with the
 API's JSON error, and a way for a streaming route to abort a connection whose client stopped
-reading (``scope["extensions"]["pyhv.abort"]``).
+reading (``scope["extensions"]["pyhv.abort"]``), and a request whose client ended its side
+of the connection after sending it (a half-close: ``shutdown(SHUT_WR)``, ``nc -N``) answered
+before the connection closes (uvicorn closes at once on EOF and drops the answer).
 
 Built on uvicorn 0.54's H11Protocol (pinned in pyproject.toml): it overrides connection_made,
-handle_events, on_response_complete and send_400_response."""
+handle_events, on_response_complete, eof_received and send_400_response."""
 
 from __future__ import annotations
 
@@ -87,6 +89,7 @@ class ApiConnection(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
         self._timed_scope: Any = None
+        self._eof = False  # the client half-closed: answer what it sent whole, then close
         self._idle_since = self.loop.time()
         if len(self.server_state.connections) >= self.max_connections and not self._evict():
             log.warning(
@@ -149,6 +152,24 @@ class ApiConnection(H11Protocol):
         if not self.transport.is_closing():
             self._arm_head_timer()  # the next request's head (a keep-alive connection)
         super().on_response_complete()  # (a pipelined request's head stops the timer again)
+        if self._eof and (self.cycle is None or self.cycle.response_complete):
+            # no request sent before the client's EOF is left to answer
+            self._cancel_head_timer()
+            self.transport.close()
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: True keeps it open
+        """The client ended its side. A request it sent whole is answered first (True keeps
+        the transport open for writing; on_response_complete closes it after the last
+        answer); with none, or one it can no longer complete, the connection closes now."""
+        cycle = self.cycle
+        if (
+            cycle is None
+            or cycle.response_complete
+            or self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE)
+        ):
+            return False
+        self._eof = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()

@@ -140,6 +140,31 @@ def test_a_client_that_trickles_its_head_or_its_body_is_dropped(host: VmmsProces
     assert counters[r"\pyhv VMMS API(tcp)\Request Heads Timed Out"] == 2
 
 
+def test_a_request_whose_client_half_closes_after_sending_it_is_still_answered(
+    host: VmmsProcess,
+) -> None:
+    """A client may end its side once its request is sent (shutdown(SHUT_WR), `nc -N`): the
+    answer still comes, then the connection closes; a head cut short by the EOF gets none."""
+    token = host.admin_token_file.read_text().strip()
+    get = b"GET /api/vms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n" % token.encode()
+    h, _, p = host.address.rpartition(":")
+    for connect in (
+        lambda: socket.create_connection((h, int(p)), timeout=30),
+        lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+    ):
+        for request, answers in ((get + b"\r\n", 1), (get + b"\r\n" + get + b"\r\n", 2), (get, 0)):
+            with connect() as s:
+                if s.family == socket.AF_UNIX:
+                    s.settimeout(30)
+                    s.connect(str(host.state / "vmms.sock"))
+                s.sendall(request)
+                s.shutdown(socket.SHUT_WR)
+                data = b""
+                while chunk := s.recv(65536):  # until the VMMS closes
+                    data += chunk
+            assert data.count(b"HTTP/1.1 200 OK") == answers, (s.family, request, data)
+
+
 def test_a_token_in_the_url_is_refused_and_the_header_works(host: VmmsProcess) -> None:
     token = host.admin_token_file.read_text().strip()
     status, body = _http(

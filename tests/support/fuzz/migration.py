@@ -6,7 +6,9 @@ VM state (pyhv.migration.state) with the restore() checks of the components that
 KVM (serial device, VMBus controller, DM VSP).
 
 Frames are encoded with the stream module's own FrameSocket.send, so the targets follow its
-header layout and checksum (or MAC) as they change."""
+header layout, checksum (handshake) and AES-GCM seal (after it: stream v2) as they change.
+After the handshake both ends hold the same fixed key (:func:`frame_socket`), so fuzzed
+payloads get past the tag to the decoders; raw bytes mostly do not, and are refused by it."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from pyhv.devices.uart16550 import Uart16550
 from pyhv.dynmem.vsp import DynamicMemoryVsp
@@ -82,19 +85,27 @@ class Wire:
         pass
 
 
-def frame_socket(wire: Wire, authenticated: bool) -> s.FrameSocket:
-    """One end of a stream in the state the handshake leaves it (`authenticated`). The one
-    place that knows what that state is: should frames after the handshake carry a MAC under a
-    key the handshake derives, give both ends the same key here."""
+#: What the handshake would derive (pyhv.migration.stream.derive_keys), fixed: one key for
+#: both directions, so whichever end encodes a stream, the other end opens it.
+KEY = bytes(range(32))
+#: The stream's states: before the handshake (checksummed frames), after it (sealed:
+#: authenticated or encrypted).
+HANDSHAKE_MODE, AUTHENTICATED, ENCRYPTED = 0, 1, 2
+
+
+def frame_socket(wire: Wire, mode: int) -> s.FrameSocket:
+    """One end of a stream in the state `mode` (HANDSHAKE_MODE, AUTHENTICATED, ENCRYPTED). The
+    one place that knows what the handshake leaves: both ends sealed under the same keys."""
     fs = s.FrameSocket(wire, timeout=1)  # type: ignore[arg-type]
-    fs.authenticated = authenticated
+    if mode != HANDSHAKE_MODE:
+        fs.seal(KEY, KEY, encrypt=mode == ENCRYPTED)
     return fs
 
 
-def encode_frames(records: list[tuple[int, int, int, int, bytes]], authenticated: bool) -> bytes:
+def encode_frames(records: list[tuple[int, int, int, int, bytes]], mode: int) -> bytes:
     """Frames (type, flags, count, addr, payload) as the stream module writes them."""
     wire = Wire()
-    fs = frame_socket(wire, authenticated)
+    fs = frame_socket(wire, mode)
     for ftype, flags, count, addr, payload in records:
         fs.send(ftype, payload, count=count, addr=addr, flags=flags)  # type: ignore[arg-type]
     return bytes(wire.sent)
@@ -140,8 +151,16 @@ def _receive(fs: s.FrameSocket, limit: int = 32) -> None:
 
 
 def raw_stream(data: bytes) -> None:
-    """Bytes as they come off the socket, before and after authentication."""
-    _receive(frame_socket(Wire(data), len(data) % 2 == 1))  # both limits, whatever the input
+    """Bytes as they come off the socket, before and after the handshake (the length picks the
+    mode: every mode, whatever the input): as a stream, then as one frame (decode_frame)."""
+    mode = len(data) % 3
+    try:
+        _receive(frame_socket(Wire(data), mode))
+    except RECEIVED:
+        pass
+    s.decode_frame(
+        data, recv_key=KEY if mode != HANDSHAKE_MODE else None, encrypt=mode == ENCRYPTED
+    )
 
 
 def _records(data: bytes) -> list[tuple[int, int, int, int, bytes]]:
@@ -158,20 +177,44 @@ def _record(ftype: int, payload: bytes, count: int = 0, addr: int = 0, flags: in
 
 
 def framed_stream(data: bytes) -> None:
-    """Well-framed streams (right sequence and checksum) whose payloads are the fuzzed part."""
-    _receive(frame_socket(Wire(encode_frames(_records(data), True)), True))
+    """Well-framed streams (right sequence and seal) whose payloads are the fuzzed part
+    (authenticated or encrypted, as the length says)."""
+    mode = ENCRYPTED if len(data) % 2 else AUTHENTICATED
+    _receive(frame_socket(Wire(encode_frames(_records(data), mode)), mode))
 
 
 def handshake(data: bytes) -> None:
     """Both sides' halves of the handshake against what the fuzzed peer sends."""
-    raw = encode_frames(_records(data), authenticated=False)
+    raw = encode_frames(_records(data), HANDSHAKE_MODE)
     for side in (s.authenticate_destination, s.authenticate_source):
-        side(frame_socket(Wire(raw), False), TOKEN)
+        try:
+            side(frame_socket(Wire(raw), HANDSHAKE_MODE), TOKEN)
+        except RECEIVED:
+            continue  # each side refuses; the next one is tried on the same bytes
         raise AssertionError(f"{side.__name__} authenticated a peer without the token")
 
 
 def _nonce() -> str:
     return "ab" * 32
+
+
+def _key() -> str:
+    """A valid X25519 public key (of a fixed private key), as the handshake carries one."""
+    private = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+    return private.public_key().public_bytes_raw().hex()
+
+
+def _handshake_records() -> tuple[bytes, bytes, bytes, bytes]:
+    """HELLO, AUTH (authenticate), AUTH (encrypt), AUTH_OK with their declared bodies."""
+    return (
+        _record(s.Frame.HELLO, frames.encode(frames.Hello(s.VERSION, _nonce()))),
+        _record(s.Frame.AUTH, frames.encode(frames.Auth(s.VERSION, _nonce(), "00" * 32, _key()))),
+        _record(
+            s.Frame.AUTH,
+            frames.encode(frames.Auth(s.VERSION, _nonce(), "00" * 32, _key(), encrypt=True)),
+        ),
+        _record(s.Frame.AUTH_OK, frames.encode(frames.AuthOk("00" * 32, _key()))),
+    )
 
 
 def stream_seeds() -> list[bytes]:
@@ -182,10 +225,11 @@ def stream_seeds() -> list[bytes]:
         [(0, 64 << 20)],
     )
     runs = s.pack_zero_runs([(0x1000, 4), (1 << 20, 256)])
+    hello, auth, _auth_encrypt, ok = _handshake_records()
     one = [
-        _record(s.Frame.HELLO, frames.encode(frames.Hello(s.VERSION, _nonce()))),
-        _record(s.Frame.AUTH, frames.encode(frames.Auth(s.VERSION, _nonce(), "00" * 32))),
-        _record(s.Frame.AUTH_OK, frames.encode(frames.AuthOk("00" * 32))),
+        hello,
+        auth,
+        ok,
         _record(s.Frame.CONFIG, frames.encode(config)),
         _record(s.Frame.READY, frames.encode(frames.Empty())),
         _record(s.Frame.PAGES, bytes(4096), count=1, addr=0x1000),
@@ -203,19 +247,21 @@ def stream_seeds() -> list[bytes]:
 
 
 def raw_seeds() -> list[bytes]:
+    """Streams and single frames in every mode, padded so that their length picks it."""
     out = []
-    for i, prog in enumerate(stream_seeds()[:4]):
-        raw = encode_frames(_records(prog), authenticated=bool(i & 1))
-        out.append(raw + b"\0" if len(raw) % 2 != i & 1 else raw)
+    progs = stream_seeds()
+    # a stream, and one frame (decode_frame): HELLO, PAGES, ZERO
+    for mode, single in ((HANDSHAKE_MODE, 3), (AUTHENTICATED, 8), (ENCRYPTED, 9)):
+        for prog in (progs[mode], progs[single]):
+            raw = encode_frames(_records(prog), mode)
+            out.append(raw + b"\0" * ((mode - len(raw)) % 3))
     return out
 
 
 def handshake_seeds() -> list[bytes]:
-    hello = _record(s.Frame.HELLO, frames.encode(frames.Hello(s.VERSION, _nonce())))
-    auth = _record(s.Frame.AUTH, frames.encode(frames.Auth(s.VERSION, _nonce(), "00" * 32)))
-    ok = _record(s.Frame.AUTH_OK, frames.encode(frames.AuthOk("00" * 32)))
+    hello, auth, auth_encrypt, ok = _handshake_records()
     abort = _record(s.Frame.ABORT, frames.encode(frames.Abort("no")))
-    return [auth, hello + ok, hello, auth + ok, abort]
+    return [auth, auth_encrypt, hello + ok, hello, auth + ok, abort]
 
 
 RAW_STREAM = Target(
@@ -277,7 +323,8 @@ def receive_memory(data: bytes) -> None:
     up to the STATE frame, decoded."""
     ram = _ram()
     inc = Incoming.__new__(Incoming)
-    inc.fs = frame_socket(Wire(encode_frames(_records(data), True)), True)
+    mode = ENCRYPTED if len(data) % 2 else AUTHENTICATED
+    inc.fs = frame_socket(Wire(encode_frames(_records(data), mode)), mode)
     inc.faults, inc.pages, inc.passes, inc._zstd = FaultPlan(None), 0, 0, None
     inc._populater = _Populater()
     written = {0: np.zeros(RAM_PAGES, dtype=bool)}

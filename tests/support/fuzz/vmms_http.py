@@ -1,8 +1,9 @@
 """Fuzz target of the VMMS's HTTP server as a client before authentication reaches it: whole
 requests as raw bytes on a live `pyhv vmms serve` Unix socket. It speaks only bytes on the
 socket, so it fuzzes whatever server the VMMS runs. A crash is an answer 500 (a bug that the
-server caught), a connection the server neither answers nor closes within the time limit, or
-the server process gone; after a run the server must still answer a valid request.
+server caught), a connection the server neither answers nor closes within the time limit, a
+seed (a valid request) not answered, or the server process gone; after a run the server must
+still answer a valid request. Each request is sent whole, then the client half-closes.
 
 Requests that would start or migrate a VM are not sent (they would run guests): the target
 fuzzes the server's parsing, not the VMs behind it."""
@@ -85,6 +86,8 @@ def seeds() -> list[bytes]:
 def target(sock: Path, alive: Callable[[], bool]) -> Target:
     """The target against the server at `sock`; `alive()` says whether its process runs."""
 
+    valid = set(seeds())
+
     def run(data: bytes) -> None:
         if _ACTIONS.search(data):
             return
@@ -96,6 +99,8 @@ def target(sock: Path, alive: Callable[[], bool]) -> Target:
             raise ServerCrash(f"cannot talk to the server: {e}") from None
         if status_of(answer) == 500:
             raise ServerCrash(f"answered 500: {answer[:600]!r}")
+        if data in valid and status_of(answer) is None:
+            raise ServerCrash(f"a valid request got no answer: {answer[:300]!r}")
         if not alive():
             raise ServerCrash("the server process exited")
 

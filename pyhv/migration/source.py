@@ -364,11 +364,11 @@ class Source:
                 if dirty <= opt.small_final_pages or not shrinking:
                     why = f"the rest ({dirty} pages) fits the downtime target"
                     break
-            if opt.postcopy and not fits and self.progress.passes >= 2 and not shrinking:
-                self._postcopy(regions, masks, "the passes stopped shrinking the dirty set")
-                return
             if opt.postcopy and not fits and self.progress.passes >= opt.postcopy_after:
                 self._postcopy(regions, masks, f"{opt.postcopy_after} passes done")
+                return
+            if opt.postcopy and not fits and self.progress.passes >= 2 and not shrinking:
+                self._postcopy(regions, masks, "the passes stopped shrinking the dirty set")
                 return
             if self.progress.passes >= opt.max_passes:
                 why = f"{opt.max_passes} passes done"

@@ -6,10 +6,12 @@ page by page must be the RAM at the pause."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
 
+from pyhv.migration.stream import MigrationError
 from pyhv.migration.worker import migrate_worker
 from tests.migration.conftest import TOKEN, moved, wait_rising
 
@@ -26,13 +28,18 @@ def _migrate(src: Any, dst: Any, **options: Any) -> dict[str, Any]:
     return result
 
 
-def test_a_dirtying_guest_runs_at_the_destination_at_once_and_fetches_its_memory(
-    hosts: Any,
-) -> None:
+def _dirtying(hosts: Any) -> tuple[Any, Any]:
+    """A source whose guest rewrites 16 MiB over and over, and a destination listening."""
     src, guest = hosts.boot("128M")
     guest.run("dirty 16")
     guest.wait_working_set(16)
-    dst = hosts.destination()
+    return src, hosts.destination()
+
+
+def test_a_dirtying_guest_runs_at_the_destination_at_once_and_fetches_its_memory(
+    hosts: Any,
+) -> None:
+    src, dst = _dirtying(hosts)
     result = _migrate(src, dst, postcopy=True)
     pc = result["postcopy"]
     # RAM at the pause, as the destination added it up (pages kept + pages installed)
@@ -48,3 +55,45 @@ def test_a_dirtying_guest_runs_at_the_destination_at_once_and_fetches_its_memory
     first, later = wait_rising(there.touched)
     assert later > first, "the dirty workload stopped at the destination"
     assert "visible: 128 MiB" in there.run("mem")
+
+
+def test_a_hybrid_migration_switches_to_post_copy_after_its_pass_limit(hosts: Any) -> None:
+    src, dst = _dirtying(hosts)
+    # a link slower than the guest writes: pre-copy alone would pass on to throttling
+    result = _migrate(
+        src, dst, postcopy=True, postcopy_after=2, downtime_target=1e-3, bandwidth=16 << 20
+    )
+    pc = result["postcopy"]
+    assert pc["switched_because"] == "2 passes done"
+    assert [p["pass"] for p in result["pass_log"]] == [1, 2]
+    assert result["pass_log"][0]["pages"] >= 16 * 256
+    assert result["throttle_percent"] == 0  # switched instead of slowing the guest
+    # after the switch only what the guest wrote since the last pass was still needed
+    assert 0 < pc["needed_pages"] < result["pass_log"][0]["pages"]
+    assert pc["checksum_destination"] == pc["checksum_source"]
+    there = moved(dst)
+    first, later = wait_rising(there.touched)
+    assert later > first
+
+
+def test_a_source_lost_mid_post_copy_stops_the_vm_at_the_destination_saying_why(
+    hosts: Any,
+) -> None:
+    src, dst = _dirtying(hosts)
+    address = dst.wait_listening()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:  # a slow link: the push of 16 MiB takes seconds, the guest runs there meanwhile
+            migrate_worker(src, address, TOKEN, {"postcopy": True, "bandwidth": 2 << 20})
+        except (MigrationError, OSError) as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert dst.wait_migrated(30) is not None  # the VM runs at the destination
+    src.close()  # the source host dies with the rest of the VM's memory
+    end = dst.wait(30)
+    assert end is not None and "post-copy failed" in end.detail
+    assert "the source held the rest of its memory" in end.detail
+    t.join(30)

@@ -224,7 +224,9 @@ def _nonzero_pages(fd: int, size: int) -> int:
 # --- pyhv ---------------------------------------------------------------------------------
 
 
-def run_pyhv(memory: str, dirty: int, encrypt: bool = False) -> dict[str, Any]:
+def run_pyhv(
+    memory: str, dirty: int, encrypt: bool = False, postcopy: bool = False
+) -> dict[str, Any]:
     from pyhv.guest_image import image_path
     from pyhv.migration.worker import IncomingWorker, migrate_worker
     from pyhv.worker import VmConfig
@@ -253,6 +255,7 @@ def run_pyhv(memory: str, dirty: int, encrypt: bool = False) -> dict[str, Any]:
                 "verify": False,  # QEMU does not checksum RAM either
                 "encrypt": encrypt,
                 **CONVERGENCE,
+                **({"postcopy": True} if postcopy else {}),
             },
         )
         dst.wait_migrated(30)
@@ -270,6 +273,7 @@ def run_pyhv(memory: str, dirty: int, encrypt: bool = False) -> dict[str, Any]:
             "guest_answers_at_destination": alive,
             "nonzero_bytes_at_start": nonzero,
             "memfds": memfds,
+            **({"postcopy": r["postcopy"]} if postcopy else {}),
         }
     finally:
         dst.close()

@@ -57,6 +57,7 @@ log = logging.getLogger("pyhv.migration")
 PAGE = mem.PAGE
 WORDS = PAGE // 8
 PUSH_PAGES = 64  # a background frame: small, so an urgent page waits at most this much
+SEND_BUFFER = 256 << 10  # the source's socket buffer during post-copy (the kernel doubles it)
 RUNS_PER_FRAME = 4096
 _MASK64 = (1 << 64) - 1
 _K = np.random.default_rng(0x5EED_C0FF).integers(1, 1 << 63, WORDS, dtype=np.uint64) | np.uint64(1)
@@ -155,6 +156,8 @@ class PostcopySource:
         # From here the stream may idle longer than a network timeout between requests.
         fs.sock.settimeout(None)
         fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # An urgent page waits behind whatever push the socket holds: keep that short.
+        fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         reader = threading.Thread(target=self._read, name="postcopy-requests", daemon=True)
         reader.start()
         committed = False
@@ -429,7 +432,7 @@ class PostcopyDestination:
         fs.sock.settimeout(None)
         fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         try:
-            while not self._stop.is_set():
+            while True:  # until the source closes the stream (after POSTCOPY_DONE and RESUMED)
                 ftype, flags, length, count, addr, check = fs.recv_header()
                 buf = bytearray(length)
                 fs.recv_payload_into(memoryview(buf), ftype, flags, count, addr, check)
@@ -457,7 +460,7 @@ class PostcopyDestination:
                 self._fail(e)
         finally:
             if self.finished.is_set():
-                fs.close()  # the source let its copy go: the stream is done
+                fs.close()  # the source closed it: it has let its copy go
 
     def _install(self, gpa: int, n: int, data: bytearray | None) -> None:
         i, r = self._find(gpa)

@@ -517,7 +517,6 @@ class Source:
         needed = pc.announce()
         self.progress.passes += 1
         fs.send(Frame.STATE, vm_state.save(vm, None).encode())
-        self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))
         t_switch = time.monotonic()
 
         def commit() -> None:
@@ -526,6 +525,8 @@ class Source:
             fs.send_json(Frame.COMMIT, frames.Empty())
 
         pc.serve(commit, time.monotonic() + opt.timeout)
+        # RAM at the pause: the VM here stays paused for good, so it is summed after serving
+        self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))
         done, resumed = pc.done, pc.resumed
         assert done is not None and resumed is not None
         now = time.monotonic()

@@ -12,8 +12,9 @@ Both sides migrate with the same convergence settings: auto-converge ON, throttl
 KVM only (`-accel kvm -cpu host,-arch-capabilities`); if it cannot, its cells hold the error,
 never figures of QEMU's software emulator.
 
-pyhv migrates each row twice, authenticated (the default: every frame under GMAC) and
-encrypted (`encrypt`: AES-256-GCM), and the stream alone is measured against the raw socket
+pyhv migrates each row three times, authenticated (the default: every frame under GMAC),
+encrypted (`encrypt`: AES-256-GCM) and by post-copy (`postcopy`: the VM runs at the destination
+at once, pages on demand; its row adds the blocktime p50/p99, the median of the runs'), and the stream alone is measured against the raw socket
 (1 MiB PAGES frames sealed both ways, to a sink process that checks them).
 
 Both totals are divided by the same fixed wire limit per row: the guest's distinct non-zero
@@ -510,11 +511,13 @@ def main() -> None:
                 continue
             pyhv_runs: list[dict[str, Any]] = []
             sealed_runs: list[dict[str, Any]] = []
+            postcopy_runs: list[dict[str, Any]] = []
             qemu_runs: list[dict[str, Any]] = []
             for _ in range(repeats):  # the wire, pyhv (authenticated, encrypted), QEMU take turns
                 bandwidths.append(loopback_bandwidth())
                 pyhv_runs.append(run_pyhv(memory, dirty))
                 sealed_runs.append(run_pyhv(memory, dirty, encrypt=True))
+                postcopy_runs.append(run_pyhv(memory, dirty, postcopy=True))
                 if qemu is not None and qemu_error is None:
                     try:
                         qemu_runs.append(run_qemu(qemu, memory, dirty))
@@ -523,12 +526,16 @@ def main() -> None:
                         break
             row["pyhv_runs"], row["qemu_runs"] = pyhv_runs, qemu_runs
             row["pyhv_encrypted_runs"] = sealed_runs
-            p, e = pyhv_runs[-1], sealed_runs[-1]
+            row["pyhv_postcopy_runs"] = postcopy_runs
+            p, e, c = pyhv_runs[-1], sealed_runs[-1], postcopy_runs[-1]
             print(
                 f"{memory:>5} dirty {dirty:>3} MiB | pyhv total {p['total_s']:.3f} s, downtime "
                 f"{p['downtime_ms']:.1f} ms, {p['bytes_sent'] / 2**20:.1f} MiB sent, non-zero "
                 f"{p['nonzero_bytes_at_start'] / 2**20:.1f} MiB | encrypted total "
-                f"{e['total_s']:.3f} s, downtime {e['downtime_ms']:.1f} ms"
+                f"{e['total_s']:.3f} s, downtime {e['downtime_ms']:.1f} ms | post-copy total "
+                f"{c['total_s']:.3f} s, downtime {c['downtime_ms']:.1f} ms, blocktime p50 "
+                f"{c['postcopy']['blocktime_p50_ms']:.2f} p99 "
+                f"{c['postcopy']['blocktime_p99_ms']:.2f} ms"
                 + (
                     f" | qemu total {qemu_runs[-1]['total_s']:.3f} s, downtime "
                     f"{qemu_runs[-1]['downtime_ms']:.0f} ms, non-zero "
@@ -547,12 +554,16 @@ def main() -> None:
             continue
         pyhv_runs, qemu_runs = row.pop("pyhv_runs"), row.pop("qemu_runs")
         sealed_runs = row.pop("pyhv_encrypted_runs")
+        postcopy_runs = row.pop("pyhv_postcopy_runs")
         # one fixed wire limit for both sides: the guest's non-zero memory at the start
         nonzero = statistics.median(r["nonzero_bytes_at_start"] for r in pyhv_runs + qemu_runs)
         row["nonzero_bytes_at_start"] = round(nonzero)
         row["wire_limit_s"] = round(nonzero / bw, 6)
         row["pyhv"] = _summary(pyhv_runs, nonzero / bw)
         row["pyhv_encrypted"] = _summary(sealed_runs, nonzero / bw)
+        row["pyhv_postcopy"] = _summary(postcopy_runs, nonzero / bw)
+        for k in ("blocktime_p50_ms", "blocktime_p99_ms", "faults", "requested_pages"):
+            row["pyhv_postcopy"][k] = statistics.median(r["postcopy"][k] for r in postcopy_runs)
         row["encrypted_total_over_authenticated"] = round(
             row["pyhv_encrypted"]["total_s"]["median"] / row["pyhv"]["total_s"]["median"], 2
         )

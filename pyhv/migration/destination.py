@@ -66,8 +66,10 @@ class Incoming:
         timeout: float = 30.0,
         accept_timeout: float = 300.0,
         faults: dict[str, str] | None = None,
+        userfault_device: int | None = None,
     ) -> None:
         self.listener = listener
+        self.userfault_device = userfault_device  # for post-copy: /dev/userfaultfd, or None
         self.token = token_bytes(token)
         self.max_memory = max_memory
         self.timeout = timeout
@@ -235,7 +237,7 @@ class Incoming:
             elif ftype is Frame.STATE:
                 return VmState.decode(bytes(buf))
             elif ftype is Frame.POSTCOPY:
-                self.postcopy = PostcopyDestination(fs)
+                self.postcopy = PostcopyDestination(fs, self.userfault_device)
             elif ftype is Frame.NEED and self.postcopy is not None:
                 runs = unpack_zero_runs(bytes(buf))
                 for gpa, n in runs:

@@ -267,8 +267,9 @@ class PostcopySource:
 class PostcopyDestination:
     """Fetches the missing pages of a VM that already runs here (see the module docstring)."""
 
-    def __init__(self, fs: FrameSocket) -> None:
+    def __init__(self, fs: FrameSocket, device: int | None = None) -> None:
         self.fs = fs
+        self.device = device  # /dev/userfaultfd passed by the owner, or None: the syscall
         self._runs: list[tuple[int, int]] = []
         self.uf: Userfault | None = None
         self.vm: VirtualMachine | None = None
@@ -315,7 +316,7 @@ class PostcopyDestination:
             self.checksum += region_digest(r, kept)
             self.present.append(kept.copy())
         self.remaining = sum(int(m.sum()) for m in self.need)
-        self.uf = Userfault()
+        self.uf = Userfault(self.device)
         for r in self.regions:
             self.uf.register(r.host_address, r.size)
         p = vm.partition

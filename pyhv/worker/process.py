@@ -58,6 +58,7 @@ class WorkerProcess:
         self._output = output
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self.pass_fds: list[int] = []  #: more fds the worker inherits (named in its first message)
         self._end: VmEnd | None = None
         self._ended = threading.Event()
         self._started = threading.Event()
@@ -102,7 +103,7 @@ class WorkerProcess:
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [sys.executable, "-m", "pyhv.worker", "--fd", str(theirs.fileno())]
-        fds = [theirs.fileno()]
+        fds = [theirs.fileno(), *self.pass_fds]
         if self.smart_paging is not None:
             fds.append(self.smart_paging[0])
         try:

@@ -57,6 +57,19 @@ def test_a_dirtying_guest_runs_at_the_destination_at_once_and_fetches_its_memory
     assert "visible: 128 MiB" in there.run("mem")
 
 
+def test_an_idle_guest_moves_by_post_copy_and_answers_there(hosts: Any) -> None:
+    src, guest = hosts.boot("128M")
+    before = guest.ticks()
+    dst = hosts.destination()
+    result = _migrate(src, dst, postcopy=True)
+    pc = result["postcopy"]
+    assert pc["checksum_destination"] == pc["checksum_source"]
+    # what the guest holds (the image, its page tables, its heap), never the untouched rest
+    assert 0 < pc["needed_pages"] < result["ram_pages"] // 2
+    first, later = wait_rising(moved(dst).ticks)
+    assert before <= first < later
+
+
 def test_a_hybrid_migration_switches_to_post_copy_after_its_pass_limit(hosts: Any) -> None:
     src, dst = _dirtying(hosts)
     # a link slower than the guest writes: pre-copy alone would pass on to throttling

@@ -173,7 +173,7 @@ class PostcopySource:
                 gpa, n = self._urgent.popleft()
                 self.urgent_pages += self._send_run(gpa, n, urgent=True)
                 continue
-            if cursor:
+            if cursor and committed:  # no push while the destination restores (downtime)
                 ri, at = cursor[0]
                 m = self.need[ri]
                 left = np.flatnonzero(m[at:])

@@ -502,6 +502,16 @@ class Source:
         t_pause = time.monotonic()
         p.pause()
         self._paused = True
+        parts = self.progress.downtime_parts
+        t_mark = t_pause
+
+        def mark(name: str) -> None:
+            nonlocal t_mark
+            now = time.monotonic()
+            parts[name] = round((now - t_mark) * 1000, 2)
+            t_mark = now
+
+        mark("pause")
         self._phase("postcopy")
         if masks is None:  # nothing sent yet: the destination needs all data
             need = []
@@ -517,9 +527,11 @@ class Source:
         needed = pc.announce()
         self.progress.passes += 1
         fs.send(Frame.STATE, vm_state.save(vm, None).encode())
+        mark("state")
         t_switch = time.monotonic()
 
         def commit() -> None:
+            mark("restored")
             self._committing = self._postcopy_committed = True
             self._phase("commit")
             fs.send_json(Frame.COMMIT, frames.Empty())
@@ -532,6 +544,8 @@ class Source:
         now = time.monotonic()
         t_run = resumed.time
         self.progress.downtime = t_run - t_pause if t_pause < t_run <= now else now - t_pause
+        if resumed.start_ms is not None:
+            parts["destination_start"] = round(resumed.start_ms, 2)
         self.progress.pages_sent += pc.urgent_pages + pc.pushed_pages
         self.progress.postcopy = {
             "switched_because": why,

@@ -242,7 +242,7 @@ class Incoming:
                 runs = unpack_zero_runs(bytes(buf))
                 for gpa, n in runs:
                     self._region(p, gpa, n)  # inside RAM, or the stream is refused
-                self.postcopy.add_need(runs)
+                self.postcopy.add_need(runs, sum(w.size for w in written.values()))
             elif ftype is Frame.ABORT:
                 reason = bytes(buf).decode(errors="replace")
                 raise MigrationError(f"the source aborted: {reason}", "memory")

@@ -291,7 +291,15 @@ class PostcopyDestination:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def add_need(self, runs: list[tuple[int, int]]) -> None:
+    def add_need(self, runs: list[tuple[int, int]], ram_pages: int) -> None:
+        """NEED runs (each checked inside RAM by the caller); more runs than RAM has pages
+        cannot be an honest list and would only grow this one."""
+        if len(self._runs) + len(runs) > ram_pages:
+            raise MigrationError(
+                f"the source sent more NEED runs ({len(self._runs) + len(runs)}) than the VM "
+                f"has pages ({ram_pages})",
+                "postcopy",
+            )
         self._runs += runs
 
     def start(

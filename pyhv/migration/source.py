@@ -578,7 +578,15 @@ class Source:
         self.vm.stop(f"migrated to {self.address[0]}:{self.address[1]}")
 
     def resume_here(self) -> None:
-        """After MigrationInDoubt, when the destination does not run the VM: resume it here."""
+        """After MigrationInDoubt, when the destination does not run the VM: resume it here.
+        Not after a post-copy's COMMIT: the VM ran there, this copy is older than what the
+        guest did since (resuming it would roll the guest back): it is stopped instead."""
+        if self._postcopy_committed:
+            log.error("%s: not resumed: it ran at the destination (post-copy)", self.vm.config.name)
+            self.vm.stop("post-copy failed after the VM ran at the destination: this copy is stale")
+            self.progress.phase = "aborted"
+            self._report(force=True)
+            return
         if self.vm.partition is not None and self.vm.end is None:
             self.vm.partition.resume()
         self._paused = False

@@ -110,3 +110,16 @@ def test_a_source_lost_mid_post_copy_stops_the_vm_at_the_destination_saying_why(
     assert end is not None and "post-copy failed" in end.detail
     assert "the source held the rest of its memory" in end.detail
     t.join(30)
+
+
+def test_a_hybrid_migration_switches_as_soon_as_the_passes_stop_converging(hosts: Any) -> None:
+    src, dst = _dirtying(hosts)
+    # pass limit far off; the link slower than the guest writes: pass 2 leaves as much as pass 1
+    result = _migrate(
+        src, dst, postcopy=True, postcopy_after=10, downtime_target=1e-3, bandwidth=8 << 20
+    )
+    pc = result["postcopy"]
+    assert pc["switched_because"] == "the passes stopped shrinking the dirty set"
+    assert len(result["pass_log"]) == 2 and result["throttle_percent"] == 0
+    assert pc["checksum_destination"] == pc["checksum_source"]
+    wait_rising(moved(dst).touched)

@@ -567,4 +567,8 @@ def _thread_name(tid: int) -> str:
     for t in threading.enumerate():
         if t.native_id == tid:
             return t.name
-    return f"tid {tid}"
+    try:  # not ours: KVM's async page-fault worker (a kworker), when this pid namespace sees it
+        with open(f"/proc/{tid}/comm") as f:
+            return f"tid {tid} ({f.read().strip()})"
+    except OSError:
+        return f"tid {tid}"

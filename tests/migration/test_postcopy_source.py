@@ -64,12 +64,12 @@ def test_a_waited_for_page_goes_ahead_of_the_push_which_waits_for_the_restore() 
     first_pages = [s for s in seen if s[0] is Frame.PAGES]
     assert first_pages[0][1] == last  # the urgent page before any pushed one
     assert seen.index((Frame.COMMIT, 0, 0)) < seen.index(first_pages[1])  # push after COMMIT
-    assert src.urgent_pages == 1 and src.pushed_pages == PAGES - 1  # never sent twice
     dst.send_json(Frame.RESUMED, frames.Resumed(0.0))
     done = frames.PostcopyDone("0" * 16, 1, 1, 1.0, 1.0, 1.0, {})
     dst.send_json(Frame.POSTCOPY_DONE, done)
     server.join(10)
     assert not server.is_alive() and src.done == done and commits == [True]
+    assert src.urgent_pages == 1 and src.pushed_pages == PAGES - 1  # never sent twice
 
 
 @pytest.mark.parametrize(

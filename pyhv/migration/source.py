@@ -158,9 +158,13 @@ class _Throttle:
         while not self._stop.is_set():
             f = self.fraction
             if f > 0:
-                p.pause()
-                self._stop.wait(self.RUN * f / (1 - f))
-                p.resume()
+                try:
+                    p.pause()
+                    self._stop.wait(self.RUN * f / (1 - f))
+                except TimeoutError:
+                    pass  # a VP the host did not schedule in time: this round runs unthrottled
+                finally:
+                    p.resume()  # (cancels a pause not yet taken: never left paused)
             self._stop.wait(self.RUN)
 
     def stop(self) -> None:
@@ -202,6 +206,7 @@ class Source:
         self.ram_checksum: str | None = None
         self._committing = False
         self._postcopy_committed = False  # the VM runs at the destination, its memory here
+        self._pc: Any = None  # the PostcopySource once switched
 
     # --- the whole thing ----------------------------------------------------------------
 
@@ -216,8 +221,8 @@ class Source:
             if self._postcopy_committed:  # resuming here would run a stale copy: never
                 self._hold()
                 raise MigrationInDoubt(
-                    f"post-copy to {self.address[0]}:{self.address[1]}: {why}: the VM ran at the "
-                    "destination with part of its memory still here; it stays paused here",
+                    f"post-copy to {self.address[0]}:{self.address[1]}: {why}: the VM may run at "
+                    "the destination with part of its memory still here; it stays paused here",
                     "postcopy",
                 ) from e
             if self._committing and not self.opt.resume_in_doubt:
@@ -523,7 +528,7 @@ class Source:
         else:  # dirty when the passes stopped, and since
             need = [m | mem.dirty_mask(r) for r, m in masks]
         self._stop_logging()
-        pc = PostcopySource(fs, regions, need)
+        pc = self._pc = PostcopySource(fs, regions, need)
         needed = pc.announce()
         self.progress.passes += 1
         fs.send(Frame.STATE, vm_state.save(vm, None).encode())
@@ -579,9 +584,11 @@ class Source:
 
     def resume_here(self) -> None:
         """After MigrationInDoubt, when the destination does not run the VM: resume it here.
-        Not after a post-copy's COMMIT: the VM ran there, this copy is older than what the
-        guest did since (resuming it would roll the guest back): it is stopped instead."""
-        if self._postcopy_committed:
+        Not once a post-copy's destination said RESUMED: the VM ran there, this copy is older
+        than what the guest did since (resuming it would roll the guest back): it is stopped
+        instead. (Without RESUMED the owner's answer rests on the destination's records: a
+        destination resumes only once its owner recorded the VM.)"""
+        if self._pc is not None and self._pc.resumed is not None:
             log.error("%s: not resumed: it ran at the destination (post-copy)", self.vm.config.name)
             self.vm.stop("post-copy failed after the VM ran at the destination: this copy is stale")
             self.progress.phase = "aborted"

@@ -63,12 +63,20 @@ class ProgressBar:
 
 
 def summary(r: dict[str, Any]) -> str:
-    return (
+    text = (
         f"migrated in {r['total_time']:.3f} s, downtime {r['downtime'] * 1000:.1f} ms, "
         f"{r['passes']} passes, {r['pages_sent']} pages sent, {r['zero_pages']} zero pages, "
         f"{r['skipped_pages']} never-written pages skipped, {r['bytes_sent'] / 2**20:.1f} MiB "
         "on the wire"
     )
+    pc = r.get("postcopy")
+    if pc:
+        text += (
+            f"; post-copy ({pc['switched_because']}): {pc['needed_pages']} pages after the "
+            f"switch, {pc['requested_pages']} on demand, blocktime p50 "
+            f"{pc['blocktime_p50_ms']:.2f} ms p99 {pc['blocktime_p99_ms']:.2f} ms"
+        )
+    return text
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:
@@ -87,6 +95,21 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-throttle", action="store_true", help="no auto-converge")
     p.add_argument("--no-verify", action="store_true", help="skip the RAM checksum at pause")
+    p.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="post-copy: run the VM at the destination at once and fetch its memory on demand "
+        "(no pre-copy passes, a short pause whatever the guest writes). Until the last page "
+        "is there the VM's memory is split between both hosts: a source that dies or is cut "
+        "off mid-post-copy loses the VM. Only when asked for",
+    )
+    p.add_argument(
+        "--postcopy-after",
+        type=int,
+        metavar="N",
+        help="hybrid: pre-copy passes, then post-copy after N passes or as soon as a pass no "
+        "longer shrinks the dirty set (implies --postcopy, and its risk)",
+    )
 
 
 def migration_options(a: argparse.Namespace) -> dict[str, Any]:
@@ -100,6 +123,14 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
     }
     if a.bandwidth:
         out["bandwidth"] = a.bandwidth
+    if a.postcopy or a.postcopy_after is not None:
+        if a.postcopy_after is not None and a.postcopy_after < 1:
+            raise CliError(
+                f"--postcopy-after {a.postcopy_after}: give a number of passes >= 1 "
+                "(or --postcopy alone for post-copy at once)"
+            )
+        out["postcopy"] = True
+        out["postcopy_after"] = a.postcopy_after or 0
     return out
 
 

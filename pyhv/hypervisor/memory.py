@@ -6,6 +6,7 @@ import bisect
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyhv.kvm import Vm, address_of
@@ -78,6 +79,9 @@ class GpaSpace:
         self._max_slots = max_slots
         self._lock = threading.Lock()
         self._regions: list[MemoryRegion] = []  # sorted by gpa, replaced (not mutated) on change
+        #: Called with (gpa, length) before view/read/write touch guest RAM: post-copy migration
+        #: fetches missing pages first (a thread holding the GIL cannot wait on a userfault).
+        self.before_access: Callable[[int, int], None] | None = None
         self._starts: list[int] = []
 
     @property
@@ -183,10 +187,14 @@ class GpaSpace:
 
     def view(self, gpa: int, n: int) -> memoryview:
         r = self._region_for(gpa, n)
+        if self.before_access is not None:
+            self.before_access(gpa, n)
         off = gpa - r.gpa
         return memoryview(r.mm)[off : off + n]
 
     def read(self, gpa: int, n: int) -> bytes:
+        if self.before_access is not None:
+            self.before_access(gpa, n)
         out = bytearray()
         while n > 0:
             r = self.find(gpa)
@@ -201,6 +209,8 @@ class GpaSpace:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
+        if self.before_access is not None:
+            self.before_access(gpa, len(data))
         pos = 0
         while pos < len(data):
             r = self.find(gpa + pos)

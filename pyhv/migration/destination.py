@@ -24,6 +24,7 @@ from pyhv.migration import frames
 from pyhv.migration import memory as mem
 from pyhv.migration import state as vm_state
 from pyhv.migration.faults import FaultPlan
+from pyhv.migration.postcopy import PostcopyDestination
 from pyhv.migration.state import VmState
 from pyhv.migration.stream import (
     COMPRESSED,
@@ -65,8 +66,10 @@ class Incoming:
         timeout: float = 30.0,
         accept_timeout: float = 300.0,
         faults: dict[str, str] | None = None,
+        userfault_device: int | None = None,
     ) -> None:
         self.listener = listener
+        self.userfault_device = userfault_device  # for post-copy: /dev/userfaultfd, or None
         self.token = token_bytes(token)
         self.max_memory = max_memory
         self.timeout = timeout
@@ -83,6 +86,7 @@ class Incoming:
         self.t_commit = 0.0
         self.dynmem_layout: dict[str, Any] | None = None
         self._populater = _Populater()
+        self.postcopy: PostcopyDestination | None = None
 
     def accept(self) -> dict[str, Any]:
         """Wait for the source, authenticate it, read the configuration (returned, as sent)."""
@@ -152,6 +156,14 @@ class Incoming:
             state = self._memory(vm, written)
             trace_phase(vm, "destination", "state", fs.bytes_received, self.pages)
             self.faults.at("state", fs)
+            if self.postcopy is not None:  # RAM fetched on demand from here on
+                self.postcopy.start(vm, ram, written)
+                vm_state.restore(vm, state)
+                fs.send_json(Frame.RESTORED, frames.Empty())
+                self.postcopy.wait_commit(self.timeout)
+                self.t_commit = time.monotonic()
+                trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
+                return
             vm_state.restore(vm, state)
             if self.verify:
                 want = fs.expect(Frame.CHECKSUM, frames.Checksum, "verify").ram
@@ -224,6 +236,13 @@ class Incoming:
                 self._populater.stop()
             elif ftype is Frame.STATE:
                 return VmState.decode(bytes(buf))
+            elif ftype is Frame.POSTCOPY:
+                self.postcopy = PostcopyDestination(fs, self.userfault_device)
+            elif ftype is Frame.NEED and self.postcopy is not None:
+                runs = unpack_zero_runs(bytes(buf))
+                for gpa, n in runs:
+                    self._region(p, gpa, n)  # inside RAM, or the stream is refused
+                self.postcopy.add_need(runs, sum(w.size for w in written.values()))
             elif ftype is Frame.ABORT:
                 reason = bytes(buf).decode(errors="replace")
                 raise MigrationError(f"the source aborted: {reason}", "memory")
@@ -282,7 +301,8 @@ class Incoming:
         except OSError as e:
             log.warning("could not tell the source that the VM resumed: %s", e)
         finally:
-            fs.close()
+            if self.postcopy is None:  # post-copy: the stream carries the rest of RAM
+                fs.close()
 
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14

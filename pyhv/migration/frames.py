@@ -101,6 +101,21 @@ class Resumed(_Body, frozen=True):
     start_ms: float | None = None
 
 
+class PostcopyDone(_Body, frozen=True):
+    """dest -> src: every page the destination needed is in (the source may let its copy go):
+    the checksum of RAM as it was at the pause (pyhv.migration.postcopy.digest), the faults
+    served and the blocktime (how long faulting VPs and host threads waited), in ms."""
+
+    checksum: Annotated[str, Meta(pattern="^[0-9a-f]{16}$")]
+    faults: Annotated[int, Meta(ge=0)]
+    requested_pages: Annotated[int, Meta(ge=0)]
+    blocktime_p50_ms: Annotated[float, Meta(ge=0)]
+    blocktime_p99_ms: Annotated[float, Meta(ge=0)]
+    blocktime_max_ms: Annotated[float, Meta(ge=0)]
+    #: total wait per thread (a VP's or the host's), by its name
+    thread_blocktime_ms: Annotated[dict[str, float], Meta(max_length=1024)]
+
+
 class Abort(_Body, frozen=True):
     """Either way: the sender gives up, and why."""
 

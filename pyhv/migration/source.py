@@ -84,6 +84,13 @@ class MigrationOptions:
     #: The connection lost after COMMIT went out, before RESUMED came: resume here (True), or
     #: stay paused and raise MigrationInDoubt so the owner can ask the destination (False).
     resume_in_doubt: bool = True
+    #: Post-copy (pyhv.migration.postcopy): the VM runs at the destination before its memory
+    #: is all there, pages fetched as it touches them. Until the last page is in, the VM's
+    #: memory exists only across both hosts: a source that dies meanwhile loses the VM.
+    postcopy: bool = False
+    #: With postcopy: pre-copy passes first, post-copy after this many passes or as soon as a
+    #: pass stops shrinking the dirty set (hybrid); 0: post-copy right away.
+    postcopy_after: int = 0
     faults: dict[str, str] = field(default_factory=dict)  #: test-only: FaultPlan
 
     @classmethod
@@ -119,6 +126,8 @@ class Progress:
     #: milliseconds of the downtime: pause, last pages, state, destination restore, resume
     downtime_parts: dict[str, float] = field(default_factory=dict)
     pass_log: list[dict[str, Any]] = field(default_factory=list)
+    #: post-copy only: pages needed, sent on request and pushed, faults, blocktime, checksums
+    postcopy: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,6 +205,8 @@ class Source:
         self._last_report = 0.0
         self.ram_checksum: str | None = None
         self._committing = False
+        self._postcopy_committed = False  # the VM runs at the destination, its memory here
+        self._pc: Any = None  # the PostcopySource once switched
 
     # --- the whole thing ----------------------------------------------------------------
 
@@ -207,6 +218,13 @@ class Source:
         except BaseException as e:
             phase = getattr(e, "phase", "") or self.progress.phase
             why = self._peer_reason(e) or _describe(e)
+            if self._postcopy_committed:  # resuming here would run a stale copy: never
+                self._hold()
+                raise MigrationInDoubt(
+                    f"post-copy to {self.address[0]}:{self.address[1]}: {why}: the VM may run at "
+                    "the destination with part of its memory still here; it stays paused here",
+                    "postcopy",
+                ) from e
             if self._committing and not self.opt.resume_in_doubt:
                 self._hold()
                 raise MigrationInDoubt(
@@ -251,6 +269,12 @@ class Source:
         if p is None or vm.end is not None:
             raise MigrationError("the VM is not running: nothing to migrate", "connect")
         dm = vm.dynmem
+        if opt.postcopy and dm is not None:
+            raise MigrationError(
+                "post-copy of a VM with Dynamic Memory is not supported (its balloon and VSP "
+                "rings are not fetched on demand): migrate it without post-copy",
+                "connect",
+            )
         if dm is not None:
             dm_mod.quiesce(dm)
             dm_activity = dm_mod.activity(dm)
@@ -290,6 +314,9 @@ class Source:
             ),
         )
         fs.expect(Frame.READY, frames.Empty, "config")
+        if opt.postcopy and opt.postcopy_after <= 0:
+            self._postcopy(regions, None, "post-copy asked for at once")
+            return
 
         # 2. dirty logging on, first pass: everything
         self._phase("pass1")
@@ -342,6 +369,12 @@ class Source:
                 if dirty <= opt.small_final_pages or not shrinking:
                     why = f"the rest ({dirty} pages) fits the downtime target"
                     break
+            if opt.postcopy and not fits and self.progress.passes >= opt.postcopy_after:
+                self._postcopy(regions, masks, f"{opt.postcopy_after} passes done")
+                return
+            if opt.postcopy and not fits and self.progress.passes >= 2 and not shrinking:
+                self._postcopy(regions, masks, "the passes stopped shrinking the dirty set")
+                return
             if self.progress.passes >= opt.max_passes:
                 why = f"{opt.max_passes} passes done"
                 break
@@ -454,12 +487,113 @@ class Source:
         self._report(force=True)
         trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
 
+    def _postcopy(
+        self,
+        regions: list[MemoryRegion],
+        masks: list[tuple[MemoryRegion, np.ndarray]] | None,
+        why: str,
+    ) -> None:
+        """Pause, send the state, and serve the destination's pages while the VM runs there
+        (pyhv.migration.postcopy); returns once it has them all."""
+        from pyhv.migration.postcopy import PostcopySource, hexdigest, region_digest
+
+        vm, opt, fs = self.vm, self.opt, self.fs
+        p = vm.partition
+        assert fs is not None and p is not None
+        log.info("%s: switching to post-copy: %s", vm.config.name, why)
+        self._throttle.stop()
+        if vm.end is not None:
+            raise MigrationError(f"the VM ended during migration: {vm.end.describe()}", "final")
+        t_pause = time.monotonic()
+        p.pause()
+        self._paused = True
+        parts = self.progress.downtime_parts
+        t_mark = t_pause
+
+        def mark(name: str) -> None:
+            nonlocal t_mark
+            now = time.monotonic()
+            parts[name] = round((now - t_mark) * 1000, 2)
+            t_mark = now
+
+        mark("pause")
+        self._phase("postcopy")
+        if masks is None:  # nothing sent yet: the destination needs all data
+            need = []
+            for r in regions:
+                m = np.zeros(r.pages, dtype=bool)
+                for a, b in mem.data_extents(r):
+                    m[a:b] = True
+                need.append(m)
+        else:  # dirty when the passes stopped, and since
+            need = [m | mem.dirty_mask(r) for r, m in masks]
+        self._stop_logging()
+        pc = self._pc = PostcopySource(fs, regions, need)
+        needed = pc.announce()
+        self.progress.passes += 1
+        fs.send(Frame.STATE, vm_state.save(vm, None).encode())
+        mark("state")
+        t_switch = time.monotonic()
+
+        def commit() -> None:
+            mark("restored")
+            self._committing = self._postcopy_committed = True
+            self._phase("commit")
+            fs.send_json(Frame.COMMIT, frames.Empty())
+
+        pc.serve(commit, time.monotonic() + opt.timeout)
+        # RAM at the pause: the VM here stays paused for good, so it is summed after serving
+        self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))
+        done, resumed = pc.done, pc.resumed
+        assert done is not None and resumed is not None
+        now = time.monotonic()
+        t_run = resumed.time
+        self.progress.downtime = t_run - t_pause if t_pause < t_run <= now else now - t_pause
+        if resumed.start_ms is not None:
+            parts["destination_start"] = round(resumed.start_ms, 2)
+        self.progress.pages_sent += pc.urgent_pages + pc.pushed_pages
+        self.progress.postcopy = {
+            "switched_because": why,
+            "needed_pages": needed,
+            "urgent_pages": pc.urgent_pages,
+            "pushed_pages": pc.pushed_pages,
+            "requests": pc.requests,
+            "faults": done.faults,
+            "requested_pages": done.requested_pages,
+            "blocktime_p50_ms": done.blocktime_p50_ms,
+            "blocktime_p99_ms": done.blocktime_p99_ms,
+            "blocktime_max_ms": done.blocktime_max_ms,
+            "thread_blocktime_ms": dict(done.thread_blocktime_ms),
+            "seconds": round(now - t_switch, 4),
+            "checksum_source": self.ram_checksum,
+            "checksum_destination": done.checksum,
+        }
+        if done.checksum != self.ram_checksum:
+            raise MigrationError(
+                f"guest RAM at the destination differs from the source's at pause (checksum "
+                f"{done.checksum} there, {self.ram_checksum} here)",
+                "verify",
+            )
+        self.progress.phase = "done"
+        self._report(force=True)
+        trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
+
     def clean_up(self) -> None:
         """After success: the VM runs on the destination; stop it here (its memory goes)."""
         self.vm.stop(f"migrated to {self.address[0]}:{self.address[1]}")
 
     def resume_here(self) -> None:
-        """After MigrationInDoubt, when the destination does not run the VM: resume it here."""
+        """After MigrationInDoubt, when the destination does not run the VM: resume it here.
+        Not once a post-copy's destination said RESUMED: the VM ran there, this copy is older
+        than what the guest did since (resuming it would roll the guest back): it is stopped
+        instead. (Without RESUMED the owner's answer rests on the destination's records: a
+        destination resumes only once its owner recorded the VM.)"""
+        if self._pc is not None and self._pc.resumed is not None:
+            log.error("%s: not resumed: it ran at the destination (post-copy)", self.vm.config.name)
+            self.vm.stop("post-copy failed after the VM ran at the destination: this copy is stale")
+            self.progress.phase = "aborted"
+            self._report(force=True)
+            return
         if self.vm.partition is not None and self.vm.end is None:
             self.vm.partition.resume()
         self._paused = False

@@ -97,6 +97,11 @@ class Frame(enum.IntEnum):
     RESUMED = 13  # dest -> src: Resumed {"time": monotonic, "start_ms"} the VPs run there
     ABORT = 14  # either way: Abort {"reason"}; the sender gives up
     EXTENTS = 15  # src -> dest: (gpa, pages) runs pass 1 will send (to back them ahead)
+    # post-copy (pyhv.migration.postcopy); numbered apart from the pre-copy frames
+    POSTCOPY = 30  # src -> dest: Empty; the VM's state comes next and the rest after it runs
+    NEED = 31  # src -> dest: (gpa, pages) runs the destination fetches (the rest it has or is 0)
+    REQUEST = 32  # dest -> src: (gpa, pages) runs a VP or the host waits for: send them first
+    POSTCOPY_DONE = 33  # dest -> src: PostcopyDone; every needed page is in, blocktime
 
 
 _B = TypeVar("_B", bound=Struct)

@@ -19,6 +19,7 @@ On the owner's side, :class:`IncomingWorker` starts a destination worker and
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -154,6 +155,7 @@ def accept_incoming(
             timeout=first.timeout,
             accept_timeout=first.accept_timeout,
             faults=first.faults or None,
+            userfault_device=first.userfaultfd,
         )
     except (MigrationError, ValueError) as e:
         lst.close()
@@ -292,6 +294,7 @@ class IncomingWorker(WorkerProcess):
             page_file=page_file,
             confirm=confirm,
         )
+        self._uffd_device = -1
         #: With `confirm`: called (on the reader thread) with the arrived VM's configuration
         #: once the source committed; True lets the worker resume (the owner recorded the VM
         #: as its own), False stops it (the source keeps the VM). Default: resume.
@@ -301,6 +304,23 @@ class IncomingWorker(WorkerProcess):
         self._listening = threading.Event()
         self._migrated = threading.Event()
         self.listeners.append(self._event)
+
+    def start(self) -> None:
+        # Post-copy registers guest RAM with userfaultfd; a jailed worker's uid may not create
+        # one for kernel (KVM) faults, so the owner opens /dev/userfaultfd and passes it.
+        try:
+            self._uffd_device = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            self._uffd_device = -1  # an older kernel, or no right to it: the syscall then
+        if self._uffd_device >= 0:
+            self.pass_fds.append(self._uffd_device)
+            self._request = msgspec.structs.replace(self._request, userfaultfd=self._uffd_device)
+        try:
+            super().start()
+        finally:
+            if self._uffd_device >= 0:
+                os.close(self._uffd_device)
+                self._uffd_device = -1
 
     def _first_message(self) -> m.Incoming:
         if self.adoption is None:

@@ -98,6 +98,9 @@ class Incoming(_Op, tag="incoming", frozen=True):
     #: The page file's host file here, as the owner chose it (None: one of the worker's own);
     #: the source's path is ignored (it names a file of the source's host).
     page_file: Text | None = None
+    #: An fd of /dev/userfaultfd the owner opened and passed (post-copy from a jailed worker,
+    #: which may not call userfaultfd(2) for kernel faults itself); None: the syscall.
+    userfaultfd: Annotated[int, Meta(ge=0)] | None = None
     #: As Boot's (the VM keeps running without its owner once it resumed here).
     adoption_secret: AdoptionSecret | None = None
     #: Resume only after the owner said :class:`Resume` (answering :class:`Committed`): the

@@ -58,6 +58,7 @@ class WorkerProcess:
         self._output = output
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self.pass_fds: list[int] = []  #: more fds the worker inherits (named in its first message)
         self._end: VmEnd | None = None
         self._ended = threading.Event()
         self._started = threading.Event()
@@ -113,6 +114,7 @@ class WorkerProcess:
         if self.adoption is not None:
             fds.append(self.adoption[0].fileno())
             argv.append(f"--adopt-fd={fds[1]}")
+        fds += self.pass_fds
         if self.smart_paging is not None:
             fds.append(self.smart_paging[0])
         try:

@@ -64,3 +64,45 @@ def test_migrate_listen_takes_the_vm_that_migrate_run_sends(tmp_path: Path) -> N
         except subprocess.TimeoutExpired:
             listener.kill()
             listener.wait()
+
+
+def test_migrate_run_postcopy_moves_the_vm_and_reports_its_blocktime(tmp_path: Path) -> None:
+    helptext = subprocess.run(
+        [*PYHV, "migrate", "run", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "loses the VM" in " ".join(helptext.split())  # post-copy's risk, said up front
+    token = tmp_path / "token"
+    token.write_text("a-shared-token-for-this-test\n")
+    listener = subprocess.Popen(
+        [*PYHV, "migrate", "listen", "--listen", "127.0.0.1:0", "--token-file", str(token),
+         "--timeout", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert listener.stderr is not None
+        line = listener.stderr.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        port = line.strip().rsplit(":", 1)[1]
+        sent = subprocess.run(
+            [*PYHV, "migrate", "run", "--to", f"127.0.0.1:{port}", "--token-file", str(token),
+             "-m", "128M", "-c", "dirty 4", "--encrypt", "--postcopy"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        assert "post-copy (post-copy asked for at once)" in sent.stdout
+        assert "blocktime p50" in sent.stdout
+        while arrived := listener.stderr.readline():
+            if "arrived from 127.0.0.1" in arrived:
+                break
+        assert "VM 'vm' arrived from 127.0.0.1" in arrived
+    finally:
+        listener.send_signal(2)
+        try:
+            listener.wait(20)
+        except subprocess.TimeoutExpired:
+            listener.kill()
+            listener.wait()

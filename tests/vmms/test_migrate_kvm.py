@@ -173,3 +173,21 @@ def test_a_vm_migrates_over_mutual_tls_with_the_destinations_migration_token_onl
         # and B's admin, over TLS with a client certificate, sees it
         assert [vm["name"] for vm in b.tcp_client().request("GET", "/api/vms")["vms"]] == ["tls1"]
         b.vm("stop", "tls1")
+
+
+def test_pyhv_vm_migrate_postcopy_runs_the_vm_at_the_destination_and_reports_blocktime(
+    hosts: tuple[VmmsProcess, VmmsProcess],
+) -> None:
+    a, b = hosts
+    a.vm("create", "pc", "--memory", "128M")
+    a.vm("start", "pc")
+    assert "dirty" in a.shell("pc", "dirty 8")
+    wait_for(lambda: touched(a, "pc") >= 8 * 256, 60, "8 MiB touched")
+    # the option passes through the VMMS to the source worker
+    out = a.vm("migrate", "pc", "--to", b.address, "--token-file", str(b.token_file), "--postcopy")
+    assert "post-copy (post-copy asked for at once)" in out and "blocktime p50" in out, out
+    assert f"pc runs on {b.address} now" in out, out
+    assert "pc" not in a.names()
+    written = touched(b, "pc")
+    wait_for(lambda: touched(b, "pc") > written, 60, "the dirty task writing on B")
+    b.vm("stop", "pc")

@@ -1,0 +1,574 @@
+"""Post-copy live migration (Hines and Gopalan, VEE 2009; QEMU's postcopy-ram): the VM runs at
+the destination before its memory is there, and a page arrives when something touches it.
+
+Source (:class:`PostcopySource`), once its VPs are paused: POSTCOPY, the NEED runs (the pages
+the destination must fetch: all of the source's data for a pure post-copy, the pages dirtied
+since the last pass for a hybrid one), STATE. It then serves on the one sealed stream: urgent
+requests (REQUEST frames) go ahead of the background push of the NEED pages, frame by frame;
+COMMIT once the destination restored; until POSTCOPY_DONE says every page is in, the source
+keeps its (paused) copy.
+
+Destination (:class:`PostcopyDestination`): its guest RAM is registered with userfaultfd
+(pyhv.memory.userfault) before the state is restored, so any touch of a missing page stops the
+toucher: a fault thread asks the source for a NEED page (REQUEST), or installs a zero page for
+any other hole (those are zero at the source: never written, or sent as zero); a receiver thread
+installs what comes (UFFDIO_COPY) and wakes the waiters. Host threads reading guest RAM through
+the GPA space hold the GIL while they fault, so they ask first (GpaSpace.before_access). The
+time each waiter waited is its blocktime (p50/p99 and per thread in POSTCOPY_DONE).
+
+RAM at the pause is checked end to end with :func:`digest`: a position-weighted sum of per-page
+linear digests in which a zero page counts 0, so the destination adds up what it kept and what
+it installed, page by page, in any order, and must reach the source's figure.
+
+A source that dies mid-post-copy loses the VM (its newest memory exists nowhere else): the
+destination stops it, saying so. A cut link pausing the VPs until the source reconnects is not
+built (docs/migration.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pyhv.migration import frames
+from pyhv.migration import memory as mem
+from pyhv.migration.stream import (
+    Frame,
+    FrameSocket,
+    MigrationError,
+    PeerAborted,
+    pack_zero_runs,
+    unpack_zero_runs,
+)
+
+if TYPE_CHECKING:
+    from pyhv.hypervisor.memory import MemoryRegion
+    from pyhv.memory.userfault import Userfault
+    from pyhv.worker.vm import VirtualMachine
+
+log = logging.getLogger("pyhv.migration")
+PAGE = mem.PAGE
+WORDS = PAGE // 8
+PUSH_PAGES = 64  # a background frame: small, so an urgent page waits at most this much
+SEND_BUFFER = 256 << 10  # the source's socket buffer during post-copy (the kernel doubles it)
+RUNS_PER_FRAME = 4096
+_MASK64 = (1 << 64) - 1
+_K = np.random.default_rng(0x5EED_C0FF).integers(1, 1 << 63, WORDS, dtype=np.uint64) | np.uint64(1)
+_DIGEST_CHUNK = 1024  # pages per numpy step (4 MiB)
+
+
+# --- the RAM digest -------------------------------------------------------------------------
+
+
+def digest(gpa: int, data: bytes | bytearray | memoryview) -> int:
+    """The digest of whole pages `data` at `gpa`: sum over pages of (linear page digest) x
+    (odd weight of its page number), mod 2^64. Zero pages add 0; sums of disjoint parts add."""
+    total = 0
+    view = memoryview(data).cast("B")
+    pages = len(view) // PAGE
+    for c in range(0, pages, _DIGEST_CHUNK):
+        n = min(_DIGEST_CHUNK, pages - c)
+        w = np.frombuffer(view[c * PAGE : (c + n) * PAGE], dtype=np.uint64).reshape(n, WORDS)
+        d = (w * _K).sum(axis=1, dtype=np.uint64)
+        idx = np.arange(gpa // PAGE + c, gpa // PAGE + c + n, dtype=np.uint64)
+        weight = idx * np.uint64(0x9E3779B97F4A7C15) | np.uint64(1)
+        total += int((d * weight).sum(dtype=np.uint64))
+    return total & _MASK64
+
+
+def region_digest(r: MemoryRegion, mask: np.ndarray | None = None) -> int:
+    """digest() of the region's data pages (holes are zero and not read), only those in
+    `mask` if given."""
+    total = 0
+    for a, b in mem.data_extents(r):
+        if mask is None:
+            total += digest(r.gpa + a * PAGE, memoryview(r.mm)[a * PAGE : b * PAGE])
+            continue
+        for s, e in mem.runs(mask[a:b]):
+            gpa = r.gpa + (a + s) * PAGE
+            total += digest(gpa, memoryview(r.mm)[(a + s) * PAGE : (a + e) * PAGE])
+    return total & _MASK64
+
+
+def hexdigest(value: int) -> str:
+    return f"{value & _MASK64:016x}"
+
+
+def percentiles(ms: list[float]) -> tuple[float, float, float]:
+    """(p50, p99, max) of `ms`, 0 for none."""
+    if not ms:
+        return 0.0, 0.0, 0.0
+    a = np.asarray(ms)
+    return (
+        round(float(np.percentile(a, 50)), 3),
+        round(float(np.percentile(a, 99)), 3),
+        round(float(a.max()), 3),
+    )
+
+
+# --- the source -----------------------------------------------------------------------------
+
+
+class PostcopySource:
+    """Serves one post-copy from the paused source VM (see the module docstring)."""
+
+    def __init__(
+        self, fs: FrameSocket, regions: list[MemoryRegion], need: list[np.ndarray]
+    ) -> None:
+        self.fs = fs
+        self.regions = regions
+        self.need = [m.copy() for m in need]  # bits clear as pages go out
+        self._urgent: collections.deque[tuple[int, int]] = collections.deque()
+        self._wake = threading.Event()
+        self.restored = threading.Event()
+        self.done: frames.PostcopyDone | None = None
+        self.resumed: frames.Resumed | None = None
+        self.error: BaseException | None = None
+        self.urgent_pages = 0
+        self.pushed_pages = 0
+        self.requests = 0
+
+    def announce(self) -> int:
+        """POSTCOPY and the NEED runs (before STATE). Returns the pages needed."""
+        fs = self.fs
+        fs.send_json(Frame.POSTCOPY, frames.Empty())
+        runs = [
+            (r.gpa + a * PAGE, b - a)
+            for r, m in zip(self.regions, self.need, strict=True)
+            for a, b in mem.runs(m)
+        ]
+        for i in range(0, len(runs), RUNS_PER_FRAME):
+            chunk = runs[i : i + RUNS_PER_FRAME]
+            fs.send(Frame.NEED, pack_zero_runs(chunk), count=len(chunk))
+        return sum(int(m.sum()) for m in self.need)
+
+    def serve(self, commit: Any, deadline: float) -> None:
+        """Until the destination has every page (POSTCOPY_DONE) and runs (RESUMED): urgent
+        pages first, then the push; `commit()` sends COMMIT once the destination restored."""
+        fs = self.fs
+        # From here the stream may idle longer than a network timeout between requests.
+        fs.sock.settimeout(None)
+        fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # An urgent page waits behind whatever push the socket holds: keep that short.
+        fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        reader = threading.Thread(target=self._read, name="postcopy-requests", daemon=True)
+        reader.start()
+        committed = False
+        cursor = [(i, 0) for i in range(len(self.regions))]
+        while self.error is None and (self.done is None or self.resumed is None):
+            if not committed and self.restored.is_set():
+                commit()
+                committed = True
+                continue
+            if not committed and time.monotonic() > deadline:
+                raise MigrationError("the destination did not restore the VM in time", "restore")
+            if self._urgent:
+                gpa, n = self._urgent.popleft()
+                self.urgent_pages += self._send_run(gpa, n, urgent=True)
+                continue
+            if cursor and committed:  # no push while the destination restores (downtime)
+                ri, at = cursor[0]
+                m = self.need[ri]
+                left = np.flatnonzero(m[at:])
+                if not len(left):
+                    cursor.pop(0)
+                    continue
+                a = at + int(left[0])
+                b = min(a + PUSH_PAGES, m.size)
+                r = self.regions[ri]
+                for s, e in mem.runs(m[a:b]):
+                    self.pushed_pages += self._send_run(r.gpa + (a + s) * PAGE, e - s)
+                cursor[0] = (ri, b)
+                continue
+            self._wake.wait(0.1)
+            self._wake.clear()
+        if self.error is not None:
+            raise self.error
+
+    def _send_run(self, gpa: int, n: int, urgent: bool = False) -> int:
+        """The needed pages of [gpa, gpa+n): data as PAGES, zero pages as ZERO."""
+        at = next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
+        if at is None:
+            return 0
+        r, m = self.regions[at], self.need[at]
+        first = (gpa - r.gpa) // PAGE
+        sub = m[first : first + n].copy()
+        if urgent:  # a page the destination waits for goes even if the push sent it (in flight)
+            sub[:] = True
+        arr = mem.pages_array(r)
+        sent = 0
+        for s, e in mem.runs(sub):
+            a, b = first + s, first + e
+            nz = mem.nonzero_pages(arr, a, b)
+            zero = [(r.gpa + (a + zs) * PAGE, ze - zs) for zs, ze in mem.runs(~nz)]
+            if zero:
+                self.fs.send(Frame.ZERO, pack_zero_runs(zero), count=len(zero))
+            for ds, de in mem.runs(nz):
+                data = r.mm[(a + ds) * PAGE : (a + de) * PAGE]
+                self.fs.send(Frame.PAGES, data, count=de - ds, addr=r.gpa + (a + ds) * PAGE)
+            m[a:b] = False
+            sent += b - a
+        return sent
+
+    def _read(self) -> None:
+        fs = self.fs
+        try:
+            while self.done is None or self.resumed is None:
+                ftype, _flags, _count, _addr, payload = fs.recv()
+                if ftype is Frame.REQUEST:
+                    runs = unpack_zero_runs(payload)
+                    if len(runs) > RUNS_PER_FRAME:
+                        raise MigrationError(f"a REQUEST of {len(runs)} runs", "postcopy")
+                    for gpa, n in runs:
+                        if (
+                            not any(
+                                r.gpa <= gpa and gpa + n * PAGE <= r.end and gpa % PAGE == 0
+                                for r in self.regions
+                            )
+                            or n <= 0
+                        ):
+                            raise MigrationError(
+                                f"the destination asked for {n} pages at {gpa:#x}, outside "
+                                "the VM's RAM",
+                                "postcopy",
+                            )
+                        self._urgent.append((gpa, n))
+                    self.requests += 1
+                elif ftype is Frame.RESTORED:
+                    self.restored.set()
+                elif ftype is Frame.RESUMED:
+                    self.resumed = frames.decode(payload, frames.Resumed, "RESUMED")
+                elif ftype is Frame.POSTCOPY_DONE:
+                    self.done = frames.decode(payload, frames.PostcopyDone, "POSTCOPY_DONE")
+                else:
+                    raise MigrationError(
+                        f"unexpected {ftype.name} frame during post-copy", "postcopy"
+                    )
+                self._wake.set()
+        except PeerAborted as e:
+            self.error = e
+        except frames.FrameError as e:
+            self.error = MigrationError(str(e), "postcopy")
+        except (OSError, MigrationError) as e:
+            self.error = e
+        self._wake.set()
+
+
+# --- the destination ------------------------------------------------------------------------
+
+
+class PostcopyDestination:
+    """Fetches the missing pages of a VM that already runs here (see the module docstring)."""
+
+    def __init__(self, fs: FrameSocket, device: int | None = None) -> None:
+        self.fs = fs
+        self.device = device  # /dev/userfaultfd passed by the owner, or None: the syscall
+        self._runs: list[tuple[int, int]] = []
+        self.uf: Userfault | None = None
+        self.vm: VirtualMachine | None = None
+        self.regions: list[MemoryRegion] = []
+        self.need: list[np.ndarray] = []
+        self.present: list[np.ndarray] = []
+        self.remaining = 0
+        self.checksum = 0
+        self.cond = threading.Condition()
+        self.committed = threading.Event()
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self._requested: dict[tuple[int, int], float] = {}  # (region, page) -> asked at
+        self._waiters: dict[tuple[int, int], list[tuple[str, float]]] = {}
+        self.blocktime_ms: list[float] = []
+        self.thread_ms: dict[str, float] = {}
+        self.faults = 0
+        self.requested_pages = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def add_need(self, runs: list[tuple[int, int]], ram_pages: int) -> None:
+        """NEED runs (each checked inside RAM by the caller); more runs than RAM has pages
+        cannot be an honest list and would only grow this one."""
+        if len(self._runs) + len(runs) > ram_pages:
+            raise MigrationError(
+                f"the source sent more NEED runs ({len(self._runs) + len(runs)}) than the VM "
+                f"has pages ({ram_pages})",
+                "postcopy",
+            )
+        self._runs += runs
+
+    def start(
+        self, vm: VirtualMachine, regions: list[MemoryRegion], written: dict[int, np.ndarray]
+    ) -> None:
+        """Before the state is restored: drop stale copies of needed pages, register RAM,
+        start the fault and receiver threads."""
+        from pyhv.memory.manager import punch_hole
+        from pyhv.memory.userfault import Userfault
+
+        self.vm, self.regions = vm, sorted(regions, key=lambda r: r.gpa)
+        for r in self.regions:
+            self.need.append(np.zeros(r.pages, dtype=bool))
+        for gpa, n in self._runs:
+            i, r = self._find(gpa)
+            first = (gpa - r.gpa) // PAGE
+            self.need[i][first : first + n] = True
+        for r, need in zip(self.regions, self.need, strict=True):
+            for a, b in mem.runs(need):
+                punch_hole(r.memfd, r.offset + a * PAGE, (b - a) * PAGE)
+            kept = written[r.gpa] & ~need
+            self.checksum += region_digest(r, kept)
+            self.present.append(kept.copy())
+        self.remaining = sum(int(m.sum()) for m in self.need)
+        self.uf = Userfault(self.device)
+        for r in self.regions:
+            self.uf.register(r.host_address, r.size)
+        p = vm.partition
+        assert p is not None
+        p.gpa_space.before_access = self.ensure
+        for target, name in (
+            (self._fault_loop, "postcopy-faults"),
+            (self._receive, "postcopy-pages"),
+        ):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.remaining == 0:
+            self._finish()
+
+    def _find(self, gpa: int) -> tuple[int, MemoryRegion]:
+        for i, r in enumerate(self.regions):
+            if r.gpa <= gpa < r.end:
+                return i, r
+        raise MigrationError(
+            f"the source sent a page at {gpa:#x}, outside this VM's RAM", "postcopy"
+        )
+
+    # --- waiting for pages ----------------------------------------------------------------
+
+    def _locate(self, address: int) -> tuple[int, int] | None:
+        for i, r in enumerate(self.regions):
+            if r.host_address <= address < r.host_address + r.size:
+                return i, (address - r.host_address) // PAGE
+        return None
+
+    def _want(self, i: int, page: int, who: str, now: float, asks: list[tuple[int, int]]) -> bool:
+        """Under the lock: page `page` of region i is touched by `who`. True if it is there
+        (or now zero-filled); otherwise the toucher is recorded as waiting for it."""
+        if self.present[i][page]:
+            return True
+        r = self.regions[i]
+        assert self.uf is not None
+        if not self.need[i][page]:  # a hole that is zero at the source too
+            self.uf.zero(r.host_address + page * PAGE, PAGE)
+            self.present[i][page] = True
+            return True
+        self._waiters.setdefault((i, page), []).append((who, now))
+        if (i, page) not in self._requested:
+            self._requested[(i, page)] = now
+            asks.append((r.gpa + page * PAGE, 1))
+        return False
+
+    def _ask(self, asks: list[tuple[int, int]]) -> None:
+        for c in range(0, len(asks), RUNS_PER_FRAME):
+            chunk = asks[c : c + RUNS_PER_FRAME]
+            self.fs.send(Frame.REQUEST, pack_zero_runs(chunk), count=len(chunk))
+        self.requested_pages += len(asks)
+
+    def _fault_loop(self) -> None:
+        uf = self.uf
+        assert uf is not None
+        names: dict[int, str] = {}
+        try:
+            while not self._stop.is_set():
+                if not uf.wait(0.05):
+                    continue
+                faults = uf.read()
+                asks: list[tuple[int, int]] = []
+                now = time.monotonic()
+                with self.cond:
+                    for f in faults:
+                        self.faults += 1
+                        at = self._locate(f.address)
+                        if at is None:
+                            continue
+                        who = names.get(f.tid) or names.setdefault(f.tid, _thread_name(f.tid))
+                        if self._want(at[0], at[1], who, now, asks):
+                            uf.wake(f.address, PAGE)
+                if asks:
+                    self._ask(asks)
+        except BaseException as e:  # noqa: BLE001 - the VM cannot go on without its pages
+            self._fail(e)
+
+    def ensure(self, gpa: int, n: int) -> None:
+        """GpaSpace.before_access: the pages of [gpa, gpa+n) are there before a host thread
+        (which holds the GIL, so the fault thread could not serve it) touches them."""
+        if self.finished.is_set() or n <= 0:
+            return
+        who = threading.current_thread().name
+        t0 = time.monotonic()
+        waiting: list[tuple[int, int]] = []
+        asks: list[tuple[int, int]] = []
+        with self.cond:
+            for page_gpa in range(gpa & ~(PAGE - 1), gpa + n, PAGE):
+                try:
+                    i, r = self._find(page_gpa)
+                except MigrationError:
+                    continue
+                page = (page_gpa - r.gpa) // PAGE
+                if not self._want(i, page, who, t0, asks):
+                    waiting.append((i, page))
+        if asks:
+            self._ask(asks)
+        if waiting:
+            with self.cond:
+                if not self.cond.wait_for(
+                    lambda: self.error is not None or all(self.present[i][p] for i, p in waiting),
+                    60.0,
+                ):
+                    raise MigrationError(f"post-copy: pages at {gpa:#x} did not come in 60 s")
+            if self.error is not None:
+                raise MigrationError(f"post-copy failed: {self.error}")
+
+    # --- pages coming in --------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        fs = self.fs
+        fs.sock.settimeout(None)
+        fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        try:
+            while True:  # until the source closes the stream (after POSTCOPY_DONE and RESUMED)
+                ftype, flags, length, count, addr, check = fs.recv_header()
+                buf = bytearray(length)
+                fs.recv_payload_into(memoryview(buf), ftype, flags, count, addr, check)
+                if ftype is Frame.PAGES:
+                    if flags or length != count * PAGE or count <= 0:
+                        raise MigrationError(
+                            f"a post-copy PAGES frame of {count} pages carries {length} bytes",
+                            "postcopy",
+                        )
+                    self._install(addr, count, buf)
+                elif ftype is Frame.ZERO:
+                    for gpa, n in unpack_zero_runs(bytes(buf)):
+                        self._install(gpa, n, None)
+                elif ftype is Frame.COMMIT:
+                    self.committed.set()
+                elif ftype is Frame.ABORT:
+                    reason = bytes(buf).decode(errors="replace")
+                    raise MigrationError(f"the source aborted: {reason}", "postcopy")
+                else:
+                    raise MigrationError(
+                        f"unexpected {ftype.name} frame during post-copy", "postcopy"
+                    )
+        except BaseException as e:  # noqa: BLE001 - reported and the VM stopped
+            if not self.finished.is_set() or not isinstance(e, ConnectionError | OSError):
+                self._fail(e)
+        finally:
+            if self.finished.is_set():
+                fs.close()  # the source closed it: it has let its copy go
+
+    def _install(self, gpa: int, n: int, data: bytearray | None) -> None:
+        i, r = self._find(gpa)
+        first = (gpa - r.gpa) // PAGE
+        if gpa % PAGE or n <= 0 or gpa + n * PAGE > r.end:
+            raise MigrationError(
+                f"the source sent {n} pages at {gpa:#x}, outside this VM's RAM", "postcopy"
+            )
+        uf = self.uf
+        assert uf is not None
+        now = time.monotonic()
+        addr = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data)) if data else 0
+        with self.cond:
+            want = self.need[i][first : first + n] & ~self.present[i][first : first + n]
+            for s, e in mem.runs(want):
+                host = r.host_address + (first + s) * PAGE
+                size = (e - s) * PAGE
+                if data is None:
+                    ok = uf.zero(host, size)
+                else:
+                    self.checksum += digest(r.gpa + (first + s) * PAGE, data[s * PAGE : e * PAGE])
+                    ok = uf.copy(host, addr + s * PAGE, size)
+                if not ok:  # cannot happen while we own the holes; never leave a waiter
+                    uf.wake(host, size)
+                self.present[i][first + s : first + e] = True
+                self.remaining -= e - s
+                for page in range(first + s, first + e):
+                    self._requested.pop((i, page), None)
+                    for who, t in self._waiters.pop((i, page), ()):
+                        ms = (now - t) * 1000
+                        self.blocktime_ms.append(ms)
+                        self.thread_ms[who] = self.thread_ms.get(who, 0.0) + ms
+            self.cond.notify_all()
+        if self.remaining == 0 and not self.finished.is_set():
+            self._finish()
+
+    def _finish(self) -> None:
+        """Every needed page is in: tell the source (it may let its copy go) and stop
+        catching faults (a hole left is a zero page, which the kernel fills)."""
+        self.finished.set()
+        p50, p99, mx = percentiles(self.blocktime_ms)
+        done = frames.PostcopyDone(
+            hexdigest(self.checksum),
+            self.faults,
+            self.requested_pages,
+            p50,
+            p99,
+            mx,
+            {k: round(v, 3) for k, v in sorted(self.thread_ms.items())[:1024]},
+        )
+        self.summary = done
+        self._stop.set()
+        if self.vm is not None and self.vm.partition is not None:
+            self.vm.partition.gpa_space.before_access = None
+        threading.Thread(target=self._close_uffd, name="postcopy-close", daemon=True).start()
+        try:
+            self.fs.send_json(Frame.POSTCOPY_DONE, done)
+        except OSError as e:
+            log.warning("post-copy: could not tell the source all pages are in: %s", e)
+
+    def _close_uffd(self) -> None:
+        for t in self._threads:
+            if t is not threading.current_thread() and t.name == "postcopy-faults":
+                t.join(5)
+        if self.uf is not None:
+            self.uf.close()
+
+    def _fail(self, e: BaseException) -> None:
+        """The source is gone or broke the stream: the VM's newest memory is lost with it."""
+        if self.error is not None:
+            return
+        self.error = e
+        with self.cond:
+            self.cond.notify_all()
+        log.error("post-copy failed: %s: the VM is stopped (its memory is incomplete)", e)
+        self._stop.set()
+        vm = self.vm
+        if self.uf is not None:
+            self.uf.close()  # the waiters go on with zero pages: stop the VM right away
+        if vm is not None:
+            vm.stop(f"post-copy failed: {e} (the source held the rest of its memory)")
+
+    def wait_commit(self, timeout: float) -> None:
+        """COMMIT (read by the receiver thread), or MigrationError."""
+        deadline = time.monotonic() + timeout
+        while not self.committed.wait(0.05):
+            if self.error is not None:
+                raise MigrationError(f"post-copy: {self.error}", "commit")
+            if time.monotonic() > deadline:
+                raise MigrationError("the source did not commit in time", "commit")
+
+
+def _thread_name(tid: int) -> str:
+    """The name of this process's thread `tid` (a VP's thread: vp0, ...)."""
+    for t in threading.enumerate():
+        if t.native_id == tid:
+            return t.name
+    try:  # not ours: KVM's async page-fault worker (a kworker), when this pid namespace sees it
+        with open(f"/proc/{tid}/comm") as f:
+            return f"tid {tid} ({f.read().strip()})"
+    except OSError:
+        return f"tid {tid}"

@@ -1,0 +1,82 @@
+"""The post-copy source against a scripted destination on a socket pair: a page a VP waits for
+goes out ahead of the background push, the push waits for the destination's restore, and a
+request for memory outside the VM is refused and named (the destination is a peer, not
+trusted)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pyhv.migration import frames
+from pyhv.migration.postcopy import PostcopySource
+from pyhv.migration.stream import Frame, FrameSocket, MigrationError, pack_zero_runs
+
+pytestmark = pytest.mark.simulation
+PAGE = 4096
+GPA = 0x100000
+PAGES = 200
+
+
+def _region() -> Any:
+    """What the source reads of a RAM region: GPA, size and its bytes (each page numbered)."""
+    mm = bytearray(PAGES * PAGE)
+    for i in range(PAGES):
+        mm[i * PAGE] = i + 1
+    return SimpleNamespace(gpa=GPA, size=len(mm), end=GPA + len(mm), pages=PAGES, mm=mm)
+
+
+def _pair() -> tuple[PostcopySource, FrameSocket]:
+    a, b = socket.socketpair()
+    fa, fb = FrameSocket(a, timeout=10), FrameSocket(b, timeout=10, peer="source")
+    k1, k2 = bytes(range(32)), bytes(range(32, 64))
+    fa.seal(k1, k2, encrypt=True)  # sealed, as after the handshake
+    fb.seal(k2, k1, encrypt=True)
+    return PostcopySource(fa, [_region()], [np.ones(PAGES, dtype=bool)]), fb
+
+
+def test_a_waited_for_page_goes_ahead_of_the_push_which_waits_for_the_restore() -> None:
+    src, dst = _pair()
+    last = GPA + (PAGES - 1) * PAGE
+    dst.send(Frame.REQUEST, pack_zero_runs([(last, 1)]), count=1)
+    dst.send_json(Frame.RESTORED, frames.Empty())
+    commits: list[bool] = []
+    server = threading.Thread(
+        target=src.serve,
+        args=(lambda: (commits.append(True), src.fs.send_json(Frame.COMMIT, frames.Empty())), 1e18),
+        daemon=True,
+    )
+    server.start()
+    seen: list[tuple[Frame, int, int]] = []
+    pages = 0
+    while pages < PAGES:
+        ftype, _flags, count, addr, payload = dst.recv()
+        seen.append((ftype, addr, count))
+        if ftype is Frame.PAGES:
+            if addr == last and pages == 0:
+                assert payload[0] == PAGES  # the page's own bytes
+            pages += count
+    first_pages = [s for s in seen if s[0] is Frame.PAGES]
+    assert first_pages[0][1] == last  # the urgent page before any pushed one
+    assert seen.index((Frame.COMMIT, 0, 0)) < seen.index(first_pages[1])  # push after COMMIT
+    dst.send_json(Frame.RESUMED, frames.Resumed(0.0))
+    done = frames.PostcopyDone("0" * 16, 1, 1, 1.0, 1.0, 1.0, {})
+    dst.send_json(Frame.POSTCOPY_DONE, done)
+    server.join(10)
+    assert not server.is_alive() and src.done == done and commits == [True]
+    assert src.urgent_pages == 1 and src.pushed_pages == PAGES - 1  # never sent twice
+
+
+@pytest.mark.parametrize(
+    "run", [(0x900000, 1), (GPA + 3, 1), (GPA + (PAGES - 1) * PAGE, 2), (GPA, 0)]
+)
+def test_a_request_outside_the_vms_ram_is_refused_and_named(run: tuple[int, int]) -> None:
+    src, dst = _pair()
+    dst.send(Frame.REQUEST, pack_zero_runs([run]), count=1)
+    with pytest.raises(MigrationError, match="outside the VM's RAM"):
+        src.serve(lambda: None, 1e18)

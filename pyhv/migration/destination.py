@@ -12,6 +12,7 @@ worker process exits), so the destination holds nothing.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
@@ -77,10 +78,15 @@ class Incoming:
         self.config: dict[str, Any] = {}
         self.regions: list[list[int]] = []
         self.verify = True
+        self.two_phase = False
         self.passes = 0
         self.pages = 0
         self._zstd: Any = None
         self.t_commit = 0.0
+        self.serial_input = 0  # bytes typed at the source during the pause, fed here
+        #: ms of the destination's part of the downtime (sent back with RESUMED)
+        self.parts: dict[str, float] = {}
+        self._t_state = 0.0
         self.dynmem_layout: dict[str, Any] | None = None
         self._populater = _Populater()
 
@@ -105,6 +111,7 @@ class Incoming:
             config, regions = msg.config, [list(r) for r in msg.regions]
             self.config, self.regions = config, regions
             self.verify = msg.options.verify
+            self.two_phase = msg.options.two_phase_commit
             self.dynmem_layout = msg.dynmem
             need = sum(size for _gpa, size in regions)
             have = self.max_memory if self.max_memory is not None else available_memory()
@@ -150,9 +157,12 @@ class Incoming:
             fs.send_json(Frame.READY, frames.Empty())
             trace_phase(vm, "destination", "memory", fs.bytes_received, self.pages)
             state = self._memory(vm, written)
+            t = time.monotonic()
+            self.parts["state_in"] = round((t - self._t_state) * 1000, 3)
             trace_phase(vm, "destination", "state", fs.bytes_received, self.pages)
             self.faults.at("state", fs)
             vm_state.restore(vm, state)
+            self.parts["restore"] = round((time.monotonic() - t) * 1000, 3)
             if self.verify:
                 want = fs.expect(Frame.CHECKSUM, frames.Checksum, "verify").ram
                 if "state:tamper" in self.faults.fired:
@@ -165,9 +175,18 @@ class Incoming:
                         "verify",
                     )
             self.faults.at("restored", fs)
-            fs.send_json(Frame.RESTORED, frames.Empty())
-            fs.expect(Frame.COMMIT, frames.Empty, "commit")
-            self.t_commit = time.monotonic()
+            t = time.monotonic()
+            if self.two_phase:
+                fs.send_json(Frame.RESTORED, frames.Empty())
+                self.parts["to_restored"] = round((t - self._t_state) * 1000, 3)
+                commit = fs.expect(Frame.COMMIT, frames.Commit, "commit")
+                self.t_commit = time.monotonic()
+                self.parts["commit_wait"] = round((self.t_commit - t) * 1000, 3)
+                self._typed(vm, commit)
+            else:
+                _source_still_there(fs)
+                self.t_commit = t  # the STATE frame committed
+            vm.run_incoming()  # the VPs are parked, their state in place: only woken
             trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
         except BaseException as e:
             self.fail(e)
@@ -222,6 +241,7 @@ class Incoming:
             elif ftype is Frame.PASS_END:
                 self.passes += 1
                 self._populater.stop()
+                self._t_state = time.monotonic()  # after the last one: the state
             elif ftype is Frame.STATE:
                 return VmState.decode(bytes(buf))
             elif ftype is Frame.ABORT:
@@ -270,19 +290,43 @@ class Incoming:
             )
         target[:] = out
 
-    def resumed(self, running_since: float | None = None) -> None:
+    def _typed(self, vm: VirtualMachine, commit: frames.Commit) -> None:
+        if commit.serial_input:  # typed at the source during the pause
+            vm.uart.feed(commit.serial_input)
+            self.serial_input += len(commit.serial_input)
+
+    def resumed(self, vm: VirtualMachine | None = None, running_since: float | None = None) -> None:
         """The VPs run here (since `running_since`, monotonic): tell the source (which then
-        stops its VM)."""
+        stops its VM); without two-phase commit, its COMMIT follows with the serial input
+        typed there during the pause, fed to `vm`."""
         fs = self.fs
         if fs is None:
             return
         try:
             now = running_since or time.monotonic()
-            fs.send_json(Frame.RESUMED, frames.Resumed(now, (now - self.t_commit) * 1000))
-        except OSError as e:
-            log.warning("could not tell the source that the VM resumed: %s", e)
+            fs.send_json(
+                Frame.RESUMED, frames.Resumed(now, (now - self.t_commit) * 1000, self.parts)
+            )
+            if not self.two_phase and vm is not None:
+                self._typed(vm, fs.expect(Frame.COMMIT, frames.Commit, "commit"))
+        except (OSError, MigrationError) as e:
+            log.warning("after resuming, the source could not be told or heard: %s", e)
         finally:
             fs.close()
+
+
+def _source_still_there(fs: FrameSocket) -> None:
+    """Before running a VM the STATE frame committed: a source that closed, reset or sent
+    ABORT meanwhile gave the VM back to itself (a peek, no wait)."""
+    try:
+        if not select.select([fs.sock], [], [], 0)[0]:
+            return  # nothing waiting: the source is there, waiting for RESUMED
+        data = fs.sock.recv(1, socket.MSG_PEEK)
+    except OSError as e:
+        raise MigrationError(f"the connection to the source was lost ({e})", "commit") from None
+    if not data:
+        raise MigrationError("the source closed the connection before the VM ran", "commit")
+    fs.expect(Frame.RESUMED, frames.Empty, "commit")  # an ABORT raises with its reason
 
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14

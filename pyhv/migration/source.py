@@ -78,6 +78,11 @@ class MigrationOptions:
     throttle_step: float = 0.2
     throttle_max: float = 0.95
     max_downtime: float | None = None  #: give up instead of a longer final pause
+    #: Wait for the destination's RESTORED before sending COMMIT (two phases: a connection lost
+    #: while the destination restores leaves the VM to the source, at one more round trip of
+    #: downtime). Off: the STATE frame commits, the destination runs the VM as soon as it
+    #: restored and checked it, and a connection lost from then on is in doubt.
+    two_phase_commit: bool = False
     verify: bool = True  #: checksum all RAM at pause, compared by the destination
     prefault: bool = True  #: tell the destination what pass 1 sends, so it backs it ahead
     timeout: float = 30.0  #: seconds any one network operation may take
@@ -187,6 +192,8 @@ class Source:
         self._logging: list[MemoryRegion] = []
         self._paused = False
         self._throttle = _Throttle(vm)
+        # a held pause (test-only fault "hold") is reported, so a test can act during it
+        self.faults.on_hold = lambda phase: self._report(force=True)
         self._zstd: Any = None
         self._t0 = 0.0
         self._last_report = 0.0
@@ -202,8 +209,11 @@ class Source:
             self._migrate()
         except BaseException as e:
             phase = getattr(e, "phase", "") or self.progress.phase
-            why = self._peer_reason(e) or _describe(e)
-            if self._committing and not self.opt.resume_in_doubt:
+            peer = self._peer_reason(e)
+            why = peer or _describe(e)
+            # an ABORT is the destination's own word that it does not run the VM
+            aborted = isinstance(e, PeerAborted) or peer is not None
+            if self._committing and not self.opt.resume_in_doubt and not aborted:
                 self._hold()
                 raise MigrationInDoubt(
                     f"migration to {self.address[0]}:{self.address[1]}: {why} after COMMIT was "
@@ -222,9 +232,10 @@ class Source:
                 self.fs.close()
         return self.progress.as_dict()
 
-    def _phase(self, name: str) -> None:
+    def _phase(self, name: str, paused: bool = False) -> None:
         self.progress.phase = name
-        self._report(force=True)
+        if not paused:  # while paused the owner hears of it after the VPs run again
+            self._report(force=True)
         pr = self.progress
         trace_phase(self.vm, "source", name, pr.bytes_sent, pr.pages_sent)
 
@@ -234,7 +245,9 @@ class Source:
             self.progress.bytes_sent = self.fs.bytes_sent
             self.progress.frames_refused = self.fs.frames_refused
         self.progress.total_time = now - self._t0
-        if self.on_progress is not None and (force or now - self._last_report > 0.1):
+        # paused: only forced reports (a phase change reports once the VPs run again)
+        due = not self._paused and now - self._last_report > 0.1
+        if self.on_progress is not None and (force or due):
             self._last_report = now
             try:
                 self.on_progress(self.progress.as_dict())
@@ -281,7 +294,7 @@ class Source:
             frames.Config(
                 vm.config.to_dict(),
                 [(r.gpa, r.size) for r in regions],
-                frames.ConfigOptions(verify=opt.verify),
+                frames.ConfigOptions(verify=opt.verify, two_phase_commit=opt.two_phase_commit),
                 None if dm is None else dm_mod.layout(dm),
             ),
         )
@@ -386,7 +399,7 @@ class Source:
             t_mark = now
 
         mark("pause")
-        self._phase("final")
+        self._phase("final", paused=True)
         self.faults.at("final", fs)
         pages = 0
         dm_state = None
@@ -423,25 +436,44 @@ class Source:
         mark("last_pages")
         self.progress.passes += 1
         fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages))
-        self._phase("state")
+        self._phase("state", paused=True)
         self.faults.at("state", fs)
-        state = vm_state.save(vm, dm_state)
+        # Input typed from here on is held at the source and goes with COMMIT.
+        state = vm_state.save(vm, dm_state, hold_serial=True)
+        mark("state_save")
+        if not opt.two_phase_commit:
+            # The STATE frame is the commit: the destination runs the VM once it restored and
+            # checked it (one hop, not three); a refusal comes back as ABORT.
+            self._phase("commit", paused=True)
+            self.faults.at("commit", fs)
+            self._committing = True
         fs.send(Frame.STATE, state.encode())
         mark("state")
         if opt.verify:
             self.ram_checksum = mem.ram_checksum(regions, skip)
             fs.send_json(Frame.CHECKSUM, frames.Checksum(self.ram_checksum))
-        fs.expect(Frame.RESTORED, frames.Empty, "restore")
-        mark("restored")
-        self._phase("commit")
-        self.faults.at("commit", fs)
-        self._committing = True  # from here the destination may run the VM
-        fs.send_json(Frame.COMMIT, frames.Empty())
+        if opt.two_phase_commit:
+            fs.expect(Frame.RESTORED, frames.Empty, "restore")
+            mark("restored")
+            self._phase("commit", paused=True)
+            self.faults.at("commit", fs)
+            self._committing = True  # from here the destination may run the VM
+            fs.send_json(Frame.COMMIT, frames.Commit(self._typed()))
         self.faults.at("resumed", fs)
         resumed = fs.expect(Frame.RESUMED, frames.Resumed, "resumed")
         mark("resumed")
+        if not opt.two_phase_commit:
+            # the VM runs there: what was typed here since the state's save follows it
+            try:
+                fs.send_json(Frame.COMMIT, frames.Commit(self._typed()))
+            except OSError as e:
+                log.warning(
+                    "%s: serial input typed during the pause is lost: %s", vm.config.name, e
+                )
         if resumed.start_ms is not None:
             parts["destination_start"] = round(resumed.start_ms, 2)
+        for name, ms in resumed.parts.items():
+            parts[f"destination_{name}"] = round(ms, 2)
         now = time.monotonic()
         t_run = resumed.time
         # Same host (one CLOCK_MONOTONIC): exact; otherwise bounded by the round trip.
@@ -450,12 +482,26 @@ class Source:
         self._report(force=True)
         trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
 
+    def _typed(self) -> bytes:
+        """Serial input held since the state's save (at most what one COMMIT carries)."""
+        typed = self.vm.uart.take_held()
+        if len(typed) > frames.MAX_SERIAL_INPUT:
+            log.warning(
+                "%s: %d bytes typed during the pause, only the first %d go to the destination",
+                self.vm.config.name,
+                len(typed),
+                frames.MAX_SERIAL_INPUT,
+            )
+            typed = typed[: frames.MAX_SERIAL_INPUT]
+        return typed
+
     def clean_up(self) -> None:
         """After success: the VM runs on the destination; stop it here (its memory goes)."""
         self.vm.stop(f"migrated to {self.address[0]}:{self.address[1]}")
 
     def resume_here(self) -> None:
         """After MigrationInDoubt, when the destination does not run the VM: resume it here."""
+        self.vm.uart.release_held()
         if self.vm.partition is not None and self.vm.end is None:
             self.vm.partition.resume()
         self._paused = False
@@ -568,6 +614,7 @@ class Source:
     def _roll_back(self, why: str) -> None:
         """Leave the source VM running and unchanged."""
         self._stop_logging()
+        self.vm.uart.release_held()  # what was typed during the pause is the guest's here
         if self.vm.partition is not None and self.vm.end is None:
             self.vm.partition.resume()  # also undoes a throttle pause
         self._paused = False

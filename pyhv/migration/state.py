@@ -84,13 +84,18 @@ class VmState:
             raise MigrationError(f"the VM state frame is malformed: {e}", "state") from None
 
 
-def save(vm: VirtualMachine, dynmem: DynamicMemoryState | None) -> VmState:
-    """Every component's state (the VPs paused; `dynmem` saved with the VSP frozen)."""
+def save(
+    vm: VirtualMachine, dynmem: DynamicMemoryState | None, *, hold_serial: bool = False
+) -> VmState:
+    """Every component's state (the VPs paused; `dynmem` saved with the VSP frozen). With
+    `hold_serial`, serial input fed from the moment the UART is saved is held (a migration
+    sends it with COMMIT: Uart16550.take_held)."""
     p = vm.partition
     assert p is not None
     try:
         storage = None if vm.storage is None else vm.storage.save()
-        return VmState(STATE_VERSION, p.save(), vm.uart.save(), dynmem, storage)
+        uart = vm.uart.save(hold_input=hold_serial)
+        return VmState(STATE_VERSION, p.save(), uart, dynmem, storage)
     except (StateError, DiskError) as e:
         raise MigrationError(str(e), "state") from None
 

@@ -55,7 +55,8 @@ class WorkerIncoming:
         self.incoming.receive(vm)
 
     def resumed(self, send: Send) -> None:
-        self.incoming.resumed(self.vm.running_since if self.vm is not None else None)
+        vm = self.vm
+        self.incoming.resumed(vm, vm.running_since if vm is not None else None)
         inc = self.incoming
         send(m.MigratedIn(self.config, inc.peer, inc.passes, inc.pages))
 

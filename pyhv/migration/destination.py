@@ -316,16 +316,18 @@ class Incoming:
 
 
 def _source_still_there(fs: FrameSocket) -> None:
-    """Before running a VM the STATE frame committed: a source that closed, reset or sent
-    ABORT meanwhile gave the VM back to itself (a peek, no wait)."""
+    """Before running a VM the STATE frame committed (a peek, no wait): a source that sent
+    ABORT took the VM back, and a connection this side knows is broken leaves it to the source
+    (which resumes it, or asks); a source that only closed its side (it died, or holds the VM
+    paused in doubt) leaves it here."""
     try:
         if not select.select([fs.sock], [], [], 0)[0]:
             return  # nothing waiting: the source is there, waiting for RESUMED
-        data = fs.sock.recv(1, socket.MSG_PEEK)
+        if not fs.sock.recv(1, socket.MSG_PEEK):
+            fs.sock.send(b"")  # EPIPE if this side's connection is down, not just the peer's
+            return
     except OSError as e:
         raise MigrationError(f"the connection to the source was lost ({e})", "commit") from None
-    if not data:
-        raise MigrationError("the source closed the connection before the VM ran", "commit")
     fs.expect(Frame.RESUMED, frames.Empty, "commit")  # an ABORT raises with its reason
 
 

@@ -4,8 +4,10 @@ device state, check RAM against the source's checksum, and resume when the sourc
 
 :meth:`Incoming.accept` runs before the VM exists (it yields the configuration);
 :meth:`Incoming.receive` is the hook ``VirtualMachine.start(incoming=...)`` calls once the
-partition, its RAM and its VPs exist and before the VPs start; :meth:`Incoming.resumed` tells
-the source the VPs run. Any error raises MigrationError; the caller discards the VM (the
+partition, its RAM and its VPs exist, their threads parked before their first instruction: it
+wakes them (``VirtualMachine.run_incoming``) as soon as the state is restored and checked (and,
+with two-phase commit, COMMIT came); :meth:`Incoming.resumed` then tells the source the VPs run
+and takes the serial input typed there during the pause. Any error raises MigrationError; the caller discards the VM (the
 worker process exits), so the destination holds nothing.
 """
 

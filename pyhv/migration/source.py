@@ -9,8 +9,11 @@
    set does not shrink, throttle the VPs (paused for a growing share of each interval, like
    QEMU's auto-converge) before going on;
 4. pause the VPs; send the last dirty pages and the VP and device state (and a checksum of all
-   RAM at pause); the destination restores and checks it (RESTORED); COMMIT; the destination's
-   VPs run (RESUMED); the source VM is stopped and its memory released.
+   RAM at pause); the STATE frame commits: the destination restores and checks it and wakes its
+   VPs, parked since the VM was built (RESUMED); then COMMIT carries the serial input typed here
+   since the state's save, and the source VM is stopped and its memory released. With
+   `two_phase_commit` the destination says RESTORED first and runs only at COMMIT (one more
+   round trip inside the pause; a connection lost during the restore leaves the VM here).
 
 Any failure before RESUMED resumes the source VM as it was (dirty logging off again) and
 raises MigrationError saying in which phase and why; the destination discards everything.
@@ -120,6 +123,8 @@ class Progress:
     downtime: float = 0.0
     total_time: float = 0.0
     final_pages: int = 0
+    #: CLOCK_MONOTONIC of the destination's host when its VPs ran (same host: comparable)
+    destination_running_since: float = 0.0
     frames_refused: int = 0  # frames from the destination refused as forged or corrupted
     #: milliseconds of the downtime: pause, last pages, state, destination restore, resume
     downtime_parts: dict[str, float] = field(default_factory=dict)
@@ -475,7 +480,7 @@ class Source:
         for name, ms in resumed.parts.items():
             parts[f"destination_{name}"] = round(ms, 2)
         now = time.monotonic()
-        t_run = resumed.time
+        t_run = self.progress.destination_running_since = resumed.time
         # Same host (one CLOCK_MONOTONIC): exact; otherwise bounded by the round trip.
         self.progress.downtime = t_run - t_pause if t_pause < t_run <= now else now - t_pause
         self.progress.phase = "done"

@@ -6,6 +6,7 @@ otherwise)."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -49,3 +50,21 @@ def test_keys_typed_at_the_source_during_the_pause_reach_the_guest_at_the_destin
     assert moved(dst).ticks() >= ticks
     end = src.wait(30)
     assert end is not None and "migrated to" in end.detail
+
+
+def test_the_destination_runs_the_vm_before_the_source_tears_its_copy_down(hosts: Any) -> None:
+    src, _guest = hosts.boot()
+    dst = hosts.destination()
+    result = migrate_worker(src, dst.wait_listening(), TOKEN, {})
+    end = src.wait(30)
+    torn_down = time.monotonic()  # the source worker's VM ended: its teardown is over
+    assert end is not None and "migrated to" in end.detail
+    # one host, one CLOCK_MONOTONIC: the destination's VPs ran before the teardown ended
+    assert 0 < result["destination_running_since"] < torn_down
+    parts = result["downtime_parts"]
+    # one hop: the STATE frame committed (no RESTORED/COMMIT round trip inside the pause),
+    # and each side measured its steps
+    assert "restored" not in parts
+    assert {"pause", "last_pages", "state_save", "state", "resumed"} <= set(parts)
+    assert {"destination_state_in", "destination_restore"} <= set(parts)
+    assert moved(dst).ticks() > 0

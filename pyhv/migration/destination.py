@@ -157,6 +157,7 @@ class Incoming:
                 )
             written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
             fs.send_json(Frame.READY, frames.Empty())
+            vm_state.prepare(vm, destination=True)  # while the source sends pass 1
             trace_phase(vm, "destination", "memory", fs.bytes_received, self.pages)
             state = self._memory(vm, written)
             t = time.monotonic()

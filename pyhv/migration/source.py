@@ -388,6 +388,7 @@ class Source:
             )
 
         # 4. pause, last pages, state
+        vm_state.prepare(vm, destination=False)
         self._throttle.stop()
         if vm.end is not None:
             raise MigrationError(f"the VM ended during migration: {vm.end.describe()}", "final")
@@ -404,6 +405,9 @@ class Source:
             t_mark = now
 
         mark("pause")
+        # The last pages, PASS_END and STATE leave as one burst: the destination wakes once for
+        # all of them instead of once per frame (each wake a chance to wait for a CPU here).
+        _cork(fs, True)
         self._phase("final", paused=True)
         self.faults.at("final", fs)
         pages = 0
@@ -453,6 +457,7 @@ class Source:
             self.faults.at("commit", fs)
             self._committing = True
         fs.send(Frame.STATE, state.encode())
+        _cork(fs, False)
         mark("state")
         if opt.verify:
             self.ram_checksum = mem.ram_checksum(regions, skip)
@@ -627,6 +632,12 @@ class Source:
             self.fs.abort(f"the source gave up: {why}")
         self.progress.phase = "aborted"
         self._report(force=True)
+
+
+def _cork(fs: FrameSocket, on: bool) -> None:
+    """TCP_CORK: hold partial segments until uncorked (full ones still go)."""
+    if fs.sock.family in (socket.AF_INET, socket.AF_INET6):
+        fs.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
 
 
 def _describe(e: BaseException) -> str:

@@ -84,6 +84,22 @@ class VmState:
             raise MigrationError(f"the VM state frame is malformed: {e}", "state") from None
 
 
+def prepare(vm: VirtualMachine, *, destination: bool) -> None:
+    """Pay the first-use costs of saving (the source) or reading (the destination) a state
+    before the pause instead of inside it: the lazy imports, and msgspec's decoder for each
+    state type, built on its first use (0.6 ms of the first decode here, 0.04 ms later). The
+    destination reads back a state of its own VM, whose VPs are parked (not yet restored)."""
+    import pyhv.hypervisor.state  # noqa: F401 - Partition.save imports it on first use
+
+    encoded = vm.uart.save().to_wire()
+    if not destination:
+        msgspec.json.encode(encoded)
+        return
+    p = vm.partition
+    assert p is not None
+    VmState.decode(VmState(STATE_VERSION, p.save(), vm.uart.save()).encode())
+
+
 def save(
     vm: VirtualMachine, dynmem: DynamicMemoryState | None, *, hold_serial: bool = False
 ) -> VmState:

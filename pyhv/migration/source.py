@@ -389,6 +389,7 @@ class Source:
 
         # 4. pause, last pages, state
         vm_state.prepare(vm, destination=False)
+        left = [(r, np.flatnonzero(m)) for r, m in masks]  # page indices, ahead of the pause
         self._throttle.stop()
         if vm.end is not None:
             raise MigrationError(f"the VM ended during migration: {vm.end.describe()}", "final")
@@ -439,8 +440,9 @@ class Source:
                 for r, m in masks:
                     pages += self._send_mask(r, m)
             else:
-                for r, m in masks:  # dirty when the passes stopped, and since
-                    pages += self._send_mask(r, m | mem.dirty_mask(r))
+                for r, before in left:  # dirty when the passes stopped, and since
+                    idx = np.union1d(before, mem.dirty_pages(r))
+                    pages += self._send_mask(r, None, runs=mem.index_runs(idx))
         self.progress.final_pages = pages
         mark("last_pages")
         self.progress.passes += 1
@@ -566,16 +568,25 @@ class Source:
             self._pass_started = t
         self._report(force=True)
 
-    def _send_mask(self, r: MemoryRegion, mask: np.ndarray, first_pass: bool = False) -> int:
-        """Send the pages of region r whose mask bit is set; zero pages as markers. Returns the
-        number of pages covered."""
+    def _send_mask(
+        self,
+        r: MemoryRegion,
+        mask: np.ndarray | None,
+        first_pass: bool = False,
+        runs: list[tuple[int, int]] | None = None,
+    ) -> int:
+        """Send the pages of region r whose mask bit is set (or the given runs of pages); zero
+        pages as markers. Returns the number of pages covered."""
         fs = self.fs
         assert fs is not None
         arr = mem.pages_array(r)
         view = memoryview(r.mm)
         covered = 0
         zero_runs: list[tuple[int, int]] = []
-        for a, b in mem.runs(mask):
+        if runs is None:
+            assert mask is not None
+            runs = mem.runs(mask)
+        for a, b in runs:
             covered += b - a
             nz = mem.nonzero_pages(arr, a, b)
             if not nz.all():

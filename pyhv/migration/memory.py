@@ -55,6 +55,16 @@ def dirty_pages(region: MemoryRegion) -> np.ndarray:
     return idx[idx < region.pages]
 
 
+def union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted distinct indices of both (not np.union1d: its first call imports ~16 ms of numpy,
+    inside the pause)."""
+    idx = np.concatenate((a, b))
+    if idx.size < 2:
+        return idx
+    idx.sort()
+    return idx[np.concatenate(([True], idx[1:] != idx[:-1]))]
+
+
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """(first, end) index pairs of the runs of True in a bool array."""
     # From the set indices, not the edges of the whole mask: the final pass of an idle guest

@@ -441,7 +441,7 @@ class Source:
                     pages += self._send_mask(r, m)
             else:
                 for r, before in left:  # dirty when the passes stopped, and since
-                    idx = np.union1d(before, mem.dirty_pages(r))
+                    idx = mem.union(before, mem.dirty_pages(r))
                     pages += self._send_mask(r, None, runs=mem.index_runs(idx))
         self.progress.final_pages = pages
         mark("last_pages")

@@ -140,6 +140,8 @@ def test_the_pages_of_a_packed_dirty_bitmap_are_its_set_bits_within_the_region()
     assert idx.tolist() == [0, 1, 2, 9, 40]
     assert mem.index_runs(idx) == [(0, 3), (9, 10), (40, 41)]
     assert mem.index_runs(np.zeros(0, dtype=np.int64)) == []
+    assert mem.union(idx, np.array([2, 3, 40, 50])).tolist() == [0, 1, 2, 3, 9, 40, 50]
+    assert mem.union(np.array([5]), np.zeros(0, dtype=np.int64)).tolist() == [5]
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ component's own versioned ``from_wire``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -97,7 +98,15 @@ def prepare(vm: VirtualMachine, *, destination: bool) -> None:
         return
     p = vm.partition
     assert p is not None
-    VmState.decode(VmState(STATE_VERSION, p.save(), vm.uart.save()).encode())
+    own = VmState.decode(VmState(STATE_VERSION, p.save(), vm.uart.save()).encode())
+    # and the restore's own first calls (0.34 ms of the first here, 0.17 later): the parked
+    # VPs take back the state they hold, which the source's overwrites in the pause
+    mine = dataclasses.replace(own.partition, intercept_counters={})
+    try:
+        p.check(mine)
+        p.restore(mine)
+    except StateError as e:
+        raise MigrationError(f"the VM built here cannot take a state: {e}", "config") from None
 
 
 def save(

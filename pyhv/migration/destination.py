@@ -89,6 +89,7 @@ class Incoming:
         #: ms of the destination's part of the downtime (sent back with RESUMED)
         self.parts: dict[str, float] = {}
         self._t_state = 0.0
+        self._commit_reader: threading.Thread | None = None
         self.dynmem_layout: dict[str, Any] | None = None
         self._populater = _Populater()
 
@@ -310,10 +311,24 @@ class Incoming:
             fs.send_json(
                 Frame.RESUMED, frames.Resumed(now, (now - self.t_commit) * 1000, self.parts)
             )
-            if not self.two_phase and vm is not None:
-                self._typed(vm, fs.expect(Frame.COMMIT, frames.Commit, "commit"))
+        except OSError as e:
+            log.warning("could not tell the source that the VM resumed: %s", e)
+            fs.close()
+            return
+        if self.two_phase or vm is None:
+            fs.close()
+            return
+        # the worker goes on (MigratedIn, Started) while the source's COMMIT comes
+        self._commit_reader = threading.Thread(
+            target=self._take_commit, args=(fs, vm), name="migration-commit", daemon=True
+        )
+        self._commit_reader.start()
+
+    def _take_commit(self, fs: FrameSocket, vm: VirtualMachine) -> None:
+        try:
+            self._typed(vm, fs.expect(Frame.COMMIT, frames.Commit, "commit"))
         except (OSError, MigrationError) as e:
-            log.warning("after resuming, the source could not be told or heard: %s", e)
+            log.warning("the serial input typed at the source during the pause is lost: %s", e)
         finally:
             fs.close()
 

@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint guest clean
+.PHONY: demo cluster-demo test bench lint guest clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ guest: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pyhv.cli experiment watch-dynamic-memory --time-scale 0.25
 
+# Three hosts as network namespaces (root): a short host relieved by live migration, then
+# killed; its HA VMs restart elsewhere (about a minute; docs/cluster.md).
+cluster-demo: $(STAMP)
+	$(PY) -m pyhv.cli experiment cluster --out out/cluster/cluster
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pyhv tests bench tools
 	$(VENV)/bin/ruff format --check pyhv tests bench tools
@@ -35,11 +40,13 @@ test: $(STAMP)
 	exit $$status
 
 # Every bench writes bench/results/<bench>.json; docs/benchmarks.md is then generated from them
-# (bench/report.py). About 8.5 minutes on a 2-core PVM host (502 s on 2026-12-06); PYHV_BENCH_QUICK=1 for a quick run.
+# (bench/report.py). About 8.5 minutes on a 2-core PVM host (502 s on 2026-12-06), and bench/fuzz.py
+# 10 s per decoder (~3 minutes); PYHV_BENCH_QUICK=1 for a quick run.
 # A failing bench fails the target, after the others ran and the doc was regenerated.
 BENCHES := intercepts boot dynmem dynmem_host balancer migration
 BENCHES += cluster
 BENCHES += smartpaging
+BENCHES += fuzz
 
 # pyhv compiled as an install leaves it, also after sources changed since the venv was made
 bench: $(STAMP)

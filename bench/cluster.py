@@ -10,14 +10,21 @@ repeated decisions after one warm-up. Goal: <= 50 ms per decision (DRS decides o
 
 Simulator: `simulate` (the host balancer per host per step, the cluster policy every 300 s)
 for 100 hosts and 10 000 VMs over a few simulated hours; VM-hours per second of wall time.
+
+HA restart (real processes: an etcd, two VMMS hosts on loopback, a guest): a highly available
+128 MiB guest runs on one host; every process of that host is killed at once (SIGKILL); the
+time from the kill to the guest's first serial byte on the other host (its lease ending, the
+leader's restart by placement, the cold boot). Goal: <= lease TTL + 3 s. tests/cluster/
+cluster_hosts.py's `ha_restart`, the same as the HA test.
 Figures measured on PVM. Writes bench/results/cluster.json and ends stdout with the same JSON.
-Usage: python bench/cluster.py [--repeat N] [--hours H]
+Usage: python bench/cluster.py [--repeat N] [--hours H] [--ha-runs N] [--lease-ttl S]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +49,31 @@ from pyhv.cluster.workloads import synthetic  # noqa: E402
 
 HOSTS, VMS = 100, 10_000
 GOAL_MS = 50.0
+#: The HA restart's goal above the lease TTL (detection is the TTL; restart and boot the rest).
+HA_GOAL_ABOVE_TTL_S = 3.0
+
+
+def ha_restart_s(runs: int, ttl: int) -> dict[str, Any]:
+    """Kill a host running an HA guest `runs` times; seconds to its first serial byte elsewhere."""
+    from pyhv.cluster.etcd import Etcd
+    from tests.cluster.cluster_hosts import ha_restart
+    from tests.support.etcd import etcd_server
+
+    times = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pyhv-bench-ha-") as d:
+            tmp = Path(d)
+            with etcd_server(tmp) as server, Etcd(server.endpoint) as etcd:
+                with ha_restart(tmp, etcd, ("a", "b"), ttl) as (_, r):
+                    times.append(r.seconds)
+                    print(f"HA restart: {r.source} killed, guest's first byte on "
+                          f"{r.destination} after {r.seconds} s")  # fmt: skip
+    return {
+        "lease_ttl_s": ttl,
+        "runs": runs,
+        "seconds": common.spread(times, 2),
+        "goal_s": ttl + HA_GOAL_ABOVE_TTL_S,
+    }
 
 
 def snapshots(where: np.ndarray, memory: int) -> dict[str, ClusterSnapshot]:
@@ -95,6 +127,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--repeat", type=int, default=common.pick(30, 5))
     ap.add_argument("--hours", type=float, default=common.pick(4.0, 0.5))
+    ap.add_argument("--ha-runs", type=int, default=common.pick(3, 1),
+                    help="HA restarts measured (0: none)")  # fmt: skip
+    ap.add_argument("--lease-ttl", type=int, default=5, help="the hosts' lease TTL (s)")
     args = ap.parse_args()
     run = common.run_info()
     fleet = synthetic(VMS, seed=1, hours=args.hours)
@@ -117,6 +152,7 @@ def main() -> None:
         f"simulator: {VMS} VMs x {args.hours:g} h in {sim.wall_s:.1f} s = "
         f"{sim.vm_hours_per_s:.0f} VM-hours/s ({sim.migrations} migrations)"
     )
+    ha = ha_restart_s(args.ha_runs, args.lease_ttl) if args.ha_runs > 0 else None
     common.finish(
         "cluster",
         {
@@ -135,6 +171,7 @@ def main() -> None:
                 "migrations": sim.migrations,
                 "policy_ms_max": round(max(sim.policy_ms), 2) if sim.policy_ms else 0.0,
             },
+            "ha_restart": ha,
         },
         run,
     )

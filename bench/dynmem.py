@@ -5,7 +5,11 @@
   fallocate(PUNCH_HOLE) calls inside the balloon);
 - the VMBus ring with the real guest: a one-page balloon + unballoon ping-pong; the whole round
   trip (request posted -> the guest's answer handled), the host's share (doorbell eventfd seen ->
-  answer handled and any reply posted), and packets/s through the channel.
+  answer handled and any reply posted), and packets/s through the channel;
+- free-page hints: a 1 GiB guest touches 768 MiB and frees it; the time until the memory has left
+  the host (goal <= 100 ms), the host's discard alone, and the guest's hint round trip;
+- a burst: the guest commits 1 GiB at once under an in-process VMMS and its balancer; from the
+  burst's status report to the memory added (goal <= 100 ms), and the guest's own wait.
 
 Balloon and unballoon are repeated (3 times per size; the guest touches its free memory again
 before each balloon) and hot-add is measured once per size; figures are medians with min-max.
@@ -17,6 +21,7 @@ JSON object. Usage: python bench/dynmem.py [--rounds N]
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import threading
@@ -98,6 +103,9 @@ def bench_size(mib: int, repeats: int) -> dict[str, Any]:
         return n
 
     dm.mm.release = timed_release  # type: ignore[method-assign]
+    # the memory the guest frees before each balloon stays on the host (hints answered with
+    # nothing discarded), so the balloon's own release is what is measured, as before hints
+    dm.mm.discard = lambda _name, _ranges: 0  # type: ignore[method-assign,assignment]
     try:
         for _ in range(repeats):
             free = mem(vm)["free"]
@@ -171,6 +179,84 @@ def bench_ring(rounds: int) -> dict[str, Any]:
     }
 
 
+def memfd_bytes(vm: VirtualMachine) -> int:
+    assert vm.partition is not None
+    return sum(os.fstat(r.memfd).st_blocks * 512 for r in vm.partition.regions)
+
+
+def bench_hint(freed_mib: int, repeats: int) -> dict[str, Any]:
+    """A 1 GiB guest touches `freed_mib` MiB and frees it (testlimit, kill): from the kill typed
+    to the memory off the host (memfd blocks), the host's discard alone, the guest's round
+    trip (its clock: 10 ms ticks)."""
+    vm = boot("1024M", "1024M")
+    dm = vm.dynmem
+    assert dm is not None
+    real_discard = dm.mm.discard
+    discards: list[tuple[float, float, int]] = []
+
+    def timed_discard(name: str, ranges: Any) -> int:
+        t0 = time.perf_counter()
+        n = real_discard(name, ranges)
+        discards.append((t0, time.perf_counter(), n))
+        return n
+
+    dm.mm.discard = timed_discard  # type: ignore[method-assign]
+    s: dict[str, list[float]] = {}
+    try:
+        wait_until(lambda: "hints-sent: 0" not in shell(vm, "dm"))
+        for _ in range(repeats):
+            shell(vm, f"testlimit -m {freed_mib} -c 1")
+            wait_until(lambda: memfd_bytes(vm) >= freed_mib * MiB)
+            wait_until(
+                lambda: f"touched {freed_mib * PAGES_PER_MIB} pages" in shell(vm, "tasks"), 300
+            )
+            before = memfd_bytes(vm)
+            discards.clear()
+            t0 = time.perf_counter()
+            vm.send(b"kill" + ENTER)
+            target = before - (freed_mib - 8) * MiB
+            while memfd_bytes(vm) > target:
+                if time.perf_counter() - t0 > 60:
+                    raise TimeoutError("the freed memory did not leave the host")
+                time.sleep(0.002)
+            t_gone = time.perf_counter()
+            vm.serial.read_until(PROMPT, 60)
+            dm_out = dict(re.findall(r"^([a-z-]+): (.*?)\r?$", shell(vm, "dm"), re.M))
+            big = max(discards, key=lambda d: d[2])
+            s.setdefault("kill_to_gone_ms", []).append((t_gone - t0) * 1e3)
+            s.setdefault("hint_to_gone_ms", []).append((t_gone - big[0]) * 1e3)
+            s.setdefault("host_discard_ms", []).append((big[1] - big[0]) * 1e3)
+            s.setdefault("guest_round_trip_ms", []).append(float(dm_out["hint-last-ms"]))
+            s.setdefault("host_freed_MiB", []).append((before - memfd_bytes(vm)) / MiB)
+    finally:
+        vm.close()
+    out: dict[str, Any] = {"freed_MiB": freed_mib, "guest_MiB": 1024, "goal_ms": 100}
+    out.update({k: common.spread(v, 1) for k, v in s.items()})
+    return out
+
+
+def bench_burst(burst_mib: int) -> dict[str, Any]:
+    """The guest commits `burst_mib` MiB at once under an in-process VMMS
+    (pyhv.experiments.burst): from the burst's status report (as the VMMS receives it) to the
+    balancer's decision and to the memory added; the guest's own wait."""
+    import tempfile
+
+    from pyhv.experiments.burst import run_burst
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = run_burst(Path(tmp), burst_mib)
+    decision = r.report_to_decision_s
+    return {
+        "burst_MiB": burst_mib,
+        "goal_ms": 100,
+        "typed_to_report_ms": round(r.typed_to_report_s * 1e3, 1),
+        "report_to_decision_ms": None if decision is None else round(decision * 1e3, 1),
+        "report_to_added_ms": round(r.report_to_added_s * 1e3, 1),
+        "guest_longest_wait_ms": r.guest_longest_wait_ms,
+        "guest_all_allocated_ms": r.guest_all_allocated_ms,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -198,6 +284,23 @@ def main() -> None:
         f"ring with the guest: round trip {ring['round_trip_us']['median']:.0f} us median "
         f"(p90 {ring['round_trip_us_p90']:.0f}), host share "
         f"{ring['host_share_us']['median']:.0f} us, {ring['packets_per_s']:,} packets/s"
+    )
+    hint = bench_hint(768, repeats)
+    out["hint"] = hint
+    print(
+        f"free-page hints, {hint['freed_MiB']} MiB freed in a 1 GiB guest: off the host "
+        f"{hint['hint_to_gone_ms']['median']:.0f} ms after the hint "
+        f"({hint['kill_to_gone_ms']['median']:.0f} ms after the kill was typed; host discard "
+        f"{hint['host_discard_ms']['median']:.0f} ms, guest round trip "
+        f"{hint['guest_round_trip_ms']['median']:.0f} ms)"
+    )
+    burst = bench_burst(1024)
+    out["burst"] = burst
+    print(
+        f"burst of {burst['burst_MiB']} MiB committed: report -> memory added "
+        f"{burst['report_to_added_ms']:.0f} ms (decision {burst['report_to_decision_ms']} ms); "
+        f"guest: longest wait {burst['guest_longest_wait_ms']} ms, all allocated after "
+        f"{burst['guest_all_allocated_ms']} ms"
     )
     common.finish("dynmem", out, run)
 

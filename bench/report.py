@@ -25,6 +25,7 @@ BENCHES = ("intercepts", "boot", "dynmem", "dynmem_host", "balancer", "migration
 MORE_BENCHES = (
     "cluster",
     "smartpaging",
+    "fuzz",
 )
 RUN_PREFIX = "_Run:_ "
 DASH = "—"
@@ -369,6 +370,72 @@ def dynmem(d: dict[str, Any] | None, h: dict[str, Any] | None) -> list[str]:
         "thread.",
         "",
     ]
+    if d is not None and "hint" in d and "burst" in d:
+        out += dynmem_hints_and_bursts(d["hint"], d["burst"])
+    return out
+
+
+def dynmem_hints_and_bursts(hint: dict[str, Any], burst: dict[str, Any]) -> list[str]:
+    """Free-page hints and the answer to a burst (issue 14, items 4 and 5)."""
+    gone = hint["hint_to_gone_ms"]["median"]
+    added = burst["report_to_added_ms"]
+    decision = burst["report_to_decision_ms"]
+    out = [
+        "Free-page hints and bursts (pyhv's FREE_PAGE_HINT; the guest's burst reports and the "
+        "balancer's early tick):",
+        "",
+    ]
+    out += table(
+        ["", "figure"],
+        [
+            [
+                f"hint: {num(hint['freed_MiB'], 0)} MiB freed in a {num(hint['guest_MiB'], 0)} MiB "
+                "guest, hint received -> memory off the host (memfd blocks)",
+                spread(hint["hint_to_gone_ms"], 1, " ms"),
+            ],
+            [
+                "hint: the host's discard alone (fallocate PUNCH_HOLE)",
+                spread(hint["host_discard_ms"], 1, " ms"),
+            ],
+            [
+                "hint: kill typed -> memory off the host (console included)",
+                spread(hint["kill_to_gone_ms"], 1, " ms"),
+            ],
+            [
+                "hint: the guest's round trip (its clock, 10 ms ticks)",
+                spread(hint["guest_round_trip_ms"], 0, " ms"),
+            ],
+            ["hint: host memory freed", spread(hint["host_freed_MiB"], 0, " MiB")],
+            [
+                f"burst: {num(burst['burst_MiB'], 0)} MiB committed, the burst's report -> memory "
+                "added",
+                f"{num(added, 1)} ms",
+            ],
+            [
+                "burst: report -> the balancer's decision",
+                "none" if decision is None else f"{num(decision, 1)} ms",
+            ],
+            [
+                "burst: testlimit typed -> its report at the VMMS",
+                f"{num(burst['typed_to_report_ms'], 1)} ms",
+            ],
+            [
+                "burst: the guest's longest wait for memory / all allocated after (its clock)",
+                f"{num(burst['guest_longest_wait_ms'], 0)} ms / "
+                f"{num(burst['guest_all_allocated_ms'], 0)} ms",
+            ],
+        ],
+    )
+    out += [
+        "",
+        f"Goals: hint-return <= {num(hint['goal_ms'], 0)} ms: {met(gone <= hint['goal_ms'])} "
+        f"({num(gone, 1)} ms; the host's discard is the kernel freeing 4 KiB shmem pages, "
+        f"{num(hint['host_discard_ms']['median'] * 1000 / (hint['freed_MiB'] * 256), 2)} µs "
+        "each here); memory added <= "
+        f"{num(burst['goal_ms'], 0)} ms after the burst's report: {met(added <= burst['goal_ms'])} "
+        f"({num(added, 1)} ms).",
+        "",
+    ]
     return out
 
 
@@ -645,6 +712,42 @@ def _migration_sealing(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def fuzz(d: dict[str, Any]) -> list[str]:
+    per = d["per_decoder"]
+    memory = d["memory_checked"]
+    out = [
+        "Every decoder a guest or a peer reaches (tests/support/fuzz, docs/security.md) fed its "
+        f"valid seeds and then mutated ones for {num(d['seconds_per_decoder'])} s each (seed "
+        f"{d['seed']}), one after the other in one Python process. A crash is an exception the "
+        "decoder does not declare, a hang (an input over 2 s) or a memory blowup (32 MiB for "
+        f"one input, watched by {memory}); the HTTP row sends whole requests as raw bytes to a "
+        "live `pyhv vmms serve` Unix socket.",
+        "",
+        run_line("fuzz", d),
+        "",
+    ]
+    rows = [
+        [name, num(r["seeds"], 0), num(r["inputs"], 0), num(r["inputs_per_s"], 0),
+         num(r["crashes"], 0)]
+        for name, r in per.items()
+    ]  # fmt: skip
+    out += table(["decoder", "seeds", "inputs", "inputs/s", "crashes"], rows)
+    out += [
+        "",
+        f"Goal: no crash: {met(d['crashes'] == 0)} ({num(d['crashes'], 0)} in "
+        f"{num(d['inputs'], 0)} inputs over {plural(d['decoders'], 'decoder')}).",
+        "",
+    ]
+    for name, r in per.items():
+        for c in r["distinct_crashes"]:
+            out.append(f"- {name}: {c['kind']}: {text(c['detail'])}")
+    if any(r["distinct_crashes"] for r in per.values()):
+        out.append("")
+    out += ["What each decoder is:", ""]
+    out += [f"- `{name}`: {r['what']}" for name, r in per.items()]
+    return [*out, ""]
+
+
 INTRO = [
     "# Benchmark results",
     "",
@@ -703,6 +806,17 @@ def cluster(d: dict[str, Any]) -> list[str]:
         f"{num(sim['policy_ms_max'], 2)} ms.",
         "",
     ]
+    ha = d.get("ha_restart")
+    if ha:
+        s = ha["seconds"]
+        out += [
+            f"HA restart (an etcd and two VMMS hosts on loopback, lease TTL "
+            f"{num(ha['lease_ttl_s'], 0)} s): every process of the host running a highly "
+            "available 128 MiB guest killed at once; from the kill to the guest's first serial "
+            f"byte on the other host, {num(ha['runs'], 0)} runs: **{spread(s, 2)} s**. Goal: "
+            f"<= TTL + 3 s = {num(ha['goal_s'], 0)} s: {met(s['max'] <= ha['goal_s'])}.",
+            "",
+        ]
     return out
 
 
@@ -766,6 +880,7 @@ def render(results: Results) -> str:
     ]
     sections += [
         ("Smart Paging — `bench/smartpaging.py`", lambda: _one(results, "smartpaging", smart)),
+        ("Fuzzing — `bench/fuzz.py`", lambda: _one(results, "fuzz", fuzz)),
     ]
     for title, body in sections:
         out += [f"## {title}", "", *body()]

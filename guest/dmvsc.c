@@ -25,6 +25,12 @@
 #define DM_MEM_HOT_ADD_REQUEST 10
 #define DM_MEM_HOT_ADD_RESPONSE 11
 #define DM_INFO_MESSAGE 12
+/* pyhv's extension (types from 0x8000; docs/dynamic-memory.md): free-page hints, sent only to a
+ * host that set bit 3 of the capabilities response */
+#define DM_FREE_PAGE_HINT 0x8000
+#define DM_FREE_PAGE_HINT_RESPONSE 0x8001
+#define CAPS_RESP_FREE_PAGE_HINTS 8
+#define HINT_TICKS 1 /* a hint pass at most once a tick, and only after something was freed */
 
 #define DM_WIN7 0x00000003u
 #define DM_WIN8 0x00010000u
@@ -38,6 +44,8 @@
 #define ANSWER_TICKS (5 * HZ) /* Linux waits 5 s for each version and capabilities answer */
 #define MESSAGES_PER_PASS 16  /* keep each poll pass short: the shell shares the CPU */
 #define DM_VECTOR_BASE 0x40
+#define BURST_PAGES (16 * 256) /* committed up this much since the last report: report at once ... */
+#define BURST_TICKS 1          /* ... but at most once a tick (10 ms) */
 
 struct dm_header {
     u16 type, size;
@@ -64,6 +72,18 @@ struct dm_balloon_response {
     struct dm_header hdr;
     u32 reservedz, more_and_count; /* bit0 more_pages, bits 1-31 range_count */
     u64 range[DM_MAX_RANGES];
+} __attribute__((packed));
+
+/* what a hint says: whole free 2 MiB blocks, as runs; out of the allocator until the response */
+struct dm_free_page_hint {
+    struct dm_header hdr;
+    u32 reservedz, range_count;
+    u64 range[DM_MAX_RANGES];
+} __attribute__((packed));
+
+struct dm_free_page_hint_response {
+    struct dm_header hdr;
+    u32 discarded_pages, refused_ranges;
 } __attribute__((packed));
 
 struct dm_unballoon_request {
@@ -95,6 +115,8 @@ _Static_assert(sizeof(struct dm_balloon_response) == DM_MAX_MESSAGE, "dm_balloon
 _Static_assert(sizeof(struct dm_unballoon_request) == 16, "dm_unballoon_request");
 _Static_assert(sizeof(struct dm_hot_add_response) == 16, "dm_hot_add_response");
 _Static_assert(sizeof(struct dm_info_msg) == 16, "dm_info_msg");
+_Static_assert(sizeof(struct dm_free_page_hint) == DM_MAX_MESSAGE, "dm_free_page_hint");
+_Static_assert(sizeof(struct dm_free_page_hint_response) == 16, "dm_free_page_hint_response");
 
 enum { DM_OFF, DM_NO_CHANNEL, DM_VERSION, DM_CAPS, DM_READY, DM_FAILED };
 static const char *const state_names[] = {"off", "no-channel", "version", "capabilities", "ready", "failed"};
@@ -114,24 +136,34 @@ static struct {
     u64 last_status_tick, last_avail, last_committed;
     int status_due; /* send a report at the next poll, whatever the clock says */
     /* counters */
-    u64 msgs_in, msgs_out, bad_msgs, status_sent, status_skipped;
+    u64 msgs_in, msgs_out, bad_msgs, status_sent, status_skipped, status_bursts;
     u64 balloon_requests, balloon_asked, balloon_pages, balloon_refused, balloon_responses;
     u64 ballooned; /* pages the host holds through us now */
     u64 unballoon_requests, unballoon_pages, unballoon_bad;
     u64 hot_add_requests, hot_add_pages, hot_add_failed;
     u64 info_msgs, max_page_count;
+    u64 deaf, unballoon_ignored, reopens, balloon_returned; /* the host's tests: see dmvsc_command */
+    /* free-page hints */
+    int hints_ok, hint_inflight;
+    u32 hint_n;
+    u64 hint_gen, hint_tick, hint_sent_tick;
+    u64 hints_sent, hinted_pages, hint_refused_ranges, hint_last_pages, hint_last_ticks;
 } dm;
 
 /* message buffers: not zeroed at boot, every byte sent is written first */
 static u8 out[DM_MAX_MESSAGE] __attribute__((section(".bss.noinit"), aligned(8)));
 static u8 rx[DM_MAX_MESSAGE] __attribute__((section(".bss.noinit"), aligned(8)));
 static struct pmm_range taken[DM_MAX_RANGES] __attribute__((section(".bss.noinit")));
+static struct pmm_range hinting[DM_MAX_RANGES] __attribute__((section(".bss.noinit")));
+
+static void hint_abort(void);
 
 static const u8 dm_guid[16] = {0xDC, 0x74, 0x50, 0x52, 0x85, 0x89, 0xE2, 0x46,
                                0x80, 0x57, 0xA3, 0x07, 0xDC, 0x18, 0xA5, 0x02};
 
 static void fail(const char *why)
 {
+    hint_abort();
     dm.state = DM_FAILED;
     dm.why = why;
     printf("dm: %s\n", why);
@@ -195,7 +227,8 @@ static void send_caps(void)
 }
 
 /* num_committed as Linux's hv_balloon: committed + ballooned + (added - onlined) + floor; the pmm
- * onlines hot-added memory at once, so the third term is 0 */
+ * onlines hot-added memory at once, so the third term is 0; the floor is of at most the boot RAM
+ * (pmm.c), so a hot-add does not raise the demand it answered */
 static void send_status(void)
 {
     if (dm.out_len) { /* a transaction message waits for room: it goes first */
@@ -224,6 +257,93 @@ static void send_status(void)
     dm.status_sent++;
     dm.last_avail = m.num_avail;
     dm.last_committed = m.num_committed;
+}
+
+/* Pressure that rises sharply is reported at once, not at the next second (Linux's hv_balloon
+ * reports once a second only: a burst of allocation waits that long for the host to hear of it). */
+static int pressure_rose(void)
+{
+    if (ticks - dm.last_status_tick < BURST_TICKS)
+        return 0;
+    struct pmm_stats s;
+    pmm_stats(&s);
+    if (s.committed + s.ballooned + pmm_balloon_floor() < dm.last_committed + BURST_PAGES)
+        return 0;
+    dm.status_bursts++;
+    return 1;
+}
+
+/* ---------------------------------------------------------------- free-page hints */
+/* Tell the host of whole 2 MiB blocks freed since the last pass (as Linux's free page reporting
+ * does with HvExtCallMemoryHeatHint): it discards the memory behind them and the guest keeps
+ * them; a later write gets a fresh zero page. The blocks stay out of the allocator until the
+ * host's response, so nothing is written to them while the host discards them. */
+static void hint_pass(void)
+{
+    u64 gen = pmm_free_gen();
+    dm.hint_tick = ticks;
+    u32 n = 0;
+    u64 pages = pmm_hint_take(hinting, DM_MAX_RANGES, &n);
+    if (n < DM_MAX_RANGES)
+        dm.hint_gen = gen; /* all found: the next pass waits for another free */
+    if (!pages)
+        return;
+    struct dm_free_page_hint *m = (void *)out;
+    for (u32 i = 0; i < n; i++)
+        m->range[i] = (hinting[i].base / PAGE_SIZE) | (hinting[i].pages << 40);
+    header(&m->hdr, DM_FREE_PAGE_HINT, (u16)(16 + 8 * n));
+    m->reservedz = 0;
+    m->range_count = n;
+    dm.hint_n = n;
+    dm.hint_inflight = 1;
+    dm.hint_sent_tick = ticks;
+    dm.hint_last_pages = pages;
+    dm.hints_sent++;
+    post(16 + 8 * n);
+}
+
+/* Misbehave on purpose, for the host's tests: a hint naming memory outside RAM, a range that is
+ * not whole 2 MiB blocks, and the first ballooned block (if any). None is taken from the pmm. */
+static void hint_hostile(void)
+{
+    struct pmm_stats s;
+    pmm_stats(&s);
+    if (dm.state != DM_READY || !dm.hints_ok || dm.hint_inflight || dm.out_len) {
+        puts("dm: no hint can be sent now (not ready, hints off, or one in flight)\n");
+        return;
+    }
+    struct dm_free_page_hint *m = (void *)out;
+    u32 n = 0;
+    m->range[n++] = ((MAX_PHYS / PAGE_SIZE) - 512) | (512UL << 40);    /* beyond the guest's RAM */
+    m->range[n++] = ((s.visible / 2) | 1) | (512UL << 40);             /* not 2 MiB-aligned */
+    u64 ballooned;
+    if (dm.ballooned && pmm_first_ballooned_block(&ballooned) == 0) /* the host holds it already */
+        m->range[n++] = ballooned;
+    header(&m->hdr, DM_FREE_PAGE_HINT, (u16)(16 + 8 * n));
+    m->reservedz = 0;
+    m->range_count = n;
+    dm.hint_n = 0; /* nothing to give back on the response */
+    dm.hint_inflight = 1;
+    dm.hint_sent_tick = ticks;
+    post(16 + 8 * n);
+    printf("dm: sent a hint with %u ranges the host must refuse\n", n);
+}
+
+static void hint_response(const struct dm_free_page_hint_response *m)
+{
+    pmm_hint_done(hinting, dm.hint_n);
+    dm.hint_inflight = 0;
+    dm.hinted_pages += m->discarded_pages;
+    dm.hint_refused_ranges += m->refused_ranges;
+    dm.hint_last_ticks = ticks - dm.hint_sent_tick;
+}
+
+/* the channel went away with a hint in flight: the blocks are the allocator's again */
+static void hint_abort(void)
+{
+    if (dm.hint_inflight)
+        pmm_hint_done(hinting, dm.hint_n);
+    dm.hint_inflight = 0;
 }
 
 /* ---------------------------------------------------------------- balloon */
@@ -385,6 +505,8 @@ static void message(u32 len)
         }
         dm.state = DM_READY;
         dm.status_due = 1; /* quietly: a line now would land in the middle of a shell command */
+        dm.hints_ok = !!(*body & CAPS_RESP_FREE_PAGE_HINTS);
+        dm.hint_gen = pmm_free_gen() - 1; /* a first pass tells the host of all free memory */
         return;
     case DM_BALLOON_REQUEST:
         if (dm.state != DM_READY || size != 16)
@@ -394,12 +516,23 @@ static void message(u32 len)
     case DM_UNBALLOON_REQUEST:
         if (dm.state != DM_READY || size < 16)
             break;
+        if (dm.deaf) { /* misbehaving on purpose: no pages freed, no answer */
+            dm.unballoon_ignored++;
+            if (size >= 16 && !(((const struct dm_unballoon_request *)rx)->more_pages & 1))
+                dm.deaf--;
+            return;
+        }
         unballoon_request((const void *)rx, size);
         return;
     case DM_MEM_HOT_ADD_REQUEST:
         if (dm.state != DM_READY || (size != 16 && size != 24))
             break;
         hot_add_request((const void *)rx, size);
+        return;
+    case DM_FREE_PAGE_HINT_RESPONSE:
+        if (dm.state != DM_READY || size != 16 || !dm.hint_inflight)
+            break;
+        hint_response((const void *)rx);
         return;
     case DM_INFO_MESSAGE:
         if (dm.state != DM_READY || size < 16)
@@ -422,7 +555,7 @@ static void dm_callback(struct vmbus_channel *ch)
     for (u32 i = 0; i < MESSAGES_PER_PASS; i++) {
         if (flush())
             break; /* the ring is full: the host interrupts when it has made room */
-        if (dm.ballooning) {
+        if (dm.ballooning && !dm.hint_inflight) { /* blocks out for a hint come back first */
             balloon_step();
             continue;
         }
@@ -443,8 +576,11 @@ static void dm_callback(struct vmbus_channel *ch)
         fail(dm.state == DM_VERSION ? "no answer to the version request in 5 s" : "no answer to the capabilities in 5 s");
         return;
     }
-    if (dm.state == DM_READY && (dm.status_due || ticks - dm.last_status_tick >= HZ))
+    if (dm.state == DM_READY && (dm.status_due || ticks - dm.last_status_tick >= HZ || pressure_rose()))
         send_status();
+    if (dm.state == DM_READY && dm.hints_ok && !dm.hint_inflight && !dm.out_len && !dm.ballooning &&
+        pmm_free_gen() != dm.hint_gen && ticks - dm.hint_tick >= HINT_TICKS)
+        hint_pass();
 }
 
 void dmvsc_init(void)
@@ -474,6 +610,51 @@ void dmvsc_init(void)
     send_version(DM_WIN10);
 }
 
+/* Start over as a guest whose DM driver restarts: close the channel, take back every page the
+ * host held through us (its balloon goes with the channel, as after a reboot) and negotiate again
+ * on a new ring. */
+static void reopen(void)
+{
+    struct vmbus_channel *ch = dm.ch;
+    if (!ch) {
+        puts("dm: there is no Dynamic Memory channel to reopen\n");
+        return;
+    }
+    vmbus_close(ch, "the guest reopens Dynamic Memory");
+    hint_abort();
+    u64 back = pmm_balloon_return(dm.ballooned);
+    dm.ballooned -= back;
+    dm.balloon_returned += back;
+    dm.reopens++;
+    dm.out_len = 0;
+    dm.ballooning = 0;
+    dm.status_due = 0;
+    dm.why = NULL;
+    if (vmbus_open(ch, ch->in.size, DM_VECTOR_BASE + (u32)(ch - vmbus_channels), dm_callback)) {
+        fail("cannot reopen the Dynamic Memory channel");
+        return;
+    }
+    printf("dm: reopened; %lu ballooned pages are the guest's again\n", back);
+    send_version(DM_WIN10);
+}
+
+void dmvsc_command(int argc, char **argv)
+{
+    u64 n;
+    if (argc == 1) {
+        dmvsc_show();
+    } else if (argc == 2 && !strcmp(argv[1], "reopen")) {
+        reopen();
+    } else if (argc == 2 && !strcmp(argv[1], "badhint")) {
+        hint_hostile();
+    } else if (argc == 3 && !strcmp(argv[1], "deaf") && !parse_u64(argv[2], &n) && n <= 1000) {
+        dm.deaf = n;
+        printf("dm: ignoring the next %lu unballoon requests\n", n);
+    } else {
+        puts("dm: usage dm [reopen | deaf N | badhint]\n");
+    }
+}
+
 void dmvsc_show(void)
 {
     printf("state: %s\n", state_names[dm.state]);
@@ -483,7 +664,8 @@ void dmvsc_show(void)
         return;
     printf("protocol: %u.%u (%x)\n", dm.version >> 16, dm.version & 0xFF, dm.version);
     printf("channel: %u\n", dm.ch ? dm.ch->relid : 0);
-    printf("status-reports: %lu\nstatus-skipped: %lu\n", dm.status_sent, dm.status_skipped);
+    printf("status-reports: %lu\nstatus-skipped: %lu\nstatus-bursts: %lu\n", dm.status_sent, dm.status_skipped,
+           dm.status_bursts);
     printf("last-available: %lu\nlast-committed: %lu\n", dm.last_avail, dm.last_committed);
     printf("ballooned: %lu\n", dm.ballooned);
     printf("balloon-requests: %lu\nballoon-asked: %lu\nballoon-pages: %lu\nballoon-refused: %lu\n",
@@ -494,5 +676,10 @@ void dmvsc_show(void)
     printf("hot-add-requests: %lu\nhot-add-pages: %lu\nhot-add-failed: %lu\n", dm.hot_add_requests,
            dm.hot_add_pages, dm.hot_add_failed);
     printf("info-messages: %lu\nmax-page-count: %lu\n", dm.info_msgs, dm.max_page_count);
+    printf("unballoon-ignored: %lu\nreopens: %lu\nballoon-returned: %lu\n", dm.unballoon_ignored, dm.reopens,
+           dm.balloon_returned);
+    printf("free-page-hints: %s\nhints-sent: %lu\nhinted-pages: %lu\nhint-refused-ranges: %lu\n",
+           dm.hints_ok ? "on" : "off", dm.hints_sent, dm.hinted_pages, dm.hint_refused_ranges);
+    printf("hint-last-pages: %lu\nhint-last-ms: %lu\n", dm.hint_last_pages, dm.hint_last_ticks * (1000 / HZ));
     printf("messages-in: %lu\nmessages-out: %lu\nbad-messages: %lu\n", dm.msgs_in, dm.msgs_out, dm.bad_msgs);
 }

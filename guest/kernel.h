@@ -143,6 +143,12 @@ u64 pmm_balloon_floor(void);         /* Linux hv_balloon's floor for the current
 /* take up to max_pages free pages out (2 MiB runs first) keeping floor_pages free */
 u64 pmm_balloon_take(u64 max_pages, u64 floor_pages, struct pmm_range *out, u32 max_out, u32 *nout);
 int pmm_balloon_give(u64 base, u64 pages); /* 0, or -1 (nothing changed) if not all ballooned */
+/* free-page hints: whole free blocks not yet told of, out of the free pool until pmm_hint_done */
+u64 pmm_free_gen(void);
+u64 pmm_hint_take(struct pmm_range *out, u32 max_out, u32 *nout);
+void pmm_hint_done(const struct pmm_range *r, u32 n);
+int pmm_first_ballooned_block(u64 *range); /* a hostile hint's ballooned range (host tests) */
+u64 pmm_balloon_return(u64 max_pages); /* give back ballooned pages, lowest first (DM starts over) */
 u64 pmm_balloon_touch(u64 max_pages); /* write to ballooned pages (a misbehaving guest, for tests) */
 int pmm_check(void); /* consistency of counters and bitmaps, for the `pmmcheck` command */
 
@@ -180,6 +186,7 @@ int vmbus_init(void);
 void vmbus_show(void);
 void dmvsc_init(void);
 void dmvsc_show(void);
+void dmvsc_command(int argc, char **argv); /* the shell's `dm`: show, reopen, deaf N */
 
 /* storvsc.c: the page file's disk (synthetic storage, docs/storage.md); 512-byte sectors */
 #define STORAGE_MAX_PFNS 17 /* 64 KiB per request at any offset */

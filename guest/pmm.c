@@ -22,6 +22,9 @@ static u64 free_bm[NWORDS];    /* whole block, free */
 static u64 balloon_bm[NWORDS]; /* whole block, ballooned */
 static u64 partial_bm[NWORDS]; /* split block with at least one free page */
 static u64 split_bm[NWORDS];   /* block has a split descriptor */
+static u64 hinted_bm[NWORDS];  /* whole free block the host was told of (free-page hint) since it was freed */
+static u64 free_gen;           /* counts frees: a hint pass has nothing new to find while it stays */
+static u64 n_hinting;          /* free pages out of the allocator while the host discards them */
 static u64 free_hint, partial_hint; /* lowest words of free_bm / partial_bm that may be non-zero */
 
 struct split {
@@ -126,6 +129,7 @@ static struct split *split_make(u64 b)
     s->nballoon = bal ? BLOCK_PAGES : 0;
     if (fr) {
         clear1(free_bm, b);
+        clear1(hinted_bm, b);
         n_free_blocks--;
         set1(partial_bm, b, &partial_hint);
     }
@@ -228,6 +232,7 @@ static int change(u64 pfn, u64 n, int from, int to)
             u64 w = p / BLOCK_PAGES / 64;
             if (from == FREE) {
                 free_bm[w] = 0;
+                hinted_bm[w] = 0;
                 n_free_blocks -= 64;
             } else if (from == BALLOON) {
                 balloon_bm[w] = 0;
@@ -249,6 +254,7 @@ static int change(u64 pfn, u64 n, int from, int to)
         if (!s && hi - lo == BLOCK_PAGES) {
             if (from == FREE) {
                 clear1(free_bm, b);
+                clear1(hinted_bm, b);
                 n_free_blocks--;
             } else if (from == BALLOON) {
                 clear1(balloon_bm, b);
@@ -286,8 +292,10 @@ static int change(u64 pfn, u64 n, int from, int to)
     }
     if (from == FREE)
         n_free -= n;
-    if (to == FREE)
+    if (to == FREE) {
         n_free += n;
+        free_gen++;
+    }
     return 0;
 }
 
@@ -376,7 +384,7 @@ void pmm_stats(struct pmm_stats *s)
 {
     u64 f = spin_lock(&pmm_lock);
     s->visible = n_visible;
-    s->free = n_free;
+    s->free = n_free + n_hinting; /* free all the same: back in the allocator in a moment */
     s->committed = n_committed;
     s->ballooned = n_ballooned;
     s->hot_added = n_hot_added;
@@ -517,10 +525,18 @@ int pmm_hot_add(u64 base, u64 pages)
     return r ? -1 : 0;
 }
 
-/* Linux hv_balloon's compute_balloon_floor(): never balloon the guest below this many pages */
+/* Linux hv_balloon's compute_balloon_floor(): never balloon the guest below this many pages.
+ * Linux sizes it by totalram_pages, which hot-added memory raises; the floor is also part of the
+ * committed memory the DM status reports, so each hot-add would raise the demand it answered
+ * (by 1/8 of the add between 512 MiB and 2 GiB: the host adds again, smaller and smaller, and
+ * with a buffer of (slope^-1 - 1) or more, 700 % there, it runs to the VM's maximum). Here the
+ * RAM it is sized by is at most the boot RAM: memory the host adds does not raise the demand,
+ * and ballooning lowers the floor as in Linux (ballooned pages leave totalram_pages). */
 static u64 balloon_floor(void)
 {
     u64 ram = n_visible - n_ballooned, mb = 256; /* pages per MiB */
+    if (ram > n_visible - n_hot_added)
+        ram = n_visible - n_hot_added; /* the boot RAM: docs/guest-vsc.md, "the floor" */
     if (ram < 128 * mb)
         return 8 * mb + ram / 2;
     if (ram < 512 * mb)
@@ -579,6 +595,102 @@ int pmm_balloon_give(u64 base, u64 pages)
         return -1;
     }
     return 0;
+}
+
+/* Give back up to max_pages ballooned pages, lowest first: the DM VSC starts over and the host's
+ * balloon is gone with its channel. Returns the pages given back. */
+u64 pmm_balloon_return(u64 max_pages)
+{
+    u64 f = spin_lock(&pmm_lock), done = 0;
+    for (u64 b = 0; b < NBLOCKS && done < max_pages;) {
+        u64 lo = 0, n = 0;
+        if (!test(ram_bm, b)) {
+            b++;
+            continue;
+        }
+        const struct split *s = split_get(b);
+        if (!s) {
+            n = test(balloon_bm, b) ? BLOCK_PAGES : 0;
+        } else { /* the first ballooned run of the block */
+            while (lo < BLOCK_PAGES && !((s->balloon[lo / 64] >> (lo % 64)) & 1))
+                lo++;
+            while (lo + n < BLOCK_PAGES && ((s->balloon[(lo + n) / 64] >> ((lo + n) % 64)) & 1))
+                n++;
+        }
+        if (!n) {
+            b++;
+            continue;
+        }
+        if (n > max_pages - done)
+            n = max_pages - done;
+        if (change(b * BLOCK_PAGES + lo, n, BALLOON, FREE))
+            break; /* no split descriptor left: keep the rest */
+        n_ballooned -= n;
+        done += n; /* and look at the same block again */
+    }
+    spin_unlock(&pmm_lock, f);
+    return done;
+}
+
+/* ---------------------------------------------------------------- free-page hints */
+u64 pmm_free_gen(void) { return free_gen; }
+
+/* Take whole free blocks the host has not been told of, as runs (at most max_out ranges): they
+ * leave the free pool until pmm_hint_done, so nothing is written to them while the host discards
+ * them. Returns the pages taken. */
+u64 pmm_hint_take(struct pmm_range *out, u32 max_out, u32 *nout)
+{
+    u64 f = spin_lock(&pmm_lock), got = 0;
+    *nout = 0;
+    for (u64 w = free_hint; w < NWORDS; w++) {
+        u64 cand = free_bm[w] & ~hinted_bm[w];
+        while (cand) {
+            u64 lo = lowest_bit(cand), hi = lo;
+            while (hi < 64 && ((cand >> hi) & 1))
+                hi++;
+            u64 pfn = (w * 64 + lo) * BLOCK_PAGES, n = (hi - lo) * BLOCK_PAGES;
+            if (change(pfn, n, FREE, ALLOC))
+                goto out;
+            if (append(out, max_out, nout, pfn, n)) {
+                change(pfn, n, ALLOC, FREE); /* no room for another range: the next pass */
+                goto out;
+            }
+            got += n;
+            cand = hi == 64 ? 0 : cand & ~((1UL << hi) - 1);
+        }
+    }
+out:
+    n_hinting += got;
+    spin_unlock(&pmm_lock, f);
+    return got;
+}
+
+/* the first whole ballooned block as a dm_mem_page_range (for a hostile hint); -1 if none */
+int pmm_first_ballooned_block(u64 *range)
+{
+    u64 f = spin_lock(&pmm_lock), hint = 0;
+    s64 b = find_first(balloon_bm, &hint);
+    spin_unlock(&pmm_lock, f);
+    if (b < 0)
+        return -1;
+    *range = ((u64)b * BLOCK_PAGES) | ((u64)BLOCK_PAGES << 40);
+    return 0;
+}
+
+/* The host has discarded them (or refused): the blocks are free again, and told of. */
+void pmm_hint_done(const struct pmm_range *r, u32 n)
+{
+    u64 f = spin_lock(&pmm_lock), gen = free_gen;
+    for (u32 i = 0; i < n; i++) {
+        u64 b = r[i].base / BLOCK_SIZE, nb = r[i].pages / BLOCK_PAGES;
+        if (change(r[i].base / PAGE_SIZE, r[i].pages, ALLOC, FREE))
+            continue;
+        n_hinting -= r[i].pages;
+        for (u64 k = 0; k < nb; k++)
+            set1(hinted_bm, b + k, NULL);
+    }
+    free_gen = gen; /* these frees are no news for the next hint pass */
+    spin_unlock(&pmm_lock, f);
 }
 
 /* A misbehaving guest, for the host's tests: write one word to each of up to max_pages pages

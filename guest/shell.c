@@ -28,6 +28,9 @@ static void cmd_help(void)
          "  balloon MB              take MB MiB out of the guest as the balloon driver would\n"
          "  unballoon               give back what `balloon` took\n"
          "  retouch MB              write to MB MiB of ballooned pages (misbehave: the host's memory)\n"
+         "  dm reopen               close and reopen the DM channel (the balloon comes back)\n"
+         "  dm deaf N               ignore the next N unballoon requests (misbehave: the host's timeout)\n"
+         "  dm badhint              a free-page hint of ranges the host must refuse (misbehave)\n"
          "  hotadd BASE_MB SIZE_MB  add RAM at BASE_MB MiB, as a hot-add would\n"
          "  vmbus                   VMBus channels: offers, rings, counters\n"
          "  dm                      Dynamic Memory VSC: state, protocol, last status, counters\n"
@@ -247,6 +250,8 @@ static void run(char *s)
         cmd_unballoon();
     else if (!strcmp(c, "hotadd"))
         cmd_hotadd(argc, argv);
+    else if (!strcmp(c, "dm") && argc > 1)
+        dmvsc_command(argc, argv);
     else if (!strcmp(c, "vmbus"))
         vmbus_show();
     else if (!strcmp(c, "dm"))

@@ -27,6 +27,9 @@ struct task {
     volatile s32 on_cpu;  /* the CPU running it now, or -1 */
     u32 last_cpu;
     u64 wake_tick;
+    /* testlimit: ticks from its start until all it committed was allocated (0: not yet), and the
+     * longest time it waited for memory (it had touched all it had and wanted more) */
+    u64 start_tick, full_ticks, wait_since, max_wait;
     u64 pages_want; /* committed for the task */
     u64 pages_have; /* allocated so far; may lag behind commit until memory arrives */
     u64 pps;        /* dirty: pages per second, 0 = as fast as possible */
@@ -160,6 +163,23 @@ static void task_fill(struct task *t)
     t->pages_have += got;
 }
 
+/* a testlimit task's waits for memory, on the guest's clock (with task_lock held) */
+static void track_wait(struct task *t)
+{
+    if (t->kind != K_TESTLIMIT || t->full_ticks)
+        return;
+    int full = t->pages_have >= t->pages_want, waiting = !full && t->touched >= t->pages_have;
+    if (waiting && !t->wait_since)
+        t->wait_since = ticks;
+    if (!waiting && t->wait_since) {
+        if (ticks - t->wait_since > t->max_wait)
+            t->max_wait = ticks - t->wait_since;
+        t->wait_since = 0;
+    }
+    if (full)
+        t->full_ticks = ticks - t->start_tick + 1; /* +1: 0 means not yet */
+}
+
 static void task_release(struct task *t)
 {
     if (t->win >= 0) {
@@ -204,6 +224,8 @@ static int task_new(u32 kind, u64 pages, u64 pps, s32 pin, void (*entry)(struct 
     t->touched = 0;
     t->passes = 0;
     t->wake_tick = 0;
+    t->start_tick = ticks;
+    t->full_ticks = t->wait_since = t->max_wait = 0;
     t->pin = pin;
     t->on_cpu = -1;
     t->last_cpu = pin >= 0 ? (u32)pin : 0;
@@ -331,6 +353,16 @@ void task_list(void)
             printf("task %d: paged out %lu pages, filled %lu, verify %lu of %lu: %lu pages checked, %lu bad\n", i,
                    out, t->filled, t->verified_gen, t->verify_gen, t->verify_pages, t->verify_bad);
     }
+    for (int i = 0; i < ntasks; i++) { /* testlimit's waits for memory, on the guest's clock */
+        struct task *t = &tasks[i];
+        if (t->state == T_FREE || t->kind != K_TESTLIMIT)
+            continue;
+        u64 wait = t->wait_since && ticks - t->wait_since > t->max_wait ? ticks - t->wait_since : t->max_wait;
+        printf("task %d: longest wait for memory %lu ms", i, wait * (1000 / HZ));
+        if (t->full_ticks)
+            printf(", all allocated after %lu ms", (t->full_ticks - 1) * (1000 / HZ));
+        putc('\n');
+    }
     if (!any)
         puts("no tasks\n");
 }
@@ -356,6 +388,7 @@ void task_schedule(void)
         if (t->state != T_RUNNABLE || t->on_cpu >= 0 || (t->pin >= 0 && (u32)t->pin != c->index))
             continue;
         task_fill(t);
+        track_wait(t);
         t->on_cpu = (s32)c->index;
         t->last_cpu = c->index;
         c->last_run = i;

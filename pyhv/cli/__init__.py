@@ -7,7 +7,7 @@
   for VMs run by `pyhv run` without a VMMS (its control socket; worker-to-worker migration).
 - `pyhv experiment ...` (experiment.py): the book's experiments.
 - `pyhv vm trace NAME` and `pyhv trace show FILE` (trace.py): the flight recorder.
-- `pyhv cluster simulate|balance` (cluster.py): pyhv on many hosts (docs/cluster.md).
+- `pyhv cluster simulate|hosts|balance|init|add-host` (cluster.py): pyhv on many hosts (docs/cluster.md).
 
 argparse (the standard library's, about 1 ms to import) rather than click (about 20 ms here),
 and every command imports what it needs only when it runs: the time from process start to the

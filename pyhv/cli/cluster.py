@@ -1,5 +1,6 @@
-"""`pyhv cluster ...`: the fleet simulator (`simulate`) and the cluster balancer's plan for a
-live cluster (`balance --dry-run`). docs/cluster.md."""
+"""`pyhv cluster ...`: the fleet simulator (`simulate`), the live hosts (`hosts`), the cluster
+balancer (`balance [--dry-run]`), the cluster CA (`init`, `add-host`); and `pyhv vm list/show
+--cluster`, `pyhv vm create --cluster` (where VMs of the cluster run). docs/cluster.md."""
 
 from __future__ import annotations
 
@@ -116,9 +117,34 @@ def register(sub: Any) -> None:
         "--tokens",
         type=Path,
         metavar="FILE",
-        help="the hosts' API tokens, lines `HOST ADMIN_TOKEN [MIGRATION_TOKEN]` (default $PYHV_CLUSTER_TOKENS)",
+        help="the hosts' API tokens, lines `HOST CLUSTER_TOKEN [MIGRATION_TOKEN]` (default $PYHV_CLUSTER_TOKENS)",
     )
     b.set_defaults(func=balance_command)
+    i = cmds.add_parser(
+        "init",
+        help="make the cluster's CA (for mutual TLS between hosts)",
+        description="Make a cluster CA in DIR (ca.pem, and ca.key readable by its owner only); "
+        "`pyhv cluster add-host NAME --ca DIR` signs each host's certificate with it.",
+    )
+    i.add_argument("dir", type=Path, metavar="DIR", help="where the CA goes (created)")
+    i.set_defaults(func=init_command)
+    ah = cmds.add_parser(
+        "add-host",
+        help="a host's certificate, signed by the cluster CA",
+        description="Make host NAME's certificate and key (DIR/NAME.pem, DIR/NAME.key), signed "
+        "by the cluster CA in DIR, good as a TLS server's and a client's: serve with `pyhv vmms "
+        "serve --tls-cert DIR/NAME.pem --tls-key DIR/NAME.key --tls-client-ca DIR/ca.pem`.",
+    )
+    ah.add_argument("name", metavar="NAME", help="the host's name in the cluster")
+    ah.add_argument("--ca", type=Path, required=True, metavar="DIR", help="the cluster CA's DIR")
+    ah.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="an IP address other hosts reach it at (repeatable; 127.0.0.1 is always in)",
+    )
+    ah.set_defaults(func=add_host_command)
 
 
 def simulate_command(a: argparse.Namespace) -> int:
@@ -154,6 +180,28 @@ def simulate_command(a: argparse.Namespace) -> int:
         raise CliError(f"cannot write {csv_path} / {png_path}: {e}") from None
     print(f"wrote {csv_path} and {png_path}", file=sys.stderr)
     print(json.dumps({"results": [r.summary() for r in results]}))
+    return 0
+
+
+def init_command(a: argparse.Namespace) -> int:
+    from pyhv.cluster.pki import PkiError, init
+
+    try:
+        cert = init(a.dir)
+    except PkiError as e:
+        raise CliError(str(e)) from None
+    print(f"cluster CA: {cert} (its key {a.dir / 'ca.key'}: keep it off the hosts)")
+    return 0
+
+
+def add_host_command(a: argparse.Namespace) -> int:
+    from pyhv.cluster.pki import PkiError, add_host, fingerprint
+
+    try:
+        cert, key = add_host(a.ca, a.name, tuple(a.address))
+    except PkiError as e:
+        raise CliError(str(e), 2 if "host name" in str(e) else 1) from None
+    print(f"host {a.name}: certificate {cert}, key {key}, SHA-256 {fingerprint(cert)}")
     return 0
 
 
@@ -197,6 +245,7 @@ def hosts_command(a: argparse.Namespace) -> int:
 def balance_command(a: argparse.Namespace) -> int:
     import threading
 
+    from pyhv.cli.vmms import client_tls
     from pyhv.cluster import election, provision
     from pyhv.cluster.etcd import Etcd, EtcdError
     from pyhv.cluster.executor import execute
@@ -244,6 +293,7 @@ def balance_command(a: argparse.Namespace) -> int:
                         moves,
                         {h.name: h for h in hosts},
                         tokens,
+                        tls=client_tls(a),
                         report=lambda o: print(
                             f"{o.state} {o.move.vm}: {o.move.source} -> {o.move.destination} "
                             f"in {o.seconds} s" + (f": {o.why}" if o.why else ""),
@@ -299,6 +349,7 @@ def _print_plan(snap: Any, moves: list[Any], notes: tuple[str, ...]) -> None:
 
 def create_in_cluster(a: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:
     """`pyhv vm create NAME --cluster ENDPOINTS`: placed, recorded and created on its host."""
+    from pyhv.cli.vmms import client_tls
     from pyhv.cluster import provision
     from pyhv.cluster.etcd import Etcd, EtcdError
     from pyhv.cluster.placement import NoPlacement
@@ -312,10 +363,98 @@ def create_in_cluster(a: argparse.Namespace, body: dict[str, Any]) -> dict[str, 
     except ValueError as e:
         raise CliError(str(e), 2) from None
     try:
-        host, vm = provision.create(etcd, body, tokens, tuple(a.affinity), tuple(a.anti_affinity))
+        host, vm = provision.create(
+            etcd, body, tokens, tuple(a.affinity), tuple(a.anti_affinity), a.ha, client_tls(a)
+        )
     except (provision.ProvisionError, NoPlacement, EtcdError, RecordError) as e:
         raise CliError(str(e)) from None
     finally:
         etcd.close()
     print(f"placed on host {host}", file=sys.stderr)
     return dict(vm, host=host)
+
+
+def _cluster_vms(endpoints: str) -> tuple[list[dict[str, Any]], set[str]]:
+    """Every VM of the cluster (its record, owner and token, whether its owner's record lists
+    it running, its history) and the live hosts."""
+    import msgspec
+
+    from pyhv.cluster import history
+    from pyhv.cluster.etcd import Etcd, EtcdError
+    from pyhv.cluster.records import VMS, RecordError, VmRecord, decode
+    from pyhv.cluster.snapshot import read_hosts
+
+    try:
+        etcd = Etcd(endpoints)
+    except ValueError as e:
+        raise CliError(str(e), 2) from None
+    try:
+        hosts = read_hosts(etcd)
+        kvs, _ = etcd.get_prefix(VMS)
+        vms: dict[str, dict[str, Any]] = {}
+        for kv in kvs:
+            vm, _, leaf = kv.key[len(VMS) :].partition("/")
+            if leaf == "config":
+                vms.setdefault(vm, {}).update(
+                    msgspec.to_builtins(decode(kv.key, kv.value, VmRecord))
+                )
+            elif leaf == "owner":
+                vms.setdefault(vm, {}).update(owner=kv.value, token=kv.mod_revision)
+        running = {(h.name, v.name) for h in hosts for v in h.vms}
+        out = []
+        for vm, d in sorted(vms.items()):
+            d.setdefault("name", vm)
+            owner = d.get("owner")
+            d["running"] = (owner, vm) in running
+            d["history"] = msgspec.to_builtins(history.read(etcd, vm))
+            out.append(d)
+    except (EtcdError, RecordError) as e:
+        raise CliError(str(e)) from None
+    finally:
+        etcd.close()
+    return out, {h.name for h in hosts}
+
+
+def list_in_cluster(a: argparse.Namespace) -> int:
+    """`pyhv vm list --cluster ENDPOINTS`: where each VM of the cluster runs."""
+    vms, live = _cluster_vms(a.cluster)
+    if a.as_json:
+        print(json.dumps({"vms": vms, "hosts": sorted(live)}, indent=1))
+        return 0
+    print(f"{'NAME':20} {'HOST':12} {'STATE':8} {'DESIRED':8} {'HA':3} {'TOKEN':>6} EVENTS")
+    for d in vms:
+        owner = d.get("owner") or "-"
+        state = "running" if d["running"] else ("host down" if owner not in live else "off")
+        print(
+            f"{d['name']:20} {owner:12} {state:8} {d.get('desired', '-'):8} "
+            f"{'yes' if d.get('ha') else 'no':3} {d.get('token', '-'):>6} "
+            + ", ".join(e["kind"] for e in d["history"][-4:])
+        )
+    return 0
+
+
+def show_in_cluster(a: argparse.Namespace) -> int:
+    """`pyhv vm show NAME --cluster ENDPOINTS`: the VM's record, owner and history."""
+    import time
+
+    vms, live = _cluster_vms(a.cluster)
+    d = next((v for v in vms if v["name"] == a.name), None)
+    if d is None:
+        raise CliError(f"the cluster has no VM named {a.name!r} (pyhv vm list --cluster)")
+    if a.as_json:
+        print(json.dumps(d, indent=1))
+        return 0
+    owner = d.get("owner") or "-"
+    print(f"name:     {d['name']}")
+    print(f"host:     {owner}{'' if owner in live else ' (no live lease)'}, token {d.get('token')}")
+    print(f"state:    {'running' if d['running'] else 'not running'}, desired {d.get('desired')}")
+    print(f"ha:       {'yes' if d.get('ha') else 'no'}")
+    print("history:")
+    for e in d["history"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
+        where = f"{e['source']} -> {e['host']}" if e["source"] else e["host"]
+        print(
+            f"  {when} {e['kind']:9} {where} (token {e['token']})"
+            + (f": {e['why']}" if e["why"] else "")
+        )
+    return 0

@@ -59,6 +59,23 @@ def register(sub: Any) -> None:
         help="give each VM a page file of SIZE (e.g. 1G): a guest short of memory pages to it",
     )
     c.set_defaults(func=contention_command)
+    c = cmds.add_parser(
+        "cluster",
+        help="three hosts: a short host relieved by live migration, then killed (HA restart)",
+        description="Three VMMS hosts as network namespaces on a bridge (mutual TLS, etcd on the "
+        "bridge), six highly available Dynamic Memory VMs: one host's VMs commit memory until it "
+        "is short, the cluster balancer moves a VM away, then every process of that host is "
+        "killed and its VMs restart on the others (docs/cluster.md). Needs root.",
+    )
+    c.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/cluster/cluster"),
+        metavar="PREFIX",
+        help="writes PREFIX.csv and PREFIX.png (default %(default)s)",
+    )
+    c.add_argument("--lease-ttl", type=int, default=5, help="the hosts' lease, s (default 5)")
+    c.set_defaults(func=cluster_command)
 
 
 def _experiment(
@@ -116,6 +133,23 @@ def watch_command(a: argparse.Namespace) -> int:
         f"scale 1: 30 s and 180 s). This takes about {about:.0f} s."
     )
     return _print_account(lambda: run_watch(config, say=_say))
+
+
+def cluster_command(a: argparse.Namespace) -> int:
+    import json
+
+    from pyhv.cluster.experiment import ClusterExperimentError, run_cluster_experiment
+    from pyhv.cluster.lab import LabError
+
+    _need_kvm()
+    if os.geteuid() != 0:
+        raise CliError("the cluster experiment makes network namespaces and a bridge: run as root")
+    try:
+        summary = run_cluster_experiment(a.out, a.lease_ttl)
+    except (ClusterExperimentError, LabError) as e:
+        raise CliError(str(e)) from None
+    print(json.dumps(summary))
+    return 0
 
 
 def contention_command(a: argparse.Namespace) -> int:

@@ -185,8 +185,11 @@ def register(sub: Any) -> None:
     c.add_argument("--anti-affinity", action="append", default=[], metavar="GROUP",
                    help="with --cluster: never on a host with a VM of GROUP (repeatable)")  # fmt: skip
     c.add_argument("--tokens", type=Path, metavar="FILE",
-                   help="with --cluster: the hosts' API tokens, lines `HOST ADMIN_TOKEN [MIGRATION_TOKEN]` "
+                   help="with --cluster: the hosts' API tokens, lines `HOST CLUSTER_TOKEN [MIGRATION_TOKEN]` "
                    "(default $PYHV_CLUSTER_TOKENS)")  # fmt: skip
+    c.add_argument("--ha", action="store_true",
+                   help="with --cluster: highly available: when its host's lease ends, the "
+                   "cluster starts it on another host")  # fmt: skip
     command("start", "Start VM NAME in a worker process of its own.", start)
     command("stop", "Stop VM NAME.", stop)
     command(
@@ -197,8 +200,13 @@ def register(sub: Any) -> None:
     )
     c = command("list", "List the VMs with their state.", list_vms)
     c.add_argument("--json", dest="as_json", action="store_true", help="print the API's JSON")
+    c.add_argument("--cluster", metavar="ENDPOINTS",
+                   help="the cluster's VMs instead (etcd at ENDPOINTS): where each runs")  # fmt: skip
     c = command("show", "Show VM NAME's state and settings.", show)
     c.add_argument("--json", dest="as_json", action="store_true", help="print the API's JSON")
+    c.add_argument("--cluster", metavar="ENDPOINTS",
+                   help="its record in the cluster instead (etcd at ENDPOINTS): owner, moves, "
+                   "restarts")  # fmt: skip
     command("delete", "Delete VM NAME (it must be off).", delete)
     c = command(
         "memory",
@@ -268,8 +276,10 @@ def create(a: argparse.Namespace) -> int:
 
         _print_vm(create_in_cluster(a, body))
         return 0
-    if a.affinity or a.anti_affinity:
-        raise CliError("--affinity and --anti-affinity place a VM in a cluster: give --cluster", 2)
+    if a.affinity or a.anti_affinity or a.ha:
+        raise CliError(
+            "--affinity, --anti-affinity and --ha are for a VM of a cluster: give --cluster", 2
+        )
     _print_vm(call(client(a), "POST", "/api/vms", body))
     return 0
 
@@ -290,6 +300,10 @@ def stop(a: argparse.Namespace) -> int:
 
 
 def list_vms(a: argparse.Namespace) -> int:
+    if a.cluster:
+        from pyhv.cli.cluster import list_in_cluster
+
+        return list_in_cluster(a)
     vms = call(client(a), "GET", "/api/vms")["vms"]
     if a.as_json:
         print(json.dumps(vms, indent=1))
@@ -310,6 +324,10 @@ def list_vms(a: argparse.Namespace) -> int:
 
 
 def show(a: argparse.Namespace) -> int:
+    if a.cluster:
+        from pyhv.cli.cluster import show_in_cluster
+
+        return show_in_cluster(a)
     vm = call(client(a), "GET", f"/api/vms/{a.name}")
     if a.as_json:
         print(json.dumps(vm, indent=1))

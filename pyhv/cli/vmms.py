@@ -252,9 +252,16 @@ def register(sub: Any) -> None:
         "--cluster-tokens",
         type=Path,
         metavar="FILE",
-        help="the hosts' API tokens for the leader's moves, lines `HOST ADMIN_TOKEN "
+        help="the hosts' API tokens for the leader's moves, lines `HOST CLUSTER_TOKEN "
         "[MIGRATION_TOKEN]` "
         "(default $PYHV_CLUSTER_TOKENS)",
+    )
+    s.add_argument(
+        "--stop-vms-on-exit",
+        action="store_true",
+        help="stop every running VM when the VMMS stops (SIGTERM, Ctrl-C). Default: as "
+        "Hyper-V's VMMS service stop, the VMs run on in their workers and the next `pyhv vmms "
+        "serve` on this state directory adopts them",
     )
     s.add_argument("-v", "--verbose", action="store_true", help="log every request")
     s.set_defaults(func=serve_command)
@@ -295,7 +302,9 @@ def _jail_policy(a: argparse.Namespace, migrating: bool) -> Any:
     return JailPolicy(uid_base=a.jail_uid_base, overhead_bytes=a.worker_overhead, network=migrating)
 
 
-def _join_cluster(a: argparse.Namespace, vmms: Any, tcp: tuple[str, int] | None) -> Any:
+def _join_cluster(
+    a: argparse.Namespace, vmms: Any, tcp: tuple[str, int] | None, peer_tls: Any = None
+) -> Any:
     """With --cluster: the host joins (pyhv.cluster.membership), or the command fails."""
     if not a.cluster:
         if a.host:
@@ -304,10 +313,15 @@ def _join_cluster(a: argparse.Namespace, vmms: Any, tcp: tuple[str, int] | None)
     import socket
 
     from pyhv.cluster.membership import JoinError, join
+    from pyhv.cluster.pki import PkiError, fingerprint
 
     if a.lease_ttl < 3:
         raise CliError(f"--lease-ttl {a.lease_ttl}: give 3 seconds or more", 2)
     host = a.host or socket.gethostname()
+    try:
+        print_ = fingerprint(Path(a.tls_cert)) if a.tls_cert else ""
+    except PkiError as e:
+        raise CliError(str(e), 2) from None
     try:
         agent = join(
             a.cluster,
@@ -317,16 +331,17 @@ def _join_cluster(a: argparse.Namespace, vmms: Any, tcp: tuple[str, int] | None)
             migration=tcp[0] if tcp else "127.0.0.1",
             ttl_s=a.lease_ttl,
             last_decision=lambda: vmms.balancer.last_decision,
+            fingerprint=print_,
         )
     except JoinError as e:
         raise CliError(str(e)) from None
     print(f"host {host} joined the cluster at {a.cluster}", file=sys.stderr, flush=True)
     if a.balance_every > 0:
-        _stand_for_leader(a, agent, vmms)
+        _stand_for_leader(a, agent, vmms, peer_tls)
     return agent
 
 
-def _stand_for_leader(a: argparse.Namespace, agent: Any, vmms: Any) -> None:
+def _stand_for_leader(a: argparse.Namespace, agent: Any, vmms: Any, tls: Any) -> None:
     """With --balance-every: the standing cluster balancer (pyhv.cluster.leader)."""
     from pyhv.cluster.leader import StandingLeader
     from pyhv.cluster.policies import load_policy
@@ -344,7 +359,7 @@ def _stand_for_leader(a: argparse.Namespace, agent: Any, vmms: Any) -> None:
 
     leader = StandingLeader(
         agent.etcd, agent.name, lambda: agent.lease, policy, tokens, a.balance_every,
-        registry=vmms.registry,
+        registry=vmms.registry, tls=tls,
     )  # fmt: skip
     agent.on_close.append(leader.close)
     leader.start()
@@ -467,7 +482,7 @@ def serve_command(a: argparse.Namespace) -> int:
         raise CliError(f"cannot serve the API: {e}") from None
     vmms.start_balancer()
     try:
-        agent = _join_cluster(a, vmms, servers.tcp_address)
+        agent = _join_cluster(a, vmms, servers.tcp_address, peer_tls)
     except CliError:
         servers.close()
         vmms.close()
@@ -491,9 +506,18 @@ def serve_command(a: argparse.Namespace) -> int:
         while not done.wait(0.5):
             pass
     finally:
-        print("VMMS stopping: stopping the running VMs", file=sys.stderr, flush=True)
+        print(
+            "VMMS stopping: "
+            + (
+                "stopping the running VMs"
+                if a.stop_vms_on_exit
+                else "the running VMs run on (the next VMMS on this state directory adopts them)"
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
         if agent is not None:
             agent.close()
         servers.close()
-        vmms.close()
+        vmms.close(stop_vms=a.stop_vms_on_exit)
     return 0

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pyhv.cluster import election, ownership
+from pyhv.cluster import election, history, ownership
 from pyhv.cluster.etcd import Etcd
 from pyhv.cluster.policy import Move
 from pyhv.cluster.provision import HostTokens, ProvisionError, host_client
@@ -33,7 +33,7 @@ from pyhv.cluster.records import (
     migration_key,
     vm_moved_key,
 )
-from pyhv.vmms.client import ClientError
+from pyhv.vmms.client import ClientError, ClientTls
 
 #: The migration states after which a VMMS's record no longer changes.
 ENDED = ("done", "failed", "in-doubt")
@@ -59,10 +59,11 @@ def execute(
     *,
     timeout_s: float = 300.0,
     report: Callable[[Outcome], object] = lambda o: None,
+    tls: ClientTls | None = None,
 ) -> list[Outcome]:
     out = []
     for m in moves:
-        outcome = _one(etcd, leader, m, hosts, tokens, timeout_s)
+        outcome = _one(etcd, leader, m, hosts, tokens, timeout_s, tls)
         report(outcome)
         out.append(outcome)
         if outcome.why == "no longer the leader":
@@ -77,6 +78,7 @@ def _one(
     hosts: Mapping[str, HostRecord],
     tokens: Mapping[str, HostTokens],
     timeout_s: float,
+    tls: ClientTls | None = None,
 ) -> Outcome:
     started = time.monotonic()
 
@@ -93,12 +95,12 @@ def _one(
     if m.source not in hosts or m.destination not in hosts:
         return ended("skipped", "the source or the destination left the cluster")
     try:
-        source = host_client(hosts[m.source], tokens)
+        source = host_client(hosts[m.source], tokens, tls)
         dest = tokens.get(m.destination)
         if dest is None:
             raise ProvisionError(f"no token for host {m.destination} in the tokens file")
-        # The destination's migration token (it can only bring a VM in), else its admin token.
-        dest_token = dest.migration or dest.admin
+        # The destination's migration token (it can only bring a VM in), else the token given.
+        dest_token = dest.migration or dest.api
     except ProvisionError as e:
         return ended("skipped", str(e))
     record = MigrationRecord(m.vm, m.source, m.destination, m.bytes, time.time(), held.token)
@@ -127,6 +129,7 @@ def _one(
         except ownership.OwnershipConflict as e:
             return ended("in-doubt", f"migrated, but ownership did not move: {e}")
         etcd.put(vm_moved_key(m.vm), repr(time.time()))  # the minimum interval counts from here
+        history.append(etcd, m.vm, "moved", m.destination, source=m.source, token=moved.token)
         return ended("done", token=moved.token)
     finally:
         etcd.delete(key)

@@ -2,7 +2,8 @@
 --balance-every S`, every host's VMMS campaigns for the leadership under its own host lease (so
 leadership ends with the host), and the leader decides every S seconds: it reads the snapshot,
 asks the policy for a plan, checks it against the limits and carries it out
-(pyhv.cluster.executor). `decide` is shared with `pyhv cluster balance`.
+(pyhv.cluster.executor). `decide` is shared with `pyhv cluster balance`. Every HA_EVERY_S it
+also restarts the highly available VMs of hosts whose lease ended (pyhv.cluster.ha).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pyhv.cluster import election
+from pyhv.cluster import election, ha
 from pyhv.cluster.etcd import Etcd, EtcdError
 from pyhv.cluster.executor import Outcome, execute
 from pyhv.cluster.policy import ClusterPolicy, ClusterSnapshot, Limits, Move, Plan, check_plan
@@ -27,8 +28,12 @@ from pyhv.cluster.snapshot import (
     snapshot,
 )
 from pyhv.counters.registry import CounterDef, CounterRegistry, CounterSetDef
+from pyhv.vmms.client import ClientTls
 
 log = logging.getLogger("pyhv.cluster")
+
+#: How often the leader looks for the HA VMs of hosts whose lease ended (seconds).
+HA_EVERY_S = 0.5
 
 #: The cluster balancer's work, counted on the host that led when it happened.
 CLUSTER_SET = CounterSetDef(
@@ -51,6 +56,18 @@ CLUSTER_SET = CounterSetDef(
             "VM-Seconds Under Pressure",
             "VMs under pressure x the time between decisions",
             "seconds",
+            "cumulative",
+        ),  # fmt: skip
+        CounterDef(
+            "HA Restarts",
+            "VMs of dead hosts started elsewhere by the leader",
+            "count",
+            "cumulative",
+        ),  # fmt: skip
+        CounterDef(
+            "HA Restarts Failed",
+            "HA restarts a host refused (the VM stays off)",
+            "count",
             "cumulative",
         ),  # fmt: skip
     ),
@@ -94,7 +111,10 @@ class StandingLeader:
     every_s: float
     limits: Limits = field(default_factory=Limits)
     registry: CounterRegistry | None = None
+    #: Mutual TLS to the other hosts (this host's certificate, the cluster CA), or None.
+    tls: ClientTls | None = None
     outcomes: list[Outcome] = field(default_factory=list)
+    restarts: list[ha.Restart] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -102,11 +122,13 @@ class StandingLeader:
         self._thread: threading.Thread | None = None
         self.counts: dict[str, float] = dict.fromkeys(
             ("Decisions", "Migrations", "Migrations Failed", "Bytes Moved", "VMs Under Pressure",
-             "VM-Seconds Under Pressure"),
+             "VM-Seconds Under Pressure", "HA Restarts", "HA Restarts Failed"),
             0,
         )  # fmt: skip
         self._counters = None if self.registry is None else self.registry.register(CLUSTER_SET)
         self._seconds = 0.0
+        self._decided_at = 0.0
+        self._ha_why: dict[str, tuple[str, str]] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="cluster-leader", daemon=True)
@@ -131,7 +153,7 @@ class StandingLeader:
             )
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        while not self._stop.wait(min(self.every_s, HA_EVERY_S)):
             try:
                 self._tick()
             except (EtcdError, RecordError, ValueError, ProvisionError) as e:
@@ -156,6 +178,11 @@ class StandingLeader:
                 return
             self._held = held
             log.info("host %s leads the cluster balancer (term %d)", self.host, held.term)
+        self._restart_orphans(held)
+        now = time.monotonic()
+        if now - self._decided_at < self.every_s:
+            return
+        self._decided_at = now
         d = decide(self.etcd, self.policy, self.limits)
         self._seconds = d.seconds
         self.counts["Decisions"] += 1
@@ -173,6 +200,7 @@ class StandingLeader:
             report=lambda o: log.info("cluster balancer: %s %s %s->%s in %.1f s %s", o.state,
                                       o.move.vm, o.move.source, o.move.destination, o.seconds,
                                       o.why),
+            tls=self.tls,
         ):  # fmt: skip
             self.outcomes.append(o)
             if o.state == "done":
@@ -180,3 +208,22 @@ class StandingLeader:
                 self.counts["Bytes Moved"] += o.move.bytes
             elif o.state != "skipped":
                 self.counts["Migrations Failed"] += 1
+
+    def _restart_orphans(self, held: election.Leadership) -> None:
+        hosts = read_hosts(self.etcd)
+        if not ha.orphans(self.etcd, {h.name for h in hosts}):
+            return
+        for r in ha.restart_orphans(self.etcd, held, hosts, self.tokens(), tls=self.tls):
+            # A VM that fits nowhere is tried again every HA_EVERY_S: logged when its reason changes.
+            if self._ha_why.get(r.vm) != (r.state, r.why):
+                self._ha_why[r.vm] = (r.state, r.why)
+                log.warning("HA restart: %s %s (host %s's lease ended) on %s %s",
+                            r.state, r.vm, r.source, r.host or "-", r.why)  # fmt: skip
+            if r.state == "skipped":
+                continue
+            self._ha_why.pop(r.vm, None)
+            self.restarts.append(r)
+            if r.state == "restarted":
+                self.counts["HA Restarts"] += 1
+            elif r.state == "failed":
+                self.counts["HA Restarts Failed"] += 1

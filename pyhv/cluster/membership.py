@@ -12,32 +12,69 @@ and `close`; the agent reads the VMMS through `host()`, `list()` and `stop()`).
   answered in time it stops every running VM before etcd can expire the lease. Once etcd answers
   again the host joins with a new lease; the VMs it stopped stay off (HA restart decides where
   they run next).
+- Starting a VM (a guard on the VMMS's start): a host without a live lease starts nothing, and
+  a VM the cluster knows (/pyhv/vms/<vm>/config) starts only on the host its owner key names;
+  starting it records its desired state `running`, stopping it by hand `off` (HA restart
+  restarts only VMs that should run; fencing's stops leave it `running`).
 - Leave: on close the lease is revoked, so the record goes at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
+from pyhv.cluster import ownership
 from pyhv.cluster.etcd import Etcd, EtcdError
 from pyhv.cluster.fencing import LeaseClock
 from pyhv.cluster.records import (
+    HOSTS,
     HostRecord,
     PressureSummary,
+    RecordError,
+    VmRecord,
     VmSummary,
+    decode,
     encode,
     host_key,
+    vm_config_key,
 )
 from pyhv.counters.registry import CounterDef, CounterSetDef
 from pyhv.dynmem.balancer import PAGE_SIZE
 from pyhv.dynmem.status import target_pages
+from pyhv.vmms.inventory import Conflict, VmmsError
 
 log = logging.getLogger("pyhv.cluster")
+
+
+class PeerRefused(VmmsError):
+    """A peer host's request (the cluster token) for a VM or destination outside the cluster."""
+
+    status = 403
+
+
+#: Test hook (with PYHV_TEST_HOOKS=1): a directory where a start, between reading the VM's owner
+#: and confirming it, writes VM.read and waits for VM.go: a test moves the owner meanwhile.
+HOLD_START_ENV = "PYHV_TEST_HOLD_START"
+
+
+def _test_hold(vm: str) -> None:
+    hold = os.environ.get(HOLD_START_ENV) if os.environ.get("PYHV_TEST_HOOKS") == "1" else None
+    if not hold:
+        return
+    (Path(hold) / f"{vm}.read").touch()
+    deadline = time.monotonic() + 60
+    while not (Path(hold) / f"{vm}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
 
 DEFAULT_TTL_S = 5
 DEFAULT_MARGIN_S = 2.5
@@ -97,7 +134,12 @@ class FenceRecord:
 
 
 def host_record(
-    name: str, vmms: HostVmms, api: str, migration: str, last_decision: Any = None
+    name: str,
+    vmms: HostVmms,
+    api: str,
+    migration: str,
+    last_decision: Any = None,
+    fingerprint: str = "",
 ) -> HostRecord:
     """The host's record from its VMMS's pool and VMs (what `publish` writes)."""
     pool = vmms.host()
@@ -150,6 +192,7 @@ def host_record(
             highest=max(pressures, default=0.0),
             short=short,
         ),
+        fingerprint=fingerprint,
         published=time.time(),
     )
 
@@ -169,6 +212,8 @@ class HostAgent:
     #: What the VMMS's host balancer decided last (for the pressure summary), or None.
     last_decision: Callable[[], Any] = lambda: None
     lease: int = 0
+    #: Its TLS certificate's SHA-256 ("" when its API is plain HTTP).
+    fingerprint: str = ""
     fences: list[FenceRecord] = field(default_factory=list)
     #: Set each time the host fenced itself (tests and the log wait on it).
     fenced: threading.Event = field(default_factory=threading.Event)
@@ -194,6 +239,12 @@ class HostAgent:
         )
         registry = getattr(self.vmms, "registry", None)
         self._counters = None if registry is None else registry.register(HOST_SET)
+        self._fencing = False
+        guards = getattr(self.vmms, "start_guards", None)
+        if guards is not None:
+            guards.append(self.guard_start)
+            self.vmms.stop_listeners.append(self._stopped)  # type: ignore[attr-defined]
+            self.vmms.peer_guard = self.guard_peer  # type: ignore[attr-defined]
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
@@ -266,7 +317,14 @@ class HostAgent:
 
     def _record(self) -> str:
         return encode(
-            host_record(self.name, self.vmms, self.api, self.migration, self.last_decision())
+            host_record(
+                self.name,
+                self.vmms,
+                self.api,
+                self.migration,
+                self.last_decision(),
+                self.fingerprint,
+            )
         )
 
     def publish(self) -> None:
@@ -306,6 +364,103 @@ class HostAgent:
                 self._count("Lease Renewals Failed")
             except Exception:  # noqa: BLE001 - the keeper must outlive a bad VMMS answer
                 log.exception("host %s: renewing the lease failed", self.name)
+
+    # --- starting and stopping VMs -------------------------------------------------------
+
+    def guard_start(self, vm: str) -> None:
+        """Conflict unless this host may start `vm` now: it holds a lease it has not fenced
+        itself for, and a VM of the cluster is owned by this host (its fencing token is
+        current). A cluster VM's desired state becomes `running`."""
+        fence_at = self.clock.fence_at
+        if not self.lease or fence_at is None or time.monotonic() >= fence_at:
+            raise Conflict(
+                f"VM {vm!r} cannot start: host {self.name} holds no lease in the cluster (cut "
+                "off from etcd, or fenced); it starts no VM until it has joined again"
+            )
+        try:
+            kv = self.etcd.get(vm_config_key(vm))
+            if kv is None:
+                return  # not a VM of the cluster: this host's own
+            held = ownership.owner(self.etcd, vm)
+            if held is None or held.host != self.name:
+                raise Conflict(
+                    f"VM {vm!r} cannot start on host {self.name}: the cluster gives it to "
+                    f"{held.host if held else 'no host'}"
+                    + (f" (token {held.token})" if held else "")
+                    + ": start it there"
+                )
+            _test_hold(vm)
+            try:
+                # The owner read above may be stale by now: only a compare-and-swap against it
+                # proves it is not, and advancing the token makes any move planned with the
+                # old one fail (pyhv.cluster.ownership.confirm).
+                held = ownership.confirm(self.etcd, held)
+            except ownership.OwnershipConflict as e:
+                log.warning("VM %s not started: %s", vm, e)
+                raise Conflict(f"VM {vm!r} cannot start: {e}") from None
+            if time.monotonic() >= fence_at:
+                raise Conflict(f"VM {vm!r} cannot start: host {self.name} fenced itself meanwhile")
+            self._set_desired(vm, "running")
+        except EtcdError as e:
+            raise Conflict(
+                f"VM {vm!r} cannot start: the cluster's store does not answer ({e}); try again"
+            ) from None
+
+    def guard_peer(self, vm: str, destination: str | None = None) -> None:
+        """PeerRefused (403) unless a peer host holding the cluster token may act on `vm`: a VM
+        of the cluster that its owner key gives this host, moved (`destination`, HOST:PORT)
+        only to another live host's API. The token is scoped by route (pyhv.vmms.auth); this
+        binds it to the cluster's own VMs and hosts."""
+        try:
+            if self.etcd.get(vm_config_key(vm)) is None:
+                raise PeerRefused(
+                    f"VM {vm!r} is not a VM of the cluster: the cluster token acts only on those"
+                )
+            held = ownership.owner(self.etcd, vm)
+            if held is None or held.host != self.name:
+                raise PeerRefused(
+                    f"VM {vm!r} is given to {held.host if held else 'no host'}, not to "
+                    f"{self.name}: the cluster token acts only on VMs the cluster gives this host"
+                )
+            if destination is not None:
+                apis = set()
+                for kv in self.etcd.get_prefix(HOSTS)[0]:
+                    try:
+                        rec = decode(kv.key, kv.value, HostRecord)
+                    except RecordError:
+                        continue
+                    if rec.name != self.name and rec.api:
+                        apis.add(rec.api)
+                if destination not in apis:
+                    raise PeerRefused(
+                        f"destination {destination!r} is not the API of a live host of the "
+                        "cluster: the cluster token moves VMs only between its hosts"
+                    )
+        except EtcdError as e:
+            raise Conflict(f"the cluster's store does not answer ({e}); try again") from None
+
+    def _stopped(self, vm: str) -> None:
+        if self._fencing:
+            return  # fenced, not stopped by hand: it should still run (HA restart's decision)
+        try:
+            held = ownership.owner(self.etcd, vm)
+            if held is not None and held.host == self.name:
+                self._set_desired(vm, "off")
+        except EtcdError as e:
+            log.warning("VM %s stopped; its desired state not recorded in the cluster: %s", vm, e)
+
+    def _set_desired(self, vm: str, desired: str) -> None:
+        key = vm_config_key(vm)
+        for _ in range(10):
+            kv = self.etcd.get(key)
+            if kv is None:
+                return
+            rec = decode(key, kv.value, VmRecord)
+            if rec.desired == desired:
+                return
+            new = msgspec.structs.replace(rec, desired=desired, generation=rec.generation + 1)
+            if self.etcd.swap(key, encode(new), kv.mod_revision).succeeded:
+                return
 
     # --- fencing ------------------------------------------------------------------------
 
@@ -350,10 +505,14 @@ class HostAgent:
             threading.Thread(target=stop, args=(vm,), name=f"fence-{vm}", daemon=True)
             for vm in running
         ]
-        for t in stoppers:
-            t.start()
-        for t in stoppers:
-            t.join()
+        self._fencing = True
+        try:
+            for t in stoppers:
+                t.start()
+            for t in stoppers:
+                t.join()
+        finally:
+            self._fencing = False
         left = expires_at - time.monotonic()
         self.fences.append(FenceRecord(time.monotonic(), running, left))
         self.counts["VMs Fenced"] += len(running)
@@ -376,6 +535,7 @@ def join(
     migration: str = "127.0.0.1",
     ttl_s: int = DEFAULT_TTL_S,
     last_decision: Callable[[], Any] = lambda: None,
+    fingerprint: str = "",
 ) -> HostAgent:
     """What `pyhv vmms serve --cluster ENDPOINTS --host NAME` calls: the host joins and stays
     in the cluster until `close()`. JoinError (with the remedy) if it cannot."""
@@ -389,8 +549,9 @@ def join(
         check_host_name(host)
         margin = min(DEFAULT_MARGIN_S, ttl_s / 2)
         agent = HostAgent(
-            etcd, host, vmms, api, migration, ttl_s, margin, last_decision=last_decision
-        )
+            etcd, host, vmms, api, migration, ttl_s, margin, last_decision=last_decision,
+            fingerprint=fingerprint,
+        )  # fmt: skip
     except (ValueError, FencingError) as e:
         raise JoinError(str(e)) from None
     agent.start()

@@ -4,8 +4,11 @@ read at, so two hosts can never both believe they won it, and that revision (the
 revision) is the fencing token: whoever acts for the owner shows the token, and anything that
 sees a newer revision knows the token is stale.
 
-Checking the token in the worker before it runs the VM comes with the trusted workers of issue
-11 (docs/cluster.md, "next").
+A host starts a VM only after `confirm`: a compare-and-swap that rewrites the key with the same
+host against the revision the host read, so the token advances. Either the start or a move made
+with the older token wins, never both: a VMMS acting on a stale view starts nothing, and a
+leader acting on one moves nothing (docs/cluster.md, "Ownership and fencing"). The check is the
+VMMS's, not the worker's: a jailed worker has no network to reach etcd with (pyhv.worker.jail).
 """
 
 from __future__ import annotations
@@ -58,6 +61,20 @@ def move(etcd: Etcd, held: Ownership, to_host: str) -> Ownership:
             f"read the owner again before moving it to {to_host}"
         )
     return Ownership(held.vm, to_host, result.revision)
+
+
+def confirm(etcd: Etcd, held: Ownership) -> Ownership:
+    """Make `held` the VM's current ownership for a start: rewrite the key (same host) only if
+    its token is still `held.token`; the new token is the one the VM runs under."""
+    result = etcd.swap(vm_owner_key(held.vm), held.host, held.token)
+    if not result.succeeded:
+        now = result.current
+        raise OwnershipConflict(
+            f"VM {held.vm!r}: token {held.token} is stale (owner now "
+            f"{now.value if now else 'nobody'} at {now.mod_revision if now else '-'}): "
+            f"{held.host} must not start it"
+        )
+    return Ownership(held.vm, held.host, result.revision)
 
 
 def release(etcd: Etcd, held: Ownership) -> None:

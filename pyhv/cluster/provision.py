@@ -5,8 +5,10 @@ its owner, and create it through that host's VMMS API. If the host refuses, the 
 taken back.
 
 How a host's API is reached is one function, `host_client`: the host's TCP API with that host's
-admin token from a tokens file; a migration source is given the destination's migration token
-(scoped to bringing a VM in). Mutual TLS between hosts comes here next.
+cluster token (STATE/cluster-token: it may create, start and migrate out VMs, nothing else;
+pyhv.vmms.auth) from a tokens file, over mutual TLS when the host serves it (its record carries its
+certificate's fingerprint; the caller's certificate and the cluster CA, pyhv.cluster.pki); a
+migration source is given the destination's migration token (scoped to bringing a VM in).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyhv.cluster import ownership
+from pyhv.cluster import history, ownership
 from pyhv.cluster.etcd import Etcd
 from pyhv.cluster.placement import HostSpace, VmDemand, place
 from pyhv.cluster.records import (
@@ -29,7 +31,7 @@ from pyhv.cluster.records import (
     vm_config_key,
 )
 from pyhv.cluster.snapshot import read_hosts
-from pyhv.vmms.client import ClientError, VmmsClient
+from pyhv.vmms.client import ClientError, ClientTls, VmmsClient
 
 TOKENS_ENV = "PYHV_CLUSTER_TOKENS"
 
@@ -40,15 +42,17 @@ class ProvisionError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class HostTokens:
-    """A host's API tokens: `admin` (its STATE/token) and `migration` (its
-    STATE/migration-token, which can only bring a VM in: what a migration source is given)."""
+    """A host's API tokens: `api`, what the cluster places VMs with (its STATE/cluster-token,
+    scoped to creating, starting and migrating out VMs; its admin token works too), and
+    `migration` (its STATE/migration-token, which can only bring a VM in: what a migration
+    source is given)."""
 
-    admin: str
+    api: str
     migration: str = ""
 
 
 def read_tokens(path: Path | None) -> dict[str, HostTokens]:
-    """A tokens file, readable by its owner only: one `HOST ADMIN_TOKEN [MIGRATION_TOKEN]`
+    """A tokens file, readable by its owner only: one `HOST CLUSTER_TOKEN [MIGRATION_TOKEN]`
     per line (# comments)."""
     if path is None:
         env = os.environ.get(TOKENS_ENV)
@@ -71,14 +75,16 @@ def read_tokens(path: Path | None) -> dict[str, HostTokens]:
         if not words or words[0].startswith("#"):
             continue
         if len(words) not in (2, 3):
-            raise ProvisionError(f"{path}:{n}: expected `HOST ADMIN_TOKEN [MIGRATION_TOKEN]`")
+            raise ProvisionError(f"{path}:{n}: expected `HOST CLUSTER_TOKEN [MIGRATION_TOKEN]`")
         tokens[words[0]] = HostTokens(*words[1:])
     return tokens
 
 
-def host_client(host: HostRecord, tokens: Mapping[str, HostTokens]) -> VmmsClient:
-    """The one way this module reaches a host's VMMS (with its admin token; mutual TLS to
-    come here too)."""
+def host_client(
+    host: HostRecord, tokens: Mapping[str, HostTokens], tls: ClientTls | None = None
+) -> VmmsClient:
+    """The one way the cluster reaches a host's VMMS: its cluster token, and mutual TLS (`tls`:
+    the cluster CA, this side's certificate) when the host serves TLS."""
     if not host.api:
         raise ProvisionError(
             f"host {host.name} publishes no API address: run its VMMS with --tcp HOST:PORT"
@@ -86,10 +92,18 @@ def host_client(host: HostRecord, tokens: Mapping[str, HostTokens]) -> VmmsClien
     held = tokens.get(host.name)
     if held is None:
         raise ProvisionError(
-            f"no token for host {host.name}: add `{host.name} TOKEN` (its STATE/token) to the "
-            f"tokens file (--tokens or ${TOKENS_ENV})"
+            f"no token for host {host.name}: add `{host.name} TOKEN` (its STATE/cluster-token) "
+            f"to the tokens file (--tokens or ${TOKENS_ENV})"
         )
-    return VmmsClient(tcp=host.api, token=held.admin, timeout=60)
+    if host.fingerprint and tls is None:
+        raise ProvisionError(
+            f"host {host.name} serves mutual TLS: give the cluster CA and a certificate it "
+            "signed (--tls-ca/--tls-cert/--tls-key or $PYHV_TLS_CA/CERT/KEY; `pyhv cluster "
+            "add-host NAME` makes one)"
+        )
+    return VmmsClient(
+        tcp=host.api, token=held.api, timeout=60, tls=tls if host.fingerprint else None
+    )
 
 
 def host_spaces(etcd: Etcd, hosts: list[HostRecord]) -> list[HostSpace]:
@@ -128,9 +142,12 @@ def create(
     tokens: Mapping[str, HostTokens],
     affinity: tuple[str, ...] = (),
     anti_affinity: tuple[str, ...] = (),
+    ha: bool = False,
+    tls: ClientTls | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Place and create the VM `config` describes (as `POST /api/vms` takes it, sizes in
-    bytes); the chosen host's name and its VMMS's answer."""
+    bytes); the chosen host's name and its VMMS's answer. `ha`: restarted on another host when
+    its host's lease ends (pyhv.cluster.ha)."""
     name = str(config["name"])
     startup = int(config.get("memory", 512 << 20))
     dynamic = bool(config.get("dynamic_memory"))
@@ -140,8 +157,8 @@ def create(
     chosen = place(
         VmDemand(name, startup, minimum, affinity, anti_affinity), host_spaces(etcd, hosts)
     )
-    client = host_client(by_name[chosen.name], tokens)
-    record = VmRecord(name, config, "off", list(affinity), list(anti_affinity), 1)
+    client = host_client(by_name[chosen.name], tokens, tls)
+    record = VmRecord(name, config, "off", list(affinity), list(anti_affinity), 1, ha)
     if not etcd.swap(vm_config_key(name), encode(record), 0).succeeded:
         raise ProvisionError(f"the cluster has a VM named {name!r}: pick another name")
     held = None
@@ -153,4 +170,5 @@ def create(
             ownership.release(etcd, held)
         etcd.delete(vm_config_key(name))
         raise ProvisionError(f"host {chosen.name} did not create VM {name!r}: {e}") from None
+    history.append(etcd, name, "placed", chosen.name, token=held.token)
     return chosen.name, answer

@@ -5,6 +5,7 @@ once (msgspec structs: JSON on the wire, checked on the way in). docs/cluster.md
     /pyhv/vms/<vm>/config       VmRecord: configuration, desired state, groups, generation
     /pyhv/vms/<vm>/owner        the owner host's name; its mod revision is the fencing token
     /pyhv/vms/<vm>/moved        when its last live migration by the cluster balancer ended
+    /pyhv/vms/<vm>/history      VmHistory: where it was placed, moved and restarted (HA)
     /pyhv/leader/balancer       the cluster balancer leader's host name, under its lease
     /pyhv/migrations/<vm>       MigrationRecord of a live migration in flight
 
@@ -62,6 +63,10 @@ def vm_moved_key(vm: str) -> str:
     return f"{VMS}{vm}/moved"
 
 
+def vm_history_key(vm: str) -> str:
+    return f"{VMS}{vm}/history"
+
+
 def migration_key(vm: str) -> str:
     return MIGRATIONS + vm
 
@@ -104,7 +109,7 @@ class HostRecord(Struct, frozen=True, forbid_unknown_fields=True):
     reserve: Bytes
     vms: list[VmSummary] = []
     pressure: PressureSummary = PressureSummary()
-    fingerprint: str = ""  # its TLS certificate's SHA-256, once hosts use mutual TLS (next)
+    fingerprint: str = ""  # its TLS certificate's SHA-256 (pyhv.cluster.pki); "": plain HTTP
     published: float = 0.0  # wall-clock time of this record
 
 
@@ -119,6 +124,31 @@ class VmRecord(Struct, frozen=True, forbid_unknown_fields=True):
     affinity: list[str] = []
     anti_affinity: list[str] = []
     generation: Annotated[int, Meta(ge=0)] = 0
+    #: Highly available: when its owner host's lease ends, the cluster balancer's leader
+    #: starts it on another host (pyhv.cluster.ha), if it should be running.
+    ha: bool = False
+
+
+class VmEvent(Struct, frozen=True, forbid_unknown_fields=True):
+    """One change of where a VM runs: `placed` (created on `host`), `moved` (live-migrated from
+    `source`), `restarted` (cold-started on `host` after `source`'s lease ended), with the
+    owner token it got and when (seconds since the epoch)."""
+
+    at: float
+    kind: Annotated[str, Meta(pattern="^(placed|moved|restarted)$")]
+    host: HostName
+    source: str = ""
+    token: Annotated[int, Meta(ge=0)] = 0
+    why: str = ""
+
+
+class VmHistory(Struct, frozen=True, forbid_unknown_fields=True):
+    """A VM's last `HISTORY_KEPT` events, oldest first."""
+
+    events: list[VmEvent] = []
+
+
+HISTORY_KEPT = 50
 
 
 class MigrationRecord(Struct, frozen=True, forbid_unknown_fields=True):

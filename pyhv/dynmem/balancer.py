@@ -17,6 +17,10 @@ Units are 4 KiB pages, the unit of the Dynamic Memory protocol. Rules (docs/bala
 - Host short (the adds wished exceed the free pool less the host reserve): the buffer is dropped
   first, higher-weight VMs get memory first, and memory is taken back (at once, not lazily) from
   other VMs' buffers and then from lower-weight VMs, never below their minimum.
+- The guest's floor: a VM whose guest last answered a balloon request short (it keeps enough
+  memory to run, as Linux's hv_balloon does) has `floor_pages`; no removal, lazy or not, goes
+  below it. The caller keeps it until the VM's status changes (pyhv.vmms.balancing), so a guest
+  at its floor is not asked again every tick.
 
 The arithmetic runs on numpy columns so that a tick over 10 000 VMs stays in milliseconds.
 """
@@ -143,7 +147,8 @@ class VmMemoryState:
     flight complete; `visible_pages` what the guest OS believes it has (only grows);
     `ballooned_pages` what its balloon holds (can be unballooned). `above_target_s` is the lazy
     timer returned by the previous tick's decision (0 for a new VM); `add_hold_s` likewise the
-    add-pacing timer (seconds left before the VM may be given more after a capped add).
+    add-pacing timer (seconds left before the VM may be given more after a capped add);
+    `floor_pages` the assigned memory below which its guest last refused to balloon (0: none).
     """
 
     vm: str
@@ -154,9 +159,10 @@ class VmMemoryState:
     report: Report | None = None
     above_target_s: float = 0.0
     add_hold_s: float = 0.0
+    floor_pages: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("visible_pages", "assigned_pages", "ballooned_pages"):
+        for name in ("visible_pages", "assigned_pages", "ballooned_pages", "floor_pages"):
             _check_pages(name, getattr(self, name))
         if self.ballooned_pages > self.visible_pages:
             raise SettingsError(
@@ -295,11 +301,14 @@ class VmTable:
     committed: _I64
     above_target_s: _F64
     add_hold_s: _F64 | None = None
+    floor: _I64 | None = None  #: the guest's floor (pages; 0: none), see VmMemoryState
 
     def __post_init__(self) -> None:
         n = len(self.vm_ids)
         if self.add_hold_s is None:
             object.__setattr__(self, "add_hold_s", np.zeros(n, dtype=np.float64))
+        if self.floor is None:
+            object.__setattr__(self, "floor", np.zeros(n, dtype=np.int64))
         for name in _TABLE_COLUMNS:
             column = getattr(self, name)
             if np.shape(column) != (n,):
@@ -318,6 +327,7 @@ class VmTable:
             | (self.ballooned < 0)
             | (self.ballooned > self.visible)
             | (self.assigned < 0)
+            | (self.floor < 0)  # type: ignore[operator]
             | (self.buffer < BUFFER_PERCENT_RANGE[0])
             | (self.buffer > BUFFER_PERCENT_RANGE[1])
             | (self.weight < WEIGHT_RANGE[0])
@@ -363,6 +373,7 @@ class VmTable:
             ),
             above_target_s=np.fromiter(map(_TIMER, vms), dtype=np.float64, count=n),
             add_hold_s=np.fromiter(map(_HOLD, vms), dtype=np.float64, count=n),
+            floor=ints(_FLOOR, vms),
         )
 
 
@@ -377,12 +388,14 @@ _TABLE_COLUMNS = (
     "committed",
     "above_target_s",
     "add_hold_s",
+    "floor",
 )
 _VM = attrgetter("vm")
 _SETTINGS = attrgetter("settings")
 _REPORT = attrgetter("report")
 _TIMER = attrgetter("above_target_s")
 _HOLD = attrgetter("add_hold_s")
+_FLOOR = attrgetter("floor_pages")
 _MINIMUM = attrgetter("minimum_pages")
 _MAXIMUM = attrgetter("maximum_pages")
 _BUFFER = attrgetter("buffer_percent")
@@ -450,6 +463,9 @@ def decide_table(host: HostMemory, c: VmTable, config: BalancerConfig | None = N
     # Without a report the VM is held where it is: its target is its demand (= assigned).
     target = target_pages(demand, np.where(has_report, c.buffer, 0), c.minimum, c.maximum)
     pressure = np.where(has_report, pressure_percent(demand, c.assigned), 0.0)
+    # No removal goes below the minimum, nor below the floor the guest last answered with.
+    floor = c.floor if c.floor is not None else np.zeros(n, dtype=np.int64)
+    lowest = np.maximum(c.minimum, floor)
 
     # What an add can deliver: the balloon, plus hot-add up to maximum guest-visible memory.
     room = np.maximum(c.maximum - c.assigned, 0)
@@ -483,12 +499,12 @@ def decide_table(host: HostMemory, c: VmTable, config: BalancerConfig | None = N
         grant = grant_need + _greedy(want - want_need, order, left)
         unmet = want_need - grant_need
         if unmet.any():
-            reclaim = _reclaim(c, need, unmet, pressure)
+            reclaim = _reclaim(c, need, unmet, pressure, lowest)
         # A grant too small to be worth an operation stays in the pool.
         grant = np.where((grant >= min_op) | (below_minimum & (grant > 0)), grant, 0)
 
     # Lazy trim: count the time above target; remove a step once the delay has passed.
-    over = c.assigned - target
+    over = c.assigned - np.maximum(target, floor)
     above = (over >= min_op) & has_report
     timer = np.where(above, c.above_target_s + config.tick_s, 0.0)
     due = above & (timer >= config.effective_remove_delay_s)
@@ -536,14 +552,15 @@ def decide_table(host: HostMemory, c: VmTable, config: BalancerConfig | None = N
     )
 
 
-def _reclaim(c: VmTable, need: _I64, unmet: _I64, pressure: _F64) -> _I64:
+def _reclaim(c: VmTable, need: _I64, unmet: _I64, pressure: _F64, lowest: _I64) -> _I64:
     """Pages to take back at once so that unmet demand can be met next tick: first every
     VM's buffer (lowest weight, then lowest pressure first), then demand memory of VMs with a
-    strictly lower weight than the VM in need, never below their minimum."""
+    strictly lower weight than the VM in need, never below their `lowest` (minimum, or the
+    guest's floor)."""
     n = len(unmet)
     total_unmet = int(unmet.sum())
     ascending = np.lexsort((np.arange(n), pressure, c.weight))
-    surplus = np.clip(c.assigned - np.maximum(need, c.minimum), 0, None)
+    surplus = np.clip(c.assigned - np.maximum(need, lowest), 0, None)
     take = _greedy(surplus, ascending, total_unmet)
     covered = int(take.sum())
     if covered >= total_unmet:
@@ -553,7 +570,7 @@ def _reclaim(c: VmTable, need: _I64, unmet: _I64, pressure: _F64) -> _I64:
     # Two pointers: needy VMs by descending weight, donors by ascending weight.
     needy = np.flatnonzero(unmet > 0)
     needy = needy[np.argsort(-c.weight[needy], kind="stable")]
-    demanded = np.minimum(c.assigned, need) - c.minimum
+    demanded = np.clip(np.minimum(c.assigned, need) - lowest, 0, None)
     donors = ascending[demanded[ascending] > 0]
     weight = c.weight.tolist()
     spare = demanded[donors].tolist()

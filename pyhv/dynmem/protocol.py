@@ -1,5 +1,10 @@
 """The Hyper-V Dynamic Memory protocol, byte for byte (reference/dynamic-memory-protocol.md).
 
+Types from 0x8000 are pyhv's extension, which Hyper-V's protocol does not have: the guest's
+free-page hints (FREE_PAGE_HINT and its response), what Linux's hv_balloon reports with the
+HvExtCallMemoryHeatHint hypercall instead; a guest sends them only to a host that set
+`free_page_hints` (bit 3) in its capabilities response (docs/dynamic-memory.md).
+
 Each message is declared once as a packed little-endian ctypes structure; `encode` and `decode`
 both come from that declaration. `decode` treats its input as hostile: it checks the header,
 the size for the type, and the range counts, and raises `DmDecodeError` saying what was wrong.
@@ -47,6 +52,10 @@ class MessageType(IntEnum):
     INFO_MESSAGE = 12
     MEM_HOT_REMOVE_REQUEST = 13
     MEM_HOT_REMOVE_RESPONSE = 14
+    #: pyhv's extension: ranges of whole free 2 MiB blocks the guest gives back (G->H) ...
+    FREE_PAGE_HINT = 0x8000
+    #: ... and the host's answer, once it has discarded them (H->G)
+    FREE_PAGE_HINT_RESPONSE = 0x8001
 
 
 _U64 = struct.Struct("<Q")
@@ -102,7 +111,8 @@ class DmCapabilitiesResponse(_S):
         ("is_accepted", u64, 1),
         ("hot_remove", u64, 1),
         ("suppress_pressure_reports", u64, 1),
-        ("reservedz", u64, 61),
+        ("free_page_hints", u64, 1),  # pyhv's extension: the host takes FREE_PAGE_HINT
+        ("reservedz", u64, 60),
     ]
 
 
@@ -188,6 +198,20 @@ class DmInfoMsg(_S):
     _fields_ = [("hdr", DmHeader), ("reserved", u32), ("info_size", u32)]
 
 
+class DmFreePageHint(_S):
+    """pyhv's extension. Followed by `range_count` DmMemPageRange: runs of whole free 2 MiB
+    blocks (start and count multiples of 512 pages), kept out of the guest's allocator until
+    the response."""
+
+    _fields_ = [("hdr", DmHeader), ("reservedz", u32), ("range_count", u32)]
+
+
+class DmFreePageHintResponse(_S):
+    """pyhv's extension: the pages the host discarded and the ranges it refused."""
+
+    _fields_ = [("hdr", DmHeader), ("discarded_pages", u32), ("refused_ranges", u32)]
+
+
 class DmInfoHeader(_S):
     _fields_ = [("type", u32), ("data_size", u32)]
 
@@ -212,6 +236,8 @@ for _cls, _size in [
     (DmHotRemoveResponse, 24),
     (DmInfoMsg, 16),
     (DmInfoHeader, 8),
+    (DmFreePageHint, 16),
+    (DmFreePageHintResponse, 16),
 ]:
     assert ctypes.sizeof(_cls) == _size, (_cls.__name__, ctypes.sizeof(_cls))
 assert DmStatus.page_file_writes.offset == 40 and DmStatus.io_diff.offset == 44
@@ -234,11 +260,14 @@ _BODY: dict[MessageType, type[_S]] = {
     MessageType.INFO_MESSAGE: DmInfoMsg,
     MessageType.MEM_HOT_REMOVE_REQUEST: DmHotRemove,
     MessageType.MEM_HOT_REMOVE_RESPONSE: DmHotRemoveResponse,
+    MessageType.FREE_PAGE_HINT: DmFreePageHint,
+    MessageType.FREE_PAGE_HINT_RESPONSE: DmFreePageHintResponse,
 }
 _WITH_RANGES = {
     MessageType.BALLOON_RESPONSE,
     MessageType.UNBALLOON_REQUEST,
     MessageType.MEM_HOT_REMOVE_RESPONSE,
+    MessageType.FREE_PAGE_HINT,
 }
 
 

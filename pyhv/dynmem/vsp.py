@@ -13,9 +13,21 @@ reached or cannot be (the guest is at its floor, hot-add is off, no answer in `o
 `goal_error` says why). A goal set while a transaction is in flight is taken up when it ends.
 `tick()` gives up a transaction the guest did not answer in time; nothing here runs a thread.
 
+After a timeout the VSP's books say what the host did, so they agree with the memory manager's:
+an unballoon the guest left unanswered gave the pages back all the same (the host reclaimed them
+before it asked, and a late guest may use them at any time), so they leave `ballooned` and wait
+in `unanswered` until a late response or a reset; a hot-add left unanswered mapped its region,
+so the range joins `ram`. A reset (reopened channel) empties both.
+
 The VSP does protocol bookkeeping only: it reports ballooned ranges to `on_ballooned` (the worker
 hands them to the memory manager to release); for the goal's steps it asks its owner to
 `reclaim` pages *before* they are unballooned and to `map_hot_add` a region before it is offered.
+
+Free-page hints (pyhv's extension, offered in the capabilities response): in any negotiated
+state the guest may name runs of whole free 2 MiB blocks; each range is checked (2 MiB-aligned,
+RAM of this partition, not ballooned, not named twice), a bad one is refused, logged and counted,
+the good ones go to `on_hinted` (the owner discards the memory behind them) and one response says
+how many pages were discarded and how many ranges refused.
 
 `save()` and `restore(state)` carry the VSP across a live migration: a :class:`DmVspState`,
 versioned, whose `restore` checks every value against this VSP's RAM and protocol before it
@@ -46,6 +58,8 @@ MAX_BALLOON_PAGES = 585_728
 #: Host messages waiting for room in the guest's ring beyond which a guest request that would
 #: queue another reply is refused: a guest that asks without reading cannot grow the outbox.
 MAX_UNREAD_REPLIES = 16
+#: A free-page hint names whole 2 MiB blocks (as Linux reports pages of order 9 and up).
+HINT_BLOCK_PAGES = 512
 #: Seconds the guest has to answer one transaction before the host gives up on it.
 DEFAULT_OP_TIMEOUT = 60.0
 MIB_PAGES = (1 << 20) // 4096
@@ -159,6 +173,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         on_hot_add_done: Callable[[PageRange, int, bool], object] = _noop,
         on_stop: Callable[[str], object] | None = None,
         on_reset: Callable[[list[PageRange]], object] = _noop,
+        on_hinted: Callable[[list[PageRange]], int] | None = None,
         reclaim: Callable[[list[PageRange]], object] = _no_host_memory,
         map_hot_add: Callable[[int, int], PageRange] = _no_host_memory,
         on_goal_done: Callable[[str | None], object] = _noop,
@@ -169,6 +184,9 @@ class DynamicMemoryVsp(Vsp[DmState]):
         super().__init__(name, DmState.VERSION, send, on_stop)
         self.ram = ram
         self.ballooned = RangeSet()
+        #: Pages of an unballoon the guest did not answer in time: the host backs them (it
+        #: reclaimed them first), the guest may or may not have taken them back yet.
+        self.unanswered = RangeSet()
         self.version: int | None = None
         self.caps: GuestCaps | None = None
         self.last_status: MemoryStatus | None = None
@@ -180,6 +198,8 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self._on_unballoon_done = on_unballoon_done
         self._on_hot_add_done = on_hot_add_done
         self._on_reset = on_reset
+        #: Free-page hints are offered only with an owner that discards the memory.
+        self._on_hinted = on_hinted
         self._trans_id = 0
         self._balloon_asked = 0
         self._balloon_got = 0
@@ -212,6 +232,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
             self.ballooned.remove(*r)
         held = list(self.ballooned)
         self.ballooned = RangeSet()
+        self.unanswered = RangeSet()  # the guest's balloon is gone: they are its own for sure
         self.hot_add_disabled = False
         self.version = None
         self.caps = None
@@ -346,8 +367,30 @@ class DynamicMemoryVsp(Vsp[DmState]):
         if self.state.waiting:
             what = self.operation or self.state.name
             self.counters["timeouts"] += 1
+            self._settle_unanswered()
             self._done(f"no answer in {self.state.name}")
             self._give_up(f"the guest did not answer ({what}) in {self.op_timeout} s")
+
+    def _settle_unanswered(self) -> None:
+        """The books after a transaction the guest left unanswered, as the host has done it:
+        an unballoon's pages were reclaimed before the request (the guest owns them whenever it
+        reads it), a hot-add's region was mapped before the offer."""
+        if self.state is DmState.UNBALLOON_WAIT:
+            for r in self._unballooning:
+                self.ballooned.remove(*r)
+                self.unanswered.add(*r)
+            self.counters["unanswered_unballoon_pages"] += sum(r.count for r in self._unballooning)
+            self._unballooning = []
+        elif self.state is DmState.HOT_ADD_WAIT and self._hot_add is not None:
+            if not self.ram.overlaps(*self._hot_add):
+                self.ram.add(*self._hot_add)
+            self.counters["unanswered_hot_add_pages"] += self._hot_add.count
+            self._hot_add = None
+
+    @property
+    def unballooning(self) -> list[PageRange]:
+        """The ranges of the unballoon in flight (the host has reclaimed them already)."""
+        return list(self._unballooning)
 
     @serialized
     def tick(self) -> None:
@@ -524,6 +567,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
             T.BALLOON_RESPONSE: self._balloon_response,
             T.UNBALLOON_RESPONSE: self._unballoon_response,
             T.MEM_HOT_ADD_RESPONSE: self._hot_add_response,
+            T.FREE_PAGE_HINT: self._free_page_hint,
         }.get(msg.type)
         if handler is None:
             self.refuse(f"{msg.type.name} is not a message the guest sends")
@@ -581,7 +625,12 @@ class DynamicMemoryVsp(Vsp[DmState]):
             b.min_page_cnt,
             b.max_page_number,
         )
-        body = p.DmCapabilitiesResponse(is_accepted=1, hot_remove=0, suppress_pressure_reports=0)
+        body = p.DmCapabilitiesResponse(
+            is_accepted=1,
+            hot_remove=0,
+            suppress_pressure_reports=0,
+            free_page_hints=int(self._on_hinted is not None),
+        )
         self.post(p.encode(T.CAPABILITIES_RESPONSE, body, trans_id=msg.trans_id))
         self.accepted()
         self._to(DmState.IDLE, f"capabilities {self.caps}")
@@ -614,6 +663,55 @@ class DynamicMemoryVsp(Vsp[DmState]):
         )
         self.accepted()
         self._on_status(self.last_status)
+
+    def _free_page_hint(self, msg: p.Message) -> None:
+        if self.state in (DmState.VERSION, DmState.CAPS):
+            return self._wrong_state(msg)
+        if self._on_hinted is None:
+            return self.refuse("FREE_PAGE_HINT, which this host did not offer")
+        if self.outbox_len >= MAX_UNREAD_REPLIES:
+            self.counters["unread_replies"] += 1
+            return self.refuse(
+                f"FREE_PAGE_HINT while {self.outbox_len} replies wait for the guest to read its ring"
+            )
+        good: list[PageRange] = []
+        named = RangeSet()
+        for r in msg.ranges:
+            why = self._bad_hint_range(r, named)
+            if why:
+                self.counters["hint_refused_ranges"] += 1
+                self.refuse(f"free-page hint {r.start:#x}+{r.count}: {why}")
+                continue
+            named.add(*r)
+            good.append(r)
+        discarded = 0
+        if good:
+            try:
+                discarded = self._on_hinted(good)
+            except Exception as e:  # noqa: BLE001 - the owner's failure: counted, answered
+                self.counters["hint_errors"] += 1
+                self.log.error("%s: discarding hinted pages failed: %s", self.name, e)
+        self.counters["hints"] += 1
+        self.counters["hinted_pages"] += discarded
+        if len(good) == len(msg.ranges):
+            self.accepted()
+        body = p.DmFreePageHintResponse(
+            discarded_pages=discarded, refused_ranges=len(msg.ranges) - len(good)
+        )
+        self.post(p.encode(T.FREE_PAGE_HINT_RESPONSE, body, trans_id=msg.trans_id))
+
+    def _bad_hint_range(self, r: PageRange, named: RangeSet) -> str:
+        if r.count == 0:
+            return "no pages"
+        if r.start % HINT_BLOCK_PAGES or r.count % HINT_BLOCK_PAGES:
+            return "not whole 2 MiB blocks"
+        if not self.ram.contains(*r):
+            return "not RAM of this partition"
+        if self.ballooned.overlaps(*r):
+            return "ballooned: the host holds those pages already"
+        if named.overlaps(*r):
+            return "named twice"
+        return ""
 
     def _balloon_response(self, msg: p.Message) -> None:
         if self.state is not DmState.BALLOON_WAIT:
@@ -659,6 +757,12 @@ class DynamicMemoryVsp(Vsp[DmState]):
         return ""
 
     def _unballoon_response(self, msg: p.Message) -> None:
+        if self.state is DmState.IDLE and self.unanswered.pages:
+            # the answer to an unballoon that timed out: the guest has those pages now
+            self.counters["late_unballoon_responses"] += 1
+            self.unanswered = RangeSet()
+            self.accepted()
+            return
         if self.state is not DmState.UNBALLOON_WAIT:
             return self._wrong_state(msg)
         done = self._unballooning

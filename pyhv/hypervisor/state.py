@@ -212,6 +212,10 @@ def check(p: Partition, st: PartitionState) -> None:
     for i, c in st.intercept_counters.items():
         if i not in p.vps:
             raise StateError(f"intercept counters of VP {i}, which partition {p.name!r} lacks")
+        if sorted(c) != sorted(COUNTER_NAMES):
+            raise StateError(
+                f"VP {i}: intercept counters {sorted(c)} are not {list(COUNTER_NAMES)}"
+            )
         for n in COUNTER_NAMES:
             if len(c[n]) > len(getattr(p.vps[i], n)) or any(x < 0 for x in c[n]):
                 raise StateError(f"VP {i}: intercept counters {n}={c[n]} do not fit")

@@ -186,9 +186,12 @@ class VirtualProcessor(RunLoop):
                 raise TimeoutError(f"VP {self.index} did not pause within {timeout} s")
 
     def resume(self) -> None:
+        """Run again; also cancels a pause asked for but not yet taken (a pause() that timed
+        out on a loaded host must not suspend the VP later with nobody left to resume it)."""
         with self._cond:
-            if self._state is VpState.PAUSED:
+            if self._request == "pause":
                 self._request = None
+            if self._state is VpState.PAUSED:
                 self._state = VpState.RUNNING
                 self._cond.notify_all()
 

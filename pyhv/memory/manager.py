@@ -9,6 +9,10 @@ tests: free + sum(assigned) == budget - reserve.
 `save(name)` gives a partition's layout as a versioned :class:`MemoryState` (hot-added regions,
 ballooned ranges); `restore(name, state)` recreates it for the same partition on another host,
 checked in full against that partition and the pool before anything is mapped or released.
+
+`discard(name, ranges)` takes the host memory away from pages the guest has freed and keeps
+(free-page hints): holes punched as for a balloon, but the pages stay assigned and visible, and
+a later guest write gets a fresh zero page.
 """
 
 from __future__ import annotations
@@ -213,6 +217,7 @@ class MemoryManager:
         self.partitions: dict[str, Partition] = {}
         self.released_pages = 0
         self.reclaimed_pages = 0
+        self.discarded_pages = 0
         self._lock = threading.Lock()
 
     def _take(self, pages: int, why: str) -> None:
@@ -304,6 +309,21 @@ class MemoryManager:
         except KeyError:
             raise MemoryManagerError(f"no partition {name!r}") from None
 
+    @staticmethod
+    def _guests_pages(
+        p: Partition, ranges: Iterable[PageRange | tuple[int, int]], refusal: str
+    ) -> RangeSet:
+        """The ranges as one set (neighbours merged: one fallocate per run), each checked: RAM
+        of the partition, not ballooned, not listed twice; MemoryManagerError + `refusal`."""
+        batch = RangeSet()
+        for r in ranges:
+            r = PageRange(*r)
+            p._split(r)  # refuses pages that are not RAM of the partition
+            if p.ballooned.overlaps(r.start, r.count) or batch.overlaps(r.start, r.count):
+                raise MemoryManagerError(f"pages {r.start:#x}+{r.count} of {p.name} {refusal}")
+            batch.add(r.start, r.count)
+        return batch
+
     def release(self, name: str, ranges: Iterable[PageRange | tuple[int, int]]) -> int:
         """Release the host memory behind ballooned guest pages and put it in the free pool.
 
@@ -312,16 +332,7 @@ class MemoryManager:
         """
         with self._lock:
             p = self._get(name)
-            batch = RangeSet()  # merges neighbours: one fallocate per contiguous run
-            for r in ranges:
-                r = PageRange(*r)
-                p._split(r)  # refuses pages that are not RAM of the partition
-                if p.ballooned.overlaps(r.start, r.count) or batch.overlaps(r.start, r.count):
-                    raise MemoryManagerError(
-                        f"pages {r.start:#x}+{r.count} of {name} are already released: "
-                        "a page is released once"
-                    )
-                batch.add(r.start, r.count)
+            batch = self._guests_pages(p, ranges, "are already released: a page is released once")
             for run in batch:
                 for reg, first, n in p._split(run):
                     punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
@@ -329,6 +340,21 @@ class MemoryManager:
                     if reg is not p.smart_paging:  # the file's pages were never the pool's
                         self.free_pages += n
             self.released_pages += batch.pages
+            return batch.pages
+
+    def discard(self, name: str, ranges: Iterable[PageRange | tuple[int, int]]) -> int:
+        """Free the host memory behind pages the guest freed and keeps (a free-page hint): they
+        stay assigned (no pool change) and read as zeros. Every range must be RAM of the
+        partition and not ballooned (checked for all before any is discarded). Returns pages."""
+        with self._lock:
+            p = self._get(name)
+            batch = self._guests_pages(
+                p, ranges, "are ballooned or named twice: only the guest's own pages are discarded"
+            )
+            for run in batch:
+                for reg, first, n in p._split(run):
+                    punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
+            self.discarded_pages += batch.pages
             return batch.pages
 
     def reclaim(self, name: str, ranges: Iterable[PageRange | tuple[int, int]]) -> int:

@@ -95,6 +95,22 @@ class RangeSet:
             self._ends.insert(i + 1, e)
         self.pages -= count
 
+    def difference(self, other: RangeSet) -> list[PageRange]:
+        """The pages of this set that are not in `other`, as ranges."""
+        out: list[PageRange] = []
+        for s, e in zip(self._starts, self._ends, strict=True):
+            i = max(0, bisect.bisect_right(other._starts, s) - 1)
+            while s < e:
+                while i < len(other._starts) and other._ends[i] <= s:
+                    i += 1
+                if i == len(other._starts) or other._starts[i] >= e:
+                    out.append(PageRange(s, e - s))
+                    break
+                if other._starts[i] > s:
+                    out.append(PageRange(s, other._starts[i] - s))
+                s = other._ends[i]
+        return out
+
     def take(self, pages: int) -> list[PageRange]:
         """Remove and return up to `pages` pages, highest addresses first."""
         out: list[PageRange] = []

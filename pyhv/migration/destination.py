@@ -40,6 +40,8 @@ from pyhv.migration.stream import (
 from pyhv.migration.tracing import trace_phase
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pyhv.hypervisor.memory import MemoryRegion
     from pyhv.worker.vm import VirtualMachine
 
@@ -90,6 +92,9 @@ class Incoming:
         self.parts: dict[str, float] = {}
         self._t_state = 0.0
         self._commit_reader: threading.Thread | None = None
+        #: Called once the VM is committed here, before its VPs run; raising keeps them parked
+        #: and fails the arrival (the worker's owner confirming the VM: pyhv.migration.worker).
+        self.gate: Callable[[], None] | None = None
         self.dynmem_layout: dict[str, Any] | None = None
         self._populater = _Populater()
 
@@ -188,8 +193,12 @@ class Incoming:
                 self.parts["commit_wait"] = round((self.t_commit - t) * 1000, 3)
                 self._typed(vm, commit)
             else:
-                _source_still_there(fs)
                 self.t_commit = t  # the STATE frame committed
+            if self.gate is not None:
+                self.gate()
+                self.parts["gate"] = round((time.monotonic() - self.t_commit) * 1000, 3)
+            if not self.two_phase:
+                _source_still_there(fs)
             vm.run_incoming()  # the VPs are parked, their state in place: only woken
             trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
         except BaseException as e:

@@ -142,3 +142,5 @@ def decode(payload: bytes, kind: type[Any], frame: str) -> Any:
         if "$.regions" in why or "RAM region" in why:
             why += " (a RAM region is [gpa, size] with a page-aligned gpa >= 0 and size > 0)"
         raise FrameError(f"the {frame} frame is refused: {why}") from None
+    except RecursionError:  # msgspec recurses per nesting level: "[[[[..." of a few KiB
+        raise FrameError(f"the {frame} frame is refused: JSON nested too deeply") from None

@@ -67,6 +67,10 @@ class VmState:
             d = msgspec.json.decode(raw, type=StateFrame)
         except msgspec.DecodeError as e:
             raise MigrationError(f"the VM state frame is malformed: {e}", "state") from None
+        except RecursionError:  # msgspec recurses per nesting level: "[[[[..." of a few KiB
+            raise MigrationError(
+                "the VM state frame is malformed: JSON nested too deeply", "state"
+            ) from None
         if d.version != STATE_VERSION:
             raise MigrationError(
                 f"VM state version {d.version!r} is not {STATE_VERSION}: "

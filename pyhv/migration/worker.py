@@ -18,6 +18,7 @@ On the owner's side, :class:`IncomingWorker` starts a destination worker and
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -42,17 +43,84 @@ Send = Callable[[Any], None]
 # --- inside the worker process ------------------------------------------------------------
 
 
+class OwnerGuard:
+    """A destination worker's owner, as the arrival sees it (``Incoming`` with ``confirm``):
+    the VM resumes here only once the owner said Resume; the owner's going away (or Stop)
+    before that aborts the arrival at once, whatever phase it is in."""
+
+    def __init__(self) -> None:
+        self._decided = threading.Event()
+        self._lock = threading.Lock()
+        self.why = ""
+        self._sockets: list[Any] = []
+
+    def watch(self, sock: Any) -> None:
+        """Shut `sock` down (waking whoever waits on it) if the owner goes away."""
+        with self._lock:
+            self._sockets.append(sock)
+            gone = bool(self.why)
+        if gone:
+            _shut(sock)
+
+    def resume(self) -> None:
+        self._decided.set()
+
+    def abort(self, why: str) -> None:
+        with self._lock:
+            self.why = why
+            sockets = list(self._sockets)
+        self._decided.set()
+        for sock in sockets:
+            _shut(sock)
+
+    def confirmed(self, timeout: float) -> bool:
+        """Wait for the owner's word: True to resume, False (``why`` says) not to."""
+        if not self._decided.wait(timeout):
+            self.abort(f"its owner did not confirm the VM within {timeout:g} s")
+        return not self.why
+
+
+def _shut(sock: Any) -> None:
+    import socket
+
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class WorkerIncoming:
     """The destination's hooks as the worker's serve() uses them."""
 
-    def __init__(self, incoming: Incoming, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        incoming: Incoming,
+        config: dict[str, Any],
+        guard: OwnerGuard | None = None,
+        send: Send | None = None,
+    ) -> None:
         self.incoming = incoming
         self.config = config
         self.vm: VirtualMachine | None = None
+        self.guard = guard
+        self._send = send
 
     def receive(self, vm: VirtualMachine) -> None:
         self.vm = vm
+        if self.guard is not None and self._send is not None:
+            self.incoming.gate = self._confirm  # between the commit and the VPs running
         self.incoming.receive(vm)
+
+    def _confirm(self) -> None:
+        assert self.guard is not None and self._send is not None
+        # Committed: the VM is whole here, paused. It resumes only once the owner has made
+        # it its own (durably); without that word the source keeps it (in doubt: it asks).
+        # This round trip to the owner is inside the pause (docs/migration.md).
+        self._send(m.Committed(self.config))
+        if not self.guard.confirmed(self.incoming.timeout):
+            err = MigrationError(f"not resumed here: {self.guard.why}", "commit")
+            self.incoming.fail(err)
+            raise err
 
     def resumed(self, send: Send) -> None:
         vm = self.vm
@@ -65,9 +133,12 @@ def _ended(send: Send, detail: str) -> None:
     send(m.Ended(m.EndReport.of(VmEnd(WORKER_ERROR, detail=detail))))
 
 
-def accept_incoming(first: m.Incoming, send: Send) -> tuple[WorkerIncoming | None, m.Boot]:
+def accept_incoming(
+    first: m.Incoming, send: Send, guard: OwnerGuard | None = None
+) -> tuple[WorkerIncoming | None, m.Boot]:
     """Listen, report the port, take one source up to its configuration. Returns the hooks and
-    the boot message to go on with, or (None, an empty Boot) after reporting the failure."""
+    the boot message to go on with, or (None, an empty Boot) after reporting the failure. With
+    `guard`, the owner's going away aborts it wherever it is."""
     from pyhv.worker.config import ConfigError, VmConfig
 
     nothing = m.Boot({}, m.PROTOCOL_VERSION)
@@ -76,6 +147,8 @@ def accept_incoming(first: m.Incoming, send: Send) -> tuple[WorkerIncoming | Non
     except (MigrationError, OSError, ValueError) as e:
         _ended(send, f"incoming migration: cannot listen: {e}")
         return None, nothing
+    if guard is not None:
+        guard.watch(lst)
     bound = lst.getsockname()
     send(m.Listening(bound[0], bound[1]))
     try:
@@ -93,6 +166,9 @@ def accept_incoming(first: m.Incoming, send: Send) -> tuple[WorkerIncoming | Non
         return None, nothing
     try:
         config = inc.accept()
+        if guard is not None:
+            assert inc.fs is not None
+            guard.watch(inc.fs.sock)
         if first.image is not None:  # the owner's own file, whatever path the source sent
             config["image"] = first.image
         config["page_file"] = first.page_file or ""  # a file of this host, never the source's
@@ -105,12 +181,25 @@ def accept_incoming(first: m.Incoming, send: Send) -> tuple[WorkerIncoming | Non
     except Exception as e:  # noqa: BLE001 - reported to the owner, who decides
         _ended(send, f"incoming migration failed: {e}")
         return None, nothing
-    return WorkerIncoming(inc, config), m.Boot(config, m.PROTOCOL_VERSION)
+    boot = m.Boot(config, m.PROTOCOL_VERSION, adoption_secret=first.adoption_secret)
+    return WorkerIncoming(inc, config, guard, send), boot
 
 
 _busy = threading.Lock()
 #: Migrations in doubt, waiting for the owner's decision: id -> (event, [decision]).
 _decisions: dict[int, tuple[threading.Event, list[str]]] = {}
+#: The outgoing migration in flight (its id), for a new owner (pyhv.worker.adoption).
+_current: list[int] = []
+
+
+def in_flight() -> tuple[int | None, bool]:
+    """(the id of the outgoing migration in flight or None, whether it waits in doubt)."""
+    mid = _current[0] if _current else None
+    waiting = mid is not None and mid in _decisions and _doubtful.get(mid, False)
+    return mid, waiting
+
+
+_doubtful: dict[int, bool] = {}
 
 
 def _await_decision(vm: VirtualMachine, mid: int) -> str:
@@ -149,8 +238,10 @@ def start_migration(vm: VirtualMachine, msg: m.Migrate | m.MigrationDecision, se
                 on_progress=lambda p: send(m.MigrationProgress(mid, p)),
             )
             _decisions[mid] = (threading.Event(), [])
+            _current[:] = [mid]
             result = src.run()
         except MigrationInDoubt as e:
+            _doubtful[mid] = True
             send(m.MigrationFailed(mid, str(e), e.phase, in_doubt=True))
             if _await_decision(vm, mid) == "resume":
                 src.resume_here()
@@ -165,6 +256,8 @@ def start_migration(vm: VirtualMachine, msg: m.Migrate | m.MigrationDecision, se
             src.clean_up()
         finally:
             _decisions.pop(mid, None)
+            _doubtful.pop(mid, None)
+            _current.clear()
             _busy.release()
 
     threading.Thread(target=run, name="migration-source", daemon=True).start()
@@ -189,6 +282,7 @@ class IncomingWorker(WorkerProcess):
         config: VmConfig | None = None,
         image: str | None = None,
         page_file: str | None = None,
+        confirm: bool = False,
     ) -> None:
         super().__init__(config, output)  # type: ignore[arg-type]  # known once migrated in
         self._request = m.Incoming(
@@ -201,7 +295,12 @@ class IncomingWorker(WorkerProcess):
             faults=faults or {},
             image=image,
             page_file=page_file,
+            confirm=confirm,
         )
+        #: With `confirm`: called (on the reader thread) with the arrived VM's configuration
+        #: once the source committed; True lets the worker resume (the owner recorded the VM
+        #: as its own), False stops it (the source keeps the VM). Default: resume.
+        self.on_committed: Callable[[dict[str, Any]], bool] = lambda config: True
         self.address: tuple[str, int] | None = None
         self.migrated: dict[str, Any] | None = None
         self._listening = threading.Event()
@@ -209,12 +308,21 @@ class IncomingWorker(WorkerProcess):
         self.listeners.append(self._event)
 
     def _first_message(self) -> m.Incoming:
-        return self._request
+        if self.adoption is None:
+            return self._request
+        return msgspec.structs.replace(self._request, adoption_secret=self.adoption[1])
 
     def _event(self, msg: m.Event) -> None:
         if isinstance(msg, m.Listening):
             self.address = (msg.host, msg.port)
             self._listening.set()
+        elif isinstance(msg, m.Committed):
+            try:
+                go = self.on_committed(msg.config)
+            except Exception:  # noqa: BLE001 - not confirmed: the source keeps the VM
+                logging.getLogger(__name__).exception("confirming the arrived VM failed")
+                go = False
+            self._send(m.Resume() if go else m.Stop("its owner could not record it"))
         elif isinstance(msg, m.MigratedIn):
             from pyhv.worker.config import VmConfig
 

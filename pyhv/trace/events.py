@@ -176,6 +176,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
 KINDS = tuple(k for k in EVENT_TYPES if k != "dropped")
 
 
+#: The latest event time read (year 2242): a time.time() any host's clock gives, which
+#: time.localtime can show.
+MAX_TIME = 1 << 33
+
+
 def _fits(annotation: str, v: Any) -> bool:
     if annotation == "int":
         return isinstance(v, int) and not isinstance(v, bool)
@@ -218,6 +223,9 @@ def event_from_wire(d: object) -> Event:
         if not _fits(str(f.type), v):
             raise TraceError(f"{kind} event field {f.name}={v!r:.60} is not a {f.type}")
         values[f.name] = v
+    t = values["t"]
+    if not 0 <= t <= MAX_TIME:  # NaN too; line() could not show it (time.localtime overflows)
+        raise TraceError(f"{kind} event time t={t!r:.60} is not a time.time() in 0..{MAX_TIME}")
     return cls(**values)
 
 

@@ -32,7 +32,16 @@ from starlette.routing import Route
 
 from pyhv.counters.registry import CounterSet
 from pyhv.vmms import bodies
-from pyhv.vmms.auth import ADMIN, CHART, COOKIE, COOKIE_TTL, MIGRATE, Authenticator, AuthError
+from pyhv.vmms.auth import (
+    ADMIN,
+    CHART,
+    CLUSTER,
+    COOKIE,
+    COOKIE_TTL,
+    MIGRATE,
+    Authenticator,
+    AuthError,
+)
 from pyhv.vmms.openapi import openapi
 from pyhv.vmms.outqueue import BoundedOutput
 from pyhv.vmms.service import Vmms, VmmsError
@@ -162,7 +171,7 @@ class Call:
             )
         try:
             value = json.loads(raw, parse_constant=_no_constants)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deeply
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
         if not isinstance(value, dict):
             raise ApiError(400, f"the body must be a JSON object, not {type(value).__name__}")
@@ -239,6 +248,9 @@ _SCOPE_WORDS = {
     MIGRATE: "the migration token may only bring a VM in (POST /api/migrations/incoming, "
     "GET or DELETE /api/migrations/{id} of an incoming migration): use the admin token "
     "(file 'token') for this",
+    CLUSTER: "the cluster token only places VMs here (POST /api/vms, POST /api/vms/{name}/start, "
+    "POST /api/vms/{name}/migrate and GET /api/migrations/{id}): use the admin token (file "
+    "'token') for this",
     CHART: "the chart page's cookie only reads the counters: use the admin token for this",
 }
 
@@ -433,9 +445,22 @@ def _list(c: Call) -> Any:
     return {"vms": c.vmms.list()}
 
 
-@route("/api/vms", "POST")
+def _peer_may(c: Call, vm: str, destination: str | None = None) -> None:
+    """The cluster token acts only on the VMs the cluster gives this host, and moves them only
+    to its hosts: the cluster agent's `peer_guard` (pyhv.cluster.membership) says, 403 if not."""
+    if c.who != CLUSTER:
+        return
+    guard = getattr(c.vmms, "peer_guard", None)
+    if guard is None:
+        raise ApiError(403, "this VMMS is in no cluster: the cluster token places nothing here")
+    guard(vm, destination)
+
+
+@route("/api/vms", "POST", scopes=(ADMIN, CLUSTER))
 def _create(c: Call) -> Any:
-    return Created(c.vmms.create(bodies.given(c.body(bodies.Settings))))
+    settings = c.body(bodies.Settings)
+    _peer_may(c, settings.name)
+    return Created(c.vmms.create(bodies.given(settings)))
 
 
 @route("/api/vms/{name}", "GET")
@@ -453,8 +478,9 @@ def _delete(c: Call) -> None:
     c.vmms.delete(c.params["name"])
 
 
-@route("/api/vms/{name}/start", "POST")
+@route("/api/vms/{name}/start", "POST", scopes=(ADMIN, CLUSTER))
 def _start(c: Call) -> Any:
+    _peer_may(c, c.params["name"])
     if c.body(bodies.Start, required=False).restart:
         return c.vmms.restart(c.params["name"])
     return c.vmms.start(c.params["name"])
@@ -478,11 +504,11 @@ def _memory_target(c: Call) -> Any:
     return {"name": c.params["name"], "target": body.target, "accepted": True}
 
 
-@route("/api/vms/{name}/migrate", "POST")
+@route("/api/vms/{name}/migrate", "POST", scopes=(ADMIN, CLUSTER))
 def _migrate(c: Call) -> Any:
-    return Accepted(
-        c.vmms.migrations.start(c.params["name"], bodies.given(c.body(bodies.MigrateRequest)))
-    )
+    request = c.body(bodies.MigrateRequest)
+    _peer_may(c, c.params["name"], request.destination)
+    return Accepted(c.vmms.migrations.start(c.params["name"], bodies.given(request)))
 
 
 @route("/api/migrations", "GET")
@@ -499,7 +525,7 @@ def _incoming(c: Call) -> Any:
     return Created(answer)
 
 
-@route("/api/migrations/{id}", "GET", scopes=(ADMIN, MIGRATE))
+@route("/api/migrations/{id}", "GET", scopes=(ADMIN, MIGRATE, CLUSTER))
 def _migration(c: Call) -> Any:
     rec = c.vmms.migrations.get(c.params["id"])
     if c.who == MIGRATE and rec["direction"] != "incoming":

@@ -1,11 +1,14 @@
 """Who an API request over TCP comes from: a bearer token in the ``Authorization`` header (the
-admin token, or a migration token that can only bring a VM in), or the chart page's short-lived
+admin token, a migration token that can only bring a VM in, or a cluster token that can only
+place a VM here), or the chart page's short-lived
 cookie, got by exchanging a one-time code. Tokens in URLs are refused: URLs end up in logs,
 shell history and browser history. The Unix socket needs none of this: its file permissions
 admit only its owner (pyhv.vmms.server).
 
 Scopes: ``admin`` may do everything; ``migrate`` only what the destination side of a live
-migration needs (pyhv.vmms.api lists those routes); ``chart`` only reads the counters for the
+migration needs (pyhv.vmms.api lists those routes); ``cluster`` only what the cluster's
+placement, HA restart and balancer moves need from a peer host (create a VM, start it, migrate
+it out and follow that migration: not delete, not stop, not the console); ``chart`` only reads the counters for the
 chart page."""
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from pathlib import Path
 
 from pyhv.vmms.store import write_atomically
 
-ADMIN, MIGRATE, CHART = "admin", "migrate", "chart"
-SCOPES = (ADMIN, MIGRATE, CHART)
+ADMIN, MIGRATE, CLUSTER, CHART = "admin", "migrate", "cluster", "chart"
+SCOPES = (ADMIN, MIGRATE, CLUSTER, CHART)
 
 #: The chart page's cookie.
 COOKIE = "pyhv_chart"
@@ -32,7 +35,7 @@ COOKIE_TTL = 3600.0
 MAX_CODES = 64
 MAX_SESSIONS = 256
 
-_TOKEN_FILES = {ADMIN: "token", MIGRATE: "migration-token"}
+_TOKEN_FILES = {ADMIN: "token", MIGRATE: "migration-token", CLUSTER: "cluster-token"}
 
 
 class AuthError(Exception):
@@ -44,7 +47,8 @@ class AuthError(Exception):
 
 
 def token_path(state_dir: Path, scope: str) -> Path:
-    """Where `pyhv vmms serve` keeps the token of `scope` (``token``, ``migration-token``)."""
+    """Where `pyhv vmms serve` keeps the token of `scope` (``token``, ``migration-token``,
+    ``cluster-token``)."""
     return Path(state_dir) / _TOKEN_FILES[scope]
 
 
@@ -80,10 +84,14 @@ def _same(a: str, b: str) -> bool:
 class Authenticator:
     """The tokens of one VMMS's TCP API, and the chart page's codes and cookies."""
 
-    def __init__(self, admin: str, migrate: str) -> None:
+    def __init__(self, admin: str, migrate: str, cluster: str | None = None) -> None:
         if _same(admin, migrate):
             raise AuthError(0, "the migration token must differ from the admin token")
+        if cluster is not None and (_same(cluster, admin) or _same(cluster, migrate)):
+            raise AuthError(0, "the cluster token must differ from the admin and migration tokens")
         self._tokens = {ADMIN: admin, MIGRATE: migrate}
+        if cluster is not None:
+            self._tokens[CLUSTER] = cluster
         self._lock = threading.Lock()
         self._codes: OrderedDict[str, float] = OrderedDict()  # code -> expiry (monotonic)
         self._sessions: OrderedDict[str, float] = OrderedDict()  # cookie -> expiry
@@ -103,7 +111,8 @@ class Authenticator:
             raise AuthError(
                 401,
                 "a wrong bearer token: send 'Authorization: Bearer <token>' with a token this "
-                "VMMS wrote to its state directory ('token', or 'migration-token' for migrations)",
+                "VMMS wrote to its state directory ('token'; 'migration-token' for migrations, "
+                "'cluster-token' for the cluster's placement)",
             )
         cookie = cookies.get(COOKIE)
         if cookie:

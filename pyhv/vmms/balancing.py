@@ -3,6 +3,10 @@ latest memory status (pushed by its worker, kept by the pool: no request to any 
 the balancer's state, call `decide`, send each operation to its worker as a memory target, and
 record the counters.
 
+A removal the guest answers short (it is at its floor: it keeps enough memory to run) leaves the
+VM's assigned memory as its *floor*: the balancer asks nothing below it again until the VM's
+demand changes (as Hyper-V takes the guest's floor into account), instead of asking every tick.
+
 A worker is reached through a small interface (:class:`DynamicMemoryWorker`): "move this VM's
 memory to N pages" (the worker balloons, or unballoons first and hot-adds the rest, as the book
 says). A target is idempotent, so a lost or repeated request does no harm; tests drive the loop
@@ -78,6 +82,10 @@ class _Tracked:
     #: The pool's count of the VM's statuses when the worker took the target: only a later
     #: status can say whether the target was reached.
     received_at_dispatch: int = 0
+    #: Assigned pages at which the guest last answered a removal short (0: none), and the
+    #: demand it reported then: the floor holds until the demand moves.
+    floor: int = 0
+    floor_demand: int | None = None
 
 
 class BalancerLoop:
@@ -162,6 +170,7 @@ class BalancerLoop:
             tr = self._tracked.setdefault(name, _Tracked())
             tr.committed_seen = status.committed_pages
             self._complete(name, tr, status)
+            self._check_floor(name, tr, status)
             state = VmMemoryState(
                 name,
                 settings,
@@ -171,6 +180,7 @@ class BalancerLoop:
                 report=status,
                 above_target_s=tr.above_target_s,
                 add_hold_s=tr.add_hold_s,
+                floor_pages=tr.floor,
             )
             rest = self._remaining(state, tr)
             if rest is not None:
@@ -210,7 +220,17 @@ class BalancerLoop:
         if not reached and (status.busy or not news) and tr.ticks < self._pending_ticks:
             return
         moved = abs(status.assigned_pages - tr.dispatched_from)
-        if status.assigned_pages != tr.target:
+        if isinstance(tr.pending, Remove) and status.assigned_pages > tr.target and not status.busy:
+            # the guest gave what it could: it is at its floor
+            tr.floor, tr.floor_demand = status.assigned_pages, status.committed_pages
+            log.info(
+                "VM %s stopped at its floor of %d pages (target %d): no removal below it until "
+                "its demand changes",
+                name,
+                status.assigned_pages,
+                tr.target,
+            )
+        elif status.assigned_pages != tr.target:
             log.warning(
                 "VM %s reached %d of target %d pages: the balancer decides again",
                 name,
@@ -220,6 +240,23 @@ class BalancerLoop:
         if moved and self.counters is not None:
             self.counters.record_operation(tr.pending._replace(pages=moved))
         tr.pending = None
+
+    def _check_floor(self, name: str, tr: _Tracked, status: MemoryStatus) -> None:
+        """The guest's floor holds while its demand stays where it was (by less than an
+        operation) and the VM still has that memory; then it is forgotten."""
+        if not tr.floor:
+            return
+        demand = status.committed_pages
+        moved = (
+            demand is None
+            or tr.floor_demand is None
+            or abs(demand - tr.floor_demand) >= self.config.min_operation_pages
+        )
+        if moved or status.assigned_pages < tr.floor:
+            log.info(
+                "VM %s: its status changed: its floor of %d pages is forgotten", name, tr.floor
+            )
+            tr.floor, tr.floor_demand = 0, None
 
     @staticmethod
     def _remaining(state: VmMemoryState, tr: _Tracked) -> Operation | None:

@@ -309,6 +309,10 @@ def decode(value: object, kind: type[Any]) -> Any:
         return msgspec.convert(value, kind, strict=True)
     except msgspec.ValidationError as e:
         raise BodyError(f"the body is not a {kind.__name__}: {describe_error(e)}") from None
+    except UnicodeError as e:  # JSON text may hold a lone surrogate ("\ud800"), not UTF-8
+        raise BodyError(
+            f"the body is not a {kind.__name__}: text that is not Unicode: {e}"
+        ) from None
 
 
 def given(body: Struct) -> dict[str, Any]:

@@ -154,6 +154,18 @@ class Migration:
         }
 
 
+def exit_point_for_tests(point: str) -> None:
+    """Test-only: a VMMS started with PYHV_TEST_VMMS_EXIT=POINT dies here at once, as a kill -9
+    would (``prepare``: the incoming worker listens, the source not yet answered;
+    ``committed``: the arrived VM recorded, its worker not yet told to resume; ``resumed``:
+    just after). Never set outside the test suite."""
+    import os
+
+    if os.environ.get("PYHV_TEST_VMMS_EXIT") == point:
+        log.warning("PYHV_TEST_VMMS_EXIT=%s: exiting now", point)
+        os._exit(9)
+
+
 def check_destination(text: object) -> str:
     """'HOST:PORT' of the destination VMMS's TCP API."""
     from pyhv.vmms.inventory import VmmsError
@@ -297,16 +309,19 @@ class Migrations:
                 accept_timeout=self.accept_timeout,
                 image=image,
                 page_file=vmms.page_file(name) if settings.page_file_size else None,
+                confirm=True,
             )
             vm.worker = worker
             vmms._subscribe(name, worker)
             vmms.jail_incoming(vm, worker, needed)
+            vmms.adoptable_incoming(vm, worker, rec.id)
             worker.start()
             host, port = worker.wait_listening(15.0)
         except Exception as e:  # noqa: BLE001 - the entry goes, the source is told why
             self._drop_incoming(vm, rec, f"the incoming worker did not start: {e}")
             raise Conflict(f"the destination cannot take VM {name!r}: {e}") from None
         log.info("VM %s: incoming migration %s listens on %s:%s", name, rec.id, host, port)
+        exit_point_for_tests("prepare")
         self._spawn(self._watch_incoming, vm, rec, worker, name=f"incoming-{name}")
         return {"id": rec.id, "vm": name, "host": host, "port": port, "token": token}
 
@@ -327,6 +342,8 @@ class Migrations:
             rec.result = {k: info.get(k) for k in ("source", "passes", "pages")}
             # From now on an ordinary worker of this VMMS; a failed save is the record's error.
             self._end(rec, RUNNING, self.vmms.adopt(vm, worker))
+        exit_point_for_tests("resumed")
+        self.vmms.runs.update(vm.settings.name, incoming="")  # it ran here
         log.info(
             "VM %s arrived from %s and runs here (worker pid %s)",
             vm.settings.name,
@@ -348,6 +365,60 @@ class Migrations:
             if rec.state not in FINAL:
                 self._end(rec, FAILED, why)
         log.info("incoming migration %s of %s failed: %s", rec.id, vm.settings.name, why)
+
+    # --- after a VMMS restart (pyhv.vmms.adoption) ---------------------------------------
+
+    def arrived_before_restart(self, mid: str, name: str) -> None:
+        """An adopted worker arrived by incoming migration `mid` under the previous VMMS: the
+        source may still ask about it (in doubt), so the record says it runs here."""
+        with self._lock:
+            rec = Migration(mid, "incoming", name, "", RUNNING)
+            rec.ended = time.time()
+            rec.error = "arrived under the previous VMMS, which went away; adopted here"
+            self._records[mid] = rec
+            self._forget_old()
+
+    def outgoing_before_restart(
+        self, vm: VmEntry, worker: Any, wid: int | None, state: str
+    ) -> None:
+        """An adopted worker was migrating its VM away when the previous VMMS went: the VM
+        stays "migrating" here until the worker says how it ended (migrated: forgotten here;
+        failed: it runs on). One whose migration waits in doubt stays paused until settled."""
+        from pyhv.vmms.inventory import PAUSED
+        from pyhv.worker import messages as m
+
+        name = vm.settings.name
+        with self._lock:
+            rec = self._new("outgoing", name, "(unknown: begun by the previous VMMS)", MIGRATING)
+            rec.error = "begun by the previous VMMS, which went away; its worker carried on"
+            self.vmms.mark_migrating(vm, rec.id)
+            if state == "paused" and wid is not None:
+                why = (
+                    "its migration was in doubt when the previous VMMS went away: check the "
+                    "destination, then settle it: POST "
+                    f'/api/migrations/{rec.id}/resolve with {{"resume": false}} if it runs '
+                    "there, true if it does not"
+                )
+                self.vmms.end_migration(vm, worker=worker, state=PAUSED, reason=why)
+                self._end(rec, IN_DOUBT, why)
+                self._doubts[rec.id] = (vm, worker, wid)
+                return
+
+        def on_event(msg: Any) -> None:
+            if isinstance(msg, m.MigrationDone) and msg.id == wid:
+                rec.result = msg.result
+                self._spawn(self._gone, vm, rec, worker, name=f"migrated-{name}")
+            elif isinstance(msg, m.MigrationFailed) and msg.id == wid:
+                if msg.in_doubt:  # no destination VMMS known here to ask: the operator
+                    with self._lock:
+                        why = f"{msg.error}: in doubt; settle it (POST .../resolve)"
+                        self.vmms.end_migration(vm, worker=worker, state=PAUSED, reason=why)
+                        self._end(rec, IN_DOUBT, why)
+                        self._doubts[rec.id] = (vm, worker, wid)
+                else:
+                    self._fail(vm, rec, msg.error)
+
+        worker.listeners.append(on_event)
 
     def resolve(self, mid: str, body: Mapping[str, object]) -> dict[str, Any]:
         """The administrator settles a migration in doubt: resume the VM here (it does not run

@@ -52,7 +52,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "TCP only: missing or wrong bearer token (in the Authorization header; ?token= "
         "is refused)",
         403: "TCP only: a token whose scope may not do this (the migration token only brings "
-        "VMs in)",
+        "VMs in, the cluster token only places them)",
         408: "the body did not arrive in time",
         404: "no such VM or resource",
         405: "method not allowed here",
@@ -76,9 +76,11 @@ def openapi() -> dict[str, Any]:
                 "configuration, starting and stopping VMs (one worker process each), Dynamic "
                 "Memory, counters. Over a Unix socket (its file permissions admit its owner) or "
                 "TCP (TLS with client certificates beyond loopback) with 'Authorization: Bearer "
-                "<token>': the admin token, or the migration token, which may only bring a VM in "
+                "<token>': the admin token; the migration token, which may only bring a VM in "
                 "(POST /api/migrations/incoming, GET and DELETE /api/migrations/{id} of an "
-                "incoming migration). Tokens in URLs are refused."
+                "incoming migration); or the cluster token, which may only place VMs (POST "
+                "/api/vms, POST /api/vms/{name}/start and /migrate, GET /api/migrations/{id}). "
+                "Tokens in URLs are refused."
             ),
         },
         "components": {

@@ -72,6 +72,13 @@ class HostPool:
             self._vms[name] = _Held(pages)
             self._note_peak()
 
+    def readmit(self, name: str, assigned_bytes: int) -> None:
+        """A running VM a restarted VMMS adopted: what it holds counts, whatever is free (it
+        holds it already; a smaller budget now leaves the pool short, not the VM)."""
+        with self._lock:
+            self._vms[name] = _Held(-(-assigned_bytes // PAGE_SIZE))
+            self._note_peak()
+
     def record(self, name: str, status: MemoryStatus) -> bool:
         """The latest memory status pushed by the VM's worker; False if the VM is not held
         (it ended meanwhile) and the status was dropped."""

@@ -29,6 +29,7 @@ from pyhv.counters.registry import CounterSet
 from pyhv.vmms.api import ApiState, make_app
 from pyhv.vmms.auth import (
     ADMIN,
+    CLUSTER,
     MIGRATE,
     Authenticator,
     load_or_make_token,
@@ -211,7 +212,9 @@ class ApiServers:
                     migrate = read_token(migration_token_file, "the migration token")
                 else:
                     migrate = load_or_make_token(token_path(state_dir, MIGRATE))
-                auth = Authenticator(admin, migrate)
+                # The cluster's peers place VMs here with this one (pyhv.cluster.provision).
+                cluster = load_or_make_token(token_path(state_dir, CLUSTER))
+                auth = Authenticator(admin, migrate, cluster)
             except Exception as e:
                 raise ServeError(str(e)) from None
             self._tcp_sock = _tcp_socket(*tcp)

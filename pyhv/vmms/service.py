@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import secrets
 import signal
 import threading
 import time
@@ -23,12 +24,22 @@ from pyhv.counters.worker import WorkerCounters
 from pyhv.dynmem.balancer import PAGE_SIZE, BalancerConfig, MemorySettings
 from pyhv.dynmem.status import MemoryStatus
 from pyhv.memory.manager import MemoryManagerError
+from pyhv.vmms.adoption import (
+    AdoptedWorker,
+    AdoptionError,
+    RunDirectory,
+    WorkerRecord,
+    age,
+    alive,
+    start_time,
+)
 from pyhv.vmms.balancing import (
     BalancerLoop,
     DynamicMemoryUnavailable,
     DynamicMemoryWorker,
     dm_port,
 )
+from pyhv.vmms.cgroup import MemoryCgroup
 from pyhv.vmms.claims import WorkerMemory
 from pyhv.vmms.config import (
     VmSettings,
@@ -85,6 +96,23 @@ ENFORCEMENT_SET = CounterSetDef(
         ),
         CounterDef(
             "Memory Limit Kills", "workers the kernel stopped at their memory cgroup limit", "count"
+        ),
+    ),
+    instance_label=None,
+)
+
+#: Workers that outlived a VMMS (pyhv.vmms.adoption), as its successor found them.
+ADOPTION_SET = CounterSetDef(
+    "pyhv Worker Adoption",
+    (
+        CounterDef("Workers Adopted", "running workers a restarted VMMS took over", "count"),
+        CounterDef(
+            "Adoptions Refused",
+            "recorded workers still running that refused adoption or did not answer",
+            "count",
+        ),
+        CounterDef(
+            "Workers Gone", "recorded workers that had ended when the VMMS restarted", "count"
         ),
     ),
     instance_label=None,
@@ -166,6 +194,12 @@ class Vmms:
         self.health = self.registry.register(HEALTH_SET)
         self.enforcement = self.registry.register(ENFORCEMENT_SET)
         self._disagreements = self._limit_kills = 0
+        self.adoption = self.registry.register(ADOPTION_SET)
+        self._adoptions = {"Workers Adopted": 0, "Adoptions Refused": 0, "Workers Gone": 0}
+        #: Each running worker's adoption socket and record (pyhv.vmms.adoption).
+        self.runs = RunDirectory(state_dir)
+        #: Set by close(stop_vms=False): the workers run on; their ends are no longer ours.
+        self._detached = False
         self.balancer = BalancerLoop(self.pool, self._dm_vms, self.dm_counters, balancer)
         self.traces = TraceHub()  # the flight recorder's watchers (pyhv.vmms.tracing)
         self.balancer.decision_listeners.append(self.traces.decision)
@@ -174,6 +208,11 @@ class Vmms:
         #: Called with (VM name, status) for every memory status the pool took, in the order it
         #: took them, on the worker's reader thread (an experiment's record of every change).
         self.status_listeners: list[Callable[[str, MemoryStatus], object]] = []
+        #: Called with a VM's name before it starts; one raising Conflict refuses the start
+        #: (the cluster's: a host without a lease, or not the VM's owner, starts nothing).
+        self.start_guards: list[Callable[[str], object]] = []
+        #: Called with a VM's name after the administrator stopped it (`stop`).
+        self.stop_listeners: list[Callable[[str], object]] = []
         self._worker_factory = worker_factory
         self._stop_timeout = stop_timeout
         self._lock = threading.RLock()
@@ -186,6 +225,7 @@ class Vmms:
         #: Live migration, both directions (keyword arguments of Migrations: listen_host,
         #: incoming_factory, migrator, timeouts).
         self.migrations = Migrations(self, **dict(migration or {}))
+        self._readopt_all()
 
     # --- lifecycle of the service --------------------------------------------------------
 
@@ -229,11 +269,24 @@ class Vmms:
     def _balance(self) -> None:
         self.balancer.run(self._stop)
 
-    def close(self) -> None:
-        """Stop balancing and every running VM (their workers exit with the service)."""
+    def close(self, stop_vms: bool = True) -> None:
+        """Stop balancing and, with `stop_vms`, every running VM. Without, the VMs run on in
+        their workers (as Hyper-V's VMMS service stop leaves them) and the next VMMS on this
+        state directory adopts them; a worker that cannot outlive us (no adoption socket) is
+        stopped either way."""
         self._stop.set()
         with self._lock:
             running = [vm for vm in self._vms.values() if vm.worker is not None]
+            if not stop_vms:
+                adoptable = [vm for vm in running if self.runs.has(vm.settings.name)]
+                running = [vm for vm in running if vm not in adoptable]
+                self._detached = True
+                for vm in adoptable:
+                    log.info(
+                        "VM %s runs on in its worker (pid %s) for the next VMMS",
+                        vm.settings.name,
+                        vm.worker.pid if vm.worker is not None else None,
+                    )
         for vm in running:
             self._halt(vm, "the VMMS is shutting down")
         for t in self._threads:
@@ -388,6 +441,8 @@ class Vmms:
     def start(self, name: str, *, restart: bool = False) -> dict[str, Any]:
         with self._lock:
             settings = self._get(name).settings
+        for guard in self.start_guards:
+            guard(name)
         try:
             # Outside the lock: the bundled guest may have to be built first.
             image = self.images.resolve(settings.image)
@@ -398,6 +453,7 @@ class Vmms:
             self._refuse_while_migrating(vm, "start it")
             if vm.worker is not None:
                 raise Conflict(f"VM {name!r} is {vm.state} already")
+            self._refuse_orphan(name)
             try:
                 config = vm.settings.worker_config(image, self.page_file(name))
             except ConfigError as e:
@@ -419,11 +475,17 @@ class Vmms:
                 if paged:  # the worker inherits the file's fd
                     self.smart_paging.give_file(name, paged, worker)
                 cgroup = self._jail(worker, config)
+                secret = self._adoptable(name, worker)
+                if secret is not None:  # recorded before it is told to boot: never unrecorded
+                    worker.on_spawned = (  # type: ignore[attr-defined]
+                        lambda: self._record_worker(name, worker, secret, cgroup)
+                    )
                 worker.start()
             except OSError as e:
                 self.smart_paging.gone(name)  # its file, if it was given one
                 vm.worker, vm.state, vm.reason = None, CRASHED, f"the worker did not start: {e}"
                 self.pool.give_back(name)
+                self.runs.delete(name)
                 raise Conflict(f"VM {name!r} cannot start: {e}") from None
             overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
             vm.memory = WorkerMemory(name, worker.pid, cgroup, overhead)
@@ -476,6 +538,177 @@ class Vmms:
         worker.jail, worker.cgroup = jail, cgroup  # type: ignore[attr-defined]
         return cgroup
 
+    # --- workers that outlive the service (pyhv.vmms.adoption) ------------------------------
+
+    def _adoptable(self, name: str, worker: object) -> str | None:
+        """Give a worker process its adoption socket and secret (None for a worker that is not
+        a process of ours: a test's stand-in)."""
+        if not hasattr(worker, "adoption"):
+            return None
+        secret = secrets.token_urlsafe(32)
+        worker.adoption = (self.runs.listen(name), secret)  # type: ignore[attr-defined]
+        return secret
+
+    def _record_worker(
+        self, name: str, worker: Worker, secret: str, cgroup: Any, incoming: str = ""
+    ) -> bool:
+        """Record a started worker for the next VMMS (atomically); False if it could not be
+        (disk full: the VM runs, but a VMMS restart will not find it)."""
+        pid = worker.pid
+        started = None if pid is None else start_time(pid)
+        if pid is None or started is None:
+            return False
+        rec = WorkerRecord(
+            name,
+            pid,
+            started,
+            str(self.runs.socket_path(name)),
+            secret,
+            jail_uid=None if self.jails is None else self.jails.ids.get(name),
+            cgroup=None if cgroup is None else str(cgroup.path),
+            cgroup_version=0 if cgroup is None else cgroup.version,
+            incoming=incoming,
+        )
+        try:
+            self.runs.save(rec)
+        except OSError as e:
+            log.error(
+                "VM %s: its worker record could not be saved in %s (%s): it runs, but a VMMS "
+                "restart will not adopt it",
+                name,
+                self.runs.path,
+                e,
+            )
+            return False
+        return True
+
+    def _refuse_orphan(self, name: str) -> None:
+        """A worker of this VM that refused adoption may still run it: never a second copy."""
+        for _, rec, _why in self.runs.load_all():
+            if rec is not None and rec.name == name and alive(rec):
+                raise Conflict(
+                    f"VM {name!r} still runs in a worker this VMMS could not adopt (pid "
+                    f"{rec.pid}): stop that process (`kill {rec.pid}`) before starting it again"
+                )
+
+    def _readopt_all(self) -> None:
+        """Adopt the workers a previous VMMS on this state directory left running; mark the
+        VMs of the others off (or forget a VM that left or never arrived), with why."""
+        for file, rec, why in self.runs.load_all():
+            if rec is None:
+                log.warning("skipping worker record %s: %s", file, why)
+                continue
+            vm = self._vms.get(rec.name)
+            if vm is None:
+                log.warning(
+                    "worker record of VM %s (pid %s), which is not in the inventory: ignored",
+                    rec.name,
+                    rec.pid,
+                )
+                if not alive(rec):
+                    self.runs.delete(rec.name)
+                continue
+            try:
+                self._readopt(vm, rec)
+            except Exception:  # noqa: BLE001 - one VM's trouble must not stop the service
+                log.exception("VM %s: adopting its worker failed", rec.name)
+        with self._lock:
+            self._update_health()
+
+    def _readopt(self, vm: _Vm, rec: WorkerRecord) -> None:
+        name = rec.name
+        worker = AdoptedWorker(rec, lambda data: self._output(vm, data))
+        try:
+            worker.start()
+        except AdoptionError as e:
+            if alive(rec):
+                self._adoptions["Adoptions Refused"] += 1
+                vm.state = CRASHED
+                vm.reason = (
+                    f"its worker (pid {rec.pid}) still runs but was not adopted: {e}. This "
+                    f"VMMS does not manage it: stop it (`kill {rec.pid}`), then start the VM"
+                )
+                log.error("VM %s: %s", name, vm.reason)
+                return
+            self._adoptions["Workers Gone"] += 1
+            self._unowned_end(vm, rec, f"its worker (pid {rec.pid}) ended while no VMMS owned it")
+            return
+        adopted = worker.adopted
+        if adopted.end is not None:  # it ended unowned and waited to tell us
+            end = adopted.end.to_end()
+            worker.close()
+            self._adoptions["Workers Gone"] += 1
+            self._unowned_end(
+                vm,
+                rec,
+                f"{end.describe()} (while no VMMS owned its worker, pid {rec.pid})",
+                failed=end.failed,
+                migrated=end.detail.startswith("migrated to "),
+            )
+            return
+        status = adopted.memory
+        assigned = vm.settings.memory if status is None else status.assigned_pages * PAGE_SIZE
+        self.pool.readmit(name, assigned)
+        if status is not None:
+            self.pool.record(name, status)
+        cgroup = None
+        if rec.cgroup is not None:
+            cgroup = MemoryCgroup(Path(rec.cgroup), rec.cgroup_version)
+        overhead = 0 if self.jails is None else self.jails.policy.overhead_bytes
+        with self._lock:
+            vm.tail = bytearray(adopted.serial[-TAIL_BYTES:])
+            vm.worker = worker
+            vm.memory = WorkerMemory(name, rec.pid, cgroup, overhead)
+            vm.state, vm.reason = RUNNING, f"adopted (worker pid {rec.pid})"
+            vm.started_at = time.monotonic() - age(rec.start_time)  # the worker's own uptime
+            if status is not None and vm.memory is not None:
+                vm.memory.after_status(status.assigned_pages, status.busy)
+        self._subscribe(name, worker)
+        self._adoptions["Workers Adopted"] += 1
+        log.info(
+            "VM %s: adopted its running worker (pid %s, %s; %s owners so far)",
+            name,
+            rec.pid,
+            adopted.state,
+            adopted.counters.get("owners"),
+        )
+        if rec.incoming:
+            self.migrations.arrived_before_restart(rec.incoming, name)
+            self.runs.update(name, incoming="")
+        if adopted.migration is not None or adopted.state == "paused":
+            self.migrations.outgoing_before_restart(vm, worker, adopted.migration, adopted.state)
+        self._spawn_watcher(vm, worker)
+
+    def _unowned_end(
+        self,
+        vm: _Vm,
+        rec: WorkerRecord,
+        why: str,
+        *,
+        failed: bool = False,
+        migrated: bool = False,
+    ) -> None:
+        """A recorded worker ended while no VMMS owned it: its VM is off (crashed if it
+        failed), or gone from the inventory if it left by migration or never arrived."""
+        name = rec.name
+        if rec.cgroup is not None:
+            MemoryCgroup(Path(rec.cgroup), rec.cgroup_version).remove()
+        self.runs.delete(name)
+        if (migrated and rec.migrating) or rec.incoming:
+            why += (
+                "; it had migrated away: forgotten here"
+                if migrated
+                else f"; it arrived by migration {rec.incoming} but never ran here: the "
+                "source keeps it, forgotten here"
+            )
+            log.warning("VM %s: %s", name, why)
+            with self._lock:
+                del self._vms[name]
+                self.store.delete(name)
+            return
+        vm.state, vm.reason = (CRASHED if failed else OFF), why
+        log.warning("VM %s: %s", name, why)
+
     def _spawn_watcher(self, vm: _Vm, worker: Worker) -> None:
         watcher = threading.Thread(
             target=self._watch, args=(vm, worker), name=f"watch-{vm.settings.name}", daemon=True
@@ -486,6 +719,8 @@ class Vmms:
         """Wait for the worker's end; a crash is reported with its reason, and the VM's memory
         returns to the pool either way."""
         end = worker.wait()
+        if self._detached:
+            return  # the service went without its workers: their ends are the next VMMS's
         worker.close()
         assert end is not None
         reason = end.describe()
@@ -516,6 +751,7 @@ class Vmms:
             vm.state = CRASHED if end.failed else OFF
             vm.reason = reason
             consoles, vm.consoles = vm.consoles, []
+            self.runs.delete(vm.settings.name)
             self.pool.give_back(vm.settings.name)
             self._update_health()
         self.smart_paging.gone(vm.settings.name)  # its file, if it ran on one
@@ -559,6 +795,8 @@ class Vmms:
             if vm.worker is None:
                 raise Conflict(f"VM {name!r} is {vm.state}, not running")
         self._halt(vm, "stopped by the administrator")
+        for listener in self.stop_listeners:
+            listener(name)
         with self._lock:
             return self._describe(vm)
 
@@ -576,6 +814,7 @@ class Vmms:
                 "Memory Limit Kills": self._limit_kills,
             }
         )
+        self.adoption.update(dict(self._adoptions))
 
     # --- for live migration (pyhv.vmms.migration) -----------------------------------------
     # The inventory stays the service's: migration asks for these, never its lock or dict.
@@ -626,6 +865,37 @@ class Vmms:
         worker.max_file_bytes = max(memory, s.maximum, s.page_file_size)  # type: ignore[attr-defined]
         vm.memory = WorkerMemory(s.name, None, cgroup, self.jails.policy.overhead_bytes)
 
+    def adoptable_incoming(self, vm: VmEntry, worker: Worker, migration: str) -> None:
+        """Give an incoming migration's worker its adoption socket and secret, and the hook
+        that makes the arrived VM ours (durably) before it may resume (its Committed)."""
+        name = vm.settings.name
+        secret = self._adoptable(name, worker)
+        if secret is None or not hasattr(worker, "on_committed"):
+            return
+
+        def committed(config: dict[str, Any]) -> bool:
+            from pyhv.vmms.migration import exit_point_for_tests
+
+            mem = vm.memory
+            cgroup = None if mem is None else mem.cgroup
+            try:
+                self.store.save(vm.settings)
+            except OSError as e:
+                log.error(
+                    "VM %s arrived but its settings could not be saved in %s (%s): it does not "
+                    "resume here (the source keeps it)",
+                    name,
+                    self.store.vm_dir,
+                    e,
+                )
+                return False
+            if not self._record_worker(name, worker, secret, cgroup, incoming=migration):
+                return False
+            exit_point_for_tests("committed")
+            return True
+
+        worker.on_committed = committed  # type: ignore[attr-defined]
+
     def console_sink(self, vm: VmEntry) -> Callable[[bytes], None]:
         """Where a worker of `vm` sends its serial output."""
         return lambda data: self._output(vm, data)
@@ -670,6 +940,7 @@ class Vmms:
             if forget_settings:
                 self.store.delete(name)
             self._drop_page_file(name)  # it left (or never arrived): its pages are not here
+            self.runs.delete(name)
             self._update_health()
         self.balancer.forget(name)
         return True
@@ -692,7 +963,14 @@ class Vmms:
             needed = vm.settings.memory
             if self.pool.holds(name):
                 needed = max(needed, self.pool.pages(name)[0] * PAGE_SIZE)
+            # A VMMS restart mid-way learns from this whether a worker that ended left.
+            self.runs.update(name, migrating=True)
             return vm, vm.worker, needed
+
+    def mark_migrating(self, vm: VmEntry, migration: str) -> None:
+        """An adopted VM whose worker was migrating it when the previous VMMS went."""
+        with self._lock:
+            vm.migration = migration
 
     def end_migration(
         self, vm: VmEntry, *, worker: Worker | None = None, state: str = "", reason: str = ""
@@ -703,6 +981,8 @@ class Vmms:
             vm.migration = None
             if state and (worker is None or vm.worker is worker):
                 vm.state, vm.reason = state, reason
+            if self._vms.get(vm.settings.name) is vm and vm.worker is not None:
+                self.runs.update(vm.settings.name, migrating=False)
             self._update_health()
 
     # --- serial console ------------------------------------------------------------------

@@ -15,10 +15,11 @@ from pyhv.vmms.paths import default_state_dir as default_state_dir
 log = logging.getLogger(__name__)
 
 
-def write_atomically(path: Path, text: str, mode: int = 0o600) -> None:
+def write_atomically(path: Path, text: str, mode: int = 0o600, *, sync: bool = True) -> None:
     """`path` holds `text` after a crash at any point, or its old content: a temporary file in
     the same directory, fsync'd, renamed over `path`, then the directory fsync'd so the rename
-    itself is on disk. On an OSError the temporary file goes and `path` is untouched."""
+    itself is on disk. On an OSError the temporary file goes and `path` is untouched. Without
+    `sync`, atomic against the writer's own death only (not the host's): no fsync."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -26,11 +27,14 @@ def write_atomically(path: Path, text: str, mode: int = 0o600) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if not sync:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

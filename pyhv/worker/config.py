@@ -86,13 +86,25 @@ class VmConfig:
             )
         if not isinstance(vps, int) or not 1 <= vps <= MAX_VPS:
             raise ConfigError(f"VP count {vps!r} is out of range: use 1 to {MAX_VPS}")
-        raw = cmdline.encode("utf-8")
+        try:
+            raw = cmdline.encode("utf-8")
+        except UnicodeEncodeError:  # JSON text may hold a lone surrogate ("\ud800")
+            raise ConfigError(
+                f"command line {cmdline[:60]!r} is not Unicode text (it holds a lone surrogate): "
+                "send UTF-8 text"
+            ) from None
         if len(raw) > MAX_CMDLINE or b"\0" in raw:
             raise ConfigError(
                 f"command line of {len(raw)} bytes is not usable: at most {MAX_CMDLINE} bytes, no NUL"
             )
         path = Path(image)
-        if check_image and not path.is_file():
+        try:
+            missing = check_image and not path.is_file()
+        except OSError as e:  # a name too long (ENAMETOOLONG), a directory we may not read
+            raise ConfigError(
+                f"guest image {str(path)[:200]!r} cannot be read: {e.strerror}"
+            ) from None
+        if missing:
             raise ConfigError(
                 f"guest image {str(path)!r} does not exist: build it with `make guest`"
             )

@@ -13,7 +13,12 @@ It owns, for one VM with Dynamic Memory:
   add/remove all move the goal; the VSP's state machine walks towards it one DM transaction at a
   time (balloon to go down; unballoon first, then hot-add, to go up), as the book says, asking
   this service to reclaim pages before an unballoon and to map a region before a hot-add. The
-  doorbell thread also ticks the VSP, so a transaction the guest leaves unanswered times out.
+  doorbell thread also ticks the VSP, so a transaction the guest leaves unanswered times out;
+- the balloon's books: the VSP's ballooned ranges (less an unballoon in flight, reclaimed
+  before it was sent) and the memory manager's are the same pages after every timeout, reset
+  and reopen. :meth:`reconcile` checks it then; a difference is a host bug, logged, counted
+  (`balloon_disagreements`) and settled the safe way: the host backs every page either side
+  counts as the guest's.
 
 `save()` / `restore()` carry the channel, the VSP and the counters across a live migration,
 `save_memory()` / `restore_memory()` the memory layout (hot-added regions, the balloon).
@@ -64,8 +69,10 @@ log = logging.getLogger("pyhv.worker.dynmem")
 MIB_PAGES = (1 << 20) // PAGE_SIZE
 #: The 3-4 GiB hole (IOAPIC, LAPIC): no hot-added region may overlap it.
 HOLE_START, HOLE_END = 3 << 30, 4 << 30
-#: Status reports closer together than this are kept but not published again.
-MIN_PUBLISH_INTERVAL = 0.1
+#: Statuses go to the owner at most this often: one that comes sooner waits out the interval
+#: (the newest wins), so a guest that floods is kept to 20 a second, and the report of a burst
+#: that follows the periodic one closely still goes out within 50 ms.
+MIN_PUBLISH_INTERVAL = 0.05
 #: Seconds between two looks at the VSP's transaction deadline (doorbell thread).
 TICK = 0.25
 DM_STATE_VERSION = 1
@@ -157,6 +164,7 @@ class DynamicMemoryService:
             on_unballoon_done=self._transaction_done,
             on_hot_add_done=self._hot_added,
             on_reset=self._reset,
+            on_hinted=self._hinted,
             reclaim=self._reclaim,
             map_hot_add=self._map_hot_add,
             on_goal_done=self._goal_done,
@@ -180,13 +188,17 @@ class DynamicMemoryService:
             "doorbell_errors": 0,
             "status_not_published": 0,
             "late_packets": 0,
+            "hinted_pages": 0,
+            "hint_discard_us": 0,
+            "balloon_checks": 0,
+            "balloon_disagreements": 0,
         }
         #: The guest's last status report, as the VSP decoded it.
         self.last_status: MemoryStatus | None = None
-        self._published_at = 0.0
         self._publish_lock = threading.Lock()
         #: The newest status not yet sent; the status thread sends it outside the VSP's lock.
         self._outgoing: MemoryStatus | None = None
+        self._host_news = False  # the outgoing status says a goal ended: no spacing
         # Its own condition, not _cv: _publish runs with the VSP's lock held, and
         # set_memory_limits takes the VSP's lock inside _cv.
         self._out_cv = threading.Condition()
@@ -320,7 +332,10 @@ class DynamicMemoryService:
         """A transaction the guest leaves unanswered past its deadline times out."""
         before = self.vsp.counters["timeouts"]
         self.vsp.tick()
-        self.counters["timeouts"] += self.vsp.counters["timeouts"] - before
+        timeouts = self.vsp.counters["timeouts"] - before
+        self.counters["timeouts"] += timeouts
+        if timeouts:
+            self.reconcile("after a timeout")
 
     def _drain_late_packets(self, rounds: int = 64) -> None:
         """Serve packets the guest wrote while we drained: it wrote them before we published
@@ -348,6 +363,7 @@ class DynamicMemoryService:
             self._info_for = caps
             if vsp.version is not None and vsp.version >= dmp.Version.WIN8:
                 vsp.send_info_max_page_count(self.maximum_pages)
+            self.reconcile("after the guest negotiated (its channel opened)")
         with self._cv:
             self._cv.notify_all()  # a goal set before negotiation can start now
 
@@ -355,19 +371,15 @@ class DynamicMemoryService:
 
     def _status_report(self, report: MemoryStatus) -> None:
         self.last_status = report
-        now = report.reported_at
         self.counters["status_reports"] += 1
-        if 0 <= now - self._published_at < MIN_PUBLISH_INTERVAL:
-            # A guest sends one a second; one that floods is kept to 10 a second for the VMMS.
-            self.counters["status_not_published"] += 1
-            return
-        self._published_at = now
         self._publish()
 
-    def _publish(self) -> None:
+    def _publish(self, host_news: bool = False) -> None:
         """Push the VM's memory status to the owner (the VMMS): no one has to ask for it. Taken
         here (often with the VSP's lock held), sent by the status thread: a slow owner never
-        holds up the doorbell or a VP. Only the newest unsent status is kept."""
+        holds up the doorbell or a VP. Only the newest unsent status is kept. `host_news` (a
+        goal reached or given up: one per transaction, paced by the host, not the guest) goes
+        out without waiting out MIN_PUBLISH_INTERVAL."""
         if self._on_status is None:
             return
         status = self.memory_status()
@@ -375,15 +387,24 @@ class DynamicMemoryService:
             self._send(status)
             return
         with self._out_cv:
+            if self._outgoing is not None:  # replaced before it went out
+                self.counters["status_not_published"] += 1
             self._outgoing = status
+            self._host_news = self._host_news or host_news
             self._out_cv.notify_all()
 
     def _send_statuses(self) -> None:
+        sent_at = -MIN_PUBLISH_INTERVAL
         while True:
             with self._out_cv:
                 self._out_cv.wait_for(lambda: self._closing or self._outgoing is not None)
-                status, self._outgoing = self._outgoing, None
+                # at most one per MIN_PUBLISH_INTERVAL: a newer status may replace it meanwhile
+                spacing = sent_at + MIN_PUBLISH_INTERVAL - time.monotonic()
+                if spacing > 0 and not self._host_news:
+                    self._out_cv.wait_for(lambda: self._closing or self._host_news, spacing)
+                status, self._outgoing, self._host_news = self._outgoing, None, False
             if status is not None:
+                sent_at = time.monotonic()
                 self._send(status)
             elif self._closing:
                 return
@@ -407,6 +428,14 @@ class DynamicMemoryService:
             return
         self.counters["ballooned_pages"] += n
 
+    def _hinted(self, ranges: list[PageRange]) -> int:
+        """Free-page hints (the VSP checked them): the memory behind them leaves the host."""
+        t0 = time.perf_counter()
+        n = self.mm.discard(self.name, ranges)
+        self.counters["hinted_pages"] += n
+        self.counters["hint_discard_us"] += int((time.perf_counter() - t0) * 1e6)
+        return n
+
     def _reset(self, held: list[PageRange]) -> None:
         """The guest started over: the pages it had ballooned are its own again."""
         if held:
@@ -415,7 +444,43 @@ class DynamicMemoryService:
             except MemoryManagerError as e:
                 self.counters["reclaim_errors"] += 1
                 log.error("%s: reclaiming a reset guest's balloon failed: %s", self.name, e)
+        self.reconcile("after a reset")
         self._transaction_done()
+
+    def reconcile(self, when: str) -> bool:
+        """Whether the VSP's balloon and the memory manager's are the same pages (see the module
+        docstring); if not, log and count it and settle it: pages only the memory manager holds
+        are reclaimed, pages only the VSP lists are dropped from it (the host backs them)."""
+        vsp = self.vsp
+        with vsp.lock:
+            self.counters["balloon_checks"] += 1
+            books = RangeSet(vsp.ballooned)
+            for r in vsp.unballooning:  # in flight: reclaimed before the request was sent
+                books.remove(*r)
+            held = self._mm_part.ballooned
+            only_mm, only_vsp = held.difference(books), books.difference(held)
+            if not only_mm and not only_vsp:
+                return True
+            self.counters["balloon_disagreements"] += 1
+            log.error(
+                "%s: %s the balloon's books disagree: %d pages only the memory manager holds "
+                "(%s), %d only the VSP lists (%s); the guest gets them all back",
+                self.name,
+                when,
+                sum(r.count for r in only_mm),
+                only_mm[:4],
+                sum(r.count for r in only_vsp),
+                only_vsp[:4],
+            )
+            for r in only_vsp:
+                vsp.ballooned.remove(*r)
+            if only_mm:
+                try:
+                    self.mm.reclaim(self.name, only_mm)
+                except MemoryManagerError as e:  # the pool is short: say so, keep them held
+                    self.counters["reclaim_errors"] += 1
+                    log.error("%s: reclaiming %s failed: %s", self.name, only_mm[:4], e)
+            return False
 
     def _transaction_done(self, *_: object) -> None:
         with self._cv:
@@ -424,7 +489,7 @@ class DynamicMemoryService:
     def _goal_done(self, why: str | None) -> None:
         """The goal was reached or given up: the owner sees it without waiting for a report."""
         self._transaction_done()
-        self._publish()
+        self._publish(host_news=True)
 
     def _reclaim(self, ranges: list[PageRange]) -> None:
         """Before an unballoon: the host backs the pages again (taken from the pool)."""

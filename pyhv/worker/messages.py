@@ -40,6 +40,8 @@ Port = Annotated[int, Meta(ge=0, le=65535)]
 Seconds = Annotated[float, Meta(gt=0.0, le=86400.0 * 365)]
 #: Short text: a reason, a phase, an error (a hostile peer cannot make the receiver log MBs).
 Text = Annotated[str, Meta(max_length=65536)]
+#: The secret an owner proves itself with to adopt a worker (pyhv.worker.adoption).
+AdoptionSecret = Annotated[str, Meta(min_length=32, max_length=256)]
 
 
 class MessageError(ValueError):
@@ -74,6 +76,10 @@ class Boot(_Op, tag="boot", frozen=True):
     #: Smart Paging (pyhv.worker.smartpaging): the file's fd, inherited from the owner, and
     #: the bytes at the top of RAM it backs; None when the host gave all the startup RAM.
     smart_paging: SmartPagingFd | None = None
+    #: The secret a new owner must say in its :class:`Hello` (pyhv.worker.adoption); with it
+    #: the worker keeps its VM running when its owner goes away and takes a new one on the
+    #: listening socket it was given. None: it stops its VM on EOF, as before.
+    adoption_secret: AdoptionSecret | None = None
 
 
 class Incoming(_Op, tag="incoming", frozen=True):
@@ -92,6 +98,11 @@ class Incoming(_Op, tag="incoming", frozen=True):
     #: The page file's host file here, as the owner chose it (None: one of the worker's own);
     #: the source's path is ignored (it names a file of the source's host).
     page_file: Text | None = None
+    #: As Boot's (the VM keeps running without its owner once it resumed here).
+    adoption_secret: AdoptionSecret | None = None
+    #: Resume only after the owner said :class:`Resume` (answering :class:`Committed`): the
+    #: owner records the VM as its own first. Its EOF before that aborts (no RESUMED).
+    confirm: bool = False
 
 
 class SerialIn(_Op, tag="serial", frozen=True):
@@ -146,7 +157,32 @@ class Trace(_Op, tag="trace", frozen=True):
     kinds: list[Annotated[str, Meta(max_length=32)]] | None = None
 
 
-Op = Boot | Incoming | SerialIn | Stop | MemoryCall | Migrate | MigrationDecision | Trace
+class Hello(_Op, tag="hello", frozen=True):
+    """First message of a new owner on the worker's adoption socket (pyhv.worker.adoption):
+    the protocol version and the secret the worker was started with. Answered by
+    :class:`Adopted`, or :class:`Refused` and the connection closed."""
+
+    protocol: int
+    secret: AdoptionSecret
+
+
+class Resume(_Op, tag="resume", frozen=True):
+    """The answer to :class:`Committed`: the owner has recorded the arrived VM as its own
+    (durably); the destination worker may resume it and tell the source."""
+
+
+Op = (
+    Boot
+    | Incoming
+    | SerialIn
+    | Stop
+    | MemoryCall
+    | Migrate
+    | MigrationDecision
+    | Trace
+    | Hello
+    | Resume
+)
 
 
 # --- worker -> owner ----------------------------------------------------------------------
@@ -246,6 +282,37 @@ class MigratedIn(_Event, tag="migrated_in", frozen=True):
     pages: Annotated[int, Meta(ge=0)]
 
 
+class Committed(_Event, tag="committed", frozen=True):
+    """A destination worker (``Incoming`` with ``confirm``) holds the whole VM, restored and
+    paused, and the source has sent COMMIT: the owner records it as its own, then answers
+    :class:`Resume` (or stops it, or goes away: the worker then aborts and never resumes)."""
+
+    config: dict[str, Any]
+
+
+class Adopted(_Event, tag="adopted", frozen=True):
+    """A worker's answer to a new owner's :class:`Hello`: what it is. Then it streams to that
+    owner as to the one that started it (an ended VM's worker exits after this)."""
+
+    protocol: int
+    #: The worker's own pid (1 in a jail's pid namespace: the owner knows its host pid).
+    pid: Annotated[int, Meta(ge=0)]
+    config: dict[str, Any]
+    #: "running", "paused" (a migration in doubt waits for its decision) or "ended" (`end`).
+    state: Literal["running", "paused", "ended"]
+    end: EndReport | None = None
+    #: The memory status it last pushed (None: no Dynamic Memory, or no report yet).
+    memory: MemoryStatus | None = None
+    #: The newest serial output (a bounded ring kept whatever the owner), base64 on the wire.
+    serial: Annotated[bytes, Meta(max_length=65536)] = b""
+    #: An outgoing migration in flight (its id, as the previous owner's Migrate gave it).
+    migration: RequestId | None = None
+    #: How it fared without an owner: owners it had, serial bytes it dropped, messages refused.
+    counters: dict[Annotated[str, Meta(max_length=64)], Annotated[int, Meta(ge=0)]] = field(
+        default_factory=dict
+    )
+
+
 class TraceEvents(_Event, tag="trace", frozen=True):
     """A batch of the VM's recorded events, each in the wire form of pyhv.trace.events (checked
     one by one by the owner: a bad batch is refused and counted)."""
@@ -272,6 +339,8 @@ Event = (
     | MigratedIn
     | TraceEvents
     | Refused
+    | Committed
+    | Adopted
 )
 
 # --- the operator's control socket (pyhv.worker.control, `pyhv memory --control`) ----------
@@ -330,9 +399,16 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes, what: str) -> Any:
         raise MessageError(f"{what} refused: {why}") from None
     except (ValueError, TypeError) as e:  # a __post_init__ check
         raise MessageError(f"{what} refused: {e}") from None
+    except RecursionError:  # msgspec recurses per nesting level: "[[[[..." of a few KiB
+        raise MessageError(f"{what} refused: JSON nested too deeply") from None
+    status = None
     if isinstance(message, MemoryStatusPushed):
+        status = message.status
+    elif isinstance(message, Adopted):
+        status = message.memory
+    if status is not None:
         try:
-            message.status.check()
+            status.check()
         except StatusError as e:
             raise MessageError(f"{what} refused: {e}") from None
     return message

@@ -82,6 +82,13 @@ class WorkerProcess:
         #: The Smart Paging file (fd, bytes it backs) the worker inherits (the VMMS opens it,
         #: and closes its copy once the worker has started: pyhv.vmms.smartpaging).
         self.smart_paging: tuple[int, int] | None = None
+        #: (a listening Unix socket, the secret): the worker outlives its owner and a new one
+        #: may adopt it there (pyhv.worker.adoption; the VMMS sets it). None: it stops its VM
+        #: when this handle's socket closes, as `pyhv run --process` wants.
+        self.adoption: tuple[socket.socket, str] | None = None
+        #: Called once the process exists (its pid known) and before it is told what to run:
+        #: the VMMS records it there, so no worker ever runs a VM unrecorded.
+        self.on_spawned: Callable[[], object] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -103,6 +110,9 @@ class WorkerProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [sys.executable, "-m", "pyhv.worker", "--fd", str(theirs.fileno())]
         fds = [theirs.fileno()]
+        if self.adoption is not None:
+            fds.append(self.adoption[0].fileno())
+            argv.append(f"--adopt-fd={fds[1]}")
         if self.smart_paging is not None:
             fds.append(self.smart_paging[0])
         try:
@@ -111,6 +121,9 @@ class WorkerProcess:
                     [*self.command_prefix, *argv],
                     pass_fds=fds,
                     env=dict(os.environ),
+                    # Its own session: a Ctrl-C meant for the VMMS does not reach a worker that
+                    # is to outlive it.
+                    start_new_session=self.adoption is not None,
                 )
             else:
                 largest = self.max_file_bytes or max(
@@ -122,7 +135,15 @@ class WorkerProcess:
             raise
         finally:
             theirs.close()
+            if self.adoption is not None:
+                self.adoption[0].close()  # the worker holds it now
         self._sock = ours
+        if self.on_spawned is not None:
+            try:
+                self.on_spawned()
+            except BaseException:
+                self.close(1.0)
+                raise
         protocol.send_message(ours, self._first_message())
         self._reader = threading.Thread(target=self._read_loop, name="worker-reader", daemon=True)
         self._reader.start()
@@ -172,7 +193,10 @@ class WorkerProcess:
         from pyhv.worker.messages import PROTOCOL_VERSION, Boot, SmartPagingFd
 
         sp = None if self.smart_paging is None else SmartPagingFd(*self.smart_paging)
-        return Boot(self.config.to_dict(), PROTOCOL_VERSION, smart_paging=sp)
+        secret = None if self.adoption is None else self.adoption[1]
+        return Boot(
+            self.config.to_dict(), PROTOCOL_VERSION, smart_paging=sp, adoption_secret=secret
+        )
 
     def _read_loop(self) -> None:
         from pyhv.worker import messages as m

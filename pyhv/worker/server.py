@@ -1,6 +1,8 @@
 """The worker process's side of the protocol: build the VM from the owner's configuration,
 stream serial output, accept input and stop requests, report how the VM ended, exit.
-If the owner goes away, the VM is stopped: a worker never outlives its owner's interest."""
+If the owner goes away, the VM is stopped, unless the owner gave the worker a way to be adopted
+(a listening socket and a secret, pyhv.worker.adoption: the VMMS does): then the VM runs on and
+a new owner may take the worker over."""
 
 from __future__ import annotations
 
@@ -66,23 +68,24 @@ class _SerialBatcher:
         self._thread.join(10)
 
 
-def serve(sock: socket.socket) -> int:
+def serve(sock: socket.socket, listener: socket.socket | None = None) -> int:
+    """Serve the owner on `sock`; with `listener` (and a secret in the first message), the VM
+    outlives its owner and a new one may adopt the worker (pyhv.worker.adoption)."""
     # The declared messages (and msgspec) only where they cross: not on `pyhv run`'s boot path.
     from pyhv.worker import messages as m
+    from pyhv.worker.adoption import END_LINGER_S, Owner
     from pyhv.worker.vm import VirtualMachine
 
-    lock = threading.Lock()
-
-    def send(msg: m._Event) -> None:
-        with lock:
-            try:
-                protocol.send_message(sock, msg)
-            except OSError:
-                pass  # owner gone: the command loop sees EOF and stops the VM
+    def first_send(msg: m._Event) -> None:
+        try:
+            protocol.send_message(sock, msg)
+        except OSError:
+            pass  # owner gone
 
     def ended(detail: str) -> None:
         send(m.Ended(m.EndReport.of(VmEnd(WORKER_ERROR, detail=detail))))
 
+    send: Callable[[m._Event], None] = first_send
     raw = protocol.recv_frame(sock)
     if raw is None:
         return 0
@@ -96,12 +99,22 @@ def serve(sock: socket.socket) -> int:
     except m.MessageError as e:
         ended(str(e))
         return 2
+    owner = Owner(sock, listener, first.adoption_secret)
+    send = owner.send
     incoming = None
+    queued: list[m.Op] = []
     if isinstance(first, m.Incoming):  # live migration's destination (pyhv.migration.worker)
-        from pyhv.migration.worker import accept_incoming
+        from pyhv.migration.worker import OwnerGuard, accept_incoming
 
-        incoming, boot = accept_incoming(first, send)
+        guard = None
+        if first.confirm:  # the owner's Resume, or its going away, decides (read meanwhile)
+            guard = OwnerGuard()
+            threading.Thread(
+                target=_guard_incoming, args=(sock, guard, queued), name="owner-guard", daemon=True
+            ).start()
+        incoming, boot = accept_incoming(first, send, guard)
         if incoming is None:
+            owner.close()
             return 1
     else:
         boot = first
@@ -109,14 +122,11 @@ def serve(sock: socket.socket) -> int:
         config = VmConfig.from_dict(boot.config)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         ended(f"bad configuration: {e}")
+        owner.close()
         return 2
 
-    out = _SerialBatcher(lambda b: send(m.SerialOut(b)))
-    vm = VirtualMachine(
-        config,
-        output=out.add,
-        on_memory_status=lambda st: send(m.MemoryStatusPushed(st)),
-    )
+    out = _SerialBatcher(owner.serial)
+    vm = VirtualMachine(config, output=out.add, on_memory_status=owner.memory_status)
 
     # --- flight recorder (trace messages; see pyhv.worker.trace) ---
     from pyhv.worker.trace import TraceStream, kinds_from_wire
@@ -144,12 +154,16 @@ def serve(sock: socket.socket) -> int:
         m.Trace: lambda msg: tracing.set(msg.on, kinds_from_wire(msg.kinds)),
     }
 
-    def commands() -> None:
+    def commands(conn: socket.socket, earlier: list[m.Op]) -> None:
         refused = 0
+        for msg in earlier:  # what the owner sent while the VM arrived
+            handler = handlers.get(type(msg))
+            if handler is not None:
+                handler(msg)
         try:
             while True:
                 try:
-                    raw = protocol.recv_frame(sock)
+                    raw = protocol.recv_frame(conn)
                     if raw is None:
                         break
                     msg = m.decode_op(raw)
@@ -166,24 +180,88 @@ def serve(sock: socket.socket) -> int:
         except (OSError, ValueError):
             pass
         tracing.set(False)
-        vm.stop("the owner closed the worker's socket")
+        if owner.lost(conn):
+            print("pyhv worker: the owner went away; the VM runs on", file=sys.stderr)
+        else:
+            vm.stop("the owner closed the worker's socket")
+
+    def serve_owner(conn: socket.socket, earlier: list[m.Op]) -> None:
+        threading.Thread(
+            target=commands, args=(conn, earlier), name="worker-commands", daemon=True
+        ).start()
+
+    final: list[VmEnd] = []
+
+    def describe(serial: bytes, counters: dict[str, int], memory: Any) -> m.Adopted:
+        """What a new owner is told (under the owner's lock, pyhv.worker.adoption)."""
+        migration, paused = None, False
+        if "pyhv.migration.worker" in sys.modules:
+            from pyhv.migration.worker import in_flight
+
+            migration, paused = in_flight()
+        end = final[0] if final else vm.end
+        return m.Adopted(
+            m.PROTOCOL_VERSION,
+            os.getpid(),
+            boot.config,
+            "ended" if end is not None else "paused" if paused else "running",
+            end=None if end is None else m.EndReport.of(end),
+            memory=memory,
+            serial=serial,
+            migration=migration,
+            counters=counters,
+        )
 
     try:
         vm.start(incoming=None if incoming is None else incoming.receive)
     except Exception as e:  # noqa: BLE001 - reported to the owner, who decides
         ended(f"could not start the VM: {e}")
+        owner.close()
         return 1
     if incoming is not None:
         incoming.resumed(send)
     send(m.Started(os.getpid(), m.PROTOCOL_VERSION))
-    threading.Thread(target=commands, name="worker-commands", daemon=True).start()
+    serve_owner(sock, queued)
+    owner.serve_adoptions(describe, lambda conn: serve_owner(conn, []))
     end = vm.wait()
     assert end is not None
     vm.close()
     tracing.close()  # all recorded events and serial output go before the end report
     out.close()
+    final.append(end)
+    if owner.adoptable and not owner.wait_owner(0):
+        # Nobody to tell: wait (bounded) for a new owner, whose Adopted carries the end.
+        print("pyhv worker: the VM ended unowned; waiting for an owner", file=sys.stderr)
+        owner.wait_owner(END_LINGER_S)
     send(m.Ended(m.EndReport.of(end)))
+    owner.close()
     return 0
+
+
+def _guard_incoming(sock: socket.socket, guard: Any, queued: list[Any]) -> None:
+    """A destination worker's owner socket until the owner says Resume: its EOF or Stop aborts
+    the arrival (no RESUMED goes to the source); anything else waits for the VM to run."""
+    from pyhv.worker import messages as m
+
+    try:
+        while True:
+            try:
+                raw = protocol.recv_frame(sock)
+                if raw is None:
+                    break
+                msg = m.decode_op(raw)
+            except (protocol.FrameRefused, m.MessageError):
+                continue
+            if isinstance(msg, m.Resume):
+                guard.resume()
+                return
+            if isinstance(msg, m.Stop):
+                guard.abort(f"its owner stopped it: {msg.why[:200]}")
+                return
+            queued.append(msg)
+    except (OSError, ValueError):
+        pass
+    guard.abort("its owner (the destination VMMS) went away before it confirmed the VM")
 
 
 def memory_call(vm: Any, msg: MemoryCall) -> MemoryReply:
@@ -222,28 +300,43 @@ def main(argv: list[str]) -> int:
     # bz2, lzma, gettext, are a few ms of every VM's start). --confine: the worker is jailed
     # (pyhv.worker.jail) and confines itself before it serves (pyhv.worker.confine); BYTES
     # is the VM's largest memory (its memfds' size, which RLIMIT_FSIZE must allow).
-    confine_bytes = None
-    if len(argv) == 3 and argv[2].startswith("--confine="):
-        confine_bytes, argv = argv[2].removeprefix("--confine="), argv[:2]
+    # --adopt-fd: a listening Unix socket new owners connect to (pyhv.worker.adoption).
+    options: dict[str, str | None] = {"--confine": None, "--adopt-fd": None}
+    while len(argv) > 2 and argv[-1].partition("=")[0] in options:
+        key, _, value = argv[-1].partition("=")
+        options[key], argv = value, argv[:-1]
+    confine_bytes, adopt_fd = options["--confine"], options["--adopt-fd"]
     if (
         len(argv) != 2
         or argv[0] != "--fd"
         or not (argv[1].isascii() and argv[1].isdigit())
-        or not (confine_bytes is None or (confine_bytes.isascii() and confine_bytes.isdigit()))
+        or not all(v is None or (v.isascii() and v.isdigit()) for v in options.values())
     ):
         print(
-            f"usage: python -m pyhv.worker --fd N [--confine=BYTES] (got {' '.join(argv)!r}): N "
-            "is a connected stream socket to the worker's owner; pyhv starts workers, not people",
+            f"usage: python -m pyhv.worker --fd N [--confine=BYTES] [--adopt-fd=M] (got "
+            f"{' '.join(argv)!r}): N is a connected stream socket to the worker's owner; pyhv "
+            "starts workers, not people",
             file=sys.stderr,
         )
         return 2
     sock = socket.socket(fileno=int(argv[1]))
+    listener = None
     try:
+        if adopt_fd is not None:
+            from pyhv.worker.adoption import listener_from_fd
+
+            try:
+                listener = listener_from_fd(int(adopt_fd))
+            except (OSError, ValueError) as e:
+                print(f"pyhv worker: --adopt-fd={adopt_fd}: {e}", file=sys.stderr)
+                return 2
         if confine_bytes is not None:
             _confine(sock, int(confine_bytes))
-        return serve(sock)
+        return serve(sock, listener)
     finally:
         sock.close()
+        if listener is not None:
+            listener.close()
 
 
 def _confine(sock: socket.socket, max_file_bytes: int) -> None:

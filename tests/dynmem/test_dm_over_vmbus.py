@@ -138,3 +138,55 @@ def test_a_guest_that_reopens_the_channel_starts_over_and_its_balloon_comes_back
     w.send(T.VERSION_REQUEST, p.DmVersionRequest(version=p.Version.WIN8), trans_id=2)
     assert w.receive().body.is_accepted == 1 and w.vsp.state is DmState.CAPS
     os.close(w.region.memfd)
+
+
+def test_after_an_unanswered_unballoon_the_vsp_and_the_memory_manager_hold_the_same_pages() -> None:
+    w = World()
+    now = [0.0]
+    w.vsp._clock = lambda: now[0]
+    w.vsp._reclaim = lambda rs: w.mm.reclaim("vm", rs)
+    w.send(T.VERSION_REQUEST, p.DmVersionRequest(version=p.Version.WIN10), trans_id=1)
+    w.send(T.CAPABILITIES_REPORT, p.DmCapabilities(balloon=1))
+    w.receive(), w.receive()
+    w.vsp.balloon(1024)
+    w.receive()
+    w.send(T.BALLOON_RESPONSE, p.DmBalloonResponse(), ranges=[PageRange(0x1000, 1024)])
+    held = w.mm.partitions["vm"].ballooned
+    w.vsp.set_goal(8192 - 512)  # unballoon 512 pages: reclaimed, then asked
+    assert w.receive().type is T.UNBALLOON_REQUEST and held.pages == 512
+    now[0] += w.vsp.op_timeout  # the guest never answers
+    w.vsp.tick()
+    assert w.vsp.state is DmState.IDLE and "did not answer" in (w.vsp.goal_error or "")
+    assert list(w.vsp.ballooned) == list(held) and w.vsp.unanswered.pages == 512
+    # the next step unballoons pages the memory manager still holds
+    w.vsp.set_goal(8192 - 256)
+    assert w.receive().ranges == (PageRange(0x1000 + 256, 256),)
+    w.send(T.UNBALLOON_RESPONSE, p.DmUnballoonResponse())
+    assert list(w.vsp.ballooned) == list(held) == [PageRange(0x1000, 256)]
+    # a late answer to the unanswered request settles it; a second one is refused
+    w.send(T.UNBALLOON_RESPONSE, p.DmUnballoonResponse())
+    assert w.vsp.unanswered.pages == 0 and w.vsp.counters["late_unballoon_responses"] == 1
+    refused = w.vsp.counters["refused"]
+    w.send(T.UNBALLOON_RESPONSE, p.DmUnballoonResponse())
+    assert w.vsp.counters["refused"] == refused + 1
+    # a reopened channel gives the rest back on both sides
+    w.ctl.io_write(Reg.COMMAND, Command.CLOSE)
+    w.open()
+    assert w.vsp.ballooned.pages == held.pages == 0
+    assert w.mm.partitions["vm"].assigned_pages == 8192
+    os.close(w.region.memfd)
+
+
+def test_free_page_hints_are_offered_only_by_a_host_that_discards_and_refused_otherwise() -> None:
+    w = World()  # a VSP without on_hinted: it does not offer hints
+    hint = [PageRange(0x1000, 512)]
+    w.send(T.FREE_PAGE_HINT, p.DmFreePageHint(), ranges=hint)  # before negotiation
+    assert w.vsp.counters["refused"] == 1
+    w.send(T.VERSION_REQUEST, p.DmVersionRequest(version=p.Version.WIN10), trans_id=1)
+    w.send(T.CAPABILITIES_REPORT, p.DmCapabilities(balloon=1))
+    assert w.receive().type is T.VERSION_RESPONSE
+    assert w.receive().body.free_page_hints == 0
+    w.send(T.FREE_PAGE_HINT, p.DmFreePageHint(), ranges=hint)
+    assert w.vsp.counters["refused"] == 2 and w.inb.read() is None  # no answer
+    assert w.mm.partitions["vm"].assigned_pages == 8192 and w.mm.discarded_pages == 0
+    os.close(w.region.memfd)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pyhv.guest_image import GUEST_DIR
+from tests.support.floor import floor_pages
 
 pytestmark = pytest.mark.unit
 
@@ -221,6 +222,10 @@ class PmmModel(RuleBasedStateMachine):
         assert s.visible == PAGES - self.count(NOT_RAM)
         assert s.hot_added == self.hot_added
         assert s.committed == self.kernel  # commit is the callers' business
+        # hv_balloon's floor of the RAM less the balloon, but of no more than the boot RAM:
+        # hot-added memory does not raise it (the demand it is part of stays where it was)
+        boot = s.visible - s.hot_added
+        assert self.lib.pmm_balloon_floor() == floor_pages(s.visible - s.ballooned, boot)
         assert self.lib.pmm_check() == 0
 
 

@@ -76,6 +76,12 @@ def test_a_partition_state_goes_on_in_a_partition_built_the_same_way(
         ({}, {"clock": b"\x00" * 3}, "the clock is 3 bytes"),
         ({}, {"regions": (RegionSavedState(0, RAM, False, False, b"x"),)}, "holds 1 bytes"),
         ({}, {"intercept_counters": {7: {}}}, "VP 7, which"),
+        # found by the fuzz campaign (tests/fuzz): a KeyError, not a StateError
+        (
+            {},
+            {"intercept_counters": {0: {"counts": [1]}}},
+            r"VP 0: intercept counters \['counts'\]",
+        ),
     ],
 )
 def test_a_state_that_does_not_fit_the_partition_is_refused_and_nothing_changes(

@@ -154,3 +154,20 @@ def test_unballooning_is_refused_when_another_partition_took_the_pool(regions) -
     assert mm.partitions["a"].ballooned.pages == 100
     assert mm.reclaim("a", [(0, 50)]) == 50
     assert balanced(mm)
+
+
+def test_pages_the_guest_freed_leave_the_host_and_stay_the_guests(regions) -> None:
+    r = ram(regions, 0, 32 * MiB)
+    mm = MemoryManager(128 * MiB)
+    mm.add_partition("vm1", [r])
+    mm.release("vm1", [PageRange(0, 512)])
+    free, before = mm.free_pages, used_bytes(r.memfd)
+    assert mm.discard("vm1", [PageRange(1024, 1024)]) == 1024
+    assert before - used_bytes(r.memfd) == 1024 * PAGE_SIZE  # the kernel agrees
+    p = mm.partitions["vm1"]
+    assert mm.free_pages == free and p.assigned_pages == 8192 - 512  # still the guest's
+    assert r.mm is not None and r.mm[1024 * PAGE_SIZE] == 0 and r.mm[2048 * PAGE_SIZE] == 0xAB
+    for bad in ([PageRange(0, 512)], [PageRange(8192, 512)], [(4096, 512), (4096, 512)]):
+        with pytest.raises(MemoryManagerError):
+            mm.discard("vm1", bad)  # ballooned, outside RAM, listed twice
+    assert mm.discarded_pages == 1024 and balanced(mm)

@@ -63,3 +63,10 @@ def test_the_range_set_agrees_with_a_set_of_pages(ops: list[tuple[bool, int, int
         assert all(
             a.end < b.start for a, b in zip(rs, rs[1:], strict=False)
         )  # merged: no touching ranges
+
+
+def test_a_range_sets_difference_is_the_pages_of_one_not_in_the_other() -> None:
+    a, b = RangeSet([(0, 10), (20, 10)]), RangeSet([(2, 3), (8, 14), (28, 5)])
+    assert a.difference(b) == [PageRange(0, 2), PageRange(5, 3), PageRange(22, 6)]
+    assert b.difference(a) == [PageRange(10, 10), PageRange(30, 3)]
+    assert a.difference(RangeSet()) == list(a) and RangeSet().difference(a) == []

@@ -80,3 +80,9 @@ def test_any_control_frame_payload_is_its_body_or_refused(kind: type[Any], paylo
         assert str(e).startswith("the X frame is refused: ")
         return
     assert isinstance(body, kind) and frames.decode(frames.encode(body), kind, "X") == body
+
+
+def test_a_body_nested_too_deeply_is_refused_not_a_recursion_error() -> None:
+    # found by the fuzz campaign (tests/fuzz): msgspec's RecursionError escaped the decoder
+    with pytest.raises(frames.FrameError, match="CONFIG frame is refused: JSON nested too deeply"):
+        frames.decode(b'{"config":{"a":' + b"[" * 5000, frames.Config, "CONFIG")

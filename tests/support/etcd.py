@@ -27,7 +27,7 @@ def _free_port() -> int:
 class EtcdServer:
     """One etcd member; `endpoint` is its client URL (http://127.0.0.1:PORT)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, host: str = "127.0.0.1") -> None:
         binary = shutil.which("etcd") or (
             "/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None
         )
@@ -40,7 +40,7 @@ class EtcdServer:
         self.dir = tmp / "etcd"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.peer = _free_port()
-        self.endpoint = f"http://127.0.0.1:{_free_port()}"
+        self.endpoint = f"http://{host}:{_free_port()}"  # host: e.g. a lab's bridge
         self.log = open(self.dir / "etcd.log", "a+")
         self._start()
 
@@ -99,8 +99,8 @@ class EtcdServer:
 
 
 @contextmanager
-def etcd_server(tmp: Path) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp)
+def etcd_server(tmp: Path, host: str = "127.0.0.1") -> Iterator[EtcdServer]:
+    server = EtcdServer(tmp, host)
     try:
         yield server
     finally:

@@ -1,12 +1,16 @@
-"""The reference guest's balloon floor (guest/pmm.c), which is Linux hv_balloon's."""
+"""The reference guest's balloon floor (guest/pmm.c): Linux hv_balloon's formula, of the guest's
+RAM less its balloon but never of more than its boot RAM (hot-added memory does not raise it)."""
 
 from __future__ import annotations
 
 MiB_PAGES = 256
 
 
-def floor_pages(ram_pages: int) -> int:
-    """Linux hv_balloon's compute_balloon_floor(), in pages."""
+def floor_pages(ram_pages: int, boot_pages: int | None = None) -> int:
+    """Linux hv_balloon's compute_balloon_floor() of `ram_pages`, in pages; with `boot_pages`,
+    the reference guest's: of at most its boot RAM (docs/guest-vsc.md, "The floor")."""
+    if boot_pages is not None:
+        ram_pages = min(ram_pages, boot_pages)
     mb = MiB_PAGES
     if ram_pages < 128 * mb:
         return 8 * mb + ram_pages // 2

@@ -182,3 +182,13 @@ def test_an_event_that_does_not_decode_names_what_is_wrong() -> None:
         wire = EVENTS[0].to_wire()
         del wire["value"]
         event_from_wire(wire)
+
+
+@pytest.mark.parametrize("t", [1e300, -1.0, float("nan"), 1 << 40])
+def test_an_event_whose_time_no_clock_gives_is_refused(t: float) -> None:
+    # found by the fuzz campaign (tests/fuzz): a worker's event at t=1e300 passed the check,
+    # then line() (`pyhv vm trace`) raised OverflowError in time.localtime
+    wire = EVENTS[0].to_wire()
+    wire["t"] = t
+    with pytest.raises(TraceError, match="is not a time.time()"):
+        event_from_wire(wire)

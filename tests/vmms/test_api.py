@@ -96,6 +96,14 @@ def request(
     [
         (request("POST", "/api/vms", b"{name: x}"), 400, "the body is not valid JSON"),
         (request("POST", "/api/vms", b"[1, 2]"), 400, "must be a JSON object, not list"),
+        # found by the fuzz campaign (tests/fuzz): these three answered 500
+        (request("POST", "/api/vms", b"[" * 5000), 400, "the body is not valid JSON"),
+        (request("POST", "/api/vms", b'{"name": "x", "\\ud800": 1}'), 400, "not unicode"),
+        (
+            request("POST", "/api/vms", b'{"name": "x", "cmdline": "a\\ud800"}'),
+            400,
+            "command line 'a\\ud800' is not unicode text",
+        ),
         (request("POST", "/api/vms", b'{"name": "x", "vps": NaN}'), 400, "NaN is not a JSON"),
         (request("POST", "/api/vms", b'{"name": "x"}', "text/plain"), 415, "send application/json"),
         (request("POST", "/api/vms", b""), 400, "the body is empty"),

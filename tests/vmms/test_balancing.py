@@ -167,3 +167,58 @@ def test_an_add_is_paid_only_by_a_removal_once_the_guest_has_given_the_pages() -
     loop.tick()
     assert b.targets and b.assigned > 1024 * MIB
     assert pool.peak_assigned_pages <= budget
+
+
+class _AtItsFloor(FakeStatusWorker):
+    """A worker whose guest balloons no further than `floor` pages (Linux's balloon floor)."""
+
+    floor = 900 * MIB
+
+    def carry_out(self) -> None:
+        self.targets[-1] = max(self.targets[-1], min(self.floor, self.assigned))
+        super().carry_out()
+
+
+def test_a_guest_at_its_floor_is_asked_once_until_its_status_changes() -> None:
+    w = _AtItsFloor(2048 * MIB, committed=100 * MIB)
+    loop, pool, _ = _loop({"testvm": (SETTINGS, w)})
+    loop.config = type(loop.config)(remove_delay_s=0.0, remove_step_pages=2048 * MIB)
+    loop.tick()
+    assert w.targets == [256 * MIB]  # trimmed towards its minimum, in one step
+    w.carry_out()  # the guest stops at its floor
+    for _ in range(20):  # the same status every second: nothing asked
+        loop.tick()
+        w.push()
+    assert len(w.targets) == 1 and w.assigned == 900 * MIB
+    # the guest's demand moves (a workload ends): asked once more, and remembered again
+    w.committed = 60 * MIB
+    loop.tick()
+    assert len(w.targets) == 2
+    w.carry_out()
+    for _ in range(20):
+        loop.tick()
+    assert len(w.targets) == 2
+    # its floor never stops it from getting memory when it needs some
+    w.committed = 1427 * MIB
+    loop.tick()
+    assert len(w.targets) == 3 and w.targets[-1] >= 1427 * MIB * 1.2
+
+
+def test_a_guest_at_its_floor_is_not_asked_again_when_the_host_is_short() -> None:
+    big = FakeStatusWorker(512 * MIB, committed=427 * MIB)
+    low = _AtItsFloor(2048 * MIB, committed=100 * MIB)
+    low.floor = 1900 * MIB
+    high = MemorySettings.from_mib(startup=512, minimum=256, maximum=4096, weight=80)
+    lowest = MemorySettings.from_mib(startup=2048, minimum=256, maximum=4096, weight=20)
+    loop, pool, _ = _loop({"big": (high, big), "low": (lowest, low)}, budget_mib=2560)
+    loop.tick()
+    big.committed = 1427 * MIB  # the host cannot give it all: the low-weight VM is asked
+    loop.tick()
+    assert low.targets and low.targets[-1] < 1900 * MIB
+    low.carry_out()  # it stops at its floor
+    asked = len(low.targets)
+    for _ in range(20):
+        loop.tick()
+        big.carry_out() if big.busy else big.push()
+        low.push()
+    assert len(low.targets) == asked

@@ -29,7 +29,7 @@ def _serve(tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path, Path]
     state, log = tmp / "state", tmp / "vmms.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyhv.cli", "vmms", "serve", "--state-dir", str(state)]
-        + ["--memory-budget", "3G", "--host-reserve", "256M", *extra],
+        + ["--memory-budget", "3G", "--host-reserve", "256M", "--stop-vms-on-exit", *extra],
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,

@@ -115,7 +115,9 @@ class VmmsCli:
 class VmmsProcess(VmmsCli):
     """A `pyhv vmms serve --tcp 127.0.0.1:0` in its own state directory; with `ca`, over TLS
     with a certificate from that CA, asking clients for one from it too. Test hooks
-    (PYHV_TEST_HOOKS=1) are on unless `test_hooks` is False."""
+    (PYHV_TEST_HOOKS=1) are on unless `test_hooks` is False. It stops its VMs when it stops
+    (--stop-vms-on-exit) unless `stop_vms_on_exit` is False; `restarted()` starts another on
+    the same state directory (after a kill(), say), logging to NAME.N.log."""
 
     def __init__(
         self,
@@ -127,9 +129,20 @@ class VmmsProcess(VmmsCli):
         test_hooks: bool = True,
         tcp: str = "127.0.0.1:0",
         extra: tuple[str, ...] = (),
+        wrap: tuple[str, ...] = (),
+        stop_vms_on_exit: bool = True,
+        env: dict[str, str] | None = None,
+        generation: int = 0,
     ) -> None:
         super().__init__(tmp / name)
-        self.log = open(tmp / f"{name}.log", "w+")
+        self._args = (tmp, name, budget)
+        self._kwargs = {
+            "ca": ca, "test_hooks": test_hooks, "extra": extra, "wrap": wrap,
+            "stop_vms_on_exit": stop_vms_on_exit,
+        }  # fmt: skip
+        self.generation = generation
+        suffix = f".{generation}" if generation else ""
+        self.log = open(tmp / f"{name}{suffix}.log", "w+")
         self.ca = ca
         self.tls_files: tuple[Path, Path] | None = None
         tls: list[str] = []
@@ -137,11 +150,15 @@ class VmmsProcess(VmmsCli):
             self.tls_files = ca.issue(f"host-{name}")
             cert, key = self.tls_files
             tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca.cert)]
-        env = {k: v for k, v in os.environ.items() if k != "PYHV_TEST_HOOKS"}
+        environ = {k: v for k, v in os.environ.items() if k != "PYHV_TEST_HOOKS"}
         if test_hooks:
-            env["PYHV_TEST_HOOKS"] = "1"
+            environ["PYHV_TEST_HOOKS"] = "1"
+        environ.update(env or {})
+        if stop_vms_on_exit:
+            extra = ("--stop-vms-on-exit", *extra)
         self.proc = subprocess.Popen(
             [
+                *wrap,  # e.g. `nsenter --net=...` (pyhv.cluster.lab)
                 sys.executable,
                 "-m",
                 "pyhv.cli",
@@ -161,13 +178,15 @@ class VmmsProcess(VmmsCli):
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            env=env,
+            env=environ,
         )
 
         def served() -> str:
             assert self.proc.poll() is None, Path(self.log.name).read_text()
             m = re.search(r"https?://([\d.]+):(\d+)/", Path(self.log.name).read_text())
-            return f"127.0.0.1:{m[2]}" if m else ""  # (0.0.0.0 is reached at 127.0.0.1 too)
+            if not m:
+                return ""
+            return f"{'127.0.0.1' if m[1] == '0.0.0.0' else m[1]}:{m[2]}"  # 0.0.0.0: loopback too
 
         self.address = wait_for(served, 60, "the VMMS saying where it serves")
         #: What a source VMMS needs to bring a VM here (pyhv vm migrate --token-file).
@@ -185,7 +204,35 @@ class VmmsProcess(VmmsCli):
         token = (token_file or self.admin_token_file).read_text().strip()
         return VmmsClient(tcp=self.address, token=token, timeout=60, tls=tls)
 
+    def kill(self) -> None:
+        """kill -9 the VMMS (its workers are not its to take along)."""
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+    def restarted(self, env: dict[str, str] | None = None) -> VmmsProcess:
+        """Another `pyhv vmms serve` on this state directory and TCP address (this one has
+        exited), as a restarted service would be: a peer that knew it finds it again."""
+        assert self.proc.poll() is not None, "stop or kill this VMMS first"
+        tmp, name, budget = self._args
+        return VmmsProcess(
+            tmp,
+            name,
+            budget,
+            **self._kwargs,  # type: ignore[arg-type]
+            env=env,
+            generation=self.generation + 1,
+            tcp=self.address,
+        )
+
+    def log_text(self) -> str:
+        return Path(self.log.name).read_text()
+
     def close(self) -> None:
+        if self.proc.poll() is not None:
+            if not self.log.closed:
+                self.log.close()
+            return
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(30)
@@ -246,3 +293,47 @@ def migrate_api(
         return r if r["state"] in ("done", "failed", "in-doubt") else None
 
     return wait_for(ended, 120, f"migration {rec['id']} ending")
+
+
+def recorded_workers(state: Path) -> list[dict[str, Any]]:
+    """The worker records a VMMS keeps in STATE/run (pyhv.vmms.adoption)."""
+    return [json.loads(p.read_text()) for p in sorted((state / "run").glob("*.json"))]
+
+
+def kill_recorded_workers(state: Path) -> None:
+    """Clean-up after a test that killed a VMMS: SIGKILL every worker recorded in `state` that
+    still runs (same pid and start time)."""
+    from pyhv.vmms.adoption import WorkerRecord, alive
+
+    for raw in recorded_workers(state):
+        rec = WorkerRecord.from_dict(raw)
+        if alive(rec):
+            try:
+                os.kill(rec.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def worker_pids(state: Path, name: str) -> list[int]:
+    """Worker processes on this host holding VM `name`'s adoption socket of the VMMS in `state`
+    (its listening socket's inode in /proc/net/unix, then each process's fds): how many copies
+    of the VM run under that state directory, whatever any VMMS says."""
+    path = str(state / "run" / f"{name}.sock")
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 8 and parts[7] == path:
+            inodes.add(f"socket:[{parts[6]}]")
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"pyhv.worker" not in (entry / "cmdline").read_bytes():
+                continue
+            fds = {os.readlink(fd) for fd in (entry / "fd").iterdir()}
+        except OSError:
+            continue
+        if fds & inodes:
+            pids.append(int(entry.name))
+    return sorted(pids)

@@ -19,6 +19,7 @@ from pyhv.dynmem.vsp import DmState
 from pyhv.hypervisor import Partition
 from pyhv.memory.manager import MemoryState
 from pyhv.memory.ranges import PageRange
+from pyhv.migration.memory import data_extents
 from pyhv.vmbus.controller import Command, Reg
 from pyhv.worker import boot
 from pyhv.worker.config import VmConfig
@@ -93,7 +94,9 @@ def _source(vms: list[Vm]) -> Vm:
     a.open()
     a.send(T.VERSION_REQUEST, p.DmVersionRequest(version=p.Version.WIN10), trans_id=1)
     a.send(T.CAPABILITIES_REPORT, p.DmCapabilities(balloon=1, hot_add=1, hot_add_alignment=1))
-    assert [a.receive().type for _ in range(2)] == [T.VERSION_RESPONSE, T.CAPABILITIES_RESPONSE]
+    version, caps = a.receive(), a.receive()
+    assert (version.type, caps.type) == (T.VERSION_RESPONSE, T.CAPABILITIES_RESPONSE)
+    assert caps.body.free_page_hints == 1  # pyhv's extension, offered
     a.svc.set_target(64 * MiB + 2 * MiB)
     req = a.receive()
     assert req.type is T.MEM_HOT_ADD_REQUEST
@@ -153,3 +156,65 @@ def test_a_vsp_balloon_the_memory_manager_does_not_hold_is_refused(vms: list[Vm]
     with pytest.raises(ValueError, match="not the memory manager's"):
         b.svc.restore(state)
     assert b.svc.offer.channel is None and b.svc.vsp.state is DmState.VERSION
+
+
+def test_books_that_disagree_are_found_counted_and_settled_with_the_guest_owning_the_pages(
+    vms: list[Vm], caplog: pytest.LogCaptureFixture
+) -> None:
+    a = _source(vms)
+    assert a.svc.reconcile("now") and a.svc.counters["balloon_disagreements"] == 0
+    mm, vsp = a.svc.mm, a.svc.vsp
+    part = mm.partitions[a.svc.name]
+    # a host bug in both directions: pages only the memory manager holds, pages only the VSP lists
+    mm.release(a.svc.name, [PageRange(0x3000, 256)])
+    vsp.ballooned.add(0x4000, 128)
+    free = mm.free_pages
+    assert not a.svc.reconcile("in a test")
+    assert a.svc.counters["balloon_disagreements"] == 1
+    assert any("disagree" in r.getMessage() for r in caplog.records)
+    assert list(vsp.ballooned) == list(part.ballooned) == [PageRange(0x2000, 1024)]
+    assert mm.free_pages == free - 256  # the host backs the pages it had released again
+    assert a.svc.reconcile("again") and a.svc.counters["balloon_disagreements"] == 1
+
+
+def test_free_page_hints_are_checked_range_by_range_and_the_good_ones_leave_the_host(
+    vms: list[Vm], caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    a = _source(vms)  # pages 0x2000+1024 ballooned, 2 MiB hot-added above 64 MiB
+    ram = a.partition.regions[0]
+    # the guest has written 8 MiB from 16 MiB on: two blocks to hint, two to keep
+    data = bytes(range(256)) * (8 * MiB // 256)
+    a.partition.write(16 * MiB, data)
+    blocks = os.fstat(ram.memfd).st_blocks * 512
+    good = PageRange(16 * MiB // PAGE, 1024)
+    hostile = [
+        PageRange(1 << 30, 512),  # outside RAM
+        PageRange(20 * MiB // PAGE + 1, 512),  # not whole blocks
+        PageRange(0x2000, 512),  # ballooned
+        PageRange(16 * MiB // PAGE + 512, 512),  # named twice (inside `good`)
+        PageRange(40 * MiB // PAGE, 0),  # no pages
+    ]
+    a.send(T.FREE_PAGE_HINT, p.DmFreePageHint(), ranges=[good, *hostile], trans_id=77)
+    resp = a.receive()
+    assert resp.type is T.FREE_PAGE_HINT_RESPONSE and resp.trans_id == 77
+    assert resp.body.discarded_pages == 1024 and resp.body.refused_ranges == len(hostile)
+    vsp = a.svc.vsp
+    assert vsp.counters["hint_refused_ranges"] == len(hostile)
+    assert a.svc.counters["hinted_pages"] == 1024
+    assert sum("free-page hint" in r.getMessage() for r in caplog.records) == len(hostile)
+    # the memory behind the good range left the host; the guest reads zeros there, and the
+    # pages it did not name keep their contents
+    assert blocks - os.fstat(ram.memfd).st_blocks * 512 >= 4 * MiB
+    # live migration's first pass sends only extents that hold data: the hinted pages are holes
+    assert ram.gpa == 0
+    extents = list(data_extents(ram))
+    assert not any(a_ < good.end and good.start < b_ for a_, b_ in extents)
+    assert any(a_ <= 20 * MiB // PAGE < b_ for a_, b_ in extents)
+    assert a.partition.read(16 * MiB, 4 * MiB) == bytes(4 * MiB)
+    assert a.partition.read(20 * MiB, 4 * MiB) == data[4 * MiB :]
+    # nothing moved in the accounting: the pages are still the guest's
+    st = a.svc.status()
+    assert st["assigned_pages"] == st["visible_pages"] - 1024 and st["ballooned_pages"] == 1024
+    assert vsp.state is DmState.IDLE

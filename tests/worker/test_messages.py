@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pyhv.dynmem.status import MemoryStatus, VpCounters
 from pyhv.worker import messages as m
 from pyhv.worker import protocol
-from pyhv.worker.config import VmConfig
+from pyhv.worker.config import ConfigError, VmConfig
 from pyhv.worker.process import WorkerProcess
 from tests.support.hostile import json_values
 
@@ -44,6 +44,8 @@ OPS: list[m.Op] = [
     m.MigrationDecision(9, "resume"),
     m.Trace(True, ["dm", "io"]),
     m.Trace(False),
+    m.Hello(m.PROTOCOL_VERSION, "s" * 43),
+    m.Resume(),
 ]
 EVENTS: list[m.Event] = [
     m.Started(123, m.PROTOCOL_VERSION),
@@ -58,6 +60,17 @@ EVENTS: list[m.Event] = [
     m.Listening("127.0.0.1", 4444),
     m.MigratedIn({"name": "vm"}, "10.0.0.1:5555", 3, 1000),
     m.TraceEvents([{"kind": "io", "t": 1.5}]),
+    m.Committed({"name": "vm"}),
+    m.Adopted(
+        m.PROTOCOL_VERSION,
+        1,
+        {"name": "vm"},
+        "running",
+        memory=STATUS,
+        serial=b"pyhv> ",
+        migration=9,
+        counters={"owners": 2},
+    ),
     m.Refused("why"),
 ]
 
@@ -194,6 +207,27 @@ def test_anything_an_owner_sends_is_an_owners_message_or_refused(raw: bytes) -> 
 @given(st.binary(max_size=200) | _json.map(lambda v: json.dumps(v).encode()) | _mutated(EVENTS))
 def test_anything_a_worker_sends_is_a_workers_message_or_refused(raw: bytes) -> None:
     _refused_or_declared(m.decode_event, m.Event, raw)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("nest", [b"[", b'{"a":'])
+def test_a_message_nested_too_deeply_is_refused_not_a_recursion_error(nest: bytes) -> None:
+    # found by the fuzz campaign (tests/fuzz): msgspec recursed out of the stack, and the
+    # RecursionError ended the owner's reader thread
+    deep = b'{"op":' + nest * 5000
+    for decode in (m.decode_op, m.decode_event, m.decode_control, m.decode_control_reply):
+        with pytest.raises(m.MessageError, match="nested too deeply"):
+            decode(deep)
+        with pytest.raises(m.MessageError, match="nested too deeply"):
+            decode(deep.replace(b'"op"', b'"ev"'))
+
+
+@pytest.mark.unit
+def test_a_boot_config_whose_image_name_is_too_long_is_a_config_error() -> None:
+    # found by the fuzz campaign: Path.is_file() raised OSError (ENAMETOOLONG) past the
+    # worker's checks of its owner's configuration
+    with pytest.raises(ConfigError, match="cannot be read: File name too long"):
+        VmConfig.from_dict({"image": "/x" * 4096, "memory": 64 << 20, "vps": 1})
 
 
 @pytest.mark.unit

@@ -127,6 +127,9 @@ class Uart16550:
         self._msr = MSR_CONNECTED
         self._thr_ipending = False  # THRE interrupt armed (cleared by an IIR read or a THR write)
         self._irq_level = False
+        #: Host input held back, not given to the guest (None: not holding): a migrating
+        #: source holds what is typed once its state is saved, and sends it with COMMIT.
+        self._held: bytearray | None = None
 
     # --- host side -------------------------------------------------------------------
 
@@ -134,6 +137,10 @@ class Uart16550:
         """Queue bytes for the guest to receive; returns how many were accepted (the rest
         did not fit the backlog, like a full line buffer)."""
         with self._lock:
+            if self._held is not None:
+                taken = data[: max(BACKLOG_MAX - len(self._held), 0)]
+                self._held += taken
+                return len(taken)
             room = BACKLOG_MAX - len(self._backlog)
             taken = data[: max(room, 0)]
             self._backlog.extend(taken)
@@ -327,15 +334,33 @@ class Uart16550:
 
     # --- state save/restore (live migration) -----------------------------------------
 
-    def save(self) -> UartState:
-        """Every register, the FIFO and the host backlog."""
+    def save(self, hold_input: bool = False) -> UartState:
+        """Every register, the FIFO and the host backlog. With `hold_input`, input fed from
+        now on is held (take_held(), or release_held() to give it to the guest after all)."""
         with self._lock:
+            if hold_input and self._held is None:
+                self._held = bytearray()
             return UartState(
                 UART_STATE_VERSION,
                 **{n.lstrip("_"): getattr(self, n) for n in _REGISTERS},
                 rx=bytes(self._rx),
                 backlog=bytes(self._backlog),
             )
+
+    def take_held(self) -> bytes:
+        """The input held since save(hold_input=True) (it stays held from now on)."""
+        with self._lock:
+            if self._held is None:
+                return b""
+            data, self._held = bytes(self._held), bytearray()
+            return data
+
+    def release_held(self) -> None:
+        """Stop holding input: what was held goes to the guest (a migration rolled back)."""
+        with self._lock:
+            data, self._held = bytes(self._held or b""), None
+        if data:
+            self.feed(data)
 
     def restore(self, st: UartState) -> None:
         """Take the state save() gave (on another host); the interrupt level is taken as is,

@@ -131,8 +131,10 @@ class VirtualProcessor(RunLoop):
         self.vcpu.set_mp_state(c.MP_STATE_RUNNABLE)
 
     # ------------------------------------------------------------------ thread control
-    def start(self) -> None:
-        """Start (or restart) the VP thread."""
+    def start(self, paused: bool = False) -> None:
+        """Start (or restart) the VP thread. With `paused`, the thread parks before its first
+        instruction and this returns once it is parked: resume() then runs the VP at once (a
+        migration's destination makes its threads ahead of the pause)."""
         if self._state is not VpState.IDLE:
             raise RuntimeError(f"VP {self.index} is already {self._state.value}")
         if threading.current_thread() is threading.main_thread():
@@ -142,14 +144,18 @@ class VirtualProcessor(RunLoop):
                 "no SIGUSR1 handler is installed, so a running VP could not be paused: call "
                 "pyhv.hypervisor.install_kick_handler() from the main thread first"
             )
-        self._request = None
-        self._attention = False
+        self._request = "pause" if paused else None
+        self._attention = paused
         self._pending_exit = False
         self._state = VpState.RUNNING
         self._thread = threading.Thread(
             target=self._thread_main, name=f"vp-{self.partition.name}-{self.index}", daemon=True
         )
         self._thread.start()
+        if paused:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._state is not VpState.RUNNING, 5.0):
+                    raise TimeoutError(f"VP {self.index} did not park within 5 s")
 
     def _kick(self) -> None:
         # immediate_exit: a KVM_RUN about to start returns at once

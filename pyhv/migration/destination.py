@@ -4,14 +4,17 @@ device state, check RAM against the source's checksum, and resume when the sourc
 
 :meth:`Incoming.accept` runs before the VM exists (it yields the configuration);
 :meth:`Incoming.receive` is the hook ``VirtualMachine.start(incoming=...)`` calls once the
-partition, its RAM and its VPs exist and before the VPs start; :meth:`Incoming.resumed` tells
-the source the VPs run. Any error raises MigrationError; the caller discards the VM (the
+partition, its RAM and its VPs exist, their threads parked before their first instruction: it
+wakes them (``VirtualMachine.run_incoming``) as soon as the state is restored and checked (and,
+with two-phase commit, COMMIT came); :meth:`Incoming.resumed` then tells the source the VPs run
+and takes the serial input typed there during the pause. Any error raises MigrationError; the caller discards the VM (the
 worker process exits), so the destination holds nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
@@ -38,6 +41,8 @@ from pyhv.migration.stream import (
 from pyhv.migration.tracing import trace_phase
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pyhv.hypervisor.memory import MemoryRegion
     from pyhv.worker.vm import VirtualMachine
 
@@ -80,10 +85,19 @@ class Incoming:
         self.config: dict[str, Any] = {}
         self.regions: list[list[int]] = []
         self.verify = True
+        self.two_phase = False
         self.passes = 0
         self.pages = 0
         self._zstd: Any = None
         self.t_commit = 0.0
+        self.serial_input = 0  # bytes typed at the source during the pause, fed here
+        #: ms of the destination's part of the downtime (sent back with RESUMED)
+        self.parts: dict[str, float] = {}
+        self._t_state = 0.0
+        self._commit_reader: threading.Thread | None = None
+        #: Called once the VM is committed here, before its VPs run; raising keeps them parked
+        #: and fails the arrival (the worker's owner confirming the VM: pyhv.migration.worker).
+        self.gate: Callable[[], None] | None = None
         self.dynmem_layout: dict[str, Any] | None = None
         self._populater = _Populater()
         self.postcopy: PostcopyDestination | None = None
@@ -109,6 +123,7 @@ class Incoming:
             config, regions = msg.config, [list(r) for r in msg.regions]
             self.config, self.regions = config, regions
             self.verify = msg.options.verify
+            self.two_phase = msg.options.two_phase_commit
             self.dynmem_layout = msg.dynmem
             need = sum(size for _gpa, size in regions)
             have = self.max_memory if self.max_memory is not None else available_memory()
@@ -152,8 +167,11 @@ class Incoming:
                 )
             written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
             fs.send_json(Frame.READY, frames.Empty())
+            vm_state.prepare(vm, destination=True)  # while the source sends pass 1
             trace_phase(vm, "destination", "memory", fs.bytes_received, self.pages)
             state = self._memory(vm, written)
+            t = time.monotonic()
+            self.parts["state_in"] = round((t - self._t_state) * 1000, 3)
             trace_phase(vm, "destination", "state", fs.bytes_received, self.pages)
             self.faults.at("state", fs)
             if self.postcopy is not None:  # RAM fetched on demand from here on
@@ -165,6 +183,7 @@ class Incoming:
                 trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
                 return
             vm_state.restore(vm, state)
+            self.parts["restore"] = round((time.monotonic() - t) * 1000, 3)
             if self.verify:
                 want = fs.expect(Frame.CHECKSUM, frames.Checksum, "verify").ram
                 if "state:tamper" in self.faults.fired:
@@ -177,9 +196,22 @@ class Incoming:
                         "verify",
                     )
             self.faults.at("restored", fs)
-            fs.send_json(Frame.RESTORED, frames.Empty())
-            fs.expect(Frame.COMMIT, frames.Empty, "commit")
-            self.t_commit = time.monotonic()
+            t = time.monotonic()
+            if self.two_phase:
+                fs.send_json(Frame.RESTORED, frames.Empty())
+                self.parts["to_restored"] = round((t - self._t_state) * 1000, 3)
+                commit = fs.expect(Frame.COMMIT, frames.Commit, "commit")
+                self.t_commit = time.monotonic()
+                self.parts["commit_wait"] = round((self.t_commit - t) * 1000, 3)
+                self._typed(vm, commit)
+            else:
+                self.t_commit = t  # the STATE frame committed
+            if self.gate is not None:
+                self.gate()
+                self.parts["gate"] = round((time.monotonic() - self.t_commit) * 1000, 3)
+            if not self.two_phase:
+                _source_still_there(fs)
+            vm.run_incoming()  # the VPs are parked, their state in place: only woken
             trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
         except BaseException as e:
             self.fail(e)
@@ -234,6 +266,7 @@ class Incoming:
             elif ftype is Frame.PASS_END:
                 self.passes += 1
                 self._populater.stop()
+                self._t_state = time.monotonic()  # after the last one: the state
             elif ftype is Frame.STATE:
                 return VmState.decode(bytes(buf))
             elif ftype is Frame.POSTCOPY:
@@ -289,20 +322,60 @@ class Incoming:
             )
         target[:] = out
 
-    def resumed(self, running_since: float | None = None) -> None:
+    def _typed(self, vm: VirtualMachine, commit: frames.Commit) -> None:
+        if commit.serial_input:  # typed at the source during the pause
+            vm.uart.feed(commit.serial_input)
+            self.serial_input += len(commit.serial_input)
+
+    def resumed(self, vm: VirtualMachine | None = None, running_since: float | None = None) -> None:
         """The VPs run here (since `running_since`, monotonic): tell the source (which then
-        stops its VM)."""
+        stops its VM); without two-phase commit, its COMMIT follows with the serial input
+        typed there during the pause, fed to `vm`."""
         fs = self.fs
         if fs is None:
             return
         try:
             now = running_since or time.monotonic()
-            fs.send_json(Frame.RESUMED, frames.Resumed(now, (now - self.t_commit) * 1000))
+            fs.send_json(
+                Frame.RESUMED, frames.Resumed(now, (now - self.t_commit) * 1000, self.parts)
+            )
         except OSError as e:
             log.warning("could not tell the source that the VM resumed: %s", e)
+            fs.close()
+            return
+        if self.two_phase or vm is None:
+            fs.close()
+            return
+        # the worker goes on (MigratedIn, Started) while the source's COMMIT comes
+        self._commit_reader = threading.Thread(
+            target=self._take_commit, args=(fs, vm), name="migration-commit", daemon=True
+        )
+        self._commit_reader.start()
+
+    def _take_commit(self, fs: FrameSocket, vm: VirtualMachine) -> None:
+        try:
+            self._typed(vm, fs.expect(Frame.COMMIT, frames.Commit, "commit"))
+        except (OSError, MigrationError) as e:
+            log.warning("the serial input typed at the source during the pause is lost: %s", e)
         finally:
             if self.postcopy is None:  # post-copy: the stream carries the rest of RAM
                 fs.close()
+
+
+def _source_still_there(fs: FrameSocket) -> None:
+    """Before running a VM the STATE frame committed (a peek, no wait): a source that sent
+    ABORT took the VM back, and a connection this side knows is broken leaves it to the source
+    (which resumes it, or asks); a source that only closed its side (it died, or holds the VM
+    paused in doubt) leaves it here."""
+    try:
+        if not select.select([fs.sock], [], [], 0)[0]:
+            return  # nothing waiting: the source is there, waiting for RESUMED
+        if not fs.sock.recv(1, socket.MSG_PEEK):
+            fs.sock.send(b"")  # EPIPE if this side's connection is down, not just the peer's
+            return
+    except OSError as e:
+        raise MigrationError(f"the connection to the source was lost ({e})", "commit") from None
+    fs.expect(Frame.RESUMED, frames.Empty, "commit")  # an ABORT raises with its reason
 
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14

@@ -12,23 +12,29 @@ sent has a payload bit flipped after it was sealed: its tag fails), ``exit`` (th
 once, as a killed host would: only for a destination in its own process), ``fail`` (this side
 raises an error, e.g. a device that cannot save its state), ``tamper`` (only at the destination's
 ``state``: one bit of guest RAM received intact is flipped, as bad memory would, so the RAM
-checksum comparison must refuse it).
+checksum comparison must refuse it), ``hold`` (this side waits HOLD_SECONDS there, after telling
+its ``on_hold`` listener: at the source's ``commit`` the VM stays paused that long, so a test can
+type at the source during the pause).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from pyhv.migration.stream import MigrationError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pyhv.migration.stream import FrameSocket
 
 SOURCE_PHASES = ("connect", "config", "pass1", "pass2", "final", "state", "commit", "resumed")
 DESTINATION_PHASES = ("authenticate", "config", "memory", "state", "restored")
-ACTIONS = ("cut", "corrupt", "exit", "fail", "tamper")
+ACTIONS = ("cut", "corrupt", "exit", "fail", "tamper", "hold")
+HOLD_SECONDS = 3.0
 
 
 class FaultPlan:
@@ -47,6 +53,7 @@ class FaultPlan:
                 raise ValueError(f"'tamper' is a fault of the destination's 'state', not {phase!r}")
         self.plan = plan
         self.fired: list[str] = []
+        self.on_hold: Callable[[str], object] | None = None
 
     def at(self, phase: str, fs: FrameSocket | None) -> None:
         """Fire the fault planned at `phase`, if any (``tamper`` is carried out by the
@@ -57,6 +64,11 @@ class FaultPlan:
         self.fired.append(f"{phase}:{action}")
         if action == "exit":
             os._exit(17)
+        if action == "hold":
+            if self.on_hold is not None:
+                self.on_hold(phase)
+            time.sleep(HOLD_SECONDS)  # a window held open on purpose, not a wait for an event
+            return
         if action == "fail":
             raise MigrationError(f"injected failure at {phase}", phase)
         if fs is None:

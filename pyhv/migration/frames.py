@@ -59,6 +59,8 @@ class ConfigOptions(Struct, frozen=True):
     ignored)."""
 
     verify: bool = True
+    #: RESTORED, then wait for COMMIT before running the VM (off: the STATE frame commits)
+    two_phase_commit: bool = False
 
 
 class Config(_Body, frozen=True):
@@ -77,7 +79,18 @@ class Config(_Body, frozen=True):
 
 
 class Empty(_Body, frozen=True):
-    """READY, RESTORED, COMMIT: the frame itself is the message."""
+    """READY, RESTORED: the frame itself is the message."""
+
+
+#: Serial input a COMMIT may carry, at most (the UART's own backlog limit).
+MAX_SERIAL_INPUT = 4096
+
+
+class Commit(_Body, frozen=True):
+    """src -> dest: run the VM; `serial_input`: what was typed at the source since its state
+    was saved (the destination feeds it to the guest before its VPs run)."""
+
+    serial_input: Annotated[bytes, Meta(max_length=MAX_SERIAL_INPUT)] = b""
 
 
 class PassEnd(_Body, frozen=True):
@@ -99,6 +112,8 @@ class Resumed(_Body, frozen=True):
 
     time: float
     start_ms: float | None = None
+    #: ms of the destination's steps of the downtime, by name (reported, not trusted)
+    parts: Annotated[dict[Annotated[str, Meta(max_length=32)], float], Meta(max_length=16)] = {}
 
 
 class PostcopyDone(_Body, frozen=True):

@@ -42,13 +42,43 @@ def dirty_mask(region: MemoryRegion) -> np.ndarray:
     return np.unpackbits(bm, bitorder="little")[: region.pages].astype(bool)
 
 
+def dirty_pages(region: MemoryRegion) -> np.ndarray:
+    """Sorted indices of the pages written since the last call (clears the log), found in the
+    packed bitmap without a bool per page: inside the pause, each fresh 256 KiB array per GiB
+    costs its page faults (~0.5 ms at 1 GiB here, under nested KVM)."""
+    bm = np.frombuffer(region.dirty_bitmap(), dtype=np.uint8)
+    nz = np.flatnonzero(bm)
+    if not nz.size:
+        return nz
+    bits = np.unpackbits(bm[nz], bitorder="little").reshape(-1, 8).astype(bool)
+    idx = (nz[:, None] * 8 + np.arange(8))[bits]
+    return idx[idx < region.pages]
+
+
+def union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted distinct indices of both (not np.union1d: its first call imports ~16 ms of numpy,
+    inside the pause)."""
+    idx = np.concatenate((a, b))
+    if idx.size < 2:
+        return idx
+    idx.sort()
+    return idx[np.concatenate(([True], idx[1:] != idx[:-1]))]
+
+
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """(first, end) index pairs of the runs of True in a bool array."""
-    if not mask.size:
+    # From the set indices, not the edges of the whole mask: the final pass of an idle guest
+    # (a few pages of a 1 GiB mask) costs ~10 us instead of ~1.5 ms of the downtime.
+    return index_runs(np.flatnonzero(mask))
+
+
+def index_runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """(first, end) pairs of the runs in sorted, distinct indices."""
+    if not idx.size:
         return []
-    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate((idx[:1], idx[breaks + 1]))
+    ends = np.concatenate((idx[breaks] + 1, idx[-1:] + 1))
     return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 

@@ -9,8 +9,11 @@
    set does not shrink, throttle the VPs (paused for a growing share of each interval, like
    QEMU's auto-converge) before going on;
 4. pause the VPs; send the last dirty pages and the VP and device state (and a checksum of all
-   RAM at pause); the destination restores and checks it (RESTORED); COMMIT; the destination's
-   VPs run (RESUMED); the source VM is stopped and its memory released.
+   RAM at pause); the STATE frame commits: the destination restores and checks it and wakes its
+   VPs, parked since the VM was built (RESUMED); then COMMIT carries the serial input typed here
+   since the state's save, and the source VM is stopped and its memory released. With
+   `two_phase_commit` the destination says RESTORED first and runs only at COMMIT (one more
+   round trip inside the pause; a connection lost during the restore leaves the VM here).
 
 Any failure before RESUMED resumes the source VM as it was (dirty logging off again) and
 raises MigrationError saying in which phase and why; the destination discards everything.
@@ -78,6 +81,11 @@ class MigrationOptions:
     throttle_step: float = 0.2
     throttle_max: float = 0.95
     max_downtime: float | None = None  #: give up instead of a longer final pause
+    #: Wait for the destination's RESTORED before sending COMMIT (two phases: a connection lost
+    #: while the destination restores leaves the VM to the source, at one more round trip of
+    #: downtime). Off: the STATE frame commits, the destination runs the VM as soon as it
+    #: restored and checked it, and a connection lost from then on is in doubt.
+    two_phase_commit: bool = False
     verify: bool = True  #: checksum all RAM at pause, compared by the destination
     prefault: bool = True  #: tell the destination what pass 1 sends, so it backs it ahead
     timeout: float = 30.0  #: seconds any one network operation may take
@@ -122,6 +130,8 @@ class Progress:
     downtime: float = 0.0
     total_time: float = 0.0
     final_pages: int = 0
+    #: CLOCK_MONOTONIC of the destination's host when its VPs ran (same host: comparable)
+    destination_running_since: float = 0.0
     frames_refused: int = 0  # frames from the destination refused as forged or corrupted
     #: milliseconds of the downtime: pause, last pages, state, destination restore, resume
     downtime_parts: dict[str, float] = field(default_factory=dict)
@@ -200,6 +210,8 @@ class Source:
         self._logging: list[MemoryRegion] = []
         self._paused = False
         self._throttle = _Throttle(vm)
+        # a held pause (test-only fault "hold") is reported, so a test can act during it
+        self.faults.on_hold = lambda phase: self._report(force=True)
         self._zstd: Any = None
         self._t0 = 0.0
         self._last_report = 0.0
@@ -217,7 +229,8 @@ class Source:
             self._migrate()
         except BaseException as e:
             phase = getattr(e, "phase", "") or self.progress.phase
-            why = self._peer_reason(e) or _describe(e)
+            peer = self._peer_reason(e)
+            why = peer or _describe(e)
             if self._postcopy_committed:  # resuming here would run a stale copy: never
                 self._hold()
                 raise MigrationInDoubt(
@@ -225,7 +238,9 @@ class Source:
                     "the destination with part of its memory still here; it stays paused here",
                     "postcopy",
                 ) from e
-            if self._committing and not self.opt.resume_in_doubt:
+            # an ABORT is the destination's own word that it does not run the VM
+            aborted = isinstance(e, PeerAborted) or peer is not None
+            if self._committing and not self.opt.resume_in_doubt and not aborted:
                 self._hold()
                 raise MigrationInDoubt(
                     f"migration to {self.address[0]}:{self.address[1]}: {why} after COMMIT was "
@@ -244,9 +259,10 @@ class Source:
                 self.fs.close()
         return self.progress.as_dict()
 
-    def _phase(self, name: str) -> None:
+    def _phase(self, name: str, paused: bool = False) -> None:
         self.progress.phase = name
-        self._report(force=True)
+        if not paused:  # while paused the owner hears of it after the VPs run again
+            self._report(force=True)
         pr = self.progress
         trace_phase(self.vm, "source", name, pr.bytes_sent, pr.pages_sent)
 
@@ -256,7 +272,9 @@ class Source:
             self.progress.bytes_sent = self.fs.bytes_sent
             self.progress.frames_refused = self.fs.frames_refused
         self.progress.total_time = now - self._t0
-        if self.on_progress is not None and (force or now - self._last_report > 0.1):
+        # paused: only forced reports (a phase change reports once the VPs run again)
+        due = not self._paused and now - self._last_report > 0.1
+        if self.on_progress is not None and (force or due):
             self._last_report = now
             try:
                 self.on_progress(self.progress.as_dict())
@@ -309,7 +327,7 @@ class Source:
             frames.Config(
                 vm.config.to_dict(),
                 [(r.gpa, r.size) for r in regions],
-                frames.ConfigOptions(verify=opt.verify),
+                frames.ConfigOptions(verify=opt.verify, two_phase_commit=opt.two_phase_commit),
                 None if dm is None else dm_mod.layout(dm),
             ),
         )
@@ -407,6 +425,8 @@ class Source:
             )
 
         # 4. pause, last pages, state
+        vm_state.prepare(vm, destination=False)
+        left = [(r, np.flatnonzero(m)) for r, m in masks]  # page indices, ahead of the pause
         self._throttle.stop()
         if vm.end is not None:
             raise MigrationError(f"the VM ended during migration: {vm.end.describe()}", "final")
@@ -423,7 +443,10 @@ class Source:
             t_mark = now
 
         mark("pause")
-        self._phase("final")
+        # The last pages, PASS_END and STATE leave as one burst: the destination wakes once for
+        # all of them instead of once per frame (each wake a chance to wait for a CPU here).
+        _cork(fs, True)
+        self._phase("final", paused=True)
         self.faults.at("final", fs)
         pages = 0
         dm_state = None
@@ -454,33 +477,54 @@ class Source:
                 for r, m in masks:
                     pages += self._send_mask(r, m)
             else:
-                for r, m in masks:  # dirty when the passes stopped, and since
-                    pages += self._send_mask(r, m | mem.dirty_mask(r))
+                for r, before in left:  # dirty when the passes stopped, and since
+                    idx = mem.union(before, mem.dirty_pages(r))
+                    pages += self._send_mask(r, None, runs=mem.index_runs(idx))
         self.progress.final_pages = pages
         mark("last_pages")
         self.progress.passes += 1
         fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages))
-        self._phase("state")
+        self._phase("state", paused=True)
         self.faults.at("state", fs)
-        state = vm_state.save(vm, dm_state)
+        # Input typed from here on is held at the source and goes with COMMIT.
+        state = vm_state.save(vm, dm_state, hold_serial=True)
+        mark("state_save")
+        if not opt.two_phase_commit:
+            # The STATE frame is the commit: the destination runs the VM once it restored and
+            # checked it (one hop, not three); a refusal comes back as ABORT.
+            self._phase("commit", paused=True)
+            self.faults.at("commit", fs)
+            self._committing = True
         fs.send(Frame.STATE, state.encode())
+        _cork(fs, False)
         mark("state")
         if opt.verify:
             self.ram_checksum = mem.ram_checksum(regions, skip)
             fs.send_json(Frame.CHECKSUM, frames.Checksum(self.ram_checksum))
-        fs.expect(Frame.RESTORED, frames.Empty, "restore")
-        mark("restored")
-        self._phase("commit")
-        self.faults.at("commit", fs)
-        self._committing = True  # from here the destination may run the VM
-        fs.send_json(Frame.COMMIT, frames.Empty())
+        if opt.two_phase_commit:
+            fs.expect(Frame.RESTORED, frames.Empty, "restore")
+            mark("restored")
+            self._phase("commit", paused=True)
+            self.faults.at("commit", fs)
+            self._committing = True  # from here the destination may run the VM
+            fs.send_json(Frame.COMMIT, frames.Commit(self._typed()))
         self.faults.at("resumed", fs)
         resumed = fs.expect(Frame.RESUMED, frames.Resumed, "resumed")
         mark("resumed")
+        if not opt.two_phase_commit:
+            # the VM runs there: what was typed here since the state's save follows it
+            try:
+                fs.send_json(Frame.COMMIT, frames.Commit(self._typed()))
+            except OSError as e:
+                log.warning(
+                    "%s: serial input typed during the pause is lost: %s", vm.config.name, e
+                )
         if resumed.start_ms is not None:
             parts["destination_start"] = round(resumed.start_ms, 2)
+        for name, ms in resumed.parts.items():
+            parts[f"destination_{name}"] = round(ms, 2)
         now = time.monotonic()
-        t_run = resumed.time
+        t_run = self.progress.destination_running_since = resumed.time
         # Same host (one CLOCK_MONOTONIC): exact; otherwise bounded by the round trip.
         self.progress.downtime = t_run - t_pause if t_pause < t_run <= now else now - t_pause
         self.progress.phase = "done"
@@ -578,6 +622,19 @@ class Source:
         self._report(force=True)
         trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
 
+    def _typed(self) -> bytes:
+        """Serial input held since the state's save (at most what one COMMIT carries)."""
+        typed = self.vm.uart.take_held()
+        if len(typed) > frames.MAX_SERIAL_INPUT:
+            log.warning(
+                "%s: %d bytes typed during the pause, only the first %d go to the destination",
+                self.vm.config.name,
+                len(typed),
+                frames.MAX_SERIAL_INPUT,
+            )
+            typed = typed[: frames.MAX_SERIAL_INPUT]
+        return typed
+
     def clean_up(self) -> None:
         """After success: the VM runs on the destination; stop it here (its memory goes)."""
         self.vm.stop(f"migrated to {self.address[0]}:{self.address[1]}")
@@ -594,6 +651,7 @@ class Source:
             self.progress.phase = "aborted"
             self._report(force=True)
             return
+        self.vm.uart.release_held()
         if self.vm.partition is not None and self.vm.end is None:
             self.vm.partition.resume()
         self._paused = False
@@ -648,16 +706,25 @@ class Source:
             self._pass_started = t
         self._report(force=True)
 
-    def _send_mask(self, r: MemoryRegion, mask: np.ndarray, first_pass: bool = False) -> int:
-        """Send the pages of region r whose mask bit is set; zero pages as markers. Returns the
-        number of pages covered."""
+    def _send_mask(
+        self,
+        r: MemoryRegion,
+        mask: np.ndarray | None,
+        first_pass: bool = False,
+        runs: list[tuple[int, int]] | None = None,
+    ) -> int:
+        """Send the pages of region r whose mask bit is set (or the given runs of pages); zero
+        pages as markers. Returns the number of pages covered."""
         fs = self.fs
         assert fs is not None
         arr = mem.pages_array(r)
         view = memoryview(r.mm)
         covered = 0
         zero_runs: list[tuple[int, int]] = []
-        for a, b in mem.runs(mask):
+        if runs is None:
+            assert mask is not None
+            runs = mem.runs(mask)
+        for a, b in runs:
             covered += b - a
             nz = mem.nonzero_pages(arr, a, b)
             if not nz.all():
@@ -706,6 +773,7 @@ class Source:
     def _roll_back(self, why: str) -> None:
         """Leave the source VM running and unchanged."""
         self._stop_logging()
+        self.vm.uart.release_held()  # what was typed during the pause is the guest's here
         if self.vm.partition is not None and self.vm.end is None:
             self.vm.partition.resume()  # also undoes a throttle pause
         self._paused = False
@@ -713,6 +781,12 @@ class Source:
             self.fs.abort(f"the source gave up: {why}")
         self.progress.phase = "aborted"
         self._report(force=True)
+
+
+def _cork(fs: FrameSocket, on: bool) -> None:
+    """TCP_CORK: hold partial segments until uncorked (full ones still go)."""
+    if fs.sock.family in (socket.AF_INET, socket.AF_INET6):
+        fs.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
 
 
 def _describe(e: BaseException) -> str:

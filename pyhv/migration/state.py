@@ -13,6 +13,7 @@ component's own versioned ``from_wire``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,13 +89,42 @@ class VmState:
             raise MigrationError(f"the VM state frame is malformed: {e}", "state") from None
 
 
-def save(vm: VirtualMachine, dynmem: DynamicMemoryState | None) -> VmState:
-    """Every component's state (the VPs paused; `dynmem` saved with the VSP frozen)."""
+def prepare(vm: VirtualMachine, *, destination: bool) -> None:
+    """Pay the first-use costs of saving (the source) or reading (the destination) a state
+    before the pause instead of inside it: the lazy imports, and msgspec's decoder for each
+    state type, built on its first use (0.6 ms of the first decode here, 0.04 ms later). The
+    destination reads back a state of its own VM, whose VPs are parked (not yet restored)."""
+    import pyhv.hypervisor.state  # noqa: F401 - Partition.save imports it on first use
+
+    encoded = vm.uart.save().to_wire()
+    if not destination:
+        msgspec.json.encode(encoded)
+        return
+    p = vm.partition
+    assert p is not None
+    own = VmState.decode(VmState(STATE_VERSION, p.save(), vm.uart.save()).encode())
+    # and the restore's own first calls (0.34 ms of the first here, 0.17 later): the parked
+    # VPs take back the state they hold, which the source's overwrites in the pause
+    mine = dataclasses.replace(own.partition, intercept_counters={})
+    try:
+        p.check(mine)
+        p.restore(mine)
+    except StateError as e:
+        raise MigrationError(f"the VM built here cannot take a state: {e}", "config") from None
+
+
+def save(
+    vm: VirtualMachine, dynmem: DynamicMemoryState | None, *, hold_serial: bool = False
+) -> VmState:
+    """Every component's state (the VPs paused; `dynmem` saved with the VSP frozen). With
+    `hold_serial`, serial input fed from the moment the UART is saved is held (a migration
+    sends it with COMMIT: Uart16550.take_held)."""
     p = vm.partition
     assert p is not None
     try:
         storage = None if vm.storage is None else vm.storage.save()
-        return VmState(STATE_VERSION, p.save(), vm.uart.save(), dynmem, storage)
+        uart = vm.uart.save(hold_input=hold_serial)
+        return VmState(STATE_VERSION, p.save(), uart, dynmem, storage)
     except (StateError, DiskError) as e:
         raise MigrationError(str(e), "state") from None
 

@@ -108,11 +108,15 @@ class WorkerIncoming:
 
     def receive(self, vm: VirtualMachine) -> None:
         self.vm = vm
+        if self.guard is not None and self._send is not None:
+            self.incoming.gate = self._confirm  # between the commit and the VPs running
         self.incoming.receive(vm)
-        if self.guard is None or self._send is None:
-            return
-        # COMMIT came: the VM is whole here, paused. It resumes only once the owner has made
+
+    def _confirm(self) -> None:
+        assert self.guard is not None and self._send is not None
+        # Committed: the VM is whole here, paused. It resumes only once the owner has made
         # it its own (durably); without that word the source keeps it (in doubt: it asks).
+        # This round trip to the owner is inside the pause (docs/migration.md).
         self._send(m.Committed(self.config))
         if not self.guard.confirmed(self.incoming.timeout):
             err = MigrationError(f"not resumed here: {self.guard.why}", "commit")
@@ -120,7 +124,8 @@ class WorkerIncoming:
             raise err
 
     def resumed(self, send: Send) -> None:
-        self.incoming.resumed(self.vm.running_since if self.vm is not None else None)
+        vm = self.vm
+        self.incoming.resumed(vm, vm.running_since if vm is not None else None)
         inc = self.incoming
         send(m.MigratedIn(self.config, inc.peer, inc.passes, inc.pages))
 

@@ -140,20 +140,37 @@ class VirtualMachine:
             self._trace_sources(self.recorder.active)  # a subscriber may have come first
             self.vps = [p.create_vp(i) for i in range(cfg.vps)]
             if incoming is not None:
+                # The VP threads (and their watchers) exist before the pause at the source,
+                # parked: incoming() restores into them and run_incoming() only wakes them.
+                for vp in self.vps:
+                    vp.start(paused=True)
+                    self._watch_vp(vp)
                 incoming(self)
-            elif entry is not None:
+                if self.running_since is None:  # a hook that did not resume them itself
+                    self.run_incoming()
+                return
+            if entry is not None:
                 _set_entry_state(self.vps[0], entry)
             for vp in self.vps:
                 vp.start()
                 if self.running_since is None:
                     self.running_since = time.monotonic()  # a VP runs guest code from here
-                w = threading.Thread(target=self._watch, args=(vp,), name=f"watch-vp{vp.index}")
-                w.daemon = True
-                w.start()
-                self._watchers.append(w)
+                self._watch_vp(vp)
         except BaseException:
             self.close()
             raise
+
+    def _watch_vp(self, vp: VirtualProcessor) -> None:
+        w = threading.Thread(target=self._watch, args=(vp,), name=f"watch-vp{vp.index}")
+        w.daemon = True
+        w.start()
+        self._watchers.append(w)
+
+    def run_incoming(self) -> None:
+        """A migrated VM's parked VPs run guest code from now (its state restored)."""
+        assert self.partition is not None
+        self.running_since = time.monotonic()
+        self.partition.resume()
 
     def set_trace_kinds(self, kinds: frozenset[str] | None) -> None:
         """Which event sources the recorder turns on (pyhv.trace.events KINDS; None: all):

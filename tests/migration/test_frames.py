@@ -23,6 +23,7 @@ BODIES: list[msgspec.Struct] = [
     frames.AuthOk("01" * 32, "34" * 32),
     frames.Config({"name": "vm"}, [(0, 1 << 20), (1 << 32, 2 << 20)], frames.ConfigOptions(False)),
     frames.Empty(),
+    frames.Commit(b"ls\r"),
     frames.PassEnd(3, 100),
     frames.Checksum("0123abcd"),
     frames.Resumed(12.5, 3.25),

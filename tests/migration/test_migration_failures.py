@@ -87,7 +87,8 @@ def _fails(
         ("pass1", "corrupt", "failed authentication", "pass1"),
         ("pass2", "corrupt", "failed authentication", "pass2"),  # paced: see below
         ("final", "cut", LOST, "final"),
-        ("state", "corrupt", "failed authentication", "state"),
+        # the STATE frame commits (two_phase_commit off): learned while committing
+        ("state", "corrupt", "failed authentication", "commit"),
         ("commit", "cut", LOST, "commit"),
     ],
 )
@@ -107,9 +108,10 @@ def test_a_source_side_fault_at_each_phase_leaves_the_vm_running_at_the_source(
         ("config", "exit", LOST, "config"),  # the source waits for READY
         ("memory", "exit", LOST, "pass1"),  # the first page frame of pass 1
         ("memory", "cut", LOST, "pass1"),
-        ("state", "fail", "injected failure at state", "state"),  # the source waits for RESTORED
-        ("restored", "exit", LOST, "state"),
-        ("restored", "cut", LOST, "state"),
+        # the source sent STATE (which commits) and waits for RESUMED
+        ("state", "fail", "injected failure at state", "commit"),
+        ("restored", "exit", LOST, "commit"),
+        ("restored", "cut", LOST, "commit"),
     ],
 )
 def test_a_destination_killed_or_cut_off_at_each_phase_leaves_the_vm_running_at_the_source(
@@ -124,6 +126,14 @@ def test_a_destination_killed_or_cut_off_at_each_phase_leaves_the_vm_running_at_
         assert dst.returncode == 17
 
 
+def test_with_two_phase_commit_a_destination_gone_before_restored_is_learned_in_state(
+    source: Any, destination: Any
+) -> None:
+    dst = destination(faults={"restored": "exit"})
+    err = _fails(source, dst, LOST, two_phase_commit=True)
+    assert err.phase == "state"  # the source was waiting for RESTORED, COMMIT not sent
+
+
 def test_a_page_changed_at_the_destination_after_it_arrived_fails_the_ram_checksum(
     source: Any, destination: Any
 ) -> None:
@@ -136,7 +146,7 @@ def test_a_page_changed_at_the_destination_after_it_arrived_fails_the_ram_checks
         r"the destination aborted: guest RAM differs from the source's at pause "
         r"\(checksum [0-9a-f]+ here, [0-9a-f]+ there\)",
     )
-    assert err.phase == "state"  # the source was waiting for RESTORED
+    assert err.phase == "commit"  # the source sent STATE (which commits), waits for RESUMED
     assert "the VM keeps running here" in str(err)
     assert "ticks: " in source[1].run("ticks")  # its console answers at the source
 

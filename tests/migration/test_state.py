@@ -8,6 +8,7 @@ import json
 import mmap
 import os
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -102,6 +103,21 @@ def test_page_runs_of_a_mask() -> None:
     m = np.array([0, 1, 1, 0, 1, 0, 0, 1], dtype=bool)
     assert mem.runs(m) == [(1, 3), (4, 5), (7, 8)]
     assert mem.runs(np.zeros(0, dtype=bool)) == []
+
+
+def test_the_pages_of_a_packed_dirty_bitmap_are_its_set_bits_within_the_region() -> None:
+    # KVM's bitmap is padded to 64 bits: set padding bits past the region are not pages
+    bits = np.zeros(64, dtype=bool)
+    bits[[0, 1, 2, 9, 40, 60, 61]] = True
+    region = SimpleNamespace(
+        pages=41, dirty_bitmap=lambda: np.packbits(bits, bitorder="little").tobytes()
+    )
+    idx = mem.dirty_pages(region)  # type: ignore[arg-type]
+    assert idx.tolist() == [0, 1, 2, 9, 40]
+    assert mem.index_runs(idx) == [(0, 3), (9, 10), (40, 41)]
+    assert mem.index_runs(np.zeros(0, dtype=np.int64)) == []
+    assert mem.union(idx, np.array([2, 3, 40, 50])).tolist() == [0, 1, 2, 3, 9, 40, 50]
+    assert mem.union(np.array([5]), np.zeros(0, dtype=np.int64)).tolist() == [5]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,70 @@
+"""The stop-and-copy phase (docs/migration.md): what is typed at the source while the VM is
+paused there reaches the guest at the destination (the serial input held from the state's save
+and sent with COMMIT: before the destination's VPs run with two-phase commit, right after
+otherwise)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from pyhv.migration.worker import migrate_worker
+from tests.migration.conftest import TOKEN, moved
+
+pytestmark = pytest.mark.guest
+
+
+@pytest.mark.parametrize("two_phase", [False, True], ids=["state-commits", "two-phase"])
+def test_keys_typed_at_the_source_during_the_pause_reach_the_guest_at_the_destination(
+    hosts: Any, two_phase: bool
+) -> None:
+    src, guest = hosts.boot()
+    before = guest.ticks()
+    dst = hosts.destination()
+    paused = threading.Event()
+    box: dict[str, Any] = {}
+
+    def on_progress(p: dict[str, Any]) -> None:
+        if p["phase"] == "commit":  # the source's VPs are paused, its state already sent
+            paused.set()
+
+    def run() -> None:
+        opts = {"faults": {"commit": "hold"}, "two_phase_commit": two_phase}
+        box["result"] = migrate_worker(src, dst.wait_listening(), TOKEN, opts, on_progress)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert paused.wait(60), "the migration never reached its pause"
+    src.send(b"ticks\r")  # typed at the source while the VM is paused there
+    t.join(60)
+    assert "result" in box, "the migration did not finish"
+    assert dst.wait_migrated(30) is not None
+    # the guest's shell at the destination echoes the command and runs it
+    out = dst.serial.read_until(b"pyhv> ", 30).decode()
+    assert "ticks" in out.split("\n", 1)[0] and "ticks: " in out, out
+    ticks = int(out.split("ticks: ", 1)[1].split()[0])
+    assert ticks >= before
+    assert moved(dst).ticks() >= ticks
+    end = src.wait(30)
+    assert end is not None and "migrated to" in end.detail
+
+
+def test_the_destination_runs_the_vm_before_the_source_tears_its_copy_down(hosts: Any) -> None:
+    src, _guest = hosts.boot()
+    dst = hosts.destination()
+    result = migrate_worker(src, dst.wait_listening(), TOKEN, {})
+    end = src.wait(30)
+    torn_down = time.monotonic()  # the source worker's VM ended: its teardown is over
+    assert end is not None and "migrated to" in end.detail
+    # one host, one CLOCK_MONOTONIC: the destination's VPs ran before the teardown ended
+    assert 0 < result["destination_running_since"] < torn_down
+    parts = result["downtime_parts"]
+    # one hop: the STATE frame committed (no RESTORED/COMMIT round trip inside the pause),
+    # and each side measured its steps
+    assert "restored" not in parts
+    assert {"pause", "last_pages", "state_save", "state", "resumed"} <= set(parts)
+    assert {"destination_state_in", "destination_restore"} <= set(parts)
+    assert moved(dst).ticks() > 0

@@ -488,7 +488,8 @@ def migration(d: dict[str, Any]) -> list[str]:
         f"+{round(p['throttle_step'] * 100)} % per step, at most "
         f"{round(p['throttle_max'] * 100)} %"
         + ("" if same else " for pyhv — **QEMU's settings differ**")
-        + ".",
+        + f". pyhv sends pages over {plural(d.get('pyhv_streams', 1), 'TCP stream')} (a "
+        "sending thread each), QEMU over one.",
         "",
         "The wire limit of a row is the same fixed figure for both: the guest's distinct "
         "non-zero memory at the start of the migration (4 KiB pages not all zero, each counted "

@@ -85,6 +85,14 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="encrypt the stream (AES-256-GCM; frames are authenticated either way)",
     )
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        choices=range(1, 17),
+        metavar="N",
+        help="TCP connections carrying pages, 1-16, a sending thread each (default 1)",
+    )
     p.add_argument("--no-throttle", action="store_true", help="no auto-converge")
     p.add_argument("--no-verify", action="store_true", help="skip the RAM checksum at pause")
 
@@ -98,6 +106,8 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
         "auto_converge": not a.no_throttle,
         "verify": not a.no_verify,
     }
+    if a.streams != 1:
+        out["streams"] = a.streams
     if a.bandwidth:
         out["bandwidth"] = a.bandwidth
     return out

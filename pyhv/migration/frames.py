@@ -59,6 +59,8 @@ class ConfigOptions(Struct, frozen=True):
     ignored)."""
 
     verify: bool = True
+    #: connections carrying pages: this one and streams-1 data streams (pyhv.migration.stream)
+    streams: Annotated[int, Meta(ge=1, le=16)] = 1
 
 
 class Config(_Body, frozen=True):
@@ -76,15 +78,22 @@ class Config(_Body, frozen=True):
                 raise ValueError(f"RAM region [{gpa}, {size}] is not page-aligned")
 
 
+class Join(_Body, frozen=True):
+    """src -> dest, the first frame of a data stream: which one it is (also in the header)."""
+
+    stream: Annotated[int, Meta(ge=1, le=15)]
+
+
 class Empty(_Body, frozen=True):
     """READY, RESTORED, COMMIT: the frame itself is the message."""
 
 
-class PassEnd(_Body, frozen=True):
+class PassEnd(_Body, frozen=True, omit_defaults=True):
     """src -> dest: a memory pass ended."""
 
     pass_: Annotated[int, Meta(ge=0)] = field(name="pass")
     pages: Annotated[int, Meta(ge=0)] = 0
+    last: bool = False  #: the final pass (a data stream ends with it)
 
 
 class Checksum(_Body, frozen=True):

@@ -22,6 +22,7 @@ import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,11 +36,13 @@ from pyhv.migration import state as vm_state
 from pyhv.migration.faults import FaultPlan
 from pyhv.migration.stream import (
     COMPRESSED,
+    MAX_STREAMS,
     Frame,
     FrameSocket,
     MigrationError,
     PeerAborted,
     authenticate_source,
+    join_source,
     pack_zero_runs,
     token_bytes,
 )
@@ -81,6 +84,10 @@ class MigrationOptions:
     verify: bool = True  #: checksum all RAM at pause, compared by the destination
     prefault: bool = True  #: tell the destination what pass 1 sends, so it backs it ahead
     timeout: float = 30.0  #: seconds any one network operation may take
+    #: TCP connections carrying pages (1..16): each sends its own share of guest RAM from a
+    #: thread of its own, sealed under keys of its own; the destination receives each on a
+    #: thread straight into guest RAM
+    streams: int = 1
     #: The connection lost after COMMIT went out, before RESUMED came: resume here (True), or
     #: stay paused and raise MigrationInDoubt so the owner can ask the destination (False).
     resume_in_doubt: bool = True
@@ -92,7 +99,12 @@ class MigrationOptions:
         bad = sorted(set(d) - known)
         if bad:
             raise MigrationError(f"unknown migration option(s) {bad}: known are {sorted(known)}")
-        return cls(**d)
+        opt = cls(**d)
+        if not isinstance(opt.streams, int) or not 1 <= opt.streams <= MAX_STREAMS:
+            raise MigrationError(
+                f"streams={opt.streams!r}: a migration uses 1 to {MAX_STREAMS} connections"
+            )
+        return opt
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,10 +196,15 @@ class Source:
         self.progress = Progress()
         self.faults = FaultPlan(self.opt.faults)
         self.fs: FrameSocket | None = None
+        self.data: list[FrameSocket] = []  #: the data streams, after the first one
+        self._pool: ThreadPoolExecutor | None = None
+        self._count = threading.Lock()  # progress counters, updated by every sending thread
+        self._local = threading.local()  # a zstd compressor per sending thread
+        self._owner = 0  # the thread that runs the migration (and reports progress)
+        self._first_sent = False  # the first stream sent its first page frame
         self._logging: list[MemoryRegion] = []
         self._paused = False
         self._throttle = _Throttle(vm)
-        self._zstd: Any = None
         self._t0 = 0.0
         self._last_report = 0.0
         self.ram_checksum: str | None = None
@@ -198,6 +215,7 @@ class Source:
     def run(self) -> dict[str, Any]:
         """Migrate; returns the final progress report. On failure the VM runs on here."""
         self._t0 = time.monotonic()
+        self._owner = threading.get_ident()
         try:
             self._migrate()
         except BaseException as e:
@@ -218,6 +236,10 @@ class Source:
                 phase,
             ) from e
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            for d in self.data:
+                d.close()
             if self.fs is not None:
                 self.fs.close()
         return self.progress.as_dict()
@@ -231,7 +253,7 @@ class Source:
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
         if self.fs is not None:
-            self.progress.bytes_sent = self.fs.bytes_sent
+            self.progress.bytes_sent = self._bytes_sent()
             self.progress.frames_refused = self.fs.frames_refused
         self.progress.total_time = now - self._t0
         if self.on_progress is not None and (force or now - self._last_report > 0.1):
@@ -250,10 +272,6 @@ class Source:
         if dm is not None:
             dm_mod.quiesce(dm)
             dm_activity = dm_mod.activity(dm)
-        if opt.compress:
-            import zstandard
-
-            self._zstd = zstandard.ZstdCompressor(level=1)
         # 1. connect, authenticate, configuration
         self._phase("connect")
         try:
@@ -265,7 +283,7 @@ class Source:
             ) from None
         fs = self.fs = FrameSocket(
             sock,
-            bandwidth=opt.bandwidth,
+            bandwidth=-(-opt.bandwidth // opt.streams),  # shared by the streams
             timeout=opt.timeout,
             peer="destination",
         )
@@ -281,10 +299,11 @@ class Source:
             frames.Config(
                 vm.config.to_dict(),
                 [(r.gpa, r.size) for r in regions],
-                frames.ConfigOptions(verify=opt.verify),
+                frames.ConfigOptions(verify=opt.verify, streams=opt.streams),
                 None if dm is None else dm_mod.layout(dm),
             ),
         )
+        self._join_streams()
         fs.expect(Frame.READY, frames.Empty, "config")
 
         # 2. dirty logging on, first pass: everything
@@ -296,7 +315,7 @@ class Source:
             vm.storage.vsp.begin_dirty_log()
         skip = self._skip_ranges()
         t = time.monotonic()
-        sent_before = fs.bytes_sent
+        sent_before = self._bytes_sent()
         pages = 0
         pass1: list[tuple[MemoryRegion, np.ndarray]] = []
         for r in regions:
@@ -313,8 +332,7 @@ class Source:
         for i in range(0, len(extents) if opt.prefault else 0, ZERO_RUNS_PER_FRAME):
             chunk = extents[i : i + ZERO_RUNS_PER_FRAME]
             fs.send(Frame.EXTENTS, pack_zero_runs(chunk), count=len(chunk))
-        for r, mask in pass1:
-            pages += self._send_mask(r, mask, first_pass=True)
+        pages += self._send_masks(pass1, first_pass=True)
         self._end_pass(t, sent_before, pages)
 
         # 3. iterate
@@ -342,8 +360,8 @@ class Source:
                 why = f"{opt.max_passes} passes done"
                 break
             ram_bytes = self.progress.ram_pages * PAGE
-            if fs.bytes_sent >= opt.max_sent_multiple * ram_bytes:
-                why = f"sent {fs.bytes_sent / ram_bytes:.1f} x RAM"
+            if self._bytes_sent() >= opt.max_sent_multiple * ram_bytes:
+                why = f"sent {self._bytes_sent() / ram_bytes:.1f} x RAM"
                 break
             if opt.auto_converge and not fits and not shrinking and self.progress.passes >= 2:
                 f = self._throttle.fraction
@@ -353,10 +371,10 @@ class Source:
             prev_dirty = dirty
             self._phase(f"pass{self.progress.passes + 1}")
             t = self._pass_started = time.monotonic()
-            sent_before = fs.bytes_sent
+            sent_before = self._bytes_sent()
             if self.progress.passes == 1:
                 self.faults.at("pass2", fs)
-            pages = sum(self._send_mask(r, m) for r, m in masks)
+            pages = self._send_masks(masks)
             self._end_pass(t, sent_before, pages)
         log.info("%s: final pass: %s", vm.config.name, why)
         if opt.max_downtime is not None and self.progress.expected_downtime > opt.max_downtime:
@@ -414,15 +432,13 @@ class Source:
                         if r.gpa <= gpa < r.end:
                             first = (gpa - r.gpa) // PAGE
                             m[first : first + n] = True
-                for r, m in masks:
-                    pages += self._send_mask(r, m)
-            else:
-                for r, m in masks:  # dirty when the passes stopped, and since
-                    pages += self._send_mask(r, m | mem.dirty_mask(r))
+                pages += self._send_masks(masks)
+            else:  # dirty when the passes stopped, and since
+                pages += self._send_masks([(r, m | mem.dirty_mask(r)) for r, m in masks])
         self.progress.final_pages = pages
         mark("last_pages")
         self.progress.passes += 1
-        fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages))
+        self._pass_end(pages, last=True)
         self._phase("state")
         self.faults.at("state", fs)
         state = vm_state.save(vm, dm_state)
@@ -498,11 +514,11 @@ class Source:
         assert self.fs is not None
         now = time.monotonic()
         dt = max(now - t, 1e-6)
-        nbytes = self.fs.bytes_sent - sent_before
+        nbytes = self._bytes_sent() - sent_before
         self.progress.passes += 1
         if nbytes > (4 << 20) or self.progress.bandwidth == 0:
             self.progress.bandwidth = nbytes / dt
-        self.fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages))
+        self._pass_end(pages)
         self.progress.pass_log.append(
             {"pass": self.progress.passes, "pages": pages, "bytes": nbytes, "seconds": round(dt, 4)}
         )
@@ -510,22 +526,104 @@ class Source:
             self._pass_started = t
         self._report(force=True)
 
-    def _send_mask(self, r: MemoryRegion, mask: np.ndarray, first_pass: bool = False) -> int:
-        """Send the pages of region r whose mask bit is set; zero pages as markers. Returns the
-        number of pages covered."""
-        fs = self.fs
-        assert fs is not None
+    def _join_streams(self) -> None:
+        """Open the data streams (1..streams-1) to the destination's listener, each sealed
+        under its own keys from the first stream's handshake."""
+        assert self.fs is not None
+        for i in range(1, self.opt.streams):
+            try:
+                sock = socket.create_connection(self.address, timeout=self.opt.timeout)
+            except OSError as e:
+                raise MigrationError(
+                    f"cannot open data stream {i} to {self.address[0]}:{self.address[1]}: {e}",
+                    "streams",
+                ) from None
+            self.data.append(join_source(self.fs, sock, i))
+        if self.data:
+            self._pool = ThreadPoolExecutor(len(self.data), thread_name_prefix="migration-out")
+
+    def _bytes_sent(self) -> int:
+        assert self.fs is not None
+        return self.fs.bytes_sent + sum(d.bytes_sent for d in self.data)
+
+    def _pass_end(self, pages: int, last: bool = False) -> None:
+        """PASS_END on every stream: the data streams' first (the destination waits for theirs
+        before it takes the state that follows the first stream's last one)."""
+        assert self.fs is not None
+        end = frames.PassEnd(self.progress.passes, pages, last)
+        for d in self.data:
+            d.send_json(Frame.PASS_END, end)
+        self.fs.send_json(Frame.PASS_END, end)
+
+    def _send_masks(
+        self, masks: list[tuple[MemoryRegion, np.ndarray]], first_pass: bool = False
+    ) -> int:
+        """Send the pages whose mask bit is set, each stream its own share: stream i the i-th
+        of `streams` equal GPA slices of every region (the same slice every pass, so a page's
+        frames stay in order), the data streams from the pool's threads. Returns the pages
+        covered."""
+        streams = [self.fs, *self.data]
+        n = len(streams)
+        shares: list[list[tuple[MemoryRegion, int, np.ndarray]]] = [[] for _ in streams]
+        for r, mask in masks:
+            for i in range(n):
+                lo, hi = r.pages * i // n, r.pages * (i + 1) // n
+                if mask[lo:hi].any():
+                    shares[i].append((r, lo, mask[lo:hi]))
+        futures = [
+            self._pool.submit(self._send_share, fs, share, False)
+            for fs, share in zip(self.data, shares[1:], strict=True)
+            if share and self._pool is not None
+        ]
+        covered, error = 0, None
+        try:
+            covered = self._send_share(streams[0], shares[0], first_pass)  # type: ignore[arg-type]
+        except BaseException as e:  # noqa: BLE001 - raised below, once the threads stopped
+            error = e
+            for d in self.data:  # unblock the sending threads
+                d.close(reset=True)
+        for f in futures:
+            try:
+                covered += f.result()
+            except BaseException as e:  # noqa: BLE001 - a sending thread's error
+                error = error or e
+        if error is not None:
+            raise error
+        return covered
+
+    def _send_share(
+        self,
+        fs: FrameSocket,
+        share: list[tuple[MemoryRegion, int, np.ndarray]],
+        first_pass: bool,
+    ) -> int:
+        return sum(self._send_mask(fs, r, first, m, first_pass) for r, first, m in share)
+
+    def _send_mask(
+        self,
+        fs: FrameSocket,
+        r: MemoryRegion,
+        first: int,
+        mask: np.ndarray,
+        first_pass: bool = False,
+    ) -> int:
+        """Send on `fs` the pages of region r from page `first` on whose mask bit is set; zero
+        pages as markers. Returns the number of pages covered."""
         arr = mem.pages_array(r)
         view = memoryview(r.mm)
         covered = 0
         zero_runs: list[tuple[int, int]] = []
+        zstd = self._compressor()
+        mine = threading.get_ident() == self._owner
         for a, b in mem.runs(mask):
+            a, b = a + first, b + first
             covered += b - a
             nz = mem.nonzero_pages(arr, a, b)
             if not nz.all():
                 for s, e in mem.runs(~nz):
                     zero_runs.append((r.gpa + (a + s) * PAGE, e - s))
-                    self.progress.zero_pages += e - s
+                    with self._count:
+                        self.progress.zero_pages += e - s
                     if len(zero_runs) >= ZERO_RUNS_PER_FRAME:
                         fs.send(Frame.ZERO, pack_zero_runs(zero_runs), count=len(zero_runs))
                         zero_runs = []
@@ -536,21 +634,35 @@ class Source:
                     buf = fs.payload_buffer(nbytes)  # sealed where it lies
                     buf[:] = view[c * PAGE : c * PAGE + nbytes]  # a copy: the guest may write on
                     gpa = r.gpa + c * PAGE
-                    if self._zstd is not None:
-                        z = self._zstd.compress(buf)
+                    if zstd is not None:
+                        z = zstd.compress(buf)
                         if len(z) < nbytes:
                             fs.send(Frame.PAGES, z, count=n, addr=gpa, flags=COMPRESSED)
                         else:
                             fs.send(Frame.PAGES, buf, count=n, addr=gpa)
                     else:
                         fs.send(Frame.PAGES, buf, count=n, addr=gpa)
-                    self.progress.pages_sent += n
-                    if first_pass and self.progress.pages_sent == n:
-                        self.faults.at("pass1", fs)
-                    self._report()
+                    with self._count:
+                        self.progress.pages_sent += n
+                    if mine:
+                        if first_pass and not self._first_sent:
+                            self._first_sent = True
+                            self.faults.at("pass1", fs)
+                        self._report()
         if zero_runs:
             fs.send(Frame.ZERO, pack_zero_runs(zero_runs), count=len(zero_runs))
         return covered
+
+    def _compressor(self) -> Any:
+        """This thread's zstd compressor (level 1), or None without `compress`."""
+        if not self.opt.compress:
+            return None
+        zstd = getattr(self._local, "zstd", None)
+        if zstd is None:
+            import zstandard
+
+            zstd = self._local.zstd = zstandard.ZstdCompressor(level=1)
+        return zstd
 
     def _peer_reason(self, e: BaseException) -> str | None:
         """After a failed send: the destination's ABORT frame, if it sent one before closing."""

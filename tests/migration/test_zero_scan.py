@@ -1,6 +1,6 @@
-"""The source's zero-page scan (pyhv.migration.memory.nonzero_pages): a page counts as zero
-only if all its 512 words are, whether the data sits in its first word, its last, or nowhere,
-and across the scan's 16 MiB chunks."""
+"""The source's page scans (pyhv.migration.memory): a page counts as zero only if all its 512
+words are, whether the data sits in its first word, its last, or nowhere, and across the zero
+scan's 16 MiB chunks; runs of set bits are found at both ends of a mask and between."""
 
 from __future__ import annotations
 
@@ -25,3 +25,20 @@ def test_a_page_is_zero_only_if_every_word_is() -> None:
         assert (nonzero_pages(arr, first, end) == want).all(), (first, end)
     assert nonzero_pages(arr, 7, 9).tolist() == [True, True]
     assert nonzero_pages(np.zeros((5, 512), dtype=np.uint64), 0, 5).tolist() == [False] * 5
+
+
+def test_runs_of_set_pages_are_found_at_both_ends_and_between() -> None:
+    from pyhv.migration.memory import runs
+
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 2, 3, 17, 4096):
+        for p in (0.0, 0.1, 0.5, 0.9, 1.0):
+            mask = rng.random(n) < p
+            want, start = [], None
+            for i, bit in enumerate([*mask.tolist(), False]):
+                if bit and start is None:
+                    start = i
+                elif not bit and start is not None:
+                    want.append((start, i))
+                    start = None
+            assert runs(mask) == want, (n, p)

@@ -410,3 +410,32 @@ def test_a_payload_built_in_the_streams_buffer_is_sealed_where_it_lies(encrypt: 
     assert dst.recv()[4] == b"\x03" * 4096
     src.close()
     dst.close()
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["authenticated", "encrypted"])
+def test_a_data_stream_joins_under_keys_of_its_own_and_a_stranger_cannot(encrypt: bool) -> None:
+    src, dst = _sealed_pair(encrypt)
+    a, b = socket.socketpair()
+    data_src = st.join_source(src, a, 2)
+    data_dst = st.join_destination(dst, b, 3)
+    assert data_dst.index == 2 and data_dst.encrypted is encrypt
+    data_src.send(Frame.PAGES, b"\x33" * 4096, count=1, addr=0x5000)
+    assert data_dst.recv() == (Frame.PAGES, 0, 1, 0x5000, b"\x33" * 4096)
+    # each stream's keys are its own (a frame moved to another stream fails its tag there)
+    keys = src.stream_keys
+    assert keys is not None and len({keys(0), keys(1), keys(2)}) == 3
+    other, other_dst = _sealed_pair(encrypt)  # another migration, other keys
+    strangers: list[Callable[[socket.socket], object]] = [
+        lambda c: st.join_source(other, c, 1),  # sealed under the wrong keys
+        lambda c: st.join_source(src, c, 3),  # a stream out of range (3 of 3)
+        lambda c: FrameSocket(c).send_json(Frame.HELLO, frames.Hello(2, "00" * 32)),
+    ]
+    for stranger in strangers:
+        c, d = socket.socketpair()
+        stranger(c)
+        with pytest.raises(MigrationError, match="refused"):
+            st.join_destination(dst, d, 3)
+        c.close()
+    other_dst.close()
+    for fs in (src, dst, data_src, data_dst, other):
+        fs.close()

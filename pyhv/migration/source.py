@@ -2,7 +2,8 @@
 
 1. connect and authenticate; send the configuration; the destination creates the VM (READY);
 2. switch on KVM dirty logging, send all memory (never-written pages are skipped, zero pages go
-   as markers, ballooned pages are not sent);
+   as markers, ballooned pages are not sent); with `streams` > 1 every pass goes over that many
+   connections, each its own GPA slice of every region from a thread of its own;
 3. repeat: take the dirty bitmap and send what was written during the last pass, until what is
    left would be sent within the downtime target at the bandwidth measured, or after
    `max_passes` passes, or once more than `max_sent_multiple` x RAM went out; when the dirty
@@ -99,12 +100,14 @@ class MigrationOptions:
         bad = sorted(set(d) - known)
         if bad:
             raise MigrationError(f"unknown migration option(s) {bad}: known are {sorted(known)}")
-        opt = cls(**d)
-        if not isinstance(opt.streams, int) or not 1 <= opt.streams <= MAX_STREAMS:
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        s = self.streams
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_STREAMS:
             raise MigrationError(
-                f"streams={opt.streams!r}: a migration uses 1 to {MAX_STREAMS} connections"
+                f"streams={s!r}: a migration uses 1 to {MAX_STREAMS} connections (e.g. 2)"
             )
-        return opt
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -439,3 +439,12 @@ def test_a_data_stream_joins_under_keys_of_its_own_and_a_stranger_cannot(encrypt
     other_dst.close()
     for fs in (src, dst, data_src, data_dst, other):
         fs.close()
+
+
+@pytest.mark.parametrize("streams", [0, 17, True, "2", 2.0])
+def test_a_stream_count_out_of_range_is_refused_by_name(streams: object) -> None:
+    from pyhv.migration.source import MigrationOptions
+
+    with pytest.raises(MigrationError, match=r"streams=.*1 to 16 connections"):
+        MigrationOptions.from_dict({"streams": streams})
+    assert MigrationOptions.from_dict({"streams": 16}).streams == 16

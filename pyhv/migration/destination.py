@@ -86,9 +86,12 @@ class Incoming:
         self._populater = _Populater()
         self.data: list[FrameSocket] = []  #: the data streams, after the first one
         self._first_pages = False  # the first stream's first PAGES frame came
-        self._data_passes = 0  # PASS_END frames seen on all data streams together
         self._data_error: BaseException | None = None
-        self._data_done = threading.Condition()
+        self._stopping = False  # the first stream's thread gave up: the others just stop
+        self._data_done = threading.Lock()  # the page count, updated by every receiving thread
+        #: every receiving thread waits here at each PASS_END: a pass's pages are all in guest
+        #: RAM before any of the next pass is read (a page may change streams between passes)
+        self._pass_end: threading.Barrier | None = None
         self._local = threading.local()  # a zstd decompressor per receiving thread
 
     def accept(self) -> dict[str, Any]:
@@ -219,6 +222,7 @@ class Incoming:
             )
             for d in self.data
         ]  # fmt: skip
+        self._pass_end = threading.Barrier(1 + len(threads))
         for t in threads:
             t.start()
         try:
@@ -229,6 +233,8 @@ class Incoming:
             raise
         finally:
             if any(t.is_alive() for t in threads):  # failed: unblock their reads
+                self._stopping = True
+                self._pass_end.abort()
                 for d in self.data:
                     d.close(reset=True)
             for t in threads:
@@ -249,8 +255,8 @@ class Incoming:
             elif ftype is Frame.PASS_END:
                 self.passes += 1
                 self._populater.stop()
+                self._all_streams_at_pass_end()
             elif ftype is Frame.STATE:
-                self._wait_data_streams()
                 return VmState.decode(bytes(buf))
             elif ftype is Frame.ABORT:
                 reason = bytes(buf).decode(errors="replace")
@@ -290,36 +296,33 @@ class Incoming:
                         f"unexpected {ftype.name} frame on data stream {fs.index}", "memory"
                     )
                 end = frames.decode(bytes(buf), frames.PassEnd, "PASS_END")
-                with self._data_done:
-                    self._data_passes += 1
-                    self._data_done.notify_all()
+                self._all_streams_at_pass_end()
                 if end.last:
                     return
         except BaseException as e:  # noqa: BLE001 - reported by the first stream's thread
+            if self._stopping:  # the first stream failed: it reports why
+                return
             err = MigrationError(f"data stream {fs.index}: {e}", "memory")
             log.warning("data stream %d failed: %s", fs.index, err)
-            with self._data_done:
-                self._data_error = err
-                self._data_done.notify_all()
+            self._data_error = err
+            if self._pass_end is not None:
+                self._pass_end.abort()
             if self.fs is not None:  # unblock the first stream's thread, which reports it
                 self.fs.abort(str(err))
                 self.fs.close(reset=True)
 
-    def _wait_data_streams(self) -> None:
-        """Before the state: every data stream has delivered its last pass."""
-        want = self.passes * len(self.data)
-        with self._data_done:
-            ok = self._data_done.wait_for(
-                lambda: self._data_error is not None or self._data_passes >= want, self.timeout
-            )
-        if self._data_error is not None:
-            raise self._data_error
-        if not ok:
+    def _all_streams_at_pass_end(self) -> None:
+        """Wait until every stream's receiving thread reached this pass's end."""
+        if self._pass_end is None or self._pass_end.parties == 1:
+            return
+        try:
+            self._pass_end.wait(self.timeout)
+        except threading.BrokenBarrierError:
+            if self._data_error is not None:
+                raise self._data_error from None
             raise MigrationError(
-                f"the data streams delivered {self._data_passes} of {want} pass ends within "
-                f"{self.timeout} s",
-                "memory",
-            )
+                f"not every stream ended pass {self.passes} within {self.timeout} s", "memory"
+            ) from None
 
     def _pages(
         self,

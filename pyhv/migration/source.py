@@ -131,6 +131,7 @@ class Progress:
     total_time: float = 0.0
     final_pages: int = 0
     frames_refused: int = 0  # frames from the destination refused as forged or corrupted
+    stream_bytes: list[int] = field(default_factory=list)  # bytes sent on each stream
     #: milliseconds of the downtime: pause, last pages, state, destination restore, resume
     downtime_parts: dict[str, float] = field(default_factory=dict)
     pass_log: list[dict[str, Any]] = field(default_factory=list)
@@ -257,6 +258,7 @@ class Source:
         now = time.monotonic()
         if self.fs is not None:
             self.progress.bytes_sent = self._bytes_sent()
+            self.progress.stream_bytes = [self.fs.bytes_sent, *(d.bytes_sent for d in self.data)]
             self.progress.frames_refused = self.fs.frames_refused
         self.progress.total_time = now - self._t0
         if self.on_progress is not None and (force or now - self._last_report > 0.1):
@@ -562,17 +564,26 @@ class Source:
         self, masks: list[tuple[MemoryRegion, np.ndarray]], first_pass: bool = False
     ) -> int:
         """Send the pages whose mask bit is set, each stream its own share: stream i the i-th
-        of `streams` equal GPA slices of every region (the same slice every pass, so a page's
-        frames stay in order), the data streams from the pool's threads. Returns the pages
-        covered."""
+        of `streams` parts with as many set pages each (in GPA order), the data streams from
+        the pool's threads (the destination finishes a pass on every stream before it reads
+        the next, so a page may change streams between passes). Returns the pages covered."""
         streams = [self.fs, *self.data]
         n = len(streams)
         shares: list[list[tuple[MemoryRegion, int, np.ndarray]]] = [[] for _ in streams]
-        for r, mask in masks:
-            for i in range(n):
-                lo, hi = r.pages * i // n, r.pages * (i + 1) // n
-                if mask[lo:hi].any():
-                    shares[i].append((r, lo, mask[lo:hi]))
+        if n == 1:
+            shares[0] = [(r, 0, m) for r, m in masks]
+        else:
+            sets = [(r, m, np.flatnonzero(m)) for r, m in masks]
+            total = sum(len(ix) for _, _, ix in sets)
+            base = 0
+            for r, mask, ix in sets:
+                for i in range(n):
+                    a = max(total * i // n - base, 0)
+                    b = min(total * (i + 1) // n - base, len(ix))
+                    if a < b:
+                        lo, hi = int(ix[a]), int(ix[b - 1]) + 1
+                        shares[i].append((r, lo, mask[lo:hi]))
+                base += len(ix)
         futures = [
             self._pool.submit(self._send_share, fs, share, False)
             for fs, share in zip(self.data, shares[1:], strict=True)

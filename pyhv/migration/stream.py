@@ -39,8 +39,8 @@ the keys) is refused with a MigrationError naming it, logged, and counted in `fr
 docs/security.md says what this stops and why AES-GCM rather than TLS or BLAKE2b.
 
 Data streams (``MigrationOptions.streams`` > 1): after CONFIG the source opens more connections
-to the same listener, each carrying the pages of its own share of guest RAM (so every page's
-frames stay in order on one connection). A data stream has no handshake of its own: its keys
+to the same listener, each carrying an equal share of each pass's pages (the destination
+finishes a pass on every stream before it reads the next, so a page's frames stay in order). A data stream has no handshake of its own: its keys
 come from the first stream's (HKDF as above, the info ending in ``/stream/<i>``), and its first
 frame, JOIN with the index in `addr`, is sealed under them as frame 0; a connection that cannot
 seal it holds no keys and is refused like any forged frame.

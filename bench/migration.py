@@ -1,8 +1,8 @@
 """Live migration on loopback: pyhv worker -> worker, and QEMU -> QEMU with the same guest image,
 side by side in one run.
 
-For 256 MiB and 1 GiB guests, idle and with `dirty` working sets of 16, 64 and 256 MiB (where
-the working set fits the guest; 256 MiB idle and 16 MiB with PYHV_BENCH_QUICK=1): total time,
+For 256 MiB, 1 GiB and 4 GiB guests, idle and with `dirty` working sets of 16, 64 and 256 MiB
+(where the working set fits the guest; 256 MiB idle and 16 MiB with PYHV_BENCH_QUICK=1): total time,
 downtime (VP paused -> VP running on the destination), bytes sent and passes, each repeated
 (3 times, once when quick) and reported as median with min-max.
 
@@ -25,7 +25,11 @@ transfer of 256 MiB between two processes, repeated before every row and after t
 median of those). Writes bench/results/migration.json and ends stdout with the same JSON object;
 all figures were measured on PVM (this machine's KVM, docs/migration.md).
 
-    .venv/bin/python bench/migration.py [--no-qemu] [--sizes 256M 1G] [--dirty 0 16] [--repeats N]
+pyhv sends pages over `--streams` TCP connections (MigrationOptions.streams; QEMU 7.2 uses one:
+its multifd is not used here, as its defaults have it off).
+
+    .venv/bin/python bench/migration.py [--no-qemu] [--sizes 256M 1G 4G] [--dirty 0 16]
+        [--repeats N] [--streams N]
     (PYHV_BENCH_QUICK=1: fewer rows and repetitions)
 """
 
@@ -54,6 +58,7 @@ from bench import common  # noqa: E402
 TOKEN = "bench-migration-token-0123456789"
 DOWNTIME_MS = 300  # QEMU's default downtime-limit; pyhv's downtime target set the same
 BANDWIDTH = 16 << 30  # bytes/s for QEMU's max-bandwidth: in effect no limit on loopback
+STREAMS = 2  # pyhv's TCP streams (one sending thread each): as many as this machine's cores
 SETTLE = 1.5  # seconds the workload runs before the migration starts
 WIRE_BYTES = 256 << 20  # one loopback bandwidth measurement
 PAGE = 4096
@@ -226,7 +231,7 @@ def _nonzero_pages(fd: int, size: int) -> int:
 
 
 def run_pyhv(
-    memory: str, dirty: int, encrypt: bool = False, postcopy: bool = False
+    memory: str, dirty: int, encrypt: bool = False, postcopy: bool = False, streams: int = 1
 ) -> dict[str, Any]:
     from pyhv.guest_image import image_path
     from pyhv.migration.worker import IncomingWorker, migrate_worker
@@ -255,6 +260,7 @@ def run_pyhv(
                 "bandwidth": 0,
                 "verify": False,  # QEMU does not checksum RAM either
                 "encrypt": encrypt,
+                "streams": streams,
                 **CONVERGENCE,
                 **({"postcopy": True} if postcopy else {}),
             },
@@ -506,12 +512,15 @@ def _summary(runs: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-qemu", action="store_true", help="pyhv only (QEMU's cells say so)")
-    ap.add_argument("--sizes", nargs="+", default=common.pick(["256M", "1G"], ["256M"]))
+    ap.add_argument("--sizes", nargs="+", default=common.pick(["256M", "1G", "4G"], ["256M"]))
     ap.add_argument(
         "--dirty", type=int, nargs="+", default=common.pick([0, 16, 64, 256], [0, 16]),
         help="working sets in MiB (0: idle)",
     )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=common.pick(3, 1))
+    ap.add_argument(
+        "--streams", type=int, default=STREAMS, help=f"pyhv's TCP streams (default {STREAMS})"
+    )
     args = ap.parse_args()
     run = common.run_info()
     sizes, workloads, repeats = args.sizes, args.dirty, args.repeats
@@ -540,8 +549,9 @@ def main() -> None:
             qemu_postcopy_runs: list[dict[str, Any]] = []
             for _ in range(repeats):  # the wire, pyhv (authenticated, encrypted), QEMU take turns
                 bandwidths.append(loopback_bandwidth())
-                pyhv_runs.append(run_pyhv(memory, dirty))
-                sealed_runs.append(run_pyhv(memory, dirty, encrypt=True))
+                pyhv_runs.append(run_pyhv(memory, dirty, streams=args.streams))
+                sealed_runs.append(run_pyhv(memory, dirty, encrypt=True, streams=args.streams))
+                # post-copy takes one stream (MigrationOptions refuses it with more)
                 postcopy_runs.append(run_pyhv(memory, dirty, postcopy=True))
                 if qemu is not None and qemu_error is None:
                     try:
@@ -641,6 +651,7 @@ def main() -> None:
         "repeats": repeats,
         "convergence": {"pyhv": CONVERGENCE, "qemu": {"auto-converge": True, **QEMU_CONVERGENCE}},
         "downtime_limit_ms": DOWNTIME_MS,
+        "pyhv_streams": args.streams,
         "loopback_bytes_per_s": common.spread(bandwidths, 0),
         "wire_bytes_per_transfer": WIRE_BYTES,
         "stream": stream,

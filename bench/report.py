@@ -555,7 +555,8 @@ def migration(d: dict[str, Any]) -> list[str]:
         f"+{round(p['throttle_step'] * 100)} % per step, at most "
         f"{round(p['throttle_max'] * 100)} %"
         + ("" if same else " for pyhv — **QEMU's settings differ**")
-        + ".",
+        + f". pyhv sends pages over {plural(d.get('pyhv_streams', 1), 'TCP stream')} (a "
+        "sending thread each), QEMU over one.",
         "",
         "The wire limit of a row is the same fixed figure for both: the guest's distinct "
         "non-zero memory at the start of the migration (4 KiB pages not all zero, each counted "
@@ -641,7 +642,52 @@ def migration(d: dict[str, Any]) -> list[str]:
         "with fresh memory, and the passes after the first resend what the guest rewrote.",
         "",
     ]
-    return out + _migration_sealing(d)
+    return out + _migration_sealing(d) + _migration_postcopy(d)
+
+
+def _migration_postcopy(d: dict[str, Any]) -> list[str]:
+    """Post-copy rows (pyhv's over one stream, QEMU's postcopy-ram) where the run has them
+    (results without them show nothing)."""
+    rows = []
+    for r in d["rows"]:
+        if "skipped" in r or "pyhv_postcopy" not in r:
+            continue
+        size = r["memory"].replace("M", " MiB").replace("G", " GiB")
+        c, q = r["pyhv_postcopy"], r.get("qemu_postcopy")
+        rows.append(
+            [
+                f"{size}, " + (f"{r['dirty_mib']} MiB dirty" if r["dirty_mib"] else "idle"),
+                spread(c["total_s"], 3, " s"),
+                spread(c["downtime_ms"], 1, " ms"),
+                f"{num(c['blocktime_p50_ms'], 2)} / {num(c['blocktime_p99_ms'], 2)} ms",
+                num(c["faults"], 0),
+                num(c["requested_pages"], 0),
+                DASH if q is None else spread(q["total_s"], 3, " s"),
+                DASH if q is None else f"{num(q['blocktime_total_ms'], 1)} ms",
+            ]
+        )
+    if not rows:
+        return []
+    out = [
+        "The same guests moved by post-copy (`postcopy`: the VM runs at the destination at once, "
+        "its pages fetched as it touches them; one stream) beside QEMU's postcopy-ram (switched "
+        "after its first pass):",
+        "",
+    ]
+    out += table(
+        [
+            "",
+            "pyhv post-copy total",
+            "pyhv post-copy downtime",
+            "blocktime p50 / p99",
+            "faults",
+            "pages on request",
+            "QEMU post-copy total",
+            "QEMU blocktime total",
+        ],
+        rows,
+    )
+    return out + [""]
 
 
 def _migration_sealing(d: dict[str, Any]) -> list[str]:

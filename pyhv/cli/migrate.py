@@ -93,6 +93,14 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="encrypt the stream (AES-256-GCM; frames are authenticated either way)",
     )
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        choices=range(1, 17),
+        metavar="N",
+        help="TCP connections carrying pages, 1-16, a sending thread each (default 1)",
+    )
     p.add_argument("--no-throttle", action="store_true", help="no auto-converge")
     p.add_argument("--no-verify", action="store_true", help="skip the RAM checksum at pause")
     p.add_argument(
@@ -121,6 +129,8 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
         "auto_converge": not a.no_throttle,
         "verify": not a.no_verify,
     }
+    if a.streams != 1:
+        out["streams"] = a.streams
     if a.bandwidth:
         out["bandwidth"] = a.bandwidth
     if a.postcopy or a.postcopy_after is not None:
@@ -128,6 +138,11 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
             raise CliError(
                 f"--postcopy-after {a.postcopy_after}: give a number of passes >= 1 "
                 "(or --postcopy alone for post-copy at once)"
+            )
+        if a.streams != 1:
+            raise CliError(
+                f"--postcopy with --streams {a.streams}: post-copy uses one connection "
+                "(leave --streams out, or drop --postcopy)"
             )
         out["postcopy"] = True
         out["postcopy_after"] = a.postcopy_after or 0

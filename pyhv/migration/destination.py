@@ -31,10 +31,12 @@ from pyhv.migration.postcopy import PostcopyDestination
 from pyhv.migration.state import VmState
 from pyhv.migration.stream import (
     COMPRESSED,
+    MAX_STREAMS,
     Frame,
     FrameSocket,
     MigrationError,
     authenticate_destination,
+    join_destination,
     token_bytes,
     unpack_zero_runs,
 )
@@ -88,7 +90,6 @@ class Incoming:
         self.two_phase = False
         self.passes = 0
         self.pages = 0
-        self._zstd: Any = None
         self.t_commit = 0.0
         self.serial_input = 0  # bytes typed at the source during the pause, fed here
         #: ms of the destination's part of the downtime (sent back with RESUMED)
@@ -101,6 +102,15 @@ class Incoming:
         self.dynmem_layout: dict[str, Any] | None = None
         self._populater = _Populater()
         self.postcopy: PostcopyDestination | None = None
+        self.data: list[FrameSocket] = []  #: the data streams, after the first one
+        self._first_pages = False  # the first stream's first PAGES frame came
+        self._data_error: BaseException | None = None
+        self._stopping = False  # the first stream's thread gave up: the others just stop
+        self._data_done = threading.Lock()  # the page count, updated by every receiving thread
+        #: every receiving thread waits here at each PASS_END: a pass's pages are all in guest
+        #: RAM before any of the next pass is read (a page may change streams between passes)
+        self._pass_end: threading.Barrier | None = None
+        self._local = threading.local()  # a zstd decompressor per receiving thread
 
     def accept(self) -> dict[str, Any]:
         """Wait for the source, authenticate it, read the configuration (returned, as sent)."""
@@ -108,11 +118,10 @@ class Incoming:
         try:
             sock, addr = self.listener.accept()
         except TimeoutError:
+            self.listener.close()
             raise MigrationError(
                 f"no source connected within {self.accept_timeout} s", "accept"
             ) from None
-        finally:
-            self.listener.close()
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         fs = self.fs = FrameSocket(sock, timeout=self.timeout, peer="source")
         try:
@@ -133,10 +142,35 @@ class Incoming:
                     f"can give {have >> 20} MiB",
                     "config",
                 )
+            if msg.options.streams > 1:
+                self._join_streams(msg.options.streams)
         except BaseException as e:
             self.fail(e)
             raise
+        finally:
+            self.listener.close()
         return config
+
+    def _join_streams(self, streams: int) -> None:
+        """Accept the source's data streams 1..streams-1 on the listener (each proves it holds
+        its keys with a sealed JOIN; anything else fails the migration)."""
+        assert self.fs is not None
+        self.listener.settimeout(self.timeout)
+        joined: dict[int, FrameSocket] = {}
+        while len(joined) < streams - 1:
+            try:
+                sock, _addr = self.listener.accept()
+            except TimeoutError:
+                raise MigrationError(
+                    f"{len(joined)} of {streams - 1} data streams joined within {self.timeout} s",
+                    "streams",
+                ) from None
+            fs = join_destination(self.fs, sock, streams)
+            if fs.index in joined:
+                fs.close(reset=True)
+                raise MigrationError(f"data stream {fs.index} joined twice: refused", "streams")
+            joined[fs.index] = fs
+        self.data = [joined[i] for i in sorted(joined)]
 
     def fail(self, e: BaseException) -> None:
         """Tell the source why we give up, and drop the connection."""
@@ -144,6 +178,8 @@ class Incoming:
         if self.fs is not None:
             self.fs.abort(str(e) or type(e).__name__)
             self.fs.close(reset=True)
+        for fs in self.data:
+            fs.close(reset=True)
 
     # --- the VirtualMachine.start hook ---------------------------------------------------
 
@@ -180,6 +216,9 @@ class Incoming:
                 fs.send_json(Frame.RESTORED, frames.Empty())
                 self.postcopy.wait_commit(self.timeout)
                 self.t_commit = time.monotonic()
+                if self.gate is not None:  # the owner's word before the VPs run, as pre-copy
+                    self.gate()
+                    self.parts["gate"] = round((time.monotonic() - self.t_commit) * 1000, 3)
                 trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
                 return
             vm_state.restore(vm, state)
@@ -218,47 +257,44 @@ class Incoming:
             raise
 
     def _memory(self, vm: VirtualMachine, written: dict[int, np.ndarray]) -> VmState:
-        """Frames up to STATE: pages into guest RAM, zero markers, pass ends."""
+        """Frames up to STATE: pages into guest RAM, zero markers, pass ends; the data
+        streams' pages on threads of their own (each straight into guest RAM)."""
         fs = self.fs
         p = vm.partition
         assert fs is not None and p is not None
-        first_pages = True
-        while True:
-            ftype, flags, length, count, addr, check = fs.recv_header()
-            if ftype is Frame.PAGES:
-                if first_pages:
-                    first_pages = False
-                    self.faults.at("memory", fs)
-                r = self._region(p, addr, count)
-                off = addr - r.gpa
-                target = memoryview(r.mm)[off : off + count * PAGE]
-                if flags & COMPRESSED:
-                    buf = bytearray(length)
-                    fs.recv_payload_into(memoryview(buf), ftype, flags, count, addr, check)
-                    self._decompress(buf, target)
-                else:
-                    if length != count * PAGE:
-                        raise MigrationError(
-                            f"PAGES frame of {count} pages carries {length} bytes", "memory"
-                        )
-                    fs.recv_payload_into(target, ftype, flags, count, addr, check)
-                written[r.gpa][off // PAGE : off // PAGE + count] = True
-                self.pages += count
-                continue
-            buf = bytearray(length)
-            fs.recv_payload_into(memoryview(buf), ftype, flags, count, addr, check)
-            if ftype is Frame.ZERO:
-                for gpa, n in unpack_zero_runs(bytes(buf)):
-                    r = self._region(p, gpa, n)
-                    first = (gpa - r.gpa) // PAGE
-                    w = written[r.gpa]
-                    for s, e in mem.runs(w[first : first + n]):
-                        # a page that held data and is zero now: give its memory back
-                        from pyhv.memory.manager import punch_hole
+        threads = [
+            threading.Thread(
+                target=self._data_stream, args=(d, p, written), name=f"migration-in-{d.index}",
+                daemon=True,
+            )
+            for d in self.data
+        ]  # fmt: skip
+        self._pass_end = threading.Barrier(1 + len(threads))
+        for t in threads:
+            t.start()
+        try:
+            return self._first_stream(fs, p, written)
+        except (OSError, MigrationError):
+            if self._data_error is not None:  # a data stream failed first: that is why
+                raise self._data_error from None
+            raise
+        finally:
+            if any(t.is_alive() for t in threads):  # failed: unblock their reads
+                self._stopping = True
+                self._pass_end.abort()
+                for d in self.data:
+                    d.close(reset=True)
+            for t in threads:
+                t.join(self.timeout)
+            for d in self.data:  # done with (their last pass is in)
+                d.close()
 
-                        punch_hole(r.memfd, r.offset + (first + s) * PAGE, (e - s) * PAGE)
-                        w[first + s : first + e] = False
-            elif ftype is Frame.EXTENTS:
+    def _first_stream(self, fs: FrameSocket, p: Any, written: dict[int, np.ndarray]) -> VmState:
+        while True:
+            ftype, buf = self._frame(fs, p, written, first=True)
+            if ftype in (Frame.PAGES, Frame.ZERO):
+                continue
+            if ftype is Frame.EXTENTS:
                 runs = unpack_zero_runs(bytes(buf))
                 for gpa, n in runs:
                     self._region(p, gpa, n)  # inside RAM, or the stream is refused
@@ -266,10 +302,15 @@ class Incoming:
             elif ftype is Frame.PASS_END:
                 self.passes += 1
                 self._populater.stop()
+                self._all_streams_at_pass_end()
                 self._t_state = time.monotonic()  # after the last one: the state
             elif ftype is Frame.STATE:
                 return VmState.decode(bytes(buf))
             elif ftype is Frame.POSTCOPY:
+                if self.data:  # its pages and requests use the first stream alone
+                    raise MigrationError(
+                        f"POSTCOPY over {1 + len(self.data)} streams: post-copy uses one", "memory"
+                    )
                 self.postcopy = PostcopyDestination(fs, self.userfault_device)
             elif ftype is Frame.NEED and self.postcopy is not None:
                 runs = unpack_zero_runs(bytes(buf))
@@ -284,6 +325,105 @@ class Incoming:
                     f"unexpected {ftype.name} frame during the memory passes", "memory"
                 )
 
+    def _frame(
+        self, fs: FrameSocket, p: Any, written: dict[int, np.ndarray], first: bool = False
+    ) -> tuple[Frame, bytearray]:
+        """The next frame of `fs`: PAGES and ZERO applied to guest RAM here, any other returned
+        with its payload. `first`: the first stream (the test-only fault before its first page)."""
+        ftype, flags, length, count, addr, check = fs.recv_header()
+        if ftype is Frame.PAGES:
+            if first and not self._first_pages:
+                self._first_pages = True
+                self.faults.at("memory", fs)
+            self._pages(fs, p, written, flags, length, count, addr, check)
+            return ftype, bytearray()
+        buf = bytearray(length)
+        fs.recv_payload_into(memoryview(buf), ftype, flags, count, addr, check)
+        if ftype is Frame.ZERO:
+            self._zero(p, written, buf)
+        return ftype, buf
+
+    def _data_stream(self, fs: FrameSocket, p: Any, written: dict[int, np.ndarray]) -> None:
+        """One data stream's frames (PAGES, ZERO, PASS_END) until the last pass ended."""
+        try:
+            while True:
+                ftype, buf = self._frame(fs, p, written)
+                if ftype in (Frame.PAGES, Frame.ZERO):
+                    continue
+                if ftype is not Frame.PASS_END:
+                    raise MigrationError(
+                        f"unexpected {ftype.name} frame on data stream {fs.index}", "memory"
+                    )
+                end = frames.decode(bytes(buf), frames.PassEnd, "PASS_END")
+                self._all_streams_at_pass_end()
+                if end.last:
+                    return
+        except BaseException as e:  # noqa: BLE001 - reported by the first stream's thread
+            if self._stopping:  # the first stream failed: it reports why
+                return
+            err = MigrationError(f"data stream {fs.index}: {e}", "memory")
+            log.warning("data stream %d failed: %s", fs.index, err)
+            self._data_error = err
+            if self._pass_end is not None:
+                self._pass_end.abort()
+            if self.fs is not None:  # unblock the first stream's thread, which reports it
+                self.fs.abort(str(err))
+                self.fs.close(reset=True)
+
+    def _all_streams_at_pass_end(self) -> None:
+        """Wait until every stream's receiving thread reached this pass's end."""
+        if self._pass_end is None or self._pass_end.parties == 1:
+            return
+        try:
+            self._pass_end.wait(self.timeout)
+        except threading.BrokenBarrierError:
+            if self._data_error is not None:
+                raise self._data_error from None
+            raise MigrationError(
+                f"not every stream ended pass {self.passes} within {self.timeout} s", "memory"
+            ) from None
+
+    def _pages(
+        self,
+        fs: FrameSocket,
+        p: Any,
+        written: dict[int, np.ndarray],
+        flags: int,
+        length: int,
+        count: int,
+        addr: int,
+        check: int,
+    ) -> None:
+        """A PAGES frame's payload, straight into guest RAM (decompressed when compressed)."""
+        r = self._region(p, addr, count)
+        off = addr - r.gpa
+        target = memoryview(r.mm)[off : off + count * PAGE]
+        if flags & COMPRESSED:
+            buf = bytearray(length)
+            fs.recv_payload_into(memoryview(buf), Frame.PAGES, flags, count, addr, check)
+            self._decompress(buf, target)
+        else:
+            if length != count * PAGE:
+                raise MigrationError(
+                    f"PAGES frame of {count} pages carries {length} bytes", "memory"
+                )
+            fs.recv_payload_into(target, Frame.PAGES, flags, count, addr, check)
+        written[r.gpa][off // PAGE : off // PAGE + count] = True
+        with self._data_done:
+            self.pages += count
+
+    def _zero(self, p: Any, written: dict[int, np.ndarray], buf: bytearray) -> None:
+        for gpa, n in unpack_zero_runs(bytes(buf)):
+            r = self._region(p, gpa, n)
+            first = (gpa - r.gpa) // PAGE
+            w = written[r.gpa]
+            for s, e in mem.runs(w[first : first + n]):
+                # a page that held data and is zero now: give its memory back
+                from pyhv.memory.manager import punch_hole
+
+                punch_hole(r.memfd, r.offset + (first + s) * PAGE, (e - s) * PAGE)
+                w[first + s : first + e] = False
+
     def _region(self, p: Any, gpa: int, pages: int) -> MemoryRegion:
         r = p.gpa_space.find(gpa)
         if r is None or r.readonly or gpa % PAGE or pages <= 0 or gpa + pages * PAGE > r.end:
@@ -295,8 +435,9 @@ class Incoming:
     def _decompress(self, buf: bytearray, target: memoryview) -> None:
         import zstandard
 
-        if self._zstd is None:
-            self._zstd = zstandard.ZstdDecompressor()
+        dctx = getattr(self._local, "zstd", None)
+        if dctx is None:
+            dctx = self._local.zstd = zstandard.ZstdDecompressor()
         data = bytes(buf)
         try:
             # decompress() allocates the size the frame header declares, whatever
@@ -311,7 +452,7 @@ class Incoming:
                 f"a compressed page frame declares {declared} bytes, not {len(target)}", "memory"
             )
         try:
-            out = self._zstd.decompress(data, max_output_size=len(target))
+            out = dctx.decompress(data, max_output_size=len(target))
         except Exception as e:  # noqa: BLE001 - zstd's own error type
             raise MigrationError(
                 f"a compressed page frame does not decompress: {e}", "memory"
@@ -343,6 +484,10 @@ class Incoming:
             log.warning("could not tell the source that the VM resumed: %s", e)
             fs.close()
             return
+        if self.postcopy is not None:
+            # its COMMIT (empty) came before the VPs ran, read by the post-copy receiver,
+            # which reads this stream on: a second reader would take its frames
+            return
         if self.two_phase or vm is None:
             fs.close()
             return
@@ -358,8 +503,7 @@ class Incoming:
         except (OSError, MigrationError) as e:
             log.warning("the serial input typed at the source during the pause is lost: %s", e)
         finally:
-            if self.postcopy is None:  # post-copy: the stream carries the rest of RAM
-                fs.close()
+            fs.close()
 
 
 def _source_still_there(fs: FrameSocket) -> None:
@@ -433,7 +577,7 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, port))
-    s.listen(1)
+    s.listen(MAX_STREAMS)  # the data streams connect at once: a full backlog costs a 1 s SYN retry
     return s
 
 

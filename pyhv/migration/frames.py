@@ -61,6 +61,8 @@ class ConfigOptions(Struct, frozen=True):
     verify: bool = True
     #: RESTORED, then wait for COMMIT before running the VM (off: the STATE frame commits)
     two_phase_commit: bool = False
+    #: connections carrying pages: this one and streams-1 data streams (pyhv.migration.stream)
+    streams: Annotated[int, Meta(ge=1, le=16)] = 1
 
 
 class Config(_Body, frozen=True):
@@ -78,6 +80,12 @@ class Config(_Body, frozen=True):
                 raise ValueError(f"RAM region [{gpa}, {size}] is not page-aligned")
 
 
+class Join(_Body, frozen=True):
+    """src -> dest, the first frame of a data stream: which one it is (also in the header)."""
+
+    stream: Annotated[int, Meta(ge=1, le=15)]
+
+
 class Empty(_Body, frozen=True):
     """READY, RESTORED: the frame itself is the message."""
 
@@ -93,11 +101,12 @@ class Commit(_Body, frozen=True):
     serial_input: Annotated[bytes, Meta(max_length=MAX_SERIAL_INPUT)] = b""
 
 
-class PassEnd(_Body, frozen=True):
+class PassEnd(_Body, frozen=True, omit_defaults=True):
     """src -> dest: a memory pass ended."""
 
     pass_: Annotated[int, Meta(ge=0)] = field(name="pass")
     pages: Annotated[int, Meta(ge=0)] = 0
+    last: bool = False  #: the final pass (a data stream ends with it)
 
 
 class Checksum(_Body, frozen=True):

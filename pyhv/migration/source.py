@@ -2,7 +2,8 @@
 
 1. connect and authenticate; send the configuration; the destination creates the VM (READY);
 2. switch on KVM dirty logging, send all memory (never-written pages are skipped, zero pages go
-   as markers, ballooned pages are not sent);
+   as markers, ballooned pages are not sent); with `streams` > 1 every pass goes over that many
+   connections, each its own GPA slice of every region from a thread of its own;
 3. repeat: take the dirty bitmap and send what was written during the last pass, until what is
    left would be sent within the downtime target at the bandwidth measured, or after
    `max_passes` passes, or once more than `max_sent_multiple` x RAM went out; when the dirty
@@ -25,6 +26,7 @@ import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,11 +40,13 @@ from pyhv.migration import state as vm_state
 from pyhv.migration.faults import FaultPlan
 from pyhv.migration.stream import (
     COMPRESSED,
+    MAX_STREAMS,
     Frame,
     FrameSocket,
     MigrationError,
     PeerAborted,
     authenticate_source,
+    join_source,
     pack_zero_runs,
     token_bytes,
 )
@@ -89,6 +93,10 @@ class MigrationOptions:
     verify: bool = True  #: checksum all RAM at pause, compared by the destination
     prefault: bool = True  #: tell the destination what pass 1 sends, so it backs it ahead
     timeout: float = 30.0  #: seconds any one network operation may take
+    #: TCP connections carrying pages (1..16): each sends its own share of guest RAM from a
+    #: thread of its own, sealed under keys of its own; the destination receives each on a
+    #: thread straight into guest RAM
+    streams: int = 1
     #: The connection lost after COMMIT went out, before RESUMED came: resume here (True), or
     #: stay paused and raise MigrationInDoubt so the owner can ask the destination (False).
     resume_in_doubt: bool = True
@@ -108,6 +116,19 @@ class MigrationOptions:
         if bad:
             raise MigrationError(f"unknown migration option(s) {bad}: known are {sorted(known)}")
         return cls(**d)
+
+    def __post_init__(self) -> None:
+        s = self.streams
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_STREAMS:
+            raise MigrationError(
+                f"streams={s!r}: a migration uses 1 to {MAX_STREAMS} connections (e.g. 2)"
+            )
+        if self.postcopy and s > 1:
+            # post-copy's pages and requests go over the first connection only
+            raise MigrationError(
+                f"postcopy with streams={s}: post-copy uses one connection; "
+                "set streams=1 or leave postcopy off"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +154,7 @@ class Progress:
     #: CLOCK_MONOTONIC of the destination's host when its VPs ran (same host: comparable)
     destination_running_since: float = 0.0
     frames_refused: int = 0  # frames from the destination refused as forged or corrupted
+    stream_bytes: list[int] = field(default_factory=list)  # bytes sent on each stream
     #: milliseconds of the downtime: pause, last pages, state, destination restore, resume
     downtime_parts: dict[str, float] = field(default_factory=dict)
     pass_log: list[dict[str, Any]] = field(default_factory=list)
@@ -207,12 +229,17 @@ class Source:
         self.progress = Progress()
         self.faults = FaultPlan(self.opt.faults)
         self.fs: FrameSocket | None = None
+        self.data: list[FrameSocket] = []  #: the data streams, after the first one
+        self._pool: ThreadPoolExecutor | None = None
+        self._count = threading.Lock()  # progress counters, updated by every sending thread
+        self._local = threading.local()  # a zstd compressor per sending thread
+        self._owner = 0  # the thread that runs the migration (and reports progress)
+        self._first_sent = False  # the first stream sent its first page frame
         self._logging: list[MemoryRegion] = []
         self._paused = False
         self._throttle = _Throttle(vm)
         # a held pause (test-only fault "hold") is reported, so a test can act during it
         self.faults.on_hold = lambda phase: self._report(force=True)
-        self._zstd: Any = None
         self._t0 = 0.0
         self._last_report = 0.0
         self.ram_checksum: str | None = None
@@ -225,6 +252,7 @@ class Source:
     def run(self) -> dict[str, Any]:
         """Migrate; returns the final progress report. On failure the VM runs on here."""
         self._t0 = time.monotonic()
+        self._owner = threading.get_ident()
         try:
             self._migrate()
         except BaseException as e:
@@ -255,6 +283,10 @@ class Source:
                 phase,
             ) from e
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            for d in self.data:
+                d.close()
             if self.fs is not None:
                 self.fs.close()
         return self.progress.as_dict()
@@ -269,7 +301,8 @@ class Source:
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
         if self.fs is not None:
-            self.progress.bytes_sent = self.fs.bytes_sent
+            self.progress.bytes_sent = self._bytes_sent()
+            self.progress.stream_bytes = [self.fs.bytes_sent, *(d.bytes_sent for d in self.data)]
             self.progress.frames_refused = self.fs.frames_refused
         self.progress.total_time = now - self._t0
         # paused: only forced reports (a phase change reports once the VPs run again)
@@ -296,10 +329,6 @@ class Source:
         if dm is not None:
             dm_mod.quiesce(dm)
             dm_activity = dm_mod.activity(dm)
-        if opt.compress:
-            import zstandard
-
-            self._zstd = zstandard.ZstdCompressor(level=1)
         # 1. connect, authenticate, configuration
         self._phase("connect")
         try:
@@ -311,7 +340,7 @@ class Source:
             ) from None
         fs = self.fs = FrameSocket(
             sock,
-            bandwidth=opt.bandwidth,
+            bandwidth=-(-opt.bandwidth // opt.streams),  # shared by the streams
             timeout=opt.timeout,
             peer="destination",
         )
@@ -327,10 +356,13 @@ class Source:
             frames.Config(
                 vm.config.to_dict(),
                 [(r.gpa, r.size) for r in regions],
-                frames.ConfigOptions(verify=opt.verify, two_phase_commit=opt.two_phase_commit),
+                frames.ConfigOptions(
+                    verify=opt.verify, two_phase_commit=opt.two_phase_commit, streams=opt.streams
+                ),
                 None if dm is None else dm_mod.layout(dm),
             ),
         )
+        self._join_streams()
         fs.expect(Frame.READY, frames.Empty, "config")
         if opt.postcopy and opt.postcopy_after <= 0:
             self._postcopy(regions, None, "post-copy asked for at once")
@@ -345,7 +377,7 @@ class Source:
             vm.storage.vsp.begin_dirty_log()
         skip = self._skip_ranges()
         t = time.monotonic()
-        sent_before = fs.bytes_sent
+        sent_before = self._bytes_sent()
         pages = 0
         pass1: list[tuple[MemoryRegion, np.ndarray]] = []
         for r in regions:
@@ -362,8 +394,7 @@ class Source:
         for i in range(0, len(extents) if opt.prefault else 0, ZERO_RUNS_PER_FRAME):
             chunk = extents[i : i + ZERO_RUNS_PER_FRAME]
             fs.send(Frame.EXTENTS, pack_zero_runs(chunk), count=len(chunk))
-        for r, mask in pass1:
-            pages += self._send_mask(r, mask, first_pass=True)
+        pages += self._send_masks(pass1, first_pass=True)
         self._end_pass(t, sent_before, pages)
 
         # 3. iterate
@@ -397,8 +428,8 @@ class Source:
                 why = f"{opt.max_passes} passes done"
                 break
             ram_bytes = self.progress.ram_pages * PAGE
-            if fs.bytes_sent >= opt.max_sent_multiple * ram_bytes:
-                why = f"sent {fs.bytes_sent / ram_bytes:.1f} x RAM"
+            if self._bytes_sent() >= opt.max_sent_multiple * ram_bytes:
+                why = f"sent {self._bytes_sent() / ram_bytes:.1f} x RAM"
                 break
             if opt.auto_converge and not fits and not shrinking and self.progress.passes >= 2:
                 f = self._throttle.fraction
@@ -408,10 +439,10 @@ class Source:
             prev_dirty = dirty
             self._phase(f"pass{self.progress.passes + 1}")
             t = self._pass_started = time.monotonic()
-            sent_before = fs.bytes_sent
+            sent_before = self._bytes_sent()
             if self.progress.passes == 1:
                 self.faults.at("pass2", fs)
-            pages = sum(self._send_mask(r, m) for r, m in masks)
+            pages = self._send_masks(masks)
             self._end_pass(t, sent_before, pages)
         log.info("%s: final pass: %s", vm.config.name, why)
         if opt.max_downtime is not None and self.progress.expected_downtime > opt.max_downtime:
@@ -474,16 +505,15 @@ class Source:
                         if r.gpa <= gpa < r.end:
                             first = (gpa - r.gpa) // PAGE
                             m[first : first + n] = True
-                for r, m in masks:
-                    pages += self._send_mask(r, m)
-            else:
-                for r, before in left:  # dirty when the passes stopped, and since
-                    idx = mem.union(before, mem.dirty_pages(r))
-                    pages += self._send_mask(r, None, runs=mem.index_runs(idx))
+                pages += self._send_masks(masks)
+            else:  # dirty when the passes stopped, and since
+                pages += self._send_pages(
+                    [(r, mem.union(before, mem.dirty_pages(r))) for r, before in left]
+                )
         self.progress.final_pages = pages
         mark("last_pages")
         self.progress.passes += 1
-        fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages))
+        self._pass_end(pages, last=True)
         self._phase("state", paused=True)
         self.faults.at("state", fs)
         # Input typed from here on is held at the source and goes with COMMIT.
@@ -694,11 +724,11 @@ class Source:
         assert self.fs is not None
         now = time.monotonic()
         dt = max(now - t, 1e-6)
-        nbytes = self.fs.bytes_sent - sent_before
+        nbytes = self._bytes_sent() - sent_before
         self.progress.passes += 1
         if nbytes > (4 << 20) or self.progress.bandwidth == 0:
             self.progress.bandwidth = nbytes / dt
-        self.fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages))
+        self._pass_end(pages)
         self.progress.pass_log.append(
             {"pass": self.progress.passes, "pages": pages, "bytes": nbytes, "seconds": round(dt, 4)}
         )
@@ -706,31 +736,130 @@ class Source:
             self._pass_started = t
         self._report(force=True)
 
-    def _send_mask(
-        self,
-        r: MemoryRegion,
-        mask: np.ndarray | None,
-        first_pass: bool = False,
-        runs: list[tuple[int, int]] | None = None,
+    def _join_streams(self) -> None:
+        """Open the data streams (1..streams-1) to the destination's listener, each sealed
+        under its own keys from the first stream's handshake."""
+        assert self.fs is not None
+        for i in range(1, self.opt.streams):
+            try:
+                sock = socket.create_connection(self.address, timeout=self.opt.timeout)
+            except OSError as e:
+                raise MigrationError(
+                    f"cannot open data stream {i} to {self.address[0]}:{self.address[1]}: {e}",
+                    "streams",
+                ) from None
+            self.data.append(join_source(self.fs, sock, i))
+        if self.data:
+            self._pool = ThreadPoolExecutor(len(self.data), thread_name_prefix="migration-out")
+
+    def _bytes_sent(self) -> int:
+        assert self.fs is not None
+        return self.fs.bytes_sent + sum(d.bytes_sent for d in self.data)
+
+    def _pass_end(self, pages: int, last: bool = False) -> None:
+        """PASS_END on every stream: the data streams' first (the destination waits for theirs
+        before it takes the state that follows the first stream's last one)."""
+        assert self.fs is not None
+        end = frames.PassEnd(self.progress.passes, pages, last)
+        for d in self.data:
+            d.send_json(Frame.PASS_END, end)
+        self.fs.send_json(Frame.PASS_END, end)
+
+    def _send_masks(
+        self, masks: list[tuple[MemoryRegion, np.ndarray]], first_pass: bool = False
     ) -> int:
-        """Send the pages of region r whose mask bit is set (or the given runs of pages); zero
-        pages as markers. Returns the number of pages covered."""
-        fs = self.fs
-        assert fs is not None
+        """Send the pages whose mask bit is set (zero pages as markers). Returns the pages
+        covered."""
+        if not self.data:
+            return self._send_shares([[(r, mem.runs(m)) for r, m in masks]], first_pass)
+        return self._send_shares(
+            self._split([(r, np.flatnonzero(m)) for r, m in masks]), first_pass
+        )
+
+    def _send_pages(self, pages: list[tuple[MemoryRegion, np.ndarray]]) -> int:
+        """Send the pages of sorted, distinct page indices per region (the final pass: no
+        bool per page inside the pause). Returns the pages covered."""
+        if not self.data:
+            return self._send_shares([[(r, mem.index_runs(ix)) for r, ix in pages]], False)
+        return self._send_shares(self._split(pages), False)
+
+    def _split(
+        self, sets: list[tuple[MemoryRegion, np.ndarray]]
+    ) -> list[list[tuple[MemoryRegion, list[tuple[int, int]]]]]:
+        """Each stream's share of the pages: stream i the i-th of `streams` parts with as many
+        pages each (in GPA order); the destination finishes a pass on every stream before it
+        reads the next, so a page may change streams between passes."""
+        n = 1 + len(self.data)
+        shares: list[list[tuple[MemoryRegion, list[tuple[int, int]]]]] = [[] for _ in range(n)]
+        total = sum(len(ix) for _, ix in sets)
+        base = 0
+        for r, ix in sets:
+            for i in range(n):
+                a = max(total * i // n - base, 0)
+                b = min(total * (i + 1) // n - base, len(ix))
+                if a < b:
+                    shares[i].append((r, mem.index_runs(ix[a:b])))
+            base += len(ix)
+        return shares
+
+    def _send_shares(
+        self, shares: list[list[tuple[MemoryRegion, list[tuple[int, int]]]]], first_pass: bool
+    ) -> int:
+        """Send shares[0] on the first stream from this thread, the others on the data streams
+        from the pool's threads. Returns the pages covered."""
+        assert self.fs is not None
+        futures = [
+            self._pool.submit(self._send_share, fs, share, False)
+            for fs, share in zip(self.data, shares[1:], strict=True)
+            if share and self._pool is not None
+        ]
+        covered, error = 0, None
+        try:
+            covered = self._send_share(self.fs, shares[0], first_pass)
+        except BaseException as e:  # noqa: BLE001 - raised below, once the threads stopped
+            error = e
+            for d in self.data:  # unblock the sending threads
+                d.close(reset=True)
+        for f in futures:
+            try:
+                covered += f.result()
+            except BaseException as e:  # noqa: BLE001 - a sending thread's error
+                error = error or e
+        if error is not None:
+            raise error
+        return covered
+
+    def _send_share(
+        self,
+        fs: FrameSocket,
+        share: list[tuple[MemoryRegion, list[tuple[int, int]]]],
+        first_pass: bool,
+    ) -> int:
+        return sum(self._send_runs(fs, r, runs, first_pass) for r, runs in share)
+
+    def _send_runs(
+        self,
+        fs: FrameSocket,
+        r: MemoryRegion,
+        runs: list[tuple[int, int]],
+        first_pass: bool = False,
+    ) -> int:
+        """Send on `fs` the pages of region r in the (first, end) page runs; zero pages as
+        markers. Returns the number of pages covered."""
         arr = mem.pages_array(r)
         view = memoryview(r.mm)
         covered = 0
         zero_runs: list[tuple[int, int]] = []
-        if runs is None:
-            assert mask is not None
-            runs = mem.runs(mask)
+        zstd = self._compressor()
+        mine = threading.get_ident() == self._owner
         for a, b in runs:
             covered += b - a
             nz = mem.nonzero_pages(arr, a, b)
             if not nz.all():
                 for s, e in mem.runs(~nz):
                     zero_runs.append((r.gpa + (a + s) * PAGE, e - s))
-                    self.progress.zero_pages += e - s
+                    with self._count:
+                        self.progress.zero_pages += e - s
                     if len(zero_runs) >= ZERO_RUNS_PER_FRAME:
                         fs.send(Frame.ZERO, pack_zero_runs(zero_runs), count=len(zero_runs))
                         zero_runs = []
@@ -741,21 +870,35 @@ class Source:
                     buf = fs.payload_buffer(nbytes)  # sealed where it lies
                     buf[:] = view[c * PAGE : c * PAGE + nbytes]  # a copy: the guest may write on
                     gpa = r.gpa + c * PAGE
-                    if self._zstd is not None:
-                        z = self._zstd.compress(buf)
+                    if zstd is not None:
+                        z = zstd.compress(buf)
                         if len(z) < nbytes:
                             fs.send(Frame.PAGES, z, count=n, addr=gpa, flags=COMPRESSED)
                         else:
                             fs.send(Frame.PAGES, buf, count=n, addr=gpa)
                     else:
                         fs.send(Frame.PAGES, buf, count=n, addr=gpa)
-                    self.progress.pages_sent += n
-                    if first_pass and self.progress.pages_sent == n:
-                        self.faults.at("pass1", fs)
-                    self._report()
+                    with self._count:
+                        self.progress.pages_sent += n
+                    if mine:
+                        if first_pass and not self._first_sent:
+                            self._first_sent = True
+                            self.faults.at("pass1", fs)
+                        self._report()
         if zero_runs:
             fs.send(Frame.ZERO, pack_zero_runs(zero_runs), count=len(zero_runs))
         return covered
+
+    def _compressor(self) -> Any:
+        """This thread's zstd compressor (level 1), or None without `compress`."""
+        if not self.opt.compress:
+            return None
+        zstd = getattr(self._local, "zstd", None)
+        if zstd is None:
+            import zstandard
+
+            zstd = self._local.zstd = zstandard.ZstdCompressor(level=1)
+        return zstd
 
     def _peer_reason(self, e: BaseException) -> str | None:
         """After a failed send: the destination's ABORT frame, if it sent one before closing."""

@@ -37,6 +37,13 @@ so a nonce is never used twice), `check` is 0 and a 16-byte tag follows the payl
 A frame whose tag does not match (a flipped bit, a frame forged or replayed by anyone without
 the keys) is refused with a MigrationError naming it, logged, and counted in `frames_refused`.
 docs/security.md says what this stops and why AES-GCM rather than TLS or BLAKE2b.
+
+Data streams (``MigrationOptions.streams`` > 1): after CONFIG the source opens more connections
+to the same listener, each carrying an equal share of each pass's pages (the destination
+finishes a pass on every stream before it reads the next, so a page's frames stay in order). A data stream has no handshake of its own: its keys
+come from the first stream's (HKDF as above, the info ending in ``/stream/<i>``), and its first
+frame, JOIN with the index in `addr`, is sealed under them as frame 0; a connection that cannot
+seal it holds no keys and is refused like any forged frame.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ _HEAD_NO_CHECK = struct.Struct("<BBHIIIQ")
 TAG = 16  #: bytes of the AES-GCM tag after each sealed frame's payload
 MAX_FRAME = 8 << 20
 MAX_UNAUTHENTICATED = 64 << 10
+MAX_STREAMS = 16  #: connections of one migration (the first one and its data streams)
 COMPRESSED = 0x01
 _ZERO_RUN = struct.Struct("<QQ")
 _NONCE = struct.Struct("<Q4x")  # a frame's 64-bit number in its direction, as a 96-bit nonce
@@ -97,6 +105,7 @@ class Frame(enum.IntEnum):
     RESUMED = 13  # dest -> src: Resumed {"time": monotonic, "start_ms"} the VPs run there
     ABORT = 14  # either way: Abort {"reason"}; the sender gives up
     EXTENTS = 15  # src -> dest: (gpa, pages) runs pass 1 will send (to back them ahead)
+    JOIN = 16  # src -> dest, first on a data stream: Join {"stream"}; addr = the stream's index
     # post-copy (pyhv.migration.postcopy); numbered apart from the pre-copy frames
     POSTCOPY = 30  # src -> dest: Empty; the VM's state comes next and the rest after it runs
     NEED = 31  # src -> dest: (gpa, pages) runs the destination fetches (the rest it has or is 0)
@@ -237,6 +246,9 @@ class FrameSocket:
         self._window_bytes = 0
         self._out: Seal | None = None
         self._in: Seal | None = None
+        #: after the handshake: the data stream keys, (to destination, to source) of stream i
+        self.stream_keys: Callable[[int], tuple[bytes, bytes]] | None = None
+        self.index = 0  #: 0: the first stream; 1..: a data stream (join_destination)
         self.corrupt_next = False  # set by a fault plan: flip a payload bit of the next frame
 
     @property
@@ -523,17 +535,65 @@ def _public(key: X25519PrivateKey) -> bytes:
 
 
 def derive_keys(
-    token: bytes, shared: bytes, nonce_d: bytes, nonce_s: bytes, encrypt: bool
+    token: bytes, shared: bytes, nonce_d: bytes, nonce_s: bytes, encrypt: bool, stream: int = 0
 ) -> tuple[bytes, bytes]:
     """(source -> destination key, destination -> source key): HKDF-SHA256 over the token and
-    the X25519 shared secret, salted with both nonces, bound to the version and the mode."""
-    okm = HKDF(
-        algorithm=hashes.SHA256(),
-        length=64,
-        salt=nonce_d + nonce_s,
-        info=b"pyhv-migration/%d/" % VERSION + _mode(encrypt),
-    ).derive(token + shared)
+    the X25519 shared secret, salted with both nonces, bound to the version, the mode and (for
+    a data stream) the stream's index."""
+    info = b"pyhv-migration/%d/" % VERSION + _mode(encrypt)
+    if stream:
+        info += b"/stream/%d" % stream
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=nonce_d + nonce_s, info=info).derive(
+        token + shared
+    )
     return okm[:32], okm[32:]
+
+
+def join_source(main: FrameSocket, sock: socket.socket, index: int) -> FrameSocket:
+    """Make `sock`, a new connection to the destination, data stream `index` of the migration
+    whose first stream is `main` (authenticated): sealed from its first frame, JOIN."""
+    if main.stream_keys is None or main._out is None:
+        raise MigrationError("a data stream needs an authenticated first stream", "streams")
+    fs = FrameSocket(sock, bandwidth=main.bandwidth, timeout=main.sock.gettimeout() or 30.0,
+                     peer=main.peer)  # fmt: skip
+    to_dest, to_source = main.stream_keys(index)
+    fs.seal(to_dest, to_source, main._out.encrypt)
+    fs.send(Frame.JOIN, frames.encode(frames.Join(index)), addr=index)
+    return fs
+
+
+def join_destination(main: FrameSocket, sock: socket.socket, streams: int) -> FrameSocket:
+    """A connection accepted for the migration of `main`: the data stream it claims to be
+    (1 .. streams-1, in its JOIN's `addr`) if its JOIN is sealed under that stream's keys;
+    MigrationError otherwise (a stranger, or a forged JOIN). Returns the stream, index in
+    its `index` attribute."""
+    if main.stream_keys is None or main._in is None:
+        raise MigrationError("a data stream needs an authenticated first stream", "streams")
+    fs = FrameSocket(sock, timeout=main.sock.gettimeout() or 30.0, peer=main.peer)
+    ftype, flags, length, count, addr, check = fs.recv_header()
+    if ftype is not Frame.JOIN or not 0 < addr < streams:
+        fs.close(reset=True)
+        raise MigrationError(
+            f"a connection to the migration's listener sent {ftype.name} for stream {addr}, "
+            f"not JOIN for one of streams 1..{streams - 1}: refused",
+            "streams",
+        )
+    to_dest, to_source = main.stream_keys(addr)
+    fs.seal(to_source, to_dest, main._in.encrypt)
+    assert fs._in is not None and fs._out is not None
+    fs._in.frames = fs._out.frames = 0  # sealed from its first frame, JOIN
+    buf = bytearray(length)
+    try:
+        fs.recv_payload_into(memoryview(buf), ftype, flags, count, addr, check)
+        join = frames.decode(bytes(buf), frames.Join, "JOIN")
+    except (MigrationError, frames.FrameError) as e:
+        fs.close(reset=True)
+        raise MigrationError(f"data stream {addr} refused: {e}", "streams") from None
+    if join.stream != addr:
+        fs.close(reset=True)
+        raise MigrationError(f"JOIN names stream {join.stream} in a frame for {addr}", "streams")
+    fs.index = addr
+    return fs
 
 
 def _exchange(mine: X25519PrivateKey, theirs_hex: str) -> bytes:
@@ -585,6 +645,7 @@ def authenticate_destination(fs: FrameSocket, token: bytes) -> None:
     fs.send_json(Frame.AUTH_OK, frames.AuthOk(mac, key_d.hex()))
     to_dest, to_source = derive_keys(token, shared, nonce_d, nonce_s, msg.encrypt)
     fs.seal(to_source, to_dest, msg.encrypt)
+    fs.stream_keys = lambda i: derive_keys(token, shared, nonce_d, nonce_s, msg.encrypt, i)
 
 
 def authenticate_source(fs: FrameSocket, token: bytes, encrypt: bool = False) -> None:
@@ -617,6 +678,7 @@ def authenticate_source(fs: FrameSocket, token: bytes, encrypt: bool = False) ->
     shared = _exchange(mine, ok.key)
     to_dest, to_source = derive_keys(token, shared, nonce_d, nonce_s, encrypt)
     fs.seal(to_dest, to_source, encrypt)
+    fs.stream_keys = lambda i: derive_keys(token, shared, nonce_d, nonce_s, encrypt, i)
 
 
 def token_bytes(token: str | bytes) -> bytes:

@@ -16,7 +16,7 @@ PYHV = [sys.executable, "-c", "from pyhv.cli import main; main()"]
 
 def test_migrate_demo_moves_a_dirtying_guest_and_shows_it_running_there() -> None:
     out = subprocess.run(
-        [*PYHV, "migrate", "demo", "--memory", "128M", "--dirty", "4"],
+        [*PYHV, "migrate", "demo", "--memory", "128M", "--dirty", "4", "--streams", "2"],
         capture_output=True,
         text=True,
         timeout=120,

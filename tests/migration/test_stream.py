@@ -410,3 +410,64 @@ def test_a_payload_built_in_the_streams_buffer_is_sealed_where_it_lies(encrypt: 
     assert dst.recv()[4] == b"\x03" * 4096
     src.close()
     dst.close()
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["authenticated", "encrypted"])
+def test_a_data_stream_joins_under_keys_of_its_own_and_a_stranger_cannot(encrypt: bool) -> None:
+    src, dst = _sealed_pair(encrypt)
+    a, b = socket.socketpair()
+    data_src = st.join_source(src, a, 2)
+    data_dst = st.join_destination(dst, b, 3)
+    assert data_dst.index == 2 and data_dst.encrypted is encrypt
+    data_src.send(Frame.PAGES, b"\x33" * 4096, count=1, addr=0x5000)
+    assert data_dst.recv() == (Frame.PAGES, 0, 1, 0x5000, b"\x33" * 4096)
+    # each stream's keys are its own (a frame moved to another stream fails its tag there)
+    keys = src.stream_keys
+    assert keys is not None and len({keys(0), keys(1), keys(2)}) == 3
+    other, other_dst = _sealed_pair(encrypt)  # another migration, other keys
+    strangers: list[Callable[[socket.socket], object]] = [
+        lambda c: st.join_source(other, c, 1),  # sealed under the wrong keys
+        lambda c: st.join_source(src, c, 3),  # a stream out of range (3 of 3)
+        lambda c: FrameSocket(c).send_json(Frame.HELLO, frames.Hello(2, "00" * 32)),
+    ]
+    for stranger in strangers:
+        c, d = socket.socketpair()
+        stranger(c)
+        with pytest.raises(MigrationError, match="refused"):
+            st.join_destination(dst, d, 3)
+        c.close()
+    other_dst.close()
+    for fs in (src, dst, data_src, data_dst, other):
+        fs.close()
+
+
+@pytest.mark.parametrize("streams", [0, 17, True, "2", 2.0])
+def test_a_stream_count_out_of_range_is_refused_by_name(streams: object) -> None:
+    from pyhv.migration.source import MigrationOptions
+
+    with pytest.raises(MigrationError, match=r"streams=.*1 to 16 connections"):
+        MigrationOptions.from_dict({"streams": streams})
+    assert MigrationOptions.from_dict({"streams": 16}).streams == 16
+
+
+def test_postcopy_over_several_streams_is_refused_by_name() -> None:
+    from pyhv.migration.source import MigrationOptions
+
+    with pytest.raises(MigrationError, match=r"postcopy with streams=2: .*set streams=1"):
+        MigrationOptions.from_dict({"postcopy": True, "streams": 2})
+    assert MigrationOptions.from_dict({"postcopy": True, "streams": 1}).postcopy
+    assert MigrationOptions.from_dict({"streams": 2}).streams == 2
+
+
+def test_the_cli_refuses_postcopy_over_several_streams_by_name() -> None:
+    import argparse
+
+    from pyhv.cli.errors import CliError
+    from pyhv.cli.migrate import add_migration_options, migration_options
+
+    p = argparse.ArgumentParser()
+    add_migration_options(p)
+    with pytest.raises(CliError, match=r"--postcopy with --streams 2: post-copy uses one"):
+        migration_options(p.parse_args(["--postcopy", "--streams", "2"]))
+    assert migration_options(p.parse_args(["--streams", "2"]))["streams"] == 2
+    assert migration_options(p.parse_args(["--postcopy"]))["postcopy"] is True

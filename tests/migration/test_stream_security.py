@@ -95,3 +95,29 @@ def test_an_encrypted_migration_carries_no_guest_plaintext_and_the_guest_runs_th
     seen = bytes(relay.seen["to_destination"])
     assert len(seen) >= result["bytes_sent"] and result["pages_sent"] > 0
     assert (marker[4:].encode() in seen) is not encrypt
+
+
+def test_a_frame_altered_on_one_of_several_streams_fails_the_migration(hosts: Any) -> None:
+    """Three streams, each sealed under its own keys: a frame altered on the third (a data
+    stream, received on a thread of its own; its PASS_END, which every pass sends on every
+    stream) is refused there, and the migration fails."""
+    src, guest = hosts.boot()
+    dst = hosts.destination()
+    relay = StreamRelay(
+        dst.wait_listening(),
+        ("to_destination", Frame.PASS_END),
+        connections=3,
+        tamper_connection=2,
+    )
+    try:
+        with pytest.raises(MigrationError) as err:
+            migrate_worker(src, relay.address, TOKEN, {"timeout": 10.0, "streams": 3})
+        assert relay.tampered.is_set()
+        _still_running_here(src, guest)
+        end = dst.wait(30)
+        assert end is not None and end.reason != "stopped"
+        why = f"{err.value} / {end.describe()}"
+        assert "data stream 2: PASS_END frame" in why and "failed authentication" in why, why
+        assert dst.wait_migrated(0) is None
+    finally:
+        relay.close()

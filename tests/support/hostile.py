@@ -35,7 +35,9 @@ class StreamRelay:
     such frame after the handshake, as an attacker on the path would: the old xxh3 check
     recomputed over the altered bytes and put in the header (`recompute_check`), since that
     is all the stream checked before it was sealed. Directions: "to_destination",
-    "to_source"."""
+    "to_source". With `connections` > 1 it relays that many connections (a migration's data
+    streams, each sealed from its first frame, JOIN), and `tamper_connection` says which one to
+    tamper with (0: the first)."""
 
     #: the frame after which each direction is sealed (a 16-byte tag follows each payload)
     _SEALED_AFTER = {"to_destination": ms.Frame.AUTH, "to_source": ms.Frame.AUTH_OK}
@@ -45,7 +47,11 @@ class StreamRelay:
         destination: tuple[str, int],
         tamper: tuple[str, ms.Frame] | None = None,
         recompute_check: bool = True,
+        connections: int = 1,
+        tamper_connection: int = 0,
     ) -> None:
+        self.connections = connections
+        self.tamper_connection = tamper_connection
         self.destination = destination
         self.tamper = tamper
         self.recompute_check = recompute_check
@@ -58,15 +64,16 @@ class StreamRelay:
         self._thread.start()
 
     def _accept(self) -> None:
-        try:
-            self._listener.settimeout(60)
-            src, _ = self._listener.accept()
-            dst = socket.create_connection(self.destination, timeout=60)
-        except OSError:
-            return
-        self._socks += [src, dst]
-        for a, b, d in ((src, dst, "to_destination"), (dst, src, "to_source")):
-            threading.Thread(target=self._pump, args=(a, b, d), daemon=True).start()
+        for i in range(self.connections):
+            try:
+                self._listener.settimeout(60)
+                src, _ = self._listener.accept()
+                dst = socket.create_connection(self.destination, timeout=60)
+            except OSError:
+                return
+            self._socks += [src, dst]
+            for a, b, d in ((src, dst, "to_destination"), (dst, src, "to_source")):
+                threading.Thread(target=self._pump, args=(a, b, d, i), daemon=True).start()
 
     @staticmethod
     def _read(sock: socket.socket, n: int) -> bytes | None:
@@ -78,7 +85,7 @@ class StreamRelay:
             buf += got
         return bytes(buf)
 
-    def _pump(self, a: socket.socket, b: socket.socket, direction: str) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket, direction: str, conn: int = 0) -> None:
         sealed = False
         try:
             while True:
@@ -86,12 +93,14 @@ class StreamRelay:
                 if head is None:
                     break
                 ftype, flags, res, seq, length, count, addr, check = ms.HEADER.unpack(head)
+                sealed = sealed or ftype == ms.Frame.JOIN  # a data stream: sealed from JOIN on
                 body = self._read(a, length + (ms.TAG if sealed else 0))
                 if body is None:
                     break
                 if (
                     sealed
                     and self.tamper == (direction, ftype)
+                    and conn == self.tamper_connection
                     and length
                     and not self.tampered.is_set()
                 ):

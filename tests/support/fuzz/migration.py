@@ -43,8 +43,7 @@ from pyhv.memory.manager import (
 from pyhv.memory.ranges import PageRange, RangeSet
 from pyhv.migration import frames
 from pyhv.migration import stream as s
-from pyhv.migration.destination import Incoming, _Populater
-from pyhv.migration.faults import FaultPlan
+from pyhv.migration.destination import Incoming
 from pyhv.migration.state import VmState
 from pyhv.vmbus.controller import VmbusController
 from pyhv.worker.config import ConfigError, VmConfig
@@ -322,11 +321,11 @@ def receive_memory(data: bytes) -> None:
     and zstd) straight into guest RAM, ZERO runs punched out, EXTENTS backed ahead, PASS_END,
     up to the STATE frame, decoded."""
     ram = _ram()
-    inc = Incoming.__new__(Incoming)
+    # A real Incoming (every attribute its receive loops use), its listener never used.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unused:
+        inc = Incoming(unused, b"fuzz-migration-token")
     mode = ENCRYPTED if len(data) % 2 else AUTHENTICATED
     inc.fs = frame_socket(Wire(encode_frames(_records(data), mode)), mode)
-    inc.faults, inc.pages, inc.passes, inc._zstd = FaultPlan(None), 0, 0, None
-    inc._populater = _Populater()
     written = {0: np.zeros(RAM_PAGES, dtype=bool)}
     try:
         inc._memory(ram, written)  # type: ignore[arg-type]

@@ -458,22 +458,8 @@ class Source:
         # 4. pause, last pages, state
         vm_state.prepare(vm, destination=False)
         left = [(r, np.flatnonzero(m)) for r, m in masks]  # page indices, ahead of the pause
-        self._throttle.stop()
-        if vm.end is not None:
-            raise MigrationError(f"the VM ended during migration: {vm.end.describe()}", "final")
-        t_pause = time.monotonic()
-        p.pause()
-        self._paused = True
+        t_pause, mark = self._pause_for_good()
         parts = self.progress.downtime_parts
-        t_mark = t_pause
-
-        def mark(name: str) -> None:
-            nonlocal t_mark
-            now = time.monotonic()
-            parts[name] = round((now - t_mark) * 1000, 2)
-            t_mark = now
-
-        mark("pause")
         # The last pages, PASS_END and STATE leave as one burst: the destination wakes once for
         # all of them instead of once per frame (each wake a chance to wait for a CPU here).
         _cork(fs, True)
@@ -561,20 +547,12 @@ class Source:
         self._report(force=True)
         trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
 
-    def _postcopy(
-        self,
-        regions: list[MemoryRegion],
-        masks: list[tuple[MemoryRegion, np.ndarray]] | None,
-        why: str,
-    ) -> None:
-        """Pause, send the state, and serve the destination's pages while the VM runs there
-        (pyhv.migration.postcopy); returns once it has them all."""
-        from pyhv.migration.postcopy import PostcopySource, hexdigest, region_digest
-
-        vm, opt, fs = self.vm, self.opt, self.fs
-        p = vm.partition
-        assert fs is not None and p is not None
-        log.info("%s: switching to post-copy: %s", vm.config.name, why)
+    def _pause_for_good(self) -> tuple[float, Callable[[str], None]]:
+        """Stop the throttle and pause the VM for the migration's last phase; returns when it
+        paused and `mark(step)`, which records the ms since the previous step in the downtime's
+        parts (the first step, "pause", already recorded)."""
+        vm, p = self.vm, self.vm.partition
+        assert p is not None
         self._throttle.stop()
         if vm.end is not None:
             raise MigrationError(f"the VM ended during migration: {vm.end.describe()}", "final")
@@ -591,6 +569,24 @@ class Source:
             t_mark = now
 
         mark("pause")
+        return t_pause, mark
+
+    def _postcopy(
+        self,
+        regions: list[MemoryRegion],
+        masks: list[tuple[MemoryRegion, np.ndarray]] | None,
+        why: str,
+    ) -> None:
+        """Pause, send the state, and serve the destination's pages while the VM runs there
+        (pyhv.migration.postcopy); returns once it has them all."""
+        from pyhv.migration.postcopy import PostcopySource, hexdigest, region_digest
+
+        vm, opt, fs = self.vm, self.opt, self.fs
+        p = vm.partition
+        assert fs is not None and p is not None
+        log.info("%s: switching to post-copy: %s", vm.config.name, why)
+        t_pause, mark = self._pause_for_good()
+        parts = self.progress.downtime_parts
         self._phase("postcopy")
         if masks is None:  # nothing sent yet: the destination needs all data
             need = []

@@ -68,7 +68,9 @@ class _SerialBatcher:
         self._thread.join(10)
 
 
-def serve(sock: socket.socket, listener: socket.socket | None = None) -> int:
+def serve(
+    sock: socket.socket, listener: socket.socket | None = None, confined: bool = False
+) -> int:
     """Serve the owner on `sock`; with `listener` (and a secret in the first message), the VM
     outlives its owner and a new one may adopt the worker (pyhv.worker.adoption)."""
     # The declared messages (and msgspec) only where they cross: not on `pyhv run`'s boot path.
@@ -122,6 +124,13 @@ def serve(sock: socket.socket, listener: socket.socket | None = None) -> int:
         config = VmConfig.from_dict(boot.config)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         ended(f"bad configuration: {e}")
+        owner.close()
+        return 2
+    if confined and config.huge_pages:  # its seccomp list would kill it at fsopen
+        ended(
+            "bad configuration: huge_pages needs a private tmpfs mount, which a jailed worker "
+            "cannot make (no capabilities, no mount calls): run the VM with 4 KiB pages"
+        )
         owner.close()
         return 2
 
@@ -332,7 +341,7 @@ def main(argv: list[str]) -> int:
                 return 2
         if confine_bytes is not None:
             _confine(sock, int(confine_bytes))
-        return serve(sock, listener)
+        return serve(sock, listener, confined=confine_bytes is not None)
     finally:
         sock.close()
         if listener is not None:

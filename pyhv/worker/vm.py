@@ -31,6 +31,7 @@ from pyhv.worker.outcome import (
 if TYPE_CHECKING:
     from pyhv.dynmem.status import MemoryStatus
     from pyhv.hypervisor import Partition, VirtualProcessor, VpEvent
+    from pyhv.memory.hugeram import HugeRam
     from pyhv.memory.manager import MemoryManager
     from pyhv.memory.smartpaging import SmartPagingFile
     from pyhv.worker.dynmem import DynamicMemoryService
@@ -79,6 +80,7 @@ class VirtualMachine:
         #: only those of `trace_kinds` (None: all; see set_trace_kinds).
         self.recorder = Recorder(on_active=self._trace_sources)
         self.trace_kinds: frozenset[str] | None = None
+        self._huge_ram: HugeRam | None = None
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -99,6 +101,12 @@ class VirtualMachine:
         p = Partition(name=cfg.name)
         self.partition = p
         try:
+            if cfg.huge_pages:
+                from pyhv.memory.hugeram import HUGE_PAGE, HugeRam
+
+                top = max(cfg.memory, cfg.maximum)  # hot-add never maps beyond the maximum
+                self._huge_ram = HugeRam(-(-top // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE)
+                p.gpa_space.new_ram_file = self._huge_ram.new_file
             from pyhv.memory.smartpaging import SmartPagingRefused
             from pyhv.worker.smartpaging import map_ram
 
@@ -231,6 +239,8 @@ class VirtualMachine:
             _quietly(self.storage.close)
         if self.partition is not None:
             _quietly(self.partition.close)
+        if self._huge_ram is not None:
+            self._huge_ram.close()
         self.serial.close()
 
     def host_resident_bytes(self) -> int:

@@ -103,9 +103,11 @@ class VirtualMachine:
         try:
             if cfg.huge_pages:
                 from pyhv.memory.hugeram import HUGE_PAGE, HugeRam
+                from pyhv.worker.config import MAX_MEMORY
 
-                top = max(cfg.memory, cfg.maximum)  # hot-add never maps beyond the maximum
-                self._huge_ram = HugeRam(-(-top // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE)
+                # the largest RAM any VM may reach (its maximum may be raised while it runs):
+                # the memory manager, not the tmpfs, keeps the books
+                self._huge_ram = HugeRam(MAX_MEMORY + HUGE_PAGE)
                 p.gpa_space.new_ram_file = self._huge_ram.new_file
             from pyhv.memory.smartpaging import SmartPagingRefused
             from pyhv.worker.smartpaging import map_ram

@@ -137,6 +137,21 @@ def test_a_balloon_on_ram_in_2_mib_pages_gives_the_host_its_pages_back() -> None
         g.close()
 
 
+def test_a_vm_in_2_mib_pages_whose_maximum_is_raised_hot_adds_and_uses_the_new_memory() -> None:
+    g = DmGuest(str(image_path()), startup="256M", minimum="128M", maximum="256M", huge_pages=True)
+    try:
+        g.vm.set_memory_limits(128 * MiB, 640 * MiB)
+        g.target(640 * MiB)
+        assert g.mem()["hot-added"] == 384
+        assert _in_huge_pages(g)
+        g.use(480)  # reaches into the hot-added regions
+        assert wait_for(lambda: _touched(g, 0, 480 * 256), 120, "the hot-added memory used")
+        assert _memfd_bytes(g) >= 480 * MiB
+        assert "pmm: consistent" in g.shell("pmmcheck")
+    finally:
+        g.close()
+
+
 def test_a_guest_hinting_memory_outside_its_ram_or_ballooned_is_refused_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -14,13 +14,15 @@ folio splits it and frees those pages (a balloon's ranges); a guest that touches
 never-written 2 MiB block gets the whole block backed: the host backs the guest's RAM in 2 MiB
 steps, never beyond the regions' sizes.
 
-Mounting needs CAP_SYS_ADMIN: a jailed worker (no capabilities) cannot, and is refused clearly.
+Mounting needs CAP_SYS_ADMIN: for a jailed worker (no capabilities) the VMMS mounts it, owned by
+the worker's uid, and the worker gets the mount's fd (:meth:`HugeRam.from_fd`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import stat
 
 from pyhv.memory.manager import PAGE_SIZE
 
@@ -58,14 +60,18 @@ class HugeRam:
     """A private tmpfs (``huge=within_size``, at most `limit` bytes, mode 0700) whose files back
     guest RAM. :meth:`new_file` is a drop-in for memfd_create + ftruncate."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, owner: tuple[int, int] | None = None) -> None:
+        """`owner`: (uid, gid) of the tmpfs's root, for a jailed worker of another uid that
+        gets the mount fd (the VMMS mounts it: the worker cannot); default the caller's."""
         if limit <= 0 or limit % PAGE_SIZE:
             raise HugeRamError(22, f"tmpfs limit {limit:#x}: need a multiple of 4 KiB > 0")
+        options = [("huge", "within_size"), ("mode", "0700"), ("size", str(limit))]
+        if owner is not None:
+            options += [("uid", str(owner[0])), ("gid", str(owner[1]))]
         fs = _check(_syscall(_L(_SYS_FSOPEN), b"tmpfs", _L(_FSOPEN_CLOEXEC)), "fsopen(tmpfs)")
         try:
-            # the limit: the files never outgrow the VM's largest memory; tmpfs's default (half
-            # the host's RAM) could be smaller than a big VM
-            for key, value in (("huge", "within_size"), ("mode", "0700"), ("size", str(limit))):
+            # the limit: tmpfs's default (half the host's RAM) could be smaller than a big VM
+            for key, value in options:
                 _check(
                     _syscall(
                         _L(_SYS_FSCONFIG),
@@ -87,6 +93,16 @@ class HugeRam:
         finally:
             os.close(fs)
         self.limit = limit
+
+    @classmethod
+    def from_fd(cls, mount_fd: int) -> HugeRam:
+        """The mount made by another process (the VMMS, for a jailed worker), by its fd."""
+        st = os.fstat(mount_fd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise HugeRamError(20, f"fd {mount_fd} is not a mounted tmpfs's root directory")
+        self = cls.__new__(cls)
+        self.mount_fd, self.limit = mount_fd, 0
+        return self
 
     def new_file(self, name: str, size: int) -> int:
         """An unnamed file of `size` bytes on the mount (`name` is for the caller's logs: an

@@ -53,6 +53,7 @@ class VirtualMachine:
         on_memory_status: Callable[[MemoryStatus], object] | None = None,
         memory_manager: MemoryManager | None = None,
         smart_paging: SmartPagingFile | None = None,
+        huge_ram: HugeRam | None = None,
     ) -> None:
         self.config = config
         #: The Smart Paging file its owner passed (pyhv.worker.smartpaging), for start().
@@ -80,7 +81,9 @@ class VirtualMachine:
         #: only those of `trace_kinds` (None: all; see set_trace_kinds).
         self.recorder = Recorder(on_active=self._trace_sources)
         self.trace_kinds: frozenset[str] | None = None
-        self._huge_ram: HugeRam | None = None
+        #: The private tmpfs of `huge_pages` RAM: its owner's (a jailed worker's VMMS mounts it),
+        #: or mounted at start().
+        self._huge_ram = huge_ram
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -107,7 +110,8 @@ class VirtualMachine:
 
                 # the largest RAM any VM may reach (its maximum may be raised while it runs):
                 # the memory manager, not the tmpfs, keeps the books
-                self._huge_ram = HugeRam(MAX_MEMORY + HUGE_PAGE)
+                if self._huge_ram is None:
+                    self._huge_ram = HugeRam(MAX_MEMORY + HUGE_PAGE)
                 p.gpa_space.new_ram_file = self._huge_ram.new_file
             from pyhv.memory.smartpaging import SmartPagingRefused
             from pyhv.worker.smartpaging import map_ram

@@ -233,6 +233,16 @@ def _touched_all(tasks: bytes, mib: int = 480) -> bool:
     return m is not None and int(m[1]) == mib and int(m[2]) >= mib * 256
 
 
+def _use(host: VmmsCli, name: str, mib: int) -> None:
+    """The guest's testlimit commits `mib` MiB and writes all of it (bounded wait)."""
+    host.console_until(name, f"testlimit -m {mib}", b"pyhv> ")
+    _wait(
+        f"{mib} MiB allocated and touched",
+        lambda: _touched_all(host.console_until(name, "tasks", b"passes"), mib),
+        timeout=120,
+    )
+
+
 def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit_alone(
     jailed: tuple[VmmsCli, Path],
 ) -> None:
@@ -275,12 +285,7 @@ def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit
     # re-touched ballooned pages show in the kernel's total only once it passes the claim. So
     # the guest first uses its own memory (120 MiB more), as a busy guest would.
     before = host.show("bad")["enforcement"]["kernel_ram"] or 0
-    host.console_until("bad", "testlimit -m 120", b"pyhv> ")
-    _wait(
-        "120 MiB allocated and touched",
-        lambda: _touched_all(host.console_until("bad", "tasks", b"passes"), 120),
-        timeout=120,
-    )
+    _use(host, "bad", 120)
     _wait(
         "the kernel's figure taking the guest's used memory in",
         lambda: (host.show("bad")["enforcement"]["kernel_ram"] or 0) >= before + 32 * MIB,
@@ -341,12 +346,7 @@ def test_a_jailed_huge_pages_vm_gets_its_tmpfs_from_the_vmms_and_the_claims_coun
     links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     ram = [link for link in links if re.fullmatch(r"/#\d+ \(deleted\)", link)]
     assert ram and not any(link.startswith("/memfd:") for link in links), links
-    host.console_until("big", "testlimit -m 256", b"pyhv> ")
-    _wait(
-        "256 MiB allocated and touched",
-        lambda: _touched_all(host.console_until("big", "tasks", b"passes"), 256),
-        timeout=120,
-    )
+    _use(host, "big", 256)
     _wait(
         "the kernel's figure (the tmpfs files' blocks) taking the guest's memory in",
         lambda: (host.show("big")["enforcement"]["kernel_ram"] or 0) >= 256 * MIB,

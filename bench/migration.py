@@ -12,10 +12,15 @@ Both sides migrate with the same convergence settings: auto-converge ON, throttl
 KVM only (`-accel kvm -cpu host,-arch-capabilities`); if it cannot, its cells hold the error,
 never figures of QEMU's software emulator.
 
-pyhv migrates each row three times, authenticated (the default: every frame under GMAC),
-encrypted (`encrypt`: AES-256-GCM) and by post-copy (`postcopy`: the VM runs at the destination
-at once, pages on demand; its row adds the blocktime p50/p99, the median of the runs'), and the stream alone is measured against the raw socket
-(1 MiB PAGES frames sealed both ways, to a sink process that checks them).
+pyhv migrates each row four times, authenticated (the default: every frame under GMAC),
+encrypted (`encrypt`: AES-256-GCM), by post-copy (`postcopy`: the VM runs at the destination
+at once, pages on demand; its row adds the blocktime p50/p99, the median of the runs') and
+hybrid (`postcopy` with `postcopy_after=1`: pre-copy, then post-copy once one pass is done
+unless the rest fits the downtime limit); QEMU by pre-copy, by post-copy (postcopy-ram,
+`migrate-start-postcopy` right after `migrate`) and hybrid (`migrate-start-postcopy` once its
+dirty bitmap was synced after its first pass; it too completes by pre-copy when the rest fits).
+The stream alone is measured against the raw socket (1 MiB PAGES frames sealed both ways, to a
+sink process that checks them).
 
 Both totals are divided by the same fixed wire limit per row: the guest's distinct non-zero
 memory at the start of the migration (4 KiB pages that are not all zero, each counted once, read
@@ -60,6 +65,7 @@ DOWNTIME_MS = 300  # QEMU's default downtime-limit; pyhv's downtime target set t
 BANDWIDTH = 16 << 30  # bytes/s for QEMU's max-bandwidth: in effect no limit on loopback
 STREAMS = 2  # pyhv's TCP streams (one sending thread each): as many as this machine's cores
 SETTLE = 1.5  # seconds the workload runs before the migration starts
+HYBRID_AFTER = 1  # passes before a hybrid migration switches to post-copy (both sides)
 WIRE_BYTES = 256 << 20  # one loopback bandwidth measurement
 PAGE = 4096
 #: The same convergence settings on both sides (pyhv's MigrationOptions / QEMU's parameters)
@@ -231,7 +237,12 @@ def _nonzero_pages(fd: int, size: int) -> int:
 
 
 def run_pyhv(
-    memory: str, dirty: int, encrypt: bool = False, postcopy: bool = False, streams: int = 1
+    memory: str,
+    dirty: int,
+    encrypt: bool = False,
+    postcopy: bool = False,
+    streams: int = 1,
+    postcopy_after: int = 0,
 ) -> dict[str, Any]:
     from pyhv.guest_image import image_path
     from pyhv.migration.worker import IncomingWorker, migrate_worker
@@ -262,7 +273,7 @@ def run_pyhv(
                 "encrypt": encrypt,
                 "streams": streams,
                 **CONVERGENCE,
-                **({"postcopy": True} if postcopy else {}),
+                **({"postcopy": True, "postcopy_after": postcopy_after} if postcopy else {}),
             },
         )
         dst.wait_migrated(30)
@@ -280,7 +291,7 @@ def run_pyhv(
             "guest_answers_at_destination": alive,
             "nonzero_bytes_at_start": nonzero,
             "memfds": memfds,
-            **({"postcopy": r["postcopy"]} if postcopy else {}),
+            **({"postcopy": r["postcopy"], "switched": bool(r["postcopy"])} if postcopy else {}),
         }
     finally:
         dst.close()
@@ -372,7 +383,12 @@ def _stderr_tail(proc: subprocess.Popen[bytes]) -> str:
     return proc.stderr.read().decode(errors="replace").strip()[-400:]
 
 
-def run_qemu(qemu: str, memory: str, dirty: int, postcopy: bool = False) -> dict[str, Any]:
+def run_qemu(
+    qemu: str, memory: str, dirty: int, postcopy: bool = False, postcopy_after: int = 0
+) -> dict[str, Any]:
+    """One QEMU migration; with `postcopy`, switched to post-copy right after `migrate`, or
+    with `postcopy_after` N once the dirty bitmap was synced after N passes (its first sync
+    comes at the start: N + 1 syncs)."""
     from pyhv.guest_image import image_path
 
     image = image_path()
@@ -422,15 +438,25 @@ def run_qemu(qemu: str, memory: str, dirty: int, postcopy: bool = False) -> dict
             )
             nonzero = nonzero_anonymous_memory(procs[0].pid, _bytes(memory))
             src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-            if postcopy:  # at once, as pyhv's --postcopy
+            asked = postcopy and postcopy_after <= 0
+            if asked:  # at once, as pyhv's --postcopy
                 src.cmd("migrate-start-postcopy")
             deadline = time.monotonic() + 300
             info: dict[str, Any] = {}
+            seen: set[str] = set()
             while time.monotonic() < deadline:
                 info = src.cmd("query-migrate")
+                seen.add(str(info.get("status")))
                 if info.get("status") in ("completed", "failed", "cancelled"):
                     break
-                time.sleep(0.02)
+                syncs = int(info.get("ram", {}).get("dirty-sync-count", 0))
+                if postcopy and not asked and syncs > postcopy_after:
+                    asked = True
+                    try:
+                        src.cmd("migrate-start-postcopy")
+                    except RuntimeError:
+                        pass  # refused once it completes by pre-copy: it ends on its own
+                time.sleep(0.005 if postcopy and not asked else 0.02)
             if info.get("status") != "completed":
                 src.cmd("migrate_cancel")
                 raise RuntimeError(
@@ -450,6 +476,9 @@ def run_qemu(qemu: str, memory: str, dirty: int, postcopy: bool = False) -> dict
                     "blocktime_total_ms": there.get("postcopy-blocktime"),
                     "vcpu_blocktime_ms": there.get("postcopy-vcpu-blocktime"),
                 }
+                extra["switched"] = "postcopy-active" in seen or bool(
+                    info.get("ram", {}).get("postcopy-bytes", 0)
+                )
                 # QEMU 7.2 reports no valid downtime for post-copy (measured: 1.5e7 ms)
                 if float(info.get("downtime", 0)) > info.get("total-time", 0):
                     info["downtime"] = None
@@ -509,6 +538,35 @@ def _summary(runs: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
     }
 
 
+def _postcopy_summary(runs: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
+    """pyhv's post-copy or hybrid runs: as _summary, with how many switched to post-copy and
+    the medians of their blocktime p50/p99, faults and pages on request (None if none did)."""
+    out = _summary(runs, limit_s)
+    switched = [r["postcopy"] for r in runs if r["switched"]]
+    out["switched_runs"] = len(switched)
+    for k in ("blocktime_p50_ms", "blocktime_p99_ms", "faults", "requested_pages"):
+        out[k] = statistics.median(p[k] for p in switched) if switched else None
+    return out
+
+
+def _qemu_postcopy_summary(runs: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
+    """QEMU's post-copy or hybrid runs: total over the row's wire limit, how many switched,
+    the blocktime total (QEMU 7.2 gives no percentiles), the downtime where QEMU reports a
+    valid one (it does not once it switched)."""
+    totals = [r["total_s"] for r in runs]
+    downs = [r["downtime_ms"] for r in runs if r["downtime_ms"] is not None]
+    return {
+        "total_s": common.spread(totals, 4),
+        "total_over_limit": round(statistics.median(totals) / limit_s, 2),
+        "downtime_ms": common.spread(downs, 2) if downs else None,
+        "switched_runs": sum(1 for r in runs if r["switched"]),
+        "blocktime_total_ms": statistics.median(
+            r["postcopy"]["blocktime_total_ms"] or 0 for r in runs
+        ),
+        "runs": runs,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-qemu", action="store_true", help="pyhv only (QEMU's cells say so)")
@@ -545,27 +603,37 @@ def main() -> None:
             pyhv_runs: list[dict[str, Any]] = []
             sealed_runs: list[dict[str, Any]] = []
             postcopy_runs: list[dict[str, Any]] = []
+            hybrid_runs: list[dict[str, Any]] = []
             qemu_runs: list[dict[str, Any]] = []
             qemu_postcopy_runs: list[dict[str, Any]] = []
+            qemu_hybrid_runs: list[dict[str, Any]] = []
             for _ in range(repeats):  # the wire, pyhv (authenticated, encrypted), QEMU take turns
                 bandwidths.append(loopback_bandwidth())
                 pyhv_runs.append(run_pyhv(memory, dirty, streams=args.streams))
                 sealed_runs.append(run_pyhv(memory, dirty, encrypt=True, streams=args.streams))
                 # post-copy takes one stream (MigrationOptions refuses it with more)
                 postcopy_runs.append(run_pyhv(memory, dirty, postcopy=True))
+                hybrid_runs.append(
+                    run_pyhv(memory, dirty, postcopy=True, postcopy_after=HYBRID_AFTER)
+                )
                 if qemu is not None and qemu_error is None:
                     try:
                         qemu_runs.append(run_qemu(qemu, memory, dirty))
                         qemu_postcopy_runs.append(run_qemu(qemu, memory, dirty, postcopy=True))
+                        qemu_hybrid_runs.append(
+                            run_qemu(qemu, memory, dirty, True, postcopy_after=HYBRID_AFTER)
+                        )
                     except Exception as e:  # noqa: BLE001 - the row says why
                         row["qemu_error"] = f"{type(e).__name__}: {e}"
                         break
             row["pyhv_runs"], row["qemu_runs"] = pyhv_runs, qemu_runs
             row["pyhv_encrypted_runs"] = sealed_runs
             row["pyhv_postcopy_runs"] = postcopy_runs
+            row["pyhv_hybrid_runs"] = hybrid_runs
             # QEMU switches after its first pass ends (migrate-start-postcopy at once)
             row["qemu_postcopy_runs"] = qemu_postcopy_runs
-            p, e, c = pyhv_runs[-1], sealed_runs[-1], postcopy_runs[-1]
+            row["qemu_hybrid_runs"] = qemu_hybrid_runs
+            p, e, c, h = pyhv_runs[-1], sealed_runs[-1], postcopy_runs[-1], hybrid_runs[-1]
             print(
                 f"{memory:>5} dirty {dirty:>3} MiB | pyhv total {p['total_s']:.3f} s, downtime "
                 f"{p['downtime_ms']:.1f} ms, {p['bytes_sent'] / 2**20:.1f} MiB sent, non-zero "
@@ -573,7 +641,8 @@ def main() -> None:
                 f"{e['total_s']:.3f} s, downtime {e['downtime_ms']:.1f} ms | post-copy total "
                 f"{c['total_s']:.3f} s, downtime {c['downtime_ms']:.1f} ms, blocktime p50 "
                 f"{c['postcopy']['blocktime_p50_ms']:.2f} p99 "
-                f"{c['postcopy']['blocktime_p99_ms']:.2f} ms"
+                f"{c['postcopy']['blocktime_p99_ms']:.2f} ms | hybrid total {h['total_s']:.3f} s, "
+                f"downtime {h['downtime_ms']:.1f} ms, switched {h['switched']}"
                 + (
                     f" | qemu total {qemu_runs[-1]['total_s']:.3f} s, downtime "
                     f"{qemu_runs[-1]['downtime_ms']:.0f} ms, non-zero "
@@ -593,24 +662,23 @@ def main() -> None:
         pyhv_runs, qemu_runs = row.pop("pyhv_runs"), row.pop("qemu_runs")
         sealed_runs = row.pop("pyhv_encrypted_runs")
         postcopy_runs = row.pop("pyhv_postcopy_runs")
+        hybrid_runs = row.pop("pyhv_hybrid_runs")
         # one fixed wire limit for both sides: the guest's non-zero memory at the start
         nonzero = statistics.median(r["nonzero_bytes_at_start"] for r in pyhv_runs + qemu_runs)
         row["nonzero_bytes_at_start"] = round(nonzero)
         row["wire_limit_s"] = round(nonzero / bw, 6)
         row["pyhv"] = _summary(pyhv_runs, nonzero / bw)
         row["pyhv_encrypted"] = _summary(sealed_runs, nonzero / bw)
-        row["pyhv_postcopy"] = _summary(postcopy_runs, nonzero / bw)
-        for k in ("blocktime_p50_ms", "blocktime_p99_ms", "faults", "requested_pages"):
-            row["pyhv_postcopy"][k] = statistics.median(r["postcopy"][k] for r in postcopy_runs)
+        row["pyhv_postcopy"] = _postcopy_summary(postcopy_runs, nonzero / bw)
+        row["pyhv_hybrid"] = _postcopy_summary(hybrid_runs, nonzero / bw)
+        row["pyhv_hybrid"]["postcopy_after"] = HYBRID_AFTER
         qemu_pc = row.pop("qemu_postcopy_runs")
+        qemu_hy = row.pop("qemu_hybrid_runs")
         if qemu_pc:
-            row["qemu_postcopy"] = {
-                "total_s": common.spread([r["total_s"] for r in qemu_pc], 4),
-                "blocktime_total_ms": statistics.median(
-                    r["postcopy"]["blocktime_total_ms"] or 0 for r in qemu_pc
-                ),
-                "runs": qemu_pc,
-            }
+            row["qemu_postcopy"] = _qemu_postcopy_summary(qemu_pc, nonzero / bw)
+        if qemu_hy:
+            row["qemu_hybrid"] = _qemu_postcopy_summary(qemu_hy, nonzero / bw)
+            row["qemu_hybrid"]["postcopy_after"] = HYBRID_AFTER
         row["encrypted_total_over_authenticated"] = round(
             row["pyhv_encrypted"]["total_s"]["median"] / row["pyhv"]["total_s"]["median"], 2
         )
@@ -621,9 +689,16 @@ def main() -> None:
             row["downtime_pyhv_over_qemu"] = (
                 round(row["pyhv"]["downtime_ms"]["median"] / q_down, 2) if q_down else None
             )
+            q_hy = (row.get("qemu_hybrid") or {}).get("downtime_ms")
+            row["hybrid_downtime_pyhv_over_qemu"] = (
+                round(row["pyhv_hybrid"]["downtime_ms"]["median"] / q_hy["median"], 2)
+                if q_hy and q_hy["median"]
+                else None
+            )
         else:
             row["qemu"] = {"error": error}
             row["downtime_pyhv_over_qemu"] = None
+            row["hybrid_downtime_pyhv_over_qemu"] = None
         rows.append(row)
     print(f"loopback TCP: median {bw / 1e6:.0f} MB/s of {len(bandwidths)} transfers")
     # the stream alone, against the raw socket: what sealing each frame costs on the wire

@@ -671,7 +671,7 @@ def migration(d: dict[str, Any]) -> list[str]:
         "with fresh memory, and the passes after the first resend what the guest rewrote.",
         "",
     ]
-    return out + _migration_sealing(d) + _migration_postcopy(d)
+    return out + _migration_sealing(d) + _migration_postcopy(d) + _migration_hybrid(d)
 
 
 def _migration_postcopy(d: dict[str, Any]) -> list[str]:
@@ -688,11 +688,15 @@ def _migration_postcopy(d: dict[str, Any]) -> list[str]:
                 f"{size}, " + (f"{r['dirty_mib']} MiB dirty" if r["dirty_mib"] else "idle"),
                 spread(c["total_s"], 3, " s"),
                 spread(c["downtime_ms"], 1, " ms"),
-                f"{num(c['blocktime_p50_ms'], 2)} / {num(c['blocktime_p99_ms'], 2)} ms",
-                num(c["faults"], 0),
-                num(c["requested_pages"], 0),
+                DASH
+                if c["blocktime_p50_ms"] is None
+                else f"{num(c['blocktime_p50_ms'], 2)} / {num(c['blocktime_p99_ms'], 2)} ms",
+                DASH if c["faults"] is None else num(c["faults"], 0),
+                DASH if c["requested_pages"] is None else num(c["requested_pages"], 0),
+                num(c["total_over_limit"]),
                 DASH if q is None else spread(q["total_s"], 3, " s"),
                 DASH if q is None else f"{num(q['blocktime_total_ms'], 1)} ms",
+                DASH if q is None or "total_over_limit" not in q else num(q["total_over_limit"]),
             ]
         )
     if not rows:
@@ -711,8 +715,83 @@ def _migration_postcopy(d: dict[str, Any]) -> list[str]:
             "blocktime p50 / p99",
             "faults",
             "pages on request",
+            "pyhv total / limit",
             "QEMU post-copy total",
             "QEMU blocktime total",
+            "QEMU total / limit",
+        ],
+        rows,
+    )
+    return out + [""]
+
+
+def _migration_hybrid(d: dict[str, Any]) -> list[str]:
+    """Hybrid rows (pre-copy, then post-copy after the same number of passes on both sides)
+    where the run has them (results without them show nothing)."""
+    rows = []
+    after = None
+    for r in d["rows"]:
+        if "skipped" in r or "pyhv_hybrid" not in r:
+            continue
+        size = r["memory"].replace("M", " MiB").replace("G", " GiB")
+        h, q = r["pyhv_hybrid"], r.get("qemu_hybrid")
+        after = h["postcopy_after"]
+        n = h["total_s"]["n"]
+        block = (
+            DASH
+            if h["blocktime_p50_ms"] is None
+            else f"{num(h['blocktime_p50_ms'], 2)} / {num(h['blocktime_p99_ms'], 2)} ms"
+        )
+        ratio = r.get("hybrid_downtime_pyhv_over_qemu")
+        if q is None:
+            qcells = [DASH] * 5
+        else:
+            qcells = [
+                spread(q["total_s"], 3, " s"),
+                DASH if q["downtime_ms"] is None else spread(q["downtime_ms"], 0, " ms"),
+                f"{q['switched_runs']} of {q['total_s']['n']}",
+                f"{num(q['blocktime_total_ms'], 1)} ms",
+                num(q["total_over_limit"]),
+            ]
+        rows.append(
+            [
+                f"{size}, " + (f"{r['dirty_mib']} MiB dirty" if r["dirty_mib"] else "idle"),
+                spread(h["total_s"], 3, " s"),
+                spread(h["downtime_ms"], 1, " ms"),
+                f"{h['switched_runs']} of {n}",
+                block,
+                num(h["total_over_limit"]),
+                *qcells,
+                DASH if ratio is None else num(ratio, 2),
+            ]
+        )
+    if not rows:
+        return []
+    out = [
+        f"Hybrid: pre-copy, then post-copy once {after} pass{'' if after == 1 else 'es'} ended, "
+        "unless the "
+        "rest already fits the downtime limit (then both sides end by pre-copy): pyhv "
+        f"`postcopy` with `postcopy_after={after}` over one stream, QEMU postcopy-ram with "
+        "`migrate-start-postcopy` issued once its dirty bitmap was synced after that many "
+        'passes; the same convergence settings. "switched" counts the runs that went '
+        "post-copy; the blocktime is of those (QEMU 7.2 gives only a total, and no downtime "
+        "once it switched):",
+        "",
+    ]
+    out += table(
+        [
+            "",
+            "pyhv hybrid total",
+            "pyhv hybrid downtime",
+            "pyhv switched",
+            "blocktime p50 / p99",
+            "pyhv total / limit",
+            "QEMU hybrid total",
+            "QEMU hybrid downtime",
+            "QEMU switched",
+            "QEMU blocktime total",
+            "QEMU total / limit",
+            "pyhv downtime / QEMU's",
         ],
         rows,
     )

@@ -65,6 +65,7 @@ import xxhash
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from msgspec import Struct
@@ -85,6 +86,7 @@ MAX_STREAMS = 16  #: connections of one migration (the first one and its data st
 COMPRESSED = 0x01
 _ZERO_RUN = struct.Struct("<QQ")
 _NONCE = struct.Struct("<Q4x")  # a frame's 64-bit number in its direction, as a 96-bit nonce
+_SPLIT_GMAC = 64 << 10  # payloads from this size on are not copied beside the header for GMAC
 
 
 class Frame(enum.IntEnum):
@@ -142,6 +144,7 @@ class Seal:
         if len(key) != 32:
             raise ValueError(f"a stream key is 32 bytes, not {len(key)}")
         self._aead = AESGCM(key)
+        self._key = key
         self.encrypt = encrypt
         self.frames = 0
         self._buf = bytearray()
@@ -165,15 +168,22 @@ class Seal:
 
     def _gmac(self, nonce: bytes, header: bytes, payload: bytes | bytearray | memoryview) -> bytes:
         """The tag of an authenticated frame: GMAC (AES-GCM, nothing to encrypt) over the
-        header and the payload, copied side by side into a kept buffer."""
+        header and the payload: in one call where the payload was built beside the header
+        (payload_buffer), else as two pieces of associated data (the same tag; a received
+        page frame is checked where it lies in guest RAM, not copied first: 30 against 56 us
+        per 1 MiB frame here)."""
         end = len(header) + len(payload)
         in_place, self._in_place = payload is self._in_place, None
-        if not in_place and len(self._signed) < end:
-            self._signed = bytearray(end)
+        if not in_place:
+            if len(payload) < _SPLIT_GMAC:  # control frames: one call is cheaper
+                return self._aead.encrypt(nonce, b"", header + bytes(payload))
+            gcm = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+            gcm.authenticate_additional_data(header)
+            gcm.authenticate_additional_data(payload)
+            gcm.finalize()
+            return gcm.tag
         signed = memoryview(self._signed)
         signed[: len(header)] = header
-        if not in_place:
-            signed[len(header) : end] = memoryview(payload).cast("B")
         return self._aead.encrypt(nonce, b"", signed[:end])
 
     def _nonce(self) -> bytes:

@@ -39,6 +39,7 @@ from pyhv.migration.stream import (
     join_destination,
     token_bytes,
     unpack_zero_runs,
+    warm_up,
 )
 from pyhv.migration.tracing import trace_phase
 
@@ -115,6 +116,7 @@ class Incoming:
     def accept(self) -> dict[str, Any]:
         """Wait for the source, authenticate it, read the configuration (returned, as sent)."""
         self.listener.settimeout(self.accept_timeout)
+        warm_up()  # while no source is there yet
         try:
             sock, addr = self.listener.accept()
         except TimeoutError:

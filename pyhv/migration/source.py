@@ -49,6 +49,7 @@ from pyhv.migration.stream import (
     join_source,
     pack_zero_runs,
     token_bytes,
+    warm_up,
 )
 from pyhv.migration.tracing import trace_phase
 
@@ -331,6 +332,9 @@ class Source:
             dm_activity = dm_mod.activity(dm)
         # 1. connect, authenticate, configuration
         self._phase("connect")
+        # OpenSSL's first key costs ~4 ms here: paid while connecting, not in the handshake
+        warm = threading.Thread(target=warm_up, name="migration-warm-up", daemon=True)
+        warm.start()
         try:
             sock = socket.create_connection(self.address, timeout=opt.timeout)
         except OSError as e:
@@ -345,6 +349,7 @@ class Source:
             peer="destination",
         )
         self.faults.at("connect", fs)
+        warm.join()
         self._phase("authenticate")
         authenticate_source(fs, self.token, opt.encrypt)
         self._phase("config")
@@ -363,22 +368,21 @@ class Source:
             ),
         )
         self._join_streams()
-        fs.expect(Frame.READY, frames.Empty, "config")
         if opt.postcopy and opt.postcopy_after <= 0:
+            fs.expect(Frame.READY, frames.Empty, "config")
             self._postcopy(regions, None, "post-copy asked for at once")
             return
 
-        # 2. dirty logging on, first pass: everything
-        self._phase("pass1")
+        # 2. dirty logging on and pass 1's pages found while the destination builds the VM
+        # (a fixed cost of every migration, 15-20 ms here); an ABORT in place of READY rolls
+        # back (dirty logging off again)
+        t_logging = time.monotonic()
         for r in regions:
             mem.set_dirty_logging(r, True)
             self._logging.append(r)
         if vm.storage is not None:  # from here its READs into guest pages are sent again
             vm.storage.vsp.begin_dirty_log()
         skip = self._skip_ranges()
-        t = time.monotonic()
-        sent_before = self._bytes_sent()
-        pages = 0
         pass1: list[tuple[MemoryRegion, np.ndarray]] = []
         for r in regions:
             mask = np.zeros(r.pages, dtype=bool)
@@ -391,11 +395,19 @@ class Source:
             pass1.append((r, mask))
         # What pass 1 will send: the destination backs it with memory ahead of the pages.
         extents = [(r.gpa + a * PAGE, b - a) for r, m in pass1 for a, b in mem.runs(m)]
+        fs.expect(Frame.READY, frames.Empty, "config")
+
+        # first pass: everything
+        self._phase("pass1")
+        t = time.monotonic()
+        sent_before = self._bytes_sent()
+        pages = 0
         for i in range(0, len(extents) if opt.prefault else 0, ZERO_RUNS_PER_FRAME):
             chunk = extents[i : i + ZERO_RUNS_PER_FRAME]
             fs.send(Frame.EXTENTS, pack_zero_runs(chunk), count=len(chunk))
         pages += self._send_masks(pass1, first_pass=True)
         self._end_pass(t, sent_before, pages)
+        self._pass_started = t_logging  # the dirty log covers pass 1 and the wait for READY
 
         # 3. iterate
         prev_dirty = None

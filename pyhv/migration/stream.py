@@ -691,6 +691,14 @@ def authenticate_source(fs: FrameSocket, token: bytes, encrypt: bool = False) ->
     fs.stream_keys = lambda i: derive_keys(token, shared, nonce_d, nonce_s, encrypt, i)
 
 
+def warm_up() -> None:
+    """Pay the crypto library's first-use costs (OpenSSL's first X25519 key: ~4 ms here) before
+    a handshake waits for them: the destination while it waits for a source, the source while
+    it connects."""
+    X25519PrivateKey.generate().public_key()
+    AESGCM(bytes(32)).encrypt(bytes(12), b"", b"")
+
+
 def token_bytes(token: str | bytes) -> bytes:
     raw = token.encode() if isinstance(token, str) else bytes(token)
     if len(raw) < 8:

@@ -29,7 +29,7 @@ import msgspec
 from pyhv.migration.counters import publish, register
 from pyhv.migration.destination import Incoming, listen
 from pyhv.migration.source import MigrationInDoubt, MigrationOptions, Source
-from pyhv.migration.stream import MigrationError
+from pyhv.migration.stream import MigrationError, warm_up
 from pyhv.worker import messages as m
 from pyhv.worker.outcome import WORKER_ERROR, VmEnd
 from pyhv.worker.process import WorkerProcess
@@ -151,6 +151,7 @@ def accept_incoming(
     if guard is not None:
         guard.watch(lst)
     bound = lst.getsockname()
+    warm_up()  # the handshake's crypto, before any source can connect
     send(m.Listening(bound[0], bound[1]))
     try:
         inc = Incoming(

@@ -412,6 +412,36 @@ def test_a_payload_built_in_the_streams_buffer_is_sealed_where_it_lies(encrypt: 
     dst.close()
 
 
+def test_a_page_frame_is_checked_where_it_landed_and_a_flipped_bit_there_is_refused() -> None:
+    # 1 MiB: the receiver's tag takes the header and the pages as two pieces (no copy), the
+    # sender's one piece (the pages built beside the header): the tags must agree
+    src, dst = _sealed_pair(False)
+    ram = memoryview(bytearray(2 << 20))
+    pages = bytes(range(256)) * 4096
+
+    def send(corrupt: bool) -> None:
+        buf = src.payload_buffer(len(pages))
+        buf[:] = pages
+        src.corrupt_next = corrupt
+        src.send(Frame.PAGES, buf, count=256, addr=0x100000)
+
+    for corrupt in (False, True):
+        t = threading.Thread(target=send, args=(corrupt,))
+        t.start()
+        ftype, flags, length, count, addr, check = dst.recv_header()
+        target = ram[addr : addr + length]
+        if corrupt:
+            with pytest.raises(MigrationError, match=r"PAGES frame #\d+ .* failed authentication"):
+                dst.recv_payload_into(target, ftype, flags, count, addr, check)
+        else:
+            dst.recv_payload_into(target, ftype, flags, count, addr, check)
+            assert bytes(target) == pages
+        t.join(10)
+    assert dst.frames_refused == 1
+    src.close()
+    dst.close()
+
+
 @pytest.mark.parametrize("encrypt", [False, True], ids=["authenticated", "encrypted"])
 def test_a_data_stream_joins_under_keys_of_its_own_and_a_stranger_cannot(encrypt: bool) -> None:
     src, dst = _sealed_pair(encrypt)

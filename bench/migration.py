@@ -19,6 +19,9 @@ hybrid (`postcopy` with `postcopy_after=1`: pre-copy, then post-copy once one pa
 unless the rest fits the downtime limit); QEMU by pre-copy, by post-copy (postcopy-ram,
 `migrate-start-postcopy` right after `migrate`) and hybrid (`migrate-start-postcopy` once its
 dirty bitmap was synced after its first pass; it too completes by pre-copy when the rest fits).
+The hybrid runs of both sides go over a link limited to `--hybrid-bandwidth` (256 MiB/s by
+default; pyhv's `bandwidth`, QEMU's `max-bandwidth`): unlimited, loopback carries every
+working set here faster than the guest rewrites it and neither side ever switches.
 The stream alone is measured against the raw socket (1 MiB PAGES frames sealed both ways, to a
 sink process that checks them).
 
@@ -34,7 +37,7 @@ pyhv sends pages over `--streams` TCP connections (MigrationOptions.streams; QEM
 its multifd is not used here, as its defaults have it off).
 
     .venv/bin/python bench/migration.py [--no-qemu] [--sizes 256M 1G 4G] [--dirty 0 16]
-        [--repeats N] [--streams N]
+        [--repeats N] [--streams N] [--hybrid-bandwidth MIB_S]
     (PYHV_BENCH_QUICK=1: fewer rows and repetitions)
 """
 
@@ -66,6 +69,9 @@ BANDWIDTH = 16 << 30  # bytes/s for QEMU's max-bandwidth: in effect no limit on 
 STREAMS = 2  # pyhv's TCP streams (one sending thread each): as many as this machine's cores
 SETTLE = 1.5  # seconds the workload runs before the migration starts
 HYBRID_AFTER = 1  # passes before a hybrid migration switches to post-copy (both sides)
+#: The link limit of the hybrid runs (both sides): unlimited loopback carries every working set
+#: here faster than the guest rewrites it, so neither side would ever switch to post-copy
+HYBRID_BANDWIDTH = 256 << 20
 WIRE_BYTES = 256 << 20  # one loopback bandwidth measurement
 PAGE = 4096
 #: The same convergence settings on both sides (pyhv's MigrationOptions / QEMU's parameters)
@@ -243,6 +249,7 @@ def run_pyhv(
     postcopy: bool = False,
     streams: int = 1,
     postcopy_after: int = 0,
+    bandwidth: int = 0,
 ) -> dict[str, Any]:
     from pyhv.guest_image import image_path
     from pyhv.migration.worker import IncomingWorker, migrate_worker
@@ -268,7 +275,7 @@ def run_pyhv(
             TOKEN,
             {
                 "downtime_target": DOWNTIME_MS / 1000,
-                "bandwidth": 0,
+                "bandwidth": bandwidth,
                 "verify": False,  # QEMU does not checksum RAM either
                 "encrypt": encrypt,
                 "streams": streams,
@@ -384,7 +391,12 @@ def _stderr_tail(proc: subprocess.Popen[bytes]) -> str:
 
 
 def run_qemu(
-    qemu: str, memory: str, dirty: int, postcopy: bool = False, postcopy_after: int = 0
+    qemu: str,
+    memory: str,
+    dirty: int,
+    postcopy: bool = False,
+    postcopy_after: int = 0,
+    bandwidth: int = BANDWIDTH,
 ) -> dict[str, Any]:
     """One QEMU migration; with `postcopy`, switched to post-copy right after `migrate`, or
     with `postcopy_after` N once the dirty bitmap was synced after N passes (its first sync
@@ -434,7 +446,7 @@ def run_qemu(
                 )
             src.cmd(
                 "migrate-set-parameters",
-                **{"downtime-limit": DOWNTIME_MS, "max-bandwidth": BANDWIDTH, **QEMU_CONVERGENCE},
+                **{"downtime-limit": DOWNTIME_MS, "max-bandwidth": bandwidth, **QEMU_CONVERGENCE},
             )
             nonzero = nonzero_anonymous_memory(procs[0].pid, _bytes(memory))
             src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
@@ -579,7 +591,13 @@ def main() -> None:
     ap.add_argument(
         "--streams", type=int, default=STREAMS, help=f"pyhv's TCP streams (default {STREAMS})"
     )
+    ap.add_argument(
+        "--hybrid-bandwidth", type=int, default=HYBRID_BANDWIDTH >> 20,
+        help=f"MiB/s the hybrid runs' link carries, both sides (default {HYBRID_BANDWIDTH >> 20}; "
+        "0: no limit)",
+    )  # fmt: skip
     args = ap.parse_args()
+    hy_bw = args.hybrid_bandwidth << 20
     run = common.run_info()
     sizes, workloads, repeats = args.sizes, args.dirty, args.repeats
     qemu = None if args.no_qemu else common.qemu_binary()
@@ -614,14 +632,16 @@ def main() -> None:
                 # post-copy takes one stream (MigrationOptions refuses it with more)
                 postcopy_runs.append(run_pyhv(memory, dirty, postcopy=True))
                 hybrid_runs.append(
-                    run_pyhv(memory, dirty, postcopy=True, postcopy_after=HYBRID_AFTER)
+                    run_pyhv(
+                        memory, dirty, postcopy=True, postcopy_after=HYBRID_AFTER, bandwidth=hy_bw
+                    )
                 )
                 if qemu is not None and qemu_error is None:
                     try:
                         qemu_runs.append(run_qemu(qemu, memory, dirty))
                         qemu_postcopy_runs.append(run_qemu(qemu, memory, dirty, postcopy=True))
                         qemu_hybrid_runs.append(
-                            run_qemu(qemu, memory, dirty, True, postcopy_after=HYBRID_AFTER)
+                            run_qemu(qemu, memory, dirty, True, HYBRID_AFTER, hy_bw or BANDWIDTH)
                         )
                     except Exception as e:  # noqa: BLE001 - the row says why
                         row["qemu_error"] = f"{type(e).__name__}: {e}"
@@ -727,6 +747,7 @@ def main() -> None:
         "convergence": {"pyhv": CONVERGENCE, "qemu": {"auto-converge": True, **QEMU_CONVERGENCE}},
         "downtime_limit_ms": DOWNTIME_MS,
         "pyhv_streams": args.streams,
+        "hybrid": {"postcopy_after": HYBRID_AFTER, "bandwidth_bytes_per_s": hy_bw},
         "loopback_bytes_per_s": common.spread(bandwidths, 0),
         "wire_bytes_per_transfer": WIRE_BYTES,
         "stream": stream,

@@ -767,15 +767,24 @@ def _migration_hybrid(d: dict[str, Any]) -> list[str]:
         )
     if not rows:
         return []
+    hy_bw = d.get("hybrid", {}).get("bandwidth_bytes_per_s", 0)
+    link = (
+        f"over a link limited to {num(hy_bw / 2**20, 0)} MiB/s on both sides (pyhv's `bandwidth`, "
+        "QEMU's `max-bandwidth`: unlimited, loopback carries these working sets faster than the "
+        "guest rewrites them and neither side would switch); "
+        if hy_bw
+        else "with no link limit; "
+    )
     out = [
-        f"Hybrid: pre-copy, then post-copy once {after} pass{'' if after == 1 else 'es'} ended, "
+        f"Hybrid, {link}"
+        f"pre-copy, then post-copy once {after} pass{'' if after == 1 else 'es'} ended, "
         "unless the "
         "rest already fits the downtime limit (then both sides end by pre-copy): pyhv "
         f"`postcopy` with `postcopy_after={after}` over one stream, QEMU postcopy-ram with "
         "`migrate-start-postcopy` issued once its dirty bitmap was synced after that many "
         'passes; the same convergence settings. "switched" counts the runs that went '
         "post-copy; the blocktime is of those (QEMU 7.2 gives only a total, and no downtime "
-        "once it switched):",
+        "once it switched); total / limit divides by the row's fixed wire limit, as above:",
         "",
     ]
     out += table(

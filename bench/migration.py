@@ -21,7 +21,8 @@ unless the rest fits the downtime limit); QEMU by pre-copy, by post-copy (postco
 dirty bitmap was synced after its first pass; it too completes by pre-copy when the rest fits).
 The hybrid runs of both sides go over a link limited to `--hybrid-bandwidth` (256 MiB/s by
 default; pyhv's `bandwidth`, QEMU's `max-bandwidth`): unlimited, loopback carries every
-working set here faster than the guest rewrites it and neither side ever switches.
+working set here faster than the guest rewrites it and neither side ever switches. Idle rows
+have none (an idle guest's rest fits after its first pass: a hybrid is its pre-copy).
 The stream alone is measured against the raw socket (1 MiB PAGES frames sealed both ways, to a
 sink process that checks them).
 
@@ -631,18 +632,26 @@ def main() -> None:
                 sealed_runs.append(run_pyhv(memory, dirty, encrypt=True, streams=args.streams))
                 # post-copy takes one stream (MigrationOptions refuses it with more)
                 postcopy_runs.append(run_pyhv(memory, dirty, postcopy=True))
-                hybrid_runs.append(
-                    run_pyhv(
-                        memory, dirty, postcopy=True, postcopy_after=HYBRID_AFTER, bandwidth=hy_bw
+                if dirty:  # an idle guest's rest always fits after pass 1: no hybrid row
+                    hybrid_runs.append(
+                        run_pyhv(
+                            memory,
+                            dirty,
+                            postcopy=True,
+                            postcopy_after=HYBRID_AFTER,
+                            bandwidth=hy_bw,
+                        )
                     )
-                )
                 if qemu is not None and qemu_error is None:
                     try:
                         qemu_runs.append(run_qemu(qemu, memory, dirty))
                         qemu_postcopy_runs.append(run_qemu(qemu, memory, dirty, postcopy=True))
-                        qemu_hybrid_runs.append(
-                            run_qemu(qemu, memory, dirty, True, HYBRID_AFTER, hy_bw or BANDWIDTH)
-                        )
+                        if dirty:
+                            qemu_hybrid_runs.append(
+                                run_qemu(
+                                    qemu, memory, dirty, True, HYBRID_AFTER, hy_bw or BANDWIDTH
+                                )
+                            )
                     except Exception as e:  # noqa: BLE001 - the row says why
                         row["qemu_error"] = f"{type(e).__name__}: {e}"
                         break
@@ -653,7 +662,8 @@ def main() -> None:
             # QEMU switches after its first pass ends (migrate-start-postcopy at once)
             row["qemu_postcopy_runs"] = qemu_postcopy_runs
             row["qemu_hybrid_runs"] = qemu_hybrid_runs
-            p, e, c, h = pyhv_runs[-1], sealed_runs[-1], postcopy_runs[-1], hybrid_runs[-1]
+            p, e, c = pyhv_runs[-1], sealed_runs[-1], postcopy_runs[-1]
+            h = hybrid_runs[-1] if hybrid_runs else None
             print(
                 f"{memory:>5} dirty {dirty:>3} MiB | pyhv total {p['total_s']:.3f} s, downtime "
                 f"{p['downtime_ms']:.1f} ms, {p['bytes_sent'] / 2**20:.1f} MiB sent, non-zero "
@@ -661,8 +671,13 @@ def main() -> None:
                 f"{e['total_s']:.3f} s, downtime {e['downtime_ms']:.1f} ms | post-copy total "
                 f"{c['total_s']:.3f} s, downtime {c['downtime_ms']:.1f} ms, blocktime p50 "
                 f"{c['postcopy']['blocktime_p50_ms']:.2f} p99 "
-                f"{c['postcopy']['blocktime_p99_ms']:.2f} ms | hybrid total {h['total_s']:.3f} s, "
-                f"downtime {h['downtime_ms']:.1f} ms, switched {h['switched']}"
+                f"{c['postcopy']['blocktime_p99_ms']:.2f} ms"
+                + (
+                    ""
+                    if h is None
+                    else f" | hybrid total {h['total_s']:.3f} s, downtime "
+                    f"{h['downtime_ms']:.1f} ms, switched {h['switched']}"
+                )
                 + (
                     f" | qemu total {qemu_runs[-1]['total_s']:.3f} s, downtime "
                     f"{qemu_runs[-1]['downtime_ms']:.0f} ms, non-zero "
@@ -690,8 +705,9 @@ def main() -> None:
         row["pyhv"] = _summary(pyhv_runs, nonzero / bw)
         row["pyhv_encrypted"] = _summary(sealed_runs, nonzero / bw)
         row["pyhv_postcopy"] = _postcopy_summary(postcopy_runs, nonzero / bw)
-        row["pyhv_hybrid"] = _postcopy_summary(hybrid_runs, nonzero / bw)
-        row["pyhv_hybrid"]["postcopy_after"] = HYBRID_AFTER
+        if hybrid_runs:
+            row["pyhv_hybrid"] = _postcopy_summary(hybrid_runs, nonzero / bw)
+            row["pyhv_hybrid"]["postcopy_after"] = HYBRID_AFTER
         qemu_pc = row.pop("qemu_postcopy_runs")
         qemu_hy = row.pop("qemu_hybrid_runs")
         if qemu_pc:
@@ -712,7 +728,7 @@ def main() -> None:
             q_hy = (row.get("qemu_hybrid") or {}).get("downtime_ms")
             row["hybrid_downtime_pyhv_over_qemu"] = (
                 round(row["pyhv_hybrid"]["downtime_ms"]["median"] / q_hy["median"], 2)
-                if q_hy and q_hy["median"]
+                if q_hy and q_hy["median"] and "pyhv_hybrid" in row
                 else None
             )
         else:

@@ -1,8 +1,9 @@
 """The source side of a live migration (pre-copy), as Hyper-V does it:
 
 1. connect and authenticate; send the configuration; the destination creates the VM (READY);
-2. switch on KVM dirty logging, send all memory (never-written pages are skipped, zero pages go
-   as markers, ballooned pages are not sent); with `streams` > 1 every pass goes over that many
+2. switch on KVM dirty logging and find what pass 1 sends while the destination builds the VM;
+   after READY send all memory (never-written pages are skipped, zero pages go as markers,
+   ballooned pages are not sent); with `streams` > 1 every pass goes over that many
    connections, each its own GPA slice of every region from a thread of its own;
 3. repeat: take the dirty bitmap and send what was written during the last pass, until what is
    left would be sent within the downtime target at the bandwidth measured, or after

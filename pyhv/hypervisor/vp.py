@@ -225,10 +225,17 @@ class VirtualProcessor(RunLoop):
         b = self.vcpu.run_page.b
         with self._cond:
             b[rp.IMMEDIATE_EXIT] = 0
-            if self._request == "pause":
+            # Parked until resume() (state back to RUNNING) or stop(). A pause() asked again
+            # before this thread woke from the last resume() finds the request still "pause"
+            # here: it parks again and says so (waiting on "the request changed" instead lost
+            # that pause: pause() timed out on a RUNNING state and the next resume(), seeing
+            # no PAUSED VP, woke nobody, so the VP stayed parked for good).
+            while self._request == "pause":
                 self._state = VpState.PAUSED
                 self._cond.notify_all()
-                self._cond.wait_for(lambda: self._request != "pause")
+                self._cond.wait_for(
+                    lambda: self._state is not VpState.PAUSED or self._request == "stop"
+                )
                 b[rp.IMMEDIATE_EXIT] = 0
             if self._request == "stop":
                 return False

@@ -80,6 +80,11 @@ class VirtualProcessor(RunLoop):
                 "from an intercept handler"
             )
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The VP's thread, once started (e.g. to give it a scheduling priority)."""
+        return self._thread
+
     def _on_vp_thread(self) -> bool:
         return threading.current_thread() is self._thread
 

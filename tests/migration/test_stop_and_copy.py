@@ -5,6 +5,7 @@ otherwise)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from pyhv.migration.worker import migrate_worker
 from tests.migration.conftest import TOKEN, moved
+from tests.support.sched import realtime_threads
 
 pytestmark = pytest.mark.guest
 
@@ -68,3 +70,22 @@ def test_the_destination_runs_the_vm_before_the_source_tears_its_copy_down(hosts
     assert {"pause", "last_pages", "state_save", "state", "resumed"} <= set(parts)
     assert {"destination_state_in", "destination_restore"} <= set(parts)
     assert moved(dst).ticks() > 0
+
+
+def test_the_threads_of_the_pause_run_real_time_for_the_pause_only(hosts: Any) -> None:
+    """The source's migration thread and the VP thread it parks, the destination's receiver
+    and the VP thread it wakes: SCHED_FIFO during the pause (root here), none of them after."""
+    assert os.geteuid() == 0, "this test checks SCHED_FIFO threads: run it as root"
+    src, _guest = hosts.boot()
+    dst = hosts.destination()
+    result = migrate_worker(src, dst.wait_listening(), TOKEN, {})
+    assert dst.wait_migrated(30) is not None
+    # one VP on each side, plus the migration thread and the receiver
+    assert result["realtime"] == {
+        "granted": 2,
+        "refused": 0,
+        "destination_granted": 2,
+        "destination_refused": 0,
+    }
+    assert dst.pid is not None and realtime_threads(dst.pid) == []
+    assert moved(dst).ticks() > 0  # its VP runs guest code, at the ordinary priority

@@ -468,8 +468,9 @@ class Source:
         fs.expect(Frame.PREPARED, frames.Empty, "prepare")
         t_pause, mark = self._pause_for_good(realtime=True)
         parts = self.progress.downtime_parts
-        # The last pages, PASS_END and STATE leave as one burst: the destination wakes once for
-        # all of them instead of once per frame (each wake a chance to wait for a CPU here).
+        # The last pages and PASS_END leave as one burst (the destination wakes once for them,
+        # not once per frame), before the state is saved: the destination takes them in while
+        # this side saves it, instead of after (STATE in the same burst: ~0.3 ms more, here).
         _cork(fs, True)
         self._phase("final", paused=True)
         self.faults.at("final", fs)
@@ -509,6 +510,7 @@ class Source:
         self.progress.passes += 1
         # the data streams' final pass ended before the pause (_prepare)
         fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages, True))
+        _cork(fs, False)  # the destination takes the last pages in while the state is saved
         self._phase("state", paused=True)
         self.faults.at("state", fs)
         # Input typed from here on is held at the source and goes with COMMIT.
@@ -521,7 +523,6 @@ class Source:
             self.faults.at("commit", fs)
             self._committing = True
         fs.send(Frame.STATE, state.encode())
-        _cork(fs, False)
         mark("state")
         self._boost.end()  # the rest (checksum, waiting) at the ordinary priority
         self.progress.realtime = self._boost.counts()

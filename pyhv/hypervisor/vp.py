@@ -177,15 +177,16 @@ class VirtualProcessor(RunLoop):
             except ProcessLookupError:
                 pass
 
-    def pause(self, timeout: float = 5.0) -> None:
-        """Suspend the VP between two instructions; returns once it is suspended."""
+    def pause(self, timeout: float = 5.0, wait: bool = True) -> None:
+        """Suspend the VP between two instructions; returns once it is suspended (at once
+        without `wait`: a partition kicks all its VPs first, then waits for each)."""
         with self._cond:
             if self._state is not VpState.RUNNING:
                 return
             self._request = "pause"
             self._attention = True
             self._kick()
-            if threading.current_thread() is self._thread:
+            if not wait or threading.current_thread() is self._thread:
                 return  # from a handler: takes effect when the handler returns
             if not self._cond.wait_for(lambda: self._state is not VpState.RUNNING, timeout):
                 raise TimeoutError(f"VP {self.index} did not pause within {timeout} s")

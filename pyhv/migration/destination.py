@@ -324,6 +324,7 @@ class Incoming:
             elif ftype is Frame.STATE:
                 return VmState.decode(bytes(buf))
             elif ftype is Frame.PREPARE:
+                frames.decode(bytes(buf), frames.Empty, "PREPARE")
                 if self._final_frames >= 0:
                     raise MigrationError("the source sent PREPARE twice", "memory")
                 self._final_frames = 0

@@ -6,7 +6,8 @@ Source phases: ``connect``, ``config``, ``pass1`` (after the first frame of memo
 paused, before the last pages), ``state``, ``commit``, ``resumed``
 (COMMIT sent, before RESUMED is read: the window a VMMS must close by asking the destination).
 Destination phases: ``authenticate``, ``config``, ``memory`` (first page frame received),
-``prepare`` (PREPARE received, before answering it), ``state`` (state received, before restoring), ``restored`` (before saying so).
+``prepare`` (PREPARE received, before answering it), ``state`` (state received, before
+restoring), ``restored`` (before saying so).
 
 Actions: ``cut`` (the connection drops: both directions shut down), ``corrupt`` (the next frame
 sent has a payload bit flipped after it was sealed: its tag fails), ``exit`` (this process dies at

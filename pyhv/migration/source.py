@@ -551,7 +551,10 @@ class Source:
             parts["destination_start"] = round(resumed.start_ms, 2)
         for name, ms in resumed.parts.items():
             if name.startswith("realtime_"):  # the destination's threads raised or not
-                self.progress.realtime[f"destination_{name[9:]}"] = int(ms)
+                # (its word, reported only: a count, whatever it sent; never an error here,
+                # after RESUMED)
+                n = int(ms) if 0 <= ms < 1 << 16 else -1
+                self.progress.realtime[f"destination_{name[9:]}"] = n
             else:
                 parts[f"destination_{name}"] = round(ms, 2)
         now = time.monotonic()

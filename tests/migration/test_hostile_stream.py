@@ -164,3 +164,43 @@ def test_a_control_frame_altered_on_the_way_is_refused_by_the_source(
     assert src.frames_refused == 1
     for c in (src, dst, relay):
         c.close()
+
+
+def test_a_second_prepare_is_refused_and_the_first_is_answered() -> None:
+    """PREPARE asks the destination to get ready for the pause (its owner's word, real-time
+    priority): answered with PREPARED once; a source that sends it again is refused."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    inc = Incoming(lst, TOKEN, max_memory=1 << 30, timeout=5, accept_timeout=5)
+    asked: list[int] = []
+    inc.authorize = lambda: asked.append(1)
+    err: list[BaseException | None] = [None]
+
+    class NoVps:  # the partition as _first_stream sees it before the state: no VP to raise
+        vps: dict[int, Any] = {}
+
+    def destination() -> None:
+        try:
+            inc.accept()
+            assert inc.fs is not None
+            inc._first_stream(inc.fs, NoVps(), {})
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            err[0] = e
+
+    t = threading.Thread(target=destination)
+    t.start()
+    src = FrameSocket(socket.create_connection(lst.getsockname()), timeout=5)
+    try:
+        st.authenticate_source(src, st.token_bytes(TOKEN))
+        src.send_json(Frame.CONFIG, frames.Config({}, [(0, 1 << 20)]))
+        src.send_json(Frame.PREPARE, frames.Empty())
+        src.expect(Frame.PREPARED, frames.Empty, "prepare")
+        src.send_json(Frame.PREPARE, frames.Empty())
+        t.join(10)
+    finally:
+        src.close()
+        if inc.fs is not None:
+            inc.fs.close()
+    assert asked == [1]  # the owner was asked once
+    assert isinstance(err[0], MigrationError) and "PREPARE twice" in str(err[0]), err[0]

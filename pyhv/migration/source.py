@@ -9,8 +9,10 @@
    `max_passes` passes, or once more than `max_sent_multiple` x RAM went out; when the dirty
    set does not shrink, throttle the VPs (paused for a growing share of each interval, like
    QEMU's auto-converge) before going on;
-4. pause the VPs; send the last dirty pages and the VP and device state (and a checksum of all
-   RAM at pause); the STATE frame commits: the destination restores and checks it and wakes its
+4. PREPARE: the destination gets ready for the pause (its owner's word on the arrival, its
+   threads at a real-time priority) and says PREPARED; pause the VPs (this thread and theirs
+   real-time meanwhile); send the last dirty pages (on the first stream) and the VP and device
+   state (and a checksum of all RAM at pause); the STATE frame commits: the destination restores and checks it and wakes its
    VPs, parked since the VM was built (RESUMED); then COMMIT carries the serial input typed here
    since the state's save, and the source VM is stopped and its memory released. With
    `two_phase_commit` the destination says RESTORED first and runs only at COMMIT (one more

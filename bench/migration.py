@@ -296,6 +296,7 @@ def run_pyhv(
             "final_pages": r["final_pages"],
             "throttle_percent": r["throttle_percent"],
             "downtime_parts_ms": r["downtime_parts"],
+            "realtime": r.get("realtime", {}),  # threads raised to SCHED_FIFO for the pause
             "guest_answers_at_destination": alive,
             "nonzero_bytes_at_start": nonzero,
             "memfds": memfds,

@@ -164,6 +164,9 @@ class Partition:
         vp.vcpu.set_guest_debug(control, dr)
 
     def pause(self) -> None:
+        # every VP kicked before waiting for any: they park in parallel, not one after another
+        for vp in self.vps.values():
+            vp.pause(wait=False)
         for vp in self.vps.values():
             vp.pause()
 

@@ -80,6 +80,11 @@ class VirtualProcessor(RunLoop):
                 "from an intercept handler"
             )
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The VP's thread, once started (e.g. to give it a scheduling priority)."""
+        return self._thread
+
     def _on_vp_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
@@ -172,15 +177,16 @@ class VirtualProcessor(RunLoop):
             except ProcessLookupError:
                 pass
 
-    def pause(self, timeout: float = 5.0) -> None:
-        """Suspend the VP between two instructions; returns once it is suspended."""
+    def pause(self, timeout: float = 5.0, wait: bool = True) -> None:
+        """Suspend the VP between two instructions; returns once it is suspended (at once
+        without `wait`: a partition kicks all its VPs first, then waits for each)."""
         with self._cond:
             if self._state is not VpState.RUNNING:
                 return
             self._request = "pause"
             self._attention = True
             self._kick()
-            if threading.current_thread() is self._thread:
+            if not wait or threading.current_thread() is self._thread:
                 return  # from a handler: takes effect when the handler returns
             if not self._cond.wait_for(lambda: self._state is not VpState.RUNNING, timeout):
                 raise TimeoutError(f"VP {self.index} did not pause within {timeout} s")
@@ -225,10 +231,17 @@ class VirtualProcessor(RunLoop):
         b = self.vcpu.run_page.b
         with self._cond:
             b[rp.IMMEDIATE_EXIT] = 0
-            if self._request == "pause":
+            # Parked until resume() (state back to RUNNING) or stop(). A pause() asked again
+            # before this thread woke from the last resume() finds the request still "pause"
+            # here: it parks again and says so (waiting on "the request changed" instead lost
+            # that pause: pause() timed out on a RUNNING state and the next resume(), seeing
+            # no PAUSED VP, woke nobody, so the VP stayed parked for good).
+            while self._request == "pause":
                 self._state = VpState.PAUSED
                 self._cond.notify_all()
-                self._cond.wait_for(lambda: self._request != "pause")
+                self._cond.wait_for(
+                    lambda: self._state is not VpState.PAUSED or self._request == "stop"
+                )
                 b[rp.IMMEDIATE_EXIT] = 0
             if self._request == "stop":
                 return False

@@ -28,6 +28,7 @@ from pyhv.migration import memory as mem
 from pyhv.migration import state as vm_state
 from pyhv.migration.faults import FaultPlan
 from pyhv.migration.postcopy import PostcopyDestination
+from pyhv.migration.realtime import Boost
 from pyhv.migration.state import VmState
 from pyhv.migration.stream import (
     COMPRESSED,
@@ -100,6 +101,13 @@ class Incoming:
         #: Called once the VM is committed here, before its VPs run; raising keeps them parked
         #: and fails the arrival (the worker's owner confirming the VM: pyhv.migration.worker).
         self.gate: Callable[[], None] | None = None
+        #: Called at PREPARE, before the source pauses: the owner's word on the arrival taken
+        #: ahead, so that `gate` has no round trip left inside the pause; raising fails the
+        #: arrival (the source has not paused yet: it runs on).
+        self.authorize: Callable[[], None] | None = None
+        #: SCHED_FIFO for the receiver and the parked VPs from PREPARE until they run
+        self._boost = Boost()
+        self._final_frames = -1  # page frames since PREPARE (-1: none came)
         self.dynmem_layout: dict[str, Any] | None = None
         self._populater = _Populater()
         self.postcopy: PostcopyDestination | None = None
@@ -176,6 +184,7 @@ class Incoming:
 
     def fail(self, e: BaseException) -> None:
         """Tell the source why we give up, and drop the connection."""
+        self._boost.end()
         self._populater.stop()
         if self.fs is not None:
             self.fs.abort(str(e) or type(e).__name__)
@@ -229,7 +238,9 @@ class Incoming:
                 want = fs.expect(Frame.CHECKSUM, frames.Checksum, "verify").ram
                 if "state:tamper" in self.faults.fired:
                     _flip_a_bit(ram)
+                self._boost.drop()  # a pass over all RAM: not at a real-time priority
                 got = mem.ram_checksum(ram)
+                self._boost.add()
                 if got != want:
                     raise MigrationError(
                         f"guest RAM differs from the source's at pause (checksum {got} here, "
@@ -253,6 +264,8 @@ class Incoming:
             if not self.two_phase:
                 _source_still_there(fs)
             vm.run_incoming()  # the VPs are parked, their state in place: only woken
+            self._boost.end()  # they run: at the ordinary priority from here
+            self.parts.update({f"realtime_{k}": v for k, v in self._boost.counts().items()})
             trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
         except BaseException as e:
             self.fail(e)
@@ -295,6 +308,10 @@ class Incoming:
         while True:
             ftype, buf = self._frame(fs, p, written, first=True)
             if ftype in (Frame.PAGES, Frame.ZERO):
+                if self._final_frames >= 0:
+                    self._final_frames += 1
+                    if self._final_frames > MAX_BOOSTED_FRAMES:  # not a pause's last pages
+                        self._boost.end()
                 continue
             if ftype is Frame.EXTENTS:
                 runs = unpack_zero_runs(bytes(buf))
@@ -308,6 +325,13 @@ class Incoming:
                 self._t_state = time.monotonic()  # after the last one: the state
             elif ftype is Frame.STATE:
                 return VmState.decode(bytes(buf))
+            elif ftype is Frame.PREPARE:
+                frames.decode(bytes(buf), frames.Empty, "PREPARE")
+                if self._final_frames >= 0:
+                    raise MigrationError("the source sent PREPARE twice", "memory")
+                self._final_frames = 0
+                self._prepare(p)
+                fs.send_json(Frame.PREPARED, frames.Empty())
             elif ftype is Frame.POSTCOPY:
                 if self.data:  # its pages and requests use the first stream alone
                     raise MigrationError(
@@ -326,6 +350,16 @@ class Incoming:
                 raise MigrationError(
                     f"unexpected {ftype.name} frame during the memory passes", "memory"
                 )
+
+    def _prepare(self, p: Any) -> None:
+        """The source pauses next: the owner's word on the arrival now (out of the pause), and
+        this receiver and the parked VP threads at a real-time priority until the VPs run."""
+        self.faults.at("prepare", self.fs)
+        if self.authorize is not None:
+            self.authorize()
+        self._boost.add()
+        for vp in p.vps.values():
+            self._boost.add(vp.thread)
 
     def _frame(
         self, fs: FrameSocket, p: Any, written: dict[int, np.ndarray], first: bool = False
@@ -506,6 +540,11 @@ class Incoming:
             log.warning("the serial input typed at the source during the pause is lost: %s", e)
         finally:
             fs.close()
+
+
+#: Page frames after PREPARE that the receiver takes at a real-time priority, at most (256 MiB
+#: at 1 MiB a frame): a source that goes on sending is not taking its final pass.
+MAX_BOOSTED_FRAMES = 256
 
 
 def _source_still_there(fs: FrameSocket) -> None:

@@ -2,10 +2,12 @@
 points, so tests can break a migration at every phase and check that it aborts cleanly.
 
 Source phases: ``connect``, ``config``, ``pass1`` (after the first frame of memory),
-``pass2``, ``final`` (VPs paused, before the last pages), ``state``, ``commit``, ``resumed``
+``pass2``, ``prepare`` (the passes done, before PREPARE: the VM still runs), ``final`` (VPs
+paused, before the last pages), ``state``, ``commit``, ``resumed``
 (COMMIT sent, before RESUMED is read: the window a VMMS must close by asking the destination).
 Destination phases: ``authenticate``, ``config``, ``memory`` (first page frame received),
-``state`` (state received, before restoring), ``restored`` (before saying so).
+``prepare`` (PREPARE received, before answering it), ``state`` (state received, before
+restoring), ``restored`` (before saying so).
 
 Actions: ``cut`` (the connection drops: both directions shut down), ``corrupt`` (the next frame
 sent has a payload bit flipped after it was sealed: its tag fails), ``exit`` (this process dies at
@@ -31,8 +33,18 @@ if TYPE_CHECKING:
 
     from pyhv.migration.stream import FrameSocket
 
-SOURCE_PHASES = ("connect", "config", "pass1", "pass2", "final", "state", "commit", "resumed")
-DESTINATION_PHASES = ("authenticate", "config", "memory", "state", "restored")
+SOURCE_PHASES = (
+    "connect",
+    "config",
+    "pass1",
+    "pass2",
+    "prepare",
+    "final",
+    "state",
+    "commit",
+    "resumed",
+)
+DESTINATION_PHASES = ("authenticate", "config", "memory", "prepare", "state", "restored")
 ACTIONS = ("cut", "corrupt", "exit", "fail", "tamper", "hold")
 HOLD_SECONDS = 3.0
 

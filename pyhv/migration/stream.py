@@ -108,6 +108,8 @@ class Frame(enum.IntEnum):
     ABORT = 14  # either way: Abort {"reason"}; the sender gives up
     EXTENTS = 15  # src -> dest: (gpa, pages) runs pass 1 will send (to back them ahead)
     JOIN = 16  # src -> dest, first on a data stream: Join {"stream"}; addr = the stream's index
+    PREPARE = 17  # src -> dest: Empty; the pause comes next (the destination gets ready for it)
+    PREPARED = 18  # dest -> src: Empty; ready: the source may pause
     # post-copy (pyhv.migration.postcopy); numbered apart from the pre-copy frames
     POSTCOPY = 30  # src -> dest: Empty; the VM's state comes next and the rest after it runs
     NEED = 31  # src -> dest: (gpa, pages) runs the destination fetches (the rest it has or is 0)

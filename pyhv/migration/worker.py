@@ -105,20 +105,32 @@ class WorkerIncoming:
         self.vm: VirtualMachine | None = None
         self.guard = guard
         self._send = send
+        self._authorized = False
 
     def receive(self, vm: VirtualMachine) -> None:
         self.vm = vm
         if self.guard is not None and self._send is not None:
+            self.incoming.authorize = self._authorize  # at PREPARE, before the source pauses
             self.incoming.gate = self._confirm  # between the commit and the VPs running
         self.incoming.receive(vm)
 
-    def _confirm(self) -> None:
+    def _authorize(self) -> None:
         assert self.guard is not None and self._send is not None
-        # Committed: the VM is whole here, paused. It resumes only once the owner has made
-        # it its own (durably); without that word the source keeps it (in doubt: it asks).
-        # This round trip to the owner is inside the pause (docs/migration.md).
+        # Committed: the VM is about to be whole here (the source pauses next). It resumes
+        # only once the owner has made it its own (durably); without that word the source
+        # keeps it. Asked at PREPARE, this round trip to the owner is out of the pause.
         self._send(m.Committed(self.config))
         if not self.guard.confirmed(self.incoming.timeout):
+            err = MigrationError(f"not resumed here: {self.guard.why}", "commit")
+            self.incoming.fail(err)
+            raise err
+        self._authorized = True
+
+    def _confirm(self) -> None:
+        assert self.guard is not None
+        if not self._authorized:  # no PREPARE (post-copy): the round trip here, in the pause
+            self._authorize()
+        elif self.guard.why:  # it said Stop, or went away, since (no round trip: a look)
             err = MigrationError(f"not resumed here: {self.guard.why}", "commit")
             self.incoming.fail(err)
             raise err

@@ -157,8 +157,9 @@ class Migration:
 def exit_point_for_tests(point: str) -> None:
     """Test-only: a VMMS started with PYHV_TEST_VMMS_EXIT=POINT dies here at once, as a kill -9
     would (``prepare``: the incoming worker listens, the source not yet answered;
-    ``committed``: the arrived VM recorded, its worker not yet told to resume; ``resumed``:
-    just after). Never set outside the test suite."""
+    ``committed``: the arriving VM recorded (its worker asks before the source pauses), its
+    worker not yet told it may resume; ``resumed``: just after). Never set outside the test
+    suite."""
     import os
 
     if os.environ.get("PYHV_TEST_VMMS_EXIT") == point:
@@ -360,7 +361,9 @@ class Migrations:
             except Exception:  # noqa: BLE001 - it may not have started at all
                 log.exception("closing the incoming worker failed")
         with self._lock:
-            self.vmms.remove(vm, forget_settings=False)  # (once: a second call finds it gone)
+            # (once: a second call finds it gone) Its settings go too: they were stored when its
+            # worker asked to resume it (before the source's pause), and the VM never ran here.
+            self.vmms.remove(vm, forget_settings=True)
             vm.worker = None
             if rec.state not in FINAL:
                 self._end(rec, FAILED, why)

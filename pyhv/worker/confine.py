@@ -44,6 +44,9 @@ ALLOWED = (
     # itself only answers EPERM to the jail's unprivileged uid (vm.unprivileged_userfaultfd=0)
     # instead of killing the worker
     "userfaultfd "
+    # a migration's pause asks SCHED_FIFO for its threads (pyhv.migration.realtime); the jail's
+    # uid may not (EPERM, counted), so this only lets it ask instead of killing the worker
+    "sched_setscheduler "
     # identity (reads only)
     "getuid geteuid getgid getegid getgroups"
 ).split()

@@ -286,9 +286,11 @@ class MigratedIn(_Event, tag="migrated_in", frozen=True):
 
 
 class Committed(_Event, tag="committed", frozen=True):
-    """A destination worker (``Incoming`` with ``confirm``) holds the whole VM, restored and
-    paused, and the source has sent COMMIT: the owner records it as its own, then answers
-    :class:`Resume` (or stops it, or goes away: the worker then aborts and never resumes)."""
+    """A destination worker (``Incoming`` with ``confirm``) is about to hold the whole VM: the
+    source asked it to get ready for its pause (PREPARE; with post-copy, once the VM is restored
+    and the source has sent COMMIT). The owner records it as its own, then answers
+    :class:`Resume`, which lets the worker run the VM once it is committed (or stops it, or goes
+    away: before the commit the worker then aborts and never resumes)."""
 
     config: dict[str, Any]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -229,3 +230,52 @@ def test_a_partition_pauses_and_resumes_all_its_vps() -> None:
         p.resume()
         wait_for(lambda: len(seen) >= frozen + 5, 5, "five more writes", interval=0.002)
         assert seen == list(range(1, len(seen) + 1))  # VP 1 went on from where it was
+
+
+@contextmanager
+def _counting_and_paused() -> Iterator[tuple[Any, Callable[[], int]]]:
+    """A VP spinning at CPL3, paused once it counts: (the VP, a read of its count); at the end
+    it must stop when asked (its thread was never left parked for good)."""
+    with guest("spin_user", cpl=3, rflags=0x3002) as (p, vp, img):
+        count = lambda: _u64(p, img["counter"])  # noqa: E731
+        vp.start()
+        wait_for(count, 5, "the guest counting", interval=0.005)
+        vp.pause()
+        yield vp, count
+        vp.stop()
+        ev = vp.wait(5)
+        assert ev is not None and ev.kind is VpEventKind.STOPPED
+
+
+def test_a_pause_right_after_a_resume_is_taken_and_the_next_resume_runs_the_vp() -> None:
+    """resume() then pause() at once, before the parked VP thread woke from the resume (what
+    the migration throttle and a failed migration's roll-back do, on a loaded host): every
+    pause is taken, and the last resume() runs the VP again (a lost pause left the thread
+    parked with nobody to wake it: the source VM stayed paused after a failed migration)."""
+    with _counting_and_paused() as (vp, count):
+        for i in range(200):
+            vp.resume()
+            try:
+                vp.pause(timeout=2)
+            except TimeoutError:
+                pytest.fail(f"pause {i} right after a resume was not taken within 2 s")
+            assert vp.state is VpState.PAUSED
+        frozen = count()
+        vp.resume()
+        wait_for(lambda: count() > frozen, 5, "counting again", interval=0.001)
+
+
+def test_a_resume_after_a_pause_that_timed_out_runs_the_vp() -> None:
+    """A pause() that gave up (TimeoutError: the VP thread was not scheduled in time) and the
+    resume() that follows it (the throttle's `finally`) leave the VP running, whatever the
+    VP thread did meanwhile."""
+    with _counting_and_paused() as (vp, count):
+        for _ in range(100):
+            vp.resume()
+            # gives up after 1 ms, often before the VP thread (woken by the resume) took it
+            with contextlib.suppress(TimeoutError):
+                vp.pause(timeout=0.001)
+            vp.resume()
+            seen = count()
+            wait_for(lambda s=seen: count() > s, 5, "counting again", interval=0.0005)
+            vp.pause()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -61,18 +62,23 @@ def test_a_compressed_frame_of_the_right_size_still_fills_its_pages() -> None:
     assert bytes(target) == data
 
 
-def _accept_config(msg: dict[str, Any]) -> BaseException | None:
-    """Run the destination's accept() against a source that authenticates and sends `msg` as
-    its CONFIG frame; the destination's error (None if it accepted)."""
+def _against_source(
+    work: Callable[[Incoming], object],
+    source: Callable[[FrameSocket], object],
+    setup: Callable[[Incoming], object] = lambda inc: None,
+) -> BaseException | None:
+    """Run `work` on a listening destination (after `setup`) against a source that
+    authenticates and then does `source`; the destination's error (None if it had none)."""
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
     lst.listen(1)
     inc = Incoming(lst, TOKEN, max_memory=1 << 30, timeout=5, accept_timeout=5)
+    setup(inc)
     err: list[BaseException | None] = [None]
 
     def destination() -> None:
         try:
-            inc.accept()
+            work(inc)
         except BaseException as e:  # noqa: BLE001 - returned to the test
             err[0] = e
 
@@ -81,13 +87,18 @@ def _accept_config(msg: dict[str, Any]) -> BaseException | None:
     src = FrameSocket(socket.create_connection(lst.getsockname()), timeout=5)
     try:
         st.authenticate_source(src, st.token_bytes(TOKEN))
-        src.send_json(Frame.CONFIG, msg)
+        source(src)
         t.join(10)
     finally:
         src.close()
         if inc.fs is not None:
             inc.fs.close()
     return err[0]
+
+
+def _accept_config(msg: dict[str, Any]) -> BaseException | None:
+    """The destination's accept() against a source that sends `msg` as its CONFIG frame."""
+    return _against_source(lambda inc: inc.accept(), lambda src: src.send_json(Frame.CONFIG, msg))
 
 
 def test_a_negative_region_size_cannot_slip_a_config_under_the_memory_limit() -> None:
@@ -164,3 +175,30 @@ def test_a_control_frame_altered_on_the_way_is_refused_by_the_source(
     assert src.frames_refused == 1
     for c in (src, dst, relay):
         c.close()
+
+
+def test_a_second_prepare_is_refused_and_the_first_is_answered() -> None:
+    """PREPARE asks the destination to get ready for the pause (its owner's word, real-time
+    priority): answered with PREPARED once; a source that sends it again is refused."""
+    asked: list[int] = []
+
+    class NoVps:  # the partition as _first_stream sees it before the state: no VP to raise
+        vps: dict[int, Any] = {}
+
+    def destination(inc: Incoming) -> None:
+        inc.accept()
+        assert inc.fs is not None
+        inc._first_stream(inc.fs, NoVps(), {})
+
+    def source(src: FrameSocket) -> None:
+        src.send_json(Frame.CONFIG, frames.Config({}, [(0, 1 << 20)]))
+        src.send_json(Frame.PREPARE, frames.Empty())
+        src.expect(Frame.PREPARED, frames.Empty, "prepare")
+        src.send_json(Frame.PREPARE, frames.Empty())
+
+    def setup(inc: Incoming) -> None:
+        inc.authorize = lambda: asked.append(1)
+
+    err = _against_source(destination, source, setup)
+    assert asked == [1]  # the owner was asked once
+    assert isinstance(err, MigrationError) and "PREPARE twice" in str(err), err

@@ -14,6 +14,7 @@ import pytest
 from pyhv.migration import MigrationError
 from pyhv.migration.worker import IncomingWorker, migrate_worker
 from tests.migration.conftest import TOKEN, Guest, wait_rising
+from tests.support.sched import realtime_threads
 
 pytestmark = pytest.mark.guest
 
@@ -65,8 +66,9 @@ def _fails(
     opt.setdefault("timeout", 10.0)
     with pytest.raises(MigrationError, match=pattern) as err:
         migrate_worker(src, dst.wait_listening(), opt.pop("token", TOKEN), opt)
-    # the source VM runs on, unchanged
+    # the source VM runs on, unchanged (and none of its threads kept the pause's priority)
     assert src.end is None
+    assert src.pid is not None and realtime_threads(src.pid) == []
     first, later = wait_rising(guest.touched)
     assert later > first, "the source's workload stopped"
     assert guest.ticks() > ticks
@@ -86,6 +88,7 @@ def _fails(
         ("pass1", "cut", LOST, "pass1"),
         ("pass1", "corrupt", "failed authentication", "pass1"),
         ("pass2", "corrupt", "failed authentication", "pass2"),  # paced: see below
+        ("prepare", "cut", LOST, "prepare"),  # the passes done, the VM not paused yet
         ("final", "cut", LOST, "final"),
         # the STATE frame commits (two_phase_commit off): learned while committing
         ("state", "corrupt", "failed authentication", "commit"),
@@ -108,6 +111,7 @@ def test_a_source_side_fault_at_each_phase_leaves_the_vm_running_at_the_source(
         ("config", "exit", LOST, "config"),  # the source waits for READY
         ("memory", "exit", LOST, "pass1"),  # the first page frame of pass 1
         ("memory", "cut", LOST, "pass1"),
+        ("prepare", "exit", LOST, "prepare"),  # the source waits for PREPARED, not paused
         # the source sent STATE (which commits) and waits for RESUMED
         ("state", "fail", "injected failure at state", "commit"),
         ("restored", "exit", LOST, "commit"),

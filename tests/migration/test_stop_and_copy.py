@@ -5,6 +5,7 @@ otherwise)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -13,6 +14,8 @@ import pytest
 
 from pyhv.migration.worker import migrate_worker
 from tests.migration.conftest import TOKEN, moved
+from tests.support.sched import realtime_threads
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -68,3 +71,48 @@ def test_the_destination_runs_the_vm_before_the_source_tears_its_copy_down(hosts
     assert {"pause", "last_pages", "state_save", "state", "resumed"} <= set(parts)
     assert {"destination_state_in", "destination_restore"} <= set(parts)
     assert moved(dst).ticks() > 0
+
+
+def test_the_threads_of_the_pause_run_real_time_for_the_pause_only(hosts: Any) -> None:
+    """The source's migration thread and the VP thread it parks, the destination's receiver
+    and the VP thread it wakes: SCHED_FIFO during the pause (root here), none of them after."""
+    assert os.geteuid() == 0, "this test checks SCHED_FIFO threads: run it as root"
+    src, _guest = hosts.boot()
+    dst = hosts.destination()
+    result = migrate_worker(src, dst.wait_listening(), TOKEN, {})
+    assert dst.wait_migrated(30) is not None
+    # one VP on each side, plus the migration thread and the receiver
+    assert result["realtime"] == {
+        "granted": 2,
+        "refused": 0,
+        "destination_granted": 2,
+        "destination_refused": 0,
+    }
+    assert dst.pid is not None and realtime_threads(dst.pid) == []
+    assert moved(dst).ticks() > 0  # its VP runs guest code, at the ordinary priority
+
+
+def test_the_owner_confirms_the_arrival_before_the_source_pauses(hosts: Any) -> None:
+    """A destination that waits for its owner's word (`confirm`, as the VMMS starts it) asks at
+    PREPARE: the owner answers while the source VM still runs (its shell answers), so the
+    commit inside the pause has no round trip to the owner left; the VM then runs there."""
+    src, guest = hosts.boot()
+    dst = hosts.destination(confirm=True)
+    phases: list[str] = []
+    asked: list[int] = []
+
+    def committed(config: dict[str, Any]) -> bool:
+        # (the source's progress comes on another socket: wait for it, bounded)
+        wait_for(lambda: "prepare" in phases, 10, "the source reporting its prepare phase")
+        assert "done" not in phases
+        asked.append(guest.ticks())  # the source VM answers: it runs, not paused
+        return True
+
+    dst.on_committed = committed
+    result = migrate_worker(
+        src, dst.wait_listening(), TOKEN, {}, lambda p: phases.append(p["phase"])
+    )
+    assert dst.wait_migrated(30) is not None
+    assert len(asked) == 1  # asked once, and answered by a running source
+    assert "destination_gate" in result["downtime_parts"]  # the look at the commit, measured
+    assert moved(dst).ticks() >= asked[0]

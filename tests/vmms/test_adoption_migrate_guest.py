@@ -7,10 +7,10 @@ the one whose state directory that worker belongs to, and its guest's console an
 The destination VMMS dies (``PYHV_TEST_VMMS_EXIT``, pyhv.vmms.migration.exit_point_for_tests):
 before it answered prepare; during pre-copy (killed while the source sends, slowed by a
 bandwidth limit); in the final pass (the source's VPs paused for the last pages and the state:
-either side of COMMIT, whichever the kill lands on); after the final state and COMMIT, once it recorded the VM but before it told
-its worker to resume (the worker then never resumes: the source, in doubt, asks the restarted
-destination and resumes its own copy); after its worker resumed (the restarted VMMS re-adopts
-it). The source VMMS dies during pre-copy: its worker finishes the migration worker to worker,
+either side of COMMIT, whichever the kill lands on); once it recorded the arriving VM but before
+it told its worker it may resume (asked at PREPARE, before the source pauses: the worker then
+never resumes, the source fails before its pause and runs on, and the restarted destination
+forgets the record); after its worker resumed (the restarted VMMS re-adopts it). The source VMMS dies during pre-copy: its worker finishes the migration worker to worker,
 and the restarted source learns from the worker's end report that the VM left."""
 
 from __future__ import annotations
@@ -181,17 +181,17 @@ def test_the_destination_vmms_killed_during_pre_copy_leaves_the_vm_at_the_source
     assert _one_copy_at(p, p.a, "vm1") == pid
 
 
-def test_the_destination_vmms_killed_after_commit_before_confirming_leaves_the_vm_at_the_source(
+def test_the_destination_vmms_killed_after_recording_before_confirming_leaves_the_vm_at_the_source(
     pair_factory: Any,
 ) -> None:
     p = pair_factory("committed")
     pid = _start_vm(p.a, "vm1")
     rec = _migrate(p, "vm1")
     p.b.proc.wait(120)  # it recorded the VM, then died before its worker could resume it
-    # The source is in doubt (COMMIT went, RESUMED never came) and asks B until it answers.
-    p.restart_b()
+    # Its worker asked at PREPARE: the source had not paused, it fails and runs on.
     rec = _ended(p.a, rec["id"])
-    assert rec["state"] == "failed" and "does not run the VM: resumed here" in rec["error"], rec
+    assert rec["state"] == "failed" and "during prepare" in rec["error"], rec
+    p.restart_b()
     assert _one_copy_at(p, p.a, "vm1") == pid
     assert "vm1" not in p.b.names()  # the record of an arrival that never ran is forgotten
 

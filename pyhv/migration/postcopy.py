@@ -480,7 +480,6 @@ class PostcopyDestination:
             )
         uf = self.uf
         assert uf is not None
-        now = time.monotonic()
         addr = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data)) if data else 0
         with self.cond:
             want = self.need[i][first : first + n] & ~self.present[i][first : first + n]
@@ -496,6 +495,9 @@ class PostcopyDestination:
                     uf.wake(host, size)
                 self.present[i][first + s : first + e] = True
                 self.remaining -= e - s
+                # read under the lock, after the install: a waiter registered after a time read
+                # outside it would get a negative blocktime (and POSTCOPY_DONE be refused)
+                now = time.monotonic()
                 for page in range(first + s, first + e):
                     self._requested.pop((i, page), None)
                     for who, t in self._waiters.pop((i, page), ()):

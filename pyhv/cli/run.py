@@ -93,6 +93,14 @@ def register(sub: Any) -> None:
         metavar="PATH",
         help="the page file's host file (default: a temporary file, removed at the end)",
     )
+    p.add_argument(
+        "--dirty-ring",
+        type=int,
+        default=0,
+        metavar="ENTRIES",
+        help="log dirty pages in a ring of ENTRIES per VP (a power of two, 256-65536, e.g. "
+        "4096) instead of KVM's bitmap: a migration's --dirty-limit needs it (default 0: bitmap)",
+    )
     p.add_argument("--control", metavar="PATH", help="serve a control socket for `pyhv memory`")
     p.set_defaults(func=run_command)
 
@@ -182,6 +190,7 @@ def run_command(a: argparse.Namespace) -> int:
         "maximum": a.maximum,
         "page_file_size": a.page_file_size,
         "page_file": a.page_file,
+        "dirty_ring_entries": a.dirty_ring or None,
     }
     config = vm_config(
         a.memory,

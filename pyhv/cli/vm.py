@@ -167,6 +167,14 @@ def register(sub: Any) -> None:
         help="a page file's disk on VMBus the guest pages to (e.g. 256M; needs --dynamic)",
     )
     c.add_argument(
+        "--dirty-ring",
+        dest="dirty_ring_entries",
+        type=int,
+        metavar="ENTRIES",
+        help="log dirty pages in a ring of ENTRIES per VP (a power of two, 256-65536, e.g. "
+        "4096) instead of KVM's bitmap: `vm migrate --dirty-limit` needs it (default 0: bitmap)",
+    )
+    c.add_argument(
         "--image",
         "--kernel",
         dest="image",
@@ -268,7 +276,15 @@ def create(a: argparse.Namespace) -> int:
     body = {
         "name": a.name,
         **_given(
-            a, "memory", "vps", "dynamic_memory", *_DM_KEYS, "cmdline", "image", "page_file_size"
+            a,
+            "memory",
+            "vps",
+            "dynamic_memory",
+            *_DM_KEYS,
+            "cmdline",
+            "image",
+            "page_file_size",
+            "dirty_ring_entries",
         ),
     }
     if a.cluster:

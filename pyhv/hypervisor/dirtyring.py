@@ -19,6 +19,7 @@ keeps that order.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from pyhv.hypervisor.memory import MemoryRegion
     from pyhv.kvm import Vcpu, Vm
     from pyhv.kvm.dirtyring import DirtyRing
+
+log = logging.getLogger(__name__)
 
 #: listener(pages written per VP index since the last harvest, time.monotonic() of the harvest)
 HarvestListener = Callable[[dict[int, int], float], None]
@@ -48,10 +51,15 @@ class DirtyRings:
         self._lock = threading.Lock()  # one harvester at a time; the pending masks
         self._pending: dict[int, np.ndarray] = {}  # slot -> bool per page, harvested not taken
         self.listeners: list[HarvestListener] = []
-        self.written: dict[int, int] = {}  # VP index -> entries harvested from its ring, ever
+        self.written: dict[int, int] = {}  # VP index -> pages harvested from its ring, ever
         self.full_exits: dict[int, int] = {}  # VP index -> KVM_EXIT_DIRTY_RING_FULL exits
         self.harvests = 0
         self.dropped = 0  # entries of no RAM slot (another address space, a removed slot)
+        #: times a ring was found full or out of step (KVM may have lost entries): each makes
+        #: every page of every slot count as dirty at its next take
+        self.overflows = 0
+        self._reset_for = 0
+        self._taken_at: dict[int, int] = {}  # slot -> self.overflows at its last take
 
     def add_vcpu(self, vcpu: Vcpu) -> None:
         """Map the ring of a VP just created."""
@@ -61,7 +69,7 @@ class DirtyRings:
 
     def harvest(self) -> dict[int, int]:
         """Collect every ring's new entries into the slots' pending pages and reset the rings;
-        returns the pages each VP wrote since the last harvest (only VPs that wrote any)."""
+        returns the distinct pages each VP wrote since the last harvest (only VPs that wrote)."""
         with self._lock:
             counts = self._harvest_locked()
         if counts:
@@ -71,20 +79,46 @@ class DirtyRings:
         return counts
 
     def ring_full(self, vp_index: int) -> None:
-        """A VP left KVM_RUN with its ring full: harvest (on its own thread) so it can run on."""
+        """A VP left KVM_RUN with its ring full: harvest (on its own thread) so it can run on.
+        A ring that gave nothing is out of step with KVM (an overflow): resync it first."""
         self.full_exits[vp_index] = self.full_exits.get(vp_index, 0) + 1
-        self.harvest()
+        ring = self._rings.get(vp_index)
+        if ring is not None:
+            with self._lock:
+                before = ring.fetch
+            if not self.harvest().get(vp_index):
+                with self._lock:
+                    moved = ring.fetch == before and ring.resync()
+                if moved:
+                    self.harvest()
 
     def _harvest_locked(self) -> dict[int, int]:
         counts: dict[int, int] = {}
         got: list[tuple[np.ndarray, np.ndarray]] = []
         for index, ring in self._rings.items():
             slots, offsets = ring.harvest()
+            if ring.suspect:  # entries may be lost: every page counts as dirty, once
+                ring.suspect = False
+                self.overflows += 1
+                if self.overflows & (self.overflows - 1) == 0:  # the 1st, 2nd, 4th, 8th...
+                    log.warning(
+                        "dirty ring of VP %d (%d entries) overflowed (%d times in all): every "
+                        "logged page counts as dirty once; a larger ring avoids it",
+                        index,
+                        ring.entries,
+                        self.overflows,
+                    )
             if slots.size:
-                counts[index] = int(slots.size)
-                self.written[index] = self.written.get(index, 0) + int(slots.size)
+                # distinct pages: KVM's emulator (all CPL0 code here) logs every write it
+                # emulates, a native write only a page's first since its reset
+                n = int(np.unique((slots << 40) | offsets).size)
+                counts[index] = n
+                self.written[index] = self.written.get(index, 0) + n
                 got.append((slots, offsets))
         if not got:
+            if self.overflows != self._reset_for:
+                self._reset_for = self.overflows
+                self.vm.reset_dirty_rings()  # a resync may have left entries marked RESET
             return counts
         self.vm.reset_dirty_rings()  # after every entry is marked RESET, before the pages go
         self.harvests += 1
@@ -109,6 +143,9 @@ class DirtyRings:
         self.harvest()
         with self._lock:
             mask = self._pending.pop(slot, None)
+            if self._taken_at.get(slot, 0) != self.overflows:
+                self._taken_at[slot] = self.overflows
+                return np.ones(pages, dtype=bool)
         if mask is not None and mask.size == pages:
             return mask
         out = np.zeros(pages, dtype=bool)

@@ -192,12 +192,19 @@ class VirtualProcessor(RunLoop):
     def throttle(self, until: float) -> None:
         """Sleep in the VP's own thread until `until` (time.monotonic()) at its next exit, unless
         a pause or stop comes first (they end the sleep); a later deadline replaces an earlier
-        one. The dirty limit slows a VP that writes too fast with it, no other VP."""
+        one, and 0 ends a sleep now. The dirty limit slows a VP that writes too fast with it,
+        and no other VP."""
         with self._cond:
+            if until <= 0:
+                self._throttle_until = 0.0
+                if self._request == "throttle":
+                    self._request = None
+                self._cond.notify_all()
+                return
             if self._state is not VpState.RUNNING or until <= self._throttle_until:
                 return
             self._throttle_until = until
-            if self._request is None:
+            if self._request in (None, "throttle"):
                 self._request = "throttle"
                 self._attention = True
                 if not self._on_vp_thread():
@@ -244,12 +251,16 @@ class VirtualProcessor(RunLoop):
         with self._cond:
             b[rp.IMMEDIATE_EXIT] = 0
             if self._request == "throttle":
-                self._request = None
-                t0 = time.monotonic()
-                wait = self._throttle_until - t0
-                if wait > 0:
-                    self._cond.wait_for(lambda: self._request is not None, wait)
-                    self.throttled_seconds += time.monotonic() - t0
+                # until the (perhaps moved) deadline; a pause or stop ends the sleep, a new
+                # throttle request only moves the deadline
+                t0 = now = time.monotonic()
+                while self._request in (None, "throttle") and now < self._throttle_until:
+                    self._request = None
+                    self._cond.wait(self._throttle_until - now)
+                    now = time.monotonic()
+                if self._request == "throttle":
+                    self._request = None
+                self.throttled_seconds += now - t0
                 b[rp.IMMEDIATE_EXIT] = 0
             if self._request == "pause":
                 self._state = VpState.PAUSED

@@ -330,10 +330,10 @@ class Vcpu:
 
     def dirty_ring(self, entries: int) -> DirtyRing:
         """This vCPU's dirty ring, mapped (the VM's ring enabled with `entries` entries)."""
-        from pyhv.kvm.dirtyring import DirtyRing
+        from pyhv.kvm.dirtyring import map_ring
 
         try:
-            return DirtyRing(self.fd, entries)
+            return map_ring(self.fd, entries)
         except OSError as e:
             raise KvmError(e.errno, f"mapping the dirty ring of vCPU {self.index}: {e}") from None
 

@@ -55,6 +55,8 @@ FIELDS: dict[str, str] = {
     "cmdline": "guest kernel command line",
     "page_file_size": "the page file's disk on VMBus (synthetic storage) the guest pages to: "
     "bytes or a size such as 256M (whole MiB, at most 16G; 0: none; needs Dynamic Memory)",
+    "dirty_ring_entries": "entries of each VP's dirty ring, a power of two 256..65536 (e.g. "
+    "4096): dirty pages logged per VP, which a migration's dirty_limit needs; 0: KVM's bitmap",
 }
 
 #: What may change while the VM runs (Hyper-V: the Dynamic Memory knobs, within the rules).
@@ -72,6 +74,7 @@ Memory = Annotated[int | str, Meta(description=FIELDS["memory"], examples=["512M
 Minimum = Annotated[int | str, Meta(description=FIELDS["minimum"], examples=["256M"])]
 Maximum = Annotated[int | str, Meta(description=FIELDS["maximum"], examples=["2G"])]
 PageFileSize = Annotated[int | str, Meta(description=FIELDS["page_file_size"], examples=["256M"])]
+DirtyRing = Annotated[int, Meta(ge=0, le=65536, description=FIELDS["dirty_ring_entries"])]
 
 
 class SettingsChange(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -88,6 +91,7 @@ class SettingsChange(Struct, forbid_unknown_fields=True, omit_defaults=True):
     image: Image | None | UnsetType = UNSET
     cmdline: Cmdline | UnsetType = UNSET
     page_file_size: PageFileSize | UnsetType = UNSET
+    dirty_ring_entries: DirtyRing | UnsetType = UNSET
 
 
 class Settings(SettingsChange, kw_only=True):
@@ -122,6 +126,7 @@ class VmSettings:
     image: str | None = None
     cmdline: str = ""
     page_file_size: int = 0
+    dirty_ring_entries: int = 0
 
     def memory_settings(self) -> MemorySettings:
         """The balancer's view (pages); raises SettingsError for values it refuses."""
@@ -149,6 +154,7 @@ class VmSettings:
             maximum=self.maximum if dynamic else None,
             page_file_size=self.page_file_size,
             page_file=page_file if self.page_file_size else "",
+            dirty_ring_entries=self.dirty_ring_entries,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,6 +237,7 @@ def _validated(s: VmSettings) -> VmSettings:
             minimum=s.minimum if s.dynamic_memory else None,
             maximum=s.maximum if s.dynamic_memory else None,
             page_file_size=s.page_file_size,
+            dirty_ring_entries=s.dirty_ring_entries,
         )
     except ConfigError as e:
         raise VmSettingsError(str(e)) from None

@@ -49,6 +49,10 @@ class VmConfig:
     #: the worker picks one and removes it at the end: see :meth:`page_file_path`).
     page_file_size: int = 0
     page_file: str = ""
+    #: Entries of each VP's dirty ring (a power of two, 256..65536): the VM logs dirty pages in
+    #: a ring per VP, which a migration's per-VP dirty limit needs; 0: KVM's dirty bitmap.
+    #: Chosen when the VM is created (the destination of a migration creates it alike).
+    dirty_ring_entries: int = 0
 
     @property
     def startup(self) -> int:
@@ -71,6 +75,7 @@ class VmConfig:
         maximum: str | int | None = None,
         page_file_size: str | int = 0,
         page_file: str | Path = "",
+        dirty_ring_entries: int = 0,
     ) -> VmConfig:
         if startup is not None:
             memory = startup  # Dynamic Memory's name for the RAM the guest boots with
@@ -116,6 +121,7 @@ class VmConfig:
             raise ConfigError(
                 f"page file {str(page_file)!r} without a size: give page_file_size too"
             )
+        ring = _dirty_ring_entries(dirty_ring_entries)
         return cls(
             name=name,
             memory=size,
@@ -127,6 +133,7 @@ class VmConfig:
             maximum=high,
             page_file_size=disk,
             page_file=str(page_file),
+            dirty_ring_entries=ring,
         )
 
     def page_file_path(self, directory: str | Path) -> Path:
@@ -148,6 +155,7 @@ class VmConfig:
             "maximum": self.maximum,
             "page_file_size": self.page_file_size,
             "page_file": self.page_file,
+            "dirty_ring_entries": self.dirty_ring_entries,
         }
 
     @classmethod
@@ -164,6 +172,7 @@ class VmConfig:
             maximum=d.get("maximum") or None,  # type: ignore[arg-type]
             page_file_size=int(d.get("page_file_size", 0)),  # type: ignore[call-overload]
             page_file=str(d.get("page_file", "")),
+            dirty_ring_entries=d.get("dirty_ring_entries", 0),  # type: ignore[arg-type]
         )
 
 
@@ -198,6 +207,18 @@ def _dynamic_range(
             f"{format_size(startup)} up to {format_size(MAX_MEMORY)}"
         )
     return low, high
+
+
+def _dirty_ring_entries(n: object) -> int:
+    """The dirty ring size, checked: 0 (the bitmap) or a power of two KVM takes."""
+    if n == 0 and not isinstance(n, bool):
+        return 0
+    if isinstance(n, bool) or not isinstance(n, int) or n & (n - 1) or not 256 <= n <= 65536:
+        raise ConfigError(
+            f"dirty ring of {n!r} entries: use a power of two from 256 to 65536 (e.g. 4096), "
+            "or 0 for KVM's dirty bitmap"
+        )
+    return n
 
 
 def _page_file_size(size: str | int, dynamic: bool) -> int:

@@ -19,7 +19,7 @@ from pyhv.cli import args as types
 from pyhv.cli.errors import CliError
 from pyhv.sizes import format_size
 
-RING_ENTRIES = 4096  #: the dirty ring of a VM `demo`/`run` boot for --dirty-limit (16 MiB)
+RING_ENTRIES = 16384  #: the dirty ring of a VM `demo`/`run` boot for --dirty-limit (256 KiB a VP)
 
 HELP = """Live migration between worker processes, without a VMMS: `demo` runs both ends here;
 `listen` and `run` are two hosts' ends. For a VM the VMMS keeps, use

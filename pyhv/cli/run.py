@@ -98,8 +98,9 @@ def register(sub: Any) -> None:
         type=int,
         default=0,
         metavar="ENTRIES",
-        help="log dirty pages in a ring of ENTRIES per VP (a power of two, 256-65536, e.g. "
-        "4096) instead of KVM's bitmap: a migration's --dirty-limit needs it (default 0: bitmap)",
+        help="log dirty pages in a ring of ENTRIES per VP (a power of two, 256-65536; "
+        "16384: smaller rings overflow under load on this KVM) instead of KVM's bitmap: "
+        "a migration's --dirty-limit needs it (default 0: bitmap)",
     )
     p.add_argument("--control", metavar="PATH", help="serve a control socket for `pyhv memory`")
     p.set_defaults(func=run_command)

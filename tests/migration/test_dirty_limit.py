@@ -83,8 +83,10 @@ def test_a_writer_vp_is_held_to_the_limit_while_a_reader_vp_keeps_its_speed(host
 
         # the migration completed on identical memory (verify: the destination compared the
         # source's checksum at pause with its own before it resumed) and the guest goes on
-        assert dst.wait_migrated(30) is not None
-        assert result["phase"] == "done"
+        arrived = dst.wait_migrated(30)
+        assert arrived is not None and result["phase"] == "done"
+        # the ring is a creation-time property: the destination created its VM with it too
+        assert arrived["config"]["dirty_ring_entries"] == RING
         there = moved(dst)
         first, later = wait_rising(lambda: there.touched(1))
         assert later > first

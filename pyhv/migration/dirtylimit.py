@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 INTERVAL = 0.01  #: seconds between harvests
 WINDOW = 1.0  #: seconds a VP's reported rate is averaged over
-AUTO_SHARE = 0.5  #: `auto`: the VPs together may dirty this share of the measured bandwidth
+AUTO_SHARE = 0.25  #: `auto`: the VPs together may dirty this share of the measured bandwidth
 MIN_LIMIT = 64  #: pages/s: the lowest limit (a VP still runs, if slowly)
 PAGE = 4096
 

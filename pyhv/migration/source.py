@@ -478,7 +478,7 @@ class Source:
                 and not shrinking
                 and self.progress.passes >= 2
             ):
-                # the writers only: half the link per VP share at first, halved each time more
+                # the writers only: a quarter of the link shared by the VPs, halved each time more
                 cap = auto_limit(bw, len(p.vps))
                 old = limiter.limit
                 limiter.set_limit(cap if old is None else max(MIN_LIMIT, min(cap, old // 2)))

@@ -123,3 +123,30 @@ def test_a_dirty_limit_on_a_vm_without_the_ring_is_refused_and_the_vm_runs_on(
     assert "dirty_ring_entries" in str(err.value)
     assert src.end is None
     wait_rising(guest.ticks)
+
+
+def test_an_automatic_limit_comes_from_the_bandwidth_when_the_passes_stop_shrinking(
+    hosts: Any,
+) -> None:
+    src = WorkerProcess(VmConfig.create(image=image_path(), memory="128M", dirty_ring_entries=RING))
+    try:
+        src.start()
+        guest = Guest(src)
+        guest.run("dirty 32")
+        guest.wait_working_set(32)
+        dst = hosts.destination()
+        result = migrate_worker(
+            src,
+            dst.wait_listening(),
+            TOKEN,
+            {"dirty_limit": "auto", "bandwidth": 16 << 20, "downtime_target": 0.05},
+        )
+        assert dst.wait_migrated(30) is not None and result["phase"] == "done"
+        # set from the measured bandwidth (a quarter of it, in pages/s: at most 1024 at 16 MiB/s)
+        assert 64 <= result["dirty_limit"] <= 1100
+        assert result["vp_throttled_ms"][0] > 0
+        assert result["throttle_percent"] == 0  # the writer alone was slowed: no auto-converge
+        first, later = wait_rising(moved(dst).touched)
+        assert later > first
+    finally:
+        src.close()

@@ -59,8 +59,8 @@ def test_the_option_takes_pages_per_second_or_auto() -> None:
     for bad in (-1, 10, True, 2.5, "fast"):
         with pytest.raises(MigrationError, match="pages per second each VP may dirty"):
             parse_limit(bad)
-    # auto: half of 100 MB/s shared by 2 VPs, in pages
-    assert auto_limit(100e6, 2) == int(0.5 * 100e6 / 4096 / 2)
+    # auto: a quarter of 100 MB/s shared by 2 VPs, in pages
+    assert auto_limit(100e6, 2) == int(0.25 * 100e6 / 4096 / 2)
     assert auto_limit(1.0, 4) == MIN_LIMIT
 
 

@@ -37,7 +37,7 @@ from pyhv.migration import dynmem as dm_mod
 from pyhv.migration import frames
 from pyhv.migration import memory as mem
 from pyhv.migration import state as vm_state
-from pyhv.migration.dirtylimit import MIN_LIMIT, auto_limit
+from pyhv.migration.dirtylimit import MIN_LIMIT, DirtyLimiter, auto_limit
 from pyhv.migration.faults import FaultPlan
 from pyhv.migration.stream import (
     COMPRESSED,
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from pyhv.hypervisor.memory import MemoryRegion
-    from pyhv.migration.dirtylimit import DirtyLimiter
     from pyhv.worker.vm import VirtualMachine
 
 log = logging.getLogger("pyhv.migration")
@@ -327,17 +326,18 @@ class Source:
             self.progress.stream_bytes = [self.fs.bytes_sent, *(d.bytes_sent for d in self.data)]
             self.progress.frames_refused = self.fs.frames_refused
         self.progress.total_time = now - self._t0
-        limiter = self._limiter
-        if limiter is not None:
-            for k, v in limiter.report().items():
-                setattr(self.progress, k, v)
         # paused: only forced reports (a phase change reports once the VPs run again)
         due = not self._paused and now - self._last_report > 0.1
+        limiter = self._limiter
+        if limiter is not None and (force or due):  # each VP's rate, at the reports' pace
+            if self.on_progress is None:
+                self._last_report = now
+            for k, v in limiter.report().items():
+                setattr(self.progress, k, v)
+            pr = self.progress
+            trace_dirty_rates(self.vm, pr.vp_dirty_rates, pr.dirty_limit, pr.vp_throttled_ms)
         if self.on_progress is not None and (force or due):
             self._last_report = now
-            if limiter is not None:
-                pr = self.progress
-                trace_dirty_rates(self.vm, pr.vp_dirty_rates, pr.dirty_limit, pr.vp_throttled_ms)
             try:
                 self.on_progress(self.progress.as_dict())
             except Exception:  # noqa: BLE001 - a listener must not break the migration
@@ -356,8 +356,6 @@ class Source:
                 "connect",
             )
         if opt.dirty_limit is not None or p.dirty_rings is not None:
-            from pyhv.migration.dirtylimit import DirtyLimiter
-
             # refused here, before anything, for a VM without the ring (it names the remedy)
             limit = opt.dirty_limit if isinstance(opt.dirty_limit, int) else None
             limiter = DirtyLimiter(p, limit)

@@ -14,6 +14,7 @@ from pyhv.guest_image import image_path
 from pyhv.migration import MigrationError
 from pyhv.migration.dirtylimit import INTERVAL, rate_bound
 from pyhv.migration.worker import migrate_worker
+from pyhv.trace.events import DirtyRateEvent
 from pyhv.worker import VmConfig
 from pyhv.worker.process import WorkerProcess
 from tests.migration.conftest import TOKEN, Guest, moved, wait_rising
@@ -134,6 +135,9 @@ def test_an_automatic_limit_comes_from_the_bandwidth_when_the_passes_stop_shrink
         guest = Guest(src)
         guest.run("dirty 32")
         guest.wait_working_set(32)
+        events: list[Any] = []
+        src.trace_listeners.append(events.extend)  # the flight recorder: dirtyrate events
+        src.trace(True)
         dst = hosts.destination()
         result = migrate_worker(
             src,
@@ -146,6 +150,13 @@ def test_an_automatic_limit_comes_from_the_bandwidth_when_the_passes_stop_shrink
         assert 64 <= result["dirty_limit"] <= 1100
         assert result["vp_throttled_ms"][0] > 0
         assert result["throttle_percent"] == 0  # the writer alone was slowed: no auto-converge
+        limited = wait_for(
+            lambda: [e for e in events if isinstance(e, DirtyRateEvent) and e.limit],
+            30,
+            "dirtyrate events with the limit",
+        )
+        assert {e.vp for e in limited} == {0} and limited[-1].limit == result["dirty_limit"]
+        assert max(e.throttled_ms for e in limited) > 0
         first, later = wait_rising(moved(dst).touched)
         assert later > first
     finally:

@@ -111,6 +111,7 @@ class VmSettings(Struct):
     cmdline: str
     page_file_size: int = 0
     dirty_ring_entries: int = 0
+    huge_pages: bool = False
 
 
 class VmMemory(Struct):

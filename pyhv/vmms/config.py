@@ -57,6 +57,8 @@ FIELDS: dict[str, str] = {
     "bytes or a size such as 256M (whole MiB, at most 16G; 0: none; needs Dynamic Memory)",
     "dirty_ring_entries": "entries of each VP's dirty ring, a power of two 256..65536 (e.g. "
     "4096): dirty pages logged per VP, which a migration's dirty_limit needs; 0: KVM's bitmap",
+    "huge_pages": "guest RAM in 2 MiB pages on a private tmpfs (true): memory the guest frees "
+    "leaves the host ~30 times faster; the host backs RAM in 2 MiB steps (default false)",
 }
 
 #: What may change while the VM runs (Hyper-V: the Dynamic Memory knobs, within the rules).
@@ -75,6 +77,7 @@ Minimum = Annotated[int | str, Meta(description=FIELDS["minimum"], examples=["25
 Maximum = Annotated[int | str, Meta(description=FIELDS["maximum"], examples=["2G"])]
 PageFileSize = Annotated[int | str, Meta(description=FIELDS["page_file_size"], examples=["256M"])]
 DirtyRing = Annotated[int, Meta(ge=0, le=65536, description=FIELDS["dirty_ring_entries"])]
+HugePages = Annotated[bool, Meta(description=FIELDS["huge_pages"])]
 
 
 class SettingsChange(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -92,6 +95,7 @@ class SettingsChange(Struct, forbid_unknown_fields=True, omit_defaults=True):
     cmdline: Cmdline | UnsetType = UNSET
     page_file_size: PageFileSize | UnsetType = UNSET
     dirty_ring_entries: DirtyRing | UnsetType = UNSET
+    huge_pages: HugePages | UnsetType = UNSET
 
 
 class Settings(SettingsChange, kw_only=True):
@@ -127,6 +131,7 @@ class VmSettings:
     cmdline: str = ""
     page_file_size: int = 0
     dirty_ring_entries: int = 0
+    huge_pages: bool = False
 
     def memory_settings(self) -> MemorySettings:
         """The balancer's view (pages); raises SettingsError for values it refuses."""
@@ -155,6 +160,7 @@ class VmSettings:
             page_file_size=self.page_file_size,
             page_file=page_file if self.page_file_size else "",
             dirty_ring_entries=self.dirty_ring_entries,
+            huge_pages=self.huge_pages,
         )
 
     def to_dict(self) -> dict[str, Any]:

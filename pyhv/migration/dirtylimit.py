@@ -13,10 +13,12 @@ sleep until then in its own thread at its next exit (`VirtualProcessor.throttle`
 only reads writes no pages and is never slowed; auto-converge, which pauses every VP, stays for
 VMs without the ring.
 
-What the limit guarantees: over any window of W seconds the pages a VP's harvests list are at
-most `limit x (W + interval) + R`, R the most one harvest listed for it (at most its ring's
-entries; what it wrote between two harvests, reported as `vp_harvest_max`), so the rate
-reported over the window stays at or below `limit x (1 + interval / W) + R / W`.
+What the limit guarantees: a VP runs between two sleeps from a free time in the past, so over
+any window of W seconds the pages its harvests list are at most `limit x (W + interval) + B`,
+B the most it wrote in one run between two sleeps (reported as `vp_burst_max`: what it writes
+from waking until a harvest finds it over and the kick stops it, counted generously: the pages
+of the harvest that sees a sleep end count on both sides), so the rate reported over the window
+stays at or below `limit x (1 + interval / W) + B / W`.
 """
 
 from __future__ import annotations
@@ -68,10 +70,10 @@ def next_free(free_at: float, pages: int, limit: float, now: float, credit: floa
     return max(free_at, now - credit) + pages / limit
 
 
-def rate_bound(limit: float, harvest_max: int, window: float = WINDOW) -> float:
-    """The highest rate over `window` a limited VP can show when one harvest listed at most
-    `harvest_max` of its pages (see the module docstring)."""
-    return limit * (1 + INTERVAL / window) + harvest_max / window
+def rate_bound(limit: float, burst_max: int, window: float = WINDOW) -> float:
+    """The highest rate over `window` a limited VP can show when it wrote at most `burst_max`
+    pages between two sleeps (see the module docstring)."""
+    return limit * (1 + INTERVAL / window) + burst_max / window
 
 
 class DirtyLimiter:
@@ -103,7 +105,9 @@ class DirtyLimiter:
         self._free_at: dict[int, float] = {}
         self._recent: dict[int, collections.deque[tuple[float, int]]] = {}
         self.pages: dict[int, int] = {i: 0 for i in partition.vps}  # since start
-        self.harvest_max: dict[int, int] = {i: 0 for i in partition.vps}  # most in one
+        self.burst_max: dict[int, int] = {i: 0 for i in partition.vps}  # most between sleeps
+        self._burst: dict[int, int] = {}  # pages since the VP last woke
+        self._slept: dict[int, float] = {}  # its throttled_seconds at the last harvest
         self._slept0 = {i: vp.throttled_seconds for i, vp in partition.vps.items()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,7 +158,15 @@ class DirtyLimiter:
             limit = self.limit
             for index, pages in counts.items():
                 self.pages[index] = self.pages.get(index, 0) + pages
-                self.harvest_max[index] = max(self.harvest_max.get(index, 0), pages)
+                vp = self.partition.vps.get(index)
+                slept = vp.throttled_seconds if vp is not None else 0.0
+                burst = self._burst.get(index, 0) + pages
+                if slept != self._slept.get(index, 0.0):  # it slept since: a run ended
+                    self._slept[index] = slept
+                    self.burst_max[index] = max(self.burst_max.get(index, 0), burst)
+                    burst = pages  # these pages may be from either run: counted in both
+                self._burst[index] = burst
+                self.burst_max[index] = max(self.burst_max.get(index, 0), burst)
                 recent = self._recent.setdefault(index, collections.deque())
                 recent.append((now, pages))
                 while recent and recent[0][0] <= now - self.window:
@@ -200,7 +212,7 @@ class DirtyLimiter:
             "vp_dirty_rates": self.rates(now),
             "vp_dirty_pages": [self.pages.get(i, 0) for i in sorted(self.partition.vps)],
             "vp_throttled_ms": self.throttled_ms(),
-            "vp_harvest_max": [self.harvest_max.get(i, 0) for i in sorted(self.partition.vps)],
+            "vp_burst_max": [self.burst_max.get(i, 0) for i in sorted(self.partition.vps)],
             "dirty_limit": self.limit or 0,
             "dirty_limit_seconds": 0.0
             if self.limited_since is None

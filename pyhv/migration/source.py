@@ -174,7 +174,7 @@ class Progress:
     vp_dirty_rates: list[float] = field(default_factory=list)
     vp_dirty_pages: list[int] = field(default_factory=list)
     vp_throttled_ms: list[float] = field(default_factory=list)
-    vp_harvest_max: list[int] = field(default_factory=list)  #: most pages one harvest listed
+    vp_burst_max: list[int] = field(default_factory=list)  #: most pages between two sleeps
     dirty_ring_full_exits: list[int] = field(default_factory=list)
     dirty_limit: int = 0  #: pages/s per VP in force (0: none)
     dirty_limit_seconds: float = 0.0  #: how long it has been in force

@@ -217,6 +217,7 @@ class DirtyLimiter:
             "dirty_limit_seconds": 0.0
             if self.limited_since is None
             else round(now - self.limited_since, 3),
+            "dirty_ring_overflows": self.rings.overflows,
             "dirty_ring_full_exits": [
                 self.rings.full_exits.get(i, 0) for i in sorted(self.partition.vps)
             ],

@@ -176,6 +176,8 @@ class Progress:
     vp_throttled_ms: list[float] = field(default_factory=list)
     vp_burst_max: list[int] = field(default_factory=list)  #: most pages between two sleeps
     dirty_ring_full_exits: list[int] = field(default_factory=list)
+    #: times a ring overflowed (then every page counted dirty once): docs/migration.md
+    dirty_ring_overflows: int = 0
     dirty_limit: int = 0  #: pages/s per VP in force (0: none)
     dirty_limit_seconds: float = 0.0  #: how long it has been in force
 

@@ -106,7 +106,8 @@ def test_a_writer_vp_is_held_to_the_limit_while_a_reader_vp_keeps_its_speed(host
         # VP 0 only reads: it was never asked to sleep, and read as fast as before
         assert result["vp_throttled_ms"][0] == 0
         print(f"VP 0 reads/tick: {before:.0f} before, {during:.0f} with VP 1 limited; VP 1 at "
-              f"most {worst:.0f} pages/s (bound {bound:.0f}), slept {result['vp_throttled_ms'][1]:.0f} ms")  # fmt: skip
+              f"most {worst:.0f} pages/s (bound {bound:.0f}), slept {result['vp_throttled_ms'][1]:.0f} ms, "
+              f"ring overflows {result['dirty_ring_overflows']}")  # fmt: skip
         assert during >= 0.7 * before, f"VP 0 read {during:.0f}/tick, {before:.0f} before"
     finally:
         for w in hosts_workers:

@@ -78,7 +78,7 @@ class _Partition:
 
     def __init__(self) -> None:
         self.vps: dict[int, Any] = {0: _Vp(), 1: _Vp()}
-        self.dirty_rings = type("Rings", (), {"listeners": [], "full_exits": {}})()
+        self.dirty_rings = type("Rings", (), {"listeners": [], "full_exits": {}, "overflows": 0})()
 
 
 @pytest.mark.simulation

@@ -173,6 +173,7 @@ void task_schedule(void); /* idle path: run a task or halt until an interrupt */
 /* cpu: pin the task to that CPU, or -1 to run on any */
 int task_start_testlimit(u64 mb, u64 count, s32 cpu);
 int task_start_dirty(u64 mb, u64 pps, s32 cpu);
+int task_start_read(u64 mb, s32 cpu); /* reads one word a page of MB MiB, again and again */
 int task_kill(int id); /* -1: all */
 void task_list(void);
 void task_user_trap(struct frame *f) __attribute__((noreturn)); /* a trap from CPL3 */

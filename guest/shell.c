@@ -18,8 +18,9 @@ static void cmd_help(void)
     puts("commands:\n"
          "  mem                     memory counters in MiB (visible, free, committed, ballooned, hot-added)\n"
          "  testlimit -m MB [-c N] [-p]  commit and touch N chunks of MB MiB, hold them until kill/free\n"
-         "  dirty MB [PAGES/S] [-p] keep rewriting MB MiB (one word per page) in the background\n"
-         "                          -p: one such task per online CPU, each pinned to its CPU\n"
+         "  dirty MB [PAGES/S] [-p|-c CPU]  keep rewriting MB MiB (one word per page) in the background\n"
+         "                          -p: one such task per online CPU, each pinned to its CPU; -c: on CPU only\n"
+         "  read MB [-c CPU]        keep reading MB MiB (one word per page), counting (see tasks)\n"
          "  tasks                   list background tasks\n"
          "  cpus                    online CPUs: timer ticks, task runs and what each runs now\n"
          "  kill [ID]               stop background tasks (all, or task ID) and release their memory\n"
@@ -103,13 +104,32 @@ static void cmd_testlimit(int argc, char **argv)
     start_tasks(per_cpu, task_start_testlimit, mb, count);
 }
 
+/* a trailing "-c CPU": the CPU (an online one) in *pin, the arguments before it in *argc */
+static int arg_cpu(const char *cmd, int *argc, char **argv, s32 *pin)
+{
+    u64 cpu;
+    *pin = -1;
+    if (*argc < 3 || strcmp(argv[*argc - 2], "-c"))
+        return 0;
+    if (parse_u64(argv[*argc - 1], &cpu) || cpu >= MAX_CPUS || !cpus[cpu].online) {
+        printf("%s: -c must name an online CPU, got '%s' (see cpus)\n", cmd, argv[*argc - 1]);
+        return -1;
+    }
+    *pin = (s32)cpu;
+    *argc -= 2;
+    return 0;
+}
+
 static void cmd_dirty(int argc, char **argv)
 {
     u64 mb, pps = 0;
+    s32 pin;
     int per_cpu = argc > 1 && !strcmp(argv[argc - 1], "-p");
     argc -= per_cpu;
+    if (!per_cpu && arg_cpu("dirty", &argc, argv, &pin))
+        return;
     if (argc < 2 || argc > 3) {
-        puts("dirty: usage dirty MB [PAGES-PER-SECOND] [-p]\n");
+        puts("dirty: usage dirty MB [PAGES-PER-SECOND] [-p|-c CPU]\n");
         return;
     }
     if (arg_mb("dirty", "MB", argv[1], &mb))
@@ -118,7 +138,24 @@ static void cmd_dirty(int argc, char **argv)
         printf("dirty: pages per second must be a positive number, got '%s'\n", argv[2]);
         return;
     }
-    start_tasks(per_cpu, task_start_dirty, mb, pps);
+    if (!per_cpu && pin >= 0)
+        task_start_dirty(mb, pps, pin);
+    else
+        start_tasks(per_cpu, task_start_dirty, mb, pps);
+}
+
+static void cmd_read(int argc, char **argv)
+{
+    u64 mb;
+    s32 pin;
+    if (arg_cpu("read", &argc, argv, &pin))
+        return;
+    if (argc != 2) {
+        puts("read: usage read MB [-c CPU]\n");
+        return;
+    }
+    if (!arg_mb("read", "MB", argv[1], &mb))
+        task_start_read(mb, pin);
 }
 
 static void cmd_kill(int argc, char **argv)
@@ -231,6 +268,8 @@ static void run(char *s)
         cmd_testlimit(argc, argv);
     else if (!strcmp(c, "dirty"))
         cmd_dirty(argc, argv);
+    else if (!strcmp(c, "read"))
+        cmd_read(argc, argv);
     else if (!strcmp(c, "tasks"))
         task_list();
     else if (!strcmp(c, "cpus"))

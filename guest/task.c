@@ -17,8 +17,8 @@
 #define USER_DS 0x2B
 
 enum { T_FREE, T_RUNNABLE, T_SLEEPING, T_KILLED /* waits until no CPU runs it */ };
-enum { K_TESTLIMIT, K_DIRTY, K_FAULT };
-static const char *const kind_names[] = {"testlimit", "dirty", "fault"};
+enum { K_TESTLIMIT, K_DIRTY, K_FAULT, K_READ };
+static const char *const kind_names[] = {"testlimit", "dirty", "fault", "read"};
 
 struct task {
     struct frame frame; /* user registers while the task is off the CPU */
@@ -123,6 +123,27 @@ static void user_dirty(struct task *t)
         }
         t->passes++;
         value++;
+    }
+}
+
+/* read: one word of every page of its memory, again and again; its only writes are its own
+ * counters (one page), so a dirty limit must never slow it */
+static void user_read(struct task *t)
+{
+    u64 sum = 0;
+    for (;;) {
+        if (!t->nranges)
+            user_call(SYS_SLEEP, ticks + 1);
+        u64 got = 0;
+        for (u64 r = 0; r < t->nranges; r++) {
+            u64 a = t->ranges[r].base, n = t->ranges[r].pages;
+            for (u64 i = 0; i < n; i++, a += PAGE_SIZE)
+                sum += *(volatile const u64 *)a;
+            got += n;
+        }
+        t->touched += got; /* pages read */
+        t->passes++;
+        t->seed = sum; /* keeps the reads (and is never read back) */
     }
 }
 
@@ -289,6 +310,19 @@ int task_start_dirty(u64 mb, u64 pps, s32 pin)
     return id;
 }
 
+int task_start_read(u64 mb, s32 pin)
+{
+    u64 f = spin_lock(&task_lock);
+    int id = task_new(K_READ, mb * 256, 0, pin, user_read);
+    spin_unlock(&task_lock, f);
+    if (id >= 0) {
+        printf("read: task %d reads %lu MiB", id, mb);
+        say_cpu(pin);
+        putc('\n');
+    }
+    return id;
+}
+
 int task_start_fault(s32 pin)
 {
     u64 f = spin_lock(&task_lock);
@@ -349,6 +383,8 @@ void task_list(void)
         printf("task %d: %s committed %lu MiB, allocated %lu MiB, touched %lu pages, passes %lu, cpu %u%s\n",
                i, kind_names[t->kind], t->pages_want / 256, have / 256, t->touched, t->passes,
                t->last_cpu, t->pin >= 0 ? " (pinned)" : "");
+        if (t->kind == K_READ) /* its own rate on the guest's clock: pages read per tick */
+            printf("task %d: read %lu pages by tick %lu\n", i, t->touched, ticks);
         if (t->win >= 0)
             printf("task %d: paged out %lu pages, filled %lu, verify %lu of %lu: %lu pages checked, %lu bad\n", i,
                    out, t->filled, t->verified_gen, t->verify_gen, t->verify_pages, t->verify_bad);

@@ -19,6 +19,8 @@ from pyhv.cli import args as types
 from pyhv.cli.errors import CliError
 from pyhv.sizes import format_size
 
+RING_ENTRIES = 16384  #: the dirty ring of a VM `demo`/`run` boot for --dirty-limit (256 KiB a VP)
+
 HELP = """Live migration between worker processes, without a VMMS: `demo` runs both ends here;
 `listen` and `run` are two hosts' ends. For a VM the VMMS keeps, use
 `pyhv vm migrate NAME --to HOST:PORT` instead."""
@@ -46,6 +48,7 @@ class ProgressBar:
             f"  {p['bandwidth'] / 1e6:.0f} MB/s"
             f"  downtime ~{p['expected_downtime'] * 1000:.0f} ms"
             + (f"  throttle {p['throttle_percent']:.0f}%" if p["throttle_percent"] else "")
+            + _vp_rates(p)
         )
         if self.tty:
             self.out.write("\r\x1b[K" + line)
@@ -62,6 +65,15 @@ class ProgressBar:
             self.out.write("\n")
 
 
+def _vp_rates(p: dict[str, Any]) -> str:
+    """Each VP's dirty rate (a VM with the dirty ring) and the limit in force."""
+    rates = p.get("vp_dirty_rates") or []
+    if not rates:
+        return ""
+    text = "  vp " + "/".join(f"{r / 1000:.1f}k" for r in rates) + " pages/s"
+    return text + (f" (limit {p['dirty_limit']})" if p.get("dirty_limit") else "")
+
+
 def summary(r: dict[str, Any]) -> str:
     text = (
         f"migrated in {r['total_time']:.3f} s, downtime {r['downtime'] * 1000:.1f} ms, "
@@ -69,6 +81,15 @@ def summary(r: dict[str, Any]) -> str:
         f"{r['skipped_pages']} never-written pages skipped, {r['bytes_sent'] / 2**20:.1f} MiB "
         "on the wire"
     )
+    if r.get("vp_dirty_pages"):
+        text += "; per VP: " + ", ".join(
+            f"vp{i} dirtied {n} pages, slept {ms:.0f} ms"
+            for i, (n, ms) in enumerate(
+                zip(r["vp_dirty_pages"], r["vp_throttled_ms"], strict=False)
+            )
+        )
+        if r.get("dirty_limit"):
+            text += f" (limit {r['dirty_limit']} pages/s)"
     pc = r.get("postcopy")
     if pc:
         text += (
@@ -102,6 +123,15 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         help="TCP connections carrying pages, 1-16, a sending thread each (default 1)",
     )
     p.add_argument("--no-throttle", action="store_true", help="no auto-converge")
+    p.add_argument(
+        "--dirty-limit",
+        type=_dirty_limit,
+        metavar="PAGES|auto",
+        help="pages/s each VP may dirty during the migration: a VP over it sleeps in its own "
+        "thread, the others run on (QEMU's dirty-limit); 'auto': a share of the measured "
+        "bandwidth once the passes stop shrinking. Replaces auto-converge; needs a VM with the "
+        "dirty ring (`migrate demo/run` create it so)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the RAM checksum at pause")
     p.add_argument(
         "--postcopy",
@@ -120,6 +150,21 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _dirty_limit(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 64:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the pages per second each VP may dirty (at least 64, e.g. 2000) "
+            "or 'auto'"
+        )
+    return n
+
+
 def migration_options(a: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "downtime_target": a.downtime / 1000,
@@ -131,6 +176,8 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
     }
     if a.streams != 1:
         out["streams"] = a.streams
+    if a.dirty_limit is not None:
+        out["dirty_limit"] = a.dirty_limit
     if a.bandwidth:
         out["bandwidth"] = a.bandwidth
     if a.postcopy or a.postcopy_after is not None:
@@ -226,7 +273,7 @@ def demo(a: argparse.Namespace) -> int:
     from pyhv.worker.process import WorkerProcess
 
     token = secrets.token_hex(16)
-    src = WorkerProcess(vm_config(a.memory))
+    src = WorkerProcess(vm_config(a.memory, **_ring(a)))
     dst = IncomingWorker(token)
     try:
         src.start()
@@ -258,6 +305,11 @@ def demo(a: argparse.Namespace) -> int:
         dst.close()
         src.close()
     return 0
+
+
+def _ring(a: argparse.Namespace) -> dict[str, Any]:
+    """The VM `demo`/`run` boots: with the dirty ring when a dirty limit is asked for."""
+    return {"dirty_ring_entries": RING_ENTRIES} if a.dirty_limit is not None else {}
 
 
 def _echo_serial(data: bytes) -> None:
@@ -307,7 +359,7 @@ def run(a: argparse.Namespace) -> int:
     from pyhv.worker.process import WorkerProcess
 
     secret = types.token(a, "the shared migration token")
-    src = WorkerProcess(vm_config(a.memory))
+    src = WorkerProcess(vm_config(a.memory, **_ring(a)))
     try:
         src.start()
         src.serial.read_until(b"pyhv> ", 30)

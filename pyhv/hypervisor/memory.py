@@ -38,6 +38,9 @@ class MemoryRegion:
     mm: mmap.mmap = field(repr=False)
     owns_memfd: bool = True
     _vm: Vm | None = field(default=None, repr=False)
+    #: The partition's dirty rings' `bitmap` when it logs dirty pages in rings (KVM then refuses
+    #: KVM_GET_DIRTY_LOG); None: KVM's bitmap.
+    _dirty_source: Callable[[MemoryRegion], bytes] | None = field(default=None, repr=False)
 
     @property
     def end(self) -> int:
@@ -54,6 +57,8 @@ class MemoryRegion:
                 f"region at {self.gpa:#x} was added without track_dirty=True: add it with "
                 "track_dirty=True to read its dirty pages"
             )
+        if self._dirty_source is not None:
+            return self._dirty_source(self)
         return bytes(self._vm.get_dirty_log(self.slot, self.pages))
 
     def dirty_pages(self) -> list[int]:
@@ -82,6 +87,8 @@ class GpaSpace:
         #: Called with (gpa, length) before view/read/write touch guest RAM: post-copy migration
         #: fetches missing pages first (a thread holding the GIL cannot wait on a userfault).
         self.before_access: Callable[[int, int], None] | None = None
+        #: Where the regions' dirty pages come from when not KVM's bitmap (the dirty rings)
+        self.dirty_source: Callable[[MemoryRegion], bytes] | None = None
         self._starts: list[int] = []
         #: Makes the file behind a new region, (name, size) -> fd; None: a memfd. Guest RAM in
         #: 2 MiB pages sets it (pyhv.memory.hugeram).
@@ -151,11 +158,29 @@ class GpaSpace:
                     os.close(fd)
                 raise
             region = MemoryRegion(
-                gpa, size, readonly, track_dirty, slot, fd, offset, host, mm, owns, self._vm
+                gpa,
+                size,
+                readonly,
+                track_dirty,
+                slot,
+                fd,
+                offset,
+                host,
+                mm,
+                owns,
+                self._vm,
+                self.dirty_source,
             )
             regions = sorted([*self._regions, region], key=lambda r: r.gpa)
             self._regions, self._starts = regions, [r.gpa for r in regions]
             return region
+
+    def slot_pages(self, slot: int) -> int | None:
+        """Pages of the region in memory slot `slot`, None if no region has it."""
+        for r in self._regions:
+            if r.slot == slot:
+                return r.pages
+        return None
 
     def remove(self, region: MemoryRegion) -> None:
         with self._lock:

@@ -16,6 +16,7 @@ from pyhv.kvm import constants as c
 from pyhv.kvm import structs as ks
 
 if TYPE_CHECKING:
+    from pyhv.hypervisor.dirtyring import DirtyRings
     from pyhv.hypervisor.state import PartitionState
 
 LAPIC_MSI_BASE = 0xFEE00000
@@ -45,7 +46,13 @@ class Partition:
     Use as a context manager or call close().
     """
 
-    def __init__(self, name: str = "vm", irqchip: bool = True, time_handlers: bool = True) -> None:
+    def __init__(
+        self,
+        name: str = "vm",
+        irqchip: bool = True,
+        time_handlers: bool = True,
+        dirty_ring_entries: int = 0,
+    ) -> None:
         self.name = name
         # counters["..."]["handler_seconds"]; False saves two clock reads per intercept
         self.time_handlers = time_handlers
@@ -57,6 +64,11 @@ class Partition:
             raise
         self._closed = False
         self._lock = threading.Lock()
+        #: Dirty pages logged in a ring per VP (KVM_CAP_DIRTY_LOG_RING) instead of the bitmap:
+        #: chosen at creation, before the first VP (pyhv.hypervisor.dirtyring)
+        self.dirty_rings: DirtyRings | None = None
+        if dirty_ring_entries:
+            self._enable_dirty_rings(dirty_ring_entries)
         self.irqchip = irqchip
         if irqchip:
             self.vm.create_irqchip()
@@ -65,6 +77,9 @@ class Partition:
         self.gpa_space = GpaSpace(
             self.vm, self.max_gpa, self.kvm.check_extension(c.CAP_NR_MEMSLOTS) or 32
         )
+        if self.dirty_rings is not None:
+            self.dirty_rings.slot_pages = self.gpa_space.slot_pages
+            self.gpa_space.dirty_source = self.dirty_rings.bitmap
         self.msr_exits = bool(self.kvm.check_extension(c.CAP_X86_USER_SPACE_MSR))
         if self.msr_exits:
             # unknown/invalid MSRs come to user space too, so they are counted (then #GP)
@@ -76,6 +91,19 @@ class Partition:
         self.vps: dict[int, VirtualProcessor] = {}
         self._eventfds: list[int] = []
         self._msi_routes: list[tuple[int, int]] = []
+
+    def _enable_dirty_rings(self, entries: int) -> None:
+        from pyhv.hypervisor.dirtyring import DirtyRings
+        from pyhv.kvm.dirtyring import check_entries
+
+        try:
+            check_entries(entries)
+            self.vm.enable_dirty_ring(entries)
+        except BaseException:
+            self.vm.close()
+            self.kvm.close()
+            raise
+        self.dirty_rings = DirtyRings(self.vm, entries, lambda slot: None)
 
     def _phys_bits(self) -> int:
         for i in range(self.cpuid.nent):
@@ -148,6 +176,8 @@ class Partition:
             elif e.function in (0xB, 0x1F):
                 e.edx = index
         vcpu.set_cpuid2(cpuid)
+        if self.dirty_rings is not None:
+            self.dirty_rings.add_vcpu(vcpu)
         vp = VirtualProcessor(self, vcpu)
         control, dr = self.intercepts.guest_debug_control()
         if control:
@@ -326,6 +356,8 @@ class Partition:
                     vp.stop()
                 except TimeoutError:
                     pass
+        if self.dirty_rings is not None:
+            self.dirty_rings.close()
         for vp in self.vps.values():
             vp.vcpu.close()
         try:

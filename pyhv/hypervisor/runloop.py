@@ -24,7 +24,7 @@ from pyhv.kvm import runpage as rp
 class RunLoop(ExitHandlers):
     """The loop of one VP's thread, in Python, with the C loop as its hot path when it builds."""
 
-    _request: str | None  # "pause" or "stop", set by other threads (see VirtualProcessor)
+    _request: str | None  # "pause", "stop" or "throttle", set by other threads (VirtualProcessor)
 
     def __init__(self, partition: Any, vcpu: Any) -> None:
         super().__init__(partition, vcpu)
@@ -65,6 +65,7 @@ class RunLoop(ExitHandlers):
             c.EXIT_INTR,
         )
         IO_OUT = c.IO_OUT
+        EXIT_DIRTY_RING_FULL = c.EXIT_DIRTY_RING_FULL
         fast_run = self._fast_runner(table, perf is not int)
         while True:
             if self._attention:
@@ -178,10 +179,20 @@ class RunLoop(ExitHandlers):
                 self._halt_exit(table)
             elif reason == EXIT_INTR:  # a signal interrupted KVM_RUN: nothing to do
                 pass
+            elif reason == EXIT_DIRTY_RING_FULL:
+                self._dirty_ring_full()
             else:
                 self._stopping_exit(reason)
             if self._touched:
                 self._flush_exit_changes()
+
+    def _dirty_ring_full(self) -> None:
+        """KVM_EXIT_DIRTY_RING_FULL: harvest the rings on this thread before running again (a
+        dirty limit may then ask this VP to sleep: a "throttle" request, taken next)."""
+        rings = self.partition.dirty_rings
+        if rings is None:
+            raise self._stop_with(VpEventKind.ERROR, "dirty ring full, but the VM has no ring")
+        rings.ring_full(self.index)
 
     def _fast_runner(self, table: InterceptTable, timed: bool) -> Any:
         """The bound run() of a C runner for this loop, or None: the Python loop then."""

@@ -19,6 +19,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from pyhv.hypervisor.exithandlers import MASK64
@@ -64,6 +65,8 @@ class VirtualProcessor(RunLoop):
         self._thread: threading.Thread | None = None
         self._state = VpState.IDLE
         self._cond = threading.Condition()
+        self._throttle_until = 0.0  # time.monotonic() a "throttle" request sleeps until
+        self.throttled_seconds = 0.0  # slept for throttle requests, in all
 
     def __repr__(self) -> str:
         return f"<VirtualProcessor {self.partition.name}:{self.index} {self._state.value}>"
@@ -186,10 +189,32 @@ class VirtualProcessor(RunLoop):
             self._request = "pause"
             self._attention = True
             self._kick()
+            self._cond.notify_all()  # a VP sleeping for a throttle request pauses at once
             if not wait or threading.current_thread() is self._thread:
                 return  # from a handler: takes effect when the handler returns
             if not self._cond.wait_for(lambda: self._state is not VpState.RUNNING, timeout):
                 raise TimeoutError(f"VP {self.index} did not pause within {timeout} s")
+
+    def throttle(self, until: float) -> None:
+        """Sleep in the VP's own thread until `until` (time.monotonic()) at its next exit, unless
+        a pause or stop comes first (they end the sleep); a later deadline replaces an earlier
+        one, and 0 ends a sleep now. The dirty limit slows a VP that writes too fast with it,
+        and no other VP."""
+        with self._cond:
+            if until <= 0:
+                self._throttle_until = 0.0
+                if self._request == "throttle":
+                    self._request = None
+                self._cond.notify_all()
+                return
+            if self._state is not VpState.RUNNING or until <= self._throttle_until:
+                return
+            self._throttle_until = until
+            if self._request in (None, "throttle"):
+                self._request = "throttle"
+                self._attention = True
+                if not self._on_vp_thread():
+                    self._kick()
 
     def resume(self) -> None:
         """Run again; also cancels a pause asked for but not yet taken (a pause() that timed
@@ -231,6 +256,18 @@ class VirtualProcessor(RunLoop):
         b = self.vcpu.run_page.b
         with self._cond:
             b[rp.IMMEDIATE_EXIT] = 0
+            if self._request == "throttle":
+                # until the (perhaps moved) deadline; a pause or stop ends the sleep, a new
+                # throttle request only moves the deadline
+                t0 = now = time.monotonic()
+                while self._request in (None, "throttle") and now < self._throttle_until:
+                    self._request = None
+                    self._cond.wait(self._throttle_until - now)
+                    now = time.monotonic()
+                if self._request == "throttle":
+                    self._request = None
+                self.throttled_seconds += now - t0
+                b[rp.IMMEDIATE_EXIT] = 0
             # Parked until resume() (state back to RUNNING) or stop(). A pause() asked again
             # before this thread woke from the last resume() finds the request still "pause"
             # here: it parks again and says so (waiting on "the request changed" instead lost

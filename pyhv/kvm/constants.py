@@ -53,6 +53,7 @@ KVM_SIGNAL_MSI = _iow(0xA5, _sz(s.kvm_msi))
 KVM_ENABLE_CAP = _iow(0xA3, _sz(s.kvm_enable_cap))
 KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, _sz(s.kvm_clear_dirty_log))
 KVM_X86_SET_MSR_FILTER = _iow(0xC6, _sz(s.kvm_msr_filter))
+KVM_RESET_DIRTY_RINGS = _io(0xC7)
 # vCPU ioctls
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, _sz(s.kvm_regs))
@@ -103,11 +104,18 @@ CAP_IMMEDIATE_EXIT = 136
 CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 CAP_X86_USER_SPACE_MSR = 188
 CAP_X86_MSR_FILTER = 189
+CAP_DIRTY_LOG_RING = 192  # args[0]: bytes of each vCPU's ring; the check gives the largest
+CAP_DIRTY_LOG_RING_ACQ_REL = 223  # the same ring, with acquire/release order spelled out
 CAP_XSAVE2 = 208
 
 # memory slot flags
 MEM_LOG_DIRTY_PAGES = 1 << 0
 MEM_READONLY = 1 << 1
+
+# dirty ring (KVM_CAP_DIRTY_LOG_RING): the rings are mmapped at this page of a vCPU fd (x86)
+DIRTY_LOG_PAGE_OFFSET = 64
+DIRTY_GFN_F_DIRTY = 1 << 0  # set by KVM: the entry holds a dirty page
+DIRTY_GFN_F_RESET = 1 << 1  # set by user space once harvested; KVM_RESET_DIRTY_RINGS recycles it
 
 # exit reasons (kvm_run.exit_reason)
 EXIT_UNKNOWN = 0

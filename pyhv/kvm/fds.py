@@ -10,10 +10,14 @@ import fcntl
 import mmap
 import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from pyhv.kvm import constants as c
 from pyhv.kvm import structs as s
 from pyhv.kvm.runpage import RunPage
+
+if TYPE_CHECKING:
+    from pyhv.kvm.dirtyring import DirtyRing
 
 
 class KvmError(OSError):
@@ -128,6 +132,29 @@ class Vm:
             s.kvm_clear_dirty_log(slot, n, first_page, ctypes.addressof(buf)),
             f"KVM_CLEAR_DIRTY_LOG(slot {slot})",
         )
+
+    def enable_dirty_ring(self, entries: int) -> None:
+        """Log dirty pages in per-vCPU rings of `entries` entries instead of the bitmap (before
+        the first vCPU; KVM_GET_DIRTY_LOG is refused from here on). The ACQ_REL form where the
+        kernel has it (the same ring, with its memory order spelled out)."""
+        acq_rel = self.kvm.check_extension(c.CAP_DIRTY_LOG_RING_ACQ_REL)
+        cap = c.CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else c.CAP_DIRTY_LOG_RING
+        largest = acq_rel or self.kvm.check_extension(c.CAP_DIRTY_LOG_RING)
+        nbytes = entries * ctypes.sizeof(s.kvm_dirty_gfn)
+        if not largest:
+            raise KvmError(0, "this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING): use the bitmap")
+        if nbytes > largest:
+            raise KvmError(
+                0,
+                f"dirty ring of {entries} entries is larger than this KVM's "
+                f"{largest // ctypes.sizeof(s.kvm_dirty_gfn)}",
+            )
+        self.enable_cap(cap, nbytes)
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: re-protect the pages of every harvested (RESET) entry and free
+        those entries; returns how many."""
+        return _ioctl(self.fd, c.KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS")
 
     def create_irqchip(self) -> None:
         _ioctl(self.fd, c.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
@@ -300,6 +327,15 @@ class Vcpu:
         for i, v in enumerate(debugreg):
             g.debugreg[i] = v
         _ioctl(self.fd, c.KVM_SET_GUEST_DEBUG, g, "KVM_SET_GUEST_DEBUG")
+
+    def dirty_ring(self, entries: int) -> DirtyRing:
+        """This vCPU's dirty ring, mapped (the VM's ring enabled with `entries` entries)."""
+        from pyhv.kvm.dirtyring import map_ring
+
+        try:
+            return map_ring(self.fd, entries)
+        except OSError as e:
+            raise KvmError(e.errno, f"mapping the dirty ring of vCPU {self.index}: {e}") from None
 
     def open_stats(self) -> VcpuStats:
         """KVM_GET_STATS_FD: this vCPU's statistics (halt_exits, blocking, ...), readable while

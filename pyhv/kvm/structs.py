@@ -189,6 +189,13 @@ class kvm_clear_dirty_log(ctypes.Structure):
     _fields_ = [("slot", u32), ("num_pages", u32), ("first_page", u64), ("dirty_bitmap", u64)]
 
 
+class kvm_dirty_gfn(ctypes.Structure):
+    """One entry of a vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING): flags DIRTY/RESET, the slot
+    ((address space << 16) | slot id) and the page's offset in that slot."""
+
+    _fields_ = [("flags", u32), ("slot", u32), ("offset", u64)]
+
+
 class kvm_enable_cap(ctypes.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 

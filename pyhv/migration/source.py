@@ -40,6 +40,7 @@ from pyhv.migration import dynmem as dm_mod
 from pyhv.migration import frames
 from pyhv.migration import memory as mem
 from pyhv.migration import state as vm_state
+from pyhv.migration.dirtylimit import MIN_LIMIT, DirtyLimiter, auto_limit
 from pyhv.migration.faults import FaultPlan
 from pyhv.migration.realtime import Boost
 from pyhv.migration.stream import (
@@ -55,7 +56,7 @@ from pyhv.migration.stream import (
     token_bytes,
     warm_up,
 )
-from pyhv.migration.tracing import trace_phase
+from pyhv.migration.tracing import trace_dirty_rates, trace_phase
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -112,6 +113,11 @@ class MigrationOptions:
     #: With postcopy: pre-copy passes first, post-copy after this many passes or as soon as a
     #: pass stops shrinking the dirty set (hybrid); 0: post-copy right away.
     postcopy_after: int = 0
+    #: Pages/s each VP may dirty (or "auto": a share of the measured bandwidth, once the passes
+    #: stop shrinking): a VP over it sleeps in its own thread, the others run on
+    #: (pyhv.migration.dirtylimit). Needs a VM created with the dirty ring; replaces
+    #: auto-converge. None: no limit (a VM with the ring still reports each VP's rate).
+    dirty_limit: int | str | None = None
     faults: dict[str, str] = field(default_factory=dict)  #: test-only: FaultPlan
 
     @classmethod
@@ -123,6 +129,9 @@ class MigrationOptions:
         return cls(**d)
 
     def __post_init__(self) -> None:
+        from pyhv.migration.dirtylimit import parse_limit
+
+        self.dirty_limit = parse_limit(self.dirty_limit)
         s = self.streams
         if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_STREAMS:
             raise MigrationError(
@@ -167,6 +176,17 @@ class Progress:
     pass_log: list[dict[str, Any]] = field(default_factory=list)
     #: post-copy only: pages needed, sent on request and pushed, faults, blocktime, checksums
     postcopy: dict[str, Any] = field(default_factory=dict)
+    #: VMs with the dirty ring (pyhv.migration.dirtylimit): pages/s each VP dirtied over the
+    #: last second, pages each dirtied, ms each slept for the limit, its ring-full exits
+    vp_dirty_rates: list[float] = field(default_factory=list)
+    vp_dirty_pages: list[int] = field(default_factory=list)
+    vp_throttled_ms: list[float] = field(default_factory=list)
+    vp_burst_max: list[int] = field(default_factory=list)  #: most pages between two sleeps
+    dirty_ring_full_exits: list[int] = field(default_factory=list)
+    #: times a ring overflowed (then every page counted dirty once): docs/migration.md
+    dirty_ring_overflows: int = 0
+    dirty_limit: int = 0  #: pages/s per VP in force (0: none)
+    dirty_limit_seconds: float = 0.0  #: how long it has been in force
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,6 +265,7 @@ class Source:
         self._logging: list[MemoryRegion] = []
         self._paused = False
         self._throttle = _Throttle(vm)
+        self._limiter: DirtyLimiter | None = None  # a VM with the dirty ring, once logging
         # a held pause (test-only fault "hold") is reported, so a test can act during it
         self.faults.on_hold = lambda phase: self._report(force=True)
         self._t0 = 0.0
@@ -293,6 +314,8 @@ class Source:
             ) from e
         finally:
             self._boost.end()
+            if self._limiter is not None:
+                self._limiter.stop()
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
             for d in self.data:
@@ -317,6 +340,14 @@ class Source:
         self.progress.total_time = now - self._t0
         # paused: only forced reports (a phase change reports once the VPs run again)
         due = not self._paused and now - self._last_report > 0.1
+        limiter = self._limiter
+        if limiter is not None and (force or due):  # each VP's rate, at the reports' pace
+            if self.on_progress is None:
+                self._last_report = now
+            for k, v in limiter.report().items():
+                setattr(self.progress, k, v)
+            pr = self.progress
+            trace_dirty_rates(self.vm, pr.vp_dirty_rates, pr.dirty_limit, pr.vp_throttled_ms)
         if self.on_progress is not None and (force or due):
             self._last_report = now
             try:
@@ -336,6 +367,12 @@ class Source:
                 "rings are not fetched on demand): migrate it without post-copy",
                 "connect",
             )
+        if opt.dirty_limit is not None or p.dirty_rings is not None:
+            # refused here, before anything, for a VM without the ring (it names the remedy)
+            limit = opt.dirty_limit if isinstance(opt.dirty_limit, int) else None
+            limiter = DirtyLimiter(p, limit)
+        else:
+            limiter = None
         if dm is not None:
             dm_mod.quiesce(dm)
             dm_activity = dm_mod.activity(dm)
@@ -389,6 +426,9 @@ class Source:
         for r in regions:
             mem.set_dirty_logging(r, True)
             self._logging.append(r)
+        if limiter is not None:  # each VP's rate from here on, and the limit if one is set
+            self._limiter = limiter
+            limiter.start()
         if vm.storage is not None:  # from here its READs into guest pages are sent again
             vm.storage.vsp.begin_dirty_log()
         skip = self._skip_ranges()
@@ -452,7 +492,24 @@ class Source:
             if self._bytes_sent() >= opt.max_sent_multiple * ram_bytes:
                 why = f"sent {self._bytes_sent() / ram_bytes:.1f} x RAM"
                 break
-            if opt.auto_converge and not fits and not shrinking and self.progress.passes >= 2:
+            if (
+                opt.dirty_limit == "auto"
+                and limiter is not None
+                and not fits
+                and not shrinking
+                and self.progress.passes >= 2
+            ):
+                # the writers only: a quarter of the link shared by the VPs, halved each time more
+                cap = auto_limit(bw, len(p.vps))
+                old = limiter.limit
+                limiter.set_limit(cap if old is None else max(MIN_LIMIT, min(cap, old // 2)))
+            elif (
+                opt.auto_converge
+                and opt.dirty_limit is None
+                and not fits
+                and not shrinking
+                and self.progress.passes >= 2
+            ):
                 f = self._throttle.fraction
                 f = opt.throttle_initial if f == 0 else min(f + opt.throttle_step, opt.throttle_max)
                 self._throttle.set(f)
@@ -726,8 +783,11 @@ class Source:
         self._report(force=True)
 
     def _stop_logging(self) -> None:
-        """The throttle and dirty logging off (the VPs keep whatever pause they are in)."""
+        """The throttle, the dirty limit and dirty logging off (the VPs keep whatever pause
+        they are in)."""
         self._throttle.stop()
+        if self._limiter is not None:
+            self._limiter.stop()
         for r in self._logging:
             try:
                 mem.set_dirty_logging(r, False)

@@ -152,6 +152,17 @@ class MigrationEvent(Event):
 
 
 @dataclass(slots=True)
+class DirtyRateEvent(Event):
+    """A VP's dirty rate during a migration of a VM with the dirty ring (pages/s over the last
+    second), the dirty limit in force (pages/s, 0: none) and how long the VP slept for it."""
+
+    kind: ClassVar[str] = "dirtyrate"
+    pages_per_s: float
+    limit: int
+    throttled_ms: float
+
+
+@dataclass(slots=True)
 class DroppedEvent(Event):
     """`count` events were lost because their reader did not keep up."""
 
@@ -169,6 +180,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         DmEvent,
         BalancerEvent,
         MigrationEvent,
+        DirtyRateEvent,
         DroppedEvent,
     )
 }

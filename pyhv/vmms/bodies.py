@@ -64,7 +64,7 @@ class MigrateRequest(_Body):
         dict[str, Any],
         Meta(
             description="pyhv.migration MigrationOptions (downtime_target, bandwidth, "
-            "compress, encrypt, ...)"
+            "compress, encrypt, dirty_limit: pages/s per VP or 'auto', ...)"
         ),
     ] = msgspec.field(default_factory=dict)
 
@@ -110,6 +110,7 @@ class VmSettings(Struct):
     image: str | None
     cmdline: str
     page_file_size: int = 0
+    dirty_ring_entries: int = 0
     huge_pages: bool = False
 
 

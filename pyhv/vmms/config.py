@@ -55,6 +55,8 @@ FIELDS: dict[str, str] = {
     "cmdline": "guest kernel command line",
     "page_file_size": "the page file's disk on VMBus (synthetic storage) the guest pages to: "
     "bytes or a size such as 256M (whole MiB, at most 16G; 0: none; needs Dynamic Memory)",
+    "dirty_ring_entries": "entries of each VP's dirty ring, a power of two 256..65536 (e.g. "
+    "4096): dirty pages logged per VP, which a migration's dirty_limit needs; 0: KVM's bitmap",
     "huge_pages": "guest RAM in 2 MiB pages on a private tmpfs (true): memory the guest frees "
     "leaves the host ~30 times faster; the host backs RAM in 2 MiB steps (default false)",
 }
@@ -74,6 +76,7 @@ Memory = Annotated[int | str, Meta(description=FIELDS["memory"], examples=["512M
 Minimum = Annotated[int | str, Meta(description=FIELDS["minimum"], examples=["256M"])]
 Maximum = Annotated[int | str, Meta(description=FIELDS["maximum"], examples=["2G"])]
 PageFileSize = Annotated[int | str, Meta(description=FIELDS["page_file_size"], examples=["256M"])]
+DirtyRing = Annotated[int, Meta(ge=0, le=65536, description=FIELDS["dirty_ring_entries"])]
 HugePages = Annotated[bool, Meta(description=FIELDS["huge_pages"])]
 
 
@@ -91,6 +94,7 @@ class SettingsChange(Struct, forbid_unknown_fields=True, omit_defaults=True):
     image: Image | None | UnsetType = UNSET
     cmdline: Cmdline | UnsetType = UNSET
     page_file_size: PageFileSize | UnsetType = UNSET
+    dirty_ring_entries: DirtyRing | UnsetType = UNSET
     huge_pages: HugePages | UnsetType = UNSET
 
 
@@ -126,6 +130,7 @@ class VmSettings:
     image: str | None = None
     cmdline: str = ""
     page_file_size: int = 0
+    dirty_ring_entries: int = 0
     huge_pages: bool = False
 
     def memory_settings(self) -> MemorySettings:
@@ -154,6 +159,7 @@ class VmSettings:
             maximum=self.maximum if dynamic else None,
             page_file_size=self.page_file_size,
             page_file=page_file if self.page_file_size else "",
+            dirty_ring_entries=self.dirty_ring_entries,
             huge_pages=self.huge_pages,
         )
 
@@ -237,6 +243,7 @@ def _validated(s: VmSettings) -> VmSettings:
             minimum=s.minimum if s.dynamic_memory else None,
             maximum=s.maximum if s.dynamic_memory else None,
             page_file_size=s.page_file_size,
+            dirty_ring_entries=s.dirty_ring_entries,
         )
     except ConfigError as e:
         raise VmSettingsError(str(e)) from None

@@ -49,6 +49,10 @@ class VmConfig:
     #: the worker picks one and removes it at the end: see :meth:`page_file_path`).
     page_file_size: int = 0
     page_file: str = ""
+    #: Entries of each VP's dirty ring (a power of two, 256..65536): the VM logs dirty pages in
+    #: a ring per VP, which a migration's per-VP dirty limit needs; 0: KVM's dirty bitmap.
+    #: Chosen when the VM is created (the destination of a migration creates it alike).
+    dirty_ring_entries: int = 0
     #: Guest RAM in 2 MiB pages (a private tmpfs, pyhv.memory.hugeram): discarding freed memory
     #: (free-page hints, balloons) is ~30 times cheaper. Needs CAP_SYS_ADMIN (no jail).
     huge_pages: bool = False
@@ -74,6 +78,7 @@ class VmConfig:
         maximum: str | int | None = None,
         page_file_size: str | int = 0,
         page_file: str | Path = "",
+        dirty_ring_entries: int = 0,
         huge_pages: bool = False,
     ) -> VmConfig:
         if startup is not None:
@@ -122,6 +127,7 @@ class VmConfig:
             raise ConfigError(
                 f"page file {str(page_file)!r} without a size: give page_file_size too"
             )
+        ring = _dirty_ring_entries(dirty_ring_entries)
         return cls(
             name=name,
             memory=size,
@@ -133,6 +139,7 @@ class VmConfig:
             maximum=high,
             page_file_size=disk,
             page_file=str(page_file),
+            dirty_ring_entries=ring,
             huge_pages=huge_pages,
         )
 
@@ -155,6 +162,7 @@ class VmConfig:
             "maximum": self.maximum,
             "page_file_size": self.page_file_size,
             "page_file": self.page_file,
+            "dirty_ring_entries": self.dirty_ring_entries,
             "huge_pages": self.huge_pages,
         }
 
@@ -172,6 +180,7 @@ class VmConfig:
             maximum=d.get("maximum") or None,  # type: ignore[arg-type]
             page_file_size=int(d.get("page_file_size", 0)),  # type: ignore[call-overload]
             page_file=str(d.get("page_file", "")),
+            dirty_ring_entries=d.get("dirty_ring_entries", 0),  # type: ignore[arg-type]
             huge_pages=d.get("huge_pages", False),  # type: ignore[arg-type]
         )
 
@@ -207,6 +216,18 @@ def _dynamic_range(
             f"{format_size(startup)} up to {format_size(MAX_MEMORY)}"
         )
     return low, high
+
+
+def _dirty_ring_entries(n: object) -> int:
+    """The dirty ring size, checked: 0 (the bitmap) or a power of two KVM takes."""
+    if n == 0 and not isinstance(n, bool):
+        return 0
+    if isinstance(n, bool) or not isinstance(n, int) or n & (n - 1) or not 256 <= n <= 65536:
+        raise ConfigError(
+            f"dirty ring of {n!r} entries: use a power of two from 256 to 65536 (e.g. 4096), "
+            "or 0 for KVM's dirty bitmap"
+        )
+    return n
 
 
 def _page_file_size(size: str | int, dynamic: bool) -> int:

@@ -101,7 +101,7 @@ class VirtualMachine:
                 "it cannot be a guest image for this VM"
             )
         image_bytes = cfg.image.read_bytes()
-        p = Partition(name=cfg.name)
+        p = Partition(name=cfg.name, dirty_ring_entries=cfg.dirty_ring_entries)
         self.partition = p
         try:
             if cfg.huge_pages:

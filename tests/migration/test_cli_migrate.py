@@ -106,3 +106,28 @@ def test_migrate_run_postcopy_moves_the_vm_and_reports_its_blocktime(tmp_path: P
         except subprocess.TimeoutExpired:
             listener.kill()
             listener.wait()
+
+
+def test_migrate_demo_with_a_dirty_limit_holds_the_writer_and_says_so() -> None:
+    out = subprocess.run(
+        [*PYHV, "migrate", "demo", "--memory", "128M", "--dirty", "16", "--dirty-limit", "2000",
+         "--bandwidth", "32M", "--downtime", "50"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "per VP: vp0 dirtied" in out.stdout and "(limit 2000 pages/s)" in out.stdout
+    assert "pages/s (limit 2000)" in out.stderr  # the progress line: each VP's rate
+
+
+@pytest.mark.unit
+def test_a_dirty_limit_below_the_floor_is_refused_before_anything_starts() -> None:
+    out = subprocess.run(
+        [*PYHV, "migrate", "demo", "--dirty-limit", "10"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "at least 64" in out.stderr and "'auto'" in out.stderr

@@ -4,6 +4,7 @@ Hyper-V's, and the book's rules for changing the memory of a running VM."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -46,12 +47,27 @@ def test_a_new_vm_gets_the_defaults_buffer_20_percent_and_weight_50() -> None:
         ({"name": "x", "memory": "512M", "minimum": "1G"}, "minimum <= startup <= maximum"),
         ({"name": "x", "memory": "512M", "maximum": "256M"}, "minimum <= startup <= maximum"),
         ({"name": "x", "colour": "red"}, "unknown setting(s) 'colour'"),
+        ({"name": "x", "dirty_ring_entries": 1000}, "power of two from 256 to 65536"),
+        ({"name": "x", "dirty_ring_entries": 1 << 17}, "at `$.dirty_ring_entries`"),
     ],
 )
 def test_a_bad_setting_is_refused_with_what_was_wrong(raw: dict[str, object], words: str) -> None:
     with pytest.raises(VmSettingsError) as e:
         settings_from_dict(raw)
     assert words in str(e.value)
+
+
+def test_a_vm_with_a_dirty_ring_passes_it_to_its_worker_and_back(tmp_path: Path) -> None:
+    from pyhv.worker.config import VmConfig
+
+    image = tmp_path / "guest.elf"
+    image.write_bytes(b"\x7fELF")
+    s = settings_from_dict({"name": "w", "memory": "256M", "dirty_ring_entries": 16384})
+    cfg = s.worker_config(str(image))
+    assert cfg.dirty_ring_entries == 16384
+    # the migration's CONFIG frame carries it: the destination creates the same ring
+    assert VmConfig.from_dict(cfg.to_dict()).dirty_ring_entries == 16384
+    assert settings_from_dict({"name": "b"}).dirty_ring_entries == 0  # the bitmap by default
 
 
 def _running() -> object:

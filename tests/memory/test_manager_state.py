@@ -92,7 +92,7 @@ def test_a_layout_is_restored_at_the_same_gpas_with_the_balloon_released(
 @pytest.mark.parametrize(
     ("change", "error"),
     [
-        ({"version": 9}, "version 9 is not 1"),
+        ({"version": 9}, "version 9 is not 2"),
         ({"startup": ((0, 2 * RAM),)}, "is not partition vm's"),
         ({"hot_added": ((RAM // 2, 32 * MiB),)}, "overlaps RAM"),
         ({"hot_added": ((RAM, 3 * MiB + 5),)}, "not 4 KiB aligned"),

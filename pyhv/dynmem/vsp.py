@@ -411,12 +411,12 @@ class DynamicMemoryVsp(Vsp[DmState]):
         if result not in (0, 1):
             self.counters["bad_ranges"] += 1
             self.refuse(f"hot-remove response result={result}: 1 (success) or 0 (failure)")
-        if self.stopped:
-            return
-        if good:
+        if good:  # taken from `ram` above: the owner takes them even if the channel stopped
             assert self._on_hot_removed is not None
             self._on_hot_removed(good)
             self.counters["hot_removed_pages"] += sum(r.count for r in good)
+        if self.stopped:
+            return
         if len(good) == len(msg.ranges) and result in (0, 1):
             self.accepted()
         if not msg.body.more_pages:

@@ -336,11 +336,12 @@ class MemoryManager:
         for r in ranges:
             r = PageRange(*r)
             p._split(r)  # refuses pages that are not RAM of the partition
-            if (
-                p.ballooned.overlaps(r.start, r.count)
-                or p.removed.overlaps(r.start, r.count)
-                or batch.overlaps(r.start, r.count)
-            ):
+            if p.removed.overlaps(r.start, r.count):
+                raise MemoryManagerError(
+                    f"pages {r.start:#x}+{r.count} of {p.name} are offline (hot-removed, or a "
+                    "hot-add the guest did not accept): not the guest's RAM any more"
+                )
+            if p.ballooned.overlaps(r.start, r.count) or batch.overlaps(r.start, r.count):
                 raise MemoryManagerError(f"pages {r.start:#x}+{r.count} of {p.name} {refusal}")
             batch.add(r.start, r.count)
         return batch
@@ -439,7 +440,7 @@ class MemoryManager:
         with self._lock:
             p = self._get(name)
             batch = self._guests_pages(
-                p, ranges, "are ballooned, removed already or named twice: a page leaves once"
+                p, ranges, "are ballooned or named twice: a page leaves once"
             )
             self._take_offline(p, batch)
             self.removed_pages += batch.pages

@@ -120,12 +120,15 @@ class Stop(_Op, tag="stop", frozen=True):
     why: Text = "stopped by its owner"
 
 
-MemoryCallName = Literal["status", "target", "limits", "add", "remove", "end_smart_paging"]
+MemoryCallName = Literal[
+    "status", "target", "limits", "add", "remove", "end_smart_paging", "hot_remove"
+]
 
 
 class MemoryCall(_Op, tag="memory", frozen=True):
     """A Dynamic Memory request: ``status``; ``target`` (bytes); ``limits`` ([minimum, maximum]
-    bytes); ``add`` / ``remove`` (pages); ``end_smart_paging`` (no value). Answered by :class:`MemoryReply` with the same id."""
+    bytes); ``add`` / ``remove`` (pages); ``end_smart_paging`` (no value); ``hot_remove`` (pages, or
+    none: every hot-added page). Answered by :class:`MemoryReply` with the same id."""
 
     id: RequestId
     call: MemoryCallName

@@ -659,8 +659,10 @@ static void message(u32 len)
             break;
         hot_add_request((const void *)rx, size);
         return;
-    case DM_MEM_HOT_REMOVE_REQUEST:
-        if (dm.state != DM_READY || size != 24 || !dm.hr_ok || dm.hr_active)
+    case DM_MEM_HOT_REMOVE_REQUEST: /* for no pages, or with reserved bits set: malformed */
+        if (dm.state != DM_READY || size != 24 || !dm.hr_ok || dm.hr_active ||
+            !((const struct dm_hot_remove *)rx)->page_count || ((const struct dm_hot_remove *)rx)->reservedz ||
+            (((const struct dm_hot_remove *)rx)->qos_flags & ~3u))
             break;
         hot_remove_request((const void *)rx);
         return;

@@ -619,6 +619,8 @@ class DynamicMemoryService:
                 ballooned_pages=c["ballooned_pages"],
                 unballooned_pages=c["unballooned_pages"],
                 hot_added_pages=c["hot_added_pages"],
+                hot_removed_pages=c["hot_removed_pages"],
+                hot_remove_refused=vsp["hot_remove_bad_ranges"] + vsp["hot_remove_unasked"],
                 doorbells=ctl["doorbells"],
                 controller_refused=ctl["refused"],
             ),

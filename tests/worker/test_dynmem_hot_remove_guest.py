@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from pyhv.counters import CounterRegistry
+from pyhv.counters.worker import WorkerCounters
 from pyhv.guest_image import image_path
 from pyhv.worker.dynmem import DynamicMemoryError
 from pyhv.worker.hostmem import resident_bytes
@@ -176,6 +178,17 @@ def test_a_guest_naming_memory_it_was_not_asked_for_is_refused_and_everyone_goes
         vsp = guest.dm.vsp.counters
         assert vsp["hot_remove_bad_ranges"] >= 4  # beyond RAM, twice, ballooned, too many
         assert st["bad_ranges"] >= 4 and st["state"] == "IDLE"
+        # the VMMS's Perfmon counters, from the status the worker pushed
+        assert wait_for(
+            lambda: guest.reports and guest.reports[-1].vsp.hot_remove_refused >= 5,
+            10,
+            "a pushed status counting the refusals",
+        )
+        registry = CounterRegistry()
+        WorkerCounters(registry).record("vm", guest.reports[-1])
+        snap = registry.snapshot()
+        assert snap["\\Hyper-V Dynamic Memory VSP(vm)\\Hot-Remove Refusals"] >= 5
+        assert snap["\\Hyper-V Dynamic Memory VSP(vm)\\Hot-Removed Pages"] == 64 * PAGES_PER_MIB
         text = " ".join(r.getMessage() for r in caplog.records)
         for why in ("no hot-remove request outstanding", "named twice", "not RAM", "ballooned"):
             assert why in text, why

@@ -366,7 +366,13 @@ class ControlTarget(_Control, tag="target", frozen=True):
     bytes: Annotated[int, Meta(ge=0)]
 
 
-ControlRequest = ControlStatus | ControlTarget
+class ControlHotRemove(_Control, tag="hot_remove", frozen=True):
+    """Take `bytes` back from the guest offline (DM hot-remove); none: all hot-added memory."""
+
+    bytes: Annotated[int, Meta(ge=0)] | None = None
+
+
+ControlRequest = ControlStatus | ControlTarget | ControlHotRemove
 
 
 class ControlReply(Struct, frozen=True, omit_defaults=True):

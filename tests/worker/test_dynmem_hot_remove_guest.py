@@ -7,7 +7,10 @@ logged and counted, and it and its neighbours keep running."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +204,53 @@ def test_a_guest_naming_memory_it_was_not_asked_for_is_refused_and_everyone_goes
             neighbour.vm.hot_remove_memory()  # no hot-added memory there
     finally:
         neighbour.close()
+
+
+def test_pyhv_memory_hot_remove_through_the_control_socket(tmp_path: Path) -> None:
+    sock = str(tmp_path / "vm.sock")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pyhv.cli", "run", "--process", "--image", str(image_path()),
+         "--dynamic-memory", "--startup", "256M", "--minimum", "128M", "--maximum", "512M",
+         "--control", sock],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+    def memory(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "pyhv.cli", "memory", "--control", sock, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    try:
+        assert wait_for(lambda: Path(sock).exists(), 30, "Path(sock).exists()")
+        assert wait_for(
+            lambda: "hot-remove: on" in memory().stdout, 30, '"hot-remove: on" in memory()'
+        )
+        assert memory("--target", "512M").returncode == 0
+        assert wait_for(
+            lambda: "visible: 512M" in memory().stdout, 60, '"visible: 512M" in memory()'
+        )
+        out = memory("--hot-remove", "64M")
+        assert out.returncode == 0 and out.stdout.startswith("hot-remove: 64M asked"), out
+        assert wait_for(
+            lambda: "visible: 448M" in memory().stdout, 60, '"visible: 448M" in memory()'
+        )
+        assert "hot-remove: on, 64M offline" in memory().stdout  # holes in the mapped region
+        out = memory("--hot-remove")  # the rest of the hot-added memory
+        assert out.returncode == 0 and "hot-remove: 192M asked" in out.stdout, out
+        assert wait_for(
+            lambda: "visible: 256M" in memory().stdout, 60, '"visible: 256M" in memory()'
+        )
+        refused = memory("--hot-remove")  # nothing hot-added is left above the minimum's rules
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        assert "hot-remove" in refused.stderr
+        bad = memory("--hot-remove", "lots")
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    finally:
+        assert run.stdin is not None
+        run.stdin.write(b"\x01x")  # Ctrl-A x: the console stops the VM
+        run.stdin.close()
+        try:
+            run.wait(30)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, run.stderr.read() if run.stderr else ""

@@ -456,9 +456,18 @@ class MemoryManager:
             return batch.pages
 
     def _take_offline(self, p: Partition, batch: RangeSet) -> None:
+        # a hot-added region that goes whole is unmapped: closing its memfd frees the memory,
+        # a hole punched first would only double the work
+        whole = set()
+        if p.unmap_region is not None:
+            for reg in p.regions[p.startup_regions :]:
+                first, n = reg.gpa // PAGE_SIZE, reg.size // PAGE_SIZE
+                if _overlap(p.removed, first, n) + _overlap(batch, first, n) == n:
+                    whole.add(id(reg))
         for run in batch:
             for reg, first, n in p._split(run):
-                punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
+                if id(reg) not in whole:
+                    punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
                 p.removed.add(reg.gpa // PAGE_SIZE + first, n)
                 if reg is not p.smart_paging:  # the file's pages were never the pool's
                     self.free_pages += n

@@ -7,8 +7,6 @@ logged and counted, and it and its neighbours keep running."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from pyhv.counters.worker import WorkerCounters
 from pyhv.guest_image import image_path
 from pyhv.worker.dynmem import DynamicMemoryError
 from pyhv.worker.hostmem import resident_bytes
+from tests.support.control_vm import control_vm
 from tests.support.dm_guest import DmGuest
 from tests.support.wait import wait_for
 
@@ -208,19 +207,10 @@ def test_a_guest_naming_memory_it_was_not_asked_for_is_refused_and_everyone_goes
 
 def test_pyhv_memory_hot_remove_through_the_control_socket(tmp_path: Path) -> None:
     sock = str(tmp_path / "vm.sock")
-    run = subprocess.Popen(
-        [sys.executable, "-m", "pyhv.cli", "run", "--process", "--image", str(image_path()),
-         "--dynamic-memory", "--startup", "256M", "--minimum", "128M", "--maximum", "512M",
-         "--control", sock],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-
-    def memory(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "pyhv.cli", "memory", "--control", sock, *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-
-    try:
-        assert wait_for(lambda: Path(sock).exists(), 30, "Path(sock).exists()")
+    with control_vm(
+        sock, "--image", str(image_path()), "--dynamic-memory",
+        "--startup", "256M", "--minimum", "128M", "--maximum", "512M",
+    ) as memory:  # fmt: skip
         assert wait_for(
             lambda: "hot-remove: on" in memory().stdout, 30, '"hot-remove: on" in memory()'
         )
@@ -244,13 +234,3 @@ def test_pyhv_memory_hot_remove_through_the_control_socket(tmp_path: Path) -> No
         assert "hot-remove" in refused.stderr
         bad = memory("--hot-remove", "lots")
         assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    finally:
-        assert run.stdin is not None
-        run.stdin.write(b"\x01x")  # Ctrl-A x: the console stops the VM
-        run.stdin.close()
-        try:
-            run.wait(30)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            run.wait()
-    assert run.returncode == 0, run.stderr.read() if run.stderr else ""

@@ -6,56 +6,23 @@ took. The removed ranges travel in the saved layout."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 
 from pyhv.memory.manager import (
     PAGE_SIZE,
     MemfdRegion,
-    MemoryManager,
     MemoryManagerError,
     MemoryState,
 )
 from pyhv.memory.ranges import PageRange
+from tests.support.memory_host import Host
 
 pytestmark = pytest.mark.unit
 
 MiB = 1 << 20
 RAM_PAGES = 64 * MiB // PAGE_SIZE
 BLOCK = 512  # pages in 2 MiB
-
-
-class Host:
-    """A memory manager (256 MiB budget) with one partition of 64 MiB startup RAM at GPA 0."""
-
-    def __init__(self) -> None:
-        self.made: list[MemfdRegion] = []
-        self.unmapped: list[MemfdRegion] = []
-        self.mm = MemoryManager(256 * MiB)
-        self.part = self.mm.add_partition(
-            "vm", [self._map(0, 64 * MiB)], self._map, self.unmapped.append
-        )
-
-    def _map(self, gpa: int, size: int) -> MemfdRegion:
-        r = MemfdRegion(gpa, size)
-        self.made.append(r)
-        return r
-
-    def balanced(self) -> bool:
-        return self.mm.free_pages + self.part.assigned_pages == self.mm.budget_pages
-
-    def close(self) -> None:
-        for r in self.made:
-            r.close()
-
-
-@pytest.fixture
-def hosts() -> Iterator[list[Host]]:
-    made: list[Host] = []
-    yield made
-    for h in made:
-        h.close()
 
 
 def _touch(r: MemfdRegion) -> None:
@@ -69,7 +36,7 @@ def _used(r: MemfdRegion) -> int:
 
 
 def test_a_region_removed_whole_is_unmapped_and_its_pages_go_back_to_the_pool(hosts) -> None:
-    h = Host()
+    h = Host(256 * MiB)
     hosts.append(h)
     region = h.mm.hot_add("vm", 32 * MiB // PAGE_SIZE, align_pages=BLOCK)
     _touch(region)  # type: ignore[arg-type]
@@ -88,7 +55,7 @@ def test_a_region_removed_whole_is_unmapped_and_its_pages_go_back_to_the_pool(ho
 
 
 def test_boot_ram_pages_removed_leave_holes_and_visible_memory(hosts) -> None:
-    h = Host()
+    h = Host(256 * MiB)
     hosts.append(h)
     boot = h.part.regions[0]
     _touch(boot)  # type: ignore[arg-type]
@@ -110,7 +77,7 @@ def test_boot_ram_pages_removed_leave_holes_and_visible_memory(hosts) -> None:
 def test_pages_that_are_not_the_guests_to_give_are_refused_and_nothing_changes(
     hosts, ranges: list[PageRange], error: str
 ) -> None:
-    h = Host()
+    h = Host(256 * MiB)
     hosts.append(h)
     h.mm.hot_remove("vm", [PageRange(BLOCK, BLOCK)])
     h.mm.release("vm", [PageRange(4 * BLOCK, BLOCK)])
@@ -126,7 +93,7 @@ def test_pages_that_are_not_the_guests_to_give_are_refused_and_nothing_changes(
 
 
 def test_a_hot_add_accepted_in_part_counts_only_what_the_guest_took(hosts) -> None:
-    h = Host()
+    h = Host(256 * MiB)
     hosts.append(h)
     pool = h.mm.free_pages
     region = h.mm.hot_add("vm", 16 * BLOCK, align_pages=BLOCK)
@@ -142,7 +109,7 @@ def test_a_hot_add_accepted_in_part_counts_only_what_the_guest_took(hosts) -> No
 
 
 def test_the_removed_ranges_travel_with_the_layout(hosts) -> None:
-    src, dst = Host(), Host()
+    src, dst = Host(256 * MiB), Host(256 * MiB)
     hosts += [src, dst]
     region = src.mm.hot_add("vm", 16 * BLOCK, align_pages=BLOCK)
     src.mm.hot_remove("vm", [PageRange(region.gpa // PAGE_SIZE + 8 * BLOCK, 8 * BLOCK)])
@@ -170,7 +137,7 @@ def test_the_removed_ranges_travel_with_the_layout(hosts) -> None:
 def test_a_layout_with_bad_removed_ranges_is_refused_and_nothing_changes(
     hosts, removed: list[list[int]], error: str
 ) -> None:
-    src, dst = Host(), Host()
+    src, dst = Host(256 * MiB), Host(256 * MiB)
     hosts += [src, dst]
     src.mm.release("vm", [PageRange(3 * BLOCK, BLOCK)])
     wire = {**src.mm.save("vm").to_wire(), "removed": removed}

@@ -463,7 +463,7 @@ static void hot_remove_request(const struct dm_hot_remove *m)
 }
 
 /* The ranges a hostile guest adds (`dm badremove`): memory beyond RAM, a range named twice, a
- * ballooned block, and more pages than asked. */
+ * ballooned block, more pages than asked, and the 2 MiB block holding our channel's ring. */
 static u32 hot_remove_lies(struct dm_hot_remove_response *m, u32 n)
 {
     u32 k = n;
@@ -475,6 +475,7 @@ static u32 hot_remove_lies(struct dm_hot_remove_response *m, u32 n)
     if (dm.ballooned && pmm_first_ballooned_block(&ballooned) == 0)
         range[k++] = ballooned;
     range[k++] = (4096UL) | ((dm.hr_asked + 512) << 40); /* boot RAM, more than ever asked */
+    range[k++] = ((dm.ch->ring_gpa / PAGE_SIZE) & ~511UL) | (512UL << 40); /* the host's ring */
     dm.hr_hostile = 0;
     printf("dm: hot-remove response with %u ranges the host must refuse\n", k - n);
     return k;
@@ -510,7 +511,7 @@ static void hot_remove_step(void)
     int done = !dm.hr_left || n < HR_RANGES;
     if (done)
         dm.hr_active = 0;
-    if (done && dm.hr_hostile && n + 4 <= HR_RANGES)
+    if (done && dm.hr_hostile && n + 5 <= HR_RANGES)
         n = hot_remove_lies(m, n);
     header(&m->hdr, DM_MEM_HOT_REMOVE_RESPONSE, (u16)(24 + 8 * n));
     m->result = 1;

@@ -182,6 +182,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         on_hinted: Callable[[list[PageRange]], int] | None = None,
         on_hot_removed: Callable[[list[PageRange]], object] | None = None,
         on_hot_remove_done: Callable[[int], object] = _noop,
+        host_pages: Callable[[], Iterable[PageRange]] = tuple,
         reclaim: Callable[[list[PageRange]], object] = _no_host_memory,
         map_hot_add: Callable[[int, int], PageRange] = _no_host_memory,
         on_goal_done: Callable[[str | None], object] = _noop,
@@ -215,6 +216,9 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self._hr_asked = self._hr_got = 0
         self._hr_named = RangeSet()
         self._hr_large = False
+        #: Guest pages the host itself uses (the VMBus rings): never the guest's to give back.
+        self._host_pages = host_pages
+        self._hr_busy = RangeSet()
         self._trans_id = 0
         self._balloon_asked = 0
         self._balloon_got = 0
@@ -396,6 +400,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
                 f"{self.state.name}): its {len(msg.ranges)} ranges are ignored"
             )
         good: list[PageRange] = []
+        self._hr_busy = RangeSet(self._host_pages()) if msg.ranges else RangeSet()
         for r in msg.ranges:
             why = self._bad_hot_remove_range(r)
             if why:
@@ -437,6 +442,8 @@ class DynamicMemoryVsp(Vsp[DmState]):
             return "ballooned: the host holds those pages already"
         if not self.ram.contains(*r):
             return "not RAM of this partition (outside it, or removed already)"
+        if self._hr_busy.overlaps(*r):
+            return "pages the host uses (a VMBus ring): the guest cannot give them"
         if self._hr_got + r.count > self._hr_asked:
             return f"more than the {self._hr_asked} pages asked"
         return ""

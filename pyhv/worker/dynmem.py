@@ -178,6 +178,7 @@ class DynamicMemoryService:
             on_hinted=self._hinted,
             on_hot_removed=self._hot_removed,
             on_hot_remove_done=self._hot_remove_done,
+            host_pages=self._ring_pages,
             reclaim=self._reclaim,
             map_hot_add=self._map_hot_add,
             on_goal_done=self._goal_done,
@@ -536,6 +537,15 @@ class DynamicMemoryService:
             log.error("%s: taking back hot-removed pages failed: %s", self.name, e)
             return
         self.counters["hot_removed_pages"] += n
+
+    def _ring_pages(self) -> list[PageRange]:
+        """The guest pages the host reads and writes: the open channels' ring areas."""
+        out = []
+        for offer in self.controller.offers:
+            ch = offer.channel
+            if ch is not None and ch.ring_gpa is not None:
+                out.append(PageRange(ch.ring_gpa // PAGE_SIZE, ch.ring_pages))
+        return out
 
     def _hot_remove_done(self, pages: int) -> None:
         self._transaction_done()

@@ -23,7 +23,7 @@ class Host:
     """A VSP over 256 MiB of boot RAM and a hot-added region, its messages and callbacks
     recorded; `owner=False` builds it without a memory owner (hot-remove not offered)."""
 
-    def __init__(self, owner: bool = True) -> None:
+    def __init__(self, owner: bool = True, rings: tuple[PageRange, ...] = ()) -> None:
         self.sent: list[p.Message] = []
         self.removed: list[PageRange] = []
         self.done: list[int] = []
@@ -33,6 +33,7 @@ class Host:
             assigned_pages=lambda: 0,
             on_hot_removed=self.removed.extend if owner else None,
             on_hot_remove_done=self.done.append,
+            host_pages=lambda: rings,
         )
 
     def guest(self, mtype: T, body: object, **kw: object) -> None:
@@ -115,6 +116,15 @@ def test_each_bad_range_is_refused_logged_and_counted_and_the_good_ones_taken(
     ]
     assert h.vsp.state is DmState.IDLE and not h.vsp.stopped
     assert h.vsp.ram.pages == BOOT.count + ADDED.count - 512
+
+
+def test_pages_the_host_uses_for_a_ring_are_refused() -> None:
+    h = Host(rings=(PageRange(0x1100, 6),))
+    h.connect()
+    h.vsp.hot_remove(1024)
+    h.respond(PageRange(0x1000, 512), PageRange(0x1400, 512))
+    assert h.removed == [PageRange(0x1400, 512)]
+    assert h.vsp.counters["hot_remove_bad_ranges"] == 1 and h.vsp.ram.contains(0x1000, 512)
 
 
 def test_a_range_named_twice_or_removed_already_or_ballooned_is_refused() -> None:

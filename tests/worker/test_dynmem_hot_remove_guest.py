@@ -178,21 +178,28 @@ def test_a_guest_naming_memory_it_was_not_asked_for_is_refused_and_everyone_goes
         st = _agree(guest)  # the good ranges were taken, nothing else
         assert st["counters"]["hot_removed_pages"] == 64 * PAGES_PER_MIB
         vsp = guest.dm.vsp.counters
-        assert vsp["hot_remove_bad_ranges"] >= 4  # beyond RAM, twice, ballooned, too many
-        assert st["bad_ranges"] >= 4 and st["state"] == "IDLE"
+        # beyond RAM, twice, ballooned, too many, the ring
+        assert vsp["hot_remove_bad_ranges"] >= 5
+        assert st["bad_ranges"] >= 5 and st["state"] == "IDLE"
         # the VMMS's Perfmon counters, from the status the worker pushed
         assert wait_for(
-            lambda: guest.reports and guest.reports[-1].vsp.hot_remove_refused >= 5,
+            lambda: guest.reports and guest.reports[-1].vsp.hot_remove_refused >= 6,
             10,
             "a pushed status counting the refusals",
         )
         registry = CounterRegistry()
         WorkerCounters(registry).record("vm", guest.reports[-1])
         snap = registry.snapshot()
-        assert snap["\\Hyper-V Dynamic Memory VSP(vm)\\Hot-Remove Refusals"] >= 5
+        assert snap["\\Hyper-V Dynamic Memory VSP(vm)\\Hot-Remove Refusals"] >= 6
         assert snap["\\Hyper-V Dynamic Memory VSP(vm)\\Hot-Removed Pages"] == 64 * PAGES_PER_MIB
         text = " ".join(r.getMessage() for r in caplog.records)
-        for why in ("no hot-remove request outstanding", "named twice", "not RAM", "ballooned"):
+        for why in (
+            "no hot-remove request outstanding",
+            "named twice",
+            "not RAM",
+            "ballooned",
+            "a VMBus ring",
+        ):
             assert why in text, why
         # the guest and its neighbour keep running
         guest.use(32)

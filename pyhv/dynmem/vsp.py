@@ -2,9 +2,11 @@
 
 VERSION -> CAPS -> IDLE; from IDLE one transaction at a time: BALLOON_WAIT (the guest answers a
 balloon request with one or more responses of page ranges), UNBALLOON_WAIT (one or more requests
-with ranges, one response), HOT_ADD_WAIT. Status reports arrive in any state after CAPS. Every
-value from the guest is checked; a wrong message is refused, logged and counted and the VSP goes
-on; a guest that sends nothing but wrong messages gets its channel stopped.
+with ranges, one response), HOT_ADD_WAIT, HOT_REMOVE_WAIT (protocol 2.0: the guest names the
+ranges it took offline, over one or more responses; docs/dynamic-memory.md). Status reports
+arrive in any state after CAPS. Every value from the guest is checked; a wrong message is
+refused, logged and counted and the VSP goes on; a guest that sends nothing but wrong messages
+gets its channel stopped.
 
 The *goal* is part of the state machine, as QEMU's hv-balloon handles its target: `set_goal(n)`
 records the pages the VM should be assigned, and whenever the VSP is IDLE with a goal it takes

@@ -59,6 +59,7 @@ from pyhv.vmbus.controller import (
     VmbusController,
 )
 from pyhv.vmbus.ring import RingCorrupt
+from pyhv.vmbus.vsp import VspError
 
 if TYPE_CHECKING:
     from pyhv.hypervisor import Partition
@@ -583,7 +584,11 @@ class DynamicMemoryService:
                     f"hot-remove of {asked} pages: VM {self.name!r} has {room} pages above its "
                     "minimum and nothing asked to remove; lower the minimum or ask for pages"
                 )
-            vsp.hot_remove(n)
+            try:
+                vsp.hot_remove(n)
+            except VspError as e:  # the channel went away meanwhile
+                self.counters["refused_requests"] += 1
+                raise DynamicMemoryError(f"hot-remove: {e}") from None
         log.info("%s: hot-remove of %d pages asked", self.name, n)
         return {"asked_pages": asked, "requested_pages": n, "visible_pages": part.visible_pages}
 

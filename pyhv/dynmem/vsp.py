@@ -154,7 +154,18 @@ class DmVspState:
     @classmethod
     def from_wire(cls, d: object) -> DmVspState:
         """The shape (types, declared by the fields); restore() checks the values."""
-        return wire.from_wire(cls, d, "DM VSP state")
+        st = wire.from_wire(cls, d, "DM VSP state")
+        check_state_version(st.version)
+        return st
+
+
+def check_state_version(version: int) -> None:
+    """ValueError unless `version` is the DmVspState version this pyhv writes."""
+    if version != VSP_STATE_VERSION:
+        raise ValueError(
+            f"DM VSP state version {version!r} is not {VSP_STATE_VERSION}: the hosts run "
+            "different pyhv releases"
+        )
 
 
 class DynamicMemoryVsp(Vsp[DmState]):
@@ -597,11 +608,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
 
     def check(self, st: DmVspState) -> None:
         """Whether `st` can be restored into this VSP; ValueError naming the value if not."""
-        if st.version != VSP_STATE_VERSION:
-            raise ValueError(
-                f"DM VSP state version {st.version!r} is not {VSP_STATE_VERSION}: the hosts run "
-                "different pyhv releases"
-            )
+        check_state_version(st.version)
         state = DmState.__members__.get(st.state)
         if state is None or state.waiting:
             raise ValueError(

@@ -46,6 +46,7 @@ from pyhv.dynmem.vsp import (
     DmState,
     DmVspState,
     DynamicMemoryVsp,
+    check_state_version,
 )
 from pyhv.hypervisor.intercepts import InterceptKind
 from pyhv.memory.manager import PAGE_SIZE, MemoryManager, MemoryManagerError, MemoryState
@@ -97,6 +98,7 @@ class DynamicMemoryState:
     def from_wire(cls, d: object) -> DynamicMemoryState:
         """The shape (types, declared by the fields); the parts' restore() check the values."""
         st = wire.from_wire(cls, d, "Dynamic Memory state")
+        check_state_version(st.vsp.version)  # the VSP's part, checked as it is read
         if any(v < 0 for v in st.counters.values()):
             raise ValueError(f"Dynamic Memory counters {dict(st.counters)!r} are not counts")
         return st

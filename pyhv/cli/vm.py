@@ -167,6 +167,12 @@ def register(sub: Any) -> None:
         help="a page file's disk on VMBus the guest pages to (e.g. 256M; needs --dynamic)",
     )
     c.add_argument(
+        "--huge-pages",
+        action="store_true",
+        default=None,
+        help="guest RAM in 2 MiB pages (freed memory leaves the host faster)",
+    )
+    c.add_argument(
         "--image",
         "--kernel",
         dest="image",
@@ -268,7 +274,15 @@ def create(a: argparse.Namespace) -> int:
     body = {
         "name": a.name,
         **_given(
-            a, "memory", "vps", "dynamic_memory", *_DM_KEYS, "cmdline", "image", "page_file_size"
+            a,
+            "memory",
+            "vps",
+            "dynamic_memory",
+            *_DM_KEYS,
+            "cmdline",
+            "image",
+            "page_file_size",
+            "huge_pages",
         ),
     }
     if a.cluster:

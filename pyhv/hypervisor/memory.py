@@ -83,6 +83,9 @@ class GpaSpace:
         #: fetches missing pages first (a thread holding the GIL cannot wait on a userfault).
         self.before_access: Callable[[int, int], None] | None = None
         self._starts: list[int] = []
+        #: Makes the file behind a new region, (name, size) -> fd; None: a memfd. Guest RAM in
+        #: 2 MiB pages sets it (pyhv.memory.hugeram).
+        self.new_ram_file: Callable[[str, int], int] | None = None
 
     @property
     def regions(self) -> list[MemoryRegion]:
@@ -121,7 +124,12 @@ class GpaSpace:
             if slot is None:
                 raise GpaError(f"all {self._max_slots} memory slots are in use")
             owns = memfd is None
-            fd = os.memfd_create(name, os.MFD_CLOEXEC) if memfd is None else memfd
+            if memfd is not None:
+                fd = memfd
+            elif self.new_ram_file is not None:
+                fd = self.new_ram_file(name, size)
+            else:
+                fd = os.memfd_create(name, os.MFD_CLOEXEC)
             try:
                 if owns:
                     os.ftruncate(fd, size)

@@ -110,6 +110,7 @@ class VmSettings(Struct):
     image: str | None
     cmdline: str
     page_file_size: int = 0
+    huge_pages: bool = False
 
 
 class VmMemory(Struct):

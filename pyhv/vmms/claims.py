@@ -6,7 +6,8 @@ pushes). Two kernel figures stand against its claim:
 
 - the blocks of its memfds (``st_blocks`` of each ``/memfd:...`` the worker holds open, read
   through ``/proc/PID/fd``): the host pages behind the guest's RAM, exactly (every memfd counts:
-  the names are the worker's to choose);
+  the names are the worker's to choose); with ``huge_pages``, the unnamed files on its private
+  tmpfs (pyhv.memory.hugeram), which /proc shows as ``/#INODE (deleted)``;
 - its memory cgroup's usage (everything charged to it), bounded by the limit.
 
 The limit follows the assigned memory: raised *before* a target above the current assignment is
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 #: How /proc shows a memfd (then its name, chosen by the worker).
 MEMFD = "/memfd:"
+#: How /proc shows an unnamed file (O_TMPFILE) at the root of a mount no path leads to: the
+#: guest RAM of a huge_pages VM.
+TMPFILE = re.compile(r"/#\d+ \(deleted\)")
 
 #: Pages the kernel may hold beyond a worker's claim before the claim is called wrong (a status
 #: and the punch or the touch it reports are not one instant).
@@ -45,7 +50,8 @@ def memfd_pages(pid: int) -> int:
     total = 0
     for fd in os.listdir(base):
         try:
-            if not os.readlink(f"{base}/{fd}").startswith(MEMFD):
+            link = os.readlink(f"{base}/{fd}")
+            if not link.startswith(MEMFD) and not TMPFILE.fullmatch(link):
                 continue
             st = os.stat(f"{base}/{fd}")
         except OSError:

@@ -55,6 +55,8 @@ FIELDS: dict[str, str] = {
     "cmdline": "guest kernel command line",
     "page_file_size": "the page file's disk on VMBus (synthetic storage) the guest pages to: "
     "bytes or a size such as 256M (whole MiB, at most 16G; 0: none; needs Dynamic Memory)",
+    "huge_pages": "guest RAM in 2 MiB pages on a private tmpfs (true): memory the guest frees "
+    "leaves the host ~30 times faster; the host backs RAM in 2 MiB steps (default false)",
 }
 
 #: What may change while the VM runs (Hyper-V: the Dynamic Memory knobs, within the rules).
@@ -72,6 +74,7 @@ Memory = Annotated[int | str, Meta(description=FIELDS["memory"], examples=["512M
 Minimum = Annotated[int | str, Meta(description=FIELDS["minimum"], examples=["256M"])]
 Maximum = Annotated[int | str, Meta(description=FIELDS["maximum"], examples=["2G"])]
 PageFileSize = Annotated[int | str, Meta(description=FIELDS["page_file_size"], examples=["256M"])]
+HugePages = Annotated[bool, Meta(description=FIELDS["huge_pages"])]
 
 
 class SettingsChange(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -88,6 +91,7 @@ class SettingsChange(Struct, forbid_unknown_fields=True, omit_defaults=True):
     image: Image | None | UnsetType = UNSET
     cmdline: Cmdline | UnsetType = UNSET
     page_file_size: PageFileSize | UnsetType = UNSET
+    huge_pages: HugePages | UnsetType = UNSET
 
 
 class Settings(SettingsChange, kw_only=True):
@@ -122,6 +126,7 @@ class VmSettings:
     image: str | None = None
     cmdline: str = ""
     page_file_size: int = 0
+    huge_pages: bool = False
 
     def memory_settings(self) -> MemorySettings:
         """The balancer's view (pages); raises SettingsError for values it refuses."""
@@ -149,6 +154,7 @@ class VmSettings:
             maximum=self.maximum if dynamic else None,
             page_file_size=self.page_file_size,
             page_file=page_file if self.page_file_size else "",
+            huge_pages=self.huge_pages,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -536,7 +536,20 @@ class Vmms:
             raise OSError(str(e)) from None
         cgroup = self.jails.cgroup(config.name, config.memory)
         worker.jail, worker.cgroup = jail, cgroup  # type: ignore[attr-defined]
+        if config.huge_pages:
+            self._huge_ram(worker, jail)
         return cgroup
+
+    @staticmethod
+    def _huge_ram(worker: Worker, jail: Any) -> None:
+        """Mount the private tmpfs of a `huge_pages` VM for its jailed worker (which cannot),
+        owned by the worker's uid; the worker inherits its fd (pyhv.memory.hugeram)."""
+        from pyhv.memory.hugeram import HUGE_PAGE, HugeRam
+        from pyhv.worker.config import MAX_MEMORY
+
+        worker.huge_ram = HugeRam(  # type: ignore[attr-defined]
+            MAX_MEMORY + HUGE_PAGE, owner=(jail.uid, jail.gid)
+        )
 
     # --- workers that outlive the service (pyhv.vmms.adoption) ------------------------------
 
@@ -863,6 +876,8 @@ class Vmms:
         cgroup = self.jails.cgroup(s.name, memory)
         worker.jail, worker.cgroup = jail, cgroup  # type: ignore[attr-defined]
         worker.max_file_bytes = max(memory, s.maximum, s.page_file_size)  # type: ignore[attr-defined]
+        if s.huge_pages:
+            self._huge_ram(worker, jail)
         vm.memory = WorkerMemory(s.name, None, cgroup, self.jails.policy.overhead_bytes)
 
     def adoptable_incoming(self, vm: VmEntry, worker: Worker, migration: str) -> None:

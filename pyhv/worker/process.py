@@ -23,6 +23,7 @@ from pyhv.worker.outcome import STOPPED, WORKER_ERROR, VmEnd
 
 if TYPE_CHECKING:
     from pyhv.dynmem.status import MemoryStatus
+    from pyhv.memory.hugeram import HugeRam
     from pyhv.vmms.cgroup import MemoryCgroup
     from pyhv.worker.jail import Jail
 
@@ -83,6 +84,10 @@ class WorkerProcess:
         #: The Smart Paging file (fd, bytes it backs) the worker inherits (the VMMS opens it,
         #: and closes its copy once the worker has started: pyhv.vmms.smartpaging).
         self.smart_paging: tuple[int, int] | None = None
+        #: The private tmpfs for `huge_pages` RAM (pyhv.memory.hugeram), mounted by the owner
+        #: for a jailed worker, which cannot mount; the worker inherits its fd and the owner
+        #: closes it once the worker has started.
+        self.huge_ram: HugeRam | None = None
         #: (a listening Unix socket, the secret): the worker outlives its owner and a new one
         #: may adopt it there (pyhv.worker.adoption; the VMMS sets it). None: it stops its VM
         #: when this handle's socket closes, as `pyhv run --process` wants.
@@ -117,6 +122,9 @@ class WorkerProcess:
         fds += self.pass_fds
         if self.smart_paging is not None:
             fds.append(self.smart_paging[0])
+        if self.huge_ram is not None:
+            fds.append(self.huge_ram.mount_fd)
+            argv.append(f"--huge-ram-fd={self.huge_ram.mount_fd}")
         try:
             if self.jail is None:
                 self._proc = subprocess.Popen(
@@ -137,6 +145,8 @@ class WorkerProcess:
             raise
         finally:
             theirs.close()
+            if self.huge_ram is not None:
+                self.huge_ram.close()  # the worker holds the mount now
             if self.adoption is not None:
                 self.adoption[0].close()  # the worker holds it now
         self._sock = ours

@@ -68,9 +68,15 @@ class _SerialBatcher:
         self._thread.join(10)
 
 
-def serve(sock: socket.socket, listener: socket.socket | None = None) -> int:
+def serve(
+    sock: socket.socket,
+    listener: socket.socket | None = None,
+    confined: bool = False,
+    huge_ram_fd: int | None = None,
+) -> int:
     """Serve the owner on `sock`; with `listener` (and a secret in the first message), the VM
-    outlives its owner and a new one may adopt the worker (pyhv.worker.adoption)."""
+    outlives its owner and a new one may adopt the worker (pyhv.worker.adoption). With
+    `huge_ram_fd`, `huge_pages` RAM goes on that tmpfs (its owner mounted it)."""
     # The declared messages (and msgspec) only where they cross: not on `pyhv run`'s boot path.
     from pyhv.worker import messages as m
     from pyhv.worker.adoption import END_LINGER_S, Owner
@@ -124,9 +130,29 @@ def serve(sock: socket.socket, listener: socket.socket | None = None) -> int:
         ended(f"bad configuration: {e}")
         owner.close()
         return 2
+    huge_ram = None
+    if config.huge_pages and huge_ram_fd is not None:
+        from pyhv.memory.hugeram import HugeRam, HugeRamError
+
+        try:
+            huge_ram = HugeRam.from_fd(huge_ram_fd)
+        except (HugeRamError, OSError) as e:
+            ended(f"bad configuration: huge_pages: {e}")
+            owner.close()
+            return 2
+    elif confined and config.huge_pages:  # its seccomp list would kill it at fsopen
+        ended(
+            "bad configuration: huge_pages needs a private tmpfs mount, which a jailed worker "
+            "cannot make (no capabilities, no mount calls): its owner passes one, or run the VM "
+            "with 4 KiB pages"
+        )
+        owner.close()
+        return 2
 
     out = _SerialBatcher(owner.serial)
-    vm = VirtualMachine(config, output=out.add, on_memory_status=owner.memory_status)
+    vm = VirtualMachine(
+        config, output=out.add, on_memory_status=owner.memory_status, huge_ram=huge_ram
+    )
 
     # --- flight recorder (trace messages; see pyhv.worker.trace) ---
     from pyhv.worker.trace import TraceStream, kinds_from_wire
@@ -303,7 +329,8 @@ def main(argv: list[str]) -> int:
     # (pyhv.worker.jail) and confines itself before it serves (pyhv.worker.confine); BYTES
     # is the VM's largest memory (its memfds' size, which RLIMIT_FSIZE must allow).
     # --adopt-fd: a listening Unix socket new owners connect to (pyhv.worker.adoption).
-    options: dict[str, str | None] = {"--confine": None, "--adopt-fd": None}
+    # --huge-ram-fd: the private tmpfs its owner mounted for huge_pages RAM (pyhv.memory.hugeram).
+    options: dict[str, str | None] = {"--confine": None, "--adopt-fd": None, "--huge-ram-fd": None}
     while len(argv) > 2 and argv[-1].partition("=")[0] in options:
         key, _, value = argv[-1].partition("=")
         options[key], argv = value, argv[:-1]
@@ -315,7 +342,8 @@ def main(argv: list[str]) -> int:
         or not all(v is None or (v.isascii() and v.isdigit()) for v in options.values())
     ):
         print(
-            f"usage: python -m pyhv.worker --fd N [--confine=BYTES] [--adopt-fd=M] (got "
+            f"usage: python -m pyhv.worker --fd N [--confine=BYTES] [--adopt-fd=M] "
+            f"[--huge-ram-fd=K] (got "
             f"{' '.join(argv)!r}): N is a connected stream socket to the worker's owner; pyhv "
             "starts workers, not people",
             file=sys.stderr,
@@ -334,7 +362,13 @@ def main(argv: list[str]) -> int:
                 return 2
         if confine_bytes is not None:
             _confine(sock, int(confine_bytes))
-        return serve(sock, listener)
+        huge = options["--huge-ram-fd"]
+        return serve(
+            sock,
+            listener,
+            confined=confine_bytes is not None,
+            huge_ram_fd=None if huge is None else int(huge),
+        )
     finally:
         sock.close()
         if listener is not None:

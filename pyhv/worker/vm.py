@@ -31,6 +31,7 @@ from pyhv.worker.outcome import (
 if TYPE_CHECKING:
     from pyhv.dynmem.status import MemoryStatus
     from pyhv.hypervisor import Partition, VirtualProcessor, VpEvent
+    from pyhv.memory.hugeram import HugeRam
     from pyhv.memory.manager import MemoryManager
     from pyhv.memory.smartpaging import SmartPagingFile
     from pyhv.worker.dynmem import DynamicMemoryService
@@ -52,6 +53,7 @@ class VirtualMachine:
         on_memory_status: Callable[[MemoryStatus], object] | None = None,
         memory_manager: MemoryManager | None = None,
         smart_paging: SmartPagingFile | None = None,
+        huge_ram: HugeRam | None = None,
     ) -> None:
         self.config = config
         #: The Smart Paging file its owner passed (pyhv.worker.smartpaging), for start().
@@ -79,6 +81,9 @@ class VirtualMachine:
         #: only those of `trace_kinds` (None: all; see set_trace_kinds).
         self.recorder = Recorder(on_active=self._trace_sources)
         self.trace_kinds: frozenset[str] | None = None
+        #: The private tmpfs of `huge_pages` RAM: its owner's (a jailed worker's VMMS mounts it),
+        #: or mounted at start().
+        self._huge_ram = huge_ram
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -99,6 +104,15 @@ class VirtualMachine:
         p = Partition(name=cfg.name)
         self.partition = p
         try:
+            if cfg.huge_pages:
+                from pyhv.memory.hugeram import HUGE_PAGE, HugeRam
+                from pyhv.worker.config import MAX_MEMORY
+
+                # the largest RAM any VM may reach (its maximum may be raised while it runs):
+                # the memory manager, not the tmpfs, keeps the books
+                if self._huge_ram is None:
+                    self._huge_ram = HugeRam(MAX_MEMORY + HUGE_PAGE)
+                p.gpa_space.new_ram_file = self._huge_ram.new_file
             from pyhv.memory.smartpaging import SmartPagingRefused
             from pyhv.worker.smartpaging import map_ram
 
@@ -231,6 +245,8 @@ class VirtualMachine:
             _quietly(self.storage.close)
         if self.partition is not None:
             _quietly(self.partition.close)
+        if self._huge_ram is not None:
+            self._huge_ram.close()
         self.serial.close()
 
     def host_resident_bytes(self) -> int:

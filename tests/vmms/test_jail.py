@@ -233,6 +233,16 @@ def _touched_all(tasks: bytes, mib: int = 480) -> bool:
     return m is not None and int(m[1]) == mib and int(m[2]) >= mib * 256
 
 
+def _use(host: VmmsCli, name: str, mib: int) -> None:
+    """The guest's testlimit commits `mib` MiB and writes all of it (bounded wait)."""
+    host.console_until(name, f"testlimit -m {mib}", b"pyhv> ")
+    _wait(
+        f"{mib} MiB allocated and touched",
+        lambda: _touched_all(host.console_until(name, "tasks", b"passes"), mib),
+        timeout=120,
+    )
+
+
 def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit_alone(
     jailed: tuple[VmmsCli, Path],
 ) -> None:
@@ -275,12 +285,7 @@ def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit
     # re-touched ballooned pages show in the kernel's total only once it passes the claim. So
     # the guest first uses its own memory (120 MiB more), as a busy guest would.
     before = host.show("bad")["enforcement"]["kernel_ram"] or 0
-    host.console_until("bad", "testlimit -m 120", b"pyhv> ")
-    _wait(
-        "120 MiB allocated and touched",
-        lambda: _touched_all(host.console_until("bad", "tasks", b"passes"), 120),
-        timeout=120,
-    )
+    _use(host, "bad", 120)
     _wait(
         "the kernel's figure taking the guest's used memory in",
         lambda: (host.show("bad")["enforcement"]["kernel_ram"] or 0) >= before + 32 * MIB,
@@ -323,11 +328,51 @@ def test_a_guest_rewriting_ballooned_pages_is_reported_then_stopped_at_its_limit
     assert b"visible: 128 MiB" in host.console_until("good", "mem", b"ballooned")
 
 
-def test_a_vm_migrated_in_runs_in_a_jail_at_the_destination(tmp_path: Path) -> None:
+def test_a_jailed_huge_pages_vm_gets_its_tmpfs_from_the_vmms_and_the_claims_count_it(
+    jailed: tuple[VmmsCli, Path],
+) -> None:
+    """The jailed worker cannot mount the private tmpfs of RAM in 2 MiB pages: the VMMS mounts
+    it (owned by the worker's uid) and the worker inherits its fd; the claims check and the
+    cgroup count those files' pages, and memory the guest frees leaves the host."""
+    host, _ = jailed
+    host.vm(
+        "create", "big", "--memory", "512M", "--dynamic", "--minimum", "256M", "--maximum",
+        "512M", "--huge-pages",
+    )  # fmt: skip
+    host.vm("start", "big")
+    host.wait_for_dm_report("big")
+    pid = host.show("big")["pid"]
+    assert _status(pid)["Seccomp"] == "2"
+    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    ram = [link for link in links if re.fullmatch(r"/#\d+ \(deleted\)", link)]
+    assert ram and not any(link.startswith("/memfd:") for link in links), links
+    _use(host, "big", 256)
+    _wait(
+        "the kernel's figure (the tmpfs files' blocks) taking the guest's memory in",
+        lambda: (host.show("big")["enforcement"]["kernel_ram"] or 0) >= 256 * MIB,
+        explain=lambda: host.show("big"),
+    )
+    usage = int((_cgroup_dir(pid) / "memory.usage_in_bytes").read_text())
+    assert usage >= 256 * MIB  # charged to the worker's cgroup, not the VMMS's
+    held = host.show("big")["enforcement"]["kernel_ram"]
+    host.console_until("big", "free", b"pyhv> ")
+    _wait(
+        "the freed memory off the host (hinted, discarded)",
+        lambda: host.show("big")["enforcement"]["kernel_ram"] <= held - 200 * MIB,
+        explain=lambda: host.show("big"),
+    )
+    assert host.show("big")["enforcement"]["claims_disagreements"] == 0
+    assert b"visible: 512 MiB" in host.console_until("big", "mem", b"ballooned")
+
+
+@pytest.mark.parametrize("huge_pages", [False, True], ids=["4k-memfd", "2m-huge-pages"])
+def test_a_vm_migrated_in_runs_in_a_jail_at_the_destination(
+    tmp_path: Path, huge_pages: bool
+) -> None:
     from tests.vmms.vmms_process import vmms_pair
 
     with vmms_pair(tmp_path) as (a, b):
-        a.vm("create", "mover", "--memory", "256M")
+        a.vm("create", "mover", "--memory", "256M", *(["--huge-pages"] if huge_pages else []))
         a.vm("start", "mover")
         a.vm("migrate", "mover", "--to", b.address, "--token-file", str(b.token_file))
         shown = b.client.request("GET", "/api/vms/mover")
@@ -338,3 +383,11 @@ def test_a_vm_migrated_in_runs_in_a_jail_at_the_destination(tmp_path: Path) -> N
         assert os.readlink(f"/proc/{shown['pid']}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
         assert shown["enforcement"]["cgroup_limit"] >= 256 * MIB + OVERHEAD
         assert "pyhv> " in b.shell("mover", "mem")
+        # its RAM in the destination VMMS's tmpfs for it, or in memfds
+        fds = f"/proc/{shown['pid']}/fd"
+        links = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)]
+        tmpfs = [link for link in links if re.fullmatch(r"/#\d+ \(deleted\)", link)]
+        assert bool(tmpfs) == huge_pages and any(link.startswith("/memfd:") for link in links) != (
+            huge_pages
+        ), links
+        assert b.client.request("GET", "/api/vms/mover")["settings"]["huge_pages"] is huge_pages

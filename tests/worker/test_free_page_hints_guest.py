@@ -48,9 +48,20 @@ def _touched(g: DmGuest, task: int, pages: int) -> bool:
     return m is not None and int(m.group(1)) >= pages
 
 
-def test_a_1_gib_guest_that_frees_768_mib_gives_it_back_to_the_host() -> None:
-    g = DmGuest(str(image_path()), startup="1G", minimum="512M", maximum="1G")
+def _in_huge_pages(g: DmGuest) -> bool:
+    """The RAM is in unnamed files on the VM's private tmpfs (pyhv.memory.hugeram), not memfds."""
+    assert g.vm.partition is not None
+    links = [os.readlink(f"/proc/self/fd/{r.memfd}") for r in g.vm.partition.regions]
+    return bool(links) and not any(link.startswith("/memfd:") for link in links)
+
+
+@pytest.mark.parametrize("huge_pages", [False, True], ids=["4k-memfd", "2m-huge-pages"])
+def test_a_1_gib_guest_that_frees_768_mib_gives_it_back_to_the_host(huge_pages: bool) -> None:
+    g = DmGuest(
+        str(image_path()), startup="1G", minimum="512M", maximum="1G", huge_pages=huge_pages
+    )
     try:
+        assert _in_huge_pages(g) == huge_pages
         assert wait_for(lambda: g.dm_counters()["free-page-hints"] == "on", 30, "hints on")
         g.use(64)  # task 0: pages the guest keeps
         assert wait_for(lambda: _touched(g, 0, 64 * 256), 60, "task 0 touched its 64 MiB")
@@ -86,11 +97,57 @@ def test_a_1_gib_guest_that_frees_768_mib_gives_it_back_to_the_host() -> None:
         assert _memfd_bytes(g) >= before - 16 * MiB
         assert len(_stamped_pages(g)) >= len(kept) + FREED_MIB * 256
         print(
-            f"hinted {FREED_MIB} MiB (measured on PVM): kill -> memory off the host "
+            f"hinted {FREED_MIB} MiB, huge_pages={huge_pages} (measured on PVM): kill -> memory off the host "
             f"{returned_s * 1000:.0f} ms (console included); guest's hint round trip "
             f"{c['hint-last-ms']} ms for {int(c['hint-last-pages']) // 256} MiB; host discard "
             f"{g.dm.counters['hint_discard_us'] / 1000:.1f} ms in all"
         )
+    finally:
+        g.close()
+
+
+def test_a_balloon_on_ram_in_2_mib_pages_gives_the_host_its_pages_back() -> None:
+    """The balloon's ranges need not be whole 2 MiB folios, mapped into KVM or not: the kernel
+    splits a folio and frees the pages named."""
+    g = DmGuest(str(image_path()), startup="512M", minimum="128M", maximum="512M", huge_pages=True)
+    try:
+        assert _in_huge_pages(g)
+        # hints answered with nothing discarded: the memory the guest frees stays backed, so
+        # the balloon's own release is what frees it here
+        g.dm.mm.discard = lambda _name, _ranges: 0
+        free = g.mem()["free"]
+        g.use(free - 16)
+        assert wait_for(lambda: _touched(g, 0, (free - 16) * 256), 120, "the guest's memory")
+        assert "released" in g.shell("kill")
+        before = _memfd_bytes(g)
+        assert before >= (512 - 48) * MiB
+        # 1 MiB: half of a backed 2 MiB folio, which the kernel splits to free it
+        g.target(511 * MiB)
+        ballooned = list(g.dm.vsp.ballooned)
+        assert sum(r.count for r in ballooned) == 256
+        assert any(r.start % 512 or r.count % 512 for r in ballooned), ballooned
+        assert before - _memfd_bytes(g) >= 1 * MiB - 16 * PAGE
+        g.target(256 * MiB)
+        st = g.vm.memory_status()
+        assert st["last_error"] is None and st["ballooned_pages"] == 256 * 256
+        assert before - _memfd_bytes(g) >= 250 * MiB
+        assert _memfd_bytes(g) <= 262 * MiB
+        assert "pmm: consistent" in g.shell("pmmcheck")
+    finally:
+        g.close()
+
+
+def test_a_vm_in_2_mib_pages_whose_maximum_is_raised_hot_adds_and_uses_the_new_memory() -> None:
+    g = DmGuest(str(image_path()), startup="256M", minimum="128M", maximum="256M", huge_pages=True)
+    try:
+        g.vm.set_memory_limits(128 * MiB, 640 * MiB)
+        g.target(640 * MiB)
+        assert g.mem()["hot-added"] == 384
+        assert _in_huge_pages(g)
+        g.use(480)  # reaches into the hot-added regions
+        assert wait_for(lambda: _touched(g, 0, 480 * 256), 120, "the hot-added memory used")
+        assert _memfd_bytes(g) >= 480 * MiB
+        assert "pmm: consistent" in g.shell("pmmcheck")
     finally:
         g.close()
 

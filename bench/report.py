@@ -372,7 +372,31 @@ def dynmem(d: dict[str, Any] | None, h: dict[str, Any] | None) -> list[str]:
     ]
     if d is not None and "hint" in d and "burst" in d:
         out += dynmem_hints_and_bursts(d["hint"], d["burst"], d.get("hint_huge_pages"))
+    if d is not None and d.get("hot_remove"):
+        out += dynmem_hot_remove(d["hot_remove"])
     return out
+
+
+def dynmem_hot_remove(hr: dict[str, Any]) -> list[str]:
+    """Hot-remove of a whole hot-added region (issue 14, item 3)."""
+    rows = []
+    for size, r in hr.items():
+        rows.append(
+            [
+                f"hot-remove of a {text(size)} region the guest touched and freed: request -> "
+                "last answer handled (region unmapped)",
+                spread(r["hot_remove_ms"], 1, " ms"),
+                spread(r["hot_remove_pages_per_s"], 0, " pages/s"),
+                spread(r["host_freed_MiB"], 0, " MiB"),
+            ]
+        )
+    out = [
+        "Hot-remove (DM protocol 2.0): the guest gives a whole hot-added region back, the "
+        "worker closes its memory slot and memfd.",
+        "",
+    ]
+    out += table(["operation", "time", "rate", "host memory freed"], rows)
+    return out + [""]
 
 
 def _hint_rows(hint: dict[str, Any], ram: str) -> list[list[str]]:

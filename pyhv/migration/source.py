@@ -809,11 +809,12 @@ class Source:
         return [r for r in p.regions if not r.readonly]
 
     def _skip_ranges(self) -> list[tuple[int, int]]:
-        """(gpa, pages) ranges not to send: the guest's balloon."""
+        """(gpa, pages) ranges not to send: the guest's balloon and the pages it hot-removed."""
         dm = self.vm.dynmem
         if dm is None:
             return []
-        return [(r.start * PAGE, r.count) for r in dm.save_memory().ballooned]
+        st = dm.save_memory()
+        return [(r.start * PAGE, r.count) for r in (*st.ballooned, *st.removed)]
 
     _pass_started = 0.0
 

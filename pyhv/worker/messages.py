@@ -120,12 +120,15 @@ class Stop(_Op, tag="stop", frozen=True):
     why: Text = "stopped by its owner"
 
 
-MemoryCallName = Literal["status", "target", "limits", "add", "remove", "end_smart_paging"]
+MemoryCallName = Literal[
+    "status", "target", "limits", "add", "remove", "end_smart_paging", "hot_remove"
+]
 
 
 class MemoryCall(_Op, tag="memory", frozen=True):
     """A Dynamic Memory request: ``status``; ``target`` (bytes); ``limits`` ([minimum, maximum]
-    bytes); ``add`` / ``remove`` (pages); ``end_smart_paging`` (no value). Answered by :class:`MemoryReply` with the same id."""
+    bytes); ``add`` / ``remove`` (pages); ``end_smart_paging`` (no value); ``hot_remove`` (pages, or
+    none: every hot-added page). Answered by :class:`MemoryReply` with the same id."""
 
     id: RequestId
     call: MemoryCallName
@@ -365,7 +368,13 @@ class ControlTarget(_Control, tag="target", frozen=True):
     bytes: Annotated[int, Meta(ge=0)]
 
 
-ControlRequest = ControlStatus | ControlTarget
+class ControlHotRemove(_Control, tag="hot_remove", frozen=True):
+    """Take `bytes` back from the guest offline (DM hot-remove); none: all hot-added memory."""
+
+    bytes: Annotated[int, Meta(ge=0)] | None = None
+
+
+ControlRequest = ControlStatus | ControlTarget | ControlHotRemove
 
 
 class ControlReply(Struct, frozen=True, omit_defaults=True):

@@ -296,6 +296,7 @@ def apply_changes(current: VmSettings, raw: Mapping[str, object], running: bool)
             raise VmSettingsError(
                 f"maximum can only go up while VM {current.name!r} runs (from "
                 f"{format_size(current.maximum)}, asked {format_size(new.maximum)}): stop the "
-                "VM to lower it"
+                "VM to lower it; to take memory back now, resize it (`pyhv vm memory NAME "
+                "--memory SIZE`: hot-remove)"
             )
     return new

@@ -33,7 +33,8 @@ class ResizeUnavailable(RuntimeError):
 
 def check_size(name: str, size: int, s: VmSettings, pool: HostPool) -> None:
     """Refuse, with the reason, a size the VM cannot have: not whole 2 MiB blocks, outside its
-    Dynamic Memory range, or more than the host's free memory can give."""
+    Dynamic Memory range, or more than the host's free memory can give (KeyError: the pool
+    does not hold the VM)."""
     if size % BLOCK:
         raise ResizeError(
             f"memory {format_size(size)} is not a multiple of 2M: Dynamic Memory adds and "
@@ -49,8 +50,9 @@ def check_size(name: str, size: int, s: VmSettings, pool: HostPool) -> None:
             f"memory {format_size(size)} is above VM {name!r}'s maximum {format_size(s.maximum)}:"
             " raise the maximum first (--maximum) or pick a smaller size"
         )
-    _, assigned, _ = pool.pages(name)
-    needed = size // PAGE_SIZE - assigned
+    visible, assigned, _ = pool.pages(name)
+    # A grow unballoons and hot-adds up to `size`; a shrink gives the balloon back first.
+    needed = max(size // PAGE_SIZE, visible) - assigned
     if needed > pool.free_pages:
         raise ResizeError(
             f"memory {format_size(size)} needs {format_size(needed * PAGE_SIZE)} more for VM "
@@ -63,6 +65,8 @@ def _settled(name: str, pool: HostPool, after: int, timeout: float) -> None:
     """Until the worker pushed a status newer than `after` statuses with nothing in progress."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if not pool.holds(name):
+            raise ResizeUnavailable(f"VM {name!r} ended during the resize")
         st = pool.latest(name)
         if pool.received(name) > after and st is not None and not st.busy:
             return
@@ -79,9 +83,9 @@ def resize(
     """Resize running VM `name` to `size` bytes of Guest Visible Physical Memory (checked by
     check_size). Returns the figures: asked, before, visible, added, removed, complete."""
     target = size // PAGE_SIZE
-    _settled(name, pool, pool.received(name) - 1, timeout)  # a balancer move in flight ends
-    before, _, ballooned = pool.pages(name)
     try:
+        _settled(name, pool, pool.received(name) - 1, timeout)  # a balancer move in flight ends
+        before, _, ballooned = pool.pages(name)
         if target > before:
             port.set_memory_target(size)
             _settled(name, pool, pool.received(name), timeout)
@@ -99,11 +103,13 @@ def resize(
                 _settled(name, pool, pool.received(name), timeout)
             hot_remove(before - target)
             _settled(name, pool, pool.received(name), timeout)
+        visible = pool.pages(name)[0]
+    except KeyError:  # the pool gave it back: the VM ended meanwhile
+        raise ResizeUnavailable(f"VM {name!r} ended during the resize") from None
     except RuntimeError as e:
         if isinstance(e, ResizeUnavailable):
             raise
         raise ResizeUnavailable(f"VM {name!r}: the worker refused the resize: {e}") from None
-    visible = pool.pages(name)[0]
     return {
         "name": name,
         "asked": size,

@@ -970,6 +970,7 @@ class Vmms:
         with self.balancer.paused(), self._lock:
             vm = self._get(name)
             self._refuse_while_migrating(vm, "migrate it")
+            self._refuse_while_resizing(name)
             if vm.worker is None or vm.state != RUNNING:
                 raise Conflict(f"VM {name!r} is {vm.state}: only a running VM can be migrated")
             if self.smart_paging.in_use(name):

@@ -68,12 +68,20 @@ def test_a_running_vm_grows_and_shrinks_and_says_what_its_guest_gave(tmp_path: P
             "the guest's 300 MiB resident on the host",
         )
         assert "released" in host.shell("dm", "kill", b"released")
+        # part of it ballooned: a shrink gives the balloon back first, then hot-removes
+        host.vm("memory", "dm", "--target", "384M")
+        wait_for(
+            lambda: host.show("dm")["memory"]["ballooned"] == 128 * MIB,
+            60,
+            "128M ballooned",
+        )
 
         # shrink: hot-remove of the difference; the region leaves the guest and the host
         out = host.vm("memory", "dm", "--memory", "256M")
         assert "512M -> 256M (removed 256M); startup memory 256M" in out, out
         shown = host.show("dm")
-        assert shown["memory"]["visible"] == 256 * MIB
+        assert shown["memory"]["visible"] == shown["memory"]["assigned"] == 256 * MIB, shown
+        assert shown["memory"]["ballooned"] == 0
         assert shown["settings"]["memory"] == 256 * MIB
         mem = _guest_mem(host)
         assert mem["visible"] == 256 and mem["hot-added"] == 0, mem

@@ -334,6 +334,12 @@ class Incoming:
         state: VmState | None = None  # the state, come ahead of the last pages
         while True:
             ftype, buf = self._frame(fs, p, written, first=True)
+            if state is not None and ftype not in _AFTER_STATE:
+                raise MigrationError(
+                    f"unexpected {ftype.name} frame after the state: only the last pages and "
+                    "PASS_END follow it",
+                    "state",
+                )
             if ftype in (Frame.PAGES, Frame.ZERO):
                 if self._final_frames >= 0:
                     self._final_frames += 1
@@ -613,6 +619,10 @@ _POPULATE_CHUNK = 4 << 20
 #: EXTENTS runs kept for populating, at most: a source cannot grow the list without bound (past
 #: it runs are left to the receiver's first touch, which backs them as well).
 MAX_POPULATE_RUNS = 1 << 16
+
+
+#: what may follow a STATE frame sent ahead of the last pages (after PREPARE)
+_AFTER_STATE = (Frame.PAGES, Frame.ZERO, Frame.PASS_END, Frame.STATE, Frame.ABORT)
 
 
 class _Populater:

@@ -540,13 +540,9 @@ class Source:
         fs.expect(Frame.PREPARED, frames.Empty, "prepare")
         t_pause, mark = self._pause_for_good(realtime=True)
         parts = self.progress.downtime_parts
-        # The last pages and PASS_END leave as one burst (the destination wakes once for them,
-        # not once per frame), before the state is saved: the destination takes them in while
-        # this side saves it, instead of after (STATE in the same burst: ~0.3 ms more, here).
-        _cork(fs, True)
         self._phase("final", paused=True)
         self.faults.at("final", fs)
-        pages = 0
+        final = None  # the last pages, when Dynamic Memory froze them with its state
         dm_state = None
         with ExitStack() as frozen:
             if dm is not None:
@@ -572,30 +568,37 @@ class Source:
                         if r.gpa <= gpa < r.end:
                             first = (gpa - r.gpa) // PAGE
                             m[first : first + n] = True
-                pages += self._send_final([(r, np.flatnonzero(m)) for r, m in masks])
-            else:  # dirty when the passes stopped, and since
-                pages += self._send_final(
-                    [(r, mem.union(before, mem.dirty_pages(r))) for r, before in left]
-                )
+                final = [(r, np.flatnonzero(m)) for r, m in masks]
+            # The state first, the last pages after it: the destination checks and restores
+            # the state while this side reads the dirty log and sends the pages (it runs the
+            # VM only once they are all in).
+            self._phase("state", paused=True)
+            self.faults.at("state", fs)
+            # Input typed from here on is held at the source and goes with COMMIT.
+            state = vm_state.save(vm, dm_state, hold_serial=True)
+            mark("state_save")
+            if not opt.two_phase_commit:
+                # The STATE frame and the last pages are the commit: the destination runs the
+                # VM once it has them, restored and checked (one hop, not three); a refusal
+                # comes back as ABORT.
+                self._phase("commit", paused=True)
+                self.faults.at("commit", fs)
+            fs.send(Frame.STATE, state.encode())
+            mark("state")
+            # The last pages and PASS_END leave as one burst (the destination wakes once for
+            # them, not once per frame).
+            _cork(fs, True)
+            if final is None:  # dirty when the passes stopped, and since
+                final = [(r, mem.union(before, mem.dirty_pages(r))) for r, before in left]
+            pages = self._send_final(final)
         self.progress.final_pages = pages
-        mark("last_pages")
         self.progress.passes += 1
-        # the data streams' final pass ended before the pause (_prepare)
+        # From here the destination may run the VM (it waits for this PASS_END, the data
+        # streams' final pass ended before the pause: _prepare); until here it cannot.
+        self._committing = not opt.two_phase_commit
         fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages, True))
-        _cork(fs, False)  # the destination takes the last pages in while the state is saved
-        self._phase("state", paused=True)
-        self.faults.at("state", fs)
-        # Input typed from here on is held at the source and goes with COMMIT.
-        state = vm_state.save(vm, dm_state, hold_serial=True)
-        mark("state_save")
-        if not opt.two_phase_commit:
-            # The STATE frame is the commit: the destination runs the VM once it restored and
-            # checked it (one hop, not three); a refusal comes back as ABORT.
-            self._phase("commit", paused=True)
-            self.faults.at("commit", fs)
-            self._committing = True
-        fs.send(Frame.STATE, state.encode())
-        mark("state")
+        _cork(fs, False)
+        mark("last_pages")
         self._boost.end()  # the rest (checksum, waiting) at the ordinary priority
         self.progress.realtime = self._boost.counts()
         if opt.verify:

@@ -21,8 +21,9 @@ linear digests in which a zero page counts 0, so the destination adds up what it
 it installed, page by page, in any order, and must reach the source's figure.
 
 A source that dies mid-post-copy loses the VM (its newest memory exists nowhere else): the
-destination stops it, saying so. A cut link pausing the VPs until the source reconnects is not
-built (docs/migration.md).
+destination stops it, saying so. A cut link does not (pyhv.migration.recovery): the faulting
+VPs wait, the source reconnects and resumes the migration, the destination tells it what it
+still lacks.
 """
 
 from __future__ import annotations
@@ -33,17 +34,24 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from pyhv.migration import frames
 from pyhv.migration import memory as mem
+from pyhv.migration.recovery import (
+    RECOVER_TIMEOUT,
+    ResumeListener,
+    link_options,
+    new_migration_id,
+    retry_until,
+)
 from pyhv.migration.stream import (
     Frame,
     FrameSocket,
     MigrationError,
-    PeerAborted,
     pack_zero_runs,
     unpack_zero_runs,
 )
@@ -120,11 +128,27 @@ class PostcopySource:
     """Serves one post-copy from the paused source VM (see the module docstring)."""
 
     def __init__(
-        self, fs: FrameSocket, regions: list[MemoryRegion], need: list[np.ndarray]
+        self,
+        fs: FrameSocket,
+        regions: list[MemoryRegion],
+        need: list[np.ndarray],
+        *,
+        reconnect: Callable[[], tuple[FrameSocket, list[tuple[int, int]], Any]] | None = None,
+        recover_timeout: float = RECOVER_TIMEOUT,
     ) -> None:
         self.fs = fs
         self.regions = regions
         self.need = [m.copy() for m in need]  # bits clear as pages go out
+        #: what the destination may ever lack (a MISSING run outside it is refused)
+        self.original = [m.copy() for m in need]
+        self.migration = new_migration_id()
+        #: one attempt at a new link after a cut (pyhv.migration.recovery.reconnect_source);
+        #: None: a cut link ends the migration
+        self.reconnect = reconnect
+        self.recover_timeout = recover_timeout
+        self.recoveries = 0
+        self.on_recovered: Callable[[], object] | None = None
+        self._committed = False
         self._urgent: collections.deque[tuple[int, int]] = collections.deque()
         self._wake = threading.Event()
         self.restored = threading.Event()
@@ -138,7 +162,7 @@ class PostcopySource:
     def announce(self) -> int:
         """POSTCOPY and the NEED runs (before STATE). Returns the pages needed."""
         fs = self.fs
-        fs.send_json(Frame.POSTCOPY, frames.Empty())
+        fs.send_json(Frame.POSTCOPY, frames.Postcopy(self.migration))
         runs = [
             (r.gpa + a * PAGE, b - a)
             for r, m in zip(self.regions, self.need, strict=True)
@@ -152,45 +176,107 @@ class PostcopySource:
     def serve(self, commit: Any, deadline: float) -> None:
         """Until the destination has every page (POSTCOPY_DONE) and runs (RESUMED): urgent
         pages first, then the push; `commit()` sends COMMIT once the destination restored."""
-        fs = self.fs
-        # From here the stream may idle longer than a network timeout between requests.
-        fs.sock.settimeout(None)
-        fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._link(self.fs)
+        cursor = [(i, 0) for i in range(len(self.regions))]
+        while self.done is None or self.resumed is None:
+            if self.error is not None:
+                if not (self._committed and self.reconnect and isinstance(self.error, OSError)):
+                    raise self.error
+                self._recover(self.error)  # or MigrationError: the VM stays paused here
+                cursor = [(i, 0) for i in range(len(self.regions))]
+                continue
+            try:
+                self._step(commit, deadline, cursor)
+            except OSError as e:  # the link: the reader may not have noticed yet
+                if self.error is None:
+                    self.error = e
+
+    def _step(self, commit: Any, deadline: float, cursor: list[tuple[int, int]]) -> None:
+        """One thing to do: COMMIT, an urgent run, a push frame, or wait."""
+        if not self._committed and self.restored.is_set():
+            self._committed = True  # sent or not: from here the destination may run the VM
+            commit()
+            return
+        if not self._committed and time.monotonic() > deadline:
+            raise MigrationError("the destination did not restore the VM in time", "restore")
+        if self._urgent:
+            gpa, n = self._urgent.popleft()
+            self.urgent_pages += self._send_run(gpa, n, urgent=True)
+            return
+        if cursor and self._committed:  # no push while the destination restores (downtime)
+            ri, at = cursor[0]
+            m = self.need[ri]
+            left = np.flatnonzero(m[at:])
+            if not len(left):
+                cursor.pop(0)
+                return
+            a = at + int(left[0])
+            b = min(a + PUSH_PAGES, m.size)
+            r = self.regions[ri]
+            for s, e in mem.runs(m[a:b]):
+                self.pushed_pages += self._send_run(r.gpa + (a + s) * PAGE, e - s)
+            cursor[0] = (ri, b)
+            return
+        self._wake.wait(0.1)
+        self._wake.clear()
+
+    def _link(self, fs: FrameSocket) -> None:
+        """Serve on `fs` from now on: its own reader thread."""
+        self.fs = fs
+        self.error = None
+        link_options(fs.sock)
         # An urgent page waits behind whatever push the socket holds: keep that short.
         fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        reader = threading.Thread(target=self._read, name="postcopy-requests", daemon=True)
+        reader = threading.Thread(
+            target=self._read, args=(fs,), name="postcopy-requests", daemon=True
+        )
         reader.start()
-        committed = False
-        cursor = [(i, 0) for i in range(len(self.regions))]
-        while self.error is None and (self.done is None or self.resumed is None):
-            if not committed and self.restored.is_set():
-                commit()
-                committed = True
-                continue
-            if not committed and time.monotonic() > deadline:
-                raise MigrationError("the destination did not restore the VM in time", "restore")
-            if self._urgent:
-                gpa, n = self._urgent.popleft()
-                self.urgent_pages += self._send_run(gpa, n, urgent=True)
-                continue
-            if cursor and committed:  # no push while the destination restores (downtime)
-                ri, at = cursor[0]
-                m = self.need[ri]
-                left = np.flatnonzero(m[at:])
-                if not len(left):
-                    cursor.pop(0)
-                    continue
-                a = at + int(left[0])
-                b = min(a + PUSH_PAGES, m.size)
-                r = self.regions[ri]
-                for s, e in mem.runs(m[a:b]):
-                    self.pushed_pages += self._send_run(r.gpa + (a + s) * PAGE, e - s)
-                cursor[0] = (ri, b)
-                continue
-            self._wake.wait(0.1)
-            self._wake.clear()
-        if self.error is not None:
-            raise self.error
+
+    def _recover(self, cause: BaseException) -> None:
+        """The link was cut after COMMIT: keep every page, reconnect, RESUME, and serve what
+        the destination says it still lacks (pyhv.migration.recovery)."""
+        assert self.reconnect is not None
+        self.fs.close(reset=True)
+        why = f"the link to the destination was lost ({cause})"
+        log.warning(
+            "post-copy: %s: the VM stays paused here with all its pages; reconnecting for up "
+            "to %g s",
+            why,
+            self.recover_timeout,
+        )
+        deadline = time.monotonic() + self.recover_timeout
+        got = retry_until(deadline, self.reconnect, why)
+        fs, runs, _ack = cast("tuple[FrameSocket, list[tuple[int, int]], Any]", got)
+        need = [np.zeros(r.pages, dtype=bool) for r in self.regions]
+        for gpa, n in runs:
+            at = next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
+            r = self.regions[at] if at is not None else None
+            first = (gpa - r.gpa) // PAGE if r is not None else 0
+            if (
+                r is None
+                or at is None
+                or gpa % PAGE
+                or n <= 0
+                or gpa + n * PAGE > r.end
+                or not self.original[at][first : first + n].all()
+            ):
+                fs.close(reset=True)
+                raise MigrationError(
+                    f"the destination says it lacks {n} pages at {gpa:#x}, which it never "
+                    "needed or lie outside the VM's RAM: refused",
+                    "recover",
+                )
+            need[at][first : first + n] = True
+        self._urgent.clear()  # the destination sends its outstanding requests again
+        self.need = need
+        self.recoveries += 1
+        log.warning(
+            "post-copy resumed over a new link: the destination lacks %d pages",
+            sum(int(m.sum()) for m in need),
+        )
+        self._link(fs)
+        if self.on_recovered is not None:
+            self.on_recovered()
 
     def _send_run(self, gpa: int, n: int, urgent: bool = False) -> int:
         """The needed pages of [gpa, gpa+n): data as PAGES, zero pages as ZERO."""
@@ -217,8 +303,7 @@ class PostcopySource:
             sent += b - a
         return sent
 
-    def _read(self) -> None:
-        fs = self.fs
+    def _read(self, fs: FrameSocket) -> None:
         try:
             while self.done is None or self.resumed is None:
                 ftype, _flags, _count, _addr, payload = fs.recv()
@@ -252,13 +337,15 @@ class PostcopySource:
                         f"unexpected {ftype.name} frame during post-copy", "postcopy"
                     )
                 self._wake.set()
-        except PeerAborted as e:
-            self.error = e
         except frames.FrameError as e:
-            self.error = MigrationError(str(e), "postcopy")
-        except (OSError, MigrationError) as e:
-            self.error = e
+            self._failed(fs, MigrationError(str(e), "postcopy"))
+        except (OSError, MigrationError) as e:  # PeerAborted too: the destination gave up
+            self._failed(fs, e)
         self._wake.set()
+
+    def _failed(self, fs: FrameSocket, e: BaseException) -> None:
+        if fs is self.fs and self.error is None:  # an old link's reader ends unheard
+            self.error = e
 
 
 # --- the destination ------------------------------------------------------------------------
@@ -267,8 +354,28 @@ class PostcopySource:
 class PostcopyDestination:
     """Fetches the missing pages of a VM that already runs here (see the module docstring)."""
 
-    def __init__(self, fs: FrameSocket, device: int | None = None) -> None:
-        self.fs = fs
+    def __init__(
+        self,
+        fs: FrameSocket,
+        device: int | None = None,
+        *,
+        migration: str = "",
+        resume_at: tuple[tuple[str, int], bytes] | None = None,
+        recover_timeout: float = RECOVER_TIMEOUT,
+        timeout: float = 30.0,
+    ) -> None:
+        self.fs = fs  #: the link to the source (the newest, after a recovery)
+        self.up = True  #: the link works (False: waiting for the source to come back)
+        self.migration = migration  #: the id POSTCOPY named (a RESUME must name it)
+        #: (the migration's listening address, the token): where the source comes back
+        self.resume_at = resume_at
+        self.recover_timeout = recover_timeout
+        self.timeout = timeout
+        self.recoveries = 0
+        self._resuming = False
+        self._generation = 0  # links so far: a wait for the source ends when a new one came
+        self._listener: ResumeListener | None = None
+        self._resumed_body: frames.Resumed | None = None
         self.device = device  # /dev/userfaultfd passed by the owner, or None: the syscall
         self._runs: list[tuple[int, int]] = []
         self.uf: Userfault | None = None
@@ -330,15 +437,29 @@ class PostcopyDestination:
         p = vm.partition
         assert p is not None
         p.gpa_space.before_access = self.ensure
-        for target, name in (
-            (self._fault_loop, "postcopy-faults"),
-            (self._receive, "postcopy-pages"),
-        ):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        t = threading.Thread(target=self._fault_loop, name="postcopy-faults", daemon=True)
+        t.start()
+        self._threads.append(t)
+        self._receiver(self.fs)
+        if self.resume_at is not None and self.migration:
+            try:  # the source comes back here if the link is cut (pyhv.migration.recovery)
+                self._listener = ResumeListener(
+                    self.resume_at[0], self.resume_at[1], self.migration, self._take, self.timeout
+                )
+            except OSError as e:
+                log.warning(
+                    "post-copy: cannot listen on %s:%d again (%s): a cut link will stop the VM",
+                    *self.resume_at[0],
+                    e,
+                )
         if self.remaining == 0:
             self._finish()
+
+    def _receiver(self, fs: FrameSocket) -> None:
+        link_options(fs.sock)
+        t = threading.Thread(target=self._receive, args=(fs,), name="postcopy-pages", daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def _find(self, gpa: int) -> tuple[int, MemoryRegion]:
         for i, r in enumerate(self.regions):
@@ -374,10 +495,14 @@ class PostcopyDestination:
         return False
 
     def _ask(self, asks: list[tuple[int, int]]) -> None:
-        for c in range(0, len(asks), RUNS_PER_FRAME):
-            chunk = asks[c : c + RUNS_PER_FRAME]
-            self.fs.send(Frame.REQUEST, pack_zero_runs(chunk), count=len(chunk))
         self.requested_pages += len(asks)
+        fs = self.fs
+        if not self.up:  # recorded in _requested: sent when the source comes back
+            return
+        try:
+            _send_runs(fs, Frame.REQUEST, asks)
+        except OSError as e:
+            self._link_lost(fs, e)
 
     def _fault_loop(self) -> None:
         uf = self.uf
@@ -428,18 +553,15 @@ class PostcopyDestination:
             with self.cond:
                 if not self.cond.wait_for(
                     lambda: self.error is not None or all(self.present[i][p] for i, p in waiting),
-                    60.0,
+                    60.0 + self.recover_timeout,
                 ):
-                    raise MigrationError(f"post-copy: pages at {gpa:#x} did not come in 60 s")
+                    raise MigrationError(f"post-copy: pages at {gpa:#x} did not come in time")
             if self.error is not None:
                 raise MigrationError(f"post-copy failed: {self.error}")
 
     # --- pages coming in --------------------------------------------------------------------
 
-    def _receive(self) -> None:
-        fs = self.fs
-        fs.sock.settimeout(None)
-        fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    def _receive(self, fs: FrameSocket) -> None:
         try:
             while True:  # until the source closes the stream (after POSTCOPY_DONE and RESUMED)
                 ftype, flags, length, count, addr, check = fs.recv_header()
@@ -464,12 +586,10 @@ class PostcopyDestination:
                     raise MigrationError(
                         f"unexpected {ftype.name} frame during post-copy", "postcopy"
                     )
+        except OSError as e:  # the link, not the source's word: it may come back
+            self._link_lost(fs, e)
         except BaseException as e:  # noqa: BLE001 - reported and the VM stopped
-            if not self.finished.is_set() or not isinstance(e, ConnectionError | OSError):
-                self._fail(e)
-        finally:
-            if self.finished.is_set():
-                fs.close()  # the source closed it: it has let its copy go
+            self._fail(e)
 
     def _install(self, gpa: int, n: int, data: bytearray | None) -> None:
         i, r = self._find(gpa)
@@ -519,16 +639,22 @@ class PostcopyDestination:
             p99,
             mx,
             {k: round(v, 3) for k, v in sorted(self.thread_ms.items())[:1024]},
+            self.recoveries,
+            self._listener.refused if self._listener is not None else 0,
         )
         self.summary = done
         self._stop.set()
         if self.vm is not None and self.vm.partition is not None:
             self.vm.partition.gpa_space.before_access = None
         threading.Thread(target=self._close_uffd, name="postcopy-close", daemon=True).start()
+        fs = self.fs
+        if not self.up:  # sent when the source comes back
+            return
         try:
-            self.fs.send_json(Frame.POSTCOPY_DONE, done)
+            fs.send_json(Frame.POSTCOPY_DONE, done)
         except OSError as e:
             log.warning("post-copy: could not tell the source all pages are in: %s", e)
+            self._link_lost(fs, e)
 
     def _close_uffd(self) -> None:
         for t in self._threads:
@@ -546,11 +672,125 @@ class PostcopyDestination:
             self.cond.notify_all()
         log.error("post-copy failed: %s: the VM is stopped (its memory is incomplete)", e)
         self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
         vm = self.vm
         if self.uf is not None:
             self.uf.close()  # the waiters go on with zero pages: stop the VM right away
         if vm is not None:
             vm.stop(f"post-copy failed: {e} (the source held the rest of its memory)")
+
+    # --- a cut link (pyhv.migration.recovery) ---------------------------------------------
+
+    def _link_lost(self, fs: FrameSocket, e: BaseException) -> None:
+        """`fs` failed. Before COMMIT, or without a way back, that fails the post-copy; after
+        it the VM runs on (its VPs wait on missing pages) while the source comes back."""
+        with self.cond:
+            if fs is not self.fs or not self.up or self.error is not None:
+                return  # an old link, or noticed already
+            self.up = False
+            generation = self._generation
+        fs.close(reset=True)
+        clean = isinstance(e, ConnectionError) and not isinstance(e, ConnectionResetError)
+        if self.finished.is_set() and (clean or self._listener is None):
+            # the source closed it after POSTCOPY_DONE and RESUMED: it has let its copy go
+            if self._listener is not None:
+                self._listener.close()
+            return
+        if not self.committed.is_set() or self._listener is None:
+            self._fail(e)
+            return
+        log.warning(
+            "post-copy: the link to the source was lost (%s): the VM runs on, its VPs wait "
+            "on missing pages; waiting up to %g s for the source to come back",
+            e,
+            self.recover_timeout,
+        )
+        threading.Thread(
+            target=self._await_source, args=(generation, e), name="postcopy-await", daemon=True
+        ).start()
+
+    def _await_source(self, generation: int, cause: BaseException) -> None:
+        with self.cond:
+            if self.cond.wait_for(
+                lambda: self._generation != generation or self.error is not None,
+                self.recover_timeout,
+            ):
+                return
+        if self.finished.is_set():  # every page is in: only the source does not know
+            log.warning("post-copy: the source did not come back to hear that all pages are in")
+            if self._listener is not None:
+                self._listener.close()
+            return
+        self._fail(
+            MigrationError(
+                f"the link to the source was lost ({cause}) and the source did not come back "
+                f"within {self.recover_timeout:g} s",
+                "recover",
+            )
+        )
+
+    def _take(self, fs: FrameSocket) -> str | None:
+        """ResumeListener: `fs` is an authenticated stream whose RESUME named this migration.
+        None: it is the link from now on (after MISSING, RESUME_ACK, the outstanding
+        REQUESTs); otherwise why it is refused."""
+        with self.cond:
+            if self.error is not None:
+                return "the post-copy here has failed"
+            if self.up:
+                return "the source is connected: a second source is refused"
+            if self._resuming:
+                return "another resume of this migration is in progress"
+            self._resuming = True
+        try:
+            # Under the lock no page comes in (there is no link) and no request is taken:
+            # what is sent is exactly what is missing and asked for; anything after goes on
+            # the new link.
+            with self.cond:
+                missing = [
+                    (r.gpa + a * PAGE, b - a)
+                    for r, need, have in zip(self.regions, self.need, self.present, strict=True)
+                    for a, b in mem.runs(need & ~have)
+                ]
+                _send_runs(fs, Frame.MISSING, missing)
+                fs.send_json(
+                    Frame.RESUME_ACK,
+                    frames.ResumeAck(sum(n for _g, n in missing), len(missing)),
+                )
+                asked = [
+                    (self.regions[i].gpa + page * PAGE, 1) for i, page in sorted(self._requested)
+                ]
+                _send_runs(fs, Frame.REQUEST, asked)
+                if self._resumed_body is not None:
+                    fs.send_json(Frame.RESUMED, self._resumed_body)
+                if self.finished.is_set():
+                    fs.send_json(Frame.POSTCOPY_DONE, self.summary)
+                self.fs, self.up = fs, True
+                self.recoveries += 1
+                self._generation += 1
+                self.cond.notify_all()
+            log.warning(
+                "post-copy resumed over a new link: %d pages missing, %d requested",
+                sum(n for _g, n in missing),
+                len(asked),
+            )
+            self._receiver(fs)
+            return None
+        except OSError as e:
+            return f"the new link failed at once: {e}"
+        finally:
+            self._resuming = False
+
+    def send_resumed(self, body: frames.Resumed) -> None:
+        """RESUMED (the VPs run here), now if the link is up, else when the source is back."""
+        self._resumed_body = body
+        fs = self.fs
+        if not self.up:
+            return
+        try:
+            fs.send_json(Frame.RESUMED, body)
+        except OSError as e:
+            self._link_lost(fs, e)
 
     def wait_commit(self, timeout: float) -> None:
         """COMMIT (read by the receiver thread), or MigrationError."""
@@ -560,6 +800,13 @@ class PostcopyDestination:
                 raise MigrationError(f"post-copy: {self.error}", "commit")
             if time.monotonic() > deadline:
                 raise MigrationError("the source did not commit in time", "commit")
+
+
+def _send_runs(fs: FrameSocket, ftype: Frame, runs: list[tuple[int, int]]) -> None:
+    """`runs` as (gpa, pages) frames of `ftype`, RUNS_PER_FRAME a frame."""
+    for c in range(0, len(runs), RUNS_PER_FRAME):
+        chunk = runs[c : c + RUNS_PER_FRAME]
+        fs.send(ftype, pack_zero_runs(chunk), count=len(chunk))
 
 
 def _thread_name(tid: int) -> str:

@@ -107,6 +107,9 @@ class MigrationOptions:
     #: With postcopy: pre-copy passes first, post-copy after this many passes or as soon as a
     #: pass stops shrinking the dirty set (hybrid); 0: post-copy right away.
     postcopy_after: int = 0
+    #: With postcopy: how long (s) to try to reconnect after the link was cut once the
+    #: destination runs the VM (pyhv.migration.recovery); 0: a cut link ends the migration
+    recover_timeout: float = 60.0
     faults: dict[str, str] = field(default_factory=dict)  #: test-only: FaultPlan
 
     @classmethod
@@ -598,7 +601,15 @@ class Source:
         else:  # dirty when the passes stopped, and since
             need = [m | mem.dirty_mask(r) for r, m in masks]
         self._stop_logging()
-        pc = self._pc = PostcopySource(fs, regions, need)
+        pc = self._pc = PostcopySource(
+            fs,
+            regions,
+            need,
+            reconnect=self._reconnect if opt.recover_timeout > 0 else None,
+            recover_timeout=opt.recover_timeout,
+        )
+        self.progress.postcopy = {"migration": pc.migration}
+        pc.on_recovered = self._recovered
         needed = pc.announce()
         self.progress.passes += 1
         fs.send(Frame.STATE, vm_state.save(vm, None).encode())
@@ -611,7 +622,10 @@ class Source:
             self._phase("commit")
             fs.send_json(Frame.COMMIT, frames.Empty())
 
-        pc.serve(commit, time.monotonic() + opt.timeout)
+        try:
+            pc.serve(commit, time.monotonic() + opt.timeout)
+        finally:
+            self.fs = pc.fs  # the newest link, after a recovery (run() closes it)
         # RAM at the pause: the VM here stays paused for good, so it is summed after serving
         self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))
         done, resumed = pc.done, pc.resumed
@@ -623,6 +637,9 @@ class Source:
             parts["destination_start"] = round(resumed.start_ms, 2)
         self.progress.pages_sent += pc.urgent_pages + pc.pushed_pages
         self.progress.postcopy = {
+            "migration": pc.migration,
+            "recoveries": pc.recoveries,
+            "resumes_refused": done.resumes_refused,
             "switched_because": why,
             "needed_pages": needed,
             "urgent_pages": pc.urgent_pages,
@@ -647,6 +664,28 @@ class Source:
         self.progress.phase = "done"
         self._report(force=True)
         trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
+
+    def _reconnect(self) -> tuple[FrameSocket, list[tuple[int, int]], Any]:
+        """One attempt at a new link to the destination for the post-copy (recovery)."""
+        from pyhv.migration.recovery import reconnect_source
+
+        opt, pc = self.opt, self._pc
+        return reconnect_source(
+            self.address,
+            self.token,
+            pc.migration,
+            encrypt=opt.encrypt,
+            bandwidth=opt.bandwidth,
+            timeout=opt.timeout,
+            max_runs=sum(r.pages for r in pc.regions),
+        )
+
+    def _recovered(self) -> None:
+        """The post-copy goes on over a new link: the owner hears of it."""
+        pc = self._pc
+        self.fs = pc.fs
+        self.progress.postcopy["recoveries"] = pc.recoveries
+        self._report(force=True)
 
     def _typed(self) -> bytes:
         """Serial input held since the state's save (at most what one COMMIT carries)."""

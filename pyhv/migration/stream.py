@@ -107,10 +107,14 @@ class Frame(enum.IntEnum):
     EXTENTS = 15  # src -> dest: (gpa, pages) runs pass 1 will send (to back them ahead)
     JOIN = 16  # src -> dest, first on a data stream: Join {"stream"}; addr = the stream's index
     # post-copy (pyhv.migration.postcopy); numbered apart from the pre-copy frames
-    POSTCOPY = 30  # src -> dest: Empty; the VM's state comes next and the rest after it runs
+    POSTCOPY = 30  # src -> dest: Postcopy {"migration"}; the state next, the rest after it runs
     NEED = 31  # src -> dest: (gpa, pages) runs the destination fetches (the rest it has or is 0)
     REQUEST = 32  # dest -> src: (gpa, pages) runs a VP or the host waits for: send them first
     POSTCOPY_DONE = 33  # dest -> src: PostcopyDone; every needed page is in, blocktime
+    # recovery of a cut post-copy link (pyhv.migration.recovery)
+    RESUME = 34  # src -> dest, first after a new handshake: Resume {"migration"}
+    MISSING = 35  # dest -> src: (gpa, pages) runs the destination still lacks
+    RESUME_ACK = 36  # dest -> src: ResumeAck {"pages", "runs"}; REQUESTs outstanding follow
 
 
 _B = TypeVar("_B", bound=Struct)

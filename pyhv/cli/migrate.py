@@ -76,6 +76,8 @@ def summary(r: dict[str, Any]) -> str:
             f"switch, {pc['requested_pages']} on demand, blocktime p50 "
             f"{pc['blocktime_p50_ms']:.2f} ms p99 {pc['blocktime_p99_ms']:.2f} ms"
         )
+        if pc.get("recoveries"):
+            text += f", the link cut and recovered {pc['recoveries']} time(s)"
     return text
 
 

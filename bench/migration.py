@@ -231,7 +231,12 @@ def _nonzero_pages(fd: int, size: int) -> int:
 
 
 def run_pyhv(
-    memory: str, dirty: int, encrypt: bool = False, postcopy: bool = False, streams: int = 1
+    memory: str,
+    dirty: int,
+    encrypt: bool = False,
+    postcopy: bool = False,
+    streams: int = 1,
+    preempt: bool = True,
 ) -> dict[str, Any]:
     from pyhv.guest_image import image_path
     from pyhv.migration.worker import IncomingWorker, migrate_worker
@@ -262,7 +267,7 @@ def run_pyhv(
                 "encrypt": encrypt,
                 "streams": streams,
                 **CONVERGENCE,
-                **({"postcopy": True} if postcopy else {}),
+                **({"postcopy": True, "postcopy_preempt": preempt} if postcopy else {}),
             },
         )
         dst.wait_migrated(30)

@@ -142,6 +142,8 @@ class PostcopyDone(_Body, frozen=True):
     recoveries: Annotated[int, Meta(ge=0)] = 0
     #: RESUME attempts refused (wrong token, unknown migration, a second source)
     resumes_refused: Annotated[int, Meta(ge=0)] = 0
+    #: urgent channels attached (post-copy preempt: one per link)
+    urgent_channels: Annotated[int, Meta(ge=0)] = 0
 
 
 #: A migration's id (pyhv.migration.recovery): 16 random bytes, as hex.
@@ -156,8 +158,9 @@ class Postcopy(_Body, frozen=True):
 
 
 class Resume(_Body, frozen=True):
-    """src -> dest, the first frame after a new handshake: go on with the post-copy this id
-    names (the link was cut); the destination answers MISSING runs and RESUME_ACK."""
+    """src -> dest, the first frame after a new handshake. RESUME: go on with the post-copy
+    this id names (the link was cut); the destination answers MISSING runs and RESUME_ACK.
+    PREEMPT: this connection is that post-copy's urgent channel (REQUESTs and their pages)."""
 
     migration: MigrationId
 

@@ -135,6 +135,7 @@ class PostcopySource:
         *,
         reconnect: Callable[[], tuple[FrameSocket, list[tuple[int, int]], Any]] | None = None,
         recover_timeout: float = RECOVER_TIMEOUT,
+        preempt: Callable[[], FrameSocket] | None = None,
     ) -> None:
         self.fs = fs
         self.regions = regions
@@ -149,6 +150,10 @@ class PostcopySource:
         self.recoveries = 0
         self.on_recovered: Callable[[], object] | None = None
         self._committed = False
+        #: opens the urgent channel (pyhv.migration.recovery.connect_urgent), or None
+        self.preempt = preempt
+        self.urgent: FrameSocket | None = None
+        self.channel_pages = 0  #: pages sent on request over the urgent channel
         self._urgent: collections.deque[tuple[int, int]] = collections.deque()
         self._wake = threading.Event()
         self.restored = threading.Event()
@@ -177,6 +182,7 @@ class PostcopySource:
         """Until the destination has every page (POSTCOPY_DONE) and runs (RESUMED): urgent
         pages first, then the push; `commit()` sends COMMIT once the destination restored."""
         self._link(self.fs)
+        self._open_urgent()  # while the destination restores: ready when its VPs run
         cursor = [(i, 0) for i in range(len(self.regions))]
         while self.done is None or self.resumed is None:
             if self.error is not None:
@@ -237,6 +243,7 @@ class PostcopySource:
         the destination says it still lacks (pyhv.migration.recovery)."""
         assert self.reconnect is not None
         self.fs.close(reset=True)
+        self.close()  # the urgent channel belongs to the cut link's session
         why = f"the link to the destination was lost ({cause})"
         log.warning(
             "post-copy: %s: the VM stays paused here with all its pages; reconnecting for up "
@@ -275,11 +282,27 @@ class PostcopySource:
             sum(int(m.sum()) for m in need),
         )
         self._link(fs)
+        self._open_urgent()
         if self.on_recovered is not None:
             self.on_recovered()
 
-    def _send_run(self, gpa: int, n: int, urgent: bool = False) -> int:
-        """The needed pages of [gpa, gpa+n): data as PAGES, zero pages as ZERO."""
+    def _open_urgent(self) -> None:
+        if self.preempt is not None:
+            threading.Thread(target=self._serve_urgent, name="postcopy-urgent", daemon=True).start()
+
+    def close(self) -> None:
+        """The post-copy is over (or failed): the urgent channel goes too."""
+        urgent = self.urgent
+        if urgent is not None:
+            urgent.close()
+
+    def _send_run(
+        self, gpa: int, n: int, urgent: bool = False, fs: FrameSocket | None = None
+    ) -> int:
+        """The needed pages of [gpa, gpa+n): data as PAGES, zero pages as ZERO, on `fs` (the
+        link by default). A page may go twice (urgently and pushed): the destination keeps
+        the first."""
+        fs = fs or self.fs
         at = next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
         if at is None:
             return 0
@@ -295,10 +318,10 @@ class PostcopySource:
             nz = mem.nonzero_pages(arr, a, b)
             zero = [(r.gpa + (a + zs) * PAGE, ze - zs) for zs, ze in mem.runs(~nz)]
             if zero:
-                self.fs.send(Frame.ZERO, pack_zero_runs(zero), count=len(zero))
+                fs.send(Frame.ZERO, pack_zero_runs(zero), count=len(zero))
             for ds, de in mem.runs(nz):
                 data = r.mm[(a + ds) * PAGE : (a + de) * PAGE]
-                self.fs.send(Frame.PAGES, data, count=de - ds, addr=r.gpa + (a + ds) * PAGE)
+                fs.send(Frame.PAGES, data, count=de - ds, addr=r.gpa + (a + ds) * PAGE)
             m[a:b] = False
             sent += b - a
         return sent
@@ -308,24 +331,7 @@ class PostcopySource:
             while self.done is None or self.resumed is None:
                 ftype, _flags, _count, _addr, payload = fs.recv()
                 if ftype is Frame.REQUEST:
-                    runs = unpack_zero_runs(payload)
-                    if len(runs) > RUNS_PER_FRAME:
-                        raise MigrationError(f"a REQUEST of {len(runs)} runs", "postcopy")
-                    for gpa, n in runs:
-                        if (
-                            not any(
-                                r.gpa <= gpa and gpa + n * PAGE <= r.end and gpa % PAGE == 0
-                                for r in self.regions
-                            )
-                            or n <= 0
-                        ):
-                            raise MigrationError(
-                                f"the destination asked for {n} pages at {gpa:#x}, outside "
-                                "the VM's RAM",
-                                "postcopy",
-                            )
-                        self._urgent.append((gpa, n))
-                    self.requests += 1
+                    self._urgent.extend(self._requested(payload))
                 elif ftype is Frame.RESTORED:
                     self.restored.set()
                 elif ftype is Frame.RESUMED:
@@ -342,6 +348,54 @@ class PostcopySource:
         except (OSError, MigrationError) as e:  # PeerAborted too: the destination gave up
             self._failed(fs, e)
         self._wake.set()
+
+    def _requested(self, payload: bytes) -> list[tuple[int, int]]:
+        """A REQUEST frame's runs, each checked inside RAM."""
+        runs = unpack_zero_runs(payload)
+        if len(runs) > RUNS_PER_FRAME:
+            raise MigrationError(f"a REQUEST of {len(runs)} runs", "postcopy")
+        for gpa, n in runs:
+            if (
+                not any(
+                    r.gpa <= gpa and gpa + n * PAGE <= r.end and gpa % PAGE == 0
+                    for r in self.regions
+                )
+                or n <= 0
+            ):
+                raise MigrationError(
+                    f"the destination asked for {n} pages at {gpa:#x}, outside the VM's RAM",
+                    "postcopy",
+                )
+        self.requests += 1
+        return runs
+
+    def _serve_urgent(self) -> None:
+        """The urgent channel (QEMU's postcopy-preempt): a second connection on which the
+        destination's REQUESTs come and their pages go at once, from this thread, never
+        behind the push on the first link. Without it (it could not be opened, or broke)
+        requests go over the first link as before."""
+        assert self.preempt is not None
+        try:  # the destination listens for it once it has the state: it may not yet
+            fs = cast("FrameSocket", retry_until(time.monotonic() + 5, self.preempt, "", 0.01))
+        except MigrationError as e:
+            log.warning("post-copy: no urgent channel (%s): requests share the one link", e)
+            return
+        self.urgent = fs
+        try:
+            link_options(fs.sock)
+            while self.done is None or self.resumed is None:
+                ftype, _flags, _count, _addr, payload = fs.recv()
+                if ftype is not Frame.REQUEST:
+                    raise MigrationError(f"a {ftype.name} frame on the urgent channel", "postcopy")
+                for gpa, n in self._requested(payload):
+                    self.channel_pages += self._send_run(gpa, n, urgent=True, fs=fs)
+        except (OSError, MigrationError, frames.FrameError) as e:
+            if self.done is None:  # the destination re-sends outstanding requests on the link
+                log.warning("post-copy: the urgent channel ended: %s", e)
+        finally:
+            if self.urgent is fs:
+                self.urgent = None
+            fs.close()
 
     def _failed(self, fs: FrameSocket, e: BaseException) -> None:
         if fs is self.fs and self.error is None:  # an old link's reader ends unheard
@@ -376,6 +430,9 @@ class PostcopyDestination:
         self._generation = 0  # links so far: a wait for the source ends when a new one came
         self._listener: ResumeListener | None = None
         self._resumed_body: frames.Resumed | None = None
+        #: the urgent channel: REQUESTs go and their pages come on it (None: on the link)
+        self.urgent: FrameSocket | None = None
+        self.urgent_channels = 0
         self.device = device  # /dev/userfaultfd passed by the owner, or None: the syscall
         self._runs: list[tuple[int, int]] = []
         self.uf: Userfault | None = None
@@ -444,7 +501,12 @@ class PostcopyDestination:
         if self.resume_at is not None and self.migration:
             try:  # the source comes back here if the link is cut (pyhv.migration.recovery)
                 self._listener = ResumeListener(
-                    self.resume_at[0], self.resume_at[1], self.migration, self._take, self.timeout
+                    self.resume_at[0],
+                    self.resume_at[1],
+                    self.migration,
+                    self._take,
+                    self._attach,
+                    self.timeout,
                 )
             except OSError as e:
                 log.warning(
@@ -455,9 +517,14 @@ class PostcopyDestination:
         if self.remaining == 0:
             self._finish()
 
-    def _receiver(self, fs: FrameSocket) -> None:
+    def _receiver(self, fs: FrameSocket, urgent: bool = False) -> None:
         link_options(fs.sock)
-        t = threading.Thread(target=self._receive, args=(fs,), name="postcopy-pages", daemon=True)
+        t = threading.Thread(
+            target=self._receive,
+            args=(fs, urgent),
+            name="postcopy-urgent" if urgent else "postcopy-pages",
+            daemon=True,
+        )
         t.start()
         self._threads.append(t)
 
@@ -496,6 +563,14 @@ class PostcopyDestination:
 
     def _ask(self, asks: list[tuple[int, int]]) -> None:
         self.requested_pages += len(asks)
+        urgent = self.urgent
+        if urgent is not None:
+            try:
+                _send_runs(urgent, Frame.REQUEST, asks)
+                return
+            except OSError as e:
+                self._urgent_lost(urgent, e)  # its outstanding requests go on the link
+                return
         fs = self.fs
         if not self.up:  # recorded in _requested: sent when the source comes back
             return
@@ -561,7 +636,7 @@ class PostcopyDestination:
 
     # --- pages coming in --------------------------------------------------------------------
 
-    def _receive(self, fs: FrameSocket) -> None:
+    def _receive(self, fs: FrameSocket, urgent: bool = False) -> None:
         try:
             while True:  # until the source closes the stream (after POSTCOPY_DONE and RESUMED)
                 ftype, flags, length, count, addr, check = fs.recv_header()
@@ -577,6 +652,8 @@ class PostcopyDestination:
                 elif ftype is Frame.ZERO:
                     for gpa, n in unpack_zero_runs(bytes(buf)):
                         self._install(gpa, n, None)
+                elif urgent:  # pages only, on the urgent channel
+                    raise MigrationError(f"a {ftype.name} frame on the urgent channel", "postcopy")
                 elif ftype is Frame.COMMIT:
                     self.committed.set()
                 elif ftype is Frame.ABORT:
@@ -587,7 +664,10 @@ class PostcopyDestination:
                         f"unexpected {ftype.name} frame during post-copy", "postcopy"
                     )
         except OSError as e:  # the link, not the source's word: it may come back
-            self._link_lost(fs, e)
+            if urgent:
+                self._urgent_lost(fs, e)
+            else:
+                self._link_lost(fs, e)
         except BaseException as e:  # noqa: BLE001 - reported and the VM stopped
             self._fail(e)
 
@@ -641,6 +721,7 @@ class PostcopyDestination:
             {k: round(v, 3) for k, v in sorted(self.thread_ms.items())[:1024]},
             self.recoveries,
             self._listener.refused if self._listener is not None else 0,
+            self.urgent_channels,
         )
         self.summary = done
         self._stop.set()
@@ -674,6 +755,9 @@ class PostcopyDestination:
         self._stop.set()
         if self._listener is not None:
             self._listener.close()
+        urgent = self.urgent
+        if urgent is not None:
+            urgent.close(reset=True)
         vm = self.vm
         if self.uf is not None:
             self.uf.close()  # the waiters go on with zero pages: stop the VM right away
@@ -690,7 +774,10 @@ class PostcopyDestination:
                 return  # an old link, or noticed already
             self.up = False
             generation = self._generation
+            urgent, self.urgent = self.urgent, None  # of the cut link's session
         fs.close(reset=True)
+        if urgent is not None:
+            urgent.close(reset=True)
         clean = isinstance(e, ConnectionError) and not isinstance(e, ConnectionResetError)
         if self.finished.is_set() and (clean or self._listener is None):
             # the source closed it after POSTCOPY_DONE and RESUMED: it has let its copy go
@@ -780,6 +867,41 @@ class PostcopyDestination:
             return f"the new link failed at once: {e}"
         finally:
             self._resuming = False
+
+    def _attach(self, fs: FrameSocket) -> str | None:
+        """ResumeListener: `fs` (authenticated, PREEMPT naming this migration) becomes the
+        urgent channel; otherwise why it is refused."""
+        with self.cond:
+            if self.error is not None or self.finished.is_set():
+                return "the post-copy here is over"
+            if not self.up:
+                return "the link is down: the source resumes first"
+            if self.urgent is not None:
+                return "an urgent channel is attached already"
+            self.urgent = fs
+            self.urgent_channels += 1
+        log.info("post-copy: urgent channel attached")
+        self._receiver(fs, urgent=True)
+        return None
+
+    def _urgent_lost(self, fs: FrameSocket, e: BaseException) -> None:
+        """The urgent channel ended: requests go on the link again, the outstanding ones
+        first (those asked on the channel may be lost with it)."""
+        with self.cond:
+            if self.urgent is not fs:
+                return
+            self.urgent = None
+            asked = [(self.regions[i].gpa + page * PAGE, 1) for i, page in sorted(self._requested)]
+        fs.close(reset=True)
+        if self.finished.is_set() or self.error is not None:
+            return
+        log.warning("post-copy: the urgent channel ended (%s): requests go on the link", e)
+        link = self.fs
+        if self.up and asked:
+            try:
+                _send_runs(link, Frame.REQUEST, asked)
+            except OSError as err:
+                self._link_lost(link, err)
 
     def send_resumed(self, body: frames.Resumed) -> None:
         """RESUMED (the VPs run here), now if the link is up, else when the source is back."""

@@ -115,6 +115,24 @@ def reconnect_source(
         raise
 
 
+def connect_urgent(
+    address: tuple[str, int], token: bytes, migration: str, *, encrypt: bool, timeout: float
+) -> FrameSocket:
+    """The urgent channel of post-copy (QEMU's postcopy-preempt): a second connection to
+    the migration's address, authenticated like the first (its own handshake, the same
+    token), joined to the migration by PREEMPT naming it. No answer: a destination that
+    refuses it sends ABORT (read by whoever reads the channel next)."""
+    sock = socket.create_connection(address, timeout=timeout)
+    fs = FrameSocket(sock, timeout=timeout, peer="destination")
+    try:
+        authenticate_source(fs, token, encrypt)
+        fs.send_json(Frame.PREEMPT, frames.Resume(migration))
+    except BaseException:
+        fs.close(reset=True)
+        raise
+    return fs
+
+
 def retry_until(
     deadline: float, attempt: Callable[[], object], why: str, pause: float = 0.25
 ) -> object:
@@ -130,10 +148,12 @@ def retry_until(
         except (OSError, MigrationError) as e:
             if time.monotonic() + pause > deadline:
                 raise MigrationError(
-                    f"{why}, and it could not be restored in {tries} attempts (last: {e})",
+                    f"{why}, and it could not be restored in {tries} attempts (last: {e})"
+                    if why
+                    else f"{tries} attempts failed (last: {e})",
                     "recover",
                 ) from None
-            if tries == 1 or tries % 20 == 0:
+            if why and (tries == 1 or tries % 20 == 0):
                 log.warning("post-copy: reconnecting to the destination: %s", e)
             time.sleep(pause)
 
@@ -152,11 +172,13 @@ class ResumeListener:
         token: bytes,
         migration: str,
         take: Callable[[FrameSocket], str | None],
+        attach: Callable[[FrameSocket], str | None],
         timeout: float,
     ) -> None:
         self.token = token
         self.migration = migration
         self.take = take
+        self.attach = attach
         self.timeout = timeout
         self.refused = 0
         self._count = threading.Lock()
@@ -184,17 +206,21 @@ class ResumeListener:
         fs = FrameSocket(conn, timeout=self.timeout, peer="source")
         try:
             authenticate_destination(fs, self.token)
-            body = fs.expect(Frame.RESUME, frames.Resume, "recover")
+            ftype, _flags, _count, _addr, payload = fs.recv()
+            if ftype not in (Frame.RESUME, Frame.PREEMPT):
+                raise MigrationError(f"it sent {ftype.name}, not RESUME or PREEMPT", "recover")
+            body = frames.decode(payload, frames.Resume, ftype.name)
             if body.migration != self.migration:
                 why = f"it names migration {body.migration}, not the one in post-copy here"
             else:
-                why = self.take(fs) or ""
+                why = (self.take if ftype is Frame.RESUME else self.attach)(fs) or ""
                 if not why:
-                    log.warning("post-copy: the source came back from %s: resumed", peer)
+                    if ftype is Frame.RESUME:
+                        log.warning("post-copy: the source came back from %s: resumed", peer)
                     return
         except PeerAborted:
             why = "it gave up during the handshake"
-        except (OSError, MigrationError) as e:
+        except (OSError, MigrationError, frames.FrameError) as e:
             why = str(e)
         self._refuse(fs, peer, why)
 

@@ -110,6 +110,9 @@ class MigrationOptions:
     #: With postcopy: how long (s) to try to reconnect after the link was cut once the
     #: destination runs the VM (pyhv.migration.recovery); 0: a cut link ends the migration
     recover_timeout: float = 60.0
+    #: With postcopy: page requests and their pages on a second connection of their own
+    #: (QEMU's postcopy-preempt), never queued behind the push on the first
+    postcopy_preempt: bool = True
     faults: dict[str, str] = field(default_factory=dict)  #: test-only: FaultPlan
 
     @classmethod
@@ -607,6 +610,7 @@ class Source:
             need,
             reconnect=self._reconnect if opt.recover_timeout > 0 else None,
             recover_timeout=opt.recover_timeout,
+            preempt=self._urgent_channel if opt.postcopy_preempt else None,
         )
         self.progress.postcopy = {"migration": pc.migration}
         pc.on_recovered = self._recovered
@@ -626,6 +630,7 @@ class Source:
             pc.serve(commit, time.monotonic() + opt.timeout)
         finally:
             self.fs = pc.fs  # the newest link, after a recovery (run() closes it)
+            pc.close()
         # RAM at the pause: the VM here stays paused for good, so it is summed after serving
         self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))
         done, resumed = pc.done, pc.resumed
@@ -640,9 +645,11 @@ class Source:
             "migration": pc.migration,
             "recoveries": pc.recoveries,
             "resumes_refused": done.resumes_refused,
+            "urgent_channels": done.urgent_channels,
             "switched_because": why,
             "needed_pages": needed,
-            "urgent_pages": pc.urgent_pages,
+            "urgent_pages": pc.urgent_pages + pc.channel_pages,
+            "urgent_channel_pages": pc.channel_pages,
             "pushed_pages": pc.pushed_pages,
             "requests": pc.requests,
             "faults": done.faults,
@@ -678,6 +685,15 @@ class Source:
             bandwidth=opt.bandwidth,
             timeout=opt.timeout,
             max_runs=sum(r.pages for r in pc.regions),
+        )
+
+    def _urgent_channel(self) -> FrameSocket:
+        """The post-copy's urgent channel (QEMU's postcopy-preempt)."""
+        from pyhv.migration.recovery import connect_urgent
+
+        opt, pc = self.opt, self._pc
+        return connect_urgent(
+            self.address, self.token, pc.migration, encrypt=opt.encrypt, timeout=opt.timeout
         )
 
     def _recovered(self) -> None:

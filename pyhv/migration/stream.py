@@ -115,6 +115,7 @@ class Frame(enum.IntEnum):
     RESUME = 34  # src -> dest, first after a new handshake: Resume {"migration"}
     MISSING = 35  # dest -> src: (gpa, pages) runs the destination still lacks
     RESUME_ACK = 36  # dest -> src: ResumeAck {"pages", "runs"}; REQUESTs outstanding follow
+    PREEMPT = 37  # src -> dest, first after a handshake: Resume {"migration"}; urgent channel
 
 
 _B = TypeVar("_B", bound=Struct)

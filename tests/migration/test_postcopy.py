@@ -52,6 +52,8 @@ def test_a_dirtying_guest_runs_at_the_destination_at_once_and_fetches_its_memory
     assert pc["urgent_pages"] + pc["pushed_pages"] >= pc["needed_pages"]
     # the guest ran before its memory was there: its VPs faulted and waited (blocktime)
     assert pc["faults"] > 0 and pc["requested_pages"] > 0
+    # answered on the urgent channel (post-copy preempt), not behind the push
+    assert 0 < pc["urgent_channel_pages"] <= pc["urgent_pages"]
     assert 0 < pc["blocktime_p50_ms"] <= pc["blocktime_p99_ms"] <= pc["blocktime_max_ms"]
     there = moved(dst)
     first, later = wait_rising(there.touched)

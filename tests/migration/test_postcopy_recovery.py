@@ -59,12 +59,15 @@ def _start(hosts: Any, source_recover: float, dest_recover: float) -> tuple[Any,
     return src, dst, relay, progress, box, t
 
 
-def _resume(address: tuple[str, int], token: str, migration: str) -> None:
-    """A stranger's resume: handshake with `token`, RESUME `migration`, read the answer."""
+def _resume(
+    address: tuple[str, int], token: str, migration: str, frame: Frame = Frame.RESUME
+) -> None:
+    """A stranger's resume (or urgent channel, PREEMPT): handshake with `token`, the frame
+    naming `migration`, read the answer."""
     fs = FrameSocket(socket.create_connection(address, timeout=10), timeout=10)
     try:
         authenticate_source(fs, token_bytes(token))
-        fs.send_json(Frame.RESUME, frames.Resume(migration))
+        fs.send_json(frame, frames.Resume(migration))
         fs.recv()
     finally:
         fs.close()
@@ -93,12 +96,15 @@ def test_a_link_cut_mid_post_copy_recovers_and_strangers_cannot_resume_it(hosts:
     # one holding the token and the migration's id, while the source is connected
     with pytest.raises(PeerAborted, match="a second source is refused"):
         _resume(address, TOKEN, mid)
+    with pytest.raises(PeerAborted, match="an urgent channel is attached already"):
+        _resume(address, TOKEN, mid, Frame.PREEMPT)
     t.join(120)
     assert "error" not in box, box.get("error")
     result = box["result"]
     pc = result["postcopy"]
-    assert pc["recoveries"] == 1 and relay.connections == 2
-    assert pc["resumes_refused"] == 3
+    # each link had its urgent channel (post-copy preempt): two links, two channels
+    assert pc["recoveries"] == 1 and pc["urgent_channels"] == 2
+    assert pc["resumes_refused"] == 4
     # RAM at the pause, as the destination added it up over both links
     assert pc["checksum_destination"] == pc["checksum_source"]
     assert pc["urgent_pages"] + pc["pushed_pages"] >= pc["needed_pages"]

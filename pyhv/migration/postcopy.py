@@ -507,6 +507,7 @@ class PostcopyDestination:
                     self._take,
                     self._attach,
                     self.timeout,
+                    self.fs.encrypted,
                 )
             except OSError as e:
                 log.warning(

@@ -174,11 +174,13 @@ class ResumeListener:
         take: Callable[[FrameSocket], str | None],
         attach: Callable[[FrameSocket], str | None],
         timeout: float,
+        encrypt: bool = False,
     ) -> None:
         self.token = token
         self.migration = migration
         self.take = take
         self.attach = attach
+        self.encrypt = encrypt  #: the migration's mode: a new connection must keep it
         self.timeout = timeout
         self.refused = 0
         self._count = threading.Lock()
@@ -206,6 +208,12 @@ class ResumeListener:
         fs = FrameSocket(conn, timeout=self.timeout, peer="source")
         try:
             authenticate_destination(fs, self.token)
+            if fs.encrypted != self.encrypt:
+                raise MigrationError(
+                    "the migration is "
+                    + ("encrypted, this connection is not" if self.encrypt else "not encrypted"),
+                    "recover",
+                )
             ftype, _flags, _count, _addr, payload = fs.recv()
             if ftype not in (Frame.RESUME, Frame.PREEMPT):
                 raise MigrationError(f"it sent {ftype.name}, not RESUME or PREEMPT", "recover")

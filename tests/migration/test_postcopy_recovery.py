@@ -60,13 +60,17 @@ def _start(hosts: Any, source_recover: float, dest_recover: float) -> tuple[Any,
 
 
 def _resume(
-    address: tuple[str, int], token: str, migration: str, frame: Frame = Frame.RESUME
+    address: tuple[str, int],
+    token: str,
+    migration: str,
+    frame: Frame = Frame.RESUME,
+    encrypt: bool = False,
 ) -> None:
     """A stranger's resume (or urgent channel, PREEMPT): handshake with `token`, the frame
     naming `migration`, read the answer."""
     fs = FrameSocket(socket.create_connection(address, timeout=10), timeout=10)
     try:
-        authenticate_source(fs, token_bytes(token))
+        authenticate_source(fs, token_bytes(token), encrypt)
         fs.send_json(frame, frames.Resume(migration))
         fs.recv()
     finally:
@@ -87,6 +91,9 @@ def test_a_link_cut_mid_post_copy_recovers_and_strangers_cannot_resume_it(hosts:
         _resume(address, "not-the-migration-token", mid)
     with pytest.raises(PeerAborted, match="names migration 0+, not the one"):
         _resume(address, TOKEN, "0" * 32)
+    # the right token and id, but not the migration's mode (a downgrade or upgrade)
+    with pytest.raises(PeerAborted, match="the migration is not encrypted"):
+        _resume(address, TOKEN, mid, encrypt=True)
     relay.release()  # the link is back: the source reconnects through it
     wait_for(
         lambda: any(p.get("postcopy", {}).get("recoveries") for p in progress),
@@ -104,7 +111,7 @@ def test_a_link_cut_mid_post_copy_recovers_and_strangers_cannot_resume_it(hosts:
     pc = result["postcopy"]
     # each link had its urgent channel (post-copy preempt): two links, two channels
     assert pc["recoveries"] == 1 and pc["urgent_channels"] == 2
-    assert pc["resumes_refused"] == 4
+    assert pc["resumes_refused"] == 5
     # RAM at the pause, as the destination added it up over both links
     assert pc["checksum_destination"] == pc["checksum_source"]
     assert pc["urgent_pages"] + pc["pushed_pages"] >= pc["needed_pages"]

@@ -45,6 +45,9 @@ RECOVER_TIMEOUT = 60.0
 #: A cut link is noticed within about this long even when no packet says so (no RST, no FIN):
 #: TCP keepalive probes and TCP_USER_TIMEOUT on both ends of a post-copy link.
 LINK_DEAD_AFTER = 10
+#: Connections a destination handshakes with at once during a post-copy (the source needs two:
+#: its link and its urgent channel); more are refused at once, unread (a flood costs nothing).
+MAX_PENDING = 4
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 
 
@@ -184,6 +187,7 @@ class ResumeListener:
         self.timeout = timeout
         self.refused = 0
         self._count = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_PENDING)
         self._stop = threading.Event()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.sock = socket.create_server(address, family=family, backlog=4)  # SO_REUSEADDR
@@ -199,13 +203,22 @@ class ResumeListener:
                 continue
             except OSError:
                 return
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            fs = FrameSocket(conn, timeout=self.timeout, peer="source")
+            if not self._slots.acquire(blocking=False):
+                self._refuse(fs, peer, f"{MAX_PENDING} connections are being checked already")
+                continue
             threading.Thread(
-                target=self._serve, args=(conn, addr), name="postcopy-resume-peer", daemon=True
+                target=self._serve, args=(fs, peer), name="postcopy-resume-peer", daemon=True
             ).start()
 
-    def _serve(self, conn: socket.socket, addr: object) -> None:
-        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        fs = FrameSocket(conn, timeout=self.timeout, peer="source")
+    def _serve(self, fs: FrameSocket, peer: str) -> None:
+        try:
+            self._check(fs, peer)
+        finally:
+            self._slots.release()
+
+    def _check(self, fs: FrameSocket, peer: str) -> None:
         try:
             authenticate_destination(fs, self.token)
             if fs.encrypted != self.encrypt:

@@ -586,6 +586,15 @@ class PostcopyDestination:
         names: dict[int, str] = {}
         try:
             while not self._stop.is_set():
+                vm = self.vm
+                if vm is not None and vm.end is not None:
+                    # Stopped here before every page came (its owner, a guest shutdown): its
+                    # waiters must be let go before the VM is torn down, or closing the KVM
+                    # VM waits for KVM's async page-fault worker, which waits on this
+                    # userfaultfd, which only closes after: a process no signal ends.
+                    why = f"the VM ended here before all its pages came ({vm.end.describe()})"
+                    self._fail(MigrationError(why, "postcopy"))
+                    return
                 if not uf.wait(0.05):
                     continue
                 faults = uf.read()

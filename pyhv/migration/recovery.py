@@ -221,13 +221,13 @@ class ResumeListener:
     def _check(self, fs: FrameSocket, peer: str) -> None:
         try:
             authenticate_destination(fs, self.token)
-            if fs.encrypted != self.encrypt:
+            ftype, _flags, _count, _addr, payload = fs.recv()
+            if fs.encrypted != self.encrypt:  # refused in answer to its first frame
                 raise MigrationError(
                     "the migration is "
                     + ("encrypted, this connection is not" if self.encrypt else "not encrypted"),
                     "recover",
                 )
-            ftype, _flags, _count, _addr, payload = fs.recv()
             if ftype not in (Frame.RESUME, Frame.PREEMPT):
                 raise MigrationError(f"it sent {ftype.name}, not RESUME or PREEMPT", "recover")
             body = frames.decode(payload, frames.Resume, ftype.name)

@@ -136,3 +136,22 @@ def test_a_source_that_never_comes_back_stops_the_vm_at_the_destination(hosts: A
     assert "the source did not come back within 3 s" in end.detail
     assert "the source held the rest of its memory" in end.detail
     relay.close()
+
+
+def test_a_vm_stopped_at_the_destination_while_the_link_is_down_ends_its_worker(
+    hosts: Any,
+) -> None:
+    """Its VPs (and KVM's async page-fault worker) wait on missing pages: stopping the VM lets
+    them go before the VM is torn down, so the worker process ends (it once hung for good,
+    unkillable, in KVM's teardown)."""
+    _src, dst, relay, _progress, _box, _t = _start(hosts, source_recover=60, dest_recover=60)
+    relay.hold()
+    relay.cut()
+    dst.stop()
+    closing = threading.Thread(target=dst.close, daemon=True)
+    closing.start()
+    closing.join(60)
+    assert not closing.is_alive(), "the destination worker did not end"
+    end = dst.wait(0)
+    assert end is not None and "post-copy failed" in end.detail or "stopped" in end.describe()
+    relay.close()

@@ -317,7 +317,10 @@ class Incoming:
                     raise MigrationError(
                         f"POSTCOPY over {1 + len(self.data)} streams: post-copy uses one", "memory"
                     )
-                body = frames.decode(bytes(buf), frames.Postcopy, "POSTCOPY")
+                try:
+                    body = frames.decode(bytes(buf), frames.Postcopy, "POSTCOPY")
+                except frames.FrameError as e:
+                    raise MigrationError(str(e), "memory") from None
                 self.postcopy = PostcopyDestination(
                     fs,
                     self.userfault_device,

@@ -158,8 +158,11 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
             )
         out["postcopy"] = True
         out["postcopy_after"] = a.postcopy_after or 0
-        if a.recover_timeout < 0:
-            raise CliError(f"--recover-timeout {a.recover_timeout:g}: give seconds >= 0")
+        if not 0 <= a.recover_timeout <= 86400:  # nan too
+            raise CliError(
+                f"--recover-timeout {a.recover_timeout:g}: give seconds from 0 (no recovery) "
+                "to 86400"
+            )
         out["recover_timeout"] = a.recover_timeout
     return out
 

@@ -135,6 +135,12 @@ class MigrationOptions:
                 f"postcopy with streams={s}: post-copy uses one connection; "
                 "set streams=1 or leave postcopy off"
             )
+        t = self.recover_timeout
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 86400:
+            raise MigrationError(
+                f"recover_timeout={t!r}: seconds from 0 (no recovery of a cut post-copy link) "
+                "to 86400"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

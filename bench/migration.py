@@ -251,6 +251,7 @@ def run_pyhv(
     streams: int = 1,
     postcopy_after: int = 0,
     bandwidth: int = 0,
+    preempt: bool = True,
 ) -> dict[str, Any]:
     from pyhv.guest_image import image_path
     from pyhv.migration.worker import IncomingWorker, migrate_worker
@@ -281,7 +282,15 @@ def run_pyhv(
                 "encrypt": encrypt,
                 "streams": streams,
                 **CONVERGENCE,
-                **({"postcopy": True, "postcopy_after": postcopy_after} if postcopy else {}),
+                **(
+                    {
+                        "postcopy": True,
+                        "postcopy_after": postcopy_after,
+                        "postcopy_preempt": preempt,
+                    }
+                    if postcopy
+                    else {}
+                ),
             },
         )
         dst.wait_migrated(30)

@@ -29,6 +29,7 @@ from pyhv.migration import state as vm_state
 from pyhv.migration.faults import FaultPlan
 from pyhv.migration.postcopy import PostcopyDestination
 from pyhv.migration.realtime import Boost
+from pyhv.migration.recovery import RECOVER_TIMEOUT
 from pyhv.migration.state import VmState
 from pyhv.migration.stream import (
     COMPRESSED,
@@ -76,8 +77,13 @@ class Incoming:
         accept_timeout: float = 300.0,
         faults: dict[str, str] | None = None,
         userfault_device: int | None = None,
+        recover_timeout: float = RECOVER_TIMEOUT,
     ) -> None:
         self.listener = listener
+        #: where a post-copy's source comes back after a cut link, and for how long it may
+        #: take (pyhv.migration.recovery)
+        self.address: tuple[str, int] = listener.getsockname()[:2]
+        self.recover_timeout = recover_timeout
         self.userfault_device = userfault_device  # for post-copy: /dev/userfaultfd, or None
         self.token = token_bytes(token)
         self.max_memory = max_memory
@@ -388,7 +394,18 @@ class Incoming:
                     raise MigrationError(
                         f"POSTCOPY over {1 + len(self.data)} streams: post-copy uses one", "memory"
                     )
-                self.postcopy = PostcopyDestination(fs, self.userfault_device)
+                try:
+                    body = frames.decode(bytes(buf), frames.Postcopy, "POSTCOPY")
+                except frames.FrameError as e:
+                    raise MigrationError(str(e), "memory") from None
+                self.postcopy = PostcopyDestination(
+                    fs,
+                    self.userfault_device,
+                    migration=body.migration,
+                    resume_at=(self.address, self.token),
+                    recover_timeout=self.recover_timeout,
+                    timeout=self.timeout,
+                )
             elif ftype is Frame.NEED and self.postcopy is not None:
                 runs = unpack_zero_runs(bytes(buf))
                 for gpa, n in runs:
@@ -562,18 +579,16 @@ class Incoming:
         fs = self.fs
         if fs is None:
             return
+        now = running_since or time.monotonic()
+        body = frames.Resumed(now, (now - self.t_commit) * 1000, self.parts)
+        if self.postcopy is not None:  # over the link of the moment (it may have been cut)
+            self.postcopy.send_resumed(body)
+            return
         try:
-            now = running_since or time.monotonic()
-            fs.send_json(
-                Frame.RESUMED, frames.Resumed(now, (now - self.t_commit) * 1000, self.parts)
-            )
+            fs.send_json(Frame.RESUMED, body)
         except OSError as e:
             log.warning("could not tell the source that the VM resumed: %s", e)
             fs.close()
-            return
-        if self.postcopy is not None:
-            # its COMMIT (empty) came before the VPs ran, read by the post-copy receiver,
-            # which reads this stream on: a second reader would take its frames
             return
         if self.two_phase or vm is None:
             fs.close()

@@ -118,6 +118,12 @@ class MigrationOptions:
     #: (pyhv.migration.dirtylimit). Needs a VM created with the dirty ring; replaces
     #: auto-converge. None: no limit (a VM with the ring still reports each VP's rate).
     dirty_limit: int | str | None = None
+    #: With postcopy: how long (s) to try to reconnect after the link was cut once the
+    #: destination runs the VM (pyhv.migration.recovery); 0: a cut link ends the migration
+    recover_timeout: float = 60.0
+    #: With postcopy: page requests and their pages on a second connection of their own
+    #: (QEMU's postcopy-preempt), never queued behind the push on the first
+    postcopy_preempt: bool = True
     faults: dict[str, str] = field(default_factory=dict)  #: test-only: FaultPlan
 
     @classmethod
@@ -142,6 +148,12 @@ class MigrationOptions:
             raise MigrationError(
                 f"postcopy with streams={s}: post-copy uses one connection; "
                 "set streams=1 or leave postcopy off"
+            )
+        t = self.recover_timeout
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 86400:
+            raise MigrationError(
+                f"recover_timeout={t!r}: seconds from 0 (no recovery of a cut post-copy link) "
+                "to 86400"
             )
 
     def as_dict(self) -> dict[str, Any]:
@@ -699,7 +711,16 @@ class Source:
         else:  # dirty when the passes stopped, and since
             need = [m | mem.dirty_mask(r) for r, m in masks]
         self._stop_logging()
-        pc = self._pc = PostcopySource(fs, regions, need)
+        pc = self._pc = PostcopySource(
+            fs,
+            regions,
+            need,
+            reconnect=self._reconnect if opt.recover_timeout > 0 else None,
+            recover_timeout=opt.recover_timeout,
+            preempt=self._urgent_channel if opt.postcopy_preempt else None,
+        )
+        self.progress.postcopy = {"migration": pc.migration}
+        pc.on_recovered = self._recovered
         needed = pc.announce()
         self.progress.passes += 1
         fs.send(Frame.STATE, vm_state.save(vm, None).encode())
@@ -712,7 +733,11 @@ class Source:
             self._phase("commit")
             fs.send_json(Frame.COMMIT, frames.Empty())
 
-        pc.serve(commit, time.monotonic() + opt.timeout)
+        try:
+            pc.serve(commit, time.monotonic() + opt.timeout)
+        finally:
+            self.fs = pc.fs  # the newest link, after a recovery (run() closes it)
+            pc.close()
         # RAM at the pause: the VM here stays paused for good, so it is summed after serving
         self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))
         done, resumed = pc.done, pc.resumed
@@ -724,9 +749,14 @@ class Source:
             parts["destination_start"] = round(resumed.start_ms, 2)
         self.progress.pages_sent += pc.urgent_pages + pc.pushed_pages
         self.progress.postcopy = {
+            "migration": pc.migration,
+            "recoveries": pc.recoveries,
+            "resumes_refused": done.resumes_refused,
+            "urgent_channels": done.urgent_channels,
             "switched_because": why,
             "needed_pages": needed,
-            "urgent_pages": pc.urgent_pages,
+            "urgent_pages": pc.urgent_pages + pc.channel_pages,
+            "urgent_channel_pages": pc.channel_pages,
             "pushed_pages": pc.pushed_pages,
             "requests": pc.requests,
             "faults": done.faults,
@@ -748,6 +778,37 @@ class Source:
         self.progress.phase = "done"
         self._report(force=True)
         trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
+
+    def _reconnect(self) -> tuple[FrameSocket, list[tuple[int, int]], Any]:
+        """One attempt at a new link to the destination for the post-copy (recovery)."""
+        from pyhv.migration.recovery import reconnect_source
+
+        opt, pc = self.opt, self._pc
+        return reconnect_source(
+            self.address,
+            self.token,
+            pc.migration,
+            encrypt=opt.encrypt,
+            bandwidth=opt.bandwidth,
+            timeout=opt.timeout,
+            max_runs=sum(r.pages for r in pc.regions),
+        )
+
+    def _urgent_channel(self) -> FrameSocket:
+        """The post-copy's urgent channel (QEMU's postcopy-preempt)."""
+        from pyhv.migration.recovery import connect_urgent
+
+        opt, pc = self.opt, self._pc
+        return connect_urgent(
+            self.address, self.token, pc.migration, encrypt=opt.encrypt, timeout=opt.timeout
+        )
+
+    def _recovered(self) -> None:
+        """The post-copy goes on over a new link: the owner hears of it."""
+        pc = self._pc
+        self.fs = pc.fs
+        self.progress.postcopy["recoveries"] = pc.recoveries
+        self._report(force=True)
 
     def _typed(self) -> bytes:
         """Serial input held since the state's save (at most what one COMMIT carries)."""

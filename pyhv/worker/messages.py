@@ -106,6 +106,9 @@ class Incoming(_Op, tag="incoming", frozen=True):
     #: Resume only after the owner said :class:`Resume` (answering :class:`Committed`): the
     #: owner records the VM as its own first. Its EOF before that aborts (no RESUMED).
     confirm: bool = False
+    #: Post-copy: seconds to wait for the source to reconnect after the link was cut once
+    #: the VM runs here (pyhv.migration.recovery); then the VM is stopped.
+    recover_timeout: Seconds = 60.0
 
 
 class SerialIn(_Op, tag="serial", frozen=True):

@@ -214,6 +214,9 @@ class Migrations:
         self.keep_finished = keep_finished
         #: Source records in doubt: id -> (vm, worker, the worker's migration id).
         self._doubts: dict[str, tuple[VmEntry, Any, int]] = {}
+        #: Incoming ids this VMMS refused to record (disk full): the reason a later drop gives,
+        #: whichever comes first, the worker's end or the source's cancel.
+        self._refusals: dict[str, str] = {}
         #: Guards the records (taken before the service's own lock, never after).
         self._lock = threading.RLock()
         self._threads: list[threading.Thread] = []
@@ -352,8 +355,16 @@ class Migrations:
             worker.pid,
         )
 
+    def refuse_arrival(self, mid: str, why: str) -> None:
+        """This VMMS could not record incoming migration `mid`'s VM (it will not resume):
+        the reason its record gives when it is dropped."""
+        with self._lock:
+            self._refusals[mid] = why
+
     def _drop_incoming(self, vm: VmEntry, rec: Migration, why: str) -> None:
         """The VM did not arrive: the entry, the worker and the memory all go."""
+        with self._lock:
+            why = self._refusals.pop(rec.id, None) or why
         worker = vm.worker
         if worker is not None:
             try:

@@ -907,8 +907,14 @@ class Vmms:
                     self.store.vm_dir,
                     e,
                 )
+                self.migrations.refuse_arrival(
+                    migration, f"its owner could not record it: saving its settings failed ({e})"
+                )
                 return False
             if not self._record_worker(name, worker, secret, cgroup, incoming=migration):
+                self.migrations.refuse_arrival(
+                    migration, "its owner could not record it: writing its run record failed"
+                )
                 return False
             exit_point_for_tests("committed")
             return True

@@ -3,6 +3,9 @@ from the configuration it sends, take memory passes straight into guest RAM, res
 device state, check RAM against the source's checksum, and resume when the source commits.
 
 :meth:`Incoming.accept` runs before the VM exists (it yields the configuration);
+:meth:`Incoming.ram_ready` is the hook ``VirtualMachine.start(ram_ready=...)`` calls as soon as
+the partition and its RAM slots exist: it sends READY and takes the passes on a thread of its
+own while the VPs and devices are built (needed only at the pause, where it waits for them);
 :meth:`Incoming.receive` is the hook ``VirtualMachine.start(incoming=...)`` calls once the
 partition, its RAM and its VPs exist, their threads parked before their first instruction: it
 wakes them (``VirtualMachine.run_incoming``) as soon as the state is restored and checked (and,
@@ -120,6 +123,13 @@ class Incoming:
         #: RAM before any of the next pass is read (a page may change streams between passes)
         self._pass_end: threading.Barrier | None = None
         self._local = threading.local()  # a zstd decompressor per receiving thread
+        #: With READY sent at ram_ready: the first stream's receiving thread, set once the VPs
+        #: and devices exist (at once otherwise), and what ended that thread badly
+        self._receiver: threading.Thread | None = None
+        self._built = threading.Event()
+        self._built.set()
+        self._abandoned = False
+        self._receive_error: BaseException | None = None
 
     def accept(self) -> dict[str, Any]:
         """Wait for the source, authenticate it, read the configuration (returned, as sent)."""
@@ -192,12 +202,60 @@ class Incoming:
         for fs in self.data:
             fs.close(reset=True)
 
-    # --- the VirtualMachine.start hook ---------------------------------------------------
+    # --- the VirtualMachine.start hooks --------------------------------------------------
+
+    def ram_ready(self, vm: VirtualMachine) -> None:
+        """The hook ``VirtualMachine.start(ram_ready=...)`` calls once the partition and its
+        RAM slots exist, before the VPs and devices: the layout checked, READY sent, and the
+        source's passes taken on a thread of their own while the rest of the VM is built (it is
+        needed only at the pause; the receiver waits for it there). A VM with Dynamic Memory
+        maps its hot-added regions with its DM service: its READY waits for :meth:`receive`."""
+        if self.dynmem_layout is not None or vm.config.dynamic_memory:
+            return
+        fs = self.fs
+        assert fs is not None
+        try:
+            written = self._ready(vm)
+        except BaseException as e:
+            self.fail(e)
+            raise
+        self._built.clear()
+        self._receiver = threading.Thread(
+            target=self._receive_early, args=(vm, written), name="migration-in-0", daemon=True
+        )
+        self._receiver.start()
+
+    def _receive_early(self, vm: VirtualMachine, written: dict[int, np.ndarray]) -> None:
+        try:
+            self._take(vm, written)
+        except BaseException as e:  # noqa: BLE001 - raised again by receive() on its thread
+            self._receive_error = e
+
+    def abandon(self, e: BaseException) -> None:
+        """The VM could not be built after :meth:`ram_ready`: tell the source, and stop the
+        receiving thread before the RAM it writes into goes away."""
+        if self._abandoned:
+            return
+        self._abandoned = True
+        if self._receive_error is None:  # still receiving (else the source was told already)
+            self.fail(e)
+        self._built.set()
+        if self._receiver is not None:
+            self._receiver.join(self.timeout)
+
+    def _wait_built(self) -> None:
+        """The VPs and devices exist (at once unless :meth:`ram_ready` sent READY early)."""
+        if not self._built.wait(self.timeout) or self._abandoned:
+            raise MigrationError(f"the VM was not built here within {self.timeout} s", "config")
 
     def receive(self, vm: VirtualMachine) -> None:
-        fs = self.fs
-        p = vm.partition
-        assert fs is not None and p is not None
+        if self._receiver is not None:  # READY went at ram_ready: the passes arrive meanwhile
+            vm_state.prepare(vm, destination=True)  # failing, VirtualMachine.start abandons
+            self._built.set()
+            self._receiver.join()  # its reads and waits all have timeouts
+            if self._receive_error is not None:
+                raise self._receive_error
+            return
         try:
             if self.dynmem_layout is not None:
                 if vm.dynmem is None:
@@ -205,18 +263,39 @@ class Incoming:
                         "the VM has Dynamic Memory, the one built here not", "config"
                     )
                 dm_mod.prepare(vm.dynmem, self.dynmem_layout)
-            ram = [r for r in p.regions if not r.readonly]
-            have = sorted([r.gpa, r.size] for r in ram)
-            if have != sorted([int(g), int(s)] for g, s in self.regions):
-                raise MigrationError(
-                    f"the source's RAM layout {self.regions} differs from the VM built here {have}",
-                    "config",
-                )
-            written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
-            fs.send_json(Frame.READY, frames.Empty())
+            written = self._ready(vm)
             vm_state.prepare(vm, destination=True)  # while the source sends pass 1
+        except BaseException as e:
+            self.fail(e)
+            raise
+        self._take(vm, written)
+
+    def _ready(self, vm: VirtualMachine) -> dict[int, np.ndarray]:
+        """Check the RAM built here against the source's layout and send READY; returns the
+        pages written so far (none) per region."""
+        fs, p = self.fs, vm.partition
+        assert fs is not None and p is not None
+        ram = [r for r in p.regions if not r.readonly]
+        have = sorted([r.gpa, r.size] for r in ram)
+        if have != sorted([int(g), int(s)] for g, s in self.regions):
+            raise MigrationError(
+                f"the source's RAM layout {self.regions} differs from the VM built here {have}",
+                "config",
+            )
+        written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
+        fs.send_json(Frame.READY, frames.Empty())
+        return written
+
+    def _take(self, vm: VirtualMachine, written: dict[int, np.ndarray]) -> None:
+        """The passes, the state and the commit, up to the VPs running."""
+        fs = self.fs
+        p = vm.partition
+        assert fs is not None and p is not None
+        ram = [r for r in p.regions if not r.readonly]
+        try:
             trace_phase(vm, "destination", "memory", fs.bytes_received, self.pages)
             state = self._memory(vm, written)
+            self._wait_built()  # the devices restore into (a post-copy comes without PREPARE)
             t = time.monotonic()
             self.parts["state_in"] = round((t - self._t_state) * 1000, 3)
             trace_phase(vm, "destination", "state", fs.bytes_received, self.pages)
@@ -354,6 +433,7 @@ class Incoming:
     def _prepare(self, p: Any) -> None:
         """The source pauses next: the owner's word on the arrival now (out of the pause), and
         this receiver and the parked VP threads at a real-time priority until the VPs run."""
+        self._wait_built()  # the VP threads below, the owner's hooks (ram_ready sent READY early)
         self.faults.at("prepare", self.fs)
         if self.authorize is not None:
             self.authorize()

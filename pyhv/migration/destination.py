@@ -251,6 +251,7 @@ class Incoming:
     def receive(self, vm: VirtualMachine) -> None:
         if self._receiver is not None:  # READY went at ram_ready: the passes arrive meanwhile
             vm_state.prepare(vm, destination=True)  # failing, VirtualMachine.start abandons
+            self.faults.at("build", self.fs)
             self._built.set()
             self._receiver.join()  # its reads and waits all have timeouts
             if self._receive_error is not None:

@@ -93,6 +93,7 @@ class Incoming:
         self.regions: list[list[int]] = []
         self.verify = True
         self.two_phase = False
+        self.postcopy_at_once = False  # the source pauses right after READY
         self.passes = 0
         self.pages = 0
         self.t_commit = 0.0
@@ -153,6 +154,7 @@ class Incoming:
             self.config, self.regions = config, regions
             self.verify = msg.options.verify
             self.two_phase = msg.options.two_phase_commit
+            self.postcopy_at_once = msg.options.postcopy_at_once
             self.dynmem_layout = msg.dynmem
             need = sum(size for _gpa, size in regions)
             have = self.max_memory if self.max_memory is not None else available_memory()
@@ -209,8 +211,9 @@ class Incoming:
         RAM slots exist, before the VPs and devices: the layout checked, READY sent, and the
         source's passes taken on a thread of their own while the rest of the VM is built (it is
         needed only at the pause; the receiver waits for it there). A VM with Dynamic Memory
-        maps its hot-added regions with its DM service: its READY waits for :meth:`receive`."""
-        if self.dynmem_layout is not None or vm.config.dynamic_memory:
+        maps its hot-added regions with its DM service, and a post-copy at once pauses right
+        after READY (the build would be inside its pause): their READY waits for :meth:`receive`."""
+        if self.dynmem_layout is not None or vm.config.dynamic_memory or self.postcopy_at_once:
             return
         fs = self.fs
         assert fs is not None

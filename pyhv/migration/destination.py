@@ -3,9 +3,10 @@ from the configuration it sends, take memory passes straight into guest RAM, res
 device state, check RAM against the source's checksum, and resume when the source commits.
 
 :meth:`Incoming.accept` runs before the VM exists (it yields the configuration);
-:meth:`Incoming.ram_ready` is the hook ``VirtualMachine.start(ram_ready=...)`` calls as soon as
-the partition and its RAM slots exist: it sends READY and takes the passes on a thread of its
-own while the VPs and devices are built (needed only at the pause, where it waits for them);
+:meth:`Incoming.ram_ready` is the hook ``VirtualMachine.start(early=...)`` calls as soon as the
+partition exists and its RAM is mapped: it sends READY and takes the passes on a thread of its
+own while KVM's RAM slots, the VPs and the devices are made (needed only at the pause, where it
+waits for them);
 :meth:`Incoming.receive` is the hook ``VirtualMachine.start(incoming=...)`` calls once the
 partition, its RAM and its VPs exist, their threads parked before their first instruction: it
 wakes them (``VirtualMachine.run_incoming``) as soon as the state is restored and checked (and,
@@ -207,8 +208,8 @@ class Incoming:
     # --- the VirtualMachine.start hooks --------------------------------------------------
 
     def ram_ready(self, vm: VirtualMachine) -> None:
-        """The hook ``VirtualMachine.start(ram_ready=...)`` calls once the partition and its
-        RAM slots exist, before the VPs and devices: the layout checked, READY sent, and the
+        """The hook ``VirtualMachine.start(early=...)`` calls once the partition exists and its
+        RAM is mapped, before KVM's slots, the VPs and devices: the layout checked, READY sent, the
         source's passes taken on a thread of their own while the rest of the VM is built (it is
         needed only at the pause; the receiver waits for it there). A VM with Dynamic Memory
         maps its hot-added regions with its DM service, and a post-copy at once pauses right

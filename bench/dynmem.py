@@ -10,7 +10,10 @@
   the host (goal <= 100 ms), the host's discard alone, and the guest's hint round trip; with RAM
   in 4 KiB memfd pages (the default) and in 2 MiB pages (`huge_pages`, pyhv.memory.hugeram);
 - a burst: the guest commits 1 GiB at once under an in-process VMMS and its balancer; from the
-  burst's status report to the memory added (goal <= 100 ms), and the guest's own wait.
+  burst's status report to the memory added (goal <= 100 ms), and the guest's own wait;
+- hot-remove of a hot-added region of 256 MiB (1 GiB too unless quick), touched by the guest and
+  freed: time from the request to the guest's last answer handled (region unmapped, host memory
+  behind it gone), and the host memory freed.
 
 Balloon and unballoon are repeated (3 times per size; the guest touches its free memory again
 before each balloon) and hot-add is measured once per size; figures are medians with min-max.
@@ -266,6 +269,37 @@ def bench_burst(burst_mib: int) -> dict[str, Any]:
     }
 
 
+def bench_hot_remove(mib: int, repeats: int) -> dict[str, Any]:
+    """Hot-add `mib` MiB, let the guest touch and free it (no free-page hints: the host keeps
+    backing it), then hot-remove it; `repeats` times."""
+    vm = boot("256M", f"{256 + mib}M")
+    dm = vm.dynmem
+    assert dm is not None
+    s: dict[str, list[float]] = {}
+    try:
+        shell(vm, "dm nohints")
+        for _ in range(repeats):
+            timed_target(vm, (256 + mib) * MiB)
+            free = mem(vm)["free"]
+            shell(vm, f"testlimit -m {free - 32} -c 1")
+            wait_until(lambda: vm.host_resident_bytes() >= (256 + mib - 64) * MiB)
+            shell(vm, "kill")
+            host0 = vm.host_resident_bytes()
+            t0 = time.perf_counter()
+            vm.hot_remove_memory()
+            assert vm.wait_memory_idle(300)
+            dt = time.perf_counter() - t0
+            st = vm.memory_status()
+            if st["hot_added_pages"] or st["last_error"]:
+                raise RuntimeError(f"hot-remove left {st['hot_added_pages']} pages: {st}")
+            s.setdefault("hot_remove_ms", []).append(dt * 1e3)
+            s.setdefault("hot_remove_pages_per_s", []).append(mib * PAGES_PER_MIB / dt)
+            s.setdefault("host_freed_MiB", []).append((host0 - vm.host_resident_bytes()) / MiB)
+    finally:
+        vm.close()
+    return {k: common.spread(v, 2 if k.endswith(("_ms", "_MiB")) else 0) for k, v in s.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -314,6 +348,16 @@ def main() -> None:
         f"guest: longest wait {burst['guest_longest_wait_ms']} ms, all allocated after "
         f"{burst['guest_all_allocated_ms']} ms"
     )
+    out["hot_remove"] = {}
+    for mib in args.sizes:
+        hr = bench_hot_remove(mib, repeats)
+        out["hot_remove"][f"{mib}MiB"] = hr
+        print(
+            f"hot-remove of a {mib} MiB region the guest touched and freed: "
+            f"{hr['hot_remove_ms']['median']:.1f} ms "
+            f"({hr['hot_remove_pages_per_s']['median']:,.0f} pages/s), host memory freed "
+            f"{hr['host_freed_MiB']['median']:.0f} MiB"
+        )
     common.finish("dynmem", out, run)
 
 

@@ -25,6 +25,12 @@
 #define DM_MEM_HOT_ADD_REQUEST 10
 #define DM_MEM_HOT_ADD_RESPONSE 11
 #define DM_INFO_MESSAGE 12
+#define DM_MEM_HOT_REMOVE_REQUEST 13 /* protocol 2.0 */
+#define DM_MEM_HOT_REMOVE_RESPONSE 14
+#define CAPS_HOT_REMOVE (1UL << 6)
+#define CAPS_RESP_HOT_REMOVE 2
+#define HR_RANGES ((DM_MAX_MESSAGE - 24) / 8) /* 509 ranges per hot-remove response */
+#define HR_REGIONS 64                         /* hot-added regions remembered for hot-remove */
 /* pyhv's extension (types from 0x8000; docs/dynamic-memory.md): free-page hints, sent only to a
  * host that set bit 3 of the capabilities response */
 #define DM_FREE_PAGE_HINT 0x8000
@@ -102,6 +108,18 @@ struct dm_hot_add_response {
     u32 page_count, result;
 } __attribute__((packed));
 
+struct dm_hot_remove {
+    struct dm_header hdr;
+    u32 virtual_node, page_count, qos_flags, reservedz;
+} __attribute__((packed));
+
+struct dm_hot_remove_response {
+    struct dm_header hdr;
+    u32 result, range_count;
+    u64 more_pages; /* bit 0 */
+    u64 range[HR_RANGES];
+} __attribute__((packed));
+
 struct dm_info_msg {
     struct dm_header hdr;
     u32 reserved, info_size;
@@ -115,6 +133,8 @@ _Static_assert(sizeof(struct dm_balloon_response) == DM_MAX_MESSAGE, "dm_balloon
 _Static_assert(sizeof(struct dm_unballoon_request) == 16, "dm_unballoon_request");
 _Static_assert(sizeof(struct dm_hot_add_response) == 16, "dm_hot_add_response");
 _Static_assert(sizeof(struct dm_info_msg) == 16, "dm_info_msg");
+_Static_assert(sizeof(struct dm_hot_remove) == 24, "dm_hot_remove");
+_Static_assert(sizeof(struct dm_hot_remove_response) <= DM_MAX_MESSAGE, "dm_hot_remove_response");
 _Static_assert(sizeof(struct dm_free_page_hint) == DM_MAX_MESSAGE, "dm_free_page_hint");
 _Static_assert(sizeof(struct dm_free_page_hint_response) == 16, "dm_free_page_hint_response");
 
@@ -148,7 +168,13 @@ static struct {
     u32 hint_n;
     u64 hint_gen, hint_tick, hint_sent_tick;
     u64 hints_sent, hinted_pages, hint_refused_ranges, hint_last_pages, hint_last_ticks;
+    /* hot-remove (protocol 2.0): the hot-added regions, and a request being answered */
+    int hr_ok, hr_active, hr_hostile;
+    u32 hr_nregions;
+    u64 hr_left, hr_floor, hr_region_pass, hr_block_pass, hot_add_limit;
+    u64 hr_requests, hr_asked, hr_pages, hr_regions_removed, hr_responses, hr_strays;
 } dm;
+static struct pmm_range hr_regions[HR_REGIONS];
 
 /* message buffers: not zeroed at boot, every byte sent is written first */
 static u8 out[DM_MAX_MESSAGE] __attribute__((section(".bss.noinit"), aligned(8)));
@@ -218,7 +244,7 @@ static void send_caps(void)
     pmm_stats(&s);
     struct dm_capabilities *m = (void *)out;
     header(&m->hdr, DM_CAPABILITIES_REPORT, sizeof(*m));
-    m->caps = 1 | 2 | (HOT_ADD_ALIGNMENT << 2); /* balloon, hot-add, alignment 2^n MiB */
+    m->caps = 1 | 2 | (HOT_ADD_ALIGNMENT << 2) | CAPS_HOT_REMOVE; /* balloon, hot-add (2^n MiB), hot-remove */
     m->min_page_cnt = s.committed + pmm_balloon_floor(); /* what the guest needs: the kernel and the floor */
     m->max_page_number = MAX_PHYS / PAGE_SIZE;           /* the boot page tables map 0..64 GiB */
     dm.state = DM_CAPS;
@@ -413,6 +439,107 @@ static void unballoon_request(const struct dm_unballoon_request *m, u32 size)
     post(sizeof(struct dm_header));
 }
 
+/* ---------------------------------------------------------------- hot-remove */
+/* What the host may take back: the regions it hot-added, newest last. */
+static void hot_remove_remember(u64 base, u64 pages)
+{
+    if (dm.hr_nregions == HR_REGIONS) {
+        puts("dm: too many hot-added regions to remember: this one cannot be hot-removed\n");
+        return;
+    }
+    hr_regions[dm.hr_nregions].base = base;
+    hr_regions[dm.hr_nregions].pages = pages;
+    dm.hr_nregions++;
+}
+
+static void hot_remove_request(const struct dm_hot_remove *m)
+{
+    dm.hr_requests++;
+    dm.hr_asked += m->page_count;
+    dm.hr_left = m->page_count;
+    dm.hr_floor = pmm_balloon_floor(); /* never below what the guest keeps to run, as the balloon */
+    dm.hr_region_pass = 1;
+    dm.hr_active = 1;
+}
+
+/* The ranges a hostile guest adds (`dm badremove`): memory beyond RAM, a range named twice, a
+ * ballooned block, more pages than asked, and the 2 MiB block holding our channel's ring. */
+static u32 hot_remove_lies(struct dm_hot_remove_response *m, u32 n)
+{
+    u32 k = n;
+    u64 *range = (u64 *)((u8 *)m + 24); /* 8-byte aligned: `out` is */
+    range[k++] = ((MAX_PHYS / PAGE_SIZE) - 512) | (512UL << 40);
+    if (n)
+        range[k++] = range[0];
+    u64 ballooned;
+    if (dm.ballooned && pmm_first_ballooned_block(&ballooned) == 0)
+        range[k++] = ballooned;
+    range[k++] = (4096UL) | ((dm.hr_asked + 512) << 40); /* boot RAM, more than ever asked */
+    range[k++] = ((dm.ch->ring_gpa / PAGE_SIZE) & ~511UL) | (512UL << 40); /* the host's ring */
+    dm.hr_hostile = 0;
+    printf("dm: hot-remove response with %u ranges the host must refuse\n", k - n);
+    return k;
+}
+
+/* One DM_MEM_HOT_REMOVE_RESPONSE per call: whole free hot-added regions first (newest first), then
+ * free 2 MiB blocks of the others; more_pages while a full message leaves pages to find. */
+static void hot_remove_step(void)
+{
+    struct dm_hot_remove_response *m = (void *)out;
+    u32 n = 0;
+    u64 got = 0;
+    for (u32 i = dm.hr_nregions; dm.hr_region_pass && i-- > 0 && n < HR_RANGES;) {
+        struct pmm_range *r = &hr_regions[i];
+        if (!r->pages || r->pages > dm.hr_left - got || pmm_hot_remove_region(r->base, r->pages, dm.hr_floor))
+            continue;
+        m->range[n++] = (r->base / PAGE_SIZE) | (r->pages << 40);
+        got += r->pages;
+        dm.hr_regions_removed++;
+        r->pages = 0; /* offline: forgotten until the host adds it again */
+    }
+    if (n < HR_RANGES)
+        dm.hr_region_pass = 0;
+    for (u32 i = dm.hr_nregions; !dm.hr_region_pass && i-- > 0 && n < HR_RANGES && got < dm.hr_left;) {
+        u32 k = 0;
+        got += pmm_hot_remove_blocks(hr_regions[i].base, hr_regions[i].pages, dm.hr_left - got, dm.hr_floor, taken,
+                                     HR_RANGES - n, &k);
+        for (u32 j = 0; j < k; j++)
+            m->range[n++] = (taken[j].base / PAGE_SIZE) | (taken[j].pages << 40);
+    }
+    dm.hr_left -= got;
+    dm.hr_pages += got;
+    int done = !dm.hr_left || n < HR_RANGES;
+    if (done)
+        dm.hr_active = 0;
+    if (done && dm.hr_hostile && n + 5 <= HR_RANGES)
+        n = hot_remove_lies(m, n);
+    header(&m->hdr, DM_MEM_HOT_REMOVE_RESPONSE, (u16)(24 + 8 * n));
+    m->result = 1;
+    m->range_count = n;
+    m->more_pages = done ? 0 : 1;
+    dm.hr_responses++;
+    dm.status_due = 1;
+    post(24 + 8 * n);
+}
+
+/* `dm strayremove`: a hot-remove response the host never asked for (a range of boot RAM) */
+static void hot_remove_stray(void)
+{
+    if (dm.state != DM_READY || dm.out_len || dm.hr_active) {
+        puts("dm: no stray response can be sent now\n");
+        return;
+    }
+    struct dm_hot_remove_response *m = (void *)out;
+    m->range[0] = (8192UL) | (512UL << 40);
+    header(&m->hdr, DM_MEM_HOT_REMOVE_RESPONSE, 32);
+    m->result = 1;
+    m->range_count = 1;
+    m->more_pages = 0;
+    dm.hr_strays++;
+    post(32);
+    puts("dm: sent a hot-remove response with no request outstanding\n");
+}
+
 static void hot_add_request(const struct dm_hot_add *m, u32 size)
 {
     u64 start = m->range & PFN_MASK, cnt = m->range >> 40, added = 0;
@@ -432,9 +559,12 @@ static void hot_add_request(const struct dm_hot_add *m, u32 size)
         result = 1; /* success with 0 pages: permanent, this guest maps nothing above 64 GiB */
     } else {
         u64 n = cnt < limit - start ? cnt : limit - start; /* fewer than asked: the upper barrier */
+        if (dm.hot_add_limit && n > dm.hot_add_limit)
+            n = dm.hot_add_limit; /* `dm hotaddlimit`: a guest that takes part of what is offered */
         if (!pmm_hot_add(start * PAGE_SIZE, n)) {
             added = n;
             result = 1;
+            hot_remove_remember(start * PAGE_SIZE, n);
         } else {
             result = 0; /* overlap or no descriptors: transient as far as the host knows */
         }
@@ -506,6 +636,7 @@ static void message(u32 len)
         dm.state = DM_READY;
         dm.status_due = 1; /* quietly: a line now would land in the middle of a shell command */
         dm.hints_ok = !!(*body & CAPS_RESP_FREE_PAGE_HINTS);
+        dm.hr_ok = dm.version >= DM_WIN10 && (*body & CAPS_RESP_HOT_REMOVE);
         dm.hint_gen = pmm_free_gen() - 1; /* a first pass tells the host of all free memory */
         return;
     case DM_BALLOON_REQUEST:
@@ -528,6 +659,13 @@ static void message(u32 len)
         if (dm.state != DM_READY || (size != 16 && size != 24))
             break;
         hot_add_request((const void *)rx, size);
+        return;
+    case DM_MEM_HOT_REMOVE_REQUEST: /* for no pages, or with reserved bits set: malformed */
+        if (dm.state != DM_READY || size != 24 || !dm.hr_ok || dm.hr_active ||
+            !((const struct dm_hot_remove *)rx)->page_count || ((const struct dm_hot_remove *)rx)->reservedz ||
+            (((const struct dm_hot_remove *)rx)->qos_flags & ~3u))
+            break;
+        hot_remove_request((const void *)rx);
         return;
     case DM_FREE_PAGE_HINT_RESPONSE:
         if (dm.state != DM_READY || size != 16 || !dm.hint_inflight)
@@ -557,6 +695,10 @@ static void dm_callback(struct vmbus_channel *ch)
             break; /* the ring is full: the host interrupts when it has made room */
         if (dm.ballooning && !dm.hint_inflight) { /* blocks out for a hint come back first */
             balloon_step();
+            continue;
+        }
+        if (dm.hr_active && !dm.hint_inflight) {
+            hot_remove_step();
             continue;
         }
         u32 len;
@@ -628,6 +770,7 @@ static void reopen(void)
     dm.reopens++;
     dm.out_len = 0;
     dm.ballooning = 0;
+    dm.hr_active = 0;
     dm.status_due = 0;
     dm.why = NULL;
     if (vmbus_open(ch, ch->in.size, DM_VECTOR_BASE + (u32)(ch - vmbus_channels), dm_callback)) {
@@ -647,11 +790,22 @@ void dmvsc_command(int argc, char **argv)
         reopen();
     } else if (argc == 2 && !strcmp(argv[1], "badhint")) {
         hint_hostile();
+    } else if (argc == 2 && !strcmp(argv[1], "badremove")) {
+        dm.hr_hostile = 1;
+        puts("dm: the next hot-remove response names memory the host must refuse\n");
+    } else if (argc == 2 && !strcmp(argv[1], "nohints")) {
+        dm.hints_ok = 0; /* freed memory stays with the host: what a hot-remove frees shows */
+        puts("dm: no more free-page hints\n");
+    } else if (argc == 2 && !strcmp(argv[1], "strayremove")) {
+        hot_remove_stray();
+    } else if (argc == 3 && !strcmp(argv[1], "hotaddlimit") && !parse_u64(argv[2], &n) && n <= 65536) {
+        dm.hot_add_limit = n * 256;
+        printf("dm: hot-adds take at most %lu MiB each\n", n);
     } else if (argc == 3 && !strcmp(argv[1], "deaf") && !parse_u64(argv[2], &n) && n <= 1000) {
         dm.deaf = n;
         printf("dm: ignoring the next %lu unballoon requests\n", n);
     } else {
-        puts("dm: usage dm [reopen | deaf N | badhint]\n");
+        puts("dm: usage dm [reopen | deaf N | badhint | badremove | strayremove | hotaddlimit MB | nohints]\n");
     }
 }
 
@@ -681,5 +835,8 @@ void dmvsc_show(void)
     printf("free-page-hints: %s\nhints-sent: %lu\nhinted-pages: %lu\nhint-refused-ranges: %lu\n",
            dm.hints_ok ? "on" : "off", dm.hints_sent, dm.hinted_pages, dm.hint_refused_ranges);
     printf("hint-last-pages: %lu\nhint-last-ms: %lu\n", dm.hint_last_pages, dm.hint_last_ticks * (1000 / HZ));
+    printf("hot-remove: %s\nhot-remove-requests: %lu\nhot-remove-asked: %lu\nhot-removed-pages: %lu\n",
+           dm.hr_ok ? "on" : "off", dm.hr_requests, dm.hr_asked, dm.hr_pages);
+    printf("hot-removed-regions: %lu\nhot-remove-responses: %lu\n", dm.hr_regions_removed, dm.hr_responses);
     printf("messages-in: %lu\nmessages-out: %lu\nbad-messages: %lu\n", dm.msgs_in, dm.msgs_out, dm.bad_msgs);
 }

@@ -150,6 +150,10 @@ void pmm_hint_done(const struct pmm_range *r, u32 n);
 int pmm_first_ballooned_block(u64 *range); /* a hostile hint's ballooned range (host tests) */
 u64 pmm_balloon_return(u64 max_pages); /* give back ballooned pages, lowest first (DM starts over) */
 u64 pmm_balloon_touch(u64 max_pages); /* write to ballooned pages (a misbehaving guest, for tests) */
+/* hot-remove: hot-added memory taken offline (out of RAM until added again), never below a floor */
+int pmm_hot_remove_region(u64 base, u64 pages, u64 floor_pages); /* 0, or -1 if not all free */
+u64 pmm_hot_remove_blocks(u64 base, u64 pages, u64 max_pages, u64 floor_pages, struct pmm_range *out, u32 max_out,
+                          u32 *nout);
 int pmm_check(void); /* consistency of counters and bitmaps, for the `pmmcheck` command */
 
 /* trap frame, as pushed by the stubs in entry.S */

@@ -754,3 +754,83 @@ int pmm_check(void)
     spin_unlock(&pmm_lock, f);
     return r;
 }
+
+/* ---------------------------------------------------------------- hot-remove */
+/* Drop pages [pfn, pfn + n), all allocated just now by the caller, from the RAM the pmm knows:
+ * offline, never handed out again until the host adds them again. A block partly dropped must
+ * have a descriptor already (the tail of a region: hot-added regions start on a block). */
+static void drop_ram(u64 pfn, u64 n)
+{
+    u64 end = pfn + n;
+    for (u64 p = pfn; p < end;) {
+        u64 b = p / BLOCK_PAGES, lo = p % BLOCK_PAGES;
+        u64 hi = end - b * BLOCK_PAGES < BLOCK_PAGES ? end - b * BLOCK_PAGES : BLOCK_PAGES;
+        struct split *s = split_get(b);
+        if (!s) {
+            clear1(ram_bm, b); /* a whole block (the caller checked) */
+        } else {
+            bm_clear(s->present, lo, hi);
+            s->npresent -= (u32)(hi - lo);
+            if (!s->npresent) { /* nothing of it is RAM any more: the descriptor goes */
+                s->in_use = 0;
+                split_stack[split_nstack++] = (u16)(s - splits);
+                clear1(split_bm, b);
+                clear1(ram_bm, b);
+                clear1(partial_bm, b);
+            }
+        }
+        p = b * BLOCK_PAGES + hi;
+    }
+    n_visible -= n;
+    n_hot_added -= n < n_hot_added ? n : n_hot_added;
+}
+
+/* Take a whole hot-added region offline if every page of it is free and at least floor_pages stay
+ * free. 0, or -1 (nothing changed). */
+int pmm_hot_remove_region(u64 base, u64 pages, u64 floor_pages)
+{
+    if (base % BLOCK_SIZE || !pages || base >= MAX_PHYS || pages > (MAX_PHYS - base) / PAGE_SIZE)
+        return -1;
+    u64 f = spin_lock(&pmm_lock), pfn = base / PAGE_SIZE, tail = (pfn + pages) / BLOCK_PAGES;
+    int r = -1;
+    if (n_free >= floor_pages + pages && ((pfn + pages) % BLOCK_PAGES == 0 || split_get(tail)) &&
+        !change(pfn, pages, FREE, ALLOC)) {
+        drop_ram(pfn, pages);
+        r = 0;
+    }
+    spin_unlock(&pmm_lock, f);
+    return r;
+}
+
+/* Take up to max_pages of whole free 2 MiB blocks of a hot-added region offline, highest first,
+ * leaving floor_pages free; their ranges go to out[0..*nout). Returns the pages taken. */
+u64 pmm_hot_remove_blocks(u64 base, u64 pages, u64 max_pages, u64 floor_pages, struct pmm_range *out, u32 max_out,
+                          u32 *nout)
+{
+    u64 f = spin_lock(&pmm_lock), got = 0;
+    u64 first = (base / PAGE_SIZE + BLOCK_PAGES - 1) / BLOCK_PAGES, end = (base / PAGE_SIZE + pages) / BLOCK_PAGES;
+    if (end > NBLOCKS)
+        end = NBLOCKS;
+    *nout = 0;
+    for (u64 b = end; b-- > first && got + BLOCK_PAGES <= max_pages && n_free >= floor_pages + BLOCK_PAGES;) {
+        if (!test(free_bm, b) || test(split_bm, b))
+            continue;
+        int merge = *nout && out[*nout - 1].base == (b + 1) * BLOCK_SIZE;
+        if (!merge && *nout == max_out)
+            break;
+        if (change(b * BLOCK_PAGES, BLOCK_PAGES, FREE, ALLOC))
+            continue;
+        drop_ram(b * BLOCK_PAGES, BLOCK_PAGES);
+        if (merge) {
+            out[*nout - 1].base -= BLOCK_SIZE;
+            out[*nout - 1].pages += BLOCK_PAGES;
+        } else {
+            out[*nout].base = b * BLOCK_SIZE;
+            out[*nout].pages = BLOCK_PAGES;
+            (*nout)++;
+        }
+        got += BLOCK_PAGES;
+    }
+    spin_unlock(&pmm_lock, f);
+    return got;
+}

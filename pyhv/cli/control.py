@@ -22,8 +22,18 @@ def register(sub: Any) -> None:
         "memory", help="memory of a `pyhv run --control` VM (no VMMS)", description=HELP
     )
     p.add_argument("--control", metavar="PATH", required=True, help="the VM's control socket")
-    p.add_argument(
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
         "--target", type=types.size, metavar="SIZE", help="move the VM's memory to SIZE (e.g. 768M)"
+    )
+    what.add_argument(
+        "--hot-remove",
+        type=types.size,
+        nargs="?",
+        const=-1,
+        metavar="SIZE",
+        help="take SIZE back from the guest offline (DM hot-remove; no SIZE: all hot-added "
+        "memory): its visible memory falls",
     )
     p.set_defaults(func=memory_command)
 
@@ -42,6 +52,8 @@ def format_memory_status(st: dict[str, Any], now: float | None = None) -> str:
         f"visible: {_pages(st.get('visible_pages'))}",
         f"ballooned: {_pages(st.get('ballooned_pages'))}",
         f"hot-added: {_pages(st.get('hot_added_pages'))}",
+        f"hot-remove: {'on' if st.get('hot_remove') else 'off'}"
+        + (f", {_pages(st['removed_pages'])} offline" if st.get("removed_pages") else ""),
         f"range: {_pages(st.get('minimum_pages'))} .. {_pages(st.get('maximum_pages'))}",
     ]
     last = st.get("last_status")
@@ -67,9 +79,13 @@ def format_memory_status(st: dict[str, Any], now: float | None = None) -> str:
 
 def memory_command(a: argparse.Namespace) -> int:
     from pyhv.worker.control import ControlError, request
-    from pyhv.worker.messages import ControlStatus, ControlTarget
+    from pyhv.worker.messages import ControlHotRemove, ControlStatus, ControlTarget
 
-    msg = ControlStatus() if a.target is None else ControlTarget(a.target)
+    msg: ControlStatus | ControlTarget | ControlHotRemove = ControlStatus()
+    if a.target is not None:
+        msg = ControlTarget(a.target)
+    elif a.hot_remove is not None:
+        msg = ControlHotRemove(None if a.hot_remove < 0 else a.hot_remove)
     try:
         reply = request(a.control, msg)
     except ControlError as e:
@@ -77,7 +93,9 @@ def memory_command(a: argparse.Namespace) -> int:
     if not reply.get("ok"):
         raise CliError(str(reply.get("error", "the VM refused the request")))
     plan = reply.get("plan")
-    if isinstance(plan, dict):
+    if isinstance(plan, dict) and "requested_pages" in plan:
+        print(f"hot-remove: {format_size(int(plan['requested_pages']) * PAGE)} asked of the guest")
+    elif isinstance(plan, dict):
         goal = int(plan.get("goal_pages", 0)) * PAGE
         note = " (clamped to the VM's minimum/maximum)" if plan.get("clamped") else ""
         print(f"target: {format_size(goal)}{note}")

@@ -97,6 +97,8 @@ def summary(r: dict[str, Any]) -> str:
             f"switch, {pc['requested_pages']} on demand, blocktime p50 "
             f"{pc['blocktime_p50_ms']:.2f} ms p99 {pc['blocktime_p99_ms']:.2f} ms"
         )
+        if pc.get("recoveries"):
+            text += f", the link cut and recovered {pc['recoveries']} time(s)"
     return text
 
 
@@ -138,8 +140,10 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="post-copy: run the VM at the destination at once and fetch its memory on demand "
         "(no pre-copy passes, a short pause whatever the guest writes). Until the last page "
-        "is there the VM's memory is split between both hosts: a source that dies or is cut "
-        "off mid-post-copy loses the VM. Only when asked for",
+        "is there the VM's memory is split between both hosts: a source that dies "
+        "mid-post-copy loses the VM; a cut link does not if the source reconnects within "
+        "--recover-timeout (the VPs that touch a missing page wait meanwhile). Only when "
+        "asked for",
     )
     p.add_argument(
         "--postcopy-after",
@@ -147,6 +151,14 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="hybrid: pre-copy passes, then post-copy after N passes or as soon as a pass no "
         "longer shrinks the dirty set (implies --postcopy, and its risk)",
+    )
+    p.add_argument(
+        "--recover-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="post-copy: seconds to try to reconnect to the destination when the link is cut "
+        "after the VM runs there (default 60; 0: a cut link ends the migration and the VM)",
     )
 
 
@@ -193,6 +205,12 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
             )
         out["postcopy"] = True
         out["postcopy_after"] = a.postcopy_after or 0
+        if not 0 <= a.recover_timeout <= 86400:  # nan too
+            raise CliError(
+                f"--recover-timeout {a.recover_timeout:g}: give seconds from 0 (no recovery) "
+                "to 86400"
+            )
+        out["recover_timeout"] = a.recover_timeout
     return out
 
 
@@ -239,6 +257,15 @@ def register(sub: Any) -> None:
         type=types.size,
         metavar="SIZE",
         help="refuse VMs larger than this (default: MemAvailable)",
+    )
+    c.add_argument(
+        "--recover-timeout",
+        type=types.positive,
+        default=60.0,
+        metavar="S",
+        help="post-copy: when the link to the source is cut after the VM runs here, wait this "
+        "many seconds for the source to reconnect (the VM runs on, VPs touching a missing "
+        "page wait); then stop the VM (default 60)",
     )
     types.add_timeout_option(c, 600.0, "for a source")
     c.set_defaults(func=listen)
@@ -327,6 +354,7 @@ def listen(a: argparse.Namespace) -> int:
         output=_echo_serial,
         max_memory=a.max_memory,
         accept_timeout=a.timeout,
+        recover_timeout=a.recover_timeout,
     )
     try:
         dst.start()

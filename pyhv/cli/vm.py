@@ -226,8 +226,8 @@ def register(sub: Any) -> None:
     c = command(
         "memory",
         "Show or change VM NAME's memory (Set-VMMemory's settings). While it runs: minimum may "
-        "only go down, maximum only up, buffer and priority change, startup is fixed; --target "
-        "moves its memory now (Dynamic Memory).",
+        "only go down, maximum only up, buffer and priority change, --memory resizes it (hot-add "
+        "or hot-remove, whole 2M blocks); --target moves its memory now (Dynamic Memory).",
         memory,
     )
     c.add_argument(
@@ -244,7 +244,8 @@ def register(sub: Any) -> None:
         dest="memory",
         type=types.size,
         metavar="SIZE",
-        help="startup memory (VM off only; Set-VMMemory's -StartupBytes)",
+        help="startup memory (Set-VMMemory's -StartupBytes); on a running Dynamic Memory VM "
+        "a resize: hot-add or hot-remove to SIZE (whole 2M blocks)",
     )
     _dm_options(c)
     c = command(
@@ -369,6 +370,13 @@ def delete(a: argparse.Namespace) -> int:
 def memory(a: argparse.Namespace) -> int:
     c = client(a)
     changes = _given(a, "dynamic_memory", "memory", *_DM_KEYS)
+    if "memory" in changes and call(c, "GET", f"/api/vms/{a.name}")["state"] == "running":
+        # Set-VMMemory -StartupBytes on a running VM: a resize by hot-add / hot-remove, after
+        # the other settings (a lowered minimum or raised maximum may be what makes room).
+        size = changes.pop("memory")
+        if changes:
+            _print_vm(call(c, "PATCH", f"/api/vms/{a.name}", changes))
+        return _resize(c, a.name, size)
     if changes:
         _print_vm(call(c, "PATCH", f"/api/vms/{a.name}", changes))
     if a.target is not None:
@@ -378,6 +386,23 @@ def memory(a: argparse.Namespace) -> int:
         st = call(c, "GET", f"/api/vms/{a.name}/memory")
         sizes = " ".join(f"{k} {_size(st.get(k))}" for k in _STATUS_SIZES)
         print(f"{a.name}: {sizes}" + (" (an operation is in progress)" if st.get("busy") else ""))
+    return 0
+
+
+def _resize(c: Any, name: str, size: int) -> int:
+    from pyhv.vmms.resize import shortfall
+
+    r = call(c, "POST", f"/api/vms/{name}/memory/resize", {"memory": size})
+    if not r["complete"]:
+        raise CliError(f"{shortfall(r)}; startup memory is now {format_size(r['startup'])}")
+    how = (
+        f"added {format_size(r['added'])}" if r["added"]
+        else f"removed {format_size(r['removed'])}" if r["removed"] else "unchanged"
+    )  # fmt: skip
+    print(
+        f"{name}: memory {format_size(r['before'])} -> {format_size(r['visible'])} ({how}); "
+        f"startup memory {format_size(r['startup'])}"
+    )
     return 0
 
 

@@ -46,7 +46,7 @@ VM_SET = CounterSetDef(
     (
         CounterDef(
             "Guest Visible Physical Memory",
-            "Memory the guest OS believes it has (grows with hot-add, never shrinks until reboot)",
+            "Memory the guest OS believes it has (grows with hot-add, falls only with hot-remove)",
             "MB",
         ),
         CounterDef("Physical Memory", "Memory currently assigned to the VM", "MB"),

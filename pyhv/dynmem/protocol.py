@@ -170,6 +170,11 @@ class DmHotAddResponse(_S):
     _fields_ = [("hdr", DmHeader), ("page_count", u32), ("result", u32)]
 
 
+#: dm_hot_remove.qos_flags: whole large (2 MiB) pages only; memory of the local NUMA node.
+QOS_LARGE = 1
+QOS_LOCAL = 2
+
+
 class DmHotRemove(_S):
     _fields_ = [
         ("hdr", DmHeader),

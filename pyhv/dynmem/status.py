@@ -110,6 +110,9 @@ class VspCounters(Struct, frozen=True, forbid_unknown_fields=True):
     ballooned_pages: Count = 0
     unballooned_pages: Count = 0
     hot_added_pages: Count = 0
+    hot_removed_pages: Count = 0
+    #: hot-remove ranges refused, and responses with no request outstanding
+    hot_remove_refused: Count = 0
     doorbells: Count = 0
     controller_refused: Count = 0
 

@@ -2,9 +2,11 @@
 
 VERSION -> CAPS -> IDLE; from IDLE one transaction at a time: BALLOON_WAIT (the guest answers a
 balloon request with one or more responses of page ranges), UNBALLOON_WAIT (one or more requests
-with ranges, one response), HOT_ADD_WAIT. Status reports arrive in any state after CAPS. Every
-value from the guest is checked; a wrong message is refused, logged and counted and the VSP goes
-on; a guest that sends nothing but wrong messages gets its channel stopped.
+with ranges, one response), HOT_ADD_WAIT, HOT_REMOVE_WAIT (protocol 2.0: the guest names the
+ranges it took offline, over one or more responses; docs/dynamic-memory.md). Status reports
+arrive in any state after CAPS. Every value from the guest is checked; a wrong message is
+refused, logged and counted and the VSP goes on; a guest that sends nothing but wrong messages
+gets its channel stopped.
 
 The *goal* is part of the state machine, as QEMU's hv-balloon handles its target: `set_goal(n)`
 records the pages the VM should be assigned, and whenever the VSP is IDLE with a goal it takes
@@ -73,6 +75,7 @@ class DmState(Enum):
     UNBALLOON_WAIT = auto()
     HOT_ADD_WAIT = auto()
     STOPPED = auto()
+    HOT_REMOVE_WAIT = auto()
 
     @property
     def waiting(self) -> bool:
@@ -81,13 +84,16 @@ class DmState(Enum):
 
 
 #: The states with a transaction in flight: declared once, here.
-WAITING = frozenset({DmState.BALLOON_WAIT, DmState.UNBALLOON_WAIT, DmState.HOT_ADD_WAIT})
+WAITING = frozenset(
+    {DmState.BALLOON_WAIT, DmState.UNBALLOON_WAIT, DmState.HOT_ADD_WAIT, DmState.HOT_REMOVE_WAIT}
+)
 
 _S = DmState
 _TRANSITIONS: dict[Enum, frozenset[Enum]] = {
     _S.VERSION: frozenset({_S.CAPS}),
     _S.CAPS: frozenset({_S.IDLE}),
-    _S.IDLE: frozenset({_S.BALLOON_WAIT, _S.UNBALLOON_WAIT, _S.HOT_ADD_WAIT}),
+    _S.IDLE: frozenset({_S.BALLOON_WAIT, _S.UNBALLOON_WAIT, _S.HOT_ADD_WAIT, _S.HOT_REMOVE_WAIT}),
+    _S.HOT_REMOVE_WAIT: frozenset({_S.IDLE}),
     _S.BALLOON_WAIT: frozenset({_S.IDLE}),
     _S.UNBALLOON_WAIT: frozenset({_S.IDLE}),
     _S.HOT_ADD_WAIT: frozenset({_S.IDLE}),
@@ -104,6 +110,8 @@ class GuestCaps:
     hot_add_alignment_mib: int
     min_page_cnt: int
     max_page_number: int
+    #: DM 2.0: the guest can give memory back offline (DM_MEM_HOT_REMOVE_REQUEST)
+    hot_remove: bool = False
 
 
 def _noop(*_: object) -> None:
@@ -114,7 +122,7 @@ def _no_host_memory(*_: object) -> Any:
     raise VspError("this VSP was built without a memory owner: it cannot move towards a goal")
 
 
-VSP_STATE_VERSION = 1
+VSP_STATE_VERSION = 2  # 2: caps.hot_remove, the HOT_REMOVE_WAIT state
 
 
 def _ranges_from_wire(what: str, value: object) -> tuple[PageRange, ...]:
@@ -146,7 +154,18 @@ class DmVspState:
     @classmethod
     def from_wire(cls, d: object) -> DmVspState:
         """The shape (types, declared by the fields); restore() checks the values."""
-        return wire.from_wire(cls, d, "DM VSP state")
+        st = wire.from_wire(cls, d, "DM VSP state")
+        check_state_version(st.version)
+        return st
+
+
+def check_state_version(version: int) -> None:
+    """ValueError unless `version` is the DmVspState version this pyhv writes."""
+    if version != VSP_STATE_VERSION:
+        raise ValueError(
+            f"DM VSP state version {version!r} is not {VSP_STATE_VERSION}: the hosts run "
+            "different pyhv releases"
+        )
 
 
 class DynamicMemoryVsp(Vsp[DmState]):
@@ -174,6 +193,9 @@ class DynamicMemoryVsp(Vsp[DmState]):
         on_stop: Callable[[str], object] | None = None,
         on_reset: Callable[[list[PageRange]], object] = _noop,
         on_hinted: Callable[[list[PageRange]], int] | None = None,
+        on_hot_removed: Callable[[list[PageRange]], object] | None = None,
+        on_hot_remove_done: Callable[[int], object] = _noop,
+        host_pages: Callable[[], Iterable[PageRange]] = tuple,
         reclaim: Callable[[list[PageRange]], object] = _no_host_memory,
         map_hot_add: Callable[[int, int], PageRange] = _no_host_memory,
         on_goal_done: Callable[[str | None], object] = _noop,
@@ -200,6 +222,16 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self._on_reset = on_reset
         #: Free-page hints are offered only with an owner that discards the memory.
         self._on_hinted = on_hinted
+        #: Hot-remove is offered (caps response hot_remove=1) only with an owner that takes the
+        #: memory back from the guest (pyhv.memory.manager.MemoryManager.hot_remove).
+        self._on_hot_removed = on_hot_removed
+        self._on_hot_remove_done = on_hot_remove_done
+        self._hr_asked = self._hr_got = 0
+        self._hr_named = RangeSet()
+        self._hr_large = False
+        #: Guest pages the host itself uses (the VMBus rings): never the guest's to give back.
+        self._host_pages = host_pages
+        self._hr_busy = RangeSet()
         self._trans_id = 0
         self._balloon_asked = 0
         self._balloon_got = 0
@@ -240,6 +272,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self._bad_in_a_row = 0
         self.stop_reason = None
         self._unballooning, self._hot_add = [], None
+        self._hot_remove_clear()
         self._balloon_asked = self._balloon_got = 0
         self.counters["resets"] += 1
         self.operation = None
@@ -339,6 +372,95 @@ class DynamicMemoryVsp(Vsp[DmState]):
         self._hot_add = range_
         self._start(DmState.HOT_ADD_WAIT, f"hot-add {range_.count} pages at {range_.start:#x}")
 
+    # -- hot-remove (protocol 2.0) ---------------------------------------------------------------
+
+    @property
+    def hot_remove_offered(self) -> bool:
+        """The guest reported hot-remove and this host answered that it uses it."""
+        return self.caps is not None and self.caps.hot_remove and self._on_hot_removed is not None
+
+    @serialized
+    def hot_remove(self, pages: int, large: bool = True) -> None:
+        """Ask the guest to give `pages` pages back offline (DM_MEM_HOT_REMOVE_REQUEST): it
+        answers with the ranges it vacated, over one or more responses (more_pages). `large`
+        sets DM_REMOVE_QOS_LARGE: ranges of whole 2 MiB blocks only."""
+        self._require_idle("hot-remove")
+        if not self.hot_remove_offered:
+            raise VspError(
+                "the guest did not report the hot-remove capability (protocol 2.0), or this host "
+                "has no memory owner to take the memory back"
+            )
+        if not 0 < pages <= MAX_BALLOON_PAGES:
+            raise VspError(f"hot-remove of {pages} pages: ask 1..{MAX_BALLOON_PAGES} at a time")
+        self._hr_asked, self._hr_got, self._hr_named = pages, 0, RangeSet()
+        self._hr_large = large
+        body = p.DmHotRemove(
+            virtual_node=0, page_count=pages, qos_flags=p.QOS_LARGE if large else 0
+        )
+        self.post(p.encode(T.MEM_HOT_REMOVE_REQUEST, body, trans_id=self._next_trans_id()))
+        self.counters["hot_remove_requests"] += 1
+        self._start(DmState.HOT_REMOVE_WAIT, f"hot-remove {pages} pages")
+
+    def _hot_remove_clear(self) -> None:
+        self._hr_asked = self._hr_got = 0
+        self._hr_named = RangeSet()
+
+    def _hot_remove_response(self, msg: p.Message) -> None:
+        if self.state is not DmState.HOT_REMOVE_WAIT:
+            self.counters["hot_remove_unasked"] += 1
+            return self.refuse(
+                f"MEM_HOT_REMOVE_RESPONSE with no hot-remove request outstanding (state "
+                f"{self.state.name}): its {len(msg.ranges)} ranges are ignored"
+            )
+        good: list[PageRange] = []
+        self._hr_busy = RangeSet(self._host_pages()) if msg.ranges else RangeSet()
+        for r in msg.ranges:
+            why = self._bad_hot_remove_range(r)
+            if why:
+                self.counters["bad_ranges"] += 1
+                self.counters["hot_remove_bad_ranges"] += 1
+                self.refuse(f"hot-remove range {r.start:#x}+{r.count}: {why}")
+                continue
+            self._hr_named.add(*r)
+            self.ram.remove(*r)
+            self._hr_got += r.count
+            good.append(r)
+        result = msg.body.result
+        if result not in (0, 1):
+            self.counters["bad_ranges"] += 1
+            self.refuse(f"hot-remove response result={result}: 1 (success) or 0 (failure)")
+        if good:  # taken from `ram` above: the owner takes them even if the channel stopped
+            assert self._on_hot_removed is not None
+            self._on_hot_removed(good)
+            self.counters["hot_removed_pages"] += sum(r.count for r in good)
+        if self.stopped:
+            return
+        if len(good) == len(msg.ranges) and result in (0, 1):
+            self.accepted()
+        if not msg.body.more_pages:
+            got, asked = self._hr_got, self._hr_asked
+            self._hot_remove_clear()
+            self._done(f"hot-removed {got} of {asked} pages")
+            self._on_hot_remove_done(got)
+            self._advance()
+
+    def _bad_hot_remove_range(self, r: PageRange) -> str:
+        if r.count == 0:
+            return "no pages"
+        if self._hr_large and (r.start % HINT_BLOCK_PAGES or r.count % HINT_BLOCK_PAGES):
+            return "not whole 2 MiB blocks, which the request asked for (DM_REMOVE_QOS_LARGE)"
+        if self._hr_named.overlaps(*r):
+            return "named twice"
+        if self.ballooned.overlaps(*r) or self.unanswered.overlaps(*r):
+            return "ballooned: the host holds those pages already"
+        if not self.ram.contains(*r):
+            return "not RAM of this partition (outside it, or removed already)"
+        if self._hr_busy.overlaps(*r):
+            return "pages the host uses (a VMBus ring): the guest cannot give them"
+        if self._hr_got + r.count > self._hr_asked:
+            return f"more than the {self._hr_asked} pages asked"
+        return ""
+
     def _start(self, waiting: DmState, what: str) -> None:
         self.operation = what
         self._deadline = self._clock() + self.op_timeout
@@ -386,6 +508,8 @@ class DynamicMemoryVsp(Vsp[DmState]):
                 self.ram.add(*self._hot_add)
             self.counters["unanswered_hot_add_pages"] += self._hot_add.count
             self._hot_add = None
+        elif self.state is DmState.HOT_REMOVE_WAIT:  # what it named so far is taken already
+            self._hot_remove_clear()
 
     @property
     def unballooning(self) -> list[PageRange]:
@@ -484,11 +608,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
 
     def check(self, st: DmVspState) -> None:
         """Whether `st` can be restored into this VSP; ValueError naming the value if not."""
-        if st.version != VSP_STATE_VERSION:
-            raise ValueError(
-                f"DM VSP state version {st.version!r} is not {VSP_STATE_VERSION}: the hosts run "
-                "different pyhv releases"
-            )
+        check_state_version(st.version)
         state = DmState.__members__.get(st.state)
         if state is None or state.waiting:
             raise ValueError(
@@ -568,6 +688,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
             T.UNBALLOON_RESPONSE: self._unballoon_response,
             T.MEM_HOT_ADD_RESPONSE: self._hot_add_response,
             T.FREE_PAGE_HINT: self._free_page_hint,
+            T.MEM_HOT_REMOVE_RESPONSE: self._hot_remove_response,
         }.get(msg.type)
         if handler is None:
             self.refuse(f"{msg.type.name} is not a message the guest sends")
@@ -624,10 +745,11 @@ class DynamicMemoryVsp(Vsp[DmState]):
             1 << b.hot_add_alignment,
             b.min_page_cnt,
             b.max_page_number,
+            bool(b.hot_remove) and (self.version or 0) >= p.Version.WIN10,
         )
         body = p.DmCapabilitiesResponse(
             is_accepted=1,
-            hot_remove=0,
+            hot_remove=int(self.caps.hot_remove and self._on_hot_removed is not None),
             suppress_pressure_reports=0,
             free_page_hints=int(self._on_hinted is not None),
         )

@@ -13,6 +13,11 @@ checked in full against that partition and the pool before anything is mapped or
 `discard(name, ranges)` takes the host memory away from pages the guest has freed and keeps
 (free-page hints): holes punched as for a balloon, but the pages stay assigned and visible, and
 a later guest write gets a fresh zero page.
+
+`hot_remove(name, ranges)` takes pages the guest gave back offline (DM hot-remove): holes punched,
+the pages back in the pool and out of Guest Visible Physical Memory (`removed`); a hot-added
+region whose every page is removed is unmapped and dropped. `decline_hot_add` does the same for
+the part of a hot-added region the guest did not accept, so the books count what it took.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class PoolExhausted(MemoryManagerError):
     """The free pool holds fewer pages than asked for."""
 
 
-MEMORY_STATE_VERSION = 1
+MEMORY_STATE_VERSION = 2  # 2: the removed ranges (hot-remove, hot-add declined)
 
 
 def _pairs(what: str, value: object) -> tuple[tuple[int, int], ...]:
@@ -84,6 +89,8 @@ class MemoryState:
     startup: tuple[tuple[int, int], ...]
     hot_added: tuple[tuple[int, int], ...]
     ballooned: tuple[PageRange, ...]
+    #: pages of those regions the guest gave back offline (not visible, not backed)
+    removed: tuple[PageRange, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return wire.to_wire(self)
@@ -91,6 +98,11 @@ class MemoryState:
     @classmethod
     def from_wire(cls, d: object) -> MemoryState:
         """The shape (types, declared by the fields); restore() checks the values."""
+        if isinstance(d, dict) and "version" in d and d["version"] != MEMORY_STATE_VERSION:
+            raise MemoryManagerError(
+                f"memory state version {d['version']!r} is not {MEMORY_STATE_VERSION}: the "
+                "hosts run different pyhv releases"
+            )
         try:
             return wire.from_wire(cls, d, "memory state")
         except ValueError as e:
@@ -144,11 +156,15 @@ class Partition:
     #: The Smart Paging range (pyhv.memory.smartpaging): one of `regions`, backed by a file on
     #: disk instead of host memory while the host cannot give the VM all its startup RAM.
     smart_paging: Backing | None = None
+    #: Pages of `regions` the guest gave back offline (hot-remove) or never took (a hot-add it
+    #: accepted in part): not visible, not backed, never ballooned.
+    removed: RangeSet = field(default_factory=RangeSet)
 
     @property
     def visible_pages(self) -> int:
-        """Guest Visible Physical Memory: startup RAM plus every hot-added region."""
-        return sum(r.size for r in self.regions) // PAGE_SIZE
+        """Guest Visible Physical Memory: startup RAM plus every hot-added region, less the
+        pages removed."""
+        return sum(r.size for r in self.regions) // PAGE_SIZE - self.removed.pages
 
     @property
     def smart_paging_pages(self) -> int:
@@ -157,7 +173,7 @@ class Partition:
         if sp is None:
             return 0
         first, n = sp.gpa // PAGE_SIZE, sp.size // PAGE_SIZE
-        return n - _overlap(self.ballooned, first, n)
+        return n - _overlap(self.ballooned, first, n) - _overlap(self.removed, first, n)
 
     @property
     def assigned_pages(self) -> int:
@@ -218,6 +234,7 @@ class MemoryManager:
         self.released_pages = 0
         self.reclaimed_pages = 0
         self.discarded_pages = 0
+        self.removed_pages = 0
         self._lock = threading.Lock()
 
     def _take(self, pages: int, why: str) -> None:
@@ -319,6 +336,11 @@ class MemoryManager:
         for r in ranges:
             r = PageRange(*r)
             p._split(r)  # refuses pages that are not RAM of the partition
+            if p.removed.overlaps(r.start, r.count):
+                raise MemoryManagerError(
+                    f"pages {r.start:#x}+{r.count} of {p.name} are offline (hot-removed, or a "
+                    "hot-add the guest did not accept): not the guest's RAM any more"
+                )
             if p.ballooned.overlaps(r.start, r.count) or batch.overlaps(r.start, r.count):
                 raise MemoryManagerError(f"pages {r.start:#x}+{r.count} of {p.name} {refusal}")
             batch.add(r.start, r.count)
@@ -410,6 +432,57 @@ class MemoryManager:
             p.hot_added_pages += pages
             return region
 
+    def hot_remove(self, name: str, ranges: Iterable[PageRange | tuple[int, int]]) -> int:
+        """Pages the guest gave back offline (DM hot-remove): their host memory is freed and
+        they go to the pool and out of the partition's visible memory; a hot-added region whose
+        every page is removed is unmapped. Every range must be RAM of the partition, not
+        ballooned, not removed already (checked for all before any changes). Returns pages."""
+        with self._lock:
+            p = self._get(name)
+            batch = self._guests_pages(
+                p, ranges, "are ballooned or named twice: a page leaves once"
+            )
+            self._take_offline(p, batch)
+            self.removed_pages += batch.pages
+            return batch.pages
+
+    def decline_hot_add(self, name: str, declined: PageRange) -> int:
+        """The guest accepted only part of a hot-added region: the rest, `declined`, leaves
+        the books as a hot-remove would (a region declined whole is unmapped). Returns pages."""
+        with self._lock:
+            p = self._get(name)
+            batch = self._guests_pages(p, [declined], "are not the guest's to decline")
+            self._take_offline(p, batch)
+            return batch.pages
+
+    def _take_offline(self, p: Partition, batch: RangeSet) -> None:
+        # a hot-added region that goes whole is unmapped: closing its memfd frees the memory,
+        # a hole punched first would only double the work
+        whole = set()
+        if p.unmap_region is not None:
+            for reg in p.regions[p.startup_regions :]:
+                first, n = reg.gpa // PAGE_SIZE, reg.size // PAGE_SIZE
+                if _overlap(p.removed, first, n) + _overlap(batch, first, n) == n:
+                    whole.add(id(reg))
+        for run in batch:
+            for reg, first, n in p._split(run):
+                if id(reg) not in whole:
+                    punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
+                p.removed.add(reg.gpa // PAGE_SIZE + first, n)
+                if reg is not p.smart_paging:  # the file's pages were never the pool's
+                    self.free_pages += n
+        for reg in list(p.regions[p.startup_regions :]):
+            first, n = reg.gpa // PAGE_SIZE, reg.size // PAGE_SIZE
+            if p.removed.contains(first, n):  # all of it offline: unmap it from the partition
+                p.removed.remove(first, n)
+                p.regions.remove(reg)
+                if p.unmap_region is not None:
+                    p.unmap_region(reg)
+        p.hot_added_pages = sum(
+            r.size // PAGE_SIZE - _overlap(p.removed, r.gpa // PAGE_SIZE, r.size // PAGE_SIZE)
+            for r in p.regions[p.startup_regions :]
+        )
+
     def end_smart_paging(self, name: str, move: Callable[[Backing, RangeSet], object]) -> int:
         """Smart Paging ends: the pages of the range still in the file are taken from the pool
         and `move(region, ballooned)` puts them in host memory (pyhv.memory.smartpaging); the
@@ -447,6 +520,7 @@ class MemoryManager:
                 tuple((r.gpa, r.size) for r in p.regions[:n]),
                 tuple((r.gpa, r.size) for r in p.regions[n:]),
                 tuple(p.ballooned),
+                tuple(p.removed),
             )
 
     def _check_restore(self, p: Partition, st: MemoryState) -> RangeSet:
@@ -462,7 +536,7 @@ class MemoryManager:
                 f"the state's startup RAM {[(hex(g), hex(n)) for g, n in st.startup]} is not "
                 f"partition {p.name}'s {[(hex(g), hex(n)) for g, n in mine]}"
             )
-        if len(p.regions) > p.startup_regions or p.ballooned.pages:
+        if len(p.regions) > p.startup_regions or p.ballooned.pages or p.removed.pages:
             raise MemoryManagerError(
                 f"partition {p.name} has hot-added or ballooned memory already: a layout is "
                 "restored into a partition as it started"
@@ -497,6 +571,19 @@ class MemoryManager:
                     "RAM or listed twice"
                 )
             balloon.add(*r)
+        removed = RangeSet()
+        for r in st.removed:
+            if r.count <= 0 or not ram.contains(*r) or balloon.overlaps(*r) or removed.overlaps(*r):
+                raise MemoryManagerError(
+                    f"removed pages {r.start:#x}+{r.count} are empty, outside the partition's "
+                    "RAM, ballooned or listed twice"
+                )
+            removed.add(*r)
+        for gpa, size in st.hot_added:
+            if removed.contains(gpa // PAGE_SIZE, size // PAGE_SIZE):
+                raise MemoryManagerError(
+                    f"hot-added region {gpa:#x}+{size:#x} is removed whole: it would be unmapped"
+                )
         return balloon
 
     def restore(self, name: str, st: MemoryState) -> list[Backing]:
@@ -528,4 +615,7 @@ class MemoryManager:
                     punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
                 p.ballooned.add(*run)
                 self.free_pages += run.count
+            removed = RangeSet(st.removed)
+            if removed.pages:
+                self._take_offline(p, removed)
             return added

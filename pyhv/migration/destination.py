@@ -33,6 +33,7 @@ from pyhv.migration import state as vm_state
 from pyhv.migration.faults import FaultPlan
 from pyhv.migration.postcopy import PostcopyDestination
 from pyhv.migration.realtime import Boost
+from pyhv.migration.recovery import RECOVER_TIMEOUT
 from pyhv.migration.state import VmState
 from pyhv.migration.stream import (
     COMPRESSED,
@@ -80,8 +81,13 @@ class Incoming:
         accept_timeout: float = 300.0,
         faults: dict[str, str] | None = None,
         userfault_device: int | None = None,
+        recover_timeout: float = RECOVER_TIMEOUT,
     ) -> None:
         self.listener = listener
+        #: where a post-copy's source comes back after a cut link, and for how long it may
+        #: take (pyhv.migration.recovery)
+        self.address: tuple[str, int] = listener.getsockname()[:2]
+        self.recover_timeout = recover_timeout
         self.userfault_device = userfault_device  # for post-copy: /dev/userfaultfd, or None
         self.token = token_bytes(token)
         self.max_memory = max_memory
@@ -102,6 +108,10 @@ class Incoming:
         #: ms of the destination's part of the downtime (sent back with RESUMED)
         self.parts: dict[str, float] = {}
         self._t_state = 0.0
+        #: The state restored as it came, ahead of the last pages (set by receive(); None:
+        #: after them): when it was done, or 0.0
+        self._restore_early: Callable[[VmState], None] | None = None
+        self._t_restored = 0.0
         self._commit_reader: threading.Thread | None = None
         #: Called once the VM is committed here, before its VPs run; raising keeps them parked
         #: and fails the arrival (the worker's owner confirming the VM: pyhv.migration.worker).
@@ -132,6 +142,7 @@ class Incoming:
         self._built.set()
         self._abandoned = False
         self._receive_error: BaseException | None = None
+        self._data_threads: list[threading.Thread] = []  # the data streams' receivers
 
     def accept(self) -> dict[str, Any]:
         """Wait for the source, authenticate it, read the configuration (returned, as sent)."""
@@ -204,6 +215,7 @@ class Incoming:
             self.fs.close(reset=True)
         for fs in self.data:
             fs.close(reset=True)
+        self._end_data_streams(failed=True)
 
     # --- the VirtualMachine.start hooks --------------------------------------------------
 
@@ -299,13 +311,18 @@ class Incoming:
         ram = [r for r in p.regions if not r.readonly]
         try:
             trace_phase(vm, "destination", "memory", fs.bytes_received, self.pages)
+            self._restore_early = lambda st: self._restore(vm, st)
             state = self._memory(vm, written)
             self._wait_built()  # the devices restore into (a post-copy comes without PREPARE)
             t = time.monotonic()
-            self.parts["state_in"] = round((t - self._t_state) * 1000, 3)
+            if self._t_restored:  # the state came first: restored while the pages came
+                self.parts["pages_in"] = round((t - self._t_restored) * 1000, 3)
+            else:
+                self.parts["state_in"] = round((t - self._t_state) * 1000, 3)
             trace_phase(vm, "destination", "state", fs.bytes_received, self.pages)
             self.faults.at("state", fs)
             if self.postcopy is not None:  # RAM fetched on demand from here on
+                self._end_data_streams()  # (none: post-copy uses one stream)
                 self.postcopy.start(vm, ram, written)
                 vm_state.restore(vm, state)
                 fs.send_json(Frame.RESTORED, frames.Empty())
@@ -316,8 +333,8 @@ class Incoming:
                     self.parts["gate"] = round((time.monotonic() - self.t_commit) * 1000, 3)
                 trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
                 return
-            vm_state.restore(vm, state)
-            self.parts["restore"] = round((time.monotonic() - t) * 1000, 3)
+            if not self._t_restored:
+                self._restore(vm, state)
             if self.verify:
                 want = fs.expect(Frame.CHECKSUM, frames.Checksum, "verify").ram
                 if "state:tamper" in self.faults.fired:
@@ -349,11 +366,19 @@ class Incoming:
                 _source_still_there(fs)
             vm.run_incoming()  # the VPs are parked, their state in place: only woken
             self._boost.end()  # they run: at the ordinary priority from here
+            self._end_data_streams()
             self.parts.update({f"realtime_{k}": v for k, v in self._boost.counts().items()})
             trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
         except BaseException as e:
             self.fail(e)
             raise
+
+    def _restore(self, vm: VirtualMachine, state: VmState) -> None:
+        self._wait_built()  # its devices (already there after PREPARE, which waited for them)
+        t = time.monotonic()
+        vm_state.restore(vm, state)
+        self._t_restored = time.monotonic()
+        self.parts["restore"] = round((self._t_restored - t) * 1000, 3)
 
     def _memory(self, vm: VirtualMachine, written: dict[int, np.ndarray]) -> VmState:
         """Frames up to STATE: pages into guest RAM, zero markers, pass ends; the data
@@ -371,26 +396,41 @@ class Incoming:
         self._pass_end = threading.Barrier(1 + len(threads))
         for t in threads:
             t.start()
+        self._data_threads = threads
         try:
-            return self._first_stream(fs, p, written)
-        except (OSError, MigrationError):
-            if self._data_error is not None:  # a data stream failed first: that is why
-                raise self._data_error from None
+            state = self._first_stream(fs, p, written)
+        except BaseException as e:
+            self._end_data_streams(failed=True)
+            if isinstance(e, OSError | MigrationError) and self._data_error is not None:
+                raise self._data_error from None  # a data stream failed first: that is why
             raise
-        finally:
-            if any(t.is_alive() for t in threads):  # failed: unblock their reads
-                self._stopping = True
+        # The data streams' threads are done (their last pass is in, the barrier passed):
+        # joined once the VM runs, not inside the pause (waiting for each to be scheduled).
+        return state
+
+    def _end_data_streams(self, failed: bool = False) -> None:
+        threads, self._data_threads = self._data_threads, []
+        if failed and any(t.is_alive() for t in threads):  # unblock their reads
+            self._stopping = True
+            if self._pass_end is not None:
                 self._pass_end.abort()
-                for d in self.data:
-                    d.close(reset=True)
-            for t in threads:
-                t.join(self.timeout)
-            for d in self.data:  # done with (their last pass is in)
-                d.close()
+            for d in self.data:
+                d.close(reset=True)
+        for t in threads:
+            t.join(self.timeout)
+        for d in self.data:  # done with (their last pass is in)
+            d.close()
 
     def _first_stream(self, fs: FrameSocket, p: Any, written: dict[int, np.ndarray]) -> VmState:
+        state: VmState | None = None  # the state, come ahead of the last pages
         while True:
             ftype, buf = self._frame(fs, p, written, first=True)
+            if state is not None and ftype not in _AFTER_STATE:
+                raise MigrationError(
+                    f"unexpected {ftype.name} frame after the state: only the last pages and "
+                    "PASS_END follow it",
+                    "state",
+                )
             if ftype in (Frame.PAGES, Frame.ZERO):
                 if self._final_frames >= 0:
                     self._final_frames += 1
@@ -407,8 +447,26 @@ class Incoming:
                 self._populater.stop()
                 self._all_streams_at_pass_end()
                 self._t_state = time.monotonic()  # after the last one: the state
+                if state is not None:  # the last pages, after the state: all in now
+                    return state
             elif ftype is Frame.STATE:
-                return VmState.decode(bytes(buf))
+                if state is not None:
+                    raise MigrationError("the source sent STATE twice", "state")
+                t = time.monotonic()
+                state = VmState.decode(bytes(buf))
+                if self._final_frames < 0 or self.postcopy is not None:
+                    return state  # no PREPARE (post-copy): the pages come after the VM runs
+                # After PREPARE the state comes first and the last pages after it: checked
+                # and restored into the parked VPs now, while the source sends them (the VM
+                # runs only once they are in). Not the Dynamic Memory and page file states:
+                # what they restore reads guest RAM, which those pages may still change.
+                self.parts["state_in"] = round((time.monotonic() - t) * 1000, 3)
+                if (
+                    self._restore_early is not None
+                    and state.dynmem is None
+                    and state.storage is None
+                ):
+                    self._restore_early(state)
             elif ftype is Frame.PREPARE:
                 frames.decode(bytes(buf), frames.Empty, "PREPARE")
                 if self._final_frames >= 0:
@@ -421,7 +479,18 @@ class Incoming:
                     raise MigrationError(
                         f"POSTCOPY over {1 + len(self.data)} streams: post-copy uses one", "memory"
                     )
-                self.postcopy = PostcopyDestination(fs, self.userfault_device)
+                try:
+                    body = frames.decode(bytes(buf), frames.Postcopy, "POSTCOPY")
+                except frames.FrameError as e:
+                    raise MigrationError(str(e), "memory") from None
+                self.postcopy = PostcopyDestination(
+                    fs,
+                    self.userfault_device,
+                    migration=body.migration,
+                    resume_at=(self.address, self.token),
+                    recover_timeout=self.recover_timeout,
+                    timeout=self.timeout,
+                )
             elif ftype is Frame.NEED and self.postcopy is not None:
                 runs = unpack_zero_runs(bytes(buf))
                 for gpa, n in runs:
@@ -596,18 +665,16 @@ class Incoming:
         fs = self.fs
         if fs is None:
             return
+        now = running_since or time.monotonic()
+        body = frames.Resumed(now, (now - self.t_commit) * 1000, self.parts)
+        if self.postcopy is not None:  # over the link of the moment (it may have been cut)
+            self.postcopy.send_resumed(body)
+            return
         try:
-            now = running_since or time.monotonic()
-            fs.send_json(
-                Frame.RESUMED, frames.Resumed(now, (now - self.t_commit) * 1000, self.parts)
-            )
+            fs.send_json(Frame.RESUMED, body)
         except OSError as e:
             log.warning("could not tell the source that the VM resumed: %s", e)
             fs.close()
-            return
-        if self.postcopy is not None:
-            # its COMMIT (empty) came before the VPs ran, read by the post-copy receiver,
-            # which reads this stream on: a second reader would take its frames
             return
         if self.two_phase or vm is None:
             fs.close()
@@ -653,6 +720,10 @@ _POPULATE_CHUNK = 4 << 20
 #: EXTENTS runs kept for populating, at most: a source cannot grow the list without bound (past
 #: it runs are left to the receiver's first touch, which backs them as well).
 MAX_POPULATE_RUNS = 1 << 16
+
+
+#: what may follow a STATE frame sent ahead of the last pages (after PREPARE)
+_AFTER_STATE = (Frame.PAGES, Frame.ZERO, Frame.PASS_END, Frame.STATE, Frame.ABORT)
 
 
 class _Populater:

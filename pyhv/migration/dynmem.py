@@ -36,7 +36,13 @@ def layout(dm: DynamicMemoryService) -> dict[str, Any]:
 def activity(dm: DynamicMemoryService) -> tuple[int, ...]:
     """Counts that move whenever DM changes the guest's memory."""
     c = dm.counters
-    return (c["ballooned_pages"], c["unballooned_pages"], c["hot_added_pages"], c["timeouts"])
+    return (
+        c["ballooned_pages"],
+        c["unballooned_pages"],
+        c["hot_added_pages"],
+        c["timeouts"],
+        c["hot_removed_pages"],
+    )
 
 
 def quiesce(dm: DynamicMemoryService, timeout: float = 10.0) -> None:

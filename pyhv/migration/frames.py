@@ -141,6 +141,39 @@ class PostcopyDone(_Body, frozen=True):
     blocktime_max_ms: Annotated[float, Meta(ge=0)]
     #: total wait per thread (a VP's or the host's), by its name
     thread_blocktime_ms: Annotated[dict[str, float], Meta(max_length=1024)]
+    #: times the source came back over a new connection after the link was cut
+    recoveries: Annotated[int, Meta(ge=0)] = 0
+    #: RESUME attempts refused (wrong token, unknown migration, a second source)
+    resumes_refused: Annotated[int, Meta(ge=0)] = 0
+    #: urgent channels attached (post-copy preempt: one per link)
+    urgent_channels: Annotated[int, Meta(ge=0)] = 0
+
+
+#: A migration's id (pyhv.migration.recovery): 16 random bytes, as hex.
+MigrationId = Annotated[str, Meta(pattern="^[0-9a-f]{32}$")]
+
+
+class Postcopy(_Body, frozen=True):
+    """src -> dest: post-copy begins; `migration` names it, so that a source whose link was
+    cut can resume it over a new connection (RESUME)."""
+
+    migration: MigrationId
+
+
+class Resume(_Body, frozen=True):
+    """src -> dest, the first frame after a new handshake. RESUME: go on with the post-copy
+    this id names (the link was cut); the destination answers MISSING runs and RESUME_ACK.
+    PREEMPT: this connection is that post-copy's urgent channel (REQUESTs and their pages)."""
+
+    migration: MigrationId
+
+
+class ResumeAck(_Body, frozen=True):
+    """dest -> src: the MISSING runs before it were all (`pages` in `runs` runs); the
+    REQUESTs outstanding follow as ordinary REQUEST frames."""
+
+    pages: Annotated[int, Meta(ge=0)]
+    runs: Annotated[int, Meta(ge=0)]
 
 
 class Abort(_Body, frozen=True):

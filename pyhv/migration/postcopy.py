@@ -21,8 +21,9 @@ linear digests in which a zero page counts 0, so the destination adds up what it
 it installed, page by page, in any order, and must reach the source's figure.
 
 A source that dies mid-post-copy loses the VM (its newest memory exists nowhere else): the
-destination stops it, saying so. A cut link pausing the VPs until the source reconnects is not
-built (docs/migration.md).
+destination stops it, saying so. A cut link does not (pyhv.migration.recovery): the faulting
+VPs wait, the source reconnects and resumes the migration, the destination tells it what it
+still lacks.
 """
 
 from __future__ import annotations
@@ -33,17 +34,24 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from pyhv.migration import frames
 from pyhv.migration import memory as mem
+from pyhv.migration.recovery import (
+    RECOVER_TIMEOUT,
+    ResumeListener,
+    link_options,
+    new_migration_id,
+    retry_until,
+)
 from pyhv.migration.stream import (
     Frame,
     FrameSocket,
     MigrationError,
-    PeerAborted,
     pack_zero_runs,
     unpack_zero_runs,
 )
@@ -120,11 +128,32 @@ class PostcopySource:
     """Serves one post-copy from the paused source VM (see the module docstring)."""
 
     def __init__(
-        self, fs: FrameSocket, regions: list[MemoryRegion], need: list[np.ndarray]
+        self,
+        fs: FrameSocket,
+        regions: list[MemoryRegion],
+        need: list[np.ndarray],
+        *,
+        reconnect: Callable[[], tuple[FrameSocket, list[tuple[int, int]], Any]] | None = None,
+        recover_timeout: float = RECOVER_TIMEOUT,
+        preempt: Callable[[], FrameSocket] | None = None,
     ) -> None:
         self.fs = fs
         self.regions = regions
         self.need = [m.copy() for m in need]  # bits clear as pages go out
+        #: what the destination may ever lack (a MISSING run outside it is refused)
+        self.original = [m.copy() for m in need]
+        self.migration = new_migration_id()
+        #: one attempt at a new link after a cut (pyhv.migration.recovery.reconnect_source);
+        #: None: a cut link ends the migration
+        self.reconnect = reconnect
+        self.recover_timeout = recover_timeout
+        self.recoveries = 0
+        self.on_recovered: Callable[[], object] | None = None
+        self._committed = False
+        #: opens the urgent channel (pyhv.migration.recovery.connect_urgent), or None
+        self.preempt = preempt
+        self.urgent: FrameSocket | None = None
+        self.channel_pages = 0  #: pages sent on request over the urgent channel
         self._urgent: collections.deque[tuple[int, int]] = collections.deque()
         self._wake = threading.Event()
         self.restored = threading.Event()
@@ -138,7 +167,7 @@ class PostcopySource:
     def announce(self) -> int:
         """POSTCOPY and the NEED runs (before STATE). Returns the pages needed."""
         fs = self.fs
-        fs.send_json(Frame.POSTCOPY, frames.Empty())
+        fs.send_json(Frame.POSTCOPY, frames.Postcopy(self.migration))
         runs = [
             (r.gpa + a * PAGE, b - a)
             for r, m in zip(self.regions, self.need, strict=True)
@@ -152,48 +181,128 @@ class PostcopySource:
     def serve(self, commit: Any, deadline: float) -> None:
         """Until the destination has every page (POSTCOPY_DONE) and runs (RESUMED): urgent
         pages first, then the push; `commit()` sends COMMIT once the destination restored."""
-        fs = self.fs
-        # From here the stream may idle longer than a network timeout between requests.
-        fs.sock.settimeout(None)
-        fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._link(self.fs)
+        self._open_urgent()  # while the destination restores: ready when its VPs run
+        cursor = [(i, 0) for i in range(len(self.regions))]
+        while self.done is None or self.resumed is None:
+            if self.error is not None:
+                if not (self._committed and self.reconnect and isinstance(self.error, OSError)):
+                    raise self.error
+                self._recover(self.error)  # or MigrationError: the VM stays paused here
+                cursor = [(i, 0) for i in range(len(self.regions))]
+                continue
+            try:
+                self._step(commit, deadline, cursor)
+            except OSError as e:  # the link: the reader may not have noticed yet
+                if self.error is None:
+                    self.error = e
+
+    def _step(self, commit: Any, deadline: float, cursor: list[tuple[int, int]]) -> None:
+        """One thing to do: COMMIT, an urgent run, a push frame, or wait."""
+        if not self._committed and self.restored.is_set():
+            self._committed = True  # sent or not: from here the destination may run the VM
+            commit()
+            return
+        if not self._committed and time.monotonic() > deadline:
+            raise MigrationError("the destination did not restore the VM in time", "restore")
+        if self._urgent:
+            gpa, n = self._urgent.popleft()
+            self.urgent_pages += self._send_run(gpa, n, urgent=True)
+            return
+        if cursor and self._committed:  # no push while the destination restores (downtime)
+            ri, at = cursor[0]
+            m = self.need[ri]
+            left = np.flatnonzero(m[at:])
+            if not len(left):
+                cursor.pop(0)
+                return
+            a = at + int(left[0])
+            b = min(a + PUSH_PAGES, m.size)
+            r = self.regions[ri]
+            for s, e in mem.runs(m[a:b]):
+                self.pushed_pages += self._send_run(r.gpa + (a + s) * PAGE, e - s)
+            cursor[0] = (ri, b)
+            return
+        self._wake.wait(0.1)
+        self._wake.clear()
+
+    def _link(self, fs: FrameSocket) -> None:
+        """Serve on `fs` from now on: its own reader thread."""
+        self.fs = fs
+        self.error = None
+        link_options(fs.sock)
         # An urgent page waits behind whatever push the socket holds: keep that short.
         fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        reader = threading.Thread(target=self._read, name="postcopy-requests", daemon=True)
+        reader = threading.Thread(
+            target=self._read, args=(fs,), name="postcopy-requests", daemon=True
+        )
         reader.start()
-        committed = False
-        cursor = [(i, 0) for i in range(len(self.regions))]
-        while self.error is None and (self.done is None or self.resumed is None):
-            if not committed and self.restored.is_set():
-                commit()
-                committed = True
-                continue
-            if not committed and time.monotonic() > deadline:
-                raise MigrationError("the destination did not restore the VM in time", "restore")
-            if self._urgent:
-                gpa, n = self._urgent.popleft()
-                self.urgent_pages += self._send_run(gpa, n, urgent=True)
-                continue
-            if cursor and committed:  # no push while the destination restores (downtime)
-                ri, at = cursor[0]
-                m = self.need[ri]
-                left = np.flatnonzero(m[at:])
-                if not len(left):
-                    cursor.pop(0)
-                    continue
-                a = at + int(left[0])
-                b = min(a + PUSH_PAGES, m.size)
-                r = self.regions[ri]
-                for s, e in mem.runs(m[a:b]):
-                    self.pushed_pages += self._send_run(r.gpa + (a + s) * PAGE, e - s)
-                cursor[0] = (ri, b)
-                continue
-            self._wake.wait(0.1)
-            self._wake.clear()
-        if self.error is not None:
-            raise self.error
 
-    def _send_run(self, gpa: int, n: int, urgent: bool = False) -> int:
-        """The needed pages of [gpa, gpa+n): data as PAGES, zero pages as ZERO."""
+    def _recover(self, cause: BaseException) -> None:
+        """The link was cut after COMMIT: keep every page, reconnect, RESUME, and serve what
+        the destination says it still lacks (pyhv.migration.recovery)."""
+        assert self.reconnect is not None
+        self.fs.close(reset=True)
+        self.close()  # the urgent channel belongs to the cut link's session
+        why = f"the link to the destination was lost ({cause})"
+        log.warning(
+            "post-copy: %s: the VM stays paused here with all its pages; reconnecting for up "
+            "to %g s",
+            why,
+            self.recover_timeout,
+        )
+        deadline = time.monotonic() + self.recover_timeout
+        got = retry_until(deadline, self.reconnect, why)
+        fs, runs, _ack = cast("tuple[FrameSocket, list[tuple[int, int]], Any]", got)
+        need = [np.zeros(r.pages, dtype=bool) for r in self.regions]
+        for gpa, n in runs:
+            at = next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
+            r = self.regions[at] if at is not None else None
+            first = (gpa - r.gpa) // PAGE if r is not None else 0
+            if (
+                r is None
+                or at is None
+                or gpa % PAGE
+                or n <= 0
+                or gpa + n * PAGE > r.end
+                or not self.original[at][first : first + n].all()
+            ):
+                fs.close(reset=True)
+                raise MigrationError(
+                    f"the destination says it lacks {n} pages at {gpa:#x}, which it never "
+                    "needed or lie outside the VM's RAM: refused",
+                    "recover",
+                )
+            need[at][first : first + n] = True
+        self._urgent.clear()  # the destination sends its outstanding requests again
+        self.need = need
+        self.recoveries += 1
+        log.warning(
+            "post-copy resumed over a new link: the destination lacks %d pages",
+            sum(int(m.sum()) for m in need),
+        )
+        self._link(fs)
+        self._open_urgent()
+        if self.on_recovered is not None:
+            self.on_recovered()
+
+    def _open_urgent(self) -> None:
+        if self.preempt is not None:
+            threading.Thread(target=self._serve_urgent, name="postcopy-urgent", daemon=True).start()
+
+    def close(self) -> None:
+        """The post-copy is over (or failed): the urgent channel goes too."""
+        urgent = self.urgent
+        if urgent is not None:
+            urgent.close()
+
+    def _send_run(
+        self, gpa: int, n: int, urgent: bool = False, fs: FrameSocket | None = None
+    ) -> int:
+        """The needed pages of [gpa, gpa+n): data as PAGES, zero pages as ZERO, on `fs` (the
+        link by default). A page may go twice (urgently and pushed): the destination keeps
+        the first."""
+        fs = fs or self.fs
         at = next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
         if at is None:
             return 0
@@ -209,38 +318,20 @@ class PostcopySource:
             nz = mem.nonzero_pages(arr, a, b)
             zero = [(r.gpa + (a + zs) * PAGE, ze - zs) for zs, ze in mem.runs(~nz)]
             if zero:
-                self.fs.send(Frame.ZERO, pack_zero_runs(zero), count=len(zero))
+                fs.send(Frame.ZERO, pack_zero_runs(zero), count=len(zero))
             for ds, de in mem.runs(nz):
                 data = r.mm[(a + ds) * PAGE : (a + de) * PAGE]
-                self.fs.send(Frame.PAGES, data, count=de - ds, addr=r.gpa + (a + ds) * PAGE)
+                fs.send(Frame.PAGES, data, count=de - ds, addr=r.gpa + (a + ds) * PAGE)
             m[a:b] = False
             sent += b - a
         return sent
 
-    def _read(self) -> None:
-        fs = self.fs
+    def _read(self, fs: FrameSocket) -> None:
         try:
             while self.done is None or self.resumed is None:
                 ftype, _flags, _count, _addr, payload = fs.recv()
                 if ftype is Frame.REQUEST:
-                    runs = unpack_zero_runs(payload)
-                    if len(runs) > RUNS_PER_FRAME:
-                        raise MigrationError(f"a REQUEST of {len(runs)} runs", "postcopy")
-                    for gpa, n in runs:
-                        if (
-                            not any(
-                                r.gpa <= gpa and gpa + n * PAGE <= r.end and gpa % PAGE == 0
-                                for r in self.regions
-                            )
-                            or n <= 0
-                        ):
-                            raise MigrationError(
-                                f"the destination asked for {n} pages at {gpa:#x}, outside "
-                                "the VM's RAM",
-                                "postcopy",
-                            )
-                        self._urgent.append((gpa, n))
-                    self.requests += 1
+                    self._urgent.extend(self._requested(payload))
                 elif ftype is Frame.RESTORED:
                     self.restored.set()
                 elif ftype is Frame.RESUMED:
@@ -252,13 +343,63 @@ class PostcopySource:
                         f"unexpected {ftype.name} frame during post-copy", "postcopy"
                     )
                 self._wake.set()
-        except PeerAborted as e:
-            self.error = e
         except frames.FrameError as e:
-            self.error = MigrationError(str(e), "postcopy")
-        except (OSError, MigrationError) as e:
-            self.error = e
+            self._failed(fs, MigrationError(str(e), "postcopy"))
+        except (OSError, MigrationError) as e:  # PeerAborted too: the destination gave up
+            self._failed(fs, e)
         self._wake.set()
+
+    def _requested(self, payload: bytes) -> list[tuple[int, int]]:
+        """A REQUEST frame's runs, each checked inside RAM."""
+        runs = unpack_zero_runs(payload)
+        if len(runs) > RUNS_PER_FRAME:
+            raise MigrationError(f"a REQUEST of {len(runs)} runs", "postcopy")
+        for gpa, n in runs:
+            if (
+                not any(
+                    r.gpa <= gpa and gpa + n * PAGE <= r.end and gpa % PAGE == 0
+                    for r in self.regions
+                )
+                or n <= 0
+            ):
+                raise MigrationError(
+                    f"the destination asked for {n} pages at {gpa:#x}, outside the VM's RAM",
+                    "postcopy",
+                )
+        self.requests += 1
+        return runs
+
+    def _serve_urgent(self) -> None:
+        """The urgent channel (QEMU's postcopy-preempt): a second connection on which the
+        destination's REQUESTs come and their pages go at once, from this thread, never
+        behind the push on the first link. Without it (it could not be opened, or broke)
+        requests go over the first link as before."""
+        assert self.preempt is not None
+        try:  # the destination listens for it once it has the state: it may not yet
+            fs = cast("FrameSocket", retry_until(time.monotonic() + 5, self.preempt, "", 0.01))
+        except MigrationError as e:
+            log.warning("post-copy: no urgent channel (%s): requests share the one link", e)
+            return
+        self.urgent = fs
+        try:
+            link_options(fs.sock)
+            while self.done is None or self.resumed is None:
+                ftype, _flags, _count, _addr, payload = fs.recv()
+                if ftype is not Frame.REQUEST:
+                    raise MigrationError(f"a {ftype.name} frame on the urgent channel", "postcopy")
+                for gpa, n in self._requested(payload):
+                    self.channel_pages += self._send_run(gpa, n, urgent=True, fs=fs)
+        except (OSError, MigrationError, frames.FrameError) as e:
+            if self.done is None:  # the destination re-sends outstanding requests on the link
+                log.warning("post-copy: the urgent channel ended: %s", e)
+        finally:
+            if self.urgent is fs:
+                self.urgent = None
+            fs.close()
+
+    def _failed(self, fs: FrameSocket, e: BaseException) -> None:
+        if fs is self.fs and self.error is None:  # an old link's reader ends unheard
+            self.error = e
 
 
 # --- the destination ------------------------------------------------------------------------
@@ -267,8 +408,31 @@ class PostcopySource:
 class PostcopyDestination:
     """Fetches the missing pages of a VM that already runs here (see the module docstring)."""
 
-    def __init__(self, fs: FrameSocket, device: int | None = None) -> None:
-        self.fs = fs
+    def __init__(
+        self,
+        fs: FrameSocket,
+        device: int | None = None,
+        *,
+        migration: str = "",
+        resume_at: tuple[tuple[str, int], bytes] | None = None,
+        recover_timeout: float = RECOVER_TIMEOUT,
+        timeout: float = 30.0,
+    ) -> None:
+        self.fs = fs  #: the link to the source (the newest, after a recovery)
+        self.up = True  #: the link works (False: waiting for the source to come back)
+        self.migration = migration  #: the id POSTCOPY named (a RESUME must name it)
+        #: (the migration's listening address, the token): where the source comes back
+        self.resume_at = resume_at
+        self.recover_timeout = recover_timeout
+        self.timeout = timeout
+        self.recoveries = 0
+        self._resuming = False
+        self._generation = 0  # links so far: a wait for the source ends when a new one came
+        self._listener: ResumeListener | None = None
+        self._resumed_body: frames.Resumed | None = None
+        #: the urgent channel: REQUESTs go and their pages come on it (None: on the link)
+        self.urgent: FrameSocket | None = None
+        self.urgent_channels = 0
         self.device = device  # /dev/userfaultfd passed by the owner, or None: the syscall
         self._runs: list[tuple[int, int]] = []
         self.uf: Userfault | None = None
@@ -330,15 +494,40 @@ class PostcopyDestination:
         p = vm.partition
         assert p is not None
         p.gpa_space.before_access = self.ensure
-        for target, name in (
-            (self._fault_loop, "postcopy-faults"),
-            (self._receive, "postcopy-pages"),
-        ):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        t = threading.Thread(target=self._fault_loop, name="postcopy-faults", daemon=True)
+        t.start()
+        self._threads.append(t)
+        self._receiver(self.fs)
+        if self.resume_at is not None and self.migration:
+            try:  # the source comes back here if the link is cut (pyhv.migration.recovery)
+                self._listener = ResumeListener(
+                    self.resume_at[0],
+                    self.resume_at[1],
+                    self.migration,
+                    self._take,
+                    self._attach,
+                    self.timeout,
+                    self.fs.encrypted,
+                )
+            except OSError as e:
+                log.warning(
+                    "post-copy: cannot listen on %s:%d again (%s): a cut link will stop the VM",
+                    *self.resume_at[0],
+                    e,
+                )
         if self.remaining == 0:
             self._finish()
+
+    def _receiver(self, fs: FrameSocket, urgent: bool = False) -> None:
+        link_options(fs.sock)
+        t = threading.Thread(
+            target=self._receive,
+            args=(fs, urgent),
+            name="postcopy-urgent" if urgent else "postcopy-pages",
+            daemon=True,
+        )
+        t.start()
+        self._threads.append(t)
 
     def _find(self, gpa: int) -> tuple[int, MemoryRegion]:
         for i, r in enumerate(self.regions):
@@ -374,10 +563,22 @@ class PostcopyDestination:
         return False
 
     def _ask(self, asks: list[tuple[int, int]]) -> None:
-        for c in range(0, len(asks), RUNS_PER_FRAME):
-            chunk = asks[c : c + RUNS_PER_FRAME]
-            self.fs.send(Frame.REQUEST, pack_zero_runs(chunk), count=len(chunk))
         self.requested_pages += len(asks)
+        urgent = self.urgent
+        if urgent is not None:
+            try:
+                _send_runs(urgent, Frame.REQUEST, asks)
+                return
+            except OSError as e:
+                self._urgent_lost(urgent, e)  # its outstanding requests go on the link
+                return
+        fs = self.fs
+        if not self.up:  # recorded in _requested: sent when the source comes back
+            return
+        try:
+            _send_runs(fs, Frame.REQUEST, asks)
+        except OSError as e:
+            self._link_lost(fs, e)
 
     def _fault_loop(self) -> None:
         uf = self.uf
@@ -385,6 +586,15 @@ class PostcopyDestination:
         names: dict[int, str] = {}
         try:
             while not self._stop.is_set():
+                vm = self.vm
+                if vm is not None and vm.end is not None:
+                    # Stopped here before every page came (its owner, a guest shutdown): its
+                    # waiters must be let go before the VM is torn down, or closing the KVM
+                    # VM waits for KVM's async page-fault worker, which waits on this
+                    # userfaultfd, which only closes after: a process no signal ends.
+                    why = f"the VM ended here before all its pages came ({vm.end.describe()})"
+                    self._fail(MigrationError(why, "postcopy"))
+                    return
                 if not uf.wait(0.05):
                     continue
                 faults = uf.read()
@@ -428,18 +638,15 @@ class PostcopyDestination:
             with self.cond:
                 if not self.cond.wait_for(
                     lambda: self.error is not None or all(self.present[i][p] for i, p in waiting),
-                    60.0,
+                    60.0 + self.recover_timeout,
                 ):
-                    raise MigrationError(f"post-copy: pages at {gpa:#x} did not come in 60 s")
+                    raise MigrationError(f"post-copy: pages at {gpa:#x} did not come in time")
             if self.error is not None:
                 raise MigrationError(f"post-copy failed: {self.error}")
 
     # --- pages coming in --------------------------------------------------------------------
 
-    def _receive(self) -> None:
-        fs = self.fs
-        fs.sock.settimeout(None)
-        fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    def _receive(self, fs: FrameSocket, urgent: bool = False) -> None:
         try:
             while True:  # until the source closes the stream (after POSTCOPY_DONE and RESUMED)
                 ftype, flags, length, count, addr, check = fs.recv_header()
@@ -455,6 +662,8 @@ class PostcopyDestination:
                 elif ftype is Frame.ZERO:
                     for gpa, n in unpack_zero_runs(bytes(buf)):
                         self._install(gpa, n, None)
+                elif urgent:  # pages only, on the urgent channel
+                    raise MigrationError(f"a {ftype.name} frame on the urgent channel", "postcopy")
                 elif ftype is Frame.COMMIT:
                     self.committed.set()
                 elif ftype is Frame.ABORT:
@@ -464,12 +673,13 @@ class PostcopyDestination:
                     raise MigrationError(
                         f"unexpected {ftype.name} frame during post-copy", "postcopy"
                     )
+        except OSError as e:  # the link, not the source's word: it may come back
+            if urgent:
+                self._urgent_lost(fs, e)
+            else:
+                self._link_lost(fs, e)
         except BaseException as e:  # noqa: BLE001 - reported and the VM stopped
-            if not self.finished.is_set() or not isinstance(e, ConnectionError | OSError):
-                self._fail(e)
-        finally:
-            if self.finished.is_set():
-                fs.close()  # the source closed it: it has let its copy go
+            self._fail(e)
 
     def _install(self, gpa: int, n: int, data: bytearray | None) -> None:
         i, r = self._find(gpa)
@@ -521,16 +731,23 @@ class PostcopyDestination:
             p99,
             mx,
             {k: round(v, 3) for k, v in sorted(self.thread_ms.items())[:1024]},
+            self.recoveries,
+            self._listener.refused if self._listener is not None else 0,
+            self.urgent_channels,
         )
         self.summary = done
         self._stop.set()
         if self.vm is not None and self.vm.partition is not None:
             self.vm.partition.gpa_space.before_access = None
         threading.Thread(target=self._close_uffd, name="postcopy-close", daemon=True).start()
+        fs = self.fs
+        if not self.up:  # sent when the source comes back
+            return
         try:
-            self.fs.send_json(Frame.POSTCOPY_DONE, done)
+            fs.send_json(Frame.POSTCOPY_DONE, done)
         except OSError as e:
             log.warning("post-copy: could not tell the source all pages are in: %s", e)
+            self._link_lost(fs, e)
 
     def _close_uffd(self) -> None:
         for t in self._threads:
@@ -548,11 +765,166 @@ class PostcopyDestination:
             self.cond.notify_all()
         log.error("post-copy failed: %s: the VM is stopped (its memory is incomplete)", e)
         self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+        urgent = self.urgent
+        if urgent is not None:
+            urgent.close(reset=True)
         vm = self.vm
         if self.uf is not None:
             self.uf.close()  # the waiters go on with zero pages: stop the VM right away
         if vm is not None:
             vm.stop(f"post-copy failed: {e} (the source held the rest of its memory)")
+
+    # --- a cut link (pyhv.migration.recovery) ---------------------------------------------
+
+    def _link_lost(self, fs: FrameSocket, e: BaseException) -> None:
+        """`fs` failed. Before COMMIT, or without a way back, that fails the post-copy; after
+        it the VM runs on (its VPs wait on missing pages) while the source comes back."""
+        with self.cond:
+            if fs is not self.fs or not self.up or self.error is not None:
+                return  # an old link, or noticed already
+            self.up = False
+            generation = self._generation
+            urgent, self.urgent = self.urgent, None  # of the cut link's session
+        fs.close(reset=True)
+        if urgent is not None:
+            urgent.close(reset=True)
+        clean = isinstance(e, ConnectionError) and not isinstance(e, ConnectionResetError)
+        if self.finished.is_set() and (clean or self._listener is None):
+            # the source closed it after POSTCOPY_DONE and RESUMED: it has let its copy go
+            if self._listener is not None:
+                self._listener.close()
+            return
+        if not self.committed.is_set() or self._listener is None:
+            self._fail(e)
+            return
+        log.warning(
+            "post-copy: the link to the source was lost (%s): the VM runs on, its VPs wait "
+            "on missing pages; waiting up to %g s for the source to come back",
+            e,
+            self.recover_timeout,
+        )
+        threading.Thread(
+            target=self._await_source, args=(generation, e), name="postcopy-await", daemon=True
+        ).start()
+
+    def _await_source(self, generation: int, cause: BaseException) -> None:
+        with self.cond:
+            if self.cond.wait_for(
+                lambda: self._generation != generation or self.error is not None,
+                self.recover_timeout,
+            ):
+                return
+        if self.finished.is_set():  # every page is in: only the source does not know
+            log.warning("post-copy: the source did not come back to hear that all pages are in")
+            if self._listener is not None:
+                self._listener.close()
+            return
+        self._fail(
+            MigrationError(
+                f"the link to the source was lost ({cause}) and the source did not come back "
+                f"within {self.recover_timeout:g} s",
+                "recover",
+            )
+        )
+
+    def _take(self, fs: FrameSocket) -> str | None:
+        """ResumeListener: `fs` is an authenticated stream whose RESUME named this migration.
+        None: it is the link from now on (after MISSING, RESUME_ACK, the outstanding
+        REQUESTs); otherwise why it is refused."""
+        with self.cond:
+            if self.error is not None:
+                return "the post-copy here has failed"
+            if self.up:
+                return "the source is connected: a second source is refused"
+            if self._resuming:
+                return "another resume of this migration is in progress"
+            self._resuming = True
+        try:
+            # Under the lock no page comes in (there is no link) and no request is taken:
+            # what is sent is exactly what is missing and asked for; anything after goes on
+            # the new link.
+            with self.cond:
+                missing = [
+                    (r.gpa + a * PAGE, b - a)
+                    for r, need, have in zip(self.regions, self.need, self.present, strict=True)
+                    for a, b in mem.runs(need & ~have)
+                ]
+                _send_runs(fs, Frame.MISSING, missing)
+                fs.send_json(
+                    Frame.RESUME_ACK,
+                    frames.ResumeAck(sum(n for _g, n in missing), len(missing)),
+                )
+                asked = [
+                    (self.regions[i].gpa + page * PAGE, 1) for i, page in sorted(self._requested)
+                ]
+                _send_runs(fs, Frame.REQUEST, asked)
+                if self._resumed_body is not None:
+                    fs.send_json(Frame.RESUMED, self._resumed_body)
+                if self.finished.is_set():
+                    fs.send_json(Frame.POSTCOPY_DONE, self.summary)
+                self.fs, self.up = fs, True
+                self.recoveries += 1
+                self._generation += 1
+                self.cond.notify_all()
+            log.warning(
+                "post-copy resumed over a new link: %d pages missing, %d requested",
+                sum(n for _g, n in missing),
+                len(asked),
+            )
+            self._receiver(fs)
+            return None
+        except OSError as e:
+            return f"the new link failed at once: {e}"
+        finally:
+            self._resuming = False
+
+    def _attach(self, fs: FrameSocket) -> str | None:
+        """ResumeListener: `fs` (authenticated, PREEMPT naming this migration) becomes the
+        urgent channel; otherwise why it is refused."""
+        with self.cond:
+            if self.error is not None or self.finished.is_set():
+                return "the post-copy here is over"
+            if not self.up:
+                return "the link is down: the source resumes first"
+            if self.urgent is not None:
+                return "an urgent channel is attached already"
+            self.urgent = fs
+            self.urgent_channels += 1
+        log.info("post-copy: urgent channel attached")
+        self._receiver(fs, urgent=True)
+        return None
+
+    def _urgent_lost(self, fs: FrameSocket, e: BaseException) -> None:
+        """The urgent channel ended: requests go on the link again, the outstanding ones
+        first (those asked on the channel may be lost with it)."""
+        with self.cond:
+            if self.urgent is not fs:
+                return
+            self.urgent = None
+            asked = [(self.regions[i].gpa + page * PAGE, 1) for i, page in sorted(self._requested)]
+        fs.close(reset=True)
+        if self.finished.is_set() or self.error is not None:
+            return
+        log.warning("post-copy: the urgent channel ended (%s): requests go on the link", e)
+        link = self.fs
+        if self.up and asked:
+            try:
+                _send_runs(link, Frame.REQUEST, asked)
+            except OSError as err:
+                self._link_lost(link, err)
+
+    def send_resumed(self, body: frames.Resumed) -> None:
+        """RESUMED (the VPs run here), now if the link is up, else when the source is back."""
+        self._resumed_body = body
+        fs = self.fs
+        if not self.up:
+            return
+        try:
+            fs.send_json(Frame.RESUMED, body)
+        except OSError as e:
+            self._link_lost(fs, e)
 
     def wait_commit(self, timeout: float) -> None:
         """COMMIT (read by the receiver thread), or MigrationError."""
@@ -562,6 +934,13 @@ class PostcopyDestination:
                 raise MigrationError(f"post-copy: {self.error}", "commit")
             if time.monotonic() > deadline:
                 raise MigrationError("the source did not commit in time", "commit")
+
+
+def _send_runs(fs: FrameSocket, ftype: Frame, runs: list[tuple[int, int]]) -> None:
+    """`runs` as (gpa, pages) frames of `ftype`, RUNS_PER_FRAME a frame."""
+    for c in range(0, len(runs), RUNS_PER_FRAME):
+        chunk = runs[c : c + RUNS_PER_FRAME]
+        fs.send(ftype, pack_zero_runs(chunk), count=len(chunk))
 
 
 def _thread_name(tid: int) -> str:

@@ -118,6 +118,12 @@ class MigrationOptions:
     #: (pyhv.migration.dirtylimit). Needs a VM created with the dirty ring; replaces
     #: auto-converge. None: no limit (a VM with the ring still reports each VP's rate).
     dirty_limit: int | str | None = None
+    #: With postcopy: how long (s) to try to reconnect after the link was cut once the
+    #: destination runs the VM (pyhv.migration.recovery); 0: a cut link ends the migration
+    recover_timeout: float = 60.0
+    #: With postcopy: page requests and their pages on a second connection of their own
+    #: (QEMU's postcopy-preempt), never queued behind the push on the first
+    postcopy_preempt: bool = True
     faults: dict[str, str] = field(default_factory=dict)  #: test-only: FaultPlan
 
     @classmethod
@@ -142,6 +148,12 @@ class MigrationOptions:
             raise MigrationError(
                 f"postcopy with streams={s}: post-copy uses one connection; "
                 "set streams=1 or leave postcopy off"
+            )
+        t = self.recover_timeout
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 86400:
+            raise MigrationError(
+                f"recover_timeout={t!r}: seconds from 0 (no recovery of a cut post-copy link) "
+                "to 86400"
             )
 
     def as_dict(self) -> dict[str, Any]:
@@ -543,13 +555,9 @@ class Source:
         fs.expect(Frame.PREPARED, frames.Empty, "prepare")
         t_pause, mark = self._pause_for_good(realtime=True)
         parts = self.progress.downtime_parts
-        # The last pages and PASS_END leave as one burst (the destination wakes once for them,
-        # not once per frame), before the state is saved: the destination takes them in while
-        # this side saves it, instead of after (STATE in the same burst: ~0.3 ms more, here).
-        _cork(fs, True)
         self._phase("final", paused=True)
         self.faults.at("final", fs)
-        pages = 0
+        final = None  # the last pages, when Dynamic Memory froze them with its state
         dm_state = None
         with ExitStack() as frozen:
             if dm is not None:
@@ -575,30 +583,37 @@ class Source:
                         if r.gpa <= gpa < r.end:
                             first = (gpa - r.gpa) // PAGE
                             m[first : first + n] = True
-                pages += self._send_final([(r, np.flatnonzero(m)) for r, m in masks])
-            else:  # dirty when the passes stopped, and since
-                pages += self._send_final(
-                    [(r, mem.union(before, mem.dirty_pages(r))) for r, before in left]
-                )
+                final = [(r, np.flatnonzero(m)) for r, m in masks]
+            # The state first, the last pages after it: the destination checks and restores
+            # the state while this side reads the dirty log and sends the pages (it runs the
+            # VM only once they are all in).
+            self._phase("state", paused=True)
+            self.faults.at("state", fs)
+            # Input typed from here on is held at the source and goes with COMMIT.
+            state = vm_state.save(vm, dm_state, hold_serial=True)
+            mark("state_save")
+            if not opt.two_phase_commit:
+                # The STATE frame and the last pages are the commit: the destination runs the
+                # VM once it has them, restored and checked (one hop, not three); a refusal
+                # comes back as ABORT.
+                self._phase("commit", paused=True)
+                self.faults.at("commit", fs)
+            fs.send(Frame.STATE, state.encode())
+            mark("state")
+            # The last pages and PASS_END leave as one burst (the destination wakes once for
+            # them, not once per frame).
+            _cork(fs, True)
+            if final is None:  # dirty when the passes stopped, and since
+                final = [(r, mem.union(before, mem.dirty_pages(r))) for r, before in left]
+            pages = self._send_final(final)
         self.progress.final_pages = pages
-        mark("last_pages")
         self.progress.passes += 1
-        # the data streams' final pass ended before the pause (_prepare)
+        # From here the destination may run the VM (it waits for this PASS_END, the data
+        # streams' final pass ended before the pause: _prepare); until here it cannot.
+        self._committing = not opt.two_phase_commit
         fs.send_json(Frame.PASS_END, frames.PassEnd(self.progress.passes, pages, True))
-        _cork(fs, False)  # the destination takes the last pages in while the state is saved
-        self._phase("state", paused=True)
-        self.faults.at("state", fs)
-        # Input typed from here on is held at the source and goes with COMMIT.
-        state = vm_state.save(vm, dm_state, hold_serial=True)
-        mark("state_save")
-        if not opt.two_phase_commit:
-            # The STATE frame is the commit: the destination runs the VM once it restored and
-            # checked it (one hop, not three); a refusal comes back as ABORT.
-            self._phase("commit", paused=True)
-            self.faults.at("commit", fs)
-            self._committing = True
-        fs.send(Frame.STATE, state.encode())
-        mark("state")
+        _cork(fs, False)
+        mark("last_pages")
         self._boost.end()  # the rest (checksum, waiting) at the ordinary priority
         self.progress.realtime = self._boost.counts()
         if opt.verify:
@@ -699,7 +714,16 @@ class Source:
         else:  # dirty when the passes stopped, and since
             need = [m | mem.dirty_mask(r) for r, m in masks]
         self._stop_logging()
-        pc = self._pc = PostcopySource(fs, regions, need)
+        pc = self._pc = PostcopySource(
+            fs,
+            regions,
+            need,
+            reconnect=self._reconnect if opt.recover_timeout > 0 else None,
+            recover_timeout=opt.recover_timeout,
+            preempt=self._urgent_channel if opt.postcopy_preempt else None,
+        )
+        self.progress.postcopy = {"migration": pc.migration}
+        pc.on_recovered = self._recovered
         needed = pc.announce()
         self.progress.passes += 1
         fs.send(Frame.STATE, vm_state.save(vm, None).encode())
@@ -712,7 +736,11 @@ class Source:
             self._phase("commit")
             fs.send_json(Frame.COMMIT, frames.Empty())
 
-        pc.serve(commit, time.monotonic() + opt.timeout)
+        try:
+            pc.serve(commit, time.monotonic() + opt.timeout)
+        finally:
+            self.fs = pc.fs  # the newest link, after a recovery (run() closes it)
+            pc.close()
         # RAM at the pause: the VM here stays paused for good, so it is summed after serving
         self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))
         done, resumed = pc.done, pc.resumed
@@ -724,9 +752,14 @@ class Source:
             parts["destination_start"] = round(resumed.start_ms, 2)
         self.progress.pages_sent += pc.urgent_pages + pc.pushed_pages
         self.progress.postcopy = {
+            "migration": pc.migration,
+            "recoveries": pc.recoveries,
+            "resumes_refused": done.resumes_refused,
+            "urgent_channels": done.urgent_channels,
             "switched_because": why,
             "needed_pages": needed,
-            "urgent_pages": pc.urgent_pages,
+            "urgent_pages": pc.urgent_pages + pc.channel_pages,
+            "urgent_channel_pages": pc.channel_pages,
             "pushed_pages": pc.pushed_pages,
             "requests": pc.requests,
             "faults": done.faults,
@@ -748,6 +781,37 @@ class Source:
         self.progress.phase = "done"
         self._report(force=True)
         trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
+
+    def _reconnect(self) -> tuple[FrameSocket, list[tuple[int, int]], Any]:
+        """One attempt at a new link to the destination for the post-copy (recovery)."""
+        from pyhv.migration.recovery import reconnect_source
+
+        opt, pc = self.opt, self._pc
+        return reconnect_source(
+            self.address,
+            self.token,
+            pc.migration,
+            encrypt=opt.encrypt,
+            bandwidth=opt.bandwidth,
+            timeout=opt.timeout,
+            max_runs=sum(r.pages for r in pc.regions),
+        )
+
+    def _urgent_channel(self) -> FrameSocket:
+        """The post-copy's urgent channel (QEMU's postcopy-preempt)."""
+        from pyhv.migration.recovery import connect_urgent
+
+        opt, pc = self.opt, self._pc
+        return connect_urgent(
+            self.address, self.token, pc.migration, encrypt=opt.encrypt, timeout=opt.timeout
+        )
+
+    def _recovered(self) -> None:
+        """The post-copy goes on over a new link: the owner hears of it."""
+        pc = self._pc
+        self.fs = pc.fs
+        self.progress.postcopy["recoveries"] = pc.recoveries
+        self._report(force=True)
 
     def _typed(self) -> bytes:
         """Serial input held since the state's save (at most what one COMMIT carries)."""
@@ -812,11 +876,12 @@ class Source:
         return [r for r in p.regions if not r.readonly]
 
     def _skip_ranges(self) -> list[tuple[int, int]]:
-        """(gpa, pages) ranges not to send: the guest's balloon."""
+        """(gpa, pages) ranges not to send: the guest's balloon and the pages it hot-removed."""
         dm = self.vm.dynmem
         if dm is None:
             return []
-        return [(r.start * PAGE, r.count) for r in dm.save_memory().ballooned]
+        st = dm.save_memory()
+        return [(r.start * PAGE, r.count) for r in (*st.ballooned, *st.removed)]
 
     _pass_started = 0.0
 

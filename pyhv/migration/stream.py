@@ -111,10 +111,15 @@ class Frame(enum.IntEnum):
     PREPARE = 17  # src -> dest: Empty; the pause comes next (the destination gets ready for it)
     PREPARED = 18  # dest -> src: Empty; ready: the source may pause
     # post-copy (pyhv.migration.postcopy); numbered apart from the pre-copy frames
-    POSTCOPY = 30  # src -> dest: Empty; the VM's state comes next and the rest after it runs
+    POSTCOPY = 30  # src -> dest: Postcopy {"migration"}; the state next, the rest after it runs
     NEED = 31  # src -> dest: (gpa, pages) runs the destination fetches (the rest it has or is 0)
     REQUEST = 32  # dest -> src: (gpa, pages) runs a VP or the host waits for: send them first
     POSTCOPY_DONE = 33  # dest -> src: PostcopyDone; every needed page is in, blocktime
+    # recovery of a cut post-copy link (pyhv.migration.recovery)
+    RESUME = 34  # src -> dest, first after a new handshake: Resume {"migration"}
+    MISSING = 35  # dest -> src: (gpa, pages) runs the destination still lacks
+    RESUME_ACK = 36  # dest -> src: ResumeAck {"pages", "runs"}; REQUESTs outstanding follow
+    PREEMPT = 37  # src -> dest, first after a handshake: Resume {"migration"}; urgent channel
 
 
 _B = TypeVar("_B", bound=Struct)

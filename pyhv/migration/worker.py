@@ -184,6 +184,7 @@ def accept_incoming(
             accept_timeout=first.accept_timeout,
             faults=first.faults or None,
             userfault_device=first.userfaultfd,
+            recover_timeout=first.recover_timeout,
         )
     except (MigrationError, ValueError) as e:
         lst.close()
@@ -308,6 +309,7 @@ class IncomingWorker(WorkerProcess):
         image: str | None = None,
         page_file: str | None = None,
         confirm: bool = False,
+        recover_timeout: float = 60.0,
     ) -> None:
         super().__init__(config, output)  # type: ignore[arg-type]  # known once migrated in
         self._request = m.Incoming(
@@ -321,6 +323,7 @@ class IncomingWorker(WorkerProcess):
             image=image,
             page_file=page_file,
             confirm=confirm,
+            recover_timeout=recover_timeout,
         )
         self._uffd_device = -1
         #: With `confirm`: called (on the reader thread) with the arrived VM's configuration

@@ -504,6 +504,11 @@ def _memory_target(c: Call) -> Any:
     return {"name": c.params["name"], "target": body.target, "accepted": True}
 
 
+@route("/api/vms/{name}/memory/resize", "POST")
+def _memory_resize(c: Call) -> Any:
+    return c.vmms.resize_memory(c.params["name"], c.body(bodies.MemoryResize).memory)
+
+
 @route("/api/vms/{name}/migrate", "POST", scopes=(ADMIN, CLUSTER))
 def _migrate(c: Call) -> Any:
     request = c.body(bodies.MigrateRequest)

@@ -46,6 +46,13 @@ class MemoryTarget(_Body):
     target: Size
 
 
+class MemoryResize(_Body):
+    """Set-VMMemory -StartupBytes on a running VM: hot-add or hot-remove to `memory` (whole
+    2 MiB blocks, within minimum..maximum)."""
+
+    memory: Size
+
+
 class MigrateRequest(_Body):
     """Live-migrate the running VM to another VMMS."""
 
@@ -216,6 +223,21 @@ class MemoryTargetAccepted(Struct):
     accepted: bool
 
 
+class MemoryResized(Struct):
+    """What a runtime resize did (bytes). `complete` is false when the guest gave or took less
+    than asked (it cannot vacate memory in use); `startup`, the stored setting, follows
+    `visible`, the VM's Guest Visible Physical Memory now."""
+
+    name: str
+    asked: int
+    before: int
+    visible: int
+    added: int
+    removed: int
+    complete: bool
+    startup: int
+
+
 class Migration(Struct):
     """One live migration as this VMMS sees it. Source states: preparing, migrating, then done,
     failed or in-doubt (paused here); destination: waiting, then running or failed."""
@@ -283,6 +305,7 @@ SCHEMAS: tuple[type, ...] = (
     SettingsChange,
     NoFields,
     MemoryTarget,
+    MemoryResize,
     MigrateRequest,
     IncomingRequest,
     Resolve,
@@ -292,6 +315,7 @@ SCHEMAS: tuple[type, ...] = (
     VmList,
     MemoryStatus,
     MemoryTargetAccepted,
+    MemoryResized,
     Migration,
     MigrationList,
     Incoming,

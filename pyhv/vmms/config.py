@@ -282,6 +282,12 @@ def apply_changes(current: VmSettings, raw: Mapping[str, object], running: bool)
             raise VmSettingsError(
                 f"{', '.join(fixed)} cannot change while VM {current.name!r} runs: only "
                 f"{', '.join(RUNNING_CHANGES)} can; stop the VM first"
+                + (
+                    f" (or resize its memory now: POST /api/vms/{current.name}/memory/resize, "
+                    "`pyhv vm memory NAME --memory SIZE`)"
+                    if "memory" in fixed
+                    else ""
+                )
             ) from None
         raise e
     new = _validated(replace(current, **values))
@@ -296,6 +302,7 @@ def apply_changes(current: VmSettings, raw: Mapping[str, object], running: bool)
             raise VmSettingsError(
                 f"maximum can only go up while VM {current.name!r} runs (from "
                 f"{format_size(current.maximum)}, asked {format_size(new.maximum)}): stop the "
-                "VM to lower it"
+                "VM to lower it; to take memory back now, resize it (`pyhv vm memory NAME "
+                "--memory SIZE`: hot-remove)"
             )
     return new

@@ -160,6 +160,18 @@ def openapi() -> dict[str, Any]:
                     },
                 },
             },
+            "/api/vms/{name}/memory/resize": {
+                **vm_path,
+                "post": {
+                    "summary": "resize a running VM (Set-VMMemory -StartupBytes): hot-add or "
+                    "hot-remove to `memory`; the answer says what the guest gave",
+                    "requestBody": _json_body(bodies.MemoryResize),
+                    "responses": {
+                        "200": _json(_ref(bodies.MemoryResized), "done, or done in part"),
+                        **_errors(400, 404, 409, 411, 413, 415),
+                    },
+                },
+            },
             "/api/vms/{name}/console": {
                 **vm_path,
                 "post": {

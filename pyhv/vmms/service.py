@@ -67,6 +67,7 @@ from pyhv.vmms.inventory import (
 )
 from pyhv.vmms.jailing import JailPolicy, WorkerJails
 from pyhv.vmms.pool import HostPool
+from pyhv.vmms.resize import ResizeError, ResizeUnavailable, check_size, resize
 from pyhv.vmms.smartpaging import SmartPaging
 from pyhv.vmms.store import ConfigStore
 from pyhv.vmms.tracing import TraceHub, TracingUnavailable
@@ -216,6 +217,8 @@ class Vmms:
         self._worker_factory = worker_factory
         self._stop_timeout = stop_timeout
         self._lock = threading.RLock()
+        #: VMs being resized (`resize_memory`): the balancer leaves them alone meanwhile.
+        self._resizing: set[str] = set()
         self._vms = {name: _Vm(s) for name, s in self.store.load_all().items()}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -367,6 +370,7 @@ class Vmms:
         with self._lock:
             vm = self._get(name)
             self._refuse_while_migrating(vm, "change its settings")
+            self._refuse_while_resizing(name)
             if vm.state in (STARTING, STOPPING):
                 raise Conflict(f"VM {name!r} is {vm.state}: try again in a moment")
             try:
@@ -966,6 +970,7 @@ class Vmms:
         with self.balancer.paused(), self._lock:
             vm = self._get(name)
             self._refuse_while_migrating(vm, "migrate it")
+            self._refuse_while_resizing(name)
             if vm.worker is None or vm.state != RUNNING:
                 raise Conflict(f"VM {name!r} is {vm.state}: only a running VM can be migrated")
             if self.smart_paging.in_use(name):
@@ -1064,8 +1069,8 @@ class Vmms:
             out = {}
             for name, vm in self._vms.items():
                 port = self._port(vm)
-                if vm.migration is not None:
-                    continue  # the balancer holds its operations while it migrates
+                if vm.migration is not None or name in self._resizing:
+                    continue  # the balancer holds its operations while it migrates or resizes
                 if vm.state == RUNNING and vm.settings.dynamic_memory and port is not None:
                     out[name] = (vm.settings.memory_settings(), port)
             return out
@@ -1177,6 +1182,61 @@ class Vmms:
         except DynamicMemoryUnavailable as e:
             raise Conflict(str(e)) from None
         return {"name": name, "target": size}
+
+    def _refuse_while_resizing(self, name: str) -> None:
+        if name in self._resizing:
+            raise Conflict(f"VM {name!r} is being resized: try again when that ends")
+
+    def resize_memory(self, name: str, memory: object) -> dict[str, Any]:
+        """Set-VMMemory -StartupBytes on a running VM (pyhv.vmms.resize): hot-add or hot-remove
+        to `memory`, then store what is now visible as the startup memory (the VM's memory,
+        also at its next boot). The answer says what the guest gave (`complete`)."""
+        try:
+            if isinstance(memory, bool) or not isinstance(memory, int | str):
+                raise ConfigError(f"memory must be bytes or a size such as '768M', got {memory!r}")
+            size = parse_size(memory)
+        except ConfigError as e:
+            raise VmmsError(str(e)) from None
+        with self._lock:
+            vm = self._get(name)
+            self._refuse_while_migrating(vm, "resize it")
+            self._refuse_while_resizing(name)
+            if vm.state != RUNNING:
+                raise Conflict(
+                    f"VM {name!r} is {vm.state}: a resize is for a running VM; set the startup "
+                    f'memory of a VM that is off with PATCH /api/vms/{name} {{"memory": ...}}'
+                )
+            port = self._dm(name)
+            try:
+                check_size(name, size, vm.settings, self.pool)
+            except ResizeError as e:
+                raise VmmsError(str(e)) from None
+            except KeyError:
+                raise Conflict(f"VM {name!r} holds no memory of the pool: it is ending") from None
+            worker = vm.worker
+            self._resizing.add(name)
+        try:
+            result = resize(name, port, worker, self.pool, size)
+        except ResizeUnavailable as e:
+            raise Conflict(str(e)) from None
+        finally:
+            with self._lock:
+                self._resizing.discard(name)
+        with self._lock:
+            vm = self._get(name)
+            visible = result["visible"]
+            if visible != vm.settings.memory:
+                try:
+                    new = apply_changes(vm.settings, {"memory": visible}, running=False)
+                except VmSettingsError as e:
+                    raise VmmsError(f"VM {name!r} now has {format_size(visible)}: {e}") from None
+                self._save(new)
+                vm.settings = new
+        log.info(
+            "VM %s resized: asked %s, visible %s -> %s", name, format_size(size),
+            format_size(result["before"]), format_size(visible),
+        )  # fmt: skip
+        return {**result, "startup": vm.settings.memory}
 
     def host(self) -> dict[str, int]:
         """The host's pool for VMs, in bytes: budget, reserve, free (reserve excluded)."""

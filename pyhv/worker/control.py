@@ -1,12 +1,14 @@
 """The operator's control endpoint of a running VM (like QEMU's monitor `balloon`/`info balloon`):
 a Unix socket speaking the worker protocol's framing (u32 length + JSON).
 
-Requests: ``{"op": "status"}`` and ``{"op": "target", "bytes": n}``. Replies:
-``{"ok": true, "status": {...}}`` (plus ``"plan"`` for a target) or ``{"ok": false, "error": text}``.
+Requests: ``{"op": "status"}``, ``{"op": "target", "bytes": n}`` and ``{"op": "hot_remove",
+"bytes": n}`` (``bytes`` left out: all hot-added memory). Replies: ``{"ok": true, "status":
+{...}}`` (plus ``"plan"`` for a target or a hot-remove) or ``{"ok": false, "error": text}``.
 Declared in pyhv.worker.messages (ControlRequest, ControlReply); a request that does not decode
 is answered with ``ok`` false and the reason, and the endpoint serves on. msgspec is imported
 when the first request arrives, not when `pyhv run` starts the endpoint.
-`pyhv run --control PATH` serves it; `pyhv memory --control PATH [--target SIZE]` is the client.
+`pyhv run --control PATH` serves it; `pyhv memory --control PATH [--target SIZE | --hot-remove
+[SIZE]]` is the client.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class ControlServer:
             msg = m.decode_control(raw)
             if isinstance(msg, m.ControlStatus):
                 return m.ControlReply(True, status=self.vm.memory_status())
+            if isinstance(msg, m.ControlHotRemove):
+                pages = None if msg.bytes is None else msg.bytes // 4096
+                plan = self.vm.hot_remove_memory(pages)
+                return m.ControlReply(True, status=self.vm.memory_status(), plan=plan)
             plan = self.vm.set_memory_target(msg.bytes)
             return m.ControlReply(True, status=self.vm.memory_status(), plan=plan)
         except (m.MessageError, DynamicMemoryError) as e:

@@ -46,6 +46,7 @@ from pyhv.dynmem.vsp import (
     DmState,
     DmVspState,
     DynamicMemoryVsp,
+    check_state_version,
 )
 from pyhv.hypervisor.intercepts import InterceptKind
 from pyhv.memory.manager import PAGE_SIZE, MemoryManager, MemoryManagerError, MemoryState
@@ -59,6 +60,7 @@ from pyhv.vmbus.controller import (
     VmbusController,
 )
 from pyhv.vmbus.ring import RingCorrupt
+from pyhv.vmbus.vsp import VspError
 
 if TYPE_CHECKING:
     from pyhv.hypervisor import Partition
@@ -67,6 +69,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyhv.worker.dynmem")
 
 MIB_PAGES = (1 << 20) // PAGE_SIZE
+#: Pages asked per hot-remove request at most (as a balloon request: QEMU's chunk).
+MAX_HOT_REMOVE_PAGES = 585_728
 #: The 3-4 GiB hole (IOAPIC, LAPIC): no hot-added region may overlap it.
 HOLE_START, HOLE_END = 3 << 30, 4 << 30
 #: Statuses go to the owner at most this often: one that comes sooner waits out the interval
@@ -94,6 +98,7 @@ class DynamicMemoryState:
     def from_wire(cls, d: object) -> DynamicMemoryState:
         """The shape (types, declared by the fields); the parts' restore() check the values."""
         st = wire.from_wire(cls, d, "Dynamic Memory state")
+        check_state_version(st.vsp.version)  # the VSP's part, checked as it is read
         if any(v < 0 for v in st.counters.values()):
             raise ValueError(f"Dynamic Memory counters {dict(st.counters)!r} are not counts")
         return st
@@ -113,6 +118,15 @@ def _vp_counters(vp: Any) -> VpCounters:
         handler_seconds=sum(vp.handler_ns) / 1e9,
         **kinds,
     )
+
+
+def _pages_in(ranges: RangeSet, regions: Any) -> int:
+    """Pages of `ranges` inside `regions` (each with gpa and size in bytes)."""
+    n = 0
+    for g in regions:
+        lo, hi = g.gpa // PAGE_SIZE, (g.gpa + g.size) // PAGE_SIZE
+        n += sum(max(0, min(r.end, hi) - max(r.start, lo)) for r in ranges)
+    return n
 
 
 def _version_text(v: int | None) -> str | None:
@@ -165,6 +179,9 @@ class DynamicMemoryService:
             on_hot_add_done=self._hot_added,
             on_reset=self._reset,
             on_hinted=self._hinted,
+            on_hot_removed=self._hot_removed,
+            on_hot_remove_done=self._hot_remove_done,
+            host_pages=self._ring_pages,
             reclaim=self._reclaim,
             map_hot_add=self._map_hot_add,
             on_goal_done=self._goal_done,
@@ -192,6 +209,9 @@ class DynamicMemoryService:
             "hint_discard_us": 0,
             "balloon_checks": 0,
             "balloon_disagreements": 0,
+            "hot_removed_pages": 0,
+            "hot_remove_errors": 0,
+            "hot_add_declined_pages": 0,
         }
         #: The guest's last status report, as the VSP decoded it.
         self.last_status: MemoryStatus | None = None
@@ -497,7 +517,82 @@ class DynamicMemoryService:
 
     def _hot_added(self, asked: PageRange, added: int, ok: bool) -> None:
         self.counters["hot_added_pages"] += added
+        if added < asked.count:  # count what the guest took, not what was offered
+            self._decline_hot_add(PageRange(asked.start + added, asked.count - added))
         self._transaction_done()
+
+    def _decline_hot_add(self, declined: PageRange) -> None:
+        try:
+            n = self.mm.decline_hot_add(self.name, declined)
+        except (MemoryManagerError, OSError) as e:
+            self.counters["hot_remove_errors"] += 1
+            log.error("%s: giving back a declined hot-add failed: %s", self.name, e)
+            return
+        self.counters["hot_add_declined_pages"] += n
+        log.info("%s: the guest declined %d hot-added pages at %#x", self.name, n, declined.start)
+
+    def _hot_removed(self, ranges: list[PageRange]) -> None:
+        """Ranges the guest gave back offline (the VSP checked them): the host memory goes."""
+        try:
+            n = self.mm.hot_remove(self.name, ranges)
+        except (MemoryManagerError, OSError) as e:
+            self.counters["hot_remove_errors"] += 1
+            log.error("%s: taking back hot-removed pages failed: %s", self.name, e)
+            return
+        self.counters["hot_removed_pages"] += n
+
+    def _ring_pages(self) -> list[PageRange]:
+        """The guest pages the host reads and writes: the open channels' ring areas."""
+        out = []
+        for offer in self.controller.offers:
+            ch = offer.channel
+            if ch is not None and ch.ring_gpa is not None:
+                out.append(PageRange(ch.ring_gpa // PAGE_SIZE, ch.ring_pages))
+        return out
+
+    def _hot_remove_done(self, pages: int) -> None:
+        self._transaction_done()
+        self._publish(host_news=True)  # Guest Visible Physical Memory fell: say so now
+
+    def hot_remove(self, pages: int | None = None) -> dict[str, Any]:
+        """Ask the guest to give `pages` back offline (DM hot-remove; default: every hot-added
+        page it holds), never below the VM's minimum. Returns at once with the plan;
+        :meth:`wait_idle` waits for the guest's answer."""
+        if pages is not None:
+            self._check_pages(pages)
+        self._require_running("hot-remove")
+        vsp = self.vsp
+        with vsp.lock:
+            if not vsp.hot_remove_offered:
+                self.counters["refused_requests"] += 1
+                raise DynamicMemoryError(
+                    f"hot-remove: the guest of VM {self.name!r} did not report the hot-remove "
+                    "capability (Dynamic Memory protocol 2.0); balloon it instead"
+                )
+            if vsp.state is not DmState.IDLE or vsp.goal is not None:
+                self.counters["refused_requests"] += 1
+                raise DynamicMemoryError(
+                    f"hot-remove: VM {self.name!r} is busy ({vsp.operation or 'a goal'}): wait"
+                )
+            part = self._mm_part
+            room = part.assigned_pages - self.minimum_pages
+            hot = part.regions[part.startup_regions :]
+            held = part.hot_added_pages - _pages_in(part.ballooned, hot)
+            asked = held if pages is None else pages
+            n = min(asked, room, MAX_HOT_REMOVE_PAGES)
+            if n <= 0:
+                self.counters["refused_requests"] += 1
+                raise DynamicMemoryError(
+                    f"hot-remove of {asked} pages: VM {self.name!r} has {room} pages above its "
+                    "minimum and nothing asked to remove; lower the minimum or ask for pages"
+                )
+            try:
+                vsp.hot_remove(n)
+            except VspError as e:  # the channel went away meanwhile
+                self.counters["refused_requests"] += 1
+                raise DynamicMemoryError(f"hot-remove: {e}") from None
+        log.info("%s: hot-remove of %d pages asked", self.name, n)
+        return {"asked_pages": asked, "requested_pages": n, "visible_pages": part.visible_pages}
 
     def _map_hot_add(self, pages: int, align: int) -> PageRange:
         """Before a hot-add: a new region above RAM (and above the 3-4 GiB hole)."""
@@ -541,6 +636,8 @@ class DynamicMemoryService:
                 ballooned_pages=c["ballooned_pages"],
                 unballooned_pages=c["unballooned_pages"],
                 hot_added_pages=c["hot_added_pages"],
+                hot_removed_pages=c["hot_removed_pages"],
+                hot_remove_refused=vsp["hot_remove_bad_ranges"] + vsp["hot_remove_unasked"],
                 doorbells=ctl["doorbells"],
                 controller_refused=ctl["refused"],
             ),
@@ -571,6 +668,8 @@ class DynamicMemoryService:
             "assigned_pages": st.assigned_pages,
             "ballooned_pages": st.ballooned_pages,
             "hot_added_pages": self._mm_part.hot_added_pages,
+            "removed_pages": self._mm_part.removed.pages,
+            "hot_remove": vsp.hot_remove_offered,
             "smart_paging_pages": st.smart_paging_pages,
             "goal_pages": vsp.goal,
             "operation": self.operation,
@@ -800,6 +899,8 @@ class DynamicMemoryService:
         added = self.mm.restore(self.name, state)
         for r in added:
             self.vsp.ram.add(r.gpa // PAGE_SIZE, r.size // PAGE_SIZE)
+        for gone in state.removed:  # offline in the guest: not its RAM any more
+            self.vsp.ram.remove(gone.start, gone.count)
 
     def save(self) -> DynamicMemoryState:
         """The channel, the VSP and the counters (VPs paused; no transaction in flight)."""

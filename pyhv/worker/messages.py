@@ -106,6 +106,9 @@ class Incoming(_Op, tag="incoming", frozen=True):
     #: Resume only after the owner said :class:`Resume` (answering :class:`Committed`): the
     #: owner records the VM as its own first. Its EOF before that aborts (no RESUMED).
     confirm: bool = False
+    #: Post-copy: seconds to wait for the source to reconnect after the link was cut once
+    #: the VM runs here (pyhv.migration.recovery); then the VM is stopped.
+    recover_timeout: Seconds = 60.0
 
 
 class SerialIn(_Op, tag="serial", frozen=True):
@@ -120,12 +123,15 @@ class Stop(_Op, tag="stop", frozen=True):
     why: Text = "stopped by its owner"
 
 
-MemoryCallName = Literal["status", "target", "limits", "add", "remove", "end_smart_paging"]
+MemoryCallName = Literal[
+    "status", "target", "limits", "add", "remove", "end_smart_paging", "hot_remove"
+]
 
 
 class MemoryCall(_Op, tag="memory", frozen=True):
     """A Dynamic Memory request: ``status``; ``target`` (bytes); ``limits`` ([minimum, maximum]
-    bytes); ``add`` / ``remove`` (pages); ``end_smart_paging`` (no value). Answered by :class:`MemoryReply` with the same id."""
+    bytes); ``add`` / ``remove`` (pages); ``end_smart_paging`` (no value); ``hot_remove`` (pages, or
+    none: every hot-added page). Answered by :class:`MemoryReply` with the same id."""
 
     id: RequestId
     call: MemoryCallName
@@ -365,7 +371,13 @@ class ControlTarget(_Control, tag="target", frozen=True):
     bytes: Annotated[int, Meta(ge=0)]
 
 
-ControlRequest = ControlStatus | ControlTarget
+class ControlHotRemove(_Control, tag="hot_remove", frozen=True):
+    """Take `bytes` back from the guest offline (DM hot-remove); none: all hot-added memory."""
+
+    bytes: Annotated[int, Meta(ge=0)] | None = None
+
+
+ControlRequest = ControlStatus | ControlTarget | ControlHotRemove
 
 
 class ControlReply(Struct, frozen=True, omit_defaults=True):

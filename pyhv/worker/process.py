@@ -381,6 +381,8 @@ class WorkerProcess:
                     f"memory 'limits' needs [minimum, maximum] in bytes, got {value!r}"
                 )
             value = (value[0], value[1])
+        elif call == "hot_remove" and value is None:
+            pass  # every hot-added page
         elif call not in ("status", "end_smart_paging") and type(value) is not int:
             raise DynamicMemoryError(f"memory {call!r} needs an integer value, got {value!r}")
         event, box = threading.Event(), list[Any]()
@@ -421,6 +423,10 @@ class WorkerProcess:
 
     def remove_memory(self, pages: int) -> dict[str, Any]:
         return self._memory("remove", pages)  # type: ignore[no-any-return]
+
+    def hot_remove_memory(self, pages: int | None = None) -> dict[str, Any]:
+        """As VirtualMachine.hot_remove_memory, in the worker process."""
+        return self._memory("hot_remove", pages)  # type: ignore[no-any-return]
 
     def _send(self, msg: Any) -> None:
         """Send one declared message (pyhv.worker.messages) to the worker."""

@@ -302,6 +302,8 @@ def memory_call(vm: Any, msg: MemoryCall) -> MemoryReply:
             result = vm.memory_status()
         elif call == "end_smart_paging":
             result = vm.end_smart_paging()
+        elif call == "hot_remove" and not isinstance(value, tuple):
+            result = vm.hot_remove_memory(value)
         elif call == "limits":
             if not isinstance(value, tuple):
                 raise DynamicMemoryError(

@@ -337,6 +337,11 @@ class VirtualMachine:
         """The balancer's remove: balloon `pages` out of the guest."""
         return self._dm("remove memory").remove(pages)
 
+    def hot_remove_memory(self, pages: int | None = None) -> dict[str, Any]:
+        """Ask the guest to give `pages` back offline (DM hot-remove; default: all its hot-added
+        memory), never below the minimum; Guest Visible Physical Memory falls."""
+        return self._dm("hot-remove").hot_remove(pages)
+
     def wait_memory_idle(self, timeout: float | None = None) -> bool:
         """Wait until the last target/add/remove is done (or given up: see `last_error`)."""
         return self._dm("wait").wait_idle(timeout)

@@ -186,4 +186,9 @@ def test_the_goal_already_met_needs_no_message(w: World) -> None:
 
 def test_the_waiting_states_are_declared_once() -> None:
     assert {s for s in DmState if s.waiting} == WAITING
-    assert WAITING == {DmState.BALLOON_WAIT, DmState.UNBALLOON_WAIT, DmState.HOT_ADD_WAIT}
+    assert WAITING == {
+        DmState.BALLOON_WAIT,
+        DmState.UNBALLOON_WAIT,
+        DmState.HOT_ADD_WAIT,
+        DmState.HOT_REMOVE_WAIT,
+    }

@@ -66,7 +66,7 @@ def test_a_transaction_in_flight_is_not_saved() -> None:
 @pytest.mark.parametrize(
     ("change", "error"),
     [
-        ({"version": 2}, "version 2 is not 1"),
+        ({"version": 1}, "version 1 is not 2"),
         ({"state": "BALLOON_WAIT"}, "'BALLOON_WAIT' cannot be restored"),
         ({"state": "DANCING"}, "'DANCING' cannot be restored"),
         ({"caps": None}, "do not fit it"),

@@ -101,6 +101,10 @@ def load(library: Path) -> ctypes.CDLL:
         f.argtypes = [u64, u64]
         f.restype = ctypes.c_int
     lib.pmm_balloon_floor.restype = u64
+    lib.pmm_hot_remove_region.argtypes = [u64, u64, u64]
+    lib.pmm_hot_remove_region.restype = ctypes.c_int
+    lib.pmm_hot_remove_blocks.argtypes = [u64, u64, u64, u64, p(Range), u32, p(u32)]
+    lib.pmm_hot_remove_blocks.restype = u64
     lib.pmm_commit.argtypes = lib.pmm_uncommit.argtypes = [u64]
     entries = (MemmapEntry * len(MEMMAP))(*[MemmapEntry(b, s, 1, 0) for b, s in MEMMAP])
     lib.host_set_memmap(u32(len(MEMMAP)), entries)
@@ -120,6 +124,7 @@ class PmmModel(RuleBasedStateMachine):
         self.page[: FREE_FROM // PAGE][self.page[: FREE_FROM // PAGE] == FREE] = ALLOC
         self.kernel = self.count(ALLOC)
         self.hot_added = 0
+        self.regions: list[tuple[int, int]] = []  # (first page, pages) of each hot-add
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -213,6 +218,49 @@ class PmmModel(RuleBasedStateMachine):
         if fits:
             self.page[first : first + n] = FREE
             self.hot_added += n
+            self.regions.append((first, n))
+
+    @rule(data=st.data(), floor=st.integers(0, 4 * BLOCK))
+    def hot_remove_region(self, data: st.DataObject, floor: int) -> None:
+        """A whole hot-added region goes offline only if every page of it is free, it starts on a
+        block and the floor stays free; otherwise nothing changes."""
+        if not self.regions:
+            return
+        first, n = data.draw(st.sampled_from(self.regions))
+        free = self.count(FREE)
+        before = self.stats()
+        ok = self.lib.pmm_hot_remove_region(first * PAGE, n, floor) == 0
+        possible = first % BLOCK == 0 and self.all_in(first, first + n, FREE) and free >= floor + n
+        if (first + n) % BLOCK == 0:  # a split tail block may lack its descriptor: no promise
+            assert ok == possible
+        if not ok:
+            assert bytes(self.stats()) == bytes(before)
+            return
+        assert possible
+        self.page[first : first + n] = NOT_RAM
+        self.hot_added -= n
+
+    @rule(data=st.data(), most=SIZES, floor=st.integers(0, 4 * BLOCK))
+    def hot_remove_blocks(self, data: st.DataObject, most: int, floor: int) -> None:
+        """Free whole 2 MiB blocks of a region go offline, highest first, never below the floor."""
+        if not self.regions:
+            return
+        first, n = data.draw(st.sampled_from(self.regions))
+        free = self.count(FREE)
+        out = (Range * MAX_OUT)()
+        nout = ctypes.c_uint32()
+        got = self.lib.pmm_hot_remove_blocks(
+            first * PAGE, n, most, floor, out, MAX_OUT, ctypes.byref(nout)
+        )
+        assert got <= most and (got == 0 or free - got >= floor) and got % BLOCK == 0
+        assert sum(r.pages for r in out[: nout.value]) == got
+        for r in out[: nout.value]:
+            lo = r.base // PAGE
+            assert lo % BLOCK == 0 and r.pages % BLOCK == 0
+            assert first <= lo and lo + r.pages <= first + n, "a block outside the region"
+            assert self.all_in(lo, lo + r.pages, FREE), "took a page that was not free"
+            self.page[lo : lo + r.pages] = NOT_RAM
+        self.hot_added -= got
 
     @invariant()
     def counters_agree_with_the_pages(self) -> None:

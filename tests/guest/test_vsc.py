@@ -298,7 +298,7 @@ def test_malformed_host_messages_are_counted_and_ignored(boot_dm: Boot) -> None:
     bad = [
         bytes(hdr(type=T.BALLOON_REQUEST, size=100)) + bytes(8),  # says 100 bytes, has 16
         bytes(hdr(type=T.BALLOON_REQUEST, size=24)) + bytes(16),  # a balloon request is 16
-        bytes(hdr(type=T.MEM_HOT_REMOVE_REQUEST, size=24)) + bytes(16),  # not offered (caps)
+        bytes(hdr(type=T.MEM_HOT_REMOVE_REQUEST, size=24)) + bytes(16),  # for 0 pages
         bytes(hdr(type=T.VERSION_RESPONSE, size=16)) + bytes([1]) + bytes(7),  # out of turn
     ]
     with svc.vsp.lock:

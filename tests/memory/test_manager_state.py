@@ -5,7 +5,6 @@ partition or the pool is refused, and nothing changes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -13,56 +12,18 @@ import pytest
 from pyhv.memory.manager import (
     PAGE_SIZE,
     MemfdRegion,
-    MemoryManager,
     MemoryManagerError,
     MemoryState,
     PoolExhausted,
 )
 from pyhv.memory.ranges import PageRange
+from tests.support.memory_host import Host
 
 pytestmark = pytest.mark.unit
 
 MiB = 1 << 20
 RAM = 64 * MiB
 RAM_PAGES = RAM // PAGE_SIZE
-
-
-class Host:
-    """A memory manager with one partition of 64 MiB startup RAM at GPA 0."""
-
-    def __init__(self, budget: int) -> None:
-        self.made: list[MemfdRegion] = []
-        self.unmapped: list[MemfdRegion] = []
-        self.mm = MemoryManager(budget)
-        self.part = self.mm.add_partition(
-            "vm", [self._map(0, RAM)], self._map, self.unmapped.append
-        )
-
-    def _map(self, gpa: int, size: int) -> MemfdRegion:
-        r = MemfdRegion(gpa, size)
-        self.made.append(r)
-        return r
-
-    def view(self) -> tuple[int, int, list[tuple[int, int]], list[PageRange]]:
-        p = self.part
-        return (
-            self.mm.free_pages,
-            p.hot_added_pages,
-            [(r.gpa, r.size) for r in p.regions],
-            list(p.ballooned),
-        )
-
-    def close(self) -> None:
-        for r in self.made:
-            r.close()
-
-
-@pytest.fixture
-def hosts() -> Iterator[list[Host]]:
-    made: list[Host] = []
-    yield made
-    for h in made:
-        h.close()
 
 
 def _source(hosts: list[Host]) -> Host:
@@ -92,7 +53,7 @@ def test_a_layout_is_restored_at_the_same_gpas_with_the_balloon_released(
 @pytest.mark.parametrize(
     ("change", "error"),
     [
-        ({"version": 9}, "version 9 is not 1"),
+        ({"version": 9}, "version 9 is not 2"),
         ({"startup": ((0, 2 * RAM),)}, "is not partition vm's"),
         ({"hot_added": ((RAM // 2, 32 * MiB),)}, "overlaps RAM"),
         ({"hot_added": ((RAM, 3 * MiB + 5),)}, "not 4 KiB aligned"),

@@ -28,6 +28,10 @@ BODIES: list[msgspec.Struct] = [
     frames.Checksum("0123abcd"),
     frames.Resumed(12.5, 3.25),
     frames.Abort("out of memory"),
+    frames.Postcopy("0f" * 16),
+    frames.Resume("a5" * 16),
+    frames.ResumeAck(4096, 3),
+    frames.PostcopyDone("00" * 8, 3, 2, 0.5, 1.5, 2.0, {"vp0": 1.5}, 1, 2, 2),
 ]
 
 
@@ -55,6 +59,9 @@ def test_a_pass_end_keeps_its_wire_name() -> None:
         (frames.Checksum, [], "Expected `object`, got `array`"),
         (frames.AuthOk, {"mac": "x", "key": "00"}, "at `$.key`"),
         (frames.Auth, {"version": 2, "nonce": "ab" * 32, "mac": 1, "encrypt": 1}, "$.encrypt"),
+        (frames.Resume, {"migration": "AB" * 16}, "at `$.migration`"),  # lower-case hex only
+        (frames.Resume, {"migration": "ab" * 17}, "at `$.migration`"),
+        (frames.ResumeAck, {"pages": -1, "runs": 0}, "at `$.pages`"),
     ],
 )
 def test_a_malformed_body_is_refused_naming_the_frame_and_field(

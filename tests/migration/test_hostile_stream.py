@@ -5,6 +5,7 @@ counted)."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import tracemalloc
@@ -19,6 +20,7 @@ from pyhv.migration import stream as st
 from pyhv.migration.destination import Incoming
 from pyhv.migration.stream import Frame, FrameSocket, MigrationError
 from tests.support.hostile import StreamRelay
+from tests.support.vm_state import vm_state
 
 pytestmark = pytest.mark.unit
 
@@ -202,3 +204,38 @@ def test_a_second_prepare_is_refused_and_the_first_is_answered() -> None:
     err = _against_source(destination, source, setup)
     assert asked == [1]  # the owner was asked once
     assert isinstance(err, MigrationError) and "PREPARE twice" in str(err), err
+
+
+@pytest.mark.parametrize(
+    ("after", "pattern"),
+    [(Frame.STATE, "STATE twice"), (Frame.PREPARE, "PREPARE frame after the state")],
+)
+def test_after_a_state_ahead_of_the_last_pages_only_the_pages_may_follow(
+    after: Frame, pattern: str
+) -> None:
+    """After PREPARE the state comes ahead of the last pages: a second STATE, or any frame but
+    the pages, PASS_END and ABORT, is refused (nothing runs: the final PASS_END never came)."""
+
+    class NoVps:  # the partition as _first_stream sees it: no VP to raise
+        vps: dict[int, Any] = {}
+
+    restored: list[object] = []
+
+    def destination(inc: Incoming) -> None:
+        inc.accept()
+        assert inc.fs is not None
+        inc._restore_early = restored.append  # what receive() sets: the restore into the VM
+        inc._first_stream(inc.fs, NoVps(), {})
+
+    state = dataclasses.replace(vm_state(), dynmem=None).encode()  # (DM's: after the pages)
+
+    def source(src: FrameSocket) -> None:
+        src.send_json(Frame.CONFIG, frames.Config({}, [(0, 1 << 20)]))
+        src.send_json(Frame.PREPARE, frames.Empty())
+        src.expect(Frame.PREPARED, frames.Empty, "prepare")
+        src.send(Frame.STATE, state)
+        src.send(after, state if after is Frame.STATE else b"{}")
+
+    err = _against_source(destination, source, lambda inc: None)
+    assert isinstance(err, MigrationError) and pattern in str(err), err
+    assert len(restored) == 1  # restored as it came, once

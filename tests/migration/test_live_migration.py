@@ -200,6 +200,49 @@ def test_a_ballooned_vm_moves_with_its_balloon_and_its_dm_channel_goes_on(hosts:
         src.close()
 
 
+def test_a_vm_after_hot_remove_moves_with_the_same_guest_visible_memory(hosts: Any) -> None:
+    """Hot-removed pages are offline: the layout carries them (MemoryState v2), they are not
+    sent, and the destination accounts the same Guest Visible Physical Memory as the source."""
+    from pyhv.guest_image import image_path
+    from pyhv.worker import VmConfig
+    from pyhv.worker.process import WorkerProcess
+    from tests.migration.conftest import Guest
+
+    cfg = VmConfig.create(
+        image=image_path(), memory="256M", dynamic_memory=True, minimum="128M", maximum="768M"
+    )
+    src = WorkerProcess(cfg)
+    src.start()
+    try:
+        Guest(src)
+        _dm_settled(src)
+        src.set_memory_target(512 << 20)  # a 256 MiB region hot-added ...
+        assert _dm_settled(src)["hot_added_pages"] == 256 * 256
+        src.hot_remove_memory(128 * 256)  # ... half of it given back: free 2 MiB blocks
+        before = _dm_settled(src)
+        assert before["visible_pages"] == 384 * 256 and before["removed_pages"] == 128 * 256
+        dst = hosts.destination()
+        result = _migrate(src, dst)
+        assert result["skipped_pages"] >= before["removed_pages"]
+        after = _dm_settled(dst)
+        for key in ("visible_pages", "assigned_pages", "hot_added_pages", "removed_pages"):
+            assert after[key] == before[key], key
+        assert after["hot_remove"] and after["state"] == "IDLE"
+        there = moved(dst)
+        mem = there.run("mem")
+        assert "visible: 384 MiB" in mem and "hot-added: 128 MiB" in mem
+        there.run("testlimit -m 300 -c 1")  # reaches into what is left of the region
+        assert "committed 300 MiB" in there.run("tasks")
+        there.run("kill")
+        # the destination's VSP goes on: the rest of the region leaves whole
+        dst.hot_remove_memory()
+        final = _dm_settled(dst)
+        assert final["visible_pages"] == 256 * 256 and final["removed_pages"] == 0
+        assert "visible: 256 MiB" in there.run("mem")
+    finally:
+        src.close()
+
+
 def test_several_streams_carry_a_dirtying_guest_whole_and_skip_zero_and_free_pages(
     hosts: Any,
 ) -> None:

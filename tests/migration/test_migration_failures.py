@@ -89,8 +89,11 @@ def _fails(
         ("pass1", "corrupt", "failed authentication", "pass1"),
         ("pass2", "corrupt", "failed authentication", "pass2"),  # paced: see below
         ("prepare", "cut", LOST, "prepare"),  # the passes done, the VM not paused yet
-        ("final", "cut", LOST, "final"),
-        # the STATE frame commits (two_phase_commit off): learned while committing
+        # paused: the cut is learned at the first frame sent after it, the state (which goes
+        # ahead of the last pages); the final PASS_END was not sent, so the VM stays here
+        ("final", "cut", LOST, "commit"),
+        # the STATE frame and the last pages commit (two_phase_commit off): learned while
+        # committing
         ("state", "corrupt", "failed authentication", "commit"),
         ("commit", "cut", LOST, "commit"),
     ],

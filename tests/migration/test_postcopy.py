@@ -52,6 +52,8 @@ def test_a_dirtying_guest_runs_at_the_destination_at_once_and_fetches_its_memory
     assert pc["urgent_pages"] + pc["pushed_pages"] >= pc["needed_pages"]
     # the guest ran before its memory was there: its VPs faulted and waited (blocktime)
     assert pc["faults"] > 0 and pc["requested_pages"] > 0
+    # answered on the urgent channel (post-copy preempt), not behind the push
+    assert 0 < pc["urgent_channel_pages"] <= pc["urgent_pages"]
     assert 0 < pc["blocktime_p50_ms"] <= pc["blocktime_p99_ms"] <= pc["blocktime_max_ms"]
     there = moved(dst)
     first, later = wait_rising(there.touched)
@@ -104,7 +106,10 @@ def test_a_hybrid_migration_switches_to_post_copy_instead_of_throttling(
 def test_a_source_lost_mid_post_copy_stops_the_vm_at_the_destination_saying_why(
     hosts: Any,
 ) -> None:
-    src, dst = _dirtying(hosts)
+    src, guest = hosts.boot("128M")
+    guest.run("dirty 16")
+    guest.wait_working_set(16)
+    dst = hosts.destination(recover_timeout=2.0)  # waits that long for the source to come back
     address = dst.wait_listening()
     errors: list[BaseException] = []
 
@@ -120,5 +125,6 @@ def test_a_source_lost_mid_post_copy_stops_the_vm_at_the_destination_saying_why(
     src.close()  # the source host dies with the rest of the VM's memory
     end = dst.wait(30)
     assert end is not None and "post-copy failed" in end.detail
+    assert "the source did not come back within 2 s" in end.detail
     assert "the source held the rest of its memory" in end.detail
     t.join(30)

@@ -31,12 +31,18 @@ def _region() -> Any:
     return SimpleNamespace(gpa=GPA, size=len(mm), end=GPA + len(mm), pages=PAGES, mm=mm)
 
 
-def _pair() -> tuple[PostcopySource, FrameSocket]:
+def _sealed(encrypt: bool = True) -> tuple[FrameSocket, FrameSocket]:
+    """Both ends of a connection, sealed as after the handshake."""
     a, b = socket.socketpair()
     fa, fb = FrameSocket(a, timeout=10), FrameSocket(b, timeout=10, peer="source")
     k1, k2 = bytes(range(32)), bytes(range(32, 64))
-    fa.seal(k1, k2, encrypt=True)  # sealed, as after the handshake
-    fb.seal(k2, k1, encrypt=True)
+    fa.seal(k1, k2, encrypt=encrypt)
+    fb.seal(k2, k1, encrypt=encrypt)
+    return fa, fb
+
+
+def _pair() -> tuple[PostcopySource, FrameSocket]:
+    fa, fb = _sealed()
     return PostcopySource(fa, [_region()], [np.ones(PAGES, dtype=bool)]), fb
 
 
@@ -80,3 +86,39 @@ def test_a_request_outside_the_vms_ram_is_refused_and_named(run: tuple[int, int]
     dst.send(Frame.REQUEST, pack_zero_runs([run]), count=1)
     with pytest.raises(MigrationError, match="outside the VM's RAM"):
         src.serve(lambda: None, 1e18)
+
+
+@pytest.mark.parametrize(
+    ("missing", "why"),
+    [
+        ([(GPA + 150 * PAGE, 1)], "which it never needed"),  # outside the NEED set
+        ([(0x900000, 1)], "outside the VM's RAM"),
+        ([(GPA + 99 * PAGE, 2)], "which it never needed"),  # runs past the NEED set
+    ],
+)
+def test_after_a_cut_link_a_missing_set_the_source_never_sent_is_refused(
+    missing: list[tuple[int, int]], why: str
+) -> None:
+    """A destination that resumes a post-copy names what it still lacks: only pages of the
+    NEED set it was given, inside RAM (a peer, not trusted)."""
+    ours, theirs = _sealed()
+    need = np.zeros(PAGES, dtype=bool)
+    need[:100] = True
+    attempts: list[int] = []
+
+    def reconnect() -> tuple[FrameSocket, list[tuple[int, int]], Any]:
+        attempts.append(1)
+        fs, _peer = _sealed()
+        return fs, missing, frames.ResumeAck(sum(n for _g, n in missing), len(missing))
+
+    src = PostcopySource(ours, [_region()], [need], reconnect=reconnect, recover_timeout=5)
+    theirs.send_json(Frame.RESTORED, frames.Empty())
+    commits: list[bool] = []
+
+    def commit() -> None:
+        commits.append(True)
+        theirs.close(reset=True)  # the link is cut once the VM runs there
+
+    with pytest.raises(MigrationError, match=why):
+        src.serve(commit, 1e18)
+    assert commits == [True] and attempts == [1]  # reconnected once, then refused it

@@ -70,6 +70,12 @@ def test_the_destination_runs_the_vm_before_the_source_tears_its_copy_down(hosts
     assert "restored" not in parts
     assert {"pause", "last_pages", "state_save", "state", "resumed"} <= set(parts)
     assert {"destination_state_in", "destination_restore"} <= set(parts)
+    # the state went ahead of the last pages (the source's steps in the order it took them)
+    # and the destination restored it before they were all in (`pages_in`: from the
+    # restore's end to the last pages in)
+    steps = [n for n in parts if n in ("state_save", "state", "last_pages")]
+    assert steps == ["state_save", "state", "last_pages"], parts
+    assert "destination_pages_in" in parts, parts
     assert moved(dst).ticks() > 0
 
 

@@ -501,3 +501,23 @@ def test_the_cli_refuses_postcopy_over_several_streams_by_name() -> None:
         migration_options(p.parse_args(["--postcopy", "--streams", "2"]))
     assert migration_options(p.parse_args(["--streams", "2"]))["streams"] == 2
     assert migration_options(p.parse_args(["--postcopy"]))["postcopy"] is True
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), "60", True])
+def test_a_post_copy_recover_timeout_out_of_range_is_refused_by_name(value: object) -> None:
+    import argparse
+
+    from pyhv.cli.errors import CliError
+    from pyhv.cli.migrate import add_migration_options, migration_options
+    from pyhv.migration.source import MigrationOptions
+
+    with pytest.raises(MigrationError, match=r"recover_timeout=.*from 0 \(no recovery"):
+        MigrationOptions.from_dict({"postcopy": True, "recover_timeout": value})
+    assert MigrationOptions.from_dict({"recover_timeout": 0}).recover_timeout == 0
+    p = argparse.ArgumentParser()
+    add_migration_options(p)
+    if isinstance(value, float):
+        with pytest.raises(CliError, match="--recover-timeout .*from 0 \\(no recovery\\)"):
+            migration_options(p.parse_args(["--postcopy", "--recover-timeout", str(value)]))
+    got = migration_options(p.parse_args(["--postcopy", "--recover-timeout", "5"]))
+    assert got["recover_timeout"] == 5.0

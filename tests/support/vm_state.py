@@ -4,7 +4,7 @@ its channel open (tests/migration/test_state.py, the fuzz campaign's seed)."""
 from __future__ import annotations
 
 from pyhv.devices.uart16550 import Uart16550
-from pyhv.dynmem.vsp import DmVspState, GuestCaps
+from pyhv.dynmem.vsp import VSP_STATE_VERSION, DmVspState, GuestCaps
 from pyhv.hypervisor.state import STATE_VERSION as PARTITION_STATE_VERSION
 from pyhv.hypervisor.state import PartitionState, RegionSavedState, VpSavedState
 from pyhv.memory.ranges import PageRange
@@ -25,7 +25,7 @@ def vm_state(version: int = STATE_VERSION) -> VmState:
     channel = ControllerState(
         1, 0, 16, 0x8000, 8, 4, 0x40, 0, (SavedChannel(1, 0x8000, 8, 4, 0x40),)
     )
-    vsp = DmVspState(1, "IDLE", 0x20000, GuestCaps(True, True, 128, 0, 1 << 20), False, 9, None,
+    vsp = DmVspState(VSP_STATE_VERSION, "IDLE", 0x20000, GuestCaps(True, True, 128, 0, 1 << 20), False, 9, None,
                      (PageRange(0, 256),), (PageRange(16, 4),), {"accepted": 3})  # fmt: skip
     dm = DynamicMemoryState(1, channel, vsp, {"ballooned_pages": 4})
     return VmState(version, part, Uart16550(lambda b: None).save(), dm)

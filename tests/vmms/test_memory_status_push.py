@@ -267,3 +267,35 @@ def test_a_worker_sending_garbage_is_refused_and_counted_and_the_vmms_serves_the
     assert service.memory_status("calm")["committed"] == 256 << 20
     assert service.stop("calm")["state"] == "off"
     assert service.stop("hostile")["state"] == "off"
+
+
+@pytest.mark.guest
+def test_after_a_hot_remove_the_vmms_shows_the_lower_guest_visible_memory(
+    hosts: list[Host], tmp_path: Path
+) -> None:
+    host = Host(tmp_path, [])  # the real worker, the bundled guest
+    hosts.append(host)
+    service, servers, workers = host.vmms, host.servers, host.workers
+    service.create(
+        {"name": "dm", "memory": "256M", "minimum": "128M", "maximum": "1G", "dynamic_memory": True}
+    )
+    service.start("dm")
+    (worker,) = workers
+    worker.next_reported(time.monotonic() + REPORT_DEADLINE)
+    worker.set_memory_target(512 << 20)  # a hot-add of 256 MiB, straight to the worker
+    deadline = time.monotonic() + REPORT_DEADLINE
+    while (latest := service.pool.latest("dm")) is None or latest.visible_pages != 512 * 256:
+        worker.statuses.get(timeout=max(0.1, deadline - time.monotonic()))
+    plan = worker.hot_remove_memory()
+    assert plan["requested_pages"] == 256 * 256
+    while (latest := service.pool.latest("dm")) is None or latest.visible_pages != 256 * 256:
+        worker.statuses.get(timeout=max(0.1, deadline - time.monotonic()))
+    # `pyhv vm show` reads this, and the counters are fed from the same pushed status
+    shown = service.describe("dm")["memory"]
+    assert shown["visible"] == 256 << 20
+    assert latest.vsp.hot_removed_pages == 256 * 256
+    service.balancer.tick()  # Perfmon's "Guest Visible Physical Memory", from that status
+    m = _metrics(servers)
+    assert m[("pyhv_dynamic_memory_vm_guest_visible_physical_memory_bytes", "dm")] == 256 << 20
+    assert m[("pyhv_dynamic_memory_vsp_hot_removed_pages_total", "dm")] == 256 * 256
+    assert m[("pyhv_dynamic_memory_vsp_hot_remove_refusals_total", "dm")] == 0

@@ -95,9 +95,11 @@ def test_a_connection_lost_after_commit_is_settled_by_asking_the_destination_vmm
     free_a, free_b = a.free(), b.free()
     a.vm("create", "doubt", "--memory", "256M")
     a.vm("start", "doubt")
-    # Cut before COMMIT went out: the destination never resumed it, so the source does.
+    # Cut before the commit point (the state and the last pages' PASS_END) went out: the
+    # destination cannot run it, the source knows it without asking and resumes its copy.
     rec = migrate_api(a, b, "doubt", {"commit": "cut"})
-    assert rec["state"] == "failed" and "does not run the VM: resumed here" in rec["error"], rec
+    assert rec["state"] == "failed" and "failed during commit" in rec["error"], rec
+    assert "the VM keeps running here" in rec["error"], rec
     assert a.state_of("doubt") == "running" and a.ticks("doubt") > 0
     wait_for(lambda: not b.names(), 30, "B without the VM")
     assert b.names() == [] and b.free() == free_b
@@ -191,3 +193,55 @@ def test_pyhv_vm_migrate_postcopy_runs_the_vm_at_the_destination_and_reports_blo
     written = touched(b, "pc")
     wait_for(lambda: touched(b, "pc") > written, 60, "the dirty task writing on B")
     b.vm("stop", "pc")
+
+
+def test_a_post_copy_between_two_vmms_recovers_from_a_cut_link(
+    hosts: tuple[VmmsProcess, VmmsProcess],
+) -> None:
+    import subprocess
+
+    a, b = hosts
+    a.vm("create", "pcr", "--memory", "128M")
+    a.vm("start", "pcr")
+    assert "dirty" in a.shell("pcr", "dirty 16")
+    wait_for(lambda: touched(a, "pcr") >= 16 * 256, 60, "16 MiB touched")
+    rec = a.client.request(
+        "POST",
+        "/api/vms/pcr/migrate",
+        {
+            "destination": b.address,
+            "token": b.token_file.read_text().strip(),
+            # a slow link: the push takes seconds after the VM runs at B
+            "options": {"postcopy": True, "bandwidth": 2 * MIB},
+        },
+    )
+
+    def source_port() -> int | None:
+        for r in b.client.request("GET", "/api/migrations")["migrations"]:
+            if r["direction"] == "incoming" and r["vm"] == "pcr" and ":" in r["peer"]:
+                return int(r["peer"].rpartition(":")[2])  # known once the VM runs at B
+        return None
+
+    port = wait_for(source_port, 60, "the VM running at B")
+    # the link cut: the source worker's socket destroyed (the kernel resets B's end)
+    cut = subprocess.run(
+        ["ss", "-K", "-tn", "dst", "127.0.0.1", "sport", "=", f":{port}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert cut.returncode == 0 and f":{port}" in cut.stdout, (cut.stdout, cut.stderr)
+
+    def ended() -> dict[str, Any] | None:
+        r: dict[str, Any] = a.client.request("GET", f"/api/migrations/{rec['id']}")
+        return r if r["state"] in ("done", "failed", "in-doubt") else None
+
+    final = wait_for(ended, 120, "the migration ending")
+    assert final["state"] == "done", final
+    pc = final["result"]["postcopy"]
+    assert pc["recoveries"] == 1, pc
+    assert pc["checksum_destination"] == pc["checksum_source"]
+    assert "pcr" not in a.names()
+    written = touched(b, "pcr")
+    wait_for(lambda: touched(b, "pcr") > written, 60, "the dirty task writing on B")
+    b.vm("stop", "pcr")

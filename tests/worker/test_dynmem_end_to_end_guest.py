@@ -5,7 +5,6 @@ the VMBus controller and its ring, and the worker goes on."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from pyhv.worker import VirtualMachine, VmConfig
 from pyhv.worker.dynmem import DynamicMemoryError
 from pyhv.worker.script import PROMPT
 from tests.guests.build import build_test_guest
+from tests.support.control_vm import control_vm
 from tests.support.dm_guest import DmGuest
 from tests.support.wait import wait_for
 
@@ -214,22 +214,11 @@ def test_a_worker_process_offers_the_same_memory_calls_and_publishes_each_report
 def test_pyhv_memory_shows_and_sets_a_running_vms_memory_through_its_control_socket(
     guest_image: str, tmp_path: Path
 ) -> None:
-    import sys
-
     sock = str(tmp_path / "vm.sock")
-    run = subprocess.Popen(
-        [sys.executable, "-m", "pyhv.cli", "run", "--process", "--image", guest_image,
-         "--dynamic-memory",
-         "--startup", "256M", "--minimum", "64M", "--maximum", "512M", "--control", sock],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-
-    def memory(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "pyhv.cli", "memory", "--control", sock, *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-
-    try:
-        assert wait_for(lambda: Path(sock).exists(), 30, "Path(sock).exists()")
+    with control_vm(
+        sock, "--image", guest_image, "--dynamic-memory",
+        "--startup", "256M", "--minimum", "64M", "--maximum", "512M",
+    ) as memory:  # fmt: skip
         assert wait_for(lambda: "IDLE" in memory().stdout, 30, '"IDLE" in memory().stdout')
         assert wait_for(
             lambda: "last status report: committed" in memory().stdout,
@@ -247,13 +236,3 @@ def test_pyhv_memory_shows_and_sets_a_running_vms_memory_through_its_control_soc
         bad = memory("--target", "much")
         assert bad.returncode == 2 and "not understood" in bad.stderr
         assert "Traceback" not in bad.stderr
-    finally:
-        assert run.stdin is not None
-        run.stdin.write(b"\x01x")  # Ctrl-A x: the console stops the VM
-        run.stdin.close()
-        try:
-            run.wait(30)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            run.wait()
-    assert run.returncode == 0, run.stderr.read() if run.stderr else ""

@@ -33,6 +33,15 @@ def guest_messages() -> dict[str, bytes]:
                 max_page_number=1 << 20,
             ),
         ),
+        "caps_hot_remove": e(
+            T.CAPABILITIES_REPORT,
+            p.DmCapabilities(balloon=1, hot_add=1, hot_add_alignment=1, hot_remove=1),
+        ),
+        "hot_remove_blocks": e(
+            T.MEM_HOT_REMOVE_RESPONSE,
+            p.DmHotRemoveResponse(result=1),
+            ranges=[PageRange(0x2000, 512), PageRange(0x2000, 512), PageRange(0x3000, 1024)],
+        ),
         "status": e(T.STATUS_REPORT, p.DmStatus(num_avail=30000, num_committed=20000)),
         "balloon_response": e(
             T.BALLOON_RESPONSE,
@@ -91,7 +100,7 @@ PROTOCOL = Target(
 
 # --- the VSP fed a sequence ---------------------------------------------------------------------
 
-GUEST, BALLOON, UNBALLOON, GOAL, TICK, HOT_ADD, RESET, ROOM, SAVE, RAW = range(10)
+GUEST, BALLOON, UNBALLOON, GOAL, TICK, HOT_ADD, RESET, ROOM, SAVE, RAW, HOT_REMOVE = range(11)
 
 
 class _Host:
@@ -110,6 +119,8 @@ class _Host:
             assigned_pages=lambda: self.vsp.ram.pages - self.vsp.ballooned.pages,
             reclaim=lambda ranges: None,
             map_hot_add=self.map_hot_add,
+            on_hot_removed=lambda ranges: None,
+            host_pages=lambda: [PageRange(0x100, 6)],
             op_timeout=5.0,
             clock=lambda: self.now,
         )
@@ -141,7 +152,7 @@ def vsp_sequence(data: bytes) -> None:
     steps = 0
     while r.left and steps < 64:
         steps += 1
-        op = r.u8() % 10
+        op = r.u8() % 11
         try:
             if op == GUEST:
                 vsp.on_packet(Packet(PacketType.DATA_INBAND, 0, r.u32(), r.blob()))
@@ -161,6 +172,8 @@ def vsp_sequence(data: bytes) -> None:
                 vsp.hot_add(PageRange(r.u32(), r.u32()))
             elif op == RESET:
                 vsp.reset("the guest rebooted")
+            elif op == HOT_REMOVE:
+                vsp.hot_remove(r.u32(), bool(r.u8() & 1))
             elif op == ROOM:
                 h.room = r.u8()
                 vsp.flush()
@@ -177,6 +190,7 @@ def vsp_sequence(data: bytes) -> None:
         # what the VSP holds is always consistent, whatever the guest sent
         for rng in vsp.ballooned:
             assert vsp.ram.contains(*rng), f"ballooned {rng} is not RAM"
+        assert vsp.ram.contains(0x100, 6), "a ring the host uses left the guest's RAM"
         assert vsp.outbox_len <= 64, f"{vsp.outbox_len} replies queued"
 
 
@@ -224,6 +238,14 @@ def vsp_seeds() -> list[bytes]:
             _guest(m["balloon_response"]),
             bytes([ROOM, 8]),
             _guest(m["status"]) * 3,
+        ),
+        _program(
+            _guest(m["version"]),
+            _guest(m["caps_hot_remove"]),
+            bytes([HOT_REMOVE]) + struct.pack("<IB", 2048, 1),
+            _guest(m["hot_remove_blocks"]),
+            bytes([SAVE]),
+            _guest(m["hot_remove_blocks"]),
         ),
         _program(*(_guest(x) for x in m.values())),
     ]

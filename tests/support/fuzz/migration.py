@@ -123,6 +123,11 @@ BODIES: dict[s.Frame, type[Any]] = {
     s.Frame.COMMIT: frames.Empty,
     s.Frame.RESUMED: frames.Resumed,
     s.Frame.ABORT: frames.Abort,
+    s.Frame.POSTCOPY: frames.Postcopy,
+    s.Frame.POSTCOPY_DONE: frames.PostcopyDone,
+    s.Frame.RESUME: frames.Resume,
+    s.Frame.PREEMPT: frames.Resume,
+    s.Frame.RESUME_ACK: frames.ResumeAck,
 }
 RECEIVED = (s.MigrationError, ConnectionError)
 
@@ -142,7 +147,13 @@ def _receive(fs: s.FrameSocket, limit: int = 32) -> None:
                     VmConfig.from_dict({**msg.config, "image": "/nonexistent/fuzz"})
                 except (ConfigError, KeyError, TypeError, ValueError):
                     pass
-        elif ftype in (s.Frame.ZERO, s.Frame.EXTENTS):
+        elif ftype in (
+            s.Frame.ZERO,
+            s.Frame.EXTENTS,
+            s.Frame.MISSING,
+            s.Frame.NEED,
+            s.Frame.REQUEST,
+        ):
             for gpa, n in s.unpack_zero_runs(payload):
                 assert 0 <= gpa < 1 << 64 and 0 <= n < 1 << 64
         elif ftype is s.Frame.STATE:

@@ -55,7 +55,7 @@ def worker_message(data: bytes) -> None:
 
 
 class _Vm:
-    """What the control endpoint serves: a VM's memory status and target."""
+    """What the control endpoint serves: a VM's memory status, target and hot-remove."""
 
     def memory_status(self) -> Any:
         return MemoryStatus(visible_pages=16384, assigned_pages=16384, ballooned_pages=0)
@@ -64,6 +64,11 @@ class _Vm:
         if target > 1 << 40:
             raise DynamicMemoryError(f"target {target} beyond the maximum")
         return {"target": target}
+
+    def hot_remove_memory(self, pages: int | None) -> Any:
+        if pages is not None and pages > 1 << 28:
+            raise DynamicMemoryError(f"hot-remove of {pages} pages: more than the VM has")
+        return {"requested_pages": pages}
 
 
 _SERVER = ControlServer.__new__(ControlServer)  # handle() alone: no socket
@@ -151,6 +156,8 @@ def _seeds_control() -> list[bytes]:
     return [
         m.encode(m.ControlStatus()),
         m.encode(m.ControlTarget(1 << 29)),
+        m.encode(m.ControlHotRemove(1 << 26)),
+        m.encode(m.ControlHotRemove()),
         m.encode(m.ControlReply(True, status={"visible_pages": 3}, plan={"step": "balloon"})),
         m.encode(m.ControlReply(False, error="no")),
     ]

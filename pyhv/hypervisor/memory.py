@@ -41,6 +41,8 @@ class MemoryRegion:
     #: The partition's dirty rings' `bitmap` when it logs dirty pages in rings (KVM then refuses
     #: KVM_GET_DIRTY_LOG); None: KVM's bitmap.
     _dirty_source: Callable[[MemoryRegion], bytes] | None = field(default=None, repr=False)
+    #: In KVM's memory slots (False: added with register=False, until GpaSpace.register)
+    registered: bool = True
 
     @property
     def end(self) -> int:
@@ -75,6 +77,10 @@ class MemoryRegion:
         return out
 
 
+def _slot_flags(readonly: bool, track_dirty: bool) -> int:
+    return (c.MEM_READONLY if readonly else 0) | (c.MEM_LOG_DIRTY_PAGES if track_dirty else 0)
+
+
 class GpaSpace:
     """The regions of one partition, sorted by GPA, with slot numbers and bounds checks."""
 
@@ -107,7 +113,11 @@ class GpaSpace:
         memfd: int | None = None,
         offset: int = 0,
         name: str = "pyhv-ram",
+        register: bool = True,
     ) -> MemoryRegion:
+        """A new region. `register=False`: mapped here but not yet in KVM's memory slots (their
+        registration costs ~3 ms per GiB here; a migration's destination takes pages first and
+        registers before any VP exists: :meth:`register`)."""
         if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
             raise GpaError(
                 f"region gpa={gpa:#x} size={size:#x}: both must be multiples of 4 KiB and size > 0"
@@ -149,10 +159,10 @@ class GpaSpace:
                     fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
                 )
                 host = address_of(mm)
-                flags = (c.MEM_READONLY if readonly else 0) | (
-                    c.MEM_LOG_DIRTY_PAGES if track_dirty else 0
-                )
-                self._vm.set_user_memory_region(slot, gpa, size, host, flags)
+                if register:
+                    self._vm.set_user_memory_region(
+                        slot, gpa, size, host, _slot_flags(readonly, track_dirty)
+                    )
             except BaseException:
                 if owns:
                     os.close(fd)
@@ -170,6 +180,7 @@ class GpaSpace:
                 owns,
                 self._vm,
                 self.dirty_source,
+                register,
             )
             regions = sorted([*self._regions, region], key=lambda r: r.gpa)
             self._regions, self._starts = regions, [r.gpa for r in regions]
@@ -182,12 +193,29 @@ class GpaSpace:
                 return r.pages
         return None
 
+    def register(self, region: MemoryRegion) -> None:
+        """Put a region added with register=False into its KVM memory slot."""
+        with self._lock:
+            if region not in self._regions:
+                raise GpaError(f"region at {region.gpa:#x} is not in this partition")
+            if region.registered:
+                return
+            self._vm.set_user_memory_region(
+                region.slot,
+                region.gpa,
+                region.size,
+                region.host_address,
+                _slot_flags(region.readonly, region.track_dirty),
+            )
+            region.registered = True
+
     def remove(self, region: MemoryRegion) -> None:
         with self._lock:
             if region not in self._regions:
                 raise GpaError(f"region at {region.gpa:#x} is not in this partition")
             flags = c.MEM_READONLY if region.readonly else 0
-            self._vm.set_user_memory_region(region.slot, region.gpa, 0, 0, flags)
+            if region.registered:
+                self._vm.set_user_memory_region(region.slot, region.gpa, 0, 0, flags)
             regions = [r for r in self._regions if r is not region]
             self._regions, self._starts = regions, [r.gpa for r in regions]
         region._vm = None

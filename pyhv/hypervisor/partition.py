@@ -132,12 +132,19 @@ class Partition:
         track_dirty: bool = False,
         memfd: int | None = None,
         offset: int = 0,
+        register: bool = True,
     ) -> MemoryRegion:
         """Back [gpa, gpa+size) with RAM (a new memfd, or `memfd` at `offset` to share pages).
-        Safe while VPs run: they see the region from their next access."""
+        Safe while VPs run: they see the region from their next access. `register=False`:
+        not in KVM's slots until :meth:`register_memory` (for a migration's destination)."""
         return self.gpa_space.add(
-            gpa, size, readonly, track_dirty, memfd, offset, f"{self.name}-ram"
+            gpa, size, readonly, track_dirty, memfd, offset, f"{self.name}-ram", register
         )
+
+    def register_memory(self) -> None:
+        """Every region added with register=False into its KVM memory slot."""
+        for r in self.gpa_space.regions:
+            self.gpa_space.register(r)
 
     def remove_memory(self, region: MemoryRegion) -> None:
         self.gpa_space.remove(region)

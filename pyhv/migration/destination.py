@@ -3,6 +3,10 @@ from the configuration it sends, take memory passes straight into guest RAM, res
 device state, check RAM against the source's checksum, and resume when the source commits.
 
 :meth:`Incoming.accept` runs before the VM exists (it yields the configuration);
+:meth:`Incoming.ram_ready` is the hook ``VirtualMachine.start(early=...)`` calls as soon as the
+partition exists and its RAM is mapped: it sends READY and takes the passes on a thread of its
+own while KVM's RAM slots, the VPs and the devices are made (needed only at the pause, where it
+waits for them);
 :meth:`Incoming.receive` is the hook ``VirtualMachine.start(incoming=...)`` calls once the
 partition, its RAM and its VPs exist, their threads parked before their first instruction: it
 wakes them (``VirtualMachine.run_incoming``) as soon as the state is restored and checked (and,
@@ -96,6 +100,7 @@ class Incoming:
         self.regions: list[list[int]] = []
         self.verify = True
         self.two_phase = False
+        self.postcopy_at_once = False  # the source pauses right after READY
         self.passes = 0
         self.pages = 0
         self.t_commit = 0.0
@@ -130,6 +135,13 @@ class Incoming:
         #: RAM before any of the next pass is read (a page may change streams between passes)
         self._pass_end: threading.Barrier | None = None
         self._local = threading.local()  # a zstd decompressor per receiving thread
+        #: With READY sent at ram_ready: the first stream's receiving thread, set once the VPs
+        #: and devices exist (at once otherwise), and what ended that thread badly
+        self._receiver: threading.Thread | None = None
+        self._built = threading.Event()
+        self._built.set()
+        self._abandoned = False
+        self._receive_error: BaseException | None = None
         self._data_threads: list[threading.Thread] = []  # the data streams' receivers
 
     def accept(self) -> dict[str, Any]:
@@ -154,6 +166,7 @@ class Incoming:
             self.config, self.regions = config, regions
             self.verify = msg.options.verify
             self.two_phase = msg.options.two_phase_commit
+            self.postcopy_at_once = msg.options.postcopy_at_once
             self.dynmem_layout = msg.dynmem
             need = sum(size for _gpa, size in regions)
             have = self.max_memory if self.max_memory is not None else available_memory()
@@ -204,12 +217,62 @@ class Incoming:
             fs.close(reset=True)
         self._end_data_streams(failed=True)
 
-    # --- the VirtualMachine.start hook ---------------------------------------------------
+    # --- the VirtualMachine.start hooks --------------------------------------------------
+
+    def ram_ready(self, vm: VirtualMachine) -> None:
+        """The hook ``VirtualMachine.start(early=...)`` calls once the partition exists and its
+        RAM is mapped, before KVM's slots, the VPs and devices: the layout checked, READY sent, the
+        source's passes taken on a thread of their own while the rest of the VM is built (it is
+        needed only at the pause; the receiver waits for it there). A VM with Dynamic Memory
+        maps its hot-added regions with its DM service, and a post-copy at once pauses right
+        after READY (the build would be inside its pause): their READY waits for :meth:`receive`."""
+        if self.dynmem_layout is not None or vm.config.dynamic_memory or self.postcopy_at_once:
+            return
+        fs = self.fs
+        assert fs is not None
+        try:
+            written = self._ready(vm)
+        except BaseException as e:
+            self.fail(e)
+            raise
+        self._built.clear()
+        self._receiver = threading.Thread(
+            target=self._receive_early, args=(vm, written), name="migration-in-0", daemon=True
+        )
+        self._receiver.start()
+
+    def _receive_early(self, vm: VirtualMachine, written: dict[int, np.ndarray]) -> None:
+        try:
+            self._take(vm, written)
+        except BaseException as e:  # noqa: BLE001 - raised again by receive() on its thread
+            self._receive_error = e
+
+    def abandon(self, e: BaseException) -> None:
+        """The VM could not be built after :meth:`ram_ready`: tell the source, and stop the
+        receiving thread before the RAM it writes into goes away."""
+        if self._abandoned:
+            return
+        self._abandoned = True
+        if self._receive_error is None:  # still receiving (else the source was told already)
+            self.fail(e)
+        self._built.set()
+        if self._receiver is not None:
+            self._receiver.join(self.timeout)
+
+    def _wait_built(self) -> None:
+        """The VPs and devices exist (at once unless :meth:`ram_ready` sent READY early)."""
+        if not self._built.wait(self.timeout) or self._abandoned:
+            raise MigrationError(f"the VM was not built here within {self.timeout} s", "config")
 
     def receive(self, vm: VirtualMachine) -> None:
-        fs = self.fs
-        p = vm.partition
-        assert fs is not None and p is not None
+        if self._receiver is not None:  # READY went at ram_ready: the passes arrive meanwhile
+            vm_state.prepare(vm, destination=True)  # failing, VirtualMachine.start abandons
+            self.faults.at("build", self.fs)
+            self._built.set()
+            self._receiver.join()  # its reads and waits all have timeouts
+            if self._receive_error is not None:
+                raise self._receive_error
+            return
         try:
             if self.dynmem_layout is not None:
                 if vm.dynmem is None:
@@ -217,19 +280,40 @@ class Incoming:
                         "the VM has Dynamic Memory, the one built here not", "config"
                     )
                 dm_mod.prepare(vm.dynmem, self.dynmem_layout)
-            ram = [r for r in p.regions if not r.readonly]
-            have = sorted([r.gpa, r.size] for r in ram)
-            if have != sorted([int(g), int(s)] for g, s in self.regions):
-                raise MigrationError(
-                    f"the source's RAM layout {self.regions} differs from the VM built here {have}",
-                    "config",
-                )
-            written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
-            fs.send_json(Frame.READY, frames.Empty())
+            written = self._ready(vm)
             vm_state.prepare(vm, destination=True)  # while the source sends pass 1
+        except BaseException as e:
+            self.fail(e)
+            raise
+        self._take(vm, written)
+
+    def _ready(self, vm: VirtualMachine) -> dict[int, np.ndarray]:
+        """Check the RAM built here against the source's layout and send READY; returns the
+        pages written so far (none) per region."""
+        fs, p = self.fs, vm.partition
+        assert fs is not None and p is not None
+        ram = [r for r in p.regions if not r.readonly]
+        have = sorted([r.gpa, r.size] for r in ram)
+        if have != sorted([int(g), int(s)] for g, s in self.regions):
+            raise MigrationError(
+                f"the source's RAM layout {self.regions} differs from the VM built here {have}",
+                "config",
+            )
+        written = {r.gpa: np.zeros(r.pages, dtype=bool) for r in ram}
+        fs.send_json(Frame.READY, frames.Empty())
+        return written
+
+    def _take(self, vm: VirtualMachine, written: dict[int, np.ndarray]) -> None:
+        """The passes, the state and the commit, up to the VPs running."""
+        fs = self.fs
+        p = vm.partition
+        assert fs is not None and p is not None
+        ram = [r for r in p.regions if not r.readonly]
+        try:
             trace_phase(vm, "destination", "memory", fs.bytes_received, self.pages)
             self._restore_early = lambda st: self._restore(vm, st)
             state = self._memory(vm, written)
+            self._wait_built()  # the devices restore into (a post-copy comes without PREPARE)
             t = time.monotonic()
             if self._t_restored:  # the state came first: restored while the pages came
                 self.parts["pages_in"] = round((t - self._t_restored) * 1000, 3)
@@ -290,6 +374,7 @@ class Incoming:
             raise
 
     def _restore(self, vm: VirtualMachine, state: VmState) -> None:
+        self._wait_built()  # its devices (already there after PREPARE, which waited for them)
         t = time.monotonic()
         vm_state.restore(vm, state)
         self._t_restored = time.monotonic()
@@ -422,6 +507,7 @@ class Incoming:
     def _prepare(self, p: Any) -> None:
         """The source pauses next: the owner's word on the arrival now (out of the pause), and
         this receiver and the parked VP threads at a real-time priority until the VPs run."""
+        self._wait_built()  # the VP threads below, the owner's hooks (ram_ready sent READY early)
         self.faults.at("prepare", self.fs)
         if self.authorize is not None:
             self.authorize()

@@ -5,7 +5,9 @@ Source phases: ``connect``, ``config``, ``pass1`` (after the first frame of memo
 ``pass2``, ``prepare`` (the passes done, before PREPARE: the VM still runs), ``final`` (VPs
 paused, before the last pages), ``state``, ``commit``, ``resumed``
 (COMMIT sent, before RESUMED is read: the window a VMMS must close by asking the destination).
-Destination phases: ``authenticate``, ``config``, ``memory`` (first page frame received),
+Destination phases: ``authenticate``, ``config``, ``build`` (READY sent, its VPs and devices
+being built while pass 1 comes; not with Dynamic Memory, whose READY follows the build),
+``memory`` (first page frame received),
 ``prepare`` (PREPARE received, before answering it), ``state`` (state received, before
 restoring), ``restored`` (before saying so).
 
@@ -44,7 +46,7 @@ SOURCE_PHASES = (
     "commit",
     "resumed",
 )
-DESTINATION_PHASES = ("authenticate", "config", "memory", "prepare", "state", "restored")
+DESTINATION_PHASES = ("authenticate", "config", "build", "memory", "prepare", "state", "restored")
 ACTIONS = ("cut", "corrupt", "exit", "fail", "tamper", "hold")
 HOLD_SECONDS = 3.0
 

@@ -63,6 +63,9 @@ class ConfigOptions(Struct, frozen=True):
     two_phase_commit: bool = False
     #: connections carrying pages: this one and streams-1 data streams (pyhv.migration.stream)
     streams: Annotated[int, Meta(ge=1, le=16)] = 1
+    #: post-copy at once: the source pauses right after READY, so READY waits for the whole VM
+    #: (otherwise it comes once the RAM exists and the VPs are built while pass 1 arrives)
+    postcopy_at_once: bool = False
 
 
 class Config(_Body, frozen=True):

@@ -420,7 +420,10 @@ class Source:
                 vm.config.to_dict(),
                 [(r.gpa, r.size) for r in regions],
                 frames.ConfigOptions(
-                    verify=opt.verify, two_phase_commit=opt.two_phase_commit, streams=opt.streams
+                    verify=opt.verify,
+                    two_phase_commit=opt.two_phase_commit,
+                    streams=opt.streams,
+                    postcopy_at_once=opt.postcopy and opt.postcopy_after <= 0,
                 ),
                 None if dm is None else dm_mod.layout(dm),
             ),

@@ -107,12 +107,22 @@ class WorkerIncoming:
         self._send = send
         self._authorized = False
 
+    def ram_ready(self, vm: VirtualMachine) -> None:
+        self._hooks(vm)
+        self.incoming.ram_ready(vm)
+
+    def abandon(self, error: BaseException) -> None:
+        self.incoming.abandon(error)
+
     def receive(self, vm: VirtualMachine) -> None:
+        self._hooks(vm)
+        self.incoming.receive(vm)
+
+    def _hooks(self, vm: VirtualMachine) -> None:
         self.vm = vm
         if self.guard is not None and self._send is not None:
             self.incoming.authorize = self._authorize  # at PREPARE, before the source pauses
             self.incoming.gate = self._confirm  # between the commit and the VPs running
-        self.incoming.receive(vm)
 
     def _authorize(self) -> None:
         assert self.guard is not None and self._send is not None

@@ -239,7 +239,7 @@ def serve(
         )
 
     try:
-        vm.start(incoming=None if incoming is None else incoming.receive)
+        vm.start(incoming=None if incoming is None else incoming.receive, early=incoming)
     except Exception as e:  # noqa: BLE001 - reported to the owner, who decides
         ended(f"could not start the VM: {e}")
         owner.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pyhv.devices.poweroff import POWEROFF_PORT, PowerOff
 from pyhv.devices.uart16550 import COM1_BASE, COM1_IRQ, Uart16550
@@ -36,6 +36,14 @@ if TYPE_CHECKING:
     from pyhv.memory.smartpaging import SmartPagingFile
     from pyhv.worker.dynmem import DynamicMemoryService
     from pyhv.worker.storage import StorageService
+
+
+class EarlyIncoming(Protocol):
+    """A live migration's destination that takes pages as soon as the VM's RAM exists."""
+
+    def ram_ready(self, vm: VirtualMachine) -> None: ...
+
+    def abandon(self, error: BaseException) -> None: ...
 
 
 class VirtualMachine:
@@ -87,10 +95,16 @@ class VirtualMachine:
 
     # --- life cycle -----------------------------------------------------------------
 
-    def start(self, incoming: Callable[[VirtualMachine], None] | None = None) -> None:
+    def start(
+        self,
+        incoming: Callable[[VirtualMachine], None] | None = None,
+        early: EarlyIncoming | None = None,
+    ) -> None:
         """Create the partition, boot-load the image and start every VP. With `incoming`
         (live migration's destination) nothing is loaded: `incoming(vm)` fills RAM and sets
-        the VPs' and devices' state once they exist, before the VPs start."""
+        the VPs' and devices' state once they exist, before the VPs start; with `early` too,
+        `early.ram_ready(vm)` as soon as the RAM exists (pages may arrive from there on), and
+        `early.abandon(error)` before that RAM goes if the rest cannot be built."""
         from pyhv.hypervisor import Partition  # lazy: keeps `pyhv --help` fast
 
         cfg = self.config
@@ -121,7 +135,18 @@ class VirtualMachine:
                     f"VM {cfg.name!r} was given a Smart Paging file without Dynamic Memory: "
                     "only Dynamic Memory can end Smart Paging"
                 )
-            paged = map_ram(p, boot.ram_regions(cfg.memory), self.smart_paging)
+            if incoming is None or cfg.dynamic_memory or self.smart_paging is not None:
+                early = None  # Dynamic Memory maps its hot-added RAM once its service exists
+            if early is not None:
+                # the source's pages land in the mapped RAM first; KVM's slots (~3 ms per GiB)
+                # while they come, before any VP exists
+                paged = None
+                for gpa, size in boot.ram_regions(cfg.memory):
+                    p.add_memory(gpa, size, register=False)
+                early.ram_ready(self)
+                p.register_memory()
+            else:
+                paged = map_ram(p, boot.ram_regions(cfg.memory), self.smart_paging)
             entry = None
             if incoming is None:  # a migrated VM's RAM comes from its source instead
                 self.image, entry = loaders.prepare(
@@ -170,7 +195,9 @@ class VirtualMachine:
                 if self.running_since is None:
                     self.running_since = time.monotonic()  # a VP runs guest code from here
                 self._watch_vp(vp)
-        except BaseException:
+        except BaseException as e:
+            if early is not None:  # its pages stop arriving before their RAM goes
+                early.abandon(e)
             self.close()
             raise
 

@@ -364,7 +364,7 @@ class Migrations:
     def _drop_incoming(self, vm: VmEntry, rec: Migration, why: str) -> None:
         """The VM did not arrive: the entry, the worker and the memory all go."""
         with self._lock:
-            why = self._refusals.pop(rec.id, None) or why
+            why = self._refusals.pop(rec.id, why)
         worker = vm.worker
         if worker is not None:
             try:

@@ -5,6 +5,7 @@ Each method is one ioctl. Errors from the kernel are re-raised as KvmError namin
 
 from __future__ import annotations
 
+import array
 import ctypes
 import fcntl
 import mmap
@@ -36,6 +37,16 @@ def address_of(buf: object) -> int:
     if isinstance(buf, ctypes.Array | ctypes.Structure):
         return ctypes.addressof(buf)
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))  # type: ignore[arg-type]
+
+
+def _msrs_buffer(n: int) -> tuple[bytearray, memoryview]:
+    """A struct kvm_msrs of n entries and its entries as 64-bit words (index, then data: the
+    reserved half of the index word stays 0), filled and read by slices: a ctypes array of
+    kvm_msr_entry, set and read field by field in Python, cost about half of a state save's
+    MSR read and a third of its write here."""
+    buf = bytearray(8 + 16 * max(n, 1))
+    buf[0:4] = n.to_bytes(4, "little")
+    return buf, memoryview(buf)[8 : 8 + 16 * n].cast("Q")
 
 
 class Kvm:
@@ -305,21 +316,17 @@ class Vcpu:
 
     def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
         """Values of the MSRs KVM could read, in order; stops at the first it cannot."""
-        buf = s.msrs_of(max(len(indices), 1))()
-        buf.nmsrs = len(indices)
-        for i, ix in enumerate(indices):
-            buf.entries[i].index = ix
+        buf, words = _msrs_buffer(len(indices))
+        words[0::2] = array.array("Q", indices)
         n = _ioctl(self.fd, c.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
-        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
+        return dict(zip(indices[:n], words[1 : 2 * n : 2], strict=True))
 
     def set_msrs(self, values: Iterable[tuple[int, int]]) -> int:
         """Returns how many were set (KVM stops at the first one it refuses)."""
         items = list(values)
-        buf = s.msrs_of(max(len(items), 1))()
-        buf.nmsrs = len(items)
-        for i, (ix, val) in enumerate(items):
-            buf.entries[i].index = ix
-            buf.entries[i].data = val
+        buf, words = _msrs_buffer(len(items))
+        words[0::2] = array.array("Q", [ix for ix, _ in items])
+        words[1::2] = array.array("Q", [val for _, val in items])
         return _ioctl(self.fd, c.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
 
     def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:

@@ -232,17 +232,9 @@ class kvm_msr_entry(ctypes.Structure):
 
 
 class kvm_msrs(ctypes.Structure):
-    """Header only; the entries follow (see msrs_of)."""
+    """Header only; the entries (kvm_msr_entry) follow (see fds._msrs_buffer)."""
 
     _fields_ = [("nmsrs", u32), ("pad", u32)]
-
-
-@cache
-def msrs_of(n: int) -> type[ctypes.Structure]:
-    class _Msrs(ctypes.Structure):
-        _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * n)]
-
-    return _Msrs
 
 
 class kvm_msr_list(ctypes.Structure):

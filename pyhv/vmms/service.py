@@ -156,6 +156,16 @@ class _LimitFirst:
         return self._port.set_memory_target(target_bytes)
 
 
+def _size_field(what: str, value: object) -> int:
+    """A size from an API body: bytes or a string such as '768M'; VmmsError naming `what`."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{what} must be bytes or a size such as '768M', got {value!r}")
+        return parse_size(value)
+    except ConfigError as e:
+        raise VmmsError(str(e)) from None
+
+
 class Vmms:
     """The service. Thread-safe: the API calls it from one thread per request."""
 
@@ -1166,12 +1176,7 @@ class Vmms:
         }
 
     def set_memory_target(self, name: str, target: object) -> dict[str, Any]:
-        try:
-            if isinstance(target, bool) or not isinstance(target, int | str):
-                raise ConfigError(f"target must be bytes or a size such as '768M', got {target!r}")
-            size = parse_size(target)
-        except ConfigError as e:
-            raise VmmsError(str(e)) from None
+        size = _size_field("target", target)
         with self._lock:
             vm = self._get(name)
             self._refuse_while_migrating(vm, "change its memory target")
@@ -1197,12 +1202,7 @@ class Vmms:
         """Set-VMMemory -StartupBytes on a running VM (pyhv.vmms.resize): hot-add or hot-remove
         to `memory`, then store what is now visible as the startup memory (the VM's memory,
         also at its next boot). The answer says what the guest gave (`complete`)."""
-        try:
-            if isinstance(memory, bool) or not isinstance(memory, int | str):
-                raise ConfigError(f"memory must be bytes or a size such as '768M', got {memory!r}")
-            size = parse_size(memory)
-        except ConfigError as e:
-            raise VmmsError(str(e)) from None
+        size = _size_field("memory", memory)
         with self._lock:
             vm = self._get(name)
             self._refuse_while_migrating(vm, "resize it")

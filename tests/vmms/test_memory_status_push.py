@@ -113,18 +113,24 @@ def hosts() -> Iterator[list[Host]]:
         h.close()
 
 
+def _dm_vm_running(hosts: list[Host], tmp_path: Path) -> tuple[Host, WatchedWorker]:
+    """A host with the real worker and the bundled guest, running DM VM "dm" (256M, 128M..1G)."""
+    host = Host(tmp_path, [])
+    hosts.append(host)
+    host.vmms.create(
+        {"name": "dm", "memory": "256M", "minimum": "128M", "maximum": "1G", "dynamic_memory": True}
+    )
+    host.vmms.start("dm")
+    (worker,) = host.workers
+    return host, worker
+
+
 @pytest.mark.guest
 def test_a_real_guests_status_reaches_the_vmms_with_no_request_and_its_counters_reach_metrics(
     hosts: list[Host], tmp_path: Path
 ) -> None:
-    host = Host(tmp_path, [])  # the real worker, the bundled guest
-    hosts.append(host)
-    service, servers, workers = host.vmms, host.servers, host.workers
-    service.create(
-        {"name": "dm", "memory": "256M", "minimum": "128M", "maximum": "1G", "dynamic_memory": True}
-    )
-    service.start("dm")
-    (worker,) = workers
+    host, worker = _dm_vm_running(hosts, tmp_path)
+    service, servers = host.vmms, host.servers
     pushed = worker.next_reported(time.monotonic() + REPORT_DEADLINE)
     latest = service.pool.latest("dm")
     assert latest is not None and latest.reported
@@ -273,14 +279,8 @@ def test_a_worker_sending_garbage_is_refused_and_counted_and_the_vmms_serves_the
 def test_after_a_hot_remove_the_vmms_shows_the_lower_guest_visible_memory(
     hosts: list[Host], tmp_path: Path
 ) -> None:
-    host = Host(tmp_path, [])  # the real worker, the bundled guest
-    hosts.append(host)
-    service, servers, workers = host.vmms, host.servers, host.workers
-    service.create(
-        {"name": "dm", "memory": "256M", "minimum": "128M", "maximum": "1G", "dynamic_memory": True}
-    )
-    service.start("dm")
-    (worker,) = workers
+    host, worker = _dm_vm_running(hosts, tmp_path)
+    service, servers = host.vmms, host.servers
     worker.next_reported(time.monotonic() + REPORT_DEADLINE)
     worker.set_memory_target(512 << 20)  # a hot-add of 256 MiB, straight to the worker
     deadline = time.monotonic() + REPORT_DEADLINE

@@ -79,6 +79,18 @@ static void tx_release(int took)
     spin_unlock(&tx_lock, 0);
 }
 
+/* Hold the console for several calls, so a line printed in pieces is not cut by another CPU's
+ * (the lock is per CPU reentrant: the calls inside take it again for free). */
+int console_hold(void)
+{
+    return tx_acquire();
+}
+
+void console_release(int held)
+{
+    tx_release(held);
+}
+
 static void put1(char c)
 {
     while (!tx_room)

@@ -73,6 +73,8 @@ int uart_rx_pending(void);
 void putc(char c);
 void puts(const char *s);
 void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int console_hold(void);
+void console_release(int held);
 
 /* bootinfo.c: the boot-information block of docs/boot-protocol.md */
 #define BOOTINFO_MAGIC 0x56485950u

@@ -285,10 +285,12 @@ int task_start_testlimit(u64 mb, u64 count, s32 pin)
     u64 have = id >= 0 ? tasks[id].pages_have : 0;
     spin_unlock(&task_lock, f);
     if (id >= 0) {
+        int held = console_hold();
         printf("testlimit: task %d committed %lu MiB (%lu x %lu MiB), %lu MiB allocated now", id,
                mb * count, count, mb, have / 256);
         say_cpu(pin);
         putc('\n');
+        console_release(held);
     }
     return id;
 }
@@ -299,6 +301,7 @@ int task_start_dirty(u64 mb, u64 pps, s32 pin)
     int id = task_new(K_DIRTY, mb * 256, pps, pin, user_dirty);
     spin_unlock(&task_lock, f);
     if (id >= 0) {
+        int held = console_hold();
         printf("dirty: task %d rewrites %lu MiB ", id, mb);
         if (pps)
             printf("at %lu pages/s", pps);
@@ -306,6 +309,7 @@ int task_start_dirty(u64 mb, u64 pps, s32 pin)
             puts("as fast as it can");
         say_cpu(pin);
         putc('\n');
+        console_release(held);
     }
     return id;
 }
@@ -316,9 +320,11 @@ int task_start_read(u64 mb, s32 pin)
     int id = task_new(K_READ, mb * 256, 0, pin, user_read);
     spin_unlock(&task_lock, f);
     if (id >= 0) {
+        int held = console_hold();
         printf("read: task %d reads %lu MiB", id, mb);
         say_cpu(pin);
         putc('\n');
+        console_release(held);
     }
     return id;
 }
@@ -329,9 +335,11 @@ int task_start_fault(s32 pin)
     int id = task_new(K_FAULT, 0, 0, pin, user_fault);
     spin_unlock(&task_lock, f);
     if (id >= 0) {
+        int held = console_hold();
         printf("fault: task %d reads %lx at CPL3", id, FAULT_ADDRESS);
         say_cpu(pin);
         putc('\n');
+        console_release(held);
     }
     return id;
 }

@@ -79,8 +79,13 @@ def test_a_running_vm_grows_and_shrinks_and_says_what_its_guest_gave(tmp_path: P
         # shrink: hot-remove of the difference; the region leaves the guest and the host
         out = host.vm("memory", "dm", "--memory", "256M")
         assert "512M -> 256M (removed 256M); startup memory 256M" in out, out
-        shown = host.show("dm")
-        assert shown["memory"]["visible"] == shown["memory"]["assigned"] == 256 * MIB, shown
+        # (assigned follows the worker's next status push)
+        shown = wait_for(
+            lambda: (s := host.show("dm"))["memory"]["assigned"] == 256 * MIB and s,
+            30,
+            "assigned memory following the shrink to 256M",
+        )
+        assert shown["memory"]["visible"] == 256 * MIB, shown
         assert shown["memory"]["ballooned"] == 0
         assert shown["settings"]["memory"] == 256 * MIB
         mem = _guest_mem(host)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,39 @@ import pytest
 pytestmark = pytest.mark.guest
 
 PYHV = [sys.executable, "-c", "from pyhv.cli import main; main()"]
+
+
+@contextmanager
+def _listener(token: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A `pyhv migrate listen` destination on loopback and its port; stopped with Ctrl-C."""
+    listener = subprocess.Popen(
+        [*PYHV, "migrate", "listen", "--listen", "127.0.0.1:0", "--token-file", str(token),
+         "--timeout", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert listener.stderr is not None
+        line = listener.stderr.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        yield listener, line.strip().rsplit(":", 1)[1]
+    finally:
+        listener.send_signal(2)  # Ctrl-C: the destination stops its VM and exits
+        try:
+            listener.wait(20)
+        except subprocess.TimeoutExpired:
+            listener.kill()
+            listener.wait()
+
+
+def _arrival(listener: subprocess.Popen[str]) -> str:
+    """The listener's arrival line (a line read is awaited, not polled); "" if it ended first."""
+    assert listener.stderr is not None
+    while arrived := listener.stderr.readline():
+        if "arrived from 127.0.0.1" in arrived:
+            break
+    return arrived
 
 
 def test_migrate_demo_moves_a_dirtying_guest_and_shows_it_running_there() -> None:
@@ -31,18 +66,7 @@ def test_migrate_demo_moves_a_dirtying_guest_and_shows_it_running_there() -> Non
 def test_migrate_listen_takes_the_vm_that_migrate_run_sends(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("a-shared-token-for-this-test\n")
-    listener = subprocess.Popen(
-        [*PYHV, "migrate", "listen", "--listen", "127.0.0.1:0", "--token-file", str(token),
-         "--timeout", "60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert listener.stderr is not None
-        line = listener.stderr.readline()
-        assert line.startswith("listening on 127.0.0.1:"), line
-        port = line.strip().rsplit(":", 1)[1]
+    with _listener(token) as (listener, port):
         sent = subprocess.run(
             [*PYHV, "migrate", "run", "--to", f"127.0.0.1:{port}", "--token-file", str(token),
              "-m", "128M", "-c", "dirty 2", "--encrypt"],
@@ -52,18 +76,8 @@ def test_migrate_listen_takes_the_vm_that_migrate_run_sends(tmp_path: Path) -> N
         )  # fmt: skip
         assert sent.returncode == 0, sent.stderr
         assert "migrated in" in sent.stdout
-        # the listener reports the arrival on stderr (a line read is awaited, not polled)
-        while arrived := listener.stderr.readline():
-            if "arrived from 127.0.0.1" in arrived:
-                break
+        arrived = _arrival(listener)
         assert "VM 'vm' arrived from 127.0.0.1" in arrived
-    finally:
-        listener.send_signal(2)  # Ctrl-C: the destination stops its VM and exits
-        try:
-            listener.wait(20)
-        except subprocess.TimeoutExpired:
-            listener.kill()
-            listener.wait()
 
 
 def test_migrate_run_postcopy_moves_the_vm_and_reports_its_blocktime(tmp_path: Path) -> None:
@@ -73,18 +87,7 @@ def test_migrate_run_postcopy_moves_the_vm_and_reports_its_blocktime(tmp_path: P
     assert "loses the VM" in " ".join(helptext.split())  # post-copy's risk, said up front
     token = tmp_path / "token"
     token.write_text("a-shared-token-for-this-test\n")
-    listener = subprocess.Popen(
-        [*PYHV, "migrate", "listen", "--listen", "127.0.0.1:0", "--token-file", str(token),
-         "--timeout", "60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert listener.stderr is not None
-        line = listener.stderr.readline()
-        assert line.startswith("listening on 127.0.0.1:"), line
-        port = line.strip().rsplit(":", 1)[1]
+    with _listener(token) as (listener, port):
         sent = subprocess.run(
             [*PYHV, "migrate", "run", "--to", f"127.0.0.1:{port}", "--token-file", str(token),
              "-m", "128M", "-c", "dirty 4", "--encrypt", "--postcopy"],
@@ -95,17 +98,8 @@ def test_migrate_run_postcopy_moves_the_vm_and_reports_its_blocktime(tmp_path: P
         assert sent.returncode == 0, sent.stderr
         assert "post-copy (post-copy asked for at once)" in sent.stdout
         assert "blocktime p50" in sent.stdout
-        while arrived := listener.stderr.readline():
-            if "arrived from 127.0.0.1" in arrived:
-                break
+        arrived = _arrival(listener)
         assert "VM 'vm' arrived from 127.0.0.1" in arrived
-    finally:
-        listener.send_signal(2)
-        try:
-            listener.wait(20)
-        except subprocess.TimeoutExpired:
-            listener.kill()
-            listener.wait()
 
 
 def test_migrate_demo_with_a_dirty_limit_holds_the_writer_and_says_so() -> None:

@@ -30,16 +30,21 @@ def hosts(tmp_path: Path) -> Iterator[tuple[VmmsProcess, VmmsProcess]]:
         yield pair
 
 
+def _start_dirtying(host: VmmsProcess, name: str, memory: str, mib: int) -> None:
+    """A VM whose `dirty` task writes `mib` MiB over and over, started on `host` and waited
+    for until the task has written its working set once."""
+    host.vm("create", name, "--memory", memory)
+    host.vm("start", name)
+    assert "dirty" in host.shell(name, f"dirty {mib}")
+    wait_for(lambda: touched(host, name) >= mib * 256, 60, f"{mib} MiB touched")
+
+
 def test_pyhv_vm_migrate_moves_a_running_vm_to_another_vmms_where_its_shell_answers(
     hosts: tuple[VmmsProcess, VmmsProcess],
 ) -> None:
     a, b = hosts
     free_a, free_b = a.free(), b.free()
-    a.vm("create", "mover", "--memory", "256M")
-    a.vm("start", "mover")
-    assert "dirty" in a.shell("mover", "dirty 16")
-    # until the task has written its working set once
-    wait_for(lambda: touched(a, "mover") >= 16 * 256, 60, "16 MiB touched")
+    _start_dirtying(a, "mover", "256M", 16)
     before = a.ticks("mover")
     out = a.vm("migrate", "mover", "--to", b.address, "--token-file", str(b.token_file))
     assert "migrated in" in out and f"mover runs on {b.address} now" in out, out
@@ -181,10 +186,7 @@ def test_pyhv_vm_migrate_postcopy_runs_the_vm_at_the_destination_and_reports_blo
     hosts: tuple[VmmsProcess, VmmsProcess],
 ) -> None:
     a, b = hosts
-    a.vm("create", "pc", "--memory", "128M")
-    a.vm("start", "pc")
-    assert "dirty" in a.shell("pc", "dirty 8")
-    wait_for(lambda: touched(a, "pc") >= 8 * 256, 60, "8 MiB touched")
+    _start_dirtying(a, "pc", "128M", 8)
     # the option passes through the VMMS to the source worker
     out = a.vm("migrate", "pc", "--to", b.address, "--token-file", str(b.token_file), "--postcopy")
     assert "post-copy (post-copy asked for at once)" in out and "blocktime p50" in out, out
@@ -201,10 +203,7 @@ def test_a_post_copy_between_two_vmms_recovers_from_a_cut_link(
     import subprocess
 
     a, b = hosts
-    a.vm("create", "pcr", "--memory", "128M")
-    a.vm("start", "pcr")
-    assert "dirty" in a.shell("pcr", "dirty 16")
-    wait_for(lambda: touched(a, "pcr") >= 16 * 256, 60, "16 MiB touched")
+    _start_dirtying(a, "pcr", "128M", 16)
     rec = a.client.request(
         "POST",
         "/api/vms/pcr/migrate",

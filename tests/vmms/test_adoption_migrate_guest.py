@@ -223,15 +223,22 @@ def _outcome_at_b(p: Pair, remote_id: str) -> str:
     )
 
 
+def _source_vmms_killed_in_pre_copy(p: Pair) -> str:
+    """vm1 migrating from A to B over a slow link, A's VMMS killed once the pre-copy passes
+    are under way (its worker goes on); the id of B's incoming migration."""
+    _start_vm(p.a, "vm1")
+    rec = _migrate(p, "vm1", bandwidth=SLOW)
+    _wait_pre_copy(p, rec)
+    remote: str = _record(p.a, rec["id"])["remote_id"]
+    p.a.kill()
+    return remote
+
+
 def test_the_source_vmms_killed_during_pre_copy_its_worker_finishes_and_the_restart_learns_it(
     pair_factory: Any,
 ) -> None:
     p = pair_factory()
-    _start_vm(p.a, "vm1")
-    rec = _migrate(p, "vm1", bandwidth=SLOW)
-    _wait_pre_copy(p, rec)
-    remote = _record(p.a, rec["id"])["remote_id"]
-    p.a.kill()
+    remote = _source_vmms_killed_in_pre_copy(p)
     # The workers carry on without it, to the end, and B learns it.
     there = _outcome_at_b(p, remote)
     a = p.restart_a()
@@ -246,11 +253,7 @@ def test_a_source_vmms_restarted_while_its_worker_migrates_follows_the_migration
     pair_factory: Any,
 ) -> None:
     p = pair_factory()
-    _start_vm(p.a, "vm1")
-    rec = _migrate(p, "vm1", bandwidth=SLOW)
-    _wait_pre_copy(p, rec)
-    remote = _record(p.a, rec["id"])["remote_id"]
-    p.a.kill()
+    remote = _source_vmms_killed_in_pre_copy(p)
     a = p.restart_a()  # at once: the worker is still sending
     vms = {v["name"]: v for v in a.client.request("GET", "/api/vms")["vms"]}
     shown = vms.get("vm1") or {"migration": None}  # (gone already if it left before)

@@ -40,6 +40,19 @@ def _listener(token: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
             listener.wait()
 
 
+def _migrate_run(
+    port: str, token: Path, command: str, *options: str
+) -> subprocess.CompletedProcess[str]:
+    """`pyhv migrate run` of a 128M VM running `command`, sent encrypted to the local listener."""
+    return subprocess.run(
+        [*PYHV, "migrate", "run", "--to", f"127.0.0.1:{port}", "--token-file", str(token),
+         "-m", "128M", "-c", command, "--encrypt", *options],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
 def _arrival(listener: subprocess.Popen[str]) -> str:
     """The listener's arrival line (a line read is awaited, not polled); "" if it ended first."""
     assert listener.stderr is not None
@@ -67,13 +80,7 @@ def test_migrate_listen_takes_the_vm_that_migrate_run_sends(tmp_path: Path) -> N
     token = tmp_path / "token"
     token.write_text("a-shared-token-for-this-test\n")
     with _listener(token) as (listener, port):
-        sent = subprocess.run(
-            [*PYHV, "migrate", "run", "--to", f"127.0.0.1:{port}", "--token-file", str(token),
-             "-m", "128M", "-c", "dirty 2", "--encrypt"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )  # fmt: skip
+        sent = _migrate_run(port, token, "dirty 2")
         assert sent.returncode == 0, sent.stderr
         assert "migrated in" in sent.stdout
         arrived = _arrival(listener)
@@ -88,13 +95,7 @@ def test_migrate_run_postcopy_moves_the_vm_and_reports_its_blocktime(tmp_path: P
     token = tmp_path / "token"
     token.write_text("a-shared-token-for-this-test\n")
     with _listener(token) as (listener, port):
-        sent = subprocess.run(
-            [*PYHV, "migrate", "run", "--to", f"127.0.0.1:{port}", "--token-file", str(token),
-             "-m", "128M", "-c", "dirty 4", "--encrypt", "--postcopy"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )  # fmt: skip
+        sent = _migrate_run(port, token, "dirty 4", "--postcopy")
         assert sent.returncode == 0, sent.stderr
         assert "post-copy (post-copy asked for at once)" in sent.stdout
         assert "blocktime p50" in sent.stdout

@@ -133,7 +133,9 @@ class DirtyRings:
             mask = self._pending.get(slot)
             if mask is None or mask.size != pages:
                 mask = self._pending[slot] = np.zeros(pages, dtype=bool)
-            inside = sel[sel < pages]
+            # the ring is in memory the guest's writes reach through KVM: an offset past the
+            # slot (or past 2**63, negative once widened to int64) is dropped, never indexed
+            inside = sel[(sel >= 0) & (sel < pages)]
             self.dropped += int(sel.size - inside.size)
             mask[inside] = True
         return counts

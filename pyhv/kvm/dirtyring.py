@@ -62,6 +62,8 @@ class DirtyRing:
         entries are harvested strictly in order, as KVM requires."""
         n = self.entries
         start = self.fetch % n
+        if not self._skip_reset and self._flags[start] != c.DIRTY_GFN_F_DIRTY:
+            return _EMPTY, _EMPTY  # nothing new (most harvests): no copy of the whole ring
         order = np.concatenate((np.arange(start, n), np.arange(0, start)))
         # flags first (KVM writes an entry, then its flag with release order; x86 keeps our
         # loads in order), then the slot and offset of the dirty ones

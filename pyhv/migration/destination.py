@@ -443,6 +443,7 @@ class Incoming:
                     self._region(p, gpa, n)  # inside RAM, or the stream is refused
                 self._populater.add(p, runs)
             elif ftype is Frame.PASS_END:
+                _body(buf, frames.PassEnd, "PASS_END", "memory")  # checked, though unused here
                 self.passes += 1
                 self._populater.stop()
                 self._all_streams_at_pass_end()
@@ -468,7 +469,7 @@ class Incoming:
                 ):
                     self._restore_early(state)
             elif ftype is Frame.PREPARE:
-                frames.decode(bytes(buf), frames.Empty, "PREPARE")
+                _body(buf, frames.Empty, "PREPARE", "prepare")
                 if self._final_frames >= 0:
                     raise MigrationError("the source sent PREPARE twice", "memory")
                 self._final_frames = 0
@@ -479,10 +480,7 @@ class Incoming:
                     raise MigrationError(
                         f"POSTCOPY over {1 + len(self.data)} streams: post-copy uses one", "memory"
                     )
-                try:
-                    body = frames.decode(bytes(buf), frames.Postcopy, "POSTCOPY")
-                except frames.FrameError as e:
-                    raise MigrationError(str(e), "memory") from None
+                body = _body(buf, frames.Postcopy, "POSTCOPY", "memory")
                 self.postcopy = PostcopyDestination(
                     fs,
                     self.userfault_device,
@@ -697,6 +695,14 @@ class Incoming:
 #: Page frames after PREPARE that the receiver takes at a real-time priority, at most (256 MiB
 #: at 1 MiB a frame): a source that goes on sending is not taking its final pass.
 MAX_BOOSTED_FRAMES = 256
+
+
+def _body(buf: bytearray, kind: type[Any], frame: str, phase: str) -> Any:
+    """A control frame's body from the source, checked: a MigrationError naming the field."""
+    try:
+        return frames.decode(bytes(buf), kind, frame)
+    except frames.FrameError as e:
+        raise MigrationError(str(e), phase) from None
 
 
 def _source_still_there(fs: FrameSocket) -> None:

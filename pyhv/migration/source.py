@@ -921,11 +921,11 @@ class Source:
         assert self.fs is not None
         return self.fs.bytes_sent + sum(d.bytes_sent for d in self.data)
 
-    def _pass_end(self, pages: int, last: bool = False) -> None:
+    def _pass_end(self, pages: int) -> None:
         """PASS_END on every stream: the data streams' first (the destination waits for theirs
         before it takes the state that follows the first stream's last one)."""
         assert self.fs is not None
-        end = frames.PassEnd(self.progress.passes, pages, last)
+        end = frames.PassEnd(self.progress.passes, pages)
         for d in self.data:
             d.send_json(Frame.PASS_END, end)
         self.fs.send_json(Frame.PASS_END, end)

@@ -72,3 +72,13 @@ def test_a_ring_full_exit_on_a_ring_out_of_step_resyncs_and_counts_every_page_di
     assert rings.take(0, 64).all()  # pages may be lost: the whole slot counts, once
     assert rings.take(1, 16).all()
     assert not rings.take(0, 64).any()
+
+
+def test_an_entry_past_its_slot_is_dropped_not_indexed() -> None:
+    rings, views, vm = _rings()
+    _push(views[0], 0, 0, 64)  # one past slot 0's 64 pages
+    _push(views[0], 1, 0, 2**64 - 1)  # negative once widened to int64: must not wrap around
+    _push(views[0], 2, 0, 7)
+    rings.harvest()
+    assert rings.dropped == 2
+    assert np.flatnonzero(rings.take(0, 64)).tolist() == [7]

@@ -239,3 +239,28 @@ def test_after_a_state_ahead_of_the_last_pages_only_the_pages_may_follow(
     err = _against_source(destination, source, lambda inc: None)
     assert isinstance(err, MigrationError) and pattern in str(err), err
     assert len(restored) == 1  # restored as it came, once
+
+
+@pytest.mark.parametrize(
+    ("frame", "body"),
+    [(Frame.PASS_END, {"pass": -1}), (Frame.PREPARE, {"unexpected": 1})],
+)
+def test_a_malformed_pass_end_or_prepare_on_the_first_stream_is_refused(
+    frame: Frame, body: dict[str, Any]
+) -> None:
+    """The first stream checks every control frame's body, as the data streams do."""
+
+    class NoVps:  # the partition as _first_stream sees it: no VP to raise
+        vps: dict[int, Any] = {}
+
+    def destination(inc: Incoming) -> None:
+        inc.accept()
+        assert inc.fs is not None
+        inc._first_stream(inc.fs, NoVps(), {})
+
+    def source(src: FrameSocket) -> None:
+        src.send_json(Frame.CONFIG, frames.Config({}, [(0, 1 << 20)]))
+        src.send_json(frame, body)
+
+    err = _against_source(destination, source)
+    assert isinstance(err, MigrationError) and f"the {frame.name} frame is refused" in str(err), err

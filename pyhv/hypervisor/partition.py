@@ -77,8 +77,10 @@ class Partition:
         self.gpa_space = GpaSpace(
             self.vm, self.max_gpa, self.kvm.check_extension(c.CAP_NR_MEMSLOTS) or 32
         )
-        if self.dirty_rings is not None:
-            self.dirty_rings.slot_pages = self.gpa_space.slot_pages
+        if dirty_ring_entries:
+            from pyhv.hypervisor.dirtyring import DirtyRings
+
+            self.dirty_rings = DirtyRings(self.vm, dirty_ring_entries, self.gpa_space.slot_pages)
             self.gpa_space.dirty_source = self.dirty_rings.bitmap
         self.msr_exits = bool(self.kvm.check_extension(c.CAP_X86_USER_SPACE_MSR))
         if self.msr_exits:
@@ -93,7 +95,7 @@ class Partition:
         self._msi_routes: list[tuple[int, int]] = []
 
     def _enable_dirty_rings(self, entries: int) -> None:
-        from pyhv.hypervisor.dirtyring import DirtyRings
+        """On the VM before any VP (KVM's rule); the rings are mapped per VP as they come."""
         from pyhv.kvm.dirtyring import check_entries
 
         try:
@@ -103,7 +105,6 @@ class Partition:
             self.vm.close()
             self.kvm.close()
             raise
-        self.dirty_rings = DirtyRings(self.vm, entries, lambda slot: None)
 
     def _phys_bits(self) -> int:
         for i in range(self.cpuid.nent):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pyhv.memory.manager import punch_hole
 from pyhv.migration import dynmem as dm_mod
 from pyhv.migration import frames
 from pyhv.migration import memory as mem
@@ -607,8 +608,6 @@ class Incoming:
             w = written[r.gpa]
             for s, e in mem.runs(w[first : first + n]):
                 # a page that held data and is zero now: give its memory back
-                from pyhv.memory.manager import punch_hole
-
                 punch_hole(r.memfd, r.offset + (first + s) * PAGE, (e - s) * PAGE)
                 w[first + s : first + e] = False
 

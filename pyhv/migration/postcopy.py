@@ -173,9 +173,7 @@ class PostcopySource:
             for r, m in zip(self.regions, self.need, strict=True)
             for a, b in mem.runs(m)
         ]
-        for i in range(0, len(runs), RUNS_PER_FRAME):
-            chunk = runs[i : i + RUNS_PER_FRAME]
-            fs.send(Frame.NEED, pack_zero_runs(chunk), count=len(chunk))
+        _send_runs(fs, Frame.NEED, runs)
         return sum(int(m.sum()) for m in self.need)
 
     def serve(self, commit: Any, deadline: float) -> None:

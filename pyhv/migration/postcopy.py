@@ -254,17 +254,9 @@ class PostcopySource:
         fs, runs, _ack = cast("tuple[FrameSocket, list[tuple[int, int]], Any]", got)
         need = [np.zeros(r.pages, dtype=bool) for r in self.regions]
         for gpa, n in runs:
-            at = next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
-            r = self.regions[at] if at is not None else None
-            first = (gpa - r.gpa) // PAGE if r is not None else 0
-            if (
-                r is None
-                or at is None
-                or gpa % PAGE
-                or n <= 0
-                or gpa + n * PAGE > r.end
-                or not self.original[at][first : first + n].all()
-            ):
+            at = self._inside(gpa, n)
+            first = (gpa - self.regions[at].gpa) // PAGE if at is not None else 0
+            if at is None or not self.original[at][first : first + n].all():
                 fs.close(reset=True)
                 raise MigrationError(
                     f"the destination says it lacks {n} pages at {gpa:#x}, which it never "
@@ -284,6 +276,18 @@ class PostcopySource:
         if self.on_recovered is not None:
             self.on_recovered()
 
+    def _region_at(self, gpa: int) -> int | None:
+        """The index of the region holding `gpa`, or None."""
+        return next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
+
+    def _inside(self, gpa: int, n: int) -> int | None:
+        """The index of the region holding the whole run of `n` pages at `gpa` (page-aligned,
+        n > 0): None for a run from the peer that is not one."""
+        at = self._region_at(gpa)
+        if at is None or gpa % PAGE or n <= 0 or gpa + n * PAGE > self.regions[at].end:
+            return None
+        return at
+
     def _open_urgent(self) -> None:
         if self.preempt is not None:
             threading.Thread(target=self._serve_urgent, name="postcopy-urgent", daemon=True).start()
@@ -301,7 +305,7 @@ class PostcopySource:
         link by default). A page may go twice (urgently and pushed): the destination keeps
         the first."""
         fs = fs or self.fs
-        at = next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
+        at = self._region_at(gpa)
         if at is None:
             return 0
         r, m = self.regions[at], self.need[at]
@@ -353,13 +357,7 @@ class PostcopySource:
         if len(runs) > RUNS_PER_FRAME:
             raise MigrationError(f"a REQUEST of {len(runs)} runs", "postcopy")
         for gpa, n in runs:
-            if (
-                not any(
-                    r.gpa <= gpa and gpa + n * PAGE <= r.end and gpa % PAGE == 0
-                    for r in self.regions
-                )
-                or n <= 0
-            ):
+            if self._inside(gpa, n) is None:
                 raise MigrationError(
                     f"the destination asked for {n} pages at {gpa:#x}, outside the VM's RAM",
                     "postcopy",

@@ -701,6 +701,8 @@ class PostcopyDestination:
                     uf.wake(host, size)
                 self.present[i][first + s : first + e] = True
                 self.remaining -= e - s
+                if not self._requested:  # nobody waits (every waiter's page is requested)
+                    continue
                 # read under the lock, after the install: a waiter registered after a time read
                 # outside it would get a negative blocktime (and POSTCOPY_DONE be refused)
                 now = time.monotonic()

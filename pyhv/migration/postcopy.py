@@ -854,9 +854,7 @@ class PostcopyDestination:
                     Frame.RESUME_ACK,
                     frames.ResumeAck(sum(n for _g, n in missing), len(missing)),
                 )
-                asked = [
-                    (self.regions[i].gpa + page * PAGE, 1) for i, page in sorted(self._requested)
-                ]
+                asked = self._outstanding()
                 _send_runs(fs, Frame.REQUEST, asked)
                 if self._resumed_body is not None:
                     fs.send_json(Frame.RESUMED, self._resumed_body)
@@ -901,7 +899,7 @@ class PostcopyDestination:
             if self.urgent is not fs:
                 return
             self.urgent = None
-            asked = [(self.regions[i].gpa + page * PAGE, 1) for i, page in sorted(self._requested)]
+            asked = self._outstanding()
         fs.close(reset=True)
         if self.finished.is_set() or self.error is not None:
             return
@@ -912,6 +910,10 @@ class PostcopyDestination:
                 _send_runs(link, Frame.REQUEST, asked)
             except OSError as err:
                 self._link_lost(link, err)
+
+    def _outstanding(self) -> list[tuple[int, int]]:
+        """Under the lock: the pages asked for and not yet in, as REQUEST runs."""
+        return [(self.regions[i].gpa + page * PAGE, 1) for i, page in sorted(self._requested)]
 
     def send_resumed(self, body: frames.Resumed) -> None:
         """RESUMED (the VPs run here), now if the link is up, else when the source is back."""

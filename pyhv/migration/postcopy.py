@@ -210,11 +210,12 @@ class PostcopySource:
         if cursor and self._committed:  # no push while the destination restores (downtime)
             ri, at = cursor[0]
             m = self.need[ri]
-            left = np.flatnonzero(m[at:])
-            if not len(left):
+            rest = m[at:]
+            k = int(rest.argmax()) if rest.size else 0  # the first needed page, not all of them
+            if not rest.size or not rest[k]:
                 cursor.pop(0)
                 return
-            a = at + int(left[0])
+            a = at + k
             b = min(a + PUSH_PAGES, m.size)
             r = self.regions[ri]
             for s, e in mem.runs(m[a:b]):

@@ -354,9 +354,13 @@ class PostcopySource:
 
     def _requested(self, payload: bytes) -> list[tuple[int, int]]:
         """A REQUEST frame's runs, each checked inside RAM."""
+        if len(payload) > RUNS_PER_FRAME * 16:  # counted before a list of them is built
+            raise MigrationError(
+                f"a REQUEST of {len(payload) // 16} runs (at most {RUNS_PER_FRAME} a frame): "
+                "refused",
+                "postcopy",
+            )
         runs = unpack_zero_runs(payload)
-        if len(runs) > RUNS_PER_FRAME:
-            raise MigrationError(f"a REQUEST of {len(runs)} runs", "postcopy")
         for gpa, n in runs:
             if self._inside(gpa, n) is None:
                 raise MigrationError(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pyhv.migration import frames
-from pyhv.migration.postcopy import PostcopySource
+from pyhv.migration.postcopy import RUNS_PER_FRAME, PostcopySource
 from pyhv.migration.stream import Frame, FrameSocket, MigrationError, pack_zero_runs
 
 pytestmark = pytest.mark.simulation
@@ -85,6 +85,14 @@ def test_a_request_outside_the_vms_ram_is_refused_and_named(run: tuple[int, int]
     src, dst = _pair()
     dst.send(Frame.REQUEST, pack_zero_runs([run]), count=1)
     with pytest.raises(MigrationError, match="outside the VM's RAM"):
+        src.serve(lambda: None, 1e18)
+
+
+def test_a_request_of_more_runs_than_a_frame_holds_is_refused() -> None:
+    src, dst = _pair()
+    runs = [(GPA, 1)] * (RUNS_PER_FRAME + 1)
+    dst.send(Frame.REQUEST, pack_zero_runs(runs), count=len(runs))
+    with pytest.raises(MigrationError, match=f"a REQUEST of {RUNS_PER_FRAME + 1} runs"):
         src.serve(lambda: None, 1e18)
 
 

@@ -122,24 +122,21 @@ class Userfault:
         """Install `size` bytes at `source` (a buffer's address) as the pages at `address`,
         waking their waiters. False when a page of them was there already (nothing is
         overwritten; the caller wakes the range)."""
-        arg = (ctypes.c_uint64 * 5)(address, source, size, 0, 0)
-        try:
-            fcntl.ioctl(self.fd, UFFDIO_COPY, arg)
-        except OSError as e:
-            if e.errno == errno.EEXIST:
-                return False
-            raise UserfaultError(e.errno, f"UFFDIO_COPY at {address:#x}: {e}") from None
-        return True
+        return self._fill(UFFDIO_COPY, (ctypes.c_uint64 * 5)(address, source, size, 0, 0))
 
     def zero(self, address: int, size: int) -> bool:
         """Install zero pages at `address`; False when a page was there already."""
-        arg = (ctypes.c_uint64 * 4)(address, size, 0, 0)
+        return self._fill(UFFDIO_ZEROPAGE, (ctypes.c_uint64 * 4)(address, size, 0, 0))
+
+    def _fill(self, request: int, arg: ctypes.Array[ctypes.c_uint64]) -> bool:
+        """UFFDIO_COPY or UFFDIO_ZEROPAGE (`arg` starts with the address); False on EEXIST."""
         try:
-            fcntl.ioctl(self.fd, UFFDIO_ZEROPAGE, arg)
+            fcntl.ioctl(self.fd, request, arg)
         except OSError as e:
             if e.errno == errno.EEXIST:
                 return False
-            raise UserfaultError(e.errno, f"UFFDIO_ZEROPAGE at {address:#x}: {e}") from None
+            what = "UFFDIO_COPY" if request == UFFDIO_COPY else "UFFDIO_ZEROPAGE"
+            raise UserfaultError(e.errno, f"{what} at {arg[0]:#x}: {e}") from None
         return True
 
     def wake(self, address: int, size: int) -> None:

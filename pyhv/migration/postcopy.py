@@ -173,9 +173,7 @@ class PostcopySource:
             for r, m in zip(self.regions, self.need, strict=True)
             for a, b in mem.runs(m)
         ]
-        for i in range(0, len(runs), RUNS_PER_FRAME):
-            chunk = runs[i : i + RUNS_PER_FRAME]
-            fs.send(Frame.NEED, pack_zero_runs(chunk), count=len(chunk))
+        _send_runs(fs, Frame.NEED, runs)
         return sum(int(m.sum()) for m in self.need)
 
     def serve(self, commit: Any, deadline: float) -> None:
@@ -212,11 +210,12 @@ class PostcopySource:
         if cursor and self._committed:  # no push while the destination restores (downtime)
             ri, at = cursor[0]
             m = self.need[ri]
-            left = np.flatnonzero(m[at:])
-            if not len(left):
+            rest = m[at:]
+            k = int(rest.argmax()) if rest.size else 0  # the first needed page, not all of them
+            if not rest.size or not rest[k]:
                 cursor.pop(0)
                 return
-            a = at + int(left[0])
+            a = at + k
             b = min(a + PUSH_PAGES, m.size)
             r = self.regions[ri]
             for s, e in mem.runs(m[a:b]):
@@ -256,17 +255,9 @@ class PostcopySource:
         fs, runs, _ack = cast("tuple[FrameSocket, list[tuple[int, int]], Any]", got)
         need = [np.zeros(r.pages, dtype=bool) for r in self.regions]
         for gpa, n in runs:
-            at = next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
-            r = self.regions[at] if at is not None else None
-            first = (gpa - r.gpa) // PAGE if r is not None else 0
-            if (
-                r is None
-                or at is None
-                or gpa % PAGE
-                or n <= 0
-                or gpa + n * PAGE > r.end
-                or not self.original[at][first : first + n].all()
-            ):
+            at = self._inside(gpa, n)
+            first = (gpa - self.regions[at].gpa) // PAGE if at is not None else 0
+            if at is None or not self.original[at][first : first + n].all():
                 fs.close(reset=True)
                 raise MigrationError(
                     f"the destination says it lacks {n} pages at {gpa:#x}, which it never "
@@ -286,6 +277,18 @@ class PostcopySource:
         if self.on_recovered is not None:
             self.on_recovered()
 
+    def _region_at(self, gpa: int) -> int | None:
+        """The index of the region holding `gpa`, or None."""
+        return next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
+
+    def _inside(self, gpa: int, n: int) -> int | None:
+        """The index of the region holding the whole run of `n` pages at `gpa` (page-aligned,
+        n > 0): None for a run from the peer that is not one."""
+        at = self._region_at(gpa)
+        if at is None or gpa % PAGE or n <= 0 or gpa + n * PAGE > self.regions[at].end:
+            return None
+        return at
+
     def _open_urgent(self) -> None:
         if self.preempt is not None:
             threading.Thread(target=self._serve_urgent, name="postcopy-urgent", daemon=True).start()
@@ -303,7 +306,7 @@ class PostcopySource:
         link by default). A page may go twice (urgently and pushed): the destination keeps
         the first."""
         fs = fs or self.fs
-        at = next((i for i, r in enumerate(self.regions) if r.gpa <= gpa < r.end), None)
+        at = self._region_at(gpa)
         if at is None:
             return 0
         r, m = self.regions[at], self.need[at]
@@ -351,17 +354,15 @@ class PostcopySource:
 
     def _requested(self, payload: bytes) -> list[tuple[int, int]]:
         """A REQUEST frame's runs, each checked inside RAM."""
+        if len(payload) > RUNS_PER_FRAME * 16:  # counted before a list of them is built
+            raise MigrationError(
+                f"a REQUEST of {len(payload) // 16} runs (at most {RUNS_PER_FRAME} a frame): "
+                "refused",
+                "postcopy",
+            )
         runs = unpack_zero_runs(payload)
-        if len(runs) > RUNS_PER_FRAME:
-            raise MigrationError(f"a REQUEST of {len(runs)} runs", "postcopy")
         for gpa, n in runs:
-            if (
-                not any(
-                    r.gpa <= gpa and gpa + n * PAGE <= r.end and gpa % PAGE == 0
-                    for r in self.regions
-                )
-                or n <= 0
-            ):
+            if self._inside(gpa, n) is None:
                 raise MigrationError(
                     f"the destination asked for {n} pages at {gpa:#x}, outside the VM's RAM",
                     "postcopy",
@@ -705,6 +706,8 @@ class PostcopyDestination:
                     uf.wake(host, size)
                 self.present[i][first + s : first + e] = True
                 self.remaining -= e - s
+                if not self._requested:  # nobody waits (every waiter's page is requested)
+                    continue
                 # read under the lock, after the install: a waiter registered after a time read
                 # outside it would get a negative blocktime (and POSTCOPY_DONE be refused)
                 now = time.monotonic()
@@ -856,9 +859,7 @@ class PostcopyDestination:
                     Frame.RESUME_ACK,
                     frames.ResumeAck(sum(n for _g, n in missing), len(missing)),
                 )
-                asked = [
-                    (self.regions[i].gpa + page * PAGE, 1) for i, page in sorted(self._requested)
-                ]
+                asked = self._outstanding()
                 _send_runs(fs, Frame.REQUEST, asked)
                 if self._resumed_body is not None:
                     fs.send_json(Frame.RESUMED, self._resumed_body)
@@ -903,7 +904,7 @@ class PostcopyDestination:
             if self.urgent is not fs:
                 return
             self.urgent = None
-            asked = [(self.regions[i].gpa + page * PAGE, 1) for i, page in sorted(self._requested)]
+            asked = self._outstanding()
         fs.close(reset=True)
         if self.finished.is_set() or self.error is not None:
             return
@@ -914,6 +915,10 @@ class PostcopyDestination:
                 _send_runs(link, Frame.REQUEST, asked)
             except OSError as err:
                 self._link_lost(link, err)
+
+    def _outstanding(self) -> list[tuple[int, int]]:
+        """Under the lock: the pages asked for and not yet in, as REQUEST runs."""
+        return [(self.regions[i].gpa + page * PAGE, 1) for i, page in sorted(self._requested)]
 
     def send_resumed(self, body: frames.Resumed) -> None:
         """RESUMED (the VPs run here), now if the link is up, else when the source is back."""

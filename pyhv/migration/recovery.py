@@ -92,13 +92,14 @@ def reconnect_source(
         while True:
             ftype, _flags, _count, _addr, payload = fs.recv()
             if ftype is Frame.MISSING:
-                runs += unpack_zero_runs(payload)
-                if len(runs) > max_runs:
+                total = len(runs) + len(payload) // 16  # counted before they are unpacked
+                if total > max_runs:
                     raise MigrationError(
-                        f"the destination says it misses more runs ({len(runs)}) than RAM "
+                        f"the destination says it misses more runs ({total}) than RAM "
                         f"has pages ({max_runs})",
                         "recover",
                     )
+                runs += unpack_zero_runs(payload)
             elif ftype is Frame.RESUME_ACK:
                 ack = frames.decode(payload, frames.ResumeAck, "RESUME_ACK")
                 if ack.runs != len(runs) or ack.pages != sum(n for _g, n in runs):

@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from pyhv.migration import frames
-from pyhv.migration.postcopy import PostcopySource
-from pyhv.migration.stream import Frame, FrameSocket, MigrationError, pack_zero_runs
+from pyhv.migration.postcopy import RUNS_PER_FRAME, PostcopySource
+from pyhv.migration.recovery import reconnect_source
+from pyhv.migration.stream import (
+    Frame,
+    FrameSocket,
+    MigrationError,
+    authenticate_destination,
+    pack_zero_runs,
+)
 
 pytestmark = pytest.mark.simulation
 PAGE = 4096
@@ -86,6 +93,48 @@ def test_a_request_outside_the_vms_ram_is_refused_and_named(run: tuple[int, int]
     dst.send(Frame.REQUEST, pack_zero_runs([run]), count=1)
     with pytest.raises(MigrationError, match="outside the VM's RAM"):
         src.serve(lambda: None, 1e18)
+
+
+def test_a_request_of_more_runs_than_a_frame_holds_is_refused() -> None:
+    src, dst = _pair()
+    runs = [(GPA, 1)] * (RUNS_PER_FRAME + 1)
+    dst.send(Frame.REQUEST, pack_zero_runs(runs), count=len(runs))
+    with pytest.raises(MigrationError, match=f"a REQUEST of {RUNS_PER_FRAME + 1} runs"):
+        src.serve(lambda: None, 1e18)
+
+
+def test_a_resume_answered_by_more_missing_runs_than_ram_has_pages_is_refused() -> None:
+    """The destination's MISSING runs are counted before they are kept (a peer, not trusted)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    token = bytes(32)
+
+    def destination() -> None:
+        conn, _ = listener.accept()
+        fs = FrameSocket(conn, timeout=10, peer="source")
+        try:
+            authenticate_destination(fs, token)
+            fs.recv()  # RESUME
+            fs.send(Frame.MISSING, pack_zero_runs([(GPA, 1)] * 3), count=3)
+            fs.recv()  # until the source hangs up
+        except (OSError, MigrationError):
+            pass
+        finally:
+            fs.close()
+
+    peer = threading.Thread(target=destination, daemon=True)
+    peer.start()
+    try:
+        with pytest.raises(
+            MigrationError, match=r"misses more runs \(3\) than RAM has pages \(2\)"
+        ):
+            reconnect_source(
+                listener.getsockname(), token, "0" * 32,
+                encrypt=False, bandwidth=0, timeout=10, max_runs=2,
+            )  # fmt: skip
+    finally:
+        peer.join(10)
+        listener.close()
+    assert not peer.is_alive()
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,8 @@ from pyhv.vmbus.vsp import Vsp, VspError, serialized
 
 #: Ranges per host message: hdr + 8 + 8*n <= 4096 (as the guest packs its responses).
 MAX_RANGES_PER_MESSAGE = (p.MAX_MESSAGE - ctypes.sizeof(p.DmUnballoonRequest)) // 8
-#: Pages asked per balloon request at most (QEMU HV_BALLOON_HR_CHUNK_PAGES: Windows refuses more).
+#: Pages asked per balloon or hot-remove request at most (QEMU HV_BALLOON_HR_CHUNK_PAGES:
+#: Windows refuses more).
 MAX_BALLOON_PAGES = 585_728
 #: Host messages waiting for room in the guest's ring beyond which a guest request that would
 #: queue another reply is refused: a guest that asks without reading cannot grow the outbox.

@@ -172,6 +172,14 @@ class Partition:
         return sum(r.size for r in self.regions) // PAGE_SIZE - self.removed.pages
 
     @property
+    def hot_added_held_pages(self) -> int:
+        """Hot-added pages the guest holds: neither removed nor ballooned."""
+        return self.hot_added_pages - sum(
+            _overlap(self.ballooned, r.gpa // PAGE_SIZE, r.size // PAGE_SIZE)
+            for r in self.regions[self.startup_regions :]
+        )
+
+    @property
     def smart_paging_pages(self) -> int:
         """Pages of the Smart Paging range the guest has not ballooned: backed by the file."""
         sp = self.smart_paging

@@ -119,15 +119,6 @@ def _vp_counters(vp: Any) -> VpCounters:
     )
 
 
-def _pages_in(ranges: RangeSet, regions: Any) -> int:
-    """Pages of `ranges` inside `regions` (each with gpa and size in bytes)."""
-    n = 0
-    for g in regions:
-        lo, hi = g.gpa // PAGE_SIZE, (g.gpa + g.size) // PAGE_SIZE
-        n += sum(max(0, min(r.end, hi) - max(r.start, lo)) for r in ranges)
-    return n
-
-
 def _version_text(v: int | None) -> str | None:
     return None if v is None else f"{v >> 16}.{v & 0xFFFF}"
 
@@ -575,8 +566,7 @@ class DynamicMemoryService:
                 )
             part = self._mm_part
             room = part.assigned_pages - self.minimum_pages
-            hot = part.regions[part.startup_regions :]
-            held = part.hot_added_pages - _pages_in(part.ballooned, hot)
+            held = part.hot_added_held_pages
             asked = held if pages is None else pages
             n = min(asked, room, MAX_BALLOON_PAGES)  # what the VSP asks at a time
             if n <= 0:

@@ -55,7 +55,8 @@ from pyhv.vmbus.vsp import Vsp, VspError, serialized
 
 #: Ranges per host message: hdr + 8 + 8*n <= 4096 (as the guest packs its responses).
 MAX_RANGES_PER_MESSAGE = (p.MAX_MESSAGE - ctypes.sizeof(p.DmUnballoonRequest)) // 8
-#: Pages asked per balloon request at most (QEMU HV_BALLOON_HR_CHUNK_PAGES: Windows refuses more).
+#: Pages asked per balloon or hot-remove request at most (QEMU HV_BALLOON_HR_CHUNK_PAGES:
+#: Windows refuses more).
 MAX_BALLOON_PAGES = 585_728
 #: Host messages waiting for room in the guest's ring beyond which a guest request that would
 #: queue another reply is refused: a guest that asks without reading cannot grow the outbox.
@@ -226,12 +227,10 @@ class DynamicMemoryVsp(Vsp[DmState]):
         #: memory back from the guest (pyhv.memory.manager.MemoryManager.hot_remove).
         self._on_hot_removed = on_hot_removed
         self._on_hot_remove_done = on_hot_remove_done
-        self._hr_asked = self._hr_got = 0
-        self._hr_named = RangeSet()
+        self._hot_remove_clear()
         self._hr_large = False
         #: Guest pages the host itself uses (the VMBus rings): never the guest's to give back.
         self._host_pages = host_pages
-        self._hr_busy = RangeSet()
         self._trans_id = 0
         self._balloon_asked = 0
         self._balloon_got = 0
@@ -392,8 +391,8 @@ class DynamicMemoryVsp(Vsp[DmState]):
             )
         if not 0 < pages <= MAX_BALLOON_PAGES:
             raise VspError(f"hot-remove of {pages} pages: ask 1..{MAX_BALLOON_PAGES} at a time")
-        self._hr_asked, self._hr_got, self._hr_named = pages, 0, RangeSet()
-        self._hr_large = large
+        self._hot_remove_clear()
+        self._hr_asked, self._hr_large = pages, large
         body = p.DmHotRemove(
             virtual_node=0, page_count=pages, qos_flags=p.QOS_LARGE if large else 0
         )
@@ -413,9 +412,9 @@ class DynamicMemoryVsp(Vsp[DmState]):
                 f"{self.state.name}): its {len(msg.ranges)} ranges are ignored"
             )
         good: list[PageRange] = []
-        self._hr_busy = RangeSet(self._host_pages()) if msg.ranges else RangeSet()
+        busy = RangeSet(self._host_pages()) if msg.ranges else RangeSet()
         for r in msg.ranges:
-            why = self._bad_hot_remove_range(r)
+            why = self._bad_hot_remove_range(r, busy)
             if why:
                 self.counters["bad_ranges"] += 1
                 self.counters["hot_remove_bad_ranges"] += 1
@@ -444,7 +443,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
             self._on_hot_remove_done(got)
             self._advance()
 
-    def _bad_hot_remove_range(self, r: PageRange) -> str:
+    def _bad_hot_remove_range(self, r: PageRange, busy: RangeSet) -> str:
         if r.count == 0:
             return "no pages"
         if self._hr_large and (r.start % HINT_BLOCK_PAGES or r.count % HINT_BLOCK_PAGES):
@@ -455,7 +454,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
             return "ballooned: the host holds those pages already"
         if not self.ram.contains(*r):
             return "not RAM of this partition (outside it, or removed already)"
-        if self._hr_busy.overlaps(*r):
+        if busy.overlaps(*r):
             return "pages the host uses (a VMBus ring): the guest cannot give them"
         if self._hr_got + r.count > self._hr_asked:
             return f"more than the {self._hr_asked} pages asked"

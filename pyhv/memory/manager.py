@@ -72,6 +72,14 @@ class PoolExhausted(MemoryManagerError):
 MEMORY_STATE_VERSION = 2  # 2: the removed ranges (hot-remove, hot-add declined)
 
 
+def _check_state_version(version: object) -> None:
+    if version != MEMORY_STATE_VERSION:
+        raise MemoryManagerError(
+            f"memory state version {version!r} is not {MEMORY_STATE_VERSION}: the hosts run "
+            "different pyhv releases"
+        )
+
+
 def _pairs(what: str, value: object) -> tuple[tuple[int, int], ...]:
     if not isinstance(value, list) or not all(
         isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v) for v in value
@@ -98,11 +106,8 @@ class MemoryState:
     @classmethod
     def from_wire(cls, d: object) -> MemoryState:
         """The shape (types, declared by the fields); restore() checks the values."""
-        if isinstance(d, dict) and "version" in d and d["version"] != MEMORY_STATE_VERSION:
-            raise MemoryManagerError(
-                f"memory state version {d['version']!r} is not {MEMORY_STATE_VERSION}: the "
-                "hosts run different pyhv releases"
-            )
+        if isinstance(d, dict) and "version" in d:  # first: another release has other fields
+            _check_state_version(d["version"])
         try:
             return wire.from_wire(cls, d, "memory state")
         except ValueError as e:
@@ -165,6 +170,14 @@ class Partition:
         """Guest Visible Physical Memory: startup RAM plus every hot-added region, less the
         pages removed."""
         return sum(r.size for r in self.regions) // PAGE_SIZE - self.removed.pages
+
+    @property
+    def hot_added_held_pages(self) -> int:
+        """Hot-added pages the guest holds: neither removed nor ballooned."""
+        return self.hot_added_pages - sum(
+            _overlap(self.ballooned, r.gpa // PAGE_SIZE, r.size // PAGE_SIZE)
+            for r in self.regions[self.startup_regions :]
+        )
 
     @property
     def smart_paging_pages(self) -> int:
@@ -525,11 +538,7 @@ class MemoryManager:
 
     def _check_restore(self, p: Partition, st: MemoryState) -> RangeSet:
         """Every value of `st` against partition `p` and the pool; the RAM pages it would have."""
-        if st.version != MEMORY_STATE_VERSION:
-            raise MemoryManagerError(
-                f"memory state version {st.version!r} is not {MEMORY_STATE_VERSION}: the hosts "
-                "run different pyhv releases"
-            )
+        _check_state_version(st.version)
         mine = tuple((r.gpa, r.size) for r in p.regions[: p.startup_regions])
         if tuple(st.startup) != mine:
             raise MemoryManagerError(

@@ -262,6 +262,14 @@ class Migrations:
     def _end(self, rec: Migration, state: str, error: str = "") -> None:
         rec.state, rec.error, rec.ended = state, error, time.time()
 
+    def _hold_in_doubt(self, vm: VmEntry, worker: Any, wid: int, rec: Migration, why: str) -> None:
+        """(Under the lock.) The VM stays PAUSED until an operator settles the migration."""
+        from pyhv.vmms.inventory import PAUSED
+
+        self.vmms.end_migration(vm, worker=worker, state=PAUSED, reason=why)
+        self._end(rec, IN_DOUBT, why)
+        self._doubts[rec.id] = (vm, worker, wid)
+
     def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
         t.start()
@@ -398,7 +406,6 @@ class Migrations:
         """An adopted worker was migrating its VM away when the previous VMMS went: the VM
         stays "migrating" here until the worker says how it ended (migrated: forgotten here;
         failed: it runs on). One whose migration waits in doubt stays paused until settled."""
-        from pyhv.vmms.inventory import PAUSED
         from pyhv.worker import messages as m
 
         name = vm.settings.name
@@ -413,9 +420,7 @@ class Migrations:
                     f'/api/migrations/{rec.id}/resolve with {{"resume": false}} if it runs '
                     "there, true if it does not"
                 )
-                self.vmms.end_migration(vm, worker=worker, state=PAUSED, reason=why)
-                self._end(rec, IN_DOUBT, why)
-                self._doubts[rec.id] = (vm, worker, wid)
+                self._hold_in_doubt(vm, worker, wid, rec, why)
                 return
 
         def on_event(msg: Any) -> None:
@@ -426,9 +431,7 @@ class Migrations:
                 if msg.in_doubt:  # no destination VMMS known here to ask: the operator
                     with self._lock:
                         why = f"{msg.error}: in doubt; settle it (POST .../resolve)"
-                        self.vmms.end_migration(vm, worker=worker, state=PAUSED, reason=why)
-                        self._end(rec, IN_DOUBT, why)
-                        self._doubts[rec.id] = (vm, worker, wid)
+                        self._hold_in_doubt(vm, worker, wid, rec, why)
                 else:
                     self._fail(vm, rec, msg.error)
 
@@ -632,8 +635,6 @@ class Migrations:
     def _resolve(
         self, vm: VmEntry, rec: Migration, worker: Any, client: VmmsClient, e: MigrationInDoubt
     ) -> None:
-        from pyhv.vmms.inventory import PAUSED
-
         mid = getattr(e, "migration_id", 0)
         log.warning("migration of %s in doubt (%s): asking the destination", vm.settings.name, e)
         there = self._ask(client, rec)
@@ -662,7 +663,5 @@ class Migrations:
                 "(it is stopped and forgotten here), true if it does not"
             )
             with self._lock:
-                self.vmms.end_migration(vm, worker=worker, state=PAUSED, reason=why)
-                self._end(rec, IN_DOUBT, why)
-                self._doubts[rec.id] = (vm, worker, mid)
+                self._hold_in_doubt(vm, worker, mid, rec, why)
             log.error("VM %s: %s", vm.settings.name, why)

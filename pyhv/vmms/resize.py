@@ -106,9 +106,9 @@ def resize(
         visible = pool.pages(name)[0]
     except KeyError:  # the pool gave it back: the VM ended meanwhile
         raise ResizeUnavailable(f"VM {name!r} ended during the resize") from None
+    except ResizeUnavailable:
+        raise
     except RuntimeError as e:
-        if isinstance(e, ResizeUnavailable):
-            raise
         raise ResizeUnavailable(f"VM {name!r}: the worker refused the resize: {e}") from None
     return {
         "name": name,

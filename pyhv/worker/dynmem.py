@@ -43,6 +43,7 @@ from pyhv.dynmem import protocol as dmp
 from pyhv.dynmem.status import MemoryStatus, VpCounters, VspCounters
 from pyhv.dynmem.vsp import (
     DEFAULT_OP_TIMEOUT,
+    MAX_BALLOON_PAGES,
     DmState,
     DmVspState,
     DynamicMemoryVsp,
@@ -69,8 +70,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyhv.worker.dynmem")
 
 MIB_PAGES = (1 << 20) // PAGE_SIZE
-#: Pages asked per hot-remove request at most (as a balloon request: QEMU's chunk).
-MAX_HOT_REMOVE_PAGES = 585_728
 #: The 3-4 GiB hole (IOAPIC, LAPIC): no hot-added region may overlap it.
 HOLE_START, HOLE_END = 3 << 30, 4 << 30
 #: Statuses go to the owner at most this often: one that comes sooner waits out the interval
@@ -118,15 +117,6 @@ def _vp_counters(vp: Any) -> VpCounters:
         handler_seconds=sum(vp.handler_ns) / 1e9,
         **kinds,
     )
-
-
-def _pages_in(ranges: RangeSet, regions: Any) -> int:
-    """Pages of `ranges` inside `regions` (each with gpa and size in bytes)."""
-    n = 0
-    for g in regions:
-        lo, hi = g.gpa // PAGE_SIZE, (g.gpa + g.size) // PAGE_SIZE
-        n += sum(max(0, min(r.end, hi) - max(r.start, lo)) for r in ranges)
-    return n
 
 
 def _version_text(v: int | None) -> str | None:
@@ -576,10 +566,9 @@ class DynamicMemoryService:
                 )
             part = self._mm_part
             room = part.assigned_pages - self.minimum_pages
-            hot = part.regions[part.startup_regions :]
-            held = part.hot_added_pages - _pages_in(part.ballooned, hot)
+            held = part.hot_added_held_pages
             asked = held if pages is None else pages
-            n = min(asked, room, MAX_HOT_REMOVE_PAGES)
+            n = min(asked, room, MAX_BALLOON_PAGES)  # what the VSP asks at a time
             if n <= 0:
                 self.counters["refused_requests"] += 1
                 raise DynamicMemoryError(

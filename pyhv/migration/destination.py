@@ -214,6 +214,8 @@ class Incoming:
         """Tell the source why we give up, and drop the connection."""
         self._boost.end()
         self._populater.stop()
+        if self.postcopy is not None:
+            self.postcopy.abandon()
         if self.fs is not None:
             self.fs.abort(str(e) or type(e).__name__)
             self.fs.close(reset=True)

@@ -485,6 +485,7 @@ class PostcopyDestination:
         self.faults = 0
         self.requested_pages = 0
         self._stop = threading.Event()
+        self._go = threading.Event()  # start(): the link's receiver may read
         self._threads: list[threading.Thread] = []
 
     def add_need(self, runs: list[tuple[int, int]], ram_pages: int) -> None:
@@ -498,6 +499,8 @@ class PostcopyDestination:
                 "postcopy",
             )
         self._runs += runs
+        if self.uf is not None and not self._go.is_set():  # after PREPARE: applied as they come
+            self._apply_need(subtract=self.verify)
 
     def prepare(
         self,
@@ -529,6 +532,7 @@ class PostcopyDestination:
         t = threading.Thread(target=self._fault_loop, name="postcopy-faults", daemon=True)
         t.start()
         self._threads.append(t)
+        self._receiver(self.fs, go=self._go)  # (reads the link once start() lets it)
         if self.resume_at is not None and self.migration:
             try:  # the source comes back here if the link is cut (pyhv.migration.recovery)
                 self._listener = ResumeListener(
@@ -581,15 +585,30 @@ class PostcopyDestination:
         else:
             self._apply_need(subtract=self.verify)
         self.remaining = sum(int(np.count_nonzero(m)) for m in self.need)
-        self._receiver(self.fs)
+        self._go.set()  # the link's frames from here are the post-copy's: its receiver reads
         if self.remaining == 0:
             self._finish()
 
-    def _receiver(self, fs: FrameSocket, urgent: bool = False) -> None:
+    def abandon(self) -> None:
+        """The arrival failed before the state was restored (the source still has the VM):
+        the threads and the listener :meth:`prepare` started stop, RAM is unregistered."""
+        if self._go.is_set():
+            return
+        self._stop.set()
+        self.error = self.error or MigrationError("the arrival failed", "postcopy")
+        self._go.set()
+        if self._listener is not None:
+            self._listener.close()
+        if self.uf is not None:
+            self.uf.close()
+
+    def _receiver(
+        self, fs: FrameSocket, urgent: bool = False, go: threading.Event | None = None
+    ) -> None:
         link_options(fs.sock)
         t = threading.Thread(
             target=self._receive,
-            args=(fs, urgent),
+            args=(fs, urgent, go),
             name="postcopy-urgent" if urgent else "postcopy-pages",
             daemon=True,
         )
@@ -713,7 +732,13 @@ class PostcopyDestination:
 
     # --- pages coming in --------------------------------------------------------------------
 
-    def _receive(self, fs: FrameSocket, urgent: bool = False) -> None:
+    def _receive(
+        self, fs: FrameSocket, urgent: bool = False, go: threading.Event | None = None
+    ) -> None:
+        if go is not None:  # started ahead, out of the pause: reads once the state came
+            go.wait()
+            if self.error is not None:
+                return
         try:
             while True:  # until the source closes the stream (after POSTCOPY_DONE and RESUMED)
                 ftype, flags, length, count, addr, check = fs.recv_header()

@@ -752,6 +752,10 @@ class Source:
         fs.send_json(Frame.PREPARE, frames.Empty())
         fs.expect(Frame.PREPARED, frames.Empty, "prepare")
         pc.ready()  # its reader, and the urgent channel connected (its handshake out of the pause)
+        if masks is not None:
+            # what the guest wrote while the destination prepared: that destination drops
+            # those stale pages while this side pauses, not after the pause's NEED runs
+            pc.need_more([mem.dirty_pages(r) for r in regions])
         t_pause, mark = self._pause_for_good(realtime=True)
         parts = self.progress.downtime_parts
         # Written since the NEED runs: the dirty log's pages (hybrid), or data in what were

@@ -599,6 +599,9 @@ class PostcopyDestination:
         self._go.set()
         if self._listener is not None:
             self._listener.close()
+        urgent = self.urgent
+        if urgent is not None:
+            urgent.close(reset=True)
         if self.uf is not None:
             self.uf.close()
 

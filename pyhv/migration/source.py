@@ -746,29 +746,33 @@ class Source:
         )
         self.progress.postcopy = {"migration": pc.migration}
         pc.on_recovered = self._recovered
-        pc.announce()
-        vm_state.prepare(vm, destination=False)
-        self.faults.at("prepare", fs)
-        fs.send_json(Frame.PREPARE, frames.Empty())
-        fs.expect(Frame.PREPARED, frames.Empty, "prepare")
-        pc.ready()  # its reader, and the urgent channel connected (its handshake out of the pause)
-        if masks is not None:
-            # what the guest wrote while the destination prepared: that destination drops
-            # those stale pages while this side pauses, not after the pause's NEED runs
-            pc.need_more([mem.dirty_pages(r) for r in regions])
-        t_pause, mark = self._pause_for_good(realtime=True)
-        parts = self.progress.downtime_parts
-        # Written since the NEED runs: the dirty log's pages (hybrid), or data in what were
-        # holes (pure post-copy: one SEEK_DATA a hole, not a walk over every data page)
-        if masks is None:
-            more = [_new_data(r, ext) for r, ext in zip(regions, extents, strict=True)]
-        else:
-            more = [mem.dirty_pages(r) for r in regions]
-        needed = pc.need_more(more)
-        mark("need")
-        self.progress.passes += 1
-        fs.send(Frame.STATE, vm_state.save(vm, None).encode())
-        mark("state")
+        try:
+            pc.announce()
+            vm_state.prepare(vm, destination=False)
+            self.faults.at("prepare", fs)
+            fs.send_json(Frame.PREPARE, frames.Empty())
+            fs.expect(Frame.PREPARED, frames.Empty, "prepare")
+            pc.ready()  # its reader, and the urgent channel (its handshake out of the pause)
+            if masks is not None:
+                # what the guest wrote while the destination prepared: that destination drops
+                # those stale pages while this side pauses, not after the pause's NEED runs
+                pc.need_more([mem.dirty_pages(r) for r in regions])
+            t_pause, mark = self._pause_for_good(realtime=True)
+            parts = self.progress.downtime_parts
+            # Written since the NEED runs: the dirty log's pages (hybrid), or data in what were
+            # holes (pure post-copy: one SEEK_DATA a hole, not a walk over every data page)
+            if masks is None:
+                more = [_new_data(r, ext) for r, ext in zip(regions, extents, strict=True)]
+            else:
+                more = [mem.dirty_pages(r) for r in regions]
+            needed = pc.need_more(more)
+            mark("need")
+            self.progress.passes += 1
+            fs.send(Frame.STATE, vm_state.save(vm, None).encode())
+            mark("state")
+        except BaseException:
+            pc.close()  # (the urgent channel, if it connected)
+            raise
         t_switch = time.monotonic()
 
         def commit() -> None:

@@ -725,7 +725,7 @@ class Source:
         p = vm.partition
         assert fs is not None and p is not None
         log.info("%s: switching to post-copy: %s", vm.config.name, why)
-        self._phase("postcopy")
+        self._phase("prepare")  # (a failure up to the pause leaves the VM running here)
         if masks is None:  # nothing sent yet: the destination needs all data
             extents = [list(mem.data_extents(r)) for r in regions]
             need = []
@@ -759,6 +759,7 @@ class Source:
                 pc.need_more([mem.dirty_pages(r) for r in regions])
             t_pause, mark = self._pause_for_good(realtime=True)
             parts = self.progress.downtime_parts
+            self._phase("postcopy", paused=True)
             # Written since the NEED runs: the dirty log's pages (hybrid), or data in what were
             # holes (pure post-copy: one SEEK_DATA a hole, not a walk over every data page)
             if masks is None:

@@ -156,6 +156,9 @@ class PostcopySource:
         self.channel_pages = 0  #: pages sent on request over the urgent channel
         self._urgent: collections.deque[tuple[int, int]] = collections.deque()
         self._urgent_up = threading.Event()  # the urgent channel connected, or gave up
+        #: serve() began (the VM paused for good): only then are requests answered, never
+        #: with a page the running VM could still change
+        self._serving = threading.Event()
         self._linked = False
         self._wake = threading.Event()
         self.restored = threading.Event()
@@ -179,8 +182,9 @@ class PostcopySource:
         return sum(int(m.sum()) for m in self.need)
 
     def need_more(self, pages: list[np.ndarray]) -> int:
-        """More NEED runs, after the pause: per region the sorted page indices written since
-        :meth:`announce` (those needed already are left out). Returns the pages needed."""
+        """More NEED runs (before the pause or in it): per region the sorted page indices
+        written since the runs sent so far (those needed already are left out). Returns the
+        pages needed."""
         runs = []
         for r, m, o, ix in zip(self.regions, self.need, self.original, pages, strict=True):
             ix = ix[~m[ix]] if ix.size else ix
@@ -206,6 +210,7 @@ class PostcopySource:
         if not self._linked:  # (ready() does it before the pause)
             self._link(self.fs)
             self._open_urgent()
+        self._serving.set()
         cursor = [(i, 0) for i in range(len(self.regions))]
         while self.done is None or self.resumed is None:
             if self.error is not None:
@@ -321,6 +326,7 @@ class PostcopySource:
 
     def close(self) -> None:
         """The post-copy is over (or failed): the urgent channel goes too."""
+        self._serving.set()
         urgent = self.urgent
         if urgent is not None:
             urgent.close()
@@ -412,6 +418,7 @@ class PostcopySource:
         self.urgent = fs
         try:
             link_options(fs.sock)
+            self._serving.wait()  # (set by close() too: a switch that failed before it)
             while self.done is None or self.resumed is None:
                 ftype, _flags, _count, _addr, payload = fs.recv()
                 if ftype is not Frame.REQUEST:
@@ -512,7 +519,8 @@ class PostcopyDestination:
         """Before the source pauses (PREPARE), with the NEED runs so far: drop the stale
         copies of needed pages (only where pages came: a fresh memfd has none), take the
         digest of the pages kept (`verify`), register RAM with userfaultfd, start the fault
-        thread, and listen where the urgent channel (and a source whose link was cut) comes."""
+        thread and the link's receiver (which waits for :meth:`start`), and listen where the
+        urgent channel (and a source whose link was cut) comes."""
         from pyhv.memory.userfault import Userfault
 
         self.vm, self.regions = vm, sorted(regions, key=lambda r: r.gpa)

@@ -783,13 +783,15 @@ class Source:
             self._boost.end()
             self.progress.realtime = self._boost.counts()
             self._phase("commit")
-            self._stop_logging()  # the source VM never runs again (a slot update: not paused)
 
         try:
             pc.serve(commit, time.monotonic() + opt.timeout)
         finally:
             self.fs = pc.fs  # the newest link, after a recovery (run() closes it)
             pc.close()
+        # The source VM never runs again: dirty logging off (a memslot update each region) once
+        # the pages are all there, not in the pause nor while the destination's VPs fault
+        self._stop_logging()
         # RAM at the pause: the VM here stays paused for good, so it is summed after serving
         if opt.verify:
             self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))

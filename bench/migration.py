@@ -16,7 +16,7 @@ pyhv migrates each row four times, authenticated (the default: every frame under
 encrypted (`encrypt`: AES-256-GCM), by post-copy (`postcopy`: the VM runs at the destination
 at once, pages on demand; its row adds the blocktime p50/p99, the median of the runs') and
 hybrid (`postcopy` with `postcopy_after=1`: pre-copy, then post-copy once one pass is done
-unless the rest fits the downtime limit); QEMU by pre-copy, by post-copy (postcopy-ram,
+unless the rest goes faster than a switch); QEMU by pre-copy, by post-copy (postcopy-ram,
 `migrate-start-postcopy` right after `migrate`) and hybrid (`migrate-start-postcopy` once its
 dirty bitmap was synced after its first pass; it too completes by pre-copy when the rest fits).
 The hybrid runs of both sides go over a link limited to `--hybrid-bandwidth` (256 MiB/s by

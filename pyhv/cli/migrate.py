@@ -149,8 +149,10 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         "--postcopy-after",
         type=int,
         metavar="N",
-        help="hybrid: pre-copy passes, then post-copy after N passes or as soon as a pass no "
-        "longer shrinks the dirty set (implies --postcopy, and its risk)",
+        help="hybrid: pre-copy passes, then post-copy: from N passes on whenever the rest does "
+        "not fit the downtime target or would pause the VM longer than a switch to post-copy "
+        "(~5 ms), or as soon as a pass no longer shrinks a dirty set that does not fit "
+        "(implies --postcopy, and its risk)",
     )
     p.add_argument(
         "--recover-timeout",

@@ -102,6 +102,8 @@ class Incoming:
         self.verify = True
         self.two_phase = False
         self.postcopy_at_once = False  # the source pauses right after READY
+        self.postcopy_checksum = True  # post-copy: sum RAM for POSTCOPY_DONE
+        self._vm: VirtualMachine | None = None  # the VM the passes come into (PREPARE's)
         self.passes = 0
         self.pages = 0
         self.t_commit = 0.0
@@ -168,6 +170,7 @@ class Incoming:
             self.verify = msg.options.verify
             self.two_phase = msg.options.two_phase_commit
             self.postcopy_at_once = msg.options.postcopy_at_once
+            self.postcopy_checksum = msg.options.postcopy_checksum
             self.dynmem_layout = msg.dynmem
             need = sum(size for _gpa, size in regions)
             have = self.max_memory if self.max_memory is not None else available_memory()
@@ -211,6 +214,8 @@ class Incoming:
         """Tell the source why we give up, and drop the connection."""
         self._boost.end()
         self._populater.stop()
+        if self.postcopy is not None:
+            self.postcopy.abandon()
         if self.fs is not None:
             self.fs.abort(str(e) or type(e).__name__)
             self.fs.close(reset=True)
@@ -310,6 +315,7 @@ class Incoming:
         p = vm.partition
         assert fs is not None and p is not None
         ram = [r for r in p.regions if not r.readonly]
+        self._vm = vm
         try:
             trace_phase(vm, "destination", "memory", fs.bytes_received, self.pages)
             self._restore_early = lambda st: self._restore(vm, st)
@@ -318,20 +324,26 @@ class Incoming:
             t = time.monotonic()
             if self._t_restored:  # the state came first: restored while the pages came
                 self.parts["pages_in"] = round((t - self._t_restored) * 1000, 3)
-            else:
+            elif self.postcopy is None:  # (post-copy: the pages come after the VM runs)
                 self.parts["state_in"] = round((t - self._t_state) * 1000, 3)
             trace_phase(vm, "destination", "state", fs.bytes_received, self.pages)
             self.faults.at("state", fs)
             if self.postcopy is not None:  # RAM fetched on demand from here on
                 self._end_data_streams()  # (none: post-copy uses one stream)
-                self.postcopy.start(vm, ram, written)
-                vm_state.restore(vm, state)
+                self.postcopy.start(vm, ram, written, self.postcopy_checksum)
+                self.parts["postcopy_start"] = round((time.monotonic() - t) * 1000, 3)
+                self._restore(vm, state)
                 fs.send_json(Frame.RESTORED, frames.Empty())
+                t = time.monotonic()
                 self.postcopy.wait_commit(self.timeout)
                 self.t_commit = time.monotonic()
+                self.parts["commit_wait"] = round((self.t_commit - t) * 1000, 3)
                 if self.gate is not None:  # the owner's word before the VPs run, as pre-copy
-                    self.gate()
+                    self.gate()  # (asked at PREPARE already, unless an older source sent none)
                     self.parts["gate"] = round((time.monotonic() - self.t_commit) * 1000, 3)
+                vm.run_incoming()  # (VirtualMachine.start would: here, so the boost ends after)
+                self._boost.end()
+                self.parts.update({f"realtime_{k}": v for k, v in self._boost.counts().items()})
                 trace_phase(vm, "destination", "commit", fs.bytes_received, self.pages)
                 return
             if not self._t_restored:
@@ -474,6 +486,11 @@ class Incoming:
                 if self._final_frames >= 0:
                     raise MigrationError("the source sent PREPARE twice", "memory")
                 self._final_frames = 0
+                if self.postcopy is not None:  # RAM registered, listening: out of the pause
+                    self._wait_built()
+                    assert self._vm is not None
+                    ram = [r for r in p.regions if not r.readonly]
+                    self.postcopy.prepare(self._vm, ram, written, self.postcopy_checksum)
                 self._prepare(p)
                 fs.send_json(Frame.PREPARED, frames.Empty())
             elif ftype is Frame.POSTCOPY:

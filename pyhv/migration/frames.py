@@ -66,6 +66,10 @@ class ConfigOptions(Struct, frozen=True):
     #: post-copy at once: the source pauses right after READY, so READY waits for the whole VM
     #: (otherwise it comes once the RAM exists and the VPs are built while pass 1 arrives)
     postcopy_at_once: bool = False
+    #: post-copy: the destination sums RAM with pyhv.migration.postcopy.digest for
+    #: POSTCOPY_DONE (the source's `verify`; an older source, which leaves it out, always
+    #: compares it); off, POSTCOPY_DONE's checksum is ""
+    postcopy_checksum: bool = True
 
 
 class Config(_Body, frozen=True):
@@ -130,10 +134,12 @@ class Resumed(_Body, frozen=True):
 
 class PostcopyDone(_Body, frozen=True):
     """dest -> src: every page the destination needed is in (the source may let its copy go):
-    the checksum of RAM as it was at the pause (pyhv.migration.postcopy.digest), the faults
+    the checksum of RAM as it was at the pause (pyhv.migration.postcopy.digest; "" if not
+    asked for), the faults
     served and the blocktime (how long faulting VPs and host threads waited), in ms."""
 
-    checksum: Annotated[str, Meta(pattern="^[0-9a-f]{16}$")]
+    #: "" when the source asked for none (CONFIG's `postcopy_checksum` off)
+    checksum: Annotated[str, Meta(pattern="^([0-9a-f]{16})?$")]
     faults: Annotated[int, Meta(ge=0)]
     requested_pages: Annotated[int, Meta(ge=0)]
     blocktime_p50_ms: Annotated[float, Meta(ge=0)]

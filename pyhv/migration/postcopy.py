@@ -155,6 +155,11 @@ class PostcopySource:
         self.urgent: FrameSocket | None = None
         self.channel_pages = 0  #: pages sent on request over the urgent channel
         self._urgent: collections.deque[tuple[int, int]] = collections.deque()
+        self._urgent_up = threading.Event()  # the urgent channel connected, or gave up
+        #: serve() began (the VM paused for good): only then are requests answered, never
+        #: with a page the running VM could still change
+        self._serving = threading.Event()
+        self._linked = False
         self._wake = threading.Event()
         self.restored = threading.Event()
         self.done: frames.PostcopyDone | None = None
@@ -176,11 +181,36 @@ class PostcopySource:
         _send_runs(fs, Frame.NEED, runs)
         return sum(int(m.sum()) for m in self.need)
 
+    def need_more(self, pages: list[np.ndarray]) -> int:
+        """More NEED runs (before the pause or in it): per region the sorted page indices
+        written since the runs sent so far (those needed already are left out). Returns the
+        pages needed."""
+        runs = []
+        for r, m, o, ix in zip(self.regions, self.need, self.original, pages, strict=True):
+            ix = ix[~m[ix]] if ix.size else ix
+            m[ix] = True
+            o[ix] = True
+            runs += [(r.gpa + a * PAGE, b - a) for a, b in mem.index_runs(ix)]
+        _send_runs(self.fs, Frame.NEED, runs)
+        return sum(int(np.count_nonzero(m)) for m in self.original)
+
+    def ready(self, timeout: float = 5.0) -> None:
+        """Before the pause, once the destination said PREPARED (its RAM registered, its
+        listener up): the link's reader started, and the urgent channel connected, its
+        handshake out of the pause (waited for up to `timeout`; without it requests go on
+        the link)."""
+        self._link(self.fs)
+        self._open_urgent()
+        if self.preempt is not None:
+            self._urgent_up.wait(timeout)
+
     def serve(self, commit: Any, deadline: float) -> None:
         """Until the destination has every page (POSTCOPY_DONE) and runs (RESUMED): urgent
         pages first, then the push; `commit()` sends COMMIT once the destination restored."""
-        self._link(self.fs)
-        self._open_urgent()  # while the destination restores: ready when its VPs run
+        if not self._linked:  # (ready() does it before the pause)
+            self._link(self.fs)
+            self._open_urgent()
+        self._serving.set()
         cursor = [(i, 0) for i in range(len(self.regions))]
         while self.done is None or self.resumed is None:
             if self.error is not None:
@@ -227,6 +257,7 @@ class PostcopySource:
 
     def _link(self, fs: FrameSocket) -> None:
         """Serve on `fs` from now on: its own reader thread."""
+        self._linked = True
         self.fs = fs
         self.error = None
         link_options(fs.sock)
@@ -295,6 +326,7 @@ class PostcopySource:
 
     def close(self) -> None:
         """The post-copy is over (or failed): the urgent channel goes too."""
+        self._serving.set()
         urgent = self.urgent
         if urgent is not None:
             urgent.close()
@@ -376,14 +408,17 @@ class PostcopySource:
         behind the push on the first link. Without it (it could not be opened, or broke)
         requests go over the first link as before."""
         assert self.preempt is not None
-        try:  # the destination listens for it once it has the state: it may not yet
+        try:  # the destination listens for it from PREPARE on (an older one: once restored)
             fs = cast("FrameSocket", retry_until(time.monotonic() + 5, self.preempt, "", 0.01))
         except MigrationError as e:
             log.warning("post-copy: no urgent channel (%s): requests share the one link", e)
             return
+        finally:
+            self._urgent_up.set()
         self.urgent = fs
         try:
             link_options(fs.sock)
+            self._serving.wait()  # (set by close() too: a switch that failed before it)
             while self.done is None or self.resumed is None:
                 ftype, _flags, _count, _addr, payload = fs.recv()
                 if ftype is not Frame.REQUEST:
@@ -435,7 +470,10 @@ class PostcopyDestination:
         self.urgent: FrameSocket | None = None
         self.urgent_channels = 0
         self.device = device  # /dev/userfaultfd passed by the owner, or None: the syscall
-        self._runs: list[tuple[int, int]] = []
+        self._runs: list[tuple[int, int]] = []  # NEED runs not applied yet
+        self._need_runs = 0  # NEED runs so far
+        #: the RAM digest is taken (CONFIG's postcopy_checksum): the pages kept and installed
+        self.verify = True
         self.uf: Userfault | None = None
         self.vm: VirtualMachine | None = None
         self.regions: list[MemoryRegion] = []
@@ -454,41 +492,45 @@ class PostcopyDestination:
         self.faults = 0
         self.requested_pages = 0
         self._stop = threading.Event()
+        self._go = threading.Event()  # start(): the link's receiver may read
         self._threads: list[threading.Thread] = []
 
     def add_need(self, runs: list[tuple[int, int]], ram_pages: int) -> None:
         """NEED runs (each checked inside RAM by the caller); more runs than RAM has pages
         cannot be an honest list and would only grow this one."""
-        if len(self._runs) + len(runs) > ram_pages:
+        self._need_runs += len(runs)
+        if self._need_runs > ram_pages:
             raise MigrationError(
-                f"the source sent more NEED runs ({len(self._runs) + len(runs)}) than the VM "
+                f"the source sent more NEED runs ({self._need_runs}) than the VM "
                 f"has pages ({ram_pages})",
                 "postcopy",
             )
         self._runs += runs
+        if self.uf is not None and not self._go.is_set():  # after PREPARE: applied as they come
+            self._apply_need(subtract=self.verify)
 
-    def start(
-        self, vm: VirtualMachine, regions: list[MemoryRegion], written: dict[int, np.ndarray]
+    def prepare(
+        self,
+        vm: VirtualMachine,
+        regions: list[MemoryRegion],
+        written: dict[int, np.ndarray],
+        verify: bool = True,
     ) -> None:
-        """Before the state is restored: drop stale copies of needed pages, register RAM,
-        start the fault and receiver threads."""
-        from pyhv.memory.manager import punch_hole
+        """Before the source pauses (PREPARE), with the NEED runs so far: drop the stale
+        copies of needed pages (only where pages came: a fresh memfd has none), take the
+        digest of the pages kept (`verify`), register RAM with userfaultfd, start the fault
+        thread and the link's receiver (which waits for :meth:`start`), and listen where the
+        urgent channel (and a source whose link was cut) comes."""
         from pyhv.memory.userfault import Userfault
 
         self.vm, self.regions = vm, sorted(regions, key=lambda r: r.gpa)
-        for r in self.regions:
-            self.need.append(np.zeros(r.pages, dtype=bool))
-        for gpa, n in self._runs:
-            i, r = self._find(gpa)
-            first = (gpa - r.gpa) // PAGE
-            self.need[i][first : first + n] = True
-        for r, need in zip(self.regions, self.need, strict=True):
-            for a, b in mem.runs(need):
-                punch_hole(r.memfd, r.offset + a * PAGE, (b - a) * PAGE)
-            kept = written[r.gpa] & ~need
-            self.checksum += region_digest(r, kept)
-            self.present.append(kept.copy())
-        self.remaining = sum(int(m.sum()) for m in self.need)
+        self.verify = verify
+        self.present = [written[r.gpa].copy() for r in self.regions]
+        self.need = [np.zeros(r.pages, dtype=bool) for r in self.regions]
+        self._apply_need(subtract=False)  # (the digest below leaves the stale pages out)
+        if verify:
+            for r, have in zip(self.regions, self.present, strict=True):
+                self.checksum += region_digest(r, have)
         self.uf = Userfault(self.device)
         for r in self.regions:
             self.uf.register(r.host_address, r.size)
@@ -498,7 +540,7 @@ class PostcopyDestination:
         t = threading.Thread(target=self._fault_loop, name="postcopy-faults", daemon=True)
         t.start()
         self._threads.append(t)
-        self._receiver(self.fs)
+        self._receiver(self.fs, go=self._go)  # (reads the link once start() lets it)
         if self.resume_at is not None and self.migration:
             try:  # the source comes back here if the link is cut (pyhv.migration.recovery)
                 self._listener = ResumeListener(
@@ -516,14 +558,68 @@ class PostcopyDestination:
                     *self.resume_at[0],
                     e,
                 )
+
+    def _apply_need(self, subtract: bool) -> None:
+        """The NEED runs not applied yet: marked needed; a page here from a pass is stale:
+        its memory dropped, so a touch faults (and with `subtract` its digest, counted among
+        the kept pages, taken back out)."""
+        from pyhv.memory.manager import punch_hole
+
+        runs, self._runs = self._runs, []
+        for gpa, n in runs:
+            i, r = self._find(gpa)
+            first = (gpa - r.gpa) // PAGE
+            self.need[i][first : first + n] = True
+            have = self.present[i][first : first + n]
+            for s, e in mem.runs(have):
+                a, b = first + s, first + e
+                if subtract:
+                    self.checksum -= digest(r.gpa + a * PAGE, memoryview(r.mm)[a * PAGE : b * PAGE])
+                punch_hole(r.memfd, r.offset + a * PAGE, (b - a) * PAGE)
+            have[:] = False
+
+    def start(
+        self,
+        vm: VirtualMachine,
+        regions: list[MemoryRegion],
+        written: dict[int, np.ndarray],
+        verify: bool = True,
+    ) -> None:
+        """After the pause, before the state is restored: the NEED runs that came since
+        :meth:`prepare` applied (all of them, from an older source without PREPARE), the
+        receiver started."""
+        if self.uf is None:
+            self.prepare(vm, regions, written, verify)
+        else:
+            self._apply_need(subtract=self.verify)
+        self.remaining = sum(int(np.count_nonzero(m)) for m in self.need)
+        self._go.set()  # the link's frames from here are the post-copy's: its receiver reads
         if self.remaining == 0:
             self._finish()
 
-    def _receiver(self, fs: FrameSocket, urgent: bool = False) -> None:
+    def abandon(self) -> None:
+        """The arrival failed before the state was restored (the source still has the VM):
+        the threads and the listener :meth:`prepare` started stop, RAM is unregistered."""
+        if self._go.is_set():
+            return
+        self._stop.set()
+        self.error = self.error or MigrationError("the arrival failed", "postcopy")
+        self._go.set()
+        if self._listener is not None:
+            self._listener.close()
+        urgent = self.urgent
+        if urgent is not None:
+            urgent.close(reset=True)
+        if self.uf is not None:
+            self.uf.close()
+
+    def _receiver(
+        self, fs: FrameSocket, urgent: bool = False, go: threading.Event | None = None
+    ) -> None:
         link_options(fs.sock)
         t = threading.Thread(
             target=self._receive,
-            args=(fs, urgent),
+            args=(fs, urgent, go),
             name="postcopy-urgent" if urgent else "postcopy-pages",
             daemon=True,
         )
@@ -647,7 +743,13 @@ class PostcopyDestination:
 
     # --- pages coming in --------------------------------------------------------------------
 
-    def _receive(self, fs: FrameSocket, urgent: bool = False) -> None:
+    def _receive(
+        self, fs: FrameSocket, urgent: bool = False, go: threading.Event | None = None
+    ) -> None:
+        if go is not None:  # started ahead, out of the pause: reads once the state came
+            go.wait()
+            if self.error is not None:
+                return
         try:
             while True:  # until the source closes the stream (after POSTCOPY_DONE and RESUMED)
                 ftype, flags, length, count, addr, check = fs.recv_header()
@@ -700,7 +802,9 @@ class PostcopyDestination:
                 if data is None:
                     ok = uf.zero(host, size)
                 else:
-                    self.checksum += digest(r.gpa + (first + s) * PAGE, data[s * PAGE : e * PAGE])
+                    if self.verify:
+                        gpa_s = r.gpa + (first + s) * PAGE
+                        self.checksum += digest(gpa_s, data[s * PAGE : e * PAGE])
                     ok = uf.copy(host, addr + s * PAGE, size)
                 if not ok:  # cannot happen while we own the holes; never leave a waiter
                     uf.wake(host, size)
@@ -727,7 +831,7 @@ class PostcopyDestination:
         self.finished.set()
         p50, p99, mx = percentiles(self.blocktime_ms)
         done = frames.PostcopyDone(
-            hexdigest(self.checksum),
+            hexdigest(self.checksum) if self.verify else "",
             self.faults,
             self.requested_pages,
             p50,

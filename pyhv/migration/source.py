@@ -25,7 +25,9 @@ raises MigrationError saying in which phase and why; the destination discards ev
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 import threading
 import time
@@ -111,8 +113,14 @@ class MigrationOptions:
     #: memory exists only across both hosts: a source that dies meanwhile loses the VM.
     postcopy: bool = False
     #: With postcopy: pre-copy passes first, post-copy after this many passes or as soon as a
-    #: pass stops shrinking the dirty set (hybrid); 0: post-copy right away.
+    #: pass stops shrinking the dirty set (hybrid); 0: post-copy right away. From this many
+    #: passes on, the switch comes whenever pre-copy's final pause would be longer than a
+    #: switch's (`postcopy_switch_downtime`), even if the rest fits the downtime target.
     postcopy_after: int = 0
+    #: With postcopy_after: the pause a switch to post-copy takes (s), which a hybrid compares
+    #: with pre-copy's expected final pause (the dirty pages over the bandwidth measured);
+    #: measured here at 1-3 ms (docs/migration.md, "Post-copy and hybrid")
+    postcopy_switch_downtime: float = 0.005
     #: Pages/s each VP may dirty (or "auto": a share of the measured bandwidth, once the passes
     #: stop shrinking): a VP over it sleeps in its own thread, the others run on
     #: (pyhv.migration.dirtylimit). Needs a VM created with the dirty ring; replaces
@@ -424,6 +432,7 @@ class Source:
                     two_phase_commit=opt.two_phase_commit,
                     streams=opt.streams,
                     postcopy_at_once=opt.postcopy and opt.postcopy_after <= 0,
+                    postcopy_checksum=opt.verify,
                 ),
                 None if dm is None else dm_mod.layout(dm),
             ),
@@ -494,8 +503,20 @@ class Source:
                 if dirty <= opt.small_final_pages or not shrinking:
                     why = f"the rest ({dirty} pages) fits the downtime target"
                     break
-            if opt.postcopy and not fits and self.progress.passes >= opt.postcopy_after:
-                self._postcopy(regions, masks, f"{opt.postcopy_after} passes done")
+            if (
+                opt.postcopy
+                and self.progress.passes >= opt.postcopy_after
+                and (not fits or expected > opt.postcopy_switch_downtime)
+            ):
+                # past the pass limit, the shorter pause: a switch's, unless the rest goes faster
+                why = f"{opt.postcopy_after} passes done"
+                if fits:
+                    why = (
+                        f"{why}: the rest ({dirty} pages) would pause the VM "
+                        f"{expected * 1000:.1f} ms by pre-copy, longer than a switch to "
+                        f"post-copy ({opt.postcopy_switch_downtime * 1000:.1f} ms)"
+                    )
+                self._postcopy(regions, masks, why)
                 return
             if opt.postcopy and not fits and self.progress.passes >= 2 and not shrinking:
                 self._postcopy(regions, masks, "the passes stopped shrinking the dirty set")
@@ -693,27 +714,28 @@ class Source:
         masks: list[tuple[MemoryRegion, np.ndarray]] | None,
         why: str,
     ) -> None:
-        """Pause, send the state, and serve the destination's pages while the VM runs there
-        (pyhv.migration.postcopy); returns once it has them all."""
+        """Everything the switch does not need paused done first (the NEED runs known so far,
+        PREPARE: the destination registers its RAM and listens for the urgent channel, which
+        connects), then pause, send only what the VM wrote since and the state, and serve the
+        destination's pages while the VM runs there (pyhv.migration.postcopy); returns once it
+        has them all."""
         from pyhv.migration.postcopy import PostcopySource, hexdigest, region_digest
 
         vm, opt, fs = self.vm, self.opt, self.fs
         p = vm.partition
         assert fs is not None and p is not None
         log.info("%s: switching to post-copy: %s", vm.config.name, why)
-        t_pause, mark = self._pause_for_good()
-        parts = self.progress.downtime_parts
-        self._phase("postcopy")
+        self._phase("prepare")  # (a failure up to the pause leaves the VM running here)
         if masks is None:  # nothing sent yet: the destination needs all data
+            extents = [list(mem.data_extents(r)) for r in regions]
             need = []
-            for r in regions:
+            for r, ext in zip(regions, extents, strict=True):
                 m = np.zeros(r.pages, dtype=bool)
-                for a, b in mem.data_extents(r):
+                for a, b in ext:
                     m[a:b] = True
                 need.append(m)
-        else:  # dirty when the passes stopped, and since
-            need = [m | mem.dirty_mask(r) for r, m in masks]
-        self._stop_logging()
+        else:  # dirty when the passes stopped (and what the pause adds, below)
+            need = [m for _r, m in masks]
         pc = self._pc = PostcopySource(
             fs,
             regions,
@@ -724,25 +746,55 @@ class Source:
         )
         self.progress.postcopy = {"migration": pc.migration}
         pc.on_recovered = self._recovered
-        needed = pc.announce()
-        self.progress.passes += 1
-        fs.send(Frame.STATE, vm_state.save(vm, None).encode())
-        mark("state")
+        try:
+            pc.announce()
+            vm_state.prepare(vm, destination=False)
+            self.faults.at("prepare", fs)
+            fs.send_json(Frame.PREPARE, frames.Empty())
+            fs.expect(Frame.PREPARED, frames.Empty, "prepare")
+            pc.ready()  # its reader, and the urgent channel (its handshake out of the pause)
+            if masks is not None:
+                # what the guest wrote while the destination prepared: that destination drops
+                # those stale pages while this side pauses, not after the pause's NEED runs
+                pc.need_more([mem.dirty_pages(r) for r in regions])
+            t_pause, mark = self._pause_for_good(realtime=True)
+            parts = self.progress.downtime_parts
+            self._phase("postcopy", paused=True)
+            # Written since the NEED runs: the dirty log's pages (hybrid), or data in what were
+            # holes (pure post-copy: one SEEK_DATA a hole, not a walk over every data page)
+            if masks is None:
+                more = [_new_data(r, ext) for r, ext in zip(regions, extents, strict=True)]
+            else:
+                more = [mem.dirty_pages(r) for r in regions]
+            needed = pc.need_more(more)
+            mark("need")
+            self.progress.passes += 1
+            fs.send(Frame.STATE, vm_state.save(vm, None).encode())
+            mark("state")
+        except BaseException:
+            pc.close()  # (the urgent channel, if it connected)
+            raise
         t_switch = time.monotonic()
 
         def commit() -> None:
             mark("restored")
             self._committing = self._postcopy_committed = True
-            self._phase("commit")
             fs.send_json(Frame.COMMIT, frames.Empty())
+            self._boost.end()
+            self.progress.realtime = self._boost.counts()
+            self._phase("commit")
 
         try:
             pc.serve(commit, time.monotonic() + opt.timeout)
         finally:
             self.fs = pc.fs  # the newest link, after a recovery (run() closes it)
             pc.close()
+        # The source VM never runs again: dirty logging off (a memslot update each region) once
+        # the pages are all there, not in the pause nor while the destination's VPs fault
+        self._stop_logging()
         # RAM at the pause: the VM here stays paused for good, so it is summed after serving
-        self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))
+        if opt.verify:
+            self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))
         done, resumed = pc.done, pc.resumed
         assert done is not None and resumed is not None
         now = time.monotonic()
@@ -750,6 +802,9 @@ class Source:
         self.progress.downtime = t_run - t_pause if t_pause < t_run <= now else now - t_pause
         if resumed.start_ms is not None:
             parts["destination_start"] = round(resumed.start_ms, 2)
+        for name, ms in resumed.parts.items():  # the destination's word, reported only
+            if not name.startswith("realtime_"):
+                parts[f"destination_{name}"] = round(ms, 2)
         self.progress.pages_sent += pc.urgent_pages + pc.pushed_pages
         self.progress.postcopy = {
             "migration": pc.migration,
@@ -772,7 +827,7 @@ class Source:
             "checksum_source": self.ram_checksum,
             "checksum_destination": done.checksum,
         }
-        if done.checksum != self.ram_checksum:
+        if opt.verify and done.checksum != self.ram_checksum:
             raise MigrationError(
                 f"guest RAM at the destination differs from the source's at pause (checksum "
                 f"{done.checksum} there, {self.ram_checksum} here)",
@@ -1103,6 +1158,32 @@ class Source:
             self.fs.abort(f"the source gave up: {why}")
         self.progress.phase = "aborted"
         self._report(force=True)
+
+
+def _new_data(r: MemoryRegion, extents: list[tuple[int, int]]) -> np.ndarray:
+    """Sorted page indices of data found in the holes between `extents` (region r's data
+    extents a while ago): pages first written since. Extents only grow while a VM runs
+    without Dynamic Memory (nothing punches its RAM), so only the holes are looked at."""
+    fd, base = r.memfd, r.offset
+    found: list[np.ndarray] = []
+    hole = 0
+    for a, b in [*extents, (r.pages, r.pages)]:
+        pos = hole
+        while pos < a:  # the hole [pos, a)
+            try:
+                start = (os.lseek(fd, base + pos * PAGE, os.SEEK_DATA) - base) // PAGE
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                start = r.pages
+            if start >= a:
+                break
+            end = -(-(os.lseek(fd, base + start * PAGE, os.SEEK_HOLE) - base) // PAGE)
+            end = min(end, a)
+            found.append(np.arange(start, end))
+            pos = end
+        hole = b
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
 def _cork(fs: FrameSocket, on: bool) -> None:

@@ -133,6 +133,25 @@ def test_a_destination_killed_or_cut_off_at_each_phase_leaves_the_vm_running_at_
         assert dst.returncode == 17
 
 
+@pytest.mark.parametrize("after", [0, 1])  # post-copy at once, hybrid after one pass
+@pytest.mark.parametrize(
+    ("side", "action"), [("source", "cut"), ("destination", "exit"), ("destination", "cut")]
+)
+def test_a_post_copy_that_fails_at_prepare_leaves_the_vm_running_at_the_source(
+    source: Any, destination: Any, after: int, side: str, action: str
+) -> None:
+    # PREPARE comes before the post-copy's pause (the destination registers its RAM and
+    # listens for the urgent channel there): a failure then is pre-copy's, the VM runs on here
+    faults = {"prepare": action}
+    dst = destination(faults=faults) if side == "destination" else destination()
+    opt: dict[str, Any] = {"postcopy": True, "postcopy_after": after, "downtime_target": 1e-3}
+    if side == "source":
+        opt["faults"] = faults
+    err = _fails(source, dst, LOST, **opt)
+    assert err.phase == "prepare", err
+    assert "failed during prepare: " in str(err)
+
+
 def test_with_two_phase_commit_a_destination_gone_before_restored_is_learned_in_state(
     source: Any, destination: Any
 ) -> None:

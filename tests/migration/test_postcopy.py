@@ -74,6 +74,20 @@ def test_an_idle_guest_moves_by_post_copy_and_answers_there(hosts: Any) -> None:
     assert before <= first < later
 
 
+def test_post_copy_without_verify_sums_no_ram_on_either_side(hosts: Any) -> None:
+    src, guest = hosts.boot("128M")
+    before = guest.ticks()
+    dst = hosts.destination()
+    result = _migrate(src, dst, postcopy=True, verify=False)
+    pc = result["postcopy"]
+    # verify off (as for pre-copy): no digest of the kept pages, of each page installed, nor
+    # of the source's RAM
+    assert pc["checksum_destination"] == "" and pc["checksum_source"] is None
+    assert pc["needed_pages"] > 0
+    first, later = wait_rising(moved(dst).ticks)
+    assert before <= first < later
+
+
 @pytest.mark.parametrize(
     ("after", "bandwidth", "because"),
     [
@@ -100,6 +114,39 @@ def test_a_hybrid_migration_switches_to_post_copy_instead_of_throttling(
     assert pc["checksum_destination"] == pc["checksum_source"]
     there = moved(dst)
     first, later = wait_rising(there.touched)
+    assert later > first
+
+
+@pytest.mark.parametrize("switch_ms", [5.0, 60_000.0])
+def test_a_hybrid_migration_takes_the_shorter_pause_even_when_the_rest_fits(
+    hosts: Any, switch_ms: float
+) -> None:
+    src, dst = _dirtying(hosts)
+    # the rest fits the (generous) target after pass 1, but over this link pre-copy's final
+    # pause would be far longer than a switch: the hybrid switches - unless a switch is said to
+    # pause longer still, when it ends by pre-copy as before
+    result = _migrate(
+        src,
+        dst,
+        postcopy=True,
+        postcopy_after=1,
+        downtime_target=60.0,
+        bandwidth=16 << 20,
+        postcopy_switch_downtime=switch_ms / 1000,
+    )
+    pc = result["postcopy"]
+    if switch_ms > 1000:
+        assert pc == {}  # never switched: pre-copy's final pass moved the rest
+        assert result["final_pages"] > 0
+        return
+    why = pc["switched_because"]
+    assert why.startswith("1 passes done: the rest (") and "would pause the VM" in why, why
+    assert "longer than a switch to post-copy (5.0 ms)" in why
+    assert result["expected_downtime"] > 5e-3
+    assert [p["pass"] for p in result["pass_log"]] == [1]
+    assert 0 < pc["needed_pages"] <= result["pass_log"][0]["pages"]
+    assert pc["checksum_destination"] == pc["checksum_source"]
+    first, later = wait_rising(moved(dst).touched)
     assert later > first
 
 

@@ -31,7 +31,10 @@ memory at the start of the migration (4 KiB pages that are not all zero, each co
 from the source process's guest RAM just before the migration starts: pyhv's memfd, QEMU's
 anonymous mapping through /proc/PID/mem; the median of both sides is the row's figure) divided by the loopback bandwidth of this run (a TCP bulk
 transfer of 256 MiB between two processes, repeated before every row and after the last; the
-median of those). Writes bench/results/migration.json and ends stdout with the same JSON object;
+median of those). Rows with a working set also give each total over the limit of the same
+transfer with one core held by a spinning process (`wire_limit_one_core_busy_s`,
+`total_over_busy_limit`): the guest's `dirty` loop holds one of the host's cores during those
+migrations. Writes bench/results/migration.json and ends stdout with the same JSON object;
 all figures were measured on PVM (this machine's KVM, docs/migration.md).
 
 pyhv sends pages over `--streams` TCP connections (MigrationOptions.streams; QEMU 7.2 uses one:
@@ -45,6 +48,7 @@ its multifd is not used here, as its defaults have it off).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -141,6 +145,19 @@ while got < total:
     got += length
 print(got, time.perf_counter() - t0, flush=True)
 """
+
+
+@contextlib.contextmanager
+def one_core_busy() -> Any:
+    """A process spinning on one CPU meanwhile: what a guest's `dirty` loop takes from the
+    host (its VP holds one core), to measure the link beside it as a migration has it."""
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.1)  # spinning before the transfer starts
+        yield
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 def stream_bandwidth(encrypt: bool, total: int = WIRE_BYTES) -> float:
@@ -744,6 +761,13 @@ def main() -> None:
             )
     bandwidths.append(loopback_bandwidth())
     bw = statistics.median(bandwidths)
+    # The same transfer with one of the host's cores held, as the guest's `dirty` loop holds
+    # one during a migration with a working set: what the link gives a migration here.
+    busy = []
+    for _ in range(max(repeats, 3)):
+        with one_core_busy():
+            busy.append(loopback_bandwidth())
+    bw_busy = statistics.median(busy)
     rows = []
     for row in raw:
         if "skipped" in row:
@@ -760,6 +784,12 @@ def main() -> None:
         row["pyhv"] = _summary(pyhv_runs, nonzero / bw)
         row["pyhv_encrypted"] = _summary(sealed_runs, nonzero / bw)
         row["pyhv_postcopy"] = _postcopy_summary(postcopy_runs, nonzero / bw)
+        if row["dirty_mib"]:  # the guest holds a core: the link as the migration had it
+            row["wire_limit_one_core_busy_s"] = round(nonzero / bw_busy, 6)
+            for side in ("pyhv", "pyhv_postcopy"):
+                row[side]["total_over_busy_limit"] = round(
+                    row[side]["total_s"]["median"] * bw_busy / nonzero, 2
+                )
         if hybrid_runs:
             row["pyhv_hybrid"] = _postcopy_summary(hybrid_runs, nonzero / bw)
             row["pyhv_hybrid"]["postcopy_after"] = HYBRID_AFTER
@@ -767,6 +797,10 @@ def main() -> None:
         qemu_hy = row.pop("qemu_hybrid_runs")
         if qemu_pc:
             row["qemu_postcopy"] = _qemu_postcopy_summary(qemu_pc, nonzero / bw)
+            if row["dirty_mib"]:
+                row["qemu_postcopy"]["total_over_busy_limit"] = round(
+                    row["qemu_postcopy"]["total_s"]["median"] * bw_busy / nonzero, 2
+                )
         if qemu_hy:
             row["qemu_hybrid"] = _qemu_postcopy_summary(qemu_hy, nonzero / bw)
             row["qemu_hybrid"]["postcopy_after"] = HYBRID_AFTER
@@ -776,6 +810,10 @@ def main() -> None:
         error = row.pop("qemu_error", None) or qemu_error
         if qemu_runs and not error:
             row["qemu"] = _summary(qemu_runs, nonzero / bw)
+            if row["dirty_mib"]:
+                row["qemu"]["total_over_busy_limit"] = round(
+                    row["qemu"]["total_s"]["median"] * bw_busy / nonzero, 2
+                )
             # measured as pyhv's (µs, STOP at the source to RESUME at the destination) where
             # every run has both events; QEMU's own whole-ms figure stays in downtime_ms
             events = [r["downtime_events_ms"] for r in qemu_runs]
@@ -799,7 +837,10 @@ def main() -> None:
             row["downtime_pyhv_over_qemu"] = None
             row["hybrid_downtime_pyhv_over_qemu"] = None
         rows.append(row)
-    print(f"loopback TCP: median {bw / 1e6:.0f} MB/s of {len(bandwidths)} transfers")
+    print(
+        f"loopback TCP: median {bw / 1e6:.0f} MB/s of {len(bandwidths)} transfers, "
+        f"{bw_busy / 1e6:.0f} MB/s with one core held"
+    )
     # the stream alone, against the raw socket: what sealing each frame costs on the wire
     raw, authenticated, encrypted = [], [], []
     for _ in range(max(repeats, 3)):  # a few seconds: taking turns, even when quick
@@ -828,6 +869,8 @@ def main() -> None:
         "pyhv_streams": args.streams,
         "hybrid": {"postcopy_after": HYBRID_AFTER, "bandwidth_bytes_per_s": hy_bw},
         "loopback_bytes_per_s": common.spread(bandwidths, 0),
+        "loopback_one_core_busy_bytes_per_s": common.spread(busy, 0),
+        "cpus": os.cpu_count(),
         "wire_bytes_per_transfer": WIRE_BYTES,
         "stream": stream,
         "qemu": {"error": qemu_error}

@@ -710,6 +710,27 @@ def migration(d: dict[str, Any]) -> list[str]:
         "with fresh memory, and the passes after the first resend what the guest rewrote.",
         "",
     ]
+    busy = d.get("loopback_one_core_busy_bytes_per_s")
+    held = [r for r in d["rows"] if "wire_limit_one_core_busy_s" in r]
+    if busy and held:
+        out += [
+            f"The same TCP transfer with one of the host's {d.get('cpus', '?')} cores held by a "
+            f"spinning process, as the `dirty` loop holds one: {spread(busy, 2, ' GB/s', 1e9)}. "
+            "Total over that limit (pyhv pre-copy, pyhv post-copy, QEMU pre-copy): "
+            + "; ".join(
+                f"{r['memory'].replace('M', ' MiB').replace('G', ' GiB')} {r['dirty_mib']} MiB "
+                f"{num(r['pyhv']['total_over_busy_limit'])}, "
+                f"{num(r['pyhv_postcopy']['total_over_busy_limit'])}, "
+                + (
+                    DASH
+                    if "total_over_busy_limit" not in r["qemu"]
+                    else num(r["qemu"]["total_over_busy_limit"])
+                )
+                for r in held
+            )
+            + ".",
+            "",
+        ]
     return out + _migration_sealing(d) + _migration_postcopy(d) + _migration_hybrid(d)
 
 

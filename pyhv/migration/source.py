@@ -1040,18 +1040,17 @@ class Source:
         mine = threading.get_ident() == self._owner
         for a, b in runs:
             covered += b - a
-            nz = mem.nonzero_pages(arr, a, b)
-            if not nz.all():
-                for s, e in mem.runs(~nz):
-                    zero_runs.append((r.gpa + (a + s) * PAGE, e - s))
-                    with self._count:
-                        self.progress.zero_pages += e - s
-                    if len(zero_runs) >= ZERO_RUNS_PER_FRAME:
-                        fs.send(Frame.ZERO, pack_zero_runs(zero_runs), count=len(zero_runs))
-                        zero_runs = []
-            for s, e in mem.runs(nz) if not nz.all() else [(0, b - a)]:
-                for c in range(a + s, a + e, FRAME_PAGES):
-                    n = min(FRAME_PAGES, a + e - c)
+            zeros, data = mem.zero_split(view, arr, a, b)
+            for s, e in zeros:
+                zero_runs.append((r.gpa + s * PAGE, e - s))
+                with self._count:
+                    self.progress.zero_pages += e - s
+                if len(zero_runs) >= ZERO_RUNS_PER_FRAME:
+                    fs.send(Frame.ZERO, pack_zero_runs(zero_runs), count=len(zero_runs))
+                    zero_runs = []
+            for s, e in data:
+                for c in range(s, e, FRAME_PAGES):
+                    n = min(FRAME_PAGES, e - c)
                     nbytes = n * PAGE
                     buf = fs.payload_buffer(nbytes)  # sealed where it lies
                     buf[:] = view[c * PAGE : c * PAGE + nbytes]  # a copy: the guest may write on

@@ -316,12 +316,13 @@ class Partition:
 
         check(self, state)
 
-    def restore(self, state: PartitionState) -> None:
+    def restore(self, state: PartitionState, *, checked: bool = False) -> None:
         """Take `state` into this partition (the same RAM regions and VPs, not running); a
-        state that does not fit raises StateError and changes nothing."""
+        state that does not fit raises StateError and changes nothing. `checked`: check()
+        passed on this very state just before (the caller's word; not checked again)."""
         from pyhv.hypervisor.state import restore_into
 
-        restore_into(self, state)
+        restore_into(self, state, checked=checked)
 
     @classmethod
     def from_state(cls, state: PartitionState, name: str | None = None) -> Partition:

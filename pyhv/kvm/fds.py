@@ -63,6 +63,7 @@ class Kvm:
         if version != 12:
             raise KvmError(0, f"KVM API version {version}, expected 12")
         self.vcpu_mmap_size = _ioctl(self.fd, c.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+        self._msr_indices: list[int] | None = None
 
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, c.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
@@ -83,10 +84,14 @@ class Kvm:
                 n *= 2
 
     def msr_index_list(self) -> list[int]:
-        buf = s.msr_list_of(1024)()
-        buf.nmsrs = 1024
-        _ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
-        return [buf.indices[i] for i in range(buf.nmsrs)]
+        """The MSRs KVM saves and restores: fixed while the module is loaded, so read once
+        (~0.06 ms inside a migration's pause, where a state save asked for it)."""
+        if self._msr_indices is None:
+            buf = s.msr_list_of(1024)()
+            buf.nmsrs = 1024
+            _ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+            self._msr_indices = [buf.indices[i] for i in range(buf.nmsrs)]
+        return list(self._msr_indices)
 
     def create_vm(self) -> Vm:
         fd = _ioctl(self.fd, c.KVM_CREATE_VM, 0, "KVM_CREATE_VM")

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 PAGE = 4096
 WORDS = PAGE // 8
+#: Runs of at most this many pages are split page by page in Python: each numpy call costs
+#: ~5-10 us here (cold inside a pause: more), a 4 KiB copy and compare ~0.3 us.
+FEW_PAGES = 16
+_ZERO_PAGE = bytes(PAGE)
 
 
 def set_dirty_logging(region: MemoryRegion, on: bool) -> None:
@@ -46,10 +50,14 @@ def dirty_pages(region: MemoryRegion) -> np.ndarray:
     """Sorted indices of the pages written since the last call (clears the log), found in the
     packed bitmap without a bool per page: inside the pause, each fresh 256 KiB array per GiB
     costs its page faults (~0.5 ms at 1 GiB here, under nested KVM)."""
-    bm = np.frombuffer(region.dirty_bitmap(), dtype=np.uint8)
+    raw = region.dirty_bitmap()
+    bm = np.frombuffer(raw, dtype=np.uint8)
     nz = np.flatnonzero(bm)
     if not nz.size:
         return nz
+    if nz.size <= FEW_PAGES:  # a few bytes set (an idle guest's final pass): bits in Python
+        found = [i * 8 + b for i in nz.tolist() for b in range(8) if raw[i] >> b & 1]
+        return np.array([i for i in found if i < region.pages], dtype=np.intp)
     bits = np.unpackbits(bm[nz], bitorder="little").reshape(-1, 8).astype(bool)
     idx = (nz[:, None] * 8 + np.arange(8))[bits]
     return idx[idx < region.pages]
@@ -58,6 +66,8 @@ def dirty_pages(region: MemoryRegion) -> np.ndarray:
 def union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Sorted distinct indices of both (not np.union1d: its first call imports ~16 ms of numpy,
     inside the pause)."""
+    if a.size + b.size <= FEW_PAGES:  # no numpy temporaries for a final pass's few pages
+        return np.array(sorted(set(a.tolist()) | set(b.tolist())), dtype=np.intp)
     idx = np.concatenate((a, b))
     if idx.size < 2:
         return idx
@@ -67,6 +77,16 @@ def union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """(first, end) index pairs of the runs of True in a bool array."""
+    if mask.size <= FEW_PAGES:  # a few pages of a final pass: no numpy temporaries
+        out: list[tuple[int, int]] = []
+        for i, bit in enumerate(mask.tolist()):
+            if not bit:
+                continue
+            if out and out[-1][1] == i:
+                out[-1] = (out[-1][0], i + 1)
+            else:
+                out.append((i, i + 1))
+        return out
     if not mask.any():  # most dirty bitmaps of an idle guest (a vector scan, no temporaries)
         return []
     if np.count_nonzero(mask) < mask.size >> 6:
@@ -87,6 +107,14 @@ def index_runs(idx: np.ndarray) -> list[tuple[int, int]]:
     """(first, end) pairs of the runs in sorted, distinct indices."""
     if not idx.size:
         return []
+    if idx.size <= FEW_PAGES:  # a final pass's few pages: no numpy temporaries
+        out: list[tuple[int, int]] = []
+        for i in idx.tolist():
+            if out and out[-1][1] == i:
+                out[-1] = (out[-1][0], i + 1)
+            else:
+                out.append((i, i + 1))
+        return out
     breaks = np.flatnonzero(np.diff(idx) != 1)
     starts = np.concatenate((idx[:1], idx[breaks + 1]))
     ends = np.concatenate((idx[breaks] + 1, idx[-1:] + 1))
@@ -130,6 +158,33 @@ def nonzero_pages(arr: np.ndarray, first: int, end: int) -> np.ndarray:
 
 
 _CHUNK = 4096  # pages (16 MiB) checked at a time
+
+
+def zero_split(
+    view: memoryview, arr: np.ndarray, first: int, end: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The (first, end) runs of all-zero pages and of pages holding data in [first, end) of
+    a region (`view` its bytes, `arr` its pages_array). A final pass of an idle guest sends a
+    few short runs: checked without numpy (~0.1 ms less of its downtime, measured)."""
+    if end <= first:
+        return [], []
+    if end - first <= FEW_PAGES:
+        zeros: list[tuple[int, int]] = []
+        data: list[tuple[int, int]] = []
+        for page in range(first, end):
+            out = zeros if view[page * PAGE : (page + 1) * PAGE].tobytes() == _ZERO_PAGE else data
+            if out and out[-1][1] == page:
+                out[-1] = (out[-1][0], page + 1)
+            else:
+                out.append((page, page + 1))
+        return zeros, data
+    nz = nonzero_pages(arr, first, end)
+    if nz.all():
+        return [], [(first, end)]
+    return (
+        [(first + s, first + e) for s, e in runs(~nz)],
+        [(first + s, first + e) for s, e in runs(nz)],
+    )
 
 
 def ram_checksum(regions: list[MemoryRegion], skip: list[tuple[int, int]] | None = None) -> str:

@@ -183,6 +183,9 @@ class Progress:
     expected_downtime: float = 0.0
     throttle_percent: float = 0.0
     downtime: float = 0.0
+    #: the part of `downtime` QEMU's STOP and RESUME events measure: from every VP parked to
+    #: just before they run at the destination (`downtime` less the pause), pre-copy only
+    downtime_events: float = 0.0
     total_time: float = 0.0
     final_pages: int = 0
     #: CLOCK_MONOTONIC of the destination's host when its VPs ran (same host: comparable)
@@ -284,6 +287,7 @@ class Source:
         self._first_sent = False  # the first stream sent its first page frame
         self._logging: list[MemoryRegion] = []
         self._paused = False
+        self._t_parked = 0.0  # monotonic: every VP parked for the final phase
         self._throttle = _Throttle(vm)
         self._limiter: DirtyLimiter | None = None  # a VM with the dirty ring, once logging
         # a held pause (test-only fault "hold") is reported, so a test can act during it
@@ -671,7 +675,10 @@ class Source:
         now = time.monotonic()
         t_run = self.progress.destination_running_since = resumed.time
         # Same host (one CLOCK_MONOTONIC): exact; otherwise bounded by the round trip.
-        self.progress.downtime = t_run - t_pause if t_pause < t_run <= now else now - t_pause
+        same_host = t_pause < t_run <= now
+        self.progress.downtime = t_run - t_pause if same_host else now - t_pause
+        t_parked = self._t_parked
+        self.progress.downtime_events = t_run - t_parked if same_host else now - t_parked
         self.progress.phase = "done"
         self._report(force=True)
         trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
@@ -706,6 +713,7 @@ class Source:
             t_mark = now
 
         mark("pause")
+        self._t_parked = t_mark  # every VP parked: where QEMU's STOP event stands
         return t_pause, mark
 
     def _postcopy(
@@ -1087,18 +1095,17 @@ class Source:
         mine = threading.get_ident() == self._owner
         for a, b in runs:
             covered += b - a
-            nz = mem.nonzero_pages(arr, a, b)
-            if not nz.all():
-                for s, e in mem.runs(~nz):
-                    zero_runs.append((r.gpa + (a + s) * PAGE, e - s))
-                    with self._count:
-                        self.progress.zero_pages += e - s
-                    if len(zero_runs) >= ZERO_RUNS_PER_FRAME:
-                        fs.send(Frame.ZERO, pack_zero_runs(zero_runs), count=len(zero_runs))
-                        zero_runs = []
-            for s, e in mem.runs(nz) if not nz.all() else [(0, b - a)]:
-                for c in range(a + s, a + e, FRAME_PAGES):
-                    n = min(FRAME_PAGES, a + e - c)
+            zeros, data = mem.zero_split(view, arr, a, b)
+            for s, e in zeros:
+                zero_runs.append((r.gpa + s * PAGE, e - s))
+                with self._count:
+                    self.progress.zero_pages += e - s
+                if len(zero_runs) >= ZERO_RUNS_PER_FRAME:
+                    fs.send(Frame.ZERO, pack_zero_runs(zero_runs), count=len(zero_runs))
+                    zero_runs = []
+            for s, e in data:
+                for c in range(s, e, FRAME_PAGES):
+                    n = min(FRAME_PAGES, e - c)
                     nbytes = n * PAGE
                     buf = fs.payload_buffer(nbytes)  # sealed where it lies
                     buf[:] = view[c * PAGE : c * PAGE + nbytes]  # a copy: the guest may write on

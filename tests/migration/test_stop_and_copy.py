@@ -76,6 +76,10 @@ def test_the_destination_runs_the_vm_before_the_source_tears_its_copy_down(hosts
     steps = [n for n in parts if n in ("state_save", "state", "last_pages")]
     assert steps == ["state_save", "state", "last_pages"], parts
     assert "destination_pages_in" in parts, parts
+    # the window QEMU's STOP/RESUME events span: from every VP parked, the pause left out
+    events = result["downtime_events"]
+    assert 0 < events < result["downtime"]
+    assert abs((result["downtime"] - events) * 1000 - parts["pause"]) <= 0.006, (events, parts)
     assert moved(dst).ticks() > 0
 
 

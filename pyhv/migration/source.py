@@ -740,6 +740,7 @@ class Source:
             pc.serve(commit, time.monotonic() + opt.timeout)
         finally:
             self.fs = pc.fs  # the newest link, after a recovery (run() closes it)
+            self.fs.frames_refused += pc.frames_refused  # in Frames Refused with the link's own
             pc.close()
         # RAM at the pause: the VM here stays paused for good, so it is summed after serving
         self.ram_checksum = hexdigest(sum(region_digest(r) for r in regions))

@@ -149,6 +149,9 @@ class MigrationOptions:
                 f"postcopy with streams={s}: post-copy uses one connection; "
                 "set streams=1 or leave postcopy off"
             )
+        for name in ("postcopy", "postcopy_preempt"):  # "no" from an API body is truthy
+            if not isinstance(getattr(self, name), bool):
+                raise MigrationError(f"{name}={getattr(self, name)!r}: give true or false")
         t = self.recover_timeout
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 86400:
             raise MigrationError(

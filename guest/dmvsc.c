@@ -169,7 +169,7 @@ static struct {
     u64 hint_gen, hint_tick, hint_sent_tick;
     u64 hints_sent, hinted_pages, hint_refused_ranges, hint_last_pages, hint_last_ticks;
     /* hot-remove (protocol 2.0): the hot-added regions, and a request being answered */
-    int hr_ok, hr_active, hr_hostile;
+    int hr_ok, hr_active, hr_hostile, hr_large; /* hr_large: DM_REMOVE_QOS_LARGE, whole 2 MiB blocks only */
     u32 hr_nregions;
     u64 hr_left, hr_floor, hr_region_pass, hr_block_pass, hot_add_limit;
     u64 hr_requests, hr_asked, hr_pages, hr_regions_removed, hr_responses, hr_strays;
@@ -459,6 +459,7 @@ static void hot_remove_request(const struct dm_hot_remove *m)
     dm.hr_left = m->page_count;
     dm.hr_floor = pmm_balloon_floor(); /* never below what the guest keeps to run, as the balloon */
     dm.hr_region_pass = 1;
+    dm.hr_large = m->qos_flags & 1; /* DM_REMOVE_QOS_LARGE */
     dm.hr_active = 1;
 }
 
@@ -490,7 +491,10 @@ static void hot_remove_step(void)
     u64 got = 0;
     for (u32 i = dm.hr_nregions; dm.hr_region_pass && i-- > 0 && n < HR_RANGES;) {
         struct pmm_range *r = &hr_regions[i];
-        if (!r->pages || r->pages > dm.hr_left - got || pmm_hot_remove_region(r->base, r->pages, dm.hr_floor))
+        /* a region that ends in part of a block (a hot-add taken in part) goes whole only when the
+         * host takes any run: with QOS_LARGE its whole blocks go in the block pass below */
+        if (!r->pages || r->pages > dm.hr_left - got || (dm.hr_large && r->pages % BLOCK_PAGES) ||
+            pmm_hot_remove_region(r->base, r->pages, dm.hr_floor))
             continue;
         m->range[n++] = (r->base / PAGE_SIZE) | (r->pages << 40);
         got += r->pages;

@@ -97,6 +97,10 @@ def summary(r: dict[str, Any]) -> str:
             f"switch, {pc['requested_pages']} on demand, blocktime p50 "
             f"{pc['blocktime_p50_ms']:.2f} ms p99 {pc['blocktime_p99_ms']:.2f} ms"
         )
+        if pc.get("urgent_channels"):
+            text += f", {pc['urgent_channel_pages']} pages sent on the urgent channel"
+        else:
+            text += ", requests on the one link (no urgent channel)"
         if pc.get("recoveries"):
             text += f", the link cut and recovered {pc['recoveries']} time(s)"
     return text
@@ -155,6 +159,13 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         "(implies --postcopy, and its risk)",
     )
     p.add_argument(
+        "--no-postcopy-preempt",
+        action="store_true",
+        help="post-copy: page requests share the one link, queued behind the background "
+        "push, instead of an urgent channel of their own (a second connection: QEMU's "
+        "postcopy-preempt, on by default)",
+    )
+    p.add_argument(
         "--recover-timeout",
         type=float,
         default=60.0,
@@ -194,7 +205,13 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
         out["dirty_limit"] = a.dirty_limit
     if a.bandwidth:
         out["bandwidth"] = a.bandwidth
-    if a.postcopy or a.postcopy_after is not None:
+    postcopy = a.postcopy or a.postcopy_after is not None
+    if a.no_postcopy_preempt and not postcopy:
+        raise CliError(
+            "--no-postcopy-preempt without --postcopy: it only changes how post-copy sends "
+            "the pages a VP waits for (add --postcopy or --postcopy-after N, or drop it)"
+        )
+    if postcopy:
         if a.postcopy_after is not None and a.postcopy_after < 1:
             raise CliError(
                 f"--postcopy-after {a.postcopy_after}: give a number of passes >= 1 "
@@ -207,6 +224,7 @@ def migration_options(a: argparse.Namespace) -> dict[str, Any]:
             )
         out["postcopy"] = True
         out["postcopy_after"] = a.postcopy_after or 0
+        out["postcopy_preempt"] = not a.no_postcopy_preempt
         if not 0 <= a.recover_timeout <= 86400:  # nan too
             raise CliError(
                 f"--recover-timeout {a.recover_timeout:g}: give seconds from 0 (no recovery) "
@@ -301,6 +319,7 @@ def demo(a: argparse.Namespace) -> int:
     from pyhv.migration.worker import IncomingWorker, migrate_worker
     from pyhv.worker.process import WorkerProcess
 
+    options = migration_options(a)  # a bad combination is refused before anything boots
     token = secrets.token_hex(16)
     src = WorkerProcess(vm_config(a.memory, **_ring(a)))
     dst = IncomingWorker(token)
@@ -318,7 +337,7 @@ def demo(a: argparse.Namespace) -> int:
         print(f"destination: worker {dst.pid} listens on {addr[0]}:{addr[1]}", flush=True)
         bar = ProgressBar()
         try:
-            result = migrate_worker(src, addr, token, migration_options(a), on_progress=bar)
+            result = migrate_worker(src, addr, token, options, on_progress=bar)
         finally:
             bar.finish()
         print(summary(result), flush=True)
@@ -388,6 +407,7 @@ def run(a: argparse.Namespace) -> int:
     from pyhv.migration.worker import migrate_worker
     from pyhv.worker.process import WorkerProcess
 
+    options = migration_options(a)  # a bad combination is refused before anything boots
     secret = types.token(a, "the shared migration token")
     src = WorkerProcess(vm_config(a.memory, **_ring(a)))
     try:
@@ -398,7 +418,7 @@ def run(a: argparse.Namespace) -> int:
             print(src.serial.read_until(b"pyhv> ", 30).decode(errors="replace").strip(), flush=True)
         bar = ProgressBar()
         try:
-            result = migrate_worker(src, a.to, secret, migration_options(a), on_progress=bar)
+            result = migrate_worker(src, a.to, secret, options, on_progress=bar)
         finally:
             bar.finish()
         print(summary(result), flush=True)

@@ -27,7 +27,8 @@ hands them to the memory manager to release); for the goal's steps it asks its o
 
 Free-page hints (pyhv's extension, offered in the capabilities response): in any negotiated
 state the guest may name runs of whole free 2 MiB blocks; each range is checked (2 MiB-aligned,
-RAM of this partition, not ballooned, not named twice), a bad one is refused, logged and counted,
+RAM of this partition, not ballooned, not named twice, not a page the host uses: a VMBus ring,
+the check hot-remove makes), a bad one is refused, logged and counted,
 the good ones go to `on_hinted` (the owner discards the memory behind them) and one response says
 how many pages were discarded and how many ranges refused.
 
@@ -61,6 +62,9 @@ MAX_BALLOON_PAGES = 585_728
 #: Host messages waiting for room in the guest's ring beyond which a guest request that would
 #: queue another reply is refused: a guest that asks without reading cannot grow the outbox.
 MAX_UNREAD_REPLIES = 16
+#: Why a range the guest names (to hot-remove, or as free) that holds pages the host itself
+#: uses is refused: the memory behind it would go while the host still reads and writes it.
+HOST_USED = "pages the host uses (a VMBus ring): the guest cannot give them"
 #: A free-page hint names whole 2 MiB blocks (as Linux reports pages of order 9 and up).
 HINT_BLOCK_PAGES = 512
 #: Seconds the guest has to answer one transaction before the host gives up on it.
@@ -412,7 +416,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
                 f"{self.state.name}): its {len(msg.ranges)} ranges are ignored"
             )
         good: list[PageRange] = []
-        busy = RangeSet(self._host_pages()) if msg.ranges else RangeSet()
+        busy = self._host_used(msg)
         for r in msg.ranges:
             why = self._bad_hot_remove_range(r, busy)
             if why:
@@ -455,7 +459,7 @@ class DynamicMemoryVsp(Vsp[DmState]):
         if not self.ram.contains(*r):
             return "not RAM of this partition (outside it, or removed already)"
         if busy.overlaps(*r):
-            return "pages the host uses (a VMBus ring): the guest cannot give them"
+            return HOST_USED
         if self._hr_got + r.count > self._hr_asked:
             return f"more than the {self._hr_asked} pages asked"
         return ""
@@ -797,8 +801,9 @@ class DynamicMemoryVsp(Vsp[DmState]):
             )
         good: list[PageRange] = []
         named = RangeSet()
+        busy = self._host_used(msg)
         for r in msg.ranges:
-            why = self._bad_hint_range(r, named)
+            why = self._bad_hint_range(r, named, busy)
             if why:
                 self.counters["hint_refused_ranges"] += 1
                 self.refuse(f"free-page hint {r.start:#x}+{r.count}: {why}")
@@ -821,7 +826,12 @@ class DynamicMemoryVsp(Vsp[DmState]):
         )
         self.post(p.encode(T.FREE_PAGE_HINT_RESPONSE, body, trans_id=msg.trans_id))
 
-    def _bad_hint_range(self, r: PageRange, named: RangeSet) -> str:
+    def _host_used(self, msg: p.Message) -> RangeSet:
+        """The guest pages the host itself uses now (the VMBus rings), for checking the ranges
+        of `msg`: a guest that names them (to hot-remove, or as free) is refused (HOST_USED)."""
+        return RangeSet(self._host_pages()) if msg.ranges else RangeSet()
+
+    def _bad_hint_range(self, r: PageRange, named: RangeSet, busy: RangeSet) -> str:
         if r.count == 0:
             return "no pages"
         if r.start % HINT_BLOCK_PAGES or r.count % HINT_BLOCK_PAGES:
@@ -832,6 +842,8 @@ class DynamicMemoryVsp(Vsp[DmState]):
             return "ballooned: the host holds those pages already"
         if named.overlaps(*r):
             return "named twice"
+        if busy.overlaps(*r):  # discarded, the host's ring would read zeros
+            return HOST_USED
         return ""
 
     def _balloon_response(self, msg: p.Message) -> None:

@@ -132,6 +132,12 @@ class Resumed(_Body, frozen=True):
     parts: Annotated[dict[Annotated[str, Meta(max_length=32)], float], Meta(max_length=16)] = {}
 
 
+#: PostcopyDone's per-thread blocktimes: the threads named (VPs, then the host's) and a name's
+#: length ("vp0", "tid 1234 (kworker/u8:2)": a kernel thread's comm is at most 15 characters).
+MAX_BLOCKTIME_THREADS = 1024
+MAX_THREAD_NAME = 64
+
+
 class PostcopyDone(_Body, frozen=True):
     """dest -> src: every page the destination needed is in (the source may let its copy go):
     the checksum of RAM as it was at the pause (pyhv.migration.postcopy.digest; "" if not
@@ -145,8 +151,13 @@ class PostcopyDone(_Body, frozen=True):
     blocktime_p50_ms: Annotated[float, Meta(ge=0)]
     blocktime_p99_ms: Annotated[float, Meta(ge=0)]
     blocktime_max_ms: Annotated[float, Meta(ge=0)]
-    #: total wait per thread (a VP's or the host's), by its name
-    thread_blocktime_ms: Annotated[dict[str, float], Meta(max_length=1024)]
+    #: total wait per thread (a VP's or the host's), by its name: at most
+    #: MAX_BLOCKTIME_THREADS of them, names of at most MAX_THREAD_NAME characters (a hostile
+    #: destination could send any number of keys of any length to the source)
+    thread_blocktime_ms: Annotated[
+        dict[Annotated[str, Meta(max_length=MAX_THREAD_NAME)], Annotated[float, Meta(ge=0)]],
+        Meta(max_length=MAX_BLOCKTIME_THREADS),
+    ]
     #: times the source came back over a new connection after the link was cut
     recoveries: Annotated[int, Meta(ge=0)] = 0
     #: RESUME attempts refused (wrong token, unknown migration, a second source)

@@ -168,6 +168,9 @@ class PostcopySource:
         self.urgent_pages = 0
         self.pushed_pages = 0
         self.requests = 0
+        #: frames from the destination refused (a REQUEST outside RAM or too long, on the
+        #: link or the urgent channel; a POSTCOPY_DONE or RESUMED out of its bounds)
+        self.frames_refused = 0
 
     def announce(self) -> int:
         """POSTCOPY and the NEED runs (before STATE). Returns the pages needed."""
@@ -379,25 +382,38 @@ class PostcopySource:
                     )
                 self._wake.set()
         except frames.FrameError as e:
-            self._failed(fs, MigrationError(str(e), "postcopy"))
+            self._failed(fs, self._refused(MigrationError(str(e), "postcopy")))
         except (OSError, MigrationError) as e:  # PeerAborted too: the destination gave up
             self._failed(fs, e)
         self._wake.set()
 
+    def _refused(self, e: MigrationError) -> MigrationError:
+        """A frame from the destination refused: counted and logged; the migration fails."""
+        self.frames_refused += 1
+        log.warning("post-copy: %s", e)
+        return e
+
     def _requested(self, payload: bytes) -> list[tuple[int, int]]:
         """A REQUEST frame's runs, each checked inside RAM."""
         if len(payload) > RUNS_PER_FRAME * 16:  # counted before a list of them is built
-            raise MigrationError(
-                f"a REQUEST of {len(payload) // 16} runs (at most {RUNS_PER_FRAME} a frame): "
-                "refused",
-                "postcopy",
+            raise self._refused(
+                MigrationError(
+                    f"a REQUEST of {len(payload) // 16} runs (at most {RUNS_PER_FRAME} a "
+                    "frame): refused",
+                    "postcopy",
+                )
             )
-        runs = unpack_zero_runs(payload)
+        try:
+            runs = unpack_zero_runs(payload)
+        except MigrationError as e:
+            raise self._refused(e) from None
         for gpa, n in runs:
             if self._inside(gpa, n) is None:
-                raise MigrationError(
-                    f"the destination asked for {n} pages at {gpa:#x}, outside the VM's RAM",
-                    "postcopy",
+                raise self._refused(
+                    MigrationError(
+                        f"the destination asked for {n} pages at {gpa:#x}, outside the VM's RAM",
+                        "postcopy",
+                    )
                 )
         self.requests += 1
         return runs
@@ -423,7 +439,14 @@ class PostcopySource:
                 ftype, _flags, _count, _addr, payload = fs.recv()
                 if ftype is not Frame.REQUEST:
                     raise MigrationError(f"a {ftype.name} frame on the urgent channel", "postcopy")
-                for gpa, n in self._requested(payload):
+                try:
+                    runs = self._requested(payload)
+                except MigrationError as e:  # refused as on the link: the migration fails
+                    if self.error is None:
+                        self.error = e
+                    self._wake.set()
+                    raise
+                for gpa, n in runs:
                     self.channel_pages += self._send_run(gpa, n, urgent=True, fs=fs)
         except (OSError, MigrationError, frames.FrameError) as e:
             if self.done is None:  # the destination re-sends outstanding requests on the link
@@ -837,7 +860,10 @@ class PostcopyDestination:
             p50,
             p99,
             mx,
-            {k: round(v, 3) for k, v in sorted(self.thread_ms.items())[:1024]},
+            {
+                k[: frames.MAX_THREAD_NAME]: round(v, 3)
+                for k, v in sorted(self.thread_ms.items())[: frames.MAX_BLOCKTIME_THREADS]
+            },
             self.recoveries,
             self._listener.refused if self._listener is not None else 0,
             self.urgent_channels,

@@ -157,6 +157,9 @@ class MigrationOptions:
                 f"postcopy with streams={s}: post-copy uses one connection; "
                 "set streams=1 or leave postcopy off"
             )
+        for name in ("postcopy", "postcopy_preempt"):  # "no" from an API body is truthy
+            if not isinstance(getattr(self, name), bool):
+                raise MigrationError(f"{name}={getattr(self, name)!r}: give true or false")
         t = self.recover_timeout
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 86400:
             raise MigrationError(
@@ -796,6 +799,7 @@ class Source:
             pc.serve(commit, time.monotonic() + opt.timeout)
         finally:
             self.fs = pc.fs  # the newest link, after a recovery (run() closes it)
+            self.fs.frames_refused += pc.frames_refused  # in Frames Refused with the link's own
             pc.close()
         # The source VM never runs again: dirty logging off (a memslot update each region) once
         # the pages are all there, not in the pause nor while the destination's VPs fault

@@ -71,7 +71,9 @@ class MigrateRequest(_Body):
         dict[str, Any],
         Meta(
             description="pyhv.migration MigrationOptions (downtime_target, bandwidth, "
-            "compress, encrypt, dirty_limit: pages/s per VP or 'auto', ...)"
+            "compress, encrypt, dirty_limit: pages/s per VP or 'auto', postcopy, "
+            "postcopy_after, postcopy_preempt: false sends post-copy's page requests on the "
+            "one link instead of an urgent channel, recover_timeout, ...)"
         ),
     ] = msgspec.field(default_factory=dict)
 

@@ -126,3 +126,37 @@ def test_a_dirty_limit_below_the_floor_is_refused_before_anything_starts() -> No
     )
     assert out.returncode == 2
     assert "at least 64" in out.stderr and "'auto'" in out.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cmd", ["demo", "run"])
+def test_no_postcopy_preempt_without_postcopy_is_refused_with_what_to_add(cmd: str) -> None:
+    out = subprocess.run(
+        [
+            *PYHV,
+            "migrate",
+            cmd,
+            "--no-postcopy-preempt",
+            *(["--to", "127.0.0.1:1"] * (cmd == "run")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "--no-postcopy-preempt without --postcopy" in out.stderr, out.stderr
+    assert "add --postcopy or --postcopy-after N" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_migrate_demo_postcopy_without_preempt_sends_requests_on_the_one_link() -> None:
+    out = subprocess.run(
+        [*PYHV, "migrate", "demo", "--memory", "128M", "--dirty", "4", "--postcopy",
+         "--no-postcopy-preempt"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "post-copy (post-copy asked for at once)" in out.stdout
+    assert "requests on the one link (no urgent channel)" in out.stdout

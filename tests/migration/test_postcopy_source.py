@@ -5,6 +5,7 @@ trusted)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from types import SimpleNamespace
@@ -171,3 +172,81 @@ def test_after_a_cut_link_a_missing_set_the_source_never_sent_is_refused(
     with pytest.raises(MigrationError, match=why):
         src.serve(commit, 1e18)
     assert commits == [True] and attempts == [1]  # reconnected once, then refused it
+
+
+def _with_urgent() -> tuple[PostcopySource, FrameSocket, FrameSocket]:
+    """A source whose urgent channel (post-copy preempt) opens at once: (source, the
+    destination's end of the link, its end of the urgent channel)."""
+    fa, fb = _sealed()
+    ua, ub = _sealed()
+    src = PostcopySource(fa, [_region()], [np.ones(PAGES, dtype=bool)], preempt=lambda: ua)
+    return src, fb, ub
+
+
+@pytest.mark.parametrize("urgent", [False, True], ids=["link", "urgent channel"])
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (pack_zero_runs([(0x900000, 1)]), "outside the VM's RAM"),
+        (b"\0" * 15, "not a list of 16-byte runs"),
+        (pack_zero_runs([(GPA, 1)] * (RUNS_PER_FRAME + 1)), "a REQUEST of"),
+    ],
+    ids=["outside RAM", "torn", "too many runs"],
+)
+def test_a_bad_request_is_refused_and_counted_the_same_on_the_link_and_the_urgent_channel(
+    urgent: bool, payload: bytes, words: str
+) -> None:
+    src, link, channel = _with_urgent()
+    (channel if urgent else link).send(Frame.REQUEST, payload, count=1)
+    with pytest.raises(MigrationError, match=words):
+        src.serve(lambda: None, 1e18)
+    assert src.frames_refused == 1 and src.requests == 0
+
+
+def test_a_good_request_on_the_urgent_channel_is_answered_there() -> None:
+    src, link, channel = _with_urgent()
+    last = GPA + (PAGES - 1) * PAGE
+    channel.send(Frame.REQUEST, pack_zero_runs([(last, 1)]), count=1)
+    server = threading.Thread(target=src.serve, args=(lambda: None, 1e18), daemon=True)
+    server.start()
+    ftype, _flags, count, addr, payload = channel.recv()
+    assert (ftype, count, addr, payload[0]) == (Frame.PAGES, 1, last, PAGES)
+    link.send_json(Frame.RESUMED, frames.Resumed(0.0))
+    link.send_json(Frame.POSTCOPY_DONE, frames.PostcopyDone("0" * 16, 1, 1, 1.0, 1.0, 1.0, {}))
+    server.join(10)
+    assert not server.is_alive() and src.channel_pages == 1 and src.frames_refused == 0
+
+
+def _done_with(threads: dict[str, float]) -> bytes:
+    """A POSTCOPY_DONE body with these per-thread blocktimes, whatever their bounds."""
+    body = json.loads(frames.encode(frames.PostcopyDone("0" * 16, 1, 1, 1.0, 1.0, 1.0, {})))
+    return json.dumps(body | {"thread_blocktime_ms": threads}).encode()
+
+
+@pytest.mark.parametrize(
+    "threads, words",
+    [
+        ({f"tid {i}": 1.0 for i in range(frames.MAX_BLOCKTIME_THREADS + 1)}, "length"),
+        ({"x" * (frames.MAX_THREAD_NAME + 1): 1.0}, "length"),
+        ({"vp0": -1.0}, ">= 0"),
+    ],
+    ids=["too many threads", "a name too long", "a negative wait"],
+)
+def test_a_postcopy_done_with_blocktimes_out_of_bounds_is_refused_and_counted(
+    threads: dict[str, float], words: str
+) -> None:
+    src, dst = _pair()
+    dst.send(Frame.POSTCOPY_DONE, _done_with(threads))
+    with pytest.raises(MigrationError, match=f"POSTCOPY_DONE.*{words}"):
+        src.serve(lambda: None, 1e18)
+    assert src.frames_refused == 1 and src.done is None
+
+
+def test_a_postcopy_done_at_the_bounds_is_taken() -> None:
+    threads = {f"vp{i}": 1.0 for i in range(frames.MAX_BLOCKTIME_THREADS - 1)}
+    threads["x" * frames.MAX_THREAD_NAME] = 0.0
+    src, dst = _pair()
+    dst.send(Frame.POSTCOPY_DONE, _done_with(threads))
+    dst.send_json(Frame.RESUMED, frames.Resumed(0.0))
+    src.serve(lambda: None, 1e18)
+    assert src.done is not None and len(src.done.thread_blocktime_ms) == len(threads)

@@ -521,3 +521,22 @@ def test_a_post_copy_recover_timeout_out_of_range_is_refused_by_name(value: obje
             migration_options(p.parse_args(["--postcopy", "--recover-timeout", str(value)]))
     got = migration_options(p.parse_args(["--postcopy", "--recover-timeout", "5"]))
     assert got["recover_timeout"] == 5.0
+
+
+def test_postcopy_preempt_is_turned_off_from_the_cli_and_checked_in_the_options() -> None:
+    import argparse
+
+    from pyhv.cli.migrate import add_migration_options, migration_options
+    from pyhv.migration.source import MigrationOptions
+
+    p = argparse.ArgumentParser()
+    add_migration_options(p)
+    off = migration_options(p.parse_args(["--postcopy", "--no-postcopy-preempt"]))
+    assert off["postcopy_preempt"] is False
+    assert MigrationOptions.from_dict(off).postcopy_preempt is False
+    hybrid = migration_options(p.parse_args(["--postcopy-after", "2", "--no-postcopy-preempt"]))
+    assert hybrid["postcopy_preempt"] is False
+    assert migration_options(p.parse_args(["--postcopy"]))["postcopy_preempt"] is True
+    # as an API body gives it: a string is not a yes
+    with pytest.raises(MigrationError, match=r"postcopy_preempt='no': give true or false"):
+        MigrationOptions.from_dict({"postcopy": True, "postcopy_preempt": "no"})

@@ -70,19 +70,37 @@ def test_a_vm_without_dynamic_memory_is_told_why(tmp_path: Path) -> None:
 
 
 class SlowGrowWorker(FakeDmWorker):
-    """A worker whose hot-add is done (its status pushed) only when `go` is set."""
+    """A worker whose hot-add is done only once `go` is set; from then on its guest reports
+    the grown memory (as a real guest does every second) until the worker is gone. `asked` is
+    set when the resize's request reached it. Both per worker: nothing carries over to another
+    test."""
 
-    go = threading.Event()
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self.asked, self.go, self.gone = threading.Event(), threading.Event(), threading.Event()
 
     def set_memory_target(self, target_bytes: int) -> dict[str, Any]:
-        def done() -> None:
-            self.go.wait(30)
-            pages = target_bytes // 4096
-            for listener in self._listeners:
-                listener(MemoryStatus(pages, pages, 0, pages // 2, pages // 2, pages // 2))
+        pages = target_bytes // 4096
+        grown = MemoryStatus(pages, pages, 0, pages // 2, pages // 2, pages // 2)
 
-        threading.Thread(target=done, daemon=True).start()
+        def reports() -> None:
+            self.go.wait()
+            # Not one status but a report after each interval: the resize counts statuses
+            # newer than the one it saw after its request was answered, and a single status
+            # pushed before it looked would leave it waiting for a report that never came.
+            while not self.gone.is_set():
+                for listener in self._listeners:
+                    listener(grown)
+                self.gone.wait(0.05)
+
+        threading.Thread(target=reports, daemon=True).start()
+        self.asked.set()
         return {}
+
+    def _finish(self, *a: Any) -> None:
+        self.gone.set()
+        self.go.set()
+        super()._finish(*a)
 
 
 def test_while_a_vm_is_resized_its_settings_and_a_migration_wait(tmp_path: Path) -> None:
@@ -94,6 +112,9 @@ def test_while_a_vm_is_resized_its_settings_and_a_migration_wait(tmp_path: Path)
         t.start()
         try:
             wait_for(lambda: "dm" in vmms._resizing, 10, "the resize under way")
+            (worker,) = FakeWorker.instances
+            worker.asked.wait(30)  # the hot-add reached the worker: the resize is mid-way
+            assert worker.asked.is_set(), "the resize never asked the worker for the hot-add"
             with pytest.raises(ClientError, match="VM 'dm' is being resized") as e:
                 client.request("PATCH", "/api/vms/dm", {"buffer": 50})
             assert e.value.status == 409
@@ -102,7 +123,8 @@ def test_while_a_vm_is_resized_its_settings_and_a_migration_wait(tmp_path: Path)
                 vmms.begin_migration("dm", "m1")
             assert "dm" not in vmms._dm_vms()  # the balancer leaves it alone meanwhile
         finally:
-            SlowGrowWorker.go.set()
+            for w in FakeWorker.instances:
+                w.go.set()
             t.join(30)
         (r,) = answer
         assert (r["before"], r["visible"], r["added"], r["complete"]) == (

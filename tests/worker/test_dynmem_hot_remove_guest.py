@@ -159,6 +159,24 @@ def test_a_hot_add_the_guest_takes_in_part_is_counted_as_what_it_took(guest: DmG
     assert guest.dm.mm.free_pages == pool
 
 
+def test_a_region_taken_in_part_gives_only_its_whole_2_mib_blocks_when_the_host_asks_for_them(
+    guest: DmGuest,
+) -> None:
+    assert "at most 3 MiB" in guest.shell("dm hotaddlimit 3")
+    guest.target(512 * MiB)  # 256 MiB offered, 3 MiB taken: a block and half of the next
+    st = _agree(guest)
+    assert st["hot_added_pages"] == 3 * PAGES_PER_MIB
+    # the host asks for whole 2 MiB blocks (DM_REMOVE_QOS_LARGE): the guest does not name the
+    # region whole (its half block would be refused) but its one whole block
+    guest.vm.hot_remove_memory()
+    assert guest.vm.wait_memory_idle(60)
+    st = _agree(guest)
+    vsp = guest.dm.vsp.counters
+    assert vsp["hot_remove_bad_ranges"] == 0 and vsp["bad_ranges"] == 0
+    assert st["counters"]["hot_removed_pages"] == 512
+    assert st["visible_pages"] == 257 * PAGES_PER_MIB  # the half block stays
+
+
 def test_a_guest_naming_memory_it_was_not_asked_for_is_refused_and_everyone_goes_on(
     guest: DmGuest, caplog: pytest.LogCaptureFixture
 ) -> None:

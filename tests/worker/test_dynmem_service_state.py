@@ -218,3 +218,21 @@ def test_free_page_hints_are_checked_range_by_range_and_the_good_ones_leave_the_
     st = a.svc.status()
     assert st["assigned_pages"] == st["visible_pages"] - 1024 and st["ballooned_pages"] == 1024
     assert vsp.state is DmState.IDLE
+
+
+def test_a_free_page_hint_naming_the_hosts_vmbus_ring_is_refused_and_the_ring_kept(
+    vms: list[Vm], caplog: pytest.LogCaptureFixture
+) -> None:
+    a = _source(vms)
+    ring_block = PageRange(RING_GPA // PAGE // 512 * 512, 512)  # the 2 MiB block holding it
+    beside = RING_GPA + RING_PAGES * PAGE  # a page of the same block the guest wrote
+    a.partition.write(beside, b"kept" * (PAGE // 4))
+    a.send(T.FREE_PAGE_HINT, p.DmFreePageHint(), ranges=[ring_block], trans_id=78)
+    resp = a.receive()  # answered on that very ring: it is still there
+    assert resp.type is T.FREE_PAGE_HINT_RESPONSE and resp.trans_id == 78
+    assert resp.body.discarded_pages == 0 and resp.body.refused_ranges == 1
+    assert a.svc.vsp.counters["hint_refused_ranges"] == 1
+    assert a.svc.counters["hinted_pages"] == 0
+    assert any("a VMBus ring" in r.getMessage() for r in caplog.records)
+    # the block was refused whole: the guest's pages beside the ring were not discarded either
+    assert a.partition.read(beside, PAGE) == b"kept" * (PAGE // 4)

@@ -623,6 +623,8 @@ def _summary(runs: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
     return {
         "total_s": common.spread(totals, 4),
         "downtime_ms": common.spread([r["downtime_ms"] for r in runs], 2),
+        # the window QEMU's STOP/RESUME events span (every VP parked -> just before they run)
+        "downtime_events_ms": common.spread([r["downtime_events_ms"] for r in runs], 3),
         "bytes_sent": common.spread([r["bytes_sent"] for r in runs], 0),
         "passes": common.spread([r["passes"] for r in runs], 0),
         "nonzero_bytes_at_start": common.spread([r["nonzero_bytes_at_start"] for r in runs], 0),
@@ -650,10 +652,13 @@ def _qemu_postcopy_summary(runs: list[dict[str, Any]], limit_s: float) -> dict[s
     valid one (it does not once it switched)."""
     totals = [r["total_s"] for r in runs]
     downs = [r["downtime_ms"] for r in runs if r["downtime_ms"] is not None]
+    events = [r["downtime_events_ms"] for r in runs]
     return {
         "total_s": common.spread(totals, 4),
         "total_over_limit": round(statistics.median(totals) / limit_s, 2),
         "downtime_ms": common.spread(downs, 2) if downs else None,
+        # STOP (its last) at the source to RESUME at the destination, as pre-copy's
+        "downtime_events_ms": None if None in events else common.spread(events, 3),
         "switched_runs": sum(1 for r in runs if r["switched"]),
         "blocktime_total_ms": statistics.median(
             r["postcopy"]["blocktime_total_ms"] or 0 for r in runs
@@ -795,7 +800,6 @@ def main() -> None:
         row["wire_limit_s"] = round(nonzero / bw, 6)
         row["pyhv"] = _summary(pyhv_runs, nonzero / bw)
         pyhv_events = [r["downtime_events_ms"] for r in pyhv_runs]
-        row["pyhv"]["downtime_events_ms"] = common.spread(pyhv_events, 3)
         row["pyhv_encrypted"] = _summary(sealed_runs, nonzero / bw)
         row["pyhv_postcopy"] = _postcopy_summary(postcopy_runs, nonzero / bw)
         if row["dirty_mib"]:  # the guest holds a core: the link as the migration had it
@@ -856,16 +860,21 @@ def main() -> None:
                 f"{row['downtime_full_pyhv_over_qemu']} with pyhv's full downtime",
                 flush=True,
             )
-            q_hy = (row.get("qemu_hybrid") or {}).get("downtime_ms")
-            row["hybrid_downtime_pyhv_over_qemu"] = (
-                round(row["pyhv_hybrid"]["downtime_ms"]["median"] / q_hy["median"], 2)
-                if q_hy and q_hy["median"] and "pyhv_hybrid" in row
-                else None
-            )
+            # post-copy and hybrid on the same matched window (QEMU 7.2 reports no valid
+            # downtime once it switched; its events do)
+            for mine, theirs in (("postcopy", "qemu_postcopy"), ("hybrid", "qemu_hybrid")):
+                q_ev = (row.get(theirs) or {}).get("downtime_events_ms")
+                p_ev = (row.get(f"pyhv_{mine}") or {}).get("downtime_events_ms")
+                row[f"{mine}_downtime_pyhv_over_qemu"] = (
+                    round(p_ev["median"] / q_ev["median"], 2)
+                    if p_ev and q_ev and q_ev["median"] and p_ev["median"]
+                    else None
+                )
         else:
             row["qemu"] = {"error": error}
             row["downtime_pyhv_over_qemu"] = None
             row["downtime_full_pyhv_over_qemu"] = None
+            row["postcopy_downtime_pyhv_over_qemu"] = None
             row["hybrid_downtime_pyhv_over_qemu"] = None
         rows.append(row)
     print(

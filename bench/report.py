@@ -758,6 +758,7 @@ def _migration_postcopy(d: dict[str, Any]) -> list[str]:
     """Post-copy rows (pyhv's over one stream, QEMU's postcopy-ram) where the run has them
     (results without them show nothing)."""
     rows = []
+    events = any("postcopy_downtime_pyhv_over_qemu" in r for r in d["rows"])
     for r in d["rows"]:
         if "skipped" in r or "pyhv_postcopy" not in r:
             continue
@@ -777,6 +778,7 @@ def _migration_postcopy(d: dict[str, Any]) -> list[str]:
                 DASH if q is None else spread(q["total_s"], 3, " s"),
                 DASH if q is None else f"{num(q['blocktime_total_ms'], 1)} ms",
                 DASH if q is None or "total_over_limit" not in q else num(q["total_over_limit"]),
+                *(_window_cells(c, q, r.get("postcopy_downtime_pyhv_over_qemu")) if events else []),
             ]
         )
     if not rows:
@@ -799,10 +801,32 @@ def _migration_postcopy(d: dict[str, Any]) -> list[str]:
             "QEMU post-copy total",
             "QEMU blocktime total",
             "QEMU total / limit",
+            *(WINDOW_HEADERS if events else []),
         ],
         rows,
     )
     return out + [""]
+
+
+#: The downtime in the window QEMU's QMP events span (every vCPU parked -> just before they
+#: run), on both sides, and their ratio: the post-copy and hybrid tables' last columns.
+WINDOW_HEADERS = [
+    "pyhv downtime (QEMU's window)",
+    "QEMU downtime (STOP -> RESUME)",
+    "pyhv / QEMU (same window)",
+]
+
+
+def _window_cells(
+    mine: dict[str, Any], theirs: dict[str, Any] | None, ratio: float | None
+) -> list[str]:
+    p_ev = mine.get("downtime_events_ms")
+    q_ev = None if theirs is None else theirs.get("downtime_events_ms")
+    return [
+        DASH if p_ev is None else spread(p_ev, 2, " ms"),
+        DASH if q_ev is None else spread(q_ev, 2, " ms"),
+        DASH if ratio is None else num(ratio, 2),
+    ]
 
 
 def _migration_hybrid(d: dict[str, Any]) -> list[str]:
@@ -810,6 +834,7 @@ def _migration_hybrid(d: dict[str, Any]) -> list[str]:
     where the run has them (results without them show nothing)."""
     rows = []
     after = None
+    events = any("postcopy_downtime_pyhv_over_qemu" in r for r in d["rows"])
     for r in d["rows"]:
         if "skipped" in r or "pyhv_hybrid" not in r:
             continue
@@ -842,7 +867,11 @@ def _migration_hybrid(d: dict[str, Any]) -> list[str]:
                 block,
                 num(h["total_over_limit"]),
                 *qcells,
-                DASH if ratio is None else num(ratio, 2),
+                *(
+                    _window_cells(h, q, ratio)
+                    if events
+                    else [DASH if ratio is None else num(ratio, 2)]
+                ),
             ]
         )
     if not rows:
@@ -876,11 +905,11 @@ def _migration_hybrid(d: dict[str, Any]) -> list[str]:
             "blocktime p50 / p99",
             "pyhv total / limit",
             "QEMU hybrid total",
-            "QEMU hybrid downtime",
+            "QEMU hybrid downtime (reported)" if events else "QEMU hybrid downtime",
             "QEMU switched",
             "QEMU blocktime total",
             "QEMU total / limit",
-            "pyhv downtime / QEMU's",
+            *(WINDOW_HEADERS if events else ["pyhv downtime / QEMU's"]),
         ],
         rows,
     )

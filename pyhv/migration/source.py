@@ -675,16 +675,21 @@ class Source:
                 self.progress.realtime[f"destination_{name[9:]}"] = n
             else:
                 parts[f"destination_{name}"] = round(ms, 2)
+        self._downtime(t_pause, resumed.time)
+        self.progress.phase = "done"
+        self._report(force=True)
+        trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
+
+    def _downtime(self, t_pause: float, t_run: float) -> None:
+        """The downtime from the pause request (`t_pause`) and from every VP parked (the window
+        QEMU's STOP/RESUME events span) to the destination's VPs running (`t_run`, its word)."""
         now = time.monotonic()
-        t_run = self.progress.destination_running_since = resumed.time
+        self.progress.destination_running_since = t_run
         # Same host (one CLOCK_MONOTONIC): exact; otherwise bounded by the round trip.
         same_host = t_pause < t_run <= now
         self.progress.downtime = t_run - t_pause if same_host else now - t_pause
         t_parked = self._t_parked
         self.progress.downtime_events = t_run - t_parked if same_host else now - t_parked
-        self.progress.phase = "done"
-        self._report(force=True)
-        trace_phase(self.vm, "source", "done", self.progress.bytes_sent, self.progress.pages_sent)
 
     def _pause_for_good(self, realtime: bool = False) -> tuple[float, Callable[[str], None]]:
         """Stop the throttle and pause the VM for the migration's last phase; returns when it
@@ -810,8 +815,7 @@ class Source:
         done, resumed = pc.done, pc.resumed
         assert done is not None and resumed is not None
         now = time.monotonic()
-        t_run = resumed.time
-        self.progress.downtime = t_run - t_pause if t_pause < t_run <= now else now - t_pause
+        self._downtime(t_pause, resumed.time)
         if resumed.start_ms is not None:
             parts["destination_start"] = round(resumed.start_ms, 2)
         for name, ms in resumed.parts.items():  # the destination's word, reported only

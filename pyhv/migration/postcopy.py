@@ -513,6 +513,11 @@ class PostcopyDestination:
         self._waiters: dict[tuple[int, int], list[tuple[str, float]]] = {}
         self.blocktime_ms: list[float] = []
         self.thread_ms: dict[str, float] = {}
+        #: the fault thread / the urgent receiver wait for the lock (each flag written by its
+        #: thread only): the push's next install slice lets them have it first (Python's lock
+        #: is not fair: a thread that releases it and takes it again at once usually wins)
+        self._fault_waits = False
+        self._urgent_waits = False
         self.faults = 0
         self.requested_pages = 0
         self._stop = threading.Event()
@@ -721,7 +726,9 @@ class PostcopyDestination:
                 faults = uf.read()
                 asks: list[tuple[int, int]] = []
                 now = time.monotonic()
+                self._fault_waits = True
                 with self.cond:
+                    self._fault_waits = False
                     for f in faults:
                         self.faults += 1
                         at = self._locate(f.address)
@@ -730,6 +737,7 @@ class PostcopyDestination:
                         who = names.get(f.tid) or names.setdefault(f.tid, _thread_name(f.tid))
                         if self._want(at[0], at[1], who, now, asks):
                             uf.wake(f.address, PAGE)
+                    self.cond.notify_all()  # (a push install may have let this go first)
                 if asks:
                     self._ask(asks)
         except BaseException as e:  # noqa: BLE001 - the VM cannot go on without its pages
@@ -790,10 +798,10 @@ class PostcopyDestination:
                             f"a post-copy PAGES frame of {count} pages carries {length} bytes",
                             "postcopy",
                         )
-                    self._install(addr, count, buf)
+                    self._install(addr, count, buf, urgent)
                 elif ftype is Frame.ZERO:
                     for gpa, n in unpack_zero_runs(bytes(buf)):
-                        self._install(gpa, n, None)
+                        self._install(gpa, n, None, urgent)
                 elif urgent:  # pages only, on the urgent channel
                     raise MigrationError(f"a {ftype.name} frame on the urgent channel", "postcopy")
                 elif ftype is Frame.COMMIT:
@@ -813,9 +821,10 @@ class PostcopyDestination:
         except BaseException as e:  # noqa: BLE001 - reported and the VM stopped
             self._fail(e)
 
-    def _install(self, gpa: int, n: int, data: memoryview | None) -> None:
-        """Pages [gpa, gpa+n) from the source (`data`, or zero pages for None): the ones still
-        missing installed, their waiters woken, INSTALL_PAGES per hold of the lock."""
+    def _install(self, gpa: int, n: int, data: memoryview | None, urgent: bool = False) -> None:
+        """Pages [gpa, gpa+n) from the source (`data`, or zero pages for None), on the urgent
+        channel or not: the ones still missing installed, their waiters woken, INSTALL_PAGES
+        per hold of the lock."""
         i, r = self._find(gpa)
         first = (gpa - r.gpa) // PAGE
         if gpa % PAGE or n <= 0 or gpa + n * PAGE > r.end:
@@ -824,7 +833,7 @@ class PostcopyDestination:
             )
         addr = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data)) if data else 0
         for c in range(0, n, INSTALL_PAGES):
-            self._install_slice(i, r, first, c, min(c + INSTALL_PAGES, n), data, addr)
+            self._install_slice(i, r, first, c, min(c + INSTALL_PAGES, n), data, addr, urgent)
         if self.remaining == 0 and not self.finished.is_set():
             self._finish()
 
@@ -837,12 +846,19 @@ class PostcopyDestination:
         d: int,
         data: memoryview | None,
         addr: int,
+        urgent: bool,
     ) -> None:
         """Pages first+c .. first+d of region i, of a frame whose pages start at `first`
         (`data` at host address `addr`)."""
         uf = self.uf
         assert uf is not None
+        if urgent:
+            self._urgent_waits = True
         with self.cond:
+            if urgent:
+                self._urgent_waits = False
+            elif self._urgent_waits or self._fault_waits:  # theirs first (a VP waits on them)
+                self.cond.wait_for(lambda: not (self._urgent_waits or self._fault_waits), 0.01)
             want = self.need[i][first + c : first + d] & ~self.present[i][first + c : first + d]
             for s, e in mem.runs(want):
                 s, e = s + c, e + c  # within the frame

@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from pyhv.migration import frames
-from pyhv.migration.postcopy import RUNS_PER_FRAME, PostcopySource
+from pyhv.migration.postcopy import (
+    PUSH_PAGES,
+    PUSH_PAGES_PREEMPT,
+    RUNS_PER_FRAME,
+    SEND_BUFFER,
+    SEND_BUFFER_PREEMPT,
+    PostcopySource,
+)
 from pyhv.migration.recovery import reconnect_source
 from pyhv.migration.stream import (
     Frame,
@@ -31,12 +38,12 @@ GPA = 0x100000
 PAGES = 200
 
 
-def _region() -> Any:
+def _region(pages: int = PAGES) -> Any:
     """What the source reads of a RAM region: GPA, size and its bytes (each page numbered)."""
-    mm = bytearray(PAGES * PAGE)
-    for i in range(PAGES):
-        mm[i * PAGE] = i + 1
-    return SimpleNamespace(gpa=GPA, size=len(mm), end=GPA + len(mm), pages=PAGES, mm=mm)
+    mm = bytearray(pages * PAGE)
+    for i in range(pages):
+        mm[i * PAGE] = i % 255 + 1
+    return SimpleNamespace(gpa=GPA, size=len(mm), end=GPA + len(mm), pages=pages, mm=mm)
 
 
 def _sealed(encrypt: bool = True) -> tuple[FrameSocket, FrameSocket]:
@@ -84,6 +91,42 @@ def test_a_waited_for_page_goes_ahead_of_the_push_which_waits_for_the_restore() 
     server.join(10)
     assert not server.is_alive() and src.done == done and commits == [True]
     assert src.urgent_pages == 1 and src.pushed_pages == PAGES - 1  # never sent twice
+
+
+@pytest.mark.parametrize("preempt", [True, False])
+def test_the_push_goes_in_larger_frames_while_the_urgent_channel_carries_the_requests(
+    preempt: bool,
+) -> None:
+    pages = 3 * PUSH_PAGES_PREEMPT
+    fa, dst = _sealed()
+    channel, _far = _sealed()
+    region = _region(pages)
+    src = PostcopySource(
+        fa, [region], [np.ones(pages, dtype=bool)], preempt=(lambda: channel) if preempt else None
+    )
+    src.ready()
+    assert (src.urgent is channel) == preempt
+    dst.send_json(Frame.RESTORED, frames.Empty())
+    server = threading.Thread(
+        target=src.serve, args=(lambda: src.fs.send_json(Frame.COMMIT, frames.Empty()), 1e18)
+    )
+    server.start()
+    sizes: list[int] = []
+    got = bytearray(pages * PAGE)
+    while sum(sizes) < pages:
+        ftype, _flags, count, addr, payload = dst.recv()
+        if ftype is Frame.PAGES:
+            sizes.append(count)
+            got[addr - GPA : addr - GPA + len(payload)] = payload
+    assert max(sizes) == (PUSH_PAGES_PREEMPT if preempt else PUSH_PAGES)
+    assert got == region.mm  # each page's own bytes, sent from where they lie
+    buffer = fa.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    assert buffer >= SEND_BUFFER_PREEMPT if preempt else buffer <= 2 * SEND_BUFFER
+    dst.send_json(Frame.RESUMED, frames.Resumed(0.0))
+    dst.send_json(Frame.POSTCOPY_DONE, frames.PostcopyDone("0" * 16, 0, 0, 0.0, 0.0, 0.0, {}))
+    server.join(10)
+    src.close()
+    assert not server.is_alive() and src.pushed_pages == pages
 
 
 @pytest.mark.parametrize(

@@ -137,6 +137,8 @@ class Incoming:
         #: every receiving thread waits here at each PASS_END: a pass's pages are all in guest
         #: RAM before any of the next pass is read (a page may change streams between passes)
         self._pass_end: threading.Barrier | None = None
+        self._data_last = 0  # data streams whose last pass ended (PASS_END with `last`)
+        self._met_final = False  # their final pass's barrier passed at PREPARE, out of the pause
         self._local = threading.local()  # a zstd decompressor per receiving thread
         #: With READY sent at ram_ready: the first stream's receiving thread, set once the VPs
         #: and devices exist (at once otherwise), and what ended that thread badly
@@ -459,7 +461,8 @@ class Incoming:
                 _body(buf, frames.PassEnd, "PASS_END", "memory")  # checked, though unused here
                 self.passes += 1
                 self._populater.stop()
-                self._all_streams_at_pass_end()
+                if not self._met_final:
+                    self._all_streams_at_pass_end()
                 self._t_state = time.monotonic()  # after the last one: the state
                 if state is not None:  # the last pages, after the state: all in now
                     return state
@@ -492,6 +495,7 @@ class Incoming:
                     ram = [r for r in p.regions if not r.readonly]
                     self.postcopy.prepare(self._vm, ram, written, self.postcopy_checksum)
                 self._prepare(p)
+                self._meet_final_pass()
                 fs.send_json(Frame.PREPARED, frames.Empty())
             elif ftype is Frame.POSTCOPY:
                 if self.data:  # its pages and requests use the first stream alone
@@ -561,6 +565,9 @@ class Incoming:
                         f"unexpected {ftype.name} frame on data stream {fs.index}", "memory"
                     )
                 end = frames.decode(bytes(buf), frames.PassEnd, "PASS_END")
+                if end.last:
+                    with self._data_done:
+                        self._data_last += 1
                 self._all_streams_at_pass_end()
                 if end.last:
                     return
@@ -575,6 +582,24 @@ class Incoming:
             if self.fs is not None:  # unblock the first stream's thread, which reports it
                 self.fs.abort(str(err))
                 self.fs.close(reset=True)
+
+    def _meet_final_pass(self) -> None:
+        """At PREPARE: when every data stream already waits at the end of its last pass (the
+        source ends them, empty, before PREPARE), meet them there now and let their threads
+        end, so that the final PASS_END inside the pause neither waits for them nor wakes
+        them (0.01-0.03 ms there, and their wake-ups took the GIL after it). Otherwise (not
+        all there yet) they are met at the final PASS_END, as before."""
+        b = self._pass_end
+        if b is None or b.parties == 1:
+            return
+        with self._data_done:
+            ready = self._data_last == len(self.data) and b.n_waiting == b.parties - 1
+        if not ready:
+            return
+        self._all_streams_at_pass_end()
+        self._met_final = True
+        for t in self._data_threads:  # ending now: joined out of the pause
+            t.join(self.timeout)
 
     def _all_streams_at_pass_end(self) -> None:
         """Wait until every stream's receiving thread reached this pass's end."""

@@ -611,8 +611,8 @@ def migration(d: dict[str, Any]) -> list[str]:
         + (
             "QEMU's downtime is measured as pyhv's: its VM paused at the source (QMP `STOP` "
             "event) to running at the destination (`RESUME`), from the events' µs timestamps; "
-            "QEMU sends `STOP` once its vCPUs are paused and `RESUME` just before they run, so "
-            "this is a lower bound, in QEMU's favour. QEMU's own reported figure (whole ms, from "
+            "QEMU sends `STOP` once its vCPUs are paused and `RESUME` just before they run (its "
+            "vCPUs' pausing is outside that window). QEMU's own reported figure (whole ms, from "
             "a ms clock, at the source alone) is beside it and not compared. "
             if events
             else "QEMU reports downtime in whole ms. "
@@ -887,8 +887,9 @@ def _migration_hybrid(d: dict[str, Any]) -> list[str]:
     out = [
         f"Hybrid, {link}"
         f"pre-copy, then post-copy once {after} pass{'' if after == 1 else 'es'} ended, "
-        "unless the "
-        "rest already fits the downtime limit (then both sides end by pre-copy): pyhv "
+        "unless the rest already fits the downtime limit (then QEMU ends by pre-copy; pyhv "
+        "too, unless pre-copy's final pause would be longer than a switch's: "
+        "`postcopy_switch_downtime`, 5 ms): pyhv "
         f"`postcopy` with `postcopy_after={after}` over one stream, QEMU postcopy-ram with "
         "`migrate-start-postcopy` issued once its dirty bitmap was synced after that many "
         'passes; the same convergence settings. "switched" counts the runs that went '

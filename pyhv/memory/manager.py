@@ -23,9 +23,11 @@ the part of a hot-added region the guest did not accept, so the books count what
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,6 +38,8 @@ from pyhv.memory.ranges import PageRange, RangeSet
 PAGE_SIZE = 4096
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)  # libc (find_library would run gcc or ldconfig)
 _fallocate = _libc.fallocate
@@ -53,6 +57,32 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(
             err, f"fallocate(PUNCH_HOLE) fd={fd} {offset:#x}+{length:#x}: {os.strerror(err)}"
         )
+
+
+def _still_backed(fd: int, offset: int, length: int) -> bool:
+    """Whether [offset, offset+length) of `fd` still holds data (SEEK_DATA finds some)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) < offset + length
+    except OSError:  # ENXIO: no data from offset on
+        return False
+
+
+#: Punches of a ballooned range that still finds it backed (a 2 MiB folio the kernel could not
+#: split because something held a transient reference to it) before it is left as it is.
+RELEASE_ATTEMPTS = 5
+
+
+def release_hole(fd: int, offset: int, length: int) -> bool:
+    """punch_hole for pages the guest gave up (nobody may touch them again), made sure of: a
+    range that covers part of a 2 MiB folio frees nothing if the kernel fails to split the folio
+    (it zeroes the range instead; a KVM mapping or a VP's access can hold it a moment), so the
+    punch is tried again. Returns False if the pages are still backed after the last try."""
+    for attempt in range(RELEASE_ATTEMPTS):
+        punch_hole(fd, offset, length)
+        if not _still_backed(fd, offset, length):
+            return True
+        time.sleep(0.001 * (attempt + 1))
+    return False
 
 
 def _overlap(ranges: RangeSet, start: int, count: int) -> int:
@@ -245,6 +275,8 @@ class MemoryManager:
         self.free_pages = self.budget_pages - self.reserve_pages
         self.partitions: dict[str, Partition] = {}
         self.released_pages = 0
+        #: ballooned ranges still backed after every release attempt (logged)
+        self.release_backed = 0
         self.reclaimed_pages = 0
         self.discarded_pages = 0
         self.removed_pages = 0
@@ -370,7 +402,15 @@ class MemoryManager:
             batch = self._guests_pages(p, ranges, "are already released: a page is released once")
             for run in batch:
                 for reg, first, n in p._split(run):
-                    punch_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE)
+                    if not release_hole(reg.memfd, reg.offset + first * PAGE_SIZE, n * PAGE_SIZE):
+                        self.release_backed += 1
+                        log.warning(
+                            "%s: ballooned pages %#x+%d are still backed on the host (a huge "
+                            "page the kernel did not split)",
+                            name,
+                            reg.gpa // PAGE_SIZE + first,
+                            n,
+                        )
                     p.ballooned.add(reg.gpa // PAGE_SIZE + first, n)
                     if reg is not p.smart_paging:  # the file's pages were never the pool's
                         self.free_pages += n

@@ -64,6 +64,7 @@ def test_discard_and_4_kib_releases_give_the_memory_back() -> None:
         # a balloon's 4 KiB ranges inside a 2 MiB folio: split, and those pages freed
         assert mgr.release("vm", [(3, 1), (7, 2), (3000, 1)]) == 4
         assert _blocks(fd) == size - 8 * MiB - 4 * PAGE_SIZE
+        assert mgr.release_backed == 0  # each range checked unbacked after its punch
         for page in range(4096):
             want = 0 if 512 <= page < 2560 or page in (3, 7, 8, 3000) else page * PAGE_SIZE
             got = int.from_bytes(os.pread(fd, 8, page * PAGE_SIZE), "little")

@@ -179,18 +179,21 @@ def test_a_control_frame_altered_on_the_way_is_refused_by_the_source(
         c.close()
 
 
+class _NoVps:  # the partition as _first_stream sees it before the state: no VP to raise
+    vps: dict[int, Any] = {}
+
+
+def _first_stream_only(inc: Incoming) -> None:
+    """The destination's first stream alone, from the handshake on (no VM behind it)."""
+    inc.accept()
+    assert inc.fs is not None
+    inc._first_stream(inc.fs, _NoVps(), {})
+
+
 def test_a_second_prepare_is_refused_and_the_first_is_answered() -> None:
     """PREPARE asks the destination to get ready for the pause (its owner's word, real-time
     priority): answered with PREPARED once; a source that sends it again is refused."""
     asked: list[int] = []
-
-    class NoVps:  # the partition as _first_stream sees it before the state: no VP to raise
-        vps: dict[int, Any] = {}
-
-    def destination(inc: Incoming) -> None:
-        inc.accept()
-        assert inc.fs is not None
-        inc._first_stream(inc.fs, NoVps(), {})
 
     def source(src: FrameSocket) -> None:
         src.send_json(Frame.CONFIG, frames.Config({}, [(0, 1 << 20)]))
@@ -201,7 +204,7 @@ def test_a_second_prepare_is_refused_and_the_first_is_answered() -> None:
     def setup(inc: Incoming) -> None:
         inc.authorize = lambda: asked.append(1)
 
-    err = _against_source(destination, source, setup)
+    err = _against_source(_first_stream_only, source, setup)
     assert asked == [1]  # the owner was asked once
     assert isinstance(err, MigrationError) and "PREPARE twice" in str(err), err
 
@@ -216,16 +219,13 @@ def test_after_a_state_ahead_of_the_last_pages_only_the_pages_may_follow(
     """After PREPARE the state comes ahead of the last pages: a second STATE, or any frame but
     the pages, PASS_END and ABORT, is refused (nothing runs: the final PASS_END never came)."""
 
-    class NoVps:  # the partition as _first_stream sees it: no VP to raise
-        vps: dict[int, Any] = {}
-
     restored: list[object] = []
 
     def destination(inc: Incoming) -> None:
         inc.accept()
         assert inc.fs is not None
         inc._restore_early = restored.append  # what receive() sets: the restore into the VM
-        inc._first_stream(inc.fs, NoVps(), {})
+        inc._first_stream(inc.fs, _NoVps(), {})
 
     state = dataclasses.replace(vm_state(), dynmem=None).encode()  # (DM's: after the pages)
 
@@ -250,17 +250,9 @@ def test_a_malformed_pass_end_or_prepare_on_the_first_stream_is_refused(
 ) -> None:
     """The first stream checks every control frame's body, as the data streams do."""
 
-    class NoVps:  # the partition as _first_stream sees it: no VP to raise
-        vps: dict[int, Any] = {}
-
-    def destination(inc: Incoming) -> None:
-        inc.accept()
-        assert inc.fs is not None
-        inc._first_stream(inc.fs, NoVps(), {})
-
     def source(src: FrameSocket) -> None:
         src.send_json(Frame.CONFIG, frames.Config({}, [(0, 1 << 20)]))
         src.send_json(frame, body)
 
-    err = _against_source(destination, source)
+    err = _against_source(_first_stream_only, source)
     assert isinstance(err, MigrationError) and f"the {frame.name} frame is refused" in str(err), err

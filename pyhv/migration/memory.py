@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,18 +75,26 @@ def union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return idx[np.concatenate(([True], idx[1:] != idx[:-1]))]
 
 
+def _extend_runs(out: list[tuple[int, int]], i: int) -> None:
+    """Index `i` (ascending) added to the (first, end) runs `out`: the last extended or a new one."""
+    if out and out[-1][1] == i:
+        out[-1] = (out[-1][0], i + 1)
+    else:
+        out.append((i, i + 1))
+
+
+def _few_runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """(first, end) runs of a few ascending indices, in plain Python."""
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        _extend_runs(out, i)
+    return out
+
+
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """(first, end) index pairs of the runs of True in a bool array."""
     if mask.size <= FEW_PAGES:  # a few pages of a final pass: no numpy temporaries
-        out: list[tuple[int, int]] = []
-        for i, bit in enumerate(mask.tolist()):
-            if not bit:
-                continue
-            if out and out[-1][1] == i:
-                out[-1] = (out[-1][0], i + 1)
-            else:
-                out.append((i, i + 1))
-        return out
+        return _few_runs(i for i, bit in enumerate(mask.tolist()) if bit)
     if not mask.any():  # most dirty bitmaps of an idle guest (a vector scan, no temporaries)
         return []
     if np.count_nonzero(mask) < mask.size >> 6:
@@ -108,13 +116,7 @@ def index_runs(idx: np.ndarray) -> list[tuple[int, int]]:
     if not idx.size:
         return []
     if idx.size <= FEW_PAGES:  # a final pass's few pages: no numpy temporaries
-        out: list[tuple[int, int]] = []
-        for i in idx.tolist():
-            if out and out[-1][1] == i:
-                out[-1] = (out[-1][0], i + 1)
-            else:
-                out.append((i, i + 1))
-        return out
+        return _few_runs(idx.tolist())
     breaks = np.flatnonzero(np.diff(idx) != 1)
     starts = np.concatenate((idx[:1], idx[breaks + 1]))
     ends = np.concatenate((idx[breaks] + 1, idx[-1:] + 1))
@@ -173,10 +175,7 @@ def zero_split(
         data: list[tuple[int, int]] = []
         for page in range(first, end):
             out = zeros if view[page * PAGE : (page + 1) * PAGE].tobytes() == _ZERO_PAGE else data
-            if out and out[-1][1] == page:
-                out[-1] = (out[-1][0], page + 1)
-            else:
-                out.append((page, page + 1))
+            _extend_runs(out, page)
         return zeros, data
     nz = nonzero_pages(arr, first, end)
     if nz.all():

@@ -97,6 +97,8 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
         return _few_runs(i for i, bit in enumerate(mask.tolist()) if bit)
     if not mask.any():  # most dirty bitmaps of an idle guest (a vector scan, no temporaries)
         return []
+    if mask.all():  # post-copy's push steps and install slices, mostly (0.6 us, not 9)
+        return [(0, mask.size)]
     if np.count_nonzero(mask) < mask.size >> 6:
         # From the set indices, not the edges of the whole mask: the final pass of an idle guest
         # (a few pages of a 1 GiB mask) costs ~10 us instead of ~1.5 ms of the downtime.
@@ -178,8 +180,6 @@ def zero_split(
             _extend_runs(out, page)
         return zeros, data
     nz = nonzero_pages(arr, first, end)
-    if nz.all():
-        return [], [(first, end)]
     return (
         [(first + s, first + e) for s, e in runs(~nz)],
         [(first + s, first + e) for s, e in runs(nz)],

@@ -259,7 +259,7 @@ class PostcopySource:
             a = at + k
             b = min(a + self._push_pages(), m.size)
             r = self.regions[ri]
-            for s, e in _runs(m[a:b]):
+            for s, e in mem.runs(m[a:b]):
                 self.pushed_pages += self._send_run(r.gpa + (a + s) * PAGE, e - s)
             cursor[0] = (ri, b)
             return
@@ -370,13 +370,13 @@ class PostcopySource:
             sub[:] = True
         arr = mem.pages_array(r)
         sent = 0
-        for s, e in _runs(sub):
+        for s, e in mem.runs(sub):
             a, b = first + s, first + e
             nz = mem.nonzero_pages(arr, a, b)
-            zero = [(r.gpa + (a + zs) * PAGE, ze - zs) for zs, ze in _runs(~nz)]
+            zero = [(r.gpa + (a + zs) * PAGE, ze - zs) for zs, ze in mem.runs(~nz)]
             if zero:
                 fs.send(Frame.ZERO, pack_zero_runs(zero), count=len(zero))
-            for ds, de in _runs(nz):
+            for ds, de in mem.runs(nz):
                 # sent from where the pages lie (the paused VM's RAM does not change), not
                 # copied first; the view is let go at once (an mmap with views cannot close)
                 data = memoryview(r.mm)[(a + ds) * PAGE : (a + de) * PAGE]
@@ -883,7 +883,7 @@ class PostcopyDestination:
             elif self._urgent_waits or self._fault_waits:  # theirs first (a VP waits on them)
                 self.cond.wait_for(lambda: not (self._urgent_waits or self._fault_waits), 0.01)
             want = self.need[i][first + c : first + d] & ~self.present[i][first + c : first + d]
-            for s, e in _runs(want):
+            for s, e in mem.runs(want):
                 s, e = s + c, e + c  # within the frame
                 host = r.host_address + (first + s) * PAGE
                 size = (e - s) * PAGE
@@ -1143,14 +1143,6 @@ class PostcopyDestination:
                 raise MigrationError(f"post-copy: {self.error}", "commit")
             if time.monotonic() > deadline:
                 raise MigrationError("the source did not commit in time", "commit")
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """mem.runs() of a push step's or an install slice's small mask: most are all True (one
-    run, found in 0.6 against 9 us)."""
-    if mask.size and mask.all():
-        return [(0, mask.size)]
-    return mem.runs(mask)
 
 
 def _send_runs(fs: FrameSocket, ftype: Frame, runs: list[tuple[int, int]]) -> None:

@@ -154,6 +154,11 @@ class Partition:
     def regions(self) -> list[MemoryRegion]:
         return self.gpa_space.regions
 
+    @property
+    def ram(self) -> list[MemoryRegion]:
+        """The guest's writable RAM regions (not its read-only ones: the firmware image)."""
+        return [r for r in self.gpa_space.regions if not r.readonly]
+
     def read(self, gpa: int, n: int) -> bytes:
         return self.gpa_space.read(gpa, n)
 

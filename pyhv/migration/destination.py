@@ -300,7 +300,7 @@ class Incoming:
         pages written so far (none) per region."""
         fs, p = self.fs, vm.partition
         assert fs is not None and p is not None
-        ram = [r for r in p.regions if not r.readonly]
+        ram = p.ram
         have = sorted([r.gpa, r.size] for r in ram)
         if have != sorted([int(g), int(s)] for g, s in self.regions):
             raise MigrationError(
@@ -316,7 +316,7 @@ class Incoming:
         fs = self.fs
         p = vm.partition
         assert fs is not None and p is not None
-        ram = [r for r in p.regions if not r.readonly]
+        ram = p.ram
         self._vm = vm
         try:
             trace_phase(vm, "destination", "memory", fs.bytes_received, self.pages)
@@ -492,7 +492,7 @@ class Incoming:
                 if self.postcopy is not None:  # RAM registered, listening: out of the pause
                     self._wait_built()
                     assert self._vm is not None
-                    ram = [r for r in p.regions if not r.readonly]
+                    ram = p.ram
                     self.postcopy.prepare(self._vm, ram, written, self.postcopy_checksum)
                 self._prepare(p)
                 self._meet_final_pass()

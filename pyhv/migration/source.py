@@ -944,7 +944,7 @@ class Source:
     def _ram(self) -> list[MemoryRegion]:
         p = self.vm.partition
         assert p is not None
-        return [r for r in p.regions if not r.readonly]
+        return p.ram
 
     def _skip_ranges(self) -> list[tuple[int, int]]:
         """(gpa, pages) ranges not to send: the guest's balloon and the pages it hot-removed."""

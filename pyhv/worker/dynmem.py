@@ -154,7 +154,7 @@ class DynamicMemoryService:
         self._on_status = on_status
         self._own_mm = memory_manager is None  # its budget is the maximum: grows with it
         self.mm = memory_manager or MemoryManager(max(config.maximum, config.memory))
-        ram = [r for r in partition.regions if not r.readonly]
+        ram = partition.ram
         # `smart_paging`: the region backed by the Smart Paging file (pyhv.worker.smartpaging)
         self.mm.add_partition(
             self.name, ram, self._map_region, self._unmap_region, smart_paging=smart_paging
